@@ -1,0 +1,262 @@
+"""Configuration: one YAML file, validated with jsonschema, merged over embedded defaults.
+
+Sizes may be given as integers (bytes) or strings with binary/decimal units (``20GiB``, ``500M``).
+Relative paths in a file are resolved against the file's directory. Without a file the embedded
+defaults apply: state and scratch under ``$XDG_STATE_HOME/imaging`` (``~/.local/state/imaging``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError
+
+ENV_CONFIG = "IMAGING_CONFIG"
+SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
+
+SIZE = {
+    "oneOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTPkmgtp]i?)?[Bb]?\s*$"},
+    ]
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": True,  # later sections (api, controller, …) validate their own keys
+    "properties": {
+        "state_dir": {"type": "string", "minLength": 1},
+        "log_level": {"enum": ["debug", "info", "warning", "error"]},
+        "scratch": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "root": {"type": "string", "minLength": 1},
+                "quota": SIZE,
+                "min_free": SIZE,
+            },
+        },
+        "limits": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_virtual_size": SIZE,
+                "max_decompressed_size": SIZE,
+                "qemu_img_info_cpu_seconds": {"type": "integer", "minimum": 1},
+                "qemu_img_check_cpu_seconds": {"type": "integer", "minimum": 1},
+                "qemu_img_address_space": SIZE,
+            },
+        },
+        "safety": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "vmdk_allowed_types": {
+                    "type": "array",
+                    "items": {"enum": ["monolithicSparse", "streamOptimized"]},
+                    "uniqueItems": True,
+                },
+                "banned_formats": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                "iso_policy": {"enum": ["reject", "allow", "allow-hybrid"]},
+            },
+        },
+        "workflows": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "extra_dirs": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "tasks": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "lease_seconds": {"type": "integer", "minimum": 5},
+            },
+        },
+    },
+}
+
+DEFAULTS: dict[str, Any] = {
+    "log_level": "info",
+    "scratch": {"quota": "50GiB", "min_free": "1GiB"},
+    "limits": {
+        "max_virtual_size": "2TiB",
+        "max_decompressed_size": "2TiB",
+        # Glance uses 2 s / 1 GiB for `qemu-img info`; check walks metadata and needs more CPU.
+        "qemu_img_info_cpu_seconds": 8,
+        "qemu_img_check_cpu_seconds": 300,
+        "qemu_img_address_space": "1GiB",
+    },
+    "safety": {
+        "vmdk_allowed_types": ["monolithicSparse", "streamOptimized"],
+        "banned_formats": ["qed"],
+        # A bootable "hybrid" ISO carries an MBR too; accept it as ISO, reject other polyglots.
+        "iso_policy": "allow-hybrid",
+    },
+    "workflows": {"extra_dirs": []},
+    "tasks": {"lease_seconds": 30},
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes for ``value``: an int, or a string like ``20GiB`` / ``500M`` / ``1.5G``.
+
+    ``K/M/G/T/P`` with ``i`` are powers of 1024, without ``i`` powers of 1000.
+    """
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"not a size: {value!r} (use bytes or e.g. '20GiB')")
+    number, unit, binary = m.groups()
+    base = 1024 if binary else 1000
+    power = " KMGTP".index(unit.upper()) if unit else 0
+    return int(float(number) * base**power)
+
+
+def default_state_dir() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "imaging"
+
+
+@dataclass(frozen=True)
+class ScratchConfig:
+    root: Path
+    quota: int
+    min_free: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_virtual_size: int
+    max_decompressed_size: int
+    qemu_img_info_cpu_seconds: int
+    qemu_img_check_cpu_seconds: int
+    qemu_img_address_space: int
+
+
+@dataclass(frozen=True)
+class SafetyPolicy:
+    vmdk_allowed_types: tuple[str, ...]
+    banned_formats: tuple[str, ...]
+    iso_policy: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated configuration with sizes in bytes and paths made absolute."""
+
+    state_dir: Path
+    log_level: str
+    scratch: ScratchConfig
+    limits: Limits
+    safety: SafetyPolicy
+    workflow_dirs: tuple[Path, ...]
+    lease_seconds: int
+    source: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "imaging.db"
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate(data: Any, source: str = "<config>", schema: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the file and the field of the first schema violation."""
+    validator = jsonschema.Draft202012Validator(schema or SCHEMA)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {_where(e)}: {e.message}" for e in errors]
+        raise ConfigError("; ".join(lines))
+
+
+def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path | None = None) -> Config:
+    """Build a :class:`Config` from a parsed mapping (validated first)."""
+    validate(data, str(source or "<config>"))
+    merged = _merge(DEFAULTS, data)
+    base = base_dir or Path.cwd()
+
+    def path(value: str) -> Path:
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (base / p).resolve()
+
+    state_dir = path(merged["state_dir"]) if "state_dir" in merged else default_state_dir()
+    scratch = merged["scratch"]
+    limits = merged["limits"]
+    safety = merged["safety"]
+    return Config(
+        state_dir=state_dir,
+        log_level=merged["log_level"],
+        scratch=ScratchConfig(
+            root=path(scratch["root"]) if "root" in scratch else state_dir / "scratch",
+            quota=parse_size(scratch["quota"]),
+            min_free=parse_size(scratch["min_free"]),
+        ),
+        limits=Limits(
+            max_virtual_size=parse_size(limits["max_virtual_size"]),
+            max_decompressed_size=parse_size(limits["max_decompressed_size"]),
+            qemu_img_info_cpu_seconds=limits["qemu_img_info_cpu_seconds"],
+            qemu_img_check_cpu_seconds=limits["qemu_img_check_cpu_seconds"],
+            qemu_img_address_space=parse_size(limits["qemu_img_address_space"]),
+        ),
+        safety=SafetyPolicy(
+            vmdk_allowed_types=tuple(safety["vmdk_allowed_types"]),
+            banned_formats=tuple(safety["banned_formats"]),
+            iso_policy=safety["iso_policy"],
+        ),
+        workflow_dirs=tuple(path(d) for d in merged["workflows"]["extra_dirs"]),
+        lease_seconds=merged["tasks"]["lease_seconds"],
+        source=source,
+        raw=merged,
+    )
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load the configuration.
+
+    Order: the explicit ``path``; else ``$IMAGING_CONFIG``; else ``/etc/imaging/imaging.yaml`` if
+    it exists; else the embedded defaults.
+    """
+    candidate = path or os.environ.get(ENV_CONFIG)
+    if candidate is None and SYSTEM_CONFIG.exists():
+        candidate = SYSTEM_CONFIG
+    if candidate is None:
+        return from_dict({})
+    file = Path(candidate)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {file}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: (top level): must be a mapping")
+    return from_dict(data, base_dir=file.resolve().parent, source=file)

@@ -1,0 +1,141 @@
+"""Coded errors and findings shared by every part of the toolkit.
+
+Every failure a user can see carries a stable ``code`` (dotted, CamelCase, e.g.
+``UnsafeImage.BackingFile``) and a message that says what to do. Codes are part of the public
+contract: the CLI prints them, the API maps them to EC2 status messages, tests assert on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    """How much a finding matters: ``error`` findings make an image unsafe."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One coded observation about an image, a guest or a task."""
+
+    code: str
+    severity: Severity
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        """Plain-JSON form (``{code, severity, message}``)."""
+        d = asdict(self)
+        d["severity"] = str(self.severity)
+        return d
+
+    @classmethod
+    def error(cls, code: str, message: str) -> Finding:
+        return cls(code, Severity.ERROR, message)
+
+    @classmethod
+    def warning(cls, code: str, message: str) -> Finding:
+        return cls(code, Severity.WARNING, message)
+
+    @classmethod
+    def info(cls, code: str, message: str) -> Finding:
+        return cls(code, Severity.INFO, message)
+
+
+class ImagingError(Exception):
+    """Base of every coded error the toolkit raises on purpose.
+
+    Anything else escaping the toolkit is a bug and is reported as ``InternalError``.
+    """
+
+    code: str = "InternalError"
+    #: process exit status the CLI uses for this error
+    exit_status: int = 1
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ImageRejected(ImagingError):
+    """An image failed inspection; ``findings`` holds every reason (errors first)."""
+
+    exit_status = 2
+
+    def __init__(self, findings: list[Finding]) -> None:
+        errors = [f for f in findings if f.severity is Severity.ERROR] or findings
+        first = errors[0] if errors else Finding.error("UnsafeImage", "image rejected")
+        super().__init__(first.message, first.code)
+        self.findings = findings
+
+
+class UsageError(ImagingError):
+    """The caller asked for something malformed (bad argument, unknown format name)."""
+
+    code = "InvalidParameterValue"
+
+
+class ConfigError(ImagingError):
+    """The configuration file is missing, unreadable or does not match the schema."""
+
+    code = "InvalidConfiguration"
+
+
+class InsufficientScratch(ImagingError):
+    """A scratch reservation would exceed the configured quota or the free disk space."""
+
+    code = "InsufficientScratch"
+
+
+class Cancelled(ImagingError):
+    """The work was cancelled (Ctrl-C or a cancel request from elsewhere)."""
+
+    code = "Cancelled"
+    exit_status = 130
+
+
+class ConversionFailed(ImagingError):
+    """qemu-img failed, or its output did not re-inspect as the requested format."""
+
+    code = "ConversionFailed"
+
+
+class TaskNotFound(ImagingError):
+    code = "TaskNotFound"
+
+
+class IncorrectState(ImagingError):
+    """The task is in a state that does not allow the requested transition."""
+
+    code = "IncorrectState"
+
+
+class WorkflowInvalid(ImagingError):
+    """A workflow file fails validation; the message names file, step and field."""
+
+    code = "WorkflowInvalid"
+
+
+class StepFailed(ImagingError):
+    """A workflow step failed; ``code`` is the step's own code when it raised a coded error."""
+
+    code = "StepFailed"
+
+
+class StepTimeout(ImagingError):
+    code = "StepTimeout"

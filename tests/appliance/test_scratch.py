@@ -1,0 +1,148 @@
+"""Scratch space: private per-task dirs, a quota shared across processes, orphan clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import InsufficientScratch, UsageError
+from appliance.scratch import ScratchSpace
+
+MiB = 1024 * 1024
+
+
+def test_task_dir_is_private(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path / "scratch", quota=10 * MiB)
+    old = os.umask(0)
+    try:
+        scratch = space.for_task("t-1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(scratch.path.stat().st_mode) == 0o700
+    assert scratch.path.parent == tmp_path / "scratch"
+
+
+def test_reservation_over_quota_fails_clearly_and_reserves_nothing(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    a = space.for_task("a")
+    a.reserve(6 * MiB, "download")
+    b = space.for_task("b")
+    with pytest.raises(InsufficientScratch) as exc:
+        b.reserve(5 * MiB, "conversion")
+    assert exc.value.code == "InsufficientScratch"
+    assert "conversion needs 5.0 MiB" in exc.value.message
+    assert "4.0 MiB" in exc.value.message
+    assert b.reserved == 0
+    assert space.reserved() == 6 * MiB
+
+
+def test_release_frees_quota_for_others(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    a = space.for_task("a")
+    rid = a.reserve(8 * MiB, "x")
+    b = space.for_task("b")
+    with pytest.raises(InsufficientScratch):
+        b.reserve(4 * MiB, "y")
+    a.release(rid)
+    a.release(rid)  # idempotent
+    b.reserve(4 * MiB, "y")
+    assert space.reserved() == 4 * MiB
+
+
+def test_cleanup_removes_dir_and_its_reservations(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    a = space.for_task("a")
+    a.reserve(9 * MiB, "x")
+    (a.path / "data").write_bytes(b"x" * 100)
+    a.cleanup()
+    assert not a.path.exists()
+    assert space.reserved() == 0
+    space.for_task("b").reserve(9 * MiB, "y")
+
+
+def test_reservation_beyond_filesystem_free_space_fails(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    fs_free = st.f_bavail * st.f_frsize
+    space = ScratchSpace(tmp_path, quota=fs_free * 4, min_free=0)
+    with pytest.raises(InsufficientScratch, match="filesystem"):
+        space.for_task("a").reserve(fs_free * 2, "huge")
+
+
+def test_rejects_task_ids_that_escape_the_root(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path / "s", quota=MiB)
+    for bad in ("../x", "a/b", ".hidden", ""):
+        with pytest.raises(UsageError):
+            space.for_task(bad)
+
+
+def test_orphans_of_dead_tasks_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    dead = space.for_task("dead")
+    dead.reserve(MiB, "x")
+    # Pretend a crashed process owned it: a pid that cannot exist.
+    meta = json.loads((dead.path / ".scratch.json").read_text())
+    meta["pid"] = 2**22 + 12345
+    (dead.path / ".scratch.json").write_text(json.dumps(meta))
+    kept = space.for_task("kept")
+    removed = space.cleanup_orphans(keep=lambda tid: tid == "kept")
+    assert removed == [dead.path]
+    assert not dead.path.exists()
+    assert kept.path.exists()
+    assert space.reserved() == 0
+
+
+def test_orphan_cleanup_spares_dirs_owned_by_a_live_process(tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import sys, time
+        from appliance.scratch import ScratchSpace
+        ScratchSpace({str(tmp_path)!r}, quota=1 << 30).for_task("other")
+        print("ready", flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        space = ScratchSpace(tmp_path, quota=1 << 30)
+        assert space.cleanup_orphans(keep=lambda tid: False) == []
+        assert (tmp_path / "other").is_dir()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert space.cleanup_orphans(keep=lambda tid: False) == [tmp_path / "other"]
+
+
+def test_quota_is_never_exceeded_by_concurrent_processes(tmp_path: Path) -> None:
+    # Eight processes race to reserve 3 MiB each against a 10 MiB quota: exactly three may win.
+    code = textwrap.dedent(f"""
+        import sys
+        from appliance.errors import InsufficientScratch
+        from appliance.scratch import ScratchSpace
+        s = ScratchSpace({str(tmp_path)!r}, quota={10 * MiB}).for_task(sys.argv[1])
+        try:
+            s.reserve({3 * MiB}, "race")
+            print("won")
+        except InsufficientScratch:
+            print("lost")
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, f"t{i}"], stdout=subprocess.PIPE, text=True) for i in range(8)
+    ]
+    outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert outcomes.count("won") == 3
+    assert ScratchSpace(tmp_path, quota=10 * MiB).reserved() == 9 * MiB
+
+
+def test_usage_counts_allocated_not_apparent_bytes(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    t = space.for_task("t")
+    with open(t.path / "sparse", "wb") as f:
+        f.truncate(100 * MiB)
+        f.write(b"x" * 4096)
+    assert t.usage() < MiB
