@@ -1,0 +1,76 @@
+"""Configuration: schema validation with precise errors, size parsing, defaults, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import config
+from appliance.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(1024, 1024), ("1KiB", 1024), ("1K", 1000), ("20GiB", 20 * 1024**3), ("1.5G", 1_500_000_000), ("7", 7)],
+)
+def test_parses_sizes_with_units(text: int | str, expected: int) -> None:
+    assert config.parse_size(text) == expected
+
+
+def test_rejects_a_size_without_a_number() -> None:
+    with pytest.raises(ConfigError, match="not a size"):
+        config.parse_size("lots")
+
+
+def test_embedded_defaults_apply_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.ENV_CONFIG, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    cfg = config.from_dict({})
+    assert cfg.state_dir == tmp_path / "imaging"
+    assert cfg.scratch.root == tmp_path / "imaging" / "scratch"
+    assert cfg.safety.vmdk_allowed_types == ("monolithicSparse", "streamOptimized")
+    assert "qed" in cfg.safety.banned_formats
+    assert cfg.limits.qemu_img_address_space == 1024**3
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "etc" / "imaging.yaml"
+    f.parent.mkdir()
+    f.write_text("state_dir: ../state\nscratch:\n  root: scratch\n  quota: 2GiB\n")
+    cfg = config.load(f)
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.scratch.root == tmp_path / "etc" / "scratch"
+    assert cfg.scratch.quota == 2 * 1024**3
+    assert cfg.db_path == tmp_path / "state" / "imaging.db"
+    assert cfg.source == f
+
+
+def test_schema_error_names_file_and_field(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("safety:\n  vmdk_allowed_types: [monolithicFlat]\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load(f)
+    assert str(f) in exc.value.message
+    assert "safety.vmdk_allowed_types.0" in exc.value.message
+
+
+def test_unknown_key_inside_a_known_section_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"scratch.*quotaa"):
+        config.from_dict({"scratch": {"quotaa": 5}})
+
+
+def test_invalid_yaml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "x.yaml"
+    bad.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_env_variable_selects_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("log_level: debug\n")
+    monkeypatch.setenv(config.ENV_CONFIG, str(f))
+    assert config.load().log_level == "debug"
