@@ -1,0 +1,750 @@
+"""Task state store: tasks, their steps, an event queue and a cleanup ledger in one SQLite file.
+
+One process writes (the worker or a CLI run) while others read (the HTTP API, ``imaging tasks``).
+That works because the database is in WAL mode (readers never block the writer nor each other),
+every connection waits ``busy_timeout`` instead of failing with "database is locked", and every
+read-modify-write runs in a short ``BEGIN IMMEDIATE`` transaction, which takes the write lock up
+front so two writers can never deadlock on a lock upgrade.
+
+The schema evolves through :data:`MIGRATIONS`, applied in order in one transaction when a store
+is opened; ``schema_version`` holds how many have been applied. A database written by newer code
+is refused rather than misread.
+
+Task states and the transitions between them are defined once, in :data:`TRANSITIONS`.
+Timestamps are UTC ISO-8601 strings with a ``Z`` suffix and microseconds, so they sort as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+
+
+class StoreError(ImagingError):
+    """The state database cannot be used (written by a newer version, corrupt, unwritable)."""
+
+    code = "StateStoreError"
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+#: The only legal task state changes. ``pending → failed`` covers a task whose workflow can no
+#: longer be loaded when a worker picks it up; ``cancelling → failed`` a cancel whose undo failed.
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.RUNNING: frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLING}),
+    TaskState.CANCELLING: frozenset({TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.COMPLETED: frozenset(),
+    TaskState.FAILED: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+
+class StepState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNDONE = "undone"
+    UNDO_FAILED = "undo_failed"
+
+
+_STEP_FINISHED = frozenset(
+    {StepState.COMPLETED, StepState.FAILED, StepState.SKIPPED, StepState.UNDONE, StepState.UNDO_FAILED}
+)
+
+LEDGER_ACTIONS = ("created", "removed", "leaked")
+
+#: Caller-supplied task ids become scratch directory names, so they are restricted to a safe
+#: alphabet (the same one :mod:`appliance.scratch` accepts).
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Ordered schema migrations; each is a sequence of statements. Never edit a released entry:
+#: append a new one. (Statements, not scripts: ``executescript`` would commit the transaction.)
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            workflow TEXT,
+            params TEXT NOT NULL DEFAULT '{}',
+            state TEXT NOT NULL CHECK (state IN
+                ('pending','running','cancelling','completed','failed','cancelled')),
+            status_message TEXT NOT NULL DEFAULT '',
+            phase TEXT,
+            bytes_done INTEGER,
+            bytes_total INTEGER,
+            percent REAL,
+            result TEXT,
+            error_code TEXT,
+            error_message TEXT,
+            findings TEXT NOT NULL DEFAULT '[]',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            owner TEXT,
+            lease_expires_at TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX tasks_state ON tasks (state, created_at)",
+        """CREATE TABLE steps (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            idx TEXT NOT NULL,
+            name TEXT NOT NULL,
+            action TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('pending','running','completed','failed','skipped','undone','undo_failed')),
+            args TEXT,
+            result TEXT,
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            undo INTEGER NOT NULL DEFAULT 1,
+            started_at TEXT,
+            finished_at TEXT,
+            UNIQUE (task_id, idx)
+        )""",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            time TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX events_task ON events (task_id, id)",
+        """CREATE TABLE ledger (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            time TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('created','removed','leaked')),
+            resource TEXT NOT NULL,
+            step TEXT
+        )""",
+        "CREATE INDEX ledger_task ON ledger (task_id, id)",
+    ),
+]
+
+
+def utcnow() -> str:
+    """Now as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
+    return format_time(datetime.now(UTC))
+
+
+def format_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Inverse of :func:`format_time` (an aware UTC datetime)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def new_task_id() -> str:
+    return "t-" + secrets.token_hex(6)
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"value is not JSON-serialisable: {exc}") from exc
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A snapshot of one task row (JSON columns decoded)."""
+
+    id: str
+    kind: str
+    workflow: str | None
+    params: dict[str, Any]
+    state: TaskState
+    status_message: str
+    phase: str | None
+    bytes_done: int | None
+    bytes_total: int | None
+    percent: float | None
+    result: Any
+    error_code: str | None
+    error_message: str | None
+    findings: list[dict[str, Any]]
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    owner: str | None
+    lease_expires_at: str | None
+    attempts: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form; every field by name, ``state`` as its string."""
+        d = asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> Task:
+        d = dict(row)
+        d["state"] = TaskState(d["state"])
+        for key in ("params", "result", "findings"):
+            d[key] = _loads(d[key])
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One executed (or skipped) step of a task; ``idx`` is its path, e.g. ``2.loop1`` or ``4/include/1``."""
+
+    task_id: str
+    seq: int
+    idx: str
+    name: str
+    action: str
+    state: StepState
+    args: Any
+    result: Any
+    error: dict[str, Any] | None
+    attempts: int
+    undo: bool
+    started_at: str | None
+    finished_at: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = str(self.state)
+        return d
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> StepRecord:
+        d = dict(row)
+        d["state"] = StepState(d["state"])
+        d["undo"] = bool(d["undo"])
+        for key in ("args", "result", "error"):
+            d[key] = _loads(d[key])
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the event queue; ``id`` increases monotonically across all tasks."""
+
+    id: int
+    task_id: str
+    time: str
+    kind: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A resource a task created, removed, or could not remove (``leaked``)."""
+
+    id: int
+    task_id: str
+    time: str
+    action: str
+    resource: str
+    step: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Store:
+    """The task database at ``path`` (created and migrated on open).
+
+    Methods are thread-safe (one connection behind a lock), so an engine's step, heartbeat and
+    watcher threads can share a store. Other processes open their own :class:`Store`.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            # isolation_level=None: no implicit transactions; we issue BEGIN IMMEDIATE ourselves.
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open task database {self.path}: {exc}") from exc
+        self._conn.row_factory = sqlite3.Row
+        try:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise StoreError(f"cannot use task database {self.path}: {exc}") from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction holding the database write lock from its start."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def _version(self) -> int:
+        row = self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if row is None:
+            return 0
+        version = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        return 0 if version is None else int(version[0])
+
+    def _migrate(self) -> None:
+        # Check first without the write lock: a reader opening a current database never waits
+        # behind the writer.
+        if self._version() == len(MIGRATIONS):
+            return
+        with self._write() as conn:
+            version = self._version()  # again, under the lock: another process may have migrated
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"task database {self.path} has schema version {version}, newer than this toolkit "
+                    f"understands ({len(MIGRATIONS)}); upgrade the toolkit or point state_dir elsewhere"
+                )
+            if version == 0:
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._version()
+
+    @staticmethod
+    def _task_row(conn: sqlite3.Connection, task_id: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id!r}")
+        return row
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str) -> int:
+        cur = conn.execute(
+            "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?)",
+            (task_id, now, kind, _dumps(data)),
+        )
+        return int(cur.lastrowid)
+
+    def _update(self, conn: sqlite3.Connection, task_id: str, values: dict[str, Any]) -> Task:
+        cols = ", ".join(f"{k} = ?" for k in values)
+        conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*values.values(), task_id))
+        return Task._from_row(self._task_row(conn, task_id))
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        kind: str,
+        workflow: str | None = None,
+        params: dict[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        status_message: str = "",
+    ) -> Task:
+        """Insert a ``pending`` task; ``task_id`` defaults to ``t-`` + 12 hex digits."""
+        task_id = task_id or new_task_id()
+        if not TASK_ID_RE.match(task_id):
+            raise UsageError(f"invalid task id {task_id!r}: use letters, digits, '.', '_' and '-'")
+        now = utcnow()
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO tasks (id, kind, workflow, params, state, status_message, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                    (task_id, kind, workflow, _dumps(params or {}), status_message, now, now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise UsageError(f"a task with id {task_id!r} already exists") from exc
+            self._event(conn, task_id, "task.state", {"state": "pending"}, now)
+            return Task._from_row(self._task_row(conn, task_id))
+
+    def get_task(self, task_id: str) -> Task:
+        """The task ``task_id``; raises :class:`TaskNotFound`."""
+        with self._lock:
+            return Task._from_row(self._task_row(self._conn, task_id))
+
+    def list_tasks(self, state: str | Iterable[str] | None = None, *, limit: int | None = 100) -> list[Task]:
+        """Tasks, newest first, optionally only those in ``state`` (one or several)."""
+        sql, args = "SELECT * FROM tasks", []
+        if state is not None:
+            states = [state] if isinstance(state, str) else list(state)
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args += [str(TaskState(s)) for s in states]
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [Task._from_row(r) for r in self._read(sql, args)]
+
+    def set_state(
+        self,
+        task_id: str,
+        state: TaskState | str,
+        *,
+        expected: TaskState | str | Iterable[TaskState | str] | None = None,
+        status_message: str | None = None,
+        result: Any = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> Task:
+        """Move the task to ``state`` if :data:`TRANSITIONS` allows it (else :class:`IncorrectState`).
+
+        ``expected`` makes it a compare-and-swap: the change only happens from those states.
+        Entering ``running`` stamps ``started_at``; a terminal state stamps ``finished_at`` and
+        drops the lease.
+        """
+        new = TaskState(state)
+        now = utcnow()
+        with self._write() as conn:
+            row = self._task_row(conn, task_id)
+            current = TaskState(row["state"])
+            if expected is not None:
+                allowed = [expected] if isinstance(expected, str) else list(expected)
+                if current not in {TaskState(s) for s in allowed}:
+                    raise IncorrectState(
+                        f"task {task_id} is {current}, expected {' or '.join(map(str, allowed))}"
+                    )
+            self._check_transition(task_id, current, new)
+            values: dict[str, Any] = {"state": str(new), "updated_at": now}
+            if new is TaskState.RUNNING and row["started_at"] is None:
+                values["started_at"] = now
+            if new.terminal:
+                values["finished_at"] = now
+                values["lease_expires_at"] = None
+            if new is TaskState.COMPLETED:
+                values["percent"] = 100.0
+            if status_message is not None:
+                values["status_message"] = status_message
+            if result is not None:
+                values["result"] = _dumps(result)
+            if error_code is not None:
+                values["error_code"] = error_code
+            if error_message is not None:
+                values["error_message"] = error_message
+            task = self._update(conn, task_id, values)
+            data = {"state": str(new), "previous": str(current)}
+            if error_code:
+                data.update(error_code=error_code, error_message=error_message)
+            self._event(conn, task_id, "task.state", data, now)
+            return task
+
+    @staticmethod
+    def _check_transition(task_id: str, current: TaskState, new: TaskState) -> None:
+        if new not in TRANSITIONS[current]:
+            raise IncorrectState(f"task {task_id} cannot go from {current} to {new}")
+
+    def request_cancel(self, task_id: str) -> Task:
+        """Ask for a task to stop: ``pending`` → ``cancelled`` at once, ``running`` → ``cancelling``.
+
+        The engine running the task notices ``cancelling``, stops the current step, undoes and
+        ends ``cancelled``. Repeating a request while ``cancelling`` is harmless; cancelling a
+        finished task raises :class:`IncorrectState`.
+        """
+        now = utcnow()
+        with self._write() as conn:
+            current = TaskState(self._task_row(conn, task_id)["state"])
+            if current is TaskState.CANCELLING:
+                return Task._from_row(self._task_row(conn, task_id))
+            new = TaskState.CANCELLED if current is TaskState.PENDING else TaskState.CANCELLING
+            if current.terminal:
+                raise IncorrectState(f"task {task_id} is already {current} and cannot be cancelled")
+            self._check_transition(task_id, current, new)
+            values: dict[str, Any] = {"state": str(new), "updated_at": now}
+            if new is TaskState.CANCELLED:
+                values.update(
+                    finished_at=now, error_code="Cancelled", error_message="cancelled before it started"
+                )
+            task = self._update(conn, task_id, values)
+            self._event(conn, task_id, "task.state", {"state": str(new), "previous": str(current)}, now)
+            return task
+
+    def claim(
+        self, task_id: str, owner: str, lease_seconds: float, *, expected_owner: str | None = None
+    ) -> Task:
+        """Take ownership of a task for ``lease_seconds`` and count an attempt.
+
+        A ``pending`` task becomes ``running``. A ``running``/``cancelling`` one can only be taken
+        over from ``expected_owner`` (the dead or expired owner the caller found), which makes the
+        takeover a compare-and-swap: of two recoverers only one wins.
+        """
+        now = datetime.now(UTC)
+        with self._write() as conn:
+            row = self._task_row(conn, task_id)
+            current = TaskState(row["state"])
+            values: dict[str, Any] = {
+                "owner": owner,
+                "lease_expires_at": format_time(now + timedelta(seconds=lease_seconds)),
+                "attempts": row["attempts"] + 1,
+                "updated_at": format_time(now),
+            }
+            if current is TaskState.PENDING:
+                values.update(state=str(TaskState.RUNNING), started_at=format_time(now))
+            elif current in (TaskState.RUNNING, TaskState.CANCELLING):
+                if row["owner"] != expected_owner:
+                    raise IncorrectState(f"task {task_id} is {current} and owned by {row['owner']}")
+            else:
+                raise IncorrectState(f"task {task_id} is {current} and cannot be claimed")
+            task = self._update(conn, task_id, values)
+            data = {"owner": owner, "attempt": task.attempts, "previous_owner": row["owner"]}
+            self._event(conn, task_id, "task.claimed", data, values["updated_at"])
+            if current is TaskState.PENDING:
+                self._event(
+                    conn,
+                    task_id,
+                    "task.state",
+                    {"state": "running", "previous": "pending"},
+                    values["updated_at"],
+                )
+            return task
+
+    def renew_lease(self, task_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished)."""
+        expires = format_time(datetime.now(UTC) + timedelta(seconds=lease_seconds))
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ? "
+                "AND state IN ('running', 'cancelling')",
+                (expires, task_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def update_progress(
+        self,
+        task_id: str,
+        *,
+        phase: str | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        percent: float | None = None,
+        status_message: str | None = None,
+    ) -> Task:
+        """Record progress without ever moving it backwards.
+
+        ``percent`` never decreases over the task's life. ``bytes_done``/``bytes_total`` never
+        decrease within a phase; a new ``phase`` starts its own byte counters (a download's bytes
+        and a conversion's bytes are different quantities).
+        """
+        now = utcnow()
+        with self._write() as conn:
+            row = self._task_row(conn, task_id)
+            values: dict[str, Any] = {"updated_at": now}
+            new_phase = phase is not None and phase != row["phase"]
+            if new_phase:
+                values["phase"] = phase
+
+            def grow(column: str, value: int | float | None) -> None:
+                if value is None:
+                    return
+                old = None if new_phase else row[column]
+                values[column] = value if old is None else max(old, value)
+
+            grow("bytes_done", bytes_done)
+            grow("bytes_total", bytes_total)
+            if new_phase and bytes_done is None:
+                values["bytes_done"] = None
+            if new_phase and bytes_total is None:
+                values["bytes_total"] = None
+            if percent is not None:
+                clamped = min(100.0, max(0.0, float(percent)))
+                values["percent"] = clamped if row["percent"] is None else max(row["percent"], clamped)
+            if status_message is not None:
+                values["status_message"] = status_message
+            return self._update(conn, task_id, values)
+
+    def set_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
+        """Replace the task's findings (``Finding`` objects or their dicts)."""
+        items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
+        with self._write() as conn:
+            self._task_row(conn, task_id)
+            return self._update(conn, task_id, {"findings": _dumps(items), "updated_at": utcnow()})
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def record_step(
+        self,
+        task_id: str,
+        idx: str,
+        *,
+        name: str,
+        action: str,
+        state: StepState | str,
+        args: Any = None,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        undo: bool = True,
+    ) -> StepRecord:
+        """Insert or update the step ``idx`` of a task.
+
+        ``started_at`` is stamped the first time the step is ``running`` and kept on re-runs;
+        ``finished_at`` whenever it reaches a finished state. The step keeps its position
+        (``seq``) when updated, so a resumed step stays where it was in the order.
+        """
+        st = StepState(state)
+        now = utcnow()
+        finished = now if st in _STEP_FINISHED else None
+        started = now if st is StepState.RUNNING else None
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO steps (task_id, idx, name, action, state, args, result, error, attempts, undo,"
+                " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id, idx) DO UPDATE SET name = excluded.name, action = excluded.action,"
+                " state = excluded.state, args = excluded.args, result = excluded.result,"
+                " error = excluded.error, attempts = COALESCE(?, attempts), undo = excluded.undo,"
+                " started_at = COALESCE(started_at, excluded.started_at),"
+                " finished_at = excluded.finished_at",
+                (
+                    task_id,
+                    idx,
+                    name,
+                    action,
+                    str(st),
+                    _dumps(args),
+                    _dumps(result),
+                    None if error is None else _dumps(error),
+                    attempts or 0,
+                    int(undo),
+                    started,
+                    finished,
+                    attempts,
+                ),
+            )
+            row = conn.execute("SELECT * FROM steps WHERE task_id = ? AND idx = ?", (task_id, idx)).fetchone()
+            return StepRecord._from_row(row)
+
+    def set_step_state(
+        self, task_id: str, idx: str, state: StepState | str, *, error: dict[str, Any] | None = None
+    ) -> StepRecord:
+        """Change only the state (and error) of a recorded step, e.g. ``completed`` → ``undone``."""
+        st = StepState(state)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE steps SET state = ?, error = COALESCE(?, error), finished_at = ?"
+                " WHERE task_id = ? AND idx = ?",
+                (str(st), None if error is None else _dumps(error), utcnow(), task_id, idx),
+            )
+            if cur.rowcount != 1:
+                raise UsageError(f"task {task_id} has no step {idx!r}")
+            row = conn.execute("SELECT * FROM steps WHERE task_id = ? AND idx = ?", (task_id, idx)).fetchone()
+            return StepRecord._from_row(row)
+
+    def step_results(self, task_id: str) -> list[StepRecord]:
+        """The task's step records in the order they were first started."""
+        rows = self._read("SELECT * FROM steps WHERE task_id = ? ORDER BY seq", (task_id,))
+        return [StepRecord._from_row(r) for r in rows]
+
+    # -- events and ledger ------------------------------------------------------------------
+
+    def add_event(self, task_id: str, kind: str, data: dict[str, Any] | None = None) -> Event:
+        """Append to the event queue (read by controller reporting with :meth:`events`)."""
+        now = utcnow()
+        payload = data or {}
+        with self._write() as conn:
+            event_id = self._event(conn, task_id, kind, payload, now)
+        return Event(event_id, task_id, now, kind, json.loads(_dumps(payload)))
+
+    def events(self, since_id: int = 0, *, task_id: str | None = None, limit: int = 1000) -> list[Event]:
+        """Events with ``id > since_id`` (all tasks, or one), oldest first."""
+        sql, args = "SELECT * FROM events WHERE id > ?", [since_id]
+        if task_id is not None:
+            sql += " AND task_id = ?"
+            args.append(task_id)
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [
+            Event(r["id"], r["task_id"], r["time"], r["kind"], _loads(r["data"]))
+            for r in self._read(sql, args)
+        ]
+
+    def add_ledger(self, task_id: str, action: str, resource: str, step: str | None = None) -> LedgerEntry:
+        """Record that the task ``created``, ``removed`` or ``leaked`` a resource (also an event)."""
+        if action not in LEDGER_ACTIONS:
+            raise UsageError(f"ledger action must be one of {', '.join(LEDGER_ACTIONS)}, not {action!r}")
+        now = utcnow()
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO ledger (task_id, time, action, resource, step) VALUES (?, ?, ?, ?, ?)",
+                (task_id, now, action, resource, step),
+            )
+            self._event(conn, task_id, "ledger", {"action": action, "resource": resource, "step": step}, now)
+            return LedgerEntry(int(cur.lastrowid), task_id, now, action, resource, step)
+
+    def ledger(self, task_id: str) -> list[LedgerEntry]:
+        """The task's cleanup ledger, oldest first."""
+        rows = self._read("SELECT * FROM ledger WHERE task_id = ? ORDER BY id", (task_id,))
+        return [
+            LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
+        ]

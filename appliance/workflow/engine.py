@@ -1,0 +1,299 @@
+"""The workflow engine: submit, run, resume, recover and dry-run tasks.
+
+Lifecycle of a task run by :meth:`Engine.run`::
+
+    pending --claim--> running --steps ok--> completed
+                          |--step fails--> (undo) --> failed
+                          `--cancel------> cancelling --(undo)--> cancelled  (failed if an undo fails)
+
+On every ending the task's scratch directory is removed. On failure or cancel the completed
+steps are undone newest first, and the cleanup ledger records what was created, removed and
+leaked. A cancel is requested from anywhere with ``Store.request_cancel`` (the engine's
+supervisor notices within ``poll_interval``) or by SIGINT/SIGTERM to the engine's process.
+
+If the engine's process dies, :meth:`Engine.recover` (run at worker start) finds the task by
+its dead owner or expired lease and resumes it: a ``running`` task continues after its last
+completed step (re-running the interrupted one), a ``cancelling`` one is undone and ends
+``cancelled``, and a task of a workflow declaring ``resumable: false`` is undone and ends
+``failed`` with a message naming the interrupted step. No task is left ``running`` forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
+from ..store import Store, Task, TaskState
+from .callbacks import CompositeCallbacks, EngineCallbacks
+from .loader import Workflow, WorkflowLoader
+from .planner import Planner
+from .registry import Registry, default_registry
+from .runner import TaskRun
+from .supervisor import find_orphans, orphan_reason, owner_id, supervised
+from .templating import Templater
+
+log = logging.getLogger(__name__)
+
+#: the error code of a task whose worker died in a workflow that cannot be resumed
+INTERRUPTED = "TaskInterrupted"
+#: the error code of a cancelled task whose undo did not fully succeed
+CLEANUP_FAILED = "CleanupFailed"
+
+
+class Engine:
+    """Runs workflow tasks recorded in a :class:`Store`.
+
+    ``callbacks`` (one or several :class:`EngineCallbacks`) receive every state change, step
+    start/progress/end and event. ``poll_interval`` is how often a running task checks the store
+    for a cancel request; ``timeout_grace`` how long a step may take to stop once asked (after
+    its timeout or a cancel) before it is abandoned.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        store: Store | None = None,
+        *,
+        registry: Registry | None = None,
+        loader: WorkflowLoader | None = None,
+        callbacks: EngineCallbacks | Iterable[EngineCallbacks] | None = None,
+        poll_interval: float = 0.3,
+        timeout_grace: float = 10.0,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._owns_store = store is None
+        self.registry = registry or (loader.registry if loader else default_registry())
+        self.templater = loader.templater if loader else Templater()
+        self.loader = loader or WorkflowLoader(
+            config.workflow_dirs, registry=self.registry, templater=self.templater
+        )
+        if callbacks is None:
+            callbacks = []
+        elif isinstance(callbacks, EngineCallbacks):
+            callbacks = [callbacks]
+        self.callbacks = CompositeCallbacks(*callbacks)
+        self.poll_interval = poll_interval
+        self.timeout_grace = timeout_grace
+
+    @property
+    def store(self) -> Store:
+        """The task store (``config.db_path`` unless given), opened on first use: a dry run never
+        creates a database."""
+        if self._store is None:
+            self._store = Store(self.config.db_path)
+        return self._store
+
+    @property
+    def owner(self) -> str:
+        """This engine as a task owner (``hostname:pid``; computed each time, so forks differ)."""
+        return owner_id()
+
+    def close(self) -> None:
+        """Close the store if this engine opened it."""
+        if self._store is not None and self._owns_store:
+            self._store.close()
+            self._store = None
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def load(self, workflow_ref: str | Path) -> Workflow:
+        """Load and validate a workflow by name or path."""
+        return self.loader.load(workflow_ref)
+
+    def submit(
+        self,
+        workflow_ref: str | Path,
+        params: Mapping[str, Any] | None = None,
+        *,
+        task_id: str | None = None,
+        kind: str = "workflow",
+        coerce_strings: bool = False,
+    ) -> str:
+        """Validate the workflow and params and create a ``pending`` task; returns its id.
+
+        A path reference is stored resolved (absolute), a name as the name, so a resumed task
+        finds the same file.
+        """
+        workflow = self.loader.load(workflow_ref)
+        resolved = workflow.resolve_params(params, coerce_strings=coerce_strings)
+        ref = str(workflow.source) if self.loader.is_path(workflow_ref) else str(workflow_ref)
+        task = self.store.create_task(kind, ref, resolved, task_id=task_id)
+        self.callbacks.on_task_state(task)
+        return task.id
+
+    def run(self, task_id: str) -> Task:
+        """Run a ``pending`` task in this process until it ends; returns the final task."""
+        task = self.store.get_task(task_id)
+        if task.state is not TaskState.PENDING:
+            raise IncorrectState(
+                f"task {task_id} is {task.state}; only a pending task can be run "
+                "(an interrupted one is resumed)"
+            )
+        try:
+            workflow = self._task_workflow(task)
+            params = workflow.resolve_params(task.params)
+        except (WorkflowInvalid, UsageError) as exc:
+            failed = self.store.set_state(
+                task_id,
+                TaskState.FAILED,
+                expected=TaskState.PENDING,
+                error_code=exc.code,
+                error_message=exc.message,
+            )
+            self.callbacks.on_task_state(failed)
+            return failed
+        task = self.store.claim(task_id, self.owner, self.config.lease_seconds)
+        self.callbacks.on_task_state(task)
+        return self._drive(TaskRun(self, task), workflow, params)
+
+    def resume(self, task_id: str, *, reason: str | None = None) -> Task:
+        """Take over an orphaned ``running``/``cancelling`` task and bring it to an end here."""
+        task = self.store.get_task(task_id)
+        if task.state not in (TaskState.RUNNING, TaskState.CANCELLING):
+            raise IncorrectState(
+                f"task {task_id} is {task.state}; only a running or cancelling task can be resumed"
+            )
+        reason = reason or orphan_reason(task)
+        if reason is None:
+            raise IncorrectState(
+                f"task {task_id} is still owned by {task.owner} (lease until {task.lease_expires_at})"
+            )
+        previous_owner = task.owner
+        task = self.store.claim(task_id, self.owner, self.config.lease_seconds, expected_owner=previous_owner)
+        self.store.add_event(task_id, "task.resumed", {"previous_owner": previous_owner, "reason": reason})
+        self.callbacks.on_event(task_id, "task.resumed", {"previous_owner": previous_owner, "reason": reason})
+        run = TaskRun(self, task)
+        interrupted = run.mark_interrupted()
+        if task.state is TaskState.CANCELLING:
+            return self._drive(
+                run, None, {}, abort=Cancelled("cancel requested before the previous worker died")
+            )
+        try:
+            workflow = self._task_workflow(task)
+            params = workflow.resolve_params(task.params)
+        except (WorkflowInvalid, UsageError) as exc:
+            return self._drive(run, None, {}, abort=exc)
+        if not workflow.resumable:
+            where = f"during step {interrupted[-1].name!r}" if interrupted else "between steps"
+            message = (
+                f"the worker running this task died {where}; workflow {workflow.name!r} is not resumable, "
+                "so its completed steps were undone; submit it again"
+            )
+            return self._drive(run, None, {}, abort=StepFailed(message, INTERRUPTED))
+        return self._drive(run, workflow, params)
+
+    def recover(self) -> list[Task]:
+        """Resume every orphaned task (dead owner on this host, or expired lease); returns them ended."""
+        ended = []
+        for task, reason in find_orphans(self.store):
+            log.warning("task %s: recovering because %s", task.id, reason)
+            try:
+                ended.append(self.resume(task.id, reason=reason))
+            except IncorrectState as exc:  # another recoverer was faster
+                log.info("task %s: not recovered here: %s", task.id, exc.message)
+        return ended
+
+    def plan(
+        self,
+        workflow_ref: str | Path,
+        params: Mapping[str, Any] | None = None,
+        *,
+        coerce_strings: bool = False,
+    ) -> dict[str, Any]:
+        """Dry run (see :mod:`appliance.workflow.planner`): no task, no scratch, no files."""
+        workflow = self.loader.load(workflow_ref)
+        resolved = workflow.resolve_params(params, coerce_strings=coerce_strings)
+        return Planner(self.config, self.registry, self.templater).plan(workflow, resolved)
+
+    def _task_workflow(self, task: Task) -> Workflow:
+        if not task.workflow:
+            raise UsageError(f"task {task.id} ({task.kind}) has no workflow to run")
+        return self.loader.load(task.workflow)
+
+    # -- driving a run to its end ---------------------------------------------------------------
+
+    def _drive(
+        self,
+        run: TaskRun,
+        workflow: Workflow | None,
+        params: dict[str, Any],
+        *,
+        abort: ImagingError | None = None,
+    ) -> Task:
+        with supervised(run, self.owner, self.config.lease_seconds, self.poll_interval):
+            error: ImagingError | None = None
+            result: Any = None
+            try:
+                if abort is not None:
+                    raise abort
+                assert workflow is not None
+                result = run.execute(workflow, params)
+                run.check_cancelled()
+            except ImagingError as exc:
+                error = exc
+            except Exception as exc:  # a bug: still end the task and clean up
+                log.exception("task %s: internal error", run.task_id)
+                error = ImagingError(f"internal error: {type(exc).__name__}: {exc}")
+            if run.lost_lease:
+                # Another worker owns the task now; touching its state or resources would fight it.
+                run.store.add_event(run.task_id, "task.lost", {"owner": self.owner})
+                return self.store.get_task(run.task_id)
+            return self._end(run, result, error)
+
+    def _set_state(self, task_id: str, state: TaskState, **kw: Any) -> Task:
+        task = self.store.set_state(task_id, state, **kw)
+        self.callbacks.on_task_state(task)
+        return task
+
+    def _end(self, run: TaskRun, result: Any, error: ImagingError | None) -> Task:
+        task_id = run.task_id
+        if error is None:
+            run.remove_scratch()
+            try:
+                return self._set_state(
+                    task_id,
+                    TaskState.COMPLETED,
+                    expected=TaskState.RUNNING,
+                    result=result,
+                    status_message="completed",
+                )
+            except IncorrectState:
+                # A cancel arrived after the last step: honour it (undo what was done).
+                error = Cancelled("cancelled after the last step finished")
+        cancelled = isinstance(error, Cancelled)
+        if cancelled:
+            if run.signalled is not None:
+                error = Cancelled(f"cancelled by {signal.Signals(run.signalled).name}")
+            if self.store.get_task(task_id).state is TaskState.RUNNING:
+                self.callbacks.on_task_state(self.store.request_cancel(task_id))
+        self.store.update_progress(task_id, status_message="undoing completed steps")
+        failures = run.undo()
+        run.remove_scratch()
+        run.reconcile()
+        if cancelled and not failures:
+            return self._set_state(
+                task_id,
+                TaskState.CANCELLED,
+                status_message="cancelled",
+                error_code=error.code,
+                error_message=error.message,
+            )
+        message = error.message + ("; " + "; ".join(failures) if failures else "")
+        return self._set_state(
+            task_id,
+            TaskState.FAILED,
+            expected=[TaskState.RUNNING, TaskState.CANCELLING],
+            status_message="failed",
+            error_code=CLEANUP_FAILED if cancelled else error.code,
+            error_message=("cancelled, but cleanup failed: " + message) if cancelled else message,
+        )
+
+
+def recover(store: Store, config: Any, **engine_kwargs: Any) -> list[Task]:
+    """Resume every orphaned task of ``store`` in this process (see :meth:`Engine.recover`)."""
+    return Engine(config, store, **engine_kwargs).recover()

@@ -1,0 +1,531 @@
+"""Finding, parsing and validating workflow files.
+
+A workflow is referenced by a file path (anything with a ``/`` or a ``.yaml``/``.yml`` suffix) or
+by a bare name, looked up as ``<name>.yaml`` (or ``.yml``) first in the operator's directories
+(``config.workflow_dirs``, in order) and then in the workflows shipped in ``appliance/workflows``;
+the first match wins, so an operator can override a shipped workflow by name.
+
+Loading validates everything that can be known without running: the schema (unknown keys,
+types), one of ``action``/``include`` per step, that actions exist and their arguments match
+their schema (values that are templates are checked after rendering instead), template syntax
+and that every name a template uses is a parameter, an earlier step's ``register`` name, ``item``
+(in a ``loop`` step) or ``task``; includes are loaded recursively and cycles are refused. All
+problems are reported together, each naming file, step and field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ..errors import UsageError, WorkflowInvalid
+from .registry import Registry, StepUnavailable, default_registry
+from .schema import WorkflowError, invalid, schema_errors, step_label
+from .templating import TemplateProblem, Templater, contains_template
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "workflows"
+SUFFIXES = (".yaml", ".yml")
+
+#: names the engine binds in every template scope; params and registers may not use them
+RESERVED_NAMES = frozenset({"item", "task"})
+
+_JSON_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "object": dict,
+    "array": list,
+}
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A declared workflow parameter."""
+
+    name: str
+    type: str
+    description: str = ""
+    required: bool = False
+    default: Any = _MISSING
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not _MISSING
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type, "required": self.required, "description": self.description}
+        if self.has_default:
+            d["default"] = self.default
+        return d
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step as written in a workflow file (templates not yet rendered)."""
+
+    index: int  # 1-based position in its workflow
+    name: str
+    action: str | None = None
+    include: Workflow | None = None
+    include_ref: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    when: str | bool | None = None
+    register: str | None = None
+    loop: list[Any] | str | None = None
+    timeout: float | None = None
+    retries: int = 0
+    retry_delay: float = 0.0
+    undo: bool = True
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        return step_label(self.index, self.name)
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A validated workflow with its includes loaded."""
+
+    name: str
+    description: str
+    source: Path
+    params: dict[str, ParamSpec]
+    steps: tuple[StepSpec, ...]
+    resumable: bool = True
+
+    def resolve_params(
+        self, given: Mapping[str, Any] | None, *, coerce_strings: bool = False
+    ) -> dict[str, Any]:
+        """Check ``given`` against the declared params and apply defaults (:class:`UsageError`).
+
+        With ``coerce_strings`` (command-line ``-p key=value``), string values are converted to
+        the declared type first: ``"10"`` → 10, ``"true"`` → True, JSON for objects and arrays.
+        """
+        given = dict(given or {})
+        problems = []
+        unknown = sorted(set(given) - set(self.params))
+        for name in unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            problems.append(f"unknown parameter {name!r} (parameters: {known})")
+        out: dict[str, Any] = {}
+        for name, spec in self.params.items():
+            if name in given:
+                value = given[name]
+                if coerce_strings and isinstance(value, str) and spec.type != "string":
+                    value = _coerce(value, spec.type)
+                if not _is_type(value, spec.type):
+                    problems.append(f"parameter {name!r} must be {spec.type}, not {value!r}")
+                    continue
+                out[name] = value
+            elif spec.has_default:
+                out[name] = spec.default
+            elif spec.required:
+                problems.append(f"missing required parameter {name!r} ({spec.description or spec.type})")
+        if problems:
+            raise UsageError(f"workflow {self.name!r}: " + "; ".join(problems))
+        return out
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """One entry of :meth:`WorkflowLoader.list`."""
+
+    name: str
+    description: str
+    source: Path
+    error: str | None = None  # why the file cannot be used (full validation is not done by list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": str(self.source),
+            "error": self.error,
+        }
+
+
+def _is_type(value: Any, type_name: str) -> bool:
+    if type_name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if type_name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES[type_name])
+
+
+def _coerce(value: str, type_name: str) -> Any:
+    text = value.strip()
+    try:
+        if type_name == "integer":
+            return int(text, 0)
+        if type_name == "number":
+            return float(text)
+        if type_name == "boolean":
+            lowered = text.lower()
+            if lowered in ("true", "yes", "on", "1"):
+                return True
+            if lowered in ("false", "no", "off", "0"):
+                return False
+            return value
+        return json.loads(text)
+    except ValueError:
+        return value  # left as a string; the type check reports it
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_document(path: Path) -> Any:
+    """Parse a workflow file's YAML (:class:`WorkflowInvalid` naming file and line on errors)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise invalid([WorkflowError(str(path), f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise invalid([WorkflowError(str(path), f"not valid YAML: {problem}", where)]) from None
+
+
+class WorkflowLoader:
+    """Locates and loads workflows; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        search_dirs: Sequence[Path | str] = (),
+        *,
+        registry: Registry | None = None,
+        templater: Templater | None = None,
+        shipped_dir: Path | None = SHIPPED_DIR,
+    ) -> None:
+        self.search_dirs = [Path(d) for d in search_dirs]
+        if shipped_dir is not None:
+            self.search_dirs.append(shipped_dir)
+        self.registry = registry or default_registry()
+        self.templater = templater or Templater()
+
+    @classmethod
+    def from_config(cls, config: Any, *, registry: Registry | None = None) -> WorkflowLoader:
+        return cls(config.workflow_dirs, registry=registry)
+
+    # -- locating ------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_path(ref: str | Path) -> bool:
+        text = str(ref)
+        return isinstance(ref, Path) or os.sep in text or "/" in text or text.endswith(SUFFIXES)
+
+    def resolve(self, ref: str | Path, *, relative_to: Path | None = None) -> Path:
+        """The file ``ref`` names (:class:`UsageError` if there is none)."""
+        if self.is_path(ref):
+            path = Path(ref).expanduser()
+            if not path.is_absolute():
+                path = (relative_to or Path.cwd()) / path
+            if not path.is_file():
+                raise UsageError(f"workflow file {path} does not exist")
+            return path.resolve()
+        for directory in self.search_dirs:
+            for suffix in SUFFIXES:
+                candidate = directory / f"{ref}{suffix}"
+                if candidate.is_file():
+                    return candidate.resolve()
+        where = ", ".join(str(d) for d in self.search_dirs) or "no directories"
+        raise UsageError(f"no workflow named {str(ref)!r} (searched {where})")
+
+    def list(self) -> list[WorkflowInfo]:
+        """Every workflow reachable by name, operators' first; shadowed files are left out."""
+        seen: dict[str, WorkflowInfo] = {}
+        for directory in self.search_dirs:
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.iterdir()):
+                if path.suffix not in SUFFIXES or not path.is_file() or path.stem in seen:
+                    continue
+                seen[path.stem] = self._info(path)
+        return sorted(seen.values(), key=lambda i: i.name)
+
+    def _info(self, path: Path) -> WorkflowInfo:
+        try:
+            doc = read_document(path)
+        except WorkflowInvalid as exc:
+            return WorkflowInfo(path.stem, "", path, exc.message)
+        if not isinstance(doc, dict):
+            return WorkflowInfo(path.stem, "", path, "not a mapping")
+        description = doc.get("description") if isinstance(doc.get("description"), str) else ""
+        error = None
+        if doc.get("name") != path.stem:
+            error = f"name {doc.get('name')!r} does not match the file name {path.name!r}"
+        return WorkflowInfo(path.stem, description.strip(), path, error)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self, ref: str | Path) -> Workflow:
+        """Locate, parse and fully validate a workflow (:class:`WorkflowInvalid` lists every problem)."""
+        path = self.resolve(ref)
+        workflow = self._load(path, [], {})
+        if not self.is_path(ref) and workflow.name != path.stem:
+            raise invalid(
+                [
+                    WorkflowError(
+                        str(path), f"name {workflow.name!r} does not match the file name", None, "name"
+                    )
+                ]
+            )
+        return workflow
+
+    def validate_file(self, path: str | Path) -> Workflow:
+        """Validate one file (by path); returns the workflow or raises :class:`WorkflowInvalid`."""
+        return self.load(Path(path))
+
+    def _load(self, path: Path, stack: list[Path], cache: dict[Path, Workflow]) -> Workflow:
+        if path in cache:
+            return cache[path]
+        file = str(path)
+        doc = read_document(path)
+        if not isinstance(doc, dict):
+            raise invalid([WorkflowError(file, "a workflow must be a mapping with 'name' and 'steps'")])
+        errors = schema_errors(doc, file)
+        if errors:
+            raise invalid(errors)
+        params, errors = self._params(doc.get("params") or {}, file)
+        steps: list[StepSpec] = []
+        known = set(params) | {"task"} | self.templater.global_names
+        step_names: set[str] = set()
+        for i, raw in enumerate(doc["steps"], start=1):
+            step, step_errors = self._step(
+                raw, i, path, known, set(params), step_names, [*stack, path], cache
+            )
+            errors += step_errors
+            if step is not None:
+                steps.append(step)
+            if isinstance(raw.get("register"), str):
+                known.add(raw["register"])  # even for a broken step: no cascade of "undefined" errors
+        if errors:
+            raise invalid(errors)
+        workflow = Workflow(
+            name=doc["name"],
+            description=(doc.get("description") or "").strip(),
+            source=path,
+            params=params,
+            steps=tuple(steps),
+            resumable=doc.get("resumable", True),
+        )
+        cache[path] = workflow
+        return workflow
+
+    def _params(self, raw: dict[str, Any], file: str) -> tuple[dict[str, ParamSpec], list[WorkflowError]]:
+        params, errors = {}, []
+        for name, spec in raw.items():
+            where = f"params.{name}"
+            if name in RESERVED_NAMES:
+                errors.append(WorkflowError(file, f"{name!r} is reserved (used by the engine)", None, where))
+            p = ParamSpec(
+                name,
+                spec["type"],
+                (spec.get("description") or "").strip(),
+                spec.get("required", False),
+                spec.get("default", _MISSING),
+            )
+            if p.has_default and not _is_type(p.default, p.type):
+                errors.append(
+                    WorkflowError(file, f"default {p.default!r} is not {p.type}", None, f"{where}.default")
+                )
+            if p.has_default and p.required:
+                errors.append(WorkflowError(file, "a required parameter cannot have a default", None, where))
+            params[name] = p
+        return params, errors
+
+    def _step(
+        self,
+        raw: dict[str, Any],
+        index: int,
+        path: Path,
+        known: set[str],
+        param_names: set[str],
+        step_names: set[str],
+        stack: list[Path],
+        cache: dict[Path, Workflow],
+    ) -> tuple[StepSpec | None, list[WorkflowError]]:
+        file = str(path)
+        label = step_label(index, raw["name"])
+        errors: list[WorkflowError] = []
+
+        def err(message: str, where: str | None = None) -> None:
+            errors.append(WorkflowError(file, message, label, where))
+
+        if raw["name"] in step_names:
+            err("another step has the same name (step names must be unique in a workflow)", "name")
+        step_names.add(raw["name"])
+        has_action, has_include = "action" in raw, "include" in raw
+        if has_action == has_include:
+            err("needs exactly one of 'action' (a registered step) or 'include' (another workflow)")
+        if has_include:
+            for key in ("timeout", "retries", "retry_delay", "undo"):
+                if key in raw:
+                    err("not allowed on an include step (set it on the included steps)", key)
+        register = raw.get("register")
+        if register is not None:
+            if register in RESERVED_NAMES:
+                err(f"{register!r} is reserved (used by the engine)", "register")
+            elif register in param_names:
+                err(f"{register!r} is already a parameter name", "register")
+            elif register in known:
+                err(f"{register!r} is already registered by an earlier step", "register")
+
+        # Templates: syntax and names. `item` exists only inside a loop step (not in `loop` itself).
+        in_loop = known | ({"item"} if "loop" in raw else set())
+        self._check_names(raw.get("with", {}), "with", in_loop, err)
+        if isinstance(raw.get("when"), str):
+            try:
+                names = self.templater.condition_names(raw["when"])
+                _report_unknown({"when": names}, in_loop, err)
+            except TemplateProblem as exc:
+                err(exc.message, exc.field)
+        if isinstance(raw.get("loop"), str):
+            if not raw["loop"].strip().startswith("{{"):
+                err("must be a list or a template expression ('{{ ... }}') yielding a list", "loop")
+            self._check_names(raw["loop"], "loop", known, err)
+        elif isinstance(raw.get("loop"), list):
+            self._check_names(raw["loop"], "loop", known, err)
+
+        include = None
+        if has_action and not has_include:
+            self._check_action(raw["action"], raw.get("with", {}), err)
+        elif has_include:
+            include = self._include(raw, path, stack, cache, err)
+        if errors:
+            return None, errors
+        return (
+            StepSpec(
+                index=index,
+                name=raw["name"],
+                action=raw.get("action"),
+                include=include,
+                include_ref=raw.get("include"),
+                args=raw.get("with", {}),
+                when=raw.get("when"),
+                register=register,
+                loop=raw.get("loop"),
+                timeout=raw.get("timeout"),
+                retries=raw.get("retries", 0),
+                retry_delay=raw.get("retry_delay", 0.0),
+                undo=raw.get("undo", True),
+                description=(raw.get("description") or "").strip(),
+            ),
+            [],
+        )
+
+    def _check_names(self, value: Any, where: str, allowed: set[str], err: Any) -> None:
+        try:
+            found = self.templater.referenced_names(value, where)
+        except TemplateProblem as exc:
+            err(exc.message, exc.field)
+            return
+        _report_unknown(found, allowed, err)
+
+    def _check_action(self, action: str, args: dict[str, Any], err: Any) -> None:
+        if action not in self.registry:
+            err(
+                f"unknown action {action!r} (registered: {', '.join(self.registry.names()) or 'none'})",
+                "action",
+            )
+            return
+        try:
+            schema = self.registry.schema(action)
+        except StepUnavailable as exc:
+            err(exc.message, "action")
+            return
+        if schema is None:
+            return
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(args):
+            if _touches_template(args, list(e.absolute_path)):
+                continue  # checked after rendering, when the value is known
+            where = ".".join(["with", *(str(p) for p in e.absolute_path)])
+            err(e.message.replace("is a required property", "is required"), where)
+
+    def _include(
+        self, raw: dict[str, Any], path: Path, stack: list[Path], cache: dict[Path, Workflow], err: Any
+    ) -> Workflow | None:
+        ref = raw["include"]
+        try:
+            target = self.resolve(ref, relative_to=path.parent)
+        except UsageError as exc:
+            err(exc.message, "include")
+            return None
+        if target in stack:
+            chain = " -> ".join(p.name for p in [*stack[stack.index(target) :], target])
+            err(f"include cycle: {chain}", "include")
+            return None
+        try:
+            included = self._load(target, stack, cache)
+        except WorkflowInvalid as exc:
+            for e in getattr(exc, "errors", []) or [WorkflowError(str(target), exc.message)]:
+                err(f"included workflow is invalid: {e}", "include")
+            return None
+        args = raw.get("with", {})
+        for name in sorted(set(args) - set(included.params)):
+            known = ", ".join(sorted(included.params)) or "none"
+            err(f"{included.name!r} has no parameter {name!r} (parameters: {known})", f"with.{name}")
+        for name, spec in included.params.items():
+            if name not in args:
+                if spec.required and not spec.has_default:
+                    err(f"{included.name!r} needs parameter {name!r}", "with")
+            elif not contains_template(args[name]) and not _is_type(args[name], spec.type):
+                err(
+                    f"must be {spec.type} (parameter of {included.name!r}), not {args[name]!r}",
+                    f"with.{name}",
+                )
+        return included
+
+
+def _report_unknown(found: dict[str, set[str]], allowed: set[str], err: Any) -> None:
+    for where, names in found.items():
+        for name in sorted(names - allowed):
+            hint = " ('item' exists only in a step with 'loop')" if name == "item" else ""
+            err(
+                f"undefined variable {name!r}: not a parameter or an earlier step's register name{hint}",
+                where,
+            )
+
+
+def _touches_template(args: Any, path: list[Any]) -> bool:
+    """Whether the value at ``path`` inside ``args`` (or any value on the way) is a template."""
+    value = args
+    for part in path:
+        if isinstance(value, str):
+            break
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+        if isinstance(value, str) and contains_template(value):
+            return True
+    return isinstance(value, str) and contains_template(value)

@@ -1,0 +1,510 @@
+"""Executing one task's workflow: steps, loops, includes, retries, timeouts, undo, scratch.
+
+A :class:`TaskRun` walks the workflow and records every step in the store under its path
+(``"3"``, ``"2.loop1"``, ``"4/include/1"``). Loop and include steps get a record of their own
+(the registered list or mapping) and one per item or included step. A step already ``completed``
+in the store is not run again: its stored result is registered instead. That is how a resumed
+task continues after the step that was interrupted.
+
+Each step runs in its own thread so the engine can stop waiting for it: the main thread watches
+the task's cancel event and the step's timeout and sets the step's ``ctx.cancel``; a step that
+does not return within the grace period after that is abandoned (recorded in an event).
+
+Undo works from the store, not from the workflow: the ``completed`` step records, newest first,
+with the args and result they were recorded with. It therefore also works for a task whose
+workflow file has changed or disappeared since it started.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+
+from ..errors import (
+    Cancelled,
+    Finding,
+    ImageRejected,
+    ImagingError,
+    StepFailed,
+    StepTimeout,
+    UsageError,
+    WorkflowInvalid,
+)
+from ..store import StepRecord, StepState
+from .registry import StepUnavailable
+from .schema import WorkflowError, invalid
+from .step import StepContext
+from .templating import TemplateProblem
+
+if TYPE_CHECKING:
+    from ..scratch import TaskScratch
+    from ..store import Task
+    from .engine import Engine
+    from .loader import StepSpec, Workflow
+
+#: step progress is written to the task row at most this often (the last value always wins)
+PROGRESS_DB_INTERVAL = 0.5
+#: and queued as an event at most this often
+PROGRESS_EVENT_INTERVAL = 2.0
+
+
+class TaskVars:
+    """``task`` in templates: ``task.id`` and ``task.workdir`` (the scratch dir, created on use)."""
+
+    def __init__(self, run: TaskRun) -> None:
+        self._run = run
+
+    @property
+    def id(self) -> str:
+        return self._run.task_id
+
+    @property
+    def workdir(self) -> str:
+        return str(self._run.scratch().path)
+
+
+class StepFailure(ImagingError):
+    """Carries the failing step's error and its label to the engine."""
+
+    def __init__(self, error: ImagingError, step: str) -> None:
+        super().__init__(f"step {step!r} failed: {error.message}", error.code)
+        self.error = error
+        self.step = step
+
+
+class TaskRun:
+    """One attempt at running (or cleaning up) a task in this process."""
+
+    def __init__(self, engine: Engine, task: Task) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.config = engine.config
+        self.registry = engine.registry
+        self.templater = engine.templater
+        self.callbacks = engine.callbacks
+        self.task_id = task.id
+        #: set by the supervisor (cancel requested in the store), signals, or a lost lease
+        self.cancel = threading.Event()
+        self.lost_lease = False
+        self.signalled: int | None = None
+        self._done = {r.idx: r for r in self.store.step_results(task.id)}
+        self._running: dict[str, StepRecord] = {}
+        self._scratch: TaskScratch | None = None
+        self._scratch_lock = threading.Lock()
+        self._progress_times: dict[str, tuple[float, float]] = {}
+
+    # -- executing -------------------------------------------------------------------------
+
+    def execute(self, workflow: Workflow, params: dict[str, Any]) -> dict[str, Any]:
+        """Run the workflow's steps in order; returns the top-level registered results."""
+        return self._run_steps(workflow, self._scope(params), "")
+
+    def _scope(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {**params, "task": TaskVars(self)}
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the task was cancelled")
+
+    def _run_steps(self, workflow: Workflow, scope: dict[str, Any], prefix: str) -> dict[str, Any]:
+        registered: dict[str, Any] = {}
+        for step in workflow.steps:
+            self.check_cancelled()
+            ran, value = self._run_step(workflow, step, f"{prefix}{step.index}", scope)
+            if ran and step.register:
+                scope[step.register] = value
+                registered[step.register] = value
+        return registered
+
+    def _action_name(self, step: StepSpec) -> str:
+        return step.action or f"include:{step.include_ref}"
+
+    def _run_step(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> tuple[bool, Any]:
+        """Run one step (all its loop items); ``(False, None)`` if it was skipped."""
+        previous = self._done.get(idx)
+        if previous is not None and previous.state is StepState.COMPLETED:
+            return True, previous.result
+        if previous is not None and previous.state is StepState.SKIPPED:
+            return False, None
+        per_item_when = step.when is not None and self._when_uses_item(step)
+        if step.when is not None and not per_item_when and not self._condition(wf, step, scope):
+            self._skip(step, idx, f"when: {step.when}")
+            return False, None
+        if step.loop is None:
+            return True, self._run_one(wf, step, idx, scope)
+
+        items = self._render(wf, step, step.loop, scope, "loop")
+        if not isinstance(items, list):
+            raise invalid(
+                [WorkflowError(str(wf.source), f"must yield a list, not {items!r}", step.label, "loop")]
+            )
+        parent = self._record(step, idx, StepState.RUNNING, args={"items": items}, undo=False)
+        self.callbacks.on_step_start(self.task_id, parent)
+        results = []
+        for n, item in enumerate(items, start=1):
+            self.check_cancelled()
+            child, item_scope = f"{idx}.loop{n}", {**scope, "item": item}
+            done = self._done.get(child)
+            if done is not None and done.state is StepState.SKIPPED:
+                results.append(None)
+            elif (
+                per_item_when
+                and (done is None or done.state is not StepState.COMPLETED)
+                and not self._condition(wf, step, item_scope)
+            ):
+                self._skip(step, child, f"when: {step.when}")
+                results.append(None)
+            else:
+                results.append(self._run_one(wf, step, child, item_scope))
+        self._finish(step, idx, StepState.COMPLETED, args={"items": items}, result=results, undo=False)
+        return True, results
+
+    def _run_one(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> Any:
+        """Run a single action (with retries) or include; returns its result."""
+        previous = self._done.get(idx)
+        if previous is not None and previous.state is StepState.COMPLETED:
+            return previous.result
+        if step.include is not None:
+            return self._run_include(wf, step, idx, scope)
+        try:
+            args = self._render(wf, step, step.args, scope, "with")
+            cls = self.registry.get(step.action)
+            self._validate_args(wf, step, cls, args)
+        except ImagingError as exc:
+            self._finish(step, idx, StepState.FAILED, error=exc.to_dict())
+            if isinstance(exc, WorkflowInvalid):
+                raise  # it names the step already
+            raise StepFailure(exc, step.name) from exc
+        attempts = step.retries + 1
+        for attempt in range(1, attempts + 1):
+            record = self._record(step, idx, StepState.RUNNING, args=args, attempts=attempt)
+            self.callbacks.on_step_start(self.task_id, record)
+            self.store.update_progress(self.task_id, status_message=f"running step {step.name!r}")
+            try:
+                result, abandoned = self._call(step, idx, cls, args)
+            except ImagingError as exc:
+                error, abandoned = exc, getattr(exc, "abandoned", False)
+            except Exception as exc:  # a plugin's bug or an unexpected OS error: coded as StepFailed
+                error, abandoned = StepFailed(f"{type(exc).__name__}: {exc}"), False
+            else:
+                try:
+                    return self._finish(
+                        step, idx, StepState.COMPLETED, args=args, result=result, attempts=attempt
+                    ).result
+                except UsageError as exc:  # the result is not JSON data
+                    error, abandoned = (
+                        StepFailed(f"returned a result that cannot be stored: {exc.message}"),
+                        False,
+                    )
+            failed = self._finish(
+                step, idx, StepState.FAILED, args=args, error=error.to_dict(), attempts=attempt
+            )
+            if isinstance(error, ImageRejected):
+                self._keep_findings(error.findings)
+            cancelled = isinstance(error, Cancelled) or self.cancel.is_set()
+            if cancelled or attempt == attempts or abandoned:
+                if cancelled:
+                    self.cancel.set()
+                    raise Cancelled(f"the task was cancelled during step {step.name!r}") from error
+                raise StepFailure(error, step.name) from error
+            self._emit(
+                "step.retry", {"step": idx, "name": step.name, "attempt": attempt, "error": failed.error}
+            )
+            if self.cancel.wait(step.retry_delay):
+                raise Cancelled(f"the task was cancelled while step {step.name!r} waited to retry")
+        raise AssertionError("unreachable")
+
+    def _run_include(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> dict[str, Any]:
+        included = step.include
+        assert included is not None
+        args = self._render(wf, step, step.args, scope, "with")
+        try:
+            params = included.resolve_params(args)
+        except UsageError as exc:
+            raise invalid([WorkflowError(str(wf.source), exc.message, step.label, "with")]) from None
+        parent = self._record(step, idx, StepState.RUNNING, args=params, undo=False)
+        self.callbacks.on_step_start(self.task_id, parent)
+        registered = self._run_steps(included, self._scope(params), f"{idx}/include/")
+        self._finish(step, idx, StepState.COMPLETED, args=params, result=registered, undo=False)
+        return registered
+
+    def _call(self, step: StepSpec, idx: str, cls: type, args: dict[str, Any]) -> tuple[Any, bool]:
+        """Run ``cls().run`` in a thread, enforcing cancel and timeout; returns (result, abandoned)."""
+        step_cancel = threading.Event()
+        ctx = self.context(idx, step.name, step_cancel)
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = cls().run(ctx, **args)
+            except BaseException as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"step {self.task_id}/{idx}", daemon=True)
+        thread.start()
+        deadline = None if step.timeout is None else time.monotonic() + step.timeout
+        timed_out = False
+        give_up_at: float | None = None
+        while thread.is_alive():
+            thread.join(0.05)
+            now = time.monotonic()
+            if self.cancel.is_set() and not step_cancel.is_set():
+                step_cancel.set()
+                give_up_at = now + self.engine.timeout_grace
+            if deadline is not None and not timed_out and now >= deadline:
+                timed_out = True
+                step_cancel.set()
+                give_up_at = now + self.engine.timeout_grace
+            if give_up_at is not None and now >= give_up_at and thread.is_alive():
+                self._emit(
+                    "step.abandoned",
+                    {
+                        "step": idx,
+                        "name": step.name,
+                        "message": "the step did not stop when asked; left running",
+                    },
+                )
+                exc: ImagingError = (
+                    StepTimeout(f"step {step.name!r} timed out after {step.timeout:g} s and did not stop")
+                    if timed_out
+                    else Cancelled(f"step {step.name!r} did not stop when cancelled")
+                )
+                exc.abandoned = True  # type: ignore[attr-defined]
+                raise exc
+        if "error" not in box:
+            return box.get("result"), False
+        error = box["error"]
+        if timed_out:
+            raise StepTimeout(f"step {step.name!r} timed out after {step.timeout:g} s") from error
+        if isinstance(error, ImagingError):
+            raise error
+        if isinstance(error, Exception):
+            raise StepFailed(f"{type(error).__name__}: {error}") from error
+        raise StepFailed(f"step raised {type(error).__name__}") from error
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _keep_findings(self, findings: list[Finding]) -> None:
+        """Add a rejection's findings to the task's (a step may have stored them already)."""
+        current = self.store.get_task(self.task_id).findings
+        new = [f.to_dict() for f in findings]
+        self.store.set_findings(self.task_id, current + [f for f in new if f not in current])
+
+    def _when_uses_item(self, step: StepSpec) -> bool:
+        return isinstance(step.when, str) and "item" in self.templater.condition_names(step.when)
+
+    def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool:
+        try:
+            return bool(self.templater.condition(step.when, scope))
+        except TemplateProblem as exc:
+            raise invalid([WorkflowError(str(wf.source), exc.message, step.label, exc.field)]) from None
+
+    def _render(self, wf: Workflow, step: StepSpec, value: Any, scope: dict[str, Any], field: str) -> Any:
+        try:
+            return self.templater.render(value, scope, field)
+        except TemplateProblem as exc:
+            raise invalid([WorkflowError(str(wf.source), exc.message, step.label, exc.field)]) from None
+
+    @staticmethod
+    def _validate_args(wf: Workflow, step: StepSpec, cls: type, args: dict[str, Any]) -> None:
+        schema = getattr(cls, "schema", None)
+        if schema is None:
+            return
+        errors = [
+            WorkflowError(
+                str(wf.source),
+                e.message.replace("is a required property", "is required"),
+                step.label,
+                ".".join(["with", *(str(p) for p in e.absolute_path)]),
+            )
+            for e in jsonschema.Draft202012Validator(schema).iter_errors(args)
+        ]
+        if errors:
+            raise invalid(errors)
+
+    def _record(self, step: StepSpec, idx: str, state: StepState, **kw: Any) -> StepRecord:
+        kw.setdefault("undo", step.undo)
+        record = self.store.record_step(
+            self.task_id, idx, name=step.name, action=self._action_name(step), state=state, **kw
+        )
+        if state is StepState.RUNNING:
+            self._running[idx] = record
+            self._emit("step.start", {"step": idx, "name": step.name, "action": record.action}, notify=False)
+        return record
+
+    def _finish(self, step: StepSpec, idx: str, state: StepState, **kw: Any) -> StepRecord:
+        record = self._record(step, idx, state, **kw)
+        self._running.pop(idx, None)
+        self._done[idx] = record
+        data = {"step": idx, "name": step.name, "state": str(state)}
+        if record.error:
+            data["error"] = record.error
+        self._emit("step.end", data, notify=False)
+        self.callbacks.on_step_end(self.task_id, record)
+        return record
+
+    def _skip(self, step: StepSpec, idx: str, reason: str) -> None:
+        self._finish(step, idx, StepState.SKIPPED, result={"skipped": reason}, undo=False)
+
+    def _emit(self, kind: str, data: dict[str, Any], *, notify: bool = True) -> None:
+        self.store.add_event(self.task_id, kind, data)
+        if notify:
+            self.callbacks.on_event(self.task_id, kind, data)
+
+    # -- step context hooks --------------------------------------------------------------------
+
+    def context(self, idx: str, name: str, cancel: threading.Event) -> StepContext:
+        return StepContext(
+            task_id=self.task_id,
+            config=self.config,
+            store=self.store,
+            cancel=cancel,
+            idx=idx,
+            name=name,
+            hooks=self,
+        )
+
+    def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
+        now = time.monotonic()
+        last_db, last_event = self._progress_times.get(ctx.idx, (0.0, 0.0))
+        final = progress.get("total") is not None and progress.get("done") == progress.get("total")
+        if final or now - last_db >= PROGRESS_DB_INTERVAL:
+            self.store.update_progress(
+                self.task_id,
+                phase=progress.get("phase"),
+                bytes_done=progress.get("done"),
+                bytes_total=progress.get("total"),
+                percent=progress.get("percent"),
+            )
+            last_db = now
+        if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
+            self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
+            last_event = now
+        self._progress_times[ctx.idx] = (last_db, last_event)
+        record = self._running.get(ctx.idx)
+        if record is not None:
+            self.callbacks.on_step_progress(self.task_id, record, progress)
+
+    def event(self, ctx: StepContext, kind: str, data: dict[str, Any]) -> None:
+        self._emit(kind, {"step": ctx.idx, **data})
+
+    def ledger(self, ctx: StepContext | None, action: str, resource: str) -> None:
+        step = ctx.idx if ctx is not None else None
+        self.store.add_ledger(self.task_id, action, resource, step)
+        self.callbacks.on_event(
+            self.task_id, "ledger", {"action": action, "resource": resource, "step": step}
+        )
+
+    def scratch(self) -> TaskScratch:
+        with self._scratch_lock:
+            if self._scratch is None:
+                from ..scratch import ScratchSpace
+
+                space = ScratchSpace.from_config(self.config)
+                existed = (space.root / self.task_id).exists()
+                self._scratch = space.for_task(self.task_id)
+                if not existed:
+                    self.ledger(None, "created", str(self._scratch.path))
+            return self._scratch
+
+    # -- cleaning up ---------------------------------------------------------------------------
+
+    def mark_interrupted(self) -> list[StepRecord]:
+        """Mark steps left ``running`` by a dead worker as failed; returns them (innermost last)."""
+        interrupted = [r for r in self.store.step_results(self.task_id) if r.state is StepState.RUNNING]
+        for r in interrupted:
+            error = {"code": "Interrupted", "message": "the worker running this step died"}
+            self._done[r.idx] = self.store.set_step_state(self.task_id, r.idx, StepState.FAILED, error=error)
+        return interrupted
+
+    def undo(self) -> list[str]:
+        """Undo completed steps newest first; returns descriptions of undos that failed."""
+        failures = []
+        records = self.store.step_results(self.task_id)
+        for record in reversed(records):
+            if record.state is not StepState.COMPLETED or not record.undo:
+                continue
+            try:
+                cls = self.registry.get(record.action)
+            except StepUnavailable as exc:
+                failures.append(self._undo_failed(record, exc.message))
+                continue
+            if getattr(cls, "undo", None) is None:
+                continue  # nothing to reverse (e.g. util.echo)
+            ctx = self.context(record.idx, record.name, threading.Event())
+            self._emit("step.undo", {"step": record.idx, "name": record.name})
+            try:
+                cls().undo(ctx, record.args or {}, record.result)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, ImagingError) else f"{type(exc).__name__}: {exc}"
+                failures.append(self._undo_failed(record, message))
+                continue
+            undone = self.store.set_step_state(self.task_id, record.idx, StepState.UNDONE)
+            self.callbacks.on_step_end(self.task_id, undone)
+        return failures
+
+    def _undo_failed(self, record: StepRecord, message: str) -> str:
+        failed = self.store.set_step_state(
+            self.task_id, record.idx, StepState.UNDO_FAILED, error={"code": "UndoFailed", "message": message}
+        )
+        self.callbacks.on_step_end(self.task_id, failed)
+        outstanding = [r for r in self.outstanding_resources() if r[1] == record.idx]
+        for resource, step in outstanding:
+            self.ledger_leaked(resource, step)
+        if not outstanding:
+            self.ledger_leaked(f"undo of step {record.name!r}", record.idx)
+        return f"undo of step {record.name!r} failed: {message}"
+
+    def ledger_leaked(self, resource: str, step: str | None) -> None:
+        self.store.add_ledger(self.task_id, "leaked", resource, step)
+        self.callbacks.on_event(
+            self.task_id, "ledger", {"action": "leaked", "resource": resource, "step": step}
+        )
+
+    def outstanding_resources(self) -> list[tuple[str, str | None]]:
+        """Resources the ledger says were created and not (yet) removed or reported leaked."""
+        open_: dict[str, str | None] = {}
+        for entry in self.store.ledger(self.task_id):
+            if entry.action == "created":
+                open_[entry.resource] = entry.step
+            else:
+                open_.pop(entry.resource, None)
+        return list(open_.items())
+
+    def remove_scratch(self) -> None:
+        """Remove the task's scratch directory (and every reservation in it), ledgered."""
+        from ..scratch import ScratchSpace
+
+        path = Path(self.config.scratch.root) / self.task_id
+        if self._scratch is None and not path.exists():
+            return
+        try:
+            scratch = self._scratch or ScratchSpace.from_config(self.config).for_task(self.task_id)
+            scratch.cleanup()
+        except (OSError, ImagingError) as exc:
+            self.ledger_leaked(str(path), None)
+            self._emit("scratch.cleanup_failed", {"path": str(path), "error": str(exc)})
+            return
+        self._scratch = None
+        self.ledger(None, "removed", str(path))
+
+    def reconcile(self) -> None:
+        """After a failed or cancelled run: account for every resource the ledger leaves open.
+
+        A path that no longer exists is settled (files in the scratch dir went with it, and the
+        scratch dir's removal is ledgered itself). Anything else still open is reported
+        ``leaked``, unless its step had ``undo: false`` (kept on purpose, noted as an event).
+        """
+        keep = {r.idx for r in self.store.step_results(self.task_id) if not r.undo}
+        for resource, step in self.outstanding_resources():
+            if resource.startswith(os.sep) and not os.path.lexists(resource):
+                continue
+            if step in keep:
+                self._emit("resource.kept", {"resource": resource, "step": step})
+                continue
+            self.ledger_leaked(resource, step)

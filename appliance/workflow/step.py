@@ -1,0 +1,130 @@
+"""What a step class is, and the context the engine hands it.
+
+A step class needs only ``run(self, ctx, **args)`` returning JSON data (its registered result).
+Optional: a class attribute ``schema`` (jsonschema of its ``with`` arguments), ``undo(self, ctx,
+args, result)`` to reverse what a completed run did, and ``plan(self, ctx, **args)`` describing
+what it would do in a dry run (``scratch_bytes`` in that dict is summed into the plan's total).
+Deriving from :class:`Step` is optional but documents the contract.
+
+Steps must watch ``ctx.cancel`` (or call ``ctx.check_cancelled()``/``ctx.sleep()``) and raise
+:class:`~appliance.errors.Cancelled` promptly when it is set: it is set when the task is cancelled
+and when the step's ``timeout`` expires.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from ..errors import Cancelled, UsageError
+
+#: what ``ctx.workdir`` and ``{{ task.workdir }}`` are in a dry run (nothing is created then)
+DRY_RUN_WORKDIR = "<scratch dir>"
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..scratch import TaskScratch
+    from ..store import Store
+
+
+class Step:
+    """Base class for workflow steps."""
+
+    #: jsonschema of the ``with`` arguments (validated after rendering; statically when possible)
+    schema: ClassVar[dict[str, Any] | None] = None
+
+    def run(self, ctx: StepContext, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def plan(self, ctx: StepContext, **args: Any) -> dict[str, Any]:
+        """What the step would do; by default its rendered arguments. Must have no side effects."""
+        return dict(args)
+
+
+class StepHooks(Protocol):
+    """What a :class:`StepContext` reports to (implemented by the engine and the planner)."""
+
+    def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None: ...
+
+    def event(self, ctx: StepContext, kind: str, data: dict[str, Any]) -> None: ...
+
+    def ledger(self, ctx: StepContext, action: str, resource: str) -> None: ...
+
+    def scratch(self) -> TaskScratch: ...
+
+
+def progress_dict(progress: Any) -> dict[str, Any]:
+    """Accept an :class:`appliance.progress.Progress`, anything with ``to_dict()``, or a dict."""
+    if hasattr(progress, "to_dict"):
+        progress = progress.to_dict()
+    if not isinstance(progress, dict):
+        raise TypeError(f"progress must be a Progress or a dict, not {type(progress).__name__}")
+    return dict(progress)
+
+
+class StepContext:
+    """Everything a running step may use: ids, config, store, scratch, cancel, reporting."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        config: Config,
+        store: Store | None,
+        cancel: threading.Event,
+        idx: str,
+        name: str,
+        hooks: StepHooks,
+        dry_run: bool = False,
+    ) -> None:
+        self.task_id = task_id
+        self.config = config
+        self.store = store
+        self.cancel = cancel
+        #: the step's path in the task (``"3"``, ``"2.loop1"``, ``"4/include/1"``)
+        self.idx = idx
+        self.name = name
+        self.dry_run = dry_run
+        self._hooks = hooks
+
+    @property
+    def scratch(self) -> TaskScratch:
+        """The task's scratch directory and reservations (created on first use)."""
+        if self.dry_run:
+            raise UsageError("scratch space is not available in a dry run")
+        return self._hooks.scratch()
+
+    @property
+    def workdir(self) -> Path:
+        """The task's private scratch directory (created on first use; a placeholder in a dry run)."""
+        if self.dry_run:
+            return Path(DRY_RUN_WORKDIR)
+        return self.scratch.path
+
+    def progress(self, progress: Any) -> None:
+        """Report progress: an ``appliance.progress.Progress`` or a dict with
+        ``phase, done, total, percent`` (bytes; any may be missing)."""
+        self._hooks.progress(self, progress_dict(progress))
+
+    def event(self, kind: str, **data: Any) -> None:
+        """Emit a task event (queued for the controller, shown by the CLI)."""
+        self._hooks.event(self, kind, data)
+
+    def ledger_created(self, resource: str | Path) -> None:
+        """Record that this step created ``resource`` (a path or another resource id)."""
+        self._hooks.ledger(self, "created", str(resource))
+
+    def ledger_removed(self, resource: str | Path) -> None:
+        """Record that this step (or its undo) removed ``resource``."""
+        self._hooks.ledger(self, "removed", str(resource))
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if the step should stop."""
+        if self.cancel.is_set():
+            raise Cancelled(f"step {self.name!r} was cancelled")
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, waking at once (with :class:`Cancelled`) if the step is cancelled."""
+        if self.cancel.wait(max(0.0, seconds)):
+            raise Cancelled(f"step {self.name!r} was cancelled")

@@ -1,0 +1,305 @@
+"""Task state store: migrations, state machine, progress, leases, events, ledger, concurrency."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import Finding, IncorrectState, TaskNotFound, UsageError
+from appliance.store import (
+    MIGRATIONS,
+    TRANSITIONS,
+    StepState,
+    Store,
+    StoreError,
+    TaskState,
+    parse_time,
+)
+
+from .workflow_support import wait_until
+
+ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "state" / "imaging.db")
+    yield s
+    s.close()
+
+
+def _tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_new_database_gets_every_migration_and_wal_mode(tmp_path: Path) -> None:
+    db = tmp_path / "imaging.db"
+    with Store(db) as s:
+        assert s.schema_version == len(MIGRATIONS)
+    assert {"tasks", "steps", "events", "ledger", "schema_version"} <= _tables(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+
+
+def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
+    db = tmp_path / "imaging.db"
+    with Store(db) as s:
+        task = s.create_task("workflow", "demo", {"a": 1})
+    with Store(db) as s:
+        assert s.schema_version == len(MIGRATIONS)
+        assert s.get_task(task.id).params == {"a": 1}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+
+
+def test_database_from_newer_code_is_refused_clearly(tmp_path: Path) -> None:
+    db = tmp_path / "imaging.db"
+    Store(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError) as exc:
+        Store(db)
+    assert "schema version 99" in exc.value.message
+    assert "newer" in exc.value.message
+
+
+def test_task_ids_are_generated_or_validated(store: Store) -> None:
+    assert re.match(r"^t-[0-9a-f]{12}$", store.create_task("workflow").id)
+    assert store.create_task("workflow", task_id="import-42").id == "import-42"
+    with pytest.raises(UsageError):
+        store.create_task("workflow", task_id="../escape")
+    with pytest.raises(UsageError, match="already exists"):
+        store.create_task("workflow", task_id="import-42")
+    with pytest.raises(TaskNotFound):
+        store.get_task("t-missing")
+
+
+def _drive_to(store: Store, state: TaskState) -> str:
+    """A task in ``state``, reached through legal transitions only."""
+    task_id = store.create_task("workflow").id
+    path = {
+        TaskState.PENDING: [],
+        TaskState.RUNNING: [TaskState.RUNNING],
+        TaskState.CANCELLING: [TaskState.RUNNING, TaskState.CANCELLING],
+        TaskState.COMPLETED: [TaskState.RUNNING, TaskState.COMPLETED],
+        TaskState.FAILED: [TaskState.RUNNING, TaskState.FAILED],
+        TaskState.CANCELLED: [TaskState.CANCELLED],
+    }[state]
+    for s in path:
+        store.set_state(task_id, s)
+    return task_id
+
+
+@pytest.mark.parametrize("current", list(TaskState))
+@pytest.mark.parametrize("new", list(TaskState))
+def test_set_state_allows_exactly_the_declared_transitions(
+    store: Store, current: TaskState, new: TaskState
+) -> None:
+    task_id = _drive_to(store, current)
+    if new in TRANSITIONS[current]:
+        assert store.set_state(task_id, new).state is new
+    else:
+        with pytest.raises(IncorrectState):
+            store.set_state(task_id, new)
+        assert store.get_task(task_id).state is current
+
+
+def test_state_machine_shape() -> None:
+    # The life cycle the engine and the API rely on, independent of how the table is written.
+    assert TRANSITIONS[TaskState.PENDING] == {TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}
+    assert TRANSITIONS[TaskState.RUNNING] == {TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLING}
+    assert TRANSITIONS[TaskState.CANCELLING] == {TaskState.CANCELLED, TaskState.FAILED}
+    assert all(not TRANSITIONS[s] for s in (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED))
+
+
+def test_request_cancel_cancels_pending_at_once_and_running_via_cancelling(store: Store) -> None:
+    pending = store.create_task("workflow").id
+    task = store.request_cancel(pending)
+    assert task.state is TaskState.CANCELLED and task.finished_at is not None
+
+    running = _drive_to(store, TaskState.RUNNING)
+    assert store.request_cancel(running).state is TaskState.CANCELLING
+    assert store.request_cancel(running).state is TaskState.CANCELLING  # repeat is harmless
+
+    done = _drive_to(store, TaskState.COMPLETED)
+    with pytest.raises(IncorrectState, match="already completed"):
+        store.request_cancel(done)
+
+
+def test_compare_and_swap_on_expected_state(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.CANCELLING)
+    with pytest.raises(IncorrectState, match="expected running"):
+        store.set_state(task_id, TaskState.FAILED, expected=TaskState.RUNNING)
+    assert (
+        store.set_state(task_id, TaskState.FAILED, expected=["running", "cancelling"]).state
+        is TaskState.FAILED
+    )
+
+
+def test_progress_never_goes_backwards(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    store.update_progress(task_id, phase="download", bytes_done=500, bytes_total=1000, percent=40)
+    task = store.update_progress(task_id, phase="download", bytes_done=300, bytes_total=900, percent=20)
+    assert (task.bytes_done, task.bytes_total, task.percent) == (500, 1000, 40)
+    task = store.update_progress(task_id, bytes_done=800, percent=150)
+    assert (task.bytes_done, task.percent) == (800, 100)
+    # A new phase counts its own bytes, but the overall percentage still only grows.
+    task = store.update_progress(task_id, phase="convert", bytes_done=10, bytes_total=2000, percent=5)
+    assert (task.phase, task.bytes_done, task.bytes_total, task.percent) == ("convert", 10, 2000, 100)
+
+
+def test_completed_task_shows_full_progress_and_result(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    task = store.set_state(task_id, TaskState.COMPLETED, result={"image": "x.qcow2"})
+    assert task.percent == 100 and task.result == {"image": "x.qcow2"} and task.lease_expires_at is None
+
+
+def test_timestamps_are_utc_iso8601_with_z(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.COMPLETED)
+    task = store.get_task(task_id)
+    for value in (task.created_at, task.updated_at, task.started_at, task.finished_at):
+        assert ISO_Z.match(value), value
+    # UTC, not local time mislabelled with a Z: it is close to the real UTC now.
+    assert abs(parse_time(task.created_at) - datetime.now(UTC)) < timedelta(minutes=5)
+    assert task.created_at <= task.started_at <= task.finished_at  # text order is time order
+
+
+def test_claim_lease_and_takeover(store: Store) -> None:
+    task_id = store.create_task("workflow").id
+    task = store.claim(task_id, "host-a:1", 30)
+    assert task.state is TaskState.RUNNING and task.owner == "host-a:1" and task.attempts == 1
+    at_least = datetime.now(UTC) + timedelta(seconds=20)
+    assert parse_time(task.lease_expires_at) > at_least
+    with pytest.raises(IncorrectState, match="owned by host-a:1"):
+        store.claim(task_id, "host-b:2", 30)
+    assert store.renew_lease(task_id, "host-a:1", 30)
+    assert not store.renew_lease(task_id, "host-b:2", 30)
+    task = store.claim(task_id, "host-b:2", 30, expected_owner="host-a:1")
+    assert task.owner == "host-b:2" and task.attempts == 2
+    assert not store.renew_lease(task_id, "host-a:1", 30)  # the old owner learns it lost the task
+    store.set_state(task_id, TaskState.COMPLETED)
+    with pytest.raises(IncorrectState):
+        store.claim(task_id, "host-c:3", 30)
+
+
+def test_findings_results_and_to_dict_are_json(store: Store) -> None:
+    task_id = store.create_task("import", "demo", {"size": 3}).id
+    store.set_findings(task_id, [Finding.error("UnsafeImage.BackingFile", "has a backing file")])
+    task = store.get_task(task_id)
+    assert task.findings == [
+        {"code": "UnsafeImage.BackingFile", "severity": "error", "message": "has a backing file"}
+    ]
+    d = json.loads(json.dumps(task.to_dict()))
+    assert d["state"] == "pending" and d["params"] == {"size": 3} and d["kind"] == "import"
+    with pytest.raises(UsageError):
+        store.set_state(task_id, TaskState.RUNNING, result={"bad": object()})
+    assert store.get_task(task_id).state is TaskState.PENDING  # the failed write changed nothing
+
+
+def test_step_records_upsert_in_place(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    store.record_step(task_id, "1", name="a", action="util.echo", state="completed", result={"x": 1})
+    first = store.record_step(task_id, "2", name="b", action="util.sleep", state="running", args={"s": 1})
+    store.record_step(task_id, "2.loop1", name="b", action="util.sleep", state="running")
+    again = store.record_step(task_id, "2", name="b", action="util.sleep", state="completed", attempts=2)
+    assert again.seq == first.seq and again.started_at == first.started_at and again.finished_at
+    assert [r.idx for r in store.step_results(task_id)] == ["1", "2", "2.loop1"]
+    undone = store.set_step_state(task_id, "1", StepState.UNDONE)
+    assert undone.state is StepState.UNDONE and undone.result == {"x": 1}
+
+
+def test_events_are_a_queue_read_by_id(store: Store) -> None:
+    a = store.create_task("workflow").id
+    b = store.create_task("workflow").id
+    mark = store.events()[-1].id
+    store.add_event(a, "note", {"n": 1})
+    store.set_state(b, TaskState.RUNNING)
+    newer = store.events(since_id=mark)
+    assert [(e.task_id, e.kind) for e in newer] == [(a, "note"), (b, "task.state")]
+    assert newer[1].data == {"state": "running", "previous": "pending"}
+    assert [e.kind for e in store.events(task_id=a)] == ["task.state", "note"]
+
+
+def test_ledger_records_actions_in_order(store: Store) -> None:
+    task_id = store.create_task("workflow").id
+    store.add_ledger(task_id, "created", "/tmp/x", "1")
+    store.add_ledger(task_id, "removed", "/tmp/x", "1")
+    with pytest.raises(UsageError):
+        store.add_ledger(task_id, "misplaced", "/tmp/x")
+    assert [(e.action, e.resource, e.step) for e in store.ledger(task_id)] == [
+        ("created", "/tmp/x", "1"),
+        ("removed", "/tmp/x", "1"),
+    ]
+    assert store.events(task_id=task_id)[-1].kind == "ledger"
+
+
+def test_list_tasks_filters_by_state_newest_first(store: Store) -> None:
+    a = store.create_task("workflow").id
+    b = store.create_task("workflow").id
+    c = _drive_to(store, TaskState.RUNNING)
+    assert [t.id for t in store.list_tasks()] == [c, b, a]
+    assert [t.id for t in store.list_tasks("pending")] == [b, a]
+    assert [t.id for t in store.list_tasks(["running", "pending"], limit=2)] == [c, b]
+
+
+READER = textwrap.dedent(
+    """
+    import json, os, sys
+    from appliance.store import Store
+    store = Store(sys.argv[1], busy_timeout=5)
+    task_id, ready, stop = sys.argv[2], sys.argv[3], sys.argv[4]
+    reads, mid_write, errors, last_done, went_back = 0, 0, [], 0, False
+    while not os.path.exists(stop):
+        try:
+            task = store.get_task(task_id)
+            store.events(since_id=0, task_id=task_id, limit=50)
+            store.step_results(task_id)
+            done = task.bytes_done or 0
+            went_back = went_back or done < last_done
+            mid_write += 0 < done < 1_000_000
+            last_done = done
+            reads += 1
+            if reads == 1:
+                open(ready, "w").close()
+        except Exception as exc:
+            errors.append(repr(exc))
+    print(json.dumps({"reads": reads, "mid_write": mid_write, "errors": errors[:5], "went_back": went_back}))
+    """
+)
+
+
+def test_reader_process_never_sees_locked_database_while_writer_writes(tmp_path: Path) -> None:
+    db = tmp_path / "imaging.db"
+    store = Store(db)
+    task_id = store.create_task("workflow").id
+    store.set_state(task_id, TaskState.RUNNING)
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(db), task_id, str(ready), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(ready.exists, 30, "the reader process to start reading")
+        for i in range(1, 1001):
+            store.update_progress(task_id, phase="copy", bytes_done=i * 1000, bytes_total=1_000_000)
+            store.add_event(task_id, "tick", {"i": i})
+            store.record_step(task_id, str(i % 7), name="s", action="util.echo", state="running")
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["errors"] == []
+    assert report["mid_write"] > 0  # it really read while the writes were going on
+    assert not report["went_back"]
+    assert store.get_task(task_id).bytes_done == 1_000_000
