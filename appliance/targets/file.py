@@ -1,0 +1,335 @@
+"""File targets (the embedded default): volumes and images as files in a local directory.
+
+Volumes are sparse RAW files ``<directory>/<vol-id>.raw`` (mode 0600, directory 0700) created at
+their full size with ``ftruncate``: nothing is allocated until written, so ``create`` cannot know
+whether the data will fit. It refuses only when the filesystem is already below ``min_free``; a
+write that later fills the filesystem fails with ``InsufficientStorage`` (see
+:func:`~appliance.targets.base.storage_error`).
+
+Images are copied to ``<directory>/<task_id>.<ext>`` through a hidden temporary name and renamed
+into place, so the final name is either absent or complete. The copy tries a reflink first
+(btrfs, XFS) and otherwise copies only the data ranges (SEEK_DATA/SEEK_HOLE, zero chunks
+skipped), hashing every byte with sha256 on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import SIZE, parse_size
+from ..errors import UsageError
+from ..progress import ProgressCallback, ProgressTracker
+from .base import (
+    FICLONE,
+    InsufficientStorage,
+    TargetError,
+    Volume,
+    copy_sparse,
+    fsync_dir,
+    fsync_path,
+    hash_file,
+    new_volume_id,
+    storage_error,
+    validate_settings,
+)
+
+VOLUME_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "directory"],
+    "properties": {
+        "type": {"const": "file"},
+        "directory": {"type": "string", "minLength": 1},
+        # refuse new volumes when the filesystem has less free space than this
+        "min_free": SIZE,
+    },
+}
+
+IMAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "directory"],
+    "properties": {
+        "type": {"const": "file"},
+        "directory": {"type": "string", "minLength": 1},
+        "min_free": SIZE,
+    },
+}
+
+DEFAULT_MIN_FREE = "1GiB"
+_VOLUME_NAME = re.compile(r"^vol-[0-9a-f]{8,17}\.raw$")
+#: user-facing format name → file extension
+EXTENSIONS = {
+    "raw": "raw",
+    "qcow2": "qcow2",
+    "vmdk": "vmdk",
+    "vhd": "vhd",
+    "vhdx": "vhdx",
+    "qed": "qed",
+    "iso": "iso",
+}
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # mkdir's mode is filtered by the umask, and an existing directory keeps its mode
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise storage_error(exc, f"directory {directory}") from exc
+
+
+def _check_floor(directory: Path, min_free: int, what: str) -> None:
+    free = _free_bytes(directory)
+    if free < min_free:
+        raise InsufficientStorage(
+            f"{directory} has {free} bytes free, less than the {min_free} bytes "
+            f"(targets.{what}.min_free) kept free: free space or lower min_free"
+        )
+
+
+def extension_for(fmt: str) -> str:
+    """File extension for a user-facing format name (``raw``, ``qcow2``, …)."""
+    try:
+        return EXTENSIONS[fmt.lower()]
+    except KeyError:
+        raise UsageError(f"unknown image format {fmt!r} (known: {', '.join(EXTENSIONS)})") from None
+
+
+class FileVolumeTarget:
+    """One sparse RAW file per volume under ``directory``."""
+
+    def __init__(self, directory: Path, min_free: int = parse_size(DEFAULT_MIN_FREE)) -> None:
+        self.directory = Path(directory)
+        self.min_free = min_free
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FileVolumeTarget:
+        """Build from ``config.targets["volume"]``; :class:`ConfigError` names a bad key."""
+        s = validate_settings(settings, VOLUME_SCHEMA, "targets.volume")
+        return cls(Path(s["directory"]), parse_size(s.get("min_free", DEFAULT_MIN_FREE)))
+
+    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
+        """A new zero-filled sparse file of exactly ``size_bytes``."""
+        if size_bytes <= 0:
+            raise UsageError(f"volume size must be positive, not {size_bytes}")
+        _make_dir(self.directory)
+        _check_floor(self.directory, self.min_free, "volume")
+        volume_id = new_volume_id()
+        path = self.directory / f"{volume_id}.raw"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise storage_error(exc, f"volume file {path}") from exc
+        try:
+            os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask
+            os.ftruncate(fd, size_bytes)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise storage_error(exc, f"volume file {path}") from exc
+        os.close(fd)
+        info = {
+            "type": "file",
+            "volume_id": volume_id,
+            "path": str(path),
+            "size": size_bytes,
+            "zeroed": True,
+            "task_id": task_id,
+            "availability_zone": availability_zone,
+        }
+        return Volume(volume_id, path, size_bytes, info)
+
+    def _path_of(self, volume_info: Mapping[str, Any]) -> Path:
+        volume_id = str(volume_info.get("volume_id", ""))
+        path = self.directory / f"{volume_id}.raw"
+        # Only ever touch our own files, whatever a stored record says.
+        if not _VOLUME_NAME.match(path.name):
+            raise UsageError(f"not a file-target volume id: {volume_id!r}")
+        return path
+
+    def reopen(self, volume_info: Mapping[str, Any]) -> Volume:
+        """The volume file again; ``InvalidVolume.NotFound`` if it is gone."""
+        path = self._path_of(volume_info)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise TargetError(
+                f"volume {volume_info['volume_id']} ({path}) no longer exists", "InvalidVolume.NotFound"
+            ) from None
+        # It may hold part of an earlier write: a rewrite must zero what it skips, not assume zeros.
+        info = dict(volume_info, path=str(path), size=size, zeroed=False)
+        return Volume(str(volume_info["volume_id"]), path, size, info)
+
+    def finalize(self, volume: Volume) -> dict[str, Any]:
+        """fsync the file and its directory; returns ``{type, volume_id, path, size, allocated}``."""
+        fsync_path(volume.path, f"volume {volume.id}")
+        fsync_dir(volume.path.parent)
+        st = volume.path.stat()
+        return {
+            "type": "file",
+            "volume_id": volume.id,
+            "path": str(volume.path),
+            "size": st.st_size,
+            "allocated": st.st_blocks * 512,
+        }
+
+    def delete(self, volume_info: Mapping[str, Any]) -> None:
+        """Remove the volume file (already gone is fine)."""
+        path = self._path_of(volume_info)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TargetError(f"cannot remove {path}: {exc.strerror}", "TargetDeleteFailed") from exc
+
+    def describe(self) -> dict[str, Any]:
+        """``{type, directory, min_free, free_bytes}`` (free_bytes None before the directory exists)."""
+        try:
+            free: int | None = _free_bytes(self.directory)
+        except OSError:
+            free = None
+        return {
+            "type": "file",
+            "directory": str(self.directory),
+            "min_free": self.min_free,
+            "free_bytes": free,
+        }
+
+
+class FileImageTarget:
+    """Finished images as ``<directory>/<task_id>.<ext>`` files."""
+
+    def __init__(self, directory: Path, min_free: int = parse_size(DEFAULT_MIN_FREE)) -> None:
+        self.directory = Path(directory)
+        self.min_free = min_free
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FileImageTarget:
+        """Build from ``config.targets["image"]``; :class:`ConfigError` names a bad key."""
+        s = validate_settings(settings, IMAGE_SCHEMA, "targets.image")
+        return cls(Path(s["directory"]), parse_size(s.get("min_free", DEFAULT_MIN_FREE)))
+
+    def store(
+        self,
+        task_id: str,
+        path: Path,
+        *,
+        format: str,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256}``.
+
+        Refuses up front (``InsufficientStorage``) when the data to copy would leave less than
+        ``min_free``; a partial copy is removed on any failure or cancel.
+        """
+        if not _TASK_ID.match(task_id):
+            raise UsageError(f"not a valid task id for a file name: {task_id!r}")
+        ext = extension_for(format)
+        _make_dir(self.directory)
+        final = self.directory / f"{task_id}.{ext}"
+        tmp = self.directory / f".{task_id}.{ext}.{secrets.token_hex(4)}.partial"
+        src_fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(src_fd)
+            needed = st.st_blocks * 512
+            free = _free_bytes(self.directory)
+            if free - needed < self.min_free:
+                raise InsufficientStorage(
+                    f"storing {path.name} needs about {needed} bytes in {self.directory}, which has "
+                    f"{free} bytes free and keeps {self.min_free} free (targets.image.min_free)"
+                )
+            tracker = ProgressTracker("writing", st.st_size, on_progress)
+            try:
+                dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise storage_error(exc, f"image file {tmp}") from exc
+            try:
+                try:
+                    sha256 = self._copy(src_fd, dst_fd, st.st_size, path, tracker, cancel)
+                    os.fsync(dst_fd)
+                finally:
+                    os.close(dst_fd)
+                os.replace(tmp, final)
+                fsync_dir(self.directory)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise storage_error(exc, f"image file {final}") from exc
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(src_fd)
+        tracker.finish()
+        return {
+            "type": "file",
+            "path": str(final),
+            "format": format.lower(),
+            "size": st.st_size,
+            "sha256": sha256,
+        }
+
+    @staticmethod
+    def _copy(
+        src_fd: int,
+        dst_fd: int,
+        size: int,
+        path: Path,
+        tracker: ProgressTracker,
+        cancel: threading.Event | None,
+    ) -> str:
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                raise
+        else:
+            # Shared extents: nothing was copied, the hash still needs one read of the data.
+            digest, _ = hash_file(path, cancel)
+            tracker.update(size)
+            return digest
+        hasher = hashlib.sha256()
+        copy_sparse(
+            src_fd, dst_fd, size, dst_zeroed=True, hasher=hasher, on_bytes=tracker.update, cancel=cancel
+        )
+        os.ftruncate(dst_fd, size)  # a trailing hole is not written
+        return hasher.hexdigest()
+
+    def delete(self, location: Mapping[str, Any]) -> None:
+        """Remove a stored image (already gone is fine); refuses paths outside ``directory``."""
+        path = Path(str(location.get("path", "")))
+        if path.parent != self.directory or not path.name or path.name.startswith("."):
+            raise UsageError(f"refusing to delete {path}: not an image in {self.directory}")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def describe(self) -> dict[str, Any]:
+        """``{type, directory, min_free, free_bytes}``."""
+        try:
+            free: int | None = _free_bytes(self.directory)
+        except OSError:
+            free = None
+        return {
+            "type": "file",
+            "directory": str(self.directory),
+            "min_free": self.min_free,
+            "free_bytes": free,
+        }

@@ -1,0 +1,292 @@
+"""S3 image target: finished images uploaded to ``bucket/prefix<task_id>.<ext>``.
+
+Objects larger than one part go up as a multipart upload (``part_size``, default 64 MiB, at most
+``threads`` parts in flight, default 4), smaller ones with a single PUT. The object carries its
+sha256 as user metadata (``x-amz-meta-sha256``). S3 takes metadata when an upload *starts*, so the
+file is hashed once before the upload (hashlib runs at ~1.8 GB/s here, 20x the upload rate) and
+hashed again from the very bytes that are sent; if the two differ the upload is aborted. Memory
+use is about ``(threads + 1) * part_size``.
+
+Any failure, ``cancel`` (checked between parts) or interrupt aborts the multipart upload, so no
+parts are left behind to be billed. ``delete`` removes the object and aborts any upload still
+open for its key (a worker that died mid-upload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from ..config import SIZE, parse_size
+from ..errors import ConfigError, UsageError
+from ..progress import ProgressCallback, ProgressTracker
+from .base import TargetError, check_cancel, hash_file, validate_settings
+from .file import extension_for
+
+log = logging.getLogger(__name__)
+
+MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
+MAX_PARTS = 10_000
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["type", "bucket"],
+    "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
+    "properties": {
+        "type": {"const": "s3"},
+        "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
+        "prefix": {"type": "string"},
+        "endpoint_url": {"type": "string", "pattern": "^https?://"},
+        "region": {"type": "string", "minLength": 1},
+        # without keys boto3's default chain applies (instance profile, environment)
+        "access_key": {"type": "string", "minLength": 1},
+        "secret_key": {"type": "string", "minLength": 1},
+        "addressing_style": {"enum": ["auto", "path", "virtual"]},
+        "part_size": SIZE,
+        "threads": {"type": "integer", "minimum": 1, "maximum": 32},
+    },
+}
+
+
+def _s3_error(operation: str, exc: Exception) -> TargetError:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return TargetError(f"{operation} failed: {err.get('Code')}: {err.get('Message')}", "UploadFailed")
+    return TargetError(f"{operation} failed: {exc}", "UploadFailed")
+
+
+class S3ImageTarget:
+    """Images as S3 objects, uploaded with sha256 metadata."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.bucket: str = settings["bucket"]
+        self.prefix: str = settings.get("prefix", "")
+        self.part_size = parse_size(settings.get("part_size", "64MiB"))
+        if self.part_size < MIN_PART:
+            raise ConfigError(f"targets.image.part_size: {self.part_size} is below S3's minimum of 5 MiB")
+        self.threads = int(settings.get("threads", 4))
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> S3ImageTarget:
+        """Build from ``config.targets["image"]``; :class:`ConfigError` names a bad key."""
+        return cls(validate_settings(settings, SCHEMA, "targets.image"))
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client (created on first use; shared by the part-upload threads)."""
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config as BotoConfig
+
+                s = self.settings
+                self._client = boto3.session.Session().client(
+                    "s3",
+                    endpoint_url=s.get("endpoint_url"),
+                    region_name=s.get("region"),
+                    aws_access_key_id=s.get("access_key"),
+                    aws_secret_access_key=s.get("secret_key"),
+                    config=BotoConfig(
+                        retries={"mode": "standard", "max_attempts": 5},
+                        max_pool_connections=self.threads + 2,
+                        s3={"addressing_style": s.get("addressing_style", "auto")},
+                    ),
+                )
+            return self._client
+
+    def key_for(self, task_id: str, format: str) -> str:
+        """The object key an image of ``task_id`` gets."""
+        return f"{self.prefix}{task_id}.{extension_for(format)}"
+
+    def store(
+        self,
+        task_id: str,
+        path: Path,
+        *,
+        format: str,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Upload ``path``; returns ``{type, bucket, key, etag, sha256, size, format}``.
+
+        Raises ``UploadFailed`` (:class:`TargetError`) for S3 errors, :class:`Cancelled` on ``cancel``.
+        """
+        key = self.key_for(task_id, format)
+        size = path.stat().st_size
+        # Metadata must be given when the upload starts, so the hash has to be known first.
+        sha256, _ = hash_file(path, cancel)
+        metadata = {"sha256": sha256}
+        tracker = ProgressTracker("uploading", size, on_progress)
+        if size <= self.part_size:
+            check_cancel(cancel, "upload")
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise TargetError(f"{path} changed while it was being uploaded", "UploadFailed")
+            try:
+                etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata)[
+                    "ETag"
+                ]
+            except Exception as exc:
+                raise _s3_error(f"PutObject s3://{self.bucket}/{key}", exc) from exc
+        else:
+            etag = self._multipart(path, key, size, sha256, metadata, tracker, cancel)
+        tracker.finish()
+        return {
+            "type": "s3",
+            "bucket": self.bucket,
+            "key": key,
+            "etag": etag,
+            "sha256": sha256,
+            "size": size,
+            "format": format.lower(),
+        }
+
+    def _multipart(
+        self,
+        path: Path,
+        key: str,
+        size: int,
+        sha256: str,
+        metadata: dict[str, str],
+        tracker: ProgressTracker,
+        cancel: threading.Event | None,
+    ) -> str:
+        where = f"s3://{self.bucket}/{key}"
+        # S3 allows 10,000 parts: grow the part (to whole MiB) for very large images.
+        part_size = max(self.part_size, -(-size // MAX_PARTS // (1 << 20)) * (1 << 20))
+        try:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)[
+                "UploadId"
+            ]
+        except Exception as exc:
+            raise _s3_error(f"CreateMultipartUpload {where}", exc) from exc
+        try:
+            parts, streamed = self._upload_parts(path, key, upload_id, size, part_size, tracker, cancel)
+            if streamed != sha256:
+                raise TargetError(f"{path} changed while it was being uploaded", "UploadFailed")
+            check_cancel(cancel, "upload")
+            try:
+                done = self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+            except Exception as exc:
+                raise _s3_error(f"CompleteMultipartUpload {where}", exc) from exc
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        return done["ETag"]
+
+    def _upload_parts(
+        self,
+        path: Path,
+        key: str,
+        upload_id: str,
+        size: int,
+        part_size: int,
+        tracker: ProgressTracker,
+        cancel: threading.Event | None,
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Read parts in order (hashing them) and upload up to ``threads`` at once."""
+        hasher = hashlib.sha256()
+        parts: dict[int, str] = {}
+        uploaded = 0
+        pending: set[Future[tuple[int, str, int]]] = set()
+
+        def upload(number: int, data: bytes) -> tuple[int, str, int]:
+            try:
+                resp = self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                )
+            except Exception as exc:
+                raise _s3_error(f"UploadPart {number} of s3://{self.bucket}/{key}", exc) from exc
+            return number, resp["ETag"], len(data)
+
+        def harvest(block_until_one: bool) -> None:
+            nonlocal uploaded, pending
+            if not pending:
+                return
+            finished, pending = wait(
+                pending, timeout=None if block_until_one else 0, return_when=FIRST_COMPLETED
+            )
+            for fut in finished:
+                number, etag, n = fut.result()  # re-raises a failed part's error
+                parts[number] = etag
+                uploaded += n
+            tracker.update(uploaded)
+
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                number, offset = 0, 0
+                while offset < size:
+                    check_cancel(cancel, "upload")
+                    while len(pending) >= self.threads:
+                        harvest(block_until_one=True)
+                        check_cancel(cancel, "upload")
+                    data = f.read(min(part_size, size - offset))
+                    if not data:
+                        raise TargetError(f"{path} shrank while it was being uploaded", "UploadFailed")
+                    hasher.update(data)
+                    number += 1
+                    offset += len(data)
+                    pending.add(pool.submit(upload, number, data))
+                    del data
+                    harvest(block_until_one=False)
+                while pending:
+                    harvest(block_until_one=True)
+                    check_cancel(cancel, "upload")
+        finally:
+            # Parts not started yet are dropped; running ones finish (a request cannot be interrupted).
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)], hasher.hexdigest()
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            # The original failure matters more; a lifecycle rule can still reap the parts.
+            log.error(
+                "could not abort multipart upload %s of s3://%s/%s: %s", upload_id, self.bucket, key, exc
+            )
+
+    def delete(self, location: Mapping[str, Any]) -> None:
+        """Delete the object and abort uploads still open for its key; a missing object or bucket is fine."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = location.get("bucket"), location.get("key")
+        if bucket != self.bucket or not key:
+            raise UsageError(f"refusing to delete {location!r}: not an object in bucket {self.bucket}")
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+            listing = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+            for upload in listing.get("Uploads", []):
+                if upload["Key"] == key:
+                    self._abort(key, upload["UploadId"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                return
+            err = _s3_error(f"DeleteObject s3://{bucket}/{key}", exc)
+            raise TargetError(err.message, "TargetDeleteFailed") from exc
+
+    def describe(self) -> dict[str, Any]:
+        """Bucket, prefix, endpoint and transfer settings; never the keys."""
+        return {
+            "type": "s3",
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+            "endpoint_url": self.settings.get("endpoint_url"),
+            "region": self.settings.get("region"),
+            "part_size": self.part_size,
+            "threads": self.threads,
+        }
