@@ -1,0 +1,386 @@
+"""HTTP(S) client for untrusted URLs: pinned addresses, re-validated redirects, bounded retries.
+
+Every request goes through :meth:`UrlPolicy.check` first and then connects to the address that check
+resolved (DNS pinning), while sending the URL's own ``Host`` header and, for https, SNI and certificate
+verification for the URL's host name. Redirects are never followed blindly: each ``Location`` is checked
+again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anything connects to it), at
+most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with exponential back-off
+and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it. Errors in the
+middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
+from urllib3.exceptions import HTTPError as _Urllib3Error
+
+from ..errors import Cancelled, ImagingError
+from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
+
+if TYPE_CHECKING:
+    from ..config import SourcesConfig
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+CHUNK_SIZE = 256 * 1024
+USER_AGENT = "imaging-appliance/0.1"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Defaults match config.DEFAULTS["sources"]; used when the policy did not come from a configuration.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_RETRIES = 5
+#: back-off before retry n (0-based) is in [d/2, d] with d = min(backoff_max, backoff * 2**n)
+DEFAULT_BACKOFF = 0.5
+DEFAULT_BACKOFF_MAX = 30.0
+# How often a streaming body looks at the cancel event while a read is blocked.
+_CANCEL_POLL = 0.1
+
+
+class SourceUnavailable(ImagingError):
+    """The source could not be read: unreachable, refused, missing, or failed after every retry.
+
+    ``status`` is the last HTTP status when there was one; ``transient`` says a retry may succeed.
+    """
+
+    code = "SourceUnavailable"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, transient: bool = False, code: str | None = None
+    ) -> None:
+        super().__init__(message, code)
+        self.status = status
+        self.transient = transient
+
+
+class TransferInterrupted(SourceUnavailable):
+    """The connection broke, timed out or ended early in the middle of a body (retry or resume)."""
+
+    def __init__(self, message: str, *, received: int = 0) -> None:
+        super().__init__(message, transient=True)
+        self.received = received
+
+
+class SourceIntegrity(ImagingError):
+    """The bytes received do not match what the source declared (length, MD5/ETag)."""
+
+    code = "SourceIntegrity"
+
+
+def redact(url: str) -> str:
+    """``url`` without its query string (presigned URLs carry signatures there) — for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(malformed URL)"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + ("?…" if parts.query else "")
+
+
+def format_range(start: int, end: int | None = None) -> str:
+    """``Range`` header value for bytes ``start``..``end`` (inclusive; open-ended when ``end`` is None)."""
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"bad byte range {start}-{end}")
+    return f"bytes={start}-" + ("" if end is None else str(end))
+
+
+def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what} cancelled")
+
+
+def sleep_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -> None:
+    """Sleep ``seconds``; raise :class:`Cancelled` as soon as ``cancel`` is set."""
+    if cancel is None:
+        time.sleep(seconds)
+    elif cancel.wait(seconds):
+        raise Cancelled(f"{what} cancelled")
+
+
+class HttpResponse:
+    """A response whose body has not been read yet. Close it (or use ``with``) when done."""
+
+    def __init__(
+        self,
+        raw: urllib3.BaseHTTPResponse,
+        pool: urllib3.HTTPConnectionPool,
+        url: str,
+        cancel: threading.Event | None,
+    ) -> None:
+        self._raw = raw
+        self._pool = pool
+        self.status: int = raw.status
+        #: case-insensitive header mapping
+        self.headers: Mapping[str, str] = raw.headers
+        #: the URL that answered (after redirects)
+        self.url = url
+        self._cancel = cancel
+        self._received = 0
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def etag(self) -> str | None:
+        """The ETag without quotes (and without a weak ``W/`` prefix), or None."""
+        value = self.headers.get("ETag")
+        if value is None:
+            return None
+        return value.removeprefix("W/").strip('"')
+
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """The body as raw bytes (no content decoding). Raises :class:`TransferInterrupted` when the
+        connection breaks or the body is shorter than Content-Length, :class:`Cancelled` on cancel."""
+        done = threading.Event()
+        watcher = None
+        if self._cancel is not None:
+            # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
+            watcher = threading.Thread(target=self._watch_cancel, args=(done,), daemon=True)
+            watcher.start()
+        try:
+            while True:
+                _raise_if_cancelled(self._cancel, "download")
+                try:
+                    chunk = self._raw.read(chunk_size, decode_content=False)
+                except (_Urllib3Error, OSError) as exc:
+                    _raise_if_cancelled(self._cancel, "download")
+                    raise TransferInterrupted(
+                        f"the transfer from {redact(self.url)} broke after {self._received} bytes: "
+                        f"{_describe(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not chunk:
+                    break
+                self._received += len(chunk)
+                yield chunk
+            _raise_if_cancelled(self._cancel, "download")
+        finally:
+            done.set()
+            if watcher is not None:
+                watcher.join()
+
+    def _watch_cancel(self, done: threading.Event) -> None:
+        assert self._cancel is not None
+        while not done.wait(_CANCEL_POLL):
+            if self._cancel.is_set():
+                # ValueError/RuntimeError: already closed or released; the reader sees the cancel itself
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    self._raw.shutdown()
+                return
+
+    def read(self, limit: int) -> bytes:
+        """The body, or its first ``limit + 1`` bytes when it is longer (the caller checks the length)."""
+        out = bytearray()
+        with contextlib.closing(self.iter_chunks()) as chunks:
+            for chunk in chunks:
+                out += chunk
+                if len(out) > limit:
+                    break
+        return bytes(out[: limit + 1])
+
+    def close(self) -> None:
+        """Close the connection (never reused: each request has its own pinned pool)."""
+        self._raw.close()
+        self._pool.close()
+
+    def __enter__(self) -> HttpResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError) and len(exc.args) > 1 and isinstance(exc.args[1], BaseException):
+        exc = exc.args[1]
+    return f"{type(exc).__name__}: {exc}"
+
+
+class HttpClient:
+    """Fetches policy-checked URLs. One instance may be shared by threads (it holds no connections)."""
+
+    def __init__(
+        self,
+        policy: UrlPolicy,
+        *,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        retries: int | None = None,
+        backoff: float = DEFAULT_BACKOFF,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        max_redirects: int = MAX_REDIRECTS,
+        ca_certs: str | None = None,
+    ) -> None:
+        """Timeouts and retries default to ``policy.sources`` (the configuration the policy came from)."""
+        sources = policy.sources
+        self.policy = policy
+        self.connect_timeout = connect_timeout or (
+            sources.connect_timeout if sources else DEFAULT_CONNECT_TIMEOUT
+        )
+        self.read_timeout = read_timeout or (sources.read_timeout if sources else DEFAULT_READ_TIMEOUT)
+        self.retries = retries if retries is not None else (sources.retries if sources else DEFAULT_RETRIES)
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.max_redirects = max_redirects
+        #: CA bundle for https (None: the system store)
+        self.ca_certs = ca_certs
+
+    @classmethod
+    def from_config(cls, sources: SourcesConfig, policy: UrlPolicy | None = None) -> HttpClient:
+        """A client with the timeouts, retries and URL policy of ``config.sources``."""
+        return cls(policy or UrlPolicy.from_config(sources))
+
+    def head(self, url: str, *, cancel: threading.Event | None = None) -> HttpResponse:
+        """HEAD ``url`` (redirects re-validated, 5xx/connection errors retried). 4xx are returned."""
+        return self.request("HEAD", url, cancel=cancel)
+
+    def get_stream(
+        self,
+        url: str,
+        range: tuple[int, int | None] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> HttpResponse:
+        """GET ``url`` without reading the body; ``range`` is ``(start, end_inclusive_or_None)``.
+
+        The caller checks the status (a server may ignore Range and answer 200) and iterates
+        :meth:`HttpResponse.iter_chunks`.
+        """
+        hdrs = dict(headers or {})
+        if range is not None:
+            hdrs["Range"] = format_range(*range)
+        return self.request("GET", url, headers=hdrs, cancel=cancel)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> HttpResponse:
+        """Send ``method`` to ``url``, following up to ``max_redirects`` redirects, each re-checked.
+
+        Raises :class:`UrlNotAllowed` (the URL or a redirect target), :class:`SourceUnavailable` (no
+        answer or 5xx after every retry, too many redirects, TLS failure), :class:`Cancelled`.
+        """
+        current = url
+        for hop in range(self.max_redirects + 1):
+            try:
+                checked = self.policy.check(current)
+            except UrlNotAllowed as exc:
+                if hop == 0:
+                    raise
+                raise UrlNotAllowed(
+                    f"redirect to disallowed URL {redact(current)} (from {redact(url)}): {exc.message}"
+                ) from exc
+            if checked.scheme not in ("http", "https"):
+                what = "redirect to disallowed URL" if hop else "not an HTTP URL"
+                raise UrlNotAllowed(f"{what} {redact(current)}: only http and https are fetched here")
+            response = self._send_with_retries(method, checked, headers or {}, cancel)
+            location = response.headers.get("Location")
+            if response.status not in _REDIRECTS or not location:
+                return response
+            response.close()
+            current = urljoin(current, location)
+            if response.status == 303 and method != "HEAD":
+                method = "GET"
+        raise SourceUnavailable(
+            f"{redact(url)} redirected more than {self.max_redirects} times; give the final URL instead"
+        )
+
+    def _send_with_retries(
+        self, method: str, checked: CheckedUrl, headers: Mapping[str, str], cancel: threading.Event | None
+    ) -> HttpResponse:
+        attempt = 0
+        while True:
+            _raise_if_cancelled(cancel, "request")
+            try:
+                response = self._send_once(method, checked, headers, cancel)
+            except SSLError as exc:
+                raise SourceUnavailable(
+                    f"TLS connection to {checked.host}:{checked.port} failed (certificate or protocol): {exc}"
+                ) from exc
+            except (_Urllib3Error, OSError) as exc:
+                status, problem = None, _describe(exc)
+            else:
+                if response.status < 500:
+                    return response
+                status, problem = response.status, f"HTTP {response.status} {response._raw.reason or ''}"
+                response.close()
+            if attempt >= self.retries:
+                raise SourceUnavailable(
+                    f"{method} {redact(checked.url)} failed after {attempt + 1} attempts: {problem.strip()}",
+                    status=status,
+                    transient=True,
+                )
+            delay = min(self.backoff_max, self.backoff * 2**attempt)
+            log.info(
+                "%s %s: %s; retry %d of %d",
+                method,
+                redact(checked.url),
+                problem.strip(),
+                attempt + 1,
+                self.retries,
+            )
+            sleep_or_cancel(delay / 2 + random.uniform(0, delay / 2), cancel, "request")
+            attempt += 1
+
+    def _send_once(
+        self, method: str, checked: CheckedUrl, headers: Mapping[str, str], cancel: threading.Event | None
+    ) -> HttpResponse:
+        hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
+        hdrs["Host"] = checked.host_header
+        last: BaseException | None = None
+        for address in checked.addresses:
+            pool = self._pool(checked, address)
+            try:
+                raw = pool.urlopen(
+                    method,
+                    checked.target,
+                    headers=hdrs,
+                    redirect=False,
+                    retries=False,
+                    preload_content=False,
+                    decode_content=False,
+                    assert_same_host=False,
+                )
+            except ConnectTimeoutError as exc:  # includes NewConnectionError (refused, unreachable)
+                pool.close()
+                last = exc
+                continue  # the next pinned address may answer
+            except BaseException:
+                pool.close()
+                raise
+            return HttpResponse(raw, pool, checked.url, cancel)
+        assert last is not None
+        raise last
+
+    def _pool(self, checked: CheckedUrl, address: str) -> urllib3.HTTPConnectionPool:
+        timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
+        if checked.scheme == "https":
+            return urllib3.HTTPSConnectionPool(
+                address,
+                checked.port,
+                timeout=timeout,
+                maxsize=1,
+                retries=False,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=self.ca_certs,
+                # the certificate must be valid for the URL's host, not for the pinned address
+                server_hostname=checked.host,
+                assert_hostname=checked.host,
+            )
+        return urllib3.HTTPConnectionPool(address, checked.port, timeout=timeout, maxsize=1, retries=False)

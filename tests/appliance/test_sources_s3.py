@@ -1,0 +1,131 @@
+"""S3 sources — s3:// URLs and UserBucket — against the moto server (appliance.sources.s3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.sources.fetch import fetch_to_file
+from appliance.sources.http import SourceUnavailable
+from appliance.sources.s3 import head_object, open_object, s3_client
+from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
+from tests.httpfixtures import TestHTTPServer
+from tests.servers import MotoServer
+
+DATA = os.urandom(3 * 2**20 + 99)
+
+
+@pytest.fixture
+def s3cfg(moto: MotoServer) -> dict[str, Any]:
+    return {
+        "endpoint_url": moto.endpoint,
+        "region": "us-east-1",
+        "access_key": "testing",
+        "secret_key": "testing",
+    }
+
+
+@pytest.fixture
+def policy(moto: MotoServer) -> UrlPolicy:
+    return UrlPolicy(allowed_endpoints=[moto.endpoint])
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    name = f"user-{uuid.uuid4().hex[:12]}"
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=name)
+    s3.put_object(Bucket=name, Key="images/disk.raw", Body=DATA)
+    return name
+
+
+def test_client_uses_path_addressing_and_sigv4_for_a_custom_endpoint(s3cfg: dict, policy: UrlPolicy) -> None:
+    client = s3_client(s3cfg, policy)
+    assert client.meta.config.s3["addressing_style"] == "path"
+    assert client.meta.config.signature_version == "s3v4"
+    assert client.meta.endpoint_url == s3cfg["endpoint_url"]
+
+
+def test_endpoint_must_pass_the_policy(s3cfg: dict) -> None:
+    with pytest.raises(UrlNotAllowed, match="loopback"):
+        s3_client(s3cfg, UrlPolicy(allowed_ports=range(1, 65536)))
+
+
+def test_head_and_ranged_read(s3cfg: dict, policy: UrlPolicy, bucket: str) -> None:
+    client = s3_client(s3cfg, policy)
+    info = head_object(client, bucket, "images/disk.raw")
+    assert info.size == len(DATA)
+    assert info.etag == hashlib.md5(DATA).hexdigest()
+    with open_object(client, bucket, "images/disk.raw", (100, 199)) as stream:
+        assert stream.status == 206
+        assert b"".join(stream.iter_chunks()) == DATA[100:200]
+    with open_object(client, bucket, "images/disk.raw") as stream:
+        assert stream.content_length == len(DATA)
+        assert b"".join(stream.iter_chunks(65536)) == DATA
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        lambda b: {"bucket": b, "key": "images/disk.raw"},  # UserBucket
+        lambda b: {"url": f"s3://{b}/images/disk.raw"},
+    ],
+    ids=["user-bucket", "s3-url"],
+)
+def test_fetches_s3_sources(s3cfg: dict, policy: UrlPolicy, bucket: str, tmp_path: Path, source) -> None:
+    result = fetch_to_file(source(bucket), tmp_path / "disk", policy, s3cfg, max_bytes=2**30)
+    assert result.size == len(DATA)
+    assert result.sha256 == hashlib.sha256(DATA).hexdigest()
+    assert result.etag == hashlib.md5(DATA).hexdigest()
+    assert (tmp_path / "disk").read_bytes() == DATA
+
+
+def test_missing_key_is_source_unavailable(
+    s3cfg: dict, policy: UrlPolicy, bucket: str, tmp_path: Path
+) -> None:
+    client = s3_client(s3cfg, policy)
+    for attempt in (
+        lambda: head_object(client, bucket, "nope.raw"),
+        lambda: open_object(client, bucket, "nope.raw"),
+        lambda: fetch_to_file(
+            {"bucket": bucket, "key": "nope.raw"}, tmp_path / "d", policy, s3cfg, max_bytes=10
+        ),
+    ):
+        with pytest.raises(SourceUnavailable) as err:
+            attempt()
+        assert err.value.code == "SourceUnavailable" and err.value.status == 404
+        assert f"s3://{bucket}/nope.raw does not exist. Reason 404 Not Found" in err.value.message
+    assert not (tmp_path / "d").exists()
+
+
+def test_missing_bucket_is_named(s3cfg: dict, policy: UrlPolicy) -> None:
+    client = s3_client(s3cfg, policy)
+    for attempt in (
+        lambda: head_object(client, "no-such-bkt", "k"),
+        lambda: open_object(client, "no-such-bkt", "k"),
+    ):
+        with pytest.raises(SourceUnavailable, match="The S3 bucket 'no-such-bkt' does not exist"):
+            attempt()
+
+
+def test_access_denied_is_an_actionable_403() -> None:
+    # an S3-compatible endpoint that refuses the appliance's credentials
+    with TestHTTPServer() as srv:
+        body = (
+            b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        )
+        srv.add("/private-bkt/disk.raw", body, status=403, headers={"Content-Type": "application/xml"})
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+        cfg = {"endpoint_url": srv.endpoint, "access_key": "AKIAEXAMPLE", "secret_key": "secret"}
+        with pytest.raises(SourceUnavailable) as err:
+            open_object(s3_client(cfg, policy, retries=0), "private-bkt", "disk.raw")
+    assert err.value.status == 403
+    assert err.value.message.startswith(
+        "Disk validation failed [We do not have access to the given resource. Reason 403 Forbidden]"
+    )
+    assert "s3:GetObject on s3://private-bkt/disk.raw" in err.value.message
