@@ -39,9 +39,20 @@ $(STAMP): pyproject.toml
 
 venv: system-deps $(STAMP)
 
+# Until the API service lands (next issue) the appliance is its toolkit: set up a local
+# configuration under ./var (SQLite and scratch there), check it, and show how to use the CLI.
 run: venv
 	@mkdir -p var
-	$(BIN)/imaging --help
+	@test -f var/imaging.yaml || printf '# local configuration written by make run\nstate_dir: .\nscratch:\n  quota: 20GiB\n' > var/imaging.yaml
+	@IMAGING_CONFIG=var/imaging.yaml $(BIN)/imaging workflows list
+	@IMAGING_CONFIG=var/imaging.yaml $(BIN)/imaging tasks recover
+	@echo
+	@echo "The toolkit is ready (state and scratch under ./var). Try:"
+	@echo "  export IMAGING_CONFIG=$$PWD/var/imaging.yaml PATH=$$PWD/$(BIN):\$$PATH"
+	@echo "  qemu-img create -f qcow2 /tmp/disk.qcow2 1G"
+	@echo "  imaging inspect /tmp/disk.qcow2 --format qcow2"
+	@echo "  imaging run convert-image -p source=/tmp/disk.qcow2 -p target=/tmp/disk.vmdk -p format=vmdk"
+	@echo "  imaging tasks list"
 
 test: venv
 	$(BIN)/python -m pytest tests

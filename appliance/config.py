@@ -83,6 +83,97 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "lease_seconds": {"type": "integer", "minimum": 5},
+                "max_active": {"type": "integer", "minimum": 1},
+                "expiration_hours": {"type": "integer", "minimum": 1},
+            },
+        },
+        "api": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "bind": {"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$"},
+                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "timeout": {"type": "integer", "minimum": 1},
+                "region": {"type": "string", "minLength": 1},
+                "credentials": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["access_key", "secret_key"],
+                        "properties": {
+                            "access_key": {"type": "string", "pattern": "^[A-Za-z0-9]{16,128}$"},
+                            "secret_key": {"type": "string", "minLength": 16},
+                        },
+                    },
+                },
+                "sigv2": {"type": "boolean"},
+                "max_clock_skew": {"type": "integer", "minimum": 1},
+                "max_request_bytes": SIZE,
+                "tls": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["cert", "key"],
+                    "properties": {"cert": {"type": "string"}, "key": {"type": "string"}},
+                },
+            },
+        },
+        "sources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                # scheme://host[:port] prefixes that may be fetched even when private/loopback
+                "allowed_endpoints": {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": "^(https?|s3)://"},
+                },
+                "allowed_ports": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+                },
+                "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
+                "read_timeout": {"type": "number", "exclusiveMinimum": 0},
+                "retries": {"type": "integer", "minimum": 0, "maximum": 50},
+                "manifest_poll_interval": {"type": "number", "exclusiveMinimum": 0},
+                "manifest_poll_max_interval": {"type": "number", "exclusiveMinimum": 0},
+                "s3": {"$ref": "#/$defs/s3"},
+            },
+        },
+        "targets": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "volume": {
+                    "type": "object",
+                    "required": ["type"],
+                    "properties": {"type": {"enum": ["file", "device", "ec2"]}},
+                },
+                "image": {
+                    "type": "object",
+                    "required": ["type"],
+                    "properties": {"type": {"enum": ["file", "s3"]}},
+                },
+            },
+        },
+        "worker": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
+                "poll_interval": {"type": "number", "exclusiveMinimum": 0},
+            },
+        },
+    },
+    "$defs": {
+        "s3": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "endpoint_url": {"type": "string", "pattern": "^https?://"},
+                "region": {"type": "string"},
+                "access_key": {"type": "string"},
+                "secret_key": {"type": "string"},
+                "addressing_style": {"enum": ["auto", "path", "virtual"]},
             },
         },
     },
@@ -106,7 +197,30 @@ DEFAULTS: dict[str, Any] = {
         "iso_policy": "allow-hybrid",
     },
     "workflows": {"extra_dirs": []},
-    "tasks": {"lease_seconds": 30},
+    # AWS allows 5 concurrent conversion tasks per region by default
+    "tasks": {"lease_seconds": 30, "max_active": 5, "expiration_hours": 168},
+    "api": {
+        "bind": "127.0.0.1:8773",
+        "workers": 2,
+        "timeout": 60,
+        "region": "us-east-1",
+        "credentials": [],
+        "sigv2": False,
+        "max_clock_skew": 300,
+        "max_request_bytes": "1MiB",
+    },
+    "sources": {
+        "allowed_endpoints": [],
+        "allowed_ports": [80, 443],
+        "connect_timeout": 10,
+        "read_timeout": 60,
+        "retries": 5,
+        "manifest_poll_interval": 5,
+        "manifest_poll_max_interval": 60,
+        "s3": {},
+    },
+    "targets": {"volume": {"type": "file"}, "image": {"type": "file"}},
+    "worker": {"concurrency": 2, "poll_interval": 1.0},
 }
 
 
@@ -155,6 +269,40 @@ class SafetyPolicy:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    bind: str
+    workers: int
+    timeout: int
+    region: str
+    #: access key → secret key
+    credentials: dict[str, str]
+    sigv2: bool
+    max_clock_skew: int
+    max_request_bytes: int
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    allowed_endpoints: tuple[str, ...]
+    allowed_ports: tuple[int, ...]
+    connect_timeout: float
+    read_timeout: float
+    retries: int
+    manifest_poll_interval: float
+    manifest_poll_max_interval: float
+    #: boto3 settings for s3:// and UserBucket sources (endpoint_url, region, access_key, secret_key)
+    s3: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    concurrency: int
+    poll_interval: float
+
+
+@dataclass(frozen=True)
 class Config:
     """Validated configuration with sizes in bytes and paths made absolute."""
 
@@ -165,6 +313,13 @@ class Config:
     safety: SafetyPolicy
     workflow_dirs: tuple[Path, ...]
     lease_seconds: int
+    max_active_tasks: int
+    expiration_hours: int
+    api: ApiConfig
+    sources: SourcesConfig
+    #: target settings by kind (``volume``, ``image``): ``{"type": ..., ...}`` with paths made absolute
+    targets: dict[str, dict[str, Any]]
+    worker: WorkerConfig
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -208,6 +363,8 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
 
     state_dir = path(merged["state_dir"]) if "state_dir" in merged else default_state_dir()
     scratch = merged["scratch"]
+    api = merged["api"]
+    sources = merged["sources"]
     limits = merged["limits"]
     safety = merged["safety"]
     return Config(
@@ -232,9 +389,49 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         ),
         workflow_dirs=tuple(path(d) for d in merged["workflows"]["extra_dirs"]),
         lease_seconds=merged["tasks"]["lease_seconds"],
+        max_active_tasks=merged["tasks"]["max_active"],
+        expiration_hours=merged["tasks"]["expiration_hours"],
+        api=ApiConfig(
+            bind=api["bind"],
+            workers=api["workers"],
+            timeout=api["timeout"],
+            region=api["region"],
+            credentials={c["access_key"]: c["secret_key"] for c in api["credentials"]},
+            sigv2=api["sigv2"],
+            max_clock_skew=api["max_clock_skew"],
+            max_request_bytes=parse_size(api["max_request_bytes"]),
+            tls_cert=path(api["tls"]["cert"]) if "tls" in api else None,
+            tls_key=path(api["tls"]["key"]) if "tls" in api else None,
+        ),
+        sources=SourcesConfig(
+            allowed_endpoints=tuple(e.rstrip("/") for e in sources["allowed_endpoints"]),
+            allowed_ports=tuple(sources["allowed_ports"]),
+            connect_timeout=float(sources["connect_timeout"]),
+            read_timeout=float(sources["read_timeout"]),
+            retries=sources["retries"],
+            manifest_poll_interval=float(sources["manifest_poll_interval"]),
+            manifest_poll_max_interval=float(sources["manifest_poll_max_interval"]),
+            s3=dict(sources["s3"]),
+        ),
+        targets=_targets(merged["targets"], state_dir, path),
+        worker=WorkerConfig(
+            concurrency=merged["worker"]["concurrency"],
+            poll_interval=float(merged["worker"]["poll_interval"]),
+        ),
         source=source,
         raw=merged,
     )
+
+
+def _targets(raw: dict[str, Any], state_dir: Path, path: Any) -> dict[str, dict[str, Any]]:
+    """Target settings with defaults: file targets keep one file per volume/image under state_dir."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, default_dir in (("volume", "volumes"), ("image", "images")):
+        t = dict(raw.get(kind) or {"type": "file"})
+        if t["type"] == "file":
+            t["directory"] = path(t["directory"]) if "directory" in t else state_dir / default_dir
+        out[kind] = t
+    return out
 
 
 def load(path: str | Path | None = None) -> Config:

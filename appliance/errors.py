@@ -119,6 +119,18 @@ class TaskNotFound(ImagingError):
     code = "TaskNotFound"
 
 
+class InvalidTaskId(ImagingError):
+    """A task id that is not of the form its kind uses (e.g. ``import-vol-`` + 8 characters)."""
+
+    code = "InvalidTaskId.Malformed"
+
+
+class ResourceLimitExceeded(ImagingError):
+    """Accepting the work would exceed a configured limit (e.g. concurrently active tasks)."""
+
+    code = "ResourceLimitExceeded"
+
+
 class IncorrectState(ImagingError):
     """The task is in a state that does not allow the requested transition."""
 
@@ -139,3 +151,12 @@ class StepFailed(ImagingError):
 
 class StepTimeout(ImagingError):
     code = "StepTimeout"
+
+
+#: code prefixes that mean "the image was rejected" (CLI exit status 2) rather than "the work failed"
+REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitExceeded")
+
+
+def is_rejection(code: str | None) -> bool:
+    """Whether ``code`` says the input image was rejected by inspection."""
+    return bool(code) and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)

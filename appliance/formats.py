@@ -43,8 +43,10 @@ def parse_claim(claim: str | None) -> tuple[str | None, str | None]:
     if "." in name:
         name, _, suffix = name.partition(".")
         if suffix not in _SUFFIXES:
-            raise UsageError(f"unknown compression suffix {suffix!r} in format {claim!r}; "
-                             f"use one of {', '.join(sorted(_SUFFIXES))}")
+            raise UsageError(
+                f"unknown compression suffix {suffix!r} in format {claim!r}; "
+                f"use one of {', '.join(sorted(_SUFFIXES))}"
+            )
         compression = _SUFFIXES[suffix]
     name = from_qemu(name)
     if name not in INPUT_FORMATS:

@@ -12,6 +12,7 @@ Reservations live in ``ROOT/<task_id>/.scratch.json`` and are summed under an ``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -66,7 +67,7 @@ class ScratchSpace:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
-    def from_config(cls, config) -> ScratchSpace:  # noqa: ANN001 - avoid import cycle with config
+    def from_config(cls, config) -> ScratchSpace:
         return cls(config.scratch.root, config.scratch.quota, config.scratch.min_free)
 
     @contextmanager
@@ -126,13 +127,16 @@ class ScratchSpace:
             for d in list(self._task_dirs()):
                 if keep(d.name):
                     continue
-                meta = self._read_meta(d)
-                if meta.get("host") == host and isinstance(meta.get("pid"), int) and _pid_alive(meta["pid"]):
-                    if meta["pid"] != os.getpid():
-                        continue
+                if self._owned_by_other_live_process(d, host):
+                    continue
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d)
         return removed
+
+    def _owned_by_other_live_process(self, task_dir: Path, host: str) -> bool:
+        meta = self._read_meta(task_dir)
+        pid = meta.get("pid")
+        return meta.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
 
 
 class TaskScratch:
@@ -180,10 +184,8 @@ class TaskScratch:
         total = 0
         for dirpath, _dirs, files in os.walk(self.path):
             for name in files:
-                try:
+                with contextlib.suppress(FileNotFoundError):  # removed while we walk
                     total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
         return total
 
     def reserve(self, nbytes: int, purpose: str) -> int:

@@ -16,8 +16,15 @@ def test_vhd_is_vpc_to_qemu_and_back() -> None:
 
 @pytest.mark.parametrize(
     ("claim", "parsed"),
-    [("raw", ("raw", None)), ("raw.gz", ("raw", "gzip")), ("QCOW2.zst", ("qcow2", "zstd")),
-     ("vpc", ("vhd", None)), ("vmdk.xz", ("vmdk", "xz")), ("raw.bz2", ("raw", "bzip2")), (None, (None, None))],
+    [
+        ("raw", ("raw", None)),
+        ("raw.gz", ("raw", "gzip")),
+        ("QCOW2.zst", ("qcow2", "zstd")),
+        ("vpc", ("vhd", None)),
+        ("vmdk.xz", ("vmdk", "xz")),
+        ("raw.bz2", ("raw", "bzip2")),
+        (None, (None, None)),
+    ],
 )
 def test_parses_claims(claim: str | None, parsed: tuple[str | None, str | None]) -> None:
     assert formats.parse_claim(claim) == parsed

@@ -106,7 +106,9 @@ def test_orphan_cleanup_spares_dirs_owned_by_a_live_process(tmp_path: Path) -> N
         print("ready", flush=True)
         sys.stdin.read()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         space = ScratchSpace(tmp_path, quota=1 << 30)
@@ -132,7 +134,8 @@ def test_quota_is_never_exceeded_by_concurrent_processes(tmp_path: Path) -> None
             print("lost")
     """)
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, f"t{i}"], stdout=subprocess.PIPE, text=True) for i in range(8)
+        subprocess.Popen([sys.executable, "-c", code, f"t{i}"], stdout=subprocess.PIPE, text=True)
+        for i in range(8)
     ]
     outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert outcomes.count("won") == 3
