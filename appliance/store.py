@@ -149,6 +149,15 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX ledger_task ON ledger (task_id, id)",
     ),
+    (
+        # Why a task was cancelled, as the canceller said it (EC2 ReasonMessage / CancelReason).
+        "ALTER TABLE tasks ADD COLUMN cancel_reason TEXT",
+        # Bytes written to the target over the whole task (EC2 bytesConverted): never reset by a
+        # phase change, unlike bytes_done.
+        "ALTER TABLE tasks ADD COLUMN bytes_converted INTEGER NOT NULL DEFAULT 0",
+        # The EC2 API lists tasks by kind (conversion tasks, image imports, snapshot imports).
+        "CREATE INDEX tasks_kind ON tasks (kind, created_at)",
+    ),
 ]
 
 
@@ -206,6 +215,8 @@ class Task:
     owner: str | None
     lease_expires_at: str | None
     attempts: int
+    cancel_reason: str | None = None
+    bytes_converted: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -436,18 +447,80 @@ class Store:
         with self._lock:
             return Task._from_row(self._task_row(self._conn, task_id))
 
-    def list_tasks(self, state: str | Iterable[str] | None = None, *, limit: int | None = 100) -> list[Task]:
-        """Tasks, newest first, optionally only those in ``state`` (one or several)."""
-        sql, args = "SELECT * FROM tasks", []
+    def list_tasks(
+        self,
+        state: str | Iterable[str] | None = None,
+        *,
+        limit: int | None = 100,
+        kind: str | Iterable[str] | None = None,
+        marker: str | None = None,
+    ) -> list[Task]:
+        """Tasks, newest first, optionally only those in ``state`` and of ``kind`` (one or several each).
+
+        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if unknown).
+        """
+        sql, args, where = "SELECT * FROM tasks", [], []
+        if marker is not None:
+            rows = self._read("SELECT created_at, rowid FROM tasks WHERE id = ?", (marker,))
+            if not rows:
+                raise TaskNotFound(f"no task {marker!r} (pagination marker)")
+            # the same (created_at, rowid) order as ORDER BY below, so pages neither skip nor repeat
+            where.append("(created_at, rowid) < (?, ?)")
+            args += [rows[0]["created_at"], rows[0]["rowid"]]
         if state is not None:
             states = [state] if isinstance(state, str) else list(state)
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            where.append(f"state IN ({', '.join('?' * len(states))})")
             args += [str(TaskState(s)) for s in states]
+        if kind is not None:
+            kinds = [kind] if isinstance(kind, str) else list(kind)
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            args += kinds
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, rowid DESC"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
         return [Task._from_row(r) for r in self._read(sql, args)]
+
+    def task_summary(self, duration_buckets: Sequence[float] = ()) -> list[dict[str, Any]]:
+        """Per (kind, state) aggregates for metrics, computed by SQLite (no task is loaded).
+
+        Each row: ``kind``, ``state``, ``count``, ``bytes_done`` and ``bytes_converted`` (sums),
+        ``durations`` (how many tasks have both ``started_at`` and ``finished_at``), ``duration_sum``
+        (seconds) and ``buckets``: for each bound in ``duration_buckets``, how many of those durations
+        are at most that many seconds.
+        """
+        bounds = [float(b) for b in duration_buckets]
+        le = "".join(f", COALESCE(SUM(d <= ?), 0) AS le{i}" for i in range(len(bounds)))
+        sql = (
+            "SELECT kind, state, COUNT(*) AS count, COALESCE(SUM(bytes_done), 0) AS bytes_done,"
+            " COALESCE(SUM(bytes_converted), 0) AS bytes_converted,"
+            f" COUNT(d) AS durations, COALESCE(SUM(d), 0.0) AS duration_sum{le} FROM ("
+            " SELECT kind, state, bytes_done, bytes_converted,"
+            " CASE WHEN started_at IS NOT NULL AND finished_at IS NOT NULL"
+            " THEN (julianday(finished_at) - julianday(started_at)) * 86400.0 END AS d FROM tasks"
+            ") GROUP BY kind, state ORDER BY kind, state"
+        )
+        return [
+            {
+                "kind": r["kind"],
+                "state": r["state"],
+                "count": int(r["count"]),
+                "bytes_done": int(r["bytes_done"]),
+                "bytes_converted": int(r["bytes_converted"]),
+                "durations": int(r["durations"]),
+                "duration_sum": float(r["duration_sum"]),
+                "buckets": [int(r[f"le{i}"]) for i in range(len(bounds))],
+            }
+            for r in self._read(sql, bounds)
+        ]
+
+    def count_tasks(self, state: str | Iterable[str]) -> int:
+        """How many tasks are in ``state`` (one or several)."""
+        states = [state] if isinstance(state, str) else list(state)
+        sql = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(states))})"
+        return int(self._read(sql, [str(TaskState(s)) for s in states])[0][0])
 
     def set_state(
         self,
@@ -506,12 +579,13 @@ class Store:
         if new not in TRANSITIONS[current]:
             raise IncorrectState(f"task {task_id} cannot go from {current} to {new}")
 
-    def request_cancel(self, task_id: str) -> Task:
+    def request_cancel(self, task_id: str, reason: str | None = None) -> Task:
         """Ask for a task to stop: ``pending`` → ``cancelled`` at once, ``running`` → ``cancelling``.
 
         The engine running the task notices ``cancelling``, stops the current step, undoes and
         ends ``cancelled``. Repeating a request while ``cancelling`` is harmless; cancelling a
-        finished task raises :class:`IncorrectState`.
+        finished task raises :class:`IncorrectState`. ``reason`` (the canceller's words) is kept
+        in ``cancel_reason``; the first reason given wins.
         """
         now = utcnow()
         with self._write() as conn:
@@ -523,6 +597,8 @@ class Store:
                 raise IncorrectState(f"task {task_id} is already {current} and cannot be cancelled")
             self._check_transition(task_id, current, new)
             values: dict[str, Any] = {"state": str(new), "updated_at": now}
+            if reason:
+                values["cancel_reason"] = reason
             if new is TaskState.CANCELLED:
                 values.update(
                     finished_at=now, error_code="Cancelled", error_message="cancelled before it started"
@@ -581,6 +657,19 @@ class Store:
             )
             return cur.rowcount == 1
 
+    def release(self, task_id: str, owner: str) -> bool:
+        """Give up ownership without ending the task (its worker is shutting down): the task becomes
+        an orphan that the next ``recover`` resumes. ``False`` if ``owner`` did not own it."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE tasks SET owner = NULL, lease_expires_at = NULL, updated_at = ? "
+                "WHERE id = ? AND owner = ? AND state IN ('running', 'cancelling')",
+                (utcnow(), task_id, owner),
+            )
+            if cur.rowcount == 1:
+                self._event(conn, task_id, "task.released", {"owner": owner}, utcnow())
+            return cur.rowcount == 1
+
     def update_progress(
         self,
         task_id: str,
@@ -590,12 +679,14 @@ class Store:
         bytes_total: int | None = None,
         percent: float | None = None,
         status_message: str | None = None,
+        bytes_converted: int | None = None,
     ) -> Task:
         """Record progress without ever moving it backwards.
 
         ``percent`` never decreases over the task's life. ``bytes_done``/``bytes_total`` never
         decrease within a phase; a new ``phase`` starts its own byte counters (a download's bytes
-        and a conversion's bytes are different quantities).
+        and a conversion's bytes are different quantities). ``bytes_converted`` (bytes written to
+        the target) never decreases over the task's life.
         """
         now = utcnow()
         with self._write() as conn:
@@ -622,6 +713,8 @@ class Store:
                 values["percent"] = clamped if row["percent"] is None else max(row["percent"], clamped)
             if status_message is not None:
                 values["status_message"] = status_message
+            if bytes_converted is not None:
+                values["bytes_converted"] = max(row["bytes_converted"], int(bytes_converted))
             return self._update(conn, task_id, values)
 
     def set_findings(self, task_id: str, findings: Iterable[Any]) -> Task:

@@ -243,6 +243,11 @@ class Engine:
                 # Another worker owns the task now; touching its state or resources would fight it.
                 run.store.add_event(run.task_id, "task.lost", {"owner": self.owner})
                 return self.store.get_task(run.task_id)
+            if run.suspended and error is not None:
+                # The worker is shutting down: nothing is undone; the next recover() resumes the
+                # task from its last completed step (the interrupted one runs again).
+                self.store.release(run.task_id, self.owner)
+                return self.store.get_task(run.task_id)
             return self._end(run, result, error)
 
     def _set_state(self, task_id: str, state: TaskState, **kw: Any) -> Task:

@@ -91,6 +91,8 @@ class TaskRun:
         #: set by the supervisor (cancel requested in the store), signals, or a lost lease
         self.cancel = threading.Event()
         self.lost_lease = False
+        #: set by SIGUSR1: the worker is shutting down; stop the step, keep the task for a resume
+        self.suspended = False
         self.signalled: int | None = None
         self._done = {r.idx: r for r in self.store.step_results(task.id)}
         self._running: dict[str, StepRecord] = {}
@@ -380,6 +382,7 @@ class TaskRun:
                 bytes_done=progress.get("done"),
                 bytes_total=progress.get("total"),
                 percent=progress.get("percent"),
+                bytes_converted=progress.get("converted"),
             )
             last_db = now
         if final or now - last_event >= PROGRESS_EVENT_INTERVAL:

@@ -104,7 +104,8 @@ class StepContext:
 
     def progress(self, progress: Any) -> None:
         """Report progress: an ``appliance.progress.Progress`` or a dict with
-        ``phase, done, total, percent`` (bytes; any may be missing)."""
+        ``phase, done, total, percent`` (bytes; any may be missing) and, for work that writes
+        the result, ``converted``: bytes written to the target so far (monotonic over the task)."""
         self._hooks.progress(self, progress_dict(progress))
 
     def event(self, kind: str, **data: Any) -> None:

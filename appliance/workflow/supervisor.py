@@ -115,7 +115,8 @@ class Supervisor(threading.Thread):
 
 @contextmanager
 def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: float) -> Iterator[None]:
-    """Run the body with a :class:`Supervisor` and SIGINT/SIGTERM mapped to a cancel."""
+    """Run the body with a :class:`Supervisor`, SIGINT/SIGTERM mapped to a cancel and SIGUSR1 to a
+    suspend (the worker is shutting down: stop the step, keep the task for a resume)."""
     supervisor = Supervisor(run, owner, lease_seconds, poll_interval)
     supervisor.start()
     previous = {}
@@ -126,8 +127,13 @@ def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: fl
             run.signalled = signum
             run.cancel.set()
 
+        def suspend(signum: int, _frame: object) -> None:
+            run.suspended = True
+            run.cancel.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, suspend)
     try:
         yield
     finally:

@@ -1,0 +1,475 @@
+"""Import steps: ``manifest.wait``, ``volume.create``, ``volume.import``, ``volume.finalize``,
+``source.fetch`` and ``image.store``.
+
+They join the sources (:mod:`appliance.sources`), the safety pipeline and the targets
+(:mod:`appliance.targets`) for the shipped import workflows. Progress follows one model:
+``phase`` is the EC2-style sub-state, ``percent`` covers the whole transfer (download and
+conversion weighted equally when both happen), and ``converted`` counts bytes written to the
+target, which never goes backwards (EC2 ``bytesConverted``).
+
+Restart safety: ``volume.create`` records the volume in the task's scratch directory the moment it
+exists, and ``volume.import`` checkpoints after every verified part, so a resumed task reuses the
+volume and downloads only the parts it had not verified.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from oslo_utils.imageutils import format_inspector
+
+from ..convert import convert_image
+from ..errors import Finding, ImageRejected, ImagingError
+from ..inspect import inspect_image, require_safe
+from ..progress import Progress
+from ..sources.fetch import fetch_to_file
+from ..sources.manifest import Importer, ImportManifest, Part, download_parts, wait_for_manifest
+from ..sources.urlfilter import UrlPolicy
+from ..targets import get_image_target, get_volume_target
+from ..targets.base import Volume, _zero_range
+from ..workflow.step import Step, StepContext
+
+GiB = 1 << 30
+_VOLUME_RECORD = "volume.json"
+_CHECKPOINT = "parts.json"
+
+
+class InsufficientVolumeSize(ImagingError):
+    """The disk's virtual size does not fit the requested volume."""
+
+    code = "InsufficientVolumeSize"
+
+
+def _policy(ctx: StepContext) -> UrlPolicy:
+    return UrlPolicy.from_config(ctx.config.sources)
+
+
+def manifest_from_dict(data: dict[str, Any]) -> ImportManifest:
+    """Rebuild a manifest stored as a step result."""
+    importer = data.get("importer")
+    return ImportManifest(
+        version=data["version"],
+        file_format=data["file_format"],
+        importer=Importer(**importer) if importer else None,
+        self_destruct_url=data.get("self_destruct_url"),
+        size=data["size"],
+        volume_size=data["volume_size"],
+        parts=[Part(**p) for p in data["parts"]],
+    )
+
+
+class ManifestWaitStep(Step):
+    """Wait until the import manifest and all its parts are uploaded (or the task expires)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["url", "expires", "format"],
+        "properties": {
+            "url": {"type": "string"},
+            "expires": {"type": "string"},
+            "format": {"enum": ["RAW", "VMDK", "VHD"]},
+        },
+    }
+
+    def run(self, ctx: StepContext, url: str, expires: str, format: str) -> dict[str, Any]:
+        deadline = dt.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        ctx.progress({"phase": "pending-upload", "done": 0})
+        manifest = wait_for_manifest(
+            url,
+            _policy(ctx),
+            deadline=deadline,
+            cancel=ctx.cancel,
+            on_wait=lambda status: ctx.event("waiting", message=status),
+        )
+        if manifest.file_format.upper() != format:
+            raise ImageRejected(
+                [
+                    Finding.error(
+                        "FormatMismatch",
+                        f"claimed {format}, but the import manifest says {manifest.file_format}; "
+                        "import again with the format of the uploaded file",
+                    )
+                ]
+            )
+        return asdict(manifest)
+
+    def plan(self, ctx: StepContext, url: str, expires: str, format: str) -> dict[str, Any]:
+        _policy(ctx).check(url)
+        return {"waits_for": "manifest and parts", "until": expires, "scratch_bytes": 0}
+
+
+class VolumeCreateStep(Step):
+    """Create the target volume (a file, a given device, or a cloud volume attached to this appliance)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["size_gib"],
+        "properties": {
+            "size_gib": {"type": "integer", "minimum": 1},
+            "availability_zone": {"type": ["string", "null"]},
+        },
+    }
+
+    def run(self, ctx: StepContext, size_gib: int, availability_zone: str | None = None) -> dict[str, Any]:
+        target = get_volume_target(ctx.config)
+        record = ctx.workdir / _VOLUME_RECORD
+        if record.exists():  # the step ran before a crash: take the volume it created again
+            volume = target.reopen(json.loads(record.read_text()))
+        else:
+            volume = target.create(ctx.task_id, size_gib * GiB, availability_zone=availability_zone)
+            record.write_text(json.dumps(volume.info))
+            ctx.ledger_created(f"volume {volume.id} ({volume.path})")
+        return {"id": volume.id, **volume.info}
+
+    def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result:
+            get_volume_target(ctx.config).delete(result)
+            ctx.ledger_removed(f"volume {result['id']} ({result.get('path')})")
+
+    def plan(self, ctx: StepContext, size_gib: int, availability_zone: str | None = None) -> dict[str, Any]:
+        return {
+            "creates": f"a {size_gib} GiB volume",
+            "target": ctx.config.targets["volume"]["type"],
+            "scratch_bytes": 0,
+        }
+
+
+class _StreamCheck:
+    """Runs oslo's format inspectors over a RAW upload as it streams onto the volume."""
+
+    class _Feed:
+        chunk = b""
+
+        def read(self, _size: int) -> bytes:
+            return self.chunk
+
+    def __init__(self) -> None:
+        self._feed = self._Feed()
+        self._wrapper = format_inspector.InspectWrapper(self._feed)
+
+    def eat(self, chunk: bytes) -> None:
+        self._feed.chunk = chunk
+        self._wrapper.read(len(chunk))
+
+    def verdict(self) -> list[Finding]:
+        """Findings against a RAW claim: raw, or a disk with an MBR/GPT, is what a RAW upload may be."""
+        self._wrapper.close()
+        try:
+            detected = self._wrapper.formats or []
+        except format_inspector.ImageFormatError as exc:
+            return [Finding.error("UnsafeImage.Polyglot", f"the upload matches several formats: {exc}")]
+        names = sorted({i.NAME for i in detected})
+        if not set(names) <= {"raw", "gpt"}:
+            return [
+                Finding.error(
+                    "FormatMismatch",
+                    f"claimed RAW, detected {', '.join(names)}; import it with the format it really has",
+                )
+            ]
+        for inspector in detected:
+            try:
+                inspector.safety_check()
+            except format_inspector.SafetyCheckFailed as exc:
+                return [Finding.error("UnsafeImage.PartitionTable", f"the partition table is unsafe: {exc}")]
+        return []
+
+
+class VolumeImportStep(Step):
+    """Write the uploaded disk onto the volume as RAW.
+
+    RAW: parts stream straight onto the volume (no scratch), checked by the format inspectors on the
+    way. VMDK/VHD: parts are assembled in scratch, inspected, and converted by qemu-img onto the volume.
+    """
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["manifest", "format", "volume"],
+        "properties": {
+            "manifest": {"type": "object"},
+            "format": {"enum": ["RAW", "VMDK", "VHD"]},
+            "volume": {"type": "object"},
+        },
+    }
+
+    def run(
+        self, ctx: StepContext, manifest: dict[str, Any], format: str, volume: dict[str, Any]
+    ) -> dict[str, Any]:
+        m = manifest_from_dict(manifest)
+        fresh = dict(volume)
+        vol = get_volume_target(ctx.config).reopen(volume)
+        checkpoint = ctx.workdir / _CHECKPOINT
+        state = json.loads(checkpoint.read_text()) if checkpoint.exists() else {"next": 0, "done": 0}
+        # A volume nobody wrote to yet still reads as zeros; after a restart it may hold a partial write.
+        zeroed = bool(fresh.get("zeroed")) and state["next"] == 0
+        if format == "RAW":
+            return self._stream_raw(ctx, m, vol, zeroed, checkpoint, state)
+        return self._via_scratch(ctx, m, format, vol, checkpoint, state)
+
+    @staticmethod
+    def _save(checkpoint: Path, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        state = {"next": part.index + 1, "done": done, **(extra or {})}
+        tmp = checkpoint.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, checkpoint)
+        return state
+
+    def _stream_raw(
+        self,
+        ctx: StepContext,
+        m: ImportManifest,
+        vol: Volume,
+        zeroed: bool,
+        checkpoint: Path,
+        state: dict[str, Any],
+    ) -> dict[str, Any]:
+        if m.size > vol.size:
+            raise InsufficientVolumeSize(
+                f"the RAW image is {m.size} bytes but volume {vol.id} holds {vol.size}; import it into a "
+                f"volume of at least {-(-m.size // GiB)} GiB"
+            )
+        check = _StreamCheck()
+        fd = os.open(vol.path, os.O_RDWR)
+        try:
+            is_block = stat.S_ISBLK(os.fstat(fd).st_mode)
+            # After a restart the inspectors must see the whole stream: re-read what was verified.
+            for offset in range(0, state["done"], 1 << 20):
+                check.eat(os.pread(fd, min(1 << 20, state["done"] - offset), offset))
+
+            def write(offset: int, chunk: bytes) -> None:
+                check.eat(chunk)
+                if chunk.count(0) == len(chunk):
+                    # Zeros stay holes: nothing to do on a zeroed volume, a punched hole or
+                    # BLKZEROOUT elsewhere.
+                    if not zeroed:
+                        _zero_range(fd, offset, len(chunk), is_block)
+                    return
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+
+            def on_part(part: Part, done: int) -> None:
+                self._save(checkpoint, part, done)
+                ctx.progress(
+                    {
+                        "phase": "writing",
+                        "done": done,
+                        "total": m.size,
+                        "percent": 100.0 * done / m.size,
+                        "converted": done,
+                    }
+                )
+
+            ctx.progress(
+                {"phase": "writing", "done": state["done"], "total": m.size, "converted": state["done"]}
+            )
+            download_parts(
+                m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
+            )
+            findings = check.verdict()
+            if findings:
+                raise ImageRejected(findings)
+            if not zeroed and vol.size > m.size:
+                _zero_range(fd, m.size, vol.size - m.size, is_block)  # no stale data past the image
+        finally:
+            os.close(fd)
+        return {"bytes_written": m.size, "format": "RAW", "virtual_size": m.size, "streamed": True}
+
+    def _via_scratch(
+        self,
+        ctx: StepContext,
+        m: ImportManifest,
+        format: str,
+        vol: Volume,
+        checkpoint: Path,
+        state: dict[str, Any],
+    ) -> dict[str, Any]:
+        upload = ctx.workdir / f"upload.{format.lower()}"
+        if "reservation" not in state:
+            state["reservation"] = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
+        with open(upload, "r+b" if upload.exists() else "w+b") as out:
+            fd = out.fileno()
+
+            def write(offset: int, chunk: bytes) -> None:
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+
+            def on_part(part: Part, done: int) -> None:
+                self._save(checkpoint, part, done, {"reservation": state["reservation"]})
+                ctx.progress(
+                    {"phase": "downloading", "done": done, "total": m.size, "percent": 50.0 * done / m.size}
+                )
+
+            download_parts(
+                m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
+            )
+            os.fsync(fd)
+        ctx.progress({"phase": "validating", "done": 0})
+        source = require_safe(
+            inspect_image(upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+        )
+        if source.virtual_size and source.virtual_size > vol.size:
+            raise InsufficientVolumeSize(
+                f"the {format} image's virtual size is {source.virtual_size} bytes but volume {vol.id} holds "
+                f"{vol.size}; import it into a volume of at least {-(-source.virtual_size // GiB)} GiB"
+            )
+
+        def on_convert(p: Progress) -> None:
+            ctx.progress(
+                {
+                    "phase": "converting",
+                    "done": p.done,
+                    "total": p.total,
+                    "percent": 50.0 + (p.percent or 0.0) / 2,
+                    "converted": p.done,
+                    "rate": p.rate,
+                    "eta": p.eta,
+                }
+            )
+
+        result = convert_image(
+            upload,
+            vol.path,
+            "raw",
+            format.lower(),
+            config=ctx.config,
+            workdir=ctx.workdir,
+            on_progress=on_convert,
+            cancel=ctx.cancel,
+        )
+        if not result.block_device:
+            # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.
+            os.chmod(vol.path, 0o600)
+            if os.stat(vol.path).st_size < vol.size:
+                os.truncate(vol.path, vol.size)
+        upload.unlink(missing_ok=True)
+        ctx.scratch.release(state["reservation"])
+        return {
+            "bytes_written": result.virtual_size,
+            "format": format,
+            "virtual_size": result.virtual_size,
+            "streamed": False,
+        }
+
+    def plan(
+        self, ctx: StepContext, manifest: dict[str, Any], format: str, volume: dict[str, Any]
+    ) -> dict[str, Any]:
+        size = manifest.get("size", 0) if isinstance(manifest, dict) else 0
+        return {"streams": format == "RAW", "scratch_bytes": 0 if format == "RAW" else size}
+
+
+class VolumeFinalizeStep(Step):
+    """Flush the volume and hand it over (an attached cloud volume is detached)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["volume"],
+        "properties": {"volume": {"type": "object"}},
+    }
+
+    def run(self, ctx: StepContext, volume: dict[str, Any]) -> dict[str, Any]:
+        ctx.progress({"phase": "finalizing"})
+        target = get_volume_target(ctx.config)
+        return target.finalize(target.reopen(volume))
+
+
+class SourceFetchStep(Step):
+    """Download a disk (``{url}``: s3:// or https://; or ``{bucket, key}``) into scratch, with its sha256."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source"],
+        "properties": {"source": {"type": "object"}},
+    }
+
+    def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        cap = min(ctx.config.limits.max_decompressed_size, ctx.scratch.space.free())
+        rid = ctx.scratch.reserve(cap, "downloading the disk")
+        dst = ctx.workdir / "source.img"
+        dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
+        ctx.ledger_created(dst)
+
+        def on_progress(done: int, total: int | None) -> None:
+            ctx.progress(
+                {
+                    "phase": "downloading",
+                    "done": done,
+                    "total": total,
+                    "percent": 50.0 * done / total if total else None,
+                }
+            )
+
+        result = fetch_to_file(
+            source,
+            dst,
+            _policy(ctx),
+            ctx.config.sources.s3,
+            max_bytes=cap,
+            cancel=ctx.cancel,
+            on_progress=on_progress,
+        )
+        ctx.scratch.release(rid)
+        ctx.scratch.reserve(os.stat(dst).st_blocks * 512, "downloaded disk")
+        return {"path": str(result.path), "size": result.size, "sha256": result.sha256, "etag": result.etag}
+
+    def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result and Path(result["path"]).exists():
+            Path(result["path"]).unlink()
+            ctx.ledger_removed(result["path"])
+
+    def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        if source.get("url") and not str(source["url"]).startswith("s3://"):
+            _policy(ctx).check(source["url"])
+        return {"downloads": source, "scratch_bytes": None}
+
+
+class ImageStoreStep(Step):
+    """Store a converted disk with the image target (a file directory or an S3 bucket)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["path", "format"],
+        "properties": {"path": {"type": "string"}, "format": {"type": "string"}},
+    }
+
+    def run(self, ctx: StepContext, path: str, format: str) -> dict[str, Any]:
+        def on_progress(p: Progress) -> None:
+            ctx.progress(
+                {
+                    "phase": "uploading",
+                    "done": p.done,
+                    "total": p.total,
+                    "percent": p.percent,
+                    "converted": p.done,
+                    "rate": p.rate,
+                    "eta": p.eta,
+                }
+            )
+
+        location = get_image_target(ctx.config).store(
+            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel
+        )
+        ctx.ledger_created(json.dumps(location, sort_keys=True))
+        return location
+
+    def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result:
+            get_image_target(ctx.config).delete(result)
+            ctx.ledger_removed(json.dumps(result, sort_keys=True))
+
+    def plan(self, ctx: StepContext, path: str, format: str) -> dict[str, Any]:
+        return {"stores": path, "target": ctx.config.targets["image"]["type"], "scratch_bytes": 0}
