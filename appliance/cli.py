@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_workflow_commands(sub: Any) -> None:
-    from . import cli_tasks
+    from . import cli_config, cli_tasks
 
     cli_tasks.add_commands(sub)
+    cli_config.add_commands(sub)
     s = sub.add_parser(
         "worker",
         help="run the task worker (claims and runs pending tasks)",

@@ -1,0 +1,328 @@
+"""The JSON admin API (``/v1/…``): health, discovery, tasks, metrics and its own OpenAPI document.
+
+Resources only read the appliance's configuration and task database and render them; every rule
+(task states, limits, formats) comes from :mod:`appliance`. ``auth_required = False`` marks the
+resources a load balancer or a client must reach without credentials (see :mod:`api.app`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Sequence
+from functools import cache
+from importlib import metadata, resources
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import falcon
+import yaml
+
+from appliance import formats
+from appliance.config import Config
+from appliance.errors import UsageError
+from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
+
+from . import health as health_mod
+from . import metrics as metrics_mod
+
+API_VERSION = "v1"
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+RECENT_EVENTS = 50
+#: query parameters of presigned URLs that are credentials (SigV4, SigV2, STS), hidden in task views
+_URL_SECRETS = frozenset(
+    {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature", "awsaccesskeyid"}
+)
+_SECRET_KEY = re.compile(r"secret|password|security_token|session_token", re.IGNORECASE)
+REDACTED = "REDACTED"
+
+
+@cache
+def app_version() -> str:
+    """The installed package version (``0+unknown`` when running from an uninstalled tree)."""
+    try:
+        return metadata.version("imaging-appliance")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The admin API's OpenAPI 3.1 document (package data ``api/openapi.yaml``), version filled in."""
+    text = resources.files("api").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    doc = yaml.safe_load(text)
+    doc["info"]["version"] = app_version()
+    return doc
+
+
+class StoreHandle:
+    """The task database, opened on first use in the process that uses it.
+
+    Opened lazily (not in the app factory) so that a database that cannot be opened yet shows up
+    as a failed health check and 503 answers instead of a gunicorn worker that fails to boot; a
+    failed open is retried on the next request.
+    """
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self._config = config
+        self._store = store
+        self._lock = threading.Lock()
+
+    def get(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self._config.db_path)
+            return self._store
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.query:
+        return url
+    query = [(k, REDACTED if k.lower() in _URL_SECRETS else v) for k, v in parse_qsl(parts.query, True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
+
+
+def redact(value: Any) -> Any:
+    """``value`` with presigned-URL signatures and secret-looking keys replaced by ``REDACTED``.
+
+    Task params hold presigned manifest/part URLs, which are bearer credentials until they expire.
+    """
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if _SECRET_KEY.search(str(k)) and isinstance(v, str) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return _redact_url(value)
+    return value
+
+
+def task_href(task_id: str) -> str:
+    return f"/{API_VERSION}/tasks/{task_id}"
+
+
+def task_summary(task: Task) -> dict[str, Any]:
+    """The list view of a task."""
+    return {
+        "id": task.id,
+        "kind": task.kind,
+        "state": str(task.state),
+        "phase": task.phase,
+        "percent": task.percent,
+        "bytes_done": task.bytes_done,
+        "bytes_total": task.bytes_total,
+        "bytes_converted": task.bytes_converted,
+        "status_message": task.status_message,
+        "error_code": task.error_code,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "links": [{"rel": "self", "href": task_href(task.id)}],
+    }
+
+
+def task_detail(store: Store, task: Task) -> dict[str, Any]:
+    """The full view of a task: the row, progress, steps, findings, cleanup ledger, recent events."""
+    row = task.to_dict()
+    row.pop("findings")
+    row["params"] = redact(row["params"])
+    row["result"] = redact(row["result"])
+    events = store.events(task_id=task.id, limit=100_000)[-RECENT_EVENTS:]
+    return {
+        "task": row,
+        "progress": {
+            "phase": task.phase,
+            "percent": task.percent,
+            "bytes_done": task.bytes_done,
+            "bytes_total": task.bytes_total,
+            "bytes_converted": task.bytes_converted,
+        },
+        "steps": [redact(s.to_dict()) for s in store.step_results(task.id)],
+        "findings": task.findings,
+        "ledger": [e.to_dict() for e in store.ledger(task.id)],
+        "events": [redact(e.to_dict()) for e in events],
+        "links": [{"rel": "self", "href": task_href(task.id)}],
+    }
+
+
+def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
+    """What this appliance accepts and produces (like Glance's ``/v2/info/import``)."""
+    from appliance import imports
+
+    banned = set(config.safety.banned_formats)
+    inputs = [
+        f
+        for f in formats.INPUT_FORMATS
+        if f not in banned and not (f == "iso" and config.safety.iso_policy == "reject")
+    ]
+    return {
+        "version": app_version(),
+        "api_versions": [API_VERSION],
+        "ec2": {
+            "actions": list(ec2_actions),
+            "region": config.api.region,
+            "signature_versions": ["4", "2"] if config.api.sigv2 else ["4"],
+            "sigv2": config.api.sigv2,
+        },
+        "import": {
+            "input_formats": inputs,
+            "compressions": list(formats.COMPRESSIONS),
+            "wire_formats": {
+                "ImportVolume": list(imports.VOLUME_FORMATS),
+                "ImportInstance": list(imports.VOLUME_FORMATS),
+                "ImportImage": list(imports.CONTAINER_FORMATS),
+                "ImportSnapshot": list(imports.CONTAINER_FORMATS),
+            },
+            # every target writes the converted disk as raw (a volume, a file, an object)
+            "output_formats": ["raw"],
+            "sources": ["manifest", "s3", "url"],
+            "targets": {kind: t["type"] for kind, t in sorted(config.targets.items())},
+        },
+        "limits": {
+            "max_virtual_size": config.limits.max_virtual_size,
+            "max_decompressed_size": config.limits.max_decompressed_size,
+            "scratch_quota": config.scratch.quota,
+            "scratch_min_free": config.scratch.min_free,
+            "max_active_tasks": config.max_active_tasks,
+            "max_request_bytes": config.api.max_request_bytes,
+            "expiration_hours": config.expiration_hours,
+            "worker_concurrency": config.worker.concurrency,
+        },
+    }
+
+
+def versions_document() -> dict[str, Any]:
+    """``GET /``: the API versions this server speaks (OpenStack style)."""
+    return {
+        "versions": [
+            {
+                "id": API_VERSION,
+                "status": "CURRENT",
+                "links": [
+                    {"rel": "self", "href": f"/{API_VERSION}/"},
+                    {
+                        "rel": "describedby",
+                        "type": "application/vnd.oai.openapi+json;version=3.1",
+                        "href": f"/{API_VERSION}/openapi.json",
+                    },
+                ],
+            }
+        ]
+    }
+
+
+# -- resources ------------------------------------------------------------------------------------
+
+
+class HealthResource:
+    """``GET /v1/health``: 200 ``ok``/``degraded``, 503 ``disabled`` (unauthenticated)."""
+
+    auth_required = False
+
+    def __init__(self, config: Config, stores: StoreHandle) -> None:
+        self._config = config
+        self._stores = stores
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        doc = health_mod.health(self._config, self._stores.get, app_version())
+        resp.media = doc
+        resp.status = falcon.HTTP_503 if doc["status"] == health_mod.DISABLED else falcon.HTTP_200
+        resp.cache_control = ["no-store"]
+
+    # Some load balancers probe with HEAD; Falcon drops the body and keeps the status.
+    on_head = on_get
+
+
+class InfoResource:
+    """``GET /v1/info``: supported actions, formats, sources, targets and limits."""
+
+    def __init__(self, config: Config, ec2_actions: Sequence[str]) -> None:
+        self._doc = info_document(config, ec2_actions)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._doc
+
+
+def _list_param(req: falcon.Request, name: str) -> list[str] | None:
+    """A repeated and/or comma-separated query parameter (split here: the app-wide CSV option would
+    also split commas inside EC2 parameter values)."""
+    values = [v.strip() for raw in req.get_param_as_list(name) or () for v in raw.split(",")]
+    return [v for v in values if v] or None
+
+
+class TasksResource:
+    """``GET /v1/tasks?state=&kind=&limit=&marker=``: tasks newest first, paged by marker."""
+
+    def __init__(self, stores: StoreHandle) -> None:
+        self._stores = stores
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE)
+        states = _list_param(req, "state")
+        kinds = _list_param(req, "kind")
+        marker = req.get_param("marker")
+        valid = [str(s) for s in TaskState]
+        for state in states or ():
+            if state not in valid:
+                raise UsageError(f"state {state!r} is not one of {', '.join(valid)}")
+        try:
+            # one extra row tells whether a next page exists without a COUNT query
+            tasks = self._stores.get().list_tasks(states, kind=kinds, limit=limit + 1, marker=marker)
+        except TaskNotFound as exc:
+            raise UsageError(f"marker {marker!r} is not a task id", code="InvalidMarker") from exc
+        page = tasks[:limit]
+        doc: dict[str, Any] = {"tasks": [task_summary(t) for t in page], "next_marker": None, "links": []}
+        if len(tasks) > limit:
+            doc["next_marker"] = page[-1].id
+            query = [("limit", str(limit))]
+            query += [("state", s) for s in states or ()]
+            query += [("kind", k) for k in kinds or ()]
+            query.append(("marker", page[-1].id))
+            doc["links"].append({"rel": "next", "href": f"/{API_VERSION}/tasks?{urlencode(query)}"})
+        resp.media = doc
+
+
+class TaskResource:
+    """``GET /v1/tasks/{task_id}``: the full detail of one task."""
+
+    def __init__(self, stores: StoreHandle) -> None:
+        self._stores = stores
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        if not TASK_ID_RE.match(task_id):
+            raise UsageError(f"{task_id!r} is not a valid task id", code="InvalidTaskId.Malformed")
+        store = self._stores.get()
+        resp.media = task_detail(store, store.get_task(task_id))
+
+
+class OpenApiResource:
+    """``GET /v1/openapi.json``: this API's OpenAPI 3.1 document (unauthenticated)."""
+
+    auth_required = False
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = json.dumps(openapi_document(), indent=1).encode()
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class MetricsResource:
+    """``GET /metrics``: Prometheus text format."""
+
+    def __init__(self, stores: StoreHandle) -> None:
+        self._stores = stores
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.text = metrics_mod.metrics_text(self._stores.get(), app_version())
+        resp.content_type = metrics_mod.CONTENT_TYPE

@@ -1,0 +1,33 @@
+"""``imaging serve``: the HTTP service, registered into the toolkit CLI through an entry point."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_command(sub: Any) -> None:
+    """Add ``serve`` to the ``imaging`` subcommands."""
+    s = sub.add_parser(
+        "serve",
+        help="serve the EC2 import API and the admin API (gunicorn)",
+        description="Serve the EC2 Query API (POST/GET /) and the JSON admin API (/v1/…) with gunicorn, "
+        "bound to api.bind with api.workers workers; TLS when api.tls is configured.",
+    )
+    s.add_argument("--bind", help="override api.bind (HOST:PORT)")
+    s.add_argument("--workers", type=int, help="override api.workers")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace, cfg: Any) -> int:
+    import dataclasses
+
+    from .server import serve
+
+    api = cfg.api
+    if args.bind:
+        api = dataclasses.replace(api, bind=args.bind)
+    if args.workers:
+        api = dataclasses.replace(api, workers=args.workers)
+    serve(dataclasses.replace(cfg, api=api))
+    return 0

@@ -1,0 +1,82 @@
+"""EC2 error responses and the one table that maps appliance error codes to EC2 error codes.
+
+Body format (what botocore's ``EC2QueryParser`` reads; note ``RequestID``, not ``requestId``)::
+
+    <?xml version="1.0" encoding="UTF-8"?>
+    <Response><Errors><Error><Code>…</Code><Message>…</Message></Error></Errors><RequestID>…</RequestID></Response>
+"""
+
+from __future__ import annotations
+
+from appliance.errors import ImagingError
+
+from .xml import escape_text
+
+
+class Ec2Error(Exception):
+    """An error the API returns to the client as an EC2 ``<Response><Errors>`` document."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.code} ({self.status}): {self.message}"
+
+
+# Shorthands for the client errors raised all over the protocol layer.
+def missing_parameter(name: str) -> Ec2Error:
+    return Ec2Error("MissingParameter", f"The request must contain the parameter {name}")
+
+
+def invalid_value(message: str) -> Ec2Error:
+    return Ec2Error("InvalidParameterValue", message)
+
+
+def dry_run_operation() -> Ec2Error:
+    return Ec2Error("DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412)
+
+
+INTERNAL_ERROR_MESSAGE = "An internal error has occurred"
+
+#: Appliance error code → (EC2 error code, HTTP status). ``None`` keeps the appliance's message;
+#: any code not listed becomes ``InternalError`` (500) and the real message is only logged.
+#: Unknown task ids map to ``InvalidConversionTaskId`` for import-image/snapshot tasks as well:
+#: AWS does the same, and the SDK waiters treat that code as "retry" rather than "fail".
+ERROR_TABLE: dict[str, tuple[str, int]] = {
+    "TaskNotFound": ("InvalidConversionTaskId", 400),
+    "InvalidTaskId.Malformed": ("InvalidConversionTaskId.Malformed", 400),
+    "IncorrectState": ("IncorrectState", 400),
+    "ResourceLimitExceeded": ("ResourceLimitExceeded", 400),
+    "InvalidParameterValue": ("InvalidParameterValue", 400),
+    "InvalidParameterCombination": ("InvalidParameterCombination", 400),
+    "MissingParameter": ("MissingParameter", 400),
+    "IdempotentParameterMismatch": ("IdempotentParameterMismatch", 400),
+    "UrlNotAllowed": ("InvalidParameterValue", 400),
+    # the state database is busy or unwritable: the client should retry later
+    "StateStoreError": ("Unavailable", 503),
+}
+
+
+def from_imaging_error(exc: ImagingError) -> Ec2Error:
+    """The EC2 error for a coded appliance error (``InternalError`` for anything unexpected)."""
+    mapped = ERROR_TABLE.get(exc.code)
+    if mapped is None:
+        return Ec2Error("InternalError", INTERNAL_ERROR_MESSAGE, 500)
+    code, status = mapped
+    message = exc.message
+    if exc.code == "UrlNotAllowed":
+        message = f"The URL is not allowed: {message}"
+    return Ec2Error(code, message, status)
+
+
+def render_error(error: Ec2Error, request_id: str) -> bytes:
+    """The XML body for ``error``."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{escape_text(error.code)}</Code>"
+        f"<Message>{escape_text(error.message)}</Message></Error></Errors>"
+        f"<RequestID>{escape_text(request_id)}</RequestID></Response>"
+    ).encode()

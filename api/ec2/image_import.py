@@ -1,0 +1,165 @@
+"""Image and snapshot import actions: ImportImage, ImportSnapshot, DescribeImportImageTasks,
+DescribeImportSnapshotTasks, CancelImportTask.
+
+Members that only make sense inside AWS are accepted and ignored: ``RoleName`` (an IAM role),
+``ClientData`` (upload timing the client reports), ``LicenseSpecifications`` and
+``UsageOperation`` (AWS billing). Members the appliance cannot honour are refused rather than
+silently dropped: ``KmsKeyId``, ``DiskContainer.N.SnapshotId``, and ``Encrypted=true`` for
+ImportImage (ImportSnapshot passes ``Encrypted`` to the image target).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from appliance.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
+from appliance.store import Task
+
+from . import query, views
+from .errors import Ec2Error, invalid_value, missing_parameter
+
+Params = Mapping[str, Sequence[str]]
+
+IMPORT_KINDS = IMAGE_KINDS + SNAPSHOT_KINDS
+
+
+def _container(c: Mapping[str, Any], prefix: str) -> DiskContainer:
+    if c.get("SnapshotId"):
+        raise invalid_value(f"{prefix}.SnapshotId is not supported: import from a Url or a UserBucket")
+    bucket = c.get("UserBucket") or {}
+    return DiskContainer(
+        format=c.get("Format"),
+        url=c.get("Url"),
+        bucket=bucket.get("S3Bucket"),
+        key=bucket.get("S3Key"),
+        description=c.get("Description"),
+        device_name=c.get("DeviceName"),
+    )
+
+
+def _tags(data: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [
+        {"key": tag.get("Key", ""), "value": tag.get("Value", "")}
+        for spec in data.get("TagSpecifications") or []
+        for tag in spec.get("Tags") or []
+    ]
+
+
+def _refuse_unsupported(data: Mapping[str, Any]) -> None:
+    if data.get("KmsKeyId"):
+        raise invalid_value("KmsKeyId is not supported by this appliance")
+
+
+def import_image(service: ImportService, params: Params) -> dict[str, Any]:
+    """ImportImage → ``ImportImageResult``."""
+    data = query.parse("ImportImage", params)
+    containers = data.get("DiskContainers") or []
+    if not containers:
+        raise missing_parameter("DiskContainer")
+    disks = [_container(c, f"DiskContainer.{i}") for i, c in enumerate(containers, 1)]
+    _refuse_unsupported(data)
+    if data.get("Encrypted"):
+        raise invalid_value("Encrypted=true is not supported by ImportImage on this appliance")
+    query.check_dry_run(data)
+    task = service.import_image(
+        disks,
+        architecture=data.get("Architecture"),
+        platform=data.get("Platform"),
+        boot_mode=data.get("BootMode"),
+        license_type=data.get("LicenseType"),
+        hypervisor=data.get("Hypervisor"),
+        description=data.get("Description"),
+        client_token=data.get("ClientToken"),
+        tags=_tags(data),
+    )
+    return views.import_image_result(task)
+
+
+def import_snapshot(service: ImportService, params: Params) -> dict[str, Any]:
+    """ImportSnapshot → ``ImportSnapshotResult``."""
+    data = query.parse("ImportSnapshot", params)
+    if not data.get("DiskContainer"):
+        raise missing_parameter("DiskContainer")
+    disk = _container(data["DiskContainer"], "DiskContainer")
+    _refuse_unsupported(data)
+    query.check_dry_run(data)
+    task = service.import_snapshot(
+        disk,
+        description=data.get("Description"),
+        client_token=data.get("ClientToken"),
+        tags=_tags(data),
+        encrypted=bool(data.get("Encrypted")),
+    )
+    return views.import_snapshot_task(task)
+
+
+def _state_filter(data: Mapping[str, Any]) -> list[set[str]]:
+    # Each filter's values are ORed, filters are ANDed; names/values were validated by query.parse.
+    return [set(f.get("Values") or []) for f in data.get("Filters") or []]
+
+
+def _encode_token(task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"after:{task_id}".encode()).decode()
+
+
+def _page(tasks: list[Task], max_results: int | None, token: str | None) -> tuple[list[Task], str | None]:
+    """One page of ``tasks`` (newest first). The token names the last task returned, so tasks
+    created between pages do not shift what the next page holds."""
+    start = 0
+    if token:
+        try:
+            marker = base64.urlsafe_b64decode(token.encode()).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            marker = ""
+        ids = [t.id for t in tasks]
+        if not marker.startswith("after:") or marker[6:] not in ids:
+            raise Ec2Error(
+                "InvalidPaginationToken", f"The pagination token {token} is not valid or has expired"
+            )
+        start = ids.index(marker[6:]) + 1
+    if max_results is None:
+        return tasks[start:], None
+    page = tasks[start : start + max_results]
+    more = start + max_results < len(tasks)
+    return page, (_encode_token(page[-1].id) if more and page else None)
+
+
+def _describe(
+    service: ImportService, action: str, kinds: Sequence[str], params: Params
+) -> tuple[list[Task], str | None]:
+    data = query.parse(action, params)
+    max_results = data.get("MaxResults")
+    if max_results is not None and not 1 <= max_results <= 1000:
+        raise invalid_value(f"Value ({max_results}) for parameter MaxResults is invalid: use 1 to 1000")
+    query.check_dry_run(data)
+    tasks = service.list(kinds, data.get("ImportTaskIds") or ())
+    for allowed in _state_filter(data):
+        tasks = [t for t in tasks if views.import_status(t) in allowed]
+    return _page(tasks, max_results, data.get("NextToken"))
+
+
+def describe_import_image_tasks(service: ImportService, params: Params) -> dict[str, Any]:
+    """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
+    tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params)
+    return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
+
+
+def describe_import_snapshot_tasks(service: ImportService, params: Params) -> dict[str, Any]:
+    """DescribeImportSnapshotTasks → ``{ImportSnapshotTasks, NextToken}`` (paginated)."""
+    tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params)
+    return {"ImportSnapshotTasks": [views.import_snapshot_task(t) for t in tasks], "NextToken": token}
+
+
+def cancel_import_task(service: ImportService, params: Params) -> dict[str, Any]:
+    """CancelImportTask → ``{ImportTaskId, PreviousState, State}``."""
+    data = query.parse("CancelImportTask", params)
+    task_id = data.get("ImportTaskId")
+    if not task_id:
+        raise missing_parameter("ImportTaskId")
+    query.check_dry_run(data)
+    before = service.get(task_id, IMPORT_KINDS)
+    after = service.cancel(task_id, IMPORT_KINDS, data.get("CancelReason"))
+    return views.cancel_import_result(before, after)

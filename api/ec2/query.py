@@ -1,0 +1,309 @@
+"""EC2 Query request parsing: flattened wire parameters → the nested, typed input structure.
+
+Driven by botocore's model (:mod:`api.ec2.model`), so it accepts exactly what botocore's
+``EC2Serializer`` emits: ``queryName``, else capitalised ``locationName``, else the member name;
+lists always flattened as ``Name.N`` / ``Name.N.Member`` (1-based, contiguous). The result uses
+botocore member names (``Image``, ``DiskImages``, ``LaunchSpecification``…), with integers,
+floats, booleans and timestamps converted.
+
+botocore validates required members and types client-side but never enums, and old clients send
+spellings the current model lacks, so this module also
+
+- validates enum values server-side (the model's enums, plus the documented values of members
+  the model types as free strings), normalising case where AWS accepts any case;
+- accepts the euca2ools forms ``LaunchSpecification.Monitoring.Enabled``,
+  ``LaunchSpecification.UserData`` without ``.Data``, ``LaunchSpecification.KeyName`` and
+  ``Platform=Linux``.
+
+Errors are EC2 errors: ``MissingParameter``, ``InvalidParameterValue``, ``UnknownParameter``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from botocore.model import Shape
+
+from . import model
+from .errors import Ec2Error, dry_run_operation, invalid_value, missing_parameter
+
+#: Parameters every request may carry that are not operation input (protocol and SigV2 auth);
+#: SigV4 presigned parameters (``X-Amz-*``) are skipped by prefix.
+PROTOCOL_PARAMS = frozenset(
+    {"Action", "Version", "AWSAccessKeyId", "SignatureVersion", "SignatureMethod", "Signature",
+     "Timestamp", "Expires", "SecurityToken"}
+)  # fmt: skip
+PROTOCOL_PREFIXES = ("X-Amz-",)
+
+#: Wire spellings of older clients (euca2ools / requestbuilder) → the botocore spelling.
+ALIASES: dict[str, dict[str, str]] = {
+    "ImportInstance": {
+        "LaunchSpecification.Monitoring.Enabled": "LaunchSpecification.Monitoring",
+        "LaunchSpecification.UserData": "LaunchSpecification.UserData.Data",
+    },
+}
+
+#: Members older API versions had and the current model dropped: wire name → member path.
+#: Accepted as strings so euca2ools requests are not refused; handlers pass them through.
+EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "ImportInstance": {"LaunchSpecification.KeyName": ("LaunchSpecification", "KeyName")},
+}
+
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_INT_RANGES = {"integer": 2**31, "long": 2**63}
+
+
+@dataclass(frozen=True)
+class Enum:
+    """Allowed values of one member; ``fold`` matches any case and returns the canonical spelling."""
+
+    values: tuple[str, ...]
+    fold: bool = False
+    #: canonical value → message: recognised values this appliance refuses
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+    def check(self, key: str, raw: str) -> str:
+        if self.fold:
+            canonical = {v.lower(): v for v in self.values}.get(raw.lower())
+        else:
+            canonical = raw if raw in self.values else None
+        if canonical is None:
+            raise invalid_value(
+                f"Value ({raw}) for parameter {key} is invalid. Valid values: {', '.join(self.values)}"
+            )
+        if canonical in self.refused:
+            raise invalid_value(self.refused[canonical])
+        return canonical
+
+
+_DISK_IMAGE_FORMAT = Enum(("VMDK", "RAW", "VHD"), fold=True)
+_PLATFORM = Enum(("Windows", "Linux"), fold=True)
+_TASK_STATE_FILTER = {
+    ("Filters", "*", "Name"): Enum(("task-state",)),
+    ("Filters", "*", "Values", "*"): Enum(("active", "completed", "deleting", "deleted")),
+}
+
+#: Server-side enum rules by action and member path (``*`` = any list index). They replace the
+#: model's enum for that member (e.g. ``Platform`` also allows ``Linux``) or add one where the
+#: model has a free string with documented values.
+ENUMS: dict[str, dict[tuple[str, ...], Enum]] = {
+    "ImportVolume": {("Image", "Format"): _DISK_IMAGE_FORMAT},
+    "ImportInstance": {
+        ("DiskImages", "*", "Image", "Format"): _DISK_IMAGE_FORMAT,
+        ("Platform",): _PLATFORM,
+    },
+    "ImportImage": {
+        ("Architecture",): Enum(("i386", "x86_64", "arm64"), fold=True),
+        ("Platform",): _PLATFORM,
+        ("Hypervisor",): Enum(("xen",), fold=True),
+        ("LicenseType",): Enum(("AWS", "BYOL"), fold=True),
+        ("BootMode",): Enum(
+            ("legacy-bios", "uefi", "uefi-preferred"),
+            refused={"uefi-preferred": "The uefi-preferred boot mode isn't supported for importing images."},
+        ),
+        ("DiskContainers", "*", "Format"): Enum(
+            ("OVA", "VHD", "VHDX", "VMDK", "RAW"),
+            fold=True,
+            refused={"OVA": "OVA is not supported yet: import each disk of the OVA as VMDK"},
+        ),
+        ("TagSpecifications", "*", "ResourceType"): Enum(("import-image-task",)),
+    },
+    "ImportSnapshot": {
+        ("DiskContainer", "Format"): Enum(("VHD", "VMDK", "RAW"), fold=True),
+        ("TagSpecifications", "*", "ResourceType"): Enum(("import-snapshot-task",)),
+    },
+    "DescribeImportImageTasks": _TASK_STATE_FILTER,
+    "DescribeImportSnapshotTasks": _TASK_STATE_FILTER,
+}
+
+
+class _Items(dict):
+    """A list under construction: ``{index: value}`` until the indexes are checked."""
+
+
+def is_protocol_param(name: str) -> bool:
+    """Whether ``name`` is a protocol/auth parameter rather than operation input."""
+    return name in PROTOCOL_PARAMS or name.startswith(PROTOCOL_PREFIXES)
+
+
+def parse(action: str, params: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """The input structure of ``action`` (botocore member names) from decoded wire parameters.
+
+    ``params`` maps each wire name to the list of values it was given (as ``parse_qs`` returns).
+    Raises :class:`~api.ec2.errors.Ec2Error` (``UnknownParameter``, ``MissingParameter``,
+    ``InvalidParameterValue``); ``KeyError`` if the model has no operation ``action``.
+    """
+    shape = model.operation(action).input_shape
+    parser = _Parser(action)
+    tree: dict[str, Any] = {}
+    for key, values in params.items():
+        if is_protocol_param(key):
+            continue
+        if len(values) != 1:
+            raise invalid_value(f"The parameter {key} must be specified exactly once")
+        parser.place(tree, shape, key, values[0])
+    return parser.finish(shape, tree, "")
+
+
+class _Parser:
+    def __init__(self, action: str) -> None:
+        self.action = action
+        self.aliases = ALIASES.get(action, {})
+        self.extras = EXTRA_MEMBERS.get(action, {})
+        self.enums = ENUMS.get(action, {})
+
+    def place(self, tree: dict[str, Any], shape: Shape | None, key: str, raw: str) -> None:
+        """Put one wire parameter into ``tree`` at the position its name describes."""
+        if key in self.extras:
+            *parents, leaf = self.extras[key]
+            node = tree
+            for name in parents:
+                node = node.setdefault(name, {})
+            self._set(node, leaf, raw, key)
+            return
+        wire = self.aliases.get(key, key)
+        if shape is None:
+            raise _unknown(key)
+        segments = wire.split(".")
+        node: dict[Any, Any] = tree
+        current = shape
+        path: list[str] = []
+        i = 0
+        while True:
+            if current.type_name == "structure":
+                if i >= len(segments):
+                    raise _unknown(key)  # a structure given a value directly
+                found = model.request_members(current).get(segments[i])
+                if found is None:
+                    raise _unknown(key)
+                name, member = found
+                slot: Any = name
+                path.append(name)
+                i += 1
+            elif current.type_name == "list":
+                if i >= len(segments):
+                    # ``Name=`` with no index: the query serializers' form of an empty list
+                    if raw != "":
+                        raise _unknown(key)
+                    return
+                index = segments[i]
+                if not index.isdigit() or index.startswith("0"):
+                    raise _unknown(key)
+                slot, member = int(index), current.member
+                path.append("*")
+                i += 1
+            else:
+                raise _unknown(key)  # segments left over below a scalar
+            if member.type_name in ("structure", "list"):
+                child = node.get(slot)
+                if child is None:
+                    child = node[slot] = _Items() if member.type_name == "list" else {}
+                elif not isinstance(child, dict):
+                    raise _unknown(key)
+                if member.type_name == "list" and i >= len(segments):
+                    if raw != "":
+                        raise _unknown(key)
+                    return
+                node, current = child, member
+                continue
+            if i != len(segments):
+                raise _unknown(key)
+            self._set(node, slot, self._convert(member, tuple(path), key, raw), key)
+            return
+
+    @staticmethod
+    def _set(node: dict[Any, Any], slot: Any, value: Any, key: str) -> None:
+        if slot in node:
+            raise invalid_value(f"The parameter {key} is specified more than once")
+        node[slot] = value
+
+    def _convert(self, shape: Shape, path: tuple[str, ...], key: str, raw: str) -> Any:
+        kind = shape.type_name
+        if kind in ("integer", "long"):
+            if not _INT_RE.match(raw) or abs(int(raw)) >= _INT_RANGES[kind]:
+                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected an integer.")
+            return int(raw)
+        if kind in ("double", "float"):
+            if not _FLOAT_RE.match(raw) or not math.isfinite(float(raw)):
+                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected a number.")
+            return float(raw)
+        if kind == "boolean":
+            if raw.lower() not in ("true", "false"):
+                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected true or false.")
+            return raw.lower() == "true"
+        if kind == "timestamp":
+            return _timestamp(key, raw)
+        rule = self.enums.get(path)
+        if rule is None and getattr(shape, "enum", None):
+            rule = Enum(tuple(shape.enum))
+        return rule.check(key, raw) if rule else raw
+
+    def finish(self, shape: Shape | None, value: Any, wire: str) -> Any:
+        """Turn index maps into lists (checking 1..N) and check required members."""
+        if shape is None:
+            return {}
+        if shape.type_name == "structure":
+            members = model.request_members(shape)
+            by_name = {name: wire_name for wire_name, (name, _) in members.items()}
+            out = {}
+            for name, child in value.items():
+                member = shape.members.get(name)
+                child_wire = _join(wire, by_name.get(name, name))
+                out[name] = self.finish(member, child, child_wire) if member is not None else child
+            for name in shape.required_members:
+                if name not in out:
+                    raise missing_parameter(_first_required(_join(wire, by_name[name]), shape.members[name]))
+            return out
+        if shape.type_name == "list":
+            indexes = sorted(value)
+            if indexes != list(range(1, len(indexes) + 1)):
+                raise invalid_value(
+                    f"The elements of list parameter {wire} must be numbered 1, 2, 3… without gaps "
+                    f"(got {', '.join(map(str, indexes))})"
+                )
+            return [self.finish(shape.member, value[i], f"{wire}.{i}") for i in indexes]
+        return value
+
+
+def _first_required(wire: str, shape: Shape) -> str:
+    """Name the missing leaf, not the structure: ``Image.Format`` rather than ``Image``."""
+    while shape.type_name == "structure" and shape.required_members:
+        name = shape.required_members[0]
+        member = shape.members[name]
+        wire = _join(wire, model.request_name(name, member))
+        shape = member
+    return wire
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _timestamp(key: str, raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise invalid_value(
+            f"Value ({raw}) for parameter {key} is invalid. Expected an ISO-8601 timestamp."
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _unknown(key: str) -> Ec2Error:
+    return Ec2Error("UnknownParameter", f"The parameter {key} is not recognized")
+
+
+def check_dry_run(data: Mapping[str, Any]) -> None:
+    """Raise ``DryRunOperation`` when the parsed request has ``DryRun=true``.
+
+    Called by each handler after authentication and validation, before anything is changed, so
+    a dry run answers "would have succeeded" only for a request that would get that far.
+    """
+    if data.get("DryRun"):
+        raise dry_run_operation()

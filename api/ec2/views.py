@@ -1,0 +1,266 @@
+"""Appliance tasks → EC2 output structures (botocore member names), per the issue-3 state mapping.
+
+Conversion tasks (ImportVolume / ImportInstance), as Eucalyptus reported them:
+
+==================  ==============  =================================================
+task state          EC2 ``State``   ``StatusMessage``
+==================  ==============  =================================================
+pending, running    active          the phase (``Pending import-image upload``, ``downloading``…)
+cancelling          cancelling      the cancel reason, else ``Cancelled by user``
+cancelled           cancelled       the cancel reason, else ``Cancelled by user``
+failed              cancelled       ``ClientError: <code>: <message>``
+completed           completed       —
+==================  ==============  =================================================
+
+Import image / snapshot tasks: pending/running → ``active`` (message = sub-state, ``progress`` =
+whole percent), completed → ``completed``, cancelling → ``deleting``, cancelled → ``deleted``,
+failed → ``deleted`` with ``ClientError: …`` as AWS does. A failed *snapshot* task's
+``SnapshotTaskDetail.Status`` is ``error`` instead: the ``SnapshotImported`` waiter fails fast on
+``error`` rather than polling a dead task for its 40 attempts; the task-level ``task-state``
+filter still files it under ``deleted``.
+
+Every conversion task echoes ``image.format``, ``image.size`` (bytes), ``image.importManifestUrl``
+and ``volume.size``: euca2ools ``resume-import`` reads them back to upload the parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.imports import IMPORT_VOLUME
+from appliance.store import Task, TaskState
+
+from .xml import format_timestamp
+
+_CONVERSION_STATE = {
+    TaskState.PENDING: "active",
+    TaskState.RUNNING: "active",
+    TaskState.CANCELLING: "cancelling",
+    TaskState.CANCELLED: "cancelled",
+    TaskState.FAILED: "cancelled",
+    TaskState.COMPLETED: "completed",
+}
+
+_IMPORT_STATUS = {
+    TaskState.PENDING: "active",
+    TaskState.RUNNING: "active",
+    TaskState.CANCELLING: "deleting",
+    TaskState.CANCELLED: "deleted",
+    TaskState.FAILED: "deleted",
+    TaskState.COMPLETED: "completed",
+}
+
+#: conversion-task statusMessage for each phase of an active task (AWS/Eucalyptus wording)
+_PHASE_MESSAGES = {"pending-upload": "Pending import-image upload"}
+
+
+def conversion_state(task: Task) -> str:
+    """EC2 ``ConversionTask.State`` of ``task``."""
+    return _CONVERSION_STATE[task.state]
+
+
+def import_status(task: Task) -> str:
+    """EC2 ``Status`` of an import image/snapshot task (also the ``task-state`` filter value)."""
+    return _IMPORT_STATUS[task.state]
+
+
+def _failure_message(task: Task) -> str:
+    code = task.error_code or "InternalError"
+    return f"ClientError: {code}: {task.error_message}" if task.error_message else f"ClientError: {code}"
+
+
+def _conversion_message(task: Task) -> str | None:
+    state = task.state
+    if state in (TaskState.PENDING, TaskState.RUNNING):
+        if task.phase:
+            return _PHASE_MESSAGES.get(task.phase, task.phase)
+        return "pending"
+    if state in (TaskState.CANCELLING, TaskState.CANCELLED):
+        return _cancel_reason(task)
+    if state is TaskState.FAILED:
+        return _failure_message(task)
+    return None
+
+
+def _import_message(task: Task) -> str | None:
+    state = task.state
+    if state in (TaskState.PENDING, TaskState.RUNNING):
+        phase = task.phase if task.phase and task.phase != "pending-upload" else None
+        return phase or "pending"
+    if state in (TaskState.CANCELLING, TaskState.CANCELLED):
+        return _cancel_reason(task)
+    if state is TaskState.FAILED:
+        return _failure_message(task)
+    return None
+
+
+def _cancel_reason(task: Task) -> str:
+    return task.cancel_reason or "Cancelled by user"
+
+
+def _progress(task: Task) -> str | None:
+    if task.state in (TaskState.PENDING, TaskState.RUNNING):
+        return str(int(task.percent or 0))
+    return None
+
+
+def _opt(mapping: dict[str, Any], key: str) -> Any:
+    # Workflow parameters store an absent optional string as "": report it as absent.
+    value = mapping.get(key)
+    return None if value == "" else value
+
+
+def _result(task: Task) -> dict[str, Any]:
+    return task.result if isinstance(task.result, dict) else {}
+
+
+def _expiration(task: Task) -> str | None:
+    value = _opt(task.params, "expiration_time")
+    return format_timestamp(value) if value else None
+
+
+def _tags(task: Task) -> list[dict[str, str]] | None:
+    tags = task.params.get("tags") or []
+    return [{"Key": t["key"], "Value": t.get("value", "")} for t in tags] or None
+
+
+def _disk_image(task: Task) -> dict[str, Any]:
+    p = task.params
+    return {
+        "Format": _opt(p, "image_format"),
+        "Size": _opt(p, "image_bytes"),
+        "ImportManifestUrl": _opt(p, "manifest_url"),
+    }
+
+
+def _volume(task: Task) -> dict[str, Any]:
+    return {"Id": _result(task).get("volume_id"), "Size": task.params.get("volume_size")}
+
+
+def conversion_task(task: Task) -> dict[str, Any]:
+    """``ConversionTask`` for an import-volume or import-instance task."""
+    p = task.params
+    state = conversion_state(task)
+    message = _conversion_message(task)
+    out: dict[str, Any] = {
+        "ConversionTaskId": task.id,
+        "ExpirationTime": _expiration(task),
+        "State": state,
+        "StatusMessage": message,
+    }
+    # bytes written to the target over the task's life (bytes_done restarts with each phase)
+    bytes_converted = task.bytes_converted or 0
+    if task.kind == IMPORT_VOLUME:
+        out["ImportVolume"] = {
+            "AvailabilityZone": _opt(p, "availability_zone"),
+            "BytesConverted": bytes_converted,
+            "Description": _opt(p, "description"),
+            "Image": _disk_image(task),
+            "Volume": _volume(task),
+        }
+    else:
+        out["ImportInstance"] = {
+            "Description": _opt(p, "description"),
+            "InstanceId": _result(task).get("instance_id"),
+            "Platform": _opt(p, "platform"),
+            "Volumes": [
+                {
+                    "AvailabilityZone": _opt(p, "availability_zone"),
+                    "BytesConverted": bytes_converted,
+                    "Description": _opt(p, "volume_description"),
+                    "Image": _disk_image(task),
+                    "Volume": _volume(task),
+                    "Status": state,
+                    "StatusMessage": message,
+                }
+            ],
+        }
+    return out
+
+
+def _user_bucket(container: dict[str, Any]) -> dict[str, str] | None:
+    if not _opt(container, "bucket") and not _opt(container, "key"):
+        return None
+    return {"S3Bucket": _opt(container, "bucket"), "S3Key": _opt(container, "key")}
+
+
+def _snapshot_detail(task: Task, container: dict[str, Any], snapshot_id: str | None) -> dict[str, Any]:
+    result = _result(task)
+    size = result.get("size") if task.state is TaskState.COMPLETED else task.bytes_total
+    return {
+        "Description": _opt(container, "description"),
+        "DiskImageSize": float(size) if size is not None else None,
+        "Format": _opt(container, "format"),
+        "Progress": _progress(task),
+        "SnapshotId": snapshot_id,
+        "Status": import_status(task),
+        "StatusMessage": _import_message(task),
+        "Url": _opt(container, "url"),
+        "UserBucket": _user_bucket(container),
+    }
+
+
+def _snapshot_ids(task: Task, count: int) -> list[str | None]:
+    # One disk → ``snapshot_id``; a multi-disk import may report ``snapshots: [{snapshot_id}, …]``.
+    result = _result(task)
+    if isinstance(result.get("snapshots"), list):
+        ids = [s.get("snapshot_id") for s in result["snapshots"] if isinstance(s, dict)]
+    else:
+        ids = [result.get("snapshot_id")]
+    return (ids + [None] * count)[:count]
+
+
+def import_image_task(task: Task) -> dict[str, Any]:
+    """``ImportImageTask`` (DescribeImportImageTasks item) for an import-image task."""
+    p = task.params
+    containers = _opt(p, "disk_containers") or []
+    snapshot_ids = _snapshot_ids(task, len(containers))
+    return {
+        "Architecture": _opt(p, "architecture"),
+        "BootMode": _opt(p, "boot_mode"),
+        "Description": _opt(p, "description"),
+        "Hypervisor": _opt(p, "hypervisor"),
+        "ImageId": _result(task).get("image_id"),
+        "ImportTaskId": task.id,
+        "LicenseType": _opt(p, "license_type"),
+        "Platform": _opt(p, "platform"),
+        "Progress": _progress(task),
+        "SnapshotDetails": [
+            _snapshot_detail(task, c, s) for c, s in zip(containers, snapshot_ids, strict=True)
+        ],
+        "Status": import_status(task),
+        "StatusMessage": _import_message(task),
+        "Tags": _tags(task),
+    }
+
+
+def import_image_result(task: Task) -> dict[str, Any]:
+    """``ImportImageResult``: the task view without ``BootMode``, which that shape lacks."""
+    out = import_image_task(task)
+    del out["BootMode"]
+    return out
+
+
+def snapshot_task_detail(task: Task) -> dict[str, Any]:
+    """``SnapshotTaskDetail`` of an import-snapshot task (``Status`` ``error`` when it failed)."""
+    container = task.params.get("disk_container") or {}
+    detail = _snapshot_detail(task, container, _result(task).get("snapshot_id"))
+    detail["Encrypted"] = bool(task.params.get("encrypted", False))
+    if task.state is TaskState.FAILED:
+        detail["Status"] = "error"
+    return detail
+
+
+def import_snapshot_task(task: Task) -> dict[str, Any]:
+    """``ImportSnapshotTask`` (also the ``ImportSnapshotResult`` members) for an import-snapshot task."""
+    return {
+        "Description": _opt(task.params, "description"),
+        "ImportTaskId": task.id,
+        "SnapshotTaskDetail": snapshot_task_detail(task),
+        "Tags": _tags(task),
+    }
+
+
+def cancel_import_result(before: Task, after: Task) -> dict[str, Any]:
+    """``CancelImportTaskResult`` from the task before and after the cancel."""
+    return {"ImportTaskId": after.id, "PreviousState": import_status(before), "State": import_status(after)}

@@ -1,0 +1,153 @@
+"""Self-checks behind ``GET /v1/health``: what load balancers and cloud-init probes see.
+
+The overall status is the worst check: a *critical* check that fails (the task database cannot be
+read, ``qemu-img`` is missing) makes the service ``disabled`` (HTTP 503: nothing can be imported
+here, take it out of rotation); any other problem (scratch short of space, no fresh worker
+heartbeat) makes it ``degraded`` (HTTP 200: requests are still accepted, tasks may wait).
+Every failing check carries a ``reason`` a human can act on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from appliance.config import Config
+from appliance.store import Store, parse_time
+
+OK, DEGRADED, DISABLED = "ok", "degraded", "disabled"
+#: per-check statuses; ``unknown`` never changes the overall status
+PASS, WARN, FAIL, UNKNOWN = "ok", "warning", "failed", "unknown"
+#: checks whose failure disables the service (no task can run without them)
+CRITICAL = frozenset({"store", "qemu_img"})
+
+
+def check_store(open_store: Callable[[], Store]) -> dict[str, Any]:
+    """The task database opens and answers a read."""
+    try:
+        store = open_store()
+        version = store.schema_version  # a real read of sqlite_master, not just an open file handle
+    except Exception as exc:  # any failure here means "cannot serve", whatever its type
+        return {"status": FAIL, "reason": f"task database unusable: {exc}"}
+    return {"status": PASS, "schema_version": version}
+
+
+@cache
+def _qemu_img_version(path: str) -> str:
+    """First line of ``qemu-img --version`` for the binary at ``path`` (run once per path and process)."""
+    out = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=10, check=True, env={"LC_ALL": "C"}
+    )
+    return out.stdout.splitlines()[0].strip() if out.stdout else ""
+
+
+def check_qemu_img() -> dict[str, Any]:
+    """``qemu-img`` is on PATH and runs; the lookup is repeated per probe, the version run is cached."""
+    path = shutil.which("qemu-img")
+    if path is None:
+        return {
+            "status": FAIL,
+            "reason": "qemu-img not found on PATH; install qemu-utils (no image can be converted)",
+        }
+    try:
+        version = _qemu_img_version(path)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"status": FAIL, "reason": f"qemu-img at {path} does not run: {exc}"}
+    return {"status": PASS, "path": path, "version": version}
+
+
+def check_scratch(config: Config) -> dict[str, Any]:
+    """The scratch root exists, a file can be created in it, and free space is above ``scratch.min_free``."""
+    root = config.scratch.root
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A real create+delete: os.access() says nothing about read-only mounts or a full inode table.
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".health-"):
+            pass
+        free = shutil.disk_usage(root).free
+    except OSError as exc:
+        return {"status": FAIL, "reason": f"scratch root {root} is not writable: {exc.strerror or exc}"}
+    result: dict[str, Any] = {
+        "status": PASS,
+        "free_bytes": free,
+        "min_free_bytes": config.scratch.min_free,
+        "quota_bytes": config.scratch.quota,
+    }
+    if free < config.scratch.min_free:
+        result.update(
+            status=WARN,
+            reason=f"scratch root {root} has {free} bytes free, below scratch.min_free "
+            f"({config.scratch.min_free}); new conversions needing scratch will be refused",
+        )
+    return result
+
+
+def _read_heartbeat(config: Config) -> tuple[bool, dict[str, Any] | None]:
+    """(worker module present, its last heartbeat)."""
+    try:
+        from appliance.worker import read_heartbeat
+    except ImportError:
+        return False, None
+    return True, read_heartbeat(config)
+
+
+def check_worker(config: Config, now: datetime | None = None) -> dict[str, Any]:
+    """The task worker wrote a heartbeat recently and reports itself ``ok``."""
+    available, beat = _read_heartbeat(config)
+    if not available:
+        return {"status": UNKNOWN, "reason": "this build has no task worker"}
+    if beat is None:
+        return {"status": FAIL, "reason": "no worker heartbeat: is `imaging worker` running?"}
+    poll = float(beat.get("poll_interval") or config.worker.poll_interval)
+    # A worker silent for longer than a task lease has lost its tasks to recovery anyway.
+    stale_after = max(float(config.lease_seconds), 3 * poll)
+    try:
+        age = ((now or datetime.now(UTC)) - parse_time(str(beat["updated_at"]))).total_seconds()
+    except (KeyError, ValueError):
+        return {"status": FAIL, "reason": "worker heartbeat is unreadable"}
+    result: dict[str, Any] = {
+        "status": PASS,
+        "age_seconds": round(age, 3),
+        "stale_after_seconds": stale_after,
+        "worker_status": beat.get("status"),
+        "running": len(beat.get("running") or ()),
+    }
+    if age > stale_after:
+        result.update(
+            status=FAIL, reason=f"worker heartbeat is {age:.0f}s old (stale after {stale_after:.0f}s)"
+        )
+    elif beat.get("status") != "ok":
+        reason = beat.get("reason") or f"worker status is {beat.get('status')!r}"
+        result.update(status=FAIL, reason=f"worker: {reason}")
+    return result
+
+
+def overall(checks: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+    """(``ok``|``degraded``|``disabled``, the first reason for it)."""
+    critical = [c["reason"] for n, c in checks.items() if n in CRITICAL and c["status"] == FAIL]
+    if critical:
+        return DISABLED, critical[0]
+    others = [c["reason"] for c in checks.values() if c["status"] in (FAIL, WARN)]
+    if others:
+        return DEGRADED, others[0]
+    return OK, None
+
+
+def health(config: Config, open_store: Callable[[], Store], version: str) -> dict[str, Any]:
+    """The health document (``status``, ``reason``, ``checks``, ``version``)."""
+    checks = {
+        "store": check_store(open_store),
+        "qemu_img": check_qemu_img(),
+        "scratch": check_scratch(config),
+        "worker": check_worker(config),
+    }
+    status, reason = overall(checks)
+    doc: dict[str, Any] = {"status": status, "checks": checks, "version": version}
+    if reason is not None:
+        doc["reason"] = reason
+    return doc

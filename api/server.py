@@ -1,0 +1,154 @@
+"""``imaging serve``: gunicorn embedded programmatically (no gunicorn config file, no argv parsing).
+
+* :class:`ApplianceServer` subclasses ``gunicorn.app.base.BaseApplication``; its options come
+  from ``config.api`` (:func:`gunicorn_options`).
+* ``preload_app`` is off: each worker calls :func:`api.app.create_app` after the fork, so no
+  SQLite connection or lock crosses a ``fork()``.
+* TLS (when ``api.tls`` is configured) is set through gunicorn's ``ssl_context`` server hook
+  (:func:`ssl_context`), which enforces TLS >= 1.2. gunicorn's own ``ssl_version`` option has
+  been ignored since gunicorn 21, so it is not used.
+* Logging goes to stderr: gunicorn's error log, and one access line per request from the app's
+  ``api.access`` logger (with the request id; gunicorn's own access log is off so that requests
+  are not logged twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from appliance import config as config_mod
+from appliance.config import Config
+from appliance.errors import ConfigError
+
+from .app import create_app
+
+#: seconds workers get to finish in-flight requests after SIGTERM (EC2 calls are short)
+GRACEFUL_TIMEOUT = 30
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+MIN_TLS = ssl.TLSVersion.TLSv1_2
+
+# gunicorn's sync worker asks the hook for a context on every accepted connection; building one
+# means re-reading the key and certificate, so each worker process keeps the one it built.
+_contexts: dict[tuple[int, str | None, str | None], ssl.SSLContext] = {}
+
+
+def ssl_context(conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """gunicorn ``ssl_context`` hook: the default server context with TLS 1.2 as the floor.
+
+    Python's own floor is already 1.2 on current versions; setting it here keeps the policy
+    independent of the Python build and of the system OpenSSL configuration.
+    """
+    key = (os.getpid(), conf.certfile, conf.keyfile)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = default_ssl_context_factory()
+        harden(ctx)
+        _contexts[key] = ctx
+    return ctx
+
+
+def harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Raise ``ctx``'s minimum protocol to TLS 1.2 (never lower a stricter one)."""
+    if ctx.minimum_version < MIN_TLS:  # MINIMUM_SUPPORTED (-2) compares lower too
+        ctx.minimum_version = MIN_TLS
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def gunicorn_options(config: Config) -> dict[str, Any]:
+    """gunicorn settings for ``config`` (names as in gunicorn's documentation)."""
+    api = config.api
+    options: dict[str, Any] = {
+        "bind": [api.bind],
+        "workers": api.workers,
+        "worker_class": "sync",
+        "timeout": api.timeout,
+        "graceful_timeout": min(GRACEFUL_TIMEOUT, api.timeout),
+        "preload_app": False,
+        "proc_name": "imaging-api",
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": config.log_level,
+        # EC2 GET requests and presigned queries carry long query strings; 8190 is gunicorn's maximum.
+        "limit_request_line": 8190,
+        "ssl_context": ssl_context,
+        # No runtime control socket (gunicornc): unused here, and its default per-user path would be
+        # shared by every instance on the machine.
+        "control_socket_disable": True,
+    }
+    if os.path.isdir("/dev/shm"):
+        # worker heartbeat files on tmpfs: a slow /tmp disk cannot make the arbiter kill workers
+        options["worker_tmp_dir"] = "/dev/shm"
+    if api.tls_cert is not None:
+        options["certfile"] = str(api.tls_cert)
+        options["keyfile"] = str(api.tls_key)
+    return options
+
+
+class ApplianceServer(BaseApplication):
+    """gunicorn running :func:`api.app.create_app` for one configuration."""
+
+    def __init__(self, config: Config, options: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.options = gunicorn_options(config) if options is None else options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        # Runs in each worker after the fork (preload_app is off).
+        return create_app(self.config)
+
+
+def configure_logging(level: str) -> None:
+    """Application logs (including the ``api.access`` lines) to stderr at ``level``."""
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=LOG_FORMAT, force=True)
+
+
+def check_tls(config: Config) -> None:
+    """Refuse to start with a configured but unreadable certificate or key (clearer than gunicorn's)."""
+    for what, path in (("certificate", config.api.tls_cert), ("key", config.api.tls_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"api.tls: the TLS {what} {path} does not exist or is not readable")
+
+
+def serve(config: Config) -> None:
+    """Serve the EC2 Query API and the admin API until SIGTERM/SIGINT (graceful stop), then return."""
+    check_tls(config)
+    configure_logging(config.log_level)
+    try:
+        ApplianceServer(config).run()
+    except SystemExit as exc:
+        # The arbiter ends with sys.exit(); a clean stop returns normally to the caller.
+        if exc.code not in (0, None):
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m api.server [--config FILE]`` (``imaging serve`` is the usual entry point)."""
+    parser = argparse.ArgumentParser(prog="python -m api.server", description=serve.__doc__)
+    parser.add_argument(
+        "--config", help="configuration file (default: $IMAGING_CONFIG, /etc/imaging/imaging.yaml)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = config_mod.load(args.config)
+        serve(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``imaging config init|show|validate``: create, inspect and check the configuration file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as config_mod
+from .errors import UsageError
+
+_KEY_ALPHABET = string.ascii_uppercase + string.digits
+
+
+def generate_credentials() -> dict[str, str]:
+    """A fresh access key (AWS-like: ``AKIA`` + 16) and a 40-character secret."""
+    access = "AKIA" + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(16))
+    secret = "".join(secrets.choice(string.ascii_letters + string.digits + "+/") for _ in range(40))
+    return {"access_key": access, "secret_key": secret}
+
+
+def local_config(state_dir: str, bind: str) -> dict[str, Any]:
+    """A configuration for running the appliance on this machine: SQLite, scratch and volumes under state_dir."""
+    return {
+        "state_dir": state_dir,
+        "api": {"bind": bind, "credentials": [generate_credentials()]},
+        "scratch": {"quota": "20GiB"},
+        "targets": {"volume": {"type": "file", "directory": "volumes"}, "image": {"type": "file", "directory": "images"}},
+        "sources": {"allowed_endpoints": []},
+    }
+
+
+def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists; use --force to replace it")
+    data = local_config(args.state_dir, args.bind)
+    config_mod.from_dict(data, base_dir=path.resolve().parent)  # never write a file that would not load
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# written by `imaging config init`; secrets inside: keep it private (mode 0600)\n"
+    text += yaml.safe_dump(data, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _endpoint(cfg: config_mod.Config) -> str:
+    scheme = "https" if cfg.api.tls_cert else "http"
+    return f"{scheme}://{cfg.api.bind}"
+
+
+def cmd_show(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if args.credentials:
+        # What a newcomer needs to point boto3 or the AWS CLI at this appliance.
+        print(f"endpoint:   {_endpoint(cfg)}")
+        for access, secret in cfg.api.credentials.items():
+            print(f"access key: {access}")
+            print(f"secret key: {secret}")
+        print(f"region:     {cfg.api.region}")
+        return 0
+    raw = json.loads(json.dumps(cfg.raw, default=str))
+    for cred in raw.get("api", {}).get("credentials", []):
+        cred["secret_key"] = "REDACTED"
+    if raw.get("sources", {}).get("s3", {}).get("secret_key"):
+        raw["sources"]["s3"]["secret_key"] = "REDACTED"
+    yaml.safe_dump(raw, sys.stdout, sort_keys=False)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    # Loading already validated it (main() reports errors); targets validate their own settings.
+    from .targets import get_image_target, get_volume_target
+
+    get_volume_target(cfg)
+    get_image_target(cfg)
+    print(f"{cfg.source or 'embedded defaults'}: valid")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    c = sub.add_parser("config", help="create, show and validate the configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    s = c.add_parser("init", help="write a local configuration with generated API credentials (mode 0600)")
+    s.add_argument("path")
+    s.add_argument("--state-dir", default=".", help="state directory, relative to the file (default: its directory)")
+    s.add_argument("--bind", default="127.0.0.1:8773", help="API address (default 127.0.0.1:8773)")
+    s.add_argument("--force", action="store_true", help="replace an existing file")
+    s.set_defaults(func=cmd_init)
+    s = c.add_parser("show", help="print the effective configuration (secrets redacted)")
+    s.add_argument("--credentials", action="store_true", help="print only the endpoint and the API credentials")
+    s.set_defaults(func=cmd_show)
+    s = c.add_parser("validate", help="load and validate the configuration, including target settings")
+    s.set_defaults(func=cmd_validate)
