@@ -304,3 +304,27 @@ class ImportService:
         if task.state.terminal:
             raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
         return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
+
+
+def outcome(task: Task) -> dict[str, Any]:
+    """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
+    ``size`` (bytes of the disk), ``location`` — each None until known.
+
+    The shipped workflows register their results under step names (``volume``, ``imported``,
+    ``ids``, ``disk``); this is the one place that knows where each lives.
+    """
+    result = task.result if isinstance(task.result, dict) else {}
+    volume = result.get("volume") or (result.get("imported") or {}).get("volume") or {}
+    ids = result.get("ids") or {}
+    disk = result.get("disk") or {}
+    stored = disk.get("stored") or {}
+    source_image = disk.get("source_image") or {}
+    written = result.get("written") or (result.get("imported") or {}).get("written") or {}
+    return {
+        "volume_id": volume.get("id"),
+        "instance_id": (result.get("instance") or {}).get("instance_id"),
+        "snapshot_id": ids.get("snapshot_id"),
+        "image_id": ids.get("image_id"),
+        "size": source_image.get("virtual_size") or stored.get("size") or written.get("virtual_size"),
+        "location": stored or None,
+    }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.imports import IMPORT_VOLUME
+from appliance.imports import IMPORT_VOLUME, outcome
 from appliance.store import Task, TaskState
 
 from .xml import format_timestamp
@@ -111,7 +111,8 @@ def _opt(mapping: dict[str, Any], key: str) -> Any:
 
 
 def _result(task: Task) -> dict[str, Any]:
-    return task.result if isinstance(task.result, dict) else {}
+    # The workflows' registered results, flattened by the appliance (it knows their layout).
+    return outcome(task)
 
 
 def _expiration(task: Task) -> str | None:
@@ -201,13 +202,8 @@ def _snapshot_detail(task: Task, container: dict[str, Any], snapshot_id: str | N
 
 
 def _snapshot_ids(task: Task, count: int) -> list[str | None]:
-    # One disk → ``snapshot_id``; a multi-disk import may report ``snapshots: [{snapshot_id}, …]``.
-    result = _result(task)
-    if isinstance(result.get("snapshots"), list):
-        ids = [s.get("snapshot_id") for s in result["snapshots"] if isinstance(s, dict)]
-    else:
-        ids = [result.get("snapshot_id")]
-    return (ids + [None] * count)[:count]
+    # One disk per import today (ImportService refuses more): its snapshot id, then padding.
+    return ([_result(task).get("snapshot_id")] + [None] * count)[:count]
 
 
 def import_image_task(task: Task) -> dict[str, Any]:

@@ -448,7 +448,11 @@ def test_snapshot_imported_waiter_succeeds_once_the_task_completes(appliance: Ap
     )["ImportTaskId"]
     store = appliance.service.store
     store.claim(task_id, "test-worker", 30)
-    store.set_state(task_id, TaskState.COMPLETED, result={"snapshot_id": "snap-0abc", "size": 4096})
+    store.set_state(
+        task_id,
+        TaskState.COMPLETED,
+        result={"ids": {"snapshot_id": "snap-0abc"}, "disk": {"source_image": {"virtual_size": 4096}}},
+    )
     waiter = appliance.ec2.get_waiter("snapshot_imported")
     waiter.wait(ImportTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 2})
     [task] = appliance.ec2.describe_import_snapshot_tasks(ImportTaskIds=[task_id])["ImportSnapshotTasks"]

@@ -321,7 +321,9 @@ def test_failed_task_is_cancelled_with_client_error_message(store: Store) -> Non
 
 def test_completed_volume_task_names_its_volume(store: Store) -> None:
     task = _running(store, "import-vol-done0001", "import-volume", VOLUME_PARAMS)
-    done = store.set_state(task.id, TaskState.COMPLETED, result={"volume_id": "vol-0123", "bytes_written": 5})
+    done = store.set_state(
+        task.id, TaskState.COMPLETED, result={"volume": {"id": "vol-0123"}, "written": {"bytes_written": 5}}
+    )
     view = conversion(done)
     assert view["State"] == "completed" and "StatusMessage" not in view
     assert view["ImportVolume"]["Volume"] == {"Id": "vol-0123", "Size": 1}
@@ -400,7 +402,12 @@ def test_import_image_task_states(store: Store) -> None:
         "Tags": [{"Key": "a", "Value": "b"}],
     }
     done = store.set_state(
-        task.id, TaskState.COMPLETED, result={"snapshot_id": "snap-1", "image_id": "ami-1", "size": 2048}
+        task.id,
+        TaskState.COMPLETED,
+        result={
+            "ids": {"snapshot_id": "snap-1", "image_id": "ami-1"},
+            "disk": {"source_image": {"virtual_size": 2048}},
+        },
     )
     result = roundtrip("ImportImage", views.import_image_result(done))
     assert (result["Status"], result["ImageId"]) == ("completed", "ami-1")

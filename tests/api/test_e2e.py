@@ -1,0 +1,385 @@
+"""The appliance as clients see it: `imaging serve` (gunicorn) and `imaging worker` as real processes,
+S3 on a moto server process, boto3 and the AWS CLI as clients, disks compared with qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import pytest
+import yaml
+
+from tests import imagefactory as imgs
+from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+@dataclass
+class Appliance:
+    endpoint: str
+    config: Path
+    state: Path
+    ec2: Any
+    start_worker: Callable[[], subprocess.Popen[bytes]]
+    worker: subprocess.Popen[bytes]
+
+    def volume_file(self, volume_id: str) -> Path:
+        return self.state / "volumes" / f"{volume_id}.raw"
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def appliance(tmp_path: Path, moto: MotoServer) -> Iterator[Appliance]:
+    port = free_port()
+    state = tmp_path / "state"
+    cfg = tmp_path / "imaging.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(state),
+                "api": {
+                    "bind": f"127.0.0.1:{port}",
+                    "workers": 2,
+                    "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
+                },
+                "sources": {
+                    "allowed_endpoints": [moto.endpoint],
+                    "manifest_poll_interval": 0.2,
+                    "manifest_poll_max_interval": 0.5,
+                    "s3": {
+                        "endpoint_url": moto.endpoint,
+                        "region": REGION,
+                        "access_key": "testing",
+                        "secret_key": "testing",
+                    },
+                },
+                "worker": {"concurrency": 2, "poll_interval": 0.2},
+                "tasks": {"lease_seconds": 5},
+            }
+        )
+    )
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "worker"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = start_worker()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{endpoint}/v1/health", proc=server)
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id=TEST_ACCESS_KEY,
+            aws_secret_access_key=TEST_SECRET_KEY,
+        )
+        app = Appliance(endpoint, cfg, state, ec2, start_worker, worker)
+        yield app
+    finally:
+        _stop(app.worker if "app" in locals() else worker)
+        _stop(server)
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    name = "e2e-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def conversion_task(ec2: Any, task_id: str) -> dict[str, Any]:
+    return ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
+
+
+def test_euca2ools_style_import_volume_goes_pending_active_completed(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "disk.raw", 23 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, "euca", disk)
+    # euca2ools creates the task before it uploads anything
+    task = appliance.ec2.import_volume(
+        AvailabilityZone="us-east-1a",
+        Description="from euca2ools",
+        Image={"Format": "RAW", "Bytes": disk.stat().st_size, "ImportManifestUrl": pending.url},
+        Volume={"Size": 1},
+    )["ConversionTask"]
+    task_id = task["ConversionTaskId"]
+    assert task_id.startswith("import-vol-") and task["State"] == "active"
+    wait_for(
+        lambda: conversion_task(appliance.ec2, task_id)["StatusMessage"] == "Pending import-image upload",
+        what="the pending-upload state",
+    )
+    echoed = conversion_task(appliance.ec2, task_id)["ImportVolume"]
+    # euca2ools' resume-import reads these four back to build its manifest
+    assert echoed["Image"] == {"Format": "RAW", "Size": disk.stat().st_size, "ImportManifestUrl": pending.url}
+    assert echoed["Volume"]["Size"] == 1
+    upload(s3, pending, disk, image_size=echoed["Image"]["Size"], volume_size=echoed["Volume"]["Size"])
+    seen: list[int] = []
+
+    def progressed() -> bool:
+        t = conversion_task(appliance.ec2, task_id)
+        seen.append(t["ImportVolume"]["BytesConverted"])
+        return t["State"] == "completed"
+
+    wait_for(progressed, what="completion")
+    assert seen == sorted(seen)  # bytesConverted never goes backwards
+    done = conversion_task(appliance.ec2, task_id)["ImportVolume"]
+    assert done["BytesConverted"] == disk.stat().st_size
+    volume = appliance.volume_file(done["Volume"]["Id"])
+    with open(volume, "rb") as f:
+        assert f.read(disk.stat().st_size) == disk.read_bytes()
+    appliance.ec2.get_waiter("conversion_task_completed").wait(
+        ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 3}
+    )
+
+
+def test_import_instance_of_a_stream_optimized_vmdk_matches_the_source(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    src = imgs.qcow2_with_data(tmp_path)
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            str(src),
+            str(vmdk),
+        ],
+        check=True,
+    )
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, vmdk)
+    upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)
+    virtual = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(vmdk)], capture_output=True, text=True, check=True
+        ).stdout
+    )["virtual-size"]
+    task = appliance.ec2.import_instance(
+        Platform="Linux",
+        Description="vm",
+        LaunchSpecification={"Architecture": "x86_64", "InstanceType": "m1.small"},
+        DiskImages=[
+            {
+                "Image": {"Format": "VMDK", "Bytes": virtual, "ImportManifestUrl": pending.url},
+                "Volume": {"Size": 1},
+            }
+        ],
+    )["ConversionTask"]
+    appliance.ec2.get_waiter("conversion_task_completed").wait(
+        ConversionTaskIds=[task["ConversionTaskId"]], WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+    )
+    volume = conversion_task(appliance.ec2, task["ConversionTaskId"])["ImportInstance"]["Volumes"][0]
+    assert volume["Status"] == "completed" and volume["BytesConverted"] == virtual
+    path = appliance.volume_file(volume["Volume"]["Id"])
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout
+
+
+def test_hostile_image_fails_the_task_with_a_coded_client_error(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    hostile = imgs.qcow2_backing(tmp_path)  # qcow2 with /etc/passwd as backing file, claimed RAW
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, hostile)
+    upload(s3, pending, hostile)
+    task_id = appliance.ec2.import_volume(
+        AvailabilityZone="us-east-1a",
+        Image={"Format": "RAW", "Bytes": hostile.stat().st_size, "ImportManifestUrl": pending.url},
+        Volume={"Size": 1},
+    )["ConversionTask"]["ConversionTaskId"]
+    with pytest.raises(botocore.exceptions.WaiterError):  # a failure surfaces as cancelled: fail fast
+        appliance.ec2.get_waiter("conversion_task_completed").wait(
+            ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+        )
+    t = conversion_task(appliance.ec2, task_id)
+    assert t["State"] == "cancelled"
+    assert t["StatusMessage"].startswith("ClientError: FormatMismatch: ")
+    assert "claimed RAW, detected qcow2" in t["StatusMessage"]
+    assert list((appliance.state / "volumes").glob("vol-*")) == []  # the volume was removed
+
+
+def test_cancel_mid_transfer_ends_cancelled_and_removes_the_volume(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "big.raw", 300 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    task_id = appliance.ec2.import_volume(
+        AvailabilityZone="us-east-1a",
+        Image={"Format": "RAW", "Bytes": disk.stat().st_size, "ImportManifestUrl": pending.url},
+        Volume={"Size": 1},
+    )["ConversionTask"]["ConversionTaskId"]
+    wait_for(
+        lambda: conversion_task(appliance.ec2, task_id)["ImportVolume"]["BytesConverted"] > 0,
+        what="the transfer to start",
+    )
+    appliance.ec2.cancel_conversion_task(ConversionTaskId=task_id, ReasonMessage="wrong disk")
+    appliance.ec2.get_waiter("conversion_task_cancelled").wait(
+        ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+    )
+    t = conversion_task(appliance.ec2, task_id)
+    assert t["StatusMessage"] == "wrong disk"
+    assert t["ImportVolume"]["BytesConverted"] < disk.stat().st_size
+    assert list((appliance.state / "volumes").glob("vol-*")) == []
+    with pytest.raises(botocore.exceptions.ClientError) as exc:
+        appliance.ec2.cancel_conversion_task(ConversionTaskId=task_id)
+    assert exc.value.response["Error"]["Code"] == "IncorrectState"
+
+
+def test_worker_killed_mid_task_resumes_after_restart(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "disk.raw", 12 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    task_id = appliance.ec2.import_volume(
+        AvailabilityZone="us-east-1a",
+        Image={"Format": "RAW", "Bytes": disk.stat().st_size, "ImportManifestUrl": pending.url},
+        Volume={"Size": 1},
+    )["ConversionTask"]["ConversionTaskId"]
+    wait_for(
+        lambda: conversion_task(appliance.ec2, task_id)["StatusMessage"] == "Pending import-image upload",
+        what="the task to start waiting",
+    )
+    # kill -9 the worker and the task's own process: nothing gets to clean up
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(appliance.worker.pid)], capture_output=True, text=True
+    ).stdout.split()
+    appliance.worker.kill()
+    appliance.worker.wait()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    upload(s3, pending, disk)
+    assert conversion_task(appliance.ec2, task_id)["State"] == "active"
+    appliance.worker = appliance.start_worker()
+    appliance.ec2.get_waiter("conversion_task_completed").wait(
+        ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+    )
+    volume_id = conversion_task(appliance.ec2, task_id)["ImportVolume"]["Volume"]["Id"]
+    with open(appliance.volume_file(volume_id), "rb") as f:
+        assert f.read(disk.stat().st_size) == disk.read_bytes()
+
+
+def test_ssrf_urls_are_refused_at_the_api(appliance: Appliance) -> None:
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://2130706433/m.xml", "http://127.1/m.xml"):
+        with pytest.raises(botocore.exceptions.ClientError) as exc:
+            appliance.ec2.import_volume(
+                AvailabilityZone="us-east-1a",
+                Image={"Format": "RAW", "Bytes": 1024, "ImportManifestUrl": url},
+                Volume={"Size": 1},
+            )
+        assert exc.value.response["Error"]["Code"] == "InvalidParameterValue", url
+    assert appliance.ec2.describe_conversion_tasks()["ConversionTasks"] == []
+
+
+def test_aws_cli_imports_an_image_from_a_user_bucket(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    src = imgs.qcow2_with_data(tmp_path)
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "vpc", "-o", "force_size=on", str(src), str(vhd)],
+        check=True,
+    )
+    moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    )
+    aws = [
+        str(Path(sys.executable).parent / "aws"),
+        "ec2",
+        "--endpoint-url",
+        appliance.endpoint,
+        "--output",
+        "json",
+    ]
+    out = subprocess.run(
+        [
+            *aws,
+            "import-image",
+            "--description",
+            "cli",
+            "--disk-containers",
+            f"Format=VHD,UserBucket={{S3Bucket={bucket},S3Key=disks/disk.vhd}}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    task_id = json.loads(out.stdout)["ImportTaskId"]
+
+    def status() -> dict[str, Any]:
+        r = subprocess.run(
+            [*aws, "describe-import-image-tasks", "--import-task-ids", task_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(r.stdout)["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    final = status()
+    assert final["Status"] == "completed", final
+    assert final["ImageId"] == "ami-" + task_id[-17:]
+    assert final["SnapshotDetails"][0]["SnapshotId"] == "snap-" + task_id[-17:]
