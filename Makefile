@@ -39,20 +39,21 @@ $(STAMP): pyproject.toml
 
 venv: system-deps $(STAMP)
 
-# Until the API service lands (next issue) the appliance is its toolkit: set up a local
-# configuration under ./var (SQLite and scratch there), check it, and show how to use the CLI.
+# The appliance on this machine, on embedded defaults: SQLite, scratch and volumes under ./var.
+# The first run writes var/imaging.yaml with generated API credentials (S3_ENDPOINT=URL also trusts
+# a local S3 server as the source of uploads). The worker runs in the background, the API in the
+# foreground; Ctrl-C stops both.
+CONFIG := var/imaging.yaml
 run: venv
 	@mkdir -p var
-	@test -f var/imaging.yaml || printf '# local configuration written by make run\nstate_dir: .\nscratch:\n  quota: 20GiB\n' > var/imaging.yaml
-	@IMAGING_CONFIG=var/imaging.yaml $(BIN)/imaging workflows list
-	@IMAGING_CONFIG=var/imaging.yaml $(BIN)/imaging tasks recover
-	@echo
-	@echo "The toolkit is ready (state and scratch under ./var). Try:"
-	@echo "  export IMAGING_CONFIG=$$PWD/var/imaging.yaml PATH=$$PWD/$(BIN):\$$PATH"
-	@echo "  qemu-img create -f qcow2 /tmp/disk.qcow2 1G"
-	@echo "  imaging inspect /tmp/disk.qcow2 --format qcow2"
-	@echo "  imaging run convert-image -p source=/tmp/disk.qcow2 -p target=/tmp/disk.vmdk -p format=vmdk"
-	@echo "  imaging tasks list"
+	@test -f $(CONFIG) || $(BIN)/imaging config init $(CONFIG) $(if $(S3_ENDPOINT),--s3-endpoint $(S3_ENDPOINT))
+	@echo "Imaging Appliance: EC2 import API and admin API"
+	@$(BIN)/imaging -c $(CONFIG) config show --credentials
+	@echo "Point AWS clients at it:  eval \"\$$($(BIN)/imaging -c $(CONFIG) config show --env)\""
+	@echo "Then e.g.:                $(BIN)/aws ec2 describe-conversion-tasks --endpoint-url \$$IMAGING_ENDPOINT"
+	@$(BIN)/imaging -c $(CONFIG) worker & worker=$$!; \
+	  trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
+	  $(BIN)/imaging -c $(CONFIG) serve
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -26,14 +26,31 @@ def generate_credentials() -> dict[str, str]:
     return {"access_key": access, "secret_key": secret}
 
 
-def local_config(state_dir: str, bind: str) -> dict[str, Any]:
-    """A configuration for running the appliance on this machine: SQLite, scratch and volumes under state_dir."""
+def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """A configuration for running the appliance on this machine: SQLite, scratch and volumes under
+    state_dir; with ``s3_endpoint``, that S3 server is trusted as the source of uploads."""
+    sources: dict[str, Any] = {"allowed_endpoints": []}
+    if s3_endpoint:
+        endpoint = s3_endpoint.rstrip("/")
+        sources = {
+            "allowed_endpoints": [endpoint],
+            # a local S3 stand-in (moto, s3rver) accepts any key
+            "s3": {
+                "endpoint_url": endpoint,
+                "region": "us-east-1",
+                "access_key": "local",
+                "secret_key": "local",
+            },
+        }
     return {
         "state_dir": state_dir,
         "api": {"bind": bind, "credentials": [generate_credentials()]},
         "scratch": {"quota": "20GiB"},
-        "targets": {"volume": {"type": "file", "directory": "volumes"}, "image": {"type": "file", "directory": "images"}},
-        "sources": {"allowed_endpoints": []},
+        "targets": {
+            "volume": {"type": "file", "directory": "volumes"},
+            "image": {"type": "file", "directory": "images"},
+        },
+        "sources": sources,
     }
 
 
@@ -41,7 +58,7 @@ def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to replace it")
-    data = local_config(args.state_dir, args.bind)
+    data = local_config(args.state_dir, args.bind, args.s3_endpoint)
     config_mod.from_dict(data, base_dir=path.resolve().parent)  # never write a file that would not load
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# written by `imaging config init`; secrets inside: keep it private (mode 0600)\n"
@@ -61,6 +78,16 @@ def _endpoint(cfg: config_mod.Config) -> str:
 
 
 def cmd_show(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if args.env:
+        # For `eval "$(imaging config show --env)"`: AWS clients then talk to this appliance.
+        if not cfg.api.credentials:
+            raise UsageError("the configuration has no api.credentials")
+        access, secret = next(iter(cfg.api.credentials.items()))
+        print(f"export AWS_ACCESS_KEY_ID={access}")
+        print(f"export AWS_SECRET_ACCESS_KEY='{secret}'")
+        print(f"export AWS_DEFAULT_REGION={cfg.api.region}")
+        print(f"export IMAGING_ENDPOINT={_endpoint(cfg)}")
+        return 0
     if args.credentials:
         # What a newcomer needs to point boto3 or the AWS CLI at this appliance.
         print(f"endpoint:   {_endpoint(cfg)}")
@@ -94,12 +121,22 @@ def add_commands(sub: Any) -> None:
     )
     s = c.add_parser("init", help="write a local configuration with generated API credentials (mode 0600)")
     s.add_argument("path")
-    s.add_argument("--state-dir", default=".", help="state directory, relative to the file (default: its directory)")
+    s.add_argument(
+        "--state-dir", default=".", help="state directory, relative to the file (default: its directory)"
+    )
     s.add_argument("--bind", default="127.0.0.1:8773", help="API address (default 127.0.0.1:8773)")
     s.add_argument("--force", action="store_true", help="replace an existing file")
+    s.add_argument(
+        "--s3-endpoint", metavar="URL", help="trust this (local) S3 server as the source of uploads"
+    )
     s.set_defaults(func=cmd_init)
     s = c.add_parser("show", help="print the effective configuration (secrets redacted)")
-    s.add_argument("--credentials", action="store_true", help="print only the endpoint and the API credentials")
+    s.add_argument(
+        "--credentials", action="store_true", help="print only the endpoint and the API credentials"
+    )
+    s.add_argument(
+        "--env", action="store_true", help="print shell exports of the credentials for AWS clients"
+    )
     s.set_defaults(func=cmd_show)
     s = c.add_parser("validate", help="load and validate the configuration, including target settings")
     s.set_defaults(func=cmd_validate)

@@ -338,3 +338,27 @@ def test_tasks_cancel_from_another_process_stops_a_running_workflow(
 def _step_running(path: Path, task_id: str, name: str) -> bool:
     with Store(path) as store:
         return any(s.name == name and str(s.state) == "running" for s in store.step_results(task_id))
+
+
+def test_config_init_writes_a_private_loadable_file_with_fresh_credentials(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    cfg = tmp_path / "var" / "imaging.yaml"
+    r = imaging("config", "init", cfg, "--s3-endpoint", "http://127.0.0.1:5000", env=env)
+    assert r.returncode == 0, r.stderr
+    assert oct(cfg.stat().st_mode & 0o777) == "0o600"
+    again = imaging("config", "init", cfg, env=env)
+    assert again.returncode == 1 and "exists" in again.stderr  # never overwrites silently
+    shown = imaging("-c", cfg, "config", "show", env=env)
+    assert "REDACTED" in shown.stdout and "http://127.0.0.1:5000" in shown.stdout
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in imaging("-c", cfg, "config", "show", "--env", env=env).stdout.splitlines()
+    )
+    assert exports["AWS_ACCESS_KEY_ID"].startswith("AKIA") and len(exports["AWS_ACCESS_KEY_ID"]) == 20
+    assert exports["IMAGING_ENDPOINT"] == "http://127.0.0.1:8773"
+    other = tmp_path / "other.yaml"
+    imaging("config", "init", other, env=env)
+    other_exports = imaging("-c", other, "config", "show", "--env", env=env).stdout
+    assert f"AWS_ACCESS_KEY_ID={exports['AWS_ACCESS_KEY_ID']}" not in other_exports  # generated, not a constant
+    assert imaging("-c", cfg, "config", "validate", env=env).returncode == 0
