@@ -110,8 +110,11 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
         else:
             _print_plan(plan)
         return EXIT_OK
+    from .worker import cleanup_scratch
+
     engine = _engine(cfg, ConsoleCallbacks(args.progress))
     engine.recover()  # a task orphaned by an earlier crash is finished before new work starts
+    cleanup_scratch(cfg, engine.store)
     task_id = engine.submit(args.workflow, params, task_id=args.task_id, coerce_strings=True)
     task = engine.run(task_id)
     if args.json:

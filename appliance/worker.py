@@ -68,6 +68,24 @@ def qemu_img_problem() -> str | None:
     return None
 
 
+def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
+    """Remove scratch directories whose task is over or unknown: leftovers of crashed runs.
+
+    Directories of tasks that may still resume (pending, running, cancelling) are kept.
+    """
+
+    def live(task_id: str) -> bool:
+        try:
+            return not store.get_task(task_id).state.terminal
+        except ImagingError:
+            return False
+
+    removed = ScratchSpace.from_config(config).cleanup_orphans(keep=live)
+    for path in removed:
+        log.info("removed orphaned scratch directory %s", path)
+    return removed
+
+
 class Worker:
     """Claims and supervises tasks; see the module docstring."""
 
@@ -139,17 +157,7 @@ class Worker:
 
     def cleanup_scratch(self) -> list[Path]:
         """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
-
-        def live(task_id: str) -> bool:
-            try:
-                return not self.store.get_task(task_id).state.terminal
-            except Exception:
-                return False
-
-        removed = ScratchSpace.from_config(self.config).cleanup_orphans(keep=live)
-        for path in removed:
-            log.info("removed orphaned scratch directory %s", path)
-        return removed
+        return cleanup_scratch(self.config, self.store)
 
     # -- the loop -------------------------------------------------------------------------------
 

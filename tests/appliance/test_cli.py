@@ -360,5 +360,27 @@ def test_config_init_writes_a_private_loadable_file_with_fresh_credentials(
     other = tmp_path / "other.yaml"
     imaging("config", "init", other, env=env)
     other_exports = imaging("-c", other, "config", "show", "--env", env=env).stdout
-    assert f"AWS_ACCESS_KEY_ID={exports['AWS_ACCESS_KEY_ID']}" not in other_exports  # generated, not a constant
+    assert (
+        f"AWS_ACCESS_KEY_ID={exports['AWS_ACCESS_KEY_ID']}" not in other_exports
+    )  # generated, not a constant
     assert imaging("-c", cfg, "config", "validate", env=env).returncode == 0
+
+
+def test_run_removes_scratch_left_by_crashed_tasks_but_keeps_resumable_ones(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    from appliance.scratch import ScratchSpace
+
+    space = ScratchSpace(Path(env["XDG_STATE_HOME"]) / "imaging" / "scratch", quota=1 << 30)
+    with Store(db(env)) as store:
+        store.create_task("workflow", "x", task_id="t-waiting")  # pending: may still run
+    for name in ("t-gone", "t-waiting"):
+        d = space.root / name
+        d.mkdir()
+        (d / ".scratch.json").write_text('{"pid": 4194000, "host": "elsewhere"}')
+    wf = tmp_path / "noop.yaml"
+    wf.write_text("name: noop\nsteps:\n  - name: hi\n    action: util.echo\n    with: {message: hi}\n")
+    r = imaging("run", wf, "--progress", "none", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not (space.root / "t-gone").exists()
+    assert (space.root / "t-waiting").exists()
