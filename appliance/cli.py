@@ -229,10 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_workflow_commands(sub: Any) -> None:
-    from . import cli_config, cli_tasks
+    from . import cli_config, cli_configure, cli_tasks
 
     cli_tasks.add_commands(sub)
     cli_config.add_commands(sub)
+    cli_configure.add_commands(sub)
     s = sub.add_parser(
         "worker",
         help="run the task worker (claims and runs pending tasks)",
@@ -275,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         # The inspector logs what it finds as warnings; the findings already say it, once.
         logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     try:
-        cfg = config_mod.load(args.config)
+        # Commands that create the configuration (configure, config init) must work while an
+        # old one is missing or broken: they do not get one.
+        cfg = config_mod.load(args.config) if getattr(args, "needs_config", True) else None
         return int(args.func(args, cfg))
     except ImageRejected as exc:
         print(f"imaging: {exc.code}: {exc.message}", file=sys.stderr)

@@ -129,7 +129,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--s3-endpoint", metavar="URL", help="trust this (local) S3 server as the source of uploads"
     )
-    s.set_defaults(func=cmd_init)
+    s.set_defaults(func=cmd_init, needs_config=False)
     s = c.add_parser("show", help="print the effective configuration (secrets redacted)")
     s.add_argument(
         "--credentials", action="store_true", help="print only the endpoint and the API credentials"

@@ -161,7 +161,31 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
                 "poll_interval": {"type": "number", "exclusiveMinimum": 0},
+                # per-task resource caps for the task processes (systemd CPUQuota= / IOWeight= /
+                # IOReadBandwidthMax= / IOWriteBandwidthMax= semantics); recorded, not yet enforced
+                "task_cpu_quota": {"type": "string", "pattern": r"^[1-9]\d{0,4}%$"},
+                "task_io_weight": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "task_io_read_bandwidth": SIZE,
+                "task_io_write_bandwidth": SIZE,
             },
+        },
+        # Reporting to the controlling cloud (appliance.report): push signed messages or pull work.
+        "controller": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "url": {"type": "string", "pattern": r"^https?://\S+$"},
+                "secret": {"type": "string", "minLength": 16},
+                "appliance_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+                "mode": {"enum": ["push", "pull", "off"]},
+                "report_interval": {"type": "number", "exclusiveMinimum": 0},
+                "progress_interval": {"type": "number", "minimum": 0},
+                "timeout": {"type": "number", "exclusiveMinimum": 0},
+                "max_backoff": {"type": "number", "exclusiveMinimum": 0},
+            },
+            # a reporting appliance needs somewhere to report to, a key to sign with and a name
+            "if": {"properties": {"mode": {"enum": ["push", "pull"]}}, "required": ["mode"]},
+            "then": {"required": ["url", "secret", "appliance_id"]},
         },
     },
     "$defs": {
@@ -221,6 +245,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "targets": {"volume": {"type": "file"}, "image": {"type": "file"}},
     "worker": {"concurrency": 2, "poll_interval": 1.0},
+    # Eucalyptus workers reported every 30 s (EXTANT_STATUS_REPORT_INTERVAL)
+    "controller": {
+        "mode": "off",
+        "report_interval": 30,
+        "progress_interval": 5,
+        "timeout": 10,
+        "max_backoff": 60,
+    },
 }
 
 
@@ -300,6 +332,29 @@ class SourcesConfig:
 class WorkerConfig:
     concurrency: int
     poll_interval: float
+    #: per-task caps (``"50%"`` of one CPU, IO weight 1..10000, bytes/s); None = unlimited
+    task_cpu_quota: str | None = None
+    task_io_weight: int | None = None
+    task_io_read_bandwidth: int | None = None
+    task_io_write_bandwidth: int | None = None
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Where and how the appliance reports (see :mod:`appliance.report`); ``mode`` off disables it."""
+
+    url: str | None
+    #: HMAC-SHA256 key shared with the controller; never logged
+    secret: str | None = field(repr=False)
+    appliance_id: str | None
+    mode: str
+    report_interval: float
+    #: minimum seconds between two progress ticks of one task
+    progress_interval: float
+    #: seconds one HTTP request to the controller may take
+    timeout: float
+    #: cap of the exponential back-off between failed deliveries, in seconds
+    max_backoff: float
 
 
 @dataclass(frozen=True)
@@ -320,6 +375,9 @@ class Config:
     #: target settings by kind (``volume``, ``image``): ``{"type": ..., ...}`` with paths made absolute
     targets: dict[str, dict[str, Any]]
     worker: WorkerConfig
+    controller: ControllerConfig = field(
+        default_factory=lambda: ControllerConfig(None, None, None, "off", 30.0, 5.0, 10.0, 60.0)
+    )
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -417,9 +475,31 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         worker=WorkerConfig(
             concurrency=merged["worker"]["concurrency"],
             poll_interval=float(merged["worker"]["poll_interval"]),
+            task_cpu_quota=merged["worker"].get("task_cpu_quota"),
+            task_io_weight=merged["worker"].get("task_io_weight"),
+            task_io_read_bandwidth=_optional_size(merged["worker"].get("task_io_read_bandwidth")),
+            task_io_write_bandwidth=_optional_size(merged["worker"].get("task_io_write_bandwidth")),
         ),
+        controller=_controller(merged["controller"]),
         source=source,
         raw=merged,
+    )
+
+
+def _optional_size(value: int | str | None) -> int | None:
+    return None if value is None else parse_size(value)
+
+
+def _controller(raw: dict[str, Any]) -> ControllerConfig:
+    return ControllerConfig(
+        url=raw["url"].rstrip("/") if raw.get("url") else None,
+        secret=raw.get("secret"),
+        appliance_id=raw.get("appliance_id"),
+        mode=raw["mode"],
+        report_interval=float(raw["report_interval"]),
+        progress_interval=float(raw["progress_interval"]),
+        timeout=float(raw["timeout"]),
+        max_backoff=float(raw["max_backoff"]),
     )
 
 

@@ -384,3 +384,25 @@ def test_run_removes_scratch_left_by_crashed_tasks_but_keeps_resumable_ones(
     assert r.returncode == 0, r.stderr
     assert not (space.root / "t-gone").exists()
     assert (space.root / "t-waiting").exists()
+
+
+def test_commands_that_write_the_config_work_while_the_old_one_is_broken(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("limits: {max_virtual_size: nope}\n")
+    env = dict(env, IMAGING_CONFIG=str(broken))
+    assert imaging("config", "init", tmp_path / "fresh.yaml", env=env).returncode == 0
+    r = imaging(
+        "configure",
+        "--user-data",
+        tmp_path / "missing-user-data",
+        "--output",
+        tmp_path / "out.yaml",
+        "--error-file",
+        tmp_path / "error.json",
+        env=env,
+    )
+    assert r.returncode == 2  # invalid user data, reported as such — not the broken service config
+    assert json.loads((tmp_path / "error.json").read_text())["status"] == "invalid-config"
+    assert imaging("workflows", "list", env=env).returncode == 1  # everything else still refuses it
