@@ -158,6 +158,30 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # The EC2 API lists tasks by kind (conversion tasks, image imports, snapshot imports).
         "CREATE INDEX tasks_kind ON tasks (kind, created_at)",
     ),
+    (
+        # Reporting to the controlling cloud (appliance.report). The outbox's AUTOINCREMENT key is
+        # the message ``seq``: never reused, even after acknowledged rows are deleted, so it stays
+        # monotonic across restarts.
+        """CREATE TABLE report_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at TEXT NOT NULL,
+            type TEXT NOT NULL,
+            task_id TEXT,
+            payload TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT
+        )""",
+        # Small persistent key/value state of the reporter (the cursor over ``events``).
+        "CREATE TABLE report_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        # Pull mode: the controller's task ids and the local tasks created for them.
+        """CREATE TABLE pull_tasks (
+            remote_id TEXT PRIMARY KEY,
+            task_id TEXT,
+            volume_id TEXT,
+            state TEXT NOT NULL CHECK (state IN ('active', 'reported', 'cancelled')),
+            created_at TEXT NOT NULL
+        )""",
+    ),
 ]
 
 

@@ -165,6 +165,10 @@ class Worker:
         """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.cleanup_scratch()
+        from .report import start_reporter  # here: report imports this module
+
+        # The reporter (controller.mode push or pull) is a thread of the worker process.
+        reporter = start_reporter(self.config, self.store)
         try:
             while not stop.is_set():
                 try:
@@ -173,7 +177,11 @@ class Worker:
                     log.exception("worker poll failed; retrying")
                 stop.wait(self.config.worker.poll_interval)
         finally:
-            self.shutdown()
+            try:
+                self.shutdown()
+            finally:
+                if reporter is not None:
+                    reporter.stop()
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Ask children to suspend their tasks; kill those still running after ``grace`` seconds."""

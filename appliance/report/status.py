@@ -1,0 +1,115 @@
+"""What the appliance says about itself and its tasks: health, capacity, task progress snapshots."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import __version__
+from ..config import Config
+from ..store import Store, Task, TaskState, parse_time
+from ..worker import qemu_img_problem, read_heartbeat
+
+ACTIVE = (TaskState.RUNNING, TaskState.CANCELLING)
+#: a worker heartbeat older than this many poll intervals (and at least STALE_MIN seconds) is stale
+STALE_POLLS = 5
+STALE_MIN = 10.0
+
+
+class RateTracker:
+    """Transfer rate and ETA per task from successive samples of its byte counters."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, str | None, int]] = {}
+
+    def sample(
+        self, task_id: str, phase: str | None, done: int | None, total: int | None, now: float | None = None
+    ) -> tuple[float | None, float | None]:
+        """(bytes per second, seconds left) since the previous sample of the same phase, else Nones."""
+        now = time.monotonic() if now is None else now
+        if done is None:
+            return None, None
+        previous = self._last.get(task_id)
+        self._last[task_id] = (now, phase, done)
+        if previous is None or previous[1] != phase or now <= previous[0]:
+            return None, None
+        rate = max(0.0, (done - previous[2]) / (now - previous[0]))
+        eta = (total - done) / rate if rate > 0 and total is not None and total >= done else None
+        return round(rate, 1), None if eta is None else round(eta, 1)
+
+    def forget(self, task_id: str) -> None:
+        self._last.pop(task_id, None)
+
+
+def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any]:
+    """The reportable state of a task: progress, sub-state (phase), error and findings."""
+    rate, eta = (None, None)
+    if rates is not None:
+        rate, eta = rates.sample(task.id, task.phase, task.bytes_done, task.bytes_total)
+    error = {"code": task.error_code, "message": task.error_message} if task.error_code else None
+    return {
+        "id": task.id,
+        "kind": task.kind,
+        "state": str(task.state),
+        "phase": task.phase,
+        "status_message": task.status_message,
+        "bytes_done": task.bytes_done,
+        "bytes_total": task.bytes_total,
+        "bytes_converted": task.bytes_converted,
+        "percent": task.percent,
+        "rate": rate,
+        "eta": eta,
+        "error": error,
+        "findings": task.findings,
+        "cancel_reason": task.cancel_reason,
+    }
+
+
+def health(config: Config) -> tuple[str, str | None]:
+    """``ok``, ``degraded`` (the worker is not polling, scratch is full) or ``disabled`` (no qemu-img)."""
+    problem = qemu_img_problem()
+    if problem:
+        return "disabled", problem
+    beat = read_heartbeat(config)
+    if beat is None:
+        return "degraded", "the worker has not written a heartbeat"
+    if beat.get("status") == "disabled":
+        return "disabled", beat.get("reason") or "the worker is disabled"
+    try:
+        age = (datetime.now(UTC) - parse_time(beat["updated_at"])).total_seconds()
+    except (KeyError, ValueError):
+        return "degraded", "the worker heartbeat is unreadable"
+    if age > max(STALE_MIN, STALE_POLLS * config.worker.poll_interval):
+        return "degraded", f"the worker heartbeat is {age:.0f} s old"
+    return "ok", None
+
+
+def scratch_free(config: Config) -> int | None:
+    """Bytes of scratch that tasks could still reserve, or None when scratch cannot be measured."""
+    from ..scratch import ScratchSpace
+
+    try:
+        return ScratchSpace.from_config(config).free()
+    except Exception:  # a missing or broken scratch root must not stop the heartbeat
+        return None
+
+
+def heartbeat(config: Config, store: Store, rates: RateTracker, backlog: int) -> dict[str, Any]:
+    """The payload of a heartbeat message."""
+    status, reason = health(config)
+    running = store.list_tasks(list(ACTIVE), limit=None)
+    slots = config.worker.concurrency
+    return {
+        "type": "heartbeat",
+        "health": status,
+        "reason": reason,
+        "version": __version__,
+        "capacity": {
+            "task_slots": slots,
+            "free_task_slots": max(0, slots - len(running)),
+            "scratch_free": scratch_free(config),
+        },
+        "tasks": [task_snapshot(t, rates) for t in running],
+        "outbox_backlog": backlog,
+    }

@@ -1,0 +1,175 @@
+"""The report receiver: signature, version, replay and staleness checks over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from appliance.report import messages
+from appliance.report.receiver import Controller, ReceiverServer, ReportRejected, ReportVerifier
+from tests.servers import free_port, wait_for_http
+
+SECRET = "receiver-test-secret-0123456789"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ReceiverServer]:
+    srv = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, tmp_path / "log.jsonl")).start()
+    yield srv
+    srv.stop()
+
+
+def post(url: str, body: bytes, signature: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers[messages.SIGNATURE_HEADER] = signature
+    req = urllib.request.Request(url + messages.REPORTS_PATH, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def heartbeat(seq: int, ts: datetime | None = None, appliance: str = "app-1") -> bytes:
+    return messages.encode(appliance, seq, {"type": "heartbeat", "health": "ok"}, ts)
+
+
+def logged(path: Path) -> list[dict]:
+    return [json.loads(line)["message"] for line in path.read_text().splitlines()]
+
+
+def test_accepts_a_signed_message_and_logs_it(server: ReceiverServer, tmp_path: Path) -> None:
+    body = heartbeat(1)
+    status, reply = post(server.url, body, messages.sign(SECRET, body))
+    assert status == 200 and reply == {"ok": True, "seq": 1, "cancel": []}
+    assert logged(tmp_path / "log.jsonl") == [json.loads(body)]
+
+
+def test_refuses_a_message_signed_with_another_key(server: ReceiverServer, tmp_path: Path) -> None:
+    body = heartbeat(1)
+    status, reply = post(server.url, body, messages.sign("some-other-secret-0123456789", body))
+    assert (status, reply["error"]) == (401, "forged")
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_refuses_a_body_altered_after_signing(server: ReceiverServer) -> None:
+    body = heartbeat(1)
+    signature = messages.sign(SECRET, body)
+    tampered = body.replace(b'"health":"ok"', b'"health":"no"')
+    assert tampered != body
+    assert post(server.url, tampered, signature)[0] == 401
+    assert post(server.url, body, None)[0] == 401  # unsigned
+
+
+def test_refuses_a_replayed_message(server: ReceiverServer, tmp_path: Path) -> None:
+    first, second = heartbeat(5), heartbeat(6)
+    assert post(server.url, first, messages.sign(SECRET, first))[0] == 200
+    assert post(server.url, second, messages.sign(SECRET, second))[0] == 200
+    status, reply = post(server.url, first, messages.sign(SECRET, first))
+    assert (status, reply["error"]) == (409, "replayed")
+    # a fresh body with an old seq is a replay too
+    old = heartbeat(6)
+    assert post(server.url, old, messages.sign(SECRET, old))[1]["error"] == "replayed"
+    assert [m["seq"] for m in logged(tmp_path / "log.jsonl")] == [5, 6]
+
+
+def test_seq_is_tracked_per_appliance(server: ReceiverServer) -> None:
+    a, b = heartbeat(7, appliance="app-a"), heartbeat(1, appliance="app-b")
+    assert post(server.url, a, messages.sign(SECRET, a))[0] == 200
+    assert post(server.url, b, messages.sign(SECRET, b))[0] == 200
+
+
+def test_refuses_a_stale_or_future_message(server: ReceiverServer) -> None:
+    stale = heartbeat(1, datetime.now(UTC) - timedelta(minutes=10))
+    status, reply = post(server.url, stale, messages.sign(SECRET, stale))
+    assert (status, reply["error"]) == (409, "stale")
+    future = heartbeat(2, datetime.now(UTC) + timedelta(minutes=10))
+    assert post(server.url, future, messages.sign(SECRET, future))[1]["error"] == "stale"
+    # a refused stale message does not burn its seq
+    fresh = heartbeat(1)
+    assert post(server.url, fresh, messages.sign(SECRET, fresh))[0] == 200
+
+
+def test_refuses_an_unknown_version() -> None:
+    verifier = ReportVerifier(SECRET)
+    body = json.dumps(
+        {"ver": 2, "appliance_id": "a", "seq": 1, "ts": messages.utc_iso(), "type": "heartbeat"}
+    )
+    with pytest.raises(ReportRejected) as exc:
+        verifier.verify(body.encode(), messages.sign(SECRET, body.encode()))
+    assert (exc.value.status, exc.value.error) == (400, "version")
+
+
+def test_cancel_requests_are_repeated_until_the_task_is_over(server: ReceiverServer) -> None:
+    server.controller.request_cancel(["import-vol-abcd1234"])
+    first = heartbeat(1)
+    assert post(server.url, first, messages.sign(SECRET, first))[1]["cancel"] == ["import-vol-abcd1234"]
+    event = messages.encode(
+        "app-1",
+        2,
+        {"type": "task", "event": "state", "task": {"id": "import-vol-abcd1234", "state": "cancelling"}},
+    )
+    assert post(server.url, event, messages.sign(SECRET, event))[1]["cancel"] == []
+
+
+def test_remembers_the_last_seq_across_a_restart(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "appliance.report.receiver"),
+            *("--bind", f"127.0.0.1:{port}", "--secret", SECRET, "--log", str(log)),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc=proc)
+        body = heartbeat(3)
+        assert post(url, body, messages.sign(SECRET, body))[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    again = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, log)).start()
+    try:
+        assert post(again.url, body, messages.sign(SECRET, body))[1]["error"] == "replayed"
+    finally:
+        again.stop()
+
+
+def test_refuses_an_unsigned_pull_request(server: ReceiverServer) -> None:
+    body = b"Action=GetInstanceImportTask&Version=2014-02-14&InstanceId=i-1"
+    req = urllib.request.Request(server.url + messages.IMAGING_PATH, data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=5)
+    assert exc.value.code == 401
+    signed = urllib.request.Request(
+        server.url + messages.IMAGING_PATH,
+        data=body,
+        method="POST",
+        headers={messages.SIGNATURE_HEADER: messages.sign(SECRET, body)},
+    )
+    with urllib.request.urlopen(signed, timeout=5) as resp:
+        assert b"GetInstanceImportTaskResponse" in resp.read()
+
+
+def test_flags_an_appliance_silent_for_too_long_as_stale(tmp_path: Path) -> None:
+    controller = Controller(SECRET, tmp_path / "log.jsonl", stale_after=60)
+    body = heartbeat(1)
+    controller.accept(body, messages.sign(SECRET, body))
+    now = datetime.now(UTC)
+    assert controller.appliances(now)["app-1"] == {
+        "last_seq": 1,
+        "last_seen": controller.appliances(now)["app-1"]["last_seen"],
+        "stale": False,
+    }
+    assert controller.appliances(now + timedelta(seconds=61))["app-1"]["stale"] is True
