@@ -36,6 +36,9 @@ from ..targets.base import Volume, _zero_range
 from ..workflow.step import Step, StepContext
 
 GiB = 1 << 30
+#: zero buffers by length: comparing with one is memcmp-fast (~50 GB/s) where
+#: ``chunk.count(0)`` scans at ~3 GB/s
+_ZERO_BUFFERS: dict[int, bytes] = {}
 _VOLUME_RECORD = "volume.json"
 _CHECKPOINT = "parts.json"
 
@@ -246,7 +249,10 @@ class VolumeImportStep(Step):
 
             def write(offset: int, chunk: bytes) -> None:
                 check.eat(chunk)
-                if chunk.count(0) == len(chunk):
+                zeros = _ZERO_BUFFERS.get(len(chunk))
+                if zeros is None:
+                    zeros = _ZERO_BUFFERS.setdefault(len(chunk), bytes(len(chunk)))
+                if chunk == zeros:
                     # Zeros stay holes: nothing to do on a zeroed volume, a punched hole or
                     # BLKZEROOUT elsewhere.
                     if not zeroed:
