@@ -5,15 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the toolkit and its tests need at run time.
 SYSTEM_PACKAGES := qemu-utils python3-venv util-linux zstd xz-utils bzip2 gzip
+# ... and what build.sh (diskimage-builder) and the image tests (boot under qemu, NoCloud seed, SSH) need.
+SYSTEM_PACKAGES += qemu-system-x86 debootstrap kpartx squashfs-tools dosfstools gdisk fdisk parted \
+  e2fsprogs xfsprogs procps sudo mount cloud-image-utils genisoimage openssh-client git file \
+  ca-certificates
+APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 
-.PHONY: help system-deps venv run test lint bench clean
+.PHONY: help system-deps venv run test lint bench image clean
 
 help:
 	@echo "make run    - start the appliance locally on embedded defaults (state under ./var)"
 	@echo "make test   - install what is needed (system packages too, as root) and run every test"
 	@echo "make lint   - ruff"
-	@echo "make bench  - benchmarks (ratios against bare qemu-img)"
+	@echo "make bench  - benchmarks (conversion, API, end-to-end import, appliance image)"
+	@echo "make image  - build imaging-appliance.qcow2 with build.sh (as root)"
 
 # Installs missing Debian packages when run as root; otherwise prints the exact command and fails.
 system-deps:
@@ -24,7 +30,7 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing system packages:$$missing"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	    $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
 	    echo "missing system packages:$$missing"; \
 	    echo "run: sudo apt-get install -y$$missing"; exit 1; \
@@ -62,8 +68,16 @@ lint: venv
 	$(BIN)/ruff check appliance api tests bench
 	$(BIN)/ruff format --check appliance api tests bench
 
+# Each prints ratios against its baseline (bare qemu-img, the goal latency, the slowest stage,
+# the bare base image); see bench/README.md. bench/appliance.sh builds and boots images (root).
 bench: venv
 	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/api.py
+	$(BIN)/python bench/import_e2e.py
+	bench/appliance.sh
+
+image: system-deps
+	./build.sh
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info .build
