@@ -167,14 +167,18 @@ class Worker:
         self.cleanup_scratch()
         from .report import start_reporter  # here: report imports this module
 
-        # The reporter (controller.mode push or pull) is a thread of the worker process.
-        reporter = start_reporter(self.config, self.store)
+        reporter = None
         try:
             while not stop.is_set():
                 try:
                     self.poll()
                 except Exception:
                     log.exception("worker poll failed; retrying")
+                if reporter is None:
+                    # The reporter (controller.mode push or pull) is a thread of this process. It
+                    # starts after the first poll so that its first heartbeat reads a fresh worker
+                    # heartbeat instead of reporting the worker as missing.
+                    reporter = start_reporter(self.config, self.store)
                 stop.wait(self.config.worker.poll_interval)
         finally:
             try:
