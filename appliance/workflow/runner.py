@@ -99,6 +99,9 @@ class TaskRun:
         self._scratch: TaskScratch | None = None
         self._scratch_lock = threading.Lock()
         self._progress_times: dict[str, tuple[float, float]] = {}
+        #: the newest throttled progress per step, written by :meth:`flush_progress`
+        self._pending_progress: dict[str, dict[str, Any]] = {}
+        self._progress_lock = threading.Lock()
 
     # -- executing -------------------------------------------------------------------------
 
@@ -371,20 +374,36 @@ class TaskRun:
             hooks=self,
         )
 
+    def _write_progress(self, progress: dict[str, Any]) -> None:
+        self.store.update_progress(
+            self.task_id,
+            phase=progress.get("phase"),
+            bytes_done=progress.get("done"),
+            bytes_total=progress.get("total"),
+            percent=progress.get("percent"),
+            bytes_converted=progress.get("converted"),
+        )
+
+    def flush_progress(self) -> None:
+        """Write the newest progress that throttling held back (called by the supervisor's poll):
+        a step that stalls right after a burst of updates must not leave the task showing old figures."""
+        with self._progress_lock:
+            pending, self._pending_progress = self._pending_progress, {}
+        for progress in pending.values():
+            self._write_progress(progress)
+
     def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
         now = time.monotonic()
         last_db, last_event = self._progress_times.get(ctx.idx, (0.0, 0.0))
         final = progress.get("total") is not None and progress.get("done") == progress.get("total")
         if final or now - last_db >= PROGRESS_DB_INTERVAL:
-            self.store.update_progress(
-                self.task_id,
-                phase=progress.get("phase"),
-                bytes_done=progress.get("done"),
-                bytes_total=progress.get("total"),
-                percent=progress.get("percent"),
-                bytes_converted=progress.get("converted"),
-            )
+            with self._progress_lock:
+                self._pending_progress.pop(ctx.idx, None)
+            self._write_progress(progress)
             last_db = now
+        else:
+            with self._progress_lock:
+                self._pending_progress[ctx.idx] = progress
         if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
             self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
             last_event = now

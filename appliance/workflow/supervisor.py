@@ -94,6 +94,7 @@ class Supervisor(threading.Thread):
             try:
                 if self.task_run.store.get_task(self.task_run.task_id).state is TaskState.CANCELLING:
                     self.task_run.cancel.set()
+                self.task_run.flush_progress()
                 if since_renewal >= renew_every:
                     since_renewal = 0.0
                     if not self.task_run.store.renew_lease(

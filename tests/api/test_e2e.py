@@ -19,8 +19,10 @@ import botocore.exceptions
 import pytest
 import yaml
 
+from appliance.sources.manifest import Part, build_manifest, plan_parts
 from tests import imagefactory as imgs
 from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.httpfixtures import TestHTTPServer
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -52,7 +54,14 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @pytest.fixture
-def appliance(tmp_path: Path, moto: MotoServer) -> Iterator[Appliance]:
+def parts_server() -> Iterator[TestHTTPServer]:
+    """A scripted HTTP server (stalls on demand) that the appliance may fetch parts from."""
+    with TestHTTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def appliance(tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer) -> Iterator[Appliance]:
     port = free_port()
     state = tmp_path / "state"
     cfg = tmp_path / "imaging.yaml"
@@ -66,7 +75,7 @@ def appliance(tmp_path: Path, moto: MotoServer) -> Iterator[Appliance]:
                     "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
                 },
                 "sources": {
-                    "allowed_endpoints": [moto.endpoint],
+                    "allowed_endpoints": [moto.endpoint, parts_server.endpoint],
                     "manifest_poll_interval": 0.2,
                     "manifest_poll_max_interval": 0.5,
                     "s3": {
@@ -252,20 +261,34 @@ def test_hostile_image_fails_the_task_with_a_coded_client_error(
 
 
 def test_cancel_mid_transfer_ends_cancelled_and_removes_the_volume(
-    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+    appliance: Appliance, parts_server: TestHTTPServer, tmp_path: Path
 ) -> None:
-    disk = random_file(tmp_path / "big.raw", 300 * MiB)
-    s3 = moto.client("s3")
-    pending = presign_manifest_url(s3, bucket, None, disk)
-    upload(s3, pending, disk)
+    # The third part stalls until the server stops: the task is provably mid-transfer when cancelled.
+    disk = random_file(tmp_path / "disk.raw", 4 * MiB).read_bytes()
+    parts = []
+    for index, start, end in plan_parts(len(disk), MiB):
+        path = f"/parts/disk.part.{index}"
+        route = parts_server.add(path, disk[start : end + 1])
+        if index == 2:
+            route.script.extend(["ok", f"stall:{64 * 1024}"])  # the HEAD answers, the GET hangs
+        url = parts_server.url(path)
+        parts.append(Part(index=index, start=start, end=end, key=path, head_url=url, get_url=url))
+    manifest = build_manifest(
+        file_format="RAW",
+        size=len(disk),
+        volume_size=1,
+        parts=parts,
+        self_destruct_url=parts_server.url("/manifest.xml"),
+    )
+    parts_server.add("/manifest.xml", manifest)
     task_id = appliance.ec2.import_volume(
         AvailabilityZone="us-east-1a",
-        Image={"Format": "RAW", "Bytes": disk.stat().st_size, "ImportManifestUrl": pending.url},
+        Image={"Format": "RAW", "Bytes": len(disk), "ImportManifestUrl": parts_server.url("/manifest.xml")},
         Volume={"Size": 1},
     )["ConversionTask"]["ConversionTaskId"]
     wait_for(
         lambda: conversion_task(appliance.ec2, task_id)["ImportVolume"]["BytesConverted"] > 0,
-        what="the transfer to start",
+        what="the first parts to be written",
     )
     appliance.ec2.cancel_conversion_task(ConversionTaskId=task_id, ReasonMessage="wrong disk")
     appliance.ec2.get_waiter("conversion_task_cancelled").wait(
@@ -273,7 +296,7 @@ def test_cancel_mid_transfer_ends_cancelled_and_removes_the_volume(
     )
     t = conversion_task(appliance.ec2, task_id)
     assert t["StatusMessage"] == "wrong disk"
-    assert t["ImportVolume"]["BytesConverted"] < disk.stat().st_size
+    assert 0 < t["ImportVolume"]["BytesConverted"] <= 2 * MiB  # only the verified parts before the stall
     assert list((appliance.state / "volumes").glob("vol-*")) == []
     with pytest.raises(botocore.exceptions.ClientError) as exc:
         appliance.ec2.cancel_conversion_task(ConversionTaskId=task_id)
