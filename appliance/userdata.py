@@ -84,23 +84,8 @@ SCHEMA: dict[str, Any] = {
                 "s3": config_mod.SCHEMA["$defs"]["s3"],
             },
         },
-        "targets": {
-            "type": "object",
-            "additionalProperties": False,
-            # the keys beyond `type` are checked by the target's own schema after mapping
-            "properties": {
-                "volume": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "device", "ec2"]}},
-                },
-                "image": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "s3"]}},
-                },
-            },
-        },
+        # the keys beyond `type` are checked by the target's own schema after mapping
+        "targets": config_mod.SCHEMA["properties"]["targets"],
         "limits": {
             "type": "object",
             "additionalProperties": False,

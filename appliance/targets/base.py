@@ -122,6 +122,27 @@ class ImageTarget(Protocol):
         ...
 
 
+def boto_client(service: str, settings: Mapping[str, Any], **botocore_config: Any) -> Any:
+    """A boto3 client for a target's settings (``endpoint_url``, ``region``, ``access_key``,
+    ``secret_key``), with standard retries; ``botocore_config`` adds or overrides botocore options.
+
+    Each client comes from a private session: creating clients from the shared default session is
+    not thread-safe. Without access_key/secret_key boto3's default credential chain applies.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 5}, **botocore_config}
+    return boto3.session.Session().client(
+        service,
+        endpoint_url=settings.get("endpoint_url"),
+        region_name=settings.get("region"),
+        aws_access_key_id=settings.get("access_key"),
+        aws_secret_access_key=settings.get("secret_key"),
+        config=BotoConfig(**options),
+    )
+
+
 def new_volume_id() -> str:
     """A fresh id in the EC2 form ``vol-`` + 17 hex digits."""
     return "vol-" + secrets.token_hex(9)[:17]

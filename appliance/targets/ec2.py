@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .base import TargetError, Volume, fsync_path, validate_settings
+from .base import TargetError, Volume, boto_client, fsync_path, validate_settings
 from .device import BlockDevice, inspect_block_device
 
 log = logging.getLogger(__name__)
@@ -137,20 +137,7 @@ class Ec2VolumeTarget:
         """The boto3 EC2 client (created on first use; boto3 clients are thread-safe)."""
         with self._lock:
             if self._client is None:
-                import boto3
-                from botocore.config import Config as BotoConfig
-
-                s = self.settings
-                self._client = boto3.session.Session().client(
-                    "ec2",
-                    endpoint_url=s.get("endpoint_url"),
-                    region_name=s.get("region"),
-                    aws_access_key_id=s.get("access_key"),
-                    aws_secret_access_key=s.get("secret_key"),
-                    config=BotoConfig(
-                        retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60
-                    ),
-                )
+                self._client = boto_client("ec2", self.settings, connect_timeout=10, read_timeout=60)
             return self._client
 
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import SIZE, parse_size
 from ..errors import ConfigError, UsageError
 from ..progress import ProgressCallback, ProgressTracker
-from .base import TargetError, check_cancel, hash_file, validate_settings
+from .base import TargetError, boto_client, check_cancel, hash_file, validate_settings
 from .file import extension_for
 
 log = logging.getLogger(__name__)
@@ -87,21 +87,11 @@ class S3ImageTarget:
         """The boto3 S3 client (created on first use; shared by the part-upload threads)."""
         with self._lock:
             if self._client is None:
-                import boto3
-                from botocore.config import Config as BotoConfig
-
-                s = self.settings
-                self._client = boto3.session.Session().client(
+                self._client = boto_client(
                     "s3",
-                    endpoint_url=s.get("endpoint_url"),
-                    region_name=s.get("region"),
-                    aws_access_key_id=s.get("access_key"),
-                    aws_secret_access_key=s.get("secret_key"),
-                    config=BotoConfig(
-                        retries={"mode": "standard", "max_attempts": 5},
-                        max_pool_connections=self.threads + 2,
-                        s3={"addressing_style": s.get("addressing_style", "auto")},
-                    ),
+                    self.settings,
+                    max_pool_connections=self.threads + 2,
+                    s3={"addressing_style": self.settings.get("addressing_style", "auto")},
                 )
             return self._client
 
