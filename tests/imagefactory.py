@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import random
 import struct
@@ -34,6 +35,18 @@ SUFFIXES = {"gzip": "gz", "xz": "xz", "zstd": "zst", "bzip2": "bz2"}
 def qemu_img(*args: str | Path) -> None:
     """Run the real qemu-img (always the system binary, whatever PATH a test set)."""
     subprocess.run([QEMU_IMG, *map(str, args)], check=True, capture_output=True)
+
+
+def convert(src: Path, dst: Path, qemu_format: str, options: str | None = None) -> Path:
+    """``src`` (qcow2) converted with qemu-img to ``qemu_format`` at ``dst``, e.g. the disk a test uploads."""
+    qemu_img("convert", "-f", "qcow2", "-O", qemu_format, *(["-o", options] if options else []), src, dst)
+    return dst
+
+
+def virtual_size(path: Path) -> int:
+    """The virtual size qemu-img reports for ``path`` (what euca2ools sends as Image.Bytes for a VMDK)."""
+    out = subprocess.run([QEMU_IMG, "info", "--output=json", str(path)], check=True, capture_output=True)
+    return int(json.loads(out.stdout)["virtual-size"])
 
 
 def patch(path: Path, offset: int, data: bytes) -> Path:

@@ -188,30 +188,11 @@ def test_import_instance_of_a_stream_optimized_vmdk_matches_the_source(
     appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     src = imgs.qcow2_with_data(tmp_path)
-    vmdk = tmp_path / "disk.vmdk"
-    subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            str(src),
-            str(vmdk),
-        ],
-        check=True,
-    )
+    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
     s3 = moto.client("s3")
     pending = presign_manifest_url(s3, bucket, None, vmdk)
     upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)
-    virtual = json.loads(
-        subprocess.run(
-            ["qemu-img", "info", "--output=json", str(vmdk)], capture_output=True, text=True, check=True
-        ).stdout
-    )["virtual-size"]
+    virtual = imgs.virtual_size(vmdk)
     task = appliance.ec2.import_instance(
         Platform="Linux",
         Description="vm",
@@ -353,11 +334,7 @@ def test_aws_cli_imports_an_image_from_a_user_bucket(
     appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     src = imgs.qcow2_with_data(tmp_path)
-    vhd = tmp_path / "disk.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "vpc", "-o", "force_size=on", str(src), str(vhd)],
-        check=True,
-    )
+    vhd = imgs.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
     moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
     env = dict(
         os.environ,

@@ -115,27 +115,11 @@ def test_vmdk_upload_is_converted_onto_the_volume(
     service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     src = imgs.qcow2_with_data(tmp_path)
-    vmdk = tmp_path / "disk.vmdk"
-    subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            str(src),
-            str(vmdk),
-        ],
-        check=True,
-    )
+    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
     s3 = moto.client("s3")
     pending = presign_manifest_url(s3, bucket, None, vmdk)
     upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)
-    info = subprocess.run(["qemu-img", "info", "--output=json", str(vmdk)], capture_output=True, text=True)
-    virtual = __import__("json").loads(info.stdout)["virtual-size"]
+    virtual = imgs.virtual_size(vmdk)
     task = service.import_volume(
         DiskImage("VMDK", virtual, pending.url, 1), availability_zone=None, description=None
     )
@@ -211,11 +195,7 @@ def test_snapshot_from_a_user_bucket_is_stored_as_raw(
     service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     src = imgs.qcow2_with_data(tmp_path)
-    vhd = tmp_path / "disk.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "vpc", "-o", "force_size=on", str(src), str(vhd)],
-        check=True,
-    )
+    vhd = imgs.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
     moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
     task = service.import_snapshot(
         DiskContainer(format="VHD", bucket=bucket, key="disks/disk.vhd"),
