@@ -9,6 +9,8 @@ SYSTEM_PACKAGES := qemu-utils python3-venv util-linux zstd xz-utils bzip2 gzip
 SYSTEM_PACKAGES += qemu-system-x86 debootstrap kpartx squashfs-tools dosfstools gdisk fdisk parted \
   e2fsprogs xfsprogs procps sudo mount cloud-image-utils genisoimage openssh-client git file \
   ca-certificates
+# ... and what guest validation, guest mounts and their tests use (filesystems the tests build and read).
+SYSTEM_PACKAGES += btrfs-progs ntfs-3g mtools libhivex-bin
 APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 

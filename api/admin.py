@@ -22,6 +22,7 @@ import yaml
 from appliance import formats
 from appliance.config import Config
 from appliance.errors import UsageError
+from appliance.imports import boot_settings, guest_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import health as health_mod
@@ -134,12 +135,15 @@ def task_summary(task: Task) -> dict[str, Any]:
 
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
-    """The full view of a task: the row, progress, steps, findings, cleanup ledger, recent events."""
+    """The full view of a task: the row, progress, steps, findings, the guest validation report and
+    boot settings (image and instance imports), cleanup ledger, recent events."""
     row = task.to_dict()
     row.pop("findings")
     row["params"] = redact(row["params"])
     row["result"] = redact(row["result"])
     events = store.events(task_id=task.id, limit=100_000)[-RECENT_EVENTS:]
+    # not outcome(): any workflow may run as a task, and only imports' results have its layout
+    guest = guest_report(task.result)
     return {
         "task": row,
         "progress": {
@@ -151,6 +155,8 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
         },
         "steps": [redact(s.to_dict()) for s in store.step_results(task.id)],
         "findings": task.findings,
+        "guest": redact(guest),
+        "boot": boot_settings(task, guest),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
         "events": [redact(e.to_dict()) for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],

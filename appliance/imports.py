@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from . import bootparams
 from .config import Config
 from .errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from .store import Store, Task, TaskState, format_time
@@ -205,8 +206,16 @@ class ImportService:
         instance_type: str | None,
         description: str | None,
         launch: dict[str, Any],
+        kernel_id: str | None = None,
+        ramdisk_id: str | None = None,
+        virtualization_type: str | None = None,
     ) -> Task:
-        """ImportInstance (single volume, like AWS): the volume import plus the launch description."""
+        """ImportInstance (single volume, like AWS): the volume import plus the launch description.
+
+        ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
+        :mod:`appliance.bootparams`) are validated and recorded for the controller.
+        """
+        boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type)
         params = self._disk_image(image) | {
             "availability_zone": (launch.get("Placement") or {}).get("AvailabilityZone"),
             "description": description,
@@ -216,6 +225,7 @@ class ImportService:
             "instance_type": instance_type,
             "launch": launch,
         }
+        params |= boot.to_dict()
         return self._submit(IMPORT_INSTANCE, params)
 
     def import_image(
@@ -230,8 +240,15 @@ class ImportService:
         description: str | None = None,
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
+        kernel_id: str | None = None,
+        ramdisk_id: str | None = None,
+        virtualization_type: str | None = None,
     ) -> Task:
-        """ImportImage: one boot disk (more disks are refused until multi-disk import exists)."""
+        """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
+
+        ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
+        :mod:`appliance.bootparams`) are validated and recorded for the controller.
+        """
         existing = self._by_token(IMPORT_IMAGE, client_token)
         if existing is not None:
             return existing
@@ -241,7 +258,8 @@ class ImportService:
             raise UsageError(
                 "this appliance imports one disk per image; import further disks with ImportSnapshot"
             )
-        params = {
+        boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
+        params = boot.to_dict() | {
             "disk_containers": [self._container(c, CONTAINER_FORMATS) for c in containers],
             "architecture": architecture,
             "platform": platform,
@@ -306,9 +324,49 @@ class ImportService:
         return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
 
 
+#: task kinds whose result is a bootable image the controller registers with boot settings
+BOOTABLE_KINDS = (IMPORT_IMAGE, IMPORT_INSTANCE)
+#: how deep :func:`guest_report` looks for a ``guest`` member in the registered results
+_GUEST_DEPTH = 4
+
+
+def guest_report(result: Any) -> dict[str, Any] | None:
+    """The guest validation report (``GuestReport.to_dict()``) in a task result, or None.
+
+    The workflows may register it directly (``result["guest"]``) or inside another step's result
+    (an import-disk include's, or a hook point's ``image`` facts: ``{..., "guest": {...}}``); the
+    shallowest dict member named ``guest`` that has a ``layout`` or ``findings`` is it.
+    """
+    level = [result] if isinstance(result, dict) else []
+    for _ in range(_GUEST_DEPTH):
+        found = [
+            node["guest"]
+            for node in level
+            if isinstance(node.get("guest"), dict) and {"layout", "findings"} & node["guest"].keys()
+        ]
+        if found:
+            return found[0]
+        level = [v for node in level for v in node.values() if isinstance(v, dict)]
+    return None
+
+
+def boot_settings(task: Task, guest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``{kernel_id, ramdisk_id, virtualization_type, layout}`` of an image or instance import
+    (None for other kinds): what the request asked for, and the disk layout (``disk`` or
+    ``partition``) the guest validation found, each None until known or when not given."""
+    if task.kind not in BOOTABLE_KINDS:
+        return None
+    params = task.params or {}
+    # workflow defaults store an absent setting as ""
+    boot: dict[str, Any] = {f: params.get(f) or None for f in bootparams.FIELDS}
+    boot["layout"] = (guest or {}).get("layout")
+    return boot
+
+
 def outcome(task: Task) -> dict[str, Any]:
     """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
-    ``size`` (bytes of the disk), ``location`` — each None until known.
+    ``size`` (bytes of the disk), ``location`` — each None until known — plus ``guest`` (the guest
+    validation report, None until there is one) and ``boot`` (:func:`boot_settings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
     ``ids``, ``disk``); this is the one place that knows where each lives.
@@ -320,6 +378,7 @@ def outcome(task: Task) -> dict[str, Any]:
     stored = disk.get("stored") or {}
     source_image = disk.get("source_image") or {}
     written = result.get("written") or (result.get("imported") or {}).get("written") or {}
+    guest = guest_report(result)
     return {
         "volume_id": volume.get("id"),
         "instance_id": (result.get("instance") or {}).get("instance_id"),
@@ -327,4 +386,6 @@ def outcome(task: Task) -> dict[str, Any]:
         "image_id": ids.get("image_id"),
         "size": source_image.get("virtual_size") or stored.get("size") or written.get("virtual_size"),
         "location": stored or None,
+        "guest": guest,
+        "boot": boot_settings(task, guest),
     }

@@ -2,6 +2,10 @@
 CancelConversionTask. Each handler parses the wire parameters, checks what only the wire form
 can tell (which members were given), calls :class:`~appliance.imports.ImportService` and returns
 the output structure for :func:`api.ec2.xml.render`.
+
+Beyond AWS, ImportInstance takes a kernel, a ramdisk and a virtualization type as
+``LaunchSpecification.KernelId``/``.RamdiskId``/``.VirtualizationType`` or as an ``[imaging:…]``
+token in ``Description`` (:mod:`appliance.bootparams`).
 """
 
 from __future__ import annotations
@@ -9,12 +13,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from appliance import bootparams
 from appliance.imports import CONVERSION_KINDS, DiskImage, ImportService
 
 from . import query, views
 from .errors import invalid_value, missing_parameter
 
 Params = Mapping[str, Sequence[str]]
+
+#: boot settings (beyond AWS, :mod:`appliance.bootparams`): LaunchSpecification member → field
+BOOT_MEMBERS = {
+    "KernelId": "kernel_id",
+    "RamdiskId": "ramdisk_id",
+    "VirtualizationType": "virtualization_type",
+}
 
 GiB = 1 << 30
 
@@ -84,6 +96,11 @@ def import_instance(service: ImportService, params: Params) -> dict[str, Any]:
     launch = dict(data.get("LaunchSpecification") or {})
     architecture = launch.pop("Architecture", None)
     instance_type = launch.pop("InstanceType", None)
+    boot = bootparams.resolve(
+        {field: launch.pop(member, None) for member, field in BOOT_MEMBERS.items()},
+        data.get("Description"),
+        names={field: f"LaunchSpecification.{member}" for member, field in BOOT_MEMBERS.items()},
+    )
     query.check_dry_run(data)
     task = service.import_instance(
         image,
@@ -92,6 +109,7 @@ def import_instance(service: ImportService, params: Params) -> dict[str, Any]:
         instance_type=instance_type,
         description=data.get("Description"),
         launch=launch,
+        **boot.to_dict(),
     )
     return {"ConversionTask": views.conversion_task(task)}
 

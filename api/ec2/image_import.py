@@ -6,6 +6,10 @@ Members that only make sense inside AWS are accepted and ignored: ``RoleName`` (
 ``UsageOperation`` (AWS billing). Members the appliance cannot honour are refused rather than
 silently dropped: ``KmsKeyId``, ``DiskContainer.N.SnapshotId``, and ``Encrypted=true`` for
 ImportImage (ImportSnapshot passes ``Encrypted`` to the image target).
+
+Beyond AWS, ImportImage takes a kernel, a ramdisk and a virtualization type as the extra members
+``KernelId``, ``RamdiskId``, ``VirtualizationType`` or as an ``[imaging:…]`` token in
+``Description`` (:mod:`appliance.bootparams`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import binascii
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from appliance import bootparams
 from appliance.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
 from appliance.store import Task
 
@@ -22,6 +27,13 @@ from . import query, views
 from .errors import Ec2Error, invalid_value, missing_parameter
 
 Params = Mapping[str, Sequence[str]]
+
+#: wire names of the boot settings (extra members, beyond AWS) in ImportImage
+BOOT_MEMBERS = {
+    "kernel_id": "KernelId",
+    "ramdisk_id": "RamdiskId",
+    "virtualization_type": "VirtualizationType",
+}
 
 IMPORT_KINDS = IMAGE_KINDS + SNAPSHOT_KINDS
 
@@ -63,6 +75,12 @@ def import_image(service: ImportService, params: Params) -> dict[str, Any]:
     _refuse_unsupported(data)
     if data.get("Encrypted"):
         raise invalid_value("Encrypted=true is not supported by ImportImage on this appliance")
+    boot = bootparams.resolve(
+        {field: data.get(wire) for field, wire in BOOT_MEMBERS.items()},
+        data.get("Description"),
+        names=BOOT_MEMBERS | {"boot_mode": "BootMode"},
+        boot_mode=data.get("BootMode"),
+    )
     query.check_dry_run(data)
     task = service.import_image(
         disks,
@@ -74,6 +92,7 @@ def import_image(service: ImportService, params: Params) -> dict[str, Any]:
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
+        **boot.to_dict(),
     )
     return views.import_image_result(task)
 

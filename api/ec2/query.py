@@ -48,10 +48,22 @@ ALIASES: dict[str, dict[str, str]] = {
     },
 }
 
-#: Members older API versions had and the current model dropped: wire name → member path.
-#: Accepted as strings so euca2ools requests are not refused; handlers pass them through.
+#: Members the current model lacks: wire name → member path. Accepted as strings; handlers
+#: validate them. ``KeyName``: older API versions had it (euca2ools sends it). Kernel, ramdisk
+#: and virtualization type: beyond AWS, from Eucalyptus (:mod:`appliance.bootparams`), spelled
+#: like RunInstances' ``KernelId``/``RamdiskId`` and RegisterImage's ``VirtualizationType``.
 EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "ImportInstance": {"LaunchSpecification.KeyName": ("LaunchSpecification", "KeyName")},
+    "ImportInstance": {
+        "LaunchSpecification.KeyName": ("LaunchSpecification", "KeyName"),
+        "LaunchSpecification.KernelId": ("LaunchSpecification", "KernelId"),
+        "LaunchSpecification.RamdiskId": ("LaunchSpecification", "RamdiskId"),
+        "LaunchSpecification.VirtualizationType": ("LaunchSpecification", "VirtualizationType"),
+    },
+    "ImportImage": {
+        "KernelId": ("KernelId",),
+        "RamdiskId": ("RamdiskId",),
+        "VirtualizationType": ("VirtualizationType",),
+    },
 }
 
 _INT_RE = re.compile(r"^[+-]?\d+$")

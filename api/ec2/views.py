@@ -14,7 +14,12 @@ completed           completed       —
 
 Import image / snapshot tasks: pending/running → ``active`` (message = sub-state, ``progress`` =
 whole percent), completed → ``completed``, cancelling → ``deleting``, cancelled → ``deleted``,
-failed → ``deleted`` with ``ClientError: …`` as AWS does. A failed *snapshot* task's
+failed → ``deleted`` with ``ClientError: …`` as AWS does.
+
+Every ``StatusMessage`` (except euca2ools' ``Pending import-image upload``) is followed by a
+summary of the task's error and warning findings (:func:`appliance.summary.findings_summary`),
+e.g. ``completed; warnings: Guest.FstabDeviceMissing (…)``; a completed task without findings
+keeps no message. A failed *snapshot* task's
 ``SnapshotTaskDetail.Status`` is ``error`` instead: the ``SnapshotImported`` waiter fails fast on
 ``error`` rather than polling a dead task for its 40 attempts; the task-level ``task-state``
 filter still files it under ``deleted``.
@@ -29,6 +34,7 @@ from typing import Any
 
 from appliance.imports import IMPORT_VOLUME, outcome
 from appliance.store import Task, TaskState
+from appliance.summary import findings_summary
 
 from .xml import format_timestamp
 
@@ -69,29 +75,40 @@ def _failure_message(task: Task) -> str:
     return f"ClientError: {code}: {task.error_message}" if task.error_message else f"ClientError: {code}"
 
 
+def _with_findings(task: Task, base: str | None) -> str | None:
+    """``base`` plus the task's error and warning findings, most severe first (capped at 255
+    characters); a completed task with findings says ``completed; warnings: …``."""
+    if task.state is TaskState.COMPLETED and base is None:
+        summary = findings_summary(task.findings, base="completed")
+        return None if summary == "completed" else summary  # nothing worth saying: no message, as before
+    exclude = (task.error_code,) if task.state is TaskState.FAILED else ()
+    return findings_summary(task.findings, base=base, exclude_codes=exclude)
+
+
 def _conversion_message(task: Task) -> str | None:
     state = task.state
     if state in (TaskState.PENDING, TaskState.RUNNING):
-        if task.phase:
-            return _PHASE_MESSAGES.get(task.phase, task.phase)
-        return "pending"
+        if task.phase == "pending-upload":
+            # euca2ools matches this exact string to know it should upload the parts
+            return _PHASE_MESSAGES[task.phase]
+        return _with_findings(task, task.phase or "pending")
     if state in (TaskState.CANCELLING, TaskState.CANCELLED):
-        return _cancel_reason(task)
+        return _with_findings(task, _cancel_reason(task))
     if state is TaskState.FAILED:
-        return _failure_message(task)
-    return None
+        return _with_findings(task, _failure_message(task))
+    return _with_findings(task, None)
 
 
 def _import_message(task: Task) -> str | None:
     state = task.state
     if state in (TaskState.PENDING, TaskState.RUNNING):
         phase = task.phase if task.phase and task.phase != "pending-upload" else None
-        return phase or "pending"
+        return _with_findings(task, phase or "pending")
     if state in (TaskState.CANCELLING, TaskState.CANCELLED):
-        return _cancel_reason(task)
+        return _with_findings(task, _cancel_reason(task))
     if state is TaskState.FAILED:
-        return _failure_message(task)
-    return None
+        return _with_findings(task, _failure_message(task))
+    return _with_findings(task, None)
 
 
 def _cancel_reason(task: Task) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import Config
+from ..imports import boot_settings, guest_report
 from ..store import Store, Task, TaskState, parse_time
 from ..worker import qemu_img_problem, read_heartbeat
 
@@ -43,7 +44,7 @@ class RateTracker:
 
 
 def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any]:
-    """The reportable state of a task: progress, sub-state (phase), error and findings."""
+    """The reportable state of a task: progress, sub-state (phase), error, findings and boot settings."""
     rate, eta = (None, None)
     if rates is not None:
         rate, eta = rates.sample(task.id, task.phase, task.bytes_done, task.bytes_total)
@@ -63,6 +64,8 @@ def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any
         "error": error,
         "findings": task.findings,
         "cancel_reason": task.cancel_reason,
+        # kernel/ramdisk/virtualization type and guest layout to register an imported image with
+        "boot": boot_settings(task, guest_report(task.result)),
     }
 
 
