@@ -33,6 +33,7 @@ from typing import Any
 
 from . import config as config_mod
 from .errors import ImagingError
+from .guestmount import sweep_stale
 from .scratch import ScratchSpace
 from .store import Store, TaskState, format_time
 from .workflow.supervisor import find_orphans
@@ -86,6 +87,23 @@ def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
     return removed
 
 
+def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
+    """Unmount and detach what killed task processes left mounted (guest chroots, loop devices);
+    each undone resource goes into its task's cleanup ledger as removed."""
+
+    def ledger(owner: str, action: str, resource: str) -> None:
+        try:
+            store.get_task(owner)
+        except ImagingError:
+            return  # the owner was not a task (a CLI run): the log line is the record
+        store.add_ledger(owner, action, resource, step="recovery")
+
+    cleaned = sweep_stale(config.state_dir, ledger)
+    for line in cleaned:
+        log.warning("crash leftover cleaned: %s", line)
+    return cleaned
+
+
 class Worker:
     """Claims and supervises tasks; see the module docstring."""
 
@@ -122,6 +140,8 @@ class Worker:
     def poll(self) -> None:
         """Reap children, resume orphans, claim pending tasks, write the heartbeat."""
         self._reap()
+        # Before orphans resume: a killed task's guest mounts must be gone before it runs again.
+        sweep_mounts(self.config, self.store)
         self.reason = qemu_img_problem()
         self.status = "disabled" if self.reason else "ok"
         for task, why in find_orphans(self.store):

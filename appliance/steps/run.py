@@ -1,0 +1,386 @@
+"""Action ``run``: run a command locally or inside the mounted guest (chroot), output to task events.
+
+``with``: ``command`` (argv list, or a string run with ``/bin/sh -c``), ``where`` (``local`` default,
+or ``chroot``), ``image`` (chroot only: a path or an IMAGE dict ``{path, format}``; raw images or
+block devices only), ``writable`` (mount the guest read-write; default read-only), ``timeout``
+(seconds), ``env``, ``cwd``, ``ok_codes`` (default ``[0]``), ``max_output`` (bytes of output kept
+in events, default 64 KiB).
+
+The command runs in its own process group with stdin closed and a minimal environment (the
+worker's own environment, which may hold credentials, is not passed on). Output lines go to
+``run.output`` events in chunks; past ``max_output`` only a tail is kept for the result. An exit
+status outside ``ok_codes`` fails with ``Run.Failed``, an expired ``timeout`` kills the process
+group and fails with ``Run.Timeout``, a cancel kills it within about a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..convert import stop_process_group
+from ..errors import Cancelled, ImagingError, UsageError
+from ..guestmount import mount_guest
+from ..workflow.step import Step, StepContext
+
+#: default bytes of output kept in task events
+DEFAULT_MAX_OUTPUT = 64 * 1024
+#: lines per run.output event, and the longest a line may grow before it is cut
+LINES_PER_EVENT = 100
+MAX_LINE = 4096
+#: how long output is batched before it becomes an event
+FLUSH_INTERVAL = 0.5
+#: lines kept for the result and for a failure message
+TAIL_LINES = 20
+#: how long a process group gets after SIGTERM before SIGKILL when cancelled or timed out
+KILL_GRACE = 0.5
+#: after the command exits, how long to keep reading output a left-behind child still writes
+DRAIN_AFTER_EXIT = 1.0
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class RunFailed(ImagingError):
+    """The command exited with a status outside ``ok_codes``."""
+
+    code = "Run.Failed"
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunTimeout(ImagingError):
+    """The command did not finish within its ``timeout``; its process group was killed."""
+
+    code = "Run.Timeout"
+
+
+COMMAND_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+    ]
+}
+IMAGE_SCHEMA: dict[str, Any] = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "object",
+            "required": ["path"],
+            "properties": {
+                "path": {"type": "string", "minLength": 1},
+                "format": {"type": ["string", "null"]},
+            },
+        },
+    ]
+}
+#: the execution arguments shared by ``run`` and ``hook.run-in-guest``
+EXEC_PROPERTIES: dict[str, Any] = {
+    "command": COMMAND_SCHEMA,
+    "timeout": {"type": "number", "exclusiveMinimum": 0},
+    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+    "cwd": {"type": "string", "minLength": 1},
+    "ok_codes": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+    "max_output": {"type": "integer", "minimum": 0},
+    "writable": {"type": "boolean"},
+}
+
+
+@dataclass
+class _Stream:
+    name: str
+    fd: int
+    pending: bytes = b""
+    open: bool = True
+
+
+class _Output:
+    """Turns pipe bytes into ``run.output`` events, capped at ``max_output`` bytes."""
+
+    def __init__(self, ctx: StepContext, max_output: int) -> None:
+        self.ctx = ctx
+        self.max_output = max_output
+        self.kept = 0
+        self.total = 0
+        self.truncated = False
+        self.batch: list[tuple[str, str]] = []
+        self.last_flush = time.monotonic()
+        self.tails: dict[str, collections.deque[str]] = {
+            "stdout": collections.deque(maxlen=TAIL_LINES),
+            "stderr": collections.deque(maxlen=TAIL_LINES),
+        }
+        self.combined: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+    def line(self, stream: str, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.total += len(raw) + 1
+        self.tails[stream].append(text)
+        self.combined.append(text)
+        if self.kept + len(raw) + 1 > self.max_output:
+            if not self.truncated:
+                self.truncated = True
+                self.flush()
+                self.ctx.event(
+                    "run.output",
+                    stream=stream,
+                    lines=[],
+                    truncated=True,
+                    note=f"output beyond {self.max_output} bytes is not kept (max_output)",
+                )
+            return
+        self.kept += len(raw) + 1
+        self.batch.append((stream, text))
+        if len(self.batch) >= LINES_PER_EVENT:
+            self.flush()
+
+    def feed(self, stream: _Stream, data: bytes) -> None:
+        stream.pending += data
+        *lines, stream.pending = stream.pending.split(b"\n")
+        for raw in lines:
+            self.line(stream.name, raw)
+        while len(stream.pending) > MAX_LINE:
+            self.line(stream.name, stream.pending[:MAX_LINE])
+            stream.pending = stream.pending[MAX_LINE:]
+
+    def finish(self, stream: _Stream) -> None:
+        if stream.pending:
+            self.line(stream.name, stream.pending)
+            stream.pending = b""
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        # one event per run of consecutive lines from the same stream, so order is kept
+        while self.batch:
+            stream = self.batch[0][0]
+            n = next((i for i, (s, _) in enumerate(self.batch) if s != stream), len(self.batch))
+            self.ctx.event("run.output", stream=stream, lines=[t for _, t in self.batch[:n]])
+            del self.batch[:n]
+
+    def maybe_flush(self) -> None:
+        if self.batch and time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
+            self.flush()
+
+
+def _argv(command: str | list[str]) -> list[str]:
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    if not command or not all(isinstance(a, str) for a in command):
+        raise UsageError("command must be a non-empty list of strings or a string")
+    return list(command)
+
+
+def _pump(
+    proc: subprocess.Popen[bytes], streams: list[_Stream], out: _Output, stop_at: float | None
+) -> int | None:
+    """Read output until the process exits (return its status) or ``stop_at`` passes (None)."""
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        while True:
+            fds = [s.fd for s in streams if s.open] + ([pidfd] if pidfd is not None else [])
+            ready, _, _ = select.select(fds, [], [], 0.1)
+            for s in streams:
+                if s.open and s.fd in ready:
+                    data = os.read(s.fd, 65536)
+                    if data:
+                        out.feed(s, data)
+                    else:
+                        s.open = False
+                        out.finish(s)
+            out.maybe_flush()
+            if proc.poll() is not None:
+                return proc.returncode
+            if stop_at is not None and time.monotonic() >= stop_at:
+                return None
+            if out.ctx.cancel.is_set():
+                raise Cancelled(f"step {out.ctx.name!r} was cancelled")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _drain(streams: list[_Stream], out: _Output, seconds: float) -> None:
+    """Read what is left in the pipes (bounded: a left-behind child may keep them open)."""
+    deadline = time.monotonic() + seconds
+    while any(s.open for s in streams) and time.monotonic() < deadline:
+        ready, _, _ = select.select([s.fd for s in streams if s.open], [], [], 0.05)
+        for s in streams:
+            if s.open and s.fd in ready:
+                data = os.read(s.fd, 65536)
+                if data:
+                    out.feed(s, data)
+                else:
+                    s.open = False
+    for s in streams:
+        out.finish(s)
+
+
+def execute(
+    ctx: StepContext,
+    command: str | list[str],
+    *,
+    root: Path | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    ok_codes: list[int] | None = None,
+    max_output: int = DEFAULT_MAX_OUTPUT,
+) -> dict[str, Any]:
+    """Run ``command`` locally (``root`` None) or chrooted into ``root``; stream output to events.
+
+    Returns ``{exit_code, stdout_tail, stderr_tail, duration, output_bytes, truncated}``. Raises
+    ``Run.Failed`` (exit status not in ``ok_codes``), ``Run.Timeout``, :class:`Cancelled`.
+    """
+    ok = ok_codes or [0]
+    argv = _argv(command)
+    if root is None:
+        base_env = {"PATH": os.environ.get("PATH", GUEST_PATH), "HOME": os.environ.get("HOME", "/root")}
+        workdir = cwd or str(ctx.workdir)
+    else:
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+        if cwd:
+            # chroot(8) always starts in the guest's /; change directory inside the guest
+            argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *argv]
+        argv = [chroot, str(root), *argv]
+        base_env = {"PATH": GUEST_PATH, "HOME": "/root"}
+        workdir = "/"
+    full_env = {**base_env, "LANG": "C", **(env or {})}
+    ctx.event("run.start", argv=argv, where="chroot" if root else "local", cwd=cwd or workdir)
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=workdir,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # own process group: a timeout or cancel kills it and its children
+        )
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        raise RunFailed(f"cannot start {argv[0]}: {exc.strerror}", 127) from exc
+    out = _Output(ctx, max_output)
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = [_Stream("stdout", proc.stdout.fileno()), _Stream("stderr", proc.stderr.fileno())]
+    try:
+        rc = _pump(proc, streams, out, None if timeout is None else start + timeout)
+        if rc is None:
+            stop_process_group(proc, grace=KILL_GRACE)
+            _drain(streams, out, 0.2)
+            out.flush()
+            raise RunTimeout(
+                f"command did not finish within {timeout:g} s and was killed; last output: "
+                + (" | ".join(out.combined) or "(none)")
+            )
+        _drain(streams, out, DRAIN_AFTER_EXIT)
+    except BaseException:
+        stop_process_group(proc, grace=KILL_GRACE)
+        raise
+    finally:
+        out.flush()
+        for pipe in (proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+    # children the command left in its group must not outlive the step (nor keep a guest mount busy)
+    stop_process_group(proc, grace=KILL_GRACE)
+    duration = round(time.monotonic() - start, 3)
+    result = {
+        "exit_code": rc,
+        "stdout_tail": "\n".join(out.tails["stdout"]),
+        "stderr_tail": "\n".join(out.tails["stderr"]),
+        "duration": duration,
+        "output_bytes": out.total,
+        "truncated": out.truncated,
+    }
+    if rc not in ok:
+        last = " | ".join(list(out.combined)[-10:]) or "(no output)"
+        status = f"signal {-rc}" if rc < 0 else f"status {rc}"
+        raise RunFailed(f"command exited with {status} (allowed: {ok}); last output: {last}", rc)
+    return result
+
+
+def image_path(image: str | dict[str, Any]) -> tuple[str, str | None]:
+    """(path, declared format) of a ``run``/hook ``image`` argument (a path means raw)."""
+    if isinstance(image, str):
+        return image, "raw"
+    return str(image["path"]), image.get("format") or "raw"
+
+
+def run_in_guest(
+    ctx: StepContext,
+    image: str | dict[str, Any],
+    command: str | list[str],
+    *,
+    writable: bool = False,
+    **kw: Any,
+) -> dict[str, Any]:
+    """Mount ``image``'s guest for a chroot, run ``command`` there (see :func:`execute`), unmount."""
+    path, fmt = image_path(image)
+
+    def ledger(action: str, resource: str) -> None:
+        (ctx.ledger_created if action == "created" else ctx.ledger_removed)(resource)
+
+    with mount_guest(
+        path,
+        fmt=fmt,
+        writable=writable,
+        chroot=True,
+        owner=ctx.task_id,
+        state_dir=ctx.config.state_dir,
+        cancel=ctx.cancel,
+        on_change=ledger,
+    ) as gm:
+        ctx.event("guest.mounted", root_device=gm.root_device, writable=writable, skipped=gm.skipped)
+        return execute(ctx, command, root=gm.root, **kw)
+
+
+class RunStep(Step):
+    """Run a command locally (in the task workdir) or in the guest's chroot."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["command"],
+        "properties": {
+            **EXEC_PROPERTIES,
+            "where": {"enum": ["local", "chroot"]},
+            "image": IMAGE_SCHEMA,
+        },
+    }
+
+    def run(
+        self,
+        ctx: StepContext,
+        command: str | list[str],
+        where: str = "local",
+        image: str | dict[str, Any] | None = None,
+        writable: bool = False,
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        ok_codes: list[int] | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> dict[str, Any]:
+        kw = {"timeout": timeout, "env": env, "cwd": cwd, "ok_codes": ok_codes, "max_output": max_output}
+        if where == "local":
+            if image is not None:
+                raise UsageError("run: 'image' is only used with where: chroot")
+            return {**execute(ctx, command, **kw), "where": "local"}
+        if image is None:
+            raise UsageError("run: where: chroot needs 'image' (a raw image path or {path, format})")
+        return {**run_in_guest(ctx, image, command, writable=writable, **kw), "where": "chroot"}
+
+    def plan(self, ctx: StepContext, **args: Any) -> dict[str, Any]:
+        if args.get("where") == "chroot" and not args.get("image"):
+            raise UsageError("run: where: chroot needs 'image' (a raw image path or {path, format})")
+        return {**args, "argv": _argv(args["command"])}
