@@ -111,8 +111,21 @@ def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     get_volume_target(cfg)
     get_image_target(cfg)
+    _validate_hooks(cfg)
     print(f"{cfg.source or 'embedded defaults'}: valid")
     return 0
+
+
+def _validate_hooks(cfg: config_mod.Config) -> None:
+    """Every configured hook must name a registered action (plugins loaded) with valid arguments."""
+    from .errors import ConfigError
+    from .workflow.engine import Engine
+    from .workflow.hookpoints import validate_hooks
+
+    engine = Engine(cfg)  # loads hooks.plugins_dir into the registry
+    problems = [*engine.registry.plugin_errors.values(), *map(str, validate_hooks(engine.loader))]
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def add_commands(sub: Any) -> None:

@@ -232,6 +232,10 @@ def cmd_tasks_resume(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
+    if args.store:
+        from .cli_artifacts import cmd_workflows_list_store
+
+        return cmd_workflows_list_store(args, cfg)
     infos = _engine(cfg).loader.list()
     if args.json:
         _print_json([i.to_dict() for i in infos])
@@ -271,7 +275,8 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser(
         "run",
         help="run a workflow as a task (or plan it with --dry-run)",
-        description="Run WORKFLOW (a name from `imaging workflows list`, or a YAML file) "
+        description="Run WORKFLOW (a name from `imaging workflows list`, a YAML file, or "
+        "artifact://NAME@VERSION from the artifact store) "
         "as a recorded task in this process. Ctrl-C cancels it: completed steps are undone.",
     )
     s.add_argument("workflow")
@@ -317,11 +322,12 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
     s.set_defaults(func=cmd_tasks_resume)
 
-    w = sub.add_parser("workflows", help="list, show and validate workflow files").add_subparsers(
+    w = sub.add_parser("workflows", help="list, show, validate and upload workflow files").add_subparsers(
         dest="workflows_command", required=True, metavar="ACTION"
     )
     s = w.add_parser("list", help="workflows found in the configured and shipped directories")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--store", action="store_true", help="list the artifact store (NAME@VERSION) instead")
     s.set_defaults(func=cmd_workflows_list)
     s = w.add_parser("show", help="print a workflow")
     s.add_argument("workflow")
@@ -330,3 +336,6 @@ def add_commands(sub: Any) -> None:
     s = w.add_parser("validate", help="validate workflow files (errors name file, step and field)")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_workflows_validate)
+    from .cli_artifacts import add_commands as add_artifact_commands
+
+    add_artifact_commands(w)

@@ -24,6 +24,9 @@ SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
 
+#: the insertion points of the import workflows, in the order an import reaches them
+HOOK_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
+
 SIZE = {
     "oneOf": [
         {"type": "integer", "minimum": 0},
@@ -56,6 +59,8 @@ SCHEMA: dict[str, Any] = {
                 "qemu_img_info_cpu_seconds": {"type": "integer", "minimum": 1},
                 "qemu_img_check_cpu_seconds": {"type": "integer", "minimum": 1},
                 "qemu_img_address_space": SIZE,
+                "guest_probe_cpu_seconds": {"type": "integer", "minimum": 1},
+                "guest_probe_address_space": SIZE,
             },
         },
         "safety": {
@@ -76,6 +81,19 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "extra_dirs": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        # Operator hooks (appliance.hooks): steps run at named insertion points of the import workflows.
+        "hooks": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "plugins_dir": {"type": ["string", "null"], "minLength": 1},
+                "points": {
+                    "type": "object",
+                    "propertyNames": {"enum": list(HOOK_POINTS)},
+                    "additionalProperties": {"type": "array", "items": {"$ref": "#/$defs/hook"}},
+                },
             },
         },
         "tasks": {
@@ -187,8 +205,38 @@ SCHEMA: dict[str, Any] = {
             "if": {"properties": {"mode": {"enum": ["push", "pull"]}}, "required": ["mode"]},
             "then": {"required": ["url", "secret", "appliance_id"]},
         },
+        # The artifact store (appliance.artifacts): workflows and their resources by digest in S3.
+        "artifacts": {
+            "type": "object",
+            "additionalProperties": False,
+            "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
+            "properties": {
+                "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
+                "prefix": {"type": "string"},
+                "endpoint_url": {"type": "string", "pattern": "^https?://"},
+                "region": {"type": "string", "minLength": 1},
+                "access_key": {"type": "string", "minLength": 1},
+                "secret_key": {"type": "string", "minLength": 1},
+                "addressing_style": {"enum": ["auto", "path", "virtual"]},
+                "cache_dir": {"type": "string", "minLength": 1},
+                "max_resource_size": SIZE,
+            },
+        },
     },
     "$defs": {
+        "hook": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["hook"],
+            "properties": {
+                # a shipped hook (decompress → action hook.decompress) or any action name (with a dot)
+                "hook": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
+                "name": {"type": "string", "minLength": 1},
+                "with": {"type": "object"},
+                "timeout": {"type": "number", "exclusiveMinimum": 0},
+                "retries": {"type": "integer", "minimum": 0, "maximum": 100},
+            },
+        },
         "s3": {
             "type": "object",
             "additionalProperties": False,
@@ -213,6 +261,9 @@ DEFAULTS: dict[str, Any] = {
         "qemu_img_info_cpu_seconds": 8,
         "qemu_img_check_cpu_seconds": 300,
         "qemu_img_address_space": "1GiB",
+        # the guest reader (appliance.guest.probe) is pure Python; measured ~40 MiB of AS for small guests
+        "guest_probe_cpu_seconds": 60,
+        "guest_probe_address_space": "1GiB",
     },
     "safety": {
         "vmdk_allowed_types": ["monolithicSparse", "streamOptimized"],
@@ -221,6 +272,7 @@ DEFAULTS: dict[str, Any] = {
         "iso_policy": "allow-hybrid",
     },
     "workflows": {"extra_dirs": []},
+    "hooks": {"plugins_dir": None, "points": {}},
     # AWS allows 5 concurrent conversion tasks per region by default
     "tasks": {"lease_seconds": 30, "max_active": 5, "expiration_hours": 168},
     "api": {
@@ -291,6 +343,8 @@ class Limits:
     qemu_img_info_cpu_seconds: int
     qemu_img_check_cpu_seconds: int
     qemu_img_address_space: int
+    guest_probe_cpu_seconds: int = 60
+    guest_probe_address_space: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -358,6 +412,80 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class ArtifactsConfig:
+    """The artifact store and the resource cache (see :mod:`appliance.artifacts`)."""
+
+    #: None: no store configured (``artifact://`` refuses; other resource URIs still work)
+    bucket: str | None = None
+    prefix: str = "artifacts"
+    #: boto3 settings for the store and for ``s3://`` resources (endpoint_url, region, keys)
+    s3: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: verified resources by digest (``<cache_dir>/sha256/<hex>``); None: ``<state_dir>/cache``
+    cache_dir: Path | None = None
+    max_resource_size: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """One configured hook: ``hook`` as written, the ``action`` it runs, its display ``name``."""
+
+    hook: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+    retries: int = 0
+
+    @property
+    def action(self) -> str:
+        """A bare name is a shipped hook (``decompress`` → ``hook.decompress``); a dotted one an action."""
+        return self.hook if "." in self.hook else f"hook.{self.hook}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"hook": self.hook, "name": self.name, "with": copy.deepcopy(self.args)}
+        if self.timeout is not None:
+            d["timeout"] = self.timeout
+        if self.retries:
+            d["retries"] = self.retries
+        return d
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """``hooks``: the operator's plugins directory and the hooks of each insertion point, in order."""
+
+    plugins_dir: Path | None = None
+    points: dict[str, tuple[HookConfig, ...]] = field(default_factory=dict)
+    #: where the hooks were configured (the config file), for error messages
+    source: str = "<config>"
+
+    def at(self, point: str) -> tuple[HookConfig, ...]:
+        return self.points.get(point, ())
+
+    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
+        """The points as JSON data (recorded on a task at submit, read by :func:`hooks_from_dict`)."""
+        return {p: [h.to_dict() for h in hooks] for p, hooks in self.points.items() if hooks}
+
+
+def hooks_from_dict(
+    points: dict[str, Any], *, plugins_dir: Path | None = None, source: str = "<config>"
+) -> HooksConfig:
+    """Build the points of a :class:`HooksConfig` from ``{point: [{hook, name?, with?, ...}]}``."""
+    out: dict[str, tuple[HookConfig, ...]] = {}
+    for point, hooks in points.items():
+        out[point] = tuple(
+            HookConfig(
+                hook=h["hook"],
+                name=h.get("name") or h["hook"],
+                args=dict(h.get("with") or {}),
+                timeout=h.get("timeout"),
+                retries=h.get("retries", 0),
+            )
+            for h in hooks
+        )
+    return HooksConfig(plugins_dir=plugins_dir, points=out, source=source)
+
+
+@dataclass(frozen=True)
 class Config:
     """Validated configuration with sizes in bytes and paths made absolute."""
 
@@ -378,6 +506,8 @@ class Config:
     controller: ControllerConfig = field(
         default_factory=lambda: ControllerConfig(None, None, None, "off", 30.0, 5.0, 10.0, 60.0)
     )
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -439,6 +569,8 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             qemu_img_info_cpu_seconds=limits["qemu_img_info_cpu_seconds"],
             qemu_img_check_cpu_seconds=limits["qemu_img_check_cpu_seconds"],
             qemu_img_address_space=parse_size(limits["qemu_img_address_space"]),
+            guest_probe_cpu_seconds=limits["guest_probe_cpu_seconds"],
+            guest_probe_address_space=parse_size(limits["guest_probe_address_space"]),
         ),
         safety=SafetyPolicy(
             vmdk_allowed_types=tuple(safety["vmdk_allowed_types"]),
@@ -481,8 +613,25 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             task_io_write_bandwidth=_optional_size(merged["worker"].get("task_io_write_bandwidth")),
         ),
         controller=_controller(merged["controller"]),
+        artifacts=_artifacts(merged.get("artifacts") or {}, state_dir, path),
+        hooks=hooks_from_dict(
+            merged["hooks"].get("points") or {},
+            plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,
+            source=str(source or "<config>"),
+        ),
         source=source,
         raw=merged,
+    )
+
+
+def _artifacts(raw: dict[str, Any], state_dir: Path, path: Any) -> ArtifactsConfig:
+    s3_keys = ("endpoint_url", "region", "access_key", "secret_key", "addressing_style")
+    return ArtifactsConfig(
+        bucket=raw.get("bucket"),
+        prefix=str(raw.get("prefix", "artifacts")).strip("/"),
+        s3={k: raw[k] for k in s3_keys if raw.get(k)},
+        cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else state_dir / "cache",
+        max_resource_size=parse_size(raw.get("max_resource_size", "1GiB")),
     )
 
 

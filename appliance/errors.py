@@ -153,8 +153,9 @@ class StepTimeout(ImagingError):
     code = "StepTimeout"
 
 
-#: code prefixes that mean "the image was rejected" (CLI exit status 2) rather than "the work failed"
-REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitExceeded")
+#: code prefixes that mean "the image was rejected" (by inspection, guest validation or an operator
+#: policy: CLI exit status 2) rather than "the work failed"
+REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitExceeded", "Guest", "Policy")
 
 
 def is_rejection(code: str | None) -> bool:

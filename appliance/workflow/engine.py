@@ -26,8 +26,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.refs import ArtifactError
+from ..config import HooksConfig
 from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
 from ..store import Store, Task, TaskState
+from . import hookpoints
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .loader import Workflow, WorkflowLoader
 from .planner import Planner
@@ -70,8 +73,15 @@ class Engine:
         self.registry = registry or (loader.registry if loader else default_registry())
         self.templater = loader.templater if loader else Templater()
         self.loader = loader or WorkflowLoader(
-            config.workflow_dirs, registry=self.registry, templater=self.templater
+            config.workflow_dirs,
+            registry=self.registry,
+            templater=self.templater,
+            artifacts=_artifact_store(config),
+            hooks=getattr(config, "hooks", None),
         )
+        from ..hooks.plugins import ensure_plugins  # here: appliance.hooks imports this package
+
+        ensure_plugins(self.registry, config)
         if callbacks is None:
             callbacks = []
         elif isinstance(callbacks, EngineCallbacks):
@@ -123,6 +133,13 @@ class Engine:
         resolved = workflow.resolve_params(params, coerce_strings=coerce_strings)
         ref = str(workflow.source) if self.loader.is_path(workflow_ref) else str(workflow_ref)
         task = self.store.create_task(kind, ref, resolved, task_id=task_id)
+        points = hookpoints.points_used(workflow)
+        if points:
+            # The task runs (and resumes) with the hooks configured now, whatever the config says later.
+            recorded = {
+                p: h for p, h in (self.loader.hooks or HooksConfig()).to_dict().items() if p in points
+            }
+            self.store.add_event(task.id, hookpoints.HOOKS_EVENT, {"points": recorded})
         self.callbacks.on_task_state(task)
         return task.id
 
@@ -137,7 +154,7 @@ class Engine:
         try:
             workflow = self._task_workflow(task)
             params = workflow.resolve_params(task.params)
-        except (WorkflowInvalid, UsageError) as exc:
+        except (WorkflowInvalid, UsageError, ArtifactError) as exc:
             failed = self.store.set_state(
                 task_id,
                 TaskState.FAILED,
@@ -176,7 +193,7 @@ class Engine:
         try:
             workflow = self._task_workflow(task)
             params = workflow.resolve_params(task.params)
-        except (WorkflowInvalid, UsageError) as exc:
+        except (WorkflowInvalid, UsageError, ArtifactError) as exc:
             return self._drive(run, None, {}, abort=exc)
         if not workflow.resumable:
             where = f"during step {interrupted[-1].name!r}" if interrupted else "between steps"
@@ -213,7 +230,9 @@ class Engine:
     def _task_workflow(self, task: Task) -> Workflow:
         if not task.workflow:
             raise UsageError(f"task {task.id} ({task.kind}) has no workflow to run")
-        return self.loader.load(task.workflow)
+        recorded = hookpoints.recorded_hooks(self.store, task.id)
+        loader = self.loader if recorded is None else self.loader.with_hooks(recorded)
+        return loader.load(task.workflow)
 
     # -- driving a run to its end ---------------------------------------------------------------
 
@@ -297,6 +316,15 @@ class Engine:
             error_code=CLEANUP_FAILED if cancelled else error.code,
             error_message=("cancelled, but cleanup failed: " + message) if cancelled else message,
         )
+
+
+def _artifact_store(config: Any) -> Any:
+    """The artifact store of ``config`` (``artifact://`` workflows and resources), if it has a state dir."""
+    if getattr(config, "state_dir", None) is None:
+        return None
+    from ..artifacts.store import ArtifactStore
+
+    return ArtifactStore.from_config(config)
 
 
 def recover(store: Store, config: Any, **engine_kwargs: Any) -> list[Task]:

@@ -15,6 +15,7 @@ problems are reported together, each naming file, step and field.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,18 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ..artifacts.refs import TEMPLATE_NAME as RESOURCES
+from ..artifacts.refs import (
+    ArtifactError,
+    ArtifactRef,
+    ResourceSpec,
+    is_artifact_uri,
+    parse_resource,
+    resource_names_used,
+)
+from ..config import HooksConfig
 from ..errors import UsageError, WorkflowInvalid
+from . import hookpoints
 from .registry import Registry, StepUnavailable, default_registry
 from .schema import WorkflowError, invalid, schema_errors, step_label
 from .templating import TemplateProblem, Templater, contains_template
@@ -34,7 +46,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "workflows"
 SUFFIXES = (".yaml", ".yml")
 
 #: names the engine binds in every template scope; params and registers may not use them
-RESERVED_NAMES = frozenset({"item", "task"})
+RESERVED_NAMES = frozenset({"item", "task", RESOURCES})
 
 _JSON_TYPES = {
     "string": str,
@@ -87,6 +99,9 @@ class StepSpec:
     retry_delay: float = 0.0
     undo: bool = True
     description: str = ""
+    #: an insertion point (``hooks: after_fetch``) and the configured hooks it runs
+    hooks: str | None = None
+    hook_steps: tuple[StepSpec, ...] = ()
 
     @property
     def label(self) -> str:
@@ -103,6 +118,10 @@ class Workflow:
     params: dict[str, ParamSpec]
     steps: tuple[StepSpec, ...]
     resumable: bool = True
+    #: ``resources:`` by name (fetched before the first step; templates see ``resources.NAME``)
+    resources: dict[str, ResourceSpec] = field(default_factory=dict)
+    #: the artifact this workflow was loaded from (``artifact://NAME@VERSION``), if any
+    origin: str | None = None
 
     def resolve_params(
         self, given: Mapping[str, Any] | None, *, coerce_strings: bool = False
@@ -225,26 +244,54 @@ class WorkflowLoader:
         registry: Registry | None = None,
         templater: Templater | None = None,
         shipped_dir: Path | None = SHIPPED_DIR,
+        artifacts: Any = None,
+        hooks: HooksConfig | None = None,
     ) -> None:
         self.search_dirs = [Path(d) for d in search_dirs]
+        #: the hooks ``hooks:`` steps expand to (see :mod:`.hookpoints`); None: every point is empty
+        self.hooks = hooks
         if shipped_dir is not None:
             self.search_dirs.append(shipped_dir)
         self.registry = registry or default_registry()
         self.templater = templater or Templater()
+        #: an :class:`~appliance.artifacts.ArtifactStore` for ``artifact://`` references (None: refused)
+        self.artifacts = artifacts
+        # local workflow file -> the artifact it was fetched from (relative resources live there)
+        self._origins: dict[Path, ArtifactRef] = {}
 
     @classmethod
     def from_config(cls, config: Any, *, registry: Registry | None = None) -> WorkflowLoader:
-        return cls(config.workflow_dirs, registry=registry)
+        from ..artifacts.store import ArtifactStore
+
+        return cls(
+            config.workflow_dirs,
+            registry=registry,
+            artifacts=ArtifactStore.from_config(config),
+            hooks=getattr(config, "hooks", None),
+        )
+
+    def with_hooks(self, hooks: HooksConfig | None) -> WorkflowLoader:
+        """This loader, expanding insertion points to ``hooks`` (e.g. those recorded on a task)."""
+        clone = copy.copy(self)
+        clone.hooks = hooks
+        return clone
 
     # -- locating ------------------------------------------------------------------------------
 
     @staticmethod
     def is_path(ref: str | Path) -> bool:
         text = str(ref)
+        if isinstance(ref, str) and is_artifact_uri(text):
+            return False  # recorded as the URI itself, so a resumed task fetches the same version
         return isinstance(ref, Path) or os.sep in text or "/" in text or text.endswith(SUFFIXES)
 
     def resolve(self, ref: str | Path, *, relative_to: Path | None = None) -> Path:
-        """The file ``ref`` names (:class:`UsageError` if there is none)."""
+        """The file ``ref`` names (:class:`UsageError` if there is none).
+
+        An ``artifact://NAME@VERSION[/workflow.yaml]`` is fetched (verified by digest) into the cache.
+        """
+        if isinstance(ref, str) and is_artifact_uri(ref):
+            return self._artifact_workflow(ref)
         if self.is_path(ref):
             path = Path(ref).expanduser()
             if not path.is_absolute():
@@ -285,13 +332,23 @@ class WorkflowLoader:
             error = f"name {doc.get('name')!r} does not match the file name {path.name!r}"
         return WorkflowInfo(path.stem, description.strip(), path, error)
 
+    def _artifact_workflow(self, uri: str) -> Path:
+        ref = ArtifactRef.parse(uri)
+        if self.artifacts is None:
+            raise ArtifactError(
+                f"cannot load {uri}: this loader has no artifact store", "Artifact.NotConfigured"
+            )
+        path = self.artifacts.workflow_file(ref)
+        self._origins[path] = ArtifactRef(ref.name, ref.version)
+        return path
+
     # -- loading -------------------------------------------------------------------------------
 
     def load(self, ref: str | Path) -> Workflow:
         """Locate, parse and fully validate a workflow (:class:`WorkflowInvalid` lists every problem)."""
         path = self.resolve(ref)
         workflow = self._load(path, [], {})
-        if not self.is_path(ref) and workflow.name != path.stem:
+        if not self.is_path(ref) and not is_artifact_uri(str(ref)) and workflow.name != path.stem:
             raise invalid(
                 [
                     WorkflowError(
@@ -316,8 +373,11 @@ class WorkflowLoader:
         if errors:
             raise invalid(errors)
         params, errors = self._params(doc.get("params") or {}, file)
+        origin = self._origins.get(path)
+        resources, resource_errors = self._resources(doc, path, origin)
+        errors += resource_errors
         steps: list[StepSpec] = []
-        known = set(params) | {"task"} | self.templater.global_names
+        known = set(params) | {"task"} | self.templater.global_names | ({RESOURCES} if resources else set())
         step_names: set[str] = set()
         for i, raw in enumerate(doc["steps"], start=1):
             step, step_errors = self._step(
@@ -328,6 +388,7 @@ class WorkflowLoader:
                 steps.append(step)
             if isinstance(raw.get("register"), str):
                 known.add(raw["register"])  # even for a broken step: no cascade of "undefined" errors
+        errors += self._resource_uses(doc, file, resources)
         if errors:
             raise invalid(errors)
         workflow = Workflow(
@@ -337,9 +398,45 @@ class WorkflowLoader:
             params=params,
             steps=tuple(steps),
             resumable=doc.get("resumable", True),
+            resources=resources,
+            origin=origin.uri if origin else None,
         )
         cache[path] = workflow
         return workflow
+
+    def _resources(
+        self, doc: dict[str, Any], path: Path, origin: ArtifactRef | None
+    ) -> tuple[dict[str, ResourceSpec], list[WorkflowError]]:
+        out, errors = {}, []
+        for name, value in (doc.get("resources") or {}).items():
+            try:
+                out[name] = parse_resource(name, value, base_dir=path.parent, origin=origin)
+            except ArtifactError as exc:
+                errors.append(WorkflowError(str(path), exc.message, None, f"resources.{name}"))
+        return out, errors
+
+    def _resource_uses(
+        self, doc: dict[str, Any], file: str, resources: dict[str, ResourceSpec]
+    ) -> list[WorkflowError]:
+        """``resources.NAME`` in a template must name a declared resource."""
+        if not resources:
+            return []  # `resources` itself is then an undefined variable, reported per step
+        errors = []
+        env = self.templater.env
+        for i, raw in enumerate(doc["steps"], start=1):
+            fields = [("with", raw.get("with"), False), ("loop", raw.get("loop"), False)]
+            fields.append(("when", raw.get("when"), True))
+            for where, value, expression in fields:
+                for name in sorted(resource_names_used(env, value, expression=expression) - set(resources)):
+                    errors.append(
+                        WorkflowError(
+                            file,
+                            f"undefined resource {name!r} (resources: {', '.join(sorted(resources))})",
+                            step_label(i, raw.get("name")),
+                            where,
+                        )
+                    )
+        return errors
 
     def _params(self, raw: dict[str, Any], file: str) -> tuple[dict[str, ParamSpec], list[WorkflowError]]:
         params, errors = {}, []
@@ -384,9 +481,12 @@ class WorkflowLoader:
         if raw["name"] in step_names:
             err("another step has the same name (step names must be unique in a workflow)", "name")
         step_names.add(raw["name"])
-        has_action, has_include = "action" in raw, "include" in raw
-        if has_action == has_include:
-            err("needs exactly one of 'action' (a registered step) or 'include' (another workflow)")
+        has_action, has_include, has_hooks = "action" in raw, "include" in raw, "hooks" in raw
+        if has_action + has_include + has_hooks != 1:
+            err(
+                "needs exactly one of 'action' (a registered step) or 'include' (another workflow)"
+                " or 'hooks' (an insertion point)"
+            )
         if has_include:
             for key in ("timeout", "retries", "retry_delay", "undo"):
                 if key in raw:
@@ -417,7 +517,11 @@ class WorkflowLoader:
             self._check_names(raw["loop"], "loop", known, err)
 
         include = None
-        if has_action and not has_include:
+        hook_steps: tuple[StepSpec, ...] = ()
+        if has_hooks:
+            hook_steps, hook_errors = hookpoints.expand(self, raw, file, label)
+            errors += hook_errors
+        elif has_action and not has_include:
             self._check_action(raw["action"], raw.get("with", {}), err)
         elif has_include:
             include = self._include(raw, path, stack, cache, err)
@@ -439,6 +543,8 @@ class WorkflowLoader:
                 retry_delay=raw.get("retry_delay", 0.0),
                 undo=raw.get("undo", True),
                 description=(raw.get("description") or "").strip(),
+                hooks=raw.get("hooks"),
+                hook_steps=hook_steps,
             ),
             [],
         )
@@ -475,9 +581,12 @@ class WorkflowLoader:
         self, raw: dict[str, Any], path: Path, stack: list[Path], cache: dict[Path, Workflow], err: Any
     ) -> Workflow | None:
         ref = raw["include"]
+        if path in self._origins and self.is_path(ref):
+            err("a workflow from an artifact includes other workflows by name or artifact:// URI", "include")
+            return None
         try:
             target = self.resolve(ref, relative_to=path.parent)
-        except UsageError as exc:
+        except (UsageError, ArtifactError) as exc:
             err(exc.message, "include")
             return None
         if target in stack:

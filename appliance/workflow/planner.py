@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 
 from ..errors import UsageError
+from . import hookpoints
 from .registry import Registry
 from .schema import WorkflowError, invalid
 from .step import DRY_RUN_WORKDIR, StepContext
@@ -61,6 +62,13 @@ class _PlanHooks:
         raise UsageError("scratch space is not available in a dry run")
 
 
+def _plan_resources(workflow: Any) -> dict[str, Any]:
+    """``resources`` in dry-run templates: placeholders (a dry run downloads nothing)."""
+    if not getattr(workflow, "resources", None):
+        return {}
+    return {"resources": {name: UnknownResult(f"resource {name!r}") for name in workflow.resources}}
+
+
 class Planner:
     """Builds the dry-run plan of a workflow."""
 
@@ -77,7 +85,9 @@ class Planner:
         ``plan`` (the step's ``plan()`` output) and ``scratch_bytes``.
         """
         entries: list[dict[str, Any]] = []
-        self._steps(workflow, {**params, "task": _PlanTask()}, "", RUN, None, entries)
+        self._steps(
+            workflow, {**params, **_plan_resources(workflow), "task": _PlanTask()}, "", RUN, None, entries
+        )
         definite = sum(e.get("scratch_bytes") or 0 for e in entries if e["status"] == RUN)
         maximum = sum(e.get("scratch_bytes") or 0 for e in entries if e["status"] != SKIP)
         return {
@@ -88,7 +98,16 @@ class Planner:
             "steps": entries,
             "scratch_bytes": definite,
             "scratch_bytes_max": maximum,
+            "resources": self._resources(workflow),
         }
+
+    def _resources(self, workflow: Any) -> list[dict[str, Any]]:
+        """What a run would fetch before its first step (nothing is fetched in a dry run)."""
+        from ..artifacts.resources import ResourceFetcher, walk_workflows
+
+        if not any(wf.resources for wf in walk_workflows(workflow)):
+            return []
+        return ResourceFetcher(self.config).plan(workflow)
 
     def _steps(
         self,
@@ -164,6 +183,8 @@ class Planner:
         reason: str | None,
         entries: list[dict[str, Any]],
     ) -> Any:
+        if step.hooks is not None:
+            return hookpoints.plan_point(self, wf, step, idx, scope, status, reason, entries)
         args, known = self._render(wf, step, step.args, scope, "with")
         entry = self._entry(step, idx, status, reason)
         entry.update(args=placeholders_to_text(args), args_known=known)
@@ -177,7 +198,7 @@ class Planner:
                     raise invalid([WorkflowError(str(wf.source), exc.message, step.label, "with")]) from None
                 params = dict(given)
             params.update({k: v for k, v in args.items() if contains_unknown(v)})
-            inner = {**params, "task": _PlanTask()}
+            inner = {**params, **_plan_resources(step.include), "task": _PlanTask()}
             return self._steps(step.include, inner, f"{idx}/include/", status, reason, entries)
 
         cls = self.registry.get(step.action)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -45,6 +46,8 @@ class Registry:
         self._entry_points: dict[str, importlib.metadata.EntryPoint] = {}
         self._classes: dict[str, type] = {}
         self._broken: dict[str, str] = {}
+        #: plugin files (see :mod:`appliance.hooks.plugins`) that could not be loaded: file → why
+        self.plugin_errors: dict[str, str] = {}
         if entry_points:
             for ep in importlib.metadata.entry_points(group=group):
                 # First one wins, so a plugin cannot silently shadow a built-in of the same name.
@@ -74,7 +77,8 @@ class Registry:
         ep = self._entry_points.get(name)
         if ep is None:
             known = ", ".join(self.names()) or "none"
-            raise StepUnavailable(f"unknown action {name!r} (registered: {known})")
+            broken = "".join(f"; plugin not loaded: {e}" for e in self.plugin_errors.values())
+            raise StepUnavailable(f"unknown action {name!r} (registered: {known}){broken}")
         try:
             cls = ep.load()
             _check_class(name, cls)
@@ -104,6 +108,8 @@ class Registry:
             target = target or f"{cls.__module__}.{cls.__qualname__}"
             doc = (cls.__doc__ or "").strip().splitlines()
             out.append(StepInfo(name, target, True, doc[0] if doc else ""))
+        for file, error in sorted(self.plugin_errors.items()):
+            out.append(StepInfo(f"<plugin {Path(file).name}>", file, False, "", error))
         return out
 
 

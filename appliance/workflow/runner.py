@@ -36,6 +36,7 @@ from ..errors import (
     WorkflowInvalid,
 )
 from ..store import StepRecord, StepState
+from . import hookpoints
 from .registry import StepUnavailable
 from .schema import WorkflowError, invalid
 from .step import StepContext
@@ -102,15 +103,38 @@ class TaskRun:
         #: the newest throttled progress per step, written by :meth:`flush_progress`
         self._pending_progress: dict[str, dict[str, Any]] = {}
         self._progress_lock = threading.Lock()
+        #: id(workflow) -> resource name -> cached file (set by :meth:`_fetch_resources`)
+        self._resources: dict[int, dict[str, str]] = {}
 
     # -- executing -------------------------------------------------------------------------
 
     def execute(self, workflow: Workflow, params: dict[str, Any]) -> dict[str, Any]:
-        """Run the workflow's steps in order; returns the top-level registered results."""
-        return self._run_steps(workflow, self._scope(params), "")
+        """Fetch the workflow's resources, then run its steps in order; returns the top-level
+        registered results."""
+        self._fetch_resources(workflow)
+        return self._run_steps(workflow, self._scope(params, workflow), "")
 
-    def _scope(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {**params, "task": TaskVars(self)}
+    def _scope(self, params: dict[str, Any], workflow: Workflow | None = None) -> dict[str, Any]:
+        scope = {**params, "task": TaskVars(self)}
+        if workflow is not None and workflow.resources:
+            scope["resources"] = self._resources.get(id(workflow), {})
+        return scope
+
+    def _fetch_resources(self, workflow: Workflow) -> None:
+        """Before the first step (and again on resume: then from the cache): every resource of the
+        workflow and its includes as a verified local file (``resources.NAME`` in templates)."""
+        from ..artifacts.resources import ResourceFetcher, walk_workflows
+
+        if not any(wf.resources for wf in walk_workflows(workflow)):
+            return
+        fetched = ResourceFetcher(
+            self.config, store=getattr(self.engine.loader, "artifacts", None)
+        ).fetch_workflow(workflow, cancel=self.cancel)
+        self._resources = {key: {n: str(r.path) for n, r in res.items()} for key, res in fetched.items()}
+        self._emit(
+            "resources.fetched",
+            {"resources": [r.to_dict() for res in fetched.values() for r in res.values()]},
+        )
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
@@ -127,6 +151,8 @@ class TaskRun:
         return registered
 
     def _action_name(self, step: StepSpec) -> str:
+        if step.hooks is not None:
+            return f"hooks:{step.hooks}"
         return step.action or f"include:{step.include_ref}"
 
     def _run_step(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> tuple[bool, Any]:
@@ -176,6 +202,8 @@ class TaskRun:
             return previous.result
         if step.include is not None:
             return self._run_include(wf, step, idx, scope)
+        if step.hooks is not None:
+            return hookpoints.run_point(self, wf, step, idx, scope)
         try:
             args = self._render(wf, step, step.args, scope, "with")
             cls = self.registry.get(step.action)
@@ -234,7 +262,7 @@ class TaskRun:
             raise invalid([WorkflowError(str(wf.source), exc.message, step.label, "with")]) from None
         parent = self._record(step, idx, StepState.RUNNING, args=params, undo=False)
         self.callbacks.on_step_start(self.task_id, parent)
-        registered = self._run_steps(included, self._scope(params), f"{idx}/include/")
+        registered = self._run_steps(included, self._scope(params, included), f"{idx}/include/")
         self._finish(step, idx, StepState.COMPLETED, args=params, result=registered, undo=False)
         return registered
 

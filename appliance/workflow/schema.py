@@ -31,6 +31,7 @@ STEP_SCHEMA: dict[str, Any] = {
         "description": {"type": "string"},
         "action": {"type": "string", "minLength": 1},
         "include": {"type": "string", "minLength": 1},
+        "hooks": {"type": "string", "minLength": 1},
         "with": {"type": "object"},
         "when": {"type": ["string", "boolean"]},
         "register": {"type": "string", "pattern": IDENTIFIER},
@@ -54,6 +55,18 @@ PARAM_SCHEMA: dict[str, Any] = {
     },
 }
 
+# A URI, or {uri, sha256} (a digest pin). One schema, not oneOf: errors then name the bad key.
+RESOURCE_SCHEMA: dict[str, Any] = {
+    "type": ["string", "object"],
+    "minLength": 1,
+    "additionalProperties": False,
+    "required": ["uri"],
+    "properties": {
+        "uri": {"type": "string", "minLength": 1},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    },
+}
+
 WORKFLOW_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -69,6 +82,12 @@ WORKFLOW_SCHEMA: dict[str, Any] = {
             "additionalProperties": PARAM_SCHEMA,
         },
         "steps": {"type": "array", "minItems": 1, "items": STEP_SCHEMA},
+        # files the steps use, by URI (see appliance.artifacts.refs); templates see resources.NAME
+        "resources": {
+            "type": "object",
+            "propertyNames": {"pattern": IDENTIFIER},
+            "additionalProperties": RESOURCE_SCHEMA,
+        },
     },
 }
 

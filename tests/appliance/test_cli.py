@@ -152,8 +152,9 @@ def test_run_workflow_records_a_task_visible_to_tasks_commands(tmp_path: Path, e
     listed = json.loads(imaging("tasks", "list", "--json", env=env).stdout)
     assert [t["id"] for t in listed] == [task["id"]]
     shown = json.loads(imaging("tasks", "show", task["id"], "--json", env=env).stdout)
-    assert [s["name"] for s in shown["steps"]] == ["inspect", "copy-unchanged", "convert"]
-    assert [s["state"] for s in shown["steps"]] == ["completed", "skipped", "completed"]
+    # after-inspect: the operator hooks' insertion point (none configured: it passes the image on)
+    assert [s["name"] for s in shown["steps"]] == ["inspect", "after-inspect", "copy-unchanged", "convert"]
+    assert [s["state"] for s in shown["steps"]] == ["completed", "completed", "skipped", "completed"]
     assert any(e["action"] == "created" and e["resource"] == str(dst) for e in shown["ledger"])
 
 
@@ -196,7 +197,7 @@ def test_dry_run_plans_without_side_effects(tmp_path: Path, env: dict[str, str])
     )
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert [s["status"] for s in plan["steps"]] == ["run", "skip", "run"]
+    assert [s["status"] for s in plan["steps"]] == ["run", "run", "skip", "run"]
     assert plan["steps"][0]["scratch_bytes"] > 0  # the gzip input will be decompressed into scratch
     assert not db(env).exists()
     assert not (tmp_path / "o.raw").exists()

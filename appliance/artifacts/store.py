@@ -1,0 +1,517 @@
+"""The artifact store: workflows and their resources in an S3 bucket, one immutable version each.
+
+Layout under ``<bucket>/<prefix>/``::
+
+    NAME/VERSION/index.json        what the artifact holds, with the sha256 and size of each file
+    NAME/VERSION/workflow.yaml     the workflow file, byte for byte as uploaded
+    NAME/VERSION/resources/RES     each resource the workflow declares by path
+
+``index.json`` is ``{"name", "version", "created", "workflow": {"path", "sha256", "size"},
+"resources": {RES: {"path", "sha256", "size"}}}``. It is written last (with ``If-None-Match: *``),
+so an artifact exists exactly when its index does. Versions are immutable: uploading other content
+under an existing ``NAME@VERSION`` is refused (``Artifact.VersionExists``); the same content again
+is a no-op. Without an explicit version the version is the first 12 hex digits of a digest over
+the workflow's and resources' digests, so re-uploading unchanged content gives the same URI.
+
+Readers trust the index on first use: it is kept in ``<cache_dir>/artifacts/NAME/VERSION/`` and
+every file fetched is verified against it (``Artifact.DigestMismatch``) and cached by digest, so a
+second run of the same version reads nothing from S3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ..targets.base import boto_client
+from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
+from .refs import (
+    INDEX_FILE,
+    NAME_PATTERN,
+    RESOURCE_DIR,
+    SHA256_PATTERN,
+    VERSION_PATTERN,
+    WORKFLOW_FILE,
+    ArtifactError,
+    ArtifactRef,
+    check_name,
+    check_version,
+)
+
+#: an index larger than this is not an index
+MAX_INDEX_BYTES = 1 << 20
+
+_ENTRY = {
+    "type": "object",
+    "required": ["path", "sha256", "size"],
+    "properties": {
+        "path": {"type": "string", "minLength": 1, "not": {"pattern": r"(^/|(^|/)\.\.?(/|$))"}},
+        "sha256": {"type": "string", "pattern": SHA256_PATTERN},
+        "size": {"type": "integer", "minimum": 0},
+    },
+}
+INDEX_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "version", "created", "workflow", "resources"],
+    "properties": {
+        "name": {"type": "string", "pattern": NAME_PATTERN},
+        "version": {"type": "string", "pattern": VERSION_PATTERN},
+        "created": {"type": "string"},
+        "workflow": _ENTRY,
+        "resources": {"type": "object", "additionalProperties": _ENTRY},
+    },
+}
+_INDEX_VALIDATOR = jsonschema.Draft202012Validator(INDEX_SCHEMA)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of an artifact."""
+
+    path: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
+class ArtifactIndex:
+    """The parsed ``index.json`` of one artifact version."""
+
+    name: str
+    version: str
+    created: str
+    workflow: Entry
+    resources: dict[str, Entry] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return ArtifactRef(self.name, self.version)
+
+    @property
+    def uri(self) -> str:
+        return self.ref.uri
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "workflow": self.workflow.to_dict(),
+            "resources": {k: v.to_dict() for k, v in sorted(self.resources.items())},
+        }
+
+    def same_content(self, other: ArtifactIndex) -> bool:
+        """Whether both hold the same files (``created`` aside)."""
+        return self.workflow == other.workflow and self.resources == other.resources
+
+    def entry(self, path: str) -> Entry:
+        """The file at ``path`` (``workflow.yaml``, ``resources/RES``), or a resource by its name."""
+        if path == self.workflow.path:
+            return self.workflow
+        for entry in self.resources.values():
+            if entry.path == path:
+                return entry
+        if path in self.resources:
+            return self.resources[path]
+        have = ", ".join([self.workflow.path, *(e.path for e in self.resources.values())])
+        raise ArtifactError(f"{self.uri} holds no {path!r} (it holds: {have})", "Artifact.NotFound")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ArtifactIndex:
+        """Validate and parse an index document (``Artifact.IndexInvalid``)."""
+        errors = sorted(_INDEX_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+        if errors:
+            e = errors[0]
+            at = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+            raise ArtifactError(f"{where}: invalid index: {at}: {e.message}", "Artifact.IndexInvalid")
+
+        def entry(d: dict[str, Any]) -> Entry:
+            return Entry(d["path"], d["sha256"], d["size"])
+
+        return cls(
+            name=data["name"],
+            version=data["version"],
+            created=data["created"],
+            workflow=entry(data["workflow"]),
+            resources={k: entry(v) for k, v in data["resources"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What ``upload`` did: the artifact's index and whether anything was written."""
+
+    index: ArtifactIndex
+    #: False when the same content already was this version (nothing was written)
+    uploaded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.index.uri, "uploaded": self.uploaded, **self.index.to_dict()}
+
+
+def content_version(workflow_sha256: str, resources: Mapping[str, str]) -> str:
+    """The default version: 12 hex digits of a digest over the workflow's and resources' digests."""
+    doc = json.dumps({"workflow": workflow_sha256, "resources": dict(sorted(resources.items()))})
+    return hashlib.sha256(doc.encode()).hexdigest()[:12]
+
+
+def _error_code(exc: Exception) -> tuple[str, int | None]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code") or "")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code, status
+
+
+class ArtifactStore:
+    """Reads and writes artifacts in the configured bucket; caches what it reads.
+
+    ``cfg`` is ``config.artifacts``. Nothing connects until an operation needs S3, and operations
+    on a store without a bucket raise ``Artifact.NotConfigured``.
+    """
+
+    def __init__(self, cfg: Any, *, client: Any = None) -> None:
+        self.cfg = cfg
+        self.bucket: str | None = cfg.bucket
+        self.prefix: str = (cfg.prefix or "").strip("/")
+        self.cache = DigestCache(Path(cfg.cache_dir))
+        self._client = client
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ArtifactStore:
+        """The store of ``config.artifacts`` (its cache under ``<state_dir>/cache`` by default)."""
+        from ..config import ArtifactsConfig
+
+        cfg = getattr(config, "artifacts", None) or ArtifactsConfig()
+        if cfg.cache_dir is None:
+            cfg = ArtifactsConfig(
+                cfg.bucket, cfg.prefix, cfg.s3, config.state_dir / "cache", cfg.max_resource_size
+            )
+        return cls(cfg)
+
+    # -- S3 ------------------------------------------------------------------------------------
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.bucket)
+
+    def _require_bucket(self) -> str:
+        if not self.bucket:
+            raise ArtifactError(
+                "no artifact store is configured; set artifacts.bucket (and endpoint_url, credentials) "
+                "in the configuration",
+                "Artifact.NotConfigured",
+            )
+        return self.bucket
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client for the store (and for ``s3://`` resources), created on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = s3_client(self.cfg.s3)
+            return self._client
+
+    def key(self, name: str, version: str, path: str) -> str:
+        """The object key of ``path`` in artifact ``name@version``."""
+        return "/".join(p for p in (self.prefix, name, version, path) if p)
+
+    def _s3_error(self, exc: Exception, what: str) -> ArtifactError:
+        code, status = _error_code(exc)
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return ArtifactError(f"{what} does not exist in the artifact store", "Artifact.NotFound")
+        if code == "NoSuchBucket":
+            return ArtifactError(
+                f"the artifact store bucket {self.bucket!r} does not exist; create it or fix "
+                "artifacts.bucket",
+                "Artifact.StoreUnavailable",
+            )
+        detail = f"{code}: {exc}" if code else str(exc)
+        return ArtifactError(f"{what}: the artifact store failed: {detail}", "Artifact.StoreUnavailable")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _local_dir(self, ref: ArtifactRef) -> Path:
+        return self.cache.root / "artifacts" / ref.name / ref.version
+
+    def index(self, ref: ArtifactRef) -> ArtifactIndex:
+        """The index of ``ref`` (from the local copy when this version was read before)."""
+        local = self._local_dir(ref) / INDEX_FILE
+        try:
+            return ArtifactIndex.from_dict(json.loads(local.read_text()), str(local))
+        except (OSError, ValueError, ArtifactError):
+            pass  # not cached (or damaged): read it from the store
+        index = self.fetch_index(ref)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{INDEX_FILE}.{secrets.token_hex(6)}")
+        tmp.write_text(json.dumps(index.to_dict(), indent=2, sort_keys=True))
+        os.replace(tmp, local)
+        return index
+
+    def fetch_index(self, ref: ArtifactRef) -> ArtifactIndex:
+        """The index as the store has it now (no local copy involved); ``Artifact.NotFound`` if none."""
+        index = self._read_index(ref.name, ref.version)
+        if index is None:
+            raise ArtifactError(f"{ref.uri} does not exist in the artifact store", "Artifact.NotFound")
+        return index
+
+    def _read_index(self, name: str, version: str) -> ArtifactIndex | None:
+        bucket = self._require_bucket()
+        key = self.key(name, version, INDEX_FILE)
+        where = f"{ArtifactRef(name, version).uri}/{INDEX_FILE}"
+        try:
+            out = self.client.get_object(Bucket=bucket, Key=key)
+            body = out["Body"].read(MAX_INDEX_BYTES + 1)
+        except Exception as exc:
+            error = self._s3_error(exc, where)
+            if error.code == "Artifact.NotFound":
+                return None
+            raise error from exc
+        if len(body) > MAX_INDEX_BYTES:
+            raise ArtifactError(f"{where} is larger than {MAX_INDEX_BYTES} bytes", "Artifact.IndexInvalid")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise ArtifactError(f"{where} is not JSON: {exc}", "Artifact.IndexInvalid") from exc
+        index = ArtifactIndex.from_dict(data, where)
+        if (index.name, index.version) != (name, version):
+            # an index copied to another key must not pass for that version
+            raise ArtifactError(
+                f"{where} describes {index.uri}, not artifact://{name}@{version}", "Artifact.IndexInvalid"
+            )
+        return index
+
+    def fetch(
+        self, ref: ArtifactRef, *, cancel: threading.Event | None = None, expected: str | None = None
+    ) -> tuple[Path, Entry, bool]:
+        """The verified local copy of the file ``ref.path`` names: ``(path, entry, was_cached)``.
+
+        ``expected`` is an extra digest pin (from the workflow) that the index must agree with.
+        """
+        index = self.index(ref)
+        entry = index.entry(ref.path or WORKFLOW_FILE)
+        if expected is not None and expected != entry.sha256:
+            raise digest_mismatch(f"{ref} (index of {ref.uri})", entry.sha256, expected)
+        hit = self.cache.lookup(entry.sha256)
+        if hit is not None:
+            return hit, entry, True
+        tmp = self.cache.temp_path()
+        try:
+            actual, _ = download_object(
+                self.client,
+                self._require_bucket(),
+                self.key(ref.name, ref.version, entry.path),
+                tmp,
+                max_bytes=entry.size,
+                cancel=cancel,
+                what=f"{ref.uri}/{entry.path}",
+                on_error=self._s3_error,
+                too_large=lambda: ArtifactError(
+                    f"{ref.uri}/{entry.path} is larger than the {entry.size} bytes its index says; it was "
+                    "changed after it was published. Nothing was cached",
+                    "Artifact.DigestMismatch",
+                ),
+            )
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self.cache.install(tmp, actual, entry.sha256, f"{ref.uri}/{entry.path}"), entry, False
+
+    def workflow_file(self, ref: ArtifactRef) -> Path:
+        """The artifact's workflow as a local file ``<cache>/artifacts/NAME/VERSION/workflow.yaml``.
+
+        A per-artifact file (not the digest-named one) so error messages and includes can tell
+        which artifact a workflow came from.
+        """
+        index = self.index(ref)
+        if ref.path not in (None, index.workflow.path):
+            raise ArtifactError(
+                f"{ref} is not the artifact's workflow; run artifact://{ref.name}@{ref.version} "
+                f"(or .../{index.workflow.path})",
+                "Artifact.InvalidUri",
+            )
+        target = self._local_dir(ref) / WORKFLOW_FILE
+        try:
+            if hash_file(target)[0] == index.workflow.sha256:
+                return target
+        except FileNotFoundError:
+            pass
+        cached, _, _ = self.fetch(ref.with_path(index.workflow.path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{WORKFLOW_FILE}.{secrets.token_hex(6)}")
+        if _same_fs(cached, tmp):
+            os.link(cached, tmp)
+        else:
+            tmp.write_bytes(cached.read_bytes())
+        os.replace(tmp, target)
+        return target
+
+    def list(self) -> list[ArtifactIndex]:
+        """Every artifact version in the store (read from the store, by name then creation time)."""
+        bucket = self._require_bucket()
+        base = f"{self.prefix}/" if self.prefix else ""
+        found: list[ArtifactIndex] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise self._s3_error(exc, f"listing s3://{bucket}/{base}") from exc
+        for key in keys:
+            parts = key[len(base) :].split("/")
+            if len(parts) == 3 and parts[2] == INDEX_FILE:
+                index = self._read_index(parts[0], parts[1])
+                if index is not None:
+                    found.append(index)
+        return sorted(found, key=lambda i: (i.name, i.created, i.version))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def upload(
+        self,
+        name: str,
+        workflow: Path,
+        resources: Mapping[str, Path],
+        *,
+        version: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> UploadResult:
+        """Upload ``workflow`` and ``resources`` (resource name → local file) as ``name@version``.
+
+        Files go up first, the index last, so a failed upload leaves no artifact. Raises
+        ``Artifact.VersionExists`` when the version holds other content.
+        """
+        bucket = self._require_bucket()
+        check_name(name)
+        wf_sha, wf_size = hash_file(workflow)
+        hashed = {res: hash_file(path) for res, path in resources.items()}
+        version = check_version(version or content_version(wf_sha, {k: v[0] for k, v in hashed.items()}))
+        index = ArtifactIndex(
+            name=name,
+            version=version,
+            created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            workflow=Entry(WORKFLOW_FILE, wf_sha, wf_size),
+            resources={
+                res: Entry(f"{RESOURCE_DIR}/{res}", sha, size) for res, (sha, size) in sorted(hashed.items())
+            },
+        )
+        existing = self._read_index(name, version)
+        if existing is not None:
+            return self._same_or_refuse(existing, index)
+        uploads = [(workflow, index.workflow), *((resources[r], e) for r, e in index.resources.items())]
+        for path, entry in uploads:
+            if cancel is not None and cancel.is_set():
+                from ..errors import Cancelled
+
+                raise Cancelled("upload cancelled before the index was written; no artifact was created")
+            key = self.key(name, version, entry.path)
+            try:
+                self.client.upload_file(
+                    str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": entry.sha256}}
+                )
+            except Exception as exc:
+                raise self._s3_error(exc, f"uploading {path} to s3://{bucket}/{key}") from exc
+        body = json.dumps(index.to_dict(), indent=2, sort_keys=True).encode()
+        key = self.key(name, version, INDEX_FILE)
+        try:
+            self.client.put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType="application/json", IfNoneMatch="*"
+            )
+        except Exception as exc:
+            code, status = _error_code(exc)
+            if code == "PreconditionFailed" or status == 412:
+                # another upload of this version won the race
+                existing = self._read_index(name, version)
+                if existing is not None:
+                    return self._same_or_refuse(existing, index)
+            if code == "NotImplemented":  # a store without conditional writes: the check above stands
+                self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+            else:
+                raise self._s3_error(exc, f"writing s3://{bucket}/{key}") from exc
+        return UploadResult(index, True)
+
+    @staticmethod
+    def _same_or_refuse(existing: ArtifactIndex, new: ArtifactIndex) -> UploadResult:
+        if existing.same_content(new):
+            return UploadResult(existing, False)
+        raise ArtifactError(
+            f"{existing.uri} already exists (created {existing.created}) with different content; versions "
+            "are immutable: upload with another --version (or without one, to get a content-derived version)",
+            "Artifact.VersionExists",
+        )
+
+
+def s3_client(settings: Mapping[str, Any]) -> Any:
+    """A boto3 S3 client for ``artifacts`` connection settings (path addressing for custom endpoints)."""
+    style = settings.get("addressing_style") or "auto"
+    if style == "auto" and settings.get("endpoint_url"):
+        host = str(settings["endpoint_url"]).split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        if not host.endswith("amazonaws.com"):
+            style = "path"  # MinIO, Ceph RGW, moto: no wildcard DNS for virtual-hosted buckets
+    return boto_client("s3", settings, signature_version="s3v4", s3={"addressing_style": style})
+
+
+def download_object(
+    client: Any,
+    bucket: str,
+    key: str,
+    dst: Path,
+    *,
+    max_bytes: int,
+    cancel: threading.Event | None,
+    what: str,
+    on_error: Callable[[Exception, str], Exception],
+    too_large: Callable[[], Exception],
+) -> tuple[str, int]:
+    """GET ``bucket/key`` into the new file ``dst``, hashing as it goes; ``(sha256, size)``.
+
+    Past ``max_bytes`` the download stops with ``too_large()``; ``on_error(exc, what)`` turns an S3
+    error into the coded error to raise. The caller removes ``dst`` on failure.
+    """
+    from ..errors import Cancelled
+
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        out = client.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        raise on_error(exc, what) from exc
+    body = out["Body"]
+    try:
+        with open(dst, "xb") as f:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"download of {what} cancelled")
+                try:
+                    chunk = body.read(CHUNK)
+                except Exception as exc:
+                    raise on_error(exc, what) from exc
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large()
+                sha.update(chunk)
+                f.write(chunk)
+    finally:
+        body.close()
+    return sha.hexdigest(), size
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(a).st_dev == os.stat(b.parent).st_dev
+    except OSError:
+        return False

@@ -1,0 +1,270 @@
+"""Insertion points: workflow steps ``hooks: POINT`` and the configured hooks they run.
+
+A step ``{name, hooks: POINT, with: {image: ...}, register?, when?}`` is expanded when the workflow
+is loaded: the loader turns the hooks the configuration lists for POINT into child steps (plain
+:class:`~appliance.workflow.loader.StepSpec` with the hook's action, ``with``, timeout and retries),
+so validation, dry-run plans, records, undo and resume treat them as ordinary steps. A child's
+``with`` is the hook's configured arguments plus ``image: "{{ image }}"``; configured values may
+use the templates ``{{ image.* }}`` and ``{{ task.* }}``.
+
+When run, the point records itself at ``<idx>`` (args ``{image, hooks}``, never undone) and each
+hook at ``<idx>/hook/<n>``; the image is chained: a hook returning ``{"image": IMAGE}`` hands that
+image to the next one, None leaves it unchanged. The point registers
+``{"image": final IMAGE, "hooks": [names]}``; with no hooks configured it passes ``image`` through.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+
+from ..config import HOOK_POINTS, HooksConfig, hooks_from_dict
+from ..errors import ImagingError, StepFailed
+from ..store import StepState
+from .schema import WorkflowError, invalid
+from .templating import TemplateProblem, UnknownResult, placeholders_to_text
+
+if TYPE_CHECKING:
+    from ..store import Store
+    from .loader import StepSpec, Workflow, WorkflowLoader
+    from .planner import Planner
+    from .runner import TaskRun
+
+#: the task event recording, at submit, the hooks of the points its workflow uses
+HOOKS_EVENT = "task.hooks"
+#: what every hook's ``image`` argument is bound to (the engine supplies the chained image)
+IMAGE_ARG = "{{ image }}"
+#: names a configured hook's ``with`` templates may use
+HOOK_SCOPE = frozenset({"image", "task"})
+#: step keys a ``hooks`` step may not have (they belong to each hook, in the configuration)
+NOT_ON_POINT = ("timeout", "retries", "retry_delay", "undo", "loop")
+
+
+def expand(
+    loader: WorkflowLoader, raw: Mapping[str, Any], file: str, label: str
+) -> tuple[tuple[StepSpec, ...], list[WorkflowError]]:
+    """The child steps of the point step ``raw`` for ``loader.hooks``, and every problem found."""
+
+    errors: list[WorkflowError] = []
+    point = raw["hooks"]
+    if point not in HOOK_POINTS:
+        errors.append(
+            WorkflowError(
+                file, f"unknown insertion point {point!r} (points: {', '.join(HOOK_POINTS)})", label, "hooks"
+            )
+        )
+        return (), errors
+    given = raw.get("with")
+    if not isinstance(given, Mapping) or set(given) != {"image"}:
+        errors.append(WorkflowError(file, "a hooks step takes exactly 'with: {image: ...}'", label, "with"))
+    for key in NOT_ON_POINT:
+        if key in raw:
+            errors.append(
+                WorkflowError(file, "not allowed on a hooks step (configure it on the hook)", label, key)
+            )
+    children, problems = hook_steps(loader, point, label)
+    return children, errors + problems
+
+
+def hook_steps(
+    loader: WorkflowLoader, point: str, label: str | None = None
+) -> tuple[tuple[StepSpec, ...], list[WorkflowError]]:
+    """The configured hooks of ``point`` as steps; problems name the config file and field."""
+    from .loader import StepSpec
+
+    errors: list[WorkflowError] = []
+    hooks: HooksConfig = loader.hooks or HooksConfig()
+    children = []
+    for n, hook in enumerate(hooks.at(point), start=1):
+        where = f"hooks.points.{point}[{n - 1}]"
+
+        def config_err(message: str, field: str, where: str = where) -> None:
+            errors.append(WorkflowError(hooks.source, message, label, f"{where}.{field}"))
+
+        if "image" in hook.args:
+            config_err("'image' is given by the engine (the image at the point)", "with.image")
+        schema = _action_schema(loader, hook.hook, hook.action, config_err)
+        # Any action may be a hook; one whose run() takes no `image` (util.fail) runs without it.
+        takes_image = schema is not False and _takes_image(loader.registry.get(hook.action))
+        args = {**hook.args, "image": IMAGE_ARG} if takes_image else dict(hook.args)
+        if isinstance(schema, dict):
+            _check_args(schema, args, config_err)
+        try:
+            found = loader.templater.referenced_names(hook.args, "with")
+        except TemplateProblem as exc:
+            config_err(exc.message, exc.field)
+        else:
+            allowed = HOOK_SCOPE | loader.templater.global_names
+            for field, names in found.items():
+                for name in sorted(names - allowed):
+                    config_err(f"undefined variable {name!r} (hook templates may use image and task)", field)
+        children.append(
+            StepSpec(
+                index=n,
+                name=hook.name,
+                action=hook.action,
+                args=args,
+                timeout=hook.timeout,
+                retries=hook.retries,
+                description=f"hook {hook.hook!r} at {point}",
+            )
+        )
+    return tuple(children), errors
+
+
+def _takes_image(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls.run).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "image" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def validate_hooks(loader: WorkflowLoader) -> list[WorkflowError]:
+    """Every problem of the hooks configured for any point (``imaging config validate``)."""
+    errors: list[WorkflowError] = []
+    for point in HOOK_POINTS:
+        errors += hook_steps(loader, point)[1]
+    return errors
+
+
+def _action_schema(loader: WorkflowLoader, hook: str, action: str, err: Any) -> dict[str, Any] | bool | None:
+    """The action's argument schema (None: it has none; False: the action is unusable, reported)."""
+    from .registry import StepUnavailable
+
+    registry = loader.registry
+    if action not in registry:
+        kind = f"hook {hook!r} (action {action!r})" if action != hook else f"action {action!r}"
+        shipped = sorted(n.removeprefix("hook.") for n in registry.names() if n.startswith("hook."))
+        problems = "".join(f"; plugin not loaded: {e}" for e in registry.plugin_errors.values())
+        err(
+            f"unknown {kind}; shipped hooks: {', '.join(shipped) or 'none'}, or any action name{problems}",
+            "hook",
+        )
+        return False
+    try:
+        return registry.schema(action)
+    except StepUnavailable as exc:
+        err(exc.message, "hook")
+        return False
+
+
+def _check_args(schema: dict[str, Any], args: dict[str, Any], err: Any) -> None:
+    from .loader import _touches_template
+
+    for e in jsonschema.Draft202012Validator(schema).iter_errors(args):
+        if _touches_template(args, list(e.absolute_path)):
+            continue  # `image` and templated values are checked when the hook runs
+        field = ".".join(["with", *(str(p) for p in e.absolute_path)])
+        err(e.message.replace("is a required property", "is required"), field)
+
+
+def run_point(run: TaskRun, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> dict[str, Any]:
+    """Run the hooks of the point ``step`` (recorded at ``idx``); returns its registered result."""
+    image = run._render(wf, step, step.args, scope, "with")["image"]
+    if not isinstance(image, dict) or not isinstance(image.get("path"), str):
+        raise invalid(
+            [
+                WorkflowError(
+                    str(wf.source),
+                    f"must be a mapping with a 'path', not {image!r}",
+                    step.label,
+                    "with.image",
+                )
+            ]
+        )
+    names = [h.name for h in step.hook_steps]
+    args = {"image": image, "hooks": names}
+    parent = run._record(step, idx, StepState.RUNNING, args=args, undo=False)
+    run.callbacks.on_step_start(run.task_id, parent)
+    try:
+        for hook in step.hook_steps:
+            run.check_cancelled()
+            result = run._run_one(
+                wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
+            )
+            image = next_image(hook.name, image, result)
+    except ImagingError as exc:
+        error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
+        run._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
+        raise
+    result = {"image": image, "hooks": names}
+    run._finish(step, idx, StepState.COMPLETED, args=args, result=result, undo=False)
+    return result
+
+
+def next_image(name: str, image: dict[str, Any], result: Any) -> dict[str, Any]:
+    """The image after a hook that returned ``result`` (None or without ``image``: unchanged)."""
+    if not isinstance(result, Mapping) or result.get("image") is None:
+        return image
+    new = result["image"]
+    if not isinstance(new, Mapping) or not isinstance(new.get("path"), str) or not new["path"]:
+        raise StepFailed(f"hook {name!r} returned an image without a 'path': {new!r}")
+    return dict(new)
+
+
+def plan_point(
+    planner: Planner,
+    wf: Workflow,
+    step: StepSpec,
+    idx: str,
+    scope: dict[str, Any],
+    status: str,
+    reason: str | None,
+    entries: list[dict[str, Any]],
+) -> Any:
+    """Dry-run entries for the point and each configured hook; returns what the point would register."""
+    args, known = planner._render(wf, step, step.args, scope, "with")
+    names = [h.name for h in step.hook_steps]
+    entries.append(
+        {
+            "idx": idx,
+            "name": step.name,
+            "action": f"hooks:{step.hooks}",  # as the run records it
+            "hooks": step.hooks,
+            "status": status,
+            "reason": reason,
+            "plan": {"runs": names},
+            "scratch_bytes": None,
+            "args": placeholders_to_text(args),
+            "args_known": known,
+        }
+    )
+    image = args.get("image")
+    for hook in step.hook_steps:
+        planner._one(
+            wf,
+            hook,
+            f"{idx}/hook/{hook.index}",
+            {"image": image, "task": scope["task"]},
+            status,
+            reason,
+            entries,
+        )
+        image = UnknownResult(f"image after hook {hook.name!r}")
+    return {"image": image, "hooks": names}
+
+
+def points_used(workflow: Workflow) -> set[str]:
+    """The insertion points ``workflow`` and its includes contain."""
+    found: set[str] = set()
+    for step in workflow.steps:
+        if step.hooks is not None:
+            found.add(step.hooks)
+        elif step.include is not None:
+            found |= points_used(step.include)
+    return found
+
+
+def recorded_hooks(store: Store, task_id: str) -> HooksConfig | None:
+    """The hooks recorded on the task at submit (None for a task submitted without a record)."""
+    # The record is written right after the task's creation: among its first few events.
+    for event in store.events(task_id=task_id, limit=20):
+        if event.kind == HOOKS_EVENT:
+            return hooks_from_dict(
+                event.data.get("points") or {}, source=f"the hooks recorded on task {task_id}"
+            )
+    return None
