@@ -1,0 +1,49 @@
+"""``python -m appliance.guest.probe --format FMT IMAGE``: the limited child that reads a guest disk.
+
+The parent (:func:`appliance.guest.validate.validate_image`) runs this under ``prlimit`` (CPU seconds,
+address space, no core dumps) with a wall-clock timeout, in an empty private directory. It prints ONE
+JSON object on stdout: ``{"report": {...}}`` or ``{"error": "..."}`` when the image cannot be read as a
+disk at all. Anything worse (a crash, a limit, a hang) is seen by the parent as a missing or broken answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read the image named on the command line and print the report as JSON."""
+    parser = argparse.ArgumentParser(prog="appliance.guest.probe")
+    parser.add_argument("--format", default="raw")
+    parser.add_argument("image")
+    args = parser.parse_args(argv)
+    # dissect logs parse problems of hostile images at warning level; the findings say what matters
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    try:
+        from .analyze import analyze
+        from .reader import ReaderError, open_disk
+
+        with open(args.image, "rb") as fh:
+            try:
+                disk = open_disk(fh, args.format)
+            except ReaderError as exc:
+                out: dict = {"error": str(exc)}
+            else:
+                out = {"report": analyze(disk)}
+    except RecursionError:
+        out = {"error": "the image's structures nest too deeply (a loop in its metadata)"}
+    except MemoryError:
+        out = {"error": "reading the image needed more memory than allowed"}
+    except Exception as exc:  # any parser failure on hostile input is an answer, not a crash
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    json.dump(out, sys.stdout, default=str)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

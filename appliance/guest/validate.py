@@ -1,0 +1,187 @@
+"""Static guest validation: run the reader in a limited child, then judge the request against it.
+
+:func:`validate_image` never raises for a bad image: a disk the reader cannot open, a reader crash, a
+CPU/memory limit or a timeout all become a ``Guest.Unreadable`` finding. It raises only for caller
+mistakes (:class:`~appliance.errors.UsageError`) and cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .. import config as config_mod
+from ..errors import Finding, UsageError
+from ..formats import parse_claim
+from ..qemuimg import Completed, isolated, run_limited
+from .codes import finding, for_data_disk
+from .report import GuestReport
+
+#: formats the reader opens directly (others are validated after conversion to raw)
+READABLE_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
+PLATFORMS = {"linux": "linux", "windows": "windows"}
+ARCHITECTURES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "x64": "x86_64",
+    "arm64": "arm64",
+    "aarch64": "arm64",
+    "i386": "i386",
+    "i686": "i386",
+    "x86": "i386",
+}
+# The child imports appliance from the same tree as the parent, whether installed or not; -I keeps the
+# environment and the working directory (which holds the image link) out of its import path.
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from appliance.guest.probe import main; sys.exit(main())"
+)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+@contextmanager
+def _image_argument(path: Path) -> Iterator[tuple[str, Path]]:
+    """(argument for the child, its working directory): a link in an empty private directory for a file,
+    the absolute device path (and an empty directory) for a block device."""
+    st = path.stat()
+    if stat.S_ISBLK(st.st_mode):
+        directory = Path(tempfile.mkdtemp(prefix="guest-probe."))
+        try:
+            yield str(path.resolve()), directory
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    else:
+        with isolated(path) as link:
+            yield link.name, link.parent
+
+
+def _unreadable(detail: str) -> GuestReport:
+    return GuestReport().with_findings(
+        [
+            finding(
+                "Guest.Unreadable",
+                f"the guest disk could not be read ({detail}): re-export it as a single self-contained image "
+                "and check it with `qemu-img check`; for a genuinely huge guest raise limits.guest_probe_*",
+            )
+        ]
+    )
+
+
+def _interpret(res: Completed, cpu: int, address_space: int) -> GuestReport:
+    limits = f"limits: {cpu} CPU seconds, {address_space >> 20} MiB address space"
+    if res.timed_out:
+        return _unreadable(f"the reader did not finish in time; {limits}")
+    if res.returncode < 0:
+        try:
+            name = signal.Signals(-res.returncode).name
+        except ValueError:
+            name = f"signal {-res.returncode}"
+        return _unreadable(f"the reader was killed by {name}; {limits}")
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        answer = None
+    if res.returncode != 0 or not isinstance(answer, dict):
+        err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        return _unreadable(f"the reader failed: {err[-1][:300] if err else f'exit status {res.returncode}'}")
+    if "error" in answer:
+        return _unreadable(str(answer["error"])[:500])
+    return GuestReport.from_dict(answer.get("report") or {})
+
+
+def validate_image(
+    path: str | Path,
+    fmt: str = "raw",
+    *,
+    bootable: bool = True,
+    config: config_mod.Config | None = None,
+    cancel: threading.Event | None = None,
+    wall_seconds: float | None = None,
+) -> GuestReport:
+    """Read the guest in ``path`` (a file or block device in format ``fmt``) without mounting or trusting it.
+
+    ``bootable=False`` (data disks: ImportSnapshot/ImportVolume) turns boot findings into info. The reader
+    runs under ``config.limits.guest_probe_*`` and ``wall_seconds`` (default: 4 times the CPU limit, ≥ 60 s).
+    """
+    claim, compression = parse_claim(fmt)
+    if compression is not None:
+        raise UsageError(
+            f"guest validation reads uncompressed images; decompress the {compression} input first"
+        )
+    fmt = claim or "raw"
+    src = Path(path)
+    if not src.exists():
+        raise UsageError(f"no such image: {src}")
+    if fmt not in READABLE_FORMATS:
+        report = _unreadable(
+            f"{fmt} images are not read directly; validate the image after conversion to raw"
+        )
+    else:
+        cfg = config if config is not None else config_mod.from_dict({})
+        cpu, address_space = cfg.limits.guest_probe_cpu_seconds, cfg.limits.guest_probe_address_space
+        with _image_argument(src) as (argument, workdir):
+            res = run_limited(
+                [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", fmt, argument],
+                cpu_seconds=cpu,
+                address_space=address_space,
+                cwd=workdir,
+                cancel=cancel,
+                wall_seconds=wall_seconds,
+            )
+        report = _interpret(res, cpu, address_space)
+    if not bootable:
+        report = report.with_findings([for_data_disk(f) for f in report.findings])
+    return report
+
+
+def normalize_architecture(name: str) -> str:
+    """``amd64``/``x64`` → ``x86_64``, ``aarch64`` → ``arm64``, ``i686``/``x86`` → ``i386``."""
+    arch = ARCHITECTURES.get(name.strip().lower())
+    if arch is None:
+        raise UsageError(f"unknown architecture {name!r}; use one of x86_64, arm64, i386")
+    return arch
+
+
+def check_request(
+    report: GuestReport, platform: str | None = None, architecture: str | None = None
+) -> list[Finding]:
+    """``Guest.PlatformMismatch`` / ``Guest.ArchitectureMismatch`` when the request disagrees with the guest.
+
+    Nothing is said about what was not found (``Guest.OsUnknown`` already covers that).
+    """
+    out: list[Finding] = []
+    family = report.os.get("family")
+    if platform:
+        wanted = PLATFORMS.get(platform.strip().lower())
+        if wanted is None:
+            raise UsageError(f"unknown platform {platform!r}; use Linux or Windows")
+        if family and family != wanted:
+            found = report.os.get("pretty_name") or family.capitalize()
+            out.append(
+                finding(
+                    "Guest.PlatformMismatch",
+                    f"the request says Platform {platform} but the disk holds {found}: correct the Platform "
+                    "parameter or import the intended disk",
+                )
+            )
+    found_arch = report.os.get("architecture")
+    if architecture:
+        wanted_arch = normalize_architecture(architecture)
+        if found_arch and found_arch != wanted_arch:
+            out.append(
+                finding(
+                    "Guest.ArchitectureMismatch",
+                    f"the request says architecture {architecture}, the guest's programs are {found_arch}: "
+                    "correct the architecture parameter or import the intended disk",
+                )
+            )
+    return out

@@ -1,0 +1,63 @@
+"""``imaging validate`` as a user runs it: a real process, real images, exit 0 / 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import guestfactory as gf
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("IMAGING_CONFIG", None)
+    e["XDG_STATE_HOME"] = str(tmp_path / "state")
+    return e
+
+
+def imaging(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *map(str, args)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_validate_json_of_a_bootable_linux_disk_exits_0(tmp_path: Path, env: dict[str, str]) -> None:
+    res = imaging("validate", gf.linux_disk(tmp_path), "--json", "--platform", "Linux", env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["ok"] is True and report["layout"] == "disk" and report["os"]["distribution"] == "debian"
+    assert report["findings"] == []
+
+
+def test_validate_json_with_error_findings_exits_2(tmp_path: Path, env: dict[str, str]) -> None:
+    res = imaging("validate", gf.linux_disk(tmp_path), "--json", "--platform", "Windows", env=env)
+    assert res.returncode == 2
+    assert [f["code"] for f in json.loads(res.stdout)["findings"]] == ["Guest.PlatformMismatch"]
+
+
+def test_data_disk_flag_turns_boot_errors_into_info(tmp_path: Path, env: dict[str, str]) -> None:
+    img = gf.data_disk(tmp_path)
+    assert imaging("validate", img, "--json", env=env).returncode == 2
+    res = imaging("validate", img, "--data-disk", env=env)
+    assert res.returncode == 0
+    assert "INFO    Guest.OsUnknown:" in res.stdout and "layout:      disk (mbr)" in res.stdout
+
+
+def test_human_output_names_layout_os_boot_mode_and_remediation(tmp_path: Path, env: dict[str, str]) -> None:
+    res = imaging("validate", gf.uefi_disk(tmp_path, fallback=False), env=env)
+    assert res.returncode == 2
+    out = res.stdout
+    assert "layout:      disk (gpt)" in out and "Debian GNU/Linux 12" in out and "boot mode:   none" in out
+    assert "ERROR   Guest.UefiNoFallbackLoader:" in out and "grub-install --removable" in out
+
+
+def test_missing_file_is_a_usage_error(tmp_path: Path, env: dict[str, str]) -> None:
+    res = imaging("validate", tmp_path / "absent.img", env=env)
+    assert res.returncode == 1 and "InvalidParameterValue" in res.stderr
