@@ -107,6 +107,26 @@ class StepSpec:
     def label(self) -> str:
         return step_label(self.index, self.name)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The step as loaded: what it runs (action, include, or a hook point with its hooks)."""
+        d: dict[str, Any] = {"index": self.index, "name": self.name}
+        if self.action:
+            d["action"] = self.action
+        if self.include is not None:
+            d["include"] = self.include_ref or self.include.name
+        if self.hooks:
+            d["hooks"] = self.hooks
+            d["hook_steps"] = [h.to_dict() for h in self.hook_steps]
+        d["with"] = self.args
+        for key in ("when", "register", "loop", "timeout"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.retries:
+            d["retries"], d["retry_delay"] = self.retries, self.retry_delay
+        if not self.undo:
+            d["undo"] = False
+        return d
+
 
 @dataclass(frozen=True)
 class Workflow:
@@ -122,6 +142,20 @@ class Workflow:
     resources: dict[str, ResourceSpec] = field(default_factory=dict)
     #: the artifact this workflow was loaded from (``artifact://NAME@VERSION``), if any
     origin: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for ``imaging workflows show --json``: params, resources and steps as loaded
+        (includes named, configured hooks expanded)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": str(self.source),
+            "origin": self.origin,
+            "resumable": self.resumable,
+            "params": {name: p.to_dict() for name, p in self.params.items()},
+            "resources": {name: {"uri": r.uri, "sha256": r.sha256} for name, r in self.resources.items()},
+            "steps": [step.to_dict() for step in self.steps],
+        }
 
     def resolve_params(
         self, given: Mapping[str, Any] | None, *, coerce_strings: bool = False
