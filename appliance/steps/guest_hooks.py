@@ -29,10 +29,9 @@ from typing import Any
 import yaml
 
 from ..errors import ImagingError, UsageError
-from ..guestmount import mount_guest
 from ..guestpath import GuestFS, UnsafeGuestPath, guest_parts
 from ..workflow.step import Step, StepContext
-from .run import DEFAULT_MAX_OUTPUT, EXEC_PROPERTIES, image_path, run_in_guest
+from .run import DEFAULT_MAX_OUTPUT, EXEC_PROPERTIES, mount_for_step, run_in_guest
 
 SEED_DIR = "/var/lib/cloud/seed/nocloud"
 #: largest local ``source`` file copied into the guest
@@ -195,21 +194,8 @@ class InjectMetadataStep(Step):
         for key in (ssh_authorized_keys or {}).get("keys", []):
             if "\n" in key.strip():
                 raise UsageError("inject-metadata: an SSH key must be a single line")
-        path, fmt = image_path(image)
         changes: list[dict[str, Any]] = []
-
-        def ledger(action: str, resource: str) -> None:
-            (ctx.ledger_created if action == "created" else ctx.ledger_removed)(resource)
-
-        with mount_guest(
-            path,
-            fmt=fmt,
-            writable=True,
-            owner=ctx.task_id,
-            state_dir=ctx.config.state_dir,
-            cancel=ctx.cancel,
-            on_change=ledger,
-        ) as gm:
+        with mount_for_step(ctx, image, writable=True) as gm:
             fs = gm.fs
             accounts = _Accounts(fs)
             try:

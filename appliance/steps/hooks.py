@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..decompress import decompress, detect_compression
+from ..decompress import detect_compression
 from ..formats import parse_claim
 from ..hooks import IMAGE_SCHEMA
 from ..hooks.policy import RULES_SCHEMA, check_policy
 from ..workflow.step import Step, StepContext
-from .image import _decompression_budget, _plan_scratch, _remove, _shrink
+from .image import _plan_scratch, _remove, decompress_into_scratch
 
 
 def _base_format(fmt: str | None) -> str | None:
@@ -46,19 +46,9 @@ class DecompressHook(Step):
         kind = detect_compression(src)
         if kind is None:
             return None
-        rid, cap = _decompression_budget(ctx, src)
         # A name of our own: the input may itself be in scratch, under any name.
         dst = ctx.workdir / f"hook-{ctx.idx.replace('/', '-')}-decompressed"
-        ctx.ledger_created(dst)
-        written = decompress(
-            src,
-            dst,
-            kind,
-            cap,
-            cancel=ctx.cancel,
-            on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
-        )
-        _shrink(ctx, rid, dst, f"decompressed {src.name}")
+        written = decompress_into_scratch(ctx, src, kind, dst)
         ctx.event("hook.decompressed", source=str(src), compression=kind, bytes=written)
         return {
             "image": {**image, "path": str(dst), "format": _base_format(image.get("format"))},

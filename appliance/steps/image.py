@@ -39,6 +39,23 @@ def _shrink(ctx: StepContext, rid: int, path: Path, purpose: str) -> None:
         ctx.scratch.reserve(os.stat(path).st_blocks * 512, purpose)
 
 
+def decompress_into_scratch(ctx: StepContext, src: Path, kind: str, dst: Path) -> int:
+    """Decompress ``src`` (``kind``) to ``dst`` in the task's scratch under a capped reservation that
+    shrinks to what was written; ``dst`` goes into the cleanup ledger. Returns the bytes written."""
+    rid, cap = _decompression_budget(ctx, src)
+    ctx.ledger_created(dst)
+    written = decompress(
+        src,
+        dst,
+        kind,
+        cap,
+        cancel=ctx.cancel,
+        on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
+    )
+    _shrink(ctx, rid, dst, f"decompressed {src.name}")
+    return written
+
+
 def _remove(ctx: StepContext, path: str | None) -> None:
     if path and Path(path).exists():
         Path(path).unlink()
@@ -115,18 +132,8 @@ class DecompressStep(Step):
         kind = detect_compression(src)
         if kind is None:
             return {"path": source, "compression": None, "bytes": src.stat().st_size}
-        rid, cap = _decompression_budget(ctx, src)
         dst = ctx.workdir / (src.name.rsplit(".", 1)[0] or "image")
-        ctx.ledger_created(dst)
-        written = decompress(
-            src,
-            dst,
-            kind,
-            cap,
-            cancel=ctx.cancel,
-            on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
-        )
-        _shrink(ctx, rid, dst, f"decompressed {src.name}")
+        written = decompress_into_scratch(ctx, src, kind, dst)
         return {"path": str(dst), "compression": kind, "bytes": written}
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:

@@ -22,13 +22,14 @@ import select
 import shutil
 import subprocess
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..convert import stop_process_group
 from ..errors import Cancelled, ImagingError, UsageError
-from ..guestmount import mount_guest
+from ..guestmount import GuestMount, mount_guest
 from ..workflow.step import Step, StepContext
 
 #: default bytes of output kept in task events
@@ -316,6 +317,28 @@ def image_path(image: str | dict[str, Any]) -> tuple[str, str | None]:
     return str(image["path"]), image.get("format") or "raw"
 
 
+def mount_for_step(
+    ctx: StepContext, image: str | dict[str, Any], *, writable: bool, chroot: bool = False
+) -> AbstractContextManager[GuestMount]:
+    """:func:`mount_guest` for a step: owned by the task (so a crash is swept into its ledger),
+    cancelled with it, every loop device and mount in its cleanup ledger."""
+    path, fmt = image_path(image)
+
+    def ledger(action: str, resource: str) -> None:
+        (ctx.ledger_created if action == "created" else ctx.ledger_removed)(resource)
+
+    return mount_guest(
+        path,
+        fmt=fmt,
+        writable=writable,
+        chroot=chroot,
+        owner=ctx.task_id,
+        state_dir=ctx.config.state_dir,
+        cancel=ctx.cancel,
+        on_change=ledger,
+    )
+
+
 def run_in_guest(
     ctx: StepContext,
     image: str | dict[str, Any],
@@ -325,21 +348,7 @@ def run_in_guest(
     **kw: Any,
 ) -> dict[str, Any]:
     """Mount ``image``'s guest for a chroot, run ``command`` there (see :func:`execute`), unmount."""
-    path, fmt = image_path(image)
-
-    def ledger(action: str, resource: str) -> None:
-        (ctx.ledger_created if action == "created" else ctx.ledger_removed)(resource)
-
-    with mount_guest(
-        path,
-        fmt=fmt,
-        writable=writable,
-        chroot=True,
-        owner=ctx.task_id,
-        state_dir=ctx.config.state_dir,
-        cancel=ctx.cancel,
-        on_change=ledger,
-    ) as gm:
+    with mount_for_step(ctx, image, writable=writable, chroot=True) as gm:
         ctx.event("guest.mounted", root_device=gm.root_device, writable=writable, skipped=gm.skipped)
         return execute(ctx, command, root=gm.root, **kw)
 
