@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import configure as configure_mod
+from . import worker_dropin
 
 
 def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
@@ -17,7 +18,10 @@ def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
         owner=args.owner or None,
         attempts=args.attempts,
         timeout=args.timeout,
+        unit_dir=Path(args.unit_dir) if args.unit_dir else None,
     )
+    if opts.unit_dir != worker_dropin.DEFAULT_UNIT_DIR:
+        opts.reload = None  # not the units systemd runs: nothing to reload
     return configure_mod.configure(opts)
 
 
@@ -52,6 +56,13 @@ def add_commands(sub: Any) -> None:
         "--attempts", type=int, default=5, help="rendezvous tries for the compact form (default 5)"
     )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per controller request")
+    s.add_argument(
+        "--unit-dir",
+        default=str(worker_dropin.DEFAULT_UNIT_DIR),
+        help="systemd unit directory for the worker's guest-hooks drop-in, written when a configured hook "
+        "mounts guests and removed otherwise; systemd is reloaded only for the default "
+        f"({worker_dropin.DEFAULT_UNIT_DIR}); '' leaves the units alone",
+    )
     s.set_defaults(func=cmd_configure, needs_config=False)
 
     s = sub.add_parser(

@@ -25,6 +25,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from . import rendezvous, userdata
+from . import config as config_mod
+from . import rendezvous, userdata, worker_dropin
+from .hooks.privileges import privileged_hooks
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,10 @@ class Options:
     #: rendezvous tries for the compact form (the controller may not be up yet at boot)
     attempts: int = 5
     timeout: float = 10.0
+    #: where the worker's guest-hooks drop-in goes (None: leave the units alone)
+    unit_dir: Path | None = worker_dropin.DEFAULT_UNIT_DIR
+    #: called after the drop-in changed (None: nobody to tell, e.g. a unit dir of a test)
+    reload: Callable[[], None] | None = worker_dropin.systemd_reload
 
 
 @dataclass
@@ -216,7 +223,7 @@ def _message(known: _Known, status: str, errors: list[FieldError], kind: str) ->
         "status": status,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "addresses": rendezvous.local_addresses(known.controller_url),
-        "parameters": userdata.redact(known.section),
+        "parameters": userdata.redact(known.section, known.secrets),
         "errors": [e.to_dict() for e in errors],
     }
 
@@ -283,6 +290,13 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
         _check_tls(rendered.files)
     except UserDataInvalid as exc:
         return _fail(opts, known, exc.errors, stderr, EXIT_INVALID)
+    privileged = _privileged(rendered)
+    try:
+        # the drop-in first: a worker started on the new config must already have its privileges
+        _sync_worker_privileges(opts, rendered, privileged)
+    except (OSError, subprocess.SubprocessError) as exc:
+        err = FieldError("imaging.hooks", f"cannot set the worker's privileges for guest hooks: {_why(exc)}")
+        return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
     try:
         for path, text in rendered.files.items():
             _write_atomic(path, text, 0o600, opts.owner)
@@ -297,4 +311,30 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     ctl = rendered.config["controller"]
     where = f", controller {userdata.redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
     print(f"imaging: configured appliance {rendered.appliance_id}: wrote {opts.output}{where}", file=stdout)
+    if privileged and opts.unit_dir is not None:
+        print(f"imaging: the worker runs as root to mount guests for: {', '.join(privileged)}", file=stdout)
     return EXIT_CONFIGURED
+
+
+def _privileged(rendered: userdata.Rendered) -> list[str]:
+    """The configured hooks that mount the guest (they need the worker's drop-in)."""
+    points = rendered.config.get("hooks", {}).get("points") or {}
+    return privileged_hooks(config_mod.hooks_from_dict(points))
+
+
+def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileged: list[str]) -> None:
+    """Write or remove the worker's drop-in; reload systemd only when that changed a file."""
+    if opts.unit_dir is None:
+        return
+    db_path = Path(rendered.config["state_dir"]) / "imaging.db"
+    if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
+        opts.reload()
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, subprocess.CalledProcessError):
+        out = exc.stderr.decode(errors="replace").strip() if isinstance(exc.stderr, bytes) else ""
+        return f"systemctl daemon-reload failed ({exc.returncode}): {out[:200]}"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return str(exc)

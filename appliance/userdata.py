@@ -16,6 +16,7 @@ user-data field (``imaging.controller.url``); messages never carry secret values
 
 from __future__ import annotations
 
+import copy
 import email
 import gzip
 import re
@@ -106,7 +107,12 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "log_level": _SVC["log_level"],
+        # the service's own fragments: operator hooks per insertion point, and the artifact store
+        "hooks": _SVC["hooks"],
+        "artifacts": _SVC["artifacts"],
     },
+    # the hooks fragment refers to #/$defs/hook
+    "$defs": {"hook": config_mod.SCHEMA["$defs"]["hook"]},
 }
 
 #: service-config path prefix → user-data path prefix (first match wins; identity otherwise)
@@ -268,14 +274,16 @@ def scrub(text: str, secrets: set[str]) -> str:
     return text
 
 
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` with the values of secret keys replaced and URL passwords removed."""
+def redact(obj: Any, secrets: set[str] | frozenset[str] = frozenset()) -> Any:
+    """A copy of ``obj`` with the values of secret keys replaced, URL passwords removed and the
+    ``secrets`` scrubbed from every other string (a secret pasted into the wrong field)."""
     if isinstance(obj, dict):
-        return {k: REDACTED if k in SECRET_KEYS else redact(v) for k, v in obj.items()}
+        return {k: REDACTED if k in SECRET_KEYS else redact(v, secrets) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str) and "://" in obj and "@" in obj:
-        return redact_url(obj)
+        return [redact(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        text = scrub(obj, set(secrets)) if secrets else obj
+        return redact_url(text) if "://" in text and "@" in text else text
     return obj
 
 
@@ -326,6 +334,10 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
             FieldError(f"{field}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
             for k in sorted(set(e.instance) - set(allowed), key=str)
         ]
+    if "propertyNames" in e.relative_schema_path and e.validator == "enum" and isinstance(e.instance, str):
+        # a bad key of a mapping whose keys are an enum (hooks.points): name the key as the field
+        allowed = ", ".join(map(str, e.validator_value))
+        return [FieldError(f"{field}.{scrub(e.instance, secrets)}", f"unknown key (allowed: {allowed})")]
     if e.validator == "required" and isinstance(e.instance, dict):
         return [
             FieldError(f"{field}.{k}", "required field is missing")
@@ -428,6 +440,10 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         out["sources"] = dict(section["sources"])
     if "targets" in section:
         out["targets"] = {k: dict(v) for k, v in section["targets"].items()}
+    if "hooks" in section:
+        out["hooks"] = copy.deepcopy(section["hooks"])
+    if "artifacts" in section:
+        out["artifacts"] = dict(section["artifacts"])
     return Rendered(out, files, section["appliance_id"])
 
 
@@ -451,6 +467,24 @@ def _target_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError
     return errors
 
 
+def _hook_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
+    """Check each hook against the shipped actions and their argument schemas, as the worker will.
+
+    Skipped with a plugins directory: its actions are only known once the operator's code is
+    loaded, which the worker does, not ``imaging configure`` (it runs as root at boot)."""
+    if cfg.hooks.plugins_dir is not None or not cfg.hooks.points:
+        return []
+    from .workflow.hookpoints import validate_hooks
+    from .workflow.loader import WorkflowLoader
+
+    errors = []
+    for e in validate_hooks(WorkflowLoader((), hooks=cfg.hooks)):
+        # hooks.points.after_convert[0].with.x → imaging.hooks.points.after_convert.0.with.x
+        field = re.sub(r"\[(\d+)\]", r".\1", e.field or "hooks")
+        errors.append(FieldError(f"imaging.{field}", scrub(e.message, secrets)))
+    return errors
+
+
 def render(section: dict[str, Any], config_dir: Path) -> Rendered:
     """Validate ``section``, map it, and validate the result as the service will; raise
     :class:`UserDataInvalid` listing every problem by user-data field."""
@@ -469,7 +503,7 @@ def render(section: dict[str, Any], config_dir: Path) -> Rendered:
         except ConfigError as exc:
             errors = [FieldError("imaging", scrub(exc.message, secrets))]
         else:
-            errors = _target_errors(cfg, secrets)
+            errors = _target_errors(cfg, secrets) + _hook_errors(cfg, secrets)
     if errors:
         raise UserDataInvalid(errors)
     return rendered

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,8 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from appliance import cli, rendezvous
+from appliance import cli, rendezvous, worker_dropin
 from appliance import config as config_mod
+from appliance import configure as configure_mod
+from appliance.hooks.privileges import privileged_hooks
 from tests.servers import free_port, wait_for_http
 
 SECRET = "controller-shared-secret-0123456789"
@@ -48,6 +51,7 @@ class Paths:
     output: Path
     error_file: Path
     empty_config: Path
+    unit_dir: Path
 
 
 @pytest.fixture
@@ -55,7 +59,11 @@ def paths(tmp_path: Path) -> Paths:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     return Paths(
-        tmp_path / "user-data", tmp_path / "etc" / "imaging.yaml", tmp_path / "run" / "err.json", empty
+        tmp_path / "user-data",
+        tmp_path / "etc" / "imaging.yaml",
+        tmp_path / "run" / "err.json",
+        empty,
+        tmp_path / "systemd",
     )
 
 
@@ -78,6 +86,8 @@ def run_configure(p: Paths, *extra: str) -> int:
             "1",
             "--timeout",
             "5",
+            "--unit-dir",
+            str(p.unit_dir),
             *extra,
         ]
     )
@@ -475,3 +485,138 @@ def test_health_responder_binds_the_user_datas_api_address(paths: Paths) -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- guest hooks: the worker's privileges ---------------------------------------------------------
+
+INJECT = {"hook": "inject-metadata", "with": {"files": [{"path": "/etc/marker", "content": "x"}]}}
+WORKER_UNIT = (
+    Path(__file__).parents[2] / "elements/imaging-services/static/etc/systemd/system/imaging-worker.service"
+)
+
+
+def configure_with_reload(p: Paths, reloads: list[str]) -> int:
+    opts = configure_mod.Options(
+        user_data=p.user_data,
+        output=p.output,
+        error_file=p.error_file,
+        owner=None,
+        attempts=1,
+        timeout=5,
+        unit_dir=p.unit_dir,
+        reload=lambda: reloads.append("daemon-reload"),
+    )
+    return configure_mod.configure(opts)
+
+
+def dropin_directives(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_guest_mounting_hook_gets_the_worker_a_root_dropin_and_reloads_once(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"after_convert": [INJECT]}})))
+    reloads: list[str] = []
+
+    assert configure_with_reload(paths, reloads) == 0
+
+    dropin = worker_dropin.dropin_path(paths.unit_dir)
+    assert dropin == paths.unit_dir / "imaging-worker.service.d" / "guest-hooks.conf"
+    d = dropin_directives(dropin)
+    assert d["User"] == ["root"] and d["Group"] == ["imaging"]
+    # reset, then exactly the capabilities mounting and writing guest files need
+    assert d["CapabilityBoundingSet"] == [
+        "",
+        "CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_DAC_OVERRIDE CAP_CHOWN CAP_FOWNER",
+    ]
+    assert d["DeviceAllow"] == ["/dev/loop-control rw", "block-loop rw"]
+    assert "after_convert[0] inject-metadata" in dropin.read_text()
+    assert reloads == ["daemon-reload"]
+    assert "runs as root to mount guests for: after_convert[0] inject-metadata" in capsys.readouterr().out
+
+    assert configure_with_reload(paths, reloads) == 0  # same config again: nothing changed, no reload
+    assert reloads == ["daemon-reload"]
+
+
+def test_dropin_is_removed_when_no_hook_mounts_the_guest(paths: Paths) -> None:
+    reloads: list[str] = []
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"before_write": [INJECT]}})))
+    assert configure_with_reload(paths, reloads) == 0
+    assert worker_dropin.dropin_path(paths.unit_dir).exists()
+
+    # a hook that does not mount (policy) keeps the worker unprivileged
+    policy = {"hook": "policy", "with": {"deny_formats": ["vhd"]}}
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"before_write": [policy]}})))
+    assert configure_with_reload(paths, reloads) == 0
+
+    assert not worker_dropin.dropin_path(paths.unit_dir).exists()
+    assert not (paths.unit_dir / "imaging-worker.service.d").exists()
+    assert reloads == ["daemon-reload", "daemon-reload"]
+    assert configure_with_reload(paths, reloads) == 0 and len(reloads) == 2  # nothing to remove twice
+
+
+def test_run_hook_needs_root_only_in_the_chroot() -> None:
+    hooks = config_mod.hooks_from_dict(
+        {
+            "after_fetch": [{"hook": "policy"}, {"hook": "util.echo"}],
+            "after_convert": [{"hook": "run", "with": {"command": "true"}}, INJECT],
+            "before_write": [{"hook": "run", "with": {"command": "true", "where": "chroot"}}],
+        }
+    )
+    assert privileged_hooks(hooks) == ["after_convert[1] inject-metadata", "before_write[0] run"]
+
+
+def test_invalid_config_leaves_the_worker_dropin_alone(paths: Paths) -> None:
+    reloads: list[str] = []
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"after_convert": [INJECT]}})))
+    assert configure_with_reload(paths, reloads) == 0
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"after_convret": []}})))
+
+    assert configure_with_reload(paths, reloads) == 2
+
+    assert worker_dropin.dropin_path(paths.unit_dir).exists()  # as with the config: nothing replaced
+    assert reloads == ["daemon-reload"]
+
+
+def test_artifact_store_secret_is_redacted_from_the_console_and_error_file(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_secret = "Artifact+Store/Secret_0123456789"
+    arts = {"bucket": store_secret, "access_key": "AKIASTORE", "secret_key": store_secret, "region": ""}
+    paths.user_data.write_text(cloud_config(section(artifacts=arts)))
+
+    assert run_configure(paths) == 2
+
+    err = capsys.readouterr().err
+    assert "imaging.artifacts.bucket" in err and "imaging.artifacts.region" in err
+    assert store_secret not in err + paths.error_file.read_text()
+
+
+def test_worker_unit_with_the_dropin_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed")
+    units = tmp_path / "units"
+    units.mkdir()
+    for unit in WORKER_UNIT.parent.glob("*.service"):
+        # verify insists that ExecStart exists; the appliance's /usr/local/bin/imaging is not here
+        text = unit.read_text().replace("ExecStart=/usr/local/bin/imaging", "ExecStart=/bin/true")
+        (units / unit.name).write_text(text)
+    worker_dropin.sync_dropin(units, ["after_convert[0] inject-metadata"])
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:", "SYSTEMD_LOG_LEVEL": "debug"}
+
+    proc = subprocess.run(
+        [exe, "verify", str(units / "imaging-worker.service")], capture_output=True, text=True, env=env
+    )
+
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    dropin = worker_dropin.dropin_path(units)
+    assert f"DropIn Path: {dropin}" in out  # the drop-in was read...
+    assert f"{dropin}:" not in out  # ...without a warning about any of its lines

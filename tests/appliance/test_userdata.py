@@ -195,3 +195,84 @@ def test_redact_hides_secret_keys_and_url_passwords() -> None:
     text = repr(red)
     assert SECRET not in text and API_SECRET not in text and "pw@" not in text
     assert red["api"]["credentials"][0]["access_key"] == "AKIAAPPLIANCE00001"
+
+
+# --- hooks and the artifact store -----------------------------------------------------------------
+
+ARTIFACT_SECRET = "Artifact+Store/Secret_0123456789"
+INJECT = {
+    "hook": "inject-metadata",
+    "name": "marker",
+    "with": {"files": [{"path": "/etc/m", "content": "x"}]},
+}
+
+
+def test_hooks_and_artifacts_render_to_a_config_the_service_loads(tmp_path: Path) -> None:
+    sec = section(
+        hooks={"points": {"after_convert": [INJECT], "after_fetch": [{"hook": "decompress", "timeout": 60}]}},
+        artifacts={
+            "bucket": "imaging-artifacts",
+            "prefix": "wf",
+            "endpoint_url": "http://s3.lab:9000",
+            "region": "eu-1",
+            "access_key": "AKIASTORE",
+            "secret_key": ARTIFACT_SECRET,
+        },
+    )
+    out = tmp_path / "imaging.yaml"
+    out.write_text(yaml.safe_dump(userdata.render(sec, tmp_path).config))
+
+    cfg = config_mod.load(out)
+
+    assert [(h.name, h.action, h.args) for h in cfg.hooks.at("after_convert")] == [
+        ("marker", "hook.inject-metadata", INJECT["with"])
+    ]
+    assert [(h.action, h.timeout) for h in cfg.hooks.at("after_fetch")] == [("hook.decompress", 60)]
+    assert cfg.hooks.at("before_write") == ()
+    assert (cfg.artifacts.bucket, cfg.artifacts.prefix) == ("imaging-artifacts", "wf")
+    assert cfg.artifacts.s3["secret_key"] == ARTIFACT_SECRET
+    assert cfg.artifacts.s3["endpoint_url"] == "http://s3.lab:9000"
+
+
+def test_unknown_hook_point_is_named_as_the_field(tmp_path: Path) -> None:
+    errors = errors_of(section(hooks={"points": {"after_convret": [INJECT]}}), tmp_path)
+    assert list(errors) == ["imaging.hooks.points.after_convret"]
+    assert "after_convert" in errors["imaging.hooks.points.after_convret"]  # the allowed points are listed
+
+
+def test_malformed_hook_entry_names_its_index_and_key(tmp_path: Path) -> None:
+    errors = errors_of(section(hooks={"points": {"before_write": [INJECT, {"hok": "policy"}]}}), tmp_path)
+    assert set(errors) == {
+        "imaging.hooks.points.before_write.1.hok",
+        "imaging.hooks.points.before_write.1.hook",
+    }
+
+
+def test_unknown_hook_name_and_bad_hook_arguments_are_refused_at_configure(tmp_path: Path) -> None:
+    bad_args = {"hook": "inject-metadata", "with": {"files": [{"path": "/etc/m", "content": 3}]}}
+    errors = errors_of(
+        section(hooks={"points": {"after_convert": [{"hook": "inject-metdata"}, bad_args]}}), tmp_path
+    )
+    assert "unknown hook 'inject-metdata'" in errors["imaging.hooks.points.after_convert.0.hook"]
+    assert "not of type 'string'" in errors["imaging.hooks.points.after_convert.1.with.files.0.content"]
+
+
+def test_hooks_from_a_plugins_dir_are_left_to_the_worker(tmp_path: Path) -> None:
+    # the operator's actions are only known once its code is loaded, which configure does not do
+    sec = section(hooks={"plugins_dir": "/opt/hooks", "points": {"after_inspect": [{"hook": "acme.scan"}]}})
+    cfg = config_mod.from_dict(userdata.render(sec, tmp_path).config, base_dir=tmp_path)
+    assert cfg.hooks.plugins_dir == Path("/opt/hooks")
+    assert [h.action for h in cfg.hooks.at("after_inspect")] == ["acme.scan"]
+
+
+def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None:
+    # the secret pasted into the bucket too, and a secret without its access key
+    sec = section(artifacts={"bucket": ARTIFACT_SECRET, "secret_key": ARTIFACT_SECRET})
+    with pytest.raises(UserDataInvalid) as exc:
+        userdata.render(sec, tmp_path)
+    fields = {e.field for e in exc.value.errors}
+    assert {"imaging.artifacts.bucket", "imaging.artifacts"} <= fields
+    assert ARTIFACT_SECRET not in str(exc.value)
+    # what is reported to the controller: the key's value, and the secret wherever else it was pasted
+    assert userdata.redact(sec)["artifacts"]["secret_key"] == userdata.REDACTED
+    assert ARTIFACT_SECRET not in str(userdata.redact(sec, userdata.secret_values(sec)))
