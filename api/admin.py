@@ -22,7 +22,7 @@ import yaml
 from appliance import formats
 from appliance.config import Config
 from appliance.errors import UsageError
-from appliance.imports import boot_settings, guest_report
+from appliance.imports import boot_settings, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import health as health_mod
@@ -141,9 +141,11 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
     row.pop("findings")
     row["params"] = redact(row["params"])
     row["result"] = redact(row["result"])
-    events = store.events(task_id=task.id, limit=100_000)[-RECENT_EVENTS:]
-    # not outcome(): any workflow may run as a task, and only imports' results have its layout
-    guest = guest_report(task.result)
+    all_events = store.events(task_id=task.id, limit=100_000)
+    events = all_events[-RECENT_EVENTS:]
+    # not outcome(): any workflow may run as a task, and only imports' results have its layout;
+    # a task that validation failed has no result, but its guest.validated event holds the report
+    guest = guest_report(task.result) or validated_report(all_events)
     return {
         "task": row,
         "progress": {

@@ -146,6 +146,12 @@ def _print_plan(plan: dict[str, Any]) -> None:
                 print(f"      scratch ≈ {step['scratch_bytes']} bytes")
             if step.get("note"):
                 print(f"      note: {step['note']}")
+            findings = (step.get("plan") or {}).get("findings")
+            if findings is not None:  # a step that judged the input already (guest.validate)
+                verdict = "would fail" if step["plan"].get("would_fail") else "would pass"
+                print(f"      verdict: {verdict}")
+                for f in findings:
+                    print(f"      {f['severity']:7} {f['code']}: {f['message']}")
     print(
         f"  scratch needed: {plan.get('scratch_bytes', 0)} bytes"
         + (f" (at most {plan['scratch_bytes_max']})" if plan.get("scratch_bytes_max") else "")

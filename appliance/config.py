@@ -24,6 +24,9 @@ SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
 
+#: actions without a dot that a hook may name as they are (not as ``hook.<name>``)
+PLAIN_HOOK_ACTIONS = frozenset({"run"})
+
 #: the insertion points of the import workflows, in the order an import reaches them
 HOOK_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
 
@@ -437,8 +440,9 @@ class HookConfig:
 
     @property
     def action(self) -> str:
-        """A bare name is a shipped hook (``decompress`` → ``hook.decompress``); a dotted one an action."""
-        return self.hook if "." in self.hook else f"hook.{self.hook}"
+        """A bare name is a shipped hook (``decompress`` → ``hook.decompress``), or the ``run`` step
+        (itself a hook: a command locally or in the guest chroot); a dotted one any action."""
+        return self.hook if "." in self.hook or self.hook in PLAIN_HOOK_ACTIONS else f"hook.{self.hook}"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"hook": self.hook, "name": self.name, "with": copy.deepcopy(self.args)}

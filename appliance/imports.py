@@ -350,6 +350,15 @@ def guest_report(result: Any) -> dict[str, Any] | None:
     return None
 
 
+def validated_report(events: Sequence[Any]) -> dict[str, Any] | None:
+    """The report of the last ``guest.validated`` event among ``events`` (the guest.validate step
+    emits one; when validation fails the task, the task result has no report but the event does)."""
+    for event in reversed(events):
+        if event.kind == "guest.validated" and isinstance(event.data.get("report"), dict):
+            return event.data["report"]
+    return None
+
+
 def boot_settings(task: Task, guest: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """``{kernel_id, ramdisk_id, virtualization_type, layout}`` of an image or instance import
     (None for other kinds): what the request asked for, and the disk layout (``disk`` or

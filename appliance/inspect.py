@@ -35,7 +35,7 @@ from . import qemuimg
 from .config import Config
 from .decompress import decompress, detect_compression
 from .errors import Cancelled, Finding, ImageRejected, Severity, UsageError
-from .formats import check_output_format, parse_claim, to_qemu
+from .formats import check_output_format, from_qemu, parse_claim, to_qemu
 
 _READ_CHUNK = 64 * 1024
 _COMPRESSION_SUFFIXES = (".gz", ".gzip", ".xz", ".zst", ".zstd", ".bz2")
@@ -385,6 +385,19 @@ def _content_stage(
             )
     if size is not None and size > config.limits.max_virtual_size:
         result.add(_size_finding(size, config))
+
+
+def detect_format(path: Path | str, cancel: threading.Event | None = None) -> str | None:
+    """The single format the content of ``path`` has (user-facing name: ``raw``, ``qcow2``, ``vhd`` …),
+    by oslo's format inspector alone (no qemu-img, no safety verdict); None when several match."""
+    inspectors = _detect(Path(path), cancel)
+    if len(inspectors) != 1:
+        return None
+    name = str(inspectors[0])
+    if name in ("raw", "gpt"):
+        # the inspector has no fixed-VHD detector: a raw-looking file with a VHD footer is a VHD
+        return "vhd" if _read_vhd_footer(Path(path)) is not None else "raw"
+    return from_qemu(name)
 
 
 def _detect(path: Path, cancel: threading.Event | None) -> list[fi.FileInspector]:

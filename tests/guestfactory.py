@@ -1,8 +1,10 @@
-"""Builds real guest disk images for the guest-validation tests.
+"""Builds real guest disk images for the guest tests (validation, mounting, chroot steps, hooks, imports).
 
 Filesystems are made as separate files (``mkfs.ext4 -d DIR`` populates ext4; ``mkfs.vfat`` + ``mmd``/
 ``mcopy`` populate an ESP), partition tables are written with ``sfdisk`` and the filesystems are copied
-to their partition offsets with ``dd``. Needs e2fsprogs, dosfstools, mtools, fdisk (util-linux).
+to their partition offsets (sparsely). Nothing is mounted to build a Linux guest. Needs e2fsprogs,
+dosfstools, mtools, fdisk (util-linux). With ``programs=True`` the guest root gets a few host binaries
+(dash, cat, sleep, ...) and their libraries so that commands can run in its chroot.
 
 NTFS has no populate-from-directory tool, so :func:`ntfs` FUSE-mounts the filesystem *file* with
 ``ntfs-3g`` (no loop device; needs /dev/fuse and ntfs-3g) just long enough to copy a tree in, and always
@@ -11,13 +13,19 @@ unmounts it again. Registry hives come from :mod:`tests.winhive` (needs hivex's 
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import pytest
 
 from tests import winhive
 
@@ -33,6 +41,9 @@ ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 MSR_TYPE_GUID = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"  # Microsoft reserved (no filesystem)
 BASIC_DATA_TYPE_GUID = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"  # Windows data (NTFS)
 PE_AMD64, PE_ARM64, PE_I386 = 0x8664, 0xAA64, 0x14C
+KERNEL, INITRD = "vmlinuz-6.1.0-18-amd64", "initrd.img-6.1.0-18-amd64"
+#: host programs copied into the guest (``programs=True``) so chroot commands have something to run
+GUEST_PROGRAMS = ("dash", "cat", "sleep", "touch", "ls", "id", "echo", "rm", "mkdir")
 
 
 def run(*argv: str | Path) -> None:
@@ -53,36 +64,65 @@ def linux_tree(
     initrd: bool = True,
     grub: bool = True,
     boot_in_root: bool = True,
+    programs: bool = False,
 ) -> Path:
-    """A minimal Linux root directory: os-release (as Debian's symlink into /usr/lib), fstab, /bin/sh (a
-    symlink to a real ELF binary through merged-/usr), and /boot with kernel, initrd and grub.cfg."""
-    (root / "etc").mkdir(parents=True)
-    (root / "usr/lib").mkdir(parents=True)
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "bin").symlink_to("usr/bin")
-    shutil.copy(host_elf(), root / "usr/bin/dash")
+    """A minimal merged-/usr Linux root directory: os-release (as Debian's symlink into /usr/lib), fstab,
+    users root and alice (uid 1000, gid 1001, home owned by her), /bin/sh (a symlink to a real ELF binary),
+    empty /proc /sys /dev /tmp, and /boot with kernel, initrd and grub.cfg (empty with ``boot_in_root=False``,
+    for a separate boot filesystem). ``programs`` copies real host programs and their libraries in."""
+    for d in ("etc", "usr/lib", "usr/bin", "root", "tmp", "proc", "sys", "dev", "var/lib", "home/alice"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for link in ("bin", "lib", "lib64"):
+        (root / link).symlink_to(f"usr/{link}")
+    (root / "usr/lib64").mkdir()
+    if programs:
+        for name in GUEST_PROGRAMS:
+            _copy_program(root, name)
+    else:
+        shutil.copy(host_elf(), root / "usr/bin/dash")
     (root / "usr/bin/sh").symlink_to("dash")
     if os_release:
         (root / "usr/lib/os-release").write_text(OS_RELEASE)
         (root / "etc/os-release").symlink_to("../usr/lib/os-release")
     if fstab is not None:
         (root / "etc/fstab").write_text(fstab)
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001:Alice:/home/alice:/bin/sh\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nalice:x:1001:\n")
+    if os.geteuid() == 0:
+        os.chown(root / "home/alice", 1000, 1001)
     (root / "boot").mkdir()
     if boot_in_root:
         boot_tree(root / "boot", kernel=kernel, initrd=initrd, grub=grub)
     return root
 
 
+def _copy_program(root: Path, name: str) -> None:
+    """Copy host program ``name`` to the guest's /usr/bin with the shared libraries ``ldd`` lists."""
+    src = shutil.which(name)
+    if src is None:
+        return
+    src = os.path.realpath(src)
+    shutil.copy2(src, root / "usr/bin" / name)
+    out = subprocess.run(["ldd", src], capture_output=True, text=True, check=False).stdout
+    for lib in re.findall(r"(/\S+)", out):
+        dst = root / lib.lstrip("/")  # /lib... lands in usr/lib through the guest's merged-/usr links
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            shutil.copy2(os.path.realpath(lib), dst)
+
+
 def boot_tree(boot: Path, *, kernel: bool = True, initrd: bool = True, grub: bool = True) -> Path:
     """Contents of /boot (or of a separate boot filesystem)."""
     boot.mkdir(parents=True, exist_ok=True)
     if kernel:
-        (boot / "vmlinuz-6.1.0-18-amd64").write_bytes(b"MZ" + b"\0" * 510)
+        (boot / KERNEL).write_bytes(b"MZ" + b"\0" * 510)
     if initrd:
-        (boot / "initrd.img-6.1.0-18-amd64").write_bytes(b"\x1f\x8b" + b"\0" * 62)
+        (boot / INITRD).write_bytes(b"\x1f\x8b" + b"\0" * 62)
     if grub:
         (boot / "grub").mkdir()
-        (boot / "grub/grub.cfg").write_text("menuentry 'Debian' {\n linux /boot/vmlinuz-6.1.0-18-amd64\n}\n")
+        (boot / "grub/grub.cfg").write_text(f"menuentry 'Debian' {{\n linux /boot/{KERNEL}\n}}\n")
     return boot
 
 
@@ -153,10 +193,18 @@ def disk(path: Path, table: str, parts: list[Part]) -> Path:
             data = p.content.read_bytes() if isinstance(p.content, Path) else p.content
             if data:
                 assert len(data) <= p.size_mib * MiB, "content larger than its partition"
-                f.seek(start * MiB)
-                f.write(data)
+                _write_sparse(f, start * MiB, data)
             start += p.size_mib
     return path
+
+
+def _write_sparse(f: BinaryIO, offset: int, data: bytes, block: int = 64 * 1024) -> None:
+    """Write ``data`` at ``offset`` leaving all-zero blocks as holes (the disk file stays sparse)."""
+    for i in range(0, len(data), block):
+        chunk = data[i : i + block]
+        if chunk.count(0) != len(chunk):
+            f.seek(offset + i)
+            f.write(chunk)
 
 
 def fstab_by_uuid(root_uuid: str = ROOT_UUID, extra: str = "") -> str:
@@ -165,12 +213,44 @@ def fstab_by_uuid(root_uuid: str = ROOT_UUID, extra: str = "") -> str:
     )
 
 
-def linux_disk(tmp: Path, name: str = "linux.img", *, fstab: str | None = None, **tree_args: bool) -> Path:
-    """A BIOS-bootable MBR disk with one ext4 root partition holding a Debian-like tree."""
+def linux_disk(
+    tmp: Path,
+    name: str = "linux.img",
+    *,
+    table: str = "mbr",
+    separate_boot: bool = False,
+    programs: bool = False,
+    fstab: str | None = None,
+    tree_hook: Callable[[Path], None] | None = None,
+    **tree_args: bool,
+) -> Path:
+    """A BIOS-bootable Linux disk (``mbr`` or ``gpt`` table) with a Debian-like ext4 root (label ``rootfs``,
+    :data:`ROOT_UUID`).
+
+    One root partition by default; with ``separate_boot`` partition 1 is /boot (ext4, :data:`BOOT_UUID`,
+    label ``boot``, in fstab) and partition 2 the root. ``programs`` puts runnable host programs in the root
+    (for chroot steps); ``tree_hook(root_dir)`` changes the root tree before the filesystem is made.
+    """
     work = tmp / f"{name}.d"
-    tree = linux_tree(work / "root", fstab=fstab if fstab is not None else fstab_by_uuid(), **tree_args)
-    fs = ext4(work / "root.ext4", 24, tree, label="rootfs")
-    return disk(tmp / name, "mbr", [Part(24, "83", fs, bootable=True)])
+    if fstab is None:
+        fstab = fstab_by_uuid(extra=f"UUID={BOOT_UUID} /boot ext4 defaults 0 2\n" if separate_boot else "")
+    tree = linux_tree(
+        work / "root", fstab=fstab, programs=programs, boot_in_root=not separate_boot, **tree_args
+    )
+    if tree_hook is not None:
+        tree_hook(tree)
+    linux = "83" if table == "mbr" else LINUX_TYPE_GUID
+    parts = []
+    if separate_boot:
+        boot = boot_tree(
+            work / "boot", **{k: v for k, v in tree_args.items() if k in ("kernel", "initrd", "grub")}
+        )
+        parts.append(
+            Part(8, linux, ext4(work / "boot.ext4", 8, boot, uuid=BOOT_UUID, label="boot"), bootable=True)
+        )
+    root = ext4(work / "root.ext4", 24, tree, label="rootfs")
+    parts.append(Part(24, linux, root, bootable=not separate_boot))
+    return disk(tmp / name, table, parts)
 
 
 def uefi_disk(tmp: Path, name: str = "uefi.img", *, fallback: bool = True) -> Path:
@@ -195,16 +275,93 @@ def data_disk(tmp: Path, name: str = "data.img") -> Path:
     return disk(tmp / name, "mbr", [Part(16, "83", fs)])
 
 
-def partition_image(tmp: Path, name: str = "root.ext4", *, fstab: str | None = None) -> Path:
-    """A bare ext4 filesystem (no partition table) holding a Linux root, as Eucalyptus-era images were."""
+def partition_image(
+    tmp: Path,
+    name: str = "root.ext4",
+    *,
+    fstab: str | None = None,
+    programs: bool = False,
+    tree_hook: Callable[[Path], None] | None = None,
+) -> Path:
+    """A bare ext4 filesystem (no partition table, :data:`ROOT_UUID`) holding a Linux root with kernel and
+    initrd but no bootloader, as Eucalyptus-era paravirtual images were."""
     work = tmp / f"{name}.d"
-    tree = linux_tree(work / "root", fstab=fstab if fstab is not None else fstab_by_uuid(), grub=False)
+    tree = linux_tree(
+        work / "root", fstab=fstab if fstab is not None else fstab_by_uuid(), grub=False, programs=programs
+    )
+    if tree_hook is not None:
+        tree_hook(tree)
     return ext4(tmp / name, 24, tree)
 
 
 def qcow2_of(raw: Path, dst: Path) -> Path:
-    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, dst)
+    """``raw`` converted to qcow2 at ``dst``."""
+    return convert(raw, dst, "qcow2")
+
+
+def convert(raw: Path, dst: Path, qemu_format: str, options: str | None = None) -> Path:
+    """``raw`` converted with qemu-img to ``qemu_format`` (e.g. ``vmdk`` with ``subformat=streamOptimized``,
+    ``vpc`` with ``force_size=on``) at ``dst``."""
+    run(
+        "qemu-img", "convert", "-f", "raw", "-O", qemu_format, *(["-o", options] if options else []), raw, dst
+    )
     return dst
+
+
+# --- inspecting what tests built, without mounting it ------------------------------------------------
+
+
+def require_loop_root() -> None:
+    """Skip (with the reason) unless this process can attach loop devices and mount."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for loop devices and mount")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no loop devices on this machine (/dev/loop-control missing)")
+    for tool in ("losetup", "partx", "sfdisk", "mkfs.ext4", "blkid", "debugfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+def _debugfs(request: str, fs_image: Path, offset_bytes: int) -> subprocess.CompletedProcess[str]:
+    target = f"{fs_image}?offset={offset_bytes}" if offset_bytes else str(fs_image)
+    return subprocess.run(["debugfs", "-R", request, target], capture_output=True, text=True)
+
+
+def debugfs_cat(fs_image: Path, guest_path: str, offset_bytes: int = 0) -> str | None:
+    """Read a file from an ext4 image (at ``offset_bytes`` in it) without mounting it (None when absent)."""
+    proc = _debugfs(f"cat {guest_path}", fs_image, offset_bytes)
+    if proc.returncode != 0 or "File not found" in proc.stderr:
+        return None
+    return proc.stdout
+
+
+def debugfs_stat(fs_image: Path, guest_path: str, offset_bytes: int = 0) -> str:
+    """``debugfs stat`` of a path in an ext4 image (mode, uid, gid, ...)."""
+    return _debugfs(f"stat {guest_path}", fs_image, offset_bytes).stdout
+
+
+def partition_offset(image: Path, number: int) -> int:
+    """Byte offset of partition ``number`` (from sfdisk's dump)."""
+    out = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if re.match(rf"^{re.escape(str(image))}p?{number}\s*:", line):
+            found = re.search(r"start=\s*(\d+)", line)
+            assert found is not None
+            return int(found.group(1)) * 512
+    raise AssertionError(f"no partition {number} in {image}")
+
+
+def loops_of(image: Path) -> str:
+    """``losetup -j IMAGE`` output: empty when no loop device is attached to it."""
+    return subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout.strip()
+
+
+def mounts_below(directory: Path) -> list[str]:
+    """Mount points at or below ``directory`` per /proc/self/mountinfo."""
+    base = os.path.realpath(directory)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == base or p.startswith(base + "/")]
 
 
 # --- Windows ---------------------------------------------------------------------------------------

@@ -156,6 +156,23 @@ _ROWS = (
         "The request's architecture differs from the guest's binaries.",
         "Correct the Architecture parameter of the import request, or import the intended disk.",
     ),
+    Code(
+        "Guest.PartitionImageNeedsKernel",
+        Severity.ERROR,
+        False,
+        "A partition image (a bare filesystem) has no bootloader of its own; it boots only paravirtual, "
+        "with a kernel and ramdisk the cloud supplies. As hvm it cannot boot.",
+        "Import it with virtualization type paravirtual and a KernelId (and RamdiskId), or import a full "
+        "disk image with a partition table and a bootloader.",
+    ),
+    Code(
+        "Guest.NoRootFilesystem",
+        Severity.ERROR,
+        False,
+        "A kernel (paravirtual boot) was requested, but the image holds no root filesystem for it to mount "
+        "(no /etc/os-release, /etc/fstab or /sbin/init on any readable filesystem).",
+        "Import the partition that holds the guest's root filesystem, or drop KernelId for a data disk.",
+    ),
 )
 
 #: code → row; the README's table of guest findings is generated from this

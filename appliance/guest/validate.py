@@ -152,13 +152,38 @@ def normalize_architecture(name: str) -> str:
 
 
 def check_request(
-    report: GuestReport, platform: str | None = None, architecture: str | None = None
+    report: GuestReport,
+    platform: str | None = None,
+    architecture: str | None = None,
+    *,
+    virtualization_type: str | None = None,
+    kernel_id: str | None = None,
 ) -> list[Finding]:
-    """``Guest.PlatformMismatch`` / ``Guest.ArchitectureMismatch`` when the request disagrees with the guest.
+    """Findings where the request disagrees with the guest.
 
-    Nothing is said about what was not found (``Guest.OsUnknown`` already covers that).
+    ``Guest.PlatformMismatch`` / ``Guest.ArchitectureMismatch``; for the Eucalyptus-style boot
+    parameters: a partition image imported as ``hvm`` (``Guest.PartitionImageNeedsKernel``) and a
+    kernel given for an image without a root filesystem (``Guest.NoRootFilesystem``). Nothing is
+    said about what was not found (``Guest.OsUnknown`` already covers that).
     """
     out: list[Finding] = []
+    paravirtual = bool(kernel_id) or (virtualization_type or "").lower() == "paravirtual"
+    if report.layout == "partition" and (virtualization_type or "").lower() == "hvm":
+        out.append(
+            finding(
+                "Guest.PartitionImageNeedsKernel",
+                "the image is a bare filesystem (no partition table, no bootloader) but the request asks "
+                "for hvm: import it as paravirtual with a KernelId, or import the whole disk",
+            )
+        )
+    if paravirtual and report.root is None:
+        out.append(
+            finding(
+                "Guest.NoRootFilesystem",
+                "a kernel was given for paravirtual boot but no root filesystem was found on the image: "
+                "import the partition that holds the guest's root filesystem",
+            )
+        )
     family = report.os.get("family")
     if platform:
         wanted = PLATFORMS.get(platform.strip().lower())

@@ -1,9 +1,12 @@
 """Step ``guest.validate``: static guest validation of an image, findings stored on the task.
 
-Arguments: ``source`` (image file or block device), ``format`` (default raw), ``platform`` and
-``architecture`` of the request (checked against the guest), ``bootable`` (false for data disks: boot
-findings become info) and ``fail_on_error`` (default true: error findings fail the step with
-:class:`~appliance.errors.ImageRejected`, i.e. the task fails with the first error's code).
+Arguments: ``source`` (image file or block device), ``format`` (default raw; null: detected from the
+content, as a dry run needs before inspection has run), ``platform``,
+``architecture``, ``virtualization_type`` and ``kernel_id`` of the request (checked against the
+guest: a partition image needs paravirtual boot, a kernel needs a root filesystem), ``bootable``
+(false for data disks: boot findings become info) and ``fail_on_error`` (default true: error
+findings fail the step with :class:`~appliance.errors.ImageRejected`, i.e. the task fails with the
+first error's code).
 The result is the guest report (``GuestReport.to_dict()``); a dry run validates a local file for real.
 """
 
@@ -12,12 +15,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageRejected
+from ..decompress import detect_compression
+from ..errors import ImageRejected, UsageError
 from ..guest import check_request, validate_image
 from ..guest.report import GuestReport
+from ..inspect import detect_format
 from ..workflow.step import Step, StepContext
 
 _NULLABLE_STR = {"type": ["string", "null"]}
+
+
+def _detected_format(source: str) -> str:
+    """``format: null``: the format of the content (a compressed file is refused: decompress first)."""
+    path = Path(source)
+    if path.is_file():
+        compression = detect_compression(path)
+        if compression is not None:
+            raise UsageError(
+                f"guest validation reads uncompressed images; {path.name} is {compression}-compressed: "
+                "validate after inspection (which decompresses) or decompress it first"
+            )
+        return detect_format(path) or "raw"
+    return "raw"  # a block device holds a RAW disk
 
 
 class ValidateStep(Step):
@@ -29,9 +48,11 @@ class ValidateStep(Step):
         "required": ["source"],
         "properties": {
             "source": {"type": "string", "minLength": 1},
-            "format": {"type": "string", "minLength": 1},
+            "format": {"type": ["string", "null"], "minLength": 1},
             "platform": _NULLABLE_STR,
             "architecture": _NULLABLE_STR,
+            "virtualization_type": _NULLABLE_STR,
+            "kernel_id": _NULLABLE_STR,
             "bootable": {"type": "boolean"},
             "fail_on_error": {"type": "boolean"},
         },
@@ -45,33 +66,33 @@ class ValidateStep(Step):
         platform: str | None,
         architecture: str | None,
         bootable: bool,
+        boot: dict[str, str | None],
     ) -> GuestReport:
+        format = format or _detected_format(source)
         report = validate_image(source, format, bootable=bootable, config=ctx.config, cancel=ctx.cancel)
-        return report.with_findings(report.findings + check_request(report, platform, architecture))
+        return report.with_findings(report.findings + check_request(report, platform, architecture, **boot))
 
     def run(
         self,
         ctx: StepContext,
         source: str,
-        format: str = "raw",
+        format: str | None = "raw",
         platform: str | None = None,
         architecture: str | None = None,
+        virtualization_type: str | None = None,
+        kernel_id: str | None = None,
         bootable: bool = True,
         fail_on_error: bool = True,
     ) -> dict[str, Any]:
-        report = self._validate(ctx, source, format, platform, architecture, bootable)
+        boot = {"virtualization_type": virtualization_type, "kernel_id": kernel_id}
+        report = self._validate(ctx, source, format, platform, architecture, bootable, boot)
         found = [f.to_dict() for f in report.findings]
         if ctx.store is not None:
             # other steps (image.inspect, hooks) may have stored findings already: add, never replace
             current = ctx.store.get_task(ctx.task_id).findings
             ctx.store.set_findings(ctx.task_id, current + [f for f in found if f not in current])
-        ctx.event(
-            "guest.validated",
-            layout=report.layout,
-            boot_mode=report.boot_mode,
-            os=report.os,
-            findings=found,
-        )
+        # the whole report: when it fails the step, the event is where the task keeps it
+        ctx.event("guest.validated", report=report.to_dict())
         if fail_on_error and report.errors:
             raise ImageRejected(list(report.findings))
         return report.to_dict()
@@ -80,16 +101,19 @@ class ValidateStep(Step):
         self,
         ctx: StepContext,
         source: str,
-        format: str = "raw",
+        format: str | None = "raw",
         platform: str | None = None,
         architecture: str | None = None,
+        virtualization_type: str | None = None,
+        kernel_id: str | None = None,
         bootable: bool = True,
         fail_on_error: bool = True,
     ) -> dict[str, Any]:
+        boot = {"virtualization_type": virtualization_type, "kernel_id": kernel_id}
         plan: dict[str, Any] = {"source": source, "format": format, "bootable": bootable, "scratch_bytes": 0}
         if Path(source).is_file():
             # reading is side-effect free (a limited child on a private link), so the plan shows the verdict
-            report = self._validate(ctx, source, format, platform, architecture, bootable)
+            report = self._validate(ctx, source, format, platform, architecture, bootable, boot)
             plan["report"] = report.to_dict()
             plan["would_fail"] = bool(fail_on_error and report.errors)
             plan["findings"] = [f.to_dict() for f in report.findings]

@@ -4,6 +4,8 @@ and a real WSGI server on loopback for boto3 / AWS CLI clients."""
 from __future__ import annotations
 
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,6 +140,21 @@ def error_of(result: falcon.testing.Result) -> tuple[int, str, str]:
         {"body": result.content, "headers": dict(result.headers), "status_code": result.status_code}, None
     )
     return result.status_code, parsed["Error"]["Code"], parsed["Error"]["Message"]
+
+
+def post_signed(endpoint: str, params: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+    """POST ``params`` to a real server at ``endpoint`` signed with botocore's SigV4 (boto3 refuses
+    members its model lacks); the answer as botocore parses it (the action's output, or ``{"Error": …}``)."""
+    req = sign({"Version": model.API_VERSION, **params}, host=urlsplit(endpoint).netloc)
+    http = urllib.request.Request(endpoint + "/", data=req.body, headers=req.headers, method=req.method)
+    try:
+        with urllib.request.urlopen(http, timeout=30) as resp:
+            status, headers, body = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, dict(exc.headers), exc.read()
+    shape = model.operation(params["Action"]).output_shape if status == 200 else None
+    parsed = create_parser("ec2").parse({"body": body, "headers": headers, "status_code": status}, shape)
+    return status, parsed
 
 
 class _QuietHandler(WSGIRequestHandler):

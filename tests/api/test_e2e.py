@@ -8,137 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.exceptions
 import pytest
-import yaml
 
 from appliance.sources.manifest import Part, build_manifest, plan_parts
+from tests import guestfactory
 from tests import imagefactory as imgs
+from tests.api.e2e_support import Appliance, conversion_task, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
+from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
-
-
-@dataclass
-class Appliance:
-    endpoint: str
-    config: Path
-    state: Path
-    ec2: Any
-    start_worker: Callable[[], subprocess.Popen[bytes]]
-    worker: subprocess.Popen[bytes]
-
-    def volume_file(self, volume_id: str) -> Path:
-        return self.state / "volumes" / f"{volume_id}.raw"
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def parts_server() -> Iterator[TestHTTPServer]:
-    """A scripted HTTP server (stalls on demand) that the appliance may fetch parts from."""
-    with TestHTTPServer() as server:
-        yield server
-
-
-@pytest.fixture
-def appliance(tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer) -> Iterator[Appliance]:
-    port = free_port()
-    state = tmp_path / "state"
-    cfg = tmp_path / "imaging.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "state_dir": str(state),
-                "api": {
-                    "bind": f"127.0.0.1:{port}",
-                    "workers": 2,
-                    "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
-                },
-                "sources": {
-                    "allowed_endpoints": [moto.endpoint, parts_server.endpoint],
-                    "manifest_poll_interval": 0.2,
-                    "manifest_poll_max_interval": 0.5,
-                    "s3": {
-                        "endpoint_url": moto.endpoint,
-                        "region": REGION,
-                        "access_key": "testing",
-                        "secret_key": "testing",
-                    },
-                },
-                "worker": {"concurrency": 2, "poll_interval": 0.2},
-                "tasks": {"lease_seconds": 5},
-            }
-        )
-    )
-
-    def start_worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "worker"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "serve"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    worker = start_worker()
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{endpoint}/v1/health", proc=server)
-        ec2 = boto3.client(
-            "ec2",
-            endpoint_url=endpoint,
-            region_name=REGION,
-            aws_access_key_id=TEST_ACCESS_KEY,
-            aws_secret_access_key=TEST_SECRET_KEY,
-        )
-        app = Appliance(endpoint, cfg, state, ec2, start_worker, worker)
-        yield app
-    finally:
-        _stop(app.worker if "app" in locals() else worker)
-        _stop(server)
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "e2e-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def conversion_task(ec2: Any, task_id: str) -> dict[str, Any]:
-    return ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
 
 
 def test_euca2ools_style_import_volume_goes_pending_active_completed(
@@ -187,8 +73,9 @@ def test_euca2ools_style_import_volume_goes_pending_active_completed(
 def test_import_instance_of_a_stream_optimized_vmdk_matches_the_source(
     appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
-    src = imgs.qcow2_with_data(tmp_path)
-    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
+    # ImportInstance validates the guest: a real bootable Linux disk, not random data
+    src = guestfactory.linux_disk(tmp_path)
+    vmdk = guestfactory.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
     s3 = moto.client("s3")
     pending = presign_manifest_url(s3, bucket, None, vmdk)
     upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)
@@ -211,7 +98,7 @@ def test_import_instance_of_a_stream_optimized_vmdk_matches_the_source(
     assert volume["Status"] == "completed" and volume["BytesConverted"] == virtual
     path = appliance.volume_file(volume["Volume"]["Id"])
     cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), str(path)],
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), str(path)],
         capture_output=True,
         text=True,
     )
@@ -333,8 +220,9 @@ def test_ssrf_urls_are_refused_at_the_api(appliance: Appliance) -> None:
 def test_aws_cli_imports_an_image_from_a_user_bucket(
     appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
-    src = imgs.qcow2_with_data(tmp_path)
-    vhd = imgs.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
+    # ImportImage validates the guest: a real bootable Linux disk, not random data
+    src = guestfactory.linux_disk(tmp_path)
+    vhd = guestfactory.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
     moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
     env = dict(
         os.environ,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +21,10 @@ import pytest
 import yaml
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
-from botocore.parsers import create_parser
 from falcon import testing
 
 from api.app import create_app
-from api.ec2 import model, views
+from api.ec2 import views
 from appliance import bootparams
 from appliance import config as config_mod
 from appliance.errors import Finding, UsageError
@@ -35,7 +32,7 @@ from appliance.imports import outcome
 from appliance.report.status import task_snapshot
 from appliance.store import Store, Task, TaskState
 from appliance.summary import STATUS_MESSAGE_LIMIT, findings_summary
-from tests.api.ec2_support import MANIFEST_BASE, sign
+from tests.api.ec2_support import MANIFEST_BASE, post_signed
 from tests.api.test_admin import AUTH, assert_documented
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
 
@@ -116,20 +113,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def raw_call(server: Server, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    """POST ``params`` signed with botocore's SigV4 (boto3 refuses members its model lacks);
-    the answer as botocore parses it (the action's output, or ``{"Error": …}``)."""
-    req = sign({"Version": model.API_VERSION, **params}, host=server.host)
-    http = urllib.request.Request(
-        server.endpoint + "/", data=req.body, headers=req.headers, method=req.method
-    )
-    try:
-        with urllib.request.urlopen(http, timeout=30) as resp:
-            status, headers, body = resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        status, headers, body = exc.code, dict(exc.headers), exc.read()
-    shape = model.operation(params["Action"]).output_shape if status == 200 else None
-    parsed = create_parser("ec2").parse({"body": body, "headers": headers, "status_code": status}, shape)
-    return status, parsed
+    """POST ``params`` SigV4-signed to the server (see :func:`post_signed`)."""
+    return post_signed(server.endpoint, params)
 
 
 def code_of(exc: pytest.ExceptionInfo[ClientError]) -> tuple[str, str]:

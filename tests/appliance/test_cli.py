@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance.store import Store
 from tests import imagefactory as imgs
@@ -152,9 +153,17 @@ def test_run_workflow_records_a_task_visible_to_tasks_commands(tmp_path: Path, e
     listed = json.loads(imaging("tasks", "list", "--json", env=env).stdout)
     assert [t["id"] for t in listed] == [task["id"]]
     shown = json.loads(imaging("tasks", "show", task["id"], "--json", env=env).stdout)
-    # after-inspect: the operator hooks' insertion point (none configured: it passes the image on)
-    assert [s["name"] for s in shown["steps"]] == ["inspect", "after-inspect", "copy-unchanged", "convert"]
-    assert [s["state"] for s in shown["steps"]] == ["completed", "completed", "skipped", "completed"]
+    # validate-guest runs only when asked (validate_guest); after-inspect is the operator hooks'
+    # insertion point (none configured: it passes the image on)
+    names = ["validate-guest", "inspect", "after-inspect", "copy-unchanged", "convert"]
+    assert [s["name"] for s in shown["steps"]] == names
+    assert [s["state"] for s in shown["steps"]] == [
+        "skipped",
+        "completed",
+        "completed",
+        "skipped",
+        "completed",
+    ]
     assert any(e["action"] == "created" and e["resource"] == str(dst) for e in shown["ledger"])
 
 
@@ -197,8 +206,8 @@ def test_dry_run_plans_without_side_effects(tmp_path: Path, env: dict[str, str])
     )
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
-    assert [s["status"] for s in plan["steps"]] == ["run", "run", "skip", "run"]
-    assert plan["steps"][0]["scratch_bytes"] > 0  # the gzip input will be decompressed into scratch
+    assert [s["status"] for s in plan["steps"]] == ["skip", "run", "run", "skip", "run"]
+    assert plan["steps"][1]["scratch_bytes"] > 0  # the gzip input will be decompressed into scratch
     assert not db(env).exists()
     assert not (tmp_path / "o.raw").exists()
     assert not (Path(env["XDG_STATE_HOME"]) / "imaging" / "scratch").exists()
@@ -407,3 +416,54 @@ def test_commands_that_write_the_config_work_while_the_old_one_is_broken(
     assert r.returncode == 2  # invalid user data, reported as such — not the broken service config
     assert json.loads((tmp_path / "error.json").read_text())["status"] == "invalid-config"
     assert imaging("workflows", "list", env=env).returncode == 1  # everything else still refuses it
+
+
+def test_workflows_show_json_lists_params_and_steps_with_the_configured_hooks(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    cfg = tmp_path / "hooks.yaml"
+    cfg.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "hooks:\n  points:\n    after_inspect:\n      - {hook: policy, with: {allow_formats: [raw]}}\n"
+    )
+    r = imaging("--config", cfg, "workflows", "show", "import-disk", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["params"]["disk"]["required"] is True
+    steps = {s["name"]: s for s in shown["steps"]}
+    assert steps["validate-guest"]["action"] == "guest.validate"
+    hooks = steps["after-inspect"]["hook_steps"]
+    assert [(h["action"], h["with"].get("allow_formats")) for h in hooks] == [("hook.policy", ["raw"])]
+    assert steps["after-fetch"]["hook_steps"] == []
+
+
+def test_config_show_redacts_every_secret_including_the_artifact_store_and_controller(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    cfg = tmp_path / "imaging.yaml"
+    cfg.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "artifacts: {bucket: ops-artifacts, access_key: AKIAOPS, secret_key: artifact-secret-123}\n"
+        "controller: {mode: push, url: 'https://ctl.example', secret: controller-secret-456,"
+        " appliance_id: i-0123456789abcdef0}\n"
+    )
+    shown = imaging("-c", cfg, "config", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "artifact-secret-123" not in shown.stdout and "controller-secret-456" not in shown.stdout
+    doc = yaml.safe_load(shown.stdout)
+    assert doc["artifacts"]["secret_key"] == "REDACTED" and doc["artifacts"]["access_key"] == "AKIAOPS"
+    assert doc["controller"]["secret"] == "REDACTED"
+
+
+def test_the_run_step_is_a_hook_under_its_own_name(tmp_path: Path, env: dict[str, str]) -> None:
+    cfg = tmp_path / "imaging.yaml"
+    cfg.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "hooks:\n  points:\n    after_inspect:\n"
+        "      - {hook: run, with: {command: ['true'], where: local}}\n"
+    )
+    r = imaging("-c", cfg, "config", "validate", env=env)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(imaging("-c", cfg, "workflows", "show", "convert-image", "--json", env=env).stdout)
+    hooks = next(s for s in shown["steps"] if s["name"] == "after-inspect")["hook_steps"]
+    assert [h["action"] for h in hooks] == ["run"]

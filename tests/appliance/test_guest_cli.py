@@ -61,3 +61,62 @@ def test_human_output_names_layout_os_boot_mode_and_remediation(tmp_path: Path, 
 def test_missing_file_is_a_usage_error(tmp_path: Path, env: dict[str, str]) -> None:
     res = imaging("validate", tmp_path / "absent.img", env=env)
     assert res.returncode == 1 and "InvalidParameterValue" in res.stderr
+
+
+def test_dry_run_plan_of_convert_image_shows_the_guest_verdict_before_anything_runs(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    broken = gf.qcow2_of(
+        gf.linux_disk(tmp_path, "broken.img", fstab="UUID=0bad / ext4 defaults 0 1\n"),
+        tmp_path / "broken.qcow2",
+    )
+    good = gf.qcow2_of(gf.linux_disk(tmp_path), tmp_path / "good.qcow2")
+    target = tmp_path / "out.raw"
+
+    r = imaging(
+        "run",
+        "convert-image",
+        "-p",
+        f"source={broken}",
+        "-p",
+        f"target={target}",
+        "-p",
+        "validate_guest=system",
+        "--dry-run",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "verdict: would fail" in r.stdout
+    assert "Guest.FstabDeviceMissing" in r.stdout
+    assert not target.exists()
+
+    r = imaging(
+        "run",
+        "convert-image",
+        "-p",
+        f"source={good}",
+        "-p",
+        f"target={target}",
+        "-p",
+        "validate_guest=system",
+        "--dry-run",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "verdict: would pass" in r.stdout
+
+    # the real run stops at the same finding, before inspection or conversion wrote anything
+    r = imaging(
+        "run",
+        "convert-image",
+        "-p",
+        f"source={broken}",
+        "-p",
+        f"target={target}",
+        "-p",
+        "validate_guest=system",
+        env=env,
+    )
+    assert r.returncode == 2
+    assert "Guest.FstabDeviceMissing" in r.stderr
+    assert not target.exists()

@@ -15,16 +15,16 @@ import yaml
 
 from appliance.store import Task, TaskState
 from appliance.workflow import Engine
-
-from .guest_images import (
-    build_linux_disk,
+from tests.guestfactory import (
     debugfs_cat,
     debugfs_stat,
+    linux_disk,
     loops_of,
     mounts_below,
     partition_offset,
     require_loop_root,
 )
+
 from .workflow_support import make_config, make_registry, write_workflow
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMarkerKeyForTestsOnly000000000000000000 test@imaging"
@@ -66,7 +66,7 @@ def assert_clean(tmp_path: Path, disk: Path) -> None:
 def test_inject_metadata_writes_a_marker_file_with_mode_owner_and_manifest(
     engine: Engine, tmp_path: Path
 ) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     source = tmp_path / "motd"
     source.write_text("welcome\n")
     image = {"path": str(disk), "format": "raw", "virtual_size": disk.stat().st_size}
@@ -97,7 +97,7 @@ def test_inject_metadata_writes_a_marker_file_with_mode_owner_and_manifest(
 def test_ssh_keys_go_to_the_guest_users_home_with_its_uid_and_strict_modes(
     engine: Engine, tmp_path: Path
 ) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     args = {
         "image": {"path": str(disk), "format": "raw"},
         "ssh_authorized_keys": {"user": "alice", "keys": [KEY]},
@@ -112,7 +112,7 @@ def test_ssh_keys_go_to_the_guest_users_home_with_its_uid_and_strict_modes(
 
 
 def test_cloud_init_seed_is_written_and_found_after_remounting(engine: Engine, tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     seed = {
         "meta_data": {"instance-id": "i-0123", "local-hostname": "imported"},
         "user_data": {"disable_root": False, "ssh_authorized_keys": [KEY]},
@@ -140,7 +140,7 @@ def test_cloud_init_seed_is_written_and_found_after_remounting(engine: Engine, t
 
 
 def test_dotdot_escape_is_refused_and_nothing_is_written(engine: Engine, tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     before = disk.read_bytes()
     target = tmp_path / "escaped"
     files = [{"path": f"/../../../../../..{target}", "content": "x"}]
@@ -157,7 +157,7 @@ def test_guest_symlink_to_a_host_file_is_refused(engine: Engine, tmp_path: Path)
     def motd_links_out(tree: Path) -> None:
         (tree / "etc" / "motd").symlink_to(host_target)
 
-    disk = build_linux_disk(tmp_path, tree_hook=motd_links_out)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True, tree_hook=motd_links_out)
     files = [{"path": "/etc/motd", "content": "owned\n"}]
     task = hook(engine, tmp_path, "hook.inject-metadata", {"image": {"path": str(disk)}, "files": files})
     assert (task.state, task.error_code) == (TaskState.FAILED, "Guest.UnsafePath")
@@ -175,7 +175,7 @@ def test_guest_directory_symlink_to_the_host_resolves_inside_the_guest(
     def ssh_links_out(tree: Path) -> None:
         (tree / "home" / "alice" / ".ssh").symlink_to(host_dir)  # absolute, as an attacker would
 
-    disk = build_linux_disk(tmp_path, tree_hook=ssh_links_out)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True, tree_hook=ssh_links_out)
     args = {"image": {"path": str(disk)}, "ssh_authorized_keys": {"user": "alice", "keys": [KEY]}}
     task = hook(engine, tmp_path, "hook.inject-metadata", args)
     assert task.state is TaskState.COMPLETED, task.error_message
@@ -186,7 +186,7 @@ def test_guest_directory_symlink_to_the_host_resolves_inside_the_guest(
 
 
 def test_unknown_guest_user_fails_with_a_code(engine: Engine, tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     args = {"image": {"path": str(disk)}, "ssh_authorized_keys": {"user": "mallory", "keys": [KEY]}}
     task = hook(engine, tmp_path, "hook.inject-metadata", args)
     assert (task.state, task.error_code) == (TaskState.FAILED, "Guest.UnknownUser")
@@ -194,7 +194,7 @@ def test_unknown_guest_user_fails_with_a_code(engine: Engine, tmp_path: Path) ->
 
 
 def test_hooks_refuse_a_non_raw_image(engine: Engine, tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     image = {"path": str(disk), "format": "vhdx"}
     inject = hook(engine, tmp_path, "hook.inject-metadata", {"image": image, "files": []})
     run = hook(engine, tmp_path, "hook.run-in-guest", {"image": image, "command": "true"})
@@ -202,7 +202,7 @@ def test_hooks_refuse_a_non_raw_image(engine: Engine, tmp_path: Path) -> None:
 
 
 def test_run_in_guest_is_read_only_and_returns_the_image_unchanged(engine: Engine, tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     image = {"path": str(disk), "format": "raw"}
     scan = hook(engine, tmp_path, "hook.run-in-guest", {"image": image, "command": ["/bin/ls", "/etc"]})
     assert scan.state is TaskState.COMPLETED, scan.error_message
@@ -224,7 +224,7 @@ def test_run_in_guest_is_read_only_and_returns_the_image_unchanged(engine: Engin
 def test_writing_below_a_guest_file_fails_with_a_code_and_keeps_the_manifest(
     engine: Engine, tmp_path: Path
 ) -> None:
-    disk = build_linux_disk(tmp_path)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
     files = [{"path": "/etc/first", "content": "1\n"}, {"path": "/etc/os-release/child", "content": "x"}]
     task = hook(engine, tmp_path, "hook.inject-metadata", {"image": {"path": str(disk)}, "files": files})
     assert (task.state, task.error_code) == (TaskState.FAILED, "Guest.WriteFailed")

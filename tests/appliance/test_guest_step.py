@@ -47,7 +47,7 @@ def test_error_findings_fail_the_task_with_the_first_code_and_are_kept(
     assert stored[0] == "UnsafeImage.Test"
     assert sorted(stored[1:]) == ["Guest.FstabDeviceMissing", "Guest.PlatformMismatch"]
     events = [e for e in engine.store.events(task_id=task.id) if e.kind == "guest.validated"]
-    assert events and events[0].data["os"]["distribution"] == "debian"
+    assert events and events[0].data["report"]["os"]["distribution"] == "debian"
 
 
 def test_data_disk_passes_and_registers_the_report(engine: Engine, tmp_path: Path) -> None:

@@ -15,17 +15,18 @@ import pytest
 
 from appliance.errors import Cancelled
 from appliance.guestmount import MountFailed, NoRootFilesystem, NotRawImage, mount_guest, sweep_stale
-
-from .guest_images import (
+from tests.guestfactory import (
+    KERNEL,
     OS_RELEASE,
     ROOT_UUID,
-    build_bare_ext4,
-    build_linux_disk,
+    ext4,
+    linux_disk,
     loops_of,
-    make_ext4,
     mounts_below,
+    partition_image,
     require_loop_root,
 )
+
 from .workflow_support import REPO, wait_until
 
 
@@ -36,7 +37,7 @@ def _needs_loop_root() -> None:
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
-    return build_linux_disk(tmp_path)
+    return linux_disk(tmp_path, separate_boot=True, programs=True)
 
 
 def assert_clean(tmp_path: Path, image: Path) -> None:
@@ -56,7 +57,7 @@ def test_chroot_command_sees_the_guests_os_release_and_fstab_mounts(tmp_path: Pa
         assert out.stdout == OS_RELEASE
         assert gm.root_device == f"{gm.loop}p2"
         # /boot comes from the guest's fstab (UUID= of partition 1), mounted under the guest root
-        assert (gm.root / "boot" / "vmlinuz-test").is_file()
+        assert (gm.root / "boot" / KERNEL).is_file()
         assert str(gm.root / "boot") in gm.mounts
         # the chroot gets a minimal /dev, not the host's disks
         assert (gm.root / "dev" / "null").exists() and not list((gm.root / "dev").glob("loop*"))
@@ -68,7 +69,7 @@ def test_chroot_command_sees_the_guests_os_release_and_fstab_mounts(tmp_path: Pa
 
 
 def test_gpt_disk_mounts_its_root(tmp_path: Path) -> None:
-    disk = build_linux_disk(tmp_path, label="gpt")
+    disk = linux_disk(tmp_path, table="gpt", separate_boot=True, programs=True)
     with mount_guest(disk, owner="gpt", state_dir=tmp_path / "state") as gm:
         assert gm.fs.read_text("/etc/os-release") == OS_RELEASE
         assert {p.number for p in gm.partitions} == {1, 2}
@@ -77,7 +78,7 @@ def test_gpt_disk_mounts_its_root(tmp_path: Path) -> None:
 
 
 def test_bare_filesystem_image_is_mounted_from_the_loop_device_itself(tmp_path: Path) -> None:
-    image = build_bare_ext4(tmp_path)
+    image = partition_image(tmp_path)
     with mount_guest(image, owner="bare", state_dir=tmp_path / "state") as gm:
         assert gm.root_device == gm.loop
         assert [(p.number, p.fstype, p.uuid) for p in gm.partitions] == [(None, "ext4", ROOT_UUID)]
@@ -141,7 +142,7 @@ def test_a_disk_without_a_system_filesystem_has_no_root(tmp_path: Path) -> None:
     data = tmp_path / "data"
     (data / "files").mkdir(parents=True)
     (data / "files" / "a").write_text("payload")
-    image = make_ext4(tmp_path / "data.ext4", 8, data, fs_uuid="5a1e0b1c-0000-4000-8000-00000000d003")
+    image = ext4(tmp_path / "data.ext4", 8, data, uuid="5a1e0b1c-0000-4000-8000-00000000d003")
     with pytest.raises(NoRootFilesystem) as exc, mount_guest(image, owner="d", state_dir=tmp_path / "state"):
         pass
     assert exc.value.code == "Guest.NoRootFilesystem" and "ext4" in exc.value.message
@@ -168,7 +169,7 @@ def test_fstab_mount_point_symlinked_to_the_host_is_not_followed(tmp_path: Path)
         (tree / "boot").rmdir()
         (tree / "boot").symlink_to(host_dir)  # absolute: on the host it would be tmp_path/host-boot
 
-    disk = build_linux_disk(tmp_path, tree_hook=boot_links_out)
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True, tree_hook=boot_links_out)
     with mount_guest(disk, owner="sym", state_dir=tmp_path / "state") as gm:
         assert mounts_below(host_dir) == []
         assert any(s["mount_point"] == "/boot" for s in gm.skipped)  # resolved in the guest: absent there
@@ -239,7 +240,7 @@ def test_concurrent_sweeps_clean_a_stale_entry_once(tmp_path: Path, disk: Path) 
 
 
 def test_a_dirty_journal_is_not_replayed_on_a_read_only_mount(tmp_path: Path) -> None:
-    image = build_bare_ext4(tmp_path)
+    image = partition_image(tmp_path)
     # as after a crash of the guest: the kernel would want to replay the journal (a write)
     subprocess.run(
         ["debugfs", "-w", "-R", "feature needs_recovery", str(image)], check=True, capture_output=True

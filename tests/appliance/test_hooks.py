@@ -19,6 +19,7 @@ from appliance import config as config_mod
 from appliance.errors import ConfigError, WorkflowInvalid
 from appliance.store import StepState, Task, TaskState
 from appliance.workflow import Engine, Registry
+from tests import guestfactory
 from tests import imagefactory as imgs
 from tests.httpfixtures import TestHTTPServer
 
@@ -101,8 +102,9 @@ def same_content(a: Path, a_fmt: str, b: Path) -> bool:
 
 @pytest.fixture
 def gz_qcow2(tmp_path: Path, server: TestHTTPServer) -> tuple[Path, str]:
-    """A qcow2 with data, gzip-compressed and served over HTTP: (the qcow2, its URL)."""
-    src = imgs.qcow2_with_data(tmp_path)
+    """A bootable Linux disk as qcow2 (import-disk validates the guest), gzip-compressed and served over
+    HTTP: (the qcow2, its URL)."""
+    src = guestfactory.qcow2_of(guestfactory.linux_disk(tmp_path), tmp_path / "linux.qcow2")
     server.add("/disk.qcow2.gz", imgs.compress(src, "gzip").read_bytes())
     return src, server.url("/disk.qcow2.gz")
 
@@ -140,7 +142,7 @@ def test_without_hooks_the_import_is_unchanged_and_points_pass_the_image_through
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
     records = steps(engine, task)
     assert not [idx for idx in records if "/hook/" in idx]
-    assert [records[i].action for i in ("2", "4", "7", "8")] == [
+    assert [records[i].action for i in ("2", "5", "8", "9")] == [
         "hooks:after_fetch",
         "hooks:after_inspect",
         "hooks:after_convert",
@@ -183,7 +185,7 @@ def test_plugin_hook_after_convert_changes_the_stored_image(
     # facts a hook adds travel on: the policy at before_write saw the stamped image
     assert task.result["final_image"]["image"]["stamped"] == text
     assert task.result["final_image"]["hooks"] == ["policy"]
-    assert steps(engine, task)["8/hook/1"].result["passed"] == ["allow_formats", "max_virtual_size"]
+    assert steps(engine, task)["9/hook/1"].result["passed"] == ["allow_formats", "max_virtual_size"]
 
 
 def test_failing_hook_fails_the_task_with_its_code_and_undoes_earlier_steps(
@@ -212,16 +214,16 @@ def test_failing_hook_fails_the_task_with_its_code_and_undoes_earlier_steps(
     assert (task.state, task.error_code) == (TaskState.FAILED, "Scan.VirusFound")
     assert "virus-scan" in task.error_message and "EICAR test signature found" in task.error_message
     records = steps(engine, task)
-    assert records["7/hook/2"].state is StepState.FAILED
-    assert records["7"].state is StepState.FAILED  # the point itself
-    assert records["7/hook/1"].state is StepState.UNDONE
-    assert records["6"].state is StepState.UNDONE  # convert
+    assert records["8/hook/2"].state is StepState.FAILED
+    assert records["8"].state is StepState.FAILED  # the point itself
+    assert records["8/hook/1"].state is StepState.UNDONE
+    assert records["7"].state is StepState.UNDONE  # convert
     assert records["1"].state is StepState.UNDONE  # fetch
-    assert "9" not in records  # nothing was stored
+    assert "10" not in records  # nothing was stored
     entries = ledger(engine, task)
     fetched = records["1"].result["path"]
-    raw = records["6"].result["dst"]
-    marker = records["7/hook/1"].result["marker"]
+    raw = records["7"].result["dst"]
+    marker = records["8/hook/1"].result["marker"]
     for resource in (fetched, raw, marker):
         assert ("created", resource) in entries and ("removed", resource) in entries
     assert (
@@ -246,8 +248,8 @@ def test_policy_denial_fails_convert_image_before_anything_is_written(tmp_path: 
     assert any(f["code"] == "Policy.FormatDenied" for f in task.findings)  # shown with the other findings
     assert not target.exists()
     records = steps(engine, task)
-    decompressed = records["1"].result["path"]  # inspection decompressed the input into scratch
-    assert records["1"].state is StepState.UNDONE
+    decompressed = records["2"].result["path"]  # inspection decompressed the input into scratch
+    assert records["2"].state is StepState.UNDONE
     assert ("removed", decompressed) in ledger(engine, task)
 
 
@@ -271,13 +273,13 @@ def test_dry_run_plan_lists_the_configured_hooks_of_every_point(tmp_path: Path) 
     hooks = {i: (s["name"], s["action"]) for i, s in by_idx.items() if "/hook/" in i}
     assert hooks == {
         "1/include/2/hook/1": ("decompress", "hook.decompress"),
-        "1/include/4/hook/1": ("formats", "hook.policy"),
-        "1/include/8/hook/1": ("util.echo", "util.echo"),
+        "1/include/5/hook/1": ("formats", "hook.policy"),
+        "1/include/9/hook/1": ("util.echo", "util.echo"),
     }
-    assert by_idx["1/include/4"]["hooks"] == "after_inspect"
-    assert by_idx["1/include/4"]["plan"] == {"runs": ["formats"]}
-    assert by_idx["1/include/7"]["plan"] == {"runs": []}  # after_convert: nothing configured
-    assert by_idx["1/include/4/hook/1"]["args"]["allow_formats"] == ["raw", "qcow2"]
+    assert by_idx["1/include/5"]["hooks"] == "after_inspect"
+    assert by_idx["1/include/5"]["plan"] == {"runs": ["formats"]}
+    assert by_idx["1/include/8"]["plan"] == {"runs": []}  # after_convert: nothing configured
+    assert by_idx["1/include/5/hook/1"]["args"]["allow_formats"] == ["raw", "qcow2"]
     assert not (tmp_path / "state" / "imaging.db").exists()
 
 
@@ -417,7 +419,7 @@ def test_unknown_hook_name_is_refused_naming_the_config_field(tmp_path: Path) ->
         engine.submit("convert-image", {"source": "/nonexistent", "target": str(tmp_path / "o")})
     message = exc.value.message
     assert (
-        f"{cfg_file}: step 'after-inspect' (#2): hooks.points.after_inspect[1].hook: unknown hook" in message
+        f"{cfg_file}: step 'after-inspect' (#3): hooks.points.after_inspect[1].hook: unknown hook" in message
     )
     assert "'hook.scan-for-viruses'" in message and "decompress" in message  # the shipped hooks are listed
     with pytest.raises(WorkflowInvalid) as exc:

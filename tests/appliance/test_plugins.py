@@ -135,7 +135,7 @@ def test_operator_workflow_includes_a_shipped_one_and_adds_a_step(tmp_path: Path
     assert task.state is TaskState.COMPLETED, task.error_message
     assert task.result["sum"]["sha256"] == hashlib.sha256(target.read_bytes()).hexdigest()
     records = {r.idx: r for r in engine.store.step_results(task.id)}
-    assert records["1/include/4"].action == "image.convert"  # convert-image's own steps ran inside
+    assert records["1/include/5"].action == "image.convert"  # convert-image's own steps ran inside
     assert records["2"].state is StepState.COMPLETED
 
 

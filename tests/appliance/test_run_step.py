@@ -12,8 +12,8 @@ import pytest
 
 from appliance.store import StepState, Store, Task, TaskState
 from appliance.workflow import Engine
+from tests.guestfactory import OS_RELEASE, linux_disk, loops_of, mounts_below, require_loop_root
 
-from .guest_images import OS_RELEASE, build_linux_disk, loops_of, mounts_below, require_loop_root
 from .workflow_support import make_config, make_registry, step_state, wait_until, write_workflow
 
 
@@ -147,7 +147,7 @@ def test_cancel_kills_the_command_promptly(engine: Engine, tmp_path: Path) -> No
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     require_loop_root()
-    return build_linux_disk(tmp_path)
+    return linux_disk(tmp_path, separate_boot=True, programs=True)
 
 
 def test_chroot_command_sees_the_guests_os_release(engine: Engine, tmp_path: Path, disk: Path) -> None:
