@@ -121,6 +121,7 @@ def test_partition_image_with_a_kernel_token_imports_paravirtual(
         "virtualization_type": "paravirtual",
         "layout": "partition",
     }
+    assert detail["task"]["result"]["boot"] == detail["boot"]  # in the result, for the controller
     assert detail["guest"]["root"]["filesystem"] == "ext4"
     assert not [f for f in detail["findings"] if f["severity"] == "error"]
     assert step_actions(detail)["image.convert"] == "completed"
@@ -203,5 +204,5 @@ def test_import_instance_of_a_bootable_disk_reports_its_distribution(
         "12",
     )
     assert (guest["layout"], guest["partition_table"], guest["boot_mode"]) == ("disk", "mbr", "bios")
-    assert detail["boot"]["layout"] == "disk"
+    assert detail["boot"]["layout"] == detail["task"]["result"]["boot"]["layout"] == "disk"
     assert not [f for f in detail["findings"] if f["severity"] == "error"]
