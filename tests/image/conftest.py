@@ -32,6 +32,18 @@ CONTROLLER_SECRET = "controller-secret-0123456789abcdef"
 S3_GUEST_IP = "10.0.2.100"
 CONTROLLER_GUEST_IP = "10.0.2.101"
 SCRATCH_DISK_MIB = 1024
+#: the appliance booted with a guest-mounting hook: its own id, so its reports (own seq) stay apart
+HOOKS_APPLIANCE_ID = "appliance-test-hooks"
+MARKER_PATH = "/etc/imaging-marker"
+MARKER_CONTENT = "stamped by the appliance's after_convert hook\n"
+#: the user data's hooks: inject-metadata mounts the guest, so configure grants the worker root
+HOOKS = {
+    "points": {
+        "after_convert": [
+            {"hook": "inject-metadata", "with": {"files": [{"path": MARKER_PATH, "content": MARKER_CONTENT}]}}
+        ]
+    }
+}
 
 # Building needs root (loop devices, chroot, mounts) and loop devices passed into a container.
 _why_not = None
@@ -212,6 +224,36 @@ def bad_config_vm(
     try:
         vm.wait_for("the health responder", lambda: vm.get_json("/v1/health")[0] >= 200, 300)
         vm.ssh("cloud-init status --wait", timeout=300, check=False)
+        yield vm
+    finally:
+        vm.stop()
+
+
+@pytest.fixture(scope="module")
+def hooks_vm(
+    appliance_image: Path,
+    image_workdir: Path,
+    ssh_key: Path,
+    moto: MotoServer,
+    controller: Controller,
+) -> Iterator[vmlib.Vm]:
+    """The appliance booted with :data:`HOOKS` in its user data (a second boot: the worker of
+    :func:`appliance_vm` must stay unprivileged); ready like it. Stopped after the module."""
+    s3 = s3_forward(moto)
+    data = user_data(ssh_key, s3, controller, appliance_id=HOOKS_APPLIANCE_ID, hooks=HOOKS)
+    vm = vmlib.boot(
+        appliance_image,
+        image_workdir / "hooks",
+        data,
+        ssh_key,
+        forwards=[s3, controller.forward],
+        scratch_disk_mib=SCRATCH_DISK_MIB,
+    )
+    try:
+        vm.wait_for("the API's /v1/health", lambda: vm.get_json("/v1/health")[0] in (200, 503), 300)
+        vm.ssh("cloud-init status --wait", timeout=300)
+        vm.boot_seconds["cloud-init"] = time.monotonic() - vm.boot_seconds["started"]
+        sys.stderr.write(f"\n[image] hooks VM ({vm.accel}): {vm.boot_seconds}\n")
         yield vm
     finally:
         vm.stop()

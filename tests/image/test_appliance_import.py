@@ -11,79 +11,30 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from appliance.report.messages import encode, headers
-from tests.euca_upload import presign_manifest_url, random_file, upload
-from tests.image.conftest import APPLIANCE_ID, CONTROLLER_SECRET, Controller, s3_forward
+from tests.euca_upload import random_file
+from tests.image.conftest import APPLIANCE_ID, CONTROLLER_SECRET, Controller
+from tests.image.ec2 import MiB, import_volume, volume_path
 from tests.image.vm import Vm
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+from tests.servers import MotoServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(1800)]
-MiB = 2**20
-
-
-class SplitS3:
-    """Presigns for the guest's view of S3 (``http://10.0.2.100:PORT``) and uploads through the host's
-    (``http://127.0.0.1:PORT``): the same moto server under two names."""
-
-    def __init__(self, guest: Any, host: Any) -> None:
-        self._guest, self._host = guest, host
-
-    def generate_presigned_url(self, *args: Any, **kwargs: Any) -> str:
-        return self._guest.generate_presigned_url(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._host, name)
-
-
-def _s3(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
 
 
 def test_import_volume_through_the_booted_appliance_writes_the_source_bytes(
     appliance_vm: Vm, moto: MotoServer, controller: Controller, tmp_path: Path
 ) -> None:
-    bucket = "appliance-image-import"
-    moto.client("s3").create_bucket(Bucket=bucket)
-    s3 = SplitS3(_s3(s3_forward(moto).guest_url), moto.client("s3"))
     disk = random_file(tmp_path / "disk.raw", 24 * MiB, seed=4)
-    pending = presign_manifest_url(s3, bucket, "appliance", disk)
-    upload(s3, pending, disk, part_size=5 * MiB)
-
-    ec2 = boto3.client(
-        "ec2",
-        endpoint_url=appliance_vm.api_url,
-        region_name=REGION,
-        aws_access_key_id=TEST_ACCESS_KEY,
-        aws_secret_access_key=TEST_SECRET_KEY,
-    )
-    task = ec2.import_volume(
-        AvailabilityZone="us-east-1a",
-        Image={"Format": "RAW", "Bytes": disk.stat().st_size, "ImportManifestUrl": pending.url},
-        Volume={"Size": 1},
-    )["ConversionTask"]
-    task_id = task["ConversionTaskId"]
-
-    deadline = time.monotonic() + 600
-    while True:
-        t = ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"][0]
-        if t["State"] in ("completed", "cancelled") or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    t = import_volume(appliance_vm, moto, "appliance-image-import", disk)
+    task_id = t["ConversionTaskId"]
     assert t["State"] == "completed", t
     done = t["ImportVolume"]
     assert done["BytesConverted"] == disk.stat().st_size
 
     # The volume target is a sparse RAW file in the guest: the source bytes, then zeros to 1 GiB.
-    volume = f"/var/lib/imaging/volumes/{done['Volume']['Id']}.raw"
+    volume = volume_path(t)
     size = disk.stat().st_size
     out = appliance_vm.ssh(
         f"stat -c %s {volume} && head -c {size} {volume} | sha256sum"

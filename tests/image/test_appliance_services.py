@@ -190,6 +190,12 @@ def test_services_are_sandboxed(host, unit: str) -> None:
     assert props["User"] == "imaging"
 
 
+def test_worker_gets_no_guest_hooks_dropin_without_guest_mounting_hooks(host) -> None:
+    # the user data configures no hooks: imaging configure must not widen the worker's privileges
+    assert not host.file("/run/systemd/system/imaging-worker.service.d/guest-hooks.conf").exists
+    assert "guest-hooks" not in host.run("systemctl show -p DropInPaths imaging-worker.service").stdout
+
+
 def test_worker_cannot_write_outside_its_directories(host) -> None:
     pid = host.run("systemctl show -p MainPID --value imaging-worker.service").stdout.strip()
     # the worker's mount namespace: /usr read-only, /var/lib/imaging writable
