@@ -74,6 +74,7 @@ lint: venv
 # the bare base image); see bench/README.md. bench/appliance.sh builds and boots images (root).
 bench: venv
 	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/import_e2e.py
 	bench/appliance.sh
