@@ -43,7 +43,10 @@ def cmd_workflows_list_store(args: argparse.Namespace, cfg: Any) -> int:
     """Every ``NAME@VERSION`` in the artifact store with its creation time and resource count."""
     from .artifacts.store import ArtifactStore
 
-    indexes = ArtifactStore.from_config(cfg).list()
+    skipped: list[tuple[str, Any]] = []
+    indexes = ArtifactStore.from_config(cfg).list(skipped)
+    for key, error in skipped:  # on stderr, so --json stays a list of artifacts
+        print(f"warning: skipped {key}: {error}", file=sys.stderr)
     if args.json:
         _print_json([{"uri": i.uri, **i.to_dict()} for i in indexes])
         return EXIT_OK

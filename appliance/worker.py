@@ -140,8 +140,13 @@ class Worker:
     def poll(self) -> None:
         """Reap children, resume orphans, claim pending tasks, write the heartbeat."""
         self._reap()
-        # Before orphans resume: a killed task's guest mounts must be gone before it runs again.
-        sweep_mounts(self.config, self.store)
+        # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
+        # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
+        # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
+        try:
+            sweep_mounts(self.config, self.store)
+        except Exception:
+            log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
         self.reason = qemu_img_problem()
         self.status = "disabled" if self.reason else "ok"
         for task, why in find_orphans(self.store):

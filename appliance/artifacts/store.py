@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import threading
@@ -47,6 +48,8 @@ from .refs import (
     check_name,
     check_version,
 )
+
+log = logging.getLogger(__name__)
 
 #: an index larger than this is not an index
 MAX_INDEX_BYTES = 1 << 20
@@ -359,8 +362,12 @@ class ArtifactStore:
         os.replace(tmp, target)
         return target
 
-    def list(self) -> list[ArtifactIndex]:
-        """Every artifact version in the store (read from the store, by name then creation time)."""
+    def list(self, skipped: list[tuple[str, ArtifactError]] | None = None) -> list[ArtifactIndex]:
+        """Every artifact version in the store (read from the store, by name then creation time).
+
+        An index that cannot be read or is not valid (a foreign or damaged object under the prefix) is
+        logged and left out, so one bad key does not hide the rest; ``skipped`` collects ``(key, error)``.
+        """
         bucket = self._require_bucket()
         base = f"{self.prefix}/" if self.prefix else ""
         found: list[ArtifactIndex] = []
@@ -372,7 +379,13 @@ class ArtifactStore:
         for key in keys:
             parts = key[len(base) :].split("/")
             if len(parts) == 3 and parts[2] == INDEX_FILE:
-                index = self._read_index(parts[0], parts[1])
+                try:
+                    index = self._read_index(parts[0], parts[1])
+                except ArtifactError as exc:
+                    log.warning("artifact store: skipping s3://%s/%s: %s", bucket, key, exc)
+                    if skipped is not None:
+                        skipped.append((key, exc))
+                    continue
                 if index is not None:
                     found.append(index)
         return sorted(found, key=lambda i: (i.name, i.created, i.version))

@@ -3,7 +3,8 @@
 The parent (:func:`appliance.guest.validate.validate_image`) runs this under ``prlimit`` (CPU seconds,
 address space, no core dumps) with a wall-clock timeout, in an empty private directory. It prints ONE
 JSON object on stdout: ``{"report": {...}}`` or ``{"error": "..."}`` when the image cannot be read as a
-disk at all. Anything worse (a crash, a limit, a hang) is seen by the parent as a missing or broken answer.
+disk at all (with ``"code": "Guest.ExternalReference"`` when it names other files it needs). Anything
+worse (a crash, a limit, a hang) is seen by the parent as a missing or broken answer.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.disable(logging.CRITICAL)
+    out: dict
     try:
         from .analyze import analyze
-        from .reader import ReaderError, open_disk
+        from .reader import ExternalReference, ReaderError, open_disk
 
         with open(args.image, "rb") as fh:
             try:
                 disk = open_disk(fh, args.format)
+            except ExternalReference as exc:
+                out = {"error": str(exc), "code": "Guest.ExternalReference"}
             except ReaderError as exc:
-                out: dict = {"error": str(exc)}
+                out = {"error": str(exc)}
             else:
                 out = {"report": analyze(disk)}
     except RecursionError:

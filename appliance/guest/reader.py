@@ -12,8 +12,11 @@ rewriting this file alone. The rest of :mod:`appliance.guest` sees only:
 This runs only inside the resource-limited child (:mod:`appliance.guest.probe`): the image is untrusted,
 and a parser bug may raise anything, loop or allocate; the parent turns that into ``Guest.Unreadable``.
 
-Containers are opened from a file handle, never from a path, so qcow2 backing files, qcow2 data files and
-VMDK extents named inside the image are never opened (dissect raises instead, which is what we want).
+An image that names another file it needs (a qcow2 backing or data file, a VMDK parent or extent file, a
+differencing VHD or VHDX) is refused by :func:`external_reference` before dissect sees it
+(:class:`ExternalReference`). As a second line, dissect gets the image through :class:`_Nameless`, a
+stream without a ``name``: dissect's VMDK and VHDX code look a parent up next to ``fh.name`` or at an
+absolute path the image gives, and with no name there is no place to look from (it raises instead).
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ _OTHER_MAGICS = (
 
 class ReaderError(Exception):
     """The image cannot be read as a disk at all (bad container, truncated, refers to other files)."""
+
+
+class ExternalReference(ReaderError):
+    """The image names another file (backing file, parent disk, extent, data file) holding part of it."""
 
 
 @dataclass
@@ -223,13 +230,166 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+class _Nameless(io.RawIOBase):
+    """``fh`` with read/seek/tell only: no ``name`` (nor ``fileno``) to find sibling files by."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fh.read(n)
+
+    def readinto(self, b: Any) -> int:
+        data = self._fh.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+#: bytes of a VMDK embedded descriptor looked at (qemu-img and VMware write one 10 KiB sector run)
+_VMDK_DESCRIPTOR_MAX = 1 << 20
+
+
+def _show(name: str) -> str:
+    return repr(name[:200])
+
+
+def _qcow2_reference(fh: BinaryIO) -> str | None:
+    fh.seek(0)
+    header = fh.read(80)
+    if len(header) < 20 or header[:4] != b"QFI\xfb":
+        return None
+    version, backing_offset, backing_size = struct.unpack_from(">IQI", header, 4)
+    if backing_offset:
+        fh.seek(backing_offset)
+        name = fh.read(min(backing_size, 1023)).decode("utf-8", "replace")
+        return f"a qcow2 image with the backing file {_show(name)}"
+    # version 3 incompatible feature bit 2: the guest data lives in an external data file
+    if version >= 3 and len(header) >= 80 and struct.unpack_from(">Q", header, 72)[0] & 0x4:
+        return "a qcow2 image whose data is in an external data file"
+    return None
+
+
+def _vmdk_descriptor_reference(text: str, embedded: bool) -> str | None:
+    fields = {}
+    extents = 0
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("RW ", "RDONLY ", "NOACCESS ")):
+            extents += 1
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip('"')
+    parent_cid = fields.get("parentCID", "ffffffff").lower()
+    if parent_cid != "ffffffff" or fields.get("parentFileNameHint"):
+        return f"a VMDK child disk of the parent {_show(fields.get('parentFileNameHint', '(unnamed)'))}"
+    if not embedded and extents:
+        # a descriptor file's extents are other files by construction
+        return "a VMDK descriptor whose data is in separate extent files"
+    return None
+
+
+def _vmdk_reference(fh: BinaryIO) -> str | None:
+    fh.seek(0)
+    header = fh.read(512)
+    if header.startswith(b"# Di"):
+        fh.seek(0)
+        return _vmdk_descriptor_reference(fh.read(_VMDK_DESCRIPTOR_MAX).decode("utf-8", "replace"), False)
+    if header[:4] != b"KDMV" or len(header) < 64:
+        return None
+    gd_offset = struct.unpack_from("<Q", header, 56)[0]
+    if gd_offset == 0xFFFFFFFFFFFFFFFF:  # streamOptimized: the footer is the real header (dissect reads it)
+        fh.seek(0, io.SEEK_END)
+        fh.seek(max(0, fh.tell() - 1024))
+        footer = fh.read(512)
+        if footer[:4] == b"KDMV":
+            header = footer
+    desc_offset, desc_size = struct.unpack_from("<QQ", header, 28)
+    if not desc_size:
+        return None
+    fh.seek(desc_offset * 512)
+    raw = fh.read(min(desc_size * 512, _VMDK_DESCRIPTOR_MAX)).split(b"\0", 1)[0]
+    return _vmdk_descriptor_reference(raw.decode("utf-8", "replace"), True)
+
+
+def _vhd_reference(fh: BinaryIO) -> str | None:
+    # the footer (last 512 bytes, or 511 for old Virtual PC) and its copy at offset 0 for dynamic disks;
+    # disk type 4 is "differencing": the unallocated blocks are in a parent file
+    fh.seek(0, io.SEEK_END)
+    size = fh.tell()
+    for offset in (size - 512, size - 511, 0):
+        if offset < 0:
+            continue
+        fh.seek(offset)
+        footer = fh.read(64)
+        if len(footer) == 64 and footer[:8] == b"conectix" and struct.unpack_from(">I", footer, 60)[0] == 4:
+            return "a differencing VHD (a child of a parent disk)"
+    return None
+
+
+def _vhdx_reference(fh: BinaryIO) -> str | None:
+    from dissect.hypervisor.disk import vhdx as dvhdx
+
+    try:
+        region = dvhdx.RegionTable(fh, 3 * dvhdx.ALIGNMENT).get(dvhdx.METADATA_REGION_GUID)
+        metadata = dvhdx.MetadataTable(fh, region.file_offset, region.length)
+    except Exception:  # not a readable VHDX at all: opening it says so
+        return None
+    params = metadata.get(dvhdx.FILE_PARAMETERS_GUID, required=False)
+    locator = metadata.get(dvhdx.PARENT_LOCATOR_GUID, required=False)
+    if (params is not None and params.has_parent) or locator is not None:
+        entries = getattr(locator, "entries", {}) or {}
+        name = entries.get("absolute_win32_path") or entries.get("relative_path") or "(unnamed)"
+        return f"a differencing VHDX (a child of the parent {_show(name)})"
+    return None
+
+
+_REFERENCE_CHECKS = {
+    "qcow2": _qcow2_reference,
+    "vmdk": _vmdk_reference,
+    "vhd": _vhd_reference,
+    "vhdx": _vhdx_reference,
+}
+
+
+def external_reference(fh: BinaryIO, fmt: str) -> str | None:
+    """What other file the ``fmt`` image in ``fh`` says it needs (``None``: it is self-contained).
+
+    Read from the container headers here rather than from dissect's objects, because dissect tries to
+    open such files while it constructs them.
+    """
+    check = _REFERENCE_CHECKS.get(fmt)
+    return check(fh) if check is not None else None
+
+
 def open_disk(fh: BinaryIO, fmt: str) -> Disk:
-    """Open the image in ``fh`` (an open binary file) as ``fmt``; raise :class:`ReaderError` if impossible."""
+    """Open the image in ``fh`` (an open binary file) as ``fmt``; raise :class:`ReaderError` if impossible.
+
+    :class:`ExternalReference` when the image needs another file: that file is never opened.
+    """
     cls = _CONTAINERS.get(fmt)
     if cls is None:
         raise ReaderError(f"guest validation cannot read {fmt} images")
     try:
-        container = cls(fh)
+        reference = external_reference(fh, fmt)
+    except Exception as exc:
+        raise ReaderError(f"cannot open the image as {fmt}: {type(exc).__name__}: {exc}") from exc
+    if reference is not None:
+        raise ExternalReference(f"the image is {reference}")
+    fh.seek(0)  # some containers (VHDX) parse from the current position
+    try:
+        container = cls(_Nameless(fh))
         size = int(container.size)
     except Exception as exc:
         raise ReaderError(f"cannot open the image as {fmt}: {type(exc).__name__}: {exc}") from exc

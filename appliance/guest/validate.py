@@ -1,8 +1,9 @@
 """Static guest validation: run the reader in a limited child, then judge the request against it.
 
 :func:`validate_image` never raises for a bad image: a disk the reader cannot open, a reader crash, a
-CPU/memory limit or a timeout all become a ``Guest.Unreadable`` finding. It raises only for caller
-mistakes (:class:`~appliance.errors.UsageError`) and cancellation.
+CPU/memory limit or a timeout all become a ``Guest.Unreadable`` finding; an image that names another file
+it needs (backing file, parent disk) becomes ``Guest.ExternalReference``, without that file being read.
+It raises only for caller mistakes (:class:`~appliance.errors.UsageError`) and cancellation.
 """
 
 from __future__ import annotations
@@ -93,6 +94,16 @@ def _interpret(res: Completed, cpu: int, address_space: int) -> GuestReport:
     if res.returncode != 0 or not isinstance(answer, dict):
         err = [ln for ln in res.stderr.splitlines() if ln.strip()]
         return _unreadable(f"the reader failed: {err[-1][:300] if err else f'exit status {res.returncode}'}")
+    if answer.get("code") == "Guest.ExternalReference":
+        return GuestReport().with_findings(
+            [
+                finding(
+                    "Guest.ExternalReference",
+                    f"{str(answer.get('error'))[:500]}: the other file was not read; flatten the image into "
+                    "one self-contained file (e.g. `qemu-img convert` of the child) and upload that",
+                )
+            ]
+        )
     if "error" in answer:
         return _unreadable(str(answer["error"])[:500])
     return GuestReport.from_dict(answer.get("report") or {})

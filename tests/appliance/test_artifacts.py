@@ -248,6 +248,20 @@ def test_list_store_shows_each_version_with_created_time_and_resource_count(
     assert re.search(r"^plain@2024\.1\s+\S+Z\s+0$", text, re.M)
 
 
+def test_list_store_skips_a_foreign_or_damaged_index_and_lists_the_rest(
+    cfg_file: Path, env: dict[str, str], workflow_file: Path, moto: MotoServer, bucket: str
+) -> None:
+    upload(cfg_file, env, workflow_file, "--version", "1")
+    s3 = moto.client("s3")
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/junk/1/index.json", Body=b"not json")
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/other/2/index.json", Body=b'{"unrelated": true}')
+    r = imaging(cfg_file, env, "workflows", "list", "--store", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [a["uri"] for a in json.loads(r.stdout)] == ["artifact://fix-script@1"]
+    assert f"{PREFIX}/junk/1/index.json" in r.stderr and "Artifact.IndexInvalid" in r.stderr
+    assert f"{PREFIX}/other/2/index.json" in r.stderr
+
+
 # --- run ------------------------------------------------------------------------------------------
 
 

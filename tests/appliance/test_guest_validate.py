@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -190,7 +191,60 @@ def test_qcow2_with_a_backing_file_is_not_followed(tmp_path: Path, linux_img: Pa
     # a backing file next to the image would give the reader host data; it must refuse instead
     gf.run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(linux_img), tmp_path / "o.qcow2")
     r = validate_image(tmp_path / "o.qcow2", "qcow2")
-    assert [f.code for f in r.errors] == ["Guest.Unreadable"] and r.os["family"] is None
+    assert [f.code for f in r.errors] == ["Guest.ExternalReference"] and r.os["family"] is None
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "qcow2"])
+def test_image_naming_a_host_file_as_its_parent_is_refused_without_reading_it(
+    tmp_path: Path, fmt: str
+) -> None:
+    # an uploaded child whose header names an absolute host path: the host disk's contents (here its
+    # filesystem label) must not reach the report, and the refusal must say why (a data disk too)
+    host = tmp_path / "host"
+    host.mkdir()
+    base = gf.convert(gf.ext4(host / "fs.img", 8, label="SECRETLABEL"), host / f"base.{fmt}", fmt)
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    child = upload / f"child.{fmt}"
+    gf.run("qemu-img", "create", "-q", "-f", fmt, "-F", fmt, "-b", str(base.resolve()), child)
+    for bootable in (True, False):
+        r = validate_image(child, fmt, bootable=bootable)
+        assert [(f.code, f.severity) for f in r.findings] == [("Guest.ExternalReference", Severity.ERROR)]
+        assert str(base.resolve()) in r.findings[0].message
+        assert "SECRETLABEL" not in json.dumps(r.to_dict()) and r.partitions == []
+
+
+def _vhdx_file_parameters_offset(path: Path) -> int:
+    from dissect.hypervisor.disk import vhdx as dvhdx
+
+    with open(path, "rb") as fh:
+        region = dvhdx.RegionTable(fh, 3 * dvhdx.ALIGNMENT).get(dvhdx.METADATA_REGION_GUID)
+        table = dvhdx.MetadataTable(fh, region.file_offset, region.length)
+    (entry,) = [e for e in table.entries if e.item_id == dvhdx.FILE_PARAMETERS_GUID.bytes_le]
+    return region.file_offset + entry.offset
+
+
+def test_differencing_vhd_and_vhdx_are_refused_as_external_references(tmp_path: Path) -> None:
+    # qemu-img cannot create these children, so mark a dynamic disk as differencing the way a hypervisor
+    # would: VHD disk type 4 (footer and its copy at 0), VHDX file parameter "has parent"
+    vhd = tmp_path / "child.vhd"
+    gf.run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", vhd, "16M")
+    with open(vhd, "r+b") as f:
+        for offset in (0, vhd.stat().st_size - 512):
+            f.seek(offset + 60)
+            f.write((4).to_bytes(4, "big"))
+    vhdx = tmp_path / "child.vhdx"
+    gf.run("qemu-img", "create", "-q", "-f", "vhdx", vhdx, "16M")
+    flags = _vhdx_file_parameters_offset(vhdx) + 4
+    with open(vhdx, "r+b") as f:
+        f.seek(flags)
+        bits = f.read(1)[0]
+        f.seek(flags)
+        f.write(bytes([bits | 0x2]))
+    for path, fmt in ((vhd, "vhd"), (vhdx, "vhdx")):
+        r = validate_image(path, fmt)
+        assert [f.code for f in r.findings] == ["Guest.ExternalReference"], fmt
+        assert "differencing" in r.findings[0].message
 
 
 def test_partition_entry_beyond_the_end_of_the_image_is_ignored(tmp_path: Path) -> None:

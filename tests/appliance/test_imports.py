@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,27 +35,28 @@ def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
     return name
 
 
+def cfg_data(tmp_path: Path, moto: MotoServer) -> dict[str, Any]:
+    return {
+        "state_dir": str(tmp_path / "state"),
+        "sources": {
+            "allowed_endpoints": [moto.endpoint],
+            "manifest_poll_interval": 0.2,
+            "manifest_poll_max_interval": 0.5,
+            "retries": 2,
+            "s3": {
+                "endpoint_url": moto.endpoint,
+                "region": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+            },
+        },
+        "tasks": {"max_active": 3},
+    }
+
+
 @pytest.fixture
 def cfg(tmp_path: Path, moto: MotoServer) -> config_mod.Config:
-    return config_mod.from_dict(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "sources": {
-                "allowed_endpoints": [moto.endpoint],
-                "manifest_poll_interval": 0.2,
-                "manifest_poll_max_interval": 0.5,
-                "retries": 2,
-                "s3": {
-                    "endpoint_url": moto.endpoint,
-                    "region": "us-east-1",
-                    "access_key": "testing",
-                    "secret_key": "testing",
-                },
-            },
-            "tasks": {"max_active": 3},
-        },
-        base_dir=tmp_path,
-    )
+    return config_mod.from_dict(cfg_data(tmp_path, moto), base_dir=tmp_path)
 
 
 @pytest.fixture
@@ -155,6 +157,64 @@ def test_raw_claim_for_a_qcow2_upload_fails_and_removes_the_volume(
     ledger = [(e.action, e.resource) for e in service.store.ledger(task.id)]
     created = [r for a, r in ledger if a == "created" and r.startswith("volume ")]
     assert created and ("removed", created[0]) in ledger
+    assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
+
+
+COPY_PLUGIN = """
+import shutil
+from pathlib import Path
+
+from appliance.workflow.step import Step
+
+
+class CopyAside(Step):
+    \"\"\"Hand over a modified copy of the image instead of changing it in place.\"\"\"
+
+    schema = {"type": "object", "required": ["image"], "properties": {"image": {"type": "object"}}}
+
+    def run(self, ctx, image):
+        copy = image["path"] + ".copy"
+        shutil.copyfile(image["path"], copy)
+        ctx.ledger_created(copy)
+        return {"image": {**image, "path": copy}}
+
+    def undo(self, ctx, args, result):
+        Path(result["image"]["path"]).unlink(missing_ok=True)
+        ctx.ledger_removed(result["image"]["path"])
+
+
+STEPS = {"test.copy_aside": CopyAside}
+"""
+
+
+def test_hook_replacing_the_volume_image_fails_import_volume_instead_of_being_dropped(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # import-volume hands over the volume itself, so a hook's copy would silently be lost
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "copy_aside.py").write_text(COPY_PLUGIN)
+    data = cfg_data(tmp_path, moto)
+    data["hooks"] = {"plugins_dir": str(plugins), "points": {"after_convert": [{"hook": "test.copy_aside"}]}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 4 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    service = ImportService(cfg)
+    try:
+        task = service.import_volume(
+            DiskImage("RAW", disk.stat().st_size, pending.url, 1), availability_zone=None, description=None
+        )
+        done = run(cfg, task)
+        ledger = [(e.action, e.resource) for e in service.store.ledger(task.id)]
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "Hook.ImageReplaced")
+    assert "copy_aside" in done.error_message and "in place" in done.error_message
+    # the volume is not handed over but removed
+    (volume,) = [r for a, r in ledger if a == "created" and r.startswith("volume ")]
+    assert ("removed", volume) in ledger
     assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
 
 
