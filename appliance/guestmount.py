@@ -3,20 +3,26 @@
 ``mount_guest(image)`` attaches the image to a loop device (read-only unless ``writable``), maps its
 partitions with ``partx -a`` (this kernel has no device-mapper and loop ``max_part=0``), finds the
 root filesystem, mounts it and the guest's other ``fstab`` filesystems that live on the same disk,
-and with ``chroot=True`` gives it fresh ``/proc``, ``/sys`` and a minimal ``/dev``. Everything is
-undone in reverse order when the context exits — normally, on an exception, on cancel.
+and with ``chroot=True`` gives it a minimal ``/dev`` (no ``/proc``, no ``/sys``: chroot commands
+run in :mod:`appliance.sandbox`, which mounts a ``/proc`` of its own). Everything is undone in
+reverse order when the context exits — normally, on an exception, on cancel; a failure to undo
+never masks the exception that ended the context (the record stays for :func:`sweep_stale`).
 
 Crash recovery: every loop device and mount point is recorded in
 ``<state_dir>/mounts/<owner>.json`` *before* it is created (and updated after), written atomically,
-with the owner's PID. The owner holds an ``flock`` on ``<owner>.lock`` for its lifetime, so the
+with the owner's PID; for the loop device that is its backing file (a loop attached by an owner
+killed inside ``losetup`` is found with ``losetup -j`` and detached when its backing inode matches).
+The owner holds an ``flock`` on ``<owner>.lock`` for its lifetime, so the
 kernel itself says when an owner is gone; :func:`sweep_stale` undoes the entries of dead owners
-(the worker calls it at start and from crash recovery). It is safe to run concurrently.
+(the worker calls it at start and from crash recovery). It is safe to run concurrently, and a record
+it cannot handle (a lock file it may not open, an umount that hangs) is logged and left for later.
 
 Security: the image is untrusted and the kernel's filesystem drivers parse it when mounting. Only
 an allowlist of filesystem types is mounted (the type comes from ``blkid -p``, never from the
 guest's fstab), always ``nosuid,nodev`` (and ``noexec`` unless the mount is for a chroot), and mount
-points inside the guest are resolved without following symlinks out of it. A chroot is not a
-sandbox: commands run there as root are trusted operator commands.
+points inside the guest are resolved without following symlinks out of it. A chroot alone is not
+a sandbox: commands in it run the guest's binaries, so they must go through :mod:`appliance.sandbox`
+(as ``run``/``run-in-guest`` do).
 """
 
 from __future__ import annotations
@@ -206,6 +212,53 @@ def _detach(loop: str, backing: tuple[int, int] | None) -> bool:
     return True
 
 
+def _loops_backed_by(path: str) -> list[str]:
+    """Loop devices attached to ``path`` (``losetup -j``)."""
+    proc = _cmd(["losetup", "--list", "--noheadings", "--output", "NAME", "-j", path], check=False)
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("/dev/")]
+
+
+class AmbiguousLoop(ImagingError):
+    """A loop device on a recorded backing file might belong to another owner attaching right now."""
+
+    code = "Guest.AmbiguousLoop"
+
+
+def _unrecorded_loops(record: dict[str, Any]) -> list[str]:
+    """Loop devices the record's owner attached but did not live to record (killed inside losetup).
+
+    Found by the recorded backing file; a device counts only when its backing inode still matches
+    and no other record of the same state directory claims it. Raises :class:`AmbiguousLoop` when
+    another owner is attaching the same file right now (its device cannot be told from ours yet).
+    """
+    path, backing = record.get("backing_path"), _pair(record.get("backing"))
+    if not path or backing is None:
+        return []
+    candidates = [dev for dev in _loops_backed_by(path) if _loop_backing(dev) == backing]
+    if not candidates:
+        return []
+    claimed, attaching = set(), False
+    workdir = record.get("workdir")
+    mounts_dir = Path(workdir).parent if workdir else None
+    for other in sorted(mounts_dir.glob("*.json")) if mounts_dir and mounts_dir.is_dir() else []:
+        try:
+            data = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("workdir") == workdir:
+            continue
+        if data.get("loop"):
+            claimed.add(data["loop"])
+        elif _pair(data.get("backing")) == backing and _lock_held(other.with_suffix(".lock")):
+            attaching = True
+    candidates = [dev for dev in candidates if dev not in claimed]
+    if candidates and attaching:
+        raise AmbiguousLoop(
+            f"another owner is attaching {path}; {', '.join(candidates)} left for a later sweep"
+        )
+    return candidates
+
+
 def _kill_processes_rooted_in(root: str) -> list[int]:
     """SIGKILL processes whose root directory is ``root`` or below (left-overs of a chroot command)."""
     killed = []
@@ -256,6 +309,23 @@ def _lock(path: Path, *, blocking: bool) -> int | None:
         if same:
             return fd
         os.close(fd)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether someone holds the flock on ``path`` (a live owner, or a sweeper at work)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: assume alive, the safe side
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _process_start(pid: int) -> str | None:
@@ -326,10 +396,12 @@ def _undo(record: dict[str, Any], on_change: Callable[[str, str], None] | None =
             if on_change and point in recorded:
                 on_change("removed", f"mount:{point}")
     loop = record.get("loop")
-    if loop and _detach(loop, record.get("backing")):
-        done.append(f"detached {loop}")
-        if on_change:
-            on_change("removed", f"loop:{loop}")
+    loops = [loop] if loop else _unrecorded_loops(record)
+    for device in loops:
+        if _detach(device, record.get("backing")):
+            done.append(f"detached {device}")
+            if on_change:
+                on_change("removed", f"loop:{device}")
     if workdir and os.path.isdir(workdir) and not mounts_under(workdir):
         # only after every mount is gone: rmtree must never descend into a guest filesystem
         shutil.rmtree(workdir, ignore_errors=True)
@@ -350,31 +422,66 @@ def sweep_stale(state_dir: Path | str, on_change: Callable[[str, str, str], None
         return []
     cleaned: list[str] = []
     for path in sorted(mounts_dir.glob("*.json")):
-        lock_path = path.with_suffix(".lock")
-        fd = _lock(lock_path, blocking=False)
-        if fd is None:
-            continue  # alive (or being swept right now)
+        # one bad record (a hung umount, a root-owned lock file) must not stop the sweep nor the worker
         try:
-            try:
-                record = json.loads(path.read_text())
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError):
-                log.warning("unreadable mount record %s; removing it", path)
-                path.unlink(missing_ok=True)
-                continue
-            pid = record.get("pid")
-            if isinstance(pid, int) and pid != os.getpid() and _process_start(pid) == record.get("pid_start"):
-                continue  # same process still running; its lock was lost (should not happen)
-            owner = str(record.get("owner"))
-            report = functools.partial(on_change, owner) if on_change else None
-            actions = _undo(record, report)
-            cleaned.extend(f"{record.get('owner')}: {a}" for a in actions)
-            path.unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
+            cleaned.extend(_sweep_one(path, on_change))
+        except (OSError, ImagingError) as exc:
+            log.warning("could not sweep mount record %s (left for a later sweep): %s", path, exc)
     return cleaned
+
+
+def _sweep_one(path: Path, on_change: Callable[[str, str, str], None] | None) -> list[str]:
+    """Undo one mount record if its owner is gone; the lines of :func:`sweep_stale`."""
+    lock_path = path.with_suffix(".lock")
+    try:
+        fd = _lock(lock_path, blocking=False)
+    except PermissionError:
+        # e.g. written by a worker that ran as root (the drop-in), swept by one that no longer does
+        log.warning("cannot open %s (permission denied); skipping its mount record", lock_path)
+        return []
+    if fd is None:
+        return []  # alive (or being swept right now)
+    try:
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            # its owner finished between glob and lock: drop the lock file our lock just recreated
+            lock_path.unlink(missing_ok=True)
+            return []
+        except PermissionError:
+            log.warning("cannot read mount record %s (permission denied); skipping it", path)
+            return []
+        except (OSError, ValueError):
+            log.warning("unreadable mount record %s; removing it", path)
+            path.unlink(missing_ok=True)
+            return []
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _process_start(pid) == record.get("pid_start"):
+            return []  # same process still running; its lock was lost (should not happen)
+        owner = str(record.get("owner"))
+        report = functools.partial(on_change, owner) if on_change else None
+        actions = _undo(record, report)
+        if not _undone(record):
+            log.warning("mount record %s not fully undone; left for a later sweep", path)
+            return [f"{owner}: {a}" for a in actions]
+        path.unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)
+        return [f"{owner}: {a}" for a in actions]
+    finally:
+        os.close(fd)
+
+
+def _undone(record: dict[str, Any]) -> bool:
+    """Nothing the record lists is still mounted or attached."""
+    workdir, loop, backing = record.get("workdir"), record.get("loop"), _pair(record.get("backing"))
+    if workdir and mounts_under(workdir):
+        return False
+    if loop:
+        return _loop_backing(loop) != backing
+    try:
+        return not _unrecorded_loops(record)
+    except AmbiguousLoop:
+        return False
 
 
 # ------------------------------------------------------------------------------------------- mount
@@ -587,12 +694,15 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
     root.mkdir(mode=0o755, exist_ok=True)
     _check_cancel(m.cancel)
 
+    st = os.stat(image)
+    # recorded before attaching: a kill while losetup runs leaves a loop device we do not know yet,
+    # which sweep_stale finds by this backing file (what losetup reports as BACK-MAJ:MIN, BACK-INO)
+    state.data["backing"] = [st.st_dev, st.st_ino]
+    state.data["backing_path"] = str(image.absolute())
+    state.save()
     argv = ["losetup", "--show", "-f", *([] if m.writable else ["-r"]), str(image)]
     loop = _cmd(argv).stdout.strip()
-    st = os.stat(image)
     state.data["loop"] = loop
-    # what losetup reports as BACK-MAJ:MIN and BACK-INO: tells our attachment from a later reuse
-    state.data["backing"] = [st.st_dev, st.st_ino]
     state.save()
     m.on_change("created", f"loop:{loop}")
     _check_cancel(m.cancel)
@@ -641,20 +751,15 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
         m.mount(part.device, part.fstype or "", target, extra if part.fstype == "btrfs" and extra else None)
 
     if m.chroot:
-        for name, fstype, opts in (
-            ("proc", "proc", "nosuid,nodev,noexec"),
-            ("sys", "sysfs", "ro,nosuid,nodev,noexec"),
-            ("dev", "tmpfs", "nosuid,noexec,mode=0755,size=1m"),
-        ):
-            target = gm.fs.resolve_dir("/" + name)
-            if target is None:
-                gm.skipped.append(
-                    {"device": fstype, "mount_point": "/" + name, "reason": "mount point missing"}
-                )
-                continue
-            m.mount_special(fstype, target, opts)
-            if name == "dev":
-                _populate_dev(target)
+        # Only a minimal /dev. No /proc: a proc mounted here would show the host's processes (and
+        # /proc/<pid>/root leads back to the host); appliance.sandbox mounts a fresh one of its own
+        # pid namespace. No /sys: it exposes the host's devices and root-writable knobs.
+        target = gm.fs.resolve_dir("/dev")
+        if target is None:
+            gm.skipped.append({"device": "tmpfs", "mount_point": "/dev", "reason": "mount point missing"})
+        else:
+            m.mount_special("tmpfs", target, "nosuid,noexec,mode=0755,size=1m")
+            _populate_dev(target)
     gm.mounts = list(state.data["mounts"])
     return gm
 
@@ -687,19 +792,29 @@ def mount_guest(
     mounter = _Mounter(state, writable=writable, chroot=chroot, cancel=cancel, on_change=on_change)
     try:
         yield _setup(mounter, image, state)
-    finally:
-        clean = False
+    except BaseException:
         try:
-            _undo(state.data, on_change)
-            loop, backing = state.data.get("loop"), state.data.get("backing")
-            clean = not mounts_under(state.workdir) and not (loop and _loop_backing(loop) == _pair(backing))
-        finally:
-            if clean:
-                state.close()
-            else:
-                # keep the record so a later sweep_stale retries (lazy unmounts can linger)
-                log.warning("guest mount %s not fully undone; left for sweep_stale", state.path)
-                os.close(state.lock_fd)
+            _finish(state, on_change)
+        except Exception as exc:  # must not mask the error on its way (a hook's code, Cancelled)
+            log.warning("undoing guest mount %s failed (left for sweep_stale): %s", state.path, exc)
+        raise
+    else:
+        _finish(state, on_change)
+
+
+def _finish(state: _StateFile, on_change: Callable[[str, str], None] | None) -> None:
+    """Undo the owner's mounts and loop device; remove the record only when all is undone."""
+    clean = False
+    try:
+        _undo(state.data, on_change)
+        clean = _undone(state.data)
+    finally:
+        if clean:
+            state.close()
+        else:
+            # keep the record so a later sweep_stale retries (lazy unmounts can linger)
+            log.warning("guest mount %s not fully undone; left for sweep_stale", state.path)
+            os.close(state.lock_fd)
 
 
 def _pair(backing: Any) -> tuple[int, int] | None:

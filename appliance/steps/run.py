@@ -11,6 +11,12 @@ worker's own environment, which may hold credentials, is not passed on). Output 
 ``run.output`` events in chunks; past ``max_output`` only a tail is kept for the result. An exit
 status outside ``ok_codes`` fails with ``Run.Failed``, an expired ``timeout`` kills the process
 group and fails with ``Run.Timeout``, a cancel kills it within about a second.
+
+A chroot command runs the untrusted guest's own binaries, so it runs in the sandbox of
+:mod:`appliance.sandbox`: new pid, mount, network, IPC and UTS namespaces, a fresh read-only
+``/proc`` that shows only its own processes, no capabilities at all (root in name only: it cannot
+bypass file permissions, mount or reach the host) and no network (only ``lo``). If the sandbox
+cannot be set up the step fails with ``Run.SandboxFailed``; the command is never run without it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import collections
 import contextlib
 import os
 import select
-import shutil
 import subprocess
 import time
 from contextlib import AbstractContextManager
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import sandbox
 from ..convert import stop_process_group
 from ..errors import Cancelled, ImagingError, UsageError
 from ..guestmount import GuestMount, mount_guest
@@ -226,6 +232,20 @@ def _drain(streams: list[_Stream], out: _Output, seconds: float) -> None:
         out.finish(s)
 
 
+def _read_all(fd: int) -> bytes:
+    """What the launcher wrote on its status pipe (it has exited: every write end is closed)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass  # a write end still open somewhere: take what is there
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def execute(
     ctx: StepContext,
     command: str | list[str],
@@ -237,39 +257,49 @@ def execute(
     ok_codes: list[int] | None = None,
     max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> dict[str, Any]:
-    """Run ``command`` locally (``root`` None) or chrooted into ``root``; stream output to events.
+    """Run ``command`` locally (``root`` None) or sandboxed in the guest mounted at ``root``
+    (:mod:`appliance.sandbox`: own namespaces, no capabilities, no network); stream output to events.
 
     Returns ``{exit_code, stdout_tail, stderr_tail, duration, output_bytes, truncated}``. Raises
-    ``Run.Failed`` (exit status not in ``ok_codes``), ``Run.Timeout``, :class:`Cancelled`.
+    ``Run.Failed`` (exit status not in ``ok_codes``), ``Run.Timeout``, :class:`Cancelled`, and
+    ``Run.SandboxFailed`` when the sandbox could not be set up (the command never ran unsandboxed).
     """
     ok = ok_codes or [0]
     argv = _argv(command)
+    status_r: int | None = None
     if root is None:
         base_env = {"PATH": os.environ.get("PATH", GUEST_PATH), "HOME": os.environ.get("HOME", "/root")}
-        workdir = cwd or str(ctx.workdir)
+        full_env = {**base_env, "LANG": "C", **(env or {})}
+        proc_argv, proc_env, workdir, pass_fds = argv, full_env, cwd or str(ctx.workdir), ()
     else:
-        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
-        if cwd:
-            # chroot(8) always starts in the guest's /; change directory inside the guest
-            argv = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *argv]
-        argv = [chroot, str(root), *argv]
-        base_env = {"PATH": GUEST_PATH, "HOME": "/root"}
-        workdir = "/"
-    full_env = {**base_env, "LANG": "C", **(env or {})}
-    ctx.event("run.start", argv=argv, where="chroot" if root else "local", cwd=cwd or workdir)
+        # the guest's own binaries run as root: only ever inside the sandbox (appliance.sandbox)
+        full_env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C", **(env or {})}
+        status_r, status_w = os.pipe()
+        proc_argv = sandbox.launcher_argv(root, argv, cwd=cwd or "/", env=full_env, status_fd=status_w)
+        proc_env, workdir, pass_fds = dict(sandbox.LAUNCHER_ENV), "/", (status_w,)
+    ctx.event(
+        "run.start", argv=argv, where="chroot" if root else "local", cwd=cwd or workdir, sandboxed=bool(root)
+    )
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            argv,
+            proc_argv,
             cwd=workdir,
-            env=full_env,
+            env=proc_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
             start_new_session=True,  # own process group: a timeout or cancel kills it and its children
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        if status_r is not None:
+            os.close(status_r)
+            raise sandbox.SandboxFailed(f"cannot start the sandbox launcher: {exc.strerror}") from exc
         raise RunFailed(f"cannot start {argv[0]}: {exc.strerror}", 127) from exc
+    finally:
+        for fd in pass_fds:
+            os.close(fd)  # the launcher holds the write end now
     out = _Output(ctx, max_output)
     assert proc.stdout is not None and proc.stderr is not None
     streams = [_Stream("stdout", proc.stdout.fileno()), _Stream("stderr", proc.stderr.fileno())]
@@ -292,8 +322,10 @@ def execute(
         for pipe in (proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 pipe.close()
+        started = _read_all(status_r) if status_r is not None else b"R"
     # children the command left in its group must not outlive the step (nor keep a guest mount busy)
     stop_process_group(proc, grace=KILL_GRACE)
+    sandbox.check_status(started, rc, " | ".join(out.tails["stderr"]))
     duration = round(time.monotonic() - start, 3)
     result = {
         "exit_code": rc,

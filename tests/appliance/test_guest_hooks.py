@@ -232,3 +232,19 @@ def test_writing_below_a_guest_file_fails_with_a_code_and_keeps_the_manifest(
     assert [c["path"] for c in changes[0]] == ["/etc/first"]  # what was written before the failure
     assert guest_file(disk, "/etc/first") == "1\n"
     assert_clean(tmp_path, disk)
+
+
+def test_run_in_guest_cannot_reach_the_host_through_proc(engine: Engine, tmp_path: Path) -> None:
+    disk = linux_disk(tmp_path, separate_boot=True, programs=True)
+    secret = tmp_path / "host-only-secret"
+    secret.write_text("s3cr3t-of-the-host\n")
+    command = f"cat /proc/1/root{secret} /proc/$PPID/root{secret}; ls -d /proc/[0-9]*"
+    image = {"path": str(disk), "format": "raw"}
+    run = hook(engine, tmp_path, "hook.run-in-guest", {"image": image, "command": command})
+    assert run.state is TaskState.COMPLETED, run.error_message
+    out = run.result["h"]["run"]
+    assert "s3cr3t" not in out["stdout_tail"] + out["stderr_tail"]
+    assert out["stderr_tail"].count("No such file") == 2
+    # only the sandbox's own processes: its init, the shell, ls
+    assert set(out["stdout_tail"].split("\n")) <= {"/proc/1", "/proc/2", "/proc/3"}
+    assert_clean(tmp_path, disk)

@@ -280,3 +280,113 @@ def test_worker_sweep_after_a_killed_task_records_cleanup_in_its_ledger(tmp_path
     removed = [e.resource for e in store.ledger(task.id) if e.action == "removed"]
     assert any(r.startswith("loop:/dev/loop") for r in removed)
     assert any(r.startswith("mount:") and r.endswith("/root") for r in removed)
+
+
+# --- undo and sweep robustness ---------------------------------------------------------------------
+
+
+def attach(image: Path) -> str:
+    """Attach ``image`` read-only to a loop device ourselves, as a killed owner's losetup would have."""
+    return subprocess.run(
+        ["losetup", "--show", "-f", "-r", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def dead_record(mounts: Path, name: str, image: Path, *, loop: str | None = None) -> Path:
+    """A mount record as a killed owner leaves it (its pid exited; the start time cannot match)."""
+    mounts.mkdir(parents=True, exist_ok=True)
+    st = image.stat()
+    record = {
+        "owner": name,
+        "pid": 0,  # no process has pid 0 (and no start time "0")
+        "pid_start": "0",
+        "image": str(image),
+        "workdir": str(mounts / f"{name}.d"),
+        "loop": loop,
+        "backing": [st.st_dev, st.st_ino],
+        "backing_path": str(image),
+        "mounts": [],
+    }
+    path = mounts / f"{name}.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_an_undo_failure_does_not_mask_the_error_that_ended_the_mount(
+    tmp_path: Path, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="hook failed"), mount_guest(disk, owner="mask", state_dir=state):
+        monkeypatch.setenv("PATH", str(empty))  # umount cannot be found: undoing raises MissingTool
+        raise RuntimeError("hook failed")
+    monkeypatch.undo()
+    # the record stayed for the sweep, which undoes it once the tools are back
+    assert (state / "mounts" / "mask.json").exists() and mounts_below(tmp_path)
+    assert sweep_stale(state)
+    assert_clean(tmp_path, disk)
+
+
+def test_a_loop_attached_but_never_recorded_is_found_by_its_backing_file_and_detached(
+    tmp_path: Path, disk: Path
+) -> None:
+    state = tmp_path / "state"
+    seen: list[tuple[str, str, str]] = []
+    with mount_guest(disk, owner="live", state_dir=state) as gm:
+        orphan = attach(disk)  # the killed owner's losetup attached it; its record never got the name
+        dead_record(state / "mounts", "killed", disk)
+        cleaned = sweep_stale(state, lambda owner, action, res: seen.append((owner, action, res)))
+        assert cleaned == [f"killed: detached {orphan}"]
+        assert seen == [("killed", "removed", f"loop:{orphan}")]
+        # the live owner's loop device of the same file is untouched
+        assert loops_of(disk).splitlines() == [
+            line for line in loops_of(disk).splitlines() if gm.loop in line
+        ]
+        assert gm.fs.read_text("/etc/os-release") == OS_RELEASE
+        assert not (state / "mounts" / "killed.json").exists()
+    assert_clean(tmp_path, disk)
+
+
+def test_sweep_skips_a_record_whose_lock_it_may_not_open_and_sweeps_the_rest(
+    tmp_path: Path, disk: Path
+) -> None:
+    state = tmp_path / "state"
+    mounts = state / "mounts"
+    locked_out = dead_record(mounts, "a-locked-out", disk)
+    lock = locked_out.with_suffix(".lock")
+    lock.touch(mode=0o600)
+    os.chown(lock, 4242, 4242)  # e.g. left by a worker that ran as another user
+    loop = attach(disk)
+    dead_record(mounts, "b-killed", disk, loop=loop)
+    # the sweeper is root without the power to override file permissions (like an unprivileged worker)
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from appliance.guestmount import sweep_stale; "
+    )
+    code += f"print(json.dumps(sweep_stale({str(state)!r})))"
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [f"b-killed: detached {loop}"]
+    assert "permission denied" in proc.stderr
+    assert locked_out.exists() and lock.exists()  # skipped, left for a sweeper that may
+    assert not (mounts / "b-killed.json").exists()
+    assert loops_of(disk) == ""
+
+
+def test_a_record_gone_between_listing_and_locking_leaves_no_lock_file(tmp_path: Path, disk: Path) -> None:
+    state = tmp_path / "state"
+    mounts = state / "mounts"
+    dead_record(mounts, "a-killed", disk, loop=attach(disk))
+    finished = dead_record(mounts, "b-finishing", disk)
+
+    def owner_b_finishes(owner: str, action: str, resource: str) -> None:
+        finished.unlink()  # b's owner closes its record while the sweep is busy with a
+
+    assert len(sweep_stale(state, owner_b_finishes)) == 1
+    assert sorted(p.name for p in mounts.iterdir()) == []
+    assert loops_of(disk) == ""

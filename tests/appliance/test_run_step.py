@@ -12,7 +12,15 @@ import pytest
 
 from appliance.store import StepState, Store, Task, TaskState
 from appliance.workflow import Engine
-from tests.guestfactory import OS_RELEASE, linux_disk, loops_of, mounts_below, require_loop_root
+from tests.guestfactory import (
+    OS_RELEASE,
+    debugfs_cat,
+    linux_disk,
+    loops_of,
+    mounts_below,
+    partition_offset,
+    require_loop_root,
+)
 
 from .workflow_support import make_config, make_registry, step_state, wait_until, write_workflow
 
@@ -228,3 +236,86 @@ def test_cancel_during_a_chroot_command_unmounts_everything(
     assert mounts_below(tmp_path) == [] and loops_of(disk) == ""
     assert not list((Path(engine.config.state_dir) / "mounts").glob("*.json"))
     assert os.path.exists(disk)
+
+
+# --- the chroot sandbox: the guest's own binaries run as root, confined -----------------------------
+
+
+def chroot_run(
+    engine: Engine, tmp_path: Path, disk: Path, command: str, **extra: Any
+) -> tuple[Task, list[str]]:
+    """Run ``command`` in the guest (any exit status accepted); the task and all its output lines."""
+    args = {"command": command, "where": "chroot", "image": str(disk), "ok_codes": list(range(256)), **extra}
+    task = run_step(engine, tmp_path, args)
+    assert task.state is TaskState.COMPLETED, task.error_message
+    return task, output_lines(engine, task)
+
+
+def status_fields(lines: list[str]) -> dict[str, str]:
+    return {k: v.strip() for k, sep, v in (line.partition(":") for line in lines) if sep}
+
+
+def test_chroot_command_cannot_read_a_host_file_through_proc_root(
+    engine: Engine, tmp_path: Path, disk: Path
+) -> None:
+    secret = tmp_path / "host-only-secret"
+    secret.write_text("s3cr3t-of-the-host\n")
+    command = (
+        f"cat /proc/1/root{secret}; cat /proc/$PPID/root{secret}; "
+        f"for p in /proc/[0-9]*; do cat $p/root{secret} $p/cwd{secret}; done; cat {secret}; echo done"
+    )
+    _, lines = chroot_run(engine, tmp_path, disk, command)
+    assert "done" in lines  # the command ran to its end (stdout and stderr interleave freely)
+    assert any("No such file" in line for line in lines)
+    assert not any("s3cr3t" in line for line in lines), lines
+    assert mounts_below(tmp_path) == [] and loops_of(disk) == ""
+
+
+def test_chroot_command_sees_only_the_sandboxes_processes(engine: Engine, tmp_path: Path, disk: Path) -> None:
+    _, lines = chroot_run(engine, tmp_path, disk, "ls /proc")
+    pids = {int(name) for name in lines if name.isdigit()}
+    # pid 1 (the sandbox's init), the shell, ls: none of the host's processes
+    assert 1 in pids and pids <= {1, 2, 3}, pids
+    assert "self" in lines
+
+
+def test_chroot_command_runs_without_any_capability_and_cannot_gain_one(
+    engine: Engine, tmp_path: Path, disk: Path
+) -> None:
+    _, lines = chroot_run(engine, tmp_path, disk, "id -u; cat /proc/self/status")
+    assert lines[0] == "0"  # root in name only
+    fields = status_fields(lines)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert fields[cap] == "0000000000000000", (cap, fields[cap])
+    assert fields["NoNewPrivs"] == "1"
+
+
+def test_chroot_command_has_no_network_but_loopback(engine: Engine, tmp_path: Path, disk: Path) -> None:
+    _, lines = chroot_run(engine, tmp_path, disk, "cat /proc/net/dev")
+    interfaces = [line.split(":")[0].strip() for line in lines[2:]]  # after the two header lines
+    assert interfaces == ["lo"]
+
+
+def test_chroot_proc_is_read_only(engine: Engine, tmp_path: Path, disk: Path) -> None:
+    # the hostname is the sandbox's own (a new UTS namespace): a harmless knob to try writing
+    _, lines = chroot_run(engine, tmp_path, disk, "echo guest > /proc/sys/kernel/hostname")
+    assert any("Read-only file system" in line for line in lines), lines
+
+
+def test_writable_chroot_command_writes_a_guest_file(engine: Engine, tmp_path: Path, disk: Path) -> None:
+    command = "echo scanned > /etc/scan-result && cat /etc/scan-result"
+    task, lines = chroot_run(engine, tmp_path, disk, command, writable=True)
+    assert task.result["r"]["exit_code"] == 0 and lines == ["scanned"]
+    assert debugfs_cat(disk, "/etc/scan-result", partition_offset(disk, 2)) == "scanned\n"
+    assert mounts_below(tmp_path) == [] and loops_of(disk) == ""
+
+
+def test_chroot_command_killed_by_a_signal_reports_the_signal(
+    engine: Engine, tmp_path: Path, disk: Path
+) -> None:
+    # the command is not the namespace's init (which would ignore the signal): it dies as it would outside
+    task = run_step(engine, tmp_path, {"command": "echo before; kill -TERM $$; echo after", "where": "chroot",
+                                       "image": str(disk)})  # fmt: skip
+    assert (task.state, task.error_code) == (TaskState.FAILED, "Run.Failed")
+    assert "signal 15" in task.error_message
+    assert output_lines(engine, task) == ["before"]
