@@ -62,30 +62,29 @@ class ValidateStep(Step):
         self,
         ctx: StepContext,
         source: str,
-        format: str,
-        platform: str | None,
-        architecture: str | None,
+        format: str | None,
         bootable: bool,
-        boot: dict[str, str | None],
+        request: dict[str, str | None],
     ) -> GuestReport:
+        """The report of ``source`` plus the findings where the ``request`` (platform, architecture,
+        virtualization_type, kernel_id) disagrees with the guest."""
         format = format or _detected_format(source)
         report = validate_image(source, format, bootable=bootable, config=ctx.config, cancel=ctx.cancel)
-        return report.with_findings(report.findings + check_request(report, platform, architecture, **boot))
+        request = dict(request)
+        platform, architecture = request.pop("platform", None), request.pop("architecture", None)
+        mismatches = check_request(report, platform, architecture, **request)
+        return report.with_findings(report.findings + mismatches)
 
     def run(
         self,
         ctx: StepContext,
         source: str,
         format: str | None = "raw",
-        platform: str | None = None,
-        architecture: str | None = None,
-        virtualization_type: str | None = None,
-        kernel_id: str | None = None,
         bootable: bool = True,
         fail_on_error: bool = True,
+        **request: str | None,
     ) -> dict[str, Any]:
-        boot = {"virtualization_type": virtualization_type, "kernel_id": kernel_id}
-        report = self._validate(ctx, source, format, platform, architecture, bootable, boot)
+        report = self._validate(ctx, source, format, bootable, request)
         found = [f.to_dict() for f in report.findings]
         if ctx.store is not None:
             # other steps (image.inspect, hooks) may have stored findings already: add, never replace
@@ -102,18 +101,14 @@ class ValidateStep(Step):
         ctx: StepContext,
         source: str,
         format: str | None = "raw",
-        platform: str | None = None,
-        architecture: str | None = None,
-        virtualization_type: str | None = None,
-        kernel_id: str | None = None,
         bootable: bool = True,
         fail_on_error: bool = True,
+        **request: str | None,
     ) -> dict[str, Any]:
-        boot = {"virtualization_type": virtualization_type, "kernel_id": kernel_id}
         plan: dict[str, Any] = {"source": source, "format": format, "bootable": bootable, "scratch_bytes": 0}
         if Path(source).is_file():
             # reading is side-effect free (a limited child on a private link), so the plan shows the verdict
-            report = self._validate(ctx, source, format, platform, architecture, bootable, boot)
+            report = self._validate(ctx, source, format, bootable, request)
             plan["report"] = report.to_dict()
             plan["would_fail"] = bool(fail_on_error and report.errors)
             plan["findings"] = [f.to_dict() for f in report.findings]
