@@ -339,11 +339,22 @@ if [ "$trace" -gt 0 ]; then dib_args+=(-x); fi
 
 mkdir -p "$(dirname "$output")"
 rm -f "$output"
+# DIB's caches (~/.cache/image-create: the base tarball, the apt archives bind-mounted into the
+# chroot) are shared by every checkout on this machine, and apt in a second build's chroot fails at
+# once on the archives lock the first holds. So builds of all checkouts take turns here.
+dib_cache=${DIB_IMAGE_CACHE:-$HOME/.cache/image-create}
+mkdir -p "$dib_cache"
+exec 8>"$dib_cache/.imaging-build.lock"
+if ! flock -n 8; then
+    echo "build.sh: another image build on this machine holds $dib_cache; waiting for it"
+    flock 8
+fi
 echo "build.sh: disk-image-create ${dib_args[*]} ${elements[*]} (log: $WORK/dib.log)"
 if ! disk-image-create "${dib_args[@]}" "${elements[@]}" >"$WORK/dib.log" 2>&1; then
     tail -n 40 "$WORK/dib.log" >&2
     die "disk-image-create failed; full log in $WORK/dib.log"
 fi
+exec 8>&-
 [ -f "$output" ] || die "disk-image-create finished but $output is missing"
 rm -rf "$out_base.d"
 
