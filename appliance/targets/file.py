@@ -24,7 +24,7 @@ import secrets
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..config import SIZE, parse_size
 from ..errors import UsageError
@@ -112,18 +112,42 @@ def extension_for(fmt: str) -> str:
         raise UsageError(f"unknown image format {fmt!r} (known: {', '.join(EXTENSIONS)})") from None
 
 
-class FileVolumeTarget:
-    """One sparse RAW file per volume under ``directory``."""
+class _DirectoryTarget:
+    """What both file targets share: a directory, a free-space floor, settings and description."""
+
+    #: the settings' schema and where they sit in the configuration (named in errors)
+    SCHEMA: dict[str, Any]
+    SETTINGS: str
 
     def __init__(self, directory: Path, min_free: int = parse_size(DEFAULT_MIN_FREE)) -> None:
         self.directory = Path(directory)
         self.min_free = min_free
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> FileVolumeTarget:
-        """Build from ``config.targets["volume"]``; :class:`ConfigError` names a bad key."""
-        s = validate_settings(settings, VOLUME_SCHEMA, "targets.volume")
+    def from_settings(cls, settings: Mapping[str, Any]) -> Self:
+        """Build from the target's settings; :class:`ConfigError` names a bad key."""
+        s = validate_settings(settings, cls.SCHEMA, cls.SETTINGS)
         return cls(Path(s["directory"]), parse_size(s.get("min_free", DEFAULT_MIN_FREE)))
+
+    def describe(self) -> dict[str, Any]:
+        """``{type, directory, min_free, free_bytes}`` (free_bytes None before the directory exists)."""
+        try:
+            free: int | None = _free_bytes(self.directory)
+        except OSError:
+            free = None
+        return {
+            "type": "file",
+            "directory": str(self.directory),
+            "min_free": self.min_free,
+            "free_bytes": free,
+        }
+
+
+class FileVolumeTarget(_DirectoryTarget):
+    """One sparse RAW file per volume under ``directory``."""
+
+    SCHEMA = VOLUME_SCHEMA
+    SETTINGS = "targets.volume"
 
     def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
         """A new zero-filled sparse file of exactly ``size_bytes``."""
@@ -200,32 +224,12 @@ class FileVolumeTarget:
         except OSError as exc:
             raise TargetError(f"cannot remove {path}: {exc.strerror}", "TargetDeleteFailed") from exc
 
-    def describe(self) -> dict[str, Any]:
-        """``{type, directory, min_free, free_bytes}`` (free_bytes None before the directory exists)."""
-        try:
-            free: int | None = _free_bytes(self.directory)
-        except OSError:
-            free = None
-        return {
-            "type": "file",
-            "directory": str(self.directory),
-            "min_free": self.min_free,
-            "free_bytes": free,
-        }
 
-
-class FileImageTarget:
+class FileImageTarget(_DirectoryTarget):
     """Finished images as ``<directory>/<task_id>.<ext>`` files."""
 
-    def __init__(self, directory: Path, min_free: int = parse_size(DEFAULT_MIN_FREE)) -> None:
-        self.directory = Path(directory)
-        self.min_free = min_free
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> FileImageTarget:
-        """Build from ``config.targets["image"]``; :class:`ConfigError` names a bad key."""
-        s = validate_settings(settings, IMAGE_SCHEMA, "targets.image")
-        return cls(Path(s["directory"]), parse_size(s.get("min_free", DEFAULT_MIN_FREE)))
+    SCHEMA = IMAGE_SCHEMA
+    SETTINGS = "targets.image"
 
     def store(
         self,
@@ -320,16 +324,3 @@ class FileImageTarget:
             raise UsageError(f"refusing to delete {path}: not an image in {self.directory}")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-    def describe(self) -> dict[str, Any]:
-        """``{type, directory, min_free, free_bytes}``."""
-        try:
-            free: int | None = _free_bytes(self.directory)
-        except OSError:
-            free = None
-        return {
-            "type": "file",
-            "directory": str(self.directory),
-            "min_free": self.min_free,
-            "free_bytes": free,
-        }
