@@ -74,7 +74,7 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------ the test disk
 
 
-def _mbr(size: int) -> bytes:
+def mbr(size: int) -> bytes:
     """An MBR with one bootable Linux partition from 1 MiB to the end of the disk."""
     sector = bytearray(512)
     start = MiB // 512
@@ -85,7 +85,7 @@ def _mbr(size: int) -> bytes:
     return bytes(sector)
 
 
-def _text_pool(rng: random.Random, size: int) -> bytes:
+def text_pool(rng: random.Random, size: int) -> bytes:
     """Log-like text: lines of words from a fixed vocabulary (compresses roughly 3-4x, like real logs)."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = ["".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(4000)]
@@ -105,7 +105,7 @@ def _text_pool(rng: random.Random, size: int) -> bytes:
 def _fill(stage: Path, data_bytes: int, seed: int = 42) -> None:
     """Files totalling ``data_bytes``: half random (64 MiB files), half text (8 MiB files)."""
     rng = random.Random(seed)
-    pool = _text_pool(rng, 16 * MiB)
+    pool = text_pool(rng, 16 * MiB)
     chunk = 4 * MiB
     random_bytes = data_bytes // 2
     text_bytes = data_bytes - random_bytes
@@ -168,7 +168,7 @@ def build_disk(out: Path, size: int) -> Path:
             check=True,
         )
         with open(partial, "r+b") as f:
-            f.write(_mbr(size))  # after mkfs, which may wipe the start of the device it is given
+            f.write(mbr(size))  # after mkfs, which may wipe the start of the device it is given
         partial.rename(disk)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -44,7 +44,6 @@ import os
 import random
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,10 @@ from appliance.workflow.engine import Engine  # noqa: E402
 from tests.euca_upload import upload_like_euca2ools  # noqa: E402
 from tests.servers import MotoServer, moto_server  # noqa: E402
 
+# the test-disk helpers of bench/convert.py (this directory, imported by its own name)
+sys.path.append(str(ROOT))
+from convert import drop_caches, log, mbr, text_pool  # noqa: E402
+
 MiB = 1 << 20
 GiB = 1 << 30
 DEFAULT_OUT = ROOT / "out"
@@ -96,37 +99,7 @@ IDLE_TIMEOUT = 120.0
 HZ = os.sysconf("SC_CLK_TCK")
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
 # ------------------------------------------------------------------------------------------ the disk
-
-
-def _mbr(size: int) -> bytes:
-    """An MBR with one Linux partition from 1 MiB to the end (a RAW upload may carry one)."""
-    sector = bytearray(512)
-    start = MiB // 512
-    struct.pack_into(
-        "<B3BB3BII", sector, 446, 0x80, 0, 2, 0, 0x83, 0xFE, 0xFF, 0xFF, start, size // 512 - start
-    )
-    sector[510:512] = b"\x55\xaa"
-    return bytes(sector)
-
-
-def _text_pool(rng: random.Random, size: int) -> bytes:
-    """Log-like lines from a fixed vocabulary (compress about 3-4x, like real logs)."""
-    vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 10))) for _ in range(4000)]
-    out, n = [], 0
-    while n < size:
-        line = (
-            f"{rng.randint(0, 86400):05d} host{rng.randint(1, 40)} "
-            + " ".join(rng.choices(vocab, k=12))
-            + "\n"
-        )
-        out.append(line)
-        n += len(line)
-    return "".join(out).encode()[:size]
 
 
 def build_disk(out: Path, size: int) -> Path:
@@ -136,11 +109,11 @@ def build_disk(out: Path, size: int) -> Path:
         return path
     log(f"building the {size // MiB} MiB test disk {path.name} ...")
     rng = random.Random(42)
-    pool = _text_pool(rng, 8 * MiB)
+    pool = text_pool(rng, 8 * MiB)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.truncate(size)
-        f.write(_mbr(size))
+        f.write(mbr(size))
         for offset in range(MiB, size, EXTENT):
             n = min(EXTENT, size - offset)
             roll = rng.random()
@@ -242,16 +215,6 @@ def wait_for_idle(timeout: float = IDLE_TIMEOUT) -> None:
         if time.monotonic() > deadline:
             log(f"  warning: machine still {share:.0%} busy after {timeout:.0f} s; measuring anyway")
             return
-
-
-def drop_caches() -> bool:
-    """sync, then drop the page cache (root only); whether it was dropped."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------ the runs
