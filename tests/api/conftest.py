@@ -12,8 +12,9 @@ import boto3
 import pytest
 import yaml
 
-from tests.api.e2e_support import Appliance, stop_process
+from tests.api.e2e_support import Appliance
 from tests.httpfixtures import TestHTTPServer
+from tests.processes import stop_process
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
 
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
-import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests.processes import wait_until
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
+
+#: the end-to-end tests poll the API every 0.2 s
+wait_for = functools.partial(wait_until, interval=0.2)
 
 
 @dataclass
@@ -31,27 +32,6 @@ class Appliance:
 
     def volume_file(self, volume_id: str) -> Path:
         return self.state / "volumes" / f"{volume_id}.raw"
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Stop a process this test started (``sig``, then SIGKILL after 30 s)."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    """Poll ``cond`` every 0.2 s; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def conversion_task(ec2: Any, task_id: str) -> dict[str, Any]:

@@ -3,11 +3,11 @@ controller's Imaging service, imports from S3 (moto server) and reports PutInsta
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,12 @@ from appliance.report.pull import (
 from appliance.report.receiver import Controller, ReceiverServer
 from appliance.store import Store, TaskState
 from tests import imagefactory as imgs
+from tests import processes
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.servers import MotoServer, free_port
+
+# the pull worker polls slowly: waits here are bounded at 90 s
+wait_until = functools.partial(processes.wait_until, timeout=90.0)
 
 MiB = 1 << 20
 SECRET = "pull-test-secret-0123456789abcdef"
@@ -154,15 +158,6 @@ def statuses(tmp_path: Path, task_id: str) -> list[dict]:
         for r in records
         if "pull_status" in r and r["pull_status"]["ImportTaskId"] == task_id
     ]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 90.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def final(tmp_path: Path, task_id: str) -> dict | None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from appliance.report.push import PushReporter
 from appliance.report.receiver import Controller, ReceiverServer
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
+from tests.processes import stop_process as stop
+from tests.processes import wait_until
 from tests.servers import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
@@ -118,25 +119,6 @@ def start_worker(cfg_file: Path) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def states_of(msgs: list[dict], task_id: str) -> list[str]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ import pytest
 from appliance import config as config_mod
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
+from tests import processes
+
+# this module's waits are bounded at 30 s unless a call says otherwise
+wait_until = functools.partial(processes.wait_until, timeout=30.0)
+stop = processes.stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -68,25 +74,6 @@ def start_worker(cfg_file: Path, env: dict[str, str] | None = None) -> subproces
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def state(store: Store, task_id: str) -> TaskState:

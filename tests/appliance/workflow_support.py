@@ -7,12 +7,11 @@ runs a task in a separate process, so tests can kill it or cancel it from outsid
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,10 @@ from appliance import config as config_mod
 from appliance.errors import Finding, ImageRejected, StepFailed
 from appliance.store import StepState, Store, Task
 from appliance.workflow import Engine, EngineCallbacks, Registry, Step, StepContext
+from tests import processes
+
+#: engine tests poll every 50 ms (callers give the timeout)
+wait_until = functools.partial(processes.wait_until, interval=0.05)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,15 +166,6 @@ def start_engine_process(tmp: Path, task_id: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail the test with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def step_state(store: Store, task_id: str, idx: str) -> StepState | None:
