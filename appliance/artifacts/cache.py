@@ -9,27 +9,16 @@ atomic rename, so concurrent tasks fetching the same resource both end with the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
 from pathlib import Path
 
+from ..targets.base import hash_file
 from .refs import ArtifactError
 
 CHUNK = 1024 * 1024
 FILE_MODE = 0o444
-
-
-def hash_file(path: Path) -> tuple[str, int]:
-    """``(sha256 hex, size)`` of ``path``."""
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
 
 
 def digest_mismatch(what: str, actual: str, expected: str) -> ArtifactError:
