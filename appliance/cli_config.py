@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import string
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 import yaml
 
 from . import config as config_mod
+from .atomicfile import write_atomic
 from .errors import UsageError
 
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
@@ -60,14 +60,9 @@ def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
         raise UsageError(f"{path} exists; use --force to replace it")
     data = local_config(args.state_dir, args.bind, args.s3_endpoint)
     config_mod.from_dict(data, base_dir=path.resolve().parent)  # never write a file that would not load
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "# written by `imaging config init`; secrets inside: keep it private (mode 0600)\n"
     text += yaml.safe_dump(data, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text, 0o600)
     print(f"wrote {path}")
     return 0
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import shutil
 import ssl
 import subprocess
@@ -35,6 +34,7 @@ import yaml
 
 from . import config as config_mod
 from . import rendezvous, userdata, worker_dropin
+from .atomicfile import write_atomic
 from .hooks.privileges import privileged_hooks
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
@@ -152,41 +152,6 @@ def _resolve_section(raw: bytes, opts: Options, known: _Known) -> tuple[dict[str
     return section, True
 
 
-def _write_atomic(path: Path, text: str, mode: int, owner: str | None) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed O_CREAT's mode; make it exact
-        _chown(tmp, owner)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _chown(path: Path, owner: str | None) -> None:
-    if not owner:
-        return
-    try:
-        pw = pwd.getpwnam(owner)
-    except KeyError:
-        log.debug("user %s does not exist; %s stays owned by %d", owner, path, os.getuid())
-        return
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-
-
 def _check_tls(files: dict[Path, str]) -> None:
     """The certificate and key load together (a mismatched pair would only fail when the API starts)."""
     if not files:
@@ -256,7 +221,7 @@ def _fail(opts: Options, known: _Known, errors: list[FieldError], stderr: TextIO
         print(f"imaging: invalid config: {e}", file=stderr)
     try:
         # readable by the health responder's user; it holds no secrets
-        _write_atomic(opts.error_file, json.dumps(doc, indent=2) + "\n", 0o644, None)
+        write_atomic(opts.error_file, json.dumps(doc, indent=2) + "\n", 0o644, None)
     except OSError as exc:
         print(f"imaging: cannot write the error file {opts.error_file}: {exc.strerror}", file=stderr)
     _tell_controller(known, "invalid-config", errors, "config-error", min(opts.timeout, 5.0))
@@ -299,8 +264,8 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
         return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
     try:
         for path, text in rendered.files.items():
-            _write_atomic(path, text, 0o600, opts.owner)
-        _write_atomic(opts.output, _render_yaml(rendered), 0o600, opts.owner)
+            write_atomic(path, text, 0o600, opts.owner)
+        write_atomic(opts.output, _render_yaml(rendered), 0o600, opts.owner)
     except OSError as exc:
         err = FieldError("output", f"cannot write {exc.filename or opts.output}: {exc.strerror or exc}")
         return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)

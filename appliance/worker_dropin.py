@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+
+from .atomicfile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,7 @@ def sync_dropin(unit_dir: Path, reasons: list[str], db_path: Path = DEFAULT_DB) 
         if path.read_text() == text:
             return False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    write_atomic(path, text, 0o644)
     return True
 
 
