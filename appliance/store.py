@@ -760,6 +760,15 @@ class Store:
             self._task_row(conn, task_id)
             return self._update(conn, task_id, {"findings": _dumps(items), "updated_at": utcnow()})
 
+    def add_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
+        """Add findings to the task's, each once (several steps judge one task: inspection, guest
+        validation, policy; a retried step reports the same findings again)."""
+        items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
+        with self._write() as conn:
+            current = json.loads(self._task_row(conn, task_id)["findings"])
+            merged = current + [f for i, f in enumerate(items) if f not in current and f not in items[:i]]
+            return self._update(conn, task_id, {"findings": _dumps(merged), "updated_at": utcnow()})
+
     # -- steps ------------------------------------------------------------------------------
 
     def record_step(

@@ -87,9 +87,7 @@ class ValidateStep(Step):
         report = self._validate(ctx, source, format, bootable, request)
         found = [f.to_dict() for f in report.findings]
         if ctx.store is not None:
-            # other steps (image.inspect, hooks) may have stored findings already: add, never replace
-            current = ctx.store.get_task(ctx.task_id).findings
-            ctx.store.set_findings(ctx.task_id, current + [f for f in found if f not in current])
+            ctx.store.add_findings(ctx.task_id, found)
         # the whole report: when it fails the step, the event is where the task keeps it
         ctx.event("guest.validated", report=report.to_dict())
         if fail_on_error and report.errors:

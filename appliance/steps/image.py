@@ -102,7 +102,7 @@ class InspectStep(Step):
             _shrink(ctx, rid, Path(result.path), f"decompressed {src.name}")
         ctx.event("findings", findings=[f.to_dict() for f in result.findings])
         if ctx.store is not None:
-            ctx.store.set_findings(ctx.task_id, [f.to_dict() for f in result.findings])
+            ctx.store.add_findings(ctx.task_id, result.findings)
         if not result.safe:
             raise ImageRejected(result.findings)
         return result.to_dict()

@@ -324,9 +324,7 @@ class TaskRun:
 
     def _keep_findings(self, findings: list[Finding]) -> None:
         """Add a rejection's findings to the task's (a step may have stored them already)."""
-        current = self.store.get_task(self.task_id).findings
-        new = [f.to_dict() for f in findings]
-        self.store.set_findings(self.task_id, current + [f for f in new if f not in current])
+        self.store.add_findings(self.task_id, findings)
 
     def _when_uses_item(self, step: StepSpec) -> bool:
         return isinstance(step.when, str) and "item" in self.templater.condition_names(step.when)

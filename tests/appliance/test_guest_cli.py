@@ -120,3 +120,27 @@ def test_dry_run_plan_of_convert_image_shows_the_guest_verdict_before_anything_r
     assert r.returncode == 2
     assert "Guest.FstabDeviceMissing" in r.stderr
     assert not target.exists()
+
+
+def test_guest_findings_of_convert_image_survive_the_inspection_after_them(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    disk = gf.qcow2_of(gf.linux_disk(tmp_path, fstab="/dev/sda1 / ext4 defaults 0 1\n"), tmp_path / "d.qcow2")
+    r = imaging(
+        "run",
+        "convert-image",
+        "-p",
+        f"source={disk}",
+        "-p",
+        f"target={tmp_path / 'o.raw'}",
+        "-p",
+        "validate_guest=system",
+        "--json",
+        "--progress",
+        "none",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    task = json.loads(r.stdout)
+    assert task["state"] == "completed"
+    assert [f["code"] for f in task["findings"]] == ["Guest.FstabDeviceName"]

@@ -303,3 +303,15 @@ def test_reader_process_never_sees_locked_database_while_writer_writes(tmp_path:
     assert report["mid_write"] > 0  # it really read while the writes were going on
     assert not report["went_back"]
     assert store.get_task(task_id).bytes_done == 1_000_000
+
+
+def test_add_findings_keeps_earlier_ones_and_adds_each_once(store: Store) -> None:
+    task_id = store.create_task("workflow", "w", {}).id
+    guest = Finding.warning("Guest.FstabDeviceName", "fstab names /dev/sda1")
+    store.add_findings(task_id, [guest])
+    unsafe = Finding.error("UnsafeImage.BackingFile", "has a backing file")
+    store.add_findings(task_id, [unsafe, guest, unsafe])  # a retried step reports again
+    assert [f["code"] for f in store.get_task(task_id).findings] == [
+        "Guest.FstabDeviceName",
+        "UnsafeImage.BackingFile",
+    ]
