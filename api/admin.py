@@ -19,10 +19,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import falcon
 import yaml
 
-from appliance import formats
 from appliance.config import Config
 from appliance.errors import UsageError
-from appliance.imports import boot_settings, guest_report, validated_report
+from appliance.image import formats
+from appliance.service.imports import boot_settings, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import health as health_mod
@@ -167,7 +167,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
     """What this appliance accepts and produces (like Glance's ``/v2/info/import``)."""
-    from appliance import imports
+    from appliance.service import imports
 
     banned = set(config.safety.banned_formats)
     inputs = [

@@ -261,7 +261,7 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
     """The WSGI app for ``config``.
 
     ``store`` (a :class:`~appliance.store.Store`) and ``service`` (an
-    :class:`appliance.imports.ImportService`) default to ones opened on first use in the calling
+    :class:`appliance.service.imports.ImportService`) default to ones opened on first use in the calling
     process; gunicorn calls this factory in each worker after the fork, so no SQLite connection
     is shared between processes.
     """
@@ -271,7 +271,7 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
     def make_ec2() -> Any:
         svc = service
         if svc is None:
-            from appliance.imports import ImportService
+            from appliance.service.imports import ImportService
 
             svc = ImportService(config, stores.get())
         return ec2.Ec2Resource(config, svc)

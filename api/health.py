@@ -90,7 +90,7 @@ def check_scratch(config: Config) -> dict[str, Any]:
 def _read_heartbeat(config: Config) -> tuple[bool, dict[str, Any] | None]:
     """(worker module present, its last heartbeat)."""
     try:
-        from appliance.worker import read_heartbeat
+        from appliance.service.worker import read_heartbeat
     except ImportError:
         return False, None
     return True, read_heartbeat(config)

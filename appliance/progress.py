@@ -1,6 +1,6 @@
 """Progress of long-running work: a value type, a tracker that smooths and throttles, renderers.
 
-Producers (the qemu-img reader in :mod:`appliance.convert`, copy loops, uploads) report raw byte
+Producers (the qemu-img reader in :mod:`appliance.image.convert`, copy loops, uploads) report raw byte
 counts to a :class:`ProgressTracker`; the tracker turns them into monotonic :class:`Progress`
 values with a smoothed rate and an ETA and hands them to one callback at a bounded frequency.
 Consumers render them: :func:`progress_printer` draws a tqdm bar on a terminal and writes JSON

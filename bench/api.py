@@ -3,7 +3,7 @@
 
 Setup: a temporary state directory whose task database holds ``--tasks`` import-volume tasks
 (default 10 000), inserted through :class:`appliance.store.Store` with the parameters
-:class:`appliance.imports.ImportService` stores, in a mix of states (completed, running, pending,
+:class:`appliance.service.imports.ImportService` stores, in a mix of states (completed, running, pending,
 failed, cancelled). ``imaging --config FILE serve`` is started on a free loopback port with a
 generated access key and stopped by its PID at the end.
 
@@ -68,7 +68,7 @@ from botocore.auth import SigV4Auth  # noqa: E402
 from botocore.awsrequest import AWSRequest  # noqa: E402
 from botocore.credentials import Credentials  # noqa: E402
 
-from appliance.imports import IMPORT_VOLUME, new_task_id  # noqa: E402
+from appliance.service.imports import IMPORT_VOLUME, new_task_id  # noqa: E402
 from appliance.store import Store, TaskState  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from appliance import config as config_mod
 from appliance.config import parse_size
-from appliance.convert import build_command, convert_image
+from appliance.image.convert import build_command, convert_image
 
 MiB = 1 << 20
 GiB = 1 << 30

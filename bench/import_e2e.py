@@ -16,7 +16,7 @@ For each, timed in the same run (rotating the order), each after ``sync`` + drop
 (when root) and a wait for an idle machine, each timing including its own fsync/sync:
 
 - ``e2e``: the ``import-volume`` task from its start to ``completed`` (created with
-  :class:`~appliance.imports.ImportService` after the upload finished, then run in this process by
+  :class:`~appliance.service.imports.ImportService` after the upload finished, then run in this process by
   :meth:`Engine.run <appliance.workflow.engine.Engine.run>`: the code a worker child runs, without
   the worker's poll delay and process start). Includes the wait step's HEAD of every part, the
   download with per-part MD5 checks, the write, and the volume's fsync.
@@ -65,7 +65,7 @@ if str(REPO) not in sys.path:
 
 from appliance import config as config_mod  # noqa: E402
 from appliance.config import parse_size  # noqa: E402
-from appliance.imports import DiskImage, ImportService  # noqa: E402
+from appliance.service.imports import DiskImage, ImportService  # noqa: E402
 from appliance.sources.manifest import ImportManifest, download_parts, wait_for_manifest  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from appliance.store import TaskState, parse_time  # noqa: E402

@@ -1,11 +1,11 @@
 """Legacy conversion-task actions: ImportVolume, ImportInstance, DescribeConversionTasks,
 CancelConversionTask. Each handler parses the wire parameters, checks what only the wire form
-can tell (which members were given), calls :class:`~appliance.imports.ImportService` and returns
+can tell (which members were given), calls :class:`~appliance.service.imports.ImportService` and returns
 the output structure for :func:`api.ec2.xml.render`.
 
 Beyond AWS, ImportInstance takes a kernel, a ramdisk and a virtualization type as
 ``LaunchSpecification.KernelId``/``.RamdiskId``/``.VirtualizationType`` or as an ``[imaging:…]``
-token in ``Description`` (:mod:`appliance.bootparams`).
+token in ``Description`` (:mod:`appliance.service.bootparams`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance import bootparams
-from appliance.imports import CONVERSION_KINDS, DiskImage, ImportService
+from appliance.service import bootparams
+from appliance.service.imports import CONVERSION_KINDS, DiskImage, ImportService
 
 from . import query, views
 from .errors import invalid_value, missing_parameter
 
 Params = Mapping[str, Sequence[str]]
 
-#: boot settings (beyond AWS, :mod:`appliance.bootparams`): LaunchSpecification member → field
+#: boot settings (beyond AWS, :mod:`appliance.service.bootparams`): LaunchSpecification member → field
 BOOT_MEMBERS = {
     "KernelId": "kernel_id",
     "RamdiskId": "ramdisk_id",

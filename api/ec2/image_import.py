@@ -9,7 +9,7 @@ ImportImage (ImportSnapshot passes ``Encrypted`` to the image target).
 
 Beyond AWS, ImportImage takes a kernel, a ramdisk and a virtualization type as the extra members
 ``KernelId``, ``RamdiskId``, ``VirtualizationType`` or as an ``[imaging:…]`` token in
-``Description`` (:mod:`appliance.bootparams`).
+``Description`` (:mod:`appliance.service.bootparams`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import binascii
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance import bootparams
-from appliance.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
+from appliance.service import bootparams
+from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
 from appliance.store import Task
 
 from . import query, views

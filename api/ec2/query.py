@@ -50,7 +50,7 @@ ALIASES: dict[str, dict[str, str]] = {
 
 #: Members the current model lacks: wire name → member path. Accepted as strings; handlers
 #: validate them. ``KeyName``: older API versions had it (euca2ools sends it). Kernel, ramdisk
-#: and virtualization type: beyond AWS, from Eucalyptus (:mod:`appliance.bootparams`), spelled
+#: and virtualization type: beyond AWS, from Eucalyptus (:mod:`appliance.service.bootparams`), spelled
 #: like RunInstances' ``KernelId``/``RamdiskId`` and RegisterImage's ``VirtualizationType``.
 EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
     "ImportInstance": {

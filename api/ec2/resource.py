@@ -20,7 +20,7 @@ import falcon
 
 from appliance.config import Config
 from appliance.errors import ImagingError
-from appliance.imports import ImportService
+from appliance.service.imports import ImportService
 
 from . import conversion, image_import, xml
 from .auth import Authenticator, SignedRequest, decode_query

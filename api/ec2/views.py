@@ -17,7 +17,7 @@ whole percent), completed → ``completed``, cancelling → ``deleting``, cancel
 failed → ``deleted`` with ``ClientError: …`` as AWS does.
 
 Every ``StatusMessage`` (except euca2ools' ``Pending import-image upload``) is followed by a
-summary of the task's error and warning findings (:func:`appliance.summary.findings_summary`),
+summary of the task's error and warning findings (:func:`appliance.service.summary.findings_summary`),
 e.g. ``completed; warnings: Guest.FstabDeviceMissing (…)``; a completed task without findings
 keeps no message. A failed *snapshot* task's
 ``SnapshotTaskDetail.Status`` is ``error`` instead: the ``SnapshotImported`` waiter fails fast on
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.imports import IMPORT_VOLUME, outcome
+from appliance.service.imports import IMPORT_VOLUME, outcome
+from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
-from appliance.summary import findings_summary
 
 from .xml import format_timestamp
 

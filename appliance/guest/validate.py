@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import Finding, UsageError
-from ..formats import parse_claim
-from ..qemuimg import Completed, isolated, run_limited
+from ..image.formats import parse_claim
+from ..image.qemuimg import Completed, isolated, run_limited
 from .codes import finding, for_data_disk
 from .report import GuestReport
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import SIZE, parse_size
 from ..errors import Finding, ImageRejected
-from ..formats import from_qemu
+from ..image.formats import from_qemu
 
 FORMAT_DENIED = "Policy.FormatDenied"
 SIZE_EXCEEDED = "Policy.SizeExceeded"

@@ -2,7 +2,7 @@
 
 The worker of the appliance image runs unprivileged; ``imaging configure`` asks
 :func:`privileged_hooks` whether the configured hooks need more, and if so grants the worker exactly
-that with a systemd drop-in (:mod:`appliance.worker_dropin`).
+that with a systemd drop-in (:mod:`appliance.boot.worker_dropin`).
 
 Only actions known to mount are detected. An operator plugin that mounts the guest is not: the
 worker then fails its task with ``Run.NotRoot``, and the operator adds the drop-in by hand.
@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import HOOK_POINTS, HooksConfig
 
-#: actions that always mount the guest (:func:`appliance.guestmount.mount_guest`)
+#: actions that always mount the guest (:func:`appliance.guest.mount.mount_guest`)
 PRIVILEGED_ACTIONS = frozenset({"hook.inject-metadata", "hook.run-in-guest"})
 #: ``run`` mounts the guest only with ``where: chroot`` (``hook: run`` is spelt as either name)
 RUN_ACTIONS = frozenset({"run", "hook.run"})

@@ -7,7 +7,7 @@ used instance-profile SigV2 instead):
 
 - while it has a free task slot, every ``report_interval`` it asks ``GetInstanceImportTask``; a
   returned ``import_volume`` task becomes a local import-volume task through
-  :class:`~appliance.imports.ImportService` (the worker runs it). Sizes come from the optional
+  :class:`~appliance.service.imports.ImportService` (the worker runs it). Sizes come from the optional
   ``<bytes>``/``<volumeSize>`` elements, else from the import manifest itself;
 - every ``report_interval`` while a task runs it sends ``PutInstanceImportTaskStatus`` ``EXTANT``
   with ``BytesConverted`` (bytes written to the target, not downloaded: §11.12), and when it ends
@@ -36,7 +36,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ImagingError, TaskNotFound, UsageError, is_rejection
-from ..imports import DiskImage, ImportService, outcome
+from ..service.imports import DiskImage, ImportService, outcome
 from ..store import Store, Task, TaskState, utcnow
 from . import messages
 

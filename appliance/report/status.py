@@ -8,9 +8,9 @@ from typing import Any
 
 from .. import __version__
 from ..config import Config
-from ..imports import boot_settings, guest_report
+from ..service.imports import boot_settings, guest_report
+from ..service.worker import qemu_img_problem, read_heartbeat
 from ..store import Store, Task, TaskState, parse_time
-from ..worker import qemu_img_problem, read_heartbeat
 
 ACTIVE = (TaskState.RUNNING, TaskState.CANCELLING)
 #: a worker heartbeat older than this many poll intervals (and at least STALE_MIN seconds) is stale

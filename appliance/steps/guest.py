@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..decompress import detect_compression
 from ..errors import ImageRejected, UsageError
 from ..guest import check_request, validate_image
 from ..guest.report import GuestReport
-from ..inspect import detect_format
+from ..image.decompress import detect_compression
+from ..image.inspect import detect_format
 from ..workflow.step import Step, StepContext
 
 _NULLABLE_STR = {"type": ["string", "null"]}

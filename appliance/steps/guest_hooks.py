@@ -15,7 +15,7 @@ images are accepted, anything else fails with ``Guest.NotRaw``) plus their param
   ``/var/lib/cloud/seed/nocloud/`` (a mapping is dumped as YAML; ``user_data`` gets
   ``#cloud-config``).
 
-Guest paths never leave the guest (see :mod:`appliance.guestpath`): ``..`` is refused, symlinks in
+Guest paths never leave the guest (see :mod:`appliance.guest.path`): ``..`` is refused, symlinks in
 directories resolve inside the guest root, a symlink or special file as the final component is
 refused (``Guest.UnsafePath``). Every file written is listed in a ``guest.changes`` event (path,
 sha256, bytes, mode, owner), the guest-change manifest.
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from ..errors import ImagingError, UsageError
-from ..guestpath import GuestFS, UnsafeGuestPath, guest_parts
+from ..guest.path import GuestFS, UnsafeGuestPath, guest_parts
 from ..workflow.step import Step, StepContext
 from .run import DEFAULT_MAX_OUTPUT, EXEC_PROPERTIES, mount_for_step, run_in_guest
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..decompress import detect_compression
-from ..formats import parse_claim
 from ..hooks import IMAGE_SCHEMA
 from ..hooks.policy import RULES_SCHEMA, check_policy
+from ..image.decompress import detect_compression
+from ..image.formats import parse_claim
 from ..workflow.step import Step, StepContext
 from .image import _plan_scratch, _remove, decompress_into_scratch
 

@@ -1,9 +1,9 @@
 """Image steps: ``image.inspect``, ``image.decompress`` and ``image.convert``.
 
-They wrap :mod:`appliance.inspect`, :mod:`appliance.decompress` and :mod:`appliance.convert` for
-workflows: intermediates go to the task's scratch directory under a reservation, progress and
-findings go to the task, and every file a step creates is in the cleanup ledger and removed by
-its ``undo``.
+They wrap :mod:`appliance.image.inspect`, :mod:`appliance.image.decompress` and
+:mod:`appliance.image.convert` for workflows: intermediates go to the task's scratch directory
+under a reservation, progress and findings go to the task, and every file a step creates is in the
+cleanup ledger and removed by its ``undo``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..convert import convert_image
-from ..decompress import decompress, detect_compression
 from ..errors import ImageRejected
-from ..formats import OUTPUT_FORMATS, parse_claim
-from ..inspect import inspect_image
+from ..image.convert import convert_image
+from ..image.decompress import decompress, detect_compression
+from ..image.formats import OUTPUT_FORMATS, parse_claim
+from ..image.inspect import inspect_image
 from ..workflow.step import Step, StepContext
 
 #: dry-run estimate of how much a compressed disk image grows when decompressed (raw disks are

@@ -24,9 +24,9 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector
 
-from ..convert import convert_image
 from ..errors import Finding, ImageRejected, ImagingError
-from ..inspect import inspect_image, require_safe
+from ..image.convert import convert_image
+from ..image.inspect import inspect_image, require_safe
 from ..progress import Progress
 from ..sources.fetch import fetch_to_file
 from ..sources.manifest import Importer, ImportManifest, Part, download_parts, wait_for_manifest

@@ -13,7 +13,7 @@ status outside ``ok_codes`` fails with ``Run.Failed``, an expired ``timeout`` ki
 group and fails with ``Run.Timeout``, a cancel kills it within about a second.
 
 A chroot command runs the untrusted guest's own binaries, so it runs in the sandbox of
-:mod:`appliance.sandbox`: new pid, mount, network, IPC and UTS namespaces, a fresh read-only
+:mod:`appliance.guest.sandbox`: new pid, mount, network, IPC and UTS namespaces, a fresh read-only
 ``/proc`` that shows only its own processes, no capabilities at all (root in name only: it cannot
 bypass file permissions, mount or reach the host) and no network (only ``lo``). If the sandbox
 cannot be set up the step fails with ``Run.SandboxFailed``; the command is never run without it.
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import sandbox
-from ..convert import stop_process_group
 from ..errors import Cancelled, ImagingError, UsageError
-from ..guestmount import GuestMount, mount_guest
+from ..guest import sandbox
+from ..guest.mount import GuestMount, mount_guest
+from ..image.convert import stop_process_group
 from ..workflow.step import Step, StepContext
 
 #: default bytes of output kept in task events
@@ -258,7 +258,7 @@ def execute(
     max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> dict[str, Any]:
     """Run ``command`` locally (``root`` None) or sandboxed in the guest mounted at ``root``
-    (:mod:`appliance.sandbox`: own namespaces, no capabilities, no network); stream output to events.
+    (:mod:`appliance.guest.sandbox`: own namespaces, no capabilities, no network); stream output to events.
 
     Returns ``{exit_code, stdout_tail, stderr_tail, duration, output_bytes, truncated}``. Raises
     ``Run.Failed`` (exit status not in ``ok_codes``), ``Run.Timeout``, :class:`Cancelled`, and
@@ -272,7 +272,7 @@ def execute(
         full_env = {**base_env, "LANG": "C", **(env or {})}
         proc_argv, proc_env, workdir, pass_fds = argv, full_env, cwd or str(ctx.workdir), ()
     else:
-        # the guest's own binaries run as root: only ever inside the sandbox (appliance.sandbox)
+        # the guest's own binaries run as root: only ever inside the sandbox (appliance.guest.sandbox)
         full_env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C", **(env or {})}
         status_r, status_w = os.pipe()
         proc_argv = sandbox.launcher_argv(root, argv, cwd=cwd or "/", env=full_env, status_fd=status_w)

@@ -79,7 +79,7 @@ class Engine:
             artifacts=_artifact_store(config),
             hooks=getattr(config, "hooks", None),
         )
-        from ..hooks.plugins import ensure_plugins  # here: appliance.hooks imports this package
+        from .plugins import ensure_plugins  # here: appliance.hooks imports this package
 
         ensure_plugins(self.registry, config)
         if callbacks is None:

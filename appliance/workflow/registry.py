@@ -46,7 +46,7 @@ class Registry:
         self._entry_points: dict[str, importlib.metadata.EntryPoint] = {}
         self._classes: dict[str, type] = {}
         self._broken: dict[str, str] = {}
-        #: plugin files (see :mod:`appliance.hooks.plugins`) that could not be loaded: file → why
+        #: plugin files (see :mod:`appliance.workflow.plugins`) that could not be loaded: file → why
         self.plugin_errors: dict[str, str] = {}
         if entry_points:
             for ep in importlib.metadata.entry_points(group=group):

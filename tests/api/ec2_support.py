@@ -26,7 +26,7 @@ from api.ec2 import model
 from api.ec2.resource import Ec2Resource
 from appliance import config as appliance_config
 from appliance.config import Config
-from appliance.imports import ImportService
+from appliance.service.imports import ImportService
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 HOST = "127.0.0.1:8773"

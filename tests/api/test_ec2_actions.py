@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError, WaiterError
 from api.app import create_app
 from api.ec2.resource import Ec2Resource, handles
 from appliance.config import Config
-from appliance.imports import ImportService
+from appliance.service.imports import ImportService
 from appliance.store import TaskState
 from tests.api.ec2_support import (
     FORM,

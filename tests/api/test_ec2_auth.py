@@ -18,7 +18,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from api.ec2.auth import Authenticator, SignedRequest, decode_query
-from appliance.imports import ImportService
+from appliance.service.imports import ImportService
 from tests.api.ec2_support import (
     FORM,
     HOST,

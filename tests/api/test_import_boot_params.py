@@ -25,13 +25,13 @@ from falcon import testing
 
 from api.app import create_app
 from api.ec2 import views
-from appliance import bootparams
 from appliance import config as config_mod
 from appliance.errors import Finding, UsageError
-from appliance.imports import outcome
 from appliance.report.status import task_snapshot
+from appliance.service import bootparams
+from appliance.service.imports import outcome
+from appliance.service.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from appliance.store import Store, Task, TaskState
-from appliance.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from tests.api.ec2_support import MANIFEST_BASE, post_signed
 from tests.api.test_admin import AUTH, assert_documented
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
@@ -471,7 +471,7 @@ def test_description_tokens_refuses_two_tokens_and_repeated_keys() -> None:
 
 
 def test_service_validates_boot_settings_for_callers_other_than_the_api(tmp_path: Path) -> None:
-    from appliance.imports import DiskContainer, ImportService
+    from appliance.service.imports import DiskContainer, ImportService
 
     service = ImportService(config_mod.from_dict({"state_dir": str(tmp_path)}))
     with pytest.raises(UsageError) as exc:

@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
-from appliance.guestmount import mount_guest
+from appliance.guest.mount import mount_guest
 from appliance.store import Task, TaskState
 from appliance.workflow import Engine, Registry
 from tests import guestfactory
 from tests.httpfixtures import TestHTTPServer
 
-from .workflow_support import REPO, config_dict
+from .workflow.support import REPO, config_dict
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from appliance.store import (
     parse_time,
 )
 
-from .workflow_support import wait_until
+from .workflow.support import wait_until
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -1,0 +1,305 @@
+"""``imaging configure``: turn cloud-init user data into the service configuration, or say why not.
+
+Run once at boot (``imaging-configure.service``, before the API and worker units). Outcomes:
+
+* valid: ``/etc/imaging/imaging.yaml`` (and TLS PEMs under ``/etc/imaging/tls/``) written atomically,
+  mode 0600, owned by the service user; a stale error file removed; exit 0.
+* invalid or missing: nothing replaced (an older config stays intact); the error document
+  ``{"status": "invalid-config", "errors": [{field, message}], ...}`` written to the error file,
+  whose presence keeps the real services from starting and starts the health responder instead;
+  one ``imaging: invalid config: <field>: <message>`` line per error on stderr (the console); the
+  controller told when its URL is known (best effort); exit 2.
+
+Secrets are never printed: messages name fields, and values under secret keys are scrubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from .. import config as config_mod
+from ..atomicfile import write_atomic
+from ..hooks.privileges import privileged_hooks
+from . import rendezvous, userdata, worker_dropin
+from .userdata import CompactUserData, FieldError, UserDataInvalid
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
+DEFAULT_OUTPUT = Path("/etc/imaging/imaging.yaml")
+DEFAULT_ERROR_FILE = Path("/run/imaging/config-error.json")
+CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
+
+
+@dataclass
+class Options:
+    """What ``imaging configure`` was asked to do (CLI flags)."""
+
+    user_data: Path | None = None
+    output: Path = DEFAULT_OUTPUT
+    error_file: Path = DEFAULT_ERROR_FILE
+    owner: str | None = "imaging"
+    #: rendezvous tries for the compact form (the controller may not be up yet at boot)
+    attempts: int = 5
+    timeout: float = 10.0
+    #: where the worker's guest-hooks drop-in goes (None: leave the units alone)
+    unit_dir: Path | None = worker_dropin.DEFAULT_UNIT_DIR
+    #: called after the drop-in changed (None: nobody to tell, e.g. a unit dir of a test)
+    reload: Callable[[], None] | None = worker_dropin.systemd_reload
+
+
+@dataclass
+class _Known:
+    """What could be learnt from the user data even when it is invalid (for reporting the error)."""
+
+    appliance_id: str | None = None
+    controller_url: str | None = None
+    secret: str | None = None
+    bind: str = userdata.DEFAULT_BIND
+    section: dict[str, Any] = field(default_factory=dict)
+    secrets: set[str] = field(default_factory=set)
+
+
+def read_user_data(path: Path | None) -> bytes | None:
+    """The instance's user data: ``path`` if given; else ``cloud-init query userdata``; else
+    cloud-init's copy on disk. None when there is none."""
+    if path is not None:
+        return path.read_bytes() if path.exists() else None
+    exe = shutil.which("cloud-init")
+    if exe is not None:
+        try:
+            out = subprocess.run([exe, "query", "userdata"], capture_output=True, timeout=60, check=False)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.debug("cloud-init query failed: %s", exc)
+    if CLOUD_INIT_USER_DATA.exists():
+        return CLOUD_INIT_USER_DATA.read_bytes()
+    return None
+
+
+def _learn(section: Any, known: _Known) -> None:
+    """Record what a (possibly invalid) section says about the controller, for the error report."""
+    if not isinstance(section, dict):
+        return
+    known.section = section
+    known.secrets |= userdata.secret_values(section)
+    known.bind = userdata.best_effort_bind(section)
+    aid = section.get("appliance_id")
+    if isinstance(aid, str) and userdata.validate_section({"appliance_id": aid}) == []:
+        known.appliance_id = aid
+    ctl = section.get("controller")
+    if isinstance(ctl, dict):
+        url, secret = ctl.get("url"), ctl.get("secret")
+        probe = {"appliance_id": "x", "controller": {"url": url, "secret": "x" * 16}}
+        if isinstance(url, str) and userdata.validate_section(probe) == []:
+            known.controller_url = url.rstrip("/")
+        if isinstance(secret, str) and len(secret) >= 16:
+            known.secret = secret
+
+
+def _resolve_section(raw: bytes, opts: Options, known: _Known) -> tuple[dict[str, Any], bool]:
+    """The ``imaging:`` section to apply and whether it came through the rendezvous."""
+    parsed = userdata.parse_user_data(raw)
+    if not isinstance(parsed, CompactUserData):
+        _learn(parsed, known)
+        return parsed, False
+    known.appliance_id, known.controller_url, known.secret = (
+        parsed.appliance_id,
+        parsed.controller_url,
+        parsed.secret,
+    )
+    known.secrets.add(parsed.secret)
+    try:
+        doc = rendezvous.fetch_config(
+            parsed.controller_url, parsed.appliance_id, parsed.secret, opts.timeout, opts.attempts
+        )
+    except rendezvous.RendezvousError as exc:
+        raise UserDataInvalid([FieldError("imaging.controller.url", exc.message)]) from exc
+    section = userdata.imaging_section(doc)
+    _learn(section, known)
+    if section.get("appliance_id", parsed.appliance_id) != parsed.appliance_id:
+        raise UserDataInvalid(
+            [
+                FieldError(
+                    "imaging.appliance_id",
+                    f"the controller's config is for {str(section['appliance_id'])[:80]!r}, "
+                    f"not {parsed.appliance_id!r}",
+                )
+            ]
+        )
+    section = dict(section, appliance_id=parsed.appliance_id)
+    ctl = section.get("controller", {})
+    if isinstance(ctl, dict):
+        # the compact line is the trust anchor: its URL and secret fill the gaps of the fetched config
+        section["controller"] = {"url": parsed.controller_url, "secret": parsed.secret, **ctl}
+    known.section = section  # the parameters reported are those applied
+    return section, True
+
+
+def _check_tls(files: dict[Path, str]) -> None:
+    """The certificate and key load together (a mismatched pair would only fail when the API starts)."""
+    if not files:
+        return
+    cert, key = (p for p in files)
+    # a private temporary directory: the real files are only replaced once the pair is known good
+    with tempfile.TemporaryDirectory(prefix="imaging-tls-check-") as scratch:
+        c, k = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
+        for p, text in ((c, files[cert]), (k, files[key])):
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(c, k)
+        except ssl.SSLError as exc:
+            raise UserDataInvalid(
+                [FieldError("imaging.api.tls", f"certificate and key do not load together: {exc.reason}")]
+            ) from exc
+
+
+def _render_yaml(rendered: userdata.Rendered) -> str:
+    header = (
+        "# written by `imaging configure` from cloud-init user data; secrets inside (mode 0600).\n"
+        "# Re-run `imaging configure` instead of editing: the next boot rewrites this file.\n"
+    )
+    return header + yaml.safe_dump(rendered.config, sort_keys=False)
+
+
+def _message(known: _Known, status: str, errors: list[FieldError], kind: str) -> dict[str, Any]:
+    return {
+        "ver": rendezvous.PROTOCOL_VERSION,
+        "type": kind,
+        "appliance_id": known.appliance_id,
+        "status": status,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "addresses": rendezvous.local_addresses(known.controller_url),
+        "parameters": userdata.redact(known.section, known.secrets),
+        "errors": [e.to_dict() for e in errors],
+    }
+
+
+def _tell_controller(known: _Known, status: str, errors: list[FieldError], kind: str, timeout: float) -> None:
+    if not known.controller_url:
+        return
+    try:
+        rendezvous.post_status(
+            known.controller_url,
+            known.appliance_id or "unknown",
+            known.secret,
+            _message(known, status, errors, kind),
+            timeout=timeout,
+        )
+    except rendezvous.RendezvousError as exc:
+        log.warning("could not tell the controller: %s", exc.message)
+
+
+def _fail(opts: Options, known: _Known, errors: list[FieldError], stderr: TextIO, exit_status: int) -> int:
+    errors = [FieldError(e.field, userdata.scrub(e.message, known.secrets)) for e in errors]
+    doc = {
+        "status": "invalid-config",
+        "errors": [e.to_dict() for e in errors],
+        "appliance_id": known.appliance_id,
+        "bind": known.bind,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for e in errors:
+        print(f"imaging: invalid config: {e}", file=stderr)
+    try:
+        # readable by the health responder's user; it holds no secrets
+        write_atomic(opts.error_file, json.dumps(doc, indent=2) + "\n", 0o644, None)
+    except OSError as exc:
+        print(f"imaging: cannot write the error file {opts.error_file}: {exc.strerror}", file=stderr)
+    _tell_controller(known, "invalid-config", errors, "config-error", min(opts.timeout, 5.0))
+    return exit_status
+
+
+def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Configure the appliance from its user data; returns the exit status (0, 1 write failed, 2 invalid)."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    known = _Known()
+    raw = read_user_data(opts.user_data)
+    if raw is None:
+        where = opts.user_data or f"cloud-init (nor {CLOUD_INIT_USER_DATA})"
+        return _fail(
+            opts,
+            known,
+            [
+                FieldError(
+                    "user-data",
+                    f"no user data from {where}: launch the appliance with '#cloud-config' user data "
+                    f"holding an 'imaging:' section, or the line "
+                    f"'{userdata.COMPACT_PREFIX}<appliance-id>:<controller-url>:<secret>'",
+                )
+            ],
+            stderr,
+            EXIT_INVALID,
+        )
+    try:
+        section, via_rendezvous = _resolve_section(raw, opts, known)
+        rendered = userdata.render(section, opts.output.parent)
+        _check_tls(rendered.files)
+    except UserDataInvalid as exc:
+        return _fail(opts, known, exc.errors, stderr, EXIT_INVALID)
+    privileged = _privileged(rendered)
+    try:
+        # the drop-in first: a worker started on the new config must already have its privileges
+        _sync_worker_privileges(opts, rendered, privileged)
+    except (OSError, subprocess.SubprocessError) as exc:
+        err = FieldError("imaging.hooks", f"cannot set the worker's privileges for guest hooks: {_why(exc)}")
+        return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
+    try:
+        for path, text in rendered.files.items():
+            write_atomic(path, text, 0o600, opts.owner)
+        write_atomic(opts.output, _render_yaml(rendered), 0o600, opts.owner)
+    except OSError as exc:
+        err = FieldError("output", f"cannot write {exc.filename or opts.output}: {exc.strerror or exc}")
+        return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
+    with contextlib.suppress(FileNotFoundError):
+        opts.error_file.unlink()
+    if via_rendezvous:
+        _tell_controller(known, "configured", [], "status", min(opts.timeout, 5.0))
+    ctl = rendered.config["controller"]
+    where = f", controller {userdata.redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
+    print(f"imaging: configured appliance {rendered.appliance_id}: wrote {opts.output}{where}", file=stdout)
+    if privileged and opts.unit_dir is not None:
+        print(f"imaging: the worker runs as root to mount guests for: {', '.join(privileged)}", file=stdout)
+    return EXIT_CONFIGURED
+
+
+def _privileged(rendered: userdata.Rendered) -> list[str]:
+    """The configured hooks that mount the guest (they need the worker's drop-in)."""
+    points = rendered.config.get("hooks", {}).get("points") or {}
+    return privileged_hooks(config_mod.hooks_from_dict(points))
+
+
+def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileged: list[str]) -> None:
+    """Write or remove the worker's drop-in; reload systemd only when that changed a file."""
+    if opts.unit_dir is None:
+        return
+    db_path = Path(rendered.config["state_dir"]) / "imaging.db"
+    if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
+        opts.reload()
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, subprocess.CalledProcessError):
+        out = exc.stderr.decode(errors="replace").strip() if isinstance(exc.stderr, bytes) else ""
+        return f"systemctl daemon-reload failed ({exc.returncode}): {out[:200]}"
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return str(exc)

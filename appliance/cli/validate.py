@@ -1,0 +1,116 @@
+"""``imaging validate FILE``: static guest validation from the command line.
+
+Registered through the ``imaging.commands`` entry point. Exit status 0 when there are no error findings,
+2 when there are (the image would be rejected), 1 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+EXIT_OK, EXIT_REJECTED = 0, 2
+
+
+def add_command(sub: Any) -> None:
+    """Add ``validate`` to the ``imaging`` subcommands."""
+    s = sub.add_parser(
+        "validate",
+        help="check what is on a disk image and whether it will boot (guest findings)",
+        description="Read FILE without mounting or trusting it (in a resource-limited child process) and "
+        "report its layout (disk or partition), partition table, filesystems, boot mode and operating "
+        "system, with coded findings and what to do about each. Exit 0 without error findings, 2 with.",
+    )
+    s.add_argument("file", help="image file or block device")
+    s.add_argument("-f", "--format", default="raw", help="raw (default), qcow2, vmdk, vhd or vhdx")
+    s.add_argument("--platform", choices=("Linux", "Windows"), help="the platform the import would request")
+    s.add_argument(
+        "--architecture",
+        choices=("x86_64", "arm64", "i386"),
+        help="the architecture the import would request",
+    )
+    s.add_argument(
+        "--data-disk",
+        action="store_true",
+        help="the image is a data disk (ImportSnapshot/ImportVolume): boot findings are informational",
+    )
+    s.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    s.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace, cfg: Any) -> int:
+    from ..guest import check_request, validate_image
+    from .main import _cancel_on_signals
+
+    src = Path(args.file)
+    if not src.exists():
+        raise UsageError(f"no such image file: {src}")
+    with _cancel_on_signals() as cancel:
+        report = validate_image(src, args.format, bootable=not args.data_disk, config=cfg, cancel=cancel)
+    report = report.with_findings(report.findings + check_request(report, args.platform, args.architecture))
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_report(str(src), report.to_dict())
+    return EXIT_REJECTED if report.errors else EXIT_OK
+
+
+def _fmt_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_report(name: str, r: dict[str, Any], out: Any = None) -> None:
+    """The human-readable form of a guest report."""
+    out = out or sys.stdout
+    verdict = "OK" if r.get("ok") else "ERRORS"
+    print(f"{name}: {verdict}", file=out)
+    print(
+        f"  layout:      {r['layout']}" + (f" ({r['partition_table']})" if r.get("partition_table") else ""),
+        file=out,
+    )
+    for p in r.get("partitions") or []:
+        flags = ", ".join(k for k in ("bootable", "esp", "bios_boot") if p.get(k))
+        number = p["number"] if p["number"] is not None else "-"
+        ident = " ".join(
+            x
+            for x in (
+                f"label={p['label']}" if p.get("label") else "",
+                f"uuid={p['uuid']}" if p.get("uuid") else "",
+            )
+            if x
+        )
+        print(
+            f"  partition {number}: {_fmt_size(p.get('size'))} type {p.get('type') or '-'} "
+            f"{p.get('filesystem') or 'no filesystem'} {ident}" + (f" [{flags}]" if flags else ""),
+            file=out,
+        )
+    os_ = r.get("os") or {}
+    if os_.get("family"):
+        desc = os_.get("pretty_name") or os_.get("distribution") or os_["family"]
+        print(
+            f"  os:          {desc} ({os_['family']}, {os_.get('architecture') or 'architecture unknown'})",
+            file=out,
+        )
+    else:
+        print("  os:          not found", file=out)
+    print(f"  boot mode:   {r.get('boot_mode') or 'none'}", file=out)
+    if r.get("bootloader"):
+        print(f"  bootloader:  {r['bootloader']['type']} ({', '.join(r['bootloader']['configs'])})", file=out)
+    if r.get("kernels"):
+        print(f"  kernels:     {', '.join(r['kernels'])}", file=out)
+    if r.get("initrds"):
+        print(f"  initrds:     {', '.join(r['initrds'])}", file=out)
+    for f in r.get("findings") or []:
+        print(f"  {f['severity'].upper():7} {f['code']}: {f['message']}", file=out)

@@ -1,0 +1,836 @@
+"""Mount a raw disk image's guest filesystems with loop devices, and always undo it.
+
+``mount_guest(image)`` attaches the image to a loop device (read-only unless ``writable``), maps its
+partitions with ``partx -a`` (this kernel has no device-mapper and loop ``max_part=0``), finds the
+root filesystem, mounts it and the guest's other ``fstab`` filesystems that live on the same disk,
+and with ``chroot=True`` gives it a minimal ``/dev`` (no ``/proc``, no ``/sys``: chroot commands
+run in :mod:`appliance.guest.sandbox`, which mounts a ``/proc`` of its own). Everything is undone in
+reverse order when the context exits — normally, on an exception, on cancel; a failure to undo
+never masks the exception that ended the context (the record stays for :func:`sweep_stale`).
+
+Crash recovery: every loop device and mount point is recorded in
+``<state_dir>/mounts/<owner>.json`` *before* it is created (and updated after), written atomically,
+with the owner's PID; for the loop device that is its backing file (a loop attached by an owner
+killed inside ``losetup`` is found with ``losetup -j`` and detached when its backing inode matches).
+The owner holds an ``flock`` on ``<owner>.lock`` for its lifetime, so the
+kernel itself says when an owner is gone; :func:`sweep_stale` undoes the entries of dead owners
+(the worker calls it at start and from crash recovery). It is safe to run concurrently, and a record
+it cannot handle (a lock file it may not open, an umount that hangs) is logged and left for later.
+
+Security: the image is untrusted and the kernel's filesystem drivers parse it when mounting. Only
+an allowlist of filesystem types is mounted (the type comes from ``blkid -p``, never from the
+guest's fstab), always ``nosuid,nodev`` (and ``noexec`` unless the mount is for a chroot), and mount
+points inside the guest are resolved without following symlinks out of it. A chroot alone is not
+a sandbox: commands in it run the guest's binaries, so they must go through :mod:`appliance.guest.sandbox`
+(as ``run``/``run-in-guest`` do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, ImagingError, UsageError
+from .path import GuestFS
+
+log = logging.getLogger(__name__)
+
+#: filesystem types we let the kernel parse from an untrusted image
+MOUNTABLE_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs", "ntfs3"})
+#: container formats recognised by their first bytes (the caller must convert them to raw first)
+_MAGICS = {
+    b"QFI\xfb": "qcow2",
+    b"KDMV": "vmdk",
+    b"vhdxfile": "vhdx",
+    b"QED\x00": "qed",
+    b"conectix": "vhd",
+}
+_VDI_MAGIC_OFFSET, _VDI_MAGIC = 0x40, b"\x7f\x10\xda\xbe"
+#: how long a command such as mount/losetup may take before it is considered hung
+COMMAND_TIMEOUT = 60.0
+#: how long to wait for /dev/loopNpM to appear after partx -a
+PARTITION_NODE_WAIT = 5.0
+
+
+class MountFailed(ImagingError):
+    """Attaching or mounting the guest failed."""
+
+    code = "Guest.MountFailed"
+
+
+class NoRootFilesystem(ImagingError):
+    """No filesystem of the image holds /etc/os-release, /etc/fstab or a Windows directory."""
+
+    code = "Guest.NoRootFilesystem"
+
+
+class NotRoot(ImagingError):
+    """Loop devices and mounts need root."""
+
+    code = "Run.NotRoot"
+
+
+class NotRawImage(ImagingError):
+    """The image is a container format; mounting needs a raw file or a block device."""
+
+    code = "Guest.NotRaw"
+
+
+@dataclass
+class Partition:
+    """One filesystem-bearing device of the image (a partition, or the whole loop for a bare fs)."""
+
+    device: str
+    number: int | None
+    fstype: str | None
+    uuid: str | None = None
+    label: str | None = None
+    partuuid: str | None = None
+    partlabel: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GuestMount:
+    """What :func:`mount_guest` set up; ``root`` is the guest's ``/`` on the host."""
+
+    root: Path
+    loop: str
+    partitions: list[Partition]
+    writable: bool
+    chroot: bool
+    #: every mount point, in mount order (the root first)
+    mounts: list[str] = field(default_factory=list)
+    #: guest fstab entries not mounted, with the reason
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    #: the partition holding the guest root
+    root_device: str | None = None
+
+    @property
+    def fs(self) -> GuestFS:
+        """Symlink-safe access to files in the guest."""
+        return GuestFS(self.root)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _cmd(
+    argv: list[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        )
+    except FileNotFoundError as exc:
+        raise ImagingError(f"{argv[0]} not found; install util-linux", code="MissingTool") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise MountFailed(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from exc
+    if check and proc.returncode != 0:
+        raise MountFailed(f"{' '.join(argv)} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def _blkid(device: str) -> dict[str, str]:
+    # -p: probe the device itself (no cache, nothing the guest wrote into /etc/blkid.tab)
+    proc = _cmd(["blkid", "-p", "-o", "export", device], check=False)
+    out: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _unescape_mountinfo(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mounts_under(directory: Path | str) -> list[str]:
+    """Mount points at or below ``directory`` (from /proc/self/mountinfo), most recent first."""
+    base = os.path.normpath(str(directory))
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape_mountinfo(line.split()[4])
+            if point == base or point.startswith(base + "/"):
+                found.append(point)
+    found.reverse()  # mountinfo lists in mount order; unmount children before parents
+    return found
+
+
+def _unmount(point: str) -> None:
+    if _cmd(["umount", point], check=False).returncode != 0:
+        # busy (a process still inside): detach it from the tree now, the kernel frees it later
+        proc = _cmd(["umount", "-l", point], check=False)
+        if proc.returncode != 0 and point in mounts_under(point):
+            log.warning("could not unmount %s: %s", point, proc.stderr.strip())
+
+
+def _loop_backing(loop: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file backing ``loop``, or None when it is not attached."""
+    name = os.path.basename(loop)
+    sysdir = Path("/sys/block") / name / "loop"
+    if not sysdir.is_dir():
+        return None
+    proc = _cmd(["losetup", "--json", "-l", "-O", "NAME,BACK-INO,BACK-MAJ:MIN", loop], check=False)
+    try:
+        dev = json.loads(proc.stdout)["loopdevices"][0]
+        major, _, minor = dev["back-maj:min"].strip().partition(":")
+        return os.makedev(int(major), int(minor)), int(dev["back-ino"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _detach(loop: str, backing: tuple[int, int] | None) -> bool:
+    """Remove the partition nodes and detach ``loop`` if it is still backed by our image."""
+    current = _loop_backing(loop)
+    if current is None:
+        return False
+    if backing is not None and current != _pair(backing):
+        log.warning("%s now backs another file; not detaching it", loop)
+        return False
+    _cmd(["partx", "-d", loop], check=False)
+    _cmd(["losetup", "-d", loop], check=False)
+    return True
+
+
+def _loops_backed_by(path: str) -> list[str]:
+    """Loop devices attached to ``path`` (``losetup -j``)."""
+    proc = _cmd(["losetup", "--list", "--noheadings", "--output", "NAME", "-j", path], check=False)
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("/dev/")]
+
+
+class AmbiguousLoop(ImagingError):
+    """A loop device on a recorded backing file might belong to another owner attaching right now."""
+
+    code = "Guest.AmbiguousLoop"
+
+
+def _unrecorded_loops(record: dict[str, Any]) -> list[str]:
+    """Loop devices the record's owner attached but did not live to record (killed inside losetup).
+
+    Found by the recorded backing file; a device counts only when its backing inode still matches
+    and no other record of the same state directory claims it. Raises :class:`AmbiguousLoop` when
+    another owner is attaching the same file right now (its device cannot be told from ours yet).
+    """
+    path, backing = record.get("backing_path"), _pair(record.get("backing"))
+    if not path or backing is None:
+        return []
+    candidates = [dev for dev in _loops_backed_by(path) if _loop_backing(dev) == backing]
+    if not candidates:
+        return []
+    claimed, attaching = set(), False
+    workdir = record.get("workdir")
+    mounts_dir = Path(workdir).parent if workdir else None
+    for other in sorted(mounts_dir.glob("*.json")) if mounts_dir and mounts_dir.is_dir() else []:
+        try:
+            data = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("workdir") == workdir:
+            continue
+        if data.get("loop"):
+            claimed.add(data["loop"])
+        elif _pair(data.get("backing")) == backing and _lock_held(other.with_suffix(".lock")):
+            attaching = True
+    candidates = [dev for dev in candidates if dev not in claimed]
+    if candidates and attaching:
+        raise AmbiguousLoop(
+            f"another owner is attaching {path}; {', '.join(candidates)} left for a later sweep"
+        )
+    return candidates
+
+
+def _kill_processes_rooted_in(root: str) -> list[int]:
+    """SIGKILL processes whose root directory is ``root`` or below (left-overs of a chroot command)."""
+    killed = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            proot = os.readlink(f"/proc/{entry}/root")
+        except OSError:
+            continue
+        if proot == root or proot.startswith(root + "/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
+
+
+# --------------------------------------------------------------------------------------- state files
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lock(path: Path, *, blocking: bool) -> int | None:
+    """flock ``path`` (created if needed); None when not blocking and someone else holds it.
+
+    Retries when the file was unlinked/replaced between open and lock (the usual lock-file race
+    with a sweeper that removes lock files of dead owners).
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether someone holds the flock on ``path`` (a live owner, or a sweeper at work)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: assume alive, the safe side
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # field 22 (starttime) after the parenthesised command name, which may contain spaces
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class _StateFile:
+    """The owner's record of what it attached and mounted, for crash recovery."""
+
+    def __init__(self, mounts_dir: Path, owner: str, image: str) -> None:
+        mounts_dir.mkdir(parents=True, exist_ok=True)
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) or "owner"
+        n = 0
+        while True:
+            stem = safe if n == 0 else f"{safe}.{n}"
+            fd = _lock(mounts_dir / f"{stem}.lock", blocking=False)
+            if fd is not None and not (mounts_dir / f"{stem}.json").exists():
+                break
+            if fd is not None:  # a dead owner's entry: leave it to sweep_stale, use another name
+                os.close(fd)
+            n += 1
+        self.lock_fd = fd
+        self.path = mounts_dir / f"{stem}.json"
+        self.lock_path = mounts_dir / f"{stem}.lock"
+        self.workdir = mounts_dir / f"{stem}.d"
+        self.data: dict[str, Any] = {
+            "owner": owner,
+            "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()),
+            "image": image,
+            "workdir": str(self.workdir),
+            "loop": None,
+            "backing": None,
+            "mounts": [],
+        }
+        self.save()
+
+    def save(self) -> None:
+        _atomic_write_json(self.path, self.data)
+
+    def close(self) -> None:
+        """Remove the record (everything it lists is undone) and release the lock."""
+        self.path.unlink(missing_ok=True)
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self.lock_fd)
+
+
+def _undo(record: dict[str, Any], on_change: Callable[[str, str], None] | None = None) -> list[str]:
+    """Unmount everything under the record's workdir, detach its loop device, remove its dirs."""
+    done = []
+    workdir = record.get("workdir")
+    recorded = set(record.get("mounts") or [])
+    if workdir and mounts_under(os.path.join(workdir, "root")):
+        # a chroot command (or its daemons) left behind keeps the mounts busy
+        _kill_processes_rooted_in(os.path.join(workdir, "root"))
+    for _ in range(3):  # stacked mounts on one point need one pass each
+        points = mounts_under(workdir) if workdir else list(reversed(record.get("mounts") or []))
+        if not points:
+            break
+        for point in points:
+            _unmount(point)
+            done.append(f"unmounted {point}")
+            if on_change and point in recorded:
+                on_change("removed", f"mount:{point}")
+    loop = record.get("loop")
+    loops = [loop] if loop else _unrecorded_loops(record)
+    for device in loops:
+        if _detach(device, record.get("backing")):
+            done.append(f"detached {device}")
+            if on_change:
+                on_change("removed", f"loop:{device}")
+    if workdir and os.path.isdir(workdir) and not mounts_under(workdir):
+        # only after every mount is gone: rmtree must never descend into a guest filesystem
+        shutil.rmtree(workdir, ignore_errors=True)
+    return done
+
+
+def sweep_stale(state_dir: Path | str, on_change: Callable[[str, str, str], None] | None = None) -> list[str]:
+    """Undo the mounts and loop devices recorded by owners that are no longer running.
+
+    An owner is gone when nobody holds its lock file (the kernel drops ``flock``s of dead
+    processes) and its recorded PID is not running with the recorded start time. Returns one line
+    per action taken; ``on_change(owner, "removed", resource)`` is called for every recorded mount
+    and loop device undone (the worker puts them in the owning task's cleanup ledger).
+    Idempotent; concurrent sweepers skip entries another sweeper is working on.
+    """
+    mounts_dir = Path(state_dir) / "mounts"
+    if not mounts_dir.is_dir():
+        return []
+    cleaned: list[str] = []
+    for path in sorted(mounts_dir.glob("*.json")):
+        # one bad record (a hung umount, a root-owned lock file) must not stop the sweep nor the worker
+        try:
+            cleaned.extend(_sweep_one(path, on_change))
+        except (OSError, ImagingError) as exc:
+            log.warning("could not sweep mount record %s (left for a later sweep): %s", path, exc)
+    return cleaned
+
+
+def _sweep_one(path: Path, on_change: Callable[[str, str, str], None] | None) -> list[str]:
+    """Undo one mount record if its owner is gone; the lines of :func:`sweep_stale`."""
+    lock_path = path.with_suffix(".lock")
+    try:
+        fd = _lock(lock_path, blocking=False)
+    except PermissionError:
+        # e.g. written by a worker that ran as root (the drop-in), swept by one that no longer does
+        log.warning("cannot open %s (permission denied); skipping its mount record", lock_path)
+        return []
+    if fd is None:
+        return []  # alive (or being swept right now)
+    try:
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            # its owner finished between glob and lock: drop the lock file our lock just recreated
+            lock_path.unlink(missing_ok=True)
+            return []
+        except PermissionError:
+            log.warning("cannot read mount record %s (permission denied); skipping it", path)
+            return []
+        except (OSError, ValueError):
+            log.warning("unreadable mount record %s; removing it", path)
+            path.unlink(missing_ok=True)
+            return []
+        pid = record.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _process_start(pid) == record.get("pid_start"):
+            return []  # same process still running; its lock was lost (should not happen)
+        owner = str(record.get("owner"))
+        report = functools.partial(on_change, owner) if on_change else None
+        actions = _undo(record, report)
+        if not _undone(record):
+            log.warning("mount record %s not fully undone; left for a later sweep", path)
+            return [f"{owner}: {a}" for a in actions]
+        path.unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)
+        return [f"{owner}: {a}" for a in actions]
+    finally:
+        os.close(fd)
+
+
+def _undone(record: dict[str, Any]) -> bool:
+    """Nothing the record lists is still mounted or attached."""
+    workdir, loop, backing = record.get("workdir"), record.get("loop"), _pair(record.get("backing"))
+    if workdir and mounts_under(workdir):
+        return False
+    if loop:
+        return _loop_backing(loop) != backing
+    try:
+        return not _unrecorded_loops(record)
+    except AmbiguousLoop:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- mount
+
+
+def check_raw(image: Path, declared_format: str | None = "raw") -> None:
+    """Refuse anything but a raw image file or a block device.
+
+    The declared format must be ``raw``, and the first bytes must not be a container header: the
+    kernel would happily mount the filesystem *inside* a qcow2's data, bypassing its metadata.
+    """
+    if declared_format not in (None, "raw"):
+        raise NotRawImage(f"{image} is {declared_format}; convert it to raw before mounting it")
+    try:
+        st = os.stat(image)
+    except FileNotFoundError as exc:
+        raise UsageError(f"{image}: no such image file or device") from exc
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise UsageError(f"{image} is neither a regular file nor a block device")
+    with open(image, "rb") as f:
+        head = f.read(512)
+    for magic, name in _MAGICS.items():
+        if head.startswith(magic):
+            raise NotRawImage(f"{image} is a {name} image; convert it to raw before mounting it")
+    if head[_VDI_MAGIC_OFFSET : _VDI_MAGIC_OFFSET + 4] == _VDI_MAGIC:
+        raise NotRawImage(f"{image} is a vdi image; convert it to raw before mounting it")
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("mounting the guest was cancelled")
+
+
+def _wait_for_nodes(loop: str, numbers: list[int]) -> None:
+    deadline = time.monotonic() + PARTITION_NODE_WAIT
+    while any(not os.path.exists(f"{loop}p{n}") for n in numbers):
+        if time.monotonic() > deadline:
+            missing = [f"{loop}p{n}" for n in numbers if not os.path.exists(f"{loop}p{n}")]
+            raise MountFailed(f"partition devices did not appear: {', '.join(missing)}")
+        time.sleep(0.05)
+
+
+def _partitions(loop: str) -> list[Partition]:
+    top = _blkid(loop)
+    if "PTTYPE" not in top:
+        # no partition table: a bare filesystem image (layout "partition")
+        return [Partition(loop, None, top.get("TYPE"), top.get("UUID"), top.get("LABEL"))]
+    _cmd(["partx", "-a", loop], check=False)  # fails harmlessly for an empty table
+    proc = _cmd(["partx", "-g", "-o", "NR", loop], check=False)
+    numbers = [int(x) for x in proc.stdout.split() if x.isdigit()]
+    _wait_for_nodes(loop, numbers)
+    parts = []
+    for n in numbers:
+        dev = f"{loop}p{n}"
+        info = _blkid(dev)
+        parts.append(
+            Partition(
+                dev,
+                n,
+                info.get("TYPE"),
+                info.get("UUID"),
+                info.get("LABEL"),
+                info.get("PART_ENTRY_UUID"),
+                info.get("PART_ENTRY_NAME"),
+            )
+        )
+    return parts
+
+
+_DEV_NAME = re.compile(r"^/dev/(?:[shv]d[a-z]|xvd[a-z]|nvme\d+n\d+p|mmcblk\d+p)(\d+)$")
+
+
+def _find_partition(spec: str, parts: list[Partition]) -> Partition | None:
+    """The partition an fstab device spec names, if it is on this disk."""
+    keys = {
+        "UUID=": "uuid",
+        "LABEL=": "label",
+        "PARTUUID=": "partuuid",
+        "PARTLABEL=": "partlabel",
+        "/dev/disk/by-uuid/": "uuid",
+        "/dev/disk/by-label/": "label",
+        "/dev/disk/by-partuuid/": "partuuid",
+        "/dev/disk/by-partlabel/": "partlabel",
+    }
+    for prefix, attr in keys.items():
+        if spec.startswith(prefix):
+            want = spec[len(prefix) :].strip('"')
+            for p in parts:
+                value = getattr(p, attr)
+                if value and value.lower() == want.lower():
+                    return p
+            return None
+    match = _DEV_NAME.match(spec)
+    if match:
+        # a kernel device name: the guest's disk is our loop, so partition N is loopNpN
+        n = int(match.group(1))
+        return next((p for p in parts if p.number == n), None)
+    return None
+
+
+def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
+    """(device, mount point, type, options) for each fstab line, with octal escapes decoded."""
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
+        entries.append(tuple(_unescape_mountinfo(x) for x in fields[:4]))  # type: ignore[arg-type]
+    return entries
+
+
+class _Mounter:
+    """Does the work of :func:`mount_guest`; every action is recorded before it is taken."""
+
+    def __init__(
+        self,
+        state: _StateFile,
+        *,
+        writable: bool,
+        chroot: bool,
+        cancel: threading.Event | None,
+        on_change: Callable[[str, str], None] | None,
+    ) -> None:
+        self.state = state
+        self.writable = writable
+        self.chroot = chroot
+        self.cancel = cancel
+        self.on_change = on_change or (lambda action, resource: None)
+
+    def _options(self, fstype: str) -> str:
+        opts = ["rw" if self.writable else "ro", "nosuid", "nodev"]
+        if not self.chroot:
+            opts.append("noexec")
+        if fstype == "vfat" or fstype.startswith("ntfs"):
+            opts.append("umask=022")
+        return ",".join(opts)
+
+    def mount(self, device: str, fstype: str, point: Path, extra: str | None = None) -> None:
+        """Mount ``device`` (of the allowlisted ``fstype``) on ``point``; record it first."""
+        _check_cancel(self.cancel)
+        if fstype not in MOUNTABLE_TYPES:
+            raise MountFailed(f"{device}: filesystem type {fstype!r} is not mountable by policy")
+        opts = self._options(fstype) + (f",{extra}" if extra else "")
+        self.state.data["mounts"].append(str(point))
+        self.state.save()
+        argv = ["mount", "--no-canonicalize", "-t", fstype, "-o", opts, device, str(point)]
+        proc = _cmd(argv, check=False)
+        if proc.returncode != 0 and not self.writable and fstype in ("ext3", "ext4", "xfs"):
+            # a dirty journal cannot be replayed on a read-only loop device: mount without it
+            retry = opts + (",noload" if fstype != "xfs" else ",norecovery")
+            proc = _cmd(
+                ["mount", "--no-canonicalize", "-t", fstype, "-o", retry, device, str(point)], check=False
+            )
+        if proc.returncode != 0:
+            self.state.data["mounts"].remove(str(point))
+            self.state.save()
+            raise MountFailed(f"mounting {device} ({fstype}) failed: {proc.stderr.strip()}")
+        self.on_change("created", f"mount:{point}")
+
+    def mount_special(self, fstype: str, point: Path, opts: str, source: str | None = None) -> None:
+        _check_cancel(self.cancel)
+        self.state.data["mounts"].append(str(point))
+        self.state.save()
+        proc = _cmd(
+            ["mount", "--no-canonicalize", "-t", fstype, "-o", opts, source or fstype, str(point)],
+            check=False,
+        )
+        if proc.returncode != 0:
+            self.state.data["mounts"].remove(str(point))
+            self.state.save()
+            raise MountFailed(f"mounting {fstype} on {point} failed: {proc.stderr.strip()}")
+        self.on_change("created", f"mount:{point}")
+
+    def unmount_last(self) -> None:
+        point = self.state.data["mounts"].pop()
+        _unmount(point)
+        self.state.save()
+        self.on_change("removed", f"mount:{point}")
+
+
+def _is_root_fs(root: Path) -> bool:
+    fs = GuestFS(root)
+    if fs.read_text("/etc/os-release") is not None or fs.read_text("/etc/fstab") is not None:
+        return True
+    return any((root / d).is_dir() and not (root / d).is_symlink() for d in ("Windows", "WINDOWS", "windows"))
+
+
+def _populate_dev(dev: Path) -> None:
+    """A minimal /dev for the chroot: the host's /dev would hand the guest every host disk."""
+    for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                               ("urandom", 1, 9), ("tty", 5, 0)):  # fmt: skip
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(dev / name, 0o666)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, dev / name)
+    for name in ("pts", "shm"):
+        (dev / name).mkdir(mode=0o755)
+    os.chmod(dev / "shm", 0o1777)
+
+
+def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
+    workdir = state.workdir
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    root = workdir / "root"
+    root.mkdir(mode=0o755, exist_ok=True)
+    _check_cancel(m.cancel)
+
+    st = os.stat(image)
+    # recorded before attaching: a kill while losetup runs leaves a loop device we do not know yet,
+    # which sweep_stale finds by this backing file (what losetup reports as BACK-MAJ:MIN, BACK-INO)
+    state.data["backing"] = [st.st_dev, st.st_ino]
+    state.data["backing_path"] = str(image.absolute())
+    state.save()
+    argv = ["losetup", "--show", "-f", *([] if m.writable else ["-r"]), str(image)]
+    loop = _cmd(argv).stdout.strip()
+    state.data["loop"] = loop
+    state.save()
+    m.on_change("created", f"loop:{loop}")
+    _check_cancel(m.cancel)
+
+    parts = _partitions(loop)
+    candidates = [p for p in parts if p.fstype in MOUNTABLE_TYPES]
+    gm = GuestMount(root=root, loop=loop, partitions=parts, writable=m.writable, chroot=m.chroot)
+    for part in candidates:
+        try:
+            m.mount(part.device, part.fstype or "", root)
+        except MountFailed as exc:
+            log.info("not a mountable root candidate: %s", exc)
+            continue
+        if _is_root_fs(root):
+            gm.root_device = part.device
+            break
+        m.unmount_last()
+    if gm.root_device is None:
+        seen = ", ".join(f"{p.device}={p.fstype}" for p in parts) or "none"
+        raise NoRootFilesystem(
+            f"no filesystem of {image.name} holds /etc/os-release, /etc/fstab or a Windows directory "
+            f"(filesystems: {seen}); check that this is a system disk"
+        )
+
+    fstab = gm.fs.read_text("/etc/fstab") or ""
+    entries = sorted(parse_fstab(fstab), key=lambda e: len([c for c in e[1].split("/") if c]))
+    for spec, point, fstype, options in entries:
+        if point in ("/", "none", "swap") or not point.startswith("/") or fstype in ("swap", "none"):
+            continue
+        if "noauto" in options.split(",") or "bind" in options.split(","):
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": "noauto or bind"})
+            continue
+        part = _find_partition(spec, parts)
+        if part is None:
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": "not on this disk"})
+            continue
+        if part.device == gm.root_device or part.fstype not in MOUNTABLE_TYPES:
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": f"type {part.fstype}"})
+            continue
+        target = gm.fs.resolve_dir(point)
+        if target is None:
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": "mount point missing"})
+            continue
+        # btrfs subvolumes are part of which tree is meant; every other guest option is ignored
+        extra = ",".join(o for o in options.split(",") if o.startswith(("subvol=", "subvolid=")))
+        m.mount(part.device, part.fstype or "", target, extra if part.fstype == "btrfs" and extra else None)
+
+    if m.chroot:
+        # Only a minimal /dev. No /proc: a proc mounted here would show the host's processes (and
+        # /proc/<pid>/root leads back to the host); appliance.guest.sandbox mounts a fresh one of its own
+        # pid namespace. No /sys: it exposes the host's devices and root-writable knobs.
+        target = gm.fs.resolve_dir("/dev")
+        if target is None:
+            gm.skipped.append({"device": "tmpfs", "mount_point": "/dev", "reason": "mount point missing"})
+        else:
+            m.mount_special("tmpfs", target, "nosuid,noexec,mode=0755,size=1m")
+            _populate_dev(target)
+    gm.mounts = list(state.data["mounts"])
+    return gm
+
+
+@contextlib.contextmanager
+def mount_guest(
+    image: Path | str,
+    *,
+    fmt: str | None = "raw",
+    writable: bool = False,
+    chroot: bool = False,
+    owner: str,
+    state_dir: Path | str,
+    cancel: threading.Event | None = None,
+    on_change: Callable[[str, str], None] | None = None,
+) -> Iterator[GuestMount]:
+    """Mount the guest filesystems of raw ``image`` (a file or block device); undo it all on exit.
+
+    ``owner`` names the state record (a task id). ``on_change(action, resource)`` is told of every
+    loop device and mount created/removed (``"created"``/``"removed"``, ``"loop:/dev/loop3"`` or
+    ``"mount:/path"``), e.g. to keep a task's cleanup ledger. Raises ``Run.NotRoot`` when not root,
+    ``Guest.NotRaw`` for a container format, ``Guest.MountFailed``, ``Guest.NoRootFilesystem``,
+    :class:`Cancelled` when ``cancel`` is set between actions.
+    """
+    if os.geteuid() != 0:
+        raise NotRoot("mounting a guest needs root (loop devices and mount)")
+    image = Path(image)
+    check_raw(image, fmt)
+    state = _StateFile(Path(state_dir) / "mounts", owner, str(image))
+    mounter = _Mounter(state, writable=writable, chroot=chroot, cancel=cancel, on_change=on_change)
+    try:
+        yield _setup(mounter, image, state)
+    except BaseException:
+        try:
+            _finish(state, on_change)
+        except Exception as exc:  # must not mask the error on its way (a hook's code, Cancelled)
+            log.warning("undoing guest mount %s failed (left for sweep_stale): %s", state.path, exc)
+        raise
+    else:
+        _finish(state, on_change)
+
+
+def _finish(state: _StateFile, on_change: Callable[[str, str], None] | None) -> None:
+    """Undo the owner's mounts and loop device; remove the record only when all is undone."""
+    clean = False
+    try:
+        _undo(state.data, on_change)
+        clean = _undone(state.data)
+    finally:
+        if clean:
+            state.close()
+        else:
+            # keep the record so a later sweep_stale retries (lazy unmounts can linger)
+            log.warning("guest mount %s not fully undone; left for sweep_stale", state.path)
+            os.close(state.lock_fd)
+
+
+def _pair(backing: Any) -> tuple[int, int] | None:
+    return (int(backing[0]), int(backing[1])) if backing else None
+
+
+__all__ = [
+    "GuestMount",
+    "MountFailed",
+    "NoRootFilesystem",
+    "NotRawImage",
+    "NotRoot",
+    "Partition",
+    "check_raw",
+    "mount_guest",
+    "mounts_under",
+    "parse_fstab",
+    "sweep_stale",
+]

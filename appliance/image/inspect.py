@@ -1,0 +1,672 @@
+"""Safe inspection of untrusted disk images: never run qemu-img on an unchecked file.
+
+Stages, each of which must pass before the next runs (image-safety.md §3.4, mirroring Nova's
+``fetch_to_raw``):
+
+1. **compression** — gzip/xz/zstd/bzip2 detected by magic are decompressed, capped and sparse, into the
+   caller's work directory (:mod:`appliance.image.decompress`); a claim such as ``raw.gz`` must match
+   the detected compression. A claim without a suffix accepts a compressed file (the inner format is
+   what is checked).
+2. **content inspector** — oslo.utils' ``format_inspector`` runs every format inspector over the file
+   (``InspectWrapper``), so polyglots are seen; multiple matches are rejected except ISO+MBR under
+   ``safety.iso_policy: allow-hybrid``; the inspector's ``safety_check()`` runs; then checks oslo.utils 10.2
+   lacks: fixed VHDs (footer only) are recognised and verified, text-only VMDK descriptors are refused (the
+   binary ``KDMV`` header is required), VMDK delta disks (``parentCID``/``parentFileNameHint``) and
+   differencing VHDs are refused; the VMDK create type, banned formats, the ISO policy, the claim and the
+   virtual size are checked.
+3. **qemu-img info** under limits in an empty private directory (:mod:`appliance.image.qemuimg`),
+   interpreted by :func:`assess_info` (backing file, data file, create type, extents, corrupt flag,
+   size, format agreement).
+4. **qemu-img check** for formats that have one (qcow2, vmdk, vhdx, vdi, qed): corruption rejects, leaks warn.
+
+:func:`inspect_image` returns an :class:`InspectionResult` and never raises for an unsafe image; use
+:func:`require_safe` to turn an unsafe result into :class:`~appliance.errors.ImageRejected`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oslo_utils.imageutils import format_inspector as fi
+
+from ..config import Config
+from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
+from . import qemuimg
+from .decompress import decompress, detect_compression
+from .formats import check_output_format, from_qemu, parse_claim, to_qemu
+
+_READ_CHUNK = 64 * 1024
+_COMPRESSION_SUFFIXES = (".gz", ".gzip", ".xz", ".zst", ".zstd", ".bz2")
+_VHD_COOKIE = b"conectix"
+_VHD_FIXED, _VHD_DYNAMIC, _VHD_DIFFERENCING = 2, 3, 4
+_VMDK_NO_PARENT_CID = "ffffffff"
+#: inspectors that read the virtual size from a header
+_HEADER_SIZED = frozenset({"qcow2", "vhd", "vhdx", "vmdk", "vdi"})
+
+_FLATTEN = "flatten it into a standalone image with `qemu-img convert` first"
+_VMDK_EXPORT = (
+    "export the disk as a single-file VMDK (`qemu-img convert -O vmdk -o subformat=streamOptimized`, or "
+    "'Export OVF' in VMware) and upload that"
+)
+
+
+@dataclass
+class InspectionResult:
+    """What inspection found out about one image.
+
+    ``path`` is the file actually inspected (the decompressed copy for a compressed input; it is removed again
+    and ``path`` reset to ``source`` when the image is unsafe). ``format`` is the user-facing name (raw,
+    qcow2, vmdk, vhd, vhdx, iso, vdi, …) or ``None`` when undetermined; ``qemu_format`` the name to pass to
+    ``qemu-img -f`` (``vpc`` for vhd, ``raw`` for iso). ``actual_size`` is the allocated size on disk of
+    ``path``.
+    """
+
+    path: Path
+    source: Path
+    format: str | None = None
+    qemu_format: str | None = None
+    virtual_size: int | None = None
+    actual_size: int | None = None
+    compression: str | None = None
+    findings: list[Finding] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def safe(self) -> bool:
+        """True when no finding has error severity."""
+        return not any(f.severity is Severity.ERROR for f in self.findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        """The error findings, in the order they were found."""
+        return [f for f in self.findings if f.severity is Severity.ERROR]
+
+    def add(self, finding: Finding) -> None:
+        """Record ``finding`` unless its code is already recorded (stages overlap on purpose)."""
+        if all(f.code != finding.code for f in self.findings):
+            self.findings.append(finding)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form for the CLI, the API and task records."""
+        return {
+            "path": str(self.path),
+            "source": str(self.source),
+            "format": self.format,
+            "qemu_format": self.qemu_format,
+            "virtual_size": self.virtual_size,
+            "actual_size": self.actual_size,
+            "compression": self.compression,
+            "safe": self.safe,
+            "findings": [f.to_dict() for f in self.findings],
+            "details": self.details,
+        }
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def inspect_image(
+    path: Path,
+    claimed: str | None = None,
+    *,
+    config: Config,
+    workdir: Path | None = None,
+    max_decompressed: int | None = None,
+    cancel: threading.Event | None = None,
+) -> InspectionResult:
+    """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
+
+    A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
+    ``config.limits.max_decompressed_size``); the decompressed file is kept only when the image is safe (it is
+    then ``result.path`` and belongs to the caller). qemu-img's private directories are created under
+    ``workdir`` too when given. Stops at the first stage with an error finding; qemu-img never runs when the
+    content inspector rejected the file.
+
+    Raises UsageError for an unknown claim, a missing file, or a compressed input without ``workdir``;
+    Cancelled when ``cancel`` is set. Never raises for an unsafe image: the result carries error findings.
+    """
+    claimed_fmt, claimed_compression = parse_claim(claimed)
+    source = Path(path)
+    if not source.is_file():
+        raise UsageError(f"{source}: no such image file")
+    result = InspectionResult(path=source, source=source)
+    compression = detect_compression(source)
+    result.compression = compression
+    if claimed_compression is not None and claimed_compression != compression:
+        detected = f"{compression}-compressed" if compression else "no compression"
+        result.add(
+            Finding.error(
+                "FormatMismatch",
+                f"claimed {claimed}, detected {detected}; give the format that matches the file "
+                f"(e.g. {claimed_fmt}{'.' + _suffix(compression) if compression else ''})",
+            )
+        )
+        return _finish(result)
+    if compression is None:
+        _inspect_file(result, claimed_fmt, config=config, workdir=workdir, cancel=cancel)
+        return _finish(result)
+
+    if workdir is None or not Path(workdir).is_dir():
+        raise UsageError(
+            f"{source.name} is {compression}-compressed; a work directory to decompress into is needed"
+        )
+    limit = config.limits.max_decompressed_size if max_decompressed is None else max_decompressed
+    target = _fresh_path(Path(workdir), source)
+    try:
+        result.details["decompressed_size"] = decompress(source, target, compression, limit, cancel=cancel)
+    except ImageRejected as exc:
+        result.findings.extend(exc.findings)
+        return _finish(result)
+    result.path = target
+    try:
+        _inspect_file(result, claimed_fmt, config=config, workdir=Path(workdir), cancel=cancel)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    if not result.safe:
+        target.unlink(missing_ok=True)
+        result.path = source
+    return _finish(result)
+
+
+def require_safe(result: InspectionResult) -> InspectionResult:
+    """Return ``result`` if it is safe, else raise ImageRejected carrying all its findings (errors first)."""
+    if not result.safe:
+        ordered = result.errors + [f for f in result.findings if f.severity is not Severity.ERROR]
+        raise ImageRejected(ordered)
+    return result
+
+
+def verify_output(path: Path, expected: str, *, config: Config) -> InspectionResult:
+    """Re-inspect a conversion's output, which must be a safe image detected as ``expected``.
+
+    Output whose content is detected as anything else (e.g. ``raw`` output that is really qcow2 or vmdk: a
+    format hidden inside raw) gets ``ConversionFailed.UnexpectedFormat`` and qemu-img is not run on it. ISO
+    content is accepted for raw output (qemu reads ISO as raw). Like :func:`inspect_image` this returns the
+    result and does not raise for an unsafe output: pass it to :func:`require_safe`.
+    """
+    fmt = check_output_format(expected)
+    target = Path(path)
+    if not target.is_file():
+        raise UsageError(f"{target}: conversion output does not exist")
+    result = InspectionResult(path=target, source=target)
+    _inspect_file(result, fmt, config=config, workdir=None, cancel=None, output=True)
+    return _finish(result)
+
+
+def assess_info(info: dict[str, Any], qemu_format: str, config: Config) -> list[Finding]:
+    """Findings from ``qemu-img info`` JSON (as returned by :func:`appliance.image.qemuimg.info`).
+
+    Checks that qemu-img read the format the inspector detected, and rejects backing files, qcow2 external
+    data files, VMDK create types outside ``safety.vmdk_allowed_types``, VMDK extents other than the image
+    itself, the qcow2 corrupt flag, encryption and virtual sizes above ``limits.max_virtual_size``.
+    """
+    findings: list[Finding] = []
+    got = info.get("format")
+    if got != qemu_format:
+        findings.append(
+            Finding.error(
+                "FormatMismatch",
+                f"qemu-img reads the image as {got} but its content was detected as {qemu_format}; "
+                "the file is ambiguous and is not accepted",
+            )
+        )
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if backing or "backing-filename-format" in info:
+        findings.append(_backing_finding(f"it has the backing file {str(backing)[:200]!r}"))
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file"):
+        findings.append(_data_file_finding())
+    if qemu_format == "qcow2" and data.get("corrupt"):
+        findings.append(
+            Finding.error(
+                "CorruptImage",
+                "the qcow2 image is marked corrupt by qemu; repair it at the source "
+                "(`qemu-img check -r all`) and upload it again",
+            )
+        )
+    if qemu_format == "vmdk":
+        create_type = str(data.get("create-type", ""))
+        if create_type not in config.safety.vmdk_allowed_types:
+            findings.append(_create_type_finding(create_type, config))
+        for extent in data.get("extents") or []:
+            name = extent.get("filename") if isinstance(extent, dict) else None
+            if name != qemuimg.LINK_NAME:
+                findings.append(
+                    Finding.error(
+                        "UnsafeImage.VmdkDescriptor",
+                        f"the VMDK refers to the separate extent file {str(name)[:200]!r}; {_VMDK_EXPORT}",
+                    )
+                )
+                break
+    if info.get("encrypted"):
+        findings.append(
+            Finding.error(
+                "UnsupportedFormat",
+                "the image is encrypted and cannot be converted; decrypt it (e.g. `qemu-img convert` "
+                "with its secret) and upload the plain image",
+            )
+        )
+    size = info.get("virtual-size")
+    if isinstance(size, int) and size > config.limits.max_virtual_size:
+        findings.append(_size_finding(size, config))
+    return findings
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def _inspect_file(
+    result: InspectionResult,
+    claimed: str | None,
+    *,
+    config: Config,
+    workdir: Path | None,
+    cancel: threading.Event | None,
+    output: bool = False,
+) -> None:
+    """Stages 2-4 on ``result.path``; stops after the first stage that records an error."""
+    path = result.path
+    _check_cancel(cancel)
+    _content_stage(result, claimed, config=config, cancel=cancel, output=output)
+    if not result.safe or result.qemu_format is None:
+        return
+    _check_cancel(cancel)
+    try:
+        info = qemuimg.info(path, result.qemu_format, config.limits, workdir=workdir, cancel=cancel)
+    except ImageRejected as exc:
+        result.findings.extend(exc.findings)
+        return
+    for finding in assess_info(info, result.qemu_format, config):
+        result.add(finding)
+    _record_info_details(result, info)
+    if not result.safe:
+        return
+    _check_cancel(cancel)
+    try:
+        for finding in qemuimg.check(path, result.qemu_format, config.limits, workdir=workdir, cancel=cancel):
+            result.add(finding)
+    except ImageRejected as exc:
+        result.findings.extend(exc.findings)
+
+
+def _content_stage(
+    result: InspectionResult,
+    claimed: str | None,
+    *,
+    config: Config,
+    cancel: threading.Event | None,
+    output: bool,
+) -> None:
+    path = result.path
+    inspectors = _detect(path, cancel)
+    names = sorted(str(i) for i in inspectors)
+    result.details["detected_formats"] = names
+    chosen = _choose(inspectors, names, result, config)
+    if chosen is None:
+        if output:
+            result.add(_unexpected_output(claimed, ",".join(names)))
+        return
+    name = str(chosen)
+    if name == "luks":
+        result.add(
+            Finding.error(
+                "UnsupportedFormat",
+                "the image is a LUKS-encrypted container, which cannot be converted; decrypt it and "
+                "upload the plain disk image",
+            )
+        )
+        return
+    try:
+        chosen.safety_check()
+    except fi.SafetyCheckFailed as exc:
+        for check, failure in exc.failures.items():
+            result.add(_safety_finding(name, check, failure, config, getattr(chosen, "vmdktype", None)))
+    except fi.ImageFormatError as exc:
+        result.add(
+            Finding.error(
+                "CorruptImage",
+                f"the {name} headers are incomplete or inconsistent ({exc}); the file is probably truncated, "
+                "upload it again",
+            )
+        )
+
+    fmt = "raw" if name == "gpt" else name
+    size: int | None = _inspector_size(chosen)
+    if name == "gpt":
+        result.details["partition_table"] = _partition_table_kind(path)
+    if fmt == "raw":
+        footer = _read_vhd_footer(path)
+        if footer is not None and footer["problem"] is None:
+            fmt = "vhd"
+            size = footer["current_size"]
+            result.details["vhd_subformat"] = "fixed"
+        elif footer is not None:
+            result.details["vhd_footer_problem"] = footer["problem"]
+    elif fmt == "vhd":
+        _check_vhd_header(path, result)
+    if fmt in ("raw", "iso"):
+        size = path.stat().st_size
+    result.format = fmt
+    result.qemu_format = "raw" if fmt == "iso" else to_qemu(fmt)
+    result.virtual_size = size
+
+    if fmt == "vmdk":
+        _check_vmdk(path, chosen, result, config)
+    banned = set(config.safety.banned_formats)
+    if fmt in banned or result.qemu_format in banned:
+        result.add(_banned_finding(fmt))
+    if fmt == "iso" and config.safety.iso_policy == "reject":
+        result.add(
+            Finding.error(
+                "UnsafeImage.BannedFormat",
+                "ISO images are not accepted here (safety.iso_policy is 'reject'); install the system "
+                "from the ISO into a disk image and upload that",
+            )
+        )
+    if claimed is not None and not _claim_matches(claimed, fmt, output=output):
+        if output:
+            result.add(_unexpected_output(claimed, fmt))
+        else:
+            hint = result.details.get("vhd_footer_problem")
+            extra = (
+                f" (the file ends in a VHD footer that is not valid: {hint})"
+                if hint and claimed == "vhd"
+                else ""
+            )
+            result.add(
+                Finding.error(
+                    "FormatMismatch",
+                    f"claimed {claimed}, detected {fmt}{extra}; give the format that matches the file's "
+                    "content (the upload may be the wrong file)",
+                )
+            )
+    if size is not None and size > config.limits.max_virtual_size:
+        result.add(_size_finding(size, config))
+
+
+def detect_format(path: Path | str, cancel: threading.Event | None = None) -> str | None:
+    """The single format the content of ``path`` has (user-facing name: ``raw``, ``qcow2``, ``vhd`` …),
+    by oslo's format inspector alone (no qemu-img, no safety verdict); None when several match."""
+    inspectors = _detect(Path(path), cancel)
+    if len(inspectors) != 1:
+        return None
+    name = str(inspectors[0])
+    if name in ("raw", "gpt"):
+        # the inspector has no fixed-VHD detector: a raw-looking file with a VHD footer is a VHD
+        return "vhd" if _read_vhd_footer(Path(path)) is not None else "raw"
+    return from_qemu(name)
+
+
+def _detect(path: Path, cancel: threading.Event | None) -> list[fi.FileInspector]:
+    """Every format whose inspector matches (``[raw]`` when none does), reading only as far as needed."""
+    with open(path, "rb") as f:
+        wrapper = fi.InspectWrapper(f)
+        try:
+            while wrapper.read(_READ_CHUNK):
+                _check_cancel(cancel)
+                if wrapper.formats is not None:
+                    break
+        finally:
+            wrapper.close()  # marks EOF, so inspectors still waiting for data count as "no match"
+        return list(wrapper.formats or [])
+
+
+def _choose(
+    inspectors: list[fi.FileInspector], names: list[str], result: InspectionResult, config: Config
+) -> fi.FileInspector | None:
+    """The single inspector to trust, applying the ISO policy to multiple matches; None after a rejection."""
+    if len(inspectors) == 1:
+        return inspectors[0]
+    if names == ["gpt", "iso"] and config.safety.iso_policy == "allow-hybrid":
+        result.details["hybrid_iso"] = True
+        result.add(Finding.info("Iso.Hybrid", "bootable hybrid ISO (ISO 9660 with an MBR); treated as ISO"))
+        return next(i for i in inspectors if str(i) == "iso")
+    policy = config.safety.iso_policy
+    why = (
+        f" (hybrid ISOs are not accepted: safety.iso_policy is {policy!r})" if names == ["gpt", "iso"] else ""
+    )
+    result.add(
+        Finding.error(
+            "UnsafeImage.Polyglot",
+            f"the file is valid as several formats at once ({', '.join(names)}){why}; such files are used to "
+            "smuggle one format past checks for another; upload a plain single-format image",
+        )
+    )
+    return None
+
+
+def _safety_finding(
+    fmt: str, check: str, failure: Exception, config: Config, create_type: str | None
+) -> Finding:
+    reason = str(failure)
+    if check == "backing_file":
+        return _backing_finding("the qcow2 header names a backing file")
+    if check == "data_file":
+        return _data_file_finding()
+    if check == "unknown_features":
+        return Finding.error(
+            "UnsafeImage.UnknownFeatures",
+            f"the qcow2 header is not supported ({reason}); re-create the image with "
+            "`qemu-img convert -O qcow2 -o compat=1.1` (without extended_l2) and upload it again",
+        )
+    if check == "banned":
+        return _banned_finding(fmt)
+    if check == "mbr":
+        return Finding.error(
+            "UnsafeImage.PartitionTable",
+            f"the partition table is invalid ({reason}); fix or recreate the partition table and "
+            "upload again",
+        )
+    if check == "descriptor" and reason == "Unsupported subformat":
+        return _create_type_finding(create_type, config)
+    if check == "descriptor":
+        return Finding.error(
+            "UnsafeImage.VmdkDescriptor", f"the VMDK descriptor is not acceptable ({reason}); {_VMDK_EXPORT}"
+        )
+    if check == "footer":
+        return Finding.error(
+            "UnsafeImage.VmdkFooter", f"the VMDK stream footer is inconsistent ({reason}); {_VMDK_EXPORT}"
+        )
+    return Finding.error(
+        "UnsafeImage.SafetyCheck", f"the {fmt} image failed the {check} safety check ({reason})"
+    )
+
+
+def _check_vmdk(path: Path, inspector: fi.FileInspector, result: InspectionResult, config: Config) -> None:
+    """Close oslo.utils 10.2's VMDK gaps (text-only descriptors, delta disks); apply the create types."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"KDMV":
+            result.add(
+                Finding.error(
+                    "UnsafeImage.VmdkDescriptor",
+                    "the file is a text-only VMDK descriptor: the disk data is in other files, which are "
+                    f"never read; {_VMDK_EXPORT}",
+                )
+            )
+    create_type = getattr(inspector, "vmdktype", None)  # oslo lower-cases the descriptor
+    if create_type:
+        result.details["vmdk_create_type"] = create_type
+        if create_type not in {t.lower() for t in config.safety.vmdk_allowed_types}:
+            result.add(_create_type_finding(create_type, config))
+    descriptor = getattr(inspector, "desc_text", None) or ""
+    fields = _descriptor_fields(descriptor)
+    parent_cid = fields.get("parentcid", _VMDK_NO_PARENT_CID).strip('"')
+    if parent_cid != _VMDK_NO_PARENT_CID or "parentfilenamehint" in fields:
+        hint = fields.get("parentfilenamehint", "").strip('"')[:200]
+        result.add(_backing_finding(f"it is a VMDK delta disk of the parent {hint or 'CID ' + parent_cid!r}"))
+
+
+def _descriptor_fields(text: str) -> dict[str, str]:
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and " " not in key.strip():
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _read_vhd_footer(path: Path) -> dict[str, Any] | None:
+    """The fixed-VHD footer at the end of ``path``: None without the cookie, else its size and any problem.
+
+    oslo.utils only looks for ``conectix`` at offset 0 (dynamic VHDs), so a fixed VHD reads as raw there.
+    """
+    size = path.stat().st_size
+    if size < 512:
+        return None
+    with open(path, "rb") as f:
+        f.seek(size - 512)
+        footer = f.read(512)
+    if not footer.startswith(_VHD_COOKIE):
+        return None
+    (data_offset,) = struct.unpack_from(">Q", footer, 16)
+    (current_size,) = struct.unpack_from(">Q", footer, 48)
+    (disk_type, checksum) = struct.unpack_from(">II", footer, 60)
+    expected = ~sum(footer[:64] + b"\0\0\0\0" + footer[68:]) & 0xFFFFFFFF
+    problem = None
+    if checksum != expected:
+        problem = "bad checksum"
+    elif disk_type != _VHD_FIXED or data_offset != 0xFFFFFFFFFFFFFFFF:
+        problem = f"disk type {disk_type} is not a fixed disk"
+    elif current_size > size - 512:
+        problem = f"disk size {current_size} exceeds the file"
+    return {"current_size": current_size, "problem": problem}
+
+
+def _check_vhd_header(path: Path, result: InspectionResult) -> None:
+    with open(path, "rb") as f:
+        header = f.read(512)
+    (disk_type,) = struct.unpack_from(">I", header, 60)
+    kinds = {_VHD_FIXED: "fixed", _VHD_DYNAMIC: "dynamic", _VHD_DIFFERENCING: "differencing"}
+    result.details["vhd_subformat"] = kinds.get(disk_type, f"type {disk_type}")
+    if disk_type == _VHD_DIFFERENCING:
+        result.add(_backing_finding("it is a differencing VHD that depends on a parent disk"))
+
+
+def _partition_table_kind(path: Path) -> str:
+    with open(path, "rb") as f:
+        mbr = f.read(512)
+    types = [mbr[446 + 16 * i + 4] for i in range(4)] if len(mbr) == 512 else []
+    return "gpt" if 0xEE in types else "mbr"
+
+
+def _record_info_details(result: InspectionResult, info: dict[str, Any]) -> None:
+    size = info.get("virtual-size")
+    if isinstance(size, int):
+        result.virtual_size = size
+    if "cluster-size" in info:
+        result.details["cluster_size"] = info["cluster-size"]
+    if info.get("dirty-flag"):
+        result.add(
+            Finding.warning(
+                "Integrity.DirtyFlag", "the image was not closed cleanly; its metadata was checked"
+            )
+        )
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if "compat" in data:
+        result.details["qcow2_compat"] = data["compat"]
+    if "create-type" in data:
+        result.details["vmdk_create_type"] = data["create-type"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _claim_matches(claimed: str, fmt: str, *, output: bool) -> bool:
+    # qemu reads an ISO as raw, so raw conversion output may legitimately contain one.
+    return claimed == fmt or (output and claimed == "raw" and fmt == "iso")
+
+
+def _inspector_size(inspector: fi.FileInspector) -> int | None:
+    # Other inspectors (raw, gpt, qed, luks) inherit a "virtual size" that is only the number of bytes read.
+    if str(inspector) not in _HEADER_SIZED:
+        return None
+    try:
+        return int(inspector.virtual_size) or None
+    except Exception:  # oslo's VMDK size raises for a text descriptor; size is then unknown, not fatal
+        return None
+
+
+def _backing_finding(what: str) -> Finding:
+    return Finding.error(
+        "UnsafeImage.BackingFile",
+        f"the image is not self-contained: {what}, which would be read from this host; {_FLATTEN}",
+    )
+
+
+def _data_file_finding() -> Finding:
+    return Finding.error(
+        "UnsafeImage.DataFile",
+        "the qcow2 image keeps its data in an external data file, which would be read from this host; "
+        "convert it into a self-contained image with `qemu-img convert -O qcow2` first",
+    )
+
+
+def _create_type_finding(create_type: str | None, config: Config) -> Finding:
+    allowed = ", ".join(config.safety.vmdk_allowed_types) or "none"
+    what = f"VMDK subformat {create_type!r}" if create_type else "this VMDK subformat"
+    return Finding.error(
+        "UnsafeImage.VmdkCreateType", f"{what} is not accepted (allowed: {allowed}); {_VMDK_EXPORT}"
+    )
+
+
+def _banned_finding(fmt: str) -> Finding:
+    return Finding.error(
+        "UnsafeImage.BannedFormat",
+        f"{fmt} images are not accepted; convert it to qcow2 or raw with `qemu-img convert` and upload that",
+    )
+
+
+def _size_finding(size: int, config: Config) -> Finding:
+    limit = config.limits.max_virtual_size
+    return Finding.error(
+        "SizeLimitExceeded",
+        f"the virtual disk size {size} bytes ({size / 2**30:.1f} GiB) exceeds the limit of {limit} bytes "
+        f"({limit / 2**30:.1f} GiB, limits.max_virtual_size); shrink the disk or ask for a higher limit",
+    )
+
+
+def _unexpected_output(expected: str | None, detected: str) -> Finding:
+    return Finding.error(
+        "ConversionFailed.UnexpectedFormat",
+        f"the conversion output should be {expected} but its content is detected as {detected}; the "
+        "output is not used (a format hidden inside another is unsafe)",
+    )
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("image inspection cancelled")
+
+
+def _suffix(compression: str) -> str:
+    return {"gzip": "gz", "xz": "xz", "zstd": "zst", "bzip2": "bz2"}[compression]
+
+
+def _fresh_path(workdir: Path, source: Path) -> Path:
+    """A new name in ``workdir`` for the decompressed copy of ``source`` (``disk.raw.gz`` → ``disk.raw``)."""
+    name = source.name
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name += ".decompressed"
+    candidate = workdir / name
+    n = 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate = workdir / f"{name}.{n}"
+        n += 1
+    return candidate
+
+
+def _finish(result: InspectionResult) -> InspectionResult:
+    try:
+        result.actual_size = result.path.stat().st_blocks * 512
+    except OSError:
+        result.actual_size = None
+    return result

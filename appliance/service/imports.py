@@ -1,0 +1,400 @@
+"""Import tasks: the appliance side of VM Import (ImportVolume, ImportInstance, ImportImage, ImportSnapshot).
+
+:class:`ImportService` turns validated import requests into tasks in the store, each run by the
+worker through the shipped workflow of its kind (``appliance/workflows/<kind>.yaml``). It owns the
+rules that do not depend on the wire protocol: task id forms, the active-task limit, size sanity,
+URL safety (checked when the request arrives, again on every fetch), idempotency tokens and
+cancellation. The HTTP layer (``api/ec2``) only parses, calls this and renders.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import string
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..config import Config
+from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..store import Store, Task, TaskState, format_time
+from . import bootparams
+
+GiB = 1 << 30
+
+IMPORT_VOLUME = "import-volume"
+IMPORT_INSTANCE = "import-instance"
+IMPORT_IMAGE = "import-image"
+IMPORT_SNAPSHOT = "import-snapshot"
+CONVERSION_KINDS = (IMPORT_VOLUME, IMPORT_INSTANCE)
+IMAGE_KINDS = (IMPORT_IMAGE,)
+SNAPSHOT_KINDS = (IMPORT_SNAPSHOT,)
+KINDS = CONVERSION_KINDS + IMAGE_KINDS + SNAPSHOT_KINDS
+
+_PREFIX = {
+    IMPORT_VOLUME: "import-vol-",
+    IMPORT_INSTANCE: "import-i-",
+    IMPORT_IMAGE: "import-ami-",
+    IMPORT_SNAPSHOT: "import-snap-",
+}
+#: the id forms EC2 clients know: 8 lower-case alphanumerics for conversion tasks (and the 17
+#: hex digits of newer ids), 17 hex digits for image and snapshot imports
+TASK_ID_PATTERNS = {
+    IMPORT_VOLUME: re.compile(r"^import-vol-(?:[a-z0-9]{8}|[0-9a-f]{17})$"),
+    IMPORT_INSTANCE: re.compile(r"^import-i-(?:[a-z0-9]{8}|[0-9a-f]{17})$"),
+    IMPORT_IMAGE: re.compile(r"^import-ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$"),
+    IMPORT_SNAPSHOT: re.compile(r"^import-snap-(?:[0-9a-f]{8}|[0-9a-f]{17})$"),
+}
+_ALNUM = string.ascii_lowercase + string.digits
+
+#: formats of the legacy conversion tasks (DiskImageFormat) and of image/snapshot imports
+VOLUME_FORMATS = ("VMDK", "RAW", "VHD")
+CONTAINER_FORMATS = ("VMDK", "RAW", "VHD", "VHDX")
+ACTIVE_STATES = (TaskState.PENDING, TaskState.RUNNING, TaskState.CANCELLING)
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """One disk of a legacy conversion task: what the client uploaded and the volume it wants."""
+
+    format: str
+    bytes: int
+    manifest_url: str
+    volume_size: int
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskContainer:
+    """One disk of an ImportImage/ImportSnapshot request: an URL or a bucket/key."""
+
+    format: str | None = None
+    url: str | None = None
+    bucket: str | None = None
+    key: str | None = None
+    description: str | None = None
+    device_name: str | None = None
+
+
+def new_task_id(kind: str) -> str:
+    """A fresh id of the form EC2 clients expect for ``kind``."""
+    if kind in CONVERSION_KINDS:
+        return _PREFIX[kind] + "".join(secrets.choice(_ALNUM) for _ in range(8))
+    return _PREFIX[kind] + secrets.token_hex(9)[:17]
+
+
+def kind_of(task_id: str) -> str | None:
+    """The task kind whose id form ``task_id`` has, or None."""
+    for kind, pattern in TASK_ID_PATTERNS.items():
+        if pattern.match(task_id):
+            return kind
+    return None
+
+
+class ImportService:
+    """Creates, lists and cancels import tasks. Thread-safe as far as the store is."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or Store(config.db_path)
+        self._engine: Any = None
+        self._policy: Any = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from ..workflow.engine import Engine
+
+            self._engine = Engine(self.config, self.store)
+        return self._engine
+
+    def check_url(self, url: str) -> None:
+        """Refuse an URL the SSRF policy would refuse at fetch time (raises ``UrlNotAllowed``)."""
+        if self._policy is None:
+            from ..sources.urlfilter import UrlPolicy
+
+            self._policy = UrlPolicy.from_config(self.config.sources)
+        self._policy.check(url)
+
+    def _check_capacity(self) -> None:
+        active = self.store.count_tasks(ACTIVE_STATES)
+        if active >= self.config.max_active_tasks:
+            raise ResourceLimitExceeded(
+                f"{active} import tasks are active, the limit is {self.config.max_active_tasks}; "
+                "wait for one to finish or cancel one (tasks.max_active in the appliance configuration)"
+            )
+
+    def _expiration(self) -> str:
+        return format_time(datetime.now(UTC) + timedelta(hours=self.config.expiration_hours))
+
+    def _submit(self, kind: str, params: dict[str, Any]) -> Task:
+        self._check_capacity()
+        # Absent optional members are left out so the workflow's declared defaults apply.
+        params = {k: v for k, v in params.items() if v is not None}
+        task_id = self.engine.submit(kind, params, task_id=new_task_id(kind), kind=kind)
+        return self.store.get_task(task_id)
+
+    def _disk_image(self, image: DiskImage) -> dict[str, Any]:
+        fmt = (image.format or "").upper()
+        if fmt not in VOLUME_FORMATS:
+            raise UsageError(f"Image.Format {image.format!r} is not one of {', '.join(VOLUME_FORMATS)}")
+        if image.bytes <= 0:
+            raise UsageError("Image.Bytes must be the size of the disk image in bytes, greater than 0")
+        if image.volume_size < 1:
+            raise UsageError("Volume.Size must be at least 1 (GiB)")
+        if image.bytes > image.volume_size * GiB and fmt != "VHD":
+            # RAW: the file is the disk; VMDK: euca2ools sends the virtual size. A VHD's size is
+            # only known from its footer, checked again when the upload is inspected.
+            raise UsageError(
+                f"the {fmt} image is {image.bytes} bytes but Volume.Size is {image.volume_size} GiB; "
+                f"use a volume of at least {-(-image.bytes // GiB)} GiB"
+            )
+        self.check_url(image.manifest_url)
+        return {
+            "image_format": fmt,
+            "image_bytes": image.bytes,
+            "manifest_url": image.manifest_url,
+            "volume_size": image.volume_size,
+            "expiration_time": self._expiration(),
+        }
+
+    def _container(self, c: DiskContainer, formats: Sequence[str]) -> dict[str, Any]:
+        fmt = c.format.upper() if c.format else None
+        if fmt is not None and fmt not in formats:
+            raise UsageError(f"disk container format {c.format!r} is not one of {', '.join(formats)}")
+        if bool(c.url) == bool(c.bucket or c.key):
+            raise UsageError("give a disk container either Url or UserBucket (S3Bucket and S3Key), not both")
+        if c.url:
+            if not c.url.startswith(("s3://", "https://", "http://")):
+                raise UsageError(f"Url {c.url!r} must be an s3:// or https:// URL")
+            if not c.url.startswith("s3://"):
+                self.check_url(c.url)
+        elif not (c.bucket and c.key):
+            raise UsageError("UserBucket needs both S3Bucket and S3Key")
+        return asdict(c) | {"format": fmt}
+
+    def _by_token(self, kind: str, token: str | None) -> Task | None:
+        if not token:
+            return None
+        for task in self.store.list_tasks(kind=kind, limit=None):
+            if task.params.get("client_token") == token:
+                return task
+        return None
+
+    # -- creating -------------------------------------------------------------------------------
+
+    def import_volume(
+        self, image: DiskImage, *, availability_zone: str | None, description: str | None
+    ) -> Task:
+        """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume."""
+        params = self._disk_image(image) | {
+            "availability_zone": availability_zone,
+            "description": description,
+        }
+        return self._submit(IMPORT_VOLUME, params)
+
+    def import_instance(
+        self,
+        image: DiskImage,
+        *,
+        platform: str,
+        architecture: str | None,
+        instance_type: str | None,
+        description: str | None,
+        launch: dict[str, Any],
+        kernel_id: str | None = None,
+        ramdisk_id: str | None = None,
+        virtualization_type: str | None = None,
+    ) -> Task:
+        """ImportInstance (single volume, like AWS): the volume import plus the launch description.
+
+        ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
+        :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
+        """
+        boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type)
+        params = self._disk_image(image) | {
+            "availability_zone": (launch.get("Placement") or {}).get("AvailabilityZone"),
+            "description": description,
+            "volume_description": image.description,
+            "platform": platform,
+            "architecture": architecture,
+            "instance_type": instance_type,
+            "launch": launch,
+        }
+        params |= boot.to_dict()
+        return self._submit(IMPORT_INSTANCE, params)
+
+    def import_image(
+        self,
+        containers: Sequence[DiskContainer],
+        *,
+        architecture: str | None = None,
+        platform: str | None = None,
+        boot_mode: str | None = None,
+        license_type: str | None = None,
+        hypervisor: str | None = None,
+        description: str | None = None,
+        client_token: str | None = None,
+        tags: Iterable[dict[str, str]] = (),
+        kernel_id: str | None = None,
+        ramdisk_id: str | None = None,
+        virtualization_type: str | None = None,
+    ) -> Task:
+        """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
+
+        ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
+        :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
+        """
+        existing = self._by_token(IMPORT_IMAGE, client_token)
+        if existing is not None:
+            return existing
+        if not containers:
+            raise UsageError("ImportImage needs a DiskContainer")
+        if len(containers) > 1:
+            raise UsageError(
+                "this appliance imports one disk per image; import further disks with ImportSnapshot"
+            )
+        boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
+        params = boot.to_dict() | {
+            "disk_containers": [self._container(c, CONTAINER_FORMATS) for c in containers],
+            "architecture": architecture,
+            "platform": platform,
+            "boot_mode": boot_mode,
+            "license_type": license_type,
+            "hypervisor": hypervisor,
+            "description": description,
+            "client_token": client_token,
+            "tags": list(tags),
+        }
+        return self._submit(IMPORT_IMAGE, params)
+
+    def import_snapshot(
+        self,
+        container: DiskContainer,
+        *,
+        description: str | None = None,
+        client_token: str | None = None,
+        tags: Iterable[dict[str, str]] = (),
+        encrypted: bool = False,
+    ) -> Task:
+        """ImportSnapshot: one disk converted to RAW and stored by the image target."""
+        existing = self._by_token(IMPORT_SNAPSHOT, client_token)
+        if existing is not None:
+            return existing
+        params = {
+            "disk_container": self._container(container, CONTAINER_FORMATS),
+            "description": description,
+            "client_token": client_token,
+            "tags": list(tags),
+            "encrypted": encrypted,
+        }
+        return self._submit(IMPORT_SNAPSHOT, params)
+
+    # -- reading and cancelling -----------------------------------------------------------------
+
+    def get(self, task_id: str, kinds: Collection[str]) -> Task:
+        """The task ``task_id`` if it is one of ``kinds``; ``InvalidTaskId`` for a malformed id."""
+        kind = kind_of(task_id)
+        if kind is None or kind not in kinds:
+            forms = ", ".join(_PREFIX[k] + "…" for k in kinds)
+            raise InvalidTaskId(f"the task id {task_id!r} is malformed; expected {forms}")
+        try:
+            task = self.store.get_task(task_id)
+        except TaskNotFound:
+            raise TaskNotFound(f"the task {task_id!r} does not exist") from None
+        if task.kind != kind:
+            raise TaskNotFound(f"the task {task_id!r} does not exist")
+        return task
+
+    def list(self, kinds: Collection[str], ids: Sequence[str] = ()) -> list[Task]:
+        """Tasks of ``kinds``, newest first; with ``ids``, exactly those (each must exist)."""
+        if ids:
+            return [self.get(i, kinds) for i in dict.fromkeys(ids)]
+        return self.store.list_tasks(kind=list(kinds), limit=None)
+
+    def cancel(self, task_id: str, kinds: Collection[str], reason: str | None = None) -> Task:
+        """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``)."""
+        task = self.get(task_id, kinds)
+        if task.state.terminal:
+            raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
+        return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
+
+
+#: task kinds whose result is a bootable image the controller registers with boot settings
+BOOTABLE_KINDS = (IMPORT_IMAGE, IMPORT_INSTANCE)
+#: how deep :func:`guest_report` looks for a ``guest`` member in the registered results
+_GUEST_DEPTH = 4
+
+
+def guest_report(result: Any) -> dict[str, Any] | None:
+    """The guest validation report (``GuestReport.to_dict()``) in a task result, or None.
+
+    The workflows may register it directly (``result["guest"]``) or inside another step's result
+    (an import-disk include's, or a hook point's ``image`` facts: ``{..., "guest": {...}}``); the
+    shallowest dict member named ``guest`` that has a ``layout`` or ``findings`` is it.
+    """
+    level = [result] if isinstance(result, dict) else []
+    for _ in range(_GUEST_DEPTH):
+        found = [
+            node["guest"]
+            for node in level
+            if isinstance(node.get("guest"), dict) and {"layout", "findings"} & node["guest"].keys()
+        ]
+        if found:
+            return found[0]
+        level = [v for node in level for v in node.values() if isinstance(v, dict)]
+    return None
+
+
+def validated_report(events: Sequence[Any]) -> dict[str, Any] | None:
+    """The report of the last ``guest.validated`` event among ``events`` (the guest.validate step
+    emits one; when validation fails the task, the task result has no report but the event does)."""
+    for event in reversed(events):
+        if event.kind == "guest.validated" and isinstance(event.data.get("report"), dict):
+            return event.data["report"]
+    return None
+
+
+def boot_settings(task: Task, guest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``{kernel_id, ramdisk_id, virtualization_type, layout}`` of an image or instance import
+    (None for other kinds): what the request asked for, and the disk layout (``disk`` or
+    ``partition``) the guest validation found, each None until known or when not given."""
+    if task.kind not in BOOTABLE_KINDS:
+        return None
+    params = task.params or {}
+    # workflow defaults store an absent setting as ""
+    boot: dict[str, Any] = {f: params.get(f) or None for f in bootparams.FIELDS}
+    boot["layout"] = (guest or {}).get("layout")
+    return boot
+
+
+def outcome(task: Task) -> dict[str, Any]:
+    """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
+    ``size`` (bytes of the disk), ``location`` — each None until known — plus ``guest`` (the guest
+    validation report, None until there is one) and ``boot`` (:func:`boot_settings`).
+
+    The shipped workflows register their results under step names (``volume``, ``imported``,
+    ``ids``, ``disk``); this is the one place that knows where each lives.
+    """
+    result = task.result if isinstance(task.result, dict) else {}
+    volume = result.get("volume") or (result.get("imported") or {}).get("volume") or {}
+    ids = result.get("ids") or {}
+    disk = result.get("disk") or {}
+    stored = disk.get("stored") or {}
+    source_image = disk.get("source_image") or {}
+    written = result.get("written") or (result.get("imported") or {}).get("written") or {}
+    guest = guest_report(result)
+    return {
+        "volume_id": volume.get("id"),
+        "instance_id": (result.get("instance") or {}).get("instance_id"),
+        "snapshot_id": ids.get("snapshot_id"),
+        "image_id": ids.get("image_id"),
+        "size": source_image.get("virtual_size") or stored.get("size") or written.get("virtual_size"),
+        "location": stored or None,
+        "guest": guest,
+        "boot": boot_settings(task, guest),
+    }

@@ -1,0 +1,273 @@
+"""The task worker: claims pending tasks and runs each in a child process, recovers orphans.
+
+``imaging worker`` runs :class:`Worker`. It never runs a workflow in its own process: each task
+runs in a child (``python -m appliance.service.worker run|resume TASK_ID``) so that a crashing or hung
+task cannot take the others down, and the concurrency limit is a count of children. The worker:
+
+- at start, removes scratch directories of tasks that are over, and every poll resumes orphaned
+  tasks (their process died: a crash, a kill, a reboot) before it claims new ones;
+- claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
+  missing (the appliance is then ``disabled`` and says why in its heartbeat and health);
+- writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
+- on SIGTERM/SIGINT stops claiming and asks its children to *suspend* (SIGUSR1): the step in
+  progress stops, nothing is undone, and the task resumes when a worker starts again. Children
+  still running after ``SHUTDOWN_GRACE`` seconds are killed with their process groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_mod
+from ..errors import ImagingError
+from ..guest.mount import sweep_stale
+from ..scratch import ScratchSpace
+from ..store import Store, TaskState, format_time
+from ..workflow.supervisor import find_orphans
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_FILE = "worker.json"
+#: seconds the children get to stop their step and release their task on shutdown
+SHUTDOWN_GRACE = 10.0
+
+
+def heartbeat_path(config: config_mod.Config) -> Path:
+    return config.state_dir / HEARTBEAT_FILE
+
+
+def read_heartbeat(config: config_mod.Config) -> dict[str, Any] | None:
+    """The worker's last heartbeat (``status``, ``reason``, ``running``, ``updated_at``…), or None."""
+    try:
+        return json.loads(heartbeat_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def qemu_img_problem() -> str | None:
+    """Why conversions cannot run here, or None when ``qemu-img`` is usable."""
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        return "qemu-img is not installed (install the qemu-utils package)"
+    try:
+        subprocess.run([exe, "--version"], capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"qemu-img does not run: {exc}"
+    return None
+
+
+def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
+    """Remove scratch directories whose task is over or unknown: leftovers of crashed runs.
+
+    Directories of tasks that may still resume (pending, running, cancelling) are kept.
+    """
+
+    def live(task_id: str) -> bool:
+        try:
+            return not store.get_task(task_id).state.terminal
+        except ImagingError:
+            return False
+
+    removed = ScratchSpace.from_config(config).cleanup_orphans(keep=live)
+    for path in removed:
+        log.info("removed orphaned scratch directory %s", path)
+    return removed
+
+
+def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
+    """Unmount and detach what killed task processes left mounted (guest chroots, loop devices);
+    each undone resource goes into its task's cleanup ledger as removed."""
+
+    def ledger(owner: str, action: str, resource: str) -> None:
+        try:
+            store.get_task(owner)
+        except ImagingError:
+            return  # the owner was not a task (a CLI run): the log line is the record
+        store.add_ledger(owner, action, resource, step="recovery")
+
+    cleaned = sweep_stale(config.state_dir, ledger)
+    for line in cleaned:
+        log.warning("crash leftover cleaned: %s", line)
+    return cleaned
+
+
+class Worker:
+    """Claims and supervises tasks; see the module docstring."""
+
+    def __init__(self, config: config_mod.Config, *, concurrency: int | None = None) -> None:
+        self.config = config
+        self.concurrency = concurrency or config.worker.concurrency
+        self.store = Store(config.db_path)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.started_at = format_time_now()
+        self.status = "starting"
+        self.reason: str | None = None
+
+    # -- children -------------------------------------------------------------------------------
+
+    def _spawn(self, verb: str, task_id: str) -> None:
+        argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
+        if self.config.source is not None:
+            argv += ["--config", str(self.config.source)]
+        log.info("task %s: %s in a child process", task_id, verb)
+        # Own process group: a shutdown can kill the child and anything it started together.
+        self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
+
+    def _reap(self) -> None:
+        for task_id, proc in list(self.children.items()):
+            if proc.poll() is not None:
+                log.info("task %s: child exited with %s", task_id, proc.returncode)
+                del self.children[task_id]
+
+    def _free_slots(self) -> int:
+        return max(0, self.concurrency - len(self.children))
+
+    # -- one poll -------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Reap children, resume orphans, claim pending tasks, write the heartbeat."""
+        self._reap()
+        # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
+        # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
+        # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
+        try:
+            sweep_mounts(self.config, self.store)
+        except Exception:
+            log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
+        self.reason = qemu_img_problem()
+        self.status = "disabled" if self.reason else "ok"
+        for task, why in find_orphans(self.store):
+            if task.id in self.children or not self._free_slots():
+                continue
+            log.warning("task %s: resuming because %s", task.id, why)
+            self._spawn("resume", task.id)
+        if self.status == "ok":
+            pending = self.store.list_tasks(TaskState.PENDING, limit=None)
+            for task in reversed(pending):  # oldest first
+                if not self._free_slots():
+                    break
+                if task.id not in self.children:
+                    self._spawn("run", task.id)
+        self.write_heartbeat()
+
+    def write_heartbeat(self) -> None:
+        beat = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+            "updated_at": format_time_now(),
+            "status": self.status,
+            "reason": self.reason,
+            "concurrency": self.concurrency,
+            "running": sorted(self.children),
+            "poll_interval": self.config.worker.poll_interval,
+        }
+        path = heartbeat_path(self.config)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(beat))
+        os.replace(tmp, path)
+
+    def cleanup_scratch(self) -> list[Path]:
+        """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
+        return cleanup_scratch(self.config, self.store)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.cleanup_scratch()
+        from ..report import start_reporter  # here: report imports this module
+
+        reporter = None
+        try:
+            while not stop.is_set():
+                try:
+                    self.poll()
+                except Exception:
+                    log.exception("worker poll failed; retrying")
+                if reporter is None:
+                    # The reporter (controller.mode push or pull) is a thread of this process. It
+                    # starts after the first poll so that its first heartbeat reads a fresh worker
+                    # heartbeat instead of reporting the worker as missing.
+                    reporter = start_reporter(self.config, self.store)
+                stop.wait(self.config.worker.poll_interval)
+        finally:
+            try:
+                self.shutdown()
+            finally:
+                if reporter is not None:
+                    reporter.stop()
+
+    def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Ask children to suspend their tasks; kill those still running after ``grace`` seconds."""
+        for proc in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + grace
+        for task_id, proc in self.children.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("task %s: child did not stop within %.0fs; killing it", task_id, grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.children.clear()
+        self.status = "stopped"
+        with contextlib.suppress(OSError):
+            self.write_heartbeat()
+
+
+def format_time_now() -> str:
+    from datetime import UTC, datetime
+
+    return format_time(datetime.now(UTC))
+
+
+def run_worker(config: config_mod.Config, concurrency: int | None = None) -> int:
+    """``imaging worker``: run until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Worker(config, concurrency=concurrency).run(stop)
+    return 0
+
+
+def _child(argv: list[str] | None = None) -> int:
+    """Entry of a child process: run or resume one task to its end (or to a suspend)."""
+    from ..workflow.engine import Engine
+
+    p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
+    p.add_argument("verb", choices=("run", "resume"))
+    p.add_argument("task_id")
+    p.add_argument("--config")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("oslo_utils").setLevel(logging.ERROR)
+    cfg = config_mod.load(args.config)
+    engine = Engine(cfg)
+    try:
+        task = engine.run(args.task_id) if args.verb == "run" else engine.resume(args.task_id)
+    except ImagingError as exc:  # e.g. another worker claimed it first
+        log.warning("task %s: not run here: %s", args.task_id, exc)
+        return 1
+    log.info("task %s: %s", task.id, task.state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

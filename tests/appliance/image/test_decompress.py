@@ -1,0 +1,175 @@
+"""Capped, sparse, streaming decompression of untrusted archives (appliance.image.decompress)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import Cancelled, ImageRejected, UsageError
+from appliance.image.decompress import BLOCK_SIZE, decompress, detect_compression
+from tests import imagefactory as factory
+
+KINDS = ["gzip", "xz", "zstd", "bzip2"]
+MiB = factory.MiB
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    return factory.raw_mbr(tmp_path, size=16 * MiB)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    w = tmp_path / "work"
+    w.mkdir()
+    return w
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detects_each_compression_by_magic(raw: Path, kind: str) -> None:
+    assert detect_compression(factory.compress(raw, kind)) == kind
+
+
+@pytest.mark.parametrize("builder", [factory.raw_mbr, factory.qcow2, factory.iso])
+def test_uncompressed_images_are_not_detected_as_compressed(tmp_path: Path, builder) -> None:
+    assert detect_compression(builder(tmp_path)) is None
+
+
+def test_text_starting_with_bzh_is_not_bzip2(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"BZh9 is how bzip2 files start, but this is text\n")
+    assert detect_compression(path) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decompresses_each_kind_exactly_and_sparsely(raw: Path, work: Path, kind: str) -> None:
+    out = work / "disk.raw"
+    progress: list[int] = []
+    written = decompress(factory.compress(raw, kind), out, kind, 64 * MiB, on_progress=progress.append)
+    assert written == raw.stat().st_size == out.stat().st_size
+    assert sha(out) == sha(raw)
+    # 16 MiB disk with ~256 KiB of data: zero blocks must have become holes
+    assert out.stat().st_blocks * 512 <= 2 * MiB
+    assert progress == sorted(progress) and progress[-1] == written
+
+
+def test_trailing_zero_run_keeps_the_full_length(tmp_path: Path, work: Path) -> None:
+    src = tmp_path / "tail.raw"
+    src.write_bytes(b"x" * 1000 + bytes(5 * MiB + 123))
+    out = work / "tail.raw"
+    decompress(factory.compress(src, "gzip"), out, "gzip", 64 * MiB)
+    assert out.stat().st_size == src.stat().st_size
+    assert sha(out) == sha(src)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concatenated_streams_decode_in_sequence(tmp_path: Path, work: Path, kind: str) -> None:
+    first, second = b"first part " * 1000, b"second part " * 1000
+    blob = tmp_path / "joined"
+    blob.write_bytes(
+        factory._compress_stream(kind, iter([first])) + factory._compress_stream(kind, iter([second]))
+    )
+    out = work / "joined.raw"
+    assert decompress(blob, out, kind, MiB) == len(first) + len(second)
+    assert out.read_bytes() == first + second
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rejects_decompression_bomb_without_writing_past_the_cap(
+    tmp_path: Path, work: Path, kind: str
+) -> None:
+    total = 2 * factory.GiB if kind == "gzip" else 512 * MiB
+    archive = factory.bomb(tmp_path, kind, total)
+    cap = 64 * MiB
+    progress: list[int] = []
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "bomb.raw", kind, cap, on_progress=progress.append)
+    assert exc.value.code == "SizeLimitExceeded.Decompressed"
+    assert "limits.max_decompressed_size" in exc.value.message
+    assert progress and max(progress) <= cap  # never produced (let alone wrote) more than the cap
+    assert max(progress) == cap  # ... and it did get right up to it, so the cap and not an error stopped it
+    assert list(work.iterdir()) == []  # partial output removed
+
+
+def test_output_of_exactly_the_cap_is_accepted_and_one_byte_less_is_not(tmp_path: Path, work: Path) -> None:
+    src = tmp_path / "exact.raw"
+    src.write_bytes(b"\x01" * (3 * BLOCK_SIZE + 17))
+    archive = factory.compress(src, "zstd")
+    size = src.stat().st_size
+    assert decompress(archive, work / "ok.raw", "zstd", size) == size
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "over.raw", "zstd", size - 1)
+    assert exc.value.code == "SizeLimitExceeded.Decompressed"
+    assert not (work / "over.raw").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rejects_truncated_stream_and_removes_output(raw: Path, work: Path, kind: str) -> None:
+    archive = factory.compress(raw, kind)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "out.raw", kind, 64 * MiB)
+    assert exc.value.code == "CorruptImage"
+    assert f"{kind} stream is corrupt or truncated" in exc.value.message
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "xz"])
+def test_rejects_trailing_garbage(raw: Path, work: Path, kind: str) -> None:
+    archive = factory.compress(raw, kind)
+    archive.write_bytes(archive.read_bytes() + b"this is not compressed data")
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "out.raw", kind, 64 * MiB)
+    assert exc.value.code == "CorruptImage"
+    assert list(work.iterdir()) == []
+
+
+def test_rejects_zstd_frame_failing_its_checksum(raw: Path, work: Path) -> None:
+    # the zstd tool writes content checksums by default; so does the factory
+    archive = factory.compress(raw, "zstd")
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "out.raw", "zstd", 64 * MiB)
+    assert exc.value.code == "CorruptImage"
+    assert list(work.iterdir()) == []
+
+
+def test_cancel_stops_decompression_and_removes_output(tmp_path: Path, work: Path) -> None:
+    archive = factory.bomb(tmp_path, "gzip", 256 * MiB)
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        if n >= 4 * MiB:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        decompress(archive, work / "out.raw", "gzip", 1 << 40, cancel=cancel, on_progress=progress)
+    assert max(seen) < 8 * MiB
+    assert list(work.iterdir()) == []
+
+
+def test_refuses_to_overwrite_an_existing_destination(raw: Path, work: Path) -> None:
+    archive = factory.compress(raw, "gzip")
+    existing = work / "keep.raw"
+    existing.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        decompress(archive, existing, "gzip", 64 * MiB)
+    assert existing.read_bytes() == b"precious"
+
+
+def test_unknown_compression_is_a_usage_error(raw: Path, work: Path) -> None:
+    with pytest.raises(UsageError):
+        decompress(raw, work / "out.raw", "zip", 64 * MiB)
+    assert list(work.iterdir()) == []

@@ -1,0 +1,322 @@
+"""Pull mode (Eucalyptus imaging-worker protocol): a real worker process takes work from the reference
+controller's Imaging service, imports from S3 (moto server) and reports PutInstanceImportTaskStatus."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.report.pull import (
+    PullReporter,
+    PullTasks,
+    euca_code,
+    parse_cancelled,
+    parse_task,
+    strip_marker,
+)
+from appliance.report.receiver import Controller, ReceiverServer
+from appliance.store import Store, TaskState
+from tests import imagefactory as imgs
+from tests import processes
+from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.servers import MotoServer, free_port
+
+# the pull worker polls slowly: waits here are bounded at 90 s
+wait_until = functools.partial(processes.wait_until, timeout=90.0)
+
+MiB = 1 << 20
+SECRET = "pull-test-secret-0123456789abcdef"
+WORKER_ID = "i-0123abcd"
+
+
+# -- the wire format, no servers ----------------------------------------------------------------
+
+
+def test_parses_a_volume_task_with_or_without_the_euca_prefix() -> None:
+    xml = (
+        b'<GetInstanceImportTaskResponse xmlns:euca="http://www.eucalyptus.com/ns/imaging/2014-02-14/">'
+        b"<euca:importTaskId>import-vol-abcd1234</euca:importTaskId>"
+        b"<euca:importTaskType>import_volume</euca:importTaskType>"
+        b"<euca:volumeTask><euca:volumeId>vol-12345678</euca:volumeId><euca:imageManifestSet><euca:item>"
+        b"<euca:manifestUrl>http://imaging@os:8773/b/DM-import-vol-abcd1234?Signature=x&amp;Expires=1"
+        b"</euca:manifestUrl><euca:format>vmdk</euca:format></euca:item></euca:imageManifestSet>"
+        b"</euca:volumeTask></GetInstanceImportTaskResponse>"
+    )
+    task = parse_task(xml)
+    assert task is not None
+    assert (task.task_id, task.task_type, task.volume_id, task.format) == (
+        "import-vol-abcd1234",
+        "import_volume",
+        "vol-12345678",
+        "VMDK",
+    )
+    assert (
+        strip_marker(task.manifest_url or "")
+        == "http://os:8773/b/DM-import-vol-abcd1234?Signature=x&Expires=1"
+    )
+    assert task.bytes is None and task.volume_size is None
+
+
+def test_no_work_is_an_empty_reply_or_an_empty_task_id() -> None:
+    assert parse_task(b'<GetInstanceImportTaskResponse xmlns="x"/>') is None
+    assert (
+        parse_task(b"<GetInstanceImportTaskResponse><importTaskId/></GetInstanceImportTaskResponse>") is None
+    )
+
+
+def test_cancelled_reply_shapes() -> None:
+    assert parse_cancelled(b"<R><cancelled>true</cancelled></R>") is True
+    assert parse_cancelled(b'<R xmlns="n"><cancelled>false</cancelled></R>') is False
+
+
+def test_error_codes_map_to_the_eucalyptus_failure_codes() -> None:
+    assert euca_code("FormatMismatch") == "InvalidInputData"
+    assert euca_code("UnsafeImage.BackingFile") == "InvalidInputData"
+    assert euca_code("SourceUnavailable") == "FailureToDownloadData"
+    assert euca_code("InsufficientScratch") == "InsufficientDiskSize"
+    assert euca_code("SomethingNew") == "GeneralFailure"
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[ReceiverServer]:
+    server = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, tmp_path / "controller.jsonl"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    name = "pull-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Path:
+    f = tmp_path / "imaging.yaml"
+    f.write_text(
+        json.dumps(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "worker": {"concurrency": 1, "poll_interval": 0.2},
+                "tasks": {"lease_seconds": 5},
+                "sources": {
+                    "allowed_endpoints": [moto.endpoint],
+                    "manifest_poll_interval": 0.2,
+                    "manifest_poll_max_interval": 0.5,
+                    "retries": 2,
+                },
+                "controller": {
+                    "mode": "pull",
+                    "url": controller.url,
+                    "secret": SECRET,
+                    "appliance_id": WORKER_ID,
+                    "report_interval": 0.5,
+                    "timeout": 5,
+                    "max_backoff": 1,
+                },
+            }
+        )
+    )
+    return f
+
+
+@pytest.fixture
+def worker(cfg_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "--config", str(cfg_file), "worker"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield proc
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def statuses(tmp_path: Path, task_id: str) -> list[dict]:
+    log = tmp_path / "controller.jsonl"
+    if not log.exists():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [
+        r["pull_status"]
+        for r in records
+        if "pull_status" in r and r["pull_status"]["ImportTaskId"] == task_id
+    ]
+
+
+def final(tmp_path: Path, task_id: str) -> dict | None:
+    return next((s for s in statuses(tmp_path, task_id) if s["Status"] in ("DONE", "FAILED")), None)
+
+
+def with_marker(url: str) -> str:
+    return url.replace("http://", "http://imaging@", 1)
+
+
+@pytest.mark.slow
+def test_pulled_raw_import_reports_done_with_bytes_converted_and_volume(
+    controller: ReceiverServer,
+    worker: subprocess.Popen[bytes],
+    moto: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    disk = random_file(tmp_path / "disk.raw", 12 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    # No <bytes>/<volumeSize>: as with Eucalyptus, the sizes come from the manifest itself.
+    controller.controller.queue_pull_task(
+        {
+            "importTaskId": "import-vol-abcd1234",
+            "volumeId": "vol-12345678",
+            "manifestUrl": with_marker(pending.url),
+            "format": "RAW",
+        }
+    )
+    wait_until(lambda: final(tmp_path, "import-vol-abcd1234") is not None, what="the final status")
+    done = final(tmp_path, "import-vol-abcd1234")
+    assert done is not None
+    assert done["Status"] == "DONE", done
+    assert done["InstanceId"] == WORKER_ID
+    assert done["BytesConverted"] == disk.stat().st_size
+    assert done["VolumeId"].startswith("vol-") and done["VolumeId"] != "vol-12345678"  # the volume written
+    extant = [s for s in statuses(tmp_path, "import-vol-abcd1234") if s["Status"] == "EXTANT"]
+    assert all(s["VolumeId"] == "vol-12345678" for s in extant)
+    volume = next((tmp_path / "state" / "volumes").glob(done["VolumeId"] + "*"))
+    with open(volume, "rb") as f:
+        assert f.read(disk.stat().st_size) == disk.read_bytes()
+
+
+@pytest.mark.slow
+def test_pulled_hostile_image_reports_failed_with_an_error_code(
+    controller: ReceiverServer,
+    worker: subprocess.Popen[bytes],
+    moto: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    hostile = imgs.qcow2_backing(tmp_path)  # a qcow2 pointing at /etc/passwd, claimed RAW
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, hostile)
+    upload(s3, pending, hostile)
+    controller.controller.queue_pull_task(
+        {
+            "importTaskId": "import-vol-bad00001",
+            "volumeId": "vol-87654321",
+            "manifestUrl": pending.url,
+            "format": "RAW",
+            "bytes": hostile.stat().st_size,
+            "volumeSize": 1,
+        }
+    )
+    wait_until(lambda: final(tmp_path, "import-vol-bad00001") is not None, what="the final status")
+    failed = final(tmp_path, "import-vol-bad00001")
+    assert failed is not None and failed["Status"] == "FAILED"
+    assert failed["ErrorCode"] == "InvalidInputData"
+    assert failed["Message"].startswith("FormatMismatch: ") and "qcow2" in failed["Message"]
+
+
+@pytest.mark.slow
+def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
+    controller: ReceiverServer,
+    worker: subprocess.Popen[bytes],
+    cfg_file: Path,
+    moto: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    disk = random_file(tmp_path / "never.raw", MiB)
+    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)  # never uploaded: the task waits
+    controller.controller.queue_pull_task(
+        {
+            "importTaskId": "import-vol-cccc0001",
+            "volumeId": "vol-11112222",
+            "manifestUrl": pending.url,
+            "format": "RAW",
+            "bytes": MiB,
+            "volumeSize": 1,
+        }
+    )
+    wait_until(lambda: len(statuses(tmp_path, "import-vol-cccc0001")) >= 1, what="an EXTANT status")
+    controller.controller.cancel_pull_task("import-vol-cccc0001")
+    store = Store(config_mod.load(cfg_file).db_path)
+    held = PullTasks(store.path)
+    try:
+        pulled = store.list_tasks(kind="import-volume")
+        assert len(pulled) == 1
+        wait_until(lambda: store.get_task(pulled[0].id).state is TaskState.CANCELLED, what="the cancel")
+        task = store.get_task(pulled[0].id)
+        row = held.get("import-vol-cccc0001")
+    finally:
+        held.close()
+        store.close()
+    assert task.cancel_reason == "cancelled by the controller"
+    assert row is not None and row["task_id"] == task.id and row["state"] == "cancelled"
+    reported = statuses(tmp_path, "import-vol-cccc0001")
+    assert {s["Status"] for s in reported} == {"EXTANT"}  # nothing after the cancel, as Eucalyptus
+
+
+@pytest.fixture
+def reporter(cfg_file: Path) -> Iterator[PullReporter]:
+    cfg = config_mod.load(cfg_file)
+    store = Store(cfg.db_path)
+    pull = PullReporter(cfg, store)  # driven by hand with poll()/report(), not started
+    yield pull
+    pull.stop()
+    store.close()
+
+
+def test_a_task_handed_out_again_is_not_created_twice(
+    controller: ReceiverServer, reporter: PullReporter, moto: MotoServer
+) -> None:
+    task = {
+        "importTaskId": "import-vol-dddd0001",
+        "volumeId": "vol-1",
+        "manifestUrl": f"{moto.endpoint}/nobucket/never/disk.manifest.xml",
+        "format": "RAW",
+        "bytes": MiB,
+        "volumeSize": 1,
+    }
+    controller.controller.queue_pull_task(task)
+    controller.controller.queue_pull_task(task)  # Eucalyptus re-queues when it thinks the worker restarted
+    first = reporter.poll()
+    assert first is not None and first.startswith("import-vol-")
+    assert reporter.poll() == first
+    assert [t.id for t in reporter.store.list_tasks(kind="import-volume")] == [first]
+    assert reporter.poll() is None  # the queue is empty
+
+
+def test_a_task_that_cannot_be_taken_is_reported_failed_at_once(
+    controller: ReceiverServer, reporter: PullReporter, tmp_path: Path
+) -> None:
+    controller.controller.queue_pull_task(
+        {
+            "importTaskId": "import-vol-eeee0001",
+            "volumeId": "vol-2",
+            "manifestUrl": "http://127.0.0.1:9/m.xml",
+            "format": "QCOW2",
+            "bytes": MiB,
+            "volumeSize": 1,
+        }
+    )
+    assert reporter.poll() is None
+    [failed] = statuses(tmp_path, "import-vol-eeee0001")
+    assert (failed["Status"], failed["ErrorCode"]) == ("FAILED", "InvalidInputData")
+    assert "QCOW2" in failed["Message"]
+    assert reporter.store.list_tasks(kind="import-volume") == []

@@ -1,0 +1,300 @@
+"""Import tasks end to end inside the toolkit: ImportService → workflow → S3 (moto server) → volume/image.
+
+The HTTP API is tested on top of this in tests/api; here the service and the engine run in-process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound
+from appliance.service.imports import DiskContainer, DiskImage, ImportService
+from appliance.sources.urlfilter import UrlNotAllowed
+from appliance.store import Task, TaskState
+from appliance.workflow.engine import Engine
+from tests import imagefactory as imgs
+from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.servers import MotoServer
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    name = "imp-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def cfg_data(tmp_path: Path, moto: MotoServer) -> dict[str, Any]:
+    return {
+        "state_dir": str(tmp_path / "state"),
+        "sources": {
+            "allowed_endpoints": [moto.endpoint],
+            "manifest_poll_interval": 0.2,
+            "manifest_poll_max_interval": 0.5,
+            "retries": 2,
+            "s3": {
+                "endpoint_url": moto.endpoint,
+                "region": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+            },
+        },
+        "tasks": {"max_active": 3},
+    }
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, moto: MotoServer) -> config_mod.Config:
+    return config_mod.from_dict(cfg_data(tmp_path, moto), base_dir=tmp_path)
+
+
+@pytest.fixture
+def service(cfg: config_mod.Config) -> Iterator[ImportService]:
+    svc = ImportService(cfg)
+    yield svc
+    svc.store.close()
+
+
+def run(cfg: config_mod.Config, task: Task) -> Task:
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        return engine.run(task.id)
+    finally:
+        engine.store.close()
+
+
+def run_in_thread(cfg: config_mod.Config, task: Task) -> tuple[threading.Thread, list[Task]]:
+    out: list[Task] = []
+    t = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
+    t.start()
+    return t, out
+
+
+def volume_path(task: Task) -> Path:
+    vol = task.result.get("volume") or task.result["imported"]["volume"]
+    return Path(vol["path"])
+
+
+def test_raw_upload_created_before_the_task_streams_onto_the_volume(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "disk.raw", 25 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, "uploads", disk)
+    task = service.import_volume(
+        DiskImage("RAW", disk.stat().st_size, pending.url, 1), availability_zone="us-east-1a", description="d"
+    )
+    assert task.id.startswith("import-vol-") and task.state is TaskState.PENDING
+    thread, out = run_in_thread(cfg, task)
+    # euca2ools creates the task first and uploads afterwards: the task waits for the manifest.
+    threading.Event().wait(1.0)
+    waiting = service.store.get_task(task.id)
+    assert waiting.state is TaskState.RUNNING and waiting.phase == "pending-upload"
+    upload(s3, pending, disk)
+    thread.join(timeout=120)
+    done = out[0]
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    path = volume_path(done)
+    assert path.stat().st_size == GiB  # the volume's size, not the image's
+    with open(path, "rb") as f:
+        assert f.read(disk.stat().st_size) == disk.read_bytes()
+    assert done.bytes_converted == disk.stat().st_size
+    assert done.result["written"]["streamed"] is True
+
+
+def test_vmdk_upload_is_converted_onto_the_volume(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    src = imgs.qcow2_with_data(tmp_path)
+    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, vmdk)
+    upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)
+    virtual = imgs.virtual_size(vmdk)
+    task = service.import_volume(
+        DiskImage("VMDK", virtual, pending.url, 1), availability_zone=None, description=None
+    )
+    done = run(cfg, task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    path = volume_path(done)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout
+    assert done.bytes_converted == virtual
+    assert done.result["written"]["streamed"] is False
+    assert not (cfg.scratch.root / task.id).exists()  # scratch removed on success
+
+
+def test_raw_claim_for_a_qcow2_upload_fails_and_removes_the_volume(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    hostile = imgs.qcow2_backing(tmp_path)  # a qcow2 pointing at /etc/passwd, claimed RAW
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, hostile)
+    upload(s3, pending, hostile)
+    task = service.import_volume(
+        DiskImage("RAW", hostile.stat().st_size, pending.url, 1), availability_zone=None, description=None
+    )
+    done = run(cfg, task)
+    assert done.state is TaskState.FAILED
+    assert done.error_code == "FormatMismatch"
+    assert "claimed RAW, detected qcow2" in done.error_message
+    ledger = [(e.action, e.resource) for e in service.store.ledger(task.id)]
+    created = [r for a, r in ledger if a == "created" and r.startswith("volume ")]
+    assert created and ("removed", created[0]) in ledger
+    assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
+
+
+COPY_PLUGIN = """
+import shutil
+from pathlib import Path
+
+from appliance.workflow.step import Step
+
+
+class CopyAside(Step):
+    \"\"\"Hand over a modified copy of the image instead of changing it in place.\"\"\"
+
+    schema = {"type": "object", "required": ["image"], "properties": {"image": {"type": "object"}}}
+
+    def run(self, ctx, image):
+        copy = image["path"] + ".copy"
+        shutil.copyfile(image["path"], copy)
+        ctx.ledger_created(copy)
+        return {"image": {**image, "path": copy}}
+
+    def undo(self, ctx, args, result):
+        Path(result["image"]["path"]).unlink(missing_ok=True)
+        ctx.ledger_removed(result["image"]["path"])
+
+
+STEPS = {"test.copy_aside": CopyAside}
+"""
+
+
+def test_hook_replacing_the_volume_image_fails_import_volume_instead_of_being_dropped(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # import-volume hands over the volume itself, so a hook's copy would silently be lost
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "copy_aside.py").write_text(COPY_PLUGIN)
+    data = cfg_data(tmp_path, moto)
+    data["hooks"] = {"plugins_dir": str(plugins), "points": {"after_convert": [{"hook": "test.copy_aside"}]}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 4 * MiB)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    service = ImportService(cfg)
+    try:
+        task = service.import_volume(
+            DiskImage("RAW", disk.stat().st_size, pending.url, 1), availability_zone=None, description=None
+        )
+        done = run(cfg, task)
+        ledger = [(e.action, e.resource) for e in service.store.ledger(task.id)]
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "Hook.ImageReplaced")
+    assert "copy_aside" in done.error_message and "in place" in done.error_message
+    # the volume is not handed over but removed
+    (volume,) = [r for a, r in ledger if a == "created" and r.startswith("volume ")]
+    assert ("removed", volume) in ledger
+    assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
+
+
+def test_an_upload_that_never_comes_fails_at_expiry(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "d.raw", MiB)
+    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)
+    task = service.import_volume(
+        DiskImage("RAW", MiB, pending.url, 1), availability_zone=None, description=None
+    )
+    soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat().replace("+00:00", "Z")
+    service.store._conn.execute(
+        "UPDATE tasks SET params = json_set(params, '$.expiration_time', ?) WHERE id = ?", (soon, task.id)
+    )
+    done = run(cfg, task)
+    assert done.state is TaskState.FAILED
+    assert done.error_code == "SourceUnavailable"
+
+
+def test_cancel_while_waiting_for_the_upload(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = random_file(tmp_path / "d.raw", MiB)
+    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)
+    task = service.import_volume(
+        DiskImage("RAW", MiB, pending.url, 1), availability_zone=None, description=None
+    )
+    thread, out = run_in_thread(cfg, task)
+    threading.Event().wait(0.8)
+    service.cancel(task.id, ["import-volume"], reason="changed my mind")
+    thread.join(timeout=30)
+    assert out[0].state is TaskState.CANCELLED
+    assert out[0].cancel_reason == "changed my mind"
+
+
+def test_snapshot_from_a_user_bucket_is_stored_as_raw(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    src = imgs.qcow2_with_data(tmp_path)
+    vhd = imgs.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
+    moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
+    task = service.import_snapshot(
+        DiskContainer(format="VHD", bucket=bucket, key="disks/disk.vhd"),
+        description="snap",
+        client_token="tok-1",
+    )
+    again = service.import_snapshot(
+        DiskContainer(format="VHD", bucket=bucket, key="disks/disk.vhd"), client_token="tok-1"
+    )
+    assert again.id == task.id  # the client token makes the request idempotent
+    done = run(cfg, task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    stored = Path(done.result["disk"]["stored"]["path"])
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout
+    assert done.result["ids"]["snapshot_id"] == "snap-" + task.id[-17:]
+
+
+def test_requests_are_refused_before_any_work(
+    service: ImportService, cfg: config_mod.Config, tmp_path: Path
+) -> None:
+    with pytest.raises(UrlNotAllowed):
+        service.import_volume(
+            DiskImage("RAW", MiB, "http://169.254.169.254/latest/meta-data/", 1),
+            availability_zone=None,
+            description=None,
+        )
+    with pytest.raises(UrlNotAllowed):
+        service.import_image([DiskContainer(format="RAW", url="http://2130706433/disk.raw")])
+    for _ in range(3):
+        service.import_image([DiskContainer(format="RAW", bucket="b-one", key="k")])
+    with pytest.raises(ResourceLimitExceeded):
+        service.import_image([DiskContainer(format="RAW", bucket="b-one", key="k")])
+    with pytest.raises(InvalidTaskId):
+        service.get("import-vol-XYZ", ["import-volume"])
+    with pytest.raises(TaskNotFound):
+        service.get("import-vol-abcd1234", ["import-volume"])
+    assert len(service.list(["import-image"])) == 3

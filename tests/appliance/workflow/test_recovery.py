@@ -1,0 +1,208 @@
+"""Crash safety and cancellation across processes: the engine runs in a real subprocess.
+
+The subprocess is SIGKILLed (resume / resumable: false / cancelling orphan), cancelled through
+the store from this process, or sent SIGTERM. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import IncorrectState
+from appliance.store import StepState, Store, TaskState
+from appliance.workflow import Engine, find_orphans
+from appliance.workflow.supervisor import orphan_reason
+
+from .support import (
+    make_config,
+    make_registry,
+    start_engine_process,
+    step_state,
+    wait_until,
+    write_workflow,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    e = Engine(make_config(tmp_path), registry=make_registry(), poll_interval=0.05)
+    yield e
+    e.store.close()
+
+
+def _append_then_wait(tmp_path: Path, name: str, *, resumable: bool = True) -> dict[str, Path]:
+    files = {n: tmp_path / n for n in ("appended", "go", "wait.log", "src", "copy")}
+    files["src"].write_text("data")
+    write_workflow(
+        tmp_path,
+        name,
+        {
+            "resumable": resumable,
+            "steps": [
+                {
+                    "name": "append",
+                    "action": "test.append",
+                    "with": {"path": str(files["appended"]), "text": "once"},
+                    "register": "first",
+                },
+                {
+                    "name": "copy",
+                    "action": "file.copy",
+                    "with": {"src": str(files["src"]), "dst": str(files["copy"])},
+                },
+                {
+                    "name": "wait",
+                    "action": "test.wait_for_file",
+                    "with": {"path": str(files["go"]), "log": str(files["wait.log"])},
+                },
+                {
+                    "name": "report",
+                    "action": "util.echo",
+                    "with": {"lines": "{{ first.lines }}"},
+                    "register": "report",
+                },
+            ],
+        },
+    )
+    return files
+
+
+def _kill_during_wait(engine: Engine, tmp_path: Path, task_id: str, files: dict[str, Path]) -> None:
+    proc = start_engine_process(tmp_path, task_id)
+    try:
+        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        assert step_state(engine.store, task_id, "3") is StepState.RUNNING
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
+def test_killed_worker_is_resumed_after_its_last_completed_step(engine: Engine, tmp_path: Path) -> None:
+    files = _append_then_wait(tmp_path, "resumable")
+    task_id = engine.submit("resumable")
+    _kill_during_wait(engine, tmp_path, task_id, files)
+
+    task = engine.store.get_task(task_id)
+    assert task.state is TaskState.RUNNING  # the dead worker could not say anything
+    [(orphan, reason)] = find_orphans(engine.store)
+    assert orphan.id == task_id and "is gone" in reason
+
+    files["go"].touch()
+    [ended] = engine.recover()
+    assert ended.id == task_id and ended.state is TaskState.COMPLETED, ended.error_message
+    assert files["appended"].read_text() == "once\n"  # step 1 was not run again
+    assert files["wait.log"].read_text() == "started\nstarted\n"  # the interrupted step was
+    assert ended.result["report"] == {"lines": 1}  # step 1's registered result was restored
+    assert ended.attempts == 2 and ended.owner == engine.owner
+    kinds = [e.kind for e in engine.store.events(task_id=task_id)]
+    assert "task.resumed" in kinds
+    assert find_orphans(engine.store) == []
+
+
+def test_killed_worker_of_a_non_resumable_workflow_is_undone_and_failed(
+    engine: Engine, tmp_path: Path
+) -> None:
+    files = _append_then_wait(tmp_path, "oneshot", resumable=False)
+    task_id = engine.submit("oneshot")
+    _kill_during_wait(engine, tmp_path, task_id, files)
+    assert files["copy"].exists()
+
+    [ended] = engine.recover()
+    assert (ended.state, ended.error_code) == (TaskState.FAILED, "TaskInterrupted")
+    assert ended.error_message.startswith("the worker running this task died during step 'wait'")
+    assert "not resumable" in ended.error_message
+    assert not files["copy"].exists()  # undo ran
+    assert not files["wait.log"].read_text().count("started") > 1  # nothing re-run
+    assert [(e.action, e.resource) for e in engine.store.ledger(task_id)] == [
+        ("created", str(files["copy"])),
+        ("removed", str(files["copy"])),
+    ]
+    states = {r.idx: r.state for r in engine.store.step_results(task_id)}
+    assert states == {"1": StepState.COMPLETED, "2": StepState.UNDONE, "3": StepState.FAILED}
+
+
+def test_orphan_that_was_being_cancelled_ends_cancelled(engine: Engine, tmp_path: Path) -> None:
+    files = _append_then_wait(tmp_path, "cancel-orphan")
+    task_id = engine.submit("cancel-orphan")
+    _kill_during_wait(engine, tmp_path, task_id, files)
+    assert engine.store.request_cancel(task_id).state is TaskState.CANCELLING
+
+    [ended] = engine.recover()
+    assert ended.state is TaskState.CANCELLED
+    assert not files["copy"].exists()
+    assert files["wait.log"].read_text() == "started\n"
+
+
+def test_cancel_requested_from_another_process_stops_and_undoes(engine: Engine, tmp_path: Path) -> None:
+    files = _append_then_wait(tmp_path, "cancel-me")
+    task_id = engine.submit("cancel-me")
+    proc = start_engine_process(tmp_path, task_id)
+    try:
+        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        other = Store(engine.config.db_path)  # a separate connection, as the HTTP API would have
+        assert other.request_cancel(task_id).state is TaskState.CANCELLING
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    final = json.loads(out)
+    assert final["state"] == "cancelled" and final["error_code"] == "Cancelled"
+    task = engine.store.get_task(task_id)
+    assert task.state is TaskState.CANCELLED and task.finished_at
+    assert not files["copy"].exists()
+    assert [a for a, _ in [(e.action, e.resource) for e in engine.store.ledger(task_id)]] == [
+        "created",
+        "removed",
+    ]
+    states = {r.idx: r.state for r in engine.store.step_results(task_id)}
+    assert states["2"] is StepState.UNDONE and states["3"] is StepState.FAILED and "4" not in states
+    history = [e.data["state"] for e in engine.store.events(task_id=task_id) if e.kind == "task.state"]
+    assert history == ["pending", "running", "cancelling", "cancelled"]
+
+
+def test_sigterm_to_the_engine_process_cancels_the_task(engine: Engine, tmp_path: Path) -> None:
+    files = _append_then_wait(tmp_path, "term")
+    task_id = engine.submit("term")
+    proc = start_engine_process(tmp_path, task_id)
+    try:
+        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    task = engine.store.get_task(task_id)
+    assert task.state is TaskState.CANCELLED and task.error_message == "cancelled by SIGTERM"
+    assert not files["copy"].exists()
+
+
+def test_orphan_detection_uses_dead_pids_and_expired_leases(engine: Engine, tmp_path: Path) -> None:
+    store = engine.store
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)
+    live = store.claim(store.create_task("w").id, engine.owner, 60)
+    gone = store.claim(store.create_task("w").id, f"{socket.gethostname()}:{dead_pid}", 60)
+    remote_live = store.claim(store.create_task("w").id, "elsewhere:1", 60)
+    remote_expired = store.claim(store.create_task("w").id, "elsewhere:2", -1)
+    assert orphan_reason(store.get_task(live.id)) is None
+    assert orphan_reason(store.get_task(remote_live.id)) is None
+    assert f"process {dead_pid}" in orphan_reason(store.get_task(gone.id))
+    assert "stopped renewing its lease" in orphan_reason(store.get_task(remote_expired.id))
+    assert {t.id for t, _ in find_orphans(store)} == {gone.id, remote_expired.id}
+    with pytest.raises(IncorrectState, match="still owned"):
+        engine.resume(remote_live.id)
