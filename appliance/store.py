@@ -639,12 +639,6 @@ class Store:
             for r in self._read(sql, bounds)
         ]
 
-    def count_tasks(self, state: str | Iterable[str]) -> int:
-        """How many tasks are in ``state`` (one or several)."""
-        states = [state] if isinstance(state, str) else list(state)
-        sql = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(states))})"
-        return int(self._read(sql, [str(TaskState(s)) for s in states])[0][0])
-
     def set_state(
         self,
         task_id: str,
