@@ -131,6 +131,12 @@ class ResourceLimitExceeded(ImagingError):
     code = "ResourceLimitExceeded"
 
 
+class IdempotentParameterMismatch(ImagingError):
+    """A client token already names a task that a different request created."""
+
+    code = "IdempotentParameterMismatch"
+
+
 class IncorrectState(ImagingError):
     """The task is in a state that does not allow the requested transition."""
 

@@ -10,6 +10,11 @@ The schema evolves through :data:`MIGRATIONS`, applied in order in one transacti
 is opened; ``schema_version`` holds how many have been applied. A database written by newer code
 is refused rather than misread.
 
+Two admission rules are decisions of the store, not of its callers, because callers run in several
+processes (the API's gunicorn workers): :meth:`Store.create_task` counts the active tasks against a
+limit and inserts in one write transaction, and a client token is unique per (account, kind) by a
+unique index, so a repeated request gets the task the first one created.
+
 Task states and the transitions between them are defined once, in :data:`TRANSITIONS`.
 Timestamps are UTC ISO-8601 strings with a ``Z`` suffix and microseconds, so they sort as text.
 """
@@ -29,13 +34,29 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+from .errors import (
+    IdempotentParameterMismatch,
+    ImagingError,
+    IncorrectState,
+    ResourceLimitExceeded,
+    TaskNotFound,
+    UsageError,
+)
 
 
 class StoreError(ImagingError):
     """The state database cannot be used (written by a newer version, corrupt, unwritable)."""
 
     code = "StateStoreError"
+
+
+class ActiveTaskLimit(ResourceLimitExceeded):
+    """Creating the task would make more than ``limit`` tasks active; ``active`` were counted."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"{active} tasks are active (pending, running or cancelling), the limit is {limit}")
+        self.active = active
+        self.limit = limit
 
 
 class TaskState(StrEnum):
@@ -52,6 +73,9 @@ class TaskState(StrEnum):
 
 
 TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+#: The states that count against an active-task limit: every state that is not terminal. A
+#: ``cancelling`` task still holds its worker slot and scratch until its undo has finished.
+ACTIVE_STATES = frozenset(TaskState) - TERMINAL_STATES
 
 #: The only legal task state changes. ``pending → failed`` covers a task whose workflow can no
 #: longer be loaded when a worker picks it up; ``cancelling → failed`` a cancel whose undo failed.
@@ -182,7 +206,35 @@ MIGRATIONS: list[tuple[str, ...]] = [
             created_at TEXT NOT NULL
         )""",
     ),
+    (
+        # Idempotency (EC2 ClientToken): at most one task per (account, kind, token). The account
+        # is '' for callers without one; tasks without a token have a NULL token, which a unique
+        # index never compares equal, in SQLite as in PostgreSQL.
+        "ALTER TABLE tasks ADD COLUMN client_account TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE tasks ADD COLUMN client_token TEXT",
+        # Tokens given before this migration were only kept in the params of the two kinds that
+        # take one (and the check-then-insert they went through could record one twice): the
+        # newest task of each (kind, token), the one a retry was answered with, keeps the token.
+        # SQLite's JSON functions; a new PostgreSQL database has no rows to carry over.
+        """UPDATE tasks SET client_token = json_extract(params, '$.client_token')
+            WHERE kind IN ('import-image', 'import-snapshot')
+            AND json_type(params, '$.client_token') = 'text'
+            AND json_extract(params, '$.client_token') <> ''
+            AND NOT EXISTS (
+                SELECT 1 FROM tasks AS newer
+                WHERE newer.kind = tasks.kind
+                AND json_extract(newer.params, '$.client_token')
+                    = json_extract(tasks.params, '$.client_token')
+                AND (newer.created_at, newer.rowid) > (tasks.created_at, tasks.rowid)
+            )""",
+        "CREATE UNIQUE INDEX tasks_client_token ON tasks (client_account, kind, client_token)",
+    ),
 ]
+
+
+#: the task a client token names (served by the unique index ``tasks_client_token``)
+_TOKEN_LOOKUP = "SELECT * FROM tasks WHERE client_account = ? AND kind = ? AND client_token = ?"
+_COUNT_ACTIVE = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
 
 
 def utcnow() -> str:
@@ -460,21 +512,56 @@ class Store:
         *,
         task_id: str | None = None,
         status_message: str = "",
+        max_active: int | None = None,
+        client_token: str | None = None,
+        client_account: str = "",
     ) -> Task:
-        """Insert a ``pending`` task; ``task_id`` defaults to ``t-`` + 12 hex digits."""
+        """Insert a ``pending`` task; ``task_id`` defaults to ``t-`` + 12 hex digits.
+
+        The insert and the checks below are one write transaction, so they hold however many
+        processes create tasks at once:
+
+        - ``client_token`` (an empty one is no token): if ``client_account`` already created a task
+          of this ``kind`` with this token, that task is returned instead of a new one (so its id
+          is not ``task_id``) when its params equal ``params``; otherwise
+          :class:`IdempotentParameterMismatch` is raised. A repeated request is answered even when
+          the limit below is reached: it creates nothing.
+        - ``max_active``: :class:`ActiveTaskLimit` if that many tasks (of any kind) are already in
+          one of :data:`ACTIVE_STATES`.
+        """
         task_id = task_id or new_task_id()
         if not TASK_ID_RE.match(task_id):
             raise UsageError(f"invalid task id {task_id!r}: use letters, digits, '.', '_' and '-'")
         now = utcnow()
+        params_json = _dumps(params or {})
+        token = client_token or None
+        # One write transaction (BEGIN IMMEDIATE: no other writer until it ends) inserts, lets the
+        # token's unique index decide whether the request is new, and counts. A backend whose
+        # transactions do not serialise writers needs a lock first for the count (e.g.
+        # pg_advisory_xact_lock); the token needs none: the index decides.
         with self._write() as conn:
             try:
-                conn.execute(
+                inserted = conn.execute(
                     "INSERT INTO tasks (id, kind, workflow, params, state, status_message, created_at,"
-                    " updated_at) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                    (task_id, kind, workflow, _dumps(params or {}), status_message, now, now),
-                )
+                    " updated_at, client_account, client_token)"
+                    " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (client_account, kind, client_token) DO NOTHING",
+                    (task_id, kind, workflow, params_json, status_message, now, now, client_account, token),
+                ).rowcount
             except sqlite3.IntegrityError as exc:
                 raise UsageError(f"a task with id {task_id!r} already exists") from exc
+            if not inserted:
+                row = conn.execute(_TOKEN_LOOKUP, (client_account, kind, token)).fetchone()
+                if json.loads(row["params"]) != json.loads(params_json):
+                    raise IdempotentParameterMismatch(
+                        f"the client token {token!r} was already used for task {row['id']} with "
+                        "different parameters; repeat that request unchanged, or use a new token"
+                    )
+                return Task._from_row(row)
+            if max_active is not None:
+                others = int(conn.execute(_COUNT_ACTIVE, sorted(ACTIVE_STATES)).fetchone()[0]) - 1
+                if others >= max_active:
+                    raise ActiveTaskLimit(others, max_active)  # and the insert is rolled back
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
             return Task._from_row(self._task_row(conn, task_id))
 
@@ -551,12 +638,6 @@ class Store:
             }
             for r in self._read(sql, bounds)
         ]
-
-    def count_tasks(self, state: str | Iterable[str]) -> int:
-        """How many tasks are in ``state`` (one or several)."""
-        states = [state] if isinstance(state, str) else list(state)
-        sql = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(states))})"
-        return int(self._read(sql, [str(TaskState(s)) for s in states])[0][0])
 
     def set_state(
         self,

@@ -65,7 +65,7 @@ def _disk_image(
     )
 
 
-def import_volume(service: ImportService, params: Params) -> dict[str, Any]:
+def import_volume(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """ImportVolume → ``{ConversionTask}``."""
     data = query.parse("ImportVolume", params)
     zone, zone_id = data.get("AvailabilityZone"), data.get("AvailabilityZoneId")
@@ -81,7 +81,7 @@ def import_volume(service: ImportService, params: Params) -> dict[str, Any]:
     return {"ConversionTask": views.conversion_task(task)}
 
 
-def import_instance(service: ImportService, params: Params) -> dict[str, Any]:
+def import_instance(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """ImportInstance (one disk, as AWS) → ``{ConversionTask}``."""
     data = query.parse("ImportInstance", params)
     disks = data.get("DiskImages") or []
@@ -114,7 +114,7 @@ def import_instance(service: ImportService, params: Params) -> dict[str, Any]:
     return {"ConversionTask": views.conversion_task(task)}
 
 
-def describe_conversion_tasks(service: ImportService, params: Params) -> dict[str, Any]:
+def describe_conversion_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """DescribeConversionTasks → ``{ConversionTasks}`` (all, or the ids asked for)."""
     data = query.parse("DescribeConversionTasks", params)
     query.check_dry_run(data)
@@ -122,7 +122,7 @@ def describe_conversion_tasks(service: ImportService, params: Params) -> dict[st
     return {"ConversionTasks": [views.conversion_task(t) for t in tasks]}
 
 
-def cancel_conversion_task(service: ImportService, params: Params) -> None:
+def cancel_conversion_task(service: ImportService, params: Params, account: str) -> None:
     """CancelConversionTask → no output (``<return>true</return>``)."""
     data = query.parse("CancelConversionTask", params)
     query.check_dry_run(data)

@@ -65,7 +65,7 @@ def _refuse_unsupported(data: Mapping[str, Any]) -> None:
         raise invalid_value("KmsKeyId is not supported by this appliance")
 
 
-def import_image(service: ImportService, params: Params) -> dict[str, Any]:
+def import_image(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """ImportImage → ``ImportImageResult``."""
     data = query.parse("ImportImage", params)
     containers = data.get("DiskContainers") or []
@@ -92,12 +92,13 @@ def import_image(service: ImportService, params: Params) -> dict[str, Any]:
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
+        account=account,
         **boot.to_dict(),
     )
     return views.import_image_result(task)
 
 
-def import_snapshot(service: ImportService, params: Params) -> dict[str, Any]:
+def import_snapshot(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """ImportSnapshot → ``ImportSnapshotResult``."""
     data = query.parse("ImportSnapshot", params)
     if not data.get("DiskContainer"):
@@ -111,6 +112,7 @@ def import_snapshot(service: ImportService, params: Params) -> dict[str, Any]:
         client_token=data.get("ClientToken"),
         tags=_tags(data),
         encrypted=bool(data.get("Encrypted")),
+        account=account,
     )
     return views.import_snapshot_task(task)
 
@@ -160,19 +162,19 @@ def _describe(
     return _page(tasks, max_results, data.get("NextToken"))
 
 
-def describe_import_image_tasks(service: ImportService, params: Params) -> dict[str, Any]:
+def describe_import_image_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
     tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params)
     return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
 
 
-def describe_import_snapshot_tasks(service: ImportService, params: Params) -> dict[str, Any]:
+def describe_import_snapshot_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """DescribeImportSnapshotTasks → ``{ImportSnapshotTasks, NextToken}`` (paginated)."""
     tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params)
     return {"ImportSnapshotTasks": [views.import_snapshot_task(t) for t in tasks], "NextToken": token}
 
 
-def cancel_import_task(service: ImportService, params: Params) -> dict[str, Any]:
+def cancel_import_task(service: ImportService, params: Params, account: str) -> dict[str, Any]:
     """CancelImportTask → ``{ImportTaskId, PreviousState, State}``."""
     data = query.parse("CancelImportTask", params)
     task_id = data.get("ImportTaskId")

@@ -28,10 +28,11 @@ from .errors import INTERNAL_ERROR_MESSAGE, Ec2Error, from_imaging_error, render
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[ImportService, Mapping[str, Sequence[str]]], dict[str, Any] | None]
+Handler = Callable[[ImportService, Mapping[str, Sequence[str]], str], dict[str, Any] | None]
 
-#: Action → handler. Every action is also an operation of botocore's ec2 model (its shapes drive
-#: parsing and rendering).
+#: Action → handler, called with the service, the request parameters and the caller's account (the
+#: access key that signed the request: client tokens are idempotent per account). Every action is
+#: also an operation of botocore's ec2 model (its shapes drive parsing and rendering).
 ACTIONS: dict[str, Handler] = {
     "ImportVolume": conversion.import_volume,
     "ImportInstance": conversion.import_instance,
@@ -166,7 +167,7 @@ class Ec2Resource:
             who = identity.access_key
             req.context.principal = who  # the app's access log names the signer
             action = _action(params)
-            data = ACTIONS[action](self._service, params)
+            data = ACTIONS[action](self._service, params, identity.access_key)
             resp.data = xml.render(action, data, request_id)
             resp.status = falcon.HTTP_200
         except Ec2Error as exc:

@@ -5,6 +5,10 @@ worker through the shipped workflow of its kind (``appliance/workflows/<kind>.ya
 rules that do not depend on the wire protocol: task id forms, the active-task limit, size sanity,
 URL safety (checked when the request arrives, again on every fetch), idempotency tokens and
 cancellation. The HTTP layer (``api/ec2``) only parses, calls this and renders.
+
+The active-task limit and the client tokens are enforced by the store when it creates the task
+(:meth:`~appliance.store.Store.create_task`): the API's worker processes each run a service, and
+only the store sees all of their requests at once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
-from ..store import Store, Task, TaskState, format_time
+from ..store import ActiveTaskLimit, Store, Task, format_time
 from . import bootparams
 
 GiB = 1 << 30
@@ -52,7 +56,6 @@ _ALNUM = string.ascii_lowercase + string.digits
 #: formats of the legacy conversion tasks (DiskImageFormat) and of image/snapshot imports
 VOLUME_FORMATS = ("VMDK", "RAW", "VHD")
 CONTAINER_FORMATS = ("VMDK", "RAW", "VHD", "VHDX")
-ACTIVE_STATES = (TaskState.PENDING, TaskState.RUNNING, TaskState.CANCELLING)
 
 
 @dataclass(frozen=True)
@@ -120,22 +123,31 @@ class ImportService:
             self._policy = UrlPolicy.from_config(self.config.sources)
         self._policy.check(url)
 
-    def _check_capacity(self) -> None:
-        active = self.store.count_tasks(ACTIVE_STATES)
-        if active >= self.config.max_active_tasks:
-            raise ResourceLimitExceeded(
-                f"{active} import tasks are active, the limit is {self.config.max_active_tasks}; "
-                "wait for one to finish or cancel one (tasks.max_active in the appliance configuration)"
-            )
-
     def _expiration(self) -> str:
         return format_time(datetime.now(UTC) + timedelta(hours=self.config.expiration_hours))
 
-    def _submit(self, kind: str, params: dict[str, Any]) -> Task:
-        self._check_capacity()
+    def _submit(
+        self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = ""
+    ) -> Task:
+        """Create the task unless ``tasks.max_active`` tasks are active; with a ``client_token``
+        that ``account`` already used for the same request, the task created then."""
         # Absent optional members are left out so the workflow's declared defaults apply.
         params = {k: v for k, v in params.items() if v is not None}
-        task_id = self.engine.submit(kind, params, task_id=new_task_id(kind), kind=kind)
+        try:
+            task_id = self.engine.submit(
+                kind,
+                params,
+                task_id=new_task_id(kind),
+                kind=kind,
+                max_active=self.config.max_active_tasks,
+                client_token=client_token,
+                client_account=account,
+            )
+        except ActiveTaskLimit as exc:
+            raise ResourceLimitExceeded(
+                f"{exc.message}; wait for one to finish or cancel one "
+                "(tasks.max_active in the appliance configuration)"
+            ) from exc
         return self.store.get_task(task_id)
 
     def _disk_image(self, image: DiskImage) -> dict[str, Any]:
@@ -176,14 +188,6 @@ class ImportService:
         elif not (c.bucket and c.key):
             raise UsageError("UserBucket needs both S3Bucket and S3Key")
         return asdict(c) | {"format": fmt}
-
-    def _by_token(self, kind: str, token: str | None) -> Task | None:
-        if not token:
-            return None
-        for task in self.store.list_tasks(kind=kind, limit=None):
-            if task.params.get("client_token") == token:
-                return task
-        return None
 
     # -- creating -------------------------------------------------------------------------------
 
@@ -243,15 +247,15 @@ class ImportService:
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
+        account: str = "",
     ) -> Task:
         """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
-        :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
+        :mod:`appliance.service.bootparams`) are validated and recorded for the controller. A
+        ``client_token`` makes the request idempotent for ``account`` (the API caller); the same
+        token with different parameters is ``IdempotentParameterMismatch``.
         """
-        existing = self._by_token(IMPORT_IMAGE, client_token)
-        if existing is not None:
-            return existing
         if not containers:
             raise UsageError("ImportImage needs a DiskContainer")
         if len(containers) > 1:
@@ -270,7 +274,7 @@ class ImportService:
             "client_token": client_token,
             "tags": list(tags),
         }
-        return self._submit(IMPORT_IMAGE, params)
+        return self._submit(IMPORT_IMAGE, params, client_token=client_token, account=account)
 
     def import_snapshot(
         self,
@@ -280,11 +284,10 @@ class ImportService:
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
         encrypted: bool = False,
+        account: str = "",
     ) -> Task:
-        """ImportSnapshot: one disk converted to RAW and stored by the image target."""
-        existing = self._by_token(IMPORT_SNAPSHOT, client_token)
-        if existing is not None:
-            return existing
+        """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``
+        and ``account`` as for :meth:`import_image`."""
         params = {
             "disk_container": self._container(container, CONTAINER_FORMATS),
             "description": description,
@@ -292,7 +295,7 @@ class ImportService:
             "tags": list(tags),
             "encrypted": encrypted,
         }
-        return self._submit(IMPORT_SNAPSHOT, params)
+        return self._submit(IMPORT_SNAPSHOT, params, client_token=client_token, account=account)
 
     # -- reading and cancelling -----------------------------------------------------------------
 

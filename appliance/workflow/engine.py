@@ -29,7 +29,7 @@ from typing import Any
 from ..artifacts.refs import ArtifactError
 from ..config import HooksConfig
 from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
-from ..store import Store, Task, TaskState
+from ..store import Store, Task, TaskState, new_task_id
 from . import hookpoints
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .loader import Workflow, WorkflowLoader
@@ -123,16 +123,32 @@ class Engine:
         task_id: str | None = None,
         kind: str = "workflow",
         coerce_strings: bool = False,
+        max_active: int | None = None,
+        client_token: str | None = None,
+        client_account: str = "",
     ) -> str:
         """Validate the workflow and params and create a ``pending`` task; returns its id.
 
         A path reference is stored resolved (absolute), a name as the name, so a resumed task
-        finds the same file.
+        finds the same file. ``max_active``, ``client_token`` and ``client_account`` are
+        :meth:`Store.create_task`'s: with a token already used for the same request, the id of
+        the task created then.
         """
         workflow = self.loader.load(workflow_ref)
         resolved = workflow.resolve_params(params, coerce_strings=coerce_strings)
         ref = str(workflow.source) if self.loader.is_path(workflow_ref) else str(workflow_ref)
-        task = self.store.create_task(kind, ref, resolved, task_id=task_id)
+        task_id = task_id or new_task_id()
+        task = self.store.create_task(
+            kind,
+            ref,
+            resolved,
+            task_id=task_id,
+            max_active=max_active,
+            client_token=client_token,
+            client_account=client_account,
+        )
+        if task.id != task_id:
+            return task.id  # a repeated request: its task was recorded (hooks and all) the first time
         points = hookpoints.points_used(workflow)
         if points:
             # The task runs (and resumes) with the hooks configured now, whatever the config says later.

@@ -6,14 +6,16 @@ import base64
 import functools
 import json
 import subprocess
+import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.processes import wait_until
-from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.processes import stop_process, wait_until
+from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, wait_for_http
 
 #: the end-to-end tests poll the API every 0.2 s
 wait_for = functools.partial(wait_until, interval=0.2)
@@ -32,6 +34,22 @@ class Appliance:
 
     def volume_file(self, volume_id: str) -> Path:
         return self.state / "volumes" / f"{volume_id}.raw"
+
+
+@contextmanager
+def api_server(config: Path, endpoint: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`imaging serve` (gunicorn with ``api.workers`` processes, as ``config`` says) answering at
+    ``endpoint``; stopped by its PID afterwards."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "-c", str(config), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"{endpoint}/v1/health", proc=server)
+        yield server
+    finally:
+        stop_process(server)
 
 
 def conversion_task(ec2: Any, task_id: str) -> dict[str, Any]:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import queue
 import re
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from appliance.errors import Finding, IncorrectState, TaskNotFound, UsageError
+from appliance.errors import Finding, IdempotentParameterMismatch, IncorrectState, TaskNotFound, UsageError
 from appliance.store import (
+    ACTIVE_STATES,
     MIGRATIONS,
     TRANSITIONS,
+    ActiveTaskLimit,
     StepState,
     Store,
     StoreError,
@@ -315,3 +322,199 @@ def test_add_findings_keeps_earlier_ones_and_adds_each_once(store: Store) -> Non
         "Guest.FstabDeviceName",
         "UnsafeImage.BackingFile",
     ]
+
+
+# -- admission: the active-task limit and client tokens ------------------------------------------
+
+
+def test_limit_counts_pending_running_and_cancelling_tasks_of_every_kind(store: Store) -> None:
+    for state in TaskState:
+        _drive_to(store, state)  # one task in each state: three of them are active
+    store.create_task("import-image", max_active=4)
+    with pytest.raises(ActiveTaskLimit) as info:
+        store.create_task("import-snapshot", max_active=4)
+    assert (info.value.active, info.value.limit, info.value.code) == (4, 4, "ResourceLimitExceeded")
+    assert info.value.message.startswith("4 tasks are active")
+    assert len(store.list_tasks(limit=None)) == 7
+
+
+def test_client_token_returns_the_task_of_the_same_request(store: Store) -> None:
+    first = store.create_task("import-snapshot", "w", {"key": "a"}, client_token="tok", client_account="acct")
+    again = store.create_task("import-snapshot", "w", {"key": "a"}, client_token="tok", client_account="acct")
+    assert again == first
+    with pytest.raises(IdempotentParameterMismatch) as info:
+        store.create_task("import-snapshot", "w", {"key": "b"}, client_token="tok", client_account="acct")
+    assert first.id in info.value.message
+    # the token is per account and per kind; an empty token is no token
+    other_account = store.create_task(
+        "import-snapshot", "w", {"key": "a"}, client_token="tok", client_account="other"
+    )
+    other_kind = store.create_task(
+        "import-image", "w", {"key": "a"}, client_token="tok", client_account="acct"
+    )
+    untokened = [store.create_task("import-snapshot", "w", {"key": "a"}, client_token="") for _ in range(2)]
+    ids = {first.id, other_account.id, other_kind.id, *(t.id for t in untokened)}
+    assert len(ids) == 5 == len(store.list_tasks(limit=None))
+
+
+def test_client_token_repeat_is_answered_at_the_limit(store: Store) -> None:
+    first = store.create_task("import-snapshot", params={"k": 1}, client_token="tok", max_active=1)
+    with pytest.raises(ActiveTaskLimit):
+        store.create_task("import-snapshot", params={"k": 2}, max_active=1)
+    assert store.create_task("import-snapshot", params={"k": 1}, client_token="tok", max_active=1) == first
+
+
+def test_client_token_lookup_searches_the_unique_index(store: Store) -> None:
+    store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
+    finally:
+        store._conn.set_trace_callback(None)
+    [lookup] = [sql for sql in statements if "client_token =" in sql and sql.startswith("SELECT")]
+    with sqlite3.connect(store.path) as conn:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {lookup}")]
+    assert plan == [
+        "SEARCH tasks USING INDEX tasks_client_token (client_account=? AND kind=? AND client_token=?)"
+    ]
+
+
+def _create_all(db: str, calls: list[dict[str, Any]], start: Any) -> list[Any]:
+    """In one writer with its own connection: wait for ``start``, then create a task per call; each
+    result is the task id or ``("limit", active)``."""
+    with Store(db) as store:
+        start.wait()
+        results: list[Any] = []
+        for kwargs in calls:
+            try:
+                results.append(store.create_task(**kwargs).id)
+            except ActiveTaskLimit as exc:
+                results.append(("limit", exc.active))
+        return results
+
+
+def _in_process(db: str, calls: list[dict[str, Any]], start: Any, out: Any) -> None:
+    out.put(_create_all(db, calls, start))
+
+
+def run_writers(how: str, db: Path, calls: list[list[dict[str, Any]]]) -> list[Any]:
+    """Each list of ``calls`` in its own writer (a thread or a process, each with its own
+    connection), all released at once; every result."""
+    if how == "threads":
+        start: Any = threading.Barrier(len(calls))
+        with ThreadPoolExecutor(len(calls)) as pool:
+            done = list(pool.map(lambda c: _create_all(str(db), c, start), calls))
+        return [r for results in done for r in results]
+    ctx = multiprocessing.get_context("spawn")  # no SQLite connection crosses a fork
+    start, out = ctx.Barrier(len(calls)), ctx.Queue()
+    procs = [ctx.Process(target=_in_process, args=(str(db), c, start, out)) for c in calls]
+    for proc in procs:
+        proc.start()
+    try:
+        collected = []
+        for _ in procs:
+            try:
+                collected.extend(out.get(timeout=120))
+            except queue.Empty:
+                pytest.fail("a writer process reported nothing")
+        return collected
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+WRITERS, CALLS_EACH = 6, 5
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_concurrent_writers_never_exceed_the_active_limit(tmp_path: Path, how: str) -> None:
+    db = tmp_path / "imaging.db"
+    with Store(db) as store:
+        for state in TaskState:
+            _drive_to(store, state)  # three active tasks, three finished ones
+    limit = 8
+    calls = [
+        [
+            {"kind": "import-snapshot", "params": {"w": w, "i": i}, "max_active": limit}
+            for i in range(CALLS_EACH)
+        ]
+        for w in range(WRITERS)
+    ]
+    results = run_writers(how, db, calls)
+    created = [r for r in results if isinstance(r, str)]
+    assert len(created) == limit - 3
+    assert [r for r in results if not isinstance(r, str)] == [("limit", limit)] * (
+        WRITERS * CALLS_EACH - len(created)
+    )
+    with Store(db) as store:
+        assert len(store.list_tasks(ACTIVE_STATES, limit=None)) == limit
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_concurrent_writers_with_one_client_token_create_one_task(tmp_path: Path, how: str) -> None:
+    db = tmp_path / "imaging.db"
+    Store(db).close()
+    call = {
+        "kind": "import-snapshot",
+        "params": {"key": "a"},
+        "client_token": "tok",
+        "client_account": "acct",
+    }
+    results = run_writers(how, db, [[call] * CALLS_EACH] * WRITERS)
+    assert len(results) == WRITERS * CALLS_EACH
+    assert len(set(results)) == 1
+    with Store(db) as store:
+        assert [t.id for t in store.list_tasks(limit=None)] == results[:1]
+
+
+def _old_database(db: Path, version: int, rows: list[tuple[str, str, dict[str, Any], str]]) -> None:
+    """A database as the code of schema ``version`` left it, with tasks ``(id, kind, params, created_at)``."""
+    with sqlite3.connect(db) as conn:
+        for statements in MIGRATIONS[:version]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+        for task_id, kind, params, created in rows:
+            conn.execute(
+                "INSERT INTO tasks (id, kind, params, state, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'pending', ?, ?)",
+                (task_id, kind, json.dumps(params, sort_keys=True), created, created),
+            )
+
+
+def test_old_database_upgrades_and_keeps_its_client_tokens(tmp_path: Path) -> None:
+    db = tmp_path / "imaging.db"
+    t = "2025-01-01T00:00:0{}.000000Z".format
+    _old_database(
+        db,
+        3,  # the schema before client tokens had a column
+        [
+            # two tasks for one token: what check-then-insert let through
+            ("import-snap-old", "import-snapshot", {"client_token": "tok", "key": "a"}, t(1)),
+            ("import-snap-new", "import-snapshot", {"client_token": "tok", "key": "a"}, t(2)),
+            ("import-ami-1", "import-image", {"client_token": "tok", "key": "a"}, t(3)),
+            ("import-snap-untokened", "import-snapshot", {"client_token": "", "key": "a"}, t(4)),
+            ("t-workflow", "workflow", {"client_token": "tok"}, t(5)),
+        ],
+    )
+    with Store(db) as store:
+        assert store.schema_version == len(MIGRATIONS)
+        with sqlite3.connect(db) as conn:
+            tokens = dict(conn.execute("SELECT id, client_token FROM tasks WHERE client_token IS NOT NULL"))
+        # the newest of the two, the one the old code answered repeats with, keeps the token
+        assert tokens == {"import-snap-new": "tok", "import-ami-1": "tok"}
+        repeat = store.create_task(
+            "import-snapshot", params={"client_token": "tok", "key": "a"}, client_token="tok"
+        )
+        assert repeat.id == "import-snap-new"
+        with pytest.raises(IdempotentParameterMismatch):
+            store.create_task(
+                "import-snapshot", params={"client_token": "tok", "key": "b"}, client_token="tok"
+            )
+        assert store.get_task("import-snap-old").params["client_token"] == "tok"
+    with Store(db) as store:  # migrated once
+        assert store.schema_version == len(MIGRATIONS)

@@ -263,7 +263,9 @@ def test_snapshot_from_a_user_bucket_is_stored_as_raw(
         client_token="tok-1",
     )
     again = service.import_snapshot(
-        DiskContainer(format="VHD", bucket=bucket, key="disks/disk.vhd"), client_token="tok-1"
+        DiskContainer(format="VHD", bucket=bucket, key="disks/disk.vhd"),
+        description="snap",
+        client_token="tok-1",
     )
     assert again.id == task.id  # the client token makes the request idempotent
     done = run(cfg, task)
