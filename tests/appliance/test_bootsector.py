@@ -43,6 +43,8 @@ VOLUMES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
         "vfat",
     ),
 }
+#: mkfs.fat --mbr=y: one active entry from LBA 0 over the whole volume, which oslo accepts as an MBR
+SELF_DESCRIBING = "vfat-entry-describing-itself"
 #: containers: name → (qemu-img output format, options, claimed format)
 CONTAINERS = {
     "raw": ("raw", None, "raw"),
@@ -74,9 +76,11 @@ INVALID_TABLES: dict[str, tuple[Callable[[Path], Path], str]] = {
 
 @pytest.fixture(scope="session")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each volume built once (raw)."""
+    """Each volume built once (raw): :data:`VOLUMES` and :data:`SELF_DESCRIBING`."""
     d = tmp_path_factory.mktemp("volumes")
-    return {name: build(d) for name, (build, _, _) in VOLUMES.items()}
+    built = {name: build(d) for name, (build, _, _) in VOLUMES.items()}
+    built[SELF_DESCRIBING] = factory.vfat_volume(d, "fake-mbr.raw", fats=1, fake_mbr=True)
+    return built
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +90,8 @@ def containers(
     """Each volume converted once into each container by qemu-img: (volume, container) → image."""
     d = tmp_path_factory.mktemp("volume-containers")
     out = {}
-    for volume, raw in volumes.items():
+    for volume in VOLUMES:
+        raw = volumes[volume]
         for name, (qemu_format, options, _) in CONTAINERS.items():
             if name == "raw":
                 out[volume, name] = raw
@@ -144,9 +149,8 @@ def test_volume_boot_record_is_not_a_partition_table(volume: str, volumes: dict[
     assert boot == bootsector.BootSector(table=None, filesystem=filesystem) and boot.volume == filesystem
 
 
-def test_fat_entry_describing_the_volume_itself_is_not_a_partition_table(tmp_path: Path) -> None:
-    # mkfs.fat --mbr=y: one active FAT entry from LBA 0 over the whole volume, which oslo accepts as an MBR
-    path = factory.vfat_volume(tmp_path, fats=1, fake_mbr=True)
+def test_fat_entry_describing_the_volume_itself_is_not_a_partition_table(volumes: dict[str, Path]) -> None:
+    path = volumes[SELF_DESCRIBING]
     (entry, *unused) = bootsector.partition_entries(path.read_bytes()[:512])
     assert (entry.boot, entry.start_lba) == (0x80, 0) and not any(e.used for e in unused)
     assert bootsector.classify(path.read_bytes()[:512]).volume == "vfat"
@@ -268,20 +272,12 @@ def test_rejected_invalid_table_input_is_not_converted(config: Config, tmp_path:
 # -------------------------------------------------------------------------------------- guest validation
 
 
-@pytest.mark.parametrize(
-    "build",
-    [
-        *(VOLUMES[v][0] for v in VOLUMES),
-        lambda d: factory.vfat_volume(d, "fake-mbr.raw", fats=1, fake_mbr=True),
-    ],
-    ids=[*VOLUMES, "vfat-entry-describing-itself"],
-)
+@pytest.mark.parametrize("volume", [*VOLUMES, SELF_DESCRIBING])
 def test_guest_reader_sees_a_volume_boot_record_as_a_bare_filesystem(
-    build: Callable[[Path], Path], tmp_path: Path
+    volume: str, volumes: dict[str, Path]
 ) -> None:
-    path = build(tmp_path)
-    report = validate_image(path, bootable=False)
-    kind = bootsector.classify(path.read_bytes()[:512]).volume
+    report = validate_image(volumes[volume], bootable=False)
+    kind = VOLUMES[volume][2] if volume in VOLUMES else "vfat"
     assert (report.layout, report.partition_table) == ("partition", None)
     (part,) = report.partitions
     assert (part["filesystem"], part["label"]) == (kind, "DATA")
