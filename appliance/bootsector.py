@@ -9,13 +9,16 @@ place that tells the two apart; image inspection (:mod:`appliance.inspect`, also
 the streaming check of RAW volume uploads (:mod:`appliance.steps.imports`) and the guest reader
 (:mod:`appliance.guest.reader`) all ask it.
 
-The rule (the one Linux's msdos partition parser, ``block/partitions/msdos.c``, applies): a sector whose
-bytes 3-61 are a consistent BIOS parameter block of FAT, NTFS or exFAT is that filesystem's boot record,
-unless its partition entries form a table pointing at other sectors, that is every boot indicator is 0x00
-or 0x80 and some used entry starts after LBA 0. Entries that are all zero, hold boot code (an invalid boot
-indicator) or only describe the volume itself (start LBA 0, as ``mkfs.fat --mbr`` writes) are not a
-partition table. A ``55 AA`` sector without a parameter block is always checked as a partition table, and
-so is one with a parameter block and a table: a boot sector never exempts a table from the MBR checks.
+The rule: a sector that starts with an x86 jump and a consistent BIOS parameter block of FAT, NTFS or exFAT
+is that filesystem's boot record, unless its partition entries form a table pointing at other sectors,
+that is every boot indicator is 0x00 or 0x80 and some used entry starts after LBA 0. Entries that are all
+zero, hold boot code (an invalid boot indicator) or only describe the volume itself (start LBA 0, as
+``mkfs.fat --mbr`` writes) are not a partition table; Linux's msdos partition parser
+(``block/partitions/msdos.c``) likewise reads a sector with an invalid boot indicator as a FAT boot sector
+or as no table, never as partitions. A ``55 AA`` sector without a parameter block is always checked as a
+partition table, and so is one with a parameter block and a table: a boot sector never exempts a table
+from the MBR checks. A signature alone (the OEM name "NTFS") is not enough: the parameter block must be
+consistent.
 
 Layout of sector 0 (byte offsets; integers little-endian)::
 
