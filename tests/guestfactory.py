@@ -294,6 +294,79 @@ def partition_image(
     return ext4(tmp / name, 24, tree)
 
 
+#: the filesystems the validator reads, with the size each is made at (the smallest btrfs and xfs allow)
+FILESYSTEM_MIB = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 300, "btrfs": 128, "vfat": 16, "ntfs": 16}
+#: MBR partition type of each filesystem in :func:`filesystem_disk`
+_MBR_TYPES = {"ext2": "83", "ext3": "83", "ext4": "83", "xfs": "83", "btrfs": "83", "vfat": "c", "ntfs": "7"}
+GUEST_LABEL = "GUEST"
+
+
+def portable_root(root: Path) -> Path:
+    """A Linux root that any filesystem can hold (regular files and directories only): os-release, an fstab
+    mounting ``LABEL=GUEST`` on /, and a kernel and initrd in /boot (no bootloader)."""
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/os-release").write_text(OS_RELEASE)
+    (root / "etc/fstab").write_text(f"LABEL={GUEST_LABEL} / auto defaults 0 1\n")
+    boot_tree(root / "boot", grub=False)
+    return root
+
+
+def _xfs_protofile(tree: Path, proto: Path) -> Path:
+    """An ``mkfs.xfs -p`` prototype file copying ``tree`` (mkfs.xfs 6.1 cannot take a directory)."""
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+
+    def walk(directory: Path) -> None:
+        for child in sorted(directory.iterdir()):
+            if child.is_dir():
+                lines.append(f"{child.name} d--755 0 0")
+                walk(child)
+                lines.append("$")
+            else:
+                lines.append(f"{child.name} ---644 0 0 {child.resolve()}")
+
+    walk(tree)
+    lines.append("$")
+    proto.write_text("\n".join(lines) + "\n")
+    return proto
+
+
+def filesystem(kind: str, path: Path, tree: Path) -> Path:
+    """A real ``kind`` filesystem (:data:`FILESYSTEM_MIB`) labelled :data:`GUEST_LABEL` holding ``tree``,
+    made by its mkfs (ext2/3/4 ``-d``, btrfs ``--rootdir``, xfs with a prototype file) or filled by mtools
+    (vfat) or ntfs-3g (ntfs, see :func:`ntfs`)."""
+    size = FILESYSTEM_MIB[kind]
+    if kind == "ntfs":
+        return ntfs(path, size, tree, label=GUEST_LABEL)
+    with open(path, "wb") as f:
+        f.truncate(size * MiB)
+    if kind.startswith("ext"):
+        run(f"mkfs.{kind}", "-q", "-F", "-L", GUEST_LABEL, "-E", "root_owner=0:0", "-d", tree, path)
+    elif kind == "xfs":
+        run(
+            "mkfs.xfs",
+            "-q",
+            "-f",
+            "-L",
+            GUEST_LABEL,
+            "-p",
+            _xfs_protofile(tree, path.with_suffix(".proto")),
+            path,
+        )
+    elif kind == "btrfs":
+        run("mkfs.btrfs", "-q", "-f", "-L", GUEST_LABEL, "--rootdir", tree, path)
+    elif kind == "vfat":
+        run("mkfs.vfat", "-n", GUEST_LABEL, path)
+        run("mcopy", "-s", "-i", path, *sorted(tree.iterdir()), "::/")
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def filesystem_disk(kind: str, fs: Path, path: Path) -> Path:
+    """An MBR disk whose one active partition (at 1 MiB) holds the filesystem image ``fs``."""
+    return disk(path, "mbr", [Part(FILESYSTEM_MIB[kind], _MBR_TYPES[kind], fs, bootable=True)])
+
+
 def qcow2_of(raw: Path, dst: Path) -> Path:
     """``raw`` converted to qcow2 at ``dst``."""
     return convert(raw, dst, "qcow2")

@@ -6,9 +6,9 @@ cannot make the hostile variant. Sizes are small (a few MiB, sparse) so a test m
 them quickly.
 
 Good images: :func:`raw_mbr`, :func:`qcow2`, :func:`vmdk_sparse`, :func:`vmdk_stream`, :func:`vhd_dynamic`,
-:func:`vhd_fixed`, :func:`vhdx`, :func:`vdi`, :func:`iso`; :func:`compress` wraps any file in
-gzip/xz/zstd/bzip2. Hostile images: everything in the "hostile" section (see each docstring for what it
-exercises).
+:func:`vhd_fixed`, :func:`vhdx`, :func:`vdi`, :func:`iso`; bare FAT and NTFS volumes (:func:`ntfs_volume`,
+:func:`vfat_volume`, real mkfs); :func:`compress` wraps any file in gzip/xz/zstd/bzip2. Hostile images:
+everything in the "hostile" section (see each docstring for what it exercises).
 """
 
 from __future__ import annotations
@@ -177,6 +177,80 @@ def compress(path: Path, kind: str, *, name: str | None = None) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------------------- bare volumes
+# A partition image: one filesystem, no partition table. FAT and NTFS start with a volume boot record,
+# which ends in 55 AA like an MBR; appliance/image/bootsector.py tells the two apart.
+
+#: the messages at the end of Windows' NTFS boot code, which run through bytes 0x1BE-0x1FD (where an MBR
+#: keeps its partition entries) up to the boot signature
+WINDOWS_BOOT_MESSAGES = (
+    b"\r\nA disk read error occurred\0\r\nBOOTMGR is missing\0\r\nBOOTMGR is compressed\0"
+    b"\r\nPress Ctrl+Alt+Del to restart\r\n\0"
+)
+#: a boot message for ``mkfs.fat -m`` long enough to fill the FAT boot code area, as Windows' does
+LONG_BOOT_MESSAGE = (
+    "This is a data volume without an operating system. Remove disks or other media and press any key "
+    "to restart. If this message appears after a restart, check the boot order in the firmware setup "
+    "and make sure the system disk is the first one. Disk error: the volume boot record was read, but "
+    "no loader was found on this volume. Press any key to restart the computer now.\r\n"
+)
+
+
+def ntfs_volume(
+    directory: Path, name: str = "volume.ntfs", size_mib: int = 16, *, windows_boot_code: bool = False
+) -> Path:
+    """A bare NTFS filesystem made by ``mkfs.ntfs`` (label ``DATA``).
+
+    mkfs.ntfs leaves bytes 0x1BE-0x1FD zero, so oslo's MBR check says "GPT MBR has no partitions defined".
+    ``windows_boot_code`` ends the boot code area with Windows' boot messages, in the boot sector and its
+    backup in the last sector, so the check says "MBR PTE 0 has invalid boot flag" as it does for a volume
+    Windows formatted.
+    """
+    path = directory / name
+    with open(path, "wb") as f:
+        f.truncate(size_mib * MiB)
+    subprocess.run(["mkfs.ntfs", "-q", "-F", "-f", "-L", "DATA", str(path)], check=True, capture_output=True)
+    if windows_boot_code:
+        with open(path, "r+b") as f:
+            sector = bytearray(f.read(512))
+            f.seek(-512, 2)
+            backup = f.read(512) == sector
+            sector[0x1FE - len(WINDOWS_BOOT_MESSAGES) : 0x1FE] = WINDOWS_BOOT_MESSAGES
+            for offset in (0, path.stat().st_size - 512) if backup else (0,):
+                f.seek(offset)
+                f.write(sector)
+    return path
+
+
+def vfat_volume(
+    directory: Path,
+    name: str = "volume.vfat",
+    size_kib: int = 16 * 1024,
+    *,
+    fats: int = 2,
+    boot_message: bool = False,
+    fake_mbr: bool = False,
+) -> Path:
+    """A bare FAT filesystem made by ``mkfs.fat`` (label ``DATA``, volume id ``1234-ABCD``).
+
+    oslo's inspector passes over a FAT boot sector only when it has 2 FATs and media 0xF8; with a floppy
+    size (1440 KiB: media 0xF0) or ``fats=1`` it checks the sector as an MBR. ``boot_message`` replaces
+    the boot message with :data:`LONG_BOOT_MESSAGE` (``mkfs.fat -m``), which runs through the
+    partition-entry bytes; ``fake_mbr`` (``mkfs.fat --mbr=y``) writes one partition entry that starts at
+    LBA 0 and describes the volume itself.
+    """
+    path = directory / name
+    argv: list[str | Path] = ["mkfs.fat", "-C", "-f", str(fats), "-n", "DATA", "-i", "1234ABCD"]
+    if boot_message:
+        message = directory / f".{name}.message"
+        message.write_text(LONG_BOOT_MESSAGE)
+        argv += ["-m", message]
+    if fake_mbr:
+        argv.append("--mbr=y")
+    subprocess.run([*map(str, argv), str(path), str(size_kib)], check=True, capture_output=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- hostile
 
 
@@ -275,6 +349,20 @@ def qcow2_corrupt_flag(directory: Path, name: str = "corruptflag.qcow2") -> Path
 def qcow2_huge(directory: Path, virtual_size: str = "3T", name: str = "huge.qcow2") -> Path:
     """Sparse qcow2 with a very large virtual size (a few hundred KiB on disk)."""
     return qcow2(directory, name, virtual_size=virtual_size)
+
+
+def mbr_claiming_ntfs(directory: Path, name: str = "claims-ntfs.raw") -> Path:
+    """:func:`raw_mbr` with an invalid boot flag whose sector 0 starts with an x86 jump and the NTFS OEM name
+    but holds no NTFS parameter block: a name alone does not make a sector a volume boot record."""
+    return patch(raw_mbr(directory, name, boot_flag=0x12), 0, b"\xeb\x52\x90NTFS    ")
+
+
+def fat_volume_with_partition_table(directory: Path, name: str = "fat-with-table.raw") -> Path:
+    """A real FAT volume (one FAT, so oslo checks it) whose partition entries point at other sectors: a GPT
+    protective entry starting at LBA 2 instead of 1. A real boot sector does not exempt a partition
+    table from the MBR checks ("GPT MBR has invalid start LBA")."""
+    path = vfat_volume(directory, name, fats=1)
+    return patch(path, 0x1BE, mbr([(0x00, 0xEE, 2, 1000)])[0x1BE:0x1FE])
 
 
 def vmdk_flat(directory: Path, name: str = "flat.vmdk") -> Path:

@@ -27,7 +27,6 @@ import uuid as uuid_mod
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from dissect.fat.fat import validate_bpb
 from dissect.target import filesystem as dt_filesystem
 from dissect.target.containers.qcow2 import QCow2Container
 from dissect.target.containers.raw import RawContainer
@@ -36,6 +35,8 @@ from dissect.target.containers.vhdx import VhdxContainer
 from dissect.target.containers.vmdk import VmdkContainer
 from dissect.volume.disk import Disk as DissectDisk
 from dissect.volume.disk.schemes import GPT, MBR
+
+from ..image import bootsector
 
 #: user-facing format name → dissect container class (iso and qed are not guest disks dissect reads)
 _CONTAINERS: dict[str, Any] = {
@@ -51,7 +52,6 @@ ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 BIOS_BOOT_GUID = "21686148-6449-6e6f-744e-656564454649"
 _MBR_ESP = 0xEF
 _MBR_EXTENDED = (0x05, 0x0F, 0x85)
-_MBR_BOOT_CODE = 440  # bytes of boot code before the disk signature
 
 #: dissect filesystem type → what the report calls it (ext is refined to ext2/3/4 from the superblock)
 _SUPPORTED = {"ext": "ext4", "xfs": "xfs", "btrfs": "btrfs", "fat": "vfat", "ntfs": "ntfs"}
@@ -109,8 +109,8 @@ class Disk:
         self._offsets: dict[int, tuple[int, int]] = {}
         stream.seek(0)
         sector0 = stream.read(512)
-        self.boot_code = len(sector0) == 512 and any(sector0[:_MBR_BOOT_CODE])
-        if _is_volume_boot_record(sector0):
+        self.boot_code = len(sector0) == 512 and any(sector0[: bootsector.BOOT_CODE_SIZE])
+        if bootsector.classify(sector0).volume is not None:
             # a bare FAT/NTFS filesystem also ends its first sector with 0x55AA; dissect's own test for
             # that misses mkfs.fat's "mkfs.fat" OEM name, and its "partitions" would be boot-code bytes
             self.boot_code = False
@@ -176,16 +176,6 @@ class Disk:
     def open_whole(self) -> BinaryIO:
         """The whole disk as a stream (for a bare filesystem)."""
         return _Window(self.stream, 0, self.size)
-
-
-def _is_volume_boot_record(sector0: bytes) -> bool:
-    if sector0[3:11] in (b"NTFS    ", b"EXFAT   "):
-        return True
-    try:
-        validate_bpb(sector0)
-    except Exception:
-        return False
-    return True
 
 
 def _type_name(p: Any) -> str | None:

@@ -12,8 +12,9 @@ Stages, each of which must pass before the next runs (image-safety.md §3.4, mir
    ``safety.iso_policy: allow-hybrid``; the inspector's ``safety_check()`` runs; then checks oslo.utils 10.2
    lacks: fixed VHDs (footer only) are recognised and verified, text-only VMDK descriptors are refused (the
    binary ``KDMV`` header is required), VMDK delta disks (``parentCID``/``parentFileNameHint``) and
-   differencing VHDs are refused; the VMDK create type, banned formats, the ISO policy, the claim and the
-   virtual size are checked.
+   differencing VHDs are refused; the boot sector of a bare FAT/NTFS volume, which ends in ``55 AA``
+   like an MBR, is not checked as a partition table (:mod:`appliance.image.bootsector`); the VMDK
+   create type, banned formats, the ISO policy, the claim and the virtual size are checked.
 3. **qemu-img info** under limits in an empty private directory (:mod:`appliance.image.qemuimg`),
    interpreted by :func:`assess_info` (backing file, data file, create type, extents, corrupt flag,
    size, format agreement).
@@ -35,7 +36,7 @@ from oslo_utils.imageutils import format_inspector as fi
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
-from . import qemuimg
+from . import bootsector, qemuimg
 from .decompress import decompress, detect_compression
 from .formats import check_output_format, from_qemu, parse_claim, to_qemu
 
@@ -321,8 +322,12 @@ def _content_stage(
             )
         )
         return
+    # a bare FAT/NTFS volume's boot sector also ends in 55 AA: oslo's "gpt" match, but no partition table
+    volume = bootsector.inspected_volume(chosen)
+    if volume is not None:
+        result.details["volume_boot_record"] = volume
     try:
-        chosen.safety_check()
+        bootsector.safety_check(chosen)
     except fi.SafetyCheckFailed as exc:
         for check, failure in exc.failures.items():
             result.add(_safety_finding(name, check, failure, config, getattr(chosen, "vmdktype", None)))
@@ -337,7 +342,7 @@ def _content_stage(
 
     fmt = "raw" if name == "gpt" else name
     size: int | None = _inspector_size(chosen)
-    if name == "gpt":
+    if name == "gpt" and volume is None:
         result.details["partition_table"] = _partition_table_kind(path)
     if fmt == "raw":
         footer = _read_vhd_footer(path)
@@ -547,11 +552,9 @@ def _check_vhd_header(path: Path, result: InspectionResult) -> None:
         result.add(_backing_finding("it is a differencing VHD that depends on a parent disk"))
 
 
-def _partition_table_kind(path: Path) -> str:
+def _partition_table_kind(path: Path) -> str | None:
     with open(path, "rb") as f:
-        mbr = f.read(512)
-    types = [mbr[446 + 16 * i + 4] for i in range(4)] if len(mbr) == 512 else []
-    return "gpt" if 0xEE in types else "mbr"
+        return bootsector.classify(f.read(bootsector.SECTOR)).table
 
 
 def _record_info_details(result: InspectionResult, info: dict[str, Any]) -> None:

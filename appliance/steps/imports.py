@@ -25,6 +25,7 @@ from typing import Any
 from oslo_utils.imageutils import format_inspector
 
 from ..errors import Finding, ImageRejected, ImagingError
+from ..image import bootsector
 from ..image.convert import convert_image
 from ..image.inspect import inspect_image, require_safe
 from ..progress import Progress
@@ -179,7 +180,7 @@ class _StreamCheck:
             ]
         for inspector in detected:
             try:
-                inspector.safety_check()
+                bootsector.safety_check(inspector)  # a bare FAT/NTFS volume is not a broken MBR
             except format_inspector.SafetyCheckFailed as exc:
                 return [Finding.error("UnsafeImage.PartitionTable", f"the partition table is unsafe: {exc}")]
         return []

@@ -58,13 +58,13 @@ def appliance(tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer) ->
 
     def start_worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli.main", "-c", str(cfg), "worker"],
+            [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "worker"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
 
     server = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "-c", str(cfg), "serve"],
+        [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "serve"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

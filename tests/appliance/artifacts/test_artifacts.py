@@ -106,7 +106,7 @@ def workflow_file(tmp_path: Path) -> Path:
 
 def imaging(cfg_file: Path, env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", "-c", str(cfg_file), *map(str, args)],
+        [sys.executable, "-m", "appliance.cli", "-c", str(cfg_file), *map(str, args)],
         env=env,
         capture_output=True,
         text=True,

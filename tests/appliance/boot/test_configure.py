@@ -449,7 +449,7 @@ def test_health_responder_serves_the_errors_with_503(paths: Paths, tmp_path: Pat
     paths.user_data.write_text(cloud_config(section(controller={"url": "ftp://x", "secret": SECRET})))
     assert run_configure(paths) == 2
     port = free_port()
-    command = [sys.executable, "-m", "appliance.cli.main", "-c", str(paths.empty_config), "health-responder"]
+    command = [sys.executable, "-m", "appliance.cli", "-c", str(paths.empty_config), "health-responder"]
     proc = subprocess.Popen([*command, "--error-file", str(paths.error_file), "--bind", f"127.0.0.1:{port}"])
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/health", proc=proc)

@@ -32,7 +32,7 @@ def imaging(
     *args: str | Path, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", *map(str, args)],
+        [sys.executable, "-m", "appliance.cli", *map(str, args)],
         env=env,
         cwd=cwd,
         capture_output=True,

@@ -22,7 +22,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def imaging(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "appliance.cli.main", *map(str, args)]
+    argv = [sys.executable, "-m", "appliance.cli", *map(str, args)]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
 
 

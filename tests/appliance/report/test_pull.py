@@ -134,7 +134,7 @@ def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Pa
 @pytest.fixture
 def worker(cfg_file: Path) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "--config", str(cfg_file), "worker"],
+        [sys.executable, "-m", "appliance.cli", "--config", str(cfg_file), "worker"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -113,6 +113,40 @@ def test_raw_upload_created_before_the_task_streams_onto_the_volume(
     assert done.result["written"]["streamed"] is True
 
 
+def test_raw_upload_of_a_bare_ntfs_volume_streams_onto_the_volume(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # a partition image: its boot sector ends in 55 AA like an MBR, with boot code where the entries would be
+    disk = imgs.ntfs_volume(tmp_path, "ntfs.raw", windows_boot_code=True)
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    task = service.import_volume(
+        DiskImage("RAW", disk.stat().st_size, pending.url, 1), availability_zone=None, description=None
+    )
+    done = run(cfg, task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.result["written"]["streamed"] is True
+    with open(volume_path(done), "rb") as f:
+        assert f.read(disk.stat().st_size) == disk.read_bytes()
+
+
+def test_raw_upload_with_an_invalid_partition_table_fails_and_removes_the_volume(
+    service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    hostile = imgs.mbr_claiming_ntfs(tmp_path)  # "NTFS" after a jump, no NTFS, a bad boot flag
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, hostile)
+    upload(s3, pending, hostile)
+    task = service.import_volume(
+        DiskImage("RAW", hostile.stat().st_size, pending.url, 1), availability_zone=None, description=None
+    )
+    done = run(cfg, task)
+    assert done.state is TaskState.FAILED
+    assert done.error_code == "UnsafeImage.PartitionTable"
+    assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
+
+
 def test_vmdk_upload_is_converted_onto_the_volume(
     service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:

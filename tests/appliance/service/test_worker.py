@@ -69,7 +69,7 @@ def engine(cfg_file: Path) -> Iterator[Engine]:
 
 def start_worker(cfg_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli.main", "--config", str(cfg_file), "worker"],
+        [sys.executable, "-m", "appliance.cli", "--config", str(cfg_file), "worker"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

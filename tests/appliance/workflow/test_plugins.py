@@ -144,7 +144,7 @@ def test_config_validate_names_a_broken_plugin(tmp_path: Path, plugins: Path) ->
     cfg.write_text(f"state_dir: {tmp_path / 'state'}\nhooks:\n  plugins_dir: {plugins}\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     r = subprocess.run(
-        [sys.executable, "-m", "appliance.cli.main", "--config", str(cfg), "config", "validate"],
+        [sys.executable, "-m", "appliance.cli", "--config", str(cfg), "config", "validate"],
         capture_output=True,
         text=True,
         env=env,
