@@ -27,6 +27,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECA
 #: actions without a dot that a hook may name as they are (not as ``hook.<name>``)
 PLAIN_HOOK_ACTIONS = frozenset({"run"})
 
+#: the smallest ``worker.task_memory_max``: a task child (Python, the workflow engine) needs about this much
+MIN_TASK_MEMORY = 64 << 20
+
 #: the insertion points of the import workflows, in the order an import reaches them
 HOOK_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
 
@@ -64,6 +67,14 @@ SCHEMA: dict[str, Any] = {
                 "qemu_img_address_space": SIZE,
                 "guest_probe_cpu_seconds": {"type": "integer", "minimum": 1},
                 "guest_probe_address_space": SIZE,
+                # qemu-img convert: a base plus CPU seconds per GiB of virtual size (see appliance.confine)
+                "qemu_img_convert_cpu_seconds": {"type": "integer", "minimum": 1},
+                "qemu_img_convert_cpu_seconds_per_gib": {"type": "integer", "minimum": 0},
+                "qemu_img_convert_address_space": SIZE,
+                # the decompressor child: a base plus CPU seconds per GiB of the output cap
+                "decompress_cpu_seconds": {"type": "integer", "minimum": 1},
+                "decompress_cpu_seconds_per_gib": {"type": "integer", "minimum": 0},
+                "decompress_address_space": SIZE,
             },
         },
         "safety": {
@@ -182,12 +193,14 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
                 "poll_interval": {"type": "number", "exclusiveMinimum": 0},
-                # per-task resource caps for the task processes (systemd CPUQuota= / IOWeight= /
-                # IOReadBandwidthMax= / IOWriteBandwidthMax= semantics); recorded, not yet enforced
+                # per-task resource caps, enforced with a cgroup v2 per task child (systemd CPUQuota= /
+                # IOWeight= / IOReadBandwidthMax= / IOWriteBandwidthMax= / MemoryMax= semantics); where the
+                # host cannot enforce them health says degraded (appliance.service.taskcgroup)
                 "task_cpu_quota": {"type": "string", "pattern": r"^[1-9]\d{0,4}%$"},
                 "task_io_weight": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "task_io_read_bandwidth": SIZE,
                 "task_io_write_bandwidth": SIZE,
+                "task_memory_max": SIZE,
             },
         },
         # Reporting to the controlling cloud (appliance.report): push signed messages or pull work.
@@ -267,6 +280,16 @@ DEFAULTS: dict[str, Any] = {
         # the guest reader (appliance.guest.probe) is pure Python; measured ~40 MiB of AS for small guests
         "guest_probe_cpu_seconds": 60,
         "guest_probe_address_space": "1GiB",
+        # Measured (qemu-img 7.2, README "Confinement"): the slowest genuine conversion needed ~56 CPU
+        # seconds per GiB (compressed qcow2 of text to stream-optimized VMDK) and at most ~300 MiB of
+        # address space with MALLOC_ARENA_MAX=2 (up to ~1.1 GiB without it); limits are 3x and ~6x that.
+        "qemu_img_convert_cpu_seconds": 300,
+        "qemu_img_convert_cpu_seconds_per_gib": 180,
+        "qemu_img_convert_address_space": "2GiB",
+        # bzip2, the slowest decoder, measured ~64 CPU seconds per GiB of output
+        "decompress_cpu_seconds": 120,
+        "decompress_cpu_seconds_per_gib": 240,
+        "decompress_address_space": "1GiB",
     },
     "safety": {
         "vmdk_allowed_types": ["monolithicSparse", "streamOptimized"],
@@ -348,6 +371,12 @@ class Limits:
     qemu_img_address_space: int
     guest_probe_cpu_seconds: int = 60
     guest_probe_address_space: int = 1 << 30
+    qemu_img_convert_cpu_seconds: int = 300
+    qemu_img_convert_cpu_seconds_per_gib: int = 180
+    qemu_img_convert_address_space: int = 2 << 30
+    decompress_cpu_seconds: int = 120
+    decompress_cpu_seconds_per_gib: int = 240
+    decompress_address_space: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -389,11 +418,12 @@ class SourcesConfig:
 class WorkerConfig:
     concurrency: int
     poll_interval: float
-    #: per-task caps (``"50%"`` of one CPU, IO weight 1..10000, bytes/s); None = unlimited
+    #: per-task caps (``"50%"`` of one CPU, IO weight 1..10000, bytes/s, bytes); None = unlimited
     task_cpu_quota: str | None = None
     task_io_weight: int | None = None
     task_io_read_bandwidth: int | None = None
     task_io_write_bandwidth: int | None = None
+    task_memory_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -575,6 +605,12 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             qemu_img_address_space=parse_size(limits["qemu_img_address_space"]),
             guest_probe_cpu_seconds=limits["guest_probe_cpu_seconds"],
             guest_probe_address_space=parse_size(limits["guest_probe_address_space"]),
+            qemu_img_convert_cpu_seconds=limits["qemu_img_convert_cpu_seconds"],
+            qemu_img_convert_cpu_seconds_per_gib=limits["qemu_img_convert_cpu_seconds_per_gib"],
+            qemu_img_convert_address_space=parse_size(limits["qemu_img_convert_address_space"]),
+            decompress_cpu_seconds=limits["decompress_cpu_seconds"],
+            decompress_cpu_seconds_per_gib=limits["decompress_cpu_seconds_per_gib"],
+            decompress_address_space=parse_size(limits["decompress_address_space"]),
         ),
         safety=SafetyPolicy(
             vmdk_allowed_types=tuple(safety["vmdk_allowed_types"]),
@@ -613,8 +649,9 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             poll_interval=float(merged["worker"]["poll_interval"]),
             task_cpu_quota=merged["worker"].get("task_cpu_quota"),
             task_io_weight=merged["worker"].get("task_io_weight"),
-            task_io_read_bandwidth=_optional_size(merged["worker"].get("task_io_read_bandwidth")),
-            task_io_write_bandwidth=_optional_size(merged["worker"].get("task_io_write_bandwidth")),
+            task_io_read_bandwidth=_optional_size(merged["worker"], "task_io_read_bandwidth", 1),
+            task_io_write_bandwidth=_optional_size(merged["worker"], "task_io_write_bandwidth", 1),
+            task_memory_max=_optional_size(merged["worker"], "task_memory_max", MIN_TASK_MEMORY),
         ),
         controller=_controller(merged["controller"]),
         artifacts=_artifacts(merged.get("artifacts") or {}, state_dir, path),
@@ -639,8 +676,15 @@ def _artifacts(raw: dict[str, Any], state_dir: Path, path: Any) -> ArtifactsConf
     )
 
 
-def _optional_size(value: int | str | None) -> int | None:
-    return None if value is None else parse_size(value)
+def _optional_size(section: dict[str, Any], key: str, minimum: int) -> int | None:
+    """The size ``section[key]`` in bytes (None when unset); at least ``minimum`` or a ConfigError."""
+    value = section.get(key)
+    if value is None:
+        return None
+    size = parse_size(value)
+    if size < minimum:
+        raise ConfigError(f"worker.{key}: {value!r} is below the minimum of {minimum} bytes")
+    return size
 
 
 def _controller(raw: dict[str, Any]) -> ControllerConfig:

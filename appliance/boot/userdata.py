@@ -104,6 +104,7 @@ SCHEMA: dict[str, Any] = {
                 "task_io_weight": _SVC["worker"]["properties"]["task_io_weight"],
                 "task_io_read_bandwidth": config_mod.SIZE,
                 "task_io_write_bandwidth": config_mod.SIZE,
+                "task_memory_max": config_mod.SIZE,
             },
         },
         "log_level": _SVC["log_level"],

@@ -1,7 +1,8 @@
 """``python -m appliance.guest.probe --format FMT IMAGE``: the limited child that reads a guest disk.
 
-The parent (:func:`appliance.guest.validate.validate_image`) runs this under ``prlimit`` (CPU seconds,
-address space, no core dumps) with a wall-clock timeout, in an empty private directory. It prints ONE
+The parent (:func:`appliance.guest.validate.validate_image`) runs this confined (:mod:`appliance.confine`:
+CPU seconds, address space, no core dumps, no network, a parent-death signal) with a wall-clock timeout,
+in an empty private directory. It prints ONE
 JSON object on stdout: ``{"report": {...}}`` or ``{"error": "..."}`` when the image cannot be read as a
 disk at all (with ``"code": "Guest.ExternalReference"`` when it names other files it needs). Anything
 worse (a crash, a limit, a hang) is seen by the parent as a missing or broken answer.

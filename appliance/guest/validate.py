@@ -1,4 +1,7 @@
-"""Static guest validation: run the reader in a limited child, then judge the request against it.
+"""Static guest validation: run the reader in a confined child, then judge the request against it.
+
+The reader runs under the confinement policy of :mod:`appliance.confine` (``limits.guest_probe_*``, no
+network, no inherited descriptors, a parent-death signal, an empty private directory).
 
 :func:`validate_image` never raises for a bad image: a disk the reader cannot open, a reader crash, a
 CPU/memory limit or a timeout all become a ``Guest.Unreadable`` finding; an image that names another file
@@ -9,20 +12,18 @@ It raises only for caller mistakes (:class:`~appliance.errors.UsageError`) and c
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 import stat
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import config as config_mod
+from .. import confine
+from ..confine import Completed, Policy
 from ..errors import Finding, UsageError
 from ..image.formats import parse_claim
-from ..image.qemuimg import Completed, isolated, run_limited
 from .codes import finding, for_data_disk
 from .report import GuestReport
 
@@ -54,13 +55,10 @@ def _image_argument(path: Path) -> Iterator[tuple[str, Path]]:
     the absolute device path (and an empty directory) for a block device."""
     st = path.stat()
     if stat.S_ISBLK(st.st_mode):
-        directory = Path(tempfile.mkdtemp(prefix="guest-probe."))
-        try:
+        with confine.private_dir(prefix="guest-probe.") as directory:
             yield str(path.resolve()), directory
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
     else:
-        with isolated(path) as link:
+        with confine.private_link(path, prefix="guest-probe.") as link:
             yield link.name, link.parent
 
 
@@ -76,16 +74,12 @@ def _unreadable(detail: str) -> GuestReport:
     )
 
 
-def _interpret(res: Completed, cpu: int, address_space: int) -> GuestReport:
-    limits = f"limits: {cpu} CPU seconds, {address_space >> 20} MiB address space"
+def _interpret(res: Completed, policy: Policy) -> GuestReport:
     if res.timed_out:
-        return _unreadable(f"the reader did not finish in time; {limits}")
+        return _unreadable(f"the reader did not finish in time; {policy.describe()}")
     if res.returncode < 0:
-        try:
-            name = signal.Signals(-res.returncode).name
-        except ValueError:
-            name = f"signal {-res.returncode}"
-        return _unreadable(f"the reader was killed by {name}; {limits}")
+        name = confine.signal_name(-res.returncode)
+        return _unreadable(f"the reader was killed by {name}; {policy.describe()}")
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     try:
         answer = json.loads(lines[-1]) if lines else None
@@ -138,17 +132,15 @@ def validate_image(
         )
     else:
         cfg = config if config is not None else config_mod.from_dict({})
-        cpu, address_space = cfg.limits.guest_probe_cpu_seconds, cfg.limits.guest_probe_address_space
+        policy = confine.guest_probe(cfg.limits, wall_seconds)
         with _image_argument(src) as (argument, workdir):
-            res = run_limited(
+            res = confine.run(
                 [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", fmt, argument],
-                cpu_seconds=cpu,
-                address_space=address_space,
+                policy,
                 cwd=workdir,
                 cancel=cancel,
-                wall_seconds=wall_seconds,
             )
-        report = _interpret(res, cpu, address_space)
+        report = _interpret(res, policy)
     if not bootable:
         report = report.with_findings([for_data_disk(f) for f in report.findings])
     return report

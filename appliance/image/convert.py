@@ -5,8 +5,10 @@ The sequence mirrors Nova's ``fetch_to_raw`` and Glance's ``image_conversion`` p
 
 1. The source is fully inspected and must be safe; a rejected source never creates anything at
    ``dst``.
-2. ``qemu-img convert`` always gets ``-f`` (never probes), runs on a link of the source inside an
-   empty private directory (relative names resolve to nothing), in its own process group so a
+2. ``qemu-img convert`` always gets ``-f`` (never probes), runs confined like every parser of
+   untrusted bytes (:mod:`appliance.confine`: CPU and address-space limits scaled to the virtual
+   size, no network, no inherited descriptors, a parent-death signal) on a link of the source inside
+   an empty private directory (relative names resolve to nothing), in its own process group so a
    cancel or Ctrl-C can stop it and anything it started.
 3. A file target is written under a hidden temporary name in ``dst``'s directory and renamed into
    place only after it is flushed to disk (qemu-img never fsyncs) and re-inspected: it must be the
@@ -26,7 +28,6 @@ import logging
 import os
 import re
 import select
-import shutil
 import signal
 import stat
 import subprocess
@@ -40,8 +41,9 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from .. import confine
 from ..config import Config
-from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, ImagingError, UsageError
+from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, UsageError
 from ..progress import Progress, ProgressTracker
 from . import qemuimg
 from .formats import check_output_format, to_qemu
@@ -146,7 +148,7 @@ def convert_image(
         _check_device_target(dst, fmt)
     else:
         _check_file_target(dst)
-    qemu_img = _qemu_img()
+    qemu_img = qemuimg.qemu_img()
     _raise_if_cancelled(cancel)
 
     source = inspect_image(src, claimed, config=config, workdir=workdir, cancel=cancel)
@@ -175,7 +177,8 @@ def convert_image(
                 direct_io=block_device or _supports_direct_io(out_path),
                 qemu_img=qemu_img,
             )
-            _run_convert(argv, linked.parent, tracker, virtual_size, cancel)
+            policy = confine.qemu_img_convert(config.limits, virtual_size)
+            _run_convert(argv, policy, linked.parent, tracker, virtual_size, cancel)
         _flush(out_path)
         _raise_if_cancelled(cancel)
         output = _verify(out_path, fmt, config, block_device=block_device)
@@ -302,14 +305,6 @@ def _check_device_size(dst: Path, needed: int) -> None:
         raise UsageError(f"block device {dst} holds {size} bytes, the image needs {needed}")
 
 
-def _qemu_img() -> str:
-    # Resolved on the caller's PATH: the child runs with qemuimg's minimal environment.
-    found = shutil.which(qemuimg.QEMU_IMG)
-    if found is None:
-        raise ImagingError("qemu-img not found on PATH; install it (Debian: qemu-utils)", code="MissingTool")
-    return found
-
-
 def _raise_if_cancelled(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("conversion cancelled")
@@ -355,22 +350,17 @@ def _supports_direct_io(path: Path) -> bool:
 
 def _run_convert(
     argv: list[str],
+    policy: confine.Policy,
     cwd: Path,
     tracker: ProgressTracker,
     virtual_size: int,
     cancel: threading.Event | None,
 ) -> None:
-    """Run qemu-img convert, feeding its ``-p`` output to ``tracker``; stop it on cancel."""
+    """Run qemu-img convert confined by ``policy``, feeding its ``-p`` output to ``tracker``; stop it
+    on cancel. A limit that stops it rejects the image (``UnsafeImage.ResourceLimit``)."""
     log.debug("running %s", " ".join(argv))
-    proc = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=qemuimg.qemu_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # own process group: Ctrl-C does not reach it, killpg does
-    )
+    # own process group: Ctrl-C does not reach it, killpg does
+    proc = confine.spawn(argv, policy, cwd=cwd, new_session=True)
     stderr = bytearray()
     readers = [
         threading.Thread(target=_read_progress, args=(proc.stdout, tracker, virtual_size), daemon=True),
@@ -389,8 +379,12 @@ def _run_convert(
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+    text = bytes(stderr).decode("utf-8", "replace")
+    killed = qemuimg.limit_finding(confine.Completed(rc, "", text), policy)
+    if killed is not None:
+        raise ImageRejected([killed])
     if rc != 0:
-        message = bytes(stderr).decode("utf-8", "replace").strip() or f"exit status {rc}"
+        message = text.strip() or f"exit status {rc}"
         if rc < 0:
             message = f"killed by signal {-rc}: {message}"
         raise ConversionFailed(f"qemu-img convert failed: {message}", code="ConversionFailed.QemuImg")

@@ -14,24 +14,43 @@ An attacker controls the compressed bytes, so decompression must never be able t
 
 A truncated or corrupt stream, or trailing garbage, is ``CorruptImage``. Concatenated gzip members, xz
 streams, bzip2 streams and zstd frames are decoded in sequence, as the command-line tools do.
+
+The decoders are C libraries (zlib, liblzma, libbz2, libzstd) fed attacker-controlled bytes, so they never
+run in the caller's process: :func:`decompress` starts this module as a child
+(``python -I -c ... --kind KIND --max-bytes N``) under the confinement policy of :mod:`appliance.confine`
+(``limits.decompress_*``: CPU seconds scaled to the output cap, address space; no network, a parent-death
+signal, an empty private working directory). The child gets exactly three descriptors: the compressed
+input on stdin and the output file on stdout, both opened by the parent (the output exclusively, never
+through a symlink), and stderr, on which it reports one JSON object per line: ``{"done": N}`` after each
+block, then ``{"total": N}`` or ``{"error": CODE, "message": ..., "done": N}``. A child stopped by a limit
+becomes ``UnsafeImage.ResourceLimit``.
 """
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import errno
 import gzip
+import json
 import lzma
 import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
-from ..errors import Cancelled, Finding, ImageRejected, InsufficientScratch, UsageError
+from .. import config as config_mod
+from .. import confine
+from ..config import Limits
+from ..errors import Cancelled, Finding, ImageRejected, ImagingError, InsufficientScratch, UsageError
 from .formats import COMPRESSIONS
 
 #: output granularity: cap checks, progress callbacks and hole detection happen per block
@@ -181,6 +200,131 @@ def _corrupt(kind: str, exc: BaseException) -> ImageRejected:
     )
 
 
+# The child imports appliance from the same tree as the parent, whether installed or not; -I keeps the
+
+
+# environment and the working directory out of its import path.
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from appliance.image.decompress import main; sys.exit(main())"
+)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+#: how much of the child's non-JSON stderr (a traceback) is kept for the error message
+_STDERR_KEEP = 2000
+#: signals that mean a limit stopped the child (RLIMIT_CPU sends SIGXCPU, then SIGKILL at the hard limit)
+_LIMIT_SIGNALS = (signal.SIGXCPU, signal.SIGKILL)
+
+
+class _Full(Exception):
+    """The disk filled up after ``done`` bytes."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(done)
+        self.done = done
+
+
+def _stream(
+    fin: BinaryIO, out: BinaryIO, kind: str, max_bytes: int, on_block: Callable[[int], None] | None = None
+) -> int:
+    """Decode ``fin`` into ``out`` (a regular file at offset 0) block by block; returns the size.
+
+    Raises ImageRejected (``CorruptImage``, ``SizeLimitExceeded.Decompressed``) or :class:`_Full`.
+    """
+    total = 0
+    try:
+        blocks = _blocks(_pieces(kind, fin))
+        while True:
+            try:
+                block = next(blocks, None)
+            except _DECODE_ERRORS as exc:
+                raise _corrupt(kind, exc) from exc
+            if block is None:
+                break
+            if total + len(block) > max_bytes:
+                raise _bomb(kind, max_bytes)
+            if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
+                out.seek(len(block), os.SEEK_CUR)
+            else:
+                out.write(block)
+            total += len(block)
+            if on_block is not None:
+                on_block(total)
+        out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
+        out.flush()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _Full(total) from exc
+        raise
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The confined child: decode stdin into stdout (a regular file), report on stderr (module docstring)."""
+    parser = argparse.ArgumentParser(prog="appliance.image.decompress")
+    parser.add_argument("--kind", required=True, choices=COMPRESSIONS)
+    parser.add_argument("--max-bytes", type=int, required=True)
+    args = parser.parse_args(argv)
+    status = sys.stderr
+
+    def report(obj: dict[str, Any]) -> None:
+        status.write(json.dumps(obj) + "\n")
+        status.flush()
+
+    done = 0
+
+    def block(n: int) -> None:
+        nonlocal done
+        done = n
+        report({"done": n})
+
+    fin = os.fdopen(0, "rb", closefd=False)
+    out = os.fdopen(1, "wb", closefd=False)
+    try:
+        total = _stream(fin, out, args.kind, args.max_bytes, block)
+    except ImageRejected as exc:
+        report({"error": exc.code, "message": exc.message, "done": done})
+    except _Full as exc:
+        report({"error": InsufficientScratch.code, "message": "no space left", "done": exc.done})
+    except MemoryError:
+        report(
+            {
+                "error": "UnsafeImage.ResourceLimit",
+                "message": f"the {args.kind} decoder needed more memory than allowed",
+                "done": done,
+            }
+        )
+    else:
+        report({"total": total})
+    return 0
+
+
+def _rejected(code: str, message: str) -> ImageRejected:
+    return ImageRejected([Finding.error(code, message)])
+
+
+def _child_failure(kind: str, proc_status: int, tail: str, policy: confine.Policy) -> ImagingError:
+    """The error for a child that ended without a result line."""
+    if proc_status < 0 and -proc_status in _LIMIT_SIGNALS:
+        return _rejected(
+            "UnsafeImage.ResourceLimit",
+            f"the {kind} decoder was killed by {confine.signal_name(-proc_status)} ({policy.describe()}); an "
+            "archive that needs this much is crafted to exhaust the host; for a genuine large image raise "
+            "limits.decompress_* in the configuration",
+        )
+    hit = confine.limit_hit(proc_status, tail)
+    if hit is not None and proc_status >= 0:
+        return _rejected("UnsafeImage.ResourceLimit", f"the {kind} decoder {hit} ({policy.describe()})")
+    if proc_status < 0:
+        return _rejected(
+            "CorruptImage",
+            f"the {kind} decoder crashed ({confine.signal_name(-proc_status)}) on this input; create the "
+            "archive again and re-upload it",
+        )
+    last = [ln for ln in tail.splitlines() if ln.strip()]
+    detail = last[-1][:300] if last else f"exit status {proc_status}"
+    return ImagingError(f"the {kind} decompressor failed: {detail}", code="InternalError")
+
+
 def decompress(
     src: Path,
     dst: Path,
@@ -189,51 +333,101 @@ def decompress(
     *,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
 ) -> int:
     """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the new file ``dst``.
 
     Returns the decompressed size. Never writes more than ``max_bytes``: the stream is rejected with
     ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. ``dst`` must not exist (it is created
     exclusively, never followed if a symlink). ``on_progress`` receives the number of bytes produced so far
-    after each block (never more than ``max_bytes``). Raises ImageRejected (``CorruptImage``) for a bad
-    stream, Cancelled when ``cancel`` is set, InsufficientScratch when the disk fills up; ``dst`` is removed
-    on every failure.
+    after each block (never more than ``max_bytes``), in the caller's thread. The decoding runs in a confined
+    child under ``limits`` (default: the embedded defaults). Raises ImageRejected (``CorruptImage``,
+    ``UnsafeImage.ResourceLimit``) for a bad stream or one that exceeds the limits, Cancelled when ``cancel``
+    is set, InsufficientScratch when the disk fills up; ``dst`` is removed on every failure.
     """
     if kind not in COMPRESSIONS:
         raise UsageError(f"unknown compression {kind!r}; use one of {', '.join(COMPRESSIONS)}")
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    total = 0
+    policy = confine.decompressor(limits or config_mod.from_dict({}).limits, max_bytes)
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as out:
-            blocks = _blocks(_pieces(kind, fin))
-            while True:
-                try:
-                    block = next(blocks, None)
-                except _DECODE_ERRORS as exc:
-                    raise _corrupt(kind, exc) from exc
-                if block is None:
-                    break
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"decompression of {src.name} cancelled")
-                if total + len(block) > max_bytes:
-                    raise _bomb(kind, max_bytes)
-                if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
-                    out.seek(len(block), os.SEEK_CUR)
-                else:
-                    out.write(block)
-                total += len(block)
-                if on_progress is not None:
-                    on_progress(total)
-            out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
-        return total
-    except OSError as exc:
-        dst.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientScratch(
-                f"no space left in {dst.parent} after {total} decompressed bytes; free space or raise the "
-                "scratch quota"
-            ) from exc
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(fin)
         raise
+    try:
+        with confine.private_dir(prefix="decompress.") as cwd:
+            try:
+                argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--kind", kind]
+                proc = confine.spawn(
+                    [*argv, "--max-bytes", str(max_bytes)], policy, cwd=cwd, stdin=fin, stdout=fout
+                )
+            finally:
+                os.close(fin)
+                os.close(fout)
+            result, tail = _follow(proc, kind, cancel, on_progress)
+        if result is None:
+            raise _child_failure(kind, proc.returncode, tail, policy)
+        if "error" in result:
+            code, message = str(result["error"]), str(result.get("message", ""))
+            if code == InsufficientScratch.code:
+                raise InsufficientScratch(
+                    f"no space left in {dst.parent} after {result.get('done', 0)} decompressed bytes; free "
+                    "space or raise the scratch quota"
+                )
+            if code.startswith(("CorruptImage", "SizeLimitExceeded", "UnsafeImage")):
+                raise _rejected(code, message)
+            raise ImagingError(message, code=code)
+        return int(result["total"])
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+
+
+def _follow(
+    proc: subprocess.Popen[bytes],
+    kind: str,
+    cancel: threading.Event | None,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[dict[str, Any] | None, str]:
+    """Read the child's status lines until it exits: (its result or error object, other stderr text).
+
+    Progress goes to ``on_progress``; a set ``cancel`` kills the child and raises Cancelled.
+    """
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    pending = b""
+    tail = ""
+    result: dict[str, Any] | None = None
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"decompression of the {kind} input cancelled")
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
+                if not isinstance(obj, dict):
+                    tail = (tail + line.decode("utf-8", "replace") + "\n")[-_STDERR_KEEP:]
+                elif "done" in obj and len(obj) == 1:
+                    if on_progress is not None:
+                        on_progress(int(obj["done"]))
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"decompression of the {kind} input cancelled")
+                else:
+                    result = obj
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return result, tail

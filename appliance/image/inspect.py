@@ -158,7 +158,9 @@ def inspect_image(
     limit = config.limits.max_decompressed_size if max_decompressed is None else max_decompressed
     target = _fresh_path(Path(workdir), source)
     try:
-        result.details["decompressed_size"] = decompress(source, target, compression, limit, cancel=cancel)
+        result.details["decompressed_size"] = decompress(
+            source, target, compression, limit, cancel=cancel, limits=config.limits
+        )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)
         return _finish(result)

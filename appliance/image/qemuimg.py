@@ -1,19 +1,13 @@
-"""Running ``qemu-img`` on untrusted images: minimal environment, resource limits, an empty private directory.
+"""Running ``qemu-img`` on untrusted images: confined, with ``-f``, in an empty private directory.
 
 Every call here follows the same rules (image-safety.md §3.4, §3.6):
 
 * the format is always passed with ``-f`` (qemu-img never probes; CVE-2026-24708);
-* the process runs under ``prlimit`` (CPU seconds and address space from ``config.limits``, no core dumps) so
-  a crafted image cannot exhaust the host; a process killed by a limit becomes ``UnsafeImage.ResourceLimit``;
-* the environment is ``LC_ALL=C LANG=C`` with a minimal ``PATH`` (stable, parseable messages);
+* the process runs under the confinement policy of :mod:`appliance.confine` (CPU seconds and address
+  space from ``config.limits``, no core dumps, no network, no inherited descriptors, a parent-death
+  signal, a minimal environment); a process stopped by a limit becomes ``UnsafeImage.ResourceLimit``;
 * the working directory is an EMPTY private directory (mode 0700) that holds only a link to the image, so any
   relative backing-file or extent name inside the image resolves into that empty directory.
-
-Why the ``prlimit`` binary rather than ``resource.setrlimit`` in ``preexec_fn``: ``preexec_fn`` is documented
-as unsafe when the parent has threads (the workflow engine runs steps in threads) and cannot be used with
-``subprocess`` in sub-interpreters. ``prlimit`` (util-linux, already a system dependency) sets the limits and
-then ``exec``s qemu-img, so the limited process *is* qemu-img (same pid, which ``Popen.kill`` reaches) and
-its exit status shows the signal that killed it.
 
 ``info`` and ``check`` raise :class:`~appliance.errors.ImageRejected` for an image qemu-img cannot read, and
 return their results otherwise; interpretation of the ``info`` JSON (backing files, create types, …) lives in
@@ -23,149 +17,37 @@ return their results otherwise; interpretation of the ``info`` JSON (backing fil
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import confine
 from ..config import Limits
-from ..errors import Cancelled, Finding, ImageRejected, ImagingError, UsageError
+from ..confine import Completed, Policy
+from ..errors import Finding, ImageRejected
 
 QEMU_IMG = "qemu-img"
-PRLIMIT = "prlimit"
-#: the only directories a limited child may search for helpers
-MINIMAL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: qemu formats for which ``qemu-img check`` exists (raw and vpc have no metadata to check)
 CHECKABLE_FORMATS = frozenset({"qcow2", "vmdk", "vhdx", "vdi", "qed"})
 #: name of the image link inside the private directory; deliberately extension-less and colon-free
-LINK_NAME = "image"
-
-_POLL_SECONDS = 0.1
-# A limited qemu-img can still hang in uninterruptible I/O without using CPU; wall time is bounded as well.
-_MIN_WALL_SECONDS = 60
-_WALL_PER_CPU_SECOND = 4
-# qemu-img reports these when an allocation fails under the address-space limit instead of crashing.
-_ALLOCATION_FAILURES = ("Cannot allocate memory", "Resource temporarily unavailable", "Out of memory")
+LINK_NAME = confine.LINK_NAME
 
 
-def qemu_env() -> dict[str, str]:
-    """The complete environment for a qemu-img child: C locale and a minimal ``PATH``, nothing inherited."""
-    return {"LC_ALL": "C", "LANG": "C", "PATH": MINIMAL_PATH}
-
-
-def _which(name: str) -> str:
-    # Resolved against the caller's PATH (not the child's minimal one) so operators and tests can choose the
-    # binary; the child then gets an absolute path and never searches.
-    found = shutil.which(name)
-    if found is None:
-        raise ImagingError(
-            f"{name} not found on PATH; install it (Debian: qemu-utils for qemu-img, util-linux for prlimit)",
-            code="MissingTool",
-        )
-    return found
-
-
-def limited_command(argv: list[str], cpu_seconds: int | None, address_space: int | None) -> list[str]:
-    """``argv`` prefixed with ``prlimit`` so the command runs with the given limits and no core dumps.
-
-    ``cpu_seconds`` sets RLIMIT_CPU (soft = hard, so the kernel sends SIGXCPU and the process dies);
-    ``address_space`` sets RLIMIT_AS in bytes. ``None`` leaves that limit unset. ``prlimit`` execs the
-    command, so the returned argv's process is the command itself.
-    """
-    cmd = [_which(PRLIMIT), "--core=0"]
-    if cpu_seconds is not None:
-        cmd.append(f"--cpu={int(cpu_seconds)}")
-    if address_space is not None:
-        cmd.append(f"--as={int(address_space)}")
-    return [*cmd, "--", *argv]
+def qemu_img() -> str:
+    """The qemu-img binary, resolved on the caller's ``PATH``, or a ``MissingTool`` error."""
+    return confine.which(QEMU_IMG)
 
 
 @contextmanager
 def isolated(path: Path, parent: Path | None = None) -> Iterator[Path]:
     """An empty private directory (mode 0700) holding only a link to ``path``; yields the link.
 
-    The directory is removed on exit. The link is a hard link when ``parent`` is on the image's filesystem,
-    else a symlink to the absolute path (qemu resolves relative names against the link's own directory either
-    way, which we measured). ``parent`` defaults to the system temporary directory.
+    See :func:`appliance.confine.private_link`; ``parent`` defaults to the system temporary directory.
     """
-    target = Path(path).resolve()
-    if not target.is_file():
-        raise UsageError(f"{path}: not a regular file")
-    directory = Path(tempfile.mkdtemp(prefix="qemu-img.", dir=parent))
-    try:
-        directory.chmod(0o700)
-        link = directory / LINK_NAME
-        try:
-            os.link(target, link)
-        except OSError:  # EXDEV across filesystems, EPERM under fs.protected_hardlinks
-            link.symlink_to(target)
+    with confine.private_link(path, parent) as link:
         yield link
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class Completed:
-    """Outcome of one limited qemu-img run."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    timed_out: bool = False
-
-
-def run_limited(
-    argv: list[str],
-    *,
-    cpu_seconds: int | None,
-    address_space: int | None,
-    cwd: Path,
-    cancel: threading.Event | None = None,
-    wall_seconds: float | None = None,
-) -> Completed:
-    """Run ``argv`` under :func:`limited_command` in ``cwd`` with :func:`qemu_env`.
-
-    Never raises for exit codes. Raises :class:`~appliance.errors.Cancelled` (after killing and reaping the
-    process) when ``cancel`` is set. ``wall_seconds`` defaults to a multiple of ``cpu_seconds``; on expiry
-    the process is killed and the result has ``timed_out=True``.
-    """
-    if wall_seconds is None:
-        wall_seconds = max(_MIN_WALL_SECONDS, _WALL_PER_CPU_SECOND * (cpu_seconds or 0))
-    proc = subprocess.Popen(
-        limited_command(argv, cpu_seconds, address_space),
-        cwd=cwd,
-        env=qemu_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    deadline = time.monotonic() + wall_seconds
-    try:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=_POLL_SECONDS)
-                return Completed(proc.returncode, out, err)
-            except subprocess.TimeoutExpired:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled while running {Path(argv[0]).name} {argv[1]}") from None
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    return Completed(proc.returncode, out, err, timed_out=True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -174,33 +56,17 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _limit_finding(res: Completed, action: str, cpu_seconds: int, address_space: int) -> Finding | None:
-    """``UnsafeImage.ResourceLimit`` when the run was killed by a limit (or timed out), else ``None``."""
-    limits = f"limits: {cpu_seconds} CPU seconds, {address_space // (1 << 20)} MiB address space"
-    advice = (
-        "a small image that needs this much is crafted to exhaust the host; for a genuine large image raise "
-        "limits.qemu_img_* in the configuration"
+def limit_finding(res: Completed, policy: Policy) -> Finding | None:
+    """``UnsafeImage.ResourceLimit`` when a limit stopped the run (or it timed out), else ``None``."""
+    hit = confine.limit_hit(res.returncode, res.stderr, res.timed_out)
+    if hit is None:
+        return None
+    return Finding.error(
+        "UnsafeImage.ResourceLimit",
+        f"{policy.tool} {hit} while reading the image ({policy.describe()}); a small image that needs this "
+        "much is crafted to exhaust the host; for a genuine large image raise limits.qemu_img_* in the "
+        "configuration",
     )
-    if res.timed_out:
-        return Finding.error(
-            "UnsafeImage.ResourceLimit",
-            f"qemu-img {action} did not finish in time ({limits}); {advice}",
-        )
-    if res.returncode < 0:
-        try:
-            name = signal.Signals(-res.returncode).name
-        except ValueError:
-            name = f"signal {-res.returncode}"
-        return Finding.error(
-            "UnsafeImage.ResourceLimit",
-            f"qemu-img {action} was killed by {name} while reading the image ({limits}); {advice}",
-        )
-    if any(marker in res.stderr for marker in _ALLOCATION_FAILURES):
-        return Finding.error(
-            "UnsafeImage.ResourceLimit",
-            f"qemu-img {action} ran out of memory ({limits}): {_first_line(res.stderr)}; {advice}",
-        )
-    return None
 
 
 def info(
@@ -218,15 +84,15 @@ def info(
     ``UnsafeImage.ResourceLimit`` when a limit killed qemu-img, and ``CorruptImage`` when qemu-img fails,
     writes anything to stderr, or prints something that is not a JSON object.
     """
+    policy = confine.qemu_img_info(limits)
     with isolated(path, workdir) as link:
-        res = run_limited(
-            [_which(QEMU_IMG), "info", "-f", fmt, "--force-share", "--output=json", link.name],
-            cpu_seconds=limits.qemu_img_info_cpu_seconds,
-            address_space=limits.qemu_img_address_space,
+        res = confine.run(
+            [qemu_img(), "info", "-f", fmt, "--force-share", "--output=json", link.name],
+            policy,
             cwd=link.parent,
             cancel=cancel,
         )
-    killed = _limit_finding(res, "info", limits.qemu_img_info_cpu_seconds, limits.qemu_img_address_space)
+    killed = limit_finding(res, policy)
     if killed:
         raise ImageRejected([killed])
     if res.returncode != 0 or res.stderr.strip():
@@ -268,15 +134,15 @@ def check(
     """
     if fmt not in CHECKABLE_FORMATS:
         return []
+    policy = confine.qemu_img_check(limits)
     with isolated(path, workdir) as link:
-        res = run_limited(
-            [_which(QEMU_IMG), "check", "-f", fmt, "--force-share", "--output=json", link.name],
-            cpu_seconds=limits.qemu_img_check_cpu_seconds,
-            address_space=limits.qemu_img_address_space,
+        res = confine.run(
+            [qemu_img(), "check", "-f", fmt, "--force-share", "--output=json", link.name],
+            policy,
             cwd=link.parent,
             cancel=cancel,
         )
-    killed = _limit_finding(res, "check", limits.qemu_img_check_cpu_seconds, limits.qemu_img_address_space)
+    killed = limit_finding(res, policy)
     if killed:
         raise ImageRejected([killed])
     try:

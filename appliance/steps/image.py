@@ -51,6 +51,7 @@ def decompress_into_scratch(ctx: StepContext, src: Path, kind: str, dst: Path) -
         cap,
         cancel=ctx.cancel,
         on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
+        limits=ctx.config.limits,
     )
     _shrink(ctx, rid, dst, f"decompressed {src.name}")
     return written

@@ -1,18 +1,21 @@
-"""Static guest validation of real images built by tests/guestfactory.py (reader in a limited child)."""
+"""Static guest validation of real images built by tests/guestfactory.py (reader in a confined child)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from appliance import config as config_mod
+from appliance import confine
 from appliance.errors import Severity, UsageError
 from appliance.guest import CODES, check_request, validate_image
 from appliance.guest.report import GuestReport
+from tests import confinement
 from tests import guestfactory as gf
 
 
@@ -329,3 +332,29 @@ def test_each_supported_filesystem_is_identified_as_blkid_names_it(
     (part,) = r.partitions
     # fstab's UUID= and LABEL= are resolved against exactly these spellings
     assert (part["filesystem"], part["uuid"], part["label"]) == (blkid["TYPE"], blkid["UUID"], blkid["LABEL"])
+
+
+def test_the_guest_reader_runs_under_the_confinement_policy(tmp_path: Path, linux_img: Path) -> None:
+    cfg = config_mod.from_dict({"state_dir": str(tmp_path)}, base_dir=tmp_path)
+    sentinel = tmp_path / "inherited-secret"
+    sentinel.write_text("not for the reader")
+    inherited = os.open(sentinel, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    reports: list[GuestReport] = []
+    try:
+        with confinement.lease(linux_img) as held:
+            # the reader blocks in open() of the image until the lease is released: a deterministic hold
+            runner = threading.Thread(target=lambda: reports.append(validate_image(linux_img, config=cfg)))
+            runner.start()
+            held.wait_broken()
+            pid = confinement.find_descendant(confinement.is_python_module("appliance.guest.probe"))
+            seen = confinement.observe(pid)
+            held.release()
+            runner.join(120)
+    finally:
+        os.close(inherited)
+    assert reports and reports[0].os.get("family") == "linux", "the reader did not finish with a report"
+    confinement.assert_confined(
+        seen, confine.guest_probe(cfg.limits), cwd_entries=["image"], forbidden_fd_targets={str(sentinel)}
+    )
+    assert seen.argv[-1] == "image"

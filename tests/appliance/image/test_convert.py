@@ -22,10 +22,12 @@ import psutil
 import pytest
 
 from appliance import config as config_mod
+from appliance import confine
 from appliance.config import Config
 from appliance.errors import Cancelled, ConversionFailed, ImageRejected, UsageError
 from appliance.image.convert import BUFFERED_INPUTS, DIRECT_IO_FORMATS, convert_image
 from appliance.progress import Progress
+from tests import confinement
 from tests import imagefactory as factory
 
 MiB = 1 << 20
@@ -603,3 +605,80 @@ def test_nested_format_written_to_a_block_device_fails_the_conversion(
         convert_image(src, loop_device, "raw", "qcow2", config=cfg, workdir=workdir)
     assert exc.value.code == "ConversionFailed.UnexpectedFormat"
     assert entries(workdir) == []
+
+
+# ------------------------------------------------------------------------------------------- confinement
+
+
+def test_qemu_img_convert_runs_under_the_confinement_policy(
+    slow_input: Path, cfg: Config, workdir: Path, outdir: Path, tmp_path: Path
+) -> None:
+    sentinel = tmp_path / "inherited-secret"
+    sentinel.write_text("not for qemu-img")
+    inherited = os.open(sentinel, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    seen: list[confinement.Observed] = []
+    partial: list[str] = []
+
+    def on_progress(p: Progress) -> None:
+        # qemu-img is copying (it reported progress): hold it still and look at it, once
+        if seen or p.complete:
+            return
+        pid = confinement.find_descendant(confinement.is_tool("qemu-img", "convert"))
+        with confinement.stop(pid):
+            seen.append(confinement.observe(pid))
+            partial.extend(entries(outdir))
+
+    try:
+        result = convert_image(
+            slow_input,
+            outdir / "out.vmdk",
+            "vmdk",
+            "qcow2",
+            config=cfg,
+            workdir=workdir,
+            on_progress=on_progress,
+        )
+    finally:
+        os.close(inherited)
+    assert seen, "qemu-img was never seen running"
+    policy = confine.qemu_img_convert(cfg.limits, result.virtual_size)
+    assert (
+        policy.cpu_seconds
+        == cfg.limits.qemu_img_convert_cpu_seconds + cfg.limits.qemu_img_convert_cpu_seconds_per_gib
+    )
+    link = seen[0].cwd / "image"
+    output = outdir / partial[0]
+    confinement.assert_confined(
+        seen[0], policy, cwd_entries=["image"], files={link, output}, forbidden_fd_targets={str(sentinel)}
+    )
+    # it has exactly the image (through its link) and its output open
+    assert set(seen[0].files().values()) == {str(link), str(output)}
+    assert seen[0].cwd.parent == workdir
+
+
+def test_conversion_over_its_cpu_limit_rejects_the_image_and_leaves_nothing(
+    slow_input: Path, tmp_path: Path, workdir: Path, outdir: Path
+) -> None:
+    # ~6 CPU seconds of work against a 1 s limit
+    limits = {"qemu_img_convert_cpu_seconds": 1, "qemu_img_convert_cpu_seconds_per_gib": 0}
+    cfg = config_mod.from_dict({"state_dir": str(tmp_path / "state"), "limits": limits})
+    with pytest.raises(ImageRejected) as exc:
+        convert_image(slow_input, outdir / "out.vmdk", "vmdk", "qcow2", config=cfg, workdir=workdir)
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "qemu-img convert was killed by SIG" in exc.value.message and "1 CPU seconds" in exc.value.message
+    assert entries(outdir) == [] and entries(workdir) == []
+
+
+def test_conversion_over_its_address_space_limit_rejects_the_image(
+    inputs: dict[str, tuple[Path, str, str]], tmp_path: Path, workdir: Path, outdir: Path
+) -> None:
+    src, claim, _ = inputs["qcow2"]
+    cfg = config_mod.from_dict(
+        {"state_dir": str(tmp_path / "state"), "limits": {"qemu_img_convert_address_space": "32MiB"}}
+    )
+    with pytest.raises(ImageRejected) as exc:
+        convert_image(src, outdir / "out.raw", "raw", claim, config=cfg, workdir=workdir)
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "32 MiB address space" in exc.value.message
+    assert entries(outdir) == [] and entries(workdir) == []

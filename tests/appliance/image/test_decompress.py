@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from appliance import config as config_mod
+from appliance import confine
 from appliance.errors import Cancelled, ImageRejected, UsageError
 from appliance.image.decompress import BLOCK_SIZE, decompress, detect_compression
+from tests import confinement
 from tests import imagefactory as factory
 
 KINDS = ["gzip", "xz", "zstd", "bzip2"]
@@ -173,3 +178,67 @@ def test_unknown_compression_is_a_usage_error(raw: Path, work: Path) -> None:
     with pytest.raises(UsageError):
         decompress(raw, work / "out.raw", "zip", 64 * MiB)
     assert list(work.iterdir()) == []
+
+
+def test_the_decoder_runs_in_a_confined_child(raw: Path, tmp_path: Path, work: Path) -> None:
+    data = factory.compress(raw, "gzip").read_bytes()
+    fifo = tmp_path / "upload.gz"
+    os.mkfifo(fifo)
+    limits = config_mod.from_dict({}).limits
+    sentinel = tmp_path / "inherited-secret"
+    sentinel.write_text("not for the decoder")
+    inherited = os.open(sentinel, os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    results: list[int] = []
+    runner = threading.Thread(
+        target=lambda: results.append(decompress(fifo, work / "disk.raw", "gzip", 64 * MiB, limits=limits))
+    )
+    runner.start()
+    try:
+        writer = os.open(fifo, os.O_WRONLY)  # the parent opened the input for the child
+        pid = confinement.find_descendant(confinement.is_python_module("appliance.image.decompress"))
+        confinement.wait_reading(pid, 0)  # the child waits for the compressed bytes on its stdin
+        seen = confinement.observe(pid)
+        os.write(writer, data)
+        os.close(writer)
+        runner.join(60)
+    finally:
+        os.close(inherited)
+    assert results == [raw.stat().st_size] and sha(work / "disk.raw") == sha(raw)
+    confinement.assert_confined(
+        seen, confine.decompressor(limits, 64 * MiB), cwd_entries=[], forbidden_fd_targets={str(sentinel)}
+    )
+    # exactly three descriptors that are files or pipes: the input, the output, the status pipe
+    assert seen.fds[0] == str(fifo) and seen.fds[1] == str(work / "disk.raw")
+    assert seen.fds[2].startswith("pipe:") and seen.files() == {}
+
+
+def test_a_decoder_over_its_cpu_limit_is_rejected_and_leaves_nothing(tmp_path: Path, work: Path) -> None:
+    # 1 GiB of zeros as bzip2: ~5 CPU seconds to decode (measured), far below the output cap
+    archive = factory.bomb(tmp_path, "bzip2", factory.GiB)
+    limits = config_mod.from_dict(
+        {"limits": {"decompress_cpu_seconds": 1, "decompress_cpu_seconds_per_gib": 0}}
+    ).limits
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "out.raw", "bzip2", 2 * factory.GiB, limits=limits)
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "bzip2 decoder was killed by SIG" in exc.value.message and "1 CPU seconds" in exc.value.message
+    assert list(work.iterdir()) == []
+
+
+def test_a_decoder_over_its_address_space_limit_is_rejected_and_leaves_nothing(
+    tmp_path: Path, work: Path
+) -> None:
+    # the stream declares a 256 MiB dictionary, which the decoder allocates before the first byte of output:
+    # more than a 200 MiB address space holds next to Python (~30 MiB)
+    archive = tmp_path / "big-dictionary.xz"
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 0, "dict_size": 256 * MiB}]
+    archive.write_bytes(lzma.compress(os.urandom(2 * MiB), format=lzma.FORMAT_XZ, filters=filters))
+    limits = config_mod.from_dict({"limits": {"decompress_address_space": "200MiB"}}).limits
+    with pytest.raises(ImageRejected) as exc:
+        decompress(archive, work / "out.raw", "xz", 1 << 30, limits=limits)
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "memory" in exc.value.message
+    assert list(work.iterdir()) == []
+    # the same archive decodes with the default limits
+    assert decompress(archive, work / "ok.raw", "xz", 1 << 30) == 2 * MiB
