@@ -3,7 +3,8 @@
 The overall status is the worst check: a *critical* check that fails (the task database cannot be
 read, ``qemu-img`` is missing) makes the service ``disabled`` (HTTP 503: nothing can be imported
 here, take it out of rotation); any other problem (scratch short of space, no fresh worker
-heartbeat) makes it ``degraded`` (HTTP 200: requests are still accepted, tasks may wait).
+heartbeat, per-task caps that are configured but not enforced, untrusted-input parsers without a
+private network namespace) makes it ``degraded`` (HTTP 200: requests are still accepted, tasks may wait).
 Every failing check carries a ``reason`` a human can act on.
 """
 
@@ -127,6 +128,35 @@ def check_worker(config: Config, now: datetime | None = None) -> dict[str, Any]:
     return result
 
 
+def check_task_limits(config: Config) -> dict[str, Any]:
+    """The per-task caps (``worker.task_*``) are enforced, as the worker reports (``task_limits``)."""
+    available, beat = _read_heartbeat(config)
+    limits = (beat or {}).get("task_limits")
+    if not available or not isinstance(limits, dict):
+        return {"status": UNKNOWN, "reason": "no worker heartbeat says how tasks are capped"}
+    caps = limits.get("caps") or {}
+    result: dict[str, Any] = {"status": PASS, "caps": caps, "cgroup": limits.get("cgroup")}
+    if caps and not limits.get("enforced"):
+        result.update(
+            status=WARN,
+            reason=f"per-task caps {', '.join(caps)} are configured but not enforced: "
+            f"{limits.get('reason') or 'unknown reason'}",
+        )
+    return result
+
+
+def check_confinement(config: Config) -> dict[str, Any]:
+    """Untrusted-input parsers run in a private network namespace, as the worker reports."""
+    available, beat = _read_heartbeat(config)
+    confinement = (beat or {}).get("confinement")
+    if not available or not isinstance(confinement, dict):
+        return {"status": UNKNOWN, "reason": "no worker heartbeat says how parsers are confined"}
+    if confinement.get("network") is None:
+        reason = confinement.get("reason") or "no network isolation"
+        return {"status": WARN, "network": None, "reason": reason}
+    return {"status": PASS, "network": confinement["network"]}
+
+
 def overall(checks: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
     """(``ok``|``degraded``|``disabled``, the first reason for it)."""
     critical = [c["reason"] for n, c in checks.items() if n in CRITICAL and c["status"] == FAIL]
@@ -145,6 +175,8 @@ def health(config: Config, open_store: Callable[[], Store], version: str) -> dic
         "qemu_img": check_qemu_img(),
         "scratch": check_scratch(config),
         "worker": check_worker(config),
+        "task_limits": check_task_limits(config),
+        "confinement": check_confinement(config),
     }
     status, reason = overall(checks)
     doc: dict[str, Any] = {"status": status, "checks": checks, "version": version}

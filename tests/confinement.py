@@ -37,6 +37,12 @@ def _ppid_and_state(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[0]
 
 
+def parent(pid: int) -> int | None:
+    """The parent of ``pid`` (None when it is gone)."""
+    info = _ppid_and_state(pid)
+    return None if info is None else info[0]
+
+
 def gone(pid: int) -> bool:
     """The process no longer runs (it does not exist, or is a zombie nobody reaped yet)."""
     info = _ppid_and_state(pid)

@@ -11,6 +11,11 @@ Run once at boot (``imaging-configure.service``, before the API and worker units
   controller told when its URL is known (best effort); exit 2.
 
 Secrets are never printed: messages name fields, and values under secret keys are scrubbed.
+
+Per-task caps (``limits.task_*``) this machine cannot enforce are printed as warnings (the worker's
+health then says ``degraded`` too). While ``limits.task_io_weight`` is set, the flag file ``io-weight``
+next to the error file makes the image's udev rule select the BFQ scheduler for the disks (IO weights
+only act under BFQ or io.cost); the block devices are re-triggered when the flag changes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
+from ..service import taskcgroup
 from . import rendezvous, userdata, worker_dropin
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
@@ -44,6 +50,23 @@ EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_OUTPUT = Path("/etc/imaging/imaging.yaml")
 DEFAULT_ERROR_FILE = Path("/run/imaging/config-error.json")
 CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
+#: next to the error file (``/run/imaging``): present while an IO weight is configured (udev selects BFQ)
+IO_WEIGHT_FLAG = "io-weight"
+
+
+def udev_retrigger() -> None:
+    """Replay the block devices' udev rules (so the IO scheduler rule sees the flag); a no-op where
+    systemd does not run this machine (e.g. a container)."""
+    exe = shutil.which("udevadm")
+    if exe is None or not Path("/run/systemd/system").is_dir():
+        log.info("udev is not running: not re-triggering block devices")
+        return
+    subprocess.run(
+        [exe, "trigger", "--action=change", "--subsystem-match=block", "--settle"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
 
 
 @dataclass
@@ -61,6 +84,8 @@ class Options:
     unit_dir: Path | None = worker_dropin.DEFAULT_UNIT_DIR
     #: called after the drop-in changed (None: nobody to tell, e.g. a unit dir of a test)
     reload: Callable[[], None] | None = worker_dropin.systemd_reload
+    #: called after the IO weight flag changed (None: nobody to tell)
+    retrigger: Callable[[], None] | None = udev_retrigger
 
 
 @dataclass
@@ -271,6 +296,7 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
         return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
     with contextlib.suppress(FileNotFoundError):
         opts.error_file.unlink()
+    _task_caps(opts, rendered, stderr)
     if via_rendezvous:
         _tell_controller(known, "configured", [], "status", min(opts.timeout, 5.0))
     ctl = rendered.config["controller"]
@@ -294,6 +320,28 @@ def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileg
     db_path = Path(rendered.config["state_dir"]) / "imaging.db"
     if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
         opts.reload()
+
+
+def _task_caps(opts: Options, rendered: userdata.Rendered, stderr: TextIO) -> None:
+    """Select BFQ while an IO weight is configured; warn about caps this machine cannot enforce."""
+    caps = taskcgroup.TaskCaps.from_config(config_mod.from_dict(rendered.config, opts.output.parent).worker)
+    flag = opts.error_file.parent / IO_WEIGHT_FLAG
+    try:
+        if caps.io_weight is not None and not flag.exists():
+            write_atomic(flag, "limits.task_io_weight is set: the disks use the BFQ scheduler\n", 0o644, None)
+            changed = True
+        elif caps.io_weight is None and flag.exists():
+            flag.unlink()
+            changed = True
+        else:
+            changed = False
+        if changed and opts.retrigger is not None:
+            opts.retrigger()
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ") if isinstance(exc, OSError) else exc
+        print(f"imaging: warning: cannot select the BFQ IO scheduler for IO weights: {why}", file=stderr)
+    for problem in taskcgroup.host_problems(caps):
+        print(f"imaging: warning: {problem}", file=stderr)
 
 
 def _why(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..errors import UsageError
+from ..service.taskcgroup import TaskCaps, host_problems
 
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
@@ -116,6 +117,9 @@ def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     get_volume_target(cfg)
     get_image_target(cfg)
     _validate_hooks(cfg)
+    # valid, but say what this machine cannot enforce (the worker's health says it too)
+    for problem in host_problems(TaskCaps.from_config(cfg.worker)):
+        print(f"imaging: warning: {problem}", file=sys.stderr)
     print(f"{cfg.source or 'embedded defaults'}: valid")
     return 0
 

@@ -22,6 +22,7 @@ def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
     )
     if opts.unit_dir != worker_dropin.DEFAULT_UNIT_DIR:
         opts.reload = None  # not the units systemd runs: nothing to reload
+        opts.retrigger = None  # and not the machine's udev rules either
     return configure_mod.configure(opts)
 
 

@@ -11,7 +11,13 @@ task cannot take the others down, and the concurrency limit is a count of childr
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
 - on SIGTERM/SIGINT stops claiming and asks its children to *suspend* (SIGUSR1): the step in
   progress stops, nothing is undone, and the task resumes when a worker starts again. Children
-  still running after ``SHUTDOWN_GRACE`` seconds are killed with their process groups.
+  still running after ``SHUTDOWN_GRACE`` seconds are killed with their process groups;
+- runs each child in a cgroup of its own with the per-task caps (``worker.task_*``) where its cgroup is
+  delegated to it (:mod:`appliance.service.taskcgroup`), and reports in its heartbeat whether the caps
+  are enforced (and why not) and how untrusted-input parsers are isolated (:mod:`appliance.confine`);
+- when a child ends, for whatever reason, kills what it left behind: its process group and its cgroup.
+  The parsers it started (qemu-img, the guest probe, the decompressor) also die with it by their
+  parent-death signal, so a task child killed alone leaves none of them running.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
+from .. import confine
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
 from ..scratch import ScratchSpace
 from ..store import Store, TaskState, format_time
 from ..workflow.supervisor import find_orphans
+from . import taskcgroup
+from .taskcgroup import TaskCaps, TaskCgroups
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +124,35 @@ class Worker:
         self.started_at = format_time_now()
         self.status = "starting"
         self.reason: str | None = None
+        self.caps = TaskCaps.from_config(config.worker)
+        #: the task cgroups (None: the worker's cgroup is not delegated to it, or they failed)
+        self.cgroups: TaskCgroups | None = None
+        #: task id → its cgroup
+        self.task_cgroups: dict[str, Path] = {}
+        #: why the per-task caps are not (all) enforced
+        self.limits_reason: str | None = None
+
+    # -- per-task cgroups -----------------------------------------------------------------------
+
+    def setup_cgroups(self) -> None:
+        """Take over the worker's cgroup for task cgroups where it is delegated (see taskcgroup)."""
+        self.cgroups, reason = TaskCgroups.setup(self.caps)
+        if self.cgroups is not None:
+            log.info("task cgroups under %s", self.cgroups.base)
+        if self.caps and reason:
+            self.limits_reason = reason
+            log.warning("per-task caps %s are not enforced: %s", self.caps.settings(), reason)
+        elif reason:
+            log.info("tasks run without cgroups of their own: %s", reason)
+
+    def task_limits(self) -> dict[str, Any]:
+        """The heartbeat's account of the per-task caps."""
+        return {
+            "caps": self.caps.settings(),
+            "enforced": bool(self.caps) and self.cgroups is not None and self.limits_reason is None,
+            "cgroup": str(self.cgroups.base) if self.cgroups is not None else None,
+            "reason": self.limits_reason,
+        }
 
     # -- children -------------------------------------------------------------------------------
 
@@ -122,15 +160,41 @@ class Worker:
         argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
+        if self.cgroups is not None:
+            try:
+                cgroup = self.cgroups.create(task_id)
+            except OSError as exc:
+                self.limits_reason = f"cannot create the cgroup of task {task_id}: {exc.strerror or exc}"
+                log.error("task %s: %s; it runs without its caps", task_id, self.limits_reason)
+            else:
+                self.task_cgroups[task_id] = cgroup
+                argv += ["--cgroup", str(cgroup)]
         log.info("task %s: %s in a child process", task_id, verb)
         # Own process group: a shutdown can kill the child and anything it started together.
         self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
 
     def _reap(self) -> None:
         for task_id, proc in list(self.children.items()):
-            if proc.poll() is not None:
-                log.info("task %s: child exited with %s", task_id, proc.returncode)
-                del self.children[task_id]
+            # WNOWAIT: the exited child stays a zombie, so its pid (= its process group's id) cannot be
+            # reused before the group has been killed
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                continue
+            self._kill_leftovers(task_id, proc)
+            proc.wait()
+            log.info("task %s: child exited with %s", task_id, proc.returncode)
+            del self.children[task_id]
+            if proc.returncode == taskcgroup.EXIT_CGROUP_JOIN_FAILED:
+                self.limits_reason = "task children cannot join their cgroups (see the task's log)"
+                log.error("%s; further tasks run without cgroups", self.limits_reason)
+                self.cgroups = None
+
+    def _kill_leftovers(self, task_id: str, proc: subprocess.Popen[bytes]) -> None:
+        """Kill what a child that ended left behind: its process group, then its cgroup."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        cgroup = self.task_cgroups.pop(task_id, None)
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.release(cgroup)
 
     def _free_slots(self) -> int:
         return max(0, self.concurrency - len(self.children))
@@ -174,6 +238,8 @@ class Worker:
             "concurrency": self.concurrency,
             "running": sorted(self.children),
             "poll_interval": self.config.worker.poll_interval,
+            "task_limits": self.task_limits(),
+            "confinement": confine.isolation().to_dict(),
         }
         path = heartbeat_path(self.config)
         tmp = path.with_suffix(".tmp")
@@ -189,6 +255,7 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.setup_cgroups()  # before any thread or child exists: the worker moves to a leaf cgroup
         self.cleanup_scratch()
         from ..report import start_reporter  # here: report imports this module
 
@@ -226,6 +293,9 @@ class Worker:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            cgroup = self.task_cgroups.pop(task_id, None)
+            if cgroup is not None and self.cgroups is not None:
+                self.cgroups.release(cgroup)
         self.children.clear()
         self.status = "stopped"
         with contextlib.suppress(OSError):
@@ -255,8 +325,17 @@ def _child(argv: list[str] | None = None) -> int:
     p.add_argument("verb", choices=("run", "resume"))
     p.add_argument("task_id")
     p.add_argument("--config")
+    p.add_argument("--cgroup", help="the task's cgroup, which the child joins before anything else")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
+    if args.cgroup:
+        try:
+            taskcgroup.join(Path(args.cgroup))
+        except OSError as exc:
+            log.error(
+                "task %s: cannot join its cgroup %s: %s", args.task_id, args.cgroup, exc.strerror or exc
+            )
+            return taskcgroup.EXIT_CGROUP_JOIN_FAILED
     logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     cfg = config_mod.load(args.config)
     engine = Engine(cfg)

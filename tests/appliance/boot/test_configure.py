@@ -25,6 +25,7 @@ from appliance.boot import configure as configure_mod
 from appliance.boot import rendezvous, worker_dropin
 from appliance.cli import main as cli
 from appliance.hooks.privileges import privileged_hooks
+from appliance.service.taskcgroup import TaskCaps, host_problems
 from tests.servers import free_port, wait_for_http
 
 SECRET = "controller-shared-secret-0123456789"
@@ -621,3 +622,39 @@ def test_worker_unit_with_the_dropin_passes_systemd_analyze_verify(tmp_path: Pat
     dropin = worker_dropin.dropin_path(units)
     assert f"DropIn Path: {dropin}" in out  # the drop-in was read...
     assert f"{dropin}:" not in out  # ...without a warning about any of its lines
+
+
+def test_an_io_weight_selects_bfq_through_the_flag_and_unenforceable_caps_are_warned(
+    paths: Paths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    retriggers: list[str] = []
+
+    def configure(limits: dict[str, Any]) -> int:
+        paths.user_data.write_text(cloud_config(section(limits=limits)))
+        opts = configure_mod.Options(
+            user_data=paths.user_data,
+            output=paths.output,
+            error_file=paths.error_file,
+            owner=None,
+            attempts=1,
+            timeout=5,
+            unit_dir=None,
+            retrigger=lambda: retriggers.append("udevadm trigger"),
+        )
+        return configure_mod.configure(opts)
+
+    flag = paths.error_file.parent / configure_mod.IO_WEIGHT_FLAG
+    limits = {"task_io_weight": 300, "task_cpu_quota": "50%", "task_memory_max": "512MiB"}
+    assert configure(limits) == 0
+    assert flag.exists() and retriggers == ["udevadm trigger"]
+    written = yaml.safe_load(paths.output.read_text())["worker"]
+    assert written["task_io_weight"] == 300 and written["task_memory_max"] == "512MiB"
+    # what this machine cannot enforce is said on the console (and the configuration still applies)
+    caps = TaskCaps.from_config(config_mod.load(paths.output).worker)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imaging: warning: ")]
+    assert warnings == [f"imaging: warning: {p}" for p in host_problems(caps)]
+
+    assert configure(limits) == 0  # unchanged: no second trigger
+    assert retriggers == ["udevadm trigger"]
+    assert configure({"task_cpu_quota": "50%"}) == 0  # no weight any more: the flag goes
+    assert not flag.exists() and retriggers == ["udevadm trigger"] * 2

@@ -17,7 +17,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
-from tests import processes
+from tests import confinement, processes
 
 # this module's waits are bounded at 30 s unless a call says otherwise
 wait_until = functools.partial(processes.wait_until, timeout=30.0)
@@ -208,3 +208,46 @@ def test_a_mount_record_the_sweep_cannot_process_does_not_stop_tasks_being_claim
         stop(worker)
     assert beat["status"] == "ok"
     assert (mounts / "x.json").exists()  # left for an operator (or a later sweep) to deal with
+
+
+def random_qcow2(directory: Path, mib: int) -> Path:
+    """A qcow2 full of incompressible data: ~6 s of CPU to convert 256 MiB to a stream-optimized VMDK."""
+    raw = directory / "random.raw"
+    with open(raw, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    path = directory / "random.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, path], check=True)
+    raw.unlink()
+    return path
+
+
+def test_a_task_child_killed_alone_leaves_no_guest_probe_or_qemu_img_behind(
+    engine: Engine, cfg_file: Path, tmp_path: Path
+) -> None:
+    src = random_qcow2(tmp_path, 256)
+    params = {
+        "source": str(src),
+        "target": str(tmp_path / "out.vmdk"),
+        "format": "vmdk",
+        "validate_guest": "data",
+    }
+    engine.submit("convert-image", params)
+    worker = start_worker(cfg_file)
+    killed: list[str] = []
+    try:
+        # first the guest probe of the validation step; then, once the worker resumed the task, qemu-img
+        for what, match in (
+            ("the guest probe", confinement.is_python_module("appliance.guest.probe")),
+            ("qemu-img convert", confinement.is_tool("qemu-img", "convert")),
+        ):
+            pid = confinement.find_descendant(match, root=worker.pid, timeout=120)
+            task_child = confinement.parent(pid)
+            assert task_child is not None and "appliance.service.worker" in confinement.cmdline(task_child)
+            with confinement.stop(pid):  # hold it mid-work, then kill its task child alone
+                os.kill(task_child, signal.SIGKILL)
+                wait_until(lambda p=pid: confinement.gone(p), what=f"{what} to die with its task child")
+            killed.append(what)
+    finally:
+        stop(worker)
+    assert killed == ["the guest probe", "qemu-img convert"]
