@@ -36,6 +36,15 @@ SCRATCH_DISK_MIB = 1024
 HOOKS_APPLIANCE_ID = "appliance-test-hooks"
 MARKER_PATH = "/etc/imaging-marker"
 MARKER_CONTENT = "stamped by the appliance's after_convert hook\n"
+#: per-task caps of every test appliance (tests/image/test_appliance_limits.py reads them back from the
+#: task's cgroup); generous enough not to slow the other image tests
+TASK_CAPS = {
+    "task_cpu_quota": "150%",
+    "task_io_weight": 300,
+    "task_io_read_bandwidth": "200MiB",
+    "task_io_write_bandwidth": "100MiB",
+    "task_memory_max": "768MiB",
+}
 #: the user data's hooks: inject-metadata mounts the guest, so configure grants the worker root
 HOOKS = {
     "points": {
@@ -167,7 +176,7 @@ def user_data(
         },
         "sources": {"allowed_endpoints": [s3.guest_url]},
         "targets": {"volume": {"type": "file"}},
-        "limits": {"concurrent_tasks": 1},
+        "limits": {"concurrent_tasks": 1, **TASK_CAPS},
         "log_level": "debug",
     }
     imaging.update(imaging_overrides)
