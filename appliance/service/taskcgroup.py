@@ -10,7 +10,7 @@
   leaves hold processes once controllers are enabled below), enables ``cpu io memory pids`` for its
   children and removes task cgroups a previous worker left.
 * Per task, :meth:`TaskCgroups.create` makes ``task-<id>/`` with ``cpu.max``, ``memory.max``, ``io.max``
-  (on every whole disk: ``/sys/block/*`` with a device behind it) and ``io.weight``/``io.bfq.weight``;
+  (on every fixed whole disk, :func:`disks`) and ``io.weight``/``io.bfq.weight``;
   the task child moves itself in (:func:`join`) before it does anything else, so everything it starts
   (qemu-img, the probe, the decompressor, hook commands) is inside and capped with it.
 * When a task child ends, :meth:`TaskCgroups.release` kills whatever is left in its cgroup
@@ -164,11 +164,12 @@ class Disk:
 
 
 def disks() -> list[Disk]:
-    """The whole disks of this machine (``/sys/block`` entries with a device behind them)."""
+    """The fixed whole disks of this machine: ``/sys/block`` entries with a device behind them (not loop,
+    ram, zram or device-mapper) that are not removable (not a CD-ROM: no task writes there)."""
     out = []
     for entry in sorted(SYS_BLOCK.iterdir()) if SYS_BLOCK.is_dir() else []:
-        if not (entry / "device").exists():
-            continue  # loop, ram, zram, device-mapper: not hardware
+        if not (entry / "device").exists() or _read(entry / "removable").strip() == "1":
+            continue
         devnum = _read(entry / "dev").strip()
         match = re.search(r"\[(\w[\w-]*)\]", _read(entry / "queue" / "scheduler"))
         if devnum:

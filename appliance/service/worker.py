@@ -129,6 +129,8 @@ class Worker:
         self.cgroups: TaskCgroups | None = None
         #: task id → its cgroup
         self.task_cgroups: dict[str, Path] = {}
+        #: task children could not join their cgroups: new tasks run without
+        self.cgroups_failed = False
         #: why the per-task caps are not (all) enforced
         self.limits_reason: str | None = None
 
@@ -149,7 +151,10 @@ class Worker:
         """The heartbeat's account of the per-task caps."""
         return {
             "caps": self.caps.settings(),
-            "enforced": bool(self.caps) and self.cgroups is not None and self.limits_reason is None,
+            "enforced": bool(self.caps)
+            and self.cgroups is not None
+            and not self.cgroups_failed
+            and self.limits_reason is None,
             "cgroup": str(self.cgroups.base) if self.cgroups is not None else None,
             "reason": self.limits_reason,
         }
@@ -160,7 +165,7 @@ class Worker:
         argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
-        if self.cgroups is not None:
+        if self.cgroups is not None and not self.cgroups_failed:
             try:
                 cgroup = self.cgroups.create(task_id)
             except OSError as exc:
@@ -170,8 +175,12 @@ class Worker:
                 self.task_cgroups[task_id] = cgroup
                 argv += ["--cgroup", str(cgroup)]
         log.info("task %s: %s in a child process", task_id, verb)
-        # Own process group: a shutdown can kill the child and anything it started together.
-        self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
+        try:
+            # Own process group: a shutdown can kill the child and anything it started together.
+            self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
+        except BaseException:
+            self._release_cgroup(task_id)
+            raise
 
     def _reap(self) -> None:
         for task_id, proc in list(self.children.items()):
@@ -186,12 +195,15 @@ class Worker:
             if proc.returncode == taskcgroup.EXIT_CGROUP_JOIN_FAILED:
                 self.limits_reason = "task children cannot join their cgroups (see the task's log)"
                 log.error("%s; further tasks run without cgroups", self.limits_reason)
-                self.cgroups = None
+                self.cgroups_failed = True
 
     def _kill_leftovers(self, task_id: str, proc: subprocess.Popen[bytes]) -> None:
         """Kill what a child that ended left behind: its process group, then its cgroup."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        self._release_cgroup(task_id)
+
+    def _release_cgroup(self, task_id: str) -> None:
         cgroup = self.task_cgroups.pop(task_id, None)
         if cgroup is not None and self.cgroups is not None:
             self.cgroups.release(cgroup)
@@ -293,9 +305,7 @@ class Worker:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            cgroup = self.task_cgroups.pop(task_id, None)
-            if cgroup is not None and self.cgroups is not None:
-                self.cgroups.release(cgroup)
+            self._release_cgroup(task_id)
         self.children.clear()
         self.status = "stopped"
         with contextlib.suppress(OSError):

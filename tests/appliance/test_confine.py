@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -163,7 +164,7 @@ def test_only_the_standard_descriptors_reach_the_child(tmp_path: Path, limits: c
         os.close(fd)
     # 0, 1, 2 and the directory listdir itself opened
     assert res.returncode == 0, res.stderr
-    assert eval(res.stdout) == [0, 1, 2, 3]
+    assert ast.literal_eval(res.stdout.strip()) == [0, 1, 2, 3]
 
 
 def test_without_user_namespaces_the_reason_is_kept_and_the_tool_still_runs(
