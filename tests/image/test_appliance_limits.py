@@ -145,6 +145,8 @@ def test_a_running_task_is_capped_in_its_cgroup_and_its_probe_is_confined(
     cgroup = _wait("the task's cgroup", lambda: _task_cgroups(appliance_vm))
     assert cgroup == [f"{SERVICE_CGROUP}/task-{task_id}"]
     path = cgroup[0]
+    # the worker makes the cgroup before it starts the task child, which joins it once Python is up
+    _wait("the task child in its cgroup", lambda: _sh(appliance_vm, f"cat {path}/cgroup.procs").strip())
     files = {
         name: _sh(appliance_vm, f"cat {path}/{name} 2>/dev/null || true").strip()
         for name in ("cpu.max", "memory.max", "io.max", "io.weight", "io.bfq.weight", "cgroup.procs")
