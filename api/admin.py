@@ -22,10 +22,10 @@ import yaml
 from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.image import formats
+from appliance.service import health as health_mod
 from appliance.service.imports import boot_settings, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
-from . import health as health_mod
 from . import metrics as metrics_mod
 
 API_VERSION = "v1"

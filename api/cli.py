@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 
-def add_command(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     """Add ``serve`` to the ``imaging`` subcommands."""
     s = sub.add_parser(
         "serve",

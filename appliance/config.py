@@ -18,9 +18,9 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError
+from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
 ENV_CONFIG = "IMAGING_CONFIG"
-SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -327,11 +327,6 @@ def parse_size(value: int | str) -> int:
     return int(float(number) * base**power)
 
 
-def default_state_dir() -> Path:
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "imaging"
-
-
 @dataclass(frozen=True)
 class ScratchConfig:
     root: Path
@@ -516,8 +511,13 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def paths(self) -> StatePaths:
+        """Every file and directory under ``state_dir``."""
+        return StatePaths(self.state_dir)
+
+    @property
     def db_path(self) -> Path:
-        return self.state_dir / "imaging.db"
+        return self.paths.db
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -563,7 +563,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         state_dir=state_dir,
         log_level=merged["log_level"],
         scratch=ScratchConfig(
-            root=path(scratch["root"]) if "root" in scratch else state_dir / "scratch",
+            root=path(scratch["root"]) if "root" in scratch else StatePaths(state_dir).scratch,
             quota=parse_size(scratch["quota"]),
             min_free=parse_size(scratch["min_free"]),
         ),
@@ -634,7 +634,7 @@ def _artifacts(raw: dict[str, Any], state_dir: Path, path: Any) -> ArtifactsConf
         bucket=raw.get("bucket"),
         prefix=str(raw.get("prefix", "artifacts")).strip("/"),
         s3={k: raw[k] for k in s3_keys if raw.get(k)},
-        cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else state_dir / "cache",
+        cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else StatePaths(state_dir).cache,
         max_resource_size=parse_size(raw.get("max_resource_size", "1GiB")),
     )
 
@@ -659,10 +659,11 @@ def _controller(raw: dict[str, Any]) -> ControllerConfig:
 def _targets(raw: dict[str, Any], state_dir: Path, path: Any) -> dict[str, dict[str, Any]]:
     """Target settings with defaults: file targets keep one file per volume/image under state_dir."""
     out: dict[str, dict[str, Any]] = {}
-    for kind, default_dir in (("volume", "volumes"), ("image", "images")):
+    defaults = StatePaths(state_dir)
+    for kind, default_dir in (("volume", defaults.volumes), ("image", defaults.images)):
         t = dict(raw.get(kind) or {"type": "file"})
         if t["type"] == "file":
-            t["directory"] = path(t["directory"]) if "directory" in t else state_dir / default_dir
+            t["directory"] = path(t["directory"]) if "directory" in t else default_dir
         out[kind] = t
     return out
 

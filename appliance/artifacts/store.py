@@ -20,6 +20,7 @@ second run of the same version reads nothing from S3.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,8 @@ from typing import Any
 
 import jsonschema
 
+from ..config import Config
+from ..errors import Cancelled
 from ..targets.base import boto_client
 from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
 from .refs import (
@@ -194,15 +197,11 @@ class ArtifactStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: Any) -> ArtifactStore:
+    def from_config(cls, config: Config) -> ArtifactStore:
         """The store of ``config.artifacts`` (its cache under ``<state_dir>/cache`` by default)."""
-        from ..config import ArtifactsConfig
-
-        cfg = getattr(config, "artifacts", None) or ArtifactsConfig()
+        cfg = config.artifacts
         if cfg.cache_dir is None:
-            cfg = ArtifactsConfig(
-                cfg.bucket, cfg.prefix, cfg.s3, config.state_dir / "cache", cfg.max_resource_size
-            )
+            cfg = dataclasses.replace(cfg, cache_dir=config.paths.cache)
         return cls(cfg)
 
     # -- S3 ------------------------------------------------------------------------------------
@@ -426,8 +425,6 @@ class ArtifactStore:
         uploads = [(workflow, index.workflow), *((resources[r], e) for r, e in index.resources.items())]
         for path, entry in uploads:
             if cancel is not None and cancel.is_set():
-                from ..errors import Cancelled
-
                 raise Cancelled("upload cancelled before the index was written; no artifact was created")
             key = self.key(name, version, entry.path)
             try:
@@ -493,8 +490,6 @@ def download_object(
     Past ``max_bytes`` the download stops with ``too_large()``; ``on_error(exc, what)`` turns an S3
     error into the coded error to raise. The caller removes ``dst`` on failure.
     """
-    from ..errors import Cancelled
-
     sha = hashlib.sha256()
     size = 0
     try:

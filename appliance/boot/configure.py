@@ -35,14 +35,15 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
+from ..paths import CONFIG_ERROR_FILE, SYSTEM_CONFIG, StatePaths
 from . import rendezvous, userdata, worker_dropin
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
-DEFAULT_OUTPUT = Path("/etc/imaging/imaging.yaml")
-DEFAULT_ERROR_FILE = Path("/run/imaging/config-error.json")
+DEFAULT_OUTPUT = SYSTEM_CONFIG
+DEFAULT_ERROR_FILE = CONFIG_ERROR_FILE
 CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
 
 
@@ -291,7 +292,7 @@ def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileg
     """Write or remove the worker's drop-in; reload systemd only when that changed a file."""
     if opts.unit_dir is None:
         return
-    db_path = Path(rendered.config["state_dir"]) / "imaging.db"
+    db_path = StatePaths(Path(rendered.config["state_dir"])).db
     if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
         opts.reload()
 

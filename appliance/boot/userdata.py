@@ -30,8 +30,11 @@ import yaml
 
 from .. import config as config_mod
 from ..errors import ConfigError
+from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
+from ..targets import device, ec2, file, s3
+from ..workflow.hookpoints import validate_hooks
+from ..workflow.loader import WorkflowLoader
 
-STATE_DIR = "/var/lib/imaging"
 DEFAULT_BIND = "0.0.0.0:8773"
 COMPACT_PREFIX = "imaging:v1:"
 #: keys whose values are secrets wherever they appear (``tls.key`` is the private key PEM)
@@ -415,7 +418,7 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         files = {cert: api_in["tls"]["cert"], key: api_in["tls"]["key"]}
         api["tls"] = {"cert": str(cert), "key": str(key)}
     scratch_in = limits.get("scratch", {})
-    scratch: dict[str, Any] = {"root": scratch_in.get("path", f"{STATE_DIR}/scratch")}
+    scratch: dict[str, Any] = {"root": scratch_in.get("path", str(IMAGE_STATE.scratch))}
     if "quota" in scratch_in:
         scratch["quota"] = scratch_in["quota"]
     worker = {k: limits[k] for k in limits if k.startswith("task_")}
@@ -428,7 +431,7 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         if "report_interval" in c:
             controller["report_interval"] = c["report_interval"]
     out: dict[str, Any] = {
-        "state_dir": STATE_DIR,
+        "state_dir": str(IMAGE_STATE_DIR),
         "log_level": section.get("log_level", "info"),
         "scratch": scratch,
         "api": api,
@@ -449,8 +452,6 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
 
 def _target_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     """Check each target's settings against its implementation's own schema."""
-    from ..targets import device, ec2, file, s3
-
     schemas = {
         ("volume", "file"): file.VOLUME_SCHEMA,
         ("volume", "device"): device.SCHEMA,
@@ -474,9 +475,6 @@ def _hook_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     loaded, which the worker does, not ``imaging configure`` (it runs as root at boot)."""
     if cfg.hooks.plugins_dir is not None or not cfg.hooks.points:
         return []
-    from ..workflow.hookpoints import validate_hooks
-    from ..workflow.loader import WorkflowLoader
-
     errors = []
     for e in validate_hooks(WorkflowLoader((), hooks=cfg.hooks)):
         # hooks.points.after_convert[0].with.x → imaging.hooks.points.after_convert.0.with.x

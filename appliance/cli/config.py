@@ -14,7 +14,10 @@ import yaml
 
 from .. import config as config_mod
 from ..atomicfile import write_atomic
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
+from ..targets import get_image_target, get_volume_target
+from ..workflow.engine import Engine
+from ..workflow.hookpoints import validate_hooks
 
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
@@ -111,8 +114,6 @@ def _redacted(obj: Any) -> Any:
 
 def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     # Loading already validated it (main() reports errors); targets validate their own settings.
-    from ..targets import get_image_target, get_volume_target
-
     get_volume_target(cfg)
     get_image_target(cfg)
     _validate_hooks(cfg)
@@ -122,10 +123,6 @@ def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 def _validate_hooks(cfg: config_mod.Config) -> None:
     """Every configured hook must name a registered action (plugins loaded) with valid arguments."""
-    from ..errors import ConfigError
-    from ..workflow.engine import Engine
-    from ..workflow.hookpoints import validate_hooks
-
     engine = Engine(cfg)  # loads hooks.plugins_dir into the registry
     problems = [*engine.registry.plugin_errors.values(), *map(str, validate_hooks(engine.loader))]
     if problems:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..boot import configure as configure_mod
 from ..boot import worker_dropin
+from ..boot.health_responder import serve
 
 
 def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
@@ -26,8 +27,6 @@ def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
 
 
 def cmd_health_responder(args: argparse.Namespace, _cfg: Any) -> int:
-    from ..boot.health_responder import serve
-
     return serve(Path(args.error_file), args.bind)
 
 

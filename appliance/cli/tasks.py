@@ -10,22 +10,28 @@ from typing import Any
 
 import yaml
 
-from ..errors import UsageError, is_rejection
+from ..config import Config
+from ..errors import UsageError, WorkflowInvalid, is_rejection
 from ..progress import Progress
+from ..service.worker import cleanup_scratch
 from ..store import StepRecord, Task, TaskState
 from ..workflow.callbacks import EngineCallbacks
+from ..workflow.engine import Engine
+from .artifacts import add_commands as add_artifact_commands
+from .artifacts import cmd_workflows_list_store
+from .common import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REJECTED,
+    PROGRESS_MODES,
+    print_json,
+    progress_callback,
+)
 
-EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 130
 
-
-def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
-
-
-def _engine(cfg: Any, callbacks: EngineCallbacks | None = None) -> Any:
-    from ..workflow.engine import Engine
-
+def _engine(cfg: Config, callbacks: EngineCallbacks | None = None) -> Engine:
     return Engine(cfg, callbacks=callbacks)
 
 
@@ -57,9 +63,7 @@ class ConsoleCallbacks(EngineCallbacks):
     """Prints step starts/ends to stderr and step progress through the progress printer."""
 
     def __init__(self, progress_mode: str) -> None:
-        from .main import _progress_callback
-
-        self.printer = _progress_callback(progress_mode)
+        self.printer = progress_callback(progress_mode)
         self.quiet_steps = progress_mode == "json"
 
     def _say(self, text: str) -> None:
@@ -106,11 +110,10 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     if args.dry_run:
         plan = _engine(cfg).plan(args.workflow, params, coerce_strings=True)
         if args.json:
-            _print_json(plan)
+            print_json(plan)
         else:
             _print_plan(plan)
         return EXIT_OK
-    from ..service.worker import cleanup_scratch
 
     engine = _engine(cfg, ConsoleCallbacks(args.progress))
     engine.recover()  # a task orphaned by an earlier crash is finished before new work starts
@@ -118,7 +121,7 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     task_id = engine.submit(args.workflow, params, task_id=args.task_id, coerce_strings=True)
     task = engine.run(task_id)
     if args.json:
-        _print_json(task.to_dict())
+        print_json(task.to_dict())
     elif task.state is TaskState.COMPLETED:
         print(f"task {task.id} completed")
     else:
@@ -161,7 +164,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
     tasks = _engine(cfg).store.list_tasks(args.state, limit=args.limit)
     if args.json:
-        _print_json([t.to_dict() for t in tasks])
+        print_json([t.to_dict() for t in tasks])
         return EXIT_OK
     print(f"{'ID':16} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
     for t in tasks:
@@ -181,7 +184,7 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
         "events": [e.to_dict() for e in store.events(task_id=task.id, limit=args.events)],
     }
     if args.json:
-        _print_json(detail)
+        print_json(detail)
         return EXIT_OK
     for key in (
         "id",
@@ -239,12 +242,10 @@ def cmd_tasks_resume(args: argparse.Namespace, cfg: Any) -> int:
 
 def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
     if args.store:
-        from .artifacts import cmd_workflows_list_store
-
         return cmd_workflows_list_store(args, cfg)
     infos = _engine(cfg).loader.list()
     if args.json:
-        _print_json([i.to_dict() for i in infos])
+        print_json([i.to_dict() for i in infos])
         return EXIT_OK
     for i in infos:
         summary = (i.description or "").split(". ")[0].rstrip(".")
@@ -255,15 +256,13 @@ def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
 def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
     wf = _engine(cfg).load(args.workflow)
     if args.json:
-        _print_json(wf.to_dict())
+        print_json(wf.to_dict())
     else:
         sys.stdout.write(Path(wf.source).read_text())
     return EXIT_OK
 
 
 def cmd_workflows_validate(args: argparse.Namespace, cfg: Any) -> int:
-    from ..errors import WorkflowInvalid
-
     loader = _engine(cfg).loader
     status = EXIT_OK
     for f in args.files:
@@ -301,7 +300,7 @@ def add_commands(sub: Any) -> None:
         "--dry-run", action="store_true", help="print the plan (steps, rendered args, scratch) and do nothing"
     )
     s.add_argument("--task-id", help="use this task id instead of a generated one")
-    s.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    s.add_argument("--progress", choices=PROGRESS_MODES, default="auto")
     s.add_argument("--json", action="store_true", help="print the final task (or the plan) as JSON")
     s.set_defaults(func=cmd_run)
 
@@ -325,7 +324,7 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_tasks_recover)
     s = t.add_parser("resume", help="resume one orphaned task in this process")
     s.add_argument("id")
-    s.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    s.add_argument("--progress", choices=PROGRESS_MODES, default="auto")
     s.set_defaults(func=cmd_tasks_resume)
 
     w = sub.add_parser("workflows", help="list, show, validate and upload workflow files").add_subparsers(
@@ -342,6 +341,4 @@ def add_commands(sub: Any) -> None:
     s = w.add_parser("validate", help="validate workflow files (errors name file, step and field)")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_workflows_validate)
-    from .artifacts import add_commands as add_artifact_commands
-
     add_artifact_commands(w)

@@ -7,17 +7,16 @@ Registered through the ``imaging.commands`` entry point. Exit status 0 when ther
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..guest import check_request, validate_image
+from .common import EXIT_OK, EXIT_REJECTED, cancel_on_signals, print_json
 
-EXIT_OK, EXIT_REJECTED = 0, 2
 
-
-def add_command(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     """Add ``validate`` to the ``imaging`` subcommands."""
     s = sub.add_parser(
         "validate",
@@ -44,18 +43,14 @@ def add_command(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace, cfg: Any) -> int:
-    from ..guest import check_request, validate_image
-    from .main import _cancel_on_signals
-
     src = Path(args.file)
     if not src.exists():
         raise UsageError(f"no such image file: {src}")
-    with _cancel_on_signals() as cancel:
+    with cancel_on_signals() as cancel:
         report = validate_image(src, args.format, bootable=not args.data_disk, config=cfg, cancel=cancel)
     report = report.with_findings(report.findings + check_request(report, args.platform, args.architecture))
     if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2, sort_keys=True, default=str)
-        sys.stdout.write("\n")
+        print_json(report.to_dict())
     else:
         print_report(str(src), report.to_dict())
     return EXIT_REJECTED if report.errors else EXIT_OK

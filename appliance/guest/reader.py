@@ -329,6 +329,7 @@ def _vhd_reference(fh: BinaryIO) -> str | None:
 
 
 def _vhdx_reference(fh: BinaryIO) -> str | None:
+    # dissect.hypervisor's VHDX parser is only needed for .vhdx images (heavy; dissect's own lazy style)
     from dissect.hypervisor.disk import vhdx as dvhdx
 
     try:
@@ -531,6 +532,7 @@ def _identity(fs: Any) -> tuple[str | None, str | None]:
 
 def registry_values(stream: BinaryIO, key: str) -> dict[str, Any]:
     """The values of ``key`` (backslash path) in the registry hive read lazily from ``stream``."""
+    # dissect.regf (registry hives) is heavy and only Windows guests need it
     from dissect.regf import RegistryHive
 
     hive = RegistryHive(stream)

@@ -22,6 +22,7 @@ return their results otherwise; interpretation of the ``info`` JSON (backing fil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -71,6 +72,33 @@ def _which(name: str) -> str:
             code="MissingTool",
         )
     return found
+
+
+@functools.cache
+def _version(path: str) -> str:
+    """First line of ``qemu-img --version`` for the binary at ``path`` (run once per path and process)."""
+    out = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=10, check=True, env=qemu_env()
+    )
+    return out.stdout.splitlines()[0].strip() if out.stdout else ""
+
+
+def availability() -> tuple[str | None, str | None, str | None]:
+    """(path, version, problem) of the ``qemu-img`` on PATH: a problem says why conversions cannot run
+    here. The lookup is repeated per call (a package may be installed meanwhile), the version run is
+    cached per binary."""
+    path = shutil.which("qemu-img")
+    if path is None:
+        return None, None, "qemu-img is not installed (install the qemu-utils package)"
+    try:
+        return path, _version(path), None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return path, None, f"qemu-img at {path} does not run: {exc}"
+
+
+def qemu_img_problem() -> str | None:
+    """Why conversions cannot run here, or None when ``qemu-img`` is usable."""
+    return availability()[2]
 
 
 def limited_command(argv: list[str], cpu_seconds: int | None, address_space: int | None) -> list[str]:

@@ -37,6 +37,9 @@ from typing import Any
 from ..config import Config
 from ..errors import ImagingError, TaskNotFound, UsageError, is_rejection
 from ..service.imports import DiskImage, ImportService, outcome
+from ..sources.http import HttpClient
+from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from ..sources.urlfilter import UrlPolicy
 from ..store import Store, Task, TaskState, utcnow
 from . import messages
 
@@ -378,10 +381,6 @@ class PullReporter(threading.Thread):
         )
 
     def _manifest(self, url: str) -> Any:
-        from ..sources.http import HttpClient
-        from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
-        from ..sources.urlfilter import UrlPolicy
-
         self.service.check_url(url)
         client = HttpClient(UrlPolicy.from_config(self.config.sources))
         with client.get_stream(url) as response:

@@ -18,55 +18,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from .. import config as config_mod
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
+from ..image.qemuimg import qemu_img_problem
+from ..report.reporter import start_reporter
 from ..scratch import ScratchSpace
 from ..store import Store, TaskState, format_time
+from ..workflow.engine import Engine
 from ..workflow.supervisor import find_orphans
+from .heartbeat import write_heartbeat
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_FILE = "worker.json"
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
-
-
-def heartbeat_path(config: config_mod.Config) -> Path:
-    return config.state_dir / HEARTBEAT_FILE
-
-
-def read_heartbeat(config: config_mod.Config) -> dict[str, Any] | None:
-    """The worker's last heartbeat (``status``, ``reason``, ``running``, ``updated_at``…), or None."""
-    try:
-        return json.loads(heartbeat_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def qemu_img_problem() -> str | None:
-    """Why conversions cannot run here, or None when ``qemu-img`` is usable."""
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        return "qemu-img is not installed (install the qemu-utils package)"
-    try:
-        subprocess.run([exe, "--version"], capture_output=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"qemu-img does not run: {exc}"
-    return None
 
 
 def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
@@ -175,10 +152,7 @@ class Worker:
             "running": sorted(self.children),
             "poll_interval": self.config.worker.poll_interval,
         }
-        path = heartbeat_path(self.config)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(beat))
-        os.replace(tmp, path)
+        write_heartbeat(self.config, beat)
 
     def cleanup_scratch(self) -> list[Path]:
         """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
@@ -190,8 +164,6 @@ class Worker:
         """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.cleanup_scratch()
-        from ..report import start_reporter  # here: report imports this module
-
         reporter = None
         try:
             while not stop.is_set():
@@ -233,8 +205,6 @@ class Worker:
 
 
 def format_time_now() -> str:
-    from datetime import UTC, datetime
-
     return format_time(datetime.now(UTC))
 
 
@@ -249,8 +219,6 @@ def run_worker(config: config_mod.Config, concurrency: int | None = None) -> int
 
 def _child(argv: list[str] | None = None) -> int:
     """Entry of a child process: run or resume one task to its end (or to a suspend)."""
-    from ..workflow.engine import Engine
-
     p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
     p.add_argument("verb", choices=("run", "resume"))
     p.add_argument("task_id")

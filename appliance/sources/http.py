@@ -17,18 +17,15 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
+from ..config import SourcesConfig
 from ..errors import Cancelled, ImagingError
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
-
-if TYPE_CHECKING:
-    from ..config import SourcesConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,11 @@ import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import SourcesConfig
 from ..errors import ConfigError, ImagingError
-
-if TYPE_CHECKING:
-    from ..config import SourcesConfig
 
 #: URLs longer than this are refused (presigned S3 URLs are ~1-2 KiB)
 MAX_URL_LENGTH = 8192

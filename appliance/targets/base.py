@@ -129,6 +129,7 @@ def boto_client(service: str, settings: Mapping[str, Any], **botocore_config: An
     Each client comes from a private session: creating clients from the shared default session is
     not thread-safe. Without access_key/secret_key boto3's default credential chain applies.
     """
+    # boto3 is heavy (about half a second to import) and only cloud targets and sources need it
     import boto3
     from botocore.config import Config as BotoConfig
 

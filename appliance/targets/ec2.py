@@ -142,7 +142,7 @@ class Ec2VolumeTarget:
 
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         """Call an EC2 operation; API failures become ``CloudApiError`` (or the cloud's NotFound code)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy; see targets.base.boto_client
 
         method = getattr(self.client, re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower())
         try:

@@ -55,7 +55,7 @@ SCHEMA: dict[str, Any] = {
 
 
 def _s3_error(operation: str, exc: Exception) -> TargetError:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # heavy; see targets.base.boto_client
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -252,7 +252,7 @@ class S3ImageTarget:
 
     def delete(self, location: Mapping[str, Any]) -> None:
         """Delete the object and abort uploads still open for its key; a missing object or bucket is fine."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # heavy; see targets.base.boto_client
 
         bucket, key = location.get("bucket"), location.get("key")
         if bucket != self.bucket or not key:

@@ -27,13 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts.refs import ArtifactError
+from ..artifacts.store import ArtifactStore
 from ..config import HooksConfig
 from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
 from ..store import Store, Task, TaskState, new_task_id
-from . import hookpoints
 from .callbacks import CompositeCallbacks, EngineCallbacks
+from .hookpoints import HOOKS_EVENT, points_used, recorded_hooks
 from .loader import Workflow, WorkflowLoader
 from .planner import Planner
+from .plugins import ensure_plugins
 from .registry import Registry, default_registry
 from .runner import TaskRun
 from .supervisor import find_orphans, orphan_reason, owner_id, supervised
@@ -79,8 +81,6 @@ class Engine:
             artifacts=_artifact_store(config),
             hooks=getattr(config, "hooks", None),
         )
-        from .plugins import ensure_plugins  # here: appliance.hooks imports this package
-
         ensure_plugins(self.registry, config)
         if callbacks is None:
             callbacks = []
@@ -149,13 +149,13 @@ class Engine:
         )
         if task.id != task_id:
             return task.id  # a repeated request: its task was recorded (hooks and all) the first time
-        points = hookpoints.points_used(workflow)
+        points = points_used(workflow)
         if points:
             # The task runs (and resumes) with the hooks configured now, whatever the config says later.
             recorded = {
                 p: h for p, h in (self.loader.hooks or HooksConfig()).to_dict().items() if p in points
             }
-            self.store.add_event(task.id, hookpoints.HOOKS_EVENT, {"points": recorded})
+            self.store.add_event(task.id, HOOKS_EVENT, {"points": recorded})
         self.callbacks.on_task_state(task)
         return task.id
 
@@ -246,7 +246,7 @@ class Engine:
     def _task_workflow(self, task: Task) -> Workflow:
         if not task.workflow:
             raise UsageError(f"task {task.id} ({task.kind}) has no workflow to run")
-        recorded = hookpoints.recorded_hooks(self.store, task.id)
+        recorded = recorded_hooks(self.store, task.id)
         loader = self.loader if recorded is None else self.loader.with_hooks(recorded)
         return loader.load(task.workflow)
 
@@ -338,8 +338,6 @@ def _artifact_store(config: Any) -> Any:
     """The artifact store of ``config`` (``artifact://`` workflows and resources), if it has a state dir."""
     if getattr(config, "state_dir", None) is None:
         return None
-    from ..artifacts.store import ArtifactStore
-
     return ArtifactStore.from_config(config)
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import jsonschema
 
+from ..artifacts.resources import ResourceFetcher
 from ..errors import UsageError
-from . import hookpoints
+from .model import StepSpec, Workflow
 from .registry import Registry
 from .schema import WorkflowError, invalid
 from .step import DRY_RUN_WORKDIR, StepContext
@@ -103,11 +104,10 @@ class Planner:
 
     def _resources(self, workflow: Any) -> list[dict[str, Any]]:
         """What a run would fetch before its first step (nothing is fetched in a dry run)."""
-        from ..artifacts.resources import ResourceFetcher, walk_workflows
-
-        if not any(wf.resources for wf in walk_workflows(workflow)):
+        if not any(wf.resources for wf in workflow.walk()):
             return []
-        return ResourceFetcher(self.config).plan(workflow)
+        fetcher = ResourceFetcher(self.config)
+        return [entry for wf in workflow.walk() for entry in fetcher.plan(wf.name, wf.resources)]
 
     def _steps(
         self,
@@ -173,6 +173,47 @@ class Planner:
             self._one(wf, step, child, item_scope, item_status, item_reason, entries)
         return UnknownResult(f"result of step {step.name!r}")
 
+    def plan_point(
+        self,
+        wf: Workflow,
+        step: StepSpec,
+        idx: str,
+        scope: dict[str, Any],
+        status: str,
+        reason: str | None,
+        entries: list[dict[str, Any]],
+    ) -> Any:
+        """Dry-run entries for the point and each configured hook; returns what the point would register."""
+        args, known = self._render(wf, step, step.args, scope, "with")
+        names = [h.name for h in step.hook_steps]
+        entries.append(
+            {
+                "idx": idx,
+                "name": step.name,
+                "action": f"hooks:{step.hooks}",  # as the run records it
+                "hooks": step.hooks,
+                "status": status,
+                "reason": reason,
+                "plan": {"runs": names},
+                "scratch_bytes": None,
+                "args": placeholders_to_text(args),
+                "args_known": known,
+            }
+        )
+        image = args.get("image")
+        for hook in step.hook_steps:
+            self._one(
+                wf,
+                hook,
+                f"{idx}/hook/{hook.index}",
+                {"image": image, "task": scope["task"]},
+                status,
+                reason,
+                entries,
+            )
+            image = UnknownResult(f"image after hook {hook.name!r}")
+        return {"image": image, "hooks": names}
+
     def _one(
         self,
         wf: Any,
@@ -184,7 +225,7 @@ class Planner:
         entries: list[dict[str, Any]],
     ) -> Any:
         if step.hooks is not None:
-            return hookpoints.plan_point(self, wf, step, idx, scope, status, reason, entries)
+            return self.plan_point(wf, step, idx, scope, status, reason, entries)
         args, known = self._render(wf, step, step.args, scope, "with")
         entry = self._entry(step, idx, status, reason)
         entry.update(args=placeholders_to_text(args), args_known=known)

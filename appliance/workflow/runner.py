@@ -21,10 +21,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jsonschema
 
+from ..artifacts.resources import ResourceFetcher
+from ..config import Config
 from ..errors import (
     Cancelled,
     Finding,
@@ -35,18 +37,30 @@ from ..errors import (
     UsageError,
     WorkflowInvalid,
 )
-from ..store import StepRecord, StepState
-from . import hookpoints
-from .registry import StepUnavailable
+from ..scratch import ScratchSpace, TaskScratch
+from ..store import StepRecord, StepState, Store, Task
+from .callbacks import EngineCallbacks
+from .hookpoints import next_image
+from .loader import WorkflowLoader
+from .model import StepSpec, Workflow
+from .registry import Registry, StepUnavailable
 from .schema import WorkflowError, invalid
 from .step import StepContext
-from .templating import TemplateProblem
+from .templating import TemplateProblem, Templater
 
-if TYPE_CHECKING:
-    from ..scratch import TaskScratch
-    from ..store import Task
-    from .engine import Engine
-    from .loader import StepSpec, Workflow
+
+class RunHost(Protocol):
+    """What a task run takes from the engine that starts it (an :class:`~.engine.Engine` is one)."""
+
+    store: Store
+    config: Config
+    registry: Registry
+    templater: Templater
+    callbacks: EngineCallbacks
+    loader: WorkflowLoader
+    #: seconds a step may keep running after its cancel before it is abandoned
+    timeout_grace: float
+
 
 #: step progress is written to the task row at most this often (the last value always wins)
 PROGRESS_DB_INTERVAL = 0.5
@@ -81,7 +95,7 @@ class StepFailure(ImagingError):
 class TaskRun:
     """One attempt at running (or cleaning up) a task in this process."""
 
-    def __init__(self, engine: Engine, task: Task) -> None:
+    def __init__(self, engine: RunHost, task: Task) -> None:
         self.engine = engine
         self.store = engine.store
         self.config = engine.config
@@ -123,13 +137,10 @@ class TaskRun:
     def _fetch_resources(self, workflow: Workflow) -> None:
         """Before the first step (and again on resume: then from the cache): every resource of the
         workflow and its includes as a verified local file (``resources.NAME`` in templates)."""
-        from ..artifacts.resources import ResourceFetcher, walk_workflows
-
-        if not any(wf.resources for wf in walk_workflows(workflow)):
+        if not any(wf.resources for wf in workflow.walk()):
             return
-        fetched = ResourceFetcher(
-            self.config, store=getattr(self.engine.loader, "artifacts", None)
-        ).fetch_workflow(workflow, cancel=self.cancel)
+        fetcher = ResourceFetcher(self.config, store=self.engine.loader.artifacts)
+        fetched = {id(wf): fetcher.fetch_all(wf.resources, cancel=self.cancel) for wf in workflow.walk()}
         self._resources = {key: {n: str(r.path) for n, r in res.items()} for key, res in fetched.items()}
         self._emit(
             "resources.fetched",
@@ -195,6 +206,39 @@ class TaskRun:
         self._finish(step, idx, StepState.COMPLETED, args={"items": items}, result=results, undo=False)
         return True, results
 
+    def run_point(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> dict[str, Any]:
+        """Run the hooks of the point ``step`` (recorded at ``idx``); returns its registered result."""
+        image = self._render(wf, step, step.args, scope, "with")["image"]
+        if not isinstance(image, dict) or not isinstance(image.get("path"), str):
+            raise invalid(
+                [
+                    WorkflowError(
+                        str(wf.source),
+                        f"must be a mapping with a 'path', not {image!r}",
+                        step.label,
+                        "with.image",
+                    )
+                ]
+            )
+        names = [h.name for h in step.hook_steps]
+        args = {"image": image, "hooks": names}
+        parent = self._record(step, idx, StepState.RUNNING, args=args, undo=False)
+        self.callbacks.on_step_start(self.task_id, parent)
+        try:
+            for hook in step.hook_steps:
+                self.check_cancelled()
+                result = self._run_one(
+                    wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
+                )
+                image = next_image(hook.name, image, result)
+        except ImagingError as exc:
+            error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
+            self._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
+            raise
+        result = {"image": image, "hooks": names}
+        self._finish(step, idx, StepState.COMPLETED, args=args, result=result, undo=False)
+        return result
+
     def _run_one(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> Any:
         """Run a single action (with retries) or include; returns its result."""
         previous = self._done.get(idx)
@@ -203,7 +247,7 @@ class TaskRun:
         if step.include is not None:
             return self._run_include(wf, step, idx, scope)
         if step.hooks is not None:
-            return hookpoints.run_point(self, wf, step, idx, scope)
+            return self.run_point(wf, step, idx, scope)
         try:
             args = self._render(wf, step, step.args, scope, "with")
             cls = self.registry.get(step.action)
@@ -451,8 +495,6 @@ class TaskRun:
     def scratch(self) -> TaskScratch:
         with self._scratch_lock:
             if self._scratch is None:
-                from ..scratch import ScratchSpace
-
                 space = ScratchSpace.from_config(self.config)
                 existed = (space.root / self.task_id).exists()
                 self._scratch = space.for_task(self.task_id)
@@ -526,8 +568,6 @@ class TaskRun:
 
     def remove_scratch(self) -> None:
         """Remove the task's scratch directory (and every reservation in it), ledgered."""
-        from ..scratch import ScratchSpace
-
         path = Path(self.config.scratch.root) / self.task_id
         if self._scratch is None and not path.exists():
             return

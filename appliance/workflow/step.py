@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
+from ..config import Config
 from ..errors import Cancelled, UsageError
+from ..scratch import TaskScratch
+from ..store import Store
 
 #: what ``ctx.workdir`` and ``{{ task.workdir }}`` are in a dry run (nothing is created then)
 DRY_RUN_WORKDIR = "<scratch dir>"
-
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..scratch import TaskScratch
-    from ..store import Store
 
 
 class Step:

@@ -17,12 +17,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from ..store import Store, Task, TaskState, parse_time
-
-if TYPE_CHECKING:
-    from .runner import TaskRun
+from .runner import TaskRun
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from referencing.jsonschema import DRAFT202012
 from api import admin
 from api.app import create_app
 from appliance import config as config_mod
-from appliance.service.worker import Worker, heartbeat_path
+from appliance.service.heartbeat import heartbeat_path
+from appliance.service.worker import Worker
 from appliance.store import Store, format_time
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
 

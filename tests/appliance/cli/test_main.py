@@ -242,7 +242,7 @@ def test_ctrl_c_stops_qemu_img_within_2s_and_removes_partial_output(
         [
             sys.executable,
             "-m",
-            "appliance.cli.main",
+            "appliance.cli",
             "convert",
             str(src),
             str(out / "big.vmdk"),
@@ -309,7 +309,7 @@ def test_tasks_cancel_from_another_process_stops_a_running_workflow(
         [
             sys.executable,
             "-m",
-            "appliance.cli.main",
+            "appliance.cli",
             "run",
             str(wf),
             "--task-id",
