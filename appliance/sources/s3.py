@@ -33,6 +33,7 @@ from .http import (
     DEFAULT_RETRIES,
     SourceUnavailable,
     TransferInterrupted,
+    describe_network_error,
     format_range,
 )
 from .s3names import InvalidS3Name
@@ -150,7 +151,9 @@ def _unavailable(exc: botocore.exceptions.ClientError, bucket: str, key: str) ->
     elif status == 416 or code == "InvalidRange":
         message = f"the byte range requested from {where} is outside the object"
     else:
-        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}: {error.get('Message') or exc}"
+        # S3's own message (the object store's words), never botocore's exception text
+        detail = f": {error['Message']}" if error.get("Message") else ""
+        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}{detail}"
     transient = status is not None and status >= 500
     return SourceUnavailable(message, status=status, transient=transient)
 
@@ -176,8 +179,8 @@ def _botocore_error(exc: botocore.exceptions.BotoCoreError, bucket: str, key: st
 
 def _connect_error(exc: BaseException, client: Any) -> SourceUnavailable:
     return SourceUnavailable(
-        f"cannot reach the object store at {client.meta.endpoint_url}: {exc}; check sources.s3.endpoint_url "
-        "and that the object store is running",
+        f"cannot reach the object store at {client.meta.endpoint_url}: {describe_network_error(exc)}; "
+        "check sources.s3.endpoint_url and that the object store is running",
         transient=True,
     )
 
@@ -247,7 +250,8 @@ class S3Stream:
                 chunk = self._body.read(chunk_size)
             except _STREAM_ERRORS as exc:
                 raise TransferInterrupted(
-                    f"the transfer of {self.url} broke after {self._received} bytes: {exc}",
+                    f"the transfer of {self.url} broke after {self._received} bytes: "
+                    f"{describe_network_error(exc)}",
                     received=self._received,
                 ) from exc
             if not chunk:

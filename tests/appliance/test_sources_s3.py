@@ -16,7 +16,7 @@ from appliance.sources.s3 import head_object, open_object, s3_client
 from appliance.sources.s3names import InvalidS3Name
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import TestHTTPServer
-from tests.servers import MotoServer
+from tests.servers import MotoServer, free_port
 
 DATA = os.urandom(3 * 2**20 + 99)
 
@@ -180,3 +180,18 @@ def test_fetch_refuses_names_s3_would_refuse_before_any_request(
         fetch_to_file(source, tmp_path / "disk", policy, s3cfg, max_bytes=2**30)
     assert member in err.value.message and "not a valid S3" in err.value.message
     assert not (tmp_path / "disk").exists()
+
+
+def test_an_unreachable_object_store_is_described_without_botocore_text() -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    client = s3_client(
+        {"endpoint_url": endpoint, "access_key": "a", "secret_key": "b"},
+        UrlPolicy(allowed_endpoints=[endpoint]),
+        retries=0,
+    )
+    with pytest.raises(SourceUnavailable) as err:
+        head_object(client, "bucket", "disk.raw")
+    assert err.value.message == (
+        f"cannot reach the object store at {endpoint}: connection refused; check sources.s3.endpoint_url "
+        "and that the object store is running"
+    )
