@@ -243,8 +243,8 @@ def documented_query_parameters(document: Mapping[str, Any]) -> QueryParams:
 
 
 def check_query(req: falcon.Request, allowed: Mapping[str, bool]) -> None:
-    """Refuse query parameters not in ``allowed``, and repeats of those that are not lists."""
-    for name, value in req.params.items():
+    """Refuse query parameters not in ``allowed`` (first), then repeats of those that are not lists."""
+    for name in req.params:
         if name not in allowed:
             takes = ", ".join(sorted(allowed)) or "no query parameters"
             raise ApiError(
@@ -252,6 +252,7 @@ def check_query(req: falcon.Request, allowed: Mapping[str, bool]) -> None:
                 "UnknownParameter",
                 f"unknown query parameter {name[:64]!r}; {req.method} {req.uri_template} takes {takes}",
             )
+    for name, value in req.params.items():
         if isinstance(value, list) and not allowed[name]:
             raise ApiError(
                 falcon.HTTP_400, "InvalidParameterValue", f"the query parameter {name} may be given only once"

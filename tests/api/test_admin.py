@@ -631,6 +631,9 @@ def test_a_single_valued_query_parameter_given_twice_is_refused(client: testing.
     result = client.simulate_get("/v1/tasks", query_string="limit=1&limit=2", headers=AUTH)
     assert "limit" in assert_error(result, 400, "InvalidParameterValue")["message"]
     assert_documented("/v1/tasks", "GET", result)
+    # an unknown parameter is named first, wherever it is
+    result = client.simulate_get("/v1/tasks", query_string="limit=1&limit=2&colour=blue", headers=AUTH)
+    assert "'colour'" in assert_error(result, 400, "UnknownParameter")["message"]
     # array parameters may repeat
     result = client.simulate_get("/v1/tasks", query_string="state=pending&state=failed", headers=AUTH)
     assert result.status_code == 200

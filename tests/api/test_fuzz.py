@@ -622,6 +622,8 @@ class AdminRequest:
     schema_valid: bool = True
     #: a parameter the operation does not document
     undocumented: bool = False
+    #: a path parameter holds a "/", so the request reaches another route (or none)
+    rerouted: bool = False
 
 
 @st.composite
@@ -633,7 +635,8 @@ def admin_requests(draw: st.DrawFn) -> AdminRequest:
         schema = _schema(param["schema"])
         if param["in"] == "path":
             value = str(draw(st.one_of(from_schema(schema), st.text(min_size=1, max_size=20), _ID_FORMS)))
-            request.schema_valid &= Draft202012Validator(schema).is_valid(value) and "/" not in value
+            request.schema_valid &= Draft202012Validator(schema).is_valid(value)
+            request.rerouted |= "/" in value
             request.path = request.path.replace("{" + param["name"] + "}", quote(value or "x", safe=""))
         elif draw(st.booleans()):
             valid = from_schema(schema).map(_query_value)
@@ -676,6 +679,8 @@ def test_admin_requests_from_the_openapi_document_get_documented_answers(
     if code is not None:
         assert answer.json["error"]["request_id"] == answer.headers["x-request-id"]
     # what the document promises for what was sent
+    if request.rerouted:
+        return
     if request.authorized is False:
         assert (answer.status_code, code) == (401, "AuthFailure")
     elif request.undocumented:
