@@ -11,6 +11,7 @@ from botocore.serialize import create_serializer
 
 from api.ec2 import model, query
 from api.ec2.errors import Ec2Error
+from api.ec2.resource import ACTIONS
 
 SERIALIZER = create_serializer("ec2")
 
@@ -469,8 +470,6 @@ def _numeric_members(shape: Any, path: tuple[str, ...] = (), seen: frozenset[str
 
 
 def test_every_numeric_member_of_every_served_action_has_aws_bounds() -> None:
-    from api.ec2.resource import ACTIONS
-
     for action in ACTIONS:
         members = _numeric_members(model.operation(action).input_shape)
         assert members == set(query.BOUNDS.get(action, {})), action
