@@ -280,7 +280,7 @@ class TasksResource:
         limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE)
         states = _list_param(req, "state")
         kinds = _list_param(req, "kind")
-        marker = req.get_param("marker")
+        marker = req.get_param("marker") or None  # an empty marker is the first page
         valid = [str(s) for s in TaskState]
         for state in states or ():
             if state not in valid:

@@ -8,6 +8,10 @@ and tracebacks never reach a client.
 
 Every request gets a fresh id in ``req.context.request_id`` (before any resource runs, so the EC2
 resource can put the same id in its XML) and in the ``X-Request-Id`` response header.
+
+The admin API takes exactly the query parameters its OpenAPI document lists for each operation
+(:class:`QueryCheck`): another one is a 400 ``UnknownParameter`` rather than silently ignored, and
+a documented single-valued one given twice a 400 ``InvalidParameterValue``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ REALM = "imaging-admin"
 _STATUS_BY_CODE = {
     "TaskNotFound": falcon.HTTP_404,
     "InvalidParameterValue": falcon.HTTP_400,
+    "UnknownParameter": falcon.HTTP_400,
     "InvalidMarker": falcon.HTTP_400,
     "InvalidTaskId.Malformed": falcon.HTTP_400,
     "IncorrectState": falcon.HTTP_409,
@@ -217,15 +222,80 @@ def _ec2_module() -> Any | None:
     return importlib.import_module("api.ec2.resource")
 
 
+#: query parameter name → whether it may be repeated (an ``array`` schema), per (path template, method)
+QueryParams = dict[tuple[str, str], dict[str, bool]]
+
+
+def documented_query_parameters(document: Mapping[str, Any]) -> QueryParams:
+    """The query parameters of each operation of an OpenAPI ``document`` (HEAD takes GET's)."""
+    out: QueryParams = {}
+    for template, item in document["paths"].items():
+        for method, operation in item.items():
+            params = {
+                p["name"]: p.get("schema", {}).get("type") == "array"
+                for p in operation.get("parameters", ())
+                if p.get("in") == "query"
+            }
+            out[(template, method)] = params
+            if method == "get":
+                out.setdefault((template, "head"), params)
+    return out
+
+
+def check_query(req: falcon.Request, allowed: Mapping[str, bool]) -> None:
+    """Refuse query parameters not in ``allowed`` (first), then repeats of those that are not lists."""
+    for name in req.params:
+        if name not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no query parameters"
+            raise ApiError(
+                falcon.HTTP_400,
+                "UnknownParameter",
+                f"unknown query parameter {name[:64]!r}; {req.method} {req.uri_template} takes {takes}",
+            )
+    for name, value in req.params.items():
+        if isinstance(value, list) and not allowed[name]:
+            raise ApiError(
+                falcon.HTTP_400, "InvalidParameterValue", f"the query parameter {name} may be given only once"
+            )
+
+
+class QueryCheck:
+    """Middleware: each admin operation takes the query parameters its OpenAPI document lists.
+
+    Resources with ``checks_own_query = True`` (``/``, whose EC2 requests carry EC2 parameters)
+    call :func:`check_query` themselves; unknown routes are left to Falcon's 404/405.
+    """
+
+    def __init__(self, documented: QueryParams) -> None:
+        self._documented = documented
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any
+    ) -> None:
+        if resource is None or getattr(resource, "checks_own_query", False):
+            return
+        allowed = self._documented.get((req.uri_template, req.method.lower()))
+        if allowed is not None:
+            check_query(req, allowed)
+
+
 class RootResource:
     """``/``: the EC2 Query endpoint (any POST, a GET with ``Action``) or version discovery."""
 
     auth_required = False
+    checks_own_query = True
 
-    def __init__(self, ec2_module: Any | None, make_ec2: Callable[[], Any], max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        ec2_module: Any | None,
+        make_ec2: Callable[[], Any],
+        max_request_bytes: int,
+        query_params: Mapping[str, bool] | None = None,
+    ) -> None:
         self._module = ec2_module
         self._make_ec2 = make_ec2
         self._max_bytes = max_request_bytes
+        self._query_params = query_params or {}
         self._ec2: Any | None = None
         self._lock = threading.Lock()
 
@@ -240,6 +310,7 @@ class RootResource:
         if self._module is not None and self._module.handles(req, self._max_bytes):
             self._resource().on_get(req, resp)
             return
+        check_query(req, self._query_params)
         resp.media = admin.versions_document()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -276,13 +347,14 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
             svc = ImportService(config, stores.get())
         return ec2.Ec2Resource(config, svc)
 
-    app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api.credentials)])
+    documented = documented_query_parameters(admin.openapi_document())
+    app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api.credentials), QueryCheck(documented)])
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(ImagingError, _handle_imaging_error)
 
-    app.add_route("/", RootResource(ec2, make_ec2, config.api.max_request_bytes))
+    app.add_route("/", RootResource(ec2, make_ec2, config.api.max_request_bytes, documented[("/", "get")]))
     app.add_route("/v1", VersionResource())
     app.add_route("/v1/health", admin.HealthResource(config, stores))
     app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2.ACTIONS) if ec2 is not None else ()))

@@ -39,15 +39,8 @@ def _disk_image(
         raise missing_parameter(f"{prefix}Volume.Size")
     if not image.get("ImportManifestUrl"):
         raise missing_parameter(f"{prefix}Image.ImportManifestUrl")
+    # both within AWS's bounds already (query.BOUNDS)
     size, nbytes = volume["Size"], image["Bytes"]
-    if size < 1:
-        raise invalid_value(
-            f"Value ({size}) for parameter {prefix}Volume.Size is invalid: the minimum is 1 (GiB)"
-        )
-    if nbytes < 1:
-        raise invalid_value(
-            f"Value ({nbytes}) for parameter {prefix}Image.Bytes is invalid: it is the image size in bytes"
-        )
     if image["Format"] == "RAW" and nbytes > size * GiB:
         # A RAW image is the disk itself, so it must fit; other formats' sizes are checked
         # against the virtual size once the upload is inspected.

@@ -26,6 +26,16 @@ class Ec2Error(Exception):
         return f"{self.code} ({self.status}): {self.message}"
 
 
+#: how much of a client's value an error message quotes
+SHOWN_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """``value`` as an error message quotes it: at most :data:`SHOWN_CHARS` characters (a value
+    may be as long as the request)."""
+    return value if len(value) <= SHOWN_CHARS else value[:SHOWN_CHARS] + "…"
+
+
 # Shorthands for the client errors raised all over the protocol layer.
 def missing_parameter(name: str) -> Ec2Error:
     return Ec2Error("MissingParameter", f"The request must contain the parameter {name}")

@@ -152,9 +152,7 @@ def _describe(
     service: ImportService, action: str, kinds: Sequence[str], params: Params
 ) -> tuple[list[Task], str | None]:
     data = query.parse(action, params)
-    max_results = data.get("MaxResults")
-    if max_results is not None and not 1 <= max_results <= 1000:
-        raise invalid_value(f"Value ({max_results}) for parameter MaxResults is invalid: use 1 to 1000")
+    max_results = data.get("MaxResults")  # 1 to 1000 (query.BOUNDS)
     query.check_dry_run(data)
     tasks = service.list(kinds, data.get("ImportTaskIds") or ())
     for allowed in _state_filter(data):

@@ -23,8 +23,9 @@ from appliance.errors import ImagingError
 from appliance.service.imports import ImportService
 
 from . import conversion, image_import, xml
-from .auth import Authenticator, SignedRequest, decode_query
+from .auth import ALGORITHM, Authenticator, SignedRequest, decode_query
 from .errors import INTERNAL_ERROR_MESSAGE, Ec2Error, from_imaging_error, render_error
+from .query import is_protocol_param
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,16 @@ def request_params(req: falcon.Request, body: bytes) -> dict[str, list[str]]:
 def handles(req: falcon.Request, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> bool:
     """Whether ``req`` (GET or POST) carries an ``Action`` parameter, i.e. is an EC2 Query request.
 
-    For a POST the body is read (and kept for the resource); a body over ``max_bytes`` counts as
-    EC2 so that the client gets the EC2 413 error.
+    A request signed with SigV4 (``Authorization: AWS4-HMAC-SHA256 …``) or whose query string has
+    EC2 protocol or signature parameters (``Version``, ``X-Amz-*``, ``AWSAccessKeyId``…) but no
+    ``Action`` is EC2 too, so that its client gets ``MissingAction`` as EC2 XML. For a POST the
+    body is read (and kept for the resource); a body over ``max_bytes`` counts as EC2 so that the
+    client gets the EC2 413 error.
     """
-    if "Action" in {name for name, _ in _safe_pairs(req.query_string)}:
+    names = {name for name, _ in _safe_pairs(req.query_string)}
+    if "Action" in names or any(is_protocol_param(name) for name in names):
+        return True
+    if (req.get_header("Authorization") or "").startswith(ALGORITHM):
         return True
     if req.method != "POST":
         return False

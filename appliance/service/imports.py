@@ -23,6 +23,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..sources.s3names import check_bucket, check_key
+from ..sources.urlfilter import parse_s3_url
 from ..store import ActiveTaskLimit, Store, Task, format_time
 from . import bootparams
 
@@ -165,6 +167,12 @@ class ImportService:
                 f"the {fmt} image is {image.bytes} bytes but Volume.Size is {image.volume_size} GiB; "
                 f"use a volume of at least {-(-image.bytes // GiB)} GiB"
             )
+        if not image.manifest_url.startswith(("https://", "http://")):
+            # the manifest and its parts are read over HTTP (presigned URLs), never as s3://
+            raise UsageError(
+                f"ImportManifestUrl {image.manifest_url[:120]!r} must be the presigned https:// URL "
+                "of the import manifest"
+            )
         self.check_url(image.manifest_url)
         return {
             "image_format": fmt,
@@ -183,10 +191,15 @@ class ImportService:
         if c.url:
             if not c.url.startswith(("s3://", "https://", "http://")):
                 raise UsageError(f"Url {c.url!r} must be an s3:// or https:// URL")
-            if not c.url.startswith("s3://"):
+            if c.url.startswith("s3://"):
+                parse_s3_url(c.url)  # S3's naming rules for the bucket and the key
+            else:
                 self.check_url(c.url)
         elif not (c.bucket and c.key):
             raise UsageError("UserBucket needs both S3Bucket and S3Key")
+        else:
+            check_bucket(c.bucket, "UserBucket.S3Bucket")
+            check_key(c.key, "UserBucket.S3Key")
         return asdict(c) | {"format": fmt}
 
     # -- creating -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .http import (
     redact,
     sleep_or_cancel,
 )
+from .s3names import check_bucket, check_key
 from .urlfilter import UrlPolicy, parse_s3_url
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -70,7 +71,8 @@ def parse_source(source: Mapping[str, Any]) -> Source:
         return Source("http", url=str(url))
     bucket, key = source.get("bucket"), source.get("key")
     if bucket and key:
-        return Source("s3", bucket=str(bucket), key=str(key))
+        # checked at submit too; a task submitted otherwise (imaging run) gets the same message
+        return Source("s3", bucket=check_bucket(str(bucket)), key=check_key(str(key)))
     raise UsageError("a disk container needs either Url or UserBucket (S3Bucket and S3Key)")
 
 

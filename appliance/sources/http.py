@@ -7,20 +7,27 @@ again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anythin
 most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with exponential back-off
 and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it. Errors in the
 middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
+
+Messages describe a network failure in fixed words (:func:`describe_network_error`: "connection
+refused", "read timed out"…), never with the text of urllib3's, http.client's or botocore's
+exceptions, which is written for programmers and ends up in the task's status message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from ..config import SourcesConfig
@@ -154,7 +161,7 @@ class HttpResponse:
                     _raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
                         f"the transfer from {redact(self.url)} broke after {self._received} bytes: "
-                        f"{_describe(exc)}",
+                        f"{describe_network_error(exc)}",
                         received=self._received,
                     ) from exc
                 if not chunk:
@@ -198,10 +205,58 @@ class HttpResponse:
         self.close()
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ProtocolError) and len(exc.args) > 1 and isinstance(exc.args[1], BaseException):
-        exc = exc.args[1]
-    return f"{type(exc).__name__}: {exc}"
+#: how deep :func:`describe_network_error` looks through wrapped exceptions
+_MAX_WRAPPED = 8
+# Fixed words by exception class, most specific first (subclasses before their bases).
+_NETWORK_PHRASES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (http.client.RemoteDisconnected, "the server closed the connection without answering"),
+    (ConnectionResetError, "connection reset by the server"),
+    (ConnectionAbortedError, "connection aborted"),
+    (BrokenPipeError, "connection closed by the server"),
+    (http.client.IncompleteRead, "the connection closed before the whole body arrived"),
+    (socket.gaierror, "the host name could not be resolved"),
+    (ssl.SSLError, "TLS failure"),
+    (TimeoutError, "timed out"),
+)
+
+
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it wraps, outermost first (urllib3's ``reason`` and protocol
+    errors' second argument, botocore's ``error`` keyword, ``__cause__``/``__context__``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < _MAX_WRAPPED:
+        chain.append(current)
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in current.args[1:] if isinstance(a, BaseException)), None)
+        if inner is None:
+            kwargs = getattr(current, "kwargs", None)
+            error = kwargs.get("error") if isinstance(kwargs, dict) else None
+            inner = error if isinstance(error, BaseException) else None
+        current = inner or current.__cause__ or current.__context__
+    return chain
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """What went wrong on the network, in fixed words (no library's exception text)."""
+    chain = _wrapped(exc)
+    for inner in reversed(chain):  # the innermost cause says the most
+        for cls, phrase in _NETWORK_PHRASES:
+            if isinstance(inner, cls):
+                if cls is ssl.SSLError and getattr(inner, "reason", None):
+                    return f"{phrase} ({inner.reason})"
+                return phrase
+    names = [type(e).__name__ for e in chain]
+    if any("ConnectTimeout" in n for n in names):
+        return "connection timed out"
+    if any("ReadTimeout" in n for n in names):
+        return "read timed out"
+    for inner in reversed(chain):
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror.lower()  # the operating system's words, e.g. "no route to host"
+    return f"connection failed ({names[-1]})"
 
 
 class HttpClient:
@@ -308,10 +363,11 @@ class HttpClient:
                 response = self._send_once(method, checked, headers, cancel)
             except SSLError as exc:
                 raise SourceUnavailable(
-                    f"TLS connection to {checked.host}:{checked.port} failed (certificate or protocol): {exc}"
+                    f"TLS connection to {checked.host}:{checked.port} failed (certificate or protocol): "
+                    f"{describe_network_error(exc)}"
                 ) from exc
             except (_Urllib3Error, OSError) as exc:
-                status, problem = None, _describe(exc)
+                status, problem = None, describe_network_error(exc)
             else:
                 if response.status < 500:
                     return response

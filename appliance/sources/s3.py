@@ -8,7 +8,9 @@ key, which are path components (or, on AWS, a label under amazonaws.com).
 
 Failures become :class:`SourceUnavailable` with messages in the style of AWS's own VM Import errors
 ("Disk validation failed [We do not have access to the given resource. Reason 403 Forbidden]") plus
-what to do about them.
+what to do about them. botocore's own errors (a bucket name it refuses, missing credentials) become
+coded errors too (:func:`_botocore_error`): their text, meant for programmers, never reaches the
+task's status message.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import botocore.config
 import botocore.exceptions
 from urllib3 import HTTPHeaderDict
 
-from ..errors import Cancelled
+from ..errors import Cancelled, ImagingError
 from .http import (
     CHUNK_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -31,8 +33,10 @@ from .http import (
     DEFAULT_RETRIES,
     SourceUnavailable,
     TransferInterrupted,
+    describe_network_error,
     format_range,
 )
+from .s3names import InvalidS3Name
 from .urlfilter import UrlPolicy, parse_s3_url, s3_endpoint_url
 
 __all__ = ["ObjectInfo", "S3Stream", "head_object", "open_object", "parse_s3_url", "s3_client"]
@@ -147,15 +151,36 @@ def _unavailable(exc: botocore.exceptions.ClientError, bucket: str, key: str) ->
     elif status == 416 or code == "InvalidRange":
         message = f"the byte range requested from {where} is outside the object"
     else:
-        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}: {error.get('Message') or exc}"
+        # S3's own message (the object store's words), never botocore's exception text
+        detail = f": {error['Message']}" if error.get("Message") else ""
+        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}{detail}"
     transient = status is not None and status >= 500
     return SourceUnavailable(message, status=status, transient=transient)
 
 
+def _botocore_error(exc: botocore.exceptions.BotoCoreError, bucket: str, key: str) -> ImagingError:
+    """The coded error for a request botocore would not make (raised before anything is sent)."""
+    where = _where(bucket, key)
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        return InvalidS3Name(
+            f"Disk validation failed [Invalid S3 source location {where}]; the bucket name or the key "
+            "breaks S3's naming rules"
+        )
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return SourceUnavailable(
+            f"reading {where} failed: the appliance has no complete credentials for the object store; "
+            "set sources.s3.access_key and sources.s3.secret_key"
+        )
+    return SourceUnavailable(
+        f"reading {where} failed: the S3 request could not be made ({type(exc).__name__}); check "
+        "sources.s3 in the appliance configuration"
+    )
+
+
 def _connect_error(exc: BaseException, client: Any) -> SourceUnavailable:
     return SourceUnavailable(
-        f"cannot reach the object store at {client.meta.endpoint_url}: {exc}; check sources.s3.endpoint_url "
-        "and that the object store is running",
+        f"cannot reach the object store at {client.meta.endpoint_url}: {describe_network_error(exc)}; "
+        "check sources.s3.endpoint_url and that the object store is running",
         transient=True,
     )
 
@@ -176,6 +201,8 @@ def head_object(client: Any, bucket: str, key: str) -> ObjectInfo:
         raise _unavailable(exc, bucket, key) from exc
     except _CONNECT_ERRORS as exc:
         raise _connect_error(exc, client) from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _botocore_error(exc, bucket, key) from exc
     return ObjectInfo(
         bucket=bucket,
         key=key,
@@ -191,8 +218,8 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
-    except _CONNECT_ERRORS:
-        return True
+    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):
+        return True  # the HEAD of the object already failed; let its error speak
     return True
 
 
@@ -223,7 +250,8 @@ class S3Stream:
                 chunk = self._body.read(chunk_size)
             except _STREAM_ERRORS as exc:
                 raise TransferInterrupted(
-                    f"the transfer of {self.url} broke after {self._received} bytes: {exc}",
+                    f"the transfer of {self.url} broke after {self._received} bytes: "
+                    f"{describe_network_error(exc)}",
                     received=self._received,
                 ) from exc
             if not chunk:
@@ -263,4 +291,6 @@ def open_object(
         raise _unavailable(exc, bucket, key) from exc
     except _CONNECT_ERRORS as exc:
         raise _connect_error(exc, client) from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _botocore_error(exc, bucket, key) from exc
     return S3Stream(out, bucket, key, cancel)

@@ -10,6 +10,11 @@ Each step runs in its own thread so the engine can stop waiting for it: the main
 the task's cancel event and the step's timeout and sets the step's ``ctx.cancel``; a step that
 does not return within the grace period after that is abandoned (recorded in an event).
 
+An exception a step did not mean to raise (a plugin's bug, a library's own error) fails the step
+as ``StepFailed`` with a fixed message: its type and text go to the worker log and to the task's
+``step.exception`` event for the operator, never into the task's message, which EC2 clients read
+as the ``StatusMessage``.
+
 Undo works from the store, not from the workflow: the ``completed`` step records, newest first,
 with the args and result they were recorded with. It therefore also works for a task whose
 workflow file has changed or disappeared since it started.
@@ -17,6 +22,7 @@ workflow file has changed or disappeared since it started.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -62,10 +68,19 @@ class RunHost(Protocol):
     timeout_grace: float
 
 
+log = logging.getLogger(__name__)
+
 #: step progress is written to the task row at most this often (the last value always wins)
 PROGRESS_DB_INTERVAL = 0.5
 #: and queued as an event at most this often
 PROGRESS_EVENT_INTERVAL = 2.0
+#: the task message of a step that raised an exception nobody coded
+UNEXPECTED_MESSAGE = (
+    "an unexpected internal error (a bug); the operator finds its details in the task's "
+    "step.exception event and in the worker log"
+)
+#: how much of such an exception's text the event keeps
+EXCEPTION_TEXT_CHARS = 2000
 
 
 class TaskVars:
@@ -267,7 +282,7 @@ class TaskRun:
             except ImagingError as exc:
                 error, abandoned = exc, getattr(exc, "abandoned", False)
             except Exception as exc:  # a plugin's bug or an unexpected OS error: coded as StepFailed
-                error, abandoned = StepFailed(f"{type(exc).__name__}: {exc}"), False
+                error, abandoned = self._unexpected(step, idx, exc), False
             else:
                 try:
                     return self._finish(
@@ -361,8 +376,23 @@ class TaskRun:
         if isinstance(error, ImagingError):
             raise error
         if isinstance(error, Exception):
-            raise StepFailed(f"{type(error).__name__}: {error}") from error
+            raise self._unexpected(step, idx, error) from error
         raise StepFailed(f"step raised {type(error).__name__}") from error
+
+    def _unexpected(self, step: StepSpec, idx: str, exc: Exception) -> StepFailed:
+        """``StepFailed`` for an uncoded exception; its type and text only reach the log and the
+        ``step.exception`` event (a library's text is for programmers, not for EC2 clients)."""
+        log.error("task %s: step %s (%s) raised %r", self.task_id, idx, step.name, exc, exc_info=exc)
+        self._emit(
+            "step.exception",
+            {
+                "step": idx,
+                "name": step.name,
+                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "message": str(exc)[:EXCEPTION_TEXT_CHARS],
+            },
+        )
+        return StepFailed(UNEXPECTED_MESSAGE)
 
     # -- helpers -----------------------------------------------------------------------------
 

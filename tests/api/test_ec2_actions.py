@@ -319,6 +319,67 @@ def test_disallowed_source_url_is_invalid_parameter_value(appliance: Appliance) 
     assert "169.254.169.254" in info.value.response["Error"]["Message"]
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"Volume": {"Size": 2**63 - 1}},
+        {"Volume": {"Size": 16385}},
+        {"Image": {"Format": "VMDK", "Bytes": 2**63 - 1, "ImportManifestUrl": MANIFEST}},
+    ],
+)
+def test_sizes_beyond_aws_limits_are_refused_at_submit_and_create_no_task(
+    appliance: Appliance, overrides: dict[str, Any]
+) -> None:
+    # issue 10 item 8: the task used to be accepted and to fail later with an OverflowError
+    with pytest.raises(ClientError) as info:
+        new_volume(appliance.ec2, **overrides)
+    message = info.value.response["Error"]["Message"]
+    assert code_of(info) == "InvalidParameterValue" and ("16384" in message or "16 TiB" in message)
+    assert appliance.ec2.describe_conversion_tasks()["ConversionTasks"] == []
+
+
+@pytest.mark.parametrize(
+    ("call", "member"),
+    [
+        (
+            lambda ec2: ec2.import_snapshot(
+                DiskContainer={"Format": "RAW", "UserBucket": {"S3Bucket": "Invalid_Bucket", "S3Key": "k"}}
+            ),
+            "UserBucket.S3Bucket",
+        ),
+        (
+            lambda ec2: ec2.import_image(
+                DiskContainers=[{"Format": "RAW", "UserBucket": {"S3Bucket": "ab", "S3Key": "k"}}]
+            ),
+            "UserBucket.S3Bucket",
+        ),
+        (
+            lambda ec2: ec2.import_snapshot(
+                DiskContainer={"Format": "RAW", "UserBucket": {"S3Bucket": "disks", "S3Key": "a/../../b/k"}}
+            ),
+            "UserBucket.S3Key",
+        ),
+        (lambda ec2: ec2.import_image(DiskContainers=[{"Url": "s3://bad..bucket/k"}]), "bucket name"),
+        (lambda ec2: ec2.import_snapshot(DiskContainer={"Url": "s3://disks/" + "k" * 1025}), "object key"),
+        (
+            lambda ec2: new_volume(
+                ec2, Image={"Format": "RAW", "Bytes": 1, "ImportManifestUrl": "s3://disks/m.xml"}
+            ),
+            "ImportManifestUrl",
+        ),
+    ],
+)
+def test_s3_names_s3_would_refuse_are_refused_at_submit(appliance: Appliance, call: Any, member: str) -> None:
+    # issue 10 item 9: accepted before, the task then failed with botocore's ParamValidationError text
+    with pytest.raises(ClientError) as info:
+        call(appliance.ec2)
+    message = info.value.response["Error"]["Message"]
+    assert code_of(info) == "InvalidParameterValue" and member in message
+    assert appliance.ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+    assert appliance.ec2.describe_import_image_tasks()["ImportImageTasks"] == []
+    assert appliance.ec2.describe_conversion_tasks()["ConversionTasks"] == []
+
+
 def test_active_task_limit_is_resource_limit_exceeded(tmp_path: Path) -> None:
     config = ec2_config(tmp_path)
     config = dataclasses.replace(config, max_active_tasks=1)

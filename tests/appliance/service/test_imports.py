@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from appliance import config as config_mod
-from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound
+from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from appliance.service.imports import DiskContainer, DiskImage, ImportService
 from appliance.sources.urlfilter import UrlNotAllowed
 from appliance.store import Task, TaskState
@@ -334,3 +334,39 @@ def test_requests_are_refused_before_any_work(
     with pytest.raises(TaskNotFound):
         service.get("import-vol-abcd1234", ["import-volume"])
     assert len(service.list(["import-image"])) == 3
+
+
+def test_bad_s3_names_are_refused_at_submit_and_by_the_worker_without_library_text(
+    service: ImportService, cfg: config_mod.Config, bucket: str
+) -> None:
+    # at submit (what the EC2 API calls): S3's naming rules, each member named
+    for container, member in (
+        (DiskContainer(format="RAW", bucket="Bad_Bucket", key="k"), "UserBucket.S3Bucket"),
+        (DiskContainer(format="RAW", bucket="bad bucket", key="k"), "UserBucket.S3Bucket"),
+        (DiskContainer(format="RAW", bucket=bucket, key="../other/k"), "UserBucket.S3Key"),
+        (DiskContainer(format="RAW", url="s3://bad_bucket/k"), "bucket name"),
+        (DiskContainer(format="RAW", url=f"s3://{bucket}/" + "k" * 1025), "object key"),
+    ):
+        with pytest.raises((UsageError, UrlNotAllowed)) as info:
+            service.import_snapshot(container)
+        assert info.value.code in ("InvalidParameterValue", "UrlNotAllowed") and member in info.value.message
+    with pytest.raises(UsageError, match="ImportManifestUrl"):
+        service.import_volume(
+            DiskImage("RAW", MiB, f"s3://{bucket}/disk.manifest.xml", 1),
+            availability_zone=None,
+            description=None,
+        )
+    assert service.list(["import-snapshot", "import-volume"]) == []
+
+    # a task that reaches the worker anyway (submitted by an older appliance, or by `imaging run`)
+    # fails with the same coded message, not botocore's ParamValidationError text
+    engine = Engine(cfg)
+    try:
+        params = {"disk_container": {"format": "RAW", "bucket": "bad bucket", "key": "k"}, "tags": []}
+        task_id = engine.submit("import-snapshot", params, task_id="import-snap-0123456789abcdef0")
+        done = engine.run(task_id)
+    finally:
+        engine.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InvalidParameterValue")
+    assert "'bad bucket' is not a valid S3 bucket name" in done.error_message
+    assert "Parameter validation failed" not in done.error_message

@@ -13,6 +13,7 @@ from appliance.scratch import ScratchSpace
 from appliance.steps.util import EchoStep
 from appliance.store import StepState, Store, Task, TaskState
 from appliance.workflow import Engine, EngineCallbacks
+from appliance.workflow.runner import UNEXPECTED_MESSAGE
 
 from .support import Recorder, make_config, make_registry, step_state, wait_until, write_workflow
 
@@ -245,7 +246,12 @@ def test_uncoded_exception_in_a_step_becomes_step_failed(tmp_path: Path, engine:
     write_workflow(tmp_path, "crash", {"steps": [{"name": "bug", "action": "test.crash"}]})
     task = run(engine, "crash")
     assert (task.state, task.error_code) == (TaskState.FAILED, "StepFailed")
-    assert "KeyError" in task.error_message and "boom" in task.error_message
+    # the exception's text is for the operator (an event, the log), never the task's message, which
+    # EC2 clients read as the StatusMessage
+    assert task.error_message == "step 'bug' failed: " + UNEXPECTED_MESSAGE
+    assert "boom" not in task.error_message and "KeyError" not in task.error_message
+    [event] = [e for e in engine.store.events(task_id=task.id) if e.kind == "step.exception"]
+    assert event.data == {"step": "1", "name": "bug", "type": "builtins.KeyError", "message": "'boom'"}
 
 
 def test_rejection_keeps_every_finding_on_the_task(tmp_path: Path, engine: Engine) -> None:
