@@ -27,6 +27,7 @@ from . import __version__
 from . import config as config_mod
 from .errors import Cancelled, ImageRejected, ImagingError, UsageError
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
+from .scratch import Allowance
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 130
 
@@ -78,15 +79,14 @@ def _cli_scratch(cfg: config_mod.Config, purpose: str) -> Iterator[Any]:
         scratch.cleanup()
 
 
-def _decompression_budget(cfg: config_mod.Config, scratch: Any, src: Path) -> int | None:
-    """Reserve scratch for decompressing ``src`` when it is compressed; return the output cap."""
+def _decompression_reserve(scratch: Any, src: Path) -> Any:
+    """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
+    (an :class:`appliance.scratch.Allowance`); None otherwise."""
     from .decompress import detect_compression
 
     if detect_compression(src) is None:
         return None
-    budget = min(cfg.limits.max_decompressed_size, scratch.space.free())
-    scratch.reserve(budget, f"decompressing {src.name}")
-    return budget
+    return Allowance(scratch, f"decompressing {src.name}").cover
 
 
 # --- inspect / convert ---------------------------------------------------------------------------
@@ -99,9 +99,9 @@ def cmd_inspect(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
     with _cli_scratch(cfg, "inspect") as scratch, _cancel_on_signals() as cancel:
-        budget = _decompression_budget(cfg, scratch, src)
+        reserve = _decompression_reserve(scratch, src)
         result = inspect_image(
-            src, args.format, config=cfg, workdir=scratch.path, max_decompressed=budget, cancel=cancel
+            src, args.format, config=cfg, workdir=scratch.path, reserve=reserve, cancel=cancel
         )
     if args.json:
         _print_json(result.to_dict())
@@ -128,8 +128,6 @@ def cmd_convert(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
     with _cli_scratch(cfg, "convert") as scratch, _cancel_on_signals() as cancel:
-        budget = _decompression_budget(cfg, scratch, src)
-        del budget  # the reservation bounds the decompressor through the scratch quota
         result = convert_image(
             src,
             Path(args.dst),
@@ -140,6 +138,7 @@ def cmd_convert(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             subformat=args.subformat,
             on_progress=_progress_callback(args.progress),
             cancel=cancel,
+            reserve=_decompression_reserve(scratch, src),
         )
     if args.json:
         _print_json(result.to_dict())

@@ -121,12 +121,14 @@ def convert_image(
     subformat: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
+    reserve: Callable[[int, bool], None] | None = None,
 ) -> ConversionResult:
     """Convert ``src`` (claimed format ``claimed``, e.g. ``qcow2`` or ``raw.gz``) to ``to_format`` at ``dst``.
 
     ``workdir`` receives intermediates (the decompressed source, the isolation directory) and
     must be on a filesystem with room for them. ``dst`` is a file path (created or replaced
-    atomically) or an existing block device (raw output only; written in place).
+    atomically) or an existing block device (raw output only; written in place). ``reserve`` is the
+    decompressor's scratch reservation (see :func:`appliance.decompress.decompress`).
 
     Raises :class:`ImageRejected` if the source is unsafe or not what was claimed,
     :class:`ConversionFailed` if qemu-img fails or its output does not re-inspect as a safe
@@ -149,7 +151,7 @@ def convert_image(
     qemu_img = _qemu_img()
     _raise_if_cancelled(cancel)
 
-    source = inspect_image(src, claimed, config=config, workdir=workdir, cancel=cancel)
+    source = inspect_image(src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel)
     # A compressed source was decompressed into workdir; that copy is ours to remove.
     intermediate = source.path if source.path != src else None
     tmp: Path | None = None

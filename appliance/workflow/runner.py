@@ -17,6 +17,7 @@ workflow file has changed or disappeared since it started.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from ..store import Task
     from .engine import Engine
     from .loader import StepSpec, Workflow
+
+log = logging.getLogger(__name__)
 
 #: step progress is written to the task row at most this often (the last value always wins)
 PROGRESS_DB_INTERVAL = 0.5
@@ -237,6 +240,7 @@ class TaskRun:
             failed = self._finish(
                 step, idx, StepState.FAILED, args=args, error=error.to_dict(), attempts=attempt
             )
+            self._release_reservations(idx)
             if isinstance(error, ImageRejected):
                 self._keep_findings(error.findings)
             cancelled = isinstance(error, Cancelled) or self.cancel.is_set()
@@ -463,12 +467,27 @@ class TaskRun:
     # -- cleaning up ---------------------------------------------------------------------------
 
     def mark_interrupted(self) -> list[StepRecord]:
-        """Mark steps left ``running`` by a dead worker as failed; returns them (innermost last)."""
+        """Mark steps left ``running`` by a dead worker as failed, and give back the scratch they had
+        reserved; returns them (innermost last)."""
         interrupted = [r for r in self.store.step_results(self.task_id) if r.state is StepState.RUNNING]
         for r in interrupted:
             error = {"code": "Interrupted", "message": "the worker running this step died"}
             self._done[r.idx] = self.store.set_step_state(self.task_id, r.idx, StepState.FAILED, error=error)
+            self._release_reservations(r.idx)
         return interrupted
+
+    def _release_reservations(self, idx: str) -> None:
+        """Give back the scratch step ``idx`` reserved: an attempt that failed or was interrupted must not
+        count against the quota again when the step runs next (it makes its output anew)."""
+        if self._scratch is None and not (Path(self.config.scratch.root) / self.task_id).is_dir():
+            return
+        try:
+            released = self.scratch().release_step(idx)
+        except (OSError, ImagingError):
+            log.exception("task %s: could not release the scratch of step %s", self.task_id, idx)
+            return
+        if released:
+            self._emit("scratch.released", {"step": idx, "bytes": released}, notify=False)
 
     def undo(self) -> list[str]:
         """Undo completed steps newest first; returns descriptions of undos that failed."""
