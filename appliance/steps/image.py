@@ -194,6 +194,7 @@ class ConvertStep(Step):
             subformat=subformat,
             on_progress=ctx.progress,
             cancel=ctx.cancel,
+            ledger=ctx,
             reserve=allowance.cover if allowance is not None else None,
         )
         if allowance is not None:  # the decompressed copy was removed after the conversion

@@ -364,6 +364,7 @@ class VolumeImportStep(Step):
             workdir=ctx.workdir,
             on_progress=on_convert,
             cancel=ctx.cancel,
+            ledger=ctx,
         )
         if not result.block_device:
             # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.
@@ -483,7 +484,7 @@ class ImageStoreStep(Step):
             )
 
         location = get_image_target(ctx.config).store(
-            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel
+            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel, ledger=ctx
         )
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return location

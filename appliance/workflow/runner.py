@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
+from .. import partials
 from ..errors import (
     Cancelled,
     Finding,
@@ -488,6 +489,18 @@ class TaskRun:
             return
         if released:
             self._emit("scratch.released", {"step": idx, "bytes": released}, notify=False)
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove the partial outputs a killed process of this task left behind (its ledger names them;
+        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it."""
+        removed = partials.sweep(self.store, task_id=self.task_id)
+        for path in removed:
+            self.callbacks.on_event(
+                self.task_id,
+                "ledger",
+                {"action": "removed", "resource": str(path), "step": partials.RECOVERY_STEP},
+            )
+        return removed
 
     def undo(self) -> list[str]:
         """Undo completed steps newest first; returns descriptions of undos that failed."""

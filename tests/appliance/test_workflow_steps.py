@@ -48,6 +48,22 @@ def test_copy_with_overwrite_replaces(engine: Engine, tmp_path: Path) -> None:
     assert task.result["c"] == {"path": str(dst), "bytes": 3}
 
 
+def test_copy_goes_through_a_partial_named_in_the_ledger_before_it_exists(
+    engine: Engine, tmp_path: Path
+) -> None:
+    src, dst = tmp_path / "src", tmp_path / "out" / "dst"
+    src.write_text("data")
+    dst.parent.mkdir()
+    task = run_steps(
+        engine, tmp_path, [{"name": "c", "action": "file.copy", "with": {"src": str(src), "dst": str(dst)}}]
+    )
+    assert task.state is TaskState.COMPLETED
+    [(a1, partial), (a2, gone), (a3, made)] = [(e.action, e.resource) for e in engine.store.ledger(task.id)]
+    assert (a1, a2, gone, a3, made) == ("created", "removed", partial, "created", str(dst))
+    assert Path(partial).parent == dst.parent and Path(partial).name.startswith(".dst.partial-")
+    assert [p.name for p in dst.parent.iterdir()] == ["dst"]
+
+
 def test_copy_of_a_missing_source_fails_with_a_code(engine: Engine, tmp_path: Path) -> None:
     with_ = {"src": str(tmp_path / "absent"), "dst": str(tmp_path / "dst")}
     task = run_steps(engine, tmp_path, [{"name": "c", "action": "file.copy", "with": with_}])
