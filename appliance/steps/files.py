@@ -11,15 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import StepFailed
+from ..errors import ImagingError, StepFailed
 from ..partials import partial_file, publish
 from ..progress import ProgressTracker
+from ..scratch import is_no_space, no_space_error
 from ..workflow.step import Step, StepContext
 
 CHUNK = 1024 * 1024
 
 
-def _file_error(action: str, path: str | Path, exc: OSError) -> StepFailed:
+def _file_error(action: str, path: str | Path, exc: OSError) -> ImagingError:
+    if is_no_space(exc):
+        return no_space_error(Path(path).parent, f"{action} {Path(path).name}")
     code = {2: "FileNotFound", 17: "FileExists", 13: "FileAccessDenied"}.get(exc.errno or 0, "FileError")
     return StepFailed(f"cannot {action} {path}: {exc.strerror or exc}", code)
 
