@@ -97,13 +97,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _allocated(directory: Path) -> int:
-    """Bytes allocated under ``directory`` (sparse files count what they use)."""
+    """Bytes allocated under ``directory`` (sparse files count what they use, a file with several links
+    once; nothing mounted below it is counted)."""
+    try:
+        device = os.lstat(directory).st_dev
+    except FileNotFoundError:
+        return 0
     total = 0
-    for dirpath, _dirs, files in os.walk(directory):
+    seen: set[int] = set()
+    for dirpath, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if _on_device(os.path.join(dirpath, d), device)]
         for name in files:
             with contextlib.suppress(FileNotFoundError):  # removed while we walk
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_dev == device and st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_blocks * 512
     return total
+
+
+def _on_device(path: str, device: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == device
+    except FileNotFoundError:
+        return False
 
 
 @dataclass(frozen=True)

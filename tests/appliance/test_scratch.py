@@ -249,3 +249,12 @@ def test_growing_reservations_never_exceed_the_quota_across_processes(tmp_path: 
     outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert set(outcomes) <= {"won", "lost"} and "won" in outcomes
     assert ScratchSpace(tmp_path, quota=10 * MiB).reserved() == 3 * MiB * outcomes.count("won") <= 10 * MiB
+
+
+def test_usage_counts_a_file_with_two_links_once(tmp_path: Path) -> None:
+    # qemu-img and the guest reader get the image through a hard link in a private directory
+    t = ScratchSpace(tmp_path, quota=10 * MiB).for_task("t")
+    (t.path / "source.img").write_bytes(os.urandom(4 * MiB))
+    (t.path / "isolated").mkdir()
+    os.link(t.path / "source.img", t.path / "isolated" / "image")
+    assert 4 * MiB <= t.usage() < 5 * MiB
