@@ -78,8 +78,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     owner.hold()
                     hold_at = None
-        except OSError:
-            self.close_connection = True  # the client went away (killed, or gave up)
+        except (OSError, http.client.HTTPException):
+            self.close_connection = True  # the client went away (killed, or gave up), or the server did
         finally:
             upstream.close()
 
