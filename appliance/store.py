@@ -967,3 +967,10 @@ class Store:
         return [
             LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
         ]
+
+    def ledger_containing(self, fragment: str) -> list[LedgerEntry]:
+        """Ledger entries of every task whose resource contains ``fragment`` (literally), oldest first."""
+        rows = self._read("SELECT * FROM ledger WHERE instr(resource, ?) > 0 ORDER BY id", (fragment,))
+        return [
+            LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
+        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from ..image.convert import convert_image
 from ..image.decompress import detect_compression
 from ..image.formats import INPUT_FORMATS, OUTPUT_FORMATS
 from ..image.inspect import inspect_image
-from ..scratch import TaskScratch
+from ..scratch import Allowance, TaskScratch
 from .common import (
     EXIT_OK,
     EXIT_REJECTED,
@@ -71,13 +72,12 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_convert)
 
 
-def _decompression_budget(cfg: Config, scratch: TaskScratch, src: Path) -> int | None:
-    """Reserve scratch for decompressing ``src`` when it is compressed; return the output cap."""
+def _decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int], None] | None:
+    """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
+    (an :class:`appliance.scratch.Allowance`); None otherwise."""
     if detect_compression(src) is None:
         return None
-    budget = min(cfg.limits.max_decompressed_size, scratch.space.free())
-    scratch.reserve(budget, f"decompressing {src.name}")
-    return budget
+    return Allowance(scratch, f"decompressing {src.name}").cover
 
 
 def cmd_inspect(args: argparse.Namespace, cfg: Config) -> int:
@@ -85,9 +85,9 @@ def cmd_inspect(args: argparse.Namespace, cfg: Config) -> int:
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
     with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
-        budget = _decompression_budget(cfg, scratch, src)
+        reserve = _decompression_reserve(scratch, src)
         result = inspect_image(
-            src, args.format, config=cfg, workdir=scratch.path, max_decompressed=budget, cancel=cancel
+            src, args.format, config=cfg, workdir=scratch.path, reserve=reserve, cancel=cancel
         )
     if args.json:
         print_json(result.to_dict())
@@ -112,8 +112,6 @@ def cmd_convert(args: argparse.Namespace, cfg: Config) -> int:
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
     with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
-        budget = _decompression_budget(cfg, scratch, src)
-        del budget  # the reservation bounds the decompressor through the scratch quota
         result = convert_image(
             src,
             Path(args.dst),
@@ -124,6 +122,7 @@ def cmd_convert(args: argparse.Namespace, cfg: Config) -> int:
             subformat=args.subformat,
             on_progress=progress_callback(args.progress),
             cancel=cancel,
+            reserve=_decompression_reserve(scratch, src),
         )
     if args.json:
         print_json(result.to_dict())

@@ -19,7 +19,6 @@ streams, bzip2 streams and zstd frames are decoded in sequence, as the command-l
 from __future__ import annotations
 
 import bz2
-import errno
 import gzip
 import lzma
 import os
@@ -31,7 +30,8 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
-from ..errors import Cancelled, Finding, ImageRejected, InsufficientScratch, UsageError
+from ..errors import Cancelled, Finding, ImageRejected, UsageError
+from ..scratch import is_no_space, no_space_error
 from .formats import COMPRESSIONS
 
 #: output granularity: cap checks, progress callbacks and hole detection happen per block
@@ -187,6 +187,7 @@ def decompress(
     kind: str,
     max_bytes: int,
     *,
+    reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
@@ -195,14 +196,17 @@ def decompress(
     Returns the decompressed size. Never writes more than ``max_bytes``: the stream is rejected with
     ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. ``dst`` must not exist (it is created
     exclusively, never followed if a symlink). ``on_progress`` receives the number of bytes produced so far
-    after each block (never more than ``max_bytes``). Raises ImageRejected (``CorruptImage``) for a bad
-    stream, Cancelled when ``cancel`` is set, InsufficientScratch when the disk fills up; ``dst`` is removed
-    on every failure.
+    after each block (never more than ``max_bytes``). ``reserve(n, False)`` is called before a block of data
+    is written with the bytes written so far including it (zero blocks stay holes and are not counted); it
+    raises ``InsufficientScratch`` when scratch cannot hold them (a :class:`appliance.scratch.Allowance`).
+    Raises ImageRejected (``CorruptImage``) for a bad stream, Cancelled when ``cancel`` is set,
+    InsufficientScratch when the scratch quota or the disk cannot hold the output; ``dst`` is removed on
+    every failure.
     """
     if kind not in COMPRESSIONS:
         raise UsageError(f"unknown compression {kind!r}; use one of {', '.join(COMPRESSIONS)}")
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    total = 0
+    total = written = 0
     try:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as out:
             blocks = _blocks(_pieces(kind, fin))
@@ -220,6 +224,9 @@ def decompress(
                 if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
                     out.seek(len(block), os.SEEK_CUR)
                 else:
+                    written += len(block)
+                    if reserve is not None:
+                        reserve(written, False)
                     out.write(block)
                 total += len(block)
                 if on_progress is not None:
@@ -228,11 +235,8 @@ def decompress(
         return total
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientScratch(
-                f"no space left in {dst.parent} after {total} decompressed bytes; free space or raise the "
-                "scratch quota"
-            ) from exc
+        if is_no_space(exc):
+            raise no_space_error(dst.parent, f"decompressing {src.name} ({total} bytes out)") from exc
         raise
     except BaseException:
         dst.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,15 +118,17 @@ def inspect_image(
     config: Config,
     workdir: Path | None = None,
     max_decompressed: int | None = None,
+    reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> InspectionResult:
     """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
 
     A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
-    ``config.limits.max_decompressed_size``); the decompressed file is kept only when the image is safe (it is
-    then ``result.path`` and belongs to the caller). qemu-img's private directories are created under
-    ``workdir`` too when given. Stops at the first stage with an error finding; qemu-img never runs when the
-    content inspector rejected the file.
+    ``config.limits.max_decompressed_size``; ``reserve`` reserves scratch for it as it grows, see
+    :func:`appliance.image.decompress.decompress`); the decompressed file is kept only when the image
+    is safe (it is then ``result.path`` and belongs to the caller). qemu-img's private directories are
+    created under ``workdir`` too when given. Stops at the first stage with an error finding; qemu-img
+    never runs when the content inspector rejected the file.
 
     Raises UsageError for an unknown claim, a missing file, or a compressed input without ``workdir``;
     Cancelled when ``cancel`` is set. Never raises for an unsafe image: the result carries error findings.
@@ -158,7 +161,9 @@ def inspect_image(
     limit = config.limits.max_decompressed_size if max_decompressed is None else max_decompressed
     target = _fresh_path(Path(workdir), source)
     try:
-        result.details["decompressed_size"] = decompress(source, target, compression, limit, cancel=cancel)
+        result.details["decompressed_size"] = decompress(
+            source, target, compression, limit, reserve=reserve, cancel=cancel
+        )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)
         return _finish(result)

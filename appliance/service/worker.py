@@ -4,8 +4,9 @@
 runs in a child (``python -m appliance.service.worker run|resume TASK_ID``) so that a crashing or hung
 task cannot take the others down, and the concurrency limit is a count of children. The worker:
 
-- at start, removes scratch directories of tasks that are over, and every poll resumes orphaned
-  tasks (their process died: a crash, a kill, a reboot) before it claims new ones;
+- at start, removes scratch directories of tasks that are over and the partial outputs
+  (:mod:`appliance.partials`) killed task processes left, and every poll resumes orphaned tasks
+  (their process died: a crash, a kill, a reboot) before it claims new ones;
 - claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
   missing (the appliance is then ``disabled`` and says why in its heartbeat and health);
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import config as config_mod
+from .. import partials
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
@@ -37,7 +39,7 @@ from ..report.reporter import start_reporter
 from ..scratch import ScratchSpace
 from ..store import Store, TaskState, format_time
 from ..workflow.engine import Engine
-from ..workflow.supervisor import find_orphans
+from ..workflow.supervisor import find_orphans, orphan_reason
 from .heartbeat import write_heartbeat
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,20 @@ def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
     for path in removed:
         log.info("removed orphaned scratch directory %s", path)
     return removed
+
+
+def sweep_partials(store: Store) -> list[Path]:
+    """Remove the partial outputs (``.NAME.partial-XXXXXXXX``, named in cleanup ledgers) that killed
+    task processes left, of every task no live process runs; each removal goes into its task's ledger."""
+
+    def running(task_id: str) -> bool:
+        try:
+            task = store.get_task(task_id)
+        except ImagingError:
+            return False
+        return task.state in (TaskState.RUNNING, TaskState.CANCELLING) and orphan_reason(task) is None
+
+    return partials.sweep(store, keep=running)
 
 
 def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
@@ -158,12 +174,17 @@ class Worker:
         """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
         return cleanup_scratch(self.config, self.store)
 
+    def sweep_partials(self) -> list[Path]:
+        """Remove partial outputs that killed task processes left (see :func:`sweep_partials`)."""
+        return sweep_partials(self.store)
+
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.cleanup_scratch()
+        self.sweep_partials()
         reporter = None
         try:
             while not stop.is_set():

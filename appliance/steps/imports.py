@@ -29,7 +29,8 @@ from ..image import bootsector
 from ..image.convert import convert_image
 from ..image.inspect import inspect_image, require_safe
 from ..progress import Progress
-from ..sources.fetch import fetch_to_file
+from ..scratch import Allowance, is_no_space, no_space_error
+from ..sources.fetch import fetch_to_file, parse_source
 from ..sources.manifest import Importer, ImportManifest, Part, download_parts, wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
@@ -301,27 +302,37 @@ class VolumeImportStep(Step):
         state: dict[str, Any],
     ) -> dict[str, Any]:
         upload = ctx.workdir / f"upload.{format.lower()}"
-        if "reservation" not in state:
-            state["reservation"] = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
-        with open(upload, "r+b" if upload.exists() else "w+b") as out:
-            fd = out.fileno()
+        # Made again on every run: the engine released this step's reservations when it was interrupted.
+        reservation = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
+        try:
+            with open(upload, "r+b" if upload.exists() else "w+b") as out:
+                fd = out.fileno()
 
-            def write(offset: int, chunk: bytes) -> None:
-                view = memoryview(chunk)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                def write(offset: int, chunk: bytes) -> None:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.pwrite(fd, view, offset)
+                        view, offset = view[n:], offset + n
 
-            def on_part(part: Part, done: int) -> None:
-                self._save(checkpoint, part, done, {"reservation": state["reservation"]})
-                ctx.progress(
-                    {"phase": "downloading", "done": done, "total": m.size, "percent": 50.0 * done / m.size}
+                def on_part(part: Part, done: int) -> None:
+                    self._save(checkpoint, part, done)
+                    ctx.progress(
+                        {
+                            "phase": "downloading",
+                            "done": done,
+                            "total": m.size,
+                            "percent": 50.0 * done / m.size,
+                        }
+                    )
+
+                download_parts(
+                    m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
                 )
-
-            download_parts(
-                m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
-            )
-            os.fsync(fd)
+                os.fsync(fd)
+        except OSError as exc:
+            if is_no_space(exc):
+                raise no_space_error(upload.parent, f"assembling the {format} upload") from exc
+            raise
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
             inspect_image(upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
@@ -354,6 +365,7 @@ class VolumeImportStep(Step):
             workdir=ctx.workdir,
             on_progress=on_convert,
             cancel=ctx.cancel,
+            ledger=ctx,
         )
         if not result.block_device:
             # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.
@@ -361,7 +373,7 @@ class VolumeImportStep(Step):
             if os.stat(vol.path).st_size < vol.size:
                 os.truncate(vol.path, vol.size)
         upload.unlink(missing_ok=True)
-        ctx.scratch.release(state["reservation"])
+        ctx.scratch.release(reservation)
         return {
             "bytes_written": result.virtual_size,
             "format": format,
@@ -403,10 +415,11 @@ class SourceFetchStep(Step):
     }
 
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
-        cap = min(ctx.config.limits.max_decompressed_size, ctx.scratch.space.free())
-        rid = ctx.scratch.reserve(cap, "downloading the disk")
         dst = ctx.workdir / "source.img"
         dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
+        # Reserved as it is known: the object's size from the first answer, or as the bytes of a
+        # source without a length arrive. Kept, at the downloaded size, while the file exists.
+        allowance = Allowance(ctx.scratch, f"downloading {parse_source(source)}")
         ctx.ledger_created(dst)
 
         def on_progress(done: int, total: int | None) -> None:
@@ -419,17 +432,21 @@ class SourceFetchStep(Step):
                 }
             )
 
-        result = fetch_to_file(
-            source,
-            dst,
-            _policy(ctx),
-            ctx.config.sources.s3,
-            max_bytes=cap,
-            cancel=ctx.cancel,
-            on_progress=on_progress,
-        )
-        ctx.scratch.release(rid)
-        ctx.scratch.reserve(os.stat(dst).st_blocks * 512, "downloaded disk")
+        try:
+            result = fetch_to_file(
+                source,
+                dst,
+                _policy(ctx),
+                ctx.config.sources.s3,
+                max_bytes=ctx.config.limits.max_decompressed_size,
+                reserve=allowance.cover,
+                cancel=ctx.cancel,
+                on_progress=on_progress,
+            )
+        except BaseException:
+            allowance.release()
+            raise
+        allowance.shrink_to(result.size)
         return {"path": str(result.path), "size": result.size, "sha256": result.sha256, "etag": result.etag}
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
@@ -468,7 +485,7 @@ class ImageStoreStep(Step):
             )
 
         location = get_image_target(ctx.config).store(
-            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel
+            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel, ledger=ctx
         )
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return location

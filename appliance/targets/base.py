@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import jsonschema
 
 from ..errors import Cancelled, ConfigError, ImagingError, UsageError
+from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
 
 CHUNK = 4 * 1024 * 1024
@@ -109,8 +110,13 @@ class ImageTarget(Protocol):
         format: str,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
     ) -> dict[str, Any]:
-        """Store ``path`` for ``task_id``; returns the location (with ``type``), ``size`` and ``sha256``."""
+        """Store ``path`` for ``task_id``; returns the location (with ``type``), ``size`` and ``sha256``.
+
+        A target that writes a local partial file announces it to ``ledger`` (see
+        :mod:`appliance.partials`) before it exists.
+        """
         ...
 
     def delete(self, location: Mapping[str, Any]) -> None:

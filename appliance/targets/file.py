@@ -6,8 +6,9 @@ whether the data will fit. It refuses only when the filesystem is already below 
 write that later fills the filesystem fails with ``InsufficientStorage`` (see
 :func:`~appliance.targets.base.storage_error`).
 
-Images are copied to ``<directory>/<task_id>.<ext>`` through a hidden temporary name and renamed
-into place, so the final name is either absent or complete. The copy tries a reflink first
+Images are copied to ``<directory>/<task_id>.<ext>`` through a hidden partial file (mode 0600, named
+in the task's cleanup ledger before it exists: :mod:`appliance.partials`) and renamed into place, so
+the final name is either absent or complete. The copy tries a reflink first
 (btrfs, XFS) and otherwise copies only the data ranges (SEEK_DATA/SEEK_HOLE, zero chunks
 skipped), hashing every byte with sha256 on the way.
 """
@@ -20,7 +21,6 @@ import fcntl
 import hashlib
 import os
 import re
-import secrets
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, Self
 
 from ..config import SIZE, parse_size
 from ..errors import UsageError
+from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
 from .base import (
     FICLONE,
@@ -239,18 +240,19 @@ class FileImageTarget(_DirectoryTarget):
         format: str,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
     ) -> dict[str, Any]:
         """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256}``.
 
         Refuses up front (``InsufficientStorage``) when the data to copy would leave less than
-        ``min_free``; a partial copy is removed on any failure or cancel.
+        ``min_free``. The copy is written to a partial file (mode 0600) whose name ``ledger`` learns
+        before it exists (:mod:`appliance.partials`); it is removed on any failure or cancel.
         """
         if not _TASK_ID.match(task_id):
             raise UsageError(f"not a valid task id for a file name: {task_id!r}")
         ext = extension_for(format)
         _make_dir(self.directory)
         final = self.directory / f"{task_id}.{ext}"
-        tmp = self.directory / f".{task_id}.{ext}.{secrets.token_hex(4)}.partial"
         src_fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(src_fd)
@@ -263,23 +265,17 @@ class FileImageTarget(_DirectoryTarget):
                 )
             tracker = ProgressTracker("writing", st.st_size, on_progress)
             try:
-                dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with partial_file(final, ledger) as tmp:
+                    dst_fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        sha256 = self._copy(src_fd, dst_fd, st.st_size, path, tracker, cancel)
+                        os.fsync(dst_fd)
+                    finally:
+                        os.close(dst_fd)
+                    publish(tmp, final, 0o600)
+                    fsync_dir(self.directory)
             except OSError as exc:
-                raise storage_error(exc, f"image file {tmp}") from exc
-            try:
-                try:
-                    sha256 = self._copy(src_fd, dst_fd, st.st_size, path, tracker, cancel)
-                    os.fsync(dst_fd)
-                finally:
-                    os.close(dst_fd)
-                os.replace(tmp, final)
-                fsync_dir(self.directory)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 raise storage_error(exc, f"image file {final}") from exc
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         finally:
             os.close(src_fd)
         tracker.finish()

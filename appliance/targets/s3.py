@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import SIZE, parse_size
 from ..errors import ConfigError, UsageError
+from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
 from .base import TargetError, boto_client, check_cancel, hash_file, validate_settings
 from .file import extension_for
@@ -107,10 +108,12 @@ class S3ImageTarget:
         format: str,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
     ) -> dict[str, Any]:
         """Upload ``path``; returns ``{type, bucket, key, etag, sha256, size, format}``.
 
         Raises ``UploadFailed`` (:class:`TargetError`) for S3 errors, :class:`Cancelled` on ``cancel``.
+        Nothing is written locally, so ``ledger`` is not used.
         """
         key = self.key_for(task_id, format)
         size = path.stat().st_size

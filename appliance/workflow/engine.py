@@ -12,10 +12,11 @@ leaked. A cancel is requested from anywhere with ``Store.request_cancel`` (the e
 supervisor notices within ``poll_interval``) or by SIGINT/SIGTERM to the engine's process.
 
 If the engine's process dies, :meth:`Engine.recover` (run at worker start) finds the task by
-its dead owner or expired lease and resumes it: a ``running`` task continues after its last
-completed step (re-running the interrupted one), a ``cancelling`` one is undone and ends
-``cancelled``, and a task of a workflow declaring ``resumable: false`` is undone and ends
-``failed`` with a message naming the interrupted step. No task is left ``running`` forever.
+its dead owner or expired lease and resumes it (the partial outputs the dead process left are
+removed and the scratch its interrupted steps reserved is given back first): a ``running`` task
+continues after its last completed step (re-running the interrupted one), a ``cancelling`` one
+is undone and ends ``cancelled``, and a task of a workflow declaring ``resumable: false`` is
+undone and ends ``failed`` with a message naming the interrupted step. No task is left ``running`` forever.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class Engine:
         self.callbacks.on_event(task_id, "task.resumed", {"previous_owner": previous_owner, "reason": reason})
         run = TaskRun(self, task)
         interrupted = run.mark_interrupted()
+        run.sweep_partials()
         if task.state is TaskState.CANCELLING:
             return self._drive(
                 run, None, {}, abort=Cancelled("cancel requested before the previous worker died")

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
+from .. import partials
 from ..artifacts.resources import ResourceFetcher
 from ..config import Config
 from ..errors import (
@@ -67,6 +68,8 @@ class RunHost(Protocol):
     #: seconds a step may keep running after its cancel before it is abandoned
     timeout_grace: float
 
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +299,7 @@ class TaskRun:
             failed = self._finish(
                 step, idx, StepState.FAILED, args=args, error=error.to_dict(), attempts=attempt
             )
+            self._release_reservations(idx)
             if isinstance(error, ImageRejected):
                 self._keep_findings(error.findings)
             cancelled = isinstance(error, Cancelled) or self.cancel.is_set()
@@ -535,12 +539,39 @@ class TaskRun:
     # -- cleaning up ---------------------------------------------------------------------------
 
     def mark_interrupted(self) -> list[StepRecord]:
-        """Mark steps left ``running`` by a dead worker as failed; returns them (innermost last)."""
+        """Mark steps left ``running`` by a dead worker as failed, and give back the scratch they had
+        reserved; returns them (innermost last)."""
         interrupted = [r for r in self.store.step_results(self.task_id) if r.state is StepState.RUNNING]
         for r in interrupted:
             error = {"code": "Interrupted", "message": "the worker running this step died"}
             self._done[r.idx] = self.store.set_step_state(self.task_id, r.idx, StepState.FAILED, error=error)
+            self._release_reservations(r.idx)
         return interrupted
+
+    def _release_reservations(self, idx: str) -> None:
+        """Give back the scratch step ``idx`` reserved: an attempt that failed or was interrupted must not
+        count against the quota again when the step runs next (it makes its output anew)."""
+        if self._scratch is None and not (Path(self.config.scratch.root) / self.task_id).is_dir():
+            return
+        try:
+            released = self.scratch().release_step(idx)
+        except (OSError, ImagingError):
+            log.exception("task %s: could not release the scratch of step %s", self.task_id, idx)
+            return
+        if released:
+            self._emit("scratch.released", {"step": idx, "bytes": released}, notify=False)
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove the partial outputs a killed process of this task left behind (its ledger names them;
+        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it."""
+        removed = partials.sweep(self.store, task_id=self.task_id)
+        for path in removed:
+            self.callbacks.on_event(
+                self.task_id,
+                "ledger",
+                {"action": "removed", "resource": str(path), "step": partials.RECOVERY_STEP},
+            )
+        return removed
 
     def undo(self) -> list[str]:
         """Undo completed steps newest first; returns descriptions of undos that failed."""

@@ -88,10 +88,12 @@ class StepContext:
 
     @property
     def scratch(self) -> TaskScratch:
-        """The task's scratch directory and reservations (created on first use)."""
+        """The task's scratch directory and reservations (created on first use). Reservations made
+        through it belong to this step: the engine releases them when an attempt of the step fails or
+        is interrupted, and they stay while the step's result does (until its undo or the task's end)."""
         if self.dry_run:
             raise UsageError("scratch space is not available in a dry run")
-        return self._hooks.scratch()
+        return self._hooks.scratch().for_step(self.idx)
 
     @property
     def workdir(self) -> Path:

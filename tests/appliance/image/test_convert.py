@@ -23,10 +23,11 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.config import Config
-from appliance.errors import Cancelled, ConversionFailed, ImageRejected, UsageError
+from appliance.errors import Cancelled, ConversionFailed, ImageRejected, InsufficientScratch, UsageError
 from appliance.image.convert import BUFFERED_INPUTS, DIRECT_IO_FORMATS, convert_image
 from appliance.progress import Progress
 from tests import imagefactory as factory
+from tests.mounts import tmpfs
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -335,6 +336,64 @@ def test_qemu_img_failure_raises_conversion_failed_with_its_message_and_removes_
     assert exc.value.code == "ConversionFailed.QemuImg"
     assert "error while reading" in exc.value.message
     assert entries(outdir) == [] and entries(workdir) == []
+
+
+class RecordingLedger:
+    """Stands where a workflow step's context would: records what convert_image announces."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Path, bool]] = []  # (action, path, existed at that moment)
+
+    def ledger_created(self, resource: str | Path) -> None:
+        self.entries.append(("created", Path(resource), os.path.lexists(resource)))
+
+    def ledger_removed(self, resource: str | Path) -> None:
+        self.entries.append(("removed", Path(resource), os.path.lexists(resource)))
+
+
+def test_partial_output_is_private_and_in_the_ledger_before_it_exists(
+    inputs: dict[str, tuple[Path, str, str]], disk: Path, cfg: Config, workdir: Path, outdir: Path
+) -> None:
+    src, claim, _ = inputs["qcow2"]
+    ledger = RecordingLedger()
+    seen: list[tuple[str, int]] = []
+
+    def on_progress(p: Progress) -> None:
+        if p.total and p.done < p.total:  # qemu-img is still writing
+            seen.extend((e.name, stat_mode(e)) for e in outdir.iterdir())
+
+    dst = outdir / "out.raw"
+    convert_image(src, dst, "raw", claim, config=cfg, workdir=workdir, on_progress=on_progress, ledger=ledger)
+    [(created, partial, existed), (removed, gone, exists_after)] = ledger.entries
+    assert (created, removed, gone) == ("created", "removed", partial)
+    assert not existed and not exists_after  # announced before it was created; renamed away after
+    assert partial.parent == outdir and partial.name.startswith(".out.raw.partial-")
+    assert seen and set(seen) == {(partial.name, 0o600)}  # while qemu-img wrote: only the partial, 0600
+    assert entries(outdir) == ["out.raw"] and identical(disk, "raw", dst, "raw")
+    assert stat_mode(dst) == 0o666 & ~current_umask()  # published with the mode a new file gets
+
+
+def test_a_filesystem_that_fills_up_under_qemu_img_is_insufficient_scratch(
+    inputs: dict[str, tuple[Path, str, str]], tmp_path: Path, cfg: Config, workdir: Path
+) -> None:
+    src, claim, _ = inputs["qcow2"]  # ~1.4 MiB of data
+    with tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(InsufficientScratch) as exc:
+            convert_image(src, small / "out.raw", "raw", claim, config=cfg, workdir=workdir)
+        assert exc.value.code == "InsufficientScratch"
+        assert f"no space left on the filesystem of {small}" in exc.value.message
+        assert entries(small) == [] and entries(workdir) == []
+
+
+def stat_mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777
+
+
+def current_umask() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no Umask in /proc/self/status")
 
 
 # ------------------------------------------------------------------------------------------ usage errors

@@ -22,6 +22,7 @@ from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
 from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.mounts import tmpfs
 from tests.servers import MotoServer
 
 MiB = 1 << 20
@@ -370,3 +371,78 @@ def test_bad_s3_names_are_refused_at_submit_and_by_the_worker_without_library_te
     assert (done.state, done.error_code) == (TaskState.FAILED, "InvalidParameterValue")
     assert "'bad bucket' is not a valid S3 bucket name" in done.error_message
     assert "Parameter validation failed" not in done.error_message
+
+
+def test_a_download_larger_than_the_scratch_quota_fails_with_insufficient_scratch(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "4MiB", "min_free": 0}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+    moto.client("s3").upload_file(str(disk), bucket, "big.raw")
+    service = ImportService(cfg)
+    try:
+        task = service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="big.raw"))
+        done = run(cfg, task)
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
+    assert f"downloading s3://{bucket}/big.raw needs 6.0 MiB of scratch" in done.error_message
+    assert "only 4.0 MiB of the 4.0 MiB quota is free" in done.error_message
+    assert not (cfg.scratch.root / task.id).exists()
+
+
+def test_a_scratch_disk_below_its_floor_refuses_a_download_naming_its_size(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "1GiB", "min_free": "1PiB"}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 3 * MiB)
+    moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
+    service = ImportService(cfg)
+    try:
+        done = run(cfg, service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw")))
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
+    assert "needs 3.0 MiB of scratch but the filesystem" in done.error_message
+    assert "needs 0 B" not in done.error_message
+
+
+FETCH_ONLY = """
+name: fetch-only
+params:
+  source: {type: object, required: true}
+steps:
+  - name: fetch
+    action: source.fetch
+    with: {source: "{{ source }}"}
+    register: fetched
+  - name: after
+    action: scratch.reserve
+    with: {bytes: "2MiB", purpose: what a later step needs}
+"""
+
+
+def test_a_finished_download_is_not_counted_twice_against_the_scratch_disk(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # 6 MiB downloaded onto a 10 MiB disk: 4 MiB are left, and the next step asks for 2 of them
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "fetch-only.yaml").write_text(FETCH_ONLY)
+    with tmpfs(tmp_path / "scratch", "10m") as root:
+        data = cfg_data(tmp_path, moto) | {
+            "scratch": {"root": str(root), "quota": "1GiB", "min_free": 0},
+            "workflows": {"extra_dirs": [str(workflows)]},
+        }
+        cfg = config_mod.from_dict(data, base_dir=tmp_path)
+        disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+        moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
+        engine = Engine(cfg, poll_interval=0.1)
+        try:
+            task = engine.run(engine.submit("fetch-only", {"source": {"bucket": bucket, "key": "disk.raw"}}))
+        finally:
+            engine.store.close()
+    assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
+    assert task.result["fetched"]["size"] == 6 * MiB

@@ -182,6 +182,32 @@ def test_store_copies_sparse_file_atomically_with_sha256(tmp_path: Path) -> None
     target.delete(loc)  # already gone: fine
 
 
+def test_store_writes_a_private_partial_named_in_the_ledger_before_it_exists(tmp_path: Path) -> None:
+    target = FileImageTarget(tmp_path / "images", min_free=0)
+    src = tmp_path / "in.raw"
+    sparse_source(src, 16 * MiB, {0: os.urandom(9 * MiB)})
+    announced: list[tuple[str, str, bool]] = []
+    seen: list[tuple[str, int]] = []
+
+    class Ledger:
+        def ledger_created(self, resource: str | Path) -> None:
+            announced.append(("created", str(resource), os.path.lexists(resource)))
+
+        def ledger_removed(self, resource: str | Path) -> None:
+            announced.append(("removed", str(resource), os.path.lexists(resource)))
+
+    def on_progress(p: object) -> None:
+        seen.extend((e.name, stat.S_IMODE(e.lstat().st_mode)) for e in (tmp_path / "images").iterdir())
+
+    loc = target.store("t-0", src, format="raw", on_progress=on_progress, ledger=Ledger())
+    [(created, partial, existed), (removed, gone, exists_after)] = announced
+    assert (created, removed, gone, existed, exists_after) == ("created", "removed", partial, False, False)
+    assert Path(partial).name.startswith(".t-0.raw.partial-")
+    assert (Path(partial).name, 0o600) in seen and all(mode == 0o600 for _, mode in seen)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["t-0.raw"]
+    assert stat.S_IMODE(Path(loc["path"]).stat().st_mode) == 0o600
+
+
 def test_store_keeps_trailing_hole_and_zero_chunks_exact(tmp_path: Path) -> None:
     target = FileImageTarget(tmp_path / "images", min_free=0)
     src = tmp_path / "in.raw"
