@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from .errors import (
     TaskNotFound,
     UsageError,
 )
+from .timestamps import format_time, utc_now, utcnow
 
 
 class StoreError(ImagingError):
@@ -235,20 +236,6 @@ MIGRATIONS: list[tuple[str, ...]] = [
 #: the task a client token names (served by the unique index ``tasks_client_token``)
 _TOKEN_LOOKUP = "SELECT * FROM tasks WHERE client_account = ? AND kind = ? AND client_token = ?"
 _COUNT_ACTIVE = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
-
-
-def utcnow() -> str:
-    """Now as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
-    return format_time(datetime.now(UTC))
-
-
-def format_time(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> datetime:
-    """Inverse of :func:`format_time` (an aware UTC datetime)."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def new_task_id() -> str:
@@ -733,7 +720,7 @@ class Store:
         over from ``expected_owner`` (the dead or expired owner the caller found), which makes the
         takeover a compare-and-swap: of two recoverers only one wins.
         """
-        now = datetime.now(UTC)
+        now = utc_now()
         with self._write() as conn:
             row = self._task_row(conn, task_id)
             current = TaskState(row["state"])
@@ -765,7 +752,7 @@ class Store:
 
     def renew_lease(self, task_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished)."""
-        expires = format_time(datetime.now(UTC) + timedelta(seconds=lease_seconds))
+        expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ? "

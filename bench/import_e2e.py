@@ -68,9 +68,10 @@ from appliance.config import parse_size  # noqa: E402
 from appliance.service.imports import DiskImage, ImportService  # noqa: E402
 from appliance.sources.manifest import ImportManifest, download_parts, wait_for_manifest  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
-from appliance.store import TaskState, parse_time  # noqa: E402
+from appliance.store import TaskState  # noqa: E402
 from appliance.targets.base import write_raw  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402
+from appliance.timestamps import parse_time  # noqa: E402
 from appliance.workflow.engine import Engine  # noqa: E402
 from tests.euca_upload import upload_like_euca2ools  # noqa: E402
 from tests.servers import MotoServer, moto_server  # noqa: E402

@@ -26,7 +26,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -36,6 +35,7 @@ from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
 from ..paths import CONFIG_ERROR_FILE, SYSTEM_CONFIG, StatePaths
+from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
@@ -187,7 +187,7 @@ def _message(known: _Known, status: str, errors: list[FieldError], kind: str) ->
         "type": kind,
         "appliance_id": known.appliance_id,
         "status": status,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": format_time(),
         "addresses": rendezvous.local_addresses(known.controller_url),
         "parameters": userdata.redact(known.section, known.secrets),
         "errors": [e.to_dict() for e in errors],
@@ -216,7 +216,7 @@ def _fail(opts: Options, known: _Known, errors: list[FieldError], stderr: TextIO
         "errors": [e.to_dict() for e in errors],
         "appliance_id": known.appliance_id,
         "bind": known.bind,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": format_time(),
     }
     for e in errors:
         print(f"imaging: invalid config: {e}", file=stderr)

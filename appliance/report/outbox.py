@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import connect, utcnow, write_transaction
+from ..store import connect, write_transaction
+from ..timestamps import utcnow
 
 CURSOR_KEY = "events_cursor"
 

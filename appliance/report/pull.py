@@ -40,7 +40,8 @@ from ..service.imports import DiskImage, ImportService, outcome
 from ..sources.http import HttpClient
 from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from ..sources.urlfilter import UrlPolicy
-from ..store import Store, Task, TaskState, utcnow
+from ..store import Store, Task, TaskState
+from ..timestamps import utcnow
 from . import messages
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class PullReporter(threading.Thread):
         """One signed EC2-query POST; the reply body (raises :class:`PullError`)."""
         form = {"Action": action, "Version": API_VERSION, "InstanceId": self.instance_id}
         form.update({k: str(v) for k, v in params.items() if v is not None})
-        form["Timestamp"] = messages.utc_iso()
+        form["Timestamp"] = utcnow()
         body = urllib.parse.urlencode(form).encode()
         req = urllib.request.Request(
             self.url,

@@ -30,12 +30,13 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from ..timestamps import format_time, parse_time, utc_now
 from . import messages
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class ReportVerifier:
         if not isinstance(seq, int) or not isinstance(ts, str) or message.get("type") not in messages.TYPES:
             raise ReportRejected(400, "malformed", "seq, ts and type are required")
         try:
-            age = ((now or datetime.now(UTC)) - messages.parse_iso(ts)).total_seconds()
+            age = ((now or utc_now()) - parse_time(ts)).total_seconds()
         except ValueError:
             raise ReportRejected(400, "malformed", f"ts {ts!r} is not ISO-8601") from None
         if abs(age) > self.window:
@@ -148,7 +149,7 @@ class Controller:
         return last
 
     def _append(self, record: dict[str, Any]) -> None:
-        record = {"received_at": messages.utc_iso(), **record}
+        record = {"received_at": format_time(), **record}
         with self.log_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -161,7 +162,7 @@ class Controller:
         """Verify and record one pushed message; the reply body."""
         with self._lock:  # verify + append under one lock: the log is in acceptance order
             message = self.verifier.verify(body, signature)
-            self.last_seen[message["appliance_id"]] = datetime.now(UTC)
+            self.last_seen[message["appliance_id"]] = utc_now()
             self._append({"message": message})
             task = message.get("task") or {}
             if message.get("event") == "state" and task.get("state") in TERMINAL:
@@ -170,12 +171,12 @@ class Controller:
 
     def appliances(self, now: datetime | None = None) -> dict[str, dict[str, Any]]:
         """Every appliance heard from since start: last seq, when, and whether it is now stale."""
-        now = now or datetime.now(UTC)
+        now = now or utc_now()
         with self._lock:
             return {
                 appliance: {
                     "last_seq": self.verifier.last_seq.get(appliance),
-                    "last_seen": messages.utc_iso(seen),
+                    "last_seen": format_time(seen),
                     "stale": (now - seen).total_seconds() > self.stale_after,
                 }
                 for appliance, seen in self.last_seen.items()

@@ -9,13 +9,13 @@ and ``poll_interval``.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..atomicfile import write_atomic
 from ..config import Config
-from ..store import parse_time
+from ..timestamps import parse_time, utc_now
 
 
 def heartbeat_path(config: Config) -> Path:
@@ -43,4 +43,4 @@ def heartbeat_age(beat: dict[str, Any], now: datetime | None = None) -> float:
         updated = parse_time(str(beat["updated_at"]))
     except KeyError:
         raise ValueError("no updated_at") from None
-    return ((now or datetime.now(UTC)) - updated).total_seconds()
+    return ((now or utc_now()) - updated).total_seconds()

@@ -18,14 +18,15 @@ import secrets
 import string
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from ..sources.s3names import check_bucket, check_key
 from ..sources.urlfilter import parse_s3_url
-from ..store import ActiveTaskLimit, Store, Task, format_time
+from ..store import ActiveTaskLimit, Store, Task
+from ..timestamps import format_time, utc_now
 from . import bootparams
 
 GiB = 1 << 30
@@ -126,7 +127,7 @@ class ImportService:
         self._policy.check(url)
 
     def _expiration(self) -> str:
-        return format_time(datetime.now(UTC) + timedelta(hours=self.config.expiration_hours))
+        return format_time(utc_now() + timedelta(hours=self.config.expiration_hours))
 
     def _submit(
         self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = ""

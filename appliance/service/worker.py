@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from .. import config as config_mod
@@ -37,7 +36,8 @@ from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..report.reporter import start_reporter
 from ..scratch import ScratchSpace
-from ..store import Store, TaskState, format_time
+from ..store import Store, TaskState
+from ..timestamps import utcnow
 from ..workflow.engine import Engine
 from ..workflow.supervisor import find_orphans, orphan_reason
 from .heartbeat import write_heartbeat
@@ -105,7 +105,7 @@ class Worker:
         self.concurrency = concurrency or config.worker.concurrency
         self.store = Store(config.db_path)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.started_at = format_time_now()
+        self.started_at = utcnow()
         self.status = "starting"
         self.reason: str | None = None
 
@@ -161,7 +161,7 @@ class Worker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_at": self.started_at,
-            "updated_at": format_time_now(),
+            "updated_at": utcnow(),
             "status": self.status,
             "reason": self.reason,
             "concurrency": self.concurrency,
@@ -223,10 +223,6 @@ class Worker:
         self.status = "stopped"
         with contextlib.suppress(OSError):
             self.write_heartbeat()
-
-
-def format_time_now() -> str:
-    return format_time(datetime.now(UTC))
 
 
 def run_worker(config: config_mod.Config, concurrency: int | None = None) -> int:

@@ -30,7 +30,8 @@ from api.app import create_app
 from appliance import config as config_mod
 from appliance.service.heartbeat import heartbeat_path
 from appliance.service.worker import Worker
-from appliance.store import Store, format_time
+from appliance.store import Store
+from appliance.timestamps import format_time
 from tests.api.ec2_support import sign
 from tests.api.openapi_support import SPEC, assert_documented
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY

@@ -28,8 +28,8 @@ from appliance.store import (
     Store,
     StoreError,
     TaskState,
-    parse_time,
 )
+from appliance.timestamps import parse_time
 
 from .workflow.support import wait_until
 

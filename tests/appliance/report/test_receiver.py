@@ -15,6 +15,7 @@ import pytest
 
 from appliance.report import messages
 from appliance.report.receiver import Controller, ReceiverServer, ReportRejected, ReportVerifier
+from appliance.timestamps import utcnow
 from tests.servers import free_port, wait_for_http
 
 SECRET = "receiver-test-secret-0123456789"
@@ -101,9 +102,7 @@ def test_refuses_a_stale_or_future_message(server: ReceiverServer) -> None:
 
 def test_refuses_an_unknown_version() -> None:
     verifier = ReportVerifier(SECRET)
-    body = json.dumps(
-        {"ver": 2, "appliance_id": "a", "seq": 1, "ts": messages.utc_iso(), "type": "heartbeat"}
-    )
+    body = json.dumps({"ver": 2, "appliance_id": "a", "seq": 1, "ts": utcnow(), "type": "heartbeat"})
     with pytest.raises(ReportRejected) as exc:
         verifier.verify(body.encode(), messages.sign(SECRET, body.encode()))
     assert (exc.value.status, exc.value.error) == (400, "version")
