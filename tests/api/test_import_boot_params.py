@@ -34,6 +34,7 @@ from appliance.service.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from appliance.store import Store, Task, TaskState
 from tests.api.ec2_support import MANIFEST_BASE, post_signed
 from tests.api.test_admin import AUTH, assert_documented
+from tests.processes import stop_process
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
 
 GiB = 1 << 30
@@ -104,12 +105,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with Store(config.db_path) as store:
             yield Server(endpoint, f"127.0.0.1:{port}", store, client)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=30)
 
 
 def raw_call(server: Server, params: dict[str, str]) -> tuple[int, dict[str, Any]]:

@@ -34,6 +34,7 @@ from api import server
 from api.gunicorn_worker import Ec2ErrorWorker
 from appliance import config as config_mod
 from appliance.errors import ConfigError
+from tests.processes import stop_process
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 
@@ -105,13 +106,7 @@ def gunicorn(
         _wait_listening(port, proc)
         yield running
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace=30)
 
 
 def _get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], Any]:

@@ -225,7 +225,7 @@ def test_workflows_validate_reports_file_step_and_field(tmp_path: Path, env: dic
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_qemu_img_within_2s_and_removes_partial_output(
+def test_ctrl_c_stops_qemu_img_before_the_command_exits_and_removes_partial_output(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     # A sparse raw disk with 256 MiB of random data spread over 2 GiB: deflating it into a
@@ -261,11 +261,9 @@ def test_ctrl_c_stops_qemu_img_within_2s_and_removes_partial_output(
         children = _children(proc.pid)
         assert any("qemu-img" in _cmdline(p) for p in children)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 2.0
-        while any(_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [p for p in children if _alive(p)], "qemu-img survived Ctrl-C by more than 2 s"
+        proc.wait(timeout=30)
+        # the command reaps its qemu-img before it exits: none may outlive it (speed is in bench/)
+        assert not [p for p in children if _alive(p)], "qemu-img outlived the cancelled command"
     finally:
         if proc.poll() is None:
             proc.kill()

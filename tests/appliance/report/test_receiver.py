@@ -16,6 +16,7 @@ import pytest
 from appliance.report import messages
 from appliance.report.receiver import Controller, ReceiverServer, ReportRejected, ReportVerifier
 from appliance.timestamps import utcnow
+from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
 SECRET = "receiver-test-secret-0123456789"
@@ -136,8 +137,7 @@ def test_remembers_the_last_seq_across_a_restart(tmp_path: Path) -> None:
         body = heartbeat(3)
         assert post(url, body, messages.sign(SECRET, body))[0] == 200
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, grace=10)
     again = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, log)).start()
     try:
         assert post(again.url, body, messages.sign(SECRET, body))[1]["error"] == "replayed"
