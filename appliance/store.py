@@ -821,13 +821,6 @@ class Store:
                 values["bytes_converted"] = max(row["bytes_converted"], int(bytes_converted))
             return self._update(conn, task_id, values)
 
-    def set_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
-        """Replace the task's findings (``Finding`` objects or their dicts)."""
-        items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
-        with self._write() as conn:
-            self._task_row(conn, task_id)
-            return self._update(conn, task_id, {"findings": _dumps(items), "updated_at": utcnow()})
-
     def add_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
         """Add findings to the task's, each once (several steps judge one task: inspection, guest
         validation, policy; a retried step reports the same findings again)."""

@@ -370,7 +370,7 @@ def test_task_detail_has_steps_progress_findings_ledger_and_events(
     )
     store.record_step(task.id, "2", name="convert", action="image.convert", state="running")
     store.update_progress(task.id, phase="converting", bytes_done=512, bytes_total=1024, percent=50.0)
-    store.set_findings(task.id, [{"code": "UnsafeImage.Test", "severity": "warning", "message": "m"}])
+    store.add_findings(task.id, [{"code": "UnsafeImage.Test", "severity": "warning", "message": "m"}])
     store.add_ledger(task.id, "created", "/scratch/x.raw", step="2")
 
     result = client.simulate_get(f"/v1/tasks/{task.id}", headers=AUTH)

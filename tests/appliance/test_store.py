@@ -201,7 +201,7 @@ def test_claim_lease_and_takeover(store: Store) -> None:
 
 def test_findings_results_and_to_dict_are_json(store: Store) -> None:
     task_id = store.create_task("import", "demo", {"size": 3}).id
-    store.set_findings(task_id, [Finding.error("UnsafeImage.BackingFile", "has a backing file")])
+    store.add_findings(task_id, [Finding.error("UnsafeImage.BackingFile", "has a backing file")])
     task = store.get_task(task_id)
     assert task.findings == [
         {"code": "UnsafeImage.BackingFile", "severity": "error", "message": "has a backing file"}

@@ -30,7 +30,7 @@ def _workflow(tmp: Path, args: dict[str, Any]) -> None:
 
 def _run_with_earlier_finding(engine: Engine) -> Any:
     task_id = engine.submit("v")
-    engine.store.set_findings(task_id, [EARLIER])
+    engine.store.add_findings(task_id, [EARLIER])
     return engine.run(task_id)
 
 
