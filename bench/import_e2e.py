@@ -4,7 +4,7 @@
 An EC2 import of a disk uploaded like euca2ools does (``tests/euca_upload.py``: a presigned manifest
 and 10 MiB parts, each its own S3 object) to a **moto** server process on loopback. moto keeps
 objects in memory and answers a whole-object GET of a 10 MiB part at hundreds of MB/s; only ranged
-GETs of big objects are slow on it (``/work/shared/reference/machine-baselines.md``), and the import
+GETs of big objects are slow on it (a few hundred MB/s), and the import
 path never makes those. Two uploads of the same generated disk (sparse RAW, an MBR, ~37 % data:
 half incompressible, half text):
 

@@ -1,7 +1,7 @@
 """Safe disk-image conversion with qemu-img: inspect, convert, flush, re-inspect, publish.
 
 The sequence mirrors Nova's ``fetch_to_raw`` and Glance's ``image_conversion`` plugin
-(reference/image-safety.md §2.5, §3.4), with the holes those leave closed:
+with the holes those leave closed:
 
 1. The source is fully inspected and must be safe; a rejected source never creates anything at
    ``dst``.

@@ -1,7 +1,6 @@
 """Safe inspection of untrusted disk images: never run qemu-img on an unchecked file.
 
-Stages, each of which must pass before the next runs (image-safety.md §3.4, mirroring Nova's
-``fetch_to_raw``):
+Stages, each of which must pass before the next runs (mirroring Nova's ``fetch_to_raw``):
 
 1. **compression** — gzip/xz/zstd/bzip2 detected by magic are decompressed, capped and sparse, into the
    caller's work directory (:mod:`appliance.image.decompress`); a claim such as ``raw.gz`` must match

@@ -1,6 +1,6 @@
 """Running ``qemu-img`` on untrusted images: minimal environment, resource limits, an empty private directory.
 
-Every call here follows the same rules (image-safety.md §3.4, §3.6):
+Every call here follows the same rules (those of OpenStack Nova and Glance, with their known gaps closed):
 
 * the format is always passed with ``-f`` (qemu-img never probes; CVE-2026-24708);
 * the process runs under ``prlimit`` (CPU seconds and address space from ``config.limits``, no core dumps) so

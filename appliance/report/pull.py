@@ -1,7 +1,7 @@
 """Pull mode: the appliance stands in for a Eucalyptus imaging worker.
 
-The loop (reference §11.3/§11.7), against ``<controller.url>/services/Imaging`` with EC2-query
-form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = ``controller.appliance_id``,
+The loop, as the Eucalyptus imaging worker ran it, against ``<controller.url>/services/Imaging``
+with EC2-query form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = ``controller.appliance_id``,
 ``Timestamp``) signed like push messages (``X-Imaging-Signature`` over the form body; Eucalyptus
 used instance-profile SigV2 instead):
 
@@ -10,9 +10,9 @@ used instance-profile SigV2 instead):
   :class:`~appliance.service.imports.ImportService` (the worker runs it). Sizes come from the optional
   ``<bytes>``/``<volumeSize>`` elements, else from the import manifest itself;
 - every ``report_interval`` while a task runs it sends ``PutInstanceImportTaskStatus`` ``EXTANT``
-  with ``BytesConverted`` (bytes written to the target, not downloaded: §11.12), and when it ends
-  ``DONE`` (with ``VolumeId``: the volume written, else the controller's) or ``FAILED`` with a
-  Eucalyptus ``ErrorCode`` and ``Message`` ``"<appliance code>: <message>"``;
+  with ``BytesConverted`` (bytes written to the target, not downloaded, as Eucalyptus counts them),
+  and when it ends ``DONE`` (with ``VolumeId``: the volume written, else the controller's) or
+  ``FAILED`` with a Eucalyptus ``ErrorCode`` and ``Message`` ``"<appliance code>: <message>"``;
 - a reply ``<cancelled>true</cancelled>`` cancels the task, after which nothing more is reported
   (as Eucalyptus). Unlike Eucalyptus, an unparseable reply is treated as a failed call and retried,
   not as a cancel.

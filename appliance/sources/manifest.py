@@ -1,7 +1,7 @@
-"""The EC2 VM import manifest (reference/ec2-import-api.md §9): parse, wait for the upload, download parts.
+"""The EC2 VM import manifest: parse, wait for the upload, download parts.
 
 The legacy ImportVolume/ImportInstance calls name a manifest URL that usually does not exist yet:
-euca2ools presigns it, creates the task, and only then PUTs the manifest and the parts (§9.2). So
+euca2ools presigns it, creates the task, and only then PUTs the manifest and the parts. So
 :func:`wait_for_manifest` polls the manifest URL (404 or S3's 403 for a missing key mean "not yet"), then
 HEADs each part until it is there, all with exponential back-off, until the task's deadline.
 :func:`download_parts` then reads the parts in index order, checking each one's length and (for plain

@@ -1,6 +1,6 @@
 """SSRF safety for every URL the appliance fetches: manifests, parts, import URLs and each redirect hop.
 
-The rules follow Glance's fix for CVE-2026-34881 (reference/image-safety.md §2.4) and close the two holes
+The rules follow Glance's fix for CVE-2026-34881 and close the two holes
 that fix leaves open:
 
 * the host is normalised strictly: an IP literal must be a canonical dotted quad or a bracketed IPv6

@@ -1,6 +1,6 @@
 """EC2 target: volumes created in the controlling cloud and attached to this appliance.
 
-``create`` runs the sequence the Eucalyptus imaging worker used (reference §11.5), through the
+``create`` runs the sequence the Eucalyptus imaging worker used, through the
 cloud's EC2 API with boto3:
 
 1. ``CreateVolume`` (size rounded up to whole GiB, in this appliance's availability zone, tagged

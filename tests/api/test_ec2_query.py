@@ -120,7 +120,7 @@ def test_parses_back_exactly_what_botocore_serializes(action: str, params: dict[
 
 
 def test_reads_the_irregular_wire_names_of_the_reference_examples() -> None:
-    # §8: Filters.N vs LicenseSpecifications.N vs TagSpecification.N, DiskContainer.N vs DiskContainer.
+    # Filters.N vs LicenseSpecifications.N vs TagSpecification.N, DiskContainer.N vs DiskContainer.
     params = {
         "Action": ["ImportImage"],
         "Version": ["2016-11-15"],

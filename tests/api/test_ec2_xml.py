@@ -42,7 +42,7 @@ def roundtrip(action: str, data: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-# The parsed DescribeConversionTasks example of the wire reference (§5.2), with the enum spelled right.
+# The parsed DescribeConversionTasks example of AWS's documentation, with the enum spelled right.
 CONVERSION_TASKS = {
     "ConversionTasks": [
         {
