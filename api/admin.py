@@ -23,6 +23,7 @@ from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.image import formats
 from appliance.service import health as health_mod
+from appliance.service import imports
 from appliance.service.imports import boot_settings, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
@@ -167,8 +168,6 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
     """What this appliance accepts and produces (like Glance's ``/v2/info/import``)."""
-    from appliance.service import imports
-
     banned = set(config.safety.banned_formats)
     inputs = [
         f

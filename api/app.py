@@ -19,8 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import importlib
-import importlib.util
 import json
 import logging
 import threading
@@ -33,9 +31,11 @@ import falcon
 
 from appliance.config import Config
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+from appliance.service.imports import ImportService
 from appliance.store import Store, StoreError
 
 from . import admin
+from .ec2 import resource as ec2_resource
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("api.access")
@@ -215,13 +215,6 @@ class BasicAuth:
         req.context.principal = principal
 
 
-def _ec2_module() -> Any | None:
-    """:mod:`api.ec2.resource` if this build has it (checked by spec so a real import error still raises)."""
-    if importlib.util.find_spec("api.ec2.resource") is None:
-        return None
-    return importlib.import_module("api.ec2.resource")
-
-
 #: query parameter name → whether it may be repeated (an ``array`` schema), per (path template, method)
 QueryParams = dict[tuple[str, str], dict[str, bool]]
 
@@ -287,19 +280,17 @@ class RootResource:
 
     def __init__(
         self,
-        ec2_module: Any | None,
-        make_ec2: Callable[[], Any],
+        make_ec2: Callable[[], ec2_resource.Ec2Resource],
         max_request_bytes: int,
         query_params: Mapping[str, bool] | None = None,
     ) -> None:
-        self._module = ec2_module
         self._make_ec2 = make_ec2
         self._max_bytes = max_request_bytes
         self._query_params = query_params or {}
-        self._ec2: Any | None = None
+        self._ec2: ec2_resource.Ec2Resource | None = None
         self._lock = threading.Lock()
 
-    def _resource(self) -> Any:
+    def _resource(self) -> ec2_resource.Ec2Resource:
         # Built on first use: it needs the task database, which may not be openable at boot.
         with self._lock:
             if self._ec2 is None:
@@ -307,15 +298,13 @@ class RootResource:
             return self._ec2
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._module is not None and self._module.handles(req, self._max_bytes):
+        if ec2_resource.handles(req, self._max_bytes):
             self._resource().on_get(req, resp)
             return
         check_query(req, self._query_params)
         resp.media = admin.versions_document()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._module is None:
-            raise falcon.HTTPMethodNotAllowed(["GET"], description="this build has no EC2 Query API")
         self._resource().on_post(req, resp)
 
 
@@ -328,7 +317,9 @@ class VersionResource:
         resp.media = {"version": admin.versions_document()["versions"][0]}
 
 
-def create_app(config: Config, *, store: Store | None = None, service: Any = None) -> falcon.App:
+def create_app(
+    config: Config, *, store: Store | None = None, service: ImportService | None = None
+) -> falcon.App:
     """The WSGI app for ``config``.
 
     ``store`` (a :class:`~appliance.store.Store`) and ``service`` (an
@@ -337,15 +328,9 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
     is shared between processes.
     """
     stores = admin.StoreHandle(config, store)
-    ec2 = _ec2_module()
 
-    def make_ec2() -> Any:
-        svc = service
-        if svc is None:
-            from appliance.service.imports import ImportService
-
-            svc = ImportService(config, stores.get())
-        return ec2.Ec2Resource(config, svc)
+    def make_ec2() -> ec2_resource.Ec2Resource:
+        return ec2_resource.Ec2Resource(config, service or ImportService(config, stores.get()))
 
     documented = documented_query_parameters(admin.openapi_document())
     app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api.credentials), QueryCheck(documented)])
@@ -354,10 +339,10 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(ImagingError, _handle_imaging_error)
 
-    app.add_route("/", RootResource(ec2, make_ec2, config.api.max_request_bytes, documented[("/", "get")]))
+    app.add_route("/", RootResource(make_ec2, config.api.max_request_bytes, documented[("/", "get")]))
     app.add_route("/v1", VersionResource())
     app.add_route("/v1/health", admin.HealthResource(config, stores))
-    app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2.ACTIONS) if ec2 is not None else ()))
+    app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2_resource.ACTIONS)))
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
     app.add_route("/v1/openapi.json", admin.OpenApiResource())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 
@@ -20,8 +21,8 @@ def add_commands(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace, cfg: Any) -> int:
-    import dataclasses
-
+    # gunicorn and the whole HTTP app: only `imaging serve` needs them, every other command loads
+    # this module to register it
     from .server import serve
 
     api = cfg.api

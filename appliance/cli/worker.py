@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..report.reporter import start_reporter
 from ..service.worker import run_worker
 
 
@@ -17,4 +18,4 @@ def add_commands(sub: Any) -> None:
         "running tasks; they resume when a worker starts again.",
     )
     s.add_argument("--concurrency", type=int, help="override worker.concurrency")
-    s.set_defaults(func=lambda args, cfg: run_worker(cfg, args.concurrency))
+    s.set_defaults(func=lambda args, cfg: run_worker(cfg, args.concurrency, start_reporter))

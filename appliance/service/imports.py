@@ -24,9 +24,10 @@ from typing import Any
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from ..sources.s3names import check_bucket, check_key
-from ..sources.urlfilter import parse_s3_url
+from ..sources.urlfilter import UrlPolicy, parse_s3_url
 from ..store import ActiveTaskLimit, Store, Task
 from ..timestamps import format_time, utc_now
+from ..workflow.engine import Engine
 from . import bootparams
 
 GiB = 1 << 30
@@ -105,24 +106,20 @@ class ImportService:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store or Store(config.db_path)
-        self._engine: Any = None
-        self._policy: Any = None
+        self._engine: Engine | None = None
+        self._policy: UrlPolicy | None = None
 
     # -- helpers --------------------------------------------------------------------------------
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
         if self._engine is None:
-            from ..workflow.engine import Engine
-
             self._engine = Engine(self.config, self.store)
         return self._engine
 
     def check_url(self, url: str) -> None:
         """Refuse an URL the SSRF policy would refuse at fetch time (raises ``UrlNotAllowed``)."""
         if self._policy is None:
-            from ..sources.urlfilter import UrlPolicy
-
             self._policy = UrlPolicy.from_config(self.config.sources)
         self._policy.check(url)
 

@@ -27,14 +27,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .. import config as config_mod
 from .. import partials
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
-from ..report.reporter import start_reporter
 from ..scratch import ScratchSpace
 from ..store import Store, TaskState
 from ..timestamps import utcnow
@@ -43,6 +44,16 @@ from ..workflow.supervisor import find_orphans, orphan_reason
 from .heartbeat import write_heartbeat
 
 log = logging.getLogger(__name__)
+
+
+class RunningReporter(Protocol):
+    """A reporter thread the worker started; stopped when the worker stops."""
+
+    def stop(self, timeout: float = 15.0) -> None: ...
+
+
+#: starts the reporter for a configuration and store; returns None when reporting is off
+ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
@@ -100,9 +111,18 @@ def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
 class Worker:
     """Claims and supervises tasks; see the module docstring."""
 
-    def __init__(self, config: config_mod.Config, *, concurrency: int | None = None) -> None:
+    def __init__(
+        self,
+        config: config_mod.Config,
+        *,
+        concurrency: int | None = None,
+        start_reporter: ReporterFactory | None = None,
+    ) -> None:
         self.config = config
         self.concurrency = concurrency or config.worker.concurrency
+        #: starts the reporter to the controller (``imaging worker`` passes the report package's);
+        #: the service does not depend on how the appliance reports
+        self.start_reporter = start_reporter
         self.store = Store(config.db_path)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.started_at = utcnow()
@@ -192,11 +212,11 @@ class Worker:
                     self.poll()
                 except Exception:
                     log.exception("worker poll failed; retrying")
-                if reporter is None:
+                if reporter is None and self.start_reporter is not None:
                     # The reporter (controller.mode push or pull) is a thread of this process. It
                     # starts after the first poll so that its first heartbeat reads a fresh worker
                     # heartbeat instead of reporting the worker as missing.
-                    reporter = start_reporter(self.config, self.store)
+                    reporter = self.start_reporter(self.config, self.store)
                 stop.wait(self.config.worker.poll_interval)
         finally:
             try:
@@ -225,12 +245,16 @@ class Worker:
             self.write_heartbeat()
 
 
-def run_worker(config: config_mod.Config, concurrency: int | None = None) -> int:
+def run_worker(
+    config: config_mod.Config,
+    concurrency: int | None = None,
+    start_reporter: ReporterFactory | None = None,
+) -> int:
     """``imaging worker``: run until SIGTERM/SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Worker(config, concurrency=concurrency).run(stop)
+    Worker(config, concurrency=concurrency, start_reporter=start_reporter).run(stop)
     return 0
 
 
