@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, redact
 from .. import config as config_mod
 from ..errors import Cancelled, ImageRejected, ImagingError, UsageError
 from ..image.formats import INPUT_FORMATS, OUTPUT_FORMATS
@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="imaging: %(levelname)s %(name)s: %(message)s",
     )
+    redact.install_logging()
     if not args.verbose:
         # The inspector logs what it finds as warnings; the findings already say it, once.
         logging.getLogger("oslo_utils").setLevel(logging.ERROR)

@@ -12,6 +12,7 @@ import yaml
 
 from ..errors import UsageError, is_rejection
 from ..progress import Progress
+from ..redact import redact, redact_text
 from ..store import StepRecord, Task, TaskState
 from ..workflow.callbacks import EngineCallbacks
 
@@ -19,7 +20,8 @@ EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 13
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    """``obj`` as JSON on stdout, redacted: task params and step arguments hold presigned URLs."""
+    json.dump(redact(json.loads(json.dumps(obj, default=str))), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
@@ -64,7 +66,7 @@ class ConsoleCallbacks(EngineCallbacks):
 
     def _say(self, text: str) -> None:
         if not self.quiet_steps:
-            print(text, file=sys.stderr, flush=True)
+            print(redact_text(text), file=sys.stderr, flush=True)
 
     def on_task_state(self, task: Task) -> None:
         self._say(
@@ -122,10 +124,8 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     elif task.state is TaskState.COMPLETED:
         print(f"task {task.id} completed")
     else:
-        print(
-            f"imaging: {task.error_code or task.state}: {task.error_message or task.status_message}",
-            file=sys.stderr,
-        )
+        message = redact_text(task.error_message or task.status_message)
+        print(f"imaging: {task.error_code or task.state}: {message}", file=sys.stderr)
     return task_exit_status(task)
 
 
@@ -141,7 +141,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
         print(line)
         if status == "run":
             for key, value in (step.get("args") or {}).items():
-                print(f"      {key} = {json.dumps(value, default=str)}")
+                print(f"      {key} = {json.dumps(redact(value), default=str)}")
             if step.get("scratch_bytes"):
                 print(f"      scratch ≈ {step['scratch_bytes']} bytes")
             if step.get("note"):
@@ -166,7 +166,7 @@ def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
     print(f"{'ID':16} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
     for t in tasks:
         pct = "" if t.percent is None else f"{t.percent:.0f}%"
-        msg = t.error_message or t.status_message or ""
+        msg = redact_text(t.error_message or t.status_message or "")
         print(f"{t.id:16} {t.state!s:10} {pct:>8}  {t.updated_at:20}  {t.workflow} {msg}".rstrip())
     return EXIT_OK
 
@@ -199,16 +199,17 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
     ):
         value = getattr(task, key)
         if value not in (None, ""):
-            print(f"{key + ':':16}{value}")
-    print(f"{'params:':16}{json.dumps(task.params, default=str)}")
-    for f in task.findings:
+            print(f"{key + ':':16}{redact_text(str(value))}")
+    print(f"{'params:':16}{json.dumps(redact(task.params), default=str)}")
+    shown = redact(json.loads(json.dumps(detail, default=str)))
+    for f in shown["task"]["findings"]:
         print(f"finding:        {f.get('severity')} {f.get('code')}: {f.get('message')}")
     print("steps:")
-    for s in detail["steps"]:
+    for s in shown["steps"]:
         print(f"  {s['idx']:10} {s['name']:24} {s['state']}" + (f" — {s['error']}" if s.get("error") else ""))
-    if detail["ledger"]:
+    if shown["ledger"]:
         print("cleanup ledger:")
-        for e in detail["ledger"]:
+        for e in shown["ledger"]:
             print(
                 f"  {e['time']} {e['action']:8} {e['resource']}"
                 + (f" (step {e['step']})" if e.get("step") else "")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import botocore.exceptions
 import pytest
@@ -47,8 +48,13 @@ def test_euca2ools_style_import_volume_goes_pending_active_completed(
         what="the pending-upload state",
     )
     echoed = conversion_task(appliance.ec2, task_id)["ImportVolume"]
-    # euca2ools' resume-import reads these four back to build its manifest
-    assert echoed["Image"] == {"Format": "RAW", "Size": disk.stat().st_size, "ImportManifestUrl": pending.url}
+    # euca2ools' resume-import reads these four back to build its manifest; of the URL it takes
+    # the bucket and key only, and the signature is not echoed
+    echoed_url = echoed["Image"].pop("ImportManifestUrl")
+    assert echoed["Image"] == {"Format": "RAW", "Size": disk.stat().st_size}
+    assert echoed_url.split("?")[0] == pending.url.split("?")[0]
+    signature = parse_qs(urlsplit(pending.url).query)["Signature"][0]  # boto3 presigns S3 with SigV2
+    assert quote(signature, safe="") not in echoed_url and "Signature=REDACTED" in echoed_url
     assert echoed["Volume"]["Size"] == 1
     upload(s3, pending, disk, image_size=echoed["Image"]["Size"], volume_size=echoed["Volume"]["Size"])
     seen: list[int] = []
