@@ -213,7 +213,7 @@ class HealthResource:
         self._stores = stores
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        doc = health_mod.health(self._config, self._stores.get, app_version())
+        doc = redact(health_mod.health(self._config, self._stores.get, app_version()))
         resp.media = doc
         resp.status = falcon.HTTP_503 if doc["status"] == health_mod.DISABLED else falcon.HTTP_200
         resp.cache_control = ["no-store"]

@@ -15,8 +15,9 @@ What counts as a secret:
   values of credential query parameters (:data:`URL_SECRET_PARAMS`: presigned SigV4/SigV2/STS
   signatures, credentials and tokens, Google and Azure signed URLs) — the rest of the URL stays,
   so a redacted presigned URL still names its bucket and key;
-- in free text: every URL as above, ``name=value`` and ``"name": "value"`` pairs whose name is a
-  secret key or credential parameter, ``Authorization`` header values and PEM private key blocks;
+- in free text: every URL as above, ``name=value``, ``"name": "value"`` and ``name: value`` lines
+  whose name is a secret key or credential parameter, ``Authorization`` header values and PEM
+  private key blocks;
 - any value registered with :func:`remember` (the configuration registers the secrets it holds,
   see :mod:`appliance.config`), wherever it appears, e.g. a key pasted into the wrong field or
   echoed by a plugin or a library's error message. Values shorter than :data:`MIN_REMEMBERED`
@@ -98,6 +99,10 @@ _PAIR = re.compile(
 #: ``"name": "value"`` / ``'name': 'value'`` (JSON text, Python reprs of dicts)
 _QUOTED_PAIR = re.compile(
     r"(?P<q1>[\"'])(?P<name>[A-Za-z][A-Za-z0-9_.-]*)(?P=q1)(?P<sep>\s*:\s*)(?P<q2>[\"'])(?P<value>(?:(?!(?P=q2)).)*)(?P=q2)"
+)
+#: ``name: value`` lines (HTTP header dumps, YAML, a SigV4 canonical request's headers)
+_LINE_PAIR = re.compile(
+    r"(?m)^(?P<head>[ \t-]*[\"']?(?P<name>[A-Za-z][A-Za-z0-9_.-]*)[\"']?[ \t]*:[ \t]*)(?P<value>\S[^\r\n]*)$"
 )
 #: an ``Authorization`` header value (``Basic …``, ``Bearer …``, ``AWS4-HMAC-SHA256 Credential=…``)
 _AUTHORIZATION = re.compile(r"(?i)(?P<head>\bauthorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+")
@@ -222,13 +227,15 @@ def _redact_url_match(m: re.Match[str]) -> str:
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """Free text (a message, a log line, command output) with every secret replaced: URLs
-    (:func:`redact_url`), secret ``name=value`` and ``"name": "value"`` pairs, ``Authorization``
-    values, PEM private keys, and ``secrets`` plus the :func:`remember`-ed values."""
+    (:func:`redact_url`), secret ``name=value``, ``"name": "value"`` and ``name: value`` (one per
+    line) pairs, ``Authorization`` values, PEM private keys, and ``secrets`` plus the
+    :func:`remember`-ed values."""
     if not text:
         return text
     text = scrub(text, {*remembered(), *secrets})
     text = _PEM.sub(REDACTED, text)
     text = _AUTHORIZATION.sub(lambda m: f"{m['head']}{REDACTED}", text)
+    text = _LINE_PAIR.sub(lambda m: f"{m['head']}{REDACTED}" if is_secret_param(m["name"]) else m[0], text)
     text = _URL.sub(_redact_url_match, text)
     text = _redact_query_text(text)
     return _QUOTED_PAIR.sub(

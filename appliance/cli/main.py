@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line for the user, the trace only with -v
         log.debug("internal error", exc_info=True)
         print(
-            f"imaging: InternalError: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr
+            f"imaging: InternalError: {type(exc).__name__}: {redact.redact_text(str(exc))} "
+            "(run with -v for details)",
+            file=sys.stderr,
         )
         return EXIT_ERROR
 

@@ -87,6 +87,13 @@ def test_message_with_a_url_a_pair_a_header_and_a_pem_keeps_only_what_is_safe() 
     assert "HTTP 403" in shown and "'region': 'us-east-1'" in shown and ": HTTP 403" in shown
 
 
+def test_header_and_yaml_lines_with_secret_names_lose_their_values() -> None:
+    text = "host:s3.example\nx-amz-security-token:FwoGZXIvYXdz\ncontroller:\n  secret: ctl-0123456789abcdef\n"
+    assert redact.redact_text(text) == (
+        "host:s3.example\nx-amz-security-token:REDACTED\ncontroller:\n  secret: REDACTED\n"
+    )
+
+
 def test_remembered_values_are_scrubbed_wherever_they_appear_but_short_ones_are_not() -> None:
     redact.remember(["a-remembered-secret-0001", "short"])
     assert redact.redact_text("plugin said a-remembered-secret-0001!") == "plugin said REDACTED!"
