@@ -16,8 +16,9 @@ limit and inserts in one write transaction, and a client token is unique per (ac
 unique index, so a repeated request gets the task the first one created.
 
 What people and the controller read is stored redacted (:mod:`appliance.redact`): events, status and
-error messages, step errors and cancel reasons. Params, step arguments and results keep what the
-task needs to run (presigned URLs, hook arguments) and are redacted wherever they are shown.
+error messages, step errors and cancel reasons. Params, step arguments and results, and the task's
+records (:meth:`Store.set_record`) keep what the task needs to run (presigned URLs, hook arguments)
+and are redacted wherever they are shown.
 
 Task states and the transitions between them are defined once, in :data:`TRANSITIONS`.
 Timestamps are UTC ISO-8601 strings with a ``Z`` suffix and microseconds, so they sort as text.
@@ -233,6 +234,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
                 AND (newer.created_at, newer.rowid) > (tasks.created_at, tasks.rowid)
             )""",
         "CREATE UNIQUE INDEX tasks_client_token ON tasks (client_account, kind, client_token)",
+    ),
+    (
+        # What a task keeps to run, by name and as given (the hooks recorded at submit, with their
+        # arguments): events are stored redacted, for people and the controller, so they cannot.
+        """CREATE TABLE task_records (
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (task_id, name)
+        )""",
     ),
 ]
 
@@ -934,6 +945,24 @@ class Store:
         """The task's step records in the order they were first started."""
         rows = self._read("SELECT * FROM steps WHERE task_id = ? ORDER BY seq", (task_id,))
         return [StepRecord._from_row(r) for r in rows]
+
+    # -- records ----------------------------------------------------------------------------
+
+    def set_record(self, task_id: str, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name`` for the task, as given: something the task needs to
+        run or resume (e.g. the hooks recorded at submit). Never shown as such; an event says it."""
+        with self._write() as conn:
+            self._task_row(conn, task_id)  # TaskNotFound for an unknown task
+            conn.execute(
+                "INSERT INTO task_records (task_id, name, data) VALUES (?, ?, ?)"
+                " ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data",
+                (task_id, name, _dumps(value)),
+            )
+
+    def record(self, task_id: str, name: str) -> Any:
+        """The value kept under ``name`` for the task (:meth:`set_record`), or None."""
+        rows = self._read("SELECT data FROM task_records WHERE task_id = ? AND name = ?", (task_id, name))
+        return _loads(rows[0]["data"]) if rows else None
 
     # -- events and ledger ------------------------------------------------------------------
 

@@ -155,7 +155,7 @@ class Engine:
             recorded = {
                 p: h for p, h in (self.loader.hooks or HooksConfig()).to_dict().items() if p in points
             }
-            self.store.add_event(task.id, hookpoints.HOOKS_EVENT, {"points": recorded})
+            hookpoints.record_hooks(self.store, task.id, recorded)
         self.callbacks.on_task_state(task)
         return task.id
 
