@@ -398,9 +398,15 @@ def test_no_secret_reaches_any_log_view_report_or_cli_output(
     for sig in signatures(presigned_describe):
         secrets["presigned EC2 request signature"] = sig
 
-    # The secrets were really in play: the tasks kept them to run (params, step arguments).
+    # The secrets were really in play: the tasks kept them to run (params, step arguments, records),
+    # and the hook ran with its real password, not with the marker.
     for secret in (HOOK_PASSWORD, UPLOAD_SESSION_TOKEN, UPLOADER_ACCESS_KEY, *signatures(pending.url)):
         assert secret in kept
+    with sqlite3.connect(app.state / "imaging.db") as db:
+        [(hook_args,)] = db.execute(
+            "SELECT args FROM steps WHERE task_id = ? AND action = ?", (failing, "site.audit")
+        )
+    assert json.loads(hook_args)["password"] == HOOK_PASSWORD
 
     # Every capture holds something, and where a secret went through, the marker stands in its place.
     for name, text in surfaces.items():
