@@ -11,7 +11,8 @@ What counts as a secret:
 - the value under a secret key (:func:`is_secret_key`: ``secret_key``, ``secret``, ``password``,
   ``session_token``, ``private_key``…, in any case and spelling: ``SecretAccessKey`` too), and
   ``key`` inside a ``tls`` mapping (the private key);
-- in a URL: the user info (``https://user:password@host`` → ``https://REDACTED@host``) and the
+- in a URL: the user info (``https://user:password@host`` → ``https://REDACTED@host``; an
+  ``artifact://NAME@VERSION`` has none) and the
   values of credential query parameters (:data:`URL_SECRET_PARAMS`: presigned SigV4/SigV2/STS
   signatures, credentials and tokens, Google and Azure signed URLs) — the rest of the URL stays,
   so a redacted presigned URL still names its bucket and key;
@@ -87,6 +88,9 @@ URL_SECRET_PARAMS = frozenset(
         "access_token",
     }
 )
+
+#: URI schemes whose ``@`` is not user info: ``artifact://NAME@VERSION`` (:mod:`appliance.artifacts`)
+NO_USERINFO_SCHEMES = frozenset({"artifact"})
 
 #: remembered values shorter than this are not scrubbed from text
 MIN_REMEMBERED = 8
@@ -200,7 +204,7 @@ def redact_url(url: str) -> str:
             end = min(end, i)
     netloc, tail = rest[:end], rest[end:]
     _userinfo, at, host = netloc.rpartition("@")
-    if at:
+    if at and scheme.lower() not in NO_USERINFO_SCHEMES:
         netloc = f"{REDACTED}@{host}"
     tail, hash_, fragment = tail.partition("#")
     path, q, query = tail.partition("?")

@@ -72,6 +72,7 @@ def test_sigv2_url_with_user_info_loses_both() -> None:
 def test_url_without_secrets_is_unchanged_byte_for_byte() -> None:
     url = "https://s3.example/b/disk%20one.raw?versionId=3&x=a%2Fb#part"
     assert redact.redact_url(url) == url
+    assert redact.redact_text("run artifact://fix-script@1.0 now") == "run artifact://fix-script@1.0 now"
 
 
 def test_message_with_a_url_a_pair_a_header_and_a_pem_keeps_only_what_is_safe() -> None:
