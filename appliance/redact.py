@@ -12,10 +12,10 @@ What counts as a secret:
   ``session_token``, ``private_key``…, in any case and spelling: ``SecretAccessKey`` too), and
   ``key`` inside a ``tls`` mapping (the private key);
 - in a URL: the user info (``https://user:password@host`` → ``https://REDACTED@host``; an
-  ``artifact://NAME@VERSION`` has none) and the
-  values of credential query parameters (:data:`URL_SECRET_PARAMS`: presigned SigV4/SigV2/STS
-  signatures, credentials and tokens, Google and Azure signed URLs) — the rest of the URL stays,
-  so a redacted presigned URL still names its bucket and key;
+  ``artifact://NAME@VERSION`` has none) and the values of credential query parameters
+  (:data:`URL_SECRET_PARAMS`: presigned SigV4/SigV2/STS signatures, credentials and tokens, Google
+  and Azure signed URLs) — the rest of the URL stays, so a redacted presigned URL still names its
+  bucket and key;
 - in free text: every URL as above, ``name=value``, ``"name": "value"`` and ``name: value`` lines
   whose name is a secret key or credential parameter, ``Authorization`` header values and PEM
   private key blocks;
