@@ -193,13 +193,11 @@ def test_worker_killed_mid_task_resumes_after_restart(
         what="the task to start waiting",
     )
     # kill -9 the worker and the task's own process: nothing gets to clean up
-    children = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(appliance.worker.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = appliance.task_processes()
     appliance.worker.kill()
     appliance.worker.wait()
     for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     upload(s3, pending, disk)
     assert conversion_task(appliance.ec2, task_id)["State"] == "active"
     appliance.worker = appliance.start_worker()
@@ -247,11 +245,9 @@ def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
         what="the parts before the stalled one to be verified and written",
     )
     # kill -9 the task's own process (the worker stays and resumes it when its lease runs out)
-    children = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(appliance.worker.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = appliance.task_processes()
     assert len(children) == 1, children
-    os.kill(int(children[0]), signal.SIGKILL)
+    os.kill(children[0], signal.SIGKILL)
     appliance.ec2.get_waiter("conversion_task_completed").wait(
         ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 120}
     )
