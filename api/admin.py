@@ -81,25 +81,24 @@ def task_href(task_id: str) -> str:
 
 def task_summary(task: Task) -> dict[str, Any]:
     """The list view of a task (redacted, see :mod:`appliance.redact`)."""
-    return redact(
-        {
-            "id": task.id,
-            "kind": task.kind,
-            "state": str(task.state),
-            "phase": task.phase,
-            "percent": task.percent,
-            "bytes_done": task.bytes_done,
-            "bytes_total": task.bytes_total,
-            "bytes_converted": task.bytes_converted,
-            "status_message": task.status_message,
-            "error_code": task.error_code,
-            "created_at": task.created_at,
-            "updated_at": task.updated_at,
-            "started_at": task.started_at,
-            "finished_at": task.finished_at,
-            "links": [{"rel": "self", "href": task_href(task.id)}],
-        }
-    )
+    view = {
+        "id": task.id,
+        "kind": task.kind,
+        "state": str(task.state),
+        "phase": task.phase,
+        "percent": task.percent,
+        "bytes_done": task.bytes_done,
+        "bytes_total": task.bytes_total,
+        "bytes_converted": task.bytes_converted,
+        "status_message": task.status_message,
+        "error_code": task.error_code,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "links": [{"rel": "self", "href": task_href(task.id)}],
+    }
+    return redact(view)
 
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
@@ -113,25 +112,24 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
     # not outcome(): any workflow may run as a task, and only imports' results have its layout;
     # a task that validation failed has no result, but its guest.validated event holds the report
     guest = guest_report(task.result) or validated_report(all_events)
-    return redact(
-        {
-            "task": row,
-            "progress": {
-                "phase": task.phase,
-                "percent": task.percent,
-                "bytes_done": task.bytes_done,
-                "bytes_total": task.bytes_total,
-                "bytes_converted": task.bytes_converted,
-            },
-            "steps": [s.to_dict() for s in store.step_results(task.id)],
-            "findings": task.findings,
-            "guest": guest,
-            "boot": boot_settings(task, guest),
-            "ledger": [e.to_dict() for e in store.ledger(task.id)],
-            "events": [e.to_dict() for e in events],
-            "links": [{"rel": "self", "href": task_href(task.id)}],
-        }
-    )
+    view = {
+        "task": row,
+        "progress": {
+            "phase": task.phase,
+            "percent": task.percent,
+            "bytes_done": task.bytes_done,
+            "bytes_total": task.bytes_total,
+            "bytes_converted": task.bytes_converted,
+        },
+        "steps": [s.to_dict() for s in store.step_results(task.id)],
+        "findings": task.findings,
+        "guest": guest,
+        "boot": boot_settings(task, guest),
+        "ledger": [e.to_dict() for e in store.ledger(task.id)],
+        "events": [e.to_dict() for e in events],
+        "links": [{"rel": "self", "href": task_href(task.id)}],
+    }
+    return redact(view)
 
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:

@@ -231,25 +231,24 @@ def import_image_task(task: Task) -> dict[str, Any]:
     p = task.params
     containers = _opt(p, "disk_containers") or []
     snapshot_ids = _snapshot_ids(task, len(containers))
-    return redact(
-        {
-            "Architecture": _opt(p, "architecture"),
-            "BootMode": _opt(p, "boot_mode"),
-            "Description": _opt(p, "description"),
-            "Hypervisor": _opt(p, "hypervisor"),
-            "ImageId": _result(task).get("image_id"),
-            "ImportTaskId": task.id,
-            "LicenseType": _opt(p, "license_type"),
-            "Platform": _opt(p, "platform"),
-            "Progress": _progress(task),
-            "SnapshotDetails": [
-                _snapshot_detail(task, c, s) for c, s in zip(containers, snapshot_ids, strict=True)
-            ],
-            "Status": import_status(task),
-            "StatusMessage": _import_message(task),
-            "Tags": _tags(task),
-        }
-    )
+    view = {
+        "Architecture": _opt(p, "architecture"),
+        "BootMode": _opt(p, "boot_mode"),
+        "Description": _opt(p, "description"),
+        "Hypervisor": _opt(p, "hypervisor"),
+        "ImageId": _result(task).get("image_id"),
+        "ImportTaskId": task.id,
+        "LicenseType": _opt(p, "license_type"),
+        "Platform": _opt(p, "platform"),
+        "Progress": _progress(task),
+        "SnapshotDetails": [
+            _snapshot_detail(task, c, s) for c, s in zip(containers, snapshot_ids, strict=True)
+        ],
+        "Status": import_status(task),
+        "StatusMessage": _import_message(task),
+        "Tags": _tags(task),
+    }
+    return redact(view)
 
 
 def import_image_result(task: Task) -> dict[str, Any]:
@@ -271,14 +270,13 @@ def snapshot_task_detail(task: Task) -> dict[str, Any]:
 
 def import_snapshot_task(task: Task) -> dict[str, Any]:
     """``ImportSnapshotTask`` (also the ``ImportSnapshotResult`` members) for an import-snapshot task."""
-    return redact(
-        {
-            "Description": _opt(task.params, "description"),
-            "ImportTaskId": task.id,
-            "SnapshotTaskDetail": snapshot_task_detail(task),
-            "Tags": _tags(task),
-        }
-    )
+    view = {
+        "Description": _opt(task.params, "description"),
+        "ImportTaskId": task.id,
+        "SnapshotTaskDetail": snapshot_task_detail(task),
+        "Tags": _tags(task),
+    }
+    return redact(view)
 
 
 def cancel_import_result(before: Task, after: Task) -> dict[str, Any]:
