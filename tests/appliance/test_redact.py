@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from appliance import config as config_mod
 from appliance import redact
-from appliance.errors import ImagingError
+from appliance.errors import ConfigError, ImagingError
 
 SIGNATURE = "5f1e0c9d2b7a4e8f90a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3"
 TOKEN = "FwoGZXIvYXdzEFAaDSessionTokenValue0123456789"
@@ -122,6 +123,26 @@ def test_structures_hide_secret_values_and_scrub_every_string() -> None:
     assert shown["sources"]["s3"]["secret_key"] == ""  # not set stays visibly not set
     assert SIGNATURE not in str(shown)
     assert redact.secret_values(config) == {"api-secret", "/k.pem", "ctl-secret"}
+
+
+def test_configuration_errors_never_quote_a_secret_not_even_a_wrong_one() -> None:
+    pasted = "Pasted+The+Secret+0123456789"  # not a valid bucket name: the error is about it
+    with pytest.raises(ConfigError) as exc:
+        config_mod.from_dict(
+            {
+                "controller": {
+                    "mode": "push",
+                    "url": "https://c.example",
+                    "appliance_id": "a",
+                    "secret": "short1",
+                },
+                "artifacts": {"bucket": pasted, "access_key": "AKIA", "secret_key": pasted},
+            }
+        )
+    message = exc.value.message
+    assert "controller.secret: the value is not valid (minLength: 16)" in message
+    assert "artifacts.bucket" in message  # the field is named, the value is not
+    assert "short1" not in message and pasted not in message
 
 
 def test_error_messages_are_redacted_where_they_are_read() -> None:
