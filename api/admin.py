@@ -8,13 +8,12 @@ resources a load balancer or a client must reach without credentials (see :mod:`
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata, resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 import falcon
 import yaml
@@ -22,6 +21,7 @@ import yaml
 from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.image import formats
+from appliance.redact import redact
 from appliance.service import health as health_mod
 from appliance.service import imports
 from appliance.service.imports import boot_settings, guest_report, validated_report
@@ -33,12 +33,6 @@ API_VERSION = "v1"
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 RECENT_EVENTS = 50
-#: query parameters of presigned URLs that are credentials (SigV4, SigV2, STS), hidden in task views
-_URL_SECRETS = frozenset(
-    {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature", "awsaccesskeyid"}
-)
-_SECRET_KEY = re.compile(r"secret|password|security_token|session_token", re.IGNORECASE)
-REDACTED = "REDACTED"
 
 
 @cache
@@ -82,41 +76,13 @@ class StoreHandle:
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def _redact_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if not parts.query:
-        return url
-    query = [(k, REDACTED if k.lower() in _URL_SECRETS else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
-
-
-def redact(value: Any) -> Any:
-    """``value`` with presigned-URL signatures and secret-looking keys replaced by ``REDACTED``.
-
-    Task params hold presigned manifest/part URLs, which are bearer credentials until they expire.
-    """
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if _SECRET_KEY.search(str(k)) and isinstance(v, str) else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and value.startswith(("http://", "https://")):
-        return _redact_url(value)
-    return value
-
-
 def task_href(task_id: str) -> str:
     return f"/{API_VERSION}/tasks/{task_id}"
 
 
 def task_summary(task: Task) -> dict[str, Any]:
-    """The list view of a task."""
-    return {
+    """The list view of a task (redacted, see :mod:`appliance.redact`)."""
+    view = {
         "id": task.id,
         "kind": task.kind,
         "state": str(task.state),
@@ -133,21 +99,21 @@ def task_summary(task: Task) -> dict[str, Any]:
         "finished_at": task.finished_at,
         "links": [{"rel": "self", "href": task_href(task.id)}],
     }
+    return redact(view)
 
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
     """The full view of a task: the row, progress, steps, findings, the guest validation report and
-    boot settings (image and instance imports), cleanup ledger, recent events."""
+    boot settings (image and instance imports), cleanup ledger, recent events — redacted: params and
+    step arguments hold presigned URLs (bearer credentials until they expire) and hook arguments."""
     row = task.to_dict()
     row.pop("findings")
-    row["params"] = redact(row["params"])
-    row["result"] = redact(row["result"])
     all_events = store.events(task_id=task.id, limit=100_000)
     events = all_events[-RECENT_EVENTS:]
     # not outcome(): any workflow may run as a task, and only imports' results have its layout;
     # a task that validation failed has no result, but its guest.validated event holds the report
     guest = guest_report(task.result) or validated_report(all_events)
-    return {
+    view = {
         "task": row,
         "progress": {
             "phase": task.phase,
@@ -156,14 +122,15 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
             "bytes_total": task.bytes_total,
             "bytes_converted": task.bytes_converted,
         },
-        "steps": [redact(s.to_dict()) for s in store.step_results(task.id)],
+        "steps": [s.to_dict() for s in store.step_results(task.id)],
         "findings": task.findings,
-        "guest": redact(guest),
+        "guest": guest,
         "boot": boot_settings(task, guest),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
-        "events": [redact(e.to_dict()) for e in events],
+        "events": [e.to_dict() for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],
     }
+    return redact(view)
 
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
@@ -243,7 +210,7 @@ class HealthResource:
         self._stores = stores
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        doc = health_mod.health(self._config, self._stores.get, app_version())
+        doc = redact(health_mod.health(self._config, self._stores.get, app_version()))
         resp.media = doc
         resp.status = falcon.HTTP_503 if doc["status"] == health_mod.DISABLED else falcon.HTTP_200
         resp.cache_control = ["no-store"]

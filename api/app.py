@@ -31,6 +31,7 @@ import falcon
 
 from appliance.config import Config
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+from appliance.redact import redact_text
 from appliance.service.imports import ImportService
 from appliance.store import Store, StoreError
 
@@ -84,7 +85,7 @@ def request_id(req: falcon.Request) -> str:
 
 
 def _error_body(code: str, message: str, rid: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "request_id": rid}}).encode()
+    return json.dumps({"error": {"code": code, "message": redact_text(message), "request_id": rid}}).encode()
 
 
 def _default_message(req: falcon.Request, exc: falcon.HTTPError) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from appliance import config as config_mod
+from appliance import redact
 from appliance.config import Config
 from appliance.errors import ConfigError
 
@@ -126,8 +127,10 @@ class ApplianceServer(BaseApplication):
 
 
 def configure_logging(level: str) -> None:
-    """Application logs (including the ``api.access`` lines) to stderr at ``level``."""
+    """Application logs (including the ``api.access`` lines) to stderr at ``level``, redacted (as are
+    gunicorn's own, which the workers inherit)."""
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format=LOG_FORMAT, force=True)
+    redact.install_logging()
 
 
 def check_tls(config: Config) -> None:

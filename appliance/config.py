@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import redact
 from .errors import ConfigError
 from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
@@ -534,12 +535,21 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _message(error: jsonschema.ValidationError, secrets: set[str]) -> str:
+    """The schema error's message, never quoting a secret (not even a wrong one)."""
+    path = [None, *error.absolute_path]
+    if len(path) > 1 and redact.is_secret_key(path[-1], path[-2]):
+        return f"the value is not valid ({error.validator}: {error.validator_value!r})"
+    return redact.redact_text(error.message, secrets)
+
+
 def validate(data: Any, source: str = "<config>", schema: dict[str, Any] | None = None) -> None:
     """Raise :class:`ConfigError` naming the file and the field of the first schema violation."""
     validator = jsonschema.Draft202012Validator(schema or SCHEMA)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_where(e)}: {e.message}" for e in errors]
+        secrets = {s for s in redact.secret_values(data) if len(s) >= redact.MIN_REMEMBERED}
+        lines = [f"{source}: {_where(e)}: {_message(e, secrets)}" for e in errors]
         raise ConfigError("; ".join(lines))
 
 
@@ -547,6 +557,8 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
     """Build a :class:`Config` from a parsed mapping (validated first)."""
     validate(data, str(source or "<config>"))
     merged = _merge(DEFAULTS, data)
+    # whatever surfaces these values (a library's error message, a plugin's event) shows REDACTED
+    redact.remember(redact.secret_values(merged))
     base = base_dir or Path.cwd()
 
     def path(value: str) -> Path:

@@ -15,6 +15,11 @@ processes (the API's gunicorn workers): :meth:`Store.create_task` counts the act
 limit and inserts in one write transaction, and a client token is unique per (account, kind) by a
 unique index, so a repeated request gets the task the first one created.
 
+What people and the controller read is stored redacted (:mod:`appliance.redact`): events, status and
+error messages, step errors and cancel reasons. Params, step arguments and results, and the task's
+records (:meth:`Store.set_record`) keep what the task needs to run (presigned URLs, hook arguments)
+and are redacted wherever they are shown.
+
 Task states and the transitions between them are defined once, in :data:`TRANSITIONS`.
 Timestamps are UTC ISO-8601 strings with a ``Z`` suffix and microseconds, so they sort as text.
 """
@@ -42,6 +47,7 @@ from .errors import (
     TaskNotFound,
     UsageError,
 )
+from .redact import redact, redact_text
 from .timestamps import format_time, utc_now, utcnow
 
 
@@ -229,6 +235,16 @@ MIGRATIONS: list[tuple[str, ...]] = [
                 AND (newer.created_at, newer.rowid) > (tasks.created_at, tasks.rowid)
             )""",
         "CREATE UNIQUE INDEX tasks_client_token ON tasks (client_account, kind, client_token)",
+    ),
+    (
+        # What a task keeps to run, by name and as given (the hooks recorded at submit, with their
+        # arguments): events are stored redacted, for people and the controller, so they cannot.
+        """CREATE TABLE task_records (
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (task_id, name)
+        )""",
     ),
 ]
 
@@ -477,12 +493,17 @@ class Store:
         return row
 
     @staticmethod
-    def _event(conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str) -> int:
+    def _event(
+        conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str
+    ) -> tuple[int, str]:
+        """Insert an event; its data is stored redacted (events are read by people and the
+        controller, never to run anything). Returns the id and the stored JSON."""
+        stored = _dumps(redact(data))
         cur = conn.execute(
             "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?)",
-            (task_id, now, kind, _dumps(data)),
+            (task_id, now, kind, stored),
         )
-        return int(cur.lastrowid)
+        return int(cur.lastrowid), stored
 
     def _update(self, conn: sqlite3.Connection, task_id: str, values: dict[str, Any]) -> Task:
         cols = ", ".join(f"{k} = ?" for k in values)
@@ -664,13 +685,13 @@ class Store:
             if new is TaskState.COMPLETED:
                 values["percent"] = 100.0
             if status_message is not None:
-                values["status_message"] = status_message
+                values["status_message"] = redact_text(status_message)
             if result is not None:
                 values["result"] = _dumps(result)
             if error_code is not None:
                 values["error_code"] = error_code
             if error_message is not None:
-                values["error_message"] = error_message
+                values["error_message"] = redact_text(error_message)
             task = self._update(conn, task_id, values)
             data = {"state": str(new), "previous": str(current)}
             if error_code:
@@ -702,7 +723,7 @@ class Store:
             self._check_transition(task_id, current, new)
             values: dict[str, Any] = {"state": str(new), "updated_at": now}
             if reason:
-                values["cancel_reason"] = reason
+                values["cancel_reason"] = redact_text(reason)
             if new is TaskState.CANCELLED:
                 values.update(
                     finished_at=now, error_code="Cancelled", error_message="cancelled before it started"
@@ -816,7 +837,7 @@ class Store:
                 clamped = min(100.0, max(0.0, float(percent)))
                 values["percent"] = clamped if row["percent"] is None else max(row["percent"], clamped)
             if status_message is not None:
-                values["status_message"] = status_message
+                values["status_message"] = redact_text(status_message)
             if bytes_converted is not None:
                 values["bytes_converted"] = max(row["bytes_converted"], int(bytes_converted))
             return self._update(conn, task_id, values)
@@ -873,7 +894,7 @@ class Store:
                     str(st),
                     _dumps(args),
                     _dumps(result),
-                    None if error is None else _dumps(error),
+                    None if error is None else _dumps(redact(error)),
                     attempts or 0,
                     int(undo),
                     started,
@@ -893,7 +914,7 @@ class Store:
             cur = conn.execute(
                 "UPDATE steps SET state = ?, error = COALESCE(?, error), finished_at = ?"
                 " WHERE task_id = ? AND idx = ?",
-                (str(st), None if error is None else _dumps(error), utcnow(), task_id, idx),
+                (str(st), None if error is None else _dumps(redact(error)), utcnow(), task_id, idx),
             )
             if cur.rowcount != 1:
                 raise UsageError(f"task {task_id} has no step {idx!r}")
@@ -905,15 +926,32 @@ class Store:
         rows = self._read("SELECT * FROM steps WHERE task_id = ? ORDER BY seq", (task_id,))
         return [StepRecord._from_row(r) for r in rows]
 
+    # -- records ----------------------------------------------------------------------------
+
+    def set_record(self, task_id: str, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name`` for the task, as given: something the task needs to
+        run or resume (e.g. the hooks recorded at submit). Never shown as such; an event says it."""
+        with self._write() as conn:
+            self._task_row(conn, task_id)  # TaskNotFound for an unknown task
+            conn.execute(
+                "INSERT INTO task_records (task_id, name, data) VALUES (?, ?, ?)"
+                " ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data",
+                (task_id, name, _dumps(value)),
+            )
+
+    def record(self, task_id: str, name: str) -> Any:
+        """The value kept under ``name`` for the task (:meth:`set_record`), or None."""
+        rows = self._read("SELECT data FROM task_records WHERE task_id = ? AND name = ?", (task_id, name))
+        return _loads(rows[0]["data"]) if rows else None
+
     # -- events and ledger ------------------------------------------------------------------
 
     def add_event(self, task_id: str, kind: str, data: dict[str, Any] | None = None) -> Event:
         """Append to the event queue (read by controller reporting with :meth:`events`)."""
         now = utcnow()
-        payload = data or {}
         with self._write() as conn:
-            event_id = self._event(conn, task_id, kind, payload, now)
-        return Event(event_id, task_id, now, kind, json.loads(_dumps(payload)))
+            event_id, stored = self._event(conn, task_id, kind, data or {}, now)
+        return Event(event_id, task_id, now, kind, json.loads(stored))
 
     def events(self, since_id: int = 0, *, task_id: str | None = None, limit: int = 1000) -> list[Event]:
         """Events with ``id > since_id`` (all tasks, or one), oldest first."""

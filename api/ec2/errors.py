@@ -9,6 +9,7 @@ Body format (what botocore's ``EC2QueryParser`` reads; note ``RequestID``, not `
 from __future__ import annotations
 
 from appliance.errors import ImagingError
+from appliance.redact import redact_text
 
 from .xml import escape_text
 
@@ -87,6 +88,6 @@ def render_error(error: Ec2Error, request_id: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Response><Errors><Error><Code>{escape_text(error.code)}</Code>"
-        f"<Message>{escape_text(error.message)}</Message></Error></Errors>"
+        f"<Message>{escape_text(redact_text(error.message))}</Message></Error></Errors>"
         f"<RequestID>{escape_text(request_id)}</RequestID></Response>"
     ).encode()

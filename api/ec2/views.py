@@ -25,13 +25,16 @@ keeps no message. A failed *snapshot* task's
 filter still files it under ``deleted``.
 
 Every conversion task echoes ``image.format``, ``image.size`` (bytes), ``image.importManifestUrl``
-and ``volume.size``: euca2ools ``resume-import`` reads them back to upload the parts.
+and ``volume.size``: euca2ools ``resume-import`` reads them back to upload the parts. Every view is
+redacted (:mod:`appliance.redact`): the echoed manifest URL keeps its bucket and key (all that
+``resume-import`` takes from it) but not its signature, and no message carries a secret.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from appliance.redact import redact
 from appliance.service.imports import IMPORT_VOLUME, outcome
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
@@ -193,7 +196,7 @@ def conversion_task(task: Task) -> dict[str, Any]:
                 }
             ],
         }
-    return out
+    return redact(out)
 
 
 def _user_bucket(container: dict[str, Any]) -> dict[str, str] | None:
@@ -228,7 +231,7 @@ def import_image_task(task: Task) -> dict[str, Any]:
     p = task.params
     containers = _opt(p, "disk_containers") or []
     snapshot_ids = _snapshot_ids(task, len(containers))
-    return {
+    view = {
         "Architecture": _opt(p, "architecture"),
         "BootMode": _opt(p, "boot_mode"),
         "Description": _opt(p, "description"),
@@ -245,6 +248,7 @@ def import_image_task(task: Task) -> dict[str, Any]:
         "StatusMessage": _import_message(task),
         "Tags": _tags(task),
     }
+    return redact(view)
 
 
 def import_image_result(task: Task) -> dict[str, Any]:
@@ -261,17 +265,18 @@ def snapshot_task_detail(task: Task) -> dict[str, Any]:
     detail["Encrypted"] = bool(task.params.get("encrypted", False))
     if task.state is TaskState.FAILED:
         detail["Status"] = "error"
-    return detail
+    return redact(detail)
 
 
 def import_snapshot_task(task: Task) -> dict[str, Any]:
     """``ImportSnapshotTask`` (also the ``ImportSnapshotResult`` members) for an import-snapshot task."""
-    return {
+    view = {
         "Description": _opt(task.params, "description"),
         "ImportTaskId": task.id,
         "SnapshotTaskDetail": snapshot_task_detail(task),
         "Tags": _tags(task),
     }
+    return redact(view)
 
 
 def cancel_import_result(before: Task, after: Task) -> dict[str, Any]:

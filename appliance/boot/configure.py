@@ -35,6 +35,7 @@ from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
 from ..paths import CONFIG_ERROR_FILE, SYSTEM_CONFIG, StatePaths
+from ..redact import redact, redact_text, redact_url, secret_values
 from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
 from .userdata import CompactUserData, FieldError, UserDataInvalid
@@ -99,7 +100,7 @@ def _learn(section: Any, known: _Known) -> None:
     if not isinstance(section, dict):
         return
     known.section = section
-    known.secrets |= userdata.secret_values(section)
+    known.secrets |= secret_values(section)
     known.bind = userdata.best_effort_bind(section)
     aid = section.get("appliance_id")
     if isinstance(aid, str) and userdata.validate_section({"appliance_id": aid}) == []:
@@ -189,7 +190,7 @@ def _message(known: _Known, status: str, errors: list[FieldError], kind: str) ->
         "status": status,
         "timestamp": format_time(),
         "addresses": rendezvous.local_addresses(known.controller_url),
-        "parameters": userdata.redact(known.section, known.secrets),
+        "parameters": redact(known.section, known.secrets),
         "errors": [e.to_dict() for e in errors],
     }
 
@@ -210,7 +211,7 @@ def _tell_controller(known: _Known, status: str, errors: list[FieldError], kind:
 
 
 def _fail(opts: Options, known: _Known, errors: list[FieldError], stderr: TextIO, exit_status: int) -> int:
-    errors = [FieldError(e.field, userdata.scrub(e.message, known.secrets)) for e in errors]
+    errors = [FieldError(e.field, redact_text(e.message, known.secrets)) for e in errors]
     doc = {
         "status": "invalid-config",
         "errors": [e.to_dict() for e in errors],
@@ -275,7 +276,7 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     if via_rendezvous:
         _tell_controller(known, "configured", [], "status", min(opts.timeout, 5.0))
     ctl = rendered.config["controller"]
-    where = f", controller {userdata.redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
+    where = f", controller {redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
     print(f"imaging: configured appliance {rendered.appliance_id}: wrote {opts.output}{where}", file=stdout)
     if privileged and opts.unit_dir is not None:
         print(f"imaging: the worker runs as root to mount guests for: {', '.join(privileged)}", file=stdout)

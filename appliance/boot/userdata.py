@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
@@ -31,15 +31,13 @@ import yaml
 from .. import config as config_mod
 from ..errors import ConfigError
 from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
+from ..redact import is_secret_key, redact_text, redact_url, secret_values
 from ..targets import device, ec2, file, s3
 from ..workflow.hookpoints import validate_hooks
 from ..workflow.loader import WorkflowLoader
 
 DEFAULT_BIND = "0.0.0.0:8773"
 COMPACT_PREFIX = "imaging:v1:"
-#: keys whose values are secrets wherever they appear (``tls.key`` is the private key PEM)
-SECRET_KEYS = frozenset({"secret", "secret_key", "key"})
-REDACTED = "REDACTED"
 
 _SVC = config_mod.SCHEMA["properties"]
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ':' so the compact form stays parseable
@@ -255,54 +253,6 @@ def _invalid(field: str, message: str) -> UserDataInvalid:
 # --- validation -----------------------------------------------------------------------------------
 
 
-def secret_values(obj: Any) -> set[str]:
-    """Every string stored under a secret key anywhere in ``obj`` (to scrub them from messages)."""
-    found: set[str] = set()
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in SECRET_KEYS and isinstance(v, str) and v:
-                found.add(v)
-            else:
-                found |= secret_values(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            found |= secret_values(v)
-    return found
-
-
-def scrub(text: str, secrets: set[str]) -> str:
-    """``text`` with each secret value replaced (longest first, so overlapping secrets all go)."""
-    for s in sorted(secrets, key=len, reverse=True):
-        text = text.replace(s, REDACTED)
-    return text
-
-
-def redact(obj: Any, secrets: set[str] | frozenset[str] = frozenset()) -> Any:
-    """A copy of ``obj`` with the values of secret keys replaced, URL passwords removed and the
-    ``secrets`` scrubbed from every other string (a secret pasted into the wrong field)."""
-    if isinstance(obj, dict):
-        return {k: REDACTED if k in SECRET_KEYS else redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, secrets) for v in obj]
-    if isinstance(obj, str):
-        text = scrub(obj, set(secrets)) if secrets else obj
-        return redact_url(text) if "://" in text and "@" in text else text
-    return obj
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info (a password in a URL is a secret too)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return REDACTED
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _url_problem(url: str) -> str | None:
     """What is wrong with a controller URL beyond its scheme, or None."""
     try:
@@ -340,7 +290,8 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
     if "propertyNames" in e.relative_schema_path and e.validator == "enum" and isinstance(e.instance, str):
         # a bad key of a mapping whose keys are an enum (hooks.points): name the key as the field
         allowed = ", ".join(map(str, e.validator_value))
-        return [FieldError(f"{field}.{scrub(e.instance, secrets)}", f"unknown key (allowed: {allowed})")]
+        key = redact_text(e.instance, secrets)
+        return [FieldError(f"{field}.{key}", f"unknown key (allowed: {allowed})")]
     if e.validator == "required" and isinstance(e.instance, dict):
         return [
             FieldError(f"{field}.{k}", "required field is missing")
@@ -349,7 +300,8 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
         ]
     if e.validator == "oneOf" and e.schema is config_mod.SIZE:
         return [FieldError(field, f"{_short(e.instance)} is not a size (use bytes or e.g. '20GiB')")]
-    if (path and path[-1] in SECRET_KEYS) or (isinstance(e.instance, str) and e.instance in secrets):
+    secret_field = len(path) > 1 and is_secret_key(path[-1], path[-2])
+    if secret_field or (isinstance(e.instance, str) and e.instance in secrets):
         # never echo a secret value, not even a wrong one
         what = {
             "minLength": f"is too short (at least {e.validator_value} characters)",
@@ -361,7 +313,7 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
     shown = repr(e.instance)
     if len(shown) > 60:
         message = message.replace(shown, _short(e.instance))
-    return [FieldError(field, scrub(message, secrets))]
+    return [FieldError(field, redact_text(message, secrets))]
 
 
 def _schema_errors(
@@ -479,7 +431,7 @@ def _hook_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     for e in validate_hooks(WorkflowLoader((), hooks=cfg.hooks)):
         # hooks.points.after_convert[0].with.x → imaging.hooks.points.after_convert.0.with.x
         field = re.sub(r"\[(\d+)\]", r".\1", e.field or "hooks")
-        errors.append(FieldError(f"imaging.{field}", scrub(e.message, secrets)))
+        errors.append(FieldError(f"imaging.{field}", redact_text(e.message, secrets)))
     return errors
 
 
@@ -499,7 +451,7 @@ def render(section: dict[str, Any], config_dir: Path) -> Rendered:
         try:
             cfg = config_mod.from_dict(rendered.config, base_dir=config_dir)
         except ConfigError as exc:
-            errors = [FieldError("imaging", scrub(exc.message, secrets))]
+            errors = [FieldError("imaging", redact_text(exc.message, secrets))]
         else:
             errors = _target_errors(cfg, secrets) + _hook_errors(cfg, secrets)
     if errors:

@@ -15,6 +15,7 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..errors import ConfigError, UsageError
+from ..redact import redact
 from ..targets import get_image_target, get_volume_target
 from ..workflow.engine import Engine
 from ..workflow.hookpoints import validate_hooks
@@ -94,22 +95,11 @@ def cmd_show(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             print(f"secret key: {secret}")
         print(f"region:     {cfg.api.region}")
         return 0
-    raw = _redacted(json.loads(json.dumps(cfg.raw, default=str)))
+    # every secret (API credentials, S3 sources, the artifact store, targets, the controller's
+    # shared secret, hook arguments, URL user info and signatures) as appliance.redact defines it
+    raw = redact(json.loads(json.dumps(cfg.raw, default=str)))
     yaml.safe_dump(raw, sys.stdout, sort_keys=False)
     return 0
-
-
-#: keys whose values `config show` never prints, wherever they are (API credentials, S3 sources,
-#: the artifact store, targets, the controller's shared secret)
-SECRET_KEYS = frozenset({"secret_key", "secret", "session_token", "password"})
-
-
-def _redacted(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: "REDACTED" if k in SECRET_KEYS and v else _redacted(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redacted(v) for v in obj]
-    return obj
 
 
 def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:

@@ -16,7 +16,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from .. import __version__
+from .. import __version__, redact
 from .. import config as config_mod
 from ..errors import Cancelled, ImageRejected, ImagingError
 from .common import EXIT_CANCELLED, EXIT_ERROR, EXIT_REJECTED
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="imaging: %(levelname)s %(name)s: %(message)s",
     )
+    redact.install_logging()
     if not args.verbose:
         # The inspector logs what it finds as warnings; the findings already say it, once.
         logging.getLogger("oslo_utils").setLevel(logging.ERROR)
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line for the user, the trace only with -v
         log.debug("internal error", exc_info=True)
         print(
-            f"imaging: InternalError: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr
+            f"imaging: InternalError: {type(exc).__name__}: {redact.redact_text(str(exc))} "
+            "(run with -v for details)",
+            file=sys.stderr,
         )
         return EXIT_ERROR
 

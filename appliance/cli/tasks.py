@@ -13,6 +13,7 @@ import yaml
 from ..config import Config
 from ..errors import UsageError, WorkflowInvalid, is_rejection
 from ..progress import Progress
+from ..redact import redact, redact_text
 from ..service.worker import cleanup_scratch
 from ..store import StepRecord, Task, TaskState
 from ..workflow.callbacks import EngineCallbacks
@@ -29,6 +30,11 @@ from .common import (
     print_json,
     progress_callback,
 )
+
+
+def _print_json(obj: Any) -> None:
+    """``obj`` as JSON on stdout, redacted: task params and step arguments hold presigned URLs."""
+    print_json(redact(json.loads(json.dumps(obj, default=str))))
 
 
 def _engine(cfg: Config, callbacks: EngineCallbacks | None = None) -> Engine:
@@ -68,7 +74,7 @@ class ConsoleCallbacks(EngineCallbacks):
 
     def _say(self, text: str) -> None:
         if not self.quiet_steps:
-            print(text, file=sys.stderr, flush=True)
+            print(redact_text(text), file=sys.stderr, flush=True)
 
     def on_task_state(self, task: Task) -> None:
         self._say(
@@ -110,7 +116,7 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     if args.dry_run:
         plan = _engine(cfg).plan(args.workflow, params, coerce_strings=True)
         if args.json:
-            print_json(plan)
+            _print_json(plan)
         else:
             _print_plan(plan)
         return EXIT_OK
@@ -121,14 +127,12 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     task_id = engine.submit(args.workflow, params, task_id=args.task_id, coerce_strings=True)
     task = engine.run(task_id)
     if args.json:
-        print_json(task.to_dict())
+        _print_json(task.to_dict())
     elif task.state is TaskState.COMPLETED:
         print(f"task {task.id} completed")
     else:
-        print(
-            f"imaging: {task.error_code or task.state}: {task.error_message or task.status_message}",
-            file=sys.stderr,
-        )
+        message = redact_text(task.error_message or task.status_message)
+        print(f"imaging: {task.error_code or task.state}: {message}", file=sys.stderr)
     return task_exit_status(task)
 
 
@@ -144,7 +148,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
         print(line)
         if status == "run":
             for key, value in (step.get("args") or {}).items():
-                print(f"      {key} = {json.dumps(value, default=str)}")
+                print(f"      {key} = {json.dumps(redact(value), default=str)}")
             if step.get("scratch_bytes"):
                 print(f"      scratch ≈ {step['scratch_bytes']} bytes")
             if step.get("note"):
@@ -164,12 +168,12 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
     tasks = _engine(cfg).store.list_tasks(args.state, limit=args.limit)
     if args.json:
-        print_json([t.to_dict() for t in tasks])
+        _print_json([t.to_dict() for t in tasks])
         return EXIT_OK
     print(f"{'ID':16} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
     for t in tasks:
         pct = "" if t.percent is None else f"{t.percent:.0f}%"
-        msg = t.error_message or t.status_message or ""
+        msg = redact_text(t.error_message or t.status_message or "")
         print(f"{t.id:16} {t.state!s:10} {pct:>8}  {t.updated_at:20}  {t.workflow} {msg}".rstrip())
     return EXIT_OK
 
@@ -184,7 +188,7 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
         "events": [e.to_dict() for e in store.events(task_id=task.id, limit=args.events)],
     }
     if args.json:
-        print_json(detail)
+        _print_json(detail)
         return EXIT_OK
     for key in (
         "id",
@@ -202,16 +206,17 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
     ):
         value = getattr(task, key)
         if value not in (None, ""):
-            print(f"{key + ':':16}{value}")
-    print(f"{'params:':16}{json.dumps(task.params, default=str)}")
-    for f in task.findings:
+            print(f"{key + ':':16}{redact_text(str(value))}")
+    print(f"{'params:':16}{json.dumps(redact(task.params), default=str)}")
+    shown = redact(json.loads(json.dumps(detail, default=str)))
+    for f in shown["task"]["findings"]:
         print(f"finding:        {f.get('severity')} {f.get('code')}: {f.get('message')}")
     print("steps:")
-    for s in detail["steps"]:
+    for s in shown["steps"]:
         print(f"  {s['idx']:10} {s['name']:24} {s['state']}" + (f" — {s['error']}" if s.get("error") else ""))
-    if detail["ledger"]:
+    if shown["ledger"]:
         print("cleanup ledger:")
-        for e in detail["ledger"]:
+        for e in shown["ledger"]:
             print(
                 f"  {e['time']} {e['action']:8} {e['resource']}"
                 + (f" (step {e['step']})" if e.get("step") else "")
@@ -245,7 +250,7 @@ def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
         return cmd_workflows_list_store(args, cfg)
     infos = _engine(cfg).loader.list()
     if args.json:
-        print_json([i.to_dict() for i in infos])
+        _print_json([i.to_dict() for i in infos])
         return EXIT_OK
     for i in infos:
         summary = (i.description or "").split(". ")[0].rstrip(".")
@@ -256,7 +261,7 @@ def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
 def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
     wf = _engine(cfg).load(args.workflow)
     if args.json:
-        print_json(wf.to_dict())
+        _print_json(wf.to_dict())
     else:
         sys.stdout.write(Path(wf.source).read_text())
     return EXIT_OK

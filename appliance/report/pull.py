@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ImagingError, TaskNotFound, UsageError, is_rejection
+from ..redact import redact_text
 from ..service.imports import DiskImage, ImportService, outcome
 from ..sources.http import HttpClient
 from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
@@ -273,6 +274,8 @@ class PullReporter(threading.Thread):
 
     def put_status(self, remote_id: str, status: str, **params: Any) -> bool:
         """``PutInstanceImportTaskStatus``; whether the controller says the task is cancelled."""
+        if params.get("Message"):
+            params["Message"] = redact_text(str(params["Message"]))
         reply = self.call("PutInstanceImportTaskStatus", ImportTaskId=remote_id, Status=status, **params)
         return parse_cancelled(reply)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import config as config_mod
-from .. import partials
+from .. import partials, redact
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
@@ -266,6 +266,7 @@ def _child(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
+    redact.install_logging()
     logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     cfg = config_mod.load(args.config)
     engine = Engine(cfg)

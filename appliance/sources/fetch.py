@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import Finding, ImageRejected, UsageError
+from ..redact import redact_url
 from ..scratch import is_no_space, no_space_error
 from . import s3 as s3mod
 from .http import (
@@ -30,7 +31,6 @@ from .http import (
     SourceIntegrity,
     SourceUnavailable,
     TransferInterrupted,
-    redact,
     sleep_or_cancel,
 )
 from .s3names import check_bucket, check_key
@@ -59,7 +59,7 @@ class Source:
     key: str | None = None
 
     def __str__(self) -> str:
-        return redact(self.url) if self.kind == "http" and self.url else f"s3://{self.bucket}/{self.key}"
+        return redact_url(self.url) if self.kind == "http" and self.url else f"s3://{self.bucket}/{self.key}"
 
 
 def parse_source(source: Mapping[str, Any]) -> Source:

@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, SSLError
@@ -32,6 +32,7 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from ..config import SourcesConfig
 from ..errors import Cancelled, ImagingError
+from ..redact import redact_url
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,6 @@ class SourceIntegrity(ImagingError):
     """The bytes received do not match what the source declared (length, MD5/ETag)."""
 
     code = "SourceIntegrity"
-
-
-def redact(url: str) -> str:
-    """``url`` without its query string (presigned URLs carry signatures there) — for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(malformed URL)"
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + ("?…" if parts.query else "")
 
 
 def format_range(start: int, end: int | None = None) -> str:
@@ -160,7 +152,7 @@ class HttpResponse:
                 except (_Urllib3Error, OSError) as exc:
                     _raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
-                        f"the transfer from {redact(self.url)} broke after {self._received} bytes: "
+                        f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
                         f"{describe_network_error(exc)}",
                         received=self._received,
                     ) from exc
@@ -336,11 +328,12 @@ class HttpClient:
                 if hop == 0:
                     raise
                 raise UrlNotAllowed(
-                    f"redirect to disallowed URL {redact(current)} (from {redact(url)}): {exc.message}"
+                    f"redirect to disallowed URL {redact_url(current)} (from {redact_url(url)}): "
+                    f"{exc.message}"
                 ) from exc
             if checked.scheme not in ("http", "https"):
                 what = "redirect to disallowed URL" if hop else "not an HTTP URL"
-                raise UrlNotAllowed(f"{what} {redact(current)}: only http and https are fetched here")
+                raise UrlNotAllowed(f"{what} {redact_url(current)}: only http and https are fetched here")
             response = self._send_with_retries(method, checked, headers or {}, cancel)
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
@@ -350,7 +343,7 @@ class HttpClient:
             if response.status == 303 and method != "HEAD":
                 method = "GET"
         raise SourceUnavailable(
-            f"{redact(url)} redirected more than {self.max_redirects} times; give the final URL instead"
+            f"{redact_url(url)} redirected more than {self.max_redirects} times; give the final URL instead"
         )
 
     def _send_with_retries(
@@ -375,7 +368,8 @@ class HttpClient:
                 response.close()
             if attempt >= self.retries:
                 raise SourceUnavailable(
-                    f"{method} {redact(checked.url)} failed after {attempt + 1} attempts: {problem.strip()}",
+                    f"{method} {redact_url(checked.url)} failed after {attempt + 1} attempts: "
+                    f"{problem.strip()}",
                     status=status,
                     transient=True,
                 )
@@ -383,7 +377,7 @@ class HttpClient:
             log.info(
                 "%s %s: %s; retry %d of %d",
                 method,
-                redact(checked.url),
+                redact_url(checked.url),
                 problem.strip(),
                 attempt + 1,
                 self.retries,

@@ -29,7 +29,8 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from ..errors import Cancelled, ImagingError
-from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, redact, sleep_or_cancel
+from ..redact import redact_url
+from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, sleep_or_cancel
 from .urlfilter import UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -384,7 +385,8 @@ def wait_for_manifest(
         if _remaining(deadline) <= 0:
             raise SourceUnavailable(
                 f"the import manifest was not uploaded before the task expired (last answer from "
-                f"{redact(url)}: {answer}); upload the disk image (e.g. euca-resume-import) and import again"
+                f"{redact_url(url)}: {answer}); upload the disk image (e.g. euca-resume-import) and import "
+                "again"
             )
         notify(f"waiting for the import manifest to be uploaded ({answer})")
         _wait(backoff, deadline, cancel)
@@ -441,8 +443,8 @@ def _try_get_manifest(
         # S3 answers 403 for a missing key when the signer may not list the bucket
         return None, answer
     raise SourceUnavailable(
-        f"the import manifest URL {redact(url)} cannot be read ({answer}); check that the presigned URL is "
-        "valid and not expired",
+        f"the import manifest URL {redact_url(url)} cannot be read ({answer}); check that the presigned URL "
+        "is valid and not expired",
         status=response.status,
     )
 
@@ -464,7 +466,7 @@ def _part_present(client: HttpClient, part: Part, cancel: threading.Event | None
     if status in (403, 404):
         return False, f"HEAD answered {status}"
     raise SourceUnavailable(
-        f"part {part.index} head-url {redact(part.head_url)} answered HTTP {status}", status=status
+        f"part {part.index} head-url {redact_url(part.head_url)} answered HTTP {status}", status=status
     )
 
 
@@ -617,7 +619,7 @@ def _download_part(
     with response:
         if response.status != 200:
             raise SourceUnavailable(
-                f"{where}: get-url {redact(part.get_url)} answered HTTP {response.status}; the part is "
+                f"{where}: get-url {redact_url(part.get_url)} answered HTTP {response.status}; the part is "
                 "missing or the presigned URL expired",
                 status=response.status,
             )

@@ -33,7 +33,7 @@ from ..config import HooksConfig
 from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
 from ..store import Store, Task, TaskState, new_task_id
 from .callbacks import CompositeCallbacks, EngineCallbacks
-from .hookpoints import HOOKS_EVENT, points_used, recorded_hooks
+from .hookpoints import points_used, record_hooks, recorded_hooks
 from .loader import Workflow, WorkflowLoader
 from .planner import Planner
 from .plugins import ensure_plugins
@@ -156,7 +156,7 @@ class Engine:
             recorded = {
                 p: h for p, h in (self.loader.hooks or HooksConfig()).to_dict().items() if p in points
             }
-            self.store.add_event(task.id, HOOKS_EVENT, {"points": recorded})
+            record_hooks(self.store, task.id, recorded)
         self.callbacks.on_task_state(task)
         return task.id
 

@@ -41,8 +41,10 @@ class HookSource(Protocol):
     templater: Templater
 
 
-#: the task event recording, at submit, the hooks of the points its workflow uses
+#: the task event announcing, at submit, the hooks of the points its workflow uses (redacted)
 HOOKS_EVENT = "task.hooks"
+#: the task record (:meth:`appliance.store.Store.set_record`) keeping those hooks to run with
+HOOKS_RECORD = "hooks"
 #: what every hook's ``image`` argument is bound to (the engine supplies the chained image)
 IMAGE_ARG = "{{ image }}"
 #: names a configured hook's ``with`` templates may use
@@ -187,9 +189,19 @@ def points_used(workflow: Workflow) -> set[str]:
     return found
 
 
+def record_hooks(store: Store, task_id: str, points: dict[str, Any]) -> None:
+    """Record the hooks a task runs (and resumes) with: kept as given, arguments and all (they may
+    hold secrets), and announced by a :data:`HOOKS_EVENT` event, which is stored redacted."""
+    store.set_record(task_id, HOOKS_RECORD, points)
+    store.add_event(task_id, HOOKS_EVENT, {"points": points})
+
+
 def recorded_hooks(store: Store, task_id: str) -> HooksConfig | None:
     """The hooks recorded on the task at submit (None for a task submitted without a record)."""
-    # The record is written right after the task's creation: among its first few events.
+    points = store.record(task_id, HOOKS_RECORD)
+    if points is not None:
+        return hooks_from_dict(points, source=f"the hooks recorded on task {task_id}")
+    # Tasks submitted before records existed kept them in their first events (unredacted then).
     for event in store.events(task_id=task_id, limit=20):
         if event.kind == HOOKS_EVENT:
             return hooks_from_dict(

@@ -35,6 +35,13 @@ class Appliance:
     def volume_file(self, volume_id: str) -> Path:
         return self.state / "volumes" / f"{volume_id}.raw"
 
+    def task_processes(self) -> list[int]:
+        """PIDs of the worker's children: the processes running its tasks."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.worker.pid)], capture_output=True, text=True
+        )
+        return [int(pid) for pid in out.stdout.split()]
+
 
 @contextmanager
 def api_server(config: Path, endpoint: str) -> Iterator[subprocess.Popen[bytes]]:

@@ -237,6 +237,26 @@ def test_events_are_a_queue_read_by_id(store: Store) -> None:
     assert [e.kind for e in store.events(task_id=a)] == ["task.state", "note"]
 
 
+def test_what_people_read_is_stored_redacted_and_what_a_task_runs_with_is_kept(store: Store) -> None:
+    url = "https://ops:pw0123456789@s3.example/b/k?X-Amz-Signature=0123456789abcdef&x=1"
+    task_id = store.create_task("workflow", params={"url": url}).id
+    store.add_event(task_id, "note", {"password": "hunter2hunter2", "said": f"fetching {url}"})
+    store.set_record(task_id, "hooks", {"with": {"password": "hunter2hunter2", "url": url}})
+    store.set_state(task_id, TaskState.RUNNING)
+    store.set_state(task_id, TaskState.FAILED, error_code="Site.Refused", error_message=f"{url} refused")
+    shown = json.dumps([e.data for e in store.events(task_id=task_id)]) + json.dumps(
+        store.get_task(task_id).to_dict()["error_message"]
+    )
+    assert "hunter2hunter2" not in shown and "pw0123456789" not in shown and "0123456789abcdef" not in shown
+    assert "https://REDACTED@s3.example/b/k?X-Amz-Signature=REDACTED&x=1 refused" in shown
+    # kept as given: the task needs them to run or resume
+    assert store.get_task(task_id).params == {"url": url}
+    assert store.record(task_id, "hooks") == {"with": {"password": "hunter2hunter2", "url": url}}
+    assert store.record(task_id, "other") is None
+    with pytest.raises(TaskNotFound):
+        store.set_record("t-000000000000", "hooks", {})
+
+
 def test_ledger_records_actions_in_order(store: Store) -> None:
     task_id = store.create_task("workflow").id
     store.add_ledger(task_id, "created", "/tmp/x", "1")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
+from appliance import redact
 from appliance.boot import userdata
 from appliance.boot.userdata import CompactUserData, UserDataInvalid
 
@@ -191,7 +192,7 @@ def test_compact_form_with_short_secret_names_the_secret_field() -> None:
 
 
 def test_redact_hides_secret_keys_and_url_passwords() -> None:
-    red = userdata.redact(section(sources={"allowed_endpoints": ["https://u:pw@s3.example"]}))
+    red = redact.redact(section(sources={"allowed_endpoints": ["https://u:pw@s3.example"]}))
     text = repr(red)
     assert SECRET not in text and API_SECRET not in text and "pw@" not in text
     assert red["api"]["credentials"][0]["access_key"] == "AKIAAPPLIANCE00001"
@@ -274,5 +275,5 @@ def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None
     assert {"imaging.artifacts.bucket", "imaging.artifacts"} <= fields
     assert ARTIFACT_SECRET not in str(exc.value)
     # what is reported to the controller: the key's value, and the secret wherever else it was pasted
-    assert userdata.redact(sec)["artifacts"]["secret_key"] == userdata.REDACTED
-    assert ARTIFACT_SECRET not in str(userdata.redact(sec, userdata.secret_values(sec)))
+    assert redact.redact(sec)["artifacts"]["secret_key"] == redact.REDACTED
+    assert ARTIFACT_SECRET not in str(redact.redact(sec, redact.secret_values(sec)))
