@@ -23,7 +23,7 @@ from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.image import formats
 from appliance.service import health as health_mod
-from appliance.service.imports import boot_settings, guest_report, validated_report
+from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import metrics as metrics_mod
@@ -136,7 +136,8 @@ def task_summary(task: Task) -> dict[str, Any]:
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
     """The full view of a task: the row, progress, steps, findings, the guest validation report and
-    boot settings (image and instance imports), cleanup ledger, recent events."""
+    boot settings (image and instance imports), the encryption asked for and applied (image and
+    snapshot imports), cleanup ledger, recent events."""
     row = task.to_dict()
     row.pop("findings")
     row["params"] = redact(row["params"])
@@ -159,6 +160,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
         "findings": task.findings,
         "guest": redact(guest),
         "boot": boot_settings(task, guest),
+        "encryption": encryption_report(task),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
         "events": [redact(e.to_dict()) for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],

@@ -411,6 +411,7 @@ def test_import_image_then_describe_it(appliance: Appliance) -> None:
     expected = {
         "Architecture": "x86_64",
         "Description": "web",
+        "Encrypted": False,
         "ImportTaskId": task_id,
         "LicenseType": "BYOL",
         "Platform": "Linux",

@@ -169,6 +169,7 @@ def test_store_copies_sparse_file_atomically_with_sha256(tmp_path: Path) -> None
         "format": "qcow2",
         "size": 40 * MiB,
         "sha256": hashlib.sha256(expected).hexdigest(),
+        "encryption": None,
     }
     assert final.read_bytes() == expected
     st = final.stat()
