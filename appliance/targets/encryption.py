@@ -40,7 +40,8 @@ _KEY_ID = r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-
 _ALIAS = r"alias/[A-Za-z0-9/_-]{1,250}"
 #: ``arn:<partition>:kms:<region>:<account>:`` (partitions aws, aws-cn, aws-us-gov, aws-iso-b…)
 _ARN_PREFIX = r"arn:aws(?:-[a-z]+)*:kms:[a-z]{2}(?:-[a-z]+)+-[0-9]+:[0-9]{12}:"
-KMS_KEY_ID = re.compile(rf"^(?:{_KEY_ID}|{_ALIAS}|{_ARN_PREFIX}(?:key/{_KEY_ID}|{_ALIAS}))$")
+#: matched whole (``fullmatch``: ``$`` would also match before a trailing newline)
+KMS_KEY_ID = re.compile(rf"(?:{_KEY_ID}|{_ALIAS}|{_ARN_PREFIX}(?:key/{_KEY_ID}|{_ALIAS}))")
 _FORMS = (
     "a key id (1234abcd-12ab-34cd-56ef-1234567890ab, or mrk- and 32 hex digits), an alias "
     "(alias/ExampleAlias), or the ARN of either (arn:aws:kms:us-east-1:012345678910:key/<key id> or "
@@ -82,7 +83,7 @@ class Encryption:
 
 def check_kms_key_id(value: str) -> str:
     """``value`` if it is a KMS key id, alias or ARN of one; else ``InvalidParameterValue``."""
-    if not KMS_KEY_ID.match(value):
+    if not KMS_KEY_ID.fullmatch(value):
         shown = value if len(value) <= 64 else value[:64] + "…"
         raise UsageError(f"KmsKeyId {shown!r} is not a KMS key identifier: give {_FORMS}")
     return value
