@@ -24,7 +24,7 @@ from appliance.image import formats
 from appliance.redact import redact
 from appliance.service import health as health_mod
 from appliance.service import imports
-from appliance.service.imports import boot_settings, guest_report, validated_report
+from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import metrics as metrics_mod
@@ -104,8 +104,9 @@ def task_summary(task: Task) -> dict[str, Any]:
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
     """The full view of a task: the row, progress, steps, findings, the guest validation report and
-    boot settings (image and instance imports), cleanup ledger, recent events — redacted: params and
-    step arguments hold presigned URLs (bearer credentials until they expire) and hook arguments."""
+    boot settings (image and instance imports), the encryption asked for and applied (image and
+    snapshot imports), cleanup ledger, recent events — redacted: params and step arguments hold
+    presigned URLs (bearer credentials until they expire) and hook arguments."""
     row = task.to_dict()
     row.pop("findings")
     all_events = store.events(task_id=task.id, limit=100_000)
@@ -126,6 +127,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
         "findings": task.findings,
         "guest": guest,
         "boot": boot_settings(task, guest),
+        "encryption": encryption_report(task),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
         "events": [e.to_dict() for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],

@@ -63,6 +63,10 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "ResourceLimitExceeded": ("ResourceLimitExceeded", 400),
     "InvalidParameterValue": ("InvalidParameterValue", 400),
     "InvalidParameterCombination": ("InvalidParameterCombination", 400),
+    "InvalidParameterDependency": ("InvalidParameterDependency", 400),
+    # EC2's InvalidParameter: "not valid, is unsupported, or cannot be used" (here: the image target
+    # cannot encrypt)
+    "EncryptionNotSupported": ("InvalidParameter", 400),
     "MissingParameter": ("MissingParameter", 400),
     "IdempotentParameterMismatch": ("IdempotentParameterMismatch", 400),
     "UrlNotAllowed": ("InvalidParameterValue", 400),

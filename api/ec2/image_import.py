@@ -4,8 +4,11 @@ DescribeImportSnapshotTasks, CancelImportTask.
 Members that only make sense inside AWS are accepted and ignored: ``RoleName`` (an IAM role),
 ``ClientData`` (upload timing the client reports), ``LicenseSpecifications`` and
 ``UsageOperation`` (AWS billing). Members the appliance cannot honour are refused rather than
-silently dropped: ``KmsKeyId``, ``DiskContainer.N.SnapshotId``, and ``Encrypted=true`` for
-ImportImage (ImportSnapshot passes ``Encrypted`` to the image target).
+silently dropped: ``DiskContainer.N.SnapshotId``, and ``Encrypted``/``KmsKeyId`` when the
+configured image target cannot encrypt (``InvalidParameter``). Where it can (the ``s3`` image
+target), the image is stored server-side encrypted (``AES256``, or ``aws:kms`` with ``KmsKeyId``)
+and the tasks report the encryption the stored object has
+(:mod:`appliance.targets.encryption`).
 
 Beyond AWS, ImportImage takes a kernel, a ramdisk and a virtualization type as the extra members
 ``KernelId``, ``RamdiskId``, ``VirtualizationType`` or as an ``[imaging:…]`` token in
@@ -22,6 +25,7 @@ from typing import Any
 from appliance.service import bootparams
 from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
 from appliance.store import Task
+from appliance.targets.encryption import Encryption
 
 from . import query, views
 from .errors import Ec2Error, invalid_value, missing_parameter
@@ -60,9 +64,9 @@ def _tags(data: Mapping[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def _refuse_unsupported(data: Mapping[str, Any]) -> None:
-    if data.get("KmsKeyId"):
-        raise invalid_value("KmsKeyId is not supported by this appliance")
+def _encryption(service: ImportService, data: Mapping[str, Any]) -> Encryption | None:
+    # checked before DryRun: a dry run of a request the appliance would refuse is refused
+    return service.encryption(bool(data.get("Encrypted")), data.get("KmsKeyId"))
 
 
 def import_image(service: ImportService, params: Params, account: str) -> dict[str, Any]:
@@ -72,9 +76,7 @@ def import_image(service: ImportService, params: Params, account: str) -> dict[s
     if not containers:
         raise missing_parameter("DiskContainer")
     disks = [_container(c, f"DiskContainer.{i}") for i, c in enumerate(containers, 1)]
-    _refuse_unsupported(data)
-    if data.get("Encrypted"):
-        raise invalid_value("Encrypted=true is not supported by ImportImage on this appliance")
+    encryption = _encryption(service, data)
     boot = bootparams.resolve(
         {field: data.get(wire) for field, wire in BOOT_MEMBERS.items()},
         data.get("Description"),
@@ -92,6 +94,7 @@ def import_image(service: ImportService, params: Params, account: str) -> dict[s
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
+        encryption=encryption,
         account=account,
         **boot.to_dict(),
     )
@@ -104,14 +107,14 @@ def import_snapshot(service: ImportService, params: Params, account: str) -> dic
     if not data.get("DiskContainer"):
         raise missing_parameter("DiskContainer")
     disk = _container(data["DiskContainer"], "DiskContainer")
-    _refuse_unsupported(data)
+    encryption = _encryption(service, data)
     query.check_dry_run(data)
     task = service.import_snapshot(
         disk,
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
-        encrypted=bool(data.get("Encrypted")),
+        encryption=encryption,
         account=account,
     )
     return views.import_snapshot_task(task)

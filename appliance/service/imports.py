@@ -3,7 +3,8 @@
 :class:`ImportService` turns validated import requests into tasks in the store, each run by the
 worker through the shipped workflow of its kind (``appliance/workflows/<kind>.yaml``). It owns the
 rules that do not depend on the wire protocol: task id forms, the active-task limit, size sanity,
-URL safety (checked when the request arrives, again on every fetch), idempotency tokens and
+URL safety (checked when the request arrives, again on every fetch), idempotency tokens,
+server-side encryption (what a request may ask of the configured image target) and
 cancellation. The HTTP layer (``api/ec2``) only parses, calls this and renders.
 
 The active-task limit and the client tokens are enforced by the store when it creates the task
@@ -26,6 +27,8 @@ from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskN
 from ..sources.s3names import check_bucket, check_key
 from ..sources.urlfilter import UrlPolicy, parse_s3_url
 from ..store import ActiveTaskLimit, Store, Task
+from ..targets import ImageTarget, get_image_target
+from ..targets.encryption import Encryption, EncryptionNotSupported, requested
 from ..timestamps import format_time, utc_now
 from ..workflow.engine import Engine
 from . import bootparams
@@ -108,6 +111,7 @@ class ImportService:
         self.store = store or Store(config.db_path)
         self._engine: Engine | None = None
         self._policy: UrlPolicy | None = None
+        self._image_target: ImageTarget | None = None
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -122,6 +126,35 @@ class ImportService:
         if self._policy is None:
             self._policy = UrlPolicy.from_config(self.config.sources)
         self._policy.check(url)
+
+    def encryption(self, encrypted: bool, kms_key_id: str | None) -> Encryption | None:
+        """The server-side encryption an ImportImage/ImportSnapshot asks for (None: none), by EC2's
+        rules (:func:`appliance.targets.encryption.requested`: ``InvalidParameterDependency``,
+        ``InvalidParameterValue``), refused with ``EncryptionNotSupported`` when the configured image
+        target cannot apply it."""
+        wanted = requested(encrypted, kms_key_id)
+        self._check_encryption(wanted)
+        return wanted
+
+    def _check_encryption(self, wanted: Encryption | None) -> dict[str, Any]:
+        """The task parameters of ``wanted`` once the image target is known to be able to apply it."""
+        if wanted is None:
+            return {"encrypted": False}
+        if self._image_target is None:
+            self._image_target = get_image_target(self.config)
+        if wanted.algorithm not in self._image_target.sse_algorithms:
+            kind = self.config.targets["image"]["type"]
+            what = (
+                "does not encrypt the images it stores"
+                if not self._image_target.sse_algorithms
+                else f"cannot encrypt with {wanted.algorithm}"
+            )
+            raise EncryptionNotSupported(
+                f"Encrypted=true cannot be honoured: this appliance stores images with the {kind} image "
+                f"target (targets.image.type: {kind}), which {what}; import without Encrypted and "
+                "KmsKeyId, or have the operator configure the s3 image target"
+            )
+        return {"encrypted": True, "kms_key_id": wanted.kms_key_id}
 
     def _expiration(self) -> str:
         return format_time(utc_now() + timedelta(hours=self.config.expiration_hours))
@@ -258,6 +291,7 @@ class ImportService:
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
+        encryption: Encryption | None = None,
         account: str = "",
     ) -> Task:
         """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
@@ -265,7 +299,8 @@ class ImportService:
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller. A
         ``client_token`` makes the request idempotent for ``account`` (the API caller); the same
-        token with different parameters is ``IdempotentParameterMismatch``.
+        token with different parameters is ``IdempotentParameterMismatch``. ``encryption`` (from
+        :meth:`encryption`) is applied by the image target when it stores the disk.
         """
         if not containers:
             raise UsageError("ImportImage needs a DiskContainer")
@@ -284,6 +319,7 @@ class ImportService:
             "description": description,
             "client_token": client_token,
             "tags": list(tags),
+            **self._check_encryption(encryption),
         }
         return self._submit(IMPORT_IMAGE, params, client_token=client_token, account=account)
 
@@ -294,17 +330,17 @@ class ImportService:
         description: str | None = None,
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
-        encrypted: bool = False,
+        encryption: Encryption | None = None,
         account: str = "",
     ) -> Task:
-        """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``
-        and ``account`` as for :meth:`import_image`."""
+        """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
+        ``account`` and ``encryption`` as for :meth:`import_image`."""
         params = {
             "disk_container": self._container(container, CONTAINER_FORMATS),
             "description": description,
             "client_token": client_token,
             "tags": list(tags),
-            "encrypted": encrypted,
+            **self._check_encryption(encryption),
         }
         return self._submit(IMPORT_SNAPSHOT, params, client_token=client_token, account=account)
 
@@ -386,10 +422,28 @@ def boot_settings(task: Task, guest: dict[str, Any] | None = None) -> dict[str, 
     return boot
 
 
+#: task kinds that store an image with the image target, and so may encrypt it
+ENCRYPTABLE_KINDS = IMAGE_KINDS + SNAPSHOT_KINDS
+
+
+def encryption_report(task: Task) -> dict[str, Any] | None:
+    """``{requested, applied}`` of an image or snapshot import (None for other kinds): the
+    encryption the request asked for and the encryption the stored image has, as the image target
+    read it back (each ``{algorithm, kms_key_id}`` or None; ``applied`` is None until the image is
+    stored, and stays None for an image stored unencrypted)."""
+    if task.kind not in ENCRYPTABLE_KINDS:
+        return None
+    params = task.params or {}
+    # validated when the task was submitted; workflow defaults store an absent key as ""
+    wanted = requested(bool(params.get("encrypted")), params.get("kms_key_id") or None)
+    return {"requested": wanted.to_dict() if wanted else None, "applied": outcome(task)["encryption"]}
+
+
 def outcome(task: Task) -> dict[str, Any]:
     """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
-    ``size`` (bytes of the disk), ``location`` — each None until known — plus ``guest`` (the guest
-    validation report, None until there is one) and ``boot`` (:func:`boot_settings`).
+    ``size`` (bytes of the disk), ``location``, ``encryption`` (what the stored image has,
+    ``{algorithm, kms_key_id}``) — each None until known — plus ``guest`` (the guest validation
+    report, None until there is one) and ``boot`` (:func:`boot_settings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
     ``ids``, ``disk``); this is the one place that knows where each lives.
@@ -409,6 +463,7 @@ def outcome(task: Task) -> dict[str, Any]:
         "image_id": ids.get("image_id"),
         "size": source_image.get("virtual_size") or stored.get("size") or written.get("virtual_size"),
         "location": stored or None,
+        "encryption": stored.get("encryption"),
         "guest": guest,
         "boot": boot_settings(task, guest),
     }

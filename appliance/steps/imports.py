@@ -35,6 +35,7 @@ from ..sources.manifest import Importer, ImportManifest, Part, download_parts, w
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
 from ..targets.base import Volume, _zero_range
+from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 
 GiB = 1 << 30
@@ -461,16 +462,32 @@ class SourceFetchStep(Step):
 
 
 class ImageStoreStep(Step):
-    """Store a converted disk with the image target (a file directory or an S3 bucket)."""
+    """Store a converted disk with the image target (a file directory or an S3 bucket), server-side
+    encrypted when ``encrypted`` (with the KMS key ``kms_key_id``, else the store's default; see
+    :mod:`appliance.targets.encryption`). The result's ``encryption`` is what the stored image has."""
 
     schema = {
         "type": "object",
         "additionalProperties": False,
         "required": ["path", "format"],
-        "properties": {"path": {"type": "string"}, "format": {"type": "string"}},
+        "properties": {
+            "path": {"type": "string"},
+            "format": {"type": "string"},
+            "encrypted": {"type": "boolean"},
+            "kms_key_id": {"type": ["string", "null"]},
+        },
     }
 
-    def run(self, ctx: StepContext, path: str, format: str) -> dict[str, Any]:
+    def run(
+        self,
+        ctx: StepContext,
+        path: str,
+        format: str,
+        encrypted: bool = False,
+        kms_key_id: str | None = None,
+    ) -> dict[str, Any]:
+        encryption = requested(encrypted, kms_key_id)
+
         def on_progress(p: Progress) -> None:
             ctx.progress(
                 {
@@ -485,7 +502,13 @@ class ImageStoreStep(Step):
             )
 
         location = get_image_target(ctx.config).store(
-            ctx.task_id, Path(path), format=format, on_progress=on_progress, cancel=ctx.cancel, ledger=ctx
+            ctx.task_id,
+            Path(path),
+            format=format,
+            on_progress=on_progress,
+            cancel=ctx.cancel,
+            ledger=ctx,
+            encryption=encryption,
         )
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return location
@@ -495,5 +518,18 @@ class ImageStoreStep(Step):
             get_image_target(ctx.config).delete(result)
             ctx.ledger_removed(json.dumps(result, sort_keys=True))
 
-    def plan(self, ctx: StepContext, path: str, format: str) -> dict[str, Any]:
-        return {"stores": path, "target": ctx.config.targets["image"]["type"], "scratch_bytes": 0}
+    def plan(
+        self,
+        ctx: StepContext,
+        path: str,
+        format: str,
+        encrypted: bool = False,
+        kms_key_id: str | None = None,
+    ) -> dict[str, Any]:
+        encryption = requested(encrypted, kms_key_id)
+        return {
+            "stores": path,
+            "target": ctx.config.targets["image"]["type"],
+            "encryption": encryption.to_dict() if encryption else None,
+            "scratch_bytes": 0,
+        }

@@ -33,6 +33,7 @@ import jsonschema
 from ..errors import Cancelled, ConfigError, ImagingError, UsageError
 from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
+from .encryption import Encryption
 
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
@@ -102,6 +103,10 @@ class VolumeTarget(Protocol):
 class ImageTarget(Protocol):
     """Stores finished image files and deletes them again."""
 
+    #: the server-side encryption algorithms (:mod:`.encryption`) :meth:`store` can apply; empty
+    #: for a target that cannot encrypt
+    sse_algorithms: frozenset[str]
+
     def store(
         self,
         task_id: str,
@@ -111,11 +116,14 @@ class ImageTarget(Protocol):
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
+        encryption: Encryption | None = None,
     ) -> dict[str, Any]:
-        """Store ``path`` for ``task_id``; returns the location (with ``type``), ``size`` and ``sha256``.
+        """Store ``path`` for ``task_id``; returns the location (with ``type``), ``size``, ``sha256``
+        and ``encryption``: the encryption the stored image has (``Encryption.to_dict()``, or None).
 
         A target that writes a local partial file announces it to ``ledger`` (see
-        :mod:`appliance.partials`) before it exists.
+        :mod:`appliance.partials`) before it exists. With ``encryption`` the image is stored
+        encrypted so, or not at all (``EncryptionNotSupported``, ``EncryptionNotApplied``).
         """
         ...
 

@@ -43,6 +43,7 @@ from .base import (
     storage_error,
     validate_settings,
 )
+from .encryption import Encryption, EncryptionNotSupported
 
 VOLUME_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -231,6 +232,8 @@ class FileImageTarget(_DirectoryTarget):
 
     SCHEMA = IMAGE_SCHEMA
     SETTINGS = "targets.image"
+    #: plain files: nothing here encrypts them
+    sse_algorithms: frozenset[str] = frozenset()
 
     def store(
         self,
@@ -241,15 +244,25 @@ class FileImageTarget(_DirectoryTarget):
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
+        encryption: Encryption | None = None,
     ) -> dict[str, Any]:
-        """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256}``.
+        """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256,
+        encryption}`` (``encryption`` None: the file is stored as it is).
 
         Refuses up front (``InsufficientStorage``) when the data to copy would leave less than
-        ``min_free``. The copy is written to a partial file (mode 0600) whose name ``ledger`` learns
-        before it exists (:mod:`appliance.partials`); it is removed on any failure or cancel.
+        ``min_free``, and any ``encryption`` (``EncryptionNotSupported``): a plain file is not
+        encrypted, and saying it is would be a lie. The copy is written to a partial file (mode
+        0600) whose name ``ledger`` learns before it exists (:mod:`appliance.partials`); it is
+        removed on any failure or cancel.
         """
         if not _TASK_ID.match(task_id):
             raise UsageError(f"not a valid task id for a file name: {task_id!r}")
+        if encryption is not None:
+            raise EncryptionNotSupported(
+                f"the file image target (targets.image.type: file, {self.directory}) cannot store an "
+                f"image encrypted ({encryption.algorithm}); configure the s3 image target to import "
+                "encrypted images"
+            )
         ext = extension_for(format)
         _make_dir(self.directory)
         final = self.directory / f"{task_id}.{ext}"
@@ -285,6 +298,7 @@ class FileImageTarget(_DirectoryTarget):
             "format": format.lower(),
             "size": st.st_size,
             "sha256": sha256,
+            "encryption": None,
         }
 
     @staticmethod

@@ -413,6 +413,7 @@ def test_import_image_then_describe_it(appliance: Appliance) -> None:
     expected = {
         "Architecture": "x86_64",
         "Description": "web",
+        "Encrypted": False,
         "ImportTaskId": task_id,
         "LicenseType": "BYOL",
         "Platform": "Linux",
@@ -503,6 +504,111 @@ def test_import_snapshot_cancel_import_task_and_states(appliance: Appliance) -> 
     with pytest.raises(ClientError) as info:
         appliance.ec2.cancel_import_task(ImportTaskId=task_id)
     assert code_of(info) == "IncorrectState"
+
+
+# -- server-side encryption ------------------------------------------------------------------------
+
+KMS_KEY_ARN = "arn:aws:kms:us-east-1:012345678910:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.fixture
+def s3_appliance(tmp_path: Path) -> Iterator[Appliance]:
+    """The API with the s3 image target configured (no worker runs, so S3 is never contacted)."""
+    base = ec2_config(tmp_path)
+    config = dataclasses.replace(
+        base,
+        targets=base.targets | {"image": {"type": "s3", "bucket": "images", "endpoint_url": MANIFEST_BASE}},
+    )
+    service = ImportService(config)
+    with wsgi_server(create_app(config, service=service)) as endpoint:
+        yield Appliance(endpoint, config, service, make_client(endpoint))
+
+
+def test_encrypted_import_is_invalid_parameter_where_the_image_target_cannot_encrypt(
+    appliance: Appliance,
+) -> None:
+    ec2 = appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    calls = [
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True),
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_image(DiskContainers=[container], Encrypted=True),
+        lambda: ec2.import_image(DiskContainers=[container], Encrypted=True, KmsKeyId="alias/disks"),
+        # a dry run of a request the appliance would refuse is refused the same way
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True, DryRun=True),
+    ]
+    for call in calls:
+        with pytest.raises(ClientError) as info:
+            call()
+        assert code_of(info) == "InvalidParameter"
+        message = info.value.response["Error"]["Message"]
+        assert "file image target (targets.image.type: file)" in message
+    assert ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+    assert ec2.describe_import_image_tasks()["ImportImageTasks"] == []
+    # not asking for encryption is fine
+    result = ec2.import_snapshot(DiskContainer=container, Encrypted=False)
+    assert result["SnapshotTaskDetail"]["Encrypted"] is False
+
+
+def test_kms_key_id_without_encrypted_is_invalid_parameter_dependency(s3_appliance: Appliance) -> None:
+    ec2 = s3_appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    for call in (
+        lambda: ec2.import_snapshot(DiskContainer=container, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=False, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_image(DiskContainers=[container], KmsKeyId="alias/disks"),
+    ):
+        with pytest.raises(ClientError) as info:
+            call()
+        assert code_of(info) == "InvalidParameterDependency"
+        assert info.value.response["Error"]["Message"] == (
+            "The parameter KmsKeyId requires the parameter Encrypted to be set."
+        )
+    assert ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+
+
+@pytest.mark.parametrize(
+    "key", ["my-key", "alias/", "arn:aws:kms:us-east-1:012345678910:key/nope", "1234abcd", "x" * 5000]
+)
+def test_malformed_kms_key_id_is_invalid_parameter_value_and_creates_no_task(
+    s3_appliance: Appliance, key: str
+) -> None:
+    with pytest.raises(ClientError) as info:
+        s3_appliance.ec2.import_snapshot(
+            DiskContainer={"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}, Encrypted=True, KmsKeyId=key
+        )
+    assert code_of(info) == "InvalidParameterValue"
+    message = info.value.response["Error"]["Message"]
+    assert "is not a KMS key identifier" in message and len(message) < 600
+    assert s3_appliance.ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+
+
+def test_encrypted_imports_are_accepted_and_echoed_where_the_s3_image_target_encrypts(
+    s3_appliance: Appliance,
+) -> None:
+    ec2 = s3_appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    snapshot = ec2.import_snapshot(DiskContainer=container, Encrypted=True, KmsKeyId=KMS_KEY_ARN)
+    detail = snapshot["SnapshotTaskDetail"]
+    assert (detail["Encrypted"], detail["KmsKeyId"]) == (True, KMS_KEY_ARN)
+    [described] = ec2.describe_import_snapshot_tasks(ImportTaskIds=[snapshot["ImportTaskId"]])[
+        "ImportSnapshotTasks"
+    ]
+    assert (described["SnapshotTaskDetail"]["Encrypted"], described["SnapshotTaskDetail"]["KmsKeyId"]) == (
+        True,
+        KMS_KEY_ARN,
+    )
+    task = s3_appliance.service.store.get_task(snapshot["ImportTaskId"])
+    assert (task.params["encrypted"], task.params["kms_key_id"]) == (True, KMS_KEY_ARN)
+
+    image = ec2.import_image(DiskContainers=[container], Encrypted=True, ClientToken="enc-1")
+    assert image["Encrypted"] is True and "KmsKeyId" not in image
+    [described] = ec2.describe_import_image_tasks(ImportTaskIds=[image["ImportTaskId"]])["ImportImageTasks"]
+    assert described["Encrypted"] is True and "KmsKeyId" not in described
+    # the same client token without encryption is another request
+    with pytest.raises(ClientError) as info:
+        ec2.import_image(DiskContainers=[container], ClientToken="enc-1")
+    assert code_of(info) == "IdempotentParameterMismatch"
 
 
 def test_snapshot_imported_waiter_succeeds_once_the_task_completes(appliance: Appliance) -> None:

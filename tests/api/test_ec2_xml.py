@@ -385,6 +385,7 @@ def test_import_image_task_states(store: Store) -> None:
         "Architecture": "x86_64",
         "BootMode": "uefi",
         "Description": "img",
+        "Encrypted": False,
         "ImportTaskId": "import-ami-0123456789abcdef0",
         "LicenseType": "BYOL",
         "Platform": "Linux",

@@ -23,6 +23,7 @@ from appliance.targets import (
     get_volume_target,
     write_raw,
 )
+from appliance.targets.encryption import Encryption, EncryptionNotSupported
 from appliance.targets.file import FileImageTarget, FileVolumeTarget
 
 MiB = 1024 * 1024
@@ -169,6 +170,7 @@ def test_store_copies_sparse_file_atomically_with_sha256(tmp_path: Path) -> None
         "format": "qcow2",
         "size": 40 * MiB,
         "sha256": hashlib.sha256(expected).hexdigest(),
+        "encryption": None,
     }
     assert final.read_bytes() == expected
     st = final.stat()
@@ -206,6 +208,17 @@ def test_store_writes_a_private_partial_named_in_the_ledger_before_it_exists(tmp
     assert (Path(partial).name, 0o600) in seen and all(mode == 0o600 for _, mode in seen)
     assert [p.name for p in (tmp_path / "images").iterdir()] == ["t-0.raw"]
     assert stat.S_IMODE(Path(loc["path"]).stat().st_mode) == 0o600
+
+
+def test_file_image_target_refuses_to_store_an_image_encrypted_and_writes_nothing(tmp_path: Path) -> None:
+    target = FileImageTarget(tmp_path / "images", min_free=0)
+    src = tmp_path / "in.raw"
+    sparse_source(src, MiB, {0: os.urandom(MiB)})
+    assert target.sse_algorithms == frozenset()
+    with pytest.raises(EncryptionNotSupported) as exc:
+        target.store("t-0", src, format="raw", encryption=Encryption("AES256"))
+    assert "file image target" in exc.value.message and "s3 image target" in exc.value.message
+    assert not (tmp_path / "images").exists() or list((tmp_path / "images").iterdir()) == []
 
 
 def test_store_keeps_trailing_hole_and_zero_chunks_exact(tmp_path: Path) -> None:
