@@ -50,7 +50,7 @@ def test_a_changed_schema_default_makes_the_readme_stale(monkeypatch: pytest.Mon
 
 def test_a_hand_edited_table_is_stale_and_regenerated(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    original = README.read_text(encoding="utf-8")
+    original = doc.update(README.read_text(encoding="utf-8"))
     edited = original.replace("Lowest level of the messages logged.", "Anything goes.", 1)
     assert edited != original
     readme.write_text(edited, encoding="utf-8")
