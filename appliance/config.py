@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import redact
+from . import redact, schemas
 from .errors import ConfigError
 from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
@@ -28,288 +28,20 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECA
 #: actions without a dot that a hook may name as they are (not as ``hook.<name>``)
 PLAIN_HOOK_ACTIONS = frozenset({"run"})
 
+#: the service configuration's JSON schema (``appliance/schemas/config.json``)
+SCHEMA: dict[str, Any] = schemas.load("config")
+
 #: the insertion points of the import workflows, in the order an import reaches them
-HOOK_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
+HOOK_POINTS: tuple[str, ...] = tuple(
+    SCHEMA["properties"]["hooks"]["properties"]["points"]["propertyNames"]["enum"]
+)
 
-SIZE = {
-    "oneOf": [
-        {"type": "integer", "minimum": 0},
-        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTPkmgtp]i?)?[Bb]?\s*$"},
-    ]
-}
+#: a size: bytes, or a string with a unit (``20GiB``); step argument schemas embed it
+SIZE: dict[str, Any] = SCHEMA["$defs"]["size"]
 
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": True,  # later sections (api, controller, …) validate their own keys
-    "properties": {
-        "state_dir": {"type": "string", "minLength": 1},
-        "log_level": {"enum": ["debug", "info", "warning", "error"]},
-        "scratch": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "root": {"type": "string", "minLength": 1},
-                "quota": SIZE,
-                "min_free": SIZE,
-            },
-        },
-        "limits": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "max_virtual_size": SIZE,
-                "max_decompressed_size": SIZE,
-                "qemu_img_info_cpu_seconds": {"type": "integer", "minimum": 1},
-                "qemu_img_check_cpu_seconds": {"type": "integer", "minimum": 1},
-                "qemu_img_address_space": SIZE,
-                "guest_probe_cpu_seconds": {"type": "integer", "minimum": 1},
-                "guest_probe_address_space": SIZE,
-            },
-        },
-        "safety": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "vmdk_allowed_types": {
-                    "type": "array",
-                    "items": {"enum": ["monolithicSparse", "streamOptimized"]},
-                    "uniqueItems": True,
-                },
-                "banned_formats": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-                "iso_policy": {"enum": ["reject", "allow", "allow-hybrid"]},
-            },
-        },
-        "workflows": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "extra_dirs": {"type": "array", "items": {"type": "string"}},
-            },
-        },
-        # Operator hooks (appliance.hooks): steps run at named insertion points of the import workflows.
-        "hooks": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "plugins_dir": {"type": ["string", "null"], "minLength": 1},
-                "points": {
-                    "type": "object",
-                    "propertyNames": {"enum": list(HOOK_POINTS)},
-                    "additionalProperties": {"type": "array", "items": {"$ref": "#/$defs/hook"}},
-                },
-            },
-        },
-        "tasks": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "lease_seconds": {"type": "integer", "minimum": 5},
-                "max_active": {"type": "integer", "minimum": 1},
-                "expiration_hours": {"type": "integer", "minimum": 1},
-            },
-        },
-        "api": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "bind": {"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$"},
-                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
-                "timeout": {"type": "integer", "minimum": 1},
-                "region": {"type": "string", "minLength": 1},
-                "credentials": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["access_key", "secret_key"],
-                        "properties": {
-                            "access_key": {"type": "string", "pattern": "^[A-Za-z0-9]{16,128}$"},
-                            "secret_key": {"type": "string", "minLength": 16},
-                        },
-                    },
-                },
-                "sigv2": {"type": "boolean"},
-                "max_clock_skew": {"type": "integer", "minimum": 1},
-                "max_request_bytes": SIZE,
-                "tls": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["cert", "key"],
-                    "properties": {"cert": {"type": "string"}, "key": {"type": "string"}},
-                },
-            },
-        },
-        "sources": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                # scheme://host[:port] prefixes that may be fetched even when private/loopback
-                "allowed_endpoints": {
-                    "type": "array",
-                    "items": {"type": "string", "pattern": "^(https?|s3)://"},
-                },
-                "allowed_ports": {
-                    "type": "array",
-                    "items": {"type": "integer", "minimum": 1, "maximum": 65535},
-                },
-                "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
-                "read_timeout": {"type": "number", "exclusiveMinimum": 0},
-                "retries": {"type": "integer", "minimum": 0, "maximum": 50},
-                "manifest_poll_interval": {"type": "number", "exclusiveMinimum": 0},
-                "manifest_poll_max_interval": {"type": "number", "exclusiveMinimum": 0},
-                "s3": {"$ref": "#/$defs/s3"},
-            },
-        },
-        "targets": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "volume": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "device", "ec2"]}},
-                },
-                "image": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "s3"]}},
-                },
-            },
-        },
-        "worker": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
-                "poll_interval": {"type": "number", "exclusiveMinimum": 0},
-                # per-task resource caps for the task processes (systemd CPUQuota= / IOWeight= /
-                # IOReadBandwidthMax= / IOWriteBandwidthMax= semantics); recorded, not yet enforced
-                "task_cpu_quota": {"type": "string", "pattern": r"^[1-9]\d{0,4}%$"},
-                "task_io_weight": {"type": "integer", "minimum": 1, "maximum": 10000},
-                "task_io_read_bandwidth": SIZE,
-                "task_io_write_bandwidth": SIZE,
-            },
-        },
-        # Reporting to the controlling cloud (appliance.report): push signed messages or pull work.
-        "controller": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "url": {"type": "string", "pattern": r"^https?://\S+$"},
-                "secret": {"type": "string", "minLength": 16},
-                "appliance_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                "mode": {"enum": ["push", "pull", "off"]},
-                "report_interval": {"type": "number", "exclusiveMinimum": 0},
-                "progress_interval": {"type": "number", "minimum": 0},
-                "timeout": {"type": "number", "exclusiveMinimum": 0},
-                "max_backoff": {"type": "number", "exclusiveMinimum": 0},
-            },
-            # a reporting appliance needs somewhere to report to, a key to sign with and a name
-            "if": {"properties": {"mode": {"enum": ["push", "pull"]}}, "required": ["mode"]},
-            "then": {"required": ["url", "secret", "appliance_id"]},
-        },
-        # The artifact store (appliance.artifacts): workflows and their resources by digest in S3.
-        "artifacts": {
-            "type": "object",
-            "additionalProperties": False,
-            "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
-            "properties": {
-                "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
-                "prefix": {"type": "string"},
-                "endpoint_url": {"type": "string", "pattern": "^https?://"},
-                "region": {"type": "string", "minLength": 1},
-                "access_key": {"type": "string", "minLength": 1},
-                "secret_key": {"type": "string", "minLength": 1},
-                "addressing_style": {"enum": ["auto", "path", "virtual"]},
-                "cache_dir": {"type": "string", "minLength": 1},
-                "max_resource_size": SIZE,
-            },
-        },
-    },
-    "$defs": {
-        "hook": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["hook"],
-            "properties": {
-                # a shipped hook (decompress → action hook.decompress) or any action name (with a dot)
-                "hook": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
-                "name": {"type": "string", "minLength": 1},
-                "with": {"type": "object"},
-                "timeout": {"type": "number", "exclusiveMinimum": 0},
-                "retries": {"type": "integer", "minimum": 0, "maximum": 100},
-            },
-        },
-        "s3": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "endpoint_url": {"type": "string", "pattern": "^https?://"},
-                "region": {"type": "string"},
-                "access_key": {"type": "string"},
-                "secret_key": {"type": "string"},
-                "addressing_style": {"enum": ["auto", "path", "virtual"]},
-            },
-        },
-    },
-}
-
-DEFAULTS: dict[str, Any] = {
-    "log_level": "info",
-    "scratch": {"quota": "50GiB", "min_free": "1GiB"},
-    "limits": {
-        "max_virtual_size": "2TiB",
-        "max_decompressed_size": "2TiB",
-        # Glance uses 2 s / 1 GiB for `qemu-img info`; check walks metadata and needs more CPU.
-        "qemu_img_info_cpu_seconds": 8,
-        "qemu_img_check_cpu_seconds": 300,
-        "qemu_img_address_space": "1GiB",
-        # the guest reader (appliance.guest.probe) is pure Python; measured ~40 MiB of AS for small guests
-        "guest_probe_cpu_seconds": 60,
-        "guest_probe_address_space": "1GiB",
-    },
-    "safety": {
-        "vmdk_allowed_types": ["monolithicSparse", "streamOptimized"],
-        "banned_formats": ["qed"],
-        # A bootable "hybrid" ISO carries an MBR too; accept it as ISO, reject other polyglots.
-        "iso_policy": "allow-hybrid",
-    },
-    "workflows": {"extra_dirs": []},
-    "hooks": {"plugins_dir": None, "points": {}},
-    # AWS allows 5 concurrent conversion tasks per region by default
-    "tasks": {"lease_seconds": 30, "max_active": 5, "expiration_hours": 168},
-    "api": {
-        "bind": "127.0.0.1:8773",
-        "workers": 2,
-        "timeout": 60,
-        "region": "us-east-1",
-        "credentials": [],
-        "sigv2": False,
-        "max_clock_skew": 300,
-        "max_request_bytes": "1MiB",
-    },
-    "sources": {
-        "allowed_endpoints": [],
-        "allowed_ports": [80, 443],
-        "connect_timeout": 10,
-        "read_timeout": 60,
-        "retries": 5,
-        "manifest_poll_interval": 5,
-        "manifest_poll_max_interval": 60,
-        "s3": {},
-    },
-    "targets": {"volume": {"type": "file"}, "image": {"type": "file"}},
-    "worker": {"concurrency": 2, "poll_interval": 1.0},
-    # Eucalyptus workers reported every 30 s (EXTANT_STATUS_REPORT_INTERVAL)
-    "controller": {
-        "mode": "off",
-        "report_interval": 30,
-        "progress_interval": 5,
-        "timeout": 10,
-        "max_backoff": 60,
-    },
-}
+#: the embedded defaults: the schema's ``default`` values (``state_dir`` and ``scratch.root`` are
+#: computed; see :func:`from_dict`)
+DEFAULTS: dict[str, Any] = schemas.defaults(SCHEMA)
 
 
 def parse_size(value: int | str) -> int:
@@ -545,7 +277,7 @@ def _message(error: jsonschema.ValidationError, secrets: set[str]) -> str:
 
 def validate(data: Any, source: str = "<config>", schema: dict[str, Any] | None = None) -> None:
     """Raise :class:`ConfigError` naming the file and the field of the first schema violation."""
-    validator = jsonschema.Draft202012Validator(schema or SCHEMA)
+    validator = schemas.validator("config") if schema is None else schemas.validator_for(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         secrets = {s for s in redact.secret_values(data) if len(s) >= redact.MIN_REMEMBERED}
@@ -629,7 +361,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             task_io_write_bandwidth=_optional_size(merged["worker"].get("task_io_write_bandwidth")),
         ),
         controller=_controller(merged["controller"]),
-        artifacts=_artifacts(merged.get("artifacts") or {}, state_dir, path),
+        artifacts=_artifacts(merged["artifacts"], state_dir, path),
         hooks=hooks_from_dict(
             merged["hooks"].get("points") or {},
             plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,
@@ -644,10 +376,10 @@ def _artifacts(raw: dict[str, Any], state_dir: Path, path: Any) -> ArtifactsConf
     s3_keys = ("endpoint_url", "region", "access_key", "secret_key", "addressing_style")
     return ArtifactsConfig(
         bucket=raw.get("bucket"),
-        prefix=str(raw.get("prefix", "artifacts")).strip("/"),
+        prefix=str(raw["prefix"]).strip("/"),
         s3={k: raw[k] for k in s3_keys if raw.get(k)},
         cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else StatePaths(state_dir).cache,
-        max_resource_size=parse_size(raw.get("max_resource_size", "1GiB")),
+        max_resource_size=parse_size(raw["max_resource_size"]),
     )
 
 

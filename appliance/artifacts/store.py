@@ -33,18 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
+from .. import schemas
 from ..config import Config
 from ..errors import Cancelled
 from ..targets.base import boto_client
 from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
 from .refs import (
     INDEX_FILE,
-    NAME_PATTERN,
     RESOURCE_DIR,
-    SHA256_PATTERN,
-    VERSION_PATTERN,
     WORKFLOW_FILE,
     ArtifactError,
     ArtifactRef,
@@ -57,27 +53,9 @@ log = logging.getLogger(__name__)
 #: an index larger than this is not an index
 MAX_INDEX_BYTES = 1 << 20
 
-_ENTRY = {
-    "type": "object",
-    "required": ["path", "sha256", "size"],
-    "properties": {
-        "path": {"type": "string", "minLength": 1, "not": {"pattern": r"(^/|(^|/)\.\.?(/|$))"}},
-        "sha256": {"type": "string", "pattern": SHA256_PATTERN},
-        "size": {"type": "integer", "minimum": 0},
-    },
-}
-INDEX_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["name", "version", "created", "workflow", "resources"],
-    "properties": {
-        "name": {"type": "string", "pattern": NAME_PATTERN},
-        "version": {"type": "string", "pattern": VERSION_PATTERN},
-        "created": {"type": "string"},
-        "workflow": _ENTRY,
-        "resources": {"type": "object", "additionalProperties": _ENTRY},
-    },
-}
-_INDEX_VALIDATOR = jsonschema.Draft202012Validator(INDEX_SCHEMA)
+#: the schema of ``index.json`` (``appliance/schemas/artifact-index.json``)
+INDEX_SCHEMA: dict[str, Any] = schemas.load("artifact-index")
+_INDEX_VALIDATOR = schemas.validator("artifact-index")
 
 
 @dataclass(frozen=True)

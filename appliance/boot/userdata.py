@@ -29,91 +29,28 @@ import jsonschema
 import yaml
 
 from .. import config as config_mod
+from .. import schemas
 from ..errors import ConfigError
 from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
 from ..redact import is_secret_key, redact_text, redact_url, secret_values
-from ..targets import device, ec2, file, s3
 from ..workflow.hookpoints import validate_hooks
 from ..workflow.loader import WorkflowLoader
 
-DEFAULT_BIND = "0.0.0.0:8773"
+DEFAULT_BIND: str = schemas.load("userdata")["properties"]["api"]["properties"]["bind"]["default"]
 COMPACT_PREFIX = "imaging:v1:"
 
-_SVC = config_mod.SCHEMA["properties"]
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ':' so the compact form stays parseable
-
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["appliance_id"],
-    "properties": {
-        "appliance_id": {"type": "string", "pattern": _ID_PATTERN},
-        "controller": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["url", "secret"],
-            "properties": {
-                "url": {"type": "string", "pattern": "^https?://"},
-                "secret": {"type": "string", "minLength": 16},
-                "report_interval": {"type": "number", "minimum": 1, "maximum": 3600},
-                "mode": {"enum": ["push", "pull"]},
-            },
-        },
-        "api": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "credentials": {**_SVC["api"]["properties"]["credentials"], "minItems": 1},
-                "bind": _SVC["api"]["properties"]["bind"],
-                "region": _SVC["api"]["properties"]["region"],
-                "tls": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["cert", "key"],
-                    "properties": {
-                        "cert": {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
-                        "key": {"type": "string", "pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----"},
-                    },
-                },
-            },
-        },
-        "sources": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "allowed_endpoints": _SVC["sources"]["properties"]["allowed_endpoints"],
-                "s3": config_mod.SCHEMA["$defs"]["s3"],
-            },
-        },
-        # the keys beyond `type` are checked by the target's own schema after mapping
-        "targets": config_mod.SCHEMA["properties"]["targets"],
-        "limits": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "concurrent_tasks": _SVC["worker"]["properties"]["concurrency"],
-                "scratch": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "path": {"type": "string", "pattern": "^/"},
-                        "quota": config_mod.SIZE,
-                    },
-                },
-                "task_cpu_quota": _SVC["worker"]["properties"]["task_cpu_quota"],
-                "task_io_weight": _SVC["worker"]["properties"]["task_io_weight"],
-                "task_io_read_bandwidth": config_mod.SIZE,
-                "task_io_write_bandwidth": config_mod.SIZE,
-            },
-        },
-        "log_level": _SVC["log_level"],
-        # the service's own fragments: operator hooks per insertion point, and the artifact store
-        "hooks": _SVC["hooks"],
-        "artifacts": _SVC["artifacts"],
-    },
-    # the hooks fragment refers to #/$defs/hook
-    "$defs": {"hook": config_mod.SCHEMA["$defs"]["hook"]},
+#: the schema of the ``imaging:`` section (``appliance/schemas/userdata.json``); it refers to fields of
+#: the service configuration's schema by ``$ref``
+SCHEMA: dict[str, Any] = schemas.load("userdata")
+#: ``api.bind`` as the service configuration's schema checks it
+_BIND, _ = schemas.resolve(SCHEMA["properties"]["api"]["properties"]["bind"], SCHEMA["$id"])
+#: the settings schema of each target, by (kind, type)
+_TARGET_SCHEMAS = {
+    ("volume", "file"): "target-file",
+    ("volume", "device"): "target-device",
+    ("volume", "ec2"): "target-ec2",
+    ("image", "file"): "target-file",
+    ("image", "s3"): "target-s3",
 }
 
 #: service-config path prefix → user-data path prefix (first match wins; identity otherwise)
@@ -319,7 +256,7 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
 def _schema_errors(
     data: Any, schema: dict[str, Any], prefix: tuple[str, ...], secrets: set[str]
 ) -> list[FieldError]:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schemas.validator_for(schema)
     out: list[FieldError] = []
     for e in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
         out.extend(_describe(e, prefix, secrets))
@@ -404,19 +341,12 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
 
 def _target_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     """Check each target's settings against its implementation's own schema."""
-    schemas = {
-        ("volume", "file"): file.VOLUME_SCHEMA,
-        ("volume", "device"): device.SCHEMA,
-        ("volume", "ec2"): ec2.SCHEMA,
-        ("image", "file"): file.IMAGE_SCHEMA,
-        ("image", "s3"): s3.SCHEMA,
-    }
     errors: list[FieldError] = []
     for kind, settings in cfg.targets.items():
-        schema = schemas.get((kind, settings.get("type")))
-        if schema is not None:
+        name = _TARGET_SCHEMAS.get((kind, settings.get("type")))
+        if name is not None:
             plain = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
-            errors += _schema_errors(plain, schema, ("imaging", "targets", kind), secrets)
+            errors += _schema_errors(plain, schemas.load(name), ("imaging", "targets", kind), secrets)
     return errors
 
 
@@ -465,5 +395,4 @@ def best_effort_bind(section: Any) -> str:
         bind = section["api"]["bind"]
     except (KeyError, TypeError):
         return DEFAULT_BIND
-    schema = _SVC["api"]["properties"]["bind"]
-    return bind if jsonschema.Draft202012Validator(schema).is_valid(bind) else DEFAULT_BIND
+    return bind if schemas.validator_for(_BIND).is_valid(bind) else DEFAULT_BIND

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import jsonschema
-
+from .. import schemas
 from ..errors import Cancelled, ConfigError, ImagingError, UsageError
 from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
@@ -169,8 +168,7 @@ def validate_settings(settings: Mapping[str, Any], schema: dict[str, Any], where
     Paths (config.py makes ``directory`` a :class:`Path`) are validated as strings.
     """
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(plain), key=lambda e: list(e.absolute_path))
+    errors = sorted(schemas.validator_for(schema).iter_errors(plain), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
         for e in errors:

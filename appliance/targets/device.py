@@ -21,20 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import schemas
 from ..errors import UsageError
 from .base import TargetError, Volume, block_device_size, fsync_path, new_volume_id, validate_settings
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type"],
-    "properties": {
-        "type": {"const": "device"},
-        # default device when a task does not name one
-        "path": {"type": "string", "pattern": "^/"},
-        "assume_zeroed": {"type": "boolean"},
-    },
-}
+#: the settings schema (``appliance/schemas/target-device.json``)
+SCHEMA: dict[str, Any] = schemas.load("target-device")
 
 SYS = Path("/sys")
 MOUNTINFO = Path("/proc/self/mountinfo")

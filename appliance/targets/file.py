@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from ..config import SIZE, parse_size
+from .. import schemas
+from ..config import parse_size
 from ..errors import UsageError
 from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
@@ -45,30 +46,11 @@ from .base import (
 )
 from .encryption import Encryption, EncryptionNotSupported
 
-VOLUME_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "directory"],
-    "properties": {
-        "type": {"const": "file"},
-        "directory": {"type": "string", "minLength": 1},
-        # refuse new volumes when the filesystem has less free space than this
-        "min_free": SIZE,
-    },
-}
+#: the settings schema of both file targets (``appliance/schemas/target-file.json``)
+VOLUME_SCHEMA: dict[str, Any] = schemas.load("target-file")
+IMAGE_SCHEMA: dict[str, Any] = VOLUME_SCHEMA
 
-IMAGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "directory"],
-    "properties": {
-        "type": {"const": "file"},
-        "directory": {"type": "string", "minLength": 1},
-        "min_free": SIZE,
-    },
-}
-
-DEFAULT_MIN_FREE = "1GiB"
+DEFAULT_MIN_FREE: str = VOLUME_SCHEMA["properties"]["min_free"]["default"]
 _VOLUME_NAME = re.compile(r"^vol-[0-9a-f]{8,17}\.raw$")
 #: user-facing format name → file extension
 EXTENSIONS = {

@@ -29,7 +29,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..config import SIZE, parse_size
+from .. import schemas
+from ..config import parse_size
 from ..errors import ConfigError, UsageError
 from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
@@ -42,25 +43,8 @@ log = logging.getLogger(__name__)
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "bucket"],
-    "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
-    "properties": {
-        "type": {"const": "s3"},
-        "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
-        "prefix": {"type": "string"},
-        "endpoint_url": {"type": "string", "pattern": "^https?://"},
-        "region": {"type": "string", "minLength": 1},
-        # without keys boto3's default chain applies (instance profile, environment)
-        "access_key": {"type": "string", "minLength": 1},
-        "secret_key": {"type": "string", "minLength": 1},
-        "addressing_style": {"enum": ["auto", "path", "virtual"]},
-        "part_size": SIZE,
-        "threads": {"type": "integer", "minimum": 1, "maximum": 32},
-    },
-}
+#: the settings schema (``appliance/schemas/target-s3.json``)
+SCHEMA: dict[str, Any] = schemas.load("target-s3")
 
 
 def _s3_error(operation: str, exc: Exception) -> TargetError:
