@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomicfile import write_json_atomic
 from .errors import InsufficientScratch, UsageError
 
 _META = ".scratch.json"
@@ -260,9 +261,8 @@ class TaskScratch:
         return meta
 
     def _write(self, meta: dict) -> None:
-        tmp = self.path / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.path / _META)
+        # Not fsynced: the accounting of a scratch directory means nothing after a power loss.
+        write_json_atomic(self.path / _META, meta, 0o600, durable=False)
 
     def _adopt(self) -> None:
         # Record which process owns the directory now (a resumed task is adopted by a new process).

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import schemas
+from ..atomicfile import write_json_atomic
 from ..config import Config
 from ..errors import Cancelled
 from ..targets.base import boto_client
@@ -236,9 +237,7 @@ class ArtifactStore:
             pass  # not cached (or damaged): read it from the store
         index = self.fetch_index(ref)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{INDEX_FILE}.{secrets.token_hex(6)}")
-        tmp.write_text(json.dumps(index.to_dict(), indent=2, sort_keys=True))
-        os.replace(tmp, local)
+        write_json_atomic(local, index.to_dict(), 0o644)
         return index
 
     def fetch_index(self, ref: ArtifactRef) -> ArtifactIndex:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomicfile import write_json_atomic
 from ..errors import Cancelled, ImagingError, UsageError
 from .path import GuestFS
 
@@ -280,15 +281,6 @@ def _kill_processes_rooted_in(root: str) -> list[int]:
 # --------------------------------------------------------------------------------------- state files
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _lock(path: Path, *, blocking: bool) -> int | None:
     """flock ``path`` (created if needed); None when not blocking and someone else holds it.
 
@@ -369,7 +361,7 @@ class _StateFile:
         self.save()
 
     def save(self) -> None:
-        _atomic_write_json(self.path, self.data)
+        write_json_atomic(self.path, self.data, 0o644)
 
     def close(self) -> None:
         """Remove the record (everything it lists is undone) and release the lock."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector
 
+from ..atomicfile import write_json_atomic
 from ..errors import Finding, ImageRejected, ImagingError
 from ..image import bootsector
 from ..image.convert import convert_image
@@ -223,9 +224,7 @@ class VolumeImportStep(Step):
     @staticmethod
     def _save(checkpoint: Path, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         state = {"next": part.index + 1, "done": done, **(extra or {})}
-        tmp = checkpoint.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, checkpoint)
+        write_json_atomic(checkpoint, state, 0o600)  # durable: a resume trusts it
         return state
 
     def _stream_raw(
