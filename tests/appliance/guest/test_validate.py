@@ -14,6 +14,7 @@ from appliance.errors import Severity, UsageError
 from appliance.guest import CODES, check_request, validate_image
 from appliance.guest.report import GuestReport
 from tests import guestfactory as gf
+from tests import imagefactory as imf
 
 
 def codes(report: GuestReport, severity: str | None = None) -> set[str]:
@@ -259,6 +260,13 @@ def test_differencing_vdi_is_refused_as_an_external_reference(tmp_path: Path) ->
     r = validate_image(vdi, "vdi")
     assert [f.code for f in r.findings] == ["Guest.ExternalReference"]
     assert "differencing VDI" in r.findings[0].message and r.partitions == []
+
+
+def test_an_iso_is_read_as_the_raw_bytes_it_is(tmp_path: Path) -> None:
+    # inspection accepts ISOs (and hands on "iso"); qemu-img reads them as raw, and so does the reader
+    r = validate_image(imf.iso(tmp_path), "iso")
+    assert r.layout == "partition" and r.partitions[0]["filesystem"] == "iso9660"
+    assert [f.code for f in r.errors] == ["Guest.UnsupportedFilesystem"]
 
 
 def test_partition_entry_beyond_the_end_of_the_image_is_ignored(tmp_path: Path) -> None:
