@@ -17,7 +17,7 @@ OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 #: compression containers recognised by magic and by a ``.gz``-style suffix on a claim
 COMPRESSIONS = ("gzip", "xz", "zstd", "bzip2")
 #: formats the content inspector may report beyond :data:`INPUT_FORMATS` (no claim names them): ``vdi``
-#: is accepted and converted, ``luks`` always rejected
+#: passes inspection, ``luks`` is always rejected
 DETECTED_ONLY_FORMATS = ("vdi", "luks")
 #: formats the guest reader opens directly (its names; :mod:`appliance.guest.reader` has a container for each)
 GUEST_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi")
