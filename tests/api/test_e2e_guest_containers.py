@@ -3,7 +3,8 @@ API path: boto3 → `imaging serve` (gunicorn) → `imaging worker` → S3 on mo
 ImportSnapshot of a bare ext4 and a bare NTFS as qcow2, VHD (dynamic and fixed), VMDK (streamOptimized)
 and VHDX must each report the guest exactly as the same bytes read as raw, and store those bytes. qcow2 is
 not an EC2 format and ImportSnapshot does not take VHDX (as in AWS), so those go without a Format and are
-detected from their content.
+detected from their content. ImportVolume (VHD, VMDK, RAW) validates the RAW volume it wrote: the same
+guest as the filesystem's bytes at the start of a volume-sized raw disk.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 
 from appliance.guest import validate_image
 from tests import guestfactory as gf
-from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.api.e2e_support import Appliance, admin_task, conversion_task, wait_for
+from tests.euca_upload import presign_manifest_url, upload
 from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
@@ -113,3 +115,50 @@ def test_bare_filesystem_in_every_container_imports_with_the_raw_guest_report(
         assert disk["stored"]["sha256"] == _sha256(raw), name  # the very bytes of the filesystem
         if system:
             assert detail["boot"]["layout"] == "partition", name
+
+
+@pytest.mark.parametrize("kind", FILESYSTEMS)
+def test_bare_filesystem_imported_as_a_volume_is_read_from_the_written_raw_volume(
+    kind: str,
+    appliance: Appliance,
+    moto: MotoServer,
+    bucket: str,
+    bare_images: dict[tuple[str, str], Path],
+    tmp_path: Path,
+) -> None:
+    raw = bare_images[kind, "raw"]
+    # what the volume holds: the filesystem at its start, zeros to its size (1 GiB)
+    volume_like = tmp_path / "volume.raw"
+    with open(volume_like, "wb") as f:
+        f.write(raw.read_bytes())
+        f.truncate(1 << 30)
+    expected = validate_image(volume_like, "raw", bootable=False).to_dict()
+    assert expected["layout"] == "partition" and expected["partitions"][0]["filesystem"] == kind  # control
+    assert expected["os"]["distribution"] == "debian"
+
+    s3 = moto.client("s3")
+    tasks: dict[str, str] = {}
+    for name, fmt in (("vhd-dynamic", "VHD"), ("vhd-fixed", "VHD"), ("vmdk-stream", "VMDK"), ("raw", "RAW")):
+        image = bare_images[kind, name]
+        pending = presign_manifest_url(s3, bucket, name, image)
+        upload(s3, pending, image, file_format=fmt)
+        tasks[name] = appliance.ec2.import_volume(
+            AvailabilityZone="us-east-1a",
+            Image={"Format": fmt, "Bytes": image.stat().st_size, "ImportManifestUrl": pending.url},
+            Volume={"Size": 1},
+        )["ConversionTask"]["ConversionTaskId"]
+    for name, task_id in tasks.items():
+        wait_for(
+            lambda task_id=task_id: (
+                conversion_task(appliance.ec2, task_id)["State"] in ("completed", "cancelled")
+            ),
+            timeout=180,
+            what=f"the ImportVolume of {kind} in {name}",
+        )
+    for name, task_id in tasks.items():
+        final = conversion_task(appliance.ec2, task_id)
+        assert final["State"] == "completed", (name, final)
+        detail = admin_task(appliance, task_id)
+        assert detail["guest"] == expected, name
+        with open(appliance.volume_file(final["ImportVolume"]["Volume"]["Id"]), "rb") as f:
+            assert f.read(raw.stat().st_size) == raw.read_bytes(), name
