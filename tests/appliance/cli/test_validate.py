@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -274,3 +277,35 @@ def test_compressed_input_is_decompressed_into_scratch_as_inspect_does(
     # decompressed into the scratch of the state directory, and nothing of it is left behind
     scratch = tmp_path / "state" / "imaging" / "scratch"
     assert scratch.is_dir() and not [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_size]
+
+
+@contextmanager
+def read_only_loop(image: Path) -> Iterator[Path]:
+    """A read-only loop device over ``image``; always detached afterwards."""
+    if shutil.which("losetup") is None:
+        pytest.skip("losetup is not installed")
+    proc = subprocess.run(["losetup", "--show", "-r", "-f", str(image)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
+    dev = Path(proc.stdout.strip())
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False)
+
+
+@pytest.mark.usefixtures("in_process")
+def test_a_block_device_is_read_as_raw_unless_told_otherwise(
+    bare: dict[tuple[str, str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # inspection reads files only: a device holds its disk as it is
+    with read_only_loop(bare["ntfs", "raw"]) as dev:
+        status, report, err = validate_json(capsys, dev)
+        assert (status, err) == (0, "")
+        assert (report.pop("format"), report.pop("compression")) == ("raw", None)
+        assert report == validate_image(bare["ntfs", "raw"], "raw").to_dict()
+        assert main(["validate", str(dev), "-f", "raw.gz"]) == 1
+        assert "without a compression suffix" in capsys.readouterr().err
+    with read_only_loop(bare["ntfs", "qcow2"]) as dev:
+        status, report, _ = validate_json(capsys, dev, "-f", "qcow2")
+        assert status == 0 and report["format"] == "qcow2" and report["partitions"][0]["filesystem"] == "ntfs"
