@@ -37,9 +37,11 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser(
         "validate",
         help="check what is on a disk image and whether it will boot (guest findings)",
-        description="Read FILE without mounting or trusting it (in a resource-limited child process) and "
-        "report its layout (disk or partition), partition table, filesystems, boot mode and operating "
-        "system, with coded findings and what to do about each. Exit 0 without error findings, 2 with.",
+        description="Inspect FILE as `imaging inspect` does (format from the content, decompressed if "
+        "compressed, unsafe images rejected), then read it without mounting or trusting it (in a "
+        "resource-limited child process) and report its layout (disk or partition), partition table, "
+        "filesystems, boot mode and operating system, with coded findings and what to do about each. "
+        "Exit 0 without error findings, 2 with, or when inspection rejects the image.",
     )
     s.add_argument("file", help="image file (may be gzip/xz/zstd/bzip2-compressed) or block device")
     s.add_argument(
