@@ -13,7 +13,7 @@ This runs only inside the resource-limited child (:mod:`appliance.guest.probe`):
 and a parser bug may raise anything, loop or allocate; the parent turns that into ``Guest.Unreadable``.
 
 An image that names another file it needs (a qcow2 backing or data file, a VMDK parent or extent file, a
-differencing VHD or VHDX) is refused by :func:`external_reference` before dissect sees it
+differencing VHD, VHDX or VDI) is refused by :func:`external_reference` before dissect sees it
 (:class:`ExternalReference`). As a second line, dissect gets the image through :class:`_Nameless`, a
 stream without a ``name``: dissect's VMDK and VHDX code look a parent up next to ``fh.name`` or at an
 absolute path the image gives, and with no name there is no place to look from (it raises instead).
@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from dissect.target import filesystem as dt_filesystem
 from dissect.target.containers.qcow2 import QCow2Container
 from dissect.target.containers.raw import RawContainer
+from dissect.target.containers.vdi import VdiContainer
 from dissect.target.containers.vhd import VhdContainer
 from dissect.target.containers.vhdx import VhdxContainer
 from dissect.target.containers.vmdk import VmdkContainer
@@ -38,13 +39,15 @@ from dissect.volume.disk.schemes import GPT, MBR
 
 from ..image import bootsector
 
-#: user-facing format name → dissect container class (iso and qed are not guest disks dissect reads)
+#: format name (:data:`appliance.image.formats.GUEST_FORMATS`, the names
+#: :func:`appliance.image.formats.guest_format` gives) → dissect container class
 _CONTAINERS: dict[str, Any] = {
     "raw": RawContainer,
     "qcow2": QCow2Container,
     "vmdk": VmdkContainer,
     "vhd": VhdContainer,
     "vhdx": VhdxContainer,
+    "vdi": VdiContainer,
 }
 READABLE_FORMATS = frozenset(_CONTAINERS)
 
@@ -346,11 +349,26 @@ def _vhdx_reference(fh: BinaryIO) -> str | None:
     return None
 
 
+#: offset of the VirtualBox image type (after the 72-byte pre-header and cbHeader) and its differencing value
+_VDI_TYPE_OFFSET, _VDI_DIFF = 76, 4
+
+
+def _vdi_reference(fh: BinaryIO) -> str | None:
+    # dissect reads a differencing VDI's missing blocks from a parent only when handed one, but the image is
+    # still not self-contained
+    fh.seek(_VDI_TYPE_OFFSET)
+    raw = fh.read(4)
+    if len(raw) == 4 and struct.unpack("<I", raw)[0] == _VDI_DIFF:
+        return "a differencing VDI (a child of a parent disk)"
+    return None
+
+
 _REFERENCE_CHECKS = {
     "qcow2": _qcow2_reference,
     "vmdk": _vmdk_reference,
     "vhd": _vhd_reference,
     "vhdx": _vhdx_reference,
+    "vdi": _vdi_reference,
 }
 
 

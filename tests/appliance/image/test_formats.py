@@ -41,3 +41,31 @@ def test_output_formats_exclude_banned_and_read_only_ones() -> None:
     for bad in ("qed", "iso"):
         with pytest.raises(UsageError):
             formats.check_output_format(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "reader"),
+    [
+        ("raw", "raw"),
+        ("RAW", "raw"),
+        ("gpt", "raw"),  # the inspector's name for raw with a partition table
+        ("iso", "raw"),  # read as raw, as qemu-img does
+        ("qcow2", "qcow2"),
+        ("VMDK", "vmdk"),
+        ("vhd", "vhd"),
+        ("vpc", "vhd"),  # qemu-img's name, for fixed and dynamic alike
+        ("VHD", "vhd"),
+        ("vhdx", "vhdx"),
+        ("vdi", "vdi"),  # detected (never claimed) and accepted by inspection
+        ("qed", None),
+        ("luks", None),
+    ],
+)
+def test_guest_format_maps_every_name_the_appliance_uses_to_the_reader(name: str, reader: str | None) -> None:
+    assert formats.guest_format(name) == reader
+
+
+@pytest.mark.parametrize("name", ["raw.gz", "ova", ""])
+def test_guest_format_refuses_compressed_and_unknown_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        formats.guest_format(name)
