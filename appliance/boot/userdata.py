@@ -31,6 +31,7 @@ import yaml
 from .. import config as config_mod
 from .. import schemas
 from ..errors import ConfigError
+from ..image.formats import compression_of
 from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
 from ..redact import is_secret_key, redact_text, redact_url, secret_values
 from ..workflow.hookpoints import validate_hooks
@@ -109,7 +110,7 @@ class Rendered:
 def parse_user_data(raw: bytes | str) -> dict[str, Any] | CompactUserData:
     """The ``imaging:`` section of user data, or the compact form; :class:`UserDataInvalid` otherwise."""
     data = raw.encode() if isinstance(raw, str) else raw
-    if data[:2] == b"\x1f\x8b":
+    if compression_of(data) == "gzip":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:

@@ -47,21 +47,13 @@ from typing import Any
 
 from ..atomicfile import write_json_atomic
 from ..errors import Cancelled, ImagingError, UsageError
+from ..image.formats import SIGNATURE_BYTES, container_format
 from .path import GuestFS
 
 log = logging.getLogger(__name__)
 
 #: filesystem types we let the kernel parse from an untrusted image
 MOUNTABLE_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs", "ntfs3"})
-#: container formats recognised by their first bytes (the caller must convert them to raw first)
-_MAGICS = {
-    b"QFI\xfb": "qcow2",
-    b"KDMV": "vmdk",
-    b"vhdxfile": "vhdx",
-    b"QED\x00": "qed",
-    b"conectix": "vhd",
-}
-_VDI_MAGIC_OFFSET, _VDI_MAGIC = 0x40, b"\x7f\x10\xda\xbe"
 #: how long a command such as mount/losetup may take before it is considered hung
 COMMAND_TIMEOUT = 60.0
 #: how long to wait for /dev/loopNpM to appear after partx -a
@@ -494,12 +486,9 @@ def check_raw(image: Path, declared_format: str | None = "raw") -> None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise UsageError(f"{image} is neither a regular file nor a block device")
     with open(image, "rb") as f:
-        head = f.read(512)
-    for magic, name in _MAGICS.items():
-        if head.startswith(magic):
-            raise NotRawImage(f"{image} is a {name} image; convert it to raw before mounting it")
-    if head[_VDI_MAGIC_OFFSET : _VDI_MAGIC_OFFSET + 4] == _VDI_MAGIC:
-        raise NotRawImage(f"{image} is a vdi image; convert it to raw before mounting it")
+        name = container_format(f.read(SIGNATURE_BYTES))
+    if name is not None:
+        raise NotRawImage(f"{image} is a {name} image; convert it to raw before mounting it")
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

@@ -38,6 +38,7 @@ from dissect.volume.disk import Disk as DissectDisk
 from dissect.volume.disk.schemes import GPT, MBR
 
 from ..image import bootsector
+from ..image.formats import QCOW2_MAGIC, VHD_COOKIE, VMDK_MAGIC
 
 #: format name (:data:`appliance.image.formats.GUEST_FORMATS`, the names
 #: :func:`appliance.image.formats.guest_format` gives) → dissect container class
@@ -261,7 +262,7 @@ def _show(name: str) -> str:
 def _qcow2_reference(fh: BinaryIO) -> str | None:
     fh.seek(0)
     header = fh.read(80)
-    if len(header) < 20 or header[:4] != b"QFI\xfb":
+    if len(header) < 20 or not header.startswith(QCOW2_MAGIC):
         return None
     version, backing_offset, backing_size = struct.unpack_from(">IQI", header, 4)
     if backing_offset:
@@ -299,14 +300,14 @@ def _vmdk_reference(fh: BinaryIO) -> str | None:
     if header.startswith(b"# Di"):
         fh.seek(0)
         return _vmdk_descriptor_reference(fh.read(_VMDK_DESCRIPTOR_MAX).decode("utf-8", "replace"), False)
-    if header[:4] != b"KDMV" or len(header) < 64:
+    if not header.startswith(VMDK_MAGIC) or len(header) < 64:
         return None
     gd_offset = struct.unpack_from("<Q", header, 56)[0]
     if gd_offset == 0xFFFFFFFFFFFFFFFF:  # streamOptimized: the footer is the real header (dissect reads it)
         fh.seek(0, io.SEEK_END)
         fh.seek(max(0, fh.tell() - 1024))
         footer = fh.read(512)
-        if footer[:4] == b"KDMV":
+        if footer.startswith(VMDK_MAGIC):
             header = footer
     desc_offset, desc_size = struct.unpack_from("<QQ", header, 28)
     if not desc_size:
@@ -326,7 +327,11 @@ def _vhd_reference(fh: BinaryIO) -> str | None:
             continue
         fh.seek(offset)
         footer = fh.read(64)
-        if len(footer) == 64 and footer[:8] == b"conectix" and struct.unpack_from(">I", footer, 60)[0] == 4:
+        if (
+            len(footer) == 64
+            and footer.startswith(VHD_COOKIE)
+            and struct.unpack_from(">I", footer, 60)[0] == 4
+        ):
             return "a differencing VHD (a child of a parent disk)"
     return None
 

@@ -50,7 +50,7 @@ from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, Imagin
 from ..progress import Progress, ProgressTracker
 from ..scratch import NO_SPACE_MESSAGES, is_no_space, no_space_error
 from . import qemuimg
-from .formats import check_output_format, to_qemu
+from .formats import VHD_COOKIE, check_output_format, to_qemu
 from .inspect import InspectionResult, inspect_image, require_safe, verify_output
 
 log = logging.getLogger(__name__)
@@ -549,7 +549,7 @@ def _verify_device(path: Path) -> InspectionResult:
         size = f.seek(0, os.SEEK_END)
         # a fixed VHD is only a footer at the end, which the content inspectors do not look at
         f.seek(max(0, size - 512))
-        vhd_footer = size >= 512 and f.read(8) == b"conectix"
+        vhd_footer = size >= 512 and f.read(len(VHD_COOKIE)) == VHD_COOKIE
         f.seek(0)
         wrapper = fi.InspectWrapper(f)
         try:

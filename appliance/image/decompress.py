@@ -32,7 +32,7 @@ import zstandard
 
 from ..errors import Cancelled, Finding, ImageRejected, UsageError
 from ..scratch import is_no_space, no_space_error
-from .formats import COMPRESSIONS
+from .formats import COMPRESSIONS, SIGNATURE_BYTES, compression_of
 
 #: output granularity: cap checks, progress callbacks and hole detection happen per block
 BLOCK_SIZE = 1 << 20
@@ -45,8 +45,6 @@ _XZ_MEMLIMIT = 512 << 20  # xz -9e needs ~65 MiB; a header demanding more is hos
 _ZEROS = bytes(BLOCK_SIZE)
 
 # bzip2: "BZh" + level digit + the 48-bit magic of the first block (pi) or of the end of stream (sqrt(pi)).
-_BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
-
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     OSError,  # gzip.BadGzipFile and bz2's "Invalid data stream" are OSErrors
@@ -59,16 +57,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 def detect_compression(path: Path) -> str | None:
     """``gzip``, ``xz``, ``zstd`` or ``bzip2`` when the file starts with that magic number, else None."""
     with open(path, "rb") as f:
-        head = f.read(10)
-    if head.startswith(b"\x1f\x8b\x08"):
-        return "gzip"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0" and head[4:10] in _BZIP2_BLOCK_MAGICS:
-        return "bzip2"
-    return None
+        return compression_of(f.read(SIGNATURE_BYTES))
 
 
 class _MaxLengthDecompressor(Protocol):

@@ -38,11 +38,18 @@ from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
 from . import bootsector, qemuimg
 from .decompress import decompress, detect_compression
-from .formats import check_output_format, from_qemu, parse_claim, to_qemu
+from .formats import (
+    COMPRESSION_SUFFIXES,
+    VHD_COOKIE,
+    VMDK_MAGIC,
+    check_output_format,
+    from_qemu,
+    parse_claim,
+    strip_compression_suffix,
+    to_qemu,
+)
 
 _READ_CHUNK = 64 * 1024
-_COMPRESSION_SUFFIXES = (".gz", ".gzip", ".xz", ".zst", ".zstd", ".bz2")
-_VHD_COOKIE = b"conectix"
 _VHD_FIXED, _VHD_DYNAMIC, _VHD_DIFFERENCING = 2, 3, 4
 _VMDK_NO_PARENT_CID = "ffffffff"
 #: inspectors that read the virtual size from a header
@@ -145,7 +152,7 @@ def inspect_image(
             Finding.error(
                 "FormatMismatch",
                 f"claimed {claimed}, detected {detected}; give the format that matches the file "
-                f"(e.g. {claimed_fmt}{'.' + _suffix(compression) if compression else ''})",
+                f"(e.g. {claimed_fmt}{COMPRESSION_SUFFIXES[compression] if compression else ''})",
             )
         )
         return _finish(result)
@@ -489,7 +496,7 @@ def _safety_finding(
 def _check_vmdk(path: Path, inspector: fi.FileInspector, result: InspectionResult, config: Config) -> None:
     """Close oslo.utils 10.2's VMDK gaps (text-only descriptors, delta disks); apply the create types."""
     with open(path, "rb") as f:
-        if f.read(4) != b"KDMV":
+        if f.read(len(VMDK_MAGIC)) != VMDK_MAGIC:
             result.add(
                 Finding.error(
                     "UnsafeImage.VmdkDescriptor",
@@ -530,7 +537,7 @@ def _read_vhd_footer(path: Path) -> dict[str, Any] | None:
     with open(path, "rb") as f:
         f.seek(size - 512)
         footer = f.read(512)
-    if not footer.startswith(_VHD_COOKIE):
+    if not footer.startswith(VHD_COOKIE):
         return None
     (data_offset,) = struct.unpack_from(">Q", footer, 16)
     (current_size,) = struct.unpack_from(">Q", footer, 48)
@@ -650,19 +657,9 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("image inspection cancelled")
 
 
-def _suffix(compression: str) -> str:
-    return {"gzip": "gz", "xz": "xz", "zstd": "zst", "bzip2": "bz2"}[compression]
-
-
 def _fresh_path(workdir: Path, source: Path) -> Path:
     """A new name in ``workdir`` for the decompressed copy of ``source`` (``disk.raw.gz`` → ``disk.raw``)."""
-    name = source.name
-    for suffix in _COMPRESSION_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name += ".decompressed"
+    name = strip_compression_suffix(source.name) or source.name + ".decompressed"
     candidate = workdir / name
     n = 1
     while candidate.exists() or candidate.is_symlink():
