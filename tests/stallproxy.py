@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import sys
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,6 +88,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     owner: StallingProxy
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away between requests (killed, or shut its socket down)
+        super().handle_error(request, client_address)
 
 
 class StallingProxy:
