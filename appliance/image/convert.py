@@ -164,7 +164,9 @@ def convert_image(
     qemu_img = _qemu_img()
     _raise_if_cancelled(cancel)
 
-    source = inspect_image(src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel)
+    source = inspect_image(
+        src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel, ledger=ledger
+    )
     # A compressed source was decompressed into workdir; that copy is ours to remove.
     intermediate = source.path if source.path != src else None
     try:

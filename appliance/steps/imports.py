@@ -347,7 +347,9 @@ class VolumeImportStep(Step):
             raise
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
-            inspect_image(upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+            inspect_image(
+                upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel, ledger=ctx
+            )
         )
         if source.virtual_size and source.virtual_size > vol.size:
             raise InsufficientVolumeSize(
