@@ -219,8 +219,11 @@ def test_snapshot_import_suspended_by_sigterm_mid_download_completes_after_a_res
     assert "did not stop within" not in log, log  # suspended, not killed after the grace
     suspended = app.task(task.id)
     assert suspended.state is TaskState.RUNNING and suspended.owner is None  # released for a resume
-    events = [e.kind for e in app.store.events(task_id=task.id, limit=100_000)]
-    assert "step.abandoned" not in events
+    events = app.store.events(task_id=task.id, limit=100_000)
+    assert [e.data for e in events if e.kind == "step.stopping"] == [
+        {"step": "1/include/1", "name": "fetch", "reason": "suspend"}
+    ]
+    assert "step.abandoned" not in [e.kind for e in events]
     assert app.reserved(task.id) == 0  # the interrupted download's reservation was given back
     proxy.release()
     app.start_worker()
