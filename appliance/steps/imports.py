@@ -129,7 +129,14 @@ class VolumeCreateStep(Step):
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
         else:
-            volume = target.create(ctx.task_id, size_gib * GiB, availability_zone=availability_zone)
+            # The token is this step's: a create that was interrupted before the record was written made (or
+            # began) the volume this one takes again, where the target can.
+            volume = target.create(
+                ctx.task_id,
+                size_gib * GiB,
+                availability_zone=availability_zone,
+                client_token=f"{ctx.task_id}/{ctx.idx}",
+            )
             record.write_text(json.dumps(volume.info))
             ctx.ledger_created(f"volume {volume.id} ({volume.path})")
         return {"id": volume.id, **volume.info}

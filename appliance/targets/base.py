@@ -77,8 +77,21 @@ class Volume:
 class VolumeTarget(Protocol):
     """Creates, finds again, finalizes and deletes volumes for conversion tasks."""
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """A new volume of at least ``size_bytes``, ready to be written."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """A new volume of at least ``size_bytes``, ready to be written.
+
+        ``client_token`` names this creation, as EC2's CreateVolume ClientToken does: a target that
+        honours it returns, for a token an earlier create was given, the volume that create made or began
+        to make (emptied again), so a step run again after a crash never leaves a volume behind. The
+        file target honours it; see each target for the others.
+        """
         ...
 
     def reopen(self, volume_info: Mapping[str, Any]) -> Volume:
