@@ -1,7 +1,7 @@
 """The crash matrix: every step of every shipped import workflow, interrupted by kill -9 and by a suspend.
 
 The steps come from the workflow files themselves (:func:`leaf_steps`, through includes and hook
-points): each is interrupted at a moment :data:`HOLDS` names for its action, or listed in
+points): each is interrupted at the moment :func:`_hold_for` names for its action, or listed in
 :data:`NOT_INTERRUPTIBLE` with the reason; a step whose action is in neither makes its cell fail, so a
 new step is covered or the matrix says what is missing.
 
@@ -824,7 +824,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, disks: Di
 def test_crash_matrix(matrix: Matrix, cell: Cell) -> None:
     assert cell.hold is not None, (
         f"step {cell.label} of {cell.workflow} runs {cell.action!r}, which the crash matrix cannot interrupt "
-        "yet: add a moment for it to HOLDS (_hold_for), or list it in NOT_INTERRUPTIBLE with the reason"
+        "yet: add a moment for it to _hold_for, or list it in NOT_INTERRUPTIBLE with the reason"
     )
     assert not matrix.gate.errors, matrix.gate.errors
     assert cell.id in matrix.outcomes, f"{cell.id} was never interrupted"
