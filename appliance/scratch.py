@@ -30,7 +30,9 @@ each other and a check and the reservation it allows are one atomic step.
 
 A write that finds no room anyway (ENOSPC, EDQUOT: the disk filled with something else) becomes
 ``InsufficientScratch`` through :func:`no_space_error`, the one place that error is made for every
-writer (downloads, decompression, assembled uploads, qemu-img).
+writer into scratch (downloads, decompression, assembled uploads, qemu-img). A write onto a target
+that finds no room (a volume, an image directory) is the target's ``InsufficientStorage`` instead
+(:func:`appliance.targets.base.insufficient_storage`): the space to free is elsewhere.
 """
 
 from __future__ import annotations

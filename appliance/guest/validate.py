@@ -47,18 +47,19 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 @contextmanager
-def _image_argument(path: Path) -> Iterator[tuple[str, Path]]:
+def _image_argument(path: Path, parent: Path | None = None) -> Iterator[tuple[str, Path]]:
     """(argument for the child, its working directory): a link in an empty private directory for a file,
-    the absolute device path (and an empty directory) for a block device."""
+    the absolute device path (and an empty directory) for a block device. The directory is made in
+    ``parent`` (default: the system's temporary directory)."""
     st = path.stat()
     if stat.S_ISBLK(st.st_mode):
-        directory = Path(tempfile.mkdtemp(prefix="guest-probe."))
+        directory = Path(tempfile.mkdtemp(prefix="guest-probe.", dir=parent))
         try:
             yield str(path.resolve()), directory
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     else:
-        with isolated(path) as link:
+        with isolated(path, parent=parent) as link:
             yield link.name, link.parent
 
 
@@ -115,6 +116,7 @@ def validate_image(
     config: config_mod.Config | None = None,
     cancel: threading.Event | None = None,
     wall_seconds: float | None = None,
+    workdir: Path | None = None,
 ) -> GuestReport:
     """Read the guest in ``path`` (a file or block device in format ``fmt``) without mounting or trusting it.
 
@@ -122,7 +124,9 @@ def validate_image(
     found), under any of its names (:func:`appliance.image.formats.guest_format`): it is not checked against
     the content here, so an unverified claim must be inspected first. ``bootable=False`` (data disks:
     ImportSnapshot/ImportVolume) turns boot findings into info. The reader runs under
-    ``config.limits.guest_probe_*`` and ``wall_seconds`` (default: 4 times the CPU limit, ≥ 60 s).
+    ``config.limits.guest_probe_*`` and ``wall_seconds`` (default: 4 times the CPU limit, ≥ 60 s),
+    in a private directory made in ``workdir`` (a task's scratch, which goes with the task even when its
+    process is killed; default: the system's temporary directory).
     """
     reader_format = guest_format(fmt)
     src = Path(path)
@@ -135,12 +139,12 @@ def validate_image(
     else:
         cfg = config if config is not None else config_mod.from_dict({})
         cpu, address_space = cfg.limits.guest_probe_cpu_seconds, cfg.limits.guest_probe_address_space
-        with _image_argument(src) as (argument, workdir):
+        with _image_argument(src, workdir) as (argument, private):
             res = run_limited(
                 [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", reader_format, argument],
                 cpu_seconds=cpu,
                 address_space=address_space,
-                cwd=workdir,
+                cwd=private,
                 cancel=cancel,
                 wall_seconds=wall_seconds,
             )

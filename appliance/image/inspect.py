@@ -36,6 +36,7 @@ from oslo_utils.imageutils import format_inspector as fi
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
+from ..partials import Ledger
 from . import bootsector, qemuimg
 from .decompress import decompress, detect_compression
 from .formats import (
@@ -126,15 +127,18 @@ def inspect_image(
     max_decompressed: int | None = None,
     reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
+    ledger: Ledger | None = None,
+    decompress_to: Path | None = None,
 ) -> InspectionResult:
     """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
 
     A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
     ``config.limits.max_decompressed_size``; ``reserve`` reserves scratch for it as it grows, see
-    :func:`appliance.image.decompress.decompress`); the decompressed file is kept only when the image
-    is safe (it is then ``result.path`` and belongs to the caller). qemu-img's private directories are
-    created under ``workdir`` too when given. Stops at the first stage with an error finding; qemu-img
-    never runs when the content inspector rejected the file.
+    :func:`appliance.image.decompress.decompress`) as a partial output ``ledger`` is told about, renamed
+    to ``decompress_to`` (default: a new name in ``workdir``) when complete; the decompressed file is
+    kept only when the image is safe (it is then ``result.path`` and belongs to the caller). qemu-img's
+    private directories are created under ``workdir`` too when given. Stops at the first stage with an
+    error finding; qemu-img never runs when the content inspector rejected the file.
 
     Raises UsageError for an unknown claim, a missing file, or a compressed input without ``workdir``;
     Cancelled when ``cancel`` is set. Never raises for an unsafe image: the result carries error findings.
@@ -165,10 +169,10 @@ def inspect_image(
             f"{source.name} is {compression}-compressed; a work directory to decompress into is needed"
         )
     limit = config.limits.max_decompressed_size if max_decompressed is None else max_decompressed
-    target = _fresh_path(Path(workdir), source)
+    target = decompress_to if decompress_to is not None else _fresh_path(Path(workdir), source)
     try:
         result.details["decompressed_size"] = decompress(
-            source, target, compression, limit, reserve=reserve, cancel=cancel
+            source, target, compression, limit, reserve=reserve, cancel=cancel, ledger=ledger
         )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)

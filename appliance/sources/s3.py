@@ -35,6 +35,7 @@ from .http import (
     TransferInterrupted,
     describe_network_error,
     format_range,
+    shutdown_on_cancel,
 )
 from .s3names import InvalidS3Name
 from .urlfilter import UrlPolicy, parse_s3_url, s3_endpoint_url
@@ -242,22 +243,40 @@ class S3Stream:
         self._received = 0
 
     def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel."""
-        while True:
-            if self._cancel is not None and self._cancel.is_set():
-                raise Cancelled("download cancelled")
-            try:
-                chunk = self._body.read(chunk_size)
-            except _STREAM_ERRORS as exc:
-                raise TransferInterrupted(
-                    f"the transfer of {self.url} broke after {self._received} bytes: "
-                    f"{describe_network_error(exc)}",
-                    received=self._received,
-                ) from exc
-            if not chunk:
-                return
-            self._received += len(chunk)
-            yield chunk
+        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel.
+
+        A read blocked on an object store that sends nothing more ends as soon as ``cancel`` is set
+        (the connection's socket is shut down), not at ``sources.read_timeout``: a worker shutting
+        down must be able to suspend the task within its grace period.
+        """
+        with shutdown_on_cancel(self._cancel, self._shutdown):
+            while True:
+                self._raise_if_cancelled()
+                try:
+                    chunk = self._body.read(chunk_size)
+                except _STREAM_ERRORS as exc:
+                    self._raise_if_cancelled()
+                    raise TransferInterrupted(
+                        f"the transfer of {self.url} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not chunk:
+                    break
+                self._received += len(chunk)
+                yield chunk
+            self._raise_if_cancelled()  # a shut-down socket reads as the end of the body
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("download cancelled")
+
+    def _shutdown(self) -> None:
+        """Shut down the socket under the body (botocore's StreamingBody over urllib3's response)."""
+        raw = getattr(self._body, "_raw_stream", None)  # botocore keeps urllib3's response here
+        if raw is None or not hasattr(raw, "shutdown"):
+            raise RuntimeError("this body has no connection to shut down")
+        raw.shutdown()
 
     def close(self) -> None:
         self._body.close()

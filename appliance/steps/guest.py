@@ -104,7 +104,15 @@ class ValidateStep(Step):
     ) -> GuestReport:
         """The report of ``source`` plus the findings where the ``request`` (platform, architecture,
         virtualization_type, kernel_id) disagrees with the guest."""
-        report = validate_image(source, format, bootable=bootable, config=ctx.config, cancel=ctx.cancel)
+        report = validate_image(
+            source,
+            format,
+            bootable=bootable,
+            config=ctx.config,
+            cancel=ctx.cancel,
+            # the probe's private directory in the task's scratch: what a killed task left goes with it
+            workdir=None if ctx.dry_run else ctx.workdir,
+        )
         request = dict(request)
         platform, architecture = request.pop("platform", None), request.pop("architecture", None)
         mismatches = check_request(report, platform, architecture, **request)

@@ -35,7 +35,7 @@ from ..sources.fetch import fetch_to_file, parse_source
 from ..sources.manifest import Importer, ImportManifest, Part, download_parts, wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
-from ..targets.base import Volume, _zero_range
+from ..targets.base import Volume, _zero_range, insufficient_storage, storage_error
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 
@@ -131,7 +131,14 @@ class VolumeCreateStep(Step):
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
         else:
-            volume = target.create(ctx.task_id, size_gib * GiB, availability_zone=availability_zone)
+            # The token is this step's: a create that was interrupted before the record was written made (or
+            # began) the volume this one takes again, where the target can.
+            volume = target.create(
+                ctx.task_id,
+                size_gib * GiB,
+                availability_zone=availability_zone,
+                client_token=f"{ctx.task_id}/{ctx.idx}",
+            )
             record.write_text(json.dumps(volume.info))
             ctx.ledger_created(f"volume {volume.id} ({volume.path})")
         return {"id": volume.id, **volume.info}
@@ -194,6 +201,8 @@ class VolumeImportStep(Step):
 
     RAW: parts stream straight onto the volume (no scratch), checked by the format inspectors on the
     way. VMDK/VHD: parts are assembled in scratch, inspected, and converted by qemu-img onto the volume.
+    A volume whose storage fills up is ``InsufficientStorage`` on both paths; scratch that fills up while
+    a VMDK/VHD upload is assembled is ``InsufficientScratch``.
     """
 
     schema = {
@@ -242,7 +251,11 @@ class VolumeImportStep(Step):
                 f"volume of at least {-(-m.size // GiB)} GiB"
             )
         check = _StreamCheck()
-        fd = os.open(vol.path, os.O_RDWR)
+        where = f"volume {vol.id} ({vol.path})"
+        try:
+            fd = os.open(vol.path, os.O_RDWR)
+        except OSError as exc:
+            raise storage_error(exc, where) from exc
         try:
             is_block = stat.S_ISBLK(os.fstat(fd).st_mode)
             # After a restart the inspectors must see the whole stream: re-read what was verified.
@@ -254,16 +267,19 @@ class VolumeImportStep(Step):
                 zeros = _ZERO_BUFFERS.get(len(chunk))
                 if zeros is None:
                     zeros = _ZERO_BUFFERS.setdefault(len(chunk), bytes(len(chunk)))
-                if chunk == zeros:
-                    # Zeros stay holes: nothing to do on a zeroed volume, a punched hole or
-                    # BLKZEROOUT elsewhere.
-                    if not zeroed:
-                        _zero_range(fd, offset, len(chunk), is_block)
-                    return
-                view = memoryview(chunk)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                try:
+                    if chunk == zeros:
+                        # Zeros stay holes: nothing to do on a zeroed volume, a punched hole or
+                        # BLKZEROOUT elsewhere.
+                        if not zeroed:
+                            _zero_range(fd, offset, len(chunk), is_block)
+                        return
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.pwrite(fd, view, offset)
+                        view, offset = view[n:], offset + n
+                except OSError as exc:  # a full volume is InsufficientStorage, like every target write
+                    raise storage_error(exc, where) from exc
 
             def on_part(part: Part, done: int) -> None:
                 self._save(checkpoint, part, done)
@@ -287,7 +303,10 @@ class VolumeImportStep(Step):
             if findings:
                 raise ImageRejected(findings)
             if not zeroed and vol.size > m.size:
-                _zero_range(fd, m.size, vol.size - m.size, is_block)  # no stale data past the image
+                try:
+                    _zero_range(fd, m.size, vol.size - m.size, is_block)  # no stale data past the image
+                except OSError as exc:
+                    raise storage_error(exc, where) from exc
         finally:
             os.close(fd)
         return {"bytes_written": m.size, "format": "RAW", "virtual_size": m.size, "streamed": True}
@@ -335,7 +354,9 @@ class VolumeImportStep(Step):
             raise
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
-            inspect_image(upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+            inspect_image(
+                upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel, ledger=ctx
+            )
         )
         if source.virtual_size and source.virtual_size > vol.size:
             raise InsufficientVolumeSize(
@@ -366,6 +387,8 @@ class VolumeImportStep(Step):
             on_progress=on_convert,
             cancel=ctx.cancel,
             ledger=ctx,
+            # qemu-img writes onto the volume's storage, not into scratch
+            no_space=lambda _where, doing: insufficient_storage(f"volume {vol.id} ({vol.path})", doing),
         )
         if not result.block_device:
             # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.

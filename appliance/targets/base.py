@@ -77,8 +77,21 @@ class Volume:
 class VolumeTarget(Protocol):
     """Creates, finds again, finalizes and deletes volumes for conversion tasks."""
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """A new volume of at least ``size_bytes``, ready to be written."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """A new volume of at least ``size_bytes``, ready to be written.
+
+        ``client_token`` names this creation, as EC2's CreateVolume ClientToken does: a target that
+        honours it returns, for a token an earlier create was given, the volume that create made or began
+        to make (emptied again), so a step run again after a crash never leaves a volume behind. The
+        file target honours it; see each target for the others.
+        """
         ...
 
     def reopen(self, volume_info: Mapping[str, Any]) -> Volume:
@@ -191,11 +204,21 @@ def storage_error(exc: OSError, where: str) -> TargetError:
     ``TargetWriteFailed``. Writers other than :func:`write_raw` (e.g. a qemu-img wrapper) may use it too.
     """
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage(
-            f"no space left on the storage of {where}: free space or enlarge the target storage, "
-            f"or lower the size of the image ({exc.strerror})"
-        )
+        return insufficient_storage(where, exc.strerror or os.strerror(exc.errno))
     return TargetError(f"cannot write {where}: {exc.strerror or exc}", "TargetWriteFailed")
+
+
+def insufficient_storage(where: str, detail: str) -> InsufficientStorage:
+    """The error of a write that found the storage of a target (``where``: a volume, an image file)
+    full; ``detail`` says what reported it (the OS's words, or a tool's message).
+
+    A full target is ``InsufficientStorage``; a full scratch disk is ``InsufficientScratch``
+    (:func:`appliance.scratch.no_space_error`): the operator frees space in a different place.
+    """
+    return InsufficientStorage(
+        f"no space left on the storage of {where}: free space or enlarge the target storage, "
+        f"or lower the size of the image ({detail})"
+    )
 
 
 def block_device_size(fd: int) -> int:

@@ -271,9 +271,13 @@ class DeviceVolumeTarget:
         size_bytes: int,
         *,
         availability_zone: str | None = None,
+        client_token: str | None = None,
         device: str | None = None,
     ) -> Volume:
-        """Check the device (see :func:`inspect_block_device`) and hand it out as a volume."""
+        """Check the device (see :func:`inspect_block_device`) and hand it out as a volume.
+
+        ``client_token`` is not needed: nothing is created, a create run again hands out the same device.
+        """
         chosen = device or self.path
         if not chosen:
             raise UsageError("no device given: pass device=... or set targets.volume.path")

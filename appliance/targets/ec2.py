@@ -252,8 +252,20 @@ class Ec2VolumeTarget:
 
     # -- the target ---------------------------------------------------------------------------
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB.
+
+        ``client_token`` is not used yet: a create run again after its process was killed makes another
+        volume, and one killed between CreateVolume and its caller's record leaves the first one (tagged
+        with the task, ``imaging:task-id``) for the operator.
+        """
         if size_bytes <= 0:
             raise UsageError(f"volume size must be positive, not {size_bytes}")
         zone = self.availability_zone()

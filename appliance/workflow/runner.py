@@ -352,10 +352,12 @@ class TaskRun:
             if self.cancel.is_set() and not step_cancel.is_set():
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "suspend" if self.suspended else "cancel")
             if deadline is not None and not timed_out and now >= deadline:
                 timed_out = True
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "timeout")
             if give_up_at is not None and now >= give_up_at and thread.is_alive():
                 self._emit(
                     "step.abandoned",
@@ -382,6 +384,11 @@ class TaskRun:
         if isinstance(error, Exception):
             raise self._unexpected(step, idx, error) from error
         raise StepFailed(f"step raised {type(error).__name__}") from error
+
+    def _stopping(self, step: StepSpec, idx: str, reason: str) -> None:
+        """Record that step ``idx`` was asked to stop (``suspend``, ``cancel`` or ``timeout``): what it
+        does from here on is its way of stopping (and an abandoned step's event follows this one)."""
+        self._emit("step.stopping", {"step": idx, "name": step.name, "reason": reason}, notify=False)
 
     def _unexpected(self, step: StepSpec, idx: str, exc: Exception) -> StepFailed:
         """``StepFailed`` for an uncoded exception; its type and text only reach the log and the
