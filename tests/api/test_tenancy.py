@@ -353,6 +353,25 @@ def test_bob_cannot_cancel_alices_task_and_alices_other_key_can(api: Api) -> Non
     assert (cancelled["PreviousState"], cancelled["State"]) == ("active", "deleted")
 
 
+def test_a_second_appliance_on_the_same_store_answers_for_the_first_ones_tasks(
+    api: Api, tmp_path: Path
+) -> None:
+    port = free_port()
+    cfg = tmp_path / "second.yaml"
+    write_config(cfg, port, config_mod.load(api.config).state_dir)
+    with api_server(cfg, f"http://127.0.0.1:{port}"):
+        second = Api(f"http://127.0.0.1:{port}", cfg)
+        task_id = new_snapshot(api.ec2(ALICE), ClientToken="across-appliances")
+        assert new_snapshot(second.ec2(ALICE2), ClientToken="across-appliances") == task_id
+        assert state_of(describe_one(second.ec2(ALICE2), task_id)) == "active"
+        with pytest.raises(ClientError) as info:
+            second.ec2(BOB).cancel_import_task(ImportTaskId=task_id)
+        assert info.value.response["Error"]["Code"] == "InvalidConversionTaskId"
+        assert second.ec2(ALICE).cancel_import_task(ImportTaskId=task_id)["State"] == "deleted"
+        assert state_of(describe_one(api.ec2(ALICE), task_id)) == "deleted"
+        assert second.admin_json(ADMIN, f"/v1/tasks/{task_id}")["account"] == "acct-a"
+
+
 # -- ClientToken: unique within an account ----------------------------------------------------------
 
 
