@@ -296,6 +296,8 @@ class Task:
     attempts: int
     cancel_reason: str | None = None
     bytes_converted: int = 0
+    #: the account the task belongs to (its creator's); '' for none
+    client_account: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -573,10 +575,20 @@ class Store:
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
             return Task._from_row(self._task_row(conn, task_id))
 
-    def get_task(self, task_id: str) -> Task:
-        """The task ``task_id``; raises :class:`TaskNotFound`."""
-        with self._lock:
-            return Task._from_row(self._task_row(self._conn, task_id))
+    def get_task(self, task_id: str, *, account: str | Iterable[str] | None = None) -> Task:
+        """The task ``task_id``; raises :class:`TaskNotFound`, also when ``account`` (one or several)
+        is given and the task belongs to none of them: to such a caller it does not exist."""
+        sql, args = "SELECT * FROM tasks WHERE id = ?", [task_id]
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                raise TaskNotFound(f"no task {task_id!r}")
+            sql += f" AND client_account IN ({', '.join('?' * len(accounts))})"
+            args += accounts
+        rows = self._read(sql, args)
+        if not rows:
+            raise TaskNotFound(f"no task {task_id!r}")
+        return Task._from_row(rows[0])
 
     def list_tasks(
         self,
@@ -585,14 +597,26 @@ class Store:
         limit: int | None = 100,
         kind: str | Iterable[str] | None = None,
         marker: str | None = None,
+        account: str | Iterable[str] | None = None,
     ) -> list[Task]:
-        """Tasks, newest first, optionally only those in ``state`` and of ``kind`` (one or several each).
+        """Tasks, newest first, optionally only those in ``state``, of ``kind`` and of ``account``
+        (one or several each).
 
-        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if unknown).
+        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if
+        unknown, or not of ``account``).
         """
         sql, args, where = "SELECT * FROM tasks", [], []
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                return []
+            where.append(f"client_account IN ({', '.join('?' * len(accounts))})")
+            args += accounts
         if marker is not None:
-            rows = self._read("SELECT created_at, rowid FROM tasks WHERE id = ?", (marker,))
+            # another account's task is no marker either
+            rows = self._read(
+                " AND ".join(["SELECT created_at, rowid FROM tasks WHERE id = ?", *where]), [marker, *args]
+            )
             if not rows:
                 raise TaskNotFound(f"no task {marker!r} (pagination marker)")
             # the same (created_at, rowid) order as ORDER BY below, so pages neither skip nor repeat

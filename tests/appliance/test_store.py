@@ -377,6 +377,28 @@ def test_client_token_returns_the_task_of_the_same_request(store: Store) -> None
     assert len(ids) == 5 == len(store.list_tasks(limit=None))
 
 
+def test_tasks_are_found_and_listed_within_the_accounts_asked_for(store: Store) -> None:
+    a = store.create_task("import-snapshot", client_account="acct-a").id
+    b = store.create_task("import-snapshot", client_account="acct-b").id
+    none = store.create_task("import-snapshot").id  # no account
+    assert [store.get_task(t).client_account for t in (a, b, none)] == ["acct-a", "acct-b", ""]
+    assert store.get_task(a, account="acct-a").id == a
+    assert store.get_task(none, account=["acct-a", ""]).id == none
+    # another account's task is not found, in the words an unknown id gets
+    for task_id, account in ((a, "acct-b"), (none, "acct-a"), (a, [])):
+        with pytest.raises(TaskNotFound) as info:
+            store.get_task(task_id, account=account)
+        assert info.value.message == f"no task {task_id!r}"
+    assert [t.id for t in store.list_tasks(limit=None, account="acct-b")] == [b]
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""])] == [none, a]
+    assert store.list_tasks(limit=None, account=[]) == []
+    assert [t.id for t in store.list_tasks(limit=None)] == [none, b, a]
+    # a page marker too: another account's task is no marker
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""], marker=none)] == [a]
+    with pytest.raises(TaskNotFound):
+        store.list_tasks(account="acct-a", marker=b)
+
+
 def test_client_token_repeat_is_answered_at_the_limit(store: Store) -> None:
     first = store.create_task("import-snapshot", params={"k": 1}, client_token="tok", max_active=1)
     with pytest.raises(ActiveTaskLimit):
