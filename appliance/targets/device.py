@@ -23,7 +23,8 @@ from typing import Any
 
 from .. import schemas
 from ..errors import UsageError
-from .base import TargetError, Volume, block_device_size, fsync_path, new_volume_id, validate_settings
+from .base import TargetError, Volume, new_volume_id, validate_settings
+from .rawio import block_device_size, fsync_path
 
 #: the settings schema (``appliance/schemas/target-device.json``)
 SCHEMA: dict[str, Any] = schemas.load("target-device")

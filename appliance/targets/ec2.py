@@ -37,8 +37,9 @@ from typing import Any
 
 from .. import schemas
 from ..errors import UsageError
-from .base import TargetError, Volume, boto_client, fsync_path, validate_settings
+from .base import TargetError, Volume, boto_client, validate_settings
 from .device import BlockDevice, inspect_block_device
+from .rawio import fsync_path
 
 log = logging.getLogger(__name__)
 

@@ -33,20 +33,9 @@ from ..config import parse_size
 from ..errors import UsageError
 from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
-from .base import (
-    FICLONE,
-    InsufficientStorage,
-    TargetError,
-    Volume,
-    copy_sparse,
-    fsync_dir,
-    fsync_path,
-    hash_file,
-    new_volume_id,
-    storage_error,
-    validate_settings,
-)
+from .base import InsufficientStorage, TargetError, Volume, new_volume_id, storage_error, validate_settings
 from .encryption import Encryption, EncryptionNotSupported
+from .rawio import FICLONE, copy_sparse, fsync_dir, fsync_path, hash_file
 
 #: the settings schema of both file targets (``appliance/schemas/target-file.json``)
 VOLUME_SCHEMA: dict[str, Any] = schemas.load("target-file")
