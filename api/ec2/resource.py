@@ -51,12 +51,16 @@ CONTENT_TYPE = "text/xml;charset=UTF-8"
 FORM_TYPE = "application/x-www-form-urlencoded"
 #: body limit :func:`handles` applies when not given one (the ``api.max_request_bytes`` default)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+#: how much of a refused body is read and thrown away so that the client, still sending, sees the
+#: 413 instead of a connection reset; a larger body gets the answer and the connection closes on it
+DRAIN_LIMIT = 16 << 20
 
 
 def read_body(req: falcon.Request, max_bytes: int) -> bytes:
     """The request body, read once (cached on ``req.context``) and at most ``max_bytes`` long."""
     length = req.content_length
     if (length is not None and length > max_bytes) or len(req.query_string) > max_bytes:
+        _drain(req)
         raise _too_large(max_bytes)
     # (bytes read so far, whether the stream is exhausted): :func:`handles` may have read part of
     # a body of unknown length with a smaller limit than the resource's.
@@ -67,8 +71,19 @@ def read_body(req: falcon.Request, max_bytes: int) -> bytes:
         body += more
         req.context.ec2_body = (body, complete)
     if len(body) > max_bytes:
+        _drain(req)
         raise _too_large(max_bytes)
     return body
+
+
+def _drain(req: falcon.Request) -> None:
+    """Read and discard what is left of the body, up to :data:`DRAIN_LIMIT` bytes."""
+    left = DRAIN_LIMIT
+    while left > 0:
+        chunk = req.bounded_stream.read(min(left, 1 << 16))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def _too_large(max_bytes: int) -> Ec2Error:

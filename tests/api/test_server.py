@@ -422,3 +422,18 @@ def test_requests_gunicorn_refuses_get_an_ec2_xml_error(
     error_code, message = _ec2_error(got, headers, body)
     assert error_code == code and says in message
     assert headers["x-amzn-requestid"] in body.decode()
+
+
+def test_a_client_sending_an_oversized_body_reads_the_413_instead_of_a_reset(tmp_path: Path) -> None:
+    # 8 MiB: far more than the loopback socket buffers hold, so a server that answered without
+    # reading the body would close on unread data and the client would see a reset, not the answer
+    body = b"Action=DescribeConversionTasks&Description=" + b"x" * (8 << 20)
+    request = (
+        b"POST / HTTP/1.1\r\nHost: appliance\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with gunicorn(tmp_path) as srv:
+        got, headers, answer = _raw_exchange(srv.port, request)
+    assert got == 413
+    assert _ec2_error(got, headers, answer)[0] == "RequestEntityTooLarge"
