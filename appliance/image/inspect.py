@@ -44,7 +44,6 @@ from .formats import (
     VHD_COOKIE,
     VMDK_MAGIC,
     check_output_format,
-    from_qemu,
     parse_claim,
     strip_compression_suffix,
     to_qemu,
@@ -407,19 +406,6 @@ def _content_stage(
             )
     if size is not None and size > config.limits.max_virtual_size:
         result.add(_size_finding(size, config))
-
-
-def detect_format(path: Path | str, cancel: threading.Event | None = None) -> str | None:
-    """The single format the content of ``path`` has (user-facing name: ``raw``, ``qcow2``, ``vhd`` …),
-    by oslo's format inspector alone (no qemu-img, no safety verdict); None when several match."""
-    inspectors = _detect(Path(path), cancel)
-    if len(inspectors) != 1:
-        return None
-    name = str(inspectors[0])
-    if name in ("raw", "gpt"):
-        # the inspector has no fixed-VHD detector: a raw-looking file with a VHD footer is a VHD
-        return "vhd" if _read_vhd_footer(Path(path)) is not None else "raw"
-    return from_qemu(name)
 
 
 def _detect(path: Path, cancel: threading.Event | None) -> list[fi.FileInspector]:
