@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 
 from ..artifacts.resources import ResourceFetcher
+from ..config import Config
 from ..errors import UsageError
 from .model import StepSpec, Workflow
 from .registry import Registry
@@ -73,7 +74,7 @@ def _plan_resources(workflow: Any) -> dict[str, Any]:
 class Planner:
     """Builds the dry-run plan of a workflow."""
 
-    def __init__(self, config: Any, registry: Registry, templater: Templater) -> None:
+    def __init__(self, config: Config, registry: Registry, templater: Templater) -> None:
         self.config = config
         self.registry = registry
         self.templater = templater
