@@ -18,7 +18,7 @@ from __future__ import annotations
 import builtins
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -434,7 +434,7 @@ class WorkflowLoader:
         path: Path,
         stack: builtins.list[Path],
         cache: dict[Path, Workflow],
-        err: Any,
+        err: Callable[[str, str | None], None],
     ) -> Workflow | None:
         ref = raw["include"]
         if path in self._origins and self.is_path(ref):
@@ -471,7 +471,9 @@ class WorkflowLoader:
         return included
 
 
-def _report_unknown(found: dict[str, set[str]], allowed: set[str], err: Any) -> None:
+def _report_unknown(
+    found: dict[str, set[str]], allowed: set[str], err: Callable[[str, str | None], None]
+) -> None:
     for where, names in found.items():
         for name in sorted(names - allowed):
             hint = " ('item' exists only in a step with 'loop')" if name == "item" else ""
