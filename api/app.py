@@ -92,7 +92,7 @@ def _default_message(req: falcon.Request, exc: falcon.HTTPError) -> str:
     if exc.status_code == 404:
         return f"no resource at {req.path}"
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        allowed = dict(exc.headers or {}).get("Allow", "")
         return f"{req.method} is not allowed on {req.path} (allowed: {allowed})"
     return str(exc.status).split(" ", 1)[-1]
 
@@ -277,7 +277,7 @@ class QueryCheck:
     ) -> None:
         if resource is None or getattr(resource, "checks_own_query", False):
             return
-        allowed = self._documented.get((req.uri_template, req.method.lower()))
+        allowed = self._documented.get((req.uri_template or "", req.method.lower()))
         if allowed is not None:
             check_query(req, allowed)
 
@@ -343,7 +343,9 @@ def create_app(
         return ec2_resource.Ec2Resource(config, service or ImportService(config, stores.get()))
 
     documented = documented_query_parameters(admin.openapi_document())
-    app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api), QueryCheck(documented)])
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        middleware=[RequestContext(), BasicAuth(config.api), QueryCheck(documented)]
+    )
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, _handle_unexpected)

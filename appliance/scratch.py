@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomicfile import write_json_atomic
+from .config import Config
 from .errors import InsufficientScratch, UsageError
 
 _META = ".scratch.json"
@@ -145,7 +146,7 @@ class ScratchSpace:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
-    def from_config(cls, config) -> ScratchSpace:
+    def from_config(cls, config: Config) -> ScratchSpace:
         return cls(config.scratch.root, config.scratch.quota, config.scratch.min_free)
 
     @contextmanager

@@ -391,6 +391,13 @@ def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
+def inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row the ``INSERT`` just run on ``cur`` added."""
+    if cur.lastrowid is None:
+        raise StoreError("the database returned no id for an inserted row")
+    return cur.lastrowid
+
+
 @contextmanager
 def write_transaction(conn: sqlite3.Connection, lock: Any) -> Iterator[sqlite3.Connection]:
     """A short write transaction holding the database write lock from its start (``BEGIN IMMEDIATE``),
@@ -505,7 +512,7 @@ class Store:
             "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?)",
             (task_id, now, kind, stored),
         )
-        return int(cur.lastrowid), stored
+        return inserted_id(cur), stored
 
     def _update(self, conn: sqlite3.Connection, task_id: str, values: dict[str, Any]) -> Task:
         cols = ", ".join(f"{k} = ?" for k in values)
@@ -605,7 +612,9 @@ class Store:
         ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if
         unknown, or not of ``account``).
         """
-        sql, args, where = "SELECT * FROM tasks", [], []
+        sql = "SELECT * FROM tasks"
+        args: list[object] = []
+        where: list[str] = []
         if account is not None:
             accounts = [account] if isinstance(account, str) else list(account)
             if not accounts:
@@ -717,7 +726,7 @@ class Store:
             if error_message is not None:
                 values["error_message"] = redact_text(error_message)
             task = self._update(conn, task_id, values)
-            data = {"state": str(new), "previous": str(current)}
+            data: dict[str, str | None] = {"state": str(new), "previous": str(current)}
             if error_code:
                 data.update(error_code=error_code, error_message=error_message)
             self._event(conn, task_id, "task.state", data, now)
@@ -979,7 +988,8 @@ class Store:
 
     def events(self, since_id: int = 0, *, task_id: str | None = None, limit: int = 1000) -> list[Event]:
         """Events with ``id > since_id`` (all tasks, or one), oldest first."""
-        sql, args = "SELECT * FROM events WHERE id > ?", [since_id]
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[int | str] = [since_id]
         if task_id is not None:
             sql += " AND task_id = ?"
             args.append(task_id)
@@ -1001,7 +1011,7 @@ class Store:
                 (task_id, now, action, resource, step),
             )
             self._event(conn, task_id, "ledger", {"action": action, "resource": resource, "step": step}, now)
-            return LedgerEntry(int(cur.lastrowid), task_id, now, action, resource, step)
+            return LedgerEntry(inserted_id(cur), task_id, now, action, resource, step)
 
     def ledger(self, task_id: str) -> list[LedgerEntry]:
         """The task's cleanup ledger, oldest first."""

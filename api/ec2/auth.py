@@ -394,7 +394,8 @@ class Authenticator:
             headers={name: request.headers[name] for name in headers},
             data=request.body,
         )
-        aws_request.params = query
+        # botocore signs a list of pairs as it signs a dict (repeated names kept); its stubs say dict
+        aws_request.params = query  # type: ignore[assignment]
         verifier = _SigV4Verifier(Credentials(access_key, secret), region, headers, request.path)
         expected = verifier.expected_signature(aws_request, timestamp)
         if not hmac.compare_digest(expected, signature.lower()):

@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import schemas
 from ..atomicfile import write_json_atomic
-from ..config import Config
+from ..config import ArtifactsConfig, Config
 from ..errors import Cancelled
 from ..targets.base import boto_client
 from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
@@ -167,11 +167,13 @@ class ArtifactStore:
     on a store without a bucket raise ``Artifact.NotConfigured``.
     """
 
-    def __init__(self, cfg: Any, *, client: Any = None) -> None:
+    def __init__(self, cfg: ArtifactsConfig, *, client: Any = None) -> None:
         self.cfg = cfg
         self.bucket: str | None = cfg.bucket
         self.prefix: str = (cfg.prefix or "").strip("/")
-        self.cache = DigestCache(Path(cfg.cache_dir))
+        if cfg.cache_dir is None:
+            raise ValueError("ArtifactStore needs artifacts.cache_dir (from_config defaults it)")
+        self.cache = DigestCache(cfg.cache_dir)
         self._client = client
         self._lock = threading.Lock()
 

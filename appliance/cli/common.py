@@ -59,7 +59,7 @@ def cancel_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, old)
 
 
-def decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int], None] | None:
+def decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int, bool], None] | None:
     """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
     (an :class:`appliance.scratch.Allowance`); None otherwise."""
     if detect_compression(src) is None:

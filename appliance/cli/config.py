@@ -64,7 +64,7 @@ def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> d
     }
 
 
-def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
+def cmd_init(args: argparse.Namespace, _cfg: config_mod.Config | None) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to replace it")

@@ -177,9 +177,13 @@ def update(text: str) -> str:
             raise ValueError(
                 f"README needs exactly one block {_BEGIN.format(name=name)} ... {_END.format(name=name)}"
             )
-        content = render()
-        text = pattern.sub(lambda m, content=content: m.group(1) + content + "\n" + m.group(3), text)
+        text = pattern.sub(_filler(render()), text)
     return text
+
+
+def _filler(content: str) -> Callable[[re.Match[str]], str]:
+    """The replacement of a block's match: its markers around ``content``."""
+    return lambda m: m.group(1) + content + "\n" + m.group(3)
 
 
 def stale(text: str) -> list[str]:

@@ -90,9 +90,9 @@ def _validate(
                 cancel=cancel,
             )
         )
-        fmt = found.format
-        if fmt is None:  # inspection names the format of every image it accepts
+        if found.format is None:  # inspection names the format of every image it accepts
             raise UsageError(f"the format of {src} could not be determined")
+        fmt = found.format
         report = validate_image(found.path, fmt, bootable=bootable, config=cfg, cancel=cancel)
     return report, fmt, found.compression
 
@@ -112,7 +112,7 @@ def cmd_validate(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_REJECTED if report.errors else EXIT_OK
 
 
-def _fmt_size(n: int | None) -> str:
+def _fmt_size(n: float | None) -> str:
     if n is None:
         return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

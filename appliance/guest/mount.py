@@ -574,7 +574,8 @@ def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
         if len(fields) < 2:
             continue
         fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
-        entries.append(tuple(_unescape_mountinfo(x) for x in fields[:4]))  # type: ignore[arg-type]
+        device, point, fstype, options = (_unescape_mountinfo(x) for x in fields[:4])
+        entries.append((device, point, fstype, options))
     return entries
 
 
@@ -716,12 +717,12 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
         if "noauto" in options.split(",") or "bind" in options.split(","):
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "noauto or bind"})
             continue
-        part = _find_partition(spec, parts)
-        if part is None:
+        found = _find_partition(spec, parts)
+        if found is None:
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "not on this disk"})
             continue
-        if part.device == gm.root_device or part.fstype not in MOUNTABLE_TYPES:
-            gm.skipped.append({"device": spec, "mount_point": point, "reason": f"type {part.fstype}"})
+        if found.device == gm.root_device or found.fstype not in MOUNTABLE_TYPES:
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": f"type {found.fstype}"})
             continue
         target = gm.fs.resolve_dir(point)
         if target is None:
@@ -729,7 +730,9 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
             continue
         # btrfs subvolumes are part of which tree is meant; every other guest option is ignored
         extra = ",".join(o for o in options.split(",") if o.startswith(("subvol=", "subvolid=")))
-        m.mount(part.device, part.fstype or "", target, extra if part.fstype == "btrfs" and extra else None)
+        m.mount(
+            found.device, found.fstype or "", target, extra if found.fstype == "btrfs" and extra else None
+        )
 
     if m.chroot:
         # Only a minimal /dev. No /proc: a proc mounted here would show the host's processes (and

@@ -142,7 +142,7 @@ class Disk:
             type_str = f"0x{p.type:02x}"
             esp, bios_boot = p.type == _MBR_ESP, False
             bootable = bool((p.flags or 0) & 0x80)
-            partuuid = f"{signature:08x}-{p.number:02x}"
+            partuuid: str | None = f"{signature:08x}-{p.number:02x}"
             size = p.size
         else:
             type_str = str(p.type).lower()
@@ -172,12 +172,12 @@ class Disk:
             )
         )
 
-    def open_partition(self, number: int) -> BinaryIO:
+    def open_partition(self, number: int) -> io.RawIOBase:
         """A read-only stream of partition ``number`` (clipped to the image)."""
         offset, size = self._offsets[number]
         return _Window(self.stream, offset, size)
 
-    def open_whole(self) -> BinaryIO:
+    def open_whole(self) -> io.RawIOBase:
         """The whole disk as a stream (for a bare filesystem)."""
         return _Window(self.stream, 0, self.size)
 

@@ -66,9 +66,13 @@ def detect_compression(path: Path) -> str | None:
 
 
 class _MaxLengthDecompressor(Protocol):
-    eof: bool
-    needs_input: bool
-    unused_data: bytes
+    # read-only, as lzma's and bz2's decompressors have them
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 

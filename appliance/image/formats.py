@@ -9,6 +9,8 @@ format announces itself in its bytes (:func:`container_format`, :func:`compressi
 
 from __future__ import annotations
 
+from typing import overload
+
 from ..errors import UsageError
 
 #: formats a user may claim for an input image
@@ -55,6 +57,14 @@ def _split(claim: str) -> tuple[str, str | None]:
             )
         compression = _SUFFIXES[suffix]
     return from_qemu(name), compression
+
+
+@overload
+def parse_claim(claim: str) -> tuple[str, str | None]: ...
+@overload
+def parse_claim(claim: None) -> tuple[None, None]: ...
+@overload
+def parse_claim(claim: str | None) -> tuple[str | None, str | None]: ...
 
 
 def parse_claim(claim: str | None) -> tuple[str | None, str | None]:

@@ -21,7 +21,8 @@ class RawStreamCheck:
 
     def __init__(self) -> None:
         self._feed = self._Feed()
-        self._wrapper = format_inspector.InspectWrapper(self._feed)
+        # InspectWrapper is typed to take IO[bytes] but only calls read(): the feed is enough
+        self._wrapper = format_inspector.InspectWrapper(self._feed)  # type: ignore[arg-type]
 
     def eat(self, chunk: bytes) -> None:
         self._feed.chunk = chunk

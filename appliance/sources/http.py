@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from urllib.parse import urljoin
 
 import urllib3
@@ -165,7 +165,7 @@ class HttpResponse:
             return None
         return value.removeprefix("W/").strip('"')
 
-    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
         """The body as raw bytes (no content decoding). Raises :class:`TransferInterrupted` when the
         connection breaks or the body is shorter than Content-Length, :class:`Cancelled` on cancel."""
         # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
@@ -249,7 +249,7 @@ def describe_network_error(exc: BaseException) -> str:
     for inner in reversed(chain):  # the innermost cause says the most
         for cls, phrase in _NETWORK_PHRASES:
             if isinstance(inner, cls):
-                if cls is ssl.SSLError and getattr(inner, "reason", None):
+                if cls is ssl.SSLError and isinstance(inner, ssl.SSLError) and inner.reason:
                     return f"{phrase} ({inner.reason})"
                 return phrase
     names = [type(e).__name__ for e in chain]

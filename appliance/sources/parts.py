@@ -333,7 +333,7 @@ def _fetch_verified(
     for attempt in range(1, attempts + 1):
         chunks: list[bytes] = []
         try:
-            _download_part(client, part, lambda _offset, chunk, into=chunks: into.append(chunk), cancel)
+            _download_part(client, part, _appender(chunks), cancel)
             return chunks
         except (TransferInterrupted, PartVerificationFailed) as exc:
             failure: ImagingError = exc
@@ -350,6 +350,11 @@ def _fetch_verified(
         delay = min(client.backoff_max, client.backoff * 2 ** (attempt - 1))
         sleep_or_cancel(delay / 2 + random.uniform(0, delay / 2), cancel, "download")
     raise AssertionError("unreachable")
+
+
+def _appender(chunks: list[bytes]) -> Callable[[int, bytes], None]:
+    """A ``write`` for :func:`_download_part` that keeps the part's bytes in ``chunks``."""
+    return lambda _offset, chunk: chunks.append(chunk)
 
 
 def _download_part(

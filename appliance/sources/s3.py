@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import botocore.config
@@ -75,7 +75,7 @@ def s3_client(
     endpoint = s3_endpoint_url(dict(s3cfg))
     policy.check(endpoint)
     sources = policy.sources
-    style = s3cfg.get("addressing_style") or "auto"
+    style: Literal["auto", "virtual", "path"] = s3cfg.get("addressing_style") or "auto"
     if style == "auto" and s3cfg.get("endpoint_url") and not _is_aws(endpoint):
         style = "path"  # MinIO, Ceph RGW, moto, Eucalyptus Walrus: no wildcard DNS for virtual hosts
     attempts = (retries if retries is not None else (sources.retries if sources else DEFAULT_RETRIES)) + 1
@@ -219,7 +219,8 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
-    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):
+    # mypy types a starred tuple of exception classes as tuple[type, ...]: a false positive
+    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):  # type: ignore[misc]
         return True  # the HEAD of the object already failed; let its error speak
     return True
 

@@ -115,7 +115,7 @@ def copy_sparse(
     dst_zeroed: bool,
     dst_is_block: bool = False,
     hasher: Any | None = None,
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
 ) -> int:
     """Copy ``size`` bytes from ``src_fd`` to ``dst_fd`` (same offsets), skipping what need not be written.

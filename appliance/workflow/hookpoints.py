@@ -133,7 +133,8 @@ def _local_run(hook: HookConfig) -> bool:
 
 def _takes_image(cls: type) -> bool:
     try:
-        params = inspect.signature(cls.run).parameters.values()
+        # the registry holds only classes with a callable run (registry._check_class)
+        params = inspect.signature(cls.run).parameters.values()  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return True
     return any(p.name == "image" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

@@ -59,14 +59,19 @@ from .templating import TemplateProblem, Templater
 class RunHost(Protocol):
     """What a task run takes from the engine that starts it (an :class:`~.engine.Engine` is one)."""
 
-    store: Store
     config: Config
     registry: Registry
     templater: Templater
-    callbacks: EngineCallbacks
     loader: WorkflowLoader
     #: seconds a step may keep running after its cancel before it is abandoned
     timeout_grace: float
+
+    # read-only: the engine opens its store on first use and fans callbacks out to several
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def callbacks(self) -> EngineCallbacks: ...
 
 
 log = logging.getLogger(__name__)
@@ -205,7 +210,7 @@ class TaskRun:
             )
         parent = self._record(step, idx, StepState.RUNNING, args={"items": items}, undo=False)
         self.callbacks.on_step_start(self.task_id, parent)
-        results = []
+        results: list[Any] = []
         for n, item in enumerate(items, start=1):
             self.check_cancelled()
             child, item_scope = f"{idx}.loop{n}", {**scope, "item": item}
@@ -268,6 +273,7 @@ class TaskRun:
             return self.run_point(wf, step, idx, scope)
         try:
             args = self._render(wf, step, step.args, scope, "with")
+            assert step.action is not None  # the loader gives every step an action, an include or hooks
             cls = self.registry.get(step.action)
             self._validate_args(wf, step, cls, args)
         except ImagingError as exc:
@@ -415,6 +421,8 @@ class TaskRun:
         return isinstance(step.when, str) and "item" in self.templater.condition_names(step.when)
 
     def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool:
+        if step.when is None:
+            return True
         try:
             return bool(self.templater.condition(step.when, scope))
         except TemplateProblem as exc:
@@ -457,7 +465,7 @@ class TaskRun:
         record = self._record(step, idx, state, **kw)
         self._running.pop(idx, None)
         self._done[idx] = record
-        data = {"step": idx, "name": step.name, "state": str(state)}
+        data: dict[str, Any] = {"step": idx, "name": step.name, "state": str(state)}
         if record.error:
             data["error"] = record.error
         self._emit("step.end", data, notify=False)

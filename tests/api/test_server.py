@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from gunicorn.config import Config as GunicornConfig
 
 from api import server
 from api.gunicorn_worker import Ec2ErrorWorker
@@ -283,7 +283,9 @@ def test_ssl_context_hook_raises_a_permissive_floor_to_tls12(tmp_path: Path) -> 
             ctx.minimum_version = ssl.TLSVersion.TLSv1
         return ctx
 
-    conf = SimpleNamespace(certfile=str(cert), keyfile=str(key))
+    conf = GunicornConfig()
+    conf.set("certfile", str(cert))
+    conf.set("keyfile", str(key))
     ctx = server.ssl_context(conf, permissive)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     # built once per worker process: the sync worker asks on every connection
