@@ -3,18 +3,22 @@
 Resources only read the appliance's configuration and task database and render them; every rule
 (task states, limits, formats) comes from :mod:`appliance`. ``auth_required = False`` marks the
 resources a load balancer or a client must reach without credentials (see :mod:`api.app`).
+
+The task routes show a key with ``role: admin`` every account's tasks and any other key its own
+account's (``req.context.accounts``, set by :class:`api.app.BasicAuth`); another account's task is
+a 404 in the same words as a task that does not exist. ``/metrics`` and ``/v1/info`` are the same
+for every key: counts by kind and state, and the appliance's settings, name no task nor account.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Sequence
 from functools import cache
 from importlib import metadata, resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlencode
 
 import falcon
 import yaml
@@ -22,22 +26,18 @@ import yaml
 from appliance.config import Config
 from appliance.errors import UsageError
 from appliance.image import formats
-from appliance.service.imports import boot_settings, guest_report, validated_report
+from appliance.redact import redact
+from appliance.service import health as health_mod
+from appliance.service import imports
+from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
-from . import health as health_mod
 from . import metrics as metrics_mod
 
 API_VERSION = "v1"
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 RECENT_EVENTS = 50
-#: query parameters of presigned URLs that are credentials (SigV4, SigV2, STS), hidden in task views
-_URL_SECRETS = frozenset(
-    {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature", "awsaccesskeyid"}
-)
-_SECRET_KEY = re.compile(r"secret|password|security_token|session_token", re.IGNORECASE)
-REDACTED = "REDACTED"
 
 
 @cache
@@ -81,43 +81,21 @@ class StoreHandle:
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def _redact_url(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if not parts.query:
-        return url
-    query = [(k, REDACTED if k.lower() in _URL_SECRETS else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/:")))
-
-
-def redact(value: Any) -> Any:
-    """``value`` with presigned-URL signatures and secret-looking keys replaced by ``REDACTED``.
-
-    Task params hold presigned manifest/part URLs, which are bearer credentials until they expire.
-    """
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if _SECRET_KEY.search(str(k)) and isinstance(v, str) else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str) and value.startswith(("http://", "https://")):
-        return _redact_url(value)
-    return value
-
-
 def task_href(task_id: str) -> str:
     return f"/{API_VERSION}/tasks/{task_id}"
 
 
+def account_of(task: Task) -> str | None:
+    """The account the task belongs to; None for a task recorded without one."""
+    return task.client_account or None
+
+
 def task_summary(task: Task) -> dict[str, Any]:
-    """The list view of a task."""
-    return {
+    """The list view of a task (redacted, see :mod:`appliance.redact`)."""
+    view = {
         "id": task.id,
         "kind": task.kind,
+        "account": account_of(task),
         "state": str(task.state),
         "phase": task.phase,
         "percent": task.percent,
@@ -132,22 +110,25 @@ def task_summary(task: Task) -> dict[str, Any]:
         "finished_at": task.finished_at,
         "links": [{"rel": "self", "href": task_href(task.id)}],
     }
+    return redact(view)
 
 
 def task_detail(store: Store, task: Task) -> dict[str, Any]:
     """The full view of a task: the row, progress, steps, findings, the guest validation report and
-    boot settings (image and instance imports), cleanup ledger, recent events."""
+    boot settings (image and instance imports), the encryption asked for and applied (image and
+    snapshot imports), cleanup ledger, recent events — redacted: params and step arguments hold
+    presigned URLs (bearer credentials until they expire) and hook arguments."""
     row = task.to_dict()
     row.pop("findings")
-    row["params"] = redact(row["params"])
-    row["result"] = redact(row["result"])
+    row.pop("client_account")  # shown as ``account``
     all_events = store.events(task_id=task.id, limit=100_000)
     events = all_events[-RECENT_EVENTS:]
     # not outcome(): any workflow may run as a task, and only imports' results have its layout;
     # a task that validation failed has no result, but its guest.validated event holds the report
     guest = guest_report(task.result) or validated_report(all_events)
-    return {
+    view = {
         "task": row,
+        "account": account_of(task),
         "progress": {
             "phase": task.phase,
             "percent": task.percent,
@@ -155,20 +136,20 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
             "bytes_total": task.bytes_total,
             "bytes_converted": task.bytes_converted,
         },
-        "steps": [redact(s.to_dict()) for s in store.step_results(task.id)],
+        "steps": [s.to_dict() for s in store.step_results(task.id)],
         "findings": task.findings,
-        "guest": redact(guest),
+        "guest": guest,
         "boot": boot_settings(task, guest),
+        "encryption": encryption_report(task),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
-        "events": [redact(e.to_dict()) for e in events],
+        "events": [e.to_dict() for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],
     }
+    return redact(view)
 
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
     """What this appliance accepts and produces (like Glance's ``/v2/info/import``)."""
-    from appliance.service import imports
-
     banned = set(config.safety.banned_formats)
     inputs = [
         f
@@ -244,7 +225,7 @@ class HealthResource:
         self._stores = stores
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        doc = health_mod.health(self._config, self._stores.get, app_version())
+        doc = redact(health_mod.health(self._config, self._stores.get, app_version()))
         resp.media = doc
         resp.status = falcon.HTTP_503 if doc["status"] == health_mod.DISABLED else falcon.HTTP_200
         resp.cache_control = ["no-store"]
@@ -271,7 +252,8 @@ def _list_param(req: falcon.Request, name: str) -> list[str] | None:
 
 
 class TasksResource:
-    """``GET /v1/tasks?state=&kind=&limit=&marker=``: tasks newest first, paged by marker."""
+    """``GET /v1/tasks?state=&kind=&limit=&marker=``: the tasks the caller sees, newest first,
+    paged by marker."""
 
     def __init__(self, stores: StoreHandle) -> None:
         self._stores = stores
@@ -280,14 +262,16 @@ class TasksResource:
         limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PAGE, default=DEFAULT_PAGE)
         states = _list_param(req, "state")
         kinds = _list_param(req, "kind")
-        marker = req.get_param("marker")
+        marker = req.get_param("marker") or None  # an empty marker is the first page
         valid = [str(s) for s in TaskState]
         for state in states or ():
             if state not in valid:
                 raise UsageError(f"state {state!r} is not one of {', '.join(valid)}")
         try:
             # one extra row tells whether a next page exists without a COUNT query
-            tasks = self._stores.get().list_tasks(states, kind=kinds, limit=limit + 1, marker=marker)
+            tasks = self._stores.get().list_tasks(
+                states, kind=kinds, limit=limit + 1, marker=marker, account=req.context.accounts
+            )
         except TaskNotFound as exc:
             raise UsageError(f"marker {marker!r} is not a task id", code="InvalidMarker") from exc
         page = tasks[:limit]
@@ -303,7 +287,7 @@ class TasksResource:
 
 
 class TaskResource:
-    """``GET /v1/tasks/{task_id}``: the full detail of one task."""
+    """``GET /v1/tasks/{task_id}``: the full detail of one task the caller sees."""
 
     def __init__(self, stores: StoreHandle) -> None:
         self._stores = stores
@@ -312,7 +296,7 @@ class TaskResource:
         if not TASK_ID_RE.match(task_id):
             raise UsageError(f"{task_id!r} is not a valid task id", code="InvalidTaskId.Malformed")
         store = self._stores.get()
-        resp.media = task_detail(store, store.get_task(task_id))
+        resp.media = task_detail(store, store.get_task(task_id, account=req.context.accounts))
 
 
 class OpenApiResource:

@@ -8,6 +8,10 @@ and tracebacks never reach a client.
 
 Every request gets a fresh id in ``req.context.request_id`` (before any resource runs, so the EC2
 resource can put the same id in its XML) and in the ``X-Request-Id`` response header.
+
+The admin API takes exactly the query parameters its OpenAPI document lists for each operation
+(:class:`QueryCheck`): another one is a 400 ``UnknownParameter`` rather than silently ignored, and
+a documented single-valued one given twice a 400 ``InvalidParameterValue``.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import importlib
-import importlib.util
 import json
 import logging
 import threading
@@ -27,11 +29,14 @@ from typing import Any
 
 import falcon
 
-from appliance.config import Config
+from appliance.config import ADMIN, ApiConfig, Config
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+from appliance.redact import redact_text
+from appliance.service.imports import Caller, ImportService
 from appliance.store import Store, StoreError
 
 from . import admin
+from .ec2 import resource as ec2_resource
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("api.access")
@@ -43,6 +48,7 @@ REALM = "imaging-admin"
 _STATUS_BY_CODE = {
     "TaskNotFound": falcon.HTTP_404,
     "InvalidParameterValue": falcon.HTTP_400,
+    "UnknownParameter": falcon.HTTP_400,
     "InvalidMarker": falcon.HTTP_400,
     "InvalidTaskId.Malformed": falcon.HTTP_400,
     "IncorrectState": falcon.HTTP_409,
@@ -79,14 +85,14 @@ def request_id(req: falcon.Request) -> str:
 
 
 def _error_body(code: str, message: str, rid: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message, "request_id": rid}}).encode()
+    return json.dumps({"error": {"code": code, "message": redact_text(message), "request_id": rid}}).encode()
 
 
 def _default_message(req: falcon.Request, exc: falcon.HTTPError) -> str:
     if exc.status_code == 404:
         return f"no resource at {req.path}"
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        allowed = dict(exc.headers or {}).get("Allow", "")
         return f"{req.method} is not allowed on {req.path} (allowed: {allowed})"
     return str(exc.status).split(" ", 1)[-1]
 
@@ -140,6 +146,8 @@ class RequestContext:
         req.context.request_id = str(uuid.uuid4())
         req.context.started = time.monotonic()
         req.context.principal = None
+        # whose tasks the admin API shows (BasicAuth sets it): nobody's until someone signs in
+        req.context.accounts = frozenset()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
@@ -178,10 +186,15 @@ class BasicAuth:
 
     Resources with ``auth_required = False`` (``/``, health, the OpenAPI document) are open; the
     EC2 resource behind ``/`` authenticates with SigV4 itself.
+
+    It also says whose tasks the request may see (``req.context.accounts``): every account's for a
+    key with ``role: admin`` (None), else those its account sees (:meth:`Caller.of`), whatever
+    headers come with the request (Basic auth signs none).
     """
 
-    def __init__(self, credentials: Mapping[str, str]) -> None:
-        self._credentials = dict(credentials)
+    def __init__(self, api: ApiConfig) -> None:
+        self._credentials = dict(api.credentials)
+        self._principals = dict(api.principals)
 
     def authenticate(self, header: str | None) -> str | None:
         """The access key the header proves, or None."""
@@ -208,28 +221,86 @@ class BasicAuth:
                 headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
             )
         req.context.principal = principal
+        credential = self._principals[principal]
+        req.context.accounts = None if credential.role == ADMIN else Caller.of(credential).sees
 
 
-def _ec2_module() -> Any | None:
-    """:mod:`api.ec2.resource` if this build has it (checked by spec so a real import error still raises)."""
-    if importlib.util.find_spec("api.ec2.resource") is None:
-        return None
-    return importlib.import_module("api.ec2.resource")
+#: query parameter name → whether it may be repeated (an ``array`` schema), per (path template, method)
+QueryParams = dict[tuple[str, str], dict[str, bool]]
+
+
+def documented_query_parameters(document: Mapping[str, Any]) -> QueryParams:
+    """The query parameters of each operation of an OpenAPI ``document`` (HEAD takes GET's)."""
+    out: QueryParams = {}
+    for template, item in document["paths"].items():
+        for method, operation in item.items():
+            params = {
+                p["name"]: p.get("schema", {}).get("type") == "array"
+                for p in operation.get("parameters", ())
+                if p.get("in") == "query"
+            }
+            out[(template, method)] = params
+            if method == "get":
+                out.setdefault((template, "head"), params)
+    return out
+
+
+def check_query(req: falcon.Request, allowed: Mapping[str, bool]) -> None:
+    """Refuse query parameters not in ``allowed`` (first), then repeats of those that are not lists."""
+    for name in req.params:
+        if name not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no query parameters"
+            raise ApiError(
+                falcon.HTTP_400,
+                "UnknownParameter",
+                f"unknown query parameter {name[:64]!r}; {req.method} {req.uri_template} takes {takes}",
+            )
+    for name, value in req.params.items():
+        if isinstance(value, list) and not allowed[name]:
+            raise ApiError(
+                falcon.HTTP_400, "InvalidParameterValue", f"the query parameter {name} may be given only once"
+            )
+
+
+class QueryCheck:
+    """Middleware: each admin operation takes the query parameters its OpenAPI document lists.
+
+    Resources with ``checks_own_query = True`` (``/``, whose EC2 requests carry EC2 parameters)
+    call :func:`check_query` themselves; unknown routes are left to Falcon's 404/405.
+    """
+
+    def __init__(self, documented: QueryParams) -> None:
+        self._documented = documented
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any
+    ) -> None:
+        if resource is None or getattr(resource, "checks_own_query", False):
+            return
+        allowed = self._documented.get((req.uri_template or "", req.method.lower()))
+        if allowed is not None:
+            check_query(req, allowed)
 
 
 class RootResource:
     """``/``: the EC2 Query endpoint (any POST, a GET with ``Action``) or version discovery."""
 
     auth_required = False
+    checks_own_query = True
 
-    def __init__(self, ec2_module: Any | None, make_ec2: Callable[[], Any], max_request_bytes: int) -> None:
-        self._module = ec2_module
+    def __init__(
+        self,
+        make_ec2: Callable[[], ec2_resource.Ec2Resource],
+        max_request_bytes: int,
+        query_params: Mapping[str, bool] | None = None,
+    ) -> None:
         self._make_ec2 = make_ec2
         self._max_bytes = max_request_bytes
-        self._ec2: Any | None = None
+        self._query_params = query_params or {}
+        self._ec2: ec2_resource.Ec2Resource | None = None
         self._lock = threading.Lock()
 
-    def _resource(self) -> Any:
+    def _resource(self) -> ec2_resource.Ec2Resource:
         # Built on first use: it needs the task database, which may not be openable at boot.
         with self._lock:
             if self._ec2 is None:
@@ -237,14 +308,13 @@ class RootResource:
             return self._ec2
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._module is not None and self._module.handles(req, self._max_bytes):
+        if ec2_resource.handles(req, self._max_bytes):
             self._resource().on_get(req, resp)
             return
+        check_query(req, self._query_params)
         resp.media = admin.versions_document()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._module is None:
-            raise falcon.HTTPMethodNotAllowed(["GET"], description="this build has no EC2 Query API")
         self._resource().on_post(req, resp)
 
 
@@ -257,7 +327,9 @@ class VersionResource:
         resp.media = {"version": admin.versions_document()["versions"][0]}
 
 
-def create_app(config: Config, *, store: Store | None = None, service: Any = None) -> falcon.App:
+def create_app(
+    config: Config, *, store: Store | None = None, service: ImportService | None = None
+) -> falcon.App:
     """The WSGI app for ``config``.
 
     ``store`` (a :class:`~appliance.store.Store`) and ``service`` (an
@@ -266,26 +338,23 @@ def create_app(config: Config, *, store: Store | None = None, service: Any = Non
     is shared between processes.
     """
     stores = admin.StoreHandle(config, store)
-    ec2 = _ec2_module()
 
-    def make_ec2() -> Any:
-        svc = service
-        if svc is None:
-            from appliance.service.imports import ImportService
+    def make_ec2() -> ec2_resource.Ec2Resource:
+        return ec2_resource.Ec2Resource(config, service or ImportService(config, stores.get()))
 
-            svc = ImportService(config, stores.get())
-        return ec2.Ec2Resource(config, svc)
-
-    app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api.credentials)])
+    documented = documented_query_parameters(admin.openapi_document())
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        middleware=[RequestContext(), BasicAuth(config.api), QueryCheck(documented)]
+    )
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, _handle_unexpected)
     app.add_error_handler(ImagingError, _handle_imaging_error)
 
-    app.add_route("/", RootResource(ec2, make_ec2, config.api.max_request_bytes))
+    app.add_route("/", RootResource(make_ec2, config.api.max_request_bytes, documented[("/", "get")]))
     app.add_route("/v1", VersionResource())
     app.add_route("/v1/health", admin.HealthResource(config, stores))
-    app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2.ACTIONS) if ec2 is not None else ()))
+    app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2_resource.ACTIONS)))
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
     app.add_route("/v1/openapi.json", admin.OpenApiResource())

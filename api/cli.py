@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
+from appliance.config import Config
 
-def add_command(sub: Any) -> None:
+
+def add_commands(sub: Any) -> None:
     """Add ``serve`` to the ``imaging`` subcommands."""
     s = sub.add_parser(
         "serve",
@@ -19,9 +22,9 @@ def add_command(sub: Any) -> None:
     s.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace, cfg: Any) -> int:
-    import dataclasses
-
+def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    # gunicorn and the whole HTTP app: only `imaging serve` needs them, every other command loads
+    # this module to register it
     from .server import serve
 
     api = cfg.api

@@ -7,6 +7,9 @@
 * TLS (when ``api.tls`` is configured) is set through gunicorn's ``ssl_context`` server hook
   (:func:`ssl_context`), which enforces TLS >= 1.2. gunicorn's own ``ssl_version`` option has
   been ignored since gunicorn 21, so it is not used.
+* The worker class is gunicorn's ``sync`` worker answering the errors gunicorn raises itself
+  (request line or header fields over the limits, malformed HTTP) as EC2 XML rather than HTML
+  (:mod:`api.gunicorn_worker`).
 * Logging goes to stderr: gunicorn's error log, and one access line per request from the app's
   ``api.access`` logger (with the request id; gunicorn's own access log is off so that requests
   are not logged twice).
@@ -23,15 +26,24 @@ from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import Config as GunicornConfig
 
 from appliance import config as config_mod
+from appliance import redact
 from appliance.config import Config
 from appliance.errors import ConfigError
 
 from .app import create_app
+from .gunicorn_worker import Ec2ErrorWorker
 
 #: seconds workers get to finish in-flight requests after SIGTERM (EC2 calls are short)
 GRACEFUL_TIMEOUT = 30
+#: bytes of the request line (method, path and query string, version): gunicorn's maximum
+LIMIT_REQUEST_LINE = 8190
+#: header fields of a request (a SigV4-signed EC2 call sends about ten)
+LIMIT_REQUEST_FIELDS = 64
+#: bytes of one header field (an Authorization header is about 300)
+LIMIT_REQUEST_FIELD_SIZE = 8190
 LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 
@@ -40,7 +52,9 @@ MIN_TLS = ssl.TLSVersion.TLSv1_2
 _contexts: dict[tuple[int, str | None, str | None], ssl.SSLContext] = {}
 
 
-def ssl_context(conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+def ssl_context(
+    conf: GunicornConfig, default_ssl_context_factory: Callable[[], ssl.SSLContext]
+) -> ssl.SSLContext:
     """gunicorn ``ssl_context`` hook: the default server context with TLS 1.2 as the floor.
 
     Python's own floor is already 1.2 on current versions; setting it here keeps the policy
@@ -69,7 +83,8 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bind": [api.bind],
         "workers": api.workers,
-        "worker_class": "sync",
+        # gunicorn's sync worker, answering the errors gunicorn raises itself in EC2 XML
+        "worker_class": Ec2ErrorWorker,
         "timeout": api.timeout,
         "graceful_timeout": min(GRACEFUL_TIMEOUT, api.timeout),
         "preload_app": False,
@@ -78,7 +93,11 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": config.log_level,
         # EC2 GET requests and presigned queries carry long query strings; 8190 is gunicorn's maximum.
-        "limit_request_line": 8190,
+        # Longer request lines, and more or longer header fields than below, are refused by gunicorn
+        # before the app runs (414/431, as EC2 XML: api.gunicorn_worker).
+        "limit_request_line": LIMIT_REQUEST_LINE,
+        "limit_request_fields": LIMIT_REQUEST_FIELDS,
+        "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
         "ssl_context": ssl_context,
         # No runtime control socket (gunicornc): unused here, and its default per-user path would be
         # shared by every instance on the machine.
@@ -111,8 +130,10 @@ class ApplianceServer(BaseApplication):
 
 
 def configure_logging(level: str) -> None:
-    """Application logs (including the ``api.access`` lines) to stderr at ``level``."""
+    """Application logs (including the ``api.access`` lines) to stderr at ``level``, redacted (as are
+    gunicorn's own, which the workers inherit)."""
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format=LOG_FORMAT, force=True)
+    redact.install_logging()
 
 
 def check_tls(config: Config) -> None:

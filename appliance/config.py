@@ -17,10 +17,11 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import redact, schemas
 from .errors import ConfigError
+from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
 ENV_CONFIG = "IMAGING_CONFIG"
-SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -30,308 +31,23 @@ PLAIN_HOOK_ACTIONS = frozenset({"run"})
 #: the smallest ``worker.task_memory_max``: a task child (Python, the workflow engine) needs about this much
 MIN_TASK_MEMORY = 64 << 20
 
+#: the service configuration's JSON schema (``appliance/schemas/config.json``)
+SCHEMA: dict[str, Any] = schemas.load("config")
+
 #: the insertion points of the import workflows, in the order an import reaches them
-HOOK_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
+HOOK_POINTS: tuple[str, ...] = tuple(
+    SCHEMA["properties"]["hooks"]["properties"]["points"]["propertyNames"]["enum"]
+)
 
-SIZE = {
-    "oneOf": [
-        {"type": "integer", "minimum": 0},
-        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTPkmgtp]i?)?[Bb]?\s*$"},
-    ]
-}
+#: a size: bytes, or a string with a unit (``20GiB``); step argument schemas embed it
+SIZE: dict[str, Any] = SCHEMA["$defs"]["size"]
 
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": True,  # later sections (api, controller, …) validate their own keys
-    "properties": {
-        "state_dir": {"type": "string", "minLength": 1},
-        "log_level": {"enum": ["debug", "info", "warning", "error"]},
-        "scratch": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "root": {"type": "string", "minLength": 1},
-                "quota": SIZE,
-                "min_free": SIZE,
-            },
-        },
-        "limits": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "max_virtual_size": SIZE,
-                "max_decompressed_size": SIZE,
-                "qemu_img_info_cpu_seconds": {"type": "integer", "minimum": 1},
-                "qemu_img_check_cpu_seconds": {"type": "integer", "minimum": 1},
-                "qemu_img_address_space": SIZE,
-                "guest_probe_cpu_seconds": {"type": "integer", "minimum": 1},
-                "guest_probe_address_space": SIZE,
-                # qemu-img convert: a base plus CPU seconds per GiB of virtual size (see appliance.confine)
-                "qemu_img_convert_cpu_seconds": {"type": "integer", "minimum": 1},
-                "qemu_img_convert_cpu_seconds_per_gib": {"type": "integer", "minimum": 0},
-                "qemu_img_convert_address_space": SIZE,
-                # the decompressor child: a base plus CPU seconds per GiB of the output cap
-                "decompress_cpu_seconds": {"type": "integer", "minimum": 1},
-                "decompress_cpu_seconds_per_gib": {"type": "integer", "minimum": 0},
-                "decompress_address_space": SIZE,
-            },
-        },
-        "safety": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "vmdk_allowed_types": {
-                    "type": "array",
-                    "items": {"enum": ["monolithicSparse", "streamOptimized"]},
-                    "uniqueItems": True,
-                },
-                "banned_formats": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-                "iso_policy": {"enum": ["reject", "allow", "allow-hybrid"]},
-            },
-        },
-        "workflows": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "extra_dirs": {"type": "array", "items": {"type": "string"}},
-            },
-        },
-        # Operator hooks (appliance.hooks): steps run at named insertion points of the import workflows.
-        "hooks": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "plugins_dir": {"type": ["string", "null"], "minLength": 1},
-                "points": {
-                    "type": "object",
-                    "propertyNames": {"enum": list(HOOK_POINTS)},
-                    "additionalProperties": {"type": "array", "items": {"$ref": "#/$defs/hook"}},
-                },
-            },
-        },
-        "tasks": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "lease_seconds": {"type": "integer", "minimum": 5},
-                "max_active": {"type": "integer", "minimum": 1},
-                "expiration_hours": {"type": "integer", "minimum": 1},
-            },
-        },
-        "api": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "bind": {"type": "string", "pattern": r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$"},
-                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
-                "timeout": {"type": "integer", "minimum": 1},
-                "region": {"type": "string", "minLength": 1},
-                "credentials": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["access_key", "secret_key"],
-                        "properties": {
-                            "access_key": {"type": "string", "pattern": "^[A-Za-z0-9]{16,128}$"},
-                            "secret_key": {"type": "string", "minLength": 16},
-                        },
-                    },
-                },
-                "sigv2": {"type": "boolean"},
-                "max_clock_skew": {"type": "integer", "minimum": 1},
-                "max_request_bytes": SIZE,
-                "tls": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["cert", "key"],
-                    "properties": {"cert": {"type": "string"}, "key": {"type": "string"}},
-                },
-            },
-        },
-        "sources": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                # scheme://host[:port] prefixes that may be fetched even when private/loopback
-                "allowed_endpoints": {
-                    "type": "array",
-                    "items": {"type": "string", "pattern": "^(https?|s3)://"},
-                },
-                "allowed_ports": {
-                    "type": "array",
-                    "items": {"type": "integer", "minimum": 1, "maximum": 65535},
-                },
-                "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
-                "read_timeout": {"type": "number", "exclusiveMinimum": 0},
-                "retries": {"type": "integer", "minimum": 0, "maximum": 50},
-                "manifest_poll_interval": {"type": "number", "exclusiveMinimum": 0},
-                "manifest_poll_max_interval": {"type": "number", "exclusiveMinimum": 0},
-                "s3": {"$ref": "#/$defs/s3"},
-            },
-        },
-        "targets": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "volume": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "device", "ec2"]}},
-                },
-                "image": {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"enum": ["file", "s3"]}},
-                },
-            },
-        },
-        "worker": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "concurrency": {"type": "integer", "minimum": 1, "maximum": 64},
-                "poll_interval": {"type": "number", "exclusiveMinimum": 0},
-                # per-task resource caps, enforced with a cgroup v2 per task child (systemd CPUQuota= /
-                # IOWeight= / IOReadBandwidthMax= / IOWriteBandwidthMax= / MemoryMax= semantics); where the
-                # host cannot enforce them health says degraded (appliance.service.taskcgroup)
-                "task_cpu_quota": {"type": "string", "pattern": r"^[1-9]\d{0,4}%$"},
-                "task_io_weight": {"type": "integer", "minimum": 1, "maximum": 10000},
-                "task_io_read_bandwidth": SIZE,
-                "task_io_write_bandwidth": SIZE,
-                "task_memory_max": SIZE,
-            },
-        },
-        # Reporting to the controlling cloud (appliance.report): push signed messages or pull work.
-        "controller": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "url": {"type": "string", "pattern": r"^https?://\S+$"},
-                "secret": {"type": "string", "minLength": 16},
-                "appliance_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
-                "mode": {"enum": ["push", "pull", "off"]},
-                "report_interval": {"type": "number", "exclusiveMinimum": 0},
-                "progress_interval": {"type": "number", "minimum": 0},
-                "timeout": {"type": "number", "exclusiveMinimum": 0},
-                "max_backoff": {"type": "number", "exclusiveMinimum": 0},
-            },
-            # a reporting appliance needs somewhere to report to, a key to sign with and a name
-            "if": {"properties": {"mode": {"enum": ["push", "pull"]}}, "required": ["mode"]},
-            "then": {"required": ["url", "secret", "appliance_id"]},
-        },
-        # The artifact store (appliance.artifacts): workflows and their resources by digest in S3.
-        "artifacts": {
-            "type": "object",
-            "additionalProperties": False,
-            "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
-            "properties": {
-                "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
-                "prefix": {"type": "string"},
-                "endpoint_url": {"type": "string", "pattern": "^https?://"},
-                "region": {"type": "string", "minLength": 1},
-                "access_key": {"type": "string", "minLength": 1},
-                "secret_key": {"type": "string", "minLength": 1},
-                "addressing_style": {"enum": ["auto", "path", "virtual"]},
-                "cache_dir": {"type": "string", "minLength": 1},
-                "max_resource_size": SIZE,
-            },
-        },
-    },
-    "$defs": {
-        "hook": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["hook"],
-            "properties": {
-                # a shipped hook (decompress → action hook.decompress) or any action name (with a dot)
-                "hook": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
-                "name": {"type": "string", "minLength": 1},
-                "with": {"type": "object"},
-                "timeout": {"type": "number", "exclusiveMinimum": 0},
-                "retries": {"type": "integer", "minimum": 0, "maximum": 100},
-            },
-        },
-        "s3": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "endpoint_url": {"type": "string", "pattern": "^https?://"},
-                "region": {"type": "string"},
-                "access_key": {"type": "string"},
-                "secret_key": {"type": "string"},
-                "addressing_style": {"enum": ["auto", "path", "virtual"]},
-            },
-        },
-    },
-}
+#: the schema of one ``api.credentials`` entry
+_CREDENTIAL: dict[str, Any] = SCHEMA["properties"]["api"]["properties"]["credentials"]["items"]
 
-DEFAULTS: dict[str, Any] = {
-    "log_level": "info",
-    "scratch": {"quota": "50GiB", "min_free": "1GiB"},
-    "limits": {
-        "max_virtual_size": "2TiB",
-        "max_decompressed_size": "2TiB",
-        # Glance uses 2 s / 1 GiB for `qemu-img info`; check walks metadata and needs more CPU.
-        "qemu_img_info_cpu_seconds": 8,
-        "qemu_img_check_cpu_seconds": 300,
-        "qemu_img_address_space": "1GiB",
-        # the guest reader (appliance.guest.probe) is pure Python; measured ~40 MiB of AS for small guests
-        "guest_probe_cpu_seconds": 60,
-        "guest_probe_address_space": "1GiB",
-        # Measured (qemu-img 7.2, README "Confinement"): the slowest genuine conversion needed ~56 CPU
-        # seconds per GiB (compressed qcow2 of text to stream-optimized VMDK) and at most ~300 MiB of
-        # address space with MALLOC_ARENA_MAX=2 (up to ~1.1 GiB without it); limits are 3x and ~6x that.
-        "qemu_img_convert_cpu_seconds": 300,
-        "qemu_img_convert_cpu_seconds_per_gib": 180,
-        "qemu_img_convert_address_space": "2GiB",
-        # bzip2, the slowest decoder, measured ~64 CPU seconds per GiB of output
-        "decompress_cpu_seconds": 120,
-        "decompress_cpu_seconds_per_gib": 240,
-        "decompress_address_space": "1GiB",
-    },
-    "safety": {
-        "vmdk_allowed_types": ["monolithicSparse", "streamOptimized"],
-        "banned_formats": ["qed"],
-        # A bootable "hybrid" ISO carries an MBR too; accept it as ISO, reject other polyglots.
-        "iso_policy": "allow-hybrid",
-    },
-    "workflows": {"extra_dirs": []},
-    "hooks": {"plugins_dir": None, "points": {}},
-    # AWS allows 5 concurrent conversion tasks per region by default
-    "tasks": {"lease_seconds": 30, "max_active": 5, "expiration_hours": 168},
-    "api": {
-        "bind": "127.0.0.1:8773",
-        "workers": 2,
-        "timeout": 60,
-        "region": "us-east-1",
-        "credentials": [],
-        "sigv2": False,
-        "max_clock_skew": 300,
-        "max_request_bytes": "1MiB",
-    },
-    "sources": {
-        "allowed_endpoints": [],
-        "allowed_ports": [80, 443],
-        "connect_timeout": 10,
-        "read_timeout": 60,
-        "retries": 5,
-        "manifest_poll_interval": 5,
-        "manifest_poll_max_interval": 60,
-        "s3": {},
-    },
-    "targets": {"volume": {"type": "file"}, "image": {"type": "file"}},
-    "worker": {"concurrency": 2, "poll_interval": 1.0},
-    # Eucalyptus workers reported every 30 s (EXTANT_STATUS_REPORT_INTERVAL)
-    "controller": {
-        "mode": "off",
-        "report_interval": 30,
-        "progress_interval": 5,
-        "timeout": 10,
-        "max_backoff": 60,
-    },
-}
+#: the embedded defaults: the schema's ``default`` values (``state_dir`` and ``scratch.root`` are
+#: computed; see :func:`from_dict`)
+DEFAULTS: dict[str, Any] = schemas.defaults(SCHEMA)
 
 
 def parse_size(value: int | str) -> int:
@@ -348,11 +64,6 @@ def parse_size(value: int | str) -> int:
     base = 1024 if binary else 1000
     power = " KMGTP".index(unit.upper()) if unit else 0
     return int(float(number) * base**power)
-
-
-def default_state_dir() -> Path:
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "imaging"
 
 
 @dataclass(frozen=True)
@@ -386,6 +97,29 @@ class SafetyPolicy:
     iso_policy: str
 
 
+#: what an API access key may do (``api.credentials[].role``): ``user`` acts for its account,
+#: ``frontend`` may act for the account a request names in a header it signs, ``admin`` also sees
+#: every account's tasks on the admin API
+ROLES: tuple[str, ...] = tuple(_CREDENTIAL["properties"]["role"]["enum"])
+USER, FRONTEND, ADMIN = ROLES
+#: the form of an account name (``api.credentials[].account``, the front end's account header;
+#: use ``fullmatch``: ``$`` also matches before a final newline)
+ACCOUNT_RE = re.compile(_CREDENTIAL["properties"]["account"]["pattern"])
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Who an API access key is (its secret is in :attr:`ApiConfig.credentials`)."""
+
+    access_key: str
+    #: the account the key acts for: as configured, else the access key
+    account: str
+    role: str = USER
+    #: whether ``account`` was configured; a key without one also sees the tasks recorded without
+    #: an account (see :class:`appliance.service.imports.Caller`)
+    account_configured: bool = True
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     bind: str
@@ -399,6 +133,8 @@ class ApiConfig:
     max_request_bytes: int
     tls_cert: Path | None
     tls_key: Path | None
+    #: access key → its account and role
+    principals: dict[str, Credential] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -546,8 +282,13 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def paths(self) -> StatePaths:
+        """Every file and directory under ``state_dir``."""
+        return StatePaths(self.state_dir)
+
+    @property
     def db_path(self) -> Path:
-        return self.state_dir / "imaging.db"
+        return self.paths.db
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -564,12 +305,21 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _message(error: jsonschema.ValidationError, secrets: set[str]) -> str:
+    """The schema error's message, never quoting a secret (not even a wrong one)."""
+    path = [None, *error.absolute_path]
+    if len(path) > 1 and redact.is_secret_key(path[-1], path[-2]):
+        return f"the value is not valid ({error.validator}: {error.validator_value!r})"
+    return redact.redact_text(error.message, secrets)
+
+
 def validate(data: Any, source: str = "<config>", schema: dict[str, Any] | None = None) -> None:
     """Raise :class:`ConfigError` naming the file and the field of the first schema violation."""
-    validator = jsonschema.Draft202012Validator(schema or SCHEMA)
+    validator = schemas.validator("config") if schema is None else schemas.validator_for(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_where(e)}: {e.message}" for e in errors]
+        secrets = {s for s in redact.secret_values(data) if len(s) >= redact.MIN_REMEMBERED}
+        lines = [f"{source}: {_where(e)}: {_message(e, secrets)}" for e in errors]
         raise ConfigError("; ".join(lines))
 
 
@@ -577,6 +327,8 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
     """Build a :class:`Config` from a parsed mapping (validated first)."""
     validate(data, str(source or "<config>"))
     merged = _merge(DEFAULTS, data)
+    # whatever surfaces these values (a library's error message, a plugin's event) shows REDACTED
+    redact.remember(redact.secret_values(merged))
     base = base_dir or Path.cwd()
 
     def path(value: str) -> Path:
@@ -593,7 +345,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         state_dir=state_dir,
         log_level=merged["log_level"],
         scratch=ScratchConfig(
-            root=path(scratch["root"]) if "root" in scratch else state_dir / "scratch",
+            root=path(scratch["root"]) if "root" in scratch else StatePaths(state_dir).scratch,
             quota=parse_size(scratch["quota"]),
             min_free=parse_size(scratch["min_free"]),
         ),
@@ -632,6 +384,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             max_request_bytes=parse_size(api["max_request_bytes"]),
             tls_cert=path(api["tls"]["cert"]) if "tls" in api else None,
             tls_key=path(api["tls"]["key"]) if "tls" in api else None,
+            principals={c["access_key"]: _credential(c) for c in api["credentials"]},
         ),
         sources=SourcesConfig(
             allowed_endpoints=tuple(e.rstrip("/") for e in sources["allowed_endpoints"]),
@@ -654,7 +407,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             task_memory_max=_optional_size(merged["worker"], "task_memory_max", MIN_TASK_MEMORY),
         ),
         controller=_controller(merged["controller"]),
-        artifacts=_artifacts(merged.get("artifacts") or {}, state_dir, path),
+        artifacts=_artifacts(merged["artifacts"], state_dir, path),
         hooks=hooks_from_dict(
             merged["hooks"].get("points") or {},
             plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,
@@ -665,14 +418,24 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
     )
 
 
+def _credential(raw: dict[str, Any]) -> Credential:
+    account = raw.get("account")
+    return Credential(
+        access_key=raw["access_key"],
+        account=account or raw["access_key"],
+        role=raw.get("role", USER),
+        account_configured=account is not None,
+    )
+
+
 def _artifacts(raw: dict[str, Any], state_dir: Path, path: Any) -> ArtifactsConfig:
     s3_keys = ("endpoint_url", "region", "access_key", "secret_key", "addressing_style")
     return ArtifactsConfig(
         bucket=raw.get("bucket"),
-        prefix=str(raw.get("prefix", "artifacts")).strip("/"),
+        prefix=str(raw["prefix"]).strip("/"),
         s3={k: raw[k] for k in s3_keys if raw.get(k)},
-        cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else state_dir / "cache",
-        max_resource_size=parse_size(raw.get("max_resource_size", "1GiB")),
+        cache_dir=path(raw["cache_dir"]) if raw.get("cache_dir") else StatePaths(state_dir).cache,
+        max_resource_size=parse_size(raw["max_resource_size"]),
     )
 
 
@@ -703,10 +466,11 @@ def _controller(raw: dict[str, Any]) -> ControllerConfig:
 def _targets(raw: dict[str, Any], state_dir: Path, path: Any) -> dict[str, dict[str, Any]]:
     """Target settings with defaults: file targets keep one file per volume/image under state_dir."""
     out: dict[str, dict[str, Any]] = {}
-    for kind, default_dir in (("volume", "volumes"), ("image", "images")):
+    defaults = StatePaths(state_dir)
+    for kind, default_dir in (("volume", defaults.volumes), ("image", defaults.images)):
         t = dict(raw.get(kind) or {"type": "file"})
         if t["type"] == "file":
-            t["directory"] = path(t["directory"]) if "directory" in t else state_dir / default_dir
+            t["directory"] = path(t["directory"]) if "directory" in t else default_dir
         out[kind] = t
     return out
 

@@ -3,12 +3,16 @@
 Every failure a user can see carries a stable ``code`` (dotted, CamelCase, e.g.
 ``UnsafeImage.BackingFile``) and a message that says what to do. Codes are part of the public
 contract: the CLI prints them, the API maps them to EC2 status messages, tests assert on them.
+An error's message is redacted (:mod:`appliance.redact`): it reaches users, logs, task records and
+the controller, so a URL or a secret formatted into it never shows.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+
+from .redact import redact_text
 
 
 class Severity(StrEnum):
@@ -63,7 +67,8 @@ class ImagingError(Exception):
 
     @property
     def message(self) -> str:
-        return str(self.args[0]) if self.args else self.code
+        """The message, redacted (presigned URLs, user info and secrets replaced)."""
+        return redact_text(str(self.args[0])) if self.args else self.code
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -166,4 +171,4 @@ REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitEx
 
 def is_rejection(code: str | None) -> bool:
     """Whether ``code`` says the input image was rejected by inspection."""
-    return bool(code) and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)
+    return code is not None and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)

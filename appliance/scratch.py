@@ -1,13 +1,38 @@
 """Per-task scratch space under one root with a byte quota shared by every process.
 
-Each task gets a private directory (mode 0700) ``ROOT/<task_id>``. Work that needs scratch
-reserves its estimate first; a reservation that would push the sum of all reservations over the
-quota, or the filesystem below ``min_free``, fails with ``InsufficientScratch`` before anything
-is written. Writers keep inside their reservation (the decompressor caps its output at it), so
-usage never exceeds the quota.
+Each task gets a private directory (mode 0700) ``ROOT/<task_id>``. Work that needs scratch reserves
+what it will write before writing it; a reservation that would push the sum of all reservations over
+the quota, or promise the filesystem more than it has above ``min_free``, fails with
+``InsufficientScratch`` before anything is written. Writers keep inside their reservation, so usage
+never exceeds the quota.
 
-Reservations live in ``ROOT/<task_id>/.scratch.json`` and are summed under an ``flock`` on
-``ROOT/.lock``, so concurrent tasks in separate processes (CLI runs, the worker) see each other.
+What a reservation holds:
+
+- a writer that knows its size reserves exactly that (a download whose source declares its length, the
+  RAW form of a disk from its header);
+- a writer that does not (a chunked download without Content-Length, a decompressor) uses an
+  :class:`Allowance`, which grows the reservation as the bytes arrive, a step ahead of them, and fails
+  with ``InsufficientScratch`` only when the quota (or the disk) cannot hold the bytes themselves;
+- when the work is done the reservation is shrunk to what the output holds, and it stays as long as the
+  output does (it is released with the task's directory, or by the step's undo).
+
+Reservations are tagged with the workflow step that made them (:meth:`TaskScratch.for_step`): the
+engine releases a step's reservations when an attempt of it fails and when a resumed task re-runs a step
+that was interrupted, so a step never counts twice against the quota.
+
+The filesystem check counts what is reserved but not yet written: for each task, its reservations less
+the bytes its directory already holds. A finished download is therefore not counted once as used disk
+space and again as a reservation.
+
+Reservations live in ``ROOT/<task_id>/.scratch.json`` and are read and changed only under an ``flock``
+on ``ROOT/.lock``, so concurrent tasks in separate processes (CLI runs, the worker's task children) see
+each other and a check and the reservation it allows are one atomic step.
+
+A write that finds no room anyway (ENOSPC, EDQUOT: the disk filled with something else) becomes
+``InsufficientScratch`` through :func:`no_space_error`, the one place that error is made for every
+writer into scratch (downloads, decompression, assembled uploads, qemu-img). A write onto a target
+that finds no room (a volume, an image directory) is the target's ``InsufficientStorage`` instead
+(:func:`appliance.targets.base.insufficient_storage`): the space to free is elsewhere.
 """
 
 from __future__ import annotations
@@ -25,11 +50,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomicfile import write_json_atomic
+from .config import Config
 from .errors import InsufficientScratch, UsageError
 
 _META = ".scratch.json"
 _LOCK = ".lock"
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: the errnos of a write that found no room
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: how those read in a tool's message (qemu-img runs in the C locale)
+NO_SPACE_MESSAGES = tuple(os.strerror(e) for e in sorted(NO_SPACE_ERRNOS))
+#: how far an :class:`Allowance` reserves ahead of the bytes it has been asked to cover
+ALLOWANCE_STEP = 64 << 20
 
 
 def _fmt(n: int) -> str:
@@ -38,6 +71,23 @@ def _fmt(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that found no room (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def no_space_error(where: Path | str, doing: str) -> InsufficientScratch:
+    """The error of every writer whose write found no room (ENOSPC/EDQUOT) on the filesystem of ``where``.
+
+    ``doing`` says what was being written (``"downloading s3://b/k (5 MiB written)"``). Raise it
+    ``from`` the OSError (or with the tool's message) that said so.
+    """
+    return InsufficientScratch(
+        f"no space left on the filesystem of {where} while {doing}; free space there, or lower "
+        "scratch.quota (and raise scratch.min_free) so that the quota matches what the disk can hold"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,11 +100,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _allocated(directory: Path) -> int:
+    """Bytes allocated under ``directory`` (sparse files count what they use, a file with several links
+    once; nothing mounted below it is counted)."""
+    try:
+        device = os.lstat(directory).st_dev
+    except FileNotFoundError:
+        return 0
+    total = 0
+    seen: set[int] = set()
+    for dirpath, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if _on_device(os.path.join(dirpath, d), device)]
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walk
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_dev == device and st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_blocks * 512
+    return total
+
+
+def _on_device(path: str, device: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == device
+    except FileNotFoundError:
+        return False
+
+
 @dataclass(frozen=True)
 class Reservation:
     id: int
     nbytes: int
     purpose: str
+    #: the workflow step that made it (None outside a workflow)
+    step: str | None = None
 
 
 class ScratchSpace:
@@ -67,7 +146,7 @@ class ScratchSpace:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
-    def from_config(cls, config) -> ScratchSpace:
+    def from_config(cls, config: Config) -> ScratchSpace:
         return cls(config.scratch.root, config.scratch.quota, config.scratch.min_free)
 
     @contextmanager
@@ -91,18 +170,37 @@ class ScratchSpace:
         except (OSError, ValueError):
             return {}
 
+    @staticmethod
+    def _sum(meta: dict) -> int:
+        return sum(r["nbytes"] for r in meta.get("reservations", {}).values())
+
     def reserved(self) -> int:
         """Bytes reserved by all tasks together."""
+        return sum(self._sum(self._read_meta(d)) for d in self._task_dirs())
+
+    def _unwritten(self, override: tuple[Path, int] | None = None) -> int:
+        """Bytes reserved but not yet written, over all tasks: each task's reservations less what its
+        directory holds. ``override`` = (task dir, its reservations) replaces what that task's meta says."""
         total = 0
         for d in self._task_dirs():
-            total += sum(r["nbytes"] for r in self._read_meta(d).get("reservations", {}).values())
+            if override is not None and d == override[0]:
+                reserved = override[1]
+            else:
+                reserved = self._sum(self._read_meta(d))
+            if reserved > 0:
+                total += max(0, reserved - _allocated(d))
         return total
 
-    def free(self) -> int:
-        """Bytes that could still be reserved (quota left, bounded by the filesystem's free space)."""
+    def _fs_room(self) -> int:
+        """Bytes the filesystem has free above ``min_free`` (negative when below it)."""
         st = os.statvfs(self.root)
-        fs_free = st.f_bavail * st.f_frsize - self.min_free
-        return max(0, min(self.quota - self.reserved(), fs_free))
+        return st.f_bavail * st.f_frsize - self.min_free
+
+    def free(self) -> int:
+        """Bytes that could still be reserved: the quota left, bounded by the filesystem's free space above
+        ``min_free`` less what existing reservations have yet to write."""
+        with self._locked():
+            return max(0, min(self.quota - self.reserved(), self._fs_room() - self._unwritten()))
 
     def for_task(self, task_id: str) -> TaskScratch:
         """The task's private directory, created (0700) if needed. Safe to call again after a restart."""
@@ -140,15 +238,24 @@ class ScratchSpace:
 
 
 class TaskScratch:
-    """One task's scratch directory and its reservations."""
+    """One task's scratch directory and its reservations.
 
-    def __init__(self, space: ScratchSpace, path: Path) -> None:
+    ``step`` tags the reservations this object makes (see :meth:`for_step`); all objects of one task
+    share the directory and see every reservation.
+    """
+
+    def __init__(self, space: ScratchSpace, path: Path, step: str | None = None) -> None:
         self.space = space
         self.path = path
+        self.step = step
 
     @property
     def task_id(self) -> str:
         return self.path.name
+
+    def for_step(self, step: str | None) -> TaskScratch:
+        """The same directory, with reservations tagged as made by workflow step ``step``."""
+        return TaskScratch(self.space, self.path, step)
 
     def _meta(self) -> dict:
         meta = ScratchSpace._read_meta(self.path)
@@ -157,9 +264,8 @@ class TaskScratch:
         return meta
 
     def _write(self, meta: dict) -> None:
-        tmp = self.path / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.path / _META)
+        # Not fsynced: the accounting of a scratch directory means nothing after a power loss.
+        write_json_atomic(self.path / _META, meta, 0o600, durable=False)
 
     def _adopt(self) -> None:
         # Record which process owns the directory now (a resumed task is adopted by a new process).
@@ -171,7 +277,8 @@ class TaskScratch:
     @property
     def reservations(self) -> list[Reservation]:
         return [
-            Reservation(int(k), v["nbytes"], v["purpose"]) for k, v in self._meta()["reservations"].items()
+            Reservation(int(k), v["nbytes"], v["purpose"], v.get("step"))
+            for k, v in self._meta()["reservations"].items()
         ]
 
     @property
@@ -181,44 +288,68 @@ class TaskScratch:
 
     def usage(self) -> int:
         """Bytes actually allocated under the task directory (sparse files count what they use)."""
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.path):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):  # removed while we walk
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-        return total
+        return _allocated(self.path)
+
+    def _admit(self, meta: dict, rid: int, nbytes: int, purpose: str) -> None:
+        """Raise ``InsufficientScratch`` unless reservation ``rid`` may hold ``nbytes`` (lock held).
+
+        Shrinking, and a reservation of nothing, always succeed.
+        """
+        if nbytes < 0:
+            raise UsageError("a scratch reservation cannot be negative")
+        if not self.path.is_dir():
+            raise InsufficientScratch(f"scratch directory {self.path} no longer exists")
+        old = meta["reservations"].get(str(rid), {}).get("nbytes", 0)
+        if nbytes <= old:
+            return
+        space = self.space
+        others = space.reserved() - old  # every reservation but this one (the meta on disk is ``meta``)
+        left = space.quota - others
+        if nbytes > left:
+            raise InsufficientScratch(
+                f"{purpose} needs {_fmt(nbytes)} of scratch but only {_fmt(max(left, 0))} of the "
+                f"{_fmt(space.quota)} quota is free ({_fmt(others)} reserved by running tasks); "
+                "raise scratch.quota or wait for other tasks to finish"
+            )
+        room = space._fs_room()
+        mine = ScratchSpace._sum(meta) - old + nbytes
+        if space._unwritten((self.path, mine)) > room:
+            promised = space._unwritten((self.path, ScratchSpace._sum(meta) - old))
+            raise InsufficientScratch(
+                f"{purpose} needs {_fmt(nbytes)} of scratch but the filesystem at {space.root} has only "
+                f"{_fmt(max(room, 0))} free above the {_fmt(space.min_free)} floor, "
+                f"{_fmt(promised)} of it reserved by running tasks and not yet written; free space there, "
+                "or lower scratch.quota to what the disk can hold"
+            )
 
     def reserve(self, nbytes: int, purpose: str) -> int:
         """Reserve ``nbytes`` for ``purpose``; returns the reservation id.
 
         Raises ``InsufficientScratch`` (nothing reserved) when the quota or the disk cannot take it.
         """
-        if nbytes < 0:
-            raise UsageError("a scratch reservation cannot be negative")
         with self.space._locked():
-            if not self.path.is_dir():
-                raise InsufficientScratch(f"scratch directory {self.path} no longer exists")
-            in_use = self.space.reserved()
-            left = self.space.quota - in_use
-            st = os.statvfs(self.space.root)
-            fs_left = st.f_bavail * st.f_frsize - self.space.min_free
-            if nbytes > left:
-                raise InsufficientScratch(
-                    f"{purpose} needs {_fmt(nbytes)} of scratch but only {_fmt(max(left, 0))} of the "
-                    f"{_fmt(self.space.quota)} quota is free ({_fmt(in_use)} reserved by running tasks); "
-                    "raise scratch.quota or wait for other tasks to finish"
-                )
-            if nbytes > fs_left:
-                raise InsufficientScratch(
-                    f"{purpose} needs {_fmt(nbytes)} of scratch but the filesystem at {self.space.root} "
-                    f"has only {_fmt(max(fs_left, 0))} free above the {_fmt(self.space.min_free)} floor"
-                )
             meta = self._meta()
             rid = meta["next_id"]
+            self._admit(meta, rid, nbytes, purpose)
             meta["next_id"] = rid + 1
-            meta["reservations"][str(rid)] = {"nbytes": nbytes, "purpose": purpose}
+            meta["reservations"][str(rid)] = {"nbytes": nbytes, "purpose": purpose, "step": self.step}
             self._write(meta)
             return rid
+
+    def resize(self, reservation_id: int, nbytes: int) -> None:
+        """Make reservation ``reservation_id`` hold ``nbytes`` (grow or shrink), atomically.
+
+        Growing raises ``InsufficientScratch`` (the reservation unchanged) when the quota or the disk
+        cannot take it; shrinking always succeeds. ``UsageError`` for an unknown reservation.
+        """
+        with self.space._locked():
+            meta = self._meta()
+            entry = meta["reservations"].get(str(reservation_id))
+            if entry is None:
+                raise UsageError(f"no scratch reservation {reservation_id} in {self.path}")
+            self._admit(meta, reservation_id, nbytes, entry["purpose"])
+            entry["nbytes"] = nbytes
+            self._write(meta)
 
     def release(self, reservation_id: int) -> None:
         """Give a reservation back (unknown ids are ignored: release is idempotent)."""
@@ -229,6 +360,18 @@ class TaskScratch:
             meta["reservations"].pop(str(reservation_id), None)
             self._write(meta)
 
+    def release_step(self, step: str) -> int:
+        """Give back every reservation workflow step ``step`` made; returns the bytes released."""
+        with self.space._locked():
+            if not self.path.is_dir():
+                return 0
+            meta = self._meta()
+            mine = [k for k, v in meta["reservations"].items() if v.get("step") == step]
+            released = sum(meta["reservations"].pop(k)["nbytes"] for k in mine)
+            if mine:
+                self._write(meta)
+            return released
+
     def cleanup(self) -> None:
         """Remove the directory and with it every reservation."""
         with self.space._locked():
@@ -237,3 +380,44 @@ class TaskScratch:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
+
+
+class Allowance:
+    """A reservation that follows a writer: :meth:`cover` before writing, :meth:`shrink_to` when done.
+
+    ``cover(n, exact=True)`` reserves exactly ``n`` (the writer knows its whole size). Without
+    ``exact`` the reservation grows ``step`` bytes ahead of ``n``, so that a stream of small writes
+    takes the lock rarely; when the headroom does not fit, exactly ``n`` is tried, so the writer fails
+    with ``InsufficientScratch`` only when the quota or the disk cannot hold the bytes themselves.
+    """
+
+    def __init__(self, scratch: TaskScratch, purpose: str, step: int = ALLOWANCE_STEP) -> None:
+        self.scratch = scratch
+        self.step = step
+        self.nbytes = 0
+        self.id = scratch.reserve(0, purpose)
+
+    def cover(self, nbytes: int, exact: bool = False) -> None:
+        """Make the reservation hold at least ``nbytes``; ``InsufficientScratch`` when it cannot."""
+        if nbytes <= self.nbytes:
+            return
+        if not exact:
+            try:
+                self._set(nbytes + self.step)
+                return
+            except InsufficientScratch:
+                pass  # the headroom does not fit; the bytes themselves may
+        self._set(nbytes)
+
+    def shrink_to(self, nbytes: int) -> None:
+        """Hold no more than ``nbytes`` (what the output turned out to occupy)."""
+        if nbytes < self.nbytes:
+            self._set(max(nbytes, 0))
+
+    def release(self) -> None:
+        self.scratch.release(self.id)
+        self.nbytes = 0
+
+    def _set(self, nbytes: int) -> None:
+        self.scratch.resize(self.id, nbytes)
+        self.nbytes = nbytes

@@ -15,6 +15,11 @@ processes (the API's gunicorn workers): :meth:`Store.create_task` counts the act
 limit and inserts in one write transaction, and a client token is unique per (account, kind) by a
 unique index, so a repeated request gets the task the first one created.
 
+What people and the controller read is stored redacted (:mod:`appliance.redact`): events, status and
+error messages, step errors and cancel reasons. Params, step arguments and results, and the task's
+records (:meth:`Store.set_record`) keep what the task needs to run (presigned URLs, hook arguments)
+and are redacted wherever they are shown.
+
 Task states and the transitions between them are defined once, in :data:`TRANSITIONS`.
 Timestamps are UTC ISO-8601 strings with a ``Z`` suffix and microseconds, so they sort as text.
 """
@@ -29,7 +34,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,8 @@ from .errors import (
     TaskNotFound,
     UsageError,
 )
+from .redact import redact, redact_text
+from .timestamps import format_time, utc_now, utcnow
 
 
 class StoreError(ImagingError):
@@ -229,26 +236,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
             )""",
         "CREATE UNIQUE INDEX tasks_client_token ON tasks (client_account, kind, client_token)",
     ),
+    (
+        # What a task keeps to run, by name and as given (the hooks recorded at submit, with their
+        # arguments): events are stored redacted, for people and the controller, so they cannot.
+        """CREATE TABLE task_records (
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (task_id, name)
+        )""",
+    ),
 ]
 
 
 #: the task a client token names (served by the unique index ``tasks_client_token``)
 _TOKEN_LOOKUP = "SELECT * FROM tasks WHERE client_account = ? AND kind = ? AND client_token = ?"
 _COUNT_ACTIVE = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
-
-
-def utcnow() -> str:
-    """Now as UTC ISO-8601 with microseconds and a ``Z`` suffix."""
-    return format_time(datetime.now(UTC))
-
-
-def format_time(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> datetime:
-    """Inverse of :func:`format_time` (an aware UTC datetime)."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def new_task_id() -> str:
@@ -293,6 +296,8 @@ class Task:
     attempts: int
     cancel_reason: str | None = None
     bytes_converted: int = 0
+    #: the account the task belongs to (its creator's); '' for none
+    client_account: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -384,6 +389,13 @@ def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     return conn
+
+
+def inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row the ``INSERT`` just run on ``cur`` added."""
+    if cur.lastrowid is None:
+        raise StoreError("the database returned no id for an inserted row")
+    return cur.lastrowid
 
 
 @contextmanager
@@ -490,12 +502,17 @@ class Store:
         return row
 
     @staticmethod
-    def _event(conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str) -> int:
+    def _event(
+        conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str
+    ) -> tuple[int, str]:
+        """Insert an event; its data is stored redacted (events are read by people and the
+        controller, never to run anything). Returns the id and the stored JSON."""
+        stored = _dumps(redact(data))
         cur = conn.execute(
             "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?)",
-            (task_id, now, kind, _dumps(data)),
+            (task_id, now, kind, stored),
         )
-        return int(cur.lastrowid)
+        return inserted_id(cur), stored
 
     def _update(self, conn: sqlite3.Connection, task_id: str, values: dict[str, Any]) -> Task:
         cols = ", ".join(f"{k} = ?" for k in values)
@@ -565,10 +582,20 @@ class Store:
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
             return Task._from_row(self._task_row(conn, task_id))
 
-    def get_task(self, task_id: str) -> Task:
-        """The task ``task_id``; raises :class:`TaskNotFound`."""
-        with self._lock:
-            return Task._from_row(self._task_row(self._conn, task_id))
+    def get_task(self, task_id: str, *, account: str | Iterable[str] | None = None) -> Task:
+        """The task ``task_id``; raises :class:`TaskNotFound`, also when ``account`` (one or several)
+        is given and the task belongs to none of them: to such a caller it does not exist."""
+        sql, args = "SELECT * FROM tasks WHERE id = ?", [task_id]
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                raise TaskNotFound(f"no task {task_id!r}")
+            sql += f" AND client_account IN ({', '.join('?' * len(accounts))})"
+            args += accounts
+        rows = self._read(sql, args)
+        if not rows:
+            raise TaskNotFound(f"no task {task_id!r}")
+        return Task._from_row(rows[0])
 
     def list_tasks(
         self,
@@ -577,14 +604,28 @@ class Store:
         limit: int | None = 100,
         kind: str | Iterable[str] | None = None,
         marker: str | None = None,
+        account: str | Iterable[str] | None = None,
     ) -> list[Task]:
-        """Tasks, newest first, optionally only those in ``state`` and of ``kind`` (one or several each).
+        """Tasks, newest first, optionally only those in ``state``, of ``kind`` and of ``account``
+        (one or several each).
 
-        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if unknown).
+        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if
+        unknown, or not of ``account``).
         """
-        sql, args, where = "SELECT * FROM tasks", [], []
+        sql = "SELECT * FROM tasks"
+        args: list[object] = []
+        where: list[str] = []
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                return []
+            where.append(f"client_account IN ({', '.join('?' * len(accounts))})")
+            args += accounts
         if marker is not None:
-            rows = self._read("SELECT created_at, rowid FROM tasks WHERE id = ?", (marker,))
+            # another account's task is no marker either
+            rows = self._read(
+                " AND ".join(["SELECT created_at, rowid FROM tasks WHERE id = ?", *where]), [marker, *args]
+            )
             if not rows:
                 raise TaskNotFound(f"no task {marker!r} (pagination marker)")
             # the same (created_at, rowid) order as ORDER BY below, so pages neither skip nor repeat
@@ -677,15 +718,15 @@ class Store:
             if new is TaskState.COMPLETED:
                 values["percent"] = 100.0
             if status_message is not None:
-                values["status_message"] = status_message
+                values["status_message"] = redact_text(status_message)
             if result is not None:
                 values["result"] = _dumps(result)
             if error_code is not None:
                 values["error_code"] = error_code
             if error_message is not None:
-                values["error_message"] = error_message
+                values["error_message"] = redact_text(error_message)
             task = self._update(conn, task_id, values)
-            data = {"state": str(new), "previous": str(current)}
+            data: dict[str, str | None] = {"state": str(new), "previous": str(current)}
             if error_code:
                 data.update(error_code=error_code, error_message=error_message)
             self._event(conn, task_id, "task.state", data, now)
@@ -715,7 +756,7 @@ class Store:
             self._check_transition(task_id, current, new)
             values: dict[str, Any] = {"state": str(new), "updated_at": now}
             if reason:
-                values["cancel_reason"] = reason
+                values["cancel_reason"] = redact_text(reason)
             if new is TaskState.CANCELLED:
                 values.update(
                     finished_at=now, error_code="Cancelled", error_message="cancelled before it started"
@@ -733,7 +774,7 @@ class Store:
         over from ``expected_owner`` (the dead or expired owner the caller found), which makes the
         takeover a compare-and-swap: of two recoverers only one wins.
         """
-        now = datetime.now(UTC)
+        now = utc_now()
         with self._write() as conn:
             row = self._task_row(conn, task_id)
             current = TaskState(row["state"])
@@ -765,7 +806,7 @@ class Store:
 
     def renew_lease(self, task_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished)."""
-        expires = format_time(datetime.now(UTC) + timedelta(seconds=lease_seconds))
+        expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ? "
@@ -829,17 +870,10 @@ class Store:
                 clamped = min(100.0, max(0.0, float(percent)))
                 values["percent"] = clamped if row["percent"] is None else max(row["percent"], clamped)
             if status_message is not None:
-                values["status_message"] = status_message
+                values["status_message"] = redact_text(status_message)
             if bytes_converted is not None:
                 values["bytes_converted"] = max(row["bytes_converted"], int(bytes_converted))
             return self._update(conn, task_id, values)
-
-    def set_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
-        """Replace the task's findings (``Finding`` objects or their dicts)."""
-        items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
-        with self._write() as conn:
-            self._task_row(conn, task_id)
-            return self._update(conn, task_id, {"findings": _dumps(items), "updated_at": utcnow()})
 
     def add_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
         """Add findings to the task's, each once (several steps judge one task: inspection, guest
@@ -893,7 +927,7 @@ class Store:
                     str(st),
                     _dumps(args),
                     _dumps(result),
-                    None if error is None else _dumps(error),
+                    None if error is None else _dumps(redact(error)),
                     attempts or 0,
                     int(undo),
                     started,
@@ -913,7 +947,7 @@ class Store:
             cur = conn.execute(
                 "UPDATE steps SET state = ?, error = COALESCE(?, error), finished_at = ?"
                 " WHERE task_id = ? AND idx = ?",
-                (str(st), None if error is None else _dumps(error), utcnow(), task_id, idx),
+                (str(st), None if error is None else _dumps(redact(error)), utcnow(), task_id, idx),
             )
             if cur.rowcount != 1:
                 raise UsageError(f"task {task_id} has no step {idx!r}")
@@ -925,19 +959,37 @@ class Store:
         rows = self._read("SELECT * FROM steps WHERE task_id = ? ORDER BY seq", (task_id,))
         return [StepRecord._from_row(r) for r in rows]
 
+    # -- records ----------------------------------------------------------------------------
+
+    def set_record(self, task_id: str, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name`` for the task, as given: something the task needs to
+        run or resume (e.g. the hooks recorded at submit). Never shown as such; an event says it."""
+        with self._write() as conn:
+            self._task_row(conn, task_id)  # TaskNotFound for an unknown task
+            conn.execute(
+                "INSERT INTO task_records (task_id, name, data) VALUES (?, ?, ?)"
+                " ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data",
+                (task_id, name, _dumps(value)),
+            )
+
+    def record(self, task_id: str, name: str) -> Any:
+        """The value kept under ``name`` for the task (:meth:`set_record`), or None."""
+        rows = self._read("SELECT data FROM task_records WHERE task_id = ? AND name = ?", (task_id, name))
+        return _loads(rows[0]["data"]) if rows else None
+
     # -- events and ledger ------------------------------------------------------------------
 
     def add_event(self, task_id: str, kind: str, data: dict[str, Any] | None = None) -> Event:
         """Append to the event queue (read by controller reporting with :meth:`events`)."""
         now = utcnow()
-        payload = data or {}
         with self._write() as conn:
-            event_id = self._event(conn, task_id, kind, payload, now)
-        return Event(event_id, task_id, now, kind, json.loads(_dumps(payload)))
+            event_id, stored = self._event(conn, task_id, kind, data or {}, now)
+        return Event(event_id, task_id, now, kind, json.loads(stored))
 
     def events(self, since_id: int = 0, *, task_id: str | None = None, limit: int = 1000) -> list[Event]:
         """Events with ``id > since_id`` (all tasks, or one), oldest first."""
-        sql, args = "SELECT * FROM events WHERE id > ?", [since_id]
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[int | str] = [since_id]
         if task_id is not None:
             sql += " AND task_id = ?"
             args.append(task_id)
@@ -959,11 +1011,18 @@ class Store:
                 (task_id, now, action, resource, step),
             )
             self._event(conn, task_id, "ledger", {"action": action, "resource": resource, "step": step}, now)
-            return LedgerEntry(int(cur.lastrowid), task_id, now, action, resource, step)
+            return LedgerEntry(inserted_id(cur), task_id, now, action, resource, step)
 
     def ledger(self, task_id: str) -> list[LedgerEntry]:
         """The task's cleanup ledger, oldest first."""
         rows = self._read("SELECT * FROM ledger WHERE task_id = ? ORDER BY id", (task_id,))
+        return [
+            LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
+        ]
+
+    def ledger_containing(self, fragment: str) -> list[LedgerEntry]:
+        """Ledger entries of every task whose resource contains ``fragment`` (literally), oldest first."""
+        rows = self._read("SELECT * FROM ledger WHERE instr(resource, ?) > 0 ORDER BY id", (fragment,))
         return [
             LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
         ]

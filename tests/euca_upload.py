@@ -1,4 +1,6 @@
-"""Upload a disk image the way euca2ools' ``euca-import-volume`` / ``resume-import`` does (§9.2).
+"""Upload a disk image the way euca2ools' ``euca-import-volume`` / ``resume-import`` does.
+
+euca2ools presigns the manifest, creates the task, then uploads the manifest and the parts.
 
 Two steps, so a test can create the import task between them, as euca2ools does:
 

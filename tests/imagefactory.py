@@ -379,7 +379,7 @@ def vmdk_descriptor(
     create_type: str = "monolithicSparse",
     name: str = "descriptor.vmdk",
 ) -> Path:
-    """Text-only VMDK descriptor whose single extent is ``extent`` (matrix V2/V3; §3.6 sibling residual)."""
+    """Text-only VMDK descriptor whose single extent is ``extent`` (names a sibling file)."""
     path = directory / name
     path.write_text(
         "# Disk DescriptorFile\n"

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.processes import stop_process
+
 TEST_ACCESS_KEY = "AKIATESTTESTTEST0001"
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdefghij"
 REGION = "us-east-1"
@@ -84,10 +86,5 @@ def moto_server(log_dir: Path) -> Iterator[MotoServer]:
         wait_for_http(f"{endpoint}/moto-api/", proc=proc)
         yield MotoServer(endpoint, proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
         log.close()

@@ -24,10 +24,22 @@ Decisions (documented here because clients see them):
   request that carries no credentials; an unknown access key gets ``AuthFailure`` (401), a wrong
   signature ``SignatureDoesNotMatch`` (403), a malformed signature ``IncompleteSignature`` (400).
 - **Time**: a signed timestamp more than ``api.max_clock_skew`` seconds away from now, or a
-  presigned URL / SigV2 ``Expires`` more than that past its expiry (AWS's rule), gives
-  ``RequestExpired`` (400).
+  presigned URL / SigV2 ``Expires`` more than that past its expiry (AWS's rule), or a SigV2
+  ``Expires`` more than a week ahead (the lifetime limit of a SigV4 presigned URL), gives
+  ``RequestExpired`` (400). Times are compared as differences from now, so any date a client can
+  write (year 1 to 9999, any UTC offset) is answered, never an overflow; numbers and dates are
+  ASCII digits only.
 - **Payload**: the body is always hashed and checked; ``UNSIGNED-PAYLOAD`` is refused because the
   operation parameters travel in the body.
+- **Accounts**: a request acts for the account of its key (``api.credentials[].account``). A key
+  with ``role: frontend`` (a cloud's EC2 front end, one key for many accounts) acts for the account
+  named in the ``X-Imaging-Account`` header when that header is covered by the signature: listed
+  in ``SignedHeaders`` (``X-Amz-SignedHeaders`` of a presigned request). From a front end, the
+  header present but not signed (SigV2 signs no header) is refused with ``IncompleteSignature``:
+  ignoring it would file the task under the front end's own account, where every tenant whose
+  header went unsigned would see it. From any other key the header is ignored, signed or not: only
+  a front end may act for another account. An account name that is not one (``ACCOUNT_RE``) is
+  ``InvalidParameterValue``. The header is read only once the signature is verified.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ import hmac
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qsl, quote
@@ -49,9 +61,10 @@ from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 from botocore.utils import normalize_url_path
 
-from appliance.config import ApiConfig
+from appliance.config import ACCOUNT_RE, FRONTEND, ApiConfig
+from appliance.service.imports import Caller
 
-from .errors import Ec2Error
+from .errors import Ec2Error, shown
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +72,14 @@ SERVICE = "ec2"
 ALGORITHM = "AWS4-HMAC-SHA256"
 #: AWS's limit on a presigned URL's lifetime (one week)
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
+#: the header in which a front end names the account it acts for (lower case, as received)
+ACCOUNT_HEADER = "x-imaging-account"
 
 _AUTH_HEADER_RE = re.compile(r"^AWS4-HMAC-SHA256\s+(?P<rest>.+)$", re.DOTALL)
 _SIGNATURE_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_AMZ_DATE_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z$")
+#: X-Amz-Expires: seconds, ASCII digits (at most MAX_PRESIGN_EXPIRES)
+_EXPIRES_RE = re.compile(r"^[0-9]{1,7}$")
 _V2_METHODS = {"HmacSHA256": hashlib.sha256, "HmacSHA1": hashlib.sha1}
 
 
@@ -105,12 +123,17 @@ class SignedRequest:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who signed a request, and how."""
+    """Who signed a request, how, and for whom it acts."""
 
     access_key: str
     #: ``sigv4`` (Authorization header), ``sigv4-query`` (presigned) or ``sigv2``
     scheme: str
     region: str | None = None
+    #: the headers the signature covers (lower case; none for SigV2)
+    signed_headers: frozenset[str] = frozenset()
+    #: the account the request acts for and the accounts whose tasks it sees (until
+    #: :meth:`Authenticator.authenticate` knows them: none)
+    caller: Caller = field(default_factory=lambda: Caller(sees=frozenset()))
 
 
 def decode_query(query_string: str) -> list[tuple[str, str]]:
@@ -160,13 +183,47 @@ class Authenticator:
 
     def __init__(self, api: ApiConfig) -> None:
         self._credentials = dict(api.credentials)
+        self._principals = dict(api.principals)
         self._sigv2 = api.sigv2
         self._skew = timedelta(seconds=api.max_clock_skew)
+        #: the furthest a SigV2 ``Expires`` may lie ahead (as long as a SigV4 presigned URL lives)
+        self._max_expiry = timedelta(seconds=MAX_PRESIGN_EXPIRES) + self._skew
         self._region = api.region
 
     def authenticate(self, request: SignedRequest, now: datetime | None = None) -> Identity:
-        """The signer of ``request``, or an :class:`Ec2Error` saying why it is not authentic."""
-        now = now or datetime.now(UTC)
+        """The signer of ``request`` and the account it acts for, or an :class:`Ec2Error` saying why
+        it is not authentic."""
+        identity = self._signer(request, now or datetime.now(UTC))
+        return replace(identity, caller=self._caller(identity, request.headers))
+
+    def _caller(self, identity: Identity, headers: Mapping[str, str]) -> Caller:
+        """Whom a verified request acts for (see the module's "Accounts")."""
+        credential = self._principals[identity.access_key]
+        own = Caller.of(credential)
+        named = headers.get(ACCOUNT_HEADER)
+        if named is None:
+            return own
+        if credential.role != FRONTEND:
+            log.info(
+                "ignoring X-Imaging-Account from %s (role %s): only a frontend key acts for other accounts",
+                identity.access_key,
+                credential.role,
+            )
+            return own
+        if ACCOUNT_HEADER not in identity.signed_headers:
+            raise _incomplete(
+                "The X-Imaging-Account header must be one of the SignedHeaders: a front end names the "
+                "account it acts for in a signed header (Signature Version 4)"
+            )
+        if not ACCOUNT_RE.fullmatch(named):
+            raise Ec2Error(
+                "InvalidParameterValue",
+                f"The X-Imaging-Account header ({shown(named)}) is not an account name: 1 to 128 "
+                "letters, digits, '.', '_', '@' and '-', starting with a letter or a digit",
+            )
+        return Caller.acting_for(named)
+
+    def _signer(self, request: SignedRequest, now: datetime) -> Identity:
         query = decode_query(request.query_string)
         query_names = {name for name, _ in query}
         authorization = request.headers.get("authorization")
@@ -206,39 +263,37 @@ class Authenticator:
         if missing:
             raise _incomplete(f"Authorization header requires {', '.join(missing)}")
         signed = [h.strip().lower() for h in fields["SignedHeaders"].split(";")]
-        timestamp = self._header_timestamp(request.headers, signed)
-        self._check_time(timestamp, now)
+        signed_at = self._header_timestamp(request.headers, signed)
+        self._check_time(signed_at, now)
         return self._verify_v4(
             request,
             credential=fields["Credential"],
             signed_headers=fields["SignedHeaders"],
             signature=fields["Signature"],
-            timestamp=timestamp,
+            timestamp=_amz_date(signed_at),
             query=query,
             scheme="sigv4",
         )
 
     @staticmethod
-    def _header_timestamp(headers: Mapping[str, str], signed: Sequence[str]) -> str:
+    def _header_timestamp(headers: Mapping[str, str], signed: Sequence[str]) -> datetime:
+        """The signing time from ``X-Amz-Date`` (or ``Date``); aware, possibly not in UTC."""
         if "x-amz-date" in headers:
             name, raw = "x-amz-date", headers["x-amz-date"]
             parsed = _parse_amz_date(raw)
         elif "date" in headers:
             name, raw = "date", headers["date"]
-            try:
-                parsed = parsedate_to_datetime(raw)
-            except (TypeError, ValueError):
-                parsed = None
+            parsed = _parse_http_date(raw)
         else:
             raise _incomplete(
                 "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header"
             )
         if parsed is None:
-            raise _incomplete(f"The {name} header ({raw}) is not a valid date")
+            raise _incomplete(f"The {name} header ({shown(raw)}) is not a valid date")
         if name not in signed:
             # An unsigned date could be replaced to replay the request indefinitely.
             raise _incomplete(f"The {name} header must be one of the SignedHeaders")
-        return parsed.astimezone(UTC).strftime(SIGV4_TIMESTAMP)
+        return parsed
 
     def _presigned_v4(self, request: SignedRequest, query: list[tuple[str, str]], now: datetime) -> Identity:
         values: dict[str, str] = {}
@@ -259,41 +314,41 @@ class Authenticator:
             raise _incomplete(f"A presigned request requires the query parameters {', '.join(missing)}")
         if values["X-Amz-Algorithm"] != ALGORITHM:
             raise _incomplete(f"X-Amz-Algorithm must be {ALGORITHM}")
-        signed_at = _parse_amz_date(values["X-Amz-Date"])
+        raw_date = values["X-Amz-Date"]
+        signed_at = _parse_amz_date(raw_date)
         if signed_at is None:
-            raise _incomplete(f"X-Amz-Date ({values['X-Amz-Date']}) is not a valid timestamp")
+            raise _incomplete(f"X-Amz-Date ({shown(raw_date)}) is not a valid timestamp")
         expires = values["X-Amz-Expires"]
-        if not expires.isdigit() or not 1 <= int(expires) <= MAX_PRESIGN_EXPIRES:
+        if not _EXPIRES_RE.match(expires) or not 1 <= int(expires) <= MAX_PRESIGN_EXPIRES:
             raise _incomplete(f"X-Amz-Expires must be a number of seconds from 1 to {MAX_PRESIGN_EXPIRES}")
-        if now > signed_at + timedelta(seconds=int(expires)) + self._skew:
+        # differences from now, never now ± something: X-Amz-Date may be 99991231T235959Z
+        if now - signed_at > timedelta(seconds=int(expires)) + self._skew:
             raise _expired(
-                f"Request has expired: the presigned URL signed at {signed_at:%Y%m%dT%H%M%SZ} "
-                f"expired after {int(expires)} s"
+                f"Request has expired: the presigned URL signed at {raw_date} expired after {int(expires)} s"
             )
-        if signed_at > now + self._skew:
-            raise _expired(f"Signature not yet current: {signed_at:%Y%m%dT%H%M%SZ} is later than now")
+        if signed_at - now > self._skew:
+            raise _expired(f"Signature not yet current: {raw_date} is later than now")
         unsigned_query = [(n, v) for n, v in query if n != "X-Amz-Signature"]
         return self._verify_v4(
             request,
             credential=values["X-Amz-Credential"],
             signed_headers=values["X-Amz-SignedHeaders"],
             signature=values["X-Amz-Signature"],
-            timestamp=signed_at.strftime(SIGV4_TIMESTAMP),
+            timestamp=_amz_date(signed_at),
             query=unsigned_query,
             scheme="sigv4-query",
         )
 
-    def _check_time(self, timestamp: str, now: datetime) -> None:
-        signed_at = datetime.strptime(timestamp, SIGV4_TIMESTAMP).replace(tzinfo=UTC)
-        if signed_at < now - self._skew:
+    def _check_time(self, signed_at: datetime, now: datetime) -> None:
+        # Differences, not now ± skew: the header may hold any date from year 1 to 9999.
+        skew = int(self._skew.total_seconds())
+        if now - signed_at > self._skew:
             raise _expired(
-                f"Request has expired: it was signed at {timestamp}, more than "
-                f"{int(self._skew.total_seconds())} s ago"
+                f"Request has expired: it was signed at {signed_at.isoformat()}, more than {skew} s ago"
             )
-        if signed_at > now + self._skew:
+        if signed_at - now > self._skew:
             raise _expired(
-                f"Signature not yet current: {timestamp} is more than "
-                f"{int(self._skew.total_seconds())} s in the future"
+                f"Signature not yet current: {signed_at.isoformat()} is more than {skew} s in the future"
             )
 
     def _verify_v4(
@@ -310,7 +365,7 @@ class Authenticator:
         parts = credential.split("/")
         if len(parts) != 5 or parts[4] != "aws4_request":
             raise _incomplete(
-                f"Credential ({credential}) must have the form <key>/<date>/<region>/ec2/aws4_request"
+                f"Credential ({shown(credential)}) must have the form <key>/<date>/<region>/ec2/aws4_request"
             )
         access_key, scope_date, region, service, _ = parts
         headers = [h.strip().lower() for h in signed_headers.split(";") if h.strip()]
@@ -339,12 +394,13 @@ class Authenticator:
             headers={name: request.headers[name] for name in headers},
             data=request.body,
         )
-        aws_request.params = query
+        # botocore signs a list of pairs as it signs a dict (repeated names kept); its stubs say dict
+        aws_request.params = query  # type: ignore[assignment]
         verifier = _SigV4Verifier(Credentials(access_key, secret), region, headers, request.path)
         expected = verifier.expected_signature(aws_request, timestamp)
         if not hmac.compare_digest(expected, signature.lower()):
             raise _mismatch()
-        return Identity(access_key, scheme, region)
+        return Identity(access_key, scheme, region, frozenset(headers))
 
     @staticmethod
     def _check_payload_hash(request: SignedRequest, signed_headers: Sequence[str]) -> None:
@@ -374,7 +430,9 @@ class Authenticator:
         if missing:
             raise Ec2Error("MissingParameter", f"The request must contain the parameter {missing[0]}")
         if params["SignatureVersion"] != "2":
-            raise _incomplete(f"SignatureVersion {params['SignatureVersion']} is not supported; use 2 or 4")
+            raise _incomplete(
+                f"SignatureVersion {shown(params['SignatureVersion'])} is not supported; use 2 or 4"
+            )
         digest = _V2_METHODS.get(params["SignatureMethod"])
         if digest is None:
             raise _incomplete(f"SignatureMethod must be one of {', '.join(_V2_METHODS)}")
@@ -405,16 +463,24 @@ class Authenticator:
             raise Ec2Error(
                 "InvalidParameterCombination", "Request can not contain both Timestamp and Expires"
             )
+        # differences from now, never now ± skew: Expires may be 9999-12-31T23:59:59
         if "Timestamp" in params:
             when = _parse_iso(params["Timestamp"], "Timestamp")
             if abs(now - when) > self._skew:
                 raise _expired(
-                    f"Request has expired: Timestamp {params['Timestamp']} is more than "
+                    f"Request has expired: Timestamp {shown(params['Timestamp'])} is more than "
                     f"{int(self._skew.total_seconds())} s from now"
                 )
         elif "Expires" in params:
-            if now > _parse_iso(params["Expires"], "Expires") + self._skew:
-                raise _expired(f"Request has expired: Expires is {params['Expires']}")
+            expires = _parse_iso(params["Expires"], "Expires")
+            if now - expires > self._skew:
+                raise _expired(f"Request has expired: Expires is {shown(params['Expires'])}")
+            if expires - now > self._max_expiry:
+                # a far-future Expires would make the signed URL a credential that never expires
+                raise _expired(
+                    f"Expires {shown(params['Expires'])} is more than {MAX_PRESIGN_EXPIRES} s (a week) "
+                    "in the future; sign the request with a nearer expiry"
+                )
         else:
             raise Ec2Error("MissingParameter", "The request must contain the parameter Timestamp")
 
@@ -431,15 +497,38 @@ def _auth_failure_with(message: str) -> Ec2Error:
 
 
 def _parse_amz_date(raw: str) -> datetime | None:
+    """``YYYYMMDDTHHMMSSZ`` in ASCII digits (``strptime`` alone also takes other Unicode digits)."""
+    if not _AMZ_DATE_RE.match(raw):
+        return None
     try:
         return datetime.strptime(raw, SIGV4_TIMESTAMP).replace(tzinfo=UTC)
     except ValueError:
         return None
 
 
+def _parse_http_date(raw: str) -> datetime | None:
+    """An RFC 5322 ``Date`` header, aware (a zone-less date is UTC); None if it is not one."""
+    if not raw.isascii():
+        return None
+    try:
+        parsed = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _amz_date(when: datetime) -> str:
+    """``when`` (within the clock skew of now, so in range) as SigV4's ``YYYYMMDDTHHMMSSZ``."""
+    return when.astimezone(UTC).strftime(SIGV4_TIMESTAMP)
+
+
 def _parse_iso(raw: str, name: str) -> datetime:
     try:
+        if not raw.isascii():
+            raise ValueError(raw)  # fromisoformat takes some non-ASCII digits
         when = datetime.fromisoformat(raw)
     except ValueError:
-        raise Ec2Error("InvalidParameterValue", f"Value ({raw}) for parameter {name} is invalid") from None
+        raise Ec2Error(
+            "InvalidParameterValue", f"Value ({shown(raw)}) for parameter {name} is invalid"
+        ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)

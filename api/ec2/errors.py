@@ -9,6 +9,7 @@ Body format (what botocore's ``EC2QueryParser`` reads; note ``RequestID``, not `
 from __future__ import annotations
 
 from appliance.errors import ImagingError
+from appliance.redact import redact_text
 
 from .xml import escape_text
 
@@ -24,6 +25,16 @@ class Ec2Error(Exception):
 
     def __str__(self) -> str:
         return f"{self.code} ({self.status}): {self.message}"
+
+
+#: how much of a client's value an error message quotes
+SHOWN_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """``value`` as an error message quotes it: at most :data:`SHOWN_CHARS` characters (a value
+    may be as long as the request)."""
+    return value if len(value) <= SHOWN_CHARS else value[:SHOWN_CHARS] + "…"
 
 
 # Shorthands for the client errors raised all over the protocol layer.
@@ -52,6 +63,10 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "ResourceLimitExceeded": ("ResourceLimitExceeded", 400),
     "InvalidParameterValue": ("InvalidParameterValue", 400),
     "InvalidParameterCombination": ("InvalidParameterCombination", 400),
+    "InvalidParameterDependency": ("InvalidParameterDependency", 400),
+    # EC2's InvalidParameter: "not valid, is unsupported, or cannot be used" (here: the image target
+    # cannot encrypt)
+    "EncryptionNotSupported": ("InvalidParameter", 400),
     "MissingParameter": ("MissingParameter", 400),
     "IdempotentParameterMismatch": ("IdempotentParameterMismatch", 400),
     "UrlNotAllowed": ("InvalidParameterValue", 400),
@@ -77,6 +92,6 @@ def render_error(error: Ec2Error, request_id: str) -> bytes:
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Response><Errors><Error><Code>{escape_text(error.code)}</Code>"
-        f"<Message>{escape_text(error.message)}</Message></Error></Errors>"
+        f"<Message>{escape_text(redact_text(error.message))}</Message></Error></Errors>"
         f"<RequestID>{escape_text(request_id)}</RequestID></Response>"
     ).encode()

@@ -4,8 +4,11 @@ DescribeImportSnapshotTasks, CancelImportTask.
 Members that only make sense inside AWS are accepted and ignored: ``RoleName`` (an IAM role),
 ``ClientData`` (upload timing the client reports), ``LicenseSpecifications`` and
 ``UsageOperation`` (AWS billing). Members the appliance cannot honour are refused rather than
-silently dropped: ``KmsKeyId``, ``DiskContainer.N.SnapshotId``, and ``Encrypted=true`` for
-ImportImage (ImportSnapshot passes ``Encrypted`` to the image target).
+silently dropped: ``DiskContainer.N.SnapshotId``, and ``Encrypted``/``KmsKeyId`` when the
+configured image target cannot encrypt (``InvalidParameter``). Where it can (the ``s3`` image
+target), the image is stored server-side encrypted (``AES256``, or ``aws:kms`` with ``KmsKeyId``)
+and the tasks report the encryption the stored object has
+(:mod:`appliance.targets.encryption`).
 
 Beyond AWS, ImportImage takes a kernel, a ramdisk and a virtualization type as the extra members
 ``KernelId``, ``RamdiskId``, ``VirtualizationType`` or as an ``[imaging:…]`` token in
@@ -20,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.service import bootparams
-from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
+from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, Caller, DiskContainer, ImportService
 from appliance.store import Task
+from appliance.targets.encryption import Encryption
 
 from . import query, views
 from .errors import Ec2Error, invalid_value, missing_parameter
@@ -60,21 +64,19 @@ def _tags(data: Mapping[str, Any]) -> list[dict[str, str]]:
     ]
 
 
-def _refuse_unsupported(data: Mapping[str, Any]) -> None:
-    if data.get("KmsKeyId"):
-        raise invalid_value("KmsKeyId is not supported by this appliance")
+def _encryption(service: ImportService, data: Mapping[str, Any]) -> Encryption | None:
+    # checked before DryRun: a dry run of a request the appliance would refuse is refused
+    return service.encryption(bool(data.get("Encrypted")), data.get("KmsKeyId"))
 
 
-def import_image(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_image(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportImage → ``ImportImageResult``."""
     data = query.parse("ImportImage", params)
     containers = data.get("DiskContainers") or []
     if not containers:
         raise missing_parameter("DiskContainer")
     disks = [_container(c, f"DiskContainer.{i}") for i, c in enumerate(containers, 1)]
-    _refuse_unsupported(data)
-    if data.get("Encrypted"):
-        raise invalid_value("Encrypted=true is not supported by ImportImage on this appliance")
+    encryption = _encryption(service, data)
     boot = bootparams.resolve(
         {field: data.get(wire) for field, wire in BOOT_MEMBERS.items()},
         data.get("Description"),
@@ -92,27 +94,28 @@ def import_image(service: ImportService, params: Params, account: str) -> dict[s
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
-        account=account,
+        encryption=encryption,
+        account=caller.account,
         **boot.to_dict(),
     )
     return views.import_image_result(task)
 
 
-def import_snapshot(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_snapshot(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportSnapshot → ``ImportSnapshotResult``."""
     data = query.parse("ImportSnapshot", params)
     if not data.get("DiskContainer"):
         raise missing_parameter("DiskContainer")
     disk = _container(data["DiskContainer"], "DiskContainer")
-    _refuse_unsupported(data)
+    encryption = _encryption(service, data)
     query.check_dry_run(data)
     task = service.import_snapshot(
         disk,
         description=data.get("Description"),
         client_token=data.get("ClientToken"),
         tags=_tags(data),
-        encrypted=bool(data.get("Encrypted")),
-        account=account,
+        encryption=encryption,
+        account=caller.account,
     )
     return views.import_snapshot_task(task)
 
@@ -149,38 +152,36 @@ def _page(tasks: list[Task], max_results: int | None, token: str | None) -> tupl
 
 
 def _describe(
-    service: ImportService, action: str, kinds: Sequence[str], params: Params
+    service: ImportService, action: str, kinds: Sequence[str], params: Params, caller: Caller
 ) -> tuple[list[Task], str | None]:
     data = query.parse(action, params)
-    max_results = data.get("MaxResults")
-    if max_results is not None and not 1 <= max_results <= 1000:
-        raise invalid_value(f"Value ({max_results}) for parameter MaxResults is invalid: use 1 to 1000")
+    max_results = data.get("MaxResults")  # 1 to 1000 (query.BOUNDS)
     query.check_dry_run(data)
-    tasks = service.list(kinds, data.get("ImportTaskIds") or ())
+    tasks = service.list(kinds, data.get("ImportTaskIds") or (), caller.sees)
     for allowed in _state_filter(data):
         tasks = [t for t in tasks if views.import_status(t) in allowed]
     return _page(tasks, max_results, data.get("NextToken"))
 
 
-def describe_import_image_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def describe_import_image_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
-    tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params)
+    tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params, caller)
     return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
 
 
-def describe_import_snapshot_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def describe_import_snapshot_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportSnapshotTasks → ``{ImportSnapshotTasks, NextToken}`` (paginated)."""
-    tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params)
+    tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params, caller)
     return {"ImportSnapshotTasks": [views.import_snapshot_task(t) for t in tasks], "NextToken": token}
 
 
-def cancel_import_task(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def cancel_import_task(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """CancelImportTask → ``{ImportTaskId, PreviousState, State}``."""
     data = query.parse("CancelImportTask", params)
     task_id = data.get("ImportTaskId")
     if not task_id:
         raise missing_parameter("ImportTaskId")
     query.check_dry_run(data)
-    before = service.get(task_id, IMPORT_KINDS)
-    after = service.cancel(task_id, IMPORT_KINDS, data.get("CancelReason"))
+    before = service.get(task_id, IMPORT_KINDS, caller.sees)
+    after = service.cancel(task_id, IMPORT_KINDS, data.get("CancelReason"), caller.sees)
     return views.cancel_import_result(before, after)

@@ -15,7 +15,14 @@ spellings the current model lacks, so this module also
   ``LaunchSpecification.UserData`` without ``.Data``, ``LaunchSpecification.KeyName`` and
   ``Platform=Linux``.
 
-Errors are EC2 errors: ``MissingParameter``, ``InvalidParameterValue``, ``UnknownParameter``.
+Numbers and list indexes are ASCII digits only (``str.isdigit`` and ``int`` also take
+superscript or Arabic-Indic digits; AWS does not), and every numeric member is checked against
+AWS's bounds (:data:`BOUNDS`) before a handler sees it: a 4,300-digit ``MaxResults`` or a
+``Volume.Size`` of 2**63-1 is a client error, never an exception in the handler or a task that
+fails later.
+
+Errors are EC2 errors: ``MissingParameter``, ``InvalidParameterValue``, ``UnknownParameter``. A value
+quoted in a message is cut short (:func:`api.ec2.errors.shown`).
 """
 
 from __future__ import annotations
@@ -27,10 +34,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.model import Shape
+from botocore.model import ListShape, Shape, StringShape, StructureShape
 
 from . import model
-from .errors import Ec2Error, dry_run_operation, invalid_value, missing_parameter
+from .errors import Ec2Error, dry_run_operation, invalid_value, missing_parameter, shown
 
 #: Parameters every request may carry that are not operation input (protocol and SigV2 auth);
 #: SigV4 presigned parameters (``X-Amz-*``) are skipped by prefix.
@@ -66,9 +73,58 @@ EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-_INT_RE = re.compile(r"^[+-]?\d+$")
-_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+# ASCII digits only: ``\d`` and ``int()`` also accept other Unicode digits.
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
+_FLOAT_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+#: a list index: 1-based, no leading zero, ASCII digits
+_INDEX_RE = re.compile(r"^[1-9][0-9]*$")
+#: longer indexes cannot be contiguous within ``api.max_request_bytes``
+MAX_INDEX_DIGITS = 9
 _INT_RANGES = {"integer": 2**31, "long": 2**63}
+#: digits of the largest long (2**63 - 1); longer numbers are refused before ``int()`` (which has
+#: its own limit of 4,300 digits)
+_MAX_INT_DIGITS = 19
+
+GiB = 1 << 30
+TiB = 1 << 40
+
+
+@dataclass(frozen=True)
+class Bound:
+    """AWS's range for a numeric member; ``what`` completes "must be …" in the error message."""
+
+    low: float
+    high: float
+    what: str
+
+    def check(self, key: str, raw: str, value: float) -> None:
+        if not self.low <= value <= self.high:
+            raise invalid_value(
+                f"Value ({shown(raw)}) for parameter {key} is invalid. It must be {self.what}."
+            )
+
+
+_VOLUME_SIZE = Bound(1, 16384, "a volume size from 1 to 16384 (GiB), the largest EBS volume")
+_IMAGE_BYTES = Bound(1, 16 * TiB, "the image size in bytes, from 1 to 17592186044416 (16 TiB)")
+_MAX_RESULTS = Bound(1, 1000, "from 1 to 1000")
+_UPLOAD_SIZE = Bound(0, 16384, "the uploaded size in GiB, from 0 to 16384")
+
+#: AWS's bounds of every numeric member of every action (member path, ``*`` = any list index).
+#: Every integer, long and double member of the actions served must be listed here (a test checks
+#: it): the model only says "integer", and an unchecked one reaches the task or the store.
+BOUNDS: dict[str, dict[tuple[str, ...], Bound]] = {
+    "ImportVolume": {("Image", "Bytes"): _IMAGE_BYTES, ("Volume", "Size"): _VOLUME_SIZE},
+    "ImportInstance": {
+        ("DiskImages", "*", "Image", "Bytes"): _IMAGE_BYTES,
+        ("DiskImages", "*", "Volume", "Size"): _VOLUME_SIZE,
+        # a partition placement group has at most 7 partitions per Availability Zone
+        ("LaunchSpecification", "Placement", "PartitionNumber"): Bound(1, 7, "from 1 to 7"),
+    },
+    "ImportImage": {("ClientData", "UploadSize"): _UPLOAD_SIZE},
+    "ImportSnapshot": {("ClientData", "UploadSize"): _UPLOAD_SIZE},
+    "DescribeImportImageTasks": {("MaxResults",): _MAX_RESULTS},
+    "DescribeImportSnapshotTasks": {("MaxResults",): _MAX_RESULTS},
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +143,7 @@ class Enum:
             canonical = raw if raw in self.values else None
         if canonical is None:
             raise invalid_value(
-                f"Value ({raw}) for parameter {key} is invalid. Valid values: {', '.join(self.values)}"
+                f"Value ({shown(raw)}) for parameter {key} is invalid. Valid values: {', '.join(self.values)}"
             )
         if canonical in self.refused:
             raise invalid_value(self.refused[canonical])
@@ -158,7 +214,7 @@ def parse(action: str, params: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         if is_protocol_param(key):
             continue
         if len(values) != 1:
-            raise invalid_value(f"The parameter {key} must be specified exactly once")
+            raise invalid_value(f"The parameter {shown(key)} must be specified exactly once")
         parser.place(tree, shape, key, values[0])
     return parser.finish(shape, tree, "")
 
@@ -169,12 +225,13 @@ class _Parser:
         self.aliases = ALIASES.get(action, {})
         self.extras = EXTRA_MEMBERS.get(action, {})
         self.enums = ENUMS.get(action, {})
+        self.bounds = BOUNDS.get(action, {})
 
     def place(self, tree: dict[str, Any], shape: Shape | None, key: str, raw: str) -> None:
         """Put one wire parameter into ``tree`` at the position its name describes."""
         if key in self.extras:
             *parents, leaf = self.extras[key]
-            node = tree
+            node: dict[Any, Any] = tree
             for name in parents:
                 node = node.setdefault(name, {})
             self._set(node, leaf, raw, key)
@@ -183,12 +240,12 @@ class _Parser:
         if shape is None:
             raise _unknown(key)
         segments = wire.split(".")
-        node: dict[Any, Any] = tree
+        node = tree
         current = shape
         path: list[str] = []
         i = 0
         while True:
-            if current.type_name == "structure":
+            if isinstance(current, StructureShape):
                 if i >= len(segments):
                     raise _unknown(key)  # a structure given a value directly
                 found = model.request_members(current).get(segments[i])
@@ -198,15 +255,20 @@ class _Parser:
                 slot: Any = name
                 path.append(name)
                 i += 1
-            elif current.type_name == "list":
+            elif isinstance(current, ListShape):
                 if i >= len(segments):
                     # ``Name=`` with no index: the query serializers' form of an empty list
                     if raw != "":
                         raise _unknown(key)
                     return
                 index = segments[i]
-                if not index.isdigit() or index.startswith("0"):
+                if not _INDEX_RE.match(index):
                     raise _unknown(key)
+                if len(index) > MAX_INDEX_DIGITS:
+                    raise invalid_value(
+                        f"The list index {shown(index)} in parameter {shown(key)} is out of range: "
+                        "lists are numbered 1, 2, 3…"
+                    )
                 slot, member = int(index), current.member
                 path.append("*")
                 i += 1
@@ -232,35 +294,53 @@ class _Parser:
     @staticmethod
     def _set(node: dict[Any, Any], slot: Any, value: Any, key: str) -> None:
         if slot in node:
-            raise invalid_value(f"The parameter {key} is specified more than once")
+            raise invalid_value(f"The parameter {shown(key)} is specified more than once")
         node[slot] = value
 
     def _convert(self, shape: Shape, path: tuple[str, ...], key: str, raw: str) -> Any:
         kind = shape.type_name
         if kind in ("integer", "long"):
-            if not _INT_RE.match(raw) or abs(int(raw)) >= _INT_RANGES[kind]:
-                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected an integer.")
-            return int(raw)
+            value = _integer(raw, _INT_RANGES[kind])
+            if value is None:
+                raise invalid_value(
+                    f"Value ({shown(raw)}) for parameter {key} is invalid. Expected an integer."
+                )
+            self._check_bound(path, key, raw, value)
+            return value
         if kind in ("double", "float"):
-            if not _FLOAT_RE.match(raw) or not math.isfinite(float(raw)):
-                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected a number.")
-            return float(raw)
+            number = float(raw) if _FLOAT_RE.match(raw) else math.nan
+            if not math.isfinite(number):
+                raise invalid_value(
+                    f"Value ({shown(raw)}) for parameter {key} is invalid. Expected a number."
+                )
+            self._check_bound(path, key, raw, number)
+            return number
         if kind == "boolean":
             if raw.lower() not in ("true", "false"):
-                raise invalid_value(f"Value ({raw}) for parameter {key} is invalid. Expected true or false.")
+                raise invalid_value(
+                    f"Value ({shown(raw)}) for parameter {key} is invalid. Expected true or false."
+                )
             return raw.lower() == "true"
         if kind == "timestamp":
             return _timestamp(key, raw)
         rule = self.enums.get(path)
-        if rule is None and getattr(shape, "enum", None):
+        if rule is None and isinstance(shape, StringShape) and shape.enum:
             rule = Enum(tuple(shape.enum))
         return rule.check(key, raw) if rule else raw
+
+    def _check_bound(self, path: tuple[str, ...], key: str, raw: str, value: float) -> None:
+        bound = self.bounds.get(path)
+        if bound is None:
+            # BOUNDS lists every numeric member of the served actions; a model update that adds
+            # one must not let it through unchecked.
+            raise _unknown(key)
+        bound.check(key, raw, value)
 
     def finish(self, shape: Shape | None, value: Any, wire: str) -> Any:
         """Turn index maps into lists (checking 1..N) and check required members."""
         if shape is None:
             return {}
-        if shape.type_name == "structure":
+        if isinstance(shape, StructureShape):
             members = model.request_members(shape)
             by_name = {name: wire_name for wire_name, (name, _) in members.items()}
             out = {}
@@ -272,7 +352,7 @@ class _Parser:
                 if name not in out:
                     raise missing_parameter(_first_required(_join(wire, by_name[name]), shape.members[name]))
             return out
-        if shape.type_name == "list":
+        if isinstance(shape, ListShape):
             indexes = sorted(value)
             if indexes != list(range(1, len(indexes) + 1)):
                 raise invalid_value(
@@ -285,7 +365,7 @@ class _Parser:
 
 def _first_required(wire: str, shape: Shape) -> str:
     """Name the missing leaf, not the structure: ``Image.Format`` rather than ``Image``."""
-    while shape.type_name == "structure" and shape.required_members:
+    while isinstance(shape, StructureShape) and shape.required_members:
         name = shape.required_members[0]
         member = shape.members[name]
         wire = _join(wire, model.request_name(name, member))
@@ -297,18 +377,32 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _integer(raw: str, limit: int) -> int | None:
+    """The integer ``raw`` spells in ASCII digits if ``abs(value) < limit``, else None."""
+    if not _INT_RE.match(raw):
+        return None
+    digits = raw.lstrip("+-").lstrip("0") or "0"  # leading zeros do not count (nor go to int())
+    if len(digits) > _MAX_INT_DIGITS:
+        return None
+    value = -int(digits) if raw.startswith("-") else int(digits)
+    return value if abs(value) < limit else None
+
+
 def _timestamp(key: str, raw: str) -> datetime:
     try:
+        if not raw.isascii():
+            raise ValueError(raw)  # fromisoformat takes some non-ASCII digits
         value = datetime.fromisoformat(raw)
-    except ValueError:
+        # in UTC, so that no later conversion can leave datetime's range (year 1 to 9999)
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         raise invalid_value(
-            f"Value ({raw}) for parameter {key} is invalid. Expected an ISO-8601 timestamp."
+            f"Value ({shown(raw)}) for parameter {key} is invalid. Expected an ISO-8601 timestamp."
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _unknown(key: str) -> Ec2Error:
-    return Ec2Error("UnknownParameter", f"The parameter {key} is not recognized")
+    return Ec2Error("UnknownParameter", f"The parameter {shown(key)} is not recognized")
 
 
 def check_dry_run(data: Mapping[str, Any]) -> None:

@@ -24,15 +24,23 @@ keeps no message. A failed *snapshot* task's
 ``error`` rather than polling a dead task for its 40 attempts; the task-level ``task-state``
 filter still files it under ``deleted``.
 
+``Encrypted`` and ``KmsKeyId`` of image and snapshot imports echo the request until the image is
+stored; a completed task reports the encryption the image target read back from the stored image
+(:func:`appliance.service.imports.encryption_report`): ``Encrypted`` true only when the stored
+object is encrypted, ``KmsKeyId`` the key the store names (for S3 on AWS, the key's ARN).
+
 Every conversion task echoes ``image.format``, ``image.size`` (bytes), ``image.importManifestUrl``
-and ``volume.size``: euca2ools ``resume-import`` reads them back to upload the parts.
+and ``volume.size``: euca2ools ``resume-import`` reads them back to upload the parts. Every view is
+redacted (:mod:`appliance.redact`): the echoed manifest URL keeps its bucket and key (all that
+``resume-import`` takes from it) but not its signature, and no message carries a secret.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from appliance.service.imports import IMPORT_VOLUME, outcome
+from appliance.redact import redact
+from appliance.service.imports import IMPORT_VOLUME, encryption_report, outcome
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
 
@@ -193,7 +201,7 @@ def conversion_task(task: Task) -> dict[str, Any]:
                 }
             ],
         }
-    return out
+    return redact(out)
 
 
 def _user_bucket(container: dict[str, Any]) -> dict[str, str] | None:
@@ -218,6 +226,13 @@ def _snapshot_detail(task: Task, container: dict[str, Any], snapshot_id: str | N
     }
 
 
+def _encryption(task: Task) -> dict[str, Any]:
+    """``{Encrypted, KmsKeyId}`` of an image or snapshot import (see the module docstring)."""
+    report = encryption_report(task) or {}
+    shown = report.get("applied") if task.state is TaskState.COMPLETED else report.get("requested")
+    return {"Encrypted": shown is not None, "KmsKeyId": (shown or {}).get("kms_key_id")}
+
+
 def _snapshot_ids(task: Task, count: int) -> list[str | None]:
     # One disk per import today (ImportService refuses more): its snapshot id, then padding.
     return ([_result(task).get("snapshot_id")] + [None] * count)[:count]
@@ -228,10 +243,11 @@ def import_image_task(task: Task) -> dict[str, Any]:
     p = task.params
     containers = _opt(p, "disk_containers") or []
     snapshot_ids = _snapshot_ids(task, len(containers))
-    return {
+    view = {
         "Architecture": _opt(p, "architecture"),
         "BootMode": _opt(p, "boot_mode"),
         "Description": _opt(p, "description"),
+        **_encryption(task),
         "Hypervisor": _opt(p, "hypervisor"),
         "ImageId": _result(task).get("image_id"),
         "ImportTaskId": task.id,
@@ -245,6 +261,7 @@ def import_image_task(task: Task) -> dict[str, Any]:
         "StatusMessage": _import_message(task),
         "Tags": _tags(task),
     }
+    return redact(view)
 
 
 def import_image_result(task: Task) -> dict[str, Any]:
@@ -258,20 +275,21 @@ def snapshot_task_detail(task: Task) -> dict[str, Any]:
     """``SnapshotTaskDetail`` of an import-snapshot task (``Status`` ``error`` when it failed)."""
     container = task.params.get("disk_container") or {}
     detail = _snapshot_detail(task, container, _result(task).get("snapshot_id"))
-    detail["Encrypted"] = bool(task.params.get("encrypted", False))
+    detail |= _encryption(task)
     if task.state is TaskState.FAILED:
         detail["Status"] = "error"
-    return detail
+    return redact(detail)
 
 
 def import_snapshot_task(task: Task) -> dict[str, Any]:
     """``ImportSnapshotTask`` (also the ``ImportSnapshotResult`` members) for an import-snapshot task."""
-    return {
+    view = {
         "Description": _opt(task.params, "description"),
         "ImportTaskId": task.id,
         "SnapshotTaskDetail": snapshot_task_detail(task),
         "Tags": _tags(task),
     }
+    return redact(view)
 
 
 def cancel_import_result(before: Task, after: Task) -> dict[str, Any]:

@@ -20,12 +20,15 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 
+from .. import schemas
 from ..errors import ImagingError
 
 SCHEME = "artifact://"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
-SHA256_PATTERN = r"^[0-9a-f]{64}$"
+#: the name, version and digest patterns of the artifact index's schema (``artifact-index.json``)
+_DEFS = schemas.load("artifact-index")["$defs"]
+NAME_PATTERN: str = _DEFS["name"]["pattern"]
+VERSION_PATTERN: str = _DEFS["version"]["pattern"]
+SHA256_PATTERN: str = _DEFS["sha256"]["pattern"]
 _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(VERSION_PATTERN)
 _SHA256 = re.compile(SHA256_PATTERN)
@@ -205,6 +208,9 @@ def resource_names_used(env: jinja2.Environment, value: Any, *, expression: bool
         except jinja2.TemplateSyntaxError:
             continue
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            # always true; find_all is typed as yielding their common base (nodes.Expr)
+            if not isinstance(node, nodes.Getattr | nodes.Getitem):
+                continue
             target = node.node
             if not (isinstance(target, nodes.Name) and target.name == TEMPLATE_NAME):
                 continue

@@ -15,19 +15,18 @@ Dry runs do not fetch: :meth:`ResourceFetcher.plan` lists what would be fetched 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..config import Config
 from ..errors import ImageRejected, ImagingError
+from ..sources.fetch import fetch_to_file
+from ..sources.http import HttpClient
+from ..sources.urlfilter import UrlPolicy
 from .refs import ArtifactError, ResourceSpec
 from .store import ArtifactStore, download_object
-
-if TYPE_CHECKING:
-    from ..sources.http import HttpClient
-    from ..sources.urlfilter import UrlPolicy
-    from ..workflow.loader import Workflow
 
 
 @dataclass(frozen=True)
@@ -51,25 +50,12 @@ class FetchedResource:
         }
 
 
-def walk_workflows(workflow: Workflow) -> Iterator[Workflow]:
-    """``workflow`` and every workflow it includes (each once)."""
-    seen: set[int] = set()
-    todo = [workflow]
-    while todo:
-        wf = todo.pop(0)
-        if id(wf) in seen:
-            continue
-        seen.add(id(wf))
-        yield wf
-        todo.extend(step.include for step in wf.steps if step.include is not None)
-
-
 class ResourceFetcher:
     """Resolves :class:`ResourceSpec` s to cached files for one configuration."""
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         *,
         store: ArtifactStore | None = None,
         policy: UrlPolicy | None = None,
@@ -84,21 +70,16 @@ class ResourceFetcher:
     @property
     def policy(self) -> UrlPolicy:
         if self._policy is None:
-            from ..sources.urlfilter import UrlPolicy
-
             self._policy = UrlPolicy.from_config(self.config.sources)
         return self._policy
 
     # -- fetching ------------------------------------------------------------------------------
 
-    def fetch_workflow(
-        self, workflow: Workflow, *, cancel: threading.Event | None = None
-    ) -> dict[int, dict[str, FetchedResource]]:
-        """Fetch the resources of ``workflow`` and its includes; keyed by ``id()`` of each workflow."""
-        out: dict[int, dict[str, FetchedResource]] = {}
-        for wf in walk_workflows(workflow):
-            out[id(wf)] = {name: self.fetch(spec, cancel=cancel) for name, spec in wf.resources.items()}
-        return out
+    def fetch_all(
+        self, specs: Mapping[str, ResourceSpec], *, cancel: threading.Event | None = None
+    ) -> dict[str, FetchedResource]:
+        """Fetch every resource of one workflow's ``resources:``, by name."""
+        return {name: self.fetch(spec, cancel=cancel) for name, spec in specs.items()}
 
     def fetch(self, spec: ResourceSpec, *, cancel: threading.Event | None = None) -> FetchedResource:
         """The verified local file of ``spec`` (see the module docstring). Errors name the resource."""
@@ -160,9 +141,6 @@ class ResourceFetcher:
         return digest
 
     def _download_http(self, spec: ResourceSpec, tmp: Path, cancel: threading.Event | None) -> str:
-        from ..sources.fetch import fetch_to_file
-        from ..sources.http import HttpClient
-
         if self._http is None:
             self._http = HttpClient(self.policy)
         try:
@@ -180,21 +158,21 @@ class ResourceFetcher:
 
     # -- dry runs ------------------------------------------------------------------------------
 
-    def plan(self, workflow: Workflow) -> list[dict[str, Any]]:
-        """What a run would fetch, without fetching: each resource's uri, known digest, and whether
-        the cache has it (``cached`` is None when the digest is not known before downloading)."""
+    def plan(self, workflow_name: str, specs: Mapping[str, ResourceSpec]) -> list[dict[str, Any]]:
+        """What a run would fetch for one workflow's ``resources:``, without fetching: each
+        resource's uri, known digest, and whether the cache has it (``cached`` is None when the
+        digest is not known before downloading)."""
         entries = []
-        for wf in walk_workflows(workflow):
-            for spec in wf.resources.values():
-                digest = spec.sha256 or self._known_digest(spec)
-                entries.append(
-                    {
-                        "workflow": wf.name,
-                        **spec.to_dict(),
-                        "sha256": digest,
-                        "cached": None if digest is None else self.cache.path_for(digest).is_file(),
-                    }
-                )
+        for spec in specs.values():
+            digest = spec.sha256 or self._known_digest(spec)
+            entries.append(
+                {
+                    "workflow": workflow_name,
+                    **spec.to_dict(),
+                    "sha256": digest,
+                    "cached": None if digest is None else self.cache.path_for(digest).is_file(),
+                }
+            )
         return entries
 
     def _known_digest(self, spec: ResourceSpec) -> str | None:

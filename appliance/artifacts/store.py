@@ -20,6 +20,7 @@ second run of the same version reads nothing from S3.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,16 +33,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
+from .. import schemas
+from ..atomicfile import write_json_atomic
+from ..config import ArtifactsConfig, Config
+from ..errors import Cancelled
 from ..targets.base import boto_client
 from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
 from .refs import (
     INDEX_FILE,
-    NAME_PATTERN,
     RESOURCE_DIR,
-    SHA256_PATTERN,
-    VERSION_PATTERN,
     WORKFLOW_FILE,
     ArtifactError,
     ArtifactRef,
@@ -54,27 +54,9 @@ log = logging.getLogger(__name__)
 #: an index larger than this is not an index
 MAX_INDEX_BYTES = 1 << 20
 
-_ENTRY = {
-    "type": "object",
-    "required": ["path", "sha256", "size"],
-    "properties": {
-        "path": {"type": "string", "minLength": 1, "not": {"pattern": r"(^/|(^|/)\.\.?(/|$))"}},
-        "sha256": {"type": "string", "pattern": SHA256_PATTERN},
-        "size": {"type": "integer", "minimum": 0},
-    },
-}
-INDEX_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["name", "version", "created", "workflow", "resources"],
-    "properties": {
-        "name": {"type": "string", "pattern": NAME_PATTERN},
-        "version": {"type": "string", "pattern": VERSION_PATTERN},
-        "created": {"type": "string"},
-        "workflow": _ENTRY,
-        "resources": {"type": "object", "additionalProperties": _ENTRY},
-    },
-}
-_INDEX_VALIDATOR = jsonschema.Draft202012Validator(INDEX_SCHEMA)
+#: the schema of ``index.json`` (``appliance/schemas/artifact-index.json``)
+INDEX_SCHEMA: dict[str, Any] = schemas.load("artifact-index")
+_INDEX_VALIDATOR = schemas.validator("artifact-index")
 
 
 @dataclass(frozen=True)
@@ -185,24 +167,22 @@ class ArtifactStore:
     on a store without a bucket raise ``Artifact.NotConfigured``.
     """
 
-    def __init__(self, cfg: Any, *, client: Any = None) -> None:
+    def __init__(self, cfg: ArtifactsConfig, *, client: Any = None) -> None:
         self.cfg = cfg
         self.bucket: str | None = cfg.bucket
         self.prefix: str = (cfg.prefix or "").strip("/")
-        self.cache = DigestCache(Path(cfg.cache_dir))
+        if cfg.cache_dir is None:
+            raise ValueError("ArtifactStore needs artifacts.cache_dir (from_config defaults it)")
+        self.cache = DigestCache(cfg.cache_dir)
         self._client = client
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: Any) -> ArtifactStore:
+    def from_config(cls, config: Config) -> ArtifactStore:
         """The store of ``config.artifacts`` (its cache under ``<state_dir>/cache`` by default)."""
-        from ..config import ArtifactsConfig
-
-        cfg = getattr(config, "artifacts", None) or ArtifactsConfig()
+        cfg = config.artifacts
         if cfg.cache_dir is None:
-            cfg = ArtifactsConfig(
-                cfg.bucket, cfg.prefix, cfg.s3, config.state_dir / "cache", cfg.max_resource_size
-            )
+            cfg = dataclasses.replace(cfg, cache_dir=config.paths.cache)
         return cls(cfg)
 
     # -- S3 ------------------------------------------------------------------------------------
@@ -259,9 +239,7 @@ class ArtifactStore:
             pass  # not cached (or damaged): read it from the store
         index = self.fetch_index(ref)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{INDEX_FILE}.{secrets.token_hex(6)}")
-        tmp.write_text(json.dumps(index.to_dict(), indent=2, sort_keys=True))
-        os.replace(tmp, local)
+        write_json_atomic(local, index.to_dict(), 0o644)
         return index
 
     def fetch_index(self, ref: ArtifactRef) -> ArtifactIndex:
@@ -426,8 +404,6 @@ class ArtifactStore:
         uploads = [(workflow, index.workflow), *((resources[r], e) for r, e in index.resources.items())]
         for path, entry in uploads:
             if cancel is not None and cancel.is_set():
-                from ..errors import Cancelled
-
                 raise Cancelled("upload cancelled before the index was written; no artifact was created")
             key = self.key(name, version, entry.path)
             try:
@@ -493,8 +469,6 @@ def download_object(
     Past ``max_bytes`` the download stops with ``too_large()``; ``on_error(exc, what)`` turns an S3
     error into the coded error to raise. The caller removes ``dst`` on failure.
     """
-    from ..errors import Cancelled
-
     sha = hashlib.sha256()
     size = 0
     try:

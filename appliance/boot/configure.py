@@ -31,7 +31,6 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,18 +39,21 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
+from ..paths import CONFIG_ERROR_FILE, IO_WEIGHT_FLAG_NAME, SYSTEM_CONFIG, StatePaths
+from ..redact import redact, redact_text, redact_url, secret_values
 from ..service import taskcgroup
+from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
 from .userdata import CompactUserData, FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
-DEFAULT_OUTPUT = Path("/etc/imaging/imaging.yaml")
-DEFAULT_ERROR_FILE = Path("/run/imaging/config-error.json")
+DEFAULT_OUTPUT = SYSTEM_CONFIG
+DEFAULT_ERROR_FILE = CONFIG_ERROR_FILE
 CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
 #: next to the error file (``/run/imaging``): present while an IO weight is configured (udev selects BFQ)
-IO_WEIGHT_FLAG = "io-weight"
+IO_WEIGHT_FLAG = IO_WEIGHT_FLAG_NAME
 
 
 def udev_retrigger() -> None:
@@ -123,7 +125,7 @@ def _learn(section: Any, known: _Known) -> None:
     if not isinstance(section, dict):
         return
     known.section = section
-    known.secrets |= userdata.secret_values(section)
+    known.secrets |= secret_values(section)
     known.bind = userdata.best_effort_bind(section)
     aid = section.get("appliance_id")
     if isinstance(aid, str) and userdata.validate_section({"appliance_id": aid}) == []:
@@ -211,9 +213,9 @@ def _message(known: _Known, status: str, errors: list[FieldError], kind: str) ->
         "type": kind,
         "appliance_id": known.appliance_id,
         "status": status,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": format_time(),
         "addresses": rendezvous.local_addresses(known.controller_url),
-        "parameters": userdata.redact(known.section, known.secrets),
+        "parameters": redact(known.section, known.secrets),
         "errors": [e.to_dict() for e in errors],
     }
 
@@ -234,13 +236,13 @@ def _tell_controller(known: _Known, status: str, errors: list[FieldError], kind:
 
 
 def _fail(opts: Options, known: _Known, errors: list[FieldError], stderr: TextIO, exit_status: int) -> int:
-    errors = [FieldError(e.field, userdata.scrub(e.message, known.secrets)) for e in errors]
+    errors = [FieldError(e.field, redact_text(e.message, known.secrets)) for e in errors]
     doc = {
         "status": "invalid-config",
         "errors": [e.to_dict() for e in errors],
         "appliance_id": known.appliance_id,
         "bind": known.bind,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": format_time(),
     }
     for e in errors:
         print(f"imaging: invalid config: {e}", file=stderr)
@@ -300,7 +302,7 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     if via_rendezvous:
         _tell_controller(known, "configured", [], "status", min(opts.timeout, 5.0))
     ctl = rendered.config["controller"]
-    where = f", controller {userdata.redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
+    where = f", controller {redact_url(ctl['url'])} ({ctl['mode']})" if ctl.get("url") else ""
     print(f"imaging: configured appliance {rendered.appliance_id}: wrote {opts.output}{where}", file=stdout)
     if privileged and opts.unit_dir is not None:
         print(f"imaging: the worker runs as root to mount guests for: {', '.join(privileged)}", file=stdout)
@@ -317,7 +319,7 @@ def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileg
     """Write or remove the worker's drop-in; reload systemd only when that changed a file."""
     if opts.unit_dir is None:
         return
-    db_path = Path(rendered.config["state_dir"]) / "imaging.db"
+    db_path = StatePaths(Path(rendered.config["state_dir"])).db
     if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
         opts.reload()
 

@@ -23,97 +23,35 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import jsonschema
 import yaml
 
 from .. import config as config_mod
+from .. import schemas
 from ..errors import ConfigError
+from ..image.formats import compression_of
+from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
+from ..redact import is_secret_key, redact_text, redact_url, secret_values
+from ..workflow.hookpoints import validate_hooks
+from ..workflow.loader import WorkflowLoader
 
-STATE_DIR = "/var/lib/imaging"
-DEFAULT_BIND = "0.0.0.0:8773"
+DEFAULT_BIND: str = schemas.load("userdata")["properties"]["api"]["properties"]["bind"]["default"]
 COMPACT_PREFIX = "imaging:v1:"
-#: keys whose values are secrets wherever they appear (``tls.key`` is the private key PEM)
-SECRET_KEYS = frozenset({"secret", "secret_key", "key"})
-REDACTED = "REDACTED"
 
-_SVC = config_mod.SCHEMA["properties"]
-_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # no ':' so the compact form stays parseable
-
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["appliance_id"],
-    "properties": {
-        "appliance_id": {"type": "string", "pattern": _ID_PATTERN},
-        "controller": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["url", "secret"],
-            "properties": {
-                "url": {"type": "string", "pattern": "^https?://"},
-                "secret": {"type": "string", "minLength": 16},
-                "report_interval": {"type": "number", "minimum": 1, "maximum": 3600},
-                "mode": {"enum": ["push", "pull"]},
-            },
-        },
-        "api": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "credentials": {**_SVC["api"]["properties"]["credentials"], "minItems": 1},
-                "bind": _SVC["api"]["properties"]["bind"],
-                "region": _SVC["api"]["properties"]["region"],
-                "tls": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["cert", "key"],
-                    "properties": {
-                        "cert": {"type": "string", "pattern": "-----BEGIN CERTIFICATE-----"},
-                        "key": {"type": "string", "pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----"},
-                    },
-                },
-            },
-        },
-        "sources": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "allowed_endpoints": _SVC["sources"]["properties"]["allowed_endpoints"],
-                "s3": config_mod.SCHEMA["$defs"]["s3"],
-            },
-        },
-        # the keys beyond `type` are checked by the target's own schema after mapping
-        "targets": config_mod.SCHEMA["properties"]["targets"],
-        "limits": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "concurrent_tasks": _SVC["worker"]["properties"]["concurrency"],
-                "scratch": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "path": {"type": "string", "pattern": "^/"},
-                        "quota": config_mod.SIZE,
-                    },
-                },
-                "task_cpu_quota": _SVC["worker"]["properties"]["task_cpu_quota"],
-                "task_io_weight": _SVC["worker"]["properties"]["task_io_weight"],
-                "task_io_read_bandwidth": config_mod.SIZE,
-                "task_io_write_bandwidth": config_mod.SIZE,
-                "task_memory_max": config_mod.SIZE,
-            },
-        },
-        "log_level": _SVC["log_level"],
-        # the service's own fragments: operator hooks per insertion point, and the artifact store
-        "hooks": _SVC["hooks"],
-        "artifacts": _SVC["artifacts"],
-    },
-    # the hooks fragment refers to #/$defs/hook
-    "$defs": {"hook": config_mod.SCHEMA["$defs"]["hook"]},
+#: the schema of the ``imaging:`` section (``appliance/schemas/userdata.json``); it refers to fields of
+#: the service configuration's schema by ``$ref``
+SCHEMA: dict[str, Any] = schemas.load("userdata")
+#: ``api.bind`` as the service configuration's schema checks it
+_BIND, _ = schemas.resolve(SCHEMA["properties"]["api"]["properties"]["bind"], SCHEMA["$id"])
+#: the settings schema of each target, by (kind, type)
+_TARGET_SCHEMAS = {
+    ("volume", "file"): "target-file",
+    ("volume", "device"): "target-device",
+    ("volume", "ec2"): "target-ec2",
+    ("image", "file"): "target-file",
+    ("image", "s3"): "target-s3",
 }
 
 #: service-config path prefix → user-data path prefix (first match wins; identity otherwise)
@@ -172,7 +110,7 @@ class Rendered:
 def parse_user_data(raw: bytes | str) -> dict[str, Any] | CompactUserData:
     """The ``imaging:`` section of user data, or the compact form; :class:`UserDataInvalid` otherwise."""
     data = raw.encode() if isinstance(raw, str) else raw
-    if data[:2] == b"\x1f\x8b":
+    if compression_of(data) == "gzip":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
@@ -253,54 +191,6 @@ def _invalid(field: str, message: str) -> UserDataInvalid:
 # --- validation -----------------------------------------------------------------------------------
 
 
-def secret_values(obj: Any) -> set[str]:
-    """Every string stored under a secret key anywhere in ``obj`` (to scrub them from messages)."""
-    found: set[str] = set()
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in SECRET_KEYS and isinstance(v, str) and v:
-                found.add(v)
-            else:
-                found |= secret_values(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            found |= secret_values(v)
-    return found
-
-
-def scrub(text: str, secrets: set[str]) -> str:
-    """``text`` with each secret value replaced (longest first, so overlapping secrets all go)."""
-    for s in sorted(secrets, key=len, reverse=True):
-        text = text.replace(s, REDACTED)
-    return text
-
-
-def redact(obj: Any, secrets: set[str] | frozenset[str] = frozenset()) -> Any:
-    """A copy of ``obj`` with the values of secret keys replaced, URL passwords removed and the
-    ``secrets`` scrubbed from every other string (a secret pasted into the wrong field)."""
-    if isinstance(obj, dict):
-        return {k: REDACTED if k in SECRET_KEYS else redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, secrets) for v in obj]
-    if isinstance(obj, str):
-        text = scrub(obj, set(secrets)) if secrets else obj
-        return redact_url(text) if "://" in text and "@" in text else text
-    return obj
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info (a password in a URL is a secret too)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return REDACTED
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _url_problem(url: str) -> str | None:
     """What is wrong with a controller URL beyond its scheme, or None."""
     try:
@@ -329,17 +219,23 @@ def _short(value: Any) -> str:
 def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: set[str]) -> list[FieldError]:
     path = [*prefix, *(str(p) for p in e.absolute_path)]
     field = ".".join(path)
-    if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict) and isinstance(e.schema, dict):
         allowed = sorted(e.schema.get("properties", {}))
         return [
             FieldError(f"{field}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
             for k in sorted(set(e.instance) - set(allowed), key=str)
         ]
-    if "propertyNames" in e.relative_schema_path and e.validator == "enum" and isinstance(e.instance, str):
+    if (
+        "propertyNames" in e.relative_schema_path
+        and e.validator == "enum"
+        and isinstance(e.instance, str)
+        and isinstance(e.validator_value, list)
+    ):
         # a bad key of a mapping whose keys are an enum (hooks.points): name the key as the field
-        allowed = ", ".join(map(str, e.validator_value))
-        return [FieldError(f"{field}.{scrub(e.instance, secrets)}", f"unknown key (allowed: {allowed})")]
-    if e.validator == "required" and isinstance(e.instance, dict):
+        names = ", ".join(map(str, e.validator_value))
+        key = redact_text(e.instance, secrets)
+        return [FieldError(f"{field}.{key}", f"unknown key (allowed: {names})")]
+    if e.validator == "required" and isinstance(e.instance, dict) and isinstance(e.validator_value, list):
         return [
             FieldError(f"{field}.{k}", "required field is missing")
             for k in e.validator_value
@@ -347,7 +243,8 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
         ]
     if e.validator == "oneOf" and e.schema is config_mod.SIZE:
         return [FieldError(field, f"{_short(e.instance)} is not a size (use bytes or e.g. '20GiB')")]
-    if (path and path[-1] in SECRET_KEYS) or (isinstance(e.instance, str) and e.instance in secrets):
+    secret_field = len(path) > 1 and is_secret_key(path[-1], path[-2])
+    if secret_field or (isinstance(e.instance, str) and e.instance in secrets):
         # never echo a secret value, not even a wrong one
         what = {
             "minLength": f"is too short (at least {e.validator_value} characters)",
@@ -359,13 +256,13 @@ def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: s
     shown = repr(e.instance)
     if len(shown) > 60:
         message = message.replace(shown, _short(e.instance))
-    return [FieldError(field, scrub(message, secrets))]
+    return [FieldError(field, redact_text(message, secrets))]
 
 
 def _schema_errors(
     data: Any, schema: dict[str, Any], prefix: tuple[str, ...], secrets: set[str]
 ) -> list[FieldError]:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schemas.validator_for(schema)
     out: list[FieldError] = []
     for e in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
         out.extend(_describe(e, prefix, secrets))
@@ -416,7 +313,7 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         files = {cert: api_in["tls"]["cert"], key: api_in["tls"]["key"]}
         api["tls"] = {"cert": str(cert), "key": str(key)}
     scratch_in = limits.get("scratch", {})
-    scratch: dict[str, Any] = {"root": scratch_in.get("path", f"{STATE_DIR}/scratch")}
+    scratch: dict[str, Any] = {"root": scratch_in.get("path", str(IMAGE_STATE.scratch))}
     if "quota" in scratch_in:
         scratch["quota"] = scratch_in["quota"]
     worker = {k: limits[k] for k in limits if k.startswith("task_")}
@@ -429,7 +326,7 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         if "report_interval" in c:
             controller["report_interval"] = c["report_interval"]
     out: dict[str, Any] = {
-        "state_dir": STATE_DIR,
+        "state_dir": str(IMAGE_STATE_DIR),
         "log_level": section.get("log_level", "info"),
         "scratch": scratch,
         "api": api,
@@ -450,21 +347,12 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
 
 def _target_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     """Check each target's settings against its implementation's own schema."""
-    from ..targets import device, ec2, file, s3
-
-    schemas = {
-        ("volume", "file"): file.VOLUME_SCHEMA,
-        ("volume", "device"): device.SCHEMA,
-        ("volume", "ec2"): ec2.SCHEMA,
-        ("image", "file"): file.IMAGE_SCHEMA,
-        ("image", "s3"): s3.SCHEMA,
-    }
     errors: list[FieldError] = []
     for kind, settings in cfg.targets.items():
-        schema = schemas.get((kind, settings.get("type")))
-        if schema is not None:
+        name = _TARGET_SCHEMAS.get((kind, settings["type"]))
+        if name is not None:
             plain = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
-            errors += _schema_errors(plain, schema, ("imaging", "targets", kind), secrets)
+            errors += _schema_errors(plain, schemas.load(name), ("imaging", "targets", kind), secrets)
     return errors
 
 
@@ -475,14 +363,11 @@ def _hook_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError]:
     loaded, which the worker does, not ``imaging configure`` (it runs as root at boot)."""
     if cfg.hooks.plugins_dir is not None or not cfg.hooks.points:
         return []
-    from ..workflow.hookpoints import validate_hooks
-    from ..workflow.loader import WorkflowLoader
-
     errors = []
     for e in validate_hooks(WorkflowLoader((), hooks=cfg.hooks)):
         # hooks.points.after_convert[0].with.x → imaging.hooks.points.after_convert.0.with.x
         field = re.sub(r"\[(\d+)\]", r".\1", e.field or "hooks")
-        errors.append(FieldError(f"imaging.{field}", scrub(e.message, secrets)))
+        errors.append(FieldError(f"imaging.{field}", redact_text(e.message, secrets)))
     return errors
 
 
@@ -502,7 +387,7 @@ def render(section: dict[str, Any], config_dir: Path) -> Rendered:
         try:
             cfg = config_mod.from_dict(rendered.config, base_dir=config_dir)
         except ConfigError as exc:
-            errors = [FieldError("imaging", scrub(exc.message, secrets))]
+            errors = [FieldError("imaging", redact_text(exc.message, secrets))]
         else:
             errors = _target_errors(cfg, secrets) + _hook_errors(cfg, secrets)
     if errors:
@@ -516,5 +401,4 @@ def best_effort_bind(section: Any) -> str:
         bind = section["api"]["bind"]
     except (KeyError, TypeError):
         return DEFAULT_BIND
-    schema = _SVC["api"]["properties"]["bind"]
-    return bind if jsonschema.Draft202012Validator(schema).is_valid(bind) else DEFAULT_BIND
+    return bind if schemas.validator_for(_BIND).is_valid(bind) else DEFAULT_BIND

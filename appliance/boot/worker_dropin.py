@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomicfile import write_atomic
+from ..paths import IMAGE_STATE
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ WORKER_UNIT = "imaging-worker.service"
 DEFAULT_UNIT_DIR = Path("/run/systemd/system")
 DROPIN_NAME = "guest-hooks.conf"
 #: the task database of the appliance (state_dir of appliance.boot.userdata)
-DEFAULT_DB = Path("/var/lib/imaging/imaging.db")
+DEFAULT_DB = IMAGE_STATE.db
 #: the capabilities the guest-mounting hooks need, and nothing else
 CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_DAC_OVERRIDE", "CAP_CHOWN", "CAP_FOWNER")
 

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
+from ..artifacts.store import ArtifactStore
+from ..config import Config
+from ..workflow.loader import WorkflowLoader
+from ..workflow.upload import parse_resource_args, upload_workflow
+from .common import EXIT_OK, print_json
 
 
-def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
-
-
-def cmd_workflows_upload(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_upload(args: argparse.Namespace, cfg: Config) -> int:
     """Validate the workflow, upload it with its resources, print the ``artifact://`` URI."""
-    from ..artifacts.store import ArtifactStore
-    from ..artifacts.upload import parse_resource_args, upload_workflow
-    from ..workflow.loader import WorkflowLoader
-
     given = parse_resource_args(args.resource)
     store = ArtifactStore.from_config(cfg)
     loader = WorkflowLoader.from_config(cfg)
     result = upload_workflow(store, loader, Path(args.workflow), given, version=args.version)
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return EXIT_OK
     index = result.index
     if result.uploaded:
@@ -39,16 +33,14 @@ def cmd_workflows_upload(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_workflows_list_store(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_list_store(args: argparse.Namespace, cfg: Config) -> int:
     """Every ``NAME@VERSION`` in the artifact store with its creation time and resource count."""
-    from ..artifacts.store import ArtifactStore
-
     skipped: list[tuple[str, Any]] = []
     indexes = ArtifactStore.from_config(cfg).list(skipped)
     for key, error in skipped:  # on stderr, so --json stays a list of artifacts
         print(f"warning: skipped {key}: {error}", file=sys.stderr)
     if args.json:
-        _print_json([{"uri": i.uri, **i.to_dict()} for i in indexes])
+        print_json([{"uri": i.uri, **i.to_dict()} for i in indexes])
         return EXIT_OK
     print(f"{'ARTIFACT':40} {'CREATED':20} RESOURCES")
     for i in indexes:

@@ -14,10 +14,16 @@ import yaml
 
 from .. import config as config_mod
 from ..atomicfile import write_atomic
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
+from ..redact import redact
 from ..service.taskcgroup import TaskCaps, host_problems
+from ..targets import get_image_target, get_volume_target
+from ..workflow.engine import Engine
+from ..workflow.hookpoints import validate_hooks
 
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
+#: the account of the key ``imaging config init`` writes
+LOCAL_ACCOUNT = "local"
 
 
 def generate_credentials() -> dict[str, str]:
@@ -29,7 +35,8 @@ def generate_credentials() -> dict[str, str]:
 
 def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     """A configuration for running the appliance on this machine: SQLite, scratch and volumes under
-    state_dir; with ``s3_endpoint``, that S3 server is trusted as the source of uploads."""
+    state_dir, one API key (account ``local``, ``role: admin``: the EC2 API and the whole admin API
+    with one key pair); with ``s3_endpoint``, that S3 server is trusted as the source of uploads."""
     sources: dict[str, Any] = {"allowed_endpoints": []}
     if s3_endpoint:
         endpoint = s3_endpoint.rstrip("/")
@@ -45,7 +52,10 @@ def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> d
         }
     return {
         "state_dir": state_dir,
-        "api": {"bind": bind, "credentials": [generate_credentials()]},
+        "api": {
+            "bind": bind,
+            "credentials": [generate_credentials() | {"account": LOCAL_ACCOUNT, "role": config_mod.ADMIN}],
+        },
         "scratch": {"quota": "20GiB"},
         "targets": {
             "volume": {"type": "file", "directory": "volumes"},
@@ -55,7 +65,7 @@ def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> d
     }
 
 
-def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
+def cmd_init(args: argparse.Namespace, _cfg: config_mod.Config | None) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to replace it")
@@ -90,30 +100,18 @@ def cmd_show(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         for access, secret in cfg.api.credentials.items():
             print(f"access key: {access}")
             print(f"secret key: {secret}")
+            print(f"account:    {cfg.api.principals[access].account} ({cfg.api.principals[access].role})")
         print(f"region:     {cfg.api.region}")
         return 0
-    raw = _redacted(json.loads(json.dumps(cfg.raw, default=str)))
+    # every secret (API credentials, S3 sources, the artifact store, targets, the controller's
+    # shared secret, hook arguments, URL user info and signatures) as appliance.redact defines it
+    raw = redact(json.loads(json.dumps(cfg.raw, default=str)))
     yaml.safe_dump(raw, sys.stdout, sort_keys=False)
     return 0
 
 
-#: keys whose values `config show` never prints, wherever they are (API credentials, S3 sources,
-#: the artifact store, targets, the controller's shared secret)
-SECRET_KEYS = frozenset({"secret_key", "secret", "session_token", "password"})
-
-
-def _redacted(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: "REDACTED" if k in SECRET_KEYS and v else _redacted(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_redacted(v) for v in obj]
-    return obj
-
-
 def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     # Loading already validated it (main() reports errors); targets validate their own settings.
-    from ..targets import get_image_target, get_volume_target
-
     get_volume_target(cfg)
     get_image_target(cfg)
     _validate_hooks(cfg)
@@ -126,10 +124,6 @@ def cmd_validate(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 def _validate_hooks(cfg: config_mod.Config) -> None:
     """Every configured hook must name a registered action (plugins loaded) with valid arguments."""
-    from ..errors import ConfigError
-    from ..workflow.engine import Engine
-    from ..workflow.hookpoints import validate_hooks
-
     engine = Engine(cfg)  # loads hooks.plugins_dir into the registry
     problems = [*engine.registry.plugin_errors.values(), *map(str, validate_hooks(engine.loader))]
     if problems:

@@ -10,22 +10,34 @@ from typing import Any
 
 import yaml
 
-from ..errors import UsageError, is_rejection
+from ..config import Config
+from ..errors import UsageError, WorkflowInvalid, is_rejection
 from ..progress import Progress
+from ..redact import redact, redact_text
+from ..service.worker import cleanup_scratch
 from ..store import StepRecord, Task, TaskState
 from ..workflow.callbacks import EngineCallbacks
-
-EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 130
+from ..workflow.engine import Engine
+from .artifacts import add_commands as add_artifact_commands
+from .artifacts import cmd_workflows_list_store
+from .common import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REJECTED,
+    PROGRESS_MODES,
+    print_json,
+    progress_callback,
+)
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    """``obj`` as JSON on stdout, redacted: task params and step arguments hold presigned URLs."""
+    print_json(redact(json.loads(json.dumps(obj, default=str))))
 
 
-def _engine(cfg: Any, callbacks: EngineCallbacks | None = None) -> Any:
-    from ..workflow.engine import Engine
-
+def _engine(cfg: Config, callbacks: EngineCallbacks | None = None) -> Engine:
     return Engine(cfg, callbacks=callbacks)
 
 
@@ -57,14 +69,12 @@ class ConsoleCallbacks(EngineCallbacks):
     """Prints step starts/ends to stderr and step progress through the progress printer."""
 
     def __init__(self, progress_mode: str) -> None:
-        from .main import _progress_callback
-
-        self.printer = _progress_callback(progress_mode)
+        self.printer = progress_callback(progress_mode)
         self.quiet_steps = progress_mode == "json"
 
     def _say(self, text: str) -> None:
         if not self.quiet_steps:
-            print(text, file=sys.stderr, flush=True)
+            print(redact_text(text), file=sys.stderr, flush=True)
 
     def on_task_state(self, task: Task) -> None:
         self._say(
@@ -101,7 +111,7 @@ class ConsoleCallbacks(EngineCallbacks):
 # --- commands ------------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     params = _parse_params(args.param, args.params_file)
     if args.dry_run:
         plan = _engine(cfg).plan(args.workflow, params, coerce_strings=True)
@@ -110,7 +120,6 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
         else:
             _print_plan(plan)
         return EXIT_OK
-    from ..service.worker import cleanup_scratch
 
     engine = _engine(cfg, ConsoleCallbacks(args.progress))
     engine.recover()  # a task orphaned by an earlier crash is finished before new work starts
@@ -122,10 +131,8 @@ def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
     elif task.state is TaskState.COMPLETED:
         print(f"task {task.id} completed")
     else:
-        print(
-            f"imaging: {task.error_code or task.state}: {task.error_message or task.status_message}",
-            file=sys.stderr,
-        )
+        message = redact_text(task.error_message or task.status_message)
+        print(f"imaging: {task.error_code or task.state}: {message}", file=sys.stderr)
     return task_exit_status(task)
 
 
@@ -141,7 +148,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
         print(line)
         if status == "run":
             for key, value in (step.get("args") or {}).items():
-                print(f"      {key} = {json.dumps(value, default=str)}")
+                print(f"      {key} = {json.dumps(redact(value), default=str)}")
             if step.get("scratch_bytes"):
                 print(f"      scratch ≈ {step['scratch_bytes']} bytes")
             if step.get("note"):
@@ -158,7 +165,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
     )
 
 
-def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_list(args: argparse.Namespace, cfg: Config) -> int:
     tasks = _engine(cfg).store.list_tasks(args.state, limit=args.limit)
     if args.json:
         _print_json([t.to_dict() for t in tasks])
@@ -166,12 +173,12 @@ def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
     print(f"{'ID':16} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
     for t in tasks:
         pct = "" if t.percent is None else f"{t.percent:.0f}%"
-        msg = t.error_message or t.status_message or ""
+        msg = redact_text(t.error_message or t.status_message or "")
         print(f"{t.id:16} {t.state!s:10} {pct:>8}  {t.updated_at:20}  {t.workflow} {msg}".rstrip())
     return EXIT_OK
 
 
-def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_show(args: argparse.Namespace, cfg: Config) -> int:
     store = _engine(cfg).store
     task = store.get_task(args.id)
     detail = {
@@ -199,16 +206,17 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
     ):
         value = getattr(task, key)
         if value not in (None, ""):
-            print(f"{key + ':':16}{value}")
-    print(f"{'params:':16}{json.dumps(task.params, default=str)}")
-    for f in task.findings:
+            print(f"{key + ':':16}{redact_text(str(value))}")
+    print(f"{'params:':16}{json.dumps(redact(task.params), default=str)}")
+    shown = redact(json.loads(json.dumps(detail, default=str)))
+    for f in shown["task"]["findings"]:
         print(f"finding:        {f.get('severity')} {f.get('code')}: {f.get('message')}")
     print("steps:")
-    for s in detail["steps"]:
+    for s in shown["steps"]:
         print(f"  {s['idx']:10} {s['name']:24} {s['state']}" + (f" — {s['error']}" if s.get("error") else ""))
-    if detail["ledger"]:
+    if shown["ledger"]:
         print("cleanup ledger:")
-        for e in detail["ledger"]:
+        for e in shown["ledger"]:
             print(
                 f"  {e['time']} {e['action']:8} {e['resource']}"
                 + (f" (step {e['step']})" if e.get("step") else "")
@@ -216,13 +224,13 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_tasks_cancel(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_cancel(args: argparse.Namespace, cfg: Config) -> int:
     task = _engine(cfg).store.request_cancel(args.id)
     print(f"task {task.id}: {task.state}")
     return EXIT_OK
 
 
-def cmd_tasks_recover(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_recover(args: argparse.Namespace, cfg: Config) -> int:
     ended = _engine(cfg, ConsoleCallbacks("none")).recover()
     for t in ended:
         print(f"task {t.id}: {t.state}" + (f" ({t.error_message})" if t.error_message else ""))
@@ -231,16 +239,14 @@ def cmd_tasks_recover(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_tasks_resume(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_resume(args: argparse.Namespace, cfg: Config) -> int:
     task = _engine(cfg, ConsoleCallbacks(args.progress)).resume(args.id)
     print(f"task {task.id}: {task.state}")
     return task_exit_status(task)
 
 
-def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_list(args: argparse.Namespace, cfg: Config) -> int:
     if args.store:
-        from .artifacts import cmd_workflows_list_store
-
         return cmd_workflows_list_store(args, cfg)
     infos = _engine(cfg).loader.list()
     if args.json:
@@ -252,7 +258,7 @@ def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_show(args: argparse.Namespace, cfg: Config) -> int:
     wf = _engine(cfg).load(args.workflow)
     if args.json:
         _print_json(wf.to_dict())
@@ -261,9 +267,7 @@ def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_workflows_validate(args: argparse.Namespace, cfg: Any) -> int:
-    from ..errors import WorkflowInvalid
-
+def cmd_workflows_validate(args: argparse.Namespace, cfg: Config) -> int:
     loader = _engine(cfg).loader
     status = EXIT_OK
     for f in args.files:
@@ -301,7 +305,7 @@ def add_commands(sub: Any) -> None:
         "--dry-run", action="store_true", help="print the plan (steps, rendered args, scratch) and do nothing"
     )
     s.add_argument("--task-id", help="use this task id instead of a generated one")
-    s.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    s.add_argument("--progress", choices=PROGRESS_MODES, default="auto")
     s.add_argument("--json", action="store_true", help="print the final task (or the plan) as JSON")
     s.set_defaults(func=cmd_run)
 
@@ -325,7 +329,7 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_tasks_recover)
     s = t.add_parser("resume", help="resume one orphaned task in this process")
     s.add_argument("id")
-    s.add_argument("--progress", choices=("auto", "bar", "json", "none"), default="auto")
+    s.add_argument("--progress", choices=PROGRESS_MODES, default="auto")
     s.set_defaults(func=cmd_tasks_resume)
 
     w = sub.add_parser("workflows", help="list, show, validate and upload workflow files").add_subparsers(
@@ -342,6 +346,4 @@ def add_commands(sub: Any) -> None:
     s = w.add_parser("validate", help="validate workflow files (errors name file, step and field)")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_workflows_validate)
-    from .artifacts import add_commands as add_artifact_commands
-
     add_artifact_commands(w)

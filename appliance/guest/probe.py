@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+from .analyze import analyze
+from .reader import ExternalReference, ReaderError, open_disk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image")
     args = parser.parse_args(argv)
     # dissect logs parse problems of hostile images at warning level; the findings say what matters
-    import logging
-
     logging.disable(logging.CRITICAL)
     out: dict
     try:
-        from .analyze import analyze
-        from .reader import ExternalReference, ReaderError, open_disk
-
         with open(args.image, "rb") as fh:
             try:
                 disk = open_disk(fh, args.format)

@@ -1,7 +1,7 @@
 """Safe disk-image conversion with qemu-img: inspect, convert, flush, re-inspect, publish.
 
 The sequence mirrors Nova's ``fetch_to_raw`` and Glance's ``image_conversion`` plugin
-(reference/image-safety.md §2.5, §3.4), with the holes those leave closed:
+with the holes those leave closed:
 
 1. The source is fully inspected and must be safe; a rejected source never creates anything at
    ``dst``.
@@ -10,11 +10,17 @@ The sequence mirrors Nova's ``fetch_to_raw`` and Glance's ``image_conversion`` p
    size, no network, no inherited descriptors, a parent-death signal) on a link of the source inside
    an empty private directory (relative names resolve to nothing), in its own process group so a
    cancel or Ctrl-C can stop it and anything it started.
-3. A file target is written under a hidden temporary name in ``dst``'s directory and renamed into
-   place only after it is flushed to disk (qemu-img never fsyncs) and re-inspected: it must be the
-   requested format and safe, which catches a format hidden inside the guest data ("a vmdk
-   embedded in a raw"). Partial or rejected output never appears under the final name.
+3. A file target is written under a hidden partial name in ``dst``'s directory (mode 0600, announced
+   to the caller's ledger before it exists: :mod:`appliance.partials`) and renamed into place only
+   after it is flushed to disk (qemu-img never fsyncs) and re-inspected: it must be the requested
+   format and safe, which catches a format hidden inside the guest data ("a vmdk embedded in a
+   raw"). Partial or rejected output never appears under the final name. A ``dst`` that is
+   replaced keeps its mode; a new one gets the umask's.
 4. A block-device target (raw only) is written in place with ``-n -t none`` and flushed.
+
+A filesystem that fills up under qemu-img (or under the decompressor) is not a conversion failure:
+it is ``InsufficientScratch`` (:func:`appliance.scratch.no_space_error`), or what the caller's
+``no_space`` makes of it when ``dst`` is not in scratch (a volume: ``InsufficientStorage``).
 
 Output goes through O_DIRECT (``-t none``) for the conversions where that measured faster; see
 :data:`DIRECT_IO_FORMATS` and :data:`BUFFERED_INPUTS`.
@@ -31,7 +37,6 @@ import select
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +46,13 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from .. import confine
+from .. import confine, partials
 from ..config import Config
-from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, UsageError
+from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, ImagingError, UsageError
 from ..progress import Progress, ProgressTracker
+from ..scratch import NO_SPACE_MESSAGES, is_no_space, no_space_error
 from . import qemuimg
-from .formats import check_output_format, to_qemu
+from .formats import VHD_COOKIE, check_output_format, to_qemu
 from .inspect import InspectionResult, inspect_image, require_safe, verify_output
 
 log = logging.getLogger(__name__)
@@ -123,19 +129,27 @@ def convert_image(
     subformat: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cancel: threading.Event | None = None,
+    ledger: partials.Ledger | None = None,
+    reserve: Callable[[int, bool], None] | None = None,
+    no_space: Callable[[Path, str], ImagingError] = no_space_error,
 ) -> ConversionResult:
     """Convert ``src`` (claimed format ``claimed``, e.g. ``qcow2`` or ``raw.gz``) to ``to_format`` at ``dst``.
 
     ``workdir`` receives intermediates (the decompressed source, the isolation directory) and
     must be on a filesystem with room for them. ``dst`` is a file path (created or replaced
-    atomically) or an existing block device (raw output only; written in place).
+    atomically) or an existing block device (raw output only; written in place). ``ledger``
+    (a step's context) is told the partial output's name before it is created, and when it is gone;
+    ``reserve`` is the decompressor's scratch reservation (see :func:`appliance.image.decompress.decompress`).
+    ``no_space(directory, doing)`` is the error raised when ``dst``'s filesystem fills up (by default
+    ``InsufficientScratch``: ``dst`` is in scratch; a target that is not passes its own).
 
     Raises :class:`ImageRejected` if the source is unsafe or not what was claimed,
     :class:`ConversionFailed` if qemu-img fails or its output does not re-inspect as a safe
-    ``to_format`` image, :class:`Cancelled` when ``cancel`` is set, :class:`UsageError` for a bad
-    format, subformat or target. On every failure, cancel and ``KeyboardInterrupt`` the partial
-    output is removed (a block device is left as qemu-img left it) and no temporary file remains
-    next to ``dst``.
+    ``to_format`` image, :class:`InsufficientScratch` when scratch fills up (``no_space``'s error when
+    ``dst``'s filesystem does), :class:`Cancelled`
+    when ``cancel`` is set, :class:`UsageError` for a bad format, subformat or target. On every
+    failure, cancel and ``KeyboardInterrupt`` the partial output is removed (a block device is left
+    as qemu-img left it) and no temporary file remains next to ``dst``.
     """
     started = time.monotonic()
     fmt = check_output_format(to_format)
@@ -151,47 +165,32 @@ def convert_image(
     qemu_img = qemuimg.qemu_img()
     _raise_if_cancelled(cancel)
 
-    source = inspect_image(src, claimed, config=config, workdir=workdir, cancel=cancel)
+    source = inspect_image(
+        src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel, ledger=ledger
+    )
     # A compressed source was decompressed into workdir; that copy is ours to remove.
     intermediate = source.path if source.path != src else None
-    tmp: Path | None = None
     try:
         require_safe(source)
         virtual_size = source.virtual_size or 0
-        if block_device:
-            _check_device_size(dst, virtual_size)
-            out_path = dst
-        else:
-            tmp = _reserve_temp(dst)
-            out_path = tmp
         _raise_if_cancelled(cancel)
         tracker = ProgressTracker("converting", virtual_size, on_progress)
-        with qemuimg.isolated(source.path, parent=workdir) as linked:
-            argv = build_command(
-                linked,
-                source.qemu_format or "",
-                out_path,
-                fmt,
-                subformat,
-                block_device=block_device,
-                direct_io=block_device or _supports_direct_io(out_path),
-                qemu_img=qemu_img,
-            )
-            policy = confine.qemu_img_convert(config.limits, virtual_size)
-            _run_convert(argv, policy, linked.parent, tracker, virtual_size, cancel)
-        _flush(out_path)
-        _raise_if_cancelled(cancel)
-        output = _verify(out_path, fmt, config, block_device=block_device)
-        if tmp is not None:
-            os.replace(tmp, dst)
-            tmp = None
-            _fsync_dir(dst.parent)
+        job = _Job(source, fmt, subformat, config, workdir, qemu_img, tracker, virtual_size, cancel, no_space)
+        if block_device:
+            _check_device_size(dst, virtual_size)
+            argv, output = job.run(dst, block_device=True)
+        else:
+            try:
+                with partials.partial_file(dst, ledger) as tmp:
+                    argv, output = job.run(tmp, block_device=False)
+                    partials.publish(tmp, dst)
+                    _fsync_dir(dst.parent)
+            except OSError as exc:
+                if is_no_space(exc):
+                    raise no_space(dst.parent, f"writing {dst.name}") from exc
+                raise
             output = _with_path(output, dst)
         tracker.finish()
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
     finally:
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
@@ -208,6 +207,50 @@ def convert_image(
         seconds=time.monotonic() - started,
         command=argv,
     )
+
+
+@dataclass
+class _Job:
+    """One conversion of an inspected, safe source: run qemu-img into a path, flush, re-inspect."""
+
+    source: InspectionResult
+    fmt: str
+    subformat: str | None
+    config: Config
+    workdir: Path
+    qemu_img: str
+    tracker: ProgressTracker
+    virtual_size: int
+    cancel: threading.Event | None
+    #: the error of a full filesystem under the output
+    no_space: Callable[[Path, str], ImagingError]
+
+    def run(self, out_path: Path, *, block_device: bool) -> tuple[list[str], InspectionResult]:
+        with qemuimg.isolated(self.source.path, parent=self.workdir) as linked:
+            argv = build_command(
+                linked,
+                self.source.qemu_format or "",
+                out_path,
+                self.fmt,
+                self.subformat,
+                block_device=block_device,
+                direct_io=block_device or _supports_direct_io(out_path),
+                qemu_img=self.qemu_img,
+            )
+            policy = confine.qemu_img_convert(self.config.limits, self.virtual_size)
+            _run_convert(
+                argv,
+                policy,
+                linked.parent,
+                self.tracker,
+                self.virtual_size,
+                self.cancel,
+                out_path,
+                self.no_space,
+            )
+        _flush(out_path, self.no_space)
+        _raise_if_cancelled(self.cancel)
+        return argv, _verify(out_path, self.fmt, self.config, block_device=block_device)
 
 
 def build_command(
@@ -310,30 +353,6 @@ def _raise_if_cancelled(cancel: threading.Event | None) -> None:
         raise Cancelled("conversion cancelled")
 
 
-def _umask() -> int:
-    # Reading the umask with os.umask() means setting it, which races with other threads.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _reserve_temp(dst: Path) -> Path:
-    """Create ``.NAME.partial-XXXX`` next to ``dst`` with the mode a new file would get."""
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    except BaseException:
-        os.unlink(name)
-        raise
-    finally:
-        os.close(fd)
-    return Path(name)
-
-
 def _supports_direct_io(path: Path) -> bool:
     """Whether ``path``'s filesystem accepts O_DIRECT.
 
@@ -355,9 +374,14 @@ def _run_convert(
     tracker: ProgressTracker,
     virtual_size: int,
     cancel: threading.Event | None,
+    out_path: Path,
+    no_space: Callable[[Path, str], ImagingError] = no_space_error,
 ) -> None:
     """Run qemu-img convert confined by ``policy``, feeding its ``-p`` output to ``tracker``; stop it
-    on cancel. A limit that stops it rejects the image (``UnsafeImage.ResourceLimit``)."""
+    on cancel. A limit that stops it rejects the image (``UnsafeImage.ResourceLimit``).
+
+    A failure because ``out_path``'s filesystem is full is ``no_space``'s error.
+    """
     log.debug("running %s", " ".join(argv))
     # own process group: Ctrl-C does not reach it, killpg does
     proc = confine.spawn(argv, policy, cwd=cwd, new_session=True)
@@ -387,6 +411,8 @@ def _run_convert(
         message = text.strip() or f"exit status {rc}"
         if rc < 0:
             message = f"killed by signal {-rc}: {message}"
+        elif any(marker in message for marker in NO_SPACE_MESSAGES):
+            raise no_space(out_path.parent, f"qemu-img convert was writing ({message})")
         raise ConversionFailed(f"qemu-img convert failed: {message}", code="ConversionFailed.QemuImg")
     if stderr:
         log.warning("qemu-img convert: %s", bytes(stderr).decode("utf-8", "replace").strip())
@@ -482,8 +508,9 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = TERM_GRACE)
         time.sleep(0.02)
 
 
-def _flush(path: Path) -> None:
-    """fsync the output: qemu-img writes with cache=unsafe and never flushes."""
+def _flush(path: Path, no_space: Callable[[Path, str], ImagingError] = no_space_error) -> None:
+    """fsync the output: qemu-img writes with cache=unsafe and never flushes. A filesystem that
+    finds no room for what it had cached (ENOSPC at fsync) is ``no_space``'s error."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -491,6 +518,8 @@ def _flush(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(path.parent, f"flushing {path.name}") from exc
         raise ConversionFailed(
             f"could not flush {path} to disk: {exc.strerror}", code="ConversionFailed.Flush"
         ) from exc
@@ -535,7 +564,7 @@ def _verify_device(path: Path) -> InspectionResult:
         size = f.seek(0, os.SEEK_END)
         # a fixed VHD is only a footer at the end, which the content inspectors do not look at
         f.seek(max(0, size - 512))
-        vhd_footer = size >= 512 and f.read(8) == b"conectix"
+        vhd_footer = size >= 512 and f.read(len(VHD_COOKIE)) == VHD_COOKIE
         f.seek(0)
         wrapper = fi.InspectWrapper(f)
         try:

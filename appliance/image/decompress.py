@@ -10,7 +10,10 @@ An attacker controls the compressed bytes, so decompression must never be able t
   is removed;
 * decoder memory is capped (xz ``memlimit``, zstd window limit), so a crafted header cannot demand gigabytes;
 * all-zero 1 MiB blocks are skipped with ``seek`` and the file is truncated to length at the end, so the
-  mostly empty raw disks in archives stay sparse on disk.
+  mostly empty raw disks in archives stay sparse on disk;
+* the output is a partial file (:mod:`appliance.partials`: a hidden name next to the final one, announced
+  to the caller's ledger before it exists) renamed into place only when the whole stream is decompressed,
+  so what a killed process was writing is swept when its task resumes, never left under the final name.
 
 A truncated or corrupt stream, or trailing garbage, is ``CorruptImage``. Concatenated gzip members, xz
 streams, bzip2 streams and zstd frames are decoded in sequence, as the command-line tools do.
@@ -20,17 +23,20 @@ run in the caller's process: :func:`decompress` starts this module as a child
 (``python -I -c ... --kind KIND --max-bytes N``) under the confinement policy of :mod:`appliance.confine`
 (``limits.decompress_*``: CPU seconds scaled to the output cap, address space; no network, a parent-death
 signal, an empty private working directory). The child gets exactly three descriptors: the compressed
-input on stdin and the output file on stdout, both opened by the parent (the output exclusively, never
-through a symlink), and stderr, on which it reports one JSON object per line: ``{"done": N}`` after each
-block, then ``{"total": N}`` or ``{"error": CODE, "message": ..., "done": N}``. A child stopped by a limit
-becomes ``UnsafeImage.ResourceLimit``.
+input on stdin (opened by the parent), a pipe on stdout that carries the decoded bytes, and a pipe on
+stderr on which it reports its end as one JSON object: ``{"total": N}`` or ``{"error": CODE, "message":
+...}``. The child holds no writable file: the parent writes the output (holes, the scratch reservation,
+the partial file, the cap, which it checks again on what it receives). A child stopped by a limit becomes
+``UnsafeImage.ResourceLimit``.
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import errno
+import fcntl
 import gzip
 import json
 import lzma
@@ -48,10 +54,11 @@ from typing import Any, BinaryIO, Protocol
 import zstandard
 
 from .. import config as config_mod
-from .. import confine
+from .. import confine, partials
 from ..config import Limits
-from ..errors import Cancelled, Finding, ImageRejected, ImagingError, InsufficientScratch, UsageError
-from .formats import COMPRESSIONS
+from ..errors import Cancelled, Finding, ImageRejected, ImagingError, UsageError
+from ..scratch import is_no_space, no_space_error
+from .formats import COMPRESSIONS, SIGNATURE_BYTES, compression_of
 
 #: output granularity: cap checks, progress callbacks and hole detection happen per block
 BLOCK_SIZE = 1 << 20
@@ -64,8 +71,6 @@ _XZ_MEMLIMIT = 512 << 20  # xz -9e needs ~65 MiB; a header demanding more is hos
 _ZEROS = bytes(BLOCK_SIZE)
 
 # bzip2: "BZh" + level digit + the 48-bit magic of the first block (pi) or of the end of stream (sqrt(pi)).
-_BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
-
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     OSError,  # gzip.BadGzipFile and bz2's "Invalid data stream" are OSErrors
@@ -78,22 +83,17 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 def detect_compression(path: Path) -> str | None:
     """``gzip``, ``xz``, ``zstd`` or ``bzip2`` when the file starts with that magic number, else None."""
     with open(path, "rb") as f:
-        head = f.read(10)
-    if head.startswith(b"\x1f\x8b\x08"):
-        return "gzip"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0" and head[4:10] in _BZIP2_BLOCK_MAGICS:
-        return "bzip2"
-    return None
+        return compression_of(f.read(SIGNATURE_BYTES))
 
 
 class _MaxLengthDecompressor(Protocol):
-    eof: bool
-    needs_input: bool
-    unused_data: bytes
+    # read-only, as lzma's and bz2's decompressors have them
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 
@@ -201,101 +201,65 @@ def _corrupt(kind: str, exc: BaseException) -> ImageRejected:
 
 
 # The child imports appliance from the same tree as the parent, whether installed or not; -I keeps the
-
-
 # environment and the working directory out of its import path.
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from appliance.image.decompress import main; sys.exit(main())"
 )
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
-#: how much of the child's non-JSON stderr (a traceback) is kept for the error message
-_STDERR_KEEP = 2000
+#: how much of the child's stderr is kept (its result line, or a traceback for the error message)
+_STDERR_KEEP = 8192
 #: signals that mean a limit stopped the child (RLIMIT_CPU sends SIGXCPU, then SIGKILL at the hard limit)
 _LIMIT_SIGNALS = (signal.SIGXCPU, signal.SIGKILL)
-
-
-class _Full(Exception):
-    """The disk filled up after ``done`` bytes."""
-
-    def __init__(self, done: int) -> None:
-        super().__init__(done)
-        self.done = done
-
-
-def _stream(
-    fin: BinaryIO, out: BinaryIO, kind: str, max_bytes: int, on_block: Callable[[int], None] | None = None
-) -> int:
-    """Decode ``fin`` into ``out`` (a regular file at offset 0) block by block; returns the size.
-
-    Raises ImageRejected (``CorruptImage``, ``SizeLimitExceeded.Decompressed``) or :class:`_Full`.
-    """
-    total = 0
-    try:
-        blocks = _blocks(_pieces(kind, fin))
-        while True:
-            try:
-                block = next(blocks, None)
-            except _DECODE_ERRORS as exc:
-                raise _corrupt(kind, exc) from exc
-            if block is None:
-                break
-            if total + len(block) > max_bytes:
-                raise _bomb(kind, max_bytes)
-            if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
-                out.seek(len(block), os.SEEK_CUR)
-            else:
-                out.write(block)
-            total += len(block)
-            if on_block is not None:
-                on_block(total)
-        out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
-        out.flush()
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _Full(total) from exc
-        raise
-    return total
+_POLL_SECONDS = 0.1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The confined child: decode stdin into stdout (a regular file), report on stderr (module docstring)."""
+    """The confined child: decode stdin onto stdout in blocks, report its end on stderr (module docstring)."""
     parser = argparse.ArgumentParser(prog="appliance.image.decompress")
     parser.add_argument("--kind", required=True, choices=COMPRESSIONS)
     parser.add_argument("--max-bytes", type=int, required=True)
     args = parser.parse_args(argv)
-    status = sys.stderr
 
     def report(obj: dict[str, Any]) -> None:
-        status.write(json.dumps(obj) + "\n")
-        status.flush()
-
-    done = 0
-
-    def block(n: int) -> None:
-        nonlocal done
-        done = n
-        report({"done": n})
+        sys.stderr.write(json.dumps(obj) + "\n")
+        sys.stderr.flush()
 
     fin = os.fdopen(0, "rb", closefd=False)
-    out = os.fdopen(1, "wb", closefd=False)
+    total = 0
     try:
-        total = _stream(fin, out, args.kind, args.max_bytes, block)
+        blocks = _blocks(_pieces(args.kind, fin))
+        while True:
+            try:
+                block = next(blocks, None)
+            except _DECODE_ERRORS as exc:
+                raise _corrupt(args.kind, exc) from exc
+            if block is None:
+                break
+            if total + len(block) > args.max_bytes:
+                raise _bomb(args.kind, args.max_bytes)
+            _write_all(1, block)
+            total += len(block)
     except ImageRejected as exc:
-        report({"error": exc.code, "message": exc.message, "done": done})
-    except _Full as exc:
-        report({"error": InsufficientScratch.code, "message": "no space left", "done": exc.done})
+        report({"error": exc.code, "message": exc.message})
+    except BrokenPipeError:
+        return 1  # the parent stopped reading (cancelled, or its disk is full)
     except MemoryError:
         report(
             {
                 "error": "UnsafeImage.ResourceLimit",
                 "message": f"the {args.kind} decoder needed more memory than allowed",
-                "done": done,
             }
         )
     else:
         report({"total": total})
     return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _rejected(code: str, message: str) -> ImageRejected:
@@ -325,109 +289,161 @@ def _child_failure(kind: str, proc_status: int, tail: str, policy: confine.Polic
     return ImagingError(f"the {kind} decompressor failed: {detail}", code="InternalError")
 
 
+class _Child:
+    """The confined decoder seen from the parent: its output regrouped into exact blocks, its stderr kept
+    on the side, ``cancel`` checked while waiting for either."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], name: str, cancel: threading.Event | None) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc, self.name, self.cancel = proc, name, cancel
+        self.out, self.err = proc.stdout.fileno(), proc.stderr.fileno()
+        self.stderr = b""
+        with contextlib.suppress(OSError):  # above fs.pipe-max-size: the default buffer
+            fcntl.fcntl(self.out, fcntl.F_SETPIPE_SZ, BLOCK_SIZE)  # one block per pipe buffer where allowed
+
+    def _wait(self, fds: list[int]) -> list[int]:
+        while True:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled(f"decompression of {self.name} cancelled")
+            ready, _, _ = select.select(fds, [], [], _POLL_SECONDS)
+            if ready:
+                return ready
+
+    def _read_err(self) -> bool:
+        chunk = os.read(self.err, 65536)
+        self.stderr = (self.stderr + chunk)[-_STDERR_KEEP:]
+        return bool(chunk)
+
+    def blocks(self) -> Iterator[bytes]:
+        buf = bytearray()
+        err_open = True
+        while True:
+            ready = self._wait([self.out, self.err] if err_open else [self.out])
+            if self.err in ready:
+                err_open = self._read_err()
+            if self.out in ready:
+                chunk = os.read(self.out, BLOCK_SIZE - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) == BLOCK_SIZE:
+                    yield bytes(buf)
+                    buf.clear()
+        if buf:
+            yield bytes(buf)
+        while err_open:
+            self._wait([self.err])
+            err_open = self._read_err()
+        self.proc.wait()
+
+    def result(self) -> dict[str, Any] | None:
+        """The child's last JSON object line on stderr (None when there is none)."""
+        for line in reversed(self.stderr.splitlines()):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+        return None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def decompress(
     src: Path,
     dst: Path,
     kind: str,
     max_bytes: int,
     *,
+    reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
+    ledger: partials.Ledger | None = None,
     limits: Limits | None = None,
 ) -> int:
-    """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the new file ``dst``.
+    """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the file ``dst``.
 
     Returns the decompressed size. Never writes more than ``max_bytes``: the stream is rejected with
-    ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. ``dst`` must not exist (it is created
-    exclusively, never followed if a symlink). ``on_progress`` receives the number of bytes produced so far
-    after each block (never more than ``max_bytes``), in the caller's thread. The decoding runs in a confined
-    child under ``limits`` (default: the embedded defaults). Raises ImageRejected (``CorruptImage``,
-    ``UnsafeImage.ResourceLimit``) for a bad stream or one that exceeds the limits, Cancelled when ``cancel``
-    is set, InsufficientScratch when the disk fills up; ``dst`` is removed on every failure.
+    ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. The output is written to a partial
+    of ``dst`` (mode 0600, whose name ``ledger`` learns before it exists) and renamed to ``dst`` when
+    complete; ``dst`` must not exist (``FileExistsError``, nothing written). ``on_progress`` receives the
+    number of bytes produced so far after each block (never more than ``max_bytes``). ``reserve(n, False)``
+    is called before a block of data is written with the bytes written so far including it (zero blocks
+    stay holes and are not counted); it raises ``InsufficientScratch`` when scratch cannot hold them (a
+    :class:`appliance.scratch.Allowance`). The decoding runs in a confined child under ``limits``
+    (default: the embedded defaults); this process writes what it decodes.
+
+    Raises ImageRejected (``CorruptImage``, ``UnsafeImage.ResourceLimit``) for a bad stream or one that
+    exceeds the limits, Cancelled when ``cancel`` is set, InsufficientScratch when the scratch quota or
+    the disk cannot hold the output. On every failure the partial is removed and nothing is at ``dst``.
     """
     if kind not in COMPRESSIONS:
         raise UsageError(f"unknown compression {kind!r}; use one of {', '.join(COMPRESSIONS)}")
+    dst = Path(dst)
+    if os.path.lexists(dst):  # the caller's fresh name, in its private directory: it stays fresh
+        raise FileExistsError(errno.EEXIST, "the decompressed output already exists", str(dst))
     policy = confine.decompressor(limits or config_mod.from_dict({}).limits, max_bytes)
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    total = written = 0
     try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except BaseException:
-        os.close(fin)
-        raise
-    try:
-        with confine.private_dir(prefix="decompress.") as cwd:
-            try:
-                argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--kind", kind]
-                proc = confine.spawn(
-                    [*argv, "--max-bytes", str(max_bytes)], policy, cwd=cwd, stdin=fin, stdout=fout
-                )
-            finally:
-                os.close(fin)
-                os.close(fout)
-            result, tail = _follow(proc, kind, cancel, on_progress)
-        if result is None:
-            raise _child_failure(kind, proc.returncode, tail, policy)
-        if "error" in result:
-            code, message = str(result["error"]), str(result.get("message", ""))
-            if code == InsufficientScratch.code:
-                raise InsufficientScratch(
-                    f"no space left in {dst.parent} after {result.get('done', 0)} decompressed bytes; free "
-                    "space or raise the scratch quota"
-                )
-            if code.startswith(("CorruptImage", "SizeLimitExceeded", "UnsafeImage")):
-                raise _rejected(code, message)
-            raise ImagingError(message, code=code)
-        return int(result["total"])
-    except BaseException:
-        dst.unlink(missing_ok=True)
-        raise
-
-
-def _follow(
-    proc: subprocess.Popen[bytes],
-    kind: str,
-    cancel: threading.Event | None,
-    on_progress: Callable[[int], None] | None,
-) -> tuple[dict[str, Any] | None, str]:
-    """Read the child's status lines until it exits: (its result or error object, other stderr text).
-
-    Progress goes to ``on_progress``; a set ``cancel`` kills the child and raises Cancelled.
-    """
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    pending = b""
-    tail = ""
-    result: dict[str, Any] | None = None
-    try:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"decompression of the {kind} input cancelled")
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if not ready:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
+        with partials.partial_file(dst, ledger) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "wb") as out, confine.private_dir(prefix="decompress.") as cwd:
+                fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    obj = json.loads(line)
-                except ValueError:
-                    obj = None
-                if not isinstance(obj, dict):
-                    tail = (tail + line.decode("utf-8", "replace") + "\n")[-_STDERR_KEEP:]
-                elif "done" in obj and len(obj) == 1:
-                    if on_progress is not None:
-                        on_progress(int(obj["done"]))
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"decompression of the {kind} input cancelled")
-                else:
-                    result = obj
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    return result, tail
+                    argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--kind", kind]
+                    proc = confine.spawn([*argv, "--max-bytes", str(max_bytes)], policy, cwd=cwd, stdin=fin)
+                finally:
+                    os.close(fin)
+                child = _Child(proc, src.name, cancel)
+                try:
+                    for block in child.blocks():
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled(f"decompression of {src.name} cancelled")
+                        if total + len(block) > max_bytes:
+                            raise _bomb(kind, max_bytes)
+                        if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
+                            out.seek(len(block), os.SEEK_CUR)
+                        else:
+                            written += len(block)
+                            if reserve is not None:
+                                reserve(written, False)
+                            out.write(block)
+                        total += len(block)
+                        if on_progress is not None:
+                            on_progress(total)
+                finally:
+                    child.close()
+                _check_result(child, kind, total, policy)
+                out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
+            partials.publish(tmp, dst, 0o600)
+        return total
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space_error(dst.parent, f"decompressing {src.name} ({total} bytes out)") from exc
+        raise
+
+
+def _check_result(child: _Child, kind: str, total: int, policy: confine.Policy) -> None:
+    """Raise what the child's end means, unless it decoded the whole stream into the ``total`` bytes
+    received."""
+    result = child.result()
+    tail = child.stderr.decode("utf-8", "replace")
+    if result is None or child.proc.returncode != 0:
+        raise _child_failure(kind, child.proc.returncode, tail, policy)
+    if "error" in result:
+        code, message = str(result["error"]), str(result.get("message", ""))
+        if code.startswith(("CorruptImage", "SizeLimitExceeded", "UnsafeImage")):
+            raise _rejected(code, message)
+        raise ImagingError(message, code=code)
+    if result.get("total") != total:
+        raise ImagingError(
+            f"the {kind} decompressor reported {result.get('total')} bytes but sent {total}",
+            code="InternalError",
+        )

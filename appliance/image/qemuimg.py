@@ -1,6 +1,6 @@
 """Running ``qemu-img`` on untrusted images: confined, with ``-f``, in an empty private directory.
 
-Every call here follows the same rules (image-safety.md §3.4, §3.6):
+Every call here follows the same rules (those of OpenStack Nova and Glance, with their known gaps closed):
 
 * the format is always passed with ``-f`` (qemu-img never probes; CVE-2026-24708);
 * the process runs under the confinement policy of :mod:`appliance.confine` (CPU seconds and address
@@ -16,7 +16,10 @@ return their results otherwise; interpretation of the ``info`` JSON (backing fil
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +41,33 @@ LINK_NAME = confine.LINK_NAME
 def qemu_img() -> str:
     """The qemu-img binary, resolved on the caller's ``PATH``, or a ``MissingTool`` error."""
     return confine.which(QEMU_IMG)
+
+
+@functools.cache
+def _version(path: str) -> str:
+    """First line of ``qemu-img --version`` for the binary at ``path`` (run once per path and process)."""
+    out = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, timeout=10, check=True, env=confine.child_env()
+    )
+    return out.stdout.splitlines()[0].strip() if out.stdout else ""
+
+
+def availability() -> tuple[str | None, str | None, str | None]:
+    """(path, version, problem) of the ``qemu-img`` on PATH: a problem says why conversions cannot run
+    here. The lookup is repeated per call (a package may be installed meanwhile), the version run is
+    cached per binary."""
+    path = shutil.which(QEMU_IMG)
+    if path is None:
+        return None, None, "qemu-img is not installed (install the qemu-utils package)"
+    try:
+        return path, _version(path), None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return path, None, f"qemu-img at {path} does not run: {exc}"
+
+
+def qemu_img_problem() -> str | None:
+    """Why conversions cannot run here, or None when ``qemu-img`` is usable."""
+    return availability()[2]
 
 
 @contextmanager

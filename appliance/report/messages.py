@@ -9,6 +9,7 @@ Every message is one JSON object, sent as the body of ``POST <controller.url>/v1
   contiguous: coalesced heartbeats and throttled progress ticks leave gaps.
 - ``ts`` is when this delivery attempt was made (UTC), so a receiver can refuse stale replays even
   of messages that waited in the outbox through a long outage; event times are inside the payload.
+- The payload is redacted: no secret, presigned URL signature or URL user info leaves this way.
 - The header ``X-Imaging-Signature: sha256=<hex>`` carries HMAC-SHA256(secret, exact body bytes);
   ``X-Imaging-Appliance`` repeats the appliance id so a receiver can pick the right key first.
 
@@ -20,8 +21,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from ..redact import redact
+from ..timestamps import format_time
 
 VERSION = 1
 SIGNATURE_HEADER = "X-Imaging-Signature"
@@ -30,17 +34,6 @@ SIGNATURE_PREFIX = "sha256="
 REPORTS_PATH = "/v1/reports"
 IMAGING_PATH = "/services/Imaging"
 TYPES = ("heartbeat", "task")
-
-
-def utc_iso(when: datetime | None = None) -> str:
-    """UTC ISO-8601 with microseconds and ``Z`` (the store's timestamp form)."""
-    return (when or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_iso(text: str) -> datetime:
-    """Parse an ISO-8601 timestamp (``Z`` or an offset) into an aware datetime."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -56,8 +49,15 @@ def signature_valid(secret: str, body: bytes, header: str | None) -> bool:
 
 
 def encode(appliance_id: str, seq: int, payload: dict[str, Any], ts: datetime | None = None) -> bytes:
-    """The body of one message: ``payload`` (with its ``type``) wrapped in the versioned envelope."""
-    message = {"ver": VERSION, "appliance_id": appliance_id, "seq": seq, "ts": utc_iso(ts), **payload}
+    """The body of one message: ``payload`` (with its ``type``), redacted (:mod:`appliance.redact`),
+    wrapped in the versioned envelope."""
+    message = {
+        "ver": VERSION,
+        "appliance_id": appliance_id,
+        "seq": seq,
+        "ts": format_time(ts),
+        **redact(payload),
+    }
     return json.dumps(message, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import connect, utcnow, write_transaction
+from ..store import connect, inserted_id, write_transaction
+from ..timestamps import utcnow
 
 CURSOR_KEY = "events_cursor"
 
@@ -93,7 +94,7 @@ class Outbox:
                     "INSERT INTO report_outbox (created_at, type, task_id, payload) VALUES (?, ?, ?, ?)",
                     (now, m.type, m.task_id, json.dumps(m.payload, sort_keys=True, allow_nan=False)),
                 )
-                seqs.append(int(cur.lastrowid))
+                seqs.append(inserted_id(cur))
             if cursor is not None:
                 conn.execute(
                     "INSERT INTO report_state (key, value) VALUES (?, ?)"

@@ -1,7 +1,7 @@
 """Pull mode: the appliance stands in for a Eucalyptus imaging worker.
 
-The loop (reference §11.3/§11.7), against ``<controller.url>/services/Imaging`` with EC2-query
-form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = ``controller.appliance_id``,
+The loop, as the Eucalyptus imaging worker ran it, against ``<controller.url>/services/Imaging``
+with EC2-query form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = ``controller.appliance_id``,
 ``Timestamp``) signed like push messages (``X-Imaging-Signature`` over the form body; Eucalyptus
 used instance-profile SigV2 instead):
 
@@ -10,9 +10,9 @@ used instance-profile SigV2 instead):
   :class:`~appliance.service.imports.ImportService` (the worker runs it). Sizes come from the optional
   ``<bytes>``/``<volumeSize>`` elements, else from the import manifest itself;
 - every ``report_interval`` while a task runs it sends ``PutInstanceImportTaskStatus`` ``EXTANT``
-  with ``BytesConverted`` (bytes written to the target, not downloaded: §11.12), and when it ends
-  ``DONE`` (with ``VolumeId``: the volume written, else the controller's) or ``FAILED`` with a
-  Eucalyptus ``ErrorCode`` and ``Message`` ``"<appliance code>: <message>"``;
+  with ``BytesConverted`` (bytes written to the target, not downloaded, as Eucalyptus counts them),
+  and when it ends ``DONE`` (with ``VolumeId``: the volume written, else the controller's) or
+  ``FAILED`` with a Eucalyptus ``ErrorCode`` and ``Message`` ``"<appliance code>: <message>"``;
 - a reply ``<cancelled>true</cancelled>`` cancels the task, after which nothing more is reported
   (as Eucalyptus). Unlike Eucalyptus, an unparseable reply is treated as a failed call and retried,
   not as a cancel.
@@ -36,8 +36,13 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ImagingError, TaskNotFound, UsageError, is_rejection
+from ..redact import redact_text
 from ..service.imports import DiskImage, ImportService, outcome
-from ..store import Store, Task, TaskState, utcnow
+from ..sources.http import HttpClient
+from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from ..sources.urlfilter import UrlPolicy
+from ..store import Store, Task, TaskState
+from ..timestamps import utcnow
 from . import messages
 
 log = logging.getLogger(__name__)
@@ -249,7 +254,7 @@ class PullReporter(threading.Thread):
         """One signed EC2-query POST; the reply body (raises :class:`PullError`)."""
         form = {"Action": action, "Version": API_VERSION, "InstanceId": self.instance_id}
         form.update({k: str(v) for k, v in params.items() if v is not None})
-        form["Timestamp"] = messages.utc_iso()
+        form["Timestamp"] = utcnow()
         body = urllib.parse.urlencode(form).encode()
         req = urllib.request.Request(
             self.url,
@@ -269,6 +274,8 @@ class PullReporter(threading.Thread):
 
     def put_status(self, remote_id: str, status: str, **params: Any) -> bool:
         """``PutInstanceImportTaskStatus``; whether the controller says the task is cancelled."""
+        if params.get("Message"):
+            params["Message"] = redact_text(str(params["Message"]))
         reply = self.call("PutInstanceImportTaskStatus", ImportTaskId=remote_id, Status=status, **params)
         return parse_cancelled(reply)
 
@@ -378,10 +385,6 @@ class PullReporter(threading.Thread):
         )
 
     def _manifest(self, url: str) -> Any:
-        from ..sources.http import HttpClient
-        from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
-        from ..sources.urlfilter import UrlPolicy
-
         self.service.check_url(url)
         client = HttpClient(UrlPolicy.from_config(self.config.sources))
         with client.get_stream(url) as response:

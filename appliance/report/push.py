@@ -25,7 +25,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ImagingError
-from ..store import Event, Store, TaskState, parse_time
+from ..store import Event, Store, TaskState
+from ..timestamps import parse_time
 from . import messages, status
 from .outbox import NewMessage, Outbox, Pending
 

@@ -30,12 +30,13 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+from ..timestamps import format_time, parse_time, utc_now
 from . import messages
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,9 @@ class ReportVerifier:
         except ValueError:
             message = None
         claimed = message.get("appliance_id") if isinstance(message, dict) else None
-        secret = self.secret_for(claimed if isinstance(claimed, str) else None)
+        if not isinstance(claimed, str):  # a shared secret signs messages without one too
+            claimed = None
+        secret = self.secret_for(claimed)
         # The signature is checked before anything in the body is believed.
         if secret is None or not messages.signature_valid(secret, body, signature):
             raise ReportRejected(401, "forged", "signature missing or wrong")
@@ -97,7 +100,7 @@ class ReportVerifier:
         if not isinstance(seq, int) or not isinstance(ts, str) or message.get("type") not in messages.TYPES:
             raise ReportRejected(400, "malformed", "seq, ts and type are required")
         try:
-            age = ((now or datetime.now(UTC)) - messages.parse_iso(ts)).total_seconds()
+            age = ((now or utc_now()) - parse_time(ts)).total_seconds()
         except ValueError:
             raise ReportRejected(400, "malformed", f"ts {ts!r} is not ISO-8601") from None
         if abs(age) > self.window:
@@ -105,10 +108,10 @@ class ReportVerifier:
                 409, "stale", f"ts is {age:.0f} s away from now (window {self.window:.0f} s)"
             )
         with self._lock:
-            last = self.last_seq.get(claimed, 0)
+            last = self.last_seq.get(claimed or "", 0)
             if seq <= last:
                 raise ReportRejected(409, "replayed", f"seq {seq} is not above {last}")
-            self.last_seq[claimed] = seq
+            self.last_seq[claimed or ""] = seq
         return message
 
 
@@ -148,7 +151,7 @@ class Controller:
         return last
 
     def _append(self, record: dict[str, Any]) -> None:
-        record = {"received_at": messages.utc_iso(), **record}
+        record = {"received_at": format_time(), **record}
         with self.log_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -161,7 +164,7 @@ class Controller:
         """Verify and record one pushed message; the reply body."""
         with self._lock:  # verify + append under one lock: the log is in acceptance order
             message = self.verifier.verify(body, signature)
-            self.last_seen[message["appliance_id"]] = datetime.now(UTC)
+            self.last_seen[message["appliance_id"]] = utc_now()
             self._append({"message": message})
             task = message.get("task") or {}
             if message.get("event") == "state" and task.get("state") in TERMINAL:
@@ -170,12 +173,12 @@ class Controller:
 
     def appliances(self, now: datetime | None = None) -> dict[str, dict[str, Any]]:
         """Every appliance heard from since start: last seq, when, and whether it is now stale."""
-        now = now or datetime.now(UTC)
+        now = now or utc_now()
         with self._lock:
             return {
                 appliance: {
                     "last_seq": self.verifier.last_seq.get(appliance),
-                    "last_seen": messages.utc_iso(seen),
+                    "last_seen": format_time(seen),
                     "stale": (now - seen).total_seconds() > self.stale_after,
                 }
                 for appliance, seen in self.last_seen.items()
@@ -230,11 +233,13 @@ class Controller:
         )
 
     def _put_status(self, params: dict[str, str]) -> str:
-        record = {k: params.get(k) for k in ("InstanceId", "ImportTaskId", "Status", "VolumeId", "ErrorCode")}
+        record: dict[str, str | int | None] = {
+            k: params.get(k) for k in ("InstanceId", "ImportTaskId", "Status", "VolumeId", "ErrorCode")
+        }
         record["BytesConverted"] = int(params.get("BytesConverted") or 0)
         record["Message"] = params.get("Message")
         self._append({"pull_status": record})
-        entry = self.assigned.get(record["ImportTaskId"] or "")
+        entry = self.assigned.get(params.get("ImportTaskId") or "")
         # As Eucalyptus: a status for a task this worker does not hold is answered with cancel.
         cancelled = entry is None or entry["worker"] != record["InstanceId"] or entry["cancelled"]
         if entry is not None and record["Status"] in ("DONE", "FAILED"):

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
 from ..config import Config
+from ..scratch import ScratchSpace
+from ..service import health as health_mod
 from ..service.imports import boot_settings, guest_report
-from ..service.worker import qemu_img_problem, read_heartbeat
-from ..store import Store, Task, TaskState, parse_time
+from ..store import Store, Task, TaskState
 
 ACTIVE = (TaskState.RUNNING, TaskState.CANCELLING)
-#: a worker heartbeat older than this many poll intervals (and at least STALE_MIN seconds) is stale
-STALE_POLLS = 5
-STALE_MIN = 10.0
 
 
 class RateTracker:
@@ -69,29 +66,14 @@ def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any
     }
 
 
-def health(config: Config) -> tuple[str, str | None]:
-    """``ok``, ``degraded`` (the worker is not polling, scratch is full) or ``disabled`` (no qemu-img)."""
-    problem = qemu_img_problem()
-    if problem:
-        return "disabled", problem
-    beat = read_heartbeat(config)
-    if beat is None:
-        return "degraded", "the worker has not written a heartbeat"
-    if beat.get("status") == "disabled":
-        return "disabled", beat.get("reason") or "the worker is disabled"
-    try:
-        age = (datetime.now(UTC) - parse_time(beat["updated_at"])).total_seconds()
-    except (KeyError, ValueError):
-        return "degraded", "the worker heartbeat is unreadable"
-    if age > max(STALE_MIN, STALE_POLLS * config.worker.poll_interval):
-        return "degraded", f"the worker heartbeat is {age:.0f} s old"
-    return "ok", None
+def health(config: Config, store: Store) -> tuple[str, str | None]:
+    """``ok``, ``degraded`` or ``disabled`` with the first reason: the checks of ``GET /v1/health``."""
+    doc = health_mod.health(config, lambda: store, __version__)
+    return doc["status"], doc.get("reason")
 
 
 def scratch_free(config: Config) -> int | None:
     """Bytes of scratch that tasks could still reserve, or None when scratch cannot be measured."""
-    from ..scratch import ScratchSpace
-
     try:
         return ScratchSpace.from_config(config).free()
     except Exception:  # a missing or broken scratch root must not stop the heartbeat
@@ -100,7 +82,7 @@ def scratch_free(config: Config) -> int | None:
 
 def heartbeat(config: Config, store: Store, rates: RateTracker, backlog: int) -> dict[str, Any]:
     """The payload of a heartbeat message."""
-    status, reason = health(config)
+    status, reason = health(config, store)
     running = store.list_tasks(list(ACTIVE), limit=None)
     slots = config.worker.concurrency
     return {

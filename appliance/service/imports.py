@@ -3,12 +3,18 @@
 :class:`ImportService` turns validated import requests into tasks in the store, each run by the
 worker through the shipped workflow of its kind (``appliance/workflows/<kind>.yaml``). It owns the
 rules that do not depend on the wire protocol: task id forms, the active-task limit, size sanity,
-URL safety (checked when the request arrives, again on every fetch), idempotency tokens and
+URL safety (checked when the request arrives, again on every fetch), idempotency tokens,
+server-side encryption (what a request may ask of the configured image target) and
 cancellation. The HTTP layer (``api/ec2``) only parses, calls this and renders.
 
 The active-task limit and the client tokens are enforced by the store when it creates the task
 (:meth:`~appliance.store.Store.create_task`): the API's worker processes each run a service, and
 only the store sees all of their requests at once.
+
+Tenancy: every task belongs to the account that created it (:class:`Caller`); a caller describes
+and cancels only the tasks of the accounts it sees, and to it any other task does not exist (the
+same ``TaskNotFound`` as an unknown id). Every look-up is a query of the store by id and account,
+so any appliance sharing the store answers for tasks another one created.
 """
 
 from __future__ import annotations
@@ -18,12 +24,18 @@ import secrets
 import string
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from ..config import Config
+from ..config import Config, Credential
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
-from ..store import ActiveTaskLimit, Store, Task, format_time
+from ..sources.s3names import check_bucket, check_key
+from ..sources.urlfilter import UrlPolicy, parse_s3_url
+from ..store import ActiveTaskLimit, Store, Task
+from ..targets import ImageTarget, get_image_target
+from ..targets.encryption import Encryption, EncryptionNotSupported, requested
+from ..timestamps import format_time, utc_now
+from ..workflow.engine import Engine
 from . import bootparams
 
 GiB = 1 << 30
@@ -81,6 +93,34 @@ class DiskContainer:
     device_name: str | None = None
 
 
+#: the account of tasks recorded without one: tasks of ``imaging run`` and of the controller (pull
+#: mode), and API tasks from before accounts existed
+NO_ACCOUNT = ""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a request acts for: ``account`` owns the tasks it creates (and scopes its client
+    tokens); ``sees`` are the accounts whose tasks it may describe and cancel (None: every
+    account, the operator's view). The default is the operator: no account, sees everything."""
+
+    account: str = NO_ACCOUNT
+    sees: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, credential: Credential) -> Caller:
+        """An API key acting for its own account. A key configured without an account (its access
+        key names its account) also sees the tasks recorded without one, so a set-up from before
+        accounts existed keeps seeing the tasks it created then."""
+        sees = {credential.account} if credential.account_configured else {credential.account, NO_ACCOUNT}
+        return cls(credential.account, frozenset(sees))
+
+    @classmethod
+    def acting_for(cls, account: str) -> Caller:
+        """A front end acting for ``account``: its tasks only."""
+        return cls(account, frozenset({account}))
+
+
 def new_task_id(kind: str) -> str:
     """A fresh id of the form EC2 clients expect for ``kind``."""
     if kind in CONVERSION_KINDS:
@@ -102,32 +142,58 @@ class ImportService:
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
         self.store = store or Store(config.db_path)
-        self._engine: Any = None
-        self._policy: Any = None
+        self._engine: Engine | None = None
+        self._policy: UrlPolicy | None = None
+        self._image_target: ImageTarget | None = None
 
     # -- helpers --------------------------------------------------------------------------------
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
         if self._engine is None:
-            from ..workflow.engine import Engine
-
             self._engine = Engine(self.config, self.store)
         return self._engine
 
     def check_url(self, url: str) -> None:
         """Refuse an URL the SSRF policy would refuse at fetch time (raises ``UrlNotAllowed``)."""
         if self._policy is None:
-            from ..sources.urlfilter import UrlPolicy
-
             self._policy = UrlPolicy.from_config(self.config.sources)
         self._policy.check(url)
 
+    def encryption(self, encrypted: bool, kms_key_id: str | None) -> Encryption | None:
+        """The server-side encryption an ImportImage/ImportSnapshot asks for (None: none), by EC2's
+        rules (:func:`appliance.targets.encryption.requested`: ``InvalidParameterDependency``,
+        ``InvalidParameterValue``), refused with ``EncryptionNotSupported`` when the configured image
+        target cannot apply it."""
+        wanted = requested(encrypted, kms_key_id)
+        self._check_encryption(wanted)
+        return wanted
+
+    def _check_encryption(self, wanted: Encryption | None) -> dict[str, Any]:
+        """The task parameters of ``wanted`` once the image target is known to be able to apply it."""
+        if wanted is None:
+            return {"encrypted": False}
+        if self._image_target is None:
+            self._image_target = get_image_target(self.config)
+        if wanted.algorithm not in self._image_target.sse_algorithms:
+            kind = self.config.targets["image"]["type"]
+            what = (
+                "does not encrypt the images it stores"
+                if not self._image_target.sse_algorithms
+                else f"cannot encrypt with {wanted.algorithm}"
+            )
+            raise EncryptionNotSupported(
+                f"Encrypted=true cannot be honoured: this appliance stores images with the {kind} image "
+                f"target (targets.image.type: {kind}), which {what}; import without Encrypted and "
+                "KmsKeyId, or have the operator configure the s3 image target"
+            )
+        return {"encrypted": True, "kms_key_id": wanted.kms_key_id}
+
     def _expiration(self) -> str:
-        return format_time(datetime.now(UTC) + timedelta(hours=self.config.expiration_hours))
+        return format_time(utc_now() + timedelta(hours=self.config.expiration_hours))
 
     def _submit(
-        self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = ""
+        self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = NO_ACCOUNT
     ) -> Task:
         """Create the task unless ``tasks.max_active`` tasks are active; with a ``client_token``
         that ``account`` already used for the same request, the task created then."""
@@ -165,6 +231,12 @@ class ImportService:
                 f"the {fmt} image is {image.bytes} bytes but Volume.Size is {image.volume_size} GiB; "
                 f"use a volume of at least {-(-image.bytes // GiB)} GiB"
             )
+        if not image.manifest_url.startswith(("https://", "http://")):
+            # the manifest and its parts are read over HTTP (presigned URLs), never as s3://
+            raise UsageError(
+                f"ImportManifestUrl {image.manifest_url[:120]!r} must be the presigned https:// URL "
+                "of the import manifest"
+            )
         self.check_url(image.manifest_url)
         return {
             "image_format": fmt,
@@ -183,23 +255,34 @@ class ImportService:
         if c.url:
             if not c.url.startswith(("s3://", "https://", "http://")):
                 raise UsageError(f"Url {c.url!r} must be an s3:// or https:// URL")
-            if not c.url.startswith("s3://"):
+            if c.url.startswith("s3://"):
+                parse_s3_url(c.url)  # S3's naming rules for the bucket and the key
+            else:
                 self.check_url(c.url)
         elif not (c.bucket and c.key):
             raise UsageError("UserBucket needs both S3Bucket and S3Key")
+        else:
+            check_bucket(c.bucket, "UserBucket.S3Bucket")
+            check_key(c.key, "UserBucket.S3Key")
         return asdict(c) | {"format": fmt}
 
     # -- creating -------------------------------------------------------------------------------
 
     def import_volume(
-        self, image: DiskImage, *, availability_zone: str | None, description: str | None
+        self,
+        image: DiskImage,
+        *,
+        availability_zone: str | None,
+        description: str | None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
-        """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume."""
+        """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume of
+        ``account``."""
         params = self._disk_image(image) | {
             "availability_zone": availability_zone,
             "description": description,
         }
-        return self._submit(IMPORT_VOLUME, params)
+        return self._submit(IMPORT_VOLUME, params, account=account)
 
     def import_instance(
         self,
@@ -213,8 +296,10 @@ class ImportService:
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
-        """ImportInstance (single volume, like AWS): the volume import plus the launch description.
+        """ImportInstance (single volume, like AWS): the volume import plus the launch description,
+        for ``account``.
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
@@ -230,7 +315,7 @@ class ImportService:
             "launch": launch,
         }
         params |= boot.to_dict()
-        return self._submit(IMPORT_INSTANCE, params)
+        return self._submit(IMPORT_INSTANCE, params, account=account)
 
     def import_image(
         self,
@@ -247,14 +332,16 @@ class ImportService:
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
-        account: str = "",
+        encryption: Encryption | None = None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
         """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller. A
         ``client_token`` makes the request idempotent for ``account`` (the API caller); the same
-        token with different parameters is ``IdempotentParameterMismatch``.
+        token with different parameters is ``IdempotentParameterMismatch``. ``encryption`` (from
+        :meth:`encryption`) is applied by the image target when it stores the disk.
         """
         if not containers:
             raise UsageError("ImportImage needs a DiskContainer")
@@ -273,6 +360,7 @@ class ImportService:
             "description": description,
             "client_token": client_token,
             "tags": list(tags),
+            **self._check_encryption(encryption),
         }
         return self._submit(IMPORT_IMAGE, params, client_token=client_token, account=account)
 
@@ -283,45 +371,57 @@ class ImportService:
         description: str | None = None,
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
-        encrypted: bool = False,
-        account: str = "",
+        encryption: Encryption | None = None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
-        """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``
-        and ``account`` as for :meth:`import_image`."""
+        """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
+        ``account`` and ``encryption`` as for :meth:`import_image`."""
         params = {
             "disk_container": self._container(container, CONTAINER_FORMATS),
             "description": description,
             "client_token": client_token,
             "tags": list(tags),
-            "encrypted": encrypted,
+            **self._check_encryption(encryption),
         }
         return self._submit(IMPORT_SNAPSHOT, params, client_token=client_token, account=account)
 
     # -- reading and cancelling -----------------------------------------------------------------
 
-    def get(self, task_id: str, kinds: Collection[str]) -> Task:
-        """The task ``task_id`` if it is one of ``kinds``; ``InvalidTaskId`` for a malformed id."""
+    def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
+        """The task ``task_id`` if it is one of ``kinds`` and (``accounts`` given) belongs to one of
+        ``accounts`` (:attr:`Caller.sees`); ``InvalidTaskId`` for a malformed id, ``TaskNotFound``,
+        in the same words, for an unknown task and for one of another account."""
         kind = kind_of(task_id)
         if kind is None or kind not in kinds:
             forms = ", ".join(_PREFIX[k] + "…" for k in kinds)
             raise InvalidTaskId(f"the task id {task_id!r} is malformed; expected {forms}")
         try:
-            task = self.store.get_task(task_id)
+            task = self.store.get_task(task_id, account=accounts)
         except TaskNotFound:
             raise TaskNotFound(f"the task {task_id!r} does not exist") from None
         if task.kind != kind:
             raise TaskNotFound(f"the task {task_id!r} does not exist")
         return task
 
-    def list(self, kinds: Collection[str], ids: Sequence[str] = ()) -> list[Task]:
-        """Tasks of ``kinds``, newest first; with ``ids``, exactly those (each must exist)."""
+    def list(
+        self, kinds: Collection[str], ids: Sequence[str] = (), accounts: Collection[str] | None = None
+    ) -> list[Task]:
+        """Tasks of ``kinds`` (of ``accounts``, when given), newest first; with ``ids``, exactly
+        those (each must exist, as :meth:`get` says)."""
         if ids:
-            return [self.get(i, kinds) for i in dict.fromkeys(ids)]
-        return self.store.list_tasks(kind=list(kinds), limit=None)
+            return [self.get(i, kinds, accounts) for i in dict.fromkeys(ids)]
+        return self.store.list_tasks(kind=list(kinds), limit=None, account=accounts)
 
-    def cancel(self, task_id: str, kinds: Collection[str], reason: str | None = None) -> Task:
-        """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``)."""
-        task = self.get(task_id, kinds)
+    def cancel(
+        self,
+        task_id: str,
+        kinds: Collection[str],
+        reason: str | None = None,
+        accounts: Collection[str] | None = None,
+    ) -> Task:
+        """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``); the task
+        is found as :meth:`get` finds it."""
+        task = self.get(task_id, kinds, accounts)
         if task.state.terminal:
             raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
         return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
@@ -375,10 +475,28 @@ def boot_settings(task: Task, guest: dict[str, Any] | None = None) -> dict[str, 
     return boot
 
 
+#: task kinds that store an image with the image target, and so may encrypt it
+ENCRYPTABLE_KINDS = IMAGE_KINDS + SNAPSHOT_KINDS
+
+
+def encryption_report(task: Task) -> dict[str, Any] | None:
+    """``{requested, applied}`` of an image or snapshot import (None for other kinds): the
+    encryption the request asked for and the encryption the stored image has, as the image target
+    read it back (each ``{algorithm, kms_key_id}`` or None; ``applied`` is None until the image is
+    stored, and stays None for an image stored unencrypted)."""
+    if task.kind not in ENCRYPTABLE_KINDS:
+        return None
+    params = task.params or {}
+    # validated when the task was submitted; workflow defaults store an absent key as ""
+    wanted = requested(bool(params.get("encrypted")), params.get("kms_key_id") or None)
+    return {"requested": wanted.to_dict() if wanted else None, "applied": outcome(task)["encryption"]}
+
+
 def outcome(task: Task) -> dict[str, Any]:
     """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
-    ``size`` (bytes of the disk), ``location`` — each None until known — plus ``guest`` (the guest
-    validation report, None until there is one) and ``boot`` (:func:`boot_settings`).
+    ``size`` (bytes of the disk), ``location``, ``encryption`` (what the stored image has,
+    ``{algorithm, kms_key_id}``) — each None until known — plus ``guest`` (the guest validation
+    report, None until there is one) and ``boot`` (:func:`boot_settings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
     ``ids``, ``disk``); this is the one place that knows where each lives.
@@ -398,6 +516,7 @@ def outcome(task: Task) -> dict[str, Any]:
         "image_id": ids.get("image_id"),
         "size": source_image.get("virtual_size") or stored.get("size") or written.get("virtual_size"),
         "location": stored or None,
+        "encryption": stored.get("encryption"),
         "guest": guest,
         "boot": boot_settings(task, guest),
     }

@@ -4,8 +4,9 @@
 runs in a child (``python -m appliance.service.worker run|resume TASK_ID``) so that a crashing or hung
 task cannot take the others down, and the concurrency limit is a count of children. The worker:
 
-- at start, removes scratch directories of tasks that are over, and every poll resumes orphaned
-  tasks (their process died: a crash, a kill, a reboot) before it claims new ones;
+- at start, removes scratch directories of tasks that are over and the partial outputs
+  (:mod:`appliance.partials`) killed task processes left, and every poll resumes orphaned tasks
+  (their process died: a crash, a kill, a reboot) before it claims new ones;
 - claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
   missing (the appliance is then ``disabled`` and says why in its heartbeat and health);
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
@@ -24,58 +25,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import config as config_mod
-from .. import confine
+from .. import confine, partials, redact
 from ..errors import ImagingError
 from ..guest.mount import sweep_stale
+from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
-from ..store import Store, TaskState, format_time
-from ..workflow.supervisor import find_orphans
+from ..store import Store, TaskState
+from ..timestamps import utcnow
+from ..workflow.engine import Engine
+from ..workflow.supervisor import find_orphans, orphan_reason
 from . import taskcgroup
+from .heartbeat import write_heartbeat
 from .taskcgroup import TaskCaps, TaskCgroups
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_FILE = "worker.json"
+
+class RunningReporter(Protocol):
+    """A reporter thread the worker started; stopped when the worker stops."""
+
+    def stop(self, timeout: float = 15.0) -> None: ...
+
+
+#: starts the reporter for a configuration and store; returns None when reporting is off
+ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
+
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
-
-
-def heartbeat_path(config: config_mod.Config) -> Path:
-    return config.state_dir / HEARTBEAT_FILE
-
-
-def read_heartbeat(config: config_mod.Config) -> dict[str, Any] | None:
-    """The worker's last heartbeat (``status``, ``reason``, ``running``, ``updated_at``…), or None."""
-    try:
-        return json.loads(heartbeat_path(config).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def qemu_img_problem() -> str | None:
-    """Why conversions cannot run here, or None when ``qemu-img`` is usable."""
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        return "qemu-img is not installed (install the qemu-utils package)"
-    try:
-        subprocess.run([exe, "--version"], capture_output=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"qemu-img does not run: {exc}"
-    return None
 
 
 def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
@@ -94,6 +83,20 @@ def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
     for path in removed:
         log.info("removed orphaned scratch directory %s", path)
     return removed
+
+
+def sweep_partials(store: Store) -> list[Path]:
+    """Remove the partial outputs (``.NAME.partial-XXXXXXXX``, named in cleanup ledgers) that killed
+    task processes left, of every task no live process runs; each removal goes into its task's ledger."""
+
+    def running(task_id: str) -> bool:
+        try:
+            task = store.get_task(task_id)
+        except ImagingError:
+            return False
+        return task.state in (TaskState.RUNNING, TaskState.CANCELLING) and orphan_reason(task) is None
+
+    return partials.sweep(store, keep=running)
 
 
 def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
@@ -116,12 +119,21 @@ def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
 class Worker:
     """Claims and supervises tasks; see the module docstring."""
 
-    def __init__(self, config: config_mod.Config, *, concurrency: int | None = None) -> None:
+    def __init__(
+        self,
+        config: config_mod.Config,
+        *,
+        concurrency: int | None = None,
+        start_reporter: ReporterFactory | None = None,
+    ) -> None:
         self.config = config
         self.concurrency = concurrency or config.worker.concurrency
+        #: starts the reporter to the controller (``imaging worker`` passes the report package's);
+        #: the service does not depend on how the appliance reports
+        self.start_reporter = start_reporter
         self.store = Store(config.db_path)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.started_at = format_time_now()
+        self.started_at = utcnow()
         self.status = "starting"
         self.reason: str | None = None
         self.caps = TaskCaps.from_config(config.worker)
@@ -244,7 +256,7 @@ class Worker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_at": self.started_at,
-            "updated_at": format_time_now(),
+            "updated_at": utcnow(),
             "status": self.status,
             "reason": self.reason,
             "concurrency": self.concurrency,
@@ -253,14 +265,15 @@ class Worker:
             "task_limits": self.task_limits(),
             "confinement": confine.isolation().to_dict(),
         }
-        path = heartbeat_path(self.config)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(beat))
-        os.replace(tmp, path)
+        write_heartbeat(self.config, beat)
 
     def cleanup_scratch(self) -> list[Path]:
         """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
         return cleanup_scratch(self.config, self.store)
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove partial outputs that killed task processes left (see :func:`sweep_partials`)."""
+        return sweep_partials(self.store)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -269,8 +282,7 @@ class Worker:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.setup_cgroups()  # before any thread or child exists: the worker moves to a leaf cgroup
         self.cleanup_scratch()
-        from ..report import start_reporter  # here: report imports this module
-
+        self.sweep_partials()
         reporter = None
         try:
             while not stop.is_set():
@@ -278,11 +290,11 @@ class Worker:
                     self.poll()
                 except Exception:
                     log.exception("worker poll failed; retrying")
-                if reporter is None:
+                if reporter is None and self.start_reporter is not None:
                     # The reporter (controller.mode push or pull) is a thread of this process. It
                     # starts after the first poll so that its first heartbeat reads a fresh worker
                     # heartbeat instead of reporting the worker as missing.
-                    reporter = start_reporter(self.config, self.store)
+                    reporter = self.start_reporter(self.config, self.store)
                 stop.wait(self.config.worker.poll_interval)
         finally:
             try:
@@ -312,25 +324,21 @@ class Worker:
             self.write_heartbeat()
 
 
-def format_time_now() -> str:
-    from datetime import UTC, datetime
-
-    return format_time(datetime.now(UTC))
-
-
-def run_worker(config: config_mod.Config, concurrency: int | None = None) -> int:
+def run_worker(
+    config: config_mod.Config,
+    concurrency: int | None = None,
+    start_reporter: ReporterFactory | None = None,
+) -> int:
     """``imaging worker``: run until SIGTERM/SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Worker(config, concurrency=concurrency).run(stop)
+    Worker(config, concurrency=concurrency, start_reporter=start_reporter).run(stop)
     return 0
 
 
 def _child(argv: list[str] | None = None) -> int:
     """Entry of a child process: run or resume one task to its end (or to a suspend)."""
-    from ..workflow.engine import Engine
-
     p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
     p.add_argument("verb", choices=("run", "resume"))
     p.add_argument("task_id")
@@ -338,6 +346,7 @@ def _child(argv: list[str] | None = None) -> int:
     p.add_argument("--cgroup", help="the task's cgroup, which the child joins before anything else")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
+    redact.install_logging()
     if args.cgroup:
         try:
             taskcgroup.join(Path(args.cgroup))

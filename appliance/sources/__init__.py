@@ -1,7 +1,7 @@
 """Where disk images come from: policy-checked HTTP(S) URLs, S3 objects and EC2 import manifests.
 
 Every URL — a manifest, its parts, an ImportImage URL, each redirect hop — passes :class:`UrlPolicy`
-(SSRF filtering, reference/image-safety.md §2.4) and is fetched from the address the check resolved.
+(SSRF filtering, :mod:`.urlfilter`) and is fetched from the address the check resolved.
 """
 
 from .fetch import FetchResult, fetch_to_file, open_stream, parse_source
@@ -12,10 +12,9 @@ from .manifest import (
     Part,
     PartVerificationFailed,
     build_manifest,
-    download_parts,
     parse_manifest,
-    wait_for_manifest,
 )
+from .parts import download_parts, wait_for_manifest
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 
 __all__ = [

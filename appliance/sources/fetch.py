@@ -2,7 +2,8 @@
 
 A source is ``{"url": "https://…" | "s3://bucket/key"}`` or ``{"bucket": …, "key": …}`` (UserBucket).
 :func:`fetch_to_file` streams it to a new file, hashing (SHA-256) as it goes, never writing more than
-``max_bytes`` (``SizeLimitExceeded.Download``), and resumes with a Range request from the bytes already
+``max_bytes`` (``SizeLimitExceeded.Download``) nor more than the caller's scratch reservation
+admits (``InsufficientScratch``), and resumes with a Range request from the bytes already
 written when the connection breaks — guarded by If-Range / If-Match so a changed object is never
 stitched onto an old prefix (the download restarts from zero instead). On any failure or cancel the
 partial file is removed. :func:`open_stream` hands a raw stream to consumers that do their own writing.
@@ -10,7 +11,6 @@ partial file is removed. :func:`open_stream` hands a raw stream to consumers tha
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import Finding, ImageRejected, InsufficientScratch, UsageError
+from ..errors import Finding, ImageRejected, UsageError
+from ..redact import redact_url
+from ..scratch import is_no_space, no_space_error
 from . import s3 as s3mod
 from .http import (
     HttpClient,
@@ -29,9 +31,9 @@ from .http import (
     SourceIntegrity,
     SourceUnavailable,
     TransferInterrupted,
-    redact,
     sleep_or_cancel,
 )
+from .s3names import check_bucket, check_key
 from .urlfilter import UrlPolicy, parse_s3_url
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -57,7 +59,7 @@ class Source:
     key: str | None = None
 
     def __str__(self) -> str:
-        return redact(self.url) if self.kind == "http" and self.url else f"s3://{self.bucket}/{self.key}"
+        return redact_url(self.url) if self.kind == "http" and self.url else f"s3://{self.bucket}/{self.key}"
 
 
 def parse_source(source: Mapping[str, Any]) -> Source:
@@ -65,12 +67,13 @@ def parse_source(source: Mapping[str, Any]) -> Source:
     url = source.get("url")
     if url:
         if str(url).lower().startswith("s3://"):
-            bucket, key = parse_s3_url(str(url))
-            return Source("s3", bucket=bucket, key=key)
+            url_bucket, url_key = parse_s3_url(str(url))
+            return Source("s3", bucket=url_bucket, key=url_key)
         return Source("http", url=str(url))
     bucket, key = source.get("bucket"), source.get("key")
     if bucket and key:
-        return Source("s3", bucket=str(bucket), key=str(key))
+        # checked at submit too; a task submitted otherwise (imaging run) gets the same message
+        return Source("s3", bucket=check_bucket(str(bucket)), key=check_key(str(key)))
     raise UsageError("a disk container needs either Url or UserBucket (S3Bucket and S3Key)")
 
 
@@ -182,6 +185,7 @@ def fetch_to_file(
     s3cfg: Mapping[str, Any] | None = None,
     *,
     max_bytes: int,
+    reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int, int | None], None] | None = None,
     retries: int | None = None,
@@ -192,10 +196,17 @@ def fetch_to_file(
 
     ``on_progress(bytes_done, total_or_None)`` follows every chunk. A transfer that breaks is resumed
     with a Range request from the bytes written so far, up to ``retries`` times (default
-    ``sources.retries``). For S3 single-part objects the MD5 is checked against the ETag. Raises
-    :class:`ImageRejected` (``SizeLimitExceeded.Download``) past ``max_bytes``, :class:`SourceUnavailable`,
-    :class:`SourceIntegrity`, :class:`UrlNotAllowed`, :class:`Cancelled`, :class:`InsufficientScratch`;
-    ``dst`` is removed on every failure.
+    ``sources.retries``). For S3 single-part objects the MD5 is checked against the ETag.
+
+    ``max_bytes`` is the download limit. ``reserve(n, whole)`` claims room for the file before bytes are
+    written: once with the declared size (``whole`` True) when the source sends one, and with the bytes
+    received so far before each chunk (a no-op while they are covered; this is how a chunked source
+    without Content-Length is reserved, as it arrives). It raises ``InsufficientScratch`` to stop the
+    download (see :class:`appliance.scratch.Allowance`).
+
+    Raises :class:`ImageRejected` (``SizeLimitExceeded.Download``) past ``max_bytes``,
+    :class:`SourceUnavailable`, :class:`SourceIntegrity`, :class:`UrlNotAllowed`, :class:`Cancelled`,
+    :class:`InsufficientScratch` (no room, reserved or on disk); ``dst`` is removed on every failure.
     """
     src = parse_source(source)
     reader = _Reader(src, policy, s3cfg, http, s3_client, cancel)
@@ -228,6 +239,8 @@ def fetch_to_file(
                             progress.begin(stream, src)
                             if progress.total is not None and progress.total > max_bytes:
                                 raise _too_large(src, max_bytes, progress.total)
+                            if progress.total is not None and reserve is not None:
+                                reserve(progress.total, True)
                         else:
                             first = _range_start(stream)
                             if first is None or first[0] != progress.done:
@@ -237,6 +250,8 @@ def fetch_to_file(
                         for chunk in stream.iter_chunks():
                             if progress.done + len(chunk) > max_bytes:
                                 raise _too_large(src, max_bytes)
+                            if reserve is not None:
+                                reserve(progress.done + len(chunk), False)
                             out.write(chunk)
                             progress.add(chunk)
                             if on_progress is not None:
@@ -258,11 +273,8 @@ def fetch_to_file(
         return FetchResult(dst, progress.done, progress.sha.hexdigest(), progress.etag)
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientScratch(
-                f"no space left in {dst.parent} after {progress.done} downloaded bytes; free space or raise "
-                "the scratch quota"
-            ) from exc
+        if is_no_space(exc):
+            raise no_space_error(dst.parent, f"downloading {src} ({progress.done} bytes received)") from exc
         raise
     except BaseException:
         dst.unlink(missing_ok=True)

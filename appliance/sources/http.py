@@ -7,28 +7,33 @@ again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anythin
 most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with exponential back-off
 and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it. Errors in the
 middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
+
+Messages describe a network failure in fixed words (:func:`describe_network_error`: "connection
+refused", "read timed out"…), never with the text of urllib3's, http.client's or botocore's
+exceptions, which is written for programmers and ends up in the task's status message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Callable, Generator, Iterator, Mapping
+from urllib.parse import urljoin
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
+from ..config import SourcesConfig
 from ..errors import Cancelled, ImagingError
+from ..redact import redact_url
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
-
-if TYPE_CHECKING:
-    from ..config import SourcesConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +82,6 @@ class SourceIntegrity(ImagingError):
     code = "SourceIntegrity"
 
 
-def redact(url: str) -> str:
-    """``url`` without its query string (presigned URLs carry signatures there) — for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(malformed URL)"
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + ("?…" if parts.query else "")
-
-
 def format_range(start: int, end: int | None = None) -> str:
     """``Range`` header value for bytes ``start``..``end`` (inclusive; open-ended when ``end`` is None)."""
     if start < 0 or (end is not None and end < start):
@@ -104,6 +100,36 @@ def sleep_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -
         time.sleep(seconds)
     elif cancel.wait(seconds):
         raise Cancelled(f"{what} cancelled")
+
+
+@contextlib.contextmanager
+def shutdown_on_cancel(cancel: threading.Event | None, shutdown: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, call ``shutdown`` (which shuts the connection's socket down) once
+    ``cancel`` is set, so that a read blocked on a server that sends nothing more returns at once
+    (within :data:`_CANCEL_POLL`) instead of at ``read_timeout``. The reader then sees the cancel.
+
+    ``shutdown`` may raise ``ValueError``, ``RuntimeError`` or ``OSError`` (the connection is already
+    closed or released): nothing is blocked on it then.
+    """
+    if cancel is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_CANCEL_POLL):
+            if cancel.is_set():
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    shutdown()
+                return
+
+    watcher = threading.Thread(target=watch, name="cancel watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 class HttpResponse:
@@ -139,16 +165,11 @@ class HttpResponse:
             return None
         return value.removeprefix("W/").strip('"')
 
-    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
         """The body as raw bytes (no content decoding). Raises :class:`TransferInterrupted` when the
         connection breaks or the body is shorter than Content-Length, :class:`Cancelled` on cancel."""
-        done = threading.Event()
-        watcher = None
-        if self._cancel is not None:
-            # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
-            watcher = threading.Thread(target=self._watch_cancel, args=(done,), daemon=True)
-            watcher.start()
-        try:
+        # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
+        with shutdown_on_cancel(self._cancel, self._raw.shutdown):
             while True:
                 _raise_if_cancelled(self._cancel, "download")
                 try:
@@ -156,8 +177,8 @@ class HttpResponse:
                 except (_Urllib3Error, OSError) as exc:
                     _raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
-                        f"the transfer from {redact(self.url)} broke after {self._received} bytes: "
-                        f"{_describe(exc)}",
+                        f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
                         received=self._received,
                     ) from exc
                 if not chunk:
@@ -165,19 +186,6 @@ class HttpResponse:
                 self._received += len(chunk)
                 yield chunk
             _raise_if_cancelled(self._cancel, "download")
-        finally:
-            done.set()
-            if watcher is not None:
-                watcher.join()
-
-    def _watch_cancel(self, done: threading.Event) -> None:
-        assert self._cancel is not None
-        while not done.wait(_CANCEL_POLL):
-            if self._cancel.is_set():
-                # ValueError/RuntimeError: already closed or released; the reader sees the cancel itself
-                with contextlib.suppress(ValueError, RuntimeError, OSError):
-                    self._raw.shutdown()
-                return
 
     def read(self, limit: int) -> bytes:
         """The body, or its first ``limit + 1`` bytes when it is longer (the caller checks the length)."""
@@ -201,10 +209,58 @@ class HttpResponse:
         self.close()
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ProtocolError) and len(exc.args) > 1 and isinstance(exc.args[1], BaseException):
-        exc = exc.args[1]
-    return f"{type(exc).__name__}: {exc}"
+#: how deep :func:`describe_network_error` looks through wrapped exceptions
+_MAX_WRAPPED = 8
+# Fixed words by exception class, most specific first (subclasses before their bases).
+_NETWORK_PHRASES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (http.client.RemoteDisconnected, "the server closed the connection without answering"),
+    (ConnectionResetError, "connection reset by the server"),
+    (ConnectionAbortedError, "connection aborted"),
+    (BrokenPipeError, "connection closed by the server"),
+    (http.client.IncompleteRead, "the connection closed before the whole body arrived"),
+    (socket.gaierror, "the host name could not be resolved"),
+    (ssl.SSLError, "TLS failure"),
+    (TimeoutError, "timed out"),
+)
+
+
+def _wrapped(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it wraps, outermost first (urllib3's ``reason`` and protocol
+    errors' second argument, botocore's ``error`` keyword, ``__cause__``/``__context__``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < _MAX_WRAPPED:
+        chain.append(current)
+        inner = getattr(current, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in current.args[1:] if isinstance(a, BaseException)), None)
+        if inner is None:
+            kwargs = getattr(current, "kwargs", None)
+            error = kwargs.get("error") if isinstance(kwargs, dict) else None
+            inner = error if isinstance(error, BaseException) else None
+        current = inner or current.__cause__ or current.__context__
+    return chain
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """What went wrong on the network, in fixed words (no library's exception text)."""
+    chain = _wrapped(exc)
+    for inner in reversed(chain):  # the innermost cause says the most
+        for cls, phrase in _NETWORK_PHRASES:
+            if isinstance(inner, cls):
+                if cls is ssl.SSLError and isinstance(inner, ssl.SSLError) and inner.reason:
+                    return f"{phrase} ({inner.reason})"
+                return phrase
+    names = [type(e).__name__ for e in chain]
+    if any("ConnectTimeout" in n for n in names):
+        return "connection timed out"
+    if any("ReadTimeout" in n for n in names):
+        return "read timed out"
+    for inner in reversed(chain):
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror.lower()  # the operating system's words, e.g. "no route to host"
+    return f"connection failed ({names[-1]})"
 
 
 class HttpClient:
@@ -284,11 +340,12 @@ class HttpClient:
                 if hop == 0:
                     raise
                 raise UrlNotAllowed(
-                    f"redirect to disallowed URL {redact(current)} (from {redact(url)}): {exc.message}"
+                    f"redirect to disallowed URL {redact_url(current)} (from {redact_url(url)}): "
+                    f"{exc.message}"
                 ) from exc
             if checked.scheme not in ("http", "https"):
                 what = "redirect to disallowed URL" if hop else "not an HTTP URL"
-                raise UrlNotAllowed(f"{what} {redact(current)}: only http and https are fetched here")
+                raise UrlNotAllowed(f"{what} {redact_url(current)}: only http and https are fetched here")
             response = self._send_with_retries(method, checked, headers or {}, cancel)
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
@@ -298,7 +355,7 @@ class HttpClient:
             if response.status == 303 and method != "HEAD":
                 method = "GET"
         raise SourceUnavailable(
-            f"{redact(url)} redirected more than {self.max_redirects} times; give the final URL instead"
+            f"{redact_url(url)} redirected more than {self.max_redirects} times; give the final URL instead"
         )
 
     def _send_with_retries(
@@ -311,10 +368,11 @@ class HttpClient:
                 response = self._send_once(method, checked, headers, cancel)
             except SSLError as exc:
                 raise SourceUnavailable(
-                    f"TLS connection to {checked.host}:{checked.port} failed (certificate or protocol): {exc}"
+                    f"TLS connection to {checked.host}:{checked.port} failed (certificate or protocol): "
+                    f"{describe_network_error(exc)}"
                 ) from exc
             except (_Urllib3Error, OSError) as exc:
-                status, problem = None, _describe(exc)
+                status, problem = None, describe_network_error(exc)
             else:
                 if response.status < 500:
                     return response
@@ -322,7 +380,8 @@ class HttpClient:
                 response.close()
             if attempt >= self.retries:
                 raise SourceUnavailable(
-                    f"{method} {redact(checked.url)} failed after {attempt + 1} attempts: {problem.strip()}",
+                    f"{method} {redact_url(checked.url)} failed after {attempt + 1} attempts: "
+                    f"{problem.strip()}",
                     status=status,
                     transient=True,
                 )
@@ -330,7 +389,7 @@ class HttpClient:
             log.info(
                 "%s %s: %s; retry %d of %d",
                 method,
-                redact(checked.url),
+                redact_url(checked.url),
                 problem.strip(),
                 attempt + 1,
                 self.retries,

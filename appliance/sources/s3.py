@@ -8,7 +8,9 @@ key, which are path components (or, on AWS, a label under amazonaws.com).
 
 Failures become :class:`SourceUnavailable` with messages in the style of AWS's own VM Import errors
 ("Disk validation failed [We do not have access to the given resource. Reason 403 Forbidden]") plus
-what to do about them.
+what to do about them. botocore's own errors (a bucket name it refuses, missing credentials) become
+coded errors too (:func:`_botocore_error`): their text, meant for programmers, never reaches the
+task's status message.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import botocore.config
 import botocore.exceptions
 from urllib3 import HTTPHeaderDict
 
-from ..errors import Cancelled
+from ..errors import Cancelled, ImagingError
 from .http import (
     CHUNK_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
@@ -31,8 +33,11 @@ from .http import (
     DEFAULT_RETRIES,
     SourceUnavailable,
     TransferInterrupted,
+    describe_network_error,
     format_range,
+    shutdown_on_cancel,
 )
+from .s3names import InvalidS3Name
 from .urlfilter import UrlPolicy, parse_s3_url, s3_endpoint_url
 
 __all__ = ["ObjectInfo", "S3Stream", "head_object", "open_object", "parse_s3_url", "s3_client"]
@@ -70,7 +75,7 @@ def s3_client(
     endpoint = s3_endpoint_url(dict(s3cfg))
     policy.check(endpoint)
     sources = policy.sources
-    style = s3cfg.get("addressing_style") or "auto"
+    style: Literal["auto", "virtual", "path"] = s3cfg.get("addressing_style") or "auto"
     if style == "auto" and s3cfg.get("endpoint_url") and not _is_aws(endpoint):
         style = "path"  # MinIO, Ceph RGW, moto, Eucalyptus Walrus: no wildcard DNS for virtual hosts
     attempts = (retries if retries is not None else (sources.retries if sources else DEFAULT_RETRIES)) + 1
@@ -147,15 +152,36 @@ def _unavailable(exc: botocore.exceptions.ClientError, bucket: str, key: str) ->
     elif status == 416 or code == "InvalidRange":
         message = f"the byte range requested from {where} is outside the object"
     else:
-        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}: {error.get('Message') or exc}"
+        # S3's own message (the object store's words), never botocore's exception text
+        detail = f": {error['Message']}" if error.get("Message") else ""
+        message = f"reading {where} failed: {code or 'HTTP ' + str(status)}{detail}"
     transient = status is not None and status >= 500
     return SourceUnavailable(message, status=status, transient=transient)
 
 
+def _botocore_error(exc: botocore.exceptions.BotoCoreError, bucket: str, key: str) -> ImagingError:
+    """The coded error for a request botocore would not make (raised before anything is sent)."""
+    where = _where(bucket, key)
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        return InvalidS3Name(
+            f"Disk validation failed [Invalid S3 source location {where}]; the bucket name or the key "
+            "breaks S3's naming rules"
+        )
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return SourceUnavailable(
+            f"reading {where} failed: the appliance has no complete credentials for the object store; "
+            "set sources.s3.access_key and sources.s3.secret_key"
+        )
+    return SourceUnavailable(
+        f"reading {where} failed: the S3 request could not be made ({type(exc).__name__}); check "
+        "sources.s3 in the appliance configuration"
+    )
+
+
 def _connect_error(exc: BaseException, client: Any) -> SourceUnavailable:
     return SourceUnavailable(
-        f"cannot reach the object store at {client.meta.endpoint_url}: {exc}; check sources.s3.endpoint_url "
-        "and that the object store is running",
+        f"cannot reach the object store at {client.meta.endpoint_url}: {describe_network_error(exc)}; "
+        "check sources.s3.endpoint_url and that the object store is running",
         transient=True,
     )
 
@@ -176,6 +202,8 @@ def head_object(client: Any, bucket: str, key: str) -> ObjectInfo:
         raise _unavailable(exc, bucket, key) from exc
     except _CONNECT_ERRORS as exc:
         raise _connect_error(exc, client) from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _botocore_error(exc, bucket, key) from exc
     return ObjectInfo(
         bucket=bucket,
         key=key,
@@ -191,8 +219,9 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
-    except _CONNECT_ERRORS:
-        return True
+    # mypy types a starred tuple of exception classes as tuple[type, ...]: a false positive
+    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):  # type: ignore[misc]
+        return True  # the HEAD of the object already failed; let its error speak
     return True
 
 
@@ -215,21 +244,40 @@ class S3Stream:
         self._received = 0
 
     def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel."""
-        while True:
-            if self._cancel is not None and self._cancel.is_set():
-                raise Cancelled("download cancelled")
-            try:
-                chunk = self._body.read(chunk_size)
-            except _STREAM_ERRORS as exc:
-                raise TransferInterrupted(
-                    f"the transfer of {self.url} broke after {self._received} bytes: {exc}",
-                    received=self._received,
-                ) from exc
-            if not chunk:
-                return
-            self._received += len(chunk)
-            yield chunk
+        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel.
+
+        A read blocked on an object store that sends nothing more ends as soon as ``cancel`` is set
+        (the connection's socket is shut down), not at ``sources.read_timeout``: a worker shutting
+        down must be able to suspend the task within its grace period.
+        """
+        with shutdown_on_cancel(self._cancel, self._shutdown):
+            while True:
+                self._raise_if_cancelled()
+                try:
+                    chunk = self._body.read(chunk_size)
+                except _STREAM_ERRORS as exc:
+                    self._raise_if_cancelled()
+                    raise TransferInterrupted(
+                        f"the transfer of {self.url} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not chunk:
+                    break
+                self._received += len(chunk)
+                yield chunk
+            self._raise_if_cancelled()  # a shut-down socket reads as the end of the body
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("download cancelled")
+
+    def _shutdown(self) -> None:
+        """Shut down the socket under the body (botocore's StreamingBody over urllib3's response)."""
+        raw = getattr(self._body, "_raw_stream", None)  # botocore keeps urllib3's response here
+        if raw is None or not hasattr(raw, "shutdown"):
+            raise RuntimeError("this body has no connection to shut down")
+        raw.shutdown()
 
     def close(self) -> None:
         self._body.close()
@@ -263,4 +311,6 @@ def open_object(
         raise _unavailable(exc, bucket, key) from exc
     except _CONNECT_ERRORS as exc:
         raise _connect_error(exc, client) from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _botocore_error(exc, bucket, key) from exc
     return S3Stream(out, bucket, key, cancel)

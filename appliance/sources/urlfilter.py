@@ -1,6 +1,6 @@
 """SSRF safety for every URL the appliance fetches: manifests, parts, import URLs and each redirect hop.
 
-The rules follow Glance's fix for CVE-2026-34881 (reference/image-safety.md §2.4) and close the two holes
+The rules follow Glance's fix for CVE-2026-34881 and close the two holes
 that fix leaves open:
 
 * the host is normalised strictly: an IP literal must be a canonical dotted quad or a bracketed IPv6
@@ -25,13 +25,12 @@ import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import SourcesConfig
 from ..errors import ConfigError, ImagingError
-
-if TYPE_CHECKING:
-    from ..config import SourcesConfig
+from .s3names import bucket_problem, key_problem
 
 #: URLs longer than this are refused (presigned S3 URLs are ~1-2 KiB)
 MAX_URL_LENGTH = 8192
@@ -80,7 +79,6 @@ _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 # A label a resolver may read as a number: decimal, octal (leading 0) or hex (0x...).
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class UrlNotAllowed(ImagingError):
@@ -320,14 +318,19 @@ def s3_endpoint_url(s3cfg: dict[str, Any]) -> str:
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``(bucket, key)`` of ``s3://bucket/key``; raises UrlNotAllowed for a malformed one.
 
-    The key is everything after the bucket, verbatim (S3 keys may contain ``?`` and ``#``).
+    The key is everything after the bucket, verbatim (S3 keys may contain ``?`` and ``#``); bucket
+    and key must follow S3's naming rules (:mod:`appliance.sources.s3names`).
     """
     scheme, sep, rest = url.partition("://")
     if scheme.lower() != "s3" or not sep:
         raise UrlNotAllowed(f"not an s3:// URL: {url!r}")
     bucket, _, key = rest.partition("/")
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise UrlNotAllowed(f"{bucket!r} is not a valid S3 bucket name")
+    problem = bucket_problem(bucket)
+    if problem is not None:
+        raise UrlNotAllowed(f"{bucket[:80]!r} is not a valid S3 bucket name: {problem}")
     if not key:
         raise UrlNotAllowed(f"{url!r} names no object key; use s3://bucket/key")
+    problem = key_problem(key)
+    if problem is not None:
+        raise UrlNotAllowed(f"the object key in {url[:120]!r} is not a valid S3 object key: {problem}")
     return bucket, key

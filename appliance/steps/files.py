@@ -1,7 +1,8 @@
 """File steps: ``file.copy`` (undo removes the copy) and ``file.remove`` (irreversible).
 
-``file.copy`` writes to a hidden temporary file next to ``dst`` and renames it into place, so
-``dst`` either does not exist or is complete: a cancelled or failed copy leaves nothing behind.
+``file.copy`` writes to a hidden partial file next to ``dst`` (mode 0600, in the ledger before it
+exists: :mod:`appliance.partials`) and renames it into place, so ``dst`` either does not exist or is
+complete: a cancelled or failed copy leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, StepFailed
+from ..errors import ImagingError, StepFailed
+from ..partials import partial_file, publish
 from ..progress import ProgressTracker
+from ..scratch import is_no_space, no_space_error
 from ..workflow.step import Step, StepContext
 
 CHUNK = 1024 * 1024
 
 
-def _file_error(action: str, path: str | Path, exc: OSError) -> StepFailed:
+def _file_error(action: str, path: str | Path, exc: OSError) -> ImagingError:
+    if is_no_space(exc):
+        return no_space_error(Path(path).parent, f"{action} {Path(path).name}")
     code = {2: "FileNotFound", 17: "FileExists", 13: "FileAccessDenied"}.get(exc.errno or 0, "FileError")
     return StepFailed(f"cannot {action} {path}: {exc.strerror or exc}", code)
 
@@ -44,24 +49,20 @@ class CopyStep(Step):
             raise StepFailed(
                 f"cannot copy to {dst}: it exists (set overwrite: true to replace it)", "FileExists"
             )
-        tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
         total = source.stat().st_size
         tracker = ProgressTracker(f"copy {source.name}", total, ctx.progress)
         done = 0
         try:
-            with source.open("rb") as fin, open(tmp, "xb") as fout:
-                while chunk := fin.read(CHUNK):
-                    ctx.check_cancelled()
-                    fout.write(chunk)
-                    done += len(chunk)
-                    tracker.update(done)
-            os.replace(tmp, target)
+            with partial_file(target, ctx) as tmp:
+                with source.open("rb") as fin, open(tmp, "wb") as fout:
+                    while chunk := fin.read(CHUNK):
+                        ctx.check_cancelled()
+                        fout.write(chunk)
+                        done += len(chunk)
+                        tracker.update(done)
+                publish(tmp, target)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _file_error("copy to", dst, exc) from exc
-        except (Cancelled, Exception):
-            tmp.unlink(missing_ok=True)
-            raise
         tracker.finish()
         ctx.ledger_created(target)
         return {"path": str(target), "bytes": done}

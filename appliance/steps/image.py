@@ -1,9 +1,10 @@
 """Image steps: ``image.inspect``, ``image.decompress`` and ``image.convert``.
 
 They wrap :mod:`appliance.image.inspect`, :mod:`appliance.image.decompress` and
-:mod:`appliance.image.convert` for workflows: intermediates go to the task's scratch directory
-under a reservation, progress and findings go to the task, and every file a step creates is in the
-cleanup ledger and removed by its ``undo``.
+:mod:`appliance.image.convert` for workflows: intermediates go to the task's scratch directory under
+a reservation that grows with them (:class:`appliance.scratch.Allowance`), progress and findings go
+to the task, and every file a step creates is in the cleanup ledger (partial outputs before they
+exist) and removed by its ``undo``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..image.convert import convert_image
 from ..image.decompress import decompress, detect_compression
 from ..image.formats import OUTPUT_FORMATS, parse_claim
 from ..image.inspect import inspect_image
+from ..scratch import Allowance
 from ..workflow.step import Step, StepContext
 
 #: dry-run estimate of how much a compressed disk image grows when decompressed (raw disks are
@@ -26,34 +28,39 @@ DECOMPRESSION_RATIO_ESTIMATE = 4
 _CLAIM = {"type": ["string", "null"]}
 
 
-def _decompression_budget(ctx: StepContext, src: Path) -> tuple[int, int]:
-    """Reserve scratch for decompressing ``src``; return (reservation id, output cap)."""
-    cap = min(ctx.config.limits.max_decompressed_size, ctx.scratch.space.free())
-    return ctx.scratch.reserve(cap, f"decompressing {src.name}"), cap
+def _decompression_allowance(ctx: StepContext, src: Path) -> Allowance:
+    """A scratch reservation for decompressing ``src``, grown as the output is written (the output's
+    size is not known before); the decompressor's own cap is ``limits.max_decompressed_size``."""
+    return Allowance(ctx.scratch, f"decompressing {src.name}")
 
 
-def _shrink(ctx: StepContext, rid: int, path: Path, purpose: str) -> None:
-    """Replace a worst-case reservation by what the file really occupies."""
-    ctx.scratch.release(rid)
-    if path.exists():
-        ctx.scratch.reserve(os.stat(path).st_blocks * 512, purpose)
+def _settle(allowance: Allowance, path: Path | None) -> None:
+    """Keep what the output really occupies reserved (nothing when there is no output)."""
+    allowance.shrink_to(os.stat(path).st_blocks * 512 if path is not None and path.exists() else 0)
 
 
 def decompress_into_scratch(ctx: StepContext, src: Path, kind: str, dst: Path) -> int:
-    """Decompress ``src`` (``kind``) to ``dst`` in the task's scratch under a capped reservation that
-    shrinks to what was written; ``dst`` goes into the cleanup ledger. Returns the bytes written."""
-    rid, cap = _decompression_budget(ctx, src)
+    """Decompress ``src`` (``kind``) to ``dst`` in the task's scratch under a reservation that grows with
+    the output and shrinks to what was written; ``dst`` goes into the cleanup ledger. Returns the bytes
+    written."""
+    allowance = _decompression_allowance(ctx, src)
     ctx.ledger_created(dst)
-    written = decompress(
-        src,
-        dst,
-        kind,
-        cap,
-        cancel=ctx.cancel,
-        on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
-        limits=ctx.config.limits,
-    )
-    _shrink(ctx, rid, dst, f"decompressed {src.name}")
+    try:
+        written = decompress(
+            src,
+            dst,
+            kind,
+            ctx.config.limits.max_decompressed_size,
+            reserve=allowance.cover,
+            cancel=ctx.cancel,
+            on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
+            ledger=ctx,
+            limits=ctx.config.limits,
+        )
+    except BaseException:
+        allowance.release()
+        raise
+    _settle(allowance, dst)
     return written
 
 
@@ -86,21 +93,32 @@ class InspectStep(Step):
 
     def run(self, ctx: StepContext, source: str, format: str | None = None) -> dict[str, Any]:
         src = Path(source)
-        rid = cap = None
+        allowance = None
+        # One name per step: an attempt of it that was interrupted after its decompressed copy was complete
+        # (and before the step was) left that copy there; it goes before this attempt decompresses again.
+        decompressed = ctx.workdir / f"decompressed-{ctx.idx.replace('/', '-')}"
+        decompressed.unlink(missing_ok=True)
         if src.is_file() and detect_compression(src) is not None:
-            rid, cap = _decompression_budget(ctx, src)
-        result = inspect_image(
-            src,
-            format or None,
-            config=ctx.config,
-            workdir=ctx.workdir,
-            max_decompressed=cap,
-            cancel=ctx.cancel,
-        )
+            allowance = _decompression_allowance(ctx, src)
+        try:
+            result = inspect_image(
+                src,
+                format or None,
+                config=ctx.config,
+                workdir=ctx.workdir,
+                reserve=allowance.cover if allowance is not None else None,
+                cancel=ctx.cancel,
+                ledger=ctx,
+                decompress_to=decompressed,
+            )
+        except BaseException:
+            if allowance is not None:
+                allowance.release()
+            raise
         if result.path != result.source:
             ctx.ledger_created(result.path)
-        if rid is not None:
-            _shrink(ctx, rid, Path(result.path), f"decompressed {src.name}")
+        if allowance is not None:
+            _settle(allowance, Path(result.path) if result.path != result.source else None)
         ctx.event("findings", findings=[f.to_dict() for f in result.findings])
         if ctx.store is not None:
             ctx.store.add_findings(ctx.task_id, result.findings)
@@ -170,6 +188,10 @@ class ConvertStep(Step):
         claimed: str | None = None,
         subformat: str | None = None,
     ) -> dict[str, Any]:
+        src = Path(source)
+        allowance = None
+        if src.is_file() and detect_compression(src) is not None:
+            allowance = _decompression_allowance(ctx, src)
         result = convert_image(
             Path(source),
             Path(target),
@@ -180,7 +202,11 @@ class ConvertStep(Step):
             subformat=subformat,
             on_progress=ctx.progress,
             cancel=ctx.cancel,
+            ledger=ctx,
+            reserve=allowance.cover if allowance is not None else None,
         )
+        if allowance is not None:  # the decompressed copy was removed after the conversion
+            allowance.release()
         if not result.block_device:
             ctx.ledger_created(result.dst)
         return result.to_dict()

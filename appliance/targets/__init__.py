@@ -2,19 +2,18 @@
 
 ``get_volume_target(config)`` returns the :class:`~.base.VolumeTarget` of ``targets.volume.type``
 (``file``, ``device``, ``ec2``); ``get_image_target(config)`` the :class:`~.base.ImageTarget` of
-``targets.image.type`` (``file``, ``s3``). Implementations are imported on demand, so boto3 is
-only loaded when a cloud target is configured.
+``targets.image.type`` (``file``, ``s3``). The cloud targets (``ec2``, ``s3``) are imported on
+demand, so boto3 is only loaded when one is configured.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..config import Config
 from ..errors import ConfigError
-from .base import ImageTarget, InsufficientStorage, TargetError, Volume, VolumeTarget, write_raw
-
-if TYPE_CHECKING:
-    from ..config import Config
+from .base import ImageTarget, InsufficientStorage, TargetError, Volume, VolumeTarget
+from .device import DeviceVolumeTarget
+from .file import FileImageTarget, FileVolumeTarget
+from .rawio import write_raw
 
 __all__ = [
     "ImageTarget",
@@ -33,15 +32,11 @@ def get_volume_target(config: Config) -> VolumeTarget:
     settings = config.targets["volume"]
     kind = settings.get("type")
     if kind == "file":
-        from .file import FileVolumeTarget
-
         return FileVolumeTarget.from_settings(settings)
     if kind == "device":
-        from .device import DeviceVolumeTarget
-
         return DeviceVolumeTarget.from_settings(settings)
     if kind == "ec2":
-        from .ec2 import Ec2VolumeTarget
+        from .ec2 import Ec2VolumeTarget  # boto3: heavy, loaded only for a cloud target
 
         return Ec2VolumeTarget.from_settings(settings)
     raise ConfigError(f"targets.volume.type: unknown volume target {kind!r} (file, device, ec2)")
@@ -52,11 +47,9 @@ def get_image_target(config: Config) -> ImageTarget:
     settings = config.targets["image"]
     kind = settings.get("type")
     if kind == "file":
-        from .file import FileImageTarget
-
         return FileImageTarget.from_settings(settings)
     if kind == "s3":
-        from .s3 import S3ImageTarget
+        from .s3 import S3ImageTarget  # boto3: heavy, loaded only for a cloud target
 
         return S3ImageTarget.from_settings(settings)
     raise ConfigError(f"targets.image.type: unknown image target {kind!r} (file, s3)")

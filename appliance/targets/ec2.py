@@ -1,6 +1,6 @@
 """EC2 target: volumes created in the controlling cloud and attached to this appliance.
 
-``create`` runs the sequence the Eucalyptus imaging worker used (reference §11.5), through the
+``create`` runs the sequence the Eucalyptus imaging worker used, through the
 cloud's EC2 API with boto3:
 
 1. ``CreateVolume`` (size rounded up to whole GiB, in this appliance's availability zone, tagged
@@ -35,9 +35,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import schemas
 from ..errors import UsageError
-from .base import TargetError, Volume, boto_client, fsync_path, validate_settings
+from .base import TargetError, Volume, boto_client, validate_settings
 from .device import BlockDevice, inspect_block_device
+from .rawio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -45,39 +47,8 @@ GIB = 1024**3
 TASK_TAG = "imaging:task-id"
 DEFAULT_DEVICE_NAMES = [f"/dev/sd{c}" for c in "fghijklmnop"]
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "instance_id"],
-    "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
-    "properties": {
-        "type": {"const": "ec2"},
-        "endpoint_url": {"type": "string", "pattern": "^https?://"},
-        "region": {"type": "string", "minLength": 1},
-        # without keys boto3's default chain applies (instance profile, environment)
-        "access_key": {"type": "string", "minLength": 1},
-        "secret_key": {"type": "string", "minLength": 1},
-        "instance_id": {"type": "string", "pattern": "^i-[0-9a-f]{8,17}$"},
-        # default: the instance's own zone (volumes can only attach within it)
-        "availability_zone": {"type": "string", "minLength": 1},
-        "device_dir": {"type": "string", "pattern": "^/"},
-        "attach_device_names": {
-            "type": "array",
-            "minItems": 1,
-            "uniqueItems": True,
-            "items": {"type": "string", "pattern": "^/dev/(sd|xvd|vd)[a-z]{1,2}$"},
-        },
-        "volume_type": {"type": "string", "minLength": 1},
-        "tags": {"type": "object", "additionalProperties": {"type": "string"}},
-        # seconds to wait for available / attached / detached
-        "wait_timeout": {"type": "number", "exclusiveMinimum": 0},
-        # seconds to wait for the attached disk to show up in device_dir
-        "device_timeout": {"type": "number", "exclusiveMinimum": 0},
-        # first DescribeVolumes interval; it grows 1.5x per poll up to max_poll_interval
-        "poll_interval": {"type": "number", "exclusiveMinimum": 0},
-        "max_poll_interval": {"type": "number", "exclusiveMinimum": 0},
-    },
-}
+#: the settings schema (``appliance/schemas/target-ec2.json``)
+SCHEMA: dict[str, Any] = schemas.load("target-ec2")
 
 _PARTITION = re.compile(r"-part\d+$")
 #: one AttachVolume at a time per process, so two tasks never pick the same free name
@@ -142,7 +113,7 @@ class Ec2VolumeTarget:
 
     def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         """Call an EC2 operation; API failures become ``CloudApiError`` (or the cloud's NotFound code)."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy; see targets.base.boto_client
 
         method = getattr(self.client, re.sub(r"(?<!^)(?=[A-Z])", "_", operation).lower())
         try:
@@ -282,8 +253,20 @@ class Ec2VolumeTarget:
 
     # -- the target ---------------------------------------------------------------------------
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB.
+
+        ``client_token`` is not used yet: a create run again after its process was killed makes another
+        volume, and one killed between CreateVolume and its caller's record leaves the first one (tagged
+        with the task, ``imaging:task-id``) for the operator.
+        """
         if size_bytes <= 0:
             raise UsageError(f"volume size must be positive, not {size_bytes}")
         zone = self.availability_zone()

@@ -2,12 +2,15 @@
 
 Volumes are sparse RAW files ``<directory>/<vol-id>.raw`` (mode 0600, directory 0700) created at
 their full size with ``ftruncate``: nothing is allocated until written, so ``create`` cannot know
-whether the data will fit. It refuses only when the filesystem is already below ``min_free``; a
+whether the data will fit. A create given a ``client_token`` names the volume after it, so a create that
+is run again with the same token (the step, after its process was killed) takes the same file again
+instead of leaving the first one behind. It refuses only when the filesystem is already below ``min_free``; a
 write that later fills the filesystem fails with ``InsufficientStorage`` (see
 :func:`~appliance.targets.base.storage_error`).
 
-Images are copied to ``<directory>/<task_id>.<ext>`` through a hidden temporary name and renamed
-into place, so the final name is either absent or complete. The copy tries a reflink first
+Images are copied to ``<directory>/<task_id>.<ext>`` through a hidden partial file (mode 0600, named
+in the task's cleanup ledger before it exists: :mod:`appliance.partials`) and renamed into place, so
+the final name is either absent or complete. The copy tries a reflink first
 (btrfs, XFS) and otherwise copies only the data ranges (SEEK_DATA/SEEK_HOLE, zero chunks
 skipped), hashing every byte with sha256 on the way.
 """
@@ -20,53 +23,25 @@ import fcntl
 import hashlib
 import os
 import re
-import secrets
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from ..config import SIZE, parse_size
+from .. import schemas
+from ..config import parse_size
 from ..errors import UsageError
+from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
-from .base import (
-    FICLONE,
-    InsufficientStorage,
-    TargetError,
-    Volume,
-    copy_sparse,
-    fsync_dir,
-    fsync_path,
-    hash_file,
-    new_volume_id,
-    storage_error,
-    validate_settings,
-)
+from .base import InsufficientStorage, TargetError, Volume, new_volume_id, storage_error, validate_settings
+from .encryption import Encryption, EncryptionNotSupported
+from .rawio import FICLONE, copy_sparse, fsync_dir, fsync_path, hash_file
 
-VOLUME_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "directory"],
-    "properties": {
-        "type": {"const": "file"},
-        "directory": {"type": "string", "minLength": 1},
-        # refuse new volumes when the filesystem has less free space than this
-        "min_free": SIZE,
-    },
-}
+#: the settings schema of both file targets (``appliance/schemas/target-file.json``)
+VOLUME_SCHEMA: dict[str, Any] = schemas.load("target-file")
+IMAGE_SCHEMA: dict[str, Any] = VOLUME_SCHEMA
 
-IMAGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "directory"],
-    "properties": {
-        "type": {"const": "file"},
-        "directory": {"type": "string", "minLength": 1},
-        "min_free": SIZE,
-    },
-}
-
-DEFAULT_MIN_FREE = "1GiB"
+DEFAULT_MIN_FREE: str = VOLUME_SCHEMA["properties"]["min_free"]["default"]
 _VOLUME_NAME = re.compile(r"^vol-[0-9a-f]{8,17}\.raw$")
 #: user-facing format name → file extension
 EXTENSIONS = {
@@ -102,6 +77,11 @@ def _check_floor(directory: Path, min_free: int, what: str) -> None:
             f"{directory} has {free} bytes free, less than the {min_free} bytes "
             f"(targets.{what}.min_free) kept free: free space or lower min_free"
         )
+
+
+def token_volume_id(client_token: str) -> str:
+    """The volume id a file volume created with ``client_token`` gets (``vol-`` + 17 hex digits)."""
+    return "vol-" + hashlib.sha256(client_token.encode()).hexdigest()[:17]
 
 
 def extension_for(fmt: str) -> str:
@@ -149,20 +129,35 @@ class FileVolumeTarget(_DirectoryTarget):
     SCHEMA = VOLUME_SCHEMA
     SETTINGS = "targets.volume"
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """A new zero-filled sparse file of exactly ``size_bytes``."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """A new zero-filled sparse file of exactly ``size_bytes``.
+
+        With ``client_token`` the volume id comes from the token: the file an earlier create with it made
+        (whose caller never got to use it) is taken again and emptied.
+        """
         if size_bytes <= 0:
             raise UsageError(f"volume size must be positive, not {size_bytes}")
         _make_dir(self.directory)
         _check_floor(self.directory, self.min_free, "volume")
-        volume_id = new_volume_id()
+        if client_token is None:
+            volume_id, flags = new_volume_id(), os.O_EXCL
+        else:
+            volume_id, flags = token_volume_id(client_token), 0
         path = self.directory / f"{volume_id}.raw"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o600)
         except OSError as exc:
             raise storage_error(exc, f"volume file {path}") from exc
         try:
             os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask
+            os.ftruncate(fd, 0)  # a file taken again reads as zeros, and stays sparse
             os.ftruncate(fd, size_bytes)
         except OSError as exc:
             os.close(fd)
@@ -230,6 +225,8 @@ class FileImageTarget(_DirectoryTarget):
 
     SCHEMA = IMAGE_SCHEMA
     SETTINGS = "targets.image"
+    #: plain files: nothing here encrypts them
+    sse_algorithms: frozenset[str] = frozenset()
 
     def store(
         self,
@@ -239,18 +236,29 @@ class FileImageTarget(_DirectoryTarget):
         format: str,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
+        encryption: Encryption | None = None,
     ) -> dict[str, Any]:
-        """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256}``.
+        """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256,
+        encryption}`` (``encryption`` None: the file is stored as it is).
 
         Refuses up front (``InsufficientStorage``) when the data to copy would leave less than
-        ``min_free``; a partial copy is removed on any failure or cancel.
+        ``min_free``, and any ``encryption`` (``EncryptionNotSupported``): a plain file is not
+        encrypted, and saying it is would be a lie. The copy is written to a partial file (mode
+        0600) whose name ``ledger`` learns before it exists (:mod:`appliance.partials`); it is
+        removed on any failure or cancel.
         """
         if not _TASK_ID.match(task_id):
             raise UsageError(f"not a valid task id for a file name: {task_id!r}")
+        if encryption is not None:
+            raise EncryptionNotSupported(
+                f"the file image target (targets.image.type: file, {self.directory}) cannot store an "
+                f"image encrypted ({encryption.algorithm}); configure the s3 image target to import "
+                "encrypted images"
+            )
         ext = extension_for(format)
         _make_dir(self.directory)
         final = self.directory / f"{task_id}.{ext}"
-        tmp = self.directory / f".{task_id}.{ext}.{secrets.token_hex(4)}.partial"
         src_fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(src_fd)
@@ -263,23 +271,17 @@ class FileImageTarget(_DirectoryTarget):
                 )
             tracker = ProgressTracker("writing", st.st_size, on_progress)
             try:
-                dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with partial_file(final, ledger) as tmp:
+                    dst_fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        sha256 = self._copy(src_fd, dst_fd, st.st_size, path, tracker, cancel)
+                        os.fsync(dst_fd)
+                    finally:
+                        os.close(dst_fd)
+                    publish(tmp, final, 0o600)
+                    fsync_dir(self.directory)
             except OSError as exc:
-                raise storage_error(exc, f"image file {tmp}") from exc
-            try:
-                try:
-                    sha256 = self._copy(src_fd, dst_fd, st.st_size, path, tracker, cancel)
-                    os.fsync(dst_fd)
-                finally:
-                    os.close(dst_fd)
-                os.replace(tmp, final)
-                fsync_dir(self.directory)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 raise storage_error(exc, f"image file {final}") from exc
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         finally:
             os.close(src_fd)
         tracker.finish()
@@ -289,6 +291,7 @@ class FileImageTarget(_DirectoryTarget):
             "format": format.lower(),
             "size": st.st_size,
             "sha256": sha256,
+            "encryption": None,
         }
 
     @staticmethod

@@ -7,6 +7,13 @@ file is hashed once before the upload (hashlib runs at ~1.8 GB/s here, 20x the u
 hashed again from the very bytes that are sent; if the two differ the upload is aborted. Memory
 use is about ``(threads + 1) * part_size``.
 
+Asked to encrypt (:mod:`.encryption`), the upload carries ``ServerSideEncryption`` (``AES256``, or
+``aws:kms`` with ``SSEKMSKeyId``) on the PUT or on CreateMultipartUpload. After every upload the
+object's headers are read back (HeadObject): what S3 reports applying is recorded as the location's
+``encryption`` (a bucket's default encryption shows there too), and an object that is not encrypted
+as asked is deleted and the store fails with ``EncryptionNotApplied`` (a store that ignores the
+headers must not yield an import reported as encrypted).
+
 Any failure, ``cancel`` (checked between parts) or interrupt aborts the multipart upload, so no
 parts are left behind to be billed. ``delete`` removes the object and aborts any upload still
 open for its key (a worker that died mid-upload).
@@ -22,40 +29,27 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..config import SIZE, parse_size
+from .. import schemas
+from ..config import parse_size
 from ..errors import ConfigError, UsageError
+from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
-from .base import TargetError, boto_client, check_cancel, hash_file, validate_settings
+from .base import TargetError, boto_client, check_cancel, validate_settings
+from .encryption import ALGORITHMS, SSE_KMS, Encryption, satisfies
 from .file import extension_for
+from .rawio import hash_file
 
 log = logging.getLogger(__name__)
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type", "bucket"],
-    "dependentRequired": {"access_key": ["secret_key"], "secret_key": ["access_key"]},
-    "properties": {
-        "type": {"const": "s3"},
-        "bucket": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"},
-        "prefix": {"type": "string"},
-        "endpoint_url": {"type": "string", "pattern": "^https?://"},
-        "region": {"type": "string", "minLength": 1},
-        # without keys boto3's default chain applies (instance profile, environment)
-        "access_key": {"type": "string", "minLength": 1},
-        "secret_key": {"type": "string", "minLength": 1},
-        "addressing_style": {"enum": ["auto", "path", "virtual"]},
-        "part_size": SIZE,
-        "threads": {"type": "integer", "minimum": 1, "maximum": 32},
-    },
-}
+#: the settings schema (``appliance/schemas/target-s3.json``)
+SCHEMA: dict[str, Any] = schemas.load("target-s3")
 
 
 def _s3_error(operation: str, exc: Exception) -> TargetError:
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError  # heavy; see targets.base.boto_client
 
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -63,8 +57,29 @@ def _s3_error(operation: str, exc: Exception) -> TargetError:
     return TargetError(f"{operation} failed: {exc}", "UploadFailed")
 
 
+def sse_arguments(encryption: Encryption | None) -> dict[str, str]:
+    """The PutObject / CreateMultipartUpload arguments that ask S3 for ``encryption``."""
+    if encryption is None:
+        return {}
+    args = {"ServerSideEncryption": encryption.algorithm}
+    if encryption.kms_key_id is not None:
+        args["SSEKMSKeyId"] = encryption.kms_key_id
+    return args
+
+
+def applied_encryption(head: Mapping[str, Any]) -> Encryption | None:
+    """The encryption a HeadObject answer reports (None: the object is not encrypted)."""
+    algorithm = head.get("ServerSideEncryption")
+    if not algorithm:
+        return None
+    key = head.get("SSEKMSKeyId") if str(algorithm).startswith(SSE_KMS) else None
+    return Encryption(str(algorithm), key or None)
+
+
 class S3ImageTarget:
-    """Images as S3 objects, uploaded with sha256 metadata."""
+    """Images as S3 objects, uploaded with sha256 metadata, optionally server-side encrypted."""
+
+    sse_algorithms: frozenset[str] = frozenset(ALGORITHMS)
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
@@ -107,16 +122,24 @@ class S3ImageTarget:
         format: str,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
+        encryption: Encryption | None = None,
     ) -> dict[str, Any]:
-        """Upload ``path``; returns ``{type, bucket, key, etag, sha256, size, format}``.
+        """Upload ``path`` (server-side encrypted as ``encryption`` asks); returns ``{type, bucket,
+        key, etag, sha256, size, format, encryption}``, ``encryption`` being what S3 reports the
+        stored object has (``Encryption.to_dict()``, or None).
 
-        Raises ``UploadFailed`` (:class:`TargetError`) for S3 errors, :class:`Cancelled` on ``cancel``.
+        Raises ``UploadFailed`` (:class:`TargetError`) for S3 errors (a KMS key S3 cannot use among
+        them), ``EncryptionNotApplied`` when the stored object is not encrypted as asked (it is
+        deleted), :class:`Cancelled` on ``cancel``. Nothing is written locally, so ``ledger`` is not
+        used.
         """
         key = self.key_for(task_id, format)
         size = path.stat().st_size
         # Metadata must be given when the upload starts, so the hash has to be known first.
         sha256, _ = hash_file(path, cancel)
         metadata = {"sha256": sha256}
+        sse = sse_arguments(encryption)
         tracker = ProgressTracker("uploading", size, on_progress)
         if size <= self.part_size:
             check_cancel(cancel, "upload")
@@ -124,13 +147,14 @@ class S3ImageTarget:
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise TargetError(f"{path} changed while it was being uploaded", "UploadFailed")
             try:
-                etag = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=metadata)[
-                    "ETag"
-                ]
+                etag = self.client.put_object(
+                    Bucket=self.bucket, Key=key, Body=data, Metadata=metadata, **sse
+                )["ETag"]
             except Exception as exc:
                 raise _s3_error(f"PutObject s3://{self.bucket}/{key}", exc) from exc
         else:
-            etag = self._multipart(path, key, size, sha256, metadata, tracker, cancel)
+            etag = self._multipart(path, key, size, sha256, metadata, sse, tracker, cancel)
+        applied = self._check_encryption(key, encryption)
         tracker.finish()
         return {
             "type": "s3",
@@ -140,7 +164,34 @@ class S3ImageTarget:
             "sha256": sha256,
             "size": size,
             "format": format.lower(),
+            "encryption": applied.to_dict() if applied else None,
         }
+
+    def _check_encryption(self, key: str, wanted: Encryption | None) -> Encryption | None:
+        """What S3 reports the stored object's encryption is; when it is not ``wanted``, the object
+        is deleted and ``EncryptionNotApplied`` raised."""
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise _s3_error(f"HeadObject {where}", exc) from exc
+        applied = applied_encryption(head)
+        if wanted is None or satisfies(applied, wanted):
+            return applied
+        try:
+            self.delete({"bucket": self.bucket, "key": key})
+            fate = "the object was deleted"
+        except TargetError as exc:
+            log.error("could not delete %s, stored without the encryption asked for: %s", where, exc)
+            fate = "the object could not be deleted (see the worker log)"
+        said = f"{applied.algorithm} with key {applied.kms_key_id}" if applied else "no encryption"
+        asked = wanted.algorithm + (f" with key {wanted.kms_key_id}" if wanted.kms_key_id else "")
+        raise TargetError(
+            f"{where} was stored with {said} although {asked} was asked for; {fate}. "
+            "The S3 endpoint (targets.image.endpoint_url) does not apply server-side encryption as "
+            "asked: enable it there, or import without Encrypted",
+            "EncryptionNotApplied",
+        )
 
     def _multipart(
         self,
@@ -149,6 +200,7 @@ class S3ImageTarget:
         size: int,
         sha256: str,
         metadata: dict[str, str],
+        sse: dict[str, str],
         tracker: ProgressTracker,
         cancel: threading.Event | None,
     ) -> str:
@@ -156,9 +208,9 @@ class S3ImageTarget:
         # S3 allows 10,000 parts: grow the part (to whole MiB) for very large images.
         part_size = max(self.part_size, -(-size // MAX_PARTS // (1 << 20)) * (1 << 20))
         try:
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata)[
-                "UploadId"
-            ]
+            upload_id = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=metadata, **sse
+            )["UploadId"]
         except Exception as exc:
             raise _s3_error(f"CreateMultipartUpload {where}", exc) from exc
         try:
@@ -252,7 +304,7 @@ class S3ImageTarget:
 
     def delete(self, location: Mapping[str, Any]) -> None:
         """Delete the object and abort uploads still open for its key; a missing object or bucket is fine."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # heavy; see targets.base.boto_client
 
         bucket, key = location.get("bucket"), location.get("key")
         if bucket != self.bucket or not key:

@@ -12,10 +12,11 @@ leaked. A cancel is requested from anywhere with ``Store.request_cancel`` (the e
 supervisor notices within ``poll_interval``) or by SIGINT/SIGTERM to the engine's process.
 
 If the engine's process dies, :meth:`Engine.recover` (run at worker start) finds the task by
-its dead owner or expired lease and resumes it: a ``running`` task continues after its last
-completed step (re-running the interrupted one), a ``cancelling`` one is undone and ends
-``cancelled``, and a task of a workflow declaring ``resumable: false`` is undone and ends
-``failed`` with a message naming the interrupted step. No task is left ``running`` forever.
+its dead owner or expired lease and resumes it (the partial outputs the dead process left are
+removed and the scratch its interrupted steps reserved is given back first): a ``running`` task
+continues after its last completed step (re-running the interrupted one), a ``cancelling`` one
+is undone and ends ``cancelled``, and a task of a workflow declaring ``resumable: false`` is
+undone and ends ``failed`` with a message naming the interrupted step. No task is left ``running`` forever.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts.refs import ArtifactError
-from ..config import HooksConfig
+from ..artifacts.store import ArtifactStore
+from ..config import Config, HooksConfig
 from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
 from ..store import Store, Task, TaskState, new_task_id
-from . import hookpoints
 from .callbacks import CompositeCallbacks, EngineCallbacks
+from .hookpoints import points_used, record_hooks, recorded_hooks
 from .loader import Workflow, WorkflowLoader
 from .planner import Planner
+from .plugins import ensure_plugins
 from .registry import Registry, default_registry
 from .runner import TaskRun
 from .supervisor import find_orphans, orphan_reason, owner_id, supervised
@@ -58,7 +61,7 @@ class Engine:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         store: Store | None = None,
         *,
         registry: Registry | None = None,
@@ -76,11 +79,9 @@ class Engine:
             config.workflow_dirs,
             registry=self.registry,
             templater=self.templater,
-            artifacts=_artifact_store(config),
-            hooks=getattr(config, "hooks", None),
+            artifacts=ArtifactStore.from_config(config),
+            hooks=config.hooks,
         )
-        from .plugins import ensure_plugins  # here: appliance.hooks imports this package
-
         ensure_plugins(self.registry, config)
         if callbacks is None:
             callbacks = []
@@ -149,13 +150,13 @@ class Engine:
         )
         if task.id != task_id:
             return task.id  # a repeated request: its task was recorded (hooks and all) the first time
-        points = hookpoints.points_used(workflow)
+        points = points_used(workflow)
         if points:
             # The task runs (and resumes) with the hooks configured now, whatever the config says later.
             recorded = {
                 p: h for p, h in (self.loader.hooks or HooksConfig()).to_dict().items() if p in points
             }
-            self.store.add_event(task.id, hookpoints.HOOKS_EVENT, {"points": recorded})
+            record_hooks(self.store, task.id, recorded)
         self.callbacks.on_task_state(task)
         return task.id
 
@@ -202,6 +203,7 @@ class Engine:
         self.callbacks.on_event(task_id, "task.resumed", {"previous_owner": previous_owner, "reason": reason})
         run = TaskRun(self, task)
         interrupted = run.mark_interrupted()
+        run.sweep_partials()
         if task.state is TaskState.CANCELLING:
             return self._drive(
                 run, None, {}, abort=Cancelled("cancel requested before the previous worker died")
@@ -246,7 +248,7 @@ class Engine:
     def _task_workflow(self, task: Task) -> Workflow:
         if not task.workflow:
             raise UsageError(f"task {task.id} ({task.kind}) has no workflow to run")
-        recorded = hookpoints.recorded_hooks(self.store, task.id)
+        recorded = recorded_hooks(self.store, task.id)
         loader = self.loader if recorded is None else self.loader.with_hooks(recorded)
         return loader.load(task.workflow)
 
@@ -334,15 +336,6 @@ class Engine:
         )
 
 
-def _artifact_store(config: Any) -> Any:
-    """The artifact store of ``config`` (``artifact://`` workflows and resources), if it has a state dir."""
-    if getattr(config, "state_dir", None) is None:
-        return None
-    from ..artifacts.store import ArtifactStore
-
-    return ArtifactStore.from_config(config)
-
-
-def recover(store: Store, config: Any, **engine_kwargs: Any) -> list[Task]:
+def recover(store: Store, config: Config, **engine_kwargs: Any) -> list[Task]:
     """Resume every orphaned task of ``store`` in this process (see :meth:`Engine.recover`)."""
     return Engine(config, store, **engine_kwargs).recover()

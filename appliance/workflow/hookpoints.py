@@ -7,34 +7,44 @@ so validation, dry-run plans, records, undo and resume treat them as ordinary st
 ``with`` is the hook's configured arguments plus ``image: "{{ image }}"``; configured values may
 use the templates ``{{ image.* }}`` and ``{{ task.* }}``.
 
-When run, the point records itself at ``<idx>`` (args ``{image, hooks}``, never undone) and each
-hook at ``<idx>/hook/<n>``; the image is chained: a hook returning ``{"image": IMAGE}`` hands that
-image to the next one, None leaves it unchanged. The point registers
-``{"image": final IMAGE, "hooks": [names]}``; with no hooks configured it passes ``image`` through.
+When run (:meth:`TaskRun.run_point <appliance.workflow.runner.TaskRun.run_point>`; dry runs:
+:meth:`Planner.plan_point <appliance.workflow.planner.Planner.plan_point>`), the point records
+itself at ``<idx>`` (args ``{image, hooks}``, never undone) and each hook at ``<idx>/hook/<n>``; the
+image is chained by :func:`next_image`: a hook returning ``{"image": IMAGE}`` hands that image to the
+next one, None leaves it unchanged. The point registers ``{"image": final IMAGE, "hooks": [names]}``;
+with no hooks configured it passes ``image`` through. This module only expands points into steps.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import jsonschema
 
-from ..config import HOOK_POINTS, HooksConfig, hooks_from_dict
-from ..errors import ImagingError, StepFailed
-from ..store import StepState
-from .schema import WorkflowError, invalid
-from .templating import TemplateProblem, UnknownResult, placeholders_to_text
+from ..config import HOOK_POINTS, HookConfig, HooksConfig, hooks_from_dict
+from ..errors import StepFailed
+from ..store import Store
+from .model import StepSpec, Workflow
+from .registry import Registry, StepUnavailable
+from .schema import WorkflowError
+from .templating import TemplateProblem, Templater, touches_template
 
-if TYPE_CHECKING:
-    from ..store import Store
-    from .loader import StepSpec, Workflow, WorkflowLoader
-    from .planner import Planner
-    from .runner import TaskRun
 
-#: the task event recording, at submit, the hooks of the points its workflow uses
+class HookSource(Protocol):
+    """What expanding a point needs: the configured hooks, the actions and the templates (a
+    :class:`~appliance.workflow.loader.WorkflowLoader` is one)."""
+
+    hooks: HooksConfig | None
+    registry: Registry
+    templater: Templater
+
+
+#: the task event announcing, at submit, the hooks of the points its workflow uses (redacted)
 HOOKS_EVENT = "task.hooks"
+#: the task record (:meth:`appliance.store.Store.set_record`) keeping those hooks to run with
+HOOKS_RECORD = "hooks"
 #: what every hook's ``image`` argument is bound to (the engine supplies the chained image)
 IMAGE_ARG = "{{ image }}"
 #: names a configured hook's ``with`` templates may use
@@ -44,7 +54,7 @@ NOT_ON_POINT = ("timeout", "retries", "retry_delay", "undo", "loop")
 
 
 def expand(
-    loader: WorkflowLoader, raw: Mapping[str, Any], file: str, label: str
+    loader: HookSource, raw: Mapping[str, Any], file: str, label: str
 ) -> tuple[tuple[StepSpec, ...], list[WorkflowError]]:
     """The child steps of the point step ``raw`` for ``loader.hooks``, and every problem found."""
 
@@ -70,11 +80,9 @@ def expand(
 
 
 def hook_steps(
-    loader: WorkflowLoader, point: str, label: str | None = None
+    loader: HookSource, point: str, label: str | None = None
 ) -> tuple[tuple[StepSpec, ...], list[WorkflowError]]:
     """The configured hooks of ``point`` as steps; problems name the config file and field."""
-    from .loader import StepSpec
-
     errors: list[WorkflowError] = []
     hooks: HooksConfig = loader.hooks or HooksConfig()
     children = []
@@ -87,8 +95,11 @@ def hook_steps(
         if "image" in hook.args:
             config_err("'image' is given by the engine (the image at the point)", "with.image")
         schema = _action_schema(loader, hook.hook, hook.action, config_err)
-        # Any action may be a hook; one whose run() takes no `image` (util.fail) runs without it.
-        takes_image = schema is not False and _takes_image(loader.registry.get(hook.action))
+        # Any action may be a hook; one whose run() takes no `image` (util.fail) runs without it, and so does
+        # a local `run` command (its `image` is the guest to chroot into): it may use {{ image.path }}.
+        takes_image = (
+            schema is not False and _takes_image(loader.registry.get(hook.action)) and not _local_run(hook)
+        )
         args = {**hook.args, "image": IMAGE_ARG} if takes_image else dict(hook.args)
         if isinstance(schema, dict):
             _check_args(schema, args, config_err)
@@ -115,15 +126,21 @@ def hook_steps(
     return tuple(children), errors
 
 
+def _local_run(hook: HookConfig) -> bool:
+    """Whether ``hook`` is a ``run`` command on the appliance itself (not in the guest)."""
+    return hook.action == "run" and hook.args.get("where", "local") == "local"
+
+
 def _takes_image(cls: type) -> bool:
     try:
-        params = inspect.signature(cls.run).parameters.values()
+        # the registry holds only classes with a callable run (registry._check_class)
+        params = inspect.signature(cls.run).parameters.values()  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return True
     return any(p.name == "image" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
-def validate_hooks(loader: WorkflowLoader) -> list[WorkflowError]:
+def validate_hooks(loader: HookSource) -> list[WorkflowError]:
     """Every problem of the hooks configured for any point (``imaging config validate``)."""
     errors: list[WorkflowError] = []
     for point in HOOK_POINTS:
@@ -131,10 +148,10 @@ def validate_hooks(loader: WorkflowLoader) -> list[WorkflowError]:
     return errors
 
 
-def _action_schema(loader: WorkflowLoader, hook: str, action: str, err: Any) -> dict[str, Any] | bool | None:
+def _action_schema(
+    loader: HookSource, hook: str, action: str, err: Callable[[str, str], None]
+) -> dict[str, Any] | bool | None:
     """The action's argument schema (None: it has none; False: the action is unusable, reported)."""
-    from .registry import StepUnavailable
-
     registry = loader.registry
     if action not in registry:
         kind = f"hook {hook!r} (action {action!r})" if action != hook else f"action {action!r}"
@@ -153,47 +170,11 @@ def _action_schema(loader: WorkflowLoader, hook: str, action: str, err: Any) -> 
 
 
 def _check_args(schema: dict[str, Any], args: dict[str, Any], err: Any) -> None:
-    from .loader import _touches_template
-
     for e in jsonschema.Draft202012Validator(schema).iter_errors(args):
-        if _touches_template(args, list(e.absolute_path)):
+        if touches_template(args, list(e.absolute_path)):
             continue  # `image` and templated values are checked when the hook runs
         field = ".".join(["with", *(str(p) for p in e.absolute_path)])
         err(e.message.replace("is a required property", "is required"), field)
-
-
-def run_point(run: TaskRun, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> dict[str, Any]:
-    """Run the hooks of the point ``step`` (recorded at ``idx``); returns its registered result."""
-    image = run._render(wf, step, step.args, scope, "with")["image"]
-    if not isinstance(image, dict) or not isinstance(image.get("path"), str):
-        raise invalid(
-            [
-                WorkflowError(
-                    str(wf.source),
-                    f"must be a mapping with a 'path', not {image!r}",
-                    step.label,
-                    "with.image",
-                )
-            ]
-        )
-    names = [h.name for h in step.hook_steps]
-    args = {"image": image, "hooks": names}
-    parent = run._record(step, idx, StepState.RUNNING, args=args, undo=False)
-    run.callbacks.on_step_start(run.task_id, parent)
-    try:
-        for hook in step.hook_steps:
-            run.check_cancelled()
-            result = run._run_one(
-                wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
-            )
-            image = next_image(hook.name, image, result)
-    except ImagingError as exc:
-        error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
-        run._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
-        raise
-    result = {"image": image, "hooks": names}
-    run._finish(step, idx, StepState.COMPLETED, args=args, result=result, undo=False)
-    return result
 
 
 def next_image(name: str, image: dict[str, Any], result: Any) -> dict[str, Any]:
@@ -204,48 +185,6 @@ def next_image(name: str, image: dict[str, Any], result: Any) -> dict[str, Any]:
     if not isinstance(new, Mapping) or not isinstance(new.get("path"), str) or not new["path"]:
         raise StepFailed(f"hook {name!r} returned an image without a 'path': {new!r}")
     return dict(new)
-
-
-def plan_point(
-    planner: Planner,
-    wf: Workflow,
-    step: StepSpec,
-    idx: str,
-    scope: dict[str, Any],
-    status: str,
-    reason: str | None,
-    entries: list[dict[str, Any]],
-) -> Any:
-    """Dry-run entries for the point and each configured hook; returns what the point would register."""
-    args, known = planner._render(wf, step, step.args, scope, "with")
-    names = [h.name for h in step.hook_steps]
-    entries.append(
-        {
-            "idx": idx,
-            "name": step.name,
-            "action": f"hooks:{step.hooks}",  # as the run records it
-            "hooks": step.hooks,
-            "status": status,
-            "reason": reason,
-            "plan": {"runs": names},
-            "scratch_bytes": None,
-            "args": placeholders_to_text(args),
-            "args_known": known,
-        }
-    )
-    image = args.get("image")
-    for hook in step.hook_steps:
-        planner._one(
-            wf,
-            hook,
-            f"{idx}/hook/{hook.index}",
-            {"image": image, "task": scope["task"]},
-            status,
-            reason,
-            entries,
-        )
-        image = UnknownResult(f"image after hook {hook.name!r}")
-    return {"image": image, "hooks": names}
 
 
 def points_used(workflow: Workflow) -> set[str]:
@@ -259,9 +198,19 @@ def points_used(workflow: Workflow) -> set[str]:
     return found
 
 
+def record_hooks(store: Store, task_id: str, points: dict[str, Any]) -> None:
+    """Record the hooks a task runs (and resumes) with: kept as given, arguments and all (they may
+    hold secrets), and announced by a :data:`HOOKS_EVENT` event, which is stored redacted."""
+    store.set_record(task_id, HOOKS_RECORD, points)
+    store.add_event(task_id, HOOKS_EVENT, {"points": points})
+
+
 def recorded_hooks(store: Store, task_id: str) -> HooksConfig | None:
     """The hooks recorded on the task at submit (None for a task submitted without a record)."""
-    # The record is written right after the task's creation: among its first few events.
+    points = store.record(task_id, HOOKS_RECORD)
+    if points is not None:
+        return hooks_from_dict(points, source=f"the hooks recorded on task {task_id}")
+    # Tasks submitted before records existed kept them in their first events (unredacted then).
     for event in store.events(task_id=task_id, limit=20):
         if event.kind == HOOKS_EVENT:
             return hooks_from_dict(

@@ -15,11 +15,10 @@ problems are reported together, each naming file, step and field.
 
 from __future__ import annotations
 
+import builtins
 import copy
-import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,204 +34,20 @@ from ..artifacts.refs import (
     parse_resource,
     resource_names_used,
 )
-from ..config import HooksConfig
+from ..artifacts.store import ArtifactStore
+from ..config import Config, HooksConfig
 from ..errors import UsageError, WorkflowInvalid
-from . import hookpoints
+from .hookpoints import expand as expand_point
+from .model import MISSING, ParamSpec, StepSpec, Workflow, WorkflowInfo, is_type
 from .registry import Registry, StepUnavailable, default_registry
 from .schema import WorkflowError, invalid, schema_errors, step_label
-from .templating import TemplateProblem, Templater, contains_template
+from .templating import TemplateProblem, Templater, contains_template, touches_template
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "workflows"
 SUFFIXES = (".yaml", ".yml")
 
 #: names the engine binds in every template scope; params and registers may not use them
 RESERVED_NAMES = frozenset({"item", "task", RESOURCES})
-
-_JSON_TYPES = {
-    "string": str,
-    "integer": int,
-    "number": (int, float),
-    "boolean": bool,
-    "object": dict,
-    "array": list,
-}
-
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A declared workflow parameter."""
-
-    name: str
-    type: str
-    description: str = ""
-    required: bool = False
-    default: Any = _MISSING
-
-    @property
-    def has_default(self) -> bool:
-        return self.default is not _MISSING
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": self.type, "required": self.required, "description": self.description}
-        if self.has_default:
-            d["default"] = self.default
-        return d
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    """One step as written in a workflow file (templates not yet rendered)."""
-
-    index: int  # 1-based position in its workflow
-    name: str
-    action: str | None = None
-    include: Workflow | None = None
-    include_ref: str | None = None
-    args: dict[str, Any] = field(default_factory=dict)
-    when: str | bool | None = None
-    register: str | None = None
-    loop: list[Any] | str | None = None
-    timeout: float | None = None
-    retries: int = 0
-    retry_delay: float = 0.0
-    undo: bool = True
-    description: str = ""
-    #: an insertion point (``hooks: after_fetch``) and the configured hooks it runs
-    hooks: str | None = None
-    hook_steps: tuple[StepSpec, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return step_label(self.index, self.name)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The step as loaded: what it runs (action, include, or a hook point with its hooks)."""
-        d: dict[str, Any] = {"index": self.index, "name": self.name}
-        if self.action:
-            d["action"] = self.action
-        if self.include is not None:
-            d["include"] = self.include_ref or self.include.name
-        if self.hooks:
-            d["hooks"] = self.hooks
-            d["hook_steps"] = [h.to_dict() for h in self.hook_steps]
-        d["with"] = self.args
-        for key in ("when", "register", "loop", "timeout"):
-            if getattr(self, key) is not None:
-                d[key] = getattr(self, key)
-        if self.retries:
-            d["retries"], d["retry_delay"] = self.retries, self.retry_delay
-        if not self.undo:
-            d["undo"] = False
-        return d
-
-
-@dataclass(frozen=True)
-class Workflow:
-    """A validated workflow with its includes loaded."""
-
-    name: str
-    description: str
-    source: Path
-    params: dict[str, ParamSpec]
-    steps: tuple[StepSpec, ...]
-    resumable: bool = True
-    #: ``resources:`` by name (fetched before the first step; templates see ``resources.NAME``)
-    resources: dict[str, ResourceSpec] = field(default_factory=dict)
-    #: the artifact this workflow was loaded from (``artifact://NAME@VERSION``), if any
-    origin: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form for ``imaging workflows show --json``: params, resources and steps as loaded
-        (includes named, configured hooks expanded)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "source": str(self.source),
-            "origin": self.origin,
-            "resumable": self.resumable,
-            "params": {name: p.to_dict() for name, p in self.params.items()},
-            "resources": {name: {"uri": r.uri, "sha256": r.sha256} for name, r in self.resources.items()},
-            "steps": [step.to_dict() for step in self.steps],
-        }
-
-    def resolve_params(
-        self, given: Mapping[str, Any] | None, *, coerce_strings: bool = False
-    ) -> dict[str, Any]:
-        """Check ``given`` against the declared params and apply defaults (:class:`UsageError`).
-
-        With ``coerce_strings`` (command-line ``-p key=value``), string values are converted to
-        the declared type first: ``"10"`` → 10, ``"true"`` → True, JSON for objects and arrays.
-        """
-        given = dict(given or {})
-        problems = []
-        unknown = sorted(set(given) - set(self.params))
-        for name in unknown:
-            known = ", ".join(sorted(self.params)) or "none"
-            problems.append(f"unknown parameter {name!r} (parameters: {known})")
-        out: dict[str, Any] = {}
-        for name, spec in self.params.items():
-            if name in given:
-                value = given[name]
-                if coerce_strings and isinstance(value, str) and spec.type != "string":
-                    value = _coerce(value, spec.type)
-                if not _is_type(value, spec.type):
-                    problems.append(f"parameter {name!r} must be {spec.type}, not {value!r}")
-                    continue
-                out[name] = value
-            elif spec.has_default:
-                out[name] = spec.default
-            elif spec.required:
-                problems.append(f"missing required parameter {name!r} ({spec.description or spec.type})")
-        if problems:
-            raise UsageError(f"workflow {self.name!r}: " + "; ".join(problems))
-        return out
-
-
-@dataclass(frozen=True)
-class WorkflowInfo:
-    """One entry of :meth:`WorkflowLoader.list`."""
-
-    name: str
-    description: str
-    source: Path
-    error: str | None = None  # why the file cannot be used (full validation is not done by list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "source": str(self.source),
-            "error": self.error,
-        }
-
-
-def _is_type(value: Any, type_name: str) -> bool:
-    if type_name in ("integer", "number") and isinstance(value, bool):
-        return False
-    if type_name == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _JSON_TYPES[type_name])
-
-
-def _coerce(value: str, type_name: str) -> Any:
-    text = value.strip()
-    try:
-        if type_name == "integer":
-            return int(text, 0)
-        if type_name == "number":
-            return float(text)
-        if type_name == "boolean":
-            lowered = text.lower()
-            if lowered in ("true", "yes", "on", "1"):
-                return True
-            if lowered in ("false", "no", "off", "0"):
-                return False
-            return value
-        return json.loads(text)
-    except ValueError:
-        return value  # left as a string; the type check reports it
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -278,7 +93,7 @@ class WorkflowLoader:
         registry: Registry | None = None,
         templater: Templater | None = None,
         shipped_dir: Path | None = SHIPPED_DIR,
-        artifacts: Any = None,
+        artifacts: ArtifactStore | None = None,
         hooks: HooksConfig | None = None,
     ) -> None:
         self.search_dirs = [Path(d) for d in search_dirs]
@@ -294,14 +109,12 @@ class WorkflowLoader:
         self._origins: dict[Path, ArtifactRef] = {}
 
     @classmethod
-    def from_config(cls, config: Any, *, registry: Registry | None = None) -> WorkflowLoader:
-        from ..artifacts.store import ArtifactStore
-
+    def from_config(cls, config: Config, *, registry: Registry | None = None) -> WorkflowLoader:
         return cls(
             config.workflow_dirs,
             registry=registry,
             artifacts=ArtifactStore.from_config(config),
-            hooks=getattr(config, "hooks", None),
+            hooks=config.hooks,
         )
 
     def with_hooks(self, hooks: HooksConfig | None) -> WorkflowLoader:
@@ -360,7 +173,9 @@ class WorkflowLoader:
             return WorkflowInfo(path.stem, "", path, exc.message)
         if not isinstance(doc, dict):
             return WorkflowInfo(path.stem, "", path, "not a mapping")
-        description = doc.get("description") if isinstance(doc.get("description"), str) else ""
+        description = doc.get("description")
+        if not isinstance(description, str):
+            description = ""
         error = None
         if doc.get("name") != path.stem:
             error = f"name {doc.get('name')!r} does not match the file name {path.name!r}"
@@ -396,7 +211,7 @@ class WorkflowLoader:
         """Validate one file (by path); returns the workflow or raises :class:`WorkflowInvalid`."""
         return self.load(Path(path))
 
-    def _load(self, path: Path, stack: list[Path], cache: dict[Path, Workflow]) -> Workflow:
+    def _load(self, path: Path, stack: builtins.list[Path], cache: dict[Path, Workflow]) -> Workflow:
         if path in cache:
             return cache[path]
         file = str(path)
@@ -440,7 +255,7 @@ class WorkflowLoader:
 
     def _resources(
         self, doc: dict[str, Any], path: Path, origin: ArtifactRef | None
-    ) -> tuple[dict[str, ResourceSpec], list[WorkflowError]]:
+    ) -> tuple[dict[str, ResourceSpec], builtins.list[WorkflowError]]:
         out, errors = {}, []
         for name, value in (doc.get("resources") or {}).items():
             try:
@@ -451,7 +266,7 @@ class WorkflowLoader:
 
     def _resource_uses(
         self, doc: dict[str, Any], file: str, resources: dict[str, ResourceSpec]
-    ) -> list[WorkflowError]:
+    ) -> builtins.list[WorkflowError]:
         """``resources.NAME`` in a template must name a declared resource."""
         if not resources:
             return []  # `resources` itself is then an undefined variable, reported per step
@@ -472,7 +287,9 @@ class WorkflowLoader:
                     )
         return errors
 
-    def _params(self, raw: dict[str, Any], file: str) -> tuple[dict[str, ParamSpec], list[WorkflowError]]:
+    def _params(
+        self, raw: dict[str, Any], file: str
+    ) -> tuple[dict[str, ParamSpec], builtins.list[WorkflowError]]:
         params, errors = {}, []
         for name, spec in raw.items():
             where = f"params.{name}"
@@ -483,9 +300,9 @@ class WorkflowLoader:
                 spec["type"],
                 (spec.get("description") or "").strip(),
                 spec.get("required", False),
-                spec.get("default", _MISSING),
+                spec.get("default", MISSING),
             )
-            if p.has_default and not _is_type(p.default, p.type):
+            if p.has_default and not is_type(p.default, p.type):
                 errors.append(
                     WorkflowError(file, f"default {p.default!r} is not {p.type}", None, f"{where}.default")
                 )
@@ -502,9 +319,9 @@ class WorkflowLoader:
         known: set[str],
         param_names: set[str],
         step_names: set[str],
-        stack: list[Path],
+        stack: builtins.list[Path],
         cache: dict[Path, Workflow],
-    ) -> tuple[StepSpec | None, list[WorkflowError]]:
+    ) -> tuple[StepSpec | None, builtins.list[WorkflowError]]:
         file = str(path)
         label = step_label(index, raw["name"])
         errors: list[WorkflowError] = []
@@ -553,7 +370,7 @@ class WorkflowLoader:
         include = None
         hook_steps: tuple[StepSpec, ...] = ()
         if has_hooks:
-            hook_steps, hook_errors = hookpoints.expand(self, raw, file, label)
+            hook_steps, hook_errors = expand_point(self, raw, file, label)
             errors += hook_errors
         elif has_action and not has_include:
             self._check_action(raw["action"], raw.get("with", {}), err)
@@ -606,13 +423,18 @@ class WorkflowLoader:
         if schema is None:
             return
         for e in jsonschema.Draft202012Validator(schema).iter_errors(args):
-            if _touches_template(args, list(e.absolute_path)):
+            if touches_template(args, list(e.absolute_path)):
                 continue  # checked after rendering, when the value is known
             where = ".".join(["with", *(str(p) for p in e.absolute_path)])
             err(e.message.replace("is a required property", "is required"), where)
 
     def _include(
-        self, raw: dict[str, Any], path: Path, stack: list[Path], cache: dict[Path, Workflow], err: Any
+        self,
+        raw: dict[str, Any],
+        path: Path,
+        stack: builtins.list[Path],
+        cache: dict[Path, Workflow],
+        err: Callable[[str, str | None], None],
     ) -> Workflow | None:
         ref = raw["include"]
         if path in self._origins and self.is_path(ref):
@@ -641,7 +463,7 @@ class WorkflowLoader:
             if name not in args:
                 if spec.required and not spec.has_default:
                     err(f"{included.name!r} needs parameter {name!r}", "with")
-            elif not contains_template(args[name]) and not _is_type(args[name], spec.type):
+            elif not contains_template(args[name]) and not is_type(args[name], spec.type):
                 err(
                     f"must be {spec.type} (parameter of {included.name!r}), not {args[name]!r}",
                     f"with.{name}",
@@ -649,7 +471,9 @@ class WorkflowLoader:
         return included
 
 
-def _report_unknown(found: dict[str, set[str]], allowed: set[str], err: Any) -> None:
+def _report_unknown(
+    found: dict[str, set[str]], allowed: set[str], err: Callable[[str, str | None], None]
+) -> None:
     for where, names in found.items():
         for name in sorted(names - allowed):
             hint = " ('item' exists only in a step with 'loop')" if name == "item" else ""
@@ -657,18 +481,3 @@ def _report_unknown(found: dict[str, set[str]], allowed: set[str], err: Any) -> 
                 f"undefined variable {name!r}: not a parameter or an earlier step's register name{hint}",
                 where,
             )
-
-
-def _touches_template(args: Any, path: list[Any]) -> bool:
-    """Whether the value at ``path`` inside ``args`` (or any value on the way) is a template."""
-    value = args
-    for part in path:
-        if isinstance(value, str):
-            break
-        try:
-            value = value[part]
-        except (KeyError, IndexError, TypeError):
-            return False
-        if isinstance(value, str) and contains_template(value):
-            return True
-    return isinstance(value, str) and contains_template(value)

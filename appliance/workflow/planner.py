@@ -21,8 +21,11 @@ from typing import Any
 
 import jsonschema
 
+from ..artifacts.resources import ResourceFetcher
+from ..config import Config
 from ..errors import UsageError
-from . import hookpoints
+from ..scratch import TaskScratch
+from .model import StepSpec, Workflow
 from .registry import Registry
 from .schema import WorkflowError, invalid
 from .step import DRY_RUN_WORKDIR, StepContext
@@ -58,13 +61,13 @@ class _PlanHooks:
     def ledger(self, ctx: StepContext, action: str, resource: str) -> None:
         pass
 
-    def scratch(self) -> Any:
+    def scratch(self) -> TaskScratch:
         raise UsageError("scratch space is not available in a dry run")
 
 
-def _plan_resources(workflow: Any) -> dict[str, Any]:
+def _plan_resources(workflow: Workflow) -> dict[str, Any]:
     """``resources`` in dry-run templates: placeholders (a dry run downloads nothing)."""
-    if not getattr(workflow, "resources", None):
+    if not workflow.resources:
         return {}
     return {"resources": {name: UnknownResult(f"resource {name!r}") for name in workflow.resources}}
 
@@ -72,12 +75,12 @@ def _plan_resources(workflow: Any) -> dict[str, Any]:
 class Planner:
     """Builds the dry-run plan of a workflow."""
 
-    def __init__(self, config: Any, registry: Registry, templater: Templater) -> None:
+    def __init__(self, config: Config, registry: Registry, templater: Templater) -> None:
         self.config = config
         self.registry = registry
         self.templater = templater
 
-    def plan(self, workflow: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, workflow: Workflow, params: dict[str, Any]) -> dict[str, Any]:
         """The plan as JSON data: ``workflow, source, params, steps, scratch_bytes, scratch_bytes_max``.
 
         Each entry of ``steps`` has ``idx, name, action`` (or ``include``), ``status`` (run,
@@ -101,17 +104,16 @@ class Planner:
             "resources": self._resources(workflow),
         }
 
-    def _resources(self, workflow: Any) -> list[dict[str, Any]]:
+    def _resources(self, workflow: Workflow) -> list[dict[str, Any]]:
         """What a run would fetch before its first step (nothing is fetched in a dry run)."""
-        from ..artifacts.resources import ResourceFetcher, walk_workflows
-
-        if not any(wf.resources for wf in walk_workflows(workflow)):
+        if not any(wf.resources for wf in workflow.walk()):
             return []
-        return ResourceFetcher(self.config).plan(workflow)
+        fetcher = ResourceFetcher(self.config)
+        return [entry for wf in workflow.walk() for entry in fetcher.plan(wf.name, wf.resources)]
 
     def _steps(
         self,
-        wf: Any,
+        wf: Workflow,
         scope: dict[str, Any],
         prefix: str,
         status: str,
@@ -141,8 +143,8 @@ class Planner:
 
     def _loop(
         self,
-        wf: Any,
-        step: Any,
+        wf: Workflow,
+        step: StepSpec,
         idx: str,
         scope: dict[str, Any],
         status: str,
@@ -173,10 +175,51 @@ class Planner:
             self._one(wf, step, child, item_scope, item_status, item_reason, entries)
         return UnknownResult(f"result of step {step.name!r}")
 
+    def plan_point(
+        self,
+        wf: Workflow,
+        step: StepSpec,
+        idx: str,
+        scope: dict[str, Any],
+        status: str,
+        reason: str | None,
+        entries: list[dict[str, Any]],
+    ) -> Any:
+        """Dry-run entries for the point and each configured hook; returns what the point would register."""
+        args, known = self._render(wf, step, step.args, scope, "with")
+        names = [h.name for h in step.hook_steps]
+        entries.append(
+            {
+                "idx": idx,
+                "name": step.name,
+                "action": f"hooks:{step.hooks}",  # as the run records it
+                "hooks": step.hooks,
+                "status": status,
+                "reason": reason,
+                "plan": {"runs": names},
+                "scratch_bytes": None,
+                "args": placeholders_to_text(args),
+                "args_known": known,
+            }
+        )
+        image = args.get("image")
+        for hook in step.hook_steps:
+            self._one(
+                wf,
+                hook,
+                f"{idx}/hook/{hook.index}",
+                {"image": image, "task": scope["task"]},
+                status,
+                reason,
+                entries,
+            )
+            image = UnknownResult(f"image after hook {hook.name!r}")
+        return {"image": image, "hooks": names}
+
     def _one(
         self,
-        wf: Any,
-        step: Any,
+        wf: Workflow,
+        step: StepSpec,
         idx: str,
         scope: dict[str, Any],
         status: str,
@@ -184,7 +227,7 @@ class Planner:
         entries: list[dict[str, Any]],
     ) -> Any:
         if step.hooks is not None:
-            return hookpoints.plan_point(self, wf, step, idx, scope, status, reason, entries)
+            return self.plan_point(wf, step, idx, scope, status, reason, entries)
         args, known = self._render(wf, step, step.args, scope, "with")
         entry = self._entry(step, idx, status, reason)
         entry.update(args=placeholders_to_text(args), args_known=known)
@@ -201,6 +244,7 @@ class Planner:
             inner = {**params, **_plan_resources(step.include), "task": _PlanTask()}
             return self._steps(step.include, inner, f"{idx}/include/", status, reason, entries)
 
+        assert step.action is not None  # the loader gives every step an action, an include or hooks
         cls = self.registry.get(step.action)
         if known:
             schema = getattr(cls, "schema", None)
@@ -238,7 +282,7 @@ class Planner:
         return UnknownResult(f"result of step {step.name!r}")
 
     @staticmethod
-    def _entry(step: Any, idx: str, status: str, reason: str | None) -> dict[str, Any]:
+    def _entry(step: StepSpec, idx: str, status: str, reason: str | None) -> dict[str, Any]:
         entry: dict[str, Any] = {"idx": idx, "name": step.name}
         if step.include is not None:
             entry["include"] = step.include_ref
@@ -249,7 +293,9 @@ class Planner:
             entry.update(timeout=step.timeout, retries=step.retries, undo=step.undo)
         return entry
 
-    def _condition(self, wf: Any, step: Any, scope: dict[str, Any]) -> bool | UnknownResult:
+    def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool | UnknownResult:
+        if step.when is None:
+            return True
         try:
             verdict = self.templater.condition(step.when, scope)
         except UnknownValue as exc:
@@ -274,7 +320,9 @@ class Planner:
                 labels.append(str(v)[1:-1] if isinstance(v, UnknownResult) else f"results in {name!r}")
         return labels
 
-    def _render(self, wf: Any, step: Any, value: Any, scope: dict[str, Any], field: str) -> tuple[Any, bool]:
+    def _render(
+        self, wf: Workflow, step: StepSpec, value: Any, scope: dict[str, Any], field: str
+    ) -> tuple[Any, bool]:
         """Render for a plan: ``(value, known)``; unknown parts become placeholders."""
         if isinstance(value, dict):
             out, known = {}, True

@@ -10,6 +10,11 @@ Each step runs in its own thread so the engine can stop waiting for it: the main
 the task's cancel event and the step's timeout and sets the step's ``ctx.cancel``; a step that
 does not return within the grace period after that is abandoned (recorded in an event).
 
+An exception a step did not mean to raise (a plugin's bug, a library's own error) fails the step
+as ``StepFailed`` with a fixed message: its type and text go to the worker log and to the task's
+``step.exception`` event for the operator, never into the task's message, which EC2 clients read
+as the ``StatusMessage``.
+
 Undo works from the store, not from the workflow: the ``completed`` step records, newest first,
 with the args and result they were recorded with. It therefore also works for a task whose
 workflow file has changed or disappeared since it started.
@@ -17,14 +22,18 @@ workflow file has changed or disappeared since it started.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jsonschema
 
+from .. import partials
+from ..artifacts.resources import ResourceFetcher
+from ..config import Config
 from ..errors import (
     Cancelled,
     Finding,
@@ -35,23 +44,51 @@ from ..errors import (
     UsageError,
     WorkflowInvalid,
 )
-from ..store import StepRecord, StepState
-from . import hookpoints
-from .registry import StepUnavailable
+from ..scratch import ScratchSpace, TaskScratch
+from ..store import StepRecord, StepState, Store, Task
+from .callbacks import EngineCallbacks
+from .hookpoints import next_image
+from .loader import WorkflowLoader
+from .model import StepSpec, Workflow
+from .registry import Registry, StepUnavailable
 from .schema import WorkflowError, invalid
 from .step import StepContext
-from .templating import TemplateProblem
+from .templating import TemplateProblem, Templater
 
-if TYPE_CHECKING:
-    from ..scratch import TaskScratch
-    from ..store import Task
-    from .engine import Engine
-    from .loader import StepSpec, Workflow
+
+class RunHost(Protocol):
+    """What a task run takes from the engine that starts it (an :class:`~.engine.Engine` is one)."""
+
+    config: Config
+    registry: Registry
+    templater: Templater
+    loader: WorkflowLoader
+    #: seconds a step may keep running after its cancel before it is abandoned
+    timeout_grace: float
+
+    # read-only: the engine opens its store on first use and fans callbacks out to several
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def callbacks(self) -> EngineCallbacks: ...
+
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
 
 #: step progress is written to the task row at most this often (the last value always wins)
 PROGRESS_DB_INTERVAL = 0.5
 #: and queued as an event at most this often
 PROGRESS_EVENT_INTERVAL = 2.0
+#: the task message of a step that raised an exception nobody coded
+UNEXPECTED_MESSAGE = (
+    "an unexpected internal error (a bug); the operator finds its details in the task's "
+    "step.exception event and in the worker log"
+)
+#: how much of such an exception's text the event keeps
+EXCEPTION_TEXT_CHARS = 2000
 
 
 class TaskVars:
@@ -81,7 +118,7 @@ class StepFailure(ImagingError):
 class TaskRun:
     """One attempt at running (or cleaning up) a task in this process."""
 
-    def __init__(self, engine: Engine, task: Task) -> None:
+    def __init__(self, engine: RunHost, task: Task) -> None:
         self.engine = engine
         self.store = engine.store
         self.config = engine.config
@@ -123,13 +160,10 @@ class TaskRun:
     def _fetch_resources(self, workflow: Workflow) -> None:
         """Before the first step (and again on resume: then from the cache): every resource of the
         workflow and its includes as a verified local file (``resources.NAME`` in templates)."""
-        from ..artifacts.resources import ResourceFetcher, walk_workflows
-
-        if not any(wf.resources for wf in walk_workflows(workflow)):
+        if not any(wf.resources for wf in workflow.walk()):
             return
-        fetched = ResourceFetcher(
-            self.config, store=getattr(self.engine.loader, "artifacts", None)
-        ).fetch_workflow(workflow, cancel=self.cancel)
+        fetcher = ResourceFetcher(self.config, store=self.engine.loader.artifacts)
+        fetched = {id(wf): fetcher.fetch_all(wf.resources, cancel=self.cancel) for wf in workflow.walk()}
         self._resources = {key: {n: str(r.path) for n, r in res.items()} for key, res in fetched.items()}
         self._emit(
             "resources.fetched",
@@ -176,7 +210,7 @@ class TaskRun:
             )
         parent = self._record(step, idx, StepState.RUNNING, args={"items": items}, undo=False)
         self.callbacks.on_step_start(self.task_id, parent)
-        results = []
+        results: list[Any] = []
         for n, item in enumerate(items, start=1):
             self.check_cancelled()
             child, item_scope = f"{idx}.loop{n}", {**scope, "item": item}
@@ -195,6 +229,39 @@ class TaskRun:
         self._finish(step, idx, StepState.COMPLETED, args={"items": items}, result=results, undo=False)
         return True, results
 
+    def run_point(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> dict[str, Any]:
+        """Run the hooks of the point ``step`` (recorded at ``idx``); returns its registered result."""
+        image = self._render(wf, step, step.args, scope, "with")["image"]
+        if not isinstance(image, dict) or not isinstance(image.get("path"), str):
+            raise invalid(
+                [
+                    WorkflowError(
+                        str(wf.source),
+                        f"must be a mapping with a 'path', not {image!r}",
+                        step.label,
+                        "with.image",
+                    )
+                ]
+            )
+        names = [h.name for h in step.hook_steps]
+        args = {"image": image, "hooks": names}
+        parent = self._record(step, idx, StepState.RUNNING, args=args, undo=False)
+        self.callbacks.on_step_start(self.task_id, parent)
+        try:
+            for hook in step.hook_steps:
+                self.check_cancelled()
+                result = self._run_one(
+                    wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
+                )
+                image = next_image(hook.name, image, result)
+        except ImagingError as exc:
+            error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
+            self._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
+            raise
+        result = {"image": image, "hooks": names}
+        self._finish(step, idx, StepState.COMPLETED, args=args, result=result, undo=False)
+        return result
+
     def _run_one(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> Any:
         """Run a single action (with retries) or include; returns its result."""
         previous = self._done.get(idx)
@@ -203,9 +270,10 @@ class TaskRun:
         if step.include is not None:
             return self._run_include(wf, step, idx, scope)
         if step.hooks is not None:
-            return hookpoints.run_point(self, wf, step, idx, scope)
+            return self.run_point(wf, step, idx, scope)
         try:
             args = self._render(wf, step, step.args, scope, "with")
+            assert step.action is not None  # the loader gives every step an action, an include or hooks
             cls = self.registry.get(step.action)
             self._validate_args(wf, step, cls, args)
         except ImagingError as exc:
@@ -223,7 +291,7 @@ class TaskRun:
             except ImagingError as exc:
                 error, abandoned = exc, getattr(exc, "abandoned", False)
             except Exception as exc:  # a plugin's bug or an unexpected OS error: coded as StepFailed
-                error, abandoned = StepFailed(f"{type(exc).__name__}: {exc}"), False
+                error, abandoned = self._unexpected(step, idx, exc), False
             else:
                 try:
                     return self._finish(
@@ -237,6 +305,7 @@ class TaskRun:
             failed = self._finish(
                 step, idx, StepState.FAILED, args=args, error=error.to_dict(), attempts=attempt
             )
+            self._release_reservations(idx)
             if isinstance(error, ImageRejected):
                 self._keep_findings(error.findings)
             cancelled = isinstance(error, Cancelled) or self.cancel.is_set()
@@ -289,10 +358,12 @@ class TaskRun:
             if self.cancel.is_set() and not step_cancel.is_set():
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "suspend" if self.suspended else "cancel")
             if deadline is not None and not timed_out and now >= deadline:
                 timed_out = True
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "timeout")
             if give_up_at is not None and now >= give_up_at and thread.is_alive():
                 self._emit(
                     "step.abandoned",
@@ -317,8 +388,28 @@ class TaskRun:
         if isinstance(error, ImagingError):
             raise error
         if isinstance(error, Exception):
-            raise StepFailed(f"{type(error).__name__}: {error}") from error
+            raise self._unexpected(step, idx, error) from error
         raise StepFailed(f"step raised {type(error).__name__}") from error
+
+    def _stopping(self, step: StepSpec, idx: str, reason: str) -> None:
+        """Record that step ``idx`` was asked to stop (``suspend``, ``cancel`` or ``timeout``): what it
+        does from here on is its way of stopping (and an abandoned step's event follows this one)."""
+        self._emit("step.stopping", {"step": idx, "name": step.name, "reason": reason}, notify=False)
+
+    def _unexpected(self, step: StepSpec, idx: str, exc: Exception) -> StepFailed:
+        """``StepFailed`` for an uncoded exception; its type and text only reach the log and the
+        ``step.exception`` event (a library's text is for programmers, not for EC2 clients)."""
+        log.error("task %s: step %s (%s) raised %r", self.task_id, idx, step.name, exc, exc_info=exc)
+        self._emit(
+            "step.exception",
+            {
+                "step": idx,
+                "name": step.name,
+                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "message": str(exc)[:EXCEPTION_TEXT_CHARS],
+            },
+        )
+        return StepFailed(UNEXPECTED_MESSAGE)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -330,6 +421,8 @@ class TaskRun:
         return isinstance(step.when, str) and "item" in self.templater.condition_names(step.when)
 
     def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool:
+        if step.when is None:
+            return True
         try:
             return bool(self.templater.condition(step.when, scope))
         except TemplateProblem as exc:
@@ -372,7 +465,7 @@ class TaskRun:
         record = self._record(step, idx, state, **kw)
         self._running.pop(idx, None)
         self._done[idx] = record
-        data = {"step": idx, "name": step.name, "state": str(state)}
+        data: dict[str, Any] = {"step": idx, "name": step.name, "state": str(state)}
         if record.error:
             data["error"] = record.error
         self._emit("step.end", data, notify=False)
@@ -451,8 +544,6 @@ class TaskRun:
     def scratch(self) -> TaskScratch:
         with self._scratch_lock:
             if self._scratch is None:
-                from ..scratch import ScratchSpace
-
                 space = ScratchSpace.from_config(self.config)
                 existed = (space.root / self.task_id).exists()
                 self._scratch = space.for_task(self.task_id)
@@ -463,12 +554,39 @@ class TaskRun:
     # -- cleaning up ---------------------------------------------------------------------------
 
     def mark_interrupted(self) -> list[StepRecord]:
-        """Mark steps left ``running`` by a dead worker as failed; returns them (innermost last)."""
+        """Mark steps left ``running`` by a dead worker as failed, and give back the scratch they had
+        reserved; returns them (innermost last)."""
         interrupted = [r for r in self.store.step_results(self.task_id) if r.state is StepState.RUNNING]
         for r in interrupted:
             error = {"code": "Interrupted", "message": "the worker running this step died"}
             self._done[r.idx] = self.store.set_step_state(self.task_id, r.idx, StepState.FAILED, error=error)
+            self._release_reservations(r.idx)
         return interrupted
+
+    def _release_reservations(self, idx: str) -> None:
+        """Give back the scratch step ``idx`` reserved: an attempt that failed or was interrupted must not
+        count against the quota again when the step runs next (it makes its output anew)."""
+        if self._scratch is None and not (Path(self.config.scratch.root) / self.task_id).is_dir():
+            return
+        try:
+            released = self.scratch().release_step(idx)
+        except (OSError, ImagingError):
+            log.exception("task %s: could not release the scratch of step %s", self.task_id, idx)
+            return
+        if released:
+            self._emit("scratch.released", {"step": idx, "bytes": released}, notify=False)
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove the partial outputs a killed process of this task left behind (its ledger names them;
+        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it."""
+        removed = partials.sweep(self.store, task_id=self.task_id)
+        for path in removed:
+            self.callbacks.on_event(
+                self.task_id,
+                "ledger",
+                {"action": "removed", "resource": str(path), "step": partials.RECOVERY_STEP},
+            )
+        return removed
 
     def undo(self) -> list[str]:
         """Undo completed steps newest first; returns descriptions of undos that failed."""
@@ -526,8 +644,6 @@ class TaskRun:
 
     def remove_scratch(self) -> None:
         """Remove the task's scratch directory (and every reservation in it), ledgered."""
-        from ..scratch import ScratchSpace
-
         path = Path(self.config.scratch.root) / self.task_id
         if self._scratch is None and not path.exists():
             return

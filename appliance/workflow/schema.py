@@ -1,4 +1,5 @@
-"""The JSON schema of a workflow file, and errors that name file, step and field.
+"""The JSON schema of a workflow file (a data file, ``appliance/schemas/workflow.json``), and errors
+that name file, step and field.
 
 Structural checks live here (unknown keys, wrong types); checks that need more than one key or
 other files (exactly one of ``action``/``include``, include cycles, template names, action
@@ -13,85 +14,13 @@ from typing import Any
 
 import jsonschema
 
+from .. import schemas
 from ..errors import WorkflowInvalid
 
-IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+#: the JSON schema of a workflow file (``appliance/schemas/workflow.json``)
+WORKFLOW_SCHEMA: dict[str, Any] = schemas.load("workflow")
 
-PARAM_TYPES = ("string", "integer", "number", "boolean", "object", "array")
-
-_TEMPLATE_OR_LIST = {"oneOf": [{"type": "array"}, {"type": "string", "pattern": r"\{\{"}]}
-_SECONDS = {"type": "number", "exclusiveMinimum": 0}
-
-STEP_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "minLength": 1},
-        "description": {"type": "string"},
-        "action": {"type": "string", "minLength": 1},
-        "include": {"type": "string", "minLength": 1},
-        "hooks": {"type": "string", "minLength": 1},
-        "with": {"type": "object"},
-        "when": {"type": ["string", "boolean"]},
-        "register": {"type": "string", "pattern": IDENTIFIER},
-        "loop": _TEMPLATE_OR_LIST,
-        "timeout": _SECONDS,
-        "retries": {"type": "integer", "minimum": 0, "maximum": 100},
-        "retry_delay": {"type": "number", "minimum": 0},
-        "undo": {"type": "boolean"},
-    },
-}
-
-PARAM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["type"],
-    "properties": {
-        "type": {"enum": list(PARAM_TYPES)},
-        "default": {},
-        "required": {"type": "boolean"},
-        "description": {"type": "string"},
-    },
-}
-
-# A URI, or {uri, sha256} (a digest pin). One schema, not oneOf: errors then name the bad key.
-RESOURCE_SCHEMA: dict[str, Any] = {
-    "type": ["string", "object"],
-    "minLength": 1,
-    "additionalProperties": False,
-    "required": ["uri"],
-    "properties": {
-        "uri": {"type": "string", "minLength": 1},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-
-WORKFLOW_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name", "steps"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
-        "description": {"type": "string"},
-        "resumable": {"type": "boolean"},
-        "params": {
-            "type": "object",
-            "propertyNames": {"pattern": IDENTIFIER},
-            "additionalProperties": PARAM_SCHEMA,
-        },
-        "steps": {"type": "array", "minItems": 1, "items": STEP_SCHEMA},
-        # files the steps use, by URI (see appliance.artifacts.refs); templates see resources.NAME
-        "resources": {
-            "type": "object",
-            "propertyNames": {"pattern": IDENTIFIER},
-            "additionalProperties": RESOURCE_SCHEMA,
-        },
-    },
-}
-
-_VALIDATOR = jsonschema.Draft202012Validator(WORKFLOW_SCHEMA)
+_VALIDATOR = schemas.validator("workflow")
 
 
 @dataclass(frozen=True)

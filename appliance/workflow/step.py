@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
+from ..config import Config
 from ..errors import Cancelled, UsageError
+from ..scratch import TaskScratch
+from ..store import Store
 
 #: what ``ctx.workdir`` and ``{{ task.workdir }}`` are in a dry run (nothing is created then)
 DRY_RUN_WORKDIR = "<scratch dir>"
-
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..scratch import TaskScratch
-    from ..store import Store
 
 
 class Step:
@@ -34,10 +32,12 @@ class Step:
     #: jsonschema of the ``with`` arguments (validated after rendering; statically when possible)
     schema: ClassVar[dict[str, Any] | None] = None
 
-    def run(self, ctx: StepContext, **args: Any) -> Any:
+    # ``*_: Any, **args: Any`` lets a step declare the arguments it takes (``def run(self, ctx,
+    # seconds: float)``): mypy accepts any such override of this signature
+    def run(self, ctx: StepContext, *_: Any, **args: Any) -> Any:
         raise NotImplementedError
 
-    def plan(self, ctx: StepContext, **args: Any) -> dict[str, Any]:
+    def plan(self, ctx: StepContext, *_: Any, **args: Any) -> dict[str, Any]:
         """What the step would do; by default its rendered arguments. Must have no side effects."""
         return dict(args)
 
@@ -90,10 +90,12 @@ class StepContext:
 
     @property
     def scratch(self) -> TaskScratch:
-        """The task's scratch directory and reservations (created on first use)."""
+        """The task's scratch directory and reservations (created on first use). Reservations made
+        through it belong to this step: the engine releases them when an attempt of the step fails or
+        is interrupted, and they stay while the step's result does (until its undo or the task's end)."""
         if self.dry_run:
             raise UsageError("scratch space is not available in a dry run")
-        return self._hooks.scratch()
+        return self._hooks.scratch().for_step(self.idx)
 
     @property
     def workdir(self) -> Path:

@@ -16,13 +16,11 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from datetime import datetime
 
-from ..store import Store, Task, TaskState, parse_time
-
-if TYPE_CHECKING:
-    from .runner import TaskRun
+from ..store import Store, Task, TaskState
+from ..timestamps import parse_time, utc_now
+from .runner import TaskRun
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ def orphan_reason(task: Task, now: datetime | None = None) -> str | None:
         return f"its worker process {pid} on this host is gone"
     if task.lease_expires_at is None:
         return "it has no lease"
-    now = now or datetime.now(UTC)
+    now = now or utc_now()
     if parse_time(task.lease_expires_at) < now:
         return f"its owner {task.owner} stopped renewing its lease (expired {task.lease_expires_at})"
     return None

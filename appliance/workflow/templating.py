@@ -93,7 +93,7 @@ class UnknownResult:
     __truediv__ = _op("/")
     __floordiv__ = _op("//")
     __mod__ = _op("%")
-    __contains__ = None  # type: ignore[assignment]  # `x in unknown` → TypeError → "undetermined"
+    __contains__ = None  # `x in unknown` → TypeError → "undetermined"
     del _op
 
     def __hash__(self) -> int:
@@ -311,3 +311,18 @@ def _describe(exc: jinja2.TemplateError) -> str:
     if isinstance(exc, jinja2.exceptions.SecurityError):
         return f"not allowed in a workflow template: {exc.message}"
     return exc.message or type(exc).__name__
+
+
+def touches_template(args: Any, path: list[Any]) -> bool:
+    """Whether the value at ``path`` inside ``args`` (or any value on the way) is a template."""
+    value = args
+    for part in path:
+        if isinstance(value, str):
+            break
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+        if isinstance(value, str) and contains_template(value):
+            return True
+    return isinstance(value, str) and contains_template(value)

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
+import yaml
+
+from tests.httpfixtures import TestHTTPServer
 from tests.processes import stop_process, wait_until
-from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, wait_for_http
+from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
 
 #: the end-to-end tests poll the API every 0.2 s
 wait_for = functools.partial(wait_until, interval=0.2)
@@ -34,6 +38,13 @@ class Appliance:
 
     def volume_file(self, volume_id: str) -> Path:
         return self.state / "volumes" / f"{volume_id}.raw"
+
+    def task_processes(self) -> list[int]:
+        """PIDs of the worker's children: the processes running its tasks."""
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.worker.pid)], capture_output=True, text=True
+        )
+        return [int(pid) for pid in out.stdout.split()]
 
 
 @contextmanager
@@ -65,3 +76,69 @@ def admin_task(appliance: Appliance, task_id: str) -> dict[str, Any]:
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
+
+
+@contextmanager
+def running_appliance(
+    tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer, targets: dict[str, Any] | None = None
+) -> Iterator[Appliance]:
+    """`imaging serve` and `imaging worker` on a fresh state directory; ``targets`` overrides the
+    configuration's targets section (default: the file targets under the state directory)."""
+    port = free_port()
+    state = tmp_path / "state"
+    cfg = tmp_path / "imaging.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(state),
+                "api": {
+                    "bind": f"127.0.0.1:{port}",
+                    "workers": 2,
+                    "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
+                },
+                "sources": {
+                    "allowed_endpoints": [moto.endpoint, parts_server.endpoint],
+                    "manifest_poll_interval": 0.2,
+                    "manifest_poll_max_interval": 0.5,
+                    "s3": {
+                        "endpoint_url": moto.endpoint,
+                        "region": REGION,
+                        "access_key": "testing",
+                        "secret_key": "testing",
+                    },
+                },
+                "worker": {"concurrency": 2, "poll_interval": 0.2},
+                "tasks": {"lease_seconds": 5},
+            }
+            | ({"targets": targets} if targets else {})
+        )
+    )
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "worker"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "-c", str(cfg), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = start_worker()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{endpoint}/v1/health", proc=server)
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id=TEST_ACCESS_KEY,
+            aws_secret_access_key=TEST_SECRET_KEY,
+        )
+        app = Appliance(endpoint, cfg, state, ec2, start_worker, worker)
+        yield app
+    finally:
+        stop_process(app.worker if "app" in locals() else worker)
+        stop_process(server)

@@ -22,23 +22,19 @@ import falcon
 import falcon.inspect
 import pytest
 from falcon import testing
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import ValidationError
 from openapi_spec_validator import validate as validate_spec
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from api import admin
 from api.app import create_app
 from appliance import config as config_mod
-from appliance.service.worker import Worker, heartbeat_path
-from appliance.store import Store, format_time
+from appliance.service.heartbeat import heartbeat_path
+from appliance.service.worker import Worker
+from appliance.store import Store
+from appliance.timestamps import format_time
+from tests.api.ec2_support import sign
+from tests.api.openapi_support import SPEC, assert_documented
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
-
-SPEC = admin.openapi_document()
-_SPEC_URI = "urn:imaging-admin-openapi"
-_REGISTRY = Registry().with_resource(
-    _SPEC_URI, Resource.from_contents(SPEC, default_specification=DRAFT202012)
-)
 
 
 def basic(key: str, secret: str) -> dict[str, str]:
@@ -46,31 +42,6 @@ def basic(key: str, secret: str) -> dict[str, str]:
 
 
 AUTH = basic(TEST_ACCESS_KEY, TEST_SECRET_KEY)
-
-
-def _pointer(*parts: str) -> str:
-    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
-
-
-def assert_documented(template: str, method: str, result: testing.Result, body: Any = None) -> None:
-    """The response's status and content type are documented for the operation, and its JSON body
-    (or ``body`` instead) validates against the documented schema (``$ref``s resolved inside the
-    served document)."""
-    operation = SPEC["paths"][template][method.lower()]
-    status = str(result.status_code)
-    assert status in operation["responses"], f"{method} {template} answered undocumented {status}"
-    base = ("paths", template, method.lower(), "responses", status)
-    response = operation["responses"][status]
-    if "$ref" in response:
-        base = tuple(response["$ref"].removeprefix("#/").split("/"))
-        response = SPEC["components"]["responses"][base[-1]]
-    ctype = result.headers["content-type"].split(";")[0].strip()
-    assert ctype in response["content"], f"{method} {template} {status}: undocumented type {ctype}"
-    if ctype == "application/json":
-        ref = f"{_SPEC_URI}#{_pointer(*base, 'content', ctype, 'schema')}"
-        Draft202012Validator({"$ref": ref}, registry=_REGISTRY).validate(
-            result.json if body is None else body
-        )
 
 
 def assert_error(result: testing.Result, status: int, code: str) -> dict[str, Any]:
@@ -153,7 +124,7 @@ def test_access_log_line_has_request_id_and_no_query_string(
     client: testing.TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="api.access"):
-        result = client.simulate_get("/v1/tasks", query_string="limit=5&X-Amz-Signature=sekrit", headers=AUTH)
+        result = client.simulate_get("/v1/tasks", query_string="limit=5&kind=sekrit", headers=AUTH)
     lines = [r.getMessage() for r in caplog.records if r.name == "api.access"]
     assert len(lines) == 1
     assert '"GET /v1/tasks" 200' in lines[0]
@@ -399,7 +370,7 @@ def test_task_detail_has_steps_progress_findings_ledger_and_events(
     )
     store.record_step(task.id, "2", name="convert", action="image.convert", state="running")
     store.update_progress(task.id, phase="converting", bytes_done=512, bytes_total=1024, percent=50.0)
-    store.set_findings(task.id, [{"code": "UnsafeImage.Test", "severity": "warning", "message": "m"}])
+    store.add_findings(task.id, [{"code": "UnsafeImage.Test", "severity": "warning", "message": "m"}])
     store.add_ledger(task.id, "created", "/scratch/x.raw", step="2")
 
     result = client.simulate_get(f"/v1/tasks/{task.id}", headers=AUTH)
@@ -632,3 +603,72 @@ def test_info_lists_the_actions_the_ec2_resource_dispatches(client: testing.Test
 
     actions = client.simulate_get("/v1/info", headers=AUTH).json["ec2"]["actions"]
     assert sorted(actions) == sorted(ACTIONS)
+
+
+# -- the document and the served API agree (issue 10, item 12) --------------------------------------
+
+
+def test_an_empty_marker_is_the_first_page(client: testing.TestClient, store: Store) -> None:
+    task = store.create_task("import-volume")
+    result = client.simulate_get("/v1/tasks", query_string="marker=", headers=AUTH)
+    assert result.status_code == 200, result.text
+    assert [t["id"] for t in result.json["tasks"]] == [task.id]
+    assert_documented("/v1/tasks", "GET", result)
+
+
+def _documented_gets() -> list[str]:
+    return [template for template, item in SPEC["paths"].items() if "get" in item]
+
+
+@pytest.mark.parametrize("template", _documented_gets())
+def test_an_unknown_query_parameter_is_a_documented_400(client: testing.TestClient, template: str) -> None:
+    path = template.replace("{task_id}", "import-vol-abcd1234")
+    result = client.simulate_get(path, query_string="colour=blue", headers=AUTH)
+    error = assert_error(result, 400, "UnknownParameter")
+    assert "'colour'" in error["message"]
+    assert_documented(template, "GET", result)
+
+
+def test_a_single_valued_query_parameter_given_twice_is_refused(client: testing.TestClient) -> None:
+    result = client.simulate_get("/v1/tasks", query_string="limit=1&limit=2", headers=AUTH)
+    assert "limit" in assert_error(result, 400, "InvalidParameterValue")["message"]
+    assert_documented("/v1/tasks", "GET", result)
+    # an unknown parameter is named first, wherever it is
+    result = client.simulate_get("/v1/tasks", query_string="limit=1&limit=2&colour=blue", headers=AUTH)
+    assert "'colour'" in assert_error(result, 400, "UnknownParameter")["message"]
+    # array parameters may repeat
+    result = client.simulate_get("/v1/tasks", query_string="state=pending&state=failed", headers=AUTH)
+    assert result.status_code == 200
+    assert_documented("/v1/tasks", "GET", result)
+
+
+def test_post_root_is_documented_as_the_ec2_query_api(client: testing.TestClient) -> None:
+    operation = SPEC["paths"]["/"]["post"]
+    assert operation["security"] == [{"sigv4": []}]
+    assert "application/x-www-form-urlencoded" in operation["requestBody"]["content"]
+    signed = sign({"Action": "DescribeConversionTasks", "Version": "2016-11-15"}, host="falconframework.org")
+    ok = client.simulate_post("/", headers=signed.headers, body=signed.body)
+    assert ok.status_code == 200, ok.text
+    assert_documented("/", "POST", ok)
+    unsigned = client.simulate_post(
+        "/",
+        body="Action=DescribeConversionTasks",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert unsigned.status_code == 401
+    assert_documented("/", "POST", unsigned)
+
+
+def test_get_root_with_ec2_signature_but_no_action_is_an_ec2_error(
+    client: testing.TestClient,
+) -> None:
+    # what an EC2 client sends is answered by the EC2 API (XML), not refused as an unknown admin parameter
+    for query in ("Version=2016-11-15", "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20260101T000000Z"):
+        result = client.simulate_get("/", query_string=query)
+        assert result.headers["content-type"].startswith("text/xml") and "<Errors>" in result.text, query
+    # a SigV4-signed GET / without parameters is an EC2 client's too
+    signed = sign({}, method="GET", host="falconframework.org")
+    result = client.simulate_get("/", headers=signed.headers)
+    assert (
+        result.headers["content-type"].startswith("text/xml") and "<Code>MissingAction</Code>" in result.text
+    )

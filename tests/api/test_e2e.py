@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import botocore.exceptions
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from appliance.sources.manifest import Part, build_manifest, plan_parts
 from tests import guestfactory
 from tests import imagefactory as imgs
-from tests.api.e2e_support import Appliance, conversion_task, wait_for
+from tests.api.e2e_support import Appliance, admin_task, conversion_task, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
@@ -47,8 +48,13 @@ def test_euca2ools_style_import_volume_goes_pending_active_completed(
         what="the pending-upload state",
     )
     echoed = conversion_task(appliance.ec2, task_id)["ImportVolume"]
-    # euca2ools' resume-import reads these four back to build its manifest
-    assert echoed["Image"] == {"Format": "RAW", "Size": disk.stat().st_size, "ImportManifestUrl": pending.url}
+    # euca2ools' resume-import reads these four back to build its manifest; of the URL it takes
+    # the bucket and key only, and the signature is not echoed
+    echoed_url = echoed["Image"].pop("ImportManifestUrl")
+    assert echoed["Image"] == {"Format": "RAW", "Size": disk.stat().st_size}
+    assert echoed_url.split("?")[0] == pending.url.split("?")[0]
+    signature = parse_qs(urlsplit(pending.url).query)["Signature"][0]  # boto3 presigns S3 with SigV2
+    assert quote(signature, safe="") not in echoed_url and "Signature=REDACTED" in echoed_url
     assert echoed["Volume"]["Size"] == 1
     upload(s3, pending, disk, image_size=echoed["Image"]["Size"], volume_size=echoed["Volume"]["Size"])
     seen: list[int] = []
@@ -187,13 +193,11 @@ def test_worker_killed_mid_task_resumes_after_restart(
         what="the task to start waiting",
     )
     # kill -9 the worker and the task's own process: nothing gets to clean up
-    children = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(appliance.worker.pid)], capture_output=True, text=True
-    ).stdout.split()
+    children = appliance.task_processes()
     appliance.worker.kill()
     appliance.worker.wait()
     for pid in children:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     upload(s3, pending, disk)
     assert conversion_task(appliance.ec2, task_id)["State"] == "active"
     appliance.worker = appliance.start_worker()
@@ -203,6 +207,57 @@ def test_worker_killed_mid_task_resumes_after_restart(
     volume_id = conversion_task(appliance.ec2, task_id)["ImportVolume"]["Volume"]["Id"]
     with open(appliance.volume_file(volume_id), "rb") as f:
         assert f.read(disk.stat().st_size) == disk.read_bytes()
+
+
+def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
+    appliance: Appliance, parts_server: TestHTTPServer, tmp_path: Path
+) -> None:
+    # Six 1 MiB parts; the first GET of part 3 stalls, so the task is provably between parts 0-2
+    # (verified, checkpointed) and the rest when its process is killed.
+    disk = random_file(tmp_path / "disk.raw", 6 * MiB).read_bytes()
+    stalled = 3
+    parts, paths = [], []
+    for index, start, end in plan_parts(len(disk), MiB):
+        path = f"/parts/disk.part.{index}"
+        route = parts_server.add(path, disk[start : end + 1])
+        if index == stalled:
+            route.script.extend(["ok", f"stall:{64 * 1024}"])  # the HEAD answers, the first GET hangs
+        url = parts_server.url(path)
+        parts.append(Part(index=index, start=start, end=end, key=path, head_url=url, get_url=url))
+        paths.append(path)
+    manifest_url = parts_server.url("/manifest.xml")
+    manifest = build_manifest(
+        file_format="RAW", size=len(disk), volume_size=1, parts=parts, self_destruct_url=manifest_url
+    )
+    parts_server.add("/manifest.xml", manifest)
+    task_id = appliance.ec2.import_volume(
+        AvailabilityZone="us-east-1a",
+        Image={"Format": "RAW", "Bytes": len(disk), "ImportManifestUrl": manifest_url},
+        Volume={"Size": 1},
+    )["ConversionTask"]["ConversionTaskId"]
+
+    def gets(path: str) -> int:
+        return sum(1 for r in parts_server.hits(path) if r.method == "GET")
+
+    wait_for(lambda: gets(paths[stalled]) == 1, what="the stalled part to be requested")
+    wait_for(
+        lambda: conversion_task(appliance.ec2, task_id)["ImportVolume"]["BytesConverted"] == stalled * MiB,
+        what="the parts before the stalled one to be verified and written",
+    )
+    # kill -9 the task's own process (the worker stays and resumes it when its lease runs out)
+    children = appliance.task_processes()
+    assert len(children) == 1, children
+    os.kill(children[0], signal.SIGKILL)
+    appliance.ec2.get_waiter("conversion_task_completed").wait(
+        ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+    )
+    # the verified parts were not downloaded again; the interrupted one and the rest once more
+    assert [gets(p) for p in paths] == [1, 1, 1, 2, 1, 1]
+    assert admin_task(appliance, task_id)["task"]["attempts"] == 2  # one run, one resume
+    done = conversion_task(appliance.ec2, task_id)["ImportVolume"]
+    assert done["BytesConverted"] == len(disk)
+    with open(appliance.volume_file(done["Volume"]["Id"]), "rb") as f:
+        assert f.read(len(disk)) == disk
 
 
 def test_ssrf_urls_are_refused_at_the_api(appliance: Appliance) -> None:

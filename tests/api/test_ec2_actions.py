@@ -44,6 +44,8 @@ from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 GiB = 1 << 30
 MANIFEST = f"{MANIFEST_BASE}/bucket/disk.raw.manifest.xml?X-Amz-Signature=abc&Expires=1"
+#: as Describe* echoes it: the bucket and key euca2ools' resume-import reads, not the signature
+ECHOED_MANIFEST = f"{MANIFEST_BASE}/bucket/disk.raw.manifest.xml?X-Amz-Signature=REDACTED&Expires=1"
 
 
 @dataclass
@@ -118,13 +120,13 @@ def test_import_volume_returns_the_task_echoing_the_request(appliance: Appliance
             "AvailabilityZone": "us-east-1a",
             "BytesConverted": 0,
             "Description": "data disk",
-            "Image": {"Format": "RAW", "Size": GiB, "ImportManifestUrl": MANIFEST},
+            "Image": {"Format": "RAW", "Size": GiB, "ImportManifestUrl": ECHOED_MANIFEST},
             "Volume": {"Size": 1},
         },
     }
     [described] = appliance.ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"]
     assert described["ConversionTaskId"] == task_id
-    assert described["ImportVolume"]["Image"]["ImportManifestUrl"] == MANIFEST
+    assert described["ImportVolume"]["Image"]["ImportManifestUrl"] == ECHOED_MANIFEST
 
 
 def test_cancel_conversion_task_and_wait_for_cancelled(appliance: Appliance) -> None:
@@ -177,7 +179,7 @@ def test_import_instance_with_the_botocore_form(appliance: Appliance) -> None:
     details = task["ImportInstance"]
     assert (details["Platform"], details["Description"]) == ("Windows", "web server")
     [volume] = details["Volumes"]
-    assert volume["Image"] == {"Format": "VMDK", "Size": 123456, "ImportManifestUrl": MANIFEST}
+    assert volume["Image"] == {"Format": "VMDK", "Size": 123456, "ImportManifestUrl": ECHOED_MANIFEST}
     assert (volume["Volume"], volume["Status"], volume["AvailabilityZone"]) == (
         {"Size": 8},
         "active",
@@ -319,6 +321,67 @@ def test_disallowed_source_url_is_invalid_parameter_value(appliance: Appliance) 
     assert "169.254.169.254" in info.value.response["Error"]["Message"]
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"Volume": {"Size": 2**63 - 1}},
+        {"Volume": {"Size": 16385}},
+        {"Image": {"Format": "VMDK", "Bytes": 2**63 - 1, "ImportManifestUrl": MANIFEST}},
+    ],
+)
+def test_sizes_beyond_aws_limits_are_refused_at_submit_and_create_no_task(
+    appliance: Appliance, overrides: dict[str, Any]
+) -> None:
+    # issue 10 item 8: the task used to be accepted and to fail later with an OverflowError
+    with pytest.raises(ClientError) as info:
+        new_volume(appliance.ec2, **overrides)
+    message = info.value.response["Error"]["Message"]
+    assert code_of(info) == "InvalidParameterValue" and ("16384" in message or "16 TiB" in message)
+    assert appliance.ec2.describe_conversion_tasks()["ConversionTasks"] == []
+
+
+@pytest.mark.parametrize(
+    ("call", "member"),
+    [
+        (
+            lambda ec2: ec2.import_snapshot(
+                DiskContainer={"Format": "RAW", "UserBucket": {"S3Bucket": "Invalid_Bucket", "S3Key": "k"}}
+            ),
+            "UserBucket.S3Bucket",
+        ),
+        (
+            lambda ec2: ec2.import_image(
+                DiskContainers=[{"Format": "RAW", "UserBucket": {"S3Bucket": "ab", "S3Key": "k"}}]
+            ),
+            "UserBucket.S3Bucket",
+        ),
+        (
+            lambda ec2: ec2.import_snapshot(
+                DiskContainer={"Format": "RAW", "UserBucket": {"S3Bucket": "disks", "S3Key": "a/../../b/k"}}
+            ),
+            "UserBucket.S3Key",
+        ),
+        (lambda ec2: ec2.import_image(DiskContainers=[{"Url": "s3://bad..bucket/k"}]), "bucket name"),
+        (lambda ec2: ec2.import_snapshot(DiskContainer={"Url": "s3://disks/" + "k" * 1025}), "object key"),
+        (
+            lambda ec2: new_volume(
+                ec2, Image={"Format": "RAW", "Bytes": 1, "ImportManifestUrl": "s3://disks/m.xml"}
+            ),
+            "ImportManifestUrl",
+        ),
+    ],
+)
+def test_s3_names_s3_would_refuse_are_refused_at_submit(appliance: Appliance, call: Any, member: str) -> None:
+    # issue 10 item 9: accepted before, the task then failed with botocore's ParamValidationError text
+    with pytest.raises(ClientError) as info:
+        call(appliance.ec2)
+    message = info.value.response["Error"]["Message"]
+    assert code_of(info) == "InvalidParameterValue" and member in message
+    assert appliance.ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+    assert appliance.ec2.describe_import_image_tasks()["ImportImageTasks"] == []
+    assert appliance.ec2.describe_conversion_tasks()["ConversionTasks"] == []
+
+
 def test_active_task_limit_is_resource_limit_exceeded(tmp_path: Path) -> None:
     config = ec2_config(tmp_path)
     config = dataclasses.replace(config, max_active_tasks=1)
@@ -350,6 +413,7 @@ def test_import_image_then_describe_it(appliance: Appliance) -> None:
     expected = {
         "Architecture": "x86_64",
         "Description": "web",
+        "Encrypted": False,
         "ImportTaskId": task_id,
         "LicenseType": "BYOL",
         "Platform": "Linux",
@@ -440,6 +504,111 @@ def test_import_snapshot_cancel_import_task_and_states(appliance: Appliance) -> 
     with pytest.raises(ClientError) as info:
         appliance.ec2.cancel_import_task(ImportTaskId=task_id)
     assert code_of(info) == "IncorrectState"
+
+
+# -- server-side encryption ------------------------------------------------------------------------
+
+KMS_KEY_ARN = "arn:aws:kms:us-east-1:012345678910:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.fixture
+def s3_appliance(tmp_path: Path) -> Iterator[Appliance]:
+    """The API with the s3 image target configured (no worker runs, so S3 is never contacted)."""
+    base = ec2_config(tmp_path)
+    config = dataclasses.replace(
+        base,
+        targets=base.targets | {"image": {"type": "s3", "bucket": "images", "endpoint_url": MANIFEST_BASE}},
+    )
+    service = ImportService(config)
+    with wsgi_server(create_app(config, service=service)) as endpoint:
+        yield Appliance(endpoint, config, service, make_client(endpoint))
+
+
+def test_encrypted_import_is_invalid_parameter_where_the_image_target_cannot_encrypt(
+    appliance: Appliance,
+) -> None:
+    ec2 = appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    calls = [
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True),
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_image(DiskContainers=[container], Encrypted=True),
+        lambda: ec2.import_image(DiskContainers=[container], Encrypted=True, KmsKeyId="alias/disks"),
+        # a dry run of a request the appliance would refuse is refused the same way
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=True, DryRun=True),
+    ]
+    for call in calls:
+        with pytest.raises(ClientError) as info:
+            call()
+        assert code_of(info) == "InvalidParameter"
+        message = info.value.response["Error"]["Message"]
+        assert "file image target (targets.image.type: file)" in message
+    assert ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+    assert ec2.describe_import_image_tasks()["ImportImageTasks"] == []
+    # not asking for encryption is fine
+    result = ec2.import_snapshot(DiskContainer=container, Encrypted=False)
+    assert result["SnapshotTaskDetail"]["Encrypted"] is False
+
+
+def test_kms_key_id_without_encrypted_is_invalid_parameter_dependency(s3_appliance: Appliance) -> None:
+    ec2 = s3_appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    for call in (
+        lambda: ec2.import_snapshot(DiskContainer=container, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_snapshot(DiskContainer=container, Encrypted=False, KmsKeyId=KMS_KEY_ARN),
+        lambda: ec2.import_image(DiskContainers=[container], KmsKeyId="alias/disks"),
+    ):
+        with pytest.raises(ClientError) as info:
+            call()
+        assert code_of(info) == "InvalidParameterDependency"
+        assert info.value.response["Error"]["Message"] == (
+            "The parameter KmsKeyId requires the parameter Encrypted to be set."
+        )
+    assert ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+
+
+@pytest.mark.parametrize(
+    "key", ["my-key", "alias/", "arn:aws:kms:us-east-1:012345678910:key/nope", "1234abcd", "x" * 5000]
+)
+def test_malformed_kms_key_id_is_invalid_parameter_value_and_creates_no_task(
+    s3_appliance: Appliance, key: str
+) -> None:
+    with pytest.raises(ClientError) as info:
+        s3_appliance.ec2.import_snapshot(
+            DiskContainer={"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}, Encrypted=True, KmsKeyId=key
+        )
+    assert code_of(info) == "InvalidParameterValue"
+    message = info.value.response["Error"]["Message"]
+    assert "is not a KMS key identifier" in message and len(message) < 600
+    assert s3_appliance.ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+
+
+def test_encrypted_imports_are_accepted_and_echoed_where_the_s3_image_target_encrypts(
+    s3_appliance: Appliance,
+) -> None:
+    ec2 = s3_appliance.ec2
+    container = {"Format": "RAW", "Url": f"{MANIFEST_BASE}/b/d.raw"}
+    snapshot = ec2.import_snapshot(DiskContainer=container, Encrypted=True, KmsKeyId=KMS_KEY_ARN)
+    detail = snapshot["SnapshotTaskDetail"]
+    assert (detail["Encrypted"], detail["KmsKeyId"]) == (True, KMS_KEY_ARN)
+    [described] = ec2.describe_import_snapshot_tasks(ImportTaskIds=[snapshot["ImportTaskId"]])[
+        "ImportSnapshotTasks"
+    ]
+    assert (described["SnapshotTaskDetail"]["Encrypted"], described["SnapshotTaskDetail"]["KmsKeyId"]) == (
+        True,
+        KMS_KEY_ARN,
+    )
+    task = s3_appliance.service.store.get_task(snapshot["ImportTaskId"])
+    assert (task.params["encrypted"], task.params["kms_key_id"]) == (True, KMS_KEY_ARN)
+
+    image = ec2.import_image(DiskContainers=[container], Encrypted=True, ClientToken="enc-1")
+    assert image["Encrypted"] is True and "KmsKeyId" not in image
+    [described] = ec2.describe_import_image_tasks(ImportTaskIds=[image["ImportTaskId"]])["ImportImageTasks"]
+    assert described["Encrypted"] is True and "KmsKeyId" not in described
+    # the same client token without encryption is another request
+    with pytest.raises(ClientError) as info:
+        ec2.import_image(DiskContainers=[container], ClientToken="enc-1")
+    assert code_of(info) == "IdempotentParameterMismatch"
 
 
 def test_snapshot_imported_waiter_succeeds_once_the_task_completes(appliance: Appliance) -> None:
@@ -577,7 +746,8 @@ def test_aws_cli_conversion_and_image_commands(appliance: Appliance) -> None:
     task_id = new_volume(appliance.ec2)["ConversionTaskId"]
     [task] = aws(endpoint, "describe-conversion-tasks", "--conversion-task-ids", task_id)["ConversionTasks"]
     assert (task["ConversionTaskId"], task["State"]) == (task_id, "active")
-    assert task["ImportVolume"]["Image"] == {"Format": "RAW", "Size": GiB, "ImportManifestUrl": MANIFEST}
+    image = task["ImportVolume"]["Image"]
+    assert image == {"Format": "RAW", "Size": GiB, "ImportManifestUrl": ECHOED_MANIFEST}
     assert (
         aws(endpoint, "cancel-conversion-task", "--conversion-task-id", task_id, "--reason-message", "cli")
         is None

@@ -312,3 +312,56 @@ def test_query_string_that_is_not_utf8_is_malformed(app: falcon.App) -> None:
     req = sign(DESCRIBE)
     req.query_string = "Foo=%ff"
     assert error_of(send(app, req))[:2] == (400, "MalformedQueryString")
+
+
+# -- dates and numbers no client can make the server fail on (issue 10, item 6) -------------------
+
+
+def presigned_query(**overrides: str) -> str:
+    """A boto3 presigned query with some of its X-Amz-* values replaced (the signature no longer
+    matches: these requests must be refused before or at the signature check)."""
+    pairs = decode_query(urlsplit(presigned_url()).query)
+    return "&".join(f"{k}={quote(overrides.get(k, v), safe='')}" for k, v in pairs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"X-Amz-Date": "99991231T235959Z"}, "RequestExpired"),
+        ({"X-Amz-Date": "00010101T000000Z"}, "RequestExpired"),
+        ({"X-Amz-Date": "99991231T235959Z", "X-Amz-Expires": "604800"}, "RequestExpired"),
+        ({"X-Amz-Expires": "²"}, "IncompleteSignature"),
+        ({"X-Amz-Expires": "\u0661\u0660"}, "IncompleteSignature"),
+        ({"X-Amz-Expires": "9" * 5000}, "IncompleteSignature"),
+        ({"X-Amz-Date": "\u0662\u0660\u0662\u0666\u0660\u0661\u0660\u0661T000000Z"}, "IncompleteSignature"),
+    ],
+)
+def test_presigned_request_with_an_extreme_date_or_a_non_ascii_number_is_a_client_error(
+    app: falcon.App, overrides: dict[str, str], code: str
+) -> None:
+    result = send(app, Prepared("GET", presigned_query(**overrides), {"Host": HOST}, b""))
+    assert error_of(result)[:2] == (400, code)
+
+
+@pytest.mark.parametrize("date", ["Fri, 31 Dec 9999 23:59:59 -1400", "Mon, 01 Jan 0999 00:00:00 +1400"])
+def test_date_header_at_the_ends_of_the_calendar_is_request_expired(app: falcon.App, date: str) -> None:
+    req = sign(DESCRIBE)
+    del req.headers["X-Amz-Date"]
+    req.headers["Date"] = date
+    req.headers["Authorization"] = req.headers["Authorization"].replace(
+        "SignedHeaders=content-type;host;x-amz-date", "SignedHeaders=content-type;date;host"
+    )
+    assert error_of(send(app, req))[:2] == (400, "RequestExpired")
+
+
+def test_sigv2_expires_far_in_the_future_is_request_expired(tmp_path: Path) -> None:
+    app = make_app(tmp_path, sigv2=True)
+    # correctly signed, but valid until the end of time: refused like a SigV4 presigned URL of more
+    # than a week
+    for expires in ("9999-12-31T23:59:59", now_iso(timedelta(days=8))):
+        status, code, message = error_of(send(app, sigv2_sha1_get(DESCRIBE | {"Expires": expires})))
+        assert (status, code) == (400, "RequestExpired") and "a week" in message
+    near = sigv2_sha1_get(DESCRIBE | {"Expires": now_iso(timedelta(days=6))})
+    assert ok(app, near)["ConversionTasks"] == []
+    for bad in ("\u0669\u0669\u0669\u0669-12-31T23:59:59", "0001-01-01T00:00:00+14:00"):
+        assert error_of(send(app, sigv2_sha1_get(DESCRIBE | {"Expires": bad})))[0] == 400

@@ -11,6 +11,7 @@ from botocore.serialize import create_serializer
 
 from api.ec2 import model, query
 from api.ec2.errors import Ec2Error
+from api.ec2.resource import ACTIONS
 
 SERIALIZER = create_serializer("ec2")
 
@@ -119,7 +120,7 @@ def test_parses_back_exactly_what_botocore_serializes(action: str, params: dict[
 
 
 def test_reads_the_irregular_wire_names_of_the_reference_examples() -> None:
-    # §8: Filters.N vs LicenseSpecifications.N vs TagSpecification.N, DiskContainer.N vs DiskContainer.
+    # Filters.N vs LicenseSpecifications.N vs TagSpecification.N, DiskContainer.N vs DiskContainer.
     params = {
         "Action": ["ImportImage"],
         "Version": ["2016-11-15"],
@@ -360,3 +361,115 @@ def test_dry_run_check_raises_dry_run_operation_with_http_412() -> None:
         query.check_dry_run({"DryRun": True})
     assert (info.value.code, info.value.status) == ("DryRunOperation", 412)
     assert info.value.message == "Request would have succeeded, but DryRun flag is set."
+
+
+# -- Unicode digits, huge numbers and AWS's bounds (issue 10, items 7 and 8) -----------------------
+
+VOLUME = {
+    "AvailabilityZone": ["z"],
+    "Image.Format": ["RAW"],
+    "Image.Bytes": ["1"],
+    "Image.ImportManifestUrl": ["u"],
+    "Volume.Size": ["1"],
+}
+
+
+@pytest.mark.parametrize(
+    ("action", "key"),
+    [
+        ("DescribeConversionTasks", "ConversionTaskId.²"),
+        ("DescribeConversionTasks", "ConversionTaskId.\u0661"),
+        ("DescribeImportImageTasks", "Filters.².Name"),
+        ("DescribeImportImageTasks", "Filters.1.Value.³"),
+        ("ImportImage", "TagSpecification.¹.ResourceType"),
+        ("ImportImage", "DiskContainer.\u0663.Format"),
+        ("ImportImage", "LicenseSpecifications.².LicenseConfigurationArn"),
+        ("ImportInstance", "DiskImage.\U0001d7cf.Image.Format"),
+    ],
+)
+def test_list_index_in_non_ascii_digits_is_an_unknown_parameter(action: str, key: str) -> None:
+    assert not key.isascii() and any(c.isdigit() and not c.isascii() for c in key)
+    assert error(action, {key: ["x"]}).code == "UnknownParameter"
+
+
+def test_list_index_too_long_to_be_contiguous_is_refused() -> None:
+    err = error("DescribeConversionTasks", {"ConversionTaskId." + "9" * 5000: ["x"]})
+    assert err.code == "InvalidParameterValue" and "out of range" in err.message
+    assert len(err.message) < 300  # the index is not echoed in full
+
+
+@pytest.mark.parametrize(
+    ("action", "key", "value"),
+    [
+        ("ImportVolume", "Volume.Size", "\u0661"),
+        ("ImportVolume", "Image.Bytes", "\u0663\u0660"),
+        ("ImportVolume", "Volume.Size", "²"),
+        ("ImportVolume", "Image.Bytes", "1" * 5000),
+        ("DescribeImportImageTasks", "MaxResults", "9" * 4301),
+        ("DescribeImportSnapshotTasks", "MaxResults", "\u0661\u0660"),
+        ("ImportImage", "ClientData.UploadSize", "\u0661.\u0665"),
+        ("ImportImage", "ClientData.UploadEnd", "\u0662\u0660\u0662\u0666-01-01T00:00:00"),
+    ],
+)
+def test_numbers_must_be_ascii_digits_of_sane_length(action: str, key: str, value: str) -> None:
+    params = (VOLUME if action == "ImportVolume" else {}) | {key: [value]}
+    err = error(action, params)
+    assert (err.code, key in err.message) == ("InvalidParameterValue", True)
+    assert len(err.message) < 300  # a 5,000-digit value is not echoed in full
+
+
+@pytest.mark.parametrize(
+    ("action", "key", "value"),
+    [
+        ("ImportVolume", "Volume.Size", "9223372036854775807"),
+        ("ImportVolume", "Volume.Size", "16385"),
+        ("ImportVolume", "Volume.Size", "0"),
+        ("ImportVolume", "Volume.Size", "-1"),
+        ("ImportVolume", "Image.Bytes", str(16 * 2**40 + 1)),
+        ("ImportVolume", "Image.Bytes", "0"),
+        ("ImportInstance", "DiskImage.1.Volume.Size", "16385"),
+        ("ImportInstance", "DiskImage.1.Image.Bytes", "9223372036854775807"),
+        ("ImportInstance", "LaunchSpecification.Placement.PartitionNumber", "8"),
+        ("ImportInstance", "LaunchSpecification.Placement.PartitionNumber", "0"),
+        ("DescribeImportImageTasks", "MaxResults", "0"),
+        ("DescribeImportSnapshotTasks", "MaxResults", "1001"),
+        ("ImportImage", "ClientData.UploadSize", "-1"),
+        ("ImportSnapshot", "ClientData.UploadSize", "1e300"),
+    ],
+)
+def test_numbers_outside_aws_bounds_are_invalid_parameter_values(action: str, key: str, value: str) -> None:
+    params = (VOLUME if action == "ImportVolume" else {}) | {key: [value]}
+    err = error(action, params)
+    assert err.code == "InvalidParameterValue" and key in err.message and "must be" in err.message
+
+
+def test_numbers_at_aws_bounds_are_accepted() -> None:
+    top = query.parse("ImportVolume", VOLUME | {"Volume.Size": ["16384"], "Image.Bytes": [str(16 * 2**40)]})
+    assert (top["Volume"]["Size"], top["Image"]["Bytes"]) == (16384, 16 * 2**40)
+    padded = query.parse("ImportVolume", VOLUME | {"Volume.Size": ["0" * 5000 + "8"]})
+    assert padded["Volume"]["Size"] == 8  # leading zeros are not digits int() has to count
+    assert query.parse("DescribeImportImageTasks", {"MaxResults": ["1000"]}) == {"MaxResults": 1000}
+    placement = query.parse(
+        "ImportInstance", {"Platform": ["Windows"], "LaunchSpecification.Placement.PartitionNumber": ["7"]}
+    )
+    assert placement["LaunchSpecification"]["Placement"]["PartitionNumber"] == 7
+
+
+def _numeric_members(shape: Any, path: tuple[str, ...] = (), seen: frozenset[str] = frozenset()) -> set:
+    if shape.type_name == "structure":
+        if shape.name in seen:
+            return set()
+        return {
+            found
+            for name, member in shape.members.items()
+            for found in _numeric_members(member, (*path, name), seen | {shape.name})
+        }
+    if shape.type_name == "list":
+        return _numeric_members(shape.member, (*path, "*"), seen)
+    return {path} if shape.type_name in ("integer", "long", "double", "float") else set()
+
+
+def test_every_numeric_member_of_every_served_action_has_aws_bounds() -> None:
+    for action in ACTIONS:
+        members = _numeric_members(model.operation(action).input_shape)
+        assert members == set(query.BOUNDS.get(action, {})), action

@@ -34,6 +34,7 @@ from appliance.service.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from appliance.store import Store, Task, TaskState
 from tests.api.ec2_support import MANIFEST_BASE, post_signed
 from tests.api.test_admin import AUTH, assert_documented
+from tests.processes import stop_process
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
 
 GiB = 1 << 30
@@ -104,12 +105,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with Store(config.db_path) as store:
             yield Server(endpoint, f"127.0.0.1:{port}", store, client)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=30)
 
 
 def raw_call(server: Server, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -346,7 +342,7 @@ def _complete(store: Store, task_id: str, result: dict[str, Any]) -> Task:
 
 def test_image_task_status_message_lists_findings_most_severe_first(server: Server) -> None:
     task_id = import_image(server)["ImportTaskId"]
-    server.store.set_findings(task_id, [INFO, WARNING, ERROR])
+    server.store.add_findings(task_id, [INFO, WARNING, ERROR])
     [task] = server.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"]
     assert task["StatusMessage"] == (
         "pending; errors: Guest.NoBootablePartition (Mark the root partition bootable.); "
@@ -354,8 +350,10 @@ def test_image_task_status_message_lists_findings_most_severe_first(server: Serv
     )
     assert task["SnapshotDetails"][0]["StatusMessage"] == task["StatusMessage"]
 
+    # a completed task names its findings after its status (no errors: only the warnings)
+    task_id = import_image(server)["ImportTaskId"]
     _complete(server.store, task_id, {"ids": {"image_id": "ami-1"}})
-    server.store.set_findings(task_id, [INFO, WARNING])
+    server.store.add_findings(task_id, [INFO, WARNING])
     [task] = server.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"]
     assert (task["Status"], task["StatusMessage"]) == (
         "completed",
@@ -366,7 +364,7 @@ def test_image_task_status_message_lists_findings_most_severe_first(server: Serv
 def test_completed_task_with_only_info_findings_has_no_status_message(server: Server) -> None:
     task_id = import_image(server)["ImportTaskId"]
     _complete(server.store, task_id, {"ids": {"image_id": "ami-1"}})
-    server.store.set_findings(task_id, [INFO])
+    server.store.add_findings(task_id, [INFO])
     [task] = server.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"]
     assert task["Status"] == "completed" and "StatusMessage" not in task
 
@@ -374,7 +372,7 @@ def test_completed_task_with_only_info_findings_has_no_status_message(server: Se
 def test_failed_conversion_task_names_its_error_once_then_other_findings(server: Server) -> None:
     task_id = import_instance(server)["ConversionTaskId"]
     server.store.claim(task_id, "test-worker", 30)
-    server.store.set_findings(task_id, [ERROR, WARNING])
+    server.store.add_findings(task_id, [ERROR, WARNING])
     server.store.set_state(task_id, TaskState.FAILED, error_code=ERROR.code, error_message=ERROR.message)
     [task] = server.ec2.describe_conversion_tasks(ConversionTaskIds=[task_id])["ConversionTasks"]
     expected = (
@@ -390,7 +388,7 @@ def test_snapshot_task_status_message_is_capped(server: Server) -> None:
         "ImportTaskId"
     ]
     many = [Finding.warning(f"Guest.Warning{i:02d}", "x" * 300) for i in range(40)]
-    server.store.set_findings(task_id, [*many, ERROR])
+    server.store.add_findings(task_id, [*many, ERROR])
     [task] = server.ec2.describe_import_snapshot_tasks(ImportTaskIds=[task_id])["ImportSnapshotTasks"]
     message = task["SnapshotTaskDetail"]["StatusMessage"]
     assert len(message) <= STATUS_MESSAGE_LIMIT
@@ -405,7 +403,7 @@ def test_pending_upload_message_stays_exact_for_euca2ools(tmp_path: Path) -> Non
         task = store.create_task("import-volume", "import-volume", params, task_id="import-vol-pend0001")
         store.claim(task.id, "w", 30)
         store.update_progress(task.id, phase="pending-upload")
-        task = store.set_findings(task.id, [WARNING])
+        task = store.add_findings(task.id, [WARNING])
         assert views.conversion_task(task)["StatusMessage"] == "Pending import-image upload"
 
 

@@ -19,19 +19,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
+from botocore.parsers import create_parser
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from gunicorn.config import Config as GunicornConfig
 
 from api import server
+from api.gunicorn_worker import Ec2ErrorWorker
 from appliance import config as config_mod
 from appliance.errors import ConfigError
+from tests.processes import stop_process
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 
@@ -103,13 +106,7 @@ def gunicorn(
         _wait_listening(port, proc)
         yield running
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace=30)
 
 
 def _get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], Any]:
@@ -286,7 +283,9 @@ def test_ssl_context_hook_raises_a_permissive_floor_to_tls12(tmp_path: Path) -> 
             ctx.minimum_version = ssl.TLSVersion.TLSv1
         return ctx
 
-    conf = SimpleNamespace(certfile=str(cert), keyfile=str(key))
+    conf = GunicornConfig()
+    conf.set("certfile", str(cert))
+    conf.set("keyfile", str(key))
     ctx = server.ssl_context(conf, permissive)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     # built once per worker process: the sync worker asks on every connection
@@ -328,6 +327,12 @@ def test_gunicorn_options_follow_the_configuration(tmp_path: Path) -> None:
     # the options are all real gunicorn settings and pass its validators
     app = server.ApplianceServer(cfg, options)
     assert app.cfg.workers == 3
+    assert app.cfg.worker_class is Ec2ErrorWorker
+    assert (app.cfg.limit_request_line, app.cfg.limit_request_fields, app.cfg.limit_request_field_size) == (
+        8190,
+        64,
+        8190,
+    )
     assert app.cfg.is_ssl
     assert app.cfg.ssl_context is server.ssl_context
 
@@ -356,3 +361,81 @@ def test_boto3_reaches_the_ec2_api_mounted_at_root(tmp_path: Path) -> None:
         # the admin API on the same port still answers JSON
         status, _, body = _get(f"http://127.0.0.1:{srv.port}/")
         assert status == 200 and body["versions"][0]["id"] == "v1"
+
+
+# -- gunicorn's own errors are EC2 XML (issue 10, item 11) -----------------------------------------
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` bytes as they are; the status, headers (lower case) and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _ec2_error(status: int, headers: dict[str, str], body: bytes) -> tuple[str, str]:
+    parsed = create_parser("ec2").parse({"body": body, "headers": headers, "status_code": status}, None)
+    return parsed["Error"]["Code"], parsed["Error"]["Message"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code", "says"),
+    [
+        (
+            b"GET /?Action=DescribeConversionTasks&Description=" + b"x" * 9000 + b" HTTP/1.1\r\n"
+            b"Host: appliance\r\n\r\n",
+            414,
+            "RequestURITooLong",
+            "8190 bytes",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: appliance\r\n"
+            + b"".join(b"X-Extra-%d: 1\r\n" % i for i in range(70))
+            + b"Content-Length: 0\r\n\r\n",
+            431,
+            "RequestHeaderFieldsTooLarge",
+            "64 header fields",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: appliance\r\nX-Big: " + b"y" * 9000 + b"\r\nContent-Length: 0\r\n\r\n",
+            431,
+            "RequestHeaderFieldsTooLarge",
+            "8190 bytes",
+        ),
+        (b"NOT AN HTTP REQUEST\r\n\r\n", 400, "MalformedHTTPRequest", "malformed"),
+    ],
+    ids=["request-line", "header-count", "header-size", "malformed"],
+)
+def test_requests_gunicorn_refuses_get_an_ec2_xml_error(
+    tmp_path: Path, request_bytes: bytes, status: int, code: str, says: str
+) -> None:
+    with gunicorn(tmp_path) as srv:
+        got, headers, body = _raw_exchange(srv.port, request_bytes)
+        # the server goes on serving
+        assert _get(f"http://127.0.0.1:{srv.port}/v1/health")[0] == 200
+    assert got == status
+    assert headers["content-type"].startswith("text/xml") and b"<html" not in body
+    error_code, message = _ec2_error(got, headers, body)
+    assert error_code == code and says in message
+    assert headers["x-amzn-requestid"] in body.decode()
+
+
+def test_a_client_sending_an_oversized_body_reads_the_413_instead_of_a_reset(tmp_path: Path) -> None:
+    # 8 MiB: far more than the loopback socket buffers hold, so a server that answered without
+    # reading the body would close on unread data and the client would see a reset, not the answer
+    body = b"Action=DescribeConversionTasks&Description=" + b"x" * (8 << 20)
+    request = (
+        b"POST / HTTP/1.1\r\nHost: appliance\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with gunicorn(tmp_path) as srv:
+        got, headers, answer = _raw_exchange(srv.port, request)
+    assert got == 413
+    assert _ec2_error(got, headers, answer)[0] == "RequestEntityTooLarge"

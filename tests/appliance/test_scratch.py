@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import InsufficientScratch, UsageError
-from appliance.scratch import ScratchSpace
+from appliance.scratch import Allowance, ScratchSpace
+from tests.mounts import tmpfs
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 def test_task_dir_is_private(tmp_path: Path) -> None:
@@ -149,3 +151,110 @@ def test_usage_counts_allocated_not_apparent_bytes(tmp_path: Path) -> None:
         f.truncate(100 * MiB)
         f.write(b"x" * 4096)
     assert t.usage() < MiB
+
+
+def test_a_reservation_of_nothing_succeeds_even_below_the_free_space_floor(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB, min_free=1 << 60)  # the filesystem is "full"
+    t = space.for_task("t")
+    t.reserve(0, "an empty download")
+    with pytest.raises(InsufficientScratch) as exc:
+        t.reserve(MiB, "a download")
+    assert "a download needs 1.0 MiB of scratch" in exc.value.message
+    assert "needs 0 B" not in exc.value.message
+
+
+def test_a_file_already_written_is_not_counted_again_against_the_filesystem(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "scratch", "8m") as root:
+        space = ScratchSpace(root, quota=GiB, min_free=0)
+        t = space.for_task("t")
+        rid = t.reserve(5 * MiB, "downloading the disk")
+        (t.path / "source.img").write_bytes(os.urandom(5 * MiB))
+        # what a finished download did: trade the reservation for what the file occupies
+        t.release(rid)
+        t.reserve(os.stat(t.path / "source.img").st_blocks * 512, "downloaded disk")
+        with pytest.raises(InsufficientScratch, match="filesystem"):
+            t.reserve(4 * MiB, "RAW form of the disk")  # 3 MiB are left, not 8
+        t.reserve(2 * MiB, "RAW form of the disk")
+
+
+def test_resize_checks_only_the_growth_and_leaves_a_refused_reservation_as_it_was(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    a, b = space.for_task("a"), space.for_task("b")
+    rid = a.reserve(4 * MiB, "download")
+    b.reserve(4 * MiB, "other")
+    a.resize(rid, 6 * MiB)
+    with pytest.raises(InsufficientScratch) as exc:
+        a.resize(rid, 7 * MiB)
+    assert "download needs 7.0 MiB of scratch but only 6.0 MiB" in exc.value.message
+    assert a.reserved == 6 * MiB
+    a.resize(rid, MiB)
+    assert space.reserved() == 5 * MiB
+    with pytest.raises(UsageError):
+        a.resize(rid + 100, MiB)
+
+
+def test_allowance_grows_ahead_and_fails_only_when_the_bytes_themselves_do_not_fit(tmp_path: Path) -> None:
+    space = ScratchSpace(tmp_path, quota=10 * MiB)
+    t = space.for_task("t")
+    allowance = Allowance(t, "chunked download", step=4 * MiB)
+    allowance.cover(MiB)
+    assert t.reserved == 5 * MiB  # a step ahead
+    allowance.cover(3 * MiB)
+    assert t.reserved == 5 * MiB  # covered: nothing asked of the quota
+    allowance.cover(7 * MiB)
+    assert t.reserved == 7 * MiB  # 11 MiB would not fit; the bytes themselves do
+    allowance.cover(10 * MiB)
+    with pytest.raises(InsufficientScratch):
+        allowance.cover(10 * MiB + 1)
+    assert t.reserved == 10 * MiB
+    allowance.shrink_to(3 * MiB)
+    assert t.reserved == 3 * MiB
+    allowance.cover(6 * MiB, exact=True)
+    assert t.reserved == 6 * MiB
+    allowance.release()
+    assert t.reserved == 0
+
+
+def test_release_step_gives_back_only_that_steps_reservations(tmp_path: Path) -> None:
+    t = ScratchSpace(tmp_path, quota=10 * MiB).for_task("t")
+    t.for_step("1").reserve(MiB, "downloaded disk")
+    t.for_step("2").reserve(2 * MiB, "decompressing")
+    t.for_step("2").reserve(3 * MiB, "decompressing more")
+    t.reserve(MiB, "no step")
+    assert t.release_step("2") == 5 * MiB
+    assert sorted((r.step or "-", r.nbytes) for r in t.reservations) == [("-", MiB), ("1", MiB)]
+    assert t.release_step("2") == 0
+
+
+def test_growing_reservations_never_exceed_the_quota_across_processes(tmp_path: Path) -> None:
+    # Eight processes grow a reservation 512 KiB at a time towards 3 MiB against a 10 MiB quota.
+    code = textwrap.dedent(f"""
+        import sys
+        from appliance.errors import InsufficientScratch
+        from appliance.scratch import Allowance, ScratchSpace
+        s = ScratchSpace({str(tmp_path)!r}, quota={10 * MiB}).for_task(sys.argv[1])
+        a = Allowance(s, "race", step=0)
+        try:
+            for n in range(1, 7):
+                a.cover(n * {512 * 1024})
+            print("won")
+        except InsufficientScratch:
+            a.release()
+            print("lost")
+    """)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, f"t{i}"], stdout=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    outcomes = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert set(outcomes) <= {"won", "lost"} and "won" in outcomes
+    assert ScratchSpace(tmp_path, quota=10 * MiB).reserved() == 3 * MiB * outcomes.count("won") <= 10 * MiB
+
+
+def test_usage_counts_a_file_with_two_links_once(tmp_path: Path) -> None:
+    # qemu-img and the guest reader get the image through a hard link in a private directory
+    t = ScratchSpace(tmp_path, quota=10 * MiB).for_task("t")
+    (t.path / "source.img").write_bytes(os.urandom(4 * MiB))
+    (t.path / "isolated").mkdir()
+    os.link(t.path / "source.img", t.path / "isolated" / "image")
+    assert 4 * MiB <= t.usage() < 5 * MiB

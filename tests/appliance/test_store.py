@@ -28,8 +28,8 @@ from appliance.store import (
     Store,
     StoreError,
     TaskState,
-    parse_time,
 )
+from appliance.timestamps import parse_time
 
 from .workflow.support import wait_until
 
@@ -201,7 +201,7 @@ def test_claim_lease_and_takeover(store: Store) -> None:
 
 def test_findings_results_and_to_dict_are_json(store: Store) -> None:
     task_id = store.create_task("import", "demo", {"size": 3}).id
-    store.set_findings(task_id, [Finding.error("UnsafeImage.BackingFile", "has a backing file")])
+    store.add_findings(task_id, [Finding.error("UnsafeImage.BackingFile", "has a backing file")])
     task = store.get_task(task_id)
     assert task.findings == [
         {"code": "UnsafeImage.BackingFile", "severity": "error", "message": "has a backing file"}
@@ -235,6 +235,26 @@ def test_events_are_a_queue_read_by_id(store: Store) -> None:
     assert [(e.task_id, e.kind) for e in newer] == [(a, "note"), (b, "task.state")]
     assert newer[1].data == {"state": "running", "previous": "pending"}
     assert [e.kind for e in store.events(task_id=a)] == ["task.state", "note"]
+
+
+def test_what_people_read_is_stored_redacted_and_what_a_task_runs_with_is_kept(store: Store) -> None:
+    url = "https://ops:pw0123456789@s3.example/b/k?X-Amz-Signature=0123456789abcdef&x=1"
+    task_id = store.create_task("workflow", params={"url": url}).id
+    store.add_event(task_id, "note", {"password": "hunter2hunter2", "said": f"fetching {url}"})
+    store.set_record(task_id, "hooks", {"with": {"password": "hunter2hunter2", "url": url}})
+    store.set_state(task_id, TaskState.RUNNING)
+    store.set_state(task_id, TaskState.FAILED, error_code="Site.Refused", error_message=f"{url} refused")
+    shown = json.dumps([e.data for e in store.events(task_id=task_id)]) + json.dumps(
+        store.get_task(task_id).to_dict()["error_message"]
+    )
+    assert "hunter2hunter2" not in shown and "pw0123456789" not in shown and "0123456789abcdef" not in shown
+    assert "https://REDACTED@s3.example/b/k?X-Amz-Signature=REDACTED&x=1 refused" in shown
+    # kept as given: the task needs them to run or resume
+    assert store.get_task(task_id).params == {"url": url}
+    assert store.record(task_id, "hooks") == {"with": {"password": "hunter2hunter2", "url": url}}
+    assert store.record(task_id, "other") is None
+    with pytest.raises(TaskNotFound):
+        store.set_record("t-000000000000", "hooks", {})
 
 
 def test_ledger_records_actions_in_order(store: Store) -> None:
@@ -355,6 +375,28 @@ def test_client_token_returns_the_task_of_the_same_request(store: Store) -> None
     untokened = [store.create_task("import-snapshot", "w", {"key": "a"}, client_token="") for _ in range(2)]
     ids = {first.id, other_account.id, other_kind.id, *(t.id for t in untokened)}
     assert len(ids) == 5 == len(store.list_tasks(limit=None))
+
+
+def test_tasks_are_found_and_listed_within_the_accounts_asked_for(store: Store) -> None:
+    a = store.create_task("import-snapshot", client_account="acct-a").id
+    b = store.create_task("import-snapshot", client_account="acct-b").id
+    none = store.create_task("import-snapshot").id  # no account
+    assert [store.get_task(t).client_account for t in (a, b, none)] == ["acct-a", "acct-b", ""]
+    assert store.get_task(a, account="acct-a").id == a
+    assert store.get_task(none, account=["acct-a", ""]).id == none
+    # another account's task is not found, in the words an unknown id gets
+    for task_id, account in ((a, "acct-b"), (none, "acct-a"), (a, [])):
+        with pytest.raises(TaskNotFound) as info:
+            store.get_task(task_id, account=account)
+        assert info.value.message == f"no task {task_id!r}"
+    assert [t.id for t in store.list_tasks(limit=None, account="acct-b")] == [b]
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""])] == [none, a]
+    assert store.list_tasks(limit=None, account=[]) == []
+    assert [t.id for t in store.list_tasks(limit=None)] == [none, b, a]
+    # a page marker too: another account's task is no marker
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""], marker=none)] == [a]
+    with pytest.raises(TaskNotFound):
+        store.list_tasks(account="acct-a", marker=b)
 
 
 def test_client_token_repeat_is_answered_at_the_limit(store: Store) -> None:

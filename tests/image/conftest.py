@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.image import vm as vmlib
+from tests.processes import stop_process
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,12 +144,7 @@ def controller(image_workdir: Path) -> Iterator[Controller]:
         wait_for_http(f"http://127.0.0.1:{port}/", proc=proc)
         yield Controller(vmlib.GuestForward(CONTROLLER_GUEST_IP, 8780, port), log, proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
         out.close()
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from tests.processes import stop_process
 from tests.servers import free_port
 
 QEMU = "qemu-system-x86_64"
@@ -159,12 +159,7 @@ class Vm:
             ["ssh", "-F", str(self.ssh_config), "-O", "exit", "appliance"], capture_output=True, check=False
         )
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, grace=10)
 
 
 def _write_ssh_config(workdir: Path, port: int, key: Path) -> Path:

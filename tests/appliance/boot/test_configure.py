@@ -26,6 +26,7 @@ from appliance.boot import rendezvous, worker_dropin
 from appliance.cli import main as cli
 from appliance.hooks.privileges import privileged_hooks
 from appliance.service.taskcgroup import TaskCaps, host_problems
+from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
 SECRET = "controller-shared-secret-0123456789"
@@ -463,8 +464,7 @@ def test_health_responder_serves_the_errors_with_503(paths: Paths, tmp_path: Pat
             {"field": "imaging.controller.url", "message": "'ftp://x' does not match '^https?://'"}
         ]
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc, grace=10)
 
 
 def test_health_responder_binds_the_user_datas_api_address(paths: Paths) -> None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
+from appliance import redact
 from appliance.boot import userdata
 from appliance.boot.userdata import CompactUserData, UserDataInvalid
 
@@ -58,6 +59,23 @@ def test_maps_section_to_a_loadable_service_config(tmp_path: Path) -> None:
     assert cfg.log_level == "debug"
     assert (cfg.controller.url, cfg.controller.mode) == ("https://ctl.example:8443/base", "pull")
     assert (cfg.controller.appliance_id, cfg.controller.secret) == ("appl-1", SECRET)
+
+
+def test_api_keys_keep_their_account_and_role(tmp_path: Path) -> None:
+    front = {
+        "access_key": "AKIAFRONTEND000001",
+        "secret_key": API_SECRET,
+        "account": "cloud",
+        "role": "frontend",
+    }
+    sec = section(api={"credentials": [front]})
+    cfg = config_mod.from_dict(userdata.render(sec, tmp_path).config, base_dir=tmp_path)
+    assert cfg.api.principals["AKIAFRONTEND000001"] == config_mod.Credential(
+        "AKIAFRONTEND000001", "cloud", "frontend"
+    )
+    assert errors_of(section(api={"credentials": [front | {"role": "root"}]}), tmp_path).keys() == {
+        "imaging.api.credentials.0.role"
+    }
 
 
 def test_appliance_without_controller_gets_reporting_off(tmp_path: Path) -> None:
@@ -191,7 +209,7 @@ def test_compact_form_with_short_secret_names_the_secret_field() -> None:
 
 
 def test_redact_hides_secret_keys_and_url_passwords() -> None:
-    red = userdata.redact(section(sources={"allowed_endpoints": ["https://u:pw@s3.example"]}))
+    red = redact.redact(section(sources={"allowed_endpoints": ["https://u:pw@s3.example"]}))
     text = repr(red)
     assert SECRET not in text and API_SECRET not in text and "pw@" not in text
     assert red["api"]["credentials"][0]["access_key"] == "AKIAAPPLIANCE00001"
@@ -274,5 +292,5 @@ def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None
     assert {"imaging.artifacts.bucket", "imaging.artifacts"} <= fields
     assert ARTIFACT_SECRET not in str(exc.value)
     # what is reported to the controller: the key's value, and the secret wherever else it was pasted
-    assert userdata.redact(sec)["artifacts"]["secret_key"] == userdata.REDACTED
-    assert ARTIFACT_SECRET not in str(userdata.redact(sec, userdata.secret_values(sec)))
+    assert redact.redact(sec)["artifacts"]["secret_key"] == redact.REDACTED
+    assert ARTIFACT_SECRET not in str(redact.redact(sec, redact.secret_values(sec)))

@@ -240,7 +240,7 @@ def test_imaging_convert_cli_writes_a_bare_volume_from_qcow2_to_raw(
     argv = [
         sys.executable,
         "-m",
-        "appliance.cli.main",
+        "appliance.cli",
         "convert",
         containers[volume, "qcow2"],
         dst,

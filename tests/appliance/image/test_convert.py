@@ -4,6 +4,7 @@ qemu-img failures, progress, cancel, Ctrl-C and block-device output."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -24,11 +25,12 @@ import pytest
 from appliance import config as config_mod
 from appliance import confine
 from appliance.config import Config
-from appliance.errors import Cancelled, ConversionFailed, ImageRejected, UsageError
+from appliance.errors import Cancelled, ConversionFailed, ImageRejected, InsufficientScratch, UsageError
 from appliance.image.convert import BUFFERED_INPUTS, DIRECT_IO_FORMATS, convert_image
 from appliance.progress import Progress
 from tests import confinement
 from tests import imagefactory as factory
+from tests.mounts import tmpfs
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -339,6 +341,64 @@ def test_qemu_img_failure_raises_conversion_failed_with_its_message_and_removes_
     assert entries(outdir) == [] and entries(workdir) == []
 
 
+class RecordingLedger:
+    """Stands where a workflow step's context would: records what convert_image announces."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Path, bool]] = []  # (action, path, existed at that moment)
+
+    def ledger_created(self, resource: str | Path) -> None:
+        self.entries.append(("created", Path(resource), os.path.lexists(resource)))
+
+    def ledger_removed(self, resource: str | Path) -> None:
+        self.entries.append(("removed", Path(resource), os.path.lexists(resource)))
+
+
+def test_partial_output_is_private_and_in_the_ledger_before_it_exists(
+    inputs: dict[str, tuple[Path, str, str]], disk: Path, cfg: Config, workdir: Path, outdir: Path
+) -> None:
+    src, claim, _ = inputs["qcow2"]
+    ledger = RecordingLedger()
+    seen: list[tuple[str, int]] = []
+
+    def on_progress(p: Progress) -> None:
+        if p.total and p.done < p.total:  # qemu-img is still writing
+            seen.extend((e.name, stat_mode(e)) for e in outdir.iterdir())
+
+    dst = outdir / "out.raw"
+    convert_image(src, dst, "raw", claim, config=cfg, workdir=workdir, on_progress=on_progress, ledger=ledger)
+    [(created, partial, existed), (removed, gone, exists_after)] = ledger.entries
+    assert (created, removed, gone) == ("created", "removed", partial)
+    assert not existed and not exists_after  # announced before it was created; renamed away after
+    assert partial.parent == outdir and partial.name.startswith(".out.raw.partial-")
+    assert seen and set(seen) == {(partial.name, 0o600)}  # while qemu-img wrote: only the partial, 0600
+    assert entries(outdir) == ["out.raw"] and identical(disk, "raw", dst, "raw")
+    assert stat_mode(dst) == 0o666 & ~current_umask()  # published with the mode a new file gets
+
+
+def test_a_filesystem_that_fills_up_under_qemu_img_is_insufficient_scratch(
+    inputs: dict[str, tuple[Path, str, str]], tmp_path: Path, cfg: Config, workdir: Path
+) -> None:
+    src, claim, _ = inputs["qcow2"]  # ~1.4 MiB of data
+    with tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(InsufficientScratch) as exc:
+            convert_image(src, small / "out.raw", "raw", claim, config=cfg, workdir=workdir)
+        assert exc.value.code == "InsufficientScratch"
+        assert f"no space left on the filesystem of {small}" in exc.value.message
+        assert entries(small) == [] and entries(workdir) == []
+
+
+def stat_mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777
+
+
+def current_umask() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no Umask in /proc/self/status")
+
+
 # ------------------------------------------------------------------------------------------ usage errors
 
 
@@ -376,8 +436,14 @@ def test_progress_is_monotonic_with_rate_and_eta_and_ends_at_100(
     slow_input: Path, cfg: Config, workdir: Path, outdir: Path
 ) -> None:
     seen: list[Progress] = []
-    result = convert_image(
-        slow_input, outdir / "out.vmdk", "vmdk", "qcow2", config=cfg, workdir=workdir, on_progress=seen.append
+    stamps: list[float] = []
+
+    def record(p: Progress) -> None:
+        seen.append(p)
+        stamps.append(time.monotonic())
+
+    convert_image(
+        slow_input, outdir / "out.vmdk", "vmdk", "qcow2", config=cfg, workdir=workdir, on_progress=record
     )
     total = 256 * MiB
     assert all(p.phase == "converting" and p.total == total for p in seen)
@@ -387,9 +453,10 @@ def test_progress_is_monotonic_with_rate_and_eta_and_ends_at_100(
     running = [p for p in seen if 0 < p.done < total]
     assert running, "expected progress while qemu-img was running"
     assert all(p.rate and p.rate > 0 and p.eta is not None and p.eta > 0 for p in running)
-    # throttled to one update per 0.5 s (plus the first and the final one), although qemu-img
-    # itself reports every 1 %
-    assert len(seen) <= result.seconds / 0.5 + 2
+    # throttled to one update per 0.5 s (the final one excepted), although qemu-img itself reports
+    # every 1 %: no two updates before the last come closer together
+    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps[:-1])]
+    assert all(gap >= 0.45 for gap in gaps), gaps
 
 
 # ---------------------------------------------------------------------------------------- cancel, Ctrl-C
@@ -621,8 +688,9 @@ def test_qemu_img_convert_runs_under_the_confinement_policy(
     partial: list[str] = []
 
     def on_progress(p: Progress) -> None:
-        # qemu-img is copying (it reported progress): hold it still and look at it, once
-        if seen or p.complete:
+        # qemu-img is copying (it reported progress past 0 %, which it prints before opening its
+        # files): hold it still and look at it, once
+        if seen or p.complete or p.done == 0:
             return
         pid = confinement.find_descendant(confinement.is_tool("qemu-img", "convert"))
         with confinement.stop(pid):

@@ -139,13 +139,7 @@ def worker(cfg_file: Path) -> Iterator[subprocess.Popen[bytes]]:
         stderr=subprocess.DEVNULL,
     )
     yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    processes.stop_process(proc, grace=30)
 
 
 def statuses(tmp_path: Path, task_id: str) -> list[dict]:

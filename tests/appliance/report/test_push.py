@@ -55,8 +55,7 @@ class ReceiverProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+            stop(self.proc, grace=10)
 
     def messages(self) -> list[dict]:
         if not self.log.exists():

@@ -15,6 +15,8 @@ import pytest
 
 from appliance.report import messages
 from appliance.report.receiver import Controller, ReceiverServer, ReportRejected, ReportVerifier
+from appliance.timestamps import utcnow
+from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
 SECRET = "receiver-test-secret-0123456789"
@@ -101,12 +103,30 @@ def test_refuses_a_stale_or_future_message(server: ReceiverServer) -> None:
 
 def test_refuses_an_unknown_version() -> None:
     verifier = ReportVerifier(SECRET)
-    body = json.dumps(
-        {"ver": 2, "appliance_id": "a", "seq": 1, "ts": messages.utc_iso(), "type": "heartbeat"}
-    )
+    body = json.dumps({"ver": 2, "appliance_id": "a", "seq": 1, "ts": utcnow(), "type": "heartbeat"})
     with pytest.raises(ReportRejected) as exc:
         verifier.verify(body.encode(), messages.sign(SECRET, body.encode()))
     assert (exc.value.status, exc.value.error) == (400, "version")
+
+
+def test_a_shared_secret_accepts_a_message_whose_appliance_id_is_not_a_string() -> None:
+    # a JSON list there was used as a dict key (TypeError, a 500); now it counts as "no id"
+    verifier = ReportVerifier(SECRET)
+    for seq, appliance_id in ((1, ["a"]), (2, None)):
+        body = json.dumps(
+            {
+                "ver": messages.VERSION,
+                "appliance_id": appliance_id,
+                "seq": seq,
+                "ts": utcnow(),
+                "type": "heartbeat",
+            }
+        ).encode()
+        assert verifier.verify(body, messages.sign(SECRET, body))["seq"] == seq
+    replayed = json.dumps({"ver": messages.VERSION, "seq": 2, "ts": utcnow(), "type": "heartbeat"}).encode()
+    with pytest.raises(ReportRejected) as exc:
+        verifier.verify(replayed, messages.sign(SECRET, replayed))
+    assert (exc.value.status, exc.value.error) == (409, "replayed")
 
 
 def test_cancel_requests_are_repeated_until_the_task_is_over(server: ReceiverServer) -> None:
@@ -137,8 +157,7 @@ def test_remembers_the_last_seq_across_a_restart(tmp_path: Path) -> None:
         body = heartbeat(3)
         assert post(url, body, messages.sign(SECRET, body))[0] == 200
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, grace=10)
     again = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, log)).start()
     try:
         assert post(again.url, body, messages.sign(SECRET, body))[1]["error"] == "replayed"

@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 
 from appliance import config as config_mod
-from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound
+from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from appliance.service.imports import DiskContainer, DiskImage, ImportService
 from appliance.sources.urlfilter import UrlNotAllowed
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
 from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.mounts import tmpfs
 from tests.servers import MotoServer
 
 MiB = 1 << 20
@@ -334,3 +335,152 @@ def test_requests_are_refused_before_any_work(
     with pytest.raises(TaskNotFound):
         service.get("import-vol-abcd1234", ["import-volume"])
     assert len(service.list(["import-image"])) == 3
+
+
+def test_bad_s3_names_are_refused_at_submit_and_by_the_worker_without_library_text(
+    service: ImportService, cfg: config_mod.Config, bucket: str
+) -> None:
+    # at submit (what the EC2 API calls): S3's naming rules, each member named
+    for container, member in (
+        (DiskContainer(format="RAW", bucket="Bad_Bucket", key="k"), "UserBucket.S3Bucket"),
+        (DiskContainer(format="RAW", bucket="bad bucket", key="k"), "UserBucket.S3Bucket"),
+        (DiskContainer(format="RAW", bucket=bucket, key="../other/k"), "UserBucket.S3Key"),
+        (DiskContainer(format="RAW", url="s3://bad_bucket/k"), "bucket name"),
+        (DiskContainer(format="RAW", url=f"s3://{bucket}/" + "k" * 1025), "object key"),
+    ):
+        with pytest.raises((UsageError, UrlNotAllowed)) as info:
+            service.import_snapshot(container)
+        assert info.value.code in ("InvalidParameterValue", "UrlNotAllowed") and member in info.value.message
+    with pytest.raises(UsageError, match="ImportManifestUrl"):
+        service.import_volume(
+            DiskImage("RAW", MiB, f"s3://{bucket}/disk.manifest.xml", 1),
+            availability_zone=None,
+            description=None,
+        )
+    assert service.list(["import-snapshot", "import-volume"]) == []
+
+    # a task that reaches the worker anyway (submitted by an older appliance, or by `imaging run`)
+    # fails with the same coded message, not botocore's ParamValidationError text
+    engine = Engine(cfg)
+    try:
+        params = {"disk_container": {"format": "RAW", "bucket": "bad bucket", "key": "k"}, "tags": []}
+        task_id = engine.submit("import-snapshot", params, task_id="import-snap-0123456789abcdef0")
+        done = engine.run(task_id)
+    finally:
+        engine.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InvalidParameterValue")
+    assert "'bad bucket' is not a valid S3 bucket name" in done.error_message
+    assert "Parameter validation failed" not in done.error_message
+
+
+def test_a_download_larger_than_the_scratch_quota_fails_with_insufficient_scratch(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "4MiB", "min_free": 0}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+    moto.client("s3").upload_file(str(disk), bucket, "big.raw")
+    service = ImportService(cfg)
+    try:
+        task = service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="big.raw"))
+        done = run(cfg, task)
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
+    assert f"downloading s3://{bucket}/big.raw needs 6.0 MiB of scratch" in done.error_message
+    assert "only 4.0 MiB of the 4.0 MiB quota is free" in done.error_message
+    assert not (cfg.scratch.root / task.id).exists()
+
+
+def test_a_scratch_disk_below_its_floor_refuses_a_download_naming_its_size(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "1GiB", "min_free": "1PiB"}}
+    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    disk = random_file(tmp_path / "disk.raw", 3 * MiB)
+    moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
+    service = ImportService(cfg)
+    try:
+        done = run(cfg, service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw")))
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
+    assert "needs 3.0 MiB of scratch but the filesystem" in done.error_message
+    assert "needs 0 B" not in done.error_message
+
+
+FETCH_ONLY = """
+name: fetch-only
+params:
+  source: {type: object, required: true}
+steps:
+  - name: fetch
+    action: source.fetch
+    with: {source: "{{ source }}"}
+    register: fetched
+  - name: after
+    action: scratch.reserve
+    with: {bytes: "2MiB", purpose: what a later step needs}
+"""
+
+
+def test_a_finished_download_is_not_counted_twice_against_the_scratch_disk(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # 6 MiB downloaded onto a 10 MiB disk: 4 MiB are left, and the next step asks for 2 of them
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "fetch-only.yaml").write_text(FETCH_ONLY)
+    with tmpfs(tmp_path / "scratch", "10m") as root:
+        data = cfg_data(tmp_path, moto) | {
+            "scratch": {"root": str(root), "quota": "1GiB", "min_free": 0},
+            "workflows": {"extra_dirs": [str(workflows)]},
+        }
+        cfg = config_mod.from_dict(data, base_dir=tmp_path)
+        disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+        moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
+        engine = Engine(cfg, poll_interval=0.1)
+        try:
+            task = engine.run(engine.submit("fetch-only", {"source": {"bucket": bucket, "key": "disk.raw"}}))
+        finally:
+            engine.store.close()
+    assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
+    assert task.result["fetched"]["size"] == 6 * MiB
+
+
+@pytest.mark.parametrize("fmt", ["RAW", "VMDK"])
+def test_a_volume_whose_storage_fills_up_fails_with_insufficient_storage(
+    moto: MotoServer, bucket: str, tmp_path: Path, fmt: str
+) -> None:
+    # 6 MiB of data for a volume on a 4 MiB filesystem: RAW streams onto it, VMDK is converted onto it
+    # by qemu-img (scratch is elsewhere and roomy). Either way the full target is InsufficientStorage,
+    # not InsufficientScratch (scratch is fine) and not an uncoded StepFailed.
+    disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+    upload_file = disk
+    if fmt == "VMDK":
+        upload_file = tmp_path / "disk.vmdk"
+        imgs.qemu_img(
+            "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", disk, upload_file
+        )
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, upload_file)
+    upload(s3, pending, upload_file, file_format=fmt, part_size=2 * MiB)
+    with tmpfs(tmp_path / "volumes", "4m") as volumes:
+        data = cfg_data(tmp_path, moto) | {
+            "targets": {"volume": {"type": "file", "directory": str(volumes), "min_free": 0}}
+        }
+        cfg = config_mod.from_dict(data, base_dir=tmp_path)
+        service = ImportService(cfg)
+        try:
+            task = service.import_volume(
+                DiskImage(fmt, disk.stat().st_size, pending.url, 1), availability_zone=None, description=None
+            )
+            done = run(cfg, task)
+        finally:
+            service.store.close()
+        assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientStorage"), done.error_message
+        assert done.error_message.startswith(
+            "step 'write-image' failed: no space left on the storage of volume vol-"
+        )
+        assert list(volumes.iterdir()) == []  # the volume and any partial output are gone
+    assert not (cfg.scratch.root / task.id).exists()

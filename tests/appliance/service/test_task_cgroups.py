@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from api import health
 from appliance import config as config_mod
-from appliance.service import taskcgroup
+from appliance.service import health, taskcgroup
 from appliance.service.taskcgroup import TaskCaps
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine

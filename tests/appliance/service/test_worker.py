@@ -17,6 +17,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
+from appliance.workflow.supervisor import pid_alive
 from tests import confinement, processes
 
 # this module's waits are bounded at 30 s unless a call says otherwise
@@ -110,20 +111,27 @@ def test_runs_pending_tasks_never_more_than_concurrency(
     assert beat["status"] == "stopped" and beat["concurrency"] == 2
 
 
-def test_cancel_stops_a_running_task_within_2s(engine: Engine, cfg_file: Path, tmp_path: Path) -> None:
-    task_id = engine.submit("count-and-wait", {"marker": str(tmp_path / "m")})
+def test_cancel_interrupts_the_running_step_and_its_child_exits(
+    engine: Engine, cfg_file: Path, tmp_path: Path
+) -> None:
+    # The wait step would sleep for an hour: the task can only end within the wait below if the
+    # cancel interrupts it (speed is measured in bench/, not asserted here).
+    task_id = engine.submit("count-and-wait", {"marker": str(tmp_path / "m"), "seconds": 3600})
     worker = start_worker(cfg_file)
     try:
         wait_until(lambda: step_state(engine.store, task_id, "wait") == "running", what="the wait step")
+        owner = engine.store.get_task(task_id).owner
+        assert owner is not None
+        child = int(owner.rpartition(":")[2])
+        assert pid_alive(child)
         engine.store.request_cancel(task_id, reason="operator said so")
-        t0 = time.monotonic()
         wait_until(lambda: state(engine.store, task_id) is TaskState.CANCELLED, timeout=10, what="cancelled")
-        took = time.monotonic() - t0
+        wait_until(lambda: not pid_alive(child), timeout=10, what="the task's child process to exit")
     finally:
         stop(worker)
-    assert took < 2.0, f"cancel took {took:.2f}s"
     task = engine.store.get_task(task_id)
     assert task.cancel_reason == "operator said so"
+    assert step_state(engine.store, task_id, "wait") != "completed"  # interrupted, not waited out
     assert not (tmp_path / f"m.{task_id}").exists()  # the copy step was undone
 
 

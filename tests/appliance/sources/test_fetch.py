@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import Cancelled, ImageRejected, UsageError
+from appliance.errors import Cancelled, ImageRejected, InsufficientScratch, UsageError
 from appliance.sources.fetch import fetch_to_file, open_stream
 from appliance.sources.http import HttpClient, SourceUnavailable, TransferInterrupted
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
@@ -212,3 +212,56 @@ def test_s3_source_resumes_with_range_and_if_match(tmp_path: Path) -> None:
         assert len(gets) == 2
         assert gets[1].headers["Range"].startswith("bytes=") and gets[1].headers["Range"] != "bytes=0-"
         assert gets[1].headers["If-Match"] == f'"{srv.routes["/bkt/disk.raw"].etag}"'
+
+
+def test_the_declared_size_is_reserved_before_any_byte_is_written(
+    server: TestHTTPServer, policy: UrlPolicy, http: HttpClient, tmp_path: Path
+) -> None:
+    dst = tmp_path / "d"
+    calls: list[tuple[int, bool, int]] = []
+    fetch_to_file(
+        {"url": server.url("/disk.raw")}, dst, policy, max_bytes=10**7,
+        reserve=lambda n, whole: calls.append((n, whole, dst.stat().st_size)), http=http,
+    )  # fmt: skip
+    assert calls[0] == (len(DATA), True, 0)
+    assert all(n <= len(DATA) for n, _, _ in calls)
+
+
+def test_a_source_without_a_length_is_reserved_as_its_bytes_arrive(
+    server: TestHTTPServer, policy: UrlPolicy, http: HttpClient, tmp_path: Path
+) -> None:
+    server.routes["/disk.raw"].send_length = False
+    dst = tmp_path / "d"
+    calls: list[tuple[int, bool]] = []
+
+    def reserve(n: int, whole: bool) -> None:
+        assert n >= dst.stat().st_size  # before the bytes are written
+        calls.append((n, whole))
+
+    result = fetch_to_file(
+        {"url": server.url("/disk.raw")}, dst, policy, max_bytes=10**7, reserve=reserve, http=http
+    )
+    assert result.sha256 == SHA
+    assert calls and not any(whole for _, whole in calls)
+    assert [n for n, _ in calls] == sorted(n for n, _ in calls) and calls[-1][0] == len(DATA)
+
+
+def test_a_refused_reservation_stops_the_download_with_insufficient_scratch_and_keeps_nothing(
+    server: TestHTTPServer, policy: UrlPolicy, http: HttpClient, tmp_path: Path
+) -> None:
+    server.routes["/disk.raw"].send_length = False
+
+    def reserve(n: int, whole: bool) -> None:
+        if n > 600_000:
+            raise InsufficientScratch("downloading needs more scratch than the quota has")
+
+    with pytest.raises(InsufficientScratch):
+        fetch_to_file(
+            {"url": server.url("/disk.raw")},
+            tmp_path / "d",
+            policy,
+            max_bytes=10**7,
+            reserve=reserve,
+            http=http,
+        )
+    assert not (tmp_path / "d").exists()

@@ -13,6 +13,7 @@ from appliance.errors import Cancelled
 from appliance.sources.http import HttpClient, SourceUnavailable, TransferInterrupted
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer, self_signed_cert, tls_server_context
+from tests.servers import free_port
 
 BODY = os.urandom(700_000)
 
@@ -200,3 +201,36 @@ def test_redirect_to_a_non_http_scheme_is_refused(
     with pytest.raises(UrlNotAllowed, match="redirect to disallowed URL"):
         HttpClient(policy, retries=0).head(server.url("/a"))
     assert [r.path for r in server.requests] == ["/a"]
+
+
+# -- failures in fixed words, never a library's exception text (issue 10, item 9) ------------------
+
+_LIBRARY_WORDS = ("RemoteDisconnected", "HTTPConnectionPool", "NewConnectionError", "Errno", "Max retries")
+
+
+def test_network_failures_are_described_in_fixed_words(server: TestHTTPServer) -> None:
+    server.routes["/disk.raw"].script.extend(["reset", "reset"])
+    with pytest.raises(SourceUnavailable) as reset:
+        client_for(server, retries=1).get_stream(server.url("/disk.raw"))
+    assert reset.value.message.endswith(
+        "failed after 2 attempts: the server closed the connection without answering"
+    )
+
+    server.routes["/disk.raw"].script.append("short:1000")
+    with (
+        client_for(server).get_stream(server.url("/disk.raw")) as response,
+        pytest.raises(TransferInterrupted) as short,
+    ):
+        for _ in response.iter_chunks():
+            pass
+    assert short.value.message.endswith(
+        "broke after 1000 bytes: the connection closed before the whole body arrived"
+    )
+
+    port = free_port()  # nothing listens there
+    closed = HttpClient(UrlPolicy(allowed_endpoints=[f"http://127.0.0.1:{port}"]), retries=0, backoff=0.01)
+    with pytest.raises(SourceUnavailable) as refused:
+        closed.get_stream(f"http://127.0.0.1:{port}/disk.raw")
+    assert refused.value.message.endswith("failed after 1 attempts: connection refused")
+    for err in (reset, short, refused):
+        assert not any(word in err.value.message for word in _LIBRARY_WORDS), err.value.message

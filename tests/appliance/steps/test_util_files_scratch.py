@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from appliance.store import StepState, Store, Task, TaskState
 from appliance.workflow import Engine
+from tests.mounts import tmpfs
 
 from ..workflow.support import make_config, make_registry, step_state, wait_until, write_workflow
 
@@ -46,6 +48,35 @@ def test_copy_with_overwrite_replaces(engine: Engine, tmp_path: Path) -> None:
     task = run_steps(engine, tmp_path, [{"name": "c", "action": "file.copy", "with": with_, "register": "c"}])
     assert task.state is TaskState.COMPLETED and dst.read_text() == "new"
     assert task.result["c"] == {"path": str(dst), "bytes": 3}
+
+
+def test_copy_goes_through_a_partial_named_in_the_ledger_before_it_exists(
+    engine: Engine, tmp_path: Path
+) -> None:
+    src, dst = tmp_path / "src", tmp_path / "out" / "dst"
+    src.write_text("data")
+    dst.parent.mkdir()
+    task = run_steps(
+        engine, tmp_path, [{"name": "c", "action": "file.copy", "with": {"src": str(src), "dst": str(dst)}}]
+    )
+    assert task.state is TaskState.COMPLETED
+    [(a1, partial), (a2, gone), (a3, made)] = [(e.action, e.resource) for e in engine.store.ledger(task.id)]
+    assert (a1, a2, gone, a3, made) == ("created", "removed", partial, "created", str(dst))
+    assert Path(partial).parent == dst.parent and Path(partial).name.startswith(".dst.partial-")
+    assert [p.name for p in dst.parent.iterdir()] == ["dst"]
+
+
+def test_copy_onto_a_full_filesystem_is_insufficient_scratch_and_leaves_nothing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    with tmpfs(tmp_path / "small", "1m") as small:
+        with_ = {"src": str(src), "dst": str(small / "dst")}
+        task = run_steps(engine, tmp_path, [{"name": "c", "action": "file.copy", "with": with_}])
+        assert (task.state, task.error_code) == (TaskState.FAILED, "InsufficientScratch"), task.error_message
+        assert f"no space left on the filesystem of {small}" in task.error_message
+        assert list(small.iterdir()) == []
 
 
 def test_copy_of_a_missing_source_fails_with_a_code(engine: Engine, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from appliance.targets import (
     get_volume_target,
     write_raw,
 )
+from appliance.targets.encryption import Encryption, EncryptionNotSupported
 from appliance.targets.file import FileImageTarget, FileVolumeTarget
 
 MiB = 1024 * 1024
@@ -118,6 +119,23 @@ def test_rewrite_after_reopen_zeroes_stale_data(tmp_path: Path) -> None:
     assert volume.path.read_bytes() == expected
 
 
+def test_a_create_run_again_with_its_client_token_takes_the_same_file_again_emptied(tmp_path: Path) -> None:
+    # The import step's create was killed after the file existed and before the step recorded it: the
+    # create run again with the same token must not leave that file behind.
+    target = get_volume_target(make_config(tmp_path))
+    first = target.create(TASK, 8 * MiB, client_token=f"{TASK}/2")
+    first.path.write_bytes(b"\xee" * MiB)  # whatever the killed process left (nothing, normally)
+    again = target.create(TASK, 16 * MiB, client_token=f"{TASK}/2")
+    assert again.id == first.id and again.path == first.path and again.info["zeroed"] is True
+    assert again.path.stat().st_size == 16 * MiB and again.path.stat().st_blocks == 0
+    other = target.create(TASK, 8 * MiB, client_token=f"{TASK}/5")  # another step's volume
+    untokened = target.create(TASK, 8 * MiB)
+    assert len({again.path, other.path, untokened.path}) == 3
+    assert sorted(p.name for p in again.path.parent.iterdir()) == sorted(
+        p.name for p in (again.path, other.path, untokened.path)
+    )
+
+
 def test_write_refuses_image_larger_than_volume(tmp_path: Path) -> None:
     volume = get_volume_target(make_config(tmp_path)).create(TASK, MiB)
     src = tmp_path / "image.raw"
@@ -169,6 +187,7 @@ def test_store_copies_sparse_file_atomically_with_sha256(tmp_path: Path) -> None
         "format": "qcow2",
         "size": 40 * MiB,
         "sha256": hashlib.sha256(expected).hexdigest(),
+        "encryption": None,
     }
     assert final.read_bytes() == expected
     st = final.stat()
@@ -180,6 +199,43 @@ def test_store_copies_sparse_file_atomically_with_sha256(tmp_path: Path) -> None
     target.delete(loc)
     assert not final.exists()
     target.delete(loc)  # already gone: fine
+
+
+def test_store_writes_a_private_partial_named_in_the_ledger_before_it_exists(tmp_path: Path) -> None:
+    target = FileImageTarget(tmp_path / "images", min_free=0)
+    src = tmp_path / "in.raw"
+    sparse_source(src, 16 * MiB, {0: os.urandom(9 * MiB)})
+    announced: list[tuple[str, str, bool]] = []
+    seen: list[tuple[str, int]] = []
+
+    class Ledger:
+        def ledger_created(self, resource: str | Path) -> None:
+            announced.append(("created", str(resource), os.path.lexists(resource)))
+
+        def ledger_removed(self, resource: str | Path) -> None:
+            announced.append(("removed", str(resource), os.path.lexists(resource)))
+
+    def on_progress(p: object) -> None:
+        seen.extend((e.name, stat.S_IMODE(e.lstat().st_mode)) for e in (tmp_path / "images").iterdir())
+
+    loc = target.store("t-0", src, format="raw", on_progress=on_progress, ledger=Ledger())
+    [(created, partial, existed), (removed, gone, exists_after)] = announced
+    assert (created, removed, gone, existed, exists_after) == ("created", "removed", partial, False, False)
+    assert Path(partial).name.startswith(".t-0.raw.partial-")
+    assert (Path(partial).name, 0o600) in seen and all(mode == 0o600 for _, mode in seen)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["t-0.raw"]
+    assert stat.S_IMODE(Path(loc["path"]).stat().st_mode) == 0o600
+
+
+def test_file_image_target_refuses_to_store_an_image_encrypted_and_writes_nothing(tmp_path: Path) -> None:
+    target = FileImageTarget(tmp_path / "images", min_free=0)
+    src = tmp_path / "in.raw"
+    sparse_source(src, MiB, {0: os.urandom(MiB)})
+    assert target.sse_algorithms == frozenset()
+    with pytest.raises(EncryptionNotSupported) as exc:
+        target.store("t-0", src, format="raw", encryption=Encryption("AES256"))
+    assert "file image target" in exc.value.message and "s3 image target" in exc.value.message
+    assert not (tmp_path / "images").exists() or list((tmp_path / "images").iterdir()) == []
 
 
 def test_store_keeps_trailing_hole_and_zero_chunks_exact(tmp_path: Path) -> None:

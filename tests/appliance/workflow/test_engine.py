@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from appliance.errors import IncorrectState, UsageError
+from appliance.partials import is_partial
 from appliance.scratch import ScratchSpace
 from appliance.steps.util import EchoStep
 from appliance.store import StepState, Store, Task, TaskState
 from appliance.workflow import Engine, EngineCallbacks
+from appliance.workflow.runner import UNEXPECTED_MESSAGE
 
 from .support import Recorder, make_config, make_registry, step_state, wait_until, write_workflow
 
@@ -33,7 +35,9 @@ def steps(engine: Engine, task: Task) -> dict[str, Any]:
 
 
 def ledger(engine: Engine, task: Task) -> list[tuple[str, str]]:
-    return [(e.action, e.resource) for e in engine.store.ledger(task.id)]
+    """The task's ledger without the entries of partial outputs (file.copy's temporary names, checked in
+    test_partials.py)."""
+    return [(e.action, e.resource) for e in engine.store.ledger(task.id) if not is_partial(e.resource)]
 
 
 def test_when_false_skips_and_records_the_step(tmp_path: Path, engine: Engine) -> None:
@@ -245,7 +249,12 @@ def test_uncoded_exception_in_a_step_becomes_step_failed(tmp_path: Path, engine:
     write_workflow(tmp_path, "crash", {"steps": [{"name": "bug", "action": "test.crash"}]})
     task = run(engine, "crash")
     assert (task.state, task.error_code) == (TaskState.FAILED, "StepFailed")
-    assert "KeyError" in task.error_message and "boom" in task.error_message
+    # the exception's text is for the operator (an event, the log), never the task's message, which
+    # EC2 clients read as the StatusMessage
+    assert task.error_message == "step 'bug' failed: " + UNEXPECTED_MESSAGE
+    assert "boom" not in task.error_message and "KeyError" not in task.error_message
+    [event] = [e for e in engine.store.events(task_id=task.id) if e.kind == "step.exception"]
+    assert event.data == {"step": "1", "name": "bug", "type": "builtins.KeyError", "message": "'boom'"}
 
 
 def test_rejection_keeps_every_finding_on_the_task(tmp_path: Path, engine: Engine) -> None:
@@ -287,6 +296,8 @@ def test_timeout_fails_the_step_and_undoes_earlier_ones(tmp_path: Path, engine: 
     recs = steps(engine, task)
     assert recs["1"].state is StepState.UNDONE and recs["2"].state is StepState.FAILED
     assert recs["2"].error["code"] == "StepTimeout"
+    stopping = [e.data for e in engine.store.events(task_id=task.id) if e.kind == "step.stopping"]
+    assert stopping == [{"step": "2", "name": "nap", "reason": "timeout"}]
 
 
 def test_failure_undoes_completed_steps_in_reverse_with_a_ledger(tmp_path: Path, engine: Engine) -> None:

@@ -11,15 +11,15 @@ Every failing check carries a ``reason`` a human can act on.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
-from functools import cache
+from datetime import datetime
 from typing import Any
 
-from appliance.config import Config
-from appliance.store import Store, parse_time
+from ..config import Config
+from ..image.qemuimg import availability
+from ..store import Store
+from .heartbeat import heartbeat_age, read_heartbeat
 
 OK, DEGRADED, DISABLED = "ok", "degraded", "disabled"
 #: per-check statuses; ``unknown`` never changes the overall status
@@ -38,27 +38,11 @@ def check_store(open_store: Callable[[], Store]) -> dict[str, Any]:
     return {"status": PASS, "schema_version": version}
 
 
-@cache
-def _qemu_img_version(path: str) -> str:
-    """First line of ``qemu-img --version`` for the binary at ``path`` (run once per path and process)."""
-    out = subprocess.run(
-        [path, "--version"], capture_output=True, text=True, timeout=10, check=True, env={"LC_ALL": "C"}
-    )
-    return out.stdout.splitlines()[0].strip() if out.stdout else ""
-
-
 def check_qemu_img() -> dict[str, Any]:
-    """``qemu-img`` is on PATH and runs; the lookup is repeated per probe, the version run is cached."""
-    path = shutil.which("qemu-img")
-    if path is None:
-        return {
-            "status": FAIL,
-            "reason": "qemu-img not found on PATH; install qemu-utils (no image can be converted)",
-        }
-    try:
-        version = _qemu_img_version(path)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return {"status": FAIL, "reason": f"qemu-img at {path} does not run: {exc}"}
+    """``qemu-img`` is on PATH and runs."""
+    path, version, problem = availability()
+    if problem is not None:
+        return {"status": FAIL, "reason": f"{problem}; no image can be converted"}
     return {"status": PASS, "path": path, "version": version}
 
 
@@ -88,28 +72,17 @@ def check_scratch(config: Config) -> dict[str, Any]:
     return result
 
 
-def _read_heartbeat(config: Config) -> tuple[bool, dict[str, Any] | None]:
-    """(worker module present, its last heartbeat)."""
-    try:
-        from appliance.service.worker import read_heartbeat
-    except ImportError:
-        return False, None
-    return True, read_heartbeat(config)
-
-
 def check_worker(config: Config, now: datetime | None = None) -> dict[str, Any]:
     """The task worker wrote a heartbeat recently and reports itself ``ok``."""
-    available, beat = _read_heartbeat(config)
-    if not available:
-        return {"status": UNKNOWN, "reason": "this build has no task worker"}
+    beat = read_heartbeat(config)
     if beat is None:
         return {"status": FAIL, "reason": "no worker heartbeat: is `imaging worker` running?"}
     poll = float(beat.get("poll_interval") or config.worker.poll_interval)
     # A worker silent for longer than a task lease has lost its tasks to recovery anyway.
     stale_after = max(float(config.lease_seconds), 3 * poll)
     try:
-        age = ((now or datetime.now(UTC)) - parse_time(str(beat["updated_at"]))).total_seconds()
-    except (KeyError, ValueError):
+        age = heartbeat_age(beat, now)
+    except ValueError:
         return {"status": FAIL, "reason": "worker heartbeat is unreadable"}
     result: dict[str, Any] = {
         "status": PASS,
@@ -130,9 +103,9 @@ def check_worker(config: Config, now: datetime | None = None) -> dict[str, Any]:
 
 def check_task_limits(config: Config) -> dict[str, Any]:
     """The per-task caps (``worker.task_*``) are enforced, as the worker reports (``task_limits``)."""
-    available, beat = _read_heartbeat(config)
+    beat = read_heartbeat(config)
     limits = (beat or {}).get("task_limits")
-    if not available or not isinstance(limits, dict):
+    if not isinstance(limits, dict):
         return {"status": UNKNOWN, "reason": "no worker heartbeat says how tasks are capped"}
     caps = limits.get("caps") or {}
     result: dict[str, Any] = {"status": PASS, "caps": caps, "cgroup": limits.get("cgroup")}
@@ -147,9 +120,9 @@ def check_task_limits(config: Config) -> dict[str, Any]:
 
 def check_confinement(config: Config) -> dict[str, Any]:
     """Untrusted-input parsers run in a private network namespace, as the worker reports."""
-    available, beat = _read_heartbeat(config)
+    beat = read_heartbeat(config)
     confinement = (beat or {}).get("confinement")
-    if not available or not isinstance(confinement, dict):
+    if not isinstance(confinement, dict):
         return {"status": UNKNOWN, "reason": "no worker heartbeat says how parsers are confined"}
     if confinement.get("network") is None:
         reason = confinement.get("reason") or "no network isolation"

@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from .refs import ArtifactError
-from .store import ArtifactStore, UploadResult
+from ..artifacts.refs import ArtifactError
+from ..artifacts.store import ArtifactStore, UploadResult
+from .loader import WorkflowLoader
+from .model import Workflow
 
 
-def gather_resources(workflow: Any, given: Mapping[str, Path]) -> dict[str, Path]:
+def gather_resources(workflow: Workflow, given: Mapping[str, Path]) -> dict[str, Path]:
     """The local file for each resource of ``workflow`` that the artifact must carry.
 
     A resource written as a path is uploaded from ``given[NAME]`` (``--resource NAME=PATH``) or, when
@@ -22,7 +23,8 @@ def gather_resources(workflow: Any, given: Mapping[str, Path]) -> dict[str, Path
     problems: list[str] = []
     missing = False
     for step in workflow.steps:
-        if step.include_ref is not None and step.include is not None and _is_path(step.include_ref):
+        ref = step.include_ref
+        if ref is not None and step.include is not None and WorkflowLoader.is_path(ref):
             problems.append(
                 f"step {step.name!r} includes {step.include_ref!r} by path, which the artifact would not "
                 "hold; include workflows by name (shipped or operator directories) or by artifact:// URI"
@@ -63,7 +65,7 @@ def gather_resources(workflow: Any, given: Mapping[str, Path]) -> dict[str, Path
 
 def upload_workflow(
     store: ArtifactStore,
-    loader: Any,
+    loader: WorkflowLoader,
     workflow_file: Path,
     given: Mapping[str, Path],
     *,
@@ -88,9 +90,3 @@ def parse_resource_args(pairs: list[str]) -> dict[str, Path]:
             raise ArtifactError(f"--resource {name} is given twice", "InvalidParameterValue")
         out[name] = Path(path).expanduser()
     return out
-
-
-def _is_path(ref: str) -> bool:
-    from ..workflow.loader import WorkflowLoader
-
-    return WorkflowLoader.is_path(ref)

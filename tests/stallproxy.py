@@ -1,0 +1,174 @@
+"""An HTTP proxy on loopback in front of a real server (the moto S3 server) that can hold downloads.
+
+Every request is forwarded as it came (method, path, headers, body: SigV4 signatures stay valid, as
+the Host header is passed on) and the answer streamed back. While the proxy is *armed*, the body of
+each GET whose path ends with one of the armed suffixes stops after ``after`` bytes: the request is
+counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy.stalled_on`) and
+waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
+proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
+without timing anything; several downloads can be held and released one by one.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import sys
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
+_PIECE = 64 * 1024
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_HEAD(self) -> None:
+        self._forward()
+
+    def do_PUT(self) -> None:
+        self._forward()
+
+    def do_POST(self) -> None:
+        self._forward()
+
+    def do_DELETE(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        owner = self.server.owner
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        upstream = http.client.HTTPConnection(owner.upstream.hostname, owner.upstream.port, timeout=60)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            self.send_response(answer.status, answer.reason)
+            for k, v in answer.getheaders():
+                if k.lower() not in _HOP_BY_HOP:
+                    self.send_header(k, v)
+            if answer.getheader("Content-Length") is None and self.command != "HEAD":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            armed = owner.hold_at(self.command, self.path)
+            hold_at = armed[1] if armed is not None else None
+            sent = 0
+            while piece := answer.read(_PIECE if hold_at is None else min(_PIECE, max(hold_at - sent, 1))):
+                self.wfile.write(piece)
+                sent += len(piece)
+                if armed is not None and hold_at is not None and sent >= hold_at:
+                    self.wfile.flush()
+                    owner.hold(armed[0])
+                    hold_at = None
+        except (OSError, http.client.HTTPException):
+            self.close_connection = True  # the client went away (killed, or gave up), or the server did
+        finally:
+            upstream.close()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    owner: StallingProxy
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away between requests (killed, or shut its socket down)
+        super().handle_error(request, client_address)
+
+
+class StallingProxy:
+    """The proxy (see the module docstring); use it as a context manager."""
+
+    __test__ = False
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self._lock = threading.Condition()
+        self._armed: dict[str, int] = {}
+        #: per armed suffix: set when it is released
+        self._released: dict[str, threading.Event] = {}
+        self._stalled: dict[str, int] = {}
+        self._closing = threading.Event()
+        #: GETs that stopped and wait for :meth:`release`
+        self.stalled = 0
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.owner = self
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
+        self._thread.daemon = True
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def arm(self, path_suffix: str, after: int) -> None:
+        """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes."""
+        with self._lock:
+            self._released[path_suffix] = threading.Event()
+            self._armed[path_suffix] = after
+
+    def release(self, path_suffix: str | None = None) -> None:
+        """Disarm ``path_suffix`` (default: every suffix), and let the GETs it holds finish."""
+        with self._lock:
+            for suffix in [path_suffix] if path_suffix is not None else list(self._armed):
+                self._armed.pop(suffix, None)
+                if suffix in self._released:
+                    self._released[suffix].set()
+
+    def stalled_on(self, path_suffix: str) -> int:
+        """How many GETs ``path_suffix`` held so far."""
+        with self._lock:
+            return self._stalled.get(path_suffix, 0)
+
+    def hold_at(self, method: str, path: str) -> tuple[str, int] | None:
+        """(armed suffix, bytes after which to hold) for a request, or None."""
+        with self._lock:
+            if method != "GET":
+                return None
+            plain = path.split("?", 1)[0]
+            return next(((sfx, after) for sfx, after in self._armed.items() if plain.endswith(sfx)), None)
+
+    def hold(self, path_suffix: str) -> None:
+        with self._lock:
+            self.stalled += 1
+            self._stalled[path_suffix] = self._stalled.get(path_suffix, 0) + 1
+            released = self._released[path_suffix]
+            self._lock.notify_all()
+        while not (released.wait(0.05) or self._closing.is_set()):
+            pass
+        if self._closing.is_set() and not released.is_set():
+            raise OSError("the proxy is closing")
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> StallingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
