@@ -49,7 +49,7 @@ from convert import (
 from appliance import config as config_mod
 from appliance import confine
 from appliance.config import parse_size
-from appliance.image.convert import build_command
+from appliance.image.convert import build_command, page_cache_bytes, use_direct_io
 
 VARIANTS = ("bare", "confined")
 MAX_ATTEMPTS = 3
@@ -154,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         _, _, qemu_fmt = INPUTS[name]
         dst = (out / f"confine-result.{args.to}").resolve()
         dst.touch()
-        command = build_command(src, qemu_fmt, dst, args.to, None)
-        dst.unlink()
         virtual = json.loads(
             subprocess.run(
                 ["qemu-img", "info", "-f", qemu_fmt, "--output=json", str(src)],
@@ -163,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
             ).stdout
         )["virtual-size"]
+        direct = use_direct_io(
+            args.to, qemu_fmt, block_device=False, output_bytes=virtual, page_cache_bytes=page_cache_bytes()
+        )
+        command = build_command(src, qemu_fmt, dst, args.to, None, direct_io=direct)
+        dst.unlink()
         policy = confine.qemu_img_convert(limits, virtual)
         log(f"{name} -> {args.to}: {' '.join(command)}")
         log(f"  policy: {policy.cpu_seconds} CPU s, {policy.address_space // MiB} MiB address space")

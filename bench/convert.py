@@ -35,7 +35,7 @@ from pathlib import Path
 
 from appliance import config as config_mod
 from appliance.config import parse_size
-from appliance.image.convert import build_command, convert_image
+from appliance.image.convert import build_command, convert_image, page_cache_bytes, use_direct_io
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -331,14 +331,18 @@ def _timed(fn: Callable[[], object], hz: int, disk: Path | None) -> tuple[float,
 
 
 #: the toolkit; bare qemu-img with default options (the goal's reference); bare qemu-img with the
-#: options the toolkit passes (``build_command``; ``-t none`` for most inputs), which isolates the
+#: options the toolkit passes (``use_direct_io`` + ``build_command``), which isolates the
 #: toolkit's own overhead (inspection, fsync, output check) from its choice of options
 VARIANTS = ("appliance", "qemu-img", "qemu-img-same")
 
 
-def _toolkit_options(qemu_fmt: str, dst: Path) -> list[str]:
-    """The extra options convert_image gives qemu-img for this conversion to raw (minus ``-p``)."""
-    argv = build_command(Path("/src"), qemu_fmt, dst.absolute(), "raw", None)
+def _toolkit_options(qemu_fmt: str, dst: Path, virtual_size: int) -> list[str]:
+    """The extra options convert_image gives qemu-img for this conversion to raw (minus ``-p``): its
+    cache-mode rule (``use_direct_io``) for a file of this virtual size, with the memory available now."""
+    direct = use_direct_io(
+        "raw", qemu_fmt, block_device=False, output_bytes=virtual_size, page_cache_bytes=page_cache_bytes()
+    )
+    argv = build_command(Path("/src"), qemu_fmt, dst.absolute(), "raw", None, direct_io=direct)
     return [a for a in argv[2 : argv.index("-f")] + argv[argv.index("-O") + 2 : -2] if a != "-p"]
 
 
@@ -349,25 +353,38 @@ def _bare(qemu_fmt: str, src: Path, dst: Path, *options: str) -> None:
 
 
 def run_once(
-    variant: str, name: str, src: Path, dst: Path, cfg: config_mod.Config, workdir: Path, *, quick: bool
+    variant: str,
+    name: str,
+    src: Path,
+    dst: Path,
+    cfg: config_mod.Config,
+    workdir: Path,
+    *,
+    quick: bool,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> Run:
     """One timed conversion of ``src`` to raw at ``dst``, repeated if other work overlapped it.
 
     ``quick`` (smoke test) waits at most a few seconds for an idle machine and never repeats.
     """
     _, claim, qemu_fmt = INPUTS[name]
+    virtual_size = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-f", qemu_fmt, "--output=json", str(src)], check=True, capture_output=True
+        ).stdout
+    )["virtual-size"]
     hz = os.sysconf("SC_CLK_TCK")
     disk = _disk_stat_file(dst.parent)
     variants = {
         "appliance": lambda: convert_image(src, dst, "raw", claim, config=cfg, workdir=workdir),
         "qemu-img": lambda: _bare(qemu_fmt, src, dst),
-        "qemu-img-same": lambda: _bare(qemu_fmt, src, dst, *_toolkit_options(qemu_fmt, dst)),
+        "qemu-img-same": lambda: _bare(qemu_fmt, src, dst, *_toolkit_options(qemu_fmt, dst, virtual_size)),
     }
     attempts = 1 if quick else MAX_ATTEMPTS
     for attempt in range(1, attempts + 1):
         dst.unlink(missing_ok=True)
         dropped = drop_caches()
-        wait_for_idle(disk, timeout=2.0 if quick else IDLE_TIMEOUT)
+        wait_for_idle(disk, timeout=2.0 if quick else idle_timeout)
         seconds, other = _timed(variants[variant], hz, disk)
         dst.unlink(missing_ok=True)
         overlapped = other.overlapped(seconds)
@@ -382,7 +399,15 @@ def run_once(
 
 
 def measure(
-    name: str, src: Path, data_bytes: int, runs: int, out: Path, cfg: config_mod.Config, *, quick: bool
+    name: str,
+    src: Path,
+    data_bytes: int,
+    runs: int,
+    out: Path,
+    cfg: config_mod.Config,
+    *,
+    quick: bool,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> Measurement:
     """All timed runs for one input; run ``i`` rotates the variants' order so each goes first in turn."""
     m = Measurement(name, allocated(src), data_bytes)
@@ -399,7 +424,9 @@ def measure(
     for i in range(runs):
         shift = i % len(VARIANTS)
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-            m.runs.append(run_once(variant, name, src, dst, cfg, workdir, quick=quick))
+            m.runs.append(
+                run_once(variant, name, src, dst, cfg, workdir, quick=quick, idle_timeout=idle_timeout)
+            )
     return m
 
 
@@ -418,6 +445,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="256 MiB disk and 1 run: a smoke test")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache and scratch directory")
     p.add_argument("--strict", action="store_true", help=f"exit 1 if any ratio exceeds {GOAL}")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT,
+        help=f"seconds to wait for an idle machine before each run (default {IDLE_TIMEOUT:.0f})",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.runs = "256MiB", 1
@@ -451,7 +484,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name, src in inputs.items():
-        results.append(measure(name, src, data_bytes, args.runs, out, cfg, quick=args.quick))
+        results.append(
+            measure(
+                name, src, data_bytes, args.runs, out, cfg, quick=args.quick, idle_timeout=args.idle_timeout
+            )
+        )
 
     log("")
     log(

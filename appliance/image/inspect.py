@@ -207,7 +207,9 @@ def verify_output(path: Path, expected: str, *, config: Config) -> InspectionRes
     """Re-inspect a conversion's output, which must be a safe image detected as ``expected``.
 
     Output whose content is detected as anything else (e.g. ``raw`` output that is really qcow2 or vmdk: a
-    format hidden inside raw) gets ``ConversionFailed.UnexpectedFormat`` and qemu-img is not run on it. ISO
+    format hidden inside raw) gets ``ConversionFailed.UnexpectedFormat`` and qemu-img is not run on it; raw
+    output is checked by its content alone (it has no metadata for qemu-img to read), other formats also
+    by ``qemu-img info`` and ``check``. ISO
     content is accepted for raw output (qemu reads ISO as raw). Like :func:`inspect_image` this returns the
     result and does not raise for an unsafe output: pass it to :func:`require_safe`.
     """
@@ -216,7 +218,13 @@ def verify_output(path: Path, expected: str, *, config: Config) -> InspectionRes
     if not target.is_file():
         raise UsageError(f"{target}: conversion output does not exist")
     result = InspectionResult(path=target, source=target)
-    _inspect_file(result, fmt, config=config, workdir=None, cancel=None, output=True)
+    if fmt == "raw":
+        # Raw has no metadata: qemu-img info -f raw could only echo the file's size, and there is nothing
+        # for check to walk. What can be wrong with raw output is its content (a format hidden in the
+        # guest data), which the content stage finds.
+        _content_stage(result, fmt, config=config, cancel=None, output=True)
+    else:
+        _inspect_file(result, fmt, config=config, workdir=None, cancel=None, output=True)
     return _finish(result)
 
 
