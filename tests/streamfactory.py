@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SECTOR = 512
@@ -113,3 +114,12 @@ def build(s: Stream) -> bytes:
         out += bytes(SECTOR)
     out += s.trailing
     return bytes(out)
+
+
+def nonzero_bytes(path: Path, block: int = 4096) -> int:
+    """Bytes of the ``block``-sized blocks of ``path`` that are not all zero (what a sparse copy writes)."""
+    total = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            total += len(chunk) if chunk.count(0) != len(chunk) else 0
+    return total

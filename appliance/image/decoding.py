@@ -227,3 +227,35 @@ def zeros(n: int) -> bytes:
     if z is None:
         z = bytes(n) if n > 16 << 20 else _ZERO_BUFFERS.setdefault(n, bytes(n))
     return z
+
+
+#: the granularity of zero detection: all-zero blocks of this size become holes (qemu-img's default too)
+ZERO_BLOCK = 4096
+
+
+def emit(sink: Sink, offset: int, chunk: bytes) -> int:
+    """Hand ``chunk`` (disk bytes at ``offset``) to ``sink``: runs of all-zero :data:`ZERO_BLOCK` blocks
+    as ``zero`` ranges, the rest as coalesced ``write`` calls. Returns the data bytes written."""
+    n = len(chunk)
+    if chunk == zeros(n):
+        sink.zero(offset, n)
+        return 0
+    z = zeros(ZERO_BLOCK)
+    data = 0
+    run = 0  # start of the current run
+    run_is_zero = chunk[:ZERO_BLOCK] == z[: min(n, ZERO_BLOCK)]
+    for i in range(ZERO_BLOCK, n, ZERO_BLOCK):
+        block = chunk[i : i + ZERO_BLOCK]
+        is_zero = block == z[: len(block)]
+        if is_zero != run_is_zero:
+            data += _flush(sink, offset, chunk, run, i, run_is_zero)
+            run, run_is_zero = i, is_zero
+    return data + _flush(sink, offset, chunk, run, n, run_is_zero)
+
+
+def _flush(sink: Sink, offset: int, chunk: bytes, start: int, end: int, is_zero: bool) -> int:
+    if is_zero:
+        sink.zero(offset + start, end - start)
+        return 0
+    sink.write(offset + start, chunk if start == 0 and end == len(chunk) else chunk[start:end])
+    return end - start

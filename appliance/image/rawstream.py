@@ -30,8 +30,8 @@ from .decoding import (
     Reader,
     Sink,
     corrupt,
+    emit,
     too_large,
-    zeros,
 )
 from .formats import COMPRESSIONS
 
@@ -99,11 +99,7 @@ class RawDecoder(Decoder):
 
 
 def _emit(sink: Sink, at: int, chunk: bytes, dec: Decoder) -> None:
-    if chunk == zeros(len(chunk)):
-        sink.zero(at, len(chunk))
-    else:
-        sink.write(at, chunk)
-        dec.data_bytes += len(chunk)
+    dec.data_bytes += emit(sink, at, chunk)
 
 
 class CompressedDecoder(Decoder):

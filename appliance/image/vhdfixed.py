@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 from .decoding import (
     SECTOR,
+    ZERO_BLOCK,
     Boundary,
     DecodeLimits,
     Decoder,
@@ -46,8 +47,8 @@ from .decoding import (
     Reader,
     Sink,
     corrupt,
+    emit,
     too_large,
-    zeros,
 )
 
 FORMAT = "vhd-fixed"
@@ -130,11 +131,7 @@ class VhdFixedDecoder(Decoder):
         return Boundary(FORMAT, self._emitted, {"data_bytes": self.data_bytes})
 
     def _emit(self, sink: Sink, chunk: bytes) -> None:
-        if chunk == zeros(len(chunk)):
-            sink.zero(self._emitted, len(chunk))
-        else:
-            sink.write(self._emitted, chunk)
-            self.data_bytes += len(chunk)
+        self.data_bytes += emit(sink, self._emitted, chunk)
         self._emitted += len(chunk)
 
     def decode(
@@ -155,9 +152,10 @@ class VhdFixedDecoder(Decoder):
             chunk = r.read(want)
             if not chunk:
                 break
-            if size is None:
+            if size is None:  # hold the last 512 bytes back, emit whole zero-detection blocks
                 chunk = held + chunk
-                held, chunk = chunk[-SECTOR:], chunk[:-SECTOR]
+                cut = (len(chunk) - SECTOR) // ZERO_BLOCK * ZERO_BLOCK
+                held, chunk = chunk[cut:], chunk[:cut]
             if chunk:
                 self._emit(sink, chunk)
             if on_progress is not None:
@@ -168,6 +166,9 @@ class VhdFixedDecoder(Decoder):
             held = r.read(SECTOR)
             if r.read(1):
                 raise corrupt(_WHAT, r.offset - 1, "the input is longer than its size")
+        if size is None and len(held) > SECTOR:
+            self._emit(sink, held[:-SECTOR])
+            held = held[-SECTOR:]
         data_length = self._emitted
         if len(held) != SECTOR:
             raise corrupt(_WHAT, r.offset, "the input ends before a complete footer")

@@ -74,6 +74,7 @@ from .decoding import (
     Reader,
     Sink,
     corrupt,
+    emit,
     too_large,
 )
 
@@ -315,7 +316,6 @@ class VmdkStreamDecoder(Decoder):
         next_report = r.offset + _PROGRESS_EVERY
         full = h.grain_bytes
         size = h.capacity * SECTOR
-        zeros = bytes(full)
         max_compressed = 2 * full
         footer_seen = False
 
@@ -323,10 +323,7 @@ class VmdkStreamDecoder(Decoder):
             fut, lba, end = window.popleft()
             data = fut.result()
             at = lba * SECTOR
-            data = data[: size - at]
-            sink.write(at, data)
-            if data != zeros[: len(data)]:
-                self.data_bytes += len(data)
+            self.data_bytes += emit(sink, at, data[: size - at])
             g = lba // h.grain_size
             self._written[g >> 3] |= 1 << (g & 7)
             self._clean = end
