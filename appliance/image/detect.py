@@ -8,9 +8,9 @@ need: it says whether only end-of-file regions are still missing (:meth:`Detecto
 that the last bytes of an object fetched with a suffix range can complete the decision without the
 bytes in between (:meth:`Detector.feed_tail`), and which regions are still missing.
 
-The file inspection (:func:`appliance.image.inspect.inspect_image`), the header-only preflight of a
-download (:func:`appliance.image.inspect.preflight`) and the streaming check of a RAW upload
-(:mod:`appliance.image.stream`) all detect through this class.
+The file inspection (:func:`appliance.image.inspect.inspect_image`) and the header-only preflight of a
+download (:func:`appliance.image.inspect.preflight`) detect through this class (the streaming check of
+a RAW upload, :mod:`appliance.image.stream`, still runs oslo's ``InspectWrapper`` itself).
 """
 
 from __future__ import annotations
