@@ -11,7 +11,8 @@ decompressor child of :mod:`appliance.confine`): :func:`main` is that child's en
 image on stdin (a pipe or a file, read forward only), writes the RAW disk to stdout, a regular file opened
 by the parent that reads as zeros (positional writes, zeros left as holes), and reports on stderr, one
 JSON object per line: ``{"virtual_size": N|null}`` once the header is checked (before the first write),
-``{"done": INPUT_BYTES, "data": DATA_BYTES, "boundary": {...}}`` every 8 MiB or so of input, then
+``{"done": INPUT_BYTES, "data": DATA_BYTES}`` every few MiB of input (with ``"boundary": {...}``, the
+latest clean boundary or null, every :data:`BOUNDARY_EVERY` bytes), then
 ``{"total": VIRTUAL_SIZE, "input": N, "data": N}`` or ``{"error": CODE, "message": ..., "done": N}``.
 The parent truncates the output to ``total`` (the child's stdout may be a block device) and, on an error
 line or a child killed by a limit, removes it.
@@ -39,6 +40,8 @@ from .vmdkstream import FORMAT as VMDK_STREAM
 from .vmdkstream import VmdkStreamDecoder
 
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
+#: input bytes between two boundaries the child reports
+BOUNDARY_EVERY = 64 << 20
 
 
 def limits_of(limits: Limits, threads: int = 0) -> DecodeLimits:
@@ -146,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             decoder = open_decoder(args.format, src, limits, input_size=args.input_size)
         report({"virtual_size": decoder.virtual_size})
 
+        next_boundary = 0
+
         def progress(p: Progress) -> None:
-            nonlocal done
+            nonlocal done, next_boundary
             done = p.input_bytes
-            b = decoder.boundary()
-            report({"done": p.input_bytes, "data": p.data_bytes, "boundary": b and b.to_dict()})
+            line: dict[str, Any] = {"done": p.input_bytes, "data": p.data_bytes}
+            if p.input_bytes >= next_boundary:  # a VMDK state holds a bitmap: not with every line
+                b = decoder.boundary()
+                line["boundary"] = b and b.to_dict()
+                next_boundary = p.input_bytes + BOUNDARY_EVERY
+            report(line)
 
         result = decoder.decode(FdSink(1), on_progress=progress)
     except ImageRejected as exc:

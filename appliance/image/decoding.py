@@ -160,6 +160,16 @@ class Reader:
             self.exactly(step, what)
             n -= step
 
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """One read into ``buf`` (for readers that want it, such as isal's gzip reader)."""
+        data = self._src.read(len(buf))
+        buf[: len(data)] = data
+        self.offset += len(data)
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
     def read_some(self, n: int) -> bytes:
         """One read of at most ``n`` bytes (b"" at the end): for pass-through copies."""
         data = self._src.read(n)

@@ -246,6 +246,8 @@ def test_the_decoder_child_decodes_stdin_to_stdout_and_reports_json_lines(tmp_pa
     lines = _child("vmdk-stream", vmdk, out)
     assert lines[0] == {"virtual_size": 17 * MiB + 512}
     assert lines[-1]["total"] == 17 * MiB + 512
+    boundaries = [line["boundary"] for line in lines if "boundary" in line]
+    assert boundaries and boundaries[-1]["format"] == "vmdk-stream"  # type: ignore[index]
     os.truncate(out, int(lines[-1]["total"]))  # type: ignore[call-overload]
     assert _same(out, _qemu_raw(vmdk, tmp_path))
 
