@@ -39,17 +39,21 @@ from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
 from ..partials import Ledger
 from . import bootsector, qemuimg
 from .decompress import decompress, detect_compression
+from .detect import END_BYTES, Detector
 from .formats import (
     COMPRESSION_SUFFIXES,
+    SIGNATURE_BYTES,
     VHD_COOKIE,
     VMDK_MAGIC,
     check_output_format,
+    compression_of,
     parse_claim,
     strip_compression_suffix,
     to_qemu,
 )
 
 _READ_CHUNK = 64 * 1024
+_SECTOR = 512
 _VHD_FIXED, _VHD_DYNAMIC, _VHD_DIFFERENCING = 2, 3, 4
 _VMDK_NO_PARENT_CID = "ffffffff"
 #: inspectors that read the virtual size from a header
@@ -62,23 +66,17 @@ _VMDK_EXPORT = (
 )
 
 
-@dataclass
-class InspectionResult:
-    """What inspection found out about one image.
+@dataclass(kw_only=True)
+class Verdict:
+    """What the content checks found out about an image: its format, size and findings.
 
-    ``path`` is the file actually inspected (the decompressed copy for a compressed input; it is removed again
-    and ``path`` reset to ``source`` when the image is unsafe). ``format`` is the user-facing name (raw,
-    qcow2, vmdk, vhd, vhdx, iso, vdi, …) or ``None`` when undetermined; ``qemu_format`` the name to pass to
-    ``qemu-img -f`` (``vpc`` for vhd, ``raw`` for iso). ``actual_size`` is the allocated size on disk of
-    ``path``.
+    ``format`` is the user-facing name (raw, qcow2, vmdk, vhd, vhdx, iso, vdi, …) or ``None`` when
+    undetermined; ``qemu_format`` the name to pass to ``qemu-img -f`` (``vpc`` for vhd, ``raw`` for iso).
     """
 
-    path: Path
-    source: Path
     format: str | None = None
     qemu_format: str | None = None
     virtual_size: int | None = None
-    actual_size: int | None = None
     compression: str | None = None
     findings: list[Finding] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +96,20 @@ class InspectionResult:
         if all(f.code != finding.code for f in self.findings):
             self.findings.append(finding)
 
+
+@dataclass(kw_only=True)
+class InspectionResult(Verdict):
+    """What inspection found out about one image file.
+
+    ``path`` is the file actually inspected (the decompressed copy for a compressed input; it is removed again
+    and ``path`` reset to ``source`` when the image is unsafe). ``actual_size`` is the allocated size on disk
+    of ``path``.
+    """
+
+    path: Path
+    source: Path
+    actual_size: int | None = None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for the CLI, the API and task records."""
         return {
@@ -109,6 +121,38 @@ class InspectionResult:
             "actual_size": self.actual_size,
             "compression": self.compression,
             "safe": self.safe,
+            "findings": [f.to_dict() for f in self.findings],
+            "details": self.details,
+        }
+
+
+@dataclass(kw_only=True)
+class Preflight(Verdict):
+    """What :func:`preflight` decided from an image's first bytes (and last bytes).
+
+    ``pending`` names what the given bytes could not decide: ``footer`` (a VMDK stream's footer at the
+    end of the file; the streaming decoder checks it when it gets there), ``tail`` (the last 512 bytes,
+    where a fixed VHD keeps its footer: a RAW stream is checked for one when it ends), ``content``
+    (regions beyond the head: only a full inspection of the whole file decides). ``complete`` is true
+    when nothing is pending. ``compression`` set and ``format`` None: the head is compressed, and the
+    decompressed head decides the rest (preflight it again, with the claim's inner format).
+    """
+
+    pending: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (task records, checkpoints)."""
+        return {
+            "format": self.format,
+            "qemu_format": self.qemu_format,
+            "virtual_size": self.virtual_size,
+            "compression": self.compression,
+            "safe": self.safe,
+            "pending": list(self.pending),
             "findings": [f.to_dict() for f in self.findings],
             "details": self.details,
         }
@@ -150,14 +194,7 @@ def inspect_image(
     compression = detect_compression(source)
     result.compression = compression
     if claimed_compression is not None and claimed_compression != compression:
-        detected = f"{compression}-compressed" if compression else "no compression"
-        result.add(
-            Finding.error(
-                "FormatMismatch",
-                f"claimed {claimed}, detected {detected}; give the format that matches the file "
-                f"(e.g. {claimed_fmt}{COMPRESSION_SUFFIXES[compression] if compression else ''})",
-            )
-        )
+        result.add(_compression_mismatch(claimed or "", claimed_fmt, compression))
         return _finish(result)
     if compression is None:
         _inspect_file(result, claimed_fmt, config=config, workdir=workdir, cancel=cancel)
@@ -195,6 +232,79 @@ def inspect_image(
     return _finish(result)
 
 
+#: how many leading bytes :func:`preflight` wants: within them every inspector has what it needs for a
+#: streamable image (a VMDK's embedded descriptor, up to 1 MiB after its header; the VHDX header
+#: region at 192-256 KiB; the ISO volume descriptor at 32 KiB)
+PREFLIGHT_HEAD = 2 << 20
+#: how many trailing bytes: a VMDK stream's footer marker, footer and end-of-stream marker (the last
+#: 512 of them are where a fixed VHD keeps its footer)
+PREFLIGHT_TAIL = END_BYTES
+
+
+def preflight(
+    head: bytes,
+    tail: bytes | None = None,
+    claimed: str | None = None,
+    *,
+    config: Config,
+    size: int | None = None,
+) -> Preflight:
+    """The content checks of :func:`inspect_image` on an image's first bytes (``head``, ideally
+    :data:`PREFLIGHT_HEAD` of them) and last bytes (``tail``, ideally :data:`PREFLIGHT_TAIL`; needs the
+    image's ``size``), before the rest is downloaded: the format detected against the claim
+    (compression included), polyglots, the ISO policy, the VMDK create type and descriptor, delta
+    disks, differencing VHDs, banned formats and the virtual size. The same code as the file
+    inspection decides, on the bytes given.
+
+    What those bytes cannot decide is in ``pending`` (see :class:`Preflight`); qemu-img never runs
+    here. A compressed head decides only the compression: preflight the decompressed head again with
+    the claim's inner format. Never raises for an unsafe image; UsageError for an unknown claim or
+    ``tail`` without ``size``.
+    """
+    claimed_fmt, claimed_compression = parse_claim(claimed)
+    if tail is not None and size is None:
+        raise UsageError("preflight needs the image size to place its last bytes")
+    if size is not None and len(head) > size:
+        raise UsageError(f"preflight got {len(head)} leading bytes of an image of {size}")
+    result = Preflight()
+    result.details["head_bytes"] = len(head)
+    compression = compression_of(head[:SIGNATURE_BYTES])
+    result.compression = compression
+    if claimed_compression is not None and claimed_compression != compression:
+        result.add(_compression_mismatch(claimed or "", claimed_fmt, compression))
+        return result
+    if compression is not None:
+        result.pending.append("content")  # the decompressed head decides
+        return result
+    if tail is not None and size is not None and size - len(head) <= len(tail):
+        head = head + tail[len(tail) - (size - len(head)) :]  # overlapping: the whole file
+    whole = size is not None and len(head) >= size
+    detector = Detector()
+    detector.feed(head)
+    ignore: frozenset[str] = frozenset()
+    partial = False
+    if detector.formats is None and not whole:
+        if tail is not None and detector.waiting_for_end():
+            detector.feed_tail(tail)
+        elif detector.waiting_for_end():
+            result.pending.append("footer")
+            ignore = frozenset({"footer"})  # oslo's VMDK footer check: the decoder checks it at the end
+        else:
+            result.pending.append("content")
+            partial = True
+    if whole:
+        footer: bytes | None = head[-_SECTOR:]
+    else:
+        footer = None if tail is None else tail[-_SECTOR:]
+    view = _View(detector.finish(), head, footer, size)
+    _content_stage(
+        result, claimed_fmt, view, config=config, output=False, ignore_checks=ignore, partial=partial
+    )
+    if result.format == "raw" and footer is None:
+        result.pending.append("tail")
+    return result
+
+
 def require_safe(result: InspectionResult) -> InspectionResult:
     """Return ``result`` if it is safe, else raise ImageRejected carrying all its findings (errors first)."""
     if not result.safe:
@@ -222,7 +332,7 @@ def verify_output(path: Path, expected: str, *, config: Config) -> InspectionRes
         # Raw has no metadata: qemu-img info -f raw could only echo the file's size, and there is nothing
         # for check to walk. What can be wrong with raw output is its content (a format hidden in the
         # guest data), which the content stage finds.
-        _content_stage(result, fmt, config=config, cancel=None, output=True)
+        _content_stage(result, fmt, _View.of_file(target, None), config=config, output=True)
     else:
         _inspect_file(result, fmt, config=config, workdir=None, cancel=None, output=True)
     return _finish(result)
@@ -302,7 +412,7 @@ def _inspect_file(
     """Stages 2-4 on ``result.path``; stops after the first stage that records an error."""
     path = result.path
     _check_cancel(cancel)
-    _content_stage(result, claimed, config=config, cancel=cancel, output=output)
+    _content_stage(result, claimed, _View.of_file(path, cancel), config=config, output=output)
     if not result.safe or result.qemu_format is None:
         return
     _check_cancel(cancel)
@@ -325,15 +435,21 @@ def _inspect_file(
 
 
 def _content_stage(
-    result: InspectionResult,
+    result: Verdict,
     claimed: str | None,
+    view: _View,
     *,
     config: Config,
-    cancel: threading.Event | None,
     output: bool,
+    ignore_checks: frozenset[str] = frozenset(),
+    partial: bool = False,
 ) -> None:
-    path = result.path
-    inspectors = _detect(path, cancel)
+    """Stage 2 on what ``view`` holds of an image (a whole file, or a download's first and last bytes).
+
+    ``ignore_checks`` names oslo safety checks left to a later stage (the footer of a VMDK stream whose
+    end is not there yet); ``partial``: regions beyond the bytes in ``view`` are missing, so an inspector
+    that could not see all it needs is undecided, not a truncated file."""
+    inspectors = view.inspectors
     names = sorted(str(i) for i in inspectors)
     result.details["detected_formats"] = names
     chosen = _choose(inspectors, names, result, config)
@@ -359,22 +475,25 @@ def _content_stage(
         bootsector.safety_check(chosen)
     except fi.SafetyCheckFailed as exc:
         for check, failure in exc.failures.items():
+            if check in ignore_checks:
+                continue
             result.add(_safety_finding(name, check, failure, config, getattr(chosen, "vmdktype", None)))
     except fi.ImageFormatError as exc:
-        result.add(
-            Finding.error(
-                "CorruptImage",
-                f"the {name} headers are incomplete or inconsistent ({exc}); the file is probably truncated, "
-                "upload it again",
+        if not (partial and not chosen.complete):  # partial: the rest of the file decides
+            result.add(
+                Finding.error(
+                    "CorruptImage",
+                    f"the {name} headers are incomplete or inconsistent ({exc}); the file is probably "
+                    "truncated, upload it again",
+                )
             )
-        )
 
     fmt = "raw" if name == "gpt" else name
     size: int | None = _inspector_size(chosen)
     if name == "gpt" and volume is None:
-        result.details["partition_table"] = _partition_table_kind(path)
+        result.details["partition_table"] = bootsector.classify(view.head[: bootsector.SECTOR]).table
     if fmt == "raw":
-        footer = _read_vhd_footer(path)
+        footer = _read_vhd_footer(view.footer, view.size)
         if footer is not None and footer["problem"] is None:
             fmt = "vhd"
             size = footer["current_size"]
@@ -382,15 +501,15 @@ def _content_stage(
         elif footer is not None:
             result.details["vhd_footer_problem"] = footer["problem"]
     elif fmt == "vhd":
-        _check_vhd_header(path, result)
+        _check_vhd_header(view.head, result)
     if fmt in ("raw", "iso"):
-        size = path.stat().st_size
+        size = view.size
     result.format = fmt
     result.qemu_format = "raw" if fmt == "iso" else to_qemu(fmt)
     result.virtual_size = size
 
     if fmt == "vmdk":
-        _check_vmdk(path, chosen, result, config)
+        _check_vmdk(view.head, chosen, result, config)
     banned = set(config.safety.banned_formats)
     if fmt in banned or result.qemu_format in banned:
         result.add(_banned_finding(fmt))
@@ -402,7 +521,9 @@ def _content_stage(
                 "from the ISO into a disk image and upload that",
             )
         )
-    if claimed is not None and not _claim_matches(claimed, fmt, output=output):
+    # a fixed VHD is known by its last sector: without it a vhd claim on raw-looking bytes is undecided
+    undecided_vhd = fmt == "raw" and view.footer is None and claimed == "vhd"
+    if claimed is not None and not undecided_vhd and not _claim_matches(claimed, fmt, output=output):
         if output:
             result.add(_unexpected_output(claimed, fmt))
         else:
@@ -423,22 +544,41 @@ def _content_stage(
         result.add(_size_finding(size, config))
 
 
-def _detect(path: Path, cancel: threading.Event | None) -> list[fi.FileInspector]:
-    """Every format whose inspector matches (``[raw]`` when none does), reading only as far as needed."""
-    with open(path, "rb") as f:
-        wrapper = fi.InspectWrapper(f)
-        try:
-            while wrapper.read(_READ_CHUNK):
+@dataclass(frozen=True)
+class _View:
+    """What the content stage reads of an image: the inspectors' decision, its first bytes (at least
+    the first sector, where the file has one), its last 512 bytes (fewer for a smaller file; None: not
+    known) and its size (None: not known)."""
+
+    inspectors: list[fi.FileInspector]
+    head: bytes
+    footer: bytes | None
+    size: int | None
+
+    @classmethod
+    def of_file(cls, path: Path, cancel: threading.Event | None) -> _View:
+        """Every format whose inspector matches ``path`` (``[raw]`` when none does), reading only as far
+        as needed, and the file's first and last sector."""
+        detector = Detector()
+        with open(path, "rb") as f:
+            head = f.read(_READ_CHUNK)
+            chunk = head
+            while chunk:
+                detector.feed(chunk)
                 _check_cancel(cancel)
-                if wrapper.formats is not None:
+                if detector.formats is not None:
                     break
-        finally:
-            wrapper.close()  # marks EOF, so inspectors still waiting for data count as "no match"
-        return list(wrapper.formats or [])
+                chunk = f.read(_READ_CHUNK)
+            size = f.seek(0, 2)
+            footer = b""
+            if size >= _SECTOR:
+                f.seek(size - _SECTOR)
+                footer = f.read(_SECTOR)
+        return cls(detector.finish(), head, footer, size)
 
 
 def _choose(
-    inspectors: list[fi.FileInspector], names: list[str], result: InspectionResult, config: Config
+    inspectors: list[fi.FileInspector], names: list[str], result: Verdict, config: Config
 ) -> fi.FileInspector | None:
     """The single inspector to trust, applying the ISO policy to multiple matches; None after a rejection."""
     if len(inspectors) == 1:
@@ -498,17 +638,16 @@ def _safety_finding(
     )
 
 
-def _check_vmdk(path: Path, inspector: fi.FileInspector, result: InspectionResult, config: Config) -> None:
+def _check_vmdk(head: bytes, inspector: fi.FileInspector, result: Verdict, config: Config) -> None:
     """Close oslo.utils 10.2's VMDK gaps (text-only descriptors, delta disks); apply the create types."""
-    with open(path, "rb") as f:
-        if f.read(len(VMDK_MAGIC)) != VMDK_MAGIC:
-            result.add(
-                Finding.error(
-                    "UnsafeImage.VmdkDescriptor",
-                    "the file is a text-only VMDK descriptor: the disk data is in other files, which are "
-                    f"never read; {_VMDK_EXPORT}",
-                )
+    if not head.startswith(VMDK_MAGIC):
+        result.add(
+            Finding.error(
+                "UnsafeImage.VmdkDescriptor",
+                "the file is a text-only VMDK descriptor: the disk data is in other files, which are "
+                f"never read; {_VMDK_EXPORT}",
             )
+        )
     create_type = getattr(inspector, "vmdktype", None)  # oslo lower-cases the descriptor
     if create_type:
         result.details["vmdk_create_type"] = create_type
@@ -531,18 +670,13 @@ def _descriptor_fields(text: str) -> dict[str, str]:
     return fields
 
 
-def _read_vhd_footer(path: Path) -> dict[str, Any] | None:
-    """The fixed-VHD footer at the end of ``path``: None without the cookie, else its size and any problem.
+def _read_vhd_footer(footer: bytes | None, size: int | None) -> dict[str, Any] | None:
+    """The fixed-VHD footer, given the last 512 bytes of a file of ``size`` bytes: None without the
+    cookie (or without those bytes), else its size and any problem.
 
     oslo.utils only looks for ``conectix`` at offset 0 (dynamic VHDs), so a fixed VHD reads as raw there.
     """
-    size = path.stat().st_size
-    if size < 512:
-        return None
-    with open(path, "rb") as f:
-        f.seek(size - 512)
-        footer = f.read(512)
-    if not footer.startswith(VHD_COOKIE):
+    if footer is None or size is None or size < _SECTOR or not footer.startswith(VHD_COOKIE):
         return None
     (data_offset,) = struct.unpack_from(">Q", footer, 16)
     (current_size,) = struct.unpack_from(">Q", footer, 48)
@@ -553,24 +687,17 @@ def _read_vhd_footer(path: Path) -> dict[str, Any] | None:
         problem = "bad checksum"
     elif disk_type != _VHD_FIXED or data_offset != 0xFFFFFFFFFFFFFFFF:
         problem = f"disk type {disk_type} is not a fixed disk"
-    elif current_size > size - 512:
+    elif current_size > size - _SECTOR:
         problem = f"disk size {current_size} exceeds the file"
     return {"current_size": current_size, "problem": problem}
 
 
-def _check_vhd_header(path: Path, result: InspectionResult) -> None:
-    with open(path, "rb") as f:
-        header = f.read(512)
+def _check_vhd_header(header: bytes, result: Verdict) -> None:
     (disk_type,) = struct.unpack_from(">I", header, 60)
     kinds = {_VHD_FIXED: "fixed", _VHD_DYNAMIC: "dynamic", _VHD_DIFFERENCING: "differencing"}
     result.details["vhd_subformat"] = kinds.get(disk_type, f"type {disk_type}")
     if disk_type == _VHD_DIFFERENCING:
         result.add(_backing_finding("it is a differencing VHD that depends on a parent disk"))
-
-
-def _partition_table_kind(path: Path) -> str | None:
-    with open(path, "rb") as f:
-        return bootsector.classify(f.read(bootsector.SECTOR)).table
 
 
 def _record_info_details(result: InspectionResult, info: dict[str, Any]) -> None:
@@ -608,6 +735,15 @@ def _inspector_size(inspector: fi.FileInspector) -> int | None:
         return int(inspector.virtual_size) or None
     except Exception:  # oslo's VMDK size raises for a text descriptor; size is then unknown, not fatal
         return None
+
+
+def _compression_mismatch(claimed: str, claimed_fmt: str | None, compression: str | None) -> Finding:
+    detected = f"{compression}-compressed" if compression else "no compression"
+    return Finding.error(
+        "FormatMismatch",
+        f"claimed {claimed}, detected {detected}; give the format that matches the file "
+        f"(e.g. {claimed_fmt}{COMPRESSION_SUFFIXES[compression] if compression else ''})",
+    )
 
 
 def _backing_finding(what: str) -> Finding:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,18 @@ from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import Cancelled, ImageRejected, Severity, UsageError
 from appliance.image import qemuimg
-from appliance.image.inspect import InspectionResult, assess_info, inspect_image, require_safe, verify_output
+from appliance.image.inspect import (
+    PREFLIGHT_HEAD,
+    PREFLIGHT_TAIL,
+    InspectionResult,
+    assess_info,
+    inspect_image,
+    preflight,
+    require_safe,
+    verify_output,
+)
 from tests import imagefactory as factory
+from tests import streamfactory as sf
 
 MiB = factory.MiB
 
@@ -544,3 +555,96 @@ def test_verify_output_rejects_unsafe_output(images: Path, config: Config) -> No
 def test_verify_output_refuses_an_input_only_format(images: Path, config: Config) -> None:
     with pytest.raises(UsageError):
         verify_output(factory.iso(images), "iso", config=config)
+
+
+# --------------------------------------------------------------- preflight: a download's first and last bytes
+
+
+def _preflight_parts(path: Path) -> tuple[bytes, bytes, int]:
+    data = path.read_bytes()
+    return data[:PREFLIGHT_HEAD], data[-PREFLIGHT_TAIL:], len(data)
+
+
+@pytest.mark.parametrize(
+    ("make", "claim"),
+    [
+        (factory.qcow2_backing, "qcow2"),
+        (factory.qcow2_data_file, "qcow2"),
+        (factory.vmdk_flat, "vmdk"),
+        (factory.qed, "qcow2"),
+        (factory.iso_qcow2_polyglot, "raw"),
+        (factory.vhd_fixed, "vhd"),
+        (factory.vmdk_stream, "vmdk"),
+        (factory.raw_mbr, "qcow2"),
+    ],
+)
+def test_preflight_decides_as_the_file_inspection_does(
+    images: Path, work: Path, config: Config, make: Callable[[Path], Path], claim: str
+) -> None:
+    path = make(images)
+    head, tail, size = _preflight_parts(path)
+    pre = preflight(head, tail, claim, config=config, size=size)
+    full = inspect_image(path, claim, config=config, workdir=work)
+    assert pre.format == full.format
+    assert pre.virtual_size == full.virtual_size
+    assert [f.code for f in pre.errors] == [f.code for f in full.errors][: len(pre.errors)]
+    assert pre.safe == full.safe
+    assert pre.complete
+
+
+def _spec_stream(**kw: Any) -> bytes:
+    rnd = random.Random(3)
+    grains = [sf.Grain(128 * i, rnd.randbytes(65536)) for i in range(40)]
+    data = sf.build(sf.Stream(capacity=128 * 2048, grains=grains, **kw))
+    assert len(data) > PREFLIGHT_HEAD + PREFLIGHT_TAIL
+    return data
+
+
+def test_preflight_of_a_vmdk_stream_leaves_its_footer_pending_without_the_tail(config: Config) -> None:
+    data = _spec_stream()
+    pre = preflight(data[:PREFLIGHT_HEAD], None, "vmdk", config=config, size=len(data))
+    assert (pre.format, pre.virtual_size, pre.safe, pre.pending) == (
+        "vmdk",
+        128 * 2048 * 512,
+        True,
+        ["footer"],
+    )
+    pre = preflight(data[:PREFLIGHT_HEAD], data[-PREFLIGHT_TAIL:], "vmdk", config=config, size=len(data))
+    assert (pre.format, pre.safe, pre.pending) == ("vmdk", True, [])
+
+
+def test_preflight_refuses_a_vmdk_stream_whose_footer_disagrees_with_its_header(config: Config) -> None:
+    data = _spec_stream(footer={"desc_size": 19})
+    pre = preflight(data[:PREFLIGHT_HEAD], data[-PREFLIGHT_TAIL:], "vmdk", config=config, size=len(data))
+    assert [f.code for f in pre.errors] == ["UnsafeImage.VmdkFooter"]
+
+
+def test_preflight_of_a_fixed_vhd_needs_its_last_sector(images: Path, config: Config) -> None:
+    path = factory.vhd_fixed(images)
+    data = path.read_bytes()
+    big = data[:-512].ljust(PREFLIGHT_HEAD + 8192, b"\0") + data[-512:]  # more than the head
+    pre = preflight(big[:PREFLIGHT_HEAD], None, "vhd", config=config, size=len(big))
+    assert (pre.format, pre.safe, pre.pending) == ("raw", True, ["tail"])  # undecided, not a mismatch
+    pre = preflight(big[:PREFLIGHT_HEAD], big[-PREFLIGHT_TAIL:], "vhd", config=config, size=len(big))
+    assert (pre.format, pre.pending) == ("vhd", [])
+
+
+def test_preflight_of_a_compressed_head_decides_only_the_compression(images: Path, config: Config) -> None:
+    packed = factory.compress(factory.raw_mbr(images), "gzip").read_bytes()
+    pre = preflight(packed[:PREFLIGHT_HEAD], None, "raw.gz", config=config)
+    assert (pre.compression, pre.format, pre.pending, pre.safe) == ("gzip", None, ["content"], True)
+    pre = preflight(packed[:PREFLIGHT_HEAD], None, "raw.xz", config=config)
+    assert [f.code for f in pre.errors] == ["FormatMismatch"]
+
+
+def test_preflight_of_a_qcow2_claimed_raw_is_a_mismatch_from_the_head_alone(
+    images: Path, config: Config
+) -> None:
+    head = factory.qcow2(images).read_bytes()
+    pre = preflight(head, None, "raw", config=config)
+    assert "FormatMismatch" in [f.code for f in pre.errors]
+
+
+def test_preflight_needs_the_size_to_place_a_tail(config: Config) -> None:
+    with pytest.raises(UsageError):
+        preflight(b"\0" * 512, b"\0" * 512, "raw", config=config)

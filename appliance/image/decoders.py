@@ -1,0 +1,179 @@
+"""The sequential decoders by name, decoding into a new file, and the decoder as a confinable child.
+
+Formats (:data:`FORMATS`): ``raw``, ``gzip``/``xz``/``zstd``/``bzip2`` (a compressed RAW disk),
+``vmdk-stream`` (streamOptimized VMDK, :mod:`appliance.image.vmdkstream`) and ``vhd-fixed``
+(:mod:`appliance.image.vhdfixed`). :func:`open_decoder` reads and checks the format's header and returns
+the :class:`~appliance.image.decoding.Decoder`; :func:`resume_decoder` continues from a checkpointed
+:class:`~appliance.image.decoding.Boundary`.
+
+The decoders parse untrusted bytes, so they are written to run where decompression runs (the confined
+decompressor child of :mod:`appliance.confine`): :func:`main` is that child's entry point. It reads the
+image on stdin (a pipe or a file, read forward only), writes the RAW disk to stdout, a regular file opened
+by the parent that reads as zeros (positional writes, zeros left as holes), and reports on stderr, one
+JSON object per line: ``{"virtual_size": N|null}`` once the header is checked (before the first write),
+``{"done": INPUT_BYTES, "data": DATA_BYTES}`` every few MiB of input (with ``"boundary": {...}``, the
+latest clean boundary or null, every :data:`BOUNDARY_EVERY` bytes), then
+``{"total": VIRTUAL_SIZE, "input": N, "data": N}`` or ``{"error": CODE, "message": ..., "done": N}``.
+The parent truncates the output to ``total`` (the child's stdout may be a block device) and, on an error
+line or a child killed by a limit, removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..config import Limits
+from ..errors import ImageRejected, ImagingError, UsageError
+from .decoding import Boundary, DecodeLimits, Decoder, DecodeResult, FdSink, Progress
+from .formats import COMPRESSIONS
+from .rawstream import RAW, CompressedDecoder, RawDecoder
+from .vhdfixed import FORMAT as VHD_FIXED
+from .vhdfixed import VhdFixedDecoder
+from .vmdkstream import FORMAT as VMDK_STREAM
+from .vmdkstream import VmdkStreamDecoder
+
+FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
+#: input bytes between two boundaries the child reports
+BOUNDARY_EVERY = 64 << 20
+
+
+def limits_of(limits: Limits, threads: int = 0) -> DecodeLimits:
+    """The decoder bounds from the configuration's ``limits``."""
+    return DecodeLimits(limits.max_virtual_size, limits.max_decompressed_size, threads)
+
+
+def open_decoder(
+    fmt: str,
+    src: BinaryIO,
+    limits: DecodeLimits,
+    *,
+    input_size: int | None = None,
+    footer: bytes | None = None,
+) -> Decoder:
+    """The decoder of ``fmt`` over ``src`` (read from its first byte; the header is checked here).
+
+    ``input_size``: the input's length when known (RAW: the virtual size; fixed VHD: size + 512).
+    ``footer``: a fixed VHD's last 512 bytes when read ahead (verified before any write).
+    Raises ImageRejected for a bad header, UsageError for an unknown format.
+    """
+    if fmt == RAW:
+        return RawDecoder(src, limits, input_size=input_size)
+    if fmt in COMPRESSIONS:
+        return CompressedDecoder(src, fmt, limits)
+    if fmt == VMDK_STREAM:
+        return VmdkStreamDecoder(src, limits)
+    if fmt == VHD_FIXED:
+        return VhdFixedDecoder(src, limits, input_size=input_size, footer=footer)
+    raise UsageError(f"no sequential decoder for {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def resume_decoder(
+    boundary: Boundary,
+    src: BinaryIO,
+    limits: DecodeLimits,
+    *,
+    input_size: int | None = None,
+    footer: bytes | None = None,
+) -> Decoder:
+    """Continue a decode at ``boundary``; ``src`` yields the input from ``boundary.input_offset`` on."""
+    if boundary.format == RAW:
+        return RawDecoder.resume(src, boundary, limits, input_size=input_size)
+    if boundary.format == VMDK_STREAM:
+        return VmdkStreamDecoder.resume(src, boundary, limits)
+    if boundary.format == VHD_FIXED:
+        return VhdFixedDecoder.resume(src, boundary, limits, input_size=input_size, footer=footer)
+    if boundary.format in COMPRESSIONS and boundary.input_offset == 0:
+        return CompressedDecoder(src, boundary.format, limits)
+    raise UsageError(f"a {boundary.format} decode cannot resume at input byte {boundary.input_offset}")
+
+
+def decode_file(
+    decoder: Decoder,
+    dst: Path,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> DecodeResult:
+    """Decode into the new file ``dst`` (created exclusively, never through a symlink; sparse), sized to
+    the virtual size. On any failure ``dst`` is removed: no partial output is left."""
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            if decoder.virtual_size is not None:
+                os.ftruncate(fd, decoder.virtual_size)
+            result = decoder.decode(FdSink(fd), on_progress=on_progress, cancel=cancel)
+            os.ftruncate(fd, result.virtual_size)
+        finally:
+            os.close(fd)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return result
+
+
+# ------------------------------------------------------------------------------------------ the child
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The decoder child: stdin → stdout, status on stderr (module docstring). Exit 0 with a result or
+    error line; anything else (a traceback, a limit's signal) is the parent's to interpret."""
+    parser = argparse.ArgumentParser(prog="appliance.image.decoders")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--max-virtual-size", type=int, required=True)
+    parser.add_argument("--max-decompressed-size", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--resume", help="a boundary (JSON) to continue from; stdin starts at its offset")
+    args = parser.parse_args(argv)
+    status = sys.stderr
+
+    def report(obj: dict[str, Any]) -> None:
+        status.write(json.dumps(obj) + "\n")
+        status.flush()
+
+    done = 0
+    limits = DecodeLimits(args.max_virtual_size, args.max_decompressed_size, args.threads)
+    src = os.fdopen(0, "rb", closefd=False)
+    try:
+        if args.resume:
+            boundary = Boundary.from_dict(json.loads(args.resume))
+            decoder = resume_decoder(boundary, src, limits, input_size=args.input_size)
+        else:
+            decoder = open_decoder(args.format, src, limits, input_size=args.input_size)
+        report({"virtual_size": decoder.virtual_size})
+
+        next_boundary = 0
+
+        def progress(p: Progress) -> None:
+            nonlocal done, next_boundary
+            done = p.input_bytes
+            line: dict[str, Any] = {"done": p.input_bytes, "data": p.data_bytes}
+            if p.input_bytes >= next_boundary:  # a VMDK state holds a bitmap: not with every line
+                b = decoder.boundary()
+                line["boundary"] = b and b.to_dict()
+                next_boundary = p.input_bytes + BOUNDARY_EVERY
+            report(line)
+
+        result = decoder.decode(FdSink(1), on_progress=progress)
+    except ImageRejected as exc:
+        report({"error": exc.code, "message": exc.message, "done": done})
+    except ImagingError as exc:
+        report({"error": exc.code, "message": exc.message, "done": done})
+    except MemoryError:
+        report(
+            {"error": "UnsafeImage.ResourceLimit", "message": "the decoder ran out of memory", "done": done}
+        )
+    else:
+        report({"total": result.virtual_size, "input": result.input_bytes, "data": result.data_bytes})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
