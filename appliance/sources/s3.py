@@ -16,7 +16,7 @@ task's status message.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -243,7 +243,7 @@ class S3Stream:
         self._cancel = cancel
         self._received = 0
 
-    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
         """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel.
 
         A read blocked on an object store that sends nothing more ends as soon as ``cancel`` is set
