@@ -97,6 +97,8 @@ class RangeReader(BlockStream):
         self.md5_etag: str | None = None
         self._last_checkpoint = self._offset
         self._opened = False
+        #: the first answer, until the blocks take it (closed with the reader when they never do)
+        self._first: Response | None = None
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class RangeReader(BlockStream):
             self.size, self.ranged = partial[2], True
             first = Span(0, 0, partial[1] + 1)
             spans = [first, *(Span(i + 1, s.start, s.end) for i, s in enumerate(self._plan(first.end)))]
+            self._first = head
             return self._parallel(spans, head)
         if partial is not None:  # ranges, but no size or nothing to tell versions apart
             head.close()
@@ -142,6 +145,7 @@ class RangeReader(BlockStream):
             self.origin.where,
             "it does not serve byte ranges" if partial is None else "it has no size or validator for ranges",
         )
+        self._first = head
         return read_single(self, head, 0, None)
 
     def _open_resumed(self, position: ReadPosition) -> Iterator[Block]:
@@ -165,6 +169,7 @@ class RangeReader(BlockStream):
             log.info("%s is read as one stream: it no longer serves byte ranges", self.origin.where)
             if partial is not None:  # a range of unknown total: start over from the position
                 head.close()
+            self._first = head
             return read_single(self, head if partial is None else None, position.offset, position)
         data = self.fetch(tail, head)
         self.stats.add(buffered=-tail.length)
@@ -340,6 +345,9 @@ class RangeReader(BlockStream):
     def close(self) -> None:
         self.stop.set()  # first: the fetches shut their sockets down, so closing the blocks is quick
         super().close()
+        if self._first is not None:
+            self._first.close()  # a no-op when the blocks read and closed it
+            self._first = None
 
     def __enter__(self) -> RangeReader:
         self.open()
