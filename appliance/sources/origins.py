@@ -12,7 +12,7 @@ stall watchdog.
 - :class:`S3Origin`: an S3 object with boto3 and the appliance's credentials (``sources.s3``);
   ranged GETs carry ``IfMatch``.
 
-A new kind of source (a staged upload) implements the same four methods.
+A new kind of source (a staged upload) implements the same three methods and ``where``.
 """
 
 from __future__ import annotations
@@ -76,10 +76,6 @@ class Origin(Protocol):
         """What later GETs must match, from the first answer."""
         ...
 
-    def serves_ranges(self, response: Response) -> bool:
-        """Whether the first answer says ranges are served (a 206, or ``Accept-Ranges: bytes``)."""
-        ...
-
     def md5_etag(self, response: Response) -> str | None:
         """The ETag when it is the MD5 of the whole object, else None."""
         ...
@@ -140,9 +136,6 @@ class HttpOrigin:
             return Validator(etag=raw.strip('"'))
         return Validator(last_modified=response.headers.get("Last-Modified"))
 
-    def serves_ranges(self, response: Response) -> bool:
-        return response.status == 206 or "bytes" in (response.headers.get("Accept-Ranges") or "").lower()
-
     def md5_etag(self, response: Response) -> str | None:
         return None  # only S3 says what its ETags are
 
@@ -171,9 +164,6 @@ class S3Origin:
 
     def validator(self, response: Response) -> Validator:
         return Validator(etag=response.etag)
-
-    def serves_ranges(self, response: Response) -> bool:
-        return True  # S3 always does
 
     def md5_etag(self, response: Response) -> str | None:
         """The ETag of a single-part upload without SSE-KMS / SSE-C: the MD5 of the object."""

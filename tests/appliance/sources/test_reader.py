@@ -357,6 +357,39 @@ def test_resume_with_a_tail_that_differs_fails_with_source_changed(
         open_reader({"url": server.url("/disk.raw")}, http_policy, settings=SETTINGS, start=forged).open()
 
 
+def test_resume_on_a_server_that_no_longer_serves_ranges_skips_to_the_position(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(12 * RS)
+    route = server.add("/disk.raw", data)
+    settings = ReaderSettings(parallel=2, range_size=RS, stall_seconds=5, checkpoint_every=4 * RS)
+    saved: list[ReadPosition] = []
+    with open_reader(
+        {"url": server.url("/disk.raw")}, http_policy, settings=settings, checkpoint=saved.append
+    ) as r:
+        while not saved:
+            r.read(RS)
+    route.honour_range = False  # the resumed GET gets the whole object: its first bytes are checked, skipped
+    resumed = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings, start=saved[0])
+    assert read_all(resumed) == data[saved[0].offset :]
+    assert not resumed.ranged
+    route.body = data[: 3 * RS] + os.urandom(RS) + data[4 * RS :]  # the range before the position differs
+    with pytest.raises(SourceChanged, match="bytes sent again differ"):
+        read_all(
+            open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings, start=saved[0])
+        )
+
+
+def test_a_5xx_answer_to_a_range_is_retried(server: TestHTTPServer, http_policy: UrlPolicy) -> None:
+    data = os.urandom(5 * RS)
+    route = server.add("/disk.raw", data)
+    route.script.extend(["ok", "503", "reset"])
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=5, retries=2, backoff=0.01)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings)
+    assert read_all(reader) == data
+    assert (reader.stats.retries, reader.stats.stalls) == (2, 0)
+
+
 # ----------------------------------------------------------------------------------- policy, fallback
 
 
