@@ -99,6 +99,9 @@ class RangeReader(BlockStream):
         self._opened = False
         #: the first answer, until the blocks take it (closed with the reader when they never do)
         self._first: Response | None = None
+        #: range buffers the consumer is done with, used again (no fresh pages to fault in per range)
+        self._spare: list[bytearray] = []
+        self._spare_lock = threading.Lock()
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -172,8 +175,9 @@ class RangeReader(BlockStream):
             self._first = head
             return read_single(self, head if partial is None else None, position.offset, position)
         data = self.fetch(tail, head)
-        self.stats.add(buffered=-tail.length)
-        if hashlib.sha256(data).hexdigest() != position.tail_sha256:
+        same = hashlib.sha256(data).hexdigest() == position.tail_sha256
+        self._released(data)
+        if not same:
             raise self.changed(tail.start, "the bytes before the saved position differ")
         self.ranged = True
         return self._parallel(self._plan(position.offset), None)
@@ -234,7 +238,7 @@ class RangeReader(BlockStream):
 
     def fetch(self, span: Span, head: Response | None = None) -> bytearray:
         """The verified bytes of ``span`` (in a worker thread), retried for what is missing."""
-        buf = bytearray(span.length)
+        buf = self._buffer(span.length)
         view = memoryview(buf)
         got, failures = 0, 0
         try:
@@ -276,9 +280,23 @@ class RangeReader(BlockStream):
                     failures = self.failed(exc, failures, span.start + got)
         except BaseException:
             self.stats.add(buffered=-got)
+            view.release()
+            self._recycle(buf)
             raise
         finally:
             view.release()
+
+    def _buffer(self, length: int) -> bytearray:
+        with self._spare_lock:
+            if length == self.settings.range_size and self._spare:
+                return self._spare.pop()
+        return bytearray(length)
+
+    def _recycle(self, buf: bytearray) -> None:
+        """``buf`` is free: keep it for a later range (at most parallel + 1 are ever needed)."""
+        with self._spare_lock:
+            if len(buf) == self.settings.range_size and len(self._spare) <= self.settings.parallel:
+                self._spare.append(buf)
 
     def _check_range(self, response: Response, start: int, end: int) -> None:
         """A ranged answer must be exactly bytes ``start``..``end`` of the same object."""
@@ -311,7 +329,7 @@ class RangeReader(BlockStream):
             cancel=self.cancel,
             stop=self.stop,
             name="ranges",
-            discard=lambda buf: self.stats.add(buffered=-len(buf)),
+            discard=self._released,
         )
         try:
             with contextlib.closing(blocks):
@@ -326,14 +344,14 @@ class RangeReader(BlockStream):
     def _block_done(self, start: int, buf: bytearray) -> None:
         """The consumer has read ``buf`` (bytes from ``start``): release it; checkpoint when due."""
         end = start + len(buf)
-        self.stats.add(buffered=-len(buf))
         due = end - self._last_checkpoint >= self.settings.checkpoint_every
-        if self._checkpoint is None or not buf or not due or (self.size is not None and end >= self.size):
-            return
-        self._last_checkpoint = end
-        v = self.validator
-        sha = hashlib.sha256(buf).hexdigest()
-        self._checkpoint(ReadPosition(end, self.size, v.etag, v.last_modified, len(buf), sha))
+        last = self.size is not None and end >= self.size
+        if self._checkpoint is not None and buf and due and not last:
+            self._last_checkpoint = end
+            v = self.validator
+            sha = hashlib.sha256(buf).hexdigest()
+            self._checkpoint(ReadPosition(end, self.size, v.etag, v.last_modified, len(buf), sha))
+        self._released(buf)
 
     def _at_end(self) -> None:
         if self.size is not None and self._offset != self.size:
@@ -341,6 +359,7 @@ class RangeReader(BlockStream):
 
     def _released(self, buf: bytearray) -> None:
         self.stats.add(buffered=-len(buf))
+        self._recycle(buf)
 
     def close(self) -> None:
         self.stop.set()  # first: the fetches shut their sockets down, so closing the blocks is quick
