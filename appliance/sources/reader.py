@@ -12,7 +12,8 @@ Public API (the rest of the package is the machinery)::
 https URL (presigned manifest parts included) goes through the SSRF policy and pinned client of
 :mod:`.http`, every redirect re-checked; an S3 object through boto3 with ``sources.s3``. A new kind
 of source is an :class:`~.origins.Origin` given to :class:`RangeReader` directly.
-``reader.iter_chunks()`` serves code written for an HTTP response's body.
+``reader.iter_chunks()`` serves code written for an HTTP response's body. Import manifest parts go
+through the same scheduler in :func:`.parts.download_parts` (``parallel`` parts, each MD5-checked).
 
 How it reads. The first GET asks for the first ``range_size`` bytes. When the answer is a 206 that
 tells the object's size and it has a validator (a strong ETag, else Last-Modified), the rest is read
@@ -32,7 +33,8 @@ back. A failed range (broken, short, 5xx, stalled) is retried for its missing re
 exponential back-off, up to ``retries`` more times. The stall watchdog is the connection's read
 timeout: no byte for ``stall_seconds`` abandons the attempt; when the last of the K attempts of a
 range stalled, the read fails with ``Source.Stalled`` (:class:`~appliance.errors.SourceStalled`)
-naming the redacted URL and the offset where the bytes stopped.
+naming the redacted URL and the offset of the first byte not received. The reader does not hash the
+whole object: ``reader.md5_etag`` (an S3 single-part ETag) is there for a caller that wants to.
 
 Checkpoints and resume. Once the consumer has read a whole range, and at least ``checkpoint_every``
 bytes past the previous checkpoint, ``checkpoint(position)`` is called in the consumer's thread (at
