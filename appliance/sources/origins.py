@@ -199,7 +199,13 @@ def origin_for(
     if src.kind == "s3":
         assert src.bucket and src.key
         cfg = s3cfg if s3cfg is not None else (policy.sources.s3 if policy.sources else {})
-        client = s3mod.s3_client(cfg, policy, read_timeout=settings.stall_seconds, retries=0)
+        client = s3mod.s3_client(
+            cfg,
+            policy,
+            read_timeout=settings.stall_seconds,
+            retries=0,
+            max_pool_connections=max(10, settings.parallel + 2),
+        )
         return S3Origin(client, src.bucket, src.key)
     assert src.url
     return HttpOrigin(watchdog_http(http or HttpClient(policy), settings), src.url)

@@ -65,12 +65,14 @@ def s3_client(
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
     retries: int | None = None,
+    max_pool_connections: int = 10,
 ) -> Any:
     """A boto3 S3 client for ``s3cfg`` (``config.sources.s3``: endpoint_url, region, access_key,
     secret_key, addressing_style). Raises :class:`UrlNotAllowed` when the endpoint fails ``policy``.
 
     Without access_key/secret_key boto3's default credential chain applies (environment, profile,
-    instance role). Timeouts and retries default to ``policy.sources``.
+    instance role). Timeouts and retries default to ``policy.sources``; ``max_pool_connections``
+    should cover the requests one caller makes at a time (parallel ranges).
     """
     endpoint = s3_endpoint_url(dict(s3cfg))
     policy.check(endpoint)
@@ -85,6 +87,7 @@ def s3_client(
         connect_timeout=connect_timeout or (sources.connect_timeout if sources else DEFAULT_CONNECT_TIMEOUT),
         read_timeout=read_timeout or (sources.read_timeout if sources else DEFAULT_READ_TIMEOUT),
         retries={"max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
         user_agent_extra="imaging-appliance",
     )
     kwargs: dict[str, Any] = {"region_name": s3cfg.get("region") or "us-east-1", "config": config}

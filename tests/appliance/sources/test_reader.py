@@ -500,3 +500,16 @@ def test_settings_come_from_the_sources_configuration() -> None:
 def test_a_range_size_outside_1mib_to_256mib_is_a_config_error(size: str) -> None:
     with pytest.raises(ConfigError, match=r"sources\.range_size"):
         config.from_dict({"sources": {"range_size": size}})
+
+
+def test_the_s3_client_has_a_connection_for_every_range_in_flight(
+    moto: MotoServer, bucket: str, s3cfg: dict, s3_policy: UrlPolicy
+) -> None:
+    data = os.urandom(40 * RS)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=data)
+    settings = ReaderSettings(parallel=16, range_size=RS, stall_seconds=5)
+    reader = open_reader({"bucket": bucket, "key": "disk.raw"}, s3_policy, s3cfg, settings=settings)
+    assert reader.origin.client.meta.config.max_pool_connections == 18  # type: ignore[attr-defined]
+    assert reader.origin.client.meta.config.read_timeout == 5  # type: ignore[attr-defined]
+    assert read_all(reader) == data
+    assert reader.stats.peak_buffered <= 17 * RS
