@@ -1,8 +1,8 @@
 """The parallel ranged reader (appliance.sources.reader) against real servers: the moto S3 server
 (boto3 and presigned URLs), a loopback HTTP server with scripted misbehaviour, and the stalling proxy.
 
-Stalls are real: a server that stops sending, and a watchdog (the read timeout) of a fraction of a
-second. Nothing is timed."""
+Stalls are real: a server that stops sending, and a watchdog (the read timeout) of a second, long
+enough that normal transfers on a busy machine do not look stalled. Nothing is timed."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_stalled_range_is_retried_and_the_read_succeeds(
     data = os.urandom(6 * RS)
     route = server.add("/disk.raw", data)
     route.script.extend(["ok", "stall:1000"])  # the second range stops after 1000 bytes
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=0.5, retries=2, backoff=0.01)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=2, backoff=0.01)
     reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings)
     assert read_all(reader) == data
     assert (reader.stats.stalls, reader.stats.retries) == (1, 1)
@@ -212,14 +212,14 @@ def test_range_stalling_on_every_attempt_fails_with_source_stalled(
     url = presigner.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "part.7"})
     signature = url.split("X-Amz-Signature=")[1].split("&")[0]
     proxy.arm("/part.7", after=3 * 4096)  # every GET stops after 12 KiB
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=0.3, retries=2, backoff=0.01)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=2, backoff=0.01)
     reader = open_reader({"url": url}, UrlPolicy(allowed_endpoints=[proxy.endpoint]), settings=settings)
     with pytest.raises(SourceStalled) as err:
         read_all(reader)
     message = err.value.message
     assert err.value.code == "Source.Stalled"
     # the bytes before the stall sat in the client's buffer when the read timed out: none was received
-    assert "stalled at offset 0: no data for 0.3 seconds, 3 times" in message
+    assert "stalled at offset 0: no data for 1 seconds, 3 times" in message
     assert f"/{bucket}/part.7" in message and "X-Amz-Signature=REDACTED" in message
     assert signature not in message and signature not in str(err.value)
     assert proxy.stalled_on("/part.7") == 3  # K = retries + 1 attempts of the first range
@@ -232,7 +232,7 @@ def test_https_range_stalling_on_every_attempt_names_its_offset_and_the_redacted
     data = os.urandom(6 * RS)
     route = server.add("/disk.raw", data)
     route.script.extend(["ok", "stall:10", "stall:10", "stall:10"])  # range 1, on each of its K attempts
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=0.3, retries=2, backoff=0.01)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=2, backoff=0.01)
     url = server.url("/disk.raw") + "?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123456789abcdef"
     reader = open_reader({"url": url}, http_policy, settings=settings)
     with reader, pytest.raises(SourceStalled) as err:
@@ -256,7 +256,7 @@ def test_s3_range_stalling_on_every_attempt_fails_with_source_stalled(
         "access_key": "testing",
         "secret_key": "testing",
     }
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=0.3, retries=1, backoff=0.01)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=1, backoff=0.01)
     reader = open_reader(
         {"bucket": bucket, "key": "disk.raw"},
         UrlPolicy(allowed_endpoints=[proxy.endpoint]),
@@ -267,9 +267,7 @@ def test_s3_range_stalling_on_every_attempt_fails_with_source_stalled(
     with reader, pytest.raises(SourceStalled) as err:
         reader.read(RS)
     # the 5000 bytes before the stall sat in the client's buffer when the read timed out
-    assert (
-        f"s3://{bucket}/disk.raw stalled at offset 0: no data for 0.3 seconds, 2 times" in err.value.message
-    )
+    assert f"s3://{bucket}/disk.raw stalled at offset 0: no data for 1 seconds, 2 times" in err.value.message
     assert proxy.stalled_on("/disk.raw") == 2
     proxy.release()
 
