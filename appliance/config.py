@@ -66,6 +66,17 @@ def parse_size(value: int | str) -> int:
     return int(float(number) * base**power)
 
 
+#: bounds of ``sources.range_size``
+MIN_RANGE_SIZE, MAX_RANGE_SIZE = 1 << 20, 256 << 20
+
+
+def _range_size(value: int | str) -> int:
+    size = parse_size(value)
+    if not MIN_RANGE_SIZE <= size <= MAX_RANGE_SIZE:
+        raise ConfigError(f"sources.range_size: {value!r} is outside 1MiB..256MiB")
+    return size
+
+
 @dataclass(frozen=True)
 class ScratchConfig:
     root: Path
@@ -148,6 +159,12 @@ class SourcesConfig:
     manifest_poll_max_interval: float
     #: boto3 settings for s3:// and UserBucket sources (endpoint_url, region, access_key, secret_key)
     s3: dict[str, Any]
+    #: ranged GETs (or manifest parts) in flight per download
+    parallel_ranges: int = 4
+    #: bytes per ranged GET
+    range_size: int = 8 << 20
+    #: seconds without a byte before a range is fetched again (then ``Source.Stalled``)
+    stall_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -395,6 +412,9 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             manifest_poll_interval=float(sources["manifest_poll_interval"]),
             manifest_poll_max_interval=float(sources["manifest_poll_max_interval"]),
             s3=dict(sources["s3"]),
+            parallel_ranges=sources["parallel_ranges"],
+            range_size=_range_size(sources["range_size"]),
+            stall_seconds=float(sources["stall_seconds"]),
         ),
         targets=_targets(merged["targets"], state_dir, path),
         worker=WorkerConfig(

@@ -114,6 +114,21 @@ class Cancelled(ImagingError):
     exit_status = 130
 
 
+class SourceChanged(ImagingError):
+    """The source object was replaced while it was being read (its ETag, size or bytes differ from
+    what was read before, or from a saved read position): bytes already handed over cannot be taken
+    back, so the read fails instead of mixing two versions."""
+
+    code = "Source.Changed"
+
+
+class SourceStalled(ImagingError):
+    """A byte range of the source sent nothing for ``sources.stall_seconds``, on every attempt; the
+    message names the (redacted) source and the offset where it stopped."""
+
+    code = "Source.Stalled"
+
+
 class ConversionFailed(ImagingError):
     """qemu-img failed, or its output did not re-inspect as the requested format."""
 

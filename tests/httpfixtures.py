@@ -31,12 +31,14 @@ class Route:
     Behaviours: ``ok``; ``reset`` (close without answering); ``500`` / ``503`` / ``404`` … (that status,
     small body); ``short:N`` (full Content-Length, only N body bytes, then close); ``corrupt`` (same
     length and ETag, first byte flipped); ``stall:N`` (N body bytes, then hang until the server stops).
+    ``If-Match`` with another ETag is answered 412; ``honour_range`` False ignores ``Range`` and sends no
+    ``Accept-Ranges``.
     """
 
     body: bytes = b""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-    #: ETag sent (quoted); default: MD5 of the body, like S3 for a single-part upload
+    #: ETag sent (quoted); default: MD5 of the body, like S3 for a single-part upload; "": none
     etag: str | None = None
     location: str | None = None
     honour_range: bool = True
@@ -91,6 +93,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if_match = self.headers.get("If-Match")
+        if if_match is not None and if_match.strip('"') != route.etag:
+            self._simple(412, b"precondition failed")
+            return
         body, status, extra = route.body, route.status, {}
         wanted = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -108,18 +114,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         for k, v in {**route.headers, **extra}.items():
             self.send_header(k, v)
-        self.send_header("ETag", f'"{route.etag}"')
+        if route.etag:
+            self.send_header("ETag", f'"{route.etag}"')
         if route.send_length:
             self.send_header("Content-Length", str(len(body)))
         else:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.send_header("Accept-Ranges", "bytes")
+        if route.honour_range:
+            self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if not with_body:
             return
+        owner.count_sent(len(body) if not behaviour.startswith(("short:", "stall:")) else 0)
         if behaviour.startswith(("short:", "stall:")):
             n = int(behaviour.split(":", 1)[1])
+            owner.count_sent(len(body[:n]))
             self.wfile.write(body[:n])
             self.wfile.flush()
             if behaviour.startswith("stall:"):
@@ -152,6 +162,9 @@ class TestHTTPServer:
     def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Recorded] = []
+        #: body bytes sent so far (all routes)
+        self.sent = 0
+        self._sent_lock = threading.Lock()
         self.stopping = threading.Event()
         self._server = _Server((host, 0), _Handler)
         self._server.owner = self
@@ -178,6 +191,10 @@ class TestHTTPServer:
 
     def redirect(self, path: str, location: str, status: int = 302) -> Route:
         return self.add(path, status=status, location=location)
+
+    def count_sent(self, n: int) -> None:
+        with self._sent_lock:
+            self.sent += n
 
     def hits(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path.split("?", 1)[0] == path]

@@ -7,6 +7,9 @@ counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy
 waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
 proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
 without timing anything; several downloads can be held and released one by one.
+
+``rate`` (bytes per second, per connection) paces every answer's body, like an object store that
+limits each connection (for benchmarks; tests leave it unset).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import http.client
 import http.server
 import sys
 import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,10 +77,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             armed = owner.hold_at(self.command, self.path)
             hold_at = armed[1] if armed is not None else None
-            sent = 0
+            sent, began = 0, time.monotonic()
             while piece := answer.read(_PIECE if hold_at is None else min(_PIECE, max(hold_at - sent, 1))):
                 self.wfile.write(piece)
                 sent += len(piece)
+                if owner.rate:
+                    ahead = began + sent / owner.rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
                 if armed is not None and hold_at is not None and sent >= hold_at:
                     self.wfile.flush()
                     owner.hold(armed[0])
@@ -102,8 +110,10 @@ class StallingProxy:
 
     __test__ = False
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, rate: float | None = None) -> None:
         self.upstream = urlsplit(upstream)
+        #: bytes per second per connection, or None (as fast as it goes)
+        self.rate = rate
         self._lock = threading.Condition()
         self._armed: dict[str, int] = {}
         #: per armed suffix: set when it is released

@@ -60,6 +60,8 @@ EUCA_CODES: dict[str, str] = {
     "InvalidParameterValue": "InvalidInputData",
     "SourceUnavailable": "FailureToDownloadData",
     "SourceIntegrity": "FailureToDownloadData",
+    "Source.Changed": "FailureToDownloadData",
+    "Source.Stalled": "FailureToDownloadData",
     "UrlNotAllowed": "FailureToDownloadData",
     "InsufficientScratch": "InsufficientDiskSize",
     "InsufficientStorage": "InsufficientDiskSize",

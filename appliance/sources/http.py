@@ -243,6 +243,16 @@ def _wrapped(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def is_stall(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or wraps, a read that timed out: the source stopped sending (a connection
+    that could not be made is not a stall)."""
+    chain = _wrapped(exc)
+    names = [type(e).__name__ for e in chain]
+    if any("ConnectTimeout" in n or "NewConnection" in n or "EndpointConnection" in n for n in names):
+        return False
+    return any("ReadTimeout" in n for n in names) or any(isinstance(e, TimeoutError) for e in chain)
+
+
 def describe_network_error(exc: BaseException) -> str:
     """What went wrong on the network, in fixed words (no library's exception text)."""
     chain = _wrapped(exc)
@@ -362,6 +372,7 @@ class HttpClient:
         self, method: str, checked: CheckedUrl, headers: Mapping[str, str], cancel: threading.Event | None
     ) -> HttpResponse:
         attempt = 0
+        cause: BaseException | None
         while True:
             _raise_if_cancelled(cancel, "request")
             try:
@@ -372,19 +383,21 @@ class HttpClient:
                     f"{describe_network_error(exc)}"
                 ) from exc
             except (_Urllib3Error, OSError) as exc:
-                status, problem = None, describe_network_error(exc)
+                status, problem, cause = None, describe_network_error(exc), exc
             else:
                 if response.status < 500:
                     return response
                 status, problem = response.status, f"HTTP {response.status} {response._raw.reason or ''}"
+                cause = None
                 response.close()
             if attempt >= self.retries:
+                # chained, so a caller can tell a read timeout (a stall) from other failures
                 raise SourceUnavailable(
                     f"{method} {redact_url(checked.url)} failed after {attempt + 1} attempts: "
                     f"{problem.strip()}",
                     status=status,
                     transient=True,
-                )
+                ) from cause
             delay = min(self.backoff_max, self.backoff * 2**attempt)
             log.info(
                 "%s %s: %s; retry %d of %d",

@@ -16,7 +16,7 @@ task's status message.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,12 +65,14 @@ def s3_client(
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
     retries: int | None = None,
+    max_pool_connections: int = 10,
 ) -> Any:
     """A boto3 S3 client for ``s3cfg`` (``config.sources.s3``: endpoint_url, region, access_key,
     secret_key, addressing_style). Raises :class:`UrlNotAllowed` when the endpoint fails ``policy``.
 
     Without access_key/secret_key boto3's default credential chain applies (environment, profile,
-    instance role). Timeouts and retries default to ``policy.sources``.
+    instance role). Timeouts and retries default to ``policy.sources``; ``max_pool_connections``
+    should cover the requests one caller makes at a time (parallel ranges).
     """
     endpoint = s3_endpoint_url(dict(s3cfg))
     policy.check(endpoint)
@@ -85,6 +87,7 @@ def s3_client(
         connect_timeout=connect_timeout or (sources.connect_timeout if sources else DEFAULT_CONNECT_TIMEOUT),
         read_timeout=read_timeout or (sources.read_timeout if sources else DEFAULT_READ_TIMEOUT),
         retries={"max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
         user_agent_extra="imaging-appliance",
     )
     kwargs: dict[str, Any] = {"region_name": s3cfg.get("region") or "us-east-1", "config": config}
@@ -243,7 +246,7 @@ class S3Stream:
         self._cancel = cancel
         self._received = 0
 
-    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
         """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel.
 
         A read blocked on an object store that sends nothing more ends as soon as ``cancel`` is set

@@ -28,6 +28,7 @@ from tests.appliance.sources.test_manifest import manifest_xml
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import MotoServer
+from tests.stallproxy import StallingProxy
 
 MiB = 2**20
 
@@ -356,3 +357,35 @@ def test_cancel_stops_the_download(part_server) -> None:
     thread.join(timeout=5)  # the read timeout is 60 s: only the cancel can end it this soon
     assert not thread.is_alive()
     assert isinstance(result.get("error"), Cancelled)
+
+
+def test_parts_are_fetched_in_parallel_and_written_in_order(part_server) -> None:
+    srv, manifest, data = part_server
+    with StallingProxy(srv.endpoint) as proxy:
+        parts = [
+            Part(p.index, p.start, p.end, p.key, p.head_url, p.get_url.replace(srv.endpoint, proxy.endpoint))
+            for p in manifest.parts
+        ]
+        via_proxy = ImportManifest("2010-11-15", "RAW", None, None, manifest.size, 1, parts)
+        proxy.arm("/p0", after=100)  # part 0 is held mid-body until released
+        buf, write = collect(manifest)
+        offsets: list[int] = []
+
+        def record(offset: int, chunk: bytes) -> None:
+            offsets.append(offset)
+            write(offset, chunk)
+
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint, proxy.endpoint])
+        thread, result = run_in_thread(download_parts, via_proxy, record, policy, parallel=3)
+        for _ in range(600):  # the parts after it are fetched while part 0 is held
+            if proxy.stalled_on("/p0") and srv.hits("/p1") and srv.hits("/p2"):
+                break
+            time.sleep(0.05)
+        assert proxy.stalled_on("/p0") == 1 and srv.hits("/p2")
+        assert not srv.hits("/p3")  # 3 in flight: part 3 waits until part 0 is handed over
+        assert not offsets  # nothing is written before part 0
+        proxy.release()
+        thread.join(timeout=30)
+    assert result.get("error") is None
+    assert bytes(buf) == data
+    assert offsets == sorted(offsets) and offsets[0] == 0
