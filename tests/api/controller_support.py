@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -62,9 +64,25 @@ class ControllerProcess:
         return [e for e in body["events"] if kind is None or e["kind"] == kind]
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the controller exited"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
 @contextmanager
 def running_controller(
-    tmp: Path, *, stale_after: float = 0, sweep_interval: float = 10.0, workers: int = 2
+    tmp: Path,
+    *,
+    stale_after: float = 0,
+    sweep_interval: float = 10.0,
+    workers: int = 2,
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[ControllerProcess]:
     """``imaging controller serve`` with the test's admin token and enrolment secret, stopped by PID."""
     port = free_port()
@@ -73,11 +91,13 @@ def running_controller(
     argv = [sys.executable, "-m", "appliance.cli", "controller", "serve", "--db", str(db)]
     argv += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--stale-after", str(stale_after)]
     argv += ["--sweep-interval", str(sweep_interval)]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     with open(log, "wb") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/v1/health", proc=proc)
+        wait_for_http(f"{url}/v1/health", proc=proc) if tls is None else _wait_for_port(port, proc)
         yield ControllerProcess(url, db, log, proc.pid)
     finally:
         stop_process(proc)

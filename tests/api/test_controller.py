@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +25,7 @@ from appliance.report.outbox import Pending
 from appliance.report.push import PushReporter
 from appliance.store import Store
 from tests.api.controller_support import (
+    ADMIN_TOKEN,
     ENROL_SECRET,
     ControllerProcess,
     running_controller,
@@ -326,3 +328,54 @@ def test_a_replayed_report_is_refused_and_the_reporter_counts_it_delivered(
     finally:
         reporter.outbox.close()
         store.close()
+
+
+def test_the_controller_serves_https_and_the_appliance_configures_over_it(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]
+    openssl += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(openssl, check=True, capture_output=True)
+    with running_controller(tmp_path, tls=(cert, key), workers=1) as ctl:
+        assert ctl.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        request = urllib.request.Request(ctl.url + "/v1/health")
+        with urllib.request.urlopen(request, context=context, timeout=30) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+        body = json.dumps({"appliance_id": "tls-1", "config": CONFIG, "secret": SECRET}).encode()
+        register = urllib.request.Request(
+            ctl.url + "/v1/appliances",
+            body,
+            {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(register, context=context, timeout=30) as resp:
+            assert resp.status == 201
+        # the appliance trusts the controller's CA the way the system does: SSL_CERT_FILE
+        done = subprocess.run(
+            [sys.executable, "-c", FETCH, ctl.url, "tls-1", SECRET],
+            capture_output=True,
+            text=True,
+            env=ctl.env() | {"SSL_CERT_FILE": str(cert)},
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["imaging"]["appliance_id"] == "tls-1"
+
+
+FETCH = """
+import json, sys
+from appliance.boot import rendezvous
+print(json.dumps(rendezvous.fetch_config(sys.argv[1], sys.argv[2], sys.argv[3])))
+"""
