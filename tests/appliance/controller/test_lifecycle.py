@@ -125,7 +125,6 @@ def test_concurrent_instances_each_get_a_different_configuration_once(tmp_path: 
     assert list(results.values()).count(None) == 3
     assigned = [e for e in registry.events() if e.kind == "assigned"]
     assert sorted(e.appliance_id for e in assigned) == sorted(handed)
-    # the first registered goes first: whoever won the first claim got pool-0
     assert registry.get("static-1").assigned_to is None
 
 
