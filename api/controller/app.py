@@ -40,7 +40,7 @@ from appliance.controller.lifecycle import (
 )
 from appliance.controller.store import ApplianceExists, ApplianceNotFound, ControllerStore
 from appliance.errors import ImagingError, UsageError
-from appliance.redact import redact_text
+from appliance.redact import redact, redact_text
 from appliance.store import StoreError
 
 from ..admin import app_version
@@ -299,7 +299,11 @@ class ApplianceResource:
         self._registries = registries
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
-        resp.media = appliance_view(self._registries.get().get(appliance_id))
+        registry = self._registries.get()
+        view = appliance_view(registry.get(appliance_id))
+        # the configuration as registered (the current version), secrets redacted
+        view["config"] = redact(registry.store.config(appliance_id)[1])
+        resp.media = view
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
         self._registries.get().remove(appliance_id)

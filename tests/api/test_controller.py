@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from openapi_spec_validator import validate
 
 from appliance import config as config_mod
 from appliance.boot import rendezvous
@@ -86,7 +87,9 @@ def test_admin_commands_register_list_show_and_remove_over_the_api(
     listed = imaging(controller, "controller", "list")
     shown = imaging(controller, "controller", "show", "cli-1")
     assert "cli-1\tregistered\t-\tstatic\tnever" in listed.stdout
-    assert json.loads(shown.stdout)["config_version"] == 1
+    shown_view = json.loads(shown.stdout)
+    assert shown_view["config_version"] == 1
+    assert shown_view["config"]["api"]["credentials"][0]["secret_key"] == "REDACTED"
     for out in (listed.stdout, shown.stdout):
         assert API_SECRET not in out
 
@@ -379,3 +382,14 @@ import json, sys
 from appliance.boot import rendezvous
 print(json.dumps(rendezvous.fetch_config(sys.argv[1], sys.argv[2], sys.argv[3])))
 """
+
+
+def test_the_served_openapi_document_is_valid_and_lists_every_route(controller: ControllerProcess) -> None:
+    with urllib.request.urlopen(controller.url + "/v1/openapi.json", timeout=30) as resp:
+        doc = json.loads(resp.read())
+    validate(doc)
+    assert set(doc["paths"]) == {
+        *("/", "/v1", "/v1/health", "/v1/openapi.json", "/v1/appliances", "/v1/appliances/{appliance_id}"),
+        *("/v1/appliances/{appliance_id}/config", "/v1/appliances/{appliance_id}/status", "/v1/assignments"),
+        *("/v1/reports", "/v1/stale-removals", "/v1/events"),
+    }
