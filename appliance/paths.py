@@ -17,6 +17,9 @@ SYSTEM_CONFIG = Path("/etc/imaging/imaging.yaml")
 IMAGE_STATE_DIR = Path("/var/lib/imaging")
 #: written by ``imaging configure`` when the user data is invalid: keeps the services from starting
 CONFIG_ERROR_FILE = Path("/run/imaging/config-error.json")
+#: the rendezvous line an image may carry (``imaging:v1::<controller-url>:<enrolment-secret>``), read
+#: by ``imaging configure`` when the instance has no user data
+BAKED_RENDEZVOUS = Path("/etc/imaging/rendezvous")
 
 
 def default_state_dir() -> Path:

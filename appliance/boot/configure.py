@@ -34,7 +34,7 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
-from ..paths import CONFIG_ERROR_FILE, SYSTEM_CONFIG, StatePaths
+from ..paths import BAKED_RENDEZVOUS, CONFIG_ERROR_FILE, SYSTEM_CONFIG, StatePaths
 from ..redact import redact, redact_text, redact_url, secret_values
 from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
@@ -60,6 +60,8 @@ class Options:
     attempts: int = 5
     #: how this machine names itself when asking for an assignment (None: its machine id)
     instance_id: str | None = None
+    #: read when the instance has no user data: a rendezvous line the image carries (None: none)
+    rendezvous_file: Path | None = BAKED_RENDEZVOUS
     timeout: float = 10.0
     #: where the worker's guest-hooks drop-in goes (None: leave the units alone)
     unit_dir: Path | None = worker_dropin.DEFAULT_UNIT_DIR
@@ -261,6 +263,9 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     known = _Known()
     raw = read_user_data(opts.user_data)
+    if raw is None and opts.rendezvous_file is not None and opts.rendezvous_file.is_file():
+        # no user data: the image's own rendezvous line (the controller assigns who this is)
+        raw = opts.rendezvous_file.read_bytes()
     if raw is None:
         where = opts.user_data or f"cloud-init (nor {CLOUD_INIT_USER_DATA})"
         return _fail(

@@ -20,6 +20,7 @@ def cmd_configure(args: argparse.Namespace, _cfg: Config | None) -> int:
         owner=args.owner or None,
         attempts=args.attempts,
         instance_id=args.instance_id,
+        rendezvous_file=Path(args.rendezvous_file) if args.rendezvous_file else None,
         timeout=args.timeout,
         unit_dir=Path(args.unit_dir) if args.unit_dir else None,
     )
@@ -58,6 +59,12 @@ def add_commands(sub: Any) -> None:
         "--attempts", type=int, default=5, help="rendezvous tries for the compact form (default 5)"
     )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per controller request")
+    s.add_argument(
+        "--rendezvous-file",
+        default=str(configure_mod.BAKED_RENDEZVOUS),
+        help="read when there is no user data: the rendezvous line an image carries "
+        f"(default {configure_mod.BAKED_RENDEZVOUS}; '' for none)",
+    )
     s.add_argument(
         "--instance-id",
         help="how this machine names itself when the user data asks for an assignment "

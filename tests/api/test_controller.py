@@ -223,6 +223,29 @@ def test_appliance_booted_with_only_the_rendezvous_address_configures_as_its_ass
         assert ENROL_SECRET not in out and SECRET not in out
 
 
+def test_without_user_data_the_rendezvous_line_the_image_carries_is_used(
+    controller: ControllerProcess, tmp_path: Path
+) -> None:
+    controller.register("pool-baked", CONFIG, SECRET, dynamic=True)
+    baked = tmp_path / "rendezvous"
+    baked.write_text(f"imaging:v1::{controller.url}:{ENROL_SECRET}\n")
+    (tmp_path / "empty.yaml").write_text("")
+    argv = ["-c", str(tmp_path / "empty.yaml"), "configure", "--user-data", str(tmp_path / "no-user-data")]
+    argv += ["--rendezvous-file", str(baked), "--instance-id", "machine-baked-1"]
+    argv += ["--output", str(tmp_path / "etc" / "imaging.yaml"), "--error-file", str(tmp_path / "err.json")]
+    argv += ["--owner", "", "--attempts", "1", "--unit-dir", ""]
+
+    done = imaging(controller, *argv)
+
+    assert done.returncode == 0, done.stderr
+    assert config_mod.load(tmp_path / "etc" / "imaging.yaml").controller.appliance_id == "pool-baked"
+    # user data, when there is some, wins over the image's line
+    (tmp_path / "user-data").write_text("#cloud-config\nimaging: {appliance_id: own-1}\n")
+    argv[argv.index(str(tmp_path / "no-user-data"))] = str(tmp_path / "user-data")
+    assert imaging(controller, *argv).returncode == 0
+    assert config_mod.load(tmp_path / "etc" / "imaging.yaml").controller.appliance_id == "own-1"
+
+
 def test_a_wrong_enrolment_secret_gets_no_assignment(controller: ControllerProcess, tmp_path: Path) -> None:
     done = configure(controller, tmp_path, f"imaging:v1::{controller.url}:not-the-enrolment-secret\n")
     assert done.returncode == 2
