@@ -22,7 +22,7 @@ from typing import Any
 
 import falcon
 import yaml
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 from referencing import Registry as SchemaRegistry
 from referencing import Resource
 from referencing.jsonschema import DRAFT202012
@@ -204,10 +204,19 @@ def json_body(req: falcon.Request, component: str | None, *, required: bool = Tr
     if component is not None:
         error = next(iter(sorted(_validator(component).iter_errors(doc), key=lambda e: list(e.path))), None)
         if error is not None:
-            where = ".".join(str(p) for p in error.absolute_path) or "body"
-            # the schema's words, without the value (it may be a secret)
-            raise UsageError(f"{where}: {error.validator} {json.dumps(error.validator_value)[:200]} not met")
+            raise UsageError(_schema_message(error))
     return doc
+
+
+def _schema_message(error: ValidationError) -> str:
+    """What is wrong with a request body, by field, never quoting a value (it may be a secret)."""
+    # "<field> …", not "<field>: …": a message reading "secret: x" would be redacted whole
+    where = ".".join(str(p) for p in error.absolute_path) or "the body"
+    if error.validator in ("required", "additionalProperties"):
+        return f"in {where}, {error.message}"  # names keys only
+    if error.validator == "type":
+        return f"{where} must be of type {error.validator_value}"
+    return f"{where} does not meet {error.validator} {json.dumps(error.validator_value)[:200]}"
 
 
 def signed_path(req: falcon.Request) -> str:
@@ -332,7 +341,7 @@ class EventsResource:
         after = req.get_param_as_int("after", min_value=0, default=0)
         limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
         appliance = req.get_param("appliance")
-        if appliance is not None and not lifecycle.APPLIANCE_ID_RE.match(appliance):
+        if appliance is not None and not lifecycle.APPLIANCE_ID_RE.fullmatch(appliance):
             raise UsageError(f"appliance {appliance[:64]!r} is not an appliance id")
         events = self._registries.get().events(after or 0, limit or 100, appliance)
         resp.media = {"events": [event_view(e) for e in events]}

@@ -91,7 +91,7 @@ class ReportRefused(ImagingError):
 
 
 def _check_id(appliance_id: str) -> None:
-    if not isinstance(appliance_id, str) or not APPLIANCE_ID_RE.match(appliance_id):
+    if not isinstance(appliance_id, str) or not APPLIANCE_ID_RE.fullmatch(appliance_id):
         raise UsageError(
             f"appliance id {str(appliance_id)[:64]!r} is not valid: 1-128 letters, digits, '.', '_', '-', "
             "starting with a letter or digit"
@@ -229,7 +229,7 @@ class Registry:
         self, appliance_id: str, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> str:
         """The appliance's secret if the request is signed with it; :class:`AuthFailure` otherwise."""
-        creds = self.store.credentials(appliance_id) if APPLIANCE_ID_RE.match(appliance_id) else None
+        creds = self.store.credentials(appliance_id) if APPLIANCE_ID_RE.fullmatch(appliance_id) else None
         if creds is None:
             raise AuthFailure("the request is not signed by a registered appliance")
         try:
@@ -257,7 +257,7 @@ class Registry:
         if message.get("appliance_id", appliance_id) != appliance_id:
             raise UsageError("the status report names another appliance")
         status = message.get("status")
-        if not isinstance(status, str) or not STATUS_RE.match(status):
+        if not isinstance(status, str) or not STATUS_RE.fullmatch(status):
             raise UsageError("status must be a short lower-case word, e.g. 'configured'")
         parameters = message.get("parameters")
         errors = message.get("errors", [])
@@ -278,7 +278,7 @@ class Registry:
     def record_report(self, body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
         """``POST /v1/reports``: a pushed message (:mod:`appliance.report.messages`); the reply."""
         claimed = headers.get(messages.APPLIANCE_HEADER) or ""
-        creds = self.store.credentials(claimed) if APPLIANCE_ID_RE.match(claimed) else None
+        creds = self.store.credentials(claimed) if APPLIANCE_ID_RE.fullmatch(claimed) else None
         if creds is None:
             raise AuthFailure("the report is not signed by a registered appliance")
         verifier = ReportVerifier(
@@ -298,7 +298,7 @@ class Registry:
             health = message.get("health")
             addresses = message.get("addresses")
             update = Update(
-                health=health if isinstance(health, str) and STATUS_RE.match(health) else None,
+                health=health if isinstance(health, str) and STATUS_RE.fullmatch(health) else None,
                 addresses=_strings(addresses, "addresses") if addresses is not None else None,
                 tasks=_tasks(message.get("tasks")),
             )
@@ -318,7 +318,7 @@ class Registry:
             raise AuthFailure(exc.message) from exc
         request = _json_object(body, "the assignment request")
         instance = request.get("instance_id")
-        if not isinstance(instance, str) or not INSTANCE_ID_RE.match(instance):
+        if not isinstance(instance, str) or not INSTANCE_ID_RE.fullmatch(instance):
             raise UsageError("instance_id must be 1-128 letters, digits, '.', '_', ':', '-'")
         if headers.get(rendezvous.HEADER_APPLIANCE) != instance:
             raise AuthFailure(f"the {rendezvous.HEADER_APPLIANCE} header must name the instance")

@@ -416,3 +416,24 @@ def test_the_served_openapi_document_is_valid_and_lists_every_route(controller: 
         *("/v1/appliances/{appliance_id}/config", "/v1/appliances/{appliance_id}/status", "/v1/assignments"),
         *("/v1/reports", "/v1/stale-removals", "/v1/events"),
     }
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            {"appliance_id": "x-1", "config": {}, "secret": "short-secret-1"},
+            "secret does not meet minLength 16",
+        ),
+        ({"appliance_id": "x-1", "config": [], "secret": SECRET}, "config must be of type object"),
+        ({"appliance_id": "x-1", "config": {}, "secret": SECRET, "extra": 1}, "'extra' was unexpected"),
+        ({"appliance_id": "x-1", "config": {}}, "'secret' is a required property"),
+    ],
+)
+def test_a_malformed_registration_is_refused_by_field_without_echoing_values(
+    controller: ControllerProcess, body: dict[str, Any], words: str
+) -> None:
+    status, answer = controller.admin("POST", "/v1/appliances", body)
+    assert (status, answer["error"]["code"]) == (400, "InvalidParameterValue")
+    assert words in answer["error"]["message"]
+    assert "short-secret-1" not in json.dumps(answer) and SECRET not in json.dumps(answer)

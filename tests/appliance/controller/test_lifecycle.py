@@ -83,7 +83,8 @@ def test_pre_register_refuses_what_the_appliance_would_refuse(
 
 
 @pytest.mark.parametrize(
-    ("appliance_id", "secret"), [("has:colon", SECRET), ("", SECRET), ("ok", "short"), ("ok", SECRET + ":x")]
+    ("appliance_id", "secret"),
+    [("has:colon", SECRET), ("", SECRET), ("trailing\n", SECRET), ("ok", "short"), ("ok", SECRET + ":x")],
 )
 def test_pre_register_refuses_bad_ids_and_secrets(registry: Registry, appliance_id: str, secret: str) -> None:
     with pytest.raises(UsageError):
