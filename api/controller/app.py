@@ -327,6 +327,8 @@ class StaleRemovalsResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         doc = json_body(req, None, required=False)
         timeout = doc.get("timeout", self._default)
+        if timeout is None and "timeout" not in doc:
+            raise UsageError("give a timeout: this controller runs without --stale-after")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 31536000:
             raise UsageError("timeout must be a number of seconds above 0 (at most a year)")
         removed = self._registries.get().remove_stale(float(timeout))

@@ -326,6 +326,12 @@ def test_remove_stale_by_the_admin_command(controller: ControllerProcess, tmp_pa
 
     wait_until(removed, what="quiet-1 to be removed")
     assert controller.admin("GET", "/v1/appliances/quiet-1")[0] == 404
+    # this controller runs without --stale-after: there is no default to remove by
+    status, answer = controller.admin("POST", "/v1/stale-removals", {})
+    assert (status, answer["error"]["message"]) == (
+        400,
+        "give a timeout: this controller runs without --stale-after",
+    )
 
 
 def test_a_replayed_report_is_refused_and_the_reporter_counts_it_delivered(
