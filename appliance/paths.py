@@ -20,6 +20,9 @@ CONFIG_ERROR_FILE = Path("/run/imaging/config-error.json")
 #: the name, next to the config error file (``/run/imaging``), of the flag ``imaging configure`` keeps
 #: while ``limits.task_io_weight`` is set: the image's udev rule then selects the BFQ IO scheduler
 IO_WEIGHT_FLAG_NAME = "io-weight"
+#: the rendezvous line an image may carry (``imaging:v1::<controller-url>:<enrolment-secret>``), read
+#: by ``imaging configure`` when the instance has no user data
+BAKED_RENDEZVOUS = Path("/etc/imaging/rendezvous")
 
 
 def default_state_dir() -> Path:

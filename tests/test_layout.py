@@ -23,6 +23,7 @@ LAZY_ALLOWED = {
     "dissect": "guest filesystems; only the limited probe child and Windows guests need parts of it",
     "tqdm": "only a terminal shows a progress bar",
     "api.server": "gunicorn and the whole HTTP app, loaded only by `imaging serve`",
+    "api.controller.server": "gunicorn and the controller app, loaded only by `imaging controller serve`",
     "appliance.targets.ec2": "imports botocore at use; loaded only when an ec2 target is configured",
     "appliance.targets.s3": "imports botocore at use; loaded only when an s3 target is configured",
 }

@@ -39,12 +39,12 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
-from ..paths import CONFIG_ERROR_FILE, IO_WEIGHT_FLAG_NAME, SYSTEM_CONFIG, StatePaths
+from ..paths import BAKED_RENDEZVOUS, CONFIG_ERROR_FILE, IO_WEIGHT_FLAG_NAME, SYSTEM_CONFIG, StatePaths
 from ..redact import redact, redact_text, redact_url, secret_values
 from ..service import taskcgroup
 from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
-from .userdata import CompactUserData, FieldError, UserDataInvalid
+from .userdata import CompactUserData, EnrolUserData, FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class Options:
     owner: str | None = "imaging"
     #: rendezvous tries for the compact form (the controller may not be up yet at boot)
     attempts: int = 5
+    #: how this machine names itself when asking for an assignment (None: its machine id)
+    instance_id: str | None = None
+    #: read when the instance has no user data: a rendezvous line the image carries (None: none)
+    rendezvous_file: Path | None = BAKED_RENDEZVOUS
     timeout: float = 10.0
     #: where the worker's guest-hooks drop-in goes (None: leave the units alone)
     unit_dir: Path | None = worker_dropin.DEFAULT_UNIT_DIR
@@ -143,6 +147,8 @@ def _learn(section: Any, known: _Known) -> None:
 def _resolve_section(raw: bytes, opts: Options, known: _Known) -> tuple[dict[str, Any], bool]:
     """The ``imaging:`` section to apply and whether it came through the rendezvous."""
     parsed = userdata.parse_user_data(raw)
+    if isinstance(parsed, EnrolUserData):
+        parsed = _enrol(parsed, opts, known)
     if not isinstance(parsed, CompactUserData):
         _learn(parsed, known)
         return parsed, False
@@ -177,6 +183,28 @@ def _resolve_section(raw: bytes, opts: Options, known: _Known) -> tuple[dict[str
         section["controller"] = {"url": parsed.controller_url, "secret": parsed.secret, **ctl}
     known.section = section  # the parameters reported are those applied
     return section, True
+
+
+def _enrol(parsed: EnrolUserData, opts: Options, known: _Known) -> CompactUserData:
+    """Dynamic assignment: the controller says which appliance this machine is (and its secret)."""
+    known.controller_url = parsed.controller_url
+    known.secrets.add(parsed.enrol_secret)
+    instance = opts.instance_id or rendezvous.machine_id()
+    try:
+        appliance_id, secret = rendezvous.request_assignment(
+            parsed.controller_url, parsed.enrol_secret, instance, opts.timeout, opts.attempts
+        )
+    except rendezvous.RendezvousError as exc:
+        raise UserDataInvalid([FieldError("imaging.controller.url", exc.message)]) from exc
+    known.secrets.add(secret)
+    # the assigned identity passes the checks of the line it stands for
+    assigned = userdata.parse_compact(
+        f"{userdata.COMPACT_PREFIX}{appliance_id}:{parsed.controller_url}:{secret}"
+    )
+    if not isinstance(assigned, CompactUserData):
+        raise UserDataInvalid([FieldError("imaging.appliance_id", "the controller assigned no appliance id")])
+    log.info("assigned appliance %s by the controller", assigned.appliance_id)
+    return assigned
 
 
 def _check_tls(files: dict[Path, str]) -> None:
@@ -260,6 +288,9 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     known = _Known()
     raw = read_user_data(opts.user_data)
+    if raw is None and opts.rendezvous_file is not None and opts.rendezvous_file.is_file():
+        # no user data: the image's own rendezvous line (the controller assigns who this is)
+        raw = opts.rendezvous_file.read_bytes()
     if raw is None:
         where = opts.user_data or f"cloud-init (nor {CLOUD_INIT_USER_DATA})"
         return _fail(
@@ -270,7 +301,8 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
                     "user-data",
                     f"no user data from {where}: launch the appliance with '#cloud-config' user data "
                     f"holding an 'imaging:' section, or the line "
-                    f"'{userdata.COMPACT_PREFIX}<appliance-id>:<controller-url>:<secret>'",
+                    f"'{userdata.COMPACT_PREFIX}<appliance-id>:<controller-url>:<secret>' (or without "
+                    f"the id, with the fleet's enrolment secret)",
                 )
             ],
             stderr,

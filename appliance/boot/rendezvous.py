@@ -17,6 +17,16 @@ Protocol (version 1; both sides share the per-appliance ``secret`` from the comp
     ``config-error``) are also sent for full ``#cloud-config`` user data when its controller URL is
     known; without a valid secret they go unsigned.
 
+``POST <controller-url>/v1/assignments`` (dynamic assignment)
+    An appliance booted with the line ``imaging:v1::<controller-url>:<enrolment-secret>`` (no id)
+    asks for an identity: a JSON body ``{"ver": 1, "instance_id"}`` naming the machine (its
+    ``/etc/machine-id`` by default: stable across reboots), signed with the fleet's enrolment
+    secret, ``X-Imaging-Appliance`` carrying the instance id. The controller answers ``200``
+    ``{"ver": 1, "appliance_id", "secret"}`` signed with the enrolment secret: the first
+    configuration registered for dynamic assignment that no instance holds, or the one this instance
+    already holds (the same answer after a lost reply or a reboot); ``409`` when none is left. The
+    appliance then continues as with ``imaging:v1:<appliance_id>:<controller-url>:<secret>``.
+
 Signing (requests and responses alike). Three headers:
 
 * ``X-Imaging-Appliance``: the appliance id;
@@ -67,6 +77,11 @@ class RendezvousError(ConfigError):
 def config_path(base_path: str, appliance_id: str) -> str:
     """URL path of the config endpoint under a controller URL's own path."""
     return f"{base_path.rstrip('/')}/v1/appliances/{appliance_id}/config"
+
+
+def assignment_path(base_path: str) -> str:
+    """URL path of the dynamic-assignment endpoint under a controller URL's own path."""
+    return f"{base_path.rstrip('/')}/v1/assignments"
 
 
 def status_path(base_path: str, appliance_id: str) -> str:
@@ -174,6 +189,71 @@ def fetch_config(
             raise RendezvousError("controller config response is not a mapping")
         return doc
     raise RendezvousError(f"cannot fetch the config from the controller at {url}: {last}")
+
+
+def machine_id(path: str = "/etc/machine-id") -> str:
+    """This machine's stable identity for dynamic assignment: systemd's machine id (generated on first
+    boot from the image's empty one), else the host name."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        value = ""
+    return value or socket.gethostname()
+
+
+def request_assignment(
+    controller_url: str,
+    enrol_secret: str,
+    instance_id: str,
+    timeout: float = 10.0,
+    attempts: int = 1,
+    delay: float = 2.0,
+) -> tuple[str, str]:
+    """Ask the controller which appliance this instance is (dynamic assignment): ``(appliance_id,
+    secret)`` from an answer signed with the enrolment secret. Retried as :func:`fetch_config`."""
+    parts = urlsplit(controller_url)
+    path = assignment_path(parts.path)
+    url = f"{parts.scheme}://{parts.netloc}{path}"
+    body = json.dumps({"ver": PROTOCOL_VERSION, "instance_id": instance_id}, sort_keys=True).encode()
+    last = ""
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            time.sleep(min(delay * 2 ** (attempt - 1), 30.0))
+        headers = {"Content-Type": "application/json"}
+        headers.update(signed_headers(instance_id, enrol_secret, "POST", path, body))
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                answer = resp.read(MAX_BODY + 1)
+                answer_headers = resp.headers
+        except urllib.error.HTTPError as exc:
+            last = _reason(exc) + _error_code(exc)
+            if exc.code < 500:
+                break
+            continue
+        except (OSError, ValueError) as exc:
+            last = _reason(exc)
+            continue
+        verify(enrol_secret, "RESPONSE", path, answer_headers, answer)
+        try:
+            doc = json.loads(answer)
+        except ValueError as exc:
+            raise RendezvousError("controller assignment response is not JSON") from exc
+        aid, secret = (doc.get("appliance_id"), doc.get("secret")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(aid, str) or not isinstance(secret, str):
+            raise RendezvousError("controller assignment response names no appliance_id and secret")
+        return aid, secret
+    raise RendezvousError(f"cannot get an assignment from the controller at {url}: {last}")
+
+
+def _error_code(exc: urllib.error.HTTPError) -> str:
+    """``: <code>`` of a JSON error answer (``{"error": {"code"}}``), else nothing."""
+    try:
+        code = json.loads(exc.read(65536))["error"]["code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f": {code}" if isinstance(code, str) else ""
 
 
 def post_status(

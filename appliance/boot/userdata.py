@@ -6,6 +6,8 @@ Accepted user data (:func:`parse_user_data`):
 * MIME multipart (cloud-init's ``write-mime-multipart``) with a ``text/cloud-config`` part;
 * the compact one-liner ``imaging:v1:<appliance-id>:<controller-url>:<secret>`` (see
   :mod:`appliance.boot.rendezvous`): the full section is then fetched from the controller;
+* the same line without an id, ``imaging:v1::<controller-url>:<enrolment-secret>``: the appliance
+  asks the controller for an identity first (dynamic assignment), then fetches its section;
 * any of these gzip-compressed (cloud-init accepts that too).
 
 :func:`render` validates the section against :data:`SCHEMA`, maps it to the service configuration of
@@ -96,6 +98,15 @@ class CompactUserData:
 
 
 @dataclass(frozen=True)
+class EnrolUserData:
+    """The one-line form without an id, ``imaging:v1::<controller-url>:<enrolment-secret>``: the
+    appliance is assigned an id and a secret by the controller (dynamic assignment)."""
+
+    controller_url: str
+    enrol_secret: str
+
+
+@dataclass(frozen=True)
 class Rendered:
     """A validated service configuration and the extra files (TLS PEMs, mode 0600) it refers to."""
 
@@ -107,8 +118,8 @@ class Rendered:
 # --- parsing --------------------------------------------------------------------------------------
 
 
-def parse_user_data(raw: bytes | str) -> dict[str, Any] | CompactUserData:
-    """The ``imaging:`` section of user data, or the compact form; :class:`UserDataInvalid` otherwise."""
+def parse_user_data(raw: bytes | str) -> dict[str, Any] | CompactUserData | EnrolUserData:
+    """The ``imaging:`` section of user data, or a compact form; :class:`UserDataInvalid` otherwise."""
     data = raw.encode() if isinstance(raw, str) else raw
     if compression_of(data) == "gzip":
         try:
@@ -169,18 +180,24 @@ def imaging_section(doc: Any) -> dict[str, Any]:
     return section
 
 
-def parse_compact(line: str) -> CompactUserData:
+def parse_compact(line: str) -> CompactUserData | EnrolUserData:
     """Split ``imaging:v1:<id>:<url>:<secret>``: the id ends at the first ':' after the prefix, the
-    URL at the *last* ':' (URLs hold ':' themselves), so the secret cannot contain ':'."""
+    URL at the *last* ':' (URLs hold ':' themselves), so the secret cannot contain ':'. An empty id
+    is the enrolment form (:class:`EnrolUserData`)."""
     m = re.match(r"^imaging:v(\d+):", line)
     if m is None or m.group(1) != "1":
         version = f"v{m.group(1)}" if m else "unknown"
         raise _invalid("user-data", f"compact user data version {version} is not supported (use v1)")
     appliance_id, _, rest = line[len(COMPACT_PREFIX) :].partition(":")
     url, _, secret = rest.rpartition(":")
-    errors = _check_section({"appliance_id": appliance_id, "controller": {"url": url, "secret": secret}})
+    enrol = appliance_id == ""
+    # the enrolment form is checked with a stand-in id: its URL and secret follow the same rules
+    probe = {"appliance_id": "x" if enrol else appliance_id, "controller": {"url": url, "secret": secret}}
+    errors = _check_section(probe)
     if errors:
         raise UserDataInvalid(errors)
+    if enrol:
+        return EnrolUserData(url.rstrip("/"), secret)
     return CompactUserData(appliance_id, url.rstrip("/"), secret)
 
 

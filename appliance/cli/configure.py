@@ -19,6 +19,8 @@ def cmd_configure(args: argparse.Namespace, _cfg: Config | None) -> int:
         error_file=Path(args.error_file),
         owner=args.owner or None,
         attempts=args.attempts,
+        instance_id=args.instance_id,
+        rendezvous_file=Path(args.rendezvous_file) if args.rendezvous_file else None,
         timeout=args.timeout,
         unit_dir=Path(args.unit_dir) if args.unit_dir else None,
     )
@@ -38,7 +40,8 @@ def add_commands(sub: Any) -> None:
         "configure",
         help="write the service configuration from cloud-init user data (boot time)",
         description="Read the '#cloud-config' imaging: section (or the compact "
-        "imaging:v1:<id>:<controller-url>:<secret> line, then fetch the config from the controller), "
+        "imaging:v1:<id>:<controller-url>:<secret> line, then fetch the config from the controller; "
+        "without the id, be assigned one by the controller first), "
         "validate it and write the config file atomically, mode 0600. Invalid or missing: write the "
         "error file, print each wrong field, tell the controller, exit 2.",
         epilog="Exit status: 0 configured, 1 the config could not be written, 2 invalid or missing config.",
@@ -57,6 +60,17 @@ def add_commands(sub: Any) -> None:
         "--attempts", type=int, default=5, help="rendezvous tries for the compact form (default 5)"
     )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per controller request")
+    s.add_argument(
+        "--rendezvous-file",
+        default=str(configure_mod.BAKED_RENDEZVOUS),
+        help="read when there is no user data: the rendezvous line an image carries "
+        f"(default {configure_mod.BAKED_RENDEZVOUS}; '' for none)",
+    )
+    s.add_argument(
+        "--instance-id",
+        help="how this machine names itself when the user data asks for an assignment "
+        "(imaging:v1::<controller-url>:<enrolment-secret>; default: /etc/machine-id)",
+    )
     s.add_argument(
         "--unit-dir",
         default=str(worker_dropin.DEFAULT_UNIT_DIR),

@@ -220,10 +220,13 @@ class PushReporter(threading.Thread):
             with urllib.request.urlopen(req, timeout=self.config.controller.timeout) as resp:
                 text = resp.read(1 << 20)
         except urllib.error.HTTPError as exc:
-            detail = _json(exc.read(65536))
-            if exc.code == 409 and detail.get("error") == "replayed":
+            error = _json(exc.read(65536)).get("error")
+            # the reference receiver answers {"error": "replayed"}, the shipped controller
+            # {"error": {"code": "ReportReplayed", ...}}
+            code = error.get("code") if isinstance(error, dict) else error
+            if exc.code == 409 and code in ("replayed", "ReportReplayed"):
                 return {}  # the controller already has this seq: delivered before a restart
-            raise DeliveryError(f"HTTP {exc.code} {detail.get('error') or exc.reason}") from None
+            raise DeliveryError(f"HTTP {exc.code} {code or exc.reason}") from None
         except (OSError, ValueError) as exc:  # URLError, refused, reset, timeout
             raise DeliveryError(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
         return _json(text)

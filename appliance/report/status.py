@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from .. import __version__
+from ..boot.rendezvous import local_addresses
 from ..config import Config
 from ..scratch import ScratchSpace
 from ..service import health as health_mod
@@ -89,6 +90,8 @@ def heartbeat(config: Config, store: Store, rates: RateTracker, backlog: int) ->
         "type": "heartbeat",
         "health": status,
         "reason": reason,
+        # every heartbeat: the controller records a change of address (DHCP, a new interface)
+        "addresses": local_addresses(config.controller.url),
         "version": __version__,
         "capacity": {
             "task_slots": slots,

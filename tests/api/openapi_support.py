@@ -4,7 +4,7 @@ must validate against the documented schema, ``$ref``s resolved inside the docum
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from jsonschema import Draft202012Validator
@@ -15,9 +15,6 @@ from api import admin
 
 SPEC = admin.openapi_document()
 _SPEC_URI = "urn:imaging-admin-openapi"
-_REGISTRY = Registry().with_resource(
-    _SPEC_URI, Resource.from_contents(SPEC, default_specification=DRAFT202012)
-)
 
 
 class Answer(Protocol):
@@ -34,24 +31,36 @@ def _pointer(*parts: str) -> str:
     return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def assert_documented(template: str, method: str, result: Answer, body: Any = None) -> None:
-    """The response's status and content type are documented for the operation (its ``default``
-    response covers undocumented statuses), and its JSON body (or ``body`` instead) validates
-    against the documented schema."""
-    operation = SPEC["paths"][template][method.lower()]
-    status = str(result.status_code)
-    if status not in operation["responses"] and "default" in operation["responses"]:
-        status = "default"
-    assert status in operation["responses"], f"{method} {template} answered undocumented {status}"
-    base = ("paths", template, method.lower(), "responses", status)
-    response = operation["responses"][status]
-    if "$ref" in response:
-        base = tuple(response["$ref"].removeprefix("#/").split("/"))
-        response = SPEC["components"]["responses"][base[-1]]
-    ctype = result.headers["content-type"].split(";")[0].strip()
-    assert ctype in response["content"], f"{method} {template} {status}: undocumented type {ctype}"
-    if ctype == "application/json":
-        ref = f"{_SPEC_URI}#{_pointer(*base, 'content', ctype, 'schema')}"
-        Draft202012Validator({"$ref": ref}, registry=_REGISTRY).validate(
-            result.json if body is None else body
-        )
+def documented_checker(spec: dict[str, Any], uri: str) -> Callable[..., None]:
+    """:func:`assert_documented` for another OpenAPI document (``uri`` names it in the registry)."""
+    registry = Registry().with_resource(uri, Resource.from_contents(spec, default_specification=DRAFT202012))
+
+    def check(template: str, method: str, result: Answer, body: Any = None) -> None:
+        """The response's status and content type are documented for the operation (its ``default``
+        response covers undocumented statuses), and its JSON body (or ``body`` instead) validates
+        against the documented schema."""
+        operation = spec["paths"][template][method.lower()]
+        status = str(result.status_code)
+        if status not in operation["responses"] and "default" in operation["responses"]:
+            status = "default"
+        assert status in operation["responses"], f"{method} {template} answered undocumented {status}"
+        base = ("paths", template, method.lower(), "responses", status)
+        response = operation["responses"][status]
+        if "$ref" in response:
+            base = tuple(response["$ref"].removeprefix("#/").split("/"))
+            response = spec["components"]["responses"][base[-1]]
+        if "content" not in response:  # e.g. 204: no body
+            return
+        ctype = result.headers["content-type"].split(";")[0].strip()
+        assert ctype in response["content"], f"{method} {template} {status}: undocumented type {ctype}"
+        if ctype == "application/json":
+            ref = f"{uri}#{_pointer(*base, 'content', ctype, 'schema')}"
+            Draft202012Validator({"$ref": ref}, registry=registry).validate(
+                result.json if body is None else body
+            )
+
+    return check
+
+
+#: the admin API's check (see :func:`documented_checker`)
+assert_documented = documented_checker(SPEC, _SPEC_URI)

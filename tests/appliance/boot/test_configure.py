@@ -26,6 +26,7 @@ from appliance.boot import rendezvous, worker_dropin
 from appliance.cli import main as cli
 from appliance.hooks.privileges import privileged_hooks
 from appliance.service.taskcgroup import TaskCaps, host_problems
+from tests.api.controller_support import ControllerProcess, running_controller
 from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
@@ -97,6 +98,10 @@ def run_configure(p: Paths, *extra: str) -> int:
 
 
 # --- a rendezvous controller ----------------------------------------------------------------------
+#
+# The shipped controller (`imaging controller serve`, :func:`shipped`) where it can play the part; this
+# scripted one where a real controller cannot: a forged answer, a configuration for another appliance
+# or one the controller would have refused at registration, a controller under a path prefix.
 
 
 @dataclass
@@ -151,6 +156,13 @@ def _handler(ctl: Controller) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerProcess]:
+    """`imaging controller serve` (gunicorn on loopback)."""
+    with running_controller(tmp_path_factory.mktemp("shipped-controller"), workers=1) as ctl:
+        yield ctl
 
 
 @pytest.fixture
@@ -354,28 +366,26 @@ def test_invalid_config_is_reported_to_a_reachable_controller(paths: Paths, cont
 
 
 def test_compact_form_fetches_applies_and_reports(
-    paths: Paths, controller: Controller, capsys: pytest.CaptureFixture[str]
+    paths: Paths, shipped: ControllerProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    controller.config = section(appliance_id="appl-9", limits={"concurrent_tasks": 4})
-    paths.user_data.write_text(f"imaging:v1:appl-9:{controller.url}:{SECRET}\n")
+    shipped.register("appl-9", section(appliance_id="appl-9", limits={"concurrent_tasks": 4}), SECRET)
+    paths.user_data.write_text(f"imaging:v1:appl-9:{shipped.url}:{SECRET}\n")
 
     assert run_configure(paths) == 0
 
-    assert controller.request_errors == []
     cfg = config_mod.load(paths.output)
     assert cfg.worker.concurrency == 4
     assert (cfg.controller.url, cfg.controller.secret, cfg.controller.appliance_id) == (
-        controller.url,
+        shipped.url,
         SECRET,
         "appl-9",
     )
-    [report] = controller.statuses
-    assert (report["status"], report["appliance_id"]) == ("configured", "appl-9")
+    status, report = shipped.admin("GET", "/v1/appliances/appl-9")
+    assert (status, report["status"], report["id"]) == (200, "configured", "appl-9")
     assert "127.0.0.1" in report["addresses"]  # the source address towards the controller
     assert report["parameters"]["api"]["credentials"][0] == {"access_key": ACCESS, "secret_key": "REDACTED"}
     assert report["parameters"]["controller"]["secret"] == "REDACTED"
-    assert SECRET.encode() not in controller.raw_statuses[0]
-    assert API_SECRET.encode() not in controller.raw_statuses[0]
+    assert SECRET not in json.dumps(report) and API_SECRET not in json.dumps(report)
     out, err = capsys.readouterr()
     assert SECRET not in out + err
 
@@ -397,15 +407,16 @@ def test_forged_controller_response_is_refused(
 
 
 def test_controller_refuses_a_request_signed_with_the_wrong_secret(
-    paths: Paths, controller: Controller
+    paths: Paths, shipped: ControllerProcess
 ) -> None:
-    controller.config = section(appliance_id="appl-9")
-    paths.user_data.write_text(f"imaging:v1:appl-9:{controller.url}:wrong-secret-but-long-enough")
+    shipped.register("appl-10", section(appliance_id="appl-10"), SECRET)
+    paths.user_data.write_text(f"imaging:v1:appl-10:{shipped.url}:wrong-secret-but-long-enough")
 
     assert run_configure(paths) == 2
 
-    assert controller.request_errors and "signature is invalid" in controller.request_errors[0]
+    assert "signature is invalid" in shipped.log.read_text()
     assert "HTTP 401" in json.loads(paths.error_file.read_text())["errors"][0]["message"]
+    assert [e["kind"] for e in shipped.events() if e["appliance_id"] == "appl-10"] == ["registered"]
 
 
 def test_fetched_config_for_another_appliance_is_refused(paths: Paths, controller: Controller) -> None:

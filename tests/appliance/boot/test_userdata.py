@@ -13,7 +13,7 @@ import yaml
 from appliance import config as config_mod
 from appliance import redact
 from appliance.boot import userdata
-from appliance.boot.userdata import CompactUserData, UserDataInvalid
+from appliance.boot.userdata import CompactUserData, EnrolUserData, UserDataInvalid
 
 SECRET = "controller-shared-secret-0123456789"
 API_SECRET = "api-secret-key-abcdefghijklmnop"
@@ -193,6 +193,25 @@ def test_missing_imaging_section_is_named() -> None:
 def test_compact_form_splits_the_url_at_its_last_colon() -> None:
     parsed = userdata.parse_user_data(f"imaging:v1:appl-7:http://10.0.0.1:8080/ctl:{SECRET}\n")
     assert parsed == CompactUserData("appl-7", "http://10.0.0.1:8080/ctl", SECRET)
+
+
+def test_compact_form_without_an_id_asks_for_an_assignment() -> None:
+    parsed = userdata.parse_user_data(f"imaging:v1::https://ctl.example:8443/fleet:{SECRET}\n")
+    assert parsed == EnrolUserData("https://ctl.example:8443/fleet", SECRET)
+
+
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("imaging:v1::https://ctl.example:short", "imaging.controller.secret"),
+        (f"imaging:v1::ftp://ctl.example:{SECRET}", "imaging.controller.url"),
+        (f"imaging:v1::https://u:p@ctl.example:{SECRET}", "imaging.controller.url"),
+    ],
+)
+def test_compact_form_without_an_id_is_checked_as_the_full_line(line: str, field: str) -> None:
+    with pytest.raises(UserDataInvalid) as exc:
+        userdata.parse_user_data(line)
+    assert {e.field for e in exc.value.errors} == {field}
 
 
 def test_compact_form_with_unknown_version_is_refused() -> None:

@@ -1,0 +1,425 @@
+"""The controller's Falcon app: HTTP only, every rule in :mod:`appliance.controller.lifecycle`.
+
+Admin routes take ``Authorization: Bearer <token>`` (:class:`AdminAuth`; the controller has no
+access-key list of its own, and a bearer token is what an admin's script or ``imaging controller``
+sends most simply; serve over TLS). The appliance protocol routes (``config``, ``status``,
+``assignments``, ``reports``) are authenticated by their HMAC signatures in the lifecycle, not here.
+Errors are ``{"error": {"code", "message", "request_id"}}`` as in :mod:`api.app`, plus ``fields``
+for an invalid configuration.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import falcon
+import yaml
+from jsonschema import Draft202012Validator, ValidationError
+from referencing import Registry as SchemaRegistry
+from referencing import Resource
+from referencing.jsonschema import DRAFT202012
+
+from appliance.controller import lifecycle
+from appliance.controller.lifecycle import (
+    AuthFailure,
+    ConfigurationInvalid,
+    EnrolmentDisabled,
+    NoUnassignedConfiguration,
+    Registry,
+    ReportRefused,
+    appliance_view,
+    event_view,
+)
+from appliance.controller.store import ApplianceExists, ApplianceNotFound, ControllerStore
+from appliance.errors import ImagingError, UsageError
+from appliance.redact import redact, redact_text
+from appliance.store import StoreError
+
+from ..admin import app_version
+from ..app import (
+    ApiError,
+    QueryCheck,
+    RequestContext,
+    documented_query_parameters,
+    request_id,
+    serialize_error,
+)
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+MAX_BODY = 1 << 20
+INTERNAL_MESSAGE = "an internal error occurred; quote the request id when reporting it"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``imaging controller serve`` was given."""
+
+    db: Path
+    admin_token: str
+    enrol_secret: str | None = None
+    #: seconds of silence after which the periodic sweep removes an appliance (None: no sweep)
+    stale_after: float | None = 90.0
+    sweep_interval: float = 10.0
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The controller API's OpenAPI 3.1 document (package data), version filled in."""
+    text = resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+    doc = yaml.safe_load(text)
+    doc["info"]["version"] = app_version()
+    return doc
+
+
+_SPEC_URI = "urn:imaging-controller-openapi"
+
+
+@cache
+def _validator(component: str) -> Draft202012Validator:
+    registry: SchemaRegistry[Any] = SchemaRegistry().with_resource(
+        _SPEC_URI, Resource.from_contents(openapi_document(), default_specification=DRAFT202012)
+    )
+    return Draft202012Validator({"$ref": f"{_SPEC_URI}#/components/schemas/{component}"}, registry=registry)
+
+
+def _status_for(exc: ImagingError) -> str | None:
+    if isinstance(exc, ReportRefused):
+        return falcon.code_to_http_status(exc.status)
+    for cls, status in (
+        (ApplianceNotFound, falcon.HTTP_404),
+        (ApplianceExists, falcon.HTTP_409),
+        (ConfigurationInvalid, falcon.HTTP_400),
+        (AuthFailure, falcon.HTTP_401),
+        (EnrolmentDisabled, falcon.HTTP_403),
+        (NoUnassignedConfiguration, falcon.HTTP_409),
+        (UsageError, falcon.HTTP_400),
+        (StoreError, falcon.HTTP_503),
+    ):
+        if isinstance(exc, cls):
+            return status
+    return None
+
+
+def _error(
+    resp: falcon.Response, req: falcon.Request, status: str, code: str, message: str, **extra: Any
+) -> None:
+    body = {"code": code, "message": redact_text(message), "request_id": request_id(req), **extra}
+    resp.status = status
+    resp.data = json.dumps({"error": body}).encode()
+    resp.content_type = falcon.MEDIA_JSON
+
+
+def _handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:
+    log.error("request %s %s %s failed", request_id(req), req.method, req.path, exc_info=exc)
+    _error(resp, req, falcon.HTTP_500, "InternalError", INTERNAL_MESSAGE)
+
+
+def _handle_imaging_error(req: falcon.Request, resp: falcon.Response, exc: ImagingError, params: Any) -> None:
+    status = _status_for(exc)
+    if status is None:
+        _handle_unexpected(req, resp, exc, params)
+        return
+    extra = {}
+    if isinstance(exc, ConfigurationInvalid):
+        extra["fields"] = [e.to_dict() for e in exc.errors]
+    if isinstance(exc, AuthFailure):
+        log.warning("refused %s %s: %s", req.method, req.path, exc.message)
+    _error(resp, req, status, exc.code, exc.message, **extra)
+
+
+class RegistryHandle:
+    """The database and the lifecycle over it, opened on first use in the process using it (a gunicorn
+    worker, after the fork); a failed open is retried on the next request."""
+
+    def __init__(self, settings: Settings, store: ControllerStore | None = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._registry: Registry | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Registry:
+        with self._lock:
+            if self._registry is None:
+                if self._store is None:
+                    self._store = ControllerStore(self._settings.db)
+                self._registry = Registry(self._store, enrol_secret=self._settings.enrol_secret)
+            return self._registry
+
+
+class AdminAuth:
+    """Middleware: resources with ``auth = "admin"`` (the default) need the admin bearer token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any
+    ) -> None:
+        if resource is None or getattr(resource, "auth", "admin") != "admin":
+            return
+        scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiError(
+                falcon.HTTP_401,
+                "AuthFailure",
+                "the admin bearer token is required in the Authorization header",
+                headers={"WWW-Authenticate": 'Bearer realm="imaging-controller"'},
+            )
+        req.context.principal = "admin"
+
+
+def read_body(req: falcon.Request) -> bytes:
+    """The request body, at most :data:`MAX_BODY` bytes (413 beyond)."""
+    if req.content_length is not None and req.content_length > MAX_BODY:
+        raise ApiError(falcon.HTTP_413, "RequestEntityTooLarge", f"the body is larger than {MAX_BODY} bytes")
+    body = req.bounded_stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise ApiError(falcon.HTTP_413, "RequestEntityTooLarge", f"the body is larger than {MAX_BODY} bytes")
+    return body
+
+
+def json_body(req: falcon.Request, component: str | None, *, required: bool = True) -> dict[str, Any]:
+    """The JSON object of the body, valid against the OpenAPI ``component`` schema."""
+    body = read_body(req)
+    if not body.strip():
+        if required:
+            raise UsageError("the request needs a JSON body")
+        return {}
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError("the body is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise UsageError("the body must be a JSON object")
+    if component is not None:
+        error = next(iter(sorted(_validator(component).iter_errors(doc), key=lambda e: list(e.path))), None)
+        if error is not None:
+            raise UsageError(_schema_message(error))
+    return doc
+
+
+def _schema_message(error: ValidationError) -> str:
+    """What is wrong with a request body, by field, never quoting a value (it may be a secret)."""
+    # "<field> …", not "<field>: …": a message reading "secret: x" would be redacted whole
+    where = ".".join(str(p) for p in error.absolute_path) or "the body"
+    if error.validator in ("required", "additionalProperties"):
+        return f"in {where}, {error.message}"  # names keys only
+    if error.validator == "type":
+        return f"{where} must be of type {error.validator_value}"
+    return f"{where} does not meet {error.validator} {json.dumps(error.validator_value)[:200]}"
+
+
+def signed_path(req: falcon.Request) -> str:
+    """The URL path as the appliance signed it (under any mount point)."""
+    return req.root_path + req.path
+
+
+def _headers(req: falcon.Request) -> dict[str, str]:
+    return {k.title(): v for k, v in req.headers.items()}
+
+
+# -- resources ------------------------------------------------------------------------------------
+
+
+def versions_document() -> dict[str, Any]:
+    return {
+        "versions": [
+            {
+                "id": API_VERSION,
+                "status": "CURRENT",
+                "links": [
+                    {"rel": "self", "href": f"/{API_VERSION}/"},
+                    {"rel": "describedby", "href": f"/{API_VERSION}/openapi.json"},
+                ],
+            }
+        ]
+    }
+
+
+class RootResource:
+    auth = "open"
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = versions_document()
+
+
+class VersionResource:
+    auth = "open"
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"version": versions_document()["versions"][0]}
+
+
+class OpenApiResource:
+    auth = "open"
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = json.dumps(openapi_document(), indent=1).encode()
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class HealthResource:
+    auth = "open"
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            count = len(self._registries.get().appliances())
+            checks: dict[str, Any] = {"store": "ok", "appliances": count}
+            status = "ok"
+        except StoreError as exc:
+            checks, status = {"store": exc.message}, "disabled"
+        resp.media = {"status": status, "version": app_version(), "checks": checks}
+        resp.status = falcon.HTTP_200 if status == "ok" else falcon.HTTP_503
+        resp.cache_control = ["no-store"]
+
+
+class AppliancesResource:
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"appliances": [appliance_view(a) for a in self._registries.get().appliances()]}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        doc = json_body(req, "Registration")
+        row = self._registries.get().pre_register(
+            doc["appliance_id"], doc["config"], doc["secret"], dynamic=bool(doc.get("dynamic", False))
+        )
+        resp.status = falcon.HTTP_201
+        resp.location = f"/{API_VERSION}/appliances/{row.id}"
+        resp.media = appliance_view(row)
+
+
+class ApplianceResource:
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
+        registry = self._registries.get()
+        view = appliance_view(registry.get(appliance_id))
+        # the configuration as registered (the current version), secrets redacted
+        view["config"] = redact(registry.store.config(appliance_id)[1])
+        resp.media = view
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
+        self._registries.get().remove(appliance_id)
+        resp.status = falcon.HTTP_204
+
+
+class StaleRemovalsResource:
+    def __init__(self, registries: RegistryHandle, settings: Settings) -> None:
+        self._registries = registries
+        self._default = settings.stale_after
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        doc = json_body(req, None, required=False)
+        timeout = doc.get("timeout", self._default)
+        if timeout is None and "timeout" not in doc:
+            raise UsageError("give a timeout: this controller runs without --stale-after")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 31536000:
+            raise UsageError("timeout must be a number of seconds above 0 (at most a year)")
+        removed = self._registries.get().remove_stale(float(timeout))
+        resp.media = {"removed": [event_view(e) for e in removed]}
+
+
+class EventsResource:
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        after = req.get_param_as_int("after", min_value=0, default=0)
+        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
+        appliance = req.get_param("appliance")
+        if appliance is not None and not lifecycle.APPLIANCE_ID_RE.fullmatch(appliance):
+            raise UsageError(f"appliance {appliance[:64]!r} is not an appliance id")
+        events = self._registries.get().events(after or 0, limit or 100, appliance)
+        resp.media = {"events": [event_view(e) for e in events]}
+
+
+class ConfigResource:
+    auth = "appliance"
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
+        body, headers = self._registries.get().serve_config(appliance_id, signed_path(req), _headers(req))
+        resp.data = body
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_headers(headers)
+        resp.cache_control = ["no-store"]
+
+
+class StatusResource:
+    auth = "appliance"
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
+        body = read_body(req)
+        self._registries.get().record_status(appliance_id, signed_path(req), _headers(req), body)
+        resp.status = falcon.HTTP_204
+
+
+class AssignmentsResource:
+    auth = "appliance"
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_body(req)
+        answer, headers = self._registries.get().assign(signed_path(req), _headers(req), body)
+        resp.data = answer
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_headers(headers)
+        resp.cache_control = ["no-store"]
+
+
+class ReportsResource:
+    auth = "appliance"
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._registries.get().record_report(read_body(req), _headers(req))
+
+
+def create_app(settings: Settings, *, store: ControllerStore | None = None) -> falcon.App:
+    """The controller's WSGI app (gunicorn calls this in each worker after the fork)."""
+    registries = RegistryHandle(settings, store)
+    documented = documented_query_parameters(openapi_document())
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        middleware=[RequestContext(), AdminAuth(settings.admin_token), QueryCheck(documented)]
+    )
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(ImagingError, _handle_imaging_error)
+    app.add_route("/", RootResource())
+    app.add_route("/v1", VersionResource())
+    app.add_route("/v1/health", HealthResource(registries))
+    app.add_route("/v1/openapi.json", OpenApiResource())
+    app.add_route("/v1/appliances", AppliancesResource(registries))
+    app.add_route("/v1/appliances/{appliance_id}", ApplianceResource(registries))
+    app.add_route("/v1/appliances/{appliance_id}/config", ConfigResource(registries))
+    app.add_route("/v1/appliances/{appliance_id}/status", StatusResource(registries))
+    app.add_route("/v1/assignments", AssignmentsResource(registries))
+    app.add_route("/v1/reports", ReportsResource(registries))
+    app.add_route("/v1/stale-removals", StaleRemovalsResource(registries, settings))
+    app.add_route("/v1/events", EventsResource(registries))
+    return app

@@ -1,0 +1,228 @@
+"""The controller's lifecycle over its real SQLite store (no HTTP): registration, assignment, updates,
+removal and staleness, with several processes on one database where the rule must hold across them."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.boot import rendezvous
+from appliance.controller.lifecycle import (
+    AuthFailure,
+    ConfigurationInvalid,
+    Registry,
+    ReportRefused,
+    appliance_view,
+    event_view,
+)
+from appliance.controller.store import ApplianceExists, ControllerStore, Update
+from appliance.errors import UsageError
+from appliance.report import messages
+from appliance.store import StoreError
+from appliance.timestamps import format_time, utc_now
+
+SECRET = "appliance-secret-0123456789abcdef"
+ENROL = "fleet-enrolment-secret-0123456789"
+API_SECRET = "api-secret-key-abcdefghijklmnopqrstuv"
+CONFIG: dict[str, Any] = {
+    "api": {"credentials": [{"access_key": "AKIAAPPLIANCE0000001", "secret_key": API_SECRET}]},
+    "limits": {"concurrent_tasks": 2},
+}
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(ControllerStore(tmp_path / "controller.db"), enrol_secret=ENROL)
+
+
+def test_the_database_is_private_and_migrated(tmp_path: Path) -> None:
+    store = ControllerStore(tmp_path / "c.db")
+    assert (tmp_path / "c.db").stat().st_mode & 0o777 == 0o600
+    assert store.schema_version == 1
+
+
+def test_a_database_of_a_newer_controller_is_refused(tmp_path: Path) -> None:
+    ControllerStore(tmp_path / "c.db").close()
+    with sqlite3.connect(tmp_path / "c.db") as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        ControllerStore(tmp_path / "c.db")
+
+
+def test_pre_register_checks_the_configuration_as_configure_will(registry: Registry) -> None:
+    bad = dict(CONFIG, limits={"concurrent_tasks": 0}, log_level="loud")
+    with pytest.raises(ConfigurationInvalid) as caught:
+        registry.pre_register("appl-1", bad, SECRET)
+    fields = {e.field for e in caught.value.errors}
+    assert fields == {"imaging.limits.concurrent_tasks", "imaging.log_level"}
+    assert API_SECRET not in str(caught.value) and SECRET not in str(caught.value)
+    assert registry.appliances() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (dict(CONFIG, appliance_id="someone-else"), "imaging.appliance_id"),
+        (dict(CONFIG, controller={"secret": "another-secret-0123456789"}), "imaging.controller.secret"),
+        (dict(CONFIG, controller={"mode": "sideways"}), "imaging.controller.mode"),
+        (dict(CONFIG, hooks={"points": {"after_convert": [{"hook": "no-such-hook"}]}}), "imaging.hooks"),
+    ],
+)
+def test_pre_register_refuses_what_the_appliance_would_refuse(
+    registry: Registry, config: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigurationInvalid) as caught:
+        registry.pre_register("appl-1", config, SECRET)
+    assert any(e.field.startswith(field) for e in caught.value.errors), caught.value.errors
+
+
+@pytest.mark.parametrize(
+    ("appliance_id", "secret"),
+    [("has:colon", SECRET), ("", SECRET), ("trailing\n", SECRET), ("ok", "short"), ("ok", SECRET + ":x")],
+)
+def test_pre_register_refuses_bad_ids_and_secrets(registry: Registry, appliance_id: str, secret: str) -> None:
+    with pytest.raises(UsageError):
+        registry.pre_register(appliance_id, CONFIG, secret)
+
+
+def test_an_id_is_registered_once_and_views_carry_no_secret(registry: Registry) -> None:
+    row = registry.pre_register("appl-1", {"imaging": CONFIG}, SECRET)
+    with pytest.raises(ApplianceExists):
+        registry.pre_register("appl-1", CONFIG, SECRET)
+    shown = json.dumps([appliance_view(row), *(event_view(e) for e in registry.events())])
+    assert SECRET not in shown and API_SECRET not in shown
+    assert [e.kind for e in registry.events()] == ["registered"]
+
+
+def _claim(path: str, instance: str, barrier: Any, out: Any) -> None:
+    store = ControllerStore(path)  # each process its own connection, as each gunicorn worker
+    barrier.wait()
+    got = store.assign(instance)
+    out.put((instance, got[0].appliance_id if got else None))
+
+
+def test_concurrent_instances_each_get_a_different_configuration_once(tmp_path: Path) -> None:
+    path = tmp_path / "controller.db"
+    registry = Registry(ControllerStore(path))
+    registry.pre_register("static-1", CONFIG, SECRET)  # not in the pool
+    for i in range(4):
+        registry.pre_register(f"pool-{i}", CONFIG, SECRET, dynamic=True)
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(7), ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(path), f"inst-{i}", barrier, out)) for i in range(7)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(30)
+    handed = [aid for aid in results.values() if aid is not None]
+    assert sorted(handed) == [f"pool-{i}" for i in range(4)]  # each once, none twice, static untouched
+    assert list(results.values()).count(None) == 3
+    assigned = [e for e in registry.events() if e.kind == "assigned"]
+    assert sorted(e.appliance_id for e in assigned) == sorted(handed)
+    assert registry.get("static-1").assigned_to is None
+
+
+def test_the_same_instance_asking_again_gets_the_same_configuration(registry: Registry) -> None:
+    registry.pre_register("pool-a", CONFIG, SECRET, dynamic=True)
+    registry.pre_register("pool-b", CONFIG, SECRET, dynamic=True)
+    first = registry.store.assign("machine-1")
+    again = registry.store.assign("machine-1")
+    assert first is not None and again is not None
+    assert (first[0].appliance_id, first[1]) == ("pool-a", True)
+    assert (again[0].appliance_id, again[1]) == ("pool-a", False)
+    other = registry.store.assign("machine-2")
+    assert other is not None and other[0].appliance_id == "pool-b"
+
+
+def _signed(secret: str, who: str, method: str, path: str, body: bytes) -> dict[str, str]:
+    return rendezvous.signed_headers(who, secret, method, path, body)
+
+
+def test_assignment_needs_the_enrolment_secret(registry: Registry) -> None:
+    registry.pre_register("pool-a", CONFIG, SECRET, dynamic=True)
+    body = json.dumps({"ver": 1, "instance_id": "m-1"}).encode()
+    path = "/v1/assignments"
+    with pytest.raises(AuthFailure):
+        registry.assign(path, _signed("not-the-enrolment-secret-000", "m-1", "POST", path, body), body)
+    with pytest.raises(AuthFailure):  # the header must name the instance the body names
+        registry.assign(path, _signed(ENROL, "m-2", "POST", path, body), body)
+    answer, headers = registry.assign(path, _signed(ENROL, "m-1", "POST", path, body), body)
+    rendezvous.verify(ENROL, "RESPONSE", path, headers, answer)
+    assert json.loads(answer) == {"ver": 1, "appliance_id": "pool-a", "secret": SECRET}
+
+
+def test_status_updates_record_changes_as_events(registry: Registry) -> None:
+    registry.pre_register("appl-1", CONFIG, SECRET)
+    path = "/v1/appliances/appl-1/status"
+    message = {"status": "configured", "addresses": ["192.0.2.7"], "parameters": {"api": {"x": 1}}}
+    body = json.dumps(message).encode()
+    with pytest.raises(AuthFailure):
+        registry.record_status(
+            "appl-1", path, _signed("wrong-secret-0123456789", "appl-1", "POST", path, body), body
+        )
+    registry.record_status("appl-1", path, _signed(SECRET, "appl-1", "POST", path, body), body)
+    registry.record_status("appl-1", path, _signed(SECRET, "appl-1", "POST", path, body), body)  # no change
+    row = registry.get("appl-1")
+    assert (row.status, row.addresses, row.parameters) == ("configured", ["192.0.2.7"], {"api": {"x": 1}})
+    updates = [e.data for e in registry.events() if e.kind == "updated"]
+    assert updates == [
+        {"changed": ["addresses", "parameters", "status"], "addresses": ["192.0.2.7"], "status": "configured"}
+    ]
+
+
+def test_pushed_reports_are_accepted_once_in_seq_order(registry: Registry) -> None:
+    registry.pre_register("appl-1", CONFIG, SECRET)
+    payload = {
+        "type": "heartbeat",
+        "health": "ok",
+        "addresses": ["192.0.2.9"],
+        "tasks": [{"id": "t-1", "state": "running"}],
+    }
+    body = messages.encode("appl-1", 5, payload)
+    headers = messages.headers(SECRET, "appl-1", body, "application/json")
+    assert registry.record_report(body, headers) == {"ok": True, "seq": 5, "cancel": []}
+    with pytest.raises(ReportRefused) as caught:
+        registry.record_report(body, headers)
+    assert (caught.value.status, caught.value.code) == (409, "ReportReplayed")
+    forged = messages.headers("wrong-secret-0123456789", "appl-1", body, "application/json")
+    with pytest.raises(AuthFailure):
+        registry.record_report(messages.encode("appl-1", 6, payload), forged)
+    row = registry.get("appl-1")
+    assert (row.health, row.addresses, row.tasks) == (
+        "ok",
+        ["192.0.2.9"],
+        [{"id": "t-1", "state": "running"}],
+    )
+
+
+def test_stale_removal_takes_only_silent_appliances_and_reports_their_tasks(registry: Registry) -> None:
+    for name in ("silent", "waiting"):
+        registry.pre_register(name, CONFIG, SECRET)
+    registry.store.update("silent", Update(status="configured", tasks=[{"id": "t-9", "state": "running"}]))
+    # everything heard from before a moment in the future is silent "since" then
+    later = format_time(utc_now() + timedelta(seconds=5))
+    removed = registry.store.remove_stale(later, 5)
+    assert [(e.appliance_id, e.kind) for e in removed] == [("silent", "removed-stale")]
+    assert removed[0].data["tasks"] == [{"id": "t-9", "state": "running"}]
+    assert registry.store.remove_stale(later, 5) == []  # once
+    assert [a.id for a in registry.appliances()] == ["waiting"]  # never launched: never stale
+    assert [e.kind for e in registry.events(appliance_id="silent")][-1] == "removed-stale"
+    # a removed appliance is no longer recognised
+    path = "/v1/appliances/silent/config"
+    with pytest.raises(AuthFailure):
+        registry.serve_config("silent", path, _signed(SECRET, "silent", "GET", path, b""))
+
+
+def test_a_recently_heard_appliance_is_not_stale(registry: Registry) -> None:
+    registry.pre_register("alive", CONFIG, SECRET)
+    registry.store.update("alive", Update(status="configured"))
+    assert registry.remove_stale(3600) == []
+    with pytest.raises(UsageError):
+        registry.remove_stale(0)
