@@ -13,14 +13,19 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from appliance.report.euca_auth import InstanceCredentials, sign_request
+from tests import imagefactory as imgs
 from tests import processes
+from tests.appliance.targets.test_device import loop_device
+from tests.appliance.targets.test_ec2 import FakeHypervisor
 from tests.euca_controller import EucaCloud, PartServer, download_manifest, make_cloud_key, sigv2
 from tests.euca_upload import random_file
+from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 wait_until = functools.partial(processes.wait_until, timeout=90.0)
 
@@ -38,7 +43,9 @@ def source(tmp_path: Path) -> Path:
     return random_file(tmp_path / "disk.raw", 5 * MiB)
 
 
-def start_worker(tmp_path: Path, cloud: EucaCloud, parts: PartServer, cert: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    tmp_path: Path, cloud: EucaCloud, parts: PartServer, cert: Path, *, targets: dict | None = None, extra=()
+) -> subprocess.Popen[bytes]:
     cfg = tmp_path / "imaging.yaml"
     cfg.write_text(
         json.dumps(
@@ -46,7 +53,8 @@ def start_worker(tmp_path: Path, cloud: EucaCloud, parts: PartServer, cert: Path
                 "state_dir": str(tmp_path / "state"),
                 "worker": {"concurrency": 1, "poll_interval": 0.2},
                 "tasks": {"lease_seconds": 5},
-                "sources": {"allowed_endpoints": [cloud.url, parts.url], "retries": 1},
+                "sources": {"allowed_endpoints": [cloud.url, parts.url, *extra], "retries": 1},
+                **({"targets": targets} if targets else {}),
                 "controller": {
                     "mode": "pull",
                     "url": cloud.url,
@@ -222,3 +230,64 @@ def test_credentials_are_read_again_within_five_minutes_of_expiration(keys) -> N
         assert provider.refresh().access_key not in (first.access_key, second.access_key)
         assert provider.instance_id() == cloud.instance_id
         assert first.secret_key not in repr(first) and first.token not in repr(first)
+
+
+# -- the cloud's own volume, attached through its EC2 API (moto) and found by serial ----------------
+
+
+@pytest.mark.slow
+def test_the_named_volume_is_attached_written_and_handed_back_and_never_deleted_on_failure(
+    moto, keys, source: Path, tmp_path: Path
+) -> None:
+    ec2 = moto.client("ec2")
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    inst = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro")["Instances"][
+        0
+    ]
+    zone = inst["Placement"]["AvailabilityZone"]
+    # what the cloud's backend does before handing a task out: create the volumes
+    good, bad = (ec2.create_volume(Size=1, AvailabilityZone=zone)["VolumeId"] for _ in range(2))
+    device_dir = tmp_path / "by-id"
+    device_dir.mkdir()
+    hostile = imgs.qcow2_backing(tmp_path)  # a qcow2 claimed RAW: refused after it was written
+    targets = {
+        "volume": {
+            "type": "ec2",
+            "endpoint_url": moto.endpoint,
+            "region": REGION,
+            "access_key": TEST_ACCESS_KEY,
+            "secret_key": TEST_SECRET_KEY,
+            "instance_id": inst["InstanceId"],
+            "device_dir": str(device_dir),
+            "poll_interval": 0.05,
+            "wait_timeout": 20,
+            "device_timeout": 20,
+        }
+    }
+    with ExitStack() as stack:
+        loops = [stack.enter_context(loop_device(tmp_path / f"disk{i}.img", 8 * MiB)) for i in range(2)]
+        stack.enter_context(FakeHypervisor(ec2, inst["InstanceId"], device_dir, loops))
+        cloud = stack.enter_context(EucaCloud(keys[0], instance_id=inst["InstanceId"]))
+        parts = stack.enter_context(PartServer(source, PART))
+        bad_parts = stack.enter_context(PartServer(hostile, PART))
+        worker = start_worker(tmp_path, cloud, parts, keys[1], targets=targets, extra=[bad_parts.url])
+        stack.callback(processes.stop_process, worker, grace=30)
+        doc, _ = download_manifest(keys[0], "RAW", hostile.stat().st_size, bad_parts.urls())
+        cloud.add_volume_task("import-vol-0bad0001", bad, "RAW", doc)
+        doc, _ = download_manifest(keys[0], "RAW", source.stat().st_size, parts.urls())
+        cloud.add_volume_task("import-vol-00ok0001", good, "RAW", doc)
+        wait_until(lambda: cloud.final("import-vol-00ok0001", good) is not None, what="DONE")
+        failed, done = cloud.final("import-vol-0bad0001", bad), cloud.final("import-vol-00ok0001", good)
+        assert failed is not None and (failed["Status"], failed["ErrorCode"]) == (
+            "FAILED",
+            "InvalidInputData",
+        )
+        assert done is not None and done["Status"] == "DONE", done
+        volumes = {v["VolumeId"]: v for v in ec2.describe_volumes(VolumeIds=[good, bad])["Volumes"]}
+        assert {v["State"] for v in volumes.values()} == {"available"}  # both handed back, none deleted
+        assert all(not v.get("Attachments") for v in volumes.values())
+        written = [
+            p.read_bytes()[: source.stat().st_size] for p in (tmp_path / "disk0.img", tmp_path / "disk1.img")
+        ]
+        assert source.read_bytes() in written
+    ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
