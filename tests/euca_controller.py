@@ -10,8 +10,10 @@ that a misunderstanding of the protocol in the appliance cannot be mirrored here
   later; :meth:`EucaCloud.expire_all` ends the current ones early, as a revoked token;
 - the **Imaging service** (§4, §5.1): SigV2 checked by hand with ``hmac``/``hashlib`` — string to sign
   ``POST\\n<host>\\n<path>\\n<sorted RFC 3986-encoded parameters>``, ``HmacSHA256``, base64, tried with the
-  ``Host`` header with and without its port; ``SecurityToken`` must be the key's token; a refusal is a
-  403 ``<Response><Errors><Error><Code>…``;
+  ``Host`` header with and without its port; ``SecurityToken`` must be the key's token — and SigV4 (the
+  canonical request of the signed headers, the ``AWS4`` key derivation, the token in
+  ``X-Amz-Security-Token``; region and service not checked, as Eucalyptus); a refusal is a 403
+  ``<Response><Errors><Error><Code>…``;
 - **download manifests** (§7.1): serialized by string concatenation, no whitespace, and signed with the
   ``openssl dgst -sha256 -sign`` command over ``<version>…</version><file-format>…</file-format><image>…
   </image>``, lowercase hex in ``<signature algorithm="RSA-SHA256">``; handed out as
@@ -26,6 +28,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import subprocess
 import threading
@@ -107,6 +110,33 @@ def sigv2(secret: str, host: str, path: str, params: dict[str, str]) -> str:
     return base64.b64encode(mac.digest()).decode()
 
 
+SIGV4 = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)"
+    r"/aws4_request,"
+    r" ?SignedHeaders=(?P<signed>[a-z0-9;-]+), ?Signature=(?P<signature>[0-9a-f]{64})$"
+)
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def sigv4(secret: str, auth: re.Match[str], path: str, headers: Any, body: bytes) -> str:
+    """The SigV4 signature of a POST with no query string, from the request's own signed headers."""
+    names = auth.group("signed").split(";")
+    canonical_headers = "".join(f"{n}:{' '.join((headers.get(n) or '').split())}\n" for n in names)
+    canonical = "\n".join(
+        ["POST", path, "", canonical_headers, auth.group("signed"), hashlib.sha256(body).hexdigest()]
+    )
+    stamp = headers.get("X-Amz-Date") or ""
+    scope = f"{auth.group('date')}/{auth.group('region')}/{auth.group('service')}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(("AWS4" + secret).encode(), auth.group("date"))
+    for part in (auth.group("region"), auth.group("service"), "aws4_request"):
+        key = _hmac(key, part)
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
 class EucaCloud:
     """Metadata service + Imaging service + download manifests, on one loopback port."""
 
@@ -148,7 +178,7 @@ class EucaCloud:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status, reply = cloud.imaging(self.headers.get("Host") or "", self.path, body)
+                status, reply = cloud.imaging(self.headers.get("Host") or "", self.path, body, self.headers)
                 self.send(status, reply)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
@@ -210,25 +240,30 @@ class EucaCloud:
             f"<Response><Errors><Error><Code>{code}</Code><Message>{code}</Message></Error></Errors></Response>".encode(),
         )
 
-    def imaging(self, host: str, path: str, body: bytes) -> tuple[int, bytes]:
+    def imaging(self, host: str, path: str, body: bytes, headers: Any = None) -> tuple[int, bytes]:
         params = dict(urllib.parse.parse_qsl(body.decode(), keep_blank_values=True))
-        key = params.get("AWSAccessKeyId", "")
+        auth = (headers.get("Authorization") if headers is not None else None) or ""
+        v4 = SIGV4.match(auth)
+        key = v4.group("key") if v4 else params.get("AWSAccessKeyId", "")
         with self.lock:
             cred = self.creds.get(key)
-        if (
-            cred is None
-            or params.get("SignatureVersion") != "2"
-            or params.get("SignatureMethod") != "HmacSHA256"
-        ):
-            return self.refuse("AuthFailure")
-        if params.get("SecurityToken") != cred["token"]:
+        if cred is None:
             return self.refuse("AuthFailure")
         secret = self.service_secret(key) if self.service_secret else cred["secret"]
-        hosts = {host, host.rsplit(":", 1)[0]}
-        if not any(
-            hmac.compare_digest(sigv2(secret, h, path, params), params.get("Signature", "")) for h in hosts
-        ):
-            return self.refuse("SignatureDoesNotMatch")
+        if v4:  # SignatureV4Standard: token in X-Amz-Security-Token, region and service not checked
+            if headers.get("X-Amz-Security-Token") != cred["token"]:
+                return self.refuse("AuthFailure")
+            if not hmac.compare_digest(sigv4(secret, v4, path, headers, body), v4.group("signature")):
+                return self.refuse("SignatureDoesNotMatch")
+        else:
+            if params.get("SignatureVersion") != "2" or params.get("SignatureMethod") != "HmacSHA256":
+                return self.refuse("AuthFailure")
+            if params.get("SecurityToken") != cred["token"]:
+                return self.refuse("AuthFailure")
+            hosts = {host, host.rsplit(":", 1)[0]}
+            signature = params.get("Signature", "")
+            if not any(hmac.compare_digest(sigv2(secret, h, path, params), signature) for h in hosts):
+                return self.refuse("SignatureDoesNotMatch")
         if cred["expired"]:
             return self.refuse("ExpiredToken")
         if params.get("Version") != "2014-02-14":

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .. import redact
 from ..errors import ImagingError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ REFRESH_MARGIN = 300.0
 EXPIRATION_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 SERVICE = "imaging"
 MAX_DOCUMENT = 64 * 1024
+#: the metadata service is reached directly, never through an HTTP proxy of the environment
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class CredentialsUnavailable(ImagingError):
@@ -78,7 +81,7 @@ class InstanceCredentials:
     def _get(self, path: str) -> bytes:
         url = self.metadata_url + path
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
+            with _OPENER.open(url, timeout=self.timeout) as resp:
                 return bytes(resp.read(MAX_DOCUMENT))
         except urllib.error.HTTPError as exc:
             raise CredentialsUnavailable(
@@ -111,12 +114,8 @@ class InstanceCredentials:
             raise CredentialsUnavailable(
                 f"the credentials of role {role} are not a document the cloud writes ({type(exc).__name__})"
             ) from None
-        log.info(
-            "instance-profile credentials %s of role %s, expiring %s",
-            creds.access_key,
-            role,
-            creds.expiration,
-        )
+        redact.remember([creds.secret_key, creds.token])  # scrubbed from anything logged or reported
+        log.info("read the instance-profile credentials of role %s, expiring %s", role, creds.expiration)
         return creds
 
     def get(self, now: dt.datetime | None = None) -> Credentials:

@@ -44,7 +44,14 @@ def source(tmp_path: Path) -> Path:
 
 
 def start_worker(
-    tmp_path: Path, cloud: EucaCloud, parts: PartServer, cert: Path, *, targets: dict | None = None, extra=()
+    tmp_path: Path,
+    cloud: EucaCloud,
+    parts: PartServer,
+    cert: Path,
+    *,
+    targets: dict | None = None,
+    extra=(),
+    signature_version: str = "2",
 ) -> subprocess.Popen[bytes]:
     cfg = tmp_path / "imaging.yaml"
     cfg.write_text(
@@ -60,6 +67,7 @@ def start_worker(
                     "url": cloud.url,
                     "metadata_url": cloud.url,
                     "cloud_cert_file": str(cert),
+                    "signature_version": signature_version,
                     "report_interval": 0.5,
                     "timeout": 5,
                     "max_backoff": 1,
@@ -78,11 +86,11 @@ def run(tmp_path: Path, keys: tuple[Path, Path], source: Path) -> Iterator:
     """``run(cloud_options, delay)`` → (cloud, parts) with a worker pulling from them."""
     stack: list = []
 
-    def start(delay=None, **cloud_options) -> tuple[EucaCloud, PartServer]:
+    def start(delay=None, signature_version="2", **cloud_options) -> tuple[EucaCloud, PartServer]:
         cloud = EucaCloud(keys[0], **cloud_options).__enter__()
         parts = PartServer(source, PART, delay=delay).__enter__()
         stack.extend([parts, cloud])
-        stack.append(start_worker(tmp_path, cloud, parts, keys[1]))
+        stack.append(start_worker(tmp_path, cloud, parts, keys[1], signature_version=signature_version))
         return cloud, parts
 
     yield start
@@ -100,8 +108,11 @@ def volume_bytes(tmp_path: Path, size: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_a_signed_download_manifest_imports_the_source_bytes(run, keys, source: Path, tmp_path: Path) -> None:
-    cloud, parts = run()
+@pytest.mark.parametrize("signature_version", ["2", "4"])
+def test_a_signed_download_manifest_imports_the_source_bytes(
+    run, keys, source: Path, tmp_path: Path, signature_version: str
+) -> None:
+    cloud, parts = run(signature_version=signature_version)
     doc, _ = download_manifest(keys[0], "RAW", source.stat().st_size, parts.urls())
     cloud.add_volume_task("import-vol-aaaa0001", "vol-0a0a0a0a", "RAW", doc)
     wait_until(lambda: cloud.final("import-vol-aaaa0001", "vol-0a0a0a0a") is not None, what="DONE")
@@ -217,6 +228,32 @@ def test_the_workers_sigv2_signature_is_what_the_independent_check_computes(keys
         tampered = body.replace(b"InstanceId=i-1", b"InstanceId=i-2")
         assert cloud.imaging(host, "/services/Imaging", tampered)[0] == 403
         assert cloud.refusals == ["SignatureDoesNotMatch"]
+
+
+def test_the_workers_sigv4_signature_is_what_the_independent_check_computes(keys) -> None:
+    with EucaCloud(keys[0]) as cloud:
+        creds = InstanceCredentials(cloud.url).get()
+        url = cloud.url + "/services/Imaging"
+        params = {"Action": "GetInstanceImportTask", "Version": "2014-02-14", "InstanceId": "i-1"}
+        body, headers = sign_request(url, params, creds, signature_version="4", region="cloud")
+        assert headers["X-Amz-Security-Token"] == creds.token and "SecurityToken" not in body.decode()
+        host = url.split("/")[2]
+        assert cloud.imaging(host, "/services/Imaging", body, Caseless(headers, host=host))[0] == 200
+        tampered = body.replace(b"InstanceId=i-1", b"InstanceId=i-2")
+        assert cloud.imaging(host, "/services/Imaging", tampered, Caseless(headers, host=host))[0] == 403
+        other = Caseless(headers, host=host, **{"X-Amz-Security-Token": "another-token"})
+        assert cloud.imaging(host, "/services/Imaging", body, other)[0] == 403
+        assert cloud.refusals == ["SignatureDoesNotMatch", "AuthFailure"]
+
+
+class Caseless(dict):
+    """Request headers as a server reads them: names compared without case."""
+
+    def __init__(self, headers: dict[str, str], **more: str) -> None:
+        super().__init__({k.lower(): v for k, v in {**headers, **more}.items()})
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return super().get(name.lower(), default)
 
 
 def test_credentials_are_read_again_within_five_minutes_of_expiration(keys) -> None:
