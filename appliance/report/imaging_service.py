@@ -225,9 +225,8 @@ class ImagingService:
     def _make_manifest(self, item: dict[str, Any], base_url: str) -> str:
         with urllib.request.urlopen(item["importManifestUrl"], timeout=30) as resp:  # the cloud's own read
             imported = parse_manifest(resp.read(MAX_MANIFEST_BYTES))
-        data = build_download_manifest(
-            imported.file_format, imported.size, [p.get_url for p in imported.parts], self.sign
-        )
+        # file-format RAW, whatever was uploaded, as the cloud's ImportImageManifest writes it
+        data = build_download_manifest("RAW", imported.size, [p.get_url for p in imported.parts], self.sign)
         name = f"DM-{item['importTaskId']}-{item['volumeId']}"
         with self._lock:
             self.manifests[name] = data

@@ -264,13 +264,18 @@ def _int(value: str | None, what: str) -> int:
     return int(text)
 
 
-def to_import_manifest(manifest: DownloadManifest, lengths: Sequence[int]) -> ImportManifest:
+def to_import_manifest(
+    manifest: DownloadManifest, lengths: Sequence[int], image_format: str
+) -> ImportManifest:
     """The :class:`ImportManifest` (byte ranges) of ``manifest`` once each part's length is known, so the
-    import manifest's downloader (lengths, MD5s, checkpoints, resume) reads it. The parts must cover
-    ``image/size`` exactly for RAW; a VMDK or VHD is taken at the parts' total (Eucalyptus skipped the
-    size check for them) and inspected as any upload."""
+    import manifest's downloader (lengths, MD5s, checkpoints, resume) reads it.
+
+    ``image_format`` is the task's: the cloud writes ``file-format`` RAW into every import's download
+    manifest (``ImportImageManifest.getFileType()``), whatever was uploaded. The parts must cover
+    ``image/size`` exactly for a RAW image; a VMDK or VHD is taken at the parts' total (Eucalyptus
+    skipped the size check for them) and inspected as any upload."""
     total = sum(lengths)
-    if manifest.file_format == "RAW" and total != manifest.size:
+    if image_format == "RAW" and total != manifest.size:
         raise ManifestInvalid(
             f"the parts of the download manifest hold {total} bytes but image/size is {manifest.size}"
         )
@@ -284,7 +289,7 @@ def to_import_manifest(manifest: DownloadManifest, lengths: Sequence[int]) -> Im
         start += length
     return ImportManifest(
         version=manifest.version,
-        file_format=manifest.file_format,
+        file_format=image_format,
         importer=None,
         self_destruct_url=None,
         size=total,

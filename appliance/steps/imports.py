@@ -89,7 +89,7 @@ class ManifestWaitStep(Step):
         if signed:
             http = HttpClient(_policy(ctx))
             download = fetch_download_manifest(url, cloud_keys(ctx.config.controller), http, ctx.cancel)
-            manifest = to_import_manifest(download, part_lengths(download, http, ctx.cancel))
+            manifest = to_import_manifest(download, part_lengths(download, http, ctx.cancel), format)
         else:
             manifest = wait_for_manifest(
                 url,

@@ -86,9 +86,9 @@ def run(tmp_path: Path, keys: tuple[Path, Path], source: Path) -> Iterator:
     """``run(cloud_options, delay)`` → (cloud, parts) with a worker pulling from them."""
     stack: list = []
 
-    def start(delay=None, signature_version="2", **cloud_options) -> tuple[EucaCloud, PartServer]:
+    def start(delay=None, signature_version="2", serve=None, **cloud_options) -> tuple[EucaCloud, PartServer]:
         cloud = EucaCloud(keys[0], **cloud_options).__enter__()
-        parts = PartServer(source, PART, delay=delay).__enter__()
+        parts = PartServer(serve or source, PART, delay=delay).__enter__()
         stack.extend([parts, cloud])
         stack.append(start_worker(tmp_path, cloud, parts, keys[1], signature_version=signature_version))
         return cloud, parts
@@ -122,6 +122,41 @@ def test_a_signed_download_manifest_imports_the_source_bytes(
     assert int(done["BytesConverted"]) == source.stat().st_size
     assert volume_bytes(tmp_path, source.stat().st_size) == source.read_bytes()
     assert cloud.refusals == []
+    logged = (tmp_path / "worker.log").read_text()
+    assert "DONE" in logged or "completed" in logged  # the log is the worker's
+    for cred in cloud.creds.values():  # no secret key or token in the worker's log
+        assert cred["secret"] not in logged and cred["token"] not in logged
+
+
+@pytest.mark.slow
+def test_a_vmdk_upload_is_converted_though_the_manifest_says_raw_as_the_cloud_writes_it(
+    run, keys, source: Path, tmp_path: Path
+) -> None:
+    vmdk = tmp_path / "disk.vmdk"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            source,
+            vmdk,
+        ],
+        check=True,
+    )
+    cloud, parts = run(serve=vmdk)
+    # the cloud writes file-format RAW into every import's download manifest; the task says VMDK
+    doc, _ = download_manifest(keys[0], "RAW", vmdk.stat().st_size, parts.urls())
+    cloud.add_volume_task("import-vol-aaaa0002", "vol-0a0a0a02", "VMDK", doc)
+    wait_until(lambda: cloud.final("import-vol-aaaa0002", "vol-0a0a0a02") is not None, what="DONE")
+    done = cloud.final("import-vol-aaaa0002", "vol-0a0a0a02")
+    assert done is not None and done["Status"] == "DONE", done
+    assert volume_bytes(tmp_path, source.stat().st_size) == source.read_bytes()
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_a_manifest_the_cloud_signed_verifies_and_parses(cloud: tuple[Path, list
     m = verify_and_parse(doc, keys)
     assert (m.version, m.file_format, m.size) == ("2014-01-14", "RAW", 12345)
     assert [p.get_url for p in m.parts] == [URLS[0], "http://parts.example/b/p1"]  # imaging@ stripped
-    imported = to_import_manifest(m, [10000, 2345])
+    imported = to_import_manifest(m, [10000, 2345], "RAW")
     assert [(p.start, p.end) for p in imported.parts] == [(0, 9999), (10000, 12344)]
 
 
