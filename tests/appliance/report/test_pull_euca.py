@@ -179,28 +179,44 @@ def test_an_unsigned_or_tampered_manifest_fails_with_certificate_failure_before_
     assert parts.requests == []
 
 
+def slow_parts(index: int) -> None:
+    time.sleep(1.5)  # each part takes a while: several statuses go out per part
+
+
 @pytest.mark.slow
-def test_credentials_expiring_and_revoked_mid_task_are_read_again(run, keys, source: Path) -> None:
-    holder: dict[str, EucaCloud] = {}
-    revoked = threading.Event()
-
-    def slow(index: int) -> None:
-        time.sleep(1.5)  # each part takes a while: several statuses per part
-        if index == 1 and not revoked.is_set():
-            revoked.set()
-            holder["cloud"].expire_all()  # a token the cloud ends before its Expiration
-
+def test_credentials_about_to_expire_are_read_again_mid_task(run, keys, source: Path) -> None:
     # declared to expire 302 s after minting: within boto's 5-minute margin 2 s later, so read again
-    cloud, parts = run(delay=slow, declared_lifetime=302)
-    holder["cloud"] = cloud
+    cloud, parts = run(delay=slow_parts, declared_lifetime=302)
     doc, _ = download_manifest(keys[0], "RAW", source.stat().st_size, parts.urls())
     cloud.add_volume_task("import-vol-cccc0001", "vol-0c0c0c0c", "RAW", doc)
     wait_until(lambda: cloud.final("import-vol-cccc0001", "vol-0c0c0c0c") is not None, what="DONE")
     done = cloud.final("import-vol-cccc0001", "vol-0c0c0c0c")
     assert done is not None and done["Status"] == "DONE", done
-    assert revoked.is_set() and "ExpiredToken" in cloud.refusals
     keys_of_task = {s["AWSAccessKeyId"] for s in cloud.statuses if s["ImportTaskId"] == "import-vol-cccc0001"}
-    assert len(keys_of_task) >= 3  # refreshed before expiry, and again after the revocation
+    assert len(keys_of_task) >= 2 and cloud.refusals == []  # read again before the cloud refused any
+
+
+@pytest.mark.slow
+def test_credentials_the_cloud_ends_early_are_read_again_when_refused(run, keys, source: Path) -> None:
+    holder: dict[str, EucaCloud] = {}
+    revoked = threading.Event()
+
+    def revoke_at_part_one(index: int) -> None:
+        slow_parts(index)
+        if index == 1 and not revoked.is_set():
+            revoked.set()
+            holder["cloud"].expire_all()  # their Expiration is an hour away: only the refusal tells
+
+    cloud, parts = run(delay=revoke_at_part_one, declared_lifetime=3600)
+    holder["cloud"] = cloud
+    doc, _ = download_manifest(keys[0], "RAW", source.stat().st_size, parts.urls())
+    cloud.add_volume_task("import-vol-cccc0002", "vol-0c0c0c02", "RAW", doc)
+    wait_until(lambda: cloud.final("import-vol-cccc0002", "vol-0c0c0c02") is not None, what="DONE")
+    done = cloud.final("import-vol-cccc0002", "vol-0c0c0c02")
+    assert done is not None and done["Status"] == "DONE", done
+    assert revoked.is_set() and "ExpiredToken" in cloud.refusals
+    keys_of_task = [s["AWSAccessKeyId"] for s in cloud.statuses if s["ImportTaskId"] == "import-vol-cccc0002"]
+    assert keys_of_task[-1] != keys_of_task[0]
 
 
 @pytest.mark.slow
