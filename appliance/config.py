@@ -195,6 +195,16 @@ class ControllerConfig:
     timeout: float
     #: cap of the exponential back-off between failed deliveries, in seconds
     max_backoff: float
+    #: pull: PEM text of the cloud certificate(s) that sign download manifests
+    cloud_cert: str | None = None
+    #: pull: a PEM file of the cloud certificate(s), read at every use
+    cloud_cert_file: Path | None = None
+    #: pull: the metadata service (instance-profile credentials, instance id)
+    metadata_url: str = "http://169.254.169.254"
+    #: pull: "2" (SigV2 with SecurityToken) or "4" (SigV4)
+    signature_version: str = "2"
+    #: pull: the region of the SigV4 scope
+    region: str = "eucalyptus"
 
 
 @dataclass(frozen=True)
@@ -480,6 +490,11 @@ def _controller(raw: dict[str, Any]) -> ControllerConfig:
         progress_interval=float(raw["progress_interval"]),
         timeout=float(raw["timeout"]),
         max_backoff=float(raw["max_backoff"]),
+        cloud_cert=raw.get("cloud_cert"),
+        cloud_cert_file=Path(raw["cloud_cert_file"]) if raw.get("cloud_cert_file") else None,
+        metadata_url=raw["metadata_url"].rstrip("/"),
+        signature_version=raw["signature_version"],
+        region=raw["region"],
     )
 
 

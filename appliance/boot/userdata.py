@@ -339,7 +339,10 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
     controller: dict[str, Any] = {"appliance_id": section["appliance_id"], "mode": "off"}
     if "controller" in section:
         c = section["controller"]
-        controller.update(url=c["url"].rstrip("/"), secret=c["secret"], mode=c.get("mode", "push"))
+        controller.update(url=c["url"].rstrip("/"), mode=c.get("mode", "push"))
+        for name in ("secret", "cloud_cert", "cloud_cert_file", "metadata_url", "signature_version"):
+            if name in c:
+                controller[name] = c[name]
         if "report_interval" in c:
             controller["report_interval"] = c["report_interval"]
     out: dict[str, Any] = {

@@ -13,7 +13,7 @@ Every message is one JSON object, sent as the body of ``POST <controller.url>/v1
 - The header ``X-Imaging-Signature: sha256=<hex>`` carries HMAC-SHA256(secret, exact body bytes);
   ``X-Imaging-Appliance`` repeats the appliance id so a receiver can pick the right key first.
 
-Pull requests (``/services/Imaging``) are signed the same way over their form-encoded body.
+Pull requests (``/services/Imaging``) are signed as Eucalyptus expects instead (:mod:`.euca_auth`).
 """
 
 from __future__ import annotations

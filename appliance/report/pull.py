@@ -1,18 +1,25 @@
 """Pull mode: the appliance stands in for a Eucalyptus imaging worker.
 
 The loop, as the Eucalyptus imaging worker ran it, against ``<controller.url>/services/Imaging``
-with EC2-query form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = ``controller.appliance_id``,
-``Timestamp``) signed like push messages (``X-Imaging-Signature`` over the form body; Eucalyptus
-used instance-profile SigV2 instead):
+with EC2-query form bodies (``Action``, ``Version=2014-02-14``, ``InstanceId`` = the instance id from
+the metadata service) signed with the instance profile's temporary credentials and their
+``SecurityToken`` (:mod:`.euca_auth`: SigV2 or SigV4 by botocore; a refused request makes it read the
+credentials again and retry once); replies are parsed with defusedxml, namespaced or not:
 
 - while it has a free task slot, every ``report_interval`` it asks ``GetInstanceImportTask``; a
-  returned ``import_volume`` task becomes a local import-volume task through
-  :class:`~appliance.service.imports.ImportService` (the worker runs it). Sizes come from the optional
-  ``<bytes>``/``<volumeSize>`` elements, else from the import manifest itself;
+  returned ``import_volume`` task names a signed **download manifest** (``imaging@`` marker stripped),
+  which is verified against the cloud certificate (``controller.cloud_cert``/``cloud_cert_file``)
+  before anything else is read from it or any part is fetched (:mod:`appliance.sources.euca_manifest`);
+  it then becomes a local import-volume task through
+  :class:`~appliance.service.imports.ImportService` (the worker runs it, verifying the manifest again
+  and writing the volume the task names when the volume target is ``ec2``). Each volume of an
+  ImportInstance comes as its own worker task (same ``importTaskId``, its own ``VolumeId``) and is
+  reported with its own ``BytesConverted``. ``convert_image`` (``instanceStoreTask``) and ``BUNDLE``
+  manifests are refused at once with ``FAILED``;
 - every ``report_interval`` while a task runs it sends ``PutInstanceImportTaskStatus`` ``EXTANT``
   with ``BytesConverted`` (bytes written to the target, not downloaded, as Eucalyptus counts them),
-  and when it ends ``DONE`` (with ``VolumeId``: the volume written, else the controller's) or
-  ``FAILED`` with a Eucalyptus ``ErrorCode`` and ``Message`` ``"<appliance code>: <message>"``;
+  and when it ends ``DONE`` or ``FAILED`` with a Eucalyptus ``ErrorCode`` (:data:`EUCA_CODES`) and
+  ``Message`` ``"<appliance code>: <message>"``, always with the controller's ``VolumeId``;
 - a reply ``<cancelled>true</cancelled>`` cancels the task, after which nothing more is reported
   (as Eucalyptus). Unlike Eucalyptus, an unparseable reply is treated as a failed call and retried,
   not as a cancel.
@@ -28,134 +35,50 @@ import sqlite3
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..errors import ImagingError, TaskNotFound, UsageError, is_rejection
+from ..errors import ImagingError, TaskNotFound, UsageError
 from ..redact import redact_text
 from ..service.imports import DiskImage, ImportService, outcome
+from ..sources.euca_manifest import DownloadManifest, cloud_keys, fetch_download_manifest, strip_marker
 from ..sources.http import HttpClient
-from ..sources.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..store import Store, Task, TaskState
 from ..timestamps import utcnow
 from . import messages
+from .euca_auth import CredentialsUnavailable, InstanceCredentials, sign_request
+from .imaging_wire import (
+    CONVERT_IMAGE_REFUSED,
+    EUCA_CODES,
+    PullError,
+    Refused,
+    RemoteTask,
+    euca_code,
+    parse_cancelled,
+    parse_task,
+    remote_task_id,
+)
+
+__all__ = [
+    "EUCA_CODES",
+    "PullReporter",
+    "PullTasks",
+    "euca_code",
+    "parse_cancelled",
+    "parse_task",
+    "strip_marker",
+]
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2014-02-14"
+GiB = 1 << 30
 TICK = 0.5
 FIRST_BACKOFF = 1.0
 CANCEL_REASON = "cancelled by the controller"
 MAX_REPLY = 1 << 20
-
-#: appliance error codes → the Eucalyptus worker's failure codes (task_exit_codes.py)
-EUCA_CODES: dict[str, str] = {
-    "ManifestInvalid": "InvalidInputData",
-    "InsufficientVolumeSize": "InvalidInputData",
-    "InvalidParameterValue": "InvalidInputData",
-    "SourceUnavailable": "FailureToDownloadData",
-    "SourceIntegrity": "FailureToDownloadData",
-    "Source.Changed": "FailureToDownloadData",
-    "Source.Stalled": "FailureToDownloadData",
-    "UrlNotAllowed": "FailureToDownloadData",
-    "InsufficientScratch": "InsufficientDiskSize",
-    "InsufficientStorage": "InsufficientDiskSize",
-    "ConversionFailed": "FailureToRunWorkflow",
-    "StepFailed": "FailureToRunWorkflow",
-    "StepTimeout": "FailureToRunWorkflow",
-    "Cancelled": "Canceled",
-}
-
-
-def euca_code(code: str | None) -> str:
-    """The Eucalyptus ``ErrorCode`` for an appliance error code."""
-    if is_rejection(code):
-        return "InvalidInputData"
-    return EUCA_CODES.get(code or "", "GeneralFailure")
-
-
-class PullError(Exception):
-    """A call to the Imaging service failed (transport, HTTP status or reply shape)."""
-
-
-@dataclass(frozen=True)
-class RemoteTask:
-    """What ``GetInstanceImportTask`` handed out."""
-
-    task_id: str
-    task_type: str
-    volume_id: str | None
-    manifest_url: str | None
-    format: str | None
-    bytes: int | None
-    volume_size: int | None
-
-
-def _local(tag: str) -> str:
-    # the worker's match_name accepted both "name" and "euca:name": compare local names only
-    return tag.rsplit("}", 1)[-1].rsplit(":", 1)[-1]
-
-
-def _find(el: ET.Element | None, *path: str) -> ET.Element | None:
-    for name in path:
-        if el is None:
-            return None
-        el = next((c for c in el if _local(c.tag) == name), None)
-    return el
-
-
-def _text(el: ET.Element | None, *path: str) -> str | None:
-    found = _find(el, *path)
-    text = (found.text or "").strip() if found is not None else ""
-    return text or None
-
-
-def parse_task(xml: bytes) -> RemoteTask | None:
-    """The task in a ``GetInstanceImportTaskResponse``, or None when there is no work."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise PullError(f"GetInstanceImportTask reply is not XML: {exc}") from None
-    task_id = _text(root, "importTaskId")
-    if not task_id:
-        return None
-    item = _find(root, "volumeTask", "imageManifestSet", "item")
-    size, vsize = _text(item, "bytes"), _text(root, "volumeTask", "volumeSize")
-    return RemoteTask(
-        task_id=task_id,
-        task_type=_text(root, "importTaskType") or "import_volume",
-        volume_id=_text(root, "volumeTask", "volumeId"),
-        manifest_url=_text(item, "manifestUrl"),
-        format=(_text(item, "format") or "").upper() or None,
-        bytes=int(size) if size and size.isdigit() else None,
-        volume_size=int(vsize) if vsize and vsize.isdigit() else None,
-    )
-
-
-def parse_cancelled(xml: bytes) -> bool:
-    """Whether a ``PutInstanceImportTaskStatusResponse`` says the task is cancelled."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise PullError(f"PutInstanceImportTaskStatus reply is not XML: {exc}") from None
-    value = _text(root, "cancelled")
-    if value not in ("true", "false"):
-        raise PullError(f"PutInstanceImportTaskStatus reply has no true/false <cancelled> ({value!r})")
-    return value == "true"
-
-
-def strip_marker(url: str) -> str:
-    """Drop the ``imaging@`` userinfo marker Eucalyptus put in manifest URLs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username == "imaging" and parts.password is None:
-        netloc = parts.netloc.split("@", 1)[1]
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 class PullTasks:
@@ -200,13 +123,13 @@ class PullReporter(threading.Thread):
     def __init__(self, config: Config, store: Store, *, tick: float = TICK) -> None:
         super().__init__(name="imaging-pull", daemon=True)
         ctl = config.controller
-        if not (ctl.url and ctl.secret and ctl.appliance_id):
-            raise ImagingError("controller.url, controller.secret and controller.appliance_id are required")
+        if not ctl.url:
+            raise ImagingError("controller.url is required")
         self.config = config
         self.store = store
         self.url = ctl.url + messages.IMAGING_PATH
-        self.secret = ctl.secret
-        self.instance_id = ctl.appliance_id
+        self.credentials = InstanceCredentials(ctl.metadata_url, timeout=ctl.timeout)
+        self._instance_id: str | None = None
         self.service = ImportService(config, store)
         self.tasks = PullTasks(store.path)
         self.tick = tick
@@ -215,6 +138,16 @@ class PullReporter(threading.Thread):
         self._last_status: dict[str, float] = {}
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
+
+    @property
+    def instance_id(self) -> str:
+        """This worker's ``InstanceId``: the instance id from the metadata service."""
+        if self._instance_id is None:
+            try:
+                self._instance_id = self.credentials.instance_id()
+            except CredentialsUnavailable as exc:
+                raise PullError(exc.message) from None
+        return self._instance_id
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the loop and wait for it (the tasks keep running under the worker)."""
@@ -253,32 +186,43 @@ class PullReporter(threading.Thread):
     # -- the calls ------------------------------------------------------------------------------
 
     def call(self, action: str, **params: Any) -> bytes:
-        """One signed EC2-query POST; the reply body (raises :class:`PullError`)."""
+        """One signed EC2-query POST; the reply body (raises :class:`PullError`).
+
+        A request refused as unauthenticated (HTTP 401/403: a token the cloud revoked or let expire)
+        is signed again with freshly read credentials and sent once more.
+        """
         form = {"Action": action, "Version": API_VERSION, "InstanceId": self.instance_id}
         form.update({k: str(v) for k, v in params.items() if v is not None})
-        form["Timestamp"] = utcnow()
-        body = urllib.parse.urlencode(form).encode()
-        req = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers=messages.headers(
-                self.secret, self.instance_id, body, "application/x-www-form-urlencoded; charset=utf-8"
-            ),
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=self.config.controller.timeout) as resp:
-                return resp.read(MAX_REPLY)
-        except urllib.error.HTTPError as exc:
-            raise PullError(f"{action}: HTTP {exc.code} {exc.read(2000)!r}") from None
-        except (OSError, ValueError) as exc:
-            raise PullError(f"{action}: {getattr(exc, 'reason', exc)}") from None
+        ctl = self.config.controller
+        for attempt in (1, 2):
+            try:
+                creds = self.credentials.get() if attempt == 1 else self.credentials.refresh()
+            except CredentialsUnavailable as exc:
+                raise PullError(f"{action}: {exc.message}") from None
+            body, headers = sign_request(
+                self.url, form, creds, signature_version=ctl.signature_version, region=ctl.region
+            )
+            req = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=ctl.timeout) as resp:
+                    return bytes(resp.read(MAX_REPLY))
+            except urllib.error.HTTPError as exc:
+                detail = redact_text(exc.read(2000).decode("utf-8", "replace"))
+                if exc.code in (401, 403) and attempt == 1:
+                    log.info("%s refused (HTTP %d); reading the instance credentials again", action, exc.code)
+                    continue
+                raise PullError(f"{action}: HTTP {exc.code} {detail}") from None
+            except (OSError, ValueError) as exc:
+                raise PullError(f"{action}: {getattr(exc, 'reason', exc)}") from None
+        raise AssertionError("unreachable")
 
     def put_status(self, remote_id: str, status: str, **params: Any) -> bool:
         """``PutInstanceImportTaskStatus``; whether the controller says the task is cancelled."""
         if params.get("Message"):
             params["Message"] = redact_text(str(params["Message"]))
-        reply = self.call("PutInstanceImportTaskStatus", ImportTaskId=remote_id, Status=status, **params)
+        reply = self.call(
+            "PutInstanceImportTaskStatus", ImportTaskId=remote_task_id(remote_id), Status=status, **params
+        )
         return parse_cancelled(reply)
 
     # -- reporting ------------------------------------------------------------------------------
@@ -314,9 +258,10 @@ class PullReporter(threading.Thread):
             self.tasks.set_state(remote_id, "cancelled")  # the controller knows; Eucalyptus said nothing more
             return
         if task.state is TaskState.COMPLETED:
+            # The controller's volume: an ImportInstance matches each status to its volume by it.
             produced = outcome(task).get("volume_id")
             self.put_status(
-                remote_id, "DONE", VolumeId=produced or volume_id, BytesConverted=task.bytes_converted
+                remote_id, "DONE", VolumeId=volume_id or produced, BytesConverted=task.bytes_converted
             )
         else:
             message = f"{task.error_code}: {task.error_message}" if task.error_code else str(task.state)
@@ -348,7 +293,7 @@ class PullReporter(threading.Thread):
         remote = parse_task(self.call("GetInstanceImportTask"))
         if remote is None:
             return None
-        known = self.tasks.get(remote.task_id)
+        known = self.tasks.get(remote.key)
         if known is not None:
             # Eucalyptus re-queues a task when its worker seems to restart; we still hold it.
             log.info("controller handed out %s again; it is task %s here", remote.task_id, known["task_id"])
@@ -356,40 +301,44 @@ class PullReporter(threading.Thread):
         try:
             task = self._create(remote)
         except ImagingError as exc:
-            log.warning("cannot take task %s: %s", remote.task_id, exc)
-            self.tasks.add(remote.task_id, None, remote.volume_id, state="reported")
+            log.warning("cannot take task %s: %s", remote.key, exc)
+            self.tasks.add(remote.key, None, remote.volume_id, state="reported")
+            refused = isinstance(exc, Refused)
             self.put_status(
-                remote.task_id,
+                remote.key,
                 "FAILED",
                 VolumeId=remote.volume_id,
-                ErrorCode=euca_code(getattr(exc, "code", None)),
-                Message=f"{exc.code}: {exc.message}"[:1000],
+                ErrorCode=exc.euca if isinstance(exc, Refused) else euca_code(exc.code),
+                Message=(exc.message if refused else f"{exc.code}: {exc.message}")[:1000],
             )
             return None
-        self.tasks.add(remote.task_id, task.id, remote.volume_id)
+        self.tasks.add(remote.key, task.id, remote.volume_id)
         log.info("took task %s from the controller as %s", remote.task_id, task.id)
         return task.id
 
     def _create(self, remote: RemoteTask) -> Task:
+        if remote.task_type == "convert_image" or remote.instance_store:
+            raise Refused(*CONVERT_IMAGE_REFUSED)
         if remote.task_type != "import_volume":
             raise UsageError(f"task type {remote.task_type!r} is not supported (only import_volume)")
         if not remote.manifest_url or not remote.format:
             raise UsageError("the task has no imageManifestSet item with manifestUrl and format")
         url = strip_marker(remote.manifest_url)
-        size, volume_size = remote.bytes, remote.volume_size
-        if size is None or volume_size is None:
-            manifest = self._manifest(url)
-            size = size if size is not None else manifest.size
-            volume_size = volume_size if volume_size is not None else manifest.volume_size
+        # Verified before anything in it is believed (or any part fetched); the task verifies it again.
+        # Its file-format is RAW for every import (the cloud's ImportImageManifest): the task's format counts.
+        manifest = self._manifest(url)
+        size = manifest.size
+        volume_size = remote.volume_size or max(1, -(-size // GiB))
         image = DiskImage(remote.format, size, url, volume_size)
         return self.service.import_volume(
-            image, availability_zone=None, description=f"pulled from the controller as {remote.task_id}"
+            image,
+            availability_zone=None,
+            description=f"pulled from the controller as {remote.key}",
+            signed_manifest=True,
+            volume_id=remote.volume_id,
         )
 
-    def _manifest(self, url: str) -> Any:
+    def _manifest(self, url: str) -> DownloadManifest:
         self.service.check_url(url)
         client = HttpClient(UrlPolicy.from_config(self.config.sources))
-        with client.get_stream(url) as response:
-            if response.status != 200:
-                raise UsageError(f"the manifest cannot be read (HTTP {response.status})")
-            return parse_manifest(response.read(MAX_MANIFEST_BYTES))
+        return fetch_download_manifest(url, cloud_keys(self.config.controller), client)

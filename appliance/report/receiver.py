@@ -5,18 +5,22 @@
 appliance (replays refused) and ``ts`` within ``window`` seconds of now (stale messages refused).
 
 The reference controller (``python -m appliance.report.receiver --bind 127.0.0.1:PORT --secret S
---log FILE [--pull-task JSON]``) is a lab and test tool built on ``http.server``, not the
-appliance's service API. It serves:
+--log FILE [--cloud-key PEM --pull-task JSON]``) is a lab and test tool built on ``http.server``, not
+the appliance's service API. It serves:
 
 - ``POST /v1/reports``: verified messages are appended to the JSON-lines ``--log`` (one
   ``{"received_at", "message"}`` per line, in acceptance order) and answered ``200 {"ok": true,
   "cancel": [...]}``; 401 forged, 409 ``replayed`` / ``stale``, 400 malformed. After a restart
   the last seq per appliance is recovered from the log.
-- ``POST /services/Imaging``: the Eucalyptus pull protocol (``GetInstanceImportTask``,
-  ``PutInstanceImportTaskStatus``, EC2-query form bodies, XML replies in the 2014-02-14 imaging
-  namespace); statuses are logged as ``{"received_at", "pull_status": {...}}`` lines.
+- with ``--cloud-key`` (the cloud's RSA private key), the Eucalyptus side of pull mode
+  (:mod:`.imaging_service`): ``POST /services/Imaging`` (``GetInstanceImportTask``,
+  ``PutInstanceImportTaskStatus``; SigV2/SigV4 with the temporary credentials it issued, XML replies
+  in the 2014-02-14 imaging namespace; statuses logged as ``{"received_at", "pull_status": {...}}``
+  lines), ``GET /latest/meta-data/…`` (instance id and instance-profile credentials, as the cloud's
+  metadata service) and ``GET /download-manifests/DM-…`` (the signed download manifests it made);
 - ``POST /admin/cancel`` ``{"task_ids": [...]}`` and ``POST /admin/pull-task`` (a task as for
-  ``--pull-task``), ``POST /admin/pull-cancel`` ``{"task_id": ...}``, ``GET /health``: loopback
+  ``--pull-task``: ``{"importTaskId", "format", "volumeId", "importManifestUrl"}`` or several
+  ``volumes``), ``POST /admin/pull-cancel`` ``{"task_id": ...}``, ``GET /health``: loopback
   test controls, unauthenticated.
 - ``GET /appliances``: every appliance heard from, its last seq, and ``stale`` when it has been
   silent for longer than ``--stale-after`` seconds.
@@ -28,20 +32,18 @@ import argparse
 import json
 import logging
 import threading
-import urllib.parse
 from collections.abc import Iterable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 from ..timestamps import format_time, parse_time, utc_now
 from . import messages
+from .imaging_service import DM_PATH, ImagingService, Refusal
 
 log = logging.getLogger(__name__)
 
-IMAGING_NS = "http://www.eucalyptus.com/ns/imaging/2014-02-14/"
 DEFAULT_WINDOW = 300.0
 #: an appliance silent for longer is listed as stale (Octavia's heartbeat_timeout is 60 s)
 DEFAULT_STALE_AFTER = 90.0
@@ -128,6 +130,7 @@ class Controller:
         *,
         window: float = DEFAULT_WINDOW,
         stale_after: float = DEFAULT_STALE_AFTER,
+        imaging: ImagingService | None = None,
     ) -> None:
         self.secret = secret
         self.log_path = Path(log_path)
@@ -137,9 +140,8 @@ class Controller:
         self._lock = threading.Lock()
         self.verifier = ReportVerifier(secret, window=window, last_seq=self._recover())
         self.cancel: set[str] = set()
-        self.pull_queue: list[dict[str, Any]] = []
-        #: remote task id → {"task": ..., "worker": InstanceId, "cancelled": bool, "finished": bool}
-        self.assigned: dict[str, dict[str, Any]] = {}
+        #: the Eucalyptus side (pull mode); None: /services/Imaging is not served
+        self.imaging = imaging
 
     def _recover(self) -> dict[str, int]:
         last: dict[str, int] = {}
@@ -186,69 +188,31 @@ class Controller:
 
     # -- pull protocol --------------------------------------------------------------------------
 
+    def _service(self) -> ImagingService:
+        if self.imaging is None:
+            raise ReportRejected(404, "not found", "pull mode needs --cloud-key")
+        return self.imaging
+
     def queue_pull_task(self, task: dict[str, Any]) -> None:
-        with self._lock:
-            self.pull_queue.append(task)
+        self._service().queue(task)
 
     def cancel_pull_task(self, task_id: str) -> None:
-        with self._lock:
-            if task_id in self.assigned:
-                self.assigned[task_id]["cancelled"] = True
+        self._service().cancel(task_id)
 
-    def imaging(self, body: bytes, signature: str | None) -> str:
-        """Answer one EC2-query request to the Imaging service (XML)."""
-        if not messages.signature_valid(self.secret, body, signature):
-            raise ReportRejected(401, "forged", "signature missing or wrong")
-        params = {k: v[-1] for k, v in urllib.parse.parse_qs(body.decode(), keep_blank_values=True).items()}
+    def imaging_request(self, host: str, headers: Any, body: bytes, base_url: str) -> str:
+        """Answer one signed EC2-query request to the Imaging service (XML); :class:`Refusal` when the
+        signature does not check out."""
+        service = self._service()
+        params = service.authenticate(host, messages.IMAGING_PATH, headers, body)
         action = params.get("Action")
-        with self._lock:
-            if action == "GetInstanceImportTask":
-                return self._get_task(params)
-            if action == "PutInstanceImportTaskStatus":
-                return self._put_status(params)
-        raise ReportRejected(400, "InvalidAction", f"unknown Action {action!r}")
-
-    def _get_task(self, params: dict[str, str]) -> str:
-        worker = params.get("InstanceId", "")
-        if not self.pull_queue:
-            return f'<GetInstanceImportTaskResponse xmlns="{IMAGING_NS}"/>'
-        task = self.pull_queue.pop(0)
-        self.assigned[task["importTaskId"]] = {"task": task, "worker": worker, "cancelled": False}
-        item = (
-            f"<manifestUrl>{escape(task['manifestUrl'])}</manifestUrl>"
-            f"<format>{escape(task['format'])}</format>"
-        )
-        # <bytes> and <volumeSize> extend the Eucalyptus shape (its worker read both from the manifest)
-        if "bytes" in task:
-            item += f"<bytes>{int(task['bytes'])}</bytes>"
-        volume = f"<volumeId>{escape(task.get('volumeId', ''))}</volumeId>"
-        if "volumeSize" in task:
-            volume += f"<volumeSize>{int(task['volumeSize'])}</volumeSize>"
-        return (
-            f'<GetInstanceImportTaskResponse xmlns="{IMAGING_NS}">'
-            f"<importTaskId>{escape(task['importTaskId'])}</importTaskId>"
-            "<importTaskType>import_volume</importTaskType>"
-            f"<volumeTask>{volume}<imageManifestSet><item>{item}</item></imageManifestSet></volumeTask>"
-            "</GetInstanceImportTaskResponse>"
-        )
-
-    def _put_status(self, params: dict[str, str]) -> str:
-        record: dict[str, str | int | None] = {
-            k: params.get(k) for k in ("InstanceId", "ImportTaskId", "Status", "VolumeId", "ErrorCode")
-        }
-        record["BytesConverted"] = int(params.get("BytesConverted") or 0)
-        record["Message"] = params.get("Message")
-        self._append({"pull_status": record})
-        entry = self.assigned.get(params.get("ImportTaskId") or "")
-        # As Eucalyptus: a status for a task this worker does not hold is answered with cancel.
-        cancelled = entry is None or entry["worker"] != record["InstanceId"] or entry["cancelled"]
-        if entry is not None and record["Status"] in ("DONE", "FAILED"):
-            entry["cancelled"] = True  # finished: any further status is stray
-        value = "true" if cancelled else "false"
-        return (
-            f'<PutInstanceImportTaskStatusResponse xmlns="{IMAGING_NS}">'
-            f"<cancelled>{value}</cancelled></PutInstanceImportTaskStatusResponse>"
-        )
+        if action == "GetInstanceImportTask":
+            return service.get_task(params, base_url)
+        if action == "PutInstanceImportTaskStatus":
+            reply, record = service.put_status(params)
+            with self._lock:
+                self._append({"pull_status": record})
+            return reply
+        raise Refusal(400, "InvalidAction", f"unknown Action {action!r}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -268,7 +232,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(value).encode())
 
     def do_GET(self) -> None:
-        if self.path in ("/health", "/"):
+        imaging = self.server.controller.imaging
+        path = self.path.split("?", 1)[0]
+        if imaging is not None and path.startswith("/latest/"):
+            document = imaging.metadata(path)
+            if document is None:
+                self._send(404, b"Not Found", "text/plain")
+            else:
+                self._send(200, document, "text/plain")
+        elif imaging is not None and path.startswith(DM_PATH):
+            manifest = imaging.download_manifest(path[len(DM_PATH) :])
+            if manifest is None:
+                self._send(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
+            else:
+                self._send(200, manifest, "application/xml")
+        elif self.path in ("/health", "/"):
             self._json(200, {"ok": True})
         elif self.path == "/appliances":
             self._json(200, self.server.controller.appliances())
@@ -287,7 +265,14 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path == messages.REPORTS_PATH:
                 self._json(200, ctl.accept(body, signature))
             elif self.path == messages.IMAGING_PATH:
-                self._send(200, ctl.imaging(body, signature).encode(), "text/xml")
+                host = self.headers.get("Host") or ""
+                try:
+                    reply = ctl.imaging_request(host, self.headers, body, f"http://{host}")
+                except Refusal as exc:
+                    log.warning("refused an Imaging request: %s %s", exc.code, exc)
+                    self._send(exc.status, exc.xml(), "text/xml")
+                    return
+                self._send(200, reply.encode(), "text/xml")
             elif self.path == "/admin/cancel":
                 ctl.request_cancel(json.loads(body)["task_ids"])
                 self._json(200, {"ok": True})
@@ -344,11 +329,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stale-after", type=float, default=DEFAULT_STALE_AFTER, help="flag appliances silent this long (s)"
     )
+    p.add_argument("--cloud-key", type=Path, help="the cloud's RSA private key (PEM): serve pull mode")
+    p.add_argument("--instance-id", default="i-00000001", help="instance id its metadata service gives")
+    p.add_argument(
+        "--credential-lifetime", type=float, default=3600.0, help="seconds issued credentials stay valid"
+    )
     p.add_argument("--pull-task", action="append", default=[], help="JSON of a task to hand out (repeatable)")
     p.add_argument("--cancel", action="append", default=[], help="task id to ask the appliance to cancel")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-controller %(levelname)s: %(message)s")
-    controller = Controller(args.secret, args.log, window=args.window, stale_after=args.stale_after)
+    imaging = None
+    if args.cloud_key is not None:
+        imaging = ImagingService(
+            args.cloud_key.read_bytes(), instance_id=args.instance_id, lifetime=args.credential_lifetime
+        )
+    controller = Controller(
+        args.secret, args.log, window=args.window, stale_after=args.stale_after, imaging=imaging
+    )
     controller.request_cancel(args.cancel)
     for text in args.pull_task:
         controller.queue_pull_task(json.loads(text))

@@ -275,12 +275,17 @@ class ImportService:
         availability_zone: str | None,
         description: str | None,
         account: str = NO_ACCOUNT,
+        signed_manifest: bool = False,
+        volume_id: str | None = None,
     ) -> Task:
         """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume of
-        ``account``."""
+        ``account``. Pull mode passes ``signed_manifest`` (the URL is a Eucalyptus download manifest,
+        verified against the cloud certificate) and the ``volume_id`` the cloud created for it."""
         params = self._disk_image(image) | {
             "availability_zone": availability_zone,
             "description": description,
+            "signed_manifest": signed_manifest or None,
+            "volume_id": volume_id,
         }
         return self._submit(IMPORT_VOLUME, params, account=account)
 

@@ -27,12 +27,21 @@ from ..image.inspect import inspect_image, require_safe
 from ..image.stream import RawStreamCheck
 from ..progress import Progress
 from ..scratch import Allowance, is_no_space, no_space_error
+from ..sources.euca_manifest import (
+    cloud_keys,
+    fetch_download_manifest,
+    part_lengths,
+    strip_marker,
+    to_import_manifest,
+)
 from ..sources.fetch import fetch_to_file, parse_source
+from ..sources.http import HttpClient
 from ..sources.manifest import ImportManifest, Part
 from ..sources.parts import download_parts, wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
+from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.encryption import requested
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
@@ -53,7 +62,12 @@ def _policy(ctx: StepContext) -> UrlPolicy:
 
 
 class ManifestWaitStep(Step):
-    """Wait until the import manifest and all its parts are uploaded (or the task expires)."""
+    """Wait until the import manifest and all its parts are uploaded (or the task expires).
+
+    ``signed`` (pull mode): the URL is a Eucalyptus download manifest, uploaded already; it is verified
+    against the cloud certificate before anything is read from it or any part is fetched
+    (``CertificateFailure``), then each part's length is asked for (:mod:`appliance.sources.euca_manifest`).
+    """
 
     schema = {
         "type": "object",
@@ -63,19 +77,27 @@ class ManifestWaitStep(Step):
             "url": {"type": "string"},
             "expires": {"type": "string"},
             "format": {"enum": ["RAW", "VMDK", "VHD"]},
+            "signed": {"type": "boolean"},
         },
     }
 
-    def run(self, ctx: StepContext, url: str, expires: str, format: str) -> dict[str, Any]:
+    def run(
+        self, ctx: StepContext, url: str, expires: str, format: str, signed: bool = False
+    ) -> dict[str, Any]:
         deadline = dt.datetime.fromisoformat(expires.replace("Z", "+00:00"))
         ctx.progress({"phase": "pending-upload", "done": 0})
-        manifest = wait_for_manifest(
-            url,
-            _policy(ctx),
-            deadline=deadline,
-            cancel=ctx.cancel,
-            on_wait=lambda status: ctx.event("waiting", message=status),
-        )
+        if signed:
+            http = HttpClient(_policy(ctx))
+            download = fetch_download_manifest(url, cloud_keys(ctx.config.controller), http, ctx.cancel)
+            manifest = to_import_manifest(download, part_lengths(download, http, ctx.cancel), format)
+        else:
+            manifest = wait_for_manifest(
+                url,
+                _policy(ctx),
+                deadline=deadline,
+                cancel=ctx.cancel,
+                on_wait=lambda status: ctx.event("waiting", message=status),
+            )
         if manifest.file_format.upper() != format:
             raise ImageRejected(
                 [
@@ -88,13 +110,20 @@ class ManifestWaitStep(Step):
             )
         return manifest.to_dict()
 
-    def plan(self, ctx: StepContext, url: str, expires: str, format: str) -> dict[str, Any]:
-        _policy(ctx).check(url)
+    def plan(
+        self, ctx: StepContext, url: str, expires: str, format: str, signed: bool = False
+    ) -> dict[str, Any]:
+        _policy(ctx).check(strip_marker(url))
         return {"waits_for": "manifest and parts", "until": expires, "scratch_bytes": 0}
 
 
 class VolumeCreateStep(Step):
-    """Create the target volume (a file, a given device, or a cloud volume attached to this appliance)."""
+    """Create the target volume (a file, a given device, or a cloud volume attached to this appliance).
+
+    ``volume_id`` (pull mode) names a volume the cloud created for the task: the ``ec2`` target attaches
+    that one instead (found by its serial, as its own volumes), and undoing only detaches it. Other
+    targets cannot reach a cloud volume and create their own, as without it.
+    """
 
     schema = {
         "type": "object",
@@ -103,14 +132,24 @@ class VolumeCreateStep(Step):
         "properties": {
             "size_gib": {"type": "integer", "minimum": 1},
             "availability_zone": {"type": ["string", "null"]},
+            "volume_id": {"type": ["string", "null"]},
         },
     }
 
-    def run(self, ctx: StepContext, size_gib: int, availability_zone: str | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        ctx: StepContext,
+        size_gib: int,
+        availability_zone: str | None = None,
+        volume_id: str | None = None,
+    ) -> dict[str, Any]:
         target = get_volume_target(ctx.config)
         record = ctx.workdir / _VOLUME_RECORD
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
+        elif volume_id and isinstance(target, Ec2VolumeTarget):
+            volume = target.adopt(volume_id, ctx.task_id)
+            record.write_text(json.dumps(volume.info))
         else:
             # The token is this step's: a create that was interrupted before the record was written made (or
             # began) the volume this one takes again, where the target can.
@@ -125,11 +164,21 @@ class VolumeCreateStep(Step):
         return {"id": volume.id, **volume.info}
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
-        if result:
+        if result and result.get("adopted"):  # the cloud's volume: handed back, never deleted
+            target = get_volume_target(ctx.config)
+            if isinstance(target, Ec2VolumeTarget):
+                target.release(result)
+        elif result:
             get_volume_target(ctx.config).delete(result)
             ctx.ledger_removed(f"volume {result['id']} ({result.get('path')})")
 
-    def plan(self, ctx: StepContext, size_gib: int, availability_zone: str | None = None) -> dict[str, Any]:
+    def plan(
+        self,
+        ctx: StepContext,
+        size_gib: int,
+        availability_zone: str | None = None,
+        volume_id: str | None = None,
+    ) -> dict[str, Any]:
         return {
             "creates": f"a {size_gib} GiB volume",
             "target": ctx.config.targets["volume"]["type"],

@@ -333,6 +333,14 @@ class Ec2VolumeTarget:
         info = dict(volume_info, path=str(dev.path), size=dev.size, device_name=device_name, zeroed=False)
         return Volume(volume_id, dev.path, dev.size, info)
 
+    def adopt(self, volume_id: str, task_id: str) -> Volume:
+        """Attach a volume the cloud created for a task (Eucalyptus ``import_volume``) and find it."""
+        return self.reopen({"type": "ec2", "volume_id": volume_id, "task_id": task_id, "adopted": True})
+
+    def release(self, volume_info: Mapping[str, Any]) -> None:
+        """Hand an adopted volume back: detach it (never delete it)."""
+        self._detach(str(volume_info["volume_id"]))
+
     def _detach(self, volume_id: str, *, force: bool = False) -> dict[str, Any]:
         try:
             self._call("DetachVolume", VolumeId=volume_id, InstanceId=self.instance_id, Force=force)

@@ -109,3 +109,27 @@ def test_api_key_with_an_unknown_role_or_a_bad_account_is_refused(extra: dict[st
     key = {"access_key": "AKIAPLAINPLAINPLAIN1", "secret_key": "plain-secret-0123456789"} | extra
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         config.from_dict({"api": {"credentials": [key]}})
+
+
+def test_pull_mode_takes_the_cloud_certificate_and_signing_settings_and_needs_no_secret() -> None:
+    cfg = config.from_dict(
+        {
+            "controller": {
+                "mode": "pull",
+                "url": "http://imaging.cloud.example:8773/",
+                "cloud_cert_file": "/etc/imaging/cloud-cert.pem",
+                "metadata_url": "http://169.254.169.254/",
+                "signature_version": "4",
+            }
+        }
+    )
+    ctl = cfg.controller
+    assert (ctl.cloud_cert_file, ctl.metadata_url, ctl.signature_version, ctl.region, ctl.secret) == (
+        Path("/etc/imaging/cloud-cert.pem"),
+        "http://169.254.169.254",
+        "4",
+        "eucalyptus",
+        None,
+    )
+    with pytest.raises(ConfigError, match=r"controller.*cloud_cert"):
+        config.from_dict({"controller": {"mode": "pull", "url": "http://imaging.cloud.example:8773"}})

@@ -17,12 +17,18 @@ from appliance.boot.userdata import CompactUserData, EnrolUserData, UserDataInva
 
 SECRET = "controller-shared-secret-0123456789"
 API_SECRET = "api-secret-key-abcdefghijklmnop"
+CLOUD_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 def section(**over: object) -> dict:
     base = {
         "appliance_id": "appl-1",
-        "controller": {"url": "https://ctl.example:8443/base/", "secret": SECRET, "mode": "pull"},
+        "controller": {
+            "url": "https://ctl.example:8443/base/",
+            "secret": SECRET,
+            "mode": "pull",
+            "cloud_cert": CLOUD_CERT,
+        },
         "api": {"credentials": [{"access_key": "AKIAAPPLIANCE00001", "secret_key": API_SECRET}]},
         "limits": {
             "concurrent_tasks": 3,
@@ -59,6 +65,21 @@ def test_maps_section_to_a_loadable_service_config(tmp_path: Path) -> None:
     assert cfg.log_level == "debug"
     assert (cfg.controller.url, cfg.controller.mode) == ("https://ctl.example:8443/base", "pull")
     assert (cfg.controller.appliance_id, cfg.controller.secret) == ("appl-1", SECRET)
+    assert (cfg.controller.cloud_cert, cfg.controller.signature_version) == (CLOUD_CERT, "2")
+
+
+def test_pull_mode_needs_the_cloud_certificate_and_no_shared_secret(tmp_path: Path) -> None:
+    ctl = {"url": "https://ctl.example:8443/", "mode": "pull"}
+    assert errors_of(section(controller=ctl), tmp_path) == {
+        "imaging.controller.cloud_cert": "required field is missing"
+    }
+    rendered = userdata.render(
+        section(controller=ctl | {"cloud_cert_file": "/etc/imaging/cloud.pem"}), tmp_path
+    )
+    cfg = config_mod.from_dict(rendered.config, base_dir=tmp_path)
+    assert cfg.controller.cloud_cert_file == Path("/etc/imaging/cloud.pem") and cfg.controller.secret is None
+    push = section(controller={"url": "https://ctl.example/"})
+    assert errors_of(push, tmp_path) == {"imaging.controller.secret": "required field is missing"}
 
 
 def test_api_keys_keep_their_account_and_role(tmp_path: Path) -> None:

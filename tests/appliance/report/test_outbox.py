@@ -30,7 +30,7 @@ def test_controller_settings_are_typed_and_the_secret_stays_out_of_repr() -> Non
     cfg = config_mod.from_dict(
         {
             "controller": {
-                "mode": "pull",
+                "mode": "push",
                 "url": "http://ctl:8773/",
                 "secret": SECRET,
                 "appliance_id": "i-0123abcd",
@@ -40,7 +40,7 @@ def test_controller_settings_are_typed_and_the_secret_stays_out_of_repr() -> Non
         }
     )
     ctl = cfg.controller
-    assert (ctl.url, ctl.mode, ctl.report_interval, ctl.max_backoff) == ("http://ctl:8773", "pull", 2.0, 5.0)
+    assert (ctl.url, ctl.mode, ctl.report_interval, ctl.max_backoff) == ("http://ctl:8773", "push", 2.0, 5.0)
     assert ctl.secret == SECRET and SECRET not in repr(cfg)
 
 

@@ -1,5 +1,7 @@
 """Pull mode (Eucalyptus imaging-worker protocol): a real worker process takes work from the reference
-controller's Imaging service, imports from S3 (moto server) and reports PutInstanceImportTaskStatus."""
+controller's Imaging service (its metadata service's credentials, SigV2, download manifests it signs
+from the uploaded import manifest), imports from S3 (moto server) and reports
+PutInstanceImportTaskStatus."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import functools
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance import config as config_mod
+from appliance.report.imaging_service import DM_PATH, ImagingService
 from appliance.report.pull import (
     PullReporter,
     PullTasks,
@@ -22,9 +26,11 @@ from appliance.report.pull import (
     strip_marker,
 )
 from appliance.report.receiver import Controller, ReceiverServer
+from appliance.sources.euca_manifest import build_download_manifest
 from appliance.store import Store, TaskState
 from tests import imagefactory as imgs
 from tests import processes
+from tests.euca_controller import PartServer, make_cloud_key
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.servers import MotoServer, free_port
 
@@ -77,6 +83,9 @@ def test_cancelled_reply_shapes() -> None:
 
 
 def test_error_codes_map_to_the_eucalyptus_failure_codes() -> None:
+    assert euca_code("CertificateFailure") == "CertificateFailure"
+    assert euca_code("FailureToAttachVolume") == "FailureToAttachVolume"
+    assert euca_code("ManifestUnsupported.Bundle") == "InvalidInputData"
     assert euca_code("FormatMismatch") == "InvalidInputData"
     assert euca_code("UnsafeImage.BackingFile") == "InvalidInputData"
     assert euca_code("SourceUnavailable") == "FailureToDownloadData"
@@ -88,8 +97,16 @@ def test_error_codes_map_to_the_eucalyptus_failure_codes() -> None:
 
 
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[ReceiverServer]:
-    server = ReceiverServer(f"127.0.0.1:{free_port()}", Controller(SECRET, tmp_path / "controller.jsonl"))
+def cloud_key(tmp_path: Path) -> tuple[Path, Path]:
+    return make_cloud_key(tmp_path)
+
+
+@pytest.fixture
+def controller(tmp_path: Path, cloud_key: tuple[Path, Path]) -> Iterator[ReceiverServer]:
+    imaging = ImagingService(cloud_key[0].read_bytes(), instance_id=WORKER_ID)
+    server = ReceiverServer(
+        f"127.0.0.1:{free_port()}", Controller(SECRET, tmp_path / "controller.jsonl", imaging=imaging)
+    )
     yield server.start()
     server.stop()
 
@@ -102,7 +119,23 @@ def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Path:
+def held(tmp_path: Path) -> Iterator[tuple[PartServer, threading.Event]]:
+    """A part server that holds every download until the test ends."""
+    release = threading.Event()
+    disk = random_file(tmp_path / "held.raw", MiB)
+    with PartServer(disk, MiB, delay=lambda _index: release.wait(60)) as parts:
+        yield parts, release
+        release.set()
+
+
+@pytest.fixture
+def cfg_file(
+    tmp_path: Path,
+    moto: MotoServer,
+    controller: ReceiverServer,
+    cloud_key: tuple[Path, Path],
+    held: tuple[PartServer, threading.Event],
+) -> Path:
     f = tmp_path / "imaging.yaml"
     f.write_text(
         json.dumps(
@@ -111,7 +144,7 @@ def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Pa
                 "worker": {"concurrency": 1, "poll_interval": 0.2},
                 "tasks": {"lease_seconds": 5},
                 "sources": {
-                    "allowed_endpoints": [moto.endpoint],
+                    "allowed_endpoints": [moto.endpoint, controller.url, held[0].url],
                     "manifest_poll_interval": 0.2,
                     "manifest_poll_max_interval": 0.5,
                     "retries": 2,
@@ -119,8 +152,8 @@ def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Pa
                 "controller": {
                     "mode": "pull",
                     "url": controller.url,
-                    "secret": SECRET,
-                    "appliance_id": WORKER_ID,
+                    "metadata_url": controller.url,
+                    "cloud_cert_file": str(cloud_key[1]),
                     "report_interval": 0.5,
                     "timeout": 5,
                     "max_backoff": 1,
@@ -158,8 +191,12 @@ def final(tmp_path: Path, task_id: str) -> dict | None:
     return next((s for s in statuses(tmp_path, task_id) if s["Status"] in ("DONE", "FAILED")), None)
 
 
-def with_marker(url: str) -> str:
-    return url.replace("http://", "http://imaging@", 1)
+def uploaded(moto: MotoServer, bucket: str, disk: Path) -> str:
+    """The presigned URL of ``disk``'s import manifest, uploaded as euca2ools does."""
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    return pending.url
 
 
 @pytest.mark.slow
@@ -171,15 +208,12 @@ def test_pulled_raw_import_reports_done_with_bytes_converted_and_volume(
     tmp_path: Path,
 ) -> None:
     disk = random_file(tmp_path / "disk.raw", 12 * MiB)
-    s3 = moto.client("s3")
-    pending = presign_manifest_url(s3, bucket, None, disk)
-    upload(s3, pending, disk)
-    # No <bytes>/<volumeSize>: as with Eucalyptus, the sizes come from the manifest itself.
+    # As Eucalyptus: a signed download manifest made from the import manifest, sizes from it.
     controller.controller.queue_pull_task(
         {
             "importTaskId": "import-vol-abcd1234",
             "volumeId": "vol-12345678",
-            "manifestUrl": with_marker(pending.url),
+            "importManifestUrl": uploaded(moto, bucket, disk),
             "format": "RAW",
         }
     )
@@ -189,10 +223,13 @@ def test_pulled_raw_import_reports_done_with_bytes_converted_and_volume(
     assert done["Status"] == "DONE", done
     assert done["InstanceId"] == WORKER_ID
     assert done["BytesConverted"] == disk.stat().st_size
-    assert done["VolumeId"].startswith("vol-") and done["VolumeId"] != "vol-12345678"  # the volume written
+    assert done["VolumeId"] == "vol-12345678"  # the cloud's volume, which its status is matched to
     extant = [s for s in statuses(tmp_path, "import-vol-abcd1234") if s["Status"] == "EXTANT"]
     assert all(s["VolumeId"] == "vol-12345678" for s in extant)
-    volume = next((tmp_path / "state" / "volumes").glob(done["VolumeId"] + "*"))
+    assert controller.controller.imaging is not None
+    assert controller.controller.imaging.volumes("import-vol-abcd1234")["vol-12345678"]["status"] == "DONE"
+    # the file volume target cannot reach the cloud's volume: it wrote a volume of its own
+    volume = next((tmp_path / "state" / "volumes").glob("vol-*"))
     with open(volume, "rb") as f:
         assert f.read(disk.stat().st_size) == disk.read_bytes()
 
@@ -206,17 +243,12 @@ def test_pulled_hostile_image_reports_failed_with_an_error_code(
     tmp_path: Path,
 ) -> None:
     hostile = imgs.qcow2_backing(tmp_path)  # a qcow2 pointing at /etc/passwd, claimed RAW
-    s3 = moto.client("s3")
-    pending = presign_manifest_url(s3, bucket, None, hostile)
-    upload(s3, pending, hostile)
     controller.controller.queue_pull_task(
         {
             "importTaskId": "import-vol-bad00001",
             "volumeId": "vol-87654321",
-            "manifestUrl": pending.url,
+            "importManifestUrl": uploaded(moto, bucket, hostile),
             "format": "RAW",
-            "bytes": hostile.stat().st_size,
-            "volumeSize": 1,
         }
     )
     wait_until(lambda: final(tmp_path, "import-vol-bad00001") is not None, what="the final status")
@@ -228,6 +260,7 @@ def test_pulled_hostile_image_reports_failed_with_an_error_code(
 
 @pytest.mark.slow
 def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
+    held: tuple[PartServer, threading.Event],
     controller: ReceiverServer,
     worker: subprocess.Popen[bytes],
     cfg_file: Path,
@@ -235,19 +268,21 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    disk = random_file(tmp_path / "never.raw", MiB)
-    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)  # never uploaded: the task waits
+    parts = held[0]  # holds the download until the test ends: the task is still running when cancelled
+    imaging = controller.controller.imaging
+    assert imaging is not None
+    imaging.manifests["DM-held"] = build_download_manifest("RAW", MiB, parts.urls(), imaging.sign)
     controller.controller.queue_pull_task(
         {
             "importTaskId": "import-vol-cccc0001",
             "volumeId": "vol-11112222",
-            "manifestUrl": pending.url,
+            "manifestUrl": controller.url.replace("//", "//imaging@") + DM_PATH + "DM-held",
             "format": "RAW",
-            "bytes": MiB,
-            "volumeSize": 1,
         }
     )
     wait_until(lambda: len(statuses(tmp_path, "import-vol-cccc0001")) >= 1, what="an EXTANT status")
+    # the one-byte length probe, then the download the part server holds
+    wait_until(lambda: len(parts.requests) >= 2, what="the held download")
     controller.controller.cancel_pull_task("import-vol-cccc0001")
     store = Store(config_mod.load(cfg_file).db_path)
     held = PullTasks(store.path)
@@ -277,15 +312,13 @@ def reporter(cfg_file: Path) -> Iterator[PullReporter]:
 
 
 def test_a_task_handed_out_again_is_not_created_twice(
-    controller: ReceiverServer, reporter: PullReporter, moto: MotoServer
+    controller: ReceiverServer, reporter: PullReporter, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     task = {
         "importTaskId": "import-vol-dddd0001",
         "volumeId": "vol-1",
-        "manifestUrl": f"{moto.endpoint}/nobucket/never/disk.manifest.xml",
+        "importManifestUrl": uploaded(moto, bucket, random_file(tmp_path / "d.raw", MiB)),
         "format": "RAW",
-        "bytes": MiB,
-        "volumeSize": 1,
     }
     controller.controller.queue_pull_task(task)
     controller.controller.queue_pull_task(task)  # Eucalyptus re-queues when it thinks the worker restarted
@@ -297,16 +330,14 @@ def test_a_task_handed_out_again_is_not_created_twice(
 
 
 def test_a_task_that_cannot_be_taken_is_reported_failed_at_once(
-    controller: ReceiverServer, reporter: PullReporter, tmp_path: Path
+    controller: ReceiverServer, reporter: PullReporter, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     controller.controller.queue_pull_task(
         {
             "importTaskId": "import-vol-eeee0001",
             "volumeId": "vol-2",
-            "manifestUrl": "http://127.0.0.1:9/m.xml",
+            "importManifestUrl": uploaded(moto, bucket, random_file(tmp_path / "e.raw", MiB)),
             "format": "QCOW2",
-            "bytes": MiB,
-            "volumeSize": 1,
         }
     )
     assert reporter.poll() is None

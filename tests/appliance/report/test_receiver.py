@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from appliance.report import messages
+from appliance.report.euca_auth import InstanceCredentials, sign_request
+from appliance.report.imaging_service import ImagingService
 from appliance.report.receiver import Controller, ReceiverServer, ReportRejected, ReportVerifier
 from appliance.timestamps import utcnow
+from tests.euca_controller import make_cloud_key
 from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
@@ -165,20 +168,42 @@ def test_remembers_the_last_seq_across_a_restart(tmp_path: Path) -> None:
         again.stop()
 
 
-def test_refuses_an_unsigned_pull_request(server: ReceiverServer) -> None:
-    body = b"Action=GetInstanceImportTask&Version=2014-02-14&InstanceId=i-1"
-    req = urllib.request.Request(server.url + messages.IMAGING_PATH, data=body, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as exc:
-        urllib.request.urlopen(req, timeout=5)
-    assert exc.value.code == 401
-    signed = urllib.request.Request(
-        server.url + messages.IMAGING_PATH,
-        data=body,
-        method="POST",
-        headers={messages.SIGNATURE_HEADER: messages.sign(SECRET, body)},
+@pytest.mark.parametrize("version", ["2", "4"])
+def test_the_imaging_service_takes_only_requests_signed_with_credentials_it_issued(
+    tmp_path: Path, version: str
+) -> None:
+    key, _ = make_cloud_key(tmp_path)
+    imaging = ImagingService(key.read_bytes(), instance_id="i-1")
+    srv = ReceiverServer(
+        f"127.0.0.1:{free_port()}", Controller(SECRET, tmp_path / "l.jsonl", imaging=imaging)
     )
-    with urllib.request.urlopen(signed, timeout=5) as resp:
-        assert b"GetInstanceImportTaskResponse" in resp.read()
+    srv.start()
+    try:
+        url = srv.url + messages.IMAGING_PATH
+        params = {"Action": "GetInstanceImportTask", "Version": "2014-02-14", "InstanceId": "i-1"}
+        hmac_body = b"Action=GetInstanceImportTask&Version=2014-02-14&InstanceId=i-1"
+        old_style = {messages.SIGNATURE_HEADER: messages.sign(SECRET, hmac_body)}  # the HMAC of push mode
+        assert call(url, hmac_body, old_style)[0] == 403
+        creds = InstanceCredentials(srv.url).get()
+        body, headers = sign_request(url, params, creds, signature_version=version)
+        status, reply = call(url, body, headers)
+        assert status == 200 and b"GetInstanceImportTaskResponse" in reply
+        tampered = body.replace(b"InstanceId=i-1", b"InstanceId=i-2")
+        assert call(url, tampered, headers)[0] == 403
+        imaging.revoke(creds.access_key)
+        status, reply = call(url, *sign_request(url, params, creds, signature_version=version))
+        assert status == 403 and b"<Code>ExpiredToken</Code>" in reply
+    finally:
+        srv.stop()
+
+
+def call(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def test_flags_an_appliance_silent_for_too_long_as_stale(tmp_path: Path) -> None:
