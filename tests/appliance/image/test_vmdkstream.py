@@ -340,8 +340,8 @@ def test_a_decode_resumed_from_a_boundary_gives_the_same_disk(
 
 
 def test_a_resumed_decode_still_refuses_a_grain_written_before_the_boundary(tmp_path: Path) -> None:
-    grains = [_grain(128 * i, bytes([65 + i])) for i in range(8)] + [_grain(0, b"again")]
-    data = sf.build(_stream(grains=grains))
+    grains = [_grain(128 * i, bytes([65 + i])) for i in range(20)] + [_grain(0, b"again")]
+    data = sf.build(_stream(capacity=128 * 64, grains=grains))
     one = DecodeLimits(1 << 40, 1 << 40, threads=1)
     dec = open_decoder("vmdk-stream", io.BytesIO(data), one)
     crash = _CrashingWriter(tmp_path / "o", 2)
