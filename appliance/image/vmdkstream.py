@@ -41,9 +41,10 @@ a capacity that is not a multiple of the grain size may be shorter), so total ou
 at most once (a bitmap of grains); metadata sizes bounded by the header's geometry; overHead bounded by what
 the metadata can occupy. Everything else raises ``CorruptImage`` naming the input byte offset.
 
-Parallel inflate: the reader thread submits each grain to a pool of ``limits.workers`` threads (ISA-L's
-inflate releases the GIL) and writes finished grains in input order; at most ``2 x workers`` grains are
-in flight, so memory stays about ``2 x workers x (compressed + grain)``.
+Parallel inflate: the reader thread hands grains in batches (up to 8 grains or 1 MiB compressed: one pool
+task each, so the per-task overhead is paid per batch) to a pool of ``limits.workers`` threads (ISA-L's
+inflate releases the GIL) and writes finished grains in input order; at most ``2 x workers`` batches are
+in flight, so memory stays about ``2 x workers x 8 x (compressed + grain)`` (4 MiB with two workers).
 
 Resumable boundary: after a grain is written, the offset of the marker that follows it is a clean point
 (:meth:`VmdkStreamDecoder.boundary`): the header fields, the bitmap of written grains (one bit per grain,
@@ -100,6 +101,9 @@ MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 _WHAT = "streamOptimized VMDK"
 _PROGRESS_EVERY = 8 << 20
 _DATA, _GD, _FOOTER = "data", "gd", "footer"
+#: grains inflated by one pool task, at most (and at most so many compressed bytes)
+_BATCH_GRAINS = 8
+_BATCH_BYTES = 1 << 20
 #: isal's stub declares ``error`` as an instance; at run time it is the exception class
 _INFLATE_ERROR = cast(type[Exception], isal_zlib.error)
 
@@ -220,6 +224,32 @@ def _inflate(data: bytes, full: int, last: int, offset: int) -> bytes:
     return out
 
 
+@dataclass(frozen=True)
+class _Grain:
+    """A grain read but not yet written: compressed data, LBA, input offset after it and of its marker,
+    expected size if it is the disk's last grain."""
+
+    data: bytes
+    lba: int
+    end: int
+    at: int
+    last: int
+
+
+@dataclass
+class _Batch:
+    """Grains inflated together by one pool task (fewer tasks: less per-grain overhead); ``written``:
+    how many of them the sink has."""
+
+    future: Future[list[bytes]]
+    grains: list[_Grain]
+    written: int = 0
+
+
+def _inflate_all(grains: list[_Grain], full: int) -> list[bytes]:
+    return [_inflate(g.data, full, g.last, g.at) for g in grains]
+
+
 def _unset_runs(bitmap: bytearray, count: int) -> list[tuple[int, int]]:
     """``(first, end)`` runs of grains whose bit is clear, over grains ``[0, count)``."""
     runs: list[tuple[int, int]] = []
@@ -270,7 +300,8 @@ class VmdkStreamDecoder(Decoder):
             raise _corrupt(start, f"the descriptor's createType is {kind!r}, not streamOptimized")
         self._r.skip(h.overhead * SECTOR - self._r.offset, "the metadata before the first grain")
         self._seen = bytearray(-(-h.grains // 8))
-        self._window: deque[tuple[Future[bytes], int, int]] = deque()
+        self._window: deque[_Batch] = deque()
+        self._batch: list[_Grain] = []
         self._phase = _DATA
         self._clean = self._r.offset
 
@@ -291,6 +322,7 @@ class VmdkStreamDecoder(Decoder):
         if len(self._seen) != -(-self.header.grains // 8):
             raise ValueError("the boundary's grain bitmap does not fit the header")
         self._window = deque()
+        self._batch = []
         self.data_bytes = int(s["data_bytes"])
         self._phase = _DATA
         self._r = Reader(src, b.input_offset, _WHAT)
@@ -299,8 +331,9 @@ class VmdkStreamDecoder(Decoder):
     def boundary(self) -> Boundary:
         """The latest clean point: everything before it is written (see the module docstring)."""
         written = bytearray(self._seen)  # every grain seen is written but those still in flight
-        for _, lba, _ in self._window:
-            g = lba // self.header.grain_size
+        pending = [g for b in self._window for g in b.grains[b.written :]] + self._batch
+        for grain in pending:
+            g = grain.lba // self.header.grain_size
             written[g >> 3] &= ~(1 << (g & 7))
         state = {
             "header": asdict(self.header),
@@ -333,14 +366,27 @@ class VmdkStreamDecoder(Decoder):
         size = h.capacity * SECTOR
         max_compressed = 2 * full
         footer_seen = False
+        batched = 0
+
+        batch = self._batch
 
         def drain_one() -> None:
-            fut, lba, end = window[0]  # it stays in flight (not written) until the sink has it
-            data = fut.result()
-            at = lba * SECTOR
-            self.data_bytes += emit(sink, at, data[: size - at])
+            head = window[0]  # its grains stay in flight (not written) until the sink has them
+            outs = head.future.result()
+            for k in range(head.written, len(outs)):
+                grain = head.grains[k]
+                at = grain.lba * SECTOR
+                self.data_bytes += emit(sink, at, outs[k][: size - at])
+                head.written = k + 1
+                self._clean = grain.end
             window.popleft()
-            self._clean = end
+
+        def submit() -> None:
+            items = list(batch)
+            batch.clear()  # (the grains are in the window now)
+            window.append(_Batch(pool.submit(_inflate_all, items, full), items))
+            if len(window) >= 2 * workers:
+                drain_one()
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmdk-inflate")
         try:
@@ -373,10 +419,11 @@ class VmdkStreamDecoder(Decoder):
                     data = sector[12 : 12 + length]
                     if block > SECTOR:
                         data += r.exactly(block - SECTOR, "a grain")[: 12 + length - SECTOR]
-                    last = min(full, size - val * SECTOR)
-                    window.append((pool.submit(_inflate, data, full, last, at), val, r.offset))
-                    if len(window) >= 2 * workers:
-                        drain_one()
+                    batch.append(_Grain(data, val, r.offset, at, min(full, size - val * SECTOR)))
+                    batched += length
+                    if len(batch) >= _BATCH_GRAINS or batched >= _BATCH_BYTES:
+                        submit()
+                        batched = 0
                     continue
                 if any(sector[16:]) or (kind == MARKER_EOS and val):
                     raise _corrupt(at, f"a metadata marker (type {kind}) with non-zero padding")
@@ -410,11 +457,13 @@ class VmdkStreamDecoder(Decoder):
                     self._phase = _FOOTER
                 else:
                     raise _corrupt(at, f"unknown marker type {kind}")
+            if batch:
+                submit()
             while window:
                 drain_one()
         except BaseException:
-            for fut, _, _ in window:
-                fut.cancel()
+            for b in window:
+                b.future.cancel()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
