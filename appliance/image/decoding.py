@@ -243,29 +243,40 @@ def zeros(n: int) -> bytes:
 ZERO_BLOCK = 4096
 
 
-def emit(sink: Sink, offset: int, chunk: bytes) -> int:
-    """Hand ``chunk`` (disk bytes at ``offset``) to ``sink``: runs of all-zero :data:`ZERO_BLOCK` blocks
-    as ``zero`` ranges, the rest as coalesced ``write`` calls. Returns the data bytes written."""
+def zero_runs(chunk: bytes) -> list[tuple[int, int, bool]]:
+    """``(start, end, all_zero)`` runs of :data:`ZERO_BLOCK` blocks covering ``chunk`` (pure computation:
+    a decoder may do it in a worker thread)."""
     n = len(chunk)
     if chunk == zeros(n):
-        sink.zero(offset, n)
-        return 0
+        return [(0, n, True)]
     z = zeros(ZERO_BLOCK)
-    data = 0
-    run = 0  # start of the current run
+    runs: list[tuple[int, int, bool]] = []
+    run = 0
     run_is_zero = chunk[:ZERO_BLOCK] == z[: min(n, ZERO_BLOCK)]
     for i in range(ZERO_BLOCK, n, ZERO_BLOCK):
         block = chunk[i : i + ZERO_BLOCK]
         is_zero = block == z[: len(block)]
         if is_zero != run_is_zero:
-            data += _flush(sink, offset, chunk, run, i, run_is_zero)
+            runs.append((run, i, run_is_zero))
             run, run_is_zero = i, is_zero
-    return data + _flush(sink, offset, chunk, run, n, run_is_zero)
+    runs.append((run, n, run_is_zero))
+    return runs
 
 
-def _flush(sink: Sink, offset: int, chunk: bytes, start: int, end: int, is_zero: bool) -> int:
-    if is_zero:
-        sink.zero(offset + start, end - start)
-        return 0
-    sink.write(offset + start, chunk if start == 0 and end == len(chunk) else chunk[start:end])
-    return end - start
+def emit_runs(sink: Sink, offset: int, chunk: bytes, runs: list[tuple[int, int, bool]]) -> int:
+    """Hand ``chunk`` (disk bytes at ``offset``) to ``sink`` as its :func:`zero_runs` say: zero runs as
+    ``zero`` ranges, the rest as ``write`` calls. Returns the data bytes written."""
+    data = 0
+    for start, end, is_zero in runs:
+        if is_zero:
+            sink.zero(offset + start, end - start)
+        else:
+            sink.write(offset + start, chunk if start == 0 and end == len(chunk) else chunk[start:end])
+            data += end - start
+    return data
+
+
+def emit(sink: Sink, offset: int, chunk: bytes) -> int:
+    """Hand ``chunk`` (disk bytes at ``offset``) to ``sink``: runs of all-zero :data:`ZERO_BLOCK` blocks
+    as ``zero`` ranges, the rest as coalesced ``write`` calls. Returns the data bytes written."""
+    return emit_runs(sink, offset, chunk, zero_runs(chunk))

@@ -9,9 +9,9 @@ stays sparse); any input offset is a clean boundary. The compressed kinds reuse
 after its start (the decoder state is inside the C library).
 
 gzip is decoded by ISA-L (``isal.igzip``: the gzip module's reader over ISA-L's inflate, bounded reads,
-CRC and length checked, truncation an error), about 5x zlib's speed here. rapidgzip (a parallel decoder)
-was measured too (bench/decoders.py): slower than ISA-L on two cores, and it returns a truncated gzip
-stream's bytes without an error, which this decoder must refuse.
+CRC and length checked, truncation an error), at less than half zlib's CPU time here. rapidgzip (a
+parallel decoder) was measured too (bench/decoders.py): slower than ISA-L on two cores, and it returns
+a truncated gzip stream's bytes without an error, which this decoder must refuse.
 """
 
 from __future__ import annotations

@@ -78,8 +78,9 @@ from .decoding import (
     Reader,
     Sink,
     corrupt,
-    emit,
+    emit_runs,
     too_large,
+    zero_runs,
 )
 
 FORMAT = "vmdk-stream"
@@ -241,13 +242,19 @@ class _Batch:
     """Grains inflated together by one pool task (fewer tasks: less per-grain overhead); ``written``:
     how many of them the sink has."""
 
-    future: Future[list[bytes]]
+    future: Future[list[tuple[bytes, list[tuple[int, int, bool]]]]]
     grains: list[_Grain]
     written: int = 0
 
 
-def _inflate_all(grains: list[_Grain], full: int) -> list[bytes]:
-    return [_inflate(g.data, full, g.last, g.at) for g in grains]
+def _inflate_all(grains: list[_Grain], full: int) -> list[tuple[bytes, list[tuple[int, int, bool]]]]:
+    """The pool task: each grain inflated, cut to the disk's end, and its zero runs (so the writing
+    thread only writes)."""
+    done = []
+    for g in grains:
+        out = _inflate(g.data, full, g.last, g.at)[: g.last]
+        done.append((out, zero_runs(out)))
+    return done
 
 
 def _unset_runs(bitmap: bytearray, count: int) -> list[tuple[int, int]]:
@@ -375,8 +382,8 @@ class VmdkStreamDecoder(Decoder):
             outs = head.future.result()
             for k in range(head.written, len(outs)):
                 grain = head.grains[k]
-                at = grain.lba * SECTOR
-                self.data_bytes += emit(sink, at, outs[k][: size - at])
+                out, runs = outs[k]
+                self.data_bytes += emit_runs(sink, grain.lba * SECTOR, out, runs)
                 head.written = k + 1
                 self._clean = grain.end
             window.popleft()
