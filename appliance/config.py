@@ -18,6 +18,7 @@ import jsonschema
 import yaml
 
 from . import redact, schemas
+from .database import StoreConfig, check_store_url
 from .errors import ConfigError
 from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
@@ -240,6 +241,8 @@ class Config:
     )
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    #: the task database (None: SQLite at ``<state_dir>/imaging.db``)
+    store_config: StoreConfig | None = None
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -249,8 +252,15 @@ class Config:
         return StatePaths(self.state_dir)
 
     @property
-    def db_path(self) -> Path:
-        return self.paths.db
+    def store(self) -> StoreConfig:
+        """The task database: ``store`` of the configuration, SQLite in ``state_dir`` by default.
+        Everything that opens it takes this (:class:`appliance.store.Store`)."""
+        return self.store_config or StoreConfig.sqlite(self.paths.db)
+
+    @property
+    def db_path(self) -> Path | None:
+        """The SQLite file of the task database; None when it is PostgreSQL."""
+        return self.store.path
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -367,8 +377,37 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,
             source=str(source or "<config>"),
         ),
+        store_config=_store(merged["store"], StatePaths(state_dir).db, path, str(source or "<config>")),
         source=source,
         raw=merged,
+    )
+
+
+def _store(raw: dict[str, Any], default_db: Path, path: Any, source: str) -> StoreConfig:
+    """``store``: the URL checked (no password in it) and made absolute for SQLite, paths resolved."""
+    url = raw.get("url") or "sqlite:///" + str(default_db)
+    problem = check_store_url(url)
+    if problem is not None:
+        # the URL is not quoted: it may hold the very password it must not hold
+        raise ConfigError(f"{source}: store.url {problem}")
+    if "password" in raw and "password_file" in raw:
+        raise ConfigError(f"{source}: store: give password or password_file, not both")
+    if url.startswith("sqlite:"):
+        url = "sqlite:///" + str(path(url.removeprefix("sqlite:///")))
+
+    def optional(key: str) -> Path | None:
+        return path(raw[key]) if raw.get(key) else None
+
+    return StoreConfig(
+        url=url,
+        password=raw.get("password"),
+        password_file=optional("password_file"),
+        sslmode=raw.get("sslmode"),
+        sslrootcert=optional("sslrootcert"),
+        sslcert=optional("sslcert"),
+        sslkey=optional("sslkey"),
+        connect_timeout=float(raw["connect_timeout"]),
+        pool_size=int(raw["pool_size"]),
     )
 
 

@@ -93,10 +93,10 @@ class Engine:
 
     @property
     def store(self) -> Store:
-        """The task store (``config.db_path`` unless given), opened on first use: a dry run never
+        """The task store (``config.store`` unless given), opened on first use: a dry run never
         creates a database."""
         if self._store is None:
-            self._store = Store(self.config.db_path)
+            self._store = Store(self.config.store)
         return self._store
 
     @property
