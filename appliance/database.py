@@ -10,7 +10,7 @@ backend runs it. What a backend provides:
   PostgreSQL runs them concurrently (READ COMMITTED); the store serialises what must be, with row
   locks (:attr:`Connection.for_update`) and transaction-scoped advisory locks (:meth:`Connection.lock`).
 - :meth:`Database.read`: one statement outside any write transaction.
-- errors as coded :class:`~appliance.errors.StoreError`\\ s: :class:`~appliance.errors.StoreUnavailable`
+- coded errors: :class:`~appliance.errors.StoreUnavailable`
   when the database cannot be reached (PostgreSQL down or restarting, a SQLite file locked past the
   busy timeout), :class:`~appliance.errors.DuplicateKey` for a unique-constraint violation, and
   :class:`~appliance.errors.StoreError` for anything else. No driver exception leaves this layer.

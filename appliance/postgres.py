@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,9 @@ from .redact import redact_text, redact_url
 APPLICATION_NAME = "imaging-appliance"
 
 
-class PgRow(Mapping[str, Any]):
-    """One row: by column name or by position."""
+class PgRow:
+    """One row, as ``sqlite3.Row`` is: by column name or position, iterating over the values,
+    ``keys()`` the column names (so ``dict(row)`` maps them to the values)."""
 
     __slots__ = ("_index", "_values")
 
@@ -45,21 +46,29 @@ class PgRow(Mapping[str, Any]):
         self._index = index
         self._values = values
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: int | str) -> Any:
         return self._values[key] if isinstance(key, int) else self._values[self._index[key]]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PgRow) and self._index == other._index and self._values == other._values
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"PgRow({dict(self)!r})"
 
 
 def pg_row(cursor: Any) -> RowMaker[PgRow]:
-    """psycopg row factory making :class:`PgRow`\\ s."""
+    """psycopg row factory making :class:`PgRow` rows."""
     index = {column.name: i for i, column in enumerate(cursor.description or ())}
 
     def make(values: Sequence[Any]) -> PgRow:

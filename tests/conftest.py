@@ -62,7 +62,7 @@ def store_settings(store_backend: str, request: pytest.FixtureRequest) -> Iterat
     schema = cluster.create_schema()  # a fresh schema: a database takes 0.3 s to create, a schema 1 ms
     settings = {"url": cluster.schema_url(schema)}
     try:
-        with stores.using(settings):
+        with stores.using(settings, cluster, schema):
             yield settings
     finally:
         cluster.drop_schema(schema)

@@ -7,6 +7,9 @@ server, not a durable one. ``initdb`` and ``pg_ctl`` refuse to run as root, so a
 the ``postgres`` user (else ``nobody``) through ``runuser``. :meth:`Cluster.stop` and
 :meth:`Cluster.start` stop and start the same cluster, for outage tests; the context manager stops
 it by its data directory's ``pg_ctl`` and removes the directory.
+
+The superuser logs in without a password (``trust``); every other role needs its password (SCRAM):
+:meth:`Cluster.create_login` makes one, for the tests of password authentication and its redaction.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -32,6 +35,8 @@ SUPERUSER = "postgres"
 PORT = 5432
 #: the database the tests' schemas are made in (created with the cluster)
 TEST_DATABASE = "imaging_tests"
+#: who may log in how (over the Unix socket, the only way in)
+HBA = f"local all {SUPERUSER} trust\nlocal all all scram-sha-256\n"
 
 
 def server_bin() -> Path | None:
@@ -61,6 +66,8 @@ class Cluster:
     root: Path
     bindir: Path
     user: str | None
+    #: login roles made for each schema (dropped with it)
+    roles: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def socket_dir(self) -> Path:
@@ -125,12 +132,24 @@ class Cluster:
         return name
 
     def drop_schema(self, name: str, database: str = TEST_DATABASE) -> None:
+        """Drop the schema, its tables and the login roles made for it."""
         with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        for role in self.roles.pop(name, []):
+            self.admin(f"DROP ROLE IF EXISTS {role}")
 
-    def schema_url(self, schema: str, database: str = TEST_DATABASE) -> str:
+    def schema_url(self, schema: str, database: str = TEST_DATABASE, user: str = SUPERUSER) -> str:
         """A URL whose sessions find their tables in ``schema`` (the ``search_path`` libpq sets)."""
-        return f"{self.url(database)}&options=-csearch_path%3D{schema}"
+        return f"{self.url(database, user)}&options=-csearch_path%3D{schema}"
+
+    def create_login(self, schema: str, password: str, database: str = TEST_DATABASE) -> str:
+        """A role that logs in with ``password`` and owns ``schema`` (still empty); its name."""
+        role = "r_" + secrets.token_hex(6)
+        self.admin(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        self.roles.setdefault(schema, []).append(role)
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            conn.execute(f"ALTER SCHEMA {schema} OWNER TO {role}")
+        return role
 
 
 @contextmanager
@@ -152,6 +171,7 @@ def postgres_cluster() -> Iterator[Cluster]:
             str(bindir / "initdb"), "-D", str(cluster.data), "-A", "trust", "-U", SUPERUSER,
             "-E", "UTF8", "--locale=C", "-N",
         )  # fmt: skip
+        (cluster.data / "pg_hba.conf").write_text(HBA)
         cluster.start()
         cluster.admin(f"CREATE DATABASE {TEST_DATABASE}")
         yield cluster

@@ -8,7 +8,9 @@ task cannot take the others down, and the concurrency limit is a count of childr
   (:mod:`appliance.partials`) killed task processes left, and every poll resumes orphaned tasks
   (their process died: a crash, a kill, a reboot) before it claims new ones;
 - claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
-  missing (the appliance is then ``disabled`` and says why in its heartbeat and health);
+  missing (the appliance is then ``disabled`` and says why in its heartbeat and health), and none
+  while the task database cannot be reached (``degraded``: it keeps polling, its running tasks go
+  on, and it picks up where it was once the database answers again);
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
 - on SIGTERM/SIGINT stops claiming and asks its children to *suspend* (SIGUSR1): the step in
   progress stops, nothing is undone, and the task resumes when a worker starts again. Children
@@ -33,7 +35,7 @@ from typing import Protocol
 
 from .. import config as config_mod
 from .. import partials, redact
-from ..errors import ImagingError
+from ..errors import ImagingError, StoreUnavailable
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
@@ -57,6 +59,8 @@ ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
+#: exit status of a task's process that stopped because the task database went away (EX_TEMPFAIL)
+EXIT_STORE_UNAVAILABLE = 75
 
 
 def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
@@ -123,11 +127,22 @@ class Worker:
         #: starts the reporter to the controller (``imaging worker`` passes the report package's);
         #: the service does not depend on how the appliance reports
         self.start_reporter = start_reporter
-        self.store = Store(config.db_path)
+        self._store: Store | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.started_at = utcnow()
         self.status = "starting"
         self.reason: str | None = None
+        #: why the task database cannot be reached right now (None: it can)
+        self.store_problem: str | None = None
+        #: the start-up sweeps (scratch, partial outputs) ran: they need the database
+        self._swept = False
+
+    @property
+    def store(self) -> Store:
+        """The task database, opened on first use (:class:`StoreUnavailable` while it cannot be)."""
+        if self._store is None:
+            self._store = Store(self.config.store)
+        return self._store
 
     # -- children -------------------------------------------------------------------------------
 
@@ -151,30 +166,59 @@ class Worker:
     # -- one poll -------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Reap children, resume orphans, claim pending tasks, write the heartbeat."""
+        """Reap children, resume orphans, claim pending tasks, write the heartbeat.
+
+        While the task database cannot be reached nothing is resumed or claimed (the children
+        running tasks go on, and each keeps its task); the heartbeat says ``degraded`` and why."""
         self._reap()
+        qemu_problem = qemu_img_problem()
+        try:
+            self._poll_store(claim=qemu_problem is None)
+        except StoreUnavailable as exc:
+            if self.store_problem is None:
+                log.warning("task database unreachable, claiming no tasks until it is back: %s", exc.message)
+            self.store_problem = exc.message
+        else:
+            if self.store_problem is not None:
+                log.warning("task database reachable again; claiming tasks")
+            self.store_problem = None
+        if qemu_problem is not None:
+            self.status, self.reason = "disabled", qemu_problem
+        elif self.store_problem is not None:
+            self.status = "degraded"
+            self.reason = f"task database unreachable, claiming no tasks: {self.store_problem}"
+        else:
+            self.status, self.reason = "ok", None
+        self.write_heartbeat()
+
+    def _poll_store(self, *, claim: bool) -> None:
+        """The part of a poll that needs the task database."""
+        store = self.store
+        if not self._swept:
+            self.cleanup_scratch()
+            self.sweep_partials()
+            self._swept = True
         # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
         # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
         # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
         try:
-            sweep_mounts(self.config, self.store)
+            sweep_mounts(self.config, store)
+        except StoreUnavailable:
+            raise
         except Exception:
             log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
-        self.reason = qemu_img_problem()
-        self.status = "disabled" if self.reason else "ok"
-        for task, why in find_orphans(self.store):
+        for task, why in find_orphans(store):
             if task.id in self.children or not self._free_slots():
                 continue
             log.warning("task %s: resuming because %s", task.id, why)
             self._spawn("resume", task.id)
-        if self.status == "ok":
-            pending = self.store.list_tasks(TaskState.PENDING, limit=None)
+        if claim:
+            pending = store.list_tasks(TaskState.PENDING, limit=None)
             for task in reversed(pending):  # oldest first
                 if not self._free_slots():
                     break
                 if task.id not in self.children:
                     self._spawn("run", task.id)
-        self.write_heartbeat()
 
     def write_heartbeat(self) -> None:
         beat = {
@@ -201,10 +245,11 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
+        """Poll until ``stop`` is set, then shut the children down (suspend, then kill).
+
+        The start-up sweeps (scratch directories, partial outputs) run on the first poll that
+        reaches the task database."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.cleanup_scratch()
-        self.sweep_partials()
         reporter = None
         try:
             while not stop.is_set():
@@ -212,11 +257,15 @@ class Worker:
                     self.poll()
                 except Exception:
                     log.exception("worker poll failed; retrying")
-                if reporter is None and self.start_reporter is not None:
+                if reporter is None and self.start_reporter is not None and self._store is not None:
                     # The reporter (controller.mode push or pull) is a thread of this process. It
                     # starts after the first poll so that its first heartbeat reads a fresh worker
-                    # heartbeat instead of reporting the worker as missing.
-                    reporter = self.start_reporter(self.config, self.store)
+                    # heartbeat instead of reporting the worker as missing, and once the task
+                    # database has been opened.
+                    try:
+                        reporter = self.start_reporter(self.config, self._store)
+                    except StoreUnavailable as exc:
+                        log.warning("reporter not started yet: %s", exc.message)
                 stop.wait(self.config.worker.poll_interval)
         finally:
             try:
@@ -272,6 +321,15 @@ def _child(argv: list[str] | None = None) -> int:
     engine = Engine(cfg)
     try:
         task = engine.run(args.task_id) if args.verb == "run" else engine.resume(args.task_id)
+    except StoreUnavailable as exc:
+        # The task keeps this process as its owner, so once the database is back the worker sees
+        # the owner gone and resumes the task from its last completed step.
+        log.warning(
+            "task %s: stopped, the task database is unreachable (%s); it resumes later",
+            args.task_id,
+            exc.message,
+        )
+        return EXIT_STORE_UNAVAILABLE
     except ImagingError as exc:  # e.g. another worker claimed it first
         log.warning("task %s: not run here: %s", args.task_id, exc)
         return 1

@@ -30,7 +30,15 @@ from typing import Any
 from ..artifacts.refs import ArtifactError
 from ..artifacts.store import ArtifactStore
 from ..config import HooksConfig
-from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
+from ..errors import (
+    Cancelled,
+    ImagingError,
+    IncorrectState,
+    StepFailed,
+    StoreUnavailable,
+    UsageError,
+    WorkflowInvalid,
+)
 from ..store import Store, Task, TaskState, new_task_id
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .hookpoints import points_used, record_hooks, recorded_hooks
@@ -276,6 +284,15 @@ class Engine:
             except Exception as exc:  # a bug: still end the task and clean up
                 log.exception("task %s: internal error", run.task_id)
                 error = ImagingError(f"internal error: {type(exc).__name__}: {exc}")
+            if isinstance(error, StoreUnavailable):
+                # The task database went away mid-run. Nothing is undone and nothing is recorded
+                # (it could not be): the task keeps this process as its owner, and once the
+                # database is back the worker finds that owner gone and resumes the task from its
+                # last completed step. Stop here.
+                log.warning(
+                    "task %s: stopping, the task database is unreachable: %s", run.task_id, error.message
+                )
+                raise error
             if run.lost_lease:
                 # Another worker owns the task now; touching its state or resources would fight it.
                 run.store.add_event(run.task_id, "task.lost", {"owner": self.owner})

@@ -22,6 +22,7 @@ workflow file has changed or disappeared since it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -41,6 +42,7 @@ from ..errors import (
     ImagingError,
     StepFailed,
     StepTimeout,
+    StoreUnavailable,
     UsageError,
     WorkflowInvalid,
 )
@@ -249,6 +251,8 @@ class TaskRun:
                     wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
                 )
                 image = next_image(hook.name, image, result)
+        except StoreUnavailable:
+            raise  # not the hook's failure: the run stops and resumes (Engine._drive)
         except ImagingError as exc:
             error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
             self._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
@@ -282,6 +286,11 @@ class TaskRun:
             self.store.update_progress(self.task_id, status_message=f"running step {step.name!r}")
             try:
                 result, abandoned = self._call(step, idx, cls, args)
+            except StoreUnavailable:
+                # The task database went away under the step (its ledger could not be written): not
+                # the step's failure, and nothing can be recorded. The run stops (Engine._drive) and
+                # the step runs again when the task resumes.
+                raise
             except ImagingError as exc:
                 error, abandoned = exc, getattr(exc, "abandoned", False)
             except Exception as exc:  # a plugin's bug or an unexpected OS error: coded as StepFailed
@@ -490,27 +499,41 @@ class TaskRun:
 
     def flush_progress(self) -> None:
         """Write the newest progress that throttling held back (called by the supervisor's poll):
-        a step that stalls right after a burst of updates must not leave the task showing old figures."""
+        a step that stalls right after a burst of updates must not leave the task showing old figures.
+        What cannot be written (the task database is away) is kept for the next flush."""
         with self._progress_lock:
             pending, self._pending_progress = self._pending_progress, {}
-        for progress in pending.values():
-            self._write_progress(progress)
+        for idx, progress in pending.items():
+            try:
+                self._write_progress(progress)
+            except StoreUnavailable:
+                with self._progress_lock:
+                    self._pending_progress.setdefault(idx, progress)
+                raise
 
     def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
+        """A step's progress: written to the task (throttled) and as an event (more throttled).
+        Progress is worth no interruption: while the task database cannot be reached the figures
+        wait for the supervisor's next flush and the step goes on."""
         now = time.monotonic()
         last_db, last_event = self._progress_times.get(ctx.idx, (0.0, 0.0))
         final = progress.get("total") is not None and progress.get("done") == progress.get("total")
         if final or now - last_db >= PROGRESS_DB_INTERVAL:
-            with self._progress_lock:
-                self._pending_progress.pop(ctx.idx, None)
-            self._write_progress(progress)
-            last_db = now
+            try:
+                with self._progress_lock:
+                    self._pending_progress.pop(ctx.idx, None)
+                self._write_progress(progress)
+                last_db = now
+            except StoreUnavailable:
+                with self._progress_lock:
+                    self._pending_progress[ctx.idx] = progress
         else:
             with self._progress_lock:
                 self._pending_progress[ctx.idx] = progress
         if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
-            self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
-            last_event = now
+            with contextlib.suppress(StoreUnavailable):
+                self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
+                last_event = now
         self._progress_times[ctx.idx] = (last_db, last_event)
         record = self._running.get(ctx.idx)
         if record is not None:

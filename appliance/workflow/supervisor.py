@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
+from ..errors import StoreUnavailable
 from ..store import Store, Task, TaskState
 from ..timestamps import parse_time, utc_now
 from .runner import TaskRun
@@ -87,6 +88,7 @@ class Supervisor(threading.Thread):
     def run(self) -> None:
         renew_every = max(self.poll_interval, self.lease_seconds / 3)
         since_renewal = 0.0
+        unreachable = False
         while not self._halt.wait(self.poll_interval):
             since_renewal += self.poll_interval
             try:
@@ -94,7 +96,6 @@ class Supervisor(threading.Thread):
                     self.task_run.cancel.set()
                 self.task_run.flush_progress()
                 if since_renewal >= renew_every:
-                    since_renewal = 0.0
                     if not self.task_run.store.renew_lease(
                         self.task_run.task_id, self.owner, self.lease_seconds
                     ):
@@ -103,9 +104,18 @@ class Supervisor(threading.Thread):
                         )
                         self.task_run.lost_lease = True
                         self.task_run.cancel.set()
+                    since_renewal = 0.0  # only once renewed: after an outage the next poll renews
+            except StoreUnavailable as exc:
+                # The database is away: the step goes on, the lease and progress catch up on the poll
+                # that reaches it again (said once per outage).
+                if not unreachable:
+                    log.warning("task %s: task database unreachable: %s", self.task_run.task_id, exc.message)
+                unreachable = True
+                continue
             except Exception:
                 # A transient database problem must not kill the heartbeat; the next poll retries.
                 log.exception("task %s: supervisor poll failed", self.task_run.task_id)
+            unreachable = False
 
     def stop(self) -> None:
         self._halt.set()

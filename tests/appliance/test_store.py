@@ -34,6 +34,7 @@ from appliance.store import (
     open_database,
 )
 from appliance.timestamps import parse_time
+from tests.stores import sql
 
 from .workflow.support import wait_until
 
@@ -48,17 +49,6 @@ def store(store_target: StoreConfig) -> Store:
     s = Store(store_target)
     yield s
     s.close()
-
-
-def sql(target: StoreConfig, statement: str, args: tuple[Any, ...] = ()) -> list[Any]:
-    """Run one statement on the database itself, in a transaction of its own (as another program would)."""
-    db = open_database(target)
-    try:
-        with db.transaction() as conn:
-            cur = conn.execute(statement, args)
-            return cur.fetchall() if statement.lstrip().upper().startswith("SELECT") else []
-    finally:
-        db.close()
 
 
 def test_new_database_gets_every_migration(store_target: StoreConfig) -> None:

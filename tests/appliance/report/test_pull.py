@@ -24,7 +24,7 @@ from appliance.report.pull import (
 from appliance.report.receiver import Controller, ReceiverServer
 from appliance.store import Store, TaskState
 from tests import imagefactory as imgs
-from tests import processes
+from tests import processes, stores
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.servers import MotoServer, free_port
 
@@ -106,26 +106,28 @@ def cfg_file(tmp_path: Path, moto: MotoServer, controller: ReceiverServer) -> Pa
     f = tmp_path / "imaging.yaml"
     f.write_text(
         json.dumps(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "worker": {"concurrency": 1, "poll_interval": 0.2},
-                "tasks": {"lease_seconds": 5},
-                "sources": {
-                    "allowed_endpoints": [moto.endpoint],
-                    "manifest_poll_interval": 0.2,
-                    "manifest_poll_max_interval": 0.5,
-                    "retries": 2,
-                },
-                "controller": {
-                    "mode": "pull",
-                    "url": controller.url,
-                    "secret": SECRET,
-                    "appliance_id": WORKER_ID,
-                    "report_interval": 0.5,
-                    "timeout": 5,
-                    "max_backoff": 1,
-                },
-            }
+            stores.with_store(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "worker": {"concurrency": 1, "poll_interval": 0.2},
+                    "tasks": {"lease_seconds": 5},
+                    "sources": {
+                        "allowed_endpoints": [moto.endpoint],
+                        "manifest_poll_interval": 0.2,
+                        "manifest_poll_max_interval": 0.5,
+                        "retries": 2,
+                    },
+                    "controller": {
+                        "mode": "pull",
+                        "url": controller.url,
+                        "secret": SECRET,
+                        "appliance_id": WORKER_ID,
+                        "report_interval": 0.5,
+                        "timeout": 5,
+                        "max_backoff": 1,
+                    },
+                }
+            )
         )
     )
     return f
@@ -249,7 +251,7 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
     )
     wait_until(lambda: len(statuses(tmp_path, "import-vol-cccc0001")) >= 1, what="an EXTANT status")
     controller.controller.cancel_pull_task("import-vol-cccc0001")
-    store = Store(config_mod.load(cfg_file).db_path)
+    store = Store(config_mod.load(cfg_file).store)
     held = PullTasks(store.path)
     try:
         pulled = store.list_tasks(kind="import-volume")
@@ -269,7 +271,7 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
 @pytest.fixture
 def reporter(cfg_file: Path) -> Iterator[PullReporter]:
     cfg = config_mod.load(cfg_file)
-    store = Store(cfg.db_path)
+    store = Store(cfg.store)
     pull = PullReporter(cfg, store)  # driven by hand with poll()/report(), not started
     yield pull
     pull.stop()

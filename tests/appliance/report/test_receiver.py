@@ -19,6 +19,9 @@ from appliance.timestamps import utcnow
 from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
+#: the reference controller: never opens the task database
+pytestmark = pytest.mark.backends("sqlite")
+
 SECRET = "receiver-test-secret-0123456789"
 
 

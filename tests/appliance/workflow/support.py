@@ -21,7 +21,7 @@ from appliance import config as config_mod
 from appliance.errors import Finding, ImageRejected, StepFailed
 from appliance.store import StepState, Store, Task
 from appliance.workflow import Engine, EngineCallbacks, Registry, Step, StepContext
-from tests import processes
+from tests import processes, stores
 
 #: engine tests poll every 50 ms (callers give the timeout)
 wait_until = functools.partial(processes.wait_until, interval=0.05)
@@ -111,13 +111,16 @@ def make_registry() -> Registry:
 
 
 def config_dict(tmp: Path) -> dict[str, Any]:
-    """Configuration for a test: everything under ``tmp``, a small quota, 5 s leases."""
-    return {
-        "state_dir": str(tmp / "state"),
-        "workflows": {"extra_dirs": [str(tmp / "workflows")]},
-        "scratch": {"root": str(tmp / "scratch"), "quota": "64MiB", "min_free": 0},
-        "tasks": {"lease_seconds": 5},
-    }
+    """Configuration for a test: everything under ``tmp``, a small quota, 5 s leases, the test's
+    task database (:mod:`tests.stores`)."""
+    return stores.with_store(
+        {
+            "state_dir": str(tmp / "state"),
+            "workflows": {"extra_dirs": [str(tmp / "workflows")]},
+            "scratch": {"root": str(tmp / "scratch"), "quota": "64MiB", "min_free": 0},
+            "tasks": {"lease_seconds": 5},
+        }
+    )
 
 
 def make_config(tmp: Path) -> config_mod.Config:

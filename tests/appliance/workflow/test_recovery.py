@@ -149,7 +149,7 @@ def test_cancel_requested_from_another_process_stops_and_undoes(engine: Engine, 
     proc = start_engine_process(tmp_path, task_id)
     try:
         wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
-        other = Store(engine.config.db_path)  # a separate connection, as the HTTP API would have
+        other = Store(engine.config.store)  # a separate connection, as the HTTP API would have
         assert other.request_cancel(task_id).state is TaskState.CANCELLING
         out, err = proc.communicate(timeout=30)
     finally:
