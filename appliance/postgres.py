@@ -1,22 +1,29 @@
-"""The PostgreSQL backend of the task database (see :mod:`appliance.database`): psycopg 3 and its pool.
+"""The PostgreSQL backend of the task database (see :mod:`appliance.database`): psycopg 3 and a small pool.
 
-Imported only when ``store.url`` is a ``postgresql://`` URL. Each process keeps a small pool
-(``store.pool_size`` connections, one opened up front) shared by its threads; every connection is
-in autocommit mode, so a read is one statement and a write transaction is an explicit ``BEGIN`` …
-``COMMIT`` (:meth:`PostgresDatabase.transaction`). A connection is checked before it is handed
-out, so one that a server restart broke is replaced instead of failing a call; while the server
-cannot be reached every call fails within ``store.connect_timeout`` seconds with
-:class:`~appliance.errors.StoreUnavailable` and the pool keeps reconnecting in the background.
+Imported only when ``store.url`` is a ``postgresql://`` URL. Each process keeps up to
+``store.pool_size`` connections, shared by its threads (:class:`Pool`); every connection is in
+autocommit mode, so a read is one statement and a write transaction an explicit ``BEGIN`` …
+``COMMIT`` (:meth:`PostgresDatabase.transaction`).
+
+The pool is this module's own, not psycopg_pool, for how it behaves when the database goes away,
+which is what a fleet sharing one database must get right: a call connects when it needs a
+connection, in the calling thread, so while the server cannot be reached each call fails at once
+with :class:`~appliance.errors.StoreUnavailable` naming the cause (psycopg_pool makes every caller
+wait its full timeout, then reports only that it timed out, while background threads retry with a
+growing back-off and log each failure), and the first call after the server is back gets a new
+connection (no back-off to wait out). An idle connection is checked (an empty query) before it is
+handed out, so one that a server restart broke is replaced instead of failing a call. There are no
+threads to survive a ``fork`` or to outlive a closed store.
 
 SQL arrives with ``?`` placeholders (the store's SQL is written once for both backends) and is
-rewritten to psycopg's ``%s``. Rows support ``row["name"]``, ``row[0]`` and ``dict(row)``, as
-``sqlite3.Row`` does.
+rewritten to psycopg's ``%s``. Rows behave like ``sqlite3.Row``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +31,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-import psycopg_pool
+from psycopg.pq import TransactionStatus
 from psycopg.rows import RowMaker
 
 from . import redact
@@ -101,8 +108,8 @@ def pg_sql(sql: str) -> str:
 
 
 def read_password(settings: StoreConfig) -> str | None:
-    """The password: ``store.password``, or the first line of ``store.password_file`` (read anew for
-    every connection, so a rotated password is picked up). The value is remembered as a secret, so
+    """The password: ``store.password``, or the first line of ``store.password_file`` (read for
+    every new connection, so a rotated password is picked up). The value is remembered as a secret, so
     it shows as REDACTED wherever it might surface."""
     if settings.password_file is not None:
         try:
@@ -131,6 +138,13 @@ def connect_kwargs(settings: StoreConfig) -> dict[str, Any]:
         # no server-side prepared statements: a plan cached before another appliance migrated the
         # schema would fail ("cached plan must not change result type")
         "prepare_threshold": None,
+        # over TCP: a server that vanished (a failover, a partition) is noticed within about half a
+        # minute instead of the kernel's quarter of an hour; ignored on a Unix socket
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
     }
     password = read_password(settings)
     if password is not None:
@@ -161,8 +175,8 @@ def coded(exc: psycopg.Error, name: str) -> StoreError:
 
 
 def _passthrough(exc: BaseException) -> bool:
-    """Errors of the caller, not of the database (a closed store): they propagate as they are."""
-    return isinstance(exc, psycopg_pool.PoolClosed | psycopg.InterfaceError)
+    """Errors of the caller, not of the database (a closed connection used): they propagate as they are."""
+    return isinstance(exc, psycopg.InterfaceError)
 
 
 class PgConnection:
@@ -187,8 +201,64 @@ class PgConnection:
         self.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
 
+class Pool:
+    """Up to ``size`` connections made by ``connect``, shared by threads (see the module docstring)."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]], size: int, timeout: float) -> None:
+        self._connect = connect
+        self._timeout = timeout
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for the block; given back (or dropped, if it broke or was left in a
+        transaction) at its end. Waits up to ``timeout`` seconds for a free one."""
+        if self._closed:
+            raise RuntimeError("the task database was closed")
+        if not self._slots.acquire(timeout=self._timeout):
+            raise psycopg.OperationalError(f"all connections stayed busy for {self._timeout:g} s")
+        try:
+            conn = self._take()
+            try:
+                yield conn
+            finally:
+                self._give_back(conn)
+        finally:
+            self._slots.release()
+
+    def _take(self) -> psycopg.Connection[Any]:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect()
+            try:
+                conn.execute("")  # the server may have restarted since this connection was last used
+                return conn
+            except psycopg.Error:
+                conn.close()
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        usable = not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+        with self._lock:
+            if usable and not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
 class PostgresDatabase:
-    """A PostgreSQL database through a connection pool (see the module docstring)."""
+    """A PostgreSQL database through a :class:`Pool` (see the module docstring)."""
 
     dialect = POSTGRESQL
 
@@ -196,39 +266,17 @@ class PostgresDatabase:
         self.settings = settings
         self.name = redact_url(settings.url)
         self.path = None
-        kwargs: Callable[[], dict[str, Any]] = functools.partial(connect_kwargs, settings)
-        # One connection first, outside the pool: a refused password or a missing database is then
-        # reported as what it is, not as a pool that timed out retrying in the background.
-        try:
-            psycopg.connect(settings.url, **kwargs()).close()
-        except psycopg.Error as exc:
-            raise coded(exc, self.name) from exc
-        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
-            settings.url,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=settings.pool_size,
-            open=False,
-            check=psycopg_pool.ConnectionPool.check_connection,
-            timeout=settings.connect_timeout,
-            name="imaging-store",
-        )
-        try:
-            self._pool.open(wait=True, timeout=settings.connect_timeout)
-        except psycopg.Error as exc:
-            self._pool.close(timeout=0)
-            if isinstance(exc, psycopg_pool.PoolTimeout):
-                raise StoreUnavailable(
-                    f"task database {self.name} cannot be reached (no connection within "
-                    f"{settings.connect_timeout:g} s)"
-                ) from exc
-            raise coded(exc, self.name) from exc
-        except BaseException:
-            self._pool.close(timeout=0)
-            raise
+
+        def connect() -> psycopg.Connection[Any]:
+            return psycopg.connect(settings.url, **connect_kwargs(settings))
+
+        self._pool = Pool(connect, settings.pool_size, settings.connect_timeout)
+        # one connection now: a database that cannot be used is reported when it is opened
+        with self._connection():
+            pass
 
     def close(self) -> None:
-        self._pool.close(timeout=5)
+        self._pool.close()
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -248,9 +296,3 @@ class PostgresDatabase:
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._connection() as conn:
             return PgConnection(conn, self.name).execute(sql, args).fetchall()
-
-    def execute_script(self, statements: Sequence[str]) -> None:
-        """Run ``statements`` in autocommit mode (administration, e.g. ``CREATE DATABASE``)."""
-        with self._connection() as conn:
-            for statement in statements:
-                PgConnection(conn, self.name).execute(statement)

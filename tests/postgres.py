@@ -66,6 +66,8 @@ class Cluster:
     root: Path
     bindir: Path
     user: str | None
+    #: commits wait for their WAL to be written (an immediate stop, a crash, keeps them)
+    synchronous_commit: bool = False
     #: login roles made for each schema (dropped with it)
     roles: dict[str, list[str]] = field(default_factory=dict)
 
@@ -87,7 +89,8 @@ class Cluster:
 
     def start(self) -> None:
         options = (
-            f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c fsync=off -c synchronous_commit=off"
+            f"-k {self.socket_dir} -c listen_addresses='' -p {PORT} -c fsync=off"
+            f" -c synchronous_commit={'on' if self.synchronous_commit else 'off'}"
             " -c full_page_writes=off -c max_connections=300"
         )
         done = self._run(
@@ -153,8 +156,10 @@ class Cluster:
 
 
 @contextmanager
-def postgres_cluster() -> Iterator[Cluster]:
-    """Start a throwaway cluster (see the module docstring); stop and remove it afterwards."""
+def postgres_cluster(*, synchronous_commit: bool = False) -> Iterator[Cluster]:
+    """Start a throwaway cluster (see the module docstring); stop and remove it afterwards.
+    ``synchronous_commit``: for tests that stop it as a crash would (``fsync`` stays off: the
+    machine does not crash, the page cache keeps what was written)."""
     bindir = server_bin()
     if bindir is None:
         raise RuntimeError(
@@ -163,7 +168,7 @@ def postgres_cluster() -> Iterator[Cluster]:
         )
     user = _server_user()
     root = Path(tempfile.mkdtemp(prefix="imaging-pg-", dir="/tmp"))
-    cluster = Cluster(root, bindir, user)
+    cluster = Cluster(root, bindir, user, synchronous_commit)
     try:
         if user is not None:
             shutil.chown(root, user)

@@ -25,7 +25,7 @@ LAZY_ALLOWED = {
     "api.server": "gunicorn and the whole HTTP app, loaded only by `imaging serve`",
     "appliance.targets.ec2": "imports botocore at use; loaded only when an ec2 target is configured",
     "appliance.targets.s3": "imports botocore at use; loaded only when an s3 target is configured",
-    "appliance.postgres": "imports psycopg and its pool; loaded only when store.url is a PostgreSQL database",
+    "appliance.postgres": "imports psycopg; loaded only when store.url is a PostgreSQL database",
 }
 
 

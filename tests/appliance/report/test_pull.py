@@ -252,7 +252,7 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
     wait_until(lambda: len(statuses(tmp_path, "import-vol-cccc0001")) >= 1, what="an EXTANT status")
     controller.controller.cancel_pull_task("import-vol-cccc0001")
     store = Store(config_mod.load(cfg_file).store)
-    held = PullTasks(store.path)
+    held = PullTasks(store.settings)
     try:
         pulled = store.list_tasks(kind="import-volume")
         assert len(pulled) == 1

@@ -5,6 +5,7 @@ The HTTP API is tested on top of this in tests/api; here the service and the eng
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -263,9 +264,8 @@ def test_an_upload_that_never_comes_fails_at_expiry(
         DiskImage("RAW", MiB, pending.url, 1), availability_zone=None, description=None
     )
     soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat().replace("+00:00", "Z")
-    service.store._conn.execute(
-        "UPDATE tasks SET params = json_set(params, '$.expiration_time', ?) WHERE id = ?", (soon, task.id)
-    )
+    params = json.dumps({**task.params, "expiration_time": soon}, sort_keys=True)
+    stores.sql(service.store.settings, "UPDATE tasks SET params = ? WHERE id = ?", (params, task.id))
     done = run(cfg, task)
     assert done.state is TaskState.FAILED
     assert done.error_code == "SourceUnavailable"
