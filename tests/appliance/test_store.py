@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import queue
@@ -577,3 +578,130 @@ def test_old_database_upgrades_and_keeps_its_client_tokens(store_target: StoreCo
         assert store.get_task("import-snap-old").params["client_token"] == "tok"
     with Store(store_target) as store:  # migrated once
         assert store.schema_version == len(MIGRATIONS)
+
+
+# -- what must not interleave, with several writers ------------------------------------------------
+
+
+def _open_and_report(url: str, start: Any, out: Any) -> None:
+    start.wait()
+    try:
+        with Store(url) as store:
+            out.put(("ok", store.schema_version))
+    except Exception as exc:  # reported to the test, which names it
+        out.put(("error", repr(exc)))
+
+
+def test_stores_opening_a_new_database_together_migrate_it_once(store_target: StoreConfig) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(store_target.url, start, out)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+    assert results == [("ok", len(MIGRATIONS))] * 3
+    assert sql(store_target, "SELECT COUNT(*) FROM schema_version")[0][0] == 1
+
+
+def _together(n: int, work: Any) -> list[Any]:
+    """``work(i)`` in ``n`` threads released at once; each result, or the exception it raised."""
+    start = threading.Barrier(n)
+
+    def run(i: int) -> Any:
+        start.wait()
+        try:
+            return work(i)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def test_concurrent_writers_of_one_task_lose_no_finding_and_no_progress(
+    store: Store, store_target: StoreConfig
+) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    writers = [Store(store_target) for _ in range(6)]
+    try:
+
+        def work(i: int) -> None:
+            for j in range(5):
+                writers[i].add_findings(task_id, [Finding.info(f"Test.W{i}", f"finding {j}")])
+                writers[i].update_progress(task_id, phase="copy", bytes_done=i * 100 + j, percent=i * 10 + j)
+
+        assert _together(6, work) == [None] * 6
+    finally:
+        for w in writers:
+            w.close()
+    task = store.get_task(task_id)
+    assert len(task.findings) == 30  # each read-modify-write saw the ones before it
+    assert (task.bytes_done, task.percent) == (504, 54)  # the largest, whatever the order
+
+
+def test_of_concurrent_takeovers_of_an_orphan_exactly_one_wins(
+    store: Store, store_target: StoreConfig
+) -> None:
+    recoverers = [Store(store_target) for _ in range(6)]
+    try:
+        for _ in range(5):
+            task_id = store.create_task("workflow").id
+            store.claim(task_id, "dead-host:1", 30)
+            take_over = functools.partial(_take_over, recoverers, task_id)
+            results = _together(6, take_over)
+            won = [r for r in results if not isinstance(r, Exception)]
+            assert len(won) == 1, results
+            assert all(isinstance(r, IncorrectState) for r in results if isinstance(r, Exception))
+            task = store.get_task(task_id)
+            assert (task.owner, task.attempts) == (won[0].owner, 2)
+    finally:
+        for r in recoverers:
+            r.close()
+
+
+def _take_over(recoverers: list[Store], task_id: str, i: int) -> Any:
+    return recoverers[i].claim(task_id, f"host-{i}:1", 30, expected_owner="dead-host:1")
+
+
+def _advisory_lock_waiters(target: StoreConfig) -> int:
+    rows = sql(target, "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    return int(rows[0][0])
+
+
+@pytest.mark.backends("postgresql")
+def test_an_event_id_never_becomes_visible_before_a_smaller_one(
+    store: Store, store_target: StoreConfig
+) -> None:
+    """A reader that remembers the last event id it saw (the controller reporting) must never see an
+    id while a smaller one is still uncommitted: it would skip that one for good."""
+    task_id = store.create_task("workflow").id
+    mark = store.events()[-1].id
+    holding, release = threading.Event(), threading.Event()
+
+    def slow() -> None:  # an event inserted, its transaction not yet committed
+        with store._write() as conn:
+            store._event(conn, task_id, "slow", {}, "2025-01-01T00:00:00.000000Z")
+            holding.set()
+            release.wait(60)
+
+    other = Store(store_target)
+    first = threading.Thread(target=slow)
+    first.start()
+    try:
+        assert holding.wait(30)
+        second = threading.Thread(target=lambda: other.add_event(task_id, "fast"))
+        second.start()
+        # the second writer waits for the first to commit instead of taking the next id and committing
+        wait_until(lambda: _advisory_lock_waiters(store_target) == 1, 30, "the second event to wait its turn")
+        assert store.events(since_id=mark) == []
+    finally:
+        release.set()
+        first.join(30)
+    second.join(30)
+    events = store.events(since_id=mark)
+    assert [e.kind for e in events] == ["slow", "fast"] and events[0].id < events[1].id
+    other.close()
