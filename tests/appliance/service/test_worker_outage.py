@@ -44,6 +44,8 @@ class WaitForFile(Step):
         while not os.path.exists(path):
             n += 1
             ctx.progress({"phase": "wait", "percent": min(99.0, n / 10)})
+            with open(path + ".ticks", "w") as ticks:  # progress reported, and the step went on
+                ticks.write(str(n))
             ctx.sleep(0.1)
         return {"waited_for": path}
 
@@ -145,6 +147,11 @@ def test_a_task_whose_step_outlasts_the_outage_carries_on(
         what="the worker to say the task database is unreachable",
     )
     assert "task database unreachable" in heartbeat(config)["reason"]
+    # the step reports progress ten times a second (written at most every 0.5 s): 20 more reports
+    # span several writes that fail, and the step goes on regardless
+    ticks = Path(f"{gate}.ticks")
+    seen = int(ticks.read_text())
+    wait_until(lambda: int(ticks.read_text() or 0) >= seen + 20, what="the step to go on reporting progress")
     assert heartbeat(config)["running"] == [task_id]  # its task's process goes on
     assert worker.poll() is None
 
