@@ -22,7 +22,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make run    - start the appliance locally on embedded defaults (state under ./var)"
 	@echo "make test   - install what is needed (system packages too, as root) and run every test"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and mypy"
 	@echo "make bench  - benchmarks (conversion, API, end-to-end import, appliance image)"
 	@echo "make image  - build imaging-appliance.qcow2 with build.sh (as root)"
 
@@ -72,6 +72,7 @@ test: venv
 lint: venv
 	$(BIN)/ruff check appliance api tests bench
 	$(BIN)/ruff format --check appliance api tests bench
+	$(BIN)/mypy
 
 # Each prints ratios against its baseline (bare qemu-img, the goal latency, the slowest stage,
 # the bare base image); see bench/README.md. bench/appliance.sh builds and boots images (root).

@@ -3,6 +3,11 @@
 Resources only read the appliance's configuration and task database and render them; every rule
 (task states, limits, formats) comes from :mod:`appliance`. ``auth_required = False`` marks the
 resources a load balancer or a client must reach without credentials (see :mod:`api.app`).
+
+The task routes show a key with ``role: admin`` every account's tasks and any other key its own
+account's (``req.context.accounts``, set by :class:`api.app.BasicAuth`); another account's task is
+a 404 in the same words as a task that does not exist. ``/metrics`` and ``/v1/info`` are the same
+for every key: counts by kind and state, and the appliance's settings, name no task nor account.
 """
 
 from __future__ import annotations
@@ -80,11 +85,17 @@ def task_href(task_id: str) -> str:
     return f"/{API_VERSION}/tasks/{task_id}"
 
 
+def account_of(task: Task) -> str | None:
+    """The account the task belongs to; None for a task recorded without one."""
+    return task.client_account or None
+
+
 def task_summary(task: Task) -> dict[str, Any]:
     """The list view of a task (redacted, see :mod:`appliance.redact`)."""
     view = {
         "id": task.id,
         "kind": task.kind,
+        "account": account_of(task),
         "state": str(task.state),
         "phase": task.phase,
         "percent": task.percent,
@@ -109,6 +120,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
     presigned URLs (bearer credentials until they expire) and hook arguments."""
     row = task.to_dict()
     row.pop("findings")
+    row.pop("client_account")  # shown as ``account``
     all_events = store.events(task_id=task.id, limit=100_000)
     events = all_events[-RECENT_EVENTS:]
     # not outcome(): any workflow may run as a task, and only imports' results have its layout;
@@ -116,6 +128,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
     guest = guest_report(task.result) or validated_report(all_events)
     view = {
         "task": row,
+        "account": account_of(task),
         "progress": {
             "phase": task.phase,
             "percent": task.percent,
@@ -239,7 +252,8 @@ def _list_param(req: falcon.Request, name: str) -> list[str] | None:
 
 
 class TasksResource:
-    """``GET /v1/tasks?state=&kind=&limit=&marker=``: tasks newest first, paged by marker."""
+    """``GET /v1/tasks?state=&kind=&limit=&marker=``: the tasks the caller sees, newest first,
+    paged by marker."""
 
     def __init__(self, stores: StoreHandle) -> None:
         self._stores = stores
@@ -255,7 +269,9 @@ class TasksResource:
                 raise UsageError(f"state {state!r} is not one of {', '.join(valid)}")
         try:
             # one extra row tells whether a next page exists without a COUNT query
-            tasks = self._stores.get().list_tasks(states, kind=kinds, limit=limit + 1, marker=marker)
+            tasks = self._stores.get().list_tasks(
+                states, kind=kinds, limit=limit + 1, marker=marker, account=req.context.accounts
+            )
         except TaskNotFound as exc:
             raise UsageError(f"marker {marker!r} is not a task id", code="InvalidMarker") from exc
         page = tasks[:limit]
@@ -271,7 +287,7 @@ class TasksResource:
 
 
 class TaskResource:
-    """``GET /v1/tasks/{task_id}``: the full detail of one task."""
+    """``GET /v1/tasks/{task_id}``: the full detail of one task the caller sees."""
 
     def __init__(self, stores: StoreHandle) -> None:
         self._stores = stores
@@ -280,7 +296,7 @@ class TaskResource:
         if not TASK_ID_RE.match(task_id):
             raise UsageError(f"{task_id!r} is not a valid task id", code="InvalidTaskId.Malformed")
         store = self._stores.get()
-        resp.media = task_detail(store, store.get_task(task_id))
+        resp.media = task_detail(store, store.get_task(task_id, account=req.context.accounts))
 
 
 class OpenApiResource:

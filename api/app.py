@@ -29,10 +29,10 @@ from typing import Any
 
 import falcon
 
-from appliance.config import Config
+from appliance.config import ADMIN, ApiConfig, Config
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound, UsageError
 from appliance.redact import redact_text
-from appliance.service.imports import ImportService
+from appliance.service.imports import Caller, ImportService
 from appliance.store import Store, StoreError
 
 from . import admin
@@ -93,7 +93,7 @@ def _default_message(req: falcon.Request, exc: falcon.HTTPError) -> str:
     if exc.status_code == 404:
         return f"no resource at {req.path}"
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
+        allowed = dict(exc.headers or {}).get("Allow", "")
         return f"{req.method} is not allowed on {req.path} (allowed: {allowed})"
     return str(exc.status).split(" ", 1)[-1]
 
@@ -147,6 +147,8 @@ class RequestContext:
         req.context.request_id = str(uuid.uuid4())
         req.context.started = time.monotonic()
         req.context.principal = None
+        # whose tasks the admin API shows (BasicAuth sets it): nobody's until someone signs in
+        req.context.accounts = frozenset()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
@@ -185,10 +187,15 @@ class BasicAuth:
 
     Resources with ``auth_required = False`` (``/``, health, the OpenAPI document) are open; the
     EC2 resource behind ``/`` authenticates with SigV4 itself.
+
+    It also says whose tasks the request may see (``req.context.accounts``): every account's for a
+    key with ``role: admin`` (None), else those its account sees (:meth:`Caller.of`), whatever
+    headers come with the request (Basic auth signs none).
     """
 
-    def __init__(self, credentials: Mapping[str, str]) -> None:
-        self._credentials = dict(credentials)
+    def __init__(self, api: ApiConfig) -> None:
+        self._credentials = dict(api.credentials)
+        self._principals = dict(api.principals)
 
     def authenticate(self, header: str | None) -> str | None:
         """The access key the header proves, or None."""
@@ -215,6 +222,8 @@ class BasicAuth:
                 headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
             )
         req.context.principal = principal
+        credential = self._principals[principal]
+        req.context.accounts = None if credential.role == ADMIN else Caller.of(credential).sees
 
 
 #: query parameter name → whether it may be repeated (an ``array`` schema), per (path template, method)
@@ -269,7 +278,7 @@ class QueryCheck:
     ) -> None:
         if resource is None or getattr(resource, "checks_own_query", False):
             return
-        allowed = self._documented.get((req.uri_template, req.method.lower()))
+        allowed = self._documented.get((req.uri_template or "", req.method.lower()))
         if allowed is not None:
             check_query(req, allowed)
 
@@ -350,7 +359,9 @@ def create_app(
         return ec2_resource.Ec2Resource(config, service or ImportService(config, stores.get()))
 
     documented = documented_query_parameters(admin.openapi_document())
-    app = falcon.App(middleware=[RequestContext(), BasicAuth(config.api.credentials), QueryCheck(documented)])
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        middleware=[RequestContext(), BasicAuth(config.api), QueryCheck(documented)]
+    )
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, _handle_unexpected)

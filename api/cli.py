@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from typing import Any
 
+from appliance.config import Config
+
 
 def add_commands(sub: Any) -> None:
     """Add ``serve`` to the ``imaging`` subcommands."""
@@ -20,7 +22,7 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace, cfg: Any) -> int:
+def _serve(args: argparse.Namespace, cfg: Config) -> int:
     # gunicorn and the whole HTTP app: only `imaging serve` needs them, every other command loads
     # this module to register it
     from .server import serve

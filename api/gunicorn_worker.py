@@ -23,6 +23,7 @@ from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
+from gunicorn.config import Config as GunicornConfig
 from gunicorn.workers.sync import SyncWorker
 
 from .ec2.errors import INTERNAL_ERROR_MESSAGE, Ec2Error, render_error
@@ -51,7 +52,7 @@ class _Capture:
         return len(data)
 
 
-def protocol_error(status: int, cfg: Any) -> Ec2Error:
+def protocol_error(status: int, cfg: GunicornConfig) -> Ec2Error:
     """The EC2 error for a request gunicorn refused with HTTP ``status``."""
     if status == 414:
         return Ec2Error(
@@ -117,7 +118,8 @@ class Ec2ErrorWorker(SyncWorker):
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
         captured = _Capture()
         # gunicorn classifies the error, logs it and writes its access line; its page is discarded
-        super().handle_error(req, captured, addr, exc)
+        # the capture stands in for the socket: gunicorn only sends the page through it
+        super().handle_error(req, captured, addr, exc)  # type: ignore[arg-type]
         match = _STATUS_LINE.match(bytes(captured.data))
         status = int(match.group(1)) if match else 500
         response = error_response(protocol_error(status, self.cfg), str(uuid.uuid4()))

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import Config as GunicornConfig
 
 from appliance import config as config_mod
 from appliance import redact
@@ -51,7 +52,9 @@ MIN_TLS = ssl.TLSVersion.TLSv1_2
 _contexts: dict[tuple[int, str | None, str | None], ssl.SSLContext] = {}
 
 
-def ssl_context(conf: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+def ssl_context(
+    conf: GunicornConfig, default_ssl_context_factory: Callable[[], ssl.SSLContext]
+) -> ssl.SSLContext:
     """gunicorn ``ssl_context`` hook: the default server context with TLS 1.2 as the floor.
 
     Python's own floor is already 1.2 on current versions; setting it here keeps the policy

@@ -40,6 +40,9 @@ HOOK_POINTS: tuple[str, ...] = tuple(
 #: a size: bytes, or a string with a unit (``20GiB``); step argument schemas embed it
 SIZE: dict[str, Any] = SCHEMA["$defs"]["size"]
 
+#: the schema of one ``api.credentials`` entry
+_CREDENTIAL: dict[str, Any] = SCHEMA["properties"]["api"]["properties"]["credentials"]["items"]
+
 #: the embedded defaults: the schema's ``default`` values (``state_dir`` and ``scratch.root`` are
 #: computed; see :func:`from_dict`)
 DEFAULTS: dict[str, Any] = schemas.defaults(SCHEMA)
@@ -86,6 +89,29 @@ class SafetyPolicy:
     iso_policy: str
 
 
+#: what an API access key may do (``api.credentials[].role``): ``user`` acts for its account,
+#: ``frontend`` may act for the account a request names in a header it signs, ``admin`` also sees
+#: every account's tasks on the admin API
+ROLES: tuple[str, ...] = tuple(_CREDENTIAL["properties"]["role"]["enum"])
+USER, FRONTEND, ADMIN = ROLES
+#: the form of an account name (``api.credentials[].account``, the front end's account header;
+#: use ``fullmatch``: ``$`` also matches before a final newline)
+ACCOUNT_RE = re.compile(_CREDENTIAL["properties"]["account"]["pattern"])
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Who an API access key is (its secret is in :attr:`ApiConfig.credentials`)."""
+
+    access_key: str
+    #: the account the key acts for: as configured, else the access key
+    account: str
+    role: str = USER
+    #: whether ``account`` was configured; a key without one also sees the tasks recorded without
+    #: an account (see :class:`appliance.service.imports.Caller`)
+    account_configured: bool = True
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     bind: str
@@ -99,6 +125,8 @@ class ApiConfig:
     max_request_bytes: int
     tls_cert: Path | None
     tls_key: Path | None
+    #: access key → its account and role
+    principals: dict[str, Credential] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -350,6 +378,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             max_request_bytes=parse_size(api["max_request_bytes"]),
             tls_cert=path(api["tls"]["cert"]) if "tls" in api else None,
             tls_key=path(api["tls"]["key"]) if "tls" in api else None,
+            principals={c["access_key"]: _credential(c) for c in api["credentials"]},
         ),
         sources=SourcesConfig(
             allowed_endpoints=tuple(e.rstrip("/") for e in sources["allowed_endpoints"]),
@@ -408,6 +437,16 @@ def _store(raw: dict[str, Any], default_db: Path, path: Any, source: str) -> Sto
         sslkey=optional("sslkey"),
         connect_timeout=float(raw["connect_timeout"]),
         pool_size=int(raw["pool_size"]),
+    )
+
+
+def _credential(raw: dict[str, Any]) -> Credential:
+    account = raw.get("account")
+    return Credential(
+        access_key=raw["access_key"],
+        account=account or raw["access_key"],
+        role=raw.get("role", USER),
+        account_configured=account is not None,
     )
 
 

@@ -160,9 +160,13 @@ def describe(settings: StoreConfig) -> str:
 
 
 def as_settings(target: StoreConfig | Path | str) -> StoreConfig:
-    """``target`` as store settings: a path is a SQLite file, a string with ``://`` a URL."""
+    """``target`` as store settings: a path is a SQLite file, a string with ``://`` a URL. Anything
+    else (``None``: e.g. the SQLite path of a PostgreSQL store) is refused rather than turned into a
+    file named after it in the working directory."""
     if isinstance(target, StoreConfig):
         return target
+    if not isinstance(target, str | Path) or not str(target):
+        raise StoreError(f"no task database given ({target!r}): store settings, a SQLite file or a URL")
     text = str(target)
     if "://" in text:
         if text.startswith("sqlite:"):

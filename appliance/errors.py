@@ -189,4 +189,4 @@ REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitEx
 
 def is_rejection(code: str | None) -> bool:
     """Whether ``code`` says the input image was rejected by inspection."""
-    return bool(code) and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)
+    return code is not None and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)

@@ -299,6 +299,8 @@ def install_logging() -> None:
     included): the message is formatted and redacted when the record is made, and so is the text
     of an exception it carries. Idempotent."""
     global _base_factory
-    if _base_factory is None:
-        _base_factory = logging.getLogRecordFactory()
-        logging.setLogRecordFactory(_redacting_factory)
+    current = logging.getLogRecordFactory()
+    if current is _redacting_factory:
+        return  # installed already (a second CLI run in one process): never wrap it in itself
+    _base_factory = current
+    logging.setLogRecordFactory(_redacting_factory)

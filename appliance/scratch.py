@@ -30,7 +30,9 @@ each other and a check and the reservation it allows are one atomic step.
 
 A write that finds no room anyway (ENOSPC, EDQUOT: the disk filled with something else) becomes
 ``InsufficientScratch`` through :func:`no_space_error`, the one place that error is made for every
-writer (downloads, decompression, assembled uploads, qemu-img).
+writer into scratch (downloads, decompression, assembled uploads, qemu-img). A write onto a target
+that finds no room (a volume, an image directory) is the target's ``InsufficientStorage`` instead
+(:func:`appliance.targets.base.insufficient_storage`): the space to free is elsewhere.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomicfile import write_json_atomic
+from .config import Config
 from .errors import InsufficientScratch, UsageError
 
 _META = ".scratch.json"
@@ -142,7 +146,7 @@ class ScratchSpace:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @classmethod
-    def from_config(cls, config) -> ScratchSpace:
+    def from_config(cls, config: Config) -> ScratchSpace:
         return cls(config.scratch.root, config.scratch.quota, config.scratch.min_free)
 
     @contextmanager
@@ -260,9 +264,8 @@ class TaskScratch:
         return meta
 
     def _write(self, meta: dict) -> None:
-        tmp = self.path / (_META + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self.path / _META)
+        # Not fsynced: the accounting of a scratch directory means nothing after a power loss.
+        write_json_atomic(self.path / _META, meta, 0o600, durable=False)
 
     def _adopt(self) -> None:
         # Record which process owns the directory now (a resumed task is adopted by a new process).

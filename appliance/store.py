@@ -389,6 +389,8 @@ class Task:
     attempts: int
     cancel_reason: str | None = None
     bytes_converted: int = 0
+    #: the account the task belongs to (its creator's); '' for none
+    client_account: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -673,9 +675,17 @@ class Store:
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
             return Task._from_row(self._task_row(conn, task_id))
 
-    def get_task(self, task_id: str) -> Task:
-        """The task ``task_id``; raises :class:`TaskNotFound`."""
-        rows = self._read("SELECT * FROM tasks WHERE id = ?", (task_id,))
+    def get_task(self, task_id: str, *, account: str | Iterable[str] | None = None) -> Task:
+        """The task ``task_id``; raises :class:`TaskNotFound`, also when ``account`` (one or several)
+        is given and the task belongs to none of them: to such a caller it does not exist."""
+        sql, args = "SELECT * FROM tasks WHERE id = ?", [task_id]
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                raise TaskNotFound(f"no task {task_id!r}")
+            sql += f" AND client_account IN ({', '.join('?' * len(accounts))})"
+            args += accounts
+        rows = self._read(sql, args)
         if not rows:
             raise TaskNotFound(f"no task {task_id!r}")
         return Task._from_row(rows[0])
@@ -687,14 +697,28 @@ class Store:
         limit: int | None = 100,
         kind: str | Iterable[str] | None = None,
         marker: str | None = None,
+        account: str | Iterable[str] | None = None,
     ) -> list[Task]:
-        """Tasks, newest first, optionally only those in ``state`` and of ``kind`` (one or several each).
+        """Tasks, newest first, optionally only those in ``state``, of ``kind`` and of ``account``
+        (one or several each).
 
-        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if unknown).
+        ``marker`` pages: only tasks listed after the task with that id (:class:`TaskNotFound` if
+        unknown, or not of ``account``).
         """
-        sql, args, where = "SELECT * FROM tasks", [], []
+        sql = "SELECT * FROM tasks"
+        args: list[object] = []
+        where: list[str] = []
+        if account is not None:
+            accounts = [account] if isinstance(account, str) else list(account)
+            if not accounts:
+                return []
+            where.append(f"client_account IN ({', '.join('?' * len(accounts))})")
+            args += accounts
         if marker is not None:
-            rows = self._read("SELECT created_at, rowid FROM tasks WHERE id = ?", (marker,))
+            # another account's task is no marker either
+            rows = self._read(
+                " AND ".join(["SELECT created_at, rowid FROM tasks WHERE id = ?", *where]), [marker, *args]
+            )
             if not rows:
                 raise TaskNotFound(f"no task {marker!r} (pagination marker)")
             # the same (created_at, rowid) order as ORDER BY below, so pages neither skip nor repeat
@@ -797,7 +821,7 @@ class Store:
             if error_message is not None:
                 values["error_message"] = redact_text(error_message)
             task = self._update(conn, task_id, values)
-            data = {"state": str(new), "previous": str(current)}
+            data: dict[str, str | None] = {"state": str(new), "previous": str(current)}
             if error_code:
                 data.update(error_code=error_code, error_message=error_message)
             self._event(conn, task_id, "task.state", data, now)
@@ -1057,7 +1081,8 @@ class Store:
 
     def events(self, since_id: int = 0, *, task_id: str | None = None, limit: int = 1000) -> list[Event]:
         """Events with ``id > since_id`` (all tasks, or one), oldest first."""
-        sql, args = "SELECT * FROM events WHERE id > ?", [since_id]
+        sql = "SELECT * FROM events WHERE id > ?"
+        args: list[int | str] = [since_id]
         if task_id is not None:
             sql += " AND task_id = ?"
             args.append(task_id)

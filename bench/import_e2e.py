@@ -23,7 +23,7 @@ For each, timed in the same run (rotating the order), each after ``sync`` + drop
 - ``download``: the same parts through :func:`~appliance.sources.manifest.download_parts` into a
   sink that discards them (the network/S3 stage alone).
 - ``download>file``: the same into a file, then fsync (what the VMDK path does into scratch).
-- ``convert``: RAW: :func:`~appliance.targets.base.write_raw` of the local file onto a fresh file
+- ``convert``: RAW: :func:`~appliance.targets.rawio.write_raw` of the local file onto a fresh file
   volume + fsync; VMDK: bare ``qemu-img convert -f vmdk -O raw`` of the local file + ``sync``.
 
 Reported per format: medians, MB/s of the uploaded file, ``e2e / slowest stage`` (goal <= 1.2:
@@ -66,11 +66,12 @@ if str(REPO) not in sys.path:
 from appliance import config as config_mod  # noqa: E402
 from appliance.config import parse_size  # noqa: E402
 from appliance.service.imports import DiskImage, ImportService  # noqa: E402
-from appliance.sources.manifest import ImportManifest, download_parts, wait_for_manifest  # noqa: E402
+from appliance.sources.manifest import ImportManifest  # noqa: E402
+from appliance.sources.parts import download_parts, wait_for_manifest  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from appliance.store import TaskState  # noqa: E402
-from appliance.targets.base import write_raw  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402
+from appliance.targets.rawio import write_raw  # noqa: E402
 from appliance.timestamps import parse_time  # noqa: E402
 from appliance.workflow.engine import Engine  # noqa: E402
 from tests.euca_upload import upload_like_euca2ools  # noqa: E402

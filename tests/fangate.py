@@ -6,6 +6,9 @@ the kernel (killably: SIGKILL still ends it) until :meth:`OpenGate.release`, or 
 closes. The first held open is in :attr:`OpenGate.held`. A test can so kill a process at an exact
 point of its work (the partial output exists, nothing has been written to it) without timing
 anything. Only the one directory is watched, so no other process on the machine is slowed.
+
+:class:`MountGate` does the same for every file of a mount (a directory bind-mounted onto itself,
+:func:`bind_mount`), holding many openers at once, each under a key the test releases by itself.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import ctypes
 import os
 import select
 import struct
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,3 +122,118 @@ class OpenGate:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+FAN_MARK_MOUNT = 0x10
+
+
+class MountGate:
+    """Hold opens of files on one mount (``FAN_MARK_MOUNT``), each under a key, released key by key.
+
+    ``decide(path, pid)`` runs in the gate's thread for every open of a file on the mount (directories
+    are not reported): it returns a key to hold the open under, or None to allow it. It must not open
+    files on the mount itself (the gate would wait for itself). Held openers wait in the kernel
+    (killably) until :meth:`release` of their key, or until the gate closes; :attr:`held` keeps the
+    first open held under each key. Use it on a mount that only the test's processes use, such as a
+    directory bind-mounted onto itself (:func:`bind_mount`).
+    """
+
+    def __init__(self, mount: Path, decide: Callable[[Path, int], object | None]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
+        fd = libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
+        if fd < 0:
+            pytest.skip(f"fanotify is not available here: {os.strerror(ctypes.get_errno())}")
+        flags = FAN_MARK_ADD | FAN_MARK_MOUNT
+        if libc.fanotify_mark(fd, flags, FAN_OPEN_PERM, AT_FDCWD, os.fsencode(mount)) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            pytest.skip(f"fanotify mount marks are not available here: {os.strerror(err)}")
+        self._fd = fd
+        self._decide = decide
+        self._lock = threading.Lock()
+        #: key -> (path, pid) of the first open held under it
+        self.held: dict[object, tuple[Path, int]] = {}
+        self._waiting: dict[object, list[int]] = {}
+        #: exceptions ``decide`` raised (the open was allowed): a test should assert there are none
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mount gate", daemon=True)
+        self._thread.start()
+
+    def _answer(self, event_fd: int, response: int = FAN_ALLOW) -> None:
+        try:
+            os.write(self._fd, _RESPONSE.pack(event_fd, response))
+        except OSError:
+            pass  # the opener is gone (killed): the kernel dropped its event
+        finally:
+            os.close(event_fd)
+
+    def release(self, key: object) -> None:
+        """Let the opens held under ``key`` through (``decide`` rules on later ones again)."""
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+            self.held.pop(key, None)
+        for event_fd in waiting:
+            self._answer(event_fd)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._fd], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                buf = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                continue
+            offset = 0
+            while offset + _EVENT.size <= len(buf):
+                length, _vers, _res, _meta, _mask, event_fd, pid = _EVENT.unpack_from(buf, offset)
+                offset += length
+                try:
+                    key = self._decide(Path(os.readlink(f"/proc/self/fd/{event_fd}")), pid)
+                except BaseException as exc:  # the test sees it; the opener must not wait for a bug
+                    self.errors.append(exc)
+                    key = None
+                if key is None:
+                    self._answer(event_fd)
+                    continue
+                with self._lock:
+                    self.held.setdefault(key, (Path(os.readlink(f"/proc/self/fd/{event_fd}")), pid))
+                    self._waiting.setdefault(key, []).append(event_fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            waiting = [fd for fds in self._waiting.values() for fd in fds]
+            self._waiting.clear()
+        for event_fd in waiting:
+            self._answer(event_fd)
+        os.close(self._fd)
+
+    def __enter__(self) -> MountGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def bind_mount(directory: Path) -> Iterator[Path]:
+    """``directory`` bind-mounted onto itself: a mount of its own, for a :class:`MountGate` (needs root).
+    Unmounted afterwards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {proc.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], check=False)

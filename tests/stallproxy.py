@@ -3,15 +3,17 @@
 Every request is forwarded as it came (method, path, headers, body: SigV4 signatures stay valid, as
 the Host header is passed on) and the answer streamed back. While the proxy is *armed*, the body of
 each GET whose path ends with one of the armed suffixes stops after ``after`` bytes: the request is
-counted in :attr:`StallingProxy.stalled` and waits until :meth:`StallingProxy.release` (then the rest
-follows) or until the proxy closes. A test can so kill or suspend a task in the middle of a
-download, deterministically, without timing anything.
+counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy.stalled_on`) and
+waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
+proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
+without timing anything; several downloads can be held and released one by one.
 """
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import sys
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -69,14 +71,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            hold_at = owner.hold_at(self.command, self.path)
+            armed = owner.hold_at(self.command, self.path)
+            hold_at = armed[1] if armed is not None else None
             sent = 0
             while piece := answer.read(_PIECE if hold_at is None else min(_PIECE, max(hold_at - sent, 1))):
                 self.wfile.write(piece)
                 sent += len(piece)
-                if hold_at is not None and sent >= hold_at:
+                if armed is not None and hold_at is not None and sent >= hold_at:
                     self.wfile.flush()
-                    owner.hold()
+                    owner.hold(armed[0])
                     hold_at = None
         except (OSError, http.client.HTTPException):
             self.close_connection = True  # the client went away (killed, or gave up), or the server did
@@ -88,6 +91,11 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     owner: StallingProxy
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away between requests (killed, or shut its socket down)
+        super().handle_error(request, client_address)
+
 
 class StallingProxy:
     """The proxy (see the module docstring); use it as a context manager."""
@@ -98,7 +106,9 @@ class StallingProxy:
         self.upstream = urlsplit(upstream)
         self._lock = threading.Condition()
         self._armed: dict[str, int] = {}
-        self._released = threading.Event()
+        #: per armed suffix: set when it is released
+        self._released: dict[str, threading.Event] = {}
+        self._stalled: dict[str, int] = {}
         self._closing = threading.Event()
         #: GETs that stopped and wait for :meth:`release`
         self.stalled = 0
@@ -116,29 +126,39 @@ class StallingProxy:
     def arm(self, path_suffix: str, after: int) -> None:
         """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes."""
         with self._lock:
-            self._released.clear()
+            self._released[path_suffix] = threading.Event()
             self._armed[path_suffix] = after
 
-    def release(self) -> None:
-        """Disarm, and let every held GET finish."""
+    def release(self, path_suffix: str | None = None) -> None:
+        """Disarm ``path_suffix`` (default: every suffix), and let the GETs it holds finish."""
         with self._lock:
-            self._armed.clear()
-            self._released.set()
+            for suffix in [path_suffix] if path_suffix is not None else list(self._armed):
+                self._armed.pop(suffix, None)
+                if suffix in self._released:
+                    self._released[suffix].set()
 
-    def hold_at(self, method: str, path: str) -> int | None:
+    def stalled_on(self, path_suffix: str) -> int:
+        """How many GETs ``path_suffix`` held so far."""
+        with self._lock:
+            return self._stalled.get(path_suffix, 0)
+
+    def hold_at(self, method: str, path: str) -> tuple[str, int] | None:
+        """(armed suffix, bytes after which to hold) for a request, or None."""
         with self._lock:
             if method != "GET":
                 return None
             plain = path.split("?", 1)[0]
-            return next((after for suffix, after in self._armed.items() if plain.endswith(suffix)), None)
+            return next(((sfx, after) for sfx, after in self._armed.items() if plain.endswith(sfx)), None)
 
-    def hold(self) -> None:
+    def hold(self, path_suffix: str) -> None:
         with self._lock:
             self.stalled += 1
+            self._stalled[path_suffix] = self._stalled.get(path_suffix, 0) + 1
+            released = self._released[path_suffix]
             self._lock.notify_all()
-        while not (self._released.wait(0.05) or self._closing.is_set()):
+        while not (released.wait(0.05) or self._closing.is_set()):
             pass
-        if self._closing.is_set() and not self._released.is_set():
+        if self._closing.is_set() and not released.is_set():
             raise OSError("the proxy is closing")
 
     def close(self) -> None:

@@ -31,6 +31,15 @@ Decisions (documented here because clients see them):
   ASCII digits only.
 - **Payload**: the body is always hashed and checked; ``UNSIGNED-PAYLOAD`` is refused because the
   operation parameters travel in the body.
+- **Accounts**: a request acts for the account of its key (``api.credentials[].account``). A key
+  with ``role: frontend`` (a cloud's EC2 front end, one key for many accounts) acts for the account
+  named in the ``X-Imaging-Account`` header when that header is covered by the signature: listed
+  in ``SignedHeaders`` (``X-Amz-SignedHeaders`` of a presigned request). From a front end, the
+  header present but not signed (SigV2 signs no header) is refused with ``IncompleteSignature``:
+  ignoring it would file the task under the front end's own account, where every tenant whose
+  header went unsigned would see it. From any other key the header is ignored, signed or not: only
+  a front end may act for another account. An account name that is not one (``ACCOUNT_RE``) is
+  ``InvalidParameterValue``. The header is read only once the signature is verified.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import hmac
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from urllib.parse import parse_qsl, quote
@@ -52,7 +61,8 @@ from botocore.compat import HTTPHeaders
 from botocore.credentials import Credentials
 from botocore.utils import normalize_url_path
 
-from appliance.config import ApiConfig
+from appliance.config import ACCOUNT_RE, FRONTEND, ApiConfig
+from appliance.service.imports import Caller
 
 from .errors import Ec2Error, shown
 
@@ -62,6 +72,8 @@ SERVICE = "ec2"
 ALGORITHM = "AWS4-HMAC-SHA256"
 #: AWS's limit on a presigned URL's lifetime (one week)
 MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
+#: the header in which a front end names the account it acts for (lower case, as received)
+ACCOUNT_HEADER = "x-imaging-account"
 
 _AUTH_HEADER_RE = re.compile(r"^AWS4-HMAC-SHA256\s+(?P<rest>.+)$", re.DOTALL)
 _SIGNATURE_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -111,12 +123,17 @@ class SignedRequest:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who signed a request, and how."""
+    """Who signed a request, how, and for whom it acts."""
 
     access_key: str
     #: ``sigv4`` (Authorization header), ``sigv4-query`` (presigned) or ``sigv2``
     scheme: str
     region: str | None = None
+    #: the headers the signature covers (lower case; none for SigV2)
+    signed_headers: frozenset[str] = frozenset()
+    #: the account the request acts for and the accounts whose tasks it sees (until
+    #: :meth:`Authenticator.authenticate` knows them: none)
+    caller: Caller = field(default_factory=lambda: Caller(sees=frozenset()))
 
 
 def decode_query(query_string: str) -> list[tuple[str, str]]:
@@ -166,6 +183,7 @@ class Authenticator:
 
     def __init__(self, api: ApiConfig) -> None:
         self._credentials = dict(api.credentials)
+        self._principals = dict(api.principals)
         self._sigv2 = api.sigv2
         self._skew = timedelta(seconds=api.max_clock_skew)
         #: the furthest a SigV2 ``Expires`` may lie ahead (as long as a SigV4 presigned URL lives)
@@ -173,8 +191,39 @@ class Authenticator:
         self._region = api.region
 
     def authenticate(self, request: SignedRequest, now: datetime | None = None) -> Identity:
-        """The signer of ``request``, or an :class:`Ec2Error` saying why it is not authentic."""
-        now = now or datetime.now(UTC)
+        """The signer of ``request`` and the account it acts for, or an :class:`Ec2Error` saying why
+        it is not authentic."""
+        identity = self._signer(request, now or datetime.now(UTC))
+        return replace(identity, caller=self._caller(identity, request.headers))
+
+    def _caller(self, identity: Identity, headers: Mapping[str, str]) -> Caller:
+        """Whom a verified request acts for (see the module's "Accounts")."""
+        credential = self._principals[identity.access_key]
+        own = Caller.of(credential)
+        named = headers.get(ACCOUNT_HEADER)
+        if named is None:
+            return own
+        if credential.role != FRONTEND:
+            log.info(
+                "ignoring X-Imaging-Account from %s (role %s): only a frontend key acts for other accounts",
+                identity.access_key,
+                credential.role,
+            )
+            return own
+        if ACCOUNT_HEADER not in identity.signed_headers:
+            raise _incomplete(
+                "The X-Imaging-Account header must be one of the SignedHeaders: a front end names the "
+                "account it acts for in a signed header (Signature Version 4)"
+            )
+        if not ACCOUNT_RE.fullmatch(named):
+            raise Ec2Error(
+                "InvalidParameterValue",
+                f"The X-Imaging-Account header ({shown(named)}) is not an account name: 1 to 128 "
+                "letters, digits, '.', '_', '@' and '-', starting with a letter or a digit",
+            )
+        return Caller.acting_for(named)
+
+    def _signer(self, request: SignedRequest, now: datetime) -> Identity:
         query = decode_query(request.query_string)
         query_names = {name for name, _ in query}
         authorization = request.headers.get("authorization")
@@ -345,12 +394,13 @@ class Authenticator:
             headers={name: request.headers[name] for name in headers},
             data=request.body,
         )
-        aws_request.params = query
+        # botocore signs a list of pairs as it signs a dict (repeated names kept); its stubs say dict
+        aws_request.params = query  # type: ignore[assignment]
         verifier = _SigV4Verifier(Credentials(access_key, secret), region, headers, request.path)
         expected = verifier.expected_signature(aws_request, timestamp)
         if not hmac.compare_digest(expected, signature.lower()):
             raise _mismatch()
-        return Identity(access_key, scheme, region)
+        return Identity(access_key, scheme, region, frozenset(headers))
 
     @staticmethod
     def _check_payload_hash(request: SignedRequest, signed_headers: Sequence[str]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.service import bootparams
-from appliance.service.imports import CONVERSION_KINDS, DiskImage, ImportService
+from appliance.service.imports import CONVERSION_KINDS, Caller, DiskImage, ImportService
 
 from . import query, views
 from .errors import invalid_value, missing_parameter
@@ -58,7 +58,7 @@ def _disk_image(
     )
 
 
-def import_volume(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_volume(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportVolume → ``{ConversionTask}``."""
     data = query.parse("ImportVolume", params)
     zone, zone_id = data.get("AvailabilityZone"), data.get("AvailabilityZoneId")
@@ -69,12 +69,12 @@ def import_volume(service: ImportService, params: Params, account: str) -> dict[
     image = _disk_image(data["Image"], data["Volume"], "")
     query.check_dry_run(data)
     task = service.import_volume(
-        image, availability_zone=zone or zone_id, description=data.get("Description")
+        image, availability_zone=zone or zone_id, description=data.get("Description"), account=caller.account
     )
     return {"ConversionTask": views.conversion_task(task)}
 
 
-def import_instance(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_instance(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportInstance (one disk, as AWS) → ``{ConversionTask}``."""
     data = query.parse("ImportInstance", params)
     disks = data.get("DiskImages") or []
@@ -102,22 +102,23 @@ def import_instance(service: ImportService, params: Params, account: str) -> dic
         instance_type=instance_type,
         description=data.get("Description"),
         launch=launch,
+        account=caller.account,
         **boot.to_dict(),
     )
     return {"ConversionTask": views.conversion_task(task)}
 
 
-def describe_conversion_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
-    """DescribeConversionTasks → ``{ConversionTasks}`` (all, or the ids asked for)."""
+def describe_conversion_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
+    """DescribeConversionTasks → ``{ConversionTasks}`` (all the caller sees, or the ids asked for)."""
     data = query.parse("DescribeConversionTasks", params)
     query.check_dry_run(data)
-    tasks = service.list(CONVERSION_KINDS, data.get("ConversionTaskIds") or ())
+    tasks = service.list(CONVERSION_KINDS, data.get("ConversionTaskIds") or (), caller.sees)
     return {"ConversionTasks": [views.conversion_task(t) for t in tasks]}
 
 
-def cancel_conversion_task(service: ImportService, params: Params, account: str) -> None:
+def cancel_conversion_task(service: ImportService, params: Params, caller: Caller) -> None:
     """CancelConversionTask → no output (``<return>true</return>``)."""
     data = query.parse("CancelConversionTask", params)
     query.check_dry_run(data)
-    service.cancel(data["ConversionTaskId"], CONVERSION_KINDS, data.get("ReasonMessage"))
+    service.cancel(data["ConversionTaskId"], CONVERSION_KINDS, data.get("ReasonMessage"), caller.sees)
     return None

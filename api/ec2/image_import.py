@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.service import bootparams
-from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, DiskContainer, ImportService
+from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, Caller, DiskContainer, ImportService
 from appliance.store import Task
 from appliance.targets.encryption import Encryption
 
@@ -69,7 +69,7 @@ def _encryption(service: ImportService, data: Mapping[str, Any]) -> Encryption |
     return service.encryption(bool(data.get("Encrypted")), data.get("KmsKeyId"))
 
 
-def import_image(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_image(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportImage → ``ImportImageResult``."""
     data = query.parse("ImportImage", params)
     containers = data.get("DiskContainers") or []
@@ -95,13 +95,13 @@ def import_image(service: ImportService, params: Params, account: str) -> dict[s
         client_token=data.get("ClientToken"),
         tags=_tags(data),
         encryption=encryption,
-        account=account,
+        account=caller.account,
         **boot.to_dict(),
     )
     return views.import_image_result(task)
 
 
-def import_snapshot(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def import_snapshot(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """ImportSnapshot → ``ImportSnapshotResult``."""
     data = query.parse("ImportSnapshot", params)
     if not data.get("DiskContainer"):
@@ -115,7 +115,7 @@ def import_snapshot(service: ImportService, params: Params, account: str) -> dic
         client_token=data.get("ClientToken"),
         tags=_tags(data),
         encryption=encryption,
-        account=account,
+        account=caller.account,
     )
     return views.import_snapshot_task(task)
 
@@ -152,36 +152,36 @@ def _page(tasks: list[Task], max_results: int | None, token: str | None) -> tupl
 
 
 def _describe(
-    service: ImportService, action: str, kinds: Sequence[str], params: Params
+    service: ImportService, action: str, kinds: Sequence[str], params: Params, caller: Caller
 ) -> tuple[list[Task], str | None]:
     data = query.parse(action, params)
     max_results = data.get("MaxResults")  # 1 to 1000 (query.BOUNDS)
     query.check_dry_run(data)
-    tasks = service.list(kinds, data.get("ImportTaskIds") or ())
+    tasks = service.list(kinds, data.get("ImportTaskIds") or (), caller.sees)
     for allowed in _state_filter(data):
         tasks = [t for t in tasks if views.import_status(t) in allowed]
     return _page(tasks, max_results, data.get("NextToken"))
 
 
-def describe_import_image_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def describe_import_image_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
-    tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params)
+    tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params, caller)
     return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
 
 
-def describe_import_snapshot_tasks(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def describe_import_snapshot_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportSnapshotTasks → ``{ImportSnapshotTasks, NextToken}`` (paginated)."""
-    tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params)
+    tasks, token = _describe(service, "DescribeImportSnapshotTasks", SNAPSHOT_KINDS, params, caller)
     return {"ImportSnapshotTasks": [views.import_snapshot_task(t) for t in tasks], "NextToken": token}
 
 
-def cancel_import_task(service: ImportService, params: Params, account: str) -> dict[str, Any]:
+def cancel_import_task(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """CancelImportTask → ``{ImportTaskId, PreviousState, State}``."""
     data = query.parse("CancelImportTask", params)
     task_id = data.get("ImportTaskId")
     if not task_id:
         raise missing_parameter("ImportTaskId")
     query.check_dry_run(data)
-    before = service.get(task_id, IMPORT_KINDS)
-    after = service.cancel(task_id, IMPORT_KINDS, data.get("CancelReason"))
+    before = service.get(task_id, IMPORT_KINDS, caller.sees)
+    after = service.cancel(task_id, IMPORT_KINDS, data.get("CancelReason"), caller.sees)
     return views.cancel_import_result(before, after)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 
 import botocore.session
-from botocore.model import OperationModel, ServiceModel, Shape
+from botocore.model import OperationModel, ServiceModel, Shape, StructureShape
 
 API_VERSION = "2016-11-15"
 #: responses carry the namespace with a trailing slash, as AWS sends it
@@ -54,6 +54,6 @@ def response_name(member_name: str, shape: Shape) -> str:
 
 
 @cache
-def request_members(shape: Shape) -> dict[str, tuple[str, Shape]]:
+def request_members(shape: StructureShape) -> dict[str, tuple[str, Shape]]:
     """``{wire name: (member name, member shape)}`` for a request structure shape."""
     return {request_name(name, member): (name, member) for name, member in shape.members.items()}

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.model import Shape
+from botocore.model import ListShape, Shape, StringShape, StructureShape
 
 from . import model
 from .errors import Ec2Error, dry_run_operation, invalid_value, missing_parameter, shown
@@ -231,7 +231,7 @@ class _Parser:
         """Put one wire parameter into ``tree`` at the position its name describes."""
         if key in self.extras:
             *parents, leaf = self.extras[key]
-            node = tree
+            node: dict[Any, Any] = tree
             for name in parents:
                 node = node.setdefault(name, {})
             self._set(node, leaf, raw, key)
@@ -240,12 +240,12 @@ class _Parser:
         if shape is None:
             raise _unknown(key)
         segments = wire.split(".")
-        node: dict[Any, Any] = tree
+        node = tree
         current = shape
         path: list[str] = []
         i = 0
         while True:
-            if current.type_name == "structure":
+            if isinstance(current, StructureShape):
                 if i >= len(segments):
                     raise _unknown(key)  # a structure given a value directly
                 found = model.request_members(current).get(segments[i])
@@ -255,7 +255,7 @@ class _Parser:
                 slot: Any = name
                 path.append(name)
                 i += 1
-            elif current.type_name == "list":
+            elif isinstance(current, ListShape):
                 if i >= len(segments):
                     # ``Name=`` with no index: the query serializers' form of an empty list
                     if raw != "":
@@ -324,7 +324,7 @@ class _Parser:
         if kind == "timestamp":
             return _timestamp(key, raw)
         rule = self.enums.get(path)
-        if rule is None and getattr(shape, "enum", None):
+        if rule is None and isinstance(shape, StringShape) and shape.enum:
             rule = Enum(tuple(shape.enum))
         return rule.check(key, raw) if rule else raw
 
@@ -340,7 +340,7 @@ class _Parser:
         """Turn index maps into lists (checking 1..N) and check required members."""
         if shape is None:
             return {}
-        if shape.type_name == "structure":
+        if isinstance(shape, StructureShape):
             members = model.request_members(shape)
             by_name = {name: wire_name for wire_name, (name, _) in members.items()}
             out = {}
@@ -352,7 +352,7 @@ class _Parser:
                 if name not in out:
                     raise missing_parameter(_first_required(_join(wire, by_name[name]), shape.members[name]))
             return out
-        if shape.type_name == "list":
+        if isinstance(shape, ListShape):
             indexes = sorted(value)
             if indexes != list(range(1, len(indexes) + 1)):
                 raise invalid_value(
@@ -365,7 +365,7 @@ class _Parser:
 
 def _first_required(wire: str, shape: Shape) -> str:
     """Name the missing leaf, not the structure: ``Image.Format`` rather than ``Image``."""
-    while shape.type_name == "structure" and shape.required_members:
+    while isinstance(shape, StructureShape) and shape.required_members:
         name = shape.required_members[0]
         member = shape.members[name]
         wire = _join(wire, model.request_name(name, member))

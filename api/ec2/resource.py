@@ -20,7 +20,7 @@ import falcon
 
 from appliance.config import Config
 from appliance.errors import ImagingError
-from appliance.service.imports import ImportService
+from appliance.service.imports import Caller, ImportService
 
 from . import conversion, image_import, xml
 from .auth import ALGORITHM, Authenticator, SignedRequest, decode_query
@@ -29,11 +29,12 @@ from .query import is_protocol_param
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[ImportService, Mapping[str, Sequence[str]], str], dict[str, Any] | None]
+Handler = Callable[[ImportService, Mapping[str, Sequence[str]], Caller], dict[str, Any] | None]
 
-#: Action → handler, called with the service, the request parameters and the caller's account (the
-#: access key that signed the request: client tokens are idempotent per account). Every action is
-#: also an operation of botocore's ec2 model (its shapes drive parsing and rendering).
+#: Action → handler, called with the service, the request parameters and the caller (the account the
+#: request acts for, which owns the tasks it creates and scopes its client tokens, and the accounts
+#: whose tasks it sees: :meth:`api.ec2.auth.Authenticator.authenticate`). Every action is also an
+#: operation of botocore's ec2 model (its shapes drive parsing and rendering).
 ACTIONS: dict[str, Handler] = {
     "ImportVolume": conversion.import_volume,
     "ImportInstance": conversion.import_instance,
@@ -50,12 +51,16 @@ CONTENT_TYPE = "text/xml;charset=UTF-8"
 FORM_TYPE = "application/x-www-form-urlencoded"
 #: body limit :func:`handles` applies when not given one (the ``api.max_request_bytes`` default)
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+#: how much of a refused body is read and thrown away so that the client, still sending, sees the
+#: 413 instead of a connection reset; a larger body gets the answer and the connection closes on it
+DRAIN_LIMIT = 16 << 20
 
 
 def read_body(req: falcon.Request, max_bytes: int) -> bytes:
     """The request body, read once (cached on ``req.context``) and at most ``max_bytes`` long."""
     length = req.content_length
     if (length is not None and length > max_bytes) or len(req.query_string) > max_bytes:
+        _drain(req)
         raise _too_large(max_bytes)
     # (bytes read so far, whether the stream is exhausted): :func:`handles` may have read part of
     # a body of unknown length with a smaller limit than the resource's.
@@ -66,8 +71,19 @@ def read_body(req: falcon.Request, max_bytes: int) -> bytes:
         body += more
         req.context.ec2_body = (body, complete)
     if len(body) > max_bytes:
+        _drain(req)
         raise _too_large(max_bytes)
     return body
+
+
+def _drain(req: falcon.Request) -> None:
+    """Read and discard what is left of the body, up to :data:`DRAIN_LIMIT` bytes."""
+    left = DRAIN_LIMIT
+    while left > 0:
+        chunk = req.bounded_stream.read(min(left, 1 << 16))
+        if not chunk:
+            return
+        left -= len(chunk)
 
 
 def _too_large(max_bytes: int) -> Ec2Error:
@@ -157,7 +173,7 @@ class Ec2Resource:
         resp.set_header("x-amzn-RequestId", request_id)
         resp.content_type = CONTENT_TYPE
         action: str | None = None
-        who = "-"
+        who = account = "-"
         try:
             body = read_body(req, self._max_bytes)
             params = request_params(req, body)
@@ -171,10 +187,10 @@ class Ec2Resource:
                     params=params,
                 )
             )
-            who = identity.access_key
+            who, account = identity.access_key, identity.caller.account
             req.context.principal = who  # the app's access log names the signer
             action = _action(params)
-            data = ACTIONS[action](self._service, params, identity.access_key)
+            data = ACTIONS[action](self._service, params, identity.caller)
             resp.data = xml.render(action, data, request_id)
             resp.status = falcon.HTTP_200
         except Ec2Error as exc:
@@ -185,10 +201,11 @@ class Ec2Resource:
             log.exception("request %s (%s): internal error", request_id, action)
             self._fail(resp, Ec2Error("InternalError", INTERNAL_ERROR_MESSAGE, 500), request_id)
         log.info(
-            "ec2 %s %s key=%s status=%s request=%s %.0fms",
+            "ec2 %s %s key=%s account=%s status=%s request=%s %.0fms",
             req.method,
             action or "-",
             who,
+            account,
             resp.status,
             request_id,
             (time.monotonic() - started) * 1000,

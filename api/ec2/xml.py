@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.model import Shape
+from botocore.model import ListShape, Shape, StructureShape
 
 from . import model
 
@@ -68,7 +68,7 @@ def render(action: str, data: Mapping[str, Any] | None, request_id: str) -> byte
     return "".join(out).encode("utf-8")
 
 
-def _members(out: list[str], shape: Shape, data: Mapping[str, Any], path: str) -> None:
+def _members(out: list[str], shape: StructureShape, data: Mapping[str, Any], path: str) -> None:
     members = shape.members
     unknown = set(data) - set(members)
     if unknown:
@@ -84,13 +84,13 @@ def _members(out: list[str], shape: Shape, data: Mapping[str, Any], path: str) -
 
 def _element(out: list[str], tag: str, shape: Shape, value: Any, path: str) -> None:
     kind = shape.type_name
-    if kind == "structure":
+    if isinstance(shape, StructureShape):
         if not isinstance(value, Mapping):
             raise ValueError(f"{path}: expected a mapping for {shape.name}, got {type(value).__name__}")
         out.append(f"<{tag}>")
         _members(out, shape, value, path)
         out.append(f"</{tag}>")
-    elif kind == "list":
+    elif isinstance(shape, ListShape):
         if isinstance(value, str | bytes | Mapping):
             raise ValueError(f"{path}: expected a list, got {type(value).__name__}")
         items = list(value)

@@ -14,7 +14,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from ..targets.base import hash_file
+from ..targets.rawio import hash_file
 from .refs import ArtifactError
 
 CHUNK = 1024 * 1024

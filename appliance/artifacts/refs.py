@@ -208,6 +208,9 @@ def resource_names_used(env: jinja2.Environment, value: Any, *, expression: bool
         except jinja2.TemplateSyntaxError:
             continue
         for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            # always true; find_all is typed as yielding their common base (nodes.Expr)
+            if not isinstance(node, nodes.Getattr | nodes.Getitem):
+                continue
             target = node.node
             if not (isinstance(target, nodes.Name) and target.name == TEMPLATE_NAME):
                 continue

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..errors import ImageRejected, ImagingError
 from ..sources.fetch import fetch_to_file
 from ..sources.http import HttpClient
@@ -54,7 +55,7 @@ class ResourceFetcher:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         *,
         store: ArtifactStore | None = None,
         policy: UrlPolicy | None = None,

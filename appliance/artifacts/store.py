@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import schemas
-from ..config import Config
+from ..atomicfile import write_json_atomic
+from ..config import ArtifactsConfig, Config
 from ..errors import Cancelled
 from ..targets.base import boto_client
 from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
@@ -166,11 +167,13 @@ class ArtifactStore:
     on a store without a bucket raise ``Artifact.NotConfigured``.
     """
 
-    def __init__(self, cfg: Any, *, client: Any = None) -> None:
+    def __init__(self, cfg: ArtifactsConfig, *, client: Any = None) -> None:
         self.cfg = cfg
         self.bucket: str | None = cfg.bucket
         self.prefix: str = (cfg.prefix or "").strip("/")
-        self.cache = DigestCache(Path(cfg.cache_dir))
+        if cfg.cache_dir is None:
+            raise ValueError("ArtifactStore needs artifacts.cache_dir (from_config defaults it)")
+        self.cache = DigestCache(cfg.cache_dir)
         self._client = client
         self._lock = threading.Lock()
 
@@ -236,9 +239,7 @@ class ArtifactStore:
             pass  # not cached (or damaged): read it from the store
         index = self.fetch_index(ref)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{INDEX_FILE}.{secrets.token_hex(6)}")
-        tmp.write_text(json.dumps(index.to_dict(), indent=2, sort_keys=True))
-        os.replace(tmp, local)
+        write_json_atomic(local, index.to_dict(), 0o644)
         return index
 
     def fetch_index(self, ref: ArtifactRef) -> ArtifactIndex:

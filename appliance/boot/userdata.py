@@ -31,6 +31,7 @@ import yaml
 from .. import config as config_mod
 from .. import schemas
 from ..errors import ConfigError
+from ..image.formats import compression_of
 from ..paths import IMAGE_STATE, IMAGE_STATE_DIR
 from ..redact import is_secret_key, redact_text, redact_url, secret_values
 from ..workflow.hookpoints import validate_hooks
@@ -109,7 +110,7 @@ class Rendered:
 def parse_user_data(raw: bytes | str) -> dict[str, Any] | CompactUserData:
     """The ``imaging:`` section of user data, or the compact form; :class:`UserDataInvalid` otherwise."""
     data = raw.encode() if isinstance(raw, str) else raw
-    if data[:2] == b"\x1f\x8b":
+    if compression_of(data) == "gzip":
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
@@ -218,18 +219,23 @@ def _short(value: Any) -> str:
 def _describe(e: jsonschema.ValidationError, prefix: tuple[str, ...], secrets: set[str]) -> list[FieldError]:
     path = [*prefix, *(str(p) for p in e.absolute_path)]
     field = ".".join(path)
-    if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict) and isinstance(e.schema, dict):
         allowed = sorted(e.schema.get("properties", {}))
         return [
             FieldError(f"{field}.{k}", f"unknown key (allowed: {', '.join(allowed)})")
             for k in sorted(set(e.instance) - set(allowed), key=str)
         ]
-    if "propertyNames" in e.relative_schema_path and e.validator == "enum" and isinstance(e.instance, str):
+    if (
+        "propertyNames" in e.relative_schema_path
+        and e.validator == "enum"
+        and isinstance(e.instance, str)
+        and isinstance(e.validator_value, list)
+    ):
         # a bad key of a mapping whose keys are an enum (hooks.points): name the key as the field
-        allowed = ", ".join(map(str, e.validator_value))
+        names = ", ".join(map(str, e.validator_value))
         key = redact_text(e.instance, secrets)
-        return [FieldError(f"{field}.{key}", f"unknown key (allowed: {allowed})")]
-    if e.validator == "required" and isinstance(e.instance, dict):
+        return [FieldError(f"{field}.{key}", f"unknown key (allowed: {names})")]
+    if e.validator == "required" and isinstance(e.instance, dict) and isinstance(e.validator_value, list):
         return [
             FieldError(f"{field}.{k}", "required field is missing")
             for k in e.validator_value
@@ -345,7 +351,7 @@ def _target_errors(cfg: config_mod.Config, secrets: set[str]) -> list[FieldError
     """Check each target's settings against its implementation's own schema."""
     errors: list[FieldError] = []
     for kind, settings in cfg.targets.items():
-        name = _TARGET_SCHEMAS.get((kind, settings.get("type")))
+        name = _TARGET_SCHEMAS.get((kind, settings["type"]))
         if name is not None:
             plain = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
             errors += _schema_errors(plain, schemas.load(name), ("imaging", "targets", kind), secrets)

@@ -15,11 +15,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..image.decompress import detect_compression
 from ..progress import progress_printer
-from ..scratch import ScratchSpace, TaskScratch
+from ..scratch import Allowance, ScratchSpace, TaskScratch
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 130
 #: ``--progress`` choices of commands that show progress
@@ -55,6 +57,14 @@ def cancel_on_signals() -> Iterator[threading.Event]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int, bool], None] | None:
+    """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
+    (an :class:`appliance.scratch.Allowance`); None otherwise."""
+    if detect_compression(src) is None:
+        return None
+    return Allowance(scratch, f"decompressing {src.name}").cover
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ from ..workflow.engine import Engine
 from ..workflow.hookpoints import validate_hooks
 
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
+#: the account of the key ``imaging config init`` writes
+LOCAL_ACCOUNT = "local"
 
 
 def generate_credentials() -> dict[str, str]:
@@ -38,9 +40,10 @@ def local_config(
     store_password_file: str | None = None,
 ) -> dict[str, Any]:
     """A configuration for running the appliance on this machine: SQLite, scratch and volumes under
-    state_dir; with ``s3_endpoint``, that S3 server is trusted as the source of uploads; with
-    ``store`` (a ``postgresql://`` URL, its password in ``store_password_file``) the tasks are in
-    that database instead."""
+    state_dir, one API key (account ``local``, ``role: admin``: the EC2 API and the whole admin API
+    with one key pair); with ``s3_endpoint``, that S3 server is trusted as the source of uploads;
+    with ``store`` (a ``postgresql://`` URL, its password in ``store_password_file``) the tasks are
+    in that database instead."""
     sources: dict[str, Any] = {"allowed_endpoints": []}
     if s3_endpoint:
         endpoint = s3_endpoint.rstrip("/")
@@ -56,7 +59,10 @@ def local_config(
         }
     data: dict[str, Any] = {
         "state_dir": state_dir,
-        "api": {"bind": bind, "credentials": [generate_credentials()]},
+        "api": {
+            "bind": bind,
+            "credentials": [generate_credentials() | {"account": LOCAL_ACCOUNT, "role": config_mod.ADMIN}],
+        },
         "scratch": {"quota": "20GiB"},
         "targets": {
             "volume": {"type": "file", "directory": "volumes"},
@@ -73,7 +79,7 @@ def local_config(
     return data
 
 
-def cmd_init(args: argparse.Namespace, _cfg: Any) -> int:
+def cmd_init(args: argparse.Namespace, _cfg: config_mod.Config | None) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to replace it")
@@ -108,6 +114,7 @@ def cmd_show(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         for access, secret in cfg.api.credentials.items():
             print(f"access key: {access}")
             print(f"secret key: {secret}")
+            print(f"account:    {cfg.api.principals[access].account} ({cfg.api.principals[access].role})")
         print(f"region:     {cfg.api.region}")
         return 0
     # every secret (API credentials, S3 sources, the artifact store, targets, the controller's

@@ -9,9 +9,10 @@ from typing import Any
 from ..boot import configure as configure_mod
 from ..boot import worker_dropin
 from ..boot.health_responder import serve
+from ..config import Config
 
 
-def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
+def cmd_configure(args: argparse.Namespace, _cfg: Config | None) -> int:
     opts = configure_mod.Options(
         user_data=Path(args.user_data) if args.user_data else None,
         output=Path(args.output),
@@ -26,7 +27,7 @@ def cmd_configure(args: argparse.Namespace, _cfg: Any) -> int:
     return configure_mod.configure(opts)
 
 
-def cmd_health_responder(args: argparse.Namespace, _cfg: Any) -> int:
+def cmd_health_responder(args: argparse.Namespace, _cfg: Config | None) -> int:
     return serve(Path(args.error_file), args.bind)
 
 

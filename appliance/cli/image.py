@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import UsageError
 from ..image.convert import convert_image
-from ..image.decompress import detect_compression
 from ..image.formats import INPUT_FORMATS, OUTPUT_FORMATS
 from ..image.inspect import inspect_image
-from ..scratch import Allowance, TaskScratch
 from .common import (
     EXIT_OK,
     EXIT_REJECTED,
     PROGRESS_MODES,
     cancel_on_signals,
     cli_scratch,
+    decompression_reserve,
     print_json,
     progress_callback,
 )
@@ -72,20 +70,12 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_convert)
 
 
-def _decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int], None] | None:
-    """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
-    (an :class:`appliance.scratch.Allowance`); None otherwise."""
-    if detect_compression(src) is None:
-        return None
-    return Allowance(scratch, f"decompressing {src.name}").cover
-
-
 def cmd_inspect(args: argparse.Namespace, cfg: Config) -> int:
     src = Path(args.file)
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
     with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
-        reserve = _decompression_reserve(scratch, src)
+        reserve = decompression_reserve(scratch, src)
         result = inspect_image(
             src, args.format, config=cfg, workdir=scratch.path, reserve=reserve, cancel=cancel
         )
@@ -122,7 +112,7 @@ def cmd_convert(args: argparse.Namespace, cfg: Config) -> int:
             subformat=args.subformat,
             on_progress=progress_callback(args.progress),
             cancel=cancel,
-            reserve=_decompression_reserve(scratch, src),
+            reserve=decompression_reserve(scratch, src),
         )
     if args.json:
         print_json(result.to_dict())

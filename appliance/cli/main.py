@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 from importlib.metadata import entry_points
+from typing import NoReturn
 
 from .. import __version__, redact
 from .. import config as config_mod
@@ -28,7 +29,7 @@ log = logging.getLogger("imaging")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line with a code, exit 1 (argparse uses 2 = "rejected")
+    def error(self, message: str) -> NoReturn:  # one line with a code, exit 1 (argparse uses 2 = "rejected")
         self.print_usage(sys.stderr)
         print(f"imaging: InvalidParameterValue: {message}", file=sys.stderr)
         sys.exit(EXIT_ERROR)

@@ -111,7 +111,7 @@ class ConsoleCallbacks(EngineCallbacks):
 # --- commands ------------------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     params = _parse_params(args.param, args.params_file)
     if args.dry_run:
         plan = _engine(cfg).plan(args.workflow, params, coerce_strings=True)
@@ -165,7 +165,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
     )
 
 
-def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_list(args: argparse.Namespace, cfg: Config) -> int:
     tasks = _engine(cfg).store.list_tasks(args.state, limit=args.limit)
     if args.json:
         _print_json([t.to_dict() for t in tasks])
@@ -178,7 +178,7 @@ def cmd_tasks_list(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_show(args: argparse.Namespace, cfg: Config) -> int:
     store = _engine(cfg).store
     task = store.get_task(args.id)
     detail = {
@@ -224,13 +224,13 @@ def cmd_tasks_show(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_tasks_cancel(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_cancel(args: argparse.Namespace, cfg: Config) -> int:
     task = _engine(cfg).store.request_cancel(args.id)
     print(f"task {task.id}: {task.state}")
     return EXIT_OK
 
 
-def cmd_tasks_recover(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_recover(args: argparse.Namespace, cfg: Config) -> int:
     ended = _engine(cfg, ConsoleCallbacks("none")).recover()
     for t in ended:
         print(f"task {t.id}: {t.state}" + (f" ({t.error_message})" if t.error_message else ""))
@@ -239,13 +239,13 @@ def cmd_tasks_recover(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_tasks_resume(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_tasks_resume(args: argparse.Namespace, cfg: Config) -> int:
     task = _engine(cfg, ConsoleCallbacks(args.progress)).resume(args.id)
     print(f"task {task.id}: {task.state}")
     return task_exit_status(task)
 
 
-def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_list(args: argparse.Namespace, cfg: Config) -> int:
     if args.store:
         return cmd_workflows_list_store(args, cfg)
     infos = _engine(cfg).loader.list()
@@ -258,7 +258,7 @@ def cmd_workflows_list(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_show(args: argparse.Namespace, cfg: Config) -> int:
     wf = _engine(cfg).load(args.workflow)
     if args.json:
         _print_json(wf.to_dict())
@@ -267,7 +267,7 @@ def cmd_workflows_show(args: argparse.Namespace, cfg: Any) -> int:
     return EXIT_OK
 
 
-def cmd_workflows_validate(args: argparse.Namespace, cfg: Any) -> int:
+def cmd_workflows_validate(args: argparse.Namespace, cfg: Config) -> int:
     loader = _engine(cfg).loader
     status = EXIT_OK
     for f in args.files:

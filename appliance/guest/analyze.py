@@ -398,10 +398,10 @@ def _linux(root: Volume, fs: GuestFS, volumes: list[Volume], bare: bool, a: Anal
     initrds = sorted(n for n in names if _INITRD.match(n) and boot_fs.is_file(f"{prefix}/{n}"))
     r["kernels"] = [f"/boot/{n}" for n in kernels]
     r["initrds"] = [f"/boot/{n}" for n in initrds]
-    esps = [v for v in volumes if v.entry["esp"] and v.fs is not None]
+    esps = [v.fs for v in volumes if v.entry["esp"] and v.fs is not None]
     for esp in esps:  # unified kernel images and systemd-boot kernels live on the ESP
         r["kernels"] += [
-            f"esp:/EFI/Linux/{n}" for n in esp.fs.listdir("/EFI/Linux", 64) if n.lower().endswith(".efi")
+            f"esp:/EFI/Linux/{n}" for n in esp.listdir("/EFI/Linux", 64) if n.lower().endswith(".efi")
         ]
 
     configs = []
@@ -419,10 +419,10 @@ def _linux(root: Volume, fs: GuestFS, volumes: list[Volume], bare: bool, a: Anal
     if [n for n in boot_fs.listdir(prefix + "/loader/entries", 256) if n.endswith(".conf")]:
         configs.append(("bls", "/boot/loader/entries"))
     for esp in esps:
-        for d in esp.fs.listdir("/EFI", 64):
-            if esp.fs.is_file(f"/EFI/{d}/grub.cfg"):
+        for d in esp.listdir("/EFI", 64):
+            if esp.is_file(f"/EFI/{d}/grub.cfg"):
                 configs.append(("grub2", f"esp:/EFI/{d}/grub.cfg"))
-        if esp.fs.is_file("/loader/loader.conf") or esp.fs.listdir("/loader/entries", 1):
+        if esp.is_file("/loader/loader.conf") or esp.listdir("/loader/entries", 1):
             configs.append(("systemd-boot", "esp:/loader"))
     r["bootloader"] = {"type": configs[0][0], "configs": [c for _, c in configs]} if configs else None
 

@@ -39,8 +39,8 @@ _ROWS = (
         Severity.ERROR,
         False,
         "The image names another file that holds part of the disk (a qcow2 backing or data file, a VMDK "
-        "parent or extent file, a differencing VHD or VHDX parent); that file is never opened, so the image "
-        "cannot be judged on its own. An error for data disks too.",
+        "parent or extent file, a differencing VHD, VHDX or VDI parent); that file is never opened, so the "
+        "image cannot be judged on its own. An error for data disks too.",
         "Flatten the disk into one self-contained file (e.g. `qemu-img convert` of the child image) and "
         "upload that.",
     ),

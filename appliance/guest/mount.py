@@ -45,22 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomicfile import write_json_atomic
 from ..errors import Cancelled, ImagingError, UsageError
+from ..image.formats import SIGNATURE_BYTES, container_format
 from .path import GuestFS
 
 log = logging.getLogger(__name__)
 
 #: filesystem types we let the kernel parse from an untrusted image
 MOUNTABLE_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs", "ntfs3"})
-#: container formats recognised by their first bytes (the caller must convert them to raw first)
-_MAGICS = {
-    b"QFI\xfb": "qcow2",
-    b"KDMV": "vmdk",
-    b"vhdxfile": "vhdx",
-    b"QED\x00": "qed",
-    b"conectix": "vhd",
-}
-_VDI_MAGIC_OFFSET, _VDI_MAGIC = 0x40, b"\x7f\x10\xda\xbe"
 #: how long a command such as mount/losetup may take before it is considered hung
 COMMAND_TIMEOUT = 60.0
 #: how long to wait for /dev/loopNpM to appear after partx -a
@@ -280,15 +273,6 @@ def _kill_processes_rooted_in(root: str) -> list[int]:
 # --------------------------------------------------------------------------------------- state files
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _lock(path: Path, *, blocking: bool) -> int | None:
     """flock ``path`` (created if needed); None when not blocking and someone else holds it.
 
@@ -369,7 +353,7 @@ class _StateFile:
         self.save()
 
     def save(self) -> None:
-        _atomic_write_json(self.path, self.data)
+        write_json_atomic(self.path, self.data, 0o644)
 
     def close(self) -> None:
         """Remove the record (everything it lists is undone) and release the lock."""
@@ -502,12 +486,9 @@ def check_raw(image: Path, declared_format: str | None = "raw") -> None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise UsageError(f"{image} is neither a regular file nor a block device")
     with open(image, "rb") as f:
-        head = f.read(512)
-    for magic, name in _MAGICS.items():
-        if head.startswith(magic):
-            raise NotRawImage(f"{image} is a {name} image; convert it to raw before mounting it")
-    if head[_VDI_MAGIC_OFFSET : _VDI_MAGIC_OFFSET + 4] == _VDI_MAGIC:
-        raise NotRawImage(f"{image} is a vdi image; convert it to raw before mounting it")
+        name = container_format(f.read(SIGNATURE_BYTES))
+    if name is not None:
+        raise NotRawImage(f"{image} is a {name} image; convert it to raw before mounting it")
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:
@@ -593,7 +574,8 @@ def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
         if len(fields) < 2:
             continue
         fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
-        entries.append(tuple(_unescape_mountinfo(x) for x in fields[:4]))  # type: ignore[arg-type]
+        device, point, fstype, options = (_unescape_mountinfo(x) for x in fields[:4])
+        entries.append((device, point, fstype, options))
     return entries
 
 
@@ -735,12 +717,12 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
         if "noauto" in options.split(",") or "bind" in options.split(","):
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "noauto or bind"})
             continue
-        part = _find_partition(spec, parts)
-        if part is None:
+        found = _find_partition(spec, parts)
+        if found is None:
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "not on this disk"})
             continue
-        if part.device == gm.root_device or part.fstype not in MOUNTABLE_TYPES:
-            gm.skipped.append({"device": spec, "mount_point": point, "reason": f"type {part.fstype}"})
+        if found.device == gm.root_device or found.fstype not in MOUNTABLE_TYPES:
+            gm.skipped.append({"device": spec, "mount_point": point, "reason": f"type {found.fstype}"})
             continue
         target = gm.fs.resolve_dir(point)
         if target is None:
@@ -748,7 +730,9 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
             continue
         # btrfs subvolumes are part of which tree is meant; every other guest option is ignored
         extra = ",".join(o for o in options.split(",") if o.startswith(("subvol=", "subvolid=")))
-        m.mount(part.device, part.fstype or "", target, extra if part.fstype == "btrfs" and extra else None)
+        m.mount(
+            found.device, found.fstype or "", target, extra if found.fstype == "btrfs" and extra else None
+        )
 
     if m.chroot:
         # Only a minimal /dev. No /proc: a proc mounted here would show the host's processes (and

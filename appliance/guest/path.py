@@ -59,7 +59,13 @@ class GuestFS:
             os.close(fd)
 
     def _walk(
-        self, root_fd: int, parts: list[str], *, create: bool = False, mode: int = 0o755, owner=None
+        self,
+        root_fd: int,
+        parts: list[str],
+        *,
+        create: bool = False,
+        mode: int = 0o755,
+        owner: tuple[int, int] | None = None,
     ) -> tuple[int, list[str]]:
         """Open the directory ``parts`` names (resolving symlinks in-root); return (fd, resolved parts).
 

@@ -13,7 +13,7 @@ This runs only inside the resource-limited child (:mod:`appliance.guest.probe`):
 and a parser bug may raise anything, loop or allocate; the parent turns that into ``Guest.Unreadable``.
 
 An image that names another file it needs (a qcow2 backing or data file, a VMDK parent or extent file, a
-differencing VHD or VHDX) is refused by :func:`external_reference` before dissect sees it
+differencing VHD, VHDX or VDI) is refused by :func:`external_reference` before dissect sees it
 (:class:`ExternalReference`). As a second line, dissect gets the image through :class:`_Nameless`, a
 stream without a ``name``: dissect's VMDK and VHDX code look a parent up next to ``fh.name`` or at an
 absolute path the image gives, and with no name there is no place to look from (it raises instead).
@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from dissect.target import filesystem as dt_filesystem
 from dissect.target.containers.qcow2 import QCow2Container
 from dissect.target.containers.raw import RawContainer
+from dissect.target.containers.vdi import VdiContainer
 from dissect.target.containers.vhd import VhdContainer
 from dissect.target.containers.vhdx import VhdxContainer
 from dissect.target.containers.vmdk import VmdkContainer
@@ -37,14 +38,17 @@ from dissect.volume.disk import Disk as DissectDisk
 from dissect.volume.disk.schemes import GPT, MBR
 
 from ..image import bootsector
+from ..image.formats import QCOW2_MAGIC, VHD_COOKIE, VMDK_MAGIC
 
-#: user-facing format name → dissect container class (iso and qed are not guest disks dissect reads)
+#: format name (:data:`appliance.image.formats.GUEST_FORMATS`, the names
+#: :func:`appliance.image.formats.guest_format` gives) → dissect container class
 _CONTAINERS: dict[str, Any] = {
     "raw": RawContainer,
     "qcow2": QCow2Container,
     "vmdk": VmdkContainer,
     "vhd": VhdContainer,
     "vhdx": VhdxContainer,
+    "vdi": VdiContainer,
 }
 READABLE_FORMATS = frozenset(_CONTAINERS)
 
@@ -138,7 +142,7 @@ class Disk:
             type_str = f"0x{p.type:02x}"
             esp, bios_boot = p.type == _MBR_ESP, False
             bootable = bool((p.flags or 0) & 0x80)
-            partuuid = f"{signature:08x}-{p.number:02x}"
+            partuuid: str | None = f"{signature:08x}-{p.number:02x}"
             size = p.size
         else:
             type_str = str(p.type).lower()
@@ -168,12 +172,12 @@ class Disk:
             )
         )
 
-    def open_partition(self, number: int) -> BinaryIO:
+    def open_partition(self, number: int) -> io.RawIOBase:
         """A read-only stream of partition ``number`` (clipped to the image)."""
         offset, size = self._offsets[number]
         return _Window(self.stream, offset, size)
 
-    def open_whole(self) -> BinaryIO:
+    def open_whole(self) -> io.RawIOBase:
         """The whole disk as a stream (for a bare filesystem)."""
         return _Window(self.stream, 0, self.size)
 
@@ -258,7 +262,7 @@ def _show(name: str) -> str:
 def _qcow2_reference(fh: BinaryIO) -> str | None:
     fh.seek(0)
     header = fh.read(80)
-    if len(header) < 20 or header[:4] != b"QFI\xfb":
+    if len(header) < 20 or not header.startswith(QCOW2_MAGIC):
         return None
     version, backing_offset, backing_size = struct.unpack_from(">IQI", header, 4)
     if backing_offset:
@@ -296,14 +300,14 @@ def _vmdk_reference(fh: BinaryIO) -> str | None:
     if header.startswith(b"# Di"):
         fh.seek(0)
         return _vmdk_descriptor_reference(fh.read(_VMDK_DESCRIPTOR_MAX).decode("utf-8", "replace"), False)
-    if header[:4] != b"KDMV" or len(header) < 64:
+    if not header.startswith(VMDK_MAGIC) or len(header) < 64:
         return None
     gd_offset = struct.unpack_from("<Q", header, 56)[0]
     if gd_offset == 0xFFFFFFFFFFFFFFFF:  # streamOptimized: the footer is the real header (dissect reads it)
         fh.seek(0, io.SEEK_END)
         fh.seek(max(0, fh.tell() - 1024))
         footer = fh.read(512)
-        if footer[:4] == b"KDMV":
+        if footer.startswith(VMDK_MAGIC):
             header = footer
     desc_offset, desc_size = struct.unpack_from("<QQ", header, 28)
     if not desc_size:
@@ -323,7 +327,11 @@ def _vhd_reference(fh: BinaryIO) -> str | None:
             continue
         fh.seek(offset)
         footer = fh.read(64)
-        if len(footer) == 64 and footer[:8] == b"conectix" and struct.unpack_from(">I", footer, 60)[0] == 4:
+        if (
+            len(footer) == 64
+            and footer.startswith(VHD_COOKIE)
+            and struct.unpack_from(">I", footer, 60)[0] == 4
+        ):
             return "a differencing VHD (a child of a parent disk)"
     return None
 
@@ -346,11 +354,26 @@ def _vhdx_reference(fh: BinaryIO) -> str | None:
     return None
 
 
+#: offset of the VirtualBox image type (after the 72-byte pre-header and cbHeader) and its differencing value
+_VDI_TYPE_OFFSET, _VDI_DIFF = 76, 4
+
+
+def _vdi_reference(fh: BinaryIO) -> str | None:
+    # dissect reads a differencing VDI's missing blocks from a parent only when handed one, but the image is
+    # still not self-contained
+    fh.seek(_VDI_TYPE_OFFSET)
+    raw = fh.read(4)
+    if len(raw) == 4 and struct.unpack("<I", raw)[0] == _VDI_DIFF:
+        return "a differencing VDI (a child of a parent disk)"
+    return None
+
+
 _REFERENCE_CHECKS = {
     "qcow2": _qcow2_reference,
     "vmdk": _vmdk_reference,
     "vhd": _vhd_reference,
     "vhdx": _vhdx_reference,
+    "vdi": _vdi_reference,
 }
 
 

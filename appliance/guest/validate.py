@@ -21,13 +21,11 @@ from pathlib import Path
 
 from .. import config as config_mod
 from ..errors import Finding, UsageError
-from ..image.formats import parse_claim
+from ..image.formats import guest_format
 from ..image.qemuimg import Completed, isolated, run_limited
 from .codes import finding, for_data_disk
 from .report import GuestReport
 
-#: formats the reader opens directly (others are validated after conversion to raw)
-READABLE_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 PLATFORMS = {"linux": "linux", "windows": "windows"}
 ARCHITECTURES = {
     "x86_64": "x86_64",
@@ -49,18 +47,19 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 @contextmanager
-def _image_argument(path: Path) -> Iterator[tuple[str, Path]]:
+def _image_argument(path: Path, parent: Path | None = None) -> Iterator[tuple[str, Path]]:
     """(argument for the child, its working directory): a link in an empty private directory for a file,
-    the absolute device path (and an empty directory) for a block device."""
+    the absolute device path (and an empty directory) for a block device. The directory is made in
+    ``parent`` (default: the system's temporary directory)."""
     st = path.stat()
     if stat.S_ISBLK(st.st_mode):
-        directory = Path(tempfile.mkdtemp(prefix="guest-probe."))
+        directory = Path(tempfile.mkdtemp(prefix="guest-probe.", dir=parent))
         try:
             yield str(path.resolve()), directory
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     else:
-        with isolated(path) as link:
+        with isolated(path, parent=parent) as link:
             yield link.name, link.parent
 
 
@@ -117,34 +116,35 @@ def validate_image(
     config: config_mod.Config | None = None,
     cancel: threading.Event | None = None,
     wall_seconds: float | None = None,
+    workdir: Path | None = None,
 ) -> GuestReport:
     """Read the guest in ``path`` (a file or block device in format ``fmt``) without mounting or trusting it.
 
-    ``bootable=False`` (data disks: ImportSnapshot/ImportVolume) turns boot findings into info. The reader
-    runs under ``config.limits.guest_probe_*`` and ``wall_seconds`` (default: 4 times the CPU limit, ≥ 60 s).
+    ``fmt`` is the format the image is known to have (e.g. what :func:`appliance.image.inspect.inspect_image`
+    found), under any of its names (:func:`appliance.image.formats.guest_format`): it is not checked against
+    the content here, so an unverified claim must be inspected first. ``bootable=False`` (data disks:
+    ImportSnapshot/ImportVolume) turns boot findings into info. The reader runs under
+    ``config.limits.guest_probe_*`` and ``wall_seconds`` (default: 4 times the CPU limit, ≥ 60 s),
+    in a private directory made in ``workdir`` (a task's scratch, which goes with the task even when its
+    process is killed; default: the system's temporary directory).
     """
-    claim, compression = parse_claim(fmt)
-    if compression is not None:
-        raise UsageError(
-            f"guest validation reads uncompressed images; decompress the {compression} input first"
-        )
-    fmt = claim or "raw"
+    reader_format = guest_format(fmt)
     src = Path(path)
     if not src.exists():
         raise UsageError(f"no such image: {src}")
-    if fmt not in READABLE_FORMATS:
+    if reader_format is None:
         report = _unreadable(
-            f"{fmt} images are not read directly; validate the image after conversion to raw"
+            f"{fmt.strip().lower()} images are not read directly; validate the image after conversion to raw"
         )
     else:
         cfg = config if config is not None else config_mod.from_dict({})
         cpu, address_space = cfg.limits.guest_probe_cpu_seconds, cfg.limits.guest_probe_address_space
-        with _image_argument(src) as (argument, workdir):
+        with _image_argument(src, workdir) as (argument, private):
             res = run_limited(
-                [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", fmt, argument],
+                [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", reader_format, argument],
                 cpu_seconds=cpu,
                 address_space=address_space,
-                cwd=workdir,
+                cwd=private,
                 cancel=cancel,
                 wall_seconds=wall_seconds,
             )

@@ -141,11 +141,11 @@ def check_policy(
         )
     if guest and ("allow_os" in rules or "deny_os" in rules):
         os_ = guest.get("os") or {}
-        names = {str(v).lower() for v in (os_.get("family"), os_.get("distribution")) if v}
-        shown = os_.get("pretty_name") or "/".join(sorted(names)) or "an unrecognised OS"
+        os_names = {str(v).lower() for v in (os_.get("family"), os_.get("distribution")) if v}
+        shown = os_.get("pretty_name") or "/".join(sorted(os_names)) or "an unrecognised OS"
         if "allow_os" in rules:
             allowed = {n.lower() for n in rules["allow_os"]}
-            if not names & allowed:
+            if not os_names & allowed:
                 raise PolicyDenied(
                     OS_DENIED,
                     "allow_os",
@@ -153,7 +153,7 @@ def check_policy(
                 )
             checked.append("allow_os")
         if "deny_os" in rules:
-            denied = names & {n.lower() for n in rules["deny_os"]}
+            denied = os_names & {n.lower() for n in rules["deny_os"]}
             if denied:
                 raise PolicyDenied(
                     OS_DENIED, "deny_os", f"the guest runs {shown} ({', '.join(sorted(denied))})"

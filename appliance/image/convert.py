@@ -16,8 +16,9 @@ with the holes those leave closed:
    replaced keeps its mode; a new one gets the umask's.
 4. A block-device target (raw only) is written in place with ``-n -t none`` and flushed.
 
-A filesystem that fills up under qemu-img (or under the decompressor) is ``InsufficientScratch``
-(:func:`appliance.scratch.no_space_error`), not a conversion failure.
+A filesystem that fills up under qemu-img (or under the decompressor) is not a conversion failure:
+it is ``InsufficientScratch`` (:func:`appliance.scratch.no_space_error`), or what the caller's
+``no_space`` makes of it when ``dst`` is not in scratch (a volume: ``InsufficientStorage``).
 
 Output goes through O_DIRECT (``-t none``) for the conversions where that measured faster; see
 :data:`DIRECT_IO_FORMATS` and :data:`BUFFERED_INPUTS`.
@@ -50,7 +51,7 @@ from ..errors import Cancelled, ConversionFailed, Finding, ImageRejected, Imagin
 from ..progress import Progress, ProgressTracker
 from ..scratch import NO_SPACE_MESSAGES, is_no_space, no_space_error
 from . import qemuimg
-from .formats import check_output_format, to_qemu
+from .formats import VHD_COOKIE, check_output_format, to_qemu
 from .inspect import InspectionResult, inspect_image, require_safe, verify_output
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def convert_image(
     cancel: threading.Event | None = None,
     ledger: partials.Ledger | None = None,
     reserve: Callable[[int, bool], None] | None = None,
+    no_space: Callable[[Path, str], ImagingError] = no_space_error,
 ) -> ConversionResult:
     """Convert ``src`` (claimed format ``claimed``, e.g. ``qcow2`` or ``raw.gz``) to ``to_format`` at ``dst``.
 
@@ -137,10 +139,13 @@ def convert_image(
     atomically) or an existing block device (raw output only; written in place). ``ledger``
     (a step's context) is told the partial output's name before it is created, and when it is gone;
     ``reserve`` is the decompressor's scratch reservation (see :func:`appliance.image.decompress.decompress`).
+    ``no_space(directory, doing)`` is the error raised when ``dst``'s filesystem fills up (by default
+    ``InsufficientScratch``: ``dst`` is in scratch; a target that is not passes its own).
 
     Raises :class:`ImageRejected` if the source is unsafe or not what was claimed,
     :class:`ConversionFailed` if qemu-img fails or its output does not re-inspect as a safe
-    ``to_format`` image, :class:`InsufficientScratch` when a filesystem fills up, :class:`Cancelled`
+    ``to_format`` image, :class:`InsufficientScratch` when scratch fills up (``no_space``'s error when
+    ``dst``'s filesystem does), :class:`Cancelled`
     when ``cancel`` is set, :class:`UsageError` for a bad format, subformat or target. On every
     failure, cancel and ``KeyboardInterrupt`` the partial output is removed (a block device is left
     as qemu-img left it) and no temporary file remains next to ``dst``.
@@ -159,7 +164,9 @@ def convert_image(
     qemu_img = _qemu_img()
     _raise_if_cancelled(cancel)
 
-    source = inspect_image(src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel)
+    source = inspect_image(
+        src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel, ledger=ledger
+    )
     # A compressed source was decompressed into workdir; that copy is ours to remove.
     intermediate = source.path if source.path != src else None
     try:
@@ -167,7 +174,7 @@ def convert_image(
         virtual_size = source.virtual_size or 0
         _raise_if_cancelled(cancel)
         tracker = ProgressTracker("converting", virtual_size, on_progress)
-        job = _Job(source, fmt, subformat, config, workdir, qemu_img, tracker, virtual_size, cancel)
+        job = _Job(source, fmt, subformat, config, workdir, qemu_img, tracker, virtual_size, cancel, no_space)
         if block_device:
             _check_device_size(dst, virtual_size)
             argv, output = job.run(dst, block_device=True)
@@ -179,7 +186,7 @@ def convert_image(
                     _fsync_dir(dst.parent)
             except OSError as exc:
                 if is_no_space(exc):
-                    raise no_space_error(dst.parent, f"writing {dst.name}") from exc
+                    raise no_space(dst.parent, f"writing {dst.name}") from exc
                 raise
             output = _with_path(output, dst)
         tracker.finish()
@@ -214,6 +221,8 @@ class _Job:
     tracker: ProgressTracker
     virtual_size: int
     cancel: threading.Event | None
+    #: the error of a full filesystem under the output
+    no_space: Callable[[Path, str], ImagingError]
 
     def run(self, out_path: Path, *, block_device: bool) -> tuple[list[str], InspectionResult]:
         with qemuimg.isolated(self.source.path, parent=self.workdir) as linked:
@@ -227,8 +236,10 @@ class _Job:
                 direct_io=block_device or _supports_direct_io(out_path),
                 qemu_img=self.qemu_img,
             )
-            _run_convert(argv, linked.parent, self.tracker, self.virtual_size, self.cancel, out_path)
-        _flush(out_path)
+            _run_convert(
+                argv, linked.parent, self.tracker, self.virtual_size, self.cancel, out_path, self.no_space
+            )
+        _flush(out_path, self.no_space)
         _raise_if_cancelled(self.cancel)
         return argv, _verify(out_path, self.fmt, self.config, block_device=block_device)
 
@@ -362,10 +373,11 @@ def _run_convert(
     virtual_size: int,
     cancel: threading.Event | None,
     out_path: Path,
+    no_space: Callable[[Path, str], ImagingError] = no_space_error,
 ) -> None:
     """Run qemu-img convert, feeding its ``-p`` output to ``tracker``; stop it on cancel.
 
-    A failure because ``out_path``'s filesystem is full is ``InsufficientScratch``.
+    A failure because ``out_path``'s filesystem is full is ``no_space``'s error.
     """
     log.debug("running %s", " ".join(argv))
     proc = subprocess.Popen(
@@ -400,7 +412,7 @@ def _run_convert(
         if rc < 0:
             message = f"killed by signal {-rc}: {message}"
         elif any(text in message for text in NO_SPACE_MESSAGES):
-            raise no_space_error(out_path.parent, f"qemu-img convert was writing ({message})")
+            raise no_space(out_path.parent, f"qemu-img convert was writing ({message})")
         raise ConversionFailed(f"qemu-img convert failed: {message}", code="ConversionFailed.QemuImg")
     if stderr:
         log.warning("qemu-img convert: %s", bytes(stderr).decode("utf-8", "replace").strip())
@@ -496,8 +508,9 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = TERM_GRACE)
         time.sleep(0.02)
 
 
-def _flush(path: Path) -> None:
-    """fsync the output: qemu-img writes with cache=unsafe and never flushes."""
+def _flush(path: Path, no_space: Callable[[Path, str], ImagingError] = no_space_error) -> None:
+    """fsync the output: qemu-img writes with cache=unsafe and never flushes. A filesystem that
+    finds no room for what it had cached (ENOSPC at fsync) is ``no_space``'s error."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -505,6 +518,8 @@ def _flush(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(path.parent, f"flushing {path.name}") from exc
         raise ConversionFailed(
             f"could not flush {path} to disk: {exc.strerror}", code="ConversionFailed.Flush"
         ) from exc
@@ -549,7 +564,7 @@ def _verify_device(path: Path) -> InspectionResult:
         size = f.seek(0, os.SEEK_END)
         # a fixed VHD is only a footer at the end, which the content inspectors do not look at
         f.seek(max(0, size - 512))
-        vhd_footer = size >= 512 and f.read(8) == b"conectix"
+        vhd_footer = size >= 512 and f.read(len(VHD_COOKIE)) == VHD_COOKIE
         f.seek(0)
         wrapper = fi.InspectWrapper(f)
         try:

@@ -10,7 +10,10 @@ An attacker controls the compressed bytes, so decompression must never be able t
   is removed;
 * decoder memory is capped (xz ``memlimit``, zstd window limit), so a crafted header cannot demand gigabytes;
 * all-zero 1 MiB blocks are skipped with ``seek`` and the file is truncated to length at the end, so the
-  mostly empty raw disks in archives stay sparse on disk.
+  mostly empty raw disks in archives stay sparse on disk;
+* the output is a partial file (:mod:`appliance.partials`: a hidden name next to the final one, announced
+  to the caller's ledger before it exists) renamed into place only when the whole stream is decompressed,
+  so what a killed process was writing is swept when its task resumes, never left under the final name.
 
 A truncated or corrupt stream, or trailing garbage, is ``CorruptImage``. Concatenated gzip members, xz
 streams, bzip2 streams and zstd frames are decoded in sequence, as the command-line tools do.
@@ -19,6 +22,7 @@ streams, bzip2 streams and zstd frames are decoded in sequence, as the command-l
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import lzma
 import os
@@ -30,9 +34,10 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
+from .. import partials
 from ..errors import Cancelled, Finding, ImageRejected, UsageError
 from ..scratch import is_no_space, no_space_error
-from .formats import COMPRESSIONS
+from .formats import COMPRESSIONS, SIGNATURE_BYTES, compression_of
 
 #: output granularity: cap checks, progress callbacks and hole detection happen per block
 BLOCK_SIZE = 1 << 20
@@ -45,8 +50,6 @@ _XZ_MEMLIMIT = 512 << 20  # xz -9e needs ~65 MiB; a header demanding more is hos
 _ZEROS = bytes(BLOCK_SIZE)
 
 # bzip2: "BZh" + level digit + the 48-bit magic of the first block (pi) or of the end of stream (sqrt(pi)).
-_BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
-
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
     OSError,  # gzip.BadGzipFile and bz2's "Invalid data stream" are OSErrors
@@ -59,22 +62,17 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 def detect_compression(path: Path) -> str | None:
     """``gzip``, ``xz``, ``zstd`` or ``bzip2`` when the file starts with that magic number, else None."""
     with open(path, "rb") as f:
-        head = f.read(10)
-    if head.startswith(b"\x1f\x8b\x08"):
-        return "gzip"
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd"
-    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0" and head[4:10] in _BZIP2_BLOCK_MAGICS:
-        return "bzip2"
-    return None
+        return compression_of(f.read(SIGNATURE_BYTES))
 
 
 class _MaxLengthDecompressor(Protocol):
-    eof: bool
-    needs_input: bool
-    unused_data: bytes
+    # read-only, as lzma's and bz2's decompressors have them
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def needs_input(self) -> bool: ...
+    @property
+    def unused_data(self) -> bytes: ...
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 
@@ -190,54 +188,59 @@ def decompress(
     reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
+    ledger: partials.Ledger | None = None,
 ) -> int:
-    """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the new file ``dst``.
+    """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the file ``dst``.
 
     Returns the decompressed size. Never writes more than ``max_bytes``: the stream is rejected with
-    ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. ``dst`` must not exist (it is created
-    exclusively, never followed if a symlink). ``on_progress`` receives the number of bytes produced so far
-    after each block (never more than ``max_bytes``). ``reserve(n, False)`` is called before a block of data
-    is written with the bytes written so far including it (zero blocks stay holes and are not counted); it
-    raises ``InsufficientScratch`` when scratch cannot hold them (a :class:`appliance.scratch.Allowance`).
+    ``SizeLimitExceeded.Decompressed`` as soon as it would exceed that. The output is written to a partial
+    of ``dst`` (mode 0600, whose name ``ledger`` learns before it exists) and renamed to ``dst`` when
+    complete; ``dst`` must not exist (``FileExistsError``, nothing written). ``on_progress`` receives the
+    number of bytes produced so far after each block (never more than ``max_bytes``). ``reserve(n, False)``
+    is called before a block of data is written with the bytes written so far including it (zero blocks
+    stay holes and are not counted); it raises ``InsufficientScratch`` when scratch cannot hold them (a
+    :class:`appliance.scratch.Allowance`).
+
     Raises ImageRejected (``CorruptImage``) for a bad stream, Cancelled when ``cancel`` is set,
-    InsufficientScratch when the scratch quota or the disk cannot hold the output; ``dst`` is removed on
-    every failure.
+    InsufficientScratch when the scratch quota or the disk cannot hold the output. On every failure the
+    partial is removed and nothing is at ``dst``.
     """
     if kind not in COMPRESSIONS:
         raise UsageError(f"unknown compression {kind!r}; use one of {', '.join(COMPRESSIONS)}")
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    dst = Path(dst)
+    if os.path.lexists(dst):  # the caller's fresh name, in its private directory: it stays fresh
+        raise FileExistsError(errno.EEXIST, "the decompressed output already exists", str(dst))
     total = written = 0
     try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as out:
-            blocks = _blocks(_pieces(kind, fin))
-            while True:
-                try:
-                    block = next(blocks, None)
-                except _DECODE_ERRORS as exc:
-                    raise _corrupt(kind, exc) from exc
-                if block is None:
-                    break
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"decompression of {src.name} cancelled")
-                if total + len(block) > max_bytes:
-                    raise _bomb(kind, max_bytes)
-                if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
-                    out.seek(len(block), os.SEEK_CUR)
-                else:
-                    written += len(block)
-                    if reserve is not None:
-                        reserve(written, False)
-                    out.write(block)
-                total += len(block)
-                if on_progress is not None:
-                    on_progress(total)
-            out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
+        with partials.partial_file(dst, ledger) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as out:
+                blocks = _blocks(_pieces(kind, fin))
+                while True:
+                    try:
+                        block = next(blocks, None)
+                    except _DECODE_ERRORS as exc:
+                        raise _corrupt(kind, exc) from exc
+                    if block is None:
+                        break
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled(f"decompression of {src.name} cancelled")
+                    if total + len(block) > max_bytes:
+                        raise _bomb(kind, max_bytes)
+                    if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
+                        out.seek(len(block), os.SEEK_CUR)
+                    else:
+                        written += len(block)
+                        if reserve is not None:
+                            reserve(written, False)
+                        out.write(block)
+                    total += len(block)
+                    if on_progress is not None:
+                        on_progress(total)
+                out.truncate(total)  # materialises a trailing hole; also the only way the size covers it
+            partials.publish(tmp, dst, 0o600)
         return total
     except OSError as exc:
-        dst.unlink(missing_ok=True)
         if is_no_space(exc):
             raise no_space_error(dst.parent, f"decompressing {src.name} ({total} bytes out)") from exc
-        raise
-    except BaseException:
-        dst.unlink(missing_ok=True)
         raise

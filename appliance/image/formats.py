@@ -1,11 +1,15 @@
-"""Disk-image format names: the user-facing names, qemu-img's names and the inspector's names.
+"""Disk-image format names: the user-facing names, qemu-img's names, the inspector's and the guest reader's.
 
 Users and the EC2 API say ``vhd``; qemu-img calls the same format ``vpc``. The oslo format
 inspector says ``gpt`` for anything with an MBR/GPT partition table, which is raw to qemu-img.
-This module is the one place those names are translated.
+The guest reader (:mod:`appliance.guest.reader`) opens a set of its own (:data:`GUEST_FORMATS`).
+This module is the one place those names are translated, and the one place that knows how each
+format announces itself in its bytes (:func:`container_format`, :func:`compression_of`).
 """
 
 from __future__ import annotations
+
+from typing import overload
 
 from ..errors import UsageError
 
@@ -15,10 +19,19 @@ INPUT_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx", "qed", "iso")
 OUTPUT_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx")
 #: compression containers recognised by magic and by a ``.gz``-style suffix on a claim
 COMPRESSIONS = ("gzip", "xz", "zstd", "bzip2")
+#: formats the content inspector may report beyond :data:`INPUT_FORMATS` (no claim names them): ``vdi``
+#: passes inspection, ``luks`` is always rejected
+DETECTED_ONLY_FORMATS = ("vdi", "luks")
+#: formats the guest reader opens directly (its names; :mod:`appliance.guest.reader` has a container for each)
+GUEST_FORMATS = ("raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi")
 
 _QEMU_NAMES = {"vhd": "vpc"}
 _FROM_QEMU = {v: k for k, v in _QEMU_NAMES.items()}
 _SUFFIXES = {"gz": "gzip", "gzip": "gzip", "xz": "xz", "zst": "zstd", "zstd": "zstd", "bz2": "bzip2"}
+#: the inspector's name for raw with a partition table
+_FROM_INSPECTOR = {"gpt": "raw"}
+#: formats the guest reader reads under another name: an ISO as the raw bytes it is (qemu-img reads it as raw)
+_GUEST_ALIASES = {"iso": "raw"}
 
 
 def to_qemu(fmt: str) -> str:
@@ -31,13 +44,8 @@ def from_qemu(fmt: str) -> str:
     return _FROM_QEMU.get(fmt, fmt)
 
 
-def parse_claim(claim: str | None) -> tuple[str | None, str | None]:
-    """Split a claimed format such as ``raw.gz`` into ``("raw", "gzip")``.
-
-    Raises :class:`UsageError` for a name the toolkit does not know.
-    """
-    if claim is None:
-        return None, None
+def _split(claim: str) -> tuple[str, str | None]:
+    """``"RAW.gz"`` → ``("raw", "gzip")``: the lower-case name and the compression its suffix names."""
     name = claim.strip().lower()
     compression = None
     if "." in name:
@@ -48,10 +56,50 @@ def parse_claim(claim: str | None) -> tuple[str | None, str | None]:
                 f"use one of {', '.join(sorted(_SUFFIXES))}"
             )
         compression = _SUFFIXES[suffix]
-    name = from_qemu(name)
+    return from_qemu(name), compression
+
+
+@overload
+def parse_claim(claim: str) -> tuple[str, str | None]: ...
+@overload
+def parse_claim(claim: None) -> tuple[None, None]: ...
+@overload
+def parse_claim(claim: str | None) -> tuple[str | None, str | None]: ...
+
+
+def parse_claim(claim: str | None) -> tuple[str | None, str | None]:
+    """Split a claimed format such as ``raw.gz`` into ``("raw", "gzip")``.
+
+    Raises :class:`UsageError` for a name the toolkit does not know.
+    """
+    if claim is None:
+        return None, None
+    name, compression = _split(claim)
     if name not in INPUT_FORMATS:
         raise UsageError(f"unknown image format {claim!r}; use one of {', '.join(INPUT_FORMATS)}")
     return name, compression
+
+
+def guest_format(fmt: str) -> str | None:
+    """The guest reader's name (one of :data:`GUEST_FORMATS`) for a format as any part of the appliance
+    spells it: user-facing (``vhd``, fixed or dynamic alike), qemu-img's (``vpc``), the inspector's
+    (``gpt``), in any case; ``iso`` is read as raw. ``None`` for a known format the reader does not open
+    (``qed``, ``luks``).
+
+    Raises :class:`UsageError` for a compressed format (``raw.gz``: the reader needs the uncompressed
+    image) or an unknown name.
+    """
+    name, compression = _split(fmt)
+    if compression is not None:
+        raise UsageError(
+            f"guest validation reads uncompressed images; decompress the {compression} input first"
+        )
+    name = _GUEST_ALIASES.get(name, _FROM_INSPECTOR.get(name, name))
+    if name in GUEST_FORMATS:
+        return name
+    if name in INPUT_FORMATS or name in DETECTED_ONLY_FORMATS:
+        return None
+    raise UsageError(f"unknown image format {fmt!r}; use one of {', '.join(GUEST_FORMATS)}")
 
 
 def check_output_format(fmt: str) -> str:
@@ -60,3 +108,74 @@ def check_output_format(fmt: str) -> str:
     if name not in OUTPUT_FORMATS:
         raise UsageError(f"cannot write format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
     return name
+
+
+# -- signatures: the bytes by which each format announces itself --------------------------------------
+
+#: qcow2: ``QFI\xfb`` at offset 0; a big-endian header follows (version at 4, backing file offset at 8
+#: and size at 16, incompatible features at 72 in version 3)
+QCOW2_MAGIC = b"QFI\xfb"
+#: VMDK sparse extent (monolithicSparse, streamOptimized): ``KDMV`` at offset 0, a little-endian header
+#: (descriptor offset/size in sectors at 28/36, grain directory offset at 56); a streamOptimized
+#: file repeats the header as a footer 1024 bytes before its end
+VMDK_MAGIC = b"KDMV"
+#: VMDK text descriptor: begins with this comment line
+VMDK_DESCRIPTOR_START = b"# Disk DescriptorFile"
+#: VHD (qemu-img's ``vpc``): the 512-byte footer in the last sector starts with this cookie (a
+#: dynamic or differencing VHD also has a copy at offset 0; disk type, big-endian, at offset 60)
+VHD_COOKIE = b"conectix"
+#: VHDX: the file type identifier at offset 0
+VHDX_MAGIC = b"vhdxfile"
+#: QED: at offset 0
+QED_MAGIC = b"QED\x00"
+#: VDI: the signature 0xbeda107f (little-endian) at offset 0x40, after a 64-byte text banner
+VDI_MAGIC_OFFSET, VDI_MAGIC = 0x40, b"\x7f\x10\xda\xbe"
+#: how many leading bytes :func:`container_format` and :func:`compression_of` need
+SIGNATURE_BYTES = VDI_MAGIC_OFFSET + len(VDI_MAGIC)
+
+_CONTAINER_MAGICS = {
+    QCOW2_MAGIC: "qcow2",
+    VMDK_MAGIC: "vmdk",
+    VHDX_MAGIC: "vhdx",
+    QED_MAGIC: "qed",
+    VHD_COOKIE: "vhd",
+}
+#: bzip2 block magics after ``BZh`` and the block size digit: pi (a data block) or sqrt(pi) (end of
+#: stream: an empty archive)
+_BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
+#: the file-name suffix of each compression (``disk.raw.gz``)
+COMPRESSION_SUFFIXES = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "bzip2": ".bz2"}
+
+
+def container_format(head: bytes) -> str | None:
+    """The container format whose signature ``head`` (the first :data:`SIGNATURE_BYTES` bytes of a file)
+    starts with, or None (raw, or a format announced only at its end such as a fixed VHD)."""
+    for magic, name in _CONTAINER_MAGICS.items():
+        if head.startswith(magic):
+            return name
+    if head[VDI_MAGIC_OFFSET : VDI_MAGIC_OFFSET + len(VDI_MAGIC)] == VDI_MAGIC:
+        return "vdi"
+    return None
+
+
+def compression_of(head: bytes) -> str | None:
+    """``gzip``, ``xz``, ``zstd`` or ``bzip2`` when ``head`` starts with that compression's magic:
+    gzip ``1f 8b`` with method ``08`` (deflate); xz ``fd 37 7a 58 5a 00``; a zstd frame
+    ``28 b5 2f fd``; bzip2 ``BZh``, a block size digit 1-9 and a block magic."""
+    if head.startswith(b"\x1f\x8b\x08"):
+        return "gzip"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd"
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0" and head[4:10] in _BZIP2_BLOCK_MAGICS:
+        return "bzip2"
+    return None
+
+
+def strip_compression_suffix(name: str) -> str | None:
+    """``disk.raw.gz`` → ``disk.raw`` (any case; ``.gzip`` and ``.zstd`` too); None without such a suffix."""
+    for suffix in sorted({f".{s}" for s in _SUFFIXES}, key=len, reverse=True):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None

@@ -36,13 +36,20 @@ from oslo_utils.imageutils import format_inspector as fi
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected, Severity, UsageError
+from ..partials import Ledger
 from . import bootsector, qemuimg
 from .decompress import decompress, detect_compression
-from .formats import check_output_format, from_qemu, parse_claim, to_qemu
+from .formats import (
+    COMPRESSION_SUFFIXES,
+    VHD_COOKIE,
+    VMDK_MAGIC,
+    check_output_format,
+    parse_claim,
+    strip_compression_suffix,
+    to_qemu,
+)
 
 _READ_CHUNK = 64 * 1024
-_COMPRESSION_SUFFIXES = (".gz", ".gzip", ".xz", ".zst", ".zstd", ".bz2")
-_VHD_COOKIE = b"conectix"
 _VHD_FIXED, _VHD_DYNAMIC, _VHD_DIFFERENCING = 2, 3, 4
 _VMDK_NO_PARENT_CID = "ffffffff"
 #: inspectors that read the virtual size from a header
@@ -119,15 +126,18 @@ def inspect_image(
     max_decompressed: int | None = None,
     reserve: Callable[[int, bool], None] | None = None,
     cancel: threading.Event | None = None,
+    ledger: Ledger | None = None,
+    decompress_to: Path | None = None,
 ) -> InspectionResult:
     """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
 
     A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
     ``config.limits.max_decompressed_size``; ``reserve`` reserves scratch for it as it grows, see
-    :func:`appliance.image.decompress.decompress`); the decompressed file is kept only when the image
-    is safe (it is then ``result.path`` and belongs to the caller). qemu-img's private directories are
-    created under ``workdir`` too when given. Stops at the first stage with an error finding; qemu-img
-    never runs when the content inspector rejected the file.
+    :func:`appliance.image.decompress.decompress`) as a partial output ``ledger`` is told about, renamed
+    to ``decompress_to`` (default: a new name in ``workdir``) when complete; the decompressed file is
+    kept only when the image is safe (it is then ``result.path`` and belongs to the caller). qemu-img's
+    private directories are created under ``workdir`` too when given. Stops at the first stage with an
+    error finding; qemu-img never runs when the content inspector rejected the file.
 
     Raises UsageError for an unknown claim, a missing file, or a compressed input without ``workdir``;
     Cancelled when ``cancel`` is set. Never raises for an unsafe image: the result carries error findings.
@@ -145,7 +155,7 @@ def inspect_image(
             Finding.error(
                 "FormatMismatch",
                 f"claimed {claimed}, detected {detected}; give the format that matches the file "
-                f"(e.g. {claimed_fmt}{'.' + _suffix(compression) if compression else ''})",
+                f"(e.g. {claimed_fmt}{COMPRESSION_SUFFIXES[compression] if compression else ''})",
             )
         )
         return _finish(result)
@@ -158,10 +168,10 @@ def inspect_image(
             f"{source.name} is {compression}-compressed; a work directory to decompress into is needed"
         )
     limit = config.limits.max_decompressed_size if max_decompressed is None else max_decompressed
-    target = _fresh_path(Path(workdir), source)
+    target = decompress_to if decompress_to is not None else _fresh_path(Path(workdir), source)
     try:
         result.details["decompressed_size"] = decompress(
-            source, target, compression, limit, reserve=reserve, cancel=cancel
+            source, target, compression, limit, reserve=reserve, cancel=cancel, ledger=ledger
         )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)
@@ -398,19 +408,6 @@ def _content_stage(
         result.add(_size_finding(size, config))
 
 
-def detect_format(path: Path | str, cancel: threading.Event | None = None) -> str | None:
-    """The single format the content of ``path`` has (user-facing name: ``raw``, ``qcow2``, ``vhd`` …),
-    by oslo's format inspector alone (no qemu-img, no safety verdict); None when several match."""
-    inspectors = _detect(Path(path), cancel)
-    if len(inspectors) != 1:
-        return None
-    name = str(inspectors[0])
-    if name in ("raw", "gpt"):
-        # the inspector has no fixed-VHD detector: a raw-looking file with a VHD footer is a VHD
-        return "vhd" if _read_vhd_footer(Path(path)) is not None else "raw"
-    return from_qemu(name)
-
-
 def _detect(path: Path, cancel: threading.Event | None) -> list[fi.FileInspector]:
     """Every format whose inspector matches (``[raw]`` when none does), reading only as far as needed."""
     with open(path, "rb") as f:
@@ -489,7 +486,7 @@ def _safety_finding(
 def _check_vmdk(path: Path, inspector: fi.FileInspector, result: InspectionResult, config: Config) -> None:
     """Close oslo.utils 10.2's VMDK gaps (text-only descriptors, delta disks); apply the create types."""
     with open(path, "rb") as f:
-        if f.read(4) != b"KDMV":
+        if f.read(len(VMDK_MAGIC)) != VMDK_MAGIC:
             result.add(
                 Finding.error(
                     "UnsafeImage.VmdkDescriptor",
@@ -530,7 +527,7 @@ def _read_vhd_footer(path: Path) -> dict[str, Any] | None:
     with open(path, "rb") as f:
         f.seek(size - 512)
         footer = f.read(512)
-    if not footer.startswith(_VHD_COOKIE):
+    if not footer.startswith(VHD_COOKIE):
         return None
     (data_offset,) = struct.unpack_from(">Q", footer, 16)
     (current_size,) = struct.unpack_from(">Q", footer, 48)
@@ -650,19 +647,9 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("image inspection cancelled")
 
 
-def _suffix(compression: str) -> str:
-    return {"gzip": "gz", "xz": "xz", "zstd": "zst", "bzip2": "bz2"}[compression]
-
-
 def _fresh_path(workdir: Path, source: Path) -> Path:
     """A new name in ``workdir`` for the decompressed copy of ``source`` (``disk.raw.gz`` → ``disk.raw``)."""
-    name = source.name
-    for suffix in _COMPRESSION_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
-    else:
-        name += ".decompressed"
+    name = strip_compression_suffix(source.name) or source.name + ".decompressed"
     candidate = workdir / name
     n = 1
     while candidate.exists() or candidate.is_symlink():

@@ -86,7 +86,9 @@ class ReportVerifier:
         except ValueError:
             message = None
         claimed = message.get("appliance_id") if isinstance(message, dict) else None
-        secret = self.secret_for(claimed if isinstance(claimed, str) else None)
+        if not isinstance(claimed, str):  # a shared secret signs messages without one too
+            claimed = None
+        secret = self.secret_for(claimed)
         # The signature is checked before anything in the body is believed.
         if secret is None or not messages.signature_valid(secret, body, signature):
             raise ReportRejected(401, "forged", "signature missing or wrong")
@@ -106,10 +108,10 @@ class ReportVerifier:
                 409, "stale", f"ts is {age:.0f} s away from now (window {self.window:.0f} s)"
             )
         with self._lock:
-            last = self.last_seq.get(claimed, 0)
+            last = self.last_seq.get(claimed or "", 0)
             if seq <= last:
                 raise ReportRejected(409, "replayed", f"seq {seq} is not above {last}")
-            self.last_seq[claimed] = seq
+            self.last_seq[claimed or ""] = seq
         return message
 
 
@@ -231,11 +233,13 @@ class Controller:
         )
 
     def _put_status(self, params: dict[str, str]) -> str:
-        record = {k: params.get(k) for k in ("InstanceId", "ImportTaskId", "Status", "VolumeId", "ErrorCode")}
+        record: dict[str, str | int | None] = {
+            k: params.get(k) for k in ("InstanceId", "ImportTaskId", "Status", "VolumeId", "ErrorCode")
+        }
         record["BytesConverted"] = int(params.get("BytesConverted") or 0)
         record["Message"] = params.get("Message")
         self._append({"pull_status": record})
-        entry = self.assigned.get(record["ImportTaskId"] or "")
+        entry = self.assigned.get(params.get("ImportTaskId") or "")
         # As Eucalyptus: a status for a task this worker does not hold is answered with cancel.
         cancelled = entry is None or entry["worker"] != record["InstanceId"] or entry["cancelled"]
         if entry is not None and record["Status"] in ("DONE", "FAILED"):

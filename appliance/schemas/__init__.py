@@ -12,7 +12,7 @@ Like cloud-init's ``schema-cloud-config-v1.json``, each document format has one 
 
 Each file has an ``$id`` (:data:`BASE` + file name; the ``.invalid`` host never resolves, and
 nothing is ever fetched: :func:`registry` holds every file), a ``title``, and a ``description`` on
-every property; the README's field tables are generated from them (:mod:`appliance.schemas.doc`).
+every property; the README's field tables are generated from them (:mod:`appliance.cli.doc`).
 Files share fragments by ``$ref`` (the user data refers to the service configuration's fields, the
 targets to its ``size``) rather than by copies, so a validator needs :func:`registry`; build it
 with :func:`validator`.

@@ -10,6 +10,11 @@ cancellation. The HTTP layer (``api/ec2``) only parses, calls this and renders.
 The active-task limit and the client tokens are enforced by the store when it creates the task
 (:meth:`~appliance.store.Store.create_task`): the API's worker processes each run a service, and
 only the store sees all of their requests at once.
+
+Tenancy: every task belongs to the account that created it (:class:`Caller`); a caller describes
+and cancels only the tasks of the accounts it sees, and to it any other task does not exist (the
+same ``TaskNotFound`` as an unknown id). Every look-up is a query of the store by id and account,
+so any appliance sharing the store answers for tasks another one created.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..config import Config
+from ..config import Config, Credential
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
 from ..sources.s3names import check_bucket, check_key
 from ..sources.urlfilter import UrlPolicy, parse_s3_url
@@ -86,6 +91,34 @@ class DiskContainer:
     key: str | None = None
     description: str | None = None
     device_name: str | None = None
+
+
+#: the account of tasks recorded without one: tasks of ``imaging run`` and of the controller (pull
+#: mode), and API tasks from before accounts existed
+NO_ACCOUNT = ""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a request acts for: ``account`` owns the tasks it creates (and scopes its client
+    tokens); ``sees`` are the accounts whose tasks it may describe and cancel (None: every
+    account, the operator's view). The default is the operator: no account, sees everything."""
+
+    account: str = NO_ACCOUNT
+    sees: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, credential: Credential) -> Caller:
+        """An API key acting for its own account. A key configured without an account (its access
+        key names its account) also sees the tasks recorded without one, so a set-up from before
+        accounts existed keeps seeing the tasks it created then."""
+        sees = {credential.account} if credential.account_configured else {credential.account, NO_ACCOUNT}
+        return cls(credential.account, frozenset(sees))
+
+    @classmethod
+    def acting_for(cls, account: str) -> Caller:
+        """A front end acting for ``account``: its tasks only."""
+        return cls(account, frozenset({account}))
 
 
 def new_task_id(kind: str) -> str:
@@ -160,7 +193,7 @@ class ImportService:
         return format_time(utc_now() + timedelta(hours=self.config.expiration_hours))
 
     def _submit(
-        self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = ""
+        self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = NO_ACCOUNT
     ) -> Task:
         """Create the task unless ``tasks.max_active`` tasks are active; with a ``client_token``
         that ``account`` already used for the same request, the task created then."""
@@ -236,14 +269,20 @@ class ImportService:
     # -- creating -------------------------------------------------------------------------------
 
     def import_volume(
-        self, image: DiskImage, *, availability_zone: str | None, description: str | None
+        self,
+        image: DiskImage,
+        *,
+        availability_zone: str | None,
+        description: str | None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
-        """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume."""
+        """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume of
+        ``account``."""
         params = self._disk_image(image) | {
             "availability_zone": availability_zone,
             "description": description,
         }
-        return self._submit(IMPORT_VOLUME, params)
+        return self._submit(IMPORT_VOLUME, params, account=account)
 
     def import_instance(
         self,
@@ -257,8 +296,10 @@ class ImportService:
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
+        account: str = NO_ACCOUNT,
     ) -> Task:
-        """ImportInstance (single volume, like AWS): the volume import plus the launch description.
+        """ImportInstance (single volume, like AWS): the volume import plus the launch description,
+        for ``account``.
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
@@ -274,7 +315,7 @@ class ImportService:
             "launch": launch,
         }
         params |= boot.to_dict()
-        return self._submit(IMPORT_INSTANCE, params)
+        return self._submit(IMPORT_INSTANCE, params, account=account)
 
     def import_image(
         self,
@@ -292,7 +333,7 @@ class ImportService:
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
         encryption: Encryption | None = None,
-        account: str = "",
+        account: str = NO_ACCOUNT,
     ) -> Task:
         """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
 
@@ -331,7 +372,7 @@ class ImportService:
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
         encryption: Encryption | None = None,
-        account: str = "",
+        account: str = NO_ACCOUNT,
     ) -> Task:
         """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
         ``account`` and ``encryption`` as for :meth:`import_image`."""
@@ -346,29 +387,41 @@ class ImportService:
 
     # -- reading and cancelling -----------------------------------------------------------------
 
-    def get(self, task_id: str, kinds: Collection[str]) -> Task:
-        """The task ``task_id`` if it is one of ``kinds``; ``InvalidTaskId`` for a malformed id."""
+    def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
+        """The task ``task_id`` if it is one of ``kinds`` and (``accounts`` given) belongs to one of
+        ``accounts`` (:attr:`Caller.sees`); ``InvalidTaskId`` for a malformed id, ``TaskNotFound``,
+        in the same words, for an unknown task and for one of another account."""
         kind = kind_of(task_id)
         if kind is None or kind not in kinds:
             forms = ", ".join(_PREFIX[k] + "…" for k in kinds)
             raise InvalidTaskId(f"the task id {task_id!r} is malformed; expected {forms}")
         try:
-            task = self.store.get_task(task_id)
+            task = self.store.get_task(task_id, account=accounts)
         except TaskNotFound:
             raise TaskNotFound(f"the task {task_id!r} does not exist") from None
         if task.kind != kind:
             raise TaskNotFound(f"the task {task_id!r} does not exist")
         return task
 
-    def list(self, kinds: Collection[str], ids: Sequence[str] = ()) -> list[Task]:
-        """Tasks of ``kinds``, newest first; with ``ids``, exactly those (each must exist)."""
+    def list(
+        self, kinds: Collection[str], ids: Sequence[str] = (), accounts: Collection[str] | None = None
+    ) -> list[Task]:
+        """Tasks of ``kinds`` (of ``accounts``, when given), newest first; with ``ids``, exactly
+        those (each must exist, as :meth:`get` says)."""
         if ids:
-            return [self.get(i, kinds) for i in dict.fromkeys(ids)]
-        return self.store.list_tasks(kind=list(kinds), limit=None)
+            return [self.get(i, kinds, accounts) for i in dict.fromkeys(ids)]
+        return self.store.list_tasks(kind=list(kinds), limit=None, account=accounts)
 
-    def cancel(self, task_id: str, kinds: Collection[str], reason: str | None = None) -> Task:
-        """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``)."""
-        task = self.get(task_id, kinds)
+    def cancel(
+        self,
+        task_id: str,
+        kinds: Collection[str],
+        reason: str | None = None,
+        accounts: Collection[str] | None = None,
+    ) -> Task:
+        """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``); the task
+        is found as :meth:`get` finds it."""
+        task = self.get(task_id, kinds, accounts)
         if task.state.terminal:
             raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
         return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")

@@ -12,10 +12,9 @@ from .manifest import (
     Part,
     PartVerificationFailed,
     build_manifest,
-    download_parts,
     parse_manifest,
-    wait_for_manifest,
 )
+from .parts import download_parts, wait_for_manifest
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 
 __all__ = [

@@ -67,8 +67,8 @@ def parse_source(source: Mapping[str, Any]) -> Source:
     url = source.get("url")
     if url:
         if str(url).lower().startswith("s3://"):
-            bucket, key = parse_s3_url(str(url))
-            return Source("s3", bucket=bucket, key=key)
+            url_bucket, url_key = parse_s3_url(str(url))
+            return Source("s3", bucket=url_bucket, key=url_key)
         return Source("http", url=str(url))
     bucket, key = source.get("bucket"), source.get("key")
     if bucket and key:

@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from urllib.parse import urljoin
 
 import urllib3
@@ -102,6 +102,36 @@ def sleep_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -
         raise Cancelled(f"{what} cancelled")
 
 
+@contextlib.contextmanager
+def shutdown_on_cancel(cancel: threading.Event | None, shutdown: Callable[[], None]) -> Iterator[None]:
+    """While the body runs, call ``shutdown`` (which shuts the connection's socket down) once
+    ``cancel`` is set, so that a read blocked on a server that sends nothing more returns at once
+    (within :data:`_CANCEL_POLL`) instead of at ``read_timeout``. The reader then sees the cancel.
+
+    ``shutdown`` may raise ``ValueError``, ``RuntimeError`` or ``OSError`` (the connection is already
+    closed or released): nothing is blocked on it then.
+    """
+    if cancel is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_CANCEL_POLL):
+            if cancel.is_set():
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    shutdown()
+                return
+
+    watcher = threading.Thread(target=watch, name="cancel watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 class HttpResponse:
     """A response whose body has not been read yet. Close it (or use ``with``) when done."""
 
@@ -135,16 +165,11 @@ class HttpResponse:
             return None
         return value.removeprefix("W/").strip('"')
 
-    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Generator[bytes, None, None]:
         """The body as raw bytes (no content decoding). Raises :class:`TransferInterrupted` when the
         connection breaks or the body is shorter than Content-Length, :class:`Cancelled` on cancel."""
-        done = threading.Event()
-        watcher = None
-        if self._cancel is not None:
-            # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
-            watcher = threading.Thread(target=self._watch_cancel, args=(done,), daemon=True)
-            watcher.start()
-        try:
+        # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
+        with shutdown_on_cancel(self._cancel, self._raw.shutdown):
             while True:
                 _raise_if_cancelled(self._cancel, "download")
                 try:
@@ -161,19 +186,6 @@ class HttpResponse:
                 self._received += len(chunk)
                 yield chunk
             _raise_if_cancelled(self._cancel, "download")
-        finally:
-            done.set()
-            if watcher is not None:
-                watcher.join()
-
-    def _watch_cancel(self, done: threading.Event) -> None:
-        assert self._cancel is not None
-        while not done.wait(_CANCEL_POLL):
-            if self._cancel.is_set():
-                # ValueError/RuntimeError: already closed or released; the reader sees the cancel itself
-                with contextlib.suppress(ValueError, RuntimeError, OSError):
-                    self._raw.shutdown()
-                return
 
     def read(self, limit: int) -> bytes:
         """The body, or its first ``limit + 1`` bytes when it is longer (the caller checks the length)."""
@@ -237,7 +249,7 @@ def describe_network_error(exc: BaseException) -> str:
     for inner in reversed(chain):  # the innermost cause says the most
         for cls, phrase in _NETWORK_PHRASES:
             if isinstance(inner, cls):
-                if cls is ssl.SSLError and getattr(inner, "reason", None):
+                if cls is ssl.SSLError and isinstance(inner, ssl.SSLError) and inner.reason:
                     return f"{phrase} ({inner.reason})"
                 return phrase
     names = [type(e).__name__ for e in chain]

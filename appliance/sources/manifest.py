@@ -1,12 +1,8 @@
-"""The EC2 VM import manifest: parse, wait for the upload, download parts.
+"""The EC2 VM import manifest: its XML, parsed and built.
 
-The legacy ImportVolume/ImportInstance calls name a manifest URL that usually does not exist yet:
-euca2ools presigns it, creates the task, and only then PUTs the manifest and the parts. So
-:func:`wait_for_manifest` polls the manifest URL (404 or S3's 403 for a missing key mean "not yet"), then
-HEADs each part until it is there, all with exponential back-off, until the task's deadline.
-:func:`download_parts` then reads the parts in index order, checking each one's length and (for plain
-single-PUT S3 ETags) MD5, retrying a bad part from its start, and reporting each verified part so the
-caller can checkpoint and resume.
+The legacy ImportVolume/ImportInstance calls name a manifest of presigned part URLs
+(``<manifest><import><parts><part index=…><byteRange start end/><get-url>…``); waiting for the
+upload and downloading the parts is :mod:`.parts`.
 
 The manifest is untrusted XML: it is parsed with defusedxml (no DTDs, no entities), must be small, and
 every URL in it goes through the same :class:`UrlPolicy` as any other URL.
@@ -14,24 +10,18 @@ every URL in it goes through the same :class:`UrlPolicy` as any other URL.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import logging
-import queue
-import random
 import re
-import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from ..errors import Cancelled, ImagingError
-from ..redact import redact_url
-from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, sleep_or_cancel
-from .urlfilter import UrlNotAllowed, UrlPolicy
+from ..errors import ImagingError
+from .http import SourceIntegrity
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +33,6 @@ DEFAULT_PART_SIZE = 10 * 2**20
 MAX_MANIFEST_BYTES = 128 * 2**20
 _MAX_LONG = 2**63 - 1
 _INT = re.compile(r"^[0-9]{1,19}$")
-_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
-#: S3 error codes on a presigned GET that will never turn into the manifest by waiting
-_FATAL_S3_CODES = frozenset(
-    {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AuthorizationQueryParametersError"}
-)
 
 
 class ManifestInvalid(ImagingError):
@@ -99,6 +84,24 @@ class ImportManifest:
     volume_size: int
     #: in index order, contiguous, covering 0..size-1
     parts: list[Part] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (a step result); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImportManifest:
+        """The manifest of :meth:`to_dict` (e.g. a stored step result)."""
+        importer = data.get("importer")
+        return cls(
+            version=data["version"],
+            file_format=data["file_format"],
+            importer=Importer(**importer) if importer else None,
+            self_destruct_url=data.get("self_destruct_url"),
+            size=data["size"],
+            volume_size=data["volume_size"],
+            parts=[Part(**p) for p in data["parts"]],
+        )
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -301,347 +304,3 @@ def build_manifest(
         ET.indent(root, space="  ")
     body = ET.tostring(root, encoding="unicode", short_empty_elements=True)
     return ("<?xml version='1.0' encoding='UTF-8' standalone='yes'?>\n" + body).encode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------- waiting
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _remaining(deadline: dt.datetime) -> float:
-    if deadline.tzinfo is None:
-        deadline = deadline.replace(tzinfo=dt.UTC)
-    return (deadline - _now()).total_seconds()
-
-
-def _s3_error(body: bytes) -> tuple[str, str]:
-    """(Code, Message) of an S3 XML error body, or ("", "") when it is not one."""
-    try:
-        root = SafeET.fromstring(body[:65536], forbid_dtd=True)
-    except (DefusedXmlException, ET.ParseError):
-        return "", ""
-    return (root.findtext("Code") or "").strip(), (root.findtext("Message") or "").strip()
-
-
-class _Backoff:
-    """Poll interval doubling from ``first`` up to ``cap``; reset when progress is made."""
-
-    def __init__(self, first: float, cap: float) -> None:
-        self.first, self.cap = first, max(cap, first)
-        self.current = first
-
-    def next(self) -> float:
-        value = self.current
-        self.current = min(self.cap, self.current * 2)
-        return value
-
-    def reset(self) -> None:
-        self.current = self.first
-
-
-def _wait(backoff: _Backoff, deadline: dt.datetime, cancel: threading.Event | None) -> None:
-    delay = min(backoff.next(), max(0.0, _remaining(deadline)))
-    # a little jitter so many tasks started together do not poll the object store in lock-step
-    sleep_or_cancel(delay * random.uniform(0.9, 1.0), cancel, "waiting for the upload")
-
-
-def wait_for_manifest(
-    url: str,
-    policy: UrlPolicy,
-    *,
-    deadline: dt.datetime,
-    cancel: threading.Event | None = None,
-    on_wait: Callable[[str], None] | None = None,
-    poll_interval: float | None = None,
-    max_interval: float | None = None,
-    http: HttpClient | None = None,
-) -> ImportManifest:
-    """Wait until the manifest at ``url`` and every part it lists are uploaded; return the manifest.
-
-    A 404, or S3's 403 for a key that does not exist yet, means "not uploaded yet": the URL is polled
-    every ``poll_interval`` seconds, doubling up to ``max_interval`` (defaults: ``sources.manifest_poll_*``).
-    Then each part's head-url is HEADed in index order until it answers 200 (euca2ools uploads parts
-    after the manifest). ``on_wait`` gets a short status before each wait. Raises
-    :class:`SourceUnavailable` ("the import manifest was not uploaded before the task expired") at
-    ``deadline`` (aware datetime; naive means UTC), :class:`ManifestInvalid`, :class:`UrlNotAllowed` for
-    a disallowed manifest or part URL, :class:`Cancelled` within about a second of ``cancel``.
-    """
-    client = http or HttpClient(policy)
-    sources = policy.sources
-    first = poll_interval or (sources.manifest_poll_interval if sources else 5.0)
-    cap = max_interval or (sources.manifest_poll_max_interval if sources else 60.0)
-    backoff = _Backoff(first, cap)
-    notify = on_wait or (lambda _msg: None)
-
-    while True:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("waiting for the import manifest cancelled")
-        data, answer = _try_get_manifest(client, url, cancel)
-        if data is not None:
-            manifest = parse_manifest(data)
-            break
-        if _remaining(deadline) <= 0:
-            raise SourceUnavailable(
-                f"the import manifest was not uploaded before the task expired (last answer from "
-                f"{redact_url(url)}: {answer}); upload the disk image (e.g. euca-resume-import) and import "
-                "again"
-            )
-        notify(f"waiting for the import manifest to be uploaded ({answer})")
-        _wait(backoff, deadline, cancel)
-
-    _check_part_urls(manifest, policy)
-    backoff.reset()
-    count = len(manifest.parts)
-    index = 0
-    while index < count:
-        part = manifest.parts[index]
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("waiting for the import upload cancelled")
-        present, answer = _part_present(client, part, cancel)
-        if present:
-            index += 1
-            backoff.reset()
-            continue
-        if _remaining(deadline) <= 0:
-            raise SourceUnavailable(
-                f"part {index + 1} of {count} ({part.key}) was not uploaded before the task expired (last "
-                f"answer: {answer}); finish the upload (e.g. euca-resume-import) and import again"
-            )
-        notify(f"waiting for part {index + 1} of {count} to be uploaded ({answer})")
-        _wait(backoff, deadline, cancel)
-    return manifest
-
-
-def _try_get_manifest(
-    client: HttpClient, url: str, cancel: threading.Event | None
-) -> tuple[bytes | None, str]:
-    """(body, "") when the manifest is there, else (None, why not yet). Raises for permanent failures."""
-    try:
-        response = client.get_stream(url, cancel=cancel)
-    except SourceUnavailable as exc:
-        return None, exc.message  # the object store is down or flaky: keep waiting until the deadline
-    with response:
-        if response.status == 200:
-            try:
-                body = response.read(MAX_MANIFEST_BYTES)
-            except TransferInterrupted as exc:
-                return None, exc.message
-            if len(body) > MAX_MANIFEST_BYTES:
-                raise ManifestInvalid(f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
-            return body, ""
-        try:
-            body = response.read(65536)
-        except TransferInterrupted:
-            body = b""
-    code, message = _s3_error(body)
-    answer = f"HTTP {response.status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
-    if response.status == 404:
-        return None, answer
-    if response.status == 403 and code not in _FATAL_S3_CODES and "expired" not in message.lower():
-        # S3 answers 403 for a missing key when the signer may not list the bucket
-        return None, answer
-    raise SourceUnavailable(
-        f"the import manifest URL {redact_url(url)} cannot be read ({answer}); check that the presigned URL "
-        "is valid and not expired",
-        status=response.status,
-    )
-
-
-def _part_present(client: HttpClient, part: Part, cancel: threading.Event | None) -> tuple[bool, str]:
-    try:
-        response = client.head(part.head_url, cancel=cancel)
-    except SourceUnavailable as exc:
-        return False, exc.message
-    with response:
-        status, length = response.status, response.content_length
-    if status == 200:
-        if length is not None and length != part.length:
-            raise PartVerificationFailed(
-                f"part {part.index} ({part.key}) is {length} bytes but the manifest says {part.length}; the "
-                "uploaded parts do not belong to this manifest (delete them and upload again)"
-            )
-        return True, ""
-    if status in (403, 404):
-        return False, f"HEAD answered {status}"
-    raise SourceUnavailable(
-        f"part {part.index} head-url {redact_url(part.head_url)} answered HTTP {status}", status=status
-    )
-
-
-def _check_part_urls(manifest: ImportManifest, policy: UrlPolicy) -> None:
-    """Every part URL must pass the policy; each distinct scheme://host:port is resolved once."""
-    seen: dict[str, None] = {}
-    for part in manifest.parts:
-        for name, url in (("head-url", part.head_url), ("get-url", part.get_url)):
-            origin = url.split("/", 3)[:3]
-            key = "/".join(origin)
-            if key in seen:
-                continue
-            try:
-                policy.check(url)
-            except UrlNotAllowed as exc:
-                raise UrlNotAllowed(f"part {part.index} {name}: {exc.message}") from exc
-            seen[key] = None
-
-
-# --------------------------------------------------------------------------------------------- download
-
-
-def _md5_applies(etag: str | None, headers: object) -> bool:
-    """Whether ``etag`` is the MD5 of the body: a plain 32-hex ETag (single-part S3 PUT) on an object
-    not encrypted with SSE-KMS or SSE-C (whose ETags are not MD5s)."""
-    if etag is None or not _PLAIN_MD5.match(etag.lower()):
-        return False
-    get = getattr(headers, "get", None)
-    if get is None:
-        return True
-    sse = (get("x-amz-server-side-encryption") or "").lower()
-    return not sse.startswith("aws:kms") and get("x-amz-server-side-encryption-customer-algorithm") is None
-
-
-def download_parts(
-    manifest: ImportManifest,
-    write: Callable[[int, bytes], None],
-    policy: UrlPolicy,
-    *,
-    start_index: int = 0,
-    on_part: Callable[[Part, int], None] | None = None,
-    cancel: threading.Event | None = None,
-    retries: int | None = None,
-    http: HttpClient | None = None,
-) -> int:
-    """Download the parts from ``start_index`` on, in index order, passing ``write(file_offset, chunk)``.
-
-    Each part must answer 200 with Content-Length and a body of exactly ``end - start + 1`` bytes, and
-    its MD5 must match a plain single-part ETag. A failed part (broken connection, short read, wrong
-    length or MD5) is downloaded again from its start up to ``retries`` times (default
-    ``sources.retries``); ``write`` only ever sees verified parts, each offset once. After each verified
-    part ``on_part(part, bytes_done)`` is called, ``bytes_done`` being ``part.end + 1``: resume later
-    with ``start_index = part.index + 1``.
-    Returns the number of bytes written in this call. Raises :class:`PartVerificationFailed`
-    (``SourceIntegrity``), :class:`SourceUnavailable`, :class:`UrlNotAllowed`, :class:`Cancelled`.
-    """
-    client = http or HttpClient(policy)
-    attempts = (retries if retries is not None else client.retries) + 1
-    if not 0 <= start_index <= len(manifest.parts):
-        raise ValueError(f"start_index {start_index} is outside 0..{len(manifest.parts)}")
-    # One part ahead: a fetcher thread downloads and verifies part i+1 while part i is written, so
-    # the network, the MD5 and the writes overlap (measured: RAW import 11.6 s → 8.9 s for 2 GiB).
-    # Only verified parts reach ``write``; at most two parts are held in memory.
-    ready: queue.Queue[tuple[Part, list[bytes]] | BaseException | None] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def hand_over(item: tuple[Part, list[bytes]] | BaseException | None) -> None:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def fetcher() -> None:
-        try:
-            for part in manifest.parts[start_index:]:
-                if stop.is_set():
-                    return
-                hand_over((part, _fetch_verified(client, part, attempts, cancel)))
-            hand_over(None)
-        except BaseException as exc:  # handed to the caller's thread, which raises it
-            hand_over(exc)
-
-    thread = threading.Thread(target=fetcher, name="manifest-parts", daemon=True)
-    thread.start()
-    written = 0
-    try:
-        while True:
-            try:
-                item = ready.get(timeout=0.2)
-            except queue.Empty:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("download cancelled") from None
-                continue
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            part, chunks = item
-            offset = part.start
-            for chunk in chunks:
-                write(offset, chunk)
-                offset += len(chunk)
-            written += part.length
-            if on_part is not None:
-                on_part(part, part.end + 1)
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-    expected = manifest.size - (manifest.parts[start_index].start if start_index < len(manifest.parts) else 0)
-    if start_index < len(manifest.parts) and written != expected:
-        raise PartVerificationFailed(
-            f"downloaded {written} bytes but the manifest's remaining size is {expected}"
-        )
-    return written
-
-
-def _fetch_verified(
-    client: HttpClient, part: Part, attempts: int, cancel: threading.Event | None
-) -> list[bytes]:
-    """The bytes of ``part`` once their length and MD5 check out, retrying with back-off."""
-    for attempt in range(1, attempts + 1):
-        chunks: list[bytes] = []
-        try:
-            _download_part(client, part, lambda _offset, chunk, into=chunks: into.append(chunk), cancel)
-            return chunks
-        except (TransferInterrupted, PartVerificationFailed) as exc:
-            failure: ImagingError = exc
-        except SourceUnavailable as exc:
-            if not exc.transient:
-                raise
-            failure = exc
-        log.info("part %d attempt %d of %d failed: %s", part.index, attempt, attempts, failure.message)
-        if attempt == attempts:
-            what = f"part {part.index} ({part.key}) failed after {attempts} attempts: {failure.message}"
-            if isinstance(failure, PartVerificationFailed):
-                raise PartVerificationFailed(what) from failure
-            raise SourceUnavailable(what, status=getattr(failure, "status", None)) from failure
-        delay = min(client.backoff_max, client.backoff * 2 ** (attempt - 1))
-        sleep_or_cancel(delay / 2 + random.uniform(0, delay / 2), cancel, "download")
-    raise AssertionError("unreachable")
-
-
-def _download_part(
-    client: HttpClient, part: Part, write: Callable[[int, bytes], None], cancel: threading.Event | None
-) -> int:
-    where = f"part {part.index} ({part.key})"
-    response = client.get_stream(part.get_url, cancel=cancel)
-    with response:
-        if response.status != 200:
-            raise SourceUnavailable(
-                f"{where}: get-url {redact_url(part.get_url)} answered HTTP {response.status}; the part is "
-                "missing or the presigned URL expired",
-                status=response.status,
-            )
-        if response.content_length is not None and response.content_length != part.length:
-            raise PartVerificationFailed(
-                f"{where}: the server sends {response.content_length} bytes, the byte range is {part.length}"
-            )
-        md5 = hashlib.md5() if _md5_applies(response.etag, response.headers) else None
-        received = 0
-        for chunk in response.iter_chunks():
-            if received + len(chunk) > part.length:
-                raise PartVerificationFailed(
-                    f"{where}: the body is longer than the byte range ({part.length})"
-                )
-            write(part.start + received, chunk)
-            if md5 is not None:
-                md5.update(chunk)
-            received += len(chunk)
-    if received != part.length:
-        raise TransferInterrupted(f"{where}: received {received} of {part.length} bytes", received=received)
-    if md5 is not None and md5.hexdigest() != (response.etag or "").lower():
-        raise PartVerificationFailed(
-            f"{where}: MD5 of the received bytes {md5.hexdigest()} does not match the ETag {response.etag}"
-        )
-    return received

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import botocore.config
@@ -35,6 +35,7 @@ from .http import (
     TransferInterrupted,
     describe_network_error,
     format_range,
+    shutdown_on_cancel,
 )
 from .s3names import InvalidS3Name
 from .urlfilter import UrlPolicy, parse_s3_url, s3_endpoint_url
@@ -74,7 +75,7 @@ def s3_client(
     endpoint = s3_endpoint_url(dict(s3cfg))
     policy.check(endpoint)
     sources = policy.sources
-    style = s3cfg.get("addressing_style") or "auto"
+    style: Literal["auto", "virtual", "path"] = s3cfg.get("addressing_style") or "auto"
     if style == "auto" and s3cfg.get("endpoint_url") and not _is_aws(endpoint):
         style = "path"  # MinIO, Ceph RGW, moto, Eucalyptus Walrus: no wildcard DNS for virtual hosts
     attempts = (retries if retries is not None else (sources.retries if sources else DEFAULT_RETRIES)) + 1
@@ -218,7 +219,8 @@ def _bucket_exists(client: Any, bucket: str) -> bool:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404
-    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):
+    # mypy types a starred tuple of exception classes as tuple[type, ...]: a false positive
+    except (*_CONNECT_ERRORS, botocore.exceptions.BotoCoreError):  # type: ignore[misc]
         return True  # the HEAD of the object already failed; let its error speak
     return True
 
@@ -242,22 +244,40 @@ class S3Stream:
         self._received = 0
 
     def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel."""
-        while True:
-            if self._cancel is not None and self._cancel.is_set():
-                raise Cancelled("download cancelled")
-            try:
-                chunk = self._body.read(chunk_size)
-            except _STREAM_ERRORS as exc:
-                raise TransferInterrupted(
-                    f"the transfer of {self.url} broke after {self._received} bytes: "
-                    f"{describe_network_error(exc)}",
-                    received=self._received,
-                ) from exc
-            if not chunk:
-                return
-            self._received += len(chunk)
-            yield chunk
+        """The body; raises :class:`TransferInterrupted` when it breaks, :class:`Cancelled` on cancel.
+
+        A read blocked on an object store that sends nothing more ends as soon as ``cancel`` is set
+        (the connection's socket is shut down), not at ``sources.read_timeout``: a worker shutting
+        down must be able to suspend the task within its grace period.
+        """
+        with shutdown_on_cancel(self._cancel, self._shutdown):
+            while True:
+                self._raise_if_cancelled()
+                try:
+                    chunk = self._body.read(chunk_size)
+                except _STREAM_ERRORS as exc:
+                    self._raise_if_cancelled()
+                    raise TransferInterrupted(
+                        f"the transfer of {self.url} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not chunk:
+                    break
+                self._received += len(chunk)
+                yield chunk
+            self._raise_if_cancelled()  # a shut-down socket reads as the end of the body
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("download cancelled")
+
+    def _shutdown(self) -> None:
+        """Shut down the socket under the body (botocore's StreamingBody over urllib3's response)."""
+        raw = getattr(self._body, "_raw_stream", None)  # botocore keeps urllib3's response here
+        if raw is None or not hasattr(raw, "shutdown"):
+            raise RuntimeError("this body has no connection to shut down")
+        raw.shutdown()
 
     def close(self) -> None:
         self._body.close()

@@ -46,8 +46,10 @@ class DecompressHook(Step):
         kind = detect_compression(src)
         if kind is None:
             return None
-        # A name of our own: the input may itself be in scratch, under any name.
+        # A name of our own: the input may itself be in scratch, under any name. What is there already is
+        # the output of an attempt of this hook that was interrupted before it ended.
         dst = ctx.workdir / f"hook-{ctx.idx.replace('/', '-')}-decompressed"
+        dst.unlink(missing_ok=True)
         written = decompress_into_scratch(ctx, src, kind, dst)
         ctx.event("hook.decompressed", source=str(src), compression=kind, bytes=written)
         return {

@@ -54,6 +54,7 @@ def decompress_into_scratch(ctx: StepContext, src: Path, kind: str, dst: Path) -
             reserve=allowance.cover,
             cancel=ctx.cancel,
             on_progress=lambda n: ctx.progress({"phase": "decompressing", "done": n}),
+            ledger=ctx,
         )
     except BaseException:
         allowance.release()
@@ -92,6 +93,10 @@ class InspectStep(Step):
     def run(self, ctx: StepContext, source: str, format: str | None = None) -> dict[str, Any]:
         src = Path(source)
         allowance = None
+        # One name per step: an attempt of it that was interrupted after its decompressed copy was complete
+        # (and before the step was) left that copy there; it goes before this attempt decompresses again.
+        decompressed = ctx.workdir / f"decompressed-{ctx.idx.replace('/', '-')}"
+        decompressed.unlink(missing_ok=True)
         if src.is_file() and detect_compression(src) is not None:
             allowance = _decompression_allowance(ctx, src)
         try:
@@ -102,6 +107,8 @@ class InspectStep(Step):
                 workdir=ctx.workdir,
                 reserve=allowance.cover if allowance is not None else None,
                 cancel=ctx.cancel,
+                ledger=ctx,
+                decompress_to=decompressed,
             )
         except BaseException:
             if allowance is not None:

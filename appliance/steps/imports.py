@@ -17,31 +17,27 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import stat
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from oslo_utils.imageutils import format_inspector
-
+from ..atomicfile import write_json_atomic
 from ..errors import Finding, ImageRejected, ImagingError
-from ..image import bootsector
 from ..image.convert import convert_image
 from ..image.inspect import inspect_image, require_safe
+from ..image.stream import RawStreamCheck
 from ..progress import Progress
 from ..scratch import Allowance, is_no_space, no_space_error
 from ..sources.fetch import fetch_to_file, parse_source
-from ..sources.manifest import Importer, ImportManifest, Part, download_parts, wait_for_manifest
+from ..sources.manifest import ImportManifest, Part
+from ..sources.parts import download_parts, wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
-from ..targets.base import Volume, _zero_range
+from ..targets.base import Volume, insufficient_storage, storage_error
 from ..targets.encryption import requested
+from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 
 GiB = 1 << 30
-#: zero buffers by length: comparing with one is memcmp-fast (~50 GB/s) where
-#: ``chunk.count(0)`` scans at ~3 GB/s
-_ZERO_BUFFERS: dict[int, bytes] = {}
 _VOLUME_RECORD = "volume.json"
 _CHECKPOINT = "parts.json"
 
@@ -54,20 +50,6 @@ class InsufficientVolumeSize(ImagingError):
 
 def _policy(ctx: StepContext) -> UrlPolicy:
     return UrlPolicy.from_config(ctx.config.sources)
-
-
-def manifest_from_dict(data: dict[str, Any]) -> ImportManifest:
-    """Rebuild a manifest stored as a step result."""
-    importer = data.get("importer")
-    return ImportManifest(
-        version=data["version"],
-        file_format=data["file_format"],
-        importer=Importer(**importer) if importer else None,
-        self_destruct_url=data.get("self_destruct_url"),
-        size=data["size"],
-        volume_size=data["volume_size"],
-        parts=[Part(**p) for p in data["parts"]],
-    )
 
 
 class ManifestWaitStep(Step):
@@ -104,7 +86,7 @@ class ManifestWaitStep(Step):
                     )
                 ]
             )
-        return asdict(manifest)
+        return manifest.to_dict()
 
     def plan(self, ctx: StepContext, url: str, expires: str, format: str) -> dict[str, Any]:
         _policy(ctx).check(url)
@@ -130,7 +112,14 @@ class VolumeCreateStep(Step):
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
         else:
-            volume = target.create(ctx.task_id, size_gib * GiB, availability_zone=availability_zone)
+            # The token is this step's: a create that was interrupted before the record was written made (or
+            # began) the volume this one takes again, where the target can.
+            volume = target.create(
+                ctx.task_id,
+                size_gib * GiB,
+                availability_zone=availability_zone,
+                client_token=f"{ctx.task_id}/{ctx.idx}",
+            )
             record.write_text(json.dumps(volume.info))
             ctx.ledger_created(f"volume {volume.id} ({volume.path})")
         return {"id": volume.id, **volume.info}
@@ -148,51 +137,13 @@ class VolumeCreateStep(Step):
         }
 
 
-class _StreamCheck:
-    """Runs oslo's format inspectors over a RAW upload as it streams onto the volume."""
-
-    class _Feed:
-        chunk = b""
-
-        def read(self, _size: int) -> bytes:
-            return self.chunk
-
-    def __init__(self) -> None:
-        self._feed = self._Feed()
-        self._wrapper = format_inspector.InspectWrapper(self._feed)
-
-    def eat(self, chunk: bytes) -> None:
-        self._feed.chunk = chunk
-        self._wrapper.read(len(chunk))
-
-    def verdict(self) -> list[Finding]:
-        """Findings against a RAW claim: raw, or a disk with an MBR/GPT, is what a RAW upload may be."""
-        self._wrapper.close()
-        try:
-            detected = self._wrapper.formats or []
-        except format_inspector.ImageFormatError as exc:
-            return [Finding.error("UnsafeImage.Polyglot", f"the upload matches several formats: {exc}")]
-        names = sorted({i.NAME for i in detected})
-        if not set(names) <= {"raw", "gpt"}:
-            return [
-                Finding.error(
-                    "FormatMismatch",
-                    f"claimed RAW, detected {', '.join(names)}; import it with the format it really has",
-                )
-            ]
-        for inspector in detected:
-            try:
-                bootsector.safety_check(inspector)  # a bare FAT/NTFS volume is not a broken MBR
-            except format_inspector.SafetyCheckFailed as exc:
-                return [Finding.error("UnsafeImage.PartitionTable", f"the partition table is unsafe: {exc}")]
-        return []
-
-
 class VolumeImportStep(Step):
     """Write the uploaded disk onto the volume as RAW.
 
     RAW: parts stream straight onto the volume (no scratch), checked by the format inspectors on the
     way. VMDK/VHD: parts are assembled in scratch, inspected, and converted by qemu-img onto the volume.
+    A volume whose storage fills up is ``InsufficientStorage`` on both paths; scratch that fills up while
+    a VMDK/VHD upload is assembled is ``InsufficientScratch``.
     """
 
     schema = {
@@ -209,7 +160,7 @@ class VolumeImportStep(Step):
     def run(
         self, ctx: StepContext, manifest: dict[str, Any], format: str, volume: dict[str, Any]
     ) -> dict[str, Any]:
-        m = manifest_from_dict(manifest)
+        m = ImportManifest.from_dict(manifest)
         fresh = dict(volume)
         vol = get_volume_target(ctx.config).reopen(volume)
         checkpoint = ctx.workdir / _CHECKPOINT
@@ -223,9 +174,7 @@ class VolumeImportStep(Step):
     @staticmethod
     def _save(checkpoint: Path, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         state = {"next": part.index + 1, "done": done, **(extra or {})}
-        tmp = checkpoint.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, checkpoint)
+        write_json_atomic(checkpoint, state, 0o600)  # durable: a resume trusts it
         return state
 
     def _stream_raw(
@@ -242,29 +191,16 @@ class VolumeImportStep(Step):
                 f"the RAW image is {m.size} bytes but volume {vol.id} holds {vol.size}; import it into a "
                 f"volume of at least {-(-m.size // GiB)} GiB"
             )
-        check = _StreamCheck()
-        fd = os.open(vol.path, os.O_RDWR)
-        try:
-            is_block = stat.S_ISBLK(os.fstat(fd).st_mode)
+        check = RawStreamCheck()
+        where = f"volume {vol.id} ({vol.path})"
+        with RawWriter(vol.path, zeroed=zeroed, error=lambda exc: storage_error(exc, where)) as out:
             # After a restart the inspectors must see the whole stream: re-read what was verified.
             for offset in range(0, state["done"], 1 << 20):
-                check.eat(os.pread(fd, min(1 << 20, state["done"] - offset), offset))
+                check.eat(out.read(offset, min(1 << 20, state["done"] - offset)))
 
             def write(offset: int, chunk: bytes) -> None:
                 check.eat(chunk)
-                zeros = _ZERO_BUFFERS.get(len(chunk))
-                if zeros is None:
-                    zeros = _ZERO_BUFFERS.setdefault(len(chunk), bytes(len(chunk)))
-                if chunk == zeros:
-                    # Zeros stay holes: nothing to do on a zeroed volume, a punched hole or
-                    # BLKZEROOUT elsewhere.
-                    if not zeroed:
-                        _zero_range(fd, offset, len(chunk), is_block)
-                    return
-                view = memoryview(chunk)
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                out.write(offset, chunk)
 
             def on_part(part: Part, done: int) -> None:
                 self._save(checkpoint, part, done)
@@ -287,10 +223,7 @@ class VolumeImportStep(Step):
             findings = check.verdict()
             if findings:
                 raise ImageRejected(findings)
-            if not zeroed and vol.size > m.size:
-                _zero_range(fd, m.size, vol.size - m.size, is_block)  # no stale data past the image
-        finally:
-            os.close(fd)
+            out.zero(m.size, vol.size - m.size)  # no stale data past the image
         return {"bytes_written": m.size, "format": "RAW", "virtual_size": m.size, "streamed": True}
 
     def _via_scratch(
@@ -305,38 +238,36 @@ class VolumeImportStep(Step):
         upload = ctx.workdir / f"upload.{format.lower()}"
         # Made again on every run: the engine released this step's reservations when it was interrupted.
         reservation = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
-        try:
-            with open(upload, "r+b" if upload.exists() else "w+b") as out:
-                fd = out.fileno()
+        doing = f"assembling the {format} upload"
+        # parts already verified stay: the file is reopened, never truncated (a fresh one reads as zeros)
+        fresh_upload = not upload.exists()
+        with RawWriter(
+            upload,
+            zeroed=fresh_upload,
+            create=True,
+            error=lambda exc: no_space_error(upload.parent, doing) if is_no_space(exc) else None,
+        ) as out:
 
-                def write(offset: int, chunk: bytes) -> None:
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.pwrite(fd, view, offset)
-                        view, offset = view[n:], offset + n
-
-                def on_part(part: Part, done: int) -> None:
-                    self._save(checkpoint, part, done)
-                    ctx.progress(
-                        {
-                            "phase": "downloading",
-                            "done": done,
-                            "total": m.size,
-                            "percent": 50.0 * done / m.size,
-                        }
-                    )
-
-                download_parts(
-                    m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
+            def on_part(part: Part, done: int) -> None:
+                self._save(checkpoint, part, done)
+                ctx.progress(
+                    {
+                        "phase": "downloading",
+                        "done": done,
+                        "total": m.size,
+                        "percent": 50.0 * done / m.size,
+                    }
                 )
-                os.fsync(fd)
-        except OSError as exc:
-            if is_no_space(exc):
-                raise no_space_error(upload.parent, f"assembling the {format} upload") from exc
-            raise
+
+            download_parts(
+                m, out.write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
+            )
+            out.flush()
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
-            inspect_image(upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+            inspect_image(
+                upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel, ledger=ctx
+            )
         )
         if source.virtual_size and source.virtual_size > vol.size:
             raise InsufficientVolumeSize(
@@ -367,6 +298,8 @@ class VolumeImportStep(Step):
             on_progress=on_convert,
             cancel=ctx.cancel,
             ledger=ctx,
+            # qemu-img writes onto the volume's storage, not into scratch
+            no_space=lambda _where, doing: insufficient_storage(f"volume {vol.id} ({vol.path})", doing),
         )
         if not result.block_device:
             # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.

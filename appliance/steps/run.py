@@ -30,7 +30,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ..errors import Cancelled, ImagingError, UsageError
 from ..guest import sandbox
@@ -267,6 +267,7 @@ def execute(
     ok = ok_codes or [0]
     argv = _argv(command)
     status_r: int | None = None
+    pass_fds: tuple[int, ...]
     if root is None:
         base_env = {"PATH": os.environ.get("PATH", GUEST_PATH), "HOME": os.environ.get("HOME", "/root")}
         full_env = {**base_env, "LANG": "C", **(env or {})}
@@ -371,13 +372,23 @@ def mount_for_step(
     )
 
 
+class RunOptions(TypedDict, total=False):
+    """The options of :func:`execute` that :func:`run_in_guest` passes on."""
+
+    timeout: float | None
+    env: dict[str, str] | None
+    cwd: str | None
+    ok_codes: list[int] | None
+    max_output: int
+
+
 def run_in_guest(
     ctx: StepContext,
     image: str | dict[str, Any],
     command: str | list[str],
     *,
     writable: bool = False,
-    **kw: Any,
+    **kw: Unpack[RunOptions],
 ) -> dict[str, Any]:
     """Mount ``image``'s guest for a chroot, run ``command`` there (see :func:`execute`), unmount."""
     with mount_for_step(ctx, image, writable=writable, chroot=True) as gm:
@@ -412,7 +423,13 @@ class RunStep(Step):
         ok_codes: list[int] | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> dict[str, Any]:
-        kw = {"timeout": timeout, "env": env, "cwd": cwd, "ok_codes": ok_codes, "max_output": max_output}
+        kw: RunOptions = {
+            "timeout": timeout,
+            "env": env,
+            "cwd": cwd,
+            "ok_codes": ok_codes,
+            "max_output": max_output,
+        }
         if where == "local":
             if image is not None:
                 raise UsageError("run: 'image' is only used with where: chroot")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import ConfigError
-from .base import ImageTarget, InsufficientStorage, TargetError, Volume, VolumeTarget, write_raw
+from .base import ImageTarget, InsufficientStorage, TargetError, Volume, VolumeTarget
 from .device import DeviceVolumeTarget
 from .file import FileImageTarget, FileVolumeTarget
+from .rawio import write_raw
 
 __all__ = [
     "ImageTarget",

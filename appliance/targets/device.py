@@ -23,7 +23,8 @@ from typing import Any
 
 from .. import schemas
 from ..errors import UsageError
-from .base import TargetError, Volume, block_device_size, fsync_path, new_volume_id, validate_settings
+from .base import TargetError, Volume, new_volume_id, validate_settings
+from .rawio import block_device_size, fsync_path
 
 #: the settings schema (``appliance/schemas/target-device.json``)
 SCHEMA: dict[str, Any] = schemas.load("target-device")
@@ -271,9 +272,13 @@ class DeviceVolumeTarget:
         size_bytes: int,
         *,
         availability_zone: str | None = None,
+        client_token: str | None = None,
         device: str | None = None,
     ) -> Volume:
-        """Check the device (see :func:`inspect_block_device`) and hand it out as a volume."""
+        """Check the device (see :func:`inspect_block_device`) and hand it out as a volume.
+
+        ``client_token`` is not needed: nothing is created, a create run again hands out the same device.
+        """
         chosen = device or self.path
         if not chosen:
             raise UsageError("no device given: pass device=... or set targets.volume.path")

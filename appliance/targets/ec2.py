@@ -37,8 +37,9 @@ from typing import Any
 
 from .. import schemas
 from ..errors import UsageError
-from .base import TargetError, Volume, boto_client, fsync_path, validate_settings
+from .base import TargetError, Volume, boto_client, validate_settings
 from .device import BlockDevice, inspect_block_device
+from .rawio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,20 @@ class Ec2VolumeTarget:
 
     # -- the target ---------------------------------------------------------------------------
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """Create, attach and locate a volume of ``ceil(size_bytes / GiB)`` GiB.
+
+        ``client_token`` is not used yet: a create run again after its process was killed makes another
+        volume, and one killed between CreateVolume and its caller's record leaves the first one (tagged
+        with the task, ``imaging:task-id``) for the operator.
+        """
         if size_bytes <= 0:
             raise UsageError(f"volume size must be positive, not {size_bytes}")
         zone = self.availability_zone()

@@ -2,7 +2,9 @@
 
 Volumes are sparse RAW files ``<directory>/<vol-id>.raw`` (mode 0600, directory 0700) created at
 their full size with ``ftruncate``: nothing is allocated until written, so ``create`` cannot know
-whether the data will fit. It refuses only when the filesystem is already below ``min_free``; a
+whether the data will fit. A create given a ``client_token`` names the volume after it, so a create that
+is run again with the same token (the step, after its process was killed) takes the same file again
+instead of leaving the first one behind. It refuses only when the filesystem is already below ``min_free``; a
 write that later fills the filesystem fails with ``InsufficientStorage`` (see
 :func:`~appliance.targets.base.storage_error`).
 
@@ -31,20 +33,9 @@ from ..config import parse_size
 from ..errors import UsageError
 from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
-from .base import (
-    FICLONE,
-    InsufficientStorage,
-    TargetError,
-    Volume,
-    copy_sparse,
-    fsync_dir,
-    fsync_path,
-    hash_file,
-    new_volume_id,
-    storage_error,
-    validate_settings,
-)
+from .base import InsufficientStorage, TargetError, Volume, new_volume_id, storage_error, validate_settings
 from .encryption import Encryption, EncryptionNotSupported
+from .rawio import FICLONE, copy_sparse, fsync_dir, fsync_path, hash_file
 
 #: the settings schema of both file targets (``appliance/schemas/target-file.json``)
 VOLUME_SCHEMA: dict[str, Any] = schemas.load("target-file")
@@ -86,6 +77,11 @@ def _check_floor(directory: Path, min_free: int, what: str) -> None:
             f"{directory} has {free} bytes free, less than the {min_free} bytes "
             f"(targets.{what}.min_free) kept free: free space or lower min_free"
         )
+
+
+def token_volume_id(client_token: str) -> str:
+    """The volume id a file volume created with ``client_token`` gets (``vol-`` + 17 hex digits)."""
+    return "vol-" + hashlib.sha256(client_token.encode()).hexdigest()[:17]
 
 
 def extension_for(fmt: str) -> str:
@@ -133,20 +129,35 @@ class FileVolumeTarget(_DirectoryTarget):
     SCHEMA = VOLUME_SCHEMA
     SETTINGS = "targets.volume"
 
-    def create(self, task_id: str, size_bytes: int, *, availability_zone: str | None = None) -> Volume:
-        """A new zero-filled sparse file of exactly ``size_bytes``."""
+    def create(
+        self,
+        task_id: str,
+        size_bytes: int,
+        *,
+        availability_zone: str | None = None,
+        client_token: str | None = None,
+    ) -> Volume:
+        """A new zero-filled sparse file of exactly ``size_bytes``.
+
+        With ``client_token`` the volume id comes from the token: the file an earlier create with it made
+        (whose caller never got to use it) is taken again and emptied.
+        """
         if size_bytes <= 0:
             raise UsageError(f"volume size must be positive, not {size_bytes}")
         _make_dir(self.directory)
         _check_floor(self.directory, self.min_free, "volume")
-        volume_id = new_volume_id()
+        if client_token is None:
+            volume_id, flags = new_volume_id(), os.O_EXCL
+        else:
+            volume_id, flags = token_volume_id(client_token), 0
         path = self.directory / f"{volume_id}.raw"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o600)
         except OSError as exc:
             raise storage_error(exc, f"volume file {path}") from exc
         try:
             os.fchmod(fd, 0o600)  # O_CREAT's mode is filtered by the umask
+            os.ftruncate(fd, 0)  # a file taken again reads as zeros, and stays sparse
             os.ftruncate(fd, size_bytes)
         except OSError as exc:
             os.close(fd)

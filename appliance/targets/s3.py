@@ -34,9 +34,10 @@ from ..config import parse_size
 from ..errors import ConfigError, UsageError
 from ..partials import Ledger
 from ..progress import ProgressCallback, ProgressTracker
-from .base import TargetError, boto_client, check_cancel, hash_file, validate_settings
+from .base import TargetError, boto_client, check_cancel, validate_settings
 from .encryption import ALGORITHMS, SSE_KMS, Encryption, satisfies
 from .file import extension_for
+from .rawio import hash_file
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..artifacts.refs import ArtifactError
 from ..artifacts.store import ArtifactStore
-from ..config import HooksConfig
+from ..config import Config, HooksConfig
 from ..errors import (
     Cancelled,
     ImagingError,
@@ -69,7 +69,7 @@ class Engine:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         store: Store | None = None,
         *,
         registry: Registry | None = None,
@@ -87,8 +87,8 @@ class Engine:
             config.workflow_dirs,
             registry=self.registry,
             templater=self.templater,
-            artifacts=_artifact_store(config),
-            hooks=getattr(config, "hooks", None),
+            artifacts=ArtifactStore.from_config(config),
+            hooks=config.hooks,
         )
         ensure_plugins(self.registry, config)
         if callbacks is None:
@@ -353,13 +353,6 @@ class Engine:
         )
 
 
-def _artifact_store(config: Any) -> Any:
-    """The artifact store of ``config`` (``artifact://`` workflows and resources), if it has a state dir."""
-    if getattr(config, "state_dir", None) is None:
-        return None
-    return ArtifactStore.from_config(config)
-
-
-def recover(store: Store, config: Any, **engine_kwargs: Any) -> list[Task]:
+def recover(store: Store, config: Config, **engine_kwargs: Any) -> list[Task]:
     """Resume every orphaned task of ``store`` in this process (see :meth:`Engine.recover`)."""
     return Engine(config, store, **engine_kwargs).recover()

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from ..config import HOOK_POINTS, HooksConfig, hooks_from_dict
+from ..config import HOOK_POINTS, HookConfig, HooksConfig, hooks_from_dict
 from ..errors import StepFailed
 from ..store import Store
 from .model import StepSpec, Workflow
@@ -95,8 +95,11 @@ def hook_steps(
         if "image" in hook.args:
             config_err("'image' is given by the engine (the image at the point)", "with.image")
         schema = _action_schema(loader, hook.hook, hook.action, config_err)
-        # Any action may be a hook; one whose run() takes no `image` (util.fail) runs without it.
-        takes_image = schema is not False and _takes_image(loader.registry.get(hook.action))
+        # Any action may be a hook; one whose run() takes no `image` (util.fail) runs without it, and so does
+        # a local `run` command (its `image` is the guest to chroot into): it may use {{ image.path }}.
+        takes_image = (
+            schema is not False and _takes_image(loader.registry.get(hook.action)) and not _local_run(hook)
+        )
         args = {**hook.args, "image": IMAGE_ARG} if takes_image else dict(hook.args)
         if isinstance(schema, dict):
             _check_args(schema, args, config_err)
@@ -123,9 +126,15 @@ def hook_steps(
     return tuple(children), errors
 
 
+def _local_run(hook: HookConfig) -> bool:
+    """Whether ``hook`` is a ``run`` command on the appliance itself (not in the guest)."""
+    return hook.action == "run" and hook.args.get("where", "local") == "local"
+
+
 def _takes_image(cls: type) -> bool:
     try:
-        params = inspect.signature(cls.run).parameters.values()
+        # the registry holds only classes with a callable run (registry._check_class)
+        params = inspect.signature(cls.run).parameters.values()  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return True
     return any(p.name == "image" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

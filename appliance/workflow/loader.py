@@ -15,9 +15,10 @@ problems are reported together, each naming file, step and field.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ..artifacts.refs import (
     resource_names_used,
 )
 from ..artifacts.store import ArtifactStore
-from ..config import HooksConfig
+from ..config import Config, HooksConfig
 from ..errors import UsageError, WorkflowInvalid
 from .hookpoints import expand as expand_point
 from .model import MISSING, ParamSpec, StepSpec, Workflow, WorkflowInfo, is_type
@@ -92,7 +93,7 @@ class WorkflowLoader:
         registry: Registry | None = None,
         templater: Templater | None = None,
         shipped_dir: Path | None = SHIPPED_DIR,
-        artifacts: Any = None,
+        artifacts: ArtifactStore | None = None,
         hooks: HooksConfig | None = None,
     ) -> None:
         self.search_dirs = [Path(d) for d in search_dirs]
@@ -108,12 +109,12 @@ class WorkflowLoader:
         self._origins: dict[Path, ArtifactRef] = {}
 
     @classmethod
-    def from_config(cls, config: Any, *, registry: Registry | None = None) -> WorkflowLoader:
+    def from_config(cls, config: Config, *, registry: Registry | None = None) -> WorkflowLoader:
         return cls(
             config.workflow_dirs,
             registry=registry,
             artifacts=ArtifactStore.from_config(config),
-            hooks=getattr(config, "hooks", None),
+            hooks=config.hooks,
         )
 
     def with_hooks(self, hooks: HooksConfig | None) -> WorkflowLoader:
@@ -172,7 +173,9 @@ class WorkflowLoader:
             return WorkflowInfo(path.stem, "", path, exc.message)
         if not isinstance(doc, dict):
             return WorkflowInfo(path.stem, "", path, "not a mapping")
-        description = doc.get("description") if isinstance(doc.get("description"), str) else ""
+        description = doc.get("description")
+        if not isinstance(description, str):
+            description = ""
         error = None
         if doc.get("name") != path.stem:
             error = f"name {doc.get('name')!r} does not match the file name {path.name!r}"
@@ -208,7 +211,7 @@ class WorkflowLoader:
         """Validate one file (by path); returns the workflow or raises :class:`WorkflowInvalid`."""
         return self.load(Path(path))
 
-    def _load(self, path: Path, stack: list[Path], cache: dict[Path, Workflow]) -> Workflow:
+    def _load(self, path: Path, stack: builtins.list[Path], cache: dict[Path, Workflow]) -> Workflow:
         if path in cache:
             return cache[path]
         file = str(path)
@@ -252,7 +255,7 @@ class WorkflowLoader:
 
     def _resources(
         self, doc: dict[str, Any], path: Path, origin: ArtifactRef | None
-    ) -> tuple[dict[str, ResourceSpec], list[WorkflowError]]:
+    ) -> tuple[dict[str, ResourceSpec], builtins.list[WorkflowError]]:
         out, errors = {}, []
         for name, value in (doc.get("resources") or {}).items():
             try:
@@ -263,7 +266,7 @@ class WorkflowLoader:
 
     def _resource_uses(
         self, doc: dict[str, Any], file: str, resources: dict[str, ResourceSpec]
-    ) -> list[WorkflowError]:
+    ) -> builtins.list[WorkflowError]:
         """``resources.NAME`` in a template must name a declared resource."""
         if not resources:
             return []  # `resources` itself is then an undefined variable, reported per step
@@ -284,7 +287,9 @@ class WorkflowLoader:
                     )
         return errors
 
-    def _params(self, raw: dict[str, Any], file: str) -> tuple[dict[str, ParamSpec], list[WorkflowError]]:
+    def _params(
+        self, raw: dict[str, Any], file: str
+    ) -> tuple[dict[str, ParamSpec], builtins.list[WorkflowError]]:
         params, errors = {}, []
         for name, spec in raw.items():
             where = f"params.{name}"
@@ -314,9 +319,9 @@ class WorkflowLoader:
         known: set[str],
         param_names: set[str],
         step_names: set[str],
-        stack: list[Path],
+        stack: builtins.list[Path],
         cache: dict[Path, Workflow],
-    ) -> tuple[StepSpec | None, list[WorkflowError]]:
+    ) -> tuple[StepSpec | None, builtins.list[WorkflowError]]:
         file = str(path)
         label = step_label(index, raw["name"])
         errors: list[WorkflowError] = []
@@ -424,7 +429,12 @@ class WorkflowLoader:
             err(e.message.replace("is a required property", "is required"), where)
 
     def _include(
-        self, raw: dict[str, Any], path: Path, stack: list[Path], cache: dict[Path, Workflow], err: Any
+        self,
+        raw: dict[str, Any],
+        path: Path,
+        stack: builtins.list[Path],
+        cache: dict[Path, Workflow],
+        err: Callable[[str, str | None], None],
     ) -> Workflow | None:
         ref = raw["include"]
         if path in self._origins and self.is_path(ref):
@@ -461,7 +471,9 @@ class WorkflowLoader:
         return included
 
 
-def _report_unknown(found: dict[str, set[str]], allowed: set[str], err: Any) -> None:
+def _report_unknown(
+    found: dict[str, set[str]], allowed: set[str], err: Callable[[str, str | None], None]
+) -> None:
     for where, names in found.items():
         for name in sorted(names - allowed):
             hint = " ('item' exists only in a step with 'loop')" if name == "item" else ""

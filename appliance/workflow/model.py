@@ -17,7 +17,7 @@ from ..artifacts.refs import ResourceSpec
 from ..errors import UsageError
 from .schema import step_label
 
-_JSON_TYPES = {
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "string": str,
     "integer": int,
     "number": (int, float),

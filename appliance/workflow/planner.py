@@ -22,7 +22,9 @@ from typing import Any
 import jsonschema
 
 from ..artifacts.resources import ResourceFetcher
+from ..config import Config
 from ..errors import UsageError
+from ..scratch import TaskScratch
 from .model import StepSpec, Workflow
 from .registry import Registry
 from .schema import WorkflowError, invalid
@@ -59,13 +61,13 @@ class _PlanHooks:
     def ledger(self, ctx: StepContext, action: str, resource: str) -> None:
         pass
 
-    def scratch(self) -> Any:
+    def scratch(self) -> TaskScratch:
         raise UsageError("scratch space is not available in a dry run")
 
 
-def _plan_resources(workflow: Any) -> dict[str, Any]:
+def _plan_resources(workflow: Workflow) -> dict[str, Any]:
     """``resources`` in dry-run templates: placeholders (a dry run downloads nothing)."""
-    if not getattr(workflow, "resources", None):
+    if not workflow.resources:
         return {}
     return {"resources": {name: UnknownResult(f"resource {name!r}") for name in workflow.resources}}
 
@@ -73,12 +75,12 @@ def _plan_resources(workflow: Any) -> dict[str, Any]:
 class Planner:
     """Builds the dry-run plan of a workflow."""
 
-    def __init__(self, config: Any, registry: Registry, templater: Templater) -> None:
+    def __init__(self, config: Config, registry: Registry, templater: Templater) -> None:
         self.config = config
         self.registry = registry
         self.templater = templater
 
-    def plan(self, workflow: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, workflow: Workflow, params: dict[str, Any]) -> dict[str, Any]:
         """The plan as JSON data: ``workflow, source, params, steps, scratch_bytes, scratch_bytes_max``.
 
         Each entry of ``steps`` has ``idx, name, action`` (or ``include``), ``status`` (run,
@@ -102,7 +104,7 @@ class Planner:
             "resources": self._resources(workflow),
         }
 
-    def _resources(self, workflow: Any) -> list[dict[str, Any]]:
+    def _resources(self, workflow: Workflow) -> list[dict[str, Any]]:
         """What a run would fetch before its first step (nothing is fetched in a dry run)."""
         if not any(wf.resources for wf in workflow.walk()):
             return []
@@ -111,7 +113,7 @@ class Planner:
 
     def _steps(
         self,
-        wf: Any,
+        wf: Workflow,
         scope: dict[str, Any],
         prefix: str,
         status: str,
@@ -141,8 +143,8 @@ class Planner:
 
     def _loop(
         self,
-        wf: Any,
-        step: Any,
+        wf: Workflow,
+        step: StepSpec,
         idx: str,
         scope: dict[str, Any],
         status: str,
@@ -216,8 +218,8 @@ class Planner:
 
     def _one(
         self,
-        wf: Any,
-        step: Any,
+        wf: Workflow,
+        step: StepSpec,
         idx: str,
         scope: dict[str, Any],
         status: str,
@@ -242,6 +244,7 @@ class Planner:
             inner = {**params, **_plan_resources(step.include), "task": _PlanTask()}
             return self._steps(step.include, inner, f"{idx}/include/", status, reason, entries)
 
+        assert step.action is not None  # the loader gives every step an action, an include or hooks
         cls = self.registry.get(step.action)
         if known:
             schema = getattr(cls, "schema", None)
@@ -279,7 +282,7 @@ class Planner:
         return UnknownResult(f"result of step {step.name!r}")
 
     @staticmethod
-    def _entry(step: Any, idx: str, status: str, reason: str | None) -> dict[str, Any]:
+    def _entry(step: StepSpec, idx: str, status: str, reason: str | None) -> dict[str, Any]:
         entry: dict[str, Any] = {"idx": idx, "name": step.name}
         if step.include is not None:
             entry["include"] = step.include_ref
@@ -290,7 +293,9 @@ class Planner:
             entry.update(timeout=step.timeout, retries=step.retries, undo=step.undo)
         return entry
 
-    def _condition(self, wf: Any, step: Any, scope: dict[str, Any]) -> bool | UnknownResult:
+    def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool | UnknownResult:
+        if step.when is None:
+            return True
         try:
             verdict = self.templater.condition(step.when, scope)
         except UnknownValue as exc:
@@ -315,7 +320,9 @@ class Planner:
                 labels.append(str(v)[1:-1] if isinstance(v, UnknownResult) else f"results in {name!r}")
         return labels
 
-    def _render(self, wf: Any, step: Any, value: Any, scope: dict[str, Any], field: str) -> tuple[Any, bool]:
+    def _render(
+        self, wf: Workflow, step: StepSpec, value: Any, scope: dict[str, Any], field: str
+    ) -> tuple[Any, bool]:
         """Render for a plan: ``(value, known)``; unknown parts become placeholders."""
         if isinstance(value, dict):
             out, known = {}, True

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,9 @@ def load_plugins(directory: Path | str, registry: Registry) -> PluginReport:
     return report
 
 
-def ensure_plugins(registry: Registry, config: Any) -> PluginReport | None:
+def ensure_plugins(registry: Registry, config: Config) -> PluginReport | None:
     """Load ``config.hooks.plugins_dir`` into ``registry`` once (None when there is nothing to do)."""
-    hooks = getattr(config, "hooks", None)
-    directory = getattr(hooks, "plugins_dir", None)
+    directory = config.hooks.plugins_dir
     if directory is None:
         return None
     with _lock:

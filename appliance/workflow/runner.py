@@ -61,14 +61,19 @@ from .templating import TemplateProblem, Templater
 class RunHost(Protocol):
     """What a task run takes from the engine that starts it (an :class:`~.engine.Engine` is one)."""
 
-    store: Store
     config: Config
     registry: Registry
     templater: Templater
-    callbacks: EngineCallbacks
     loader: WorkflowLoader
     #: seconds a step may keep running after its cancel before it is abandoned
     timeout_grace: float
+
+    # read-only: the engine opens its store on first use and fans callbacks out to several
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def callbacks(self) -> EngineCallbacks: ...
 
 
 log = logging.getLogger(__name__)
@@ -207,7 +212,7 @@ class TaskRun:
             )
         parent = self._record(step, idx, StepState.RUNNING, args={"items": items}, undo=False)
         self.callbacks.on_step_start(self.task_id, parent)
-        results = []
+        results: list[Any] = []
         for n, item in enumerate(items, start=1):
             self.check_cancelled()
             child, item_scope = f"{idx}.loop{n}", {**scope, "item": item}
@@ -272,6 +277,7 @@ class TaskRun:
             return self.run_point(wf, step, idx, scope)
         try:
             args = self._render(wf, step, step.args, scope, "with")
+            assert step.action is not None  # the loader gives every step an action, an include or hooks
             cls = self.registry.get(step.action)
             self._validate_args(wf, step, cls, args)
         except ImagingError as exc:
@@ -361,10 +367,12 @@ class TaskRun:
             if self.cancel.is_set() and not step_cancel.is_set():
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "suspend" if self.suspended else "cancel")
             if deadline is not None and not timed_out and now >= deadline:
                 timed_out = True
                 step_cancel.set()
                 give_up_at = now + self.engine.timeout_grace
+                self._stopping(step, idx, "timeout")
             if give_up_at is not None and now >= give_up_at and thread.is_alive():
                 self._emit(
                     "step.abandoned",
@@ -392,6 +400,11 @@ class TaskRun:
             raise self._unexpected(step, idx, error) from error
         raise StepFailed(f"step raised {type(error).__name__}") from error
 
+    def _stopping(self, step: StepSpec, idx: str, reason: str) -> None:
+        """Record that step ``idx`` was asked to stop (``suspend``, ``cancel`` or ``timeout``): what it
+        does from here on is its way of stopping (and an abandoned step's event follows this one)."""
+        self._emit("step.stopping", {"step": idx, "name": step.name, "reason": reason}, notify=False)
+
     def _unexpected(self, step: StepSpec, idx: str, exc: Exception) -> StepFailed:
         """``StepFailed`` for an uncoded exception; its type and text only reach the log and the
         ``step.exception`` event (a library's text is for programmers, not for EC2 clients)."""
@@ -417,6 +430,8 @@ class TaskRun:
         return isinstance(step.when, str) and "item" in self.templater.condition_names(step.when)
 
     def _condition(self, wf: Workflow, step: StepSpec, scope: dict[str, Any]) -> bool:
+        if step.when is None:
+            return True
         try:
             return bool(self.templater.condition(step.when, scope))
         except TemplateProblem as exc:
@@ -459,7 +474,7 @@ class TaskRun:
         record = self._record(step, idx, state, **kw)
         self._running.pop(idx, None)
         self._done[idx] = record
-        data = {"step": idx, "name": step.name, "state": str(state)}
+        data: dict[str, Any] = {"step": idx, "name": step.name, "state": str(state)}
         if record.error:
             data["error"] = record.error
         self._emit("step.end", data, notify=False)

@@ -32,10 +32,12 @@ class Step:
     #: jsonschema of the ``with`` arguments (validated after rendering; statically when possible)
     schema: ClassVar[dict[str, Any] | None] = None
 
-    def run(self, ctx: StepContext, **args: Any) -> Any:
+    # ``*_: Any, **args: Any`` lets a step declare the arguments it takes (``def run(self, ctx,
+    # seconds: float)``): mypy accepts any such override of this signature
+    def run(self, ctx: StepContext, *_: Any, **args: Any) -> Any:
         raise NotImplementedError
 
-    def plan(self, ctx: StepContext, **args: Any) -> dict[str, Any]:
+    def plan(self, ctx: StepContext, *_: Any, **args: Any) -> dict[str, Any]:
         """What the step would do; by default its rendered arguments. Must have no side effects."""
         return dict(args)
 

@@ -93,7 +93,7 @@ class UnknownResult:
     __truediv__ = _op("/")
     __floordiv__ = _op("//")
     __mod__ = _op("%")
-    __contains__ = None  # type: ignore[assignment]  # `x in unknown` → TypeError → "undetermined"
+    __contains__ = None  # `x in unknown` → TypeError → "undetermined"
     del _op
 
     def __hash__(self) -> int:

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from gunicorn.config import Config as GunicornConfig
 
 from api import server
 from api.gunicorn_worker import Ec2ErrorWorker
@@ -286,7 +286,9 @@ def test_ssl_context_hook_raises_a_permissive_floor_to_tls12(tmp_path: Path) -> 
             ctx.minimum_version = ssl.TLSVersion.TLSv1
         return ctx
 
-    conf = SimpleNamespace(certfile=str(cert), keyfile=str(key))
+    conf = GunicornConfig()
+    conf.set("certfile", str(cert))
+    conf.set("keyfile", str(key))
     ctx = server.ssl_context(conf, permissive)
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     # built once per worker process: the sync worker asks on every connection
@@ -425,3 +427,18 @@ def test_requests_gunicorn_refuses_get_an_ec2_xml_error(
     error_code, message = _ec2_error(got, headers, body)
     assert error_code == code and says in message
     assert headers["x-amzn-requestid"] in body.decode()
+
+
+def test_a_client_sending_an_oversized_body_reads_the_413_instead_of_a_reset(tmp_path: Path) -> None:
+    # 8 MiB: far more than the loopback socket buffers hold, so a server that answered without
+    # reading the body would close on unread data and the client would see a reset, not the answer
+    body = b"Action=DescribeConversionTasks&Description=" + b"x" * (8 << 20)
+    request = (
+        b"POST / HTTP/1.1\r\nHost: appliance\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with gunicorn(tmp_path) as srv:
+        got, headers, answer = _raw_exchange(srv.port, request)
+    assert got == 413
+    assert _ec2_error(got, headers, answer)[0] == "RequestEntityTooLarge"

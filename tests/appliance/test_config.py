@@ -126,3 +126,38 @@ def test_the_store_password_is_a_secret_wherever_the_configuration_is_shown() ->
     cfg = config.from_dict({"store": {"url": "postgresql://imaging@db/imaging", "password": "Sekr1tSekr1t"}})
     assert cfg.store.password == "Sekr1tSekr1t" and "Sekr1tSekr1t" not in repr(cfg)
     assert "Sekr1tSekr1t" not in str(redact(cfg.raw))
+
+
+def test_api_key_without_account_or_role_is_a_user_of_its_own_account() -> None:
+    keys = [
+        {"access_key": "AKIAPLAINPLAINPLAIN1", "secret_key": "plain-secret-0123456789"},
+        {
+            "access_key": "AKIAFRONTFRONTFRONT1",
+            "secret_key": "front-secret-0123456789",
+            "account": "cloud",
+            "role": "frontend",
+        },
+    ]
+    api = config.from_dict({"api": {"credentials": keys}}).api
+    assert api.principals == {
+        "AKIAPLAINPLAINPLAIN1": config.Credential(
+            "AKIAPLAINPLAINPLAIN1", "AKIAPLAINPLAINPLAIN1", "user", account_configured=False
+        ),
+        "AKIAFRONTFRONTFRONT1": config.Credential("AKIAFRONTFRONTFRONT1", "cloud", "frontend"),
+    }
+    assert api.credentials["AKIAFRONTFRONTFRONT1"] == "front-secret-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"role": "root"}, "api.credentials.0.role"),
+        ({"account": "two words"}, "api.credentials.0.account"),
+        ({"account": ""}, "api.credentials.0.account"),
+        ({"account": "a" * 129}, "api.credentials.0.account"),
+    ],
+)
+def test_api_key_with_an_unknown_role_or_a_bad_account_is_refused(extra: dict[str, str], field: str) -> None:
+    key = {"access_key": "AKIAPLAINPLAINPLAIN1", "secret_key": "plain-secret-0123456789"} | extra
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.from_dict({"api": {"credentials": [key]}})

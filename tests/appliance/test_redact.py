@@ -155,8 +155,11 @@ def test_error_messages_are_redacted_where_they_are_read() -> None:
 def redacting_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """install_logging() for one test: the record factory is put back afterwards."""
     saved = logging.getLogRecordFactory()
+    # from the plain factory, whatever an earlier test of this process installed
+    logging.setLogRecordFactory(logging.LogRecord)
     monkeypatch.setattr(redact, "_base_factory", None)
     redact.install_logging()
+    redact.install_logging()  # twice, as two CLI runs in one process do: still one layer
     try:
         yield
     finally:

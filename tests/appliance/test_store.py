@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 
 from appliance.database import StoreConfig
-from appliance.errors import Finding, IdempotentParameterMismatch, IncorrectState, TaskNotFound, UsageError
+from appliance.errors import (
+    Finding,
+    IdempotentParameterMismatch,
+    IncorrectState,
+    TaskNotFound,
+    UsageError,
+)
 from appliance.store import (
     _TOKEN_LOOKUP,
     ACTIVE_STATES,
@@ -67,6 +73,18 @@ def test_new_database_gets_every_migration(store_target: StoreConfig) -> None:
         ):
             assert sql(store_target, exists, (table,)), table
     assert sql(store_target, "SELECT COUNT(*) FROM schema_version")[0][0] == 1
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("target", [None, ""])
+def test_no_database_given_is_refused_without_creating_a_file_named_after_it(
+    target: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the SQLite path of a PostgreSQL store is None: opening it once made ./None, a SQLite file
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="no task database given"):
+        Store(target)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.backends("sqlite")
@@ -392,6 +410,28 @@ def test_client_token_returns_the_task_of_the_same_request(store: Store) -> None
     untokened = [store.create_task("import-snapshot", "w", {"key": "a"}, client_token="") for _ in range(2)]
     ids = {first.id, other_account.id, other_kind.id, *(t.id for t in untokened)}
     assert len(ids) == 5 == len(store.list_tasks(limit=None))
+
+
+def test_tasks_are_found_and_listed_within_the_accounts_asked_for(store: Store) -> None:
+    a = store.create_task("import-snapshot", client_account="acct-a").id
+    b = store.create_task("import-snapshot", client_account="acct-b").id
+    none = store.create_task("import-snapshot").id  # no account
+    assert [store.get_task(t).client_account for t in (a, b, none)] == ["acct-a", "acct-b", ""]
+    assert store.get_task(a, account="acct-a").id == a
+    assert store.get_task(none, account=["acct-a", ""]).id == none
+    # another account's task is not found, in the words an unknown id gets
+    for task_id, account in ((a, "acct-b"), (none, "acct-a"), (a, [])):
+        with pytest.raises(TaskNotFound) as info:
+            store.get_task(task_id, account=account)
+        assert info.value.message == f"no task {task_id!r}"
+    assert [t.id for t in store.list_tasks(limit=None, account="acct-b")] == [b]
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""])] == [none, a]
+    assert store.list_tasks(limit=None, account=[]) == []
+    assert [t.id for t in store.list_tasks(limit=None)] == [none, b, a]
+    # a page marker too: another account's task is no marker
+    assert [t.id for t in store.list_tasks(limit=None, account=["acct-a", ""], marker=none)] == [a]
+    with pytest.raises(TaskNotFound):
+        store.list_tasks(account="acct-a", marker=b)
 
 
 def test_client_token_repeat_is_answered_at_the_limit(store: Store) -> None:

@@ -61,6 +61,23 @@ def test_maps_section_to_a_loadable_service_config(tmp_path: Path) -> None:
     assert (cfg.controller.appliance_id, cfg.controller.secret) == ("appl-1", SECRET)
 
 
+def test_api_keys_keep_their_account_and_role(tmp_path: Path) -> None:
+    front = {
+        "access_key": "AKIAFRONTEND000001",
+        "secret_key": API_SECRET,
+        "account": "cloud",
+        "role": "frontend",
+    }
+    sec = section(api={"credentials": [front]})
+    cfg = config_mod.from_dict(userdata.render(sec, tmp_path).config, base_dir=tmp_path)
+    assert cfg.api.principals["AKIAFRONTEND000001"] == config_mod.Credential(
+        "AKIAFRONTEND000001", "cloud", "frontend"
+    )
+    assert errors_of(section(api={"credentials": [front | {"role": "root"}]}), tmp_path).keys() == {
+        "imaging.api.credentials.0.role"
+    }
+
+
 def test_appliance_without_controller_gets_reporting_off(tmp_path: Path) -> None:
     sec = section()
     del sec["controller"]

@@ -375,6 +375,11 @@ def test_config_init_writes_a_private_loadable_file_with_fresh_credentials(
         f"AWS_ACCESS_KEY_ID={exports['AWS_ACCESS_KEY_ID']}" not in other_exports
     )  # generated, not a constant
     assert imaging("-c", cfg, "config", "validate", env=env).returncode == 0
+    # one key for the local appliance: the EC2 API in its own account, and all of the admin API
+    [key] = yaml.safe_load(cfg.read_text())["api"]["credentials"]
+    assert (key["account"], key["role"]) == ("local", "admin")
+    shown = imaging("-c", cfg, "config", "show", "--credentials", env=env).stdout
+    assert "account:    local (admin)" in shown
 
 
 @pytest.mark.backends("postgresql")

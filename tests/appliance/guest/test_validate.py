@@ -14,6 +14,7 @@ from appliance.errors import Severity, UsageError
 from appliance.guest import CODES, check_request, validate_image
 from appliance.guest.report import GuestReport
 from tests import guestfactory as gf
+from tests import imagefactory as imf
 
 
 def codes(report: GuestReport, severity: str | None = None) -> set[str]:
@@ -245,6 +246,27 @@ def test_differencing_vhd_and_vhdx_are_refused_as_external_references(tmp_path: 
         r = validate_image(path, fmt)
         assert [f.code for f in r.findings] == ["Guest.ExternalReference"], fmt
         assert "differencing" in r.findings[0].message
+
+
+def test_differencing_vdi_is_refused_as_an_external_reference(tmp_path: Path) -> None:
+    # VirtualBox's differencing disks (image type 4) read their unallocated blocks from a parent disk
+    vdi = gf.convert(gf.ext4(tmp_path / "fs.img", 8), tmp_path / "child.vdi", "vdi")
+    assert validate_image(vdi, "vdi").partitions[0]["filesystem"] == "ext4"  # control: readable as type 1
+    with open(vdi, "r+b") as f:
+        f.seek(76)  # VDIHEADER1PLUS.u32Type, after the 72-byte pre-header and cbHeader
+        assert int.from_bytes(f.read(4), "little") == 1
+        f.seek(76)
+        f.write((4).to_bytes(4, "little"))
+    r = validate_image(vdi, "vdi")
+    assert [f.code for f in r.findings] == ["Guest.ExternalReference"]
+    assert "differencing VDI" in r.findings[0].message and r.partitions == []
+
+
+def test_an_iso_is_read_as_the_raw_bytes_it_is(tmp_path: Path) -> None:
+    # inspection accepts ISOs (and hands on "iso"); qemu-img reads them as raw, and so does the reader
+    r = validate_image(imf.iso(tmp_path), "iso")
+    assert r.layout == "partition" and r.partitions[0]["filesystem"] == "iso9660"
+    assert [f.code for f in r.errors] == ["Guest.UnsupportedFilesystem"]
 
 
 def test_partition_entry_beyond_the_end_of_the_image_is_ignored(tmp_path: Path) -> None:

@@ -109,6 +109,21 @@ def gz_qcow2(tmp_path: Path, server: TestHTTPServer) -> tuple[Path, str]:
     return src, server.url("/disk.qcow2.gz")
 
 
+def test_a_local_run_hook_runs_on_the_appliance_with_the_image_path_in_its_command(
+    tmp_path: Path, server: TestHTTPServer, gz_qcow2: tuple[Path, str]
+) -> None:
+    # A run hook without `where: chroot` runs on the appliance: the engine does not hand it the image as
+    # the guest to chroot into, and its command reaches the image through {{ image.path }}.
+    src, url = gz_qcow2
+    copy = tmp_path / "copy.raw"
+    hook = {"hook": "run", "with": {"command": ["cp", "--sparse=always", "{{ image.path }}", str(copy)]}}
+    cfg = make_cfg(tmp_path, server, {"after_convert": [hook]})
+    engine, task = run_task(cfg, "import-disk", {"disk": {"url": url, "format": "qcow2"}})
+    assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
+    assert steps(engine, task)["8/hook/1"].args["command"][2] == task.result["converted"]["dst"]
+    assert same_content(src, "qcow2", copy)
+
+
 def test_decompress_hook_after_fetch_hands_the_decompressed_disk_to_inspection(
     tmp_path: Path, server: TestHTTPServer, gz_qcow2: tuple[Path, str]
 ) -> None:

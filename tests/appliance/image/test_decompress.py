@@ -173,3 +173,51 @@ def test_unknown_compression_is_a_usage_error(raw: Path, work: Path) -> None:
     with pytest.raises(UsageError):
         decompress(raw, work / "out.raw", "zip", 64 * MiB)
     assert list(work.iterdir()) == []
+
+
+class Ledger:
+    """What a step's context records, and what the directory held each time it was told something."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.entries: list[tuple[str, str, list[str]]] = []
+
+    def _record(self, action: str, resource: str | Path) -> None:
+        self.entries.append((action, str(resource), sorted(p.name for p in self.directory.iterdir())))
+
+    def ledger_created(self, resource: str | Path) -> None:
+        self._record("created", resource)
+
+    def ledger_removed(self, resource: str | Path) -> None:
+        self._record("removed", resource)
+
+
+@pytest.mark.parametrize("outcome", ["complete", "cancelled"])
+def test_output_is_a_partial_named_in_the_ledger_before_it_exists(
+    raw: Path, work: Path, outcome: str
+) -> None:
+    # A process killed mid-decompression leaves a partial its task's ledger names (swept on resume),
+    # never a file under the final name that only the end of the task would remove.
+    archive = factory.compress(raw, "gzip")
+    ledger = Ledger(work)
+    cancel = threading.Event()
+    seen: set[tuple[str, int]] = set()
+
+    def progress(_n: int) -> None:
+        seen.update((p.name, p.stat().st_mode & 0o777) for p in work.iterdir())
+        if outcome == "cancelled":
+            cancel.set()
+
+    out = work / "disk.raw"
+    if outcome == "cancelled":
+        with pytest.raises(Cancelled):
+            decompress(archive, out, "gzip", 64 * MiB, on_progress=progress, cancel=cancel, ledger=ledger)
+    else:
+        decompress(archive, out, "gzip", 64 * MiB, on_progress=progress, ledger=ledger)
+    [(created, partial, before), (removed, same, after)] = ledger.entries
+    assert (created, removed, same) == ("created", "removed", partial)
+    assert Path(partial).parent == work and Path(partial).name.startswith(".disk.raw.partial-")
+    assert before == []  # announced before it existed
+    assert seen == {(Path(partial).name, 0o600)}  # while it was written: only the partial, 0600
+    assert after == ([] if outcome == "cancelled" else ["disk.raw"])
+    assert sorted(p.name for p in work.iterdir()) == after

@@ -112,6 +112,26 @@ def test_refuses_an_unknown_version() -> None:
     assert (exc.value.status, exc.value.error) == (400, "version")
 
 
+def test_a_shared_secret_accepts_a_message_whose_appliance_id_is_not_a_string() -> None:
+    # a JSON list there was used as a dict key (TypeError, a 500); now it counts as "no id"
+    verifier = ReportVerifier(SECRET)
+    for seq, appliance_id in ((1, ["a"]), (2, None)):
+        body = json.dumps(
+            {
+                "ver": messages.VERSION,
+                "appliance_id": appliance_id,
+                "seq": seq,
+                "ts": utcnow(),
+                "type": "heartbeat",
+            }
+        ).encode()
+        assert verifier.verify(body, messages.sign(SECRET, body))["seq"] == seq
+    replayed = json.dumps({"ver": messages.VERSION, "seq": 2, "ts": utcnow(), "type": "heartbeat"}).encode()
+    with pytest.raises(ReportRejected) as exc:
+        verifier.verify(replayed, messages.sign(SECRET, replayed))
+    assert (exc.value.status, exc.value.error) == (409, "replayed")
+
+
 def test_cancel_requests_are_repeated_until_the_task_is_over(server: ReceiverServer) -> None:
     server.controller.request_cancel(["import-vol-abcd1234"])
     first = heartbeat(1)

@@ -447,3 +447,41 @@ def test_a_finished_download_is_not_counted_twice_against_the_scratch_disk(
             engine.store.close()
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
     assert task.result["fetched"]["size"] == 6 * MiB
+
+
+@pytest.mark.parametrize("fmt", ["RAW", "VMDK"])
+def test_a_volume_whose_storage_fills_up_fails_with_insufficient_storage(
+    moto: MotoServer, bucket: str, tmp_path: Path, fmt: str
+) -> None:
+    # 6 MiB of data for a volume on a 4 MiB filesystem: RAW streams onto it, VMDK is converted onto it
+    # by qemu-img (scratch is elsewhere and roomy). Either way the full target is InsufficientStorage,
+    # not InsufficientScratch (scratch is fine) and not an uncoded StepFailed.
+    disk = random_file(tmp_path / "disk.raw", 6 * MiB)
+    upload_file = disk
+    if fmt == "VMDK":
+        upload_file = tmp_path / "disk.vmdk"
+        imgs.qemu_img(
+            "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", disk, upload_file
+        )
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, upload_file)
+    upload(s3, pending, upload_file, file_format=fmt, part_size=2 * MiB)
+    with tmpfs(tmp_path / "volumes", "4m") as volumes:
+        data = cfg_data(tmp_path, moto) | {
+            "targets": {"volume": {"type": "file", "directory": str(volumes), "min_free": 0}}
+        }
+        cfg = config_mod.from_dict(data, base_dir=tmp_path)
+        service = ImportService(cfg)
+        try:
+            task = service.import_volume(
+                DiskImage(fmt, disk.stat().st_size, pending.url, 1), availability_zone=None, description=None
+            )
+            done = run(cfg, task)
+        finally:
+            service.store.close()
+        assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientStorage"), done.error_message
+        assert done.error_message.startswith(
+            "step 'write-image' failed: no space left on the storage of volume vol-"
+        )
+        assert list(volumes.iterdir()) == []  # the volume and any partial output are gone
+    assert not (cfg.scratch.root / task.id).exists()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from appliance.errors import Cancelled
 from appliance.sources.fetch import fetch_to_file
 from appliance.sources.http import SourceUnavailable
 from appliance.sources.s3 import head_object, open_object, s3_client
@@ -17,6 +19,7 @@ from appliance.sources.s3names import InvalidS3Name
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import MotoServer, free_port
+from tests.stallproxy import StallingProxy
 
 DATA = os.urandom(3 * 2**20 + 99)
 
@@ -195,3 +198,44 @@ def test_an_unreachable_object_store_is_described_without_botocore_text() -> Non
         f"cannot reach the object store at {endpoint}: connection refused; check sources.s3.endpoint_url "
         "and that the object store is running"
     )
+
+
+def test_cancel_ends_a_read_the_object_store_stopped_answering(
+    s3cfg: dict, bucket: str, moto: MotoServer
+) -> None:
+    # The proxy holds the body after 1 MiB until it is released, so the read is blocked for good. Only
+    # the cancel (shutting the connection down) can end it as Cancelled: at the read timeout (30 s) it
+    # would end as TransferInterrupted.
+    with StallingProxy(moto.endpoint) as proxy:
+        proxy.arm("/images/disk.raw", after=2**20)
+        client = s3_client(
+            {**s3cfg, "endpoint_url": proxy.endpoint},
+            UrlPolicy(allowed_endpoints=[proxy.endpoint]),
+            read_timeout=30,
+            retries=0,
+        )
+        cancel = threading.Event()
+        outcome: list[BaseException] = []
+        received: list[int] = []
+
+        def consume() -> None:
+            try:
+                with open_object(client, bucket, "images/disk.raw", cancel=cancel) as stream:
+                    for chunk in stream.iter_chunks(65536):
+                        received.append(len(chunk))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        try:
+            while proxy.stalled == 0 and reader.is_alive():  # the proxy counts the GET it holds
+                reader.join(0.05)
+            assert proxy.stalled == 1
+            cancel.set()
+            reader.join()
+        finally:
+            proxy.release()
+            reader.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
+    assert sum(received) <= 2**20

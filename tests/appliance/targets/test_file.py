@@ -119,6 +119,23 @@ def test_rewrite_after_reopen_zeroes_stale_data(tmp_path: Path) -> None:
     assert volume.path.read_bytes() == expected
 
 
+def test_a_create_run_again_with_its_client_token_takes_the_same_file_again_emptied(tmp_path: Path) -> None:
+    # The import step's create was killed after the file existed and before the step recorded it: the
+    # create run again with the same token must not leave that file behind.
+    target = get_volume_target(make_config(tmp_path))
+    first = target.create(TASK, 8 * MiB, client_token=f"{TASK}/2")
+    first.path.write_bytes(b"\xee" * MiB)  # whatever the killed process left (nothing, normally)
+    again = target.create(TASK, 16 * MiB, client_token=f"{TASK}/2")
+    assert again.id == first.id and again.path == first.path and again.info["zeroed"] is True
+    assert again.path.stat().st_size == 16 * MiB and again.path.stat().st_blocks == 0
+    other = target.create(TASK, 8 * MiB, client_token=f"{TASK}/5")  # another step's volume
+    untokened = target.create(TASK, 8 * MiB)
+    assert len({again.path, other.path, untokened.path}) == 3
+    assert sorted(p.name for p in again.path.parent.iterdir()) == sorted(
+        p.name for p in (again.path, other.path, untokened.path)
+    )
+
+
 def test_write_refuses_image_larger_than_volume(tmp_path: Path) -> None:
     volume = get_volume_target(make_config(tmp_path)).create(TASK, MiB)
     src = tmp_path / "image.raw"

@@ -296,6 +296,8 @@ def test_timeout_fails_the_step_and_undoes_earlier_ones(tmp_path: Path, engine: 
     recs = steps(engine, task)
     assert recs["1"].state is StepState.UNDONE and recs["2"].state is StepState.FAILED
     assert recs["2"].error["code"] == "StepTimeout"
+    stopping = [e.data for e in engine.store.events(task_id=task.id) if e.kind == "step.stopping"]
+    assert stopping == [{"step": "2", "name": "nap", "reason": "timeout"}]
 
 
 def test_failure_undoes_completed_steps_in_reverse_with_a_ledger(tmp_path: Path, engine: Engine) -> None:

@@ -8,11 +8,11 @@ configuration's).
 
 README.md holds each generated block between two markers::
 
-    <!-- BEGIN GENERATED config: python -m appliance.schemas.doc -->
+    <!-- BEGIN GENERATED config: python -m appliance.cli.doc -->
     ...
     <!-- END GENERATED config -->
 
-``python -m appliance.schemas.doc [README.md]`` rewrites the blocks in place; with ``--check`` it
+``python -m appliance.cli.doc [README.md]`` rewrites the blocks in place; with ``--check`` it
 changes nothing and exits 1 naming the blocks that are out of date. The test suite runs the check.
 """
 
@@ -29,12 +29,12 @@ from urllib.parse import urldefrag, urljoin
 import yaml
 
 from ..guest import codes
-from . import load, resolve
+from ..schemas import load, resolve
 
 #: the target settings schemas, in the order the README lists them
 TARGETS = ("target-file", "target-device", "target-ec2", "target-s3")
 
-_BEGIN = "<!-- BEGIN GENERATED {name}: python -m appliance.schemas.doc -->"
+_BEGIN = "<!-- BEGIN GENERATED {name}: python -m appliance.cli.doc -->"
 _END = "<!-- END GENERATED {name} -->"
 
 
@@ -177,9 +177,13 @@ def update(text: str) -> str:
             raise ValueError(
                 f"README needs exactly one block {_BEGIN.format(name=name)} ... {_END.format(name=name)}"
             )
-        content = render()
-        text = pattern.sub(lambda m, content=content: m.group(1) + content + "\n" + m.group(3), text)
+        text = pattern.sub(_filler(render()), text)
     return text
+
+
+def _filler(content: str) -> Callable[[re.Match[str]], str]:
+    """The replacement of a block's match: its markers around ``content``."""
+    return lambda m: m.group(1) + content + "\n" + m.group(3)
 
 
 def stale(text: str) -> list[str]:
@@ -190,7 +194,7 @@ def stale(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m appliance.schemas.doc", description="Regenerate the README's generated tables."
+        prog="python -m appliance.cli.doc", description="Regenerate the README's generated tables."
     )
     parser.add_argument("readme", nargs="?", default="README.md", type=Path)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for name in out_of_date:
             print(
-                f"{args.readme}: block {name!r} is out of date (python -m appliance.schemas.doc)",
+                f"{args.readme}: block {name!r} is out of date (python -m appliance.cli.doc)",
                 file=sys.stderr,
             )
         return 1 if out_of_date else 0

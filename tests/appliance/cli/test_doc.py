@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from appliance import schemas
+from appliance.cli import doc
 from appliance.guest import codes
-from appliance.schemas import doc
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
@@ -23,7 +23,7 @@ def block(text: str, name: str) -> str:
 
 def test_readme_tables_are_what_the_schemas_and_the_guest_codes_generate() -> None:
     stale = doc.stale(README.read_text(encoding="utf-8"))
-    assert not stale, f"README.md is out of date in {stale}: run .venv/bin/python -m appliance.schemas.doc"
+    assert not stale, f"README.md is out of date in {stale}: run .venv/bin/python -m appliance.cli.doc"
 
 
 def test_each_block_holds_its_table() -> None:

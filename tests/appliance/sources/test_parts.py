@@ -1,0 +1,358 @@
+"""Waiting for an EC2 import upload and downloading its parts (appliance.sources.parts): against a
+moto server and a scripted HTTP server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import Cancelled
+from appliance.sources.http import HttpClient, SourceUnavailable
+from appliance.sources.manifest import (
+    ImportManifest,
+    Part,
+    PartVerificationFailed,
+    plan_parts,
+)
+from appliance.sources.parts import download_parts, wait_for_manifest
+from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
+from tests.appliance.sources.test_manifest import manifest_xml
+from tests.euca_upload import presign_manifest_url, random_file, upload
+from tests.httpfixtures import TestHTTPServer
+from tests.servers import MotoServer
+
+MiB = 2**20
+
+AWS_SAMPLE = b"""<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
+<manifest>
+  <version>2010-11-15</version>
+  <file-format>VMDK</file-format>
+  <importer>
+    <name>ec2-upload-disk-image</name>
+    <version>1.0.0</version>
+    <release>2010-11-15</release>
+  </importer>
+  <self-destruct-url>https://s3.amazonaws.com/bucket/a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdkmanifest.xml?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</self-destruct-url>
+  <import>
+    <size>12595200</size>
+    <volume-size>1</volume-size>
+    <parts count="2">
+      <part index="0">
+        <byte-range end="10485759" start="0"/>
+        <key>a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdk.part0</key>
+        <head-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</head-url>
+        <get-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</get-url>
+        <delete-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</delete-url>
+      </part>
+      <part index="1">
+        <byte-range end="12595199" start="10485760"/>
+        <key>a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdk.part1</key>
+        <head-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</head-url>
+        <get-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</get-url>
+        <delete-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</delete-url>
+      </part>
+    </parts>
+  </import>
+</manifest>
+"""
+
+
+# ------------------------------------------------------------------------------------- moto end to end
+
+
+@pytest.fixture
+def bucket(moto: MotoServer) -> str:
+    name = f"import-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def policy(moto: MotoServer) -> UrlPolicy:
+    return UrlPolicy(allowed_endpoints=[moto.endpoint])
+
+
+@pytest.fixture
+def http(policy: UrlPolicy) -> HttpClient:
+    return HttpClient(policy, retries=2, backoff=0.01, connect_timeout=5, read_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 3 parts of 10 MiB, the last one short
+    return random_file(tmp_path_factory.mktemp("disk") / "disk.raw", 25 * MiB + 4321, seed=3)
+
+
+def soon(seconds: float = 30) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+
+
+class FileWriter:
+    """The ``write(offset, chunk)`` callback, into a real file; remembers the offsets written."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, size)
+        self.offsets: list[int] = []
+
+    def __call__(self, offset: int, chunk: bytes) -> None:
+        self.offsets.append(offset)
+        os.pwrite(self.fd, chunk, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.fixture
+def uploaded(
+    moto: MotoServer, bucket: str, disk: Path, policy: UrlPolicy, http: HttpClient
+) -> ImportManifest:
+    pending = presign_manifest_url(moto.client("s3"), bucket, "imports", disk)
+    upload(moto.client("s3"), pending, disk)
+    return wait_for_manifest(
+        pending.url, policy, deadline=soon(), poll_interval=0.05, max_interval=0.2, http=http
+    )
+
+
+def run_in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def test_waits_for_a_manifest_uploaded_after_the_task_was_created(
+    moto: MotoServer, bucket: str, disk: Path, policy: UrlPolicy, http: HttpClient
+) -> None:
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, "imports", disk)  # the URL exists before any upload
+    waits: list[str] = []
+    thread, result = run_in_thread(
+        wait_for_manifest, pending.url, policy, deadline=soon(), on_wait=waits.append,
+        poll_interval=0.1, max_interval=0.4, http=http,
+    )  # fmt: skip
+    time.sleep(1)
+    assert thread.is_alive() and not result
+    upload(s3, pending, disk)
+    thread.join(timeout=20)
+    assert "error" not in result, result.get("error")
+    manifest: ImportManifest = result["value"]
+    assert manifest.size == disk.stat().st_size and len(manifest.parts) == 3
+    assert any("waiting for the import manifest" in w and "404" in w for w in waits)
+
+
+def test_waits_for_parts_uploaded_after_the_manifest(
+    moto: MotoServer, bucket: str, disk: Path, policy: UrlPolicy, http: HttpClient
+) -> None:
+    s3 = moto.client("s3")
+    pending = presign_manifest_url(s3, bucket, None, disk)
+    upload(s3, pending, disk)
+    last_key = f"{pending.key.rsplit('/', 1)[0]}/{disk.name}.part.2"
+    saved = s3.get_object(Bucket=bucket, Key=last_key)["Body"].read()
+    s3.delete_object(Bucket=bucket, Key=last_key)
+    waits: list[str] = []
+    thread, result = run_in_thread(
+        wait_for_manifest, pending.url, policy, deadline=soon(), on_wait=waits.append,
+        poll_interval=0.05, max_interval=0.2, http=http,
+    )  # fmt: skip
+    time.sleep(0.5)
+    assert thread.is_alive()
+    s3.put_object(Bucket=bucket, Key=last_key, Body=saved)
+    thread.join(timeout=20)
+    assert "value" in result, result.get("error")
+    assert any(w.startswith("waiting for part 3 of 3") for w in waits)
+
+
+def test_deadline_expiry_is_source_unavailable(
+    moto: MotoServer, bucket: str, disk: Path, policy: UrlPolicy
+) -> None:
+    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)
+    with pytest.raises(SourceUnavailable) as err:
+        wait_for_manifest(pending.url, policy, deadline=soon(0.3), poll_interval=0.05, max_interval=0.1)
+    assert err.value.code == "SourceUnavailable"
+    assert err.value.message.startswith("the import manifest was not uploaded before the task expired")
+    assert "404" in err.value.message
+
+
+def test_cancel_stops_the_wait_promptly(moto: MotoServer, bucket: str, disk: Path, policy: UrlPolicy) -> None:
+    pending = presign_manifest_url(moto.client("s3"), bucket, None, disk)
+    cancel = threading.Event()
+    thread, result = run_in_thread(
+        wait_for_manifest,
+        pending.url,
+        policy,
+        deadline=soon(600),
+        cancel=cancel,
+        poll_interval=30,
+        max_interval=60,
+    )
+    time.sleep(0.3)  # now inside the 30 s poll wait
+    cancel.set()
+    thread.join(timeout=3)
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), Cancelled)
+
+
+def test_expired_presigned_manifest_url_fails_without_waiting() -> None:
+    with TestHTTPServer() as srv:
+        body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+        srv.add("/bucket/m.xml", body, status=403)
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+        with pytest.raises(SourceUnavailable, match="Request has expired") as err:
+            wait_for_manifest(srv.url("/bucket/m.xml"), policy, deadline=soon(600), poll_interval=30)
+        assert err.value.status == 403
+        assert len(srv.requests) == 1
+
+
+def test_part_urls_outside_the_policy_are_refused_before_any_part_request() -> None:
+    evil = "<head-url>http://169.254.169.254/latest/meta-data/</head-url><get-url>http://169.254.169.254/x</get-url>"
+    with TestHTTPServer() as srv:
+        srv.add("/m.xml", manifest_xml(part_extra=evil))
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+        with pytest.raises(UrlNotAllowed, match=r"part 0 head-url: 169\.254\.169\.254"):
+            wait_for_manifest(srv.url("/m.xml"), policy, deadline=soon(), poll_interval=0.05)
+
+
+def test_download_parts_reproduces_the_file(
+    uploaded: ImportManifest, disk: Path, tmp_path: Path, policy: UrlPolicy, http: HttpClient
+) -> None:
+    out = tmp_path / "volume"
+    writer = FileWriter(out, uploaded.size)
+    checkpoints: list[tuple[int, int]] = []
+    try:
+        n = download_parts(
+            uploaded, writer, policy, on_part=lambda p, b: checkpoints.append((p.index, b)), http=http
+        )
+    finally:
+        writer.close()
+    assert n == disk.stat().st_size
+    assert checkpoints == [(0, 10 * MiB), (1, 20 * MiB), (2, uploaded.size)]
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(disk.read_bytes()).digest()
+
+
+def test_resume_from_start_index_writes_only_the_remaining_parts(
+    uploaded: ImportManifest, disk: Path, tmp_path: Path, policy: UrlPolicy, http: HttpClient
+) -> None:
+    writer = FileWriter(tmp_path / "volume", uploaded.size)
+    try:
+        n = download_parts(uploaded, writer, policy, start_index=2, http=http)
+    finally:
+        writer.close()
+    assert n == uploaded.size - 20 * MiB
+    assert min(writer.offsets) == 20 * MiB
+    data = (tmp_path / "volume").read_bytes()
+    assert data[20 * MiB :] == disk.read_bytes()[20 * MiB :]
+    assert data[: 20 * MiB].count(0) == 20 * MiB  # earlier parts untouched
+
+
+def test_corrupted_part_object_is_retried_then_fails_with_source_integrity(
+    moto: MotoServer,
+    bucket: str,
+    uploaded: ImportManifest,
+    policy: UrlPolicy,
+    http: HttpClient,
+    tmp_path: Path,
+) -> None:
+    # replace part 1 after the manifest was written, with bytes that do not fit its byte range
+    moto.client("s3").put_object(Bucket=bucket, Key=uploaded.parts[1].key, Body=os.urandom(10 * MiB - 7))
+    writer = FileWriter(tmp_path / "volume", uploaded.size)
+    done: list[int] = []
+    try:
+        with pytest.raises(PartVerificationFailed) as err:
+            download_parts(
+                uploaded, writer, policy, retries=2, on_part=lambda p, b: done.append(p.index), http=http
+            )
+    finally:
+        writer.close()
+    assert err.value.code == "SourceIntegrity"
+    assert "part 1" in err.value.message and "after 3 attempts" in err.value.message
+    assert done == [0]
+
+
+# ------------------------------------------------------------------- parts on a scripted HTTP server
+
+
+@pytest.fixture
+def part_server() -> Iterator[tuple[TestHTTPServer, ImportManifest, bytes]]:
+    data = os.urandom(3 * 100_000 + 17)
+    with TestHTTPServer() as srv:
+        parts = []
+        for i, s, e in plan_parts(len(data), 100_000):
+            srv.add(f"/p{i}", data[s : e + 1])
+            parts.append(Part(i, s, e, f"p{i}", srv.url(f"/p{i}"), srv.url(f"/p{i}")))
+        manifest = ImportManifest("2010-11-15", "RAW", None, None, len(data), 1, parts)
+        yield srv, manifest, data
+
+
+def collect(manifest: ImportManifest) -> tuple[bytearray, callable]:  # type: ignore[valid-type]
+    buf = bytearray(manifest.size)
+
+    def write(offset: int, chunk: bytes) -> None:
+        buf[offset : offset + len(chunk)] = chunk
+
+    return buf, write
+
+
+def test_md5_mismatch_is_detected_and_the_part_retried(part_server) -> None:
+    srv, manifest, data = part_server
+    srv.routes["/p1"].script.append("corrupt")  # same length and ETag, one byte flipped
+    buf, write = collect(manifest)
+    policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+    download_parts(manifest, write, policy, http=HttpClient(policy, backoff=0.01))
+    assert bytes(buf) == data
+    assert len(srv.hits("/p1")) == 2 and len(srv.hits("/p0")) == 1
+
+
+def test_persistent_md5_mismatch_fails_with_source_integrity(part_server) -> None:
+    srv, manifest, _ = part_server
+    srv.routes["/p2"].script.extend(["corrupt"] * 5)
+    _, write = collect(manifest)
+    policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+    with pytest.raises(PartVerificationFailed, match="MD5") as err:
+        download_parts(manifest, write, policy, retries=1, http=HttpClient(policy, backoff=0.01))
+    assert err.value.code == "SourceIntegrity"
+    assert len(srv.hits("/p2")) == 2
+
+
+def test_broken_connection_mid_part_is_retried_from_the_part_start(part_server) -> None:
+    srv, manifest, data = part_server
+    srv.routes["/p1"].script.extend(["short:5000", "reset"])
+    buf, write = collect(manifest)
+    policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+    download_parts(manifest, write, policy, retries=2, http=HttpClient(policy, backoff=0.01, retries=0))
+    assert bytes(buf) == data
+    assert all("Range" not in r.headers for r in srv.hits("/p1"))  # whole part again
+
+
+def test_cancel_stops_the_download(part_server) -> None:
+    srv, manifest, _ = part_server
+    srv.routes["/p1"].script.append("stall:100")
+    cancel = threading.Event()
+    policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+    _, write = collect(manifest)
+    thread, result = run_in_thread(
+        download_parts, manifest, write, policy, cancel=cancel, http=HttpClient(policy, read_timeout=60)
+    )
+    for _ in range(100):  # until part 1 is being served (and stalls)
+        if srv.hits("/p1"):
+            break
+        time.sleep(0.05)
+    cancel.set()
+    thread.join(timeout=5)  # the read timeout is 60 s: only the cancel can end it this soon
+    assert not thread.is_alive()
+    assert isinstance(result.get("error"), Cancelled)
