@@ -364,7 +364,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             iso_policy=safety["iso_policy"],
         ),
         workflow_dirs=tuple(path(d) for d in merged["workflows"]["extra_dirs"]),
-        lease_seconds=merged["tasks"]["lease_seconds"],
+        lease_seconds=merged["tasks"].get("lease_seconds") or merged["worker"]["lease_seconds"],
         max_active_tasks=merged["tasks"]["max_active"],
         expiration_hours=merged["tasks"]["expiration_hours"],
         api=ApiConfig(

@@ -137,6 +137,24 @@ class Connection(Protocol):
         SQLite (the write transaction holds the whole database)."""
         ...
 
+    def notify(self, channel: str, payload: str = "") -> None:
+        """Ring ``channel`` when the transaction commits (PostgreSQL ``NOTIFY``, scoped to the
+        store's schema); nothing on SQLite, where a worker only polls."""
+        ...
+
+
+class Listener(Protocol):
+    """A dedicated connection listening for :meth:`Connection.notify` doorbells (PostgreSQL only).
+    A doorbell is a hint that something changed, never the thing itself: what it announces is
+    read from the tables, and a doorbell missed while disconnected is made up for by polling."""
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """The ``(channel, payload)`` pairs that arrived within ``timeout`` seconds (returns at the
+        first); raises :class:`StoreUnavailable` when the connection is lost."""
+        ...
+
+    def close(self) -> None: ...
+
 
 class Database(Protocol):
     """An open task database (see the module docstring)."""
@@ -149,6 +167,10 @@ class Database(Protocol):
     def transaction(self) -> AbstractContextManager[Connection]: ...
 
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]: ...
+
+    def listen(self, channels: Sequence[str]) -> Listener | None:
+        """A :class:`Listener` on ``channels``, or None where there are no doorbells (SQLite)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -206,6 +228,9 @@ class _SQLiteConnection:
     def lock(self, key: int) -> None:
         return None
 
+    def notify(self, channel: str, payload: str = "") -> None:
+        return None
+
 
 class SQLiteDatabase:
     """One SQLite file, one connection shared by the process's threads behind a lock.
@@ -260,3 +285,6 @@ class SQLiteDatabase:
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
             return self._wrapped.execute(sql, args).fetchall()
+
+    def listen(self, channels: Sequence[str]) -> Listener | None:
+        return None

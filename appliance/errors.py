@@ -166,6 +166,14 @@ class DuplicateKey(StoreError):
     """A row with this key already exists (a unique constraint refused an insert)."""
 
 
+class LeaseLost(StoreError):
+    """A write of a task run was refused: the run's lease (owner, fencing epoch) is no longer the
+    task's, because another worker claimed the task after the lease expired (failover). Nothing was
+    written; the run must stop at once and touch neither the task nor its target again."""
+
+    code = "TaskLeaseLost"
+
+
 class WorkflowInvalid(ImagingError):
     """A workflow file fails validation; the message names file, step and field."""
 

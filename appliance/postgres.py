@@ -200,6 +200,43 @@ class PgConnection:
     def lock(self, key: int) -> None:
         self.execute("SELECT pg_advisory_xact_lock(?)", (key,))
 
+    def notify(self, channel: str, payload: str = "") -> None:
+        # channels are per schema: stores in other schemas of the same database hear nothing
+        self.execute("SELECT pg_notify(current_schema() || ':' || ?, ?)", (channel, payload))
+
+
+class PgListener:
+    """A connection of its own (never pooled, autocommit) that ``LISTEN``s; see
+    :class:`appliance.database.Listener`."""
+
+    def __init__(self, conn: psycopg.Connection[Any], channels: Sequence[str], name: str) -> None:
+        self._conn = conn
+        self._name = name
+        try:
+            row = conn.execute("SELECT current_schema()").fetchone()
+            self._prefix = f"{row[0] if row else 'public'}:"
+            for channel in channels:
+                quoted = (self._prefix + channel).replace('"', '""')
+                conn.execute(f'LISTEN "{quoted}"')
+        except psycopg.Error as exc:
+            conn.close()
+            raise coded(exc, name) from exc
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        try:
+            for note in self._conn.notifies(timeout=max(0.0, timeout), stop_after=1):
+                out.append((note.channel.removeprefix(self._prefix), note.payload))
+            if out:  # what else already arrived, without waiting
+                for note in self._conn.notifies(timeout=0.0):
+                    out.append((note.channel.removeprefix(self._prefix), note.payload))
+        except psycopg.Error as exc:
+            raise coded(exc, self._name) from exc
+        return out
+
+    def close(self) -> None:
+        self._conn.close()
+
 
 class Pool:
     """Up to ``size`` connections made by ``connect``, shared by threads (see the module docstring)."""
@@ -270,6 +307,7 @@ class PostgresDatabase:
         def connect() -> psycopg.Connection[Any]:
             return psycopg.connect(settings.url, **connect_kwargs(settings))
 
+        self._connect = connect
         self._pool = Pool(connect, settings.pool_size, settings.connect_timeout)
         # one connection now: a database that cannot be used is reported when it is opened
         with self._connection():
@@ -296,3 +334,10 @@ class PostgresDatabase:
     def read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._connection() as conn:
             return PgConnection(conn, self.name).execute(sql, args).fetchall()
+
+    def listen(self, channels: Sequence[str]) -> PgListener:
+        try:
+            conn = self._connect()
+        except psycopg.Error as exc:
+            raise coded(exc, self.name) from exc
+        return PgListener(conn, channels, self.name)

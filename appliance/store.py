@@ -51,6 +51,7 @@ from .database import (
     SQLITE,
     Connection,
     Database,
+    Listener,
     Row,
     SQLiteDatabase,
     StoreConfig,
@@ -60,6 +61,7 @@ from .errors import (
     DuplicateKey,
     IdempotentParameterMismatch,
     IncorrectState,
+    LeaseLost,
     ResourceLimitExceeded,
     TaskNotFound,
     UsageError,
@@ -290,7 +292,27 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
             PRIMARY KEY (task_id, name)
         )""",
     ),
+    (
+        # Work distribution in a fleet: every claim of a task moves its fencing epoch on, and every
+        # write of a task run names the epoch it was granted (see Store.claim and Lease).
+        "ALTER TABLE tasks ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        # Where a step got to inside itself (a verified part, an offset), for the next owner of the
+        # task to resume from; written fenced like every other write of a run.
+        """CREATE TABLE checkpoints (
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            step TEXT NOT NULL,
+            data TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (task_id, step)
+        )""",
+    ),
 ]
+
+#: doorbell channels (PostgreSQL NOTIFY; see :meth:`Store.listen`): a task became claimable
+CHANNEL_TASKS = "tasks"
+#: a cancel was requested; the payload is the task id
+CHANNEL_CANCEL = "cancel"
 
 
 def postgresql_ddl(statement: str) -> str:
@@ -316,12 +338,20 @@ def migration_sql(statement: str | Dialects, dialect: str) -> str | None:
 #: SQL that differs by backend, by name
 _DIALECT_SQL: dict[str, dict[str, str]] = {
     SQLITE: {
+        # the single write transaction (BEGIN IMMEDIATE) already excludes every other claimer
+        "claim_pending": "UPDATE tasks SET {set} WHERE id IN"
+        " (SELECT id FROM tasks WHERE state = 'pending' ORDER BY created_at, rowid LIMIT ?) RETURNING *",
         "table_exists": "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
         "duration": "(julianday(finished_at) - julianday(started_at)) * 86400.0",
         "contains": "instr(resource, ?) > 0",
         "owner_is": "owner IS ?",
     },
     POSTGRESQL: {
+        # rows another claimer has locked are skipped, not waited for; the locking clause is in the
+        # CTE so that ORDER BY … LIMIT picks the rows before they are locked
+        "claim_pending": "WITH c AS (SELECT id FROM tasks WHERE state = 'pending'"
+        " ORDER BY created_at, rowid LIMIT ? FOR UPDATE SKIP LOCKED)"
+        " UPDATE tasks SET {set} FROM c WHERE tasks.id = c.id AND tasks.state = 'pending' RETURNING tasks.*",
         "table_exists": "SELECT 1 FROM information_schema.tables"
         " WHERE table_schema = current_schema() AND table_name = ?",
         "duration": "EXTRACT(EPOCH FROM (finished_at::timestamptz - started_at::timestamptz))",
@@ -391,10 +421,17 @@ class Task:
     bytes_converted: int = 0
     #: the account the task belongs to (its creator's); '' for none
     client_account: str = ""
+    #: the fencing epoch: how many times the task was claimed (see :class:`Lease`)
+    epoch: int = 0
 
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+    @property
+    def lease(self) -> Lease | None:
+        """The current owner's lease (None while nobody owns the task)."""
+        return Lease(self.owner, self.epoch) if self.owner else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form; every field by name, ``state`` as its string."""
@@ -409,6 +446,21 @@ class Task:
         for key in ("params", "result", "findings"):
             d[key] = _loads(d[key])
         return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim on a task: its owner and the task's fencing epoch the claim was granted.
+
+    Every claim of a task (:meth:`Store.claim`, :meth:`Store.claim_pending`) increments the
+    task's epoch. A write of a task run is made under a lease and the write statement itself
+    checks it (``… WHERE id = ? AND owner = ? AND epoch = ?``): once another worker has claimed the
+    task, the former owner's writes change nothing and raise :class:`LeaseLost`. A lease is never
+    compared with a clock; its expiry only decides when another worker may claim the task.
+    """
+
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -487,6 +539,9 @@ class Store:
         #: what this store was opened with: another process (or the outbox) opens the same database
         self.settings = as_settings(target)
         self._db: Database = open_database(self.settings, busy_timeout=busy_timeout)
+        #: the leases this store's process holds (task id → lease): every write of those tasks
+        #: through this store is fenced with it (see :meth:`hold`)
+        self._leases: dict[str, Lease] = {}
         try:
             self._migrate()
         except BaseException:
@@ -564,6 +619,48 @@ class Store:
     def schema_version(self) -> int:
         """How many migrations the database has (a real read: health checks use it)."""
         return self._version(self._read)
+
+    # -- fencing ------------------------------------------------------------------------------
+
+    def hold(self, task_id: str, lease: Lease | None) -> None:
+        """Make ``lease`` the one this store's writes of ``task_id`` carry (None: none). A claim
+        through this store holds its lease already; a task's process that was handed a lease
+        (:meth:`adopt`) holds that."""
+        if lease is None:
+            self._leases.pop(task_id, None)
+        else:
+            self._leases[task_id] = lease
+
+    def held(self, task_id: str) -> Lease | None:
+        """The lease this store's writes of ``task_id`` carry, if any."""
+        return self._leases.get(task_id)
+
+    def _fence(self, conn: Connection, task_id: str, lease: Lease | None = None) -> None:
+        """Refuse the write transaction ``conn`` is in unless ``lease`` (default: the one held for
+        the task) is still the task's: a write statement (it changes nothing) whose condition is
+        the lease, so the check and the write are one. On PostgreSQL it also locks the task's row
+        until the commit: a claim moving the epoch on waits for this transaction, or this statement
+        waits for the claim and then finds the new epoch. Without a lease the write is unfenced
+        (the API, the CLI, recovery sweeps: they are nobody's run)."""
+        lease = lease or self._leases.get(task_id)
+        if lease is None:
+            return
+        cur = conn.execute(
+            "UPDATE tasks SET epoch = epoch WHERE id = ? AND owner = ? AND epoch = ?",
+            (task_id, lease.owner, lease.epoch),
+        )
+        if cur.rowcount != 1:
+            raise LeaseLost(
+                f"task {task_id}: {lease.owner} (epoch {lease.epoch}) no longer holds it: another worker"
+                " claimed it after the lease expired; nothing was written"
+            )
+
+    def check_lease(self, task_id: str, lease: Lease | None = None) -> None:
+        """Raise :class:`LeaseLost` unless ``lease`` (default: the one held) is still the task's: a
+        run calls this right before it finalises a target, so an owner that lost the task does not
+        publish anything."""
+        with self._write() as conn:
+            self._fence(conn, task_id, lease)
 
     @staticmethod
     def _task_row(conn: Connection, task_id: str, *, lock: bool = False) -> Row:
@@ -673,6 +770,7 @@ class Store:
                 if others >= max_active:
                     raise ActiveTaskLimit(others, max_active)  # and the insert is rolled back
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
+            conn.notify(CHANNEL_TASKS, task_id)
             return Task._from_row(self._task_row(conn, task_id))
 
     def get_task(self, task_id: str, *, account: str | Iterable[str] | None = None) -> Task:
@@ -785,6 +883,7 @@ class Store:
         result: Any = None,
         error_code: str | None = None,
         error_message: str | None = None,
+        lease: Lease | None = None,
     ) -> Task:
         """Move the task to ``state`` if :data:`TRANSITIONS` allows it (else :class:`IncorrectState`).
 
@@ -795,6 +894,7 @@ class Store:
         new = TaskState(state)
         now = utcnow()
         with self._write() as conn:
+            self._fence(conn, task_id, lease)
             row = self._task_row(conn, task_id, lock=True)
             current = TaskState(row["state"])
             if expected is not None:
@@ -858,6 +958,8 @@ class Store:
                 )
             task = self._update(conn, task_id, values)
             self._event(conn, task_id, "task.state", {"state": str(new), "previous": str(current)}, now)
+            if new is TaskState.CANCELLING:
+                conn.notify(CHANNEL_CANCEL, task_id)
             return task
 
     def claim(
@@ -868,8 +970,11 @@ class Store:
         A ``pending`` task becomes ``running``. A ``running``/``cancelling`` one can only be taken
         over from ``expected_owner`` (the dead or expired owner the caller found), which makes the
         takeover a compare-and-swap: of two recoverers only one wins. The decision is the one
-        ``UPDATE`` below, whose condition names the state and the previous owner (a fencing token
-        can join them there); the row read before it only words the refusal.
+        ``UPDATE`` below, whose condition names the state and the previous owner; the row read
+        before it only words the refusal. Every claim moves the task's fencing epoch on: the
+        returned task's :attr:`Task.lease` is the new owner's, held by this store from now on, and
+        the previous owner's writes are refused (:class:`LeaseLost`). Taking a running task over
+        is recorded as a ``task.takeover`` event.
         """
         now = utc_now()
         stamp = format_time(now)
@@ -883,6 +988,7 @@ class Store:
                 raise IncorrectState(f"task {task_id} is {current} and owned by {row['owner']}")
             claimed = conn.execute(
                 "UPDATE tasks SET owner = ?, lease_expires_at = ?, attempts = attempts + 1, updated_at = ?,"
+                " epoch = epoch + 1,"
                 " started_at = CASE WHEN state = 'pending' THEN ? ELSE started_at END,"
                 " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
                 " WHERE id = ? AND (state = 'pending'"
@@ -892,35 +998,117 @@ class Store:
             if claimed is None:
                 raise IncorrectState(f"task {task_id} was claimed by another worker meanwhile")
             task = Task._from_row(claimed)
-            data = {"owner": owner, "attempt": task.attempts, "previous_owner": row["owner"]}
+            data = {
+                "owner": owner,
+                "attempt": task.attempts,
+                "previous_owner": row["owner"],
+                "epoch": task.epoch,
+            }
             self._event(conn, task_id, "task.claimed", data, stamp)
             if current is TaskState.PENDING:
                 self._event(conn, task_id, "task.state", {"state": "running", "previous": "pending"}, stamp)
-            return task
+            else:
+                takeover = {
+                    "owner": owner,
+                    "previous_owner": row["owner"],
+                    "previous_epoch": row["epoch"],
+                    "epoch": task.epoch,
+                }
+                self._event(conn, task_id, "task.takeover", takeover, stamp)
+        self.hold(task_id, task.lease)
+        return task
 
-    def renew_lease(self, task_id: str, owner: str, lease_seconds: float) -> bool:
-        """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished)."""
+    def claim_pending(self, owner: str, limit: int, lease_seconds: float) -> list[Task]:
+        """Claim up to ``limit`` pending tasks, oldest first, for ``owner`` (a worker): each becomes
+        ``running`` with a lease of ``lease_seconds``, an attempt counted and its epoch moved on.
+
+        One statement decides: on PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED`` (workers claiming
+        at the same time get disjoint tasks without waiting for each other; fewer than ``limit``
+        means "nothing more available now", not "the queue is empty"); on SQLite the single write
+        transaction. The worker hands each task to a process of its own, which takes the lease
+        over with :meth:`adopt`."""
+        if limit <= 0:
+            return []
+        now = utc_now()
+        stamp = format_time(now)
+        expires = format_time(now + timedelta(seconds=lease_seconds))
+        assignments = (
+            "owner = ?, lease_expires_at = ?, attempts = attempts + 1, epoch = epoch + 1, updated_at = ?,"
+            " started_at = COALESCE(started_at, ?), state = 'running'"
+        )
+        sql = self._sql("claim_pending").format(set=assignments)
+        with self._write() as conn:
+            values = (owner, expires, stamp, stamp)
+            # the LIMIT comes first in PostgreSQL's statement (its CTE), last in SQLite's
+            args = (limit, *values) if conn.dialect == POSTGRESQL else (*values, limit)
+            rows = conn.execute(sql, args).fetchall()
+            tasks = sorted((Task._from_row(r) for r in rows), key=lambda t: (t.created_at, t.id))
+            for task in tasks:
+                data = {"owner": owner, "attempt": task.attempts, "previous_owner": None, "epoch": task.epoch}
+                self._event(conn, task.id, "task.claimed", data, stamp)
+                self._event(conn, task.id, "task.state", {"state": "running", "previous": "pending"}, stamp)
+        return tasks
+
+    def adopt(self, task_id: str, lease: Lease, owner: str, lease_seconds: float) -> Task:
+        """Take the lease ``lease`` over as ``owner`` within the same epoch (the worker claimed the
+        task, its task process runs it): a fenced write, :class:`LeaseLost` when the epoch moved on
+        meanwhile. The lease is held by this store from now on."""
         expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ? "
-                "AND state IN ('running', 'cancelling')",
-                (expires, task_id, owner),
-            )
-            return cur.rowcount == 1
+            row = conn.execute(
+                "UPDATE tasks SET owner = ?, lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND owner = ? AND epoch = ? AND state IN ('running', 'cancelling')"
+                " RETURNING *",
+                (owner, expires, utcnow(), task_id, lease.owner, lease.epoch),
+            ).fetchone()
+            if row is None:
+                raise LeaseLost(
+                    f"task {task_id}: {lease.owner} (epoch {lease.epoch}) no longer holds it; not taken over"
+                )
+        task = Task._from_row(row)
+        self.hold(task_id, task.lease)
+        return task
+
+    def renew_lease(
+        self, task_id: str, owner: str, lease_seconds: float, *, epoch: int | None = None
+    ) -> bool:
+        """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished), or
+        the task's epoch is no longer ``epoch`` (default: the epoch of the lease held for it)."""
+        if epoch is None:
+            held = self._leases.get(task_id)
+            epoch = held.epoch if held is not None and held.owner == owner else None
+        expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
+        sql = (
+            "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ?"
+            " AND state IN ('running', 'cancelling')"
+        )
+        args: list[Any] = [expires, task_id, owner]
+        if epoch is not None:
+            sql += " AND epoch = ?"
+            args.append(epoch)
+        with self._write() as conn:
+            return conn.execute(sql, args).rowcount == 1
 
     def release(self, task_id: str, owner: str) -> bool:
         """Give up ownership without ending the task (its worker is shutting down): the task becomes
         an orphan that the next ``recover`` resumes. ``False`` if ``owner`` did not own it."""
+        held = self._leases.get(task_id)
+        sql = (
+            "UPDATE tasks SET owner = NULL, lease_expires_at = NULL, updated_at = ? "
+            "WHERE id = ? AND owner = ? AND state IN ('running', 'cancelling')"
+        )
+        args: list[Any] = [utcnow(), task_id, owner]
+        if held is not None and held.owner == owner:
+            sql += " AND epoch = ?"
+            args.append(held.epoch)
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE tasks SET owner = NULL, lease_expires_at = NULL, updated_at = ? "
-                "WHERE id = ? AND owner = ? AND state IN ('running', 'cancelling')",
-                (utcnow(), task_id, owner),
-            )
+            cur = conn.execute(sql, args)
             if cur.rowcount == 1:
                 self._event(conn, task_id, "task.released", {"owner": owner}, utcnow())
-            return cur.rowcount == 1
+                conn.notify(CHANNEL_TASKS, task_id)
+        if cur.rowcount == 1:
+            self.hold(task_id, None)
+        return cur.rowcount == 1
 
     def update_progress(
         self,
@@ -932,6 +1120,7 @@ class Store:
         percent: float | None = None,
         status_message: str | None = None,
         bytes_converted: int | None = None,
+        lease: Lease | None = None,
     ) -> Task:
         """Record progress without ever moving it backwards.
 
@@ -942,6 +1131,7 @@ class Store:
         """
         now = utcnow()
         with self._write() as conn:
+            self._fence(conn, task_id, lease)
             row = self._task_row(conn, task_id, lock=True)
             values: dict[str, Any] = {"updated_at": now}
             new_phase = phase is not None and phase != row["phase"]
@@ -974,6 +1164,7 @@ class Store:
         validation, policy; a retried step reports the same findings again)."""
         items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
         with self._write() as conn:
+            self._fence(conn, task_id)
             current = json.loads(self._task_row(conn, task_id, lock=True)["findings"])
             merged = current + [f for i, f in enumerate(items) if f not in current and f not in items[:i]]
             return self._update(conn, task_id, {"findings": _dumps(merged), "updated_at": utcnow()})
@@ -1005,6 +1196,7 @@ class Store:
         finished = now if st in _STEP_FINISHED else None
         started = now if st is StepState.RUNNING else None
         with self._write() as conn:
+            self._fence(conn, task_id)
             self._require_task(conn, task_id)
             row = conn.execute(
                 "INSERT INTO steps (task_id, idx, name, action, state, args, result, error, attempts, undo,"
@@ -1038,6 +1230,7 @@ class Store:
         """Change only the state (and error) of a recorded step, e.g. ``completed`` → ``undone``."""
         st = StepState(state)
         with self._write() as conn:
+            self._fence(conn, task_id)
             row = conn.execute(
                 "UPDATE steps SET state = ?, error = COALESCE(?, error), finished_at = ?"
                 " WHERE task_id = ? AND idx = ? RETURNING *",
@@ -1058,6 +1251,7 @@ class Store:
         """Keep ``value`` (JSON) under ``name`` for the task, as given: something the task needs to
         run or resume (e.g. the hooks recorded at submit). Never shown as such; an event says it."""
         with self._write() as conn:
+            self._fence(conn, task_id)
             self._require_task(conn, task_id)
             conn.execute(
                 "INSERT INTO task_records (task_id, name, data) VALUES (?, ?, ?)"
@@ -1076,6 +1270,7 @@ class Store:
         """Append to the event queue (read by controller reporting with :meth:`events`)."""
         now = utcnow()
         with self._write() as conn:
+            self._fence(conn, task_id)
             event_id, stored = self._event(conn, task_id, kind, data or {}, now)
         return Event(event_id, task_id, now, kind, json.loads(stored))
 
@@ -1099,6 +1294,7 @@ class Store:
             raise UsageError(f"ledger action must be one of {', '.join(LEDGER_ACTIONS)}, not {action!r}")
         now = utcnow()
         with self._write() as conn:
+            self._fence(conn, task_id)
             self._require_task(conn, task_id)
             row = conn.execute(
                 "INSERT INTO ledger (task_id, time, action, resource, step) VALUES (?, ?, ?, ?, ?)"
@@ -1114,6 +1310,39 @@ class Store:
         return [
             LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
         ]
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, task_id: str, step: str, data: dict[str, Any], *, owner: str, epoch: int
+    ) -> None:
+        """Keep where ``step`` (a step's index, ``StepContext.idx``) of the task got to: ``data`` (a
+        JSON object, e.g. the last verified part and offset), replacing the step's previous
+        checkpoint. Fenced: raises :class:`LeaseLost` unless (``owner``, ``epoch``) is still the
+        task's lease, so a checkpoint is always its current owner's. The store keeps checkpoints,
+        not the appliance's disk: the worker that takes a task over finds them."""
+        if not isinstance(data, dict):
+            raise UsageError(f"a checkpoint is a JSON object, not {type(data).__name__}")
+        with self._write() as conn:
+            self._fence(conn, task_id, Lease(owner, epoch))
+            conn.execute(
+                "INSERT INTO checkpoints (task_id, step, data, epoch, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id, step) DO UPDATE SET data = excluded.data, epoch = excluded.epoch,"
+                " updated_at = excluded.updated_at",
+                (task_id, step, _dumps(data), epoch, utcnow()),
+            )
+
+    def load_checkpoint(self, task_id: str, step: str) -> dict[str, Any] | None:
+        """The step's last checkpoint (:meth:`save_checkpoint`), or None."""
+        rows = self._read("SELECT data FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step))
+        return _loads(rows[0]["data"]) if rows else None
+
+    # -- doorbells ----------------------------------------------------------------------------
+
+    def listen(self, channels: Sequence[str] = (CHANNEL_TASKS, CHANNEL_CANCEL)) -> Listener | None:
+        """A listener for the store's doorbells (a task became claimable, a cancel was requested)
+        on a connection of its own; None on SQLite, where workers only poll."""
+        return self._db.listen(channels)
 
     def ledger_containing(self, fragment: str) -> list[LedgerEntry]:
         """Ledger entries of every task whose resource contains ``fragment`` (literally), oldest first."""

@@ -7,10 +7,17 @@ task cannot take the others down, and the concurrency limit is a count of childr
 - at start, removes scratch directories of tasks that are over and the partial outputs
   (:mod:`appliance.partials`) killed task processes left, and every poll resumes orphaned tasks
   (their process died: a crash, a kill, a reboot) before it claims new ones;
-- claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
+- claims pending tasks oldest first up to ``worker.concurrency`` in one statement
+  (:meth:`~appliance.store.Store.claim_pending`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+  workers sharing the store claim disjoint tasks), each with a lease of ``worker.lease_seconds``
+  and a new fencing epoch, and hands each to its task process, which takes the lease over; but none
+  while ``qemu-img`` is
   missing (the appliance is then ``disabled`` and says why in its heartbeat and health), and none
   while the task database cannot be reached (``degraded``: it keeps polling, its running tasks go
   on, and it picks up where it was once the database answers again);
+- waits ``worker.poll_interval`` between polls; on PostgreSQL it also listens for the store's
+  doorbells (``LISTEN``): a new or released task wakes it at once, and a cancel of a task one of
+  its children runs is passed on to that child (SIGUSR2: look at the store now);
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
 - on SIGTERM/SIGINT stops claiming and asks its children to *suspend* (SIGUSR1): the step in
   progress stops, nothing is undone, and the task resumes when a worker starts again. Children
@@ -35,14 +42,15 @@ from typing import Protocol
 
 from .. import config as config_mod
 from .. import partials, redact
-from ..errors import ImagingError, StoreUnavailable
+from ..database import Listener
+from ..errors import ImagingError, LeaseLost, StoreUnavailable
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
-from ..store import Store, TaskState
+from ..store import CHANNEL_CANCEL, Lease, Store, TaskState
 from ..timestamps import utcnow
 from ..workflow.engine import Engine
-from ..workflow.supervisor import find_orphans, orphan_reason
+from ..workflow.supervisor import find_orphans, orphan_reason, owner_id
 from .heartbeat import write_heartbeat
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,8 @@ ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 SHUTDOWN_GRACE = 10.0
 #: exit status of a task's process that stopped because the task database went away (EX_TEMPFAIL)
 EXIT_STORE_UNAVAILABLE = 75
+#: the longest the worker waits on the doorbell connection before looking at its stop flag
+DOORBELL_SLICE = 0.5
 
 
 def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
@@ -136,6 +146,17 @@ class Worker:
         self.store_problem: str | None = None
         #: the start-up sweeps (scratch, partial outputs) ran: they need the database
         self._swept = False
+        #: this worker as the owner of the tasks it claims (until its task process takes them over)
+        self.owner = owner_id()
+        #: the doorbell connection (PostgreSQL), opened on demand, dropped when it breaks
+        self._listener: Listener | None = None
+        #: tasks this worker claimed and handed to a child that has not taken the lease over yet
+        #: (its start-up may outlast a short lease): the worker renews those leases meanwhile
+        self._handed: dict[str, Lease] = {}
+        #: polls that claimed tasks, and of those, how many a doorbell started (not the timer)
+        self.claims = 0
+        self.woken_claims = 0
+        self._woken = False
 
     @property
     def store(self) -> Store:
@@ -146,8 +167,11 @@ class Worker:
 
     # -- children -------------------------------------------------------------------------------
 
-    def _spawn(self, verb: str, task_id: str) -> None:
+    def _spawn(self, verb: str, task_id: str, lease: Lease | None = None) -> None:
         argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
+        if lease is not None:
+            argv += ["--owner", lease.owner, "--epoch", str(lease.epoch)]
+            self._handed[task_id] = lease
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
         log.info("task %s: %s in a child process", task_id, verb)
@@ -157,8 +181,10 @@ class Worker:
     def _reap(self) -> None:
         for task_id, proc in list(self.children.items()):
             if proc.poll() is not None:
-                log.info("task %s: child exited with %s", task_id, proc.returncode)
+                level = logging.INFO if proc.returncode == 0 else logging.WARNING
+                log.log(level, "task %s: child exited with %s", task_id, proc.returncode)
                 del self.children[task_id]
+                self._handed.pop(task_id, None)
 
     def _free_slots(self) -> int:
         return max(0, self.concurrency - len(self.children))
@@ -207,18 +233,73 @@ class Worker:
             raise
         except Exception:
             log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
+        for task_id, lease in list(self._handed.items()):
+            # renewed while the child starts; False once it took the lease over (or lost it)
+            if not store.renew_lease(task_id, lease.owner, self.config.lease_seconds, epoch=lease.epoch):
+                del self._handed[task_id]
         for task, why in find_orphans(store):
             if task.id in self.children or not self._free_slots():
                 continue
             log.warning("task %s: resuming because %s", task.id, why)
             self._spawn("resume", task.id)
-        if claim:
-            pending = store.list_tasks(TaskState.PENDING, limit=None)
-            for task in reversed(pending):  # oldest first
-                if not self._free_slots():
-                    break
-                if task.id not in self.children:
-                    self._spawn("run", task.id)
+        if claim and self._free_slots():
+            claimed = store.claim_pending(self.owner, self._free_slots(), self.config.lease_seconds)
+            if claimed:
+                self.claims += 1
+                self.woken_claims += int(self._woken)
+            for task in claimed:  # oldest first
+                self._spawn("run", task.id, task.lease)
+
+    def wait(self, stop: threading.Event) -> None:
+        """Wait until the next poll: ``worker.poll_interval``, cut short by ``stop`` and, with a
+        PostgreSQL store, by a doorbell (a new or released task; a cancel is passed on to the child
+        running that task and waiting goes on). Doorbells are hints: what they announce is read
+        from the store by the poll, and polling still finds what a lost doorbell announced."""
+        deadline = time.monotonic() + self.config.worker.poll_interval
+        self._woken = False
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            fresh = self._listener is None
+            listener = self._doorbell()
+            if listener is None:
+                stop.wait(remaining)
+                return
+            if fresh:
+                return  # poll once more: what was announced before the LISTEN was not heard
+            try:
+                rung = listener.wait(min(remaining, DOORBELL_SLICE))
+            except StoreUnavailable:
+                with contextlib.suppress(Exception):
+                    listener.close()
+                self._listener = None
+                continue
+            wake = False
+            for channel, payload in rung:
+                if channel == CHANNEL_CANCEL:
+                    self._pass_cancel(payload)
+                else:
+                    wake = True
+            if wake and self._free_slots():
+                self._woken = True
+                return
+
+    def _doorbell(self) -> Listener | None:
+        """The doorbell connection, opened if need be (None on SQLite or while the store is away)."""
+        if self._listener is None and self._store is not None and self.store_problem is None:
+            try:
+                self._listener = self._store.listen()
+            except StoreUnavailable:
+                return None
+        return self._listener
+
+    def _pass_cancel(self, task_id: str) -> None:
+        proc = self.children.get(task_id)
+        if proc is not None and proc.poll() is None:
+            log.info("task %s: cancel requested; telling its process", task_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR2)
 
     def write_heartbeat(self) -> None:
         beat = {
@@ -250,6 +331,10 @@ class Worker:
         The start-up sweeps (scratch directories, partial outputs) run on the first poll that
         reaches the task database."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        if threading.current_thread() is threading.main_thread():
+            # Children inherit SIGUSR2 ignored until their task's supervisor handles it: a cancel
+            # passed on (SIGUSR2) while a child is still starting must not kill it.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         reporter = None
         try:
             while not stop.is_set():
@@ -266,8 +351,12 @@ class Worker:
                         reporter = self.start_reporter(self.config, self._store)
                     except StoreUnavailable as exc:
                         log.warning("reporter not started yet: %s", exc.message)
-                stop.wait(self.config.worker.poll_interval)
+                self.wait(stop)
         finally:
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+                self._listener = None
             try:
                 self.shutdown()
             finally:
@@ -307,20 +396,41 @@ def run_worker(
     return 0
 
 
+#: exit status of a task's process that found another worker owning its task
+EXIT_LEASE_LOST = 76
+
+
+def _stop_at_once() -> None:
+    """Another worker owns this process's task: stop everything this process group runs (the
+    step's ``qemu-img``, a download, this process) so nothing more reaches the task's target. A
+    task process leads a process group of its own (the worker starts it in a new session); a
+    process that does not (a test running the child in-process) only raises :class:`LeaseLost`."""
+    if os.getpgrp() == os.getpid():
+        logging.shutdown()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def _child(argv: list[str] | None = None) -> int:
     """Entry of a child process: run or resume one task to its end (or to a suspend)."""
     p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
     p.add_argument("verb", choices=("run", "resume"))
     p.add_argument("task_id")
     p.add_argument("--config")
+    p.add_argument("--owner", help="the worker that claimed the task (run: take its lease over)")
+    p.add_argument("--epoch", type=int, help="the task's fencing epoch of that claim")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
     redact.install_logging()
     logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     cfg = config_mod.load(args.config)
-    engine = Engine(cfg)
+    engine = Engine(cfg, on_lease_lost=_stop_at_once)
+    lease = Lease(args.owner, args.epoch) if args.owner is not None and args.epoch is not None else None
     try:
-        task = engine.run(args.task_id) if args.verb == "run" else engine.resume(args.task_id)
+        task = engine.run(args.task_id, lease=lease) if args.verb == "run" else engine.resume(args.task_id)
+    except LeaseLost as exc:
+        log.error("task %s: %s", args.task_id, exc.message)
+        _stop_at_once()
+        return EXIT_LEASE_LOST
     except StoreUnavailable as exc:
         # The task keeps this process as its owner, so once the database is back the worker sees
         # the owner gone and resumes the task from its last completed step.

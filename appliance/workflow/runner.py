@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from ..errors import (
     Finding,
     ImageRejected,
     ImagingError,
+    LeaseLost,
     StepFailed,
     StepTimeout,
     StoreUnavailable,
@@ -47,7 +49,7 @@ from ..errors import (
     WorkflowInvalid,
 )
 from ..scratch import ScratchSpace, TaskScratch
-from ..store import StepRecord, StepState, Store, Task
+from ..store import Lease, StepRecord, StepState, Store, Task
 from .callbacks import EngineCallbacks
 from .hookpoints import next_image
 from .loader import WorkflowLoader
@@ -131,6 +133,10 @@ class TaskRun:
         #: set by the supervisor (cancel requested in the store), signals, or a lost lease
         self.cancel = threading.Event()
         self.lost_lease = False
+        #: the lease this run writes under (the task's when the run was set up)
+        self.lease: Lease | None = task.lease
+        #: called once when the run learns it lost the task (the worker's task process stops at once)
+        self.on_lease_lost: Callable[[], None] | None = None
         #: set by SIGUSR1: the worker is shutting down; stop the step, keep the task for a resume
         self.suspended = False
         self.signalled: int | None = None
@@ -256,8 +262,8 @@ class TaskRun:
                     wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
                 )
                 image = next_image(hook.name, image, result)
-        except StoreUnavailable:
-            raise  # not the hook's failure: the run stops and resumes (Engine._drive)
+        except (StoreUnavailable, LeaseLost):
+            raise  # not the hook's failure: the run stops (and resumes, or not here) (Engine._drive)
         except ImagingError as exc:
             error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
             self._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
@@ -292,10 +298,10 @@ class TaskRun:
             self.store.update_progress(self.task_id, status_message=f"running step {step.name!r}")
             try:
                 result, abandoned = self._call(step, idx, cls, args)
-            except StoreUnavailable:
-                # The task database went away under the step (its ledger could not be written): not
-                # the step's failure, and nothing can be recorded. The run stops (Engine._drive) and
-                # the step runs again when the task resumes.
+            except (StoreUnavailable, LeaseLost):
+                # The task database went away under the step (its ledger could not be written), or
+                # another worker owns the task now: not the step's failure, and nothing can be
+                # recorded. The run stops (Engine._drive); the step runs again when the task resumes.
                 raise
             except ImagingError as exc:
                 error, abandoned = exc, getattr(exc, "abandoned", False)
@@ -539,6 +545,9 @@ class TaskRun:
                     self._pending_progress.pop(ctx.idx, None)
                 self._write_progress(progress)
                 last_db = now
+            except LeaseLost:
+                self.lose_lease()
+                raise
             except StoreUnavailable:
                 with self._progress_lock:
                     self._pending_progress[ctx.idx] = progress
@@ -563,6 +572,38 @@ class TaskRun:
         self.callbacks.on_event(
             self.task_id, "ledger", {"action": action, "resource": resource, "step": step}
         )
+
+    def fence(self, ctx: StepContext) -> None:
+        try:
+            self.store.check_lease(self.task_id, self.lease)
+        except LeaseLost:
+            self.lose_lease()
+            raise
+
+    def save_checkpoint(self, ctx: StepContext, data: dict[str, Any]) -> None:
+        if self.lease is None:
+            raise UsageError(f"task {self.task_id} is not run under a lease: nothing to checkpoint with")
+        try:
+            self.store.save_checkpoint(
+                self.task_id, ctx.idx, data, owner=self.lease.owner, epoch=self.lease.epoch
+            )
+        except LeaseLost:
+            self.lose_lease()
+            raise
+
+    def load_checkpoint(self, ctx: StepContext) -> dict[str, Any] | None:
+        return self.store.load_checkpoint(self.task_id, ctx.idx)
+
+    def lose_lease(self) -> None:
+        """Another worker owns the task now: stop (the step's cancel) and, the first time, tell
+        :attr:`on_lease_lost`."""
+        first = not self.lost_lease
+        self.lost_lease = True
+        self.cancel.set()
+        if first:
+            log.error("task %s: another worker owns it now (lease lost); stopping", self.task_id)
+            if self.on_lease_lost is not None:
+                self.on_lease_lost()
 
     def scratch(self) -> TaskScratch:
         with self._scratch_lock:
