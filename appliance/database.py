@@ -222,6 +222,8 @@ class _SQLiteConnection:
     def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
             return self._conn.execute(sql, args)
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # misuse (a closed store, a bad statement): a bug, not a state of the database
         except sqlite3.Error as exc:
             raise _sqlite_error(exc, self._name) from exc
 
