@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 
 from . import redact, schemas
-from .database import StoreConfig, check_store_url
+from .database import POSTGRESQL, StoreConfig, check_store_url
 from .errors import ConfigError
 from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
@@ -341,7 +341,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
     sources = merged["sources"]
     limits = merged["limits"]
     safety = merged["safety"]
-    return Config(
+    cfg = Config(
         state_dir=state_dir,
         log_level=merged["log_level"],
         scratch=ScratchConfig(
@@ -410,6 +410,21 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         source=source,
         raw=merged,
     )
+    _check_fleet_targets(cfg, str(source or "<config>"))
+    return cfg
+
+
+def _check_fleet_targets(cfg: Config, source: str) -> None:
+    """A PostgreSQL store is shared by appliances, any of which may take a task over: a ``file``
+    volume target must then be on a directory they all share, and say so (``shared: true``)."""
+    volume = cfg.targets["volume"]
+    if cfg.store.backend == POSTGRESQL and volume.get("type") == "file" and not volume.get("shared"):
+        raise ConfigError(
+            f"{source}: targets.volume: a file volume target with a PostgreSQL store must be on a "
+            "directory every appliance sharing the store mounts at the same path, set with "
+            "targets.volume.shared: true (another appliance that takes a task over must find its "
+            "volume); or use the ec2 or device volume target"
+        )
 
 
 def _store(raw: dict[str, Any], default_db: Path, path: Any, source: str) -> StoreConfig:

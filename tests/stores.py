@@ -29,8 +29,22 @@ def settings() -> dict[str, Any]:
 
 
 def with_store(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (a configuration mapping) with the running test's ``store`` section."""
-    return {**data, "store": settings()} if _current else data
+    """``data`` (a configuration mapping) with the running test's ``store`` section; on PostgreSQL
+    a ``file`` volume target (the default) is marked ``shared``, as a fleet's must be: the test's
+    appliances run on this one machine."""
+    if not _current:
+        return data
+    return shared_volumes({**data, "store": settings()})
+
+
+def shared_volumes(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its ``file`` volume target (the default one too) marked ``shared``."""
+    targets = dict(data.get("targets") or {})
+    volume = dict(targets.get("volume") or {"type": "file"})
+    if volume.get("type") == "file":
+        volume["shared"] = True
+    targets["volume"] = volume
+    return {**data, "targets": targets}
 
 
 @contextmanager

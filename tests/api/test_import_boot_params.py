@@ -89,6 +89,7 @@ def api_server(tmp: Path, store: dict[str, Any]) -> Iterator[Server]:
     }
     if store:
         data["store"] = store
+        data = stores.shared_volumes(data)  # a fleet's volume target: one machine here
     conf = tmp / "imaging.yaml"
     conf.write_text(yaml.safe_dump(data))
     endpoint = f"http://127.0.0.1:{port}"

@@ -179,6 +179,9 @@ def secretive(tmp_path: Path, moto: MotoServer) -> Iterator[Secretive]:
                 "worker": {"concurrency": 2, "poll_interval": 0.2},
                 "tasks": {"lease_seconds": 5},
                 "store": stores.with_password(STORE_PASSWORD),
+                "targets": {
+                    "volume": {"type": "file", "shared": True}
+                },  # a fleet's volumes: on one machine here
             }
         )
     )

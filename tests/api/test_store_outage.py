@@ -54,6 +54,9 @@ def config_file(tmp_path: Path, cluster: Cluster) -> Iterator[Path]:
                 },
                 "sources": {"allowed_endpoints": [MANIFEST_BASE]},
                 "store": {"url": cluster.schema_url(schema), "connect_timeout": 2},
+                "targets": {
+                    "volume": {"type": "file", "shared": True}
+                },  # a fleet's volumes: on one machine here
             }
         )
     )

@@ -94,7 +94,8 @@ def test_the_task_database_is_sqlite_in_state_dir_unless_store_url_says_otherwis
                 "password_file": "db-password",
                 "sslmode": "verify-full",
                 "sslrootcert": "ca.pem",
-            }
+            },
+            "targets": {"volume": {"type": "ec2"}},
         },
         base_dir=tmp_path,
     )
@@ -123,9 +124,34 @@ def test_a_store_section_that_would_leak_or_confuse_is_refused_without_quoting_i
 
 
 def test_the_store_password_is_a_secret_wherever_the_configuration_is_shown() -> None:
-    cfg = config.from_dict({"store": {"url": "postgresql://imaging@db/imaging", "password": "Sekr1tSekr1t"}})
+    cfg = config.from_dict(
+        {
+            "store": {"url": "postgresql://imaging@db/imaging", "password": "Sekr1tSekr1t"},
+            "targets": {"volume": {"type": "device"}},
+        }
+    )
     assert cfg.store.password == "Sekr1tSekr1t" and "Sekr1tSekr1t" not in repr(cfg)
     assert "Sekr1tSekr1t" not in str(redact(cfg.raw))
+
+
+@pytest.mark.parametrize("volume", [None, {"type": "file", "directory": "/srv/volumes"}])
+def test_a_shared_store_with_a_file_volume_target_not_said_to_be_shared_is_refused(
+    volume: dict[str, str] | None,
+) -> None:
+    data: dict[str, object] = {"store": {"url": "postgresql://imaging@db/imaging"}}
+    if volume is not None:
+        data["targets"] = {"volume": volume}
+    with pytest.raises(ConfigError, match=r"targets\.volume\.shared: true"):
+        config.from_dict(data)
+
+
+def test_a_shared_volume_directory_or_a_single_appliance_store_is_accepted() -> None:
+    shared = {"type": "file", "directory": "/srv/volumes", "shared": True}
+    fleet = config.from_dict(
+        {"store": {"url": "postgresql://imaging@db/imaging"}, "targets": {"volume": shared}}
+    )
+    assert fleet.targets["volume"]["shared"] is True
+    assert config.from_dict({}).targets["volume"]["type"] == "file"  # SQLite: one appliance, its own disk
 
 
 def test_api_key_without_account_or_role_is_a_user_of_its_own_account() -> None:

@@ -550,7 +550,13 @@ def test_user_data_store_section_reaches_the_config_and_the_dropin_creates_no_sq
 ) -> None:
     store = {"url": "postgresql://imaging@db.example:5432/imaging", "password": "DbPassword0123456789"}
     paths.user_data.write_text(
-        cloud_config(section(store=store, hooks={"points": {"after_convert": [INJECT]}}))
+        cloud_config(
+            section(
+                store=store,
+                targets={"volume": {"type": "file", "directory": "/srv/volumes", "shared": True}},
+                hooks={"points": {"after_convert": [INJECT]}},
+            )
+        )
     )
     assert configure_with_reload(paths, []) == 0
     written = yaml.safe_load(paths.output.read_text())

@@ -392,8 +392,16 @@ def test_config_init_with_a_postgresql_store_and_tasks_commands_use_it(
     login = stores.with_password(password)  # a role that needs the password
     cfg = tmp_path / "imaging.yaml"
     r = imaging("config", "init", cfg, "--store", login["url"], "--store-password-file", secret, env=env)
+    assert r.returncode != 0 and "--shared-volumes" in r.stderr and not cfg.exists()
+    volumes = tmp_path / "shared-volumes"
+    r = imaging(
+        "config", "init", cfg, "--store", login["url"], "--store-password-file", secret,
+        "--shared-volumes", volumes, env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert yaml.safe_load(cfg.read_text())["store"] == {"url": login["url"], "password_file": str(secret)}
+    written = yaml.safe_load(cfg.read_text())
+    assert written["store"] == {"url": login["url"], "password_file": str(secret)}
+    assert written["targets"]["volume"] == {"type": "file", "directory": str(volumes), "shared": True}
     shown = imaging("-c", cfg, "config", "show", env=env)
     assert shown.returncode == 0 and password not in shown.stdout
     config = config_mod.load(cfg)

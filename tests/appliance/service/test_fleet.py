@@ -54,12 +54,13 @@ class Appliance:
         self.dir = root / name
         self.dir.mkdir()
         self.config = self.dir / "imaging.yaml"
-        settings = {
-            "state_dir": str(self.dir / "state"),
-            "workflows": {"extra_dirs": [str(workflows)]},
-            "worker": {"concurrency": 2, "poll_interval": poll_interval, "lease_seconds": lease_seconds},
-            "store": stores.settings(),
-        }
+        settings = stores.with_store(
+            {
+                "state_dir": str(self.dir / "state"),
+                "workflows": {"extra_dirs": [str(workflows)]},
+                "worker": {"concurrency": 2, "poll_interval": poll_interval, "lease_seconds": lease_seconds},
+            }
+        )
         self.config.write_text(json.dumps(settings))
         self.log = self.dir / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -56,6 +56,7 @@ def cfg_file(tmp_path: Path) -> Path:
         "worker: {concurrency: 2, poll_interval: 0.2}\n"
         "tasks: {lease_seconds: 5}\n"
         + (f"store: {json.dumps(stores.settings())}\n" if stores.settings() else "")
+        + ("targets: {volume: {type: file, shared: true}}\n" if stores.settings() else "")
     )
     (tmp_path / "m.src").write_text("x")
     return f

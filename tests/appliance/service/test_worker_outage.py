@@ -87,6 +87,9 @@ def config_file(tmp_path: Path, cluster: Cluster) -> Iterator[Path]:
                 "worker": {"concurrency": 2, "poll_interval": 0.2},
                 "tasks": {"lease_seconds": 5},
                 "store": {"url": cluster.schema_url(schema), "connect_timeout": 2},
+                "targets": {
+                    "volume": {"type": "file", "shared": True}
+                },  # a fleet's volumes: on one machine here
             }
         )
     )
