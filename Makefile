@@ -11,6 +11,9 @@ SYSTEM_PACKAGES += qemu-system-x86 debootstrap kpartx squashfs-tools dosfstools 
   ca-certificates
 # ... and what guest validation, guest mounts and their tests use (filesystems the tests build and read).
 SYSTEM_PACKAGES += btrfs-progs ntfs-3g mtools libhivex-bin
+# ... and the PostgreSQL server the store, workflow, worker and API tests also run against (a throwaway
+# cluster the tests start themselves: tests/postgres.py); the appliance itself only needs a client (psycopg).
+SYSTEM_PACKAGES += postgresql
 APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 

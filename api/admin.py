@@ -74,7 +74,7 @@ class StoreHandle:
     def get(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = Store(self._config.db_path)
+                self._store = Store(self._config.store)
             return self._store
 
 

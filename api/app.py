@@ -53,6 +53,7 @@ _STATUS_BY_CODE = {
     "InvalidTaskId.Malformed": falcon.HTTP_400,
     "IncorrectState": falcon.HTTP_409,
     "StateStoreError": falcon.HTTP_503,
+    "StateStoreUnavailable": falcon.HTTP_503,
 }
 _STATUS_BY_CLASS = (
     (TaskNotFound, falcon.HTTP_404),
@@ -309,13 +310,28 @@ class RootResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if ec2_resource.handles(req, self._max_bytes):
-            self._resource().on_get(req, resp)
+            resource = self._resource_or_error(req, resp)
+            if resource is not None:
+                resource.on_get(req, resp)
             return
         check_query(req, self._query_params)
         resp.media = admin.versions_document()
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._resource().on_post(req, resp)
+        resource = self._resource_or_error(req, resp)
+        if resource is not None:
+            resource.on_post(req, resp)
+
+    def _resource_or_error(
+        self, req: falcon.Request, resp: falcon.Response
+    ) -> ec2_resource.Ec2Resource | None:
+        """The EC2 resource, or None after answering the request with the EC2 error that kept it from
+        being built (a task database that cannot be opened now: ``ServiceUnavailable``)."""
+        try:
+            return self._resource()
+        except ImagingError as exc:
+            ec2_resource.respond_with_error(req, resp, exc)
+            return None
 
 
 class VersionResource:

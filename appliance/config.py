@@ -18,6 +18,7 @@ import jsonschema
 import yaml
 
 from . import redact, schemas
+from .database import POSTGRESQL, StoreConfig, check_store_url
 from .errors import ConfigError
 from .paths import SYSTEM_CONFIG, StatePaths, default_state_dir
 
@@ -305,6 +306,8 @@ class Config:
     )
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    #: the task database (None: SQLite at ``<state_dir>/imaging.db``)
+    store_config: StoreConfig | None = None
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -314,8 +317,15 @@ class Config:
         return StatePaths(self.state_dir)
 
     @property
-    def db_path(self) -> Path:
-        return self.paths.db
+    def store(self) -> StoreConfig:
+        """The task database: ``store`` of the configuration, SQLite in ``state_dir`` by default.
+        Everything that opens it takes this (:class:`appliance.store.Store`)."""
+        return self.store_config or StoreConfig.sqlite(self.paths.db)
+
+    @property
+    def db_path(self) -> Path | None:
+        """The SQLite file of the task database; None when it is PostgreSQL."""
+        return self.store.path
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -368,7 +378,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
     sources = merged["sources"]
     limits = merged["limits"]
     safety = merged["safety"]
-    return Config(
+    cfg = Config(
         state_dir=state_dir,
         log_level=merged["log_level"],
         scratch=ScratchConfig(
@@ -397,7 +407,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             iso_policy=safety["iso_policy"],
         ),
         workflow_dirs=tuple(path(d) for d in merged["workflows"]["extra_dirs"]),
-        lease_seconds=merged["tasks"]["lease_seconds"],
+        lease_seconds=merged["tasks"].get("lease_seconds") or merged["worker"]["lease_seconds"],
         max_active_tasks=merged["tasks"]["max_active"],
         expiration_hours=merged["tasks"]["expiration_hours"],
         api=ApiConfig(
@@ -443,8 +453,52 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,
             source=str(source or "<config>"),
         ),
+        store_config=_store(merged["store"], StatePaths(state_dir).db, path, str(source or "<config>")),
         source=source,
         raw=merged,
+    )
+    _check_fleet_targets(cfg, str(source or "<config>"))
+    return cfg
+
+
+def _check_fleet_targets(cfg: Config, source: str) -> None:
+    """A PostgreSQL store is shared by appliances, any of which may take a task over: a ``file``
+    volume target must then be on a directory they all share, and say so (``shared: true``)."""
+    volume = cfg.targets["volume"]
+    if cfg.store.backend == POSTGRESQL and volume.get("type") == "file" and not volume.get("shared"):
+        raise ConfigError(
+            f"{source}: targets.volume: a file volume target with a PostgreSQL store must be on a "
+            "directory every appliance sharing the store mounts at the same path, set with "
+            "targets.volume.shared: true (another appliance that takes a task over must find its "
+            "volume); or use the ec2 or device volume target"
+        )
+
+
+def _store(raw: dict[str, Any], default_db: Path, path: Any, source: str) -> StoreConfig:
+    """``store``: the URL checked (no password in it) and made absolute for SQLite, paths resolved."""
+    url = raw.get("url") or "sqlite:///" + str(default_db)
+    problem = check_store_url(url)
+    if problem is not None:
+        # the URL is not quoted: it may hold the very password it must not hold
+        raise ConfigError(f"{source}: store.url {problem}")
+    if "password" in raw and "password_file" in raw:
+        raise ConfigError(f"{source}: store: give password or password_file, not both")
+    if url.startswith("sqlite:"):
+        url = "sqlite:///" + str(path(url.removeprefix("sqlite:///")))
+
+    def optional(key: str) -> Path | None:
+        return path(raw[key]) if raw.get(key) else None
+
+    return StoreConfig(
+        url=url,
+        password=raw.get("password"),
+        password_file=optional("password_file"),
+        sslmode=raw.get("sslmode"),
+        sslrootcert=optional("sslrootcert"),
+        sslcert=optional("sslcert"),
+        sslkey=optional("sslkey"),
+        connect_timeout=float(raw["connect_timeout"]),
+        pool_size=int(raw["pool_size"]),
     )
 
 

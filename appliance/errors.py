@@ -163,6 +163,32 @@ class IncorrectState(ImagingError):
     code = "IncorrectState"
 
 
+class StoreError(ImagingError):
+    """The task database cannot be used (written by a newer version, corrupt, unwritable)."""
+
+    code = "StateStoreError"
+
+
+class StoreUnavailable(StoreError):
+    """The task database cannot be reached right now (PostgreSQL stopped or restarting, the network
+    to it down, a SQLite file locked for longer than the busy timeout). Nothing was written;
+    the same call succeeds once it is back."""
+
+    code = "StateStoreUnavailable"
+
+
+class DuplicateKey(StoreError):
+    """A row with this key already exists (a unique constraint refused an insert)."""
+
+
+class LeaseLost(StoreError):
+    """A write of a task run was refused: the run's lease (owner, fencing epoch) is no longer the
+    task's, because another worker claimed the task after the lease expired (failover). Nothing was
+    written; the run must stop at once and touch neither the task nor its target again."""
+
+    code = "TaskLeaseLost"
+
+
 class WorkflowInvalid(ImagingError):
     """A workflow file fails validation; the message names file, step and field."""
 

@@ -1,14 +1,20 @@
-"""Task state store: tasks, their steps, an event queue and a cleanup ledger in one SQLite file.
+"""Task state store: tasks, their steps, an event queue and a cleanup ledger in one database.
 
-One process writes (the worker or a CLI run) while others read (the HTTP API, ``imaging tasks``).
-That works because the database is in WAL mode (readers never block the writer nor each other),
-every connection waits ``busy_timeout`` instead of failing with "database is locked", and every
-read-modify-write runs in a short ``BEGIN IMMEDIATE`` transaction, which takes the write lock up
-front so two writers can never deadlock on a lock upgrade.
+The database is SQLite (one file in ``state_dir``, the default: one appliance) or PostgreSQL
+(``store.url``: appliances that share their tasks), through :mod:`appliance.database`; the SQL here
+is written once for both, and both give the same answers and the same error codes. Several
+processes use it at once (the worker, each task's process, the HTTP API's workers, ``imaging
+tasks``): every read-modify-write runs in one short write transaction. On SQLite write transactions
+exclude each other (``BEGIN IMMEDIATE``; WAL mode lets readers go on). On PostgreSQL they run
+side by side, so what must not interleave is serialised explicitly: a task's row is locked
+(``SELECT … FOR UPDATE``) before it is read to be changed; creating a task holds an advisory lock
+for the admission decision below; inserting an event holds another until the commit, so event ids
+become visible in increasing order and a reader that remembers the last id it saw misses none.
 
 The schema evolves through :data:`MIGRATIONS`, applied in order in one transaction when a store
-is opened; ``schema_version`` holds how many have been applied. A database written by newer code
-is refused rather than misread.
+is opened (under a lock: appliances starting together against one PostgreSQL database migrate it
+once); ``schema_version`` holds how many have been applied. A database written by newer code is
+refused rather than misread.
 
 Two admission rules are decisions of the store, not of its callers, because callers run in several
 processes (the API's gunicorn workers): :meth:`Store.create_task` counts the active tasks against a
@@ -29,32 +35,43 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from .database import (
+    LOCK_ADMISSION,
+    LOCK_EVENTS,
+    LOCK_MIGRATIONS,
+    POSTGRESQL,
+    SQLITE,
+    Connection,
+    Database,
+    Listener,
+    Row,
+    SQLiteDatabase,
+    StoreConfig,
+    as_settings,
+)
 from .errors import (
+    DuplicateKey,
     IdempotentParameterMismatch,
-    ImagingError,
     IncorrectState,
+    LeaseLost,
     ResourceLimitExceeded,
     TaskNotFound,
     UsageError,
 )
+
+# defined with the other coded errors, importable from here too (where they are raised)
+from .errors import StoreError as StoreError
+from .errors import StoreUnavailable as StoreUnavailable
 from .redact import redact, redact_text
 from .timestamps import format_time, utc_now, utcnow
-
-
-class StoreError(ImagingError):
-    """The state database cannot be used (written by a newer version, corrupt, unwritable)."""
-
-    code = "StateStoreError"
 
 
 class ActiveTaskLimit(ResourceLimitExceeded):
@@ -116,9 +133,23 @@ LEDGER_ACTIONS = ("created", "removed", "leaked")
 #: alphabet (the same one :mod:`appliance.scratch` accepts).
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+
+@dataclass(frozen=True)
+class Dialects:
+    """A migration statement whose SQL differs by backend; None: nothing to run there."""
+
+    sqlite: str | None
+    postgresql: str | None
+
+    def sql(self, dialect: str) -> str | None:
+        return self.sqlite if dialect == SQLITE else self.postgresql
+
+
 #: Ordered schema migrations; each is a sequence of statements. Never edit a released entry:
 #: append a new one. (Statements, not scripts: ``executescript`` would commit the transaction.)
-MIGRATIONS: list[tuple[str, ...]] = [
+#: A plain statement is SQLite's SQL, and PostgreSQL's after :func:`postgresql_ddl` (64-bit
+#: integers, double precision, identity keys); a :class:`Dialects` gives each backend its own.
+MIGRATIONS: list[tuple[str | Dialects, ...]] = [
     (
         """CREATE TABLE tasks (
             id TEXT PRIMARY KEY,
@@ -144,6 +175,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
             lease_expires_at TEXT,
             attempts INTEGER NOT NULL DEFAULT 0
         )""",
+        # SQLite tables have an implicit ``rowid`` (insertion order: the tie-break of listings);
+        # PostgreSQL gets it as a column, so the same queries run on both
+        Dialects(None, "ALTER TABLE tasks ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE"),
         "CREATE INDEX tasks_state ON tasks (state, created_at)",
         """CREATE TABLE steps (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -222,8 +256,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # Tokens given before this migration were only kept in the params of the two kinds that
         # take one (and the check-then-insert they went through could record one twice): the
         # newest task of each (kind, token), the one a retry was answered with, keeps the token.
-        # SQLite's JSON functions; a new PostgreSQL database has no rows to carry over.
-        """UPDATE tasks SET client_token = json_extract(params, '$.client_token')
+        # (A PostgreSQL database is new when it gets here: it has no rows to carry over.)
+        Dialects(
+            """UPDATE tasks SET client_token = json_extract(params, '$.client_token')
             WHERE kind IN ('import-image', 'import-snapshot')
             AND json_type(params, '$.client_token') = 'text'
             AND json_extract(params, '$.client_token') <> ''
@@ -234,6 +269,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
                     = json_extract(tasks.params, '$.client_token')
                 AND (newer.created_at, newer.rowid) > (tasks.created_at, tasks.rowid)
             )""",
+            """UPDATE tasks SET client_token = params::jsonb ->> 'client_token'
+            WHERE kind IN ('import-image', 'import-snapshot')
+            AND jsonb_typeof(params::jsonb -> 'client_token') = 'string'
+            AND params::jsonb ->> 'client_token' <> ''
+            AND NOT EXISTS (
+                SELECT 1 FROM tasks AS newer
+                WHERE newer.kind = tasks.kind
+                AND newer.params::jsonb ->> 'client_token' = tasks.params::jsonb ->> 'client_token'
+                AND (newer.created_at, newer.rowid) > (tasks.created_at, tasks.rowid)
+            )""",
+        ),
         "CREATE UNIQUE INDEX tasks_client_token ON tasks (client_account, kind, client_token)",
     ),
     (
@@ -246,12 +292,89 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (task_id, name)
         )""",
     ),
+    (
+        # Work distribution in a fleet: every claim of a task moves its fencing epoch on, and every
+        # write of a task run names the epoch it was granted (see Store.claim and Lease).
+        "ALTER TABLE tasks ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        # Where a step got to inside itself (a verified part, an offset), for the next owner of the
+        # task to resume from; written fenced like every other write of a run.
+        """CREATE TABLE checkpoints (
+            task_id TEXT NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+            step TEXT NOT NULL,
+            data TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (task_id, step)
+        )""",
+    ),
 ]
 
+#: doorbell channels (PostgreSQL NOTIFY; see :meth:`Store.listen`): a task became claimable
+CHANNEL_TASKS = "tasks"
+#: a cancel was requested; the payload is the task id
+CHANNEL_CANCEL = "cancel"
+
+
+def postgresql_ddl(statement: str) -> str:
+    """A plain migration statement as PostgreSQL runs it: SQLite's ``INTEGER`` is 64-bit (byte
+    counts exceed 2 GiB), ``REAL`` double precision, ``INTEGER PRIMARY KEY AUTOINCREMENT`` a key
+    that is never reused (an identity column)."""
+    if not statement.lstrip().upper().startswith(("CREATE TABLE", "ALTER TABLE")):
+        return statement
+    out = statement.replace(
+        "INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    )
+    out = re.sub(r"\bINTEGER\b", "BIGINT", out)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", out)
+
+
+def migration_sql(statement: str | Dialects, dialect: str) -> str | None:
+    """The SQL ``dialect`` runs for a migration statement (None: nothing)."""
+    if isinstance(statement, Dialects):
+        return statement.sql(dialect)
+    return postgresql_ddl(statement) if dialect == POSTGRESQL else statement
+
+
+#: SQL that differs by backend, by name
+_DIALECT_SQL: dict[str, dict[str, str]] = {
+    SQLITE: {
+        # the single write transaction (BEGIN IMMEDIATE) already excludes every other claimer
+        "claim_pending": "UPDATE tasks SET {set} WHERE id IN"
+        " (SELECT id FROM tasks WHERE state = 'pending' ORDER BY created_at, rowid LIMIT ?) RETURNING *",
+        "table_exists": "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+        "duration": "(julianday(finished_at) - julianday(started_at)) * 86400.0",
+        "contains": "instr(resource, ?) > 0",
+        "owner_is": "owner IS ?",
+    },
+    POSTGRESQL: {
+        # rows another claimer has locked are skipped, not waited for; the locking clause is in the
+        # CTE so that ORDER BY … LIMIT picks the rows before they are locked
+        "claim_pending": "WITH c AS (SELECT id FROM tasks WHERE state = 'pending'"
+        " ORDER BY created_at, rowid LIMIT ? FOR UPDATE SKIP LOCKED)"
+        " UPDATE tasks SET {set} FROM c WHERE tasks.id = c.id AND tasks.state = 'pending' RETURNING tasks.*",
+        "table_exists": "SELECT 1 FROM information_schema.tables"
+        " WHERE table_schema = current_schema() AND table_name = ?",
+        "duration": "EXTRACT(EPOCH FROM (finished_at::timestamptz - started_at::timestamptz))",
+        "contains": "strpos(resource, ?) > 0",
+        "owner_is": "owner IS NOT DISTINCT FROM ?",
+    },
+}
 
 #: the task a client token names (served by the unique index ``tasks_client_token``)
 _TOKEN_LOOKUP = "SELECT * FROM tasks WHERE client_account = ? AND kind = ? AND client_token = ?"
 _COUNT_ACTIVE = f"SELECT COUNT(*) FROM tasks WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))})"
+
+
+def open_database(target: StoreConfig | Path | str, *, busy_timeout: float = 30.0) -> Database:
+    """Open the task database ``target`` names (see :mod:`appliance.database`): store settings, a
+    SQLite file, or a ``sqlite:``/``postgresql:`` URL. Raises :class:`StoreUnavailable` (it cannot be
+    reached now) or :class:`StoreError`. Migrating it is :class:`Store`'s job."""
+    settings = as_settings(target)
+    if settings.backend == POSTGRESQL:
+        from .postgres import PostgresDatabase  # psycopg is imported only where it is configured
+
+        return PostgresDatabase(settings)
+    return SQLiteDatabase(settings, busy_timeout=busy_timeout)
 
 
 def new_task_id() -> str:
@@ -298,10 +421,17 @@ class Task:
     bytes_converted: int = 0
     #: the account the task belongs to (its creator's); '' for none
     client_account: str = ""
+    #: the fencing epoch: how many times the task was claimed (see :class:`Lease`)
+    epoch: int = 0
 
     @property
     def terminal(self) -> bool:
         return self.state.terminal
+
+    @property
+    def lease(self) -> Lease | None:
+        """The current owner's lease (None while nobody owns the task)."""
+        return Lease(self.owner, self.epoch) if self.owner else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form; every field by name, ``state`` as its string."""
@@ -310,12 +440,27 @@ class Task:
         return d
 
     @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> Task:
+    def _from_row(cls, row: Row) -> Task:
         d = dict(row)
         d["state"] = TaskState(d["state"])
         for key in ("params", "result", "findings"):
             d[key] = _loads(d[key])
         return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim on a task: its owner and the task's fencing epoch the claim was granted.
+
+    Every claim of a task (:meth:`Store.claim`, :meth:`Store.claim_pending`) increments the
+    task's epoch. A write of a task run is made under a lease and the write statement itself
+    checks it (``… WHERE id = ? AND owner = ? AND epoch = ?``): once another worker has claimed the
+    task, the former owner's writes change nothing and raise :class:`LeaseLost`. A lease is never
+    compared with a clock; its expiry only decides when another worker may claim the task.
+    """
+
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -342,7 +487,7 @@ class StepRecord:
         return d
 
     @classmethod
-    def _from_row(cls, row: sqlite3.Row) -> StepRecord:
+    def _from_row(cls, row: Row) -> StepRecord:
         d = dict(row)
         d["state"] = StepState(d["state"])
         d["undo"] = bool(d["undo"])
@@ -380,70 +525,48 @@ class LedgerEntry:
         return asdict(self)
 
 
-def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
-    """A connection to the task database shared across threads (callers serialise use with a lock).
-
-    ``isolation_level=None``: no implicit transactions; writers open them with :func:`write_transaction`.
-    """
-    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    return conn
-
-
-def inserted_id(cur: sqlite3.Cursor) -> int:
-    """The id of the row the ``INSERT`` just run on ``cur`` added."""
-    if cur.lastrowid is None:
-        raise StoreError("the database returned no id for an inserted row")
-    return cur.lastrowid
-
-
-@contextmanager
-def write_transaction(conn: sqlite3.Connection, lock: Any) -> Iterator[sqlite3.Connection]:
-    """A short write transaction holding the database write lock from its start (``BEGIN IMMEDIATE``),
-    rolled back on any exception."""
-    with lock:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-
 class Store:
-    """The task database at ``path`` (created and migrated on open).
+    """The task database ``target`` names (created and migrated on open): the store settings of the
+    configuration (``config.store``), a SQLite file, or a ``sqlite:``/``postgresql:`` URL.
 
-    Methods are thread-safe (one connection behind a lock), so an engine's step, heartbeat and
-    watcher threads can share a store. Other processes open their own :class:`Store`.
+    Methods are thread-safe (SQLite: one connection behind a lock; PostgreSQL: a small connection
+    pool), so an engine's step, heartbeat and watcher threads can share a store. Other processes
+    open their own :class:`Store`. A database that cannot be reached raises
+    :class:`StoreUnavailable` (from the constructor too); nothing was written then.
     """
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+    def __init__(self, target: StoreConfig | Path | str, *, busy_timeout: float = 30.0) -> None:
+        #: what this store was opened with: another process (or the outbox) opens the same database
+        self.settings = as_settings(target)
+        self._db: Database = open_database(self.settings, busy_timeout=busy_timeout)
+        #: the leases this store's process holds (task id → lease): every write of those tasks
+        #: through this store is fenced with it (see :meth:`hold`)
+        self._leases: dict[str, Lease] = {}
         try:
-            self._conn = connect(self.path, busy_timeout)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open task database {self.path}: {exc}") from exc
-        try:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise StoreError(f"cannot use task database {self.path}: {exc}") from exc
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file; None on PostgreSQL."""
+        return self.settings.path
+
+    @property
+    def dialect(self) -> str:
+        """:data:`~appliance.config.SQLITE` or :data:`~appliance.config.POSTGRESQL`."""
+        return self._db.dialect
+
+    @property
+    def name(self) -> str:
+        """What messages call the database: its file or its URL (never with a password)."""
+        return self._db.name
+
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -451,34 +574,35 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        """A short write transaction holding the database write lock from its start."""
-        return write_transaction(self._conn, self._lock)
+    def _write(self) -> AbstractContextManager[Connection]:
+        """A short write transaction (see the module docstring for what it excludes)."""
+        return self._db.transaction()
 
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._db.read(sql, args)
 
-    def _version(self) -> int:
-        row = self._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()
-        if row is None:
+    def _sql(self, name: str) -> str:
+        return _DIALECT_SQL[self._db.dialect][name]
+
+    def _version(self, read: Callable[[str, Sequence[Any]], list[Row]]) -> int:
+        if not read(self._sql("table_exists"), ("schema_version",)):
             return 0
-        version = self._conn.execute("SELECT version FROM schema_version").fetchone()
-        return 0 if version is None else int(version[0])
+        rows = read("SELECT version FROM schema_version", ())
+        return int(rows[0][0]) if rows else 0
 
     def _migrate(self) -> None:
-        # Check first without the write lock: a reader opening a current database never waits
-        # behind the writer.
-        if self._version() == len(MIGRATIONS):
+        # Check first without a lock: a reader opening a current database never waits behind a writer.
+        if self._version(self._read) == len(MIGRATIONS):
             return
         with self._write() as conn:
-            version = self._version()  # again, under the lock: another process may have migrated
+            # PostgreSQL: appliances starting together wait here for the first to migrate (SQLite's
+            # write transaction excludes the others already)
+            conn.lock(LOCK_MIGRATIONS)
+            version = self._version(lambda sql, args: conn.execute(sql, args).fetchall())
             if version > len(MIGRATIONS):
                 raise StoreError(
-                    f"task database {self.path} has schema version {version}, newer than this toolkit "
-                    f"understands ({len(MIGRATIONS)}); upgrade the toolkit or point state_dir elsewhere"
+                    f"task database {self.name} has schema version {version}, newer than this toolkit "
+                    f"understands ({len(MIGRATIONS)}); upgrade the toolkit or point the store elsewhere"
                 )
             if version == 0:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -486,38 +610,103 @@ class Store:
                 conn.execute("INSERT INTO schema_version (version) VALUES (0)")
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    conn.execute(statement)
+                    sql = migration_sql(statement, conn.dialect)
+                    if sql is not None:
+                        conn.execute(sql)
             conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return self._version()
+        """How many migrations the database has (a real read: health checks use it)."""
+        return self._version(self._read)
+
+    # -- fencing ------------------------------------------------------------------------------
+
+    def hold(self, task_id: str, lease: Lease | None) -> None:
+        """Make ``lease`` the one this store's writes of ``task_id`` carry (None: none). A claim
+        through this store holds its lease already; a task's process that was handed a lease
+        (:meth:`adopt`) holds that."""
+        if lease is None:
+            self._leases.pop(task_id, None)
+        else:
+            self._leases[task_id] = lease
+
+    def held(self, task_id: str) -> Lease | None:
+        """The lease this store's writes of ``task_id`` carry, if any."""
+        return self._leases.get(task_id)
+
+    def _fence(self, conn: Connection, task_id: str, lease: Lease | None = None) -> None:
+        """Refuse the write transaction ``conn`` is in unless ``lease`` (default: the one held for
+        the task) is still the task's: a write statement (it changes nothing) whose condition is
+        the lease, so the check and the write are one. On PostgreSQL it also locks the task's row
+        until the commit: a claim moving the epoch on waits for this transaction, or this statement
+        waits for the claim and then finds the new epoch. Without a lease the write is unfenced
+        (the API, the CLI, recovery sweeps: they are nobody's run)."""
+        lease = lease or self._leases.get(task_id)
+        if lease is None:
+            return
+        cur = conn.execute(
+            "UPDATE tasks SET epoch = epoch WHERE id = ? AND owner = ? AND epoch = ?",
+            (task_id, lease.owner, lease.epoch),
+        )
+        if cur.rowcount != 1:
+            raise LeaseLost(
+                f"task {task_id}: {lease.owner} (epoch {lease.epoch}) no longer holds it: another worker"
+                " claimed it after the lease expired; nothing was written"
+            )
+
+    def check_lease(self, task_id: str, lease: Lease | None = None) -> None:
+        """Raise :class:`LeaseLost` unless ``lease`` (default: the one held) is still the task's: a
+        run calls this right before it finalises a target, so an owner that lost the task does not
+        publish anything."""
+        with self._write() as conn:
+            self._fence(conn, task_id, lease)
 
     @staticmethod
-    def _task_row(conn: sqlite3.Connection, task_id: str) -> sqlite3.Row:
-        row = conn.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    def _task_row(conn: Connection, task_id: str, *, lock: bool = False) -> Row:
+        """The task's row; ``lock``: the transaction is about to change it (row-locked on PostgreSQL
+        until the transaction ends, so concurrent read-modify-writes of one task take turns)."""
+        sql = "SELECT * FROM tasks WHERE id = ?" + (conn.for_update if lock else "")
+        row = conn.execute(sql, (task_id,)).fetchone()
         if row is None:
             raise TaskNotFound(f"no task {task_id!r}")
         return row
 
     @staticmethod
+    def _require_task(conn: Connection, task_id: str) -> None:
+        """:class:`TaskNotFound` unless the task exists; on PostgreSQL the row is share-locked (as the
+        foreign key of a row referring to it would), so a transaction that goes on to insert an event
+        takes the row's lock before the event lock, as every other transaction does."""
+        lock = " FOR KEY SHARE" if conn.dialect == POSTGRESQL else ""
+        if conn.execute("SELECT 1 FROM tasks WHERE id = ?" + lock, (task_id,)).fetchone() is None:
+            raise TaskNotFound(f"no task {task_id!r}")
+
+    @classmethod
     def _event(
-        conn: sqlite3.Connection, task_id: str, kind: str, data: dict[str, Any], now: str
+        cls, conn: Connection, task_id: str, kind: str, data: dict[str, Any], now: str
     ) -> tuple[int, str]:
         """Insert an event; its data is stored redacted (events are read by people and the
-        controller, never to run anything). Returns the id and the stored JSON."""
-        stored = _dumps(redact(data))
-        cur = conn.execute(
-            "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?)",
-            (task_id, now, kind, stored),
-        )
-        return inserted_id(cur), stored
+        controller, never to run anything). Returns the id and the stored JSON.
 
-    def _update(self, conn: sqlite3.Connection, task_id: str, values: dict[str, Any]) -> Task:
+        The event lock is held until the transaction ends: ids are handed out and become visible
+        in the same order, one transaction at a time (lock order: the task's row, then this lock)."""
+        stored = _dumps(redact(data))
+        cls._require_task(conn, task_id)
+        conn.lock(LOCK_EVENTS)
+        row = conn.execute(
+            "INSERT INTO events (task_id, time, kind, data) VALUES (?, ?, ?, ?) RETURNING id",
+            (task_id, now, kind, stored),
+        ).fetchone()
+        return int(row[0]), stored
+
+    def _update(self, conn: Connection, task_id: str, values: dict[str, Any]) -> Task:
         cols = ", ".join(f"{k} = ?" for k in values)
-        conn.execute(f"UPDATE tasks SET {cols} WHERE id = ?", (*values.values(), task_id))
-        return Task._from_row(self._task_row(conn, task_id))
+        row = conn.execute(
+            f"UPDATE tasks SET {cols} WHERE id = ? RETURNING *", (*values.values(), task_id)
+        ).fetchone()
+        if row is None:
+            raise TaskNotFound(f"no task {task_id!r}")
+        return Task._from_row(row)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -552,11 +741,12 @@ class Store:
         now = utcnow()
         params_json = _dumps(params or {})
         token = client_token or None
-        # One write transaction (BEGIN IMMEDIATE: no other writer until it ends) inserts, lets the
-        # token's unique index decide whether the request is new, and counts. A backend whose
-        # transactions do not serialise writers needs a lock first for the count (e.g.
-        # pg_advisory_xact_lock); the token needs none: the index decides.
+        # One write transaction inserts, lets the token's unique index decide whether the request
+        # is new, and counts. The count needs the writers of tasks to take turns: SQLite's write
+        # transaction excludes the others; on PostgreSQL the admission lock does (until the commit,
+        # so the next creator counts this task). The token needs no lock: the index decides.
         with self._write() as conn:
+            conn.lock(LOCK_ADMISSION)
             try:
                 inserted = conn.execute(
                     "INSERT INTO tasks (id, kind, workflow, params, state, status_message, created_at,"
@@ -565,7 +755,7 @@ class Store:
                     " ON CONFLICT (client_account, kind, client_token) DO NOTHING",
                     (task_id, kind, workflow, params_json, status_message, now, now, client_account, token),
                 ).rowcount
-            except sqlite3.IntegrityError as exc:
+            except DuplicateKey as exc:
                 raise UsageError(f"a task with id {task_id!r} already exists") from exc
             if not inserted:
                 row = conn.execute(_TOKEN_LOOKUP, (client_account, kind, token)).fetchone()
@@ -580,6 +770,7 @@ class Store:
                 if others >= max_active:
                     raise ActiveTaskLimit(others, max_active)  # and the insert is rolled back
             self._event(conn, task_id, "task.state", {"state": "pending"}, now)
+            conn.notify(CHANNEL_TASKS, task_id)
             return Task._from_row(self._task_row(conn, task_id))
 
     def get_task(self, task_id: str, *, account: str | Iterable[str] | None = None) -> Task:
@@ -648,7 +839,7 @@ class Store:
         return [Task._from_row(r) for r in self._read(sql, args)]
 
     def task_summary(self, duration_buckets: Sequence[float] = ()) -> list[dict[str, Any]]:
-        """Per (kind, state) aggregates for metrics, computed by SQLite (no task is loaded).
+        """Per (kind, state) aggregates for metrics, computed by the database (no task is loaded).
 
         Each row: ``kind``, ``state``, ``count``, ``bytes_done`` and ``bytes_converted`` (sums),
         ``durations`` (how many tasks have both ``started_at`` and ``finished_at``), ``duration_sum``
@@ -656,15 +847,17 @@ class Store:
         are at most that many seconds.
         """
         bounds = [float(b) for b in duration_buckets]
-        le = "".join(f", COALESCE(SUM(d <= ?), 0) AS le{i}" for i in range(len(bounds)))
+        le = "".join(
+            f", COALESCE(SUM(CASE WHEN d <= ? THEN 1 ELSE 0 END), 0) AS le{i}" for i in range(len(bounds))
+        )
         sql = (
             "SELECT kind, state, COUNT(*) AS count, COALESCE(SUM(bytes_done), 0) AS bytes_done,"
             " COALESCE(SUM(bytes_converted), 0) AS bytes_converted,"
             f" COUNT(d) AS durations, COALESCE(SUM(d), 0.0) AS duration_sum{le} FROM ("
             " SELECT kind, state, bytes_done, bytes_converted,"
             " CASE WHEN started_at IS NOT NULL AND finished_at IS NOT NULL"
-            " THEN (julianday(finished_at) - julianday(started_at)) * 86400.0 END AS d FROM tasks"
-            ") GROUP BY kind, state ORDER BY kind, state"
+            f" THEN {self._sql('duration')} END AS d FROM tasks"
+            ") AS t GROUP BY kind, state ORDER BY kind, state"
         )
         return [
             {
@@ -690,6 +883,7 @@ class Store:
         result: Any = None,
         error_code: str | None = None,
         error_message: str | None = None,
+        lease: Lease | None = None,
     ) -> Task:
         """Move the task to ``state`` if :data:`TRANSITIONS` allows it (else :class:`IncorrectState`).
 
@@ -700,7 +894,8 @@ class Store:
         new = TaskState(state)
         now = utcnow()
         with self._write() as conn:
-            row = self._task_row(conn, task_id)
+            self._fence(conn, task_id, lease)
+            row = self._task_row(conn, task_id, lock=True)
             current = TaskState(row["state"])
             if expected is not None:
                 allowed = [expected] if isinstance(expected, str) else list(expected)
@@ -747,7 +942,7 @@ class Store:
         """
         now = utcnow()
         with self._write() as conn:
-            current = TaskState(self._task_row(conn, task_id)["state"])
+            current = TaskState(self._task_row(conn, task_id, lock=True)["state"])
             if current is TaskState.CANCELLING:
                 return Task._from_row(self._task_row(conn, task_id))
             new = TaskState.CANCELLED if current is TaskState.PENDING else TaskState.CANCELLING
@@ -763,6 +958,8 @@ class Store:
                 )
             task = self._update(conn, task_id, values)
             self._event(conn, task_id, "task.state", {"state": str(new), "previous": str(current)}, now)
+            if new is TaskState.CANCELLING:
+                conn.notify(CHANNEL_CANCEL, task_id)
             return task
 
     def claim(
@@ -772,61 +969,146 @@ class Store:
 
         A ``pending`` task becomes ``running``. A ``running``/``cancelling`` one can only be taken
         over from ``expected_owner`` (the dead or expired owner the caller found), which makes the
-        takeover a compare-and-swap: of two recoverers only one wins.
+        takeover a compare-and-swap: of two recoverers only one wins. The decision is the one
+        ``UPDATE`` below, whose condition names the state and the previous owner; the row read
+        before it only words the refusal. Every claim moves the task's fencing epoch on: the
+        returned task's :attr:`Task.lease` is the new owner's, held by this store from now on, and
+        the previous owner's writes are refused (:class:`LeaseLost`). Taking a running task over
+        is recorded as a ``task.takeover`` event.
         """
         now = utc_now()
+        stamp = format_time(now)
+        expires = format_time(now + timedelta(seconds=lease_seconds))
         with self._write() as conn:
-            row = self._task_row(conn, task_id)
+            row = self._task_row(conn, task_id, lock=True)
             current = TaskState(row["state"])
-            values: dict[str, Any] = {
-                "owner": owner,
-                "lease_expires_at": format_time(now + timedelta(seconds=lease_seconds)),
-                "attempts": row["attempts"] + 1,
-                "updated_at": format_time(now),
-            }
-            if current is TaskState.PENDING:
-                values.update(state=str(TaskState.RUNNING), started_at=format_time(now))
-            elif current in (TaskState.RUNNING, TaskState.CANCELLING):
-                if row["owner"] != expected_owner:
-                    raise IncorrectState(f"task {task_id} is {current} and owned by {row['owner']}")
-            else:
+            if current.terminal:
                 raise IncorrectState(f"task {task_id} is {current} and cannot be claimed")
-            task = self._update(conn, task_id, values)
-            data = {"owner": owner, "attempt": task.attempts, "previous_owner": row["owner"]}
-            self._event(conn, task_id, "task.claimed", data, values["updated_at"])
+            if current is not TaskState.PENDING and row["owner"] != expected_owner:
+                raise IncorrectState(f"task {task_id} is {current} and owned by {row['owner']}")
+            claimed = conn.execute(
+                "UPDATE tasks SET owner = ?, lease_expires_at = ?, attempts = attempts + 1, updated_at = ?,"
+                " epoch = epoch + 1,"
+                " started_at = CASE WHEN state = 'pending' THEN ? ELSE started_at END,"
+                " state = CASE WHEN state = 'pending' THEN 'running' ELSE state END"
+                " WHERE id = ? AND (state = 'pending'"
+                f" OR (state IN ('running', 'cancelling') AND {self._sql('owner_is')})) RETURNING *",
+                (owner, expires, stamp, stamp, task_id, expected_owner),
+            ).fetchone()
+            if claimed is None:
+                raise IncorrectState(f"task {task_id} was claimed by another worker meanwhile")
+            task = Task._from_row(claimed)
+            data = {
+                "owner": owner,
+                "attempt": task.attempts,
+                "previous_owner": row["owner"],
+                "epoch": task.epoch,
+            }
+            self._event(conn, task_id, "task.claimed", data, stamp)
             if current is TaskState.PENDING:
-                self._event(
-                    conn,
-                    task_id,
-                    "task.state",
-                    {"state": "running", "previous": "pending"},
-                    values["updated_at"],
-                )
-            return task
+                self._event(conn, task_id, "task.state", {"state": "running", "previous": "pending"}, stamp)
+            else:
+                takeover = {
+                    "owner": owner,
+                    "previous_owner": row["owner"],
+                    "previous_epoch": row["epoch"],
+                    "epoch": task.epoch,
+                }
+                self._event(conn, task_id, "task.takeover", takeover, stamp)
+        self.hold(task_id, task.lease)
+        return task
 
-    def renew_lease(self, task_id: str, owner: str, lease_seconds: float) -> bool:
-        """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished)."""
+    def claim_pending(self, owner: str, limit: int, lease_seconds: float) -> list[Task]:
+        """Claim up to ``limit`` pending tasks, oldest first, for ``owner`` (a worker): each becomes
+        ``running`` with a lease of ``lease_seconds``, an attempt counted and its epoch moved on.
+
+        One statement decides: on PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED`` (workers claiming
+        at the same time get disjoint tasks without waiting for each other; fewer than ``limit``
+        means "nothing more available now", not "the queue is empty"); on SQLite the single write
+        transaction. The worker hands each task to a process of its own, which takes the lease
+        over with :meth:`adopt`."""
+        if limit <= 0:
+            return []
+        now = utc_now()
+        stamp = format_time(now)
+        expires = format_time(now + timedelta(seconds=lease_seconds))
+        assignments = (
+            "owner = ?, lease_expires_at = ?, attempts = attempts + 1, epoch = epoch + 1, updated_at = ?,"
+            " started_at = COALESCE(started_at, ?), state = 'running'"
+        )
+        sql = self._sql("claim_pending").format(set=assignments)
+        with self._write() as conn:
+            values = (owner, expires, stamp, stamp)
+            # the LIMIT comes first in PostgreSQL's statement (its CTE), last in SQLite's
+            args = (limit, *values) if conn.dialect == POSTGRESQL else (*values, limit)
+            rows = conn.execute(sql, args).fetchall()
+            tasks = sorted((Task._from_row(r) for r in rows), key=lambda t: (t.created_at, t.id))
+            for task in tasks:
+                data = {"owner": owner, "attempt": task.attempts, "previous_owner": None, "epoch": task.epoch}
+                self._event(conn, task.id, "task.claimed", data, stamp)
+                self._event(conn, task.id, "task.state", {"state": "running", "previous": "pending"}, stamp)
+        return tasks
+
+    def adopt(self, task_id: str, lease: Lease, owner: str, lease_seconds: float) -> Task:
+        """Take the lease ``lease`` over as ``owner`` within the same epoch (the worker claimed the
+        task, its task process runs it): a fenced write, :class:`LeaseLost` when the epoch moved on
+        meanwhile. The lease is held by this store from now on."""
         expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ? "
-                "AND state IN ('running', 'cancelling')",
-                (expires, task_id, owner),
-            )
-            return cur.rowcount == 1
+            row = conn.execute(
+                "UPDATE tasks SET owner = ?, lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND owner = ? AND epoch = ? AND state IN ('running', 'cancelling')"
+                " RETURNING *",
+                (owner, expires, utcnow(), task_id, lease.owner, lease.epoch),
+            ).fetchone()
+            if row is None:
+                raise LeaseLost(
+                    f"task {task_id}: {lease.owner} (epoch {lease.epoch}) no longer holds it; not taken over"
+                )
+        task = Task._from_row(row)
+        self.hold(task_id, task.lease)
+        return task
+
+    def renew_lease(
+        self, task_id: str, owner: str, lease_seconds: float, *, epoch: int | None = None
+    ) -> bool:
+        """Extend the lease; ``False`` if ``owner`` no longer owns the task (or it is finished), or
+        the task's epoch is no longer ``epoch`` (default: the epoch of the lease held for it)."""
+        if epoch is None:
+            held = self._leases.get(task_id)
+            epoch = held.epoch if held is not None and held.owner == owner else None
+        expires = format_time(utc_now() + timedelta(seconds=lease_seconds))
+        sql = (
+            "UPDATE tasks SET lease_expires_at = ? WHERE id = ? AND owner = ?"
+            " AND state IN ('running', 'cancelling')"
+        )
+        args: list[Any] = [expires, task_id, owner]
+        if epoch is not None:
+            sql += " AND epoch = ?"
+            args.append(epoch)
+        with self._write() as conn:
+            return conn.execute(sql, args).rowcount == 1
 
     def release(self, task_id: str, owner: str) -> bool:
         """Give up ownership without ending the task (its worker is shutting down): the task becomes
         an orphan that the next ``recover`` resumes. ``False`` if ``owner`` did not own it."""
+        held = self._leases.get(task_id)
+        sql = (
+            "UPDATE tasks SET owner = NULL, lease_expires_at = NULL, updated_at = ? "
+            "WHERE id = ? AND owner = ? AND state IN ('running', 'cancelling')"
+        )
+        args: list[Any] = [utcnow(), task_id, owner]
+        if held is not None and held.owner == owner:
+            sql += " AND epoch = ?"
+            args.append(held.epoch)
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE tasks SET owner = NULL, lease_expires_at = NULL, updated_at = ? "
-                "WHERE id = ? AND owner = ? AND state IN ('running', 'cancelling')",
-                (utcnow(), task_id, owner),
-            )
+            cur = conn.execute(sql, args)
             if cur.rowcount == 1:
                 self._event(conn, task_id, "task.released", {"owner": owner}, utcnow())
-            return cur.rowcount == 1
+                conn.notify(CHANNEL_TASKS, task_id)
+        if cur.rowcount == 1:
+            self.hold(task_id, None)
+        return cur.rowcount == 1
 
     def update_progress(
         self,
@@ -838,6 +1120,7 @@ class Store:
         percent: float | None = None,
         status_message: str | None = None,
         bytes_converted: int | None = None,
+        lease: Lease | None = None,
     ) -> Task:
         """Record progress without ever moving it backwards.
 
@@ -848,7 +1131,8 @@ class Store:
         """
         now = utcnow()
         with self._write() as conn:
-            row = self._task_row(conn, task_id)
+            self._fence(conn, task_id, lease)
+            row = self._task_row(conn, task_id, lock=True)
             values: dict[str, Any] = {"updated_at": now}
             new_phase = phase is not None and phase != row["phase"]
             if new_phase:
@@ -880,7 +1164,8 @@ class Store:
         validation, policy; a retried step reports the same findings again)."""
         items = [f.to_dict() if hasattr(f, "to_dict") else dict(f) for f in findings]
         with self._write() as conn:
-            current = json.loads(self._task_row(conn, task_id)["findings"])
+            self._fence(conn, task_id)
+            current = json.loads(self._task_row(conn, task_id, lock=True)["findings"])
             merged = current + [f for i, f in enumerate(items) if f not in current and f not in items[:i]]
             return self._update(conn, task_id, {"findings": _dumps(merged), "updated_at": utcnow()})
 
@@ -911,14 +1196,16 @@ class Store:
         finished = now if st in _STEP_FINISHED else None
         started = now if st is StepState.RUNNING else None
         with self._write() as conn:
-            conn.execute(
+            self._fence(conn, task_id)
+            self._require_task(conn, task_id)
+            row = conn.execute(
                 "INSERT INTO steps (task_id, idx, name, action, state, args, result, error, attempts, undo,"
                 " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (task_id, idx) DO UPDATE SET name = excluded.name, action = excluded.action,"
                 " state = excluded.state, args = excluded.args, result = excluded.result,"
-                " error = excluded.error, attempts = COALESCE(?, attempts), undo = excluded.undo,"
-                " started_at = COALESCE(started_at, excluded.started_at),"
-                " finished_at = excluded.finished_at",
+                " error = excluded.error, attempts = COALESCE(?, steps.attempts), undo = excluded.undo,"
+                " started_at = COALESCE(steps.started_at, excluded.started_at),"
+                " finished_at = excluded.finished_at RETURNING *",
                 (
                     task_id,
                     idx,
@@ -934,8 +1221,7 @@ class Store:
                     finished,
                     attempts,
                 ),
-            )
-            row = conn.execute("SELECT * FROM steps WHERE task_id = ? AND idx = ?", (task_id, idx)).fetchone()
+            ).fetchone()
             return StepRecord._from_row(row)
 
     def set_step_state(
@@ -944,14 +1230,14 @@ class Store:
         """Change only the state (and error) of a recorded step, e.g. ``completed`` → ``undone``."""
         st = StepState(state)
         with self._write() as conn:
-            cur = conn.execute(
+            self._fence(conn, task_id)
+            row = conn.execute(
                 "UPDATE steps SET state = ?, error = COALESCE(?, error), finished_at = ?"
-                " WHERE task_id = ? AND idx = ?",
+                " WHERE task_id = ? AND idx = ? RETURNING *",
                 (str(st), None if error is None else _dumps(redact(error)), utcnow(), task_id, idx),
-            )
-            if cur.rowcount != 1:
+            ).fetchone()
+            if row is None:
                 raise UsageError(f"task {task_id} has no step {idx!r}")
-            row = conn.execute("SELECT * FROM steps WHERE task_id = ? AND idx = ?", (task_id, idx)).fetchone()
             return StepRecord._from_row(row)
 
     def step_results(self, task_id: str) -> list[StepRecord]:
@@ -965,7 +1251,8 @@ class Store:
         """Keep ``value`` (JSON) under ``name`` for the task, as given: something the task needs to
         run or resume (e.g. the hooks recorded at submit). Never shown as such; an event says it."""
         with self._write() as conn:
-            self._task_row(conn, task_id)  # TaskNotFound for an unknown task
+            self._fence(conn, task_id)
+            self._require_task(conn, task_id)
             conn.execute(
                 "INSERT INTO task_records (task_id, name, data) VALUES (?, ?, ?)"
                 " ON CONFLICT (task_id, name) DO UPDATE SET data = excluded.data",
@@ -983,6 +1270,7 @@ class Store:
         """Append to the event queue (read by controller reporting with :meth:`events`)."""
         now = utcnow()
         with self._write() as conn:
+            self._fence(conn, task_id)
             event_id, stored = self._event(conn, task_id, kind, data or {}, now)
         return Event(event_id, task_id, now, kind, json.loads(stored))
 
@@ -1006,12 +1294,15 @@ class Store:
             raise UsageError(f"ledger action must be one of {', '.join(LEDGER_ACTIONS)}, not {action!r}")
         now = utcnow()
         with self._write() as conn:
-            cur = conn.execute(
-                "INSERT INTO ledger (task_id, time, action, resource, step) VALUES (?, ?, ?, ?, ?)",
+            self._fence(conn, task_id)
+            self._require_task(conn, task_id)
+            row = conn.execute(
+                "INSERT INTO ledger (task_id, time, action, resource, step) VALUES (?, ?, ?, ?, ?)"
+                " RETURNING id",
                 (task_id, now, action, resource, step),
-            )
+            ).fetchone()
             self._event(conn, task_id, "ledger", {"action": action, "resource": resource, "step": step}, now)
-            return LedgerEntry(inserted_id(cur), task_id, now, action, resource, step)
+            return LedgerEntry(int(row[0]), task_id, now, action, resource, step)
 
     def ledger(self, task_id: str) -> list[LedgerEntry]:
         """The task's cleanup ledger, oldest first."""
@@ -1020,9 +1311,42 @@ class Store:
             LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
         ]
 
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, task_id: str, step: str, data: dict[str, Any], *, owner: str, epoch: int
+    ) -> None:
+        """Keep where ``step`` (a step's index, ``StepContext.idx``) of the task got to: ``data`` (a
+        JSON object, e.g. the last verified part and offset), replacing the step's previous
+        checkpoint. Fenced: raises :class:`LeaseLost` unless (``owner``, ``epoch``) is still the
+        task's lease, so a checkpoint is always its current owner's. The store keeps checkpoints,
+        not the appliance's disk: the worker that takes a task over finds them."""
+        if not isinstance(data, dict):
+            raise UsageError(f"a checkpoint is a JSON object, not {type(data).__name__}")
+        with self._write() as conn:
+            self._fence(conn, task_id, Lease(owner, epoch))
+            conn.execute(
+                "INSERT INTO checkpoints (task_id, step, data, epoch, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id, step) DO UPDATE SET data = excluded.data, epoch = excluded.epoch,"
+                " updated_at = excluded.updated_at",
+                (task_id, step, _dumps(data), epoch, utcnow()),
+            )
+
+    def load_checkpoint(self, task_id: str, step: str) -> dict[str, Any] | None:
+        """The step's last checkpoint (:meth:`save_checkpoint`), or None."""
+        rows = self._read("SELECT data FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step))
+        return _loads(rows[0]["data"]) if rows else None
+
+    # -- doorbells ----------------------------------------------------------------------------
+
+    def listen(self, channels: Sequence[str] = (CHANNEL_TASKS, CHANNEL_CANCEL)) -> Listener | None:
+        """A listener for the store's doorbells (a task became claimable, a cancel was requested)
+        on a connection of its own; None on SQLite, where workers only poll."""
+        return self._db.listen(channels)
+
     def ledger_containing(self, fragment: str) -> list[LedgerEntry]:
         """Ledger entries of every task whose resource contains ``fragment`` (literally), oldest first."""
-        rows = self._read("SELECT * FROM ledger WHERE instr(resource, ?) > 0 ORDER BY id", (fragment,))
+        rows = self._read(f"SELECT * FROM ledger WHERE {self._sql('contains')} ORDER BY id", (fragment,))
         return [
             LedgerEntry(r["id"], r["task_id"], r["time"], r["action"], r["resource"], r["step"]) for r in rows
         ]

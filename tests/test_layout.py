@@ -26,6 +26,7 @@ LAZY_ALLOWED = {
     "api.controller.server": "gunicorn and the controller app, loaded only by `imaging controller serve`",
     "appliance.targets.ec2": "imports botocore at use; loaded only when an ec2 target is configured",
     "appliance.targets.s3": "imports botocore at use; loaded only when an s3 target is configured",
+    "appliance.postgres": "imports psycopg; loaded only when store.url is a PostgreSQL database",
 }
 
 

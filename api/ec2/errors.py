@@ -72,7 +72,14 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "UrlNotAllowed": ("InvalidParameterValue", 400),
     # the state database is busy or unwritable: the client should retry later
     "StateStoreError": ("Unavailable", 503),
+    # the task database cannot be reached (an outage): nothing was done, the client retries later
+    "StateStoreUnavailable": ("ServiceUnavailable", 503),
 }
+
+#: what a client is told when the task database cannot be reached (where it is stays in the log)
+STORE_UNAVAILABLE_MESSAGE = (
+    "The service cannot reach its task database right now; nothing was changed. Retry the request later."
+)
 
 
 def from_imaging_error(exc: ImagingError) -> Ec2Error:
@@ -84,6 +91,8 @@ def from_imaging_error(exc: ImagingError) -> Ec2Error:
     message = exc.message
     if exc.code == "UrlNotAllowed":
         message = f"The URL is not allowed: {message}"
+    elif exc.code == "StateStoreUnavailable":
+        message = STORE_UNAVAILABLE_MESSAGE
     return Ec2Error(code, message, status)
 
 

@@ -196,12 +196,7 @@ class Ec2Resource:
         except Ec2Error as exc:
             self._fail(resp, exc, request_id)
         except ImagingError as exc:
-            error = from_imaging_error(exc)
-            if error.code == "InternalError":
-                log.error(
-                    "request %s (%s): unexpected appliance error %s", request_id, action, exc, exc_info=exc
-                )
-            self._fail(resp, error, request_id)
+            self._fail(resp, _coded(exc, request_id, action), request_id)
         except Exception:
             log.exception("request %s (%s): internal error", request_id, action)
             self._fail(resp, Ec2Error("InternalError", INTERNAL_ERROR_MESSAGE, 500), request_id)
@@ -220,6 +215,26 @@ class Ec2Resource:
     def _fail(resp: falcon.Response, error: Ec2Error, request_id: str) -> None:
         resp.status = falcon.code_to_http_status(error.status)
         resp.data = render_error(error, request_id)
+
+
+def _coded(exc: ImagingError, request_id: str, action: str | None) -> Ec2Error:
+    """The EC2 error for a coded appliance error, logged where the operator needs it."""
+    error = from_imaging_error(exc)
+    if error.code == "InternalError":
+        log.error("request %s (%s): unexpected appliance error %s", request_id, action, exc, exc_info=exc)
+    elif exc.code == "StateStoreUnavailable":
+        # the client is told to retry; where the database is and why it failed is for the log
+        log.warning("request %s (%s): %s", request_id, action, exc.message)
+    return error
+
+
+def respond_with_error(req: falcon.Request, resp: falcon.Response, exc: ImagingError) -> None:
+    """Answer an EC2 request with the EC2 error for ``exc`` raised before its resource could serve it
+    (e.g. the task database could not be opened to build the resource)."""
+    request_id = getattr(req.context, "request_id", None) or str(uuid.uuid4())
+    resp.set_header("x-amzn-RequestId", request_id)
+    resp.content_type = CONTENT_TYPE
+    Ec2Resource._fail(resp, _coded(exc, request_id, None), request_id)
 
 
 def _action(params: Mapping[str, Sequence[str]]) -> str:

@@ -39,7 +39,7 @@ import yaml
 from .. import config as config_mod
 from ..atomicfile import write_atomic
 from ..hooks.privileges import privileged_hooks
-from ..paths import BAKED_RENDEZVOUS, CONFIG_ERROR_FILE, IO_WEIGHT_FLAG_NAME, SYSTEM_CONFIG, StatePaths
+from ..paths import BAKED_RENDEZVOUS, CONFIG_ERROR_FILE, IO_WEIGHT_FLAG_NAME, SYSTEM_CONFIG
 from ..redact import redact, redact_text, redact_url, secret_values
 from ..service import taskcgroup
 from ..timestamps import format_time
@@ -351,7 +351,8 @@ def _sync_worker_privileges(opts: Options, rendered: userdata.Rendered, privileg
     """Write or remove the worker's drop-in; reload systemd only when that changed a file."""
     if opts.unit_dir is None:
         return
-    db_path = StatePaths(Path(rendered.config["state_dir"])).db
+    # the SQLite file the drop-in creates first; none when the tasks are in PostgreSQL
+    db_path = config_mod.from_dict(rendered.config, base_dir=opts.output.parent).db_path
     if worker_dropin.sync_dropin(opts.unit_dir, privileged, db_path) and opts.reload is not None:
         opts.reload()
 

@@ -362,6 +362,8 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         out["hooks"] = copy.deepcopy(section["hooks"])
     if "artifacts" in section:
         out["artifacts"] = dict(section["artifacts"])
+    if "store" in section:
+        out["store"] = dict(section["store"])
     return Rendered(out, files, section["appliance_id"])
 
 

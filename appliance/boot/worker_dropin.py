@@ -39,11 +39,19 @@ def dropin_path(unit_dir: Path) -> Path:
     return unit_dir / f"{WORKER_UNIT}.d" / DROPIN_NAME
 
 
-def render_dropin(reasons: list[str], db_path: Path = DEFAULT_DB) -> str:
-    """The drop-in text; ``reasons`` (the hooks that need it) go into its header comment."""
+def render_dropin(reasons: list[str], db_path: Path | None = DEFAULT_DB) -> str:
+    """The drop-in text; ``reasons`` (the hooks that need it) go into its header comment.
+    ``db_path``: the SQLite task database (None: the tasks are in PostgreSQL, no file to create)."""
     # one comment line each whatever the names hold (a schema pattern's '$' lets a final newline through)
     why = "".join(f"#   {' '.join(r.split())}\n" for r in reasons)
-    db = shlex.quote(str(db_path))
+    # a task database root created would be 0640 root:imaging and read-only to the API: create it
+    # first (noclobber: never over the API's) as an empty file, which SQLite takes as a new database
+    create_db = ""
+    if db_path is not None:
+        db = shlex.quote(str(db_path))
+        create_db = (
+            f"ExecStartPre=+-/bin/sh -c 'set -C; {{ : > {db}; }} 2>/dev/null && chown imaging:imaging {db}'\n"
+        )
     return (
         "# Written by `imaging configure`; removed by it when no configured hook mounts the guest.\n"
         "# These hooks mount guest filesystems (loop devices, mount, chroot), which needs root:\n"
@@ -60,15 +68,13 @@ def render_dropin(reasons: list[str], db_path: Path = DEFAULT_DB) -> str:
         # the empty assignment resets the unit's (empty) set before adding exactly these
         "CapabilityBoundingSet=\n"
         f"CapabilityBoundingSet={' '.join(CAPABILITIES)}\n"
-        # a task database root created would be 0640 root:imaging and read-only to the API: create it
-        # first (noclobber: never over the API's) as an empty file, which SQLite takes as a new database
-        f"ExecStartPre=+-/bin/sh -c 'set -C; {{ : > {db}; }} 2>/dev/null && chown imaging:imaging {db}'\n"
+        f"{create_db}"
         "DeviceAllow=/dev/loop-control rw\n"
         "DeviceAllow=block-loop rw\n"
     )
 
 
-def sync_dropin(unit_dir: Path, reasons: list[str], db_path: Path = DEFAULT_DB) -> bool:
+def sync_dropin(unit_dir: Path, reasons: list[str], db_path: Path | None = DEFAULT_DB) -> bool:
     """Write the drop-in when ``reasons`` is non-empty, remove it otherwise; True when that changed
     a file (the caller then reloads systemd)."""
     path = dropin_path(unit_dir)

@@ -33,10 +33,20 @@ def generate_credentials() -> dict[str, str]:
     return {"access_key": access, "secret_key": secret}
 
 
-def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+def local_config(
+    state_dir: str,
+    bind: str,
+    s3_endpoint: str | None = None,
+    store: str | None = None,
+    store_password_file: str | None = None,
+    shared_volumes: str | None = None,
+) -> dict[str, Any]:
     """A configuration for running the appliance on this machine: SQLite, scratch and volumes under
     state_dir, one API key (account ``local``, ``role: admin``: the EC2 API and the whole admin API
-    with one key pair); with ``s3_endpoint``, that S3 server is trusted as the source of uploads."""
+    with one key pair); with ``s3_endpoint``, that S3 server is trusted as the source of uploads;
+    with ``store`` (a ``postgresql://`` URL, its password in ``store_password_file``) the tasks are
+    in that database instead, and the volumes in ``shared_volumes``, a directory every appliance
+    sharing the database mounts (``targets.volume.shared``)."""
     sources: dict[str, Any] = {"allowed_endpoints": []}
     if s3_endpoint:
         endpoint = s3_endpoint.rstrip("/")
@@ -50,7 +60,7 @@ def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> d
                 "secret_key": "local",
             },
         }
-    return {
+    data: dict[str, Any] = {
         "state_dir": state_dir,
         "api": {
             "bind": bind,
@@ -63,13 +73,28 @@ def local_config(state_dir: str, bind: str, s3_endpoint: str | None = None) -> d
         },
         "sources": sources,
     }
+    if store:
+        data["store"] = {"url": store}
+        if store_password_file:
+            data["store"]["password_file"] = store_password_file
+        if not shared_volumes:
+            raise UsageError(
+                "--store postgresql://… needs --shared-volumes DIR: the volume directory every appliance"
+                " sharing the database mounts at that path (another appliance may take a task over)"
+            )
+        data["targets"]["volume"] = {"type": "file", "directory": shared_volumes, "shared": True}
+    elif store_password_file or shared_volumes:
+        raise UsageError("--store-password-file and --shared-volumes go with --store postgresql://…")
+    return data
 
 
 def cmd_init(args: argparse.Namespace, _cfg: config_mod.Config | None) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to replace it")
-    data = local_config(args.state_dir, args.bind, args.s3_endpoint)
+    data = local_config(
+        args.state_dir, args.bind, args.s3_endpoint, args.store, args.store_password_file, args.shared_volumes
+    )
     config_mod.from_dict(data, base_dir=path.resolve().parent)  # never write a file that would not load
     text = "# written by `imaging config init`; secrets inside: keep it private (mode 0600)\n"
     text += yaml.safe_dump(data, sort_keys=False)
@@ -143,6 +168,20 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing file")
     s.add_argument(
         "--s3-endpoint", metavar="URL", help="trust this (local) S3 server as the source of uploads"
+    )
+    s.add_argument(
+        "--store",
+        metavar="URL",
+        help="the task database: postgresql://USER@HOST[:PORT]/DATABASE, shared by appliances "
+        "(default: SQLite in the state directory)",
+    )
+    s.add_argument(
+        "--store-password-file", metavar="FILE", help="file holding the PostgreSQL password (with --store)"
+    )
+    s.add_argument(
+        "--shared-volumes",
+        metavar="DIR",
+        help="with --store: the volume directory, mounted by every appliance sharing the database",
     )
     s.set_defaults(func=cmd_init, needs_config=False)
     s = c.add_parser("show", help="print the effective configuration (secrets redacted)")

@@ -31,13 +31,13 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import StoreError, connect, inserted_id, write_transaction
+from ..errors import StoreError
 from ..timestamps import utcnow
 
 #: Ordered schema migrations (statements, never edited once released: append a new entry).
@@ -158,6 +158,38 @@ class Update:
     parameters: dict[str, Any] | None = None
     errors: list[dict[str, Any]] | None = None
     tasks: list[dict[str, Any]] | None = None
+
+
+def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
+    """A connection shared across threads (callers serialise use with a lock); no implicit
+    transactions: writers open them with :func:`write_transaction`."""
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    return conn
+
+
+def inserted_id(cur: sqlite3.Cursor) -> int:
+    """The id of the row the ``INSERT`` just run on ``cur`` added."""
+    if cur.lastrowid is None:
+        raise StoreError("the database returned no id for an inserted row")
+    return cur.lastrowid
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection, lock: Any) -> Iterator[sqlite3.Connection]:
+    """A short write transaction holding the write lock from its start (``BEGIN IMMEDIATE``), rolled
+    back on any exception. The controller's own SQLite plumbing: its sqlite3 errors (an
+    ``IntegrityError`` for a duplicate id) are part of its logic, so it does not use the task
+    database's coded connection layer."""
+    with lock:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
 
 def _dumps(value: Any) -> str:

@@ -7,22 +7,22 @@ table lives in ``report_state`` and moves in the same transaction that enqueues 
 from those events: an event becomes exactly one message (or none, when throttled) even if the
 appliance stops between the two.
 
-The outbox has its own connection to the database so the reporter thread never waits behind the
-worker's store lock; WAL mode and ``busy_timeout`` make the two writers take turns.
+The outbox opens the database on its own (:func:`appliance.database.open_database`), so the
+reporter thread never waits behind the worker's store: on SQLite WAL mode and ``busy_timeout`` make
+the two writers take turns; on PostgreSQL each has its connections, and enqueueing holds an
+advisory lock until it commits, so seqs become visible in the order they were handed out.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store import connect, inserted_id, write_transaction
+from ..database import LOCK_OUTBOX, StoreConfig
+from ..store import open_database
 from ..timestamps import utcnow
 
 CURSOR_KEY = "events_cursor"
@@ -49,26 +49,21 @@ class NewMessage:
 
 
 class Outbox:
-    """The outbox in the SQLite database at ``path`` (already migrated by :class:`~appliance.store.Store`)."""
+    """The outbox in the task database ``target`` names (already migrated by :class:`~appliance.store.Store`;
+    pass the store's ``settings``)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
-        self._lock = threading.Lock()
-        self._conn = connect(path, busy_timeout)
+    def __init__(self, target: StoreConfig | Path | str, *, busy_timeout: float = 30.0) -> None:
+        self._db = open_database(target, busy_timeout=busy_timeout)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._conn, self._lock)
+        self._db.close()
 
     # -- state ----------------------------------------------------------------------------------
 
     def cursor(self) -> int:
         """Id of the last ``events`` row already turned into messages (0 at first start)."""
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM report_state WHERE key = ?", (CURSOR_KEY,)).fetchone()
-        return 0 if row is None else int(row[0])
+        rows = self._db.read("SELECT value FROM report_state WHERE key = ?", (CURSOR_KEY,))
+        return int(rows[0][0]) if rows else 0
 
     # -- enqueueing -----------------------------------------------------------------------------
 
@@ -86,15 +81,17 @@ class Outbox:
         """
         seqs: list[int] = []
         now = utcnow()
-        with self._write() as conn:
+        with self._db.transaction() as conn:
+            conn.lock(LOCK_OUTBOX)
             if replace_type is not None:
                 conn.execute("DELETE FROM report_outbox WHERE type = ?", (replace_type,))
             for m in messages:
-                cur = conn.execute(
-                    "INSERT INTO report_outbox (created_at, type, task_id, payload) VALUES (?, ?, ?, ?)",
+                row = conn.execute(
+                    "INSERT INTO report_outbox (created_at, type, task_id, payload) VALUES (?, ?, ?, ?)"
+                    " RETURNING seq",
                     (now, m.type, m.task_id, json.dumps(m.payload, sort_keys=True, allow_nan=False)),
-                )
-                seqs.append(inserted_id(cur))
+                ).fetchone()
+                seqs.append(int(row[0]))
             if cursor is not None:
                 conn.execute(
                     "INSERT INTO report_state (key, value) VALUES (?, ?)"
@@ -107,28 +104,27 @@ class Outbox:
 
     def head(self) -> Pending | None:
         """The oldest undelivered message (the only one that may be sent: delivery is in order)."""
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM report_outbox ORDER BY seq LIMIT 1").fetchone()
-        if row is None:
+        rows = self._db.read("SELECT * FROM report_outbox ORDER BY seq LIMIT 1")
+        if not rows:
             return None
+        row = rows[0]
         return Pending(row["seq"], row["type"], row["task_id"], json.loads(row["payload"]), row["attempts"])
 
     def ack(self, seq: int) -> None:
         """The controller has the message: forget it."""
-        with self._write() as conn:
+        with self._db.transaction() as conn:
             conn.execute("DELETE FROM report_outbox WHERE seq = ?", (seq,))
 
     def failed(self, seq: int, error: str) -> int:
         """Count a failed delivery of ``seq``; returns the number of attempts so far."""
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE report_outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?",
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE report_outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?"
+                " RETURNING attempts",
                 (error[:500], seq),
-            )
-            row = conn.execute("SELECT attempts FROM report_outbox WHERE seq = ?", (seq,)).fetchone()
+            ).fetchone()
         return 0 if row is None else int(row[0])
 
     def backlog(self) -> int:
         """How many messages wait for delivery."""
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM report_outbox").fetchone()[0])
+        return int(self._db.read("SELECT COUNT(*) FROM report_outbox")[0][0])

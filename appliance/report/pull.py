@@ -31,21 +31,22 @@ keeps reporting the tasks it holds and never creates one twice.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..database import Row, StoreConfig
 from ..errors import ImagingError, TaskNotFound, UsageError
 from ..redact import redact_text
 from ..service.imports import DiskImage, ImportService, outcome
 from ..sources.euca_manifest import DownloadManifest, cloud_keys, fetch_download_manifest, strip_marker
 from ..sources.http import HttpClient
 from ..sources.urlfilter import UrlPolicy
-from ..store import Store, Task, TaskState
+from ..store import Store, Task, TaskState, open_database
 from ..timestamps import utcnow
 from . import messages
 from .euca_auth import CredentialsUnavailable, InstanceCredentials, sign_request
@@ -82,39 +83,32 @@ MAX_REPLY = 1 << 20
 
 
 class PullTasks:
-    """The ``pull_tasks`` table: remote task id → local task, on its own connection."""
+    """The ``pull_tasks`` table: remote task id → local task, on its own connection(s)."""
 
-    def __init__(self, path: Any) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout = 30000")
+    def __init__(self, target: StoreConfig | Path | str) -> None:
+        self._db = open_database(target)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
-    def get(self, remote_id: str) -> sqlite3.Row | None:
-        with self._lock:
-            return self._conn.execute("SELECT * FROM pull_tasks WHERE remote_id = ?", (remote_id,)).fetchone()
+    def get(self, remote_id: str) -> Row | None:
+        rows = self._db.read("SELECT * FROM pull_tasks WHERE remote_id = ?", (remote_id,))
+        return rows[0] if rows else None
 
-    def active(self) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(
-                "SELECT * FROM pull_tasks WHERE state = 'active' ORDER BY created_at"
-            ).fetchall()
+    def active(self) -> list[Row]:
+        return self._db.read("SELECT * FROM pull_tasks WHERE state = 'active' ORDER BY created_at")
 
     def add(self, remote_id: str, task_id: str | None, volume_id: str | None, state: str = "active") -> None:
-        with self._lock:
-            self._conn.execute(
+        with self._db.transaction() as conn:
+            conn.execute(
                 "INSERT INTO pull_tasks (remote_id, task_id, volume_id, state, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (remote_id, task_id, volume_id, state, utcnow()),
             )
 
     def set_state(self, remote_id: str, state: str) -> None:
-        with self._lock:
-            self._conn.execute("UPDATE pull_tasks SET state = ? WHERE remote_id = ?", (state, remote_id))
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE pull_tasks SET state = ? WHERE remote_id = ?", (state, remote_id))
 
 
 class PullReporter(threading.Thread):
@@ -131,7 +125,7 @@ class PullReporter(threading.Thread):
         self.credentials = InstanceCredentials(ctl.metadata_url, timeout=ctl.timeout)
         self._instance_id: str | None = None
         self.service = ImportService(config, store)
-        self.tasks = PullTasks(store.path)
+        self.tasks = PullTasks(store.settings)
         self.tick = tick
         self._stop = threading.Event()
         self._last_poll = float("-inf")

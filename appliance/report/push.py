@@ -59,7 +59,7 @@ class PushReporter(threading.Thread):
         self.url = ctl.url + messages.REPORTS_PATH
         self.secret = ctl.secret
         self.appliance_id = ctl.appliance_id
-        self.outbox = Outbox(store.path)
+        self.outbox = Outbox(store.settings)
         self.tick = tick
         self.rates = status.RateTracker()
         self._stop = threading.Event()

@@ -1,11 +1,19 @@
 """Self-checks behind ``GET /v1/health``: what load balancers and cloud-init probes see.
 
-The overall status is the worst check: a *critical* check that fails (the task database cannot be
-read, ``qemu-img`` is missing) makes the service ``disabled`` (HTTP 503: nothing can be imported
+The overall status is the worst check: a *critical* check that fails (the task database is
+unusable, ``qemu-img`` is missing) makes the service ``disabled`` (HTTP 503: nothing can be imported
 here, take it out of rotation); any other problem (scratch short of space, no fresh worker
 heartbeat, per-task caps that are configured but not enforced, untrusted-input parsers without a
 private network namespace) makes it ``degraded`` (HTTP 200: requests are still accepted, tasks may wait).
 Every failing check carries a ``reason`` a human can act on.
+
+A task database that cannot be *reached* (PostgreSQL restarting or failing over, the network to it
+down) is an outage, not a broken appliance: its check fails with ``transient: true`` and the service
+is ``degraded``, not ``disabled``. The worker claims nothing meanwhile and its running tasks go on,
+the API answers ``ServiceUnavailable`` to what needs the database, and nothing is lost: all of it
+picks up when the database answers again. Taking every appliance of a fleet out of rotation because
+their shared database blinked would turn a short outage into a long one. A database that answers
+but cannot be used (written by newer code, corrupt, refusing the credentials) disables the service.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config
+from ..errors import StoreUnavailable
 from ..image.qemuimg import availability
 from ..store import Store
 from .heartbeat import heartbeat_age, read_heartbeat
@@ -32,10 +41,17 @@ def check_store(open_store: Callable[[], Store]) -> dict[str, Any]:
     """The task database opens and answers a read."""
     try:
         store = open_store()
-        version = store.schema_version  # a real read of sqlite_master, not just an open file handle
-    except Exception as exc:  # any failure here means "cannot serve", whatever its type
+        version = store.schema_version  # a real read of the catalogue, not just an open handle
+    except StoreUnavailable as exc:
+        return {
+            "status": FAIL,
+            "transient": True,
+            "reason": f"task database unreachable: {exc.message}; no task is claimed and writes are "
+            "refused until it is back",
+        }
+    except Exception as exc:  # any other failure here means "cannot serve", whatever its type
         return {"status": FAIL, "reason": f"task database unusable: {exc}"}
-    return {"status": PASS, "schema_version": version}
+    return {"status": PASS, "schema_version": version, "backend": store.dialect}
 
 
 def check_qemu_img() -> dict[str, Any]:
@@ -131,8 +147,13 @@ def check_confinement(config: Config) -> dict[str, Any]:
 
 
 def overall(checks: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
-    """(``ok``|``degraded``|``disabled``, the first reason for it)."""
-    critical = [c["reason"] for n, c in checks.items() if n in CRITICAL and c["status"] == FAIL]
+    """(``ok``|``degraded``|``disabled``, the first reason for it). A failed critical check marked
+    ``transient`` (an outage) degrades the service instead of disabling it."""
+    critical = [
+        c["reason"]
+        for n, c in checks.items()
+        if n in CRITICAL and c["status"] == FAIL and not c.get("transient")
+    ]
     if critical:
         return DISABLED, critical[0]
     others = [c["reason"] for c in checks.values() if c["status"] in (FAIL, WARN)]

@@ -141,7 +141,7 @@ class ImportService:
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or Store(config.db_path)
+        self.store = store or Store(config.store)
         self._engine: Engine | None = None
         self._policy: UrlPolicy | None = None
         self._image_target: ImageTarget | None = None

@@ -7,8 +7,17 @@ task cannot take the others down, and the concurrency limit is a count of childr
 - at start, removes scratch directories of tasks that are over and the partial outputs
   (:mod:`appliance.partials`) killed task processes left, and every poll resumes orphaned tasks
   (their process died: a crash, a kill, a reboot) before it claims new ones;
-- claims pending tasks oldest first up to ``worker.concurrency``, but none while ``qemu-img`` is
-  missing (the appliance is then ``disabled`` and says why in its heartbeat and health);
+- claims pending tasks oldest first up to ``worker.concurrency`` in one statement
+  (:meth:`~appliance.store.Store.claim_pending`: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+  workers sharing the store claim disjoint tasks), each with a lease of ``worker.lease_seconds``
+  and a new fencing epoch, and hands each to its task process, which takes the lease over; but none
+  while ``qemu-img`` is
+  missing (the appliance is then ``disabled`` and says why in its heartbeat and health), and none
+  while the task database cannot be reached (``degraded``: it keeps polling, its running tasks go
+  on, and it picks up where it was once the database answers again);
+- waits ``worker.poll_interval`` between polls; on PostgreSQL it also listens for the store's
+  doorbells (``LISTEN``): a new or released task wakes it at once, and a cancel of a task one of
+  its children runs is passed on to that child (SIGUSR2: look at the store now);
 - writes a heartbeat file (``STATE_DIR/worker.json``) every poll, read by ``GET /v1/health``;
 - on SIGTERM/SIGINT stops claiming and asks its children to *suspend* (SIGUSR1): the step in
   progress stops, nothing is undone, and the task resumes when a worker starts again. Children
@@ -39,14 +48,15 @@ from typing import Any, Protocol
 
 from .. import config as config_mod
 from .. import confine, partials, redact
-from ..errors import ImagingError
+from ..database import Listener
+from ..errors import ImagingError, LeaseLost, StoreUnavailable
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
-from ..store import Store, TaskState
+from ..store import CHANNEL_CANCEL, Lease, Store, TaskState
 from ..timestamps import utcnow
 from ..workflow.engine import Engine
-from ..workflow.supervisor import find_orphans, orphan_reason
+from ..workflow.supervisor import find_orphans, orphan_reason, owner_id
 from . import taskcgroup
 from .heartbeat import write_heartbeat
 from .taskcgroup import TaskCaps, TaskCgroups
@@ -65,6 +75,10 @@ ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
+#: exit status of a task's process that stopped because the task database went away (EX_TEMPFAIL)
+EXIT_STORE_UNAVAILABLE = 75
+#: the longest the worker waits on the doorbell connection before looking at its stop flag
+DOORBELL_SLICE = 0.5
 
 
 def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
@@ -131,7 +145,7 @@ class Worker:
         #: starts the reporter to the controller (``imaging worker`` passes the report package's);
         #: the service does not depend on how the appliance reports
         self.start_reporter = start_reporter
-        self.store = Store(config.db_path)
+        self._store: Store | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.started_at = utcnow()
         self.status = "starting"
@@ -145,6 +159,21 @@ class Worker:
         self.cgroups_failed = False
         #: why the per-task caps are not (all) enforced
         self.limits_reason: str | None = None
+        #: why the task database cannot be reached right now (None: it can)
+        self.store_problem: str | None = None
+        #: the start-up sweeps (scratch, partial outputs) ran: they need the database
+        self._swept = False
+        #: this worker as the owner of the tasks it claims (until its task process takes them over)
+        self.owner = owner_id()
+        #: the doorbell connection (PostgreSQL), opened on demand, dropped when it breaks
+        self._listener: Listener | None = None
+        #: tasks this worker claimed and handed to a child that has not taken the lease over yet
+        #: (its start-up may outlast a short lease): the worker renews those leases meanwhile
+        self._handed: dict[str, Lease] = {}
+        #: polls that claimed tasks, and of those, how many a doorbell started (not the timer)
+        self.claims = 0
+        self.woken_claims = 0
+        self._woken = False
 
     # -- per-task cgroups -----------------------------------------------------------------------
 
@@ -171,10 +200,20 @@ class Worker:
             "reason": self.limits_reason,
         }
 
+    @property
+    def store(self) -> Store:
+        """The task database, opened on first use (:class:`StoreUnavailable` while it cannot be)."""
+        if self._store is None:
+            self._store = Store(self.config.store)
+        return self._store
+
     # -- children -------------------------------------------------------------------------------
 
-    def _spawn(self, verb: str, task_id: str) -> None:
+    def _spawn(self, verb: str, task_id: str, lease: Lease | None = None) -> None:
         argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
+        if lease is not None:
+            argv += ["--owner", lease.owner, "--epoch", str(lease.epoch)]
+            self._handed[task_id] = lease
         if self.config.source is not None:
             argv += ["--config", str(self.config.source)]
         if self.cgroups is not None and not self.cgroups_failed:
@@ -202,8 +241,10 @@ class Worker:
                 continue
             self._kill_leftovers(task_id, proc)
             proc.wait()
-            log.info("task %s: child exited with %s", task_id, proc.returncode)
+            level = logging.INFO if proc.returncode == 0 else logging.WARNING
+            log.log(level, "task %s: child exited with %s", task_id, proc.returncode)
             del self.children[task_id]
+            self._handed.pop(task_id, None)
             if proc.returncode == taskcgroup.EXIT_CGROUP_JOIN_FAILED:
                 self.limits_reason = "task children cannot join their cgroups (see the task's log)"
                 log.error("%s; further tasks run without cgroups", self.limits_reason)
@@ -226,30 +267,114 @@ class Worker:
     # -- one poll -------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Reap children, resume orphans, claim pending tasks, write the heartbeat."""
+        """Reap children, resume orphans, claim pending tasks, write the heartbeat.
+
+        While the task database cannot be reached nothing is resumed or claimed (the children
+        running tasks go on, and each keeps its task); the heartbeat says ``degraded`` and why."""
         self._reap()
+        qemu_problem = qemu_img_problem()
+        try:
+            self._poll_store(claim=qemu_problem is None)
+        except StoreUnavailable as exc:
+            if self.store_problem is None:
+                log.warning("task database unreachable, claiming no tasks until it is back: %s", exc.message)
+            self.store_problem = exc.message
+        else:
+            if self.store_problem is not None:
+                log.warning("task database reachable again; claiming tasks")
+            self.store_problem = None
+        if qemu_problem is not None:
+            self.status, self.reason = "disabled", qemu_problem
+        elif self.store_problem is not None:
+            self.status = "degraded"
+            self.reason = f"task database unreachable, claiming no tasks: {self.store_problem}"
+        else:
+            self.status, self.reason = "ok", None
+        self.write_heartbeat()
+
+    def _poll_store(self, *, claim: bool) -> None:
+        """The part of a poll that needs the task database."""
+        store = self.store
+        if not self._swept:
+            self.cleanup_scratch()
+            self.sweep_partials()
+            self._swept = True
         # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
         # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
         # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
         try:
-            sweep_mounts(self.config, self.store)
+            sweep_mounts(self.config, store)
+        except StoreUnavailable:
+            raise
         except Exception:
             log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
-        self.reason = qemu_img_problem()
-        self.status = "disabled" if self.reason else "ok"
-        for task, why in find_orphans(self.store):
+        for task_id, lease in list(self._handed.items()):
+            # renewed while the child starts; False once it took the lease over (or lost it)
+            if not store.renew_lease(task_id, lease.owner, self.config.lease_seconds, epoch=lease.epoch):
+                del self._handed[task_id]
+        for task, why in find_orphans(store):
             if task.id in self.children or not self._free_slots():
                 continue
             log.warning("task %s: resuming because %s", task.id, why)
             self._spawn("resume", task.id)
-        if self.status == "ok":
-            pending = self.store.list_tasks(TaskState.PENDING, limit=None)
-            for task in reversed(pending):  # oldest first
-                if not self._free_slots():
-                    break
-                if task.id not in self.children:
-                    self._spawn("run", task.id)
-        self.write_heartbeat()
+        if claim and self._free_slots():
+            claimed = store.claim_pending(self.owner, self._free_slots(), self.config.lease_seconds)
+            if claimed:
+                self.claims += 1
+                self.woken_claims += int(self._woken)
+            for task in claimed:  # oldest first
+                self._spawn("run", task.id, task.lease)
+
+    def wait(self, stop: threading.Event) -> None:
+        """Wait until the next poll: ``worker.poll_interval``, cut short by ``stop`` and, with a
+        PostgreSQL store, by a doorbell (a new or released task; a cancel is passed on to the child
+        running that task and waiting goes on). Doorbells are hints: what they announce is read
+        from the store by the poll, and polling still finds what a lost doorbell announced."""
+        deadline = time.monotonic() + self.config.worker.poll_interval
+        self._woken = False
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            fresh = self._listener is None
+            listener = self._doorbell()
+            if listener is None:
+                stop.wait(remaining)
+                return
+            if fresh:
+                return  # poll once more: what was announced before the LISTEN was not heard
+            try:
+                rung = listener.wait(min(remaining, DOORBELL_SLICE))
+            except StoreUnavailable:
+                with contextlib.suppress(Exception):
+                    listener.close()
+                self._listener = None
+                continue
+            wake = False
+            for channel, payload in rung:
+                if channel == CHANNEL_CANCEL:
+                    self._pass_cancel(payload)
+                else:
+                    wake = True
+            if wake and self._free_slots():
+                self._woken = True
+                return
+
+    def _doorbell(self) -> Listener | None:
+        """The doorbell connection, opened if need be (None on SQLite or while the store is away)."""
+        if self._listener is None and self._store is not None and self.store_problem is None:
+            try:
+                self._listener = self._store.listen()
+            except StoreUnavailable:
+                return None
+        return self._listener
+
+    def _pass_cancel(self, task_id: str) -> None:
+        proc = self.children.get(task_id)
+        if proc is not None and proc.poll() is None:
+            log.info("task %s: cancel requested; telling its process", task_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR2)
 
     def write_heartbeat(self) -> None:
         beat = {
@@ -278,11 +403,16 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set, then shut the children down (suspend, then kill)."""
+        """Poll until ``stop`` is set, then shut the children down (suspend, then kill).
+
+        The start-up sweeps (scratch directories, partial outputs) run on the first poll that
+        reaches the task database."""
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self.setup_cgroups()  # before any thread or child exists: the worker moves to a leaf cgroup
-        self.cleanup_scratch()
-        self.sweep_partials()
+        if threading.current_thread() is threading.main_thread():
+            # Children inherit SIGUSR2 ignored until their task's supervisor handles it: a cancel
+            # passed on (SIGUSR2) while a child is still starting must not kill it.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         reporter = None
         try:
             while not stop.is_set():
@@ -290,13 +420,21 @@ class Worker:
                     self.poll()
                 except Exception:
                     log.exception("worker poll failed; retrying")
-                if reporter is None and self.start_reporter is not None:
+                if reporter is None and self.start_reporter is not None and self._store is not None:
                     # The reporter (controller.mode push or pull) is a thread of this process. It
                     # starts after the first poll so that its first heartbeat reads a fresh worker
-                    # heartbeat instead of reporting the worker as missing.
-                    reporter = self.start_reporter(self.config, self.store)
-                stop.wait(self.config.worker.poll_interval)
+                    # heartbeat instead of reporting the worker as missing, and once the task
+                    # database has been opened.
+                    try:
+                        reporter = self.start_reporter(self.config, self._store)
+                    except StoreUnavailable as exc:
+                        log.warning("reporter not started yet: %s", exc.message)
+                self.wait(stop)
         finally:
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+                self._listener = None
             try:
                 self.shutdown()
             finally:
@@ -337,6 +475,20 @@ def run_worker(
     return 0
 
 
+#: exit status of a task's process that found another worker owning its task
+EXIT_LEASE_LOST = 76
+
+
+def _stop_at_once() -> None:
+    """Another worker owns this process's task: stop everything this process group runs (the
+    step's ``qemu-img``, a download, this process) so nothing more reaches the task's target. A
+    task process leads a process group of its own (the worker starts it in a new session); a
+    process that does not (a test running the child in-process) only raises :class:`LeaseLost`."""
+    if os.getpgrp() == os.getpid():
+        logging.shutdown()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def _child(argv: list[str] | None = None) -> int:
     """Entry of a child process: run or resume one task to its end (or to a suspend)."""
     p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
@@ -344,6 +496,8 @@ def _child(argv: list[str] | None = None) -> int:
     p.add_argument("task_id")
     p.add_argument("--config")
     p.add_argument("--cgroup", help="the task's cgroup, which the child joins before anything else")
+    p.add_argument("--owner", help="the worker that claimed the task (run: take its lease over)")
+    p.add_argument("--epoch", type=int, help="the task's fencing epoch of that claim")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
     redact.install_logging()
@@ -357,9 +511,23 @@ def _child(argv: list[str] | None = None) -> int:
             return taskcgroup.EXIT_CGROUP_JOIN_FAILED
     logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     cfg = config_mod.load(args.config)
-    engine = Engine(cfg)
+    engine = Engine(cfg, on_lease_lost=_stop_at_once)
+    lease = Lease(args.owner, args.epoch) if args.owner is not None and args.epoch is not None else None
     try:
-        task = engine.run(args.task_id) if args.verb == "run" else engine.resume(args.task_id)
+        task = engine.run(args.task_id, lease=lease) if args.verb == "run" else engine.resume(args.task_id)
+    except LeaseLost as exc:
+        log.error("task %s: %s", args.task_id, exc.message)
+        _stop_at_once()
+        return EXIT_LEASE_LOST
+    except StoreUnavailable as exc:
+        # The task keeps this process as its owner, so once the database is back the worker sees
+        # the owner gone and resumes the task from its last completed step.
+        log.warning(
+            "task %s: stopped, the task database is unreachable (%s); it resumes later",
+            args.task_id,
+            exc.message,
+        )
+        return EXIT_STORE_UNAVAILABLE
     except ImagingError as exc:  # e.g. another worker claimed it first
         log.warning("task %s: not run here: %s", args.task_id, exc)
         return 1

@@ -384,6 +384,7 @@ class VolumeFinalizeStep(Step):
     def run(self, ctx: StepContext, volume: dict[str, Any]) -> dict[str, Any]:
         ctx.progress({"phase": "finalizing"})
         target = get_volume_target(ctx.config)
+        ctx.fence()  # a run that lost the task to another worker hands over nothing
         return target.finalize(target.reopen(volume))
 
 
@@ -491,6 +492,7 @@ class ImageStoreStep(Step):
             cancel=ctx.cancel,
             ledger=ctx,
             encryption=encryption,
+            fence=ctx.fence,  # a run that lost the task to another worker publishes nothing
         )
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return location

@@ -19,7 +19,7 @@ import errno
 import os
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -115,6 +115,7 @@ class ImageTarget(Protocol):
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
         encryption: Encryption | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Store ``path`` for ``task_id``; returns the location (with ``type``), ``size``, ``sha256``
         and ``encryption``: the encryption the stored image has (``Encryption.to_dict()``, or None).
@@ -122,6 +123,9 @@ class ImageTarget(Protocol):
         A target that writes a local partial file announces it to ``ledger`` (see
         :mod:`appliance.partials`) before it exists. With ``encryption`` the image is stored
         encrypted so, or not at all (``EncryptionNotSupported``, ``EncryptionNotApplied``).
+        ``fence`` is called right before the image is published (the file renamed into place, the
+        object's upload completed): it raises when the task's run lost its lease, and nothing is
+        published then.
         """
         ...
 

@@ -24,7 +24,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -238,6 +238,7 @@ class FileImageTarget(_DirectoryTarget):
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
         encryption: Encryption | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Copy ``path`` into place atomically; returns ``{type, path, format, size, sha256,
         encryption}`` (``encryption`` None: the file is stored as it is).
@@ -278,6 +279,8 @@ class FileImageTarget(_DirectoryTarget):
                         os.fsync(dst_fd)
                     finally:
                         os.close(dst_fd)
+                    if fence is not None:
+                        fence()
                     publish(tmp, final, 0o600)
                     fsync_dir(self.directory)
             except OSError as exc:

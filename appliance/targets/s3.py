@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ class S3ImageTarget:
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
         encryption: Encryption | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Upload ``path`` (server-side encrypted as ``encryption`` asks); returns ``{type, bucket,
         key, etag, sha256, size, format, encryption}``, ``encryption`` being what S3 reports the
@@ -143,6 +144,8 @@ class S3ImageTarget:
         tracker = ProgressTracker("uploading", size, on_progress)
         if size <= self.part_size:
             check_cancel(cancel, "upload")
+            if fence is not None:
+                fence()
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise TargetError(f"{path} changed while it was being uploaded", "UploadFailed")
@@ -153,7 +156,7 @@ class S3ImageTarget:
             except Exception as exc:
                 raise _s3_error(f"PutObject s3://{self.bucket}/{key}", exc) from exc
         else:
-            etag = self._multipart(path, key, size, sha256, metadata, sse, tracker, cancel)
+            etag = self._multipart(path, key, size, sha256, metadata, sse, tracker, cancel, fence)
         applied = self._check_encryption(key, encryption)
         tracker.finish()
         return {
@@ -203,6 +206,7 @@ class S3ImageTarget:
         sse: dict[str, str],
         tracker: ProgressTracker,
         cancel: threading.Event | None,
+        fence: Callable[[], None] | None = None,
     ) -> str:
         where = f"s3://{self.bucket}/{key}"
         # S3 allows 10,000 parts: grow the part (to whole MiB) for very large images.
@@ -218,6 +222,8 @@ class S3ImageTarget:
             if streamed != sha256:
                 raise TargetError(f"{path} changed while it was being uploaded", "UploadFailed")
             check_cancel(cancel, "upload")
+            if fence is not None:
+                fence()
             try:
                 done = self.client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}

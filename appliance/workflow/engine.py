@@ -23,15 +23,24 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..artifacts.refs import ArtifactError
 from ..artifacts.store import ArtifactStore
 from ..config import Config, HooksConfig
-from ..errors import Cancelled, ImagingError, IncorrectState, StepFailed, UsageError, WorkflowInvalid
-from ..store import Store, Task, TaskState, new_task_id
+from ..errors import (
+    Cancelled,
+    ImagingError,
+    IncorrectState,
+    LeaseLost,
+    StepFailed,
+    StoreUnavailable,
+    UsageError,
+    WorkflowInvalid,
+)
+from ..store import Lease, Store, Task, TaskState, new_task_id
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .hookpoints import points_used, record_hooks, recorded_hooks
 from .loader import Workflow, WorkflowLoader
@@ -69,6 +78,7 @@ class Engine:
         callbacks: EngineCallbacks | Iterable[EngineCallbacks] | None = None,
         poll_interval: float = 0.3,
         timeout_grace: float = 10.0,
+        on_lease_lost: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self._store = store
@@ -90,13 +100,16 @@ class Engine:
         self.callbacks = CompositeCallbacks(*callbacks)
         self.poll_interval = poll_interval
         self.timeout_grace = timeout_grace
+        #: called when a run learns that another worker claimed its task (the worker's task
+        #: process kills itself and what it started; in-process runs just stop)
+        self.on_lease_lost = on_lease_lost
 
     @property
     def store(self) -> Store:
-        """The task store (``config.db_path`` unless given), opened on first use: a dry run never
+        """The task store (``config.store`` unless given), opened on first use: a dry run never
         creates a database."""
         if self._store is None:
-            self._store = Store(self.config.db_path)
+            self._store = Store(self.config.store)
         return self._store
 
     @property
@@ -160,8 +173,14 @@ class Engine:
         self.callbacks.on_task_state(task)
         return task.id
 
-    def run(self, task_id: str) -> Task:
-        """Run a ``pending`` task in this process until it ends; returns the final task."""
+    def run(self, task_id: str, *, lease: Lease | None = None) -> Task:
+        """Run a ``pending`` task in this process until it ends; returns the final task.
+
+        With ``lease``, the task was claimed already (by the worker, :meth:`Store.claim_pending`):
+        this process takes that lease over (:meth:`Store.adopt`, :class:`LeaseLost` if another
+        worker claimed the task meanwhile) and runs it."""
+        if lease is not None:
+            return self._run_adopted(task_id, lease)
         task = self.store.get_task(task_id)
         if task.state is not TaskState.PENDING:
             raise IncorrectState(
@@ -184,6 +203,19 @@ class Engine:
         task = self.store.claim(task_id, self.owner, self.config.lease_seconds)
         self.callbacks.on_task_state(task)
         return self._drive(TaskRun(self, task), workflow, params)
+
+    def _run_adopted(self, task_id: str, lease: Lease) -> Task:
+        task = self.store.adopt(task_id, lease, self.owner, self.config.lease_seconds)
+        self.callbacks.on_task_state(task)
+        run = TaskRun(self, task)
+        if task.state is TaskState.CANCELLING:
+            return self._drive(run, None, {}, abort=Cancelled("cancelled before it started"))
+        try:
+            workflow = self._task_workflow(task)
+            params = workflow.resolve_params(task.params)
+        except (WorkflowInvalid, UsageError, ArtifactError) as exc:
+            return self._drive(run, None, {}, abort=exc)
+        return self._drive(run, workflow, params)
 
     def resume(self, task_id: str, *, reason: str | None = None) -> Task:
         """Take over an orphaned ``running``/``cancelling`` task and bring it to an end here."""
@@ -262,6 +294,8 @@ class Engine:
         *,
         abort: ImagingError | None = None,
     ) -> Task:
+        run.on_lease_lost = self.on_lease_lost
+        release = False
         with supervised(run, self.owner, self.config.lease_seconds, self.poll_interval):
             error: ImagingError | None = None
             result: Any = None
@@ -276,16 +310,35 @@ class Engine:
             except Exception as exc:  # a bug: still end the task and clean up
                 log.exception("task %s: internal error", run.task_id)
                 error = ImagingError(f"internal error: {type(exc).__name__}: {exc}")
-            if run.lost_lease:
-                # Another worker owns the task now; touching its state or resources would fight it.
-                run.store.add_event(run.task_id, "task.lost", {"owner": self.owner})
-                return self.store.get_task(run.task_id)
+            if isinstance(error, LeaseLost) or run.lost_lease:
+                # Another worker claimed the task (this one was stopped or cut off past its lease):
+                # it owns the task and its target now. Nothing is undone or recorded here (the store
+                # would refuse it anyway), and nothing more is done to the target.
+                log.error("task %s: stopped, another worker owns it now", run.task_id)
+                raise (
+                    error
+                    if isinstance(error, LeaseLost)
+                    else LeaseLost(f"task {run.task_id}: another worker owns it now; this run stopped")
+                )
+            if isinstance(error, StoreUnavailable):
+                # The task database went away mid-run. Nothing is undone and nothing is recorded
+                # (it could not be): the task keeps this process as its owner, and once the
+                # database is back the worker finds that owner gone and resumes the task from its
+                # last completed step. Stop here.
+                log.warning(
+                    "task %s: stopping, the task database is unreachable: %s", run.task_id, error.message
+                )
+                raise error
             if run.suspended and error is not None:
                 # The worker is shutting down: nothing is undone; the next recover() resumes the
-                # task from its last completed step (the interrupted one runs again).
-                self.store.release(run.task_id, self.owner)
-                return self.store.get_task(run.task_id)
-            return self._end(run, result, error)
+                # task from its last completed step (the interrupted one runs again). Released once
+                # the supervisor stopped (it would take the ownerless task for a lost lease).
+                release = True
+            else:
+                return self._end(run, result, error)
+        if release:
+            self.store.release(run.task_id, self.owner)
+        return self.store.get_task(run.task_id)
 
     def _set_state(self, task_id: str, state: TaskState, **kw: Any) -> Task:
         task = self.store.set_state(task_id, state, **kw)

@@ -64,6 +64,15 @@ class _PlanHooks:
     def scratch(self) -> TaskScratch:
         raise UsageError("scratch space is not available in a dry run")
 
+    def fence(self, ctx: StepContext) -> None:
+        pass
+
+    def save_checkpoint(self, ctx: StepContext, data: dict[str, Any]) -> None:
+        pass
+
+    def load_checkpoint(self, ctx: StepContext) -> dict[str, Any] | None:
+        return None
+
 
 def _plan_resources(workflow: Workflow) -> dict[str, Any]:
     """``resources`` in dry-run templates: placeholders (a dry run downloads nothing)."""

@@ -22,10 +22,12 @@ workflow file has changed or disappeared since it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,13 +41,15 @@ from ..errors import (
     Finding,
     ImageRejected,
     ImagingError,
+    LeaseLost,
     StepFailed,
     StepTimeout,
+    StoreUnavailable,
     UsageError,
     WorkflowInvalid,
 )
 from ..scratch import ScratchSpace, TaskScratch
-from ..store import StepRecord, StepState, Store, Task
+from ..store import Lease, StepRecord, StepState, Store, Task
 from .callbacks import EngineCallbacks
 from .hookpoints import next_image
 from .loader import WorkflowLoader
@@ -129,6 +133,10 @@ class TaskRun:
         #: set by the supervisor (cancel requested in the store), signals, or a lost lease
         self.cancel = threading.Event()
         self.lost_lease = False
+        #: the lease this run writes under (the task's when the run was set up)
+        self.lease: Lease | None = task.lease
+        #: called once when the run learns it lost the task (the worker's task process stops at once)
+        self.on_lease_lost: Callable[[], None] | None = None
         #: set by SIGUSR1: the worker is shutting down; stop the step, keep the task for a resume
         self.suspended = False
         self.signalled: int | None = None
@@ -254,6 +262,8 @@ class TaskRun:
                     wf, hook, f"{idx}/hook/{hook.index}", {"image": image, "task": scope["task"]}
                 )
                 image = next_image(hook.name, image, result)
+        except (StoreUnavailable, LeaseLost):
+            raise  # not the hook's failure: the run stops (and resumes, or not here) (Engine._drive)
         except ImagingError as exc:
             error = getattr(exc, "error", exc)  # a StepFailure carries the hook's own error
             self._finish(step, idx, StepState.FAILED, args=args, error=error.to_dict(), undo=False)
@@ -288,6 +298,11 @@ class TaskRun:
             self.store.update_progress(self.task_id, status_message=f"running step {step.name!r}")
             try:
                 result, abandoned = self._call(step, idx, cls, args)
+            except (StoreUnavailable, LeaseLost):
+                # The task database went away under the step (its ledger could not be written), or
+                # another worker owns the task now: not the step's failure, and nothing can be
+                # recorded. The run stops (Engine._drive); the step runs again when the task resumes.
+                raise
             except ImagingError as exc:
                 error, abandoned = exc, getattr(exc, "abandoned", False)
             except Exception as exc:  # a plugin's bug or an unexpected OS error: coded as StepFailed
@@ -505,27 +520,44 @@ class TaskRun:
 
     def flush_progress(self) -> None:
         """Write the newest progress that throttling held back (called by the supervisor's poll):
-        a step that stalls right after a burst of updates must not leave the task showing old figures."""
+        a step that stalls right after a burst of updates must not leave the task showing old figures.
+        What cannot be written (the task database is away) is kept for the next flush."""
         with self._progress_lock:
             pending, self._pending_progress = self._pending_progress, {}
-        for progress in pending.values():
-            self._write_progress(progress)
+        for idx, progress in pending.items():
+            try:
+                self._write_progress(progress)
+            except StoreUnavailable:
+                with self._progress_lock:
+                    self._pending_progress.setdefault(idx, progress)
+                raise
 
     def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
+        """A step's progress: written to the task (throttled) and as an event (more throttled).
+        Progress is worth no interruption: while the task database cannot be reached the figures
+        wait for the supervisor's next flush and the step goes on."""
         now = time.monotonic()
         last_db, last_event = self._progress_times.get(ctx.idx, (0.0, 0.0))
         final = progress.get("total") is not None and progress.get("done") == progress.get("total")
         if final or now - last_db >= PROGRESS_DB_INTERVAL:
-            with self._progress_lock:
-                self._pending_progress.pop(ctx.idx, None)
-            self._write_progress(progress)
-            last_db = now
+            try:
+                with self._progress_lock:
+                    self._pending_progress.pop(ctx.idx, None)
+                self._write_progress(progress)
+                last_db = now
+            except LeaseLost:
+                self.lose_lease()
+                raise
+            except StoreUnavailable:
+                with self._progress_lock:
+                    self._pending_progress[ctx.idx] = progress
         else:
             with self._progress_lock:
                 self._pending_progress[ctx.idx] = progress
         if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
-            self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
-            last_event = now
+            with contextlib.suppress(StoreUnavailable):
+                self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
+                last_event = now
         self._progress_times[ctx.idx] = (last_db, last_event)
         record = self._running.get(ctx.idx)
         if record is not None:
@@ -540,6 +572,38 @@ class TaskRun:
         self.callbacks.on_event(
             self.task_id, "ledger", {"action": action, "resource": resource, "step": step}
         )
+
+    def fence(self, ctx: StepContext) -> None:
+        try:
+            self.store.check_lease(self.task_id, self.lease)
+        except LeaseLost:
+            self.lose_lease()
+            raise
+
+    def save_checkpoint(self, ctx: StepContext, data: dict[str, Any]) -> None:
+        if self.lease is None:
+            raise UsageError(f"task {self.task_id} is not run under a lease: nothing to checkpoint with")
+        try:
+            self.store.save_checkpoint(
+                self.task_id, ctx.idx, data, owner=self.lease.owner, epoch=self.lease.epoch
+            )
+        except LeaseLost:
+            self.lose_lease()
+            raise
+
+    def load_checkpoint(self, ctx: StepContext) -> dict[str, Any] | None:
+        return self.store.load_checkpoint(self.task_id, ctx.idx)
+
+    def lose_lease(self) -> None:
+        """Another worker owns the task now: stop (the step's cancel) and, the first time, tell
+        :attr:`on_lease_lost`."""
+        first = not self.lost_lease
+        self.lost_lease = True
+        self.cancel.set()
+        if first:
+            log.error("task %s: another worker owns it now (lease lost); stopping", self.task_id)
+            if self.on_lease_lost is not None:
+                self.on_lease_lost()
 
     def scratch(self) -> TaskScratch:
         with self._scratch_lock:

@@ -53,6 +53,12 @@ class StepHooks(Protocol):
 
     def scratch(self) -> TaskScratch: ...
 
+    def fence(self, ctx: StepContext) -> None: ...
+
+    def save_checkpoint(self, ctx: StepContext, data: dict[str, Any]) -> None: ...
+
+    def load_checkpoint(self, ctx: StepContext) -> dict[str, Any] | None: ...
+
 
 def progress_dict(progress: Any) -> dict[str, Any]:
     """Accept an :class:`appliance.progress.Progress`, anything with ``to_dict()``, or a dict."""
@@ -121,6 +127,23 @@ class StepContext:
     def ledger_removed(self, resource: str | Path) -> None:
         """Record that this step (or its undo) removed ``resource``."""
         self._hooks.ledger(self, "removed", str(resource))
+
+    def fence(self) -> None:
+        """Raise :class:`~appliance.errors.LeaseLost` unless this run still holds the task's lease.
+        Call it right before a point of no return on the target (finalising a volume, publishing an
+        object): an owner that lost the task to another worker must not finalise anything."""
+        self._hooks.fence(self)
+
+    def save_checkpoint(self, data: dict[str, Any]) -> None:
+        """Keep where this step got to (a JSON object: the last verified part, an offset) in the task
+        database, fenced by the run's lease (:meth:`appliance.store.Store.save_checkpoint`); the
+        worker that resumes the task, here or on another appliance, reads it with
+        :meth:`load_checkpoint`. Raises :class:`~appliance.errors.LeaseLost` if the lease is lost."""
+        self._hooks.save_checkpoint(self, data)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """This step's last checkpoint in this task (from an earlier attempt or owner), or None."""
+        return self._hooks.load_checkpoint(self)
 
     def check_cancelled(self) -> None:
         """Raise :class:`Cancelled` if the step should stop."""

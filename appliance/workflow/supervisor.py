@@ -2,9 +2,12 @@
 
 An engine owns a task as ``hostname:pid`` with a lease in the store. While it runs the task, a
 :class:`Supervisor` thread renews the lease (every third of its length) and polls the store for a
-cancel request (``cancelling``, set by another process through ``Store.request_cancel``). A task
-is an orphan when its owner process is gone from this host, or when its lease has expired (the
-owner is on another host, or hung). :func:`find_orphans` lists them for ``Engine.recover``.
+cancel request (``cancelling``, set by another process through ``Store.request_cancel``; SIGUSR2
+makes it look at once: the worker sends it when a cancel's doorbell rings) and for the task's owner
+and fencing epoch: when another worker has claimed the task the run learns it lost the lease and
+stops. A task is an orphan when its owner process is gone from this host, or when its lease has
+expired (the owner is on another host, or hung, or stopped). :func:`find_orphans` lists them for
+``Engine.recover``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
+from ..errors import LeaseLost, StoreUnavailable
 from ..store import Store, Task, TaskState
 from ..timestamps import parse_time, utc_now
 from .runner import TaskRun
@@ -83,32 +88,55 @@ class Supervisor(threading.Thread):
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self._halt = threading.Event()
+        #: set to look at the store now (SIGUSR2) rather than at the next poll
+        self.wake = threading.Event()
 
     def run(self) -> None:
         renew_every = max(self.poll_interval, self.lease_seconds / 3)
+        run = self.task_run
+        epoch = run.lease.epoch if run.lease is not None else None
+        last = time.monotonic()
         since_renewal = 0.0
-        while not self._halt.wait(self.poll_interval):
-            since_renewal += self.poll_interval
+        unreachable = False
+        while True:
+            self.wake.wait(self.poll_interval)
+            self.wake.clear()
+            if self._halt.is_set():
+                break
+            now = time.monotonic()
+            since_renewal += now - last
+            last = now
             try:
-                if self.task_run.store.get_task(self.task_run.task_id).state is TaskState.CANCELLING:
-                    self.task_run.cancel.set()
-                self.task_run.flush_progress()
+                task = run.store.get_task(run.task_id)
+                if task.owner != self.owner or (epoch is not None and task.epoch != epoch):
+                    run.lose_lease()  # another worker claimed it: no renewal, no more writes
+                    break
+                if task.state is TaskState.CANCELLING:
+                    run.cancel.set()
+                run.flush_progress()
                 if since_renewal >= renew_every:
-                    since_renewal = 0.0
-                    if not self.task_run.store.renew_lease(
-                        self.task_run.task_id, self.owner, self.lease_seconds
-                    ):
-                        log.error(
-                            "task %s: lost ownership (lease not renewable); stopping", self.task_run.task_id
-                        )
-                        self.task_run.lost_lease = True
-                        self.task_run.cancel.set()
+                    if not run.store.renew_lease(run.task_id, self.owner, self.lease_seconds, epoch=epoch):
+                        run.lose_lease()
+                        break
+                    since_renewal = 0.0  # only once renewed: after an outage the next poll renews
+            except LeaseLost:
+                run.lose_lease()
+                break
+            except StoreUnavailable as exc:
+                # The database is away: the step goes on, the lease and progress catch up on the poll
+                # that reaches it again (said once per outage).
+                if not unreachable:
+                    log.warning("task %s: task database unreachable: %s", self.task_run.task_id, exc.message)
+                unreachable = True
+                continue
             except Exception:
                 # A transient database problem must not kill the heartbeat; the next poll retries.
                 log.exception("task %s: supervisor poll failed", self.task_run.task_id)
+            unreachable = False
 
     def stop(self) -> None:
         self._halt.set()
+        self.wake.set()
         self.join()
 
 
@@ -130,9 +158,13 @@ def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: fl
             run.suspended = True
             run.cancel.set()
 
+        def look(signum: int, _frame: object) -> None:
+            supervisor.wake.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, suspend)
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, look)
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 import yaml
 
+from tests import stores
 from tests.httpfixtures import TestHTTPServer
 from tests.processes import stop_process, wait_until
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer, free_port, wait_for_http
@@ -89,28 +90,30 @@ def running_appliance(
     cfg = tmp_path / "imaging.yaml"
     cfg.write_text(
         yaml.safe_dump(
-            {
-                "state_dir": str(state),
-                "api": {
-                    "bind": f"127.0.0.1:{port}",
-                    "workers": 2,
-                    "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
-                },
-                "sources": {
-                    "allowed_endpoints": [moto.endpoint, parts_server.endpoint],
-                    "manifest_poll_interval": 0.2,
-                    "manifest_poll_max_interval": 0.5,
-                    "s3": {
-                        "endpoint_url": moto.endpoint,
-                        "region": REGION,
-                        "access_key": "testing",
-                        "secret_key": "testing",
+            stores.with_store(
+                {
+                    "state_dir": str(state),
+                    "api": {
+                        "bind": f"127.0.0.1:{port}",
+                        "workers": 2,
+                        "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
                     },
-                },
-                "worker": {"concurrency": 2, "poll_interval": 0.2},
-                "tasks": {"lease_seconds": 5},
-            }
-            | ({"targets": targets} if targets else {})
+                    "sources": {
+                        "allowed_endpoints": [moto.endpoint, parts_server.endpoint],
+                        "manifest_poll_interval": 0.2,
+                        "manifest_poll_max_interval": 0.5,
+                        "s3": {
+                            "endpoint_url": moto.endpoint,
+                            "region": REGION,
+                            "access_key": "testing",
+                            "secret_key": "testing",
+                        },
+                    },
+                    "worker": {"concurrency": 2, "poll_interval": 0.2},
+                    "tasks": {"lease_seconds": 5},
+                }
+                | ({"targets": targets} if targets else {})
+            )
         )
     )
 

@@ -27,6 +27,7 @@ from api.ec2.resource import Ec2Resource
 from appliance import config as appliance_config
 from appliance.config import Config
 from appliance.service.imports import ImportService
+from tests import stores
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 HOST = "127.0.0.1:8773"
@@ -39,11 +40,13 @@ def ec2_config(tmp_path: Path, **api: Any) -> Config:
     """A configuration with the test credentials and ``MANIFEST_BASE`` allowed as a source."""
     api_section = {"credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}], **api}
     return appliance_config.from_dict(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "api": api_section,
-            "sources": {"allowed_endpoints": [MANIFEST_BASE]},
-        },
+        stores.with_store(
+            {
+                "state_dir": str(tmp_path / "state"),
+                "api": api_section,
+                "sources": {"allowed_endpoints": [MANIFEST_BASE]},
+            }
+        ),
         base_dir=tmp_path,
     )
 

@@ -10,7 +10,6 @@ import base64
 import json
 import logging
 import re
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +31,7 @@ from appliance.service.heartbeat import heartbeat_path
 from appliance.service.worker import Worker
 from appliance.store import Store
 from appliance.timestamps import format_time
+from tests import stores
 from tests.api.ec2_support import sign
 from tests.api.openapi_support import SPEC, assert_documented
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
@@ -62,7 +62,7 @@ def make_config(tmp_path: Path, **extra: Any) -> config_mod.Config:
     }
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value}
-    return config_mod.from_dict(data, base_dir=tmp_path)
+    return stores.config(data, base_dir=tmp_path)
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def cfg(tmp_path: Path) -> config_mod.Config:
 
 @pytest.fixture
 def store(cfg: config_mod.Config) -> Iterator[Store]:
-    with Store(cfg.db_path) as s:
+    with Store(cfg.store) as s:
         yield s
 
 
@@ -93,8 +93,9 @@ def finished_task(store: Store, kind: str, state: str, *, seconds: float = 0.0, 
     if seconds:
         # The store stamps times with "now"; give the finished task a known run time.
         start = datetime.now(UTC) - timedelta(seconds=seconds)
-        with sqlite3.connect(store.path) as conn:
-            conn.execute("UPDATE tasks SET started_at = ? WHERE id = ?", (format_time(start), task.id))
+        stores.sql(
+            store.settings, "UPDATE tasks SET started_at = ? WHERE id = ?", (format_time(start), task.id)
+        )
     return task.id
 
 
@@ -202,6 +203,7 @@ def test_health_is_disabled_when_qemu_img_is_not_on_path(
     assert head.text == ""
 
 
+@pytest.mark.backends("sqlite")
 def test_health_is_disabled_and_tasks_unavailable_when_the_database_cannot_open(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     cfg.db_path.mkdir(parents=True)  # a directory where the database file should be
@@ -213,6 +215,21 @@ def test_health_is_disabled_and_tasks_unavailable_when_the_database_cannot_open(
     tasks = client.simulate_get("/v1/tasks", headers=AUTH)
     assert_error(tasks, 503, "StateStoreError")
     assert_documented("/v1/tasks", "GET", tasks)
+
+
+def test_health_is_disabled_and_tasks_unavailable_when_the_database_is_from_newer_code(
+    tmp_path: Path,
+) -> None:
+    cfg = make_config(tmp_path)
+    Store(cfg.store).close()
+    stores.sql(cfg.store, "UPDATE schema_version SET version = 999")
+    client = testing.TestClient(create_app(cfg))
+    health = client.simulate_get("/v1/health")
+    assert health.status_code == 503
+    assert health.json["status"] == "disabled"
+    assert "schema version 999" in health.json["reason"]
+    assert "transient" not in health.json["checks"]["store"]
+    assert_error(client.simulate_get("/v1/tasks", headers=AUTH), 503, "StateStoreError")
 
 
 def test_health_is_degraded_when_scratch_is_below_min_free(tmp_path: Path) -> None:
@@ -282,7 +299,7 @@ def test_admin_routes_refuse_missing_or_wrong_credentials(
 
 
 def test_admin_routes_refuse_everyone_when_no_credentials_are_configured(tmp_path: Path) -> None:
-    cfg = config_mod.from_dict({"state_dir": str(tmp_path)}, base_dir=tmp_path)
+    cfg = stores.config({"state_dir": str(tmp_path)}, base_dir=tmp_path)
     client = testing.TestClient(create_app(cfg))
     assert_error(client.simulate_get("/v1/info", headers=AUTH), 401, "AuthFailure")
     assert client.simulate_get("/v1/health").status_code in (200, 503)

@@ -1,6 +1,6 @@
 """Concurrent submissions through the real stack: boto3 clients in threads → `imaging serve` (gunicorn
-with 2 worker processes) on loopback → the SQLite store. No task worker runs, so every accepted task
-stays pending and counts as active.
+with 2 worker processes) on loopback → the store (SQLite, and PostgreSQL). No task worker runs, so
+every accepted task stays pending and counts as active.
 
 The active-task limit and ClientToken idempotency are decisions each of the two gunicorn workers
 makes for its own requests; only the store can make them atomically for both.
@@ -22,7 +22,10 @@ import yaml
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
+from appliance import config as config_mod
+from appliance.database import StoreConfig
 from appliance.store import Store, TaskState
+from tests import stores
 from tests.api.e2e_support import api_server
 from tests.api.ec2_support import MANIFEST_BASE
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
@@ -40,7 +43,7 @@ ACTIVE_MESSAGE = re.compile(r"^(\d+) tasks are active")
 @dataclass
 class Api:
     endpoint: str
-    db: Path
+    db: StoreConfig
 
     def client(self, access_key: str = TEST_ACCESS_KEY, secret_key: str = TEST_SECRET_KEY) -> Any:
         return boto3.client(
@@ -65,24 +68,26 @@ def api(tmp_path: Path) -> Iterator[Api]:
     cfg = tmp_path / "imaging.yaml"
     cfg.write_text(
         yaml.safe_dump(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "api": {
-                    "bind": f"127.0.0.1:{port}",
-                    "workers": 2,
-                    "credentials": [
-                        {"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY},
-                        {"access_key": OTHER_ACCESS_KEY, "secret_key": OTHER_SECRET_KEY},
-                    ],
-                },
-                "sources": {"allowed_endpoints": [MANIFEST_BASE]},
-                "tasks": {"max_active": MAX_ACTIVE},
-            }
+            stores.with_store(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "api": {
+                        "bind": f"127.0.0.1:{port}",
+                        "workers": 2,
+                        "credentials": [
+                            {"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY},
+                            {"access_key": OTHER_ACCESS_KEY, "secret_key": OTHER_SECRET_KEY},
+                        ],
+                    },
+                    "sources": {"allowed_endpoints": [MANIFEST_BASE]},
+                    "tasks": {"max_active": MAX_ACTIVE},
+                }
+            )
         )
     )
     endpoint = f"http://127.0.0.1:{port}"
     with api_server(cfg, endpoint):
-        yield Api(endpoint, tmp_path / "state" / "imaging.db")
+        yield Api(endpoint, config_mod.load(cfg).store)
 
 
 def all_at_once(calls: list[Callable[[], Any]]) -> list[Any]:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def test_encrypted_import_is_refused_by_an_appliance_whose_image_target_is_a_fil
 def test_aws_cli_import_snapshot_encrypted_with_a_kms_key_alias(
     s3_appliance: Appliance, moto: MotoServer, bucket: str, image_bucket: str, data_disk: str
 ) -> None:
-    moto.client("kms").create_alias(AliasName="alias/disks", TargetKeyId=kms_key(moto))
+    # the moto server lives for the session and this test runs once per store backend: an alias of its own
+    alias = f"alias/disks-{uuid.uuid4().hex[:8]}"
+    moto.client("kms").create_alias(AliasName=alias, TargetKeyId=kms_key(moto))
     env = dict(
         os.environ,
         AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
@@ -194,7 +197,7 @@ def test_aws_cli_import_snapshot_encrypted_with_a_kms_key_alias(
         "import-snapshot",
         "--encrypted",
         "--kms-key-id",
-        "alias/disks",
+        alias,
         "--disk-container",
         f"Format=RAW,UserBucket={{S3Bucket={bucket},S3Key={data_disk}}}",
     )
@@ -209,5 +212,5 @@ def test_aws_cli_import_snapshot_encrypted_with_a_kms_key_alias(
     final = detail()
     assert final["Status"] == "completed", final
     # moto's S3 names the key as the request did; S3 on AWS names the key the alias points to
-    assert stored_object(moto, image_bucket, task_id) == ("aws:kms", "alias/disks")
-    assert (final["Encrypted"], final["KmsKeyId"]) == (True, "alias/disks")
+    assert stored_object(moto, image_bucket, task_id) == ("aws:kms", alias)
+    assert (final["Encrypted"], final["KmsKeyId"]) == (True, alias)

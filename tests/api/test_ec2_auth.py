@@ -33,6 +33,9 @@ from tests.api.ec2_support import (
 )
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
+#: the protocol layer (signatures, parameters) in front of the store: the same store calls on either backend
+pytestmark = pytest.mark.backends("sqlite")
+
 DESCRIBE = {"Action": "DescribeConversionTasks", "Version": "2016-11-15"}
 
 

@@ -13,6 +13,9 @@ from api.ec2 import model, query
 from api.ec2.errors import Ec2Error
 from api.ec2.resource import ACTIONS
 
+#: the protocol layer (query parsing): never opens the task database
+pytestmark = pytest.mark.backends("sqlite")
+
 SERIALIZER = create_serializer("ec2")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from botocore.parsers import create_parser
 
 from api.ec2 import model, views, xml
 from api.ec2.errors import ERROR_TABLE, Ec2Error, from_imaging_error, render_error
+from appliance.database import StoreConfig
 from appliance.errors import (
     ConversionFailed,
     ImagingError,
@@ -247,8 +247,8 @@ ECHOED_MANIFEST_URL = "https://s3.example/b/m.xml?X-Amz-Signature=REDACTED&b=c"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    with Store(tmp_path / "imaging.db") as s:
+def store(store_target: StoreConfig) -> Store:
+    with Store(store_target) as s:
         yield s
 
 

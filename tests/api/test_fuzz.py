@@ -53,7 +53,8 @@ from tests.api.openapi_support import SPEC, assert_documented
 from tests.processes import stop_process
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
 
-pytestmark = pytest.mark.slow
+#: slow; the protocol layer under fuzzing: the same store calls on either backend
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 
 #: examples per fuzzer: together about 30 s on this machine (2 shared cores)
 EC2_EXAMPLES = 800

@@ -9,9 +9,11 @@ them on through the store, as the worker would.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,18 @@ from falcon import testing
 from api.app import create_app
 from api.ec2 import views
 from appliance import config as config_mod
+from appliance.config import Config
+from appliance.database import StoreConfig
 from appliance.errors import Finding, UsageError
 from appliance.report.status import task_snapshot
 from appliance.service import bootparams
 from appliance.service.imports import outcome
 from appliance.service.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from appliance.store import Store, Task, TaskState
+from tests import stores
 from tests.api.ec2_support import MANIFEST_BASE, post_signed
 from tests.api.test_admin import AUTH, assert_documented
+from tests.postgres import Cluster
 from tests.processes import stop_process
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, wait_for_http
 
@@ -63,14 +69,14 @@ class Server:
     host: str
     store: Store
     ec2: Any
+    config: Config
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The API server as a real gunicorn process, sharing its task database with the test."""
-    tmp = tmp_path_factory.mktemp("boot-params")
+@contextmanager
+def api_server(tmp: Path, store: dict[str, Any]) -> Iterator[Server]:
+    """The API server as a real gunicorn process, sharing its task database (``store``) with the test."""
     port = free_port()
-    data = {
+    data: dict[str, Any] = {
         "state_dir": str(tmp / "state"),
         "api": {
             "bind": f"127.0.0.1:{port}",
@@ -81,6 +87,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         # no worker runs: every task the module creates stays active
         "tasks": {"max_active": 1000},
     }
+    if store:
+        data["store"] = store
+        data = stores.shared_volumes(data)  # a fleet's volume target: one machine here
     conf = tmp / "imaging.yaml"
     conf.write_text(yaml.safe_dump(data))
     endpoint = f"http://127.0.0.1:{port}"
@@ -102,10 +111,39 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             config=BotoConfig(retries={"max_attempts": 1}),
         )
         config = config_mod.from_dict(data, base_dir=tmp)
-        with Store(config.db_path) as store:
-            yield Server(endpoint, f"127.0.0.1:{port}", store, client)
+        with Store(config.store) as opened:
+            yield Server(endpoint, f"127.0.0.1:{port}", opened, client, config)
     finally:
         stop_process(proc, grace=30)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str, Cluster | None], Server]]:
+    """One API server per backend for the whole module, started when a test first needs it."""
+    started: dict[str, Server] = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(backend: str, cluster: Cluster | None) -> Server:
+            if backend not in started:
+                store: dict[str, Any] = {}
+                if cluster is not None:
+                    schema = cluster.create_schema()
+                    stack.callback(cluster.drop_schema, schema)
+                    store = {"url": cluster.schema_url(schema)}
+                tmp = tmp_path_factory.mktemp(f"boot-params-{backend}")
+                started[backend] = stack.enter_context(api_server(tmp, store))
+            return started[backend]
+
+        yield get
+
+
+@pytest.fixture
+def server(
+    servers: Callable[[str, Cluster | None], Server], store_backend: str, request: pytest.FixtureRequest
+) -> Server:
+    """This run's backend's API server (see :func:`servers`)."""
+    cluster = request.getfixturevalue("postgres") if store_backend == "postgresql" else None
+    return servers(store_backend, cluster)
 
 
 def raw_call(server: Server, params: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -397,8 +435,8 @@ def test_snapshot_task_status_message_is_capped(server: Server) -> None:
     assert message.endswith(" more")
 
 
-def test_pending_upload_message_stays_exact_for_euca2ools(tmp_path: Path) -> None:
-    with Store(tmp_path / "t.db") as store:
+def test_pending_upload_message_stays_exact_for_euca2ools(store_target: StoreConfig) -> None:
+    with Store(store_target) as store:
         params = {"image_format": "RAW", "image_bytes": GiB, "manifest_url": MANIFEST, "volume_size": 1}
         task = store.create_task("import-volume", "import-volume", params, task_id="import-vol-pend0001")
         store.claim(task.id, "w", 30)
@@ -471,7 +509,7 @@ def test_description_tokens_refuses_two_tokens_and_repeated_keys() -> None:
 def test_service_validates_boot_settings_for_callers_other_than_the_api(tmp_path: Path) -> None:
     from appliance.service.imports import DiskContainer, ImportService
 
-    service = ImportService(config_mod.from_dict({"state_dir": str(tmp_path)}))
+    service = ImportService(stores.config({"state_dir": str(tmp_path)}))
     with pytest.raises(UsageError) as exc:
         service.import_image(
             [DiskContainer("RAW", bucket="b", key="k")], kernel_id="aki-1", virtualization_type="hvm"
@@ -513,8 +551,8 @@ def test_outcome_reads_the_guest_report_and_boot_settings_of_a_completed_task(se
     assert task_snapshot(done)["boot"] == produced["boot"]
 
 
-def test_outcome_has_no_boot_settings_for_volume_and_snapshot_imports(tmp_path: Path) -> None:
-    with Store(tmp_path / "t.db") as store:
+def test_outcome_has_no_boot_settings_for_volume_and_snapshot_imports(store_target: StoreConfig) -> None:
+    with Store(store_target) as store:
         task = store.create_task("import-volume", "import-volume", {}, task_id="import-vol-boot0001")
         store.claim(task.id, "w", 30)
         done = store.set_state(task.id, TaskState.COMPLETED, result={"guest": PARTITION_REPORT})
@@ -524,14 +562,7 @@ def test_outcome_has_no_boot_settings_for_volume_and_snapshot_imports(tmp_path: 
 
 
 def test_admin_task_view_shows_guest_report_and_boot(server: Server, tmp_path: Path) -> None:
-    config = config_mod.from_dict(
-        {
-            "state_dir": str(server.store.path.parent),
-            "api": {"credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}]},
-        },
-        base_dir=tmp_path,
-    )
-    client = testing.TestClient(create_app(config, store=server.store))
+    client = testing.TestClient(create_app(server.config, store=server.store))
     status, parsed = raw_call(
         server, INSTANCE_PARAMS | {"LaunchSpecification.VirtualizationType": "hvm", "Description": "db"}
     )

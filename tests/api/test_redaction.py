@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -32,7 +31,9 @@ import botocore.exceptions
 import pytest
 import yaml
 
+from appliance import config as config_mod
 from appliance.sources.manifest import parse_manifest
+from tests import stores
 from tests.api.e2e_support import conversion_task, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.processes import stop_process
@@ -55,6 +56,8 @@ USERINFO_PASSWORD = "UserinfoPasswordRedactionTest0007"
 #: the uploader's access key: it appears only inside presigned URLs (X-Amz-Credential)
 UPLOADER_ACCESS_KEY = "AKIAUPLOADERREDACT08"
 UPLOAD_SESSION_TOKEN = "UploadSessionTokenRedactionTest000000009"
+#: the task database's password (on PostgreSQL the role really logs in with it)
+STORE_PASSWORD = "StorePasswordRedactionTest00000000010"
 
 AUDIT_PLUGIN = '''
 import logging
@@ -175,6 +178,10 @@ def secretive(tmp_path: Path, moto: MotoServer) -> Iterator[Secretive]:
                 },
                 "worker": {"concurrency": 2, "poll_interval": 0.2},
                 "tasks": {"lease_seconds": 5},
+                "store": stores.with_password(STORE_PASSWORD),
+                "targets": {
+                    "volume": {"type": "file", "shared": True}
+                },  # a fleet's volumes: on one machine here
             }
         )
     )
@@ -250,23 +257,27 @@ def cli(app: Secretive, *args: str) -> str:
     return out.stdout + out.stderr
 
 
-def store_text(state: Path) -> tuple[str, str]:
+def store_text(config: Path) -> tuple[str, str]:
     """(what the store keeps for people and the controller: events, status and error messages, step
     errors, cancel reasons; what it keeps to run tasks: params, step arguments and task records)."""
-    with sqlite3.connect(state / "imaging.db") as db:
-        shown = [
-            *(r[0] for r in db.execute("SELECT data FROM events")),
-            *(
-                json.dumps(r)
-                for r in db.execute("SELECT status_message, error_message, cancel_reason FROM tasks")
-            ),
-            *(r[0] or "" for r in db.execute("SELECT error FROM steps")),
-        ]
-        kept = [
-            *(r[0] for r in db.execute("SELECT params FROM tasks")),
-            *(r[0] for r in db.execute("SELECT args FROM steps")),
-            *(r[0] for r in db.execute("SELECT data FROM task_records")),
-        ]
+    db = config_mod.load(config).store
+
+    def rows(statement: str) -> list[Any]:
+        return stores.sql(db, statement)
+
+    shown = [
+        *(r[0] for r in rows("SELECT data FROM events")),
+        *(
+            json.dumps([r[0], r[1], r[2]])
+            for r in rows("SELECT status_message, error_message, cancel_reason FROM tasks")
+        ),
+        *(r[0] or "" for r in rows("SELECT error FROM steps")),
+    ]
+    kept = [
+        *(r[0] for r in rows("SELECT params FROM tasks")),
+        *(r[0] for r in rows("SELECT args FROM steps")),
+        *(r[0] for r in rows("SELECT data FROM task_records")),
+    ]
     return "\n".join(shown), "\n".join(kept)
 
 
@@ -372,7 +383,7 @@ def test_no_secret_reaches_any_log_view_report_or_cli_output(
     # the processes stop (by PID) so that their last words are in the logs and the reports
     stop_process(app.worker)
     stop_process(app.api)
-    shown, kept = store_text(app.state)
+    shown, kept = store_text(app.config)
     surfaces.update(
         {
             "api log": app.api_log.read_text(),
@@ -392,6 +403,7 @@ def test_no_secret_reaches_any_log_view_report_or_cli_output(
         "url user info password": USERINFO_PASSWORD,
         "uploader access key (X-Amz-Credential)": UPLOADER_ACCESS_KEY,
         "upload security token": UPLOAD_SESSION_TOKEN,
+        "task database password": STORE_PASSWORD,
     }
     for n, sig in enumerate(sorted(signatures(pending.url, never.url, elsewhere, *part_urls))):
         secrets[f"presigned S3 signature {n}"] = sig
@@ -402,10 +414,11 @@ def test_no_secret_reaches_any_log_view_report_or_cli_output(
     # and the hook ran with its real password, not with the marker.
     for secret in (HOOK_PASSWORD, UPLOAD_SESSION_TOKEN, UPLOADER_ACCESS_KEY, *signatures(pending.url)):
         assert secret in kept
-    with sqlite3.connect(app.state / "imaging.db") as db:
-        [(hook_args,)] = db.execute(
-            "SELECT args FROM steps WHERE task_id = ? AND action = ?", (failing, "site.audit")
-        )
+    [(hook_args,)] = stores.sql(
+        config_mod.load(app.config).store,
+        "SELECT args FROM steps WHERE task_id = ? AND action = ?",
+        (failing, "site.audit"),
+    )
     assert json.loads(hook_args)["password"] == HOOK_PASSWORD
 
     # Every capture holds something, and where a secret went through, the marker stands in its place.

@@ -37,6 +37,9 @@ from appliance.errors import ConfigError
 from tests.processes import stop_process
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
+#: gunicorn's HTTP and TLS handling: the same store calls on either backend
+pytestmark = pytest.mark.backends("sqlite")
+
 
 @dataclass
 class Running:

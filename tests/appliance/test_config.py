@@ -8,6 +8,7 @@ import pytest
 
 from appliance import config
 from appliance.errors import ConfigError
+from appliance.redact import redact
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,83 @@ def test_env_variable_selects_the_file(tmp_path: Path, monkeypatch: pytest.Monke
     f.write_text("log_level: debug\n")
     monkeypatch.setenv(config.ENV_CONFIG, str(f))
     assert config.load().log_level == "debug"
+
+
+def test_the_task_database_is_sqlite_in_state_dir_unless_store_url_says_otherwise(tmp_path: Path) -> None:
+    cfg = config.from_dict({"state_dir": str(tmp_path / "state")})
+    assert (cfg.store.backend, cfg.store.path, cfg.db_path) == (
+        "sqlite",
+        tmp_path / "state" / "imaging.db",
+    ) * 1 + (tmp_path / "state" / "imaging.db",)
+    relative = config.from_dict({"store": {"url": "sqlite:///db/tasks.db"}}, base_dir=tmp_path)
+    assert relative.store.path == tmp_path / "db" / "tasks.db"
+    absolute = config.from_dict({"store": {"url": "sqlite:////srv/tasks.db"}}, base_dir=tmp_path)
+    assert absolute.store.url == "sqlite:////srv/tasks.db"
+    pg = config.from_dict(
+        {
+            "store": {
+                "url": "postgresql://imaging@db.example:5432/imaging?application_name=x",
+                "password_file": "db-password",
+                "sslmode": "verify-full",
+                "sslrootcert": "ca.pem",
+            },
+            "targets": {"volume": {"type": "ec2"}},
+        },
+        base_dir=tmp_path,
+    )
+    assert (pg.store.backend, pg.store.path, pg.db_path) == ("postgresql", None, None)
+    assert (pg.store.password_file, pg.store.sslrootcert) == (tmp_path / "db-password", tmp_path / "ca.pem")
+    assert (pg.store.connect_timeout, pg.store.pool_size) == (5.0, 4)
+
+
+@pytest.mark.parametrize(
+    ("store", "says"),
+    [
+        ({"url": "postgresql://imaging:Sekr1tSekr1t@db/imaging"}, "must not carry a password"),
+        ({"url": "postgresql://imaging@db/imaging?password=Sekr1tSekr1t"}, "must not carry a password"),
+        ({"url": "postgresql://db:99999/imaging"}, "not a valid PostgreSQL URL"),
+        ({"url": "postgresql://db/x", "password": "Sekr1tSekr1t", "password_file": "f"}, "not both"),
+    ],
+)
+def test_a_store_section_that_would_leak_or_confuse_is_refused_without_quoting_it(
+    store: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({"store": store})
+    assert says in info.value.message and "Sekr1tSekr1t" not in info.value.message
+    with pytest.raises(ConfigError, match=r"store\.url"):
+        config.from_dict({"store": {"url": "mysql://db/x"}})
+
+
+def test_the_store_password_is_a_secret_wherever_the_configuration_is_shown() -> None:
+    cfg = config.from_dict(
+        {
+            "store": {"url": "postgresql://imaging@db/imaging", "password": "Sekr1tSekr1t"},
+            "targets": {"volume": {"type": "device"}},
+        }
+    )
+    assert cfg.store.password == "Sekr1tSekr1t" and "Sekr1tSekr1t" not in repr(cfg)
+    assert "Sekr1tSekr1t" not in str(redact(cfg.raw))
+
+
+@pytest.mark.parametrize("volume", [None, {"type": "file", "directory": "/srv/volumes"}])
+def test_a_shared_store_with_a_file_volume_target_not_said_to_be_shared_is_refused(
+    volume: dict[str, str] | None,
+) -> None:
+    data: dict[str, object] = {"store": {"url": "postgresql://imaging@db/imaging"}}
+    if volume is not None:
+        data["targets"] = {"volume": volume}
+    with pytest.raises(ConfigError, match=r"targets\.volume\.shared: true"):
+        config.from_dict(data)
+
+
+def test_a_shared_volume_directory_or_a_single_appliance_store_is_accepted() -> None:
+    shared = {"type": "file", "directory": "/srv/volumes", "shared": True}
+    fleet = config.from_dict(
+        {"store": {"url": "postgresql://imaging@db/imaging"}, "targets": {"volume": shared}}
+    )
+    assert fleet.targets["volume"]["shared"] is True
+    assert config.from_dict({}).targets["volume"]["type"] == "file"  # SQLite: one appliance, its own disk
 
 
 def test_api_key_without_account_or_role_is_a_user_of_its_own_account() -> None:

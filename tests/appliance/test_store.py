@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import queue
@@ -18,8 +19,16 @@ from typing import Any
 
 import pytest
 
-from appliance.errors import Finding, IdempotentParameterMismatch, IncorrectState, TaskNotFound, UsageError
+from appliance.database import StoreConfig
+from appliance.errors import (
+    Finding,
+    IdempotentParameterMismatch,
+    IncorrectState,
+    TaskNotFound,
+    UsageError,
+)
 from appliance.store import (
+    _TOKEN_LOOKUP,
     ACTIVE_STATES,
     MIGRATIONS,
     TRANSITIONS,
@@ -28,54 +37,78 @@ from appliance.store import (
     Store,
     StoreError,
     TaskState,
+    migration_sql,
+    open_database,
 )
 from appliance.timestamps import parse_time
+from tests.stores import sql
 
 from .workflow.support import wait_until
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
+#: every test of this module runs on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("store_backend")
+
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "state" / "imaging.db")
+def store(store_target: StoreConfig) -> Store:
+    s = Store(store_target)
     yield s
     s.close()
 
 
-def _tables(path: Path) -> set[str]:
-    with sqlite3.connect(path) as conn:
-        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def test_new_database_gets_every_migration_and_wal_mode(tmp_path: Path) -> None:
-    db = tmp_path / "imaging.db"
-    with Store(db) as s:
+def test_new_database_gets_every_migration(store_target: StoreConfig) -> None:
+    with Store(store_target) as s:
         assert s.schema_version == len(MIGRATIONS)
-    assert {"tasks", "steps", "events", "ledger", "schema_version"} <= _tables(db)
-    with sqlite3.connect(db) as conn:
+        exists = s._sql("table_exists")
+        for table in (
+            "tasks",
+            "steps",
+            "events",
+            "ledger",
+            "task_records",
+            "report_outbox",
+            "schema_version",
+        ):
+            assert sql(store_target, exists, (table,)), table
+    assert sql(store_target, "SELECT COUNT(*) FROM schema_version")[0][0] == 1
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("target", [None, ""])
+def test_no_database_given_is_refused_without_creating_a_file_named_after_it(
+    target: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the SQLite path of a PostgreSQL store is None: opening it once made ./None, a SQLite file
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="no task database given"):
+        Store(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_database_is_in_wal_mode(store_target: StoreConfig) -> None:
+    Store(store_target).close()
+    with sqlite3.connect(store_target.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
 
 
-def test_reopening_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
-    db = tmp_path / "imaging.db"
-    with Store(db) as s:
+def test_reopening_keeps_data_and_does_not_migrate_again(store_target: StoreConfig) -> None:
+    with Store(store_target) as s:
         task = s.create_task("workflow", "demo", {"a": 1})
-    with Store(db) as s:
+    with Store(store_target) as s:
         assert s.schema_version == len(MIGRATIONS)
         assert s.get_task(task.id).params == {"a": 1}
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 1
+    assert sql(store_target, "SELECT COUNT(*) FROM schema_version")[0][0] == 1
 
 
-def test_database_from_newer_code_is_refused_clearly(tmp_path: Path) -> None:
-    db = tmp_path / "imaging.db"
-    Store(db).close()
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE schema_version SET version = 99")
+def test_database_from_newer_code_is_refused_clearly(store_target: StoreConfig) -> None:
+    Store(store_target).close()
+    sql(store_target, "UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError) as exc:
-        Store(db)
+        Store(store_target)
+    assert exc.value.code == "StateStoreError"
     assert "schema version 99" in exc.value.message
     assert "newer" in exc.value.message
 
@@ -305,14 +338,15 @@ READER = textwrap.dedent(
 )
 
 
-def test_reader_process_never_sees_locked_database_while_writer_writes(tmp_path: Path) -> None:
-    db = tmp_path / "imaging.db"
-    store = Store(db)
+def test_reader_process_never_sees_locked_database_while_writer_writes(
+    tmp_path: Path, store_target: StoreConfig
+) -> None:
+    store = Store(store_target)
     task_id = store.create_task("workflow").id
     store.set_state(task_id, TaskState.RUNNING)
     ready, stop = tmp_path / "ready", tmp_path / "stop"
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, str(db), task_id, str(ready), str(stop)],
+        [sys.executable, "-c", READER, store_target.url, task_id, str(ready), str(stop)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -330,6 +364,7 @@ def test_reader_process_never_sees_locked_database_while_writer_writes(tmp_path:
     assert report["mid_write"] > 0  # it really read while the writes were going on
     assert not report["went_back"]
     assert store.get_task(task_id).bytes_done == 1_000_000
+    store.close()
 
 
 def test_add_findings_keeps_earlier_ones_and_adds_each_once(store: Store) -> None:
@@ -406,20 +441,32 @@ def test_client_token_repeat_is_answered_at_the_limit(store: Store) -> None:
     assert store.create_task("import-snapshot", params={"k": 1}, client_token="tok", max_active=1) == first
 
 
+@pytest.mark.backends("sqlite")
 def test_client_token_lookup_searches_the_unique_index(store: Store) -> None:
     store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
     statements: list[str] = []
-    store._conn.set_trace_callback(statements.append)
+    store._db._conn.set_trace_callback(statements.append)
     try:
         store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
     finally:
-        store._conn.set_trace_callback(None)
+        store._db._conn.set_trace_callback(None)
     [lookup] = [sql for sql in statements if "client_token =" in sql and sql.startswith("SELECT")]
     with sqlite3.connect(store.path) as conn:
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {lookup}")]
     assert plan == [
         "SEARCH tasks USING INDEX tasks_client_token (client_account=? AND kind=? AND client_token=?)"
     ]
+
+
+@pytest.mark.backends("postgresql")
+def test_client_token_lookup_can_use_the_unique_index_on_postgresql(store: Store) -> None:
+    store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
+    with store._write() as conn:
+        conn.execute("SET LOCAL enable_seqscan = off")  # an empty table would be scanned anyway
+        plan = " ".join(
+            r[0] for r in conn.execute("EXPLAIN " + _TOKEN_LOOKUP, ("", "import-snapshot", "tok"))
+        )
+    assert "Index Scan using tasks_client_token" in plan
 
 
 def _create_all(db: str, calls: list[dict[str, Any]], start: Any) -> list[Any]:
@@ -440,17 +487,17 @@ def _in_process(db: str, calls: list[dict[str, Any]], start: Any, out: Any) -> N
     out.put(_create_all(db, calls, start))
 
 
-def run_writers(how: str, db: Path, calls: list[list[dict[str, Any]]]) -> list[Any]:
+def run_writers(how: str, db: StoreConfig, calls: list[list[dict[str, Any]]]) -> list[Any]:
     """Each list of ``calls`` in its own writer (a thread or a process, each with its own
     connection), all released at once; every result."""
     if how == "threads":
         start: Any = threading.Barrier(len(calls))
         with ThreadPoolExecutor(len(calls)) as pool:
-            done = list(pool.map(lambda c: _create_all(str(db), c, start), calls))
+            done = list(pool.map(lambda c: _create_all(db.url, c, start), calls))
         return [r for results in done for r in results]
-    ctx = multiprocessing.get_context("spawn")  # no SQLite connection crosses a fork
+    ctx = multiprocessing.get_context("spawn")  # no database connection crosses a fork
     start, out = ctx.Barrier(len(calls)), ctx.Queue()
-    procs = [ctx.Process(target=_in_process, args=(str(db), c, start, out)) for c in calls]
+    procs = [ctx.Process(target=_in_process, args=(db.url, c, start, out)) for c in calls]
     for proc in procs:
         proc.start()
     try:
@@ -472,8 +519,8 @@ WRITERS, CALLS_EACH = 6, 5
 
 
 @pytest.mark.parametrize("how", ["threads", "processes"])
-def test_concurrent_writers_never_exceed_the_active_limit(tmp_path: Path, how: str) -> None:
-    db = tmp_path / "imaging.db"
+def test_concurrent_writers_never_exceed_the_active_limit(store_target: StoreConfig, how: str) -> None:
+    db = store_target
     with Store(db) as store:
         for state in TaskState:
             _drive_to(store, state)  # three active tasks, three finished ones
@@ -496,8 +543,10 @@ def test_concurrent_writers_never_exceed_the_active_limit(tmp_path: Path, how: s
 
 
 @pytest.mark.parametrize("how", ["threads", "processes"])
-def test_concurrent_writers_with_one_client_token_create_one_task(tmp_path: Path, how: str) -> None:
-    db = tmp_path / "imaging.db"
+def test_concurrent_writers_with_one_client_token_create_one_task(
+    store_target: StoreConfig, how: str
+) -> None:
+    db = store_target
     Store(db).close()
     call = {
         "kind": "import-snapshot",
@@ -512,27 +561,34 @@ def test_concurrent_writers_with_one_client_token_create_one_task(tmp_path: Path
         assert [t.id for t in store.list_tasks(limit=None)] == results[:1]
 
 
-def _old_database(db: Path, version: int, rows: list[tuple[str, str, dict[str, Any], str]]) -> None:
+def _old_database(
+    target: StoreConfig, version: int, rows: list[tuple[str, str, dict[str, Any], str]]
+) -> None:
     """A database as the code of schema ``version`` left it, with tasks ``(id, kind, params, created_at)``."""
-    with sqlite3.connect(db) as conn:
-        for statements in MIGRATIONS[:version]:
-            for statement in statements:
-                conn.execute(statement)
-        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-        for task_id, kind, params, created in rows:
-            conn.execute(
-                "INSERT INTO tasks (id, kind, params, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'pending', ?, ?)",
-                (task_id, kind, json.dumps(params, sort_keys=True), created, created),
-            )
+    db = open_database(target)
+    try:
+        with db.transaction() as conn:
+            for statements in MIGRATIONS[:version]:
+                for statement in statements:
+                    text = migration_sql(statement, conn.dialect)
+                    if text is not None:
+                        conn.execute(text)
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            for task_id, kind, params, created in rows:
+                conn.execute(
+                    "INSERT INTO tasks (id, kind, params, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (task_id, kind, json.dumps(params, sort_keys=True), created, created),
+                )
+    finally:
+        db.close()
 
 
-def test_old_database_upgrades_and_keeps_its_client_tokens(tmp_path: Path) -> None:
-    db = tmp_path / "imaging.db"
+def test_old_database_upgrades_and_keeps_its_client_tokens(store_target: StoreConfig) -> None:
     t = "2025-01-01T00:00:0{}.000000Z".format
     _old_database(
-        db,
+        store_target,
         3,  # the schema before client tokens had a column
         [
             # two tasks for one token: what check-then-insert let through
@@ -543,10 +599,12 @@ def test_old_database_upgrades_and_keeps_its_client_tokens(tmp_path: Path) -> No
             ("t-workflow", "workflow", {"client_token": "tok"}, t(5)),
         ],
     )
-    with Store(db) as store:
+    with Store(store_target) as store:
         assert store.schema_version == len(MIGRATIONS)
-        with sqlite3.connect(db) as conn:
-            tokens = dict(conn.execute("SELECT id, client_token FROM tasks WHERE client_token IS NOT NULL"))
+        tokens = dict(
+            (r[0], r[1])
+            for r in sql(store_target, "SELECT id, client_token FROM tasks WHERE client_token IS NOT NULL")
+        )
         # the newest of the two, the one the old code answered repeats with, keeps the token
         assert tokens == {"import-snap-new": "tok", "import-ami-1": "tok"}
         repeat = store.create_task(
@@ -558,5 +616,132 @@ def test_old_database_upgrades_and_keeps_its_client_tokens(tmp_path: Path) -> No
                 "import-snapshot", params={"client_token": "tok", "key": "b"}, client_token="tok"
             )
         assert store.get_task("import-snap-old").params["client_token"] == "tok"
-    with Store(db) as store:  # migrated once
+    with Store(store_target) as store:  # migrated once
         assert store.schema_version == len(MIGRATIONS)
+
+
+# -- what must not interleave, with several writers ------------------------------------------------
+
+
+def _open_and_report(url: str, start: Any, out: Any) -> None:
+    start.wait()
+    try:
+        with Store(url) as store:
+            out.put(("ok", store.schema_version))
+    except Exception as exc:  # reported to the test, which names it
+        out.put(("error", repr(exc)))
+
+
+def test_stores_opening_a_new_database_together_migrate_it_once(store_target: StoreConfig) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(store_target.url, start, out)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    try:
+        results = [out.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+    assert results == [("ok", len(MIGRATIONS))] * 3
+    assert sql(store_target, "SELECT COUNT(*) FROM schema_version")[0][0] == 1
+
+
+def _together(n: int, work: Any) -> list[Any]:
+    """``work(i)`` in ``n`` threads released at once; each result, or the exception it raised."""
+    start = threading.Barrier(n)
+
+    def run(i: int) -> Any:
+        start.wait()
+        try:
+            return work(i)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def test_concurrent_writers_of_one_task_lose_no_finding_and_no_progress(
+    store: Store, store_target: StoreConfig
+) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    writers = [Store(store_target) for _ in range(6)]
+    try:
+
+        def work(i: int) -> None:
+            for j in range(5):
+                writers[i].add_findings(task_id, [Finding.info(f"Test.W{i}", f"finding {j}")])
+                writers[i].update_progress(task_id, phase="copy", bytes_done=i * 100 + j, percent=i * 10 + j)
+
+        assert _together(6, work) == [None] * 6
+    finally:
+        for w in writers:
+            w.close()
+    task = store.get_task(task_id)
+    assert len(task.findings) == 30  # each read-modify-write saw the ones before it
+    assert (task.bytes_done, task.percent) == (504, 54)  # the largest, whatever the order
+
+
+def test_of_concurrent_takeovers_of_an_orphan_exactly_one_wins(
+    store: Store, store_target: StoreConfig
+) -> None:
+    recoverers = [Store(store_target) for _ in range(6)]
+    try:
+        for _ in range(5):
+            task_id = store.create_task("workflow").id
+            store.claim(task_id, "dead-host:1", 30)
+            take_over = functools.partial(_take_over, recoverers, task_id)
+            results = _together(6, take_over)
+            won = [r for r in results if not isinstance(r, Exception)]
+            assert len(won) == 1, results
+            assert all(isinstance(r, IncorrectState) for r in results if isinstance(r, Exception))
+            task = store.get_task(task_id)
+            assert (task.owner, task.attempts) == (won[0].owner, 2)
+    finally:
+        for r in recoverers:
+            r.close()
+
+
+def _take_over(recoverers: list[Store], task_id: str, i: int) -> Any:
+    return recoverers[i].claim(task_id, f"host-{i}:1", 30, expected_owner="dead-host:1")
+
+
+def _advisory_lock_waiters(target: StoreConfig) -> int:
+    rows = sql(target, "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    return int(rows[0][0])
+
+
+@pytest.mark.backends("postgresql")
+def test_an_event_id_never_becomes_visible_before_a_smaller_one(
+    store: Store, store_target: StoreConfig
+) -> None:
+    """A reader that remembers the last event id it saw (the controller reporting) must never see an
+    id while a smaller one is still uncommitted: it would skip that one for good."""
+    task_id = store.create_task("workflow").id
+    mark = store.events()[-1].id
+    holding, release = threading.Event(), threading.Event()
+
+    def slow() -> None:  # an event inserted, its transaction not yet committed
+        with store._write() as conn:
+            store._event(conn, task_id, "slow", {}, "2025-01-01T00:00:00.000000Z")
+            holding.set()
+            release.wait(60)
+
+    other = Store(store_target)
+    first = threading.Thread(target=slow)
+    first.start()
+    try:
+        assert holding.wait(30)
+        second = threading.Thread(target=lambda: other.add_event(task_id, "fast"))
+        second.start()
+        # the second writer waits for the first to commit instead of taking the next id and committing
+        wait_until(lambda: _advisory_lock_waiters(store_target) == 1, 30, "the second event to wait its turn")
+        assert store.events(since_id=mark) == []
+    finally:
+        release.set()
+        first.join(30)
+    second.join(30)
+    events = store.events(since_id=mark)
+    assert [e.kind for e in events] == ["slow", "fast"] and events[0].id < events[1].id
+    other.close()

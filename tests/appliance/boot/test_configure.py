@@ -557,6 +557,33 @@ def test_guest_mounting_hook_gets_the_worker_a_root_dropin_and_reloads_once(
     assert reloads == ["daemon-reload"]
 
 
+def test_user_data_store_section_reaches_the_config_and_the_dropin_creates_no_sqlite_file(
+    paths: Paths,
+) -> None:
+    store = {"url": "postgresql://imaging@db.example:5432/imaging", "password": "DbPassword0123456789"}
+    paths.user_data.write_text(
+        cloud_config(
+            section(
+                store=store,
+                targets={"volume": {"type": "file", "directory": "/srv/volumes", "shared": True}},
+                hooks={"points": {"after_convert": [INJECT]}},
+            )
+        )
+    )
+    assert configure_with_reload(paths, []) == 0
+    written = yaml.safe_load(paths.output.read_text())
+    assert written["store"] == store
+    # the tasks are in PostgreSQL: no task database file for the drop-in to create first
+    dropin = worker_dropin.dropin_path(paths.unit_dir).read_text()
+    assert "ExecStartPre" not in dropin and "imaging.db" not in dropin
+    # with SQLite (no store section) it does
+    paths.user_data.write_text(cloud_config(section(hooks={"points": {"after_convert": [INJECT]}})))
+    assert configure_with_reload(paths, []) == 0
+    assert "ExecStartPre=+-/bin/sh -c 'set -C; { : > /var/lib/imaging/imaging.db; }" in (
+        worker_dropin.dropin_path(paths.unit_dir).read_text()
+    )
+
+
 def test_dropin_is_removed_when_no_hook_mounts_the_guest(paths: Paths) -> None:
     reloads: list[str] = []
     paths.user_data.write_text(cloud_config(section(hooks={"points": {"before_write": [INJECT]}})))

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from appliance import config as config_mod
 from appliance.store import Store
 from tests import imagefactory as imgs
+from tests import stores
 
 MiB = 1024 * 1024
 
@@ -377,6 +380,47 @@ def test_config_init_writes_a_private_loadable_file_with_fresh_credentials(
     assert (key["account"], key["role"]) == ("local", "admin")
     shown = imaging("-c", cfg, "config", "show", "--credentials", env=env).stdout
     assert "account:    local (admin)" in shown
+
+
+@pytest.mark.backends("postgresql")
+def test_config_init_with_a_postgresql_store_and_tasks_commands_use_it(
+    tmp_path: Path, env: dict[str, str], store_settings: dict[str, Any]
+) -> None:
+    password = "CliStorePassword0123456789"
+    secret = tmp_path / "db-password"
+    secret.write_text(password + "\n")
+    login = stores.with_password(password)  # a role that needs the password
+    cfg = tmp_path / "imaging.yaml"
+    r = imaging("config", "init", cfg, "--store", login["url"], "--store-password-file", secret, env=env)
+    assert r.returncode != 0 and "--shared-volumes" in r.stderr and not cfg.exists()
+    volumes = tmp_path / "shared-volumes"
+    r = imaging(
+        "config", "init", cfg, "--store", login["url"], "--store-password-file", secret,
+        "--shared-volumes", volumes, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    written = yaml.safe_load(cfg.read_text())
+    assert written["store"] == {"url": login["url"], "password_file": str(secret)}
+    assert written["targets"]["volume"] == {"type": "file", "directory": str(volumes), "shared": True}
+    shown = imaging("-c", cfg, "config", "show", env=env)
+    assert shown.returncode == 0 and password not in shown.stdout
+    config = config_mod.load(cfg)
+    with Store(config.store) as store:
+        task = store.create_task("workflow", "x", task_id="t-in-postgres")
+    listed = imaging("-c", cfg, "tasks", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert task.id in listed.stdout and not (tmp_path / "imaging.db").exists()
+    assert imaging("-c", cfg, "tasks", "cancel", task.id, env=env).returncode == 0
+    with Store(config.store) as store:
+        assert str(store.get_task(task.id).state) == "cancelled"
+    # a wrong password: a coded error on one line, without the password
+    secret.write_text("not-the-password\n")
+    refused = imaging("-c", cfg, "tasks", "list", env=env)
+    assert refused.returncode == 1
+    assert (
+        refused.stderr.startswith("imaging: StateStoreError: task database")
+        and password not in refused.stderr
+    )
 
 
 def test_run_removes_scratch_left_by_crashed_tasks_but_keeps_resumable_ones(

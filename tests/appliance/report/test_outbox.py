@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from appliance import config as config_mod
+from appliance.database import StoreConfig
 from appliance.errors import ConfigError
 from appliance.report.outbox import NewMessage, Outbox
 from appliance.store import Store
+from tests import stores
 
 SECRET = "outbox-test-secret-0123456789"
 
 
 def test_reporting_is_off_by_default() -> None:
-    ctl = config_mod.from_dict({}).controller
+    ctl = stores.config({}).controller
     assert (ctl.mode, ctl.report_interval, ctl.progress_interval) == ("off", 30.0, 5.0)
 
 
 def test_push_mode_needs_url_secret_and_appliance_id() -> None:
     with pytest.raises(ConfigError) as exc:
-        config_mod.from_dict({"controller": {"mode": "push", "url": "http://ctl:8780"}})
+        stores.config({"controller": {"mode": "push", "url": "http://ctl:8780"}})
     assert "controller: 'secret' is a required property" in str(exc.value)
     assert "'appliance_id' is a required property" in str(exc.value)
 
 
 def test_controller_settings_are_typed_and_the_secret_stays_out_of_repr() -> None:
-    cfg = config_mod.from_dict(
+    cfg = stores.config(
         {
             "controller": {
                 "mode": "push",
@@ -46,7 +45,7 @@ def test_controller_settings_are_typed_and_the_secret_stays_out_of_repr() -> Non
 
 def test_a_short_secret_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"controller\.secret"):
-        config_mod.from_dict(
+        stores.config(
             {"controller": {"mode": "push", "url": "http://c", "secret": "short", "appliance_id": "a"}}
         )
 
@@ -55,9 +54,11 @@ def msg(n: int, type_: str = "task") -> NewMessage:
     return NewMessage(type_, "t-1", {"type": type_, "n": n})
 
 
-def test_seq_keeps_growing_after_delivered_rows_are_deleted_and_the_db_is_reopened(tmp_path: Path) -> None:
-    Store(tmp_path / "db").close()  # migrates
-    box = Outbox(tmp_path / "db")
+def test_seq_keeps_growing_after_delivered_rows_are_deleted_and_the_db_is_reopened(
+    store_target: StoreConfig,
+) -> None:
+    Store(store_target).close()  # migrates
+    box = Outbox(store_target)
     first = box.enqueue([msg(1), msg(2)], cursor=7)
     head = box.head()
     assert head is not None and head.seq == first[0] and head.payload == {"type": "task", "n": 1}
@@ -65,15 +66,15 @@ def test_seq_keeps_growing_after_delivered_rows_are_deleted_and_the_db_is_reopen
     box.ack(first[1])
     assert box.head() is None and box.cursor() == 7
     box.close()
-    again = Outbox(tmp_path / "db")
+    again = Outbox(store_target)
     [later] = again.enqueue([msg(3)])
     assert later > first[1] and again.cursor() == 7
     again.close()
 
 
-def test_a_new_heartbeat_replaces_an_undelivered_one_but_not_task_messages(tmp_path: Path) -> None:
-    Store(tmp_path / "db").close()
-    box = Outbox(tmp_path / "db")
+def test_a_new_heartbeat_replaces_an_undelivered_one_but_not_task_messages(store_target: StoreConfig) -> None:
+    Store(store_target).close()
+    box = Outbox(store_target)
     box.enqueue([msg(1, "heartbeat")], replace_type="heartbeat")
     box.enqueue([msg(2)])
     [beat] = box.enqueue([msg(3, "heartbeat")], replace_type="heartbeat")

@@ -29,7 +29,7 @@ from appliance.report.receiver import Controller, ReceiverServer
 from appliance.sources.euca_manifest import build_download_manifest
 from appliance.store import Store, TaskState
 from tests import imagefactory as imgs
-from tests import processes
+from tests import processes, stores
 from tests.euca_controller import PartServer, make_cloud_key
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.servers import MotoServer, free_port
@@ -139,26 +139,28 @@ def cfg_file(
     f = tmp_path / "imaging.yaml"
     f.write_text(
         json.dumps(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "worker": {"concurrency": 1, "poll_interval": 0.2},
-                "tasks": {"lease_seconds": 5},
-                "sources": {
-                    "allowed_endpoints": [moto.endpoint, controller.url, held[0].url],
-                    "manifest_poll_interval": 0.2,
-                    "manifest_poll_max_interval": 0.5,
-                    "retries": 2,
-                },
-                "controller": {
-                    "mode": "pull",
-                    "url": controller.url,
-                    "metadata_url": controller.url,
-                    "cloud_cert_file": str(cloud_key[1]),
-                    "report_interval": 0.5,
-                    "timeout": 5,
-                    "max_backoff": 1,
-                },
-            }
+            stores.with_store(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "worker": {"concurrency": 1, "poll_interval": 0.2},
+                    "tasks": {"lease_seconds": 5},
+                    "sources": {
+                        "allowed_endpoints": [moto.endpoint, controller.url, held[0].url],
+                        "manifest_poll_interval": 0.2,
+                        "manifest_poll_max_interval": 0.5,
+                        "retries": 2,
+                    },
+                    "controller": {
+                        "mode": "pull",
+                        "url": controller.url,
+                        "metadata_url": controller.url,
+                        "cloud_cert_file": str(cloud_key[1]),
+                        "report_interval": 0.5,
+                        "timeout": 5,
+                        "max_backoff": 1,
+                    },
+                }
+            )
         )
     )
     return f
@@ -284,8 +286,8 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
     # the one-byte length probe, then the download the part server holds
     wait_until(lambda: len(parts.requests) >= 2, what="the held download")
     controller.controller.cancel_pull_task("import-vol-cccc0001")
-    store = Store(config_mod.load(cfg_file).db_path)
-    held = PullTasks(store.path)
+    store = Store(config_mod.load(cfg_file).store)
+    held = PullTasks(store.settings)
     try:
         pulled = store.list_tasks(kind="import-volume")
         assert len(pulled) == 1
@@ -304,7 +306,7 @@ def test_cancelled_reply_cancels_the_pulled_task_and_ends_its_reports(
 @pytest.fixture
 def reporter(cfg_file: Path) -> Iterator[PullReporter]:
     cfg = config_mod.load(cfg_file)
-    store = Store(cfg.db_path)
+    store = Store(cfg.store)
     pull = PullReporter(cfg, store)  # driven by hand with poll()/report(), not started
     yield pull
     pull.stop()

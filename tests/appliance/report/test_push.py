@@ -16,6 +16,7 @@ from appliance.report.push import PushReporter
 from appliance.report.receiver import Controller, ReceiverServer
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
+from tests import stores
 from tests.processes import stop_process as stop
 from tests.processes import wait_until
 from tests.servers import free_port, wait_for_http
@@ -88,13 +89,15 @@ def write_config(tmp_path: Path, url: str, **controller: object) -> Path:
     f = tmp_path / "imaging.yaml"
     f.write_text(
         json.dumps(
-            {
-                "state_dir": str(tmp_path / "state"),
-                "workflows": {"extra_dirs": [str(wf_dir)]},
-                "worker": {"concurrency": 2, "poll_interval": 0.2},
-                "tasks": {"lease_seconds": 5},
-                "controller": ctl,
-            }
+            stores.with_store(
+                {
+                    "state_dir": str(tmp_path / "state"),
+                    "workflows": {"extra_dirs": [str(wf_dir)]},
+                    "worker": {"concurrency": 2, "poll_interval": 0.2},
+                    "tasks": {"lease_seconds": 5},
+                    "controller": ctl,
+                }
+            )
         )
     )
     return f
@@ -186,7 +189,7 @@ def test_nothing_is_lost_while_the_controller_is_down(
         receiver.stop()
         ids = [engine.submit("nap", {"seconds": 0.3}) for _ in range(3)]
         wait_until(lambda: all(engine.store.get_task(i).state is TaskState.COMPLETED for i in ids))
-        outbox = Outbox(engine.store.path)
+        outbox = Outbox(engine.store.settings)
         wait_until(lambda: outbox.backlog() >= 9, what="the outbox to hold the state changes")
         outbox.close()
         receiver.start()
@@ -246,7 +249,7 @@ def test_progress_ticks_are_throttled_but_state_changes_never(tmp_path: Path) ->
     controller = Controller(SECRET, tmp_path / "log.jsonl")
     server = ReceiverServer(f"127.0.0.1:{free_port()}", controller).start()
     cfg = config_mod.load(write_config(tmp_path, server.url, progress_interval=3600, report_interval=3600))
-    store = Store(cfg.db_path)
+    store = Store(cfg.store)
     reporter = PushReporter(cfg, store)
     try:
         task = store.create_task("workflow", "nap")

@@ -22,6 +22,9 @@ from tests.euca_controller import make_cloud_key
 from tests.processes import stop_process
 from tests.servers import free_port, wait_for_http
 
+#: the reference controller: never opens the task database
+pytestmark = pytest.mark.backends("sqlite")
+
 SECRET = "receiver-test-secret-0123456789"
 
 

@@ -28,7 +28,7 @@ from appliance import config as config_mod
 from appliance.service.imports import DiskContainer, DiskImage, ImportService
 from appliance.store import Store, Task, TaskState
 from tests import imagefactory as imgs
-from tests import processes
+from tests import processes, stores
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.fangate import OpenGate, comm
 from tests.servers import REGION, MotoServer
@@ -81,7 +81,7 @@ class Appliance:
         for key, value in settings.items():
             data[key] = {**data.get(key, {}), **value}
         self.config_file = tmp_path / "imaging.yaml"
-        self.config_file.write_text(yaml.safe_dump(data))
+        self.config_file.write_text(yaml.safe_dump(stores.with_store(data)))
         self.config = config_mod.load(self.config_file)
         self.service = ImportService(self.config)
         self.store: Store = self.service.store

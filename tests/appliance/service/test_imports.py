@@ -5,6 +5,7 @@ The HTTP API is tested on top of this in tests/api; here the service and the eng
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from appliance.sources.urlfilter import UrlNotAllowed
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
+from tests import stores
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.mounts import tmpfs
 from tests.servers import MotoServer
@@ -57,7 +59,7 @@ def cfg_data(tmp_path: Path, moto: MotoServer) -> dict[str, Any]:
 
 @pytest.fixture
 def cfg(tmp_path: Path, moto: MotoServer) -> config_mod.Config:
-    return config_mod.from_dict(cfg_data(tmp_path, moto), base_dir=tmp_path)
+    return stores.config(cfg_data(tmp_path, moto), base_dir=tmp_path)
 
 
 @pytest.fixture
@@ -231,7 +233,7 @@ def test_hook_replacing_the_volume_image_fails_import_volume_instead_of_being_dr
     (plugins / "copy_aside.py").write_text(COPY_PLUGIN)
     data = cfg_data(tmp_path, moto)
     data["hooks"] = {"plugins_dir": str(plugins), "points": {"after_convert": [{"hook": "test.copy_aside"}]}}
-    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    cfg = stores.config(data, base_dir=tmp_path)
     disk = random_file(tmp_path / "disk.raw", 4 * MiB)
     s3 = moto.client("s3")
     pending = presign_manifest_url(s3, bucket, None, disk)
@@ -262,9 +264,8 @@ def test_an_upload_that_never_comes_fails_at_expiry(
         DiskImage("RAW", MiB, pending.url, 1), availability_zone=None, description=None
     )
     soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat().replace("+00:00", "Z")
-    service.store._conn.execute(
-        "UPDATE tasks SET params = json_set(params, '$.expiration_time', ?) WHERE id = ?", (soon, task.id)
-    )
+    params = json.dumps({**task.params, "expiration_time": soon}, sort_keys=True)
+    stores.sql(service.store.settings, "UPDATE tasks SET params = ? WHERE id = ?", (params, task.id))
     done = run(cfg, task)
     assert done.state is TaskState.FAILED
     assert done.error_code == "SourceUnavailable"
@@ -377,7 +378,7 @@ def test_a_download_larger_than_the_scratch_quota_fails_with_insufficient_scratc
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "4MiB", "min_free": 0}}
-    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    cfg = stores.config(data, base_dir=tmp_path)
     disk = random_file(tmp_path / "disk.raw", 6 * MiB)
     moto.client("s3").upload_file(str(disk), bucket, "big.raw")
     service = ImportService(cfg)
@@ -396,7 +397,7 @@ def test_a_scratch_disk_below_its_floor_refuses_a_download_naming_its_size(
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "1GiB", "min_free": "1PiB"}}
-    cfg = config_mod.from_dict(data, base_dir=tmp_path)
+    cfg = stores.config(data, base_dir=tmp_path)
     disk = random_file(tmp_path / "disk.raw", 3 * MiB)
     moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
     service = ImportService(cfg)
@@ -436,7 +437,7 @@ def test_a_finished_download_is_not_counted_twice_against_the_scratch_disk(
             "scratch": {"root": str(root), "quota": "1GiB", "min_free": 0},
             "workflows": {"extra_dirs": [str(workflows)]},
         }
-        cfg = config_mod.from_dict(data, base_dir=tmp_path)
+        cfg = stores.config(data, base_dir=tmp_path)
         disk = random_file(tmp_path / "disk.raw", 6 * MiB)
         moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
         engine = Engine(cfg, poll_interval=0.1)

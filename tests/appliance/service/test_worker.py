@@ -18,7 +18,7 @@ from appliance import config as config_mod
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
 from appliance.workflow.supervisor import pid_alive
-from tests import confinement, processes
+from tests import confinement, processes, stores
 
 # this module's waits are bounded at 30 s unless a call says otherwise
 wait_until = functools.partial(processes.wait_until, timeout=30.0)
@@ -55,6 +55,8 @@ def cfg_file(tmp_path: Path) -> Path:
         f"workflows: {{extra_dirs: [{wf_dir}]}}\n"
         "worker: {concurrency: 2, poll_interval: 0.2}\n"
         "tasks: {lease_seconds: 5}\n"
+        + (f"store: {json.dumps(stores.settings())}\n" if stores.settings() else "")
+        + ("targets: {volume: {type: file, shared: true}}\n" if stores.settings() else "")
     )
     (tmp_path / "m.src").write_text("x")
     return f

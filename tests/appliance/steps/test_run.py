@@ -140,7 +140,7 @@ def test_cancel_kills_the_command_promptly(engine: Engine, tmp_path: Path) -> No
 
     def cancel_when_running() -> None:
         wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 30, "the command to start")
-        with Store(engine.config.db_path) as other:
+        with Store(engine.config.store) as other:
             other.request_cancel(task_id)
 
     canceller = threading.Thread(target=cancel_when_running)
@@ -225,7 +225,7 @@ def test_cancel_during_a_chroot_command_unmounts_everything(
             lambda: any(e.kind == "run.start" for e in engine.store.events(task_id=task_id)), 30, "run.start"
         )
         time.sleep(0.2)
-        with Store(engine.config.db_path) as other:
+        with Store(engine.config.store) as other:
             other.request_cancel(task_id)
 
     canceller = threading.Thread(target=cancel_when_running)

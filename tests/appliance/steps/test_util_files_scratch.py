@@ -143,7 +143,7 @@ def test_sleep_stops_promptly_when_the_task_is_cancelled(engine: Engine, tmp_pat
         wait_until(
             lambda: step_state(engine.store, task_id, "1") is StepState.RUNNING, 30, "the sleep to start"
         )
-        with Store(engine.config.db_path) as other:
+        with Store(engine.config.store) as other:
             other.request_cancel(task_id)
 
     canceller = threading.Thread(target=cancel_when_sleeping)

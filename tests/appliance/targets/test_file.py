@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance import config
-from appliance.errors import Cancelled, ConfigError, UsageError
+from appliance.errors import Cancelled, ConfigError, LeaseLost, UsageError
 from appliance.targets import (
     InsufficientStorage,
     TargetError,
@@ -282,3 +282,16 @@ def test_store_rejects_unknown_format(tmp_path: Path) -> None:
     src.write_bytes(b"x")
     with pytest.raises(UsageError):
         FileImageTarget(tmp_path / "images", min_free=0).store("t-4", src, format="floppy")
+
+
+def test_an_image_whose_run_lost_its_lease_is_not_published(tmp_path: Path) -> None:
+    target = FileImageTarget(tmp_path / "images", min_free=0)
+    src = tmp_path / "in.raw"
+    sparse_source(src, MiB, {0: os.urandom(MiB)})
+
+    def fence() -> None:
+        raise LeaseLost("task t-0: another worker owns it now")
+
+    with pytest.raises(LeaseLost):
+        target.store("t-0", src, format="raw", fence=fence)
+    assert list((tmp_path / "images").iterdir()) == []  # neither the image nor its partial

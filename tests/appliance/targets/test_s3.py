@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance import config
-from appliance.errors import Cancelled, ConfigError
+from appliance.errors import Cancelled, ConfigError, LeaseLost
 from appliance.targets import TargetError, get_image_target
 from appliance.targets import s3 as s3_target
 from appliance.targets.encryption import Encryption
@@ -217,5 +217,22 @@ def test_a_store_that_ignores_the_encryption_headers_fails_and_keeps_no_object(
     assert exc.value.code == "EncryptionNotApplied"
     assert "stored with no encryption although aws:kms with key" in exc.value.message
     assert "the object was deleted" in exc.value.message
+    assert moto.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert open_uploads(moto, bucket) == []
+
+
+@pytest.mark.parametrize("size", [2 * MiB, 12 * MiB], ids=["put", "multipart"])
+def test_an_image_whose_run_lost_its_lease_is_not_uploaded(
+    tmp_path: Path, moto, bucket: str, size: int
+) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket))
+    src = tmp_path / "disk.raw"
+    write_source(src, size, MiB)
+
+    def fence() -> None:
+        raise LeaseLost("task t-0: another worker owns it now")
+
+    with pytest.raises(LeaseLost):
+        target.store("import-snap-0123456789abcdef0", src, format="raw", fence=fence)
     assert moto.client("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     assert open_uploads(moto, bucket) == []

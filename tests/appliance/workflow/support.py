@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from appliance import config as config_mod
-from appliance.errors import Finding, ImageRejected, StepFailed
+from appliance.errors import Finding, ImageRejected, StepFailed, StoreUnavailable
 from appliance.store import StepState, Store, Task
 from appliance.workflow import Engine, EngineCallbacks, Registry, Step, StepContext
-from tests import processes
+from tests import processes, stores
 
 #: engine tests poll every 50 ms (callers give the timeout)
 wait_until = functools.partial(processes.wait_until, interval=0.05)
@@ -91,6 +91,19 @@ class Reject(Step):
         )
 
 
+class StoreGoneOnce(Step):
+    """The first time: fail as a step does when the task database went away under it (e.g. its
+    ledger could not be written); count the runs in ``counter``."""
+
+    def run(self, ctx: StepContext, counter: str) -> Any:
+        p = Path(counter)
+        n = int(p.read_text()) + 1 if p.exists() else 1
+        p.write_text(str(n))
+        if n == 1:
+            raise StoreUnavailable("task database postgresql://db.example/imaging cannot be reached: gone")
+        return {"run": n}
+
+
 class Crash(Step):
     """Raise a non-coded exception (as a buggy plugin would)."""
 
@@ -106,18 +119,22 @@ def make_registry() -> Registry:
     registry.register("test.flaky", Flaky)
     registry.register("test.leaky", LeakyCreate)
     registry.register("test.crash", Crash)
+    registry.register("test.store_gone_once", StoreGoneOnce)
     registry.register("test.reject", Reject)
     return registry
 
 
 def config_dict(tmp: Path) -> dict[str, Any]:
-    """Configuration for a test: everything under ``tmp``, a small quota, 5 s leases."""
-    return {
-        "state_dir": str(tmp / "state"),
-        "workflows": {"extra_dirs": [str(tmp / "workflows")]},
-        "scratch": {"root": str(tmp / "scratch"), "quota": "64MiB", "min_free": 0},
-        "tasks": {"lease_seconds": 5},
-    }
+    """Configuration for a test: everything under ``tmp``, a small quota, 5 s leases, the test's
+    task database (:mod:`tests.stores`)."""
+    return stores.with_store(
+        {
+            "state_dir": str(tmp / "state"),
+            "workflows": {"extra_dirs": [str(tmp / "workflows")]},
+            "scratch": {"root": str(tmp / "scratch"), "quota": "64MiB", "min_free": 0},
+            "tasks": {"lease_seconds": 5},
+        }
+    )
 
 
 def make_config(tmp: Path) -> config_mod.Config:

@@ -420,7 +420,7 @@ def test_cancel_whose_undo_fails_ends_failed_with_cleanup_failed(tmp_path: Path,
 
     def cancel_when_napping() -> None:
         wait_until(lambda: step_state(engine.store, task_id, "2") is StepState.RUNNING, 30, "the nap")
-        with Store(engine.config.db_path) as other:
+        with Store(engine.config.store) as other:
             other.request_cancel(task_id)
 
     canceller = threading.Thread(target=cancel_when_napping)

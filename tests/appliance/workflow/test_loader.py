@@ -13,6 +13,9 @@ from appliance.workflow.loader import SHIPPED_DIR
 
 from .support import make_registry, write_workflow
 
+#: never opens the task database
+pytestmark = pytest.mark.backends("sqlite")
+
 
 @pytest.fixture
 def loader(tmp_path: Path) -> WorkflowLoader:

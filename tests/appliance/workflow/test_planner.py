@@ -82,7 +82,7 @@ def test_plan_lists_steps_args_skips_and_scratch_without_side_effects(planned: t
     plan = engine.plan("import", {"src": str(tmp / "input.img")})
 
     assert _tree(tmp) == before  # no database, no scratch dir, no copied files
-    assert not engine.config.db_path.exists() and not (tmp / "scratch").exists()
+    assert engine._store is None and not (tmp / "scratch").exists()  # the task database was never opened
 
     by_idx = {s["idx"]: s for s in plan["steps"]}
     assert list(by_idx) == ["1", "2", "3", "4", "5", "6", "7.loop1", "7.loop1/include/1", "7.loop2",
@@ -121,7 +121,7 @@ def test_plan_validates_params(planned: tuple[Engine, Path]) -> None:
     engine, _tmp = planned
     with pytest.raises(UsageError, match="missing required parameter 'src'"):
         engine.plan("import", {})
-    assert not engine.config.db_path.exists()
+    assert engine._store is None
 
 
 def test_plan_reports_a_missing_source_without_failing(planned: tuple[Engine, Path]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import IncorrectState
+from appliance.errors import IncorrectState, StoreUnavailable
 from appliance.partials import is_partial
 from appliance.store import StepState, Store, TaskState
 from appliance.workflow import Engine, find_orphans
@@ -149,7 +149,7 @@ def test_cancel_requested_from_another_process_stops_and_undoes(engine: Engine, 
     proc = start_engine_process(tmp_path, task_id)
     try:
         wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
-        other = Store(engine.config.db_path)  # a separate connection, as the HTTP API would have
+        other = Store(engine.config.store)  # a separate connection, as the HTTP API would have
         assert other.request_cancel(task_id).state is TaskState.CANCELLING
         out, err = proc.communicate(timeout=30)
     finally:
@@ -207,3 +207,32 @@ def test_orphan_detection_uses_dead_pids_and_expired_leases(engine: Engine, tmp_
     assert {t.id for t, _ in find_orphans(store)} == {gone.id, remote_expired.id}
     with pytest.raises(IncorrectState, match="still owned"):
         engine.resume(remote_live.id)
+
+
+def test_a_run_the_task_database_went_away_under_stops_and_resumes_instead_of_failing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    appended = tmp_path / "appended"
+    write_workflow(
+        tmp_path,
+        "db-gone",
+        {
+            "steps": [
+                {"name": "first", "action": "test.append", "with": {"path": str(appended), "text": "first"}},
+                {"name": "gone", "action": "test.store_gone_once", "with": {"counter": str(tmp_path / "n")}},
+                {"name": "last", "action": "test.append", "with": {"path": str(appended), "text": "last"}},
+            ]
+        },
+    )
+    task_id = engine.submit("db-gone")
+    with pytest.raises(StoreUnavailable):
+        engine.run(task_id)
+    # not the task's failure: nothing recorded as failed, nothing undone, the owner kept
+    task = engine.store.get_task(task_id)
+    assert (task.state, task.error_code, task.owner) == (TaskState.RUNNING, None, engine.owner)
+    assert step_state(engine.store, task_id, "1") is StepState.COMPLETED
+    assert step_state(engine.store, task_id, "2") is StepState.RUNNING
+    resumed = engine.resume(task_id, reason="the task database is back")
+    assert resumed.state is TaskState.COMPLETED, resumed.error_message
+    assert appended.read_text().splitlines() == ["first", "last"]  # the completed step did not run again
+    assert (tmp_path / "n").read_text() == "2"

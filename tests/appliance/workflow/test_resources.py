@@ -15,6 +15,7 @@ from appliance import config as config_mod
 from appliance.errors import WorkflowInvalid
 from appliance.store import TaskState
 from appliance.workflow import Engine
+from tests import stores
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
 
@@ -60,7 +61,7 @@ def cache_files(cfg: config_mod.Config) -> set[str]:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> config_mod.Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
+    return stores.config({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 def test_relative_path_resource_is_read_from_next_to_the_workflow_as_a_readonly_cached_copy(
@@ -192,7 +193,7 @@ def test_http_resource_on_loopback_is_refused_by_the_ssrf_policy(tmp_path: Path)
     with TestHTTPServer() as server:
         server.add("/setup.sh", SCRIPT)
         # the port is allowed, so what refuses the URL is the loopback address itself
-        cfg = config_mod.from_dict(
+        cfg = stores.config(
             {"state_dir": str(tmp_path / "state"), "sources": {"allowed_ports": [server.port]}},
             base_dir=tmp_path,
         )
@@ -210,7 +211,7 @@ def test_pinned_http_resource_from_an_allowed_endpoint_is_fetched_once_then_cach
 ) -> None:
     with TestHTTPServer() as server:
         server.add("/setup.sh", SCRIPT)
-        cfg = config_mod.from_dict(
+        cfg = stores.config(
             {"state_dir": str(tmp_path / "state"), "sources": {"allowed_endpoints": [server.endpoint]}},
             base_dir=tmp_path,
         )
@@ -228,7 +229,7 @@ def test_pinned_http_resource_from_an_allowed_endpoint_is_fetched_once_then_cach
 def test_http_resource_whose_content_changed_is_refused(tmp_path: Path) -> None:
     with TestHTTPServer() as server:
         server.add("/setup.sh", b"#!/bin/sh\nrm -rf /\n")
-        cfg = config_mod.from_dict(
+        cfg = stores.config(
             {"state_dir": str(tmp_path / "state"), "sources": {"allowed_endpoints": [server.endpoint]}},
             base_dir=tmp_path,
         )
@@ -243,7 +244,7 @@ def s3_cfg(tmp_path: Path, moto: MotoServer) -> tuple[config_mod.Config, str]:
     bucket = f"res-{uuid.uuid4().hex[:12]}"
     moto.client("s3").create_bucket(Bucket=bucket)
     moto.client("s3").put_object(Bucket=bucket, Key="scripts/setup.sh", Body=SCRIPT)
-    cfg = config_mod.from_dict(
+    cfg = stores.config(
         {
             "state_dir": str(tmp_path / "state"),
             # s3:// resources use the artifact store's connection; no store bucket is needed for them

@@ -13,6 +13,9 @@ from appliance.workflow.templating import (
     placeholders_to_text,
 )
 
+#: never opens the task database
+pytestmark = pytest.mark.backends("sqlite")
+
 
 @pytest.fixture
 def t() -> Templater:
