@@ -32,9 +32,10 @@ How qemu-img writes the output (its ``-t`` cache mode) follows one rule, :func:`
 * a **file** that the page cache can absorb (its virtual size, an upper bound of what qemu-img writes,
   is at most :data:`PAGE_CACHE_SHARE` of the memory available) is written through the page cache
   (qemu-img's default, ``cache=unsafe``) and flushed once, with ``fdatasync``, before the output check
-  and the rename. Measured on the 4 GiB benchmark disk (qcow2 → raw, page cache dropped, flush
-  included), this is what bare ``qemu-img convert`` does and is faster than O_DIRECT (1.78 s against
-  2.09 s with ``-t none``): qemu-img issues its writes asynchronously into the cache and the flush
+  and the rename. This is what bare ``qemu-img convert`` does, and on the 4 GiB benchmark disk
+  (qcow2 → raw, page cache dropped, flush included) it is faster than O_DIRECT: 1.78 s against
+  2.09 s with ``-t none`` (issue 9), medians 3.26 s against 3.73 s on a loaded machine
+  (bench/README.md). qemu-img issues its writes asynchronously into the cache and the flush
   writes them out in large sorted batches, and the next reader of the file (the output check, an
   upload, the guest probe) finds it cached;
 * a **larger file** is written with O_DIRECT where qemu-img writes big blocks (:data:`DIRECT_IO_FORMATS`,
