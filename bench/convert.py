@@ -298,6 +298,15 @@ class Measurement:
         """appliance / bare qemu-img with default options: the goal is <= GOAL."""
         return self.median("appliance") / self.median("qemu-img")
 
+    def best(self, variant: str) -> float:
+        return min(r.seconds for r in self.runs if r.variant == variant)
+
+    @property
+    def best_ratio(self) -> float:
+        """appliance / bare qemu-img of the fastest runs: what is left when other work only ever slows a
+        run down (the figure to read on a machine that never gets quiet)."""
+        return self.best("appliance") / self.best("qemu-img")
+
     @property
     def overhead(self) -> float:
         """appliance / bare qemu-img with the same output options: the toolkit's own cost."""
@@ -362,6 +371,7 @@ def run_once(
     *,
     quick: bool,
     idle_timeout: float = IDLE_TIMEOUT,
+    max_attempts: int = MAX_ATTEMPTS,
 ) -> Run:
     """One timed conversion of ``src`` to raw at ``dst``, repeated if other work overlapped it.
 
@@ -380,7 +390,7 @@ def run_once(
         "qemu-img": lambda: _bare(qemu_fmt, src, dst),
         "qemu-img-same": lambda: _bare(qemu_fmt, src, dst, *_toolkit_options(qemu_fmt, dst, virtual_size)),
     }
-    attempts = 1 if quick else MAX_ATTEMPTS
+    attempts = 1 if quick else max(1, max_attempts)
     for attempt in range(1, attempts + 1):
         dst.unlink(missing_ok=True)
         dropped = drop_caches()
@@ -408,6 +418,7 @@ def measure(
     *,
     quick: bool,
     idle_timeout: float = IDLE_TIMEOUT,
+    max_attempts: int = MAX_ATTEMPTS,
 ) -> Measurement:
     """All timed runs for one input; run ``i`` rotates the variants' order so each goes first in turn."""
     m = Measurement(name, allocated(src), data_bytes)
@@ -425,7 +436,17 @@ def measure(
         shift = i % len(VARIANTS)
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             m.runs.append(
-                run_once(variant, name, src, dst, cfg, workdir, quick=quick, idle_timeout=idle_timeout)
+                run_once(
+                    variant,
+                    name,
+                    src,
+                    dst,
+                    cfg,
+                    workdir,
+                    quick=quick,
+                    idle_timeout=idle_timeout,
+                    max_attempts=max_attempts,
+                )
             )
     return m
 
@@ -445,6 +466,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="256 MiB disk and 1 run: a smoke test")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache and scratch directory")
     p.add_argument("--strict", action="store_true", help=f"exit 1 if any ratio exceeds {GOAL}")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=MAX_ATTEMPTS,
+        help=f"tries of a run that overlapped other work (default {MAX_ATTEMPTS})",
+    )
     p.add_argument(
         "--idle-timeout",
         type=float,
@@ -486,14 +513,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, src in inputs.items():
         results.append(
             measure(
-                name, src, data_bytes, args.runs, out, cfg, quick=args.quick, idle_timeout=args.idle_timeout
+                name,
+                src,
+                data_bytes,
+                args.runs,
+                out,
+                cfg,
+                quick=args.quick,
+                idle_timeout=args.idle_timeout,
+                max_attempts=args.attempts,
             )
         )
 
     log("")
     log(
         f"{'input':<12} {'file':>8} {'appliance':>9} {'qemu-img':>9} {'ratio':>6} {'same opt':>8} "
-        f"{'overhead':>8} {'app MB/s':>8} {'bare MB/s':>9}  goal: ratio <= {GOAL}"
+        f"{'overhead':>8} {'best':>6} {'app MB/s':>8} {'bare MB/s':>9}  goal: ratio <= {GOAL}"
     )
     for m in results:
         app, bare, same = m.median("appliance"), m.median("qemu-img"), m.median("qemu-img-same")
@@ -503,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict += f" ({disturbed} of {len(m.runs)} runs overlapped other work)"
         log(
             f"{m.input:<12} {m.input_bytes / GiB:>6.2f}Gi {app:>8.2f}s {bare:>8.2f}s {m.ratio:>6.3f} "
-            f"{same:>7.2f}s {m.overhead:>8.3f} {m.data_bytes / app / 1e6:>8.0f} "
+            f"{same:>7.2f}s {m.overhead:>8.3f} {m.best_ratio:>6.3f} {m.data_bytes / app / 1e6:>8.0f} "
             f"{m.data_bytes / bare / 1e6:>9.0f}  {verdict}"
         )
     worst = max(results, key=lambda m: m.ratio)
@@ -526,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 **asdict(m),
                 **{f"median_{v}": m.median(v) for v in VARIANTS},
                 "ratio": m.ratio,
+                "best_ratio": m.best_ratio,
                 "overhead": m.overhead,
             }
             for m in results

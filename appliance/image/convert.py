@@ -4,7 +4,9 @@ The sequence mirrors Nova's ``fetch_to_raw`` and Glance's ``image_conversion`` p
 with the holes those leave closed:
 
 1. The source is fully inspected and must be safe; a rejected source never creates anything at
-   ``dst``.
+   ``dst``. Its last stage, ``qemu-img check``, runs beside the conversion for a file output (which
+   stays a partial until the check has passed, and is stopped as soon as it fails) and before it for
+   a block device.
 2. ``qemu-img convert`` always gets ``-f`` (never probes), runs confined like every parser of
    untrusted bytes (:mod:`appliance.confine`: CPU and address-space limits scaled to the virtual
    size, no network, no inherited descriptors, a parent-death signal) on a link of the source inside
@@ -30,9 +32,10 @@ How qemu-img writes the output (its ``-t`` cache mode) follows one rule, :func:`
 * a **file** that the page cache can absorb (its virtual size, an upper bound of what qemu-img writes,
   is at most :data:`PAGE_CACHE_SHARE` of the memory available) is written through the page cache
   (qemu-img's default, ``cache=unsafe``) and flushed once, with ``fdatasync``, before the output check
-  and the rename. Measured on the 4 GiB benchmark disk (qcow2 → raw, page cache dropped, flush
-  included), this is what bare ``qemu-img convert`` does and is faster than O_DIRECT (1.78 s against
-  2.09 s with ``-t none``): qemu-img issues its writes asynchronously into the cache and the flush
+  and the rename. This is what bare ``qemu-img convert`` does, and on the 4 GiB benchmark disk
+  (qcow2 → raw, page cache dropped, flush included) it is faster than O_DIRECT: 1.78 s against
+  2.09 s with ``-t none`` (issue 9), medians 3.26 s against 3.73 s on a loaded machine
+  (bench/README.md). qemu-img issues its writes asynchronously into the cache and the flush
   writes them out in large sorted batches, and the next reader of the file (the output check, an
   upload, the guest probe) finds it cached;
 * a **larger file** is written with O_DIRECT where qemu-img writes big blocks (:data:`DIRECT_IO_FORMATS`,
@@ -73,7 +76,7 @@ from ..progress import Progress, ProgressTracker
 from ..scratch import NO_SPACE_MESSAGES, is_no_space, no_space_error
 from . import qemuimg
 from .formats import VHD_COOKIE, check_output_format, to_qemu
-from .inspect import InspectionResult, inspect_image, require_safe, verify_output
+from .inspect import InspectionResult, check_image, inspect_image, require_safe, verify_output
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,14 @@ def convert_image(
     _raise_if_cancelled(cancel)
 
     source = inspect_image(
-        src, claimed, config=config, workdir=workdir, reserve=reserve, cancel=cancel, ledger=ledger
+        src,
+        claimed,
+        config=config,
+        workdir=workdir,
+        reserve=reserve,
+        cancel=cancel,
+        ledger=ledger,
+        run_check=False,  # qemu-img check runs beside the conversion (_Job.run)
     )
     # A compressed source was decompressed into workdir; that copy is ours to remove.
     intermediate = source.path if source.path != src else None
@@ -258,31 +268,91 @@ class _Job:
         )
         if direct and not block_device and not _supports_direct_io(out_path):
             direct = False  # e.g. tmpfs before Linux 6.6: qemu-img could not open its output
-        with qemuimg.isolated(self.source.path, parent=self.workdir) as linked:
-            argv = build_command(
-                linked,
-                src_format,
-                out_path,
-                self.fmt,
-                self.subformat,
-                block_device=block_device,
-                direct_io=direct,
-                qemu_img=self.qemu_img,
-            )
-            policy = confine.qemu_img_convert(self.config.limits, self.virtual_size)
-            _run_convert(
-                argv,
-                policy,
-                linked.parent,
-                self.tracker,
-                self.virtual_size,
-                self.cancel,
-                out_path,
-                self.no_space,
-            )
+        source_check = _SourceCheck(self.source, self.config, self.workdir, self.cancel)
+        if block_device:
+            # nothing is written onto a device before the source has passed every check
+            source_check.run()
+            source_check.raise_if_rejected()
+        else:
+            # a file output stays a partial until the check has passed: run it beside the conversion
+            source_check.start()
+        try:
+            with qemuimg.isolated(self.source.path, parent=self.workdir) as linked:
+                argv = build_command(
+                    linked,
+                    src_format,
+                    out_path,
+                    self.fmt,
+                    self.subformat,
+                    block_device=block_device,
+                    direct_io=direct,
+                    qemu_img=self.qemu_img,
+                )
+                policy = confine.qemu_img_convert(self.config.limits, self.virtual_size)
+                _run_convert(
+                    argv,
+                    policy,
+                    linked.parent,
+                    self.tracker,
+                    self.virtual_size,
+                    _AnySet(self.cancel, source_check.rejected),
+                    out_path,
+                    self.no_space,
+                )
+        except BaseException:
+            source_check.join()
+            source_check.raise_if_rejected()  # a rejected source explains the failure (or the stop)
+            raise
+        source_check.join()
+        source_check.raise_if_rejected()
         _flush(out_path, self.no_space)
         _raise_if_cancelled(self.cancel)
         return argv, _verify(out_path, self.fmt, self.config, block_device=block_device)
+
+
+class _AnySet:
+    """Set when any of the events is: stops qemu-img on a cancel or a rejected source alike."""
+
+    def __init__(self, *events: threading.Event | None) -> None:
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+class _SourceCheck:
+    """``qemu-img check`` of the inspected source (:func:`appliance.image.inspect.check_image`), run in
+    this thread or beside the conversion; ``rejected`` is set as soon as it finds the source unsafe."""
+
+    def __init__(
+        self, source: InspectionResult, config: Config, workdir: Path, cancel: threading.Event | None
+    ) -> None:
+        self.source, self.config, self.workdir, self.cancel = source, config, workdir, cancel
+        self.rejected = threading.Event()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        try:
+            check_image(self.source, config=self.config, workdir=self.workdir, cancel=self.cancel)
+        except BaseException as exc:  # Cancelled, or a qemu-img that cannot start: the caller's to raise
+            self.error = exc
+        if self.error is not None or not self.source.safe:
+            self.rejected.set()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="qemu-img-check", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def raise_if_rejected(self) -> None:
+        if self.error is not None:
+            raise self.error
+        require_safe(self.source)
 
 
 def build_command(
@@ -429,7 +499,7 @@ def _run_convert(
     cwd: Path,
     tracker: ProgressTracker,
     virtual_size: int,
-    cancel: threading.Event | None,
+    cancel: threading.Event | _AnySet | None,
     out_path: Path,
     no_space: Callable[[Path, str], ImagingError] = no_space_error,
 ) -> None:
@@ -474,7 +544,7 @@ def _run_convert(
         log.warning("qemu-img convert: %s", bytes(stderr).decode("utf-8", "replace").strip())
 
 
-def _wait(proc: subprocess.Popen[bytes], cancel: threading.Event | None, poll: float = 0.1) -> int:
+def _wait(proc: subprocess.Popen[bytes], cancel: threading.Event | _AnySet | None, poll: float = 0.1) -> int:
     """Wait for ``proc`` to exit, checking ``cancel`` every ``poll`` seconds; raise Cancelled when set.
 
     Waits on a pidfd where the kernel has them: ``Popen.wait(timeout)`` sleeps in steps of up to

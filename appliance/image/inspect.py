@@ -172,8 +172,13 @@ def inspect_image(
     cancel: threading.Event | None = None,
     ledger: Ledger | None = None,
     decompress_to: Path | None = None,
+    run_check: bool = True,
 ) -> InspectionResult:
     """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
+
+    ``run_check=False`` stops before ``qemu-img check``: the caller runs :func:`check_image` on the
+    result and must apply its findings before it trusts the image or anything made from it (a
+    conversion runs it alongside qemu-img convert and publishes nothing unless it passes).
 
     A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
     ``config.limits.max_decompressed_size``; ``reserve`` reserves scratch for it as it grows, see
@@ -197,7 +202,7 @@ def inspect_image(
         result.add(_compression_mismatch(claimed or "", claimed_fmt, compression))
         return _finish(result)
     if compression is None:
-        _inspect_file(result, claimed_fmt, config=config, workdir=workdir, cancel=cancel)
+        _inspect_file(result, claimed_fmt, config=config, workdir=workdir, cancel=cancel, run_check=run_check)
         return _finish(result)
 
     if workdir is None or not Path(workdir).is_dir():
@@ -222,7 +227,9 @@ def inspect_image(
         return _finish(result)
     result.path = target
     try:
-        _inspect_file(result, claimed_fmt, config=config, workdir=Path(workdir), cancel=cancel)
+        _inspect_file(
+            result, claimed_fmt, config=config, workdir=Path(workdir), cancel=cancel, run_check=run_check
+        )
     except BaseException:
         target.unlink(missing_ok=True)
         raise
@@ -408,8 +415,10 @@ def _inspect_file(
     workdir: Path | None,
     cancel: threading.Event | None,
     output: bool = False,
+    run_check: bool = True,
 ) -> None:
-    """Stages 2-4 on ``result.path``; stops after the first stage that records an error."""
+    """Stages 2-5 on ``result.path`` (without ``qemu-img check`` unless ``run_check``); stops after the
+    first stage that records an error."""
     path = result.path
     _check_cancel(cancel)
     _content_stage(result, claimed, _View.of_file(path, cancel), config=config, output=output)
@@ -424,11 +433,23 @@ def _inspect_file(
     for finding in assess_info(info, result.qemu_format, config):
         result.add(finding)
     _record_info_details(result, info)
-    if not result.safe:
+    if not result.safe or not run_check:
+        return
+    check_image(result, config=config, workdir=workdir, cancel=cancel)
+
+
+def check_image(
+    result: InspectionResult, *, config: Config, workdir: Path | None, cancel: threading.Event | None
+) -> None:
+    """The last stage: ``qemu-img check`` of an image that passed the others (where its format has a
+    checker); its findings are added to ``result``."""
+    if not result.safe or result.qemu_format is None:
         return
     _check_cancel(cancel)
     try:
-        for finding in qemuimg.check(path, result.qemu_format, config.limits, workdir=workdir, cancel=cancel):
+        for finding in qemuimg.check(
+            result.path, result.qemu_format, config.limits, workdir=workdir, cancel=cancel
+        ):
             result.add(finding)
     except ImageRejected as exc:
         result.findings.extend(exc.findings)

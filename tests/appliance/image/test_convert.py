@@ -216,10 +216,12 @@ def test_raw_output_is_checked_by_its_content_without_running_qemu_img_on_it(
 ) -> None:
     # qemu-img info -f raw of an output that qemu-img wrote as raw can only echo its size: the check
     # that matters is the content (no format hidden inside), done without qemu-img; the source is
-    # still read by info and check before the conversion
+    # still read by info and check
     src, claim, _ = inputs["qcow2"]
     result = convert_image(src, outdir / "out.raw", "raw", claim, config=cfg, workdir=workdir)
-    assert qemu_calls() == ["info", "check", "convert"]
+    calls = qemu_calls()
+    # info first; then check and convert side by side (either may start first)
+    assert calls[0] == "info" and sorted(calls[1:]) == ["check", "convert"]
     assert result.output.format == "raw" and result.output.safe and result.output.virtual_size == SIZE
 
 
@@ -727,6 +729,22 @@ def test_raw_output_onto_a_block_device_is_identical(
     assert identical(disk, "raw", loop_device, "raw")  # also proves the garbage was zeroed
     assert entries(workdir) == []
     assert loop_device.is_block_device()  # written in place, not replaced by a file
+
+
+def test_a_source_that_qemu_img_check_rejects_never_touches_a_block_device(
+    loop_device: Path, tmp_path: Path, cfg: Config, workdir: Path
+) -> None:
+    # a file output is converted while qemu-img check runs (it stays a partial until the check has
+    # passed); a device is written in place, so its check runs first
+    images = tmp_path / "images"
+    images.mkdir()
+    src = factory.qcow2_corrupt_l1(images)
+    before = loop_device.read_bytes()
+    with pytest.raises(ImageRejected) as exc:
+        convert_image(src, loop_device, "raw", "qcow2", config=cfg, workdir=workdir)
+    assert exc.value.code == "CorruptImage"
+    assert loop_device.read_bytes() == before
+    assert entries(workdir) == []
 
 
 def test_block_device_output_refuses_container_formats(
