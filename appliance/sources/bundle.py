@@ -333,13 +333,17 @@ def unbundle_to_file(
     max_bytes: int | None = None,
     ledger: Ledger | None = None,
     on_progress: Callable[[int], None] | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> UnbundleResult:
     """Unbundle the bundle at ``location`` into ``dst`` (published only when every check passed).
+    ``reserve(image_size)`` is called once the (verified) manifest says how large the image is.
 
     Raises :class:`BundleInvalid`, :class:`SourceUnavailable`, ``ImageRejected`` (size limit)."""
     manifest = parse_bundle_manifest(location.read_manifest())
     if user_keys:
         verify_signature(manifest, user_keys)
+    if (max_bytes is None or manifest.size <= max_bytes) and reserve is not None:
+        reserve(manifest.size)
     with partial_file(dst, ledger) as tmp:
         with open(tmp, "wb") as out:
             written, sha256, digest = unbundle_stream(

@@ -45,6 +45,7 @@ from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.encryption import requested
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
+from .bundles import bundle_manifest_url, unbundle_source
 
 GiB = 1 << 30
 _VOLUME_RECORD = "volume.json"
@@ -400,6 +401,9 @@ class SourceFetchStep(Step):
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
         dst = ctx.workdir / "source.img"
         dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
+        bundle = bundle_manifest_url(source)
+        if bundle is not None:  # an EC2 image bundle: unbundled instead of downloaded (steps/bundles.py)
+            return unbundle_source(ctx, bundle, dst)
         # Reserved as it is known: the object's size from the first answer, or as the bytes of a
         # source without a length arrive. Kept, at the downloaded size, while the file exists.
         allowance = Allowance(ctx.scratch, f"downloading {parse_source(source)}")
