@@ -136,16 +136,7 @@ class BundleLocation:
         return urllib.parse.urlunsplit(split._replace(path=path, query="", fragment=""))
 
     def read_part(self, part: BundlePart, stop: threading.Event) -> bytes:
-        data = self._read(self.part(part.filename), MAX_PART_BYTES, stop)
-        if len(data) > MAX_PART_BYTES:
-            raise BundleInvalid("Size", f"bundle part {part.index} is larger than {MAX_PART_BYTES} bytes")
-        if hashlib.sha1(data).hexdigest() != part.sha1:
-            raise BundleInvalid(
-                "PartDigest",
-                f"bundle part {part.index} ({part.filename}) does not match its SHA1 digest in the manifest: "
-                "it is corrupt or was replaced",
-            )
-        return data
+        return check_part(part, self._read(self.part(part.filename), MAX_PART_BYTES, stop))
 
 
 def _bounded(chunks: Iterator[bytes], limit: int) -> bytes:
@@ -264,6 +255,85 @@ def _untar(
     return written, sha256.hexdigest()
 
 
+def check_part(part: BundlePart, data: bytes) -> bytes:
+    """``data`` when it is the part the manifest digests; ``BundleInvalid.PartDigest`` otherwise."""
+    if len(data) > MAX_PART_BYTES:
+        raise BundleInvalid("Size", f"bundle part {part.index} is larger than {MAX_PART_BYTES} bytes")
+    if hashlib.sha1(data).hexdigest() != part.sha1:
+        raise BundleInvalid(
+            "PartDigest",
+            f"bundle part {part.index} does not match its SHA1 digest in the manifest: it is corrupt or was "
+            "replaced",
+        )
+    return data
+
+
+def size_limit(size: int, max_bytes: int | None) -> None:
+    """``SizeLimitExceeded.Download`` when the image is larger than ``max_bytes``."""
+    if max_bytes is not None and size > max_bytes:
+        raise ImageRejected(
+            [
+                Finding.error(
+                    "SizeLimitExceeded.Download",
+                    f"the bundle's image is {size} bytes, over the limit of {max_bytes} bytes",
+                )
+            ]
+        )
+
+
+def decrypt_parts(
+    parts: Sequence[BundlePart],
+    read_part: Callable[[BundlePart, threading.Event], bytes],
+    key: bytes,
+    iv: bytes,
+    out: Any,
+    *,
+    size: int,
+    bundled_size: int,
+    digest: str | None,
+    parallel: int = 4,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[int, str, str]:
+    """Fetch ``parts`` (``read_part(part, stop)`` returns its checked bytes) ``parallel`` at a time, and
+    write the image they hold to ``out`` (``write(bytes)``); (bytes, SHA-256, tar SHA-1). ``digest`` is
+    the tar stream's expected SHA-1 (None: not checked, as for Eucalyptus download manifests)."""
+    stop = LinkedEvent(cancel)
+    fetched = ordered_fetch(
+        parts,
+        lambda part: read_part(part, stop),
+        parallel=max(1, parallel),
+        cancel=cancel,
+        stop=stop,
+        name="bundle-part",
+    )
+    total = 0
+
+    def ciphertexts() -> Generator[bytes, None, None]:
+        nonlocal total
+        for _part, data in fetched:
+            total += len(data)
+            if total > bundled_size:
+                raise BundleInvalid("Size", "the bundle's parts hold more bytes than its manifest says")
+            yield data
+        if total != bundled_size:
+            raise BundleInvalid(
+                "Size", f"the bundle's parts hold {total} bytes, the manifest says {bundled_size}"
+            )
+
+    tapped = _Tapped(_gunzipped(_decrypted(ciphertexts(), key, iv)), size + TAR_OVERHEAD)
+    try:
+        written, sha256 = _untar(tapped, size, out, on_progress)
+    finally:
+        fetched.close()
+    found = tapped.sha1.hexdigest()
+    if digest is not None and found != digest:
+        raise BundleInvalid(
+            "Digest", "the unbundled tar stream does not match the manifest's image/digest (SHA1)"
+        )
+    return written, sha256, found
+
+
 def unbundle_stream(
     location: BundleLocation,
     manifest: BundleManifest,
@@ -275,52 +345,22 @@ def unbundle_stream(
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[int, str, str]:
     """Write the image of ``manifest`` to the binary file ``out``; (bytes, SHA-256, tar SHA-1)."""
-    if max_bytes is not None and manifest.size > max_bytes:
-        raise ImageRejected(
-            [
-                Finding.error(
-                    "SizeLimitExceeded.Download",
-                    f"the bundle's image is {manifest.size} bytes, over the limit of {max_bytes} bytes",
-                )
-            ]
-        )
+    size_limit(manifest.size, max_bytes)
     key = unwrap(manifest.ec2_encrypted_key, cloud_key, "AES key")
     iv = unwrap(manifest.ec2_encrypted_iv, cloud_key, "IV")
-    stop = LinkedEvent(location.cancel)
-    fetched = ordered_fetch(
+    return decrypt_parts(
         manifest.parts,
-        lambda part: location.read_part(part, stop),
-        parallel=max(1, parallel),
+        location.read_part,
+        key,
+        iv,
+        out,
+        size=manifest.size,
+        bundled_size=manifest.bundled_size,
+        digest=manifest.digest,
+        parallel=parallel,
         cancel=location.cancel,
-        stop=stop,
-        name="bundle-part",
+        on_progress=on_progress,
     )
-    total = 0
-
-    def ciphertexts() -> Generator[bytes, None, None]:
-        nonlocal total
-        for _part, data in fetched:
-            total += len(data)
-            if total > manifest.bundled_size:
-                raise BundleInvalid("Size", "the bundle's parts hold more bytes than image/bundled_size")
-            yield data
-        if total != manifest.bundled_size:
-            raise BundleInvalid(
-                "Size",
-                f"the bundle's parts hold {total} bytes, image/bundled_size says {manifest.bundled_size}",
-            )
-
-    tapped = _Tapped(_gunzipped(_decrypted(ciphertexts(), key, iv)), manifest.size + TAR_OVERHEAD)
-    try:
-        written, sha256 = _untar(tapped, manifest.size, out, on_progress)
-    finally:
-        fetched.close()
-    digest = tapped.sha1.hexdigest()
-    if digest != manifest.digest:
-        raise BundleInvalid(
-            "Digest", "the unbundled tar stream does not match the manifest's image/digest (SHA1)"
-        )
-    return written, sha256, digest
 
 
 def unbundle_to_file(
