@@ -336,7 +336,11 @@ def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None
     assert ARTIFACT_SECRET not in str(redact.redact(sec, redact.secret_values(sec)))
 
 
-BUNDLE_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----\n"
+BUNDLE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n"
+    "-----END PRIVATE KEY-----\n"
+)
 
 
 def test_bundle_cloud_key_renders_to_the_service_config_and_is_redacted(tmp_path: Path) -> None:
