@@ -17,7 +17,7 @@ from appliance.errors import BundleInvalid
 from appliance.sources.bundle import BundleLocation, unbundle_to_file
 from appliance.sources.bundle_manifest import load_private_key, load_public_keys
 from appliance.sources.urlfilter import UrlPolicy
-from tests.bundlefactory import Bundle, KeyPair, make_bundle, make_keypair, unbundle_with_openssl
+from tests.bundlefactory import Bundle, KeyPair, default_tar, make_bundle, make_keypair, unbundle_with_openssl
 from tests.servers import MotoServer
 
 PART = 64 * 1024
@@ -193,3 +193,44 @@ def test_tar_stream_not_matching_image_digest_is_refused(tmp_path: Path, keys: d
     wrong = "0" * 40
     bundle.manifest.write_text(text[:start] + wrong + text[start + 40 :])
     _fails(tmp_path, "BundleInvalid.Digest", _file(bundle), keys)
+
+
+def test_an_exact_multiple_of_the_part_size_ends_with_an_empty_part_and_parts_go_by_index(
+    tmp_path: Path, keys: dict[str, KeyPair]
+) -> None:
+    # 16-byte parts: the ciphertext is always a multiple (the writer adds an empty last part), and there
+    # are hundreds of parts (names .part.100 and on sort before .part.11 by name)
+    image = os.urandom(4096)
+    bundle = make_bundle(tmp_path / "b", image, keys["cloud"], keys["user"], part_size=16)
+    assert len(bundle.parts) > 100 and bundle.parts[-1].stat().st_size == 0
+    _unbundle(_file(bundle), keys, tmp_path / "disk.raw", user=True)
+    assert (tmp_path / "disk.raw").read_bytes() == image
+
+
+def test_a_gzip_bomb_member_larger_than_image_size_stops_at_its_header(
+    tmp_path: Path, keys: dict[str, KeyPair]
+) -> None:
+    bomb = 64 << 20  # 64 MiB of zeros: about 64 KiB compressed
+    bundle = make_bundle(
+        tmp_path / "b",
+        IMAGE,
+        keys["cloud"],
+        keys["user"],
+        part_size=1 << 20,
+        tar_bytes=lambda prefix, _image: _tar_with([_member(prefix, bomb)], b"\0" * bomb),
+    )
+    _fails(tmp_path, "BundleInvalid.Size", _file(bundle), keys, user=True)
+
+
+def test_zeros_after_the_tar_end_beyond_the_overhead_limit_are_refused(
+    tmp_path: Path, keys: dict[str, KeyPair]
+) -> None:
+    bundle = make_bundle(
+        tmp_path / "b",
+        IMAGE,
+        keys["cloud"],
+        keys["user"],
+        part_size=1 << 20,
+        tar_bytes=lambda prefix, image: default_tar(prefix, image) + b"\0" * (8 << 20),
+    )
+    _fails(tmp_path, "BundleInvalid.Size", _file(bundle), keys, user=True)
