@@ -22,7 +22,8 @@ from tests.euca_controller import EucaCloud, PartServer, make_cloud_key, openssl
 pytestmark = pytest.mark.slow
 wait_until = functools.partial(processes.wait_until, timeout=90.0)
 PART = 1 << 20
-IMAGE = os.urandom(3 * PART + 4096)
+#: compressible, so the ciphertext (image/size of the download manifest) is smaller than the image
+IMAGE = os.urandom(3 * PART + 4096) + bytes(2 * PART)
 
 
 def bundle_download_manifest(
@@ -88,6 +89,7 @@ def test_a_bundle_download_manifest_is_unbundled_onto_the_volume(setup) -> None:
     wait_until(lambda: cloud.final("import-vol-bbbb0001", "vol-0b0b0b01") is not None, what="DONE")
     done = cloud.final("import-vol-bbbb0001", "vol-0b0b0b01")
     assert done is not None and done["Status"] == "DONE", done
+    assert int(done["BytesConverted"]) == len(IMAGE)
     [volume] = list((tmp_path / "state" / "volumes").glob("vol-*"))
     assert volume.read_bytes()[: len(IMAGE)] == IMAGE
     logged = (tmp_path / "worker.log").read_text()
