@@ -30,12 +30,19 @@ from typing import Any
 import falcon
 
 from appliance.config import ADMIN, ApiConfig, Config
-from appliance.errors import ImagingError, IncorrectState, TaskNotFound, UsageError
+from appliance.errors import (
+    BundleInvalid,
+    ImageRejected,
+    ImagingError,
+    IncorrectState,
+    TaskNotFound,
+    UsageError,
+)
 from appliance.redact import redact_text
 from appliance.service.imports import Caller, ImportService
 from appliance.store import Store, StoreError
 
-from . import admin
+from . import admin, bundles
 from .ec2 import resource as ec2_resource
 
 log = logging.getLogger(__name__)
@@ -54,17 +61,23 @@ _STATUS_BY_CODE = {
     "IncorrectState": falcon.HTTP_409,
     "StateStoreError": falcon.HTTP_503,
     "StateStoreUnavailable": falcon.HTTP_503,
+    "InvalidConfiguration": falcon.HTTP_503,
+    "SourceUnavailable": falcon.HTTP_502,
+    "UrlNotAllowed": falcon.HTTP_400,
 }
 _STATUS_BY_CLASS = (
     (TaskNotFound, falcon.HTTP_404),
     (UsageError, falcon.HTTP_400),
     (IncorrectState, falcon.HTTP_409),
     (StoreError, falcon.HTTP_503),
+    (BundleInvalid, falcon.HTTP_422),
+    (ImageRejected, falcon.HTTP_422),
 )
 #: error codes for Falcon's own HTTP errors (unknown route, wrong method, bad query parameter)
 _CODE_BY_STATUS = {
     400: "InvalidParameterValue",
     401: "AuthFailure",
+    403: "AccessDenied",
     404: "NotFound",
     405: "MethodNotAllowed",
     500: "InternalError",
@@ -373,6 +386,7 @@ def create_app(
     app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2_resource.ACTIONS)))
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
+    app.add_route("/v1/bundles/decrypted-image", bundles.DecryptedImageResource(config))
     app.add_route("/v1/openapi.json", admin.OpenApiResource())
     app.add_route("/metrics", admin.MetricsResource(stores))
     return app

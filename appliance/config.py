@@ -209,6 +209,15 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class BundlesConfig:
+    """EC2 image bundles (see :mod:`appliance.sources.bundle`): the cloud's private key, a secret."""
+
+    cloud_private_key: str | None = field(default=None, repr=False)
+    cloud_private_key_file: Path | None = None
+    parallel_parts: int = 4
+
+
+@dataclass(frozen=True)
 class ArtifactsConfig:
     """The artifact store and the resource cache (see :mod:`appliance.artifacts`)."""
 
@@ -305,6 +314,7 @@ class Config:
         default_factory=lambda: ControllerConfig(None, None, None, "off", 30.0, 5.0, 10.0, 60.0)
     )
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    bundles: BundlesConfig = field(default_factory=BundlesConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     #: the task database (None: SQLite at ``<state_dir>/imaging.db``)
     store_config: StoreConfig | None = None
@@ -448,6 +458,15 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         ),
         controller=_controller(merged["controller"]),
         artifacts=_artifacts(merged["artifacts"], state_dir, path),
+        bundles=BundlesConfig(
+            cloud_private_key=merged["bundles"].get("cloud_private_key"),
+            cloud_private_key_file=(
+                path(merged["bundles"]["cloud_private_key_file"])
+                if merged["bundles"].get("cloud_private_key_file")
+                else None
+            ),
+            parallel_parts=merged["bundles"]["parallel_parts"],
+        ),
         hooks=hooks_from_dict(
             merged["hooks"].get("points") or {},
             plugins_dir=path(merged["hooks"]["plugins_dir"]) if merged["hooks"].get("plugins_dir") else None,

@@ -213,3 +213,16 @@ REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitEx
 def is_rejection(code: str | None) -> bool:
     """Whether ``code`` says the input image was rejected by inspection."""
     return code is not None and any(code == p or code.startswith(p + ".") for p in REJECTION_CODES)
+
+
+class BundleInvalid(ImagingError):
+    """An EC2 image bundle (``ec2-bundle-image``: manifest + encrypted parts) cannot be unbundled safely:
+    ``BundleInvalid.Manifest`` (malformed or hostile manifest), ``.Signature`` (does not verify against
+    the user certificate), ``.Key`` (the cloud key does not decrypt the AES key/IV), ``.PartDigest``,
+    ``.PartOutsideBucket``, ``.Decrypt`` (AES/gzip stream broken), ``.Tar`` (not exactly one safe regular
+    member), ``.Digest`` (image SHA-1 differs), ``.Size``. Nothing is written when it is raised."""
+
+    code = "BundleInvalid"
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message, f"BundleInvalid.{kind}")

@@ -356,6 +356,8 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
         out["worker"] = worker
     if "sources" in section:
         out["sources"] = dict(section["sources"])
+    if "bundles" in section:
+        out["bundles"] = dict(section["bundles"])
     if "targets" in section:
         out["targets"] = {k: dict(v) for k, v in section["targets"].items()}
     if "hooks" in section:

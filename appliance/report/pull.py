@@ -321,7 +321,8 @@ class PullReporter(threading.Thread):
         # Verified before anything in it is believed (or any part fetched); the task verifies it again.
         # Its file-format is RAW for every import (the cloud's ImportImageManifest): the task's format counts.
         manifest = self._manifest(url)
-        size = manifest.size
+        # a BUNDLE: image/size is the ciphertext's; the volume holds the unbundled image
+        size = manifest.bundle.unbundled_size if manifest.bundle is not None else manifest.size
         volume_size = remote.volume_size or max(1, -(-size // GiB))
         image = DiskImage(remote.format, size, url, volume_size)
         return self.service.import_volume(

@@ -19,8 +19,10 @@ the signed bytes (the document must be ``<manifest>`` + signed bytes + the signa
 else, no DTD, UTF-8), what is used is what the cloud signed. A missing, malformed or wrong signature is
 :class:`CertificateFailure` (Eucalyptus' code).
 
-``BUNDLE`` manifests (instance-store bundles: encrypted key and IV, SHA1 part digests) are refused with
-:class:`BundleManifestUnsupported` for now. :func:`build_download_manifest` writes a manifest the way the
+``BUNDLE`` manifests (instance-store bundles, ``ec2-bundles.md`` §9) carry ``<bundle>`` (the AES key and
+IV re-encrypted for this worker's certificate, and the unbundled size) and SHA1 part digests; they are
+parsed into :attr:`DownloadManifest.bundle` and unbundled by :mod:`appliance.steps.bundles`.
+:func:`build_download_manifest` writes a manifest the way the
 cloud does, for the reference controller.
 """
 
@@ -53,6 +55,8 @@ FILE_FORMATS = ("RAW", "VMDK", "VHD")
 MARKER = "imaging"
 GiB = 1 << 30
 _INT = re.compile(r"^[0-9]{1,19}$")
+_HEX = re.compile(r"^[0-9a-fA-F]{2,8192}$")
+_SHA1 = re.compile(r"^[0-9a-fA-F]{40}$")
 _HEAD = re.compile(rb"^(?:\xef\xbb\xbf)?(?:<\?xml\s(?P<decl>[^?>]{0,200})\?>)?\s{0,64}<manifest>")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 _CONTENT_RANGE = re.compile(r"^bytes 0-0/([0-9]{1,19})$")
@@ -67,7 +71,7 @@ class CertificateFailure(ImagingError):
 
 
 class BundleManifestUnsupported(ImagingError):
-    """A ``BUNDLE`` download manifest (an instance-store bundle): not handled by this appliance yet."""
+    """A ``BUNDLE`` download manifest that cannot be handled here (kept for the wire table)."""
 
     code = "ManifestUnsupported.Bundle"
 
@@ -81,16 +85,29 @@ class DownloadPart:
 
 
 @dataclass(frozen=True)
+class DownloadBundle:
+    """The ``<bundle>`` element of a BUNDLE download manifest."""
+
+    #: hex RSA ciphertexts of the 32 hex characters of the AES key / IV, for this worker's certificate
+    encrypted_key: str
+    encrypted_iv: str
+    #: bytes of the image once unbundled
+    unbundled_size: int
+
+
+@dataclass(frozen=True)
 class DownloadManifest:
     """A verified download manifest."""
 
     version: str
-    #: RAW, VMDK or VHD
+    #: RAW, VMDK, VHD or BUNDLE
     file_format: str
-    #: ``image/size``: the bytes of the uploaded file
+    #: ``image/size``: the bytes of the uploaded file (of the ciphertext, for a BUNDLE)
     size: int
     #: in index order
     parts: list[DownloadPart]
+    #: BUNDLE only
+    bundle: DownloadBundle | None = None
 
 
 # --------------------------------------------------------------------------------------------- the marker
@@ -225,12 +242,12 @@ def verify_and_parse(data: bytes, keys: Sequence[rsa.RSAPublicKey]) -> DownloadM
     if version != VERSION:
         raise ManifestInvalid(f"download manifest version {version!r} is not {VERSION}")
     file_format = (root[1].text or "").strip().upper()
+    bundle = None
     if file_format == "BUNDLE" or names[2] == "bundle":
-        raise BundleManifestUnsupported(
-            "the task's download manifest is an instance-store BUNDLE; this appliance imports RAW, VMDK and "
-            "VHD download manifests only (bundles are not supported yet)"
-        )
-    if file_format not in FILE_FORMATS:
+        if file_format != "BUNDLE" or names[2] != "bundle":
+            raise ManifestInvalid("a BUNDLE download manifest needs both file-format BUNDLE and <bundle>")
+        bundle = _bundle(root[2])
+    elif file_format not in FILE_FORMATS:
         raise ManifestInvalid(f"download manifest file-format {file_format!r} is not one of RAW, VMDK, VHD")
     image = root[-1]
     size = _int(image.findtext("size"), "image/size")
@@ -254,7 +271,20 @@ def verify_and_parse(data: bytes, keys: Sequence[rsa.RSAPublicKey]) -> DownloadM
         )
     if not parts:
         raise ManifestInvalid("the download manifest lists no parts")
-    return DownloadManifest(version, file_format, size, [parts[i] for i in range(len(parts))])
+    if bundle is not None and any(
+        p.digest_algorithm is None or p.digest_algorithm.upper() != "SHA1" or not _SHA1.match(p.digest or "")
+        for p in parts.values()
+    ):
+        raise ManifestInvalid("every part of a BUNDLE download manifest needs a SHA1 digest")
+    return DownloadManifest(version, file_format, size, [parts[i] for i in range(len(parts))], bundle)
+
+
+def _bundle(element: ET.Element) -> DownloadBundle:
+    key = (element.findtext("encrypted-key") or "").strip()
+    iv = (element.findtext("encrypted-iv") or "").strip()
+    if not _HEX.match(key) or not _HEX.match(iv):
+        raise ManifestInvalid("the BUNDLE download manifest's encrypted-key and encrypted-iv must be hex")
+    return DownloadBundle(key, iv, _int(element.findtext("unbundled-size"), "bundle/unbundled-size"))
 
 
 def _int(value: str | None, what: str) -> int:

@@ -45,6 +45,7 @@ from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.encryption import requested
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
+from .bundles import bundle_download, bundle_manifest_url, unbundle_onto_volume, unbundle_source
 
 GiB = 1 << 30
 _VOLUME_RECORD = "volume.json"
@@ -89,6 +90,10 @@ class ManifestWaitStep(Step):
         if signed:
             http = HttpClient(_policy(ctx))
             download = fetch_download_manifest(url, cloud_keys(ctx.config.controller), http, ctx.cancel)
+            if (
+                download.bundle is not None
+            ):  # an instance-store bundle: volume.import unbundles it (bundles.py)
+                return bundle_download(download)
             manifest = to_import_manifest(download, part_lengths(download, http, ctx.cancel), format)
         else:
             manifest = wait_for_manifest(
@@ -209,6 +214,9 @@ class VolumeImportStep(Step):
     def run(
         self, ctx: StepContext, manifest: dict[str, Any], format: str, volume: dict[str, Any]
     ) -> dict[str, Any]:
+        if "bundle" in manifest:  # a BUNDLE download manifest (pull mode): unbundled onto the volume
+            vol = get_volume_target(ctx.config).reopen(volume)
+            return unbundle_onto_volume(ctx, manifest, vol, bool(volume.get("zeroed")))
         m = ImportManifest.from_dict(manifest)
         fresh = dict(volume)
         vol = get_volume_target(ctx.config).reopen(volume)
@@ -401,6 +409,9 @@ class SourceFetchStep(Step):
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
         dst = ctx.workdir / "source.img"
         dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
+        bundle = bundle_manifest_url(source)
+        if bundle is not None:  # an EC2 image bundle: unbundled instead of downloaded (steps/bundles.py)
+            return unbundle_source(ctx, bundle, dst)
         # Reserved as it is known: the object's size from the first answer, or as the bytes of a
         # source without a length arrive. Kept, at the downloaded size, while the file exists.
         allowance = Allowance(ctx.scratch, f"downloading {parse_source(source)}")

@@ -81,10 +81,15 @@ def admin_task(appliance: Appliance, task_id: str) -> dict[str, Any]:
 
 @contextmanager
 def running_appliance(
-    tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer, targets: dict[str, Any] | None = None
+    tmp_path: Path,
+    moto: MotoServer,
+    parts_server: TestHTTPServer,
+    targets: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[Appliance]:
     """`imaging serve` and `imaging worker` on a fresh state directory; ``targets`` overrides the
-    configuration's targets section (default: the file targets under the state directory)."""
+    configuration's targets section (default: the file targets under the state directory); ``extra``
+    adds top-level sections (e.g. ``bundles``)."""
     port = free_port()
     state = tmp_path / "state"
     cfg = tmp_path / "imaging.yaml"
@@ -113,6 +118,7 @@ def running_appliance(
                     "tasks": {"lease_seconds": 5},
                 }
                 | ({"targets": targets} if targets else {})
+                | (extra or {})
             )
         )
     )

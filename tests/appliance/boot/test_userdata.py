@@ -334,3 +334,18 @@ def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None
     # what is reported to the controller: the key's value, and the secret wherever else it was pasted
     assert redact.redact(sec)["artifacts"]["secret_key"] == redact.REDACTED
     assert ARTIFACT_SECRET not in str(redact.redact(sec, redact.secret_values(sec)))
+
+
+BUNDLE_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n"
+    "-----END PRIVATE KEY-----\n"
+)
+
+
+def test_bundle_cloud_key_renders_to_the_service_config_and_is_redacted(tmp_path: Path) -> None:
+    sec = section(bundles={"cloud_private_key": BUNDLE_KEY, "parallel_parts": 6})
+    cfg = config_mod.from_dict(userdata.render(sec, tmp_path).config, base_dir=tmp_path)
+    assert (cfg.bundles.cloud_private_key, cfg.bundles.parallel_parts) == (BUNDLE_KEY, 6)
+    assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7" not in str(redact.redact(sec))
+    assert "MIIEvQ" not in repr(cfg.bundles)

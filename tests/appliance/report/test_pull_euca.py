@@ -52,6 +52,7 @@ def start_worker(
     targets: dict | None = None,
     extra=(),
     signature_version: str = "2",
+    config: dict | None = None,
 ) -> subprocess.Popen[bytes]:
     cfg = tmp_path / "imaging.yaml"
     cfg.write_text(
@@ -72,6 +73,7 @@ def start_worker(
                     "timeout": 5,
                     "max_backoff": 1,
                 },
+                **(config or {}),
             }
         )
     )

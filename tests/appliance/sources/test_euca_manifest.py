@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from appliance.sources.euca_manifest import (
-    BundleManifestUnsupported,
     CertificateFailure,
     load_certificates,
     strip_marker,
@@ -89,21 +88,35 @@ def test_a_rotated_certificate_bundle_verifies_with_either(cloud: tuple[Path, li
     assert verify_and_parse(doc, keys).size == 12345
 
 
-def test_a_signed_bundle_manifest_is_refused_with_its_own_code(cloud: tuple[Path, list]) -> None:
-    key, keys = cloud
+def _bundle_doc(key: Path, digest: str) -> bytes:
     signed = (
         b"<version>2014-01-14</version><file-format>BUNDLE</file-format><bundle><encrypted-key>00</encrypted-key>"
-        b"<encrypted-iv>00</encrypted-iv><unbundled-size>10</unbundled-size></bundle>"
-        b'<image><size>10</size><parts><part index="0"><get-url>http://x/</get-url></part></parts></image>'
+        b"<encrypted-iv>0a</encrypted-iv><unbundled-size>10</unbundled-size></bundle>"
+        b'<image><size>16</size><parts><part index="0"><get-url>http://imaging@x/p0</get-url>'
+        + digest.encode()
+        + b"</part></parts></image>"
     )
-    doc = (
+    return (
         b"<?xml version='1.0' encoding='UTF-8'?><manifest>"
         + signed
         + f'<signature algorithm="RSA-SHA256">{openssl_sign(key, signed)}</signature></manifest>'.encode()
     )
-    with pytest.raises(BundleManifestUnsupported) as exc:
-        verify_and_parse(doc, keys)
-    assert exc.value.code == "ManifestUnsupported.Bundle"
+
+
+def test_a_signed_bundle_manifest_is_parsed_with_its_key_iv_and_sizes(cloud: tuple[Path, list]) -> None:
+    key, keys = cloud
+    manifest = verify_and_parse(_bundle_doc(key, '<digest algorithm="SHA1">' + "ab" * 20 + "</digest>"), keys)
+    assert manifest.file_format == "BUNDLE" and manifest.size == 16
+    assert manifest.bundle is not None
+    assert (manifest.bundle.encrypted_key, manifest.bundle.encrypted_iv) == ("00", "0a")
+    assert manifest.bundle.unbundled_size == 10
+    assert manifest.parts[0].get_url == "http://x/p0" and manifest.parts[0].digest == "ab" * 20
+
+
+def test_a_bundle_manifest_part_without_a_sha1_digest_is_invalid(cloud: tuple[Path, list]) -> None:
+    key, keys = cloud
+    with pytest.raises(ManifestInvalid, match="SHA1"):
+        verify_and_parse(_bundle_doc(key, ""), keys)
 
 
 def test_signed_but_malformed_content_is_manifest_invalid(cloud: tuple[Path, list]) -> None:
