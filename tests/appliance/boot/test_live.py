@@ -313,11 +313,18 @@ def test_an_update_the_appliance_refuses_names_the_field_and_the_old_configurati
         app.close()
 
 
-def test_a_bind_change_is_a_graceful_reload_onto_the_new_address_without_failing_a_request_in_flight(
+def test_a_bind_change_announced_in_a_report_reply_is_a_graceful_reload_without_failing_a_request_in_flight(
     controller: ControllerProcess, tmp_path: Path
 ) -> None:
     app = launch(controller, tmp_path)
     try:
+        # the watcher polls at start, then not for ten minutes: only the announcement in the reply to
+        # the worker's pushed reports can make it fetch version 2 within this test
+        watcher = app.start(
+            "reconfigure", "--watch", "--interval", "600", "--json", "--api-pid-file",
+            str(tmp_path / "api.pid"), "--unit-dir", "", "--owner", "", log="reconfigure.log",
+        )  # fmt: skip
+        wait_until(lambda: app.show()["applied_version"] == 1, what="the watcher's first poll")
         region = config_mod.load(app.config).api.region
         head, body = signed_describe(app.port, OLD, region)
         in_flight = socket.create_connection(("127.0.0.1", app.port), timeout=60)
@@ -326,10 +333,8 @@ def test_a_bind_change_is_a_graceful_reload_onto_the_new_address_without_failing
         update = dict(app.section, api={**app.section["api"], "bind": f"127.0.0.1:{new_port}"})
         assert app.publish(update).returncode == 0
 
-        outcome = app.reconfigure()
-
-        assert outcome["changes"] == ["api.bind"] and outcome["effects"] == [str(live.Effect.API_RELOAD)]
         wait_until(lambda: _answers(new_port), what="the API on its new address")
+
         assert app.admin_status(OLD, port=new_port) == 200
         wait_until(lambda: not _answers(app.port), what="the old address to be closed")
         in_flight.sendall(body[10:])
@@ -337,6 +342,11 @@ def test_a_bind_change_is_a_graceful_reload_onto_the_new_address_without_failing
         in_flight.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
         assert app.show()["applied_version"] == 2
+        processes.stop_process(watcher)
+        log = (tmp_path / "reconfigure.log").read_text().splitlines()
+        lines = [json.loads(line) for line in log if line.startswith("{")]  # warnings share the log
+        outcome = [o for o in lines if o["version"] == 2][-1]
+        assert outcome["changes"] == ["api.bind"] and outcome["effects"] == [str(live.Effect.API_RELOAD)]
     finally:
         app.close()
 
