@@ -98,6 +98,12 @@ CHANGES: tuple[Change, ...] = (
         "new claims; running tasks are not stopped when it shrinks",
     ),
     Change(
+        "limits.max_active_tasks",
+        ("tasks", "max_active"),
+        (A,),
+        "the API refuses imports beyond it; tasks already accepted run",
+    ),
+    Change(
         "limits.task_*",
         ("worker", "task_*"),
         (R,),

@@ -334,3 +334,11 @@ def test_artifact_store_secret_is_never_echoed_in_errors(tmp_path: Path) -> None
     # what is reported to the controller: the key's value, and the secret wherever else it was pasted
     assert redact.redact(sec)["artifacts"]["secret_key"] == redact.REDACTED
     assert ARTIFACT_SECRET not in str(redact.redact(sec, redact.secret_values(sec)))
+
+
+def test_limits_max_active_tasks_becomes_tasks_max_active_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    rendered = userdata.render({"appliance_id": "a-1", "limits": {"max_active_tasks": 7}}, tmp_path)
+    assert config_mod.from_dict(rendered.config, base_dir=tmp_path).max_active_tasks == 7
+    with pytest.raises(UserDataInvalid) as caught:
+        userdata.render({"appliance_id": "a-1", "limits": {"max_active_tasks": 0}}, tmp_path)
+    assert [e.field for e in caught.value.errors] == ["imaging.limits.max_active_tasks"]
