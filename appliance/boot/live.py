@@ -10,9 +10,11 @@ A new version is checked exactly as ``imaging configure`` checks user data (:fun
 the TLS pair loading together), with the controller URL and secret this appliance runs with filling
 the gaps as the compact boot line does. Refused: nothing is written, the running configuration keeps
 serving, and the controller is told the version and each wrong field (status ``config-refused``).
-Accepted: the previous file is kept as ``imaging.yaml.prev`` (rollback: put it back and run
-``imaging reconfigure --restore``), the TLS files and the new file are written atomically, then
-each service is told what it must be told (:data:`CHANGES`, one entry per kind of change):
+Accepted: the previous file is kept as ``imaging.yaml.prev`` (``imaging reconfigure --restore`` puts
+it back locally; the controller stays the source of truth, so the next poll applies its current
+version again: roll a fleet back by publishing the earlier configuration as a new version), the
+TLS files and the new file are written atomically, then each service is told what it must be told
+(:data:`CHANGES`, one entry per kind of change):
 
 * the worker (:class:`appliance.service.worker.Worker`) re-reads the file between polls: new claims
   follow the new limits, new task children read the new file, running ones keep the configuration
@@ -394,7 +396,8 @@ def poll(opts: Options) -> Outcome:
 
 
 def restore(opts: Options) -> None:
-    """Put the configuration before the last live update back (then reload as :func:`apply`)."""
+    """Put the configuration before the last live update back and reload the API gracefully (the
+    worker re-reads it). The next poll applies the controller's current version again."""
     prev = previous_file(opts.config)
     try:
         text = prev.read_text()

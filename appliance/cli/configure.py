@@ -154,7 +154,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--restore",
         action="store_true",
-        help="put back the configuration before the last live update (<config>.prev) and reload the API",
+        help="put back the configuration before the last live update (<config>.prev) and reload the API "
+        "(the next poll applies the controller's current version again)",
     )
     s.add_argument("--json", action="store_true", help="print each outcome as a JSON line")
     s.set_defaults(func=cmd_reconfigure, needs_config=False)
