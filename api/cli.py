@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from appliance import config as config_mod
 from appliance.config import Config
 
 
@@ -19,6 +20,10 @@ def add_commands(sub: Any) -> None:
     )
     s.add_argument("--bind", help="override api.bind (HOST:PORT)")
     s.add_argument("--workers", type=int, help="override api.workers")
+    s.add_argument(
+        "--pid-file",
+        help="write the arbiter's pid here (SIGHUP to it: graceful reload onto the configuration file)",
+    )
     s.set_defaults(func=_serve)
 
 
@@ -27,10 +32,17 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     # this module to register it
     from .server import serve
 
-    api = cfg.api
-    if args.bind:
-        api = dataclasses.replace(api, bind=args.bind)
-    if args.workers:
-        api = dataclasses.replace(api, workers=args.workers)
-    serve(dataclasses.replace(cfg, api=api))
+    def overridden(cfg: Config) -> Config:
+        api = cfg.api
+        if args.bind:
+            api = dataclasses.replace(api, bind=args.bind)
+        if args.workers:
+            api = dataclasses.replace(api, workers=args.workers)
+        return dataclasses.replace(cfg, api=api)
+
+    def reread() -> Config:
+        # a graceful reload (SIGHUP) serves the configuration file as it is now
+        return overridden(config_mod.load(cfg.source) if cfg.source is not None else cfg)
+
+    serve(overridden(cfg), reread=reread, pid_file=args.pid_file)
     return 0

@@ -113,15 +113,45 @@ def gunicorn_options(config: Config) -> dict[str, Any]:
 
 
 class ApplianceServer(BaseApplication):
-    """gunicorn running :func:`api.app.create_app` for one configuration."""
+    """gunicorn running :func:`api.app.create_app` for one configuration.
 
-    def __init__(self, config: Config, options: dict[str, Any] | None = None) -> None:
+    With ``reread`` (``imaging serve``: the configuration file again, with the command line's
+    overrides), a ``SIGHUP`` to the arbiter is a graceful reload onto the file as it is now: the
+    arbiter re-reads the settings (a changed ``api.bind`` is re-bound), starts new workers on the
+    new configuration and lets the old ones finish their in-flight requests
+    (:mod:`appliance.boot.live` sends it after a live configuration update). A file that no longer
+    loads keeps the configuration running.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        options: dict[str, Any] | None = None,
+        reread: Callable[[], Config] | None = None,
+        pid_file: str | None = None,
+    ) -> None:
         self.config = config
         self.options = gunicorn_options(config) if options is None else options
+        self.reread = reread
+        self.pid_file = pid_file
+        self._loaded = False
         super().__init__()
 
     def load_config(self) -> None:
-        for name, value in self.options.items():
+        if self._loaded and self.reread is not None:
+            try:
+                config = self.reread()
+                check_tls(config)
+            except ConfigError as exc:
+                logging.getLogger(__name__).error("reload: keeping the running configuration: %s", exc)
+            else:
+                self.config = config
+                self.options = gunicorn_options(config)
+        self._loaded = True
+        options = dict(self.options)
+        if self.pid_file:
+            options["pidfile"] = self.pid_file
+        for name, value in options.items():
             self.cfg.set(name, value)
 
     def load(self) -> Any:
@@ -143,12 +173,13 @@ def check_tls(config: Config) -> None:
             raise ConfigError(f"api.tls: the TLS {what} {path} does not exist or is not readable")
 
 
-def serve(config: Config) -> None:
-    """Serve the EC2 Query API and the admin API until SIGTERM/SIGINT (graceful stop), then return."""
+def serve(config: Config, reread: Callable[[], Config] | None = None, pid_file: str | None = None) -> None:
+    """Serve the EC2 Query API and the admin API until SIGTERM/SIGINT (graceful stop), then return;
+    ``SIGHUP`` reloads gracefully (onto ``reread()`` when given)."""
     check_tls(config)
     configure_logging(config.log_level)
     try:
-        ApplianceServer(config).run()
+        ApplianceServer(config, reread=reread, pid_file=pid_file).run()
     except SystemExit as exc:
         # The arbiter ends with sys.exit(); a clean stop returns normally to the caller.
         if exc.code not in (0, None):

@@ -48,6 +48,12 @@ class StatePaths:
         return self.root / "worker.json"
 
     @property
+    def config_announced(self) -> Path:
+        """The newest configuration version the controller announced in a report reply (live updates:
+        ``imaging reconfigure --watch`` fetches it at once instead of at its next poll)."""
+        return self.root / "config-announced"
+
+    @property
     def mounts(self) -> Path:
         """Records of guest mounts and loop devices, written before each is made (crash sweeps)."""
         return self.root / "mounts"

@@ -356,11 +356,29 @@ class ConfigResource:
         self._registries = registries
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
-        body, headers = self._registries.get().serve_config(appliance_id, signed_path(req), _headers(req))
-        resp.data = body
-        resp.content_type = falcon.MEDIA_JSON
+        have = req.get_param_as_int("have", min_value=1)
+        registry = self._registries.get()
+        body, headers = registry.serve_config(appliance_id, signed_path(req), _headers(req), have)
         resp.set_headers(headers)
         resp.cache_control = ["no-store"]
+        if body is None:
+            resp.status = falcon.HTTP_304
+            return
+        resp.data = body
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class ConfigsResource:
+    """``POST /v1/appliances/<id>/configs``: publish a new configuration version."""
+
+    def __init__(self, registries: RegistryHandle) -> None:
+        self._registries = registries
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
+        doc = json_body(req, "Publication")
+        version = self._registries.get().publish(appliance_id, doc["config"])
+        resp.status = falcon.HTTP_201
+        resp.media = {"appliance_id": appliance_id, "config_version": version}
 
 
 class StatusResource:
@@ -417,6 +435,7 @@ def create_app(settings: Settings, *, store: ControllerStore | None = None) -> f
     app.add_route("/v1/appliances", AppliancesResource(registries))
     app.add_route("/v1/appliances/{appliance_id}", ApplianceResource(registries))
     app.add_route("/v1/appliances/{appliance_id}/config", ConfigResource(registries))
+    app.add_route("/v1/appliances/{appliance_id}/configs", ConfigsResource(registries))
     app.add_route("/v1/appliances/{appliance_id}/status", StatusResource(registries))
     app.add_route("/v1/assignments", AssignmentsResource(registries))
     app.add_route("/v1/reports", ReportsResource(registries))

@@ -150,6 +150,13 @@ def cmd_register(args: argparse.Namespace, _cfg: Any) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace, _cfg: Any) -> int:
+    config = _load_config(args.config)
+    doc = call(args, "POST", f"/v1/appliances/{args.appliance_id}/configs", {"config": config})
+    _print(args, doc, f"published configuration version {doc['config_version']} for {doc['appliance_id']}")
+    return 0
+
+
 def _row(a: dict[str, Any]) -> str:
     seen = a.get("last_seen") or "never"
     where = ",".join(a.get("addresses") or []) or "-"
@@ -258,6 +265,19 @@ def add_commands(sub: Any) -> None:
     )
     _client_options(r)
     r.set_defaults(func=cmd_register)
+
+    pb = csub.add_parser(
+        "publish",
+        help="publish a new configuration version of an appliance (applied live by the appliance)",
+    )
+    pb.add_argument("appliance_id")
+    pb.add_argument(
+        "--config",
+        required=True,
+        help="YAML or JSON file with the whole new imaging: section ('-': stdin)",
+    )
+    _client_options(pb)
+    pb.set_defaults(func=cmd_publish)
 
     ls = csub.add_parser("list", help="list the registered appliances")
     _client_options(ls)

@@ -207,7 +207,7 @@ def _enrol(parsed: EnrolUserData, opts: Options, known: _Known) -> CompactUserDa
     return assigned
 
 
-def _check_tls(files: dict[Path, str]) -> None:
+def check_tls(files: dict[Path, str]) -> None:
     """The certificate and key load together (a mismatched pair would only fail when the API starts)."""
     if not files:
         return
@@ -227,7 +227,7 @@ def _check_tls(files: dict[Path, str]) -> None:
             ) from exc
 
 
-def _render_yaml(rendered: userdata.Rendered) -> str:
+def render_yaml(rendered: userdata.Rendered) -> str:
     header = (
         "# written by `imaging configure` from cloud-init user data; secrets inside (mode 0600).\n"
         "# Re-run `imaging configure` instead of editing: the next boot rewrites this file.\n"
@@ -311,10 +311,10 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     try:
         section, via_rendezvous = _resolve_section(raw, opts, known)
         rendered = userdata.render(section, opts.output.parent)
-        _check_tls(rendered.files)
+        check_tls(rendered.files)
     except UserDataInvalid as exc:
         return _fail(opts, known, exc.errors, stderr, EXIT_INVALID)
-    privileged = _privileged(rendered)
+    privileged = privileged_of(rendered)
     try:
         # the drop-in first: a worker started on the new config must already have its privileges
         _sync_worker_privileges(opts, rendered, privileged)
@@ -324,7 +324,7 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     try:
         for path, text in rendered.files.items():
             write_atomic(path, text, 0o600, opts.owner)
-        write_atomic(opts.output, _render_yaml(rendered), 0o600, opts.owner)
+        write_atomic(opts.output, render_yaml(rendered), 0o600, opts.owner)
     except OSError as exc:
         err = FieldError("output", f"cannot write {exc.filename or opts.output}: {exc.strerror or exc}")
         return _fail(opts, known, [err], stderr, EXIT_WRITE_FAILED)
@@ -341,7 +341,7 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     return EXIT_CONFIGURED
 
 
-def _privileged(rendered: userdata.Rendered) -> list[str]:
+def privileged_of(rendered: userdata.Rendered) -> list[str]:
     """The configured hooks that mount the guest (they need the worker's drop-in)."""
     points = rendered.config.get("hooks", {}).get("points") or {}
     return privileged_hooks(config_mod.hooks_from_dict(points))

@@ -52,7 +52,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -189,6 +189,43 @@ def fetch_config(
             raise RendezvousError("controller config response is not a mapping")
         return doc
     raise RendezvousError(f"cannot fetch the config from the controller at {url}: {last}")
+
+
+def poll_config(
+    controller_url: str, appliance_id: str, secret: str, have: int | None, timeout: float = 10.0
+) -> dict[str, Any] | None:
+    """GET the config as :func:`fetch_config` does (once), telling the controller the version this
+    appliance runs (``?have=``): None when that is still the current one (a ``304`` whose signature
+    headers sign an empty body), else the new document (with its ``version``)."""
+    parts = urlsplit(controller_url)
+    path = config_path(parts.path, appliance_id)
+    query = f"?have={have}" if have is not None else ""
+    request = urllib.request.Request(
+        f"{parts.scheme}://{parts.netloc}{path}{query}",
+        headers=signed_headers(appliance_id, secret, "GET", path, b""),
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read(MAX_BODY + 1)
+            headers = resp.headers
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            # a Message: its get() ignores case, as a proxy may lower-case header names
+            verify(secret, "RESPONSE", path, cast(Mapping[str, str], exc.headers), b"")
+            return None
+        raise RendezvousError(f"cannot fetch the config from the controller: {_reason(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise RendezvousError(f"cannot fetch the config from the controller: {_reason(exc)}") from None
+    if len(body) > MAX_BODY:
+        raise RendezvousError(f"controller config response is larger than {MAX_BODY} bytes")
+    verify(secret, "RESPONSE", path, headers, body)
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise RendezvousError("controller config response is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise RendezvousError("controller config response is not a mapping")
+    return doc
 
 
 def machine_id(path: str = "/etc/machine-id") -> str:

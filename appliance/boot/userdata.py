@@ -61,6 +61,7 @@ _FIELD_MAP: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("scratch", "root"), ("limits", "scratch", "path")),
     (("scratch",), ("limits", "scratch")),
     (("worker", "concurrency"), ("limits", "concurrent_tasks")),
+    (("tasks", "max_active"), ("limits", "max_active_tasks")),
     (("worker",), ("limits",)),
     (("controller", "appliance_id"), ("appliance_id",)),
 ]
@@ -334,6 +335,7 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
     if "quota" in scratch_in:
         scratch["quota"] = scratch_in["quota"]
     worker = {k: limits[k] for k in limits if k.startswith("task_")}
+    tasks = {"max_active": limits["max_active_tasks"]} if "max_active_tasks" in limits else {}
     if "concurrent_tasks" in limits:
         worker["concurrency"] = limits["concurrent_tasks"]
     controller: dict[str, Any] = {"appliance_id": section["appliance_id"], "mode": "off"}
@@ -354,6 +356,8 @@ def to_service_config(section: dict[str, Any], config_dir: Path) -> Rendered:
     }
     if worker:
         out["worker"] = worker
+    if tasks:
+        out["tasks"] = tasks
     if "sources" in section:
         out["sources"] = dict(section["sources"])
     if "bundles" in section:

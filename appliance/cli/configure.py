@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
+from .. import config as config_mod
 from ..boot import configure as configure_mod
-from ..boot import worker_dropin
+from ..boot import live, worker_dropin
 from ..boot.health_responder import serve
 from ..config import Config
 
@@ -28,6 +33,46 @@ def cmd_configure(args: argparse.Namespace, _cfg: Config | None) -> int:
         opts.reload = None  # not the units systemd runs: nothing to reload
         opts.retrigger = None  # and not the machine's udev rules either
     return configure_mod.configure(opts)
+
+
+def cmd_reconfigure(args: argparse.Namespace, _cfg: Config | None) -> int:
+    config = Path(args.config or os.environ.get(config_mod.ENV_CONFIG) or config_mod.SYSTEM_CONFIG)
+    opts = live.Options(
+        config=config,
+        owner=args.owner or None,
+        timeout=args.timeout,
+        api_pid_file=Path(args.api_pid_file) if args.api_pid_file else None,
+        unit_dir=Path(args.unit_dir) if args.unit_dir else None,
+    )
+    if opts.unit_dir != worker_dropin.DEFAULT_UNIT_DIR:
+        opts.reload_units = None  # not the units systemd runs: nothing to reload
+    if args.restore:
+        live.restore(opts)
+        print(f"imaging: restored the previous configuration into {config}")
+        return 0
+
+    def show(outcome: live.Outcome) -> None:
+        if args.json:
+            print(json.dumps(outcome.to_dict()), flush=True)
+        elif outcome.status == "applied":
+            what = ", ".join(outcome.changes) or "no change"
+            how = f" ({'; '.join(outcome.effects)})" if outcome.effects else ""
+            print(f"imaging: applied configuration version {outcome.version}: {what}{how}", flush=True)
+            for p in outcome.pending:
+                print(f"imaging: pending: {p}", flush=True)
+        elif outcome.status == "refused" and outcome.errors:
+            for e in outcome.errors:
+                print(f"imaging: configuration version {outcome.version} refused: {e}", flush=True)
+
+    if not args.watch:
+        outcome = live.poll(opts)
+        show(outcome)
+        return {"refused": 2, "unreachable": 1}.get(outcome.status, 0) if outcome.errors else 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    live.watch(opts, args.interval, stop, show)
+    return 0
 
 
 def cmd_health_responder(args: argparse.Namespace, _cfg: Config | None) -> int:
@@ -79,6 +124,41 @@ def add_commands(sub: Any) -> None:
         f"({worker_dropin.DEFAULT_UNIT_DIR}); '' leaves the units alone",
     )
     s.set_defaults(func=cmd_configure, needs_config=False)
+
+    s = sub.add_parser(
+        "reconfigure",
+        help="apply a new configuration version from the controller, live (no running task dropped)",
+        description="Ask the controller for a configuration newer than the one applied (a cheap "
+        "'not modified' while there is none), validate it as 'imaging configure' does, write it "
+        "atomically (the previous kept as <config>.prev) and tell each service what it must: the "
+        "worker re-reads between claims, the API reloads gracefully, the worker restarts only for "
+        "per-task caps and guest-mount privileges. The applied version, or each field of a refused "
+        "one, is reported to the controller; a refused version changes nothing.",
+        epilog="Exit status (without --watch): 0 applied or nothing new, 1 controller unreachable, "
+        "2 refused.",
+    )
+    s.add_argument("--watch", action="store_true", help="keep polling (and follow report replies)")
+    s.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --watch")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds per controller request")
+    s.add_argument("--owner", default="imaging", help="user owning the written files, if it exists")
+    s.add_argument(
+        "--api-pid-file",
+        help="the API's pid file (imaging serve --pid-file), sent SIGHUP for a graceful reload "
+        f"(default: systemctl reload {live.API_UNIT})",
+    )
+    s.add_argument(
+        "--unit-dir",
+        default=str(worker_dropin.DEFAULT_UNIT_DIR),
+        help="systemd unit directory of the worker's guest-hooks drop-in ('' leaves the units alone)",
+    )
+    s.add_argument(
+        "--restore",
+        action="store_true",
+        help="put back the configuration before the last live update (<config>.prev) and reload the API "
+        "(the next poll applies the controller's current version again)",
+    )
+    s.add_argument("--json", action="store_true", help="print each outcome as a JSON line")
+    s.set_defaults(func=cmd_reconfigure, needs_config=False)
 
     s = sub.add_parser(
         "health-responder",

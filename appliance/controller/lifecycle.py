@@ -11,6 +11,12 @@
   every pushed report (``POST /v1/reports``: each heartbeat carries health, addresses and the
   running tasks), each signed with the appliance's secret. A change is recorded as an ``updated``
   event.
+* :meth:`Registry.publish` — live configuration updates: an admin publishes a new configuration
+  version (validated as at registration). The appliance learns of it by polling its config with
+  the version it runs (``GET …/config?have=<version>``: a signed ``304`` while nothing is newer) and
+  from the ``config_version`` of the reply to each pushed report; it reports the version it applied
+  (``config_version`` in its status post, ``applied_version`` in the admin view) or the fields
+  that made it refuse the update (status ``config-refused``).
 * :meth:`Registry.remove` and :meth:`Registry.remove_stale` — an appliance silent for longer than
   the timeout is removed, with a ``removed-stale`` event naming the tasks it was running.
 * :meth:`Registry.assign` — dynamic assignment. An appliance booted with only the rendezvous
@@ -45,7 +51,7 @@ from ..report import messages
 from ..report.receiver import ReportRejected, ReportVerifier
 from ..schemas import load
 from ..timestamps import format_time, utc_now
-from .store import ApplianceRow, ControllerStore, EventRow, Update
+from .store import ApplianceNotFound, ApplianceRow, ControllerStore, EventRow, Update
 
 APPLIANCE_ID_RE = re.compile(load("userdata")["properties"]["appliance_id"]["pattern"])
 SECRET_MIN = load("userdata")["properties"]["controller"]["properties"]["secret"]["minLength"]
@@ -202,6 +208,16 @@ class Registry:
             appliance_id, secret, section, dynamic=dynamic, event={"dynamic": dynamic, "config_version": 1}
         )
 
+    def publish(self, appliance_id: str, config: Any) -> int:
+        """Validate ``config`` as :meth:`pre_register` does and make it the appliance's next
+        configuration version; that version."""
+        _check_id(appliance_id)
+        creds = self.store.credentials(appliance_id)
+        if creds is None:
+            raise ApplianceNotFound(f"no appliance {appliance_id!r} is registered")
+        section = validate_config(appliance_id, config, creds.secret)
+        return self.store.publish(appliance_id, section)
+
     def get(self, appliance_id: str) -> ApplianceRow:
         _check_id(appliance_id)
         return self.store.get(appliance_id)
@@ -239,10 +255,14 @@ class Registry:
         return creds.secret
 
     def serve_config(
-        self, appliance_id: str, path: str, headers: Mapping[str, str]
-    ) -> tuple[bytes, dict[str, str]]:
-        """``GET <path>`` (``…/v1/appliances/<id>/config``): the body and signature headers of the answer."""
+        self, appliance_id: str, path: str, headers: Mapping[str, str], have: int | None = None
+    ) -> tuple[bytes | None, dict[str, str]]:
+        """``GET <path>`` (``…/v1/appliances/<id>/config``): the body and signature headers of the
+        answer; no body (``304``: the headers sign an empty body) when ``have`` is the current version."""
         secret = self._verify(appliance_id, "GET", path, headers, b"")
+        if have is not None and have == self.store.current_version(appliance_id):
+            self.store.seen(appliance_id)
+            return None, rendezvous.signed_headers(appliance_id, secret, "RESPONSE", path, b"")
         version, section = self.store.config(appliance_id)
         body = json.dumps(
             {"version": version, "imaging": dict(section, appliance_id=appliance_id)}, sort_keys=True
@@ -263,8 +283,12 @@ class Registry:
         errors = message.get("errors", [])
         if not isinstance(errors, list):
             raise UsageError("errors must be a list")
+        applied = message.get("config_version")
+        if applied is not None and (isinstance(applied, bool) or not isinstance(applied, int) or applied < 1):
+            raise UsageError("config_version must be a configuration version (an integer from 1)")
         update = Update(
             status=status,
+            applied_version=applied if status == "configured" else None,
             addresses=_strings(message.get("addresses", []), "addresses"),
             parameters=redact(parameters) if isinstance(parameters, dict) else None,
             errors=[
@@ -274,6 +298,8 @@ class Registry:
             ],
         )
         self.store.update(appliance_id, update)
+        if status == "config-refused" and applied is not None:
+            self.store.event(appliance_id, "config-refused", {"version": applied, "errors": update.errors})
 
     def record_report(self, body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
         """``POST /v1/reports``: a pushed message (:mod:`appliance.report.messages`); the reply."""
@@ -305,7 +331,8 @@ class Registry:
         accepted, _ = self.store.update(claimed, update, seq=message["seq"])
         if not accepted:
             raise ReportRefused(409, "ReportReplayed", f"seq {message['seq']} was already accepted")
-        return {"ok": True, "seq": message["seq"], "cancel": []}
+        version = self.store.current_version(claimed)
+        return {"ok": True, "seq": message["seq"], "cancel": [], "config_version": version}
 
     def assign(self, path: str, headers: Mapping[str, str], body: bytes) -> tuple[bytes, dict[str, str]]:
         """``POST <path>`` (``…/v1/assignments``) signed with the enrolment secret: the body and

@@ -84,11 +84,13 @@ MIGRATIONS: list[tuple[str, ...]] = [
         )""",
         "CREATE INDEX events_appliance ON events (appliance_id, id)",
     ),
+    # live configuration updates: the version the appliance says it runs
+    ("ALTER TABLE appliances ADD COLUMN applied_version INTEGER",),
 ]
 
 _APPLIANCE_COLUMNS = (
     "seq, id, dynamic, config_version, registered_at, assigned_to, assigned_at, status, health, "
-    "addresses, parameters, errors, tasks, last_seen, last_seq, updated_at"
+    "addresses, parameters, errors, tasks, last_seen, last_seq, updated_at, applied_version"
 )
 
 
@@ -120,6 +122,8 @@ class ApplianceRow:
     last_seen: str | None
     last_seq: int
     updated_at: str
+    #: the configuration version the appliance last reported running (None: not reported)
+    applied_version: int | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ApplianceRow:
@@ -158,6 +162,7 @@ class Update:
     parameters: dict[str, Any] | None = None
     errors: list[dict[str, Any]] | None = None
     tasks: list[dict[str, Any]] | None = None
+    applied_version: int | None = None
 
 
 def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
@@ -331,6 +336,45 @@ class ControllerStore:
             raise ApplianceNotFound(f"no appliance {appliance_id!r} is registered")
         return int(rows[0]["version"]), json.loads(rows[0]["document"])
 
+    def publish(self, appliance_id: str, config: dict[str, Any]) -> int:
+        """Store ``config`` as the appliance's next configuration version and make it current; the
+        version, with a ``config-published`` event."""
+        now = utcnow()
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE appliances SET config_version = config_version + 1, updated_at = ? WHERE id = ? "
+                "RETURNING config_version",
+                (now, appliance_id),
+            ).fetchone()
+            if row is None:
+                raise ApplianceNotFound(f"no appliance {appliance_id!r} is registered")
+            version = int(row["config_version"])
+            conn.execute(
+                "INSERT INTO configs (appliance_id, version, document, created_at) VALUES (?, ?, ?, ?)",
+                (appliance_id, version, _dumps(config), now),
+            )
+            self._event(conn, appliance_id, "config-published", {"version": version}, now)
+            return version
+
+    def current_version(self, appliance_id: str) -> int | None:
+        """The appliance's current configuration version (None: not registered)."""
+        rows = self._read("SELECT config_version FROM appliances WHERE id = ?", (appliance_id,))
+        return int(rows[0]["config_version"]) if rows else None
+
+    def event(self, appliance_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Record an event of an appliance."""
+        now = utcnow()
+        with self._write() as conn:
+            self._event(conn, appliance_id, kind, data, now)
+
+    def seen(self, appliance_id: str) -> None:
+        """The appliance asked whether its configuration is current: it is alive (no event)."""
+        now = utcnow()
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE appliances SET last_seen = ?, updated_at = ? WHERE id = ?", (now, now, appliance_id)
+            )
+
     def remove(self, appliance_id: str, event: dict[str, Any]) -> None:
         now = utcnow()
         with self._write() as conn:
@@ -405,7 +449,8 @@ class ControllerStore:
         now = utcnow()
         with self._write() as conn:
             row = conn.execute(
-                "SELECT status, health, addresses, parameters, errors, tasks, last_seq FROM appliances "
+                "SELECT status, health, addresses, parameters, errors, tasks, applied_version, last_seq "
+                "FROM appliances "
                 "WHERE id = ?",
                 (appliance_id,),
             ).fetchone()
@@ -420,6 +465,7 @@ class ControllerStore:
                 "parameters": None if update.parameters is None else _dumps(update.parameters),
                 "errors": None if update.errors is None else _dumps(update.errors),
                 "tasks": None if update.tasks is None else _dumps(update.tasks),
+                "applied_version": update.applied_version,
             }
             changed = sorted(k for k, v in new.items() if v is not None and v != row[k] and k != "tasks")
             values: dict[str, Any] = {k: v for k, v in new.items() if v is not None}

@@ -23,8 +23,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from ..atomicfile import write_atomic
 from ..config import Config
 from ..errors import ImagingError
+from ..paths import StatePaths
 from ..store import Event, Store, TaskState
 from ..timestamps import parse_time
 from . import messages, status
@@ -232,6 +234,9 @@ class PushReporter(threading.Thread):
         return _json(text)
 
     def _handle_reply(self, reply: dict[str, Any]) -> None:
+        version = reply.get("config_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > 0:
+            self._announce(version)
         cancel = reply.get("cancel")
         if not isinstance(cancel, list):
             return
@@ -245,6 +250,16 @@ class PushReporter(threading.Thread):
                     log.info("task %s: cancel requested by the controller", task_id)
             except ImagingError as exc:  # unknown task, or it finished meanwhile
                 log.info("controller asked to cancel %s: %s", task_id, exc)
+
+    def _announce(self, version: int) -> None:
+        """Leave the controller's current configuration version for ``imaging reconfigure``."""
+        path = StatePaths(self.config.state_dir).config_announced
+        try:
+            if path.exists() and path.read_text().strip() == str(version):
+                return
+            write_atomic(path, f"{version}\n", 0o644, None)
+        except OSError as exc:
+            log.warning("cannot record the announced configuration version: %s", exc.strerror or exc)
 
 
 def _json(text: bytes) -> dict[str, Any]:

@@ -25,6 +25,12 @@ task cannot take the others down, and the concurrency limit is a count of childr
 - runs each child in a cgroup of its own with the per-task caps (``worker.task_*``) where its cgroup is
   delegated to it (:mod:`appliance.service.taskcgroup`), and reports in its heartbeat whether the caps
   are enforced (and why not) and how untrusted-input parsers are isolated (:mod:`appliance.confine`);
+- re-reads its configuration file between polls when it changed (a live configuration update,
+  :mod:`appliance.boot.live`): the concurrency and poll interval apply to the next claims, the
+  reporter restarts on a changed ``controller`` section, and new task children get the new file
+  while running ones keep the configuration they started with. Per-task caps apply from the next
+  worker start (its task cgroups are set up once); a file that no longer loads is logged and the
+  running configuration kept;
 - when a child ends, for whatever reason, kills what it left behind: its process group and its cgroup.
   The parsers it started (qemu-img, the guest probe, the decompressor) also die with it by their
   parent-death signal, so a task child killed alone leaves none of them running.
@@ -142,6 +148,11 @@ class Worker:
     ) -> None:
         self.config = config
         self.concurrency = concurrency or config.worker.concurrency
+        #: ``--concurrency``: it wins over the configuration file, also after a reload
+        self.concurrency_override = concurrency
+        self._config_stamp = self._stamp()
+        #: the controller section changed: the reporter restarts on the new one
+        self.reporter_stale = False
         #: starts the reporter to the controller (``imaging worker`` passes the report package's);
         #: the service does not depend on how the appliance reports
         self.start_reporter = start_reporter
@@ -174,6 +185,47 @@ class Worker:
         self.claims = 0
         self.woken_claims = 0
         self._woken = False
+
+    # -- live configuration ---------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        if self.config.source is None:
+            return None
+        try:
+            st = os.stat(self.config.source)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def reload_config(self) -> bool:
+        """Re-read the configuration file if it changed since it was read; True when it was taken."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._config_stamp or self.config.source is None:
+            return False
+        self._config_stamp = stamp
+        try:
+            new = config_mod.load(self.config.source)
+        except ImagingError as exc:
+            log.error(
+                "configuration %s changed but does not load; keeping the running one: %s",
+                self.config.source,
+                exc.message,
+            )
+            return False
+        if new.state_dir != self.config.state_dir:
+            log.error(
+                "configuration %s moves state_dir: that needs a restart; keeping the running one",
+                self.config.source,
+            )
+            return False
+        if new.controller != self.config.controller:
+            self.reporter_stale = True
+        if TaskCaps.from_config(new.worker) != self.caps:
+            log.warning("per-task caps changed: they apply from the next worker start")
+        self.config = new
+        self.concurrency = self.concurrency_override or new.worker.concurrency
+        log.info("configuration %s reloaded: concurrency %d", new.source, self.concurrency)
+        return True
 
     # -- per-task cgroups -----------------------------------------------------------------------
 
@@ -416,6 +468,14 @@ class Worker:
         reporter = None
         try:
             while not stop.is_set():
+                try:
+                    self.reload_config()
+                except Exception:
+                    log.exception("reloading the configuration failed; keeping the running one")
+                if reporter is not None and self.reporter_stale:
+                    reporter.stop()
+                    reporter = None
+                self.reporter_stale = False
                 try:
                     self.poll()
                 except Exception:

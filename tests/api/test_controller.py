@@ -420,6 +420,7 @@ def test_the_served_openapi_document_is_valid_and_lists_every_route(controller: 
     assert set(doc["paths"]) == {
         *("/", "/v1", "/v1/health", "/v1/openapi.json", "/v1/appliances", "/v1/appliances/{appliance_id}"),
         *("/v1/appliances/{appliance_id}/config", "/v1/appliances/{appliance_id}/status", "/v1/assignments"),
+        "/v1/appliances/{appliance_id}/configs",
         *("/v1/reports", "/v1/stale-removals", "/v1/events"),
     }
 

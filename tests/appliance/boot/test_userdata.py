@@ -349,3 +349,11 @@ def test_bundle_cloud_key_renders_to_the_service_config_and_is_redacted(tmp_path
     assert (cfg.bundles.cloud_private_key, cfg.bundles.parallel_parts) == (BUNDLE_KEY, 6)
     assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7" not in str(redact.redact(sec))
     assert "MIIEvQ" not in repr(cfg.bundles)
+
+
+def test_limits_max_active_tasks_becomes_tasks_max_active_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    rendered = userdata.render({"appliance_id": "a-1", "limits": {"max_active_tasks": 7}}, tmp_path)
+    assert config_mod.from_dict(rendered.config, base_dir=tmp_path).max_active_tasks == 7
+    with pytest.raises(UserDataInvalid) as caught:
+        userdata.render({"appliance_id": "a-1", "limits": {"max_active_tasks": 0}}, tmp_path)
+    assert [e.field for e in caught.value.errors] == ["imaging.limits.max_active_tasks"]

@@ -21,7 +21,13 @@ from appliance.controller.lifecycle import (
     appliance_view,
     event_view,
 )
-from appliance.controller.store import ApplianceExists, ControllerStore, Update
+from appliance.controller.store import (
+    MIGRATIONS,
+    ApplianceExists,
+    ApplianceNotFound,
+    ControllerStore,
+    Update,
+)
 from appliance.errors import UsageError
 from appliance.report import messages
 from appliance.store import StoreError
@@ -44,7 +50,21 @@ def registry(tmp_path: Path) -> Registry:
 def test_the_database_is_private_and_migrated(tmp_path: Path) -> None:
     store = ControllerStore(tmp_path / "c.db")
     assert (tmp_path / "c.db").stat().st_mode & 0o777 == 0o600
-    assert store.schema_version == 1
+    assert store.schema_version == len(MIGRATIONS) == 2
+
+
+def test_a_database_of_the_first_schema_is_migrated_keeping_its_appliances(
+    tmp_path: Path, registry: Registry
+) -> None:
+    registry.pre_register("old-1", CONFIG, SECRET)
+    registry.store.close()
+    with sqlite3.connect(tmp_path / "controller.db") as conn:
+        conn.execute("ALTER TABLE appliances DROP COLUMN applied_version")
+        conn.execute("UPDATE schema_version SET version = 1")
+    store = ControllerStore(tmp_path / "controller.db")
+    assert store.schema_version == 2
+    row = store.get("old-1")
+    assert (row.config_version, row.applied_version) == (1, None)
 
 
 def test_a_database_of_a_newer_controller_is_refused(tmp_path: Path) -> None:
@@ -187,7 +207,7 @@ def test_pushed_reports_are_accepted_once_in_seq_order(registry: Registry) -> No
     }
     body = messages.encode("appl-1", 5, payload)
     headers = messages.headers(SECRET, "appl-1", body, "application/json")
-    assert registry.record_report(body, headers) == {"ok": True, "seq": 5, "cancel": []}
+    assert registry.record_report(body, headers) == {"ok": True, "seq": 5, "cancel": [], "config_version": 1}
     with pytest.raises(ReportRefused) as caught:
         registry.record_report(body, headers)
     assert (caught.value.status, caught.value.code) == (409, "ReportReplayed")
@@ -226,3 +246,58 @@ def test_a_recently_heard_appliance_is_not_stale(registry: Registry) -> None:
     assert registry.remove_stale(3600) == []
     with pytest.raises(UsageError):
         registry.remove_stale(0)
+
+
+# -- live configuration updates -------------------------------------------------------------------
+
+
+def test_a_published_version_is_validated_served_and_announced_and_the_applied_one_recorded(
+    registry: Registry,
+) -> None:
+    registry.pre_register("live-1", CONFIG, SECRET)
+    path = "/v1/appliances/live-1/config"
+    with pytest.raises(ConfigurationInvalid) as caught:
+        registry.publish("live-1", dict(CONFIG, limits={"concurrent_tasks": 0}))
+    assert [e.field for e in caught.value.errors] == ["imaging.limits.concurrent_tasks"]
+    with pytest.raises(ApplianceNotFound):
+        registry.publish("nobody", CONFIG)
+    # the version it runs is current: a signed empty answer
+    body, headers = registry.serve_config("live-1", path, _signed(SECRET, "live-1", "GET", path, b""), have=1)
+    assert body is None
+    rendezvous.verify(SECRET, "RESPONSE", path, headers, b"")
+
+    assert registry.publish("live-1", dict(CONFIG, limits={"concurrent_tasks": 4})) == 2
+
+    body, headers = registry.serve_config("live-1", path, _signed(SECRET, "live-1", "GET", path, b""), have=1)
+    assert body is not None
+    doc = json.loads(body)
+    assert (doc["version"], doc["imaging"]["limits"]) == (2, {"concurrent_tasks": 4})
+    status_path = "/v1/appliances/live-1/status"
+    report = json.dumps({"status": "configured", "config_version": 2}).encode()
+    registry.record_status(
+        "live-1", status_path, _signed(SECRET, "live-1", "POST", status_path, report), report
+    )
+    row = registry.get("live-1")
+    assert (row.config_version, row.applied_version, row.status) == (2, 2, "configured")
+    assert [e.data for e in registry.events() if e.kind == "config-published"] == [{"version": 2}]
+
+
+def test_a_refused_version_is_recorded_with_its_fields_and_the_applied_one_stays(registry: Registry) -> None:
+    registry.pre_register("live-2", CONFIG, SECRET)
+    registry.publish("live-2", CONFIG)
+    status_path = "/v1/appliances/live-2/status"
+    errors = [{"field": "imaging.api.tls", "message": "certificate and key do not load together"}]
+    report = json.dumps({"status": "config-refused", "config_version": 2, "errors": errors}).encode()
+    registry.record_status(
+        "live-2", status_path, _signed(SECRET, "live-2", "POST", status_path, report), report
+    )
+    row = registry.get("live-2")
+    assert (row.status, row.applied_version, row.errors) == ("config-refused", None, errors)
+    assert [e.data for e in registry.events() if e.kind == "config-refused"] == [
+        {"version": 2, "errors": errors}
+    ]
+    bad = json.dumps({"status": "configured", "config_version": "2"}).encode()
+    with pytest.raises(UsageError, match="config_version"):
+        registry.record_status(
+            "live-2", status_path, _signed(SECRET, "live-2", "POST", status_path, bad), bad
+        )
