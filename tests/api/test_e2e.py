@@ -213,7 +213,7 @@ def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
     appliance: Appliance, parts_server: TestHTTPServer, tmp_path: Path
 ) -> None:
     # Six 1 MiB parts; the first GET of part 3 stalls, so the task is provably between parts 0-2
-    # (verified, checkpointed) and the rest when its process is killed.
+    # (verified, written, checkpointed) and the rest when its process is killed.
     disk = random_file(tmp_path / "disk.raw", 6 * MiB).read_bytes()
     stalled = 3
     parts, paths = [], []
@@ -240,6 +240,9 @@ def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
         return sum(1 for r in parts_server.hits(path) if r.method == "GET")
 
     wait_for(lambda: gets(paths[stalled]) == 1, what="the stalled part to be requested")
+    # parts are fetched sources.parallel_ranges (4) at a time and written in order: the two after the
+    # stalled one are fetched (held in memory, not written) before the kill
+    wait_for(lambda: gets(paths[4]) == 1 and gets(paths[5]) == 1, what="the parts after it to be fetched")
     wait_for(
         lambda: conversion_task(appliance.ec2, task_id)["ImportVolume"]["BytesConverted"] == stalled * MiB,
         what="the parts before the stalled one to be verified and written",
@@ -251,8 +254,9 @@ def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
     appliance.ec2.get_waiter("conversion_task_completed").wait(
         ConversionTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 120}
     )
-    # the verified parts were not downloaded again; the interrupted one and the rest once more
-    assert [gets(p) for p in paths] == [1, 1, 1, 2, 1, 1]
+    # the verified and written parts were not downloaded again; the interrupted one and those fetched
+    # ahead of it but not yet written once more
+    assert [gets(p) for p in paths] == [1, 1, 1, 2, 2, 2]
     assert admin_task(appliance, task_id)["task"]["attempts"] == 2  # one run, one resume
     done = conversion_task(appliance.ec2, task_id)["ImportVolume"]
     assert done["BytesConverted"] == len(disk)
