@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..atomicfile import write_json_atomic
 from ..errors import Finding, ImageRejected, ImagingError
 from ..image.convert import convert_image
 from ..image.decoding import Boundary
+from ..image.formats import parse_claim
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_image, preflight, require_safe
 from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
@@ -41,7 +43,9 @@ from ..sources.euca_manifest import (
 from ..sources.fetch import fetch_to_file, parse_source
 from ..sources.http import HttpClient, SourceUnavailable
 from ..sources.manifest import ImportManifest, Part
+from ..sources.origins import Origin, origin_for
 from ..sources.parts import download_parts, wait_for_manifest
+from ..sources.ranges import ReaderSettings, parse_content_range
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
@@ -599,6 +603,10 @@ class SourceFetchStep(Step):
     }
 
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        # fail fast: the header-only checks on the object's first and last bytes, before the download
+        verdict = source_preflight(ctx, source)
+        if verdict is not None and not verdict.safe:
+            raise ImageRejected(verdict.errors)
         dst = ctx.workdir / "source.img"
         dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
         # Reserved as it is known: the object's size from the first answer, or as the bytes of a
@@ -631,7 +639,13 @@ class SourceFetchStep(Step):
             allowance.release()
             raise
         allowance.shrink_to(result.size)
-        return {"path": str(result.path), "size": result.size, "sha256": result.sha256, "etag": result.etag}
+        return {
+            "path": str(result.path),
+            "size": result.size,
+            "sha256": result.sha256,
+            "etag": result.etag,
+            "preflight": verdict.to_dict() if verdict is not None else None,
+        }
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
         if result and Path(result["path"]).exists():
@@ -641,7 +655,66 @@ class SourceFetchStep(Step):
     def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
         if source.get("url") and not str(source["url"]).startswith("s3://"):
             _policy(ctx).check(source["url"])
-        return {"downloads": source, "scratch_bytes": None}
+        # the same preflight as the run: the verdict on the object's first and last bytes, and its size
+        # (what the download needs in scratch)
+        try:
+            verdict = source_preflight(ctx, source)
+        except ImagingError as exc:
+            return {
+                "downloads": source,
+                "scratch_bytes": None,
+                "preflight": {"error": exc.code, "message": exc.message},
+            }
+        size = verdict.details.get("object_size") if verdict is not None else None
+        return {
+            "downloads": source,
+            "scratch_bytes": size,
+            "preflight": verdict.to_dict() if verdict is not None else None,
+        }
+
+
+def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[bytes, int | None]:
+    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said)."""
+    cancel = ctx.cancel or threading.Event()
+    response = origin.get(start, end, cancel=cancel)
+    with response:
+        partial = parse_content_range(response.status, response.headers.get("Content-Range"))
+        want = end - start + 1
+        body = bytearray()
+        for chunk in response.iter_chunks():
+            body += chunk
+            if len(body) >= want:
+                break
+        if partial is None:  # a whole answer (Range not served): its length is the size
+            if start:
+                return b"", response.content_length
+            return bytes(body[:want]), response.content_length
+        return bytes(body[:want]), partial[2]
+
+
+def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | None:
+    """:func:`~appliance.image.inspect.preflight` of a source object by two ranged GETs (its first
+    :data:`PREFLIGHT_HEAD` and last :data:`PREFLIGHT_TAIL` bytes) against the claimed ``format``; None
+    without a claim the inspectors know. ``details["object_size"]``: the object's size when known."""
+    claim = str(source.get("format") or "").lower() or None
+    try:
+        parse_claim(claim)
+    except ImagingError:
+        return None  # a container (OVA...) or a name the inspection step reports
+    if claim is None:
+        return None
+    settings = ReaderSettings.from_sources(ctx.config.sources)
+    origin = origin_for(source, _policy(ctx), ctx.config.sources.s3, settings=settings)
+    head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+    tail: bytes | None = None
+    if size is not None and size > len(head):
+        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, ctx)
+        tail = tail or None
+    elif size is None:
+        size = None if len(head) >= PREFLIGHT_HEAD else len(head)
+    verdict = preflight(head, tail, claim, config=ctx.config, size=size)
+    verdict.details["object_size"] = size
+    return verdict
 
 
 class ImageStoreStep(Step):
