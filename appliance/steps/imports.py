@@ -366,7 +366,7 @@ class VolumeImportStep(Step):
                 out,
                 capacity=vol.size,
                 limits=limits,
-                max_virtual_size=min(limits.max_virtual_size, vol.size),
+                max_virtual_size=limits.max_virtual_size,  # a disk larger than the volume: on_virtual_size
                 max_decompressed_size=limits.max_decompressed_size,
                 input_size=m.size if decoder == VHD_FIXED else None,
                 resume=resume,

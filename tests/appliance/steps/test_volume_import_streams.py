@@ -113,13 +113,21 @@ def presigning_client(proxy: StallingProxy) -> Any:
 
 
 def submit(
-    service: ImportService, proxy: StallingProxy, bucket: str, image: Path, fmt: str, virtual: int, part: int
+    service: ImportService,
+    proxy: StallingProxy,
+    bucket: str,
+    image: Path,
+    fmt: str,
+    virtual: int,
+    part: int,
+    volume_gib: int | None = None,
 ) -> Task:
     s3 = presigning_client(proxy)
     pending = presign_manifest_url(s3, bucket, None, image)
     upload(s3, pending, image, file_format=fmt, part_size=part)
+    gib = volume_gib or -(-virtual // GiB)
     return service.import_volume(
-        DiskImage(fmt, virtual, pending.url, -(-virtual // GiB)), availability_zone=None, description=None
+        DiskImage(fmt, virtual, pending.url, gib), availability_zone=None, description=None
     )
 
 
@@ -193,6 +201,23 @@ def test_a_dynamic_vhd_upload_still_goes_through_scratch(
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
     assert done.result["written"]["streamed"] is False
     same_disk(image, "vpc", volume_path(done))
+
+
+def test_a_stream_vmdk_larger_than_its_volume_fails_with_insufficient_volume_size(
+    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    raw = imgs.raw_mbr(tmp_path, "big.raw", size=GiB + MiB)  # sparse: one MBR and a hole
+    image = convert_raw(raw, tmp_path / "big.vmdk", "vmdk", "subformat=streamOptimized")
+    cfg = config_mod.from_dict(cfg_data(tmp_path, moto, proxy), base_dir=tmp_path)
+    service = ImportService(cfg)
+    try:
+        task = submit(service, proxy, bucket, image, "VMDK", GiB, 4 * MiB, volume_gib=1)
+        done = run(cfg, task)
+    finally:
+        service.store.close()
+    assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientVolumeSize"), done.error_message
+    assert "at least 2 GiB" in (done.error_message or "")
+    assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
 
 
 def _first_grain_marker(vmdk: bytes) -> int:
