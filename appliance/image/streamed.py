@@ -92,7 +92,13 @@ class StreamDecode:
             argv += ["--resume", json.dumps(resume.to_dict())]
         self._dir = confine.private_dir(prefix="decoder.")
         cwd = self._dir.__enter__()
-        self.proc: subprocess.Popen[bytes] = confine.spawn(argv, self._policy, cwd=cwd, stdin=subprocess.PIPE)
+        try:
+            self.proc: subprocess.Popen[bytes] = confine.spawn(
+                argv, self._policy, cwd=cwd, stdin=subprocess.PIPE
+            )
+        except BaseException:
+            self._dir.__exit__(None, None, None)
+            raise
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
         self._stdin = self.proc.stdin.fileno()
         self._stderr = b""
