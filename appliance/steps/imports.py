@@ -705,7 +705,12 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
         return None
     settings = ReaderSettings.from_sources(ctx.config.sources)
     origin = origin_for(source, _policy(ctx), ctx.config.sources.s3, settings=settings)
-    head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+    try:
+        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+    except SourceUnavailable as exc:
+        if exc.status == 416:  # an empty object has no first byte: the download and inspection say so
+            return None
+        raise
     tail: bytes | None = None
     if size is not None and size > len(head):
         tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, ctx)
