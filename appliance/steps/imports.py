@@ -510,7 +510,7 @@ class VolumeImportStep(Step):
         # VMDK/VHD: a stream-optimized VMDK or a fixed VHD streams (decided on the upload's first and
         # last bytes when the step runs); the scratch shown is what any other subformat needs
         return {
-            "streams": format == "RAW" or "if sequential",
+            "streams": "yes" if format == "RAW" else "if stream-optimized VMDK or fixed VHD",
             "scratch_bytes": 0 if format == "RAW" else size,
         }
 
