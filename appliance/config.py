@@ -166,6 +166,8 @@ class SourcesConfig:
     range_size: int = 8 << 20
     #: seconds without a byte before a range is fetched again (then ``Source.Stalled``)
     stall_seconds: float = 60.0
+    #: input bytes between two checkpoints of a streamed decode (the target is flushed at each)
+    checkpoint_every: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -445,6 +447,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             parallel_ranges=sources["parallel_ranges"],
             range_size=_range_size(sources["range_size"]),
             stall_seconds=float(sources["stall_seconds"]),
+            checkpoint_every=int(sources["checkpoint_every"]),
         ),
         targets=_targets(merged["targets"], state_dir, path),
         worker=WorkerConfig(

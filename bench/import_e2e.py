@@ -9,8 +9,11 @@ path never makes those. Two uploads of the same generated disk (sparse RAW, an M
 half incompressible, half text):
 
 - ``RAW``: the workflow streams the parts straight onto the volume (no scratch);
-- ``VMDK`` (streamOptimized): the parts are assembled in scratch, inspected, and converted onto the
-  volume by ``qemu-img``.
+- ``VMDK`` (streamOptimized) and ``VHD`` (fixed): after a preflight of the upload's first and last
+  bytes, the parts stream through the confined sequential decoder onto the volume (no scratch).
+
+gzip is not among them: an ImportVolume manifest names RAW, VMDK or VHD, and a gzip upload claimed
+RAW is refused (``FormatMismatch``); compressed sources go through ImportImage/ImportSnapshot.
 
 For each, timed in the same run (rotating the order), each after ``sync`` + drop of the page cache
 (when root) and a wait for an idle machine, each timing including its own fsync/sync:
@@ -24,7 +27,11 @@ For each, timed in the same run (rotating the order), each after ``sync`` + drop
   sink that discards them (the network/S3 stage alone).
 - ``download>file``: the same into a file, then fsync (what the VMDK path does into scratch).
 - ``convert``: RAW: :func:`~appliance.targets.rawio.write_raw` of the local file onto a fresh file
-  volume + fsync; VMDK: bare ``qemu-img convert -f vmdk -O raw`` of the local file + ``sync``.
+  volume + fsync; VMDK/VHD: bare ``qemu-img convert -f vmdk|vpc -O raw`` of the local file + ``sync``.
+
+During ``e2e`` a thread samples the scratch every 20 ms (bytes reserved in the accounting, and bytes
+allocated under the scratch root by files not linked from elsewhere: the guest probe's private
+directory holds a hard link to the volume): its maximum is reported as ``peak scratch``.
 
 Reported per format: medians, MB/s of the uploaded file, ``e2e / slowest stage`` (goal <= 1.2:
 the pipeline overlaps its stages) with PASS/MISS, and ``e2e / (download + convert)`` (below 1 means
@@ -39,6 +46,7 @@ overlap, above 1 means overhead beyond the stages). Results also go to ``bench/o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -47,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -65,6 +74,7 @@ if str(REPO) not in sys.path:
 
 from appliance import config as config_mod  # noqa: E402
 from appliance.config import parse_size  # noqa: E402
+from appliance.scratch import ScratchSpace  # noqa: E402
 from appliance.service.imports import DiskImage, ImportService  # noqa: E402
 from appliance.sources.manifest import ImportManifest  # noqa: E402
 from appliance.sources.parts import download_parts, wait_for_manifest  # noqa: E402
@@ -156,6 +166,79 @@ def build_vmdk(raw: Path) -> Path:
     )
     os.replace(tmp, path)
     return path
+
+
+def build_vhd(raw: Path) -> Path:
+    """The same disk as a fixed VHD (cached next to it)."""
+    path = raw.with_suffix(".vhd")
+    if path.exists() and path.stat().st_mtime >= raw.stat().st_mtime:
+        return path
+    log(f"converting it to a fixed VHD {path.name} ...")
+    tmp = path.with_suffix(".vhd.tmp")
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed,force_size=on",
+            str(raw),
+            str(tmp),
+        ],
+        check=True,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+#: qemu-img's name of each upload format
+QEMU_FORMAT = {"RAW": "raw", "VMDK": "vmdk", "VHD": "vpc"}
+
+
+class ScratchSampler:
+    """The highest scratch use seen while running: reserved bytes and bytes allocated on disk."""
+
+    def __init__(self, space: ScratchSpace) -> None:
+        self.space = space
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            used = max(self.space.reserved(), _allocated_under(self.space.root))
+        except (OSError, ValueError):
+            return
+        self.peak = max(self.peak, used)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __enter__(self) -> ScratchSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _allocated_under(root: Path) -> int:
+    """Bytes allocated by files under ``root`` that live only there: a hard link to a file elsewhere (the
+    confined tools' link to the volume in their private directory) uses no scratch."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # removed while we walk
+                st = os.lstat(os.path.join(dirpath, name))
+                if st.st_nlink == 1:
+                    total += st.st_blocks * 512
+    return total
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -252,6 +335,10 @@ class Measurement:
         return statistics.median(r.seconds for r in self.runs if r.stage == stage)
 
     @property
+    def peak_scratch(self) -> int:
+        return max((r.detail.get("peak_scratch", 0) for r in self.runs if r.stage == "e2e"), default=0)
+
+    @property
     def slowest_stage(self) -> tuple[str, float]:
         return max(
             (("download", self.median("download")), ("convert", self.median("convert"))), key=lambda x: x[1]
@@ -327,7 +414,8 @@ class Bench:
 
     def e2e(self, task_id: str) -> dict[str, Any]:
         """Run the task from its start to its end, as a worker's child does, then ``sync``."""
-        done = self.engine.run(task_id)
+        with ScratchSampler(ScratchSpace.from_config(self.config)) as scratch:
+            done = self.engine.run(task_id)
         subprocess.run(["sync"], check=True)  # the volume was fsynced by finalize; this flushes the rest
         if done.state is not TaskState.COMPLETED:
             raise RuntimeError(f"import failed: {done.error_code}: {done.error_message}")
@@ -344,6 +432,8 @@ class Bench:
             "task_seconds": round(task_seconds, 3),
             "steps": steps,
             "volume": str(volume),
+            "peak_scratch": scratch.peak,
+            "streamed": done.result.get("written", {}).get("streamed"),
         }
 
     def download(self, manifest: ImportManifest, into: Path | None) -> dict[str, Any]:
@@ -375,7 +465,10 @@ class Bench:
             target.finalize(volume)  # fsync of the file and its directory, as the import does
             return {"path": str(volume.path)}
         dst = out_dir / "converted.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "vmdk", "-O", "raw", str(source), str(dst)], check=True)
+        qemu_fmt = QEMU_FORMAT[fmt]
+        subprocess.run(
+            ["qemu-img", "convert", "-f", qemu_fmt, "-O", "raw", str(source), str(dst)], check=True
+        )
         subprocess.run(["sync"], check=True)  # qemu-img never fsyncs
         return {"path": str(dst)}
 
@@ -390,7 +483,7 @@ def measure(bench: Bench, fmt: str, image: Path, runs: int) -> Measurement:
     s3 = bench.moto.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     file_bytes = image.stat().st_size
-    qemu_fmt = "raw" if fmt == "RAW" else "vmdk"
+    qemu_fmt = QEMU_FORMAT[fmt]
     vsize = virtual_size(image, qemu_fmt)
     image_bytes = file_bytes if fmt == "RAW" else vsize  # what euca2ools declares (Image.Bytes)
     volume_gib = max(1, -(-vsize // GiB))
@@ -422,6 +515,7 @@ def measure(bench: Bench, fmt: str, image: Path, runs: int) -> Measurement:
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in run.detail["steps"].items())
                 extra = (
                     f"\n      task started→completed {run.detail['task_seconds']:.2f} s; steps (s): {steps}"
+                    f"; peak scratch {run.detail['peak_scratch']} bytes; streamed {run.detail['streamed']}"
                 )
             log(
                 f"  run {i + 1} {stage:<14} {run.seconds:7.2f} s  {file_bytes / run.seconds / 1e6:7.0f} MB/s"
@@ -442,7 +536,7 @@ def print_summary(results: list[Measurement], moto_peak: int, size: int) -> None
         f"(10 MiB parts, whole-object GETs) to the file volume target; medians, MB/s of the uploaded file"
     )
     header = f"{'format':<6} {'file':>9} " + " ".join(f"{s:>16}" for s in STAGES)
-    log(header + f" {'e2e/slowest':>12} {'e2e/sum':>8}  goal <= {GOAL}")
+    log(header + f" {'e2e/slowest':>12} {'e2e/sum':>8} {'peak scratch':>13}  goal <= {GOAL}")
     for m in results:
         cells = []
         for stage in STAGES:
@@ -452,7 +546,8 @@ def print_summary(results: list[Measurement], moto_peak: int, size: int) -> None
         log(
             f"{m.format:<6} {m.file_bytes / MiB:7.0f}Mi "
             + " ".join(f"{c:>16}" for c in cells)
-            + f" {m.ratio_slowest:12.2f} {m.ratio_sum:8.2f}  {verdict} (slowest: {m.slowest_stage[0]})"
+            + f" {m.ratio_slowest:12.2f} {m.ratio_sum:8.2f} {m.peak_scratch:13d}"
+            + f"  {verdict} (slowest: {m.slowest_stage[0]})"
         )
     for m in results:
         e2e = m.median("e2e")
@@ -474,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="2GiB", help="virtual size of the test disk (default 2GiB)")
     p.add_argument("--runs", type=int, default=3, help="timed runs of each stage (default 3)")
-    p.add_argument("--formats", default="RAW,VMDK", help="comma-separated: RAW, VMDK (default both)")
+    p.add_argument("--formats", default="RAW,VMDK,VHD", help="comma-separated: RAW, VMDK, VHD (default all)")
     p.add_argument("--quick", action="store_true", help="256 MiB, one run, no idle waits: a smoke test")
     p.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine")
     p.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses the goal")
@@ -492,8 +587,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.size, args.runs, args.no_idle_wait, args.attempts = "256MiB", 1, True, 1
     args.size = parse_size(args.size)
     args.formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
-    if not set(args.formats) <= {"RAW", "VMDK"}:
-        p.error("--formats takes RAW and/or VMDK")
+    if not set(args.formats) <= set(QEMU_FORMAT):
+        p.error("--formats takes RAW, VMDK and/or VHD")
     return args
 
 
@@ -507,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     images = {"RAW": raw}
     if "VMDK" in args.formats:
         images["VMDK"] = build_vmdk(raw)
+    if "VHD" in args.formats:
+        images["VHD"] = build_vhd(raw)
     if os.geteuid() != 0:
         log("note: not root, so the page cache is not dropped between runs")
     work = Path(tempfile.mkdtemp(prefix="imaging-bench-e2e-", dir=args.out))
@@ -529,7 +626,13 @@ def main(argv: list[str] | None = None) -> int:
         "part_size": 10 * MiB,
         "moto_peak_bytes": moto_peak,
         "results": [
-            asdict(m) | {"ratio_slowest": m.ratio_slowest, "ratio_sum": m.ratio_sum, "goal": GOAL}
+            asdict(m)
+            | {
+                "ratio_slowest": m.ratio_slowest,
+                "ratio_sum": m.ratio_sum,
+                "goal": GOAL,
+                "peak_scratch_bytes": m.peak_scratch,
+            }
             for m in results
         ],
     }

@@ -81,6 +81,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             while piece := answer.read(_PIECE if hold_at is None else min(_PIECE, max(hold_at - sent, 1))):
                 self.wfile.write(piece)
                 sent += len(piece)
+                owner.count(self.path, len(piece))
                 if owner.rate:
                     ahead = began + sent / owner.rate - time.monotonic()
                     if ahead > 0:
@@ -122,6 +123,9 @@ class StallingProxy:
         self._closing = threading.Event()
         #: GETs that stopped and wait for :meth:`release`
         self.stalled = 0
+        #: body bytes sent to clients (GET answers), in total and by path (without the query)
+        self.served = 0
+        self.served_by_path: dict[str, int] = {}
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
         self.port: int = self._server.server_address[1]
@@ -151,6 +155,12 @@ class StallingProxy:
         """How many GETs ``path_suffix`` held so far."""
         with self._lock:
             return self._stalled.get(path_suffix, 0)
+
+    def count(self, path: str, n: int) -> None:
+        with self._lock:
+            self.served += n
+            plain = path.split("?", 1)[0]
+            self.served_by_path[plain] = self.served_by_path.get(plain, 0) + n
 
     def hold_at(self, method: str, path: str) -> tuple[str, int] | None:
         """(armed suffix, bytes after which to hold) for a request, or None."""

@@ -16,6 +16,13 @@ latest clean boundary or null, every :data:`BOUNDARY_EVERY` bytes), then
 ``{"total": VIRTUAL_SIZE, "input": N, "data": N}`` or ``{"error": CODE, "message": ..., "done": N}``.
 The parent truncates the output to ``total`` (the child's stdout may be a block device) and, on an error
 line or a child killed by a limit, removes it.
+
+With ``--records`` stdout is a pipe instead, and the child holds no writable file at all (as the
+decompressor child): it sends framed records (:data:`RECORD`: a tag byte, offset, length), ``V`` the
+virtual size (offset; length 0) once the header is checked, ``W`` data at an offset (followed by its
+bytes), ``Z`` a range that must read as zeros, ``B`` a clean boundary (followed by ``length`` bytes of
+its JSON), sent after every record it covers. The parent (:mod:`appliance.image.streamed`) checks each
+record against the target and writes it itself.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -42,6 +50,42 @@ from .vmdkstream import VmdkStreamDecoder
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
 #: input bytes between two boundaries the child reports
 BOUNDARY_EVERY = 64 << 20
+#: a record of ``--records`` output: tag (V, W, Z, B), offset, length
+RECORD = struct.Struct(">cQQ")
+
+
+class RecordSink:
+    """The ``--records`` sink: every write and zero range framed onto a pipe (module docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def _send(self, tag: bytes, offset: int, length: int, body: bytes = b"") -> None:
+        data = RECORD.pack(tag, offset, length) + body if len(body) < 65536 else None
+        if data is None:
+            _write_all(self.fd, RECORD.pack(tag, offset, length))
+            _write_all(self.fd, body)
+        else:
+            _write_all(self.fd, data)
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        self._send(b"W", offset, len(chunk), chunk)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._send(b"Z", offset, length)
+
+    def virtual_size(self, size: int | None) -> None:
+        self._send(b"V", size if size is not None else (1 << 64) - 1, 0)
+
+    def boundary(self, b: Boundary) -> None:
+        body = json.dumps(b.to_dict()).encode()
+        self._send(b"B", 0, len(body), body)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def limits_of(limits: Limits, threads: int = 0) -> DecodeLimits:
@@ -131,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--resume", help="a boundary (JSON) to continue from; stdin starts at its offset")
+    parser.add_argument("--records", action="store_true", help="stdout is a pipe of framed records")
+    parser.add_argument("--boundary-every", type=int, default=BOUNDARY_EVERY)
     args = parser.parse_args(argv)
     status = sys.stderr
 
@@ -148,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             decoder = open_decoder(args.format, src, limits, input_size=args.input_size)
         report({"virtual_size": decoder.virtual_size})
+        records = RecordSink(1) if args.records else None
+        if records is not None:
+            records.virtual_size(decoder.virtual_size)
 
         next_boundary = 0
 
@@ -158,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             if p.input_bytes >= next_boundary:  # a VMDK state holds a bitmap: not with every line
                 b = decoder.boundary()
                 line["boundary"] = b and b.to_dict()
-                next_boundary = p.input_bytes + BOUNDARY_EVERY
+                if records is not None and b is not None:
+                    records.boundary(b)
+                next_boundary = p.input_bytes + args.boundary_every
             report(line)
 
-        result = decoder.decode(FdSink(1), on_progress=progress)
+        result = decoder.decode(records or FdSink(1), on_progress=progress)
+    except BrokenPipeError:
+        return 1  # the parent stopped reading (a write it refused, cancelled)
     except ImageRejected as exc:
         report({"error": exc.code, "message": exc.message, "done": done})
     except ImagingError as exc:

@@ -17,14 +17,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from ..atomicfile import write_json_atomic
 from ..errors import Finding, ImageRejected, ImagingError
 from ..image.convert import convert_image
-from ..image.inspect import inspect_image, require_safe
+from ..image.decoding import Boundary
+from ..image.formats import parse_claim
+from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_image, preflight, require_safe
 from ..image.stream import RawStreamCheck
+from ..image.streamed import StreamDecode
+from ..image.vhdfixed import FORMAT as VHD_FIXED
+from ..image.vmdkstream import FORMAT as VMDK_STREAM
 from ..progress import Progress
 from ..scratch import Allowance, is_no_space, no_space_error
 from ..sources.euca_manifest import (
@@ -35,9 +41,11 @@ from ..sources.euca_manifest import (
     to_import_manifest,
 )
 from ..sources.fetch import fetch_to_file, parse_source
-from ..sources.http import HttpClient
+from ..sources.http import HttpClient, SourceUnavailable
 from ..sources.manifest import ImportManifest, Part
+from ..sources.origins import Origin, origin_for
 from ..sources.parts import download_parts, wait_for_manifest
+from ..sources.ranges import ReaderSettings, parse_content_range
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target, get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
@@ -195,8 +203,15 @@ class VolumeImportStep(Step):
     """Write the uploaded disk onto the volume as RAW.
 
     RAW: parts stream straight onto the volume (no scratch), checked by the format inspectors on the
-    way. VMDK/VHD: parts are assembled in scratch, inspected, and converted by qemu-img onto the volume.
-    A volume whose storage fills up is ``InsufficientStorage`` on both paths; scratch that fills up while
+    way. VMDK/VHD: the upload's first and last bytes (ranged GETs of its first and last parts) are
+    checked first (:func:`~appliance.image.inspect.preflight`: the claim against the content, the VMDK
+    create type, a differencing VHD...), so a mislabelled or hostile upload fails before anything is
+    written. A stream-optimized VMDK or a fixed VHD then streams part by part, each verified, through
+    the confined sequential decoder onto the volume (no scratch; checkpointed at the decoder's clean
+    boundaries every ``sources.checkpoint_every`` input bytes, so a resumed task continues there); the
+    written disk's content is checked as RAW output is. Other VMDK/VHD subformats (random access) are
+    assembled in scratch, inspected, and converted by qemu-img onto the volume.
+    A volume whose storage fills up is ``InsufficientStorage`` on every path; scratch that fills up while
     a VMDK/VHD upload is assembled is ``InsufficientScratch``.
     """
 
@@ -226,6 +241,10 @@ class VolumeImportStep(Step):
         zeroed = bool(fresh.get("zeroed")) and state["next"] == 0
         if format == "RAW":
             return self._stream_raw(ctx, m, vol, zeroed, checkpoint, state)
+        verdict = _preflight(ctx, m, format)
+        decoder = _sequential(verdict)
+        if decoder is not None:
+            return self._stream_decoded(ctx, m, format, decoder, vol, zeroed, checkpoint, state)
         return self._via_scratch(ctx, m, format, vol, checkpoint, state)
 
     @staticmethod
@@ -266,7 +285,8 @@ class VolumeImportStep(Step):
                         "phase": "writing",
                         "done": done,
                         "total": m.size,
-                        "percent": 100.0 * done / m.size,
+                        # 100 % only once the volume is flushed (finalize)
+                        "percent": min(99.0, 100.0 * done / m.size),
                         "converted": done,
                     }
                 )
@@ -282,6 +302,125 @@ class VolumeImportStep(Step):
                 raise ImageRejected(findings)
             out.zero(m.size, vol.size - m.size)  # no stale data past the image
         return {"bytes_written": m.size, "format": "RAW", "virtual_size": m.size, "streamed": True}
+
+    def _stream_decoded(
+        self,
+        ctx: StepContext,
+        m: ImportManifest,
+        format: str,
+        decoder: str,
+        vol: Volume,
+        zeroed: bool,
+        checkpoint: Path,
+        state: dict[str, Any],
+    ) -> dict[str, Any]:
+        where = f"volume {vol.id} ({vol.path})"
+        resume = Boundary.from_dict(state["boundary"]) if state.get("boundary") else None
+        if resume is not None and resume.format != decoder:
+            resume = None  # a checkpoint of another decode: start again
+        start_index, skip = 0, 0
+        if resume is not None:
+            start_index = _part_at(m, resume.input_offset)
+            if start_index < len(m.parts):
+                skip = resume.input_offset - m.parts[start_index].start
+        base = int(state.get("converted", 0)) if resume is not None else 0
+        limits = ctx.config.limits
+        virtual: list[int | None] = [None]
+        produced = [base]
+
+        def on_virtual_size(size: int | None) -> None:
+            virtual[0] = size
+            if size is not None and size > vol.size:
+                raise _too_small(format, size, vol)
+
+        with RawWriter(
+            vol.path, zeroed=zeroed and resume is None, error=lambda e: storage_error(e, where)
+        ) as out:
+
+            def on_boundary(b: Boundary, done: int) -> None:
+                # everything before the boundary is in the volume: make it durable, then record it
+                out.flush()
+                index = _part_at(m, b.input_offset)
+                write_json_atomic(
+                    checkpoint,
+                    {
+                        "next": index,
+                        "done": b.input_offset,
+                        "boundary": b.to_dict(),
+                        "converted": base + done,
+                    },
+                    0o600,
+                )
+
+            def on_output(done: int) -> None:
+                produced[0] = base + done
+
+            def report() -> None:
+                total = virtual[0] or m.size
+                done = min(produced[0], total)
+                ctx.progress(
+                    {
+                        "phase": "writing",
+                        "done": done,
+                        "total": total,
+                        # 100 % only once the volume is flushed
+                        "percent": min(99.0, 100.0 * done / total) if total else None,
+                        "converted": done,
+                    }
+                )
+
+            with StreamDecode(
+                decoder,
+                out,
+                capacity=vol.size,
+                limits=limits,
+                max_virtual_size=limits.max_virtual_size,  # a disk larger than the volume: on_virtual_size
+                max_decompressed_size=limits.max_decompressed_size,
+                input_size=m.size if decoder == VHD_FIXED else None,
+                resume=resume,
+                boundary_every=ctx.config.sources.checkpoint_every,
+                on_virtual_size=on_virtual_size,
+                on_boundary=on_boundary,
+                on_output=on_output,
+                cancel=ctx.cancel,
+            ) as stream:
+
+                def write(offset: int, chunk: bytes) -> None:
+                    first = m.parts[start_index].start + skip if start_index < len(m.parts) else m.size
+                    if offset + len(chunk) <= first:
+                        return  # before the boundary: decoded already
+                    stream.feed(chunk[max(0, first - offset) :])
+
+                report()
+                download_parts(
+                    m,
+                    write,
+                    _policy(ctx),
+                    start_index=start_index,
+                    on_part=lambda p, d: report(),
+                    cancel=ctx.cancel,
+                )
+                result = stream.finish()
+            size = result.virtual_size
+            if size > vol.size:
+                raise _too_small(format, size, vol)
+            out.zero(size, vol.size - size)  # no stale data past the image
+            out.flush()
+            # the written disk is RAW output: its content must be RAW (nothing hidden inside), as a
+            # conversion's output is checked
+            head = out.read(0, min(PREFLIGHT_HEAD, size))
+            tail = out.read(max(0, size - PREFLIGHT_TAIL), min(PREFLIGHT_TAIL, size))
+        check = preflight(head, tail, "raw", config=ctx.config, size=size)
+        if not check.safe:
+            raise ImageRejected(check.errors)
+        ctx.progress({"phase": "writing", "done": size, "total": size, "percent": 100.0, "converted": size})
+        return {
+            "bytes_written": size,
+            "format": format,
+            "virtual_size": size,
+            "streamed": True,
+            "decoder": decoder,
+        }
 
     def _via_scratch(
         self,
@@ -376,7 +515,73 @@ class VolumeImportStep(Step):
         self, ctx: StepContext, manifest: dict[str, Any], format: str, volume: dict[str, Any]
     ) -> dict[str, Any]:
         size = manifest.get("size", 0) if isinstance(manifest, dict) else 0
-        return {"streams": format == "RAW", "scratch_bytes": 0 if format == "RAW" else size}
+        # VMDK/VHD: a stream-optimized VMDK or a fixed VHD streams (decided on the upload's first and
+        # last bytes when the step runs); the scratch shown is what any other subformat needs
+        return {
+            "streams": "yes" if format == "RAW" else "if stream-optimized VMDK or fixed VHD",
+            "scratch_bytes": 0 if format == "RAW" else size,
+        }
+
+
+def _too_small(format: str, size: int, vol: Volume) -> InsufficientVolumeSize:
+    return InsufficientVolumeSize(
+        f"the {format} image's virtual size is {size} bytes but volume {vol.id} holds {vol.size}; import it "
+        f"into a volume of at least {-(-size // GiB)} GiB"
+    )
+
+
+def _part_at(m: ImportManifest, offset: int) -> int:
+    """The index of the part holding input byte ``offset`` (len(parts) at the end)."""
+    for part in m.parts:
+        if part.start <= offset <= part.end:
+            return part.index
+    return len(m.parts)
+
+
+def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:
+    """Bytes ``[start, end)`` of the upload, by ranged GETs of the parts holding them."""
+    pieces: list[bytes] = []
+    for part in m.parts:
+        lo, hi = max(start, part.start), min(end, part.end + 1)
+        if lo >= hi:
+            continue
+        response = http.get_stream(part.get_url, (lo - part.start, hi - part.start - 1), cancel=ctx.cancel)
+        with response:
+            if response.status not in (200, 206):
+                raise SourceUnavailable(
+                    f"part {part.index} ({part.key}) answered HTTP {response.status}", status=response.status
+                )
+            skip = lo - part.start if response.status == 200 else 0  # a server ignoring Range
+            body = response.read(skip + hi - lo)
+        piece = body[skip : skip + hi - lo]
+        if len(piece) != hi - lo:
+            raise SourceUnavailable(f"part {part.index} ({part.key}) sent {len(piece)} of {hi - lo} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _preflight(ctx: StepContext, m: ImportManifest, format: str) -> Preflight:
+    """The header-only checks on the upload's first and last bytes, before anything is written;
+    ImageRejected (the codes of a full inspection) for a mislabelled or unsafe upload."""
+    http = HttpClient(_policy(ctx))
+    head = _read_range(m, 0, min(PREFLIGHT_HEAD, m.size), http, ctx)
+    tail = _read_range(m, max(0, m.size - PREFLIGHT_TAIL), m.size, http, ctx)
+    verdict = preflight(head, tail, format.lower(), config=ctx.config, size=m.size)
+    if not verdict.safe:
+        raise ImageRejected(verdict.errors)
+    return verdict
+
+
+def _sequential(verdict: Preflight) -> str | None:
+    """The sequential decoder for what the preflight found, or None (random access: via scratch)."""
+    if (
+        verdict.format == "vmdk"
+        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
+    ):
+        return VMDK_STREAM
+    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
+        return VHD_FIXED
+    return None
 
 
 class VolumeFinalizeStep(Step):
@@ -407,6 +612,10 @@ class SourceFetchStep(Step):
     }
 
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        # fail fast: the header-only checks on the object's first and last bytes, before the download
+        verdict = source_preflight(ctx, source)
+        if verdict is not None and not verdict.safe:
+            raise ImageRejected(verdict.errors)
         dst = ctx.workdir / "source.img"
         dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
         bundle = bundle_manifest_url(source)
@@ -442,7 +651,13 @@ class SourceFetchStep(Step):
             allowance.release()
             raise
         allowance.shrink_to(result.size)
-        return {"path": str(result.path), "size": result.size, "sha256": result.sha256, "etag": result.etag}
+        return {
+            "path": str(result.path),
+            "size": result.size,
+            "sha256": result.sha256,
+            "etag": result.etag,
+            "preflight": verdict.to_dict() if verdict is not None else None,
+        }
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
         if result and Path(result["path"]).exists():
@@ -452,7 +667,71 @@ class SourceFetchStep(Step):
     def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
         if source.get("url") and not str(source["url"]).startswith("s3://"):
             _policy(ctx).check(source["url"])
-        return {"downloads": source, "scratch_bytes": None}
+        # the same preflight as the run: the verdict on the object's first and last bytes, and its size
+        # (what the download needs in scratch)
+        try:
+            verdict = source_preflight(ctx, source)
+        except ImagingError as exc:
+            return {
+                "downloads": source,
+                "scratch_bytes": None,
+                "preflight": {"error": exc.code, "message": exc.message},
+            }
+        size = verdict.details.get("object_size") if verdict is not None else None
+        return {
+            "downloads": source,
+            "scratch_bytes": size,
+            "preflight": verdict.to_dict() if verdict is not None else None,
+        }
+
+
+def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[bytes, int | None]:
+    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said)."""
+    cancel = ctx.cancel or threading.Event()
+    response = origin.get(start, end, cancel=cancel)
+    with response:
+        partial = parse_content_range(response.status, response.headers.get("Content-Range"))
+        want = end - start + 1
+        body = bytearray()
+        for chunk in response.iter_chunks():
+            body += chunk
+            if len(body) >= want:
+                break
+        if partial is None:  # a whole answer (Range not served): its length is the size
+            if start:
+                return b"", response.content_length
+            return bytes(body[:want]), response.content_length
+        return bytes(body[:want]), partial[2]
+
+
+def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | None:
+    """:func:`~appliance.image.inspect.preflight` of a source object by two ranged GETs (its first
+    :data:`PREFLIGHT_HEAD` and last :data:`PREFLIGHT_TAIL` bytes) against the claimed ``format``; None
+    without a claim the inspectors know. ``details["object_size"]``: the object's size when known."""
+    claim = str(source.get("format") or "").lower() or None
+    try:
+        parse_claim(claim)
+    except ImagingError:
+        return None  # a container (OVA...) or a name the inspection step reports
+    if claim is None:
+        return None
+    settings = ReaderSettings.from_sources(ctx.config.sources)
+    origin = origin_for(source, _policy(ctx), ctx.config.sources.s3, settings=settings)
+    try:
+        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+    except SourceUnavailable as exc:
+        if exc.status == 416:  # an empty object has no first byte: the download and inspection say so
+            return None
+        raise
+    tail: bytes | None = None
+    if size is not None and size > len(head):
+        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, ctx)
+        tail = tail or None
+    elif size is None:
+        size = None if len(head) >= PREFLIGHT_HEAD else len(head)
+    verdict = preflight(head, tail, claim, config=ctx.config, size=size)
+    verdict.details["object_size"] = size
+    return verdict
 
 
 class ImageStoreStep(Step):

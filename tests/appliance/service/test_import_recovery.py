@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
+from appliance.image.inspect import PREFLIGHT_HEAD
 from appliance.service.imports import DiskContainer, DiskImage, ImportService
 from appliance.store import Store, Task, TaskState
 from tests import imagefactory as imgs
@@ -37,6 +38,9 @@ from tests.stallproxy import StallingProxy
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
+#: downloads are held here: past the preflight's ranged GET of the first PREFLIGHT_HEAD bytes, which
+#: reads the object before the download (and whose GET the proxy would otherwise hold instead)
+PAST_PREFLIGHT = PREFLIGHT_HEAD + MiB
 # this module's waits are bounded at 90 s (two conversions on a shared 2-core machine)
 wait_until = functools.partial(processes.wait_until, timeout=90.0, interval=0.1)
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
@@ -183,11 +187,11 @@ def test_snapshot_import_killed_mid_download_completes_after_a_restart_and_match
     app = make_appliance()
     raw, vhdx = vhdx_of_random_data(tmp_path, "disk")
     moto.client("s3").upload_file(str(vhdx), bucket, "disk.vhdx")
-    proxy.arm("/disk.vhdx", after=MiB)
+    proxy.arm("/disk.vhdx", after=PAST_PREFLIGHT)
     task = app.service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="disk.vhdx"))
     app.start_worker()
     wait_until(
-        lambda: proxy.stalled >= 1 and app.reserved(task.id) > 0, what="the download to stop after 1 MiB"
+        lambda: proxy.stalled >= 1 and app.reserved(task.id) > 0, what="the download to stop after 3 MiB"
     )
     assert app.reserved(task.id) == vhdx.stat().st_size  # what the download needs, not the free quota
     app.kill_worker_and_task(task.id)
@@ -207,11 +211,11 @@ def test_snapshot_import_suspended_by_sigterm_mid_download_completes_after_a_res
     app = make_appliance()
     raw, vhdx = vhdx_of_random_data(tmp_path, "disk")
     moto.client("s3").upload_file(str(vhdx), bucket, "disk.vhdx")
-    proxy.arm("/disk.vhdx", after=MiB)
+    proxy.arm("/disk.vhdx", after=PAST_PREFLIGHT)
     task = app.service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="disk.vhdx"))
     worker = app.start_worker()
     wait_until(
-        lambda: proxy.stalled >= 1 and app.reserved(task.id) > 0, what="the download to stop after 1 MiB"
+        lambda: proxy.stalled >= 1 and app.reserved(task.id) > 0, what="the download to stop after 3 MiB"
     )
     worker.send_signal(signal.SIGTERM)  # the documented suspend: nothing is undone
     assert worker.wait() == 0
@@ -242,7 +246,7 @@ def test_two_overlapping_snapshot_downloads_that_fit_the_quota_both_complete(
     s3 = moto.client("s3")
     for name, (_raw, vhdx) in disks.items():
         s3.upload_file(str(vhdx), bucket, f"{name}.vhdx")
-        proxy.arm(f"/{name}.vhdx", after=MiB)
+        proxy.arm(f"/{name}.vhdx", after=PAST_PREFLIGHT)
     # room for both downloads and both RAW forms, with 1 MiB to spare
     need = sum(vhdx.stat().st_size + raw.stat().st_size for raw, vhdx in disks.values())
     app = make_appliance(scratch={"quota": need + MiB, "min_free": 0})
@@ -277,7 +281,7 @@ def test_a_download_that_does_not_fit_beside_another_fails_with_insufficient_scr
     assert size > virtual
     # one import fits (its download, then its RAW form beside it); two downloads do not
     app = make_appliance(scratch={"quota": size + virtual + (size - virtual) // 2, "min_free": 0})
-    proxy.arm("/a.vhdx", after=MiB)
+    proxy.arm("/a.vhdx", after=PAST_PREFLIGHT)
     first = app.service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="a.vhdx"))
     app.start_worker()
     wait_until(lambda: proxy.stalled >= 1 and app.reserved(first.id) > 0, what="the first download")

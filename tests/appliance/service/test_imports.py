@@ -150,11 +150,12 @@ def test_raw_upload_with_an_invalid_partition_table_fails_and_removes_the_volume
     assert list(cfg.targets["volume"]["directory"].glob("vol-*")) == []
 
 
-def test_vmdk_upload_is_converted_onto_the_volume(
+def test_sparse_vmdk_upload_is_converted_onto_the_volume_through_scratch(
     service: ImportService, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
+    # monolithicSparse is random access (a stream-optimized VMDK streams: tests/appliance/steps)
     src = imgs.qcow2_with_data(tmp_path)
-    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=streamOptimized")
+    vmdk = imgs.convert(src, tmp_path / "disk.vmdk", "vmdk", "subformat=monolithicSparse")
     s3 = moto.client("s3")
     pending = presign_manifest_url(s3, bucket, None, vmdk)
     upload(s3, pending, vmdk, file_format="VMDK", part_size=5 * MiB)

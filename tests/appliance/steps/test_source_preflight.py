@@ -1,0 +1,144 @@
+"""ImportImage/ImportSnapshot fail fast: ``source.fetch`` reads the object's first and last bytes (two ranged
+GETs) and runs the header-only preflight before downloading it; the dry-run plan shows the verdict and the
+scratch the download needs.
+
+Real parts: the moto S3 server behind :class:`~tests.stallproxy.StallingProxy` (which counts the bytes it
+serves), qemu-img for the images, the in-process engine.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.service.imports import DiskContainer, ImportService
+from appliance.store import TaskState
+from appliance.workflow.engine import Engine
+from tests import imagefactory as imgs
+from tests.servers import REGION, MotoServer
+from tests.stallproxy import StallingProxy
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
+    with StallingProxy(moto.endpoint) as p:
+        yield p
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    name = "pre-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, moto: MotoServer, proxy: StallingProxy) -> config_mod.Config:
+    data: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "sources": {
+            "allowed_endpoints": [proxy.endpoint, moto.endpoint],
+            "retries": 2,
+            "s3": {
+                "endpoint_url": proxy.endpoint,  # S3 reads counted by the proxy too
+                "region": REGION,
+                "access_key": "testing",
+                "secret_key": "testing",
+            },
+        },
+    }
+    return config_mod.from_dict(data, base_dir=tmp_path)
+
+
+def vhdx_of_random_data(directory: Path, mib: int = 24) -> Path:
+    return _of_random_data(directory, mib, "vhdx")
+
+
+def qcow2_of_random_data(directory: Path, mib: int = 24) -> Path:
+    return _of_random_data(directory, mib, "qcow2")
+
+
+def _of_random_data(directory: Path, mib: int, fmt: str) -> Path:
+    raw = directory / "data.raw"
+    rng = random.Random(1)
+    with open(raw, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(MiB))
+    out = directory / f"data.{fmt}"
+    imgs.qemu_img("convert", "-f", "raw", "-O", fmt, raw, out)
+    return out
+
+
+def presigned_url(moto: MotoServer, proxy: StallingProxy, bucket: str, key: str) -> str:
+    url = moto.client("s3").generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
+    )
+    return url.replace(moto.endpoint, proxy.endpoint)
+
+
+def test_a_vmdk_claim_for_a_qcow2_url_is_refused_before_the_download(
+    cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    image = qcow2_of_random_data(tmp_path)
+    moto.client("s3").upload_file(str(image), bucket, "disk.vmdk")
+    service = ImportService(cfg)
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        task = service.import_image(
+            [DiskContainer(format="VMDK", url=presigned_url(moto, proxy, bucket, "disk.vmdk"))]
+        )
+        done = engine.run(task.id)
+    finally:
+        engine.store.close()
+        service.store.close()
+    # the code a full inspection gives (FormatMismatch), after 2 MiB and 1536 bytes of a 24 MiB object
+    assert (done.state, done.error_code) == (TaskState.FAILED, "FormatMismatch"), done.error_message
+    assert proxy.served <= 2 * MiB + 1536 < image.stat().st_size // 8
+    assert not (cfg.scratch.root / task.id).exists()
+
+
+def test_a_vhdx_snapshot_from_a_bucket_is_preflighted_then_downloaded_once_and_imported(
+    cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    image = vhdx_of_random_data(tmp_path, mib=8)
+    moto.client("s3").upload_file(str(image), bucket, "disk.vhdx")
+    service = ImportService(cfg)
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        task = service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="disk.vhdx"))
+        done = engine.run(task.id)
+    finally:
+        engine.store.close()
+        service.store.close()
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    # the object once, and the preflight's head and tail
+    assert image.stat().st_size < proxy.served <= image.stat().st_size + 2 * MiB + 1536
+
+
+def test_the_dry_run_plan_shows_the_preflight_verdict_and_the_scratch_the_download_needs(
+    cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    image = vhdx_of_random_data(tmp_path, mib=8)
+    moto.client("s3").upload_file(str(image), bucket, "disk.img")
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        good = engine.plan("import-disk", {"disk": {"format": "VHDX", "bucket": bucket, "key": "disk.img"}})
+        bad = engine.plan("import-disk", {"disk": {"format": "VMDK", "bucket": bucket, "key": "disk.img"}})
+    finally:
+        engine.store.close()
+    [fetch] = [s for s in good["steps"] if s.get("name") == "fetch"]
+    assert fetch["scratch_bytes"] == image.stat().st_size
+    verdict = fetch["plan"]["preflight"]
+    assert verdict["format"] == "vhdx" and verdict["safe"] is True
+    [fetch] = [s for s in bad["steps"] if s.get("name") == "fetch"]
+    verdict = fetch["plan"]["preflight"]
+    assert verdict["safe"] is False
+    assert [f["code"] for f in verdict["findings"]] == ["FormatMismatch"]
+    assert proxy.served <= 2 * (2 * MiB + 1536)  # two preflights, no download
