@@ -33,7 +33,9 @@ from tests.api.controller_support import (
 )
 from tests.processes import stop_process, wait_until
 
-pytestmark = pytest.mark.slow
+# the controller has a database of its own (SQLite): the appliance store backends change nothing here,
+# and the module-scoped controller would see both runs' registrations
+pytestmark = [pytest.mark.slow, pytest.mark.backends("sqlite")]
 
 SECRET = "appliance-secret-0123456789abcdef"
 API_SECRET = "api-secret-key-abcdefghijklmnopqrstuv"
