@@ -24,7 +24,7 @@ help:
 	@echo "make fleet  - a local fleet: PostgreSQL, a moto server and three appliances on loopback"
 	@echo "make test   - install what is needed (system packages too, as root) and run every test"
 	@echo "make lint   - ruff and mypy"
-	@echo "make bench  - benchmarks (conversion, API, end-to-end import, appliance image)"
+	@echo "make bench  - benchmarks (conversion, API, end-to-end import, fleet, appliance image)"
 	@echo "make image  - build imaging-appliance.qcow2 with build.sh (as root)"
 
 # Installs missing Debian packages when run as root; otherwise prints the exact command and fails.
@@ -89,6 +89,7 @@ bench: venv
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/import_e2e.py
+	$(BIN)/python bench/fleet.py
 	bench/appliance.sh
 
 image: system-deps

@@ -7,10 +7,11 @@ PostgreSQL is the tests' throwaway cluster (:func:`tests.postgres.postgres_clust
 
 ``claim``: one ``imaging worker`` (``worker.poll_interval`` ``--poll``, default 5 s) on each
 backend; ``--claims`` one-step tasks (``util.sleep`` 0 s) submitted one at a time, each after the
-previous one finished and a random 0.1-0.5 s pause; the latency of each is its ``task.claimed``
-event's time minus its ``created_at`` (both stamped by the store on this machine's clock). On
-PostgreSQL the submit rings the doorbell (``NOTIFY``) and the worker claims at once; SQLite has only
-the poll.
+previous one finished and a random pause (0.1 s to the poll interval); the latency of each is its
+``task.claimed`` event's time minus its ``created_at`` (both stamped by the store on this machine's
+clock); also the median from claimed to completed (the fixed cost of running one task: its process,
+one step). On PostgreSQL the submit rings the doorbell (``NOTIFY``) and the worker claims at once;
+SQLite has only the poll.
 
 ``takeover``: two workers on PostgreSQL with ``worker.lease_seconds`` ``--lease`` (default 5);
 appliance A runs a task sleeping 120 s, B idles; A's worker and its task process group are killed
@@ -148,17 +149,21 @@ def claim_latency(
     target = store or {"url": f"sqlite:///{work / name / 'imaging.db'}"}
     engine = _engine(work / name, target, workflows)
     worker = Worker(work / name / "worker", target, workflows, args.poll, 60)
-    latencies = []
+    latencies: list[float] = []
+    runs: list[float] = []  # claimed -> completed: the task process's start, one step, its end
     try:
         _wait(worker.ready, 120, f"the {name} worker")
         rng = random.Random(7)
         for _ in range(args.claims):
-            time.sleep(rng.uniform(0.1, 0.5))
+            # a pause at a random phase of the worker's poll (a fixed one would meet it at one phase)
+            time.sleep(rng.uniform(0.1, args.poll))
             task_id = engine.submit("bench-sleep", {"seconds": 0})
             _wait(lambda: engine.store.get_task(task_id).state is TaskState.COMPLETED, 60, "a task", 0.01)  # noqa: B023
             task = engine.store.get_task(task_id)
             claimed = [e for e in engine.store.events(task_id=task_id) if e.kind == "task.claimed"]
             latencies.append((_time(claimed[0].time) - _time(task.created_at)) * 1000)
+            done = [e for e in engine.store.events(task_id=task_id) if e.kind == "task.state"]
+            runs.append((_time(done[-1].time) - _time(claimed[0].time)) * 1000)
     finally:
         worker.stop()
         engine.close()
@@ -167,8 +172,11 @@ def claim_latency(
         "claims": len(latencies),
         "poll_interval_s": args.poll,
         "p50_ms": _pct(latencies, 0.5),
+        "p90_ms": _pct(latencies, 0.9),
         "p99_ms": _pct(latencies, 0.99),
         "max_ms": max(latencies),
+        "over_100ms": sum(1 for x in latencies if x > 100),
+        "claimed_to_completed_p50_ms": _pct(runs, 0.5),
     }
     log(f"claim latency {name}: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms "
         f"(max {result['max_ms']:.1f}, {len(latencies)} claims, poll {args.poll} s)")  # fmt: skip
