@@ -17,13 +17,14 @@ SYSTEM_PACKAGES += postgresql
 APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 
-.PHONY: help system-deps venv run test lint bench image clean
+.PHONY: help system-deps venv run fleet test lint bench image clean
 
 help:
 	@echo "make run    - start the appliance locally on embedded defaults (state under ./var)"
+	@echo "make fleet  - a local fleet: PostgreSQL, a moto server and three appliances on loopback"
 	@echo "make test   - install what is needed (system packages too, as root) and run every test"
 	@echo "make lint   - ruff and mypy"
-	@echo "make bench  - benchmarks (conversion, API, end-to-end import, appliance image)"
+	@echo "make bench  - benchmarks (conversion, API, end-to-end import, fleet, appliance image)"
 	@echo "make image  - build imaging-appliance.qcow2 with build.sh (as root)"
 
 # Installs missing Debian packages when run as root; otherwise prints the exact command and fails.
@@ -66,6 +67,13 @@ run: venv
 	  trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT INT TERM; \
 	  $(BIN)/imaging -c $(CONFIG) serve
 
+# Three appliances (`imaging serve` + `imaging worker` each, own state directory and port) sharing a
+# throwaway PostgreSQL cluster and one volume directory, and a moto server for S3/EC2 (tests/fleet.py,
+# which the tests use too); prints the endpoints and credentials. Ctrl-C stops everything it started
+# and removes the cluster and the appliances' directory. FLEET_ARGS="--keep --lease 5" e.g.
+fleet: venv
+	@$(BIN)/python -m tests.fleet $(FLEET_ARGS)
+
 test: venv
 	$(BIN)/python -m pytest tests
 
@@ -81,6 +89,7 @@ bench: venv
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/import_e2e.py
+	$(BIN)/python bench/fleet.py
 	bench/appliance.sh
 
 image: system-deps

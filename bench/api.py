@@ -119,7 +119,7 @@ def _manifest_url(rng: random.Random, name: str) -> str:
     return f"https://s3.{REGION}.amazonaws.com/import-bucket/{key}?{query}"
 
 
-def populate(db_path: Path, count: int, seed: int = 1) -> dict[str, str]:
+def populate(db_path: Path | str, count: int, seed: int = 1) -> dict[str, str]:
     """Insert ``count`` import-volume tasks in :data:`STATE_MIX`; returns ``{id: EC2 state}``."""
     rng = random.Random(seed)
     expires = (datetime.now(UTC) + timedelta(hours=168)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -357,9 +357,16 @@ class Server:
 
 
 def start_server(
-    work: Path, port: int, workers: int, access_key: str, secret_key: str, log_level: str
+    work: Path,
+    port: int,
+    workers: int,
+    access_key: str,
+    secret_key: str,
+    log_level: str,
+    extra: dict[str, Any] | None = None,
 ) -> Server:
-    """``imaging --config FILE serve`` on ``127.0.0.1:port``; returns once every worker is up."""
+    """``imaging --config FILE serve`` on ``127.0.0.1:port``; returns once every worker is up.
+    ``extra``: more configuration sections (``store``: default SQLite under ``work/state``)."""
     import yaml
 
     conf = work / "imaging.yaml"
@@ -368,6 +375,7 @@ def start_server(
             {
                 "state_dir": str(work / "state"),
                 "log_level": log_level,
+                **(extra or {}),
                 "api": {
                     "bind": f"127.0.0.1:{port}",
                     "workers": workers,
@@ -484,8 +492,15 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_load(
-    args: argparse.Namespace, server: Server, ids: list[str], expected: dict[str, str], creds: tuple[str, str]
+    args: argparse.Namespace,
+    server: Server,
+    ids: list[str],
+    expected: dict[str, str],
+    creds: tuple[str, str],
+    more_servers: tuple[Server, ...] = (),
 ) -> Report:
+    """The load of ``args`` on ``server`` (and ``more_servers``: client i talks to server i mod n)."""
+    servers = [server, *more_servers]
     ctx = mp.get_context("spawn")
     per_client = -(-args.requests // args.clients)
     # Enough signed requests for the warm-up and the counted ones at a generous rate; beyond that
@@ -497,7 +512,7 @@ def run_load(
         spec = ClientSpec(
             index=i,
             host="127.0.0.1",
-            port=server.port,
+            port=servers[i % len(servers)].port,
             access_key=creds[0],
             secret_key=creds[1],
             ids=ids,
@@ -523,7 +538,7 @@ def run_load(
         for conn in conns:
             conn.send((start, measure_from, end))
         time.sleep(max(0.0, measure_from - time.monotonic()))
-        server_pids = server.pids()
+        server_pids = [pid for each in servers for pid in each.pids()]
         server_cpu0, machine0 = _proc_cpu(server_pids), _machine_cpu()
         results: list[ClientResult] = [conn.recv() for conn in conns]
         server_cpu1, machine1 = _proc_cpu(server_pids), _machine_cpu()
