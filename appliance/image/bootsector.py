@@ -6,7 +6,7 @@ MBR and checks its four partition entries. A volume boot record keeps boot code 
 keeps those entries, so a bare NTFS or FAT volume fails that check ("MBR PTE 0 has invalid boot flag",
 "GPT MBR has no partitions defined") although it holds no partition table at all. This module is the one
 place that tells the two apart; image inspection (:mod:`appliance.image.inspect`, also for conversion output),
-the streaming check of RAW volume uploads (:mod:`appliance.steps.imports`) and the guest reader
+the streaming check of RAW volume uploads (:mod:`appliance.steps.volume_import`) and the guest reader
 (:mod:`appliance.guest.reader`) all ask it.
 
 The rule: a sector that starts with an x86 jump and a consistent BIOS parameter block of FAT, NTFS or exFAT
