@@ -129,6 +129,12 @@ CHANGES: tuple[Change, ...] = (
         "(the secret is the registered one: rotating it is not supported)",
     ),
     Change("log_level", ("log_level",), (A,), "the API's; the worker's own from its next start"),
+    Change(
+        "store",
+        ("store",),
+        (A, R),
+        "the task database: the worker's claims and leases live in the running one, so it restarts",
+    ),
 )
 
 

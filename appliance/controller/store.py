@@ -191,10 +191,12 @@ def write_transaction(conn: sqlite3.Connection, lock: Any) -> Iterator[sqlite3.C
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # a failed COMMIT must not leave the shared connection inside a transaction either
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
 
 def _dumps(value: Any) -> str:

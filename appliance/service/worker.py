@@ -55,7 +55,7 @@ from typing import Any, Protocol
 from .. import config as config_mod
 from .. import confine, partials, redact
 from ..database import Listener
-from ..errors import ImagingError, LeaseLost, StoreUnavailable
+from ..errors import ImagingError, LeaseLost, StoreUnavailable, TaskNotFound
 from ..guest.mount import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
@@ -96,7 +96,9 @@ def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
     def live(task_id: str) -> bool:
         try:
             return not store.get_task(task_id).state.terminal
-        except ImagingError:
+        except TaskNotFound:
+            # only a task the database does not know is gone: an outage (StoreUnavailable) propagates,
+            # so the sweep is retried instead of deleting the scratch of tasks that will resume
             return False
 
     removed = ScratchSpace.from_config(config).cleanup_orphans(keep=live)
@@ -112,7 +114,7 @@ def sweep_partials(store: Store) -> list[Path]:
     def running(task_id: str) -> bool:
         try:
             task = store.get_task(task_id)
-        except ImagingError:
+        except TaskNotFound:  # as in cleanup_scratch: an outage propagates
             return False
         return task.state in (TaskState.RUNNING, TaskState.CANCELLING) and orphan_reason(task) is None
 
@@ -134,6 +136,18 @@ def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
     for line in cleaned:
         log.warning("crash leftover cleaned: %s", line)
     return cleaned
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a child has exited, leaving it a zombie (``WNOWAIT``) so that its pid (= its process
+    group's id) cannot be reused before its group has been killed; True too when its status was
+    already collected."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 class Worker:
@@ -218,6 +232,13 @@ class Worker:
                 self.config.source,
             )
             return False
+        if new.store != self.config.store:
+            log.error(
+                "configuration %s moves the task database: that needs a worker restart (its claims and "
+                "leases are in the running one); keeping the running configuration",
+                self.config.source,
+            )
+            return False
         if new.controller != self.config.controller:
             self.reporter_stale = True
         if TaskCaps.from_config(new.worker) != self.caps:
@@ -283,13 +304,14 @@ class Worker:
             self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
         except BaseException:
             self._release_cgroup(task_id)
+            self._handed.pop(task_id, None)  # no child runs it: its lease must be left to run out
             raise
 
     def _reap(self) -> None:
         for task_id, proc in list(self.children.items()):
             # WNOWAIT: the exited child stays a zombie, so its pid (= its process group's id) cannot be
             # reused before the group has been killed
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            if not _exited(proc):
                 continue
             self._kill_leftovers(task_id, proc)
             proc.wait()
@@ -423,10 +445,11 @@ class Worker:
 
     def _pass_cancel(self, task_id: str) -> None:
         proc = self.children.get(task_id)
-        if proc is not None and proc.poll() is None:
+        # not poll()/send_signal(): they collect an exited child's status, which _reap needs
+        if proc is not None and not _exited(proc):
             log.info("task %s: cancel requested; telling its process", task_id)
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGUSR2)
+                os.kill(proc.pid, signal.SIGUSR2)
 
     def write_heartbeat(self) -> None:
         beat = {
