@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-decompressed-size", type=int, required=True)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--input-size", type=int)
-    parser.add_argument("--resume", help="a boundary (JSON) to continue from; stdin starts at its offset")
+    parser.add_argument(
+        "--resume", help="a file holding a boundary (JSON) to continue from; stdin starts at its offset"
+    )
     parser.add_argument("--records", action="store_true", help="stdout is a pipe of framed records")
     parser.add_argument("--boundary-every", type=int, default=BOUNDARY_EVERY)
     args = parser.parse_args(argv)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     src = os.fdopen(0, "rb", closefd=False)
     try:
         if args.resume:
-            boundary = Boundary.from_dict(json.loads(args.resume))
+            boundary = Boundary.from_dict(json.loads(Path(args.resume).read_text()))
             decoder = resume_decoder(boundary, src, limits, input_size=args.input_size)
         else:
             decoder = open_decoder(args.format, src, limits, input_size=args.input_size)

@@ -88,11 +88,14 @@ class StreamDecode:
         argv += ["--boundary-every", str(boundary_every)]
         if input_size is not None:
             argv += ["--input-size", str(input_size)]
-        if resume is not None:
-            argv += ["--resume", json.dumps(resume.to_dict())]
         self._dir = confine.private_dir(prefix="decoder.")
         cwd = self._dir.__enter__()
         try:
+            if resume is not None:
+                # a file, not an argument: a VMDK boundary's bitmap of written grains can outgrow the
+                # kernel's limit on one argument (128 KiB), and the resume would fail for ever
+                (cwd / "resume.json").write_text(json.dumps(resume.to_dict()))
+                argv += ["--resume", "resume.json"]
             self.proc: subprocess.Popen[bytes] = confine.spawn(
                 argv, self._policy, cwd=cwd, stdin=subprocess.PIPE
             )

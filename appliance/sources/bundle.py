@@ -226,12 +226,50 @@ def _safe_member(member: tarfile.TarInfo, size: int) -> None:
         )
 
 
+#: tar typeflags of a regular file (ustar ``0``, old tar NUL), at byte 156 of a 512-byte header.
+#: Anything else first — a GNU long name or link (``L``/``K``), a pax header (``x``/``g``), a sparse
+#: member (``S``) — is refused before :mod:`tarfile` reads its body into memory: a bundle holds one
+#: regular member with a short plain name, and those headers' bodies are bounded only by the stream
+_TAR_HEADER, _TAR_TYPEFLAG, _TAR_REGULAR = 512, 156, (b"0", b"\0")
+
+
+class _Replayed:
+    """``stream`` with ``head`` (already read from it) put back in front."""
+
+    def __init__(self, head: bytes, stream: _Tapped) -> None:
+        self._head, self._stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(n)
+        if n < 0:
+            data, self._head = self._head + self._stream.read(), b""
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        return data
+
+
+def _first_header(stream: _Tapped) -> bytes:
+    head = b""
+    while len(head) < _TAR_HEADER and (more := stream.read(_TAR_HEADER - len(head))):
+        head += more
+    if len(head) == _TAR_HEADER and head[_TAR_TYPEFLAG : _TAR_TYPEFLAG + 1] not in _TAR_REGULAR:
+        kind = head[_TAR_TYPEFLAG : _TAR_TYPEFLAG + 1]
+        raise BundleInvalid(
+            "Tar",
+            f"the bundle's tar stream starts with a {kind!r} header, not a regular file "
+            "(long names, pax headers, links and sparse members are refused)",
+        )
+    return head
+
+
 def _untar(
     stream: _Tapped, size: int, out: Any, on_progress: Callable[[int], None] | None
 ) -> tuple[int, str]:
     sha256, written = hashlib.sha256(), 0
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+        replayed = _Replayed(_first_header(stream), stream)
+        with tarfile.open(fileobj=replayed, mode="r|") as tar:  # type: ignore[call-overload]
             member = tar.next()
             if member is None:
                 raise BundleInvalid("Tar", "the bundle's tar stream holds no member")

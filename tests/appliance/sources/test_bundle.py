@@ -172,6 +172,8 @@ def _member(name: str, size: int, kind: bytes = tarfile.REGTYPE, link: str = "")
         pytest.param(lambda n: [_member("disk.img", 0, tarfile.SYMTYPE, "/etc/shadow")], id="symlink"),
         pytest.param(lambda n: [_member("disk.img", 0, tarfile.LNKTYPE, "other")], id="hardlink"),
         pytest.param(lambda n: [_member("disk.img", n), _member("second.img", n)], id="two-members"),
+        # a GNU long-name header first: its body would be read into memory whole, however large
+        pytest.param(lambda n: [_member("d" * 200 + ".img", n)], id="long-name-header"),
     ],
 )
 def test_unsafe_tar_members_are_refused(tmp_path: Path, keys: dict[str, KeyPair], members: Any) -> None:
