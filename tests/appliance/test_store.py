@@ -28,7 +28,6 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.store import (
-    _TOKEN_LOOKUP,
     ACTIVE_STATES,
     MIGRATIONS,
     TRANSITIONS,
@@ -40,6 +39,7 @@ from appliance.store import (
     migration_sql,
     open_database,
 )
+from appliance.store.schema import TOKEN_LOOKUP
 from appliance.timestamps import parse_time
 from tests.stores import sql
 
@@ -464,7 +464,7 @@ def test_client_token_lookup_can_use_the_unique_index_on_postgresql(store: Store
     with store._write() as conn:
         conn.execute("SET LOCAL enable_seqscan = off")  # an empty table would be scanned anyway
         plan = " ".join(
-            r[0] for r in conn.execute("EXPLAIN " + _TOKEN_LOOKUP, ("", "import-snapshot", "tok"))
+            r[0] for r in conn.execute("EXPLAIN " + TOKEN_LOOKUP, ("", "import-snapshot", "tok"))
         )
     assert "Index Scan using tasks_client_token" in plan
 
