@@ -17,6 +17,11 @@ A failure anywhere in ``create`` detaches and deletes the new volume before the 
 normal detach does not finish in time) and deletes, and can find a volume by its task tag when
 its id was never stored (a crash inside ``create``). Waits poll ``DescribeVolumes`` with back-off.
 
+Failover: a task taken over by another appliance (its owner died, its lease ran out) finds its volume
+still attached to the dead appliance's instance, which the volume's info names (``instance_id``):
+``reopen`` force-detaches it from there and attaches it to this instance, and ``delete`` (an undo)
+force-detaches it from there before deleting it. A volume attached to any other instance is left alone.
+
 Error codes: ``FailureToCreateVolume``, ``FailureToAttachVolume``, ``FailureToDetachVolume``
 (timeouts and ``error`` states; the names are the Eucalyptus worker's), ``InvalidVolume.NotFound``,
 ``InvalidParameterValue`` (an availability zone other than this appliance's), ``CloudApiError``
@@ -318,19 +323,43 @@ class Ec2VolumeTarget:
         return Volume(volume_id, dev.path, dev.size, info)
 
     def reopen(self, volume_info: Mapping[str, Any]) -> Volume:
-        """Find the volume again, re-attaching it if it was detached meanwhile."""
+        """Find the volume again, re-attaching it if it was detached meanwhile.
+
+        A volume still attached to the instance that wrote it before (``volume_info["instance_id"]``,
+        another appliance) is force-detached from it first and attached here: this appliance took
+        the task over from that one, whose lease ran out (it died, or is cut off and must write no
+        more). A volume attached to any other instance is refused (``FailureToAttachVolume``)."""
         volume_id = str(volume_info["volume_id"])
         volume = self._describe(volume_id)
         device_name = volume_info.get("device_name")
         if self._attachment(volume) is None:
-            if volume.get("Attachments"):
+            holders = {
+                a.get("InstanceId") for a in volume.get("Attachments", []) if a.get("State") != "detached"
+            }
+            previous = volume_info.get("instance_id")
+            if holders and (previous is None or previous == self.instance_id or holders != {previous}):
                 raise TargetError(
                     f"volume {volume_id} is attached to another instance", "FailureToAttachVolume"
                 )
+            if holders:
+                log.warning(
+                    "volume %s is still attached to %s, which wrote it before this appliance took its task "
+                    "over: force-detaching it from there",
+                    volume_id,
+                    previous,
+                )
+                self._detach(volume_id, force=True, instance_id=str(previous))
             device_name = self._attach(volume_id)
         self._wait(volume_id, self._attached, "attached", "FailureToAttachVolume")
         dev = self.find_device(volume_id, 0)
-        info = dict(volume_info, path=str(dev.path), size=dev.size, device_name=device_name, zeroed=False)
+        info = dict(
+            volume_info,
+            path=str(dev.path),
+            size=dev.size,
+            device_name=device_name,
+            instance_id=self.instance_id,
+            zeroed=False,
+        )
         return Volume(volume_id, dev.path, dev.size, info)
 
     def adopt(self, volume_id: str, task_id: str) -> Volume:
@@ -341,9 +370,14 @@ class Ec2VolumeTarget:
         """Hand an adopted volume back: detach it (never delete it)."""
         self._detach(str(volume_info["volume_id"]))
 
-    def _detach(self, volume_id: str, *, force: bool = False) -> dict[str, Any]:
+    def _detach(
+        self, volume_id: str, *, force: bool = False, instance_id: str | None = None
+    ) -> dict[str, Any]:
+        """Detach from this instance (or ``instance_id``) and wait until the volume is ``available``."""
         try:
-            self._call("DetachVolume", VolumeId=volume_id, InstanceId=self.instance_id, Force=force)
+            self._call(
+                "DetachVolume", VolumeId=volume_id, InstanceId=instance_id or self.instance_id, Force=force
+            )
         except TargetError as exc:
             if exc.code != "InvalidAttachment.NotFound":  # already detached
                 raise TargetError(
@@ -377,17 +411,26 @@ class Ec2VolumeTarget:
             ids = [v["VolumeId"] for v in found["Volumes"]]
         else:
             raise UsageError("delete needs a volume_id or a task_id")
+        previous = volume_info.get("instance_id")
         for volume_id in ids:
-            self._discard(volume_id)
+            self._discard(volume_id, str(previous) if previous else None)
 
-    def _discard(self, volume_id: str) -> None:
+    def _discard(self, volume_id: str, previous: str | None = None) -> None:
+        """Detach and delete; a volume still attached only to ``previous`` (the instance that wrote it
+        before this appliance took its task over) is force-detached from there."""
         try:
             volume = self._describe(volume_id)
         except TargetError as exc:
             if exc.code == "InvalidVolume.NotFound":
                 return
             raise
-        if volume.get("Attachments"):
+        holders = {a.get("InstanceId") for a in volume.get("Attachments", []) if a.get("State") != "detached"}
+        if previous and previous != self.instance_id and holders == {previous}:
+            log.warning(
+                "volume %s is still attached to %s: force-detaching it from there", volume_id, previous
+            )
+            self._detach(volume_id, force=True, instance_id=previous)
+        elif volume.get("Attachments"):
             try:
                 self._detach(volume_id)
             except TargetError as exc:

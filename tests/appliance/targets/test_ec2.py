@@ -260,3 +260,124 @@ def test_settings_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         get_volume_target(cfg)
     assert "secret_key" in exc.value.message
+
+
+# -- failover: the volume follows its task to the appliance that took it over --------------------------
+
+
+class MovingDisks:
+    """The hypervisor stand-in for several instances (``device_dirs``: instance id → its ``device_dir``):
+    a volume's disk, one loop device picked at its first attachment, follows the volume from instance to
+    instance, as an EBS volume's does."""
+
+    def __init__(self, ec2: Any, device_dirs: dict[str, Path], loops: list[Path]) -> None:
+        self.ec2, self.device_dirs = ec2, device_dirs
+        self.free = list(loops)
+        self.disks: dict[str, Path] = {}  # volume id -> its loop device
+        self.links: dict[tuple[str, str], Path] = {}  # (instance, volume) -> link
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.boot_volumes = {vid for _, vid in self._attached()}  # the root disks are not ours to link
+
+    def _attached(self) -> set[tuple[str, str]]:
+        return {
+            (a["InstanceId"], v["VolumeId"])
+            for v in self.ec2.describe_volumes()["Volumes"]
+            for a in v["Attachments"]
+            if a["State"] == "attached" and a["InstanceId"] in self.device_dirs
+        }
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.05):
+            attached = {(i, v) for i, v in self._attached() if v not in self.boot_volumes}
+            for instance, vid in attached - set(self.links):
+                if vid not in self.disks:
+                    self.disks[vid] = self.free.pop(0)
+                loop = self.disks[vid]
+                link = self.device_dirs[instance] / f"virtio-{vid.replace('-', '')[:20]}"
+                link.symlink_to(loop)
+                self.links[(instance, vid)] = link
+            for key in set(self.links) - attached:
+                self.links.pop(key).unlink()
+
+    def __enter__(self) -> MovingDisks:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def test_a_volume_attached_to_a_dead_appliance_is_force_detached_and_attached_to_the_one_taking_over(
+    cloud: dict[str, Any], tmp_path: Path
+) -> None:
+    ec2, dead_settings = cloud["ec2"], cloud["settings"]
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    placement = cloud["instance"]["Placement"]
+    other = ec2.run_instances(
+        ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro", Placement=placement
+    )["Instances"][0]["InstanceId"]
+    dead, alive = dead_settings["instance_id"], other
+    alive_dir = tmp_path / "by-id-alive"
+    alive_dir.mkdir()
+    alive_settings = dict(dead_settings, instance_id=alive, device_dir=str(alive_dir))
+    data = os.urandom(MiB)
+    try:
+        with MovingDisks(ec2, {dead: cloud["device_dir"], alive: alive_dir}, cloud["loops"]):
+            # the appliance that dies: it created the volume, attached it and wrote part of the disk
+            volume = Ec2VolumeTarget.from_settings(dead_settings).create(task_id(), 4 * MiB)
+            assert volume.info["instance_id"] == dead
+            fd = os.open(volume.path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # ... and is gone: its attachment stays. The appliance that took the task over reopens the
+            # volume from the step's recorded result
+            taking_over = Ec2VolumeTarget.from_settings(alive_settings)
+            moved = taking_over.reopen(volume.info)
+            described = volume_state(ec2, volume.id)
+            assert [(a["InstanceId"], a["State"]) for a in described["Attachments"]] == [(alive, "attached")]
+            assert moved.info["instance_id"] == alive and moved.info["zeroed"] is False
+            with open(moved.path, "rb") as f:
+                assert f.read(MiB) == data  # the same disk, as the dead appliance left it
+            # the dead appliance's stale view of the volume cannot take it back
+            with pytest.raises(TargetError) as exc:
+                Ec2VolumeTarget.from_settings(dead_settings).reopen(volume.info)
+            assert exc.value.code == "FailureToAttachVolume"
+            assert [a["InstanceId"] for a in volume_state(ec2, volume.id)["Attachments"]] == [alive]
+            result = taking_over.finalize(moved)
+        assert result["state"] == "available" and volume_state(ec2, volume.id)["Attachments"] == []
+        taking_over.delete(moved.info)
+        assert volume_state(ec2, volume.id) is None
+    finally:
+        ec2.terminate_instances(InstanceIds=[other])
+
+
+def test_undo_after_a_takeover_force_detaches_the_volume_from_the_dead_appliance_and_deletes_it(
+    cloud: dict[str, Any], tmp_path: Path
+) -> None:
+    ec2, dead_settings = cloud["ec2"], cloud["settings"]
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    other = ec2.run_instances(
+        ImageId=image_id,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        Placement=cloud["instance"]["Placement"],
+    )["Instances"][0]["InstanceId"]
+    alive_dir = tmp_path / "by-id-alive"
+    alive_dir.mkdir()
+    alive_settings = dict(dead_settings, instance_id=other, device_dir=str(alive_dir), wait_timeout=5)
+    try:
+        with MovingDisks(
+            ec2, {dead_settings["instance_id"]: cloud["device_dir"], other: alive_dir}, cloud["loops"]
+        ):
+            volume = Ec2VolumeTarget.from_settings(dead_settings).create(task_id(), MiB)
+            # the task taken over fails (or is cancelled) before it reopened the volume: its undo deletes it
+            Ec2VolumeTarget.from_settings(alive_settings).delete(volume.info)
+        assert volume_state(ec2, volume.id) is None
+    finally:
+        ec2.terminate_instances(InstanceIds=[other])
