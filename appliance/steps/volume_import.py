@@ -6,17 +6,20 @@ in scratch and converted by qemu-img. Progress: ``converted`` counts bytes writt
 (EC2 ``bytesConverted``) and never goes backwards; 100 % only once the volume is flushed.
 
 Restart safety: the step checkpoints after every verified part (and at the decoder's boundaries),
-so a resumed task downloads only the parts it had not written.
+so a resumed task downloads only the parts it had not written. The checkpoints are in the task
+database (:meth:`~appliance.workflow.step.StepContext.save_checkpoint`, fenced by the run's lease),
+not in scratch: an appliance that takes the task over from a dead one resumes where it got to on the
+volume (a RAW or streamed upload; the volume is shared or reattached). An upload assembled in
+scratch is resumed only where that scratch is: its checkpoint names the assembly file by a token
+kept beside it, and another appliance (or a scratch that is gone) assembles it again from part 0.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+import secrets
 from typing import Any
 
-from ..atomicfile import write_json_atomic
 from ..errors import ImageRejected
 from ..image.convert import convert_image
 from ..image.decoding import Boundary
@@ -38,7 +41,8 @@ from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume
 from .volume import GiB, InsufficientVolumeSize
 
-_CHECKPOINT = "parts.json"
+#: beside an upload assembled in scratch: the token its checkpoints name (another scratch has another)
+_UPLOAD_TOKEN = "upload.token"
 
 
 def _policy(ctx: StepContext) -> UrlPolicy:
@@ -81,22 +85,22 @@ class VolumeImportStep(Step):
         m = ImportManifest.from_dict(manifest)
         fresh = dict(volume)
         vol = get_volume_target(ctx.config).reopen(volume)
-        checkpoint = ctx.workdir / _CHECKPOINT
-        state = json.loads(checkpoint.read_text()) if checkpoint.exists() else {"next": 0, "done": 0}
+        # where an earlier attempt (here, or on an appliance that died) got to: in the task database
+        state = ctx.load_checkpoint() or {"next": 0, "done": 0}
         # A volume nobody wrote to yet still reads as zeros; after a restart it may hold a partial write.
         zeroed = bool(fresh.get("zeroed")) and state["next"] == 0
         if format == "RAW":
-            return self._stream_raw(ctx, m, vol, zeroed, checkpoint, state)
+            return self._stream_raw(ctx, m, vol, zeroed, state)
         verdict = _preflight(ctx, m, format)
         decoder = _sequential(verdict)
         if decoder is not None:
-            return self._stream_decoded(ctx, m, format, decoder, vol, zeroed, checkpoint, state)
-        return self._via_scratch(ctx, m, format, vol, checkpoint, state)
+            return self._stream_decoded(ctx, m, format, decoder, vol, zeroed, state)
+        return self._via_scratch(ctx, m, format, vol, state)
 
     @staticmethod
-    def _save(checkpoint: Path, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _save(ctx: StepContext, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         state = {"next": part.index + 1, "done": done, **(extra or {})}
-        write_json_atomic(checkpoint, state, 0o600)  # durable: a resume trusts it
+        ctx.save_checkpoint(state)  # committed (and fenced by the lease) before the next part is written
         return state
 
     def _stream_raw(
@@ -105,7 +109,6 @@ class VolumeImportStep(Step):
         m: ImportManifest,
         vol: Volume,
         zeroed: bool,
-        checkpoint: Path,
         state: dict[str, Any],
     ) -> dict[str, Any]:
         if m.size > vol.size:
@@ -125,7 +128,10 @@ class VolumeImportStep(Step):
                 out.write(offset, chunk)
 
             def on_part(part: Part, done: int) -> None:
-                self._save(checkpoint, part, done)
+                # what the checkpoint says is on the volume must be there for whoever resumes (another
+                # appliance after this one lost power): durable first, then recorded
+                out.flush()
+                self._save(ctx, part, done)
                 ctx.progress(
                     {
                         "phase": "writing",
@@ -157,7 +163,6 @@ class VolumeImportStep(Step):
         decoder: str,
         vol: Volume,
         zeroed: bool,
-        checkpoint: Path,
         state: dict[str, Any],
     ) -> dict[str, Any]:
         where = f"volume {vol.id} ({vol.path})"
@@ -187,15 +192,13 @@ class VolumeImportStep(Step):
                 # everything before the boundary is in the volume: make it durable, then record it
                 out.flush()
                 index = _part_at(m, b.input_offset)
-                write_json_atomic(
-                    checkpoint,
+                ctx.save_checkpoint(
                     {
                         "next": index,
                         "done": b.input_offset,
                         "boundary": b.to_dict(),
                         "converted": base + done,
-                    },
-                    0o600,
+                    }
                 )
 
             def on_output(done: int) -> None:
@@ -274,13 +277,21 @@ class VolumeImportStep(Step):
         m: ImportManifest,
         format: str,
         vol: Volume,
-        checkpoint: Path,
         state: dict[str, Any],
     ) -> dict[str, Any]:
         upload = ctx.workdir / f"upload.{format.lower()}"
+        marker = ctx.workdir / _UPLOAD_TOKEN
         # Made again on every run: the engine released this step's reservations when it was interrupted.
         reservation = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
         doing = f"assembling the {format} upload"
+        token = marker.read_text().strip() if marker.exists() and upload.exists() else None
+        if token is None or state.get("upload") != token:
+            # the checkpoint names an assembly in another scratch (a dead appliance's), or none: from
+            # part 0 into a new file
+            upload.unlink(missing_ok=True)
+            token = secrets.token_hex(8)
+            marker.write_text(token + "\n")
+            state = {"next": 0, "done": 0}
         # parts already verified stay: the file is reopened, never truncated (a fresh one reads as zeros)
         fresh_upload = not upload.exists()
         with RawWriter(
@@ -291,7 +302,7 @@ class VolumeImportStep(Step):
         ) as out:
 
             def on_part(part: Part, done: int) -> None:
-                self._save(checkpoint, part, done)
+                self._save(ctx, part, done, {"upload": token})
                 ctx.progress(
                     {
                         "phase": "downloading",
@@ -349,6 +360,7 @@ class VolumeImportStep(Step):
             if os.stat(vol.path).st_size < vol.size:
                 os.truncate(vol.path, vol.size)
         upload.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         ctx.scratch.release(reservation)
         return {
             "bytes_written": result.virtual_size,

@@ -9,7 +9,6 @@ in-process engine and, for the kill -9, the real worker and its task child.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -294,13 +293,10 @@ def test_a_stream_vmdk_import_killed_mid_stream_resumes_from_its_checkpoint(
         parts = -(-image.stat().st_size // (4 * MiB))
         assert parts >= 8
         proxy.arm(f".part.{parts - 2}", after=MiB)  # the upload's end is held
-        checkpoint = cfg.scratch.root / task.id / "parts.json"
 
         def checkpointed() -> int:
-            try:
-                return int(json.loads(checkpoint.read_text()).get("done", 0))
-            except (OSError, ValueError):
-                return 0
+            # the write-image step's checkpoint, in the task database
+            return int((service.store.load_checkpoint(task.id, "3") or {}).get("done", 0))
 
         start_worker()
         processes.wait_until(
@@ -309,7 +305,7 @@ def test_a_stream_vmdk_import_killed_mid_stream_resumes_from_its_checkpoint(
             interval=0.1,
             what="a checkpoint at a decoder boundary with the download held",
         )
-        boundary = json.loads(checkpoint.read_text())["boundary"]
+        boundary = (service.store.load_checkpoint(task.id, "3") or {})["boundary"]
         assert boundary["format"] == "vmdk-stream" and boundary["input_offset"] >= 16 * MiB
         owner = service.store.get_task(task.id).owner
         assert owner is not None
