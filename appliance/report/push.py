@@ -21,16 +21,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from typing import Any
 
 from ..atomicfile import write_atomic
 from ..config import Config
 from ..errors import ImagingError
 from ..paths import StatePaths
-from ..store import Event, Store, TaskState
+from ..store import REPORTER_RECORD, Event, Store, TaskState
 from ..timestamps import parse_time
 from . import messages, status
-from .outbox import NewMessage, Outbox, Pending
+from .outbox import CursorMoved, NewMessage, Outbox, Pending
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,12 @@ class PushReporter(threading.Thread):
     # -- events → outbox ------------------------------------------------------------------------
 
     def pump(self) -> int:
-        """Turn new store events into outbox messages; returns how many messages were enqueued."""
+        """Turn new store events into outbox messages; returns how many messages were enqueued.
+
+        Appliances sharing the store share the outbox and its cursor: whichever reporter gets there
+        first turns an event into its message (the cursor moves only from where it was read), and
+        the message goes to the appliance running the task (:data:`~appliance.store.REPORTER_RECORD`;
+        this one for a task no appliance runs yet)."""
         enqueued = 0
         while True:
             cursor = self.outbox.cursor()
@@ -120,15 +126,47 @@ class PushReporter(threading.Thread):
             if not events:
                 return enqueued
             batch = [m for m in (self._message(e) for e in events) if m is not None]
-            self.outbox.enqueue(batch, cursor=events[-1].id)
+            try:
+                self.outbox.enqueue(batch, cursor=events[-1].id, expect_cursor=cursor)
+            except CursorMoved:
+                continue  # another appliance's reporter took these events: read on from its cursor
             enqueued += len(batch)
 
     def _message(self, event: Event) -> NewMessage | None:
+        message: NewMessage | None = None
         if event.kind == "task.state":
-            return self._state_message(event)
-        if event.kind == "step.progress":
-            return self._progress_message(event)
-        return None
+            message = self._state_message(event)
+        elif event.kind == "step.progress":
+            message = self._progress_message(event)
+        elif event.kind == "task.takeover":
+            message = self._takeover_message(event)
+        if message is None:
+            return None
+        return replace(message, appliance=self._reporter_of(event.task_id))
+
+    def _reporter_of(self, task_id: str) -> str:
+        """The appliance that reports the task: the one whose run owns it now, else this one."""
+        try:
+            named = self.store.record(task_id, REPORTER_RECORD)
+        except ImagingError:
+            named = None
+        return named if isinstance(named, str) and named else self.appliance_id
+
+    def _takeover_message(self, event: Event) -> NewMessage:
+        """Another appliance took the task over (its owner died or lost its lease): from here on its
+        reports come from the new owner, in order after the earlier ones."""
+        payload = {
+            "type": "task",
+            "event": "takeover",
+            "event_id": event.id,
+            "time": event.time,
+            "task": {
+                "id": event.task_id,
+                "epoch": event.data.get("epoch"),
+                "previous_epoch": event.data.get("previous_epoch"),
+            },
+        }
+        return NewMessage("task", event.task_id, payload)
 
     def _task(self, task_id: str) -> dict[str, Any] | None:
         try:
@@ -178,21 +216,28 @@ class PushReporter(threading.Thread):
         return NewMessage("task", event.task_id, payload)
 
     def enqueue_heartbeat(self) -> int:
-        payload = status.heartbeat(self.config, self.store, self.rates, self.outbox.backlog())
-        return self.outbox.enqueue([NewMessage("heartbeat", None, payload)], replace_type="heartbeat")[0]
+        backlog = self.outbox.backlog(self.appliance_id)
+        payload = status.heartbeat(self.config, self.store, self.rates, backlog, appliance=self.appliance_id)
+        message = NewMessage("heartbeat", None, payload, appliance=self.appliance_id)
+        return self.outbox.enqueue([message], replace_type="heartbeat")[0]
 
     # -- outbox → controller --------------------------------------------------------------------
 
     def deliver(self, limit: int = 100, *, stopping: bool = False) -> int:
         """Send due messages in order until the outbox is empty, one fails, or ``limit`` went out."""
         sent = 0
+        tried: list[Pending] = []
+
+        def send(pending: Pending) -> dict[str, Any]:
+            tried.append(pending)
+            return self._post(pending)
+
         while sent < limit and (stopping or not self._stop.is_set()):
-            pending = self.outbox.head()
-            if pending is None:
-                break
+            tried.clear()
             try:
-                reply = self._post(pending)
+                delivered = self.outbox.deliver_head(self.appliance_id, send)
             except DeliveryError as exc:
+                pending = tried[-1]
                 attempts = self.outbox.failed(pending.seq, str(exc))
                 self._retry_at = time.monotonic() + self._backoff
                 log.warning(
@@ -204,10 +249,11 @@ class PushReporter(threading.Thread):
                 )
                 self._backoff = min(self.config.controller.max_backoff, self._backoff * 2)
                 break
-            self.outbox.ack(pending.seq)
+            if delivered is None:
+                break
             self._backoff = FIRST_BACKOFF
             sent += 1
-            self._handle_reply(reply)
+            self._handle_reply(delivered[1])
         return sent
 
     def _post(self, pending: Pending) -> dict[str, Any]:

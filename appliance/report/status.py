@@ -8,10 +8,11 @@ from typing import Any
 from .. import __version__
 from ..boot.rendezvous import local_addresses
 from ..config import Config
+from ..database import POSTGRESQL
 from ..scratch import ScratchSpace
 from ..service import health as health_mod
 from ..service.imports import boot_settings, guest_report
-from ..store import Store, Task, TaskState
+from ..store import REPORTER_RECORD, Store, Task, TaskState
 
 ACTIVE = (TaskState.RUNNING, TaskState.CANCELLING)
 
@@ -81,10 +82,15 @@ def scratch_free(config: Config) -> int | None:
         return None
 
 
-def heartbeat(config: Config, store: Store, rates: RateTracker, backlog: int) -> dict[str, Any]:
-    """The payload of a heartbeat message."""
+def heartbeat(
+    config: Config, store: Store, rates: RateTracker, backlog: int, *, appliance: str | None = None
+) -> dict[str, Any]:
+    """The payload of a heartbeat message. With ``appliance`` on a store appliances share
+    (PostgreSQL), its tasks are those that appliance runs: its own heartbeat, not the fleet's."""
     status, reason = health(config, store)
     running = store.list_tasks(list(ACTIVE), limit=None)
+    if appliance is not None and store.dialect == POSTGRESQL:
+        running = [t for t in running if store.record(t.id, REPORTER_RECORD) == appliance]
     slots = config.worker.concurrency
     return {
         "type": "heartbeat",

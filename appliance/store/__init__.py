@@ -40,6 +40,7 @@ from .leases import LeaseOps
 from .model import (
     ACTIVE_STATES,
     LEDGER_ACTIONS,
+    REPORTER_RECORD,
     TASK_ID_RE,
     TERMINAL_STATES,
     TRANSITIONS,
@@ -70,6 +71,7 @@ __all__ = [
     "CHANNEL_TASKS",
     "LEDGER_ACTIONS",
     "MIGRATIONS",
+    "REPORTER_RECORD",
     "TASK_ID_RE",
     "TERMINAL_STATES",
     "TRANSITIONS",

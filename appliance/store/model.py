@@ -78,6 +78,11 @@ LEDGER_ACTIONS = ("created", "removed", "leaked")
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+#: the task record (:meth:`~appliance.store.Store.record`) naming the appliance (``controller.appliance_id``)
+#: whose run owns the task now: the one that reports it to the controller (push mode)
+REPORTER_RECORD = "reporter"
+
+
 def new_task_id() -> str:
     return "t-" + secrets.token_hex(6)
 

@@ -190,6 +190,12 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
             PRIMARY KEY (task_id, step)
         )""",
     ),
+    (
+        # Reports in a fleet sharing one outbox: the appliance (controller.appliance_id) that delivers
+        # each message, its own heartbeats and the messages of the tasks it runs (NULL: any, the rows
+        # of one appliance from before).
+        "ALTER TABLE report_outbox ADD COLUMN appliance TEXT",
+    ),
 ]
 
 #: doorbell channels (PostgreSQL NOTIFY; see :meth:`Store.listen`): a task became claimable

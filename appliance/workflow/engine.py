@@ -40,7 +40,7 @@ from ..errors import (
     UsageError,
     WorkflowInvalid,
 )
-from ..store import Lease, Store, Task, TaskState, new_task_id
+from ..store import REPORTER_RECORD, Lease, Store, Task, TaskState, new_task_id
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .hookpoints import points_used, record_hooks, recorded_hooks
 from .loader import Workflow, WorkflowLoader
@@ -300,6 +300,7 @@ class Engine:
             error: ImagingError | None = None
             result: Any = None
             try:
+                self._note_reporter(run)
                 if abort is not None:
                     raise abort
                 assert workflow is not None
@@ -339,6 +340,14 @@ class Engine:
         if release:
             self.store.release(run.task_id, self.owner)
         return self.store.get_task(run.task_id)
+
+    def _note_reporter(self, run: TaskRun) -> None:
+        """Record which appliance runs the task now (push reporting): its reporter delivers the task's
+        messages from here on, also those another appliance queued and did not get out before this
+        one took the task over (:mod:`appliance.report.push`). Fenced like every write of the run."""
+        ctl = self.config.controller
+        if ctl.mode == "push" and ctl.appliance_id:
+            self.store.set_record(run.task_id, REPORTER_RECORD, ctl.appliance_id)
 
     def _set_state(self, task_id: str, state: TaskState, **kw: Any) -> Task:
         task = self.store.set_state(task_id, state, **kw)

@@ -6,7 +6,7 @@ import pytest
 
 from appliance.database import StoreConfig
 from appliance.errors import ConfigError
-from appliance.report.outbox import NewMessage, Outbox
+from appliance.report.outbox import CursorMoved, NewMessage, Outbox
 from appliance.store import Store
 from tests import stores
 
@@ -86,3 +86,73 @@ def test_a_new_heartbeat_replaces_an_undelivered_one_but_not_task_messages(store
     box.ack(head.seq)
     assert box.head() is not None and box.head().seq == beat
     box.close()
+
+
+# -- appliances sharing one outbox (a fleet) ------------------------------------------------------------
+
+
+def task_msg(n: int, task: str, appliance: str) -> NewMessage:
+    return NewMessage("task", task, {"type": "task", "n": n}, appliance=appliance)
+
+
+def test_an_events_cursor_another_reporter_moved_on_enqueues_nothing(store_target: StoreConfig) -> None:
+    Store(store_target).close()
+    a, b = Outbox(store_target), Outbox(store_target)
+    try:
+        read_by_both = a.cursor()
+        a.enqueue([task_msg(1, "t-1", "a")], cursor=5, expect_cursor=read_by_both)
+        with pytest.raises(CursorMoved):
+            b.enqueue([task_msg(1, "t-1", "b")], cursor=5, expect_cursor=read_by_both)
+        assert (a.backlog(), a.cursor()) == (1, 5)  # the event became one message, not two
+    finally:
+        a.close()
+        b.close()
+
+
+def test_each_appliance_delivers_its_own_heartbeat_and_its_tasks_messages(store_target: StoreConfig) -> None:
+    Store(store_target).close()
+    box = Outbox(store_target)
+    try:
+        box.enqueue([NewMessage("heartbeat", None, {"n": 1}, appliance="a")], replace_type="heartbeat")
+        [b_beat] = box.enqueue(
+            [NewMessage("heartbeat", None, {"n": 2}, appliance="b")], replace_type="heartbeat"
+        )
+        [a_beat] = box.enqueue(
+            [NewMessage("heartbeat", None, {"n": 3}, appliance="a")], replace_type="heartbeat"
+        )
+        [b_task] = box.enqueue([task_msg(4, "t-2", "b")])
+        # a's new heartbeat replaced a's undelivered one, not b's
+        assert (box.backlog("a"), box.backlog("b")) == (1, 2)
+        head_a, head_b = box.head("a"), box.head("b")
+        assert head_a is not None and head_a.seq == a_beat
+        assert head_b is not None and head_b.seq == b_beat
+        delivered = box.deliver_head("b", lambda p: p.seq)
+        assert delivered is not None and delivered[1] == b_beat
+        next_b = box.head("b")
+        assert next_b is not None and next_b.seq == b_task
+    finally:
+        box.close()
+
+
+def test_a_task_taken_over_moves_its_waiting_messages_to_the_new_owner_in_order(
+    store_target: StoreConfig,
+) -> None:
+    Store(store_target).close()
+    box = Outbox(store_target)
+    try:
+        box.enqueue([task_msg(1, "t-1", "a"), task_msg(2, "t-1", "a"), task_msg(9, "t-9", "a")])
+        [b_beat] = box.enqueue([NewMessage("heartbeat", None, {"n": 0}, appliance="b")])
+        # appliance a died with t-1's messages undelivered; b runs t-1 now
+        [after] = box.enqueue([task_msg(3, "t-1", "b")])
+        sent: list[tuple[int, int]] = []
+        while (got := box.deliver_head("b", lambda p: (p.seq, p.payload.get("n")))) is not None:
+            sent.append(got[1])
+        # b's heartbeat first; then t-1's messages in their order, re-queued with new seqs above b's
+        assert [n for _, n in sent] == [0, 1, 2, 3]
+        seqs = [seq for seq, _ in sent]
+        assert seqs == sorted(seqs) and seqs[0] == b_beat and seqs[-1] == after
+        # another task of the dead appliance stays its own (no appliance took it over)
+        head = box.head("a")
+        assert head is not None and head.payload["n"] == 9 and box.backlog("b") == 0
+    finally:
+        box.close()
