@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import yaml
 from appliance.cli.config import LOCAL_ACCOUNT, generate_credentials, local_config
 from tests.postgres import Cluster, postgres_cluster
 from tests.servers import REGION, MotoServer, free_port, moto_server, wait_for_http
+from tests.stallproxy import StallingProxy
 
 #: the database the fleet's appliances share (in the throwaway cluster)
 DATABASE = "imaging"
@@ -69,6 +70,8 @@ class Fleet:
     store_url: str
     credentials: dict[str, str]
     members: list[Member] = field(default_factory=list)
+    #: the proxy every S3 read of the appliances goes through (``running_fleet(proxy=True)``), or None
+    proxy: StallingProxy | None = None
 
     def postmaster_pid(self) -> int:
         """The PostgreSQL server's process id (first line of its ``postmaster.pid``)."""
@@ -129,29 +132,57 @@ def appliance_config(
     moto: str,
     credentials: dict[str, str],
     lease: int,
+    *,
+    s3_endpoint: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The configuration of one member: ``imaging config init --store … --shared-volumes …``'s, with
-    the fleet's one key pair, two API workers and the lease ``lease`` seconds long."""
+    the fleet's one key pair, two API workers and the lease ``lease`` seconds long. ``s3_endpoint``:
+    the appliance reads S3 there (a proxy in front of ``moto``, which stays allowed too);
+    ``settings``: sections merged over the result, key by key (e.g. ``{"tasks": {"max_active": 20}}``)."""
     data = local_config(
-        str(state_dir), f"127.0.0.1:{port}", s3_endpoint=moto, store=store_url, shared_volumes=str(volumes)
+        str(state_dir),
+        f"127.0.0.1:{port}",
+        s3_endpoint=s3_endpoint or moto,
+        store=store_url,
+        shared_volumes=str(volumes),
     )
+    if s3_endpoint:
+        data["sources"]["allowed_endpoints"].append(moto)
     data["api"]["credentials"] = [credentials | {"account": LOCAL_ACCOUNT, "role": "admin"}]
     data["api"]["workers"] = 2
     data["worker"] = {"lease_seconds": lease}
+    for section, values in (settings or {}).items():
+        data[section] = {**data.get(section, {}), **values}
     return data
 
 
 @contextmanager
-def running_fleet(root: Path, appliances: int = 3, lease: int = 60) -> Iterator[Fleet]:
+def running_fleet(
+    root: Path,
+    appliances: int = 3,
+    lease: int = 60,
+    *,
+    settings: dict[str, Any] | None = None,
+    member_settings: Callable[[int], dict[str, Any]] | None = None,
+    proxy: bool = False,
+) -> Iterator[Fleet]:
     """Start the fleet under ``root`` (see the module docstring); stop every process group it
-    started, then the cluster (its directory removed)."""
+    started, then the cluster (its directory removed). ``settings``: configuration sections merged
+    into every appliance's (:func:`appliance_config`), then ``member_settings(number)``'s (e.g. a
+    ``controller`` section with each appliance's own ``appliance_id``); ``proxy``: every S3 read of
+    the appliances goes through a :class:`~tests.stallproxy.StallingProxy` in front of moto
+    (``Fleet.proxy``), so a test can hold a download, or a conversion fed by one, at a chosen byte."""
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     volumes = root / "volumes"
     volumes.mkdir(exist_ok=True)
-    with postgres_cluster(synchronous_commit=True) as cluster, moto_server(logs) as moto:
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(postgres_cluster(synchronous_commit=True))
+        moto = stack.enter_context(moto_server(logs))
+        front = stack.enter_context(StallingProxy(moto.endpoint)) if proxy else None
         cluster.admin(f"CREATE DATABASE {DATABASE}")
-        fleet = Fleet(root, cluster, moto, cluster.url(DATABASE), generate_credentials())
+        fleet = Fleet(root, cluster, moto, cluster.url(DATABASE), generate_credentials(), proxy=front)
         try:
             for number in range(1, appliances + 1):
                 home = root / f"appliance{number}"
@@ -159,7 +190,15 @@ def running_fleet(root: Path, appliances: int = 3, lease: int = 60) -> Iterator[
                 port = free_port()
                 config = home / "imaging.yaml"
                 data = appliance_config(
-                    home / "state", port, fleet.store_url, volumes, moto.endpoint, fleet.credentials, lease
+                    home / "state",
+                    port,
+                    fleet.store_url,
+                    volumes,
+                    moto.endpoint,
+                    fleet.credentials,
+                    lease,
+                    s3_endpoint=front.endpoint if front is not None else None,
+                    settings={**(settings or {}), **(member_settings(number) if member_settings else {})},
                 )
                 config.write_text(yaml.safe_dump(data, sort_keys=False))
                 config.chmod(0o600)
