@@ -11,8 +11,10 @@ connection, in the calling thread, so while the server cannot be reached each ca
 with :class:`~appliance.errors.StoreUnavailable` naming the cause (psycopg_pool makes every caller
 wait its full timeout, then reports only that it timed out, while background threads retry with a
 growing back-off and log each failure), and the first call after the server is back gets a new
-connection (no back-off to wait out). An idle connection is checked (an empty query) before it is
-handed out, so one that a server restart broke is replaced instead of failing a call. There are no
+connection (no back-off to wait out). An idle connection is checked before it is handed out, so one
+that a server restart broke is replaced instead of failing a call: a poll of its socket, which a
+server ending the session makes readable, and an empty query only when it is (a round trip per call
+would double the cost of a one-row read). There are no
 threads to survive a ``fork`` or to outlive a closed store.
 
 SQL arrives with ``?`` placeholders (the store's SQL is written once for both backends) and is
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import select
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -238,6 +241,22 @@ class PgListener:
         self._conn.close()
 
 
+def _suspect(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle pooled connection may be broken: closed, or its socket readable. An idle
+    connection in autocommit mode has nothing to read unless the server spoke unasked, and a server
+    that ends a session (a restart, a shutdown, ``pg_terminate_backend``) says so and closes the
+    socket: it becomes readable. Checked with a poll of the socket (no round trip), so a healthy
+    connection is handed out as it is and only a suspect one is tried with an empty query."""
+    if conn.closed:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
 class Pool:
     """Up to ``size`` connections made by ``connect``, shared by threads (see the module docstring)."""
 
@@ -272,6 +291,8 @@ class Pool:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._connect()
+            if not _suspect(conn):
+                return conn
             try:
                 conn.execute("")  # the server may have restarted since this connection was last used
                 return conn

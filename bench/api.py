@@ -31,6 +31,7 @@ signed requests under cProfile and prints where the application's time goes.
     .venv/bin/python bench/api.py                 # 10 000 tasks, 4 clients, 20 s / 20 000 requests
     .venv/bin/python bench/api.py --quick         # 2 000 tasks, 5 s: a smoke test
     .venv/bin/python bench/api.py --profile       # cProfile of the request path (no HTTP server)
+    .venv/bin/python bench/api.py --profile --postgres   # the same with the tasks in PostgreSQL
 """
 
 from __future__ import annotations
@@ -625,8 +626,11 @@ def print_report(r: Report) -> None:
 # ------------------------------------------------------------------------------------------ profile
 
 
-def profile_in_process(work: Path, ids: list[str], creds: tuple[str, str], count: int, top: int) -> None:
-    """cProfile the request path (falcon app, SigV4 check, store, XML) without HTTP or gunicorn."""
+def profile_in_process(
+    work: Path, ids: list[str], creds: tuple[str, str], count: int, top: int, store_url: str | None = None
+) -> None:
+    """cProfile the request path (falcon app, SigV4 check, store, XML) without HTTP or gunicorn;
+    ``store_url``: the tasks are in that database (PostgreSQL) instead of SQLite under ``work``."""
     import cProfile
     import io
     import pstats
@@ -641,6 +645,11 @@ def profile_in_process(work: Path, ids: list[str], creds: tuple[str, str], count
             "state_dir": str(work / "state"),
             "log_level": "warning",
             "api": {"credentials": [{"access_key": creds[0], "secret_key": creds[1]}]},
+            **(
+                {"store": {"url": store_url}, "targets": {"volume": {"type": "file", "shared": True}}}
+                if store_url
+                else {}
+            ),
         }
     )
     app = create_app(config)
@@ -701,6 +710,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="2000 tasks, 5 s, 1 s warm-up: a smoke test")
     p.add_argument("--profile", action="store_true", help="cProfile the request path in-process instead")
+    p.add_argument(
+        "--postgres", action="store_true", help="with --profile: the tasks in a throwaway PostgreSQL server"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when the goal is missed")
     p.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine")
     p.add_argument(
@@ -723,6 +735,15 @@ def main(argv: list[str] | None = None) -> int:
     server: Server | None = None
     try:
         t0 = time.monotonic()
+        if args.profile and args.postgres:
+            from tests.postgres import postgres_cluster  # psycopg; only this mode needs a server
+
+            with postgres_cluster() as cluster:
+                cluster.admin("CREATE DATABASE bench_api")
+                expected = populate(cluster.url("bench_api"), args.tasks)
+                log(f"{len(expected)} tasks stored in PostgreSQL in {time.monotonic() - t0:.1f} s")
+                profile_in_process(work, list(expected), creds, 3000, 30, cluster.url("bench_api"))
+            return 0
         expected = populate(work / "state" / "imaging.db", args.tasks)
         ids = list(expected)
         log(f"{len(ids)} tasks stored in {time.monotonic() - t0:.1f} s ({work / 'state'})")

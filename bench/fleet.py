@@ -23,16 +23,28 @@ same mix of states), two ``imaging serve`` (2 gunicorn workers each) on that dat
 ``bench/api.py``'s closed-loop clients (``--clients``, spread over the two), pre-signed SigV4
 requests for random ids, every sampled response checked. Goal: p99 ≤ 20 ms and ≥ 800 req/s.
 
-    .venv/bin/python bench/fleet.py                    # all three parts
+``imports``: small-import throughput with 1 and with 3 appliances (``--fleets``): the fleet of
+``make fleet`` (:func:`tests.fleet.running_fleet`: PostgreSQL, a moto server for S3, each appliance an
+``imaging serve`` and an ``imaging worker`` with the default ``worker.concurrency``); a
+stream-optimized VMDK of ``--image-mib`` MiB (a quarter of it data) in moto's S3; one warm-up import
+per appliance, then ``--imports`` ImportSnapshot calls sent at once, round-robin over the
+endpoints (boto3), and the time until every task is completed. Reported: imports per minute, the
+time from submission to completion (p50, max), and the CPU used meanwhile by each part (the
+workers with their task processes and ``qemu-img``, the API servers, PostgreSQL, moto, this
+client) against the machine's cores: where the time goes on a 2-core machine.
+
+    .venv/bin/python bench/fleet.py                    # all four parts
     .venv/bin/python bench/fleet.py --parts describe   # one of them
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import subprocess
@@ -50,15 +62,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import boto3  # noqa: E402
+import botocore.exceptions  # noqa: E402
 import yaml  # noqa: E402
 
 import bench.api as api_bench  # noqa: E402  (bench/api.py, a namespace package's module)
 from appliance import config as config_mod  # noqa: E402
-from appliance.store import TaskState  # noqa: E402
+from appliance.store import Store, TaskState  # noqa: E402
 from appliance.workflow.engine import Engine  # noqa: E402
+from tests.fleet import Fleet, running_fleet  # noqa: E402
 from tests.postgres import Cluster, postgres_cluster  # noqa: E402
 from tests.processes import kill_tree  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from tests.servers import REGION, free_port  # noqa: E402
 
 WORKFLOW = """
 name: bench-sleep
@@ -228,9 +243,15 @@ def describe(work: Path, cluster: Cluster, args: argparse.Namespace) -> dict:
             shared = {"store": store, "targets": {"volume": {"type": "file", "shared": True}}}
             servers.append(api_bench.start_server(home, free_port(), 2, *creds, "info", extra=shared))
         load = argparse.Namespace(
-            clients=args.clients, requests=args.requests, duration=args.duration, warmup=3.0,
-            sample_every=50, workers=2, log_level="info", no_idle_wait=True,
-        )  # fmt: skip
+            clients=args.clients,
+            requests=args.requests,
+            duration=args.duration,
+            warmup=3.0,
+            sample_every=50,
+            workers=2,
+            log_level="info",
+            no_idle_wait=True,
+        )
         report = api_bench.run_load(load, servers[0], ids, expected, creds, tuple(servers[1:]))
         api_bench.print_report(report)
         return asdict(report) | {"appliances": len(servers)}
@@ -239,9 +260,179 @@ def describe(work: Path, cluster: Cluster, args: argparse.Namespace) -> dict:
             server.stop()
 
 
+# ------------------------------------------------------------------------------------------ imports
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _stats() -> dict[int, tuple[int, float]]:
+    """Every process: pid -> (parent pid, CPU seconds of itself and of its reaped children)."""
+    out: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid … utime(12th) stime cutime cstime
+        out[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / HZ)
+    return out
+
+
+def _tree_cpu(stats: dict[int, tuple[int, float]], roots: list[int]) -> float:
+    """CPU seconds of the process trees under ``roots``: each live process's own and its reaped
+    children's (a child that ended counts in its parent's)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the machine so far, over all CPUs."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / HZ, sum(fields[:8]) / HZ
+
+
+def _parts(fleet: Fleet) -> dict[str, list[int]]:
+    members = fleet.members
+    return {
+        "workers+tasks": [m.worker.pid for m in members if m.worker],
+        "api servers": [m.serve.pid for m in members if m.serve],
+        "postgresql": [fleet.postmaster_pid()],
+        "moto (S3)": [fleet.moto.pid],
+    }
+
+
+def _small_image(work: Path, mib: int) -> Path:
+    """A stream-optimized VMDK of ``mib`` MiB whose first quarter is data (random: not compressible)."""
+    raw, vmdk = work / "small.raw", work / "small.vmdk"
+    with raw.open("wb") as out:
+        out.write(random.Random(3).randbytes(mib << 18))
+        out.truncate(mib << 20)
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            str(raw),
+            str(vmdk),
+        ],
+        check=True,
+    )
+    raw.unlink()
+    return vmdk
+
+
+def import_throughput(work: Path, appliances: int, image: Path, args: argparse.Namespace) -> dict:
+    root = work / f"fleet{appliances}"
+    with running_fleet(root, appliances=appliances, lease=60) as fleet:
+        creds = fleet.credentials
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=fleet.moto.endpoint,
+            region_name=REGION,
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
+        s3.create_bucket(Bucket="disks")
+        s3.upload_file(str(image), "disks", "small.vmdk")
+        ec2s = [
+            boto3.client(
+                "ec2",
+                endpoint_url=m.endpoint,
+                region_name=REGION,
+                aws_access_key_id=creds["access_key"],
+                aws_secret_access_key=creds["secret_key"],
+            )
+            for m in fleet.members
+        ]
+        container = {"Format": "VMDK", "UserBucket": {"S3Bucket": "disks", "S3Key": "small.vmdk"}}
+        store = Store(fleet.store_url)
+        try:
+
+            def wait_all(ids: list[str], timeout: float) -> None:
+                _wait(lambda: all(store.get_task(i).terminal for i in ids), timeout, "the imports", 0.1)
+                failed = {
+                    i: store.get_task(i).error_code
+                    for i in ids
+                    if store.get_task(i).state is not TaskState.COMPLETED
+                }
+                if failed:
+                    raise RuntimeError(f"imports did not complete: {failed} (logs under {root})")
+
+            def submit(ec2: Any) -> str:
+                # tasks.max_active (default 5) counts the active tasks of the whole fleet (one store):
+                # beyond it a client is told ResourceLimitExceeded and retries, as this one does
+                while True:
+                    try:
+                        return str(ec2.import_snapshot(DiskContainer=container)["ImportTaskId"])
+                    except botocore.exceptions.ClientError as exc:
+                        if exc.response["Error"]["Code"] != "ResourceLimitExceeded":
+                            raise
+                        time.sleep(0.2)
+
+            # warm-up: every appliance's worker is up and has run one import (first-use costs)
+            wait_all([submit(ec2) for ec2 in ec2s], 300)
+            stats0, machine0, self0 = _stats(), _machine_busy(), resource.getrusage(resource.RUSAGE_SELF)
+            started = time.monotonic()
+            ids = [submit(ec2s[i % appliances]) for i in range(args.imports)]
+            submitted = time.monotonic() - started
+            wait_all(ids, 60 * args.imports)
+            seconds = time.monotonic() - started
+            stats1, machine1, self1 = _stats(), _machine_busy(), resource.getrusage(resource.RUSAGE_SELF)
+            tasks = [store.get_task(i) for i in ids]
+        finally:
+            store.close()
+        turnaround = [_time(t.finished_at or t.updated_at) - _time(t.created_at) for t in tasks]
+        cpu = {
+            name: (_tree_cpu(stats1, pids) - _tree_cpu(stats0, pids)) / seconds
+            for name, pids in _parts(fleet).items()
+        }
+        cpu["bench client"] = (self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime) / seconds
+        busy = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * (os.cpu_count() or 1)
+        cpu["everything else"] = max(0.0, busy - sum(cpu.values()))
+    result = {
+        "appliances": appliances,
+        "worker_concurrency_each": 2,
+        "imports": len(ids),
+        "image_mib": args.image_mib,
+        "submitted_in_s": submitted,
+        "seconds": seconds,
+        "imports_per_min": 60 * len(ids) / seconds,
+        "turnaround_p50_s": _pct(turnaround, 0.5),
+        "turnaround_max_s": max(turnaround),
+        "machine_busy_cores": busy,
+        "cores": os.cpu_count(),
+        "cpu_cores_by_part": cpu,
+    }
+    shares = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    log(
+        f"imports with {appliances} appliance(s): {len(ids)} in {seconds:.1f} s = "
+        f"{result['imports_per_min']:.1f}/min; turnaround p50 {result['turnaround_p50_s']:.1f} s, "
+        f"max {result['turnaround_max_s']:.1f} s; busy {busy:.2f} of {os.cpu_count()} cores ({shares})"
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="claim,takeover,describe")
+    p.add_argument("--parts", default="claim,takeover,describe,imports")
     p.add_argument("--claims", type=int, default=30)
     p.add_argument("--poll", type=float, default=5.0, help="worker.poll_interval (default 5 s)")
     p.add_argument("--lease", type=int, default=5)
@@ -250,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--requests", type=int, default=20_000)
+    p.add_argument("--imports", type=int, default=12, help="small imports per fleet (default 12)")
+    p.add_argument("--fleets", default="1,3", help="appliances per measured fleet (default 1,3)")
+    p.add_argument("--image-mib", type=int, default=64, help="virtual size of the small image (default 64)")
     p.add_argument("--out", type=Path, default=ROOT / "out")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
@@ -260,7 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     (workflows / "bench-sleep.yaml").write_text(WORKFLOW)
     results: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
     try:
-        with postgres_cluster(synchronous_commit=True) as cluster:
+        if "imports" in parts:
+            # each fleet brings its own PostgreSQL and moto server (tests.fleet)
+            image = _small_image(work, args.image_mib)
+            results["imports"] = [
+                import_throughput(work, int(n), image, args) for n in args.fleets.split(",")
+            ]
+        with contextlib.ExitStack() as stack:
+            if {"claim", "takeover", "describe"} & set(parts):
+                cluster = stack.enter_context(postgres_cluster(synchronous_commit=True))
             if "claim" in parts:
                 cluster.admin("CREATE DATABASE bench_claim")
                 results["claim"] = [

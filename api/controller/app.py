@@ -39,6 +39,7 @@ from appliance.controller.lifecycle import (
     event_view,
 )
 from appliance.controller.store import ApplianceExists, ApplianceNotFound, ControllerStore
+from appliance.database import StoreConfig
 from appliance.errors import ImagingError, UsageError
 from appliance.redact import redact, redact_text
 from appliance.store import StoreError
@@ -64,7 +65,8 @@ INTERNAL_MESSAGE = "an internal error occurred; quote the request id when report
 class Settings:
     """What ``imaging controller serve`` was given."""
 
-    db: Path
+    #: the controller's database: a SQLite file, or store settings (a PostgreSQL database)
+    db: StoreConfig | Path
     admin_token: str
     enrol_secret: str | None = None
     #: seconds of silence after which the periodic sweep removes an appliance (None: no sweep)

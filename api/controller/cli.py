@@ -4,7 +4,7 @@
 ``list``, ``show``, ``remove``, ``remove-stale``, ``events``) are clients of the REST API rather than
 writers of the database: one path checks every change (the same validation, events and auth as a
 script calling the API), they work from any machine that can reach the controller, and they do not
-care which database (SQLite today, PostgreSQL later) is behind it. They find it with ``--url``
+care which database (SQLite or PostgreSQL) is behind it. They find it with ``--url``
 (``$IMAGING_CONTROLLER_URL``) and authenticate with the admin token (``--token-file``,
 ``$IMAGING_CONTROLLER_TOKEN``).
 """
@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from appliance.boot.userdata import COMPACT_PREFIX
+from appliance.database import StoreConfig, check_store_url
 from appliance.errors import ImagingError, UsageError
 
 DEFAULT_URL = "http://127.0.0.1:8780"
@@ -108,7 +109,7 @@ def cmd_serve(args: argparse.Namespace, _cfg: Any) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     settings = Settings(
-        db=Path(args.db),
+        db=_database(args.db, args.db_password_file),
         admin_token=token,
         enrol_secret=enrol,
         stale_after=args.stale_after or None,
@@ -123,6 +124,18 @@ def cmd_serve(args: argparse.Namespace, _cfg: Any) -> int:
     )
     serve(settings, options)
     return 0
+
+
+def _database(db: str, password_file: str | None) -> StoreConfig | Path:
+    """``--db``: a SQLite file, or a ``postgresql://`` URL (its password in ``--db-password-file``)."""
+    if not db.startswith("postgresql://"):
+        if password_file:
+            raise UsageError("--db-password-file goes with a postgresql:// --db")
+        return Path(db)
+    problem = check_store_url(db)
+    if problem is not None:
+        raise UsageError(f"--db {problem}")
+    return StoreConfig(url=db, password_file=Path(password_file) if password_file else None)
 
 
 def _load_config(path: str) -> Any:
@@ -225,7 +238,13 @@ def add_commands(sub: Any) -> None:
     csub = c.add_subparsers(dest="controller_command", required=True, metavar="COMMAND")
 
     s = csub.add_parser("serve", help="serve the controller API (gunicorn)")
-    s.add_argument("--db", default="/var/lib/imaging/controller.db", help="the controller's SQLite database")
+    s.add_argument(
+        "--db",
+        default="/var/lib/imaging/controller.db",
+        help="the controller's database: a SQLite file, or a postgresql://user@host:port/db URL (a "
+        "database or schema of its own; several controllers may share it)",
+    )
+    s.add_argument("--db-password-file", help="file holding the PostgreSQL password (first line)")
     s.add_argument("--bind", default="127.0.0.1:8780", help="HOST:PORT to listen on")
     s.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     s.add_argument(

@@ -19,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 
 from appliance.controller.lifecycle import Registry
 from appliance.controller.store import ControllerStore
+from appliance.database import as_settings, describe
 from appliance.errors import ImagingError
 
 from ..server import (
@@ -118,7 +119,7 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     """Serve until SIGTERM/SIGINT; the database is created (mode 0600) and migrated first."""
     configure_logging(options.log_level)
     ControllerStore(settings.db).close()  # a database that cannot be used stops the start here
-    log.info("controller database %s", settings.db)
+    log.info("controller database %s", describe(as_settings(settings.db)))
     try:
         ControllerServer(settings, options).run()
     except SystemExit as exc:

@@ -1,27 +1,34 @@
 """The controller's database: appliances, their configuration versions and the lifecycle events.
 
-Every SQL statement of the controller is in this module (the rules are in :mod:`.lifecycle`), so
-another backend (PostgreSQL) replaces this one module. The SQLite file is separate from any
-appliance's task database and follows the conventions of :mod:`appliance.store`: WAL mode, a
-``busy_timeout``, every read-modify-write in one ``BEGIN IMMEDIATE`` transaction (so the gunicorn
-workers, each with its own connection, serialise their writes), and :data:`MIGRATIONS` applied in
-order when the store is opened, ``schema_version`` counting them; a database written by newer
-code is refused.
+Every SQL statement of the controller is in this module (the rules are in :mod:`.lifecycle`). The
+database is the controller's own, separate from any appliance's task database, on either backend of
+:mod:`appliance.database`: a SQLite file (the default; created mode 0600) or a PostgreSQL database
+(``postgresql://…``: several controllers may share it). It follows the task store's conventions:
+SQL written once for both backends, every read-modify-write in one short write transaction (SQLite:
+``BEGIN IMMEDIATE``, so the gunicorn workers, each with its own connection, serialise their writes;
+PostgreSQL: row locks and transaction-scoped advisory locks where writes must take turns), the
+schema's :data:`~.schema.MIGRATIONS` applied when the store is opened (a database written by newer
+code is refused), and coded errors only (:class:`~appliance.errors.StoreUnavailable` while the
+database cannot be reached). A PostgreSQL database (or schema) holding a task store is refused:
+both have an ``events`` table and a ``schema_version``.
 
-Decisions that must hold across processes are single statements inside such a transaction:
+Decisions that must hold across processes are made inside such a transaction:
 
 * :meth:`ControllerStore.assign` hands the first unassigned dynamic configuration to an instance
-  with one ``UPDATE … WHERE assigned_to IS NULL … RETURNING``; the unique index on
-  ``assigned_to`` makes one instance hold at most one configuration, and a retry by the same
-  instance gets the one it already holds. (PostgreSQL: the same statement with the sub-select
-  ``FOR UPDATE SKIP LOCKED``.)
-* :meth:`ControllerStore.record_report` advances an appliance's report ``seq`` with a compare
-  (``WHERE last_seq < ?``), so a replayed message is refused by whichever worker sees it second.
+  with one ``UPDATE … WHERE assigned_to IS NULL … RETURNING``, under the assignment lock (on
+  PostgreSQL; SQLite's write transaction is one already), so concurrent requests take turns: each
+  configuration goes to one instance, and a retry by the same instance gets the one it holds. The
+  unique index on ``assigned_to`` makes one instance hold at most one configuration.
+* :meth:`ControllerStore.update` advances an appliance's report ``seq`` with a compare
+  (``WHERE last_seq < ?``) on the row it locked, so a replayed message is refused by whichever
+  worker sees it second.
 * :meth:`ControllerStore.remove_stale` deletes and records its events in one transaction, so an
   appliance is removed (and the removal reported) once however many sweepers run.
+* Events are inserted under the events lock (PostgreSQL), so their ids become visible in increasing
+  order and a reader paging with ``after`` misses none.
 
-The per-appliance secrets are stored as given (the controller needs them to compute HMACs): the
-file is created mode 0600, and no method returning a view of an appliance includes them.
+The per-appliance secrets are stored as given (the controller needs them to compute HMACs); no
+method returning a view of an appliance includes them.
 """
 
 from __future__ import annotations
@@ -29,264 +36,110 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError
-from ..timestamps import utcnow
-
-#: Ordered schema migrations (statements, never edited once released: append a new entry).
-MIGRATIONS: list[tuple[str, ...]] = [
-    (
-        # ``seq`` is the registration order: "the first unassigned configuration" is the lowest seq.
-        """CREATE TABLE appliances (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
-            secret TEXT NOT NULL,
-            dynamic INTEGER NOT NULL DEFAULT 0 CHECK (dynamic IN (0, 1)),
-            config_version INTEGER NOT NULL,
-            registered_at TEXT NOT NULL,
-            assigned_to TEXT,
-            assigned_at TEXT,
-            status TEXT NOT NULL DEFAULT 'registered',
-            health TEXT,
-            addresses TEXT NOT NULL DEFAULT '[]',
-            parameters TEXT,
-            errors TEXT NOT NULL DEFAULT '[]',
-            tasks TEXT NOT NULL DEFAULT '[]',
-            last_seen TEXT,
-            last_seq INTEGER NOT NULL DEFAULT 0,
-            updated_at TEXT NOT NULL
-        )""",
-        # NULLs never compare equal in a unique index (SQLite and PostgreSQL alike): only claimed
-        # rows are constrained, one configuration per instance.
-        "CREATE UNIQUE INDEX appliances_assigned_to ON appliances (assigned_to)",
-        "CREATE INDEX appliances_unassigned ON appliances (dynamic, assigned_to, seq)",
-        """CREATE TABLE configs (
-            appliance_id TEXT NOT NULL REFERENCES appliances (id) ON DELETE CASCADE,
-            version INTEGER NOT NULL,
-            document TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, version)
-        )""",
-        # No foreign key: the events of an appliance outlive its removal (they report it).
-        """CREATE TABLE events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            time TEXT NOT NULL,
-            appliance_id TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            data TEXT NOT NULL DEFAULT '{}'
-        )""",
-        "CREATE INDEX events_appliance ON events (appliance_id, id)",
-    ),
-    # live configuration updates: the version the appliance says it runs
-    ("ALTER TABLE appliances ADD COLUMN applied_version INTEGER",),
-]
-
-_APPLIANCE_COLUMNS = (
-    "seq, id, dynamic, config_version, registered_at, assigned_to, assigned_at, status, health, "
-    "addresses, parameters, errors, tasks, last_seen, last_seq, updated_at, applied_version"
+from ..database import (
+    LOCK_CONTROLLER_ASSIGN,
+    LOCK_CONTROLLER_EVENTS,
+    Connection,
+    Database,
+    Row,
+    StoreConfig,
+    as_settings,
 )
+from ..errors import DuplicateKey, StoreError
+from ..store import apply_migrations, open_database
+from ..store.schema import DIALECT_SQL
+from ..timestamps import utcnow
+from .model import (
+    ApplianceExists,
+    ApplianceNotFound,
+    ApplianceRow,
+    Credentials,
+    EventRow,
+    Update,
+    dumps,
+)
+from .schema import APPLIANCE_COLUMNS, MIGRATIONS
 
-
-class ApplianceExists(StoreError):
-    code = "ApplianceExists"
-
-
-class ApplianceNotFound(StoreError):
-    code = "ApplianceNotFound"
-
-
-@dataclass(frozen=True)
-class ApplianceRow:
-    """One appliance as stored, without its secret."""
-
-    seq: int
-    id: str
-    dynamic: bool
-    config_version: int
-    registered_at: str
-    assigned_to: str | None
-    assigned_at: str | None
-    status: str
-    health: str | None
-    addresses: list[str]
-    parameters: dict[str, Any] | None
-    errors: list[dict[str, Any]]
-    tasks: list[dict[str, Any]]
-    last_seen: str | None
-    last_seq: int
-    updated_at: str
-    #: the configuration version the appliance last reported running (None: not reported)
-    applied_version: int | None = None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ApplianceRow:
-        d = dict(row)
-        d["dynamic"] = bool(d["dynamic"])
-        for key in ("addresses", "parameters", "errors", "tasks"):
-            d[key] = None if d[key] is None else json.loads(d[key])
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class EventRow:
-    id: int
-    time: str
-    appliance_id: str
-    kind: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the protocol needs to check an appliance's signatures: its secret and last report seq."""
-
-    appliance_id: str
-    secret: str
-    last_seq: int
-
-
-@dataclass(frozen=True)
-class Update:
-    """What an appliance reported (None: not part of this report, the stored value stays)."""
-
-    status: str | None = None
-    health: str | None = None
-    addresses: list[str] | None = None
-    parameters: dict[str, Any] | None = None
-    errors: list[dict[str, Any]] | None = None
-    tasks: list[dict[str, Any]] | None = None
-    applied_version: int | None = None
-
-
-def connect(path: Path | str, busy_timeout: float = 30.0) -> sqlite3.Connection:
-    """A connection shared across threads (callers serialise use with a lock); no implicit
-    transactions: writers open them with :func:`write_transaction`."""
-    conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    return conn
-
-
-def inserted_id(cur: sqlite3.Cursor) -> int:
-    """The id of the row the ``INSERT`` just run on ``cur`` added."""
-    if cur.lastrowid is None:
-        raise StoreError("the database returned no id for an inserted row")
-    return cur.lastrowid
-
-
-@contextmanager
-def write_transaction(conn: sqlite3.Connection, lock: Any) -> Iterator[sqlite3.Connection]:
-    """A short write transaction holding the write lock from its start (``BEGIN IMMEDIATE``), rolled
-    back on any exception. The controller's own SQLite plumbing: its sqlite3 errors (an
-    ``IntegrityError`` for a duplicate id) are part of its logic, so it does not use the task
-    database's coded connection layer."""
-    with lock:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            # a failed COMMIT must not leave the shared connection inside a transaction either
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, allow_nan=False)
+__all__ = [
+    "MIGRATIONS",
+    "ApplianceExists",
+    "ApplianceNotFound",
+    "ApplianceRow",
+    "ControllerStore",
+    "Credentials",
+    "EventRow",
+    "Update",
+]
 
 
 class ControllerStore:
-    """The controller database at ``path`` (created mode 0600 and migrated on open); thread-safe."""
+    """The controller database ``target`` names (created and migrated on open): a SQLite file, a
+    ``sqlite:``/``postgresql:`` URL or store settings; thread-safe (see :mod:`appliance.database`)."""
 
-    def __init__(self, path: Path | str, *, busy_timeout: float = 30.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            # it holds the appliances' secrets: private from its first byte
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self._lock = threading.RLock()
+    def __init__(self, target: StoreConfig | Path | str, *, busy_timeout: float = 30.0) -> None:
+        self.settings = as_settings(target)
+        path = self.settings.path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                # it holds the appliances' secrets: private from its first byte
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._db: Database = open_database(self.settings, busy_timeout=busy_timeout)
         try:
-            self._conn = connect(self.path, busy_timeout)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open controller database {self.path}: {exc}") from exc
-        try:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise StoreError(f"cannot use controller database {self.path}: {exc}") from exc
+            if self._read(DIALECT_SQL[self._db.dialect]["table_exists"], ("tasks",)):
+                raise StoreError(
+                    f"{self._db.name} holds an appliance task database: the controller needs a "
+                    "database (or PostgreSQL schema) of its own"
+                )
+            apply_migrations(self._db, MIGRATIONS, "controller database", "this controller")
         except BaseException:
-            self._conn.close()
+            self._db.close()
             raise
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file; None on PostgreSQL."""
+        return self.settings.path
+
+    @property
+    def name(self) -> str:
+        """What messages call the database: its file or its URL (never with a password)."""
+        return self._db.name
+
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._conn, self._lock)
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._db.transaction()
 
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
-
-    def _version(self) -> int:
-        row = self._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-        ).fetchone()
-        if row is None:
-            return 0
-        version = self._conn.execute("SELECT version FROM schema_version").fetchone()
-        return 0 if version is None else int(version[0])
-
-    def _migrate(self) -> None:
-        if self._version() == len(MIGRATIONS):
-            return
-        with self._write() as conn:
-            version = self._version()
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"controller database {self.path} has schema version {version}, newer than this "
-                    f"controller understands ({len(MIGRATIONS)}); upgrade it or use another database"
-                )
-            if version == 0:
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
-            conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._db.read(sql, args)
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return self._version()
+        rows = self._read("SELECT version FROM schema_version")
+        return int(rows[0][0]) if rows else 0
 
     @staticmethod
-    def _event(conn: sqlite3.Connection, appliance_id: str, kind: str, data: dict[str, Any], now: str) -> int:
-        cur = conn.execute(
-            "INSERT INTO events (time, appliance_id, kind, data) VALUES (?, ?, ?, ?)",
-            (now, appliance_id, kind, _dumps(data)),
-        )
-        return inserted_id(cur)
-
-    @staticmethod
-    def _row(conn: sqlite3.Connection, appliance_id: str) -> sqlite3.Row:
+    def _event(conn: Connection, appliance_id: str, kind: str, data: dict[str, Any], now: str) -> int:
+        conn.lock(LOCK_CONTROLLER_EVENTS)  # held until the commit: ids become visible in order
         row = conn.execute(
-            f"SELECT {_APPLIANCE_COLUMNS} FROM appliances WHERE id = ?", (appliance_id,)
+            "INSERT INTO events (time, appliance_id, kind, data) VALUES (?, ?, ?, ?) RETURNING id",
+            (now, appliance_id, kind, dumps(data)),
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _row(conn: Connection, appliance_id: str) -> Row:
+        row = conn.execute(
+            f"SELECT {APPLIANCE_COLUMNS} FROM appliances WHERE id = ?", (appliance_id,)
         ).fetchone()
         if row is None:
             raise ApplianceNotFound(f"no appliance {appliance_id!r} is registered")
@@ -299,33 +152,35 @@ class ControllerStore:
     ) -> ApplianceRow:
         """Insert an appliance with configuration version 1 (:class:`ApplianceExists` if the id is taken)."""
         now = utcnow()
-        with self._write() as conn:
-            try:
+        try:
+            with self._write() as conn:
                 conn.execute(
                     "INSERT INTO appliances (id, secret, dynamic, config_version, registered_at, updated_at) "
                     "VALUES (?, ?, ?, 1, ?, ?)",
                     (appliance_id, secret, int(dynamic), now, now),
                 )
-            except sqlite3.IntegrityError as exc:
-                raise ApplianceExists(f"an appliance {appliance_id!r} is already registered") from exc
-            conn.execute(
-                "INSERT INTO configs (appliance_id, version, document, created_at) VALUES (?, 1, ?, ?)",
-                (appliance_id, _dumps(config), now),
-            )
-            self._event(conn, appliance_id, "registered", event, now)
-            return ApplianceRow.from_row(self._row(conn, appliance_id))
+                conn.execute(
+                    "INSERT INTO configs (appliance_id, version, document, created_at) VALUES (?, 1, ?, ?)",
+                    (appliance_id, dumps(config), now),
+                )
+                self._event(conn, appliance_id, "registered", event, now)
+                return ApplianceRow.from_row(self._row(conn, appliance_id))
+        except DuplicateKey as exc:
+            raise ApplianceExists(f"an appliance {appliance_id!r} is already registered") from exc
 
     def get(self, appliance_id: str) -> ApplianceRow:
-        with self._lock:
-            return ApplianceRow.from_row(self._row(self._conn, appliance_id))
+        rows = self._read(f"SELECT {APPLIANCE_COLUMNS} FROM appliances WHERE id = ?", (appliance_id,))
+        if not rows:
+            raise ApplianceNotFound(f"no appliance {appliance_id!r} is registered")
+        return ApplianceRow.from_row(rows[0])
 
     def appliances(self) -> list[ApplianceRow]:
-        rows = self._read(f"SELECT {_APPLIANCE_COLUMNS} FROM appliances ORDER BY seq")
+        rows = self._read(f"SELECT {APPLIANCE_COLUMNS} FROM appliances ORDER BY seq")
         return [ApplianceRow.from_row(r) for r in rows]
 
     def credentials(self, appliance_id: str) -> Credentials | None:
         rows = self._read("SELECT id, secret, last_seq FROM appliances WHERE id = ?", (appliance_id,))
-        return Credentials(rows[0]["id"], rows[0]["secret"], rows[0]["last_seq"]) if rows else None
+        return Credentials.from_row(rows[0]) if rows else None
 
     def config(self, appliance_id: str) -> tuple[int, dict[str, Any]]:
         """The current configuration version of an appliance and its document."""
@@ -353,7 +208,7 @@ class ControllerStore:
             version = int(row["config_version"])
             conn.execute(
                 "INSERT INTO configs (appliance_id, version, document, created_at) VALUES (?, ?, ?, ?)",
-                (appliance_id, version, _dumps(config), now),
+                (appliance_id, version, dumps(config), now),
             )
             self._event(conn, appliance_id, "config-published", {"version": version}, now)
             return version
@@ -390,6 +245,8 @@ class ControllerStore:
         neither heard from nor assigned (waiting to be launched) are never stale."""
         now = utcnow()
         with self._write() as conn:
+            # PostgreSQL: a concurrent sweeper's DELETE waits for this one's row locks, then finds
+            # the rows gone: each appliance is removed, and reported, once
             gone = conn.execute(
                 "DELETE FROM appliances WHERE COALESCE(last_seen, assigned_at) < ? "
                 "RETURNING id, last_seen, assigned_at, tasks, addresses",
@@ -413,14 +270,15 @@ class ControllerStore:
 
     def assign(self, instance_id: str) -> tuple[Credentials, bool] | None:
         """The configuration ``instance_id`` holds, else the first unassigned dynamic one, claimed
-        for it in one statement; (credentials, newly assigned), or None when none is left."""
+        for it; (credentials, newly assigned), or None when none is left."""
         now = utcnow()
         with self._write() as conn:
+            conn.lock(LOCK_CONTROLLER_ASSIGN)  # assignments take turns (see the module docstring)
             held = conn.execute(
                 "SELECT id, secret, last_seq FROM appliances WHERE assigned_to = ?", (instance_id,)
             ).fetchone()
             if held is not None:
-                return Credentials(held["id"], held["secret"], held["last_seq"]), False
+                return Credentials.from_row(held), False
             row = conn.execute(
                 "UPDATE appliances SET assigned_to = ?, assigned_at = ?, updated_at = ? "
                 "WHERE seq = (SELECT seq FROM appliances WHERE dynamic = 1 AND assigned_to IS NULL "
@@ -430,7 +288,7 @@ class ControllerStore:
             if row is None:
                 return None
             self._event(conn, row["id"], "assigned", {"instance_id": instance_id}, now)
-            return Credentials(row["id"], row["secret"], row["last_seq"]), True
+            return Credentials.from_row(row), True
 
     def config_fetched(self, appliance_id: str, version: int) -> None:
         """An appliance fetched its configuration: it is alive (``last_seen``), and it is told."""
@@ -452,8 +310,7 @@ class ControllerStore:
         with self._write() as conn:
             row = conn.execute(
                 "SELECT status, health, addresses, parameters, errors, tasks, applied_version, last_seq "
-                "FROM appliances "
-                "WHERE id = ?",
+                "FROM appliances WHERE id = ?" + conn.for_update,
                 (appliance_id,),
             ).fetchone()
             if row is None:
@@ -463,10 +320,10 @@ class ControllerStore:
             new = {
                 "status": update.status,
                 "health": update.health,
-                "addresses": None if update.addresses is None else _dumps(update.addresses),
-                "parameters": None if update.parameters is None else _dumps(update.parameters),
-                "errors": None if update.errors is None else _dumps(update.errors),
-                "tasks": None if update.tasks is None else _dumps(update.tasks),
+                "addresses": None if update.addresses is None else dumps(update.addresses),
+                "parameters": None if update.parameters is None else dumps(update.parameters),
+                "errors": None if update.errors is None else dumps(update.errors),
+                "tasks": None if update.tasks is None else dumps(update.tasks),
                 "applied_version": update.applied_version,
             }
             changed = sorted(k for k, v in new.items() if v is not None and v != row[k] and k != "tasks")
@@ -494,5 +351,6 @@ class ControllerStore:
             args.append(appliance_id)
         rows = self._read(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
-            EventRow(r["id"], r["time"], r["appliance_id"], r["kind"], json.loads(r["data"])) for r in rows
+            EventRow(int(r["id"]), r["time"], r["appliance_id"], r["kind"], json.loads(r["data"]))
+            for r in rows
         ]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Self
 
 from ..database import (
     LOCK_EVENTS,
-    LOCK_MIGRATIONS,
     POSTGRESQL,
     Connection,
     Database,
@@ -19,12 +18,11 @@ from ..database import (
 )
 from ..errors import (
     LeaseLost,
-    StoreError,
     TaskNotFound,
 )
 from ..redact import redact
 from .model import Lease, Task, dumps
-from .schema import DIALECT_SQL, MIGRATIONS, migration_sql, open_database
+from .schema import DIALECT_SQL, MIGRATIONS, apply_migrations, open_database, schema_version
 
 
 class StoreBase:
@@ -86,41 +84,13 @@ class StoreBase:
     def _sql(self, name: str) -> str:
         return DIALECT_SQL[self._db.dialect][name]
 
-    def _version(self, read: Callable[[str, Sequence[Any]], list[Row]]) -> int:
-        if not read(self._sql("table_exists"), ("schema_version",)):
-            return 0
-        rows = read("SELECT version FROM schema_version", ())
-        return int(rows[0][0]) if rows else 0
-
     def _migrate(self) -> None:
-        # Check first without a lock: a reader opening a current database never waits behind a writer.
-        if self._version(self._read) == len(MIGRATIONS):
-            return
-        with self._write() as conn:
-            # PostgreSQL: appliances starting together wait here for the first to migrate (SQLite's
-            # write transaction excludes the others already)
-            conn.lock(LOCK_MIGRATIONS)
-            version = self._version(lambda sql, args: conn.execute(sql, args).fetchall())
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"task database {self.name} has schema version {version}, newer than this toolkit "
-                    f"understands ({len(MIGRATIONS)}); upgrade the toolkit or point the store elsewhere"
-                )
-            if version == 0:
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-            for statements in MIGRATIONS[version:]:
-                for statement in statements:
-                    sql = migration_sql(statement, conn.dialect)
-                    if sql is not None:
-                        conn.execute(sql)
-            conn.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+        apply_migrations(self._db, MIGRATIONS, "task database", "this toolkit")
 
     @property
     def schema_version(self) -> int:
         """How many migrations the database has (a real read: health checks use it)."""
-        return self._version(self._read)
+        return schema_version(self._db)
 
     # -- fencing ------------------------------------------------------------------------------
 

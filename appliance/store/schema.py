@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..database import (
+    LOCK_MIGRATIONS,
     POSTGRESQL,
     SQLITE,
     Database,
+    Row,
     SQLiteDatabase,
     StoreConfig,
     as_settings,
 )
+from ..errors import StoreError
 from .model import ACTIVE_STATES
 
 
@@ -264,3 +269,47 @@ def open_database(target: StoreConfig | Path | str, *, busy_timeout: float = 30.
 
         return PostgresDatabase(settings)
     return SQLiteDatabase(settings, busy_timeout=busy_timeout)
+
+
+def schema_version(db: Database, read: Callable[[str, Sequence[Any]], list[Row]] | None = None) -> int:
+    """How many migrations ``db`` has (``schema_version``; 0 before the first), read with ``read``
+    (default: :meth:`Database.read`; a transaction's connection inside one)."""
+    read = read or db.read
+    if not read(DIALECT_SQL[db.dialect]["table_exists"], ("schema_version",)):
+        return 0
+    rows = read("SELECT version FROM schema_version", ())
+    return int(rows[0][0]) if rows else 0
+
+
+def apply_migrations(
+    db: Database, migrations: Sequence[Sequence[str | Dialects]], what: str, reader: str
+) -> None:
+    """Apply the ``migrations`` ``db`` lacks, in order, in one write transaction, and count them in
+    ``schema_version``; a database with more than this code knows is refused (:class:`StoreError`
+    naming ``what`` it is and ``reader``, what does not understand it). The task store and the
+    controller's store both migrate this way.
+
+    The version is read first without a lock (a process opening a current database never waits
+    behind a writer), then again under :data:`~appliance.database.LOCK_MIGRATIONS`: processes
+    starting together against one PostgreSQL database wait there for the first to migrate (SQLite's
+    write transaction excludes the others already)."""
+    if schema_version(db) == len(migrations):
+        return
+    with db.transaction() as conn:
+        conn.lock(LOCK_MIGRATIONS)
+        version = schema_version(db, lambda sql, args: conn.execute(sql, args).fetchall())
+        if version > len(migrations):
+            raise StoreError(
+                f"{what} {db.name} has schema version {version}, newer than {reader} understands "
+                f"({len(migrations)}); upgrade it or point it at another database"
+            )
+        if version == 0:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        for statements in migrations[version:]:
+            for statement in statements:
+                sql = migration_sql(statement, conn.dialect)
+                if sql is not None:
+                    conn.execute(sql)
+        conn.execute("UPDATE schema_version SET version = ?", (len(migrations),))

@@ -26,7 +26,7 @@ ENROL_SECRET = "fleet-enrolment-secret-0123456789"
 @dataclass(frozen=True)
 class ControllerProcess:
     url: str
-    db: Path
+    db: Path | str
     log: Path
     pid: int
 
@@ -83,12 +83,15 @@ def running_controller(
     sweep_interval: float = 10.0,
     workers: int = 2,
     tls: tuple[Path, Path] | None = None,
+    db: str | None = None,
 ) -> Iterator[ControllerProcess]:
-    """``imaging controller serve`` with the test's admin token and enrolment secret, stopped by PID."""
+    """``imaging controller serve`` with the test's admin token and enrolment secret, stopped by PID;
+    its database ``db`` (a ``postgresql://`` URL), else ``tmp/controller.db``."""
     port = free_port()
-    db, log = tmp / "controller.db", tmp / "controller.log"
+    database: Path | str = db or tmp / "controller.db"
+    log = tmp / "controller.log"
     env = dict(os.environ, IMAGING_CONTROLLER_TOKEN=ADMIN_TOKEN, IMAGING_CONTROLLER_ENROL_SECRET=ENROL_SECRET)
-    argv = [sys.executable, "-m", "appliance.cli", "controller", "serve", "--db", str(db)]
+    argv = [sys.executable, "-m", "appliance.cli", "controller", "serve", "--db", str(database)]
     argv += ["--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--stale-after", str(stale_after)]
     argv += ["--sweep-interval", str(sweep_interval)]
     if tls is not None:
@@ -98,6 +101,6 @@ def running_controller(
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/v1/health", proc=proc) if tls is None else _wait_for_port(port, proc)
-        yield ControllerProcess(url, db, log, proc.pid)
+        yield ControllerProcess(url, database, log, proc.pid)
     finally:
         stop_process(proc)

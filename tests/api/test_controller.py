@@ -31,6 +31,7 @@ from tests.api.controller_support import (
     ControllerProcess,
     running_controller,
 )
+from tests.postgres import Cluster
 from tests.processes import stop_process, wait_until
 
 # the controller has a database of its own (SQLite): the appliance store backends change nothing here,
@@ -446,3 +447,33 @@ def test_a_malformed_registration_is_refused_by_field_without_echoing_values(
     assert (status, answer["error"]["code"]) == (400, "InvalidParameterValue")
     assert words in answer["error"]["message"]
     assert "short-secret-1" not in json.dumps(answer) and SECRET not in json.dumps(answer)
+
+
+def test_two_controllers_on_one_postgresql_database_serve_the_same_appliances(
+    postgres: Cluster, tmp_path: Path
+) -> None:
+    schema = postgres.create_schema()
+    url = postgres.schema_url(schema)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        with running_controller(tmp_path / "a", db=url) as a, running_controller(tmp_path / "b", db=url) as b:
+            a.register("pg-1", CONFIG, SECRET)
+            status, body = b.admin(
+                "POST", "/v1/appliances", {"appliance_id": "pg-1", "config": CONFIG, "secret": SECRET}
+            )
+            assert (status, body["error"]["code"]) == (409, "ApplianceExists")
+            b.register("pg-2", CONFIG, SECRET, dynamic=True)
+            for ctl in (a, b):
+                _, listed = ctl.admin("GET", "/v1/appliances")
+                assert [x["id"] for x in listed["appliances"]] == ["pg-1", "pg-2"]
+            assert b.admin("DELETE", "/v1/appliances/pg-1")[0] == 204
+            assert a.admin("GET", "/v1/appliances/pg-1")[0] == 404
+            assert [(e["appliance_id"], e["kind"]) for e in a.events()] == [
+                ("pg-1", "registered"),
+                ("pg-2", "registered"),
+                ("pg-1", "removed"),
+            ]
+            assert SECRET not in a.log.read_text() + b.log.read_text()
+    finally:
+        postgres.drop_schema(schema)

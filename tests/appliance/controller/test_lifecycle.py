@@ -1,11 +1,15 @@
-"""The controller's lifecycle over its real SQLite store (no HTTP): registration, assignment, updates,
-removal and staleness, with several processes on one database where the rule must hold across them."""
+"""The controller's lifecycle over its real store (no HTTP): registration, assignment, updates,
+removal and staleness, with several processes on one database where the rule must hold across them.
+
+Every test runs on SQLite and on PostgreSQL (the ``store_backend`` fixture of ``tests/conftest.py``:
+a fresh schema of the session's server), except those that open the SQLite file themselves."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import sqlite3
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,10 @@ from appliance.controller.store import (
     ControllerStore,
     Update,
 )
+from appliance.database import StoreConfig
 from appliance.errors import UsageError
 from appliance.report import messages
-from appliance.store import StoreError
+from appliance.store import Store, StoreError, open_database
 from appliance.timestamps import format_time, utc_now
 
 SECRET = "appliance-secret-0123456789abcdef"
@@ -42,17 +47,33 @@ CONFIG: dict[str, Any] = {
 }
 
 
+#: every test of this module runs on SQLite and on PostgreSQL (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("store_backend")
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(ControllerStore(tmp_path / "controller.db"), enrol_secret=ENROL)
+def controller_db(store_settings: dict[str, Any], tmp_path: Path) -> StoreConfig:
+    """The controller's database for this test: ``tmp_path/controller.db``, or a fresh PostgreSQL schema."""
+    if not store_settings:
+        return StoreConfig.sqlite(tmp_path / "controller.db")
+    return StoreConfig(url=store_settings["url"])
 
 
+@pytest.fixture
+def registry(controller_db: StoreConfig) -> Iterator[Registry]:
+    registry = Registry(ControllerStore(controller_db), enrol_secret=ENROL)
+    yield registry
+    registry.store.close()
+
+
+@pytest.mark.backends("sqlite")
 def test_the_database_is_private_and_migrated(tmp_path: Path) -> None:
     store = ControllerStore(tmp_path / "c.db")
     assert (tmp_path / "c.db").stat().st_mode & 0o777 == 0o600
     assert store.schema_version == len(MIGRATIONS) == 2
 
 
+@pytest.mark.backends("sqlite")
 def test_a_database_of_the_first_schema_is_migrated_keeping_its_appliances(
     tmp_path: Path, registry: Registry
 ) -> None:
@@ -67,12 +88,30 @@ def test_a_database_of_the_first_schema_is_migrated_keeping_its_appliances(
     assert (row.config_version, row.applied_version) == (1, None)
 
 
+@pytest.mark.backends("sqlite")
 def test_a_database_of_a_newer_controller_is_refused(tmp_path: Path) -> None:
     ControllerStore(tmp_path / "c.db").close()
     with sqlite3.connect(tmp_path / "c.db") as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="schema version 99"):
         ControllerStore(tmp_path / "c.db")
+
+
+def test_a_newer_schema_is_refused_on_either_backend(controller_db: StoreConfig) -> None:
+    ControllerStore(controller_db).close()
+    db = open_database(controller_db)
+    with db.transaction() as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    db.close()
+    with pytest.raises(StoreError, match=r"controller database .* schema version 99"):
+        ControllerStore(controller_db)
+
+
+def test_a_task_database_is_not_taken_for_the_controllers(controller_db: StoreConfig) -> None:
+    # both have an events table and a schema_version: one would misread the other
+    Store(controller_db).close()
+    with pytest.raises(StoreError, match="task database"):
+        ControllerStore(controller_db)
 
 
 def test_pre_register_checks_the_configuration_as_configure_will(registry: Registry) -> None:
@@ -120,22 +159,21 @@ def test_an_id_is_registered_once_and_views_carry_no_secret(registry: Registry) 
     assert [e.kind for e in registry.events()] == ["registered"]
 
 
-def _claim(path: str, instance: str, barrier: Any, out: Any) -> None:
-    store = ControllerStore(path)  # each process its own connection, as each gunicorn worker
+def _claim(target: StoreConfig, instance: str, barrier: Any, out: Any) -> None:
+    store = ControllerStore(target)  # each process its own connection, as each gunicorn worker
     barrier.wait()
     got = store.assign(instance)
     out.put((instance, got[0].appliance_id if got else None))
 
 
-def test_concurrent_instances_each_get_a_different_configuration_once(tmp_path: Path) -> None:
-    path = tmp_path / "controller.db"
-    registry = Registry(ControllerStore(path))
+def test_concurrent_instances_each_get_a_different_configuration_once(controller_db: StoreConfig) -> None:
+    registry = Registry(ControllerStore(controller_db))
     registry.pre_register("static-1", CONFIG, SECRET)  # not in the pool
     for i in range(4):
         registry.pre_register(f"pool-{i}", CONFIG, SECRET, dynamic=True)
     ctx = multiprocessing.get_context("fork")
     barrier, out = ctx.Barrier(7), ctx.Queue()
-    procs = [ctx.Process(target=_claim, args=(str(path), f"inst-{i}", barrier, out)) for i in range(7)]
+    procs = [ctx.Process(target=_claim, args=(controller_db, f"inst-{i}", barrier, out)) for i in range(7)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=60) for _ in procs)
