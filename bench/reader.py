@@ -12,13 +12,17 @@ into a sink (the reader's own verification included):
   one at a time and ``--parallel`` at a time (MD5 of each part checked);
 - ``http one GET`` / ``http reader``: the same bytes from an https-style URL on a loopback HTTP server
   that slices ranges from memory (:class:`tests.httpfixtures.TestHTTPServer`): one stream through
-  :class:`~appliance.sources.http.HttpClient` against the reader (``If-Match`` on each range).
+  :class:`~appliance.sources.http.HttpClient` against the reader (``If-Match`` on each range);
+- ``file one GET`` / ``file reader``: the same, from ``bench/rangeserver.py`` — a threaded ranged file
+  server in a process of its own (``sendfile`` from the page cache): an origin whose cost per range is
+  the range's bytes, unlike moto's, and that does not share the benchmark's GIL, unlike the test server.
 
 Every scenario runs twice: straight to moto, and through a proxy that paces each connection to
 ``--throttle`` MB/s (:class:`tests.stallproxy.StallingProxy` with ``rate``): a real object store limits
 what one connection gets (AWS's guidance for byte-range fetches), moto on loopback does not. Reported:
 medians, MB/s, ``reader / one GET``, ``parts xN / parts x1`` and ``http reader / http one GET`` with
-PASS/MISS against the goal (>= 1.5), the reader's peak buffered bytes;
+``file reader / file one GET`` with PASS/MISS against the goal (>= 1.5), the reader's peak buffered
+bytes;
 ``bench/out/reader-results.json``; ``--strict`` exits 1 on a miss.
 
 Know before reading the figures: moto answers a ranged GET by loading the **whole** object and
@@ -33,14 +37,16 @@ a big object costs as much as reading all of it; part objects are small and neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +150,21 @@ def parts(endpoint: str, bucket: str, size: int, parallel: int) -> dict[str, Any
     return {"bytes": n}
 
 
+@contextlib.contextmanager
+def range_server(file: Path) -> Iterator[str]:
+    """``bench/rangeserver.py`` serving ``file`` in a process of its own; its endpoint."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "rangeserver.py"), str(file)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     began = time.perf_counter()
     out = fn()
@@ -170,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp,
-        moto_server(Path(tmp)) as moto,
-        TestHTTPServer() as web,
-    ):
-        web.add("/disk.raw", upload(moto.endpoint, bucket, size))
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-reader-"))
+        moto = stack.enter_context(moto_server(Path(tmp)))
+        web = stack.enter_context(TestHTTPServer())
+        data = upload(moto.endpoint, bucket, size)
+        web.add("/disk.raw", data)
+        (Path(tmp) / "disk.raw").write_bytes(data)
+        del data
+        files = stack.enter_context(range_server(Path(tmp) / "disk.raw"))
         paths = [("moto", None)] + (
             [(f"{args.throttle:g} MB/s per connection", args.throttle)] if args.throttle else []
         )
@@ -184,10 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             with (
                 StallingProxy(moto.endpoint, rate=pace) as proxy,
                 StallingProxy(web.endpoint, rate=pace) as wp,
+                StallingProxy(files, rate=pace) as fp,
             ):
                 endpoint = proxy.endpoint if rate else moto.endpoint
                 url = (wp.endpoint if rate else web.endpoint) + "/disk.raw"
                 policy = UrlPolicy(allowed_endpoints=[wp.endpoint, web.endpoint])
+                file_url = (fp.endpoint if rate else files) + "/disk.raw"
+                file_policy = UrlPolicy(allowed_endpoints=[fp.endpoint, files])
                 scenarios: dict[str, Callable[[], dict[str, Any]]] = {
                     "one GET": lambda e=endpoint: one_get(e, bucket),
                     "reader": lambda e=endpoint: ranged(e, bucket, settings),
@@ -195,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"parts x{args.parallel}": lambda e=endpoint: parts(e, bucket, size, args.parallel),
                     "http one GET": lambda u=url, p=policy: http_one_get(u, p),
                     "http reader": lambda u=url, p=policy: http_ranged(u, p, settings),
+                    "file one GET": lambda u=file_url, p=file_policy: http_one_get(u, p),
+                    "file reader": lambda u=file_url, p=file_policy: http_ranged(u, p, settings),
                 }
                 results[label] = {name: [] for name in scenarios}
                 names = list(scenarios)
@@ -223,8 +252,11 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], size: int, args:
             "reader / one GET": med["one GET"] / med["reader"],
             f"parts x{args.parallel} / parts x1": med["parts x1"] / med[f"parts x{args.parallel}"],
             "http reader / http one GET": med["http one GET"] / med["http reader"],
+            "file reader / file one GET": med["file one GET"] / med["file reader"],
         }
-        peak = max(r["peak_buffered"] for r in by_name["reader"] + by_name["http reader"])
+        peak = max(
+            r["peak_buffered"] for r in by_name["reader"] + by_name["http reader"] + by_name["file reader"]
+        )
         print(f"  {label}:")
         for name, seconds in med.items():
             print(f"    {name:<13} {seconds:7.2f} s  {size / seconds / 1e6:7.0f} MB/s")

@@ -30,7 +30,9 @@ class Route:
 
     Behaviours: ``ok``; ``reset`` (close without answering); ``500`` / ``503`` / ``404`` … (that status,
     small body); ``short:N`` (full Content-Length, only N body bytes, then close); ``corrupt`` (same
-    length and ETag, first byte flipped); ``stall:N`` (N body bytes, then hang until the server stops).
+    length and ETag, first byte flipped); ``stall:N`` (N body bytes, then hang until the server stops);
+    ``content-range:VALUE`` (the answer as usual, its Content-Range header replaced by VALUE: a lying
+    origin); ``pad:N`` (N bytes more than the range or object, counted in Content-Length).
     ``If-Match`` with another ETag is answered 412; ``honour_range`` False ignores ``Range`` and sends no
     ``Accept-Ranges``.
     """
@@ -111,6 +113,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             extra["Content-Range"] = f"bytes {start}-{end}/{len(route.body)}"
         if behaviour == "corrupt" and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
+        if behaviour.startswith("content-range:"):
+            extra["Content-Range"] = behaviour.split(":", 1)[1]
+        if behaviour.startswith("pad:"):
+            body = body + bytes(int(behaviour.split(":", 1)[1]))
         self.send_response(status)
         for k, v in {**route.headers, **extra}.items():
             self.send_header(k, v)

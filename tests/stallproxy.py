@@ -8,6 +8,12 @@ waits until :meth:`StallingProxy.release` releases its suffix (then the rest fol
 proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
 without timing anything; several downloads can be held and released one by one.
 
+``after`` is an offset in the object, so a download read as parallel ranged GETs is held at the same
+byte as one read as a single stream: a GET of ``Range: bytes=A-B`` is held after ``after - A`` body
+bytes when its range holds byte ``after`` (``A <= after <= B``), and goes through whole otherwise:
+ranges before the hold complete, ranges after it are not held (the reader waits for the held one
+before it hands anything past it over). A GET without a Range starts at 0.
+
 ``rate`` (bytes per second, per connection) paces every answer's body, like an object store that
 limits each connection (for benchmarks; tests leave it unset).
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import re
 import sys
 import threading
 import time
@@ -32,6 +39,7 @@ _HOP_BY_HOP = {
     "proxy-connection",
 }
 _PIECE = 64 * 1024
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -75,7 +83,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            armed = owner.hold_at(self.command, self.path)
+            armed = owner.hold_at(self.command, self.path, self.headers.get("Range"))
             hold_at = armed[1] if armed is not None else None
             sent, began = 0, time.monotonic()
             while piece := answer.read(_PIECE if hold_at is None else min(_PIECE, max(hold_at - sent, 1))):
@@ -162,13 +170,25 @@ class StallingProxy:
             plain = path.split("?", 1)[0]
             self.served_by_path[plain] = self.served_by_path.get(plain, 0) + n
 
-    def hold_at(self, method: str, path: str) -> tuple[str, int] | None:
-        """(armed suffix, bytes after which to hold) for a request, or None."""
+    def hold_at(self, method: str, path: str, range_header: str | None = None) -> tuple[str, int] | None:
+        """(armed suffix, body bytes after which to hold) for a request, or None (see the module
+        docstring: ``after`` is an object offset, placed in the request's range)."""
         with self._lock:
             if method != "GET":
                 return None
             plain = path.split("?", 1)[0]
-            return next(((sfx, after) for sfx, after in self._armed.items() if plain.endswith(sfx)), None)
+            armed = next(((sfx, after) for sfx, after in self._armed.items() if plain.endswith(sfx)), None)
+        if armed is None:
+            return None
+        m = _RANGE.match(range_header.strip()) if range_header else None
+        if m is None:
+            return armed
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) else None
+        suffix, after = armed
+        if after < first or (last is not None and after > last):
+            return None
+        return suffix, after - first
 
     def hold(self, path_suffix: str) -> None:
         with self._lock:

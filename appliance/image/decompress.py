@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -447,3 +447,88 @@ def _check_result(child: _Child, kind: str, total: int, policy: confine.Policy) 
             f"the {kind} decompressor reported {result.get('total')} bytes but sent {total}",
             code="InternalError",
         )
+
+
+def decompress_head(
+    pieces: Iterable[bytes],
+    kind: str,
+    want: int,
+    *,
+    complete: bool,
+    limits: Limits | None = None,
+    cancel: threading.Event | None = None,
+    name: str = "the source",
+) -> tuple[bytes, bool]:
+    """The first ``want`` decompressed bytes of a compressed stream whose bytes are ``pieces`` (a
+    download's body, read lazily and no further than needed), decoded by the same confined child as
+    :func:`decompress` (nothing is written anywhere). Returns ``(head, ended)``: ``ended`` when the
+    decompressed stream ended within ``want`` bytes (``head`` is then the whole image).
+
+    ``complete`` says whether ``pieces`` is the whole compressed object: a stream cut off by the caller
+    ends in the middle of a compressed block, which is not an error here (what was decoded before is the
+    head); in a complete one it is ``CorruptImage``. Raises ImageRejected (``CorruptImage``,
+    ``UnsafeImage.ResourceLimit``), Cancelled.
+    """
+    if kind not in COMPRESSIONS:
+        raise UsageError(f"unknown compression {kind!r}; use one of {', '.join(COMPRESSIONS)}")
+    cap = want + BLOCK_SIZE  # the child stops a little past what is wanted (it writes whole blocks)
+    policy = confine.decompressor(limits or config_mod.from_dict({}).limits, cap)
+    head = bytearray()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    stop = threading.Event()
+    feed_error: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view and not stop.is_set():
+                    view = view[os.write(write_end, view) :]
+                if stop.is_set():
+                    return
+        except BrokenPipeError:
+            pass  # the child is done (enough output, or an error it reports)
+        except BaseException as exc:  # the download failed: raised in the caller's thread
+            feed_error.append(exc)
+        finally:
+            os.close(write_end)
+
+    with confine.private_dir(prefix="decompress.") as cwd:
+        try:
+            argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--kind", kind]
+            proc = confine.spawn([*argv, "--max-bytes", str(cap)], policy, cwd=cwd, stdin=read_end)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        feeder = threading.Thread(target=feed, name="decompress-head", daemon=True)
+        feeder.start()
+        child = _Child(proc, name, cancel)
+        enough = False
+        try:
+            for block in child.blocks():
+                head += block
+                if len(head) >= want:
+                    enough = True
+                    break
+        finally:
+            stop.set()
+            child.close()  # kills the child when it is still decoding: its stdin pipe breaks
+            feeder.join()
+    if enough:
+        return bytes(head[:want]), False
+    if feed_error:
+        raise feed_error[0]
+    result = child.result()
+    if result is not None and "total" in result and child.proc.returncode == 0:
+        if result["total"] != len(head):
+            raise ImagingError(
+                f"the {kind} decompressor reported {result['total']} bytes but sent {len(head)}",
+                code="InternalError",
+            )
+        return bytes(head), True
+    if result is not None and str(result.get("error", "")) == "CorruptImage" and not complete:
+        return bytes(head), False  # the stream was cut off where the caller stopped reading
+    _check_result(child, kind, len(head), policy)
+    raise ImagingError(f"the {kind} decompressor ended without a result", code="InternalError")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import SourcesConfig
+from ..errors import Finding, ImageRejected
 from .http import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, DEFAULT_RETRIES, sleep_or_cancel
 
 MiB = 1 << 20
@@ -40,14 +41,20 @@ class ReaderSettings:
     backoff_max: float = DEFAULT_BACKOFF_MAX
     #: bytes between two calls of the checkpoint callback (at range boundaries)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    #: the largest source read (None: no cap): a larger one is refused from its declared size before
+    #: its body is read, and a source without one as soon as its bytes pass the cap
+    max_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.parallel < 1 or self.range_size < 1 or self.stall_seconds <= 0 or self.retries < 0:
             raise ValueError(f"bad reader settings {self}")
+        if self.max_size is not None and self.max_size < 0:
+            raise ValueError(f"bad reader settings {self}")
 
     @classmethod
     def from_sources(cls, sources: SourcesConfig | None, **overrides: Any) -> ReaderSettings:
-        """The settings of ``config.sources`` (the defaults without one), then ``overrides``."""
+        """The settings of ``config.sources`` (the defaults without one), then ``overrides``
+        (``max_size``, the download limit, is the caller's: no cap unless given)."""
         values: dict[str, Any] = {}
         if sources is not None:
             values.update(
@@ -55,9 +62,25 @@ class ReaderSettings:
                 range_size=sources.range_size,
                 stall_seconds=sources.stall_seconds,
                 retries=sources.retries,
+                checkpoint_every=sources.checkpoint_every,
             )
         values.update(overrides)
         return cls(**values)
+
+
+def too_large(where: str, max_size: int, size: int | None = None) -> ImageRejected:
+    """``SizeLimitExceeded.Download``: ``where`` is larger (``size`` bytes, when it said so) than the
+    limit ``max_size``."""
+    told = f" ({size} bytes)" if size is not None else ""
+    return ImageRejected(
+        [
+            Finding.error(
+                "SizeLimitExceeded.Download",
+                f"{where} is larger{told} than the download limit of {max_size} bytes; nothing was kept. "
+                "Import a smaller or compressed image, or raise the limit",
+            )
+        ]
+    )
 
 
 def back_off(settings: ReaderSettings, failures: int, cancel: threading.Event | None) -> None:

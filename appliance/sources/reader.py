@@ -27,6 +27,13 @@ stream that breaks is resumed with ``Range`` and ``If-Range``, and a server that
 whole object again has its first bytes skipped — only when they provably are the same (same
 validator, or the same SHA-256 as what was read).
 
+Size bounds (``settings.max_size``, the download limit). The object's size comes from the first
+answer's ``Content-Range`` (its ``Content-Length`` when it is the whole object): a larger source is
+refused with ``SizeLimitExceeded.Download`` before its body is read. A source read as one stream
+without a size is cut off, with the same code, as soon as its bytes pass the limit. A ranged answer
+must be exactly the range asked (``Content-Range`` and ``Content-Length``), of the same total, and
+no longer than announced; anything else is ``SourceIntegrity`` (not retried).
+
 Verification and failure. An object replaced mid-read (412, another ETag or size) fails with
 ``Source.Changed`` (:class:`~appliance.errors.SourceChanged`): bytes already read cannot be taken
 back. A failed range (broken, short, 5xx, stalled) is retried for its missing remainder with
@@ -60,7 +67,16 @@ from .blockstream import Block, BlockStream
 from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
 from .ordered import LinkedEvent, ordered_fetch
 from .origins import Origin, Response, origin_for
-from .ranges import ReaderSettings, ReaderStats, ReadPosition, Span, Validator, back_off, parse_content_range
+from .ranges import (
+    ReaderSettings,
+    ReaderStats,
+    ReadPosition,
+    Span,
+    Validator,
+    back_off,
+    parse_content_range,
+    too_large,
+)
 from .single import read_single
 from .urlfilter import UrlPolicy
 
@@ -131,9 +147,11 @@ class RangeReader(BlockStream):
         self.validator = self.origin.validator(head)
         self.md5_etag = self.origin.md5_etag(head)
         partial = parse_content_range(head.status, head.headers.get("Content-Range"))
-        if partial is not None and partial[0] != 0:
+        try:
+            self._check_first(head, partial)
+        except BaseException:
             head.close()
-            raise SourceIntegrity(f"{self.origin.where} answered the first GET with bytes from {partial[0]}")
+            raise
         if partial is not None and partial[2] is not None and self.validator:
             self.size, self.ranged = partial[2], True
             first = Span(0, 0, partial[1] + 1)
@@ -145,6 +163,11 @@ class RangeReader(BlockStream):
             head = self.attempt(lambda: self.origin.get(0, None, cancel=self.stop), 0)
             self.validator = self.origin.validator(head)
         self.size = head.content_length
+        try:
+            self._check_size(self.size)
+        except BaseException:
+            head.close()
+            raise
         log.info(
             "%s is read as one stream: %s",
             self.origin.where,
@@ -170,6 +193,11 @@ class RangeReader(BlockStream):
         if position.size is not None and self.size is not None and self.size != position.size:
             head.close()
             raise self.changed(tail.start, f"it is {self.size} bytes now, it was {position.size}")
+        try:
+            self._check_size(self.size)
+        except BaseException:
+            head.close()
+            raise
         if partial is None or self.size is None:
             log.info("%s is read as one stream: it no longer serves byte ranges", self.origin.where)
             if partial is not None:  # a range of unknown total: start over from the position
@@ -183,6 +211,41 @@ class RangeReader(BlockStream):
             raise self.changed(tail.start, "the bytes before the saved position differ")
         self.ranged = True
         return self._parallel(self._plan(position.offset), None)
+
+    def _check_size(self, size: int | None) -> None:
+        """Refuse a source that says it is larger than ``settings.max_size``, before its body is read."""
+        cap = self.settings.max_size
+        if cap is not None and size is not None and size > cap:
+            raise too_large(self.origin.where, cap, size)
+
+    def _check_first(self, head: Response, partial: tuple[int, int, int | None] | None) -> None:
+        """The first answer: a whole object of an acceptable ``Content-Length``, or exactly the range
+        asked (bytes 0..range_size-1, or the whole object when it is smaller), of a consistent
+        ``Content-Range`` and an acceptable size."""
+        if partial is None:
+            self._check_size(head.content_length)
+            return
+        first, last, total = partial
+        if first != 0:
+            raise SourceIntegrity(f"{self.origin.where} answered the first GET with bytes from {first}")
+        if last < first or (total is not None and last >= total):
+            raise SourceIntegrity(
+                f"{self.origin.where} answered with an impossible Content-Range "
+                f"(bytes {first}-{last}/{total})"
+            )
+        self._check_size(total)
+        if self.settings.max_size is not None and last >= self.settings.max_size:
+            raise too_large(self.origin.where, self.settings.max_size)
+        wanted = min(self.settings.range_size, total) - 1 if total is not None else last
+        if last != wanted:
+            raise SourceIntegrity(
+                f"{self.origin.where} answered bytes {first}-{last} for a request of bytes 0-{wanted}"
+            )
+        length = head.content_length
+        if length is not None and length != last - first + 1:
+            raise SourceIntegrity(
+                f"{self.origin.where} announced {length} bytes for the range {first}-{last}"
+            )
 
     def _plan(self, begin: int) -> list[Span]:
         assert self.size is not None
@@ -317,6 +380,9 @@ class RangeReader(BlockStream):
             raise SourceIntegrity(
                 f"{self.origin.where} answered bytes {first}-{last} for a request of bytes {start}-{end}"
             )
+        length = response.content_length
+        if length is not None and length != end - start + 1:
+            raise SourceIntegrity(f"{self.origin.where} announced {length} bytes for the range {start}-{end}")
 
     def _parallel(self, spans: list[Span], head: Response | None) -> Iterator[Block]:
         first = spans[0].index if spans else 0

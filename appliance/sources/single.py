@@ -21,7 +21,7 @@ from ..errors import SourceChanged
 from .blockstream import Block
 from .http import SourceIntegrity, SourceUnavailable, TransferInterrupted
 from .origins import Origin, Response
-from .ranges import ReaderSettings, ReaderStats, ReadPosition, Validator, parse_content_range
+from .ranges import ReaderSettings, ReaderStats, ReadPosition, Validator, parse_content_range, too_large
 
 
 class Reading(Protocol):
@@ -131,6 +131,9 @@ def read_single(
                                 raise SourceIntegrity(
                                     f"{reader.origin.where} sent more than its declared {reader.size} bytes"
                                 )
+                            cap = reader.settings.max_size
+                            if cap is not None and position + len(chunk) > cap:
+                                raise too_large(reader.origin.where, cap)
                             while chunk:
                                 piece, chunk = chunk[: rs - len(buf)], chunk[rs - len(buf) :]
                                 buf += piece

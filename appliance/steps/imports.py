@@ -1,6 +1,13 @@
 """Image import steps: ``source.fetch`` (a disk from S3 or https into scratch, after a
 header-only preflight of the object) and ``image.store`` (the converted disk to the image target).
 
+``source.fetch`` reads with the ranged reader (:func:`appliance.sources.download.download_to_file`:
+parallel ranged GETs where the origin serves them, the download limit from the announced size) and
+checkpoints the verified offset in the task store every ``sources.checkpoint_every`` bytes; an
+interrupted fetch (kill -9, suspend) continues from its checkpoint when its file in scratch is still
+there, without a second preflight. A compressed source is preflighted on its decompressed head
+(decoded by the confined decompressor from the object's first bytes).
+
 Progress follows one model: ``phase`` is the EC2-style sub-state, ``percent`` covers the whole
 transfer, and ``converted`` counts bytes written, which never goes backwards.
 """
@@ -12,20 +19,25 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageRejected, ImagingError
+from ..errors import Finding, ImageRejected, ImagingError, Severity, UsageError
+from ..image.decompress import decompress_head
 from ..image.formats import parse_claim
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, preflight
 from ..progress import Progress
 from ..scratch import Allowance
-from ..sources.fetch import fetch_to_file, parse_source
+from ..sources.download import download_to_file
+from ..sources.fetch import parse_source
 from ..sources.http import SourceUnavailable
 from ..sources.origins import Origin, origin_for
-from ..sources.ranges import ReaderSettings, parse_content_range
+from ..sources.ranges import ReaderSettings, parse_content_range, too_large
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url, unbundle_source
+
+#: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
+PREFLIGHT_COMPRESSED = 8 << 20
 
 
 def _policy(ctx: StepContext) -> UrlPolicy:
@@ -43,19 +55,30 @@ class SourceFetchStep(Step):
     }
 
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
-        # fail fast: the header-only checks on the object's first and last bytes, before the download
-        verdict = source_preflight(ctx, source)
+        dst = ctx.workdir / "source.img"
+        # A download interrupted after a checkpoint (kill -9, suspend, a lost lease) continues from it,
+        # when the checkpoint is this source's and the file in scratch still holds its bytes.
+        saved = ctx.load_checkpoint()
+        resume = saved if saved and saved.get("source") == _source_key(source) and dst.exists() else None
+        verdict: Preflight | None
+        if resume is not None and isinstance(resume.get("preflight"), dict):
+            verdict = _saved_verdict(resume["preflight"])
+        else:
+            # fail fast: the header-only checks on the object's first and last bytes, before the download
+            verdict = source_preflight(ctx, source)
         if verdict is not None and not verdict.safe:
             raise ImageRejected(verdict.errors)
-        dst = ctx.workdir / "source.img"
-        dst.unlink(missing_ok=True)  # a partial download from before a restart: fetch_to_file starts anew
         bundle = bundle_manifest_url(source)
         if bundle is not None:  # an EC2 image bundle: unbundled instead of downloaded (steps/bundles.py)
+            dst.unlink(missing_ok=True)
             return unbundle_source(ctx, bundle, dst)
+        if resume is None:
+            dst.unlink(missing_ok=True)  # a partial download without a checkpoint: start anew
         # Reserved as it is known: the object's size from the first answer, or as the bytes of a
         # source without a length arrive. Kept, at the downloaded size, while the file exists.
         allowance = Allowance(ctx.scratch, f"downloading {parse_source(source)}")
         ctx.ledger_created(dst)
+        checkpointing = [True]
 
         def on_progress(done: int, total: int | None) -> None:
             ctx.progress(
@@ -67,16 +90,34 @@ class SourceFetchStep(Step):
                 }
             )
 
+        def checkpoint(state: dict[str, Any]) -> None:
+            if not checkpointing[0]:
+                return
+            state = {
+                "source": _source_key(source),
+                "preflight": verdict.to_dict() if verdict is not None else None,
+                **state,
+            }
+            try:
+                ctx.save_checkpoint(state)
+            except UsageError:  # not run under a lease (a bare engine run): nothing resumes it anyway
+                checkpointing[0] = False
+
+        settings = ReaderSettings.from_sources(ctx.config.sources)
         try:
-            result = fetch_to_file(
+            result = download_to_file(
                 source,
                 dst,
                 _policy(ctx),
                 ctx.config.sources.s3,
                 max_bytes=ctx.config.limits.max_decompressed_size,
+                settings=settings,
                 reserve=allowance.cover,
                 cancel=ctx.cancel,
                 on_progress=on_progress,
+                checkpoint=checkpoint,
+                resume=resume,
+                keep_on_cancel=True,
             )
         except BaseException:
             allowance.release()
@@ -114,6 +155,27 @@ class SourceFetchStep(Step):
             "scratch_bytes": size,
             "preflight": verdict.to_dict() if verdict is not None else None,
         }
+
+
+def _source_key(source: dict[str, Any]) -> str:
+    """What a checkpoint is of: the source's location (a presigned URL's signature may change; the
+    object, checked by its validator on resume, may not)."""
+    return str(parse_source(source))
+
+
+def _saved_verdict(data: dict[str, Any]) -> Preflight:
+    """The preflight verdict a checkpoint kept (it was decided before the download began)."""
+    verdict = Preflight(
+        format=data.get("format"),
+        qemu_format=data.get("qemu_format"),
+        virtual_size=data.get("virtual_size"),
+        compression=data.get("compression"),
+        pending=list(data.get("pending") or []),
+    )
+    for f in data.get("findings") or []:
+        verdict.findings.append(Finding(str(f["code"]), Severity(f["severity"]), str(f["message"])))
+    verdict.details.update(data.get("details") or {})
+    return verdict
 
 
 def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[bytes, int | None]:
@@ -161,8 +223,60 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
     elif size is None:
         size = None if len(head) >= PREFLIGHT_HEAD else len(head)
     verdict = preflight(head, tail, claim, config=ctx.config, size=size)
+    if verdict.compression is not None and verdict.safe:
+        # a compressed head decides only the compression: the decompressed head decides the rest
+        verdict = _compressed_preflight(ctx, origin, source, claim, verdict, head, size)
+    cap = ctx.config.limits.max_decompressed_size
+    if size is not None and size > cap:
+        verdict.findings.extend(too_large(str(parse_source(source)), cap, size).findings)
     verdict.details["object_size"] = size
     return verdict
+
+
+def _compressed_preflight(
+    ctx: StepContext,
+    origin: Origin,
+    source: dict[str, Any],
+    claim: str,
+    outer: Preflight,
+    head: bytes,
+    size: int | None,
+) -> Preflight:
+    """:func:`preflight` of the first :data:`PREFLIGHT_HEAD` decompressed bytes of a compressed source
+    (the claim's inner format against them), decoded by the confined decompressor from the object's
+    first bytes: the head already read, and only when it does not decode to enough, the object's
+    bytes up to :data:`PREFLIGHT_COMPRESSED` (one more ranged GET)."""
+    assert outer.compression is not None
+    name = str(parse_source(source))
+
+    def decode(data: list[bytes], complete: bool) -> tuple[bytes, bool]:
+        assert outer.compression is not None
+        return decompress_head(
+            data,
+            outer.compression,
+            PREFLIGHT_HEAD,
+            complete=complete,
+            limits=ctx.config.limits,
+            cancel=ctx.cancel,
+            name=name,
+        )
+
+    read = len(head)
+    decoded, ended = decode([head], size is not None and read >= size)
+    limit = PREFLIGHT_COMPRESSED if size is None else min(size, PREFLIGHT_COMPRESSED)
+    if not ended and len(decoded) < PREFLIGHT_HEAD and len(head) >= PREFLIGHT_HEAD and read < limit:
+        more, _ = _get_range(origin, read, limit - 1, ctx)
+        read += len(more)
+        decoded, ended = decode([head, more], size is not None and read >= size)
+    if ended and not decoded:
+        return outer  # an empty image: the inspection of the download says so
+    claimed_fmt, _ = parse_claim(claim)
+    inner = preflight(decoded, None, claimed_fmt, config=ctx.config, size=len(decoded) if ended else None)
+    inner.compression = outer.compression
+    inner.findings[:0] = [f for f in outer.findings if all(f.code != g.code for g in inner.findings)]
+    inner.details["compressed_bytes_read"] = read
+    inner.details["decompressed_head_bytes"] = len(decoded)
+    return inner
 
 
 class ImageStoreStep(Step):

@@ -236,6 +236,46 @@ def test_snapshot_import_suspended_by_sigterm_mid_download_completes_after_a_res
     same_disk(raw, "raw", stored_path(done), "raw")
 
 
+def fetch_checkpoint(app: Appliance, task_id: str) -> dict[str, Any] | None:
+    """The fetch step's checkpoint in the task store (None before the first)."""
+    steps = [r.idx for r in app.store.step_results(task_id) if r.name == "fetch"]
+    return app.store.load_checkpoint(task_id, steps[0]) if steps else None
+
+
+def test_snapshot_import_killed_mid_download_resumes_from_its_checkpoint_in_the_store(
+    make_appliance: Any, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    # 1 MiB ranges, 2 in flight, a checkpoint at every range: the kill loses at most the range held, the
+    # one fetched ahead of it and the range re-read to check the checkpoint
+    app = make_appliance(sources={"range_size": "1MiB", "parallel_ranges": 2, "checkpoint_every": MiB})
+    raw, vhdx = vhdx_of_random_data(tmp_path, "disk", mib=80)
+    size = vhdx.stat().st_size
+    moto.client("s3").upload_file(str(vhdx), bucket, "disk.vhdx")
+    hold = 40 * MiB + MiB // 2
+    proxy.arm("/disk.vhdx", after=hold)
+    task = app.service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="disk.vhdx"))
+    app.start_worker()
+
+    def checkpointed() -> int:
+        saved = fetch_checkpoint(app, task.id)
+        return int(saved["position"]["offset"]) if saved else 0
+
+    wait_until(
+        lambda: proxy.stalled >= 1 and checkpointed() == 40 * MiB,
+        what="the download to be held at 40.5 MiB, checkpointed at 40 MiB",
+    )
+    app.kill_worker_and_task(task.id)
+    proxy.release()
+    app.start_worker()
+    [done] = app.wait_ended(task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.attempts == 2
+    same_disk(raw, "raw", stored_path(done), "raw")
+    # everything both attempts fetched (the preflight included): the second went on from the checkpoint
+    fetched = proxy.served_by_path[f"/{bucket}/disk.vhdx"]
+    assert size < fetched <= 1.1 * size, (fetched, size)
+
+
 # -- overlapping downloads ----------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ enough that normal transfers on a busy machine do not look stalled. Nothing is t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -20,8 +21,8 @@ import botocore.config
 import pytest
 
 from appliance import config
-from appliance.errors import Cancelled, ConfigError, SourceChanged, SourceStalled
-from appliance.sources.http import HttpClient
+from appliance.errors import Cancelled, ConfigError, ImageRejected, SourceChanged, SourceStalled
+from appliance.sources.http import HttpClient, SourceIntegrity, SourceUnavailable
 from appliance.sources.reader import RangeReader, ReaderSettings, ReadPosition, open_reader
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer
@@ -511,3 +512,181 @@ def test_the_s3_client_has_a_connection_for_every_range_in_flight(
     assert reader.origin.client.meta.config.read_timeout == 5  # type: ignore[attr-defined]
     assert read_all(reader) == data
     assert reader.stats.peak_buffered <= 17 * RS
+
+
+# ------------------------------------------------------------------- size bounds, hostile origins
+#
+# The download limit is ``settings.max_size``. An origin that lies about what it sends (a Content-Range
+# other than the range asked, beyond its own total, more bytes than announced) is refused with a
+# code, not retried, and nothing of its answer is handed over.
+
+ONE_BY_ONE = dataclasses.replace(SETTINGS, parallel=1)  # requests in a known order, for scripted answers
+
+
+def hand_over(reader: RangeReader, got: bytearray) -> None:
+    """Read everything into ``got`` (what was handed over stays there when the read fails)."""
+    with reader:
+        while chunk := reader.read(10_000):
+            got += chunk
+
+
+def test_a_source_larger_than_the_cap_is_refused_from_its_content_range_before_its_body_is_read(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(37 * RS + 5)
+    server.add("/disk.raw", data)
+    settings = dataclasses.replace(SETTINGS, max_size=10 * RS)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings)
+    got = bytearray()
+    with pytest.raises(ImageRejected) as err:
+        hand_over(reader, got)
+    assert err.value.code == "SizeLimitExceeded.Download"
+    assert f"({len(data)} bytes)" in err.value.message and f"limit of {10 * RS} bytes" in err.value.message
+    assert (got, reader.stats.received) == (bytearray(), 0)  # refused on the headers
+    assert len(server.hits("/disk.raw")) == 1
+
+
+def test_a_whole_answer_larger_than_the_cap_is_refused_from_its_content_length(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(12 * RS)
+    server.add("/disk.raw", data, honour_range=False)
+    settings = dataclasses.replace(SETTINGS, max_size=10 * RS)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings)
+    got = bytearray()
+    with pytest.raises(ImageRejected) as err:
+        hand_over(reader, got)
+    assert err.value.code == "SizeLimitExceeded.Download"
+    assert (got, reader.stats.received) == (bytearray(), 0)
+
+
+def test_a_source_without_a_size_is_cut_off_at_the_cap_while_it_streams(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(12 * RS)
+    server.add("/disk.raw", data, honour_range=False, send_length=False)
+    cap = 5 * RS + 3
+    reader = open_reader(
+        {"url": server.url("/disk.raw")}, http_policy, settings=dataclasses.replace(SETTINGS, max_size=cap)
+    )
+    got = bytearray()
+    with pytest.raises(ImageRejected) as err:
+        hand_over(reader, got)
+    assert err.value.code == "SizeLimitExceeded.Download"
+    assert len(got) <= cap and bytes(got) == data[: len(got)]
+    # the same source under a cap it fits in reads back whole
+    exact = dataclasses.replace(SETTINGS, max_size=len(data))
+    fits = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=exact)
+    assert read_all(fits) == data
+
+
+def test_a_first_answer_with_another_range_than_asked_is_refused(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(8 * RS)
+    server.add("/disk.raw", data).script.append(f"content-range:bytes 0-99/{len(data)}")
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    with pytest.raises(SourceIntegrity, match=rf"answered bytes 0-99 for a request of bytes 0-{RS - 1}"):
+        read_all(reader)
+    assert len(server.hits("/disk.raw")) == 1  # not retried
+
+
+def test_a_content_range_beyond_its_own_total_is_refused(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    # the origin says the object is 100 bytes long, and sends a whole range of it
+    data = os.urandom(8 * RS)
+    server.add("/disk.raw", data).script.append(f"content-range:bytes 0-{RS - 1}/100")
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    with pytest.raises(SourceIntegrity, match="impossible Content-Range"):
+        read_all(reader)
+
+
+def test_a_later_range_answered_with_another_range_is_refused_and_nothing_of_it_is_handed_over(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(8 * RS)
+    # the second range (bytes RS..2RS-1) is answered with the first range's header
+    server.add("/disk.raw", data).script.extend(["ok", f"content-range:bytes 0-{RS - 1}/{len(data)}"])
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    got = bytearray()
+    with pytest.raises(SourceIntegrity, match=rf"for a request of bytes {RS}-{2 * RS - 1}"):
+        hand_over(reader, got)
+    assert bytes(got) == data[:RS]
+
+
+def test_a_range_with_more_bytes_than_it_announces_is_refused(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(8 * RS)
+    server.add("/disk.raw", data).script.extend(["ok", "pad:4096"])  # range 2: RS + 4 KiB bytes
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    got = bytearray()
+    announced = rf"announced {RS + 4096} bytes for the range {RS}-{2 * RS - 1}"
+    with pytest.raises(SourceIntegrity, match=announced):
+        hand_over(reader, got)
+    assert bytes(got) == data[:RS]
+
+
+def test_a_short_range_is_retried_for_its_remainder(server: TestHTTPServer, http_policy: UrlPolicy) -> None:
+    data = os.urandom(6 * RS)
+    server.add("/disk.raw", data).script.extend(["ok", "short:1000"])
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    assert read_all(reader) == data
+    assert reader.stats.retries == 1
+    ranges = [h.headers["Range"] for h in server.hits("/disk.raw")]
+    retry_start, retry_end = map(int, ranges[2].removeprefix("bytes=").split("-"))
+    assert RS <= retry_start <= RS + 1000 and retry_end == 2 * RS - 1  # the same range, what is missing
+
+
+def test_a_range_short_on_every_attempt_fails_with_a_code_after_its_retries(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(6 * RS)
+    server.add("/disk.raw", data).script.extend(["ok"] + ["short:1000"] * (ONE_BY_ONE.retries + 1))
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    got = bytearray()
+    with pytest.raises(SourceUnavailable) as err:
+        hand_over(reader, got)
+    assert err.value.code == "SourceUnavailable" and err.value.transient
+    assert reader.stats.retries == ONE_BY_ONE.retries
+    assert bytes(got) == data[:RS]  # the first range; nothing of the short one
+
+
+# ------------------------------------------------------------------------- holds at an object offset
+
+
+def test_a_parallel_ranged_read_through_the_proxy_is_held_at_the_armed_offset_of_the_object(
+    moto: MotoServer, bucket: str, s3cfg: dict, proxy: StallingProxy
+) -> None:
+    # what the crash matrix relies on: a hold names a byte of the object, whichever GET carries it
+    data = os.urandom(20 * RS)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=data)
+    proxy.arm("/disk.raw", after=5 * RS + 100)
+    reader = open_reader(
+        {"bucket": bucket, "key": "disk.raw"},
+        UrlPolicy(allowed_endpoints=[proxy.endpoint]),
+        {**s3cfg, "endpoint_url": proxy.endpoint},
+        settings=dataclasses.replace(SETTINGS, stall_seconds=60),
+    )
+    got = bytearray()
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            hand_over(reader, got)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    try:
+        wait_for(lambda: proxy.stalled_on("/disk.raw") == 1 and len(got) == 5 * RS, "the read to be held")
+        # the ranges before the held one were handed over, the ranges fetched ahead of it were not held
+        assert bytes(got) == data[: 5 * RS]
+        assert thread.is_alive()
+    finally:
+        proxy.release()
+        thread.join(timeout=60)
+    assert not outcome and bytes(got) == data
+    assert proxy.stalled_on("/disk.raw") == 1  # one GET held: the one of the range holding the offset

@@ -142,3 +142,72 @@ def test_the_dry_run_plan_shows_the_preflight_verdict_and_the_scratch_the_downlo
     assert verdict["safe"] is False
     assert [f["code"] for f in verdict["findings"]] == ["FormatMismatch"]
     assert proxy.served <= 2 * (2 * MiB + 1536)  # two preflights, no download
+
+
+# -- compressed sources: the decompressed head is preflighted ------------------------------------------
+
+
+def qcow2_with_backing_file(directory: Path, mib: int = 24) -> Path:
+    """A qcow2 of ``mib`` MiB of random data (nothing in it compresses) that names a host file as its
+    backing file: the head of its decompressed stream is what tells."""
+    image = qcow2_of_random_data(directory, mib)
+    imgs.qemu_img("rebase", "-u", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", image)
+    return image
+
+
+def run_import_disk(cfg: config_mod.Config, disk: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The import-disk workflow of ``disk`` run to its end in this process: the task, and the steps
+    that ran (by name)."""
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        task_id = engine.submit("import-disk", {"disk": disk, "bootable": False})
+        done = engine.run(task_id)
+        steps = [r.name for r in engine.store.step_results(task_id)]
+    finally:
+        engine.store.close()
+    return done, steps
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
+def test_a_compressed_qcow2_with_a_backing_file_is_refused_by_the_preflight_of_its_decompressed_head(
+    kind: str, cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    image = imgs.compress(qcow2_with_backing_file(tmp_path), kind)
+    moto.client("s3").upload_file(str(image), bucket, "disk.img")
+    done, steps = run_import_disk(cfg, {"format": "QCOW2", "bucket": bucket, "key": "disk.img"})
+    # the code the full inspection of the decompressed file gives, from the fetch step's preflight
+    assert (done.state, done.error_code) == (TaskState.FAILED, "UnsafeImage.BackingFile"), done.error_message
+    assert steps == ["fetch"]
+    # the compressed head (2 MiB), at most one more ranged GET (to 8 MiB), and the tail: not the object
+    assert proxy.served <= 8 * MiB + 1536 < image.stat().st_size
+    assert not (cfg.scratch.root / done.id).exists()
+
+
+def test_a_compressed_qcow2_over_the_virtual_size_limit_is_refused_before_the_download(
+    cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    image = imgs.compress(imgs.qcow2_huge(tmp_path, virtual_size="3T"), "xz")
+    moto.client("s3").upload_file(str(image), bucket, "huge.img")
+    url = presigned_url(moto, proxy, bucket, "huge.img")
+    done, steps = run_import_disk(cfg, {"format": "QCOW2", "url": url})
+    assert (done.state, done.error_code) == (TaskState.FAILED, "SizeLimitExceeded"), done.error_message
+    assert steps == ["fetch"]  # refused by the preflight, not by the inspection of a download
+
+
+def test_a_compressed_raw_disk_is_preflighted_then_downloaded_and_imported(
+    cfg: config_mod.Config, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    raw = imgs.raw_mbr(tmp_path, size=8 * MiB)
+    image = imgs.compress(raw, "gzip")
+    moto.client("s3").upload_file(str(image), bucket, "disk.raw.gz")
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        plan = engine.plan("import-disk", {"disk": {"format": "RAW", "bucket": bucket, "key": "disk.raw.gz"}})
+    finally:
+        engine.store.close()
+    [fetch] = [s for s in plan["steps"] if s.get("name") == "fetch"]
+    verdict = fetch["plan"]["preflight"]
+    assert (verdict["format"], verdict["compression"], verdict["safe"]) == ("raw", "gzip", True)
+    assert verdict["details"]["decompressed_head_bytes"] > 0
+    done, _ = run_import_disk(cfg, {"format": "RAW", "bucket": bucket, "key": "disk.raw.gz"})
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
