@@ -242,3 +242,48 @@ def test_cancel_mid_upload_leaves_no_object_and_no_incomplete_multipart_upload(
                 exports.cancel(task.id)
         finally:
             imports.store.close()
+
+
+def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # the s3 image target: the stored image is read back from its bucket (hashed on the way)
+    moto.client("s3").create_bucket(Bucket=f"{buckets[0]}-images")
+    data = cfg_data(tmp_path, moto.endpoint) | {
+        "targets": {
+            "image": {
+                "type": "s3",
+                "bucket": f"{buckets[0]}-images",
+                "endpoint_url": moto.endpoint,
+                "region": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+            }
+        }
+    }
+    cfg = stores.config(data, base_dir=tmp_path)
+    disk = guestfactory.linux_disk(tmp_path)
+    moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+    imports = ImportService(cfg)
+    try:
+        done = run(
+            cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+        )
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        assert done.result["disk"]["stored"]["type"] == "s3"
+        exports = ExportService(cfg, imports.store)
+        task = exports.export_image("ami-" + done.id[-17:], disk_image_format="VMDK", bucket=buckets[1])
+        exported = run(cfg, task)
+        assert exported.state is TaskState.COMPLETED, (exported.error_code, exported.error_message)
+        out = tmp_path / "exported.vmdk"
+        moto.client("s3").download_file(buckets[1], object_key(task), str(out))
+        compared = qemu_compare(disk, out, "vmdk")
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        record = exported.result["exported"]["provenance"]
+        assert record["source"]["sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+        assert record["source"]["recorded_sha256"] == record["source"]["sha256"]
+        # the downloaded copy and the converted file are gone from scratch
+        assert list((tmp_path / "state").rglob("export-source.raw")) == []
+        assert list((tmp_path / "state").rglob("export.vmdk")) == []
+    finally:
+        imports.store.close()
