@@ -287,3 +287,20 @@ def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
         assert list((tmp_path / "state").rglob("export.vmdk")) == []
     finally:
         imports.store.close()
+
+
+def test_a_rerun_after_a_killed_upload_aborts_the_upload_it_left(
+    imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # what a worker killed mid-upload leaves: an incomplete multipart upload of the task's key
+    exports = ExportService(imported["cfg"], imported["store"])
+    task = exports.export_image(imported["image_id"], disk_image_format="RAW", bucket=buckets[1])
+    s3 = moto.client("s3")
+    left = s3.create_multipart_upload(Bucket=buckets[1], Key=object_key(task))["UploadId"]
+    s3.upload_part(Bucket=buckets[1], Key=object_key(task), UploadId=left, PartNumber=1, Body=b"x" * MiB)
+    done = run(imported["cfg"], task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", []) == []
+    assert (
+        s3.get_object(Bucket=buckets[1], Key=object_key(task))["Body"].read() == imported["disk"].read_bytes()
+    )
