@@ -6,7 +6,8 @@ each GET whose path ends with one of the armed suffixes stops after ``after`` by
 counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy.stalled_on`) and
 waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
 proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
-without timing anything; several downloads can be held and released one by one.
+without timing anything; several downloads can be held and released one by one. Requests can be
+held too, before they reach the server (:meth:`StallingProxy.arm_request`: an upload's part).
 
 ``after`` is an offset in the object, so a download read as parallel ranged GETs is held at the same
 byte as one read as a single stream: a GET of ``Range: bytes=A-B`` is held after ``after - A`` body
@@ -69,6 +70,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        held = owner.request_hold(self.command, self.path)
+        if held is not None:  # an armed request (an upload's part): held before it reaches the server
+            try:
+                owner.hold(held)
+            except OSError:
+                self.close_connection = True
+                return
         upstream = http.client.HTTPConnection(owner.upstream.hostname, owner.upstream.port, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body, headers=headers)
@@ -125,6 +133,8 @@ class StallingProxy:
         self.rate = rate
         self._lock = threading.Condition()
         self._armed: dict[str, int] = {}
+        #: query part → method of the requests held before forwarding (:meth:`arm_request`)
+        self._armed_requests: dict[str, str] = {}
         #: per armed suffix: set when it is released
         self._released: dict[str, threading.Event] = {}
         self._stalled: dict[str, int] = {}
@@ -151,11 +161,34 @@ class StallingProxy:
             self._released[path_suffix] = threading.Event()
             self._armed[path_suffix] = after
 
+    def arm_request(self, method: str, query_part: str) -> None:
+        """Hold every ``method`` request whose query string contains ``query_part`` (e.g. ``PUT`` and
+        ``partNumber=2``: an upload's second part) before it is forwarded, until :meth:`release`
+        of ``query_part``."""
+        with self._lock:
+            self._released[query_part] = threading.Event()
+            self._armed_requests[query_part] = method
+
+    def request_hold(self, method: str, path: str) -> str | None:
+        """The armed ``query_part`` that holds this request, or None."""
+        with self._lock:
+            query = path.split("?", 1)[1] if "?" in path else ""
+            return next(
+                (
+                    part
+                    for part, m in self._armed_requests.items()
+                    if m == method and part in query.split("&")
+                ),
+                None,
+            )
+
     def release(self, path_suffix: str | None = None) -> None:
         """Disarm ``path_suffix`` (default: every suffix), and let the GETs it holds finish."""
         with self._lock:
-            for suffix in [path_suffix] if path_suffix is not None else list(self._armed):
+            every = list(self._armed) + list(self._armed_requests)
+            for suffix in [path_suffix] if path_suffix is not None else every:
                 self._armed.pop(suffix, None)
+                self._armed_requests.pop(suffix, None)
                 if suffix in self._released:
                     self._released[suffix].set()
 

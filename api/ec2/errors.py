@@ -70,6 +70,16 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "MissingParameter": ("MissingParameter", 400),
     "IdempotentParameterMismatch": ("IdempotentParameterMismatch", 400),
     "UrlNotAllowed": ("InvalidParameterValue", 400),
+    # what an export names does not exist (appliance.service.resolver), in EC2's codes
+    "InvalidAMIID.NotFound": ("InvalidAMIID.NotFound", 400),
+    "InvalidAMIID.Malformed": ("InvalidAMIID.Malformed", 400),
+    "InvalidInstanceID.NotFound": ("InvalidInstanceID.NotFound", 400),
+    "InvalidInstanceID.Malformed": ("InvalidInstanceID.Malformed", 400),
+    "InvalidSnapshot.NotFound": ("InvalidSnapshot.NotFound", 400),
+    "InvalidSnapshot.Malformed": ("InvalidSnapshot.Malformed", 400),
+    "InvalidVolume.NotFound": ("InvalidVolume.NotFound", 400),
+    "InvalidVolume.Malformed": ("InvalidVolume.Malformed", 400),
+    "NotExportable": ("NotExportable", 400),
     # the state database is busy or unwritable: the client should retry later
     "StateStoreError": ("Unavailable", 503),
     # the task database cannot be reached (an outage): nothing was done, the client retries later

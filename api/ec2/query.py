@@ -124,6 +124,7 @@ BOUNDS: dict[str, dict[tuple[str, ...], Bound]] = {
     "ImportSnapshot": {("ClientData", "UploadSize"): _UPLOAD_SIZE},
     "DescribeImportImageTasks": {("MaxResults",): _MAX_RESULTS},
     "DescribeImportSnapshotTasks": {("MaxResults",): _MAX_RESULTS},
+    "DescribeExportImageTasks": {("MaxResults",): Bound(1, 500, "from 1 to 500")},
 }
 
 
@@ -188,6 +189,21 @@ ENUMS: dict[str, dict[tuple[str, ...], Enum]] = {
     },
     "DescribeImportImageTasks": _TASK_STATE_FILTER,
     "DescribeImportSnapshotTasks": _TASK_STATE_FILTER,
+    "CreateInstanceExportTask": {
+        ("ExportToS3Task", "DiskImageFormat"): _DISK_IMAGE_FORMAT,
+        ("TagSpecifications", "*", "ResourceType"): Enum(("export-instance-task",)),
+    },
+    "ExportImage": {
+        ("DiskImageFormat",): _DISK_IMAGE_FORMAT,
+        ("TagSpecifications", "*", "ResourceType"): Enum(("export-image-task",)),
+    },
+    # AWS documents no filter names for DescribeExportTasks; these two are the useful ones
+    "DescribeExportTasks": {
+        ("Filters", "*", "Name"): Enum(("state", "instance-id")),
+    },
+    "DescribeExportImageTasks": {
+        ("Filters", "*", "Name"): Enum(("task-state", "image-id")),
+    },
 }
 
 

@@ -22,7 +22,7 @@ from appliance.config import Config
 from appliance.errors import ImagingError
 from appliance.service.imports import Caller, ImportService
 
-from . import conversion, image_import, xml
+from . import conversion, export, image_import, xml
 from .auth import ALGORITHM, Authenticator, SignedRequest, decode_query
 from .errors import INTERNAL_ERROR_MESSAGE, Ec2Error, from_imaging_error, render_error
 from .query import is_protocol_param
@@ -45,6 +45,11 @@ ACTIONS: dict[str, Handler] = {
     "DescribeImportImageTasks": image_import.describe_import_image_tasks,
     "DescribeImportSnapshotTasks": image_import.describe_import_snapshot_tasks,
     "CancelImportTask": image_import.cancel_import_task,
+    "CreateInstanceExportTask": export.create_instance_export_task,
+    "DescribeExportTasks": export.describe_export_tasks,
+    "CancelExportTask": export.cancel_export_task,
+    "ExportImage": export.export_image,
+    "DescribeExportImageTasks": export.describe_export_image_tasks,
 }
 
 CONTENT_TYPE = "text/xml;charset=UTF-8"

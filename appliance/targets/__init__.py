@@ -4,6 +4,9 @@
 (``file``, ``device``, ``ec2``); ``get_image_target(config)`` the :class:`~.base.ImageTarget` of
 ``targets.image.type`` (``file``, ``s3``). The cloud targets (``ec2``, ``s3``) are imported on
 demand, so boto3 is only loaded when one is configured.
+
+Exports write through :class:`~.export.ExportWriter` (``get_export_writer(config)`` in
+:mod:`.export`); reading a cloud instance's disk for an export is :mod:`.ec2_export`.
 """
 
 from __future__ import annotations

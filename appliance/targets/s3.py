@@ -125,10 +125,12 @@ class S3ImageTarget:
         ledger: Ledger | None = None,
         encryption: Encryption | None = None,
         fence: Callable[[], None] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Upload ``path`` (server-side encrypted as ``encryption`` asks); returns ``{type, bucket,
         key, etag, sha256, size, format, encryption}``, ``encryption`` being what S3 reports the
-        stored object has (``Encryption.to_dict()``, or None).
+        stored object has (``Encryption.to_dict()``, or None). ``metadata``: more user metadata
+        (``x-amz-meta-*``) for the object, besides ``sha256``.
 
         Raises ``UploadFailed`` (:class:`TargetError`) for S3 errors (a KMS key S3 cannot use among
         them), ``EncryptionNotApplied`` when the stored object is not encrypted as asked (it is
@@ -139,7 +141,7 @@ class S3ImageTarget:
         size = path.stat().st_size
         # Metadata must be given when the upload starts, so the hash has to be known first.
         sha256, _ = hash_file(path, cancel)
-        metadata = {"sha256": sha256}
+        metadata = {**(metadata or {}), "sha256": sha256}
         sse = sse_arguments(encryption)
         tracker = ProgressTracker("uploading", size, on_progress)
         if size <= self.part_size:

@@ -369,6 +369,26 @@ VALID: dict[str, list[tuple[str, str]]] = {
     ],
     "DescribeImportSnapshotTasks": [],
     "CancelImportTask": [("ImportTaskId", "import-ami-0123456789abcdef0")],
+    "CreateInstanceExportTask": [
+        ("InstanceId", "i-0123456789abcdef0"),
+        ("TargetEnvironment", "vmware"),
+        ("ExportToS3.DiskImageFormat", "VMDK"),
+        ("ExportToS3.S3Bucket", "exports"),
+        ("ExportToS3.S3Prefix", "vms/"),
+    ],
+    "DescribeExportTasks": [("Filter.1.Name", "state"), ("Filter.1.Value.1", "active")],
+    "CancelExportTask": [("ExportTaskId", "export-i-0123456789abcdef0")],
+    "ExportImage": [
+        ("ImageId", "ami-0123456789abcdef0"),
+        ("DiskImageFormat", "VHD"),
+        ("S3ExportLocation.S3Bucket", "exports"),
+        ("S3ExportLocation.S3Prefix", "p/"),
+    ],
+    "DescribeExportImageTasks": [
+        ("MaxResults", "5"),
+        ("Filter.1.Name", "task-state"),
+        ("Filter.1.Value.1", "active"),
+    ],
 }
 _ANY_VALUE = st.one_of(
     _NUMBER_FORMS, _TEXT_FORMS, _URL_FORMS, _S3_NAMES, _ID_FORMS, _BOOLEAN_FORMS, _TIMESTAMP_FORMS

@@ -1,0 +1,258 @@
+"""Export tasks: the appliance side of VM Export (CreateInstanceExportTask, ExportImage).
+
+:class:`ExportService` turns validated export requests into tasks in the same store as the imports
+(kinds :data:`EXPORT_INSTANCE`, :data:`EXPORT_IMAGE`), run by the same worker through the shipped
+workflows ``export-instance.yaml`` / ``export-image.yaml``. Tenancy, client tokens, the active-task
+limit and cancellation work as for imports (:class:`~appliance.service.imports.ImportService`).
+
+What an id names is the resolver's business (:mod:`appliance.service.resolver`): the request is
+refused at once (``InvalidAMIID.NotFound``, ``InvalidInstanceID.NotFound``) when the id names
+nothing this caller may export, and the task records the stored output it resolved to.
+
+The exported object's key is exactly ``S3Prefix + exportTaskId + '.' + extension`` with the
+extension of the disk format (``vmdk``, ``vhd``, ``raw``) or ``ova`` for the OVA container, as AWS
+names it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from ..config import Config
+from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..sources.s3names import check_bucket, check_key
+from ..store import ActiveTaskLimit, Store, Task
+from ..workflow.engine import Engine
+from .imports import NO_ACCOUNT
+from .resolver import Resolver
+
+EXPORT_INSTANCE = "export-instance"
+EXPORT_IMAGE = "export-image"
+INSTANCE_KINDS = (EXPORT_INSTANCE,)
+IMAGE_KINDS = (EXPORT_IMAGE,)
+KINDS = INSTANCE_KINDS + IMAGE_KINDS
+
+_PREFIX = {EXPORT_INSTANCE: "export-i-", EXPORT_IMAGE: "export-ami-"}
+#: AWS's forms: 17 hex digits (older export-i ids had 8 lower-case alphanumerics)
+TASK_ID_PATTERNS = {
+    EXPORT_INSTANCE: re.compile(r"^export-i-(?:[a-z0-9]{8}|[0-9a-f]{17})$"),
+    EXPORT_IMAGE: re.compile(r"^export-ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$"),
+}
+
+#: DiskImageFormat → (qemu-img output format, subformat, object key extension)
+DISK_FORMATS: dict[str, tuple[str, str | None, str]] = {
+    "VMDK": ("vmdk", None, "vmdk"),  # appliance.image.convert writes VMDK as streamOptimized
+    "VHD": ("vhd", "dynamic", "vhd"),  # what AWS exports: a dynamic VHD
+    "RAW": ("raw", None, "raw"),
+}
+TARGET_ENVIRONMENTS = ("citrix", "vmware", "microsoft")
+#: the most characters of a Description AWS takes
+MAX_DESCRIPTION = 255
+
+
+def new_task_id(kind: str) -> str:
+    """A fresh export task id (``export-i-``/``export-ami-`` + 17 hex digits)."""
+    return _PREFIX[kind] + secrets.token_hex(9)[:17]
+
+
+def kind_of(task_id: str) -> str | None:
+    """The export kind whose id form ``task_id`` has, or None."""
+    for kind, pattern in TASK_ID_PATTERNS.items():
+        if pattern.match(task_id):
+            return kind
+    return None
+
+
+def object_key(task: Task) -> str:
+    """The key of an export task's object: ``S3Prefix + exportTaskId + '.' + extension`` (``ova``
+    with the OVA container; the workflows build the same key)."""
+    return f"{task.params.get('s3_prefix') or ''}{task.id}.{task.params['key_extension']}"
+
+
+class ExportService:
+    """Creates, lists and cancels export tasks. Shares the import service's store and engine."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        *,
+        engine: Engine | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or Store(config.store)
+        self._engine = engine
+        self.resolver = resolver or Resolver(config, self.store)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.config, self.store)
+        return self._engine
+
+    # -- creating -------------------------------------------------------------------------------
+
+    def _check(
+        self,
+        disk_format: str,
+        bucket: str,
+        prefix: str | None,
+        container: str | None,
+        description: str | None,
+    ) -> str:
+        fmt = (disk_format or "").upper()
+        if fmt not in DISK_FORMATS:
+            raise UsageError(f"DiskImageFormat {disk_format!r} is not one of {', '.join(DISK_FORMATS)}")
+        if container is not None:
+            if container != "ova":
+                raise UsageError(f"ContainerFormat {container!r} is not valid; the only one is ova")
+            # The OVF envelope and the OVA writer come with the export writers (issue 13 §4).
+            raise UsageError(
+                "ContainerFormat ova is not supported yet by this appliance: export the disk alone "
+                "(leave ContainerFormat out)"
+            )
+        check_bucket(bucket, "S3Bucket")
+        if prefix:  # the key it begins must be a valid key
+            check_key(f"{prefix}export-i-0123456789abcdef0.vmdk", "S3Prefix")
+        if description is not None and len(description) > MAX_DESCRIPTION:
+            raise UsageError(f"Description is longer than {MAX_DESCRIPTION} characters")
+        return fmt
+
+    def _submit(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        *,
+        client_token: str | None = None,
+        account: str = NO_ACCOUNT,
+    ) -> Task:
+        task_id = new_task_id(kind)
+        # the key's extension, not the key: a repeated request (client token) has the same params
+        ext = "ova" if params.get("container_format") else DISK_FORMATS[params["disk_image_format"]][2]
+        params = {k: v for k, v in (params | {"key_extension": ext}).items() if v is not None}
+        try:
+            created = self.engine.submit(
+                kind,
+                params,
+                task_id=task_id,
+                kind=kind,
+                max_active=self.config.max_active_tasks,
+                client_token=client_token,
+                client_account=account,
+            )
+        except ActiveTaskLimit as exc:
+            raise ResourceLimitExceeded(
+                f"{exc.message}; wait for one to finish or cancel one "
+                "(tasks.max_active in the appliance configuration)"
+            ) from exc
+        return self.store.get_task(created)
+
+    def export_instance(
+        self,
+        instance_id: str,
+        *,
+        target_environment: str,
+        disk_image_format: str,
+        bucket: str,
+        prefix: str | None = None,
+        container_format: str | None = None,
+        description: str | None = None,
+        tags: Iterable[dict[str, str]] = (),
+        account: str = NO_ACCOUNT,
+        sees: Collection[str] | None = None,
+    ) -> Task:
+        """CreateInstanceExportTask: the instance's boot disk as ``disk_image_format`` in ``bucket``."""
+        if target_environment not in TARGET_ENVIRONMENTS:
+            raise UsageError(
+                f"TargetEnvironment {target_environment!r} is not one of {', '.join(TARGET_ENVIRONMENTS)}"
+            )
+        fmt = self._check(disk_image_format, bucket, prefix, container_format, description)
+        source = self.resolver.instance(instance_id, sees)
+        params = {
+            "instance_id": instance_id,
+            "target_environment": target_environment,
+            "disk_image_format": fmt,
+            "container_format": container_format,
+            "s3_bucket": bucket,
+            "s3_prefix": prefix or "",
+            "description": description,
+            "tags": list(tags),
+            "source": source,
+        }
+        return self._submit(EXPORT_INSTANCE, params, account=account)
+
+    def export_image(
+        self,
+        image_id: str,
+        *,
+        disk_image_format: str,
+        bucket: str,
+        prefix: str | None = None,
+        role_name: str | None = None,
+        description: str | None = None,
+        client_token: str | None = None,
+        tags: Iterable[dict[str, str]] = (),
+        account: str = NO_ACCOUNT,
+        sees: Collection[str] | None = None,
+    ) -> Task:
+        """ExportImage: the image's disk as ``disk_image_format`` in ``bucket``."""
+        fmt = self._check(disk_image_format, bucket, prefix, None, description)
+        source = self.resolver.image(image_id, sees)
+        params = {
+            "image_id": image_id,
+            "disk_image_format": fmt,
+            "s3_bucket": bucket,
+            "s3_prefix": prefix or "",
+            "role_name": role_name,
+            "description": description,
+            "client_token": client_token,
+            "tags": list(tags),
+            "source": source,
+        }
+        return self._submit(EXPORT_IMAGE, params, client_token=client_token, account=account)
+
+    # -- reading and cancelling -----------------------------------------------------------------
+
+    def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
+        """The export task ``task_id`` of one of ``kinds`` (and of one of ``accounts``, when given);
+        ``InvalidTaskId`` for a malformed id, ``TaskNotFound`` for an unknown one or another account's."""
+        kind = kind_of(task_id)
+        if kind is None or kind not in kinds:
+            forms = ", ".join(_PREFIX[k] + "…" for k in kinds)
+            raise InvalidTaskId(f"the export task id {task_id!r} is malformed; expected {forms}")
+        try:
+            task = self.store.get_task(task_id, account=accounts)
+        except TaskNotFound:
+            raise TaskNotFound(f"The export task ID '{task_id}' does not exist") from None
+        if task.kind != kind:
+            raise TaskNotFound(f"The export task ID '{task_id}' does not exist")
+        return task
+
+    def list(
+        self, kinds: Collection[str], ids: Sequence[str] = (), accounts: Collection[str] | None = None
+    ) -> list[Task]:
+        """Export tasks of ``kinds`` (newest first); with ``ids``, exactly those."""
+        if ids:
+            return [self.get(i, kinds, accounts) for i in dict.fromkeys(ids)]
+        return self.store.list_tasks(kind=list(kinds), limit=None, account=accounts)
+
+    def cancel(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
+        """CancelExportTask: the run stops, its partial object is deleted and any incomplete multipart
+        upload of its key aborted (the export step's cleanup); a finished task is ``IncorrectState``."""
+        task = self.get(task_id, KINDS, accounts)
+        if task.state.terminal:
+            raise IncorrectState(f"the export task {task_id} is {task.state} and can no longer be cancelled")
+        return self.store.request_cancel(task_id, reason="Cancelled by user")
+
+
+def export_outcome(task: Task) -> dict[str, Any]:
+    """What an export wrote (``bucket``, ``key``, ``sha256``, ``size``, ``etag``, ``provenance``), or {}
+    (not an export task, or not written yet)."""
+    if task.kind not in KINDS:
+        return {}
+    result = task.result if isinstance(task.result, dict) else {}
+    return dict(result.get("exported") or {})

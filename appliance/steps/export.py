@@ -1,0 +1,338 @@
+"""The export step, ``export.write``: a resolved source disk (:mod:`appliance.service.resolver`)
+written as an exported object through the export writer (:mod:`appliance.targets.export`).
+
+The source is made readable here first:
+
+- an image stored as a file, a file volume: read where it is;
+- a block device (a device volume, an attached EC2 volume): copied into scratch first (the
+  conversion's inspection and the upload take regular files);
+- an image stored in S3: downloaded into scratch (under a reservation), hashed as it arrives;
+- an EC2 volume this appliance imported: attached here (found by serial), detached afterwards;
+- an instance of the controlling cloud: a snapshot of its boot volume made into a volume attached
+  here, all of it deleted afterwards (:class:`appliance.targets.ec2_export.CloudDiskCopy`; what it
+  created is kept in the step's checkpoint, so a resumed run removes a killed run's leftovers).
+
+The source's sha256 is computed while it is read and checked against the digest its store
+recorded when the import wrote it (``Source.DigestMismatch``: a stored disk that changed since).
+Progress: ``converting`` then ``uploading`` (one percentage across both). The result holds the
+object (``bucket``, ``key``, ``etag``, ``sha256``, ``size``) and its provenance
+(:mod:`.provenance`), which the object also carries as user metadata.
+
+Cancel or failure leaves nothing in the bucket: the writer aborts the multipart upload and deletes
+the key; the step's undo (a later step failed) deletes the finished object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImagingError
+from ..progress import Progress, ProgressTracker
+from ..scratch import Allowance
+from ..targets import get_image_target, get_volume_target
+from ..targets.ec2 import Ec2VolumeTarget
+from ..targets.ec2_export import CloudDiskCopy
+from ..targets.export import ExportWriter, get_export_writer
+from ..targets.rawio import hash_file
+from ..timestamps import format_time, utc_now
+from ..workflow.step import Step, StepContext
+from .provenance import object_metadata, tool_versions, workflow_digests
+
+CHUNK = 4 << 20
+
+
+class SourceDigestMismatch(ImagingError):
+    """The stored disk no longer has the digest recorded when it was written."""
+
+    code = "Source.DigestMismatch"
+
+
+def _reading(ctx: StepContext, total: int | None) -> ProgressTracker:
+    """Progress of reading the source (throttled: the task's row is not written for every chunk)."""
+    return ProgressTracker(
+        "reading source",
+        total,
+        lambda p: ctx.progress(
+            {"phase": p.phase, "done": p.done, "total": p.total, "rate": p.rate, "eta": p.eta}
+        ),
+    )
+
+
+def _copy_device(ctx: StepContext, device: Path) -> tuple[Path, str, Allowance]:
+    """A block device's content copied into scratch (zero chunks left as holes), hashed as it is
+    read: qemu-img's inspection and the upload take regular files. ``(path, sha256, reservation)``."""
+    dst = ctx.workdir / "export-source.raw"
+    dst.unlink(missing_ok=True)
+    allowance = Allowance(ctx.scratch, f"copying {device}")
+    ctx.ledger_created(dst)
+    h = hashlib.sha256()
+    done = 0
+    tracker = _reading(ctx, None)
+    try:
+        with open(device, "rb", buffering=0) as src, open(dst, "wb") as out:
+            while chunk := src.read(CHUNK):
+                ctx.check_cancelled()
+                h.update(chunk)
+                if chunk.count(0) == len(chunk):
+                    out.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    allowance.cover(done + len(chunk))
+                    out.write(chunk)
+                done += len(chunk)
+                tracker.update(done)
+            out.truncate(done)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        ctx.ledger_removed(dst)
+        allowance.release()
+        raise
+    return dst, h.hexdigest(), allowance
+
+
+def _download(ctx: StepContext, location: dict[str, Any]) -> tuple[Path, str, Allowance]:
+    """The S3-stored image into scratch; ``(path, sha256, its scratch reservation)``."""
+    target: Any = get_image_target(ctx.config)
+    dst = ctx.workdir / "export-source.raw"
+    dst.unlink(missing_ok=True)
+    allowance = Allowance(ctx.scratch, f"downloading s3://{location['bucket']}/{location['key']}")
+    ctx.ledger_created(dst)
+    h = hashlib.sha256()
+    total = int(location.get("size") or 0)
+    done = 0
+    tracker = _reading(ctx, total or None)
+    try:
+        body = target.client.get_object(Bucket=location["bucket"], Key=location["key"])["Body"]
+        with open(dst, "wb") as out:
+            for chunk in body.iter_chunks(CHUNK):
+                ctx.check_cancelled()
+                done += len(chunk)
+                allowance.cover(done)
+                h.update(chunk)
+                out.write(chunk)
+                tracker.update(min(done, total) if total else done)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        ctx.ledger_removed(dst)
+        allowance.release()
+        raise
+    allowance.shrink_to(done)
+    return dst, h.hexdigest(), allowance
+
+
+class ExportWriteStep(Step):
+    """Write a resolved source disk as ``disk_format`` to ``s3://bucket/key`` (see the module docstring)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source", "disk_format", "bucket", "key"],
+        "properties": {
+            "source": {"type": "object", "required": ["type"]},
+            "disk_format": {"enum": ["VMDK", "VHD", "RAW", "vmdk", "vhd", "raw"]},
+            "bucket": {"type": "string", "minLength": 1},
+            "key": {"type": "string", "minLength": 1},
+        },
+    }
+
+    def run(
+        self, ctx: StepContext, source: dict[str, Any], disk_format: str, bucket: str, key: str
+    ) -> dict[str, Any]:
+        started = utc_now()
+        clock = time.monotonic()
+        leftovers = ctx.load_checkpoint() or {}
+        if leftovers.get("cloud_copy"):  # a killed run's snapshot and volume
+            CloudDiskCopy(ctx.config.targets["volume"]).remove(leftovers["cloud_copy"])
+            ctx.save_checkpoint({})
+        writer = get_export_writer(ctx.config)
+        # a run killed mid-upload left an incomplete multipart upload (or an object): gone first
+        writer.remove(bucket, key)
+        with _Readable(ctx, source) as (path, digest):
+            read_seconds = time.monotonic() - clock
+            expected = (source.get("location") or {}).get("sha256")
+            if expected and digest != expected:
+                raise SourceDigestMismatch(
+                    f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
+                    "recorded when it was stored: it changed since; nothing was exported"
+                )
+            record: dict[str, Any] = {
+                "task_id": ctx.task_id,
+                "source": {
+                    "id": source.get("id"),
+                    "task_id": source.get("task_id"),
+                    "type": source.get("type"),
+                    "sha256": digest,
+                    "recorded_sha256": expected,
+                    "size": path.stat().st_size,
+                },
+                "tools": tool_versions(),
+                "workflow": workflow_digests(ctx),
+            }
+            clock = time.monotonic()
+            # the converted copy goes to scratch: reserved up front (VMDK and VHD stay within the
+            # disk's size plus their metadata)
+            size = path.stat().st_size
+            conversion = Allowance(ctx.scratch, f"{disk_format} form of the disk")
+            if disk_format.upper() != "RAW":
+                conversion.cover(size + size // 64 + (1 << 20), exact=True)
+            try:
+                stored = self._write(ctx, writer, path, disk_format, bucket, key, record)
+            finally:
+                conversion.release()
+        write_seconds = time.monotonic() - clock
+        record["output"] = {"sha256": stored["sha256"], "size": stored["size"], "etag": stored["etag"]}
+        record["timings"] = {
+            "started": format_time(started),
+            "finished": format_time(utc_now()),
+            "source_seconds": round(read_seconds, 3),
+            "write_seconds": round(write_seconds, 3),
+        }
+        return stored | {"provenance": record}
+
+    @staticmethod
+    def _write(
+        ctx: StepContext,
+        writer: ExportWriter,
+        path: Path,
+        disk_format: str,
+        bucket: str,
+        key: str,
+        record: dict[str, Any],
+    ) -> dict[str, Any]:
+        return writer.write(
+            path,
+            disk_format=disk_format,
+            bucket=bucket,
+            key=key,
+            workdir=ctx.workdir,
+            metadata=object_metadata(record),
+            on_progress=_progress(ctx),
+            cancel=ctx.cancel,
+            fence=ctx.fence,
+            ledger=ctx,
+        )
+
+    def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result:
+            get_export_writer(ctx.config).remove(result["bucket"], result["key"])
+
+    def plan(
+        self, ctx: StepContext, source: dict[str, Any], disk_format: str, bucket: str, key: str
+    ) -> dict[str, Any]:
+        return {"exports": source.get("id"), "format": disk_format, "writes": f"s3://{bucket}/{key}"}
+
+
+def _progress(ctx: StepContext) -> Callable[[Progress], None]:
+    """One percentage over converting (first half) and uploading (second half); a RAW upload without
+    conversion is the whole range."""
+    converted = False
+
+    def report(p: Progress) -> None:
+        nonlocal converted
+        percent = p.percent or 0.0
+        if p.phase == "converting":
+            converted = True
+            overall = percent / 2
+        else:
+            overall = 50 + percent / 2 if converted else percent
+        ctx.progress(
+            {
+                "phase": p.phase,
+                "done": p.done,
+                "total": p.total,
+                "percent": overall,
+                "rate": p.rate,
+                "eta": p.eta,
+                **({"converted": p.done} if p.phase == "uploading" else {}),
+            }
+        )
+
+    return report
+
+
+class _Readable:
+    """Context manager: ``(path, sha256)`` of the source, readable until exit (see the module docstring)."""
+
+    def __init__(self, ctx: StepContext, source: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.source = source
+        self._cleanup: list[Callable[[], None]] = []
+
+    def __enter__(self) -> tuple[Path, str]:
+        try:
+            return self._open()
+        except BaseException:
+            self._close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        # every clean-up runs (a failed detach must not keep the snapshot); the first error is raised
+        failed: BaseException | None = None
+        while self._cleanup:
+            try:
+                self._cleanup.pop()()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _open(self) -> tuple[Path, str]:
+        ctx, source = self.ctx, self.source
+        kind = source["type"]
+        if kind == "image":
+            location = source["location"]
+            if location.get("type") == "s3":
+                path, digest, allowance = _download(ctx, location)
+                self._cleanup.append(allowance.release)
+                self._cleanup.append(lambda: _drop(ctx, path))
+                return path, digest
+            return self._local(Path(location["path"]))
+        if kind == "volume":
+            volume = source["volume"]
+            if volume.get("type") == "ec2":
+                target = get_volume_target(ctx.config)
+                if not isinstance(target, Ec2VolumeTarget):
+                    raise ImagingError(
+                        f"{source.get('id')} is an EC2 volume but the volume target is not ec2",
+                        "NotExportable",
+                    )
+                attached = target.adopt(str(volume["volume_id"]), ctx.task_id)
+                self._cleanup.append(lambda: target.release(attached.info))
+                return self._local(attached.path)
+            return self._local(Path(volume["path"]))
+        if kind == "cloud-instance":
+            copy = CloudDiskCopy(ctx.config.targets["volume"])
+            record: dict[str, Any] = {}
+            ctx.save_checkpoint({"cloud_copy": record})
+
+            def remove() -> None:
+                copy.remove(record)
+                ctx.save_checkpoint({})
+
+            self._cleanup.append(remove)
+            attached = copy.create(ctx.task_id, str(source["volume_id"]), record, ctx.cancel)
+            ctx.save_checkpoint({"cloud_copy": record})
+            return self._local(attached.path)
+        raise ImagingError(f"cannot export a source of type {kind!r}", "NotExportable")
+
+    def _local(self, path: Path) -> tuple[Path, str]:
+        """A regular file as it is (hashed), a block device copied into scratch."""
+        if path.is_file():
+            return path, hash_file(path, self.ctx.cancel)[0]
+        copied, digest, allowance = _copy_device(self.ctx, path)
+        self._cleanup.append(allowance.release)
+        self._cleanup.append(lambda: _drop(self.ctx, copied))
+        return copied, digest
+
+
+def _drop(ctx: StepContext, path: Path) -> None:
+    if path.exists():
+        path.unlink()
+        ctx.ledger_removed(path)

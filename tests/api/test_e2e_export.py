@@ -1,0 +1,249 @@
+"""Export as clients see it: `imaging serve` and `imaging worker` as real processes, S3 on the moto server,
+boto3 and the AWS CLI as clients (every response parsed by botocore), the exported disk compared with
+the imported original by ``qemu-img compare``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import pytest
+
+from tests import guestfactory
+from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+
+pytestmark = pytest.mark.slow
+
+
+def _import(appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path) -> tuple[Path, str]:
+    """ImportImage of a bootable Linux disk (VHD in a user bucket) through the API; (the RAW disk, ami id)."""
+    raw = guestfactory.linux_disk(tmp_path)
+    vhd = guestfactory.convert(raw, tmp_path / "disk.vhd", "vpc", "force_size=on")
+    moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[{"Format": "VHD", "UserBucket": {"S3Bucket": bucket, "S3Key": "disks/disk.vhd"}}]
+    )["ImportTaskId"]
+
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    assert status()["Status"] == "completed", status()
+    return raw, status()["ImageId"]
+
+
+def _aws(appliance: Appliance) -> tuple[list[str], dict[str, str]]:
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    )
+    aws = [
+        str(Path(sys.executable).parent / "aws"),
+        "ec2",
+        "--endpoint-url",
+        appliance.endpoint,
+        "--output",
+        "json",
+    ]
+    return aws, env
+
+
+def test_import_then_export_image_with_boto3_and_the_aws_cli_matches_the_original(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    raw, image_id = _import(appliance, moto, bucket, tmp_path)
+    s3 = moto.client("s3")
+
+    # boto3: ExportImage to VMDK (stream-optimized)
+    started = appliance.ec2.export_image(
+        ImageId=image_id,
+        DiskImageFormat="VMDK",
+        S3ExportLocation={"S3Bucket": bucket, "S3Prefix": "exports/"},
+        Description="round trip",
+        RoleName="vmimport",
+    )
+    export_id = started["ExportImageTaskId"]
+    assert export_id.startswith("export-ami-") and started["Status"] == "active"
+    assert started["DiskImageFormat"] == "VMDK" and started["RoleName"] == "vmimport"
+    assert started["S3ExportLocation"] == {"S3Bucket": bucket, "S3Prefix": "exports/"}
+
+    def export_status() -> dict[str, Any]:
+        tasks = appliance.ec2.describe_export_image_tasks(ExportImageTaskIds=[export_id])["ExportImageTasks"]
+        return tasks[0]
+
+    wait_for(lambda: export_status()["Status"] in ("completed", "deleted"), what="the export")
+    final = export_status()
+    assert final["Status"] == "completed", final
+    assert "Progress" not in final
+    exported = tmp_path / "exported.vmdk"
+    s3.download_file(bucket, f"exports/{export_id}.vmdk", str(exported))
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw), str(exported)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    # provenance on /v1/tasks/{id}
+    shown = admin_task(appliance, export_id)
+    record = shown["provenance"]
+    assert record == shown["task"]["result"]["exported"]["provenance"]
+    assert (
+        record["source"]["id"] == image_id
+        and record["source"]["sha256"] == record["source"]["recorded_sha256"]
+    )
+
+    # the AWS CLI: export-image (VHD), describe-export-image-tasks with a filter and pagination
+    aws, env = _aws(appliance)
+    out = subprocess.run(
+        [
+            *aws,
+            "export-image",
+            "--image-id",
+            image_id,
+            "--disk-image-format",
+            "VHD",
+            "--s3-export-location",
+            f"S3Bucket={bucket},S3Prefix=cli/",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    cli_id = json.loads(out.stdout)["ExportImageTaskId"]
+
+    def cli_status() -> dict[str, Any]:
+        r = subprocess.run(
+            [*aws, "describe-export-image-tasks", "--export-image-task-ids", cli_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(r.stdout)["ExportImageTasks"][0]
+
+    wait_for(lambda: cli_status()["Status"] in ("completed", "deleted"), what="the CLI export")
+    assert cli_status()["Status"] == "completed", cli_status()
+    vhd = tmp_path / "exported.vhd"
+    s3.download_file(bucket, f"cli/{cli_id}.vhd", str(vhd))
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "vpc", str(raw), str(vhd)], capture_output=True, text=True
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+    first = appliance.ec2.describe_export_image_tasks(MaxResults=1)
+    assert len(first["ExportImageTasks"]) == 1 and first["NextToken"]
+    second = appliance.ec2.describe_export_image_tasks(MaxResults=1, NextToken=first["NextToken"])
+    assert "NextToken" not in second
+    assert {
+        first["ExportImageTasks"][0]["ExportImageTaskId"],
+        second["ExportImageTasks"][0]["ExportImageTaskId"],
+    } == {
+        export_id,
+        cli_id,
+    }
+    completed = appliance.ec2.describe_export_image_tasks(
+        Filters=[{"Name": "task-state", "Values": ["completed"]}]
+    )
+    assert len(completed["ExportImageTasks"]) == 2
+    active = appliance.ec2.describe_export_image_tasks(Filters=[{"Name": "task-state", "Values": ["active"]}])
+    assert active["ExportImageTasks"] == []
+
+
+def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
+    appliance: Appliance, bucket: str
+) -> None:
+    calls = [
+        (
+            lambda: appliance.ec2.create_instance_export_task(
+                InstanceId="i-0123456789abcdef0",
+                TargetEnvironment="vmware",
+                ExportToS3Task={"DiskImageFormat": "VMDK", "S3Bucket": bucket, "S3Prefix": "vms/"},
+            ),
+            "InvalidInstanceID.NotFound",
+        ),
+        (
+            lambda: appliance.ec2.export_image(
+                ImageId="ami-0123456789abcdef0", DiskImageFormat="RAW", S3ExportLocation={"S3Bucket": bucket}
+            ),
+            "InvalidAMIID.NotFound",
+        ),
+        (
+            lambda: appliance.ec2.describe_export_tasks(ExportTaskIds=["export-i-0123456789abcdef0"]),
+            "InvalidExportTaskID.NotFound",
+        ),
+        (
+            lambda: appliance.ec2.cancel_export_task(ExportTaskId="export-i-0123456789abcdef0"),
+            "InvalidExportTaskID.NotFound",
+        ),
+        (
+            lambda: appliance.ec2.describe_export_image_tasks(
+                ExportImageTaskIds=["export-ami-0123456789abcdef0"]
+            ),
+            "InvalidExportTaskID.NotFound",
+        ),
+        (
+            lambda: appliance.ec2.export_image(
+                ImageId="ami-0123456789abcdef0",
+                DiskImageFormat="QCOW2",
+                S3ExportLocation={"S3Bucket": bucket},
+            ),
+            "InvalidParameterValue",
+        ),
+    ]
+    for call, code in calls:
+        with pytest.raises(botocore.exceptions.ClientError) as exc:
+            call()
+        assert exc.value.response["Error"]["Code"] == code
+    assert appliance.ec2.describe_export_tasks()["ExportTasks"] == []
+    assert appliance.ec2.describe_export_image_tasks()["ExportImageTasks"] == []
+
+    aws, env = _aws(appliance)
+    for argv, code in [
+        (
+            [
+                "create-instance-export-task",
+                "--instance-id",
+                "i-0123456789abcdef0",
+                "--target-environment",
+                "vmware",
+                "--export-to-s3-task",
+                f"DiskImageFormat=VMDK,ContainerFormat=ova,S3Bucket={bucket},S3Prefix=vms/",
+            ],
+            "InvalidParameterValue",
+        ),  # the OVA container is refused until the OVA writer exists
+        (
+            [
+                "create-instance-export-task",
+                "--instance-id",
+                "i-0123456789abcdef0",
+                "--target-environment",
+                "vmware",
+                "--export-to-s3-task",
+                f"DiskImageFormat=VMDK,S3Bucket={bucket},S3Prefix=vms/",
+            ],
+            "InvalidInstanceID.NotFound",
+        ),
+        (
+            ["cancel-export-task", "--export-task-id", "export-i-0123456789abcdef0"],
+            "InvalidExportTaskID.NotFound",
+        ),
+        (
+            ["describe-export-tasks", "--export-task-ids", "export-i-0123456789abcdef0"],
+            "InvalidExportTaskID.NotFound",
+        ),
+    ]:
+        r = subprocess.run([*aws, *argv], env=env, capture_output=True, text=True)
+        assert r.returncode != 0 and f"({code})" in r.stderr, (argv, r.stderr)
+    r = subprocess.run([*aws, "describe-export-tasks"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(r.stdout) == {"ExportTasks": []}

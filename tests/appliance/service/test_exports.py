@@ -1,0 +1,306 @@
+"""Export tasks inside the toolkit: ImportService (a real import) → ExportService → the export-image
+workflow → S3 (moto server), the exported object compared with the original by ``qemu-img compare``.
+
+The HTTP API (botocore parsing, the AWS CLI) is tested on top of this in tests/api/test_e2e_export.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.errors import ImagingError, IncorrectState, TaskNotFound
+from appliance.service.exports import ExportService, object_key
+from appliance.service.imports import Caller, DiskContainer, ImportService
+from appliance.store import Task, TaskState
+from appliance.workflow.engine import Engine
+from tests import guestfactory, stores
+from tests.processes import wait_until
+from tests.servers import MotoServer
+from tests.stallproxy import StallingProxy
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+def cfg_data(tmp_path: Path, s3_endpoint: str, **s3: Any) -> dict[str, Any]:
+    return {
+        "state_dir": str(tmp_path / "state"),
+        "sources": {
+            "allowed_endpoints": [s3_endpoint],
+            "retries": 2,
+            "s3": {
+                "endpoint_url": s3_endpoint,
+                "region": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+                **s3,
+            },
+        },
+        "tasks": {"max_active": 3},
+    }
+
+
+@pytest.fixture
+def buckets(moto: MotoServer, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(the bucket disks are imported from, the bucket exports go to)."""
+    name = request.node.name.replace("_", "-")[:30].lower().strip("-")
+    s3 = moto.client("s3")
+    for b in (f"in-{name}", f"out-{name}"):
+        s3.create_bucket(Bucket=b)
+    return f"in-{name}", f"out-{name}"
+
+
+def run(cfg: config_mod.Config, task: Task) -> Task:
+    engine = Engine(cfg, poll_interval=0.1)
+    try:
+        return engine.run(task.id)
+    finally:
+        engine.store.close()
+
+
+@pytest.fixture
+def imported(tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]) -> Iterator[dict[str, Any]]:
+    """A bootable Linux disk imported with ImportImage (RAW, from a user bucket, the file image target)."""
+    cfg = stores.config(cfg_data(tmp_path, moto.endpoint), base_dir=tmp_path)
+    disk = guestfactory.linux_disk(tmp_path)
+    moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+    imports = ImportService(cfg)
+    try:
+        task = imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+        done = run(cfg, task)
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        yield {
+            "cfg": cfg,
+            "disk": disk,
+            "image_id": "ami-" + done.id[-17:],
+            "task": done,
+            "store": imports.store,
+        }
+    finally:
+        imports.store.close()
+
+
+def qemu_compare(original: Path, exported: Path, fmt: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", fmt, str(original), str(exported)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(("disk_format", "qemu_format"), [("VMDK", "vmdk"), ("VHD", "vpc"), ("RAW", "raw")])
+def test_an_imported_image_exports_to_s3_identical_to_the_original(
+    imported: dict[str, Any],
+    moto: MotoServer,
+    buckets: tuple[str, str],
+    tmp_path: Path,
+    disk_format: str,
+    qemu_format: str,
+) -> None:
+    cfg = imported["cfg"]
+    exports = ExportService(cfg, imported["store"])
+    task = exports.export_image(
+        imported["image_id"], disk_image_format=disk_format, bucket=buckets[1], prefix="vms/"
+    )
+    assert task.id.startswith("export-ami-") and len(task.id) == len("export-ami-") + 17
+    key = object_key(task)
+    assert key == f"vms/{task.id}.{disk_format.lower()}"
+    done = run(cfg, task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+
+    out = tmp_path / f"exported.{disk_format.lower()}"
+    s3 = moto.client("s3")
+    s3.download_file(buckets[1], key, str(out))
+    compared = qemu_compare(imported["disk"], out, qemu_format)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    if disk_format == "VMDK":
+        info = subprocess.run(["qemu-img", "info", "-f", "vmdk", str(out)], capture_output=True, text=True)
+        assert "streamOptimized" in info.stdout
+
+    # provenance: in the result and as the object's metadata, the digests those of the real bytes
+    exported = done.result["exported"]
+    output_sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    source_sha = hashlib.sha256(imported["disk"].read_bytes()).hexdigest()
+    record = exported["provenance"]
+    assert exported["sha256"] == record["output"]["sha256"] == output_sha
+    assert record["source"]["sha256"] == record["source"]["recorded_sha256"] == source_sha
+    assert record["tools"]["qemu-img"].startswith("qemu-img version")
+    assert len(record["workflow"]["workflow_sha256"]) == 64
+    meta = s3.head_object(Bucket=buckets[1], Key=key)["Metadata"]
+    assert meta["sha256"] == output_sha and meta["source-sha256"] == source_sha
+    assert meta["export-task-id"] == task.id and meta["source-id"] == imported["image_id"]
+
+
+def test_a_stored_image_that_changed_since_its_import_is_not_exported(
+    imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    stored = Path(imported["task"].result["disk"]["stored"]["path"])
+    with open(stored, "r+b") as f:
+        f.seek(1 * MiB)
+        f.write(b"tampered")
+    exports = ExportService(imported["cfg"], imported["store"])
+    task = exports.export_image(imported["image_id"], disk_image_format="RAW", bucket=buckets[1])
+    done = run(imported["cfg"], task)
+    assert done.state is TaskState.FAILED
+    assert done.error_code == "Source.DigestMismatch"
+    assert moto.client("s3").list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+
+
+def test_unknown_and_malformed_ids_are_refused_with_ec2_codes(
+    imported: dict[str, Any], buckets: tuple[str, str]
+) -> None:
+    exports = ExportService(imported["cfg"], imported["store"])
+    cases = [
+        (
+            lambda: exports.export_image(
+                "ami-0123456789abcdef0", disk_image_format="VMDK", bucket=buckets[1]
+            ),
+            "InvalidAMIID.NotFound",
+        ),
+        (
+            lambda: exports.export_image("ami-xyz", disk_image_format="VMDK", bucket=buckets[1]),
+            "InvalidAMIID.Malformed",
+        ),
+        (
+            lambda: exports.export_instance(
+                "i-0123456789abcdef0",
+                target_environment="vmware",
+                disk_image_format="VMDK",
+                bucket=buckets[1],
+            ),
+            "InvalidInstanceID.NotFound",
+        ),
+        # an image of another account does not exist for this caller
+        (
+            lambda: exports.export_image(
+                imported["image_id"],
+                disk_image_format="VMDK",
+                bucket=buckets[1],
+                sees=Caller.acting_for("other").sees,
+            ),
+            "InvalidAMIID.NotFound",
+        ),
+    ]
+    for call, code in cases:
+        with pytest.raises(ImagingError) as exc:
+            call()
+        assert exc.value.code == code
+    assert imported["store"].list_tasks(kind=["export-image", "export-instance"]) == []
+    with pytest.raises(TaskNotFound):
+        exports.cancel("export-i-0123456789abcdef0")
+
+
+def test_resolver_maps_issued_snapshot_ids_to_the_stored_image(imported: dict[str, Any]) -> None:
+    exports = ExportService(imported["cfg"], imported["store"])
+    snap = exports.resolver.snapshot("snap-" + imported["task"].id[-17:])
+    image = exports.resolver.image(imported["image_id"])
+    assert snap["location"] == image["location"] == imported["task"].result["disk"]["stored"]
+
+
+def test_cancel_mid_upload_leaves_no_object_and_no_incomplete_multipart_upload(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # Every S3 call goes through a proxy that holds the upload's second part: the task is provably
+    # mid-upload (a multipart upload open, a part stored) when it is cancelled.
+    with StallingProxy(moto.endpoint) as proxy:
+        cfg = stores.config(
+            cfg_data(tmp_path, proxy.endpoint, part_size="5MiB", threads=1), base_dir=tmp_path
+        )
+        disk = guestfactory.linux_disk(tmp_path)  # 25 MiB: five parts
+        moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+        imports = ImportService(cfg)
+        try:
+            done = run(
+                cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+            )
+            assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+            exports = ExportService(cfg, imports.store)
+            task = exports.export_image("ami-" + done.id[-17:], disk_image_format="RAW", bucket=buckets[1])
+            proxy.arm_request("PUT", "partNumber=2")
+            out: list[Task] = []
+            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
+            thread.start()
+            wait_until(lambda: proxy.stalled_on("partNumber=2") >= 1, what="the second part to be held")
+            s3 = moto.client("s3")
+            assert len(s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", [])) == 1
+            exports.cancel(task.id)
+            proxy.release()
+            thread.join(timeout=120)
+            assert out and out[0].state is TaskState.CANCELLED, out
+            assert s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", []) == []
+            assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+            with pytest.raises(IncorrectState):
+                exports.cancel(task.id)
+        finally:
+            imports.store.close()
+
+
+def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # the s3 image target: the stored image is read back from its bucket (hashed on the way)
+    moto.client("s3").create_bucket(Bucket=f"{buckets[0]}-images")
+    data = cfg_data(tmp_path, moto.endpoint) | {
+        "targets": {
+            "image": {
+                "type": "s3",
+                "bucket": f"{buckets[0]}-images",
+                "endpoint_url": moto.endpoint,
+                "region": "us-east-1",
+                "access_key": "testing",
+                "secret_key": "testing",
+            }
+        }
+    }
+    cfg = stores.config(data, base_dir=tmp_path)
+    disk = guestfactory.linux_disk(tmp_path)
+    moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+    imports = ImportService(cfg)
+    try:
+        done = run(
+            cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+        )
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        assert done.result["disk"]["stored"]["type"] == "s3"
+        exports = ExportService(cfg, imports.store)
+        task = exports.export_image("ami-" + done.id[-17:], disk_image_format="VMDK", bucket=buckets[1])
+        exported = run(cfg, task)
+        assert exported.state is TaskState.COMPLETED, (exported.error_code, exported.error_message)
+        out = tmp_path / "exported.vmdk"
+        moto.client("s3").download_file(buckets[1], object_key(task), str(out))
+        compared = qemu_compare(disk, out, "vmdk")
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        record = exported.result["exported"]["provenance"]
+        assert record["source"]["sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+        assert record["source"]["recorded_sha256"] == record["source"]["sha256"]
+        # the downloaded copy and the converted file are gone from scratch
+        assert list((tmp_path / "state").rglob("export-source.raw")) == []
+        assert list((tmp_path / "state").rglob("export.vmdk")) == []
+    finally:
+        imports.store.close()
+
+
+def test_a_rerun_after_a_killed_upload_aborts_the_upload_it_left(
+    imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # what a worker killed mid-upload leaves: an incomplete multipart upload of the task's key
+    exports = ExportService(imported["cfg"], imported["store"])
+    task = exports.export_image(imported["image_id"], disk_image_format="RAW", bucket=buckets[1])
+    s3 = moto.client("s3")
+    left = s3.create_multipart_upload(Bucket=buckets[1], Key=object_key(task))["UploadId"]
+    s3.upload_part(Bucket=buckets[1], Key=object_key(task), UploadId=left, PartNumber=1, Body=b"x" * MiB)
+    done = run(imported["cfg"], task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", []) == []
+    assert (
+        s3.get_object(Bucket=buckets[1], Key=object_key(task))["Body"].read() == imported["disk"].read_bytes()
+    )
