@@ -489,6 +489,12 @@ def _verify(
             if name not in members:
                 raise _reject("Ova.MissingDisk", f"the manifest lists {name!r}, which the OVA does not hold")
             have = members[name].digests.get(_ALGORITHMS[alg])
+            if have is None:  # a disk read before the manifest is hashed with SHA-256 and SHA-1 only
+                raise _reject(
+                    "Ova.BadManifest",
+                    f"the manifest lists {name!r} with {alg}, and comes after it in the OVA: put the .mf "
+                    "right after the .ovf (as the OVF specification orders it), or use SHA256",
+                )
             if have != digest:
                 raise _reject(
                     "Ova.DigestMismatch",

@@ -330,3 +330,32 @@ def test_the_envelope_parses_back(tmp_path: Path) -> None:
     assert [d["capacity"] for d in info.disks] == [3 * MiB, 5 * MiB]
     assert info.firmware == "efi" and info.cpus == 4 and info.memory_mib == 4096
     assert {f["href"] for f in info.files.values()} == {"a.vmdk", "b.vmdk"}
+
+
+def test_a_sha512_manifest_after_the_disks_is_refused_with_what_to_do(tmp_path: Path, cfg: Config) -> None:
+    disk = raw_disk(1)
+    ovf = envelope("vm", [OvfDisk("vm-disk1.raw", len(disk), len(disk))])
+    lines = [
+        f"SHA512({n})= {hashlib.sha512(b).hexdigest()}\n"
+        for n, b in (("vm.ovf", ovf), ("vm-disk1.raw", disk))
+    ]
+    data = build(
+        [member("vm.ovf", ovf), member("vm-disk1.raw", disk), member("vm.mf", "".join(lines).encode())]
+    )
+    assert rejected(data, tmp_path, cfg) == "Ova.BadManifest"
+
+
+def test_a_sha1_manifest_at_the_end_is_verified(tmp_path: Path, cfg: Config) -> None:
+    disk = raw_disk(1)
+    ovf = envelope("vm", [OvfDisk("vm-disk1.raw", len(disk), len(disk))])
+    lines = [
+        f"SHA1({n})= {hashlib.sha1(b).hexdigest()}\n" for n, b in (("vm.ovf", ovf), ("vm-disk1.raw", disk))
+    ]
+    data = build(
+        [member("vm.ovf", ovf), member("vm-disk1.raw", disk), member("vm.mf", "".join(lines).encode())]
+    )
+    pkg = unpack(data, tmp_path, cfg)
+    try:
+        assert pkg.manifest_verified
+    finally:
+        pkg.remove()
