@@ -207,7 +207,15 @@ class StepTimeout(ImagingError):
 
 #: code prefixes that mean "the image was rejected" (by inspection, guest validation or an operator
 #: policy: CLI exit status 2) rather than "the work failed"
-REJECTION_CODES = ("FormatMismatch", "UnsafeImage", "CorruptImage", "SizeLimitExceeded", "Guest", "Policy")
+REJECTION_CODES = (
+    "FormatMismatch",
+    "UnsafeImage",
+    "CorruptImage",
+    "SizeLimitExceeded",
+    "Guest",
+    "Policy",
+    "Ova",
+)
 
 
 def is_rejection(code: str | None) -> bool:

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..image.convert import convert_image
 from ..image.formats import INPUT_FORMATS, OUTPUT_FORMATS
 from ..image.inspect import inspect_image
+from ..image.ova import convert_ova, is_ova
 from .common import (
     EXIT_OK,
     EXIT_REJECTED,
@@ -58,7 +59,14 @@ def add_commands(sub: Any) -> None:
         metavar="FMT",
         help=f"output format: {', '.join(OUTPUT_FORMATS)}",
     )
-    s.add_argument("-f", "--from", dest="from_format", metavar="CLAIMED", help="format SRC claims to be")
+    s.add_argument(
+        "-f",
+        "--from",
+        dest="from_format",
+        metavar="CLAIMED",
+        help="format SRC claims to be; 'ova' (or a tar SRC): every disk of the OVA, the boot disk to DST, "
+        "the others to DST-disk2, DST-disk3, ... beside it",
+    )
     s.add_argument("--subformat", help="vhd: dynamic (default) or fixed")
     s.add_argument(
         "--progress",
@@ -101,6 +109,8 @@ def cmd_convert(args: argparse.Namespace, cfg: Config) -> int:
     src = Path(args.src)
     if not src.is_file():
         raise UsageError(f"no such image file: {src}")
+    if args.from_format == "ova" or (args.from_format is None and is_ova(src)):
+        return _convert_ova(args, cfg, src)
     with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
         result = convert_image(
             src,
@@ -123,4 +133,24 @@ def cmd_convert(args: argparse.Namespace, cfg: Config) -> int:
             + f", virtual size {result.virtual_size} bytes, {result.bytes_written} bytes written"
             f" in {result.seconds:.1f}s"
         )
+    return EXIT_OK
+
+
+def _convert_ova(args: argparse.Namespace, cfg: Config, src: Path) -> int:
+    with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
+        result = convert_ova(
+            src,
+            Path(args.dst),
+            args.to,
+            config=cfg,
+            workdir=scratch.path,
+            subformat=args.subformat,
+            on_progress=progress_callback(args.progress),
+            cancel=cancel,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        for out in result.outputs:
+            print(f"{out.dst}: {out.format}, virtual size {out.virtual_size} bytes, from the OVA")
     return EXIT_OK

@@ -1,0 +1,636 @@
+"""OVA packages: writing one (``.ovf``, ``.mf``, then the disks, as one tar stream), reading an untrusted one.
+
+Writing (:func:`write_ova`): the layout of ``ova-ovf.md`` §7 — members ``NAME.ovf``, ``NAME.mf`` (a
+``SHA256(file)= hex`` line for the descriptor and for each disk), then the disks in ``References`` order;
+GNU tar (sizes over 8 GiB in base-256, as ``ova-compose`` writes), owner and group 0, mode 0644, regular
+files only, no compression. The tar goes to any forward-only sink (a file, an S3 multipart upload): each
+disk's size and digest are known before its header is written, because the disks are finished files (the
+caller writes the stream-optimized VMDKs first and gives their sha256, which is checked again while the
+bytes are copied into the tar).
+
+Reading (:func:`unpack_ova`): the tar is read as a stream (``tarfile`` ``r|``: never seeking, never
+extracting through ``tarfile``), and each member is checked before anything of it is kept
+(``ova-ovf.md`` §6): only regular files (``REGTYPE``/``AREGTYPE``, not sparse or contiguous; links, devices
+and FIFOs reject the whole OVA; directory entries are skipped), a flat final name (after PAX and GNU long
+names: no ``/``, no ``..``, no backslash or NUL, at most 255 bytes), no two members with the same name in
+any case, at most :data:`MAX_MEMBERS` members, a descriptor of at most ``ovf.MAX_OVF_BYTES``, a manifest or
+certificate of at most :data:`MAX_SMALL_BYTES`, disks of at most the virtual-size limit, a member whose data
+ends before the size its header claims is ``Ova.Corrupt``. Disks are written into a private directory
+(sparse: all-zero blocks stay holes) while their SHA-256 (and SHA-1 for an old manifest) is computed.
+
+Then: exactly one ``.ovf``, parsed in a confined child (:func:`appliance.image.ovf.parse_confined`); every
+``File`` a bare name present in the package with the size the descriptor says; no file referenced by two
+disks or two files with one name (``Ova.DuplicateDisk``); a missing file is ``Ova.MissingDisk``; a manifest,
+when present, must list every other member and every digest must match (``Ova.DigestMismatch``); every disk
+is inspected like any uploaded disk (:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing
+file, a flat VMDK, … are rejected with the inspection's code) and its virtual size must be the capacity the
+descriptor gives. The boot disk is the first disk of the hardware section (then the rest in order). On any
+failure the private directory is removed: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from ..config import Config
+from ..errors import Cancelled, Finding, ImageRejected
+from ..partials import Ledger
+from ..progress import Progress
+from .convert import ConversionResult, convert_image
+from .inspect import InspectionResult, inspect_image, require_safe
+from .ovf import MAX_DISKS, MAX_OVF_BYTES, OvfDisk, OvfInfo, envelope, parse_confined
+from .vmdkwriter import ByteSink
+
+#: members one OVA may have (descriptor, manifest, certificate, disks, a few others)
+MAX_MEMBERS = 64
+#: the largest manifest or certificate
+MAX_SMALL_BYTES = 64 << 10
+_CHUNK = 1 << 20
+_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\(([^()]+)\)\s*=\s*([0-9a-fA-F]+)\r?$")
+_HEX_LENGTHS = {"SHA1": 40, "SHA256": 64, "SHA512": 128}
+_ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+#: how far a disk's virtual size may exceed its descriptor capacity (a VMDK rounds up to a grain)
+_CAPACITY_SLACK = 64 << 10
+
+
+def _reject(code: str, message: str) -> ImageRejected:
+    return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
+
+
+# -------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class OvaDiskFile:
+    """A finished disk file to pack: its path, the name it gets in the OVA, its sha256 and capacity."""
+
+    path: Path
+    name: str
+    sha256: str
+    capacity: int
+    populated: int = 0
+
+
+@dataclass(frozen=True)
+class OvaWriteResult:
+    """What :func:`write_ova` wrote: the tar's size and sha256, the descriptor, and the manifest."""
+
+    size: int
+    sha256: str
+    ovf: bytes
+    manifest: bytes
+    members: list[str]
+
+
+class _Counted:
+    """A file-like front of a sink for ``tarfile`` (``write`` only), counting and hashing."""
+
+    def __init__(self, sink: ByteSink) -> None:
+        self.sink = sink
+        self.size = 0
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sink.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+class _HashingReader:
+    """A file read forward for ``tarfile.addfile``, hashed, cancellable."""
+
+    def __init__(self, f: BinaryIO, cancel: threading.Event | None, progress: Callable[[int], None] | None):
+        self.f, self.cancel, self.progress = f, cancel, progress
+        self.sha = hashlib.sha256()
+        self.done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("OVA export cancelled")
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.done += len(data)
+        if self.progress is not None:
+            self.progress(len(data))
+        return data
+
+
+def manifest(entries: list[tuple[str, str]]) -> bytes:
+    """``SHA256(name)= hex`` lines (open-vmdk's and ESXi's form)."""
+    return "".join(f"SHA256({name})= {digest}\n" for name, digest in entries).encode("ascii")
+
+
+def write_ova(
+    sink: ByteSink,
+    name: str,
+    disks: list[OvaDiskFile],
+    *,
+    cpus: int = 1,
+    memory_mib: int = 1024,
+    firmware: str = "bios",
+    platform: str = "linux",
+    on_progress: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> OvaWriteResult:
+    """Write the OVA of VM ``name`` with ``disks`` (boot disk first) to ``sink`` (module docstring).
+    ``on_progress(n)`` gets each count of disk bytes copied."""
+    if not disks or len(disks) > MAX_DISKS:
+        raise ValueError(f"an OVA holds 1..{MAX_DISKS} disks, not {len(disks)}")
+    names = [d.name for d in disks]
+    if len(set(names)) != len(names) or any(not _flat_name(n) for n in names):
+        raise ValueError(f"disk names must be distinct bare file names: {names}")
+    sizes = [d.path.stat().st_size for d in disks]
+    ovf = envelope(
+        name,
+        [OvfDisk(d.name, s, d.capacity, d.populated) for d, s in zip(disks, sizes, strict=True)],
+        cpus=cpus,
+        memory_mib=memory_mib,
+        firmware=firmware,
+        platform=platform,
+    )
+    ovf_name, mf_name = f"{name}.ovf", f"{name}.mf"
+    mf = manifest([(ovf_name, hashlib.sha256(ovf).hexdigest()), *((d.name, d.sha256) for d in disks)])
+    out = _Counted(sink)
+    now = int(time.time())
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
+        for member, body in ((ovf_name, ovf), (mf_name, mf)):
+            tar.addfile(_info(member, len(body), now), _BytesReader(body))
+        for d, size in zip(disks, sizes, strict=True):
+            with open(d.path, "rb") as f:
+                reader = _HashingReader(f, cancel, on_progress)
+                tar.addfile(_info(d.name, size, now), reader)
+            if reader.done != size or reader.sha.hexdigest() != d.sha256:
+                raise ValueError(f"{d.path} changed while it was packed (its sha256 is not {d.sha256})")
+    return OvaWriteResult(out.size, out.sha.hexdigest(), ovf, mf, [ovf_name, mf_name, *names])
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        chunk = self.data[self.pos : end]
+        self.pos += len(chunk)
+        return chunk
+
+
+def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = size, mtime, 0o644, 0, 0
+    ti.uname = ti.gname = "root"
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+# -------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class OvaDisk:
+    """One disk of an unpacked OVA, in boot order: its member name and file, descriptor facts, inspection."""
+
+    name: str
+    path: Path
+    size: int
+    capacity: int
+    disk_id: str
+    sha256: str
+    inspection: InspectionResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "size": self.size,
+            "capacity": self.capacity,
+            "disk_id": self.disk_id,
+            "sha256": self.sha256,
+            "format": self.inspection.format if self.inspection else None,
+            "virtual_size": self.inspection.virtual_size if self.inspection else None,
+        }
+
+
+@dataclass
+class OvaPackage:
+    """An unpacked, verified OVA: its disks (boot disk first) in ``directory``, which the caller removes."""
+
+    directory: Path
+    ovf_name: str
+    ovf: OvfInfo
+    disks: list[OvaDisk]
+    manifest_verified: bool
+    digests: dict[str, str] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ovf": self.ovf_name,
+            "firmware": self.ovf.firmware,
+            "os_type": self.ovf.os_type,
+            "cpus": self.ovf.cpus,
+            "memory_mib": self.ovf.memory_mib,
+            "manifest_verified": self.manifest_verified,
+            "digests": self.digests,
+            "disks": [d.to_dict() for d in self.disks],
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _flat_name(name: str) -> bool:
+    if not name or name in (".", "..") or len(name.encode("utf-8", "surrogateescape")) > 255:
+        return False
+    return not any(c in name for c in "/\\\0") and name.isprintable()
+
+
+def _check_member(ti: tarfile.TarInfo) -> None:
+    if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or ti.sparse is not None:
+        kind = {
+            tarfile.SYMTYPE: "a symbolic link",
+            tarfile.LNKTYPE: "a hard link",
+            tarfile.CHRTYPE: "a character device",
+            tarfile.BLKTYPE: "a block device",
+            tarfile.FIFOTYPE: "a FIFO",
+            tarfile.CONTTYPE: "a contiguous file",
+            tarfile.GNUTYPE_SPARSE: "a sparse file",
+        }.get(ti.type, f"of tar type {ti.type!r}")
+        raise _reject(
+            "Ova.UnsafeMember", f"the OVA member {ti.name[:100]!r} is {kind}; only regular files are allowed"
+        )
+    parts = ti.name.split("/")
+    if ti.name.startswith("/") or ".." in parts or not _flat_name(ti.name):
+        raise _reject(
+            "Ova.UnsafeMember",
+            f"the OVA member name {ti.name[:100]!r} is not a plain file name (absolute, '..', a directory "
+            "or a control character)",
+        )
+    if ti.size < 0:
+        raise _reject("Ova.Corrupt", f"the OVA member {ti.name!r} has a negative size")
+
+
+def _parse_manifest(data: bytes, name: str) -> dict[str, tuple[str, str]]:
+    """``{file: (algorithm, hex)}`` from a manifest; any line out of the grammar is ``Ova.BadManifest``."""
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise _reject("Ova.BadManifest", f"the manifest {name} is not ASCII text") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _MANIFEST_LINE.match(line)
+        if m is None or len(m.group(3)) != _HEX_LENGTHS[m.group(1)]:
+            raise _reject("Ova.BadManifest", f"line {n} of the manifest {name} is not 'SHA256(file)= hex'")
+        file = m.group(2).strip()
+        if file in out:
+            raise _reject("Ova.BadManifest", f"the manifest {name} lists {file!r} twice")
+        out[file] = (m.group(1), m.group(3).lower())
+    return out
+
+
+@dataclass
+class _Member:
+    name: str
+    size: int
+    path: Path | None
+    digests: dict[str, str]
+    body: bytes | None = None
+
+
+def _store(
+    f: IO[bytes],
+    dst: Path,
+    size: int,
+    algorithms: set[str],
+    cancel: threading.Event | None,
+    progress: Callable[[int], None] | None,
+) -> dict[str, str]:
+    """Copy ``size`` bytes of member ``f`` into the new file ``dst`` (holes for zero blocks), hashing."""
+    hashers = {a: hashlib.new(a) for a in algorithms}
+    zero = bytes(_CHUNK)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        pos = 0
+        while pos < size:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("OVA import cancelled")
+            chunk = f.read(min(_CHUNK, size - pos))
+            if not chunk:
+                raise _reject(
+                    "Ova.Corrupt",
+                    f"the OVA ends inside {dst.name} ({pos} of the {size} bytes its header claims)",
+                )
+            for h in hashers.values():
+                h.update(chunk)
+            if chunk != zero[: len(chunk)]:
+                view = memoryview(chunk)
+                at = pos
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+            pos += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+def unpack_ova(
+    src: BinaryIO,
+    directory: Path,
+    *,
+    config: Config,
+    cancel: threading.Event | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    inspect: bool = True,
+) -> OvaPackage:
+    """Read the OVA ``src`` (a forward-only stream) into the new private ``directory``, verify and inspect
+    it (module docstring). Raises :class:`ImageRejected` with an ``Ova.*`` code (or the inspection's code
+    for a bad disk) and removes ``directory``; the caller removes it (:meth:`OvaPackage.remove`) after use."""
+    os.mkdir(directory, 0o700)
+    try:
+        return _unpack(src, directory, config, cancel, on_progress, inspect)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _unpack(
+    src: BinaryIO,
+    directory: Path,
+    config: Config,
+    cancel: threading.Event | None,
+    on_progress: Callable[[int], None] | None,
+    inspect: bool,
+) -> OvaPackage:
+    limits = config.limits
+    max_disk = limits.max_virtual_size + limits.max_virtual_size // 64 + (1 << 20)
+    members: dict[str, _Member] = {}
+    seen: set[str] = set()
+    order: list[str] = []
+    manifest_algorithms: set[str] | None = None
+    count = 0
+    try:
+        tar = tarfile.open(fileobj=src, mode="r|")  # noqa: SIM115 - closed in the finally below
+    except tarfile.TarError:
+        raise _reject(
+            "Ova.NotAnOva", "the file is not a tar archive (an OVA is an uncompressed tar)"
+        ) from None
+    try:
+        while True:
+            try:
+                ti = tar.next()
+            except tarfile.TarError as exc:
+                raise _reject(
+                    "Ova.Corrupt", f"the tar stream is damaged after {count} members ({exc})"
+                ) from None
+            if ti is None:
+                break
+            count += 1
+            if count > MAX_MEMBERS:
+                raise _reject("Ova.TooLarge", f"the OVA has more than {MAX_MEMBERS} members")
+            if ti.type == tarfile.DIRTYPE and _flat_name(ti.name.rstrip("/")):
+                continue
+            _check_member(ti)
+            folded = ti.name.casefold()
+            if folded in seen:
+                raise _reject("Ova.DuplicateMember", f"the OVA holds two members named {ti.name!r}")
+            seen.add(folded)
+            lower = ti.name.lower()
+            f = tar.extractfile(ti)
+            assert f is not None  # a regular member
+            if lower.endswith((".ovf", ".mf", ".cert")):
+                cap = MAX_OVF_BYTES if lower.endswith(".ovf") else MAX_SMALL_BYTES
+                if ti.size > cap:
+                    raise _reject(
+                        "Ova.TooLarge", f"the OVA member {ti.name!r} is {ti.size} bytes (at most {cap})"
+                    )
+                try:
+                    body = f.read(ti.size)
+                except tarfile.TarError:
+                    body = b""
+                if len(body) != ti.size:
+                    raise _reject("Ova.Corrupt", f"the OVA ends inside {ti.name!r}")
+                digests = {a: hashlib.new(a, body).hexdigest() for a in ("sha1", "sha256", "sha512")}
+                members[ti.name] = _Member(ti.name, ti.size, None, digests, body)
+                if lower.endswith(".mf"):
+                    parsed = _parse_manifest(body, ti.name)
+                    manifest_algorithms = {_ALGORITHMS[a] for a, _ in parsed.values()}
+            else:
+                if ti.size > max_disk:
+                    raise _reject(
+                        "Ova.TooLarge", f"the OVA member {ti.name!r} is {ti.size} bytes, over the disk limit"
+                    )
+                algorithms = {"sha256"} | (
+                    manifest_algorithms if manifest_algorithms is not None else {"sha1"}
+                )
+                try:
+                    digests = _store(f, directory / ti.name, ti.size, algorithms, cancel, on_progress)
+                except tarfile.TarError:
+                    raise _reject("Ova.Corrupt", f"the OVA ends inside {ti.name!r}") from None
+                members[ti.name] = _Member(ti.name, ti.size, directory / ti.name, digests)
+            order.append(ti.name)
+    finally:
+        with contextlib.suppress(tarfile.TarError):
+            tar.close()
+    return _verify(directory, members, order, config, cancel, inspect)
+
+
+def _verify(
+    directory: Path,
+    members: dict[str, _Member],
+    order: list[str],
+    config: Config,
+    cancel: threading.Event | None,
+    inspect: bool,
+) -> OvaPackage:
+    ovfs = [n for n in order if n.lower().endswith(".ovf")]
+    if len(ovfs) != 1:
+        raise _reject(
+            "Ova.BadDescriptor", f"the OVA holds {len(ovfs)} .ovf descriptors (exactly one is required)"
+        )
+    ovf_name = ovfs[0]
+    ovf_body = members[ovf_name].body
+    assert ovf_body is not None
+    info = parse_confined(ovf_body, config.limits, workdir=directory)
+    findings: list[Finding] = []
+    mfs = [n for n in order if n.lower().endswith(".mf")]
+    if len(mfs) > 1:
+        raise _reject("Ova.BadManifest", f"the OVA holds {len(mfs)} manifests")
+    verified = False
+    if mfs:
+        body = members[mfs[0]].body
+        assert body is not None
+        listed = _parse_manifest(body, mfs[0])
+        for name in order:
+            if name.lower().endswith((".mf", ".cert")):
+                continue
+            if name not in listed:
+                raise _reject("Ova.BadManifest", f"the manifest does not list the member {name!r}")
+        for name, (alg, digest) in listed.items():
+            if name not in members:
+                raise _reject("Ova.MissingDisk", f"the manifest lists {name!r}, which the OVA does not hold")
+            have = members[name].digests.get(_ALGORITHMS[alg])
+            if have is None:  # a disk read before the manifest is hashed with SHA-256 and SHA-1 only
+                raise _reject(
+                    "Ova.BadManifest",
+                    f"the manifest lists {name!r} with {alg}, and comes after it in the OVA: put the .mf "
+                    "right after the .ovf (as the OVF specification orders it), or use SHA256",
+                )
+            if have != digest:
+                raise _reject(
+                    "Ova.DigestMismatch",
+                    f"the {alg} of {name!r} is {have}, the manifest says {digest}: the OVA is damaged or was "
+                    "altered",
+                )
+        verified = True
+    else:
+        findings.append(
+            Finding.warning("Ova.NoManifest", "the OVA has no manifest: its members were not verified")
+        )
+    if any(n.lower().endswith(".cert") for n in order):
+        findings.append(Finding.info("Ova.SignatureNotChecked", "the OVA's certificate was not verified"))
+
+    hrefs: dict[str, str] = {}
+    for fid, f in info.files.items():
+        href = str(f["href"])
+        if not _flat_name(href) or ":" in href:
+            raise _reject(
+                "Ova.UnsafeMember", f"File {fid!r} refers to {href[:100]!r}, not a member of the package"
+            )
+        if href in hrefs.values():
+            raise _reject("Ova.DuplicateDisk", f"the descriptor lists the file {href!r} twice")
+        hrefs[fid] = href
+    used: set[str] = set()
+    disks: list[OvaDisk] = []
+    for d in info.disks:
+        if d["file"] in used:
+            raise _reject("Ova.DuplicateDisk", f"the file {hrefs[d['file']]!r} is listed as two disks")
+        used.add(d["file"])
+        href = hrefs[d["file"]]
+        m = members.get(href)
+        if m is None or m.path is None:
+            raise _reject(
+                "Ova.MissingDisk", f"disk {d['id']!r} is the file {href!r}, which the OVA does not hold"
+            )
+        declared = info.files[d["file"]]["size"]
+        if declared is not None and declared != m.size:
+            raise _reject("Ova.Corrupt", f"the descriptor says {href!r} is {declared} bytes; it is {m.size}")
+        disks.append(OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"]))
+    for name, m in members.items():  # members no disk uses (ISOs, NVRAM, …) are not kept
+        if m.path is not None and name not in {d.name for d in disks}:
+            m.path.unlink(missing_ok=True)
+    if inspect:
+        for disk in disks:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("OVA import cancelled")
+            result = inspect_image(disk.path, None, config=config, workdir=directory, cancel=cancel)
+            require_safe(result)
+            disk.inspection = result
+            vsize = result.virtual_size or 0
+            if not disk.capacity <= vsize <= disk.capacity + _CAPACITY_SLACK:
+                raise _reject(
+                    "Ova.CapacityMismatch",
+                    f"disk {disk.name!r} holds {vsize} bytes but the descriptor says {disk.capacity}",
+                )
+    return OvaPackage(
+        directory,
+        ovf_name,
+        info,
+        disks,
+        verified,
+        {n: m.digests["sha256"] for n, m in members.items()},
+        findings,
+    )
+
+
+def is_ova(path: Path) -> bool:
+    """Whether ``path`` is a tar archive (``ustar`` magic at 257): how an OVA announces itself."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+        return stat.S_ISREG(os.stat(path).st_mode) and head[257:262] == b"ustar"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class OvaConversion:
+    """An OVA converted: the package's facts and each disk's conversion, boot disk first."""
+
+    package: dict[str, Any]
+    outputs: list[ConversionResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ova": self.package, "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def output_names(dst: Path, count: int) -> list[Path]:
+    """Where the disks of an OVA converted to ``dst`` go: ``dst`` for the boot disk, then
+    ``<stem>-disk2<suffix>``, ``<stem>-disk3<suffix>``, … beside it."""
+    return [dst] + [dst.with_name(f"{dst.stem}-disk{i}{dst.suffix}") for i in range(2, count + 1)]
+
+
+def convert_ova(
+    src: Path,
+    dst: Path,
+    to_format: str,
+    *,
+    config: Config,
+    workdir: Path,
+    subformat: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    cancel: threading.Event | None = None,
+    ledger: Ledger | None = None,
+) -> OvaConversion:
+    """Unpack and verify the OVA ``src`` (:func:`unpack_ova`, in ``workdir``) and convert each disk
+    (boot disk first) to ``to_format`` at :func:`output_names`. A rejected OVA writes nothing; a failed
+    conversion removes the outputs already written."""
+    directory = Path(workdir) / f"ova.{os.getpid()}.{threading.get_ident()}"
+    with open(src, "rb") as f:
+        package = unpack_ova(f, directory, config=config, cancel=cancel)
+    written: list[Path] = []
+    try:
+        outputs = []
+        for disk, out in zip(package.disks, output_names(Path(dst), len(package.disks)), strict=True):
+            assert disk.inspection is not None
+            outputs.append(
+                convert_image(
+                    disk.path,
+                    out,
+                    to_format,
+                    disk.inspection.format,
+                    config=config,
+                    workdir=workdir,
+                    subformat=subformat,
+                    on_progress=on_progress,
+                    cancel=cancel,
+                    ledger=ledger,
+                )
+            )
+            written.append(out)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        package.remove()
+    return OvaConversion(package.to_dict(), outputs)

@@ -1,0 +1,403 @@
+"""OVF descriptors: writing the envelope of an exported OVA, and reading an untrusted one in a confined child.
+
+Writing (:func:`envelope`): the OVF 1.x namespace (``…/envelope/1``, the one every reader knows), in the
+element order VMware's ``ova-compose`` writes (``ova-ovf.md`` §4.4, §7): ``References`` (one ``File`` per
+disk with ``href``, ``id``, ``size``), ``DiskSection`` (``capacity`` in bytes, ``populatedSize``, the
+streamOptimized format URI), ``NetworkSection``, and one ``VirtualSystem`` with an
+``OperatingSystemSection`` and a ``VirtualHardwareSection``: CPUs (3), memory (4, MiB), one SCSI
+controller (6, ``lsilogic``), a disk item (17) per disk on it, one NIC (10), and ``vmw:Config firmware``
+(``efi`` when the guest validated as UEFI, else ``bios``). The ``rasd:`` children of each item are sorted
+by tag, as the CIM schema's sequence requires.
+
+Reading (:func:`parse`): defusedxml with DTDs, entities and external references forbidden, a size cap
+(:data:`MAX_OVF_BYTES`), run in a confined Python child (:func:`parse_confined`, the guest probe's policy:
+CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files, disks (id,
+file, capacity in bytes), the disk order of the hardware section, firmware, OS type, CPUs and memory. Anything
+else is ``Ova.BadDescriptor``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
+from defusedxml.ElementTree import fromstring
+
+from .. import confine
+from ..config import Limits
+from ..errors import Finding, ImageRejected
+
+OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
+OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
+RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+VSSD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+VMW_NS = "http://www.vmware.com/schema/ovf"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+CIM_NS = "http://schemas.dmtf.org/wbem/wscim/1/common"
+STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+#: the largest descriptor read (a real one is a few KiB)
+MAX_OVF_BYTES = 1 << 20
+#: the most disks one OVA may hold (AWS: 21 volumes per instance)
+MAX_DISKS = 21
+#: CIM OSType ids by the appliance's platform names (``ova-ovf.md`` §4.2)
+OS_TYPES = {"linux": (101, "other4xLinux64Guest"), "windows": (112, "windows8Server64Guest")}
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+))?\s*$")
+
+for _prefix, _uri in (
+    ("ovf", OVF_NS),
+    ("rasd", RASD_NS),
+    ("vssd", VSSD_NS),
+    ("vmw", VMW_NS),
+    ("xsi", XSI_NS),
+):
+    ET.register_namespace(_prefix, _uri)
+
+
+def _bad(message: str) -> ImageRejected:
+    return ImageRejected(
+        [
+            Finding.error(
+                "Ova.BadDescriptor", f"the OVF descriptor is not usable: {message}; nothing was imported"
+            )
+        ]
+    )
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class OvfDisk:
+    """One disk of an exported OVA: its member name, size in the package, capacity and data bytes."""
+
+    href: str
+    size: int
+    capacity: int
+    populated: int = 0
+
+
+def _q(ns: str, tag: str) -> str:
+    return f"{{{ns}}}{tag}"
+
+
+def _item(parent: ET.Element, fields: dict[str, str]) -> None:
+    item = ET.SubElement(parent, _q(OVF_NS, "Item"))
+    for tag in sorted(fields):
+        ET.SubElement(item, _q(RASD_NS, tag)).text = fields[tag]
+
+
+def envelope(
+    name: str,
+    disks: list[OvfDisk],
+    *,
+    cpus: int = 1,
+    memory_mib: int = 1024,
+    firmware: str = "bios",
+    platform: str = "linux",
+    hw_version: str = "vmx-10",
+) -> bytes:
+    """The OVF descriptor of a VM ``name`` with ``disks`` (the first is the boot disk)."""
+    if not disks:
+        raise ValueError("an OVA needs at least one disk")
+    if firmware not in ("bios", "efi"):
+        raise ValueError(f"firmware {firmware!r}: bios or efi")
+    env = ET.Element(_q(OVF_NS, "Envelope"))
+    refs = ET.SubElement(env, _q(OVF_NS, "References"))
+    section = ET.SubElement(env, _q(OVF_NS, "DiskSection"))
+    ET.SubElement(section, _q(OVF_NS, "Info")).text = "Virtual disk information"
+    for i, d in enumerate(disks, 1):
+        ET.SubElement(
+            refs,
+            _q(OVF_NS, "File"),
+            {_q(OVF_NS, "href"): d.href, _q(OVF_NS, "id"): f"file{i}", _q(OVF_NS, "size"): str(d.size)},
+        )
+        ET.SubElement(
+            section,
+            _q(OVF_NS, "Disk"),
+            {
+                _q(OVF_NS, "capacity"): str(d.capacity),
+                _q(OVF_NS, "capacityAllocationUnits"): "byte",
+                _q(OVF_NS, "diskId"): f"vmdisk{i}",
+                _q(OVF_NS, "fileRef"): f"file{i}",
+                _q(OVF_NS, "format"): STREAM_OPTIMIZED,
+                _q(OVF_NS, "populatedSize"): str(d.populated),
+            },
+        )
+    nets = ET.SubElement(env, _q(OVF_NS, "NetworkSection"))
+    ET.SubElement(nets, _q(OVF_NS, "Info")).text = "The list of logical networks"
+    net = ET.SubElement(nets, _q(OVF_NS, "Network"), {_q(OVF_NS, "name"): "VM Network"})
+    ET.SubElement(net, _q(OVF_NS, "Description")).text = "The VM Network network"
+    vs = ET.SubElement(env, _q(OVF_NS, "VirtualSystem"), {_q(OVF_NS, "id"): name})
+    ET.SubElement(vs, _q(OVF_NS, "Info")).text = "A virtual machine"
+    ET.SubElement(vs, _q(OVF_NS, "Name")).text = name
+    os_id, vmw_type = OS_TYPES.get(platform, OS_TYPES["linux"])
+    oss = ET.SubElement(
+        vs,
+        _q(OVF_NS, "OperatingSystemSection"),
+        {_q(OVF_NS, "id"): str(os_id), _q(VMW_NS, "osType"): vmw_type},
+    )
+    ET.SubElement(oss, _q(OVF_NS, "Info")).text = "The kind of installed guest operating system"
+    hw = ET.SubElement(vs, _q(OVF_NS, "VirtualHardwareSection"))
+    ET.SubElement(hw, _q(OVF_NS, "Info")).text = "Virtual hardware requirements"
+    system = ET.SubElement(hw, _q(OVF_NS, "System"))
+    for tag, text in (
+        ("ElementName", "Virtual Hardware Family"),
+        ("InstanceID", "0"),
+        ("VirtualSystemIdentifier", name),
+        ("VirtualSystemType", hw_version),
+    ):
+        ET.SubElement(system, _q(VSSD_NS, tag)).text = text
+    _item(
+        hw,
+        {
+            "AllocationUnits": "hertz * 10^6",
+            "ElementName": f"{cpus} virtual CPU(s)",
+            "InstanceID": "1",
+            "ResourceType": "3",
+            "VirtualQuantity": str(cpus),
+        },
+    )
+    _item(
+        hw,
+        {
+            "AllocationUnits": "byte * 2^20",
+            "ElementName": f"{memory_mib}MB of memory",
+            "InstanceID": "2",
+            "ResourceType": "4",
+            "VirtualQuantity": str(memory_mib),
+        },
+    )
+    _item(
+        hw,
+        {
+            "Address": "0",
+            "ElementName": "SCSI Controller 0",
+            "InstanceID": "3",
+            "ResourceSubType": "lsilogic",
+            "ResourceType": "6",
+        },
+    )
+    for i, _d in enumerate(disks, 1):
+        _item(
+            hw,
+            {
+                "AddressOnParent": str(i - 1),
+                "ElementName": f"Hard Disk {i}",
+                "HostResource": f"ovf:/disk/vmdisk{i}",
+                "InstanceID": str(3 + i),
+                "Parent": "3",
+                "ResourceType": "17",
+            },
+        )
+    _item(
+        hw,
+        {
+            "AutomaticAllocation": "true",
+            "Connection": "VM Network",
+            "ElementName": "Network adapter 1",
+            "InstanceID": str(4 + len(disks)),
+            "ResourceSubType": "VmxNet3",
+            "ResourceType": "10",
+        },
+    )
+    ET.SubElement(
+        hw,
+        _q(VMW_NS, "Config"),
+        {_q(OVF_NS, "required"): "false", _q(VMW_NS, "key"): "firmware", _q(VMW_NS, "value"): firmware},
+    )
+    ET.indent(env)
+    return ET.tostring(env, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class OvfInfo:
+    """The facts of a descriptor the importer uses."""
+
+    #: ``File`` id → href, size (or None)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: disks in the order of the hardware section (then any others): ``{id, file, capacity}``
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    firmware: str | None = None
+    os_type: str | None = None
+    cpus: int | None = None
+    memory_mib: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _attr(el: ET.Element, name: str, ns: str) -> str | None:
+    return el.get(_q(ns, name))
+
+
+def _units(text: str | None) -> int:
+    if not text:
+        return 1
+    m = _UNITS.match(text)
+    if not m:
+        raise _bad(f"capacityAllocationUnits {text[:40]!r} (expected 'byte * 2^N')")
+    if m.group(1) is None:
+        return 1
+    base, exp = int(m.group(1)), int(m.group(2))
+    if base != 2 or exp > 60:
+        raise _bad(f"capacityAllocationUnits {text[:40]!r}")
+    return 1 << exp
+
+
+def _int(text: str | None, what: str) -> int:
+    if text is None or not text.strip().isdigit() or len(text.strip()) > 20:
+        raise _bad(f"{what} {str(text)[:40]!r} is not a number")
+    return int(text.strip())
+
+
+def parse(data: bytes) -> OvfInfo:
+    """Parse a descriptor (defusedxml: no DTD, entities or external references); ``Ova.BadDescriptor``."""
+    if len(data) > MAX_OVF_BYTES:
+        raise _bad(f"{len(data)} bytes (at most {MAX_OVF_BYTES})")
+    try:
+        root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden) as exc:
+        raise _bad(f"it declares a DTD or entities ({type(exc).__name__}), which are refused") from None
+    except ET.ParseError as exc:
+        raise _bad(f"malformed XML ({exc})") from None
+    ns = (
+        OVF_NS
+        if root.tag == _q(OVF_NS, "Envelope")
+        else OVF2_NS
+        if root.tag == _q(OVF2_NS, "Envelope")
+        else None
+    )
+    if ns is None:
+        raise _bad(f"the root element is {root.tag[:80]!r}, not an OVF Envelope")
+    info = OvfInfo()
+    for f in root.findall(f"{{{ns}}}References/{{{ns}}}File"):
+        fid, href = _attr(f, "id", ns), _attr(f, "href", ns)
+        if not fid or not _ID.match(fid) or href is None:
+            raise _bad("a References/File without a valid id and href")
+        if fid in info.files:
+            raise _bad(f"File id {fid!r} appears twice")
+        comp = _attr(f, "compression", ns)
+        if comp not in (None, "identity"):
+            raise _bad(f"File {fid!r} is compressed ({comp[:20]!r}); only uncompressed disks are imported")
+        if _attr(f, "chunkSize", ns) is not None:
+            raise _bad(f"File {fid!r} is split into chunks, which is not supported")
+        size = _attr(f, "size", ns)
+        info.files[fid] = {"href": href, "size": _int(size, "File size") if size is not None else None}
+    disks: dict[str, dict[str, Any]] = {}
+    for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
+        did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
+        if not did or not _ID.match(did):
+            raise _bad("a Disk without a valid diskId")
+        if did in disks:
+            raise _bad(f"diskId {did!r} appears twice")
+        if ref is None:
+            raise _bad(f"disk {did!r} has no fileRef (empty disks are not imported)")
+        if ref not in info.files:
+            raise _bad(f"disk {did!r} refers to file {ref[:80]!r}, which References does not list")
+        capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * _units(
+            _attr(d, "capacityAllocationUnits", ns)
+        )
+        disks[did] = {"id": did, "file": ref, "capacity": capacity}
+    if not disks:
+        raise _bad("it lists no disk")
+    if len(disks) > MAX_DISKS:
+        raise _bad(f"{len(disks)} disks (at most {MAX_DISKS})")
+    order: list[str] = []
+    vs = root.find(f"{{{ns}}}VirtualSystem")
+    if vs is None:
+        raise _bad("it has no VirtualSystem (collections of several VMs are not imported)")
+    oss = vs.find(f"{{{ns}}}OperatingSystemSection")
+    if oss is not None:
+        info.os_type = _attr(oss, "osType", VMW_NS) or _attr(oss, "id", ns)
+    hw = vs.find(f"{{{ns}}}VirtualHardwareSection")
+    if hw is not None:
+        for item in hw.findall(f"{{{ns}}}Item"):
+            kind = (item.findtext(_q(RASD_NS, "ResourceType")) or "").strip()
+            qty = item.findtext(_q(RASD_NS, "VirtualQuantity"))
+            if kind == "3" and qty is not None:
+                info.cpus = _int(qty, "CPU count")
+            elif kind == "4" and qty is not None:
+                unit = item.findtext(_q(RASD_NS, "AllocationUnits")) or "byte * 2^20"
+                info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
+            elif kind == "17":
+                res = (item.findtext(_q(RASD_NS, "HostResource")) or "").strip()
+                did = res.removeprefix("ovf:").removeprefix("/disk/")
+                if did in disks and did not in order:
+                    order.append(did)
+        for cfg in hw.findall(f"{{{VMW_NS}}}Config"):
+            if _attr(cfg, "key", VMW_NS) == "firmware":
+                info.firmware = (_attr(cfg, "value", VMW_NS) or "").lower() or None
+    order += [d for d in disks if d not in order]
+    info.disks = [disks[d] for d in order]
+    return info
+
+
+# ----------------------------------------------------------------------------------- the confined child
+
+_CHILD = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from appliance.image.ovf import main; sys.exit(main())"
+)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def main() -> int:
+    """The parser child: the descriptor on stdin, one JSON line on stdout (``{"ovf": …}`` or ``{"error":
+    code, "message": …}``)."""
+    data = sys.stdin.buffer.read(MAX_OVF_BYTES + 1)
+    try:
+        out: dict[str, Any] = {"ovf": parse(data).to_dict()}
+    except ImageRejected as exc:
+        out = {"error": exc.code, "message": exc.message}
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+def parse_confined(data: bytes, limits: Limits, *, workdir: Path | None = None) -> OvfInfo:
+    """:func:`parse` in a confined child (module docstring); ``UnsafeImage.ResourceLimit`` when a limit
+    stopped it (an entity bomb a parser let through, a huge document)."""
+    if len(data) > MAX_OVF_BYTES:
+        raise _bad(f"{len(data)} bytes (at most {MAX_OVF_BYTES})")
+    policy = confine.guest_probe(limits, wall_seconds=60)
+    with confine.private_dir(workdir, prefix="ovf.") as cwd, tempfile.TemporaryFile(dir=cwd) as f:
+        f.write(data)
+        f.seek(0)
+        proc = confine.spawn(
+            [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT], policy, cwd=cwd, stdin=f.fileno()
+        )
+        try:
+            out, err = proc.communicate(timeout=policy.wall_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise ImageRejected(
+                [Finding.error("UnsafeImage.ResourceLimit", "the OVF parser did not finish in time")]
+            ) from None
+        except BaseException:
+            proc.kill()
+            proc.communicate()
+            raise
+    text = err.decode("utf-8", "replace")
+    hit = confine.limit_hit(proc.returncode, text)
+    if hit is not None:
+        raise ImageRejected(
+            [Finding.error("UnsafeImage.ResourceLimit", f"the OVF parser {hit} ({policy.describe()})")]
+        )
+    try:
+        result = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise _bad(f"the parser failed (exit status {proc.returncode})") from None
+    if "error" in result:
+        raise ImageRejected([Finding.error(str(result["error"]), str(result["message"]))])
+    return OvfInfo(**result["ovf"])

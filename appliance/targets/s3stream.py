@@ -1,0 +1,323 @@
+"""A streamed S3 multipart upload: bytes written in order, parts uploaded in parallel as they fill, every
+part's ETag checked against its MD5, the object's sha256 stored as user metadata; any failure or cancel
+aborts the upload and leaves nothing in the bucket.
+
+:class:`MultipartWriter` is a forward-only byte sink (``write(data)``), so a writer that never seeks
+(:func:`appliance.image.vmdkwriter.write_stream_vmdk`, a tar stream of an OVA, a RAW disk read in order)
+goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``.
+
+Digests and checks:
+
+* each part is sent with ``Content-MD5`` (S3 refuses a part whose bytes differ) and its returned ETag
+  must be that MD5 (where S3 says so: not under SSE-KMS, whose ETags are not MD5s);
+* the completed object's ETag must be S3's multipart form, ``md5(md5(part 1) ‖ … ‖ md5(part N))-N``;
+* the sha256 of every byte written is computed on the way. S3 takes metadata when an upload starts: a
+  caller that knows the sha256 beforehand passes ``sha256`` (checked against the bytes at the end);
+  otherwise the object is copied onto itself with the digest as metadata once it is complete (a
+  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond), and read back (HeadObject).
+
+:meth:`MultipartWriter.abort` (called on any exception inside ``with``) aborts the multipart upload and
+deletes the object if it was already completed, so a cancelled export leaves no object and no incomplete
+upload behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from types import TracebackType
+from typing import Any
+
+from ..errors import Cancelled
+from .base import TargetError
+
+log = logging.getLogger(__name__)
+
+MIN_PART = 5 << 20
+MAX_PARTS = 10_000
+#: CopyObject's limit; larger objects are copied part by part
+MAX_COPY = 5 << 30
+COPY_PART = 1 << 30
+
+
+def _error(operation: str, exc: Exception) -> TargetError:
+    """``UploadFailed`` naming the operation and S3's error code, never a library's whole text."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        return TargetError(f"{operation} failed: {err.get('Code')}: {err.get('Message')}", "UploadFailed")
+    return TargetError(f"{operation} failed: {type(exc).__name__}", "UploadFailed")
+
+
+def multipart_etag(part_md5s: list[bytes]) -> str:
+    """S3's ETag of a multipart object made of parts with these MD5 digests."""
+    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+
+
+class MultipartWriter:
+    """One object written as a stream (module docstring). Use as a context manager; :meth:`close`
+    completes the upload and returns ``{bucket, key, etag, sha256, size, parts}``."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        *,
+        part_size: int = 64 << 20,
+        threads: int = 4,
+        sha256: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        sse: Mapping[str, str] | None = None,
+        expected_size: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+        fence: Callable[[], None] | None = None,
+    ) -> None:
+        if part_size < MIN_PART:
+            raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
+        if expected_size is not None:  # 10,000 parts at most: grow the part (whole MiB)
+            part_size = max(part_size, -(-expected_size // MAX_PARTS // (1 << 20)) * (1 << 20))
+        self.client, self.bucket, self.key = client, bucket, key
+        self.where = f"s3://{bucket}/{key}"
+        self.part_size, self.threads = part_size, max(1, threads)
+        self.known_sha256 = sha256
+        self.metadata = dict(metadata or {})
+        self.sse = dict(sse or {})
+        self.on_progress, self.cancel, self.fence = on_progress, cancel, fence
+        self._buffer = bytearray()
+        self._sha = hashlib.sha256()
+        self._md5s: dict[int, bytes] = {}
+        self._etags: dict[int, str] = {}
+        self._pending: set[Future[int]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._number = 0
+        self.size = 0
+        self.uploaded = 0
+        self.completed = False
+        self.closed = False
+        meta = dict(self.metadata)
+        if sha256 is not None:
+            meta["sha256"] = sha256
+        try:
+            self.upload_id: str | None = client.create_multipart_upload(
+                Bucket=bucket, Key=key, Metadata=meta, **self.sse
+            )["UploadId"]
+        except Exception as exc:
+            raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
+
+    # -------------------------------------------------------------------------------------- writing
+
+    def __enter__(self) -> MultipartWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            self.abort()
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"upload to {self.where} cancelled")
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; full parts go up in the background (at most ``threads`` at once)."""
+        if self.closed:
+            raise ValueError("write to a closed upload")
+        self._check_cancel()
+        n = len(data)
+        self._sha.update(data)
+        self._buffer += data
+        self.size += n
+        while len(self._buffer) >= self.part_size:
+            part = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._submit(part)
+        return n
+
+    def _submit(self, data: bytes) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
+        while len(self._pending) >= self.threads:
+            self._harvest(block=True)
+            self._check_cancel()
+        self._number += 1
+        if self._number > MAX_PARTS:
+            raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
+        self._pending.add(self._pool.submit(self._upload_part, self._number, data))
+        self._harvest(block=False)
+
+    def _upload_part(self, number: int, data: bytes) -> int:
+        md5 = hashlib.md5(data).digest()
+        try:
+            resp = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=data,
+                ContentMD5=base64.b64encode(md5).decode("ascii"),
+            )
+        except Exception as exc:
+            raise _error(f"UploadPart {number} of {self.where}", exc) from exc
+        etag = str(resp["ETag"])
+        if self._etag_is_md5() and etag.strip('"') != md5.hex():
+            raise TargetError(
+                f"UploadPart {number} of {self.where}: S3 answered ETag {etag}, not the part's MD5 "
+                f"{md5.hex()}: the part was damaged on its way",
+                "UploadFailed",
+            )
+        self._md5s[number] = md5
+        self._etags[number] = etag
+        return len(data)
+
+    def _etag_is_md5(self) -> bool:
+        return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
+
+    def _harvest(self, *, block: bool) -> None:
+        if not self._pending:
+            return
+        done, self._pending = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for fut in done:
+            self.uploaded += fut.result()  # re-raises a failed part's error
+        if done and self.on_progress is not None:
+            self.on_progress(self.uploaded)
+
+    # ---------------------------------------------------------------------------------- completing
+
+    def close(self) -> dict[str, Any]:
+        """Upload the rest, complete the upload, check the ETag, store the sha256 as metadata."""
+        if self.closed:
+            raise ValueError("the upload is closed")
+        if self._buffer or self._number == 0:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        while self._pending:
+            self._harvest(block=True)
+        self._check_cancel()
+        self._shutdown()
+        sha256 = self._sha.hexdigest()
+        if self.known_sha256 is not None and self.known_sha256 != sha256:
+            raise TargetError(
+                f"{self.where}: the bytes sent hash to {sha256}, not the announced {self.known_sha256} "
+                "(the source changed while it was read)",
+                "UploadFailed",
+            )
+        if self.fence is not None:
+            self.fence()
+        numbers = sorted(self._etags)
+        parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in numbers]
+        try:
+            done = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+            )
+        except Exception as exc:
+            raise _error(f"CompleteMultipartUpload {self.where}", exc) from exc
+        self.completed = True
+        etag = str(done["ETag"]).strip('"')
+        if self._etag_is_md5():
+            expected = multipart_etag([self._md5s[n] for n in numbers])
+            if etag != expected:
+                raise TargetError(
+                    f"{self.where}: S3 answered ETag {etag} for the completed object, not {expected}",
+                    "UploadFailed",
+                )
+        if self.known_sha256 is None:
+            etag = self._store_digest(sha256)
+        self.closed = True
+        return {
+            "bucket": self.bucket,
+            "key": self.key,
+            "etag": etag,
+            "sha256": sha256,
+            "size": self.size,
+            "parts": len(numbers),
+        }
+
+    def _store_digest(self, sha256: str) -> str:
+        """Copy the object onto itself with ``sha256`` in its metadata; return the new ETag."""
+        meta = {**self.metadata, "sha256": sha256}
+        source = {"Bucket": self.bucket, "Key": self.key}
+        try:
+            if self.size <= MAX_COPY:
+                resp = self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    CopySource=source,
+                    Metadata=meta,
+                    MetadataDirective="REPLACE",
+                    **self.sse,
+                )
+                etag = str(resp["CopyObjectResult"]["ETag"]).strip('"')
+            else:
+                etag = self._copy_in_parts(source, meta)
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+        except TargetError:
+            raise
+        except Exception as exc:
+            raise _error(f"storing the sha256 of {self.where}", exc) from exc
+        if head.get("Metadata", {}).get("sha256") != sha256 or int(head["ContentLength"]) != self.size:
+            raise TargetError(f"{self.where}: the stored object does not carry its sha256", "UploadFailed")
+        return etag
+
+    def _copy_in_parts(self, source: dict[str, str], meta: dict[str, str]) -> str:
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=self.key, Metadata=meta, **self.sse
+        )
+        copy_id = upload["UploadId"]
+        try:
+            parts = []
+            for i, start in enumerate(range(0, self.size, COPY_PART), 1):
+                end = min(start + COPY_PART, self.size) - 1
+                resp = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=copy_id,
+                    PartNumber=i,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={start}-{end}",
+                )
+                parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
+            done = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=copy_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=copy_id)
+            except Exception as exc:
+                log.error("could not abort the copy upload of %s: %s", self.where, type(exc).__name__)
+            raise
+        return str(done["ETag"]).strip('"')
+
+    # ------------------------------------------------------------------------------------ aborting
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            # parts not started are dropped; running ones finish (a request cannot be interrupted)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def abort(self) -> None:
+        """Stop: abort the multipart upload and delete the object if it was completed. Never raises
+        (the failure that led here matters more); what cannot be removed is logged."""
+        self.closed = True
+        for fut in self._pending:
+            fut.cancel()
+        self._shutdown()
+        self._pending = set()
+        if self.upload_id is not None and not self.completed:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+            except Exception as exc:
+                log.error("could not abort the multipart upload of %s: %s", self.where, type(exc).__name__)
+        if self.completed:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            except Exception as exc:
+                log.error("could not delete %s: %s", self.where, type(exc).__name__)
+        self.upload_id = None

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Export writers against bare qemu-img (issue 13 §8): the benchmark disk (bench/convert.py's cached 4 GiB raw
+disk, ~1.5 GiB of files) exported to each format by the toolkit
+(:func:`appliance.targets.diskexport.export_disk`, to a file: the writer, the flush, the rename) ÷ bare
+``qemu-img convert -f raw -O FMT`` to the same format:
+
+    vmdk  the project's streamOptimized writer (parallel ISA-L)  vs  -O vmdk -o subformat=streamOptimized
+    vhd   qemu-img dynamic VHD, confined                         vs  -O vpc -o subformat=dynamic,force_size=on
+    raw   the sparse copy                                                vs  -O raw
+
+Goals: stream-VMDK ≤ 0.6, the others ≤ 1.05. Then the whole round trip: OVA export of the disk, unpack and
+verify it (:func:`appliance.image.ova.unpack_ova`, with inspection), and ``qemu-img compare`` of the disk it
+holds with the original (must be identical). Each timed run writes a new file on the same filesystem and
+includes a ``sync``; the page cache is dropped before each run (root only) and each run waits for an idle
+machine; variants alternate which goes first. Every output is compared with the disk once.
+
+    .venv/bin/python bench/export.py              # 4 GiB disk, 3 runs
+    .venv/bin/python bench/export.py --quick      # 256 MiB, 1 run: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from appliance import config as config_mod  # noqa: E402
+from appliance.config import parse_size  # noqa: E402
+from appliance.image.ova import unpack_ova  # noqa: E402
+from appliance.targets.diskexport import FileDestination, OvaSource, export_disk, export_ova  # noqa: E402
+
+sys.path.append(str(ROOT))
+from convert import _disk_stat_file, build_disk, drop_caches, log, wait_for_idle  # noqa: E402
+
+MiB = 1 << 20
+GOALS = {"vmdk": 0.6, "vhd": 1.05, "raw": 1.05}
+BARE = {
+    "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
+    "vhd": ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"],
+    "raw": ["-O", "raw"],
+}
+QEMU_FMT = {"vmdk": "vmdk", "vhd": "vpc", "raw": "raw"}
+
+
+def _fresh(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    drop_caches()
+    start = time.perf_counter()
+    fn()
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - start
+
+
+def _compare(disk: Path, out: Path, fmt: str) -> None:
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, str(disk), str(out)], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="4GiB")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="256 MiB, 1 run")
+    parser.add_argument("--formats", default="vmdk,vhd,raw")
+    parser.add_argument("--out", type=Path, default=ROOT / "out")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--idle-timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    size = parse_size("256MiB" if args.quick else args.size)
+    runs = 1 if args.quick else args.runs
+    idle = 2.0 if args.quick else args.idle_timeout
+    args.out.mkdir(parents=True, exist_ok=True)
+    disk = build_disk(args.out, size)
+    work = args.out / "export-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    cfg = config_mod.from_dict({"state_dir": str(work / "state")}, base_dir=work)
+    stat_file = _disk_stat_file(args.out)
+    formats = [f for f in args.formats.split(",") if f]
+    ratios: dict[str, float] = {}
+    meds: dict[str, dict[str, float]] = {}
+    try:
+        for fmt in formats:
+            ours, theirs = args.out / f"exp-ours.{fmt}", args.out / f"exp-qemu.{fmt}"
+
+            def toolkit(fmt: str = fmt, ours: Path = ours) -> None:
+                export_disk(disk, fmt, FileDestination(_fresh(ours)), config=cfg, workdir=work)
+
+            def bare(fmt: str = fmt, theirs: Path = theirs) -> None:
+                subprocess.run(
+                    ["qemu-img", "convert", "-f", "raw", *BARE[fmt], str(disk), str(_fresh(theirs))],
+                    check=True,
+                )
+
+            toolkit()
+            _compare(disk, ours, QEMU_FMT[fmt])
+            variants = {"toolkit": toolkit, "qemu-img": bare}
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            names = list(variants)
+            for run in range(runs):
+                for name in names[run % 2 :] + names[: run % 2]:
+                    wait_for_idle(stat_file, timeout=idle)
+                    t = _timed(variants[name])
+                    times[name].append(t)
+                    log(f"{fmt} run {run + 1} {name}: {t:.2f} s, load {os.getloadavg()[0]:.1f}")
+            meds[fmt] = {k: statistics.median(v) for k, v in times.items()}
+            ratios[fmt] = meds[fmt]["toolkit"] / meds[fmt]["qemu-img"]
+            sizes = {"toolkit": ours.stat().st_size, "qemu-img": theirs.stat().st_size}
+            log(
+                f"{fmt} output sizes: toolkit {sizes['toolkit'] / MiB:.0f} MiB, "
+                f"qemu-img {sizes['qemu-img'] / MiB:.0f} MiB"
+            )
+            ours.unlink(missing_ok=True)
+            theirs.unlink(missing_ok=True)
+
+        ova = args.out / "exp.ova"
+        wait_for_idle(stat_file, timeout=idle)
+        start = time.perf_counter()
+        export_ova([OvaSource(disk)], FileDestination(_fresh(ova)), name="bench", config=cfg, workdir=work)
+        exported = time.perf_counter() - start
+        with open(ova, "rb") as f:
+            pkg = unpack_ova(f, work / "pkg", config=cfg)
+        try:
+            _compare(disk, pkg.disks[0].path, "vmdk")
+        finally:
+            pkg.remove()
+        round_trip = time.perf_counter() - start
+        ova.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    data = disk.stat().st_blocks * 512
+    print(f"\ndisk {size / MiB:.0f} MiB virtual, {data / MiB:.0f} MiB data; {runs} run(s), medians")
+    missed = False
+    for fmt in formats:
+        goal = GOALS[fmt]
+        verdict = "PASS" if ratios[fmt] <= goal else "MISS"
+        missed |= verdict == "MISS"
+        print(
+            f"{fmt:5} toolkit {meds[fmt]['toolkit']:.2f} s / qemu-img {meds[fmt]['qemu-img']:.2f} s = "
+            f"{ratios[fmt]:.2f}  (goal <= {goal}: {verdict})"
+        )
+    print(f"OVA round trip: export {exported:.2f} s, export + unpack + verify + compare {round_trip:.2f} s")
+    return 1 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

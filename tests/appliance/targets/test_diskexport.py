@@ -1,0 +1,331 @@
+"""Export writers (appliance.targets.diskexport, .s3stream): a RAW disk written as streamOptimized VMDK, VHD
+(dynamic and fixed), RAW or OVA, to a file and to S3 through a moto server process; the output reads back
+identical with the real qemu-img; S3 objects carry their sha256 and a verified ETag; a cancel or failure
+mid-upload leaves no object and no incomplete multipart upload."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import tarfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.config import Config
+from appliance.errors import Cancelled
+from appliance.image.ova import unpack_ova
+from appliance.targets.base import TargetError
+from appliance.targets.diskexport import (
+    FileDestination,
+    OvaSource,
+    S3Destination,
+    StreamingExportWriter,
+    export_disk,
+    export_ova,
+)
+from appliance.targets.s3stream import MultipartWriter, multipart_etag
+from tests import imagefactory as factory
+from tests.servers import REGION
+
+MiB = factory.MiB
+
+
+def qemu(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([factory.QEMU_IMG, *map(str, args)], capture_output=True)
+
+
+def source_disk(path: Path, size: int = 24 * MiB, seed: int = 3) -> Path:
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for at in (0, 3 * MiB + 17, 11 * MiB, size - 5000):
+            f.seek(at)
+            f.write(rnd.randbytes(3000) + b"text " * 2000)
+    with open(path, "r+b") as f:
+        f.truncate(size)
+    return path
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    return source_disk(tmp_path / "disk.raw")
+
+
+def s3(moto) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=moto.endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def bucket(moto) -> str:
+    name = f"export-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def leftovers(moto, bucket: str) -> tuple[int, list[Any]]:
+    c = moto.client("s3")
+    return c.list_objects_v2(Bucket=bucket).get("KeyCount", 0), c.list_multipart_uploads(Bucket=bucket).get(
+        "Uploads", []
+    )
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize(
+    "fmt,subformat,qemu_fmt,create_type",
+    [
+        ("vmdk", None, "vmdk", "streamOptimized"),
+        ("vhd", None, "vpc", None),
+        ("vhd", "fixed", "vpc", None),
+        ("raw", None, "raw", None),
+    ],
+)
+def test_each_format_reads_back_as_the_source(
+    fmt: str,
+    subformat: str | None,
+    qemu_fmt: str,
+    create_type: str | None,
+    tmp_path: Path,
+    cfg: Config,
+    workdir: Path,
+    disk: Path,
+) -> None:
+    out = tmp_path / f"out.{fmt}"
+    result = export_disk(disk, fmt, FileDestination(out), config=cfg, workdir=workdir, subformat=subformat)
+    info = json.loads(qemu("info", "-f", qemu_fmt, "--output=json", out).stdout)
+    assert info["virtual-size"] == disk.stat().st_size
+    if create_type:
+        assert info["format-specific"]["data"]["create-type"] == create_type
+    if fmt == "vhd":
+        assert result.subformat == (subformat or "dynamic")
+        # a dynamic VHD is much smaller than the disk, a fixed one the disk plus its footer
+        assert (out.stat().st_size == disk.stat().st_size + 512) == (subformat == "fixed")
+    cmp = qemu("compare", "-f", "raw", "-F", qemu_fmt, disk, out)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and result.size == out.stat().st_size
+    assert os.listdir(tmp_path / "work") == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
+
+
+def test_a_cancelled_file_export_leaves_nothing(tmp_path: Path, cfg: Config, workdir: Path) -> None:
+    src = tmp_path / "random.raw"
+    src.write_bytes(os.urandom(40 * MiB))
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        export_disk(
+            src,
+            "vmdk",
+            FileDestination(tmp_path / "out.vmdk"),
+            config=cfg,
+            workdir=workdir,
+            threads=1,
+            cancel=cancel,
+            on_progress=lambda p: cancel.set(),
+        )
+    assert not (tmp_path / "out.vmdk").exists()
+    assert not any(p.name.startswith(".out.vmdk") for p in tmp_path.iterdir())  # no partial either
+
+
+# -------------------------------------------------------------------------------------------------- S3
+
+
+def test_a_vmdk_streams_to_s3_with_its_sha256_and_a_verified_etag(
+    tmp_path: Path, cfg: Config, workdir: Path, moto, bucket: str
+) -> None:
+    src = tmp_path / "random.raw"
+    src.write_bytes(os.urandom(14 * MiB))  # incompressible: the stream spans three 5 MiB parts
+    dest = S3Destination(
+        s3(moto), bucket, "exports/export-i-0123456789abcdef0.vmdk", part_size=5 * MiB, threads=2
+    )
+    result = export_disk(src, "vmdk", dest, config=cfg, workdir=workdir)
+    obj = moto.client("s3").get_object(Bucket=bucket, Key=dest.key)
+    body = obj["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == result.sha256 == obj["Metadata"]["sha256"]
+    assert result.location["parts"] == 3 and len(body) == result.size
+    (tmp_path / "back.vmdk").write_bytes(body)
+    assert qemu("compare", "-f", "raw", "-F", "vmdk", src, tmp_path / "back.vmdk").returncode == 0
+    assert leftovers(moto, bucket) == (1, [])
+    assert os.listdir(workdir) == []  # streamed: no scratch copy
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vhd"])
+def test_raw_and_vhd_go_to_s3(
+    fmt: str, tmp_path: Path, cfg: Config, workdir: Path, disk: Path, moto, bucket: str
+) -> None:
+    dest = S3Destination(s3(moto), bucket, f"e.{fmt}", part_size=5 * MiB, threads=2)
+    result = export_disk(disk, fmt, dest, config=cfg, workdir=workdir)
+    body = moto.client("s3").get_object(Bucket=bucket, Key=f"e.{fmt}")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == result.sha256
+    (tmp_path / "back").write_bytes(body)
+    assert (
+        qemu(
+            "compare", "-f", "raw", "-F", "vpc" if fmt == "vhd" else "raw", disk, tmp_path / "back"
+        ).returncode
+        == 0
+    )
+    assert os.listdir(workdir) == []
+
+
+def test_cancel_mid_upload_leaves_no_object_and_no_upload(
+    tmp_path: Path, cfg: Config, workdir: Path, moto, bucket: str
+) -> None:
+    src = tmp_path / "random.raw"
+    src.write_bytes(os.urandom(24 * MiB))
+    cancel = threading.Event()
+    client = s3(moto)
+    parts: list[int] = []
+    real_upload = client.upload_part
+
+    def upload_part(**kw: Any) -> Any:  # a real upload; the cancel comes once the first part is stored
+        answer = real_upload(**kw)
+        parts.append(kw["PartNumber"])
+        cancel.set()
+        return answer
+
+    client.upload_part = upload_part
+    dest = S3Destination(client, bucket, "c.vmdk", part_size=5 * MiB, threads=1, cancel=cancel)
+    with pytest.raises(Cancelled):
+        export_disk(src, "vmdk", dest, config=cfg, workdir=workdir, threads=1)
+    assert parts  # it was mid-upload
+    assert leftovers(moto, bucket) == (0, [])
+
+
+def test_a_part_whose_etag_is_not_its_md5_fails_the_upload(moto, bucket: str) -> None:
+    # fault injection around a real client: S3 answers a different ETag for part 1
+    client = s3(moto)
+    real_upload = client.upload_part
+
+    def upload_part(**kw: Any) -> Any:
+        answer = real_upload(**kw)
+        return {**answer, "ETag": '"00000000000000000000000000000000"'}
+
+    client.upload_part = upload_part
+    with pytest.raises(TargetError) as exc, MultipartWriter(client, bucket, "bad", part_size=5 * MiB) as w:
+        w.write(os.urandom(6 * MiB))
+        w.close()
+    assert exc.value.code == "UploadFailed" and "MD5" in exc.value.message
+    assert leftovers(moto, bucket) == (0, [])
+
+
+def test_the_multipart_etag_is_what_s3_computes(moto, bucket: str) -> None:
+    data = os.urandom(11 * MiB)
+    with MultipartWriter(s3(moto), bucket, "k", part_size=5 * MiB) as w:
+        w.write(data)
+        done = w.close()
+    md5s = [hashlib.md5(data[i : i + 5 * MiB]).digest() for i in range(0, len(data), 5 * MiB)]
+    head = moto.client("s3").head_object(Bucket=bucket, Key="k")
+    assert multipart_etag(md5s).endswith("-3") and done["parts"] == 3
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest() == done["sha256"]
+
+
+# ------------------------------------------------------------------------------------------------- OVA
+
+
+def test_a_two_disk_ova_is_ordered_and_digested_and_round_trips(
+    tmp_path: Path, cfg: Config, workdir: Path
+) -> None:
+    boot = source_disk(tmp_path / "boot.raw", 12 * MiB, seed=1)
+    data = source_disk(tmp_path / "data.raw", 6 * MiB, seed=2)
+    out = tmp_path / "vm.ova"
+    result = export_ova(
+        [OvaSource(boot), OvaSource(data)],
+        FileDestination(out),
+        name="vm",
+        config=cfg,
+        workdir=workdir,
+        firmware="efi",
+        cpus=2,
+        memory_mib=2048,
+    )
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        assert names == ["vm.ovf", "vm.mf", "vm-disk1.vmdk", "vm-disk2.vmdk"]
+        ovf = tar.extractfile("vm.ovf").read()
+        mf = tar.extractfile("vm.mf").read().decode()
+        for n in names[2:]:
+            body = tar.extractfile(n).read()
+            assert f"SHA256({n})= {hashlib.sha256(body).hexdigest()}\n" in mf
+    assert f"SHA256(vm.ovf)= {hashlib.sha256(ovf).hexdigest()}\n" in mf
+    assert b'vmw:key="firmware" vmw:value="efi"' in ovf
+    assert b"#streamOptimized" in ovf and b'ovf:capacity="12582912"' in ovf
+    assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert os.listdir(workdir) == []
+    # and back in: the boot disk first, identical to the sources
+    with open(out, "rb") as f:
+        pkg = unpack_ova(f, workdir / "pkg", config=cfg)
+    try:
+        assert pkg.manifest_verified and pkg.ovf.firmware == "efi" and pkg.ovf.cpus == 2
+        for disk, src in zip(pkg.disks, (boot, data), strict=True):
+            assert disk.inspection is not None and disk.inspection.format == "vmdk"
+            assert qemu("compare", "-f", "raw", "-F", "vmdk", src, disk.path).returncode == 0
+    finally:
+        pkg.remove()
+
+
+def test_an_ova_streams_to_s3(tmp_path: Path, cfg: Config, workdir: Path, moto, bucket: str) -> None:
+    boot = source_disk(tmp_path / "boot.raw", 8 * MiB)
+    dest = S3Destination(s3(moto), bucket, "export-i-0abc.ova", part_size=5 * MiB)
+    result = export_ova([OvaSource(boot)], dest, name="export-i-0abc", config=cfg, workdir=workdir)
+    body = moto.client("s3").get_object(Bucket=bucket, Key=dest.key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == result.sha256
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert tar.getnames() == ["export-i-0abc.ovf", "export-i-0abc.mf", "export-i-0abc-disk1.vmdk"]
+    assert leftovers(moto, bucket) == (1, []) and os.listdir(workdir) == []
+
+
+def test_the_export_step_interface_streams_and_removes(
+    tmp_path: Path, workdir: Path, disk: Path, moto, bucket: str
+) -> None:
+    s3_settings = {
+        "endpoint_url": moto.endpoint,
+        "region": REGION,
+        "access_key": "testing",
+        "secret_key": "testing",
+    }
+    cfg = config_mod.from_dict(
+        {"state_dir": str(tmp_path / "state"), "sources": {"s3": s3_settings}}, base_dir=tmp_path
+    )
+    writer = StreamingExportWriter(cfg, part_size=5 * MiB, threads=2)
+    done = writer.write(
+        disk,
+        disk_format="VMDK",
+        bucket=bucket,
+        key="p/export-ami-1.vmdk",
+        workdir=workdir,
+        metadata={"task": "export-ami-1"},
+    )
+    head = moto.client("s3").head_object(Bucket=bucket, Key="p/export-ami-1.vmdk")
+    assert head["Metadata"] == {"task": "export-ami-1", "sha256": done["sha256"]} and done["format"] == "vmdk"
+    writer.remove(bucket, "p/export-ami-1.vmdk")
+    writer.remove(bucket, "p/export-ami-1.vmdk")  # gone already: fine
+    assert leftovers(moto, bucket) == (0, [])
