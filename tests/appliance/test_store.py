@@ -463,9 +463,7 @@ def test_client_token_lookup_can_use_the_unique_index_on_postgresql(store: Store
     store.create_task("import-snapshot", params={"k": 1}, client_token="tok")
     with store._write() as conn:
         conn.execute("SET LOCAL enable_seqscan = off")  # an empty table would be scanned anyway
-        plan = " ".join(
-            r[0] for r in conn.execute("EXPLAIN " + TOKEN_LOOKUP, ("", "import-snapshot", "tok"))
-        )
+        plan = " ".join(r[0] for r in conn.execute("EXPLAIN " + TOKEN_LOOKUP, ("", "import-snapshot", "tok")))
     assert "Index Scan using tasks_client_token" in plan
 
 
