@@ -109,6 +109,14 @@ class UploadResource:
     ) -> None:
         try:
             caller, signed = self._caller(req)
+            for name in req.params:  # none but a presigned request's own
+                if not name.startswith("X-Amz-"):
+                    raise Ec2Error(
+                        "UnknownParameter",
+                        f"unknown query parameter {name[:64]!r}; {req.method} /v1/uploads/{{upload_id}} "
+                        "takes no query parameters",
+                        400,
+                    )
             check_enabled(self._config.sources, UPLOAD, f"{req.method} /v1/uploads")
             work(caller, signed)
         except Ec2Error as exc:
