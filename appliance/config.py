@@ -232,6 +232,10 @@ class BundlesConfig:
     cloud_private_key: str | None = field(default=None, repr=False)
     cloud_private_key_file: Path | None = None
     parallel_parts: int = 4
+    #: PEM certificates whose signature a bundle manifest may carry (owners', the cloud's, node
+    #: controllers'); with any, every unbundle checks the signature (GetDecryptedImage needs them)
+    signer_certs: str | None = None
+    signer_certs_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -496,6 +500,12 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
                 else None
             ),
             parallel_parts=merged["bundles"]["parallel_parts"],
+            signer_certs=merged["bundles"].get("signer_certs"),
+            signer_certs_file=(
+                path(merged["bundles"]["signer_certs_file"])
+                if merged["bundles"].get("signer_certs_file")
+                else None
+            ),
         ),
         hooks=hooks_from_dict(
             merged["hooks"].get("points") or {},

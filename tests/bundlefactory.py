@@ -5,7 +5,8 @@ tar stream → gzip → ``openssl enc -e -aes-128-cbc -K -iv`` → 10 MiB parts 
 part when the ciphertext is an exact multiple) → the manifest of §4 (one line, no indentation) with the
 key and IV (as 32 hex characters) encrypted by ``openssl pkeyutl -encrypt -certin`` for the cloud and user
 certificates, signed by ``openssl dgst -sha1 -sign`` with the user key over ``<machine_configuration>`` +
-``<image>``. Nothing here imports ``appliance``.
+``<image>``. :func:`unbundle_independently` unbundles with the same tools (the reference's §12.2 steps).
+Nothing here imports ``appliance``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import os
 import subprocess
 import tarfile
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,15 +105,20 @@ def make_bundle(
     part_size: int = PART_SIZE,
     part_names: Callable[[int], str] | None = None,
     sign: bool = True,
+    gzipped: tuple[bytes, str] | None = None,
 ) -> Bundle:
-    """Write ``<prefix>.manifest.xml`` and its parts into ``directory``."""
+    """Write ``<prefix>.manifest.xml`` and its parts into ``directory``. ``gzipped`` is (a gzip stream,
+    the SHA-1 of what it decompresses to) to encrypt instead of the gzip of ``tar_bytes(prefix, image)``
+    (a stream too large to hold decompressed)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tar = tar_bytes(prefix, image)
-    digest = hashlib.sha1(tar).hexdigest()
+    if gzipped is None:
+        tar = tar_bytes(prefix, image)
+        gzipped = gzip.compress(tar, 6), hashlib.sha1(tar).hexdigest()
+    stream, digest = gzipped
     key_hex, iv_hex = os.urandom(16).hex(), os.urandom(16).hex()
     ciphertext = subprocess.run(
         ["openssl", "enc", "-e", "-aes-128-cbc", "-K", key_hex, "-iv", iv_hex],
-        input=gzip.compress(tar, 6),
+        input=stream,
         check=True,
         capture_output=True,
     ).stdout
@@ -162,3 +169,76 @@ def unbundle_with_openssl(bundle: Bundle) -> bytes:
     return subprocess.run(
         ["tar", "-xOf", "-"], input=gzip.decompress(plain), check=True, capture_output=True
     ).stdout
+
+
+def unbundle_independently(manifest: Path, cloud_key: Path, user_cert: Path | None = None) -> bytes:
+    """Unbundle the bundle of ``manifest`` (parts beside it) with the reference's steps only (§7, §12.2):
+    the signature checked by ``openssl dgst -sha1 -verify`` over the raw ``<machine_configuration>`` +
+    ``<image>`` text (when ``user_cert`` is given), the key and IV unwrapped by ``openssl pkeyutl
+    -decrypt``, every part's SHA-1, ``openssl enc -d -aes-128-cbc``, ``gzip -dc``, the tar stream's SHA-1
+    against ``image/digest``, one member named after the image, ``tar -xOf -``. Raises AssertionError or
+    CalledProcessError on any mismatch. Nothing here imports ``appliance``."""
+    text = manifest.read_text(encoding="ascii")
+    root = ET.fromstring(text.encode("ascii"))
+    image = root.find("image")
+    assert image is not None
+    if user_cert is not None:
+        signed = _between(text, "machine_configuration") + _between(text, "image")
+        work = manifest.parent / f".verify-{os.getpid()}"
+        work.mkdir()
+        try:
+            pub = subprocess.run(
+                ["openssl", "x509", "-pubkey", "-noout", "-in", user_cert], check=True, capture_output=True
+            ).stdout
+            (work / "pub.pem").write_bytes(pub)
+            (work / "sig.bin").write_bytes(bytes.fromhex(root.findtext("signature") or ""))
+            (work / "signed.bin").write_bytes(signed.encode("ascii"))
+            verified = subprocess.run(
+                ["openssl", "dgst", "-sha1", "-verify", "pub.pem", "-signature", "sig.bin", "signed.bin"],
+                cwd=work,
+                capture_output=True,
+            )
+            assert verified.stdout.strip() == b"Verified OK", verified
+        finally:
+            for f in work.iterdir():
+                f.unlink()
+            work.rmdir()
+
+    def unwrap(element: str) -> str:
+        out = subprocess.run(
+            ["openssl", "pkeyutl", "-decrypt", "-inkey", cloud_key],
+            input=bytes.fromhex(image.findtext(element) or ""),
+            check=True,
+            capture_output=True,
+        ).stdout.decode("ascii")
+        assert len(out) == 32 and int(out, 16) >= 0
+        return out
+
+    key_hex, iv_hex = unwrap("ec2_encrypted_key"), unwrap("ec2_encrypted_iv")
+    parts = sorted(image.iter("part"), key=lambda p: int(p.get("index", "-1")))
+    assert [int(p.get("index", "-1")) for p in parts] == list(range(len(parts)))
+    ciphertext = b""
+    for part in parts:
+        data = (manifest.parent / (part.findtext("filename") or "")).read_bytes()
+        assert hashlib.sha1(data).hexdigest() == part.findtext("digest"), part.findtext("filename")
+        ciphertext += data
+    assert len(ciphertext) == int(image.findtext("bundled_size") or "-1")
+    compressed = subprocess.run(
+        ["openssl", "enc", "-d", "-aes-128-cbc", "-K", key_hex, "-iv", iv_hex],
+        input=ciphertext,
+        check=True,
+        capture_output=True,
+    ).stdout
+    tar = subprocess.run(["gzip", "-dc"], input=compressed, check=True, capture_output=True).stdout
+    assert hashlib.sha1(tar).hexdigest() == image.findtext("digest")
+    listing = subprocess.run(["tar", "-tf", "-"], input=tar, check=True, capture_output=True).stdout
+    assert listing.decode().splitlines() == [image.findtext("name")]
+    out = subprocess.run(["tar", "-xOf", "-"], input=tar, check=True, capture_output=True).stdout
+    assert len(out) == int(image.findtext("size") or "-1")
+    return out
+
+
+def _between(text: str, name: str) -> str:
+    start, end = f"<{name}>", f"</{name}>"
+    assert text.count(start) == 1 and text.count(end) == 1
+    return text[text.index(start) : text.index(end) + len(end)]

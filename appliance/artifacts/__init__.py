@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 from .cache import DigestCache
+from .index import ArtifactIndex, Entry, UploadResult
 from .refs import ArtifactError, ArtifactRef, ResourceSpec, is_artifact_uri, parse_resource
 from .resources import FetchedResource, ResourceFetcher
-from .store import ArtifactIndex, ArtifactStore, Entry, UploadResult
+from .store import ArtifactStore
 
 __all__ = [
     "ArtifactError",

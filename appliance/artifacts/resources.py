@@ -26,7 +26,8 @@ from ..sources.fetch import fetch_to_file
 from ..sources.http import HttpClient
 from ..sources.urlfilter import UrlPolicy
 from .refs import ArtifactError, ResourceSpec
-from .store import ArtifactStore, download_object
+from .s3 import download_object
+from .store import ArtifactStore
 
 
 @dataclass(frozen=True)

@@ -21,24 +21,21 @@ second run of the same version reads nothing from S3.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import schemas
 from ..atomicfile import write_json_atomic
 from ..config import ArtifactsConfig, Config
 from ..errors import Cancelled
-from ..targets.base import boto_client
-from .cache import CHUNK, DigestCache, digest_mismatch, hash_file
+from .cache import DigestCache, digest_mismatch, hash_file
+from .index import MAX_INDEX_BYTES, ArtifactIndex, Entry, UploadResult, content_version
 from .refs import (
     INDEX_FILE,
     RESOURCE_DIR,
@@ -48,109 +45,9 @@ from .refs import (
     check_name,
     check_version,
 )
+from .s3 import download_object, s3_client, same_filesystem
 
 log = logging.getLogger(__name__)
-
-#: an index larger than this is not an index
-MAX_INDEX_BYTES = 1 << 20
-
-#: the schema of ``index.json`` (``appliance/schemas/artifact-index.json``)
-INDEX_SCHEMA: dict[str, Any] = schemas.load("artifact-index")
-_INDEX_VALIDATOR = schemas.validator("artifact-index")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One file of an artifact."""
-
-    path: str
-    sha256: str
-    size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "size": self.size}
-
-
-@dataclass(frozen=True)
-class ArtifactIndex:
-    """The parsed ``index.json`` of one artifact version."""
-
-    name: str
-    version: str
-    created: str
-    workflow: Entry
-    resources: dict[str, Entry] = field(default_factory=dict)
-
-    @property
-    def ref(self) -> ArtifactRef:
-        return ArtifactRef(self.name, self.version)
-
-    @property
-    def uri(self) -> str:
-        return self.ref.uri
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "created": self.created,
-            "workflow": self.workflow.to_dict(),
-            "resources": {k: v.to_dict() for k, v in sorted(self.resources.items())},
-        }
-
-    def same_content(self, other: ArtifactIndex) -> bool:
-        """Whether both hold the same files (``created`` aside)."""
-        return self.workflow == other.workflow and self.resources == other.resources
-
-    def entry(self, path: str) -> Entry:
-        """The file at ``path`` (``workflow.yaml``, ``resources/RES``), or a resource by its name."""
-        if path == self.workflow.path:
-            return self.workflow
-        for entry in self.resources.values():
-            if entry.path == path:
-                return entry
-        if path in self.resources:
-            return self.resources[path]
-        have = ", ".join([self.workflow.path, *(e.path for e in self.resources.values())])
-        raise ArtifactError(f"{self.uri} holds no {path!r} (it holds: {have})", "Artifact.NotFound")
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> ArtifactIndex:
-        """Validate and parse an index document (``Artifact.IndexInvalid``)."""
-        errors = sorted(_INDEX_VALIDATOR.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-        if errors:
-            e = errors[0]
-            at = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-            raise ArtifactError(f"{where}: invalid index: {at}: {e.message}", "Artifact.IndexInvalid")
-
-        def entry(d: dict[str, Any]) -> Entry:
-            return Entry(d["path"], d["sha256"], d["size"])
-
-        return cls(
-            name=data["name"],
-            version=data["version"],
-            created=data["created"],
-            workflow=entry(data["workflow"]),
-            resources={k: entry(v) for k, v in data["resources"].items()},
-        )
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    """What ``upload`` did: the artifact's index and whether anything was written."""
-
-    index: ArtifactIndex
-    #: False when the same content already was this version (nothing was written)
-    uploaded: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.index.uri, "uploaded": self.uploaded, **self.index.to_dict()}
-
-
-def content_version(workflow_sha256: str, resources: Mapping[str, str]) -> str:
-    """The default version: 12 hex digits of a digest over the workflow's and resources' digests."""
-    doc = json.dumps({"workflow": workflow_sha256, "resources": dict(sorted(resources.items()))})
-    return hashlib.sha256(doc.encode()).hexdigest()[:12]
 
 
 def _error_code(exc: Exception) -> tuple[str, int | None]:
@@ -333,7 +230,7 @@ class ArtifactStore:
         cached, _, _ = self.fetch(ref.with_path(index.workflow.path))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{WORKFLOW_FILE}.{secrets.token_hex(6)}")
-        if _same_fs(cached, tmp):
+        if same_filesystem(cached, tmp):
             os.link(cached, tmp)
         else:
             tmp.write_bytes(cached.read_bytes())
@@ -440,65 +337,3 @@ class ArtifactStore:
             "are immutable: upload with another --version (or without one, to get a content-derived version)",
             "Artifact.VersionExists",
         )
-
-
-def s3_client(settings: Mapping[str, Any]) -> Any:
-    """A boto3 S3 client for ``artifacts`` connection settings (path addressing for custom endpoints)."""
-    style = settings.get("addressing_style") or "auto"
-    if style == "auto" and settings.get("endpoint_url"):
-        host = str(settings["endpoint_url"]).split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
-        if not host.endswith("amazonaws.com"):
-            style = "path"  # MinIO, Ceph RGW, moto: no wildcard DNS for virtual-hosted buckets
-    return boto_client("s3", settings, signature_version="s3v4", s3={"addressing_style": style})
-
-
-def download_object(
-    client: Any,
-    bucket: str,
-    key: str,
-    dst: Path,
-    *,
-    max_bytes: int,
-    cancel: threading.Event | None,
-    what: str,
-    on_error: Callable[[Exception, str], Exception],
-    too_large: Callable[[], Exception],
-) -> tuple[str, int]:
-    """GET ``bucket/key`` into the new file ``dst``, hashing as it goes; ``(sha256, size)``.
-
-    Past ``max_bytes`` the download stops with ``too_large()``; ``on_error(exc, what)`` turns an S3
-    error into the coded error to raise. The caller removes ``dst`` on failure.
-    """
-    sha = hashlib.sha256()
-    size = 0
-    try:
-        out = client.get_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        raise on_error(exc, what) from exc
-    body = out["Body"]
-    try:
-        with open(dst, "xb") as f:
-            while True:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"download of {what} cancelled")
-                try:
-                    chunk = body.read(CHUNK)
-                except Exception as exc:
-                    raise on_error(exc, what) from exc
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > max_bytes:
-                    raise too_large()
-                sha.update(chunk)
-                f.write(chunk)
-    finally:
-        body.close()
-    return sha.hexdigest(), size
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b.parent).st_dev
-    except OSError:
-        return False

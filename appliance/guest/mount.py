@@ -6,16 +6,18 @@ root filesystem, mounts it and the guest's other ``fstab`` filesystems that live
 and with ``chroot=True`` gives it a minimal ``/dev`` (no ``/proc``, no ``/sys``: chroot commands
 run in :mod:`appliance.guest.sandbox`, which mounts a ``/proc`` of its own). Everything is undone in
 reverse order when the context exits — normally, on an exception, on cancel; a failure to undo
-never masks the exception that ended the context (the record stays for :func:`sweep_stale`).
+never masks the exception that ended the context (the record stays for the sweep).
 
 Crash recovery: every loop device and mount point is recorded in
 ``<state_dir>/mounts/<owner>.json`` *before* it is created (and updated after), written atomically,
 with the owner's PID; for the loop device that is its backing file (a loop attached by an owner
 killed inside ``losetup`` is found with ``losetup -j`` and detached when its backing inode matches).
-The owner holds an ``flock`` on ``<owner>.lock`` for its lifetime, so the
-kernel itself says when an owner is gone; :func:`sweep_stale` undoes the entries of dead owners
+The owner holds an ``flock`` on ``<owner>.lock`` for its lifetime, so the kernel itself says when an
+owner is gone; :func:`appliance.guest.mountrecord.sweep_stale` undoes the entries of dead owners
 (the worker calls it at start and from crash recovery). It is safe to run concurrently, and a record
 it cannot handle (a lock file it may not open, an umount that hangs) is logged and left for later.
+The records live in :mod:`appliance.guest.mountrecord`; the command and loop-device plumbing in
+:mod:`appliance.guest.loopdev`.
 
 Security: the image is untrusted and the kernel's filesystem drivers parse it when mounting. Only
 an allowlist of filesystem types is mounted (the type comes from ``blkid -p``, never from the
@@ -28,16 +30,10 @@ a sandbox: commands in it run the guest's binaries, so they must go through :mod
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
-import json
 import logging
 import os
 import re
-import shutil
-import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,25 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomicfile import write_json_atomic
 from ..errors import Cancelled, ImagingError, UsageError
 from ..image.formats import SIGNATURE_BYTES, container_format
+from .loopdev import MountFailed, blkid, run_cmd, unescape_mountinfo, unmount
+from .mountrecord import StateFile, undo, undone
 from .path import GuestFS
 
 log = logging.getLogger(__name__)
 
 #: filesystem types we let the kernel parse from an untrusted image
 MOUNTABLE_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs", "ntfs3"})
-#: how long a command such as mount/losetup may take before it is considered hung
-COMMAND_TIMEOUT = 60.0
 #: how long to wait for /dev/loopNpM to appear after partx -a
 PARTITION_NODE_WAIT = 5.0
-
-
-class MountFailed(ImagingError):
-    """Attaching or mounting the guest failed."""
-
-    code = "Guest.MountFailed"
 
 
 class NoRootFilesystem(ImagingError):
@@ -122,352 +111,6 @@ class GuestMount:
         return GuestFS(self.root)
 
 
-# ------------------------------------------------------------------------------------------ commands
-
-
-def _cmd(
-    argv: list[str], *, check: bool = True, timeout: float = COMMAND_TIMEOUT
-) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
-        )
-    except FileNotFoundError as exc:
-        raise ImagingError(f"{argv[0]} not found; install util-linux", code="MissingTool") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise MountFailed(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from exc
-    if check and proc.returncode != 0:
-        raise MountFailed(f"{' '.join(argv)} failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def _blkid(device: str) -> dict[str, str]:
-    # -p: probe the device itself (no cache, nothing the guest wrote into /etc/blkid.tab)
-    proc = _cmd(["blkid", "-p", "-o", "export", device], check=False)
-    out: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
-def _unescape_mountinfo(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def mounts_under(directory: Path | str) -> list[str]:
-    """Mount points at or below ``directory`` (from /proc/self/mountinfo), most recent first."""
-    base = os.path.normpath(str(directory))
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape_mountinfo(line.split()[4])
-            if point == base or point.startswith(base + "/"):
-                found.append(point)
-    found.reverse()  # mountinfo lists in mount order; unmount children before parents
-    return found
-
-
-def _unmount(point: str) -> None:
-    if _cmd(["umount", point], check=False).returncode != 0:
-        # busy (a process still inside): detach it from the tree now, the kernel frees it later
-        proc = _cmd(["umount", "-l", point], check=False)
-        if proc.returncode != 0 and point in mounts_under(point):
-            log.warning("could not unmount %s: %s", point, proc.stderr.strip())
-
-
-def _loop_backing(loop: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file backing ``loop``, or None when it is not attached."""
-    name = os.path.basename(loop)
-    sysdir = Path("/sys/block") / name / "loop"
-    if not sysdir.is_dir():
-        return None
-    proc = _cmd(["losetup", "--json", "-l", "-O", "NAME,BACK-INO,BACK-MAJ:MIN", loop], check=False)
-    try:
-        dev = json.loads(proc.stdout)["loopdevices"][0]
-        major, _, minor = dev["back-maj:min"].strip().partition(":")
-        return os.makedev(int(major), int(minor)), int(dev["back-ino"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-def _detach(loop: str, backing: tuple[int, int] | None) -> bool:
-    """Remove the partition nodes and detach ``loop`` if it is still backed by our image."""
-    current = _loop_backing(loop)
-    if current is None:
-        return False
-    if backing is not None and current != _pair(backing):
-        log.warning("%s now backs another file; not detaching it", loop)
-        return False
-    _cmd(["partx", "-d", loop], check=False)
-    _cmd(["losetup", "-d", loop], check=False)
-    return True
-
-
-def _loops_backed_by(path: str) -> list[str]:
-    """Loop devices attached to ``path`` (``losetup -j``)."""
-    proc = _cmd(["losetup", "--list", "--noheadings", "--output", "NAME", "-j", path], check=False)
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("/dev/")]
-
-
-class AmbiguousLoop(ImagingError):
-    """A loop device on a recorded backing file might belong to another owner attaching right now."""
-
-    code = "Guest.AmbiguousLoop"
-
-
-def _unrecorded_loops(record: dict[str, Any]) -> list[str]:
-    """Loop devices the record's owner attached but did not live to record (killed inside losetup).
-
-    Found by the recorded backing file; a device counts only when its backing inode still matches
-    and no other record of the same state directory claims it. Raises :class:`AmbiguousLoop` when
-    another owner is attaching the same file right now (its device cannot be told from ours yet).
-    """
-    path, backing = record.get("backing_path"), _pair(record.get("backing"))
-    if not path or backing is None:
-        return []
-    candidates = [dev for dev in _loops_backed_by(path) if _loop_backing(dev) == backing]
-    if not candidates:
-        return []
-    claimed, attaching = set(), False
-    workdir = record.get("workdir")
-    mounts_dir = Path(workdir).parent if workdir else None
-    for other in sorted(mounts_dir.glob("*.json")) if mounts_dir and mounts_dir.is_dir() else []:
-        try:
-            data = json.loads(other.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("workdir") == workdir:
-            continue
-        if data.get("loop"):
-            claimed.add(data["loop"])
-        elif _pair(data.get("backing")) == backing and _lock_held(other.with_suffix(".lock")):
-            attaching = True
-    candidates = [dev for dev in candidates if dev not in claimed]
-    if candidates and attaching:
-        raise AmbiguousLoop(
-            f"another owner is attaching {path}; {', '.join(candidates)} left for a later sweep"
-        )
-    return candidates
-
-
-def _kill_processes_rooted_in(root: str) -> list[int]:
-    """SIGKILL processes whose root directory is ``root`` or below (left-overs of a chroot command)."""
-    killed = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            proot = os.readlink(f"/proc/{entry}/root")
-        except OSError:
-            continue
-        if proot == root or proot.startswith(root + "/"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
-    return killed
-
-
-# --------------------------------------------------------------------------------------- state files
-
-
-def _lock(path: Path, *, blocking: bool) -> int | None:
-    """flock ``path`` (created if needed); None when not blocking and someone else holds it.
-
-    Retries when the file was unlinked/replaced between open and lock (the usual lock-file race
-    with a sweeper that removes lock files of dead owners).
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
-
-
-def _lock_held(path: Path) -> bool:
-    """Whether someone holds the flock on ``path`` (a live owner, or a sweeper at work)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # cannot tell: assume alive, the safe side
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _process_start(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # field 22 (starttime) after the parenthesised command name, which may contain spaces
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-class _StateFile:
-    """The owner's record of what it attached and mounted, for crash recovery."""
-
-    def __init__(self, mounts_dir: Path, owner: str, image: str) -> None:
-        mounts_dir.mkdir(parents=True, exist_ok=True)
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) or "owner"
-        n = 0
-        while True:
-            stem = safe if n == 0 else f"{safe}.{n}"
-            fd = _lock(mounts_dir / f"{stem}.lock", blocking=False)
-            if fd is not None and not (mounts_dir / f"{stem}.json").exists():
-                break
-            if fd is not None:  # a dead owner's entry: leave it to sweep_stale, use another name
-                os.close(fd)
-            n += 1
-        self.lock_fd = fd
-        self.path = mounts_dir / f"{stem}.json"
-        self.lock_path = mounts_dir / f"{stem}.lock"
-        self.workdir = mounts_dir / f"{stem}.d"
-        self.data: dict[str, Any] = {
-            "owner": owner,
-            "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()),
-            "image": image,
-            "workdir": str(self.workdir),
-            "loop": None,
-            "backing": None,
-            "mounts": [],
-        }
-        self.save()
-
-    def save(self) -> None:
-        write_json_atomic(self.path, self.data, 0o644)
-
-    def close(self) -> None:
-        """Remove the record (everything it lists is undone) and release the lock."""
-        self.path.unlink(missing_ok=True)
-        self.lock_path.unlink(missing_ok=True)
-        os.close(self.lock_fd)
-
-
-def _undo(record: dict[str, Any], on_change: Callable[[str, str], None] | None = None) -> list[str]:
-    """Unmount everything under the record's workdir, detach its loop device, remove its dirs."""
-    done = []
-    workdir = record.get("workdir")
-    recorded = set(record.get("mounts") or [])
-    if workdir and mounts_under(os.path.join(workdir, "root")):
-        # a chroot command (or its daemons) left behind keeps the mounts busy
-        _kill_processes_rooted_in(os.path.join(workdir, "root"))
-    for _ in range(3):  # stacked mounts on one point need one pass each
-        points = mounts_under(workdir) if workdir else list(reversed(record.get("mounts") or []))
-        if not points:
-            break
-        for point in points:
-            _unmount(point)
-            done.append(f"unmounted {point}")
-            if on_change and point in recorded:
-                on_change("removed", f"mount:{point}")
-    loop = record.get("loop")
-    loops = [loop] if loop else _unrecorded_loops(record)
-    for device in loops:
-        if _detach(device, record.get("backing")):
-            done.append(f"detached {device}")
-            if on_change:
-                on_change("removed", f"loop:{device}")
-    if workdir and os.path.isdir(workdir) and not mounts_under(workdir):
-        # only after every mount is gone: rmtree must never descend into a guest filesystem
-        shutil.rmtree(workdir, ignore_errors=True)
-    return done
-
-
-def sweep_stale(state_dir: Path | str, on_change: Callable[[str, str, str], None] | None = None) -> list[str]:
-    """Undo the mounts and loop devices recorded by owners that are no longer running.
-
-    An owner is gone when nobody holds its lock file (the kernel drops ``flock``s of dead
-    processes) and its recorded PID is not running with the recorded start time. Returns one line
-    per action taken; ``on_change(owner, "removed", resource)`` is called for every recorded mount
-    and loop device undone (the worker puts them in the owning task's cleanup ledger).
-    Idempotent; concurrent sweepers skip entries another sweeper is working on.
-    """
-    mounts_dir = Path(state_dir) / "mounts"
-    if not mounts_dir.is_dir():
-        return []
-    cleaned: list[str] = []
-    for path in sorted(mounts_dir.glob("*.json")):
-        # one bad record (a hung umount, a root-owned lock file) must not stop the sweep nor the worker
-        try:
-            cleaned.extend(_sweep_one(path, on_change))
-        except (OSError, ImagingError) as exc:
-            log.warning("could not sweep mount record %s (left for a later sweep): %s", path, exc)
-    return cleaned
-
-
-def _sweep_one(path: Path, on_change: Callable[[str, str, str], None] | None) -> list[str]:
-    """Undo one mount record if its owner is gone; the lines of :func:`sweep_stale`."""
-    lock_path = path.with_suffix(".lock")
-    try:
-        fd = _lock(lock_path, blocking=False)
-    except PermissionError:
-        # e.g. written by a worker that ran as root (the drop-in), swept by one that no longer does
-        log.warning("cannot open %s (permission denied); skipping its mount record", lock_path)
-        return []
-    if fd is None:
-        return []  # alive (or being swept right now)
-    try:
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            # its owner finished between glob and lock: drop the lock file our lock just recreated
-            lock_path.unlink(missing_ok=True)
-            return []
-        except PermissionError:
-            log.warning("cannot read mount record %s (permission denied); skipping it", path)
-            return []
-        except (OSError, ValueError):
-            log.warning("unreadable mount record %s; removing it", path)
-            path.unlink(missing_ok=True)
-            return []
-        pid = record.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _process_start(pid) == record.get("pid_start"):
-            return []  # same process still running; its lock was lost (should not happen)
-        owner = str(record.get("owner"))
-        report = functools.partial(on_change, owner) if on_change else None
-        actions = _undo(record, report)
-        if not _undone(record):
-            log.warning("mount record %s not fully undone; left for a later sweep", path)
-            return [f"{owner}: {a}" for a in actions]
-        path.unlink(missing_ok=True)
-        lock_path.unlink(missing_ok=True)
-        return [f"{owner}: {a}" for a in actions]
-    finally:
-        os.close(fd)
-
-
-def _undone(record: dict[str, Any]) -> bool:
-    """Nothing the record lists is still mounted or attached."""
-    workdir, loop, backing = record.get("workdir"), record.get("loop"), _pair(record.get("backing"))
-    if workdir and mounts_under(workdir):
-        return False
-    if loop:
-        return _loop_backing(loop) != backing
-    try:
-        return not _unrecorded_loops(record)
-    except AmbiguousLoop:
-        return False
-
-
 # ------------------------------------------------------------------------------------------- mount
 
 
@@ -506,18 +149,18 @@ def _wait_for_nodes(loop: str, numbers: list[int]) -> None:
 
 
 def _partitions(loop: str) -> list[Partition]:
-    top = _blkid(loop)
+    top = blkid(loop)
     if "PTTYPE" not in top:
         # no partition table: a bare filesystem image (layout "partition")
         return [Partition(loop, None, top.get("TYPE"), top.get("UUID"), top.get("LABEL"))]
-    _cmd(["partx", "-a", loop], check=False)  # fails harmlessly for an empty table
-    proc = _cmd(["partx", "-g", "-o", "NR", loop], check=False)
+    run_cmd(["partx", "-a", loop], check=False)  # fails harmlessly for an empty table
+    proc = run_cmd(["partx", "-g", "-o", "NR", loop], check=False)
     numbers = [int(x) for x in proc.stdout.split() if x.isdigit()]
     _wait_for_nodes(loop, numbers)
     parts = []
     for n in numbers:
         dev = f"{loop}p{n}"
-        info = _blkid(dev)
+        info = blkid(dev)
         parts.append(
             Partition(
                 dev,
@@ -574,7 +217,7 @@ def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
         if len(fields) < 2:
             continue
         fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
-        device, point, fstype, options = (_unescape_mountinfo(x) for x in fields[:4])
+        device, point, fstype, options = (unescape_mountinfo(x) for x in fields[:4])
         entries.append((device, point, fstype, options))
     return entries
 
@@ -584,7 +227,7 @@ class _Mounter:
 
     def __init__(
         self,
-        state: _StateFile,
+        state: StateFile,
         *,
         writable: bool,
         chroot: bool,
@@ -614,11 +257,11 @@ class _Mounter:
         self.state.data["mounts"].append(str(point))
         self.state.save()
         argv = ["mount", "--no-canonicalize", "-t", fstype, "-o", opts, device, str(point)]
-        proc = _cmd(argv, check=False)
+        proc = run_cmd(argv, check=False)
         if proc.returncode != 0 and not self.writable and fstype in ("ext3", "ext4", "xfs"):
             # a dirty journal cannot be replayed on a read-only loop device: mount without it
             retry = opts + (",noload" if fstype != "xfs" else ",norecovery")
-            proc = _cmd(
+            proc = run_cmd(
                 ["mount", "--no-canonicalize", "-t", fstype, "-o", retry, device, str(point)], check=False
             )
         if proc.returncode != 0:
@@ -631,7 +274,7 @@ class _Mounter:
         _check_cancel(self.cancel)
         self.state.data["mounts"].append(str(point))
         self.state.save()
-        proc = _cmd(
+        proc = run_cmd(
             ["mount", "--no-canonicalize", "-t", fstype, "-o", opts, source or fstype, str(point)],
             check=False,
         )
@@ -643,7 +286,7 @@ class _Mounter:
 
     def unmount_last(self) -> None:
         point = self.state.data["mounts"].pop()
-        _unmount(point)
+        unmount(point)
         self.state.save()
         self.on_change("removed", f"mount:{point}")
 
@@ -669,7 +312,7 @@ def _populate_dev(dev: Path) -> None:
     os.chmod(dev / "shm", 0o1777)
 
 
-def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
+def _setup(m: _Mounter, image: Path, state: StateFile) -> GuestMount:
     workdir = state.workdir
     workdir.mkdir(mode=0o700, exist_ok=True)
     root = workdir / "root"
@@ -683,7 +326,7 @@ def _setup(m: _Mounter, image: Path, state: _StateFile) -> GuestMount:
     state.data["backing_path"] = str(image.absolute())
     state.save()
     argv = ["losetup", "--show", "-f", *([] if m.writable else ["-r"]), str(image)]
-    loop = _cmd(argv).stdout.strip()
+    loop = run_cmd(argv).stdout.strip()
     state.data["loop"] = loop
     state.save()
     m.on_change("created", f"loop:{loop}")
@@ -772,7 +415,7 @@ def mount_guest(
         raise NotRoot("mounting a guest needs root (loop devices and mount)")
     image = Path(image)
     check_raw(image, fmt)
-    state = _StateFile(Path(state_dir) / "mounts", owner, str(image))
+    state = StateFile(Path(state_dir) / "mounts", owner, str(image))
     mounter = _Mounter(state, writable=writable, chroot=chroot, cancel=cancel, on_change=on_change)
     try:
         yield _setup(mounter, image, state)
@@ -786,12 +429,12 @@ def mount_guest(
         _finish(state, on_change)
 
 
-def _finish(state: _StateFile, on_change: Callable[[str, str], None] | None) -> None:
+def _finish(state: StateFile, on_change: Callable[[str, str], None] | None) -> None:
     """Undo the owner's mounts and loop device; remove the record only when all is undone."""
     clean = False
     try:
-        _undo(state.data, on_change)
-        clean = _undone(state.data)
+        undo(state.data, on_change)
+        clean = undone(state.data)
     finally:
         if clean:
             state.close()
@@ -799,10 +442,6 @@ def _finish(state: _StateFile, on_change: Callable[[str, str], None] | None) -> 
             # keep the record so a later sweep_stale retries (lazy unmounts can linger)
             log.warning("guest mount %s not fully undone; left for sweep_stale", state.path)
             os.close(state.lock_fd)
-
-
-def _pair(backing: Any) -> tuple[int, int] | None:
-    return (int(backing[0]), int(backing[1])) if backing else None
 
 
 __all__ = [
@@ -814,7 +453,5 @@ __all__ = [
     "Partition",
     "check_raw",
     "mount_guest",
-    "mounts_under",
     "parse_fstab",
-    "sweep_stale",
 ]

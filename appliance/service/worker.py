@@ -56,7 +56,7 @@ from .. import config as config_mod
 from .. import confine, partials, redact
 from ..database import Listener
 from ..errors import ImagingError, LeaseLost, StoreUnavailable, TaskNotFound
-from ..guest.mount import sweep_stale
+from ..guest.mountrecord import sweep_stale
 from ..image.qemuimg import qemu_img_problem
 from ..scratch import ScratchSpace
 from ..store import CHANNEL_CANCEL, Lease, Store, TaskState

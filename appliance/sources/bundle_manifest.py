@@ -256,3 +256,21 @@ def configured_cloud_key(bundles: BundlesConfig, key_file: Path | None = None) -
     text = pem.decode("latin-1")
     redact.remember([text, text.strip()])
     return load_private_key(pem)
+
+
+def configured_signer_keys(bundles: BundlesConfig) -> list[rsa.RSAPublicKey]:
+    """The public keys of ``bundles.signer_certs`` / ``bundles.signer_certs_file`` (read now); [] when
+    none is configured. Raises :class:`ConfigError` when they cannot be read or hold no certificate."""
+    if bundles.signer_certs_file is not None:
+        try:
+            pem = bundles.signer_certs_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"bundles.signer_certs_file cannot be read: {exc.strerror}") from None
+    elif bundles.signer_certs:
+        pem = bundles.signer_certs.encode()
+    else:
+        return []
+    try:
+        return load_certificates(pem)
+    except CertificateFailure as exc:
+        raise ConfigError(f"bundles.signer_certs cannot be used: {exc.message}") from None

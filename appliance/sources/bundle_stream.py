@@ -17,8 +17,10 @@ from collections.abc import Generator, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..config import Limits
 from ..errors import Cancelled
-from .bundle import BundleLocation, decrypt_parts, size_limit
+from .bundle import BundleLocation
+from .bundle_decrypt import decrypt_parts, size_limit
 from .bundle_manifest import BundleManifest, parse_bundle_manifest, unwrap, verify_signature
 
 #: chunks (1 MiB each) buffered between the pipeline and a slow reader
@@ -48,6 +50,7 @@ def open_decrypted(
     user_keys: Sequence[rsa.RSAPublicKey] = (),
     parallel: int = 4,
     max_bytes: int | None = None,
+    limits: Limits | None = None,
 ) -> tuple[BundleManifest, Generator[bytes, None, None]]:
     """(the manifest, the image's chunks). Raises before returning for a bad manifest, signature, key or
     size; the iterator raises the pipeline's error (``BundleInvalid.*``, ``SourceUnavailable``) instead of
@@ -58,11 +61,16 @@ def open_decrypted(
     size_limit(manifest.size, max_bytes)
     key = unwrap(manifest.ec2_encrypted_key, cloud_key, "AES key")
     iv = unwrap(manifest.ec2_encrypted_iv, cloud_key, "IV")
-    return manifest, _chunks(location, manifest, key, iv, parallel)
+    return manifest, _chunks(location, manifest, key, iv, parallel, limits)
 
 
 def _chunks(
-    location: BundleLocation, manifest: BundleManifest, key: bytes, iv: bytes, parallel: int
+    location: BundleLocation,
+    manifest: BundleManifest,
+    key: bytes,
+    iv: bytes,
+    parallel: int,
+    limits: Limits | None,
 ) -> Generator[bytes, None, None]:
     q: queue.Queue[object] = queue.Queue(QUEUE_CHUNKS)
     stop = threading.Event()
@@ -81,6 +89,7 @@ def _chunks(
                 digest=manifest.digest,
                 parallel=parallel,
                 cancel=stop,
+                limits=limits,
             )
         except BaseException as exc:  # handed to the reader's thread
             outcome.append(exc)

@@ -2,8 +2,9 @@
 
 - ``source.fetch``: a disk container whose URL or S3 key names an EC2 bundle manifest (``….manifest.xml``)
   is unbundled into scratch instead of downloaded (:mod:`appliance.sources.bundle`), with the cloud's
-  private key of ``bundles.*``; then the workflow goes on as for any fetched disk (inspection, guest
-  validation, conversion, target). The result has the fetch step's shape.
+  private key of ``bundles.*`` (and its signature checked when ``bundles.signer_certs`` are set); then
+  the workflow goes on as for any fetched disk (inspection, guest validation, conversion, target). The
+  result has the fetch step's shape.
 - ``manifest.wait`` / ``volume.import`` (pull mode): a verified ``BUNDLE`` download manifest
   (``ec2-bundles.md`` §9) becomes :func:`bundle_download`; ``volume.import`` then unbundles it onto the
   volume (:func:`unbundle_onto_volume`): the key and IV are decrypted with ``bundles.*`` (the key of the
@@ -21,15 +22,9 @@ from ..errors import BundleInvalid, ImageRejected
 from ..image.stream import RawStreamCheck
 from ..redact import redact_url
 from ..scratch import Allowance
-from ..sources.bundle import (
-    MAX_PART_BYTES,
-    BundleLocation,
-    check_part,
-    decrypt_parts,
-    size_limit,
-    unbundle_to_file,
-)
-from ..sources.bundle_manifest import BundlePart, configured_cloud_key, unwrap
+from ..sources.bundle import BundleLocation, unbundle_to_file
+from ..sources.bundle_decrypt import MAX_PART_BYTES, check_part, decrypt_parts, size_limit
+from ..sources.bundle_manifest import BundlePart, configured_cloud_key, configured_signer_keys, unwrap
 from ..sources.euca_manifest import DownloadManifest
 from ..sources.fetch import parse_source
 from ..sources.http import HttpClient, SourceUnavailable
@@ -57,6 +52,7 @@ def unbundle_source(ctx: StepContext, url: str, dst: Path) -> dict[str, Any]:
     """Unbundle the bundle at ``url`` into ``dst``; ``{path, size, sha256, etag, bundle}``."""
     cfg = ctx.config
     cloud_key = configured_cloud_key(cfg.bundles)
+    signers = configured_signer_keys(cfg.bundles)
     allowance = Allowance(ctx.scratch, "unbundling an image bundle")
     location = BundleLocation(url, UrlPolicy.from_config(cfg.sources), cfg.sources.s3, cancel=ctx.cancel)
 
@@ -68,11 +64,13 @@ def unbundle_source(ctx: StepContext, url: str, dst: Path) -> dict[str, Any]:
             location,
             cloud_key,
             dst,
+            user_keys=signers,
             parallel=cfg.bundles.parallel_parts,
             max_bytes=cfg.limits.max_decompressed_size,
             ledger=ctx,
             on_progress=on_progress,
             reserve=lambda size: allowance.cover(size, True),
+            limits=cfg.limits,
         )
     except BaseException:
         allowance.release()
@@ -84,7 +82,12 @@ def unbundle_source(ctx: StepContext, url: str, dst: Path) -> dict[str, Any]:
         "size": result.size,
         "sha256": result.sha256,
         "etag": None,
-        "bundle": {"name": result.name, "parts": result.parts, "digest": result.digest},
+        "bundle": {
+            "name": result.name,
+            "parts": result.parts,
+            "digest": result.digest,
+            "signature_verified": bool(signers),
+        },
     }
 
 
@@ -165,6 +168,7 @@ def unbundle_onto_volume(
             digest=None,  # the cloud does not carry the tar SHA-1 into download manifests (§9)
             parallel=cfg.bundles.parallel_parts,
             cancel=ctx.cancel,
+            limits=cfg.limits,
             on_progress=lambda done: ctx.progress(
                 {
                     "phase": "writing",

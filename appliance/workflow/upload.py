@@ -6,8 +6,9 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..artifacts.index import UploadResult
 from ..artifacts.refs import ArtifactError
-from ..artifacts.store import ArtifactStore, UploadResult
+from ..artifacts.store import ArtifactStore
 from .loader import WorkflowLoader
 from .model import Workflow
 

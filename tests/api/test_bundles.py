@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyPair]:
     d = tmp_path_factory.mktemp("keys")
-    return {name: make_keypair(d, name) for name in ("cloud", "user")}
+    return {name: make_keypair(d, name) for name in ("cloud", "user", "other")}
 
 
 @pytest.fixture
@@ -102,7 +102,10 @@ def test_import_image_of_a_bundle_with_a_corrupt_part_fails_with_its_code(
 # ------------------------------------------------------------------------------------- GetDecryptedImage
 
 
-def _admin_client(tmp_path: Path, moto: MotoServer, key: Path) -> Any:
+def _admin_client(tmp_path: Path, moto: MotoServer, key: Path, signers: Path | None = None) -> Any:
+    bundles: dict[str, Any] = {"cloud_private_key_file": str(key)}
+    if signers is not None:
+        bundles["signer_certs_file"] = str(signers)
     cfg = config_mod.from_dict(
         {
             "state_dir": str(tmp_path / "state"),
@@ -121,7 +124,7 @@ def _admin_client(tmp_path: Path, moto: MotoServer, key: Path) -> Any:
                     "secret_key": "t",
                 },
             },
-            "bundles": {"cloud_private_key_file": str(key)},
+            "bundles": bundles,
         },
         base_dir=tmp_path,
     )
@@ -138,7 +141,7 @@ def test_get_decrypted_image_streams_the_bundles_image_to_an_admin_key(
     image = os.urandom(700 * 1024 + 512)
     bundle = make_bundle(tmp_path / "b", image, keys["cloud"], keys["user"], part_size=128 * 1024)
     bucket = _upload(moto, bundle.directory, [p.name for p in [*bundle.parts, bundle.manifest]])
-    client = _admin_client(tmp_path, moto, keys["cloud"].key)
+    client = _admin_client(tmp_path, moto, keys["cloud"].key, keys["user"].cert)
     url = f"s3://{bucket}/images/disk.img.manifest.xml"
     result = client.simulate_get(
         "/v1/bundles/decrypted-image",
@@ -161,7 +164,8 @@ def test_get_decrypted_image_with_the_wrong_cloud_key_is_a_coded_error_without_t
 ) -> None:
     bundle = make_bundle(tmp_path / "b", os.urandom(50_000), keys["cloud"], keys["user"])
     bucket = _upload(moto, bundle.directory, [p.name for p in [*bundle.parts, bundle.manifest]])
-    client = _admin_client(tmp_path, moto, keys["user"].key)  # not the key the bundle was made for
+    # not the key the bundle was made for
+    client = _admin_client(tmp_path, moto, keys["user"].key, keys["user"].cert)
     result = client.simulate_get(
         "/v1/bundles/decrypted-image",
         params={"manifest": f"s3://{bucket}/images/disk.img.manifest.xml"},
@@ -180,7 +184,7 @@ def test_get_decrypted_image_never_completes_a_response_for_a_corrupt_part(
     last = bundle.parts[-1]
     last.write_bytes(bytes([last.read_bytes()[0] ^ 1]) + last.read_bytes()[1:])
     bucket = _upload(moto, bundle.directory, [p.name for p in [*bundle.parts, bundle.manifest]])
-    client = _admin_client(tmp_path, moto, keys["cloud"].key)
+    client = _admin_client(tmp_path, moto, keys["cloud"].key, keys["user"].cert)
     # Falcon's test client reads the body in the test's thread: the pipeline's error surfaces here,
     # where a real server drops the connection short of Content-Length.
     with pytest.raises(BundleInvalid) as info:
@@ -190,3 +194,68 @@ def test_get_decrypted_image_never_completes_a_response_for_a_corrupt_part(
             headers=_basic(TEST_ACCESS_KEY, TEST_SECRET_KEY),
         )
     assert info.value.code == "BundleInvalid.PartDigest"
+
+
+def _get(client: Any, url: str, **kw: Any) -> Any:
+    return client.simulate_get(
+        "/v1/bundles/decrypted-image",
+        params={"manifest": url},
+        headers=_basic(TEST_ACCESS_KEY, TEST_SECRET_KEY),
+        **kw,
+    )
+
+
+def test_get_decrypted_image_requires_a_signature_that_verifies_against_a_signer_certificate(
+    moto: MotoServer, keys: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    image = os.urandom(100 * 1024)
+    names = {
+        "signed": make_bundle(tmp_path / "signed", image, keys["cloud"], keys["user"], prefix="signed.img"),
+        "unsigned": make_bundle(
+            tmp_path / "unsigned", image, keys["cloud"], keys["user"], prefix="unsigned.img", sign=False
+        ),
+        "foreign": make_bundle(
+            tmp_path / "foreign", image, keys["cloud"], keys["other"], prefix="foreign.img"
+        ),
+        "tampered": make_bundle(
+            tmp_path / "tampered", image, keys["cloud"], keys["user"], prefix="tampered.img"
+        ),
+    }
+    tampered = names["tampered"].manifest
+    tampered.write_text(tampered.read_text().replace("<type>machine</type>", "<type>kernel</type>"))
+    files = [(b.directory, p.name) for b in names.values() for p in [*b.parts, b.manifest]]
+    bucket = f"bundle-{uuid.uuid4().hex[:12]}"
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for directory, name in files:
+        s3.put_object(Bucket=bucket, Key=f"images/{name}", Body=(directory / name).read_bytes())
+    client = _admin_client(tmp_path, moto, keys["cloud"].key, keys["user"].cert)
+
+    ok = _get(client, f"s3://{bucket}/images/signed.img.manifest.xml")
+    assert ok.status_code == 200 and ok.content == image
+    for name in ("unsigned", "foreign", "tampered"):
+        refused = _get(client, f"s3://{bucket}/images/{name}.img.manifest.xml")
+        assert refused.status_code == 422, (name, refused.text)
+        assert refused.json["error"]["code"] == "BundleInvalid.Signature", name
+
+    unconfigured = _admin_client(tmp_path, moto, keys["cloud"].key)
+    answer = _get(unconfigured, f"s3://{bucket}/images/signed.img.manifest.xml")
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "InvalidConfiguration"
+    assert "signer_certs" in answer.json["error"]["message"]
+
+
+def test_get_decrypted_image_is_refused_over_plain_http_from_a_remote_client(
+    moto: MotoServer, keys: dict[str, KeyPair], tmp_path: Path
+) -> None:
+    image = os.urandom(50 * 1024)
+    bundle = make_bundle(tmp_path / "b", image, keys["cloud"], keys["user"])
+    bucket = _upload(moto, bundle.directory, [p.name for p in [*bundle.parts, bundle.manifest]])
+    client = _admin_client(tmp_path, moto, keys["cloud"].key, keys["user"].cert)
+    url = f"s3://{bucket}/images/disk.img.manifest.xml"
+
+    remote = _get(client, url, remote_addr="192.0.2.7")
+    assert remote.status_code == 403 and remote.json["error"]["code"] == "InsecureTransport"
+    over_tls = _get(client, url, remote_addr="192.0.2.7", protocol="https")
+    assert over_tls.status_code == 200 and over_tls.content == image
+    loopback = _get(client, url, remote_addr="::1")
+    assert loopback.status_code == 200 and loopback.content == image

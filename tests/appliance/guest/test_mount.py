@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import Cancelled
-from appliance.guest.mount import MountFailed, NoRootFilesystem, NotRawImage, mount_guest, sweep_stale
+from appliance.guest.mount import MountFailed, NoRootFilesystem, NotRawImage, mount_guest
+from appliance.guest.mountrecord import sweep_stale
 from tests.guestfactory import (
     KERNEL,
     OS_RELEASE,
@@ -361,7 +362,7 @@ def test_sweep_skips_a_record_whose_lock_it_may_not_open_and_sweeps_the_rest(
     dead_record(mounts, "b-killed", disk, loop=loop)
     # the sweeper is root without the power to override file permissions (like an unprivileged worker)
     code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
-    code += "from appliance.guest.mount import sweep_stale; "
+    code += "from appliance.guest.mountrecord import sweep_stale; "
     code += f"print(json.dumps(sweep_stale({str(state)!r})))"
     proc = subprocess.run(
         ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable, "-c", code],

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from appliance.guest.analyze import parse_fstab, parse_os_release
+from appliance.guest.linux import parse_fstab, parse_os_release
 from appliance.guest.reader import open_filesystem
 from appliance.guest.safefs import MAX_TEXT, GuestFS
 from tests import guestfactory as gf

@@ -1,0 +1,154 @@
+"""CreateImage for an instance with EBS volumes, through the controlling cloud's EC2 API.
+
+:func:`create_image_from_instance` does what CreateImage does inside a cloud, with the calls the cloud
+offers (``ec2-bundles.md`` §11): ``DescribeInstances`` for the instance's root device name and its EBS
+block device mappings, ``CreateSnapshot`` of every mapped volume (tagged with the instance, device and
+image name), waiting until each is ``completed`` (a snapshot ``error`` fails the call), then
+``RegisterImage`` with one ``BlockDeviceMapping`` per snapshot (``DeleteOnTermination`` as the instance
+had it) at the instance's root device name, architecture and virtualization type, kernel and ramdisk.
+An instance without EBS volumes (instance-store) is refused: it needs a bundle. On any failure the
+snapshots made so far are deleted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Cancelled, ImagingError
+
+#: how often the snapshots' state is polled, and for how long at most
+POLL_SECONDS = 2.0
+WAIT_SECONDS = 3600.0
+
+
+class CreateImageFailed(ImagingError):
+    code = "CreateImageFailed"
+
+
+@dataclass(frozen=True)
+class CreatedImage:
+    image_id: str
+    #: device name → snapshot id
+    snapshots: dict[str, str]
+    request: dict[str, Any]
+
+
+def _instance(ec2: Any, instance_id: str) -> dict[str, Any]:
+    reservations = ec2.describe_instances(InstanceIds=[instance_id]).get("Reservations") or []
+    instances = [i for r in reservations for i in r.get("Instances") or []]
+    if len(instances) != 1:
+        raise CreateImageFailed(f"the cloud knows no instance {instance_id}")
+    return dict(instances[0])
+
+
+def _wait(
+    ec2: Any,
+    snapshot_ids: list[str],
+    cancel: threading.Event | None,
+    sleep: Callable[[float], None],
+) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        states = {
+            s["SnapshotId"]: s["State"] for s in ec2.describe_snapshots(SnapshotIds=snapshot_ids)["Snapshots"]
+        }
+        if any(state == "error" for state in states.values()):
+            raise CreateImageFailed("a snapshot of the instance's volumes failed in the cloud")
+        if len(states) == len(snapshot_ids) and all(state == "completed" for state in states.values()):
+            return
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("CreateImage cancelled while the snapshots were being taken")
+        if time.monotonic() > deadline:
+            raise CreateImageFailed(f"the snapshots did not complete within {WAIT_SECONDS:.0f} seconds")
+        sleep(POLL_SECONDS)
+
+
+def create_image_from_instance(
+    ec2: Any,
+    instance_id: str,
+    name: str,
+    *,
+    description: str | None = None,
+    cancel: threading.Event | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CreatedImage:
+    """Snapshot the EBS volumes of ``instance_id`` and register them as image ``name`` (``ec2`` is a
+    boto3 EC2 client of the controlling cloud)."""
+    try:
+        return _create(ec2, instance_id, name, description, cancel, sleep)
+    except ImagingError:
+        raise
+    except Exception as exc:  # botocore's ClientError and connection errors: the cloud refused
+        raise CreateImageFailed(f"the cloud refused a step of CreateImage: {exc}") from None
+
+
+def _create(
+    ec2: Any,
+    instance_id: str,
+    name: str,
+    description: str | None,
+    cancel: threading.Event | None,
+    sleep: Callable[[float], None],
+) -> CreatedImage:
+    instance = _instance(ec2, instance_id)
+    mappings = [m for m in instance.get("BlockDeviceMappings") or [] if m.get("Ebs", {}).get("VolumeId")]
+    if not mappings:
+        raise CreateImageFailed(
+            f"instance {instance_id} has no EBS volumes: an instance-store instance is imaged by a bundle"
+        )
+    root = instance.get("RootDeviceName") or mappings[0]["DeviceName"]
+    snapshots: dict[str, str] = {}
+    try:
+        for mapping in mappings:
+            device, volume = mapping["DeviceName"], mapping["Ebs"]["VolumeId"]
+            snap = ec2.create_snapshot(
+                VolumeId=volume,
+                Description=f"CreateImage {name} of {instance_id} {device}",
+                TagSpecifications=[
+                    {
+                        "ResourceType": "snapshot",
+                        "Tags": [
+                            {"Key": "imaging:instance", "Value": instance_id},
+                            {"Key": "imaging:device", "Value": device},
+                        ],
+                    }
+                ],
+            )
+            snapshots[device] = snap["SnapshotId"]
+        _wait(ec2, list(snapshots.values()), cancel, sleep)
+        request: dict[str, Any] = {
+            "Name": name,
+            "RootDeviceName": root,
+            "VirtualizationType": instance.get("VirtualizationType") or "hvm",
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": m["DeviceName"],
+                    "Ebs": {
+                        "SnapshotId": snapshots[m["DeviceName"]],
+                        "DeleteOnTermination": bool(m["Ebs"].get("DeleteOnTermination", True)),
+                    },
+                }
+                for m in mappings
+            ],
+        }
+        for key, value in (
+            ("Description", description),
+            ("Architecture", instance.get("Architecture")),
+            ("KernelId", instance.get("KernelId")),
+            ("RamdiskId", instance.get("RamdiskId")),
+        ):
+            if value:
+                request[key] = value
+        image_id = ec2.register_image(**request)["ImageId"]
+    except BaseException:
+        for snapshot_id in snapshots.values():
+            # best effort: the original failure is what the caller must see
+            with contextlib.suppress(Exception):
+                ec2.delete_snapshot(SnapshotId=snapshot_id)
+        raise
+    return CreatedImage(image_id, snapshots, request)
