@@ -31,6 +31,8 @@ from appliance.service import health as health_mod
 from appliance.service import imports
 from appliance.service.exports import export_outcome
 from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
+from appliance.sources import methods
+from appliance.sources.methods import enabled_methods
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import metrics as metrics_mod
@@ -136,6 +138,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
             "bytes_done": task.bytes_done,
             "bytes_total": task.bytes_total,
             "bytes_converted": task.bytes_converted,
+            "stages": stages(all_events),
         },
         "steps": [s.to_dict() for s in store.step_results(task.id)],
         "findings": task.findings,
@@ -148,6 +151,27 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
         "links": [{"rel": "self", "href": task_href(task.id)}],
     }
     return redact(view)
+
+
+#: what a stage of :func:`stages` shows, from the step's progress reports
+_STAGE_FIELDS = ("phase", "read", "written", "done", "total", "percent", "rate", "eta")
+
+
+def stages(events: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per step that reported progress (``step.progress`` events), its latest figures: ``phase``,
+    bytes ``read`` from the source and ``written`` to the target, ``done``/``total``, ``percent``,
+    ``rate`` (bytes/s; 0 while nothing moves) and ``eta`` (seconds), each None when the step did
+    not say; ``retries``: the ``source.retry`` events of the step so far; ``at``: when reported."""
+    latest: dict[str, dict[str, Any]] = {}
+    retries: dict[str, int] = {}
+    for event in events:
+        step = str(event.data.get("step"))
+        if event.kind == "step.progress":
+            latest.pop(step, None)  # re-inserted: the order is that of the latest reports
+            latest[step] = {"step": step, **{f: event.data.get(f) for f in _STAGE_FIELDS}, "at": event.time}
+        elif event.kind == "source.retry":
+            retries[step] = retries.get(step, 0) + 1
+    return [stage | {"retries": retries.get(step, 0)} for step, stage in latest.items()]
 
 
 def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
@@ -178,7 +202,9 @@ def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
             },
             # every target writes the converted disk as raw (a volume, a file, an object)
             "output_formats": ["raw"],
-            "sources": ["manifest", "s3", "url"],
+            # the enabled import methods (sources.methods), each with what it serves and its limits
+            "sources": list(enabled_methods(config.sources)),
+            "methods": import_methods(config),
             "targets": {kind: t["type"] for kind, t in sorted(config.targets.items())},
         },
         "limits": {
@@ -192,6 +218,45 @@ def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
             "worker_concurrency": config.worker.concurrency,
         },
     }
+
+
+def import_methods(config: Config) -> dict[str, Any]:
+    """The enabled import methods (Glance's ``enabled_import_methods``), each with the actions and
+    request members that use it and its limits."""
+    limits = config.limits
+    download = {
+        "max_download_bytes": limits.max_decompressed_size,
+        "max_virtual_size": limits.max_virtual_size,
+    }
+    described: dict[str, dict[str, Any]] = {
+        methods.MANIFEST: {
+            "actions": ["ImportVolume", "ImportInstance"],
+            "member": "Image.ImportManifestUrl (a presigned https:// import manifest)",
+            "limits": {"max_virtual_size": limits.max_virtual_size},
+        },
+        methods.S3: {
+            "actions": ["ImportImage", "ImportSnapshot"],
+            "member": "DiskContainer UserBucket, or Url s3://bucket/key",
+            "limits": download,
+        },
+        methods.URL: {
+            "actions": ["ImportImage", "ImportSnapshot"],
+            "member": "DiskContainer Url https:// (under the SSRF policy: sources.allowed_endpoints)",
+            "limits": download,
+        },
+    }
+    upload = config.sources.upload
+    if upload is not None:
+        described[methods.UPLOAD] = {
+            "actions": ["ImportImage", "ImportSnapshot", "ImportVolume", "ImportInstance"],
+            "member": "DiskContainer Url or Image.ImportManifestUrl upload://{id} (PUT /v1/uploads/{id})",
+            "limits": {
+                "max_size": upload.max_size,
+                "expire_hours": upload.expire_hours,
+                "max_virtual_size": limits.max_virtual_size,
+            },
+        }
+    return {name: described[name] for name in enabled_methods(config.sources) if name in described}
 
 
 def versions_document() -> dict[str, Any]:

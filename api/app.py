@@ -42,7 +42,7 @@ from appliance.redact import redact_text
 from appliance.service.imports import Caller, ImportService
 from appliance.store import Store, StoreError
 
-from . import admin, bundles
+from . import admin, bundles, uploads
 from .ec2 import resource as ec2_resource
 
 log = logging.getLogger(__name__)
@@ -388,6 +388,10 @@ def create_app(
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
     app.add_route("/v1/bundles/decrypted-image", bundles.DecryptedImageResource(config))
+    app.add_route(
+        "/v1/uploads/{upload_id}",
+        uploads.UploadResource(config, stores.get, BasicAuth(config.api).authenticate),
+    )
     app.add_route("/v1/openapi.json", admin.OpenApiResource())
     app.add_route("/metrics", admin.MetricsResource(stores))
     return app

@@ -168,6 +168,21 @@ class SourcesConfig:
     stall_seconds: float = 60.0
     #: input bytes between two checkpoints of a streamed decode (the target is flushed at each)
     checkpoint_every: int = 64 << 20
+    #: the import methods accepted (``manifest``, ``s3``, ``url``, ``upload``)
+    methods: tuple[str, ...] = ("manifest", "s3", "url")
+    #: staged uploads (the ``upload`` method); None only for a configuration built by hand
+    upload: UploadConfig | None = None
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """``sources.upload``: where staged uploads live, how large and for how long."""
+
+    directory: Path
+    max_size: int = 64 << 30
+    min_free: int = 1 << 30
+    expire_hours: int = 24
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -452,6 +467,18 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             range_size=_range_size(sources["range_size"]),
             stall_seconds=float(sources["stall_seconds"]),
             checkpoint_every=int(sources["checkpoint_every"]),
+            methods=tuple(sources["methods"]),
+            upload=UploadConfig(
+                directory=(
+                    path(sources["upload"]["directory"])
+                    if "directory" in sources["upload"]
+                    else StatePaths(state_dir).uploads
+                ),
+                max_size=parse_size(sources["upload"]["max_size"]),
+                min_free=parse_size(sources["upload"]["min_free"]),
+                expire_hours=int(sources["upload"]["expire_hours"]),
+                shared=bool(sources["upload"]["shared"]),
+            ),
         ),
         targets=_targets(merged["targets"], state_dir, path),
         worker=WorkerConfig(
@@ -495,7 +522,21 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
 
 def _check_fleet_targets(cfg: Config, source: str) -> None:
     """A PostgreSQL store is shared by appliances, any of which may take a task over: a ``file``
-    volume target must then be on a directory they all share, and say so (``shared: true``)."""
+    volume target must then be on a directory they all share, and say so (``shared: true``); so must
+    the staged uploads' directory when the ``upload`` method is enabled."""
+    upload = cfg.sources.upload
+    if (
+        cfg.store.backend == POSTGRESQL
+        and "upload" in cfg.sources.methods
+        and upload is not None
+        and not upload.shared
+    ):
+        raise ConfigError(
+            f"{source}: sources.upload: the upload method with a PostgreSQL store needs a directory "
+            "every appliance sharing the store mounts at the same path, set with sources.upload.shared: "
+            "true (the appliance that runs an import must find the bytes another one received); or "
+            "leave upload out of sources.methods"
+        )
     volume = cfg.targets["volume"]
     if cfg.store.backend == POSTGRESQL and volume.get("type") == "file" and not volume.get("shared"):
         raise ConfigError(

@@ -64,6 +64,11 @@ class StatePaths:
         return self.root / "scratch"
 
     @property
+    def uploads(self) -> Path:
+        """Default ``sources.upload.directory``: staged uploads, one directory per account and upload."""
+        return self.root / "uploads"
+
+    @property
     def cache(self) -> Path:
         """Default ``artifacts.cache_dir``: verified files by digest (``sha256/<hex>``), artifact indexes."""
         return self.root / "cache"

@@ -79,6 +79,7 @@ class ProgressTracker:
         clock: Callable[[], float] = time.monotonic,
         min_interval: float = 0.5,
         window: float = RATE_WINDOW,
+        done: int = 0,
     ) -> None:
         if total is not None and total < 0:
             raise ValueError(f"total must be >= 0, not {total}")
@@ -90,9 +91,10 @@ class ProgressTracker:
         self._lock = threading.Lock()
         self._start = clock()
         self._window = window
-        self._done = 0
+        #: ``done`` may start past 0 (work resumed): the rate counts only what is done from here
+        self._done = done
         # (time, done) samples covering the last ``window`` seconds, oldest first
-        self._samples: deque[tuple[float, int]] = deque([(self._start, 0)])
+        self._samples: deque[tuple[float, int]] = deque([(self._start, done)])
         self._rate: float | None = None
         self._last_emit: float | None = None
         self._finished = False
@@ -170,6 +172,140 @@ class ProgressTracker:
             # thread, stop the pipe from being drained): log once and stop calling it.
             log.exception("progress callback failed; progress reporting disabled for %s", self.phase)
             self._callback = None
+
+
+#: a stage's progress is reported at least this often, also while no byte moves (a stall shows rate 0)
+TICK_INTERVAL = 1.0
+#: the percentage a stage shows at most until the step says its target is flushed
+UNFLUSHED_PERCENT = 99.0
+
+
+class StageMeter:
+    """Bytes read from the source and written to the target by one stage of a task, as the step
+    progress dict: ``phase``, ``read``, ``written``, ``done`` (= ``written``), ``total``, ``percent``,
+    ``rate`` and ``eta`` (of the written bytes, smoothed over :data:`RATE_WINDOW` seconds) and
+    ``converted`` (``base`` + ``written``: bytes of the disk written to the target over the task).
+
+    ``percent`` stays at most :data:`UNFLUSHED_PERCENT` until :meth:`flushed`: only the step knows
+    when the target is durable. Reported to ``report`` on every change at most every
+    ``min_interval`` seconds and, while :meth:`ticking`, every ``interval`` seconds even when nothing
+    moved: a stall shows as ``rate`` 0 (the window emptied) and no ``eta``, not as a frozen figure.
+    Thread-safe (the ticker, a reader thread and the step's thread all call it).
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        total: int | None,
+        report: Callable[[dict[str, Any]], None],
+        *,
+        base: int = 0,
+        read: int = 0,
+        written: int = 0,
+        interval: float = TICK_INTERVAL,
+        min_interval: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.phase, self.total, self.base = phase, total, base
+        self._report = report
+        self._interval = interval
+        self._lock = threading.Lock()
+        #: where a resumed stage starts: its rate counts from there
+        self._read = read
+        self._written = written
+        self._flushed = False
+        self._tracker = ProgressTracker(phase, None, None, clock=clock, min_interval=0, done=written)
+        self._clock = clock
+        self._min_interval = min_interval
+        self._last: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_total(self, total: int | None) -> None:
+        with self._lock:
+            self.total = total
+
+    def read(self, total_read: int) -> None:
+        """The source has handed over ``total_read`` bytes in all (never goes back)."""
+        with self._lock:
+            self._read = max(self._read, total_read)
+        self._maybe_report()
+
+    def wrote(self, total_written: int) -> None:
+        """``total_written`` bytes of the target are written in all (never goes back)."""
+        with self._lock:
+            self._written = max(self._written, total_written)
+        self._maybe_report()
+
+    def flushed(self) -> dict[str, Any]:
+        """The target is durable: report 100 % (with a known total), and return that snapshot."""
+        with self._lock:
+            self._flushed = True
+        snap = self.snapshot()
+        self._report(snap)
+        return snap
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            read, written, total, flushed = self._read, self._written, self.total, self._flushed
+        p = self._tracker.update(written)
+        percent = None
+        if total:
+            percent = 100.0 * min(written, total) / total
+            if not flushed:
+                percent = min(percent, UNFLUSHED_PERCENT)
+        elif total == 0 and flushed:
+            percent = 100.0
+        rate = p.rate
+        eta = None
+        if flushed:
+            eta = 0.0
+        elif total is not None and rate is not None and rate > 0:
+            eta = max(0.0, (total - written) / rate)
+        return {
+            "phase": self.phase,
+            "read": read,
+            "written": written,
+            "done": written,
+            "total": total,
+            "percent": None if percent is None else round(percent, 2),
+            "rate": None if rate is None else round(rate, 1),
+            "eta": None if eta is None else round(eta, 1),
+            "converted": self.base + written,
+        }
+
+    def _maybe_report(self) -> None:
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and now - self._last < self._min_interval:
+                return
+            self._last = now
+        self._report(self.snapshot())
+
+    # -- the ticker -------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                with self._lock:
+                    self._last = self._clock()
+                self._report(self.snapshot())
+            except Exception:
+                log.exception("progress report of %s failed; the ticker stops", self.phase)
+                return
+
+    def __enter__(self) -> StageMeter:
+        """Start reporting every ``interval`` seconds (a daemon thread) until the ``with`` ends."""
+        self._report(self.snapshot())
+        self._thread = threading.Thread(target=self._tick, name=f"progress-{self.phase}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._report(self.snapshot())  # the last figures, which throttling may have held back
 
 
 def progress_printer(stream: TextIO, *, json_lines: bool | None = None) -> ProgressCallback:

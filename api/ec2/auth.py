@@ -532,3 +532,35 @@ def _parse_iso(raw: str, name: str) -> datetime:
             "InvalidParameterValue", f"Value ({shown(raw)}) for parameter {name} is invalid"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+_PAYLOAD_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: the x-amz-content-sha256 value of a body whose hash the signature does not cover
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+
+class StreamedPayloadAuthenticator(Authenticator):
+    """SigV4 (or SigV2) for a request whose body streams past the API instead of being read first: a
+    staged upload (``PUT /v1/uploads/{id}``). The signature is verified before the body is read,
+    over the ``x-amz-content-sha256`` header, which must be signed: the SHA-256 of the body (checked
+    as the body arrives: :func:`payload_sha256`) or ``UNSIGNED-PAYLOAD`` (as S3 allows: the body is
+    then not covered by the signature)."""
+
+    @staticmethod
+    def _check_payload_hash(request: SignedRequest, signed_headers: Sequence[str]) -> None:
+        claimed = request.headers.get("x-amz-content-sha256")
+        if claimed is None or "x-amz-content-sha256" not in signed_headers:
+            raise _incomplete(
+                "An upload must sign the x-amz-content-sha256 header: the SHA-256 of the body (hex), "
+                "or UNSIGNED-PAYLOAD"
+            )
+        if claimed != UNSIGNED_PAYLOAD and not _PAYLOAD_SHA256_RE.match(claimed.lower()):
+            raise _incomplete(
+                f"x-amz-content-sha256 ({shown(claimed)}) is not a SHA-256 nor UNSIGNED-PAYLOAD"
+            )
+
+
+def payload_sha256(headers: Mapping[str, str]) -> str | None:
+    """The body's SHA-256 a verified upload request signed (lower case), None for UNSIGNED-PAYLOAD."""
+    claimed = headers.get("x-amz-content-sha256")
+    return None if claimed is None or claimed == UNSIGNED_PAYLOAD else claimed.lower()

@@ -15,6 +15,7 @@ from typing import Any
 
 from appliance.service import bootparams
 from appliance.service.imports import CONVERSION_KINDS, Caller, DiskImage, ImportService
+from appliance.sources.methods import method_of_manifest
 
 from . import query, views
 from .errors import invalid_value, missing_parameter
@@ -67,6 +68,7 @@ def import_volume(service: ImportService, params: Params, caller: Caller) -> dic
     if not (zone or zone_id):
         raise missing_parameter("AvailabilityZone")
     image = _disk_image(data["Image"], data["Volume"], "")
+    service.check_method(method_of_manifest(image.manifest_url), "Image.ImportManifestUrl")
     query.check_dry_run(data)
     task = service.import_volume(
         image, availability_zone=zone or zone_id, description=data.get("Description"), account=caller.account
@@ -86,6 +88,7 @@ def import_instance(service: ImportService, params: Params, caller: Caller) -> d
     if "Image" not in disk:
         raise missing_parameter("DiskImage.1.Image.Format")
     image = _disk_image(disk["Image"], disk.get("Volume"), "DiskImage.1.", disk.get("Description"))
+    service.check_method(method_of_manifest(image.manifest_url), "DiskImage.1.Image.ImportManifestUrl")
     launch = dict(data.get("LaunchSpecification") or {})
     architecture = launch.pop("Architecture", None)
     instance_type = launch.pop("InstanceType", None)

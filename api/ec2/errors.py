@@ -80,6 +80,12 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "InvalidVolume.NotFound": ("InvalidVolume.NotFound", 400),
     "InvalidVolume.Malformed": ("InvalidVolume.Malformed", 400),
     "NotExportable": ("NotExportable", 400),
+    # an import method the operator disabled (sources.methods): the message names the method
+    "ImportMethodDisabled": ("UnsupportedOperation", 400),
+    # an upload://ID the caller's account does not have (or not yet complete)
+    "Upload.NotFound": ("InvalidParameterValue", 400),
+    "Upload.Incomplete": ("InvalidParameterValue", 400),
+    "Upload.InvalidId": ("InvalidParameterValue", 400),
     # the state database is busy or unwritable: the client should retry later
     "StateStoreError": ("Unavailable", 503),
     # the task database cannot be reached (an outage): nothing was done, the client retries later

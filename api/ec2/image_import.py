@@ -76,6 +76,7 @@ def import_image(service: ImportService, params: Params, caller: Caller) -> dict
     if not containers:
         raise missing_parameter("DiskContainer")
     disks = [_container(c, f"DiskContainer.{i}") for i, c in enumerate(containers, 1)]
+    service.check_containers(disks)
     encryption = _encryption(service, data)
     boot = bootparams.resolve(
         {field: data.get(wire) for field, wire in BOOT_MEMBERS.items()},
@@ -107,6 +108,7 @@ def import_snapshot(service: ImportService, params: Params, caller: Caller) -> d
     if not data.get("DiskContainer"):
         raise missing_parameter("DiskContainer")
     disk = _container(data["DiskContainer"], "DiskContainer")
+    service.check_containers([disk])
     encryption = _encryption(service, data)
     query.check_dry_run(data)
     task = service.import_snapshot(

@@ -29,7 +29,16 @@ from typing import Any
 
 from ..config import Config, Credential
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..sources.methods import (
+    S3,
+    UPLOAD_SCHEME,
+    check_enabled,
+    is_upload_url,
+    method_of_manifest,
+    method_of_url,
+)
 from ..sources.s3names import check_bucket, check_key
+from ..sources.staged import UploadArea, parse_upload_url
 from ..sources.urlfilter import UrlPolicy, parse_s3_url
 from ..store import ActiveTaskLimit, Store, Task
 from ..targets import ImageTarget, get_image_target
@@ -231,13 +240,17 @@ class ImportService:
                 f"the {fmt} image is {image.bytes} bytes but Volume.Size is {image.volume_size} GiB; "
                 f"use a volume of at least {-(-image.bytes // GiB)} GiB"
             )
-        if not image.manifest_url.startswith(("https://", "http://")):
+        self.check_method(method_of_manifest(image.manifest_url), "ImportManifestUrl")
+        if is_upload_url(image.manifest_url):
+            parse_upload_url(image.manifest_url)  # the upload itself may come later: the task waits for it
+        elif not image.manifest_url.startswith(("https://", "http://")):
             # the manifest and its parts are read over HTTP (presigned URLs), never as s3://
             raise UsageError(
                 f"ImportManifestUrl {image.manifest_url[:120]!r} must be the presigned https:// URL "
-                "of the import manifest"
+                "of the import manifest (or upload://ID, a staged upload)"
             )
-        self.check_url(image.manifest_url)
+        else:
+            self.check_url(image.manifest_url)
         return {
             "image_format": fmt,
             "image_bytes": image.bytes,
@@ -246,25 +259,47 @@ class ImportService:
             "expiration_time": self._expiration(),
         }
 
-    def _container(self, c: DiskContainer, formats: Sequence[str]) -> dict[str, Any]:
+    def _container(
+        self, c: DiskContainer, formats: Sequence[str], account: str = NO_ACCOUNT
+    ) -> dict[str, Any]:
         fmt = c.format.upper() if c.format else None
         if fmt is not None and fmt not in formats:
             raise UsageError(f"disk container format {c.format!r} is not one of {', '.join(formats)}")
         if bool(c.url) == bool(c.bucket or c.key):
             raise UsageError("give a disk container either Url or UserBucket (S3Bucket and S3Key), not both")
         if c.url:
-            if not c.url.startswith(("s3://", "https://", "http://")):
-                raise UsageError(f"Url {c.url!r} must be an s3:// or https:// URL")
+            if not c.url.startswith(("s3://", "https://", "http://", UPLOAD_SCHEME)):
+                raise UsageError(f"Url {c.url!r} must be an s3://, https:// or upload:// URL")
+            self.check_method(method_of_url(c.url), "Url")
             if c.url.startswith("s3://"):
                 parse_s3_url(c.url)  # S3's naming rules for the bucket and the key
+            elif is_upload_url(c.url):
+                self.uploads.ready(account, parse_upload_url(c.url))  # the caller's, and complete
             else:
                 self.check_url(c.url)
         elif not (c.bucket and c.key):
             raise UsageError("UserBucket needs both S3Bucket and S3Key")
         else:
+            self.check_method(S3, "UserBucket")
             check_bucket(c.bucket, "UserBucket.S3Bucket")
             check_key(c.key, "UserBucket.S3Key")
         return asdict(c) | {"format": fmt}
+
+    def check_method(self, method: str, what: str) -> None:
+        """Refuse an import method the operator did not enable (``ImportMethodDisabled``)."""
+        check_enabled(self.config.sources, method, what)
+
+    def check_containers(self, containers: Sequence[DiskContainer]) -> None:
+        """The import method of each disk container is enabled (checked before a dry run answers)."""
+        for c in containers:
+            if c.url:
+                self.check_method(method_of_url(c.url), "Url")
+            elif c.bucket or c.key:
+                self.check_method(S3, "UserBucket")
+
+    @property
+    def uploads(self) -> UploadArea:
+        return UploadArea.from_sources(self.config.sources)
 
     # -- creating -------------------------------------------------------------------------------
 
@@ -356,7 +391,7 @@ class ImportService:
             )
         boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
         params = boot.to_dict() | {
-            "disk_containers": [self._container(c, CONTAINER_FORMATS) for c in containers],
+            "disk_containers": [self._container(c, CONTAINER_FORMATS, account) for c in containers],
             "architecture": architecture,
             "platform": platform,
             "boot_mode": boot_mode,
@@ -382,7 +417,7 @@ class ImportService:
         """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
         ``account`` and ``encryption`` as for :meth:`import_image`."""
         params = {
-            "disk_container": self._container(container, CONTAINER_FORMATS),
+            "disk_container": self._container(container, CONTAINER_FORMATS, account),
             "description": description,
             "client_token": client_token,
             "tags": list(tags),

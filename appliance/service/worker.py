@@ -66,6 +66,7 @@ from ..workflow.supervisor import find_orphans, orphan_reason, owner_id
 from . import taskcgroup
 from .heartbeat import write_heartbeat
 from .taskcgroup import TaskCaps, TaskCgroups
+from .uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class RunningReporter(Protocol):
 #: starts the reporter for a configuration and store; returns None when reporting is off
 ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 
+#: seconds between two sweeps of expired staged uploads
+UPLOAD_SWEEP_INTERVAL = 60.0
 #: seconds the children get to stop their step and release their task on shutdown
 SHUTDOWN_GRACE = 10.0
 #: exit status of a task's process that stopped because the task database went away (EX_TEMPFAIL)
@@ -199,6 +202,8 @@ class Worker:
         self.claims = 0
         self.woken_claims = 0
         self._woken = False
+        #: when the expired staged uploads were last swept (monotonic; None: not yet)
+        self._uploads_swept: float | None = None
 
     # -- live configuration ---------------------------------------------------------------------
 
@@ -382,6 +387,7 @@ class Worker:
             raise
         except Exception:
             log.exception("sweeping leftover guest mounts failed; retrying on the next poll")
+        self.sweep_uploads()
         for task_id, lease in list(self._handed.items()):
             # renewed while the child starts; False once it took the lease over (or lost it)
             if not store.renew_lease(task_id, lease.owner, self.config.lease_seconds, epoch=lease.epoch):
@@ -470,6 +476,22 @@ class Worker:
     def cleanup_scratch(self) -> list[Path]:
         """Remove scratch directories of tasks that are over or unknown (crash leftovers)."""
         return cleanup_scratch(self.config, self.store)
+
+    def sweep_uploads(self) -> list[Path]:
+        """Remove expired staged uploads no active import reads: on the first poll, then every
+        :data:`UPLOAD_SWEEP_INTERVAL` seconds (a failure is logged and retried on the next poll)."""
+        now = time.monotonic()
+        if self._uploads_swept is not None and now - self._uploads_swept < UPLOAD_SWEEP_INTERVAL:
+            return []
+        try:
+            removed = sweep_uploads(self.config, self.store)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("sweeping expired uploads failed; retrying on the next poll")
+            return []
+        self._uploads_swept = now
+        return removed
 
     def sweep_partials(self) -> list[Path]:
         """Remove partial outputs that killed task processes left (see :func:`sweep_partials`)."""

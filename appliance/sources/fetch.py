@@ -33,7 +33,11 @@ from .http import (
     TransferInterrupted,
     sleep_or_cancel,
 )
+from .methods import is_upload_url
+from .ranges import Validator
 from .s3names import check_bucket, check_key
+from .staged import UploadArea, parse_upload_url
+from .upload import UploadOrigin
 from .urlfilter import UrlPolicy, parse_s3_url
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -51,21 +55,32 @@ class FetchResult:
 
 @dataclass(frozen=True)
 class Source:
-    """A parsed source: ``kind`` is ``http`` (``url``) or ``s3`` (``bucket`` and ``key``)."""
+    """A parsed source: ``kind`` is ``http`` (``url``), ``s3`` (``bucket`` and ``key``) or
+    ``upload`` (``upload_id`` of ``account``: a staged upload, :mod:`.staged`)."""
 
     kind: str
     url: str | None = None
     bucket: str | None = None
     key: str | None = None
+    upload_id: str | None = None
+    account: str = ""
 
     def __str__(self) -> str:
+        if self.kind == "upload":
+            return f"upload://{self.upload_id}"
         return redact_url(self.url) if self.kind == "http" and self.url else f"s3://{self.bucket}/{self.key}"
 
 
 def parse_source(source: Mapping[str, Any]) -> Source:
-    """``{"url": ...}`` (http, https or s3://) or ``{"bucket": ..., "key": ...}``; UsageError otherwise."""
+    """``{"url": ...}`` (http, https, s3:// or upload://) or ``{"bucket": ..., "key": ...}``; UsageError
+    otherwise."""
     url = source.get("url")
     if url:
+        if is_upload_url(str(url)):
+            # the account is the task's (the step that fetches puts it in), never the request's
+            return Source(
+                "upload", upload_id=parse_upload_url(str(url)), account=str(source.get("account") or "")
+            )
         if str(url).lower().startswith("s3://"):
             url_bucket, url_key = parse_s3_url(str(url))
             return Source("s3", bucket=url_bucket, key=url_key)
@@ -92,6 +107,10 @@ class _Reader:
         self.src, self.cancel = src, cancel
         self.http = http or HttpClient(policy)
         self.s3 = s3_client
+        self.upload: UploadOrigin | None = None
+        if src.kind == "upload":
+            assert src.upload_id
+            self.upload = UploadOrigin(UploadArea.from_sources(policy.sources), src.account, src.upload_id)
         if src.kind == "s3" and self.s3 is None:
             cfg = s3cfg if s3cfg is not None else (policy.sources.s3 if policy.sources else {})
             self.s3 = s3mod.s3_client(cfg, policy)
@@ -99,6 +118,14 @@ class _Reader:
     def open(self, start: int = 0, validator: str | None = None) -> HttpResponse | s3mod.S3Stream:
         """The stream from byte ``start``; ``validator`` (ETag) makes a resumed read conditional."""
         rng = (start, None) if start else None
+        if self.upload is not None:
+            etag = validator.strip('"') if start and validator else None
+            return self.upload.get(  # type: ignore[return-value]
+                start,
+                None,
+                if_match=Validator(etag=etag) if etag else None,
+                cancel=self.cancel or threading.Event(),
+            )
         if self.src.kind == "s3":
             assert self.s3 is not None and self.src.bucket and self.src.key
             return s3mod.open_object(

@@ -12,7 +12,8 @@ stall watchdog.
 - :class:`S3Origin`: an S3 object with boto3 and the appliance's credentials (``sources.s3``);
   ranged GETs carry ``IfMatch``.
 
-A new kind of source (a staged upload) implements the same three methods and ``where``.
+- :class:`~.upload.UploadOrigin`: a staged upload (``upload://{id}``) of the task's account, read
+  from the appliance's own disk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from . import s3 as s3mod
 from .fetch import Source, parse_source
 from .http import HttpClient, SourceUnavailable
 from .ranges import ReaderSettings, Validator
+from .staged import UploadArea
+from .upload import UploadOrigin
 from .urlfilter import UrlPolicy
 
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -192,10 +195,13 @@ def origin_for(
     settings: ReaderSettings,
     http: HttpClient | None = None,
 ) -> Origin:
-    """The :class:`Origin` of a source mapping (``{"url": "https://…" | "s3://…"}`` or ``{"bucket",
-    "key"}``) or a parsed :class:`~.fetch.Source`. ``s3cfg`` defaults to ``policy.sources.s3``;
+    """The :class:`Origin` of a source mapping (``{"url": "https://…" | "s3://…" | "upload://…"}`` or
+    ``{"bucket", "key"}``) or a parsed :class:`~.fetch.Source`. ``s3cfg`` defaults to ``policy.sources.s3``;
     ``http`` (default: a client of ``policy``) gives the https origin its CA bundle and timeouts."""
     src = source if isinstance(source, Source) else parse_source(source)
+    if src.kind == "upload":
+        assert src.upload_id
+        return UploadOrigin(UploadArea.from_sources(policy.sources), src.account, src.upload_id)
     if src.kind == "s3":
         assert src.bucket and src.key
         cfg = s3cfg if s3cfg is not None else (policy.sources.s3 if policy.sources else {})

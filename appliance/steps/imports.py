@@ -23,11 +23,12 @@ from ..errors import Finding, ImageRejected, ImagingError, Severity, UsageError
 from ..image.decompress import decompress_head
 from ..image.formats import parse_claim
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, preflight
-from ..progress import Progress
+from ..progress import Progress, StageMeter
 from ..scratch import Allowance
 from ..sources.download import download_to_file
 from ..sources.fetch import parse_source
 from ..sources.http import SourceUnavailable
+from ..sources.methods import UPLOAD, URL, check_enabled, method_of_source
 from ..sources.origins import Origin, origin_for
 from ..sources.ranges import ReaderSettings, parse_content_range, too_large
 from ..sources.urlfilter import UrlPolicy
@@ -35,6 +36,8 @@ from ..targets import get_image_target
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url, unbundle_source
+from .retries import retry_events
+from .uploads import upload_params
 
 #: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
 PREFLIGHT_COMPRESSED = 8 << 20
@@ -42,6 +45,15 @@ PREFLIGHT_COMPRESSED = 8 << 20
 
 def _policy(ctx: StepContext) -> UrlPolicy:
     return UrlPolicy.from_config(ctx.config.sources)
+
+
+def checked_source(ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+    """``source`` once its import method is known to be enabled (``ImportMethodDisabled``), an
+    upload naming the task's account: the uploads it may read are that account's (an operator's task,
+    without an account, names the account in the source's ``account``)."""
+    method = method_of_source(source)
+    check_enabled(ctx.config.sources, method, "Url" if source.get("url") else "UserBucket")
+    return upload_params(ctx, source) if method == UPLOAD else source
 
 
 class SourceFetchStep(Step):
@@ -55,6 +67,7 @@ class SourceFetchStep(Step):
     }
 
     def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        source = checked_source(ctx, source)
         dst = ctx.workdir / "source.img"
         # A download interrupted after a checkpoint (kill -9, suspend, a lost lease) continues from it,
         # when the checkpoint is this source's and the file in scratch still holds its bytes.
@@ -80,15 +93,18 @@ class SourceFetchStep(Step):
         ctx.ledger_created(dst)
         checkpointing = [True]
 
+        def report(p: dict[str, Any]) -> None:
+            # the download is the first half of the task; its bytes go to scratch, not to the target
+            percent = p["percent"]
+            ctx.progress(p | {"percent": None if percent is None else percent / 2, "converted": None})
+
+        # bytes read and written, rate and ETA, reported also while nothing arrives (a stall shows rate 0)
+        meter = StageMeter("downloading", None, report)
+
         def on_progress(done: int, total: int | None) -> None:
-            ctx.progress(
-                {
-                    "phase": "downloading",
-                    "done": done,
-                    "total": total,
-                    "percent": 50.0 * done / total if total else None,
-                }
-            )
+            meter.set_total(total)
+            meter.read(done)
+            meter.wrote(done)
 
         def checkpoint(state: dict[str, Any]) -> None:
             if not checkpointing[0]:
@@ -105,20 +121,21 @@ class SourceFetchStep(Step):
 
         settings = ReaderSettings.from_sources(ctx.config.sources)
         try:
-            result = download_to_file(
-                source,
-                dst,
-                _policy(ctx),
-                ctx.config.sources.s3,
-                max_bytes=ctx.config.limits.max_decompressed_size,
-                settings=settings,
-                reserve=allowance.cover,
-                cancel=ctx.cancel,
-                on_progress=on_progress,
-                checkpoint=checkpoint,
-                resume=resume,
-                keep_on_cancel=True,
-            )
+            with meter, retry_events(ctx):
+                result = download_to_file(
+                    source,
+                    dst,
+                    _policy(ctx),
+                    ctx.config.sources.s3,
+                    max_bytes=ctx.config.limits.max_decompressed_size,
+                    settings=settings,
+                    reserve=allowance.cover,
+                    cancel=ctx.cancel,
+                    on_progress=on_progress,
+                    checkpoint=checkpoint,
+                    resume=resume,
+                    keep_on_cancel=True,
+                )
         except BaseException:
             allowance.release()
             raise
@@ -137,7 +154,8 @@ class SourceFetchStep(Step):
             ctx.ledger_removed(result["path"])
 
     def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
-        if source.get("url") and not str(source["url"]).startswith("s3://"):
+        source = checked_source(ctx, source)
+        if source.get("url") and method_of_source(source) == URL:
             _policy(ctx).check(source["url"])
         # the same preflight as the run: the verdict on the object's first and last bytes, and its size
         # (what the download needs in scratch)

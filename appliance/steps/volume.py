@@ -20,12 +20,14 @@ from ..sources.euca_manifest import (
     to_import_manifest,
 )
 from ..sources.http import HttpClient
+from ..sources.methods import check_enabled, is_upload_url, method_of_manifest
 from ..sources.parts import wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
 from ..targets.ec2 import Ec2VolumeTarget
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_download
+from .uploads import wait_for_upload
 
 GiB = 1 << 30
 _VOLUME_RECORD = "volume.json"
@@ -65,7 +67,11 @@ class ManifestWaitStep(Step):
         self, ctx: StepContext, url: str, expires: str, format: str, signed: bool = False
     ) -> dict[str, Any]:
         deadline = dt.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        check_enabled(ctx.config.sources, method_of_manifest(url), "ImportManifestUrl")
         ctx.progress({"phase": "pending-upload", "done": 0})
+        if is_upload_url(url) and not signed:
+            # a staged upload: no manifest, its bytes are the disk (volume.import checks their format)
+            return wait_for_upload(ctx, url, deadline, format).to_dict()
         if signed:
             http = HttpClient(_policy(ctx))
             download = fetch_download_manifest(url, cloud_keys(ctx.config.controller), http, ctx.cancel)
@@ -97,6 +103,9 @@ class ManifestWaitStep(Step):
     def plan(
         self, ctx: StepContext, url: str, expires: str, format: str, signed: bool = False
     ) -> dict[str, Any]:
+        check_enabled(ctx.config.sources, method_of_manifest(url), "ImportManifestUrl")
+        if is_upload_url(url):
+            return {"waits_for": "the staged upload", "until": expires, "scratch_bytes": 0}
         _policy(ctx).check(strip_marker(url))
         return {"waits_for": "manifest and parts", "until": expires, "scratch_bytes": 0}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageRejected
@@ -28,17 +29,20 @@ from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vmdkstream import FORMAT as VMDK_STREAM
-from ..progress import Progress
+from ..progress import Progress, StageMeter
 from ..scratch import is_no_space, no_space_error
 from ..sources.http import HttpClient, SourceUnavailable
 from ..sources.manifest import ImportManifest, Part
 from ..sources.parts import download_parts
+from ..sources.staged import UploadArea
+from ..sources.upload import manifest_origin, read_parts, read_range
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume
+from .retries import retry_events
 from .volume import GiB, InsufficientVolumeSize
 
 #: beside an upload assembled in scratch: the token its checkpoints name (another scratch has another)
@@ -123,32 +127,25 @@ class VolumeImportStep(Step):
             for offset in range(0, state["done"], 1 << 20):
                 check.eat(out.read(offset, min(1 << 20, state["done"] - offset)))
 
+            # bytes read and written, rate and ETA, also while nothing arrives; 100 % only once the
+            # volume is flushed (finalize)
+            meter = StageMeter("writing", m.size, ctx.progress, read=state["done"], written=state["done"])
+
             def write(offset: int, chunk: bytes) -> None:
                 check.eat(chunk)
+                meter.read(offset + len(chunk))
                 out.write(offset, chunk)
+                meter.wrote(offset + len(chunk))
 
             def on_part(part: Part, done: int) -> None:
                 # what the checkpoint says is on the volume must be there for whoever resumes (another
                 # appliance after this one lost power): durable first, then recorded
                 out.flush()
                 self._save(ctx, part, done)
-                ctx.progress(
-                    {
-                        "phase": "writing",
-                        "done": done,
-                        "total": m.size,
-                        # 100 % only once the volume is flushed (finalize)
-                        "percent": min(99.0, 100.0 * done / m.size),
-                        "converted": done,
-                    }
-                )
+                meter.wrote(done)
 
-            ctx.progress(
-                {"phase": "writing", "done": state["done"], "total": m.size, "converted": state["done"]}
-            )
-            download_parts(
-                m, write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
-            )
+            with meter, retry_events(ctx):
+                _download(ctx, m, write, start_index=state["next"], on_part=on_part)
             findings = check.verdict()
             if findings:
                 raise ImageRejected(findings)
@@ -201,22 +198,19 @@ class VolumeImportStep(Step):
                     }
                 )
 
+            # bytes fed to the decoder (read) and of the disk written, rate and ETA, also while nothing
+            # arrives; 100 % only once the volume is flushed
+            first_input = m.parts[start_index].start + skip if start_index < len(m.parts) else m.size
+            meter = StageMeter("writing", m.size, ctx.progress, read=first_input, written=base)
+
             def on_output(done: int) -> None:
                 produced[0] = base + done
+                meter.set_total(virtual[0] or m.size)
+                meter.wrote(produced[0])
 
             def report() -> None:
-                total = virtual[0] or m.size
-                done = min(produced[0], total)
-                ctx.progress(
-                    {
-                        "phase": "writing",
-                        "done": done,
-                        "total": total,
-                        # 100 % only once the volume is flushed
-                        "percent": min(99.0, 100.0 * done / total) if total else None,
-                        "converted": done,
-                    }
-                )
+                meter.set_total(virtual[0] or m.size)
+                meter.wrote(produced[0])
 
             with StreamDecode(
                 decoder,
@@ -235,21 +229,14 @@ class VolumeImportStep(Step):
             ) as stream:
 
                 def write(offset: int, chunk: bytes) -> None:
-                    first = m.parts[start_index].start + skip if start_index < len(m.parts) else m.size
-                    if offset + len(chunk) <= first:
+                    if offset + len(chunk) <= first_input:
                         return  # before the boundary: decoded already
-                    stream.feed(chunk[max(0, first - offset) :])
+                    stream.feed(chunk[max(0, first_input - offset) :])
+                    meter.read(offset + len(chunk))
 
-                report()
-                download_parts(
-                    m,
-                    write,
-                    _policy(ctx),
-                    start_index=start_index,
-                    on_part=lambda p, d: report(),
-                    cancel=ctx.cancel,
-                )
-                result = stream.finish()
+                with meter, retry_events(ctx):
+                    _download(ctx, m, write, start_index=start_index, on_part=lambda p, d: report())
+                    result = stream.finish()
             size = result.virtual_size
             if size > vol.size:
                 raise _too_small(format, size, vol)
@@ -262,7 +249,9 @@ class VolumeImportStep(Step):
         check = preflight(head, tail, "raw", config=ctx.config, size=size)
         if not check.safe:
             raise ImageRejected(check.errors)
-        ctx.progress({"phase": "writing", "done": size, "total": size, "percent": 100.0, "converted": size})
+        meter.set_total(size)
+        meter.wrote(size)
+        meter.flushed()  # the volume was flushed above
         return {
             "bytes_written": size,
             "format": format,
@@ -312,9 +301,7 @@ class VolumeImportStep(Step):
                     }
                 )
 
-            download_parts(
-                m, out.write, _policy(ctx), start_index=state["next"], on_part=on_part, cancel=ctx.cancel
-            )
+            _download(ctx, m, out.write, start_index=state["next"], on_part=on_part)
             out.flush()
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
@@ -396,8 +383,30 @@ def _part_at(m: ImportManifest, offset: int) -> int:
     return len(m.parts)
 
 
+def _download(
+    ctx: StepContext,
+    m: ImportManifest,
+    write: Callable[[int, bytes], None],
+    *,
+    start_index: int,
+    on_part: Callable[[Part, int], None],
+) -> int:
+    """The parts from ``start_index`` on, verified, to ``write``: downloaded for an import manifest,
+    read from the appliance's disk for a staged upload (``upload://``)."""
+    staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
+    if staged is not None:
+        origin, validator = staged
+        return read_parts(
+            m, write, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
+        )
+    return download_parts(m, write, _policy(ctx), start_index=start_index, on_part=on_part, cancel=ctx.cancel)
+
+
 def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:
     """Bytes ``[start, end)`` of the upload, by ranged GETs of the parts holding them."""
+    staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
+    if staged is not None:
+        return read_range(staged[0], staged[1], start, end, ctx.cancel)
     pieces: list[bytes] = []
     for part in m.parts:
         lo, hi = max(start, part.start), min(end, part.end + 1)

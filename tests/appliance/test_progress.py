@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from appliance.progress import Progress, ProgressTracker, progress_printer
+from appliance.progress import (
+    RATE_WINDOW,
+    UNFLUSHED_PERCENT,
+    Progress,
+    ProgressTracker,
+    StageMeter,
+    progress_printer,
+)
 
 
 class FakeClock:
@@ -175,3 +182,25 @@ def test_json_lines_can_be_forced_on_a_tty(clock: FakeClock) -> None:
     tracker = ProgressTracker("converting", 10, progress_printer(out, json_lines=True), clock=clock)
     tracker.finish()
     assert json.loads(out.getvalue())["percent"] == 100.0
+
+
+def test_a_stage_meter_shows_a_stall_as_rate_zero_and_100_percent_only_once_flushed(clock: FakeClock) -> None:
+    seen: list[dict[str, object]] = []
+    meter = StageMeter("writing", 1000, seen.append, clock=clock, min_interval=0)
+    for step in range(1, 5):
+        clock.tick(1)
+        meter.read(step * 200)
+        meter.wrote(step * 200)
+    assert seen[-1]["rate"] == 200.0 and seen[-1]["eta"] == 1.0
+    meter.read(1000)
+    meter.wrote(1000)  # all written, not yet flushed
+    assert seen[-1]["percent"] == UNFLUSHED_PERCENT and seen[-1]["converted"] == 1000
+    stalled = StageMeter("writing", 1000, seen.append, clock=clock, min_interval=0, read=300, written=300)
+    clock.tick(1)
+    stalled.wrote(400)
+    assert seen[-1]["rate"] == 100.0  # counted from where the stage resumed, not from 0
+    for _ in range(int(RATE_WINDOW) + 1):  # nothing moves: what the ticker reports each second
+        clock.tick(1)
+        seen.append(stalled.snapshot())
+    assert seen[-1]["rate"] == 0.0 and seen[-1]["eta"] is None and seen[-1]["done"] == 400
+    assert meter.flushed()["percent"] == 100.0
