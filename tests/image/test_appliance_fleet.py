@@ -131,6 +131,7 @@ def fleet(appliance_image: Path, image_workdir: Path, ssh_key: Path) -> Iterator
             ssh_key,
             vendor_data=vendor,
             forwards=forwards,
+            ssh_timeout=900,  # a shared, loaded machine can take longer than the default under TCG
         )
         try:
             vm.wait_for("the API's /v1/health", lambda: vm.get_json("/v1/health")[0] in (200, 503), 300)
