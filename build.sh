@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build the Imaging Appliance image with diskimage-builder.
 #
-#   ./build.sh [-o OUTPUT] [-f qcow2|raw] [-s SIZE_GB] [-k PUBKEY_FILE] [-d DATASOURCES] [-u] [-c] [-x]
+#   ./build.sh [-o OUTPUT] [-f qcow2|raw] [-s SIZE_GB] [-k PUBKEY_FILE] [-r RENDEZVOUS_FILE] [-d DATASOURCES] [-u] [-c] [-x]
 #
 # See usage() below and README.md. Runs as root or through sudo (DIB needs loop devices and chroot).
 set -eu -o pipefail
@@ -19,6 +19,7 @@ output=$ROOT/imaging-appliance.qcow2
 format=qcow2
 size=""
 ssh_key_file=""
+rendezvous_file=""
 datasources=${DIB_CLOUD_INIT_DATASOURCES:-"NoCloud, ConfigDrive, Ec2"}
 compress=1
 use_cache=0
@@ -36,6 +37,9 @@ Builds the Imaging Appliance disk image (Debian 12, cloud-init, the imaging serv
   -s SIZE        image size in GB (default: what the content needs; cloud-init grows the root
                  partition to the disk at boot)
   -k FILE        debug image: install this SSH public key for root (never ship such an image)
+  -r FILE        bake the rendezvous line in FILE (imaging:v1::<controller-url>:<enrolment-secret>)
+                 into /etc/imaging/rendezvous: an instance launched without user data asks that
+                 controller for its identity and configuration (dynamic assignment)
   -d LIST        cloud-init datasources (default: "NoCloud, ConfigDrive, Ec2")
   -u             do not compress the qcow2 (faster build, larger file)
   -c             reuse the image cached under .build/cache when the inputs (elements/, build.sh,
@@ -52,12 +56,13 @@ die() {
     exit 1
 }
 
-while getopts ":o:f:s:k:d:ucbxh" opt; do
+while getopts ":o:f:s:k:r:d:ucbxh" opt; do
     case $opt in
         o) output=$OPTARG ;;
         f) format=$OPTARG ;;
         s) size=$OPTARG ;;
         k) ssh_key_file=$OPTARG ;;
+        r) rendezvous_file=$OPTARG ;;
         d) datasources=$OPTARG ;;
         u) compress=0 ;;
         c) use_cache=1 ;;
@@ -82,6 +87,14 @@ if [ -n "$ssh_key_file" ]; then
     [ -r "$ssh_key_file" ] || die "cannot read SSH public key file $ssh_key_file"
     grep -qE '^(ssh-|ecdsa-)[a-z0-9-]+ [A-Za-z0-9+/=]+' "$ssh_key_file" ||
         die "$ssh_key_file is not an SSH public key"
+fi
+if [ -n "$rendezvous_file" ]; then
+    [ -r "$rendezvous_file" ] || die "cannot read the rendezvous file $rendezvous_file"
+    # one line, the enrolment form: an id baked into an image would be every instance's identity
+    [ "$(grep -c . "$rendezvous_file")" = 1 ] &&
+        grep -qE '^imaging:v1::https?://[^[:space:]]+:[^:[:space:]]{16,}$' "$rendezvous_file" ||
+        die "$rendezvous_file must hold the one line imaging:v1::<controller-url>:<enrolment-secret> (no appliance id; a secret of 16+ characters without ':')"
+    rendezvous_file=$(cd "$(dirname "$rendezvous_file")" && pwd)/$(basename "$rendezvous_file")
 fi
 case $output in
     /*) ;;
@@ -130,6 +143,7 @@ inputs_hash() {
             ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
         echo "format=$format size=$size compress=$compress base=$base_only datasources=$datasources dib=$DIB_VERSION"
         if [ -n "$ssh_key_file" ]; then cat "$ssh_key_file"; fi
+        if [ -n "$rendezvous_file" ]; then echo rendezvous; cat "$rendezvous_file"; fi
     ) | sha256sum | cut -c1-16
 }
 
@@ -321,6 +335,7 @@ export DIB_DEBOOTSTRAP_CACHE=1
 export DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE=1
 export DIB_IMAGING_WHEELHOUSE=$wheelhouse
 export DIB_IMAGING_BUILD_INFO=$build_info
+export DIB_IMAGING_RENDEZVOUS_FILE=$rendezvous_file
 export DIB_DEBUG_TRACE=$trace
 
 elements=(debian-minimal vm imaging-base imaging-appliance imaging-services imaging-scratch)

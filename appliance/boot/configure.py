@@ -29,6 +29,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_OUTPUT = SYSTEM_CONFIG
 DEFAULT_ERROR_FILE = CONFIG_ERROR_FILE
 CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
+#: written by cloud-init's init stage right after ``user-data.txt``, at every boot
+CLOUD_INIT_PROCESSED = Path("/var/lib/cloud/instance/user-data.txt.i")
+#: cloud-init's per-boot state (``/run``): absent when cloud-init does not run on this boot
+CLOUD_INIT_RUN = Path("/run/cloud-init")
 #: next to the error file (``/run/imaging``): present while an IO weight is configured (udev selects BFQ)
 IO_WEIGHT_FLAG = IO_WEIGHT_FLAG_NAME
 
@@ -92,6 +97,8 @@ class Options:
     reload: Callable[[], None] | None = worker_dropin.systemd_reload
     #: called after the IO weight flag changed (None: nobody to tell)
     retrigger: Callable[[], None] | None = udev_retrigger
+    #: seconds to wait for cloud-init's init stage to store this boot's user data (0: do not wait)
+    wait_cloud_init: float = 0.0
 
 
 @dataclass
@@ -106,11 +113,57 @@ class _Known:
     secrets: set[str] = field(default_factory=set)
 
 
+def boot_time() -> float:
+    """When this machine booted (``btime`` of ``/proc/stat``, seconds since the epoch); 0 if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def _init_stage_finished() -> bool:
+    try:
+        status = json.loads((CLOUD_INIT_RUN / "status.json").read_text())
+        return status["v1"]["init"]["finished"] is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def wait_for_cloud_init(timeout: float, booted: float | None = None) -> bool:
+    """Wait until cloud-init's init stage has stored this boot's user data (``user-data.txt.i``
+    written since boot), or has finished without (no datasource), or does not run on this boot.
+    False when ``timeout`` ran out first.
+
+    This lets ``imaging-configure.service`` run beside the rest of that stage (host keys, growpart,
+    users: many seconds under emulation) instead of after it. The user data is all it needs.
+    """
+    booted = boot_time() if booted is None else booted
+    deadline = time.monotonic() + timeout
+    while True:
+        if not CLOUD_INIT_RUN.is_dir() or _init_stage_finished():
+            return True
+        with contextlib.suppress(OSError):
+            if CLOUD_INIT_PROCESSED.stat().st_mtime >= booted:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 def read_user_data(path: Path | None) -> bytes | None:
-    """The instance's user data: ``path`` if given; else ``cloud-init query userdata``; else
-    cloud-init's copy on disk. None when there is none."""
+    """The instance's user data: ``path`` if given; else cloud-init's copy on disk (the unit runs after
+    cloud-init's init stage, which writes it for this instance); else ``cloud-init query userdata``.
+    None when there is none (or it is blank).
+
+    The file comes first because it is the same bytes without a second cloud-init process: starting
+    one costs seconds of a boot under emulation, on the path to the API being ready."""
     if path is not None:
         return path.read_bytes() if path.exists() else None
+    with contextlib.suppress(OSError):
+        raw = CLOUD_INIT_USER_DATA.read_bytes()
+        if raw.strip():
+            return raw
     exe = shutil.which("cloud-init")
     if exe is not None:
         try:
@@ -119,8 +172,6 @@ def read_user_data(path: Path | None) -> bytes | None:
                 return out.stdout
         except (OSError, subprocess.SubprocessError) as exc:
             log.debug("cloud-init query failed: %s", exc)
-    if CLOUD_INIT_USER_DATA.exists():
-        return CLOUD_INIT_USER_DATA.read_bytes()
     return None
 
 
@@ -287,6 +338,9 @@ def configure(opts: Options, stdout: TextIO | None = None, stderr: TextIO | None
     """Configure the appliance from its user data; returns the exit status (0, 1 write failed, 2 invalid)."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     known = _Known()
+    waiting = opts.user_data is None and opts.wait_cloud_init > 0
+    if waiting and not wait_for_cloud_init(opts.wait_cloud_init):
+        log.warning("cloud-init stored no user data within %.0f s: reading it anyway", opts.wait_cloud_init)
     raw = read_user_data(opts.user_data)
     if raw is None and opts.rendezvous_file is not None and opts.rendezvous_file.is_file():
         # no user data: the image's own rendezvous line (the controller assigns who this is)

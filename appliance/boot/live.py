@@ -251,6 +251,26 @@ def identity(current: dict[str, Any]) -> Identity:
     return Identity(aid, url, secret)
 
 
+def unwatched_reason(config: Path) -> str | None:
+    """Why the running configuration has no controller to ask for new versions (None: it has one).
+
+    ``imaging reconfigure --watch`` (the image's ``imaging-reconfigure.service``) then exits at once
+    instead of failing every poll: a standalone appliance, or a Eucalyptus cloud in pull mode, which
+    publishes no configuration versions. An unreadable configuration is an error (:class:`ConfigError`).
+    """
+    current = _load_current(config)
+    ctl = current.get("controller") or {}
+    if not isinstance(ctl, dict) or not ctl.get("url"):
+        return "no controller is configured"
+    if ctl.get("mode") == "pull":
+        return "the controller is in pull mode (a Eucalyptus cloud publishes no configuration versions)"
+    try:
+        identity(current)
+    except ConfigError as exc:
+        return exc.message
+    return None
+
+
 def _section(doc: dict[str, Any], who: Identity) -> dict[str, Any]:
     """The fetched ``imaging:`` section completed as ``imaging configure`` completes it."""
     section = userdata.imaging_section(doc)
@@ -445,13 +465,18 @@ def watch(
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> None:
     """Poll every ``interval`` seconds, and at once when a report reply announced a newer version
-    (looked for every second)."""
+    (looked for every second); return when the configuration no longer names a controller to ask
+    (:func:`unwatched_reason`)."""
     tick = min(1.0, interval)
     waited = interval  # poll at start
     while not stop.is_set():
         if waited >= interval or _announced_news(opts):
             waited = 0.0
             try:
+                why_not = unwatched_reason(opts.config)
+                if why_not:  # e.g. a live update switched to pull mode
+                    log.warning("no more configuration updates to watch for: %s", why_not)
+                    return
                 outcome = poll(opts)
             except (ConfigError, OSError) as exc:
                 log.error("live configuration: %s", exc)

@@ -28,6 +28,7 @@ def cmd_configure(args: argparse.Namespace, _cfg: Config | None) -> int:
         rendezvous_file=Path(args.rendezvous_file) if args.rendezvous_file else None,
         timeout=args.timeout,
         unit_dir=Path(args.unit_dir) if args.unit_dir else None,
+        wait_cloud_init=args.wait_cloud_init,
     )
     if opts.unit_dir != worker_dropin.DEFAULT_UNIT_DIR:
         opts.reload = None  # not the units systemd runs: nothing to reload
@@ -68,6 +69,10 @@ def cmd_reconfigure(args: argparse.Namespace, _cfg: Config | None) -> int:
         outcome = live.poll(opts)
         show(outcome)
         return {"refused": 2, "unreachable": 1}.get(outcome.status, 0) if outcome.errors else 0
+    why_not = live.unwatched_reason(config)
+    if why_not:
+        print(f"imaging: no configuration updates to watch for: {why_not}", flush=True)
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,6 +110,14 @@ def add_commands(sub: Any) -> None:
         "--attempts", type=int, default=5, help="rendezvous tries for the compact form (default 5)"
     )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per controller request")
+    s.add_argument(
+        "--wait-cloud-init",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="without --user-data: first wait up to SECONDS for cloud-init's init stage to store this "
+        "boot's user data (the image's unit runs beside that stage, not after it; default 0: do not wait)",
+    )
     s.add_argument(
         "--rendezvous-file",
         default=str(configure_mod.BAKED_RENDEZVOUS),

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib.metadata import entry_points
-from typing import NoReturn
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, NoReturn
 
 from .. import __version__, redact
 from .. import config as config_mod
@@ -35,8 +35,39 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_ERROR)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
+def _load(ep: EntryPoint, sub: Any) -> None:
+    try:
+        add_commands = ep.load()
+    except Exception as exc:  # one broken package must not take every other command with it
+        log.warning("imaging commands %s (%s) could not be loaded: %s", ep.name, ep.value, exc)
+        return
+    add_commands(sub)
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (``serve`` of ``-c FILE serve --bind …``); None when it names
+    none or asks for the root help or version first."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help", "--version"):
+            return None
+        if arg in ("-c", "--config"):
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests).
+
+    With ``command``, the entry point of that name is loaded first, and the others only when it did
+    not register ``command``: a service starting ``imaging serve`` or ``imaging configure`` does not
+    import every other command's modules (seconds of a boot under emulation).
+    """
     p = _Parser(
         prog="imaging",
         description="Inspect, convert and import disk images safely; run declarative imaging workflows.",
@@ -51,19 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
-        try:
-            add_commands = ep.load()
-        except Exception as exc:  # one broken package must not take every other command with it
-            log.warning("imaging commands %s (%s) could not be loaded: %s", ep.name, ep.value, exc)
-            continue
-        add_commands(sub)
+    eps = sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)
+    first = [ep for ep in eps if command is not None and ep.name == command]
+    for ep in first:
+        _load(ep, sub)
+    if command is not None and command in (sub.choices or ()):
+        return p
+    for ep in eps:
+        if ep not in first:
+            _load(ep, sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imaging`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_word(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

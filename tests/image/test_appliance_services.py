@@ -16,7 +16,14 @@ from tests.image.vm import GUEST_API_PORT, Vm
 
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(1800)]
 
-SERVICES = ["imaging-configure", "imaging-api", "imaging-worker", "imaging-log", "imaging-scratch"]
+SERVICES = [
+    "imaging-configure",
+    "imaging-api",
+    "imaging-worker",
+    "imaging-log",
+    "imaging-scratch",
+    "imaging-reconfigure",
+]
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -24,7 +31,7 @@ def test_service_is_enabled(host, name: str) -> None:
     assert host.service(name).is_enabled
 
 
-@pytest.mark.parametrize("name", ["imaging-api", "imaging-worker", "imaging-log"])
+@pytest.mark.parametrize("name", ["imaging-api", "imaging-worker", "imaging-log", "imaging-reconfigure"])
 def test_long_running_service_is_running(host, name: str) -> None:
     assert host.service(name).is_running
 

@@ -46,6 +46,31 @@ def test_debug_key_must_be_a_public_key(tmp_path: Path) -> None:
     assert f"{not_a_key} is not an SSH public key" in run("-k", str(not_a_key)).stderr
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        "imaging:v1:appliance-1:http://controller.test:8780:enrolment-secret-0123456789\n",  # an id
+        "imaging:v1::http://controller.test:8780:short\n",  # secret under 16 characters
+        "imaging:v1::http://controller.test:8780:enrolment-secret-0123456789\nsecond line\n",
+        "#cloud-config\nimaging: {}\n",
+    ],
+)
+def test_rendezvous_file_must_hold_the_one_enrolment_line(tmp_path: Path, content: str) -> None:
+    line = tmp_path / "rendezvous"
+    line.write_text(content)
+    out = run("-r", str(line), "-o", str(tmp_path / "x.qcow2"))
+    assert out.returncode == 1
+    assert f"{line} must hold the one line imaging:v1::<controller-url>:<enrolment-secret>" in out.stderr
+    assert "enrolment-secret-0123456789" not in out.stderr + out.stdout
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_unreadable_rendezvous_file_is_named(tmp_path: Path) -> None:
+    out = run("-r", str(tmp_path / "missing"))
+    assert out.returncode == 1
+    assert f"cannot read the rendezvous file {tmp_path / 'missing'}" in out.stderr
+
+
 def test_each_missing_prerequisite_gets_its_exact_message(tmp_path: Path) -> None:
     # A PATH holding only bash, coreutils-style basics and python3: the build tools are all missing.
     bin_dir = tmp_path / "bin"

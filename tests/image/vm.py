@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,30 @@ def accelerators() -> list[str]:
     return ["kvm", "tcg"] if kvm_candidate() else ["tcg"]
 
 
-def seed_iso(workdir: Path, user_data: dict[str, Any], instance_id: str) -> Path:
-    """A NoCloud seed (ISO labelled ``cidata``) holding ``#cloud-config`` user data and meta-data."""
+def _cloud_config(doc: dict[str, Any]) -> str:
+    return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def seed_iso(
+    workdir: Path,
+    user_data: dict[str, Any] | str,
+    instance_id: str,
+    vendor_data: dict[str, Any] | None = None,
+) -> Path:
+    """A NoCloud seed (ISO labelled ``cidata``) holding the user data (a dict: ``#cloud-config``; a
+    string: as is, e.g. the compact ``imaging:v1:…`` line), meta-data and optionally ``#cloud-config``
+    vendor data (cloud-init applies it too: how a test reaches a guest whose user data is one line)."""
     ud = workdir / "user-data"
     md = workdir / "meta-data"
-    ud.write_text("#cloud-config\n" + yaml.safe_dump(user_data, sort_keys=False))
+    ud.write_text(user_data if isinstance(user_data, str) else _cloud_config(user_data))
     md.write_text(f"instance-id: {instance_id}\nlocal-hostname: {instance_id}\n")
     iso = workdir / "seed.iso"
-    subprocess.run(["cloud-localds", str(iso), str(ud), str(md)], check=True, capture_output=True)
+    cmd = ["cloud-localds", str(iso), str(ud), str(md)]
+    if vendor_data is not None:
+        vd = workdir / "vendor-data"
+        vd.write_text(_cloud_config(vendor_data))
+        cmd[1:1] = ["--vendor-data", str(vd)]
+    subprocess.run(cmd, check=True, capture_output=True)
     return iso
 
 
@@ -256,24 +273,28 @@ def _start_qemu(
 def boot(
     image: Path,
     workdir: Path,
-    user_data: dict[str, Any],
+    user_data: dict[str, Any] | str,
     ssh_key: Path,
     *,
+    vendor_data: dict[str, Any] | None = None,
     forwards: list[GuestForward] = (),
     scratch_disk_mib: int = 0,
     memory_mib: int = 1536,
     root_size: str = "4G",
     ssh_timeout: float = 420,
+    on_start: Callable[[Vm, float], None] | None = None,
 ) -> Vm:
-    """Boot ``image`` with ``user_data`` (a ``#cloud-config`` dict) until SSH answers.
+    """Boot ``image`` with ``user_data`` (a ``#cloud-config`` dict, or raw text) until SSH answers.
 
     KVM is used only when a probe boot reaches SSH within :data:`KVM_PROBE_SECONDS`; otherwise TCG.
+    ``on_start(vm, started)`` is called as soon as qemu runs (``started``: its ``time.monotonic()``),
+    e.g. to watch a service that may answer before SSH does.
     """
     global _accel_verdict
     if shutil.which(QEMU) is None:
         raise BootFailed(f"{QEMU} is not installed (Debian package qemu-system-x86)")
     workdir.mkdir(parents=True, exist_ok=True)
-    seed = seed_iso(workdir, user_data, f"iid-{workdir.name}")
+    seed = seed_iso(workdir, user_data, f"iid-{workdir.name}", vendor_data)
     candidates = accelerators()
     for i, accel in enumerate(candidates):
         last = i == len(candidates) - 1
@@ -281,6 +302,8 @@ def boot(
         vm = _start_qemu(
             image, workdir, seed, accel, ssh_key, list(forwards), scratch_disk_mib, memory_mib, root_size
         )
+        if on_start is not None:
+            on_start(vm, started)
         try:
             vm.wait_for("SSH", vm.ssh_banner, ssh_timeout if last else KVM_PROBE_SECONDS)
         except BootFailed:

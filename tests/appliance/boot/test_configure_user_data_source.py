@@ -1,0 +1,101 @@
+"""Where and when `imaging configure` finds the instance's user data when no file is named: cloud-init's
+copy on disk first (no second cloud-init process on the boot's path to the API), `cloud-init query`
+only when that copy is missing or blank; with `--wait-cloud-init`, once cloud-init's init stage has
+stored this boot's copy (the image's unit runs beside that stage, not after it).
+
+cloud-init does not run on this machine: a stand-in `cloud-init` executable on PATH answers `query
+userdata` and records that it was asked (the only stand-in here; the file is a real file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.boot import configure as configure_mod
+
+
+@pytest.fixture
+def query(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A `cloud-init` on PATH whose `query userdata` prints other user data; returns its record file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "asked"
+    exe = bin_dir / "cloud-init"
+    exe.write_text(f"#!/bin/sh\necho \"$@\" >> {asked}\necho 'imaging:v1:from-query:http://c.test:x'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return asked
+
+
+def test_cloud_inits_copy_on_disk_is_read_without_asking_cloud_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: Path
+) -> None:
+    copy = tmp_path / "user-data.txt"
+    copy.write_bytes(b"imaging:v1:from-file:http://c.test:x\n")
+    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", copy)
+    assert configure_mod.read_user_data(None) == b"imaging:v1:from-file:http://c.test:x\n"
+    assert not query.exists(), "cloud-init was started although its copy was on disk"
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\n  \n"])
+def test_cloud_init_is_asked_when_its_copy_is_missing_or_blank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: Path, content: bytes | None
+) -> None:
+    copy = tmp_path / "user-data.txt"
+    if content is not None:
+        copy.write_bytes(content)
+    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", copy)
+    assert configure_mod.read_user_data(None) == b"imaging:v1:from-query:http://c.test:x\n"
+    assert query.read_text().split() == ["query", "userdata"]
+
+
+@pytest.fixture
+def cloud_init_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cloud-init's per-boot directory while its init stage runs (status: not finished)."""
+    run = tmp_path / "run-cloud-init"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": None}}}))
+    monkeypatch.setattr(configure_mod, "CLOUD_INIT_RUN", run)
+    monkeypatch.setattr(configure_mod, "CLOUD_INIT_PROCESSED", tmp_path / "user-data.txt.i")
+    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", tmp_path / "user-data.txt")
+    return run
+
+
+def test_configure_waits_for_the_user_data_cloud_init_stores_during_this_boot(
+    tmp_path: Path, cloud_init_run: Path
+) -> None:
+    booted = time.time() - 5
+
+    def store() -> None:
+        time.sleep(0.5)
+        (tmp_path / "user-data.txt").write_bytes(b"imaging:v1:this-boot:http://c.test:x\n")
+        (tmp_path / "user-data.txt.i").write_bytes(b"processed")
+
+    writer = threading.Thread(target=store)
+    writer.start()
+    assert configure_mod.wait_for_cloud_init(60, booted=booted)
+    writer.join()
+    assert configure_mod.read_user_data(None) == b"imaging:v1:this-boot:http://c.test:x\n"
+
+
+def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finished(
+    tmp_path: Path, cloud_init_run: Path
+) -> None:
+    processed = tmp_path / "user-data.txt.i"
+    processed.write_bytes(b"processed")
+    booted = time.time()
+    os.utime(processed, (booted - 3600, booted - 3600))
+    assert not configure_mod.wait_for_cloud_init(0.5, booted=booted)
+    (cloud_init_run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": 2.0}}}))
+    assert configure_mod.wait_for_cloud_init(0.5, booted=booted)
+
+
+def test_no_wait_where_cloud_init_does_not_run(tmp_path: Path, cloud_init_run: Path) -> None:
+    (cloud_init_run / "status.json").unlink()
+    cloud_init_run.rmdir()
+    assert configure_mod.wait_for_cloud_init(0.0, booted=time.time())
