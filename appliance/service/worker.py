@@ -244,7 +244,9 @@ class Worker:
                 self.config.source,
             )
             return False
-        if new.controller != self.config.controller:
+        if new.controller != self.config.controller or (new.controller.mode == "pull" and new != self.config):
+            # A pull reporter creates the imports it is handed with the configuration it was started
+            # with (sources, targets, limits): any change restarts it, not only the controller section.
             self.reporter_stale = True
         if TaskCaps.from_config(new.worker) != self.caps:
             log.warning("per-task caps changed: they apply from the next worker start")

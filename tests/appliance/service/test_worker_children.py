@@ -89,3 +89,21 @@ def test_an_outage_during_the_start_up_sweep_deletes_no_scratch(tmp_path: Path) 
     finally:
         store.close()
     assert (kept / "disk.raw").read_bytes() == b"x" * 4096
+
+
+def test_a_live_change_of_the_targets_restarts_a_pull_reporter_but_not_a_push_one(tmp_path: Path) -> None:
+    # a pull reporter runs the imports it is handed with the configuration it started with
+    cert = tmp_path / "cloud.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    controllers = {
+        "pull": f"{{mode: pull, url: 'http://127.0.0.1:9', cloud_cert_file: '{cert}'}}",
+        "push": "{mode: push, url: 'http://127.0.0.1:9', appliance_id: a1, secret: s3cr3t-s3cr3t-s3cr3t}",
+    }
+    for mode, restarts in (("pull", True), ("push", False)):
+        (tmp_path / mode).mkdir()
+        cfg = _config(tmp_path / mode, f"controller: {controllers[mode]}\n")
+        worker = Worker(config_mod.load(cfg))
+        worker._config_stamp = worker._stamp()
+        cfg.write_text(cfg.read_text() + "limits: {max_virtual_size: 2GiB}\n")
+        assert worker.reload_config() is True
+        assert worker.reporter_stale is restarts, mode
