@@ -204,6 +204,22 @@ ENUMS: dict[str, dict[tuple[str, ...], Enum]] = {
     "DescribeExportImageTasks": {
         ("Filters", "*", "Name"): Enum(("task-state", "image-id")),
     },
+    "DescribeBundleTasks": {
+        ("Filters", "*", "Name"): Enum(
+            (
+                "bundle-id",
+                "error-code",
+                "error-message",
+                "instance-id",
+                "progress",
+                "s3-bucket",
+                "s3-prefix",
+                "start-time",
+                "state",
+                "update-time",
+            )
+        ),
+    },
 }
 
 
