@@ -44,6 +44,9 @@ TASK_ID_PATTERN = re.compile(r"^bun-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 #: RegisterImage/CreateImage's name rule: 3 to 128 of these characters
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9()\[\] ./\-'@_]{3,128}$")
 MAX_DESCRIPTION = 255
+#: ``ec2-bundle-read`` (what euca2ools and the AWS CLI put in the policy) is EC2's name, not a canned ACL S3
+#: knows: the objects get S3's ``aws-exec-read`` (the owner, and EC2 may read), which is what it grants
+S3_ACL = {"ec2-bundle-read": "aws-exec-read"}
 #: the longest bundle prefix (bundle.write's schema)
 MAX_PREFIX = 100
 
@@ -138,7 +141,7 @@ class BundleService:
             "s3_prefix": prefix,
             "aws_access_key_id": access_key,
             "upload_policy": upload_policy,
-            "acl": policy.acl,
+            "acl": S3_ACL.get(policy.acl, policy.acl),
             "user": account if account and account != NO_ACCOUNT else "000000000000",
             "source": source,
         }
