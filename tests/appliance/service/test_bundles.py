@@ -7,6 +7,7 @@ own openssl steps (``unbundle_independently``), and what the run created in the 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from tests import stores
 from tests.api.test_ec2_bundle_actions import policy
 from tests.appliance.targets.test_ec2 import cloud  # noqa: F401 (a fixture)
 from tests.bundlefactory import KeyPair, make_keypair, unbundle_independently
+from tests.processes import wait_until
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+from tests.stallproxy import StallingProxy
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +38,7 @@ def cloud_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
 
 
 def _service(
-    tmp_path: Path, moto: MotoServer, settings: dict[str, Any], keys: KeyPair, owner: str
+    tmp_path: Path, s3_endpoint: str, settings: dict[str, Any], keys: KeyPair, owner: str
 ) -> BundleService:
     cfg = stores.config(
         {
@@ -46,9 +49,9 @@ def _service(
                 ]
             },
             "sources": {
-                "allowed_endpoints": [moto.endpoint],
+                "allowed_endpoints": [s3_endpoint],
                 "s3": {
-                    "endpoint_url": moto.endpoint,
+                    "endpoint_url": s3_endpoint,
                     "region": REGION,
                     "access_key": "testing",
                     "secret_key": "testing",
@@ -77,7 +80,7 @@ def test_an_instance_root_volume_is_bundled_under_its_upload_policy_and_unbundle
     content = os.urandom(MiB) + bytes(5 * MiB) + os.urandom(2 * MiB)
     with open(cloud["loops"][0], "r+b") as dev:
         dev.write(content)
-    bundles = _service(tmp_path, moto, cloud["settings"], cloud_keys, run["OwnerId"])
+    bundles = _service(tmp_path, moto.endpoint, cloud["settings"], cloud_keys, run["OwnerId"])
     document = policy(bucket=bucket, prefix="winvm")
     try:
         task = bundles.bundle_instance(
@@ -113,3 +116,60 @@ def test_an_instance_root_volume_is_bundled_under_its_upload_policy_and_unbundle
     finally:
         bundles.store.close()
         ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+
+
+def test_cancel_bundle_task_while_the_manifest_is_being_stored_leaves_no_part_in_the_bucket(
+    tmp_path: Path,
+    moto: MotoServer,
+    cloud: dict[str, Any],  # noqa: F811
+    cloud_keys: KeyPair,
+) -> None:
+    ec2, s3 = cloud["ec2"], moto.client("s3")
+    bucket = f"bundles-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    run = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro")
+    instance = run["Instances"][0]
+    with open(cloud["loops"][0], "r+b") as dev:
+        dev.write(os.urandom(4 * MiB))
+    with StallingProxy(moto.endpoint) as proxy:
+        # the object store reached through the proxy, which holds the manifest's PUT: the part is stored
+        bundles = _service(tmp_path, proxy.endpoint, cloud["settings"], cloud_keys, run["OwnerId"])
+        proxy.arm_object_request("PUT", "/winvm.manifest.xml")
+        document = policy(bucket=bucket, prefix="winvm")
+        try:
+            task = bundles.bundle_instance(
+                instance["InstanceId"],
+                bucket=bucket,
+                prefix="winvm",
+                access_key=TEST_ACCESS_KEY,
+                upload_policy=document,
+                upload_policy_signature=sign_upload_policy(document, TEST_SECRET_KEY),
+                account=run["OwnerId"],
+            )
+            assert task is not None
+            outcome: dict[str, Any] = {}
+            with cloud["hypervisor"]():
+                engine = Engine(bundles.config, poll_interval=0.1)
+                runner = threading.Thread(target=lambda: outcome.update(task=engine.run(task.id)))
+                runner.start()
+                try:
+                    wait_until(
+                        lambda: proxy.stalled_on("/winvm.manifest.xml") == 1, what="the manifest's PUT"
+                    )
+                    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == [
+                        "winvm.part.00"
+                    ]
+                    assert bundles.cancel(task.id).state is TaskState.CANCELLING
+                finally:
+                    proxy.release()
+                    runner.join()
+                    engine.store.close()
+            assert outcome["task"].state is TaskState.CANCELLED, outcome["task"].error_message
+            assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+            tagged = [{"Name": f"tag:{TASK_TAG}", "Values": [task.id]}]
+            assert ec2.describe_volumes(Filters=tagged)["Volumes"] == []
+            assert ec2.describe_snapshots(Filters=tagged)["Snapshots"] == []
+        finally:
+            bundles.store.close()
+            ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
