@@ -170,19 +170,14 @@ def cancel_bundle_task(service: ImportService, params: Params, caller: Caller) -
 def create_image(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """CreateImage → ``{ImageId}``: snapshots of the instance's EBS volumes registered as an image in the
     controlling cloud, while the request waits. ``NoReboot`` is accepted: the snapshots are always
-    crash-consistent (the appliance cannot reboot the cloud's instances). ``BlockDeviceMappings`` beyond
-    the instance's own volumes are refused (CreateImage cannot change existing volumes either)."""
+    crash-consistent (the appliance cannot reboot the cloud's instances). ``BlockDeviceMappings``: see
+    :func:`appliance.targets.ec2_images.apply_mappings`."""
     data = query.parse("CreateImage", params)
-    if data.get("BlockDeviceMappings"):
-        raise Ec2Error(
-            "InvalidParameterCombination",
-            "BlockDeviceMapping is not supported by this appliance: "
-            "the image maps the instance's own EBS volumes",
-        )
     created = _bundles(service).create_image(
         data["InstanceId"],
         data["Name"],
         description=data.get("Description"),
+        block_device_mappings=data.get("BlockDeviceMappings") or [],
         sees=caller.sees,
         dry_run=bool(data.get("DryRun")),
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
@@ -198,6 +199,7 @@ class BundleService:
         name: str,
         *,
         description: str | None = None,
+        block_device_mappings: Sequence[dict[str, Any]] | None = None,
         sees: Collection[str] | None = None,
         dry_run: bool = False,
     ) -> CreatedImage | None:
@@ -214,4 +216,10 @@ class BundleService:
             return None
         settings = self.config.targets.get("volume") or {}
         client = Ec2VolumeTarget.from_settings(settings).client
-        return create_image_from_instance(client, instance_id, name, description=description)
+        return create_image_from_instance(
+            client,
+            instance_id,
+            name,
+            description=description,
+            block_device_mappings=list(block_device_mappings or ()),
+        )

@@ -85,6 +85,10 @@ def test_bundle_instance_with_a_forged_expired_or_foreign_upload_policy_is_refus
     with pytest.raises(ClientError) as info:
         client(appliance.endpoint, OTHER_KEY).bundle_instance(InstanceId=instance_id, Storage=storage())
     assert code_of(info) == "UploadPolicyInvalid.Signature"
+    # a dry run checks the policy, then answers DryRunOperation without queueing
+    with pytest.raises(ClientError) as info:
+        appliance.ec2.bundle_instance(InstanceId=instance_id, Storage=storage(), DryRun=True)
+    assert code_of(info) == "DryRunOperation"
     assert _bundle_tasks(appliance) == []
 
 
@@ -233,8 +237,33 @@ def test_create_image_registers_the_snapshots_of_a_cloud_instance(
     )["Snapshots"]
     [reservation] = cloud.describe_instances(InstanceIds=[instance_id])["Reservations"]
     assert snapshot["VolumeId"] == reservation["Instances"][0]["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    # a further device is added to the image as given
+    with_ephemeral = appliance.ec2.create_image(
+        InstanceId=instance_id,
+        Name="web with scratch",
+        NoReboot=True,
+        BlockDeviceMappings=[{"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"}],
+    )["ImageId"]
+    assert cloud.describe_images(ImageIds=[with_ephemeral])["Images"][0]["Name"] == "web with scratch"
+    root_device = reservation["Instances"][0]["RootDeviceName"]
     for kwargs, code in [
         ({"InstanceId": instance_id, "Name": "web!server"}, "InvalidParameterValue"),
+        (
+            {
+                "InstanceId": instance_id,
+                "Name": "bigger",
+                "BlockDeviceMappings": [{"DeviceName": root_device, "Ebs": {"VolumeSize": 500}}],
+            },
+            "InvalidParameterValue",
+        ),
+        (
+            {
+                "InstanceId": instance_id,
+                "Name": "rootless",
+                "BlockDeviceMappings": [{"DeviceName": root_device, "NoDevice": ""}],
+            },
+            "InvalidParameterValue",
+        ),
         ({"InstanceId": "i-0123456789abcdef0", "Name": "nothing"}, "InvalidInstanceID.NotFound"),
         ({"InstanceId": instance_id, "Name": "dry", "DryRun": True}, "DryRunOperation"),
     ]:
