@@ -135,6 +135,8 @@ class StallingProxy:
         self._armed: dict[str, int] = {}
         #: query part → method of the requests held before forwarding (:meth:`arm_request`)
         self._armed_requests: dict[str, str] = {}
+        #: path suffix → method of the requests held before forwarding (:meth:`arm_object_request`)
+        self._armed_paths: dict[str, str] = {}
         #: per armed suffix: set when it is released
         self._released: dict[str, threading.Event] = {}
         self._stalled: dict[str, int] = {}
@@ -169,26 +171,31 @@ class StallingProxy:
             self._released[query_part] = threading.Event()
             self._armed_requests[query_part] = method
 
-    def request_hold(self, method: str, path: str) -> str | None:
-        """The armed ``query_part`` that holds this request, or None."""
+    def arm_object_request(self, method: str, path_suffix: str) -> None:
+        """Hold every ``method`` request of a path ending with ``path_suffix`` (e.g. ``PUT`` of a
+        bundle's manifest) before it is forwarded, until :meth:`release` of ``path_suffix``."""
         with self._lock:
-            query = path.split("?", 1)[1] if "?" in path else ""
-            return next(
-                (
-                    part
-                    for part, m in self._armed_requests.items()
-                    if m == method and part in query.split("&")
-                ),
-                None,
+            self._released[path_suffix] = threading.Event()
+            self._armed_paths[path_suffix] = method
+
+    def request_hold(self, method: str, path: str) -> str | None:
+        """The armed ``query_part`` (or path suffix) that holds this request, or None."""
+        with self._lock:
+            plain, _, query = path.partition("?")
+            by_query = (
+                part for part, m in self._armed_requests.items() if m == method and part in query.split("&")
             )
+            by_path = (sfx for sfx, m in self._armed_paths.items() if m == method and plain.endswith(sfx))
+            return next(by_query, None) or next(by_path, None)
 
     def release(self, path_suffix: str | None = None) -> None:
         """Disarm ``path_suffix`` (default: every suffix), and let the GETs it holds finish."""
         with self._lock:
-            every = list(self._armed) + list(self._armed_requests)
+            every = list(self._armed) + list(self._armed_requests) + list(self._armed_paths)
             for suffix in [path_suffix] if path_suffix is not None else every:
                 self._armed.pop(suffix, None)
                 self._armed_requests.pop(suffix, None)
+                self._armed_paths.pop(suffix, None)
                 if suffix in self._released:
                     self._released[suffix].set()
 

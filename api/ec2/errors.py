@@ -86,6 +86,15 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "Upload.NotFound": ("InvalidParameterValue", 400),
     "Upload.Incomplete": ("InvalidParameterValue", 400),
     "Upload.InvalidId": ("InvalidParameterValue", 400),
+    # BundleInstance's upload policy, checked before anything is queued (appliance.targets.upload_policy)
+    "UploadPolicyInvalid.Signature": ("UploadPolicyInvalid.Signature", 400),
+    "UploadPolicyInvalid.Expired": ("UploadPolicyInvalid.Expired", 400),
+    "UploadPolicyInvalid.Bucket": ("UploadPolicyInvalid.Bucket", 400),
+    "UploadPolicyInvalid.Key": ("UploadPolicyInvalid.Key", 400),
+    "UploadPolicyInvalid.Acl": ("UploadPolicyInvalid.Acl", 400),
+    "UploadPolicyInvalid.Malformed": ("UploadPolicyInvalid.Malformed", 400),
+    # CreateImage: the cloud refused a step, or the instance is instance-store (appliance.targets.ec2_images)
+    "CreateImageFailed": ("CreateImageFailed", 400),
     # the state database is busy or unwritable: the client should retry later
     "StateStoreError": ("Unavailable", 503),
     # the task database cannot be reached (an outage): nothing was done, the client retries later

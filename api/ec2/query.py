@@ -125,6 +125,16 @@ BOUNDS: dict[str, dict[tuple[str, ...], Bound]] = {
     "DescribeImportImageTasks": {("MaxResults",): _MAX_RESULTS},
     "DescribeImportSnapshotTasks": {("MaxResults",): _MAX_RESULTS},
     "DescribeExportImageTasks": {("MaxResults",): Bound(1, 500, "from 1 to 500")},
+    # EBS's limits (io2 Block Express and gp3 at their largest)
+    "CreateImage": {
+        ("BlockDeviceMappings", "*", "Ebs", "VolumeSize"): Bound(1, 65536, "from 1 to 65536 GiB"),
+        ("BlockDeviceMappings", "*", "Ebs", "Iops"): Bound(100, 256000, "from 100 to 256000"),
+        ("BlockDeviceMappings", "*", "Ebs", "Throughput"): Bound(125, 2000, "from 125 to 2000 MiB/s"),
+        ("BlockDeviceMappings", "*", "Ebs", "VolumeInitializationRate"): Bound(
+            100, 300, "from 100 to 300 MiB/s"
+        ),
+        ("BlockDeviceMappings", "*", "Ebs", "EbsCardIndex"): Bound(0, 15, "from 0 to 15"),
+    },
 }
 
 
@@ -203,6 +213,22 @@ ENUMS: dict[str, dict[tuple[str, ...], Enum]] = {
     },
     "DescribeExportImageTasks": {
         ("Filters", "*", "Name"): Enum(("task-state", "image-id")),
+    },
+    "DescribeBundleTasks": {
+        ("Filters", "*", "Name"): Enum(
+            (
+                "bundle-id",
+                "error-code",
+                "error-message",
+                "instance-id",
+                "progress",
+                "s3-bucket",
+                "s3-prefix",
+                "start-time",
+                "state",
+                "update-time",
+            )
+        ),
     },
 }
 

@@ -22,7 +22,7 @@ from appliance.config import Config
 from appliance.errors import ImagingError
 from appliance.service.imports import Caller, ImportService
 
-from . import conversion, export, image_import, xml
+from . import bundle, conversion, export, image_import, xml
 from .auth import ALGORITHM, Authenticator, SignedRequest, decode_query
 from .errors import INTERNAL_ERROR_MESSAGE, Ec2Error, from_imaging_error, render_error
 from .query import is_protocol_param
@@ -50,6 +50,10 @@ ACTIONS: dict[str, Handler] = {
     "CancelExportTask": export.cancel_export_task,
     "ExportImage": export.export_image,
     "DescribeExportImageTasks": export.describe_export_image_tasks,
+    "BundleInstance": bundle.bundle_instance,
+    "DescribeBundleTasks": bundle.describe_bundle_tasks,
+    "CancelBundleTask": bundle.cancel_bundle_task,
+    "CreateImage": bundle.create_image,
 }
 
 CONTENT_TYPE = "text/xml;charset=UTF-8"

@@ -6,6 +6,10 @@ The bundle (:mod:`appliance.targets.bundle`) is encrypted for the cloud: the cer
 (so this appliance's own unbundler opens it); it is signed with ``bundles.cloud_private_key`` when that is
 set (the cloud's certificate verifies it, as Walrus accepted), else ``UNSIGNED``. Parts go to
 ``bucket``/``key_prefix`` with the canned ACL ``acl``, the manifest last; undoing the step deletes them.
+
+The disk is ``path``, or ``source``: a disk resolved by :mod:`appliance.service.resolver` (BundleInstance:
+an instance's root volume), made readable as ``export.write`` does (a point-in-time copy of a cloud
+volume attached here, a block device copied into scratch, everything removed after).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..sources.urlfilter import UrlPolicy
 from ..targets.bundle import ARCHITECTURES, BundleKeys, MachineConfiguration, S3Sink, write_bundle
 from ..targets.upload_policy import ACLS
 from ..workflow.step import Step, StepContext
+from .export import Readable
 
 
 def bundle_keys(config: Config) -> BundleKeys:
@@ -52,9 +57,11 @@ class BundleWriteStep(Step):
     schema = {
         "type": "object",
         "additionalProperties": False,
-        "required": ["path", "prefix", "bucket", "user"],
+        "required": ["prefix", "bucket", "user"],
+        "oneOf": [{"required": ["path"]}, {"required": ["source"]}],
         "properties": {
             "path": {"type": "string", "minLength": 1},
+            "source": {"type": "object", "required": ["type"]},
             "prefix": {"type": "string", "minLength": 1, "maxLength": 100},
             "bucket": {"type": "string", "minLength": 3, "maxLength": 63},
             "key_prefix": {"type": "string", "default": ""},
@@ -69,10 +76,11 @@ class BundleWriteStep(Step):
     def run(
         self,
         ctx: StepContext,
-        path: str,
         prefix: str,
         bucket: str,
         user: str,
+        path: str | None = None,
+        source: dict[str, Any] | None = None,
         key_prefix: str = "",
         acl: str = "aws-exec-read",
         architecture: str = "x86_64",
@@ -81,6 +89,42 @@ class BundleWriteStep(Step):
     ) -> dict[str, Any]:
         keys = bundle_keys(ctx.config)
         sink = S3Sink(_s3(ctx.config), bucket, key_prefix, acl)
+        if source is not None:
+            leftovers = ctx.load_checkpoint() or {}
+            Readable.remove_leftovers(ctx, leftovers)
+            with Readable(ctx, source) as (readable, _digest):
+                return self._write(
+                    ctx,
+                    str(readable),
+                    prefix,
+                    bucket,
+                    user,
+                    key_prefix,
+                    keys,
+                    sink,
+                    architecture,
+                    kernel_id,
+                    ramdisk_id,
+                )
+        assert path is not None  # the schema requires path or source
+        return self._write(
+            ctx, path, prefix, bucket, user, key_prefix, keys, sink, architecture, kernel_id, ramdisk_id
+        )
+
+    @staticmethod
+    def _write(
+        ctx: StepContext,
+        path: str,
+        prefix: str,
+        bucket: str,
+        user: str,
+        key_prefix: str,
+        keys: BundleKeys,
+        sink: S3Sink,
+        architecture: str,
+        kernel_id: str | None,
+        ramdisk_id: str | None,
+    ) -> dict[str, Any]:
         ctx.fence()
         with open(path, "rb") as src:
             size = src.seek(0, 2)

@@ -144,14 +144,11 @@ class ExportWriteStep(Step):
     ) -> dict[str, Any]:
         started = utc_now()
         clock = time.monotonic()
-        leftovers = ctx.load_checkpoint() or {}
-        if leftovers.get("cloud_copy"):  # a killed run's snapshot and volume
-            CloudDiskCopy(ctx.config.targets["volume"]).remove(leftovers["cloud_copy"])
-            ctx.save_checkpoint({})
+        Readable.remove_leftovers(ctx, ctx.load_checkpoint() or {})
         writer = get_export_writer(ctx.config)
         # a run killed mid-upload left an incomplete multipart upload (or an object): gone first
         writer.remove(bucket, key)
-        with _Readable(ctx, source) as (path, digest):
+        with Readable(ctx, source) as (path, digest):
             read_seconds = time.monotonic() - clock
             expected = (source.get("location") or {}).get("sha256")
             if expected and digest != expected:
@@ -254,8 +251,16 @@ def _progress(ctx: StepContext) -> Callable[[Progress], None]:
     return report
 
 
-class _Readable:
-    """Context manager: ``(path, sha256)`` of the source, readable until exit (see the module docstring)."""
+class Readable:
+    """Context manager: ``(path, sha256)`` of the source, readable until exit (see the module docstring;
+    ``bundle.write`` reads its source through it too)."""
+
+    @staticmethod
+    def remove_leftovers(ctx: StepContext, checkpoint: dict[str, Any]) -> None:
+        """Remove what a killed run of the step left (a cloud volume copy and its snapshot)."""
+        if checkpoint.get("cloud_copy"):
+            CloudDiskCopy(ctx.config.targets["volume"]).remove(checkpoint["cloud_copy"])
+            ctx.save_checkpoint({})
 
     def __init__(self, ctx: StepContext, source: dict[str, Any]) -> None:
         self.ctx = ctx

@@ -8,6 +8,12 @@ image name), waiting until each is ``completed`` (a snapshot ``error`` fails the
 had it) at the instance's root device name, architecture and virtualization type, kernel and ramdisk.
 An instance without EBS volumes (instance-store) is refused: it needs a bundle. On any failure the
 snapshots made so far are deleted again.
+
+CreateImage's ``BlockDeviceMappings`` (:func:`apply_mappings`): a mapping of one of the instance's devices
+with ``NoDevice`` leaves that volume out of the image (not the root device), one with only
+``Ebs.DeleteOnTermination`` sets that; anything else for an existing volume (size, type, encryption) is
+refused, as CreateImage cannot change existing volumes. A mapping of another device (an ephemeral
+``VirtualName``, an EBS volume from a snapshot or of a size) is added to the image as given.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Cancelled, ImagingError
+from ..errors import Cancelled, ImagingError, UsageError
 
 #: how often the snapshots' state is polled, and for how long at most
 POLL_SECONDS = 2.0
@@ -68,19 +74,51 @@ def _wait(
         sleep(POLL_SECONDS)
 
 
+def apply_mappings(
+    root: str, mappings: list[dict[str, Any]], requested: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the instance's EBS mappings to snapshot, the further mappings to register) after CreateImage's
+    ``BlockDeviceMappings`` (module docstring); ``UsageError`` for what cannot be done."""
+    own = {m["DeviceName"]: dict(m, Ebs=dict(m["Ebs"])) for m in mappings}
+    extra: list[dict[str, Any]] = []
+    for item in requested:
+        device = item.get("DeviceName")
+        if not device:
+            raise UsageError("every BlockDeviceMapping needs a DeviceName")
+        if device not in own:
+            if item.get("NoDevice") is None:
+                extra.append(dict(item))
+            continue
+        if item.get("NoDevice") is not None:
+            if device == root:
+                raise UsageError(f"the root device {device} cannot be left out of the image (NoDevice)")
+            del own[device]
+            continue
+        ebs = item.get("Ebs") or {}
+        if item.get("VirtualName") or set(ebs) - {"DeleteOnTermination"}:
+            raise UsageError(
+                f"BlockDeviceMapping {device} is a volume of the instance: CreateImage cannot change its "
+                "size, type or encryption (only DeleteOnTermination, or NoDevice to leave it out)"
+            )
+        if "DeleteOnTermination" in ebs:
+            own[device]["Ebs"]["DeleteOnTermination"] = bool(ebs["DeleteOnTermination"])
+    return list(own.values()), extra
+
+
 def create_image_from_instance(
     ec2: Any,
     instance_id: str,
     name: str,
     *,
     description: str | None = None,
+    block_device_mappings: list[dict[str, Any]] | None = None,
     cancel: threading.Event | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> CreatedImage:
     """Snapshot the EBS volumes of ``instance_id`` and register them as image ``name`` (``ec2`` is a
     boto3 EC2 client of the controlling cloud)."""
     try:
-        return _create(ec2, instance_id, name, description, cancel, sleep)
+        return _create(ec2, instance_id, name, description, block_device_mappings or [], cancel, sleep)
     except ImagingError:
         raise
     except Exception as exc:  # botocore's ClientError and connection errors: the cloud refused
@@ -92,6 +130,7 @@ def _create(
     instance_id: str,
     name: str,
     description: str | None,
+    requested: list[dict[str, Any]],
     cancel: threading.Event | None,
     sleep: Callable[[float], None],
 ) -> CreatedImage:
@@ -102,6 +141,7 @@ def _create(
             f"instance {instance_id} has no EBS volumes: an instance-store instance is imaged by a bundle"
         )
     root = instance.get("RootDeviceName") or mappings[0]["DeviceName"]
+    mappings, extra = apply_mappings(root, mappings, requested)
     snapshots: dict[str, str] = {}
     try:
         for mapping in mappings:
@@ -134,7 +174,8 @@ def _create(
                     },
                 }
                 for m in mappings
-            ],
+            ]
+            + extra,
         }
         for key, value in (
             ("Description", description),

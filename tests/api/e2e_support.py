@@ -86,9 +86,11 @@ def running_appliance(
     parts_server: TestHTTPServer,
     targets: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    account: str | None = None,
 ) -> Iterator[Appliance]:
     """`imaging serve` and `imaging worker` on a fresh state directory; ``targets`` overrides the
-    configuration's targets section (default: the file targets under the state directory); ``extra``
+    configuration's targets section (default: the file targets under the state directory); ``account``
+    is the test key's account (default: none configured); ``extra``
     adds top-level sections (e.g. ``bundles``)."""
     port = free_port()
     state = tmp_path / "state"
@@ -101,7 +103,10 @@ def running_appliance(
                     "api": {
                         "bind": f"127.0.0.1:{port}",
                         "workers": 2,
-                        "credentials": [{"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}],
+                        "credentials": [
+                            {"access_key": TEST_ACCESS_KEY, "secret_key": TEST_SECRET_KEY}
+                            | ({"account": account} if account else {})
+                        ],
                     },
                     "sources": {
                         "allowed_endpoints": [moto.endpoint, parts_server.endpoint],

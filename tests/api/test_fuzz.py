@@ -389,6 +389,23 @@ VALID: dict[str, list[tuple[str, str]]] = {
         ("Filter.1.Name", "task-state"),
         ("Filter.1.Value.1", "active"),
     ],
+    "BundleInstance": [
+        ("InstanceId", "i-0123456789abcdef0"),
+        ("Storage.S3.Bucket", "bundles"),
+        ("Storage.S3.Prefix", "winvm"),
+        ("Storage.S3.AWSAccessKeyId", "AKIDEXAMPLE"),
+        ("Storage.S3.UploadPolicy", "eyJleHBpcmF0aW9uIjoieCJ9"),
+        ("Storage.S3.UploadPolicySignature", "c2lnbmF0dXJl"),
+    ],
+    "DescribeBundleTasks": [("BundleId.1", "bun-0123456789abcdef0"), ("Filter.1.Name", "state")],
+    "CancelBundleTask": [("BundleId", "bun-0123456789abcdef0")],
+    "CreateImage": [
+        ("InstanceId", "i-0123456789abcdef0"),
+        ("Name", "web server"),
+        ("NoReboot", "true"),
+        ("BlockDeviceMapping.1.DeviceName", "/dev/sdb"),
+        ("BlockDeviceMapping.1.Ebs.VolumeSize", "8"),
+    ],
 }
 _ANY_VALUE = st.one_of(
     _NUMBER_FORMS, _TEXT_FORMS, _URL_FORMS, _S3_NAMES, _ID_FORMS, _BOOLEAN_FORMS, _TIMESTAMP_FORMS

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.targets.ec2_images import CreateImageFailed, create_image_from_instance
+from appliance.errors import UsageError
+from appliance.targets.ec2_images import CreateImageFailed, apply_mappings, create_image_from_instance
 from tests.servers import MotoServer
 
 
@@ -43,3 +44,30 @@ def test_an_unknown_instance_is_a_coded_failure(moto: MotoServer) -> None:
         create_image_from_instance(
             moto.client("ec2"), "i-0123456789abcdef0", "nothing", sleep=lambda _s: None
         )
+
+
+def test_create_image_block_device_mappings_leave_out_set_or_add_but_never_change_a_volume() -> None:
+    own = [
+        {"DeviceName": "/dev/sda1", "Ebs": {"VolumeId": "vol-1", "DeleteOnTermination": True}},
+        {"DeviceName": "/dev/sdf", "Ebs": {"VolumeId": "vol-2", "DeleteOnTermination": False}},
+    ]
+    kept, extra = apply_mappings(
+        "/dev/sda1",
+        own,
+        [
+            {"DeviceName": "/dev/sdf", "NoDevice": ""},
+            {"DeviceName": "/dev/sda1", "Ebs": {"DeleteOnTermination": False}},
+            {"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"},
+        ],
+    )
+    assert kept == [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeId": "vol-1", "DeleteOnTermination": False}}]
+    assert extra == [{"DeviceName": "/dev/sdb", "VirtualName": "ephemeral0"}]
+    assert own[0]["Ebs"]["DeleteOnTermination"] is True  # the instance's description is not changed
+    for refused in (
+        {"DeviceName": "/dev/sda1", "NoDevice": ""},
+        {"DeviceName": "/dev/sdf", "Ebs": {"VolumeSize": 100}},
+        {"DeviceName": "/dev/sdf", "Ebs": {"Encrypted": True}},
+        {"Ebs": {"VolumeSize": 1}},
+    ):
+        with pytest.raises(UsageError):
+            apply_mappings("/dev/sda1", own, [refused])
