@@ -169,15 +169,22 @@ def cancel_bundle_task(service: ImportService, params: Params, caller: Caller) -
 
 def create_image(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """CreateImage → ``{ImageId}``: snapshots of the instance's EBS volumes registered as an image in the
-    controlling cloud, while the request waits. ``NoReboot`` is accepted: the snapshots are always
-    crash-consistent (the appliance cannot reboot the cloud's instances). ``BlockDeviceMappings``: see
-    :func:`appliance.targets.ec2_images.apply_mappings`."""
+    controlling cloud, while the request waits (``NoReboot``, ``TagSpecifications``,
+    ``BlockDeviceMappings``: see :mod:`appliance.targets.ec2_images`). ``SnapshotLocation`` (Outposts)
+    and ``BootModeOverride`` are refused: the appliance cannot honour them."""
     data = query.parse("CreateImage", params)
+    for member in ("SnapshotLocation", "BootModeOverride"):
+        if data.get(member) is not None:
+            raise Ec2Error(
+                "InvalidParameterValue", f"CreateImage: {member} is not supported by this appliance"
+            )
     created = _bundles(service).create_image(
         data["InstanceId"],
         data["Name"],
         description=data.get("Description"),
         block_device_mappings=data.get("BlockDeviceMappings") or [],
+        no_reboot=bool(data.get("NoReboot")),
+        tag_specifications=data.get("TagSpecifications") or [],
         sees=caller.sees,
         dry_run=bool(data.get("DryRun")),
     )

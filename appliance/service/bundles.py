@@ -32,7 +32,7 @@ from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskN
 from ..sources.s3names import check_bucket, check_key
 from ..store import ActiveTaskLimit, Store, Task
 from ..targets.ec2 import Ec2VolumeTarget
-from ..targets.ec2_images import CreatedImage, create_image_from_instance
+from ..targets.ec2_images import CreatedImage, create_image_from_instance, tags_by_resource
 from ..targets.upload_policy import UploadPolicy, UploadPolicyInvalid, check_upload_policy
 from ..workflow.engine import Engine
 from .imports import NO_ACCOUNT
@@ -200,6 +200,8 @@ class BundleService:
         *,
         description: str | None = None,
         block_device_mappings: Sequence[dict[str, Any]] | None = None,
+        no_reboot: bool = False,
+        tag_specifications: Sequence[dict[str, Any]] | None = None,
         sees: Collection[str] | None = None,
         dry_run: bool = False,
     ) -> CreatedImage | None:
@@ -211,6 +213,7 @@ class BundleService:
             )
         if description is not None and len(description) > MAX_DESCRIPTION:
             raise UsageError(f"Description is longer than {MAX_DESCRIPTION} characters")
+        tags_by_resource(list(tag_specifications or ()))  # refused before anything is done
         self.resolver.instance(instance_id, sees)  # InvalidInstanceID.* for what this caller cannot see
         if dry_run:
             return None
@@ -222,4 +225,6 @@ class BundleService:
             name,
             description=description,
             block_device_mappings=list(block_device_mappings or ()),
+            no_reboot=no_reboot,
+            tag_specifications=list(tag_specifications or ()),
         )

@@ -14,6 +14,12 @@ with ``NoDevice`` leaves that volume out of the image (not the root device), one
 ``Ebs.DeleteOnTermination`` sets that; anything else for an existing volume (size, type, encryption) is
 refused, as CreateImage cannot change existing volumes. A mapping of another device (an ephemeral
 ``VirtualName``, an EBS volume from a snapshot or of a size) is added to the image as given.
+
+Without ``NoReboot`` a running instance is stopped first (``StopInstances``, waiting until it is
+``stopped``) so its file systems are consistent, and started again afterwards, success or not (what
+CreateImage's reboot achieves; ``NoReboot`` keeps it running and the snapshots crash-consistent).
+``TagSpecifications`` of resource type ``image`` tag the registered image, of type ``snapshot`` the
+snapshots; other resource types are refused.
 """
 
 from __future__ import annotations
@@ -105,6 +111,19 @@ def apply_mappings(
     return list(own.values()), extra
 
 
+def tags_by_resource(specifications: list[dict[str, Any]]) -> dict[str, list[dict[str, str]]]:
+    """CreateImage's ``TagSpecifications`` as resource type (``image``, ``snapshot``) → tags."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for spec in specifications:
+        kind = spec.get("ResourceType")
+        if kind not in ("image", "snapshot"):
+            raise UsageError(f"TagSpecifications: CreateImage tags an image or snapshots, not {kind!r}")
+        out.setdefault(kind, []).extend(
+            {"Key": str(tag.get("Key")), "Value": str(tag.get("Value", ""))} for tag in spec.get("Tags") or []
+        )
+    return out
+
+
 def create_image_from_instance(
     ec2: Any,
     instance_id: str,
@@ -112,17 +131,47 @@ def create_image_from_instance(
     *,
     description: str | None = None,
     block_device_mappings: list[dict[str, Any]] | None = None,
+    no_reboot: bool = False,
+    tag_specifications: list[dict[str, Any]] | None = None,
     cancel: threading.Event | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> CreatedImage:
     """Snapshot the EBS volumes of ``instance_id`` and register them as image ``name`` (``ec2`` is a
-    boto3 EC2 client of the controlling cloud)."""
+    boto3 EC2 client of the controlling cloud); without ``no_reboot`` a running instance is stopped
+    for the snapshots and started again."""
+    tags = tags_by_resource(tag_specifications or [])
+    stopped = False
     try:
-        return _create(ec2, instance_id, name, description, block_device_mappings or [], cancel, sleep)
+        if not no_reboot and _instance(ec2, instance_id)["State"]["Name"] == "running":
+            ec2.stop_instances(InstanceIds=[instance_id])
+            stopped = True
+            _wait_stopped(ec2, instance_id, cancel, sleep)
+        return _create(ec2, instance_id, name, description, block_device_mappings or [], tags, cancel, sleep)
     except ImagingError:
         raise
     except Exception as exc:  # botocore's ClientError and connection errors: the cloud refused
         raise CreateImageFailed(f"the cloud refused a step of CreateImage: {exc}") from None
+    finally:
+        if stopped:
+            # started again whatever happened: the caller's instance must not stay down
+            try:
+                ec2.start_instances(InstanceIds=[instance_id])
+            except Exception as exc:
+                raise CreateImageFailed(
+                    f"instance {instance_id} was stopped for CreateImage and did not start again: {exc}"
+                ) from None
+
+
+def _wait_stopped(
+    ec2: Any, instance_id: str, cancel: threading.Event | None, sleep: Callable[[float], None]
+) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while _instance(ec2, instance_id)["State"]["Name"] != "stopped":
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("CreateImage cancelled while the instance was stopping")
+        if time.monotonic() > deadline:
+            raise CreateImageFailed(f"instance {instance_id} did not stop within {WAIT_SECONDS:.0f} seconds")
+        sleep(POLL_SECONDS)
 
 
 def _create(
@@ -131,6 +180,7 @@ def _create(
     name: str,
     description: str | None,
     requested: list[dict[str, Any]],
+    tags: dict[str, list[dict[str, str]]],
     cancel: threading.Event | None,
     sleep: Callable[[float], None],
 ) -> CreatedImage:
@@ -155,6 +205,7 @@ def _create(
                         "Tags": [
                             {"Key": "imaging:instance", "Value": instance_id},
                             {"Key": "imaging:device", "Value": device},
+                            *tags.get("snapshot", []),
                         ],
                     }
                 ],
@@ -186,6 +237,8 @@ def _create(
             if value:
                 request[key] = value
         image_id = ec2.register_image(**request)["ImageId"]
+        if tags.get("image"):
+            ec2.create_tags(Resources=[image_id], Tags=tags["image"])
     except BaseException:
         for snapshot_id in snapshots.values():
             # best effort: the original failure is what the caller must see

@@ -266,6 +266,20 @@ def test_create_image_registers_the_snapshots_of_a_cloud_instance(
         ),
         ({"InstanceId": "i-0123456789abcdef0", "Name": "nothing"}, "InvalidInstanceID.NotFound"),
         ({"InstanceId": instance_id, "Name": "dry", "DryRun": True}, "DryRunOperation"),
+        # members the appliance cannot honour are refused, not ignored
+        (
+            {"InstanceId": instance_id, "Name": "outpost", "SnapshotLocation": "local"},
+            "InvalidParameterValue",
+        ),
+        ({"InstanceId": instance_id, "Name": "uefi", "BootModeOverride": "uefi"}, "InvalidParameterValue"),
+        (
+            {
+                "InstanceId": instance_id,
+                "Name": "tags",
+                "TagSpecifications": [{"ResourceType": "volume", "Tags": [{"Key": "k", "Value": "v"}]}],
+            },
+            "InvalidParameterValue",
+        ),
     ]:
         with pytest.raises(ClientError) as info:
             appliance.ec2.create_image(**kwargs)
