@@ -218,10 +218,10 @@ def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
                 "--target-environment",
                 "vmware",
                 "--export-to-s3-task",
-                f"DiskImageFormat=VMDK,ContainerFormat=ova,S3Bucket={bucket},S3Prefix=vms/",
+                f"DiskImageFormat=RAW,ContainerFormat=ova,S3Bucket={bucket},S3Prefix=vms/",
             ],
             "InvalidParameterValue",
-        ),  # the OVA container is refused until the OVA writer exists
+        ),  # an OVA holds VMDK disks only
         (
             [
                 "create-instance-export-task",
