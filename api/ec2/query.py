@@ -189,7 +189,6 @@ ENUMS: dict[str, dict[tuple[str, ...], Enum]] = {
         ("DiskContainers", "*", "Format"): Enum(
             ("OVA", "VHD", "VHDX", "VMDK", "RAW"),
             fold=True,
-            refused={"OVA": "OVA is not supported yet: import each disk of the OVA as VMDK"},
         ),
         ("TagSpecifications", "*", "ResourceType"): Enum(("import-image-task",)),
     },

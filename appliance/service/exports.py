@@ -110,11 +110,8 @@ class ExportService:
         if container is not None:
             if container != "ova":
                 raise UsageError(f"ContainerFormat {container!r} is not valid; the only one is ova")
-            # The OVF envelope and the OVA writer come with the export writers (issue 13 §4).
-            raise UsageError(
-                "ContainerFormat ova is not supported yet by this appliance: export the disk alone "
-                "(leave ContainerFormat out)"
-            )
+            if fmt != "VMDK":  # an OVA holds streamOptimized VMDKs, as AWS's does
+                raise UsageError(f"ContainerFormat ova takes DiskImageFormat VMDK, not {disk_format!r}")
         check_bucket(bucket, "S3Bucket")
         if prefix:  # the key it begins must be a valid key
             check_key(f"{prefix}export-i-0123456789abcdef0.vmdk", "S3Prefix")
@@ -193,18 +190,21 @@ class ExportService:
         bucket: str,
         prefix: str | None = None,
         role_name: str | None = None,
+        container_format: str | None = None,
         description: str | None = None,
         client_token: str | None = None,
         tags: Iterable[dict[str, str]] = (),
         account: str = NO_ACCOUNT,
         sees: Collection[str] | None = None,
     ) -> Task:
-        """ExportImage: the image's disk as ``disk_image_format`` in ``bucket``."""
-        fmt = self._check(disk_image_format, bucket, prefix, None, description)
+        """ExportImage: the image's disk as ``disk_image_format`` in ``bucket``; with
+        ``container_format="ova"`` (beyond AWS's ExportImage, which has no container) an OVA."""
+        fmt = self._check(disk_image_format, bucket, prefix, container_format, description)
         source = self.resolver.image(image_id, sees)
         params = {
             "image_id": image_id,
             "disk_image_format": fmt,
+            "container_format": container_format,
             "s3_bucket": bucket,
             "s3_prefix": prefix or "",
             "role_name": role_name,

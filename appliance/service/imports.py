@@ -77,6 +77,8 @@ _ALNUM = string.ascii_lowercase + string.digits
 #: formats of the legacy conversion tasks (DiskImageFormat) and of image/snapshot imports
 VOLUME_FORMATS = ("VMDK", "RAW", "VHD")
 CONTAINER_FORMATS = ("VMDK", "RAW", "VHD", "VHDX")
+#: ImportImage also takes an OVA (its boot disk becomes the image)
+IMAGE_CONTAINER_FORMATS = (*CONTAINER_FORMATS, "OVA")
 
 
 @dataclass(frozen=True)
@@ -391,7 +393,7 @@ class ImportService:
             )
         boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
         params = boot.to_dict() | {
-            "disk_containers": [self._container(c, CONTAINER_FORMATS, account) for c in containers],
+            "disk_containers": [self._container(c, IMAGE_CONTAINER_FORMATS, account) for c in containers],
             "architecture": architecture,
             "platform": platform,
             "boot_mode": boot_mode,

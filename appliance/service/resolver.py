@@ -51,6 +51,17 @@ class ResourceNotFound(ImagingError):
     code = "InvalidAMIID.NotFound"
 
 
+def firmware(task: Task, guest: dict[str, Any] | None) -> str:
+    """``efi`` when the import's guest validation found a disk that boots only by UEFI (boot mode
+    ``uefi``), or both ways (``bios+uefi``) and the request asked for ``BootMode=uefi``; else
+    ``bios``. What an OVA export writes as the VM's firmware."""
+    mode = (guest or {}).get("boot_mode")
+    asked = (task.params or {}).get("boot_mode")
+    if mode == "uefi" or (mode == "bios+uefi" and asked == "uefi"):
+        return "efi"
+    return "bios"
+
+
 def _not_found(code: str, what: str, resource_id: str) -> ResourceNotFound:
     return ResourceNotFound(f"The {what} ID '{resource_id}' does not exist", f"{code}.NotFound")
 
@@ -92,6 +103,7 @@ class Resolver:
             "task_id": task.id,
             "location": location,
             "size": location.get("size") or found.get("size"),
+            "firmware": firmware(task, found.get("guest")),
         }
 
     def image(self, image_id: str, sees: Collection[str] | None = None) -> dict[str, Any]:

@@ -4,8 +4,8 @@ written as an exported object through the export writer (:mod:`appliance.targets
 The source is made readable here first:
 
 - an image stored as a file, a file volume: read where it is;
-- a block device (a device volume, an attached EC2 volume): copied into scratch first (the
-  conversion's inspection and the upload take regular files);
+- a block device (a device volume, an attached EC2 volume): read where it is (hashed first, then
+  read again by the writer; no scratch copy);
 - an image stored in S3: downloaded into scratch (under a reservation), hashed as it arrives;
 - an EC2 volume this appliance imported: attached here (found by serial), detached afterwards;
 - an instance of the controlling cloud: a snapshot of its boot volume made into a volume attached
@@ -14,7 +14,8 @@ The source is made readable here first:
 
 The source's sha256 is computed while it is read and checked against the digest its store
 recorded when the import wrote it (``Source.DigestMismatch``: a stored disk that changed since).
-Progress: ``converting`` then ``uploading`` (one percentage across both). The result holds the
+Progress: ``exporting`` (the source read, converted and uploaded in one pass; a VHD is converted
+to scratch by qemu-img, then uploaded). The result holds the
 object (``bucket``, ``key``, ``etag``, ``sha256``, ``size``) and its provenance
 (:mod:`.provenance`), which the object also carries as user metadata.
 
@@ -35,9 +36,10 @@ from ..errors import ImagingError
 from ..progress import Progress, ProgressTracker
 from ..scratch import Allowance
 from ..targets import get_image_target, get_volume_target
+from ..targets.diskexport import StreamingExportWriter
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy
-from ..targets.export import ExportWriter, get_export_writer
+from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
 from ..targets.rawio import hash_file
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
@@ -63,35 +65,19 @@ def _reading(ctx: StepContext, total: int | None) -> ProgressTracker:
     )
 
 
-def _copy_device(ctx: StepContext, device: Path) -> tuple[Path, str, Allowance]:
-    """A block device's content copied into scratch (zero chunks left as holes), hashed as it is
-    read: qemu-img's inspection and the upload take regular files. ``(path, sha256, reservation)``."""
-    dst = ctx.workdir / "export-source.raw"
-    dst.unlink(missing_ok=True)
-    allowance = Allowance(ctx.scratch, f"copying {device}")
-    ctx.ledger_created(dst)
+def _hash_device(ctx: StepContext, device: Path) -> str:
+    """The sha256 of a block device's content, read in order (the writer then reads the device
+    itself: no scratch copy)."""
     h = hashlib.sha256()
     done = 0
     tracker = _reading(ctx, None)
-    try:
-        with open(device, "rb", buffering=0) as src, open(dst, "wb") as out:
-            while chunk := src.read(CHUNK):
-                ctx.check_cancelled()
-                h.update(chunk)
-                if chunk.count(0) == len(chunk):
-                    out.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    allowance.cover(done + len(chunk))
-                    out.write(chunk)
-                done += len(chunk)
-                tracker.update(done)
-            out.truncate(done)
-    except BaseException:
-        dst.unlink(missing_ok=True)
-        ctx.ledger_removed(dst)
-        allowance.release()
-        raise
-    return dst, h.hexdigest(), allowance
+    with open(device, "rb", buffering=0) as src:
+        while chunk := src.read(CHUNK):
+            ctx.check_cancelled()
+            h.update(chunk)
+            done += len(chunk)
+            tracker.update(done)
+    return h.hexdigest()
 
 
 def _download(ctx: StepContext, location: dict[str, Any]) -> tuple[Path, str, Allowance]:
@@ -136,11 +122,18 @@ class ExportWriteStep(Step):
             "disk_format": {"enum": ["VMDK", "VHD", "RAW", "vmdk", "vhd", "raw"]},
             "bucket": {"type": "string", "minLength": 1},
             "key": {"type": "string", "minLength": 1},
+            "container": {"enum": ["", "ova"]},
         },
     }
 
     def run(
-        self, ctx: StepContext, source: dict[str, Any], disk_format: str, bucket: str, key: str
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        disk_format: str,
+        bucket: str,
+        key: str,
+        container: str = "",
     ) -> dict[str, Any]:
         started = utc_now()
         clock = time.monotonic()
@@ -164,20 +157,25 @@ class ExportWriteStep(Step):
                     "type": source.get("type"),
                     "sha256": digest,
                     "recorded_sha256": expected,
-                    "size": path.stat().st_size,
+                    "size": _size(path),
                 },
                 "tools": tool_versions(),
                 "workflow": workflow_digests(ctx),
             }
             clock = time.monotonic()
-            # the converted copy goes to scratch: reserved up front (VMDK and VHD stay within the
-            # disk's size plus their metadata)
-            size = path.stat().st_size
-            conversion = Allowance(ctx.scratch, f"{disk_format} form of the disk")
-            if disk_format.upper() != "RAW":
-                conversion.cover(size + size // 64 + (1 << 20), exact=True)
+            # what the writer puts in scratch, reserved up front: a VMDK or RAW export streams with
+            # no scratch copy; a VHD is written by qemu-img to scratch before it is uploaded
+            # (an OVA: the disk's VMDK is written to scratch, then the tar streamed)
+            conversion = Allowance(ctx.scratch, f"{container or disk_format} form of the disk")
+            size = _size(path)
+            needed = ova_scratch_needed(size) if container else scratch_needed(disk_format, size)
+            if needed:
+                conversion.cover(needed, exact=True)
             try:
-                stored = self._write(ctx, writer, path, disk_format, bucket, key, record)
+                if container:
+                    stored = self._write_ova(ctx, writer, path, source, bucket, key, record)
+                else:
+                    stored = self._write(ctx, writer, path, disk_format, bucket, key, record)
             finally:
                 conversion.release()
         write_seconds = time.monotonic() - clock
@@ -213,14 +211,52 @@ class ExportWriteStep(Step):
             ledger=ctx,
         )
 
+    @staticmethod
+    def _write_ova(
+        ctx: StepContext,
+        writer: StreamingExportWriter,
+        path: Path,
+        source: dict[str, Any],
+        bucket: str,
+        key: str,
+        record: dict[str, Any],
+    ) -> dict[str, Any]:
+        # the VM's firmware: what the resolver derived from the import's guest validation (an
+        # instance of the controlling cloud carries none: bios)
+        firmware = source.get("firmware") or "bios"
+        record["firmware"] = firmware
+        return writer.write_ova(
+            [path],
+            name=ctx.task_id,
+            bucket=bucket,
+            key=key,
+            workdir=ctx.workdir,
+            metadata=object_metadata(record),
+            firmware=firmware,
+            on_progress=_progress(ctx),
+            cancel=ctx.cancel,
+            fence=ctx.fence,
+            ledger=ctx,
+        )
+
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
         if result:
             get_export_writer(ctx.config).remove(result["bucket"], result["key"])
 
     def plan(
-        self, ctx: StepContext, source: dict[str, Any], disk_format: str, bucket: str, key: str
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        disk_format: str,
+        bucket: str,
+        key: str,
+        container: str = "",
     ) -> dict[str, Any]:
-        return {"exports": source.get("id"), "format": disk_format, "writes": f"s3://{bucket}/{key}"}
+        return {
+            "exports": source.get("id"),
+            "format": container or disk_format,
+            "writes": f"s3://{bucket}/{key}",
+        }
 
 
 def _progress(ctx: StepContext) -> Callable[[Progress], None]:
@@ -328,16 +364,22 @@ class Readable:
         raise ImagingError(f"cannot export a source of type {kind!r}", "NotExportable")
 
     def _local(self, path: Path) -> tuple[Path, str]:
-        """A regular file as it is (hashed), a block device copied into scratch."""
+        """A regular file or a block device as it is, hashed (the writer reads either)."""
         if path.is_file():
             return path, hash_file(path, self.ctx.cancel)[0]
-        copied, digest, allowance = _copy_device(self.ctx, path)
-        self._cleanup.append(allowance.release)
-        self._cleanup.append(lambda: _drop(self.ctx, copied))
-        return copied, digest
+        return path, _hash_device(self.ctx, path)
 
 
 def _drop(ctx: StepContext, path: Path) -> None:
     if path.exists():
         path.unlink()
         ctx.ledger_removed(path)
+
+
+def _size(path: Path) -> int:
+    """Bytes of a regular file or a block device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)

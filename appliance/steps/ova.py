@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..image.formats import OUTPUT_FORMATS
-from ..image.ova import convert_ova, output_names
+from ..image.ova import convert_ova, output_names, unpack_ova
 from ..workflow.step import Step, StepContext
 
 
@@ -64,4 +64,38 @@ class OvaConvertStep(Step):
             "format": format,
             "scratch_bytes": Path(source).stat().st_size if Path(source).is_file() else 0,
             "writes": str(output_names(Path(target), 1)[0]),
+        }
+
+
+class OvaOpenStep(Step):
+    """``ova.open``: the disk an import goes on with. A fetched file claimed as ``ova`` is unpacked into
+    the task's scratch (:func:`appliance.image.ova.unpack_ova`: every member checked, the OVF parsed
+    under the sandbox policy, every ``.mf`` digest verified, every disk inspected); its boot disk (the
+    one the OVF marks, else the first) is what the import inspects, validates and stores, and the
+    others are recorded (``data_disks``: name, capacity, format, sha256); the unpacked files go with
+    the task's scratch directory. Any other claim passes the
+    file through unchanged (``ova`` is null)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["path"],
+        "properties": {
+            "path": {"type": "string", "minLength": 1},
+            "format": {"type": ["string", "null"]},
+        },
+    }
+
+    def run(self, ctx: StepContext, path: str, format: str | None = None) -> dict[str, Any]:
+        if (format or "").lower() != "ova":
+            return {"path": path, "format": format, "ova": None, "data_disks": []}
+        directory = ctx.workdir / "ova"
+        with open(path, "rb") as src:
+            pkg = unpack_ova(src, directory, config=ctx.config, cancel=ctx.cancel)
+        boot, *others = pkg.disks
+        return {
+            "path": str(boot.path),
+            "format": boot.inspection.format if boot.inspection else None,
+            "ova": pkg.to_dict(),
+            "data_disks": [d.to_dict() for d in others],
         }

@@ -616,6 +616,59 @@ class StreamingExportWriter:
         location = {k: v for k, v in result.location.items() if k != "type"}
         return location | {"format": result.format, "seconds": round(result.seconds, 3)}
 
+    def write_ova(
+        self,
+        sources: list[Path],
+        *,
+        name: str,
+        bucket: str,
+        key: str,
+        workdir: Path,
+        metadata: Mapping[str, str],
+        firmware: str = "bios",
+        platform: str = "linux",
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        fence: Callable[[], None] | None = None,
+        ledger: partials.Ledger | None = None,
+    ) -> dict[str, Any]:
+        """The disks ``sources`` (boot disk first) as one OVA of VM ``name`` (:func:`export_ova`: the
+        VMDKs in ``workdir``, then the tar streamed) to ``s3://bucket/key``; returns
+        ``{bucket, key, etag, sha256, size, parts, format: "ova", seconds, disks, firmware}``."""
+        dest = S3Destination(
+            self.client,
+            bucket,
+            key,
+            part_size=self.part_size,
+            threads=self.threads,
+            metadata=dict(metadata),
+            cancel=cancel,
+            fence=fence,
+        )
+        try:
+            result = export_ova(
+                [OvaSource(p) for p in sources],
+                dest,
+                name=name,
+                config=self.config,
+                workdir=workdir,
+                firmware=firmware,
+                platform=platform,
+                on_progress=on_progress,
+                cancel=cancel,
+                ledger=ledger,
+            )
+        except BaseException:
+            self.remove(bucket, key)
+            raise
+        location = {k: v for k, v in result.location.items() if k != "type"}
+        return location | {
+            "format": "ova",
+            "seconds": round(result.seconds, 3),
+            "disks": result.disks,
+            "firmware": firmware,
+        }
+
     def remove(self, bucket: str, key: str) -> None:
         """Delete the object and abort every incomplete multipart upload of its key (gone already: fine)."""
         try:

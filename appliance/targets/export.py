@@ -1,14 +1,12 @@
 """Export writers: "write this source disk as format F to S3 key K, report progress, abort cleanly".
 
 :class:`ExportWriter` is the interface the export step (:mod:`appliance.steps.export`) writes
-through; :func:`get_export_writer` picks the implementation. The first one,
-:class:`QemuImgExportWriter`, converts the RAW source with ``qemu-img convert -f raw`` to a
-scratch file (VMDK as ``subformat=streamOptimized``, VHD as a dynamic ``vpc``; RAW from a regular
-file is uploaded as it is) under the sandbox policy (:func:`appliance.image.convert.convert_image`
-runs qemu-img confined and re-inspects its output), then uploads it with the S3 image target's
-multipart upload (sha256 user metadata, parts hashed as sent, the upload aborted on any failure or
-cancel). The streaming writers (stream-VMDK writer, VHD writer, parallel multipart upload with
-verified ETags) replace this implementation behind the same interface.
+through; :func:`get_export_writer` picks the implementation: the streaming writer
+(:class:`appliance.targets.diskexport.StreamingExportWriter`). A VMDK (streamOptimized, grains
+deflated in a thread pool) or RAW export streams straight from the source disk into a parallel
+multipart upload (verified ETags, the sha256 as user metadata) with no scratch copy; a VHD goes
+through ``qemu-img convert -O vpc`` into scratch first (:data:`SCRATCH_FORMATS`). Part size and
+upload threads are those of the user's buckets, ``sources.s3.part_size`` / ``threads``.
 
 :meth:`ExportWriter.remove` deletes the object and aborts every incomplete multipart upload of its
 key: what a cancelled or failed export, or the undo of a finished one, leaves behind is nothing.
@@ -21,18 +19,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..config import Config
-from ..image.convert import convert_image
+from ..config import Config, parse_size
+from ..errors import ConfigError
 from ..partials import Ledger
-from ..progress import Progress, ProgressCallback
-from .s3 import S3ImageTarget
+from ..progress import ProgressCallback
+from .diskexport import StreamingExportWriter
+from .s3stream import MIN_PART
 
-#: DiskImageFormat (lower-case) → (qemu-img output format, subformat)
-QEMU_FORMATS: dict[str, tuple[str, str | None]] = {
-    "vmdk": ("vmdk", None),  # convert_image writes VMDK as subformat=streamOptimized
-    "vhd": ("vhd", "dynamic"),
-    "raw": ("raw", None),
-}
+#: the disk formats whose export needs a scratch copy of the output (qemu-img writes the VHD there
+#: before it is uploaded); VMDK and RAW stream with no scratch at all
+SCRATCH_FORMATS = ("vhd",)
+
+
+def scratch_needed(disk_format: str, size: int) -> int:
+    """Bytes of scratch the export of a ``size``-byte disk as ``disk_format`` writes: a dynamic VHD
+    stays within the disk's size plus its metadata (BAT, bitmaps, footer); nothing for VMDK/RAW."""
+    if disk_format.lower() in SCRATCH_FORMATS:
+        return size + size // 64 + (1 << 20)
+    return 0
 
 
 @runtime_checkable
@@ -55,7 +59,7 @@ class ExportWriter(Protocol):
     ) -> dict[str, Any]:
         """Write the RAW disk ``source`` (a file or a block device) as ``disk_format`` (``vmdk``,
         ``vhd``, ``raw``) to ``s3://bucket/key`` with user ``metadata`` (plus ``sha256``); returns
-        ``{bucket, key, etag, sha256, size, format, conversion}``. Intermediates go to ``workdir``
+        ``{bucket, key, etag, sha256, size, format, …}``. Intermediates go to ``workdir``
         (announced to ``ledger``) and are gone when this returns or raises. On any failure or
         ``cancel`` nothing is left in the bucket: no object, no incomplete multipart upload.
         ``fence`` is called right before the object is published."""
@@ -66,101 +70,17 @@ class ExportWriter(Protocol):
         ...
 
 
-class _KeyedS3Target(S3ImageTarget):
-    """The S3 image target's upload, to one given key of a given bucket."""
-
-    def __init__(self, settings: Mapping[str, Any], bucket: str, key: str) -> None:
-        super().__init__(dict(settings) | {"bucket": bucket, "prefix": ""})
-        self._key = key
-
-    def key_for(self, task_id: str, format: str) -> str:
-        return self._key
+def ova_scratch_needed(size: int) -> int:
+    """Bytes of scratch an OVA export of a ``size``-byte disk writes: its streamOptimized VMDK (at
+    most the disk's size plus grain markers and tables) before the tar is streamed."""
+    return size + size // 64 + (1 << 20)
 
 
-class QemuImgExportWriter:
-    """qemu-img to a scratch file, then the S3 multipart upload (see the module docstring)."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        #: boto3 settings for the user's buckets: the same as for S3 sources (endpoint, keys)
-        self.s3_settings = dict(config.sources.s3)
-
-    def _target(self, bucket: str, key: str) -> _KeyedS3Target:
-        return _KeyedS3Target(self.s3_settings, bucket, key)
-
-    def write(
-        self,
-        source: Path,
-        *,
-        disk_format: str,
-        bucket: str,
-        key: str,
-        workdir: Path,
-        metadata: Mapping[str, str],
-        on_progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-        fence: Callable[[], None] | None = None,
-        ledger: Ledger | None = None,
-    ) -> dict[str, Any]:
-        fmt, subformat = QEMU_FORMATS[disk_format.lower()]
-        target = self._target(bucket, key)
-        converted: Path | None = None
-        conversion: dict[str, Any] | None = None
-        try:
-            if fmt == "raw" and source.is_file():
-                upload = source
-            else:
-                converted = workdir / f"export.{fmt}"
-
-                def converting(p: Progress) -> None:
-                    if on_progress is not None:
-                        on_progress(Progress("converting", p.done, p.total, p.percent, p.rate, p.eta))
-
-                result = convert_image(
-                    source,
-                    converted,
-                    fmt,
-                    "raw",
-                    config=self.config,
-                    workdir=workdir,
-                    subformat=subformat,
-                    on_progress=converting,
-                    cancel=cancel,
-                    ledger=ledger,
-                )
-                upload = result.dst
-                conversion = {
-                    "command": result.command,
-                    "seconds": round(result.seconds, 3),
-                    "subformat": result.subformat,
-                    "bytes": result.output.actual_size,
-                }
-            stored = target.store(
-                key,
-                upload,
-                format=fmt,
-                on_progress=on_progress,
-                cancel=cancel,
-                fence=fence,
-                metadata=metadata,
-            )
-        except BaseException:
-            # the upload aborted itself; an object completed before a late failure goes too
-            self.remove(bucket, key)
-            raise
-        finally:
-            if converted is not None and converted.exists():
-                converted.unlink()
-                if ledger is not None:
-                    ledger.ledger_removed(converted)
-        stored.pop("type", None)
-        stored.pop("encryption", None)
-        return stored | {"format": disk_format.lower(), "conversion": conversion}
-
-    def remove(self, bucket: str, key: str) -> None:
-        self._target(bucket, key).delete({"bucket": bucket, "key": key})
-
-
-def get_export_writer(config: Config) -> ExportWriter:
-    """The export writer of this appliance."""
-    return QemuImgExportWriter(config)
+def get_export_writer(config: Config) -> StreamingExportWriter:
+    """The export writer of this appliance: the streaming writer, with the part size and upload
+    threads of ``sources.s3`` (defaults 64 MiB, 4)."""
+    settings = config.sources.s3
+    part_size = parse_size(settings.get("part_size", "64MiB"))
+    if part_size < MIN_PART:
+        raise ConfigError(f"sources.s3.part_size: {part_size} is below S3's minimum of 5 MiB")
+    return StreamingExportWriter(config, part_size=part_size, threads=int(settings.get("threads", 4)))

@@ -14,6 +14,8 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
+from appliance import config as config_mod
+from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
 from tests import guestfactory
 from tests.api.e2e_support import Appliance, admin_task, wait_for
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
@@ -218,10 +220,10 @@ def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
                 "--target-environment",
                 "vmware",
                 "--export-to-s3-task",
-                f"DiskImageFormat=VMDK,ContainerFormat=ova,S3Bucket={bucket},S3Prefix=vms/",
+                f"DiskImageFormat=RAW,ContainerFormat=ova,S3Bucket={bucket},S3Prefix=vms/",
             ],
             "InvalidParameterValue",
-        ),  # the OVA container is refused until the OVA writer exists
+        ),  # an OVA holds VMDK disks only
         (
             [
                 "create-instance-export-task",
@@ -247,3 +249,45 @@ def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
         assert r.returncode != 0 and f"({code})" in r.stderr, (argv, r.stderr)
     r = subprocess.run([*aws, "describe-export-tasks"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(r.stdout) == {"ExportTasks": []}
+
+
+def test_an_ova_imports_with_boto3_its_boot_disk_becoming_the_image(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # a two-disk OVA written by the project's OVA writer: ImportImage Format=ova stores the boot
+    # disk (qemu-img compare with the original) and records the data disk
+    boot = guestfactory.linux_disk(tmp_path)
+    data = tmp_path / "data.raw"
+    data.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
+    ova = tmp_path / "vm.ova"
+    (tmp_path / "ova-work").mkdir()
+    export_ova(
+        [OvaSource(boot), OvaSource(data)],
+        FileDestination(ova),
+        name="vm",
+        config=config_mod.load(appliance.config),
+        workdir=tmp_path / "ova-work",
+    )
+    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}]
+    )["ImportTaskId"]
+
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the OVA import")
+    assert status()["Status"] == "completed", status()
+    result = admin_task(appliance, task_id)["task"]["result"]
+    stored = Path(result["disk"]["stored"]["path"])
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    opened = result["disk"]["opened"]
+    assert [d["name"] for d in opened["ova"]["disks"]] == ["vm-disk1.vmdk", "vm-disk2.vmdk"]
+    assert opened["ova"]["manifest_verified"]
+    [second] = opened["data_disks"]
+    assert second["capacity"] == data.stat().st_size and second["format"] == "vmdk"

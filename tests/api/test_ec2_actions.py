@@ -274,7 +274,7 @@ def test_dry_run_answers_412_and_creates_nothing(appliance: Appliance) -> None:
         (lambda ec2: new_volume(ec2, AvailabilityZoneId="use1-az1"), "InvalidParameterValue"),
         (
             lambda ec2: ec2.import_image(
-                DiskContainers=[{"Format": "OVA", "Url": f"{MANIFEST_BASE}/b/x.ova"}]
+                DiskContainers=[{"Format": "QCOW2", "Url": f"{MANIFEST_BASE}/b/x.qcow2"}]
             ),
             "InvalidParameterValue",
         ),

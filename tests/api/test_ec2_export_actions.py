@@ -6,7 +6,11 @@ them on through the store. The round trip with the worker is test_e2e_export.py.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +223,74 @@ def test_create_instance_export_task_of_a_cloud_instance_and_its_cancel(
     with pytest.raises(ClientError) as info:
         other.describe_export_tasks(ExportTaskIds=[task_id])
     assert code_of(info) == "InvalidExportTaskID.NotFound"
+
+
+def test_create_instance_export_task_with_the_ova_container_through_boto3_and_the_aws_cli(
+    cloud_appliance: tuple[Appliance, Any, str],
+) -> None:
+    # ContainerFormat=ova (VMDK disks) is taken and the object's key ends in .ova; the written OVA
+    # itself is read back in tests/appliance/service/test_exports.py
+    appliance, _cloud, instance_id = cloud_appliance
+    task = appliance.ec2.create_instance_export_task(
+        InstanceId=instance_id,
+        TargetEnvironment="vmware",
+        ExportToS3Task={
+            "ContainerFormat": "ova",
+            "DiskImageFormat": "VMDK",
+            "S3Bucket": "exports",
+            "S3Prefix": "vms/",
+        },
+    )["ExportTask"]
+    task_id = task["ExportTaskId"]
+    assert task["ExportToS3Task"] == {
+        "ContainerFormat": "ova",
+        "DiskImageFormat": "VMDK",
+        "S3Bucket": "exports",
+        "S3Key": f"vms/{task_id}.ova",
+    }
+    assert appliance.service.store.get_task(task_id).params["container_format"] == "ova"
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    )
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "aws"),
+            "ec2",
+            "--endpoint-url",
+            appliance.endpoint,
+            "--output",
+            "json",
+            "create-instance-export-task",
+            "--instance-id",
+            instance_id,
+            "--target-environment",
+            "vmware",
+            "--export-to-s3-task",
+            "ContainerFormat=ova,DiskImageFormat=VMDK,S3Bucket=exports",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    cli_task = json.loads(out.stdout)["ExportTask"]
+    assert cli_task["ExportToS3Task"]["S3Key"] == f"{cli_task['ExportTaskId']}.ova"
+    assert cli_task["ExportToS3Task"]["ContainerFormat"] == "ova"
+    for t in (task_id, cli_task["ExportTaskId"]):
+        appliance.ec2.cancel_export_task(ExportTaskId=t)
+    # an OVA holds VMDK disks only
+    with pytest.raises(ClientError) as info:
+        appliance.ec2.create_instance_export_task(
+            InstanceId=instance_id,
+            TargetEnvironment="vmware",
+            ExportToS3Task={"ContainerFormat": "ova", "DiskImageFormat": "RAW", "S3Bucket": "exports"},
+        )
+    assert code_of(info) == "InvalidParameterValue"
 
 
 def test_export_image_client_token_and_dry_run(appliance: Appliance, tmp_path: Path) -> None:

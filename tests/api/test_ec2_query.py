@@ -342,10 +342,10 @@ def test_enum_case_is_normalised_where_aws_accepts_any_case() -> None:
     )
 
 
-def test_ova_is_recognised_but_refused_with_an_explanation() -> None:
-    err = error("ImportImage", {"DiskContainer.1.Format": ["ova"]})
-    assert err.code == "InvalidParameterValue"
-    assert err.message.startswith("OVA is not supported yet")
+def test_ova_is_a_disk_container_format_of_import_image() -> None:
+    parsed = query.parse("ImportImage", {"DiskContainer.1.Format": ["ova"]})
+    assert parsed["DiskContainers"][0]["Format"] == "OVA"
+    assert error("ImportImage", {"DiskContainer.1.Format": ["ovf"]}).code == "InvalidParameterValue"
 
 
 def test_uefi_preferred_boot_mode_is_refused_for_imports() -> None:

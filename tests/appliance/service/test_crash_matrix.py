@@ -209,6 +209,11 @@ NOT_INTERRUPTIBLE = {
         "kill there falls between the store's record of its start and of its end, which a resume treats "
         "like a kill right after the previous step (interrupted at every other step here)"
     ),
+    "ova.open": (
+        "no variant here imports an OVA: for every other disk the step passes its arguments through in "
+        "memory, like util.echo (an OVA import's unpack is tested in tests/api/test_e2e_export.py, not "
+        "interrupted)"
+    ),
     "util.fail": (
         "import-volume's check-volume-in-place is skipped (its `when` is false) unless a hook replaced the "
         "volume, which fails the task on purpose: a skipped step does nothing to interrupt"

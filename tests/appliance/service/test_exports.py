@@ -6,8 +6,10 @@ The HTTP API (botocore parsing, the AWS CLI) is tested on top of this in tests/a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound
+from appliance.image.ova import unpack_ova
 from appliance.service.exports import ExportService, object_key
 from appliance.service.imports import Caller, DiskContainer, ImportService
 from appliance.store import Task, TaskState
@@ -304,3 +307,91 @@ def test_a_rerun_after_a_killed_upload_aborts_the_upload_it_left(
     assert (
         s3.get_object(Bucket=buckets[1], Key=object_key(task))["Body"].read() == imported["disk"].read_bytes()
     )
+
+
+@pytest.mark.parametrize(("make_disk", "firmware"), [("linux_disk", "bios"), ("uefi_disk", "efi")])
+def test_an_image_exports_as_an_ova_that_reads_back_with_the_guests_firmware(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str], make_disk: str, firmware: str
+) -> None:
+    # ImportImage validates the guest (a UEFI-only GPT disk: boot mode uefi); ExportImage with the
+    # OVA container writes S3Prefix + id + '.ova' whose OVF carries the firmware that validation found
+    cfg = stores.config(cfg_data(tmp_path, moto.endpoint), base_dir=tmp_path)
+    disk = getattr(guestfactory, make_disk)(tmp_path)
+    s3 = moto.client("s3")
+    s3.upload_file(str(disk), buckets[0], "disk.raw")
+    imports = ImportService(cfg)
+    try:
+        done = run(
+            cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+        )
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        exports = ExportService(cfg, imports.store)
+        task = exports.export_image(
+            "ami-" + done.id[-17:],
+            disk_image_format="VMDK",
+            container_format="ova",
+            bucket=buckets[1],
+            prefix="vms/",
+        )
+        finished = run(cfg, task)
+        assert finished.state is TaskState.COMPLETED, (finished.error_code, finished.error_message)
+        key = object_key(task)
+        assert key == f"vms/{task.id}.ova"
+        ova = tmp_path / "exported.ova"
+        s3.download_file(buckets[1], key, str(ova))
+        assert s3.head_object(Bucket=buckets[1], Key=key)["Metadata"]["sha256"] == (
+            hashlib.sha256(ova.read_bytes()).hexdigest()
+        )
+        # Python's tarfile: .ovf, .mf, then the disk, which qemu-img finds equal to the original
+        with tarfile.open(ova) as tar:
+            names = tar.getnames()
+            assert [n.rsplit(".", 1)[-1] for n in names] == ["ovf", "mf", "vmdk"]
+            extracted = tmp_path / "extracted.vmdk"
+            member = tar.extractfile(names[2])
+            assert member is not None
+            extracted.write_bytes(member.read())
+        compared = qemu_compare(disk, extracted, "vmdk")
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        # the project's OVA reader: manifest verified, firmware as the guest validation said
+        with open(ova, "rb") as f:
+            pkg = unpack_ova(f, tmp_path / "unpacked", config=cfg)
+        try:
+            assert pkg.manifest_verified and pkg.ovf.firmware == firmware
+            [read_disk] = pkg.disks
+            assert read_disk.capacity == disk.stat().st_size
+            compared = qemu_compare(disk, read_disk.path, "vmdk")
+            assert compared.returncode == 0, compared.stdout + compared.stderr
+        finally:
+            pkg.remove()
+        assert finished.result["exported"]["firmware"] == firmware
+        assert finished.result["exported"]["provenance"]["firmware"] == firmware
+        # nothing left in scratch
+        assert not list((tmp_path / "state").rglob("*.vmdk"))
+    finally:
+        imports.store.close()
+
+
+def test_the_ova_container_takes_only_vmdk_disks(imported: dict[str, Any], buckets: tuple[str, str]) -> None:
+    exports = ExportService(imported["cfg"], imported["store"])
+    with pytest.raises(ImagingError) as exc:
+        exports.export_image(
+            imported["image_id"], disk_image_format="RAW", container_format="ova", bucket=buckets[1]
+        )
+    assert exc.value.code == "InvalidParameterValue"
+
+
+def test_a_vmdk_export_streams_with_no_scratch_reserved(
+    imported: dict[str, Any], buckets: tuple[str, str], moto: MotoServer, tmp_path: Path
+) -> None:
+    # scratch smaller than the 25 MiB disk: the stream-VMDK writer reads the stored image and uploads
+    # as it deflates, so the export needs none (a scratch copy of the output would not fit)
+    cfg = imported["cfg"]
+    small = dataclasses.replace(cfg, scratch=dataclasses.replace(cfg.scratch, quota=4 * MiB))
+    exports = ExportService(small, imported["store"])
+    task = exports.export_image(imported["image_id"], disk_image_format="VMDK", bucket=buckets[1])
+    done = run(small, task)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    exported = tmp_path / "exported.vmdk"
+    moto.client("s3").download_file(buckets[1], object_key(task), str(exported))
+    compared = qemu_compare(imported["disk"], exported, "vmdk")
+    assert compared.returncode == 0, compared.stdout + compared.stderr
