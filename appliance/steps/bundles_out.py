@@ -25,7 +25,7 @@ from ..sources.bundle_manifest import configured_cloud_key
 from ..sources.euca_manifest import cloud_keys
 from ..sources.urlfilter import UrlPolicy
 from ..targets.bundle import ARCHITECTURES, BundleKeys, MachineConfiguration, S3Sink, write_bundle
-from ..targets.upload_policy import ACLS
+from ..targets.upload_policy import ACLS, read_upload_policy
 from ..workflow.step import Step, StepContext
 from .export import Readable
 
@@ -70,6 +70,11 @@ class BundleWriteStep(Step):
             "architecture": {"type": "string", "enum": list(ARCHITECTURES)},
             "kernel_id": {"type": ["string", "null"]},
             "ramdisk_id": {"type": ["string", "null"]},
+            "upload_policy": {
+                "type": "string",
+                "description": "the verified upload policy (base64) the bundle is written under: its "
+                "expiration and size limit are enforced at every object",
+            },
         },
     }
 
@@ -86,9 +91,16 @@ class BundleWriteStep(Step):
         architecture: str = "x86_64",
         kernel_id: str | None = None,
         ramdisk_id: str | None = None,
+        upload_policy: str = "",
     ) -> dict[str, Any]:
         keys = bundle_keys(ctx.config)
-        sink = S3Sink(_s3(ctx.config), bucket, key_prefix, acl)
+        # checked again here: the policy may have expired while the task was queued
+        policy = (
+            read_upload_policy(upload_policy, bucket=bucket, prefix=key_prefix + prefix)
+            if upload_policy
+            else None
+        )
+        sink = S3Sink(_s3(ctx.config), bucket, key_prefix, acl, policy=policy)
         if source is not None:
             leftovers = ctx.load_checkpoint() or {}
             Readable.remove_leftovers(ctx, leftovers)

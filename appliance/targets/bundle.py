@@ -26,6 +26,7 @@ import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from xml.sax.saxutils import escape
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import Cancelled, UsageError
 from ..partials import partial_file, publish
+from .upload_policy import UploadPolicy, UploadPolicyInvalid
 
 PART_SIZE = 10 * 1024 * 1024
 RECORD_SIZE = 10240
@@ -287,14 +289,39 @@ class DirectorySink:
 
 
 class S3Sink:
-    """``put_object`` of each file under ``bucket``/``key_prefix`` with ``acl`` (a botocore S3 client)."""
+    """``put_object`` of each file under ``bucket``/``key_prefix`` with ``acl`` (a botocore S3 client).
 
-    def __init__(self, client: Any, bucket: str, key_prefix: str = "", acl: str | None = None) -> None:
+    ``policy``: the upload policy the bundle is written under (BundleInstance). The appliance uploads
+    with its own credentials, so what S3 would enforce for a policy upload is enforced here, at every
+    object: the policy's expiration and its ``content-length-range`` maximum."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key_prefix: str = "",
+        acl: str | None = None,
+        *,
+        policy: UploadPolicy | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.client, self.bucket, self.key_prefix, self.acl = client, bucket, key_prefix, acl
+        self.policy, self.now = policy, now
         self.written: list[str] = []
 
     def put(self, name: str, data: bytes) -> None:
         key = self.key_prefix + name
+        if self.policy is not None:
+            if self.now() >= self.policy.expiration:
+                raise UploadPolicyInvalid(
+                    "Expired",
+                    f"the upload policy expired at {self.policy.expiration.isoformat()} before {key} went up",
+                )
+            if self.policy.max_length is not None and len(data) > self.policy.max_length:
+                raise UploadPolicyInvalid(
+                    "Size",
+                    f"{key} is {len(data)} bytes; the upload policy allows at most {self.policy.max_length}",
+                )
         extra: dict[str, Any] = {"ACL": self.acl} if self.acl else {}
         self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
         self.written.append(key)

@@ -113,6 +113,17 @@ def check_upload_policy(
             "the upload policy's signature does not verify with the secret of its AWSAccessKeyId: it was "
             "forged or changed after it was signed",
         )
+    return read_upload_policy(policy_b64, bucket=bucket, prefix=prefix, now=now)
+
+
+def read_upload_policy(
+    policy_b64: str, *, bucket: str, prefix: str, now: datetime | None = None
+) -> UploadPolicy:
+    """The grant of a policy whose signature :func:`check_upload_policy` verified (the worker reads the
+    policy a queued BundleInstance kept, to enforce it while uploading); :class:`UploadPolicyInvalid`
+    as there, the signature aside."""
+    if len(policy_b64) > MAX_POLICY_BYTES * 2:
+        raise UploadPolicyInvalid("Malformed", "the upload policy is too large")
     try:
         doc = json.loads(base64.b64decode(policy_b64, validate=True))
     except (binascii.Error, ValueError):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from appliance.sources.bundle_manifest import load_private_key, load_public_keys
 from appliance.sources.euca_manifest import load_certificates
 from appliance.sources.urlfilter import UrlPolicy
 from appliance.targets.bundle import BundleKeys, DirectorySink, MachineConfiguration, S3Sink, write_bundle
+from appliance.targets.upload_policy import UploadPolicy, UploadPolicyInvalid
 from tests.bundlefactory import KeyPair, make_keypair, unbundle_independently
 from tests.servers import MotoServer
 
@@ -176,3 +178,35 @@ def test_imaging_bundle_cli_writes_a_bundle_the_reference_steps_unbundle(
     assert summary["manifest"] == "disk.raw.manifest.xml" and summary["signed"] is True
     manifest = tmp_path / "out" / "disk.raw.manifest.xml"
     assert unbundle_independently(manifest, keys["cloud"].key, keys["user"].cert) == image
+
+
+def test_an_upload_policy_that_expires_mid_bundle_or_is_too_small_stops_the_upload(
+    moto: MotoServer, keys: dict[str, KeyPair]
+) -> None:
+    # the appliance uploads with its own credentials: what S3 enforces for a policy upload is enforced
+    # by the sink, at every object
+    image = _disk(4 << 20)
+    bucket = f"out-{uuid.uuid4().hex[:12]}"
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    start = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    clock = [start]
+
+    def now() -> datetime:
+        clock[0] += timedelta(minutes=1)  # one minute per object
+        return clock[0]
+
+    policy = UploadPolicy(bucket, "p", "aws-exec-read", start + timedelta(minutes=2, seconds=30), None)
+    sink = S3Sink(s3, bucket, "", "aws-exec-read", policy=policy, now=now)
+    with pytest.raises(UploadPolicyInvalid) as info:
+        write_bundle(io.BytesIO(image), len(image), "p", _keys(keys), sink, user="1", part_size=1 << 20)
+    assert info.value.code == "UploadPolicyInvalid.Expired"
+    assert len(sink.written) == 2  # two objects went up before the policy expired, the third did not
+    sink.remove()
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+
+    small = UploadPolicy(bucket, "p", "aws-exec-read", start + timedelta(days=1), 1000)
+    sink = S3Sink(s3, bucket, "", "aws-exec-read", policy=small, now=lambda: start)
+    with pytest.raises(UploadPolicyInvalid) as info:
+        write_bundle(io.BytesIO(image), len(image), "p", _keys(keys), sink, user="1", part_size=1 << 20)
+    assert info.value.code == "UploadPolicyInvalid.Size" and sink.written == []
