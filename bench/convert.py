@@ -12,7 +12,7 @@ repeated. Reported: the median
 of ``--runs`` for each variant, their ratio (goal <= 1.05: the toolkit's inspection, flush and
 output check cost at most 5 %) and throughput in MB/s of data.
 
-    .venv/bin/python bench/convert.py            # 4 GiB disk, 3 runs, four input formats
+    .venv/bin/python bench/convert.py            # 4 GiB disk, 7 runs, four input formats
     .venv/bin/python bench/convert.py --quick    # 256 MiB disk, 1 run: a smoke test
 """
 
@@ -457,7 +457,7 @@ def measure(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="4GiB", help="virtual size of the test disk (default 4GiB)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per variant; the median is reported")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per variant; the median is reported")
     p.add_argument(
         "--formats",
         default=",".join(DEFAULT_FORMATS),
