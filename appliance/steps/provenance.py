@@ -255,18 +255,32 @@ def _source_entry(disk: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _from_include(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``disks`` item from the registered result of an ``import-disk`` include."""
+    opened = result.get("opened") if isinstance(result.get("opened"), Mapping) else {}
+    return {
+        "source": result.get("fetched"),
+        "ova": (opened or {}).get("ova"),
+        "output": result.get("stored"),
+    }
+
+
 class ProvenanceRecordStep(Step):
     """``provenance.record``: the import's provenance record (see the module docstring), last step of
     an import workflow. ``disks``: per disk, ``source`` (the ``source.fetch`` result, or the volume
     import's result whose ``source`` is the streamed digest), ``ova`` (``ova.open``'s package, when the
     source was an OVA), ``output`` (the image target's location, whose ``sha256`` it computed) or
-    ``volume`` (a volume, hashed here by one read), and ``expected_sha256`` (the user's)."""
+    ``volume`` (a volume, hashed here by one read), and ``expected_sha256`` (the user's).
+    ``imported``: more disks, each the registered result of an ``import-disk`` include (its
+    ``fetched``, ``opened`` and ``stored``), listed after ``disks`` — what a per-disk loop registers
+    (``imported: "{{ data_disks }}"``)."""
 
     schema = {
         "type": "object",
         "additionalProperties": False,
         "required": ["disks"],
         "properties": {
+            "imported": {"type": "array", "items": {"type": "object"}},
             "disks": {
                 "type": "array",
                 "items": {
@@ -284,7 +298,10 @@ class ProvenanceRecordStep(Step):
         },
     }
 
-    def run(self, ctx: StepContext, disks: list[dict[str, Any]]) -> dict[str, Any]:
+    def run(
+        self, ctx: StepContext, disks: list[dict[str, Any]], imported: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        disks = [*disks, *(_from_include(r) for r in imported or [])]
         sources: list[dict[str, Any]] = []
         outputs: list[dict[str, Any]] = []
         for disk in disks:
@@ -329,5 +346,7 @@ class ProvenanceRecordStep(Step):
         entry["digest_method"] = READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
         return entry
 
-    def plan(self, ctx: StepContext, disks: list[dict[str, Any]]) -> dict[str, Any]:
+    def plan(
+        self, ctx: StepContext, disks: list[dict[str, Any]], imported: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         return {"records": "the import's provenance (source and output digests, tools, timings)"}
