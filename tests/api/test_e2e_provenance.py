@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
+from appliance import config as config_mod
+from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
 from tests import guestfactory
 from tests.api.e2e_support import Appliance, admin_task, conversion_task, running_appliance, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
@@ -191,6 +194,46 @@ def test_import_volume_records_the_upload_sha256_its_part_md5s_and_the_volume_sh
     assert output["sha256"] == sha256sum(appliance.volume_file(volume_id))
     assert output["size"] == 1 << 30
     assert "one read of the volume" in output["digest_method"]
+
+
+def test_import_image_of_an_ova_records_the_members_its_manifest_verified(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    ova = tmp_path / "vm.ova"
+    (tmp_path / "ova-work").mkdir()
+    export_ova(
+        [OvaSource(boot)],
+        FileDestination(ova),
+        name="vm",
+        config=config_mod.load(appliance.config),
+        workdir=tmp_path / "ova-work",
+    )
+    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
+    digest = sha256sum(ova)
+    task_id = appliance.ec2.import_image(
+        Description=f"vm [imaging:sha256={digest}]",
+        DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}],
+    )["ImportTaskId"]
+
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the OVA import")
+    assert status()["Status"] == "completed", status()
+    shown = admin_task(appliance, task_id)
+    source = shown["provenance"]["source"]
+    assert source["sha256"] == source["expected_sha256"] == digest  # the OVA's tar, as uploaded
+    with tarfile.open(ova) as tar:
+        members = {
+            m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if not m.name.endswith(".mf")
+        }
+    mf = {c["member"]: c["sha256"] for c in source["checked"] if c["what"] == "ova-mf"}
+    assert mf == members and set(mf) == {"vm.ovf", "vm-disk1.vmdk"}
+    stored = Path(shown["task"]["result"]["disk"]["stored"]["path"])
+    assert shown["provenance"]["output"]["sha256"] == sha256sum(stored)
 
 
 # -- the expected digest -----------------------------------------------------------------------------
