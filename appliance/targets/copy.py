@@ -437,6 +437,20 @@ def _server_side_copy(
     part = min(part, MAX_COPY_PART)
     copying = _tracker("copying", size, on_progress)
     completed = False
+    changed = SourceDigestMismatch(
+        f"the stored image s3://{location['bucket']}/{location['key']} changed while it was copied (its "
+        "ETag is no longer that of the bytes verified); nothing was copied"
+    )
+
+    def source_changed() -> bool:
+        """Whether the source's ETag is no longer the one read (a store that ignores
+        CopySourceIfMatch, as moto does, still cannot hand over a copy of a replaced source)."""
+        try:
+            now = client.head_object(Bucket=location["bucket"], Key=location["key"])
+        except Exception:
+            return True
+        return bool(etag) and str(now.get("ETag")) != etag
+
     try:
         parts = []
         for number, start in enumerate(range(0, size, part), 1):
@@ -458,11 +472,8 @@ def _server_side_copy(
                     _abort(client, bucket, key, upload_id)
                     upload_id = ""
                     return None
-                if code == "PreconditionFailed":
-                    raise SourceDigestMismatch(
-                        f"the stored image s3://{location['bucket']}/{location['key']} changed while it "
-                        "was copied (its ETag is no longer that of the bytes verified); nothing was copied"
-                    ) from exc
+                if code == "PreconditionFailed" or source_changed():
+                    raise changed from exc
                 raise _s3_failure(f"UploadPartCopy {number} of {where}", exc) from exc
             parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
             copying.update(end + 1)
@@ -474,11 +485,15 @@ def _server_side_copy(
                 Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
         except Exception as exc:
+            if source_changed():
+                raise changed from exc
             raise _s3_failure(f"CompleteMultipartUpload {where}", exc) from exc
         completed = True
         head = client.head_object(Bucket=bucket, Key=key)
         if int(head["ContentLength"]) != size or (head.get("Metadata") or {}).get("sha256") != source_sha256:
             raise TargetError(f"{where}: the copy is not the object that was verified", "CopyFailed")
+        if source_changed():
+            raise changed
     except BaseException:
         if upload_id and not completed:
             _abort(client, bucket, key, upload_id)

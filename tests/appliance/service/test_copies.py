@@ -318,3 +318,36 @@ def test_unknown_and_other_accounts_ids_are_refused_and_nothing_is_queued(
             call()
         assert exc.value.code == code
     assert on_file["store"].list_tasks(kind=["copy-image"]) == []
+
+
+def test_a_source_replaced_during_a_server_side_copy_fails_and_leaves_nothing(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
+) -> None:
+    # the first UploadPartCopy is held after the source was read and verified; meanwhile the stored
+    # object is overwritten: the copy S3 made is not of the verified bytes and must not be kept
+    with StallingProxy(moto.endpoint) as proxy:
+        data = image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB")
+        cfg = stores.config(data, base_dir=tmp_path)
+        done, imports = import_snapshot(cfg, moto, buckets[0], make_disk(tmp_path / "disk.raw"))
+        try:
+            copies = CopyService(cfg, imports.store)
+            task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}")
+            proxy.arm_request("PUT", "partNumber=1")
+            out: list[Task] = []
+            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
+            thread.start()
+            wait_until(lambda: proxy.stalled_on("partNumber=1") >= 1, what="the first part copy to be held")
+            s3 = moto.client("s3")
+            stored = done.result["disk"]["stored"]
+            # as large as before, so every part copy and the completion succeed: only the ETag tells
+            s3.put_object(
+                Bucket=stored["bucket"], Key=stored["key"], Body=b"replaced" * (stored["size"] // 8)
+            )
+            proxy.release()
+            thread.join(timeout=120)
+            assert out and out[0].state is TaskState.FAILED, out
+            assert out[0].error_code == "Source.DigestMismatch", out[0].error_message
+            assert s3.list_objects_v2(Bucket=buckets[2]).get("KeyCount") == 0
+            assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
+        finally:
+            imports.store.close()
