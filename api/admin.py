@@ -1,7 +1,10 @@
-"""The JSON admin API (``/v1/…``): health, discovery, tasks, metrics and its own OpenAPI document.
+"""The JSON admin API (``/v1/…``): health, discovery, tasks, metrics, images and their copies, and its
+own OpenAPI document.
 
-Resources only read the appliance's configuration and task database and render them; every rule
-(task states, limits, formats) comes from :mod:`appliance`. ``auth_required = False`` marks the
+Resources read the appliance's configuration and task database and render them; the two that act
+(``POST /v1/images/{id}/copies``, ``POST /v1/tasks/{id}/cancel``) hand the request to
+:mod:`appliance.service.copies` / the store. Every rule (task states, limits, formats, what a copy
+destination may be) comes from :mod:`appliance`. ``auth_required = False`` marks the
 resources a load balancer or a client must reach without credentials (see :mod:`api.app`).
 
 The task routes show a key with ``role: admin`` every account's tasks and any other key its own
@@ -29,6 +32,7 @@ from appliance.image import formats
 from appliance.redact import redact
 from appliance.service import health as health_mod
 from appliance.service import imports
+from appliance.service.copies import CopyService
 from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
 from appliance.service.provenance import provenance_of
 from appliance.sources import methods
@@ -385,3 +389,90 @@ class MetricsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.text = metrics_mod.metrics_text(self._stores.get(), app_version())
         resp.content_type = metrics_mod.CONTENT_TYPE
+
+
+#: the members a ``POST /v1/images/{id}/copies`` body may have
+_COPY_MEMBERS = ("to", "endpoint")
+
+
+def _json_body(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
+    """The request's JSON object body (at most ``max_bytes``); ``InvalidParameterValue`` otherwise."""
+    length = req.content_length
+    if length is None or length > max_bytes:
+        raise UsageError(f"the body must be a JSON object of at most {max_bytes} bytes, with Content-Length")
+    try:
+        body = json.loads(req.bounded_stream.read(length) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object")
+    return body
+
+
+def image_document(image: dict[str, Any]) -> dict[str, Any]:
+    """An image as ``GET /v1/images/{id}`` shows it: its id, the import that stored it, its locations."""
+    return {
+        "id": image["id"],
+        "task_id": image["task_id"],
+        "size": image.get("size"),
+        "locations": image.get("locations") or [image["location"]],
+    }
+
+
+class ImageResource:
+    """``GET /v1/images/{image_id}``: an image or snapshot the appliance stored, with every location
+    (where its import stored it, then each completed copy)."""
+
+    def __init__(self, config: Config, stores: StoreHandle) -> None:
+        self._config = config
+        self._stores = stores
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        copies = CopyService(self._config, self._stores.get())
+        resp.media = image_document(copies.resolve(image_id, req.context.accounts))
+
+
+class ImageCopiesResource:
+    """``POST /v1/images/{image_id}/copies``: queue a copy-image task; 202 with the task."""
+
+    def __init__(self, config: Config, stores: StoreHandle) -> None:
+        self._config = config
+        self._stores = stores
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        body = _json_body(req, 64 << 10)
+        unknown = sorted(set(body) - set(_COPY_MEMBERS))
+        if unknown:
+            raise UsageError(f"unknown member {unknown[0][:64]!r}; the body takes {', '.join(_COPY_MEMBERS)}")
+        to, endpoint = body.get("to"), body.get("endpoint")
+        if not isinstance(to, str) or (endpoint is not None and not isinstance(endpoint, str)):
+            raise UsageError("to (a string: s3://BUCKET[/PREFIX], file:///DIR or image) is required")
+        copies = CopyService(self._config, self._stores.get())
+        task = copies.copy_image(
+            image_id,
+            to,
+            endpoint=endpoint,
+            sees=req.context.accounts,
+            # a file destination is a path on the appliance: the operator's (an admin key) only
+            allow_files=req.context.accounts is None,
+        )
+        resp.status = falcon.HTTP_202
+        resp.location = task_href(task.id)
+        resp.media = task_summary(task)
+
+
+class TaskCancelResource:
+    """``POST /v1/tasks/{task_id}/cancel``: ask a task the caller sees to stop (its run undoes what it
+    did: a copy leaves no file, object or incomplete upload); 202 with the task, 409 when finished."""
+
+    def __init__(self, stores: StoreHandle) -> None:
+        self._stores = stores
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        if not TASK_ID_RE.match(task_id):
+            raise UsageError(f"{task_id!r} is not a valid task id", code="InvalidTaskId.Malformed")
+        store = self._stores.get()
+        store.get_task(task_id, account=req.context.accounts)  # another account's: 404 TaskNotFound
+        task = store.request_cancel(task_id, reason="Cancelled by user (admin API)")
+        resp.status = falcon.HTTP_202
+        resp.media = task_summary(task)

@@ -59,6 +59,13 @@ _STATUS_BY_CODE = {
     "InvalidMarker": falcon.HTTP_400,
     "InvalidTaskId.Malformed": falcon.HTTP_400,
     "IncorrectState": falcon.HTTP_409,
+    "InvalidAMIID.NotFound": falcon.HTTP_404,
+    "InvalidSnapshot.NotFound": falcon.HTTP_404,
+    "InvalidAMIID.Malformed": falcon.HTTP_400,
+    "InvalidSnapshot.Malformed": falcon.HTTP_400,
+    "Copy.AlreadyThere": falcon.HTTP_409,
+    "Copy.FileDestinationDenied": falcon.HTTP_403,
+    "ResourceLimitExceeded": falcon.HTTP_429,
     "StateStoreError": falcon.HTTP_503,
     "StateStoreUnavailable": falcon.HTTP_503,
     "InvalidConfiguration": falcon.HTTP_503,
@@ -387,6 +394,9 @@ def create_app(
     app.add_route("/v1/info", admin.InfoResource(config, tuple(ec2_resource.ACTIONS)))
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
+    app.add_route("/v1/tasks/{task_id}/cancel", admin.TaskCancelResource(stores))
+    app.add_route("/v1/images/{image_id}", admin.ImageResource(config, stores))
+    app.add_route("/v1/images/{image_id}/copies", admin.ImageCopiesResource(config, stores))
     app.add_route("/v1/bundles/decrypted-image", bundles.DecryptedImageResource(config))
     app.add_route(
         "/v1/uploads/{upload_id}",

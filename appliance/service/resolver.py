@@ -18,8 +18,12 @@ An id found nowhere (or found in another account's task) is ``InvalidAMIID.NotFo
 ``InvalidInstanceID.NotFound`` / ``InvalidSnapshot.NotFound`` / ``InvalidVolume.NotFound``, in
 AWS's words; an id not of the EC2 form is the matching ``….Malformed``.
 
+A stored image may have more than one location: each completed ``copy-image`` task
+(:mod:`appliance.service.copies`) of it added one. ``locations`` of a resolved image lists them all,
+the one its import stored first, then its copies in the order they completed.
+
 A resolved source is a JSON object stored in the export task's parameters:
-``{"type": "image", "location": {...}, "size": N, "id": ..., "task_id": ...}``,
+``{"type": "image", "location": {...}, "locations": [...], "size": N, "id": ..., "task_id": ...}``,
 ``{"type": "volume", "volume": {...}, ...}`` or ``{"type": "cloud-instance", "instance_id": ...,
 "volume_id": ..., "size": N}``.
 """
@@ -35,6 +39,9 @@ from ..errors import ImagingError, TaskNotFound
 from ..store import Store, Task, TaskState
 from ..targets.ec2_export import describe_boot_volume
 from .imports import CONVERSION_KINDS, IMPORT_IMAGE, IMPORT_SNAPSHOT, outcome
+
+#: the kind of the tasks that copy a stored image to another store (:mod:`appliance.service.copies`)
+COPY_IMAGE = "copy-image"
 
 _HEX_ID = r"(?:[0-9a-f]{8}|[0-9a-f]{17})"
 _FORMS = {
@@ -92,6 +99,20 @@ class Resolver:
             return None
         return task
 
+    def copies(self, task: Task) -> list[dict[str, Any]]:
+        """The locations the completed copies of the image stored by the import ``task`` wrote, oldest
+        first (copies belong to the image's account, as its import does)."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        for copy in self.store.list_tasks(
+            TaskState.COMPLETED.value, kind=[COPY_IMAGE], limit=None, account=[task.client_account]
+        ):
+            params = copy.params or {}
+            result = copy.result if isinstance(copy.result, dict) else {}
+            location = (result.get("copied") or {}).get("location")
+            if (params.get("source") or {}).get("task_id") == task.id and location:
+                found.append((str(copy.finished_at or ""), dict(location, copy_task_id=copy.id)))
+        return [location for _, location in sorted(found, key=lambda pair: pair[0])]
+
     def _stored(self, task: Task, resource_id: str) -> dict[str, Any] | None:
         found = outcome(task)
         location = found.get("location")
@@ -102,6 +123,7 @@ class Resolver:
             "id": resource_id,
             "task_id": task.id,
             "location": location,
+            "locations": [location, *self.copies(task)],
             "size": location.get("size") or found.get("size"),
             "firmware": firmware(task, found.get("guest")),
         }

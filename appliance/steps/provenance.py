@@ -146,7 +146,7 @@ def build_record(
     timings: Mapping[str, Any],
     dissect: bool = False,
 ) -> dict[str, Any]:
-    """The provenance record (see the module docstring) of ``kind`` (``import`` or ``export``)."""
+    """The provenance record (see the module docstring) of ``kind`` (``import``, ``export`` or ``copy``)."""
     return {
         "task_id": ctx.task_id,
         "kind": kind,

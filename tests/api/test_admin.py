@@ -578,10 +578,14 @@ def test_openapi_document_describes_exactly_the_served_routes(cfg: config_mod.Co
 
 def test_openapi_security_matches_what_the_app_enforces(client: testing.TestClient) -> None:
     for template, item in SPEC["paths"].items():
-        path = template.replace("{task_id}", "t-000000000000")
-        open_route = item["get"].get("security", SPEC["security"]) == []
-        status = client.simulate_get(path).status_code
-        assert (status != 401) == open_route, f"{template}: documented open={open_route}, got {status}"
+        path = template.replace("{task_id}", "t-000000000000").replace("{image_id}", "ami-0123456789abcdef0")
+        # GET, and POST of the admin routes (POST / is the EC2 API, signed with SigV4)
+        for method in [m for m in ("get", "post") if m in item and not (template == "/" and m == "post")]:
+            open_route = item[method].get("security", SPEC["security"]) == []
+            status = client.simulate_request(method.upper(), path).status_code
+            assert (status != 401) == open_route, (
+                f"{method} {template}: documented open={open_route}, got {status}"
+            )
 
 
 def test_response_check_rejects_an_undocumented_body(client: testing.TestClient) -> None:

@@ -1,0 +1,158 @@
+"""Copy tasks: a stored image copied to another store (Glance's ``copy-image`` import method).
+
+Glance's ``copy-image`` (``POST /v2/images/{id}/import`` with ``{"method": {"name": "copy-image"},
+"stores": [...]}``) copies the data of an image that is already active into further stores, and the
+image then has a location in each. Here :class:`CopyService` does the same for an image or snapshot
+this appliance (or its fleet) stored: the id is resolved (:mod:`appliance.service.resolver`; an id
+that names nothing this caller sees is ``InvalidAMIID.NotFound`` / ``InvalidSnapshot.NotFound`` when
+the request arrives, and nothing is queued), the destination spec parsed
+(:func:`appliance.targets.copy.parse_destination`: ``s3://BUCKET[/PREFIX]``, ``file:///DIR``,
+``image``), and a ``copy-image`` task queued in the same store as imports and exports, run by the
+same worker through the shipped workflow ``copy-image.yaml`` (step ``copy.image``). Progress, cancel
+(``store.request_cancel``), the active-task limit and accounts work as for the other tasks.
+
+The copy task belongs to the image's account (the account of the import that stored it), so the
+image's owner sees the copy among the image's locations (:meth:`Resolver.copies`) whoever asked for it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Collection
+from typing import Any
+
+from ..config import Config
+from ..errors import (
+    ImagingError,
+    IncorrectState,
+    InvalidTaskId,
+    ResourceLimitExceeded,
+    TaskNotFound,
+    UsageError,
+)
+from ..store import ActiveTaskLimit, Store, Task
+from ..targets.copy import describe_destination, parse_destination, same_place
+from ..workflow.engine import Engine
+from .imports import NO_ACCOUNT
+from .resolver import COPY_IMAGE, Resolver
+
+KINDS = (COPY_IMAGE,)
+TASK_ID_PATTERN = re.compile(r"^copy-[0-9a-f]{17}$")
+
+
+class FileDestinationDenied(ImagingError):
+    """A caller that is not the operator named a file destination (a path on the appliance)."""
+
+    code = "Copy.FileDestinationDenied"
+
+
+def new_task_id() -> str:
+    """A fresh copy task id: ``copy-`` + 17 hex digits."""
+    return "copy-" + secrets.token_hex(9)[:17]
+
+
+def copy_outcome(task: Task) -> dict[str, Any]:
+    """What a copy wrote (``location``, ``sha256``, ``size``, ``method``, …), or {} (not a copy task,
+    or not finished)."""
+    if task.kind not in KINDS:
+        return {}
+    result = task.result if isinstance(task.result, dict) else {}
+    return dict(result.get("copied") or {})
+
+
+class CopyService:
+    """Creates copy tasks and lists an image's locations. Shares the import service's store."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store | None = None,
+        *,
+        engine: Engine | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or Store(config.store)
+        self._engine = engine
+        self.resolver = resolver or Resolver(config, self.store)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.config, self.store)
+        return self._engine
+
+    def resolve(self, image_id: str, sees: Collection[str] | None = None) -> dict[str, Any]:
+        """The stored image ``image_id`` (``ami-…`` or ``snap-…``) names, with all its ``locations``."""
+        if (image_id or "").startswith("snap-"):
+            return self.resolver.snapshot(image_id, sees)
+        return self.resolver.image(image_id, sees)
+
+    def copy_image(
+        self,
+        image_id: str,
+        to: str,
+        *,
+        endpoint: str | None = None,
+        sees: Collection[str] | None = None,
+        allow_files: bool = True,
+    ) -> Task:
+        """Queue the copy of the stored image ``image_id`` to the destination spec ``to``.
+
+        ``endpoint`` names the S3 endpoint of an ``s3://`` destination (``image``, ``sources``;
+        default: the image target's for its own bucket, else the user buckets'). ``allow_files``
+        False (a caller that is not the operator) refuses a file destination
+        (``Copy.FileDestinationDenied``): a path names the appliance's own disk."""
+        source = self.resolve(image_id, sees)
+        destination = parse_destination(to, self.config, endpoint)
+        if destination["type"] == "file" and not allow_files:
+            raise FileDestinationDenied(
+                "a file destination names a directory of the appliance; only the operator (an admin "
+                "key, or the imaging CLI) may copy an image there; use s3://BUCKET[/PREFIX]"
+            )
+        for location in source.get("locations") or [source["location"]]:
+            if same_place(location, destination):
+                raise UsageError(
+                    f"{image_id} already has a copy in {describe_destination(destination)}; "
+                    "choose another bucket, prefix or directory",
+                    code="Copy.AlreadyThere",
+                )
+        owner = self.store.get_task(source["task_id"]).client_account or NO_ACCOUNT
+        params = {
+            "image_id": image_id,
+            "source": {k: v for k, v in source.items() if k != "locations"},
+            "destination": destination,
+            "to": describe_destination(destination),
+        }
+        try:
+            created = self.engine.submit(
+                COPY_IMAGE,
+                params,
+                task_id=new_task_id(),
+                kind=COPY_IMAGE,
+                max_active=self.config.max_active_tasks,
+                client_account=owner,
+            )
+        except ActiveTaskLimit as exc:
+            raise ResourceLimitExceeded(
+                f"{exc.message}; wait for one to finish or cancel one "
+                "(tasks.max_active in the appliance configuration)"
+            ) from exc
+        return self.store.get_task(created)
+
+    def get(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
+        """The copy task ``task_id``; ``InvalidTaskId`` for a malformed id, ``TaskNotFound`` otherwise."""
+        if not TASK_ID_PATTERN.match(task_id or ""):
+            raise InvalidTaskId(f"the copy task id {task_id!r} is malformed; expected copy-…")
+        task = self.store.get_task(task_id, account=accounts)
+        if task.kind not in KINDS:
+            raise TaskNotFound(f"no copy task {task_id!r}")
+        return task
+
+    def cancel(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
+        """Stop a copy: the run aborts its upload or removes its partial file; nothing is left."""
+        task = self.get(task_id, accounts)
+        if task.state.terminal:
+            raise IncorrectState(f"the copy task {task_id} is {task.state} and can no longer be cancelled")
+        return self.store.request_cancel(task_id, reason="Cancelled by user")
