@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.redact import redact
-from appliance.service.imports import IMPORT_VOLUME, encryption_report, outcome
+from appliance.service.imports import IMPORT_VOLUME, device_names, encryption_report, outcome
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
 
@@ -210,13 +210,35 @@ def _user_bucket(container: dict[str, Any]) -> dict[str, str] | None:
     return {"S3Bucket": _opt(container, "bucket"), "S3Key": _opt(container, "key")}
 
 
-def _snapshot_detail(task: Task, container: dict[str, Any], snapshot_id: str | None) -> dict[str, Any]:
-    result = _result(task)
-    size = result.get("size") if task.state is TaskState.COMPLETED else task.bytes_total
+def _disk_format(container: dict[str, Any], disk: dict[str, Any] | None) -> str | None:
+    # A disk out of an OVA has the format inspection found (VMDK), not the container's (OVA).
+    if disk is not None and disk.get("ova_disk") and disk.get("format"):
+        return str(disk["format"]).upper()
+    return _opt(container, "format")
+
+
+def _snapshot_detail(
+    task: Task,
+    container: dict[str, Any],
+    snapshot_id: str | None,
+    disk: dict[str, Any] | None = None,
+    device_name: str | None = None,
+    sized: bool = True,
+) -> dict[str, Any]:
+    """One ``SnapshotDetail``: of ``disk`` (one of ``outcome(task)["disks"]``) when the task stored
+    it, else of the task as a whole (its size being the transfer's, while it runs, unless not
+    ``sized``: one of several disks, whose own size is not known yet)."""
+    if disk is not None:
+        size = disk.get("size")
+    elif task.state is TaskState.COMPLETED:
+        size = _result(task).get("size")
+    else:
+        size = task.bytes_total if sized else None
     return {
         "Description": _opt(container, "description"),
+        "DeviceName": device_name,
         "DiskImageSize": float(size) if size is not None else None,
-        "Format": _opt(container, "format"),
+        "Format": _disk_format(container, disk),
         "Progress": _progress(task),
         "SnapshotId": snapshot_id,
         "Status": import_status(task),
@@ -233,16 +255,31 @@ def _encryption(task: Task) -> dict[str, Any]:
     return {"Encrypted": shown is not None, "KmsKeyId": (shown or {}).get("kms_key_id")}
 
 
-def _snapshot_ids(task: Task, count: int) -> list[str | None]:
-    # One disk per import today (ImportService refuses more): its snapshot id, then padding.
-    return ([_result(task).get("snapshot_id")] + [None] * count)[:count]
+def _image_snapshot_details(task: Task) -> list[dict[str, Any]]:
+    """One ``SnapshotDetail`` per disk, in request order (an OVA's disks in its OVF's order): once
+    the disks are stored, each with its own size, format, device and snapshot id; before, one per
+    DiskContainer, the boot disk's with the task's snapshot id."""
+    containers = _opt(task.params, "disk_containers") or []
+    disks = _result(task).get("disks") or []
+    if disks:
+        return [
+            _snapshot_detail(
+                task, containers[d["container"] - 1], d["snapshot_id"], disk=d, device_name=d["device_name"]
+            )
+            for d in disks
+            if d["container"] <= len(containers)
+        ]
+    names = device_names([c.get("device_name") or None for c in containers])
+    first = _result(task).get("snapshot_id")
+    return [
+        _snapshot_detail(task, c, first if n == 0 else None, device_name=name, sized=len(containers) == 1)
+        for n, (c, name) in enumerate(zip(containers, names, strict=True))
+    ]
 
 
 def import_image_task(task: Task) -> dict[str, Any]:
     """``ImportImageTask`` (DescribeImportImageTasks item) for an import-image task."""
     p = task.params
-    containers = _opt(p, "disk_containers") or []
-    snapshot_ids = _snapshot_ids(task, len(containers))
     view = {
         "Architecture": _opt(p, "architecture"),
         "BootMode": _opt(p, "boot_mode"),
@@ -254,9 +291,7 @@ def import_image_task(task: Task) -> dict[str, Any]:
         "LicenseType": _opt(p, "license_type"),
         "Platform": _opt(p, "platform"),
         "Progress": _progress(task),
-        "SnapshotDetails": [
-            _snapshot_detail(task, c, s) for c, s in zip(containers, snapshot_ids, strict=True)
-        ],
+        "SnapshotDetails": _image_snapshot_details(task),
         "Status": import_status(task),
         "StatusMessage": _import_message(task),
         "Tags": _tags(task),
@@ -275,6 +310,7 @@ def snapshot_task_detail(task: Task) -> dict[str, Any]:
     """``SnapshotTaskDetail`` of an import-snapshot task (``Status`` ``error`` when it failed)."""
     container = task.params.get("disk_container") or {}
     detail = _snapshot_detail(task, container, _result(task).get("snapshot_id"))
+    del detail["DeviceName"]  # not a member of SnapshotTaskDetail
     detail |= _encryption(task)
     if task.state is TaskState.FAILED:
         detail["Status"] = "error"

@@ -183,6 +183,16 @@ _ROWS = (
         "(no /etc/os-release, /etc/fstab or /sbin/init on any readable filesystem).",
         "Import the partition that holds the guest's root filesystem, or drop KernelId for a data disk.",
     ),
+    Code(
+        "Guest.BootModeMismatch",
+        Severity.ERROR,
+        True,
+        "The boot mode asked for (the request's BootMode, or an OVA's firmware `efi`) is one the boot disk "
+        "cannot boot in: uefi for a disk with no UEFI loader on an EFI system partition, legacy-bios for a "
+        "disk with no BIOS boot code.",
+        "Import with the boot mode the disk has (or none, to let the disk decide), or install the missing "
+        "bootloader (an ESP with /EFI/BOOT/BOOTX64.EFI for UEFI) and export the disk again.",
+    ),
 )
 
 #: code → row; the README's table of guest findings is generated from this

@@ -154,6 +154,27 @@ def normalize_architecture(name: str) -> str:
     return arch
 
 
+#: the boot modes a disk's ``boot_mode`` (guest/analyze.py) allows, by the BootMode asked for
+_BOOTS_IN = {"uefi": ("uefi", "bios+uefi"), "legacy-bios": ("bios", "bios+uefi")}
+
+
+def _boot_mode_mismatch(report: GuestReport, boot_mode: str | None) -> list[Finding]:
+    wanted = (boot_mode or "").strip().lower()
+    if wanted not in _BOOTS_IN or report.boot_mode is None or report.boot_mode in _BOOTS_IN[wanted]:
+        return []
+    has = {"bios": "BIOS boot code only", "uefi": "a UEFI loader only"}.get(
+        report.boot_mode, report.boot_mode
+    )
+    return [
+        finding(
+            "Guest.BootModeMismatch",
+            f"the import asks for boot mode {wanted} but the boot disk has {has}: import it as "
+            f"{'legacy-bios' if wanted == 'uefi' else 'uefi'} (or without a boot mode), or install the "
+            "missing bootloader",
+        )
+    ]
+
+
 def check_request(
     report: GuestReport,
     platform: str | None = None,
@@ -161,8 +182,14 @@ def check_request(
     *,
     virtualization_type: str | None = None,
     kernel_id: str | None = None,
+    boot_mode: str | None = None,
 ) -> list[Finding]:
     """Findings where the request disagrees with the guest.
+
+    ``boot_mode`` (``uefi`` or ``legacy-bios``: the request's BootMode, or an OVA's firmware) that the
+    disk cannot boot in is ``Guest.BootModeMismatch``, an error as in AWS, whose import of a VM in a
+    boot mode its disk does not support fails; a disk whose boot mode is unknown (no partition table)
+    is not judged here (``Guest.NotBootable`` and friends speak for it).
 
     ``Guest.PlatformMismatch`` / ``Guest.ArchitectureMismatch``; for the Eucalyptus-style boot
     parameters: a partition image imported as ``hvm`` (``Guest.PartitionImageNeedsKernel``) and a
@@ -201,6 +228,7 @@ def check_request(
                     "parameter or import the intended disk",
                 )
             )
+    out += _boot_mode_mismatch(report, boot_mode)
     found_arch = report.os.get("architecture")
     if architecture:
         wanted_arch = normalize_architecture(architecture)

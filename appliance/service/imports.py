@@ -19,6 +19,7 @@ so any appliance sharing the store answers for tasks another one created.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import string
@@ -77,8 +78,23 @@ _ALNUM = string.ascii_lowercase + string.digits
 #: formats of the legacy conversion tasks (DiskImageFormat) and of image/snapshot imports
 VOLUME_FORMATS = ("VMDK", "RAW", "VHD")
 CONTAINER_FORMATS = ("VMDK", "RAW", "VHD", "VHDX")
-#: ImportImage also takes an OVA (its boot disk becomes the image)
+#: ImportImage also takes an OVA (its boot disk becomes the image, its other disks data disks)
 IMAGE_CONTAINER_FORMATS = (*CONTAINER_FORMATS, "OVA")
+#: disks of one ImportImage (its DiskContainers, or the disks of its OVA): AWS's limit of volumes
+#: per imported VM ("At most 21 volumes per VM; import extra disks with ImportSnapshot")
+MAX_IMAGE_DISKS = 21
+#: the device names the disks of an image get unless their DiskContainer names one: the boot disk
+#: /dev/sda1 (as AWS's imported images), the data disks /dev/sdb, /dev/sdc, … in request order
+BOOT_DEVICE = "/dev/sda1"
+_DEVICE_NAME = re.compile(r"^/dev/(?:sd|xvd|hd|vd)[a-z]{1,2}[0-9]{0,2}$")
+
+
+def device_names(given: Sequence[str | None]) -> list[str]:
+    """The device name of each disk of an image: the one its DiskContainer gave, else /dev/sda1 for
+    the first (boot) disk and /dev/sd{b,c,…} by position for the others."""
+    return [
+        name or (BOOT_DEVICE if n == 0 else f"/dev/sd{chr(ord('a') + n)}") for n, name in enumerate(given)
+    ]
 
 
 @dataclass(frozen=True)
@@ -383,7 +399,9 @@ class ImportService:
         account: str = NO_ACCOUNT,
         expected_sha256: str | None = None,
     ) -> Task:
-        """ImportImage: one boot disk (more disks are refused until multi-disk import exists);
+        """ImportImage: the first disk is the boot disk (the image's root volume), the others its
+        data disks, each fetched, inspected, converted and stored the same way (at most
+        :data:`MAX_IMAGE_DISKS`). An OVA carries its own disks, so it is the only container.
         ``expected_sha256`` (beyond AWS, :mod:`appliance.service.expected`): the first disk's.
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
@@ -394,9 +412,27 @@ class ImportService:
         """
         if not containers:
             raise UsageError("ImportImage needs a DiskContainer")
-        if len(containers) > 1:
+        if len(containers) > MAX_IMAGE_DISKS:
             raise UsageError(
-                "this appliance imports one disk per image; import further disks with ImportSnapshot"
+                f"ImportImage takes at most {MAX_IMAGE_DISKS} DiskContainers (disks of one image), not "
+                f"{len(containers)}; import further disks with ImportSnapshot"
+            )
+        if len(containers) > 1 and any((c.format or "").upper() == "OVA" for c in containers):
+            raise UsageError(
+                "an OVA carries the disks of its VM: give it as the only DiskContainer (its data disks "
+                "are imported with its boot disk)"
+            )
+        names = [c.device_name for c in containers]
+        for n, name in enumerate(names, 1):
+            if name is not None and not _DEVICE_NAME.match(name):
+                raise UsageError(
+                    f"DiskContainer.{n}.DeviceName {name[:40]!r} is not a device name such as /dev/sdb"
+                )
+        named = device_names(names)
+        if len(set(named)) != len(named):
+            dup = next(d for d in named if named.count(d) > 1)
+            raise UsageError(
+                f"two disks of the image would be {dup}: give each DiskContainer its own DeviceName"
             )
         boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
         disks = [self._container(c, IMAGE_CONTAINER_FORMATS, account) for c in containers]
@@ -553,11 +589,91 @@ def encryption_report(task: Task) -> dict[str, Any] | None:
     return {"requested": wanted.to_dict() if wanted else None, "applied": outcome(task)["encryption"]}
 
 
+def _snapshot_id(task_id: str, n: int) -> str:
+    """The snapshot id of disk ``n`` (1 = the boot disk) of the ImportImage ``task_id``: the boot
+    disk's is ``snap-`` + the task id's 17 hex digits (as ever), a data disk's 17 hex digits derived
+    from the task id and its position, so every disk has its own, the same on every read."""
+    digits = task_id[-17:]
+    if n == 1:
+        return f"snap-{digits}"
+    return "snap-" + hashlib.sha256(f"{task_id}/disk{n}".encode()).hexdigest()[:17]
+
+
+def _disk_size(disk: dict[str, Any]) -> int | None:
+    source_image = disk.get("source_image") or {}
+    stored = disk.get("stored") or {}
+    size = source_image.get("virtual_size") or stored.get("size")
+    return int(size) if size is not None else None
+
+
+def image_disks(task: Task) -> list[dict[str, Any]]:
+    """Every disk an ImportImage stored, boot disk first (empty until the task completes, and for
+    other kinds): ``index`` (1 = the boot disk), ``device_name``, ``snapshot_id``, ``format`` (the
+    source's, as inspected), ``size`` (bytes of the disk), ``location`` (where the image target
+    stored it), ``container`` (the index of the DiskContainer it came from, 1-based) and ``ova_disk``
+    (its member name when it came out of an OVA).
+
+    The order is the request's: the DiskContainers in order; for an OVA, its disks in the OVF's order
+    (its boot disk first)."""
+    if task.kind != IMPORT_IMAGE or not isinstance(task.result, dict):
+        return []
+    result = task.result
+    boot = result.get("disk") or {}
+    if not boot.get("stored"):
+        return []
+    containers = (task.params or {}).get("disk_containers") or []
+    ova = (boot.get("opened") or {}).get("ova") or {}
+    ova_names = [d.get("name") for d in ova.get("disks") or []]
+    found: list[tuple[dict[str, Any], int, str | None]] = [(boot, 1, ova_names[0] if ova_names else None)]
+    found += [(d or {}, n, None) for n, d in enumerate(result.get("data_disks") or [], 2)]
+    found += [
+        (d or {}, 1, name) for d, name in zip(result.get("ova_data_disks") or [], ova_names[1:], strict=False)
+    ]
+    # a DiskContainer's DeviceName names its disk (an OVA's: its boot disk); the others by position
+    given = [
+        (containers[c - 1].get("device_name") or None)
+        if c <= len(containers) and (n == 0 or not ova)
+        else None
+        for n, (_d, c, _name) in enumerate(found)
+    ]
+    names = device_names(given)
+    out = []
+    for n, ((disk, container, ova_disk), device) in enumerate(zip(found, names, strict=True), 1):
+        source_image = disk.get("source_image") or {}
+        out.append(
+            {
+                "index": n,
+                "device_name": device,
+                "snapshot_id": _snapshot_id(task.id, n),
+                "format": source_image.get("format"),
+                "size": _disk_size(disk),
+                "location": disk.get("stored") or None,
+                "container": container,
+                "ova_disk": ova_disk,
+            }
+        )
+    return out
+
+
+def block_device_mappings(disks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The EC2 ``BlockDeviceMappings`` of an image of ``disks`` (:func:`image_disks`): every disk at
+    its device, from its snapshot; what ``image.register`` (RegisterImage) takes."""
+    return [
+        {
+            "DeviceName": d["device_name"],
+            "Ebs": {"SnapshotId": d["snapshot_id"], "VolumeSize": -(-(d["size"] or 0) // GiB) or None},
+        }
+        for d in disks
+    ]
+
+
 def outcome(task: Task) -> dict[str, Any]:
     """What an import produced, flat: ``volume_id``, ``instance_id``, ``snapshot_id``, ``image_id``,
     ``size`` (bytes of the disk), ``location``, ``encryption`` (what the stored image has,
-    ``{algorithm, kms_key_id}``) — each None until known — plus ``guest`` (the guest validation
-    report, None until there is one) and ``boot`` (:func:`boot_settings`).
+    ``{algorithm, kms_key_id}``) — each None until known; of an image, its boot disk's — plus
+    ``guest`` (the guest validation report, None until there is one), ``boot``
+    (:func:`boot_settings`), and for an ImportImage ``disks`` (:func:`image_disks`: every disk, boot
+    disk first) and ``block_device_mappings`` (:func:`block_device_mappings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
     ``ids``, ``disk``); this is the one place that knows where each lives.
@@ -570,6 +686,7 @@ def outcome(task: Task) -> dict[str, Any]:
     source_image = disk.get("source_image") or {}
     written = result.get("written") or (result.get("imported") or {}).get("written") or {}
     guest = guest_report(result)
+    disks = image_disks(task)
     return {
         "volume_id": volume.get("id"),
         "instance_id": (result.get("instance") or {}).get("instance_id"),
@@ -580,4 +697,6 @@ def outcome(task: Task) -> dict[str, Any]:
         "encryption": stored.get("encryption"),
         "guest": guest,
         "boot": boot_settings(task, guest),
+        "disks": disks,
+        "block_device_mappings": block_device_mappings(disks) if disks else None,
     }

@@ -68,6 +68,7 @@ class ValidateStep(Step):
             "architecture": _NULLABLE_STR,
             "virtualization_type": _NULLABLE_STR,
             "kernel_id": _NULLABLE_STR,
+            "boot_mode": _NULLABLE_STR,
             "bootable": {"type": "boolean"},
             "fail_on_error": {"type": "boolean"},
         },

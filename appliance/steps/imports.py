@@ -44,6 +44,8 @@ from .retries import retry_events
 from .uploads import upload_params
 
 log = logging.getLogger(__name__)
+#: the name of one disk of a task (``disk2``): its file in scratch and its image in the image target
+_NAME = {"type": ["string", "null"], "pattern": r"^[a-z][a-z0-9]{0,15}$"}
 
 #: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
 PREFLIGHT_COMPRESSED = 8 << 20
@@ -69,12 +71,13 @@ class SourceFetchStep(Step):
         "type": "object",
         "additionalProperties": False,
         "required": ["source"],
-        "properties": {"source": {"type": "object"}},
+        "properties": {"source": {"type": "object"}, "name": _NAME},
     }
 
-    def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: StepContext, source: dict[str, Any], name: str | None = None) -> dict[str, Any]:
         source = checked_source(ctx, source)
-        dst = ctx.workdir / "source.img"
+        # one file per disk of a task: an image's data disks are named (disk2, …)
+        dst = ctx.workdir / (f"source-{name}.img" if name else "source.img")
         # A download interrupted after a checkpoint (kill -9, suspend, a lost lease) continues from it,
         # when the checkpoint is this source's and the file in scratch still holds its bytes.
         saved = ctx.load_checkpoint()
@@ -169,7 +172,7 @@ class SourceFetchStep(Step):
             Path(result["path"]).unlink()
             ctx.ledger_removed(result["path"])
 
-    def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, ctx: StepContext, source: dict[str, Any], name: str | None = None) -> dict[str, Any]:
         source = checked_source(ctx, source)
         if source.get("url") and method_of_source(source) == URL:
             _policy(ctx).check(source["url"])
@@ -359,6 +362,7 @@ class ImageStoreStep(Step):
             "encrypted": {"type": "boolean"},
             "kms_key_id": {"type": ["string", "null"]},
             "source_sha256": {"type": ["string", "null"]},
+            "name": _NAME,
         },
     }
 
@@ -370,6 +374,7 @@ class ImageStoreStep(Step):
         encrypted: bool = False,
         kms_key_id: str | None = None,
         source_sha256: str | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
         encryption = requested(encrypted, kms_key_id)
         # an S3 object carries its provenance as user metadata (what is known when the upload starts)
@@ -391,7 +396,7 @@ class ImageStoreStep(Step):
             )
 
         location = get_image_target(ctx.config).store(
-            ctx.task_id,
+            f"{ctx.task_id}-{name}" if name else ctx.task_id,  # a data disk of an image: its own name
             Path(path),
             format=format,
             on_progress=on_progress,
@@ -417,6 +422,7 @@ class ImageStoreStep(Step):
         encrypted: bool = False,
         kms_key_id: str | None = None,
         source_sha256: str | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
         encryption = requested(encrypted, kms_key_id)
         return {

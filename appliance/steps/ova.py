@@ -13,6 +13,7 @@ from typing import Any
 
 from ..image.formats import OUTPUT_FORMATS
 from ..image.ova import convert_ova, output_names, unpack_ova
+from ..image.ovfguest import boot_mode_of, platform_of
 from ..workflow.step import Step, StepContext
 
 
@@ -72,9 +73,11 @@ class OvaOpenStep(Step):
     the task's scratch (:func:`appliance.image.ova.unpack_ova`: every member checked, the OVF parsed
     under the sandbox policy, every ``.mf`` digest verified, every disk inspected); its boot disk (the
     one the OVF marks, else the first) is what the import inspects, validates and stores, and the
-    others are recorded (``data_disks``: name, capacity, format, sha256); the unpacked files go with
-    the task's scratch directory. Any other claim passes the
-    file through unchanged (``ova`` is null)."""
+    others (``data_disks``: path, name, capacity, format, sha256) are imported after it as the image's
+    data disks; the unpacked files go with the task's scratch directory. The OVF's firmware and OS
+    type are given as ``boot_mode`` (``uefi``/``legacy-bios``) and ``platform`` (``Linux``/
+    ``Windows``) for guest validation (None when the OVF says nothing it knows). Any other claim
+    passes the file through unchanged (``ova`` is null)."""
 
     schema = {
         "type": "object",
@@ -88,7 +91,14 @@ class OvaOpenStep(Step):
 
     def run(self, ctx: StepContext, path: str, format: str | None = None) -> dict[str, Any]:
         if (format or "").lower() != "ova":
-            return {"path": path, "format": format, "ova": None, "data_disks": []}
+            return {
+                "path": path,
+                "format": format,
+                "ova": None,
+                "data_disks": [],
+                "boot_mode": None,
+                "platform": None,
+            }
         directory = ctx.workdir / "ova"
         with open(path, "rb") as src:
             pkg = unpack_ova(src, directory, config=ctx.config, cancel=ctx.cancel)
@@ -98,4 +108,6 @@ class OvaOpenStep(Step):
             "format": boot.inspection.format if boot.inspection else None,
             "ova": pkg.to_dict(),
             "data_disks": [d.to_dict() for d in others],
+            "boot_mode": boot_mode_of(pkg.ovf.firmware),
+            "platform": platform_of(pkg.ovf.os_type),
         }

@@ -256,10 +256,11 @@ def _source_entry(disk: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _from_include(result: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``disks`` item from the registered result of an ``import-disk`` include."""
+    """A ``disks`` item from the registered result of an ``import-disk`` include (or of an
+    ``import-ova-disk`` one, whose source is the OVA member its ``member`` step names)."""
     opened = result.get("opened") if isinstance(result.get("opened"), Mapping) else {}
     return {
-        "source": result.get("fetched"),
+        "source": result.get("fetched") or result.get("member"),
         "ova": (opened or {}).get("ova"),
         "output": result.get("stored"),
     }

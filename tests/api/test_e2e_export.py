@@ -255,7 +255,7 @@ def test_an_ova_imports_with_boto3_its_boot_disk_becoming_the_image(
     appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     # a two-disk OVA written by the project's OVA writer: ImportImage Format=ova stores the boot
-    # disk (qemu-img compare with the original) and records the data disk
+    # disk (qemu-img compare with the original) and records the data disk (stored too: test_e2e_multidisk.py)
     boot = guestfactory.linux_disk(tmp_path)
     data = tmp_path / "data.raw"
     data.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))

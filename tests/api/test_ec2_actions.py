@@ -420,6 +420,7 @@ def test_import_image_then_describe_it(appliance: Appliance) -> None:
         "Progress": "0",
         "SnapshotDetails": [
             {
+                "DeviceName": "/dev/sda1",
                 "Format": "VMDK",
                 "Progress": "0",
                 "Status": "active",

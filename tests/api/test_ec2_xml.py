@@ -393,6 +393,7 @@ def test_import_image_task_states(store: Store) -> None:
         "SnapshotDetails": [
             {
                 "Description": "d",
+                "DeviceName": "/dev/sda1",
                 "Format": "VMDK",
                 "Progress": "28",
                 "Status": "active",
@@ -453,3 +454,61 @@ def test_failed_snapshot_detail_status_is_error_so_the_waiter_stops(store: Store
     assert detail["StatusMessage"] == "ClientError: CorruptImage: bad"
     assert detail["Url"] == "https://h/d.raw" and detail["Encrypted"] is False
     assert views.import_status(failed) == "deleted"  # what the task-state filter sees
+
+
+def test_a_multi_disk_image_has_one_snapshot_detail_per_disk_in_request_order(store: Store) -> None:
+    def container(key: str, fmt: str, device: str | None = None) -> dict[str, Any]:
+        return {
+            "format": fmt,
+            "url": None,
+            "bucket": "b",
+            "key": key,
+            "description": None,
+            "device_name": device,
+        }
+
+    params = IMAGE_PARAMS | {
+        "disk_containers": [
+            container("boot.vmdk", "VMDK"),
+            container("d.raw", "RAW"),
+            container("e.vhd", "VHD", "/dev/sdf"),
+        ]
+    }
+    task = _running(
+        store, "import-ami-0123456789abcdef1", "import-image", params, phase="downloading", percent=5
+    )
+    [running] = roundtrip("DescribeImportImageTasks", {"ImportImageTasks": [views.import_image_task(task)]})[
+        "ImportImageTasks"
+    ]
+    assert [d["DeviceName"] for d in running["SnapshotDetails"]] == ["/dev/sda1", "/dev/sdb", "/dev/sdf"]
+    assert [d.get("SnapshotId") for d in running["SnapshotDetails"]] == [None, None, None]
+
+    def disk(size: int, name: str) -> dict[str, Any]:
+        return {
+            "source_image": {"virtual_size": size, "format": "raw"},
+            "stored": {"type": "file", "path": name},
+        }
+
+    done = store.set_state(
+        task.id,
+        TaskState.COMPLETED,
+        result={
+            "ids": {"snapshot_id": "snap-123456789abcdef1", "image_id": "ami-123456789abcdef1"},
+            "disk": disk(4096, "a.raw"),
+            "data_disks": [disk(1024, "b.raw"), disk(2048, "c.raw")],
+            "ova_data_disks": [],
+        },
+    )
+    [view] = roundtrip("DescribeImportImageTasks", {"ImportImageTasks": [views.import_image_task(done)]})[
+        "ImportImageTasks"
+    ]
+    details = view["SnapshotDetails"]
+    assert [(d["DeviceName"], d["Format"], d["DiskImageSize"], d["Status"]) for d in details] == [
+        ("/dev/sda1", "VMDK", 4096.0, "completed"),
+        ("/dev/sdb", "RAW", 1024.0, "completed"),
+        ("/dev/sdf", "VHD", 2048.0, "completed"),
+    ]
+    assert [d["UserBucket"]["S3Key"] for d in details] == ["boot.vmdk", "d.raw", "e.vhd"]
+    ids = [d["SnapshotId"] for d in details]
+    assert ids[0] == "snap-" + done.id[-17:] and len(set(ids)) == 3
+    assert all(len(i) == len("snap-") + 17 for i in ids)

@@ -380,3 +380,16 @@ def test_the_guest_reader_runs_under_the_confinement_policy(tmp_path: Path, linu
         seen, confine.guest_probe(cfg.limits), cwd_entries=["image"], forbidden_fd_targets={str(sentinel)}
     )
     assert seen.argv[-1] == "image"
+
+
+def test_a_boot_mode_the_disk_cannot_boot_in_is_a_boot_mode_mismatch(tmp_path: Path, linux_img: Path) -> None:
+    bios = validate_image(linux_img)
+    uefi = validate_image(gf.uefi_disk(tmp_path))
+    assert (bios.boot_mode, uefi.boot_mode) == ("bios", "uefi")
+    (f,) = check_request(bios, boot_mode="uefi")
+    assert f.code == "Guest.BootModeMismatch" and f.severity is Severity.ERROR and "BIOS" in f.message
+    (g,) = check_request(uefi, boot_mode="legacy-bios")
+    assert g.code == "Guest.BootModeMismatch" and "UEFI" in g.message
+    # the mode the disk has, or none asked for: nothing to say
+    assert check_request(bios, boot_mode="legacy-bios") == check_request(uefi, boot_mode="uefi") == []
+    assert check_request(bios) == check_request(bios, boot_mode="uefi-preferred") == []

@@ -214,6 +214,13 @@ NOT_INTERRUPTIBLE = {
         "memory, like util.echo (an OVA import's unpack is tested in tests/api/test_e2e_export.py, not "
         "interrupted)"
     ),
+    "loop of include:import-disk": (
+        "import-image's data disks (DiskContainer.2 onwards): the same import-disk steps as its boot disk, "
+        "interrupted there; the image imported here has one disk, so the loop has no item"
+    ),
+    "loop of include:import-ova-disk": (
+        "an OVA's data disks: no variant here imports an OVA (see ova.open), so the loop has no item"
+    ),
     "util.fail": (
         "import-volume's check-volume-in-place is skipped (its `when` is false) unless a hook replaced the "
         "volume, which fails the task on purpose: a skipped step does nothing to interrupt"
@@ -247,7 +254,7 @@ def leaf_steps(workflow: Workflow, prefix: str = "", path: str = "") -> Iterator
     is one step (its hooks run inside it)."""
     for step in workflow.steps:
         idx, label = f"{prefix}{step.index}", f"{path}{step.name}"
-        if step.include is not None:
+        if step.include is not None and step.loop is None:
             yield from leaf_steps(step.include, f"{idx}/include/", f"{label}/")
         else:
             yield idx, label, step
@@ -256,6 +263,8 @@ def leaf_steps(workflow: Workflow, prefix: str = "", path: str = "") -> Iterator
 def action_of(step: StepSpec) -> str:
     if step.hooks is not None:
         return "hooks"
+    if step.loop is not None and step.include is not None:
+        return f"loop of include:{step.include_ref}"
     if step.loop is not None:
         return f"loop of {step.action}"  # nothing says how to interrupt one item: the cell fails
     return str(step.action)

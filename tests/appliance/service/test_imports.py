@@ -486,3 +486,22 @@ def test_a_volume_whose_storage_fills_up_fails_with_insufficient_storage(
         )
         assert list(volumes.iterdir()) == []  # the volume and any partial output are gone
     assert not (cfg.scratch.root / task.id).exists()
+
+
+def test_multi_disk_image_requests_are_capped_and_checked_before_any_work(service: ImportService) -> None:
+    disk = DiskContainer(format="RAW", bucket="b-one", key="k")
+    with pytest.raises(UsageError, match="at most 21 DiskContainers"):
+        service.import_image([disk] * 22)
+    with pytest.raises(UsageError, match="only DiskContainer"):
+        service.import_image([DiskContainer(format="OVA", bucket="b-one", key="vm.ova"), disk])
+    with pytest.raises(UsageError, match="would be /dev/sdb"):
+        service.import_image(
+            [disk, disk, DiskContainer(format="RAW", bucket="b-one", key="k", device_name="/dev/sdb")]
+        )
+    with pytest.raises(UsageError, match="not a device name"):
+        service.import_image(
+            [disk, DiskContainer(format="RAW", bucket="b-one", key="k", device_name="/etc/x")]
+        )
+    assert service.list(["import-image"]) == []
+    task = service.import_image([disk] * 21)
+    assert len(task.params["disk_containers"]) == 21

@@ -1,0 +1,217 @@
+"""Multi-disk ImportImage as clients see it: several DiskContainers (or an OVA's disks) become one task
+whose every disk is fetched, inspected, converted and stored, each a snapshot of the image. `imaging
+serve` (gunicorn) and `imaging worker` as real processes, S3 on a moto server process, boto3 as the
+client, every stored disk compared with its source by ``qemu-img compare``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
+from tests import guestfactory
+from tests import imagefactory as imgs
+from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.servers import MotoServer
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+
+
+def _data_disk(path: Path, mib: int) -> Path:
+    """A data disk: random bytes, then zeros (no partition table: a data disk need not have one)."""
+    path.write_bytes(os.urandom(MiB) + bytes((mib - 1) * MiB))
+    return path
+
+
+def _identical(source: Path, stored: Path) -> None:
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(source), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def _finished(appliance: Appliance, task_id: str) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    return status()
+
+
+def _stored_disks(result: dict[str, Any]) -> list[Path]:
+    disks = [result["disk"], *result.get("data_disks", []), *result.get("ova_data_disks", [])]
+    return [Path(d["stored"]["path"]) for d in disks]
+
+
+def _boot_disk_was_stored(appliance: Appliance, task_id: str) -> bool:
+    """The task's ledger says the image target stored the boot disk (``<task id>.raw``) and removed it."""
+    ledger = admin_task(appliance, task_id)["ledger"]
+    stored = [e for e in ledger if f'/{task_id}.raw"' in e["resource"] and e["resource"].startswith("{")]
+    return {e["action"] for e in stored} == {"created", "removed"}
+
+
+def test_three_disks_of_different_formats_import_as_one_image_with_a_snapshot_each(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 3)
+    third = _data_disk(tmp_path / "third.raw", 5)
+    s3 = moto.client("s3")
+    s3.upload_file(
+        str(guestfactory.convert(boot, tmp_path / "boot.vmdk", "vmdk", "subformat=streamOptimized")),
+        bucket,
+        "vm/boot.vmdk",
+    )
+    s3.upload_file(str(second), bucket, "vm/second.raw")
+    s3.upload_file(
+        str(guestfactory.convert(third, tmp_path / "third.vhd", "vpc", "force_size=on")),
+        bucket,
+        "vm/third.vhd",
+    )
+    containers = [
+        {
+            "Format": "VMDK",
+            "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.vmdk"},
+            "Description": "root",
+        },
+        {"Format": "RAW", "Url": f"s3://{bucket}/vm/second.raw"},
+        {
+            "Format": "VHD",
+            "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/third.vhd"},
+            "DeviceName": "/dev/sdf",
+        },
+    ]
+    task_id = appliance.ec2.import_image(DiskContainers=containers, Platform="Linux")["ImportTaskId"]
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "completed", final
+    details = final["SnapshotDetails"]
+    # one detail per disk, in request order, each its own
+    assert [d["DeviceName"] for d in details] == ["/dev/sda1", "/dev/sdb", "/dev/sdf"]
+    assert [d["Format"] for d in details] == ["VMDK", "RAW", "VHD"]
+    assert [d["DiskImageSize"] for d in details] == [
+        float(boot.stat().st_size),
+        float(3 * MiB),
+        float(5 * MiB),
+    ]
+    assert details[0]["UserBucket"] == {"S3Bucket": bucket, "S3Key": "vm/boot.vmdk"}
+    assert details[0]["Description"] == "root"
+    assert details[1]["Url"] == f"s3://{bucket}/vm/second.raw"
+    assert details[0]["SnapshotId"] == "snap-" + task_id[-17:]
+    ids = [d["SnapshotId"] for d in details]
+    assert len(set(ids)) == 3 and all(i.startswith("snap-") and len(i) == 22 for i in ids)
+    assert {d["Status"] for d in details} == {"completed"}
+    # the same on every read
+    assert _finished(appliance, task_id)["SnapshotDetails"] == details
+
+    detail = admin_task(appliance, task_id)
+    stored = _stored_disks(detail["task"]["result"])
+    assert len(set(stored)) == 3
+    for source, out in zip([boot, second, third], stored, strict=True):
+        _identical(source, out)
+    # the boot disk was validated as bootable, the data disks (no partition table, no bootloader:
+    # not bootable) as data disks, their boot findings only informational
+    validated = [s["args"]["bootable"] for s in detail["steps"] if s["name"] == "validate-guest"]
+    assert sorted(validated) == [False, False, True]
+    assert all(d["guest"]["ok"] for d in detail["task"]["result"]["data_disks"])
+
+
+def test_a_hostile_second_disk_fails_the_whole_image_and_nothing_of_any_disk_is_stored(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    hostile = imgs.qcow2_backing(tmp_path)  # qcow2 with /etc/passwd as backing file, claimed RAW
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(hostile), bucket, "vm/data.raw")
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[
+            {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"}},
+            {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/data.raw"}},
+        ]
+    )["ImportTaskId"]
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted", final
+    assert final["StatusMessage"].startswith("ClientError: UnsafeImage.BackingFile: "), final["StatusMessage"]
+    assert [d["Status"] for d in final["SnapshotDetails"]] == ["deleted", "deleted"]
+    # the boot disk had been stored before the second disk was fetched: removed again
+    assert _boot_disk_was_stored(appliance, task_id)
+    images = appliance.state / "images"
+    assert not images.exists() or sorted(p.name for p in images.iterdir()) == []
+
+
+def test_a_multi_disk_ova_imports_every_disk_in_ovf_order_with_its_size(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # an OVA of a UEFI guest (firmware efi in its OVF) and two data disks, written by the project's writer
+    boot = guestfactory.uefi_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 4)
+    third = _data_disk(tmp_path / "third.raw", 2)
+    ova = tmp_path / "vm.ova"
+    (tmp_path / "ova-work").mkdir()
+    export_ova(
+        [OvaSource(boot), OvaSource(second), OvaSource(third)],
+        FileDestination(ova),
+        name="vm",
+        config=config_mod.load(appliance.config),
+        workdir=tmp_path / "ova-work",
+        firmware="efi",
+    )
+    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}]
+    )["ImportTaskId"]
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "completed", final
+    details = final["SnapshotDetails"]
+    assert [d["DeviceName"] for d in details] == ["/dev/sda1", "/dev/sdb", "/dev/sdc"]
+    assert [d["Format"] for d in details] == ["VMDK", "VMDK", "VMDK"]
+    assert [d["DiskImageSize"] for d in details] == [
+        float(boot.stat().st_size),
+        float(4 * MiB),
+        float(2 * MiB),
+    ]
+    assert {d["UserBucket"]["S3Key"] for d in details} == {"vms/vm.ova"}
+    assert len({d["SnapshotId"] for d in details}) == 3
+    result = admin_task(appliance, task_id)["task"]["result"]
+    assert result["disk"]["opened"]["boot_mode"] == "uefi"
+    for source, out in zip([boot, second, third], _stored_disks(result), strict=True):
+        _identical(source, out)
+
+
+def test_an_ova_claiming_efi_whose_boot_disk_boots_only_by_bios_fails_with_boot_mode_mismatch(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    # AWS fails an import whose VM asks for a boot mode its boot disk does not support; so does this
+    boot = guestfactory.linux_disk(tmp_path)
+    ova = tmp_path / "vm.ova"
+    (tmp_path / "ova-work").mkdir()
+    export_ova(
+        [OvaSource(boot), OvaSource(_data_disk(tmp_path / "data.raw", 2))],
+        FileDestination(ova),
+        name="vm",
+        config=config_mod.load(appliance.config),
+        workdir=tmp_path / "ova-work",
+        firmware="efi",
+    )
+    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}]
+    )["ImportTaskId"]
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted", final
+    assert "Guest.BootModeMismatch" in final["StatusMessage"], final["StatusMessage"]
+    images = appliance.state / "images"
+    assert not images.exists() or sorted(p.name for p in images.iterdir()) == []
