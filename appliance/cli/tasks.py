@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import UsageError, WorkflowInvalid, is_rejection
 from ..progress import Progress
 from ..redact import redact, redact_text
-from ..service.worker import cleanup_scratch
+from ..service.sweeps import cleanup_scratch
 from ..store import StepRecord, Task, TaskState
 from ..workflow.callbacks import EngineCallbacks
 from ..workflow.engine import Engine

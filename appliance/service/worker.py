@@ -34,11 +34,14 @@ task cannot take the others down, and the concurrency limit is a count of childr
 - when a child ends, for whatever reason, kills what it left behind: its process group and its cgroup.
   The parsers it started (qemu-img, the guest probe, the decompressor) also die with it by their
   parent-death signal, so a task child killed alone leaves none of them running.
+
+The parts: :mod:`.children` (task processes and their cgroups), :mod:`.taskchild` (what runs in
+one), :mod:`.configreload` (live configuration), :mod:`.sweeps` (crash leftovers); this module is
+the loop that ties them together, and the reporter it starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -50,22 +53,24 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .. import config as config_mod
-from .. import confine, partials, redact
+from .. import confine
 from ..database import Listener
-from ..errors import ImagingError, LeaseLost, StoreUnavailable, TaskNotFound
-from ..guest.mountrecord import sweep_stale
+from ..errors import StoreUnavailable
 from ..image.qemuimg import qemu_img_problem
-from ..scratch import ScratchSpace
-from ..store import CHANNEL_CANCEL, Lease, Store, TaskState
+from ..store import CHANNEL_CANCEL, Lease, Store
 from ..timestamps import utcnow
-from ..workflow.engine import Engine
-from ..workflow.supervisor import find_orphans, orphan_reason, owner_id
-from . import taskcgroup
+from ..workflow.supervisor import find_orphans, owner_id
+from . import taskchild
+from .children import SHUTDOWN_GRACE, TaskChildren
+from .configreload import ConfigReload
 from .heartbeat import write_heartbeat
+from .sweeps import cleanup_scratch, sweep_mounts, sweep_partials
 from .taskcgroup import TaskCaps, TaskCgroups
+from .taskchild import EXIT_LEASE_LOST as EXIT_LEASE_LOST
+from .taskchild import EXIT_STORE_UNAVAILABLE as EXIT_STORE_UNAVAILABLE
 from .uploads import sweep_uploads
 
 log = logging.getLogger(__name__)
@@ -82,78 +87,11 @@ ReporterFactory = Callable[[config_mod.Config, Store], RunningReporter | None]
 
 #: seconds between two sweeps of expired staged uploads
 UPLOAD_SWEEP_INTERVAL = 60.0
-#: seconds the children get to stop their step and release their task on shutdown
-SHUTDOWN_GRACE = 10.0
-#: exit status of a task's process that stopped because the task database went away (EX_TEMPFAIL)
-EXIT_STORE_UNAVAILABLE = 75
 #: the longest the worker waits on the doorbell connection before looking at its stop flag
 DOORBELL_SLICE = 0.5
 
 
-def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
-    """Remove scratch directories whose task is over or unknown: leftovers of crashed runs.
-
-    Directories of tasks that may still resume (pending, running, cancelling) are kept.
-    """
-
-    def live(task_id: str) -> bool:
-        try:
-            return not store.get_task(task_id).state.terminal
-        except TaskNotFound:
-            # only a task the database does not know is gone: an outage (StoreUnavailable) propagates,
-            # so the sweep is retried instead of deleting the scratch of tasks that will resume
-            return False
-
-    removed = ScratchSpace.from_config(config).cleanup_orphans(keep=live)
-    for path in removed:
-        log.info("removed orphaned scratch directory %s", path)
-    return removed
-
-
-def sweep_partials(store: Store) -> list[Path]:
-    """Remove the partial outputs (``.NAME.partial-XXXXXXXX``, named in cleanup ledgers) that killed
-    task processes left, of every task no live process runs; each removal goes into its task's ledger."""
-
-    def running(task_id: str) -> bool:
-        try:
-            task = store.get_task(task_id)
-        except TaskNotFound:  # as in cleanup_scratch: an outage propagates
-            return False
-        return task.state in (TaskState.RUNNING, TaskState.CANCELLING) and orphan_reason(task) is None
-
-    return partials.sweep(store, keep=running)
-
-
-def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:
-    """Unmount and detach what killed task processes left mounted (guest chroots, loop devices);
-    each undone resource goes into its task's cleanup ledger as removed."""
-
-    def ledger(owner: str, action: str, resource: str) -> None:
-        try:
-            store.get_task(owner)
-        except ImagingError:
-            return  # the owner was not a task (a CLI run): the log line is the record
-        store.add_ledger(owner, action, resource, step="recovery")
-
-    cleaned = sweep_stale(config.state_dir, ledger)
-    for line in cleaned:
-        log.warning("crash leftover cleaned: %s", line)
-    return cleaned
-
-
-def _exited(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether a child has exited, leaving it a zombie (``WNOWAIT``) so that its pid (= its process
-    group's id) cannot be reused before its group has been killed; True too when its status was
-    already collected."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-class Worker:
+class Worker(TaskChildren, ConfigReload):
     """Claims and supervises tasks; see the module docstring."""
 
     def __init__(
@@ -205,145 +143,12 @@ class Worker:
         #: when the expired staged uploads were last swept (monotonic; None: not yet)
         self._uploads_swept: float | None = None
 
-    # -- live configuration ---------------------------------------------------------------------
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        if self.config.source is None:
-            return None
-        try:
-            st = os.stat(self.config.source)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def reload_config(self) -> bool:
-        """Re-read the configuration file if it changed since it was read; True when it was taken."""
-        stamp = self._stamp()
-        if stamp is None or stamp == self._config_stamp or self.config.source is None:
-            return False
-        self._config_stamp = stamp
-        try:
-            new = config_mod.load(self.config.source)
-        except ImagingError as exc:
-            log.error(
-                "configuration %s changed but does not load; keeping the running one: %s",
-                self.config.source,
-                exc.message,
-            )
-            return False
-        if new.state_dir != self.config.state_dir:
-            log.error(
-                "configuration %s moves state_dir: that needs a restart; keeping the running one",
-                self.config.source,
-            )
-            return False
-        if new.store != self.config.store:
-            log.error(
-                "configuration %s moves the task database: that needs a worker restart (its claims and "
-                "leases are in the running one); keeping the running configuration",
-                self.config.source,
-            )
-            return False
-        if new.controller != self.config.controller or (new.controller.mode == "pull" and new != self.config):
-            # A pull reporter creates the imports it is handed with the configuration it was started
-            # with (sources, targets, limits): any change restarts it, not only the controller section.
-            self.reporter_stale = True
-        if TaskCaps.from_config(new.worker) != self.caps:
-            log.warning("per-task caps changed: they apply from the next worker start")
-        self.config = new
-        self.concurrency = self.concurrency_override or new.worker.concurrency
-        log.info("configuration %s reloaded: concurrency %d", new.source, self.concurrency)
-        return True
-
-    # -- per-task cgroups -----------------------------------------------------------------------
-
-    def setup_cgroups(self) -> None:
-        """Take over the worker's cgroup for task cgroups where it is delegated (see taskcgroup)."""
-        self.cgroups, reason = TaskCgroups.setup(self.caps)
-        if self.cgroups is not None:
-            log.info("task cgroups under %s", self.cgroups.base)
-        if self.caps and reason:
-            self.limits_reason = reason
-            log.warning("per-task caps %s are not enforced: %s", self.caps.settings(), reason)
-        elif reason:
-            log.info("tasks run without cgroups of their own: %s", reason)
-
-    def task_limits(self) -> dict[str, Any]:
-        """The heartbeat's account of the per-task caps."""
-        return {
-            "caps": self.caps.settings(),
-            "enforced": bool(self.caps)
-            and self.cgroups is not None
-            and not self.cgroups_failed
-            and self.limits_reason is None,
-            "cgroup": str(self.cgroups.base) if self.cgroups is not None else None,
-            "reason": self.limits_reason,
-        }
-
     @property
     def store(self) -> Store:
         """The task database, opened on first use (:class:`StoreUnavailable` while it cannot be)."""
         if self._store is None:
             self._store = Store(self.config.store)
         return self._store
-
-    # -- children -------------------------------------------------------------------------------
-
-    def _spawn(self, verb: str, task_id: str, lease: Lease | None = None) -> None:
-        argv = [sys.executable, "-m", "appliance.service.worker", verb, task_id]
-        if lease is not None:
-            argv += ["--owner", lease.owner, "--epoch", str(lease.epoch)]
-            self._handed[task_id] = lease
-        if self.config.source is not None:
-            argv += ["--config", str(self.config.source)]
-        if self.cgroups is not None and not self.cgroups_failed:
-            try:
-                cgroup = self.cgroups.create(task_id)
-            except OSError as exc:
-                self.limits_reason = f"cannot create the cgroup of task {task_id}: {exc.strerror or exc}"
-                log.error("task %s: %s; it runs without its caps", task_id, self.limits_reason)
-            else:
-                self.task_cgroups[task_id] = cgroup
-                argv += ["--cgroup", str(cgroup)]
-        log.info("task %s: %s in a child process", task_id, verb)
-        try:
-            # Own process group: a shutdown can kill the child and anything it started together.
-            self.children[task_id] = subprocess.Popen(argv, start_new_session=True)
-        except BaseException:
-            self._release_cgroup(task_id)
-            self._handed.pop(task_id, None)  # no child runs it: its lease must be left to run out
-            raise
-
-    def _reap(self) -> None:
-        for task_id, proc in list(self.children.items()):
-            # WNOWAIT: the exited child stays a zombie, so its pid (= its process group's id) cannot be
-            # reused before the group has been killed
-            if not _exited(proc):
-                continue
-            self._kill_leftovers(task_id, proc)
-            proc.wait()
-            level = logging.INFO if proc.returncode == 0 else logging.WARNING
-            log.log(level, "task %s: child exited with %s", task_id, proc.returncode)
-            del self.children[task_id]
-            self._handed.pop(task_id, None)
-            if proc.returncode == taskcgroup.EXIT_CGROUP_JOIN_FAILED:
-                self.limits_reason = "task children cannot join their cgroups (see the task's log)"
-                log.error("%s; further tasks run without cgroups", self.limits_reason)
-                self.cgroups_failed = True
-
-    def _kill_leftovers(self, task_id: str, proc: subprocess.Popen[bytes]) -> None:
-        """Kill what a child that ended left behind: its process group, then its cgroup."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        self._release_cgroup(task_id)
-
-    def _release_cgroup(self, task_id: str) -> None:
-        cgroup = self.task_cgroups.pop(task_id, None)
-        if cgroup is not None and self.cgroups is not None:
-            self.cgroups.release(cgroup)
-
-    def _free_slots(self) -> int:
-        return max(0, self.concurrency - len(self.children))
 
     # -- one poll -------------------------------------------------------------------------------
 
@@ -451,14 +256,6 @@ class Worker:
                 return None
         return self._listener
 
-    def _pass_cancel(self, task_id: str) -> None:
-        proc = self.children.get(task_id)
-        # not poll()/send_signal(): they collect an exited child's status, which _reap needs
-        if proc is not None and not _exited(proc):
-            log.info("task %s: cancel requested; telling its process", task_id)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGUSR2)
-
     def write_heartbeat(self) -> None:
         beat = {
             "pid": os.getpid(),
@@ -550,20 +347,7 @@ class Worker:
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Ask children to suspend their tasks; kill those still running after ``grace`` seconds."""
-        for proc in self.children.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + grace
-        for task_id, proc in self.children.items():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.error("task %s: child did not stop within %.0fs; killing it", task_id, grace)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            self._release_cgroup(task_id)
-        self.children.clear()
+        self.stop_children(grace)
         self.status = "stopped"
         with contextlib.suppress(OSError):
             self.write_heartbeat()
@@ -582,65 +366,5 @@ def run_worker(
     return 0
 
 
-#: exit status of a task's process that found another worker owning its task
-EXIT_LEASE_LOST = 76
-
-
-def _stop_at_once() -> None:
-    """Another worker owns this process's task: stop everything this process group runs (the
-    step's ``qemu-img``, a download, this process) so nothing more reaches the task's target. A
-    task process leads a process group of its own (the worker starts it in a new session); a
-    process that does not (a test running the child in-process) only raises :class:`LeaseLost`."""
-    if os.getpgrp() == os.getpid():
-        logging.shutdown()
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def _child(argv: list[str] | None = None) -> int:
-    """Entry of a child process: run or resume one task to its end (or to a suspend)."""
-    p = argparse.ArgumentParser(prog="python -m appliance.service.worker")
-    p.add_argument("verb", choices=("run", "resume"))
-    p.add_argument("task_id")
-    p.add_argument("--config")
-    p.add_argument("--cgroup", help="the task's cgroup, which the child joins before anything else")
-    p.add_argument("--owner", help="the worker that claimed the task (run: take its lease over)")
-    p.add_argument("--epoch", type=int, help="the task's fencing epoch of that claim")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="imaging-task %(levelname)s %(name)s: %(message)s")
-    redact.install_logging()
-    if args.cgroup:
-        try:
-            taskcgroup.join(Path(args.cgroup))
-        except OSError as exc:
-            log.error(
-                "task %s: cannot join its cgroup %s: %s", args.task_id, args.cgroup, exc.strerror or exc
-            )
-            return taskcgroup.EXIT_CGROUP_JOIN_FAILED
-    logging.getLogger("oslo_utils").setLevel(logging.ERROR)
-    cfg = config_mod.load(args.config)
-    engine = Engine(cfg, on_lease_lost=_stop_at_once)
-    lease = Lease(args.owner, args.epoch) if args.owner is not None and args.epoch is not None else None
-    try:
-        task = engine.run(args.task_id, lease=lease) if args.verb == "run" else engine.resume(args.task_id)
-    except LeaseLost as exc:
-        log.error("task %s: %s", args.task_id, exc.message)
-        _stop_at_once()
-        return EXIT_LEASE_LOST
-    except StoreUnavailable as exc:
-        # The task keeps this process as its owner, so once the database is back the worker sees
-        # the owner gone and resumes the task from its last completed step.
-        log.warning(
-            "task %s: stopped, the task database is unreachable (%s); it resumes later",
-            args.task_id,
-            exc.message,
-        )
-        return EXIT_STORE_UNAVAILABLE
-    except ImagingError as exc:  # e.g. another worker claimed it first
-        log.warning("task %s: not run here: %s", args.task_id, exc)
-        return 1
-    log.info("task %s: %s", task.id, task.state)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_child())
+    sys.exit(taskchild.main())

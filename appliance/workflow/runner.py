@@ -15,27 +15,20 @@ as ``StepFailed`` with a fixed message: its type and text go to the worker log a
 ``step.exception`` event for the operator, never into the task's message, which EC2 clients read
 as the ``StatusMessage``.
 
-Undo works from the store, not from the workflow: the ``completed`` step records, newest first,
-with the args and result they were recorded with. It therefore also works for a task whose
-workflow file has changed or disappeared since it started.
+A task run's state, its step records and the hooks its steps report through are
+:mod:`.runstate`'s; undo and the cleanup after a failed or cancelled run are :mod:`.cleanup`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jsonschema
 
-from .. import partials
 from ..artifacts.resources import ResourceFetcher
-from ..config import Config
 from ..errors import (
     Cancelled,
     Finding,
@@ -48,44 +41,19 @@ from ..errors import (
     UsageError,
     WorkflowInvalid,
 )
-from ..scratch import ScratchSpace, TaskScratch
-from ..store import Lease, StepRecord, StepState, Store, Task
-from .callbacks import EngineCallbacks
+from ..store import StepState
+from .cleanup import RunCleanup
 from .hookpoints import next_image
-from .loader import WorkflowLoader
 from .model import StepSpec, Workflow
-from .registry import Registry, StepUnavailable
+from .runstate import PROGRESS_DB_INTERVAL as PROGRESS_DB_INTERVAL
+from .runstate import PROGRESS_EVENT_INTERVAL as PROGRESS_EVENT_INTERVAL
+from .runstate import RunHost as RunHost
+from .runstate import TaskVars
 from .schema import WorkflowError, invalid
-from .step import StepContext
-from .templating import TemplateProblem, Templater
-
-
-class RunHost(Protocol):
-    """What a task run takes from the engine that starts it (an :class:`~.engine.Engine` is one)."""
-
-    config: Config
-    registry: Registry
-    templater: Templater
-    loader: WorkflowLoader
-    #: seconds a step may keep running after its cancel before it is abandoned
-    timeout_grace: float
-
-    # read-only: the engine opens its store on first use and fans callbacks out to several
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def callbacks(self) -> EngineCallbacks: ...
-
+from .templating import TemplateProblem
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
-#: step progress is written to the task row at most this often (the last value always wins)
-PROGRESS_DB_INTERVAL = 0.5
-#: and queued as an event at most this often
-PROGRESS_EVENT_INTERVAL = 2.0
 #: the task message of a step that raised an exception nobody coded
 UNEXPECTED_MESSAGE = (
     "an unexpected internal error (a bug); the operator finds its details in the task's "
@@ -93,21 +61,6 @@ UNEXPECTED_MESSAGE = (
 )
 #: how much of such an exception's text the event keeps
 EXCEPTION_TEXT_CHARS = 2000
-
-
-class TaskVars:
-    """``task`` in templates: ``task.id`` and ``task.workdir`` (the scratch dir, created on use)."""
-
-    def __init__(self, run: TaskRun) -> None:
-        self._run = run
-
-    @property
-    def id(self) -> str:
-        return self._run.task_id
-
-    @property
-    def workdir(self) -> str:
-        return str(self._run.scratch().path)
 
 
 class StepFailure(ImagingError):
@@ -119,37 +72,8 @@ class StepFailure(ImagingError):
         self.step = step
 
 
-class TaskRun:
+class TaskRun(RunCleanup):
     """One attempt at running (or cleaning up) a task in this process."""
-
-    def __init__(self, engine: RunHost, task: Task) -> None:
-        self.engine = engine
-        self.store = engine.store
-        self.config = engine.config
-        self.registry = engine.registry
-        self.templater = engine.templater
-        self.callbacks = engine.callbacks
-        self.task_id = task.id
-        #: set by the supervisor (cancel requested in the store), signals, or a lost lease
-        self.cancel = threading.Event()
-        self.lost_lease = False
-        #: the lease this run writes under (the task's when the run was set up)
-        self.lease: Lease | None = task.lease
-        #: called once when the run learns it lost the task (the worker's task process stops at once)
-        self.on_lease_lost: Callable[[], None] | None = None
-        #: set by SIGUSR1: the worker is shutting down; stop the step, keep the task for a resume
-        self.suspended = False
-        self.signalled: int | None = None
-        self._done = {r.idx: r for r in self.store.step_results(task.id)}
-        self._running: dict[str, StepRecord] = {}
-        self._scratch: TaskScratch | None = None
-        self._scratch_lock = threading.Lock()
-        self._progress_times: dict[str, tuple[float, float]] = {}
-        #: the newest throttled progress per step, written by :meth:`flush_progress`
-        self._pending_progress: dict[str, dict[str, Any]] = {}
-        self._progress_lock = threading.Lock()
-        #: id(workflow) -> resource name -> cached file (set by :meth:`_fetch_resources`)
-        self._resources: dict[int, dict[str, str]] = {}
 
     # -- executing -------------------------------------------------------------------------
 
@@ -191,11 +115,6 @@ class TaskRun:
                 scope[step.register] = value
                 registered[step.register] = value
         return registered
-
-    def _action_name(self, step: StepSpec) -> str:
-        if step.hooks is not None:
-            return f"hooks:{step.hooks}"
-        return step.action or f"include:{step.include_ref}"
 
     def _run_step(self, wf: Workflow, step: StepSpec, idx: str, scope: dict[str, Any]) -> tuple[bool, Any]:
         """Run one step (all its loop items); ``(False, None)`` if it was skipped."""
@@ -465,274 +384,3 @@ class TaskRun:
         ]
         if errors:
             raise invalid(errors)
-
-    def _record(self, step: StepSpec, idx: str, state: StepState, **kw: Any) -> StepRecord:
-        kw.setdefault("undo", step.undo)
-        record = self.store.record_step(
-            self.task_id, idx, name=step.name, action=self._action_name(step), state=state, **kw
-        )
-        if state is StepState.RUNNING:
-            self._running[idx] = record
-            self._emit("step.start", {"step": idx, "name": step.name, "action": record.action}, notify=False)
-        return record
-
-    def _finish(self, step: StepSpec, idx: str, state: StepState, **kw: Any) -> StepRecord:
-        record = self._record(step, idx, state, **kw)
-        self._running.pop(idx, None)
-        self._done[idx] = record
-        data: dict[str, Any] = {"step": idx, "name": step.name, "state": str(state)}
-        if record.error:
-            data["error"] = record.error
-        self._emit("step.end", data, notify=False)
-        self.callbacks.on_step_end(self.task_id, record)
-        return record
-
-    def _skip(self, step: StepSpec, idx: str, reason: str) -> None:
-        self._finish(step, idx, StepState.SKIPPED, result={"skipped": reason}, undo=False)
-
-    def _emit(self, kind: str, data: dict[str, Any], *, notify: bool = True) -> None:
-        self.store.add_event(self.task_id, kind, data)
-        if notify:
-            self.callbacks.on_event(self.task_id, kind, data)
-
-    # -- step context hooks --------------------------------------------------------------------
-
-    def context(self, idx: str, name: str, cancel: threading.Event) -> StepContext:
-        return StepContext(
-            task_id=self.task_id,
-            config=self.config,
-            store=self.store,
-            cancel=cancel,
-            idx=idx,
-            name=name,
-            hooks=self,
-        )
-
-    def _write_progress(self, progress: dict[str, Any]) -> None:
-        self.store.update_progress(
-            self.task_id,
-            phase=progress.get("phase"),
-            bytes_done=progress.get("done"),
-            bytes_total=progress.get("total"),
-            percent=progress.get("percent"),
-            bytes_converted=progress.get("converted"),
-        )
-
-    def flush_progress(self) -> None:
-        """Write the newest progress that throttling held back (called by the supervisor's poll):
-        a step that stalls right after a burst of updates must not leave the task showing old figures.
-        What cannot be written (the task database is away) is kept for the next flush."""
-        with self._progress_lock:
-            pending, self._pending_progress = self._pending_progress, {}
-        for idx, progress in pending.items():
-            try:
-                self._write_progress(progress)
-            except StoreUnavailable:
-                with self._progress_lock:
-                    self._pending_progress.setdefault(idx, progress)
-                raise
-
-    def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
-        """A step's progress: written to the task (throttled) and as an event (more throttled).
-        Progress is worth no interruption: while the task database cannot be reached the figures
-        wait for the supervisor's next flush and the step goes on."""
-        now = time.monotonic()
-        last_db, last_event = self._progress_times.get(ctx.idx, (0.0, 0.0))
-        final = progress.get("total") is not None and progress.get("done") == progress.get("total")
-        if final or now - last_db >= PROGRESS_DB_INTERVAL:
-            try:
-                with self._progress_lock:
-                    self._pending_progress.pop(ctx.idx, None)
-                self._write_progress(progress)
-                last_db = now
-            except LeaseLost:
-                self.lose_lease()
-                raise
-            except StoreUnavailable:
-                with self._progress_lock:
-                    self._pending_progress[ctx.idx] = progress
-        else:
-            with self._progress_lock:
-                self._pending_progress[ctx.idx] = progress
-        if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
-            with contextlib.suppress(StoreUnavailable):
-                self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})
-                last_event = now
-        self._progress_times[ctx.idx] = (last_db, last_event)
-        record = self._running.get(ctx.idx)
-        if record is not None:
-            self.callbacks.on_step_progress(self.task_id, record, progress)
-
-    def event(self, ctx: StepContext, kind: str, data: dict[str, Any]) -> None:
-        self._emit(kind, {"step": ctx.idx, **data})
-
-    def ledger(self, ctx: StepContext | None, action: str, resource: str) -> None:
-        step = ctx.idx if ctx is not None else None
-        self.store.add_ledger(self.task_id, action, resource, step)
-        self.callbacks.on_event(
-            self.task_id, "ledger", {"action": action, "resource": resource, "step": step}
-        )
-
-    def fence(self, ctx: StepContext) -> None:
-        try:
-            self.store.check_lease(self.task_id, self.lease)
-        except LeaseLost:
-            self.lose_lease()
-            raise
-
-    def save_checkpoint(self, ctx: StepContext, data: dict[str, Any]) -> None:
-        if self.lease is None:
-            raise UsageError(f"task {self.task_id} is not run under a lease: nothing to checkpoint with")
-        try:
-            self.store.save_checkpoint(
-                self.task_id, ctx.idx, data, owner=self.lease.owner, epoch=self.lease.epoch
-            )
-        except LeaseLost:
-            self.lose_lease()
-            raise
-
-    def load_checkpoint(self, ctx: StepContext) -> dict[str, Any] | None:
-        return self.store.load_checkpoint(self.task_id, ctx.idx)
-
-    def lose_lease(self) -> None:
-        """Another worker owns the task now: stop (the step's cancel) and, the first time, tell
-        :attr:`on_lease_lost`."""
-        first = not self.lost_lease
-        self.lost_lease = True
-        self.cancel.set()
-        if first:
-            log.error("task %s: another worker owns it now (lease lost); stopping", self.task_id)
-            if self.on_lease_lost is not None:
-                self.on_lease_lost()
-
-    def scratch(self) -> TaskScratch:
-        with self._scratch_lock:
-            if self._scratch is None:
-                space = ScratchSpace.from_config(self.config)
-                existed = (space.root / self.task_id).exists()
-                self._scratch = space.for_task(self.task_id)
-                if not existed:
-                    self.ledger(None, "created", str(self._scratch.path))
-            return self._scratch
-
-    # -- cleaning up ---------------------------------------------------------------------------
-
-    def mark_interrupted(self) -> list[StepRecord]:
-        """Mark steps left ``running`` by a dead worker as failed, and give back the scratch they had
-        reserved; returns them (innermost last)."""
-        interrupted = [r for r in self.store.step_results(self.task_id) if r.state is StepState.RUNNING]
-        for r in interrupted:
-            error = {"code": "Interrupted", "message": "the worker running this step died"}
-            self._done[r.idx] = self.store.set_step_state(self.task_id, r.idx, StepState.FAILED, error=error)
-            self._release_reservations(r.idx)
-        return interrupted
-
-    def _release_reservations(self, idx: str) -> None:
-        """Give back the scratch step ``idx`` reserved: an attempt that failed or was interrupted must not
-        count against the quota again when the step runs next (it makes its output anew)."""
-        if self._scratch is None and not (Path(self.config.scratch.root) / self.task_id).is_dir():
-            return
-        try:
-            released = self.scratch().release_step(idx)
-        except (OSError, ImagingError):
-            log.exception("task %s: could not release the scratch of step %s", self.task_id, idx)
-            return
-        if released:
-            self._emit("scratch.released", {"step": idx, "bytes": released}, notify=False)
-
-    def sweep_partials(self) -> list[Path]:
-        """Remove the partial outputs a killed process of this task left behind (its ledger names them;
-        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it."""
-        removed = partials.sweep(self.store, task_id=self.task_id)
-        for path in removed:
-            self.callbacks.on_event(
-                self.task_id,
-                "ledger",
-                {"action": "removed", "resource": str(path), "step": partials.RECOVERY_STEP},
-            )
-        return removed
-
-    def undo(self) -> list[str]:
-        """Undo completed steps newest first; returns descriptions of undos that failed."""
-        failures = []
-        records = self.store.step_results(self.task_id)
-        for record in reversed(records):
-            if record.state is not StepState.COMPLETED or not record.undo:
-                continue
-            try:
-                cls = self.registry.get(record.action)
-            except StepUnavailable as exc:
-                failures.append(self._undo_failed(record, exc.message))
-                continue
-            if getattr(cls, "undo", None) is None:
-                continue  # nothing to reverse (e.g. util.echo)
-            ctx = self.context(record.idx, record.name, threading.Event())
-            self._emit("step.undo", {"step": record.idx, "name": record.name})
-            try:
-                cls().undo(ctx, record.args or {}, record.result)
-            except Exception as exc:
-                message = exc.message if isinstance(exc, ImagingError) else f"{type(exc).__name__}: {exc}"
-                failures.append(self._undo_failed(record, message))
-                continue
-            undone = self.store.set_step_state(self.task_id, record.idx, StepState.UNDONE)
-            self.callbacks.on_step_end(self.task_id, undone)
-        return failures
-
-    def _undo_failed(self, record: StepRecord, message: str) -> str:
-        failed = self.store.set_step_state(
-            self.task_id, record.idx, StepState.UNDO_FAILED, error={"code": "UndoFailed", "message": message}
-        )
-        self.callbacks.on_step_end(self.task_id, failed)
-        outstanding = [r for r in self.outstanding_resources() if r[1] == record.idx]
-        for resource, step in outstanding:
-            self.ledger_leaked(resource, step)
-        if not outstanding:
-            self.ledger_leaked(f"undo of step {record.name!r}", record.idx)
-        return f"undo of step {record.name!r} failed: {message}"
-
-    def ledger_leaked(self, resource: str, step: str | None) -> None:
-        self.store.add_ledger(self.task_id, "leaked", resource, step)
-        self.callbacks.on_event(
-            self.task_id, "ledger", {"action": "leaked", "resource": resource, "step": step}
-        )
-
-    def outstanding_resources(self) -> list[tuple[str, str | None]]:
-        """Resources the ledger says were created and not (yet) removed or reported leaked."""
-        open_: dict[str, str | None] = {}
-        for entry in self.store.ledger(self.task_id):
-            if entry.action == "created":
-                open_[entry.resource] = entry.step
-            else:
-                open_.pop(entry.resource, None)
-        return list(open_.items())
-
-    def remove_scratch(self) -> None:
-        """Remove the task's scratch directory (and every reservation in it), ledgered."""
-        path = Path(self.config.scratch.root) / self.task_id
-        if self._scratch is None and not path.exists():
-            return
-        try:
-            scratch = self._scratch or ScratchSpace.from_config(self.config).for_task(self.task_id)
-            scratch.cleanup()
-        except (OSError, ImagingError) as exc:
-            self.ledger_leaked(str(path), None)
-            self._emit("scratch.cleanup_failed", {"path": str(path), "error": str(exc)})
-            return
-        self._scratch = None
-        self.ledger(None, "removed", str(path))
-
-    def reconcile(self) -> None:
-        """After a failed or cancelled run: account for every resource the ledger leaves open.
-
-        A path that no longer exists is settled (files in the scratch dir went with it, and the
-        scratch dir's removal is ledgered itself). Anything else still open is reported
-        ``leaked``, unless its step had ``undo: false`` (kept on purpose, noted as an event).
-        """
-        keep = {r.idx for r in self.store.step_results(self.task_id) if not r.undo}
-        for resource, step in self.outstanding_resources():
-            if resource.startswith(os.sep) and not os.path.lexists(resource):
-                continue
-            if step in keep:
-                self._emit("resource.kept", {"resource": resource, "step": step})
-                continue
-            self.ledger_leaked(resource, step)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -18,10 +17,11 @@ import pytest
 from appliance.sources.manifest import Part, build_manifest, plan_parts
 from tests import guestfactory
 from tests import imagefactory as imgs
+from tests.api.awscli_support import aws_ec2
 from tests.api.e2e_support import Appliance, admin_task, conversion_task, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
 
@@ -283,45 +283,20 @@ def test_aws_cli_imports_an_image_from_a_user_bucket(
     src = guestfactory.linux_disk(tmp_path)
     vhd = guestfactory.convert(src, tmp_path / "disk.vhd", "vpc", "force_size=on")
     moto.client("s3").upload_file(str(vhd), bucket, "disks/disk.vhd")
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-    )
-    aws = [
-        str(Path(sys.executable).parent / "aws"),
-        "ec2",
-        "--endpoint-url",
+    out = aws_ec2(
         appliance.endpoint,
-        "--output",
-        "json",
-    ]
-    out = subprocess.run(
-        [
-            *aws,
-            "import-image",
-            "--description",
-            "cli",
-            "--disk-containers",
-            f"Format=VHD,UserBucket={{S3Bucket={bucket},S3Key=disks/disk.vhd}}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+        "import-image",
+        "--description",
+        "cli",
+        "--disk-containers",
+        f"Format=VHD,UserBucket={{S3Bucket={bucket},S3Key=disks/disk.vhd}}",
     )
     assert out.returncode == 0, out.stderr
     task_id = json.loads(out.stdout)["ImportTaskId"]
 
     def status() -> dict[str, Any]:
-        r = subprocess.run(
-            [*aws, "describe-import-image-tasks", "--import-task-ids", task_id],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
+        r = aws_ec2(
+            appliance.endpoint, "describe-import-image-tasks", "--import-task-ids", task_id, check=True
         )
         return json.loads(r.stdout)["ImportImageTasks"][0]
 

@@ -17,8 +17,9 @@ import pytest
 
 from appliance.targets.ec2 import TASK_TAG
 from appliance.targets.upload_policy import sign_upload_policy
+from tests.api.awscli_support import aws_ec2
 from tests.api.e2e_support import running_appliance, wait_for
-from tests.api.test_ec2_bundle_actions import aws_cli, policy
+from tests.api.test_ec2_bundle_actions import policy
 from tests.appliance.targets.test_ec2 import cloud  # noqa: F401 (a fixture)
 from tests.bundlefactory import make_keypair, unbundle_independently
 from tests.httpfixtures import TestHTTPServer
@@ -79,7 +80,9 @@ def test_bundle_instance_through_the_api_and_the_worker_unbundles_byte_identical
             wait_for(lambda: shown()["State"] in ("complete", "failed"), what="the bundle task")
             done = shown()
             assert done["State"] == "complete" and done["Progress"] == "100%", done
-            cli = aws_cli(appliance, "describe-bundle-tasks", "--filters", "Name=state,Values=complete")
+            cli = aws_ec2(
+                appliance.endpoint, "describe-bundle-tasks", "--filters", "Name=state,Values=complete"
+            )
             assert cli.returncode == 0, cli.stderr
             assert [t["BundleId"] for t in json.loads(cli.stdout)["BundleTasks"]] == [bundle_id]
         names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])

@@ -5,9 +5,6 @@ worker → the s3 image target on a moto server process. What the appliance repo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +14,12 @@ import botocore.exceptions
 import pytest
 
 from tests import guestfactory
+from tests.api.awscli_support import AWS, aws_ec2
 from tests.api.e2e_support import Appliance, admin_task, running_appliance, wait_for
 from tests.httpfixtures import TestHTTPServer
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+from tests.servers import REGION, MotoServer
 
 pytestmark = pytest.mark.slow
-
-AWS = Path(sys.executable).with_name("aws")
 
 
 @pytest.fixture
@@ -172,24 +168,9 @@ def test_aws_cli_import_snapshot_encrypted_with_a_kms_key_alias(
     # the moto server lives for the session and this test runs once per store backend: an alias of its own
     alias = f"alias/disks-{uuid.uuid4().hex[:8]}"
     moto.client("kms").create_alias(AliasName=alias, TargetKeyId=kms_key(moto))
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-    )
-    env.pop("AWS_PROFILE", None)
 
     def aws(*args: str) -> Any:
-        proc = subprocess.run(
-            [str(AWS), "ec2", *args, "--endpoint-url", s3_appliance.endpoint, "--output", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = aws_ec2(s3_appliance.endpoint, *args, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 

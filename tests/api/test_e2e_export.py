@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,9 @@ import pytest
 from appliance import config as config_mod
 from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
 from tests import guestfactory
+from tests.api.awscli_support import aws_ec2
 from tests.api.e2e_support import Appliance, admin_task, wait_for
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
 
@@ -38,26 +38,6 @@ def _import(appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path)
     wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
     assert status()["Status"] == "completed", status()
     return raw, status()["ImageId"]
-
-
-def _aws(appliance: Appliance) -> tuple[list[str], dict[str, str]]:
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-    )
-    aws = [
-        str(Path(sys.executable).parent / "aws"),
-        "ec2",
-        "--endpoint-url",
-        appliance.endpoint,
-        "--output",
-        "json",
-    ]
-    return aws, env
 
 
 def test_import_then_export_image_with_boto3_and_the_aws_cli_matches_the_original(
@@ -105,32 +85,22 @@ def test_import_then_export_image_with_boto3_and_the_aws_cli_matches_the_origina
     )
 
     # the AWS CLI: export-image (VHD), describe-export-image-tasks with a filter and pagination
-    aws, env = _aws(appliance)
-    out = subprocess.run(
-        [
-            *aws,
-            "export-image",
-            "--image-id",
-            image_id,
-            "--disk-image-format",
-            "VHD",
-            "--s3-export-location",
-            f"S3Bucket={bucket},S3Prefix=cli/",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    out = aws_ec2(
+        appliance.endpoint,
+        "export-image",
+        "--image-id",
+        image_id,
+        "--disk-image-format",
+        "VHD",
+        "--s3-export-location",
+        f"S3Bucket={bucket},S3Prefix=cli/",
     )
     assert out.returncode == 0, out.stderr
     cli_id = json.loads(out.stdout)["ExportImageTaskId"]
 
     def cli_status() -> dict[str, Any]:
-        r = subprocess.run(
-            [*aws, "describe-export-image-tasks", "--export-image-task-ids", cli_id],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
+        r = aws_ec2(
+            appliance.endpoint, "describe-export-image-tasks", "--export-image-task-ids", cli_id, check=True
         )
         return json.loads(r.stdout)["ExportImageTasks"][0]
 
@@ -210,7 +180,6 @@ def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
     assert appliance.ec2.describe_export_tasks()["ExportTasks"] == []
     assert appliance.ec2.describe_export_image_tasks()["ExportImageTasks"] == []
 
-    aws, env = _aws(appliance)
     for argv, code in [
         (
             [
@@ -245,9 +214,9 @@ def test_unknown_ids_answer_ec2_not_found_codes_through_boto3_and_the_aws_cli(
             "InvalidExportTaskID.NotFound",
         ),
     ]:
-        r = subprocess.run([*aws, *argv], env=env, capture_output=True, text=True)
+        r = aws_ec2(appliance.endpoint, *argv)
         assert r.returncode != 0 and f"({code})" in r.stderr, (argv, r.stderr)
-    r = subprocess.run([*aws, "describe-export-tasks"], env=env, capture_output=True, text=True, check=True)
+    r = aws_ec2(appliance.endpoint, "describe-export-tasks", check=True)
     assert json.loads(r.stdout) == {"ExportTasks": []}
 
 

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +15,7 @@ from botocore.exceptions import ClientError
 from appliance.service.bundles import BUNDLE_INSTANCE
 from appliance.store import TaskState
 from appliance.targets.upload_policy import sign_upload_policy
+from tests.api.awscli_support import aws_ec2
 from tests.api.test_ec2_export_actions import (  # noqa: F401 (cloud_appliance is a fixture)
     OTHER_KEY,
     Appliance,
@@ -26,7 +23,7 @@ from tests.api.test_ec2_export_actions import (  # noqa: F401 (cloud_appliance i
     cloud_appliance,
     code_of,
 )
-from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 
 def policy(
@@ -175,26 +172,6 @@ def test_bundle_task_states_follow_the_run_as_aws_names_them(
     assert [t["BundleId"] for t in by_code["BundleTasks"]] == [bundle_id]
 
 
-def aws_cli(appliance: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-    )
-    aws = [
-        str(Path(sys.executable).parent / "aws"),
-        "ec2",
-        "--endpoint-url",
-        appliance.endpoint,
-        "--output",
-        "json",
-    ]
-    return subprocess.run([*aws, *args], env=env, capture_output=True, text=True, check=False)
-
-
 def test_the_aws_cli_bundles_describes_cancels_and_creates_images(
     cloud_appliance: tuple[Appliance, Any, str],  # noqa: F811
 ) -> None:
@@ -202,20 +179,20 @@ def test_the_aws_cli_bundles_describes_cancels_and_creates_images(
     bundle = ["bundle-instance", "--instance-id", instance_id, "--bucket", "bundles", "--prefix", "cli"]
     bundle += ["--owner-akid", TEST_ACCESS_KEY]
     # the CLI writes the policy document (24 hours, ec2-bundle-read) and signs it with --owner-sak
-    forged = aws_cli(appliance, *bundle, "--owner-sak", "not-the-secret")
+    forged = aws_ec2(appliance.endpoint, *bundle, "--owner-sak", "not-the-secret")
     assert forged.returncode != 0 and "UploadPolicyInvalid.Signature" in forged.stderr
     assert _bundle_tasks(appliance) == []
-    run = aws_cli(appliance, *bundle, "--owner-sak", TEST_SECRET_KEY)
+    run = aws_ec2(appliance.endpoint, *bundle, "--owner-sak", TEST_SECRET_KEY)
     assert run.returncode == 0, run.stderr
     bundle_id = json.loads(run.stdout)["BundleTask"]["BundleId"]
-    run = aws_cli(appliance, "describe-bundle-tasks", "--bundle-ids", bundle_id)
+    run = aws_ec2(appliance.endpoint, "describe-bundle-tasks", "--bundle-ids", bundle_id)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["BundleTasks"][0]["State"] == "pending"
-    run = aws_cli(appliance, "cancel-bundle-task", "--bundle-id", bundle_id)
+    run = aws_ec2(appliance.endpoint, "cancel-bundle-task", "--bundle-id", bundle_id)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["BundleTask"]["BundleId"] == bundle_id
-    run = aws_cli(
-        appliance, "create-image", "--instance-id", instance_id, "--name", "web (cli)", "--no-reboot"
+    run = aws_ec2(
+        appliance.endpoint, "create-image", "--instance-id", instance_id, "--name", "web (cli)", "--no-reboot"
     )
     assert run.returncode == 0, run.stderr
     image_id = json.loads(run.stdout)["ImageId"]

@@ -7,10 +7,7 @@ them on through the store. The round trip with the worker is test_e2e_export.py.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from appliance.config import Config
 from appliance.service.imports import ImportService
 from appliance.store import Store, TaskState
 from tests import stores
+from tests.api.awscli_support import aws_ec2
 from tests.api.ec2_support import ec2_config, wsgi_server
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY, MotoServer
 
@@ -249,33 +247,15 @@ def test_create_instance_export_task_with_the_ova_container_through_boto3_and_th
         "S3Key": f"vms/{task_id}.ova",
     }
     assert appliance.service.store.get_task(task_id).params["container_format"] == "ova"
-    env = dict(
-        os.environ,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION=REGION,
-        AWS_CONFIG_FILE="/dev/null",
-        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
-    )
-    out = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "aws"),
-            "ec2",
-            "--endpoint-url",
-            appliance.endpoint,
-            "--output",
-            "json",
-            "create-instance-export-task",
-            "--instance-id",
-            instance_id,
-            "--target-environment",
-            "vmware",
-            "--export-to-s3-task",
-            "ContainerFormat=ova,DiskImageFormat=VMDK,S3Bucket=exports",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    out = aws_ec2(
+        appliance.endpoint,
+        "create-instance-export-task",
+        "--instance-id",
+        instance_id,
+        "--target-environment",
+        "vmware",
+        "--export-to-s3-task",
+        "ContainerFormat=ova,DiskImageFormat=VMDK,S3Bucket=exports",
     )
     assert out.returncode == 0, out.stderr
     cli_task = json.loads(out.stdout)["ExportTask"]

@@ -13,7 +13,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.errors import StoreUnavailable
 from appliance.scratch import ScratchSpace
-from appliance.service import worker as worker_mod
+from appliance.service import children as children_mod
 from appliance.service.worker import Worker, cleanup_scratch
 from appliance.store import Lease, Store
 from tests import processes
@@ -33,7 +33,7 @@ def test_a_cancel_for_a_child_that_just_exited_leaves_it_for_the_reaper(tmp_path
     child = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     worker.children["t-1"] = child
     # the child has exited but nobody collected its status yet (it is a zombie)
-    processes.wait_until(lambda: worker_mod._exited(child), what="the child to exit")
+    processes.wait_until(lambda: children_mod._exited(child), what="the child to exit")
     worker._pass_cancel("t-1")  # a cancel notification arriving just then
     worker._reap()  # before: poll() in _pass_cancel collected the status and waitid raised here
     assert worker.children == {}
@@ -48,7 +48,7 @@ def test_a_failed_spawn_leaves_no_lease_for_the_worker_to_renew(
     def no_process(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(worker_mod.subprocess, "Popen", no_process)
+    monkeypatch.setattr(children_mod.subprocess, "Popen", no_process)
     with pytest.raises(OSError):
         worker._spawn("run", "t-1", Lease("worker-a", 1))
     # a lease renewed with no child running the task would keep it from ever being taken over
