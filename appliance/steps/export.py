@@ -43,15 +43,9 @@ from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed
 from ..targets.rawio import hash_file
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
-from .provenance import object_metadata, tool_versions, workflow_digests
+from .provenance import WHILE_WRITING, SourceDigestMismatch, build_record, object_metadata
 
 CHUNK = 4 << 20
-
-
-class SourceDigestMismatch(ImagingError):
-    """The stored disk no longer has the digest recorded when it was written."""
-
-    code = "Source.DigestMismatch"
 
 
 def _reading(ctx: StepContext, total: int | None) -> ProgressTracker:
@@ -149,19 +143,17 @@ class ExportWriteStep(Step):
                     f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
                     "recorded when it was stored: it changed since; nothing was exported"
                 )
-            record: dict[str, Any] = {
-                "task_id": ctx.task_id,
-                "source": {
-                    "id": source.get("id"),
-                    "task_id": source.get("task_id"),
-                    "type": source.get("type"),
-                    "sha256": digest,
-                    "recorded_sha256": expected,
-                    "size": _size(path),
-                },
-                "tools": tool_versions(),
-                "workflow": workflow_digests(ctx),
+            read = {
+                "id": source.get("id"),
+                "task_id": source.get("task_id"),
+                "type": source.get("type"),
+                "sha256": digest,
+                "recorded_sha256": expected,
+                "size": _size(path),
+                # the stored disk's digest, recorded by the import that wrote it, checked above
+                "checked": [{"what": "recorded-sha256", "value": expected}] if expected else [],
             }
+            record = build_record(ctx, "export", [read], [], timings={})
             clock = time.monotonic()
             # what the writer puts in scratch, reserved up front: a VMDK or RAW export streams with
             # no scratch copy; a VHD is written by qemu-img to scratch before it is uploaded
@@ -179,7 +171,16 @@ class ExportWriteStep(Step):
             finally:
                 conversion.release()
         write_seconds = time.monotonic() - clock
-        record["output"] = {"sha256": stored["sha256"], "size": stored["size"], "etag": stored["etag"]}
+        output = {
+            "type": "s3",
+            "bucket": stored.get("bucket"),
+            "key": stored.get("key"),
+            "sha256": stored["sha256"],
+            "size": stored["size"],
+            "etag": stored["etag"],
+            "digest_method": WHILE_WRITING,
+        }
+        record["output"], record["outputs"] = output, [output]
         record["timings"] = {
             "started": format_time(started),
             "finished": format_time(utc_now()),
