@@ -47,7 +47,9 @@ cd "$ROOT"
 """Boot the base and the appliance images the same way and time them."""
 
 import contextlib
+import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -92,9 +94,13 @@ def boot(image: Path, work: Path, key: Path, imaging: dict, unit: str) -> dict:
         if unit == "imaging-api.service":
             threading.Thread(target=poll, daemon=True).start()
 
+    # the machine is shared: when each boot ran and the load around it go into the results
+    started_utc = datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
+    load_before = [round(x, 2) for x in os.getloadavg()]
     vm = vmlib.boot(image, work, data, key, on_start=watch_api)
     try:
-        t = {"accel": vm.accel, "ssh_s": round(vm.boot_seconds["ssh"], 1)}
+        t = {"accel": vm.accel, "started_utc": started_utc, "loadavg_before": load_before,
+             "ssh_s": round(vm.boot_seconds["ssh"], 1)}
         if unit == "imaging-api.service":
             vm.wait_for("API health", lambda: "s" in api_ready, 300)
             t["api_ready_s"] = round(api_ready["s"], 1)
@@ -108,6 +114,7 @@ def boot(image: Path, work: Path, key: Path, imaging: dict, unit: str) -> dict:
             out = vm.ssh(cmd, timeout=120, check=False)
             t[what] = out.stdout.strip().splitlines()
             print(f"--- {image.name}: {cmd}\n{out.stdout.strip()}", file=sys.stderr)
+        t["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         return t
     finally:
         vm.stop()

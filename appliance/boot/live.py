@@ -18,7 +18,8 @@ TLS files and the new file are written atomically, then each service is told wha
 
 * the worker (:class:`appliance.service.worker.Worker`) re-reads the file between polls: new claims
   follow the new limits, new task children read the new file, running ones keep the configuration
-  they started with; its reporter restarts on a changed ``controller`` section;
+  they started with; its reporter restarts on a changed ``controller`` section, without the worker
+  waiting for the old one's request in flight (:mod:`appliance.report.handover`);
 * the API gets a graceful reload (``SIGHUP`` to gunicorn's arbiter, or ``systemctl reload``): new
   workers on the new file (a changed ``api.bind`` is re-bound), old ones finish their in-flight
   requests;

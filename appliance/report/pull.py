@@ -26,6 +26,11 @@ credentials again and retry once); replies are parsed with defusedxml, namespace
 
 Which remote task maps to which local task is kept in ``pull_tasks``, so a restarted appliance
 keeps reporting the tasks it holds and never creates one twice.
+
+A reporter replaced by a live configuration update is not waited for (``stop(timeout=0)``): it ends
+its call in flight in the background and makes no other, while its successor runs at once and makes
+its first call when that one ended (one call at a time, :mod:`.handover`), so a held task's final
+status is sent once and a task handed out in that reply is still taken.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from ..store import Store, Task, TaskState, open_database
 from ..timestamps import utcnow
 from . import messages
 from .euca_auth import CredentialsUnavailable, InstanceCredentials, sign_request
+from .handover import turns_for
 from .imaging_wire import (
     CONVERT_IMAGE_REFUSED,
     EUCA_CODES,
@@ -126,6 +132,9 @@ class PullReporter(threading.Thread):
         self._instance_id: str | None = None
         self.service = ImportService(config, store)
         self.tasks = PullTasks(store.settings)
+        #: who of this process's pull reporters talks to the controller (:mod:`.handover`)
+        self.turns = turns_for(("pull", store.settings.url))
+        self.turns.claim(self)  # from now on: a replaced predecessor makes no new call
         self.tick = tick
         self._stop = threading.Event()
         self._last_poll = float("-inf")
@@ -144,29 +153,44 @@ class PullReporter(threading.Thread):
         return self._instance_id
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the loop and wait for it (the tasks keep running under the worker)."""
+        """Stop the loop and wait at most ``timeout`` seconds for it (it ends after the call in
+        flight, bounded by ``controller.timeout``; the tasks keep running under the worker). With 0 it
+        returns at once and the thread finishes on its own (a replaced reporter)."""
         self._stop.set()
-        if self.is_alive():
+        if self.ident is None:  # never started: nothing else uses the table
+            self.turns.release(self)
+            self.tasks.close()
+        elif self.is_alive() and timeout > 0:
             self.join(timeout)
-        self.tasks.close()
 
     def run(self) -> None:
-        log.info("pulling work from %s as %s", self.url, self.instance_id)
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:
-                log.exception("pull step failed; retrying")
-            self._stop.wait(self.tick)
+        try:
+            log.info("pulling work from %s as %s", self.url, self.instance_id)
+            while not self._stop.is_set():
+                try:
+                    self.step()
+                except Exception:
+                    log.exception("pull step failed; retrying")
+                self._stop.wait(self.tick)
+        finally:
+            self.turns.release(self)
+            self.tasks.close()
 
     def step(self, now: float | None = None) -> None:
-        """Report on held tasks, then ask for work when a slot is free."""
-        now = time.monotonic() if now is None else now
+        """Report on held tasks, then ask for work when a slot is free; nothing while another
+        reporter's call is in flight or this one was replaced (:mod:`.handover`)."""
+        with self.turns.turn(self) as mine:
+            if mine:
+                self._step(time.monotonic() if now is None else now)
+
+    def _step(self, now: float) -> None:
         if now < self._retry_at:
             return
         try:
             held = self.report(now)
             interval = self.config.controller.report_interval
+            if self._stop.is_set():
+                return  # stopping (replaced, or the worker stops): no new call
             if held < self.config.worker.concurrency and now - self._last_poll >= interval:
                 self._last_poll = now
                 self.poll()
@@ -225,6 +249,8 @@ class PullReporter(threading.Thread):
         """Status of every held task that is due; returns how many tasks are still held."""
         held = 0
         for row in self.tasks.active():
+            if self._stop.is_set():
+                break  # stopping: the rest is reported by the successor or after the next start
             remote_id = row["remote_id"]
             try:
                 task = self.store.get_task(row["task_id"])

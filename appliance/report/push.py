@@ -11,6 +11,10 @@ the enqueue order:
    on failure (connection refused, timeout, 5xx, …) retry it with exponential back-off capped at
    ``max_backoff``. A 409 ``replayed`` means the controller already has it (we stopped between its
    acknowledgement and our delete), so it counts as delivered.
+
+When a live configuration update replaces the reporter, the worker does not wait for the old one
+(``stop(timeout=0)``): it finishes its request in flight in the background while the new one already
+runs, and the two take turns on the outbox (:mod:`.handover`), so no message goes out twice or is lost.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..paths import StatePaths
 from ..store import REPORTER_RECORD, Event, Store, TaskState
 from ..timestamps import parse_time
 from . import messages, status
+from .handover import turns_for
 from .outbox import CursorMoved, NewMessage, Outbox, Pending
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,9 @@ class PushReporter(threading.Thread):
         self.secret = ctl.secret
         self.appliance_id = ctl.appliance_id
         self.outbox = Outbox(store.settings)
+        #: who of this process's reporters sends from this appliance's outbox rows (:mod:`.handover`)
+        self.turns = turns_for(("push", store.settings.url, self.appliance_id))
+        self.turns.claim(self)  # from now on: a replaced predecessor starts no new request
         self.tick = tick
         self.rates = status.RateTracker()
         self._stop = threading.Event()
@@ -75,13 +83,25 @@ class PushReporter(threading.Thread):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the loop (after the request in flight, bounded by ``controller.timeout``) and wait."""
+        """Stop the loop and wait at most ``timeout`` seconds for it: it ends after the request in
+        flight (bounded by ``controller.timeout``) and a final flush. With 0 it returns at once and the
+        thread finishes on its own (a replaced reporter: its successor already owns the outbox, so the
+        flush sends nothing more once the request in flight ended)."""
         self._stop.set()
-        if self.is_alive():
+        if self.ident is None:  # never started: nothing else uses the outbox
+            self.turns.release(self)
+            self.outbox.close()
+        elif self.is_alive() and timeout > 0:
             self.join(timeout)
-        self.outbox.close()
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.turns.release(self)
+            self.outbox.close()
+
+    def _run(self) -> None:
         log.info("reporting to %s as %s", self.url, self.appliance_id)
         interval = self.config.controller.report_interval
         self._last_heartbeat = time.monotonic() - interval + min(interval, FIRST_HEARTBEAT_DELAY)
@@ -92,10 +112,11 @@ class PushReporter(threading.Thread):
                 log.exception("reporter step failed; retrying")
             self._stop.wait(self.tick)
         # Last words: what happened during shutdown goes out now if the controller is reachable
-        # (bounded by one request timeout per message); otherwise it waits in the outbox.
+        # (bounded by one request timeout per message); otherwise it waits in the outbox. A reporter
+        # replaced meanwhile sends nothing more: its successor delivers.
         try:
             self.pump()
-            if time.monotonic() >= self._retry_at:
+            if time.monotonic() >= self._retry_at and self.turns.owns(self):
                 self.deliver(stopping=True)
         except Exception:
             log.exception("final report flush failed; the outbox keeps the messages")
@@ -224,7 +245,9 @@ class PushReporter(threading.Thread):
     # -- outbox → controller --------------------------------------------------------------------
 
     def deliver(self, limit: int = 100, *, stopping: bool = False) -> int:
-        """Send due messages in order until the outbox is empty, one fails, or ``limit`` went out."""
+        """Send due messages in order until the outbox is empty, one fails, ``limit`` went out, or
+        this reporter does not have the turn (:mod:`.handover`: a replaced reporter's request is still
+        in flight, or this one was replaced)."""
         sent = 0
         tried: list[Pending] = []
 
@@ -232,10 +255,15 @@ class PushReporter(threading.Thread):
             tried.append(pending)
             return self._post(pending)
 
+        # the final flush may wait for a predecessor's request in flight (bounded by its timeout)
+        wait = self.config.controller.timeout if stopping else 0.0
         while sent < limit and (stopping or not self._stop.is_set()):
             tried.clear()
             try:
-                delivered = self.outbox.deliver_head(self.appliance_id, send)
+                with self.turns.turn(self, wait) as mine:
+                    if not mine:
+                        break
+                    delivered = self.outbox.deliver_head(self.appliance_id, send)
             except DeliveryError as exc:
                 pending = tried[-1]
                 attempts = self.outbox.failed(pending.seq, str(exc))

@@ -317,7 +317,8 @@ class Worker(TaskChildren, ConfigReload):
                 except Exception:
                     log.exception("reloading the configuration failed; keeping the running one")
                 if reporter is not None and self.reporter_stale:
-                    reporter.stop()
+                    # not waited for: it ends its request in flight in the background (report.handover)
+                    reporter.stop(timeout=0)
                     reporter = None
                 self.reporter_stale = False
                 try:
