@@ -204,8 +204,7 @@ def write_dynamic_vhd(
         data = os.pread(fd, n, pos)
         if len(data) != n:
             raise UsageError(f"the source disk ended at byte {pos + len(data)}, not {size}")
-        out(bitmap)
-        out(data if n == BLOCK else data + bytes(BLOCK - n))
+        out(bitmap + data if n == BLOCK else bitmap + data + bytes(BLOCK - n))  # one write per block
         if on_progress is not None:
             on_progress(pos + n)
     out(tail)

@@ -110,8 +110,11 @@ class _FileSink:
 
     def write(self, data: bytes) -> int:
         n = len(data)
-        self.sha.update(data)
-        if data != zeros(n):  # zeros stay a hole
+        zero = zeros(n)
+        if data == zero:  # zeros stay a hole; the hash takes the cached zero chunk, with no copy held
+            self.sha.update(zero, shared=True)
+        else:
+            self.sha.update(data)
             view = memoryview(data)
             at = self.offset
             while view:

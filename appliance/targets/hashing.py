@@ -9,7 +9,10 @@ import hashlib
 import queue
 import threading
 
-#: chunks waiting for the hashing thread, at most (the writer waits beyond that)
+#: private chunks waiting for the hashing thread, at most (the writer waits beyond that); shared chunks
+#: (:meth:`ThreadedSha256.update` with ``shared=True``: an immutable buffer that lives anyway, such as
+#: the cached zero chunk a sparse disk's holes read as) cost no memory and do not count, so the writer
+#: runs ahead through holes while the thread hashes them
 QUEUE_CHUNKS = 4
 
 
@@ -20,19 +23,29 @@ class ThreadedSha256:
 
     def __init__(self, name: str = "sha256") -> None:
         self._sha = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_CHUNKS)
+        self._queue: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
+        self._room = threading.Semaphore(QUEUE_CHUNKS)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._digest: str | None = None
 
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            chunk, private = item
             self._sha.update(chunk)
+            if private:
+                self._room.release()
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
+    def update(self, data: bytes | bytearray | memoryview, *, shared: bool = False) -> None:
+        """Queue ``data``; ``shared``: ``data`` is an immutable ``bytes`` that stays alive anyway (it is
+        not counted against :data:`QUEUE_CHUNKS`)."""
         if self._digest is not None or not self._thread.is_alive():
             raise ValueError("update of a finished digest")
-        self._queue.put(data if isinstance(data, bytes) else bytes(data))
+        if shared and isinstance(data, bytes):
+            self._queue.put((data, False))
+            return
+        self._room.acquire()
+        self._queue.put((data if isinstance(data, bytes) else bytes(data), True))
 
     def hexdigest(self) -> str:
         if self._digest is None:
