@@ -29,8 +29,8 @@ from appliance.image import formats
 from appliance.redact import redact
 from appliance.service import health as health_mod
 from appliance.service import imports
-from appliance.service.exports import export_outcome
 from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
+from appliance.service.provenance import provenance_of
 from appliance.sources import methods
 from appliance.sources.methods import enabled_methods
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
@@ -145,7 +145,7 @@ def task_detail(store: Store, task: Task) -> dict[str, Any]:
         "guest": guest,
         "boot": boot_settings(task, guest),
         "encryption": encryption_report(task),
-        "provenance": export_outcome(task).get("provenance"),
+        "provenance": provenance_of(task),
         "ledger": [e.to_dict() for e in store.ledger(task.id)],
         "events": [e.to_dict() for e in events],
         "links": [{"rel": "self", "href": task_href(task.id)}],

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance.service import bootparams
+from appliance.service import bootparams, expected
 from appliance.service.imports import CONVERSION_KINDS, Caller, DiskImage, ImportService
 from appliance.sources.methods import method_of_manifest
 
@@ -69,9 +69,14 @@ def import_volume(service: ImportService, params: Params, caller: Caller) -> dic
         raise missing_parameter("AvailabilityZone")
     image = _disk_image(data["Image"], data["Volume"], "")
     service.check_method(method_of_manifest(image.manifest_url), "Image.ImportManifestUrl")
+    digest = expected.resolve(data.get(expected.MEMBER), data.get("Description"))
     query.check_dry_run(data)
     task = service.import_volume(
-        image, availability_zone=zone or zone_id, description=data.get("Description"), account=caller.account
+        image,
+        availability_zone=zone or zone_id,
+        description=data.get("Description"),
+        account=caller.account,
+        expected_sha256=digest,
     )
     return {"ConversionTask": views.conversion_task(task)}
 
@@ -97,6 +102,7 @@ def import_instance(service: ImportService, params: Params, caller: Caller) -> d
         data.get("Description"),
         names={field: f"LaunchSpecification.{member}" for member, field in BOOT_MEMBERS.items()},
     )
+    digest = expected.resolve(data.get(expected.MEMBER), data.get("Description"))
     query.check_dry_run(data)
     task = service.import_instance(
         image,
@@ -106,6 +112,7 @@ def import_instance(service: ImportService, params: Params, caller: Caller) -> d
         description=data.get("Description"),
         launch=launch,
         account=caller.account,
+        expected_sha256=digest,
         **boot.to_dict(),
     )
     return {"ConversionTask": views.conversion_task(task)}

@@ -22,7 +22,7 @@ import binascii
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from appliance.service import bootparams
+from appliance.service import bootparams, expected
 from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, Caller, DiskContainer, ImportService
 from appliance.store import Task
 from appliance.targets.encryption import Encryption
@@ -84,6 +84,7 @@ def import_image(service: ImportService, params: Params, caller: Caller) -> dict
         names=BOOT_MEMBERS | {"boot_mode": "BootMode"},
         boot_mode=data.get("BootMode"),
     )
+    digest = expected.resolve(data.get(expected.MEMBER), data.get("Description"))
     query.check_dry_run(data)
     task = service.import_image(
         disks,
@@ -97,6 +98,7 @@ def import_image(service: ImportService, params: Params, caller: Caller) -> dict
         tags=_tags(data),
         encryption=encryption,
         account=caller.account,
+        expected_sha256=digest,
         **boot.to_dict(),
     )
     return views.import_image_result(task)
@@ -110,6 +112,7 @@ def import_snapshot(service: ImportService, params: Params, caller: Caller) -> d
     disk = _container(data["DiskContainer"], "DiskContainer")
     service.check_containers([disk])
     encryption = _encryption(service, data)
+    digest = expected.resolve(data.get(expected.MEMBER), data.get("Description"))
     query.check_dry_run(data)
     task = service.import_snapshot(
         disk,
@@ -118,6 +121,7 @@ def import_snapshot(service: ImportService, params: Params, caller: Caller) -> d
         tags=_tags(data),
         encryption=encryption,
         account=caller.account,
+        expected_sha256=digest,
     )
     return views.import_snapshot_task(task)
 

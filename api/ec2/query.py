@@ -59,18 +59,23 @@ ALIASES: dict[str, dict[str, str]] = {
 #: validate them. ``KeyName``: older API versions had it (euca2ools sends it). Kernel, ramdisk
 #: and virtualization type: beyond AWS, from Eucalyptus (:mod:`appliance.service.bootparams`), spelled
 #: like RunInstances' ``KernelId``/``RamdiskId`` and RegisterImage's ``VirtualizationType``.
+#: ``ExpectedSha256``: the source's expected sha256, beyond AWS (:mod:`appliance.service.expected`).
 EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
     "ImportInstance": {
         "LaunchSpecification.KeyName": ("LaunchSpecification", "KeyName"),
         "LaunchSpecification.KernelId": ("LaunchSpecification", "KernelId"),
         "LaunchSpecification.RamdiskId": ("LaunchSpecification", "RamdiskId"),
         "LaunchSpecification.VirtualizationType": ("LaunchSpecification", "VirtualizationType"),
+        "ExpectedSha256": ("ExpectedSha256",),
     },
     "ImportImage": {
         "KernelId": ("KernelId",),
         "RamdiskId": ("RamdiskId",),
         "VirtualizationType": ("VirtualizationType",),
+        "ExpectedSha256": ("ExpectedSha256",),
     },
+    "ImportSnapshot": {"ExpectedSha256": ("ExpectedSha256",)},
+    "ImportVolume": {"ExpectedSha256": ("ExpectedSha256",)},
 }
 
 # ASCII digits only: ``\d`` and ``int()`` also accept other Unicode digits.

@@ -12,6 +12,7 @@ from ..database import POSTGRESQL
 from ..scratch import ScratchSpace
 from ..service import health as health_mod
 from ..service.imports import boot_settings, guest_report
+from ..service.provenance import provenance_of
 from ..store import REPORTER_RECORD, Store, Task, TaskState
 
 ACTIVE = (TaskState.RUNNING, TaskState.CANCELLING)
@@ -43,7 +44,8 @@ class RateTracker:
 
 
 def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any]:
-    """The reportable state of a task: progress, sub-state (phase), error, findings and boot settings."""
+    """The reportable state of a task: progress, sub-state (phase), error, findings, boot settings and
+    (once recorded: a completed import or export) its provenance record."""
     rate, eta = (None, None)
     if rates is not None:
         rate, eta = rates.sample(task.id, task.phase, task.bytes_done, task.bytes_total)
@@ -65,6 +67,8 @@ def task_snapshot(task: Task, rates: RateTracker | None = None) -> dict[str, Any
         "cancel_reason": task.cancel_reason,
         # kernel/ramdisk/virtualization type and guest layout to register an imported image with
         "boot": boot_settings(task, guest_report(task.result)),
+        # added in ver 1 (optional, additive): null until the task recorded one
+        "provenance": provenance_of(task),
     }
 
 

@@ -32,8 +32,14 @@ VIRTUALIZATION_TYPES = (PARAVIRTUAL, HVM)
 _FIRMWARE_BOOT_MODES = ("uefi", "uefi-preferred")
 
 FIELDS = ("kernel_id", "ramdisk_id", "virtualization_type")
-#: ``[imaging:KEY=VALUE,…]`` keys → field
-TOKEN_KEYS = {"kernel": "kernel_id", "ramdisk": "ramdisk_id", "virtualization": "virtualization_type"}
+#: ``[imaging:KEY=VALUE,…]`` keys → field (``sha256``: the expected digest of the source,
+#: :mod:`appliance.service.expected`; not a boot setting, ignored by :func:`resolve`)
+TOKEN_KEYS = {
+    "kernel": "kernel_id",
+    "ramdisk": "ramdisk_id",
+    "virtualization": "virtualization_type",
+    "sha256": "expected_sha256",
+}
 TOKEN_OPEN = "[imaging:"
 _TOKEN_RE = re.compile(r"\[imaging:([^\[\]]*)\]")
 _ID_RE = re.compile(r"^([a-z]{3})-([0-9a-f]{8}|[0-9a-f]{17})$")
@@ -136,9 +142,10 @@ def check(
 def description_tokens(description: str | None, *, name: str = "Description") -> dict[str, str]:
     """The settings of the ``[imaging:KEY=VALUE,…]`` token in ``description`` (field → raw value).
 
-    Keys are ``kernel``, ``ramdisk``, ``virtualization``. A description without the token gives
-    ``{}``; a malformed one (unknown or repeated key, no ``=``, two tokens, unterminated) is an
-    ``InvalidParameterValue`` naming ``name``. Values are not validated here (see :func:`check`).
+    Keys are ``kernel``, ``ramdisk``, ``virtualization`` and ``sha256`` (:mod:`.expected`). A
+    description without the token gives ``{}``; a malformed one (unknown or repeated key, no ``=``,
+    two tokens, unterminated) is an ``InvalidParameterValue`` naming ``name``. Values are not
+    validated here (see :func:`check`).
     """
     if not description or TOKEN_OPEN not in description:
         return {}

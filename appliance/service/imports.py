@@ -45,7 +45,7 @@ from ..targets import ImageTarget, get_image_target
 from ..targets.encryption import Encryption, EncryptionNotSupported, requested
 from ..timestamps import format_time, utc_now
 from ..workflow.engine import Engine
-from . import bootparams
+from . import bootparams, expected
 
 GiB = 1 << 30
 
@@ -314,15 +314,18 @@ class ImportService:
         account: str = NO_ACCOUNT,
         signed_manifest: bool = False,
         volume_id: str | None = None,
+        expected_sha256: str | None = None,
     ) -> Task:
         """ImportVolume: a disk uploaded as manifest parts, written as RAW onto a new volume of
         ``account``. Pull mode passes ``signed_manifest`` (the URL is a Eucalyptus download manifest,
-        verified against the cloud certificate) and the ``volume_id`` the cloud created for it."""
+        verified against the cloud certificate) and the ``volume_id`` the cloud created for it.
+        ``expected_sha256`` (beyond AWS, :mod:`appliance.service.expected`): the upload's sha256."""
         params = self._disk_image(image) | {
             "availability_zone": availability_zone,
             "description": description,
             "signed_manifest": signed_manifest or None,
             "volume_id": volume_id,
+            "expected_sha256": _expected(expected_sha256),
         }
         return self._submit(IMPORT_VOLUME, params, account=account)
 
@@ -339,9 +342,10 @@ class ImportService:
         ramdisk_id: str | None = None,
         virtualization_type: str | None = None,
         account: str = NO_ACCOUNT,
+        expected_sha256: str | None = None,
     ) -> Task:
         """ImportInstance (single volume, like AWS): the volume import plus the launch description,
-        for ``account``.
+        for ``account``; ``expected_sha256`` as for :meth:`import_volume`.
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller.
@@ -355,6 +359,7 @@ class ImportService:
             "architecture": architecture,
             "instance_type": instance_type,
             "launch": launch,
+            "expected_sha256": _expected(expected_sha256),
         }
         params |= boot.to_dict()
         return self._submit(IMPORT_INSTANCE, params, account=account)
@@ -376,8 +381,10 @@ class ImportService:
         virtualization_type: str | None = None,
         encryption: Encryption | None = None,
         account: str = NO_ACCOUNT,
+        expected_sha256: str | None = None,
     ) -> Task:
-        """ImportImage: one boot disk (more disks are refused until multi-disk import exists).
+        """ImportImage: one boot disk (more disks are refused until multi-disk import exists);
+        ``expected_sha256`` (beyond AWS, :mod:`appliance.service.expected`): the first disk's.
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller. A
@@ -392,8 +399,11 @@ class ImportService:
                 "this appliance imports one disk per image; import further disks with ImportSnapshot"
             )
         boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
+        disks = [self._container(c, IMAGE_CONTAINER_FORMATS, account) for c in containers]
+        if expected_sha256:
+            disks[0]["expected_sha256"] = _expected(expected_sha256)
         params = boot.to_dict() | {
-            "disk_containers": [self._container(c, IMAGE_CONTAINER_FORMATS, account) for c in containers],
+            "disk_containers": disks,
             "architecture": architecture,
             "platform": platform,
             "boot_mode": boot_mode,
@@ -415,11 +425,15 @@ class ImportService:
         tags: Iterable[dict[str, str]] = (),
         encryption: Encryption | None = None,
         account: str = NO_ACCOUNT,
+        expected_sha256: str | None = None,
     ) -> Task:
         """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
-        ``account`` and ``encryption`` as for :meth:`import_image`."""
+        ``account``, ``encryption`` and ``expected_sha256`` as for :meth:`import_image`."""
+        disk = self._container(container, CONTAINER_FORMATS, account)
+        if expected_sha256:
+            disk["expected_sha256"] = _expected(expected_sha256)
         params = {
-            "disk_container": self._container(container, CONTAINER_FORMATS, account),
+            "disk_container": disk,
             "description": description,
             "client_token": client_token,
             "tags": list(tags),
@@ -467,6 +481,11 @@ class ImportService:
         if task.state.terminal:
             raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
         return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
+
+
+def _expected(value: str | None) -> str | None:
+    """An expected sha256 checked (lower-case hex), or None."""
+    return expected.check_sha256(value, expected.MEMBER) if value else None
 
 
 #: task kinds whose result is a bootable image the controller registers with boot settings

@@ -192,7 +192,7 @@ def download_to_file(
             out.flush()
             os.fsync(out.fileno())
         outcome = "done"
-        return FetchResult(dst, done, hashes.sha.hexdigest(), etag)
+        return FetchResult(dst, done, hashes.sha.hexdigest(), etag, md5_etag)
     except Cancelled:
         if keep_on_cancel:
             outcome = "kept"

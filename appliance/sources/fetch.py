@@ -51,6 +51,8 @@ class FetchResult:
     sha256: str
     #: the source's ETag (no quotes), when it sent one
     etag: str | None
+    #: the MD5 the ETag carried and the received bytes matched (None: the ETag is not an MD5)
+    md5_checked: str | None = None
 
 
 @dataclass(frozen=True)

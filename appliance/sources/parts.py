@@ -255,6 +255,7 @@ def download_parts(
     retries: int | None = None,
     http: HttpClient | None = None,
     parallel: int | None = None,
+    on_checked: Callable[[Part, str | None], None] | None = None,
 ) -> int:
     """Download the parts from ``start_index`` on, in index order, passing ``write(file_offset, chunk)``.
 
@@ -290,7 +291,9 @@ def download_parts(
     )
     written = 0
     with contextlib.closing(fetched):
-        for part, chunks in fetched:
+        for part, (chunks, md5) in fetched:
+            if on_checked is not None:
+                on_checked(part, md5)
             offset = part.start
             for chunk in chunks:
                 write(offset, chunk)
@@ -308,13 +311,14 @@ def download_parts(
 
 def _fetch_verified(
     client: HttpClient, part: Part, attempts: int, cancel: threading.Event | None
-) -> list[bytes]:
-    """The bytes of ``part`` once their length and MD5 check out, retrying with back-off."""
+) -> tuple[list[bytes], str | None]:
+    """The bytes of ``part`` once their length and MD5 check out, retrying with back-off, and the
+    MD5 checked (None when the ETag is not one)."""
     for attempt in range(1, attempts + 1):
         chunks: list[bytes] = []
         try:
-            _download_part(client, part, _appender(chunks), cancel)
-            return chunks
+            md5 = _download_part(client, part, _appender(chunks), cancel)
+            return chunks, md5
         except (TransferInterrupted, PartVerificationFailed) as exc:
             failure: ImagingError = exc
         except SourceUnavailable as exc:
@@ -339,7 +343,8 @@ def _appender(chunks: list[bytes]) -> Callable[[int, bytes], None]:
 
 def _download_part(
     client: HttpClient, part: Part, write: Callable[[int, bytes], None], cancel: threading.Event | None
-) -> int:
+) -> str | None:
+    """The part to ``write``; the MD5 its ETag carried and its bytes matched (None: no MD5 ETag)."""
     where = f"part {part.index} ({part.key})"
     response = client.get_stream(part.get_url, cancel=cancel)
     with response:
@@ -370,4 +375,4 @@ def _download_part(
         raise PartVerificationFailed(
             f"{where}: MD5 of the received bytes {md5.hexdigest()} does not match the ETag {response.etag}"
         )
-    return received
+    return md5.hexdigest() if md5 is not None else None

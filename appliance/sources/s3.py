@@ -217,6 +217,23 @@ def head_object(client: Any, bucket: str, key: str) -> ObjectInfo:
     )
 
 
+def checksum_sha256(client: Any, bucket: str, key: str) -> str | None:
+    """The ``x-amz-checksum-sha256`` S3 keeps for ``bucket/key`` (base64, as S3 sends it), asked by one
+    HEAD with ``ChecksumMode=ENABLED``; None when the object has none (it was uploaded without a
+    SHA-256 checksum). A checksum of a multipart upload ends ``-N`` (a digest of the parts' digests,
+    not of the object). Raises :class:`SourceUnavailable` as :func:`head_object` does."""
+    try:
+        out = client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except botocore.exceptions.ClientError as exc:
+        raise _unavailable(exc, bucket, key) from exc
+    except _CONNECT_ERRORS as exc:
+        raise _connect_error(exc, client) from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        raise _botocore_error(exc, bucket, key) from exc
+    value = out.get("ChecksumSHA256")
+    return str(value) if value else None
+
+
 def _bucket_exists(client: Any, bucket: str) -> bool:
     try:
         client.head_bucket(Bucket=bucket)

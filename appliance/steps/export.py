@@ -46,15 +46,9 @@ from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed
 from ..targets.rawio import hash_file
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
-from .provenance import object_metadata, tool_versions, workflow_digests
+from .provenance import WHILE_WRITING, SourceDigestMismatch, build_record, object_metadata
 
 CHUNK = 4 << 20
-
-
-class SourceDigestMismatch(ImagingError):
-    """The stored disk no longer has the digest recorded when it was written."""
-
-    code = "Source.DigestMismatch"
 
 
 def _reading(ctx: StepContext, total: int | None) -> ProgressTracker:
@@ -153,20 +147,9 @@ class ExportWriteStep(Step):
                 for i, s in enumerate(sources)
             ]
             read_seconds = time.monotonic() - clock
-            disks = [_checked(s, path, digest) for s, (path, digest) in zip(sources, opened, strict=True)]
-            record: dict[str, Any] = {
-                "task_id": ctx.task_id,
-                "source": {
-                    "id": source.get("id"),
-                    "task_id": source.get("task_id"),
-                    "type": source.get("type"),
-                    **disks[0],
-                },
-                "tools": tool_versions(),
-                "workflow": workflow_digests(ctx),
-            }
-            if len(disks) > 1:
-                record["source"]["disks"] = disks
+            reads = [_checked(s, path, digest) for s, (path, digest) in zip(sources, opened, strict=True)]
+            # one source per disk: an OVA of a multi-disk instance lists each volume, root first
+            record = build_record(ctx, "export", reads, [], timings={})
             clock = time.monotonic()
             # what the writer puts in scratch, reserved up front: a VMDK or RAW export, and a VHD of
             # a regular file, stream with no scratch copy; a VHD of a block device is written by
@@ -191,7 +174,16 @@ class ExportWriteStep(Step):
             finally:
                 conversion.release()
         write_seconds = time.monotonic() - clock
-        record["output"] = {"sha256": stored["sha256"], "size": stored["size"], "etag": stored["etag"]}
+        output = {
+            "type": "s3",
+            "bucket": stored.get("bucket"),
+            "key": stored.get("key"),
+            "sha256": stored["sha256"],
+            "size": stored["size"],
+            "etag": stored["etag"],
+            "digest_method": WHILE_WRITING,
+        }
+        record["output"], record["outputs"] = output, [output]
         record["timings"] = {
             "started": format_time(started),
             "finished": format_time(utc_now()),
@@ -294,10 +286,19 @@ def _checked(source: dict[str, Any], path: Path, digest: str) -> dict[str, Any]:
             f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
             "recorded when it was stored: it changed since; nothing was exported"
         )
-    disk: dict[str, Any] = {"sha256": digest, "recorded_sha256": expected, "size": _size(path)}
+    read: dict[str, Any] = {
+        "id": source.get("id"),
+        "task_id": source.get("task_id"),
+        "type": source.get("type"),
+        "sha256": digest,
+        "recorded_sha256": expected,
+        "size": _size(path),
+        # the stored disk's digest, recorded by the import that wrote it, checked above
+        "checked": [{"what": "recorded-sha256", "value": expected}] if expected else [],
+    }
     if source.get("type") == "cloud-instance":
-        disk |= {"volume_id": source.get("volume_id"), "device_name": source.get("device_name")}
-    return disk
+        read |= {"volume_id": source.get("volume_id"), "device_name": source.get("device_name")}
+    return read
 
 
 def _progress(ctx: StepContext) -> Callable[[Progress], None]:

@@ -15,6 +15,7 @@ transfer, and ``converted`` counts bytes written, which never goes backwards.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from ..image.formats import parse_claim
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, preflight
 from ..progress import Progress, StageMeter
 from ..scratch import Allowance
+from ..sources import s3 as s3mod
+from ..sources.digest import b64_to_hex
 from ..sources.download import download_to_file
-from ..sources.fetch import parse_source
-from ..sources.http import SourceUnavailable
+from ..sources.fetch import FetchResult, parse_source
+from ..sources.http import SourceIntegrity, SourceUnavailable
 from ..sources.methods import UPLOAD, URL, check_enabled, method_of_source
 from ..sources.origins import Origin, origin_for
 from ..sources.ranges import ReaderSettings, parse_content_range, too_large
@@ -36,8 +39,11 @@ from ..targets import get_image_target
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url, unbundle_source
+from .provenance import check_expected, import_metadata
 from .retries import retry_events
 from .uploads import upload_params
+
+log = logging.getLogger(__name__)
 
 #: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
 PREFLIGHT_COMPRESSED = 8 << 20
@@ -140,12 +146,22 @@ class SourceFetchStep(Step):
             allowance.release()
             raise
         allowance.shrink_to(result.size)
+        try:
+            digest = source_digest(ctx, source, result)
+            # the user's expected sha256, before anything is converted or stored
+            check_expected(source.get("expected_sha256"), result.sha256, digest["location"])
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            ctx.ledger_removed(dst)
+            allowance.release()
+            raise
         return {
             "path": str(result.path),
             "size": result.size,
             "sha256": result.sha256,
             "etag": result.etag,
             "preflight": verdict.to_dict() if verdict is not None else None,
+            "digest": digest,
         }
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
@@ -173,6 +189,37 @@ class SourceFetchStep(Step):
             "scratch_bytes": size,
             "preflight": verdict.to_dict() if verdict is not None else None,
         }
+
+
+def source_digest(ctx: StepContext, source: dict[str, Any], result: FetchResult) -> dict[str, Any]:
+    """The ``sources`` entry of a provenance record (:mod:`.provenance`) for a fetched source: the
+    sha256 the download computed as the bytes arrived, and the source's own digests checked — the ETag
+    when it is the object's MD5 (checked by the download), and an S3 object's
+    ``x-amz-checksum-sha256`` when it has one (one HEAD; a full-object checksum must equal the sha256
+    of the bytes received: ``SourceIntegrity`` otherwise; a multipart upload's composite checksum is
+    recorded, not checked)."""
+    src = parse_source(source)
+    checked: list[dict[str, Any]] = []
+    if result.md5_checked:
+        checked.append({"what": "etag-md5", "value": result.md5_checked, "verified": True})
+    if src.kind == "s3":
+        assert src.bucket and src.key
+        try:
+            client = s3mod.s3_client(ctx.config.sources.s3, _policy(ctx))
+            value = s3mod.checksum_sha256(client, src.bucket, src.key)
+        except ImagingError as exc:  # the object was read; a HEAD refused now only loses the record
+            log.warning("%s: its checksum could not be asked for: %s", src, exc.message)
+            value = None
+        if value is not None:
+            as_hex = b64_to_hex(value)
+            if as_hex is not None and as_hex != result.sha256:
+                raise SourceIntegrity(
+                    f"{src}: the sha256 of the received bytes ({result.sha256}) is not the object's "
+                    f"x-amz-checksum-sha256 ({as_hex}); the download was corrupted or the object changed, "
+                    "try again"
+                )
+            checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": as_hex is not None})
+    return {"location": str(src), "sha256": result.sha256, "size": result.size, "checked": checked}
 
 
 def _source_key(source: dict[str, Any]) -> str:
@@ -311,6 +358,7 @@ class ImageStoreStep(Step):
             "format": {"type": "string"},
             "encrypted": {"type": "boolean"},
             "kms_key_id": {"type": ["string", "null"]},
+            "source_sha256": {"type": ["string", "null"]},
         },
     }
 
@@ -321,8 +369,13 @@ class ImageStoreStep(Step):
         format: str,
         encrypted: bool = False,
         kms_key_id: str | None = None,
+        source_sha256: str | None = None,
     ) -> dict[str, Any]:
         encryption = requested(encrypted, kms_key_id)
+        # an S3 object carries its provenance as user metadata (what is known when the upload starts)
+        extra: dict[str, Any] = {}
+        if ctx.config.targets["image"].get("type") == "s3":
+            extra["metadata"] = import_metadata(ctx, source_sha256)
 
         def on_progress(p: Progress) -> None:
             ctx.progress(
@@ -346,6 +399,7 @@ class ImageStoreStep(Step):
             ledger=ctx,
             encryption=encryption,
             fence=ctx.fence,  # a run that lost the task to another worker publishes nothing
+            **extra,
         )
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return location
@@ -362,6 +416,7 @@ class ImageStoreStep(Step):
         format: str,
         encrypted: bool = False,
         kms_key_id: str | None = None,
+        source_sha256: str | None = None,
     ) -> dict[str, Any]:
         encryption = requested(encrypted, kms_key_id)
         return {

@@ -1,34 +1,95 @@
 """Provenance of a task: what ran, with which tools, on which input, producing which output.
 
-:func:`provenance` builds the record an export keeps in its result (shown on ``/v1/tasks/{id}``)
-and, flattened by :func:`object_metadata`, as the exported object's user metadata
-(``x-amz-meta-*``): the source's digest (sha256 computed while reading it, and the digest its
-store recorded when it was written, checked), the tool versions (appliance, qemu-img), the
-digests of the workflow file and of the hook set the task runs with, the output's digest and the
-timings.
+One record shape for imports and exports, built by :func:`build_record` (this module is the one
+place it is made):
+
+- ``task_id``, ``kind`` (``import`` or ``export``);
+- ``sources``: one entry per disk, in disk order — ``sha256`` computed while the source streamed
+  (never by a second read of the source), ``size``, ``location`` (redacted), ``checked``: the
+  source's own digests that were verified on the way (an S3 ETag MD5, ``x-amz-checksum-sha256``,
+  each manifest part's MD5, the OVA ``.mf``), and ``expected_sha256`` when the user gave one;
+- ``outputs``: one entry per disk — ``sha256`` of the volume, file or object as written, ``size``,
+  where it is, and ``digest_method``: how the sha256 was taken (while writing, or one read of the
+  output and why);
+- ``source`` / ``output``: the first entries of those lists (the boot disk);
+- ``tools``: appliance, qemu-img and (when guest validation ran) dissect versions;
+- ``workflow``: the digests of the workflow file and of the hook set;
+- ``timings``: ``started``, ``finished`` and per stage (step) its seconds.
+
+An export keeps it in its result (``exported.provenance``) and as the object's user metadata
+(:func:`object_metadata`); an import registers it as ``provenance`` (the ``provenance.record`` step,
+:class:`ProvenanceRecordStep`, last of the import workflows), and its S3-stored image carries
+:func:`import_metadata`. ``/v1/tasks/{id}`` shows it and controller reports carry it
+(:mod:`appliance.service.provenance` finds it in a task).
+
+A user-supplied expected sha256 of an import's source is checked by ``source.fetch`` as soon as the
+source is read, and again here before the task completes (``Source.DigestMismatch``; the engine's undo
+then removes the output).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import ImagingError
 from ..image.qemuimg import availability
+from ..store import StepState
+from ..targets.rawio import hash_file
+from ..timestamps import format_time, parse_time, utc_now
 from ..workflow.hookpoints import HOOKS_RECORD
 from ..workflow.loader import WorkflowLoader
-from ..workflow.step import StepContext
+from ..workflow.step import Step, StepContext
+
+#: bytes read at a time when a written block device is hashed
+_CHUNK = 4 << 20
+
+#: how an output's sha256 was taken (``digest_method`` of an output entry)
+WHILE_WRITING = "computed while writing"
+READ_BEFORE_UPLOAD = (
+    "one read of the converted disk before the upload: S3 takes the object's metadata (which carries "
+    "the sha256) when the upload starts"
+)
+READ_AFTER_WRITE = (
+    "one read of the volume after it was written: RAW parts and decoded grains are written at their "
+    "offsets (zeros skipped, qemu-img writes the VMDK/VHD path), and hooks at after_convert/before_write "
+    "may change the volume in place, so the bytes handed over are hashed where they are"
+)
+
+
+class SourceDigestMismatch(ImagingError):
+    """A source's bytes do not have the sha256 they should (the user's expected digest, or the one a
+    stored disk recorded when it was written)."""
+
+    code = "Source.DigestMismatch"
 
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tool_versions() -> dict[str, str | None]:
-    """``{appliance, qemu-img}`` versions (qemu-img's first ``--version`` line, None when absent)."""
-    return {"appliance": __version__, "qemu-img": availability()[1]}
+def _dissect_version() -> str | None:
+    try:
+        return metadata.version("dissect.target")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions(dissect: bool = False) -> dict[str, str | None]:
+    """``{appliance, qemu-img}`` versions (qemu-img's first ``--version`` line, None when absent),
+    and ``dissect`` (dissect.target's version) when ``dissect``: the task read a guest with it."""
+    tools: dict[str, str | None] = {"appliance": __version__, "qemu-img": availability()[1]}
+    if dissect:
+        tools["dissect"] = _dissect_version()
+    return tools
 
 
 def workflow_digests(ctx: StepContext) -> dict[str, Any]:
@@ -51,6 +112,54 @@ def workflow_digests(ctx: StepContext) -> dict[str, Any]:
     return out
 
 
+def stage_timings(ctx: StepContext) -> list[dict[str, Any]]:
+    """Per completed step of the task so far (top-level and included, in the order they started):
+    ``{step, name, action, seconds}``."""
+    if ctx.store is None:
+        return []
+    out: list[dict[str, Any]] = []
+    for record in ctx.store.step_results(ctx.task_id):
+        if record.state is not StepState.COMPLETED or not record.started_at or not record.finished_at:
+            continue
+        seconds = (parse_time(record.finished_at) - parse_time(record.started_at)).total_seconds()
+        out.append(
+            {"step": record.idx, "name": record.name, "action": record.action, "seconds": round(seconds, 3)}
+        )
+    return out
+
+
+def ran_action(ctx: StepContext, action: str) -> bool:
+    """Whether the task completed a step of ``action`` (e.g. ``guest.validate``: dissect was used)."""
+    if ctx.store is None:
+        return False
+    return any(
+        r.action == action and r.state is StepState.COMPLETED for r in ctx.store.step_results(ctx.task_id)
+    )
+
+
+def build_record(
+    ctx: StepContext,
+    kind: str,
+    sources: Sequence[Mapping[str, Any]],
+    outputs: Sequence[Mapping[str, Any]],
+    *,
+    timings: Mapping[str, Any],
+    dissect: bool = False,
+) -> dict[str, Any]:
+    """The provenance record (see the module docstring) of ``kind`` (``import`` or ``export``)."""
+    return {
+        "task_id": ctx.task_id,
+        "kind": kind,
+        "sources": [dict(s) for s in sources],
+        "outputs": [dict(o) for o in outputs],
+        "source": dict(sources[0]) if sources else None,
+        "output": dict(outputs[0]) if outputs else None,
+        "tools": tool_versions(dissect),
+        "workflow": workflow_digests(ctx),
+        "timings": dict(timings),
+    }
+
+
 def object_metadata(record: dict[str, Any]) -> dict[str, str]:
     """The S3 user metadata of an export's provenance (ASCII values, well under S3's 2 KiB)."""
     source = record.get("source") or {}
@@ -64,4 +173,180 @@ def object_metadata(record: dict[str, Any]) -> dict[str, str]:
         "workflow-sha256": (record.get("workflow") or {}).get("workflow_sha256"),
         "hooks-sha256": (record.get("workflow") or {}).get("hooks_sha256"),
     }
+    return _ascii(meta)
+
+
+def import_metadata(ctx: StepContext, source_sha256: str | None) -> dict[str, str]:
+    """The S3 user metadata of an imported image's provenance, as far as it is known when the upload
+    starts: the task, the source's sha256, the tool versions and the workflow and hook digests (the
+    object's own sha256 is the target's ``sha256`` member)."""
+    tools = tool_versions()
+    digests = workflow_digests(ctx)
+    meta = {
+        "import-task-id": ctx.task_id,
+        "source-sha256": source_sha256,
+        "appliance-version": tools.get("appliance"),
+        "qemu-img-version": tools.get("qemu-img"),
+        "workflow-sha256": digests.get("workflow_sha256"),
+        "hooks-sha256": digests.get("hooks_sha256"),
+    }
+    return _ascii(meta)
+
+
+def _ascii(meta: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v).encode("ascii", "replace").decode()[:256] for k, v in meta.items() if v}
+
+
+def check_expected(expected: str | None, actual: str | None, where: str) -> None:
+    """``Source.DigestMismatch`` when the user's ``expected`` sha256 is not the ``actual`` one of the
+    source at ``where`` (a redacted location). An unknown actual digest (a resumed stream) is a
+    mismatch too: what was imported cannot be shown to be what was expected."""
+    if not expected:
+        return
+    if actual is None:
+        raise SourceDigestMismatch(
+            f"the expected sha256 {expected} of {where} could not be checked: the source was read in "
+            "two runs (the task resumed), so its sha256 is unknown; import it again"
+        )
+    if actual.lower() != expected.lower():
+        raise SourceDigestMismatch(
+            f"the source {where} has sha256 {actual}, not the expected {expected}; nothing was imported"
+        )
+
+
+def output_digest(ctx: StepContext, path: Path) -> str:
+    """The sha256 of a written volume (a regular file, holes as zeros, or a block device), read once."""
+    if stat.S_ISREG(os.stat(path).st_mode):
+        return hash_file(path, ctx.cancel)[0]
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as src:
+        while chunk := src.read(_CHUNK):
+            ctx.check_cancelled()
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _source_entry(disk: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sources`` entry of one disk: its ``source`` digest (``source.fetch`` result or a
+    volume import's ``source``), the OVA's verified ``.mf`` when it was one, the expected digest."""
+    src = dict(disk.get("source") or {})
+    entry: dict[str, Any] = dict(src.get("digest") or src)
+    for drop in ("path", "preflight", "digest"):
+        entry.pop(drop, None)
+    entry.setdefault("checked", [])
+    ova = disk.get("ova")
+    if isinstance(ova, Mapping) and ova.get("manifest_verified"):
+        verified = [
+            {"what": "ova-mf", "member": name, "sha256": digest}
+            for name, digest in sorted((ova.get("digests") or {}).items())
+            if not name.lower().endswith(".mf")
+        ]
+        entry["checked"] = [*entry["checked"], *verified]
+    if disk.get("expected_sha256"):
+        entry["expected_sha256"] = str(disk["expected_sha256"]).lower()
+    return entry
+
+
+def _from_include(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``disks`` item from the registered result of an ``import-disk`` include."""
+    opened = result.get("opened") if isinstance(result.get("opened"), Mapping) else {}
+    return {
+        "source": result.get("fetched"),
+        "ova": (opened or {}).get("ova"),
+        "output": result.get("stored"),
+    }
+
+
+class ProvenanceRecordStep(Step):
+    """``provenance.record``: the import's provenance record (see the module docstring), last step of
+    an import workflow. ``disks``: per disk, ``source`` (the ``source.fetch`` result, or the volume
+    import's result whose ``source`` is the streamed digest), ``ova`` (``ova.open``'s package, when the
+    source was an OVA), ``output`` (the image target's location, whose ``sha256`` it computed) or
+    ``volume`` (a volume, hashed here by one read), and ``expected_sha256`` (the user's).
+    ``imported``: more disks, each the registered result of an ``import-disk`` include (its
+    ``fetched``, ``opened`` and ``stored``), listed after ``disks`` — what a per-disk loop registers
+    (``imported: "{{ data_disks }}"``)."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["disks"],
+        "properties": {
+            "imported": {"type": "array", "items": {"type": "object"}},
+            "disks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "source": {"type": ["object", "null"]},
+                        "ova": {"type": ["object", "null"]},
+                        "output": {"type": ["object", "null"]},
+                        "volume": {"type": ["object", "null"]},
+                        "expected_sha256": {"type": ["string", "null"]},
+                    },
+                },
+            },
+        },
+    }
+
+    def run(
+        self, ctx: StepContext, disks: list[dict[str, Any]], imported: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        disks = [*disks, *(_from_include(r) for r in imported or [])]
+        sources: list[dict[str, Any]] = []
+        outputs: list[dict[str, Any]] = []
+        for disk in disks:
+            entry = _source_entry(disk)
+            # before anything is handed over: a wrong source fails the task (its outputs are undone)
+            check_expected(entry.get("expected_sha256"), entry.get("sha256"), str(entry.get("location")))
+            sources.append(entry)
+        for disk in disks:
+            outputs.append(self._output(ctx, disk))
+        started = None
+        if ctx.store is not None:
+            started = ctx.store.get_task(ctx.task_id).started_at
+        return build_record(
+            ctx,
+            "import",
+            sources,
+            outputs,
+            timings={"started": started, "finished": format_time(utc_now()), "stages": stage_timings(ctx)},
+            dissect=ran_action(ctx, "guest.validate"),
+        )
+
+    @staticmethod
+    def _output(ctx: StepContext, disk: Mapping[str, Any]) -> dict[str, Any]:
+        volume = disk.get("volume")
+        if isinstance(volume, Mapping) and volume.get("path"):
+            path = Path(str(volume["path"]))
+            clock = time.monotonic()
+            digest = output_digest(ctx, path)
+            return {
+                "type": "volume",
+                "volume_id": volume.get("id"),
+                "sha256": digest,
+                "size": _size(path),
+                "digest_method": READ_AFTER_WRITE,
+                "digest_seconds": round(time.monotonic() - clock, 3),
+            }
+        location = dict(disk.get("output") or {})
+        entry = {
+            k: location.get(k) for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "format")
+        }
+        entry = {k: v for k, v in entry.items() if v is not None}
+        entry["digest_method"] = READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
+        return entry
+
+    def plan(
+        self, ctx: StepContext, disks: list[dict[str, Any]], imported: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        return {"records": "the import's provenance (source and output digests, tools, timings)"}

@@ -31,6 +31,7 @@ from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vmdkstream import FORMAT as VMDK_STREAM
 from ..progress import Progress, StageMeter
 from ..scratch import is_no_space, no_space_error
+from ..sources.digest import StreamDigest
 from ..sources.http import HttpClient, SourceUnavailable
 from ..sources.manifest import ImportManifest, Part
 from ..sources.parts import download_parts
@@ -121,11 +122,15 @@ class VolumeImportStep(Step):
                 f"volume of at least {-(-m.size // GiB)} GiB"
             )
         check = RawStreamCheck()
+        digest = StreamDigest()
         where = f"volume {vol.id} ({vol.path})"
         with RawWriter(vol.path, zeroed=zeroed, error=lambda exc: storage_error(exc, where)) as out:
-            # After a restart the inspectors must see the whole stream: re-read what was verified.
+            # After a restart the inspectors must see the whole stream: re-read what was verified (the
+            # upload's bytes as they are on the volume: the source digest covers them too).
             for offset in range(0, state["done"], 1 << 20):
-                check.eat(out.read(offset, min(1 << 20, state["done"] - offset)))
+                piece = out.read(offset, min(1 << 20, state["done"] - offset))
+                check.eat(piece)
+                digest.update(piece)
 
             # bytes read and written, rate and ETA, also while nothing arrives; 100 % only once the
             # volume is flushed (finalize)
@@ -145,12 +150,18 @@ class VolumeImportStep(Step):
                 meter.wrote(done)
 
             with meter, retry_events(ctx):
-                _download(ctx, m, write, start_index=state["next"], on_part=on_part)
+                _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
             findings = check.verdict()
             if findings:
                 raise ImageRejected(findings)
             out.zero(m.size, vol.size - m.size)  # no stale data past the image
-        return {"bytes_written": m.size, "format": "RAW", "virtual_size": m.size, "streamed": True}
+        return {
+            "bytes_written": m.size,
+            "format": "RAW",
+            "virtual_size": m.size,
+            "streamed": True,
+            "source": _source(m, digest),
+        }
 
     def _stream_decoded(
         self,
@@ -172,6 +183,12 @@ class VolumeImportStep(Step):
             if start_index < len(m.parts):
                 skip = resume.input_offset - m.parts[start_index].start
         base = int(state.get("converted", 0)) if resume is not None else 0
+        digest = StreamDigest()
+        if resume is not None:
+            digest.gap(
+                f"the task resumed at upload byte {resume.input_offset}: the bytes before it were decoded "
+                "onto the volume by an earlier run and are not kept to hash again"
+            )
         limits = ctx.config.limits
         virtual: list[int | None] = [None]
         produced = [base]
@@ -235,7 +252,9 @@ class VolumeImportStep(Step):
                     meter.read(offset + len(chunk))
 
                 with meter, retry_events(ctx):
-                    _download(ctx, m, write, start_index=start_index, on_part=lambda p, d: report())
+                    _download(
+                        ctx, m, write, start_index=start_index, on_part=lambda p, d: report(), digest=digest
+                    )
                     result = stream.finish()
             size = result.virtual_size
             if size > vol.size:
@@ -258,6 +277,7 @@ class VolumeImportStep(Step):
             "virtual_size": size,
             "streamed": True,
             "decoder": decoder,
+            "source": _source(m, digest),
         }
 
     def _via_scratch(
@@ -301,7 +321,11 @@ class VolumeImportStep(Step):
                     }
                 )
 
-            _download(ctx, m, out.write, start_index=state["next"], on_part=on_part)
+            # a resumed assembly: the verified parts already in the file are hashed from there
+            digest = StreamDigest()
+            for offset in range(0, state["done"], 1 << 20):
+                digest.update(out.read(offset, min(1 << 20, state["done"] - offset)))
+            _download(ctx, m, out.write, start_index=state["next"], on_part=on_part, digest=digest)
             out.flush()
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
@@ -354,6 +378,7 @@ class VolumeImportStep(Step):
             "format": format,
             "virtual_size": result.virtual_size,
             "streamed": False,
+            "source": _source(m, digest),
         }
 
     def plan(
@@ -383,6 +408,14 @@ def _part_at(m: ImportManifest, offset: int) -> int:
     return len(m.parts)
 
 
+def _source(m: ImportManifest, digest: StreamDigest) -> dict[str, Any]:
+    """The provenance ``sources`` entry of an upload: where (the manifest's parts, by key; no URL), the
+    sha256 of the bytes as they streamed, the part MD5s checked."""
+    keys = sorted({p.key for p in m.parts})
+    where = keys[0] if len(keys) == 1 else f"{len(m.parts)} parts of {m.file_format} upload"
+    return {"location": where, **digest.to_dict()}
+
+
 def _download(
     ctx: StepContext,
     m: ImportManifest,
@@ -390,16 +423,27 @@ def _download(
     *,
     start_index: int,
     on_part: Callable[[Part, int], None],
+    digest: StreamDigest,
 ) -> int:
     """The parts from ``start_index`` on, verified, to ``write``: downloaded for an import manifest,
-    read from the appliance's disk for a staged upload (``upload://``)."""
+    read from the appliance's disk for a staged upload (``upload://``). ``digest`` sees every byte
+    in order on its way to ``write``, and each part's MD5 that was checked."""
+    hashed = digest.wrap(write)
     staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
     if staged is not None:
         origin, validator = staged
         return read_parts(
-            m, write, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
+            m, hashed, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
         )
-    return download_parts(m, write, _policy(ctx), start_index=start_index, on_part=on_part, cancel=ctx.cancel)
+    return download_parts(
+        m,
+        hashed,
+        _policy(ctx),
+        start_index=start_index,
+        on_part=on_part,
+        cancel=ctx.cancel,
+        on_checked=lambda part, md5: digest.part_md5(part.index, md5),
+    )
 
 
 def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:

@@ -217,7 +217,7 @@ def test_a_two_disk_instance_exports_as_one_ova_root_first_and_reimports(
 
     # provenance names both volumes, root first; what the export created in the cloud is gone
     volumes = {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in cloud["source"]["BlockDeviceMappings"]}
-    disks = done.result["exported"]["provenance"]["source"]["disks"]
+    disks = done.result["exported"]["provenance"]["sources"]
     assert [(d["device_name"], d["volume_id"]) for d in disks] == [
         (cloud["root_device"], volumes[cloud["root_device"]]),
         ("/dev/sdf", volumes["/dev/sdf"]),

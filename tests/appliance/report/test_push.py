@@ -35,6 +35,21 @@ steps:
 """
 
 
+#: a task that records a provenance record (what an import's last step does, with the digests given)
+SOURCE_SHA256 = "5" * 64
+RECORDED = f"""
+name: recorded
+steps:
+  - name: provenance
+    action: provenance.record
+    with:
+      disks:
+        - source: {{location: "s3://disks/d.raw", sha256: "{SOURCE_SHA256}", size: 3, checked: []}}
+          output: {{type: file, path: /images/d.raw, sha256: "{"6" * 64}", size: 3}}
+    register: provenance
+"""
+
+
 class ReceiverProcess:
     """``python -m appliance.report.receiver`` on a fixed loopback port, restartable."""
 
@@ -76,6 +91,7 @@ def write_config(tmp_path: Path, url: str, **controller: object) -> Path:
     wf_dir = tmp_path / "workflows"
     wf_dir.mkdir(exist_ok=True)
     (wf_dir / "nap.yaml").write_text(WORKFLOW)
+    (wf_dir / "recorded.yaml").write_text(RECORDED)
     ctl = {
         "mode": "push",
         "url": url,
@@ -178,6 +194,24 @@ def test_every_state_change_of_a_task_arrives_in_order(
     assert done["task"]["percent"] == 100.0 and done["task"]["error"] is None
     ticks = [m for m in msgs if m.get("event") == "progress"]
     assert ticks and all(t["task"]["id"] == task_id for t in ticks)
+
+
+def test_the_completed_state_message_carries_the_tasks_provenance_record(
+    engine: Engine, cfg_file: Path, receiver: ReceiverProcess
+) -> None:
+    task_id = engine.submit("recorded", {})
+    worker = start_worker(cfg_file)
+    try:
+        wait_until(lambda: finished(receiver, task_id), what="the completed event")
+    finally:
+        stop(worker)
+    msgs = receiver.messages()  # each verified by the receiver: signature, ver 1, seq, ts
+    states = {m["task"]["state"]: m for m in msgs if m.get("event") == "state" and m["task"]["id"] == task_id}
+    record = states["completed"]["task"]["provenance"]
+    assert record == engine.store.get_task(task_id).result["provenance"]
+    assert record["source"]["sha256"] == SOURCE_SHA256 and record["output"]["sha256"] == "6" * 64
+    assert record["tools"]["appliance"] and record["workflow"]["workflow"] == "recorded"
+    assert states["completed"]["ver"] == 1
 
 
 def test_nothing_is_lost_while_the_controller_is_down(
