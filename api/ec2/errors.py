@@ -80,6 +80,8 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "InvalidVolume.NotFound": ("InvalidVolume.NotFound", 400),
     "InvalidVolume.Malformed": ("InvalidVolume.Malformed", 400),
     "NotExportable": ("NotExportable", 400),
+    # CreateInstanceExportTask of an instance with several volumes and no OVA container, as AWS refuses it
+    "UnsupportedOperation": ("UnsupportedOperation", 400),
     # an import method the operator disabled (sources.methods): the message names the method
     "ImportMethodDisabled": ("UnsupportedOperation", 400),
     # an upload://ID the caller's account does not have (or not yet complete)

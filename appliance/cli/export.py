@@ -1,14 +1,29 @@
-"""``imaging export``: a RAW disk (or several, as one OVA) written as VMDK, VHD, RAW or OVA to a file."""
+"""``imaging export``: a RAW disk (or several, as one OVA) written as VMDK, VHD, RAW or OVA to a file.
+
+A disk is a path (a file or a block device) or the id of a volume the appliance issued, ``vol-…`` (a
+completed ImportVolume/ImportInstance; :meth:`appliance.service.resolver.Resolver.volume`): nothing in the
+EC2 wire API takes a volume id (CreateInstanceExportTask takes an instance, ExportImage an image), so this
+is where the operator exports one. A file or device volume is read where it is; an EC2 volume is attached
+here (found by its serial) and detached afterwards.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import UsageError
+from ..service.resolver import Resolver
+from ..store import Store
+from ..targets import get_volume_target
 from ..targets.diskexport import EXPORT_FORMATS, FileDestination, OvaSource, export_disk, export_ova
+from ..targets.ec2 import Ec2VolumeTarget
 from .common import EXIT_OK, PROGRESS_MODES, cancel_on_signals, cli_scratch, print_json, progress_callback
 
 
@@ -22,7 +37,9 @@ def add_commands(sub: Any) -> None:
         "envelope, a SHA256 manifest and a streamOptimized VMDK per disk; add disks with --disk). "
         "DST appears only when complete.",
     )
-    s.add_argument("src")
+    s.add_argument(
+        "src", help="the RAW disk: a file, a block device, or a volume id vol-… the appliance issued"
+    )
     s.add_argument("dst")
     s.add_argument(
         "-t",
@@ -39,7 +56,7 @@ def add_commands(sub: Any) -> None:
         action="append",
         default=[],
         metavar="SRC",
-        help="ova: a further RAW disk (data disks follow the boot disk SRC)",
+        help="ova: a further RAW disk or vol-… (data disks follow the boot disk SRC)",
     )
     s.add_argument("--name", help="ova: the VM's name (default: DST's name without .ova)")
     s.add_argument("--firmware", choices=("bios", "efi"), default="bios", help="ova: the guest's firmware")
@@ -52,17 +69,53 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_export)
 
 
+_VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8}(?:[0-9a-f]{9})?$")
+
+
+@contextlib.contextmanager
+def _disks(cfg: Config, names: list[str]) -> Iterator[list[Path]]:
+    """The readable paths of the disks ``names`` (paths, or ``vol-…`` ids resolved through the task store;
+    an EC2 volume is attached until the block ends)."""
+    with contextlib.ExitStack() as stack:
+        paths: list[Path] = []
+        store: Store | None = None
+        for name in names:
+            if not _VOLUME_ID.match(name) or os.path.lexists(name):
+                if not Path(name).exists():
+                    raise UsageError(f"no such disk: {name}")
+                paths.append(Path(name))
+                continue
+            if store is None:
+                store = Store(cfg.store)
+                stack.callback(store.close)
+            volume = Resolver(cfg, store).volume(name)["volume"]
+            if volume.get("type") == "ec2":
+                target = get_volume_target(cfg)
+                if not isinstance(target, Ec2VolumeTarget):
+                    raise UsageError(f"{name} is an EC2 volume but the volume target is not ec2")
+                attached = target.adopt(str(volume["volume_id"]), f"cli-export-{os.getpid()}")
+                stack.callback(target.release, attached.info)
+                paths.append(attached.path)
+            elif volume.get("path") and Path(volume["path"]).exists():
+                paths.append(Path(volume["path"]))
+            else:
+                raise UsageError(f"the volume {name} is no longer where its import wrote it")
+        yield paths
+
+
 def cmd_export(args: argparse.Namespace, cfg: Config) -> int:
-    src, dst = Path(args.src), Path(args.dst)
-    for p in (src, *map(Path, args.disk)):
-        if not p.exists():
-            raise UsageError(f"no such disk: {p}")
+    dst = Path(args.dst)
     if args.disk and args.to != "ova":
         raise UsageError("--disk adds disks to an OVA; use --to ova")
-    with cli_scratch(cfg) as scratch, cancel_on_signals() as cancel:
+    with (
+        _disks(cfg, [args.src, *args.disk]) as disks,
+        cli_scratch(cfg) as scratch,
+        cancel_on_signals() as cancel,
+    ):
+        src = disks[0]
         if args.to == "ova":
             result = export_ova(
-                [OvaSource(src), *(OvaSource(Path(d)) for d in args.disk)],
+                [OvaSource(d) for d in disks],
                 FileDestination(dst),
                 name=args.name or dst.name.removesuffix(".ova"),
                 config=cfg,

@@ -22,7 +22,14 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from ..config import Config
-from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..errors import (
+    ImagingError,
+    IncorrectState,
+    InvalidTaskId,
+    ResourceLimitExceeded,
+    TaskNotFound,
+    UsageError,
+)
 from ..sources.s3names import check_bucket, check_key
 from ..store import ActiveTaskLimit, Store, Task
 from ..workflow.engine import Engine
@@ -162,13 +169,24 @@ class ExportService:
         account: str = NO_ACCOUNT,
         sees: Collection[str] | None = None,
     ) -> Task:
-        """CreateInstanceExportTask: the instance's boot disk as ``disk_image_format`` in ``bucket``."""
+        """CreateInstanceExportTask: the instance's boot disk as ``disk_image_format`` in ``bucket``; with
+        ``container_format="ova"`` every disk of the instance in one OVA, the root device first. An
+        instance with several volumes and no container is refused (``UnsupportedOperation``), as AWS
+        refuses it."""
         if target_environment not in TARGET_ENVIRONMENTS:
             raise UsageError(
                 f"TargetEnvironment {target_environment!r} is not one of {', '.join(TARGET_ENVIRONMENTS)}"
             )
         fmt = self._check(disk_image_format, bucket, prefix, container_format, description)
         source = self.resolver.instance(instance_id, sees)
+        if len(source.get("disks") or ()) > 1 and not container_format:
+            # AWS refuses a multi-volume instance (ec2-import-api.md §10, export errors); the OVA
+            # container holds all of its disks (issue 13 §4)
+            raise ImagingError(
+                f"This instance has multiple volumes attached ({len(source['disks'])}); only an "
+                "export with ContainerFormat=ova takes all of its disks",
+                "UnsupportedOperation",
+            )
         params = {
             "instance_id": instance_id,
             "target_environment": target_environment,

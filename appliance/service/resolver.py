@@ -12,7 +12,10 @@ Two sources, tried in order:
     appliance runs in that cloud): an instance id (always the cloud's: the cloud launches the
     instances of ImportInstance) found by ``DescribeInstances`` is exported from
     its boot volume (snapshot → volume → attached here → read → detached → deleted; see
-    :mod:`appliance.targets.ec2_export`).
+    :mod:`appliance.targets.ec2_export`), or, in an OVA, from all of its EBS volumes.
+
+A ``vol-…`` is taken by no EC2 export action (they name instances and images); ``imaging export
+vol-…`` (:mod:`appliance.cli.export`) resolves one through :meth:`Resolver.volume`.
 
 An id found nowhere (or found in another account's task) is ``InvalidAMIID.NotFound`` /
 ``InvalidInstanceID.NotFound`` / ``InvalidSnapshot.NotFound`` / ``InvalidVolume.NotFound``, in
@@ -25,7 +28,8 @@ the one its import stored first, then its copies in the order they completed.
 A resolved source is a JSON object stored in the export task's parameters:
 ``{"type": "image", "location": {...}, "locations": [...], "size": N, "id": ..., "task_id": ...}``,
 ``{"type": "volume", "volume": {...}, ...}`` or ``{"type": "cloud-instance", "instance_id": ...,
-"volume_id": ..., "size": N}``.
+"volume_id": ..., "size": N, "disks": [{"volume_id", "device_name", "size"}, ...]}`` (``disks``: every
+EBS volume, the root device first).
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ The source is made readable here first:
 
 The source's sha256 is computed while it is read and checked against the digest its store
 recorded when the import wrote it (``Source.DigestMismatch``: a stored disk that changed since).
-Progress: ``exporting`` (the source read, converted and uploaded in one pass; a VHD is converted
-to scratch by qemu-img, then uploaded). The result holds the
+Progress: ``exporting`` (the source read, converted and uploaded in one pass; a VHD of a block device
+is converted to scratch by qemu-img, then uploaded). An OVA export of an instance of the controlling
+cloud with several EBS volumes holds all of them, root device first (each copied, read and removed as
+above; the checkpoint keeps each copy's record); the provenance lists each disk. The result holds the
 object (``bucket``, ``key``, ``etag``, ``sha256``, ``size``) and its provenance
 (:mod:`.provenance`), which the object also carries as user metadata.
 
@@ -25,6 +27,7 @@ the key; the step's undo (a later step failed) deletes the finished object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -36,7 +39,7 @@ from ..errors import ImagingError
 from ..progress import Progress, ProgressTracker
 from ..scratch import Allowance
 from ..targets import get_image_target, get_volume_target
-from ..targets.diskexport import StreamingExportWriter
+from ..targets.diskexport import StreamingExportWriter, streams_vhd
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy
 from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
@@ -135,39 +138,39 @@ class ExportWriteStep(Step):
         writer = get_export_writer(ctx.config)
         # a run killed mid-upload left an incomplete multipart upload (or an object): gone first
         writer.remove(bucket, key)
-        with Readable(ctx, source) as (path, digest):
+        # an OVA holds every disk of the instance (the root device first); any other export one disk
+        sources = disk_sources(source) if container else [source]
+        state: dict[str, Any] = {}  # the step's checkpoint: what each cloud copy created
+        with contextlib.ExitStack() as stack:
+            opened = [
+                stack.enter_context(Readable(ctx, s, slot=_slot(i), state=state))
+                for i, s in enumerate(sources)
+            ]
             read_seconds = time.monotonic() - clock
-            expected = (source.get("location") or {}).get("sha256")
-            if expected and digest != expected:
-                raise SourceDigestMismatch(
-                    f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
-                    "recorded when it was stored: it changed since; nothing was exported"
-                )
-            read = {
-                "id": source.get("id"),
-                "task_id": source.get("task_id"),
-                "type": source.get("type"),
-                "sha256": digest,
-                "recorded_sha256": expected,
-                "size": _size(path),
-                # the stored disk's digest, recorded by the import that wrote it, checked above
-                "checked": [{"what": "recorded-sha256", "value": expected}] if expected else [],
-            }
-            record = build_record(ctx, "export", [read], [], timings={})
+            reads = [_checked(s, path, digest) for s, (path, digest) in zip(sources, opened, strict=True)]
+            # one source per disk: an OVA of a multi-disk instance lists each volume, root first
+            record = build_record(ctx, "export", reads, [], timings={})
             clock = time.monotonic()
-            # what the writer puts in scratch, reserved up front: a VMDK or RAW export streams with
-            # no scratch copy; a VHD is written by qemu-img to scratch before it is uploaded
-            # (an OVA: the disk's VMDK is written to scratch, then the tar streamed)
+            # what the writer puts in scratch, reserved up front: a VMDK or RAW export, and a VHD of
+            # a regular file, stream with no scratch copy; a VHD of a block device is written by
+            # qemu-img to scratch before it is uploaded (an OVA: each disk's VMDK is written to
+            # scratch, then the tar streamed)
             conversion = Allowance(ctx.scratch, f"{container or disk_format} form of the disk")
-            size = _size(path)
-            needed = ova_scratch_needed(size) if container else scratch_needed(disk_format, size)
+            sizes = [_size(path) for path, _digest in opened]
+            streams = not container and _streams_vhd(opened[0][0])
+            needed = (
+                sum(ova_scratch_needed(n) for n in sizes)
+                if container
+                else scratch_needed(disk_format, sizes[0], streams=streams)
+            )
             if needed:
                 conversion.cover(needed, exact=True)
+            paths = [path for path, _digest in opened]
             try:
                 if container:
-                    stored = self._write_ova(ctx, writer, path, source, bucket, key, record)
+                    stored = self._write_ova(ctx, writer, paths, source, bucket, key, record)
                 else:
-                    stored = self._write(ctx, writer, path, disk_format, bucket, key, record)
+                    stored = self._write(ctx, writer, paths[0], disk_format, bucket, key, record)
             finally:
                 conversion.release()
         write_seconds = time.monotonic() - clock
@@ -216,7 +219,7 @@ class ExportWriteStep(Step):
     def _write_ova(
         ctx: StepContext,
         writer: StreamingExportWriter,
-        path: Path,
+        paths: list[Path],
         source: dict[str, Any],
         bucket: str,
         key: str,
@@ -227,7 +230,7 @@ class ExportWriteStep(Step):
         firmware = source.get("firmware") or "bios"
         record["firmware"] = firmware
         return writer.write_ova(
-            [path],
+            paths,
             name=ctx.task_id,
             bucket=bucket,
             key=key,
@@ -258,6 +261,44 @@ class ExportWriteStep(Step):
             "format": container or disk_format,
             "writes": f"s3://{bucket}/{key}",
         }
+
+
+def disk_sources(source: dict[str, Any]) -> list[dict[str, Any]]:
+    """The disks an OVA export of ``source`` writes, each a source of its own: every EBS volume of a
+    cloud instance (the resolver lists them root device first), else the one disk."""
+    disks = source.get("disks") or []
+    if source.get("type") != "cloud-instance" or len(disks) < 2:
+        return [source]
+    return [{k: v for k, v in source.items() if k != "disks"} | dict(d) for d in disks]
+
+
+def _slot(index: int) -> str:
+    """The checkpoint key of the cloud copy of an export's ``index``-th disk."""
+    return "cloud_copy" if index == 0 else f"cloud_copy_{index}"
+
+
+def _checked(source: dict[str, Any], path: Path, digest: str) -> dict[str, Any]:
+    """The provenance of one source disk, after checking its digest against the one its store recorded
+    (``Source.DigestMismatch``: a stored disk that changed since it was written)."""
+    expected = (source.get("location") or {}).get("sha256")
+    if expected and digest != expected:
+        raise SourceDigestMismatch(
+            f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
+            "recorded when it was stored: it changed since; nothing was exported"
+        )
+    read: dict[str, Any] = {
+        "id": source.get("id"),
+        "task_id": source.get("task_id"),
+        "type": source.get("type"),
+        "sha256": digest,
+        "recorded_sha256": expected,
+        "size": _size(path),
+        # the stored disk's digest, recorded by the import that wrote it, checked above
+        "checked": [{"what": "recorded-sha256", "value": expected}] if expected else [],
+    }
+    if source.get("type") == "cloud-instance":
+        read |= {"volume_id": source.get("volume_id"), "device_name": source.get("device_name")}
+    return read
 
 
 def _progress(ctx: StepContext) -> Callable[[Progress], None]:
@@ -294,14 +335,27 @@ class Readable:
 
     @staticmethod
     def remove_leftovers(ctx: StepContext, checkpoint: dict[str, Any]) -> None:
-        """Remove what a killed run of the step left (a cloud volume copy and its snapshot)."""
-        if checkpoint.get("cloud_copy"):
-            CloudDiskCopy(ctx.config.targets["volume"]).remove(checkpoint["cloud_copy"])
+        """Remove what a killed run of the step left (cloud volume copies and their snapshots)."""
+        records = [v for k, v in checkpoint.items() if k.startswith("cloud_copy") and v]
+        for record in records:
+            CloudDiskCopy(ctx.config.targets["volume"]).remove(record)
+        if records:
             ctx.save_checkpoint({})
 
-    def __init__(self, ctx: StepContext, source: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        *,
+        slot: str = "cloud_copy",
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        """``slot``: the key of this source's cloud copy in the step's checkpoint ``state`` (shared by
+        the readables of one step, which saves it whole)."""
         self.ctx = ctx
         self.source = source
+        self.slot = slot
+        self.state: dict[str, Any] = {} if state is None else state
         self._cleanup: list[Callable[[], None]] = []
 
     def __enter__(self) -> tuple[Path, str]:
@@ -352,15 +406,17 @@ class Readable:
         if kind == "cloud-instance":
             copy = CloudDiskCopy(ctx.config.targets["volume"])
             record: dict[str, Any] = {}
-            ctx.save_checkpoint({"cloud_copy": record})
+            self.state[self.slot] = record
+            ctx.save_checkpoint(self.state)
 
             def remove() -> None:
                 copy.remove(record)
-                ctx.save_checkpoint({})
+                self.state.pop(self.slot, None)
+                ctx.save_checkpoint(self.state)
 
             self._cleanup.append(remove)
             attached = copy.create(ctx.task_id, str(source["volume_id"]), record, ctx.cancel)
-            ctx.save_checkpoint({"cloud_copy": record})
+            ctx.save_checkpoint(self.state)
             return self._local(attached.path)
         raise ImagingError(f"cannot export a source of type {kind!r}", "NotExportable")
 
@@ -375,6 +431,15 @@ def _drop(ctx: StepContext, path: Path) -> None:
     if path.exists():
         path.unlink()
         ctx.ledger_removed(path)
+
+
+def _streams_vhd(path: Path) -> bool:
+    """Whether a VHD export of ``path`` streams with no scratch copy (see ``streams_vhd``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return streams_vhd(fd, os.lseek(fd, 0, os.SEEK_END))
+    finally:
+        os.close(fd)
 
 
 def _size(path: Path) -> int:

@@ -7,8 +7,10 @@ export step's writer interface over it:
 
 * :func:`export_disk` — one disk as ``vmdk`` (streamOptimized, :mod:`appliance.image.vmdkwriter`: grains
   deflated in a thread pool, streamed straight into the destination), ``vhd`` (``dynamic``, what AWS
-  exports, or ``fixed``: ``qemu-img convert -f raw -O vpc -o subformat=…,force_size=on``, confined like
-  every qemu-img run, into a partial file) or ``raw`` (the disk's bytes; holes stay holes in a file);
+  exports, or ``fixed``: a regular file by :mod:`appliance.image.vhdwriter`, streamed straight into the
+  destination like a VMDK; a block device, which has no data map to find its empty blocks by, by
+  ``qemu-img convert -f raw -O vpc -o subformat=…,force_size=on``, confined like every qemu-img run,
+  into a partial file) or ``raw`` (the disk's bytes; holes stay holes in a file);
 * :func:`export_ova` — every disk as a streamOptimized VMDK in scratch (its sha256 computed as it is
   written), then the OVA (:func:`appliance.image.ova.write_ova`: ``.ovf``, ``.mf``, disks) streamed into
   the destination;
@@ -19,7 +21,8 @@ multipart upload, :class:`appliance.targets.s3stream.MultipartWriter`: parts in 
 the sha256 as object metadata). Any failure or cancel leaves nothing: the partial file is removed, the
 upload aborted (or the completed object deleted), scratch files removed.
 
-Each result carries the output's sha256 and size (computed from the bytes as they were written) and the
+Each result carries the output's sha256 and size (computed from the bytes as they were written, in a
+thread of its own beside the reads and writes: :class:`appliance.targets.hashing.ThreadedSha256`) and the
 virtual size of the disk(s).
 """
 
@@ -29,7 +32,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import queue
 import stat
 import threading
 import time
@@ -43,12 +45,14 @@ from ..config import Config
 from ..errors import Cancelled, ConversionFailed, ImageRejected, UsageError
 from ..image import qemuimg
 from ..image.convert import _run_convert, build_command
-from ..image.decoding import zeros
+from ..image.decoding import SECTOR, zeros
 from ..image.inspect import require_safe, verify_output
 from ..image.ova import OvaDiskFile, write_ova
+from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
 from ..image.vmdkwriter import ADAPTER_TYPES, ByteSink, write_stream_vmdk
 from ..progress import ProgressCallback, ProgressTracker
 from .base import TargetError, boto_client, storage_error
+from .hashing import ThreadedSha256
 from .s3stream import MultipartWriter
 
 #: what a disk can be exported as
@@ -56,8 +60,6 @@ EXPORT_FORMATS = ("vmdk", "vhd", "raw")
 VHD_SUBFORMATS = ("dynamic", "fixed")
 _CHUNK = 4 << 20
 _ZERO = bytes(_CHUNK)
-#: chunks waiting for the hashing thread, at most
-_HASH_QUEUE = 4
 
 
 @dataclass(frozen=True)
@@ -99,48 +101,20 @@ class Destination(Protocol):
     ) -> dict[str, Any]: ...
 
 
-class _Hasher:
-    """SHA-256 in a thread of its own, beside the writing thread (hashlib releases the GIL): on the 4 GiB
-    benchmark disk hashing is the largest cost of a RAW export, and it overlaps the reads and writes.
-    At most :data:`_HASH_QUEUE` chunks wait."""
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(_HASH_QUEUE)
-        self._thread = threading.Thread(target=self._run, name="export-sha256", daemon=True)
-        self._thread.start()
-        self._digest: str | None = None
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._sha.update(chunk)
-
-    def update(self, data: bytes) -> None:
-        self._queue.put(bytes(data))
-
-    def hexdigest(self) -> str:
-        if self._digest is None:
-            self.close()
-            self._digest = self._sha.hexdigest()
-        return self._digest
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-
 class _FileSink:
     """A new file written forward; all-zero chunks of 4 KiB multiples become holes. Hashes what it gets."""
 
     def __init__(self, fd: int) -> None:
         self.fd, self.offset = fd, 0
-        self.sha = _Hasher()
+        self.sha = ThreadedSha256("export-sha256")
 
     def write(self, data: bytes) -> int:
         n = len(data)
-        self.sha.update(data)
-        if data != zeros(n):  # zeros stay a hole
+        zero = zeros(n)
+        if data == zero:  # zeros stay a hole; the hash takes the cached zero chunk, with no copy held
+            self.sha.update(zero, shared=True)
+        else:
+            self.sha.update(data)
             view = memoryview(data)
             at = self.offset
             while view:
@@ -346,6 +320,10 @@ def export_disk(
             location = destination.stream(produce, size_hint=size)
         elif fmt == "raw":
             location = destination.stream(_raw_producer(fd, size, tracker, cancel), size_hint=size)
+        elif streams_vhd(fd, size):
+            location = destination.stream(
+                _vhd_producer(fd, size, str(subformat), tracker, cancel), size_hint=_vhd_size_hint(size)
+            )
         else:
             location = _export_vhd(
                 Path(source), size, str(subformat), destination, config, workdir, tracker, cancel, ledger
@@ -360,6 +338,35 @@ def export_disk(
         location,
         time.monotonic() - started,
     )
+
+
+def streams_vhd(fd: int, size: int) -> bool:
+    """Whether a VHD export of the disk open as ``fd`` streams through the project's writer
+    (:mod:`appliance.image.vhdwriter`: a regular file of whole sectors, whose data map decides the
+    allocated blocks) rather than through qemu-img into scratch (a block device: no data map)."""
+    return has_data_map(fd) and size > 0 and size % SECTOR == 0
+
+
+def _vhd_size_hint(size: int) -> int:
+    return size + size // 4096 + (1 << 20)
+
+
+def _vhd_producer(
+    fd: int, size: int, subformat: str, tracker: ProgressTracker, cancel: threading.Event | None
+) -> Callable[[ByteSink], None]:
+    if subformat == "fixed":  # the disk's bytes (holes stay holes in a file), then the footer
+        raw = _raw_producer(fd, size, tracker, cancel)
+
+        def fixed(sink: ByteSink) -> None:
+            raw(sink)
+            sink.write(footer(size, FIXED))
+
+        return fixed
+
+    def dynamic(sink: ByteSink) -> None:
+        write_dynamic_vhd(fd, size, sink, on_progress=tracker.update, cancel=cancel)
+
+    return dynamic
 
 
 def _extent_name(destination: FileDestination | S3Destination) -> str:

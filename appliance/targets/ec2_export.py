@@ -4,8 +4,9 @@ An instance's boot volume cannot be read where it is attached. The export takes 
 copy and reads that, with the calls and the attach-by-serial of the ``ec2`` volume target
 (:class:`~appliance.targets.ec2.Ec2VolumeTarget`):
 
-1. ``DescribeInstances`` → the root device's block device mapping → its volume
-   (:func:`describe_boot_volume`, also what the API checks when the request arrives);
+1. ``DescribeInstances`` → the root device's block device mapping → its volume, and the instance's
+   other EBS volumes (:func:`describe_boot_volume`, also what the API checks when the request arrives;
+   an OVA export copies each of them, in boot-device order);
 2. ``CreateSnapshot`` of that volume, waited for until ``completed``;
 3. ``CreateVolume`` from the snapshot in this appliance's availability zone, attached here and found
    by its serial (:meth:`Ec2VolumeTarget.adopt`);
@@ -29,10 +30,11 @@ from .ec2 import GIB, TASK_TAG, Ec2VolumeTarget
 
 
 def describe_boot_volume(settings: Mapping[str, Any], instance_id: str) -> dict[str, Any] | None:
-    """``{instance_id, owner_id, volume_id, device_name, size}`` of the instance's boot (root) EBS
-    volume (``owner_id``: the account of its reservation), or
-    None when the cloud does not know the instance. Raises ``CloudApiError`` for other failures and
-    ``NotExportable`` for an instance without an EBS root volume (instance store)."""
+    """``{instance_id, owner_id, volume_id, device_name, size, disks}`` of the instance's boot (root) EBS
+    volume (``owner_id``: the account of its reservation; ``disks``: every EBS volume of the instance,
+    each ``{volume_id, device_name, size}``, in boot-device order: the root device first, then the others
+    by device name), or None when the cloud does not know the instance. Raises ``CloudApiError`` for
+    other failures and ``NotExportable`` for an instance without an EBS root volume (instance store)."""
     target = Ec2VolumeTarget.from_settings(settings)
     try:
         reply = target._call("DescribeInstances", InstanceIds=[instance_id])
@@ -49,15 +51,19 @@ def describe_boot_volume(settings: Mapping[str, Any], instance_id: str) -> dict[
     chosen = [m for m in mappings if m.get("DeviceName") == root] or mappings[:1]
     if not chosen:
         raise TargetError(f"instance {instance_id} has no EBS root volume to export", "NotExportable")
-    volume_id = chosen[0]["Ebs"]["VolumeId"]
-    volume = target._describe(volume_id)
-    return {
-        "instance_id": instance_id,
-        "owner_id": owner,
-        "volume_id": volume_id,
-        "device_name": chosen[0].get("DeviceName"),
-        "size": int(volume.get("Size", 0)) * GIB,
-    }
+    others = sorted((m for m in mappings if m is not chosen[0]), key=lambda m: str(m.get("DeviceName")))
+    disks = []
+    for m in [chosen[0], *others]:
+        volume_id = m["Ebs"]["VolumeId"]
+        volume = target._describe(volume_id)
+        disks.append(
+            {
+                "volume_id": volume_id,
+                "device_name": m.get("DeviceName"),
+                "size": int(volume.get("Size", 0)) * GIB,
+            }
+        )
+    return {"instance_id": instance_id, "owner_id": owner, **disks[0], "disks": disks}
 
 
 class CloudDiskCopy:

@@ -4,8 +4,9 @@
 through; :func:`get_export_writer` picks the implementation: the streaming writer
 (:class:`appliance.targets.diskexport.StreamingExportWriter`). A VMDK (streamOptimized, grains
 deflated in a thread pool) or RAW export streams straight from the source disk into a parallel
-multipart upload (verified ETags, the sha256 as user metadata) with no scratch copy; a VHD goes
-through ``qemu-img convert -O vpc`` into scratch first (:data:`SCRATCH_FORMATS`). Part size and
+multipart upload (verified ETags, the sha256 as user metadata) with no scratch copy; so does a VHD of a
+regular file (:mod:`appliance.image.vhdwriter`), while a VHD of a block device goes through
+``qemu-img convert -O vpc`` into scratch first (:data:`SCRATCH_FORMATS`). Part size and
 upload threads are those of the user's buckets, ``sources.s3.part_size`` / ``threads``.
 
 :meth:`ExportWriter.remove` deletes the object and aborts every incomplete multipart upload of its
@@ -31,10 +32,12 @@ from .s3stream import MIN_PART
 SCRATCH_FORMATS = ("vhd",)
 
 
-def scratch_needed(disk_format: str, size: int) -> int:
-    """Bytes of scratch the export of a ``size``-byte disk as ``disk_format`` writes: a dynamic VHD
-    stays within the disk's size plus its metadata (BAT, bitmaps, footer); nothing for VMDK/RAW."""
-    if disk_format.lower() in SCRATCH_FORMATS:
+def scratch_needed(disk_format: str, size: int, *, streams: bool = False) -> int:
+    """Bytes of scratch the export of a ``size``-byte disk as ``disk_format`` writes: a VHD that goes
+    through qemu-img stays within the disk's size plus its metadata (BAT, bitmaps, footer); nothing for
+    VMDK/RAW, nor for a VHD that ``streams`` (:func:`appliance.targets.diskexport.streams_vhd`: a
+    regular file, written by the project's VHD writer)."""
+    if disk_format.lower() in SCRATCH_FORMATS and not streams:
         return size + size // 64 + (1 << 20)
     return 0
 

@@ -11,7 +11,8 @@ Digests and checks:
 * each part is sent with ``Content-MD5`` (S3 refuses a part whose bytes differ) and its returned ETag
   must be that MD5 (where S3 says so: not under SSE-KMS, whose ETags are not MD5s);
 * the completed object's ETag must be S3's multipart form, ``md5(md5(part 1) ‖ … ‖ md5(part N))-N``;
-* the sha256 of every byte written is computed on the way. S3 takes metadata when an upload starts: a
+* the sha256 of every byte written is computed on the way, in a thread of its own
+  (:class:`~appliance.targets.hashing.ThreadedSha256`). S3 takes metadata when an upload starts: a
   caller that knows the sha256 beforehand passes ``sha256`` (checked against the bytes at the end);
   otherwise the object is copied onto itself with the digest as metadata once it is complete (a
   server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond), and read back (HeadObject).
@@ -34,6 +35,7 @@ from typing import Any
 
 from ..errors import Cancelled
 from .base import TargetError
+from .hashing import ThreadedSha256
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class MultipartWriter:
         self.sse = dict(sse or {})
         self.on_progress, self.cancel, self.fence = on_progress, cancel, fence
         self._buffer = bytearray()
-        self._sha = hashlib.sha256()
+        self._sha = ThreadedSha256("s3-sha256")
         self._md5s: dict[int, bytes] = {}
         self._etags: dict[int, str] = {}
         self._pending: set[Future[int]] = set()
@@ -131,11 +133,15 @@ class MultipartWriter:
             raise ValueError("write to a closed upload")
         self._check_cancel()
         n = len(data)
-        self._sha.update(data)
-        self._buffer += data
+        self._sha.update(data)  # in its own thread, beside this one's reads and the parts' uploads
         self.size += n
+        if not self._buffer and n == self.part_size and isinstance(data, bytes):
+            self._submit(data)  # a whole part as it came: no copy
+            return n
+        self._buffer += data
         while len(self._buffer) >= self.part_size:
-            part = bytes(self._buffer[: self.part_size])
+            with memoryview(self._buffer) as view, view[: self.part_size] as head:
+                part = bytes(head)
             del self._buffer[: self.part_size]
             self._submit(part)
         return n
@@ -306,6 +312,7 @@ class MultipartWriter:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""
         self.closed = True
+        self._sha.close()
         for fut in self._pending:
             fut.cancel()
         self._shutdown()

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from appliance import config as config_mod
+from appliance.store import Store, TaskState
 from tests import imagefactory as imgs
+from tests import stores
 
 MiB = 1024 * 1024
 
@@ -112,3 +115,38 @@ def test_imaging_run_convert_ova_converts_every_disk(tmp_path: Path, env: dict[s
             [imgs.QEMU_IMG, "compare", "-f", "raw", "-F", "qcow2", str(src), str(tmp_path / out)]
         )
         assert cmp.returncode == 0
+
+
+def test_export_of_a_volume_id_the_appliance_issued_reads_that_volume(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # a completed ImportVolume as the import-volume workflow records it (its ``volume`` step's result):
+    # `imaging export vol-…` finds the file volume through the task store (the resolver) and exports it
+    volume_id = "vol-0123456789abcdef0"
+    volume = disk(tmp_path / f"{volume_id}.raw", 6 * MiB, b"the imported volume")
+    settings = stores.with_store({"state_dir": str(tmp_path / "state")})
+    config_file = tmp_path / "imaging.yaml"
+    config_file.write_text(json.dumps(settings))
+    store = Store(config_mod.from_dict(settings, base_dir=tmp_path).store)
+    try:
+        store.create_task("import-volume", "import-volume", {}, task_id="import-vol-0badc0de")
+        store.claim("import-vol-0badc0de", "test-worker", 30)
+        result = {"volume": {"id": volume_id, "type": "file", "path": str(volume), "size": 6 * MiB}}
+        store.set_state("import-vol-0badc0de", TaskState.COMPLETED, result=result)
+    finally:
+        store.close()
+    env = dict(env, IMAGING_CONFIG=str(config_file))
+    out = tmp_path / "exported.vmdk"
+    res = imaging("export", volume_id, out, "--to", "vmdk", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["virtual_size"] == 6 * MiB
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(volume), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    # a volume id the appliance never issued: EC2's code, nothing written
+    res = imaging("export", "vol-0123456789abcdef1", tmp_path / "none.vmdk", "--to", "vmdk", env=env)
+    assert res.returncode != 0 and "InvalidVolume.NotFound" in res.stderr, res.stderr
+    assert not (tmp_path / "none.vmdk").exists()

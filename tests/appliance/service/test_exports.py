@@ -380,18 +380,24 @@ def test_the_ova_container_takes_only_vmdk_disks(imported: dict[str, Any], bucke
     assert exc.value.code == "InvalidParameterValue"
 
 
-def test_a_vmdk_export_streams_with_no_scratch_reserved(
-    imported: dict[str, Any], buckets: tuple[str, str], moto: MotoServer, tmp_path: Path
+@pytest.mark.parametrize(("disk_format", "qemu_format"), [("VMDK", "vmdk"), ("VHD", "vpc")])
+def test_vmdk_and_vhd_exports_of_a_stored_file_stream_with_no_scratch_reserved(
+    imported: dict[str, Any],
+    buckets: tuple[str, str],
+    moto: MotoServer,
+    tmp_path: Path,
+    disk_format: str,
+    qemu_format: str,
 ) -> None:
-    # scratch smaller than the 25 MiB disk: the stream-VMDK writer reads the stored image and uploads
-    # as it deflates, so the export needs none (a scratch copy of the output would not fit)
+    # scratch smaller than the 25 MiB disk: the stream-VMDK writer and the VHD writer read the stored
+    # image and upload as they write, so the export needs none (a scratch copy of the output would not fit)
     cfg = imported["cfg"]
     small = dataclasses.replace(cfg, scratch=dataclasses.replace(cfg.scratch, quota=4 * MiB))
     exports = ExportService(small, imported["store"])
-    task = exports.export_image(imported["image_id"], disk_image_format="VMDK", bucket=buckets[1])
+    task = exports.export_image(imported["image_id"], disk_image_format=disk_format, bucket=buckets[1])
     done = run(small, task)
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
-    exported = tmp_path / "exported.vmdk"
+    exported = tmp_path / f"exported.{qemu_format}"
     moto.client("s3").download_file(buckets[1], object_key(task), str(exported))
-    compared = qemu_compare(imported["disk"], exported, "vmdk")
+    compared = qemu_compare(imported["disk"], exported, qemu_format)
     assert compared.returncode == 0, compared.stdout + compared.stderr

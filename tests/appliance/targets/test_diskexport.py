@@ -31,9 +31,11 @@ from appliance.targets.diskexport import (
     StreamingExportWriter,
     export_disk,
     export_ova,
+    streams_vhd,
 )
 from appliance.targets.s3stream import MultipartWriter, multipart_etag
 from tests import imagefactory as factory
+from tests.appliance.targets.test_device import loop_device
 from tests.servers import REGION
 
 MiB = factory.MiB
@@ -135,6 +137,36 @@ def test_each_format_reads_back_as_the_source(
     assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest() and result.size == out.stat().st_size
     assert os.listdir(tmp_path / "work") == []
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_a_vhd_of_a_regular_file_streams_and_of_a_block_device_goes_through_qemu_img(
+    subformat: str, tmp_path: Path, cfg: Config, workdir: Path, disk: Path
+) -> None:
+    # a regular file: the project's VHD writer, identical to the source
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        assert streams_vhd(fd, disk.stat().st_size)
+    finally:
+        os.close(fd)
+    out = tmp_path / "file.vhd"
+    export_disk(disk, "vhd", FileDestination(out), config=cfg, workdir=workdir, subformat=subformat)
+    assert qemu("compare", "-f", "raw", "-F", "vpc", disk, out).returncode == 0
+    # a block device has no data map: qemu-img writes it (into the partial file), identical too
+    with loop_device(tmp_path / "backing.img", disk.stat().st_size) as dev:
+        with open(dev, "r+b") as d:
+            d.write(disk.read_bytes())
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            assert not streams_vhd(fd, disk.stat().st_size)
+        finally:
+            os.close(fd)
+        from_device = tmp_path / "device.vhd"
+        export_disk(
+            dev, "vhd", FileDestination(from_device), config=cfg, workdir=workdir, subformat=subformat
+        )
+    assert qemu("compare", "-f", "raw", "-F", "vpc", disk, from_device).returncode == 0
+    assert os.listdir(workdir) == []
 
 
 def test_a_cancelled_file_export_leaves_nothing(tmp_path: Path, cfg: Config, workdir: Path) -> None:
