@@ -541,14 +541,15 @@ def outcome(task: Task) -> dict[str, Any]:
     report, None until there is one) and ``boot`` (:func:`boot_settings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
-    ``ids``, ``disk``); this is the one place that knows where each lives.
+    ``ids``, ``disk``, ``disk.streamed``); this is the one place that knows where each lives.
     """
     result = task.result if isinstance(task.result, dict) else {}
     volume = result.get("volume") or (result.get("imported") or {}).get("volume") or {}
     ids = result.get("ids") or {}
     disk = result.get("disk") or {}
-    stored = disk.get("stored") or {}
-    source_image = disk.get("source_image") or {}
+    streamed = disk.get("streamed") or {}  # a disk streamed into the image target (image.stream)
+    stored = disk.get("stored") or streamed.get("stored") or {}
+    source_image = disk.get("source_image") or streamed.get("source_image") or {}
     written = result.get("written") or (result.get("imported") or {}).get("written") or {}
     guest = guest_report(result)
     return {

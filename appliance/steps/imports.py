@@ -27,17 +27,21 @@ from ..progress import Progress, StageMeter
 from ..scratch import Allowance
 from ..sources.download import download_to_file
 from ..sources.fetch import parse_source
-from ..sources.http import SourceUnavailable
+from ..sources.http import SourceUnavailable, TransferInterrupted
 from ..sources.methods import UPLOAD, URL, check_enabled, method_of_source
 from ..sources.origins import Origin, origin_for
 from ..sources.ranges import ReaderSettings, parse_content_range, too_large
+from ..sources.reader import RangeReader
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url, unbundle_source
-from .retries import retry_events
+from .retries import retry_reporter
 from .uploads import upload_params
+
+#: ``source.fetch`` without a ``preflight`` argument runs its own
+_NOT_GIVEN: Any = object()
 
 #: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
 PREFLIGHT_COMPRESSED = 8 << 20
@@ -63,10 +67,14 @@ class SourceFetchStep(Step):
         "type": "object",
         "additionalProperties": False,
         "required": ["source"],
-        "properties": {"source": {"type": "object"}},
+        "properties": {
+            "source": {"type": "object"},
+            # the verdict of a preflight an earlier step ran (source.route): not fetched again
+            "preflight": {"type": ["object", "null"]},
+        },
     }
 
-    def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+    def run(self, ctx: StepContext, source: dict[str, Any], preflight: Any = _NOT_GIVEN) -> dict[str, Any]:
         source = checked_source(ctx, source)
         dst = ctx.workdir / "source.img"
         # A download interrupted after a checkpoint (kill -9, suspend, a lost lease) continues from it,
@@ -76,6 +84,8 @@ class SourceFetchStep(Step):
         verdict: Preflight | None
         if resume is not None and isinstance(resume.get("preflight"), dict):
             verdict = _saved_verdict(resume["preflight"])
+        elif preflight is not _NOT_GIVEN:  # decided by source.route on the same bytes
+            verdict = _saved_verdict(preflight) if isinstance(preflight, dict) else None
         else:
             # fail fast: the header-only checks on the object's first and last bytes, before the download
             verdict = source_preflight(ctx, source)
@@ -121,7 +131,7 @@ class SourceFetchStep(Step):
 
         settings = ReaderSettings.from_sources(ctx.config.sources)
         try:
-            with meter, retry_events(ctx):
+            with meter:
                 result = download_to_file(
                     source,
                     dst,
@@ -135,6 +145,7 @@ class SourceFetchStep(Step):
                     checkpoint=checkpoint,
                     resume=resume,
                     keep_on_cancel=True,
+                    on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event
                 )
         except BaseException:
             allowance.release()
@@ -153,7 +164,7 @@ class SourceFetchStep(Step):
             Path(result["path"]).unlink()
             ctx.ledger_removed(result["path"])
 
-    def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, ctx: StepContext, source: dict[str, Any], preflight: Any = _NOT_GIVEN) -> dict[str, Any]:
         source = checked_source(ctx, source)
         if source.get("url") and method_of_source(source) == URL:
             _policy(ctx).check(source["url"])
@@ -196,9 +207,24 @@ def _saved_verdict(data: dict[str, Any]) -> Preflight:
     return verdict
 
 
-def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[bytes, int | None]:
-    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said)."""
-    cancel = ctx.cancel or threading.Event()
+def _get_range(origin: Origin, start: int, end: int, retrier: RangeReader) -> tuple[bytes, int | None]:
+    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said); a
+    transient failure or a stall (no byte for ``sources.stall_seconds``) is retried with the ranged
+    reader's back-off, its retries told to the reader's ``on_retry`` (``retrier``: a reader of
+    ``origin`` that is never opened, used for its retry policy)."""
+    failures = 0
+    while True:
+        try:
+            return _get_range_once(origin, start, end, retrier.stop)
+        except SourceUnavailable as exc:
+            if exc.status == 416 or not exc.transient:
+                raise
+            failures = retrier.failed(exc, failures, start)
+
+
+def _get_range_once(
+    origin: Origin, start: int, end: int, cancel: threading.Event
+) -> tuple[bytes, int | None]:
     response = origin.get(start, end, cancel=cancel)
     with response:
         partial = parse_content_range(response.status, response.headers.get("Content-Range"))
@@ -212,6 +238,10 @@ def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[
             if start:
                 return b"", response.content_length
             return bytes(body[:want]), response.content_length
+        if len(body) < min(want, partial[1] - partial[0] + 1):
+            raise TransferInterrupted(
+                f"{origin.where}: the range at {start} ended after {len(body)} bytes", received=len(body)
+            )
         return bytes(body[:want]), partial[2]
 
 
@@ -228,22 +258,23 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
         return None
     settings = ReaderSettings.from_sources(ctx.config.sources)
     origin = origin_for(source, _policy(ctx), ctx.config.sources.s3, settings=settings)
+    retrier = RangeReader(origin, settings, cancel=ctx.cancel, on_retry=retry_reporter(ctx))
     try:
-        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, retrier)
     except SourceUnavailable as exc:
         if exc.status == 416:  # an empty object has no first byte: the download and inspection say so
             return None
         raise
     tail: bytes | None = None
     if size is not None and size > len(head):
-        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, ctx)
+        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, retrier)
         tail = tail or None
     elif size is None:
         size = None if len(head) >= PREFLIGHT_HEAD else len(head)
     verdict = preflight(head, tail, claim, config=ctx.config, size=size)
     if verdict.compression is not None and verdict.safe:
         # a compressed head decides only the compression: the decompressed head decides the rest
-        verdict = _compressed_preflight(ctx, origin, source, claim, verdict, head, size)
+        verdict = _compressed_preflight(ctx, retrier, source, claim, verdict, head, size)
     cap = ctx.config.limits.max_decompressed_size
     if size is not None and size > cap:
         verdict.findings.extend(too_large(str(parse_source(source)), cap, size).findings)
@@ -253,7 +284,7 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
 
 def _compressed_preflight(
     ctx: StepContext,
-    origin: Origin,
+    retrier: RangeReader,
     source: dict[str, Any],
     claim: str,
     outer: Preflight,
@@ -283,7 +314,7 @@ def _compressed_preflight(
     decoded, ended = decode([head], size is not None and read >= size)
     limit = PREFLIGHT_COMPRESSED if size is None else min(size, PREFLIGHT_COMPRESSED)
     if not ended and len(decoded) < PREFLIGHT_HEAD and len(head) >= PREFLIGHT_HEAD and read < limit:
-        more, _ = _get_range(origin, read, limit - 1, ctx)
+        more, _ = _get_range(retrier.origin, read, limit - 1, retrier)
         read += len(more)
         decoded, ended = decode([head, more], size is not None and read >= size)
     if ended and not decoded:
