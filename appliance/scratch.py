@@ -56,6 +56,8 @@ from .errors import InsufficientScratch, UsageError
 
 _META = ".scratch.json"
 _LOCK = ".lock"
+#: the root's high-water mark of reserved bytes (all tasks together), kept when task directories go
+_PEAK = ".peak.json"
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: the errnos of a write that found no room
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -177,6 +179,29 @@ class ScratchSpace:
     def reserved(self) -> int:
         """Bytes reserved by all tasks together."""
         return sum(self._sum(self._read_meta(d)) for d in self._task_dirs())
+
+    def peak(self) -> int:
+        """The most bytes ever reserved at once under this root, by all tasks together (the scratch an
+        import really needed; it survives the task directories). :meth:`reset_peak` starts it again."""
+        with self._locked():
+            return self._read_peak()
+
+    def reset_peak(self) -> None:
+        """Start the high-water mark of :meth:`peak` again from what is reserved now."""
+        with self._locked():
+            write_json_atomic(self.root / _PEAK, {"reserved": self.reserved()}, 0o600, durable=False)
+
+    def _read_peak(self) -> int:
+        try:
+            return int(json.loads((self.root / _PEAK).read_text())["reserved"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _note_peak(self) -> None:
+        """Raise the high-water mark to what is reserved now (lock held)."""
+        now = self.reserved()
+        if now > self._read_peak():
+            write_json_atomic(self.root / _PEAK, {"reserved": now}, 0o600, durable=False)
 
     def _unwritten(self, override: tuple[Path, int] | None = None) -> int:
         """Bytes reserved but not yet written, over all tasks: each task's reservations less what its
@@ -334,6 +359,7 @@ class TaskScratch:
             meta["next_id"] = rid + 1
             meta["reservations"][str(rid)] = {"nbytes": nbytes, "purpose": purpose, "step": self.step}
             self._write(meta)
+            self.space._note_peak()
             return rid
 
     def resize(self, reservation_id: int, nbytes: int) -> None:
@@ -348,8 +374,11 @@ class TaskScratch:
             if entry is None:
                 raise UsageError(f"no scratch reservation {reservation_id} in {self.path}")
             self._admit(meta, reservation_id, nbytes, entry["purpose"])
+            grows = nbytes > entry["nbytes"]
             entry["nbytes"] = nbytes
             self._write(meta)
+            if grows:
+                self.space._note_peak()
 
     def release(self, reservation_id: int) -> None:
         """Give a reservation back (unknown ids are ignored: release is idempotent)."""

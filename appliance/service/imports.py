@@ -606,6 +606,18 @@ def _disk_size(disk: dict[str, Any]) -> int | None:
     return int(size) if size is not None else None
 
 
+def _disk_view(disk: Any) -> dict[str, Any]:
+    """An import-disk include's result with a streamed disk's facts (``image.stream``'s result,
+    registered as ``streamed``) where the scratch path registers them: ``stored``, ``source_image``,
+    ``guest``."""
+    disk = dict(disk) if isinstance(disk, dict) else {}
+    streamed = disk.get("streamed") or {}
+    for key in ("stored", "source_image", "guest"):
+        if not disk.get(key) and streamed.get(key):
+            disk[key] = streamed[key]
+    return disk
+
+
 def image_disks(task: Task) -> list[dict[str, Any]]:
     """Every disk an ImportImage stored, boot disk first (empty until the task completes, and for
     other kinds): ``index`` (1 = the boot disk), ``device_name``, ``snapshot_id``, ``format`` (the
@@ -618,14 +630,14 @@ def image_disks(task: Task) -> list[dict[str, Any]]:
     if task.kind != IMPORT_IMAGE or not isinstance(task.result, dict):
         return []
     result = task.result
-    boot = result.get("disk") or {}
+    boot = _disk_view(result.get("disk"))
     if not boot.get("stored"):
         return []
     containers = (task.params or {}).get("disk_containers") or []
     ova = (boot.get("opened") or {}).get("ova") or {}
     ova_names = [d.get("name") for d in ova.get("disks") or []]
     found: list[tuple[dict[str, Any], int, str | None]] = [(boot, 1, ova_names[0] if ova_names else None)]
-    found += [(d or {}, n, None) for n, d in enumerate(result.get("data_disks") or [], 2)]
+    found += [(_disk_view(d), n, None) for n, d in enumerate(result.get("data_disks") or [], 2)]
     found += [
         (d or {}, 1, name) for d, name in zip(result.get("ova_data_disks") or [], ova_names[1:], strict=False)
     ]
@@ -676,12 +688,12 @@ def outcome(task: Task) -> dict[str, Any]:
     disk first) and ``block_device_mappings`` (:func:`block_device_mappings`).
 
     The shipped workflows register their results under step names (``volume``, ``imported``,
-    ``ids``, ``disk``); this is the one place that knows where each lives.
+    ``ids``, ``disk``, ``disk.streamed``); this is the one place that knows where each lives.
     """
     result = task.result if isinstance(task.result, dict) else {}
     volume = result.get("volume") or (result.get("imported") or {}).get("volume") or {}
     ids = result.get("ids") or {}
-    disk = result.get("disk") or {}
+    disk = _disk_view(result.get("disk"))  # streamed into the image target, or through scratch
     stored = disk.get("stored") or {}
     source_image = disk.get("source_image") or {}
     written = result.get("written") or (result.get("imported") or {}).get("written") or {}

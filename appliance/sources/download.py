@@ -32,7 +32,7 @@ from ..errors import Cancelled
 from ..scratch import is_no_space, no_space_error
 from .fetch import FetchResult, parse_source
 from .http import HttpClient, SourceIntegrity
-from .ranges import ReaderSettings, ReaderStats, ReadPosition
+from .ranges import OnRetry, ReaderSettings, ReaderStats, ReadPosition
 from .reader import RangeReader, open_reader
 from .urlfilter import UrlPolicy
 
@@ -103,13 +103,15 @@ def download_to_file(
     keep_on_cancel: bool = False,
     http: HttpClient | None = None,
     stats: ReaderStats | None = None,
+    on_retry: OnRetry | None = None,
 ) -> FetchResult:
     """Download ``source`` (``{"url"}`` or ``{"bucket", "key"}``) into ``dst`` (see the module docstring).
 
     ``settings`` default to ``policy.sources``; their ``max_size`` is ``max_bytes``. ``reserve(n,
     whole)`` claims scratch before bytes are written (``whole``: the declared size, once); it raises
     ``InsufficientScratch`` to stop. ``on_progress(done, total_or_None)`` follows the writes. ``stats``,
-    when given, receives the reader's counters at the end (requests, bytes received, retries).
+    when given, receives the reader's counters at the end (requests, bytes received, retries);
+    ``on_retry`` is told of every retry as it happens.
 
     Raises :class:`~appliance.errors.ImageRejected` (``SizeLimitExceeded.Download``),
     :class:`~.http.SourceUnavailable`, :class:`~appliance.errors.SourceChanged`,
@@ -164,6 +166,7 @@ def download_to_file(
                 checkpoint=saved,
                 settings=settings,
                 http=http,
+                on_retry=on_retry,
             )
             with reader:
                 total = reader.size

@@ -26,7 +26,7 @@ from defusedxml import DefusedXmlException
 
 from ..errors import Cancelled, ImagingError
 from ..redact import redact_url
-from .http import HttpClient, SourceUnavailable, TransferInterrupted, sleep_or_cancel
+from .http import HttpClient, SourceUnavailable, TransferInterrupted, is_stall, sleep_or_cancel
 from .manifest import (
     MAX_MANIFEST_BYTES,
     ImportManifest,
@@ -36,7 +36,7 @@ from .manifest import (
     parse_manifest,
 )
 from .ordered import LinkedEvent, ordered_fetch
-from .ranges import DEFAULT_PARALLEL
+from .ranges import DEFAULT_PARALLEL, OnRetry, RetryNotice
 from .urlfilter import UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ def download_parts(
     http: HttpClient | None = None,
     parallel: int | None = None,
     on_checked: Callable[[Part, str | None], None] | None = None,
+    on_retry: OnRetry | None = None,
 ) -> int:
     """Download the parts from ``start_index`` on, in index order, passing ``write(file_offset, chunk)``.
 
@@ -267,7 +268,7 @@ def download_parts(
     length or MD5) is downloaded again from its start up to ``retries`` times (default
     ``sources.retries``); ``write`` only ever sees verified parts, each offset once. After each verified
     part ``on_part(part, bytes_done)`` is called, ``bytes_done`` being ``part.end + 1``: resume later
-    with ``start_index = part.index + 1``.
+    with ``start_index = part.index + 1``. ``on_retry`` is told of every retry of a part as it happens.
     Returns the number of bytes written in this call. Raises :class:`PartVerificationFailed`
     (``SourceIntegrity``), :class:`SourceUnavailable`, :class:`UrlNotAllowed`, :class:`Cancelled`.
     """
@@ -283,7 +284,7 @@ def download_parts(
     stop = LinkedEvent(cancel)  # set when this call ends: the fetches still running shut down
     fetched = ordered_fetch(
         manifest.parts[start_index:],
-        lambda part: _fetch_verified(client, part, attempts, stop),
+        lambda part: _fetch_verified(client, part, attempts, stop, on_retry),
         parallel=parallel,
         cancel=cancel,
         stop=stop,
@@ -310,7 +311,11 @@ def download_parts(
 
 
 def _fetch_verified(
-    client: HttpClient, part: Part, attempts: int, cancel: threading.Event | None
+    client: HttpClient,
+    part: Part,
+    attempts: int,
+    cancel: threading.Event | None,
+    on_retry: OnRetry | None = None,
 ) -> tuple[list[bytes], str | None]:
     """The bytes of ``part`` once their length and MD5 check out, retrying with back-off, and the
     MD5 checked (None when the ETag is not one)."""
@@ -326,6 +331,19 @@ def _fetch_verified(
                 raise
             failure = exc
         log.info("part %d attempt %d of %d failed: %s", part.index, attempt, attempts, failure.message)
+        if on_retry is not None and attempt < attempts:
+            notice = RetryNotice(
+                where=f"part {part.index}",
+                offset=part.start,
+                message=failure.message,
+                attempt=attempt + 1,
+                attempts=attempts,
+                stalled=is_stall(failure),
+            )
+            try:
+                on_retry(notice)
+            except Exception:  # a notice that cannot be delivered must not break the download
+                log.exception("the retry callback failed")
         if attempt == attempts:
             what = f"part {part.index} ({part.key}) failed after {attempts} attempts: {failure.message}"
             if isinstance(failure, PartVerificationFailed):

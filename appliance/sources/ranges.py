@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,30 @@ def too_large(where: str, max_size: int, size: int | None = None) -> ImageReject
             )
         ]
     )
+
+
+@dataclass(frozen=True)
+class RetryNotice:
+    """One retry of a read, as the reader decided it: ``where`` names the source (redacted) or the
+    part, ``offset`` the first byte not received, ``message`` why the attempt failed, ``attempt`` the
+    number of the attempt about to be made of ``attempts`` in all, ``stalled`` whether the stall
+    watchdog (no byte for ``stall_seconds``) abandoned it."""
+
+    where: str
+    offset: int
+    message: str
+    attempt: int
+    attempts: int
+    stalled: bool
+
+    def text(self) -> str:
+        return (
+            f"{self.where} at offset {self.offset}: {self.message}; attempt {self.attempt} of {self.attempts}"
+        )
+
+
+#: what a reader calls on every retry (in the thread that retries; it must not raise)
+OnRetry = Callable[[RetryNotice], None]
 
 
 def back_off(settings: ReaderSettings, failures: int, cancel: threading.Event | None) -> None:

@@ -68,9 +68,11 @@ from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterr
 from .ordered import LinkedEvent, ordered_fetch
 from .origins import Origin, Response, origin_for
 from .ranges import (
+    OnRetry,
     ReaderSettings,
     ReaderStats,
     ReadPosition,
+    RetryNotice,
     Span,
     Validator,
     back_off,
@@ -98,8 +100,11 @@ class RangeReader(BlockStream):
         cancel: threading.Event | None = None,
         start: ReadPosition | None = None,
         checkpoint: Callable[[ReadPosition], None] | None = None,
+        on_retry: OnRetry | None = None,
     ) -> None:
         super().__init__(start.offset if start else 0)
+        #: told of every retry (a task event: a stall shows as it happens)
+        self.on_retry = on_retry
         self.origin = origin
         self.settings = settings or ReaderSettings()
         self.cancel = cancel
@@ -274,14 +279,20 @@ class RangeReader(BlockStream):
                 ) from exc
             raise exc
         self.stats.add(retries=1, stalls=int(stalled))
-        log.info(
-            "%s at offset %d: %s; attempt %d of %d",
-            self.origin.where,
-            offset,
-            f"no data for {self.settings.stall_seconds:g}s (stalled)" if stalled else exc.message,
-            failures + 1,
-            self.settings.retries + 1,
+        notice = RetryNotice(
+            where=self.origin.where,
+            offset=offset,
+            message=f"no data for {self.settings.stall_seconds:g}s (stalled)" if stalled else exc.message,
+            attempt=failures + 1,
+            attempts=self.settings.retries + 1,
+            stalled=stalled,
         )
+        log.info("%s", notice.text())
+        if self.on_retry is not None:
+            try:
+                self.on_retry(notice)
+            except Exception:  # a notice that cannot be delivered must not break the read
+                log.exception("the retry callback failed")
         back_off(self.settings, failures, self.stop)
         return failures
 
@@ -451,11 +462,13 @@ def open_reader(
     checkpoint: Callable[[ReadPosition], None] | None = None,
     settings: ReaderSettings | None = None,
     http: HttpClient | None = None,
+    on_retry: OnRetry | None = None,
 ) -> RangeReader:
     """A :class:`RangeReader` of ``source`` (not open yet: ``with`` or :meth:`~RangeReader.open`).
     ``settings`` default to ``policy.sources`` (``parallel_ranges``, ``range_size``,
     ``stall_seconds``, ``retries``); ``s3cfg`` to ``policy.sources.s3``. Raises
-    :class:`~.urlfilter.UrlNotAllowed`, :class:`~appliance.errors.UsageError` for a bad source."""
+    :class:`~.urlfilter.UrlNotAllowed`, :class:`~appliance.errors.UsageError` for a bad source.
+    ``on_retry`` is told of every retry (:class:`~.ranges.RetryNotice`)."""
     settings = settings or ReaderSettings.from_sources(policy.sources)
     origin = origin_for(source, policy, s3cfg, settings=settings, http=http)
-    return RangeReader(origin, settings, cancel=cancel, start=start, checkpoint=checkpoint)
+    return RangeReader(origin, settings, cancel=cancel, start=start, checkpoint=checkpoint, on_retry=on_retry)

@@ -20,6 +20,7 @@ from ..image.formats import OUTPUT_FORMATS, parse_claim
 from ..image.inspect import inspect_image
 from ..scratch import Allowance
 from ..workflow.step import Step, StepContext
+from .meters import convert_meter, scaled
 
 #: dry-run estimate of how much a compressed disk image grows when decompressed (raw disks are
 #: mostly zeros and text; measured 1.8x for the benchmark disk, far more for sparse ones)
@@ -192,19 +193,25 @@ class ConvertStep(Step):
         allowance = None
         if src.is_file() and detect_compression(src) is not None:
             allowance = _decompression_allowance(ctx, src)
-        result = convert_image(
-            Path(source),
-            Path(target),
-            format,
-            claimed or None,
-            config=ctx.config,
-            workdir=ctx.workdir,
-            subformat=subformat,
-            on_progress=ctx.progress,
-            cancel=ctx.cancel,
-            ledger=ctx,
-            reserve=allowance.cover if allowance is not None else None,
+        # bytes read and written, rate and ETA; 100 % only once the output is durable
+        meter, on_convert = convert_meter(
+            scaled(ctx.progress, None, converted=False), src.stat().st_size if src.is_file() else None
         )
+        with meter:
+            result = convert_image(
+                Path(source),
+                Path(target),
+                format,
+                claimed or None,
+                config=ctx.config,
+                workdir=ctx.workdir,
+                subformat=subformat,
+                on_progress=on_convert,
+                cancel=ctx.cancel,
+                ledger=ctx,
+                reserve=allowance.cover if allowance is not None else None,
+            )
+        meter.flushed()  # convert_image returns once the output is fsynced
         if allowance is not None:  # the decompressed copy was removed after the conversion
             allowance.release()
         if not result.block_device:

@@ -29,23 +29,26 @@ from ..scratch import Allowance
 from ..sources import s3 as s3mod
 from ..sources.digest import b64_to_hex
 from ..sources.download import download_to_file
-from ..sources.fetch import FetchResult, parse_source
-from ..sources.http import SourceIntegrity, SourceUnavailable
+from ..sources.fetch import parse_source
+from ..sources.http import SourceIntegrity, SourceUnavailable, TransferInterrupted
 from ..sources.methods import UPLOAD, URL, check_enabled, method_of_source
 from ..sources.origins import Origin, origin_for
 from ..sources.ranges import ReaderSettings, parse_content_range, too_large
+from ..sources.reader import RangeReader
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target
 from ..targets.encryption import requested
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url, unbundle_source
 from .provenance import check_expected, import_metadata
-from .retries import retry_events
+from .retries import retry_reporter
 from .uploads import upload_params
 
 log = logging.getLogger(__name__)
 #: the name of one disk of a task (``disk2``): its file in scratch and its image in the image target
 _NAME = {"type": ["string", "null"], "pattern": r"^[a-z][a-z0-9]{0,15}$"}
+#: ``source.fetch`` without a ``preflight`` argument runs its own
+_NOT_GIVEN: Any = object()
 
 #: at most this many compressed bytes are read to preflight a compressed source (its decompressed head)
 PREFLIGHT_COMPRESSED = 8 << 20
@@ -71,10 +74,21 @@ class SourceFetchStep(Step):
         "type": "object",
         "additionalProperties": False,
         "required": ["source"],
-        "properties": {"source": {"type": "object"}, "name": _NAME},
+        "properties": {
+            "source": {"type": "object"},
+            "name": _NAME,
+            # the verdict of a preflight an earlier step ran (source.route): not fetched again
+            "preflight": {"type": ["object", "null"]},
+        },
     }
 
-    def run(self, ctx: StepContext, source: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        name: str | None = None,
+        preflight: Any = _NOT_GIVEN,
+    ) -> dict[str, Any]:
         source = checked_source(ctx, source)
         # one file per disk of a task: an image's data disks are named (disk2, …)
         dst = ctx.workdir / (f"source-{name}.img" if name else "source.img")
@@ -85,6 +99,8 @@ class SourceFetchStep(Step):
         verdict: Preflight | None
         if resume is not None and isinstance(resume.get("preflight"), dict):
             verdict = _saved_verdict(resume["preflight"])
+        elif preflight is not _NOT_GIVEN:  # decided by source.route on the same bytes
+            verdict = _saved_verdict(preflight) if isinstance(preflight, dict) else None
         else:
             # fail fast: the header-only checks on the object's first and last bytes, before the download
             verdict = source_preflight(ctx, source)
@@ -130,7 +146,7 @@ class SourceFetchStep(Step):
 
         settings = ReaderSettings.from_sources(ctx.config.sources)
         try:
-            with meter, retry_events(ctx):
+            with meter:
                 result = download_to_file(
                     source,
                     dst,
@@ -144,13 +160,16 @@ class SourceFetchStep(Step):
                     checkpoint=checkpoint,
                     resume=resume,
                     keep_on_cancel=True,
+                    on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event
                 )
         except BaseException:
             allowance.release()
             raise
         allowance.shrink_to(result.size)
         try:
-            digest = source_digest(ctx, source, result)
+            digest = source_digest(
+                ctx, source, sha256=result.sha256, size=result.size, md5_checked=result.md5_checked
+            )
             # the user's expected sha256, before anything is converted or stored
             check_expected(source.get("expected_sha256"), result.sha256, digest["location"])
         except BaseException:
@@ -172,7 +191,13 @@ class SourceFetchStep(Step):
             Path(result["path"]).unlink()
             ctx.ledger_removed(result["path"])
 
-    def plan(self, ctx: StepContext, source: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    def plan(
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        name: str | None = None,
+        preflight: Any = _NOT_GIVEN,
+    ) -> dict[str, Any]:
         source = checked_source(ctx, source)
         if source.get("url") and method_of_source(source) == URL:
             _policy(ctx).check(source["url"])
@@ -194,17 +219,20 @@ class SourceFetchStep(Step):
         }
 
 
-def source_digest(ctx: StepContext, source: dict[str, Any], result: FetchResult) -> dict[str, Any]:
-    """The ``sources`` entry of a provenance record (:mod:`.provenance`) for a fetched source: the
-    sha256 the download computed as the bytes arrived, and the source's own digests checked — the ETag
+def source_digest(
+    ctx: StepContext, source: dict[str, Any], *, sha256: str, size: int, md5_checked: str | None
+) -> dict[str, Any]:
+    """The ``sources`` entry of a provenance record (:mod:`.provenance`) for a source read once
+    (fetched into scratch or streamed): the sha256 computed as the bytes arrived (``sha256``,
+    ``size``), and the source's own digests checked — ``md5_checked``, the ETag
     when it is the object's MD5 (checked by the download), and an S3 object's
     ``x-amz-checksum-sha256`` when it has one (one HEAD; a full-object checksum must equal the sha256
     of the bytes received: ``SourceIntegrity`` otherwise; a multipart upload's composite checksum is
     recorded, not checked)."""
     src = parse_source(source)
     checked: list[dict[str, Any]] = []
-    if result.md5_checked:
-        checked.append({"what": "etag-md5", "value": result.md5_checked, "verified": True})
+    if md5_checked:
+        checked.append({"what": "etag-md5", "value": md5_checked, "verified": True})
     if src.kind == "s3":
         assert src.bucket and src.key
         try:
@@ -215,14 +243,14 @@ def source_digest(ctx: StepContext, source: dict[str, Any], result: FetchResult)
             value = None
         if value is not None:
             as_hex = b64_to_hex(value)
-            if as_hex is not None and as_hex != result.sha256:
+            if as_hex is not None and as_hex != sha256:
                 raise SourceIntegrity(
-                    f"{src}: the sha256 of the received bytes ({result.sha256}) is not the object's "
+                    f"{src}: the sha256 of the received bytes ({sha256}) is not the object's "
                     f"x-amz-checksum-sha256 ({as_hex}); the download was corrupted or the object changed, "
                     "try again"
                 )
             checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": as_hex is not None})
-    return {"location": str(src), "sha256": result.sha256, "size": result.size, "checked": checked}
+    return {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
 
 
 def _source_key(source: dict[str, Any]) -> str:
@@ -246,9 +274,24 @@ def _saved_verdict(data: dict[str, Any]) -> Preflight:
     return verdict
 
 
-def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[bytes, int | None]:
-    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said)."""
-    cancel = ctx.cancel or threading.Event()
+def _get_range(origin: Origin, start: int, end: int, retrier: RangeReader) -> tuple[bytes, int | None]:
+    """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said); a
+    transient failure or a stall (no byte for ``sources.stall_seconds``) is retried with the ranged
+    reader's back-off, its retries told to the reader's ``on_retry`` (``retrier``: a reader of
+    ``origin`` that is never opened, used for its retry policy)."""
+    failures = 0
+    while True:
+        try:
+            return _get_range_once(origin, start, end, retrier.stop)
+        except SourceUnavailable as exc:
+            if exc.status == 416 or not exc.transient:
+                raise
+            failures = retrier.failed(exc, failures, start)
+
+
+def _get_range_once(
+    origin: Origin, start: int, end: int, cancel: threading.Event
+) -> tuple[bytes, int | None]:
     response = origin.get(start, end, cancel=cancel)
     with response:
         partial = parse_content_range(response.status, response.headers.get("Content-Range"))
@@ -262,6 +305,10 @@ def _get_range(origin: Origin, start: int, end: int, ctx: StepContext) -> tuple[
             if start:
                 return b"", response.content_length
             return bytes(body[:want]), response.content_length
+        if len(body) < min(want, partial[1] - partial[0] + 1):
+            raise TransferInterrupted(
+                f"{origin.where}: the range at {start} ended after {len(body)} bytes", received=len(body)
+            )
         return bytes(body[:want]), partial[2]
 
 
@@ -278,22 +325,23 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
         return None
     settings = ReaderSettings.from_sources(ctx.config.sources)
     origin = origin_for(source, _policy(ctx), ctx.config.sources.s3, settings=settings)
+    retrier = RangeReader(origin, settings, cancel=ctx.cancel, on_retry=retry_reporter(ctx))
     try:
-        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, ctx)
+        head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, retrier)
     except SourceUnavailable as exc:
         if exc.status == 416:  # an empty object has no first byte: the download and inspection say so
             return None
         raise
     tail: bytes | None = None
     if size is not None and size > len(head):
-        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, ctx)
+        tail, _ = _get_range(origin, max(0, size - PREFLIGHT_TAIL), size - 1, retrier)
         tail = tail or None
     elif size is None:
         size = None if len(head) >= PREFLIGHT_HEAD else len(head)
     verdict = preflight(head, tail, claim, config=ctx.config, size=size)
     if verdict.compression is not None and verdict.safe:
         # a compressed head decides only the compression: the decompressed head decides the rest
-        verdict = _compressed_preflight(ctx, origin, source, claim, verdict, head, size)
+        verdict = _compressed_preflight(ctx, retrier, source, claim, verdict, head, size)
     cap = ctx.config.limits.max_decompressed_size
     if size is not None and size > cap:
         verdict.findings.extend(too_large(str(parse_source(source)), cap, size).findings)
@@ -303,7 +351,7 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
 
 def _compressed_preflight(
     ctx: StepContext,
-    origin: Origin,
+    retrier: RangeReader,
     source: dict[str, Any],
     claim: str,
     outer: Preflight,
@@ -333,7 +381,7 @@ def _compressed_preflight(
     decoded, ended = decode([head], size is not None and read >= size)
     limit = PREFLIGHT_COMPRESSED if size is None else min(size, PREFLIGHT_COMPRESSED)
     if not ended and len(decoded) < PREFLIGHT_HEAD and len(head) >= PREFLIGHT_HEAD and read < limit:
-        more, _ = _get_range(origin, read, limit - 1, ctx)
+        more, _ = _get_range(retrier.origin, read, limit - 1, retrier)
         read += len(more)
         decoded, ended = decode([head, more], size is not None and read >= size)
     if ended and not decoded:

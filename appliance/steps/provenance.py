@@ -58,6 +58,10 @@ READ_BEFORE_UPLOAD = (
     "one read of the converted disk before the upload: S3 takes the object's metadata (which carries "
     "the sha256) when the upload starts"
 )
+READ_AFTER_STREAM = (
+    "one read of the image file after the streaming decoder wrote it: the grains are written at their "
+    "offsets and zero ranges are left as holes, so the file is hashed once it is complete"
+)
 READ_AFTER_WRITE = (
     "one read of the volume after it was written: RAW parts and decoded grains are written at their "
     "offsets (zeros skipped, qemu-img writes the VMDK/VHD path), and hooks at after_convert/before_write "
@@ -259,10 +263,12 @@ def _from_include(result: Mapping[str, Any]) -> dict[str, Any]:
     """A ``disks`` item from the registered result of an ``import-disk`` include (or of an
     ``import-ova-disk`` one, whose source is the OVA member its ``member`` step names)."""
     opened = result.get("opened") if isinstance(result.get("opened"), Mapping) else {}
+    # a disk streamed into the image target (image.stream) has its source digest and output there
+    streamed = result.get("streamed") if isinstance(result.get("streamed"), Mapping) else {}
     return {
-        "source": result.get("fetched") or result.get("member"),
+        "source": result.get("fetched") or (streamed or {}).get("source") or result.get("member"),
         "ova": (opened or {}).get("ova"),
-        "output": result.get("stored"),
+        "output": result.get("stored") or (streamed or {}).get("stored"),
     }
 
 
@@ -344,7 +350,9 @@ class ProvenanceRecordStep(Step):
             k: location.get(k) for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "format")
         }
         entry = {k: v for k, v in entry.items() if v is not None}
-        entry["digest_method"] = READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
+        entry["digest_method"] = location.get("digest_method") or (
+            READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
+        )
         return entry
 
     def plan(

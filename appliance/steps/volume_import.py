@@ -29,7 +29,7 @@ from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vmdkstream import FORMAT as VMDK_STREAM
-from ..progress import Progress, StageMeter
+from ..progress import StageMeter
 from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest
 from ..sources.http import HttpClient, SourceUnavailable
@@ -43,7 +43,8 @@ from ..targets.base import Volume, insufficient_storage, storage_error
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume
-from .retries import retry_events
+from .meters import convert_meter, scaled
+from .retries import retry_reporter
 from .volume import GiB, InsufficientVolumeSize
 
 #: beside an upload assembled in scratch: the token its checkpoints name (another scratch has another)
@@ -149,7 +150,7 @@ class VolumeImportStep(Step):
                 self._save(ctx, part, done)
                 meter.wrote(done)
 
-            with meter, retry_events(ctx):
+            with meter:
                 _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
             findings = check.verdict()
             if findings:
@@ -251,7 +252,7 @@ class VolumeImportStep(Step):
                     stream.feed(chunk[max(0, first_input - offset) :])
                     meter.read(offset + len(chunk))
 
-                with meter, retry_events(ctx):
+                with meter:
                     _download(
                         ctx, m, write, start_index=start_index, on_part=lambda p, d: report(), digest=digest
                     )
@@ -309,24 +310,32 @@ class VolumeImportStep(Step):
             create=True,
             error=lambda exc: no_space_error(upload.parent, doing) if is_no_space(exc) else None,
         ) as out:
+            # the assembly is the first half of the task; its bytes go to scratch, not to the volume
+            meter = StageMeter(
+                "downloading",
+                m.size,
+                scaled(ctx.progress, (0.0, 50.0), converted=False),
+                read=state["done"],
+                written=state["done"],
+            )
+
+            def write(offset: int, chunk: bytes) -> None:
+                meter.read(offset + len(chunk))
+                out.write(offset, chunk)
+                meter.wrote(offset + len(chunk))
 
             def on_part(part: Part, done: int) -> None:
                 self._save(ctx, part, done, {"upload": token})
-                ctx.progress(
-                    {
-                        "phase": "downloading",
-                        "done": done,
-                        "total": m.size,
-                        "percent": 50.0 * done / m.size,
-                    }
-                )
+                meter.wrote(done)
 
             # a resumed assembly: the verified parts already in the file are hashed from there
             digest = StreamDigest()
             for offset in range(0, state["done"], 1 << 20):
                 digest.update(out.read(offset, min(1 << 20, state["done"] - offset)))
-            _download(ctx, m, out.write, start_index=state["next"], on_part=on_part, digest=digest)
-            out.flush()
+            with meter:
+                _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
+                out.flush()
+            meter.flushed()
         ctx.progress({"phase": "validating", "done": 0})
         source = require_safe(
             inspect_image(
@@ -339,32 +348,24 @@ class VolumeImportStep(Step):
                 f"{vol.size}; import it into a volume of at least {-(-source.virtual_size // GiB)} GiB"
             )
 
-        def on_convert(p: Progress) -> None:
-            ctx.progress(
-                {
-                    "phase": "converting",
-                    "done": p.done,
-                    "total": p.total,
-                    "percent": 50.0 + (p.percent or 0.0) / 2,
-                    "converted": p.done,
-                    "rate": p.rate,
-                    "eta": p.eta,
-                }
+        # the second half: bytes read from the assembly and written to the volume, rate and ETA;
+        # 100 % only once the volume is flushed
+        convert, on_convert = convert_meter(ctx.progress, upload.stat().st_size, scale=(50.0, 50.0))
+        with convert:
+            result = convert_image(
+                upload,
+                vol.path,
+                "raw",
+                format.lower(),
+                config=ctx.config,
+                workdir=ctx.workdir,
+                on_progress=on_convert,
+                cancel=ctx.cancel,
+                ledger=ctx,
+                # qemu-img writes onto the volume's storage, not into scratch
+                no_space=lambda _where, doing: insufficient_storage(f"volume {vol.id} ({vol.path})", doing),
             )
-
-        result = convert_image(
-            upload,
-            vol.path,
-            "raw",
-            format.lower(),
-            config=ctx.config,
-            workdir=ctx.workdir,
-            on_progress=on_convert,
-            cancel=ctx.cancel,
-            ledger=ctx,
-            # qemu-img writes onto the volume's storage, not into scratch
-            no_space=lambda _where, doing: insufficient_storage(f"volume {vol.id} ({vol.path})", doing),
-        )
+        convert.flushed()  # convert_image flushed the volume before it returned
         if not result.block_device:
             # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.
             os.chmod(vol.path, 0o600)
@@ -443,6 +444,7 @@ def _download(
         on_part=on_part,
         cancel=ctx.cancel,
         on_checked=lambda part, md5: digest.part_md5(part.index, md5),
+        on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
     )
 
 

@@ -297,6 +297,53 @@ class FileImageTarget(_DirectoryTarget):
             "encryption": None,
         }
 
+    def store_streamed(
+        self,
+        task_id: str,
+        write: Callable[[Path], None],
+        *,
+        format: str,
+        ledger: Ledger | None = None,
+        encryption: Encryption | None = None,
+        fence: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Store an image written in place, without a copy in scratch: ``write(path)`` fills the new
+        partial file ``path`` (mode 0600, empty, so it reads as zeros: holes stay holes) and checks it;
+        then the file is fsynced, hashed, ``fence`` is called and it is published as :meth:`store`
+        publishes. Any failure of ``write`` (or a cancel) removes the partial: nothing is stored.
+        Returns what :meth:`store` returns. ``EncryptionNotSupported`` as :meth:`store`, before
+        anything is written."""
+        if not _TASK_ID.match(task_id):
+            raise UsageError(f"not a valid task id for a file name: {task_id!r}")
+        if encryption is not None:
+            raise EncryptionNotSupported(
+                f"the file image target (targets.image.type: file, {self.directory}) cannot store an "
+                f"image encrypted ({encryption.algorithm}); configure the s3 image target to import "
+                "encrypted images"
+            )
+        _make_dir(self.directory)
+        final = self.directory / f"{task_id}.{extension_for(format)}"
+        _check_floor(self.directory, self.min_free, "image")
+        try:
+            with partial_file(final, ledger) as tmp:
+                write(tmp)
+                fsync_path(tmp, f"image file {final}")
+                sha256, size = hash_file(tmp)
+                if fence is not None:
+                    fence()
+                publish(tmp, final, 0o600)
+                fsync_dir(self.directory)
+        except OSError as exc:
+            raise storage_error(exc, f"image file {final}") from exc
+        return {
+            "type": "file",
+            "path": str(final),
+            "format": format.lower(),
+            "size": size,
+            "sha256": sha256,
+            "encryption": None,
+        }
+
     @staticmethod
     def _copy(
         src_fd: int,

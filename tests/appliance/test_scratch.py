@@ -258,3 +258,26 @@ def test_usage_counts_a_file_with_two_links_once(tmp_path: Path) -> None:
     (t.path / "isolated").mkdir()
     os.link(t.path / "source.img", t.path / "isolated" / "image")
     assert 4 * MiB <= t.usage() < 5 * MiB
+
+
+def test_the_peak_is_the_most_reserved_at_once_by_all_tasks_and_outlives_their_directories(
+    tmp_path: Path,
+) -> None:
+    space = ScratchSpace(tmp_path / "scratch", quota=1 << 30)
+    assert space.peak() == 0
+    a, b = space.for_task("task-a"), space.for_task("task-b")
+    ra = a.reserve(100, "download")
+    rb = b.reserve(50, "convert")
+    a.resize(ra, 300)  # 350 at once
+    a.resize(ra, 10)  # shrinking leaves the mark
+    b.release(rb)
+    allowance = Allowance(b, "decompress", step=64)
+    allowance.cover(200)  # 10 + 256: less than the mark
+    allowance.release()
+    a.cleanup()
+    b.cleanup()
+    assert space.peak() == 350
+    space.reset_peak()
+    assert space.peak() == 0
+    space.for_task("task-c").reserve(7, "x")
+    assert space.peak() == 7

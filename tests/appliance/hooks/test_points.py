@@ -120,7 +120,7 @@ def test_a_local_run_hook_runs_on_the_appliance_with_the_image_path_in_its_comma
     cfg = make_cfg(tmp_path, server, {"after_convert": [hook]})
     engine, task = run_task(cfg, "import-disk", {"disk": {"url": url, "format": "qcow2"}})
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
-    assert steps(engine, task)["9/hook/1"].args["command"][2] == task.result["converted"]["dst"]
+    assert steps(engine, task)["10/hook/1"].args["command"][2] == task.result["converted"]["dst"]
     assert same_content(src, "qcow2", copy)
 
 
@@ -132,7 +132,7 @@ def test_decompress_hook_after_fetch_hands_the_decompressed_disk_to_inspection(
     engine, task = run_task(cfg, "import-disk", {"disk": {"url": url, "format": "qcow2"}})
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
     records = steps(engine, task)
-    hook = records["2/hook/1"]
+    hook = records["3/hook/1"]
     assert (hook.action, hook.state) == ("hook.decompress", StepState.COMPLETED)
     assert hook.result["compression"] == "gzip"
     decompressed = hook.result["image"]["path"]
@@ -157,7 +157,7 @@ def test_without_hooks_the_import_is_unchanged_and_points_pass_the_image_through
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
     records = steps(engine, task)
     assert not [idx for idx in records if "/hook/" in idx]
-    assert [records[i].action for i in ("2", "6", "9", "10")] == [
+    assert [records[i].action for i in ("3", "7", "10", "11")] == [
         "hooks:after_fetch",
         "hooks:after_inspect",
         "hooks:after_convert",
@@ -200,7 +200,7 @@ def test_plugin_hook_after_convert_changes_the_stored_image(
     # facts a hook adds travel on: the policy at before_write saw the stamped image
     assert task.result["final_image"]["image"]["stamped"] == text
     assert task.result["final_image"]["hooks"] == ["policy"]
-    assert steps(engine, task)["10/hook/1"].result["passed"] == ["allow_formats", "max_virtual_size"]
+    assert steps(engine, task)["11/hook/1"].result["passed"] == ["allow_formats", "max_virtual_size"]
 
 
 def test_failing_hook_fails_the_task_with_its_code_and_undoes_earlier_steps(
@@ -229,16 +229,16 @@ def test_failing_hook_fails_the_task_with_its_code_and_undoes_earlier_steps(
     assert (task.state, task.error_code) == (TaskState.FAILED, "Scan.VirusFound")
     assert "virus-scan" in task.error_message and "EICAR test signature found" in task.error_message
     records = steps(engine, task)
-    assert records["9/hook/2"].state is StepState.FAILED
-    assert records["9"].state is StepState.FAILED  # the point itself
-    assert records["9/hook/1"].state is StepState.UNDONE
-    assert records["8"].state is StepState.UNDONE  # convert
-    assert records["1"].state is StepState.UNDONE  # fetch
-    assert "11" not in records  # nothing was stored
+    assert records["10/hook/2"].state is StepState.FAILED
+    assert records["10"].state is StepState.FAILED  # the point itself
+    assert records["10/hook/1"].state is StepState.UNDONE
+    assert records["9"].state is StepState.UNDONE  # convert
+    assert records["2"].state is StepState.UNDONE  # fetch
+    assert "12" not in records  # nothing was stored
     entries = ledger(engine, task)
-    fetched = records["1"].result["path"]
-    raw = records["8"].result["dst"]
-    marker = records["9/hook/1"].result["marker"]
+    fetched = records["2"].result["path"]
+    raw = records["9"].result["dst"]
+    marker = records["10/hook/1"].result["marker"]
     for resource in (fetched, raw, marker):
         assert ("created", resource) in entries and ("removed", resource) in entries
     assert (
@@ -287,14 +287,14 @@ def test_dry_run_plan_lists_the_configured_hooks_of_every_point(tmp_path: Path) 
     by_idx = {s["idx"]: s for s in plan["steps"]}
     hooks = {i: (s["name"], s["action"]) for i, s in by_idx.items() if "/hook/" in i}
     assert hooks == {
-        "1/include/2/hook/1": ("decompress", "hook.decompress"),
-        "1/include/6/hook/1": ("formats", "hook.policy"),
-        "1/include/10/hook/1": ("util.echo", "util.echo"),
+        "1/include/3/hook/1": ("decompress", "hook.decompress"),
+        "1/include/7/hook/1": ("formats", "hook.policy"),
+        "1/include/11/hook/1": ("util.echo", "util.echo"),
     }
-    assert by_idx["1/include/6"]["hooks"] == "after_inspect"
-    assert by_idx["1/include/6"]["plan"] == {"runs": ["formats"]}
-    assert by_idx["1/include/9"]["plan"] == {"runs": []}  # after_convert: nothing configured
-    assert by_idx["1/include/6/hook/1"]["args"]["allow_formats"] == ["raw", "qcow2"]
+    assert by_idx["1/include/7"]["hooks"] == "after_inspect"
+    assert by_idx["1/include/7"]["plan"] == {"runs": ["formats"]}
+    assert by_idx["1/include/10"]["plan"] == {"runs": []}  # after_convert: nothing configured
+    assert by_idx["1/include/7/hook/1"]["args"]["allow_formats"] == ["raw", "qcow2"]
     assert not (tmp_path / "state" / "imaging.db").exists()
 
 

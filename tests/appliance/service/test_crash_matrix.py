@@ -221,6 +221,17 @@ NOT_INTERRUPTIBLE = {
     "loop of include:import-ova-disk": (
         "an OVA's data disks: no variant here imports an OVA (see ova.open), so the loop has no item"
     ),
+    "source.route": (
+        "two ranged GETs of the source's first and last bytes (the preflight, not held here, as it was not "
+        "when source.fetch ran it) and a decision in memory; it writes nothing, so a kill there falls "
+        "between the store's record of its start and of its end, which a resume runs again from the start"
+    ),
+    "image.stream": (
+        "skipped (its `when` is false) in every task here: the run hooks configured at every point route "
+        "each disk through scratch, so a skipped step does nothing to interrupt; the streamed path's "
+        "partial image is removed on any failure (tests/appliance/steps/test_image_stream.py), not "
+        "interrupted here"
+    ),
     "util.fail": (
         "import-volume's check-volume-in-place is skipped (its `when` is false) unless a hook replaced the "
         "volume, which fails the task on purpose: a skipped step does nothing to interrupt"

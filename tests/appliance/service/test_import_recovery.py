@@ -225,7 +225,7 @@ def test_snapshot_import_suspended_by_sigterm_mid_download_completes_after_a_res
     assert suspended.state is TaskState.RUNNING and suspended.owner is None  # released for a resume
     events = app.store.events(task_id=task.id, limit=100_000)
     assert [e.data for e in events if e.kind == "step.stopping"] == [
-        {"step": "1/include/1", "name": "fetch", "reason": "suspend"}
+        {"step": "1/include/2", "name": "fetch", "reason": "suspend"}
     ]
     assert "step.abandoned" not in [e.kind for e in events]
     assert app.reserved(task.id) == 0  # the interrupted download's reservation was given back

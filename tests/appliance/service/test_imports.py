@@ -375,21 +375,29 @@ def test_bad_s3_names_are_refused_at_submit_and_by_the_worker_without_library_te
     assert "Parameter validation failed" not in done.error_message
 
 
+def vhdx_of(raw: Path) -> Path:
+    out = raw.with_suffix(".vhdx")
+    imgs.qemu_img("convert", "-f", "raw", "-O", "vhdx", raw, out)
+    return out
+
+
 def test_a_download_larger_than_the_scratch_quota_fails_with_insufficient_scratch(
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "4MiB", "min_free": 0}}
     cfg = stores.config(data, base_dir=tmp_path)
-    disk = random_file(tmp_path / "disk.raw", 6 * MiB)
-    moto.client("s3").upload_file(str(disk), bucket, "big.raw")
+    # a random-access format: downloaded into scratch (a RAW disk would stream without scratch)
+    disk = vhdx_of(random_file(tmp_path / "disk.raw", 6 * MiB))
+    moto.client("s3").upload_file(str(disk), bucket, "big.vhdx")
     service = ImportService(cfg)
     try:
-        task = service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="big.raw"))
+        task = service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="big.vhdx"))
         done = run(cfg, task)
     finally:
         service.store.close()
     assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
-    assert f"downloading s3://{bucket}/big.raw needs 6.0 MiB of scratch" in done.error_message
+    needs = f"{disk.stat().st_size / MiB:.1f} MiB"
+    assert f"downloading s3://{bucket}/big.vhdx needs {needs} of scratch" in done.error_message
     assert "only 4.0 MiB of the 4.0 MiB quota is free" in done.error_message
     assert not (cfg.scratch.root / task.id).exists()
 
@@ -399,15 +407,15 @@ def test_a_scratch_disk_below_its_floor_refuses_a_download_naming_its_size(
 ) -> None:
     data = cfg_data(tmp_path, moto) | {"scratch": {"quota": "1GiB", "min_free": "1PiB"}}
     cfg = stores.config(data, base_dir=tmp_path)
-    disk = random_file(tmp_path / "disk.raw", 3 * MiB)
-    moto.client("s3").upload_file(str(disk), bucket, "disk.raw")
+    disk = vhdx_of(random_file(tmp_path / "disk.raw", 3 * MiB))  # random access: through scratch
+    moto.client("s3").upload_file(str(disk), bucket, "disk.vhdx")
     service = ImportService(cfg)
     try:
-        done = run(cfg, service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw")))
+        done = run(cfg, service.import_snapshot(DiskContainer(format="VHDX", bucket=bucket, key="disk.vhdx")))
     finally:
         service.store.close()
     assert (done.state, done.error_code) == (TaskState.FAILED, "InsufficientScratch"), done.error_message
-    assert "needs 3.0 MiB of scratch but the filesystem" in done.error_message
+    assert f"needs {disk.stat().st_size / MiB:.1f} MiB of scratch but the filesystem" in done.error_message
     assert "needs 0 B" not in done.error_message
 
 

@@ -9,6 +9,7 @@ serves), qemu-img for the images, the in-process engine.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from appliance.service.imports import DiskContainer, ImportService
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
+from tests import processes
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
 
@@ -133,12 +135,14 @@ def test_the_dry_run_plan_shows_the_preflight_verdict_and_the_scratch_the_downlo
         bad = engine.plan("import-disk", {"disk": {"format": "VMDK", "bucket": bucket, "key": "disk.img"}})
     finally:
         engine.store.close()
-    [fetch] = [s for s in good["steps"] if s.get("name") == "fetch"]
-    assert fetch["scratch_bytes"] == image.stat().st_size
-    verdict = fetch["plan"]["preflight"]
+    # the route step runs the preflight (source.fetch takes its verdict): it shows the verdict and, for a
+    # disk that does not stream, the scratch the download needs
+    [route] = [s for s in good["steps"] if s.get("name") == "route"]
+    assert route["scratch_bytes"] == image.stat().st_size and route["plan"]["streams"] is False
+    verdict = route["plan"]["preflight"]
     assert verdict["format"] == "vhdx" and verdict["safe"] is True
-    [fetch] = [s for s in bad["steps"] if s.get("name") == "fetch"]
-    verdict = fetch["plan"]["preflight"]
+    [route] = [s for s in bad["steps"] if s.get("name") == "route"]
+    verdict = route["plan"]["preflight"]
     assert verdict["safe"] is False
     assert [f["code"] for f in verdict["findings"]] == ["FormatMismatch"]
     assert proxy.served <= 2 * (2 * MiB + 1536)  # two preflights, no download
@@ -177,7 +181,7 @@ def test_a_compressed_qcow2_with_a_backing_file_is_refused_by_the_preflight_of_i
     done, steps = run_import_disk(cfg, {"format": "QCOW2", "bucket": bucket, "key": "disk.img"})
     # the code the full inspection of the decompressed file gives, from the fetch step's preflight
     assert (done.state, done.error_code) == (TaskState.FAILED, "UnsafeImage.BackingFile"), done.error_message
-    assert steps == ["fetch"]
+    assert steps == ["route"]  # the route step's preflight, before any download
     # the compressed head (2 MiB), at most one more ranged GET (to 8 MiB), and the tail: not the object
     assert proxy.served <= 8 * MiB + 1536 < image.stat().st_size
     assert not (cfg.scratch.root / done.id).exists()
@@ -191,7 +195,7 @@ def test_a_compressed_qcow2_over_the_virtual_size_limit_is_refused_before_the_do
     url = presigned_url(moto, proxy, bucket, "huge.img")
     done, steps = run_import_disk(cfg, {"format": "QCOW2", "url": url})
     assert (done.state, done.error_code) == (TaskState.FAILED, "SizeLimitExceeded"), done.error_message
-    assert steps == ["fetch"]  # refused by the preflight, not by the inspection of a download
+    assert steps == ["route"]  # refused by the preflight, not by the inspection of a download
 
 
 def test_a_compressed_raw_disk_is_preflighted_then_downloaded_and_imported(
@@ -205,9 +209,67 @@ def test_a_compressed_raw_disk_is_preflighted_then_downloaded_and_imported(
         plan = engine.plan("import-disk", {"disk": {"format": "RAW", "bucket": bucket, "key": "disk.raw.gz"}})
     finally:
         engine.store.close()
-    [fetch] = [s for s in plan["steps"] if s.get("name") == "fetch"]
-    verdict = fetch["plan"]["preflight"]
+    [route] = [s for s in plan["steps"] if s.get("name") == "route"]
+    verdict = route["plan"]["preflight"]
     assert (verdict["format"], verdict["compression"], verdict["safe"]) == ("raw", "gzip", True)
+    assert (route["plan"]["streams"], route["plan"]["decoder"], route["scratch_bytes"]) == (True, "gzip", 0)
     assert verdict["details"]["decompressed_head_bytes"] > 0
     done, _ = run_import_disk(cfg, {"format": "RAW", "bucket": bucket, "key": "disk.raw.gz"})
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+
+
+# -- a preflight GET that stalls is retried ---------------------------------------------------------
+
+
+def test_a_stalled_first_preflight_get_is_retried_shows_as_an_event_and_the_import_completes(
+    tmp_path: Path, moto: MotoServer, proxy: StallingProxy, bucket: str
+) -> None:
+    cfg = config_mod.from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "sources": {
+                "allowed_endpoints": [proxy.endpoint],
+                # the stall watchdog: no byte for 1 s abandons the attempt, which is retried
+                "stall_seconds": 1,
+                "retries": 50,
+                "s3": {
+                    "endpoint_url": proxy.endpoint,
+                    "region": REGION,
+                    "access_key": "testing",
+                    "secret_key": "testing",
+                },
+            },
+        },
+        base_dir=tmp_path,
+    )
+    image = vhdx_of_random_data(tmp_path, mib=4)
+    moto.client("s3").upload_file(str(image), bucket, "held.vhdx")
+    proxy.arm("held.vhdx", after=1000)  # the preflight's first GET (bytes 0-2 MiB) stops after 1000 bytes
+    engine = Engine(cfg, poll_interval=0.1)
+    disk = {"format": "VHDX", "bucket": bucket, "key": "held.vhdx"}
+    task_id = engine.submit("import-disk", {"disk": disk, "bootable": False})
+    runner = threading.Thread(target=engine.run, args=(task_id,), daemon=True)
+    runner.start()
+    try:
+
+        def retried() -> bool:
+            events = engine.store.events(task_id=task_id, limit=10_000)
+            return any(e.kind == "source.retry" and e.data.get("stalled") for e in events)
+
+        processes.wait_until(retried, timeout=120, interval=0.2, what="the stalled preflight GET's retry")
+        assert proxy.stalled_on("held.vhdx") >= 1
+        running = engine.store.get_task(task_id)
+        assert running.state is TaskState.RUNNING
+        proxy.release()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+        done = engine.store.get_task(task_id)
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        retry = next(
+            e for e in engine.store.events(task_id=task_id, limit=10_000) if e.kind == "source.retry"
+        )
+        assert "offset 0" in retry.data["message"] and "testing" not in retry.data["message"]
+    finally:
+        proxy.release()
+        runner.join(timeout=30)
+        engine.store.close()

@@ -1,0 +1,373 @@
+"""ImportImage/ImportSnapshot without scratch: ``source.route`` and ``image.stream`` (glue).
+
+``source.route`` runs the header-only preflight of the source (:func:`.imports.source_preflight`: the
+claim against the first bytes, the VMDK create type, a differencing VHD, the size limits) and decides
+how the disk travels. A sequential format — RAW, a gzip/xz/zstd/bzip2-compressed RAW disk, a
+stream-optimized VMDK, a fixed VHD — *streams* (``streams`` true) when nothing needs the disk as a
+file in scratch: the image target is a file directory and no operator hook is configured at the
+import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a file in scratch).
+Everything else (random-access formats, OVA, bundles, hooks, the S3 image target) takes the scratch
+path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
+
+``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
+retried, the stall watchdog), feeds it through the confined sequential decoder
+(:class:`~appliance.image.streamed.StreamDecode`) and writes the RAW disk straight into the image
+target's new partial file (sparse: zero ranges are holes). The written disk is then inspected as a
+conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
+``guest.validate`` does, and only then is it published; any failure removes the partial — a hostile
+stream leaves no image. No scratch is reserved on this path.
+
+:func:`stream_source` is the reusable per-disk part (one source object → one sink) with an
+``observer`` that sees every verified source byte in order (a digest of the source without a second
+read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageRejected, ImagingError, UsageError
+from ..image.decoding import Sink
+from ..image.inspect import Preflight, inspect_image, require_safe
+from ..image.rawstream import RAW
+from ..image.streamed import StreamDecode, StreamResult
+from ..image.vhdfixed import FORMAT as VHD_FIXED
+from ..image.vmdkstream import FORMAT as VMDK_STREAM
+from ..progress import StageMeter
+from ..sources.http import SourceIntegrity
+from ..sources.ranges import ReaderSettings
+from ..sources.reader import open_reader
+from ..sources.urlfilter import UrlPolicy
+from ..targets import get_image_target
+from ..targets.base import storage_error
+from ..targets.encryption import requested
+from ..targets.file import FileImageTarget
+from ..targets.rawio import RawWriter
+from ..workflow.step import Step, StepContext
+from .bundles import bundle_manifest_url
+from .guest import ValidateStep
+from .imports import _NAME, checked_source, source_digest, source_preflight
+from .provenance import READ_AFTER_STREAM, check_expected
+from .retries import retry_reporter
+
+#: the insertion points of import-disk that hand their hooks a file in scratch
+SCRATCH_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
+#: source bytes handed to the decoder at a time
+_PIECE = 1 << 20
+
+Observer = Callable[[bytes], None]
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+
+
+def sequential_decoder(verdict: Preflight | None) -> str | None:
+    """The sequential decoder (:data:`appliance.image.decoders.FORMATS`) for what the preflight found,
+    or None when the format needs random access (or the preflight decided nothing)."""
+    if verdict is None or not verdict.safe or verdict.format is None:
+        return None
+    if verdict.compression is not None:
+        # a compressed RAW disk decodes in one pass; a compressed VMDK/VHD/qcow2 does not
+        return verdict.compression if verdict.format == "raw" else None
+    if verdict.format == "raw":
+        return RAW
+    if (
+        verdict.format == "vmdk"
+        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
+    ):
+        return VMDK_STREAM
+    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
+        return VHD_FIXED
+    return None
+
+
+def route(ctx: StepContext, source: dict[str, Any], *, reject: bool = True) -> dict[str, Any]:
+    """``{streams, decoder, reason, preflight, scratch_bytes}`` for ``source`` (module docstring);
+    ``scratch_bytes``: what the scratch path's download needs (the object's size, None when not
+    known), 0 when the disk streams. Raises :class:`ImageRejected` for a source the preflight rejects
+    (before anything is downloaded) unless ``reject`` is false (a plan shows the verdict instead)."""
+    source = checked_source(ctx, source)
+    verdict = source_preflight(ctx, source)
+    if verdict is not None and not verdict.safe:
+        if reject:
+            raise ImageRejected(verdict.errors)
+        return {
+            "streams": False,
+            "decoder": None,
+            "reason": "the preflight rejects the source",
+            "preflight": verdict.to_dict(),
+            "scratch_bytes": 0,
+        }
+    decoder = sequential_decoder(verdict)
+    reason = "a sequential format: streamed from the source into the image target"
+    if bundle_manifest_url(source) is not None:
+        decoder, reason = None, "an image bundle: unbundled into scratch"
+    elif decoder is None:
+        reason = "not a sequential format: downloaded into scratch and converted by qemu-img"
+    elif not isinstance(get_image_target(ctx.config), FileImageTarget):
+        decoder, reason = None, "the image target is not a file directory: converted in scratch"
+    else:
+        hooked = [p for p in SCRATCH_POINTS if ctx.config.hooks.at(p)]
+        if hooked:
+            decoder = None
+            reason = f"hooks at {', '.join(hooked)} read the disk in scratch: converted in scratch"
+    size = verdict.details.get("object_size") if verdict is not None else None
+    return {
+        "streams": decoder is not None,
+        "decoder": decoder,
+        "reason": reason,
+        "preflight": verdict.to_dict() if verdict is not None else None,
+        "scratch_bytes": 0 if decoder is not None else size,
+    }
+
+
+def stream_source(
+    ctx: StepContext,
+    source: dict[str, Any],
+    decoder: str,
+    sink: Sink,
+    *,
+    capacity: int,
+    meter: StageMeter | None = None,
+    observer: Observer | None = None,
+    on_md5_checked: Callable[[str], None] | None = None,
+) -> StreamResult:
+    """Read ``source`` once with the ranged reader and decode it with ``decoder`` into ``sink`` (one
+    disk; no scratch). ``capacity``: the largest disk the sink takes (a record beyond it is
+    ``CorruptImage``). ``observer`` sees every source byte, verified and in order, before the decoder
+    does (e.g. a sha256 of the source). The object's MD5 is checked against a single-part ETag before
+    the decode is accepted (``on_md5_checked`` is told the MD5 when it was). Raises what the reader
+    and the decoder raise (coded)."""
+    limits = ctx.config.limits
+    policy = UrlPolicy.from_config(ctx.config.sources)
+    settings = dataclasses.replace(
+        ReaderSettings.from_sources(ctx.config.sources), max_size=limits.max_decompressed_size
+    )
+    reader = open_reader(
+        source,
+        policy,
+        ctx.config.sources.s3,
+        cancel=ctx.cancel,
+        settings=settings,
+        on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
+    )
+    md5 = hashlib.md5()
+    with reader:
+        size = reader.size
+        if meter is not None:
+            meter.set_total(size)
+
+        def on_virtual_size(virtual: int | None) -> None:
+            if meter is not None and virtual is not None:
+                meter.set_total(virtual)
+
+        def on_output(done: int) -> None:
+            if meter is not None:
+                meter.wrote(done)
+
+        with StreamDecode(
+            decoder,
+            sink,
+            capacity=capacity,
+            limits=limits,
+            max_virtual_size=limits.max_virtual_size,
+            max_decompressed_size=limits.max_decompressed_size,
+            input_size=size if decoder == VHD_FIXED else None,
+            on_virtual_size=on_virtual_size,
+            on_output=on_output,
+            cancel=ctx.cancel,
+        ) as stream:
+            done = 0
+            buf = bytearray(_PIECE)
+            while n := reader.readinto(buf):
+                chunk = bytes(buf[:n])
+                md5.update(chunk)
+                if observer is not None:
+                    observer(chunk)
+                stream.feed(chunk)
+                done += n
+                if meter is not None:
+                    meter.read(done)
+            if reader.md5_etag is not None and md5.hexdigest() != reader.md5_etag:
+                raise SourceIntegrity(
+                    f"{reader.origin.where}: the MD5 of the received bytes ({md5.hexdigest()}) does not "
+                    f"match the ETag ({reader.md5_etag}); the download was corrupted, try again"
+                )
+            if reader.md5_etag is not None and on_md5_checked is not None:
+                on_md5_checked(reader.md5_etag)
+            return stream.finish()
+
+
+class RouteStep(Step):
+    """``source.route``: whether a disk streams into the image target or goes through scratch."""
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source"],
+        "properties": {"source": {"type": "object"}},
+    }
+
+    def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        return route(ctx, source)
+
+    def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
+        # the same preflight as the run: its verdict, the route, and the scratch the route needs (the
+        # download, sized by the object, when the disk does not stream)
+        try:
+            return route(ctx, source, reject=False)
+        except ImagingError as exc:
+            return {
+                "streams": False,
+                "decoder": None,
+                "scratch_bytes": None,
+                "preflight": {"error": exc.code, "message": exc.message},
+            }
+
+
+class StreamStoreStep(Step):
+    """``image.stream``: decode a sequential source straight into the image target (module docstring).
+
+    Result: ``stored`` (what ``image.store`` returns), ``source_image`` (``format``, ``compression``,
+    ``virtual_size``, ``decoder``), ``guest`` (the guest report) and ``stream`` (input and data bytes).
+    """
+
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["source", "decoder"],
+        "properties": {
+            "source": {"type": "object"},
+            "decoder": {"type": "string"},
+            "preflight": {"type": ["object", "null"]},
+            "bootable": {"type": "boolean"},
+            "platform": _NULLABLE_STR,
+            "architecture": _NULLABLE_STR,
+            "virtualization_type": _NULLABLE_STR,
+            "kernel_id": _NULLABLE_STR,
+            "encrypted": {"type": "boolean"},
+            "kms_key_id": _NULLABLE_STR,
+            "boot_mode": _NULLABLE_STR,
+            "name": _NAME,
+        },
+    }
+
+    def run(
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        decoder: str,
+        preflight: dict[str, Any] | None = None,
+        bootable: bool = True,
+        encrypted: bool = False,
+        kms_key_id: str | None = None,
+        name: str | None = None,
+        **request: str | None,
+    ) -> dict[str, Any]:
+        source = checked_source(ctx, source)
+        target = get_image_target(ctx.config)
+        if not isinstance(target, FileImageTarget):
+            raise UsageError("image.stream writes into a file image target only")
+        encryption = requested(encrypted, kms_key_id)
+        facts: dict[str, Any] = {}
+        meter = StageMeter("writing", None, ctx.progress)
+        # the provenance record's source digests: the sha256 of every verified byte as it streamed
+        sha = hashlib.sha256()
+        md5_checked: list[str] = []
+
+        def write(path: Path) -> None:
+            where = f"image file {path}"
+            with RawWriter(path, zeroed=True, error=lambda exc: storage_error(exc, where)) as out, meter:
+                result = stream_source(
+                    ctx,
+                    source,
+                    decoder,
+                    out,
+                    capacity=ctx.config.limits.max_virtual_size,
+                    meter=meter,
+                    observer=sha.update,
+                    on_md5_checked=md5_checked.append,
+                )
+            facts["source"] = source_digest(
+                ctx,
+                source,
+                sha256=sha.hexdigest(),
+                size=result.input_bytes,
+                md5_checked=md5_checked[0] if md5_checked else None,
+            )
+            # a wrong source fails before the disk is published
+            check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"])
+            with open(path, "r+b") as f:
+                # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
+                f.truncate(result.virtual_size)
+            # the written disk is RAW output: inspected as a conversion's output is (nothing hidden inside)
+            inspected = require_safe(
+                inspect_image(path, "raw", config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+            )
+            facts["stream"] = {
+                "decoder": decoder,
+                "input_bytes": result.input_bytes,
+                "data_bytes": result.data_bytes,
+            }
+            facts["source_image"] = {
+                "format": (preflight or {}).get("format"),
+                "compression": (preflight or {}).get("compression"),
+                "virtual_size": result.virtual_size,
+                "decoder": decoder,
+                "output_format": inspected.format,
+            }
+            # the guest, read on the written disk before it is published (guest.validate's checks)
+            facts["guest"] = ValidateStep().run(
+                ctx,
+                str(path),
+                format="raw",
+                bootable=bootable,
+                platform=request.get("platform"),
+                architecture=request.get("architecture"),
+                virtualization_type=request.get("virtualization_type"),
+                kernel_id=request.get("kernel_id"),
+                boot_mode=request.get("boot_mode"),
+            )
+            meter.set_total(result.virtual_size)
+            meter.wrote(result.virtual_size)
+
+        location = target.store_streamed(
+            f"{ctx.task_id}-{name}" if name else ctx.task_id,  # a data disk of an image: its own name
+            write,
+            format="raw",
+            ledger=ctx,
+            encryption=encryption,
+            fence=ctx.fence,
+        )
+        meter.flushed()  # published and fsynced
+        # the file target hashed the published file after it was written (one read)
+        location["digest_method"] = READ_AFTER_STREAM
+        ctx.ledger_created(json.dumps(location, sort_keys=True))
+        return {"stored": location, **facts}
+
+    def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result and result.get("stored"):
+            get_image_target(ctx.config).delete(result["stored"])
+            ctx.ledger_removed(json.dumps(result["stored"], sort_keys=True))
+
+    def plan(
+        self,
+        ctx: StepContext,
+        source: dict[str, Any],
+        decoder: str,
+        preflight: dict[str, Any] | None = None,
+        bootable: bool = True,
+        encrypted: bool = False,
+        kms_key_id: str | None = None,
+        **request: str | None,
+    ) -> dict[str, Any]:
+        return {
+            "streams": source,
+            "decoder": decoder,
+            "target": ctx.config.targets["image"]["type"],
+            "scratch_bytes": 0,
+        }
