@@ -327,7 +327,8 @@ class ProvenanceRecordStep(Step):
             sources,
             outputs,
             timings={"started": started, "finished": format_time(utc_now()), "stages": stage_timings(ctx)},
-            dissect=ran_action(ctx, "guest.validate"),
+            # image.stream validates the guest of the disk it wrote
+            dissect=ran_action(ctx, "guest.validate") or ran_action(ctx, "image.stream"),
         )
 
     @staticmethod

@@ -93,11 +93,14 @@ def test_import_snapshot_records_the_source_and_output_sha256_on_the_admin_api(
     }
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == source["sha256"]
 
-    # the output: the stored RAW file's sha256, computed while it was copied into place
-    stored = Path(shown["task"]["result"]["disk"]["stored"]["path"])
+    # the output: a RAW source streams into the image target (no scratch copy), and the image file's
+    # sha256 is taken by one read once the decoder wrote it
+    disk = shown["task"]["result"]["disk"]
+    assert disk["route"]["streams"] is True and "fetched" not in disk
+    stored = Path(disk["streamed"]["stored"]["path"])
     output = record["outputs"][0]
     assert output["sha256"] == sha256sum(stored)
-    assert output["digest_method"] == "computed while writing"
+    assert output["digest_method"].startswith("one read of the image file after the streaming decoder")
     assert output["size"] == stored.stat().st_size
 
     # tools, the workflow file's digest, timings per stage
@@ -107,7 +110,7 @@ def test_import_snapshot_records_the_source_and_output_sha256_on_the_admin_api(
     assert record["workflow"]["workflow_sha256"] == sha256sum(shipped)
     assert record["workflow"]["hooks_sha256"] == hashlib.sha256(b"{}").hexdigest()
     stages = {s["name"] for s in record["timings"]["stages"]}
-    assert {"fetch", "convert", "store"} <= stages
+    assert {"route", "stream"} <= stages  # the streamed path: no fetch into scratch, no qemu-img convert
     assert all(s["seconds"] >= 0 for s in record["timings"]["stages"])
     assert record["timings"]["started"] and record["timings"]["finished"]
 
