@@ -19,7 +19,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState
 from appliance.service.copies import CopyService, copy_outcome
-from appliance.service.imports import Caller, DiskContainer, ImportService
+from appliance.service.imports import Caller, DiskContainer, ImportService, outcome
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import stores
@@ -164,7 +164,7 @@ def test_an_s3_image_copies_to_a_file_byte_identical(
     disk = make_disk(tmp_path / "disk.raw")
     done, imports = import_snapshot(cfg, moto, buckets[0], disk)
     try:
-        assert done.result["disk"]["stored"]["type"] == "s3"
+        assert outcome(done)["location"]["type"] == "s3"
         copies = CopyService(cfg, imports.store)
         target = tmp_path / "copies"
         task = copies.copy_image("snap-" + done.id[-17:], f"file://{target}")
@@ -252,7 +252,7 @@ def test_cancel_mid_copy_to_a_file_leaves_no_partial_file(
             copies = CopyService(cfg, imports.store)
             target = tmp_path / "copies"
             task = copies.copy_image("snap-" + done.id[-17:], f"file://{target}")
-            key = done.result["disk"]["stored"]["key"]
+            key = outcome(done)["location"]["key"]
             proxy.arm(key, 8 * MiB)
             out: list[Task] = []
             thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
@@ -272,7 +272,7 @@ def test_cancel_mid_copy_to_a_file_leaves_no_partial_file(
 def test_a_stored_image_that_changed_fails_with_source_digest_mismatch_and_leaves_nothing(
     on_file: dict[str, Any], moto: MotoServer, buckets: tuple[str, str, str], tmp_path: Path, to: str
 ) -> None:
-    stored = Path(on_file["task"].result["disk"]["stored"]["path"])
+    stored = Path(outcome(on_file["task"])["location"]["path"])
     with open(stored, "r+b") as f:
         f.seek(20 * MiB)
         f.write(b"tampered")
@@ -338,7 +338,7 @@ def test_a_source_replaced_during_a_server_side_copy_fails_and_leaves_nothing(
             thread.start()
             wait_until(lambda: proxy.stalled_on("partNumber=1") >= 1, what="the first part copy to be held")
             s3 = moto.client("s3")
-            stored = done.result["disk"]["stored"]
+            stored = outcome(done)["location"]
             # as large as before, so every part copy and the completion succeed: only the ETag tells
             s3.put_object(
                 Bucket=stored["bucket"], Key=stored["key"], Body=b"replaced" * (stored["size"] // 8)

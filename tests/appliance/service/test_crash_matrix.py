@@ -58,7 +58,7 @@ import yaml
 
 from appliance import config as config_mod
 from appliance import partials
-from appliance.service.imports import DiskContainer, DiskImage, ImportService
+from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
 from appliance.store import Store, Task, TaskState
 from appliance.workflow.loader import WorkflowLoader
 from appliance.workflow.model import StepSpec, Workflow
@@ -804,7 +804,7 @@ def result_path(task: Task) -> Path:
         return Path(task.result["volume"]["path"])
     if "imported" in task.result:
         return Path(task.result["imported"]["volume"]["path"])
-    return Path(task.result["disk"]["stored"]["path"])
+    return Path(outcome(task)["location"]["path"])
 
 
 def _upload(s3: Any, pending: PendingUpload, file: Path, fmt: str) -> None:

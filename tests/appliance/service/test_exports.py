@@ -21,7 +21,7 @@ from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound
 from appliance.image.ova import unpack_ova
 from appliance.service.exports import ExportService, object_key
-from appliance.service.imports import Caller, DiskContainer, ImportService
+from appliance.service.imports import Caller, DiskContainer, ImportService, outcome
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import guestfactory, stores
@@ -146,7 +146,7 @@ def test_an_imported_image_exports_to_s3_identical_to_the_original(
 def test_a_stored_image_that_changed_since_its_import_is_not_exported(
     imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str]
 ) -> None:
-    stored = Path(imported["task"].result["disk"]["stored"]["path"])
+    stored = Path(outcome(imported["task"])["location"]["path"])
     with open(stored, "r+b") as f:
         f.seek(1 * MiB)
         f.write(b"tampered")
@@ -206,7 +206,7 @@ def test_resolver_maps_issued_snapshot_ids_to_the_stored_image(imported: dict[st
     exports = ExportService(imported["cfg"], imported["store"])
     snap = exports.resolver.snapshot("snap-" + imported["task"].id[-17:])
     image = exports.resolver.image(imported["image_id"])
-    assert snap["location"] == image["location"] == imported["task"].result["disk"]["stored"]
+    assert snap["location"] == image["location"] == outcome(imported["task"])["location"]
 
 
 def test_cancel_mid_upload_leaves_no_object_and_no_incomplete_multipart_upload(
@@ -273,7 +273,7 @@ def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
             cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
         )
         assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
-        assert done.result["disk"]["stored"]["type"] == "s3"
+        assert outcome(done)["location"]["type"] == "s3"
         exports = ExportService(cfg, imports.store)
         task = exports.export_image("ami-" + done.id[-17:], disk_image_format="VMDK", bucket=buckets[1])
         exported = run(cfg, task)

@@ -26,7 +26,7 @@ import yaml
 
 from appliance import config as config_mod
 from appliance.image.inspect import PREFLIGHT_HEAD
-from appliance.service.imports import DiskContainer, DiskImage, ImportService
+from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
 from appliance.store import Store, Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes, stores
@@ -170,7 +170,7 @@ def same_disk(a: Path, fmt_a: str, b: Path, fmt_b: str) -> None:
 
 
 def stored_path(task: Task) -> Path:
-    return Path(task.result["disk"]["stored"]["path"])
+    return Path(outcome(task)["location"]["path"])
 
 
 def looks_partial(path: Path) -> bool:

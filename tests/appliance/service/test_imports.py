@@ -17,7 +17,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
-from appliance.service.imports import DiskContainer, DiskImage, ImportService
+from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
 from appliance.sources.urlfilter import UrlNotAllowed
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
@@ -307,7 +307,7 @@ def test_snapshot_from_a_user_bucket_is_stored_as_raw(
     assert again.id == task.id  # the client token makes the request idempotent
     done = run(cfg, task)
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
-    stored = Path(done.result["disk"]["stored"]["path"])
+    stored = Path(outcome(done)["location"]["path"])
     cmp = subprocess.run(
         ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(src), str(stored)],
         capture_output=True,
