@@ -42,7 +42,7 @@ from ..config import Config
 from ..errors import ImagingError, TaskNotFound
 from ..store import Store, Task, TaskState
 from ..targets.ec2_export import describe_boot_volume
-from .imports import CONVERSION_KINDS, IMPORT_IMAGE, IMPORT_SNAPSHOT, outcome
+from .imports import CONVERSION_KINDS, IMPORT_IMAGE, IMPORT_SNAPSHOT, image_disks, outcome
 
 #: the kind of the tasks that copy a stored image to another store (:mod:`appliance.service.copies`)
 COPY_IMAGE = "copy-image"
@@ -77,6 +77,13 @@ def _not_found(code: str, what: str, resource_id: str) -> ResourceNotFound:
     return ResourceNotFound(f"The {what} ID '{resource_id}' does not exist", f"{code}.NotFound")
 
 
+def _same_disk(a: Any, b: Any) -> bool:
+    """Whether two stored locations name the same stored disk (a file path, or a bucket and key)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return (a.get("path"), a.get("bucket"), a.get("key")) == (b.get("path"), b.get("bucket"), b.get("key"))
+
+
 def _match(kind: str, resource_id: str, code: str, what: str) -> str:
     m = _FORMS[kind].match(resource_id or "")
     if m is None:
@@ -103,9 +110,10 @@ class Resolver:
             return None
         return task
 
-    def copies(self, task: Task) -> list[dict[str, Any]]:
+    def copies(self, task: Task, of: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The locations the completed copies of the image stored by the import ``task`` wrote, oldest
-        first (copies belong to the image's account, as its import does)."""
+        first (copies belong to the image's account, as its import does). ``of``: only copies of that
+        stored location (one disk of a multi-disk image); None: of the task's boot disk."""
         found: list[tuple[str, dict[str, Any]]] = []
         for copy in self.store.list_tasks(
             TaskState.COMPLETED.value, kind=[COPY_IMAGE], limit=None, account=[task.client_account]
@@ -113,7 +121,10 @@ class Resolver:
             params = copy.params or {}
             result = copy.result if isinstance(copy.result, dict) else {}
             location = (result.get("copied") or {}).get("location")
-            if (params.get("source") or {}).get("task_id") == task.id and location:
+            source = params.get("source") or {}
+            if source.get("task_id") != task.id or not location:
+                continue
+            if _same_disk(source.get("location"), of if of is not None else outcome(task).get("location")):
                 found.append((str(copy.finished_at or ""), dict(location, copy_task_id=copy.id)))
         return [location for _, location in sorted(found, key=lambda pair: pair[0])]
 
@@ -131,6 +142,27 @@ class Resolver:
             "size": location.get("size") or found.get("size"),
             "firmware": firmware(task, found.get("guest")),
         }
+
+    def _data_disk(self, snapshot_id: str, sees: Collection[str] | None) -> dict[str, Any] | None:
+        """A data disk of a multi-disk ImportImage (its snapshot id is derived from the task id and the
+        disk's position, so it does not name its task: the completed image imports are searched)."""
+        for task in self.store.list_tasks(
+            TaskState.COMPLETED.value, kind=[IMPORT_IMAGE], limit=None, account=sees
+        ):
+            for disk in image_disks(task)[1:]:
+                location = disk.get("location")
+                if disk.get("snapshot_id") == snapshot_id and location:
+                    return {
+                        "type": "image",
+                        "id": snapshot_id,
+                        "task_id": task.id,
+                        "location": location,
+                        "locations": [location, *self.copies(task, of=location)],
+                        "size": location.get("size") or disk.get("size"),
+                        # a data disk boots nothing: no firmware to carry into an OVF
+                        "firmware": "bios",
+                    }
+        return None
 
     def image(self, image_id: str, sees: Collection[str] | None = None) -> dict[str, Any]:
         """The stored disk of ``ami-X`` (issued by the ImportImage ``import-ami-X``)."""
@@ -153,6 +185,9 @@ class Resolver:
             source = self._stored(task, snapshot_id) if task is not None else None
             if source is not None:
                 return source
+        source = self._data_disk(snapshot_id, sees)
+        if source is not None:
+            return source
         raise _not_found("InvalidSnapshot", "snapshot", snapshot_id)
 
     def volume(self, volume_id: str, sees: Collection[str] | None = None) -> dict[str, Any]:

@@ -19,10 +19,11 @@ import pytest
 from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState
 from appliance.service.copies import CopyService, copy_outcome
-from appliance.service.imports import Caller, DiskContainer, ImportService, outcome
+from appliance.service.imports import Caller, DiskContainer, ImportService, image_disks, outcome
+from appliance.service.resolver import Resolver
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
-from tests import stores
+from tests import guestfactory, stores
 from tests.processes import wait_until
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
@@ -351,3 +352,48 @@ def test_a_source_replaced_during_a_server_side_copy_fails_and_leaves_nothing(
             assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
         finally:
             imports.store.close()
+
+
+def test_a_data_disk_of_a_multi_disk_image_resolves_by_its_snapshot_id_and_copies_on_its_own(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
+) -> None:
+    cfg = stores.config(cfg_data(tmp_path, moto.endpoint), base_dir=tmp_path)
+    boot, data = guestfactory.linux_disk(tmp_path), make_disk(tmp_path / "data.raw")
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), buckets[0], "boot.raw")
+    s3.upload_file(str(data), buckets[0], "data.raw")
+    imports = ImportService(cfg)
+    try:
+        task = imports.import_image(
+            [
+                DiskContainer(format="RAW", bucket=buckets[0], key="boot.raw"),
+                DiskContainer(format="RAW", bucket=buckets[0], key="data.raw"),
+            ]
+        )
+        done = run(cfg, task)
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        disks = image_disks(done)
+        boot_snap, data_snap = "snap-" + done.id[-17:], disks[1]["snapshot_id"]
+        assert disks[0]["snapshot_id"] == boot_snap and data_snap != boot_snap
+
+        # the data disk's snapshot id (which does not name its task) resolves to the data disk
+        resolver = Resolver(cfg, imports.store)
+        found = resolver.snapshot(data_snap)
+        assert found["task_id"] == done.id and found["location"] == disks[1]["location"]
+        assert sha256_of(Path(found["location"]["path"]).read_bytes()) == sha256_of(data.read_bytes())
+        assert resolver.snapshot(boot_snap)["location"] == disks[0]["location"]
+
+        # a copy of the data disk is a copy of that disk, listed with it and not with the boot disk
+        copied = run(cfg, CopyService(cfg, imports.store).copy_image(data_snap, f"s3://{buckets[2]}/"))
+        assert copied.state is TaskState.COMPLETED, (copied.error_code, copied.error_message)
+        key = copy_outcome(copied)["location"]["key"]
+        body = s3.get_object(Bucket=buckets[2], Key=key)["Body"].read()
+        assert sha256_of(body) == sha256_of(data.read_bytes())
+        assert [loc.get("copy_task_id") for loc in resolver.snapshot(data_snap)["locations"]] == [
+            None,
+            copied.id,
+        ]
+        assert len(resolver.snapshot(boot_snap)["locations"]) == 1
+        assert len(resolver.image("ami-" + done.id[-17:])["locations"]) == 1
+    finally:
+        imports.store.close()
