@@ -276,7 +276,9 @@ def test_compressed_input_is_decompressed_into_scratch_as_inspect_does(
     assert res.returncode == 2 and "imaging: FormatMismatch:" in res.stderr
     # decompressed into the scratch of the state directory, and nothing of it is left behind
     scratch = tmp_path / "state" / "imaging" / "scratch"
-    assert scratch.is_dir() and not [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_size]
+    # (the root's accounting, its lock and its high-water mark of reserved bytes, is not a leftover)
+    left = [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_size and p.name != ".peak.json"]
+    assert scratch.is_dir() and not left and (scratch / ".peak.json").is_file()
 
 
 @contextmanager
