@@ -20,6 +20,7 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from typing import TypeVar
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
@@ -38,6 +39,8 @@ from .manifest import (
 from .ordered import LinkedEvent, ordered_fetch
 from .ranges import DEFAULT_PARALLEL, OnRetry, RetryNotice
 from .urlfilter import UrlNotAllowed, UrlPolicy
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -319,11 +322,69 @@ def _fetch_verified(
 ) -> tuple[list[bytes], str | None]:
     """The bytes of ``part`` once their length and MD5 check out, retrying with back-off, and the
     MD5 checked (None when the ETag is not one)."""
-    for attempt in range(1, attempts + 1):
+
+    def once() -> tuple[list[bytes], str | None]:
         chunks: list[bytes] = []
+        md5 = _download_part(client, part, _appender(chunks), cancel)
+        return chunks, md5
+
+    return _retrying(
+        once, client, part, part.start, attempts, cancel, on_retry, f"part {part.index} ({part.key})"
+    )
+
+
+def read_part_range(
+    client: HttpClient,
+    part: Part,
+    start: int,
+    end: int,
+    *,
+    retries: int | None = None,
+    cancel: threading.Event | None = None,
+    on_retry: OnRetry | None = None,
+) -> bytes:
+    """Bytes ``[start, end)`` of the upload (offsets in the whole upload, within ``part``) by one
+    ranged GET of the part (a server ignoring Range answers 200: the range is cut out), retried like a
+    part download (``retries``, default ``sources.retries``; back-off; ``on_retry`` told of each):
+    what a header-only preflight reads before anything is written."""
+    if not part.start <= start < end <= part.end + 1:
+        raise ValueError(f"[{start}, {end}) is not inside part {part.index}")
+    attempts = (retries if retries is not None else client.retries) + 1
+    where = f"part {part.index} ({part.key})"
+
+    def once() -> bytes:
+        response = client.get_stream(part.get_url, (start - part.start, end - part.start - 1), cancel=cancel)
+        with response:
+            if response.status not in (200, 206):
+                raise SourceUnavailable(f"{where} answered HTTP {response.status}", status=response.status)
+            skip = start - part.start if response.status == 200 else 0
+            body = response.read(skip + end - start)
+        piece = body[skip : skip + end - start]
+        if len(piece) != end - start:
+            raise TransferInterrupted(
+                f"{where} sent {len(piece)} of {end - start} bytes", received=len(piece)
+            )
+        return bytes(piece)
+
+    return _retrying(once, client, part, start, attempts, cancel, on_retry, where)
+
+
+def _retrying(
+    fn: Callable[[], _T],
+    client: HttpClient,
+    part: Part,
+    offset: int,
+    attempts: int,
+    cancel: threading.Event | None,
+    on_retry: OnRetry | None,
+    where: str,
+) -> _T:
+    """``fn()``, tried up to ``attempts`` times with the client's jittered exponential back-off while it
+    fails transiently (a broken or stalled transfer, a short read, a wrong MD5, a transient HTTP
+    status); ``on_retry`` is told of each retry as it happens."""
+    for attempt in range(1, attempts + 1):
         try:
-            md5 = _download_part(client, part, _appender(chunks), cancel)
-            return chunks, md5
+            return fn()
         except (TransferInterrupted, PartVerificationFailed) as exc:
             failure: ImagingError = exc
         except SourceUnavailable as exc:
@@ -334,7 +395,7 @@ def _fetch_verified(
         if on_retry is not None and attempt < attempts:
             notice = RetryNotice(
                 where=f"part {part.index}",
-                offset=part.start,
+                offset=offset,
                 message=failure.message,
                 attempt=attempt + 1,
                 attempts=attempts,
@@ -345,7 +406,7 @@ def _fetch_verified(
             except Exception:  # a notice that cannot be delivered must not break the download
                 log.exception("the retry callback failed")
         if attempt == attempts:
-            what = f"part {part.index} ({part.key}) failed after {attempts} attempts: {failure.message}"
+            what = f"{where} failed after {attempts} attempts: {failure.message}"
             if isinstance(failure, PartVerificationFailed):
                 raise PartVerificationFailed(what) from failure
             raise SourceUnavailable(what, status=getattr(failure, "status", None)) from failure

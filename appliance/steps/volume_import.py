@@ -32,9 +32,9 @@ from ..image.vmdkstream import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest
-from ..sources.http import HttpClient, SourceUnavailable
+from ..sources.http import HttpClient
 from ..sources.manifest import ImportManifest, Part
-from ..sources.parts import download_parts
+from ..sources.parts import download_parts, read_part_range
 from ..sources.staged import UploadArea
 from ..sources.upload import manifest_origin, read_parts, read_range
 from ..sources.urlfilter import UrlPolicy
@@ -449,27 +449,18 @@ def _download(
 
 
 def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:
-    """Bytes ``[start, end)`` of the upload, by ranged GETs of the parts holding them."""
+    """Bytes ``[start, end)`` of the upload, by ranged GETs of the parts holding them, each retried
+    with the download's back-off (a stalled or broken GET is a ``source.retry`` event)."""
     staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
     if staged is not None:
         return read_range(staged[0], staged[1], start, end, ctx.cancel)
     pieces: list[bytes] = []
     for part in m.parts:
         lo, hi = max(start, part.start), min(end, part.end + 1)
-        if lo >= hi:
-            continue
-        response = http.get_stream(part.get_url, (lo - part.start, hi - part.start - 1), cancel=ctx.cancel)
-        with response:
-            if response.status not in (200, 206):
-                raise SourceUnavailable(
-                    f"part {part.index} ({part.key}) answered HTTP {response.status}", status=response.status
-                )
-            skip = lo - part.start if response.status == 200 else 0  # a server ignoring Range
-            body = response.read(skip + hi - lo)
-        piece = body[skip : skip + hi - lo]
-        if len(piece) != hi - lo:
-            raise SourceUnavailable(f"part {part.index} ({part.key}) sent {len(piece)} of {hi - lo} bytes")
-        pieces.append(piece)
+        if lo < hi:
+            pieces.append(
+                read_part_range(http, part, lo, hi, cancel=ctx.cancel, on_retry=retry_reporter(ctx))
+            )
     return b"".join(pieces)
 
 

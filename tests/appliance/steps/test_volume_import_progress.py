@@ -8,6 +8,7 @@ task shows."""
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,79 @@ def test_a_held_download_shows_rate_zero_its_retries_and_no_100_percent(
         vol = done.result.get("volume") or done.result["imported"]["volume"]
         with open(vol["path"], "rb") as f:
             assert f.read(24 * MiB) == disk.read_bytes()
+    finally:
+        proxy.release()
+        runner.join(timeout=30)
+        engine.store.close()
+        store.close()
+
+
+def test_a_stalled_preflight_get_of_an_upload_is_retried_as_an_event_and_the_import_completes(
+    moto: MotoServer, proxy: StallingProxy, tmp_path: Path
+) -> None:
+    import boto3  # heavy optional dependency, as in the other tests
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=proxy.endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    s3.create_bucket(Bucket="held-preflight")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(random.Random(5).randbytes(8 * MiB))
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", str(raw), str(vhd)],
+        check=True,
+    )
+    cfg = config_mod.from_dict(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "sources": {
+                "allowed_endpoints": [proxy.endpoint, moto.endpoint],
+                "manifest_poll_interval": 0.2,
+                "manifest_poll_max_interval": 0.5,
+                "read_timeout": 2,  # no byte for 2 s abandons the GET, which is retried
+                "retries": 50,
+            },
+        }
+    )
+    pending = presign_manifest_url(s3, "held-preflight", None, vhd)
+    upload(s3, pending, vhd, file_format="VHD", part_size=4 * MiB)
+    service = ImportService(cfg)
+    task = service.import_volume(
+        DiskImage("VHD", vhd.stat().st_size, pending.url, 1), availability_zone=None, description=None
+    )
+    # a VHD is preflighted (its header and footer) before anything is written: the first GET, of the
+    # first part's head, stops after 1000 bytes
+    proxy.arm(".part.0", after=1000)
+    engine = Engine(cfg, poll_interval=0.1)
+    runner = threading.Thread(target=engine.run, args=(task.id,), daemon=True)
+    store: Store = service.store
+    runner.start()
+    try:
+
+        def retried() -> bool:
+            events = store.events(task_id=task.id, limit=100_000)
+            return any(e.kind == "source.retry" and e.data.get("stalled") for e in events)
+
+        processes.wait_until(retried, timeout=120, interval=0.2, what="the stalled preflight GET's retry")
+        events = store.events(task_id=task.id, limit=100_000)
+        retry = next(e for e in events if e.kind == "source.retry")
+        assert "part 0" in retry.data["message"] and "offset 0" in retry.data["message"]
+        assert "X-Amz-Signature" not in retry.data["message"]
+        # nothing was written before the preflight's verdict
+        assert not _progress(events, "writing") and store.get_task(task.id).state is TaskState.RUNNING
+        proxy.release()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+        done = store.get_task(task.id)
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        vol = done.result.get("volume") or done.result["imported"]["volume"]
+        with open(vol["path"], "rb") as f:
+            assert f.read(8 * MiB) == raw.read_bytes()
     finally:
         proxy.release()
         runner.join(timeout=30)
