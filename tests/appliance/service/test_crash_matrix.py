@@ -141,6 +141,14 @@ def _hold_for(action: str, variant: str) -> Hold | str | None:
     if action == "hooks":
         return Hold("open", "the point's run hook (cat) opens the task's marker", _opens_marker)
     if action == "source.fetch":
+        if variant == "url":
+            # the source (a small gzip) is read whole by the route step's header-only preflight GET
+            # before the fetch starts, so no byte count holds the fetch's own download: its file is
+            return Hold(
+                "open",
+                "the download creates its file in scratch",
+                lambda o: o.pid == o.task_pid and o.path.name == "source.img" and _in(Run.scratch_dir)(o),
+            )
         return Hold("stall", "the download is held after its first bytes", suffix="{source_key}", after=-1)
     if action == "image.inspect":
         if variant == "url":
@@ -198,6 +206,18 @@ def _hold_for(action: str, variant: str) -> Hold | str | None:
             "open",
             "the volume is opened to be flushed",
             lambda o: bool(_VOLUME_FILE.match(o.path.name)) and _in(Run.volumes)(o),
+        )
+    if action == "provenance.record":
+        if variant in ("raw-parts", "vhd-parts"):
+            return Hold(
+                "open",
+                "the volume is opened to be hashed for the provenance record",
+                lambda o: bool(_VOLUME_FILE.match(o.path.name)) and _in(Run.volumes)(o),
+            )
+        return (
+            "builds the record in memory from the digests the fetch and store steps computed (the stored "
+            "image's sha256 is in its location): no file, process or connection to hold it at, like "
+            "util.echo; a resume runs it again"
         )
     return NOT_INTERRUPTIBLE.get(action)
 
