@@ -51,7 +51,7 @@ from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url
 from .guest import ValidateStep
-from .imports import _NAME, checked_source, source_digest, source_preflight
+from .imports import DISK_NAME, checked_source, source_digest, source_preflight
 from .provenance import READ_AFTER_STREAM, check_expected
 from .retries import retry_reporter
 
@@ -252,7 +252,7 @@ class StreamStoreStep(Step):
             "encrypted": {"type": "boolean"},
             "kms_key_id": _NULLABLE_STR,
             "boot_mode": _NULLABLE_STR,
-            "name": _NAME,
+            "name": DISK_NAME,
         },
     }
 

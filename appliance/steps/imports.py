@@ -46,7 +46,7 @@ from .uploads import upload_params
 
 log = logging.getLogger(__name__)
 #: the name of one disk of a task (``disk2``): its file in scratch and its image in the image target
-_NAME = {"type": ["string", "null"], "pattern": r"^[a-z][a-z0-9]{0,15}$"}
+DISK_NAME = {"type": ["string", "null"], "pattern": r"^[a-z][a-z0-9]{0,15}$"}
 #: ``source.fetch`` without a ``preflight`` argument runs its own
 _NOT_GIVEN: Any = object()
 
@@ -76,7 +76,7 @@ class SourceFetchStep(Step):
         "required": ["source"],
         "properties": {
             "source": {"type": "object"},
-            "name": _NAME,
+            "name": DISK_NAME,
             # the verdict of a preflight an earlier step ran (source.route): not fetched again
             "preflight": {"type": ["object", "null"]},
         },
@@ -410,7 +410,7 @@ class ImageStoreStep(Step):
             "encrypted": {"type": "boolean"},
             "kms_key_id": {"type": ["string", "null"]},
             "source_sha256": {"type": ["string", "null"]},
-            "name": _NAME,
+            "name": DISK_NAME,
         },
     }
 
