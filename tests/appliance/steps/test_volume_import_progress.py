@@ -34,13 +34,9 @@ def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
         yield p
 
 
-def _progress(events: list[Event], phase: str) -> list[dict[str, Any]]:
-    return [e.data for e in events if e.kind == "step.progress" and e.data.get("phase") == phase]
-
-
-def test_a_held_download_shows_rate_zero_its_retries_and_no_100_percent(
-    moto: MotoServer, proxy: StallingProxy, tmp_path: Path
-) -> None:
+def _s3_through(proxy: StallingProxy, bucket: str) -> Any:
+    """An S3 client whose requests (and so the presigned URLs it makes) go through ``proxy``, and
+    its new ``bucket``."""
     import boto3  # heavy optional dependency, as in the other tests
 
     s3 = boto3.client(
@@ -50,7 +46,18 @@ def test_a_held_download_shows_rate_zero_its_retries_and_no_100_percent(
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    s3.create_bucket(Bucket="held-progress")
+    s3.create_bucket(Bucket=bucket)
+    return s3
+
+
+def _progress(events: list[Event], phase: str) -> list[dict[str, Any]]:
+    return [e.data for e in events if e.kind == "step.progress" and e.data.get("phase") == phase]
+
+
+def test_a_held_download_shows_rate_zero_its_retries_and_no_100_percent(
+    moto: MotoServer, proxy: StallingProxy, tmp_path: Path
+) -> None:
+    s3 = _s3_through(proxy, "held-progress")
     disk = tmp_path / "disk.raw"
     disk.write_bytes(random.Random(4).randbytes(24 * MiB))
     cfg = config_mod.from_dict(
@@ -120,16 +127,7 @@ def test_a_held_download_shows_rate_zero_its_retries_and_no_100_percent(
 def test_a_stalled_preflight_get_of_an_upload_is_retried_as_an_event_and_the_import_completes(
     moto: MotoServer, proxy: StallingProxy, tmp_path: Path
 ) -> None:
-    import boto3  # heavy optional dependency, as in the other tests
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=proxy.endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    s3.create_bucket(Bucket="held-preflight")
+    s3 = _s3_through(proxy, "held-preflight")
     raw = tmp_path / "disk.raw"
     raw.write_bytes(random.Random(5).randbytes(8 * MiB))
     vhd = tmp_path / "disk.vhd"
