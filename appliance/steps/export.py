@@ -179,6 +179,7 @@ class ExportWriteStep(Step):
             "bucket": stored.get("bucket"),
             "key": stored.get("key"),
             "sha256": stored["sha256"],
+            "digest": stored.get("digest"),
             "size": stored["size"],
             "etag": stored["etag"],
             "digest_method": WHILE_WRITING,

@@ -10,7 +10,10 @@ place it is made):
   each manifest part's MD5, the OVA ``.mf``), and ``expected_sha256`` when the user gave one;
 - ``outputs``: one entry per disk — ``sha256`` of the volume, file or object as written, ``size``,
   where it is, and ``digest_method``: how the sha256 was taken (while writing, or one read of the
-  output and why);
+  output and why); an export's entry adds ``digest``, the chunked SHA-256 it always records
+  (:mod:`appliance.targets.chunkdigest`: ``algorithm``, ``value``, ``chunk_size``, ``chunks``,
+  ``s3_checksum_sha256``), and its ``sha256`` is null where the whole-object digest was not computed
+  (:func:`appliance.targets.diskexport.wants_full_sha256`);
 - ``source`` / ``output``: the first entries of those lists (the boot disk);
 - ``tools``: appliance, qemu-img and (when guest validation ran) dissect versions;
 - ``workflow``: the digests of the workflow file and of the hook set;

@@ -17,13 +17,19 @@ export step's writer interface over it:
 
 and a destination is a :class:`FileDestination` (a partial file beside the final name, announced to the
 task's ledger, flushed and renamed into place only when complete) or an :class:`S3Destination` (a streamed
-multipart upload, :class:`appliance.targets.s3stream.MultipartWriter`: parts in parallel, ETags checked,
-the sha256 as object metadata). Any failure or cancel leaves nothing: the partial file is removed, the
-upload aborted (or the completed object deleted), scratch files removed.
+multipart upload, :class:`appliance.targets.s3stream.MultipartWriter`: parts in parallel, ETags and
+per-part SHA-256 checksums checked, the digests as object metadata). Any failure or cancel leaves
+nothing: the partial file is removed, the upload aborted (or the completed object deleted), scratch
+files removed.
 
-Each result carries the output's sha256 and size (computed from the bytes as they were written, in a
-thread of its own beside the reads and writes: :class:`appliance.targets.hashing.ThreadedSha256`) and the
-virtual size of the disk(s).
+Each result carries the output's size, its digest and the virtual size of the disk(s). The digest is the
+chunked SHA-256 of the bytes as they were written (:mod:`appliance.targets.chunkdigest`: chunks of
+``chunk_size``, 64 MiB by default, hashed in a pool of threads beside the reads and writes; a chunk that is
+a hole of a RAW export is not hashed; to S3 the chunks are the multipart parts, so the digest is S3's own
+composite checksum of the object). The whole-object ``sha256`` (serial: one CPU, ~0.86 CPU-s per GiB here)
+is computed as well where it is cheap beside the rest (:func:`wants_full_sha256`: a VMDK or OVA, whose
+deflate costs far more; an output of at most :data:`FULL_SHA256_MAX`), or on request; otherwise it is
+None.
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
 from ..image.vmdkwriter import ADAPTER_TYPES, ByteSink, write_stream_vmdk
 from ..progress import ProgressCallback, ProgressTracker
 from .base import TargetError, boto_client, storage_error
+from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256, digest_file
 from .hashing import ThreadedSha256
+from .rawio import segments
 from .s3stream import MultipartWriter
 
 #: what a disk can be exported as
@@ -60,21 +68,35 @@ EXPORT_FORMATS = ("vmdk", "vhd", "raw")
 VHD_SUBFORMATS = ("dynamic", "fixed")
 _CHUNK = 4 << 20
 _ZERO = bytes(_CHUNK)
+#: outputs up to this size (the disk's virtual size) also get the whole-object sha256
+FULL_SHA256_MAX = 256 << 20
+
+
+def wants_full_sha256(fmt: str, size: int) -> bool:
+    """Whether an export of a ``size``-byte disk as ``fmt`` computes the whole-object sha256 besides the
+    chunked digest by default: a VMDK or an OVA (deflating costs ~15x the hash), or a small output."""
+    return fmt in ("vmdk", "ova") or size <= FULL_SHA256_MAX
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export wrote: format, the disk's virtual size (the sum for an OVA), the output's size and
-    sha256, where it is, how long it took, and per-disk facts for an OVA."""
+    """What an export wrote: format, the disk's virtual size (the sum for an OVA), the output's size,
+    its whole-object sha256 (None when it was not computed) and chunked ``digest``, where it is, how
+    long it took, and per-disk facts for an OVA."""
 
     format: str
     subformat: str | None
     virtual_size: int
     size: int
-    sha256: str
+    sha256: str | None
     location: dict[str, Any]
     seconds: float
     disks: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def digest(self) -> dict[str, Any]:
+        """The chunked digest (:meth:`appliance.targets.chunkdigest.ChunkedDigest.to_dict`)."""
+        return dict(self.location.get("digest") or {})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +105,7 @@ class ExportResult:
             "virtual_size": self.virtual_size,
             "size": self.size,
             "sha256": self.sha256,
+            "digest": self.digest,
             "location": self.location,
             "seconds": round(self.seconds, 3),
             "disks": self.disks,
@@ -94,34 +117,69 @@ class ExportResult:
 
 class Destination(Protocol):
     """Where an export goes: :meth:`stream` hands ``produce`` a forward-only sink and returns the
-    location (with ``sha256``, ``size``) once it is complete; on any exception nothing is left."""
+    location (with ``sha256``, ``digest``, ``size``) once it is complete; on any exception nothing is
+    left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None)."""
 
     def stream(
-        self, produce: Callable[[ByteSink], None], *, size_hint: int | None = None
+        self,
+        produce: Callable[[ByteSink], None],
+        *,
+        size_hint: int | None = None,
+        full_sha256: bool = True,
     ) -> dict[str, Any]: ...
 
 
 class _FileSink:
-    """A new file written forward; all-zero chunks of 4 KiB multiples become holes. Hashes what it gets."""
+    """A new file written forward; all-zero writes and :meth:`write_zeros` become holes. Digests what it
+    gets: the chunked digest when ``chunked`` (zeros are not hashed where a whole chunk is zeros), the
+    whole-object sha256 when ``full``."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(
+        self, fd: int, *, chunk_size: int = DEFAULT_CHUNK, full: bool = True, chunked: bool = True
+    ) -> None:
         self.fd, self.offset = fd, 0
-        self.sha = ThreadedSha256("export-sha256")
+        self.chunks = ChunkedSha256(chunk_size, name="export-chunks") if chunked else None
+        self.sha: ThreadedSha256 | None = ThreadedSha256("export-sha256") if full else None
 
     def write(self, data: bytes) -> int:
         n = len(data)
-        zero = zeros(n)
-        if data == zero:  # zeros stay a hole; the hash takes the cached zero chunk, with no copy held
-            self.sha.update(zero, shared=True)
-        else:
+        if data == zeros(n):
+            self.write_zeros(n)
+            return n
+        if self.chunks is not None:
+            self.chunks.update(data)
+        if self.sha is not None:
             self.sha.update(data)
-            view = memoryview(data)
-            at = self.offset
-            while view:
-                w = os.pwrite(self.fd, view, at)
-                view, at = view[w:], at + w
+        view = memoryview(data)
+        at = self.offset
+        while view:
+            w = os.pwrite(self.fd, view, at)
+            view, at = view[w:], at + w
         self.offset += n
         return n
+
+    def write_zeros(self, n: int) -> None:
+        """``n`` zero bytes, given by count (a hole: the file is truncated to its length at the end)."""
+        if self.chunks is not None:
+            self.chunks.zeros(n)
+        if self.sha is not None:  # the whole-object sha256 has no shortcut for zeros
+            left = n
+            while left:
+                m = min(left, _CHUNK)
+                self.sha.update(_ZERO if m == _CHUNK else zeros(m), shared=True)
+                left -= m
+        self.offset += n
+
+    def digests(self) -> tuple[str | None, dict[str, Any]]:
+        """``(sha256 or None, the chunked digest's dict)`` of everything written."""
+        chunked = self.chunks.result().to_dict() if self.chunks is not None else {}
+        return (self.sha.hexdigest() if self.sha is not None else None), chunked
+
+    def close(self) -> None:
+        if self.chunks is not None:
+            self.chunks.close()
+        if self.sha is not None:
+            self.sha.close()
 
 
 @dataclass
@@ -130,11 +188,19 @@ class FileDestination:
 
     path: Path
     ledger: partials.Ledger | None = None
+    #: the chunk of the output's chunked digest
+    chunk_size: int = DEFAULT_CHUNK
 
-    def stream(self, produce: Callable[[ByteSink], None], *, size_hint: int | None = None) -> dict[str, Any]:
+    def stream(
+        self,
+        produce: Callable[[ByteSink], None],
+        *,
+        size_hint: int | None = None,
+        full_sha256: bool = True,
+    ) -> dict[str, Any]:
         with self.partial() as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            sink = _FileSink(fd)
+            sink = _FileSink(fd, chunk_size=self.chunk_size, full=full_sha256)
             try:
                 try:
                     produce(sink)
@@ -142,11 +208,18 @@ class FileDestination:
                     os.fdatasync(fd)
                 except OSError as exc:
                     raise storage_error(exc, str(self.path)) from exc
+                sha256, digest = sink.digests()
             finally:
-                sink.sha.close()
+                sink.close()
                 os.close(fd)
             self.publish(tmp)
-        return {"type": "file", "path": str(self.path), "sha256": sink.sha.hexdigest(), "size": sink.offset}
+        return {
+            "type": "file",
+            "path": str(self.path),
+            "sha256": sha256,
+            "digest": digest,
+            "size": sink.offset,
+        }
 
     @contextlib.contextmanager
     def partial(self) -> Iterator[Path]:
@@ -181,7 +254,13 @@ class S3Destination:
     cancel: threading.Event | None = None
     fence: Callable[[], None] | None = None
 
-    def stream(self, produce: Callable[[ByteSink], None], *, size_hint: int | None = None) -> dict[str, Any]:
+    def stream(
+        self,
+        produce: Callable[[ByteSink], None],
+        *,
+        size_hint: int | None = None,
+        full_sha256: bool = True,
+    ) -> dict[str, Any]:
         with MultipartWriter(
             self.client,
             self.bucket,
@@ -193,6 +272,8 @@ class S3Destination:
             expected_size=size_hint,
             cancel=self.cancel,
             fence=self.fence,
+            checksums=True,
+            full_sha256=full_sha256,
         ) as writer:
             produce(writer)
             done = writer.close()
@@ -227,6 +308,10 @@ def _raw_producer(
     fd: int, size: int, tracker: ProgressTracker, cancel: threading.Event | None
 ) -> Callable[[ByteSink], None]:
     def produce(sink: ByteSink) -> None:
+        holes: Callable[[int], None] | None = getattr(sink, "write_zeros", None)
+        if holes is not None:  # a file: each hole given by its length, never read nor hashed
+            _raw_sparse(fd, size, sink, holes, tracker, cancel)
+            return
         pos = 0
         while pos < size:
             if cancel is not None and cancel.is_set():
@@ -246,6 +331,36 @@ def _raw_producer(
             tracker.update(pos)
 
     return produce
+
+
+def _raw_sparse(
+    fd: int,
+    size: int,
+    sink: ByteSink,
+    holes: Callable[[int], None],
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+) -> None:
+    """The disk's data ranges written, its holes given to ``holes`` by length."""
+    pos = 0
+    for start, end, is_data in segments(fd, size):
+        if not is_data:
+            holes(end - start)
+            pos = end
+            tracker.update(pos)
+            continue
+        while pos < end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("export cancelled")
+            n = min(_CHUNK, end - pos)
+            chunk = os.pread(fd, n, pos)
+            if len(chunk) != n:
+                raise TargetError(
+                    f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
+                )
+            sink.write(chunk)
+            pos += n
+            tracker.update(pos)
 
 
 def _file_producer(path: Path, cancel: threading.Event | None) -> Callable[[ByteSink], None]:
@@ -279,13 +394,16 @@ def export_disk(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     ledger: partials.Ledger | None = None,
+    full_sha256: bool | None = None,
 ) -> ExportResult:
     """Write the RAW disk ``source`` as ``fmt`` (``vmdk``, ``vhd``, ``raw``) to ``destination``.
 
     ``workdir`` (scratch) holds a VHD on its way to S3; ``subformat`` is ``dynamic`` (default) or
-    ``fixed`` for VHD; ``adapter_type`` the VMDK's ``ddb.adapterType``. Raises :class:`UsageError` for a
-    bad format or source, ``UploadFailed``/``TargetWriteFailed``/``InsufficientStorage`` for the
-    destination, :class:`ConversionFailed` when qemu-img fails, :class:`Cancelled` on ``cancel``."""
+    ``fixed`` for VHD; ``adapter_type`` the VMDK's ``ddb.adapterType``; ``full_sha256``: compute the
+    whole-object sha256 besides the chunked digest (None: :func:`wants_full_sha256`). Raises
+    :class:`UsageError` for a bad format or source, ``UploadFailed``/``TargetWriteFailed``/
+    ``InsufficientStorage`` for the destination, :class:`ConversionFailed` when qemu-img fails,
+    :class:`Cancelled` on ``cancel``."""
     started = time.monotonic()
     fmt = fmt.lower()
     if fmt not in EXPORT_FORMATS:
@@ -302,6 +420,7 @@ def export_disk(
             raise UsageError(f"adapter type {adapter_type!r}: use one of {', '.join(ADAPTER_TYPES)}")
     with _open_source(Path(source)) as (fd, size):
         tracker = ProgressTracker("exporting", size, on_progress)
+        full = wants_full_sha256(fmt, size) if full_sha256 is None else full_sha256
         if fmt == "vmdk":
             name = extent_name or _extent_name(destination)
 
@@ -317,16 +436,29 @@ def export_disk(
                     cancel=cancel,
                 )
 
-            location = destination.stream(produce, size_hint=size)
+            location = destination.stream(produce, size_hint=size, full_sha256=full)
         elif fmt == "raw":
-            location = destination.stream(_raw_producer(fd, size, tracker, cancel), size_hint=size)
+            location = destination.stream(
+                _raw_producer(fd, size, tracker, cancel), size_hint=size, full_sha256=full
+            )
         elif streams_vhd(fd, size):
             location = destination.stream(
-                _vhd_producer(fd, size, str(subformat), tracker, cancel), size_hint=_vhd_size_hint(size)
+                _vhd_producer(fd, size, str(subformat), tracker, cancel),
+                size_hint=_vhd_size_hint(size),
+                full_sha256=full,
             )
         else:
             location = _export_vhd(
-                Path(source), size, str(subformat), destination, config, workdir, tracker, cancel, ledger
+                Path(source),
+                size,
+                str(subformat),
+                destination,
+                config,
+                workdir,
+                tracker,
+                cancel,
+                ledger,
+                full,
             )
     tracker.finish()
     return ExportResult(
@@ -334,7 +466,7 @@ def export_disk(
         subformat,
         size,
         int(location["size"]),
-        str(location["sha256"]),
+        location.get("sha256"),
         location,
         time.monotonic() - started,
     )
@@ -424,17 +556,26 @@ def _export_vhd(
     tracker: ProgressTracker,
     cancel: threading.Event | None,
     ledger: partials.Ledger | None,
+    full: bool,
 ) -> dict[str, Any]:
     if isinstance(destination, FileDestination):
         with destination.partial() as tmp:
             _qemu_vhd(source, size, subformat, tmp, config, workdir, tracker, cancel)
-            sha = _hash(tmp, cancel)
+            # qemu-img wrote it: one read (its holes skipped) for the digests
+            digest = digest_file(tmp, destination.chunk_size, cancel=cancel).to_dict()
+            sha = _hash(tmp, cancel) if full else None
             out_size = tmp.stat().st_size
             destination.publish(tmp)
-        return {"type": "file", "path": str(destination.path), "sha256": sha, "size": out_size}
+        return {
+            "type": "file",
+            "path": str(destination.path),
+            "sha256": sha,
+            "digest": digest,
+            "size": out_size,
+        }
     with partials.partial_file(Path(workdir) / "export.vhd", ledger) as tmp:
         _qemu_vhd(source, size, subformat, tmp, config, workdir, tracker, cancel)
-        return destination.stream(_file_producer(tmp, cancel), size_hint=tmp.stat().st_size)
+        return destination.stream(_file_producer(tmp, cancel), size_hint=tmp.stat().st_size, full_sha256=full)
 
 
 def _hash(path: Path, cancel: threading.Event | None) -> str:
@@ -470,9 +611,11 @@ def export_ova(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     ledger: partials.Ledger | None = None,
+    full_sha256: bool | None = None,
 ) -> ExportResult:
     """The disks ``sources`` (boot disk first) as one OVA of VM ``name`` (module docstring).
-    ``firmware`` is ``efi`` for a guest that validated as UEFI, else ``bios``."""
+    ``firmware`` is ``efi`` for a guest that validated as UEFI, else ``bios``. Each disk's VMDK gets
+    its whole sha256 (the ``.mf`` lists it); the OVA's too unless ``full_sha256`` is False."""
     started = time.monotonic()
     if not sources:
         raise UsageError("an OVA export needs at least one disk")
@@ -497,7 +640,7 @@ def export_ova(
             member = s.name or f"{name}-disk{i}.vmdk"
             tmp = stack.enter_context(partials.partial_file(Path(workdir) / member, ledger))
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            sink = _FileSink(fd)
+            sink = _FileSink(fd, full=True, chunked=False)  # the .mf lists each VMDK's sha256
             try:
                 with _open_source(s.path) as (src_fd, _):
                     base = done
@@ -516,12 +659,13 @@ def export_ova(
                     )
                     done = base + size
                 os.ftruncate(fd, sink.offset)
+                full, _chunked = sink.digests()
             except OSError as exc:
                 raise storage_error(exc, f"scratch ({tmp.name})") from exc
             finally:
-                sink.sha.close()
+                sink.close()
                 os.close(fd)
-            sha256 = sink.sha.hexdigest()
+            sha256 = str(full)
             packed.append(OvaDiskFile(tmp, member, sha256, result.virtual_size, result.data_bytes))
             disks.append(
                 {
@@ -548,14 +692,18 @@ def export_ova(
                 cancel=cancel,
             )
 
-        location = destination.stream(produce, size_hint=packed_bytes + (64 << 10))
+        location = destination.stream(
+            produce,
+            size_hint=packed_bytes + (64 << 10),
+            full_sha256=wants_full_sha256("ova", sum(sizes)) if full_sha256 is None else full_sha256,
+        )
     tracker.finish()
     return ExportResult(
         "ova",
         None,
         sum(sizes),
         int(location["size"]),
-        str(location["sha256"]),
+        location.get("sha256"),
         location,
         time.monotonic() - started,
         disks,

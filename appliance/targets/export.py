@@ -4,9 +4,10 @@
 through; :func:`get_export_writer` picks the implementation: the streaming writer
 (:class:`appliance.targets.diskexport.StreamingExportWriter`). A VMDK (streamOptimized, grains
 deflated in a thread pool) or RAW export streams straight from the source disk into a parallel
-multipart upload (verified ETags, the sha256 as user metadata) with no scratch copy; so does a VHD of a
-regular file (:mod:`appliance.image.vhdwriter`), while a VHD of a block device goes through
-``qemu-img convert -O vpc`` into scratch first (:data:`SCRATCH_FORMATS`). Part size and
+multipart upload (verified ETags, each part's SHA-256 checked by S3, the object's chunked
+SHA-256 digest = S3's composite checksum: :mod:`appliance.targets.chunkdigest`) with no scratch
+copy; so does a VHD of a regular file (:mod:`appliance.image.vhdwriter`), while a VHD of a block
+device goes through ``qemu-img convert -O vpc`` into scratch first (:data:`SCRATCH_FORMATS`). Part size and
 upload threads are those of the user's buckets, ``sources.s3.part_size`` / ``threads``.
 
 :meth:`ExportWriter.remove` deletes the object and aborts every incomplete multipart upload of its
@@ -61,8 +62,9 @@ class ExportWriter(Protocol):
         ledger: Ledger | None = None,
     ) -> dict[str, Any]:
         """Write the RAW disk ``source`` (a file or a block device) as ``disk_format`` (``vmdk``,
-        ``vhd``, ``raw``) to ``s3://bucket/key`` with user ``metadata`` (plus ``sha256``); returns
-        ``{bucket, key, etag, sha256, size, format, …}``. Intermediates go to ``workdir``
+        ``vhd``, ``raw``) to ``s3://bucket/key`` with user ``metadata`` (plus the digests); returns
+        ``{bucket, key, etag, sha256, digest, size, format, …}`` (``sha256`` None where the whole-object
+        digest was not computed, ``digest`` the chunked SHA-256). Intermediates go to ``workdir``
         (announced to ``ledger``) and are gone when this returns or raises. On any failure or
         ``cancel`` nothing is left in the bucket: no object, no incomplete multipart upload.
         ``fence`` is called right before the object is published."""

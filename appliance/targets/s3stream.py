@@ -15,7 +15,18 @@ Digests and checks:
   (:class:`~appliance.targets.hashing.ThreadedSha256`). S3 takes metadata when an upload starts: a
   caller that knows the sha256 beforehand passes ``sha256`` (checked against the bytes at the end);
   otherwise the object is copied onto itself with the digest as metadata once it is complete (a
-  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond), and read back (HeadObject).
+  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond), and read back (HeadObject);
+* with ``checksums`` (the exports), every part also carries its SHA-256 (``ChecksumSHA256``, the upload
+  created with ``ChecksumAlgorithm=SHA256``: S3 refuses a part whose bytes differ), computed in the
+  part's upload thread (an all-zero part takes the cached digest of a zero part, MD5 likewise); the
+  object's digest is then the chunked SHA-256 of its parts (:mod:`.chunkdigest`), which is S3's
+  composite checksum: ``HeadObject(ChecksumMode=ENABLED)`` must answer the same ``base64-N`` value
+  (where the store reports one). ``full_sha256=False`` skips the serial whole-object sha256: the
+  object's metadata then carries the algorithm and part size from the start (``digest-algorithm``,
+  ``digest-chunk-size``) and no copy is made when the store itself verified the composite checksum;
+  a store that reports none gets the chunked value by the copy (``sha256-chunked``, ``digest-chunks``).
+  Exports copy only objects up to 5 GiB (a single ``CopyObject`` keeps the object's checksum); a
+  larger one keeps its digests in the task's record and in S3's checksum, not in its metadata.
 
 :meth:`MultipartWriter.abort` (called on any exception inside ``with``) aborts the multipart upload and
 deletes the object if it was already completed, so a cancelled export leaves no object and no incomplete
@@ -25,6 +36,7 @@ upload behind.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import threading
@@ -35,6 +47,7 @@ from typing import Any
 
 from ..errors import Cancelled
 from .base import TargetError
+from .chunkdigest import ALGORITHM, ChunkedDigest, combine, is_zero
 from .hashing import ThreadedSha256
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,13 @@ def multipart_etag(part_md5s: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
+@functools.lru_cache(maxsize=4)
+def _zero_part_digests(length: int) -> tuple[bytes, bytes]:
+    """``(md5, sha256)`` of a part of ``length`` zero bytes (once per length and process)."""
+    z = bytes(length)
+    return hashlib.md5(z).digest(), hashlib.sha256(z).digest()
+
+
 class MultipartWriter:
     """One object written as a stream (module docstring). Use as a context manager; :meth:`close`
     completes the upload and returns ``{bucket, key, etag, sha256, size, parts}``."""
@@ -79,6 +99,8 @@ class MultipartWriter:
         on_progress: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
         fence: Callable[[], None] | None = None,
+        checksums: bool = False,
+        full_sha256: bool = True,
     ) -> None:
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
@@ -92,8 +114,14 @@ class MultipartWriter:
         self.sse = dict(sse or {})
         self.on_progress, self.cancel, self.fence = on_progress, cancel, fence
         self._buffer = bytearray()
-        self._sha = ThreadedSha256("s3-sha256")
+        self.checksums = checksums
+        self.full_sha256 = full_sha256 or sha256 is not None
+        self._sha: ThreadedSha256 | None = ThreadedSha256("s3-sha256") if self.full_sha256 else None
         self._md5s: dict[int, bytes] = {}
+        self._sha256s: dict[int, bytes] = {}
+        self._hashed = 0
+        self._zero_parts = 0
+        self._lock = threading.Lock()
         self._etags: dict[int, str] = {}
         self._pending: set[Future[int]] = set()
         self._pool: ThreadPoolExecutor | None = None
@@ -105,9 +133,13 @@ class MultipartWriter:
         meta = dict(self.metadata)
         if sha256 is not None:
             meta["sha256"] = sha256
+        extra: dict[str, str] = {}
+        if checksums:
+            meta |= {"digest-algorithm": ALGORITHM, "digest-chunk-size": str(self.part_size)}
+            extra["ChecksumAlgorithm"] = "SHA256"
         try:
             self.upload_id: str | None = client.create_multipart_upload(
-                Bucket=bucket, Key=key, Metadata=meta, **self.sse
+                Bucket=bucket, Key=key, Metadata=meta, **self.sse, **extra
             )["UploadId"]
         except Exception as exc:
             raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
@@ -133,7 +165,8 @@ class MultipartWriter:
             raise ValueError("write to a closed upload")
         self._check_cancel()
         n = len(data)
-        self._sha.update(data)  # in its own thread, beside this one's reads and the parts' uploads
+        if self._sha is not None:
+            self._sha.update(data)  # in its own thread, beside this one's reads and the parts' uploads
         self.size += n
         if not self._buffer and n == self.part_size and isinstance(data, bytes):
             self._submit(data)  # a whole part as it came: no copy
@@ -159,7 +192,19 @@ class MultipartWriter:
         self._harvest(block=False)
 
     def _upload_part(self, number: int, data: bytes) -> int:
-        md5 = hashlib.md5(data).digest()
+        extra: dict[str, str] = {}
+        if data and is_zero(data):  # a hole of a RAW disk: nothing to hash
+            md5, sha = _zero_part_digests(len(data))
+            with self._lock:
+                self._zero_parts += 1
+        else:
+            md5 = hashlib.md5(data).digest()
+            sha = hashlib.sha256(data).digest() if self.checksums else b""
+            with self._lock:
+                self._hashed += len(data) if self.checksums else 0
+        if self.checksums:
+            self._sha256s[number] = sha
+            extra["ChecksumSHA256"] = base64.b64encode(sha).decode("ascii")
         try:
             resp = self.client.upload_part(
                 Bucket=self.bucket,
@@ -168,6 +213,7 @@ class MultipartWriter:
                 PartNumber=number,
                 Body=data,
                 ContentMD5=base64.b64encode(md5).decode("ascii"),
+                **extra,
             )
         except Exception as exc:
             raise _error(f"UploadPart {number} of {self.where}", exc) from exc
@@ -207,7 +253,7 @@ class MultipartWriter:
             self._harvest(block=True)
         self._check_cancel()
         self._shutdown()
-        sha256 = self._sha.hexdigest()
+        sha256 = self._sha.hexdigest() if self._sha is not None else None
         if self.known_sha256 is not None and self.known_sha256 != sha256:
             raise TargetError(
                 f"{self.where}: the bytes sent hash to {sha256}, not the announced {self.known_sha256} "
@@ -217,15 +263,27 @@ class MultipartWriter:
         if self.fence is not None:
             self.fence()
         numbers = sorted(self._etags)
-        parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in numbers]
+        parts: list[dict[str, Any]] = [{"PartNumber": n, "ETag": self._etags[n]} for n in numbers]
+        digest: ChunkedDigest | None = None
+        if self.checksums:
+            for n, part in zip(numbers, parts, strict=True):
+                part["ChecksumSHA256"] = base64.b64encode(self._sha256s[n]).decode()
+            digest = ChunkedDigest(
+                combine([self._sha256s[n] for n in numbers]),
+                self.part_size,
+                len(numbers),
+                self.size,
+                self._hashed,
+                self._zero_parts,
+            )
         try:
-            done = self.client.complete_multipart_upload(
+            completed = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
         except Exception as exc:
             raise _error(f"CompleteMultipartUpload {self.where}", exc) from exc
         self.completed = True
-        etag = str(done["ETag"]).strip('"')
+        etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
             expected = multipart_etag([self._md5s[n] for n in numbers])
             if etag != expected:
@@ -233,10 +291,7 @@ class MultipartWriter:
                     f"{self.where}: S3 answered ETag {etag} for the completed object, not {expected}",
                     "UploadFailed",
                 )
-        if self.known_sha256 is None:
-            etag = self._store_digest(sha256)
-        self.closed = True
-        return {
+        done: dict[str, Any] = {
             "bucket": self.bucket,
             "key": self.key,
             "etag": etag,
@@ -244,10 +299,49 @@ class MultipartWriter:
             "size": self.size,
             "parts": len(numbers),
         }
+        if digest is not None:
+            verified = self._check_composite(digest)
+            done["digest"] = digest.to_dict() | {"s3_verified": verified}
+            # the object's metadata gets what was not known when the upload started: the whole-object
+            # sha256, or (a store that keeps no checksum) the chunked value; one CopyObject at most
+            store: dict[str, str] = {} if sha256 is None else {"sha256": sha256}
+            if not verified:
+                store |= {"sha256-chunked": digest.hexdigest, "digest-chunks": str(digest.chunks)}
+            if store and self.size <= MAX_COPY:
+                # a store that keeps checksums computes the copy's own: the whole-object SHA-256
+                done["etag"] = self._store_digest(store, checksum=verified)
+        elif self.known_sha256 is None and sha256 is not None:
+            done["etag"] = self._store_digest({"sha256": sha256})
+        self.closed = True
+        return done
 
-    def _store_digest(self, sha256: str) -> str:
-        """Copy the object onto itself with ``sha256`` in its metadata; return the new ETag."""
-        meta = {**self.metadata, "sha256": sha256}
+    def _check_composite(self, digest: ChunkedDigest) -> bool:
+        """Whether S3 reports the object's composite SHA-256 checksum (``UploadFailed`` when it differs
+        from ``digest``: the store holds other bytes than were sent); False when it reports none."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
+        except Exception as exc:
+            raise _error(f"HeadObject {self.where}", exc) from exc
+        reported = head.get("ChecksumSHA256")
+        if not reported:
+            return False
+        # S3 answers base64-N for a composite checksum (some stores leave out the -N)
+        value, _, count = str(reported).partition("-")
+        if value != digest.s3_checksum.partition("-")[0] or count not in ("", str(digest.chunks)):
+            raise TargetError(
+                f"{self.where}: S3 reports the checksum {reported}, not the {digest.s3_checksum} of the "
+                "parts sent",
+                "UploadFailed",
+            )
+        return True
+
+    def _store_digest(self, digests: Mapping[str, str], *, checksum: bool = False) -> str:
+        """Copy the object onto itself with ``digests`` added to its metadata; return the new ETag.
+        ``checksum``: the copy gets S3's SHA-256 checksum of the whole object (a copy is one part), which
+        must then be the ``sha256`` of ``digests``."""
+        meta = {**self.metadata, **digests}
+        if self.checksums:
+            meta |= {"digest-algorithm": ALGORITHM, "digest-chunk-size": str(self.part_size)}
         source = {"Bucket": self.bucket, "Key": self.key}
         try:
             if self.size <= MAX_COPY:
@@ -258,17 +352,29 @@ class MultipartWriter:
                     Metadata=meta,
                     MetadataDirective="REPLACE",
                     **self.sse,
+                    **({"ChecksumAlgorithm": "SHA256"} if checksum else {}),
                 )
                 etag = str(resp["CopyObjectResult"]["ETag"]).strip('"')
             else:
                 etag = self._copy_in_parts(source, meta)
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=self.key, **({"ChecksumMode": "ENABLED"} if checksum else {})
+            )
         except TargetError:
             raise
         except Exception as exc:
             raise _error(f"storing the sha256 of {self.where}", exc) from exc
-        if head.get("Metadata", {}).get("sha256") != sha256 or int(head["ContentLength"]) != self.size:
+        stored = head.get("Metadata", {})
+        if any(stored.get(k) != v for k, v in digests.items()) or int(head["ContentLength"]) != self.size:
             raise TargetError(f"{self.where}: the stored object does not carry its sha256", "UploadFailed")
+        reported = head.get("ChecksumSHA256")
+        if checksum and reported and digests.get("sha256"):
+            whole = base64.b64encode(bytes.fromhex(digests["sha256"])).decode("ascii")
+            if reported != whole:
+                raise TargetError(
+                    f"{self.where}: S3 reports the checksum {reported} for the copy, not {whole}",
+                    "UploadFailed",
+                )
         return etag
 
     def _copy_in_parts(self, source: dict[str, str], meta: dict[str, str]) -> str:
@@ -312,7 +418,8 @@ class MultipartWriter:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""
         self.closed = True
-        self._sha.close()
+        if self._sha is not None:
+            self._sha.close()
         for fut in self._pending:
             fut.cancel()
         self._shutdown()

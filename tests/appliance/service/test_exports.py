@@ -6,6 +6,7 @@ The HTTP API (botocore parsing, the AWS CLI) is tested on top of this in tests/a
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import subprocess
@@ -141,6 +142,15 @@ def test_an_imported_image_exports_to_s3_identical_to_the_original(
     meta = s3.head_object(Bucket=buckets[1], Key=key)["Metadata"]
     assert meta["sha256"] == output_sha and meta["source-sha256"] == source_sha
     assert meta["export-task-id"] == task.id and meta["source-id"] == imported["image_id"]
+    # the chunked SHA-256 of the object (its parts), recomputed here, and S3's own composite checksum
+    digest = record["output"]["digest"]
+    body, part = out.read_bytes(), digest["chunk_size"]
+    parts = [hashlib.sha256(body[i : i + part]).digest() for i in range(0, len(body), part)]
+    assert digest["value"] == hashlib.sha256(b"".join(parts)).hexdigest() and digest["chunks"] == len(parts)
+    assert digest == exported["digest"] and digest["s3_verified"] is True
+    # S3 checked the composite checksum; the copy that added the whole sha256 got S3's sha256 of the copy
+    head = s3.head_object(Bucket=buckets[1], Key=key, ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == output_sha
 
 
 def test_a_stored_image_that_changed_since_its_import_is_not_exported(

@@ -5,6 +5,7 @@ mid-upload leaves no object and no incomplete multipart upload."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -357,7 +358,98 @@ def test_the_export_step_interface_streams_and_removes(
         metadata={"task": "export-ami-1"},
     )
     head = moto.client("s3").head_object(Bucket=bucket, Key="p/export-ami-1.vmdk")
-    assert head["Metadata"] == {"task": "export-ami-1", "sha256": done["sha256"]} and done["format"] == "vmdk"
+    assert head["Metadata"] == {
+        "task": "export-ami-1",
+        "sha256": done["sha256"],
+        "digest-algorithm": "sha256-chunked",
+        "digest-chunk-size": str(5 * MiB),
+    }
+    assert done["format"] == "vmdk" and done["digest"]["s3_verified"] is True
     writer.remove(bucket, "p/export-ami-1.vmdk")
     writer.remove(bucket, "p/export-ami-1.vmdk")  # gone already: fine
     assert leftovers(moto, bucket) == (0, [])
+
+
+# ---------------------------------------------------------------------------------------- the digest
+
+
+def chunked_reference(data: bytes, chunk: int) -> str:
+    """sha256-chunked, computed here from its definition with hashlib."""
+    digests = [hashlib.sha256(data[i : i + chunk]).digest() for i in range(0, len(data), chunk)]
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+@pytest.mark.parametrize("fmt,subformat", [("vmdk", None), ("vhd", None), ("vhd", "fixed"), ("raw", None)])
+def test_the_recorded_digest_is_the_chunked_sha256_of_the_written_file_and_a_flipped_byte_breaks_it(
+    fmt: str, subformat: str | None, tmp_path: Path, cfg: Config, workdir: Path, disk: Path
+) -> None:
+    out = tmp_path / f"out.{fmt}"
+    result = export_disk(
+        disk,
+        fmt,
+        FileDestination(out, chunk_size=MiB),
+        config=cfg,
+        workdir=workdir,
+        subformat=subformat,
+        full_sha256=False,
+    )
+    body = out.read_bytes()
+    digest = result.digest
+    assert digest["algorithm"] == "sha256-chunked" and digest["chunk_size"] == MiB
+    assert digest["value"] == chunked_reference(body, MiB) and digest["chunks"] == -(-len(body) // MiB)
+    assert result.sha256 is None  # not asked for, and the disk is not a VMDK
+    flipped = bytearray(body)
+    flipped[len(body) // 2] ^= 0x01
+    assert chunked_reference(bytes(flipped), MiB) != digest["value"]
+
+
+def test_a_raw_export_of_a_huge_sparse_disk_hashes_only_the_chunk_with_data(
+    tmp_path: Path, cfg: Config, workdir: Path
+) -> None:
+    # a 1 TiB disk with 2 MiB of data: hashing its zeros (the old digest) would take many minutes
+    src = tmp_path / "huge.raw"
+    data = os.urandom(2 * MiB)
+    with open(src, "wb") as f:
+        f.truncate(1 << 40)
+        f.seek(130 * MiB)
+        f.write(data)
+    out = tmp_path / "huge.out"
+    result = export_disk(src, "raw", FileDestination(out), config=cfg, workdir=workdir)
+    digest = result.digest
+    assert digest["chunk_size"] == 64 * MiB and digest["chunks"] == 16384
+    assert digest["zero_chunks"] == 16383 and digest["hashed_bytes"] == 64 * MiB
+    with open(out, "rb") as f:
+        f.seek(128 * MiB)
+        chunk2 = f.read(64 * MiB)
+    assert chunk2[2 * MiB : 4 * MiB] == data and out.stat().st_blocks * 512 < 16 * MiB  # holes stayed
+    digests = [hashlib.sha256(bytes(64 * MiB)).digest()] * 16384
+    digests[2] = hashlib.sha256(chunk2).digest()
+    assert digest["value"] == hashlib.sha256(b"".join(digests)).hexdigest() and result.sha256 is None
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_an_s3_export_digest_is_s3s_own_composite_checksum(
+    full: bool, tmp_path: Path, cfg: Config, workdir: Path, disk: Path, moto, bucket: str
+) -> None:
+    dest = S3Destination(s3(moto), bucket, "d.raw", part_size=5 * MiB, threads=2)
+    result = export_disk(disk, "raw", dest, config=cfg, workdir=workdir, full_sha256=full)
+    client = moto.client("s3")
+    body = client.get_object(Bucket=bucket, Key="d.raw")["Body"].read()
+    head = client.head_object(Bucket=bucket, Key="d.raw", ChecksumMode="ENABLED")
+    digest = result.digest
+    # five parts of 5 MiB (the last 4 MiB); the 2nd and 4th hold no data: not hashed
+    assert digest["value"] == chunked_reference(body, 5 * MiB) and digest["chunks"] == 5
+    assert digest["s3_verified"] is True and digest["zero_chunks"] == 2
+    # S3's composite checksum (moto leaves out the "-N" of HeadObject): the same value
+    value = base64.b64encode(bytes.fromhex(digest["value"])).decode()
+    assert digest["s3_checksum_sha256"] == f"{value}-5"
+    meta = head["Metadata"]
+    assert meta["digest-algorithm"] == "sha256-chunked" and meta["digest-chunk-size"] == str(5 * MiB)
+    if full:  # copied onto itself with the whole sha256, and S3's checksum of the copy is that sha256
+        whole = hashlib.sha256(body).hexdigest()
+        assert result.sha256 == meta["sha256"] == whole
+        assert head["ChecksumSHA256"] == base64.b64encode(bytes.fromhex(whole)).decode()
+    else:  # S3 verified the composite checksum: no copy, the metadata set when the upload started
+        assert result.sha256 is None and "sha256" not in meta
+        assert head["ChecksumSHA256"].partition("-")[0] == value
+    assert leftovers(moto, bucket) == (1, [])
