@@ -12,7 +12,11 @@ Goals: stream-VMDK ≤ 0.6, the others ≤ 1.05. Then the whole round trip: OVA 
 verify it (:func:`appliance.image.ova.unpack_ova`, with inspection), and ``qemu-img compare`` of the disk it
 holds with the original (must be identical). Each timed run writes a new file on the same filesystem and
 includes a ``sync``; the page cache is dropped before each run (root only) and each run waits for an idle
-machine; variants alternate which goes first. Every output is compared with the disk once.
+machine; variants alternate which goes first. Every output is compared with the disk once. Bare qemu-img
+runs twice per round (``qemu-img`` and ``qemu-img#2``): the ratio of their medians is the run's own
+spread, the noise floor of the other ratios. CPU seconds (user + system, children included) are printed
+beside the wall times: unlike them, they do not stretch with the machine's load. The toolkit's digest is
+its default, the chunked SHA-256 (``--full-sha256``: the whole-object sha256 as well, for every format).
 
     .venv/bin/python bench/export.py              # 4 GiB disk, 3 runs
     .venv/bin/python bench/export.py --quick      # 256 MiB, 1 run: a smoke test
@@ -59,12 +63,23 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of ``fn`` and a ``sync``."""
     drop_caches()
+    cpu = _cpu()
     start = time.perf_counter()
     fn()
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu() - cpu
+
+
+def _loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
 
 
 def _compare(disk: Path, out: Path, fmt: str) -> None:
@@ -83,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--idle-timeout", type=float, default=120.0)
     parser.add_argument("--no-round-trip", action="store_true", help="skip the OVA round trip")
+    parser.add_argument(
+        "--full-sha256", action="store_true", help="the toolkit also computes the whole-object sha256"
+    )
     args = parser.parse_args(argv)
     size = parse_size("256MiB" if args.quick else args.size)
     runs = 1 if args.quick else args.runs
@@ -96,14 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     stat_file = _disk_stat_file(args.out)
     formats = [f for f in args.formats.split(",") if f]
     ratios: dict[str, float] = {}
+    spreads: dict[str, float] = {}
     meds: dict[str, dict[str, float]] = {}
+    cpus: dict[str, dict[str, float]] = {}
     loads: list[float] = []
+    load_texts = [_loadavg()]
     try:
         for fmt in formats:
             ours, theirs = args.out / f"exp-ours.{fmt}", args.out / f"exp-qemu.{fmt}"
 
             def toolkit(fmt: str = fmt, ours: Path = ours) -> None:
-                export_disk(disk, fmt, FileDestination(_fresh(ours)), config=cfg, workdir=work)
+                export_disk(
+                    disk,
+                    fmt,
+                    FileDestination(_fresh(ours)),
+                    config=cfg,
+                    workdir=work,
+                    full_sha256=True if args.full_sha256 else None,
+                )
 
             def bare(fmt: str = fmt, theirs: Path = theirs) -> None:
                 subprocess.run(
@@ -113,18 +141,23 @@ def main(argv: list[str] | None = None) -> int:
 
             toolkit()
             _compare(disk, ours, QEMU_FMT[fmt])
-            variants = {"toolkit": toolkit, "qemu-img": bare}
+            variants = {"toolkit": toolkit, "qemu-img": bare, "qemu-img#2": bare}
             times: dict[str, list[float]] = {k: [] for k in variants}
+            cpu: dict[str, list[float]] = {k: [] for k in variants}
             names = list(variants)
             for run in range(runs):
-                for name in names[run % 2 :] + names[: run % 2]:
+                for name in names[run % 3 :] + names[: run % 3]:
                     wait_for_idle(stat_file, timeout=idle)
-                    t = _timed(variants[name])
+                    t, c = _timed(variants[name])
                     times[name].append(t)
+                    cpu[name].append(c)
                     loads.append(os.getloadavg()[0])
-                    log(f"{fmt} run {run + 1} {name}: {t:.2f} s, load {loads[-1]:.1f}")
+                    log(f"{fmt} run {run + 1} {name}: {t:.2f} s ({c:.2f} CPU-s), load {loads[-1]:.1f}")
             meds[fmt] = {k: statistics.median(v) for k, v in times.items()}
+            cpus[fmt] = {k: statistics.median(v) for k, v in cpu.items()}
             ratios[fmt] = meds[fmt]["toolkit"] / meds[fmt]["qemu-img"]
+            spreads[fmt] = meds[fmt]["qemu-img#2"] / meds[fmt]["qemu-img"]
+            load_texts.append(_loadavg())
             sizes = {"toolkit": ours.stat().st_size, "qemu-img": theirs.stat().st_size}
             log(
                 f"{fmt} output sizes: toolkit {sizes['toolkit'] / MiB:.0f} MiB, "
@@ -158,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "like for like: both sides write a new file in the same directory, page cache dropped before and "
         f"sync included in each run; 1-min load average during the runs {min(loads):.1f}-{max(loads):.1f}"
     )
+    print("/proc/loadavg at the start and after each format: " + " | ".join(load_texts))
     missed = False
     for fmt in formats:
         goal = GOALS[fmt]
@@ -165,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         missed |= verdict == "MISS"
         print(
             f"{fmt:5} toolkit {meds[fmt]['toolkit']:.2f} s / qemu-img {meds[fmt]['qemu-img']:.2f} s = "
-            f"{ratios[fmt]:.2f}  (goal <= {goal}: {verdict})"
+            f"{ratios[fmt]:.2f}  (goal <= {goal}: {verdict}); qemu-img#2 / qemu-img = {spreads[fmt]:.2f}; "
+            f"CPU-s toolkit {cpus[fmt]['toolkit']:.2f}, qemu-img {cpus[fmt]['qemu-img']:.2f}"
         )
     if exported is not None and round_trip is not None:
         print(f"OVA round trip: export {exported:.2f} s, with unpack + verify + compare {round_trip:.2f} s")

@@ -1,6 +1,6 @@
 """``imaging digest``: the chunked SHA-256 (``sha256-chunked``) of a file, as an export records it, so a
 user can check a downloaded export without the appliance (:mod:`appliance.targets.chunkdigest`: the
-definition, and the same check with coreutils alone)."""
+definition, and the same check with coreutils and xxd)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ of threads (hashlib releases the GIL: every CPU), and a chunk that is all zeros 
 which the writer knows without reading it) is not hashed at all: its digest is the digest of a zero chunk
 of its length, computed once per process.
 
-Check a downloaded file with ``imaging digest FILE --chunk-size N``, or with coreutils alone::
+Check a downloaded file with ``imaging digest FILE --chunk-size N``, or with coreutils and ``xxd``::
 
     split -b N --filter='sha256sum | cut -c1-64 | xxd -r -p' FILE | sha256sum
 """
