@@ -262,7 +262,11 @@ def test_ctrl_c_stops_qemu_img_before_the_command_exits_and_removes_partial_outp
         line = proc.stderr.readline()  # first progress line: qemu-img is running
         assert line.startswith("{"), line
         children = _children(proc.pid)
-        assert any("qemu-img" in _cmdline(p) for p in children)
+        qemu = [p for p in children if "qemu-img" in _cmdline(p)]
+        assert qemu
+        # frozen where it is, qemu-img cannot finish by itself: only the interrupt can end the command
+        for pid in qemu:
+            os.kill(pid, signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)  # only keeps an interrupt that does not stop the command from hanging the test
         # the command reaps its qemu-img before it exits: none may outlive it (speed is in bench/)
