@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from appliance.errors import ImagingError
+from appliance.targets import s3stream
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
 from tests.appliance.targets.test_s3 import open_uploads, settings
@@ -69,3 +70,23 @@ def test_a_failure_inside_leaves_nothing_and_entering_removes_a_killed_runs_left
         staged.writer.write(os.urandom(6 * MiB))  # a part is sent
         raise ImagingError("the guest fails validation", code="Guest.NoPartitionTable")
     assert keys(moto, bucket) == [] and open_uploads(moto, bucket) == []
+
+
+def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order(
+    moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3stream, "GROW_EVERY", 1)  # double after every part (1000 in use)
+    data = os.urandom(18 * MiB)
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    with s3stream.MultipartWriter(
+        client, bucket, "grown", part_size=5 * MiB, grow_parts=True, store_digest=False
+    ) as w:
+        for i in range(0, len(data), MiB):
+            w.write(data[i : i + MiB])
+        done = w.close()
+    pieces = [data[: 5 * MiB], data[5 * MiB : 15 * MiB], data[15 * MiB :]]  # 5, 10, then the rest
+    assert done["parts"] == 3
+    # S3's ETag of the completed object names the parts as sent: 5 MiB, 10 MiB, then the rest
+    assert done["etag"] == s3stream.multipart_etag([hashlib.md5(p).digest() for p in pieces])
+    body = moto.client("s3").get_object(Bucket=bucket, Key="grown")["Body"].read()
+    assert body == data
