@@ -4,9 +4,9 @@
 claim against the first bytes, the VMDK create type, a differencing VHD, the size limits) and decides
 how the disk travels. A sequential format — RAW, a gzip/xz/zstd/bzip2-compressed RAW disk, a
 stream-optimized VMDK, a fixed VHD — *streams* (``streams`` true) when nothing needs the disk as a
-file in scratch: the image target is a file directory and no operator hook is configured at the
-import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a file in scratch).
-Everything else (random-access formats, OVA, bundles, hooks, the S3 image target) takes the scratch
+file in scratch: the image target is a file directory or an S3 bucket, and no operator hook is
+configured at the import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a
+file in scratch). Everything else (random-access formats, OVA, bundles, hooks) takes the scratch
 path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
 
 ``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
@@ -16,6 +16,10 @@ target's new partial file (sparse: zero ranges are holes). The written disk is t
 conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
 ``guest.validate`` does, and only then is it published; any failure removes the partial — a hostile
 stream leaves no image. No scratch is reserved on this path.
+
+With the S3 image target the decoder's output goes in order into a multipart upload to a staging key,
+is inspected and guest-validated there (read back with cached ranged GETs) and only then copied to its
+final key: :mod:`.image_stream_s3`.
 
 :func:`stream_source` is the reusable per-disk part (one source object → one sink) with an
 ``observer`` that sees every verified source byte in order (a digest of the source without a second
@@ -48,9 +52,11 @@ from ..targets.base import storage_error
 from ..targets.encryption import requested
 from ..targets.file import FileImageTarget
 from ..targets.rawio import RawWriter
+from ..targets.s3 import S3ImageTarget
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url
 from .guest import ValidateStep
+from .image_stream_s3 import stream_into_s3
 from .imports import DISK_NAME, checked_source, source_digest, source_preflight
 from .provenance import READ_AFTER_STREAM, check_expected
 from .retries import retry_reporter
@@ -108,8 +114,8 @@ def route(ctx: StepContext, source: dict[str, Any], *, reject: bool = True) -> d
         decoder, reason = None, "an image bundle: unbundled into scratch"
     elif decoder is None:
         reason = "not a sequential format: downloaded into scratch and converted by qemu-img"
-    elif not isinstance(get_image_target(ctx.config), FileImageTarget):
-        decoder, reason = None, "the image target is not a file directory: converted in scratch"
+    elif not isinstance(get_image_target(ctx.config), FileImageTarget | S3ImageTarget):
+        decoder, reason = None, "the image target is not a file directory or S3: converted in scratch"
     else:
         hooked = [p for p in SCRATCH_POINTS if ctx.config.hooks.at(p)]
         if hooked:
@@ -270,9 +276,22 @@ class StreamStoreStep(Step):
     ) -> dict[str, Any]:
         source = checked_source(ctx, source)
         target = get_image_target(ctx.config)
-        if not isinstance(target, FileImageTarget):
-            raise UsageError("image.stream writes into a file image target only")
         encryption = requested(encrypted, kms_key_id)
+        if isinstance(target, S3ImageTarget):
+            return stream_into_s3(
+                ctx,
+                target,
+                stream_source,
+                source,
+                decoder,
+                preflight=preflight,
+                bootable=bootable,
+                encryption=encryption,
+                name=name,
+                request=dict(request),
+            )
+        if not isinstance(target, FileImageTarget):
+            raise UsageError("image.stream writes into a file or S3 image target only")
         facts: dict[str, Any] = {}
         meter = StageMeter("writing", None, ctx.progress)
         # the provenance record's source digests: the sha256 of every verified byte as it streamed

@@ -62,6 +62,10 @@ READ_AFTER_STREAM = (
     "one read of the image file after the streaming decoder wrote it: the grains are written at their "
     "offsets and zero ranges are left as holes, so the file is hashed once it is complete"
 )
+WHILE_UPLOADING = (
+    "computed while streaming: the sha256 of every byte handed to the multipart upload in order (zero "
+    "ranges included); the object was checked at a staging key and copied to its key with the digest"
+)
 READ_AFTER_WRITE = (
     "one read of the volume after it was written: RAW parts and decoded grains are written at their "
     "offsets (zeros skipped, qemu-img writes the VMDK/VHD path), and hooks at after_convert/before_write "
