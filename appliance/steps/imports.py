@@ -220,7 +220,7 @@ class SourceFetchStep(Step):
 
 
 def source_digest(
-    ctx: StepContext, source: dict[str, Any], *, sha256: str, size: int, md5_checked: str | None
+    ctx: StepContext, source: dict[str, Any], *, sha256: str | None, size: int, md5_checked: str | None
 ) -> dict[str, Any]:
     """The ``sources`` entry of a provenance record (:mod:`.provenance`) for a source read once
     (fetched into scratch or streamed): the sha256 computed as the bytes arrived (``sha256``,
@@ -243,7 +243,7 @@ def source_digest(
             value = None
         if value is not None:
             as_hex = b64_to_hex(value)
-            if as_hex is not None and as_hex != sha256:
+            if as_hex is not None and sha256 is not None and as_hex != sha256:
                 raise SourceIntegrity(
                     f"{src}: the sha256 of the received bytes ({sha256}) is not the object's "
                     f"x-amz-checksum-sha256 ({as_hex}); the download was corrupted or the object changed, "
