@@ -101,7 +101,7 @@ def import_image(service: ImportService, params: Params, caller: Caller) -> dict
         expected_sha256=digest,
         **boot.to_dict(),
     )
-    return views.import_image_result(task)
+    return views.import_image_result(task, service.disk_status(task))
 
 
 def import_snapshot(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
@@ -172,7 +172,8 @@ def _describe(
 def describe_import_image_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
     tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params, caller)
-    return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
+    shown = [views.import_image_task(t, service.disk_status(t)) for t in tasks]
+    return {"ImportImageTasks": shown, "NextToken": token}
 
 
 def describe_import_snapshot_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:

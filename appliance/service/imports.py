@@ -28,10 +28,11 @@ from typing import Any
 
 from ..config import Config
 from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound
-from ..store import ActiveTaskLimit, Store, Task
+from ..store import ActiveTaskLimit, Store, Task, TaskState
 from ..targets.encryption import Encryption
 from ..workflow.engine import Engine
 from . import bootparams, expected
+from .diskstatus import running_disks, several_disks
 from .importchecks import ImportChecks
 from .importtasks import (
     BOOT_DEVICE,
@@ -285,6 +286,14 @@ class ImportService(ImportChecks):
         return self._submit(IMPORT_SNAPSHOT, params, client_token=client_token, account=account)
 
     # -- reading and cancelling -----------------------------------------------------------------
+
+    def disk_status(self, task: Task) -> list[dict[str, Any]] | None:
+        """Each disk's own status while an ImportImage of several disks (or of an OVA) is pending or
+        running (:func:`.diskstatus.running_disks`, read from its step records); None for any other
+        task, and once the task is finished (its disks then show what it stored, or its end)."""
+        if task.state not in (TaskState.PENDING, TaskState.RUNNING) or not several_disks(task):
+            return None
+        return running_disks(task, self.store.step_results(task.id))
 
     def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
         """The task ``task_id`` if it is one of ``kinds`` and (``accounts`` given) belongs to one of

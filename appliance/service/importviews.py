@@ -18,7 +18,7 @@ from typing import Any
 from ..store import Task
 from ..targets.encryption import requested
 from . import bootparams
-from .importtasks import GiB, IMAGE_KINDS, IMPORT_IMAGE, IMPORT_INSTANCE, SNAPSHOT_KINDS, device_names
+from .importtasks import IMAGE_KINDS, IMPORT_IMAGE, IMPORT_INSTANCE, SNAPSHOT_KINDS, GiB, device_names
 
 #: task kinds whose result is a bootable image the controller registers with boot settings
 BOOTABLE_KINDS = (IMPORT_IMAGE, IMPORT_INSTANCE)
@@ -85,7 +85,7 @@ def encryption_report(task: Task) -> dict[str, Any] | None:
     return {"requested": wanted.to_dict() if wanted else None, "applied": outcome(task)["encryption"]}
 
 
-def _snapshot_id(task_id: str, n: int) -> str:
+def snapshot_id(task_id: str, n: int) -> str:
     """The snapshot id of disk ``n`` (1 = the boot disk) of the ImportImage ``task_id``: the boot
     disk's is ``snap-`` + the task id's 17 hex digits (as ever), a data disk's 17 hex digits derived
     from the task id and its position, so every disk has its own, the same on every read."""
@@ -95,14 +95,14 @@ def _snapshot_id(task_id: str, n: int) -> str:
     return "snap-" + hashlib.sha256(f"{task_id}/disk{n}".encode()).hexdigest()[:17]
 
 
-def _disk_size(disk: dict[str, Any]) -> int | None:
+def disk_size(disk: dict[str, Any]) -> int | None:
     source_image = disk.get("source_image") or {}
     stored = disk.get("stored") or {}
     size = source_image.get("virtual_size") or stored.get("size")
     return int(size) if size is not None else None
 
 
-def _disk_view(disk: Any) -> dict[str, Any]:
+def disk_view(disk: Any) -> dict[str, Any]:
     """An import-disk include's result with a streamed disk's facts (``image.stream``'s result,
     registered as ``streamed``) where the scratch path registers them: ``stored``, ``source_image``,
     ``guest``."""
@@ -126,14 +126,14 @@ def image_disks(task: Task) -> list[dict[str, Any]]:
     if task.kind != IMPORT_IMAGE or not isinstance(task.result, dict):
         return []
     result = task.result
-    boot = _disk_view(result.get("disk"))
+    boot = disk_view(result.get("disk"))
     if not boot.get("stored"):
         return []
     containers = (task.params or {}).get("disk_containers") or []
     ova = (boot.get("opened") or {}).get("ova") or {}
     ova_names = [d.get("name") for d in ova.get("disks") or []]
     found: list[tuple[dict[str, Any], int, str | None]] = [(boot, 1, ova_names[0] if ova_names else None)]
-    found += [(_disk_view(d), n, None) for n, d in enumerate(result.get("data_disks") or [], 2)]
+    found += [(disk_view(d), n, None) for n, d in enumerate(result.get("data_disks") or [], 2)]
     found += [
         (d or {}, 1, name) for d, name in zip(result.get("ova_data_disks") or [], ova_names[1:], strict=False)
     ]
@@ -152,9 +152,9 @@ def image_disks(task: Task) -> list[dict[str, Any]]:
             {
                 "index": n,
                 "device_name": device,
-                "snapshot_id": _snapshot_id(task.id, n),
+                "snapshot_id": snapshot_id(task.id, n),
                 "format": source_image.get("format"),
-                "size": _disk_size(disk),
+                "size": disk_size(disk),
                 "location": disk.get("stored") or None,
                 "container": container,
                 "ova_disk": ova_disk,
@@ -189,7 +189,7 @@ def outcome(task: Task) -> dict[str, Any]:
     result = task.result if isinstance(task.result, dict) else {}
     volume = result.get("volume") or (result.get("imported") or {}).get("volume") or {}
     ids = result.get("ids") or {}
-    disk = _disk_view(result.get("disk"))  # streamed into the image target, or through scratch
+    disk = disk_view(result.get("disk"))  # streamed into the image target, or through scratch
     stored = disk.get("stored") or {}
     source_image = disk.get("source_image") or {}
     written = result.get("written") or (result.get("imported") or {}).get("written") or {}
