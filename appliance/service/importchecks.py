@@ -32,6 +32,7 @@ from ..sources.urlfilter import UrlPolicy, parse_s3_url
 from ..targets import ImageTarget, get_image_target
 from ..targets.encryption import Encryption, EncryptionNotSupported, requested
 from ..timestamps import format_time, utc_now
+from . import expected
 from .importtasks import (
     DEVICE_NAME,
     MAX_IMAGE_DISKS,
@@ -125,8 +126,14 @@ class ImportChecks:
         }
 
     def _container(
-        self, c: DiskContainer, formats: Sequence[str], account: str = NO_ACCOUNT
+        self,
+        c: DiskContainer,
+        formats: Sequence[str],
+        account: str = NO_ACCOUNT,
+        prefix: str = "DiskContainer",
     ) -> dict[str, Any]:
+        """The task parameters of one disk container (``prefix``: its name in the request, e.g.
+        ``DiskContainer.2``); its expected sha256 in lower-case hex when it gives one."""
         fmt = c.format.upper() if c.format else None
         if fmt is not None and fmt not in formats:
             raise UsageError(f"disk container format {c.format!r} is not one of {', '.join(formats)}")
@@ -148,7 +155,11 @@ class ImportChecks:
             self.check_method(S3, "UserBucket")
             check_bucket(c.bucket, "UserBucket.S3Bucket")
             check_key(c.key, "UserBucket.S3Key")
-        return asdict(c) | {"format": fmt}
+        out = asdict(c) | {"format": fmt}
+        digest = out.pop("expected_sha256")  # only a disk that has one carries one (as ever)
+        if digest:
+            out["expected_sha256"] = expected.check_sha256(digest, f"{prefix}.{expected.MEMBER}")
+        return out
 
     def check_method(self, method: str, what: str) -> None:
         """Refuse an import method the operator did not enable (``ImportMethodDisabled``)."""

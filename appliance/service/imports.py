@@ -233,7 +233,9 @@ class ImportService(ImportChecks):
         """ImportImage: the first disk is the boot disk (the image's root volume), the others its
         data disks, each fetched, inspected, converted and stored the same way (at most
         :data:`MAX_IMAGE_DISKS`). An OVA carries its own disks, so it is the only container.
-        ``expected_sha256`` (beyond AWS, :mod:`appliance.service.expected`): the first disk's.
+        ``expected_sha256`` (beyond AWS, :mod:`appliance.service.expected`): the first disk's; each
+        container may give its own (:attr:`DiskContainer.expected_sha256`), the first's agreeing with
+        ``expected_sha256`` when both are given (``InvalidParameterCombination``).
 
         ``kernel_id``/``ramdisk_id``/``virtualization_type`` (beyond AWS, see
         :mod:`appliance.service.bootparams`) are validated and recorded for the controller. A
@@ -243,9 +245,13 @@ class ImportService(ImportChecks):
         """
         self.check_image_disks(containers)
         boot = bootparams.check(kernel_id, ramdisk_id, virtualization_type, boot_mode=boot_mode)
-        disks = [self._container(c, IMAGE_CONTAINER_FORMATS, account) for c in containers]
-        if expected_sha256:
-            disks[0]["expected_sha256"] = _expected(expected_sha256)
+        disks = [
+            self._container(c, IMAGE_CONTAINER_FORMATS, account, f"DiskContainer.{n}")
+            for n, c in enumerate(containers, 1)
+        ]
+        first = expected.first_disk(_expected(expected_sha256), disks[0].get("expected_sha256"))
+        if first:
+            disks[0]["expected_sha256"] = first
         params = boot.to_dict() | {
             "disk_containers": disks,
             "architecture": architecture,
@@ -274,8 +280,9 @@ class ImportService(ImportChecks):
         """ImportSnapshot: one disk converted to RAW and stored by the image target; ``client_token``,
         ``account``, ``encryption`` and ``expected_sha256`` as for :meth:`import_image`."""
         disk = self._container(container, CONTAINER_FORMATS, account)
-        if expected_sha256:
-            disk["expected_sha256"] = _expected(expected_sha256)
+        digest = expected.first_disk(_expected(expected_sha256), disk.get("expected_sha256"), "DiskContainer")
+        if digest:
+            disk["expected_sha256"] = digest
         params = {
             "disk_container": disk,
             "description": description,

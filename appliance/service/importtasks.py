@@ -81,7 +81,8 @@ class DiskImage:
 
 @dataclass(frozen=True)
 class DiskContainer:
-    """One disk of an ImportImage/ImportSnapshot request: an URL or a bucket/key."""
+    """One disk of an ImportImage/ImportSnapshot request: an URL or a bucket/key; ``expected_sha256``:
+    the sha256 its source must have (beyond AWS, :mod:`appliance.service.expected`)."""
 
     format: str | None = None
     url: str | None = None
@@ -89,6 +90,7 @@ class DiskContainer:
     key: str | None = None
     description: str | None = None
     device_name: str | None = None
+    expected_sha256: str | None = None
 
 
 #: the account of tasks recorded without one: tasks of ``imaging run`` and of the controller (pull

@@ -300,7 +300,7 @@ class StreamStoreStep(Step):
                 md5_checked=md5_checked[0] if md5_checked else None,
             )
             # a wrong source fails before the disk is published
-            check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"])
+            check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"], name)
             with open(path, "r+b") as f:
                 # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
                 f.truncate(result.virtual_size)

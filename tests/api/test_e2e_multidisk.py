@@ -7,6 +7,7 @@ shows: the disks before it completed, it active with its own progress, the disks
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -342,3 +343,94 @@ def test_while_the_second_disk_downloads_the_first_is_completed_it_is_active_and
     for source, out in zip([boot, second, third], stored, strict=True):
         _identical(source, out)
 
+
+# -- an expected sha256 per disk ----------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_with(appliance: Appliance, containers: list[dict[str, Any]], extra: dict[str, str]) -> str:
+    """ImportImage with ``extra`` members botocore does not know (``DiskContainer.N.ExpectedSha256``),
+    added to the body before it is signed."""
+
+    def add(params: dict[str, Any], **_: Any) -> None:
+        params["body"].update(extra)
+
+    appliance.ec2.meta.events.register("before-call.ec2.ImportImage", add)
+    try:
+        return str(appliance.ec2.import_image(DiskContainers=containers)["ImportTaskId"])
+    finally:
+        appliance.ec2.meta.events.unregister("before-call.ec2.ImportImage", add)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "via", "checked_by"),
+    [
+        ("RAW", "member", "stream"),  # streamed into the image target: checked before it is published
+        ("VHDX", "token", "fetch"),  # downloaded into scratch: checked before it is converted
+    ],
+)
+def test_a_second_disk_that_is_not_its_expected_sha256_fails_the_image_naming_it_and_stores_nothing(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path, fmt: str, via: str, checked_by: str
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 3)
+    obj = guestfactory.convert(second, tmp_path / "second.vhdx", "vhdx") if fmt == "VHDX" else second
+    key = f"vm/second.{fmt.lower()}"
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(obj), bucket, key)
+    wrong = hashlib.sha256(b"another disk").hexdigest()
+    containers = [
+        # the boot disk's own digest is right: it is stored, then removed again
+        {
+            "Format": "RAW",
+            "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"},
+            "Description": f"root [imaging:sha256={_sha256(boot)}]",
+        },
+        {"Format": fmt, "UserBucket": {"S3Bucket": bucket, "S3Key": key}},
+    ]
+    extra = {}
+    if via == "token":
+        containers[1]["Description"] = f"data [imaging:sha256={wrong}]"
+    else:
+        extra["DiskContainer.2.ExpectedSha256"] = wrong
+    task_id = _import_with(appliance, containers, extra)
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted", final
+    assert final["StatusMessage"].startswith("ClientError: Source.DigestMismatch: "), final["StatusMessage"]
+    shown = admin_task(appliance, task_id)
+    message = shown["task"]["error_message"]
+    assert wrong in message and _sha256(obj) in message
+    assert f"s3://{bucket}/{key} of disk2 (DiskContainer.2)" in message
+    failed = [s["name"] for s in shown["steps"] if s["state"] == "failed" and "/include/" in s["idx"]]
+    assert failed == [checked_by]
+    assert _boot_disk_was_stored(appliance, task_id)
+    images = appliance.state / "images"
+    assert not images.exists() or sorted(p.name for p in images.iterdir()) == []
+
+
+def test_every_disk_with_its_right_expected_sha256_completes_and_the_record_lists_each(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 3)
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(second), bucket, "vm/second.raw")
+    containers = [
+        {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"}},
+        {"Format": "RAW", "Url": f"s3://{bucket}/vm/second.raw"},
+    ]
+    # the request's member is the first disk's; the second's is its own
+    extra = {"ExpectedSha256": _sha256(boot), "DiskContainer.2.ExpectedSha256": _sha256(second).upper()}
+    task_id = _import_with(appliance, containers, extra)
+    assert _finished(appliance, task_id)["Status"] == "completed"
+    sources = admin_task(appliance, task_id)["provenance"]["sources"]
+    assert [(s["sha256"], s["expected_sha256"]) for s in sources] == [
+        (_sha256(boot), _sha256(boot)),
+        (_sha256(second), _sha256(second)),
+    ]
