@@ -408,7 +408,7 @@ class StreamStoreStep(Step):
             if sha256 is None:
                 facts["source"]["sha256_unknown"] = checkpoints.unknown
             # a wrong source fails before the disk is published
-            check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"])
+            check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
             with open(path, "r+b") as f:
                 # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
                 f.truncate(result.virtual_size)

@@ -134,7 +134,7 @@ def stream_into_s3(
             md5_checked=md5_checked[0] if md5_checked else None,
         )
         # a wrong source fails before anything is published
-        check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"])
+        check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"], name)
         sink.finish(result.virtual_size)  # the disk's trailing zeros
         written = staged.complete()
         reader = staged.reader()

@@ -171,7 +171,7 @@ class SourceFetchStep(Step):
                 ctx, source, sha256=result.sha256, size=result.size, md5_checked=result.md5_checked
             )
             # the user's expected sha256, before anything is converted or stored
-            check_expected(source.get("expected_sha256"), result.sha256, digest["location"])
+            check_expected(source.get("expected_sha256"), result.sha256, digest["location"], name)
         except BaseException:
             dst.unlink(missing_ok=True)
             ctx.ledger_removed(dst)
@@ -250,7 +250,10 @@ def source_digest(
                     "try again"
                 )
             checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": as_hex is not None})
-    return {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
+    out = {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
+    if source.get("expected_sha256"):  # the user's, checked against ``sha256`` (provenance lists it)
+        out["expected_sha256"] = str(source["expected_sha256"]).lower()
+    return out
 
 
 def _source_key(source: dict[str, Any]) -> str:
