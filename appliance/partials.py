@@ -10,7 +10,12 @@ the ledger says ``removed``.
 A process killed mid-write leaves its partial behind, named in its task's ledger. :func:`sweep`
 removes the partials of tasks that no live process owns, and records each removal in that task's
 ledger (step ``recovery``): the engine sweeps a task's partials when it resumes it, the worker sweeps
-every task's at start-up.
+every task's at start-up, and a task that fails or is cancelled sweeps what it left.
+
+A writer that can continue where it got to (a streamed import, :mod:`appliance.steps.image_stream`)
+names its partial in its step checkpoint (:data:`CHECKPOINT_KEY`) and keeps it when it is stopped
+(``keep_on``); the sweeps of a task that may still resume leave such a partial (``resumable``), and the
+step's next run takes it again (``reuse``). The task's end removes it if no run published it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from .errors import TaskNotFound
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ MARKER = ".partial-"
 PARTIAL_NAME = re.compile(r"^\..+\.partial-[0-9a-f]{8}$")
 #: the ledger's step for removals by a sweep
 RECOVERY_STEP = "recovery"
+#: the key of a step checkpoint that names a partial kept for the step's next run
+CHECKPOINT_KEY = "partial"
 
 
 class Ledger(Protocol):
@@ -60,15 +68,44 @@ def _umask() -> int:
     return 0o022
 
 
+def reusable(partial: Path | None, final: Path) -> bool:
+    """Whether ``partial`` is a partial of ``final`` that a writer may take again: in ``final``'s
+    directory, named as its partials are, a regular file (not through a symlink)."""
+    if partial is None:
+        return False
+    partial = Path(partial)
+    if partial.parent != final.parent or not is_partial(partial):
+        return False
+    if not partial.name.startswith(f".{final.name}{MARKER}"):
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(partial).st_mode)
+    except OSError:
+        return False
+
+
 @contextmanager
-def partial_file(final: Path, ledger: Ledger | None = None) -> Iterator[Path]:
+def partial_file(
+    final: Path,
+    ledger: Ledger | None = None,
+    *,
+    reuse: Path | None = None,
+    keep_on: tuple[type[BaseException], ...] = (),
+) -> Iterator[Path]:
     """An empty new partial of ``final`` (mode 0600), announced to ``ledger`` before it is created.
 
     The body writes the partial and renames it into place (:func:`publish`). On leaving, the partial
     is removed if it is still there (a failure, a cancel), and ``ledger`` is told the name is gone.
     Raises ``OSError`` when the partial cannot be created (the ledger entry is closed again).
+
+    ``reuse``: a partial of ``final`` an earlier run of the same task kept (its ledger names it already):
+    yielded as it is when it is one (:func:`reusable`), else a new one is made. ``keep_on``: exceptions
+    that leave the partial where it is (still ledgered as created) for a later run to take again.
     """
     final = Path(final)
+    if reuse is not None and reusable(reuse, final):
+        yield from _kept(Path(reuse), ledger, keep_on)
+        return
     path = final.with_name(f".{final.name}{MARKER}{secrets.token_hex(4)}")
     while os.path.lexists(path):  # never announce a name someone else holds
         path = final.with_name(f".{final.name}{MARKER}{secrets.token_hex(4)}")
@@ -81,18 +118,35 @@ def partial_file(final: Path, ledger: Ledger | None = None) -> Iterator[Path]:
         _settled(ledger, path)
         raise
     try:
-        try:
-            os.fchmod(fd, 0o600)  # a umask such as 0277 would leave it unwritable
-        finally:
-            os.close(fd)
+        os.fchmod(fd, 0o600)  # a umask such as 0277 would leave it unwritable
+    except BaseException:
+        os.close(fd)
+        _remove(path, ledger)
+        raise
+    os.close(fd)
+    yield from _kept(path, ledger, keep_on)
+
+
+def _kept(path: Path, ledger: Ledger | None, keep_on: tuple[type[BaseException], ...]) -> Iterator[Path]:
+    """Yield ``path``; on leaving remove it (and tell ``ledger``) unless a ``keep_on`` error left."""
+    try:
         yield path
-    finally:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            log.exception("could not remove the partial output %s", path)
-        else:
-            _settled(ledger, path)
+    except keep_on:
+        log.info("keeping the partial output %s for the task's next run", path)
+        raise
+    except BaseException:
+        _remove(path, ledger)
+        raise
+    _remove(path, ledger)
+
+
+def _remove(path: Path, ledger: Ledger | None) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        log.exception("could not remove the partial output %s", path)
+    else:
+        _settled(ledger, path)
 
 
 def _settled(ledger: Ledger | None, path: Path) -> None:
@@ -118,12 +172,32 @@ def publish(partial: Path, final: Path, mode: int | None = None) -> None:
     os.replace(partial, final)
 
 
+def kept_for_resume(store: Store, task_id: str) -> set[str]:
+    """The partials ``task_id``'s step checkpoints name (:data:`CHECKPOINT_KEY`) while the task may still
+    run (it is not over): kept by a ``resumable`` sweep for the step that takes them again."""
+    try:
+        if store.get_task(task_id).state.terminal:
+            return set()
+    except TaskNotFound:
+        return set()
+    return {
+        str(data[CHECKPOINT_KEY])
+        for data in store.checkpoints(task_id).values()
+        if isinstance(data, dict) and isinstance(data.get(CHECKPOINT_KEY), str)
+    }
+
+
 def sweep(
-    store: Store, keep: Callable[[str], bool] = lambda _task_id: False, *, task_id: str | None = None
+    store: Store,
+    keep: Callable[[str], bool] = lambda _task_id: False,
+    *,
+    task_id: str | None = None,
+    resumable: bool = False,
 ) -> list[Path]:
     """Remove the partials named in cleanup ledgers as created and not since removed, that are still on
     disk, of every task (or of ``task_id``) that ``keep`` rejects. Each removal goes into the task's
-    ledger (step :data:`RECOVERY_STEP`). Returns the paths removed.
+    ledger (step :data:`RECOVERY_STEP`). Returns the paths removed. ``resumable``: leave the partials
+    a task that may still run keeps for a resume (:func:`kept_for_resume`).
 
     Only a regular file with a partial's name at the absolute path the ledger holds is removed.
     """
@@ -135,10 +209,17 @@ def sweep(
         else:
             outstanding.pop((e.task_id, e.resource), None)
     removed = []
+    kept: dict[str, set[str]] = {}
     for owner, resource in outstanding:
         path = Path(resource)
         if not path.is_absolute() or not is_partial(path) or keep(owner):
             continue
+        if resumable:
+            if owner not in kept:
+                kept[owner] = kept_for_resume(store, owner)
+            if resource in kept[owner]:
+                log.info("task %s: keeping the partial output %s for its resume", owner, path)
+                continue
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 continue

@@ -12,7 +12,10 @@ and the tasks report the encryption the stored object has
 
 Beyond AWS, ImportImage takes a kernel, a ramdisk and a virtualization type as the extra members
 ``KernelId``, ``RamdiskId``, ``VirtualizationType`` or as an ``[imaging:…]`` token in
-``Description`` (:mod:`appliance.service.bootparams`).
+``Description`` (:mod:`appliance.service.bootparams`), and every import an expected sha256 of its
+source: ``ExpectedSha256`` or ``[imaging:sha256=…]`` in ``Description`` for the first (or only)
+disk, ``DiskContainer.N.ExpectedSha256`` or the token in ``DiskContainer.N.Description`` for each
+disk (:mod:`appliance.service.expected`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def _container(c: Mapping[str, Any], prefix: str) -> DiskContainer:
         key=bucket.get("S3Key"),
         description=c.get("Description"),
         device_name=c.get("DeviceName"),
+        # beyond AWS: the disk's own expected sha256 (its extra member or its Description's token)
+        expected_sha256=expected.resolve_disk(c.get(expected.MEMBER), c.get("Description"), prefix),
     )
 
 
@@ -101,7 +106,7 @@ def import_image(service: ImportService, params: Params, caller: Caller) -> dict
         expected_sha256=digest,
         **boot.to_dict(),
     )
-    return views.import_image_result(task)
+    return views.import_image_result(task, service.disk_status(task))
 
 
 def import_snapshot(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
@@ -172,7 +177,8 @@ def _describe(
 def describe_import_image_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:
     """DescribeImportImageTasks → ``{ImportImageTasks, NextToken}`` (paginated)."""
     tasks, token = _describe(service, "DescribeImportImageTasks", IMAGE_KINDS, params, caller)
-    return {"ImportImageTasks": [views.import_image_task(t) for t in tasks], "NextToken": token}
+    shown = [views.import_image_task(t, service.disk_status(t)) for t in tasks]
+    return {"ImportImageTasks": shown, "NextToken": token}
 
 
 def describe_import_snapshot_tasks(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:

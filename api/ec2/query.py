@@ -74,8 +74,18 @@ EXTRA_MEMBERS: dict[str, dict[str, tuple[str, ...]]] = {
         "VirtualizationType": ("VirtualizationType",),
         "ExpectedSha256": ("ExpectedSha256",),
     },
-    "ImportSnapshot": {"ExpectedSha256": ("ExpectedSha256",)},
+    "ImportSnapshot": {
+        "ExpectedSha256": ("ExpectedSha256",),
+        "DiskContainer.ExpectedSha256": ("DiskContainer", "ExpectedSha256"),
+    },
     "ImportVolume": {"ExpectedSha256": ("ExpectedSha256",)},
+}
+
+#: Members the model lacks inside a structure of a list, by the structure's member path (``*``: any
+#: index): accepted as strings like :data:`EXTRA_MEMBERS`. ``DiskContainer.N.ExpectedSha256``: the
+#: expected sha256 of each disk of an ImportImage, beyond AWS (:mod:`appliance.service.expected`).
+EXTRA_ITEM_MEMBERS: dict[str, dict[tuple[str, ...], frozenset[str]]] = {
+    "ImportImage": {("DiskContainers", "*"): frozenset({"ExpectedSha256"})},
 }
 
 # ASCII digits only: ``\d`` and ``int()`` also accept other Unicode digits.
@@ -270,6 +280,7 @@ class _Parser:
         self.action = action
         self.aliases = ALIASES.get(action, {})
         self.extras = EXTRA_MEMBERS.get(action, {})
+        self.item_extras = EXTRA_ITEM_MEMBERS.get(action, {})
         self.enums = ENUMS.get(action, {})
         self.bounds = BOUNDS.get(action, {})
 
@@ -296,6 +307,9 @@ class _Parser:
                     raise _unknown(key)  # a structure given a value directly
                 found = model.request_members(current).get(segments[i])
                 if found is None:
+                    if i == len(segments) - 1 and segments[i] in self.item_extras.get(tuple(path), ()):
+                        self._set(node, segments[i], raw, key)  # an extra member of a list's item
+                        return
                     raise _unknown(key)
                 name, member = found
                 slot: Any = name

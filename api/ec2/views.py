@@ -16,6 +16,14 @@ Import image / snapshot tasks: pending/running → ``active`` (message = sub-sta
 whole percent), completed → ``completed``, cancelling → ``deleting``, cancelled → ``deleted``,
 failed → ``deleted`` with ``ClientError: …`` as AWS does.
 
+While an ImportImage of several disks (DiskContainers, or an OVA's disks) is pending or running, each
+``SnapshotDetail`` is its own disk's (:mod:`appliance.service.diskstatus`): ``Status`` ``pending``
+before its turn, ``active`` with its own ``Progress``, ``StatusMessage`` (``downloading``,
+``validating``, ``converting``, ``writing``, …) and ``DiskImageSize`` while it runs, ``completed``
+(with its ``SnapshotId``, size and format) once stored. The task's ``Progress`` is then the mean of
+its disks' (each disk counts alike) for DiskContainers, so it never goes back; an OVA's, whose disks
+are only known once it is opened, stays the task's own.
+
 Every ``StatusMessage`` (except euca2ools' ``Pending import-image upload``) is followed by a
 summary of the task's error and warning findings (:func:`appliance.service.summary.findings_summary`),
 e.g. ``completed; warnings: Guest.FstabDeviceMissing (…)``; a completed task without findings
@@ -40,6 +48,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.redact import redact
+from appliance.service.diskstatus import is_ova, overall_percent
 from appliance.service.imports import IMPORT_VOLUME, device_names, encryption_report, outcome
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
@@ -123,10 +132,12 @@ def _cancel_reason(task: Task) -> str:
     return task.cancel_reason or "Cancelled by user"
 
 
-def _progress(task: Task) -> str | None:
-    if task.state in (TaskState.PENDING, TaskState.RUNNING):
-        return str(int(task.percent or 0))
-    return None
+def _progress(task: Task, disks: list[dict[str, Any]] | None = None) -> str | None:
+    if task.state not in (TaskState.PENDING, TaskState.RUNNING):
+        return None
+    if disks and not is_ova(task):  # the disks of the request, each counting alike
+        return str(int(overall_percent(disks)))
+    return str(int(task.percent or 0))
 
 
 def _opt(mapping: dict[str, Any], key: str) -> Any:
@@ -255,11 +266,37 @@ def _encryption(task: Task) -> dict[str, Any]:
     return {"Encrypted": shown is not None, "KmsKeyId": (shown or {}).get("kms_key_id")}
 
 
-def _image_snapshot_details(task: Task) -> list[dict[str, Any]]:
+def _running_detail(container: dict[str, Any], disk: dict[str, Any]) -> dict[str, Any]:
+    """The ``SnapshotDetail`` of one disk of a running multi-disk import (``disk``: one of
+    :func:`appliance.service.diskstatus.running_disks`)."""
+    size = disk.get("size")
+    state = disk["state"]
+    return {
+        "Description": _opt(container, "description"),
+        "DeviceName": disk["device_name"],
+        "DiskImageSize": float(size) if size is not None else None,
+        "Format": _disk_format(container, disk),
+        "Progress": str(int(disk["percent"])) if state in ("pending", "active") else None,
+        "SnapshotId": disk.get("snapshot_id"),
+        "Status": state,
+        "StatusMessage": disk.get("phase"),
+        "Url": _opt(container, "url"),
+        "UserBucket": _user_bucket(container),
+    }
+
+
+def _image_snapshot_details(task: Task, running: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One ``SnapshotDetail`` per disk, in request order (an OVA's disks in its OVF's order): once
-    the disks are stored, each with its own size, format, device and snapshot id; before, one per
-    DiskContainer, the boot disk's with the task's snapshot id."""
+    the disks are stored, each with its own size, format, device and snapshot id; while several run
+    (``running``: :meth:`~appliance.service.imports.ImportService.disk_status`), each with its own
+    status; else one per DiskContainer, the boot disk's with the task's snapshot id."""
     containers = _opt(task.params, "disk_containers") or []
+    if running and task.state in (TaskState.PENDING, TaskState.RUNNING):
+        return [
+            _running_detail(containers[d["container"] - 1], d)
+            for d in running
+            if d["container"] <= len(containers)
+        ]
     disks = _result(task).get("disks") or []
     if disks:
         return [
@@ -277,8 +314,10 @@ def _image_snapshot_details(task: Task) -> list[dict[str, Any]]:
     ]
 
 
-def import_image_task(task: Task) -> dict[str, Any]:
-    """``ImportImageTask`` (DescribeImportImageTasks item) for an import-image task."""
+def import_image_task(task: Task, disks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``ImportImageTask`` (DescribeImportImageTasks item) for an import-image task; ``disks``: the
+    status of each of its disks while several run (:meth:`~appliance.service.imports.ImportService.
+    disk_status`), None to show every disk with the task's."""
     p = task.params
     view = {
         "Architecture": _opt(p, "architecture"),
@@ -290,8 +329,8 @@ def import_image_task(task: Task) -> dict[str, Any]:
         "ImportTaskId": task.id,
         "LicenseType": _opt(p, "license_type"),
         "Platform": _opt(p, "platform"),
-        "Progress": _progress(task),
-        "SnapshotDetails": _image_snapshot_details(task),
+        "Progress": _progress(task, disks),
+        "SnapshotDetails": _image_snapshot_details(task, disks),
         "Status": import_status(task),
         "StatusMessage": _import_message(task),
         "Tags": _tags(task),
@@ -299,9 +338,9 @@ def import_image_task(task: Task) -> dict[str, Any]:
     return redact(view)
 
 
-def import_image_result(task: Task) -> dict[str, Any]:
+def import_image_result(task: Task, disks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``ImportImageResult``: the task view without ``BootMode``, which that shape lacks."""
-    out = import_image_task(task)
+    out = import_image_task(task, disks)
     del out["BootMode"]
     return out
 

@@ -11,20 +11,25 @@ It raises only for caller mistakes (:class:`~appliance.errors.UsageError`) and c
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import stat
+import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import config as config_mod
 from .. import confine
 from ..confine import Completed, Policy
-from ..errors import Finding, UsageError
+from ..errors import Cancelled, Finding, UsageError
 from ..image.formats import guest_format
 from .codes import finding, for_data_disk
+from .piped import ProtocolError, serve
 from .report import GuestReport
 
 PLATFORMS = {"linux": "linux", "windows": "windows"}
@@ -144,6 +149,119 @@ def validate_image(
     if not bootable:
         report = report.with_findings([for_data_disk(f) for f in report.findings])
     return report
+
+
+#: how often the parent looks at cancel and the wall clock while the piped probe runs
+_POLL_SECONDS = 0.1
+#: stderr kept of the piped probe
+_STDERR_KEEP = 8192
+
+
+def validate_ranges(
+    read_at: Callable[[int, int], bytes],
+    size: int,
+    fmt: str = "raw",
+    *,
+    bootable: bool = True,
+    config: config_mod.Config | None = None,
+    cancel: threading.Event | None = None,
+    wall_seconds: float | None = None,
+    workdir: Path | None = None,
+) -> GuestReport:
+    """:func:`validate_image` of a disk that is not a local file: ``size`` bytes read with
+    ``read_at(offset, length)`` (e.g. an S3 object, :class:`appliance.targets.s3read.ObjectRangeReader`).
+
+    The probe child runs under the same policy (no network, the limits, an empty private directory in
+    ``workdir``) and reads the disk over its stdin/stdout (:mod:`.piped`): this process answers each
+    read, so nothing but disk bytes reaches the child. The report is interpreted as
+    :func:`validate_image` does (a bad image is a finding, never an exception). Raises what ``read_at``
+    raises (the child is killed first) and :class:`~appliance.errors.Cancelled`."""
+    reader_format = guest_format(fmt)
+    if reader_format is None:
+        report = _unreadable(
+            f"{fmt.strip().lower()} images are not read directly; validate the image after conversion to raw"
+        )
+    else:
+        cfg = config if config is not None else config_mod.from_dict({})
+        policy = confine.guest_probe(cfg.limits, wall_seconds)
+        argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", reader_format]
+        with confine.private_dir(workdir, prefix="guest-probe.") as private:
+            res = _run_piped([*argv, "--piped", str(size)], policy, private, size, read_at, cancel)
+        report = _interpret(res, policy)
+    if not bootable:
+        report = report.with_findings([for_data_disk(f) for f in report.findings])
+    return report
+
+
+def _run_piped(
+    argv: list[str],
+    policy: Policy,
+    cwd: Path,
+    size: int,
+    read_at: Callable[[int, int], bytes],
+    cancel: threading.Event | None,
+) -> Completed:
+    """Run the piped probe, serving its reads in a thread; its answer as :func:`confine.run` would
+    have collected it from a probe reading a file."""
+    proc = confine.spawn(argv, policy, cwd=cwd, stdin=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    outcome: dict[str, object] = {}
+    errors = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(stderr.fileno(), 65536):
+            errors.extend(chunk)
+            del errors[:-_STDERR_KEEP]
+
+    def answer_reads() -> None:
+        try:
+            outcome["answer"] = serve(stdout.fileno(), stdin.fileno(), size, read_at)
+        except ProtocolError as exc:
+            outcome["protocol"] = str(exc)
+        except BaseException as exc:  # a failure to read the disk: the caller's, not the image's
+            outcome["failure"] = exc
+        finally:
+            if "answer" not in outcome and proc.poll() is None:
+                proc.kill()
+
+    threads = [
+        threading.Thread(target=drain, name="guest-probe-stderr", daemon=True),
+        threading.Thread(target=answer_reads, name="guest-probe-reads", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    deadline = None if policy.wall_seconds is None else time.monotonic() + policy.wall_seconds
+    timed_out = False
+    try:
+        while threads[1].is_alive():
+            threads[1].join(_POLL_SECONDS)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled while running {policy.tool}")
+            if deadline is not None and time.monotonic() > deadline and threads[1].is_alive():
+                timed_out = True
+                proc.kill()
+                threads[1].join()
+        proc.wait()
+        threads[0].join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for t in threads:
+            t.join()
+        for pipe in (stdin, stdout, stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
+    failure = outcome.get("failure")
+    if isinstance(failure, BaseException):
+        raise failure
+    answer = outcome.get("answer")
+    text = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else ""
+    err = errors.decode("utf-8", "replace")
+    if "protocol" in outcome:
+        err += f"\nthe reader broke the read protocol: {outcome['protocol']}"
+    return Completed(proc.returncode, text, err, timed_out=timed_out)
 
 
 def normalize_architecture(name: str) -> str:

@@ -10,7 +10,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from oslo_utils.imageutils import format_inspector as fi
 
@@ -153,6 +153,14 @@ def content_stage(
         result.add(size_finding(size, config))
 
 
+class SeekableInput(Protocol):
+    """What :meth:`ContentView.of_stream` reads: a binary file that can seek."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+
 @dataclass(frozen=True)
 class ContentView:
     """What the content stage reads of an image: the inspectors' decision, its first bytes (at least
@@ -168,21 +176,28 @@ class ContentView:
     def of_file(cls, path: Path, cancel: threading.Event | None) -> ContentView:
         """Every format whose inspector matches ``path`` (``[raw]`` when none does), reading only as far
         as needed, and the file's first and last sector."""
-        detector = Detector()
         with open(path, "rb") as f:
-            head = f.read(_READ_CHUNK)
-            chunk = head
-            while chunk:
-                detector.feed(chunk)
-                check_cancel(cancel)
-                if detector.formats is not None:
-                    break
-                chunk = f.read(_READ_CHUNK)
-            size = f.seek(0, 2)
-            footer = b""
-            if size >= SECTOR:
-                f.seek(size - SECTOR)
-                footer = f.read(SECTOR)
+            return cls.of_stream(f, cancel)
+
+    @classmethod
+    def of_stream(cls, f: SeekableInput, cancel: threading.Event | None) -> ContentView:
+        """:meth:`of_file` of an open, seekable binary file (a local file, or an object read back in
+        ranges: :class:`appliance.targets.s3read.ObjectRangeReader`)."""
+        detector = Detector()
+        f.seek(0)
+        head = f.read(_READ_CHUNK)
+        chunk = head
+        while chunk:
+            detector.feed(chunk)
+            check_cancel(cancel)
+            if detector.formats is not None:
+                break
+            chunk = f.read(_READ_CHUNK)
+        size = f.seek(0, 2)
+        footer = b""
+        if size >= SECTOR:
+            f.seek(size - SECTOR)
+            footer = f.read(SECTOR)
         return cls(detector.finish(), head, footer, size)
 
 

@@ -28,6 +28,7 @@ record against the target and writes it itself.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import struct
@@ -50,6 +51,8 @@ from .vmdkstream import VmdkStreamDecoder
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
 #: input bytes between two boundaries the child reports
 BOUNDARY_EVERY = 64 << 20
+#: the error code of a resume from a checkpoint the format refuses (see :func:`check_checkpoint`)
+BAD_CHECKPOINT = "InvalidCheckpoint"
 #: a record of ``--records`` output: tag (V, W, Z, B), offset, length
 RECORD = struct.Struct(">cQQ")
 
@@ -138,6 +141,28 @@ def resume_decoder(
     raise UsageError(f"a {boundary.format} decode cannot resume at input byte {boundary.input_offset}")
 
 
+def check_checkpoint(
+    fmt: str, state: object, limits: DecodeLimits, *, input_size: int | None = None
+) -> Boundary:
+    """A decoder checkpoint (:meth:`~appliance.image.decoding.Decoder.checkpoint`, kept in the task store)
+    as the :class:`~appliance.image.decoding.Boundary` to resume ``fmt`` from, once the format's restore
+    accepted it (checked as untrusted: see each format's ``restore``). ValueError for anything else, a
+    compressed stream past its start included (it has no state to resume from)."""
+    if not isinstance(state, dict):
+        raise ValueError("a decoder checkpoint is a JSON object")
+    try:
+        boundary = Boundary.from_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a decoder checkpoint: {exc}") from exc
+    if boundary.format != fmt:
+        raise ValueError(f"a checkpoint of a {boundary.format} decode, not of {fmt}")
+    try:
+        resume_decoder(boundary, io.BytesIO(), limits, input_size=input_size)  # reads nothing
+    except UsageError as exc:
+        raise ValueError(exc.message) from exc
+    return boundary
+
+
 def decode_file(
     decoder: Decoder,
     dst: Path,
@@ -191,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     src = os.fdopen(0, "rb", closefd=False)
     try:
         if args.resume:
-            boundary = Boundary.from_dict(json.loads(Path(args.resume).read_text()))
-            decoder = resume_decoder(boundary, src, limits, input_size=args.input_size)
+            try:
+                boundary = Boundary.from_dict(json.loads(Path(args.resume).read_text()))
+                decoder = resume_decoder(boundary, src, limits, input_size=args.input_size)
+            except (KeyError, TypeError, ValueError) as exc:  # checked as untrusted by each format
+                raise ImagingError(
+                    f"the checkpoint to resume from is refused: {exc}", code=BAD_CHECKPOINT
+                ) from exc
         else:
             decoder = open_decoder(args.format, src, limits, input_size=args.input_size)
         report({"virtual_size": decoder.virtual_size})

@@ -81,6 +81,23 @@ class Boundary:
         return cls(str(d["format"]), int(d["input_offset"]), dict(d.get("state") or {}))
 
 
+def offset_state(boundary: Boundary, fmt: str, input_end: int | None) -> int:
+    """The ``data_bytes`` of an offset-only boundary (RAW, fixed VHD) once it is checked as untrusted:
+    of ``fmt``, an offset inside the input (``input_end``: where the data ends, when known), no more
+    data bytes than input before it. ValueError for anything else."""
+    if boundary.format != fmt:
+        raise ValueError(f"a {boundary.format} boundary cannot resume a {fmt} decode")
+    state, offset = boundary.state, boundary.input_offset
+    if sorted(state) not in ([], ["data_bytes"]):
+        raise ValueError(f"a {fmt} checkpoint holds only data_bytes")
+    data = state.get("data_bytes", 0)
+    if offset < 0 or (input_end is not None and offset > input_end):
+        raise ValueError(f"the checkpoint's input offset {offset} is outside the {fmt} data")
+    if type(data) is not int or not 0 <= data <= offset:
+        raise ValueError(f"the checkpoint's data_bytes {data!r} do not fit its offset {offset}")
+    return data
+
+
 @dataclass(frozen=True)
 class DecodeResult:
     """What a finished decode produced: the disk size, input bytes read, data bytes handed to the sink."""
@@ -191,6 +208,12 @@ class Decoder(ABC):
     def boundary(self) -> Boundary | None:
         """The latest clean point of the input (module docstring); None where the format has none
         after its start (a compressed stream)."""
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The state at the latest clean boundary as a small JSON object (the format's ``restore``
+        continues from it), or None where there is none (a compressed stream after its start)."""
+        b = self.boundary()
+        return None if b is None else b.to_dict()
 
     @abstractmethod
     def decode(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from isal import igzip
 
@@ -34,6 +34,7 @@ from .decoding import (
     Sink,
     corrupt,
     emit,
+    offset_state,
     too_large,
 )
 from .formats import COMPRESSIONS
@@ -64,11 +65,17 @@ class RawDecoder(Decoder):
         cls, src: BinaryIO, boundary: Boundary, limits: DecodeLimits, *, input_size: int | None = None
     ) -> RawDecoder:
         """Continue from ``boundary``; ``src`` yields the input from ``boundary.input_offset``."""
-        if boundary.format != RAW:
-            raise ValueError(f"a {boundary.format} boundary cannot resume a RAW decode")
+        data_bytes = offset_state(boundary, RAW, input_size)  # ValueError for a tampered one
         dec = cls(src, limits, input_size=input_size, offset=boundary.input_offset)
-        dec.data_bytes = int(boundary.state.get("data_bytes", 0))
+        dec.data_bytes = data_bytes
         return dec
+
+    @classmethod
+    def restore(
+        cls, src: BinaryIO, state: dict[str, Any], limits: DecodeLimits, *, input_size: int | None = None
+    ) -> RawDecoder:
+        """Continue from a :meth:`checkpoint`, checked as untrusted (ValueError)."""
+        return cls.resume(src, _boundary(state), limits, input_size=input_size)
 
     def boundary(self) -> Boundary:
         return Boundary(RAW, self._r.offset, {"data_bytes": self.data_bytes})
@@ -99,6 +106,13 @@ class RawDecoder(Decoder):
             raise corrupt("RAW image", r.offset, f"the input ends before its size {self.virtual_size}")
         self.virtual_size = r.offset
         return DecodeResult(RAW, r.offset, r.offset, self.data_bytes)
+
+
+def _boundary(state: dict[str, Any]) -> Boundary:
+    try:
+        return Boundary.from_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a decoder checkpoint: {exc}") from exc
 
 
 def _emit(sink: Sink, at: int, chunk: bytes, dec: Decoder) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .decoding import (
     SECTOR,
@@ -48,6 +48,7 @@ from .decoding import (
     Sink,
     corrupt,
     emit,
+    offset_state,
     too_large,
 )
 
@@ -121,11 +122,29 @@ class VhdFixedDecoder(Decoder):
         input_size: int | None = None,
         footer: bytes | None = None,
     ) -> VhdFixedDecoder:
-        if boundary.format != FORMAT:
-            raise ValueError(f"a {boundary.format} boundary cannot resume a {FORMAT} decode")
+        # ValueError for a tampered one; never past the data: the footer is always read and checked
+        end = input_size - SECTOR if input_size is not None else None
+        data_bytes = offset_state(boundary, FORMAT, end)
         dec = cls(src, limits, input_size=input_size, footer=footer, offset=boundary.input_offset)
-        dec.data_bytes = int(boundary.state.get("data_bytes", 0))
+        dec.data_bytes = data_bytes
         return dec
+
+    @classmethod
+    def restore(
+        cls,
+        src: BinaryIO,
+        state: dict[str, Any],
+        limits: DecodeLimits,
+        *,
+        input_size: int | None = None,
+        footer: bytes | None = None,
+    ) -> VhdFixedDecoder:
+        """Continue from a :meth:`checkpoint`, checked as untrusted (ValueError)."""
+        try:
+            boundary = Boundary.from_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a decoder checkpoint: {exc}") from exc
+        return cls.resume(src, boundary, limits, input_size=input_size, footer=footer)
 
     def boundary(self) -> Boundary:
         return Boundary(FORMAT, self._emitted, {"data_bytes": self.data_bytes})

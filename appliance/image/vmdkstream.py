@@ -49,7 +49,12 @@ in flight, so memory stays about ``2 x workers x 8 x (compressed + grain)`` (4 M
 Resumable boundary: after a grain is written, the offset of the marker that follows it is a clean point
 (:meth:`VmdkStreamDecoder.boundary`): the header fields, the bitmap of written grains (one bit per grain,
 zlib + base64: a few KiB for a qemu-img stream) and the counters are the state;
-:meth:`VmdkStreamDecoder.resume` continues from there.
+:meth:`VmdkStreamDecoder.resume` continues from there (``checkpoint()`` / :meth:`VmdkStreamDecoder.restore`:
+the same as a JSON object). A checkpoint comes back from the task store, so it is checked as untrusted:
+its header passes every check a stream's header passes (:meth:`Header.check`, the virtual size against
+the caller's limits), its bitmap must fit that header (its length, no grain past the capacity) and agree
+with its data count, its offset must be a sector after the metadata; the order checks start again in the
+data phase (metadata markers after the offset are read again). Anything else is ValueError.
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import BinaryIO, cast
+from dataclasses import asdict, dataclass, fields
+from typing import Any, BinaryIO, cast
 
 from isal import isal_zlib
 
@@ -100,7 +105,7 @@ GTES_PER_GT = 512
 MAX_DESCRIPTOR_SECTORS = 2048
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 _WHAT = "streamOptimized VMDK"
-_PROGRESS_EVERY = 8 << 20
+_PROGRESS_EVERY = 1 << 20  # (and so a boundary at most this far apart: checkpoints)
 _DATA, _GD, _FOOTER = "data", "gd", "footer"
 #: grains inflated by one pool task, at most (and at most so many compressed bytes)
 _BATCH_GRAINS = 8
@@ -135,6 +140,32 @@ class Header:
          compress) = _HEADER.unpack_from(sector)  # fmt: skip
         if magic != MAGIC:
             raise _corrupt(offset, f"no sparse extent header (magic {magic!r}, expected {MAGIC!r})")
+        h = cls(version, flags, capacity, grain, desc_off, desc_size, gtes, gd, overhead, compress)
+        h.check(offset, nl)
+        return h
+
+    @classmethod
+    def from_state(cls, state: object) -> Header:
+        """The header a checkpoint holds (:meth:`VmdkStreamDecoder.checkpoint`), checked as a header
+        read from the stream is: ValueError for anything a stream's header could not be."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(state, dict) or sorted(state) != sorted(names):
+            raise ValueError("the checkpoint's VMDK header does not have the header's fields")
+        if not all(type(state[n]) is int and state[n] >= 0 for n in names):
+            raise ValueError("the checkpoint's VMDK header has a field that is not a count")
+        h = cls(**state)
+        try:
+            h.check(0)
+        except ImageRejected as exc:
+            raise ValueError(f"the checkpoint's VMDK header is not a stream's: {exc.message}") from exc
+        return h
+
+    def check(self, offset: int, nl: bytes | None = None) -> None:
+        """The checks of a header's fields (``offset``: where it was read, for the messages; ``nl``:
+        its newline detector, when it was read from a stream)."""
+        version, flags, capacity, grain = self.version, self.flags, self.capacity, self.grain_size
+        desc_off, desc_size, gtes = self.descriptor_offset, self.descriptor_size, self.gtes_per_gt
+        overhead, compress = self.overhead, self.compress
         if version not in (1, 2, 3):
             raise _corrupt(offset, f"unsupported version {version}")
         if flags & 0xFFFF0000 & ~_KNOWN_INCOMPAT:
@@ -145,7 +176,7 @@ class Header:
                 f"not a stream (flags {flags:#x}, compressAlgorithm {compress}: compressed grains with "
                 "markers are required)",
             )
-        if flags & FLAG_NL_DETECT and nl != NEWLINES:
+        if nl is not None and flags & FLAG_NL_DETECT and nl != NEWLINES:
             raise _corrupt(offset, "the newline detector is damaged (a text-mode transfer?)")
         if grain < MIN_GRAIN or grain > MAX_GRAIN or grain & (grain - 1):
             raise _corrupt(
@@ -157,13 +188,11 @@ class Header:
             raise _corrupt(offset + 12, f"capacity {capacity} sectors")
         if desc_off != 1 or not 1 <= desc_size <= MAX_DESCRIPTOR_SECTORS:
             raise _corrupt(offset + 28, f"descriptor at sector {desc_off}, {desc_size} sectors")
-        h = cls(version, flags, capacity, grain, desc_off, desc_size, gtes, gd, overhead, compress)
-        if h.grains > MAX_GRAINS:  # the decoder keeps a bit per grain
-            raise _corrupt(offset + 12, f"{h.grains} grains (at most {MAX_GRAINS})")
-        if not desc_off + desc_size <= overhead <= h.max_overhead:
+        if self.grains > MAX_GRAINS:  # the decoder keeps a bit per grain
+            raise _corrupt(offset + 12, f"{self.grains} grains (at most {MAX_GRAINS})")
+        if not desc_off + desc_size <= overhead <= self.max_overhead:
             raise _corrupt(offset + 64, f"overHead {overhead} sectors (allowed {desc_off + desc_size}.."
-                           f"{h.max_overhead} for this geometry)")  # fmt: skip
-        return h
+                           f"{self.max_overhead} for this geometry)")  # fmt: skip
 
     @property
     def grain_bytes(self) -> int:
@@ -316,24 +345,61 @@ class VmdkStreamDecoder(Decoder):
 
     @classmethod
     def resume(cls, src: BinaryIO, boundary: Boundary, limits: DecodeLimits) -> VmdkStreamDecoder:
-        """Continue a decode from ``boundary``; ``src`` yields the input from ``boundary.input_offset``."""
+        """Continue a decode from ``boundary``; ``src`` yields the input from ``boundary.input_offset``.
+        ValueError for a boundary that is not one this decoder could have made (:meth:`restore`)."""
         return cls(src, limits, _resume=boundary)
+
+    @classmethod
+    def restore(cls, src: BinaryIO, state: dict[str, Any], limits: DecodeLimits) -> VmdkStreamDecoder:
+        """Continue from a :meth:`checkpoint` (``src`` yields the input from its ``input_offset``). The
+        state is checked as untrusted: its header as a stream's header is (and against ``limits``, the
+        configuration's, never the checkpoint's), its bitmap of written grains must fit the header, its
+        offset must be a marker's place after the metadata, its counters must agree with the bitmap.
+        ValueError for anything else: a tampered checkpoint cannot switch a check off."""
+        try:
+            boundary = Boundary.from_dict(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a {FORMAT} checkpoint: {exc}") from exc
+        return cls.resume(src, boundary, limits)
 
     def _restore(self, src: BinaryIO, b: Boundary) -> None:
         if b.format != FORMAT:
             raise ValueError(f"a {b.format} boundary cannot resume a {FORMAT} decode")
         s = b.state
-        self.header = Header(**s["header"])
-        self._check_size()
-        self._seen = bytearray(zlib.decompress(base64.b64decode(s["written"])))
-        if len(self._seen) != -(-self.header.grains // 8):
-            raise ValueError("the boundary's grain bitmap does not fit the header")
+        if not isinstance(s, dict) or sorted(s) != ["data_bytes", "header", "written"]:
+            raise ValueError(f"a {FORMAT} checkpoint holds header, written and data_bytes")
+        self.header = h = Header.from_state(s["header"])
+        try:
+            self._check_size()
+        except ImageRejected as exc:
+            raise ValueError(f"the checkpoint's VMDK header: {exc.message}") from exc
+        try:
+            packed = base64.b64decode(str(s["written"]), validate=True)
+            d = zlib.decompressobj()
+            bitmap = d.decompress(packed, -(-h.grains // 8) + 1)  # bounded: never more than it should be
+        except (ValueError, zlib.error) as exc:
+            raise ValueError(f"the checkpoint's grain bitmap does not decode ({exc})") from exc
+        if len(bitmap) != -(-h.grains // 8) or not d.eof or d.unused_data:
+            raise ValueError("the checkpoint's grain bitmap does not fit the header")
+        if h.grains % 8 and bitmap[-1] >> (h.grains % 8):
+            raise ValueError("the checkpoint's grain bitmap marks grains beyond the capacity")
+        self._seen = bytearray(bitmap)
+        data_bytes = s["data_bytes"]
+        written = int.from_bytes(bitmap, "little").bit_count()
+        if type(data_bytes) is not int or not 0 <= data_bytes <= written * h.grain_bytes:
+            raise ValueError(f"the checkpoint's data_bytes {data_bytes!r} do not fit its {written} grains")
+        offset = b.input_offset
+        if offset % SECTOR or offset < h.overhead * SECTOR:
+            raise ValueError(
+                f"the checkpoint's input offset {offset} is not a marker's place after the metadata "
+                f"({h.overhead * SECTOR} bytes)"
+            )
         self._window = deque()
         self._batch = []
-        self.data_bytes = int(s["data_bytes"])
+        self.data_bytes = data_bytes
         self._phase = _DATA
-        self._r = Reader(src, b.input_offset, _WHAT)
-        self._clean = b.input_offset
+        self._r = Reader(src, offset, _WHAT)
+        self._clean = offset
 
     def boundary(self) -> Boundary:
         """The latest clean point: everything before it is written (see the module docstring)."""

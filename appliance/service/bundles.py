@@ -23,20 +23,17 @@ EC2 API, :mod:`appliance.targets.ec2_images`): it needs the ``ec2`` volume targe
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from ..config import Config
-from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
+from ..errors import UsageError
 from ..sources.s3names import check_bucket, check_key
-from ..store import ActiveTaskLimit, Store, Task
+from ..store import Task
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_images import CreatedImage, create_image_from_instance, tags_by_resource
 from ..targets.upload_policy import UploadPolicy, UploadPolicyInvalid, check_upload_policy
-from ..workflow.engine import Engine
 from .imports import NO_ACCOUNT
-from .resolver import Resolver
+from .resolving import ResolvingService
 
 BUNDLE_INSTANCE = "bundle-instance"
 KINDS = (BUNDLE_INSTANCE,)
@@ -52,33 +49,16 @@ S3_ACL = {"ec2-bundle-read": "aws-exec-read"}
 MAX_PREFIX = 100
 
 
-def new_task_id() -> str:
-    """A fresh bundle task id (``bun-`` + 17 hex digits)."""
-    return "bun-" + secrets.token_hex(9)[:17]
-
-
-class BundleService:
+class BundleService(ResolvingService):
     """Creates, lists and cancels bundle tasks; creates images. Shares the import service's store and
     engine."""
 
-    def __init__(
-        self,
-        config: Config,
-        store: Store | None = None,
-        *,
-        engine: Engine | None = None,
-        resolver: Resolver | None = None,
-    ) -> None:
-        self.config = config
-        self.store = store or Store(config.store)
-        self._engine = engine
-        self.resolver = resolver or Resolver(config, self.store)
+    noun = "bundle task"
+    id_patterns = {BUNDLE_INSTANCE: TASK_ID_PATTERN}
+    id_prefixes = {BUNDLE_INSTANCE: "bun-"}
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(self.config, self.store)
-        return self._engine
+    def not_found(self, task_id: str) -> str:
+        return f"The bundle task ID '{task_id}' does not exist"
 
     # -- the upload policy ----------------------------------------------------------------------
 
@@ -146,50 +126,25 @@ class BundleService:
             "user": account if account and account != NO_ACCOUNT else "000000000000",
             "source": source,
         }
-        try:
-            created = self.engine.submit(
-                BUNDLE_INSTANCE,
-                params,
-                task_id=new_task_id(),
-                kind=BUNDLE_INSTANCE,
-                max_active=self.config.max_active_tasks,
-                client_account=account,
-            )
-        except ActiveTaskLimit as exc:
-            raise ResourceLimitExceeded(
-                f"{exc.message}; wait for one to finish or cancel one "
-                "(tasks.max_active in the appliance configuration)"
-            ) from exc
-        return self.store.get_task(created)
+        return self.submit_task(
+            BUNDLE_INSTANCE, params, task_id=self.new_task_id(BUNDLE_INSTANCE), account=account
+        )
 
     # -- reading and cancelling -----------------------------------------------------------------
 
     def get(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
         """The bundle task ``task_id`` (of one of ``accounts``, when given); ``InvalidTaskId`` for a
         malformed id, ``TaskNotFound`` for an unknown one or another account's."""
-        if not TASK_ID_PATTERN.match(task_id or ""):
-            raise InvalidTaskId(f"the bundle task id {task_id!r} is malformed; expected bun-…")
-        try:
-            task = self.store.get_task(task_id, account=accounts)
-        except TaskNotFound:
-            raise TaskNotFound(f"The bundle task ID '{task_id}' does not exist") from None
-        if task.kind != BUNDLE_INSTANCE:
-            raise TaskNotFound(f"The bundle task ID '{task_id}' does not exist")
-        return task
+        return self.get_task(task_id, KINDS, accounts)
 
     def list(self, ids: Sequence[str] = (), accounts: Collection[str] | None = None) -> list[Task]:
         """Bundle tasks (newest first); with ``ids``, exactly those."""
-        if ids:
-            return [self.get(i, accounts) for i in dict.fromkeys(ids)]
-        return self.store.list_tasks(kind=list(KINDS), limit=None, account=accounts)
+        return self.list_tasks(KINDS, ids, accounts)
 
     def cancel(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
         """CancelBundleTask: the run stops and the parts it uploaded are deleted; a finished task is
         ``IncorrectState``."""
-        task = self.get(task_id, accounts)
-        if task.state.terminal:
-            raise IncorrectState(f"the bundle task {task_id} is {task.state} and can no longer be cancelled")
-        return self.store.request_cancel(task_id, reason="Cancelled by user")
+        return self.cancel_task(task_id, KINDS, accounts)
 
     # -- CreateImage ----------------------------------------------------------------------------
 

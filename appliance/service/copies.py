@@ -18,24 +18,15 @@ image's owner sees the copy among the image's locations (:meth:`Resolver.copies`
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Collection
 from typing import Any
 
-from ..config import Config
-from ..errors import (
-    ImagingError,
-    IncorrectState,
-    InvalidTaskId,
-    ResourceLimitExceeded,
-    TaskNotFound,
-    UsageError,
-)
-from ..store import ActiveTaskLimit, Store, Task
+from ..errors import ImagingError, UsageError
+from ..store import Task
 from ..targets.copy import describe_destination, parse_destination, same_place
-from ..workflow.engine import Engine
 from .imports import NO_ACCOUNT
-from .resolver import COPY_IMAGE, Resolver
+from .resolver import COPY_IMAGE
+from .resolving import ResolvingService
 
 KINDS = (COPY_IMAGE,)
 TASK_ID_PATTERN = re.compile(r"^copy-[0-9a-f]{17}$")
@@ -47,11 +38,6 @@ class FileDestinationDenied(ImagingError):
     code = "Copy.FileDestinationDenied"
 
 
-def new_task_id() -> str:
-    """A fresh copy task id: ``copy-`` + 17 hex digits."""
-    return "copy-" + secrets.token_hex(9)[:17]
-
-
 def copy_outcome(task: Task) -> dict[str, Any]:
     """What a copy wrote (``location``, ``sha256``, ``size``, ``method``, …), or {} (not a copy task,
     or not finished)."""
@@ -61,27 +47,15 @@ def copy_outcome(task: Task) -> dict[str, Any]:
     return dict(result.get("copied") or {})
 
 
-class CopyService:
+class CopyService(ResolvingService):
     """Creates copy tasks and lists an image's locations. Shares the import service's store."""
 
-    def __init__(
-        self,
-        config: Config,
-        store: Store | None = None,
-        *,
-        engine: Engine | None = None,
-        resolver: Resolver | None = None,
-    ) -> None:
-        self.config = config
-        self.store = store or Store(config.store)
-        self._engine = engine
-        self.resolver = resolver or Resolver(config, self.store)
+    noun = "copy task"
+    id_patterns = {COPY_IMAGE: TASK_ID_PATTERN}
+    id_prefixes = {COPY_IMAGE: "copy-"}
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(self.config, self.store)
-        return self._engine
+    def not_found(self, task_id: str) -> str:
+        return f"no copy task {task_id!r}"
 
     def resolve(self, image_id: str, sees: Collection[str] | None = None) -> dict[str, Any]:
         """The stored image ``image_id`` (``ami-…`` or ``snap-…``) names, with all its ``locations``."""
@@ -125,34 +99,12 @@ class CopyService:
             "destination": destination,
             "to": describe_destination(destination),
         }
-        try:
-            created = self.engine.submit(
-                COPY_IMAGE,
-                params,
-                task_id=new_task_id(),
-                kind=COPY_IMAGE,
-                max_active=self.config.max_active_tasks,
-                client_account=owner,
-            )
-        except ActiveTaskLimit as exc:
-            raise ResourceLimitExceeded(
-                f"{exc.message}; wait for one to finish or cancel one "
-                "(tasks.max_active in the appliance configuration)"
-            ) from exc
-        return self.store.get_task(created)
+        return self.submit_task(COPY_IMAGE, params, task_id=self.new_task_id(COPY_IMAGE), account=owner)
 
     def get(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
         """The copy task ``task_id``; ``InvalidTaskId`` for a malformed id, ``TaskNotFound`` otherwise."""
-        if not TASK_ID_PATTERN.match(task_id or ""):
-            raise InvalidTaskId(f"the copy task id {task_id!r} is malformed; expected copy-…")
-        task = self.store.get_task(task_id, account=accounts)
-        if task.kind not in KINDS:
-            raise TaskNotFound(f"no copy task {task_id!r}")
-        return task
+        return self.get_task(task_id, KINDS, accounts)
 
     def cancel(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
         """Stop a copy: the run aborts its upload or removes its partial file; nothing is left."""
-        task = self.get(task_id, accounts)
-        if task.state.terminal:
-            raise IncorrectState(f"the copy task {task_id} is {task.state} and can no longer be cancelled")
-        return self.store.request_cancel(task_id, reason="Cancelled by user")
+        return self.cancel_task(task_id, KINDS, accounts)

@@ -14,8 +14,17 @@ ImportImage, ImportSnapshot, ImportVolume and ImportInstance:
 
 Hex digits in either case; the digest is the sha256 of the source object as stored (a compressed
 image's compressed bytes, an OVA's tar, an upload's whole file), the same bytes ``sha256sum`` reads.
-For ImportImage it applies to the first disk container. A malformed value is refused when the
-request arrives (``InvalidParameterValue``); a member and a token that disagree are refused
+
+Each disk of an ImportImage (and the disk of an ImportSnapshot) may carry its own, the same two ways
+one level down: the extra member ``DiskContainer.N.ExpectedSha256`` (ImportSnapshot:
+``DiskContainer.ExpectedSha256``) and the token ``[imaging:sha256=…]`` in ``DiskContainer.N.Description``
+(:func:`resolve_disk`; a disk's token takes no other key). The request's own (member or token) is
+the first (or only) disk's: given with the first container's, the two must agree
+(:func:`first_disk`). A mismatch fails the task naming the disk (``disk2``: the second
+DiskContainer), nothing of any disk kept.
+
+A malformed value is refused when the request arrives (``InvalidParameterValue``); a member and a
+token that disagree, or the request's and the first container's, are refused
 (``InvalidParameterCombination``).
 """
 
@@ -24,7 +33,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UsageError
-from .bootparams import TOKEN_OPEN, description_tokens
+from .bootparams import TOKEN_KEYS, TOKEN_OPEN, description_tokens
 
 #: the extra request member
 MEMBER = "ExpectedSha256"
@@ -67,3 +76,33 @@ def resolve(
             code="InvalidParameterCombination",
         )
     return from_member or from_token
+
+
+def resolve_disk(member: str | None, description: str | None, prefix: str) -> str | None:
+    """The expected sha256 of one disk container (``prefix``: ``DiskContainer.2``, or
+    ``DiskContainer`` for ImportSnapshot), from its ``ExpectedSha256`` member and the token in its
+    ``Description``, as :func:`resolve`. Its token takes only ``sha256``: boot settings belong to the
+    request's ``Description`` (``InvalidParameterValue`` naming the container otherwise)."""
+    name = f"{prefix}.Description"
+    keys = {field: key for key, field in TOKEN_KEYS.items()}
+    others = sorted(keys[f] for f in description_tokens(description, name=name) if f != "expected_sha256")
+    if others:
+        raise UsageError(
+            f"{name}: a disk's {TOKEN_OPEN}…] token takes only {TOKEN_KEY}= (that disk's expected digest), "
+            f"not {', '.join(others)}; give boot settings in the request's Description",
+            code="InvalidParameterValue",
+        )
+    return resolve(member, description, member_name=f"{prefix}.{MEMBER}", description_name=name)
+
+
+def first_disk(request: str | None, disk: str | None, prefix: str = "DiskContainer.1") -> str | None:
+    """The expected sha256 of the first disk: the request's (``ExpectedSha256`` or its ``Description``
+    token, which means the first disk) or the first container's own (``prefix``), both lower-case hex
+    already; ``InvalidParameterCombination`` when both are given and differ."""
+    if request and disk and request != disk:
+        raise UsageError(
+            f"the request's expected sha256 ({request}, from {MEMBER} or its Description) is the first "
+            f"disk's, and {prefix} gives another ({disk}); give the first disk's digest once",
+            code="InvalidParameterCombination",
+        )
+    return request or disk

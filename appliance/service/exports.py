@@ -17,24 +17,14 @@ names it.
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from ..config import Config
-from ..errors import (
-    ImagingError,
-    IncorrectState,
-    InvalidTaskId,
-    ResourceLimitExceeded,
-    TaskNotFound,
-    UsageError,
-)
+from ..errors import ImagingError, UsageError
 from ..sources.s3names import check_bucket, check_key
-from ..store import ActiveTaskLimit, Store, Task
-from ..workflow.engine import Engine
+from ..store import Task
 from .imports import NO_ACCOUNT
-from .resolver import Resolver
+from .resolving import ResolvingService
 
 EXPORT_INSTANCE = "export-instance"
 EXPORT_IMAGE = "export-image"
@@ -60,46 +50,21 @@ TARGET_ENVIRONMENTS = ("citrix", "vmware", "microsoft")
 MAX_DESCRIPTION = 255
 
 
-def new_task_id(kind: str) -> str:
-    """A fresh export task id (``export-i-``/``export-ami-`` + 17 hex digits)."""
-    return _PREFIX[kind] + secrets.token_hex(9)[:17]
-
-
-def kind_of(task_id: str) -> str | None:
-    """The export kind whose id form ``task_id`` has, or None."""
-    for kind, pattern in TASK_ID_PATTERNS.items():
-        if pattern.match(task_id):
-            return kind
-    return None
-
-
 def object_key(task: Task) -> str:
     """The key of an export task's object: ``S3Prefix + exportTaskId + '.' + extension`` (``ova``
     with the OVA container; the workflows build the same key)."""
     return f"{task.params.get('s3_prefix') or ''}{task.id}.{task.params['key_extension']}"
 
 
-class ExportService:
+class ExportService(ResolvingService):
     """Creates, lists and cancels export tasks. Shares the import service's store and engine."""
 
-    def __init__(
-        self,
-        config: Config,
-        store: Store | None = None,
-        *,
-        engine: Engine | None = None,
-        resolver: Resolver | None = None,
-    ) -> None:
-        self.config = config
-        self.store = store or Store(config.store)
-        self._engine = engine
-        self.resolver = resolver or Resolver(config, self.store)
+    noun = "export task"
+    id_patterns = TASK_ID_PATTERNS
+    id_prefixes = _PREFIX
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(self.config, self.store)
-        return self._engine
+    def not_found(self, task_id: str) -> str:
+        return f"The export task ID '{task_id}' does not exist"
 
     # -- creating -------------------------------------------------------------------------------
 
@@ -134,26 +99,12 @@ class ExportService:
         client_token: str | None = None,
         account: str = NO_ACCOUNT,
     ) -> Task:
-        task_id = new_task_id(kind)
         # the key's extension, not the key: a repeated request (client token) has the same params
         ext = "ova" if params.get("container_format") else DISK_FORMATS[params["disk_image_format"]][2]
         params = {k: v for k, v in (params | {"key_extension": ext}).items() if v is not None}
-        try:
-            created = self.engine.submit(
-                kind,
-                params,
-                task_id=task_id,
-                kind=kind,
-                max_active=self.config.max_active_tasks,
-                client_token=client_token,
-                client_account=account,
-            )
-        except ActiveTaskLimit as exc:
-            raise ResourceLimitExceeded(
-                f"{exc.message}; wait for one to finish or cancel one "
-                "(tasks.max_active in the appliance configuration)"
-            ) from exc
-        return self.store.get_task(created)
+        return self.submit_task(
+            kind, params, task_id=self.new_task_id(kind), account=account, client_token=client_token
+        )
 
     def export_instance(
         self,
@@ -238,33 +189,18 @@ class ExportService:
     def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
         """The export task ``task_id`` of one of ``kinds`` (and of one of ``accounts``, when given);
         ``InvalidTaskId`` for a malformed id, ``TaskNotFound`` for an unknown one or another account's."""
-        kind = kind_of(task_id)
-        if kind is None or kind not in kinds:
-            forms = ", ".join(_PREFIX[k] + "…" for k in kinds)
-            raise InvalidTaskId(f"the export task id {task_id!r} is malformed; expected {forms}")
-        try:
-            task = self.store.get_task(task_id, account=accounts)
-        except TaskNotFound:
-            raise TaskNotFound(f"The export task ID '{task_id}' does not exist") from None
-        if task.kind != kind:
-            raise TaskNotFound(f"The export task ID '{task_id}' does not exist")
-        return task
+        return self.get_task(task_id, kinds, accounts)
 
     def list(
         self, kinds: Collection[str], ids: Sequence[str] = (), accounts: Collection[str] | None = None
     ) -> list[Task]:
         """Export tasks of ``kinds`` (newest first); with ``ids``, exactly those."""
-        if ids:
-            return [self.get(i, kinds, accounts) for i in dict.fromkeys(ids)]
-        return self.store.list_tasks(kind=list(kinds), limit=None, account=accounts)
+        return self.list_tasks(kinds, ids, accounts)
 
     def cancel(self, task_id: str, accounts: Collection[str] | None = None) -> Task:
         """CancelExportTask: the run stops, its partial object is deleted and any incomplete multipart
         upload of its key aborted (the export step's cleanup); a finished task is ``IncorrectState``."""
-        task = self.get(task_id, KINDS, accounts)
-        if task.state.terminal:
-            raise IncorrectState(f"the export task {task_id} is {task.state} and can no longer be cancelled")
-        return self.store.request_cancel(task_id, reason="Cancelled by user")
+        return self.cancel_task(task_id, KINDS, accounts)
 
 
 def export_outcome(task: Task) -> dict[str, Any]:

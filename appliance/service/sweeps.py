@@ -40,7 +40,8 @@ def cleanup_scratch(config: config_mod.Config, store: Store) -> list[Path]:
 
 def sweep_partials(store: Store) -> list[Path]:
     """Remove the partial outputs (``.NAME.partial-XXXXXXXX``, named in cleanup ledgers) that killed
-    task processes left, of every task no live process runs; each removal goes into its task's ledger."""
+    task processes left, of every task no live process runs, but those kept for a task's resume (a
+    step's checkpoint names them, the task is not over); each removal goes into its task's ledger."""
 
     def running(task_id: str) -> bool:
         try:
@@ -49,7 +50,7 @@ def sweep_partials(store: Store) -> list[Path]:
             return False
         return task.state in (TaskState.RUNNING, TaskState.CANCELLING) and orphan_reason(task) is None
 
-    return partials.sweep(store, keep=running)
+    return partials.sweep(store, keep=running, resumable=True)
 
 
 def sweep_mounts(config: config_mod.Config, store: Store) -> list[str]:

@@ -17,12 +17,14 @@ The result is the guest report (``GuestReport.to_dict()``); a dry run validates 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageRejected, UsageError
 from ..guest import check_request, validate_image
 from ..guest.report import GuestReport
+from ..guest.validate import validate_ranges
 from ..image.decompress import detect_compression
 from ..image.formats import parse_claim
 from ..image.inspect import InspectionResult, inspect_image, require_safe
@@ -114,10 +116,7 @@ class ValidateStep(Step):
             # the probe's private directory in the task's scratch: what a killed task left goes with it
             workdir=None if ctx.dry_run else ctx.workdir,
         )
-        request = dict(request)
-        platform, architecture = request.pop("platform", None), request.pop("architecture", None)
-        mismatches = check_request(report, platform, architecture, **request)
-        return report.with_findings(report.findings + mismatches)
+        return _with_request(report, request)
 
     def run(
         self,
@@ -130,15 +129,7 @@ class ValidateStep(Step):
         **request: str | None,
     ) -> dict[str, Any]:
         fmt = self._format(ctx, source, format, claimed)
-        report = self._validate(ctx, source, fmt, bootable, request)
-        found = [f.to_dict() for f in report.findings]
-        if ctx.store is not None:
-            ctx.store.add_findings(ctx.task_id, found)
-        # the whole report: when it fails the step, the event is where the task keeps it
-        ctx.event("guest.validated", report=report.to_dict())
-        if fail_on_error and report.errors:
-            raise ImageRejected(list(report.findings))
-        return report.to_dict()
+        return _conclude(ctx, self._validate(ctx, source, fmt, bootable, request), fail_on_error)
 
     def plan(
         self,
@@ -174,3 +165,46 @@ class ValidateStep(Step):
         else:
             plan["will_validate"] = True
         return plan
+
+
+def _with_request(report: GuestReport, request: dict[str, str | None]) -> GuestReport:
+    """``report`` plus the findings where the ``request`` (platform, architecture,
+    virtualization_type, kernel_id, boot_mode) disagrees with the guest."""
+    request = dict(request)
+    platform, architecture = request.pop("platform", None), request.pop("architecture", None)
+    mismatches = check_request(report, platform, architecture, **request)
+    return report.with_findings(report.findings + mismatches)
+
+
+def _conclude(ctx: StepContext, report: GuestReport, fail_on_error: bool) -> dict[str, Any]:
+    found = [f.to_dict() for f in report.findings]
+    if ctx.store is not None:
+        ctx.store.add_findings(ctx.task_id, found)
+    # the whole report: when it fails the step, the event is where the task keeps it
+    ctx.event("guest.validated", report=report.to_dict())
+    if fail_on_error and report.errors:
+        raise ImageRejected(list(report.findings))
+    return report.to_dict()
+
+
+def validate_ranges_step(
+    ctx: StepContext,
+    read_at: Callable[[int, int], bytes],
+    size: int,
+    *,
+    bootable: bool = True,
+    **request: str | None,
+) -> dict[str, Any]:
+    """What ``guest.validate`` does (``format: raw``, ``fail_on_error``) for a RAW disk that is not a
+    local file, read with ``read_at(offset, length)`` (:func:`appliance.guest.validate.validate_ranges`:
+    the confined probe is served over pipes); the guest report, or :class:`ImageRejected`."""
+    report = validate_ranges(
+        read_at,
+        size,
+        "raw",
+        bootable=bootable,
+        config=ctx.config,
+        cancel=ctx.cancel,
+        workdir=None if ctx.dry_run else ctx.workdir,
+    )
+    return _conclude(ctx, _with_request(report, request), True)

@@ -4,9 +4,9 @@
 claim against the first bytes, the VMDK create type, a differencing VHD, the size limits) and decides
 how the disk travels. A sequential format — RAW, a gzip/xz/zstd/bzip2-compressed RAW disk, a
 stream-optimized VMDK, a fixed VHD — *streams* (``streams`` true) when nothing needs the disk as a
-file in scratch: the image target is a file directory and no operator hook is configured at the
-import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a file in scratch).
-Everything else (random-access formats, OVA, bundles, hooks, the S3 image target) takes the scratch
+file in scratch: the image target is a file directory or an S3 bucket, and no operator hook is
+configured at the import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a
+file in scratch). Everything else (random-access formats, OVA, bundles, hooks) takes the scratch
 path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
 
 ``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
@@ -16,6 +16,24 @@ target's new partial file (sparse: zero ranges are holes). The written disk is t
 conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
 ``guest.validate`` does, and only then is it published; any failure removes the partial — a hostile
 stream leaves no image. No scratch is reserved on this path.
+
+With the S3 image target the decoder's output goes in order into a multipart upload to a staging key, is
+inspected and guest-validated there (read back with cached ranged GETs) and only then copied to its final
+key: :mod:`.image_stream_s3`. A killed stream into S3 starts again from zero (its next run first aborts
+the incomplete upload).
+
+A killed stream into the file image target resumes (:mod:`.stream_checkpoint`): every
+``sources.checkpoint_every`` bytes of source, at a clean boundary of the decoder, the partial is fsynced
+and the step's checkpoint saved in the task store (the verified source offset with the object's size and
+ETag, the running sha256/MD5 of the source, the decoder's state, the partial's size and path). The step's
+next run — the worker taking the task over after its process was killed, a restart, another appliance
+sharing the image directory — takes the partial again, truncates it to the checkpointed size, re-fetches
+and compares the bytes before the saved offset and continues from there (a ``stream.resumed`` event); the
+sweeps of a task that may still resume leave that partial, a suspend or cancel keeps it, and the task's
+end removes it if no run published it. RAW, fixed VHD and stream-VMDK resume; a gzip/xz/zstd/bzip2 source
+has no decoder state past its start and decodes again from byte 0. An object replaced since the
+checkpoint (another ETag or size, other bytes), a partial that is gone or a checkpoint that does not
+check out restart from zero with a ``stream.restarted`` event naming the reason.
 
 :func:`stream_source` is the reusable per-disk part (one source object → one sink) with an
 ``observer`` that sees every verified source byte in order (a digest of the source without a second
@@ -27,11 +45,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImageRejected, ImagingError, UsageError
+from ..errors import (
+    Cancelled,
+    ImageRejected,
+    ImagingError,
+    LeaseLost,
+    SourceChanged,
+    StoreUnavailable,
+    UsageError,
+)
+from ..image.decoders import BOUNDARY_EVERY
 from ..image.decoding import Sink
 from ..image.inspect import Preflight, inspect_image, require_safe
 from ..image.rawstream import RAW
@@ -39,6 +67,7 @@ from ..image.streamed import StreamDecode, StreamResult
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vmdkstream import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
+from ..sources.fetch import parse_source
 from ..sources.http import SourceIntegrity
 from ..sources.ranges import ReaderSettings
 from ..sources.reader import open_reader
@@ -48,12 +77,15 @@ from ..targets.base import storage_error
 from ..targets.encryption import requested
 from ..targets.file import FileImageTarget
 from ..targets.rawio import RawWriter
+from ..targets.s3 import S3ImageTarget
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_manifest_url
 from .guest import ValidateStep
+from .image_stream_s3 import stream_into_s3
 from .imports import DISK_NAME, checked_source, source_digest, source_preflight
 from .provenance import READ_AFTER_STREAM, check_expected
 from .retries import retry_reporter
+from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints
 
 #: the insertion points of import-disk that hand their hooks a file in scratch
 SCRATCH_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
@@ -108,8 +140,8 @@ def route(ctx: StepContext, source: dict[str, Any], *, reject: bool = True) -> d
         decoder, reason = None, "an image bundle: unbundled into scratch"
     elif decoder is None:
         reason = "not a sequential format: downloaded into scratch and converted by qemu-img"
-    elif not isinstance(get_image_target(ctx.config), FileImageTarget):
-        decoder, reason = None, "the image target is not a file directory: converted in scratch"
+    elif not isinstance(get_image_target(ctx.config), FileImageTarget | S3ImageTarget):
+        decoder, reason = None, "the image target is not a file directory or S3: converted in scratch"
     else:
         hooked = [p for p in SCRATCH_POINTS if ctx.config.hooks.at(p)]
         if hooked:
@@ -135,13 +167,19 @@ def stream_source(
     meter: StageMeter | None = None,
     observer: Observer | None = None,
     on_md5_checked: Callable[[str], None] | None = None,
+    checkpoints: StreamCheckpoints | None = None,
 ) -> StreamResult:
     """Read ``source`` once with the ranged reader and decode it with ``decoder`` into ``sink`` (one
     disk; no scratch). ``capacity``: the largest disk the sink takes (a record beyond it is
     ``CorruptImage``). ``observer`` sees every source byte, verified and in order, before the decoder
     does (e.g. a sha256 of the source). The object's MD5 is checked against a single-part ETag before
     the decode is accepted (``on_md5_checked`` is told the MD5 when it was). Raises what the reader
-    and the decoder raise (coded)."""
+    and the decoder raise (coded).
+
+    ``checkpoints`` (:mod:`.stream_checkpoint`): checkpointed at the decoder's boundaries, and started
+    where its ``resume`` says (the reader from the saved position, the decoder from its boundary; the
+    digests go on from their saved states); a source that is not the checkpointed object any more is
+    :class:`~.stream_checkpoint.SourceReplaced`."""
     limits = ctx.config.limits
     policy = UrlPolicy.from_config(ctx.config.sources)
     settings = dataclasses.replace(
@@ -154,10 +192,19 @@ def stream_source(
         cancel=ctx.cancel,
         settings=settings,
         on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
+        start=checkpoints.position if checkpoints is not None else None,
     )
     md5 = hashlib.md5()
+    try:
+        reader.open()
+    except SourceChanged as exc:
+        if checkpoints is not None and checkpoints.position is not None:
+            raise checkpoints.replaced(exc) from exc
+        raise
     with reader:
         size = reader.size
+        if checkpoints is not None:
+            checkpoints.opened(reader)
         if meter is not None:
             meter.set_total(size)
 
@@ -165,9 +212,11 @@ def stream_source(
             if meter is not None and virtual is not None:
                 meter.set_total(virtual)
 
+        base = checkpoints.base if checkpoints is not None else 0
+
         def on_output(done: int) -> None:
             if meter is not None:
-                meter.wrote(done)
+                meter.wrote(base + done)
 
         with StreamDecode(
             decoder,
@@ -180,24 +229,33 @@ def stream_source(
             on_virtual_size=on_virtual_size,
             on_output=on_output,
             cancel=ctx.cancel,
+            resume=checkpoints.boundary if checkpoints is not None else None,
+            boundary_every=checkpoints.every if checkpoints is not None else BOUNDARY_EVERY,
+            on_boundary=checkpoints.on_boundary if checkpoints is not None else None,
         ) as stream:
-            done = 0
+            done = reader.tell()  # a resumed read starts at its position
             buf = bytearray(_PIECE)
             while n := reader.readinto(buf):
                 chunk = bytes(buf[:n])
-                md5.update(chunk)
+                if checkpoints is None:
+                    md5.update(chunk)
+                    feed = chunk
+                else:  # hashed there; a resumed read's bytes before the decoder's boundary are not fed
+                    feed = checkpoints.passed(done, chunk)
                 if observer is not None:
                     observer(chunk)
-                stream.feed(chunk)
+                if feed:
+                    stream.feed(feed)
                 done += n
                 if meter is not None:
                     meter.read(done)
-            if reader.md5_etag is not None and md5.hexdigest() != reader.md5_etag:
+            got = md5.hexdigest() if checkpoints is None else checkpoints.md5()
+            if reader.md5_etag is not None and got is not None and got != reader.md5_etag:
                 raise SourceIntegrity(
-                    f"{reader.origin.where}: the MD5 of the received bytes ({md5.hexdigest()}) does not "
+                    f"{reader.origin.where}: the MD5 of the received bytes ({got}) does not "
                     f"match the ETag ({reader.md5_etag}); the download was corrupted, try again"
                 )
-            if reader.md5_etag is not None and on_md5_checked is not None:
+            if reader.md5_etag is not None and got is not None and on_md5_checked is not None:
                 on_md5_checked(reader.md5_etag)
             return stream.finish()
 
@@ -270,37 +328,87 @@ class StreamStoreStep(Step):
     ) -> dict[str, Any]:
         source = checked_source(ctx, source)
         target = get_image_target(ctx.config)
-        if not isinstance(target, FileImageTarget):
-            raise UsageError("image.stream writes into a file image target only")
         encryption = requested(encrypted, kms_key_id)
+        if isinstance(target, S3ImageTarget):
+            return stream_into_s3(
+                ctx,
+                target,
+                stream_source,
+                source,
+                decoder,
+                preflight=preflight,
+                bootable=bootable,
+                encryption=encryption,
+                name=name,
+                request=dict(request),
+            )
+        if not isinstance(target, FileImageTarget):
+            raise UsageError("image.stream writes into a file or S3 image target only")
         facts: dict[str, Any] = {}
-        meter = StageMeter("writing", None, ctx.progress)
-        # the provenance record's source digests: the sha256 of every verified byte as it streamed
-        sha = hashlib.sha256()
+        # where an earlier run of this step got to (stream_checkpoint): a checkpoint that does not
+        # check out is dropped, and the stream starts from zero
+        key = str(parse_source(source))
+        point, dropped = ResumePoint.load(ctx.load_checkpoint(), key, decoder, ctx.config.limits)
+        if dropped is not None:
+            ctx.event("stream.restarted", offset=0, reason=dropped)
+        meter = StageMeter(
+            "writing",
+            None,
+            ctx.progress,
+            read=point.boundary.input_offset if point is not None else 0,
+            written=point.produced if point is not None else 0,
+        )
         md5_checked: list[str] = []
 
         def write(path: Path) -> None:
             where = f"image file {path}"
-            with RawWriter(path, zeroed=True, error=lambda exc: storage_error(exc, where)) as out, meter:
-                result = stream_source(
-                    ctx,
-                    source,
-                    decoder,
-                    out,
-                    capacity=ctx.config.limits.max_virtual_size,
-                    meter=meter,
-                    observer=sha.update,
-                    on_md5_checked=md5_checked.append,
+            resume = point if point is not None and path == point.partial else None
+            if resume is not None and os.stat(path).st_size < resume.output_size:
+                resume = None  # shorter than it was when the checkpoint was saved: not that partial
+            if point is not None and resume is None:
+                ctx.event(
+                    "stream.restarted",
+                    offset=0,
+                    reason="the partial image of the checkpoint is gone or short",
                 )
+            # what was written after the checkpoint goes (all of it, when the stream starts from zero)
+            os.truncate(path, resume.output_size if resume is not None else 0)
+            with RawWriter(path, zeroed=True, error=lambda exc: storage_error(exc, where)) as out, meter:
+
+                def run(start: ResumePoint | None) -> tuple[StreamResult, StreamCheckpoints]:
+                    checkpoints = StreamCheckpoints(
+                        ctx, key, decoder, out, path, every=ctx.config.sources.checkpoint_every, resume=start
+                    )
+                    result = stream_source(
+                        ctx,
+                        source,
+                        decoder,
+                        out,
+                        capacity=ctx.config.limits.max_virtual_size,
+                        meter=meter,
+                        on_md5_checked=md5_checked.append,
+                        checkpoints=checkpoints,
+                    )
+                    return result, checkpoints
+
+                try:
+                    result, checkpoints = run(resume)
+                except SourceReplaced as exc:  # (raised before anything was read or written)
+                    ctx.event("stream.restarted", offset=0, reason=exc.message)
+                    os.truncate(path, 0)
+                    result, checkpoints = run(None)
+            sha256 = checkpoints.sha256()
             facts["source"] = source_digest(
                 ctx,
                 source,
-                sha256=sha.hexdigest(),
+                sha256=sha256,
                 size=result.input_bytes,
                 md5_checked=md5_checked[0] if md5_checked else None,
             )
+            if sha256 is None:
+                facts["source"]["sha256_unknown"] = checkpoints.unknown
             # a wrong source fails before the disk is published
-            check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"])
+            check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
             with open(path, "r+b") as f:
                 # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
                 f.truncate(result.virtual_size)
@@ -342,6 +450,11 @@ class StreamStoreStep(Step):
             ledger=ctx,
             encryption=encryption,
             fence=ctx.fence,
+            # the partial an earlier run kept, taken again; kept when this run is stopped (a suspend or
+            # a cancel: the task's end removes it if no run finishes it; a lost lease or database:
+            # the run that resumes the task takes it)
+            reuse_partial=point.partial if point is not None else None,
+            keep_partial_on=(Cancelled, LeaseLost, StoreUnavailable),
         )
         meter.flushed()  # published and fsynced
         # the file target hashed the published file after it was written (one read)

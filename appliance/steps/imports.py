@@ -171,7 +171,7 @@ class SourceFetchStep(Step):
                 ctx, source, sha256=result.sha256, size=result.size, md5_checked=result.md5_checked
             )
             # the user's expected sha256, before anything is converted or stored
-            check_expected(source.get("expected_sha256"), result.sha256, digest["location"])
+            check_expected(source.get("expected_sha256"), result.sha256, digest["location"], name)
         except BaseException:
             dst.unlink(missing_ok=True)
             ctx.ledger_removed(dst)
@@ -220,7 +220,7 @@ class SourceFetchStep(Step):
 
 
 def source_digest(
-    ctx: StepContext, source: dict[str, Any], *, sha256: str, size: int, md5_checked: str | None
+    ctx: StepContext, source: dict[str, Any], *, sha256: str | None, size: int, md5_checked: str | None
 ) -> dict[str, Any]:
     """The ``sources`` entry of a provenance record (:mod:`.provenance`) for a source read once
     (fetched into scratch or streamed): the sha256 computed as the bytes arrived (``sha256``,
@@ -243,14 +243,17 @@ def source_digest(
             value = None
         if value is not None:
             as_hex = b64_to_hex(value)
-            if as_hex is not None and as_hex != sha256:
+            if as_hex is not None and sha256 is not None and as_hex != sha256:
                 raise SourceIntegrity(
                     f"{src}: the sha256 of the received bytes ({sha256}) is not the object's "
                     f"x-amz-checksum-sha256 ({as_hex}); the download was corrupted or the object changed, "
                     "try again"
                 )
             checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": as_hex is not None})
-    return {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
+    out = {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
+    if source.get("expected_sha256"):  # the user's, checked against ``sha256`` (provenance lists it)
+        out["expected_sha256"] = str(source["expected_sha256"]).lower()
+    return out
 
 
 def _source_key(source: dict[str, Any]) -> str:

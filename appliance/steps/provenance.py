@@ -65,6 +65,10 @@ READ_AFTER_STREAM = (
     "one read of the image file after the streaming decoder wrote it: the grains are written at their "
     "offsets and zero ranges are left as holes, so the file is hashed once it is complete"
 )
+WHILE_UPLOADING = (
+    "computed while streaming: the sha256 of every byte handed to the multipart upload in order (zero "
+    "ranges included); the object was checked at a staging key and copied to its key with the digest"
+)
 READ_AFTER_WRITE = (
     "one read of the volume after it was written: RAW parts and decoded grains are written at their "
     "offsets (zeros skipped, qemu-img writes the VMDK/VHD path), and hooks at after_convert/before_write "
@@ -204,12 +208,24 @@ def _ascii(meta: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v).encode("ascii", "replace").decode()[:256] for k, v in meta.items() if v}
 
 
-def check_expected(expected: str | None, actual: str | None, where: str) -> None:
+def disk_label(disk: str | None) -> str:
+    """How a message names the disk ``disk`` of an import (``disk2``: the second DiskContainer of an
+    ImportImage, its name in scratch and in the image target): `` of disk2 (DiskContainer.2)``; empty
+    for the first or only disk (no name)."""
+    if not disk:
+        return ""
+    number = disk[4:] if disk.startswith("disk") and disk[4:].isdigit() else None
+    return f" of {disk} (DiskContainer.{number})" if number else f" of {disk}"
+
+
+def check_expected(expected: str | None, actual: str | None, where: str, disk: str | None = None) -> None:
     """``Source.DigestMismatch`` when the user's ``expected`` sha256 is not the ``actual`` one of the
-    source at ``where`` (a redacted location). An unknown actual digest (a resumed stream) is a
-    mismatch too: what was imported cannot be shown to be what was expected."""
+    source at ``where`` (a redacted location) of the disk named ``disk`` (:func:`disk_label`). An
+    unknown actual digest (a resumed stream) is a mismatch too: what was imported cannot be shown to
+    be what was expected."""
     if not expected:
         return
+    where += disk_label(disk)
     if actual is None:
         raise SourceDigestMismatch(
             f"the expected sha256 {expected} of {where} could not be checked: the source was read in "
@@ -314,10 +330,13 @@ class ProvenanceRecordStep(Step):
         disks = [*disks, *(_from_include(r) for r in imported or [])]
         sources: list[dict[str, Any]] = []
         outputs: list[dict[str, Any]] = []
-        for disk in disks:
+        for n, disk in enumerate(disks, 1):
             entry = _source_entry(disk)
             # before anything is handed over: a wrong source fails the task (its outputs are undone)
-            check_expected(entry.get("expected_sha256"), entry.get("sha256"), str(entry.get("location")))
+            where = str(entry.get("location"))
+            check_expected(
+                entry.get("expected_sha256"), entry.get("sha256"), where, f"disk{n}" if n > 1 else None
+            )
             sources.append(entry)
         for disk in disks:
             outputs.append(self._output(ctx, disk))

@@ -200,6 +200,11 @@ class JournalOps(StoreBase):
         rows = self._read("SELECT data FROM checkpoints WHERE task_id = ? AND step = ?", (task_id, step))
         return loads(rows[0]["data"]) if rows else None
 
+    def checkpoints(self, task_id: str) -> dict[str, dict[str, Any]]:
+        """Every step's last checkpoint of the task, by step."""
+        rows = self._read("SELECT step, data FROM checkpoints WHERE task_id = ?", (task_id,))
+        return {r["step"]: loads(r["data"]) for r in rows}
+
     # -- doorbells ----------------------------------------------------------------------------
 
     def listen(self, channels: Sequence[str] = (CHANNEL_TASKS, CHANNEL_CANCEL)) -> Listener | None:

@@ -186,6 +186,9 @@ class StepRecord:
     undo: bool
     started_at: str | None
     finished_at: str | None
+    #: the step's latest progress report (``phase``, ``done``, ``total``, ``percent``), None until it
+    #: reported one (:meth:`~appliance.store.Store.update_progress` with ``step``)
+    progress: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -197,7 +200,7 @@ class StepRecord:
         d = dict(row)
         d["state"] = StepState(d["state"])
         d["undo"] = bool(d["undo"])
-        for key in ("args", "result", "error"):
+        for key in ("args", "result", "error", "progress"):
             d[key] = loads(d[key])
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 

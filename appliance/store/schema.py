@@ -201,6 +201,12 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
         # of one appliance from before).
         "ALTER TABLE report_outbox ADD COLUMN appliance TEXT",
     ),
+    (
+        # Each step's own latest progress (phase, done, total, percent; percent never goes back):
+        # what one disk of a multi-disk import shows while the task runs (the task row holds the
+        # task's progress, whichever step reported it).
+        "ALTER TABLE steps ADD COLUMN progress TEXT",
+    ),
 ]
 
 #: doorbell channels (PostgreSQL NOTIFY; see :meth:`Store.listen`): a task became claimable

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..database import (
     LOCK_ADMISSION,
+    Connection,
 )
 from ..errors import (
     DuplicateKey,
@@ -28,6 +29,7 @@ from .model import (
     Task,
     TaskState,
     dumps,
+    loads,
     new_task_id,
 )
 from .schema import CHANNEL_CANCEL, CHANNEL_TASKS, COUNT_ACTIVE, TOKEN_LOOKUP
@@ -301,6 +303,7 @@ class TaskOps(StoreBase):
         status_message: str | None = None,
         bytes_converted: int | None = None,
         lease: Lease | None = None,
+        step: str | None = None,
     ) -> Task:
         """Record progress without ever moving it backwards.
 
@@ -308,6 +311,10 @@ class TaskOps(StoreBase):
         decrease within a phase; a new ``phase`` starts its own byte counters (a download's bytes
         and a conversion's bytes are different quantities). ``bytes_converted`` (bytes written to
         the target) never decreases over the task's life.
+
+        With ``step`` (the ``idx`` of the step that reported it), the figures are also the step's own
+        progress (:attr:`StepRecord.progress`: the latest ``phase``, ``done`` and ``total``, and a
+        ``percent`` that never decreases over the step's life), in the same transaction.
         """
         now = utcnow()
         with self._write() as conn:
@@ -337,7 +344,27 @@ class TaskOps(StoreBase):
                 values["status_message"] = redact_text(status_message)
             if bytes_converted is not None:
                 values["bytes_converted"] = max(row["bytes_converted"], int(bytes_converted))
+            if step is not None:
+                figures = {"phase": phase, "done": bytes_done, "total": bytes_total, "percent": percent}
+                self._step_progress(conn, task_id, step, figures)
             return self._update(conn, task_id, values)
+
+    @staticmethod
+    def _step_progress(conn: Connection, task_id: str, step: str, figures: dict[str, Any]) -> None:
+        """Merge ``figures`` into the progress of the recorded step ``step`` (none: nothing)."""
+        row = conn.execute(
+            "SELECT progress FROM steps WHERE task_id = ? AND idx = ?", (task_id, step)
+        ).fetchone()
+        if row is None:
+            return
+        old = loads(row["progress"]) or {}
+        new = {**old, **{k: v for k, v in figures.items() if v is not None}}
+        if figures["percent"] is not None:
+            clamped = min(100.0, max(0.0, float(figures["percent"])))
+            new["percent"] = clamped if old.get("percent") is None else max(float(old["percent"]), clamped)
+        conn.execute(
+            "UPDATE steps SET progress = ? WHERE task_id = ? AND idx = ?", (dumps(new), task_id, step)
+        )
 
     def add_findings(self, task_id: str, findings: Iterable[Any]) -> Task:
         """Add findings to the task's, each once (several steps judge one task: inspection, guest

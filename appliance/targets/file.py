@@ -306,13 +306,19 @@ class FileImageTarget(_DirectoryTarget):
         ledger: Ledger | None = None,
         encryption: Encryption | None = None,
         fence: Callable[[], None] | None = None,
+        reuse_partial: Path | None = None,
+        keep_partial_on: tuple[type[BaseException], ...] = (),
     ) -> dict[str, Any]:
         """Store an image written in place, without a copy in scratch: ``write(path)`` fills the new
         partial file ``path`` (mode 0600, empty, so it reads as zeros: holes stay holes) and checks it;
         then the file is fsynced, hashed, ``fence`` is called and it is published as :meth:`store`
         publishes. Any failure of ``write`` (or a cancel) removes the partial: nothing is stored.
         Returns what :meth:`store` returns. ``EncryptionNotSupported`` as :meth:`store`, before
-        anything is written."""
+        anything is written.
+
+        A resumable writer: ``reuse_partial`` is the partial an earlier run of the task kept (``write``
+        gets it as it is when it still is one, see :func:`appliance.partials.partial_file`), and the
+        errors in ``keep_partial_on`` leave the partial in place for the next run."""
         if not _TASK_ID.match(task_id):
             raise UsageError(f"not a valid task id for a file name: {task_id!r}")
         if encryption is not None:
@@ -325,7 +331,7 @@ class FileImageTarget(_DirectoryTarget):
         final = self.directory / f"{task_id}.{extension_for(format)}"
         _check_floor(self.directory, self.min_free, "image")
         try:
-            with partial_file(final, ledger) as tmp:
+            with partial_file(final, ledger, reuse=reuse_partial, keep_on=keep_partial_on) as tmp:
                 write(tmp)
                 fsync_path(tmp, f"image file {final}")
                 sha256, size = hash_file(tmp)

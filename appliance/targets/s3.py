@@ -16,7 +16,9 @@ headers must not yield an import reported as encrypted).
 
 Any failure, ``cancel`` (checked between parts) or interrupt aborts the multipart upload, so no
 parts are left behind to be billed. ``delete`` removes the object and aborts any upload still
-open for its key (a worker that died mid-upload).
+open for its key (a worker that died mid-upload); the same for its staging key
+(``<key>.partial``), where an image streamed without scratch is uploaded and checked before it is
+published (:mod:`.s3staged`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from .rawio import hash_file
 log = logging.getLogger(__name__)
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
+#: the key a streamed image is uploaded to before it is checked and published (:mod:`.s3staged`)
+STAGING_SUFFIX = ".partial"
 MAX_PARTS = 10_000
 
 #: the settings schema (``appliance/schemas/target-s3.json``)
@@ -159,7 +163,7 @@ class S3ImageTarget:
                 raise _s3_error(f"PutObject s3://{self.bucket}/{key}", exc) from exc
         else:
             etag = self._multipart(path, key, size, sha256, metadata, sse, tracker, cancel, fence)
-        applied = self._check_encryption(key, encryption)
+        applied = self.check_encryption(key, encryption)
         tracker.finish()
         return {
             "type": "s3",
@@ -172,7 +176,7 @@ class S3ImageTarget:
             "encryption": applied.to_dict() if applied else None,
         }
 
-    def _check_encryption(self, key: str, wanted: Encryption | None) -> Encryption | None:
+    def check_encryption(self, key: str, wanted: Encryption | None) -> Encryption | None:
         """What S3 reports the stored object's encryption is; when it is not ``wanted``, the object
         is deleted and ``EncryptionNotApplied`` raised."""
         where = f"s3://{self.bucket}/{key}"
@@ -318,11 +322,13 @@ class S3ImageTarget:
         if bucket != self.bucket or not key:
             raise UsageError(f"refusing to delete {location!r}: not an object in bucket {self.bucket}")
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
+            # the key and its staging key (a streamed import's upload before it is published)
+            for name in (key, key + STAGING_SUFFIX):
+                self.client.delete_object(Bucket=bucket, Key=name)
             listing = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key)
             for upload in listing.get("Uploads", []):
-                if upload["Key"] == key:
-                    self._abort(key, upload["UploadId"])
+                if upload["Key"] in (key, key + STAGING_SUFFIX):
+                    self._abort(upload["Key"], upload["UploadId"])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                 return

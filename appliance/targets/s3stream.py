@@ -4,7 +4,9 @@ aborts the upload and leaves nothing in the bucket.
 
 :class:`MultipartWriter` is a forward-only byte sink (``write(data)``), so a writer that never seeks
 (:func:`appliance.image.vmdkwriter.write_stream_vmdk`, a tar stream of an OVA, a RAW disk read in order)
-goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``.
+goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``. S3 allows 10,000 parts: a
+writer told the size (``expected_size``) grows its part size to fit; one that cannot know it
+(``grow_parts``: a decompressed stream) doubles its part size every 1,000 parts instead.
 
 Digests and checks:
 
@@ -15,7 +17,9 @@ Digests and checks:
   (:class:`~appliance.targets.hashing.ThreadedSha256`). S3 takes metadata when an upload starts: a
   caller that knows the sha256 beforehand passes ``sha256`` (checked against the bytes at the end);
   otherwise the object is copied onto itself with the digest as metadata once it is complete (a
-  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond), and read back (HeadObject);
+  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond: :func:`server_copy`), and
+  read back (HeadObject); with ``store_digest=False`` it is not (a caller that copies the completed
+  object to its final key, :mod:`.s3staged`, stores the digest with that copy);
 * with ``checksums`` (the exports), every part also carries its SHA-256 (``ChecksumSHA256``, the upload
   created with ``ChecksumAlgorithm=SHA256``: S3 refuses a part whose bytes differ), computed in the
   part's upload thread (an all-zero part takes the cached digest of a zero part, MD5 likewise); the
@@ -57,6 +61,8 @@ MAX_PARTS = 10_000
 #: CopyObject's limit; larger objects are copied part by part
 MAX_COPY = 5 << 30
 COPY_PART = 1 << 30
+#: parts between two doublings of the part size of a stream of unknown size (``grow_parts``)
+GROW_EVERY = 1000
 
 
 def _error(operation: str, exc: Exception) -> TargetError:
@@ -80,6 +86,57 @@ def _zero_part_digests(length: int) -> tuple[bytes, bytes]:
     return hashlib.md5(z).digest(), hashlib.sha256(z).digest()
 
 
+def server_copy(
+    client: Any,
+    bucket: str,
+    source_key: str,
+    key: str,
+    size: int,
+    metadata: Mapping[str, str],
+    sse: Mapping[str, str],
+) -> str:
+    """Copy ``bucket/source_key`` (``size`` bytes) to ``bucket/key`` inside S3, with ``metadata``
+    (replacing the source's) and ``sse``: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` of 1 GiB
+    parts beyond (aborted on any failure). Returns the new object's ETag. Raises what boto3 raises."""
+    source = {"Bucket": bucket, "Key": source_key}
+    if size <= MAX_COPY:
+        resp = client.copy_object(
+            Bucket=bucket,
+            Key=key,
+            CopySource=source,
+            Metadata=dict(metadata),
+            MetadataDirective="REPLACE",
+            **sse,
+        )
+        return str(resp["CopyObjectResult"]["ETag"]).strip('"')
+    copy_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=dict(metadata), **sse)[
+        "UploadId"
+    ]
+    try:
+        parts = []
+        for i, start in enumerate(range(0, size, COPY_PART), 1):
+            end = min(start + COPY_PART, size) - 1
+            resp = client.upload_part_copy(
+                Bucket=bucket,
+                Key=key,
+                UploadId=copy_id,
+                PartNumber=i,
+                CopySource=source,
+                CopySourceRange=f"bytes={start}-{end}",
+            )
+            parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
+        done = client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=copy_id, MultipartUpload={"Parts": parts}
+        )
+    except BaseException:
+        try:
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=copy_id)
+        except Exception as exc:
+            log.error("could not abort the copy upload of s3://%s/%s: %s", bucket, key, type(exc).__name__)
+        raise
+    return str(done["ETag"]).strip('"')
+
+
 class MultipartWriter:
     """One object written as a stream (module docstring). Use as a context manager; :meth:`close`
     completes the upload and returns ``{bucket, key, etag, sha256, size, parts}``."""
@@ -101,9 +158,13 @@ class MultipartWriter:
         fence: Callable[[], None] | None = None,
         checksums: bool = False,
         full_sha256: bool = True,
+        store_digest: bool = True,
+        grow_parts: bool = False,
     ) -> None:
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
+        if checksums and grow_parts:  # the chunked digest's chunks are parts of one size
+            raise ValueError("per-part checksums need parts of one size: not with grow_parts")
         if expected_size is not None:  # 10,000 parts at most: grow the part (whole MiB)
             part_size = max(part_size, -(-expected_size // MAX_PARTS // (1 << 20)) * (1 << 20))
         self.client, self.bucket, self.key = client, bucket, key
@@ -113,6 +174,10 @@ class MultipartWriter:
         self.metadata = dict(metadata or {})
         self.sse = dict(sse or {})
         self.on_progress, self.cancel, self.fence = on_progress, cancel, fence
+        #: False: leave the sha256 out of the object (a caller copying it elsewhere stores it there)
+        self.store_digest = store_digest
+        #: True (a stream of unknown size): the part size doubles every GROW_EVERY parts
+        self.grow_parts = grow_parts
         self._buffer = bytearray()
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
@@ -179,6 +244,12 @@ class MultipartWriter:
             self._submit(part)
         return n
 
+    def _grow(self) -> None:
+        """Double the part size every :data:`GROW_EVERY` parts (``grow_parts``): 10,000 parts starting
+        at 5 MiB then cover about 5 TiB, and memory grows only for a stream that long."""
+        if self.grow_parts and self._number % GROW_EVERY == 0:
+            self.part_size *= 2
+
     def _submit(self, data: bytes) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
@@ -189,6 +260,7 @@ class MultipartWriter:
         if self._number > MAX_PARTS:
             raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
         self._pending.add(self._pool.submit(self._upload_part, self._number, data))
+        self._grow()
         self._harvest(block=False)
 
     def _upload_part(self, number: int, data: bytes) -> int:
@@ -307,10 +379,10 @@ class MultipartWriter:
             store: dict[str, str] = {} if sha256 is None else {"sha256": sha256}
             if not verified:
                 store |= {"sha256-chunked": digest.hexdigest, "digest-chunks": str(digest.chunks)}
-            if store and self.size <= MAX_COPY:
+            if store and self.store_digest and self.size <= MAX_COPY:
                 # a store that keeps checksums computes the copy's own: the whole-object SHA-256
                 done["etag"] = self._store_digest(store, checksum=verified)
-        elif self.known_sha256 is None and sha256 is not None:
+        elif self.known_sha256 is None and sha256 is not None and self.store_digest:
             done["etag"] = self._store_digest({"sha256": sha256})
         self.closed = True
         return done
@@ -356,7 +428,7 @@ class MultipartWriter:
                 )
                 etag = str(resp["CopyObjectResult"]["ETag"]).strip('"')
             else:
-                etag = self._copy_in_parts(source, meta)
+                etag = server_copy(self.client, self.bucket, self.key, self.key, self.size, meta, self.sse)
             head = self.client.head_object(
                 Bucket=self.bucket, Key=self.key, **({"ChecksumMode": "ENABLED"} if checksum else {})
             )
@@ -376,35 +448,6 @@ class MultipartWriter:
                     "UploadFailed",
                 )
         return etag
-
-    def _copy_in_parts(self, source: dict[str, str], meta: dict[str, str]) -> str:
-        upload = self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=self.key, Metadata=meta, **self.sse
-        )
-        copy_id = upload["UploadId"]
-        try:
-            parts = []
-            for i, start in enumerate(range(0, self.size, COPY_PART), 1):
-                end = min(start + COPY_PART, self.size) - 1
-                resp = self.client.upload_part_copy(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    UploadId=copy_id,
-                    PartNumber=i,
-                    CopySource=source,
-                    CopySourceRange=f"bytes={start}-{end}",
-                )
-                parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
-            done = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=copy_id, MultipartUpload={"Parts": parts}
-            )
-        except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=copy_id)
-            except Exception as exc:
-                log.error("could not abort the copy upload of %s: %s", self.where, type(exc).__name__)
-            raise
-        return str(done["ETag"]).strip('"')
 
     # ------------------------------------------------------------------------------------ aborting
 

@@ -33,10 +33,11 @@ class RunCleanup(RunState):
             self._release_reservations(r.idx)
         return interrupted
 
-    def sweep_partials(self) -> list[Path]:
+    def sweep_partials(self, *, resumable: bool = True) -> list[Path]:
         """Remove the partial outputs a killed process of this task left behind (its ledger names them;
-        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it."""
-        removed = partials.sweep(self.store, task_id=self.task_id)
+        each removal is ledgered). Only for a task no live process runs: :meth:`Engine.resume` calls it,
+        leaving those a step keeps to resume (``resumable``); the task's end calls it for the rest."""
+        removed = partials.sweep(self.store, task_id=self.task_id, resumable=resumable)
         for path in removed:
             self.callbacks.on_event(
                 self.task_id,

@@ -378,6 +378,7 @@ class Engine:
         self.store.update_progress(task_id, status_message="undoing completed steps")
         failures = run.undo()
         run.remove_scratch()
+        run.sweep_partials(resumable=False)  # e.g. kept by a stopped step for a resume that never came
         run.reconcile()
         if cancelled and not failures:
             return self._set_state(

@@ -151,9 +151,11 @@ class RunState:
             hooks=self,
         )
 
-    def _write_progress(self, progress: dict[str, Any]) -> None:
+    def _write_progress(self, progress: dict[str, Any], idx: str) -> None:
+        """The task's progress, and the progress of its step ``idx`` (which reported it)."""
         self.store.update_progress(
             self.task_id,
+            step=idx,
             phase=progress.get("phase"),
             bytes_done=progress.get("done"),
             bytes_total=progress.get("total"),
@@ -169,7 +171,7 @@ class RunState:
             pending, self._pending_progress = self._pending_progress, {}
         for idx, progress in pending.items():
             try:
-                self._write_progress(progress)
+                self._write_progress(progress, idx)
             except StoreUnavailable:
                 with self._progress_lock:
                     self._pending_progress.setdefault(idx, progress)
@@ -186,7 +188,7 @@ class RunState:
             try:
                 with self._progress_lock:
                     self._pending_progress.pop(ctx.idx, None)
-                self._write_progress(progress)
+                self._write_progress(progress, ctx.idx)
                 last_db = now
             except LeaseLost:
                 self.lose_lease()

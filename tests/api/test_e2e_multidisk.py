@@ -1,23 +1,30 @@
 """Multi-disk ImportImage as clients see it: several DiskContainers (or an OVA's disks) become one task
 whose every disk is fetched, inspected, converted and stored, each a snapshot of the image. `imaging
 serve` (gunicorn) and `imaging worker` as real processes, S3 on a moto server process, boto3 as the
-client, every stored disk compared with its source by ``qemu-img compare``."""
+client, every stored disk compared with its source by ``qemu-img compare``. While a disk's download is
+held (:class:`~tests.stallproxy.StallingProxy` in front of the moto server), each disk's own status
+shows: the disks before it completed, it active with its own progress, the disks after it pending."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance import config as config_mod
+from appliance.image.inspect import PREFLIGHT_HEAD
 from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
 from tests import guestfactory
 from tests import imagefactory as imgs
-from tests.api.e2e_support import Appliance, admin_task, wait_for
-from tests.servers import MotoServer
+from tests.api.e2e_support import Appliance, admin_task, running_appliance, wait_for
+from tests.httpfixtures import TestHTTPServer
+from tests.servers import REGION, MotoServer
+from tests.stallproxy import StallingProxy
 
 pytestmark = pytest.mark.slow
 
@@ -223,3 +230,207 @@ def test_an_ova_claiming_efi_whose_boot_disk_boots_only_by_bios_fails_with_boot_
     assert "Guest.BootModeMismatch" in final["StatusMessage"], final["StatusMessage"]
     images = appliance.state / "images"
     assert not images.exists() or sorted(p.name for p in images.iterdir()) == []
+
+
+# -- each disk's own status while the import runs ----------------------------------------------------
+
+
+@pytest.fixture
+def held(
+    tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer
+) -> Iterator[tuple[Appliance, StallingProxy]]:
+    """The appliance reading S3 through a :class:`StallingProxy` (which can hold a download)."""
+    with StallingProxy(moto.endpoint) as proxy:
+        sources = {
+            "allowed_endpoints": [proxy.endpoint, moto.endpoint, parts_server.endpoint],
+            # ranged GETs of 1 MiB: the ranges before a held byte are handed over as they complete
+            "range_size": "1MiB",
+            "s3": {
+                "endpoint_url": proxy.endpoint,
+                "region": REGION,
+                "access_key": "testing",
+                "secret_key": "testing",
+            },
+        }
+        with running_appliance(tmp_path, moto, parts_server, extra={"sources": sources}) as app:
+            try:
+                yield app, proxy
+            finally:
+                proxy.release()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "phase"),
+    [
+        ("RAW", "writing"),  # a sequential format streams into the image target
+        ("VHDX", "downloading"),  # a random-access one is downloaded into scratch first
+    ],
+)
+def test_while_the_second_disk_downloads_the_first_is_completed_it_is_active_and_the_third_pending(
+    held: tuple[Appliance, StallingProxy], moto: MotoServer, bucket: str, tmp_path: Path, fmt: str, phase: str
+) -> None:
+    appliance, proxy = held
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 12)
+    third = _data_disk(tmp_path / "third.raw", 2)
+    if fmt == "VHDX":
+        second_object = guestfactory.convert(second, tmp_path / "second.vhdx", "vhdx")
+    else:
+        second_object = second
+    key = f"vm/second.{fmt.lower()}"
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(second_object), bucket, key)
+    s3.upload_file(str(third), bucket, "vm/third.raw")
+    # the second disk's download stops past the preflight's first bytes and the streaming decoder's
+    # first 4 MiB piece (a streamed disk's written bytes are its progress), until released
+    proxy.arm(key, PREFLIGHT_HEAD + 5 * MiB)
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[
+            {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"}},
+            {"Format": fmt, "UserBucket": {"S3Bucket": bucket, "S3Key": key}, "Description": "data"},
+            {"Format": "RAW", "Url": f"s3://{bucket}/vm/third.raw"},
+        ],
+        Platform="Linux",
+    )["ImportTaskId"]
+    overall: list[int] = []
+
+    def status() -> dict[str, Any]:
+        task = appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+        if task.get("Progress") is not None:
+            overall.append(int(task["Progress"]))
+        return task
+
+    wait_for(lambda: proxy.stalled_on(key) >= 1, what="the second disk's download to be held")
+    # the held download's bytes so far are the second disk's own progress
+    wait_for(lambda: status()["SnapshotDetails"][1].get("Progress") not in (None, "0"), what="its progress")
+    running = status()
+    assert running["Status"] == "active"
+    first, held_disk, last = running["SnapshotDetails"]
+    assert [d["DeviceName"] for d in running["SnapshotDetails"]] == ["/dev/sda1", "/dev/sdb", "/dev/sdc"]
+    # the boot disk is stored: completed, with its own size and snapshot id
+    assert first["Status"] == "completed" and first.get("Progress") is None
+    assert first["SnapshotId"] == "snap-" + task_id[-17:]
+    assert first["DiskImageSize"] == float(boot.stat().st_size) and first["Format"] == "RAW"
+    # the second disk runs: its own phase, progress and the size of what it transfers
+    assert held_disk["Status"] == "active" and held_disk["StatusMessage"] == phase
+    assert 0 < int(held_disk["Progress"]) < 100
+    assert held_disk["DiskImageSize"] == float(second_object.stat().st_size)
+    assert held_disk["Format"] == fmt and held_disk["Description"] == "data"
+    assert held_disk.get("SnapshotId") is None
+    # the third disk's turn has not come
+    assert last["Status"] == "pending" and last["StatusMessage"] == "pending" and last["Progress"] == "0"
+    assert last.get("DiskImageSize") is None and last.get("SnapshotId") is None
+    assert last["Url"] == f"s3://{bucket}/vm/third.raw"
+    # the task's progress counts each disk alike: one of three done, the second on its way
+    assert 33 <= int(running["Progress"]) < 67
+    assert not any(path.endswith("/vm/third.raw") for path in proxy.served_by_path)  # not even preflighted
+
+    proxy.release(key)
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    final = status()
+    assert final["Status"] == "completed", final
+    details = final["SnapshotDetails"]
+    assert [d["Status"] for d in details] == ["completed"] * 3
+    assert [d["DiskImageSize"] for d in details] == [
+        float(boot.stat().st_size),
+        float(12 * MiB),
+        float(2 * MiB),
+    ]
+    # the task's progress never went back while it ran
+    assert overall == sorted(overall), overall
+    stored = _stored_disks(admin_task(appliance, task_id)["task"]["result"])
+    for source, out in zip([boot, second, third], stored, strict=True):
+        _identical(source, out)
+
+
+# -- an expected sha256 per disk ----------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _import_with(appliance: Appliance, containers: list[dict[str, Any]], extra: dict[str, str]) -> str:
+    """ImportImage with ``extra`` members botocore does not know (``DiskContainer.N.ExpectedSha256``),
+    added to the body before it is signed."""
+
+    def add(params: dict[str, Any], **_: Any) -> None:
+        params["body"].update(extra)
+
+    appliance.ec2.meta.events.register("before-call.ec2.ImportImage", add)
+    try:
+        return str(appliance.ec2.import_image(DiskContainers=containers)["ImportTaskId"])
+    finally:
+        appliance.ec2.meta.events.unregister("before-call.ec2.ImportImage", add)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "via", "checked_by"),
+    [
+        ("RAW", "member", "stream"),  # streamed into the image target: checked before it is published
+        ("VHDX", "token", "fetch"),  # downloaded into scratch: checked before it is converted
+    ],
+)
+def test_a_second_disk_that_is_not_its_expected_sha256_fails_the_image_naming_it_and_stores_nothing(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path, fmt: str, via: str, checked_by: str
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 3)
+    obj = guestfactory.convert(second, tmp_path / "second.vhdx", "vhdx") if fmt == "VHDX" else second
+    key = f"vm/second.{fmt.lower()}"
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(obj), bucket, key)
+    wrong = hashlib.sha256(b"another disk").hexdigest()
+    containers = [
+        # the boot disk's own digest is right: it is stored, then removed again
+        {
+            "Format": "RAW",
+            "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"},
+            "Description": f"root [imaging:sha256={_sha256(boot)}]",
+        },
+        {"Format": fmt, "UserBucket": {"S3Bucket": bucket, "S3Key": key}},
+    ]
+    extra = {}
+    if via == "token":
+        containers[1]["Description"] = f"data [imaging:sha256={wrong}]"
+    else:
+        extra["DiskContainer.2.ExpectedSha256"] = wrong
+    task_id = _import_with(appliance, containers, extra)
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted", final
+    assert final["StatusMessage"].startswith("ClientError: Source.DigestMismatch: "), final["StatusMessage"]
+    shown = admin_task(appliance, task_id)
+    message = shown["task"]["error_message"]
+    assert wrong in message and _sha256(obj) in message
+    assert f"s3://{bucket}/{key} of disk2 (DiskContainer.2)" in message
+    failed = [s["name"] for s in shown["steps"] if s["state"] == "failed" and "/include/" in s["idx"]]
+    assert failed == [checked_by]
+    assert _boot_disk_was_stored(appliance, task_id)
+    images = appliance.state / "images"
+    assert not images.exists() or sorted(p.name for p in images.iterdir()) == []
+
+
+def test_every_disk_with_its_right_expected_sha256_completes_and_the_record_lists_each(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    second = _data_disk(tmp_path / "second.raw", 3)
+    s3 = moto.client("s3")
+    s3.upload_file(str(boot), bucket, "vm/boot.raw")
+    s3.upload_file(str(second), bucket, "vm/second.raw")
+    containers = [
+        {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vm/boot.raw"}},
+        {"Format": "RAW", "Url": f"s3://{bucket}/vm/second.raw"},
+    ]
+    # the request's member is the first disk's; the second's is its own
+    extra = {"ExpectedSha256": _sha256(boot), "DiskContainer.2.ExpectedSha256": _sha256(second).upper()}
+    task_id = _import_with(appliance, containers, extra)
+    assert _finished(appliance, task_id)["Status"] == "completed"
+    sources = admin_task(appliance, task_id)["provenance"]["sources"]
+    assert [(s["sha256"], s["expected_sha256"]) for s in sources] == [
+        (_sha256(boot), _sha256(boot)),
+        (_sha256(second), _sha256(second)),
+    ]

@@ -154,7 +154,8 @@ def test_import_snapshot_to_s3_keeps_its_provenance_as_the_objects_metadata(
     output = record["outputs"][0]
     assert (output["bucket"], output["key"]) == (image_bucket, key)
     assert output["sha256"] == sha256sum(tmp_path / "stored.raw")
-    assert "before the upload" in output["digest_method"]
+    # a RAW disk streams into the bucket: hashed as it was sent, checked at a staging key, then copied
+    assert "while streaming" in output["digest_method"]
     meta = s3.head_object(Bucket=image_bucket, Key=key)["Metadata"]
     assert meta["import-task-id"] == task_id
     assert meta["source-sha256"] == sha256sum(data_disk) == record["source"]["sha256"]

@@ -778,3 +778,84 @@ def test_aws_cli_conversion_and_image_commands(appliance: Appliance) -> None:
 def test_aws_cli_reports_ec2_errors(appliance: Appliance) -> None:
     with pytest.raises(AssertionError, match="InvalidConversionTaskId"):
         aws(appliance.endpoint, "describe-conversion-tasks", "--conversion-task-ids", "import-vol-zzzzzzzz")
+
+
+# -- a per-disk expected sha256 (beyond AWS) ---------------------------------------------------------
+
+DIGEST_1 = "1" * 64
+DIGEST_2 = "2" * 64
+DISKS = [
+    {"Format": "RAW", "UserBucket": {"S3Bucket": "import-bucket", "S3Key": "boot.raw"}},
+    {"Format": "RAW", "UserBucket": {"S3Bucket": "import-bucket", "S3Key": "data.raw"}},
+]
+
+
+def _import_image_with(ec2: Any, extra: dict[str, str], **kwargs: Any) -> str:
+    """ImportImage of ``DISKS`` with ``extra`` members botocore does not know, added to the signed body."""
+
+    def add(params: dict[str, Any], **_: Any) -> None:
+        params["body"].update(extra)
+
+    ec2.meta.events.register("before-call.ec2.ImportImage", add)
+    try:
+        return str(ec2.import_image(DiskContainers=kwargs.pop("containers", DISKS), **kwargs)["ImportTaskId"])
+    finally:
+        ec2.meta.events.unregister("before-call.ec2.ImportImage", add)
+
+
+def test_each_disk_container_carries_its_own_expected_sha256(appliance: Appliance) -> None:
+    # the second disk by its extra member, the first by the request's member (the first disk's)
+    task_id = _import_image_with(
+        appliance.ec2, {"DiskContainer.2.ExpectedSha256": DIGEST_2.upper(), "ExpectedSha256": DIGEST_1}
+    )
+    containers = appliance.service.store.get_task(task_id).params["disk_containers"]
+    assert [c.get("expected_sha256") for c in containers] == [DIGEST_1, DIGEST_2]
+    # the token in a container's Description, and the first container's own equal to the request's
+    tokened = [DISKS[0] | {"Description": f"boot [imaging:sha256={DIGEST_1}]"}, DISKS[1]]
+    task_id = _import_image_with(
+        appliance.ec2, {"DiskContainer.2.ExpectedSha256": DIGEST_2}, containers=tokened,
+        Description=f"[imaging:sha256={DIGEST_1}]",
+    )  # fmt: skip
+    containers = appliance.service.store.get_task(task_id).params["disk_containers"]
+    assert [c.get("expected_sha256") for c in containers] == [DIGEST_1, DIGEST_2]
+    # a disk without one carries none
+    task_id = appliance.ec2.import_image(DiskContainers=DISKS)["ImportTaskId"]
+    assert all(
+        "expected_sha256" not in c
+        for c in appliance.service.store.get_task(task_id).params["disk_containers"]
+    )
+
+
+def test_import_snapshots_disk_container_may_carry_the_expected_sha256(appliance: Appliance) -> None:
+    container = DISKS[1] | {"Description": f"data [imaging:sha256={DIGEST_2}]"}
+    task_id = appliance.ec2.import_snapshot(DiskContainer=container)["ImportTaskId"]
+    assert appliance.service.store.get_task(task_id).params["disk_container"]["expected_sha256"] == DIGEST_2
+
+
+@pytest.mark.parametrize(
+    ("extra", "kwargs", "code", "named"),
+    [
+        # the request's digest is the first disk's: DiskContainer.1 may not say another
+        ({"ExpectedSha256": DIGEST_1, "DiskContainer.1.ExpectedSha256": DIGEST_2}, {},
+         "InvalidParameterCombination", "DiskContainer.1"),
+        ({"DiskContainer.1.ExpectedSha256": DIGEST_2}, {"Description": f"[imaging:sha256={DIGEST_1}]"},
+         "InvalidParameterCombination", "DiskContainer.1"),
+        # a container's member and its Description's token disagree
+        ({"DiskContainer.2.ExpectedSha256": DIGEST_1},
+         {"containers": [DISKS[0], DISKS[1] | {"Description": f"[imaging:sha256={DIGEST_2}]"}]},
+         "InvalidParameterCombination", "DiskContainer.2.ExpectedSha256"),
+        ({"DiskContainer.2.ExpectedSha256": "abc"}, {},
+         "InvalidParameterValue", "DiskContainer.2.ExpectedSha256"),
+        # a disk's token is for its digest only
+        ({}, {"containers": [DISKS[0], DISKS[1] | {"Description": "[imaging:kernel=aki-1234abcd]"}]},
+         "InvalidParameterValue", "DiskContainer.2.Description"),
+    ],
+)  # fmt: skip
+def test_an_ambiguous_or_malformed_per_disk_digest_is_refused_and_nothing_is_created(
+    appliance: Appliance, extra: dict[str, str], kwargs: dict[str, Any], code: str, named: str
+) -> None:
+    with pytest.raises(ClientError) as exc:
+        _import_image_with(appliance.ec2, extra, **kwargs)
+    assert code_of(exc) == code, exc.value.response["Error"]
+    assert named in exc.value.response["Error"]["Message"]
+    assert appliance.ec2.describe_import_image_tasks()["ImportImageTasks"] == []

@@ -34,7 +34,7 @@ from api import server
 from api.gunicorn_worker import Ec2ErrorWorker
 from appliance import config as config_mod
 from appliance.errors import ConfigError
-from tests.processes import stop_process
+from tests.processes import stop_process, wait_until
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 #: gunicorn's HTTP and TLS handling: the same store calls on either backend
@@ -148,10 +148,9 @@ def test_serves_health_over_http_and_stops_gracefully_on_sigterm(tmp_path: Path)
 
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=60) == 0
-        deadline = time.monotonic() + 10
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(_alive(w) for w in workers), "gunicorn workers outlived the arbiter"
+        wait_until(
+            lambda: not any(_alive(w) for w in workers), what="gunicorn's workers gone with the arbiter"
+        )
         log = srv.log()
     # one access line per request, on stderr, with the request id the client saw
     assert '"GET /v1/health" 200' in log

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.partials import is_partial, partial_file, publish, sweep
-from appliance.store import Store
+from appliance.store import Store, TaskState
 
 
 class RecordingLedger:
@@ -93,5 +93,66 @@ def test_sweep_removes_only_open_partials_on_disk_of_tasks_it_may_touch(tmp_path
         assert ("removed", str(left), "recovery") in [(e.action, e.resource, e.step) for e in store.ledger(a)]
         assert sweep(store) == [kept]  # nobody keeps b now; a has nothing left
         assert sweep(store, task_id=a) == []
+    finally:
+        store.close()
+
+
+class Stopped(Exception):
+    """Stands for a stop that keeps the partial (a cancel, a suspend, a lost lease)."""
+
+
+def test_a_partial_kept_on_a_stop_is_taken_again_by_the_next_run_then_removed_by_its_failure(
+    tmp_path: Path,
+) -> None:
+    ledger = RecordingLedger()
+    final = tmp_path / "image.raw"
+    with pytest.raises(Stopped), partial_file(final, ledger, keep_on=(Stopped,)) as first:
+        first.write_bytes(b"half")
+        raise Stopped
+    assert first.read_bytes() == b"half"
+    assert [a for a, _p, _e in ledger.entries] == ["created"]  # still the task's, for its next run
+    with pytest.raises(ValueError), partial_file(final, ledger, reuse=first, keep_on=(Stopped,)) as again:
+        assert again == first and again.read_bytes() == b"half"
+        raise ValueError("a failure: nothing is kept")
+    assert not first.exists()
+    assert [(a, p) for a, p, _e in ledger.entries] == [("created", str(first)), ("removed", str(first))]
+
+
+def test_only_a_regular_partial_of_the_same_final_name_is_taken_again(tmp_path: Path) -> None:
+    final = tmp_path / "image.raw"
+    other = tmp_path / ".other.raw.partial-0123abcd"  # another image's partial
+    link = tmp_path / ".image.raw.partial-4567cdef"  # a symlink in the partial's place
+    plain = tmp_path / "image.raw.partial"  # not named as a partial
+    other.write_bytes(b"x")
+    plain.write_bytes(b"x")
+    link.symlink_to(other)
+    for candidate in (other, link, plain, tmp_path / ".image.raw.partial-89abcdef"):  # the last: gone
+        with partial_file(final, reuse=candidate) as made:
+            assert made != candidate and made.stat().st_size == 0
+    assert other.read_bytes() == b"x" and link.is_symlink()
+
+
+def test_a_resumable_sweep_keeps_the_partial_a_checkpoint_names_until_the_task_is_over(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "imaging.db")
+    try:
+        task = store.create_task("workflow", "w", {})
+        claimed = store.claim(task.id, "host:1", 3600)
+        out = tmp_path / "images"
+        out.mkdir()
+        named = out / f".{task.id}.raw.partial-0000000a"  # the stream step's checkpoint names it
+        other = out / f".{task.id}.raw.partial-0000000b"  # a partial nothing resumes
+        for path in (named, other):
+            path.write_bytes(b"x")
+            store.add_ledger(task.id, "created", str(path), "1/include/13")
+        store.save_checkpoint(
+            task.id, "1/include/13", {"partial": str(named), "offset": 1}, owner="host:1", epoch=claimed.epoch
+        )
+        assert sweep(store, task_id=task.id, resumable=True) == [other]  # the engine's resume
+        assert sweep(store, resumable=True) == []  # the worker's start-up sweep
+        assert named.exists()
+        store.set_state(task.id, TaskState.FAILED, expected=TaskState.RUNNING)
+        assert sweep(store, resumable=True) == [named]  # over: nothing resumes it any more
     finally:
         store.close()

@@ -198,6 +198,33 @@ def test_progress_never_goes_backwards(store: Store) -> None:
     assert (task.phase, task.bytes_done, task.bytes_total, task.percent) == ("convert", 10, 2000, 100)
 
 
+def test_each_step_keeps_its_own_progress_whose_percent_never_goes_back(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    store.record_step(task_id, "1/include/2", name="fetch", action="source.fetch", state="running")
+    store.record_step(task_id, "2.loop1/include/2", name="fetch", action="source.fetch", state="running")
+    store.update_progress(
+        task_id, phase="downloading", bytes_done=50, bytes_total=100, percent=25, step="1/include/2"
+    )
+    # the task's percent is the highest so far; the second disk's step has its own
+    task = store.update_progress(
+        task_id, phase="downloading", bytes_done=10, bytes_total=400, percent=1.25, step="2.loop1/include/2"
+    )
+    assert task.percent == 25
+    steps = {s.idx: s.progress for s in store.step_results(task_id)}
+    assert steps["1/include/2"] == {"phase": "downloading", "done": 50, "total": 100, "percent": 25.0}
+    assert steps["2.loop1/include/2"] == {"phase": "downloading", "done": 10, "total": 400, "percent": 1.25}
+    # a retried download starts again from 0: the step's percent stays where it got to
+    store.update_progress(task_id, phase="downloading", bytes_done=0, percent=0.0, step="2.loop1/include/2")
+    again = {s.idx: s.progress for s in store.step_results(task_id)}["2.loop1/include/2"]
+    assert again == {"phase": "downloading", "done": 0, "total": 400, "percent": 1.25}
+    # kept when the step is recorded again (its end), and shown with it
+    done = store.record_step(task_id, "1/include/2", name="fetch", action="source.fetch", state="completed")
+    assert done.progress == steps["1/include/2"] and done.to_dict()["progress"] == done.progress
+    # a step not recorded (yet) keeps nothing, and the task's progress is written all the same
+    task = store.update_progress(task_id, percent=30, step="9")
+    assert task.percent == 30 and "9" not in {s.idx for s in store.step_results(task_id)}
+
+
 def test_completed_task_shows_full_progress_and_result(store: Store) -> None:
     task_id = _drive_to(store, TaskState.RUNNING)
     task = store.set_state(task_id, TaskState.COMPLETED, result={"image": "x.qcow2"})

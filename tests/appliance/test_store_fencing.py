@@ -182,10 +182,10 @@ def test_new_tasks_and_cancels_ring_the_doorbell(store: Store) -> None:
     try:
         assert listener.wait(0.1) == []
         task_id = store.create_task("workflow").id
-        assert listener.wait(10) == [(CHANNEL_TASKS, task_id)]
+        assert listener.wait(60) == [(CHANNEL_TASKS, task_id)]
         store.claim(task_id, "host-a:1", 30)
         store.request_cancel(task_id, "stop")
-        assert listener.wait(10) == [(CHANNEL_CANCEL, task_id)]
+        assert listener.wait(60) == [(CHANNEL_CANCEL, task_id)]
     finally:
         listener.close()
 

@@ -467,7 +467,7 @@ def test_health_responder_serves_the_errors_with_503(paths: Paths, tmp_path: Pat
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v1/health", proc=proc)
         with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=60)
         assert exc.value.code == 503
         doc = json.loads(exc.value.read())
         assert doc["status"] == "invalid-config"
@@ -492,7 +492,7 @@ def test_health_responder_binds_the_user_datas_api_address(paths: Paths) -> None
     thread.start()
     try:
         with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=60)
         assert exc.value.code == 503
         assert json.loads(exc.value.read())["errors"][0]["field"] == "imaging.log_level"
     finally:

@@ -70,16 +70,22 @@ def test_configure_waits_for_the_user_data_cloud_init_stores_during_this_boot(
     tmp_path: Path, cloud_init_run: Path
 ) -> None:
     booted = time.time() - 5
+    processed = tmp_path / "user-data.txt.i"
+    returned: list[bool] = []
 
-    def store() -> None:
-        time.sleep(0.5)
-        (tmp_path / "user-data.txt").write_bytes(b"imaging:v1:this-boot:http://c.test:x\n")
-        (tmp_path / "user-data.txt.i").write_bytes(b"processed")
+    def wait() -> None:  # the 60 s only keep a broken wait from hanging the test
+        returned.append(configure_mod.wait_for_cloud_init(60, booted=booted))
+        returned.append(processed.exists())  # what there was when the wait ended
 
-    writer = threading.Thread(target=store)
-    writer.start()
-    assert configure_mod.wait_for_cloud_init(60, booted=booted)
-    writer.join()
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    waiter.join(0.5)  # a wait that does not wait has this long to show it
+    assert waiter.is_alive(), "configure did not wait for cloud-init's copy of this boot"
+    (tmp_path / "user-data.txt").write_bytes(b"imaging:v1:this-boot:http://c.test:x\n")
+    processed.write_bytes(b"processed")
+    waiter.join(60)
+    # it ended because cloud-init stored this boot's user data, not before
+    assert returned == [True, True]
     assert configure_mod.read_user_data(None) == b"imaging:v1:this-boot:http://c.test:x\n"
 
 
@@ -92,7 +98,7 @@ def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finis
     os.utime(processed, (booted - 3600, booted - 3600))
     assert not configure_mod.wait_for_cloud_init(0.5, booted=booted)
     (cloud_init_run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": 2.0}}}))
-    assert configure_mod.wait_for_cloud_init(0.5, booted=booted)
+    assert configure_mod.wait_for_cloud_init(60, booted=booted)  # at once: the 60 s only prevent a hang
 
 
 def test_no_wait_where_cloud_init_does_not_run(tmp_path: Path, cloud_init_run: Path) -> None:

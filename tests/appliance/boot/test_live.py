@@ -102,7 +102,7 @@ class Appliance:
             f"http://127.0.0.1:{port or self.port}/v1/tasks", headers={"Authorization": f"Basic {token}"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=60) as resp:
                 return resp.status
         except urllib.error.HTTPError as exc:
             return exc.code

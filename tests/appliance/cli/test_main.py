@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from appliance import config as config_mod
 from appliance.store import Store
 from tests import imagefactory as imgs
 from tests import stores
+from tests.processes import wait_until
 
 MiB = 1024 * 1024
 
@@ -262,9 +262,13 @@ def test_ctrl_c_stops_qemu_img_before_the_command_exits_and_removes_partial_outp
         line = proc.stderr.readline()  # first progress line: qemu-img is running
         assert line.startswith("{"), line
         children = _children(proc.pid)
-        assert any("qemu-img" in _cmdline(p) for p in children)
+        qemu = [p for p in children if "qemu-img" in _cmdline(p)]
+        assert qemu
+        # frozen where it is, qemu-img cannot finish by itself: only the interrupt can end the command
+        for pid in qemu:
+            os.kill(pid, signal.SIGSTOP)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)  # only keeps an interrupt that does not stop the command from hanging the test
         # the command reaps its qemu-img before it exits: none may outlive it (speed is in bench/)
         assert not [p for p in children if _alive(p)], "qemu-img outlived the cancelled command"
     finally:
@@ -324,16 +328,13 @@ def test_tasks_cancel_from_another_process_stops_a_running_workflow(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if db(env).exists() and _step_running(db(env), "t-cancelme", "wait"):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the workflow never reached its sleep step")
+        wait_until(
+            lambda: db(env).exists() and _step_running(db(env), "t-cancelme", "wait"),
+            what="the workflow to reach its sleep step",
+        )
         r = imaging("tasks", "cancel", "t-cancelme", env=env)
         assert r.returncode == 0, r.stderr
-        proc.wait(timeout=20)
+        proc.wait(timeout=60)  # only keeps a cancel that does not stop the run from hanging the test
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from appliance.boot import live
+from tests.processes import wait_until
 from tests.servers import free_port
 
 
@@ -61,10 +62,10 @@ def test_a_watcher_ends_when_its_configuration_switches_to_pull_mode(tmp_path: P
     watcher = threading.Thread(target=live.watch, args=(opts, 0.2, stop, outcomes.append), daemon=True)
     watcher.start()
     try:
-        watcher.join(5)
-        assert watcher.is_alive() and any(o.status == "unreachable" for o in outcomes)
+        wait_until(lambda: any(o.status == "unreachable" for o in outcomes), what="an unreachable poll")
+        assert watcher.is_alive()
         write_config(config, {**push, "mode": "pull"})
-        watcher.join(30)
+        watcher.join(60)  # only keeps a watcher that never stops from hanging the test
         assert not watcher.is_alive(), "the watcher kept polling a configuration in pull mode"
     finally:
         stop.set()

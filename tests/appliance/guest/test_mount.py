@@ -204,7 +204,7 @@ def test_kill_9_mid_chroot_leaves_entries_that_sweep_stale_removes(tmp_path: Pat
     try:
         chroot_pid = int(holder.stdout.readline())
         os.kill(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=10)
+        holder.wait(timeout=60)
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -228,7 +228,7 @@ def test_concurrent_sweeps_clean_a_stale_entry_once(tmp_path: Path, disk: Path) 
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     holder.stdout.readline()
     os.kill(holder.pid, signal.SIGKILL)
-    holder.wait(timeout=10)
+    holder.wait(timeout=60)
     results: list[list[str]] = []
     sweepers = [threading.Thread(target=lambda: results.append(sweep_stale(state))) for _ in range(3)]
     for t in sweepers:
@@ -269,7 +269,7 @@ def test_worker_sweep_after_a_killed_task_records_cleanup_in_its_ledger(tmp_path
     try:
         holder.stdout.readline()
         os.kill(holder.pid, signal.SIGKILL)
-        holder.wait(timeout=10)
+        holder.wait(timeout=60)
     finally:
         if holder.poll() is None:
             holder.kill()

@@ -4,7 +4,6 @@ qemu-img failures, progress, cancel, Ctrl-C and block-device output."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import random
@@ -533,15 +532,11 @@ def test_progress_is_monotonic_with_rate_and_eta_and_ends_at_100(
     slow_input: Path, cfg: Config, workdir: Path, outdir: Path
 ) -> None:
     seen: list[Progress] = []
-    stamps: list[float] = []
-
-    def record(p: Progress) -> None:
-        seen.append(p)
-        stamps.append(time.monotonic())
-
+    started = time.monotonic()
     convert_image(
-        slow_input, outdir / "out.vmdk", "vmdk", "qcow2", config=cfg, workdir=workdir, on_progress=record
+        slow_input, outdir / "out.vmdk", "vmdk", "qcow2", config=cfg, workdir=workdir, on_progress=seen.append
     )
+    lasted = time.monotonic() - started
     total = 256 * MiB
     assert all(p.phase == "converting" and p.total == total for p in seen)
     done = [p.done for p in seen]
@@ -551,9 +546,9 @@ def test_progress_is_monotonic_with_rate_and_eta_and_ends_at_100(
     assert running, "expected progress while qemu-img was running"
     assert all(p.rate and p.rate > 0 and p.eta is not None and p.eta > 0 for p in running)
     # throttled to one update per 0.5 s (the final one excepted), although qemu-img itself reports
-    # every 1 %: no two updates before the last come closer together
-    gaps = [later - earlier for earlier, later in itertools.pairwise(stamps[:-1])]
-    assert all(gap >= 0.45 for gap in gaps), gaps
+    # every 1 %: the tracker decides on the clock this test read before and after, so however slow the
+    # machine, no more updates than one per half second of the conversion (and the final one) came
+    assert len(seen) <= 2 + lasted / 0.5, (len(seen), lasted)
 
 
 # ---------------------------------------------------------------------------------------- cancel, Ctrl-C
@@ -570,23 +565,27 @@ def kill_leftovers(procs: list[psutil.Process]) -> None:
             p.kill()
 
 
-def gone_within(procs: list[psutil.Process], seconds: float, since: float) -> bool:
-    """True when none of ``procs`` exists (zombies count as existing) before ``since + seconds``."""
-    while time.monotonic() < since + seconds:
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        if not alive and not any(psutil.pid_exists(p.pid) for p in procs):
-            return True
-        time.sleep(0.02)
-    return False
+def left_of(procs: list[psutil.Process]) -> list[int]:
+    """The pids of ``procs`` that still exist: running, stopped, or a zombie nobody reaped yet (psutil
+    tells a later process that got the same pid apart)."""
+    return [p.pid for p in procs if p.is_running()]
+
+
+def hold(proc: psutil.Process) -> None:
+    """Stop ``proc`` where it is (SIGSTOP): it cannot finish by itself, only a signal that kills it
+    ends it, so its end is the work of whoever sent that signal."""
+    proc.suspend()
 
 
 @pytest.mark.slow
-def test_cancel_stops_qemu_img_within_2_seconds_and_removes_partial_output(
+def test_cancel_stops_qemu_img_before_the_call_returns_and_removes_partial_output(
     slow_input: Path, cfg: Config, workdir: Path, outdir: Path
 ) -> None:
     cancel = threading.Event()
     running = threading.Event()
     outcome: list[BaseException | None] = []
+    procs: list[psutil.Process] = []
+    left_at_return: list[list[int]] = []
     dst = outdir / "out.vmdk"
 
     def on_progress(p: Progress) -> None:
@@ -608,10 +607,10 @@ def test_cancel_stops_qemu_img_within_2_seconds_and_removes_partial_output(
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
+        left_at_return.append(left_of(procs))
 
     thread = threading.Thread(target=work)
     thread.start()
-    procs: list[psutil.Process] = []
     try:
         assert running.wait(60), "conversion never reported progress"
         procs += qemu_img_children(os.getpid())
@@ -619,15 +618,18 @@ def test_cancel_stops_qemu_img_within_2_seconds_and_removes_partial_output(
         # while running, output exists only under the temporary name
         partial = entries(outdir)
         assert len(partial) == 1 and partial[0].startswith(".out.vmdk.partial-")
-        cancelled_at = time.monotonic()
+        hold(procs[0])
         cancel.set()
-        assert gone_within(procs, 2.0, cancelled_at), "qemu-img still running 2 s after cancel"
+        thread.join(60)  # only keeps a broken cancel from hanging the test
+        assert not thread.is_alive(), "convert_image did not return after the cancel"
     finally:
         cancel.set()
-        thread.join(30)
+        thread.join(60)
         kill_leftovers(procs)
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
     assert outcome[0].code == "Cancelled"
+    # the held qemu-img was killed, and reaped, before convert_image raised
+    assert left_at_return == [[]]
     assert entries(outdir) == [] and entries(workdir) == []
 
 
@@ -635,6 +637,7 @@ CTRL_C_CHILD = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
+    import psutil
     from appliance import config
     from appliance.image.convert import BUFFERED_INPUTS, DIRECT_IO_FORMATS, convert_image
 
@@ -645,7 +648,9 @@ CTRL_C_CHILD = textwrap.dedent(
     try:
         convert_image(src, dst, "vmdk", "qcow2", config=cfg, workdir=workdir, on_progress=report)
     except KeyboardInterrupt:
-        print("KeyboardInterrupt", flush=True)
+        # what is left below this process once the interrupt reaches the caller (a zombie counts)
+        left = [c.pid for c in psutil.Process().children(recursive=True)]
+        print("KeyboardInterrupt", json.dumps(left), flush=True)
         sys.exit(130)
     print("finished", flush=True)
     """
@@ -680,12 +685,15 @@ def test_ctrl_c_stops_qemu_img_removes_partial_output_and_reraises(
             pytest.fail("conversion never reported progress")
         procs += qemu_img_children(child.pid)
         assert len(procs) == 1
-        interrupted_at = time.monotonic()
+        hold(procs[0])
         child.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
-        assert gone_within(procs, 2.0, interrupted_at), "qemu-img still running 2 s after SIGINT"
-        rest = child.stdout.read()
-        assert child.wait(30) == 130
-        assert "KeyboardInterrupt" in rest and "finished" not in rest
+        rest, _ = child.communicate(timeout=60)  # the timeout only keeps a broken stop from hanging
+        assert child.returncode == 130
+        assert "finished" not in rest
+        # the held qemu-img was killed and reaped before the interrupt reached the caller
+        interrupted = [line for line in rest.splitlines() if line.startswith("KeyboardInterrupt ")]
+        assert [json.loads(line.split(" ", 1)[1]) for line in interrupted] == [[]]
+        assert left_of(procs) == []
     finally:
         if child.poll() is None:
             child.kill()

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ImageRejected, UsageError
-from appliance.image.decoders import decode_file, open_decoder, resume_decoder
+from appliance.image.decoders import check_checkpoint, decode_file, open_decoder, resume_decoder
 from appliance.image.decoding import Boundary, DecodeLimits
+from appliance.image.rawstream import RawDecoder
 from appliance.image.vhdfixed import footer_problem
 from appliance.targets.rawio import RawWriter
 from tests import imagefactory as factory
@@ -125,6 +126,49 @@ def test_a_compressed_stream_has_no_boundary_after_its_start(disk: Path, tmp_pat
         assert dec.boundary() is None
     with pytest.raises(UsageError):
         resume_decoder(Boundary("gzip", 100), io.BytesIO(b""), LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "state", "input_size", "why"),
+    [
+        # a fixed VHD's footer is always read and checked: no checkpoint may skip past the data
+        (
+            "vhd-fixed",
+            {"format": "vhd-fixed", "input_offset": 4 * MiB + 512, "state": {}},
+            4 * MiB + 512,
+            "outside",
+        ),
+        ("raw", {"format": "raw", "input_offset": 5 * MiB, "state": {}}, 4 * MiB, "outside"),
+        ("raw", {"format": "raw", "input_offset": -512, "state": {}}, None, "outside"),
+        ("raw", {"format": "raw", "input_offset": 100, "state": {"data_bytes": 200}}, None, "do not fit"),
+        ("raw", {"format": "raw", "input_offset": 100, "state": {"data_bytes": "9"}}, None, "do not fit"),
+        ("raw", {"format": "raw", "input_offset": 100, "state": {"extra": 1}}, None, "only data_bytes"),
+        ("raw", {"format": "vhd-fixed", "input_offset": 100, "state": {}}, None, "not of raw"),
+        ("raw", {"input_offset": 100}, None, "not a decoder checkpoint"),
+        # a compressed stream has no state past its start
+        ("gzip", {"format": "gzip", "input_offset": 100, "state": {}}, None, "cannot resume"),
+    ],
+)
+def test_a_raw_vhd_or_compressed_checkpoint_that_is_not_one_is_refused(
+    fmt: str, state: dict[str, object], input_size: int | None, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        check_checkpoint(fmt, state, LIMITS, input_size=input_size)
+
+
+def test_a_raw_checkpoint_restores_a_decode_at_its_offset(disk: Path, tmp_path: Path) -> None:
+    data = disk.read_bytes()
+    out = tmp_path / "out.raw"
+    with RawWriter(out, zeroed=True, error=lambda e: None, create=True) as w:
+        first = open_decoder("raw", io.BytesIO(data[: 3 * MiB]), LIMITS)
+        first.decode(w)
+        state = json.loads(json.dumps(first.checkpoint()))
+        assert state["input_offset"] == 3 * MiB
+        assert check_checkpoint("raw", state, LIMITS) == Boundary.from_dict(state)
+        rest = RawDecoder.restore(io.BytesIO(data[3 * MiB :]), state, LIMITS, input_size=len(data))
+        result = rest.decode(w)
+    assert out.read_bytes() == data
+    assert result.data_bytes == sf.nonzero_bytes(disk)
 
 
 # ---------------------------------------------------------------------------------------- fixed VHD

@@ -154,3 +154,28 @@ def test_a_decode_cut_at_a_reported_boundary_and_resumed_there_equals_the_source
         text=True,
     )
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def test_the_confined_child_refuses_a_checkpoint_that_is_not_one_itself(tmp_path: Path) -> None:
+    # more data bytes than input before the offset: the child's own check, not only the parent's
+    target = tmp_path / "out.raw"
+    target.touch()
+    tampered = Boundary("raw", 4096, {"data_bytes": 8192})
+    with (
+        RawWriter(target, zeroed=True, error=lambda e: None) as out,
+        pytest.raises(ImagingError) as caught,
+        StreamDecode(
+            "raw",
+            out,
+            capacity=MiB,
+            limits=LIMITS,
+            max_virtual_size=MiB,
+            max_decompressed_size=MiB,
+            resume=tampered,
+        ) as stream,
+    ):
+        stream.feed(b"\x01" * 4096)
+        stream.finish()
+    assert caught.value.code == "InvalidCheckpoint"
+    assert "do not fit" in caught.value.message
+    assert target.stat().st_size == 0

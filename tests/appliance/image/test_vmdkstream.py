@@ -4,6 +4,7 @@ refused with ``CorruptImage`` naming the offset and leave no output; a decode re
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -11,14 +12,16 @@ import random
 import struct
 import subprocess
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import ImageRejected
-from appliance.image.decoders import decode_file, open_decoder, resume_decoder
+from appliance.image.decoders import check_checkpoint, decode_file, open_decoder, resume_decoder
 from appliance.image.decoding import Boundary, DecodeLimits
 from appliance.image.vmdkstream import VmdkStreamDecoder
 from appliance.targets.rawio import RawWriter
@@ -355,6 +358,101 @@ def test_a_resumed_decode_still_refuses_a_grain_written_before_the_boundary(tmp_
     resumed = VmdkStreamDecoder.resume(io.BytesIO(data[b.input_offset :]), b, one)
     with pytest.raises(ImageRejected, match="grain LBA 0 appears twice"):
         resumed.decode(_MemorySink())
+
+
+def _checkpoint_after_two_grains(tmp_path: Path) -> tuple[bytes, dict[str, Any], DecodeLimits]:
+    """A 20-grain stream, the decoder "killed" after writing two grains, and its checkpoint as JSON."""
+    grains = [_grain(128 * i, bytes([65 + i])) for i in range(20)]
+    data = sf.build(_stream(capacity=128 * 64, grains=grains))
+    one = DecodeLimits(1 << 40, 1 << 40, threads=1)
+    dec = open_decoder("vmdk-stream", io.BytesIO(data), one)
+    crash = _CrashingWriter(tmp_path / "o", 2)
+    with pytest.raises(_Crash):
+        dec.decode(crash)
+    crash.close()
+    state = dec.checkpoint()
+    assert state is not None
+    return data, json.loads(json.dumps(state)), one
+
+
+def test_a_decode_restored_from_its_checkpoint_gives_what_one_pass_gives(tmp_path: Path) -> None:
+    data, state, one = _checkpoint_after_two_grains(tmp_path)
+    whole = _MemorySink()
+    one_pass = open_decoder("vmdk-stream", io.BytesIO(data), one).decode(whole)
+    resumed = _MemorySink()
+    for lba, fill in ((0, b"A"), (128, b"B")):  # what the killed run had written
+        resumed.write(lba * 512, fill * GRAIN)
+    dec = VmdkStreamDecoder.restore(io.BytesIO(data[state["input_offset"] :]), state, one)
+    result = dec.decode(resumed)
+    assert result == one_pass
+    assert result.data_bytes == 20 * GRAIN
+    assert resumed.buf == whole.buf
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def tamper(state: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = state
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return tamper
+
+
+def _bitmap(bits: bytes) -> str:
+    return base64.b64encode(zlib.compress(bits)).decode()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "why"),
+    [
+        # every check a stream's header passes applies to the checkpoint's
+        (_set("state.header.grain_size", 1 << 20), "grain size"),
+        (_set("state.header.flags", 0x10000), "not a stream"),
+        (_set("state.header.capacity", 0), "capacity 0"),
+        (_set("state.header.gtes_per_gt", 4096), "entries per grain table"),
+        (_set("state.header.overhead", 1 << 40), "overHead"),
+        (_set("state.header.capacity", -1), "not a count"),
+        (_set("state.header.version", "3"), "not a count"),
+        # the configuration's limit, not the checkpoint's: a disk over it is refused
+        (_set("state.header.capacity", (1 << 40) // 512 + 128), "over the limit"),
+        (_set("state.written", _bitmap(bytes(100))), "does not fit the header"),
+        (
+            lambda s: [
+                _set("state.header.capacity", 128 * 60)(s),
+                _set("state.written", _bitmap(b"\x03" + bytes(6) + b"\x80"))(s),  # grain 63 of 60
+            ],
+            "beyond the capacity",
+        ),
+        (_set("state.written", "not base64!"), "does not decode"),
+        (_set("state.data_bytes", 3 * GRAIN), "do not fit its 2 grains"),
+        (_set("state.data_bytes", -1), "do not fit"),
+        (_set("input_offset", 128 * 512 + 2 * 512 + 1), "not a marker's place"),
+        (_set("input_offset", 512), "not a marker's place"),
+        (_set("format", "raw"), "cannot resume"),
+        (_set("state.phase", "footer"), "holds header, written and data_bytes"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_tampered_checkpoint_is_refused_and_switches_no_check_off(
+    tmp_path: Path, tamper: Callable[[dict[str, Any]], None], why: str
+) -> None:
+    data, state, one = _checkpoint_after_two_grains(tmp_path)
+    assert state["state"]["header"]["capacity"] == 128 * 64
+    tamper(state)
+    with pytest.raises(ValueError, match=why):
+        VmdkStreamDecoder.restore(io.BytesIO(data[128 * 512 + 2 * 512 :]), state, one)
+    # the parent's check of a checkpoint before it resumes anything says the same
+    with pytest.raises(ValueError):
+        check_checkpoint("vmdk-stream", state, one)
+
+
+def test_a_checkpoint_that_checks_out_is_the_boundary_to_resume_from(tmp_path: Path) -> None:
+    _data, state, one = _checkpoint_after_two_grains(tmp_path)
+    assert check_checkpoint("vmdk-stream", state, one) == Boundary.from_dict(state)
+    with pytest.raises(ValueError, match="not of vhd-fixed"):
+        check_checkpoint("vhd-fixed", state, one)
 
 
 def test_the_first_boundary_is_the_first_grain(corpus: dict[str, Path]) -> None:

@@ -270,7 +270,7 @@ def test_the_controller_can_cancel_a_running_task(
         req = json.dumps({"task_ids": [task_id]}).encode()
         import urllib.request
 
-        urllib.request.urlopen(urllib.request.Request(receiver.url + "/admin/cancel", data=req), timeout=5)
+        urllib.request.urlopen(urllib.request.Request(receiver.url + "/admin/cancel", data=req), timeout=60)
         wait_until(lambda: engine.store.get_task(task_id).state is TaskState.CANCELLED, what="the cancel")
         wait_until(lambda: "cancelled" in states_of(receiver.messages(), task_id))
     finally:

@@ -248,9 +248,10 @@ NOT_INTERRUPTIBLE = {
     ),
     "image.stream": (
         "skipped (its `when` is false) in every task here: the run hooks configured at every point route "
-        "each disk through scratch, so a skipped step does nothing to interrupt; the streamed path's "
-        "partial image is removed on any failure (tests/appliance/steps/test_image_stream.py), not "
-        "interrupted here"
+        "each disk through scratch, so a skipped step does nothing to interrupt; the streamed path is "
+        "killed mid-stream and resumed from its checkpoint in tests/appliance/steps/"
+        "test_image_stream_resume.py, and its partial image is removed on any failure "
+        "(tests/appliance/steps/test_image_stream.py)"
     ),
     "util.fail": (
         "import-volume's check-volume-in-place is skipped (its `when` is false) unless a hook replaced the "

@@ -44,3 +44,28 @@ def test_a_member_and_a_token_that_disagree_are_refused() -> None:
         expected.resolve(DIGEST, f"[imaging:sha256={other}]")
     assert exc.value.code == "InvalidParameterCombination"
     assert DIGEST in exc.value.message and other in exc.value.message
+
+
+def test_a_disks_own_digest_comes_from_its_member_or_its_descriptions_token() -> None:
+    assert expected.resolve_disk(DIGEST.upper(), None, "DiskContainer.2") == DIGEST
+    assert expected.resolve_disk(None, f"data [imaging:sha256={DIGEST}]", "DiskContainer.2") == DIGEST
+    assert expected.resolve_disk(None, "data", "DiskContainer.2") is None
+    with pytest.raises(UsageError) as exc:
+        expected.resolve_disk("abc", None, "DiskContainer.2")
+    assert exc.value.code == "InvalidParameterValue" and "DiskContainer.2.ExpectedSha256" in exc.value.message
+
+
+def test_a_disks_token_takes_no_boot_setting() -> None:
+    with pytest.raises(UsageError) as exc:
+        expected.resolve_disk(None, f"[imaging:kernel=aki-1234abcd,sha256={DIGEST}]", "DiskContainer.3")
+    assert exc.value.code == "InvalidParameterValue"
+    assert "DiskContainer.3.Description" in exc.value.message and "kernel" in exc.value.message
+
+
+def test_the_requests_digest_is_the_first_disks_and_may_not_differ_from_its_own() -> None:
+    other = hashlib.sha256(b"other").hexdigest()
+    assert expected.first_disk(DIGEST, None) == expected.first_disk(None, DIGEST) == DIGEST
+    assert expected.first_disk(DIGEST, DIGEST) == DIGEST and expected.first_disk(None, None) is None
+    with pytest.raises(UsageError) as exc:
+        expected.first_disk(DIGEST, other)
+    assert exc.value.code == "InvalidParameterCombination" and "DiskContainer.1" in exc.value.message

@@ -25,6 +25,7 @@ from tests import imagefactory as imgs
 from tests import stores
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.mounts import tmpfs
+from tests.processes import wait_until
 from tests.servers import MotoServer
 
 MiB = 1 << 20
@@ -101,7 +102,10 @@ def test_raw_upload_created_before_the_task_streams_onto_the_volume(
     assert task.id.startswith("import-vol-") and task.state is TaskState.PENDING
     thread, out = run_in_thread(cfg, task)
     # euca2ools creates the task first and uploads afterwards: the task waits for the manifest.
-    threading.Event().wait(1.0)
+    wait_until(
+        lambda: service.store.get_task(task.id).phase == "pending-upload",
+        what="the task to wait for its upload",
+    )
     waiting = service.store.get_task(task.id)
     assert waiting.state is TaskState.RUNNING and waiting.phase == "pending-upload"
     upload(s3, pending, disk)
@@ -283,7 +287,7 @@ def test_cancel_while_waiting_for_the_upload(
     thread, out = run_in_thread(cfg, task)
     threading.Event().wait(0.8)
     service.cancel(task.id, ["import-volume"], reason="changed my mind")
-    thread.join(timeout=30)
+    thread.join(timeout=60)
     assert out[0].state is TaskState.CANCELLED
     assert out[0].cancel_reason == "changed my mind"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from appliance.sources.fetch import fetch_to_file, open_stream
 from appliance.sources.http import HttpClient, SourceUnavailable, TransferInterrupted
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import TestHTTPServer
+from tests.processes import wait_until
 
 DATA = os.urandom(1_500_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -173,19 +173,17 @@ def test_cancel_removes_the_partial_file(server: TestHTTPServer, policy: UrlPoli
         try:
             fetch_to_file(
                 {"url": server.url("/disk.raw")}, dst, policy, max_bytes=10**7, cancel=cancel,
-                http=HttpClient(policy, read_timeout=60),
+                http=HttpClient(policy, read_timeout=3600),
             )  # fmt: skip
         except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=run)
     worker.start()
-    for _ in range(100):  # until some bytes have landed, then the server stalls
-        if dst.exists() and dst.stat().st_size > 0:
-            break
-        time.sleep(0.05)
+    # until some bytes have landed, then the server stalls
+    wait_until(lambda: dst.exists() and dst.stat().st_size > 0, what="the first bytes", interval=0.05)
     cancel.set()
-    worker.join(timeout=5)  # the read timeout is 60 s: only the cancel can end it this soon
+    worker.join(timeout=60)  # the read timeout is an hour: only the cancel can end the read before it
     assert not worker.is_alive()
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
     assert not dst.exists()

@@ -27,6 +27,7 @@ from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.appliance.sources.test_manifest import manifest_xml
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
+from tests.processes import wait_until
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
 
@@ -92,7 +93,7 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_file(tmp_path_factory.mktemp("disk") / "disk.raw", 25 * MiB + 4321, seed=3)
 
 
-def soon(seconds: float = 30) -> dt.datetime:
+def soon(seconds: float = 600) -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
 
 
@@ -150,7 +151,7 @@ def test_waits_for_a_manifest_uploaded_after_the_task_was_created(
     time.sleep(1)
     assert thread.is_alive() and not result
     upload(s3, pending, disk)
-    thread.join(timeout=20)
+    thread.join(timeout=60)
     assert "error" not in result, result.get("error")
     manifest: ImportManifest = result["value"]
     assert manifest.size == disk.stat().st_size and len(manifest.parts) == 3
@@ -174,7 +175,7 @@ def test_waits_for_parts_uploaded_after_the_manifest(
     time.sleep(0.5)
     assert thread.is_alive()
     s3.put_object(Bucket=bucket, Key=last_key, Body=saved)
-    thread.join(timeout=20)
+    thread.join(timeout=60)
     assert "value" in result, result.get("error")
     assert any(w.startswith("waiting for part 3 of 3") for w in waits)
 
@@ -197,14 +198,14 @@ def test_cancel_stops_the_wait_promptly(moto: MotoServer, bucket: str, disk: Pat
         wait_for_manifest,
         pending.url,
         policy,
-        deadline=soon(600),
+        deadline=soon(7200),
         cancel=cancel,
-        poll_interval=30,
-        max_interval=60,
+        poll_interval=3600,
+        max_interval=3600,
     )
-    time.sleep(0.3)  # now inside the 30 s poll wait
+    time.sleep(0.3)  # now inside the hour's poll wait
     cancel.set()
-    thread.join(timeout=3)
+    thread.join(timeout=60)  # the next poll is an hour away: only the cancel ends the wait before it
     assert not thread.is_alive()
     assert isinstance(result.get("error"), Cancelled)
 
@@ -347,14 +348,11 @@ def test_cancel_stops_the_download(part_server) -> None:
     policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
     _, write = collect(manifest)
     thread, result = run_in_thread(
-        download_parts, manifest, write, policy, cancel=cancel, http=HttpClient(policy, read_timeout=60)
+        download_parts, manifest, write, policy, cancel=cancel, http=HttpClient(policy, read_timeout=3600)
     )
-    for _ in range(100):  # until part 1 is being served (and stalls)
-        if srv.hits("/p1"):
-            break
-        time.sleep(0.05)
+    wait_until(lambda: bool(srv.hits("/p1")), what="part 1 to be served (and stall)", interval=0.05)
     cancel.set()
-    thread.join(timeout=5)  # the read timeout is 60 s: only the cancel can end it this soon
+    thread.join(timeout=60)  # the read timeout is an hour: only the cancel can end the read before it
     assert not thread.is_alive()
     assert isinstance(result.get("error"), Cancelled)
 
@@ -377,15 +375,16 @@ def test_parts_are_fetched_in_parallel_and_written_in_order(part_server) -> None
 
         policy = UrlPolicy(allowed_endpoints=[srv.endpoint, proxy.endpoint])
         thread, result = run_in_thread(download_parts, via_proxy, record, policy, parallel=3)
-        for _ in range(600):  # the parts after it are fetched while part 0 is held
-            if proxy.stalled_on("/p0") and srv.hits("/p1") and srv.hits("/p2"):
-                break
-            time.sleep(0.05)
+        wait_until(  # the parts after it are fetched while part 0 is held
+            lambda: bool(proxy.stalled_on("/p0") and srv.hits("/p1") and srv.hits("/p2")),
+            what="parts 1 and 2 fetched while part 0 is held",
+            interval=0.05,
+        )
         assert proxy.stalled_on("/p0") == 1 and srv.hits("/p2")
         assert not srv.hits("/p3")  # 3 in flight: part 3 waits until part 0 is handed over
         assert not offsets  # nothing is written before part 0
         proxy.release()
-        thread.join(timeout=30)
+        thread.join(timeout=60)
     assert result.get("error") is None
     assert bytes(buf) == data
     assert offsets == sorted(offsets) and offsets[0] == 0

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -26,6 +26,7 @@ from appliance.sources.http import HttpClient, SourceIntegrity, SourceUnavailabl
 from appliance.sources.reader import RangeReader, ReaderSettings, ReadPosition, open_reader
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer
+from tests.processes import wait_until
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
 
@@ -42,15 +43,6 @@ def read_all(reader: RangeReader, n: int = 100_000) -> bytes:
         while chunk := reader.read(n):
             out += chunk
     return bytes(out)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Wait for a condition (not a timing assertion: the timeout only stops a broken test)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -285,7 +277,7 @@ def test_memory_is_bounded_by_parallel_plus_one_ranges(
     bound = (SETTINGS.parallel + 1) * RS
     with reader:
         first = reader.read(10)  # the consumer then stops: the fetches run ahead up to the bound
-        wait_for(lambda: reader.stats.buffered == bound, "the read-ahead to fill")
+        wait_until(lambda: reader.stats.buffered == bound, what="the read-ahead to fill", interval=0.01)
         requests = reader.stats.requests
         time.sleep(0.3)  # give a broken bound the chance to show
         assert reader.stats.requests == requests == SETTINGS.parallel + 1
@@ -478,7 +470,9 @@ def test_cancel_stops_a_read_waiting_on_a_stalled_range(
     reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings, cancel=cancel)
     with reader, pytest.raises(Cancelled):
         reader.read(RS)
-        wait_for(lambda: len(server.hits("/disk.raw")) == 2, "the second range to be asked for")
+        wait_until(
+            lambda: len(server.hits("/disk.raw")) == 2, what="the second range to be asked for", interval=0.01
+        )
         cancel.set()
         reader.read(RS)
 
@@ -681,7 +675,11 @@ def test_a_parallel_ranged_read_through_the_proxy_is_held_at_the_armed_offset_of
     thread = threading.Thread(target=consume)
     thread.start()
     try:
-        wait_for(lambda: proxy.stalled_on("/disk.raw") == 1 and len(got) == 5 * RS, "the read to be held")
+        wait_until(
+            lambda: proxy.stalled_on("/disk.raw") == 1 and len(got) == 5 * RS,
+            what="the read to be held",
+            interval=0.01,
+        )
         # the ranges before the held one were handed over, the ranges fetched ahead of it were not held
         assert bytes(got) == data[: 5 * RS]
         assert thread.is_alive()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -27,6 +26,7 @@ from appliance.errors import ConfigError
 from appliance.targets import TargetError, get_volume_target, write_raw
 from appliance.targets.ec2 import TASK_TAG, Ec2VolumeTarget, device_entry_matches
 from tests.appliance.targets.test_device import loop_device, sparse_source
+from tests.processes import wait_until
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 MiB = 1024 * 1024
@@ -201,9 +201,11 @@ def test_reopen_after_restart_finds_or_reattaches(cloud: dict[str, Any]) -> None
 
         # detached meanwhile (e.g. by an operator): reopen attaches it again
         ec2.detach_volume(VolumeId=volume.id, InstanceId=cloud["settings"]["instance_id"])
-        deadline = time.monotonic() + 10
-        while any(p.is_symlink() for p in cloud["device_dir"].iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: not any(p.is_symlink() for p in cloud["device_dir"].iterdir()),
+            what="the detached volume's device link gone",
+            interval=0.05,
+        )
         reattached = restarted.reopen(volume.info)
         assert volume_state(ec2, volume.id)["State"] == "in-use"
         assert reattached.path in cloud["loops"]

@@ -1,0 +1,167 @@
+"""``image.stream`` into the S3 image target: source → confined decoder → multipart upload, no scratch.
+
+The decoder writes the RAW disk at offsets; a multipart upload takes the object's bytes in order.
+:class:`~appliance.targets.inorder.InOrderSink` accepts writes at ascending offsets, fills the gaps with
+zeros and feeds :class:`~appliance.targets.s3stream.MultipartWriter` (bounded memory: about
+``(threads + 1) x part_size``; parts uploaded in parallel). RAW, the compressed RAW streams and fixed VHD
+always write in order; a stream-optimized VMDK does when its grains are in ascending LBA order, as VMware,
+qemu-img and open-vmdk write them. One that is not fails with ``UnsupportedFormat.GrainOrder`` (the route
+cannot know before the stream, and falling back to scratch then would read the source twice and need the
+scratch the plan said was not needed; the message says how to rewrite the image).
+
+Nothing unchecked is published (:class:`~appliance.targets.s3staged.StagedImage`): the disk is uploaded to
+the staging key ``<final key>.partial``; once the stream ended cleanly (the source's MD5/sha256 checks, the
+user's expected sha256) and the disk was padded to its virtual size, the upload is completed and the
+*stored* bytes are read back with cached ranged GETs
+(:class:`~appliance.targets.s3read.ObjectRangeReader`) for
+
+* the content inspection of the written disk as RAW output (the content stage of
+  :mod:`appliance.image.inspect`: nothing hidden inside; RAW has no metadata for ``qemu-img info`` to
+  read, as :func:`~appliance.image.inspect.verify_output` says), and
+* guest validation as ``guest.validate`` does it: the confined probe child (no network) reads the disk
+  over its pipes, served by this process from the ranged reader
+  (:func:`appliance.guest.validate.validate_ranges`): no URL, no credential reaches the child.
+
+Only then is the staging object copied inside S3 to the final key with its user metadata (the object's
+sha256 and the import's provenance, :func:`~.provenance.import_metadata`, whose source sha256 is known only
+now) and the encryption asked for (checked on the stored object, as the scratch path does); the image is
+registered (the step's result) after that. Any failure or cancel aborts the upload and removes the staging
+object: a hostile stream or a guest that fails validation leaves no object and no incomplete upload.
+
+Digests: the source's sha256 is observed as it streams; the output's sha256 is that of every byte handed
+to the multipart writer (zeros included), computed as they go (``digest_method``
+:data:`~.provenance.WHILE_UPLOADING`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ImageRejected, Severity
+from ..image.content import ContentView, content_stage
+from ..image.streamed import StreamResult
+from ..image.verdict import Verdict
+from ..progress import StageMeter
+from ..targets.encryption import Encryption
+from ..targets.inorder import InOrderSink
+from ..targets.s3 import S3ImageTarget
+from ..targets.s3read import ObjectRangeReader
+from ..targets.s3staged import StagedImage
+from ..workflow.step import StepContext
+from .guest import validate_ranges_step
+from .imports import source_digest
+from .provenance import WHILE_UPLOADING, check_expected, import_metadata
+
+#: ``stream_source`` of :mod:`.image_stream` (passed in: that module dispatches here)
+StreamSource = Callable[..., StreamResult]
+
+
+def expected_size(preflight: dict[str, Any] | None) -> int | None:
+    """The disk size the upload's part size is planned for (S3 allows 10,000 parts): the virtual size
+    the preflight read from the header, the object's size for RAW; None for a compressed stream, whose
+    size is known only at its end (the writer then grows its parts as the stream goes)."""
+    pre = preflight or {}
+    if pre.get("compression") is not None:
+        return None
+    if isinstance(pre.get("virtual_size"), int):
+        return int(pre["virtual_size"])
+    size = (pre.get("details") or {}).get("object_size")
+    return size if pre.get("format") == "raw" and isinstance(size, int) else None
+
+
+def inspect_written(ctx: StepContext, reader: ObjectRangeReader) -> Verdict:
+    """The content inspection of the stored disk as RAW (read back from S3); :class:`ImageRejected`
+    when it finds anything (a format hidden inside the disk, an oversized disk)."""
+    verdict = Verdict()
+    content_stage(verdict, "raw", ContentView.of_stream(reader, ctx.cancel), config=ctx.config, output=False)
+    if not verdict.safe:
+        ordered = verdict.errors + [f for f in verdict.findings if f.severity is not Severity.ERROR]
+        raise ImageRejected(ordered)
+    return verdict
+
+
+def stream_into_s3(
+    ctx: StepContext,
+    target: S3ImageTarget,
+    stream_source: StreamSource,
+    source: dict[str, Any],
+    decoder: str,
+    *,
+    preflight: dict[str, Any] | None,
+    bootable: bool,
+    encryption: Encryption | None,
+    name: str | None,
+    request: dict[str, str | None],
+) -> dict[str, Any]:
+    """``image.stream``'s run for the S3 image target (module docstring); its result as for a file."""
+    facts: dict[str, Any] = {}
+    meter = StageMeter("writing", None, ctx.progress)
+    sha = hashlib.sha256()  # the source's, as it streams
+    md5_checked: list[str] = []
+    capacity = ctx.config.limits.max_virtual_size
+    with (
+        StagedImage(
+            target,
+            f"{ctx.task_id}-{name}" if name else ctx.task_id,  # a data disk of an image: its own name
+            format="raw",
+            encryption=encryption,
+            expected_size=expected_size(preflight),
+            cancel=ctx.cancel,
+            ledger=ctx,
+        ) as staged,
+        meter,
+    ):
+        assert staged.writer is not None
+        sink = InOrderSink(staged.writer, capacity=capacity)
+        result = stream_source(
+            ctx,
+            source,
+            decoder,
+            sink,
+            capacity=capacity,
+            meter=meter,
+            observer=sha.update,
+            on_md5_checked=md5_checked.append,
+        )
+        facts["source"] = source_digest(
+            ctx,
+            source,
+            sha256=sha.hexdigest(),
+            size=result.input_bytes,
+            md5_checked=md5_checked[0] if md5_checked else None,
+        )
+        # a wrong source fails before anything is published
+        check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"], name)
+        sink.finish(result.virtual_size)  # the disk's trailing zeros
+        written = staged.complete()
+        reader = staged.reader()
+        inspected = inspect_written(ctx, reader)
+        facts["stream"] = {
+            "decoder": decoder,
+            "input_bytes": result.input_bytes,
+            "data_bytes": result.data_bytes,
+            "uploaded_bytes": written["size"],
+            "parts": written["parts"],
+        }
+        facts["source_image"] = {
+            "format": (preflight or {}).get("format"),
+            "compression": (preflight or {}).get("compression"),
+            "virtual_size": result.virtual_size,
+            "decoder": decoder,
+            "output_format": inspected.format,
+        }
+        # the guest, read on the stored disk before it is published (guest.validate's checks)
+        facts["guest"] = validate_ranges_step(
+            ctx, reader.read_at, int(written["size"]), bootable=bootable, **request
+        )
+        facts["stream"]["readback_gets"] = reader.gets
+        location = staged.publish(import_metadata(ctx, sha.hexdigest()), fence=ctx.fence)
+        meter.set_total(result.virtual_size)
+        meter.wrote(result.virtual_size)
+    meter.flushed()  # published
+    location["digest_method"] = WHILE_UPLOADING
+    ctx.ledger_created(json.dumps(location, sort_keys=True))
+    return {"stored": location, **facts}

@@ -1,0 +1,203 @@
+"""An image streamed into the S3 image target without scratch: uploaded to a staging key, checked there,
+published to its final key only when the checks pass.
+
+:class:`StagedImage` (a context manager) gives the caller a forward-only :class:`.s3stream.MultipartWriter`
+on ``<final key>.partial`` (the staging key: parts in parallel, each part's MD5 checked, the sha256 of every
+byte computed on the way; server-side encrypted as asked, like :meth:`.s3.S3ImageTarget.store`). Then:
+
+1. :meth:`StagedImage.complete` completes the upload (the staging object exists, under a name no one
+   takes for an image);
+2. :meth:`StagedImage.reader` reads it back at random offsets (:class:`.s3read.ObjectRangeReader`: cached
+   ranged GETs with ``If-Match``), for the caller's inspection of the written disk and its guest
+   validation — the checks run on the bytes S3 stored, not on a copy;
+3. :meth:`StagedImage.publish` — the point of no return, after ``fence`` — copies the staging object to
+   the final key inside S3 (``CopyObject``; ``UploadPartCopy`` beyond 5 GiB) with its user metadata: the
+   object's ``sha256`` and the provenance known only at the end of the stream (S3 takes metadata when an
+   object is created, so the copy that publishes is also the one that carries the digest: no extra copy
+   compared with an upload that stores its digest afterwards), reads the object's headers back (size,
+   ``sha256``, the encryption S3 applied: :meth:`.s3.S3ImageTarget.check_encryption`) and deletes the
+   staging object.
+
+Any exception inside the ``with`` — a hostile stream, a failed check, a cancel — aborts the multipart
+upload, deletes the staging object and, if the final object was already made, that too: no object and no
+incomplete upload are left. Entering also removes what a killed earlier run of the same task left at the
+staging key (a resumed task starts its stream again). A process killed outright leaves its incomplete
+upload at the staging key until the task resumes or its image is deleted
+(:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle rule
+(``AbortIncompleteMultipartUpload``) reaps it otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from ..partials import Ledger
+from .base import TargetError
+from .encryption import Encryption
+from .s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from .s3read import ObjectRangeReader
+from .s3stream import MultipartWriter, server_copy
+
+log = logging.getLogger(__name__)
+
+
+class StagedImage:
+    """One image streamed to the staging key, checked, then published (module docstring)."""
+
+    def __init__(
+        self,
+        target: S3ImageTarget,
+        task_id: str,
+        *,
+        format: str = "raw",
+        encryption: Encryption | None = None,
+        expected_size: int | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+        ledger: Ledger | None = None,
+    ) -> None:
+        self.target, self.format = target, format.lower()
+        self.client = target.client
+        self.bucket = target.bucket
+        self.key = target.key_for(task_id, format)
+        self.staging_key = self.key + STAGING_SUFFIX
+        self.encryption, self.sse = encryption, sse_arguments(encryption)
+        self.expected_size, self.on_progress, self.cancel = expected_size, on_progress, cancel
+        self.ledger = ledger
+        self.writer: MultipartWriter | None = None
+        self.written: dict[str, Any] | None = None
+        self.published = False
+        self._ledgered = False
+
+    @property
+    def staging(self) -> str:
+        return f"s3://{self.bucket}/{self.staging_key}"
+
+    # ------------------------------------------------------------------------------------- entering
+
+    def __enter__(self) -> StagedImage:
+        self._remove_staging()  # what a killed earlier run of this task left
+        if self.ledger is not None:
+            self.ledger.ledger_created(self.staging)
+            self._ledgered = True
+        try:
+            self.writer = self._writer()
+        except BaseException:
+            self._settle()
+            raise
+        return self
+
+    def _writer(self) -> MultipartWriter:
+        return MultipartWriter(
+            self.client,
+            self.bucket,
+            self.staging_key,
+            part_size=self.target.part_size,
+            threads=self.target.threads,
+            sse=self.sse,
+            expected_size=self.expected_size,
+            on_progress=self.on_progress,
+            cancel=self.cancel,
+            store_digest=False,
+            grow_parts=self.expected_size is None,  # a stream of unknown size
+        )
+
+    def _settle(self) -> None:
+        """The staging key is gone: tell the ledger (once)."""
+        if self.ledger is not None and self._ledgered:
+            self.ledger.ledger_removed(self.staging)
+            self._ledgered = False
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            return
+        if self.writer is not None and not self.writer.closed:
+            self.writer.abort()
+        self._remove_staging()
+        if self.published:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+            except Exception as err:
+                log.error("could not delete s3://%s/%s: %s", self.bucket, self.key, type(err).__name__)
+        self._settle()
+
+    # ------------------------------------------------------------------------------------- the steps
+
+    def complete(self) -> dict[str, Any]:
+        """Complete the staging upload: ``{bucket, key, etag, sha256, size, parts}`` of the staging object."""
+        assert self.writer is not None, "complete() inside the with block"
+        self.written = self.writer.close()
+        return self.written
+
+    def reader(self) -> ObjectRangeReader:
+        """The completed staging object, read back at random offsets (cached ranged GETs, If-Match)."""
+        if self.written is None:
+            raise TargetError(f"{self.staging} is not complete yet", "UploadFailed")
+        return ObjectRangeReader(
+            self.client,
+            self.bucket,
+            self.staging_key,
+            size=int(self.written["size"]),
+            etag=str(self.written["etag"]),
+            cancel=self.cancel,
+        )
+
+    def publish(
+        self, metadata: Mapping[str, str], *, fence: Callable[[], None] | None = None
+    ) -> dict[str, Any]:
+        """Copy the checked staging object to the final key with ``metadata`` and its ``sha256``; check
+        what S3 stored; remove the staging object. Returns the location as
+        :meth:`.s3.S3ImageTarget.store` does (``type, bucket, key, etag, sha256, size, format,
+        encryption``). ``fence`` runs first: a run that lost its task publishes nothing."""
+        if self.written is None:
+            raise TargetError(f"{self.staging} is not complete yet", "UploadFailed")
+        sha256, size = str(self.written["sha256"]), int(self.written["size"])
+        if fence is not None:
+            fence()
+        where = f"s3://{self.bucket}/{self.key}"
+        meta = {**metadata, "sha256": sha256}
+        self.published = True  # from here on a failure removes the final object too
+        try:
+            etag = server_copy(self.client, self.bucket, self.staging_key, self.key, size, meta, self.sse)
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as exc:
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            raise TargetError(
+                f"copying {self.staging} to {where} failed: {code or type(exc).__name__}", "UploadFailed"
+            ) from exc
+        if head.get("Metadata", {}).get("sha256") != sha256 or int(head["ContentLength"]) != size:
+            raise TargetError(f"{where}: the published object is not the one checked", "UploadFailed")
+        applied = self.target.check_encryption(self.key, self.encryption)
+        self._remove_staging()
+        self._settle()
+        return {
+            "type": "s3",
+            "bucket": self.bucket,
+            "key": self.key,
+            "etag": etag,
+            "sha256": sha256,
+            "size": size,
+            "format": self.format,
+            "encryption": applied.to_dict() if applied else None,
+        }
+
+    def _remove_staging(self) -> None:
+        """Delete the staging object and abort every upload still open for it; never raises."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.staging_key)
+            listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.staging_key)
+            for upload in listing.get("Uploads", []):
+                if upload["Key"] == self.staging_key:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=self.staging_key, UploadId=upload["UploadId"]
+                    )
+        except Exception as exc:
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            if code != "NoSuchBucket":
+                log.error("could not remove %s: %s", self.staging, code or type(exc).__name__)

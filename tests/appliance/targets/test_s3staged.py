@@ -1,0 +1,92 @@
+"""StagedImage against a moto server process: an image streamed to the staging key, read back in cached
+ranged GETs, published by a server-side copy with its sha256; a failure inside leaves no object and no
+incomplete upload, and entering removes what a killed earlier run left at the staging key."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+import pytest
+
+from appliance.errors import ImagingError
+from appliance.targets import s3stream
+from appliance.targets.s3 import S3ImageTarget
+from appliance.targets.s3staged import StagedImage
+from tests.appliance.targets.test_s3 import open_uploads, settings
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def bucket(moto) -> str:
+    name = f"staged-{uuid.uuid4().hex[:12]}"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def keys(moto, bucket: str) -> list[str]:
+    return [o["Key"] for o in moto.client("s3").list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def test_a_staged_image_is_read_back_then_published_with_its_sha256_and_the_staging_key_is_gone(
+    moto, bucket: str
+) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket))
+    data = os.urandom(3 * MiB) + bytes(5 * MiB) + os.urandom(4 * MiB)
+    with StagedImage(target, "import-snap-0123456789abcdef0") as staged:
+        assert staged.writer is not None
+        for i in range(0, len(data), MiB):
+            staged.writer.write(data[i : i + MiB])
+        written = staged.complete()
+        assert keys(moto, bucket) == ["images/import-snap-0123456789abcdef0.raw.partial"]
+        reader = staged.reader()
+        assert reader.read_at(3 * MiB - 10, 20) == data[3 * MiB - 10 : 3 * MiB + 10]
+        assert reader.read_at(3 * MiB - 5, 10) == data[3 * MiB - 5 : 3 * MiB + 5]  # cached: no GET
+        assert reader.read_at(len(data) - 4, 100) == data[-4:]
+        assert reader.gets == 3  # blocks 2, 3 and 11
+        location = staged.publish({"import-task-id": "import-snap-0123456789abcdef0"})
+    sha = hashlib.sha256(data).hexdigest()
+    assert written["sha256"] == location["sha256"] == sha and location["size"] == len(data)
+    assert keys(moto, bucket) == ["images/import-snap-0123456789abcdef0.raw"]
+    head = moto.client("s3").head_object(Bucket=bucket, Key=location["key"])
+    assert head["Metadata"] == {"sha256": sha, "import-task-id": "import-snap-0123456789abcdef0"}
+    assert open_uploads(moto, bucket) == []
+
+
+def test_a_failure_inside_leaves_nothing_and_entering_removes_a_killed_runs_leftovers(
+    moto, bucket: str
+) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket))
+    s3 = moto.client("s3")
+    staging = "images/import-snap-0123456789abcdef1.raw.partial"
+    # a killed earlier run: its object and an upload still open at the staging key
+    s3.put_object(Bucket=bucket, Key=staging, Body=b"old")
+    s3.create_multipart_upload(Bucket=bucket, Key=staging)
+    with pytest.raises(ImagingError), StagedImage(target, "import-snap-0123456789abcdef1") as staged:
+        assert keys(moto, bucket) == [] and [u["Key"] for u in open_uploads(moto, bucket)] == [staging]
+        assert staged.writer is not None
+        staged.writer.write(os.urandom(6 * MiB))  # a part is sent
+        raise ImagingError("the guest fails validation", code="Guest.NoPartitionTable")
+    assert keys(moto, bucket) == [] and open_uploads(moto, bucket) == []
+
+
+def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order(
+    moto, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3stream, "GROW_EVERY", 1)  # double after every part (1000 in use)
+    data = os.urandom(18 * MiB)
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    with s3stream.MultipartWriter(
+        client, bucket, "grown", part_size=5 * MiB, grow_parts=True, store_digest=False
+    ) as w:
+        for i in range(0, len(data), MiB):
+            w.write(data[i : i + MiB])
+        done = w.close()
+    pieces = [data[: 5 * MiB], data[5 * MiB : 15 * MiB], data[15 * MiB :]]  # 5, 10, then the rest
+    assert done["parts"] == 3
+    # S3's ETag of the completed object names the parts as sent: 5 MiB, 10 MiB, then the rest
+    assert done["etag"] == s3stream.multipart_etag([hashlib.md5(p).digest() for p in pieces])
+    body = moto.client("s3").get_object(Bucket=bucket, Key="grown")["Body"].read()
+    assert body == data
