@@ -117,9 +117,13 @@ class StagedImage:
     ) -> None:
         if kind is None:
             return
+        # Only what this run made goes: its own upload (by its UploadId) and the staging object it
+        # completed. Listing and aborting every upload on the key is for __enter__ — here it could
+        # abort the upload of a run that took the task over after this one lost its lease.
         if self.writer is not None and not self.writer.closed:
             self.writer.abort()
-        self._remove_staging()
+        if self.written is not None:
+            self._delete_staging_object()
         if self.published:
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)
@@ -164,7 +168,16 @@ class StagedImage:
         meta = {**metadata, "sha256": sha256}
         self.published = True  # from here on a failure removes the final object too
         try:
-            etag = server_copy(self.client, self.bucket, self.staging_key, self.key, size, meta, self.sse)
+            etag = server_copy(
+                self.client,
+                self.bucket,
+                self.staging_key,
+                self.key,
+                size,
+                meta,
+                self.sse,
+                if_match=str(self.written["etag"]).strip('"'),  # the bytes that were read back and checked
+            )
             head = self.client.head_object(Bucket=self.bucket, Key=self.key)
         except Exception as exc:
             code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
@@ -187,10 +200,19 @@ class StagedImage:
             "encryption": applied.to_dict() if applied else None,
         }
 
-    def _remove_staging(self) -> None:
-        """Delete the staging object and abort every upload still open for it; never raises."""
+    def _delete_staging_object(self) -> None:
+        """Delete the staging object; never raises."""
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.staging_key)
+        except Exception as exc:
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            if code != "NoSuchBucket":
+                log.error("could not delete %s: %s", self.staging, code or type(exc).__name__)
+
+    def _remove_staging(self) -> None:
+        """Delete the staging object and abort every upload still open for it; never raises."""
+        self._delete_staging_object()
+        try:
             listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.staging_key)
             for upload in listing.get("Uploads", []):
                 if upload["Key"] == self.staging_key:

@@ -94,11 +94,16 @@ def server_copy(
     size: int,
     metadata: Mapping[str, str],
     sse: Mapping[str, str],
+    *,
+    if_match: str | None = None,
 ) -> str:
     """Copy ``bucket/source_key`` (``size`` bytes) to ``bucket/key`` inside S3, with ``metadata``
     (replacing the source's) and ``sse``: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` of 1 GiB
-    parts beyond (aborted on any failure). Returns the new object's ETag. Raises what boto3 raises."""
+    parts beyond (aborted on any failure). ``if_match``: the source's ETag the caller checked — S3
+    refuses the copy (``PreconditionFailed``) if the source was replaced since. Returns the new
+    object's ETag. Raises what boto3 raises."""
     source = {"Bucket": bucket, "Key": source_key}
+    condition = {"CopySourceIfMatch": f'"{if_match}"'} if if_match else {}
     if size <= MAX_COPY:
         resp = client.copy_object(
             Bucket=bucket,
@@ -106,6 +111,7 @@ def server_copy(
             CopySource=source,
             Metadata=dict(metadata),
             MetadataDirective="REPLACE",
+            **condition,
             **sse,
         )
         return str(resp["CopyObjectResult"]["ETag"]).strip('"')
@@ -123,6 +129,7 @@ def server_copy(
                 PartNumber=i,
                 CopySource=source,
                 CopySourceRange=f"bytes={start}-{end}",
+                **condition,
             )
             parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
         done = client.complete_multipart_upload(

@@ -72,6 +72,52 @@ def test_a_failure_inside_leaves_nothing_and_entering_removes_a_killed_runs_left
     assert keys(moto, bucket) == [] and open_uploads(moto, bucket) == []
 
 
+def test_a_run_that_lost_its_task_leaves_the_upload_of_the_run_that_took_it_over(moto, bucket: str) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket))
+    task = "import-snap-0123456789abcdef2"
+    with pytest.raises(ImagingError), StagedImage(target, task) as old:
+        assert old.writer is not None
+        old.writer.write(os.urandom(6 * MiB))
+        # the task is taken over while this run is stalled: the new run starts its own upload
+        new = StagedImage(target, task).__enter__()
+        assert new.writer is not None
+        mine = new.writer.upload_id
+        raise ImagingError("lease lost", code="Cancelled")  # the old run stops
+    # the old run's exit aborted only its own upload: the new run's is still open and completes
+    assert [u["UploadId"] for u in open_uploads(moto, bucket)] == [mine]
+    data = os.urandom(6 * MiB)
+    new.writer.write(data)
+    assert new.complete()["sha256"] == hashlib.sha256(data).hexdigest()
+    new.publish({})
+    new.__exit__(None, None, None)
+    assert keys(moto, bucket) == [f"images/{task}.raw"] and open_uploads(moto, bucket) == []
+
+
+def test_publishing_copies_only_the_staging_object_that_was_checked(moto, bucket: str) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket))
+    task = "import-snap-0123456789abcdef3"
+    sent: list[dict[str, str]] = []
+
+    def capture(request, **_) -> None:  # what the real client sends to the server
+        headers = request.headers.items()
+        sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in headers})
+
+    target.client.meta.events.register("before-send.s3.CopyObject", capture)
+    with pytest.raises(ImagingError) as err, StagedImage(target, task) as staged:
+        assert staged.writer is not None
+        staged.writer.write(os.urandom(6 * MiB))
+        checked = staged.complete()["etag"]
+        assert staged.reader().read_at(0, 16)  # read back and checked
+        # replaced between the check and the publish: those bytes were never inspected
+        moto.client("s3").put_object(Bucket=bucket, Key=f"images/{task}.raw.partial", Body=b"other bytes")
+        staged.publish({})
+    # S3 refuses a copy whose source is no longer the checked one (the moto server ignores the
+    # condition; the size check after the copy then catches this replacement)
+    assert [h.get("x-amz-copy-source-if-match") for h in sent] == [f'"{checked}"']
+    assert err.value.code == "UploadFailed"
+    assert keys(moto, bucket) == [] and open_uploads(moto, bucket) == []
+
+
 def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order(
     moto, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
