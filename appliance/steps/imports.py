@@ -249,7 +249,9 @@ def source_digest(
                     f"x-amz-checksum-sha256 ({as_hex}); the download was corrupted or the object changed, "
                     "try again"
                 )
-            checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": as_hex is not None})
+            # verified only when compared: a resumed stream may not know the sha256 of what it read
+            verified = as_hex is not None and sha256 is not None
+            checked.append({"what": "x-amz-checksum-sha256", "value": value, "verified": verified})
     out = {"location": str(src), "sha256": sha256, "size": size, "checked": checked}
     if source.get("expected_sha256"):  # the user's, checked against ``sha256`` (provenance lists it)
         out["expected_sha256"] = str(source["expected_sha256"]).lower()

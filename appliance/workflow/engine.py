@@ -358,6 +358,9 @@ class Engine:
         task_id = run.task_id
         if error is None:
             run.remove_scratch()
+            # a partial an earlier run kept for a resume that this run did not take (e.g. its
+            # checkpoint did not check out, so the stream started again into a new partial)
+            run.sweep_partials(resumable=False)
             try:
                 return self._set_state(
                     task_id,

@@ -79,6 +79,17 @@ class LeakyCreate(Step):
         raise OSError(13, "Permission denied (on purpose)")
 
 
+class LeavePartial(Step):
+    """Leave a ledgered partial output of ``final`` that nothing publishes (as a stream step leaves the
+    partial of an earlier run it did not take again)."""
+
+    def run(self, ctx: StepContext, final: str) -> Any:
+        path = Path(final).parent / f".{Path(final).name}.partial-0000000a"
+        ctx.ledger_created(path)
+        path.write_bytes(b"half an image")
+        return {"partial": str(path)}
+
+
 class Reject(Step):
     """Reject the "image" with a backing-file error and a warning, as an inspection would."""
 
@@ -121,6 +132,7 @@ def make_registry() -> Registry:
     registry.register("test.crash", Crash)
     registry.register("test.store_gone_once", StoreGoneOnce)
     registry.register("test.reject", Reject)
+    registry.register("test.leave_partial", LeavePartial)
     return registry
 
 

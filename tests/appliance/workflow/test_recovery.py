@@ -109,6 +109,26 @@ def test_killed_worker_is_resumed_after_its_last_completed_step(engine: Engine, 
     assert find_orphans(engine.store) == []
 
 
+def test_a_completed_task_removes_a_partial_output_it_left_unpublished(
+    engine: Engine, tmp_path: Path
+) -> None:
+    final = tmp_path / "images" / "image.raw"
+    final.parent.mkdir()
+    write_workflow(
+        tmp_path,
+        "leaves-partial",
+        {"steps": [{"name": "leave", "action": "test.leave_partial", "with": {"final": str(final)}}]},
+    )
+    task_id = engine.submit("leaves-partial")
+    ended = engine.run(task_id)
+    assert ended.state is TaskState.COMPLETED, ended.error_message
+    assert list(final.parent.iterdir()) == []  # the task is over: nothing resumes that partial
+    assert [(e.action, Path(e.resource).name) for e in engine.store.ledger(task_id)] == [
+        ("created", ".image.raw.partial-0000000a"),
+        ("removed", ".image.raw.partial-0000000a"),
+    ]
+
+
 def test_killed_worker_of_a_non_resumable_workflow_is_undone_and_failed(
     engine: Engine, tmp_path: Path
 ) -> None:
