@@ -56,7 +56,9 @@ def cmd_digest(args: argparse.Namespace, cfg: Config | None) -> int:
             out["sha256"] = h.hexdigest()
     matches = None
     if args.expect:
-        matches = args.expect.strip().lower() in (digest.hexdigest, digest.s3_checksum.lower())
+        given = args.expect.strip()
+        # hex is case-insensitive; S3's base64-N form is not (base64 letters differ by case)
+        matches = given.lower() == digest.hexdigest or given == digest.s3_checksum
         out["matches"] = matches
     if args.json:
         print_json(out)

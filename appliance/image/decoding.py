@@ -253,12 +253,18 @@ class FdSink:
 
 #: zero buffers by length (comparing with one is memcmp-fast, ``count(0)`` is not)
 _ZERO_BUFFERS: dict[int, bytes] = {}
+#: what the cache may hold in all: callers ask for many lengths (gap and extent remainders), and a
+#: long-lived worker must not keep one buffer per length it ever saw
+_ZERO_CACHE_BYTES = 64 << 20
 
 
 def zeros(n: int) -> bytes:
+    """``n`` zero bytes, shared for the lengths asked for most (cached up to a total of 64 MiB)."""
     z = _ZERO_BUFFERS.get(n)
     if z is None:
-        z = bytes(n) if n > 16 << 20 else _ZERO_BUFFERS.setdefault(n, bytes(n))
+        z = bytes(n)
+        if n <= 16 << 20 and sum(list(_ZERO_BUFFERS)) + n <= _ZERO_CACHE_BYTES:  # keys are lengths
+            z = _ZERO_BUFFERS.setdefault(n, z)
     return z
 
 

@@ -38,9 +38,11 @@ from ..image.decoding import zeros
 #: the algorithm name recorded with the digest
 ALGORITHM = "sha256-chunked"
 #: the default chunk: the default S3 part size (``sources.s3.part_size``), so a file export and an S3
-#: export of the same disk as the same format carry the same digest
+#: export of the same disk as the same format carry the same digest — as long as the S3 part size is
+#: that default and the output needs no more than 10,000 parts of it (640 GiB): beyond, the part size
+#: grows and so does the S3 export's chunk (the chunk size is recorded with every digest)
 DEFAULT_CHUNK = 64 << 20
-#: the smallest chunk accepted (S3's smallest part)
+#: the smallest chunk accepted (a file's digest may use chunks smaller than S3's 5 MiB minimum part)
 MIN_CHUNK = 1 << 20
 #: data pieces queued for each hashing thread, at most (the writer waits beyond that); per thread, so
 #: the writer fills the next chunk while the previous one's thread catches up

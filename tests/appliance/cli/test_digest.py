@@ -55,6 +55,14 @@ def test_digest_prints_the_recorded_value_and_a_flipped_byte_fails_the_check(tmp
     # S3's form is accepted too; smaller chunks give another value
     res = imaging("digest", out, "--expect", recorded["s3_checksum_sha256"], state=tmp_path / "state")
     assert res.returncode == 0, res.stderr
+    # … exactly: base64 is case-sensitive, so the same letters in another case are another digest
+    res = imaging(
+        "digest", out, "--expect", recorded["s3_checksum_sha256"].swapcase(), state=tmp_path / "state"
+    )
+    assert res.returncode == 1 and "does not have the expected digest" in res.stderr
+    # hex in capitals is the same digest
+    res = imaging("digest", out, "--expect", recorded["value"].upper(), state=tmp_path / "state")
+    assert res.returncode == 0, res.stderr
     res = imaging("digest", out, "--chunk-size", "1MiB", "--json", state=tmp_path / "state")
     chunks = [hashlib.sha256(body[i : i + MiB]).digest() for i in range(0, len(body), MiB)]
     assert json.loads(res.stdout)["value"] == hashlib.sha256(b"".join(chunks)).hexdigest()

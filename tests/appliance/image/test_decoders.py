@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ImageRejected, UsageError
+from appliance.image import decoding
 from appliance.image.decoders import check_checkpoint, decode_file, open_decoder, resume_decoder
 from appliance.image.decoding import Boundary, DecodeLimits
 from appliance.image.rawstream import RawDecoder
@@ -308,3 +309,13 @@ def test_the_decoder_child_reports_a_hostile_stream_as_a_coded_error_line(tmp_pa
     lines = _child("vmdk-stream", bad, tmp_path / "out.raw")
     assert lines[-1]["error"] == "CorruptImage"
     assert "grain LBA 2048" in str(lines[-1]["message"])
+
+
+def test_the_shared_zero_buffers_stay_bounded_whatever_lengths_are_asked_for() -> None:
+    # gap and extent remainders: every 4 KiB multiple up to 1 MiB (128 MiB in all), as a long-lived
+    # worker may see
+    for n in range(4096, (1 << 20) + 1, 4096):
+        z = decoding.zeros(n)
+        assert len(z) == n and not any(z[:: 1 << 16])
+    assert sum(decoding._ZERO_BUFFERS) <= decoding._ZERO_CACHE_BYTES
+    assert decoding.zeros(4096) is decoding.zeros(4096)  # a common length is still shared
