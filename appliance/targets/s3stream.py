@@ -177,6 +177,10 @@ class MultipartWriter:
         self.client, self.bucket, self.key = client, bucket, key
         self.where = f"s3://{bucket}/{key}"
         self.part_size, self.threads = part_size, max(1, threads)
+        #: parts in flight at most: ``threads``, fewer once grown parts would hold more memory than
+        #: ``threads`` parts of the first size (a long stream of unknown size)
+        self._in_flight = self.threads
+        self._budget = self.threads * part_size
         self.known_sha256 = sha256
         self.metadata = dict(metadata or {})
         self.sse = dict(sse or {})
@@ -253,14 +257,17 @@ class MultipartWriter:
 
     def _grow(self) -> None:
         """Double the part size every :data:`GROW_EVERY` parts (``grow_parts``): 10,000 parts starting
-        at 5 MiB then cover about 5 TiB, and memory grows only for a stream that long."""
+        at 5 MiB then cover about 5 TiB, and memory grows only for a stream that long. Fewer grown
+        parts are in flight, so the uploads hold about as much as ``threads`` parts of the first size
+        (plus the part being filled)."""
         if self.grow_parts and self._number % GROW_EVERY == 0:
             self.part_size *= 2
+            self._in_flight = max(1, min(self.threads, self._budget // self.part_size))
 
     def _submit(self, data: bytes) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
-        while len(self._pending) >= self.threads:
+        while len(self._pending) >= self._in_flight:
             self._harvest(block=True)
             self._check_cancel()
         self._number += 1
