@@ -17,11 +17,11 @@ a frame.
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+
+from ..readat import ReadAtFile
 
 READ, ANSWER = b"R", b"A"
 FRAME = struct.Struct("<cQI")
@@ -62,45 +62,16 @@ def _write_all(fd: int, data: bytes) -> None:
 # ------------------------------------------------------------------------------------ the child side
 
 
-class PipedDisk(io.RawIOBase):
+class PipedDisk(ReadAtFile):
     """The disk as a read-only, seekable file whose reads are requests to the parent (child side)."""
 
     def __init__(self, rfd: int, wfd: int, size: int) -> None:
         super().__init__()
         self.rfd, self.wfd, self.size = rfd, wfd, size
-        self._pos = 0
         self._chunk_at = 0
         self._chunk = b""
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        n = self.size - self._pos if size is None or size < 0 else size
-        data = self._read_at(self._pos, max(0, n))
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def _read_at(self, offset: int, length: int) -> bytes:
+    def read_at(self, offset: int, length: int) -> bytes:
         end = min(self.size, offset + length)
         pieces: list[bytes] = []
         pos = offset

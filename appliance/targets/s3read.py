@@ -14,20 +14,19 @@ this process.
 
 from __future__ import annotations
 
-import io
-import os
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from ..errors import Cancelled, SourceChanged
+from ..readat import ReadAtFile
 from .base import TargetError
 
 BLOCK = 1 << 20
 CACHE_BLOCKS = 32
 
 
-class ObjectRangeReader(io.RawIOBase):
+class ObjectRangeReader(ReadAtFile):
     """``bucket/key`` of ``size`` bytes with ETag ``etag``, read in cached blocks (module docstring)."""
 
     def __init__(
@@ -49,40 +48,8 @@ class ObjectRangeReader(io.RawIOBase):
         self.block_size, self.cache_blocks = block_size, max(1, cache_blocks)
         self.cancel = cancel
         self.gets = 0
-        self._pos = 0
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------------------------ the file
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read_at(self._pos, len(view))
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        n = self.size - self._pos if size is None or size < 0 else size
-        data = self.read_at(self._pos, max(0, n))
-        self._pos += len(data)
-        return data
 
     # ------------------------------------------------------------------------------------ the blocks
 
