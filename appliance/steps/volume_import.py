@@ -137,7 +137,7 @@ class VolumeImportStep(Step):
             # volume is flushed (finalize)
             meter = StageMeter("writing", m.size, ctx.progress, read=state["done"], written=state["done"])
 
-            def write(offset: int, chunk: bytes) -> None:
+            def write(offset: int, chunk: bytes | memoryview) -> None:
                 check.eat(chunk)
                 meter.read(offset + len(chunk))
                 out.write(offset, chunk)
@@ -246,7 +246,7 @@ class VolumeImportStep(Step):
                 cancel=ctx.cancel,
             ) as stream:
 
-                def write(offset: int, chunk: bytes) -> None:
+                def write(offset: int, chunk: bytes | memoryview) -> None:
                     if offset + len(chunk) <= first_input:
                         return  # before the boundary: decoded already
                     stream.feed(chunk[max(0, first_input - offset) :])
@@ -319,7 +319,7 @@ class VolumeImportStep(Step):
                 written=state["done"],
             )
 
-            def write(offset: int, chunk: bytes) -> None:
+            def write(offset: int, chunk: bytes | memoryview) -> None:
                 meter.read(offset + len(chunk))
                 out.write(offset, chunk)
                 meter.wrote(offset + len(chunk))
@@ -420,7 +420,7 @@ def _source(m: ImportManifest, digest: StreamDigest) -> dict[str, Any]:
 def _download(
     ctx: StepContext,
     m: ImportManifest,
-    write: Callable[[int, bytes], None],
+    write: Callable[[int, bytes | memoryview], None],
     *,
     start_index: int,
     on_part: Callable[[Part, int], None],

@@ -291,7 +291,7 @@ class RawWriter:
         with self._coded():
             return os.pread(self.fd, length, offset)
 
-    def write(self, offset: int, chunk: bytes) -> None:
+    def write(self, offset: int, chunk: bytes | memoryview) -> None:
         """Put ``chunk`` at ``offset``; an all-zero chunk is a hole or zeroed, never written out."""
         with self._coded():
             if chunk == _zeros(len(chunk)):
