@@ -15,6 +15,10 @@ bytes when its range holds byte ``after`` (``A <= after <= B``), and goes throug
 ranges before the hold complete, ranges after it are not held (the reader waits for the held one
 before it hands anything past it over). A GET without a Range starts at 0.
 
+``arm(..., times=N)`` holds only the first N GETs that reach the offset: a retry of the held range goes
+through, and the held one stays held until it is released or its client gives up on it (a stall
+watchdog: :meth:`StallingProxy.abandoned` counts those).
+
 ``rate`` (bytes per second, per connection) paces every answer's body, like an object store that
 limits each connection (for benchmarks; tests leave it unset).
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 import http.client
 import http.server
 import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -41,6 +47,17 @@ _HOP_BY_HOP = {
 }
 _PIECE = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (readable, and at its end)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -104,7 +121,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         time.sleep(ahead)
                 if armed is not None and hold_at is not None and sent >= hold_at:
                     self.wfile.flush()
-                    owner.hold(armed[0])
+                    owner.hold(armed[0], self.connection)
                     hold_at = None
         except (OSError, http.client.HTTPException):
             self.close_connection = True  # the client went away (killed, or gave up), or the server did
@@ -140,6 +157,9 @@ class StallingProxy:
         #: per armed suffix: set when it is released
         self._released: dict[str, threading.Event] = {}
         self._stalled: dict[str, int] = {}
+        #: per armed suffix: how many GETs it may still hold (absent: every one)
+        self._holds_left: dict[str, int] = {}
+        self._abandoned: dict[str, int] = {}
         self._closing = threading.Event()
         #: GETs that stopped and wait for :meth:`release`
         self.stalled = 0
@@ -157,11 +177,21 @@ class StallingProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def arm(self, path_suffix: str, after: int) -> None:
-        """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes."""
+    def arm(self, path_suffix: str, after: int, times: int | None = None) -> None:
+        """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes (only the
+        first ``times`` of them, when given)."""
         with self._lock:
             self._released[path_suffix] = threading.Event()
             self._armed[path_suffix] = after
+            if times is not None:
+                self._holds_left[path_suffix] = times
+            else:
+                self._holds_left.pop(path_suffix, None)
+
+    def abandoned(self, path_suffix: str) -> int:
+        """How many held GETs of ``path_suffix`` their client closed while they were held."""
+        with self._lock:
+            return self._abandoned.get(path_suffix, 0)
 
     def arm_request(self, method: str, query_part: str) -> None:
         """Hold every ``method`` request whose query string contains ``query_part`` (e.g. ``PUT`` and
@@ -222,22 +252,39 @@ class StallingProxy:
             return None
         m = _RANGE.match(range_header.strip()) if range_header else None
         if m is None:
-            return armed
+            return self._claim(*armed)
         first = int(m.group(1))
         last = int(m.group(2)) if m.group(2) else None
         suffix, after = armed
         if after < first or (last is not None and after > last):
             return None
-        return suffix, after - first
+        return self._claim(suffix, after - first)
 
-    def hold(self, path_suffix: str) -> None:
+    def _claim(self, suffix: str, at: int) -> tuple[str, int] | None:
+        """The hold ``(suffix, at)`` when the suffix may hold one more GET (``arm``'s ``times``)."""
+        with self._lock:
+            left = self._holds_left.get(suffix)
+            if left is None:
+                return suffix, at
+            if left <= 0:
+                return None
+            self._holds_left[suffix] = left - 1
+            return suffix, at
+
+    def hold(self, path_suffix: str, client: socket.socket | None = None) -> None:
+        """Hold until :meth:`release`, the proxy's close, or (``client`` given) the client's close of
+        its connection (counted by :meth:`abandoned`; OSError then, as for the close)."""
         with self._lock:
             self.stalled += 1
             self._stalled[path_suffix] = self._stalled.get(path_suffix, 0) + 1
             released = self._released[path_suffix]
             self._lock.notify_all()
         while not (released.wait(0.05) or self._closing.is_set()):
-            pass
+            if client is not None and _closed_by_peer(client):
+                with self._lock:
+                    self._abandoned[path_suffix] = self._abandoned.get(path_suffix, 0) + 1
+                    self._lock.notify_all()
+                raise OSError("the client gave up on the held answer")
         if self._closing.is_set() and not released.is_set():
             raise OSError("the proxy is closing")
 
