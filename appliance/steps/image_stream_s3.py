@@ -31,12 +31,20 @@ object: a hostile stream or a guest that fails validation leaves no object and n
 Digests: the source's sha256 is observed as it streams; the output's sha256 is that of every byte handed
 to the multipart writer (zeros included), computed as they go (``digest_method``
 :data:`~.provenance.WHILE_UPLOADING`).
+
+A killed stream resumes from its multipart upload (:mod:`.s3_checkpoint`): every
+``sources.checkpoint_every`` bytes of source the decoder's boundary is noted and the latest one whose
+output the uploaded parts cover is saved with the upload id, the parts (number, size, ETag) and the
+output's sha256 state; the next run lists the upload's parts, checks each recorded one and goes on after
+the last (``stream.resumed``), or restarts from zero (``stream.restarted``) when the upload is gone or a
+part differs. A compressed source is not checkpointed (no decoder state past its start): its next run
+decodes it again from byte 0 into a new upload.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -45,15 +53,21 @@ from ..image.content import ContentView, content_stage
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
 from ..progress import StageMeter
+from ..sources.fetch import parse_source
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
-from ..targets.s3 import S3ImageTarget
+from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget
 from ..targets.s3read import ObjectRangeReader
 from ..targets.s3staged import StagedImage
+from ..targets.s3stream import verify_parts
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
 from .imports import source_digest
 from .provenance import WHILE_UPLOADING, check_expected, import_metadata
+from .s3_checkpoint import S3ResumePoint, S3StreamCheckpoints
+from .stream_checkpoint import SourceReplaced
+
+log = logging.getLogger(__name__)
 
 #: ``stream_source`` of :mod:`.image_stream` (passed in: that module dispatches here)
 StreamSource = Callable[..., StreamResult]
@@ -83,6 +97,34 @@ def inspect_written(ctx: StepContext, reader: ObjectRangeReader) -> Verdict:
     return verdict
 
 
+def resume_point(
+    ctx: StepContext, target: S3ImageTarget, staging_key: str, key: str, decoder: str
+) -> S3ResumePoint | None:
+    """The checkpoint an earlier run of this step left, if its upload is still there with every recorded
+    part (``ListParts``); otherwise None, after a ``stream.restarted`` event saying why (and the upload
+    of a checkpoint that does not check out aborted)."""
+    point, dropped = S3ResumePoint.load(ctx.load_checkpoint(), key, decoder, ctx.config.limits)
+    if dropped is not None:
+        ctx.event("stream.restarted", offset=0, reason=dropped)
+    if point is None:
+        return None
+    if (point.bucket, point.key) != (target.bucket, staging_key):
+        why: str | None = "the checkpoint's upload is not to this image's staging key"
+    else:
+        why = verify_parts(target.client, point.bucket, point.key, point.upload)
+    if why is None:
+        return point
+    ctx.event("stream.restarted", offset=0, reason=why)
+    if point.bucket == target.bucket and point.key == staging_key:
+        try:  # a part that differs: that upload is not continued (gone already: nothing to abort)
+            target.client.abort_multipart_upload(
+                Bucket=point.bucket, Key=point.key, UploadId=point.upload.upload_id
+            )
+        except Exception as exc:
+            log.info("the upload of the dropped checkpoint was not aborted: %s", type(exc).__name__)
+    return None
+
+
 def stream_into_s3(
     ctx: StepContext,
     target: S3ImageTarget,
@@ -98,43 +140,80 @@ def stream_into_s3(
 ) -> dict[str, Any]:
     """``image.stream``'s run for the S3 image target (module docstring); its result as for a file."""
     facts: dict[str, Any] = {}
-    meter = StageMeter("writing", None, ctx.progress)
-    sha = hashlib.sha256()  # the source's, as it streams
+    image_id = f"{ctx.task_id}-{name}" if name else ctx.task_id  # a data disk of an image: its own name
+    key = str(parse_source(source))
+    staging_key = target.key_for(image_id, "raw") + STAGING_SUFFIX
+    point = resume_point(ctx, target, staging_key, key, decoder)
+    meter = StageMeter(
+        "writing",
+        None,
+        ctx.progress,
+        read=point.boundary.input_offset if point is not None else 0,
+        written=point.produced if point is not None else 0,
+    )
     md5_checked: list[str] = []
     capacity = ctx.config.limits.max_virtual_size
     with (
         StagedImage(
             target,
-            f"{ctx.task_id}-{name}" if name else ctx.task_id,  # a data disk of an image: its own name
+            image_id,
             format="raw",
             encryption=encryption,
             expected_size=expected_size(preflight),
             cancel=ctx.cancel,
             ledger=ctx,
+            resume=point.upload if point is not None else None,
         ) as staged,
         meter,
     ):
-        assert staged.writer is not None
-        sink = InOrderSink(staged.writer, capacity=capacity)
-        result = stream_source(
-            ctx,
-            source,
-            decoder,
-            sink,
-            capacity=capacity,
-            meter=meter,
-            observer=sha.update,
-            on_md5_checked=md5_checked.append,
-        )
+
+        def run(start: S3ResumePoint | None) -> tuple[StreamResult, S3StreamCheckpoints, InOrderSink]:
+            assert staged.writer is not None
+            sink = InOrderSink(
+                staged.writer,
+                capacity=capacity,
+                start=start.sink_position if start is not None else 0,
+                skip_to=start.upload.size if start is not None else 0,
+            )
+            checkpoints = S3StreamCheckpoints(
+                ctx,
+                key,
+                decoder,
+                staged.writer,
+                sink,
+                every=ctx.config.sources.checkpoint_every,
+                resume=start,
+            )
+            result = stream_source(
+                ctx,
+                source,
+                decoder,
+                sink,
+                capacity=capacity,
+                meter=meter,
+                on_md5_checked=md5_checked.append,
+                checkpoints=checkpoints,
+            )
+            return result, checkpoints, sink
+
+        try:
+            result, checkpoints, sink = run(point)
+        except SourceReplaced as exc:  # (raised before anything was read or written)
+            ctx.event("stream.restarted", offset=0, reason=exc.message)
+            staged.restart()
+            result, checkpoints, sink = run(None)
+        sha256 = checkpoints.sha256()
         facts["source"] = source_digest(
             ctx,
             source,
-            sha256=sha.hexdigest(),
+            sha256=sha256,
             size=result.input_bytes,
             md5_checked=md5_checked[0] if md5_checked else None,
         )
+        if sha256 is None:
+            facts["source"]["sha256_unknown"] = checkpoints.unknown
         # a wrong source fails before anything is published
-        check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"], name)
+        check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
         sink.finish(result.virtual_size)  # the disk's trailing zeros
         written = staged.complete()
         reader = staged.reader()
@@ -158,7 +237,7 @@ def stream_into_s3(
             ctx, reader.read_at, int(written["size"]), bootable=bootable, **request
         )
         facts["stream"]["readback_gets"] = reader.gets
-        location = staged.publish(import_metadata(ctx, sha.hexdigest()), fence=ctx.fence)
+        location = staged.publish(import_metadata(ctx, sha256), fence=ctx.fence)
         meter.set_total(result.virtual_size)
         meter.wrote(result.virtual_size)
     meter.flushed()  # published

@@ -93,6 +93,10 @@ class S3ImageTarget:
         if self.part_size < MIN_PART:
             raise ConfigError(f"targets.image.part_size: {self.part_size} is below S3's minimum of 5 MiB")
         self.threads = int(settings.get("threads", 4))
+        #: the most bytes of part buffers a streamed upload holds (:mod:`.s3staged`)
+        self.memory = parse_size(settings.get("memory", "128MiB"))
+        if self.memory < 2 * MIN_PART:
+            raise ConfigError(f"targets.image.memory: {self.memory} is below two parts of 5 MiB")
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -345,4 +349,5 @@ class S3ImageTarget:
             "region": self.settings.get("region"),
             "part_size": self.part_size,
             "threads": self.threads,
+            "memory": self.memory,
         }

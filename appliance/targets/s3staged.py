@@ -21,10 +21,17 @@ byte computed on the way; server-side encrypted as asked, like :meth:`.s3.S3Imag
 Any exception inside the ``with`` — a hostile stream, a failed check, a cancel — aborts the multipart
 upload, deletes the staging object and, if the final object was already made, that too: no object and no
 incomplete upload are left. Entering also removes what a killed earlier run of the same task left at the
-staging key (a resumed task starts its stream again). A process killed outright leaves its incomplete
-upload at the staging key until the task resumes or its image is deleted
+staging key, but the upload it continues (``resume``: a streamed import resumed from its checkpoint,
+:mod:`appliance.steps.s3_checkpoint`). A resumable run stopped by a lost lease or an unavailable task
+store keeps its upload for the run that takes the task over (the sweeps of :mod:`appliance.service.sweeps`
+remove it once the task is over). A process killed outright leaves its incomplete upload at the staging
+key until the task resumes, the sweep finds its task over, or its image is deleted
 (:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle rule
 (``AbortIncompleteMultipartUpload``) reaps it otherwise.
+
+Memory: the staging upload's parts are :data:`STREAM_PART` (16 MiB; the target's ``part_size`` if that is
+smaller), grown only as far as S3's 10,000 parts require, and its part buffers are bounded by the target's
+``memory`` (fewer parts in flight).
 """
 
 from __future__ import annotations
@@ -35,14 +42,21 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
+from ..errors import LeaseLost, StoreUnavailable
 from ..partials import Ledger
+from ..sources.savedhash import available
 from .base import TargetError
 from .encryption import Encryption
 from .s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
 from .s3read import ObjectRangeReader
-from .s3stream import MultipartWriter, server_copy
+from .s3stream import MultipartWriter, ResumedUpload, server_copy
 
 log = logging.getLogger(__name__)
+
+#: the part size of a staging upload (the target's ``part_size`` if smaller); grown for 10,000 parts
+STREAM_PART = 16 << 20
+#: stops that keep a resumable upload for the run that takes the task over
+KEEP_ON = (LeaseLost, StoreUnavailable)
 
 
 class StagedImage:
@@ -59,6 +73,7 @@ class StagedImage:
         on_progress: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
+        resume: ResumedUpload | None = None,
     ) -> None:
         self.target, self.format = target, format.lower()
         self.client = target.client
@@ -72,6 +87,11 @@ class StagedImage:
         self.written: dict[str, Any] | None = None
         self.published = False
         self._ledgered = False
+        #: the upload an earlier run left, continued (None: a new one)
+        self.resume = resume
+        #: whether the staging upload can be checkpointed and resumed (parts of one size, a sha256 whose
+        #: state can be saved)
+        self.resumable = resume is not None or (expected_size is not None and available())
 
     @property
     def staging(self) -> str:
@@ -80,7 +100,8 @@ class StagedImage:
     # ------------------------------------------------------------------------------------- entering
 
     def __enter__(self) -> StagedImage:
-        self._remove_staging()  # what a killed earlier run of this task left
+        # what a killed earlier run of this task left, but the upload this run continues
+        self._remove_staging(keep=self.resume.upload_id if self.resume is not None else None)
         if self.ledger is not None:
             self.ledger.ledger_created(self.staging)
             self._ledgered = True
@@ -96,7 +117,7 @@ class StagedImage:
             self.client,
             self.bucket,
             self.staging_key,
-            part_size=self.target.part_size,
+            part_size=min(self.target.part_size, STREAM_PART),
             threads=self.target.threads,
             sse=self.sse,
             expected_size=self.expected_size,
@@ -104,7 +125,19 @@ class StagedImage:
             cancel=self.cancel,
             store_digest=False,
             grow_parts=self.expected_size is None,  # a stream of unknown size
+            memory=self.target.memory,
+            resumable=self.resumable,
+            resume=self.resume,
         )
+
+    def restart(self) -> MultipartWriter:
+        """Give up the continued upload (aborted) and start a new one from byte 0."""
+        if self.writer is not None:
+            self.writer.abort()
+        self.resume = None
+        self.resumable = self.expected_size is not None and available()
+        self.writer = self._writer()
+        return self.writer
 
     def _settle(self) -> None:
         """The staging key is gone: tell the ledger (once)."""
@@ -116,6 +149,17 @@ class StagedImage:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if kind is None:
+            return
+        if (
+            issubclass(kind, KEEP_ON)
+            and self.resumable
+            and self.writer is not None
+            and not self.writer.closed
+            and self.written is None
+        ):
+            # the run that takes the task over continues this upload from the checkpoint (or the sweep
+            # removes it once the task is over): left as it is, still in the ledger
+            log.info("keeping the upload to %s for the task's next run", self.staging)
             return
         # Only what this run made goes: its own upload (by its UploadId) and the staging object it
         # completed. Listing and aborting every upload on the key is for __enter__ — here it could
@@ -209,13 +253,14 @@ class StagedImage:
             if code != "NoSuchBucket":
                 log.error("could not delete %s: %s", self.staging, code or type(exc).__name__)
 
-    def _remove_staging(self) -> None:
-        """Delete the staging object and abort every upload still open for it; never raises."""
+    def _remove_staging(self, keep: str | None = None) -> None:
+        """Delete the staging object and abort every upload still open for it (but ``keep``, an upload
+        id); never raises."""
         self._delete_staging_object()
         try:
             listing = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.staging_key)
             for upload in listing.get("Uploads", []):
-                if upload["Key"] == self.staging_key:
+                if upload["Key"] == self.staging_key and upload["UploadId"] != keep:
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=self.staging_key, UploadId=upload["UploadId"]
                     )

@@ -1,0 +1,220 @@
+"""A streamed ImportSnapshot into the S3 image target whose task process is killed mid-stream resumes from
+its multipart upload (``image.stream``, :mod:`appliance.steps.s3_checkpoint`) instead of from zero.
+
+Real parts: the moto S3 server (the source bucket read through :class:`~tests.stallproxy.StallingProxy`,
+which holds the download at a chosen offset and counts every byte it serves; the image bucket written
+directly), the real worker and its task child (killed with SIGKILL by its PID while the worker lives on:
+the worker takes the orphaned task over), the confined decoder child, qemu-img (making the images and
+comparing the stored object with the source). Settings: 1 MiB ranges, 2 in flight, a checkpoint every
+MiB of source, 5 MiB parts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.service.imports import DiskContainer, outcome
+from appliance.store import Task, TaskState
+from tests import imagefactory as imgs
+from tests import processes
+from tests.appliance.service.test_import_recovery import Appliance
+from tests.euca_upload import random_file
+from tests.servers import REGION, MotoServer
+from tests.stallproxy import StallingProxy
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+#: the download is held inside the range [40, 41) MiB: the reader hands over 40 MiB, no more
+HOLD = 40 * MiB + MiB // 2
+PART = 5 * MiB
+wait_until = functools.partial(processes.wait_until, timeout=180.0, interval=0.1)
+TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
+    with StallingProxy(moto.endpoint) as p:
+        yield p
+
+
+def _bucket(moto: MotoServer, request: pytest.FixtureRequest, prefix: str) -> str:
+    name = prefix + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[-40:].lower()
+    name = name.strip("-")
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    return _bucket(moto, request, "ss-")
+
+
+@pytest.fixture
+def images(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    return _bucket(moto, request, "si-")
+
+
+@pytest.fixture
+def app(tmp_path: Path, moto: MotoServer, proxy: StallingProxy, images: str) -> Iterator[Appliance]:
+    target = {
+        "type": "s3",
+        "bucket": images,
+        "prefix": "images/",
+        "endpoint_url": moto.endpoint,  # the uploads are not held: only the source's reads
+        "region": REGION,
+        "access_key": "testing",
+        "secret_key": "testing",
+        "addressing_style": "path",
+        "part_size": "5MiB",
+        "threads": 2,
+    }
+    made = Appliance(
+        tmp_path,
+        moto,
+        proxy,
+        sources={"range_size": "1MiB", "parallel_ranges": 2, "checkpoint_every": MiB},
+        targets={"image": target},
+    )
+    yield made
+    made.close()
+
+
+def stream_checkpoint(app: Appliance, task_id: str) -> dict[str, Any] | None:
+    """The stream step's checkpoint in the task store (None before the first)."""
+    steps = [r.idx for r in app.store.step_results(task_id) if r.name == "stream"]
+    return app.store.load_checkpoint(task_id, steps[0]) if steps else None
+
+
+def uploaded(app: Appliance, task_id: str) -> int:
+    """Bytes of the parts the saved checkpoint names (0 before the first)."""
+    saved = stream_checkpoint(app, task_id)
+    return sum(p["size"] for p in saved["upload"]["parts"]) if saved else 0
+
+
+def kill_task_child(app: Appliance, task_id: str) -> None:
+    owner = app.task(task_id).owner
+    assert owner is not None
+    os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
+
+
+def wait_ended(app: Appliance, task_id: str) -> Task:
+    wait_until(lambda: app.task(task_id).state in TERMINAL, what="the task to end")
+    return app.task(task_id)
+
+
+def events(app: Appliance, task_id: str, kind: str) -> list[dict[str, Any]]:
+    return [e.data for e in app.store.events(task_id=task_id, limit=100_000) if e.kind == kind]
+
+
+def left_in(moto: MotoServer, bucket: str) -> tuple[list[str], list[str]]:
+    """(object keys, keys of incomplete multipart uploads) in ``bucket``, as S3 lists them."""
+    s3 = moto.client("s3")
+    objects = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    uploads = [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    return objects, uploads
+
+
+def same_disk(moto: MotoServer, reference: Path, fmt: str, bucket: str, key: str, tmp_path: Path) -> None:
+    """The stored object is ``qemu-img compare``-identical to the source image."""
+    stored = tmp_path / "stored.raw"
+    moto.client("s3").download_file(bucket, key, str(stored))
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", fmt, "-F", "raw", str(reference), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+@pytest.mark.parametrize(("kind", "mib"), [("raw", 96), ("vmdk-stream", 128)])
+def test_a_stream_into_s3_killed_mid_stream_resumes_its_multipart_upload_and_fetches_the_object_about_once(
+    app: Appliance,
+    moto: MotoServer,
+    proxy: StallingProxy,
+    bucket: str,
+    images: str,
+    tmp_path: Path,
+    kind: str,
+    mib: int,
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", mib * MiB, seed=7)
+    if kind == "raw":
+        image, claim, fmt = raw, "RAW", "raw"
+    else:
+        image, claim, fmt = tmp_path / "disk.vmdk", "VMDK", "vmdk"
+        imgs.qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, image)
+    size = image.stat().st_size
+    moto.client("s3").put_object(Bucket=bucket, Key=image.name, Body=image.read_bytes())
+    proxy.arm(f"/{image.name}", after=HOLD)
+    task = app.service.import_snapshot(DiskContainer(format=claim, bucket=bucket, key=image.name))
+    app.start_worker()
+    # RAW: the 40 MiB handed over fill 8 parts of 5 MiB, all acknowledged, their boundary checkpointed;
+    # stream-VMDK: the whole parts before its last boundary (its output is not part-aligned)
+    least = 40 * MiB if kind == "raw" else 30 * MiB
+    wait_until(
+        lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= least,
+        what=f"the stream held at {HOLD}, {least} bytes of parts checkpointed",
+    )
+    before = stream_checkpoint(app, task.id)
+    assert before is not None
+    kill_task_child(app, task.id)
+    proxy.release()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.attempts == 2
+
+    # it went on from the checkpoint with the same upload, and the object was fetched about once
+    [resumed] = events(app, task.id, "stream.resumed")
+    assert resumed["offset"] >= int(before["boundary"]["input_offset"])
+    assert events(app, task.id, "stream.restarted") == []
+    after = stream_checkpoint(app, task.id)
+    assert after is not None and after["upload"]["upload_id"] == before["upload"]["upload_id"]
+    fetched = proxy.served_by_path[f"/{bucket}/{image.name}"]  # the preflight and both runs
+    assert size < fetched <= 1.1 * size, (fetched, size)
+
+    # one image object equal to the source's conversion; no staging object, no incomplete upload
+    location = outcome(done)["location"]
+    assert location["bucket"] == images
+    assert left_in(moto, images) == ([location["key"]], [])
+    assert done.result["disk"]["streamed"]["stream"]["parts"] == -(-mib * MiB // PART)
+    same_disk(moto, image, fmt, images, location["key"], tmp_path)
+    source = done.result["provenance"]["source"]
+    assert source["size"] == size and "sha256_unknown" not in source
+
+
+def test_a_resumed_stream_whose_upload_is_gone_restarts_from_zero_and_completes(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=8)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    app.start_worker()
+    wait_until(
+        lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 20 * MiB,
+        what="the stream held at 40.5 MiB, 20 MiB of parts checkpointed",
+    )
+    before = stream_checkpoint(app, task.id)
+    assert before is not None
+    kill_task_child(app, task.id)
+    up = before["upload"]
+    # the upload is aborted behind the task's back (a lifecycle rule, an operator)
+    moto.client("s3").abort_multipart_upload(Bucket=images, Key=up["key"], UploadId=up["upload_id"])
+    proxy.release()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    [restarted] = events(app, task.id, "stream.restarted")
+    assert restarted["offset"] == 0 and "is gone" in restarted["reason"], restarted
+    assert events(app, task.id, "stream.resumed") == []
+    location = outcome(done)["location"]
+    assert left_in(moto, images) == ([location["key"]], [])
+    same_disk(moto, raw, "raw", images, location["key"], tmp_path)
