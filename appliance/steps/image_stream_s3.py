@@ -39,16 +39,27 @@ output's sha256 state; the next run lists the upload's parts, checks each record
 the last (``stream.resumed``), or restarts from zero (``stream.restarted``) when the upload is gone or a
 part differs. A compressed source is not checkpointed (no decoder state past its start): its next run
 decodes it again from byte 0 into a new upload.
+
+The ledger window at publish: the copy to the final key and the step's ledger entry naming it are two
+acts, and a kill between them would leave an object no ledger names. So the step first saves its intent
+(:func:`publish_intent`: the final key, the staging object's ETag and sha256, the step's facts) as its
+checkpoint, and the copy carries the staging ETag in its metadata. The step's next run *adopts* what it
+finds (:func:`adopt`): the final object whose metadata names that staging ETag and sha256 (or, not copied
+yet, the staging object, still the one checked, copied now) becomes the step's result — the inspection
+and guest validation ran on those very bytes before the copy — with a ``stream.adopted`` event. A task
+that ends without such a run (failed, cancelled, deleted) has that object deleted by the sweep
+(:func:`appliance.service.sweeps.sweep_s3_staging`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ImageRejected, Severity
+from ..errors import ImageRejected, LeaseLost, Severity, StoreUnavailable, UsageError
 from ..image.content import ContentView, content_stage
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
@@ -56,10 +67,10 @@ from ..progress import StageMeter
 from ..sources.fetch import parse_source
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
-from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget
+from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
 from ..targets.s3read import ObjectRangeReader
-from ..targets.s3staged import StagedImage
-from ..targets.s3stream import verify_parts
+from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
+from ..targets.s3stream import server_copy, verify_parts
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
 from .imports import source_digest
@@ -98,12 +109,12 @@ def inspect_written(ctx: StepContext, reader: ObjectRangeReader) -> Verdict:
 
 
 def resume_point(
-    ctx: StepContext, target: S3ImageTarget, staging_key: str, key: str, decoder: str
+    ctx: StepContext, target: S3ImageTarget, staging_key: str, key: str, decoder: str, saved: Any
 ) -> S3ResumePoint | None:
-    """The checkpoint an earlier run of this step left, if its upload is still there with every recorded
-    part (``ListParts``); otherwise None, after a ``stream.restarted`` event saying why (and the upload
-    of a checkpoint that does not check out aborted)."""
-    point, dropped = S3ResumePoint.load(ctx.load_checkpoint(), key, decoder, ctx.config.limits)
+    """The checkpoint (``saved``) an earlier run of this step left, if its upload is still there with
+    every recorded part (``ListParts``); otherwise None, after a ``stream.restarted`` event saying why
+    (and the upload of a checkpoint that does not check out aborted)."""
+    point, dropped = S3ResumePoint.load(saved, key, decoder, ctx.config.limits)
     if dropped is not None:
         ctx.event("stream.restarted", offset=0, reason=dropped)
     if point is None:
@@ -125,6 +136,109 @@ def resume_point(
     return None
 
 
+def publish_intent(
+    ctx: StepContext, staged: StagedImage, written: dict[str, Any], facts: dict[str, Any]
+) -> None:
+    """Save, as the step's checkpoint, what is about to be published (the final key, the staging
+    object's ETag and sha256, the step's facts): a run killed between the copy and the ledger entry
+    is adopted by the next run (:func:`adopt`) or removed by the sweep."""
+    with contextlib.suppress(UsageError):  # not run under a lease (a bare engine run): nothing resumes it
+        ctx.save_checkpoint(
+            {
+                "kind": PUBLISH_KIND,
+                "bucket": staged.bucket,
+                "key": staged.key,
+                "staging_key": staged.staging_key,
+                "staging_etag": str(written["etag"]).strip('"'),
+                "sha256": str(written["sha256"]),
+                "size": int(written["size"]),
+                "facts": facts,
+            }
+        )
+
+
+def adopt(
+    ctx: StepContext,
+    target: S3ImageTarget,
+    saved: Any,
+    key: str,
+    encryption: Encryption | None,
+) -> dict[str, Any] | None:
+    """The step's result when an earlier run of it was killed while it published (its
+    :func:`publish_intent` is the checkpoint): the final object it copied, recognised by its metadata
+    (:func:`~appliance.targets.s3staged.adoptable`), is adopted — the checks ran on those very bytes
+    before the copy — after a ``stream.adopted`` event; a copy that had not happened yet is made now
+    from the staging object if that is still the one checked. None (the stream starts again, after a
+    ``stream.restarted`` event) when neither is there."""
+    if not isinstance(saved, dict) or saved.get("kind") != PUBLISH_KIND:
+        return None
+    try:
+        bucket, staging_key = str(saved["bucket"]), str(saved["staging_key"])
+        sha256, staging_etag = str(saved["sha256"]), str(saved["staging_etag"])
+        size, facts = saved["size"], saved["facts"]
+        if (bucket, saved["key"], staging_key) != (target.bucket, key, key + STAGING_SUFFIX):
+            raise ValueError("an intent for another key")
+        if type(size) is not int or size < 0 or not isinstance(facts, dict):
+            raise ValueError("an intent without its size and facts")
+    except (KeyError, TypeError, ValueError) as exc:
+        ctx.event("stream.restarted", offset=0, reason=f"the publish checkpoint is not one ({exc})")
+        return None
+    client, where = target.client, f"s3://{bucket}/{key}"
+    try:
+        etag = adoptable(client, bucket, key, sha256, staging_etag, size)
+        if etag is None:
+            # not copied yet: the staging object, if it is still the one checked, is copied now
+            head = client.head_object(Bucket=bucket, Key=staging_key)
+            if str(head["ETag"]).strip('"') == staging_etag and int(head["ContentLength"]) == size:
+                ctx.fence()
+                meta = import_metadata(ctx, (facts.get("source") or {}).get("sha256"))
+                meta |= {"sha256": sha256, STAGING_ETAG: staging_etag}
+                etag = server_copy(
+                    client,
+                    bucket,
+                    staging_key,
+                    key,
+                    size,
+                    meta,
+                    sse_arguments(encryption),
+                    if_match=staging_etag,
+                )
+    except (LeaseLost, StoreUnavailable):
+        raise
+    except Exception as exc:
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        log.info("the publish of an earlier run of %s is not adopted: %s", where, code or type(exc).__name__)
+        etag = None
+    if etag is None:
+        ctx.event(
+            "stream.restarted",
+            offset=0,
+            reason=f"an earlier run was stopped while it published {where}, and neither its copy nor "
+            "the checked staging object is there",
+        )
+        return None
+    applied = target.check_encryption(key, encryption)
+    try:
+        client.delete_object(Bucket=bucket, Key=staging_key)
+    except Exception as exc:
+        log.error("could not delete s3://%s/%s: %s", bucket, staging_key, type(exc).__name__)
+    ctx.ledger_removed(f"s3://{bucket}/{staging_key}")
+    location = {
+        "type": "s3",
+        "bucket": bucket,
+        "key": key,
+        "etag": etag,
+        "sha256": sha256,
+        "size": size,
+        "format": "raw",
+        "encryption": applied.to_dict() if applied else None,
+        "digest_method": WHILE_UPLOADING,
+    }
+    ctx.event("stream.adopted", key=key, etag=etag, message=f"adopted {where}, published by an earlier run")
+    ctx.ledger_created(json.dumps(location, sort_keys=True))
+    return {"stored": location, **facts}
+
+
 def stream_into_s3(
     ctx: StepContext,
     target: S3ImageTarget,
@@ -142,8 +256,15 @@ def stream_into_s3(
     facts: dict[str, Any] = {}
     image_id = f"{ctx.task_id}-{name}" if name else ctx.task_id  # a data disk of an image: its own name
     key = str(parse_source(source))
-    staging_key = target.key_for(image_id, "raw") + STAGING_SUFFIX
-    point = resume_point(ctx, target, staging_key, key, decoder)
+    final_key = target.key_for(image_id, "raw")
+    staging_key = final_key + STAGING_SUFFIX
+    saved = ctx.load_checkpoint()
+    if isinstance(saved, dict) and saved.get("kind") == PUBLISH_KIND:
+        adopted = adopt(ctx, target, saved, final_key, encryption)
+        if adopted is not None:
+            return adopted
+        saved = None
+    point = resume_point(ctx, target, staging_key, key, decoder, saved)
     meter = StageMeter(
         "writing",
         None,
@@ -237,6 +358,7 @@ def stream_into_s3(
             ctx, reader.read_at, int(written["size"]), bootable=bootable, **request
         )
         facts["stream"]["readback_gets"] = reader.gets
+        publish_intent(ctx, staged, written, facts)
         location = staged.publish(import_metadata(ctx, sha256), fence=ctx.fence)
         meter.set_total(result.virtual_size)
         meter.wrote(result.virtual_size)

@@ -16,7 +16,10 @@ byte computed on the way; server-side encrypted as asked, like :meth:`.s3.S3Imag
    object is created, so the copy that publishes is also the one that carries the digest: no extra copy
    compared with an upload that stores its digest afterwards), reads the object's headers back (size,
    ``sha256``, the encryption S3 applied: :meth:`.s3.S3ImageTarget.check_encryption`) and deletes the
-   staging object.
+   staging object. The copy's metadata also names the staging object's ETag (``staging-etag``): a run
+   killed between the copy and its step's ledger entry leaves an object the step's next run recognises
+   (:func:`adoptable`) and adopts, or the sweep deletes once the task is over without it
+   (:mod:`appliance.steps.image_stream_s3`, :mod:`appliance.service.sweeps`).
 
 Any exception inside the ``with`` — a hostile stream, a failed check, a cancel — aborts the multipart
 upload, deletes the staging object and, if the final object was already made, that too: no object and no
@@ -57,6 +60,32 @@ log = logging.getLogger(__name__)
 STREAM_PART = 16 << 20
 #: stops that keep a resumable upload for the run that takes the task over
 KEEP_ON = (LeaseLost, StoreUnavailable)
+#: the user metadata of a published image naming the ETag of the staging object it was copied from
+STAGING_ETAG = "staging-etag"
+#: the kind of a step checkpoint saying which image a step is about to publish (the final key, the
+#: staging object's ETag and sha256: :func:`appliance.steps.image_stream_s3.publish_intent`)
+PUBLISH_KIND = "image.stream-s3/publish"
+
+
+def adoptable(client: Any, bucket: str, key: str, sha256: str, staging_etag: str, size: int) -> str | None:
+    """The ETag of ``bucket/key`` when it is the image published from the staging object
+    ``staging_etag`` (its metadata names that ETag and the ``sha256``, its size is ``size``); None when
+    there is no such object or it is another. Raises what boto3 raises for other errors."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    meta = head.get("Metadata", {})
+    if (meta.get(STAGING_ETAG), meta.get("sha256"), int(head["ContentLength"])) != (
+        staging_etag.strip('"'),
+        sha256,
+        size,
+    ):
+        return None
+    return str(head["ETag"]).strip('"')
 
 
 class StagedImage:
@@ -209,7 +238,9 @@ class StagedImage:
         if fence is not None:
             fence()
         where = f"s3://{self.bucket}/{self.key}"
-        meta = {**metadata, "sha256": sha256}
+        # the staging object it was copied from: what a run resumed after a kill between this copy and
+        # the step's ledger entry recognises the object by (:func:`adoptable`)
+        meta = {**metadata, "sha256": sha256, STAGING_ETAG: str(self.written["etag"]).strip('"')}
         self.published = True  # from here on a failure removes the final object too
         try:
             etag = server_copy(
