@@ -12,6 +12,7 @@ MiB of source, 5 MiB parts.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import subprocess
@@ -64,12 +65,21 @@ def images(moto: MotoServer, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def app(tmp_path: Path, moto: MotoServer, proxy: StallingProxy, images: str) -> Iterator[Appliance]:
+def image_proxy(moto: MotoServer) -> Iterator[StallingProxy]:
+    """In front of the image target's S3 (holds the publish's requests for the publish window test)."""
+    with StallingProxy(moto.endpoint) as p:
+        yield p
+
+
+@pytest.fixture
+def app(
+    tmp_path: Path, moto: MotoServer, proxy: StallingProxy, image_proxy: StallingProxy, images: str
+) -> Iterator[Appliance]:
     target = {
         "type": "s3",
         "bucket": images,
         "prefix": "images/",
-        "endpoint_url": moto.endpoint,  # the uploads are not held: only the source's reads
+        "endpoint_url": image_proxy.endpoint,  # held only where a test arms it
         "region": REGION,
         "access_key": "testing",
         "secret_key": "testing",
@@ -218,3 +228,58 @@ def test_a_resumed_stream_whose_upload_is_gone_restarts_from_zero_and_completes(
     location = outcome(done)["location"]
     assert left_in(moto, images) == ([location["key"]], [])
     same_disk(moto, raw, "raw", images, location["key"], tmp_path)
+
+
+def test_a_run_killed_between_the_publishing_copy_and_its_ledger_entry_is_adopted_by_the_next_run(
+    app: Appliance,
+    moto: MotoServer,
+    proxy: StallingProxy,
+    image_proxy: StallingProxy,
+    bucket: str,
+    images: str,
+    tmp_path: Path,
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 24 * MiB, seed=9)
+    size = raw.stat().st_size
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    staging = f"/{images}/images/{task.id}.raw.partial"
+    app.start_worker()
+    # the stream is under way (its entry already removed what an earlier run left at the staging key):
+    # from now on the DELETE of the staging object is held — publish sends it right after the copy to
+    # the final key and its checks, before the step's ledger entry names the image
+    wait_until(lambda: uploaded(app, task.id) > 0, what="a part of the stream checkpointed")
+    image_proxy.arm_object_request("DELETE", staging)
+    wait_until(lambda: image_proxy.stalled_on(staging) >= 1, what="the publish's staging DELETE held")
+    final = f"images/{task.id}.raw"
+    assert final in objects_in(moto, images)  # copied, and no ledger entry names it yet
+    assert not names_image(app, task.id, final)
+    kill_task_child(app, task.id)
+    image_proxy.release()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.attempts == 2
+
+    # the next run adopted the copy: no second stream, one image named by the ledger, nothing left over
+    [adopted] = events(app, task.id, "stream.adopted")
+    assert adopted["key"] == final
+    assert events(app, task.id, "stream.restarted") == [] and events(app, task.id, "stream.resumed") == []
+    assert proxy.served_by_path[f"/{bucket}/disk.raw"] <= 1.1 * size
+    location = outcome(done)["location"]
+    assert location["key"] == final and location["sha256"] == sha256_of(raw)
+    assert left_in(moto, images) == ([final], [])
+    assert names_image(app, task.id, final)
+    same_disk(moto, raw, "raw", images, final, tmp_path)
+
+
+def objects_in(moto: MotoServer, bucket: str) -> list[str]:
+    return left_in(moto, bucket)[0]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def names_image(app: Appliance, task_id: str, key: str) -> bool:
+    """Whether the task's ledger names the published image at ``key`` (its location, as JSON)."""
+    return any(f'"key": "{key}"' in e.resource and e.action == "created" for e in app.store.ledger(task_id))

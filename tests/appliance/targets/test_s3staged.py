@@ -17,6 +17,7 @@ from appliance.targets import s3stream
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
 from tests.appliance.targets.test_s3 import open_uploads, settings
+from tests.processes import wait_until
 
 MiB = 1 << 20
 
@@ -53,7 +54,11 @@ def test_a_staged_image_is_read_back_then_published_with_its_sha256_and_the_stag
     assert written["sha256"] == location["sha256"] == sha and location["size"] == len(data)
     assert keys(moto, bucket) == ["images/import-snap-0123456789abcdef0.raw"]
     head = moto.client("s3").head_object(Bucket=bucket, Key=location["key"])
-    assert head["Metadata"] == {"sha256": sha, "import-task-id": "import-snap-0123456789abcdef0"}
+    assert head["Metadata"] == {
+        "sha256": sha,
+        "import-task-id": "import-snap-0123456789abcdef0",
+        "staging-etag": written["etag"],  # the object it was copied from (an interrupted publish's adoption)
+    }
     assert open_uploads(moto, bucket) == []
 
 
@@ -173,3 +178,38 @@ def test_grown_parts_of_a_long_stream_are_fewer_in_flight_so_memory_stays_bounde
     # four grown parts (75 MiB) at once
     assert peak[0] <= 40 * MiB
     assert moto.client("s3").get_object(Bucket=bucket, Key="long")["Body"].read() == data
+
+
+@pytest.mark.parametrize(("memory", "bound"), [("48MiB", 48 * MiB), (None, 80 * MiB)])
+def test_the_part_buffers_of_a_staged_upload_stay_within_the_memory_budget_while_parts_are_slow(
+    moto, bucket: str, memory: str | None, bound: int
+) -> None:
+    # the target's default 64 MiB parts and 4 threads held (4 + 1) x 64 = 320 MiB; a staging upload has
+    # 16 MiB parts, and no more in flight than the budget (default 128 MiB) allows: 2 (48 MiB) or 4
+    extra = {"threads": 4, "part_size": "64MiB"} | ({"memory": memory} if memory else {})
+    target = S3ImageTarget.from_settings(settings(moto, bucket, **extra))
+    gate = threading.Event()
+
+    def hold(**_) -> None:  # (a handler's return value would stand for S3's answer)
+        gate.wait()
+
+    target.client.meta.events.register("before-call.s3.UploadPart", hold)
+    data = bytes(96 * MiB) + os.urandom(MiB)
+    with StagedImage(target, "import-snap-0123456789abcdef4", expected_size=len(data)) as staged:
+        w = staged.writer
+        assert w is not None and w.part_size == 16 * MiB
+
+        def write() -> None:
+            for i in range(0, len(data), 4 * MiB):
+                w.write(data[i : i + 4 * MiB])
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        # no part is answered: the writer fills the parts it may have in flight, cuts one more and waits
+        wait_until(lambda: w.buffered >= bound, what=f"{bound} bytes of parts buffered")
+        assert writer.is_alive() and w.buffered == bound
+        gate.set()
+        writer.join()
+        written = staged.complete()
+    assert w.peak_buffered == bound <= target.memory
+    assert written["sha256"] == hashlib.sha256(data).hexdigest() and written["parts"] == 7
