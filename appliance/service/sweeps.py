@@ -146,8 +146,15 @@ def _remove_staging(target: S3ImageTarget, staging_key: str) -> None:
 
 def _remove_unledgered(target: S3ImageTarget, store: Store, owner: str, staging_key: str) -> list[str]:
     """Delete the final image of a publish a killed run of ``owner`` began (its publish checkpoint)
-    when the object is the one it copied (:func:`~appliance.targets.s3staged.adoptable`)."""
-    removed = []
+    when the object is the one it copied (:func:`~appliance.targets.s3staged.adoptable`) and no
+    ledger entry of the task names it (a published image's location is the step's to undo)."""
+    removed: list[str] = []
+    named: dict[str, None] = {}  # resources the task's ledger names as created and not since removed
+    for e in store.ledger(owner):
+        if e.action == "created":
+            named[e.resource] = None
+        else:
+            named.pop(e.resource, None)
     for data in store.checkpoints(owner).values():
         if not isinstance(data, dict) or data.get("kind") != PUBLISH_KIND:
             continue
@@ -156,6 +163,8 @@ def _remove_unledgered(target: S3ImageTarget, store: Store, owner: str, staging_
         key, size = data.get("key"), data.get("size")
         if not isinstance(key, str) or staging_key != key + STAGING_SUFFIX or type(size) is not int:
             continue
+        if any(f'"key": "{key}"' in resource for resource in named):
+            continue  # published and ledgered: the engine's undo of the step owns it
         etag = adoptable(
             target.client, target.bucket, key, str(data.get("sha256")), str(data.get("staging_etag")), size
         )

@@ -11,6 +11,7 @@ place; the test waits for the sweep's ledger entries).
 from __future__ import annotations
 
 import functools
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,15 @@ def test_the_sweep_keeps_the_upload_of_a_task_that_may_still_resume_and_takes_it
     assert sorted(swept) == sorted([f"s3://{images}/{key}", f"s3://{images}/{key}.partial"])
     assert uploads(moto, images) == set() and objects(moto, images) == set()
     assert sweep_s3_staging(app.config, app.store) == []  # settled in the ledger: once
+
+
+def test_the_sweep_leaves_an_image_the_tasks_ledger_names_to_the_steps_undo(
+    app: Appliance, moto: MotoServer, images: str
+) -> None:
+    task = task_with_staging(app, moto, images)
+    key = interrupted_publish(app, moto, images, task, copied=True)
+    location = json.dumps({"type": "s3", "bucket": images, "key": key}, sort_keys=True)
+    app.store.add_ledger(task.id, "created", location, step="stream")  # the publish finished
+    app.store.set_state(task.id, TaskState.FAILED, lease=task.lease, error_code="X", error_message="x")
+    assert sweep_s3_staging(app.config, app.store) == [f"s3://{images}/{key}.partial"]
+    assert objects(moto, images) == {key} and uploads(moto, images) == set()

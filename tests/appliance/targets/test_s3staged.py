@@ -213,3 +213,52 @@ def test_the_part_buffers_of_a_staged_upload_stay_within_the_memory_budget_while
         written = staged.complete()
     assert w.peak_buffered == bound <= target.memory
     assert written["sha256"] == hashlib.sha256(data).hexdigest() and written["parts"] == 7
+
+
+def test_a_resumable_upload_continues_after_its_last_recorded_part_with_the_sha256_of_every_byte(
+    moto, bucket: str
+) -> None:
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    data = os.urandom(23 * MiB)
+    first = s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resumable=True)
+    first.write(data[: 17 * MiB])  # parts 1-3 cut, 2 MiB buffered
+    wait_until(
+        lambda: first.uploaded_prefix() is not None and len(first.uploaded_prefix()[0]) == 3, what="3 parts"
+    )
+    prefix = first.uploaded_prefix()
+    assert prefix is not None
+    parts, state, end = prefix
+    assert end == 15 * MiB
+    # the process dies here (nothing aborted); the next run checks the parts and goes on after part 3
+    upload = s3stream.ResumedUpload(str(first.upload_id), 5 * MiB, tuple(parts), state)
+    assert s3stream.verify_parts(client, bucket, "resumed", upload) is None
+    with s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resume=upload) as w:
+        w.write(data[end:])
+        done = w.close()
+    assert done["sha256"] == hashlib.sha256(data).hexdigest() and done["parts"] == 5
+    assert moto.client("s3").get_object(Bucket=bucket, Key="resumed")["Body"].read() == data
+    assert open_uploads(moto, bucket) == []
+
+
+def test_recorded_parts_that_s3_no_longer_holds_as_recorded_are_refused_with_the_reason(
+    moto, bucket: str
+) -> None:
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
+    etags = [
+        client.upload_part(Bucket=bucket, Key="k", UploadId=upload_id, PartNumber=n, Body=os.urandom(MiB))[
+            "ETag"
+        ]
+        for n in (1, 2)
+    ]
+    part = s3stream.UploadedPart
+
+    def check(*parts: s3stream.UploadedPart) -> str | None:
+        return s3stream.verify_parts(client, bucket, "k", s3stream.ResumedUpload(upload_id, MiB, parts, "00"))
+
+    assert check(part(1, MiB, etags[0]), part(2, MiB, etags[1])) is None
+    assert "part 2 of the upload" in str(check(part(1, MiB, etags[0]), part(2, MiB, etags[0])))  # other ETag
+    assert "not the one recorded" in str(check(part(1, MiB - 1, etags[0])))  # other size
+    assert "part 3 of the upload" in str(check(part(3, MiB, etags[0])))  # missing
+    client.abort_multipart_upload(Bucket=bucket, Key="k", UploadId=upload_id)
+    assert "is gone" in str(check(part(1, MiB, etags[0])))
