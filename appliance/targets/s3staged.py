@@ -32,9 +32,9 @@ key until the task resumes, the sweep finds its task over, or its image is delet
 (:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle rule
 (``AbortIncompleteMultipartUpload``) reaps it otherwise.
 
-Memory: the staging upload's parts are :data:`STREAM_PART` (16 MiB; the target's ``part_size`` if that is
-smaller), grown only as far as S3's 10,000 parts require, and its part buffers are bounded by the target's
-``memory`` (fewer parts in flight).
+Memory: the staging upload's parts are the target's ``part_size`` (default 16 MiB), grown only as far as
+S3's 10,000 parts require, and its part buffers are bounded by the target's ``memory`` (default 128 MiB:
+fewer parts in flight when they would hold more).
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ from .s3stream import MultipartWriter, ResumedUpload, server_copy
 
 log = logging.getLogger(__name__)
 
-#: the part size of a staging upload (the target's ``part_size`` if smaller); grown for 10,000 parts
-STREAM_PART = 16 << 20
 #: stops that keep a resumable upload for the run that takes the task over
 KEEP_ON = (LeaseLost, StoreUnavailable)
 #: the user metadata of a published image naming the ETag of the staging object it was copied from
@@ -146,7 +144,7 @@ class StagedImage:
             self.client,
             self.bucket,
             self.staging_key,
-            part_size=min(self.target.part_size, STREAM_PART),
+            part_size=self.target.part_size,
             threads=self.target.threads,
             sse=self.sse,
             expected_size=self.expected_size,

@@ -184,10 +184,11 @@ def test_grown_parts_of_a_long_stream_are_fewer_in_flight_so_memory_stays_bounde
 def test_the_part_buffers_of_a_staged_upload_stay_within_the_memory_budget_while_parts_are_slow(
     moto, bucket: str, memory: str | None, bound: int
 ) -> None:
-    # the target's default 64 MiB parts and 4 threads held (4 + 1) x 64 = 320 MiB; a staging upload has
-    # 16 MiB parts, and no more in flight than the budget (default 128 MiB) allows: 2 (48 MiB) or 4
-    extra = {"threads": 4, "part_size": "64MiB"} | ({"memory": memory} if memory else {})
-    target = S3ImageTarget.from_settings(settings(moto, bucket, **extra))
+    # 64 MiB parts and 4 threads held (4 + 1) x 64 = 320 MiB; the target's parts are 16 MiB by default,
+    # and no more go up at once than the budget (default 128 MiB) allows: 2 (48 MiB) or 4
+    given = settings(moto, bucket, threads=4) | ({"memory": memory} if memory else {})
+    del given["part_size"]  # the default
+    target = S3ImageTarget.from_settings(given)
     gate = threading.Event()
 
     def hold(**_) -> None:  # (a handler's return value would stand for S3's answer)
