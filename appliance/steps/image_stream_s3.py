@@ -284,6 +284,7 @@ def stream_into_s3(
             cancel=ctx.cancel,
             ledger=ctx,
             resume=point.upload if point is not None else None,
+            keep_on_cancel=lambda: ctx.suspending,  # a suspend keeps the upload for the resume
         ) as staged,
         meter,
     ):

@@ -25,12 +25,12 @@ Any exception inside the ``with`` — a hostile stream, a failed check, a cancel
 upload, deletes the staging object and, if the final object was already made, that too: no object and no
 incomplete upload are left. Entering also removes what a killed earlier run of the same task left at the
 staging key, but the upload it continues (``resume``: a streamed import resumed from its checkpoint,
-:mod:`appliance.steps.s3_checkpoint`). A resumable run stopped by a lost lease or an unavailable task
-store keeps its upload for the run that takes the task over (the sweeps of :mod:`appliance.service.sweeps`
-remove it once the task is over). A process killed outright leaves its incomplete upload at the staging
-key until the task resumes, the sweep finds its task over, or its image is deleted
-(:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle rule
-(``AbortIncompleteMultipartUpload``) reaps it otherwise.
+:mod:`appliance.steps.s3_checkpoint`). A resumable run stopped by a lost lease, an unavailable task store
+or a suspend (``keep_on_cancel``: the worker shuts down) keeps its upload for the run that takes the task
+over (the sweeps of :mod:`appliance.service.sweeps` remove it once the task is over). A process killed
+outright leaves its incomplete upload at the staging key until the task resumes, the sweep finds its task
+over, or its image is deleted (:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle
+rule (``AbortIncompleteMultipartUpload``) reaps it otherwise.
 
 Memory: the staging upload's parts are the target's ``part_size`` (default 16 MiB), grown only as far as
 S3's 10,000 parts require, and its part buffers are bounded by the target's ``memory`` (default 128 MiB:
@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from ..errors import LeaseLost, StoreUnavailable
+from ..errors import Cancelled, LeaseLost, StoreUnavailable
 from ..partials import Ledger
 from ..sources.savedhash import available
 from .base import TargetError
@@ -101,8 +101,11 @@ class StagedImage:
         cancel: threading.Event | None = None,
         ledger: Ledger | None = None,
         resume: ResumedUpload | None = None,
+        keep_on_cancel: Callable[[], bool] | None = None,
     ) -> None:
         self.target, self.format = target, format.lower()
+        #: asked on a cancel: whether it is a suspend, which keeps a resumable upload like a lost lease
+        self.keep_on_cancel = keep_on_cancel
         self.client = target.client
         self.bucket = target.bucket
         self.key = target.key_for(task_id, format)
@@ -177,8 +180,9 @@ class StagedImage:
     ) -> None:
         if kind is None:
             return
+        suspended = issubclass(kind, Cancelled) and self.keep_on_cancel is not None and self.keep_on_cancel()
         if (
-            issubclass(kind, KEEP_ON)
+            (issubclass(kind, KEEP_ON) or suspended)
             and self.resumable
             and self.writer is not None
             and not self.writer.closed

@@ -286,3 +286,35 @@ def sha256_of(path: Path) -> str:
 def names_image(app: Appliance, task_id: str, key: str) -> bool:
     """Whether the task's ledger names the published image at ``key`` (its location, as JSON)."""
     return any(f'"key": "{key}"' in e.resource and e.action == "created" for e in app.store.ledger(task_id))
+
+
+def test_a_stream_into_s3_suspended_by_a_worker_shutdown_keeps_its_upload_and_resumes_after_a_restart(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=10)
+    size = raw.stat().st_size
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    worker = app.start_worker()
+    wait_until(
+        lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 40 * MiB,
+        what="the stream held at 40.5 MiB, 8 parts checkpointed",
+    )
+    worker.send_signal(signal.SIGTERM)  # the documented suspend (a reboot): the task is released
+    assert worker.wait() == 0
+    suspended = app.task(task.id)
+    assert suspended.state is TaskState.RUNNING and suspended.owner is None
+    staging = f"images/{task.id}.raw.partial"
+    assert left_in(moto, images) == ([], [staging])  # the upload is kept for the resume, not aborted
+    proxy.release()
+    app.start_worker()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    [resumed] = events(app, task.id, "stream.resumed")
+    assert resumed["offset"] >= 40 * MiB - MiB
+    assert events(app, task.id, "stream.restarted") == []
+    assert proxy.served_by_path[f"/{bucket}/disk.raw"] <= 1.1 * size
+    location = outcome(done)["location"]
+    assert left_in(moto, images) == ([location["key"]], [])
+    same_disk(moto, raw, "raw", images, location["key"], tmp_path)
