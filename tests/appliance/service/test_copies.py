@@ -239,45 +239,19 @@ def test_a_store_that_refuses_server_side_copies_gets_a_streamed_copy_and_no_upl
             imports.store.close()
 
 
-def test_cancel_mid_server_side_copy_leaves_no_object_and_no_incomplete_multipart_upload(
-    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
-) -> None:
-    # a server-side copy (one endpoint, one set of credentials) whose second UploadPartCopy is held
-    # by the proxy: the copy is provably mid-upload (an upload open, a part copied) when it is cancelled
-    with StallingProxy(moto.endpoint) as proxy:
-        cfg = stores.config(
-            image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB"), base_dir=tmp_path
-        )
-        done, imports = import_snapshot(cfg, moto, buckets[0], make_disk(tmp_path / "disk.raw"))
-        try:
-            copies = CopyService(cfg, imports.store)
-            task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}")
-            proxy.arm_request("PUT", "partNumber=2")
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
-            wait_until(lambda: proxy.stalled_on("partNumber=2") >= 1, what="the second part to be held")
-            s3 = moto.client("s3")
-            assert len(s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", [])) == 1
-            copies.cancel(task.id)
-            proxy.release()
-            thread.join(timeout=120)
-            assert out and out[0].state is TaskState.CANCELLED, out
-            assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
-            assert s3.list_objects_v2(Bucket=buckets[2]).get("KeyCount") == 0
-        finally:
-            imports.store.close()
-
-
+@pytest.mark.parametrize("method", ["stream", "server-side"])
 def test_cancel_mid_copy_to_s3_leaves_no_object_and_no_incomplete_multipart_upload(
-    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str], method: str
 ) -> None:
-    # every S3 call goes through a proxy that holds the upload's second part: the copy is provably
-    # mid-upload (a multipart upload open, a part stored) when it is cancelled
+    # every S3 call goes through a proxy that holds the upload's second part (an UploadPart, or with
+    # one endpoint and one set of credentials for the image and the copy an UploadPartCopy): the copy
+    # is provably mid-upload (a multipart upload open, a part stored) when it is cancelled
     with StallingProxy(moto.endpoint) as proxy:
-        cfg = stores.config(
-            cfg_data(tmp_path, proxy.endpoint, part_size="5MiB", threads=1), base_dir=tmp_path
-        )
+        if method == "stream":
+            data = cfg_data(tmp_path, proxy.endpoint, part_size="5MiB", threads=1)
+        else:
+            data = image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB")
+        cfg = stores.config(data, base_dir=tmp_path)
         done, imports = import_snapshot(cfg, moto, buckets[0], make_disk(tmp_path / "disk.raw"))
         try:
             copies = CopyService(cfg, imports.store)
