@@ -7,7 +7,9 @@ counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy
 waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
 proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
 without timing anything; several downloads can be held and released one by one. Requests can be
-held too, before they reach the server (:meth:`StallingProxy.arm_request`: an upload's part).
+held too, before they reach the server (:meth:`StallingProxy.arm_request`: an upload's part), or
+refused with an S3 error in the server's stead (:meth:`StallingProxy.refuse`: a store that cannot do
+an operation).
 
 ``after`` is an offset in the object, so a download read as parallel ranged GETs is held at the same
 byte as one read as a single stream: a GET of ``Range: bytes=A-B`` is held after ``after - A`` body
@@ -33,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -87,6 +90,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        refusal = owner.refusal(self.command, self.headers.keys())
+        if refusal is not None:  # answered here, as a store that cannot do this answers
+            status, code = refusal
+            error = f"<Error><Code>{code}</Code><Message>refused by the test</Message></Error>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
         held = owner.request_hold(self.command, self.path)
         if held is not None:  # an armed request (an upload's part): held before it reaches the server
             try:
@@ -154,6 +167,10 @@ class StallingProxy:
         self._armed_requests: dict[str, str] = {}
         #: path suffix → method of the requests held before forwarding (:meth:`arm_object_request`)
         self._armed_paths: dict[str, str] = {}
+        #: (method, header) → (status, S3 error code) of the requests refused (:meth:`refuse`)
+        self._refused: dict[tuple[str, str], tuple[int, str]] = {}
+        #: how many requests were refused
+        self.refused = 0
         #: per armed suffix: set when it is released
         self._released: dict[str, threading.Event] = {}
         self._stalled: dict[str, int] = {}
@@ -207,6 +224,23 @@ class StallingProxy:
         with self._lock:
             self._released[path_suffix] = threading.Event()
             self._armed_paths[path_suffix] = method
+
+    def refuse(self, method: str, header: str, status: int, code: str) -> None:
+        """Answer every ``method`` request that carries ``header`` (e.g. ``PUT`` with
+        ``x-amz-copy-source``: an ``UploadPartCopy``) with S3's error ``code`` and ``status``, without
+        forwarding it."""
+        with self._lock:
+            self._refused[(method, header.lower())] = (status, code)
+
+    def refusal(self, method: str, headers: Iterable[str]) -> tuple[int, str] | None:
+        """(status, code) when this request is refused (counted in :attr:`refused`), else None."""
+        with self._lock:
+            for header in headers:
+                refused = self._refused.get((method, header.lower()))
+                if refused is not None:
+                    self.refused += 1
+                    return refused
+            return None
 
     def request_hold(self, method: str, path: str) -> str | None:
         """The armed ``query_part`` (or path suffix) that holds this request, or None."""
