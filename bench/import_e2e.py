@@ -54,6 +54,9 @@ pipeline; the ``download`` stages then read the same URL.
 
 Both modes report the peak resident memory of the task process (this process: the engine runs here;
 its high-water mark is reset before each ``e2e`` run) against the goal of 256 MiB for a 4 GiB import.
+It is an upper bound of a worker's task child (a new process per task): the reset starts from what the
+earlier runs of this process left in the allocator (the other stages' freed buffers), so a later run
+or format reads higher than a fresh process does; the decoder child (about 40 MiB) is not counted.
 
     .venv/bin/python bench/import_e2e.py               # 2 GiB disk, 3 runs
     .venv/bin/python bench/import_e2e.py --quick       # 256 MiB, 1 run, no idle waits: < 60 s
