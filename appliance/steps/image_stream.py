@@ -194,7 +194,7 @@ def stream_source(
         on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
         start=checkpoints.position if checkpoints is not None else None,
     )
-    md5 = hashlib.md5()
+    md5: Any = None
     try:
         reader.open()
     except SourceChanged as exc:
@@ -203,6 +203,10 @@ def stream_source(
         raise
     with reader:
         size = reader.size
+        if reader.md5_etag is not None:
+            # only a single-part S3 ETag is an MD5 to check; hashing every other source with MD5 as
+            # well (about half sha256's speed here) would slow every import for nothing
+            md5 = hashlib.md5()
         if checkpoints is not None:
             checkpoints.opened(reader)
         if meter is not None:
@@ -236,9 +240,10 @@ def stream_source(
             done = reader.tell()  # a resumed read starts at its position
             buf = bytearray(_PIECE)
             while n := reader.readinto(buf):
-                chunk = bytes(buf[:n])
+                chunk = bytes(memoryview(buf)[:n])  # one copy: the decoder and the hashes keep it
                 if checkpoints is None:
-                    md5.update(chunk)
+                    if md5 is not None:
+                        md5.update(chunk)
                     feed = chunk
                 else:  # hashed there; a resumed read's bytes before the decoder's boundary are not fed
                     feed = checkpoints.passed(done, chunk)
@@ -249,7 +254,7 @@ def stream_source(
                 done += n
                 if meter is not None:
                     meter.read(done)
-            got = md5.hexdigest() if checkpoints is None else checkpoints.md5()
+            got = (md5.hexdigest() if md5 is not None else None) if checkpoints is None else checkpoints.md5()
             if reader.md5_etag is not None and got is not None and got != reader.md5_etag:
                 raise SourceIntegrity(
                     f"{reader.origin.where}: the MD5 of the received bytes ({got}) does not "

@@ -11,7 +11,8 @@ in the sink); :meth:`StreamCheckpoints.on_boundary` then fsyncs the partial and 
   source fed at or before ``B`` — with the object's size and validator (ETag, else Last-Modified) and the
   sha256 of the bytes just before ``A`` (:class:`~appliance.sources.ranges.ReadPosition`); the bytes
   ``[A, B)`` are read again on resume (less than one piece, 1 MiB) to bring the digests to ``B``;
-* ``digests``: the running sha256 and MD5 of the source at ``A``
+* ``digests``: the running sha256 of the source at ``A``, and its MD5 when the object's ETag is one to
+  check (a single-part S3 upload)
   (:class:`~appliance.sources.savedhash.SavedHash`, OpenSSL's context: hashlib's cannot be saved), so a
   resumed import still records the sha256 of the whole source and checks a single-part ETag's MD5,
   without fetching the first part again (where libcrypto cannot be used they are null and the sha256 of
@@ -141,9 +142,11 @@ def load_source_point(
     sha256 = md5 = None
     digests = saved.get("digests")
     if digests is not None and available():
-        sha256, md5 = SavedHash("sha256"), SavedHash("md5")
+        sha256 = SavedHash("sha256")
         sha256.load(str(digests["sha256"]), position.offset)  # ValueError: a tampered state
-        md5.load(str(digests["md5"]), position.offset)
+        if "md5" in digests:  # only a source whose ETag is its MD5 is hashed with MD5
+            md5 = SavedHash("md5")
+            md5.load(str(digests["md5"]), position.offset)
     return position, boundary, sha256, md5
 
 
@@ -234,6 +237,10 @@ class StreamCheckpoints:
         v = reader.validator
         if reader.size is not None and v:
             self._size, self._etag, self._modified = reader.size, v.etag, v.last_modified
+        if reader.md5_etag is None:
+            # only a single-part S3 ETag is an MD5 to check: no other source is hashed with MD5
+            # (about half sha256's speed here), and its checkpoints carry the sha256 alone
+            self._md5 = None
         if self.resume is not None:  # the reader checked the bytes before the position: it goes on
             at, total = self.resume.boundary.input_offset, reader.size
             self.ctx.event(
@@ -250,6 +257,7 @@ class StreamCheckpoints:
         return what the decoder is to get of it (a resumed run re-reads ``[A, B)``: hashed, not fed)."""
         if self._sha256 is not None:
             self._sha256.update(chunk)
+        if self._md5 is not None:
             self._md5.update(chunk)
         end = start + len(chunk)
         if self._size is not None and chunk:
@@ -259,7 +267,7 @@ class StreamCheckpoints:
                 tail,
                 hashlib.sha256(chunk[-tail:]).hexdigest(),
                 self._sha256.state() if self._saveable else None,
-                self._md5.state() if self._saveable else None,
+                self._md5.state() if self._saveable and self._md5 is not None else None,
             )
             with self._lock:
                 self._marks.append(mark)
@@ -312,8 +320,10 @@ class StreamCheckpoints:
             mark.offset, self._size, self._etag, self._modified, mark.tail, mark.tail_sha256
         )
         digests = None
-        if mark.sha256 is not None and mark.md5 is not None:
-            digests = {"sha256": mark.sha256, "md5": mark.md5}
+        if mark.sha256 is not None:
+            digests = {"sha256": mark.sha256}
+            if mark.md5 is not None:
+                digests["md5"] = mark.md5
         return position, digests
 
     def _save(self, data: dict[str, Any]) -> None:
