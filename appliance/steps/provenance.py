@@ -185,6 +185,7 @@ def object_metadata(record: dict[str, Any]) -> dict[str, str]:
         "export-task-id": record.get("task_id"),
         "source-id": source.get("id"),
         "source-sha256": source.get("sha256"),
+        "source-sha256-chunked": (source.get("digest") or {}).get("value"),
         "appliance-version": tools.get("appliance"),
         "qemu-img-version": tools.get("qemu-img"),
         "workflow-sha256": (record.get("workflow") or {}).get("workflow_sha256"),

@@ -79,9 +79,10 @@ def test_import_then_export_image_with_boto3_and_the_aws_cli_matches_the_origina
     shown = admin_task(appliance, export_id)
     record = shown["provenance"]
     assert record == shown["task"]["result"]["exported"]["provenance"]
+    # the stored image's sha256-chunked, recorded by its streamed import, checked on the export's read
     assert (
         record["source"]["id"] == image_id
-        and record["source"]["sha256"] == record["source"]["recorded_sha256"]
+        and record["source"]["digest"]["value"] == record["source"]["recorded_digest"]["value"]
     )
 
     # the AWS CLI: export-image (VHD), describe-export-image-tasks with a filter and pagination
