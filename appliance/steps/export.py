@@ -429,7 +429,7 @@ class Readable:
         of an S3-stored image (any other source is read in place by the writer, which feeds it)."""
         self.ctx = ctx
         self.source = source
-        self.check = check if check is not None else SourceDigestCheck(source)
+        self.check = check
         self.slot = slot
         self.state: dict[str, Any] = {} if state is None else state
         self._cleanup: list[Callable[[], None]] = []
@@ -461,7 +461,8 @@ class Readable:
         if kind == "image":
             location = source["location"]
             if location.get("type") == "s3":
-                path, allowance = _download(ctx, location, self.check)
+                check = self.check if self.check is not None else SourceDigestCheck(source)
+                path, allowance = _download(ctx, location, check)
                 self._cleanup.append(allowance.release)
                 self._cleanup.append(lambda: _drop(ctx, path))
                 return path

@@ -398,7 +398,8 @@ class ProvenanceRecordStep(Step):
             }
         location = dict(disk.get("output") or {})
         entry = {
-            k: location.get(k) for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "format")
+            k: location.get(k)
+            for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "digest", "format")
         }
         entry = {k: v for k, v in entry.items() if v is not None}
         entry["digest_method"] = location.get("digest_method") or (

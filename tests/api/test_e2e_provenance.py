@@ -107,13 +107,13 @@ def test_import_snapshot_records_the_source_and_output_sha256_on_the_admin_api(
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == source["sha256"]
 
     # the output: a RAW source streams into the image target (no scratch copy), and the image file's
-    # sha256 is taken by one read once the decoder wrote it
+    # sha256-chunked is taken from the decoder's writes (no second read: no whole-file sha256)
     disk = shown["task"]["result"]["disk"]
     assert disk["route"]["streams"] is True and "fetched" not in disk
     stored = Path(disk["streamed"]["stored"]["path"])
     output = record["outputs"][0]
-    assert output["sha256"] == sha256sum(stored)
-    assert output["digest_method"].startswith("one read of the image file after the streaming decoder")
+    assert output["digest"]["value"] == imaging_digest(stored) and output["sha256"] is None
+    assert output["digest_method"].startswith("sha256-chunked computed while the streaming decoder")
     assert output["size"] == stored.stat().st_size
 
     # tools, the workflow file's digest, timings per stage
