@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +326,9 @@ class SourceDigestCheck:
         elif self.plain is not None:
             self.sha256 = self.plain.result(size)
         self.verified = True
+        self._compare()
+
+    def _compare(self) -> None:
         what = self.source.get("id")
         if self.recorded_digest is not None:
             value = (self.digest or {}).get("value")
@@ -340,6 +343,28 @@ class SourceDigestCheck:
                 f"the stored disk of {what} has sha256 {self.sha256}, not the {self.recorded_sha256} "
                 "recorded when it was stored: it changed since; nothing was exported"
             )
+
+    def output_stands_for_source(self, chunk_size: int) -> bool:
+        """A RAW export's output is the source's bytes: its ``sha256-chunked`` is the source's when the
+        recorded one has the same chunk size (the source is then hashed once, as the output)."""
+        recorded = self.recorded_digest
+        return recorded is not None and int(recorded.get("chunk_size") or 0) == chunk_size
+
+    def verify_output(self, digest: Mapping[str, Any], size: int) -> bool:
+        """Check the RAW output's chunked ``digest`` as the source's (False: not of the recorded chunk
+        size, nothing checked)."""
+        recorded = self.recorded_digest or {}
+        if int(digest.get("chunk_size") or 0) != int(recorded.get("chunk_size") or -1):
+            return False
+        keep = ("algorithm", "value", "chunk_size", "chunks", "s3_checksum_sha256")
+        self.digest = {k: digest[k] for k in keep if k in digest}
+        self.bytes_read = size
+        self.verified = True
+        if self.chunked is not None:
+            self.chunked.close()
+            self.chunked = None
+        self._compare()
+        return True
 
     def entry(self, path: Path) -> dict[str, Any]:
         """The provenance of the source disk: what was computed (once verified), else what its store

@@ -122,6 +122,16 @@ class SourceCheck(Protocol):
 
     def verify(self, size: int) -> None: ...
 
+    def output_stands_for_source(self, chunk_size: int) -> bool:
+        """Whether the ``sha256-chunked`` of a RAW export's output (the source's bytes, as they are) in
+        chunks of ``chunk_size`` can be compared instead of digesting the source a second time."""
+        ...
+
+    def verify_output(self, digest: Mapping[str, Any], size: int) -> bool:
+        """Compare the RAW output's chunked ``digest`` (raises as :meth:`verify`); False when its chunk
+        size is not the one needed (the source is then read again for :meth:`read`)."""
+        ...
+
 
 def _checked_producer(
     produce: Callable[[ByteSink], None], check: SourceCheck | None, size: int
@@ -158,7 +168,9 @@ def read_whole_source(fd: int, size: int, check: SourceCheck, cancel: threading.
 class Destination(Protocol):
     """Where an export goes: :meth:`stream` hands ``produce`` a forward-only sink and returns the
     location (with ``sha256``, ``digest``, ``size``) once it is complete; on any exception nothing is
-    left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None)."""
+    left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None). ``check_output``
+    gets the output's chunked digest once it is written and may raise: a file is then not renamed into
+    place, an S3 object (completed: the composite checksum is known then) is deleted."""
 
     def stream(
         self,
@@ -166,6 +178,7 @@ class Destination(Protocol):
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]: ...
 
 
@@ -237,6 +250,7 @@ class FileDestination:
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         with self.partial() as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -252,6 +266,8 @@ class FileDestination:
             finally:
                 sink.close()
                 os.close(fd)
+            if check_output is not None:
+                check_output(digest)
             self.publish(tmp)
         return {
             "type": "file",
@@ -300,6 +316,7 @@ class S3Destination:
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         with MultipartWriter(
             self.client,
@@ -317,6 +334,13 @@ class S3Destination:
         ) as writer:
             produce(writer)
             done = writer.close()
+        if check_output is not None:
+            try:
+                check_output(done.get("digest") or {})
+            except BaseException:
+                with contextlib.suppress(Exception):  # (a caller that removes the key tries again)
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key)
+                raise
         return {"type": "s3", **done}
 
 
@@ -494,11 +518,29 @@ def export_disk(
                 _checked_producer(produce, source_check, size), size_hint=size, full_sha256=full
             )
         elif fmt == "raw":
-            location = destination.stream(
-                _checked_producer(_raw_producer(fd, size, tracker, cancel, on_read), source_check, size),
-                size_hint=size,
-                full_sha256=full,
+            chunk = (
+                destination.chunk_size if isinstance(destination, FileDestination) else destination.part_size
             )
+            if source_check is not None and source_check.output_stands_for_source(chunk):
+                # the output's bytes are the source's: its digest is the source's (hashed once, not twice)
+                check = source_check
+
+                def by_output(digest: Mapping[str, Any]) -> None:
+                    if not check.verify_output(digest, size):  # (the upload grew its parts)
+                        read_whole_source(fd, size, check, cancel)
+
+                location = destination.stream(
+                    _raw_producer(fd, size, tracker, cancel),
+                    size_hint=size,
+                    full_sha256=full,
+                    check_output=by_output,
+                )
+            else:
+                location = destination.stream(
+                    _checked_producer(_raw_producer(fd, size, tracker, cancel, on_read), source_check, size),
+                    size_hint=size,
+                    full_sha256=full,
+                )
         elif streams_vhd(fd, size):
             location = destination.stream(
                 _checked_producer(
