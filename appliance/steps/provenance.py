@@ -402,6 +402,7 @@ class ProvenanceRecordStep(Step):
             for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "digest", "format")
         }
         entry = {k: v for k, v in entry.items() if v is not None}
+        entry.setdefault("sha256", None)  # null: not computed (a streamed image carries its digest only)
         entry["digest_method"] = location.get("digest_method") or (
             READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
         )
