@@ -45,13 +45,24 @@ the file image target (it streams: source → decoder → image file), ``downloa
 the ranged reader into a sink, ``download>file`` into a file, ``convert`` as above (GZ: the
 project's gzip decoder on the local file). Results go to ``bench/out/e2e-snapshot-results.json``.
 
+``--origin http`` (with ``--api snapshot``) serves the disk files from ``bench/rangeserver.py`` instead
+of moto: a threaded file server in a process of its own with real ``Range`` support (``sendfile`` from
+the page cache, so after the cache drop at disk speed), which the tasks read through a ``Url`` (the
+loopback endpoint on ``sources.allowed_endpoints``, as the tests allow theirs). moto answers each ranged
+GET by loading the whole object, so an ImportSnapshot of GiBs through it measures moto, not the
+pipeline; the ``download`` stages then read the same URL.
+
 Both modes report the peak resident memory of the task process (this process: the engine runs here;
 its high-water mark is reset before each ``e2e`` run) against the goal of 256 MiB for a 4 GiB import.
+It is an upper bound of a worker's task child (a new process per task): the reset starts from what the
+earlier runs of this process left in the allocator (the other stages' freed buffers), so a later run
+or format reads higher than a fresh process does; the decoder child (about 40 MiB) is not counted.
 
     .venv/bin/python bench/import_e2e.py               # 2 GiB disk, 3 runs
     .venv/bin/python bench/import_e2e.py --quick       # 256 MiB, 1 run, no idle waits: < 60 s
     .venv/bin/python bench/import_e2e.py --size 4GiB --runs 5 --formats RAW
     .venv/bin/python bench/import_e2e.py --api snapshot --formats RAW,GZ,VMDK,VHD
+    .venv/bin/python bench/import_e2e.py --api snapshot --origin http --size 4GiB --formats RAW,VMDK
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -405,9 +416,12 @@ class Bench:
         idle_wait: bool,
         attempts: int = MAX_ATTEMPTS,
         api: str = "volume",
+        origin: str | None = None,
     ) -> None:
         self.work = work
         self.moto = moto
+        #: the endpoint of bench/rangeserver.py serving the disk files (``--origin http``), or None
+        self.origin = origin
         self.idle_wait = idle_wait
         self.attempts = attempts
         #: "volume" (ImportVolume of a euca2ools upload) or "snapshot" (ImportSnapshot of one object)
@@ -418,7 +432,7 @@ class Bench:
                 "log_level": "warning",
                 "scratch": {"quota": "64GiB"},
                 "sources": {
-                    "allowed_endpoints": [moto.endpoint],
+                    "allowed_endpoints": [moto.endpoint] + ([origin] if origin else []),
                     "manifest_poll_interval": 0.2,
                     "s3": {
                         "endpoint_url": moto.endpoint,
@@ -509,14 +523,18 @@ class Bench:
             "streamed": streamed,
         }
 
-    def create_snapshot_task(self, fmt: str, key: str) -> str:
-        """The ImportSnapshot task of the object ``key``, as the API creates it (not timed)."""
-        task = self.service.import_snapshot(DiskContainer(format=SNAPSHOT_CLAIM[fmt], bucket=BUCKET, key=key))
-        return task.id
+    def create_snapshot_task(self, fmt: str, source: dict[str, str]) -> str:
+        """The ImportSnapshot task of ``source`` (``{"bucket", "key"}`` or ``{"url"}``), as the API
+        creates it (not timed)."""
+        claim = SNAPSHOT_CLAIM[fmt]
+        if "url" in source:
+            container = DiskContainer(format=claim, url=source["url"])
+        else:
+            container = DiskContainer(format=claim, bucket=source["bucket"], key=source["key"])
+        return self.service.import_snapshot(container).id
 
-    def download_object(self, key: str, into: Path | None) -> dict[str, Any]:
+    def download_object(self, source: dict[str, str], into: Path | None) -> dict[str, Any]:
         """The object through the ranged reader (parallel ranged GETs), into a sink or a file + fsync."""
-        source = {"bucket": BUCKET, "key": key}
         if into is not None:
             download_to_file(source, into, self.policy, self.config.sources.s3, max_bytes=1 << 50)
             return {}
@@ -569,6 +587,22 @@ class Bench:
         return {"path": str(dst)}
 
 
+@contextlib.contextmanager
+def range_server(files: list[Path]) -> Iterator[str]:
+    """``bench/rangeserver.py`` serving ``files`` (each at ``/<its name>``) in a process of its own;
+    its endpoint."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "rangeserver.py"), *map(str, files)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def _clean(path: str | Path | None) -> None:
     if path:
         Path(path).unlink(missing_ok=True)
@@ -612,20 +646,26 @@ def measure(bench: Bench, fmt: str, image: Path, runs: int) -> Measurement:
 def measure_snapshot(
     bench: Bench, fmt: str, image: Path, runs: int, vsize: int, volume_gib: int
 ) -> Measurement:
-    """ImportSnapshot of ``image`` as one S3 object (boto3's multipart upload), every stage timed."""
-    s3 = bench.moto.client("s3")
-    key = f"bench.{fmt.lower()}"
-    t0 = time.perf_counter()
-    s3.upload_file(str(image), BUCKET, key)
-    upload_s = time.perf_counter() - t0
+    """ImportSnapshot of ``image`` as one S3 object (boto3's multipart upload), or from the range
+    server's URL (``--origin http``), every stage timed."""
     file_bytes = image.stat().st_size
-    log(f"{fmt}: uploaded {file_bytes / MiB:.0f} MiB as one object to moto in {upload_s:.1f} s")
+    source: dict[str, str]
+    if bench.origin is not None:
+        source = {"url": f"{bench.origin}/{image.name}"}
+        log(f"{fmt}: {file_bytes / MiB:.0f} MiB served by bench/rangeserver.py at {source['url']}")
+    else:
+        s3 = bench.moto.client("s3")
+        source = {"bucket": BUCKET, "key": f"bench.{fmt.lower()}"}
+        t0 = time.perf_counter()
+        s3.upload_file(str(image), BUCKET, source["key"])
+        upload_s = time.perf_counter() - t0
+        log(f"{fmt}: uploaded {file_bytes / MiB:.0f} MiB as one object to moto in {upload_s:.1f} s")
     m = Measurement(fmt, file_bytes, vsize, 1)
     scratch_file = bench.work / "download.bin"
     variants = {
-        "e2e": Variant(bench.e2e, lambda: bench.create_snapshot_task(fmt, key)),
-        "download": Variant(lambda _: bench.download_object(key, None)),
-        "download>file": Variant(lambda _: bench.download_object(key, scratch_file)),
+        "e2e": Variant(bench.e2e, lambda: bench.create_snapshot_task(fmt, source)),
+        "download": Variant(lambda _: bench.download_object(source, None)),
+        "download>file": Variant(lambda _: bench.download_object(source, scratch_file)),
         "convert": Variant(lambda _: bench.convert(fmt, image, volume_gib * GiB)),
     }
     run_variants(bench, m, variants, runs, scratch_file)
@@ -660,7 +700,9 @@ def run_variants(
             scratch_file.unlink(missing_ok=True)
 
 
-def print_summary(results: list[Measurement], moto_peak: int, size: int, api: str = "volume") -> None:
+def print_summary(
+    results: list[Measurement], moto_peak: int, size: int, api: str = "volume", origin: str = "moto"
+) -> None:
     log("")
     if api == "volume":
         log(
@@ -668,8 +710,9 @@ def print_summary(results: list[Measurement], moto_peak: int, size: int, api: st
             f"(10 MiB parts, whole-object GETs) to the file volume target; medians, MB/s of the uploaded file"
         )
     else:
+        server = S3_SERVER if origin == "moto" else "bench/rangeserver.py (a ranged file server process)"
         log(
-            f"ImportSnapshot of a {size / GiB:g} GiB disk ({DATA_SHARE:.1%} data) from {S3_SERVER} on "
+            f"ImportSnapshot of a {size / GiB:g} GiB disk ({DATA_SHARE:.1%} data) from {server} on "
             "loopback (one object, parallel ranged GETs) to the file image target; medians, MB/s of the "
             "uploaded file"
         )
@@ -703,10 +746,11 @@ def print_summary(results: list[Measurement], moto_peak: int, size: int, api: st
     overlapped = [r for m in results for r in m.runs if r.other_cpu > OTHER_CPU_LIMIT * r.seconds]
     if overlapped:
         log(f"warning: {len(overlapped)} timed runs overlapped other work (> {OTHER_CPU_LIMIT} CPU-s/s)")
-    log(
-        f"moto peak resident memory: {moto_peak / GiB:.2f} GiB (objects over ~5 MiB spool to temporary "
-        "files, so the parts live on disk and a dropped page cache makes moto read them back)"
-    )
+    if origin == "moto":
+        log(
+            f"moto peak resident memory: {moto_peak / GiB:.2f} GiB (objects over ~5 MiB spool to temporary "
+            "files, so the parts live on disk and a dropped page cache makes moto read them back)"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -723,6 +767,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("volume", "snapshot"),
         default="volume",
         help="volume: ImportVolume of a euca2ools upload (default); snapshot: ImportSnapshot of one object",
+    )
+    p.add_argument(
+        "--origin",
+        choices=("moto", "http"),
+        default="moto",
+        help="with --api snapshot: where the object is read from: moto (default), or http: "
+        "bench/rangeserver.py serving the files with real byte ranges (for GiB-sized objects)",
     )
     p.add_argument("--quick", action="store_true", help="256 MiB, one run, no idle waits: a smoke test")
     p.add_argument("--no-idle-wait", action="store_true", help="do not wait for an idle machine")
@@ -743,6 +794,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.formats is None:
         args.formats = "RAW,GZ,VMDK,VHD" if args.api == "snapshot" else "RAW,VMDK,VHD"
     args.formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
+    if args.origin != "moto" and args.api != "snapshot":
+        p.error("--origin http goes with --api snapshot (ImportVolume reads a euca2ools upload from S3)")
     allowed = set(QEMU_FORMAT) if args.api == "snapshot" else set(QEMU_FORMAT) - {"GZ"}
     if not set(args.formats) <= allowed:
         p.error(f"--formats takes {', '.join(sorted(allowed))} with --api {args.api}")
@@ -768,8 +821,19 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="imaging-bench-e2e-", dir=args.out))
     results: list[Measurement] = []
     try:
-        with moto_server(work) as moto:
-            bench = Bench(work, moto, idle_wait=not args.no_idle_wait, attempts=args.attempts, api=args.api)
+        with contextlib.ExitStack() as stack:
+            moto = stack.enter_context(moto_server(work))
+            origin = None
+            if args.origin == "http":
+                origin = stack.enter_context(range_server([images[f] for f in args.formats]))
+            bench = Bench(
+                work,
+                moto,
+                idle_wait=not args.no_idle_wait,
+                attempts=args.attempts,
+                api=args.api,
+                origin=origin,
+            )
             try:
                 for fmt in args.formats:
                     results.append(measure(bench, fmt, images[fmt], args.runs))
@@ -778,10 +842,11 @@ def main(argv: list[str] | None = None) -> int:
                 bench.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_summary(results, moto_peak, args.size, args.api)
+    print_summary(results, moto_peak, args.size, args.api, args.origin)
     out = {
         "size": args.size,
         "s3_server": S3_SERVER,
+        "origin": args.origin,
         "part_size": 10 * MiB,
         "moto_peak_bytes": moto_peak,
         "results": [

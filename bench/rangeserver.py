@@ -3,10 +3,11 @@
 ``bench/reader.py`` that does not cost what moto costs per ranged GET (moto loads the whole object
 to answer each range) and does not share the benchmark's GIL (the in-process test server does).
 
-``python bench/rangeserver.py FILE`` serves FILE at ``/<its name>`` on a free loopback port and
-prints the port on stdout. GET and HEAD; ``Range: bytes=A-B`` (one range) answered 206 with
-``Content-Range``; a strong ``ETag`` (size and mtime); ``If-Match`` (412 when it differs); the body
-is sent with ``sendfile`` from the page cache. Stop it with SIGTERM.
+``python bench/rangeserver.py FILE...`` serves each FILE at ``/<its name>`` on a free loopback port
+and prints the port on stdout (also the origin of ``bench/import_e2e.py --api snapshot --origin
+http``). GET and HEAD; ``Range: bytes=A-B`` (one range) answered 206 with ``Content-Range``; a strong
+``ETag`` (size and mtime); ``If-Match`` (412 when it differs); the body is sent with ``sendfile`` from
+the page cache. Stop it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def _answer(self, *, body: bool) -> None:
-        file, size, etag = self.server.file, self.server.size, self.server.etag
-        if self.path.split("?", 1)[0] != "/" + file.name:
+        served = self.server.files.get(self.path.split("?", 1)[0].removeprefix("/"))
+        if served is None:
             self._empty(404)
             return
+        file, size, etag = served
         if_match = self.headers.get("If-Match")
         if if_match is not None and if_match.strip('"') != etag:
             self._empty(412)
@@ -83,17 +85,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
-    file: Path
-    size: int
-    etag: str
+    #: name → (file, size, strong ETag)
+    files: dict[str, tuple[Path, int, str]]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    file = Path(args[0]).resolve()
     server = _Server(("127.0.0.1", 0), _Handler)
-    st = file.stat()
-    server.file, server.size, server.etag = file, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}"
+    server.files = {}
+    for arg in args:
+        file = Path(arg).resolve()
+        st = file.stat()
+        server.files[file.name] = (file, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(server.server_address[1], flush=True)
     try:

@@ -7,13 +7,19 @@ counted in :attr:`StallingProxy.stalled` (and per suffix by :meth:`StallingProxy
 waits until :meth:`StallingProxy.release` releases its suffix (then the rest follows) or until the
 proxy closes. A test can so kill or suspend a task in the middle of a download, deterministically,
 without timing anything; several downloads can be held and released one by one. Requests can be
-held too, before they reach the server (:meth:`StallingProxy.arm_request`: an upload's part).
+held too, before they reach the server (:meth:`StallingProxy.arm_request`: an upload's part), or
+refused with an S3 error in the server's stead (:meth:`StallingProxy.refuse`: a store that cannot do
+an operation).
 
 ``after`` is an offset in the object, so a download read as parallel ranged GETs is held at the same
 byte as one read as a single stream: a GET of ``Range: bytes=A-B`` is held after ``after - A`` body
 bytes when its range holds byte ``after`` (``A <= after <= B``), and goes through whole otherwise:
 ranges before the hold complete, ranges after it are not held (the reader waits for the held one
 before it hands anything past it over). A GET without a Range starts at 0.
+
+``arm(..., times=N)`` holds only the first N GETs that reach the offset: a retry of the held range goes
+through, and the held one stays held until it is released or its client gives up on it (a stall
+watchdog: :meth:`StallingProxy.abandoned` counts those).
 
 ``rate`` (bytes per second, per connection) paces every answer's body, like an object store that
 limits each connection (for benchmarks; tests leave it unset).
@@ -24,9 +30,12 @@ from __future__ import annotations
 import http.client
 import http.server
 import re
+import select
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +50,17 @@ _HOP_BY_HOP = {
 }
 _PIECE = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (readable, and at its end)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -70,6 +90,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        refusal = owner.refusal(self.command, self.headers.keys())
+        if refusal is not None:  # answered here, as a store that cannot do this answers
+            status, code = refusal
+            error = f"<Error><Code>{code}</Code><Message>refused by the test</Message></Error>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
         held = owner.request_hold(self.command, self.path)
         if held is not None:  # an armed request (an upload's part): held before it reaches the server
             try:
@@ -104,7 +134,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         time.sleep(ahead)
                 if armed is not None and hold_at is not None and sent >= hold_at:
                     self.wfile.flush()
-                    owner.hold(armed[0])
+                    owner.hold(armed[0], self.connection)
                     hold_at = None
         except (OSError, http.client.HTTPException):
             self.close_connection = True  # the client went away (killed, or gave up), or the server did
@@ -137,9 +167,16 @@ class StallingProxy:
         self._armed_requests: dict[str, str] = {}
         #: path suffix → method of the requests held before forwarding (:meth:`arm_object_request`)
         self._armed_paths: dict[str, str] = {}
+        #: (method, header) → (status, S3 error code) of the requests refused (:meth:`refuse`)
+        self._refused: dict[tuple[str, str], tuple[int, str]] = {}
+        #: how many requests were refused
+        self.refused = 0
         #: per armed suffix: set when it is released
         self._released: dict[str, threading.Event] = {}
         self._stalled: dict[str, int] = {}
+        #: per armed suffix: how many GETs it may still hold (absent: every one)
+        self._holds_left: dict[str, int] = {}
+        self._abandoned: dict[str, int] = {}
         self._closing = threading.Event()
         #: GETs that stopped and wait for :meth:`release`
         self.stalled = 0
@@ -157,11 +194,21 @@ class StallingProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def arm(self, path_suffix: str, after: int) -> None:
-        """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes."""
+    def arm(self, path_suffix: str, after: int, times: int | None = None) -> None:
+        """Hold every GET of a path ending with ``path_suffix`` after ``after`` body bytes (only the
+        first ``times`` of them, when given)."""
         with self._lock:
             self._released[path_suffix] = threading.Event()
             self._armed[path_suffix] = after
+            if times is not None:
+                self._holds_left[path_suffix] = times
+            else:
+                self._holds_left.pop(path_suffix, None)
+
+    def abandoned(self, path_suffix: str) -> int:
+        """How many held GETs of ``path_suffix`` their client closed while they were held."""
+        with self._lock:
+            return self._abandoned.get(path_suffix, 0)
 
     def arm_request(self, method: str, query_part: str) -> None:
         """Hold every ``method`` request whose query string contains ``query_part`` (e.g. ``PUT`` and
@@ -177,6 +224,23 @@ class StallingProxy:
         with self._lock:
             self._released[path_suffix] = threading.Event()
             self._armed_paths[path_suffix] = method
+
+    def refuse(self, method: str, header: str, status: int, code: str) -> None:
+        """Answer every ``method`` request that carries ``header`` (e.g. ``PUT`` with
+        ``x-amz-copy-source``: an ``UploadPartCopy``) with S3's error ``code`` and ``status``, without
+        forwarding it."""
+        with self._lock:
+            self._refused[(method, header.lower())] = (status, code)
+
+    def refusal(self, method: str, headers: Iterable[str]) -> tuple[int, str] | None:
+        """(status, code) when this request is refused (counted in :attr:`refused`), else None."""
+        with self._lock:
+            for header in headers:
+                refused = self._refused.get((method, header.lower()))
+                if refused is not None:
+                    self.refused += 1
+                    return refused
+            return None
 
     def request_hold(self, method: str, path: str) -> str | None:
         """The armed ``query_part`` (or path suffix) that holds this request, or None."""
@@ -222,22 +286,39 @@ class StallingProxy:
             return None
         m = _RANGE.match(range_header.strip()) if range_header else None
         if m is None:
-            return armed
+            return self._claim(*armed)
         first = int(m.group(1))
         last = int(m.group(2)) if m.group(2) else None
         suffix, after = armed
         if after < first or (last is not None and after > last):
             return None
-        return suffix, after - first
+        return self._claim(suffix, after - first)
 
-    def hold(self, path_suffix: str) -> None:
+    def _claim(self, suffix: str, at: int) -> tuple[str, int] | None:
+        """The hold ``(suffix, at)`` when the suffix may hold one more GET (``arm``'s ``times``)."""
+        with self._lock:
+            left = self._holds_left.get(suffix)
+            if left is None:
+                return suffix, at
+            if left <= 0:
+                return None
+            self._holds_left[suffix] = left - 1
+            return suffix, at
+
+    def hold(self, path_suffix: str, client: socket.socket | None = None) -> None:
+        """Hold until :meth:`release`, the proxy's close, or (``client`` given) the client's close of
+        its connection (counted by :meth:`abandoned`; OSError then, as for the close)."""
         with self._lock:
             self.stalled += 1
             self._stalled[path_suffix] = self._stalled.get(path_suffix, 0) + 1
             released = self._released[path_suffix]
             self._lock.notify_all()
         while not (released.wait(0.05) or self._closing.is_set()):
-            pass
+            if client is not None and _closed_by_peer(client):
+                with self._lock:
+                    self._abandoned[path_suffix] = self._abandoned.get(path_suffix, 0) + 1
+                    self._lock.notify_all()
+                raise OSError("the client gave up on the held answer")
         if self._closing.is_set() and not released.is_set():
             raise OSError("the proxy is closing")
 

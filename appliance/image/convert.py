@@ -152,6 +152,7 @@ def convert_image(
     ledger: partials.Ledger | None = None,
     reserve: Callable[[int, bool], None] | None = None,
     no_space: Callable[[Path, str], ImagingError] = no_space_error,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ConversionResult:
     """Convert ``src`` (claimed format ``claimed``, e.g. ``qcow2`` or ``raw.gz``) to ``to_format`` at ``dst``.
 
@@ -161,7 +162,9 @@ def convert_image(
     (a step's context) is told the partial output's name before it is created, and when it is gone;
     ``reserve`` is the decompressor's scratch reservation (see :func:`appliance.image.decompress.decompress`).
     ``no_space(directory, doing)`` is the error raised when ``dst``'s filesystem fills up (by default
-    ``InsufficientScratch``: ``dst`` is in scratch; a target that is not passes its own).
+    ``InsufficientScratch``: ``dst`` is in scratch; a target that is not passes its own). ``clock`` is
+    the one ``on_progress`` is throttled and its rate measured on
+    (:class:`~appliance.progress.ProgressTracker`).
 
     Raises :class:`ImageRejected` if the source is unsafe or not what was claimed,
     :class:`ConversionFailed` if qemu-img fails or its output does not re-inspect as a safe
@@ -201,7 +204,7 @@ def convert_image(
         require_safe(source)
         virtual_size = source.virtual_size or 0
         _raise_if_cancelled(cancel)
-        tracker = ProgressTracker("converting", virtual_size, on_progress)
+        tracker = ProgressTracker("converting", virtual_size, on_progress, clock=clock)
         job = _Job(source, fmt, subformat, config, workdir, qemu_img, tracker, virtual_size, cancel, no_space)
         if block_device:
             check_device_size(dst, virtual_size)

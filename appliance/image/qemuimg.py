@@ -99,6 +99,24 @@ def limit_finding(res: Completed, policy: Policy) -> Finding | None:
     )
 
 
+def _json_command(
+    command: str, path: Path, fmt: str, policy: Policy, workdir: Path | None, cancel: threading.Event | None
+) -> Completed:
+    """``qemu-img <command> -f <fmt> --force-share --output=json`` of ``path`` under ``policy``, in a
+    private directory under ``workdir``; ``UnsafeImage.ResourceLimit`` when a limit stopped it."""
+    with isolated(path, workdir) as link:
+        res = confine.run(
+            [qemu_img(), command, "-f", fmt, "--force-share", "--output=json", link.name],
+            policy,
+            cwd=link.parent,
+            cancel=cancel,
+        )
+    killed = limit_finding(res, policy)
+    if killed:
+        raise ImageRejected([killed])
+    return res
+
+
 def info(
     path: Path,
     fmt: str,
@@ -114,17 +132,7 @@ def info(
     ``UnsafeImage.ResourceLimit`` when a limit killed qemu-img, and ``CorruptImage`` when qemu-img fails,
     writes anything to stderr, or prints something that is not a JSON object.
     """
-    policy = confine.qemu_img_info(limits)
-    with isolated(path, workdir) as link:
-        res = confine.run(
-            [qemu_img(), "info", "-f", fmt, "--force-share", "--output=json", link.name],
-            policy,
-            cwd=link.parent,
-            cancel=cancel,
-        )
-    killed = limit_finding(res, policy)
-    if killed:
-        raise ImageRejected([killed])
+    res = _json_command("info", path, fmt, confine.qemu_img_info(limits), workdir, cancel)
     if res.returncode != 0 or res.stderr.strip():
         raise ImageRejected(
             [
@@ -164,17 +172,7 @@ def check(
     """
     if fmt not in CHECKABLE_FORMATS:
         return []
-    policy = confine.qemu_img_check(limits)
-    with isolated(path, workdir) as link:
-        res = confine.run(
-            [qemu_img(), "check", "-f", fmt, "--force-share", "--output=json", link.name],
-            policy,
-            cwd=link.parent,
-            cancel=cancel,
-        )
-    killed = limit_finding(res, policy)
-    if killed:
-        raise ImageRejected([killed])
+    res = _json_command("check", path, fmt, confine.qemu_img_check(limits), workdir, cancel)
     try:
         report = json.loads(res.stdout) if res.stdout.strip() else {}
     except json.JSONDecodeError:

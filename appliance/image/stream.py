@@ -24,8 +24,9 @@ class RawStreamCheck:
         # InspectWrapper is typed to take IO[bytes] but only calls read(): the feed is enough
         self._wrapper = format_inspector.InspectWrapper(self._feed)  # type: ignore[arg-type]
 
-    def eat(self, chunk: bytes) -> None:
-        self._feed.chunk = chunk
+    def eat(self, chunk: bytes | memoryview) -> None:
+        # the inspectors are oslo's: they get bytes (a view of a reused buffer is copied)
+        self._feed.chunk = chunk if isinstance(chunk, bytes) else bytes(chunk)
         self._wrapper.read(len(chunk))
 
     def verdict(self) -> list[Finding]:

@@ -169,7 +169,7 @@ class StreamDecode:
         if self._failure is not None:
             raise self._failure
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Send verified input bytes to the decoder (in input order)."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"decoding the {self.fmt} image cancelled")

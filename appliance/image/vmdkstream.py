@@ -45,6 +45,9 @@ Parallel inflate: the reader thread hands grains in batches (up to 8 grains or 1
 task each, so the per-task overhead is paid per batch) to a pool of ``limits.workers`` threads (ISA-L's
 inflate releases the GIL) and writes finished grains in input order; at most ``2 x workers`` batches are
 in flight, so memory stays about ``2 x workers x 8 x (compressed + grain)`` (4 MiB with two workers).
+:attr:`VmdkStreamDecoder.buffered` counts it (compressed bytes of every grain read and not yet written,
+plus the grain size each inflates to) and :attr:`~VmdkStreamDecoder.peak_buffered` keeps its highest
+value: at most :meth:`VmdkStreamDecoder.buffer_bound`, whatever the speeds of input, pool and sink.
 
 Resumable boundary: after a grain is written, the offset of the marker that follows it is a clean point
 (:meth:`VmdkStreamDecoder.boundary`): the header fields, the bitmap of written grains (one bit per grain,
@@ -321,6 +324,10 @@ class VmdkStreamDecoder(Decoder):
     def __init__(self, src: BinaryIO, limits: DecodeLimits, *, _resume: Boundary | None = None) -> None:
         super().__init__()
         self.limits = limits
+        #: bytes held for grains read and not yet written (compressed, plus the grain each inflates to)
+        self.buffered = 0
+        #: the highest :attr:`buffered` of this decode (module docstring)
+        self.peak_buffered = 0
         if _resume is not None:
             self._restore(src, _resume)
             return
@@ -415,6 +422,14 @@ class VmdkStreamDecoder(Decoder):
         }
         return Boundary(FORMAT, self._clean, state)
 
+    def buffer_bound(self) -> int:
+        """The most :attr:`buffered` can reach: ``2 x workers`` batches in the window and the batch being
+        filled, each of at most :data:`_BATCH_GRAINS` grains of at most two grains compressed (or the
+        batch's compressed limit plus one grain) plus the grain each inflates to."""
+        full = self.header.grain_bytes
+        per_batch = min(_BATCH_GRAINS * 2 * full, _BATCH_BYTES + 2 * full) + _BATCH_GRAINS * full
+        return (2 * self.limits.workers + 1) * per_batch
+
     def _check_size(self) -> None:
         size = self.header.capacity * SECTOR
         if size > self.limits.max_virtual_size:
@@ -452,6 +467,7 @@ class VmdkStreamDecoder(Decoder):
                 self.data_bytes += emit_runs(sink, grain.lba * SECTOR, out, runs)
                 head.written = k + 1
                 self._clean = grain.end
+                self.buffered -= len(grain.data) + full
             window.popleft()
 
         def submit() -> None:
@@ -493,6 +509,8 @@ class VmdkStreamDecoder(Decoder):
                     if block > SECTOR:
                         data += r.exactly(block - SECTOR, "a grain")[: 12 + length - SECTOR]
                     batch.append(_Grain(data, val, r.offset, at, min(full, size - val * SECTOR)))
+                    self.buffered += len(data) + full
+                    self.peak_buffered = max(self.peak_buffered, self.buffered)
                     batched += length
                     if len(batch) >= _BATCH_GRAINS or batched >= _BATCH_BYTES:
                         submit()

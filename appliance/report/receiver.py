@@ -32,7 +32,7 @@ import argparse
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -131,8 +131,11 @@ class Controller:
         window: float = DEFAULT_WINDOW,
         stale_after: float = DEFAULT_STALE_AFTER,
         imaging: ImagingService | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.secret = secret
+        #: the time now (aware UTC): messages' freshness and when an appliance was last heard from
+        self.clock = clock
         self.log_path = Path(log_path)
         self.stale_after = stale_after
         #: appliance id → when its last accepted message arrived
@@ -165,8 +168,9 @@ class Controller:
     def accept(self, body: bytes, signature: str | None) -> dict[str, Any]:
         """Verify and record one pushed message; the reply body."""
         with self._lock:  # verify + append under one lock: the log is in acceptance order
-            message = self.verifier.verify(body, signature)
-            self.last_seen[message["appliance_id"]] = utc_now()
+            now = self.clock()
+            message = self.verifier.verify(body, signature, now)
+            self.last_seen[message["appliance_id"]] = now
             self._append({"message": message})
             task = message.get("task") or {}
             if message.get("event") == "state" and task.get("state") in TERMINAL:
@@ -175,7 +179,7 @@ class Controller:
 
     def appliances(self, now: datetime | None = None) -> dict[str, dict[str, Any]]:
         """Every appliance heard from since start: last seq, when, and whether it is now stale."""
-        now = now or utc_now()
+        now = now or self.clock()
         with self._lock:
             return {
                 appliance: {

@@ -27,8 +27,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from ..config import Config
-from ..errors import IncorrectState, InvalidTaskId, ResourceLimitExceeded, TaskNotFound
-from ..store import ActiveTaskLimit, Store, Task, TaskState
+from ..store import Store, Task, TaskState
 from ..targets.encryption import Encryption
 from ..workflow.engine import Engine
 from . import bootparams, expected
@@ -70,6 +69,7 @@ from .importviews import (
     outcome,
     validated_report,
 )
+from .taskservice import TaskService
 
 #: the names other modules import from here (their homes are :mod:`.importtasks` and
 #: :mod:`.importviews`)
@@ -109,46 +109,32 @@ __all__ = [
 ]
 
 
-class ImportService(ImportChecks):
-    """Creates, lists and cancels import tasks (its request checks: :class:`ImportChecks`).
-    Thread-safe as far as the store is."""
+class ImportService(TaskService, ImportChecks):
+    """Creates, lists and cancels import tasks: a :class:`TaskService` (store, engine, submission under
+    the active-task limit, get/list/cancel by kind and account) in the import tasks' words, with the
+    request checks of :class:`ImportChecks`. Thread-safe as far as the store is."""
 
-    def __init__(self, config: Config, store: Store | None = None) -> None:
-        super().__init__(config)
-        self.store = store or Store(config.store)
-        self._engine: Engine | None = None
+    id_patterns = TASK_ID_PATTERNS
+    id_prefixes = ID_PREFIX
 
-    # -- helpers --------------------------------------------------------------------------------
+    def __init__(self, config: Config, store: Store | None = None, *, engine: Engine | None = None) -> None:
+        ImportChecks.__init__(self, config)
+        TaskService.__init__(self, config, store, engine=engine)
 
-    @property
-    def engine(self) -> Engine:
-        if self._engine is None:
-            self._engine = Engine(self.config, self.store)
-        return self._engine
+    def new_task_id(self, kind: str) -> str:
+        """A fresh id of the form EC2 clients expect for ``kind`` (8 lower-case alphanumerics for the
+        conversion tasks: :func:`.importtasks.new_task_id`)."""
+        return new_task_id(kind)
 
     def _submit(
         self, kind: str, params: dict[str, Any], *, client_token: str | None = None, account: str = NO_ACCOUNT
     ) -> Task:
-        """Create the task unless ``tasks.max_active`` tasks are active; with a ``client_token``
-        that ``account`` already used for the same request, the task created then."""
+        """Create the task (:meth:`TaskService.submit_task`)."""
         # Absent optional members are left out so the workflow's declared defaults apply.
         params = {k: v for k, v in params.items() if v is not None}
-        try:
-            task_id = self.engine.submit(
-                kind,
-                params,
-                task_id=new_task_id(kind),
-                kind=kind,
-                max_active=self.config.max_active_tasks,
-                client_token=client_token,
-                client_account=account,
-            )
-        except ActiveTaskLimit as exc:
-            raise ResourceLimitExceeded(
-                f"{exc.message}; wait for one to finish or cancel one "
-                "(tasks.max_active in the appliance configuration)"
-            ) from exc
-        return self.store.get_task(task_id)
+        return self.submit_task(
+            kind, params, task_id=self.new_task_id(kind), account=account, client_token=client_token
+        )
 
     # -- creating -------------------------------------------------------------------------------
 
@@ -306,26 +292,14 @@ class ImportService(ImportChecks):
         """The task ``task_id`` if it is one of ``kinds`` and (``accounts`` given) belongs to one of
         ``accounts`` (:attr:`Caller.sees`); ``InvalidTaskId`` for a malformed id, ``TaskNotFound``,
         in the same words, for an unknown task and for one of another account."""
-        kind = kind_of(task_id)
-        if kind is None or kind not in kinds:
-            forms = ", ".join(ID_PREFIX[k] + "…" for k in kinds)
-            raise InvalidTaskId(f"the task id {task_id!r} is malformed; expected {forms}")
-        try:
-            task = self.store.get_task(task_id, account=accounts)
-        except TaskNotFound:
-            raise TaskNotFound(f"the task {task_id!r} does not exist") from None
-        if task.kind != kind:
-            raise TaskNotFound(f"the task {task_id!r} does not exist")
-        return task
+        return self.get_task(task_id, kinds, accounts)
 
     def list(
         self, kinds: Collection[str], ids: Sequence[str] = (), accounts: Collection[str] | None = None
     ) -> list[Task]:
         """Tasks of ``kinds`` (of ``accounts``, when given), newest first; with ``ids``, exactly
         those (each must exist, as :meth:`get` says)."""
-        if ids:
-            return [self.get(i, kinds, accounts) for i in dict.fromkeys(ids)]
-        return self.store.list_tasks(kind=list(kinds), limit=None, account=accounts)
+        return self.list_tasks(kinds, ids, accounts)
 
     def cancel(
         self,
@@ -336,10 +310,7 @@ class ImportService(ImportChecks):
     ) -> Task:
         """Cancel an active task (its run stops, undoes what it did, and ends ``cancelled``); the task
         is found as :meth:`get` finds it."""
-        task = self.get(task_id, kinds, accounts)
-        if task.state.terminal:
-            raise IncorrectState(f"the task {task_id} is {task.state} and can no longer be cancelled")
-        return self.store.request_cancel(task_id, reason=reason or "Cancelled by user")
+        return self.cancel_task(task_id, kinds, accounts, reason)
 
 
 def _expected(value: str | None) -> str | None:

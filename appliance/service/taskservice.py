@@ -1,4 +1,4 @@
-"""The one base of the task services (copies, exports, bundles; written so that imports can use it too).
+"""The one base of the task services (imports, copies, exports, bundles).
 
 A task service turns validated requests into tasks of its kinds in the task store, run by the worker
 through the shipped workflow of each kind, and finds, lists and cancels them again for a caller.
@@ -15,8 +15,9 @@ through the shipped workflow of each kind, and finds, lists and cancels them aga
   is over is ``IncorrectState``).
 
 What differs between services is data: the id form of each kind (:attr:`TaskService.id_patterns`,
-:attr:`TaskService.id_prefixes`) and the words of the messages (:attr:`TaskService.noun`,
-:meth:`TaskService.not_found`), so each service keeps its own wire messages.
+:attr:`TaskService.id_prefixes`, and :meth:`TaskService.new_task_id` where a kind's new ids have a form
+of their own, as the 8 alphanumerics of the conversion tasks) and the words of the messages
+(:attr:`TaskService.noun`, :meth:`TaskService.not_found`), so each service keeps its own wire messages.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ from . import taskchild
 from .children import SHUTDOWN_GRACE, TaskChildren
 from .configreload import ConfigReload
 from .heartbeat import write_heartbeat
-from .sweeps import cleanup_scratch, sweep_mounts, sweep_partials
+from .sweeps import cleanup_scratch, sweep_mounts, sweep_partials, sweep_s3_staging
 from .taskcgroup import TaskCaps, TaskCgroups
 from .taskchild import EXIT_LEASE_LOST as EXIT_LEASE_LOST
 from .taskchild import EXIT_STORE_UNAVAILABLE as EXIT_STORE_UNAVAILABLE
@@ -142,6 +142,7 @@ class Worker(TaskChildren, ConfigReload):
         self._woken = False
         #: when the expired staged uploads were last swept (monotonic; None: not yet)
         self._uploads_swept: float | None = None
+        self._s3_swept: float | None = None
 
     @property
     def store(self) -> Store:
@@ -185,6 +186,7 @@ class Worker(TaskChildren, ConfigReload):
             self.cleanup_scratch()
             self.sweep_partials()
             self._swept = True
+        self.sweep_s3_staging()
         # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
         # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
         # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
@@ -290,6 +292,23 @@ class Worker(TaskChildren, ConfigReload):
             log.exception("sweeping expired uploads failed; retrying on the next poll")
             return []
         self._uploads_swept = now
+        return removed
+
+    def sweep_s3_staging(self) -> list[str]:
+        """Remove the staging uploads of streamed imports into S3 whose task is over (see
+        :func:`sweep_s3_staging`): on the first poll, then every :data:`UPLOAD_SWEEP_INTERVAL` seconds
+        (an S3 failure is logged and retried on the next poll)."""
+        now = time.monotonic()
+        if self._s3_swept is not None and now - self._s3_swept < UPLOAD_SWEEP_INTERVAL:
+            return []
+        try:
+            removed = sweep_s3_staging(self.config, self.store)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("sweeping stale S3 staging uploads failed; retrying on the next poll")
+            return []
+        self._s3_swept = now
         return removed
 
     def sweep_partials(self) -> list[Path]:

@@ -40,10 +40,12 @@ class StreamDigest:
         self._sha.update(data)
         self.size += len(data)
 
-    def wrap(self, write: Callable[[int, bytes], None]) -> Callable[[int, bytes], None]:
+    def wrap(
+        self, write: Callable[[int, bytes | memoryview], None]
+    ) -> Callable[[int, bytes | memoryview], None]:
         """``write(offset, chunk)`` that hashes each chunk first; chunks must come in offset order."""
 
-        def hashed(offset: int, chunk: bytes) -> None:
+        def hashed(offset: int, chunk: bytes | memoryview) -> None:
             self.update(chunk)
             write(offset, chunk)
 

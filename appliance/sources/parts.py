@@ -7,6 +7,12 @@ HEADs each part until it is there, all with exponential back-off, until the task
 :func:`download_parts` then reads the parts in index order, checking each one's length and (for plain
 single-PUT S3 ETags) MD5, retrying a bad part from its start, and reporting each verified part so the
 caller can checkpoint and resume.
+
+Memory: a part is verified (length, MD5) before any of it is written, so each part in flight is held
+whole, in a buffer of :class:`PartBuffers` that is reused for later parts: at most ``parallel + 1`` parts
+are in memory (``parallel`` fetched ahead, the one being written), and no new memory is taken per part.
+The writer gets each part as read-only views of at most :data:`~.http.CHUNK_SIZE` bytes, valid only
+during the call (a writer keeps a copy of what it keeps).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from defusedxml import DefusedXmlException
 
 from ..errors import Cancelled, ImagingError
 from ..redact import redact_url
-from .http import HttpClient, SourceUnavailable, TransferInterrupted, is_stall, sleep_or_cancel
+from .http import CHUNK_SIZE, HttpClient, SourceUnavailable, TransferInterrupted, is_stall, sleep_or_cancel
 from .manifest import (
     MAX_MANIFEST_BYTES,
     ImportManifest,
@@ -247,9 +253,48 @@ def _md5_applies(etag: str | None, headers: object) -> bool:
     return not sse.startswith("aws:kms") and get("x-amz-server-side-encryption-customer-algorithm") is None
 
 
+class PartBuffers:
+    """The buffers of the parts in flight, reused part after part (module docstring): a buffer handed
+    back is kept for a later part (up to ``keep`` of them), so a download takes its memory once instead
+    of a new allocation per piece of every part (which the allocator, across the fetching threads, does
+    not give back: a slow writer made the task process grow by tens of MiB beyond the parts it held).
+
+    Instrumented: ``in_use`` (bytes of buffers handed out now), ``peak_in_use``, ``allocated`` (buffers
+    ever created)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._spare: list[bytearray] = []
+        self._lock = threading.Lock()
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.allocated = 0
+
+    def take(self, length: int) -> bytearray:
+        """A buffer of at least ``length`` bytes (a kept one when one is large enough)."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._spare) if len(b) >= length]
+            buf = self._spare.pop(min(fits, key=lambda i: len(self._spare[i]))) if fits else None
+            if buf is None:
+                self.allocated += 1
+        if buf is None:
+            buf = bytearray(length)
+        with self._lock:
+            self.in_use += len(buf)
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+        return buf
+
+    def give(self, buf: bytearray) -> None:
+        """``buf`` is free again (nothing refers to its bytes any more)."""
+        with self._lock:
+            self.in_use -= len(buf)
+            if len(self._spare) < self._keep:
+                self._spare.append(buf)
+
+
 def download_parts(
     manifest: ImportManifest,
-    write: Callable[[int, bytes], None],
+    write: Callable[[int, memoryview], None],
     policy: UrlPolicy,
     *,
     start_index: int = 0,
@@ -260,8 +305,10 @@ def download_parts(
     parallel: int | None = None,
     on_checked: Callable[[Part, str | None], None] | None = None,
     on_retry: OnRetry | None = None,
+    buffers: PartBuffers | None = None,
 ) -> int:
-    """Download the parts from ``start_index`` on, in index order, passing ``write(file_offset, chunk)``.
+    """Download the parts from ``start_index`` on, in index order, passing ``write(file_offset, chunk)``
+    (``chunk``: a view of at most :data:`~.http.CHUNK_SIZE` bytes, valid during the call only).
 
     ``parallel`` parts (default ``sources.parallel_ranges``) are fetched at a time, each verified
     before it is handed on; ``write`` still sees them one by one, in index order, in the caller's thread.
@@ -272,6 +319,7 @@ def download_parts(
     ``sources.retries``); ``write`` only ever sees verified parts, each offset once. After each verified
     part ``on_part(part, bytes_done)`` is called, ``bytes_done`` being ``part.end + 1``: resume later
     with ``start_index = part.index + 1``. ``on_retry`` is told of every retry of a part as it happens.
+    ``buffers`` (default: a new :class:`PartBuffers`) hold the parts in flight.
     Returns the number of bytes written in this call. Raises :class:`PartVerificationFailed`
     (``SourceIntegrity``), :class:`SourceUnavailable`, :class:`UrlNotAllowed`, :class:`Cancelled`.
     """
@@ -282,26 +330,31 @@ def download_parts(
     if parallel is None:
         parallel = policy.sources.parallel_ranges if policy.sources else DEFAULT_PARALLEL
     # ``parallel`` parts are downloaded and verified by threads while the caller writes the one
-    # before them: network, MD5 and writes overlap, and at most parallel + 1 parts are in memory.
-    # Only verified parts reach ``write``, in index order.
+    # before them: network, MD5 and writes overlap, and at most parallel + 1 parts are in memory
+    # (each in a reused buffer). Only verified parts reach ``write``, in index order.
+    pool = buffers if buffers is not None else PartBuffers(keep=parallel + 1)
     stop = LinkedEvent(cancel)  # set when this call ends: the fetches still running shut down
     fetched = ordered_fetch(
         manifest.parts[start_index:],
-        lambda part: _fetch_verified(client, part, attempts, stop, on_retry),
+        lambda part: _fetch_verified(client, part, attempts, stop, on_retry, pool),
         parallel=parallel,
         cancel=cancel,
         stop=stop,
         name="manifest-parts",
+        discard=lambda fetched_part: pool.give(fetched_part[0]),
     )
     written = 0
     with contextlib.closing(fetched):
-        for part, (chunks, md5) in fetched:
-            if on_checked is not None:
-                on_checked(part, md5)
-            offset = part.start
-            for chunk in chunks:
-                write(offset, chunk)
-                offset += len(chunk)
+        for part, (buf, md5) in fetched:
+            try:
+                if on_checked is not None:
+                    on_checked(part, md5)
+                view = memoryview(buf).toreadonly()
+                for at in range(0, part.length, CHUNK_SIZE):
+                    write(part.start + at, view[at : min(at + CHUNK_SIZE, part.length)])
+            finally:
+                pool.give(buf)
+            del buf
             written += part.length
             if on_part is not None:
                 on_part(part, part.end + 1)
@@ -319,14 +372,21 @@ def _fetch_verified(
     attempts: int,
     cancel: threading.Event | None,
     on_retry: OnRetry | None = None,
-) -> tuple[list[bytes], str | None]:
-    """The bytes of ``part`` once their length and MD5 check out, retrying with back-off, and the
-    MD5 checked (None when the ETag is not one)."""
+    pool: PartBuffers | None = None,
+) -> tuple[bytearray, str | None]:
+    """The bytes of ``part`` (the first ``part.length`` of a buffer of ``pool``, to give back) once
+    their length and MD5 check out, retrying with back-off, and the MD5 checked (None when the ETag
+    is not one)."""
+    buffers = pool if pool is not None else PartBuffers(keep=0)
 
-    def once() -> tuple[list[bytes], str | None]:
-        chunks: list[bytes] = []
-        md5 = _download_part(client, part, _appender(chunks), cancel)
-        return chunks, md5
+    def once() -> tuple[bytearray, str | None]:
+        buf = buffers.take(part.length)
+        try:
+            md5 = _download_part(client, part, buf, cancel)
+        except BaseException:
+            buffers.give(buf)
+            raise
+        return buf, md5
 
     return _retrying(
         once, client, part, part.start, attempts, cancel, on_retry, f"part {part.index} ({part.key})"
@@ -415,15 +475,11 @@ def _retrying(
     raise AssertionError("unreachable")
 
 
-def _appender(chunks: list[bytes]) -> Callable[[int, bytes], None]:
-    """A ``write`` for :func:`_download_part` that keeps the part's bytes in ``chunks``."""
-    return lambda _offset, chunk: chunks.append(chunk)
-
-
 def _download_part(
-    client: HttpClient, part: Part, write: Callable[[int, bytes], None], cancel: threading.Event | None
+    client: HttpClient, part: Part, buf: bytearray, cancel: threading.Event | None
 ) -> str | None:
-    """The part to ``write``; the MD5 its ETag carried and its bytes matched (None: no MD5 ETag)."""
+    """The part into the start of ``buf``; the MD5 its ETag carried and its bytes matched (None: no
+    MD5 ETag)."""
     where = f"part {part.index} ({part.key})"
     response = client.get_stream(part.get_url, cancel=cancel)
     with response:
@@ -439,15 +495,16 @@ def _download_part(
             )
         md5 = hashlib.md5() if _md5_applies(response.etag, response.headers) else None
         received = 0
-        for chunk in response.iter_chunks():
-            if received + len(chunk) > part.length:
-                raise PartVerificationFailed(
-                    f"{where}: the body is longer than the byte range ({part.length})"
-                )
-            write(part.start + received, chunk)
-            if md5 is not None:
-                md5.update(chunk)
-            received += len(chunk)
+        with memoryview(buf) as view:
+            for chunk in response.iter_chunks():
+                if received + len(chunk) > part.length:
+                    raise PartVerificationFailed(
+                        f"{where}: the body is longer than the byte range ({part.length})"
+                    )
+                view[received : received + len(chunk)] = chunk
+                if md5 is not None:
+                    md5.update(chunk)
+                received += len(chunk)
     if received != part.length:
         raise TransferInterrupted(f"{where}: received {received} of {part.length} bytes", received=received)
     if md5 is not None and md5.hexdigest() != (response.etag or "").lower():

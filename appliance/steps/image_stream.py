@@ -19,8 +19,8 @@ stream leaves no image. No scratch is reserved on this path.
 
 With the S3 image target the decoder's output goes in order into a multipart upload to a staging key, is
 inspected and guest-validated there (read back with cached ranged GETs) and only then copied to its final
-key: :mod:`.image_stream_s3`. A killed stream into S3 starts again from zero (its next run first aborts
-the incomplete upload).
+key: :mod:`.image_stream_s3`. A killed stream into S3 resumes from its multipart upload
+(:mod:`.s3_checkpoint`).
 
 A killed stream into the file image target resumes (:mod:`.stream_checkpoint`): every
 ``sources.checkpoint_every`` bytes of source, at a clean boundary of the decoder, the partial is fsynced

@@ -31,29 +31,54 @@ object: a hostile stream or a guest that fails validation leaves no object and n
 Digests: the source's sha256 is observed as it streams; the output's sha256 is that of every byte handed
 to the multipart writer (zeros included), computed as they go (``digest_method``
 :data:`~.provenance.WHILE_UPLOADING`).
+
+A killed stream resumes from its multipart upload (:mod:`.s3_checkpoint`): every
+``sources.checkpoint_every`` bytes of source the decoder's boundary is noted and the latest one whose
+output the uploaded parts cover is saved with the upload id, the parts (number, size, ETag) and the
+output's sha256 state; the next run lists the upload's parts, checks each recorded one and goes on after
+the last (``stream.resumed``), or restarts from zero (``stream.restarted``) when the upload is gone or a
+part differs. A compressed source is not checkpointed (no decoder state past its start): its next run
+decodes it again from byte 0 into a new upload.
+
+The ledger window at publish: the copy to the final key and the step's ledger entry naming it are two
+acts, and a kill between them would leave an object no ledger names. So the step first saves its intent
+(:func:`publish_intent`: the final key, the staging object's ETag and sha256, the step's facts) as its
+checkpoint, and the copy carries the staging ETag in its metadata. The step's next run *adopts* what it
+finds (:func:`adopt`): the final object whose metadata names that staging ETag and sha256 (or, not copied
+yet, the staging object, still the one checked, copied now) becomes the step's result — the inspection
+and guest validation ran on those very bytes before the copy — with a ``stream.adopted`` event. A task
+that ends without such a run (failed, cancelled, deleted) has that object deleted by the sweep
+(:func:`appliance.service.sweeps.sweep_s3_staging`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ImageRejected, Severity
+from ..errors import ImageRejected, LeaseLost, Severity, StoreUnavailable, UsageError
 from ..image.content import ContentView, content_stage
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
 from ..progress import StageMeter
+from ..sources.fetch import parse_source
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
-from ..targets.s3 import S3ImageTarget
+from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
 from ..targets.s3read import ObjectRangeReader
-from ..targets.s3staged import StagedImage
+from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
+from ..targets.s3stream import server_copy, verify_parts
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
 from .imports import source_digest
 from .provenance import WHILE_UPLOADING, check_expected, import_metadata
+from .s3_checkpoint import S3ResumePoint, S3StreamCheckpoints
+from .stream_checkpoint import SourceReplaced
+
+log = logging.getLogger(__name__)
 
 #: ``stream_source`` of :mod:`.image_stream` (passed in: that module dispatches here)
 StreamSource = Callable[..., StreamResult]
@@ -83,6 +108,137 @@ def inspect_written(ctx: StepContext, reader: ObjectRangeReader) -> Verdict:
     return verdict
 
 
+def resume_point(
+    ctx: StepContext, target: S3ImageTarget, staging_key: str, key: str, decoder: str, saved: Any
+) -> S3ResumePoint | None:
+    """The checkpoint (``saved``) an earlier run of this step left, if its upload is still there with
+    every recorded part (``ListParts``); otherwise None, after a ``stream.restarted`` event saying why
+    (and the upload of a checkpoint that does not check out aborted)."""
+    point, dropped = S3ResumePoint.load(saved, key, decoder, ctx.config.limits)
+    if dropped is not None:
+        ctx.event("stream.restarted", offset=0, reason=dropped)
+    if point is None:
+        return None
+    if (point.bucket, point.key) != (target.bucket, staging_key):
+        why: str | None = "the checkpoint's upload is not to this image's staging key"
+    else:
+        why = verify_parts(target.client, point.bucket, point.key, point.upload)
+    if why is None:
+        return point
+    ctx.event("stream.restarted", offset=0, reason=why)
+    if point.bucket == target.bucket and point.key == staging_key:
+        try:  # a part that differs: that upload is not continued (gone already: nothing to abort)
+            target.client.abort_multipart_upload(
+                Bucket=point.bucket, Key=point.key, UploadId=point.upload.upload_id
+            )
+        except Exception as exc:
+            log.info("the upload of the dropped checkpoint was not aborted: %s", type(exc).__name__)
+    return None
+
+
+def publish_intent(
+    ctx: StepContext, staged: StagedImage, written: dict[str, Any], facts: dict[str, Any]
+) -> None:
+    """Save, as the step's checkpoint, what is about to be published (the final key, the staging
+    object's ETag and sha256, the step's facts): a run killed between the copy and the ledger entry
+    is adopted by the next run (:func:`adopt`) or removed by the sweep."""
+    with contextlib.suppress(UsageError):  # not run under a lease (a bare engine run): nothing resumes it
+        ctx.save_checkpoint(
+            {
+                "kind": PUBLISH_KIND,
+                "bucket": staged.bucket,
+                "key": staged.key,
+                "staging_key": staged.staging_key,
+                "staging_etag": str(written["etag"]).strip('"'),
+                "sha256": str(written["sha256"]),
+                "size": int(written["size"]),
+                "facts": facts,
+            }
+        )
+
+
+def adopt(
+    ctx: StepContext,
+    target: S3ImageTarget,
+    saved: Any,
+    key: str,
+    encryption: Encryption | None,
+) -> dict[str, Any] | None:
+    """The step's result when an earlier run of it was killed while it published (its
+    :func:`publish_intent` is the checkpoint): the final object it copied, recognised by its metadata
+    (:func:`~appliance.targets.s3staged.adoptable`), is adopted — the checks ran on those very bytes
+    before the copy — after a ``stream.adopted`` event; a copy that had not happened yet is made now
+    from the staging object if that is still the one checked. None (the stream starts again, after a
+    ``stream.restarted`` event) when neither is there."""
+    if not isinstance(saved, dict) or saved.get("kind") != PUBLISH_KIND:
+        return None
+    try:
+        bucket, staging_key = str(saved["bucket"]), str(saved["staging_key"])
+        sha256, staging_etag = str(saved["sha256"]), str(saved["staging_etag"])
+        size, facts = saved["size"], saved["facts"]
+        if (bucket, saved["key"], staging_key) != (target.bucket, key, key + STAGING_SUFFIX):
+            raise ValueError("an intent for another key")
+        if type(size) is not int or size < 0 or not isinstance(facts, dict):
+            raise ValueError("an intent without its size and facts")
+    except (KeyError, TypeError, ValueError) as exc:
+        ctx.event("stream.restarted", offset=0, reason=f"the publish checkpoint is not one ({exc})")
+        return None
+    client, where = target.client, f"s3://{bucket}/{key}"
+    try:
+        etag = adoptable(client, bucket, key, sha256, staging_etag, size)
+        if etag is None:
+            # not copied yet: the staging object, if it is still the one checked, is copied now
+            head = client.head_object(Bucket=bucket, Key=staging_key)
+            if str(head["ETag"]).strip('"') == staging_etag and int(head["ContentLength"]) == size:
+                ctx.fence()
+                meta = import_metadata(ctx, (facts.get("source") or {}).get("sha256"))
+                meta |= {"sha256": sha256, STAGING_ETAG: staging_etag}
+                etag = server_copy(
+                    client,
+                    bucket,
+                    staging_key,
+                    key,
+                    size,
+                    meta,
+                    sse_arguments(encryption),
+                    if_match=staging_etag,
+                )
+    except (LeaseLost, StoreUnavailable):
+        raise
+    except Exception as exc:
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        log.info("the publish of an earlier run of %s is not adopted: %s", where, code or type(exc).__name__)
+        etag = None
+    if etag is None:
+        ctx.event(
+            "stream.restarted",
+            offset=0,
+            reason=f"an earlier run was stopped while it published {where}, and neither its copy nor "
+            "the checked staging object is there",
+        )
+        return None
+    applied = target.check_encryption(key, encryption)
+    try:
+        client.delete_object(Bucket=bucket, Key=staging_key)
+    except Exception as exc:
+        log.error("could not delete s3://%s/%s: %s", bucket, staging_key, type(exc).__name__)
+    ctx.ledger_removed(f"s3://{bucket}/{staging_key}")
+    location = {
+        "type": "s3",
+        "bucket": bucket,
+        "key": key,
+        "etag": etag,
+        "sha256": sha256,
+        "size": size,
+        "format": "raw",
+        "encryption": applied.to_dict() if applied else None,
+        "digest_method": WHILE_UPLOADING,
+    }
+    ctx.event("stream.adopted", key=key, etag=etag, message=f"adopted {where}, published by an earlier run")
+    ctx.ledger_created(json.dumps(location, sort_keys=True))
+    return {"stored": location, **facts}
+
+
 def stream_into_s3(
     ctx: StepContext,
     target: S3ImageTarget,
@@ -98,43 +254,88 @@ def stream_into_s3(
 ) -> dict[str, Any]:
     """``image.stream``'s run for the S3 image target (module docstring); its result as for a file."""
     facts: dict[str, Any] = {}
-    meter = StageMeter("writing", None, ctx.progress)
-    sha = hashlib.sha256()  # the source's, as it streams
+    image_id = f"{ctx.task_id}-{name}" if name else ctx.task_id  # a data disk of an image: its own name
+    key = str(parse_source(source))
+    final_key = target.key_for(image_id, "raw")
+    staging_key = final_key + STAGING_SUFFIX
+    saved = ctx.load_checkpoint()
+    if isinstance(saved, dict) and saved.get("kind") == PUBLISH_KIND:
+        adopted = adopt(ctx, target, saved, final_key, encryption)
+        if adopted is not None:
+            return adopted
+        saved = None
+    point = resume_point(ctx, target, staging_key, key, decoder, saved)
+    meter = StageMeter(
+        "writing",
+        None,
+        ctx.progress,
+        read=point.boundary.input_offset if point is not None else 0,
+        written=point.produced if point is not None else 0,
+    )
     md5_checked: list[str] = []
     capacity = ctx.config.limits.max_virtual_size
     with (
         StagedImage(
             target,
-            f"{ctx.task_id}-{name}" if name else ctx.task_id,  # a data disk of an image: its own name
+            image_id,
             format="raw",
             encryption=encryption,
             expected_size=expected_size(preflight),
             cancel=ctx.cancel,
             ledger=ctx,
+            resume=point.upload if point is not None else None,
+            keep_on_cancel=lambda: ctx.suspending,  # a suspend keeps the upload for the resume
         ) as staged,
         meter,
     ):
-        assert staged.writer is not None
-        sink = InOrderSink(staged.writer, capacity=capacity)
-        result = stream_source(
-            ctx,
-            source,
-            decoder,
-            sink,
-            capacity=capacity,
-            meter=meter,
-            observer=sha.update,
-            on_md5_checked=md5_checked.append,
-        )
+
+        def run(start: S3ResumePoint | None) -> tuple[StreamResult, S3StreamCheckpoints, InOrderSink]:
+            assert staged.writer is not None
+            sink = InOrderSink(
+                staged.writer,
+                capacity=capacity,
+                start=start.sink_position if start is not None else 0,
+                skip_to=start.upload.size if start is not None else 0,
+            )
+            checkpoints = S3StreamCheckpoints(
+                ctx,
+                key,
+                decoder,
+                staged.writer,
+                sink,
+                every=ctx.config.sources.checkpoint_every,
+                resume=start,
+            )
+            result = stream_source(
+                ctx,
+                source,
+                decoder,
+                sink,
+                capacity=capacity,
+                meter=meter,
+                on_md5_checked=md5_checked.append,
+                checkpoints=checkpoints,
+            )
+            return result, checkpoints, sink
+
+        try:
+            result, checkpoints, sink = run(point)
+        except SourceReplaced as exc:  # (raised before anything was read or written)
+            ctx.event("stream.restarted", offset=0, reason=exc.message)
+            staged.restart()
+            result, checkpoints, sink = run(None)
+        sha256 = checkpoints.sha256()
         facts["source"] = source_digest(
             ctx,
             source,
-            sha256=sha.hexdigest(),
+            sha256=sha256,
             size=result.input_bytes,
             md5_checked=md5_checked[0] if md5_checked else None,
         )
+        if sha256 is None:
+            facts["source"]["sha256_unknown"] = checkpoints.unknown
         # a wrong source fails before anything is published
-        check_expected(source.get("expected_sha256"), sha.hexdigest(), facts["source"]["location"], name)
+        check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
         sink.finish(result.virtual_size)  # the disk's trailing zeros
         written = staged.complete()
         reader = staged.reader()
@@ -158,7 +359,8 @@ def stream_into_s3(
             ctx, reader.read_at, int(written["size"]), bootable=bootable, **request
         )
         facts["stream"]["readback_gets"] = reader.gets
-        location = staged.publish(import_metadata(ctx, sha.hexdigest()), fence=ctx.fence)
+        publish_intent(ctx, staged, written, facts)
+        location = staged.publish(import_metadata(ctx, sha256), fence=ctx.fence)
         meter.set_total(result.virtual_size)
         meter.wrote(result.virtual_size)
     meter.flushed()  # published

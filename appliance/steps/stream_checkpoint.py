@@ -43,7 +43,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Limits
 from ..errors import SourceChanged, UsageError
@@ -108,20 +108,7 @@ class ResumePoint:
 
     @classmethod
     def _load(cls, saved: Any, source_key: str, decoder: str, limits: Limits) -> ResumePoint:
-        if not isinstance(saved, dict) or saved.get("kind") != KIND:
-            raise ValueError("not a streamed import's checkpoint")
-        if saved.get("source") != source_key or saved.get("decoder") != decoder:
-            raise ValueError("a checkpoint of another source or decoder")
-        position = ReadPosition.from_dict(saved["position"])
-        if position.size is None or not (position.etag or position.last_modified):
-            raise ValueError("a position without the object's size and validator")
-        input_size = position.size if decoder == VHD_FIXED else None  # as the decoder child is given
-        boundary = check_checkpoint(decoder, saved["boundary"], limits_of(limits), input_size=input_size)
-        if not position.offset <= boundary.input_offset <= position.size:
-            raise ValueError(
-                f"the boundary {boundary.input_offset} is not between the position {position.offset} "
-                "and the end"
-            )
+        position, boundary, sha256, md5 = load_source_point(saved, KIND, source_key, decoder, limits)
         output = saved["output"]
         size, produced = output["size"], output["produced"]
         if not all(type(v) is int and v >= 0 for v in (size, produced)) or size > limits.max_virtual_size:
@@ -129,13 +116,55 @@ class ResumePoint:
         partial = saved[CHECKPOINT_KEY]
         if not isinstance(partial, str) or not os.path.isabs(partial):
             raise ValueError("the partial is not an absolute path")
-        sha256 = md5 = None
-        digests = saved.get("digests")
-        if digests is not None and available():
-            sha256, md5 = SavedHash("sha256"), SavedHash("md5")
-            sha256.load(str(digests["sha256"]), position.offset)  # ValueError: a tampered state
-            md5.load(str(digests["md5"]), position.offset)
         return cls(position, boundary, Path(partial), size, produced, sha256, md5)
+
+
+def load_source_point(
+    saved: Any, kind: str, source_key: str, decoder: str, limits: Limits
+) -> tuple[ReadPosition, Boundary, SavedHash | None, SavedHash | None]:
+    """The source side of a checkpoint of ``kind`` checked as untrusted: the read position, the decoder's
+    boundary and the running digests of the source (None where saved hashes are not available).
+    KeyError, TypeError or ValueError for anything that does not check out."""
+    if not isinstance(saved, dict) or saved.get("kind") != kind:
+        raise ValueError("not a streamed import's checkpoint")
+    if saved.get("source") != source_key or saved.get("decoder") != decoder:
+        raise ValueError("a checkpoint of another source or decoder")
+    position = ReadPosition.from_dict(saved["position"])
+    if position.size is None or not (position.etag or position.last_modified):
+        raise ValueError("a position without the object's size and validator")
+    input_size = position.size if decoder == VHD_FIXED else None  # as the decoder child is given
+    boundary = check_checkpoint(decoder, saved["boundary"], limits_of(limits), input_size=input_size)
+    if not position.offset <= boundary.input_offset <= position.size:
+        raise ValueError(
+            f"the boundary {boundary.input_offset} is not between the position {position.offset} and the end"
+        )
+    sha256 = md5 = None
+    digests = saved.get("digests")
+    if digests is not None and available():
+        sha256, md5 = SavedHash("sha256"), SavedHash("md5")
+        sha256.load(str(digests["sha256"]), position.offset)  # ValueError: a tampered state
+        md5.load(str(digests["md5"]), position.offset)
+    return position, boundary, sha256, md5
+
+
+class Resume(Protocol):
+    """What a run of :class:`StreamCheckpoints` starts from (:class:`ResumePoint`, or the S3 target's
+    :class:`~.s3_checkpoint.S3ResumePoint`)."""
+
+    @property
+    def position(self) -> ReadPosition: ...
+
+    @property
+    def boundary(self) -> Boundary: ...
+
+    @property
+    def produced(self) -> int: ...
+
+    @property
+    def sha256(self) -> SavedHash | None: ...
+
+    @property
+    def md5(self) -> SavedHash | None: ...
 
 
 class StreamCheckpoints:
@@ -148,11 +177,11 @@ class StreamCheckpoints:
         ctx: StepContext,
         source_key: str,
         decoder: str,
-        out: RawWriter,
-        partial: Path,
+        out: RawWriter | None,
+        partial: Path | None,
         *,
         every: int,
-        resume: ResumePoint | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.ctx, self.source_key, self.decoder = ctx, source_key, decoder
         self.out, self.partial, self.every, self.resume = out, partial, every, resume
@@ -243,22 +272,13 @@ class StreamCheckpoints:
         """The decoder child reached a clean ``boundary`` (``produced``: disk bytes this run handed to the
         partial, all before it): make the partial durable, then save the checkpoint (in the decoder's
         record thread; a lost lease raised here stops the decode)."""
-        with self._lock:
-            usable = [m for m in self._marks if m.offset <= boundary.input_offset]
-            if not usable:
-                return
-            mark = usable[-1]
-            while self._marks and self._marks[0].offset < mark.offset:
-                self._marks.popleft()
-        assert self._size is not None
+        found = self.source_point(boundary)
+        if found is None:
+            return
+        position, digests = found
+        assert self.out is not None
         self.out.flush()  # fsync: what the checkpoint says is in the partial is durable first
         size = os.fstat(self.out.fd).st_size
-        position = ReadPosition(
-            mark.offset, self._size, self._etag, self._modified, mark.tail, mark.tail_sha256
-        )
-        digests = None
-        if mark.sha256 is not None and mark.md5 is not None:
-            digests = {"sha256": mark.sha256, "md5": mark.md5}
         if not self._checkpointing:
             return
         try:
@@ -276,6 +296,25 @@ class StreamCheckpoints:
             )
         except UsageError:  # not run under a lease (a bare engine run): nothing resumes it anyway
             self._checkpointing = False
+
+    def source_point(self, boundary: Boundary) -> tuple[ReadPosition, dict[str, str] | None] | None:
+        """Where a resume from ``boundary`` reads the source again (the last mark at or before it) and
+        the running digests there; None before the first usable mark."""
+        with self._lock:
+            usable = [m for m in self._marks if m.offset <= boundary.input_offset]
+            if not usable:
+                return None
+            mark = usable[-1]
+            while self._marks and self._marks[0].offset < mark.offset:
+                self._marks.popleft()
+        assert self._size is not None
+        position = ReadPosition(
+            mark.offset, self._size, self._etag, self._modified, mark.tail, mark.tail_sha256
+        )
+        digests = None
+        if mark.sha256 is not None and mark.md5 is not None:
+            digests = {"sha256": mark.sha256, "md5": mark.md5}
+        return position, digests
 
     def _save(self, data: dict[str, Any]) -> None:
         self.ctx.save_checkpoint(data)

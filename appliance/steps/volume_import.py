@@ -143,7 +143,7 @@ class VolumeImportStep(Step):
             # volume is flushed (finalize)
             meter = StageMeter("writing", m.size, ctx.progress, read=state["done"], written=state["done"])
 
-            def write(offset: int, chunk: bytes) -> None:
+            def write(offset: int, chunk: bytes | memoryview) -> None:
                 check.eat(chunk)
                 meter.read(offset + len(chunk))
                 out.write(offset, chunk)
@@ -264,7 +264,7 @@ class VolumeImportStep(Step):
                 cancel=ctx.cancel,
             ) as stream:
 
-                def write(offset: int, chunk: bytes) -> None:
+                def write(offset: int, chunk: bytes | memoryview) -> None:
                     if offset + len(chunk) <= first_input:
                         return  # before the boundary: decoded already
                     stream.feed(chunk[max(0, first_input - offset) :])
@@ -340,7 +340,7 @@ class VolumeImportStep(Step):
                 written=state["done"],
             )
 
-            def write(offset: int, chunk: bytes) -> None:
+            def write(offset: int, chunk: bytes | memoryview) -> None:
                 meter.read(offset + len(chunk))
                 out.write(offset, chunk)
                 meter.wrote(offset + len(chunk))
@@ -460,7 +460,7 @@ def _source(m: ImportManifest, digest: StreamDigest) -> dict[str, Any]:
 def _download(
     ctx: StepContext,
     m: ImportManifest,
-    write: Callable[[int, bytes], None],
+    write: Callable[[int, bytes | memoryview], None],
     *,
     start_index: int,
     on_part: Callable[[Part, int], None],

@@ -181,6 +181,16 @@ def validate_settings(settings: Mapping[str, Any], schema: dict[str, Any], where
     return plain
 
 
+def remove_object(client: Any, bucket: str, key: str) -> None:
+    """Delete ``s3://bucket/key`` and abort every multipart upload still open for exactly that key
+    (not for the longer keys it begins); an object already gone is fine. Raises what S3 raises."""
+    client.delete_object(Bucket=bucket, Key=key)
+    listing = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    for upload in listing.get("Uploads", []):
+        if upload["Key"] == key:
+            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+
+
 def check_cancel(cancel: threading.Event | None, what: str) -> None:
     """Raise :class:`Cancelled` if ``cancel`` is set."""
     if cancel is not None and cancel.is_set():

@@ -29,7 +29,10 @@ name and removing one copy (its cancel, its undo) can never touch another.
   uploads nothing (half the traffic of a streamed copy). A store that refuses ``UploadPartCopy``
   (``NotImplemented``, ``AccessDenied``) falls back to the streamed copy.
 
-What is read, through which endpoint, and how its digest is checked is :mod:`~.copy_source`'s.
+Both ways into S3 take one :class:`~.copy_parts.S3Copy` and run the one part loop
+(:func:`~.copy_parts.send_parts`: the cancel checked before every part and before completing; a cancel
+or any failure discards the upload). What is read, through which endpoint, and how its digest is checked
+is :mod:`~.copy_source`'s.
 
 **Digests.** The sha256 of what is read is compared with the digest recorded when the image was stored;
 a difference is ``Source.DigestMismatch`` and nothing is published (the partial removed, the multipart
@@ -46,6 +49,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,7 +59,8 @@ from ..errors import UsageError
 from ..partials import Ledger, partial_file, publish
 from ..progress import ProgressCallback, ProgressTracker
 from ..sources.s3names import check_bucket, check_key
-from .base import TargetError, check_cancel, storage_error
+from .base import TargetError, check_cancel, remove_object, storage_error
+from .copy_parts import S3Copy, send_parts
 from .copy_server import same_credentials, server_side_copy
 from .copy_source import (
     ENDPOINTS,
@@ -68,9 +73,7 @@ from .copy_source import (
     location_endpoint,
     read_stored,
     s3_client,
-    s3_copied,
     s3_failure,
-    transfer,
 )
 from .file import extension_for
 from .rawio import fsync_dir
@@ -192,27 +195,25 @@ def copy_stored(
 
     if destination["type"] == "s3":
         settings = endpoint_settings(config, destination["endpoint"])
-        key = str(target["key"])
+        job = S3Copy(
+            config=config,
+            location=location,
+            settings=settings,
+            destination=destination,
+            key=str(target["key"]),
+            digests=digests(),
+            metadata=metadata,
+            on_progress=on_progress,
+            cancel=cancel,
+            fence=fence,
+        )
         stored: dict[str, Any] | None = None
         if server_side and location.get("type") == "s3":
             source_settings = endpoint_settings(config, location_endpoint(config, location))
             if same_credentials(source_settings, settings):
-                stored = server_side_copy(
-                    config,
-                    location,
-                    settings,
-                    destination,
-                    key,
-                    digests(),
-                    metadata,
-                    on_progress,
-                    cancel,
-                    fence,
-                )
+                stored = server_side_copy(job)
         if stored is None:  # streamed (also when the store refused a server-side copy)
-            stored = _stream_to_s3(
-                config, location, settings, destination, key, digests(), metadata, on_progress, cancel, fence
-            )
+            stored = stream_to_s3(replace(job, digests=digests()))
     else:
         stored = _stream_to_file(
             config, location, Path(target["path"]), digests(), on_progress, cancel, fence, ledger
@@ -221,46 +222,54 @@ def copy_stored(
     return stored | {"seconds": round(time.monotonic() - clock, 3)}
 
 
-def _stream_to_s3(
-    config: Config,
-    location: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    destination: Mapping[str, Any],
-    key: str,
-    digests: Digests,
-    metadata: Mapping[str, str] | None,
-    on_progress: ProgressCallback | None,
-    cancel: threading.Event | None,
-    fence: Callable[[], None] | None,
-) -> dict[str, Any]:
-    part_size, threads = transfer(settings)
-    with read_stored(config, location) as (chunks, size, _etag):
-        tracker = ProgressTracker("copying", size, on_progress)
+class _Streamed:
+    """The streamed upload of a copy (a :class:`~.copy_parts.PartUpload` of the chunks read): a
+    :class:`~.s3stream.MultipartWriter` (``Content-MD5`` on every part, the completed ETag checked)."""
+
+    def __init__(self, job: S3Copy, writer: MultipartWriter, size: int) -> None:
+        self.job, self.writer, self.size = job, writer, size
+
+    def send(self, piece: bytes) -> None:
+        self.writer.write(piece)
+
+    def finish(self) -> dict[str, Any]:
+        # the bytes read are checked against the recorded sha256 before the upload completes
+        source_sha256 = self.job.digests.check(self.size)
+        done = self.writer.close()
+        return self.job.copied(done["etag"], done["sha256"], done["size"], source_sha256, "stream")
+
+    def discard(self) -> None:
+        self.writer.abort()
+
+
+def stream_to_s3(job: S3Copy) -> dict[str, Any]:
+    """The copy streamed: one GET of the source, hashed as it arrives, written as a parallel multipart
+    upload through the one part loop (:func:`~.copy_parts.send_parts`)."""
+    part_size, threads = job.transfer()
+    with read_stored(job.config, job.location) as (chunks, size, _etag):
+        tracker = ProgressTracker("copying", size, job.on_progress)
 
         def uploaded(done: int) -> None:
             tracker.update(done)
 
         # the recorded sha256 goes up with the upload's start; the writer checks it against the
-        # bytes it sent, and the bytes read are checked against it before the upload completes
-        with MultipartWriter(
-            s3_client(settings, threads),
-            destination["bucket"],
-            key,
+        # bytes it sent
+        writer = MultipartWriter(
+            job.client(threads),
+            job.bucket,
+            job.key,
             part_size=part_size,
             threads=threads,
-            sha256=digests.expected,
-            metadata=metadata,
+            sha256=job.digests.expected,
+            metadata=job.metadata,
             expected_size=size,
             on_progress=uploaded,
-            cancel=cancel,
-            fence=fence,
-        ) as writer:
-            for chunk in digests.hashed(chunks, cancel):
-                writer.write(chunk)
-            source_sha256 = digests.check(size)
-            done = writer.close()
-    tracker.finish()
-    return s3_copied(destination, key, done["etag"], done["sha256"], done["size"], source_sha256, "stream")
+            cancel=job.cancel,
+            fence=job.fence,
+        )
+        return send_parts(
+            _Streamed(job, writer, size), job.digests.hashed(chunks, job.cancel), job.cancel, tracker
+        )
 
 
 def _stream_to_file(
@@ -341,11 +350,7 @@ def remove_copy(config: Config, location: Mapping[str, Any]) -> None:
         client = s3_client(settings, 1)
         bucket, key = str(location["bucket"]), str(location["key"])
         try:
-            client.delete_object(Bucket=bucket, Key=key)
-            listing = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
-            for upload in listing.get("Uploads", []):
-                if upload["Key"] == key:
-                    client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+            remove_object(client, bucket, key)
         except Exception as exc:
             raise TargetError(
                 f"cannot remove s3://{bucket}/{key}: {s3_failure('DeleteObject', exc).message}",

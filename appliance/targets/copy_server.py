@@ -8,28 +8,19 @@ copies are the bytes whose digest was checked, and the appliance uploads nothing
 streamed copy). A store that refuses ``UploadPartCopy`` on the first part (:data:`NO_SERVER_COPY`) makes
 :func:`server_side_copy` answer None, and the caller streams instead. A source replaced meanwhile is
 ``Source.DigestMismatch``; a cancel or any failure leaves no object and no incomplete upload
-(:func:`~appliance.targets.copy_source.discard_upload`).
+(:func:`~appliance.targets.copy_source.discard_upload`). Its parts go through the one part loop of both
+ways of copying (:func:`~appliance.targets.copy_parts.send_parts`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from ..config import Config
-from ..progress import ProgressCallback, ProgressTracker
-from .base import TargetError, check_cancel
-from .copy_source import (
-    Digests,
-    SourceDigestMismatch,
-    discard_upload,
-    read_stored,
-    s3_client,
-    s3_copied,
-    s3_failure,
-    transfer,
-)
+from ..progress import ProgressTracker
+from .base import TargetError
+from .copy_parts import S3Copy, send_parts
+from .copy_source import SourceDigestMismatch, discard_upload, read_stored, s3_failure
 
 #: UploadPartCopy parts are at most 5 GiB; smaller parts report progress and check cancel more often
 MAX_COPY_PART = 5 << 30
@@ -43,21 +34,29 @@ def same_credentials(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+class _Refused(Exception):
+    """The store refuses server-side copies (the first ``UploadPartCopy``: :data:`NO_SERVER_COPY`)."""
+
+
 class _PartCopy:
-    """One ``UploadPartCopy`` multipart upload of a verified source to ``s3://bucket/key``."""
+    """One ``UploadPartCopy`` multipart upload of a verified source to ``s3://bucket/key`` (a
+    :class:`~.copy_parts.PartUpload` of ``(number, start, end)`` source ranges)."""
 
     def __init__(
-        self, client: Any, location: Mapping[str, Any], bucket: str, key: str, etag: str | None
+        self, job: S3Copy, client: Any, etag: str | None, size: int, sha256: str, tracker: ProgressTracker
     ) -> None:
-        self.client, self.bucket, self.key, self.etag = client, bucket, key, etag
+        self.job, self.client, self.bucket, self.key, self.etag = job, client, job.bucket, job.key, etag
+        self.size, self.sha256, self.tracker = size, sha256, tracker
+        location = job.location
         self.source = {"Bucket": location["bucket"], "Key": location["key"]}
-        self.where = f"s3://{bucket}/{key}"
+        self.where = f"s3://{self.bucket}/{self.key}"
         self.changed = SourceDigestMismatch(
             f"the stored image s3://{location['bucket']}/{location['key']} changed while it was copied (its "
             "ETag is no longer that of the bytes verified); nothing was copied"
         )
         self.upload_id = ""
         self.completed = False
+        self.parts: list[dict[str, Any]] = []
 
     def source_changed(self) -> bool:
         """Whether the source's ETag is no longer the one read (a store that ignores
@@ -75,9 +74,10 @@ class _PartCopy:
             raise s3_failure(f"CreateMultipartUpload {self.where}", exc) from exc
         self.upload_id = upload["UploadId"]
 
-    def part(self, number: int, start: int, end: int) -> dict[str, Any] | None:
-        """Part ``number`` (bytes ``start``…``end`` of the source); None when the store refuses
-        server-side copies (the first part only: the upload is aborted)."""
+    def send(self, piece: tuple[int, int, int]) -> None:
+        """Part ``number`` (bytes ``start``…``end`` of the source); :class:`_Refused` when the store
+        refuses server-side copies (the first part only)."""
+        number, start, end = piece
         try:
             resp = self.client.upload_part_copy(
                 Bucket=self.bucket,
@@ -91,18 +91,23 @@ class _PartCopy:
         except Exception as exc:
             code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
             if number == 1 and code in NO_SERVER_COPY:
-                self.discard()
-                return None
+                raise _Refused(code) from exc
             if code == "PreconditionFailed" or self.source_changed():
                 raise self.changed from exc
             raise s3_failure(f"UploadPartCopy {number} of {self.where}", exc) from exc
-        return {"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]}
+        self.parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
+        self.tracker.update(end + 1)
 
-    def complete(self, parts: list[dict[str, Any]], size: int, sha256: str) -> str:
-        """Complete the upload and check the object is the one verified; its ETag."""
+    def finish(self) -> dict[str, Any]:
+        """Complete the upload and check the object is the one verified: what the copy answers."""
+        if self.job.fence is not None:
+            self.job.fence()
         try:
             done = self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": self.parts},
             )
         except Exception as exc:
             if self.source_changed():
@@ -110,60 +115,40 @@ class _PartCopy:
             raise s3_failure(f"CompleteMultipartUpload {self.where}", exc) from exc
         self.completed = True
         head = self.client.head_object(Bucket=self.bucket, Key=self.key)
-        if int(head["ContentLength"]) != size or (head.get("Metadata") or {}).get("sha256") != sha256:
+        if (
+            int(head["ContentLength"]) != self.size
+            or (head.get("Metadata") or {}).get("sha256") != self.sha256
+        ):
             raise TargetError(f"{self.where}: the copy is not the object that was verified", "CopyFailed")
         if self.source_changed():
             raise self.changed
-        return str(done["ETag"]).strip('"')
+        etag = str(done["ETag"]).strip('"')
+        return self.job.copied(etag, self.sha256, self.size, self.sha256, "server-side")
 
     def discard(self) -> None:
         discard_upload(self.client, self.bucket, self.key, self.upload_id, completed=self.completed)
         self.upload_id = ""
 
 
-def server_side_copy(
-    config: Config,
-    location: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    destination: Mapping[str, Any],
-    key: str,
-    digests: Digests,
-    metadata: Mapping[str, str] | None,
-    on_progress: ProgressCallback | None,
-    cancel: threading.Event | None,
-    fence: Callable[[], None] | None,
-) -> dict[str, Any] | None:
+def server_side_copy(job: S3Copy) -> dict[str, Any] | None:
     """The copy made by S3 (``UploadPartCopy``), pinned to the ETag of the object whose digest was
     checked; None when the store refuses server-side copies (the caller streams instead)."""
-    part_size, threads = transfer(settings)
-    with read_stored(config, location) as (chunks, size, etag):
-        tracker = ProgressTracker("verifying source", size, on_progress)
-        for _chunk in digests.hashed(chunks, cancel):
+    part_size, threads = job.transfer()
+    digests = job.digests
+    with read_stored(job.config, job.location) as (chunks, size, etag):
+        tracker = ProgressTracker("verifying source", size, job.on_progress)
+        for _chunk in digests.hashed(chunks, job.cancel):
             tracker.update(digests.read)
     source_sha256 = digests.check(size)
     tracker.finish()
     if size == 0:  # nothing to copy in parts: streamed
         return None
-    copy = _PartCopy(s3_client(settings, threads), location, destination["bucket"], key, etag)
-    copy.start({**(metadata or {}), "sha256": source_sha256})
+    copying = ProgressTracker("copying", size, job.on_progress)
+    copy = _PartCopy(job, job.client(threads), etag, size, source_sha256, copying)
+    copy.start({**(job.metadata or {}), "sha256": source_sha256})
     part = min(max(part_size, -(-size // 10_000)), MAX_COPY_PART)
-    copying = ProgressTracker("copying", size, on_progress)
+    ranges = ((n, start, min(start + part, size) - 1) for n, start in enumerate(range(0, size, part), 1))
     try:
-        parts = []
-        for number, start in enumerate(range(0, size, part), 1):
-            check_cancel(cancel, "copy")
-            end = min(start + part, size) - 1
-            copied = copy.part(number, start, end)
-            if copied is None:
-                return None
-            parts.append(copied)
-            copying.update(end + 1)
-        check_cancel(cancel, "copy")
-        if fence is not None:
-            fence()
-        etag_out = copy.complete(parts, size, source_sha256)
-    except BaseException:
-        copy.discard()
-        raise
-    copying.finish()
-    return s3_copied(destination, key, etag_out, source_sha256, size, source_sha256, "server-side")
+        return send_parts(copy, ranges, job.cancel, copying)
+    except _Refused:
+        return None

@@ -57,7 +57,7 @@ from ..image.ova import OvaDiskFile, write_ova
 from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
 from ..image.vmdkwriter import ADAPTER_TYPES, ByteSink, write_stream_vmdk
 from ..progress import ProgressCallback, ProgressTracker
-from .base import TargetError, boto_client, storage_error
+from .base import TargetError, boto_client, remove_object, storage_error
 from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256, digest_file
 from .hashing import ThreadedSha256
 from .rawio import segments
@@ -826,6 +826,11 @@ def export_ova(
     )
 
 
+def _location(result: ExportResult) -> dict[str, Any]:
+    """What an export to S3 wrote: its location without ``type``."""
+    return {k: v for k, v in result.location.items() if k != "type"}
+
+
 class StreamingExportWriter:
     """The export step's writer interface ("write this source disk as format F to S3 key K, report
     progress, abort cleanly": ``write(source, *, disk_format, bucket, key, workdir, metadata, …)`` and
@@ -862,18 +867,9 @@ class StreamingExportWriter:
         """Write ``source`` as ``disk_format`` to ``s3://bucket/key`` with ``metadata`` (plus
         ``sha256``); returns ``{bucket, key, etag, sha256, size, parts, format, seconds}``.
         ``source_check``: :func:`export_disk`'s (a mismatch aborts the upload)."""
-        dest = S3Destination(
-            self.client,
-            bucket,
-            key,
-            part_size=self.part_size,
-            threads=self.threads,
-            metadata=dict(metadata),
-            cancel=cancel,
-            fence=fence,
-        )
-        try:
-            result = export_disk(
+
+        def export(dest: S3Destination) -> ExportResult:
+            return export_disk(
                 source,
                 disk_format,
                 dest,
@@ -884,11 +880,9 @@ class StreamingExportWriter:
                 ledger=ledger,
                 source_check=source_check,
             )
-        except BaseException:
-            self.remove(bucket, key)  # the upload aborted itself; a completed object goes too
-            raise
-        location = {k: v for k, v in result.location.items() if k != "type"}
-        return location | {"format": result.format, "seconds": round(result.seconds, 3)}
+
+        result = self._upload(bucket, key, metadata, cancel, fence, export)
+        return _location(result) | {"format": result.format, "seconds": round(result.seconds, 3)}
 
     def write_ova(
         self,
@@ -910,18 +904,9 @@ class StreamingExportWriter:
         """The disks ``sources`` (boot disk first) as one OVA of VM ``name`` (:func:`export_ova`: the
         VMDKs in ``workdir``, then the tar streamed) to ``s3://bucket/key``; returns
         ``{bucket, key, etag, sha256, size, parts, format: "ova", seconds, disks, firmware}``."""
-        dest = S3Destination(
-            self.client,
-            bucket,
-            key,
-            part_size=self.part_size,
-            threads=self.threads,
-            metadata=dict(metadata),
-            cancel=cancel,
-            fence=fence,
-        )
-        try:
-            result = export_ova(
+
+        def export(dest: S3Destination) -> ExportResult:
+            return export_ova(
                 [OvaSource(p) for p in sources],
                 dest,
                 name=name,
@@ -934,25 +919,46 @@ class StreamingExportWriter:
                 ledger=ledger,
                 source_checks=source_checks,
             )
-        except BaseException:
-            self.remove(bucket, key)
-            raise
-        location = {k: v for k, v in result.location.items() if k != "type"}
-        return location | {
+
+        result = self._upload(bucket, key, metadata, cancel, fence, export)
+        return _location(result) | {
             "format": "ova",
             "seconds": round(result.seconds, 3),
             "disks": result.disks,
             "firmware": firmware,
         }
 
+    def _upload(
+        self,
+        bucket: str,
+        key: str,
+        metadata: Mapping[str, str],
+        cancel: threading.Event | None,
+        fence: Callable[[], None] | None,
+        export: Callable[[S3Destination], ExportResult],
+    ) -> ExportResult:
+        """``export`` into a multipart upload to ``s3://bucket/key``; on any failure or cancel the
+        upload aborts itself and a completed object is deleted (:meth:`remove`)."""
+        dest = S3Destination(
+            self.client,
+            bucket,
+            key,
+            part_size=self.part_size,
+            threads=self.threads,
+            metadata=dict(metadata),
+            cancel=cancel,
+            fence=fence,
+        )
+        try:
+            return export(dest)
+        except BaseException:
+            self.remove(bucket, key)
+            raise
+
     def remove(self, bucket: str, key: str) -> None:
         """Delete the object and abort every incomplete multipart upload of its key (gone already: fine)."""
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
-            listing = self.client.list_multipart_uploads(Bucket=bucket, Prefix=key)
-            for upload in listing.get("Uploads", []):
-                if upload["Key"] == key:
-                    self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+            remove_object(self.client, bucket, key)
         except Exception as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code")
             if code == "NoSuchBucket":

@@ -12,6 +12,10 @@ A write below the bytes already handed on cannot be honoured without a copy of t
 every known writer — VMware, qemu-img, open-vmdk — writes them in order; the route cannot know in
 advance, so the stream fails with this code and nothing is published). A write beyond ``capacity`` is
 ``CorruptImage``.
+
+A resumed stream (:mod:`appliance.steps.s3_checkpoint`) starts the sink at the disk offset its
+decoder's boundary had reached (``start``) and drops what is handed on below ``skip_to``: those bytes
+are in the parts the multipart upload already holds, produced again by the decoder from its boundary.
 """
 
 from __future__ import annotations
@@ -49,19 +53,29 @@ def out_of_order(offset: int, position: int) -> ImageRejected:
 class InOrderSink:
     """Writes at ascending offsets → one forward byte stream (module docstring)."""
 
-    def __init__(self, out: ForwardWriter, *, capacity: int) -> None:
+    def __init__(self, out: ForwardWriter, *, capacity: int, start: int = 0, skip_to: int = 0) -> None:
+        if not 0 <= start <= skip_to or start > capacity:
+            raise ValueError(f"a sink resumed at {start} cannot skip to {skip_to}")
         self.out = out
         self.capacity = capacity
         #: bytes handed on so far (data and filled gaps): the next offset the stream is at
-        self.position = 0
+        self.position = start
+        #: bytes below this offset are not handed on (already uploaded: a resumed stream)
+        self.skip_to = skip_to
         #: bytes of the written ranges (not gaps)
         self.data_bytes = 0
 
     def _fill(self, end: int) -> None:
         while self.position < end:
             n = min(ZERO_CHUNK, end - self.position)
-            self.out.write(zeros(n))
-            self.position += n
+            self._emit(zeros(n))
+
+    def _emit(self, data: bytes) -> None:
+        """Hand ``data`` on (all but what lies below :attr:`skip_to`); the position moves past it."""
+        drop = min(len(data), max(0, self.skip_to - self.position))
+        if drop < len(data):
+            self.out.write(data[drop:] if drop else data)
+        self.position += len(data)
 
     def write(self, offset: int, chunk: bytes) -> None:
         if offset < self.position:
@@ -69,8 +83,7 @@ class InOrderSink:
         if offset + len(chunk) > self.capacity:
             raise _outside(offset, len(chunk), self.capacity)
         self._fill(offset)
-        self.out.write(chunk)
-        self.position += len(chunk)
+        self._emit(chunk)
         self.data_bytes += len(chunk)
 
     def zero(self, offset: int, length: int) -> None:

@@ -1,11 +1,12 @@
 """S3 image target: finished images uploaded to ``bucket/prefix<task_id>.<ext>``.
 
-Objects larger than one part go up as a multipart upload (``part_size``, default 64 MiB, at most
-``threads`` parts in flight, default 4), smaller ones with a single PUT. The object carries its
-sha256 as user metadata (``x-amz-meta-sha256``). S3 takes metadata when an upload *starts*, so the
-file is hashed once before the upload (hashlib runs at ~1.8 GB/s here, 20x the upload rate) and
-hashed again from the very bytes that are sent; if the two differ the upload is aborted. Memory
-use is about ``(threads + 1) * part_size``.
+Objects larger than one part go up as a multipart upload (``part_size``, default 16 MiB, grown only as
+S3's 10,000 parts require; at most ``threads`` parts in flight, default 4, fewer when they would hold
+more than ``memory``, default 128 MiB, with the part being read), smaller ones with a single PUT. The
+object carries its sha256 as user metadata (``x-amz-meta-sha256``). S3 takes metadata when an upload
+*starts*, so the file is hashed once before the upload (hashlib runs at ~1.8 GB/s here, 20x the upload
+rate) and hashed again from the very bytes that are sent; if the two differ the upload is aborted.
+Memory use is about ``(threads + 1) * part_size``, at most ``memory`` (at least two parts).
 
 Asked to encrypt (:mod:`.encryption`), the upload carries ``ServerSideEncryption`` (``AES256``, or
 ``aws:kms`` with ``SSEKMSKeyId``) on the PUT or on CreateMultipartUpload. After every upload the
@@ -89,10 +90,14 @@ class S3ImageTarget:
         self.settings = dict(settings)
         self.bucket: str = settings["bucket"]
         self.prefix: str = settings.get("prefix", "")
-        self.part_size = parse_size(settings.get("part_size", "64MiB"))
+        self.part_size = parse_size(settings.get("part_size", "16MiB"))
         if self.part_size < MIN_PART:
             raise ConfigError(f"targets.image.part_size: {self.part_size} is below S3's minimum of 5 MiB")
         self.threads = int(settings.get("threads", 4))
+        #: the most bytes of part buffers a streamed upload holds (:mod:`.s3staged`)
+        self.memory = parse_size(settings.get("memory", "128MiB"))
+        if self.memory < 2 * MIN_PART:
+            raise ConfigError(f"targets.image.memory: {self.memory} is below two parts of 5 MiB")
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -279,13 +284,15 @@ class S3ImageTarget:
                 uploaded += n
             tracker.update(uploaded)
 
+        # parts in flight: no more than the memory budget holds beside the part being read
+        in_flight = max(1, min(self.threads, self.memory // part_size - 1))
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
         try:
             with open(path, "rb", buffering=0) as f:
                 number, offset = 0, 0
                 while offset < size:
                     check_cancel(cancel, "upload")
-                    while len(pending) >= self.threads:
+                    while len(pending) >= in_flight:
                         harvest(block_until_one=True)
                         check_cancel(cancel, "upload")
                     data = f.read(min(part_size, size - offset))
@@ -345,4 +352,5 @@ class S3ImageTarget:
             "region": self.settings.get("region"),
             "part_size": self.part_size,
             "threads": self.threads,
+            "memory": self.memory,
         }

@@ -4,7 +4,10 @@ aborts the upload and leaves nothing in the bucket.
 
 :class:`MultipartWriter` is a forward-only byte sink (``write(data)``), so a writer that never seeks
 (:func:`appliance.image.vmdkwriter.write_stream_vmdk`, a tar stream of an OVA, a RAW disk read in order)
-goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``. S3 allows 10,000 parts: a
+goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``, or at most ``memory``
+bytes of part buffers when the caller gives that budget (the part being filled and the parts in flight:
+fewer parts go up at once, never fewer than one; :attr:`MultipartWriter.peak_buffered` counts the
+most that were held). S3 allows 10,000 parts: a
 writer told the size (``expected_size``) grows its part size to fit; one that cannot know it
 (``grow_parts``: a decompressed stream) doubles its part size every 1,000 parts instead.
 
@@ -35,6 +38,14 @@ Digests and checks:
 :meth:`MultipartWriter.abort` (called on any exception inside ``with``) aborts the multipart upload and
 deletes the object if it was already completed, so a cancelled export leaves no object and no incomplete
 upload behind.
+
+Resumable uploads (``resumable=True``, a streamed import into the S3 image target,
+:mod:`appliance.steps.s3_checkpoint`): the sha256 of the bytes written is a
+:class:`~appliance.sources.savedhash.SavedHash` run in the writer's thread as each part is cut, and its
+state at the end of every part is kept (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can
+name the parts completed so far with the digest state at their end. A writer made with ``resume``
+(:class:`ResumedUpload`, the parts checked against ``ListParts`` by :func:`verify_parts`) continues that
+multipart upload after its last recorded part instead of creating one.
 """
 
 from __future__ import annotations
@@ -46,10 +57,12 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from ..errors import Cancelled
+from ..sources.savedhash import SavedHash
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, combine, is_zero
 from .hashing import ThreadedSha256
@@ -144,6 +157,80 @@ def server_copy(
     return str(done["ETag"]).strip('"')
 
 
+@dataclass(frozen=True)
+class UploadedPart:
+    """A part S3 holds: its number, size and ETag (quoted as S3 answers it)."""
+
+    number: int
+    size: int
+    etag: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "size": self.size, "etag": self.etag}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> UploadedPart:
+        if not isinstance(d, dict):
+            raise ValueError("a part record is not an object")
+        number, size, etag = d["number"], d["size"], d["etag"]
+        if type(number) is not int or not 1 <= number <= MAX_PARTS:
+            raise ValueError(f"a part number {number!r} outside 1..{MAX_PARTS}")
+        if type(size) is not int or size < 0 or not isinstance(etag, str) or not etag:
+            raise ValueError("a part record without its size and ETag")
+        return cls(number, size, etag)
+
+
+@dataclass(frozen=True)
+class ResumedUpload:
+    """A multipart upload an earlier run left, to continue: its id, its part size, the parts 1..k it
+    completed (in order, all but the last ``part_size`` long) and the state of the sha256 of the bytes
+    written at the end of part k (:meth:`SavedHash.state`)."""
+
+    upload_id: str
+    part_size: int
+    parts: tuple[UploadedPart, ...]
+    sha256_state: str
+
+    @property
+    def size(self) -> int:
+        """Bytes the recorded parts hold."""
+        return sum(p.size for p in self.parts)
+
+
+def verify_parts(client: Any, bucket: str, key: str, upload: ResumedUpload) -> str | None:
+    """Check that S3 still holds ``upload`` with every recorded part (same number, size and ETag) by
+    ``ListParts``: None when it does, else why not (the upload is gone — aborted, expired — or a part
+    differs). Raises ``UploadFailed`` for any other S3 error."""
+    where = f"s3://{bucket}/{key}"
+    listed: dict[int, tuple[int, str]] = {}
+    marker = 0
+    while True:
+        try:
+            resp = client.list_parts(
+                Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=1000
+            )
+        except Exception as exc:
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("NoSuchUpload", "404", "NotFound"):
+                return f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)"
+            raise _error(f"ListParts {where}", exc) from exc
+        for part in resp.get("Parts", []):
+            listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
+        if not resp.get("IsTruncated"):
+            break
+        marker = int(resp["NextPartNumberMarker"])
+    for part in upload.parts:
+        got = listed.get(part.number)
+        if got is None:
+            return f"part {part.number} of the upload to {where} is missing"
+        if got != (part.size, part.etag.strip('"')):
+            return (
+                f"part {part.number} of the upload to {where} is not the one recorded (size {got[0]}, "
+                f"ETag {got[1]}; recorded {part.size}, {part.etag.strip(chr(34))})"
+            )
+    return None
+
+
 class MultipartWriter:
     """One object written as a stream (module docstring). Use as a context manager; :meth:`close`
     completes the upload and returns ``{bucket, key, etag, sha256, size, parts}``."""
@@ -167,12 +254,19 @@ class MultipartWriter:
         full_sha256: bool = True,
         store_digest: bool = True,
         grow_parts: bool = False,
+        memory: int | None = None,
+        resumable: bool = False,
+        resume: ResumedUpload | None = None,
     ) -> None:
+        if resume is not None:
+            part_size, resumable = resume.part_size, True
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
         if checksums and grow_parts:  # the chunked digest's chunks are parts of one size
             raise ValueError("per-part checksums need parts of one size: not with grow_parts")
-        if expected_size is not None:  # 10,000 parts at most: grow the part (whole MiB)
+        if resumable and (checksums or grow_parts or sha256 is not None):
+            raise ValueError("a resumable upload has parts of one size and computes its own sha256")
+        if expected_size is not None and resume is None:  # 10,000 parts at most: grow the part (whole MiB)
             part_size = max(part_size, -(-expected_size // MAX_PARTS // (1 << 20)) * (1 << 20))
         self.client, self.bucket, self.key = client, bucket, key
         self.where = f"s3://{bucket}/{key}"
@@ -181,6 +275,15 @@ class MultipartWriter:
         #: ``threads`` parts of the first size (a long stream of unknown size)
         self._in_flight = self.threads
         self._budget = self.threads * part_size
+        #: the most bytes of part buffers held at once, when given: the part being filled and the
+        #: parts in flight (one part in flight at least, so at least two parts' worth)
+        self.memory = memory
+        if memory is not None:
+            self._in_flight = max(1, min(self.threads, memory // part_size - 1))
+            self._budget = self._in_flight * part_size
+        #: bytes of part buffers held now (the part being filled, the parts not yet uploaded) and at most
+        self.buffered = 0
+        self.peak_buffered = 0
         self.known_sha256 = sha256
         self.metadata = dict(metadata or {})
         self.sse = dict(sse or {})
@@ -192,7 +295,17 @@ class MultipartWriter:
         self._buffer = bytearray()
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
-        self._sha: ThreadedSha256 | None = ThreadedSha256("s3-sha256") if self.full_sha256 else None
+        self.resumable = resumable
+        #: a resumable upload's sha256 (its state saved at the end of every part), else None
+        self._saved: SavedHash | None = SavedHash("sha256") if resumable else None
+        self._sha: ThreadedSha256 | None = (
+            ThreadedSha256("s3-sha256") if self.full_sha256 and not resumable else None
+        )
+        #: a resumable upload: the sha256 state and the object's size at the end of each part
+        self._part_states: dict[int, tuple[str, int]] = {}
+        #: called (in the part's upload thread) once S3 acknowledged a part: a checkpoint may go further
+        self.on_part: Callable[[], None] | None = None
+        self._sizes: dict[int, int] = {}
         self._md5s: dict[int, bytes] = {}
         self._sha256s: dict[int, bytes] = {}
         self._hashed = 0
@@ -213,12 +326,36 @@ class MultipartWriter:
         if checksums:
             meta |= {"digest-algorithm": ALGORITHM, "digest-chunk-size": str(self.part_size)}
             extra["ChecksumAlgorithm"] = "SHA256"
+        self.upload_id: str | None = None
+        if resume is not None:
+            self._resume(resume)
+            return
         try:
-            self.upload_id: str | None = client.create_multipart_upload(
+            self.upload_id = client.create_multipart_upload(
                 Bucket=bucket, Key=key, Metadata=meta, **self.sse, **extra
             )["UploadId"]
         except Exception as exc:
             raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
+
+    def _resume(self, resume: ResumedUpload) -> None:
+        """Continue ``resume``'s upload after its last part (checked by :func:`verify_parts`)."""
+        assert self._saved is not None
+        if [p.number for p in resume.parts] != list(range(1, len(resume.parts) + 1)):
+            raise ValueError("the recorded parts are not 1..k in order")
+        if any(p.size != resume.part_size for p in resume.parts):
+            raise ValueError("a recorded part is not of the upload's part size")
+        self._saved.load(resume.sha256_state, resume.size)  # ValueError: not the state at that size
+        self.upload_id = resume.upload_id
+        for p in resume.parts:
+            etag = p.etag if p.etag.startswith('"') else f'"{p.etag}"'
+            self._etags[p.number] = etag
+            self._sizes[p.number] = p.size
+            if self._etag_is_md5():
+                self._md5s[p.number] = bytes.fromhex(p.etag.strip('"'))
+        self._number = len(resume.parts)
+        self.size = self.uploaded = resume.size
+        if self._number:
+            self._part_states[self._number] = (resume.sha256_state, resume.size)
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -245,15 +382,28 @@ class MultipartWriter:
             self._sha.update(data)  # in its own thread, beside this one's reads and the parts' uploads
         self.size += n
         if not self._buffer and n == self.part_size and isinstance(data, bytes):
+            self._count(n)
             self._submit(data)  # a whole part as it came: no copy
             return n
-        self._buffer += data
-        while len(self._buffer) >= self.part_size:
-            with memoryview(self._buffer) as view, view[: self.part_size] as head:
-                part = bytes(head)
-            del self._buffer[: self.part_size]
-            self._submit(part)
+        # the buffer is filled up to one part at a time, so it never holds more than a part while a
+        # full part waits for its turn to go up
+        view = memoryview(data)
+        while view:
+            take = view[: self.part_size - len(self._buffer)]
+            self._buffer += take
+            self._count(len(take))
+            view = view[len(take) :]
+            if len(self._buffer) >= self.part_size:
+                part = bytes(self._buffer)
+                self._buffer.clear()  # its bytes stay counted: they moved to the part
+                self._submit(part)
         return n
+
+    def _count(self, delta: int) -> None:
+        """Part buffers held change by ``delta`` bytes (the counter behind :attr:`peak_buffered`)."""
+        with self._lock:
+            self.buffered += delta
+            self.peak_buffered = max(self.peak_buffered, self.buffered)
 
     def _grow(self) -> None:
         """Double the part size every :data:`GROW_EVERY` parts (``grow_parts``): 10,000 parts starting
@@ -262,7 +412,10 @@ class MultipartWriter:
         (plus the part being filled)."""
         if self.grow_parts and self._number % GROW_EVERY == 0:
             self.part_size *= 2
-            self._in_flight = max(1, min(self.threads, self._budget // self.part_size))
+            if self.memory is not None:
+                self._in_flight = max(1, min(self.threads, self.memory // self.part_size - 1))
+            else:
+                self._in_flight = max(1, min(self.threads, self._budget // self.part_size))
 
     def _submit(self, data: bytes) -> None:
         if self._pool is None:
@@ -273,6 +426,10 @@ class MultipartWriter:
         self._number += 1
         if self._number > MAX_PARTS:
             raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
+        if self._saved is not None:  # hashed in order as the parts are cut; the state at each part's end
+            self._saved.update(data)
+            self._part_states[self._number] = (self._saved.state(), self._saved.length)
+        self._sizes[self._number] = len(data)
         self._pending.add(self._pool.submit(self._upload_part, self._number, data))
         self._grow()
         self._harvest(block=False)
@@ -312,7 +469,28 @@ class MultipartWriter:
             )
         self._md5s[number] = md5
         self._etags[number] = etag
+        self._count(-len(data))
+        if self.on_part is not None:
+            self.on_part()
         return len(data)
+
+    def uploaded_prefix(self) -> tuple[list[UploadedPart], str, int] | None:
+        """A resumable upload's longest run of parts 1..k that S3 has acknowledged, with the sha256 state
+        and the object's size at the end of part k (None: no part yet). Parts of the full part size
+        only (the last, short part is the object's end: nothing to resume after it)."""
+        parts: list[UploadedPart] = []
+        with self._lock:
+            etags = dict(self._etags)
+        n = 1
+        while n in etags and self._sizes.get(n) == self.part_size:
+            parts.append(UploadedPart(n, self.part_size, etags[n]))
+            n += 1
+        while parts and parts[-1].number not in self._part_states:
+            parts.pop()
+        if not parts:
+            return None
+        state, size = self._part_states[parts[-1].number]
+        return parts, state, size
 
     def _etag_is_md5(self) -> bool:
         return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
@@ -333,13 +511,16 @@ class MultipartWriter:
         if self.closed:
             raise ValueError("the upload is closed")
         if self._buffer or self._number == 0:
-            self._submit(bytes(self._buffer))
+            rest = bytes(self._buffer)
             self._buffer.clear()
+            self._submit(rest)
         while self._pending:
             self._harvest(block=True)
         self._check_cancel()
         self._shutdown()
         sha256 = self._sha.hexdigest() if self._sha is not None else None
+        if self._saved is not None:
+            sha256 = self._saved.hexdigest()
         if self.known_sha256 is not None and self.known_sha256 != sha256:
             raise TargetError(
                 f"{self.where}: the bytes sent hash to {sha256}, not the announced {self.known_sha256} "

@@ -145,6 +145,12 @@ class StepContext:
         """This step's last checkpoint in this task (from an earlier attempt or owner), or None."""
         return self._hooks.load_checkpoint(self)
 
+    @property
+    def suspending(self) -> bool:
+        """Whether the run is being suspended (the worker shuts down and the task resumes later), not
+        cancelled: a step stopped by :attr:`cancel` may then keep what its next run continues."""
+        return bool(getattr(self._hooks, "suspended", False))
+
     def check_cancelled(self) -> None:
         """Raise :class:`Cancelled` if the step should stop."""
         if self.cancel.is_set():

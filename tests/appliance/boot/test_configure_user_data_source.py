@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from appliance.boot import configure as configure_mod
+
+#: the boot time the tests give the wait (2023-11-14T22:13:20Z): a fixed moment before any file a test
+#: writes, so that what a test writes now is "since this boot", and a file it dates before is not
+BOOTED = 1_700_000_000.0
 
 
 @pytest.fixture
@@ -69,7 +72,7 @@ def cloud_init_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_configure_waits_for_the_user_data_cloud_init_stores_during_this_boot(
     tmp_path: Path, cloud_init_run: Path
 ) -> None:
-    booted = time.time() - 5
+    booted = BOOTED  # cloud-init writes its copy below after it: during this boot
     processed = tmp_path / "user-data.txt.i"
     returned: list[bool] = []
 
@@ -94,8 +97,8 @@ def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finis
 ) -> None:
     processed = tmp_path / "user-data.txt.i"
     processed.write_bytes(b"processed")
-    booted = time.time()
-    os.utime(processed, (booted - 3600, booted - 3600))
+    booted = BOOTED
+    os.utime(processed, (booted - 3600, booted - 3600))  # an hour before this boot
     assert not configure_mod.wait_for_cloud_init(0.5, booted=booted)
     (cloud_init_run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": 2.0}}}))
     assert configure_mod.wait_for_cloud_init(60, booted=booted)  # at once: the 60 s only prevent a hang
@@ -104,4 +107,4 @@ def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finis
 def test_no_wait_where_cloud_init_does_not_run(tmp_path: Path, cloud_init_run: Path) -> None:
     (cloud_init_run / "status.json").unlink()
     cloud_init_run.rmdir()
-    assert configure_mod.wait_for_cloud_init(0.0, booted=time.time())
+    assert configure_mod.wait_for_cloud_init(0.0, booted=BOOTED)

@@ -508,3 +508,35 @@ def test_fuzzed_streams_only_ever_raise_the_coded_error(data: bytes) -> None:
         return
     assert result.virtual_size <= 1 << 30
     assert len(sink.buf) <= result.virtual_size
+
+
+class _CountingSink:
+    """A sink that notes the decoder's buffered bytes at every write (and writes nothing)."""
+
+    def __init__(self, decoder: VmdkStreamDecoder) -> None:
+        self.decoder = decoder
+        self.seen: list[int] = []
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        self.seen.append(self.decoder.buffered)
+
+    def zero(self, offset: int, length: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_the_bytes_the_decoder_holds_stay_under_its_bound(corpus: dict[str, Path], threads: int) -> None:
+    """The decoder's buffered bytes (an instrumented count of compressed grains read and not yet
+    written, plus the grain each inflates to; not RSS, not time) never pass ``buffer_bound()``: a few
+    MiB whatever the disk's size, the window filling to its 2 x threads batches and no further."""
+    with open(corpus["dense"], "rb") as f:
+        dec = VmdkStreamDecoder(f, DecodeLimits(1 << 40, 1 << 40, threads))
+        sink = _CountingSink(dec)
+        dec.decode(sink)
+    bound = dec.buffer_bound()
+    assert bound <= (2 * threads + 1) * 24 * GRAIN  # 1.5 MiB a batch of 8 grains of 64 KiB
+    assert 0 < dec.peak_buffered <= bound
+    assert max(sink.seen) <= bound
+    # random grains do not compress: the window held 2 x threads batches of 8 such grains at once
+    assert dec.peak_buffered >= 2 * threads * 8 * (GRAIN + GRAIN)
+    assert dec.buffered == 0  # every grain written

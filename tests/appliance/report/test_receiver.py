@@ -210,13 +210,17 @@ def call(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
 
 
 def test_flags_an_appliance_silent_for_too_long_as_stale(tmp_path: Path) -> None:
-    controller = Controller(SECRET, tmp_path / "log.jsonl", stale_after=60)
-    body = heartbeat(1)
+    arrived = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    now = [arrived]  # the controller's clock: a fixed moment, moved by the test
+    controller = Controller(SECRET, tmp_path / "log.jsonl", stale_after=60, clock=lambda: now[0])
+    body = heartbeat(1, arrived)  # fresh by that clock
     controller.accept(body, messages.sign(SECRET, body))
-    seen = controller.last_seen["app-1"]  # the moments below count from it: no clock of this test
-    assert controller.appliances(seen + timedelta(seconds=60))["app-1"] == {
+    assert controller.last_seen["app-1"] == arrived
+    now[0] = arrived + timedelta(minutes=1)  # silent for stale_after: not yet stale
+    assert controller.appliances()["app-1"] == {
         "last_seq": 1,
-        "last_seen": format_time(seen),
+        "last_seen": format_time(arrived),
         "stale": False,
     }
-    assert controller.appliances(seen + timedelta(seconds=61))["app-1"]["stale"] is True
+    now[0] += timedelta(microseconds=1)  # any longer: stale
+    assert controller.appliances()["app-1"]["stale"] is True

@@ -211,15 +211,50 @@ def test_a_copy_between_buckets_of_one_endpoint_is_made_by_s3_and_is_identical(
         imports.store.close()
 
 
-def test_cancel_mid_copy_to_s3_leaves_no_object_and_no_incomplete_multipart_upload(
+def test_a_store_that_refuses_server_side_copies_gets_a_streamed_copy_and_no_upload_is_left_open(
     tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
 ) -> None:
-    # every S3 call goes through a proxy that holds the upload's second part: the copy is provably
-    # mid-upload (a multipart upload open, a part stored) when it is cancelled
+    # one endpoint and one set of credentials (a server-side copy is tried), behind a proxy that
+    # answers every UploadPartCopy as a store without it does: NotImplemented
     with StallingProxy(moto.endpoint) as proxy:
         cfg = stores.config(
-            cfg_data(tmp_path, proxy.endpoint, part_size="5MiB", threads=1), base_dir=tmp_path
+            image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB"), base_dir=tmp_path
         )
+        disk = make_disk(tmp_path / "disk.raw")
+        done, imports = import_snapshot(cfg, moto, buckets[0], disk)
+        try:
+            copies = CopyService(cfg, imports.store)
+            task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}")
+            proxy.refuse("PUT", "x-amz-copy-source", 501, "NotImplemented")
+            finished = run(cfg, task)
+            assert finished.state is TaskState.COMPLETED, (finished.error_code, finished.error_message)
+            assert proxy.refused == 1  # the first part was refused: no more were tried
+            copied = copy_outcome(finished)
+            assert copied["method"] == "stream"
+            s3 = moto.client("s3")
+            body = s3.get_object(Bucket=buckets[2], Key=f"{task.id}.raw")["Body"].read()
+            assert sha256_of(body) == sha256_of(disk.read_bytes()) == copied["sha256"]
+            # the refused upload was aborted; the streamed one completed: one object, nothing open
+            assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
+            objects = s3.list_objects_v2(Bucket=buckets[2], Prefix=task.id)["Contents"]
+            assert [o["Key"] for o in objects] == [f"{task.id}.raw"]
+        finally:
+            imports.store.close()
+
+
+@pytest.mark.parametrize("method", ["stream", "server-side"])
+def test_cancel_mid_copy_to_s3_leaves_no_object_and_no_incomplete_multipart_upload(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str], method: str
+) -> None:
+    # every S3 call goes through a proxy that holds the upload's second part (an UploadPart, or with
+    # one endpoint and one set of credentials for the image and the copy an UploadPartCopy): the copy
+    # is provably mid-upload (a multipart upload open, a part stored) when it is cancelled
+    with StallingProxy(moto.endpoint) as proxy:
+        if method == "stream":
+            data = cfg_data(tmp_path, proxy.endpoint, part_size="5MiB", threads=1)
+        else:
+            data = image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB")
+        cfg = stores.config(data, base_dir=tmp_path)
         done, imports = import_snapshot(cfg, moto, buckets[0], make_disk(tmp_path / "disk.raw"))
         try:
             copies = CopyService(cfg, imports.store)

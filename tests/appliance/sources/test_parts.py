@@ -22,7 +22,7 @@ from appliance.sources.manifest import (
     PartVerificationFailed,
     plan_parts,
 )
-from appliance.sources.parts import download_parts, wait_for_manifest
+from appliance.sources.parts import PartBuffers, download_parts, wait_for_manifest
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.appliance.sources.test_manifest import manifest_xml
 from tests.euca_upload import presign_manifest_url, random_file, upload
@@ -388,3 +388,34 @@ def test_parts_are_fetched_in_parallel_and_written_in_order(part_server) -> None
     assert result.get("error") is None
     assert bytes(buf) == data
     assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def test_a_slow_writer_holds_at_most_parallel_plus_one_parts_in_reused_buffers() -> None:
+    """The parts in flight are counted by the buffer pool (not RSS): a writer that holds the first part
+    until every fetching thread has a part waiting sees exactly parallel + 1 parts in memory, and 12
+    parts of a download take no more than parallel + 1 buffers (reused part after part)."""
+    part, count, parallel = 100_000, 12, 3
+    data = os.urandom(part * count - 1234)
+    with TestHTTPServer() as srv:
+        parts = []
+        for i, s, e in plan_parts(len(data), part):
+            srv.add(f"/p{i}", data[s : e + 1])
+            parts.append(Part(i, s, e, f"p{i}", srv.url(f"/p{i}"), srv.url(f"/p{i}")))
+        manifest = ImportManifest("2010-11-15", "RAW", None, None, len(data), 1, parts)
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+        pool = PartBuffers(keep=parallel + 1)
+        out = bytearray(len(data))
+
+        def write(offset: int, chunk: bytes | memoryview) -> None:
+            if offset == 0:  # the first part is being written: the fetchers fill every slot meanwhile
+                wait_until(lambda: pool.in_use == (parallel + 1) * part, what="parallel parts waiting")
+            out[offset : offset + len(chunk)] = chunk
+
+        n = download_parts(manifest, write, policy, parallel=parallel, buffers=pool, http=HttpClient(policy))
+    assert n == len(data) and bytes(out) == data
+    assert pool.peak_in_use == (parallel + 1) * part  # never more than parallel + 1 parts
+    assert pool.allocated == parallel + 1  # 12 parts through parallel + 1 buffers
+    assert pool.in_use == 0  # every buffer handed back

@@ -174,21 +174,28 @@ def test_https_object_replaced_mid_read_fails_with_source_changed(
 # ------------------------------------------------------------------------------------------ stalls
 
 
-def test_stalled_range_is_retried_and_the_read_succeeds(
-    server: TestHTTPServer, http_policy: UrlPolicy
-) -> None:
+def test_stalled_range_is_retried_and_the_read_succeeds(server: TestHTTPServer) -> None:
+    """The second range is held by the stalling proxy after 1000 bytes, and only the watchdog can end
+    it: the proxy holds it until the reader gives up on the connection (counted as abandoned), and lets
+    the retry through. The watchdog is long enough that the other ranges, on a slow machine too, never
+    go that long without data: the counts are exact."""
     data = os.urandom(6 * RS)
-    route = server.add("/disk.raw", data)
-    route.script.extend(["ok", "stall:1000"])  # the second range stops after 1000 bytes
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=2, backoff=0.01)
-    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=settings)
-    assert read_all(reader) == data
+    server.add("/disk.raw", data)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=5, retries=2, backoff=0.01)
+    with StallingProxy(server.endpoint) as proxy:
+        proxy.arm("/disk.raw", after=RS + 1000, times=1)  # the second range, on its first attempt only
+        policy = UrlPolicy(allowed_endpoints=[proxy.endpoint])
+        reader = open_reader({"url": proxy.endpoint + "/disk.raw"}, policy, settings=settings)
+        assert read_all(reader) == data
+        wait_until(lambda: proxy.abandoned("/disk.raw") == 1, what="the held GET abandoned by the reader")
+        assert proxy.stalled_on("/disk.raw") == 1  # held once; the retry went through
     assert (reader.stats.stalls, reader.stats.retries) == (1, 1)
     ranges = [h.headers["Range"] for h in server.hits("/disk.raw")]
     assert ranges[:2] == [f"bytes=0-{RS - 1}", f"bytes={RS}-{2 * RS - 1}"]
     # the same range again: from its start, or from the bytes that got through before the stall
     retry_start, retry_end = map(int, ranges[2].removeprefix("bytes=").split("-"))
     assert RS <= retry_start <= RS + 1000 and retry_end == 2 * RS - 1
+    assert len(ranges) == 6 + 1  # six ranges and the one retry
 
 
 def test_range_stalling_on_every_attempt_fails_with_source_stalled(
@@ -220,22 +227,29 @@ def test_range_stalling_on_every_attempt_fails_with_source_stalled(
 
 
 def test_https_range_stalling_on_every_attempt_names_its_offset_and_the_redacted_url(
-    server: TestHTTPServer, http_policy: UrlPolicy
+    server: TestHTTPServer,
 ) -> None:
+    """Range 1 is held by the stalling proxy on each of its K attempts, until the reader abandons it;
+    range 0 goes through, and the watchdog is long enough that it never looks stalled on a slow
+    machine: exactly K GETs of range 1."""
     data = os.urandom(6 * RS)
-    route = server.add("/disk.raw", data)
-    route.script.extend(["ok", "stall:10", "stall:10", "stall:10"])  # range 1, on each of its K attempts
-    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=1, retries=2, backoff=0.01)
-    url = server.url("/disk.raw") + "?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123456789abcdef"
-    reader = open_reader({"url": url}, http_policy, settings=settings)
-    with reader, pytest.raises(SourceStalled) as err:
-        assert reader.read(RS) == data[:RS]
-        reader.read(RS)
+    server.add("/disk.raw", data)
+    settings = ReaderSettings(parallel=1, range_size=RS, stall_seconds=5, retries=1, backoff=0.01)
+    with StallingProxy(server.endpoint) as proxy:
+        proxy.arm("/disk.raw", after=RS + 10)  # range 1, on each of its attempts
+        url = proxy.endpoint + "/disk.raw?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123456789abcdef"
+        reader = open_reader({"url": url}, UrlPolicy(allowed_endpoints=[proxy.endpoint]), settings=settings)
+        with reader, pytest.raises(SourceStalled) as err:
+            assert reader.read(RS) == data[:RS]
+            reader.read(RS)
+        wait_until(lambda: proxy.abandoned("/disk.raw") == 2, what="both held GETs abandoned by the reader")
+        assert proxy.stalled_on("/disk.raw") == 2
     assert f"/disk.raw?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED stalled at offset {RS}:" in (
         err.value.message
     )
+    assert "no data for 5 seconds, 2 times" in err.value.message
     assert "0123456789abcdef" not in str(err.value) and "AKIDEXAMPLE" not in str(err.value)
-    assert len(server.hits("/disk.raw")) == 4
+    assert len(server.hits("/disk.raw")) == 3  # range 0 once, range 1 on its K = 2 attempts
 
 
 def test_s3_range_stalling_on_every_attempt_fails_with_source_stalled(

@@ -17,6 +17,7 @@ from appliance.targets import s3stream
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
 from tests.appliance.targets.test_s3 import open_uploads, settings
+from tests.processes import wait_until
 
 MiB = 1 << 20
 
@@ -53,7 +54,11 @@ def test_a_staged_image_is_read_back_then_published_with_its_sha256_and_the_stag
     assert written["sha256"] == location["sha256"] == sha and location["size"] == len(data)
     assert keys(moto, bucket) == ["images/import-snap-0123456789abcdef0.raw"]
     head = moto.client("s3").head_object(Bucket=bucket, Key=location["key"])
-    assert head["Metadata"] == {"sha256": sha, "import-task-id": "import-snap-0123456789abcdef0"}
+    assert head["Metadata"] == {
+        "sha256": sha,
+        "import-task-id": "import-snap-0123456789abcdef0",
+        "staging-etag": written["etag"],  # the object it was copied from (an interrupted publish's adoption)
+    }
     assert open_uploads(moto, bucket) == []
 
 
@@ -173,3 +178,88 @@ def test_grown_parts_of_a_long_stream_are_fewer_in_flight_so_memory_stays_bounde
     # four grown parts (75 MiB) at once
     assert peak[0] <= 40 * MiB
     assert moto.client("s3").get_object(Bucket=bucket, Key="long")["Body"].read() == data
+
+
+@pytest.mark.parametrize(("memory", "bound"), [("48MiB", 48 * MiB), (None, 80 * MiB)])
+def test_the_part_buffers_of_a_staged_upload_stay_within_the_memory_budget_while_parts_are_slow(
+    moto, bucket: str, memory: str | None, bound: int
+) -> None:
+    # 64 MiB parts and 4 threads held (4 + 1) x 64 = 320 MiB; the target's parts are 16 MiB by default,
+    # and no more go up at once than the budget (default 128 MiB) allows: 2 (48 MiB) or 4
+    given = settings(moto, bucket, threads=4) | ({"memory": memory} if memory else {})
+    del given["part_size"]  # the default
+    target = S3ImageTarget.from_settings(given)
+    gate = threading.Event()
+
+    def hold(**_) -> None:  # (a handler's return value would stand for S3's answer)
+        gate.wait()
+
+    target.client.meta.events.register("before-call.s3.UploadPart", hold)
+    data = bytes(96 * MiB) + os.urandom(MiB)
+    with StagedImage(target, "import-snap-0123456789abcdef4", expected_size=len(data)) as staged:
+        w = staged.writer
+        assert w is not None and w.part_size == 16 * MiB
+
+        def write() -> None:
+            for i in range(0, len(data), 4 * MiB):
+                w.write(data[i : i + 4 * MiB])
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        # no part is answered: the writer fills the parts it may have in flight, cuts one more and waits
+        wait_until(lambda: w.buffered >= bound, what=f"{bound} bytes of parts buffered")
+        assert writer.is_alive() and w.buffered == bound
+        gate.set()
+        writer.join()
+        written = staged.complete()
+    assert w.peak_buffered == bound <= target.memory
+    assert written["sha256"] == hashlib.sha256(data).hexdigest() and written["parts"] == 7
+
+
+def test_a_resumable_upload_continues_after_its_last_recorded_part_with_the_sha256_of_every_byte(
+    moto, bucket: str
+) -> None:
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    data = os.urandom(23 * MiB)
+    first = s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resumable=True)
+    first.write(data[: 17 * MiB])  # parts 1-3 cut, 2 MiB buffered
+    wait_until(
+        lambda: first.uploaded_prefix() is not None and len(first.uploaded_prefix()[0]) == 3, what="3 parts"
+    )
+    prefix = first.uploaded_prefix()
+    assert prefix is not None
+    parts, state, end = prefix
+    assert end == 15 * MiB
+    # the process dies here (nothing aborted); the next run checks the parts and goes on after part 3
+    upload = s3stream.ResumedUpload(str(first.upload_id), 5 * MiB, tuple(parts), state)
+    assert s3stream.verify_parts(client, bucket, "resumed", upload) is None
+    with s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resume=upload) as w:
+        w.write(data[end:])
+        done = w.close()
+    assert done["sha256"] == hashlib.sha256(data).hexdigest() and done["parts"] == 5
+    assert moto.client("s3").get_object(Bucket=bucket, Key="resumed")["Body"].read() == data
+    assert open_uploads(moto, bucket) == []
+
+
+def test_recorded_parts_that_s3_no_longer_holds_as_recorded_are_refused_with_the_reason(
+    moto, bucket: str
+) -> None:
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
+    etags = [
+        client.upload_part(Bucket=bucket, Key="k", UploadId=upload_id, PartNumber=n, Body=os.urandom(MiB))[
+            "ETag"
+        ]
+        for n in (1, 2)
+    ]
+    part = s3stream.UploadedPart
+
+    def check(*parts: s3stream.UploadedPart) -> str | None:
+        return s3stream.verify_parts(client, bucket, "k", s3stream.ResumedUpload(upload_id, MiB, parts, "00"))
+
+    assert check(part(1, MiB, etags[0]), part(2, MiB, etags[1])) is None
+    assert "part 2 of the upload" in str(check(part(1, MiB, etags[0]), part(2, MiB, etags[0])))  # other ETag
+    assert "not the one recorded" in str(check(part(1, MiB - 1, etags[0])))  # other size
+    assert "part 3 of the upload" in str(check(part(3, MiB, etags[0])))  # missing
+    client.abort_multipart_upload(Bucket=bucket, Key="k", UploadId=upload_id)
+    assert "is gone" in str(check(part(1, MiB, etags[0])))

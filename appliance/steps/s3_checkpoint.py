@@ -1,0 +1,194 @@
+"""Checkpoints of a streamed import into the S3 image target, and the resume from one (glue).
+
+A streamed ImportImage/ImportSnapshot into the S3 image target (:mod:`.image_stream_s3`) hands the
+decoder's output, in order, to a multipart upload of the staging key ``<key>.partial``
+(:class:`~appliance.targets.s3staged.StagedImage`). A decoder boundary (input offset ``B``, the sink at
+disk offset ``P``) and the end of a part (the upload holds ``[0, E)``) rarely coincide, so a checkpoint
+pairs a boundary with the parts already uploaded *past* it: at every boundary the source side is noted
+(as for the file target, :class:`~.stream_checkpoint.StreamCheckpoints`: the read position, the running
+source digests, the decoder's state), and the latest noted boundary with ``P <= E`` — ``E`` the end of
+the longest run of parts 1..k S3 has acknowledged — is saved in the task store with
+
+* ``upload``: the bucket, the staging key, the upload id, the part size, the parts 1..k (number, size,
+  ETag) and the state of the sha256 of the object's bytes at ``E``
+  (:class:`~appliance.sources.savedhash.SavedHash`);
+* ``output``: ``P`` and the disk bytes handed on before it (progress);
+* ``partial``: the staging object's URL (:data:`appliance.partials.CHECKPOINT_KEY`): the sweeps of a
+  task that may still resume leave its upload.
+
+Resume (:meth:`S3ResumePoint.load`, then :func:`~appliance.targets.s3stream.verify_parts`): the step's
+next run checks the checkpoint as untrusted, lists the upload's parts (``ListParts``) and compares each
+recorded part's size and ETag; the decoder restarts at ``B``, the reader re-fetches from the position
+before it (comparing the bytes, as for a file), the sink starts at ``P`` and drops the output below
+``E`` (``[P, E)`` is produced again: the upload holds it), and the upload goes on with part k+1 (a
+``stream.resumed`` event). An upload that is gone (aborted, expired), a part that differs, a checkpoint
+that does not check out or a replaced source restart from zero with a ``stream.restarted`` event (the
+old upload aborted).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Limits
+from ..errors import UsageError
+from ..image.decoding import Boundary
+from ..partials import CHECKPOINT_KEY
+from ..sources.ranges import ReadPosition
+from ..sources.savedhash import SavedHash
+from ..targets.inorder import InOrderSink
+from ..targets.s3stream import MultipartWriter, ResumedUpload, UploadedPart
+from ..workflow.step import StepContext
+from .stream_checkpoint import StreamCheckpoints, load_source_point
+
+#: what a checkpoint of this module is
+KIND = "image.stream-s3/1"
+#: boundaries kept while their output waits for its part to be uploaded
+_MAX_PENDING = 1024
+
+
+@dataclass(frozen=True)
+class S3ResumePoint:
+    """A checkpoint that checked out (its parts not yet listed): what the step's next run starts from."""
+
+    position: ReadPosition
+    boundary: Boundary
+    produced: int
+    sha256: SavedHash | None
+    md5: SavedHash | None
+    #: the disk offset the sink had reached at the boundary
+    sink_position: int
+    bucket: str
+    key: str
+    upload: ResumedUpload
+
+    @classmethod
+    def load(
+        cls, saved: Any, source_key: str, decoder: str, limits: Limits
+    ) -> tuple[S3ResumePoint | None, str | None]:
+        """``(point, None)``, or ``(None, why)`` for a checkpoint that is not one to resume from (None
+        and None: there is no checkpoint)."""
+        if saved is None:
+            return None, None
+        try:
+            return cls._load(saved, source_key, decoder, limits), None
+        except (KeyError, TypeError, ValueError) as exc:
+            return None, f"the checkpoint is not one to resume from ({exc})"
+
+    @classmethod
+    def _load(cls, saved: Any, source_key: str, decoder: str, limits: Limits) -> S3ResumePoint:
+        position, boundary, sha256, md5 = load_source_point(saved, KIND, source_key, decoder, limits)
+        output, up = saved["output"], saved["upload"]
+        sink_position, produced = output["sink_position"], output["produced"]
+        if not all(type(v) is int and v >= 0 for v in (sink_position, produced)):
+            raise ValueError("the output position or count is not one")
+        if not all(isinstance(up.get(k), str) and up[k] for k in ("bucket", "key", "upload_id")):
+            raise ValueError("an upload record without its bucket, key and id")
+        if type(up["part_size"]) is not int or up["part_size"] <= 0:
+            raise ValueError("an upload record without its part size")
+        upload = ResumedUpload(
+            str(up["upload_id"]),
+            int(up["part_size"]),
+            tuple(UploadedPart.from_dict(p) for p in up["parts"]),
+            str(up["sha256_state"]),
+        )
+        if not upload.parts or not sink_position <= upload.size <= limits.max_virtual_size:
+            raise ValueError("the uploaded parts do not reach the boundary's output")
+        return cls(position, boundary, produced, sha256, md5, sink_position, up["bucket"], up["key"], upload)
+
+
+@dataclass(frozen=True)
+class _Noted:
+    """A boundary's source side and where the sink was, waiting for the parts that cover it."""
+
+    boundary: Boundary
+    position: ReadPosition
+    digests: dict[str, str] | None
+    sink_position: int
+    produced: int
+
+
+class S3StreamCheckpoints(StreamCheckpoints):
+    """The checkpoints of one run of a streamed decode into a staging upload (module docstring)."""
+
+    def __init__(
+        self,
+        ctx: StepContext,
+        source_key: str,
+        decoder: str,
+        writer: MultipartWriter,
+        sink: InOrderSink,
+        *,
+        every: int,
+        resume: S3ResumePoint | None = None,
+    ) -> None:
+        super().__init__(ctx, source_key, decoder, None, None, every=every, resume=resume)
+        self.writer, self.sink = writer, sink
+        self._noted: deque[_Noted] = deque(maxlen=_MAX_PENDING)
+        self._last: tuple[int, int] | None = None
+        self._saving = threading.Lock()
+        if writer.resumable:
+            writer.on_part = self._advance
+
+    def on_boundary(self, boundary: Boundary, produced: int) -> None:
+        """Note the boundary (in the decoder's record thread, where the sink is written:
+        ``sink.position`` is exact) and save what the acknowledged parts cover."""
+        found = self.source_point(boundary)
+        if found is None or not self._checkpointing or not self.writer.resumable:
+            return
+        position, digests = found
+        with self._saving:
+            self._noted.append(_Noted(boundary, position, digests, self.sink.position, self.base + produced))
+        self._advance()
+
+    def _advance(self) -> None:
+        """Save the latest noted boundary whose output the upload's acknowledged parts cover, if it is
+        further than the last saved (at a boundary, and when a part is acknowledged: in its upload
+        thread, so a stalled source does not leave the checkpoint parts behind)."""
+        if not self._checkpointing:
+            return
+        with self._saving:
+            self._advance_locked()
+
+    def _advance_locked(self) -> None:
+        prefix = self.writer.uploaded_prefix()
+        if prefix is None:
+            return
+        parts, state, end = prefix
+        covered = [n for n in self._noted if n.sink_position <= end]
+        if not covered:
+            return
+        noted = covered[-1]
+        while self._noted and self._noted[0] is not noted:
+            self._noted.popleft()
+        if self._last == (noted.boundary.input_offset, len(parts)):
+            return
+        assert self.writer.upload_id is not None
+        try:
+            self._save(
+                {
+                    "kind": KIND,
+                    "source": self.source_key,
+                    "decoder": self.decoder,
+                    CHECKPOINT_KEY: f"s3://{self.writer.bucket}/{self.writer.key}",
+                    "position": noted.position.to_dict(),
+                    "digests": noted.digests,
+                    "boundary": noted.boundary.to_dict(),
+                    "output": {"sink_position": noted.sink_position, "produced": noted.produced},
+                    "upload": {
+                        "bucket": self.writer.bucket,
+                        "key": self.writer.key,
+                        "upload_id": self.writer.upload_id,
+                        "part_size": self.writer.part_size,
+                        "parts": [p.to_dict() for p in parts],
+                        "sha256_state": state,
+                    },
+                }
+            )
+        except UsageError:  # not run under a lease (a bare engine run): nothing resumes it anyway
+            self._checkpointing = False
+            return
+        self._last = (noted.boundary.input_offset, len(parts))

@@ -1,0 +1,33 @@
+"""RawWriter (appliance.targets.rawio) on real files: what its zero detection keeps in memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from appliance.image import decoding
+from appliance.targets import rawio
+
+
+def _cached_zero_bytes() -> int:
+    """Bytes of zero buffers this process keeps for comparisons (rawio's own, if it has one, too)."""
+    own = getattr(rawio, "_ZERO_BUFFERS", {})
+    return sum(own) + sum(decoding._ZERO_BUFFERS)
+
+
+def test_writes_of_many_lengths_keep_the_zero_buffers_bounded_and_leave_holes(tmp_path: Path) -> None:
+    """A long-lived worker writes chunks of every length a decoder's zero runs make (each 4 KiB
+    multiple up to 1 MiB: 128 MiB of zero buffers, one per length, before): the shared buffers stay
+    under their 64 MiB bound, and every all-zero chunk is still a hole."""
+    path = tmp_path / "disk.raw"
+    size = 2 * (1 << 20) * 256
+    with open(path, "wb") as f:
+        f.truncate(size)
+    with rawio.RawWriter(path, zeroed=True, error=lambda exc: None) as out:
+        offset = 0
+        for n in range(4096, (1 << 20) + 1, 4096):
+            out.write(offset, bytes(n))  # all zeros: skipped
+            out.write(offset + n, memoryview(b"\x01" * 4096))  # data
+            offset += n + 4096
+    assert _cached_zero_bytes() <= decoding._ZERO_CACHE_BYTES
+    assert os.stat(path).st_blocks * 512 <= 256 * 4096 * 2  # only the data blocks are allocated
