@@ -170,9 +170,11 @@ def write_dynamic_vhd(
     *,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
+    on_read: Callable[[int, bytes], object] | None = None,
 ) -> VhdWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` to ``sink`` as a dynamic VHD (module
-    docstring). ``on_progress(done)`` gets the disk bytes covered so far. Raises :class:`Cancelled` when
+    docstring). ``on_progress(done)`` gets the disk bytes covered so far, ``on_read(offset, data)``
+    every block read, in ascending order (blocks holding no data are not read). Raises :class:`Cancelled` when
     ``cancel`` is set (the sink then holds a partial stream: the caller removes it or aborts the upload)."""
     _check(size)
     total = -(-size // BLOCK)
@@ -204,6 +206,8 @@ def write_dynamic_vhd(
         data = os.pread(fd, n, pos)
         if len(data) != n:
             raise UsageError(f"the source disk ended at byte {pos + len(data)}, not {size}")
+        if on_read is not None:
+            on_read(pos, data)
         out(bitmap + data if n == BLOCK else bitmap + data + bytes(BLOCK - n))  # one write per block
         if on_progress is not None:
             on_progress(pos + n)

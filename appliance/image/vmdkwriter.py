@@ -228,11 +228,14 @@ def write_stream_vmdk(
     level: int = DEFAULT_LEVEL,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
+    on_read: Callable[[int, bytes], object] | None = None,
 ) -> VmdkWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` (read with ``pread``; a file or block device)
     to ``sink`` as a streamOptimized VMDK. ``on_progress(done)`` gets the disk bytes read so far
-    (holes count as read). Raises :class:`Cancelled` when ``cancel`` is set (the sink then holds a
-    partial stream: the caller removes it or aborts the upload)."""
+    (holes count as read); ``on_read(offset, data)`` every piece of the disk read, in ascending order
+    (the holes skipped are not: a digest of the source needs no second read). Raises
+    :class:`Cancelled` when ``cancel`` is set (the sink then holds a partial stream: the caller removes
+    it or aborts the upload)."""
     if size <= 0:
         raise UsageError(f"cannot write a VMDK of {size} bytes")
     capacity = -(-size // SECTOR)
@@ -291,6 +294,8 @@ def write_stream_vmdk(
                 chunk = os.pread(fd, n, pos)
                 if len(chunk) != n:
                     raise UsageError(f"the source disk ended at byte {pos + len(chunk)}, not {size}")
+                if on_read is not None:
+                    on_read(pos, chunk)
                 window.append(pool.submit(_compress_batch, chunk, pos // SECTOR, level))
                 pos += n
                 if len(window) >= 2 * workers:

@@ -104,7 +104,7 @@ class BundleWriteStep(Step):
         if source is not None:
             leftovers = ctx.load_checkpoint() or {}
             Readable.remove_leftovers(ctx, leftovers)
-            with Readable(ctx, source) as (readable, _digest):
+            with Readable(ctx, source) as readable:
                 return self._write(
                     ctx,
                     str(readable),

@@ -71,6 +71,8 @@ class CopyImageStep(Step):
             "task_id": source.get("task_id"),
             "recorded_sha256": location.get("sha256"),
         }
+        if isinstance(location.get("digest"), dict):  # checked on the copy's read (sha256-chunked)
+            source_entry["recorded_digest"] = location["digest"]
         tools = tool_versions()
         clock = time.monotonic()
         copied = copy_stored(

@@ -4,16 +4,21 @@ written as an exported object through the export writer (:mod:`appliance.targets
 The source is made readable here first:
 
 - an image stored as a file, a file volume: read where it is;
-- a block device (a device volume, an attached EC2 volume): read where it is (hashed first, then
-  read again by the writer; no scratch copy);
+- a block device (a device volume, an attached EC2 volume): read where it is (no scratch copy);
 - an image stored in S3: downloaded into scratch (under a reservation), hashed as it arrives;
 - an EC2 volume this appliance imported: attached here (found by serial), detached afterwards;
 - an instance of the controlling cloud: a snapshot of its boot volume made into a volume attached
   here, all of it deleted afterwards (:class:`appliance.targets.ec2_export.CloudDiskCopy`; what it
   created is kept in the step's checkpoint, so a resumed run removes a killed run's leftovers).
 
-The source's sha256 is computed while it is read and checked against the digest its store
-recorded when the import wrote it (``Source.DigestMismatch``: a stored disk that changed since).
+The source is read once (:class:`SourceDigestCheck`): its digest is computed from the export writer's
+own reads of it (or from the download of an S3-stored image) and checked against the digest its store
+recorded when the import wrote it — the ``sha256-chunked`` where the import recorded one, else the plain
+``sha256`` of an image stored before — before the object is completed (``Source.DigestMismatch``: a
+stored disk that changed since; the upload is aborted, nothing is left). A RAW export's output digest
+stands for the source's (the same bytes: hashed once; to S3 the check comes right after the upload
+completes, and a mismatch deletes the object). A VHD of a block device, which qemu-img reads, is the one
+case read twice (once for the check, before qemu-img runs).
 Progress: ``exporting`` (the source read, converted and uploaded in one pass; a VHD of a block device
 is converted to scratch by qemu-img, then uploaded). An OVA export of an instance of the controlling
 cloud with several EBS volumes holds all of them, root device first (each copied, read and removed as
@@ -28,10 +33,9 @@ the key; the step's undo (a later step failed) deletes the finished object.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +43,12 @@ from ..errors import ImagingError
 from ..progress import Progress, ProgressTracker
 from ..scratch import Allowance
 from ..targets import get_image_target, get_volume_target
+from ..targets.chunkdigest import ALGORITHM, DEFAULT_CHUNK, OffsetChunkedSha256
 from ..targets.diskexport import StreamingExportWriter, streams_vhd
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy
 from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
-from ..targets.rawio import hash_file
+from ..targets.hashing import OffsetSha256
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
 from .provenance import WHILE_WRITING, SourceDigestMismatch, build_record, object_metadata
@@ -62,29 +67,14 @@ def _reading(ctx: StepContext, total: int | None) -> ProgressTracker:
     )
 
 
-def _hash_device(ctx: StepContext, device: Path) -> str:
-    """The sha256 of a block device's content, read in order (the writer then reads the device
-    itself: no scratch copy)."""
-    h = hashlib.sha256()
-    done = 0
-    tracker = _reading(ctx, None)
-    with open(device, "rb", buffering=0) as src:
-        while chunk := src.read(CHUNK):
-            ctx.check_cancelled()
-            h.update(chunk)
-            done += len(chunk)
-            tracker.update(done)
-    return h.hexdigest()
-
-
-def _download(ctx: StepContext, location: dict[str, Any]) -> tuple[Path, str, Allowance]:
-    """The S3-stored image into scratch; ``(path, sha256, its scratch reservation)``."""
+def _download(ctx: StepContext, location: dict[str, Any], check: SourceDigestCheck) -> tuple[Path, Allowance]:
+    """The S3-stored image into scratch, ``check`` fed as it arrives and verified before anything is
+    written; ``(path, its scratch reservation)``."""
     target: Any = get_image_target(ctx.config)
     dst = ctx.workdir / "export-source.raw"
     dst.unlink(missing_ok=True)
     allowance = Allowance(ctx.scratch, f"downloading s3://{location['bucket']}/{location['key']}")
     ctx.ledger_created(dst)
-    h = hashlib.sha256()
     total = int(location.get("size") or 0)
     done = 0
     tracker = _reading(ctx, total or None)
@@ -93,18 +83,20 @@ def _download(ctx: StepContext, location: dict[str, Any]) -> tuple[Path, str, Al
         with open(dst, "wb") as out:
             for chunk in body.iter_chunks(CHUNK):
                 ctx.check_cancelled()
+                check.read(done, chunk)
                 done += len(chunk)
                 allowance.cover(done)
-                h.update(chunk)
                 out.write(chunk)
                 tracker.update(min(done, total) if total else done)
+        check.verify(done)
     except BaseException:
         dst.unlink(missing_ok=True)
         ctx.ledger_removed(dst)
         allowance.release()
+        check.close()
         raise
     allowance.shrink_to(done)
-    return dst, h.hexdigest(), allowance
+    return dst, allowance
 
 
 class ExportWriteStep(Step):
@@ -142,22 +134,27 @@ class ExportWriteStep(Step):
         sources = disk_sources(source) if container else [source]
         state: dict[str, Any] = {}  # the step's checkpoint: what each cloud copy created
         with contextlib.ExitStack() as stack:
+            checks = [SourceDigestCheck(s) for s in sources]
+            for check in checks:
+                stack.callback(check.close)
             opened = [
-                stack.enter_context(Readable(ctx, s, slot=_slot(i), state=state))
-                for i, s in enumerate(sources)
+                stack.enter_context(Readable(ctx, s, slot=_slot(i), state=state, check=check))
+                for i, (s, check) in enumerate(zip(sources, checks, strict=True))
             ]
             read_seconds = time.monotonic() - clock
-            reads = [_checked(s, path, digest) for s, (path, digest) in zip(sources, opened, strict=True)]
-            # one source per disk: an OVA of a multi-disk instance lists each volume, root first
-            record = build_record(ctx, "export", reads, [], timings={})
+            # one source per disk: an OVA of a multi-disk instance lists each volume, root first; what
+            # the import recorded until the export's own read of each disk has been checked
+            record = build_record(
+                ctx, "export", [c.entry(path) for c, path in zip(checks, opened, strict=True)], [], timings={}
+            )
             clock = time.monotonic()
             # what the writer puts in scratch, reserved up front: a VMDK or RAW export, and a VHD of
             # a regular file, stream with no scratch copy; a VHD of a block device is written by
             # qemu-img to scratch before it is uploaded (an OVA: each disk's VMDK is written to
             # scratch, then the tar streamed)
             conversion = Allowance(ctx.scratch, f"{container or disk_format} form of the disk")
-            sizes = [_size(path) for path, _digest in opened]
-            streams = not container and _streams_vhd(opened[0][0])
+            sizes = [_size(path) for path in opened]
+            streams = not container and _streams_vhd(opened[0])
             needed = (
                 sum(ova_scratch_needed(n) for n in sizes)
                 if container
@@ -165,14 +162,16 @@ class ExportWriteStep(Step):
             )
             if needed:
                 conversion.cover(needed, exact=True)
-            paths = [path for path, _digest in opened]
+            # a source not read yet (every one but a download) is checked on the export's own read
+            pending = [None if c.verified else c for c in checks]
             try:
                 if container:
-                    stored = self._write_ova(ctx, writer, paths, source, bucket, key, record)
+                    stored = self._write_ova(ctx, writer, opened, source, bucket, key, record, pending)
                 else:
-                    stored = self._write(ctx, writer, paths[0], disk_format, bucket, key, record)
+                    stored = self._write(ctx, writer, opened[0], disk_format, bucket, key, record, pending[0])
             finally:
                 conversion.release()
+            reads = [c.entry(path) for c, path in zip(checks, opened, strict=True)]
         write_seconds = time.monotonic() - clock
         output = {
             "type": "s3",
@@ -185,6 +184,7 @@ class ExportWriteStep(Step):
             "digest_method": WHILE_WRITING,
         }
         record["output"], record["outputs"] = output, [output]
+        record["sources"], record["source"] = reads, reads[0]
         record["timings"] = {
             "started": format_time(started),
             "finished": format_time(utc_now()),
@@ -202,6 +202,7 @@ class ExportWriteStep(Step):
         bucket: str,
         key: str,
         record: dict[str, Any],
+        check: SourceDigestCheck | None,
     ) -> dict[str, Any]:
         return writer.write(
             path,
@@ -214,6 +215,7 @@ class ExportWriteStep(Step):
             cancel=ctx.cancel,
             fence=ctx.fence,
             ledger=ctx,
+            source_check=check,
         )
 
     @staticmethod
@@ -225,6 +227,7 @@ class ExportWriteStep(Step):
         bucket: str,
         key: str,
         record: dict[str, Any],
+        checks: list[SourceDigestCheck | None],
     ) -> dict[str, Any]:
         # the VM's firmware: what the resolver derived from the import's guest validation (an
         # instance of the controlling cloud carries none: bios)
@@ -242,6 +245,7 @@ class ExportWriteStep(Step):
             cancel=ctx.cancel,
             fence=ctx.fence,
             ledger=ctx,
+            source_checks=list(checks),
         )
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
@@ -278,28 +282,123 @@ def _slot(index: int) -> str:
     return "cloud_copy" if index == 0 else f"cloud_copy_{index}"
 
 
-def _checked(source: dict[str, Any], path: Path, digest: str) -> dict[str, Any]:
-    """The provenance of one source disk, after checking its digest against the one its store recorded
-    (``Source.DigestMismatch``: a stored disk that changed since it was written)."""
-    expected = (source.get("location") or {}).get("sha256")
-    if expected and digest != expected:
-        raise SourceDigestMismatch(
-            f"the stored disk of {source.get('id')} has sha256 {digest}, not the {expected} "
-            "recorded when it was stored: it changed since; nothing was exported"
-        )
-    read: dict[str, Any] = {
-        "id": source.get("id"),
-        "task_id": source.get("task_id"),
-        "type": source.get("type"),
-        "sha256": digest,
-        "recorded_sha256": expected,
-        "size": _size(path),
-        # the stored disk's digest, recorded by the import that wrote it, checked above
-        "checked": [{"what": "recorded-sha256", "value": expected}] if expected else [],
-    }
-    if source.get("type") == "cloud-instance":
-        read |= {"volume_id": source.get("volume_id"), "device_name": source.get("device_name")}
-    return read
+def _recorded_chunked(source: dict[str, Any]) -> dict[str, Any] | None:
+    digest = (source.get("location") or {}).get("digest")
+    if isinstance(digest, dict) and digest.get("algorithm") == ALGORITHM and digest.get("value"):
+        return digest
+    return None
+
+
+class SourceDigestCheck:
+    """The digest of one source disk, computed on the export's own read of it (the writer's reads, or
+    the download of an S3-stored image: no second read) and compared with the digest its store
+    recorded when the import wrote it (``Source.DigestMismatch``: a stored disk that changed since; the
+    writer then leaves nothing). The record's ``sha256-chunked`` when it has one (the same chunk size),
+    else its plain ``sha256`` (an image stored before the chunked digest was recorded on import);
+    a source with no record (a volume, an instance of the controlling cloud) gets its
+    ``sha256-chunked`` for the provenance."""
+
+    def __init__(self, source: dict[str, Any]) -> None:
+        self.source = source
+        self.recorded_digest = _recorded_chunked(source)
+        self.recorded_sha256 = (source.get("location") or {}).get("sha256")
+        self.chunked: OffsetChunkedSha256 | None = None
+        self.plain: OffsetSha256 | None = None
+        if self.recorded_digest is not None or not self.recorded_sha256:
+            chunk = int((self.recorded_digest or {}).get("chunk_size") or DEFAULT_CHUNK)
+            self.chunked = OffsetChunkedSha256(chunk, name="export-source")
+        else:
+            self.plain = OffsetSha256("export-source")
+        self.sha256: str | None = None
+        self.digest: dict[str, Any] | None = None
+        self.verified = False
+        self.bytes_read = 0
+
+    def read(self, offset: int, data: bytes) -> None:
+        self.bytes_read += len(data)
+        if self.chunked is not None:
+            self.chunked.write(offset, data)
+        elif self.plain is not None:
+            self.plain.write(offset, data)
+
+    def verify(self, size: int) -> None:
+        if self.chunked is not None:
+            found = self.chunked.result(size)
+            self.digest = found.to_dict() if found is not None else None
+        elif self.plain is not None:
+            self.sha256 = self.plain.result(size)
+        self.verified = True
+        self._compare()
+
+    def _compare(self) -> None:
+        what = self.source.get("id")
+        if self.recorded_digest is not None:
+            value = (self.digest or {}).get("value")
+            if value != self.recorded_digest["value"]:
+                raise SourceDigestMismatch(
+                    f"the stored disk of {what} has {ALGORITHM} {value}, not the "
+                    f"{self.recorded_digest['value']} recorded when it was stored: it changed since; "
+                    "nothing was exported"
+                )
+        elif self.recorded_sha256 and self.sha256 != self.recorded_sha256:
+            raise SourceDigestMismatch(
+                f"the stored disk of {what} has sha256 {self.sha256}, not the {self.recorded_sha256} "
+                "recorded when it was stored: it changed since; nothing was exported"
+            )
+
+    def output_stands_for_source(self, chunk_size: int) -> bool:
+        """A RAW export's output is the source's bytes: its ``sha256-chunked`` is the source's when the
+        recorded one has the same chunk size (the source is then hashed once, as the output)."""
+        recorded = self.recorded_digest
+        return recorded is not None and int(recorded.get("chunk_size") or 0) == chunk_size
+
+    def verify_output(self, digest: Mapping[str, Any], size: int) -> bool:
+        """Check the RAW output's chunked ``digest`` as the source's (False: not of the recorded chunk
+        size, nothing checked)."""
+        recorded = self.recorded_digest or {}
+        if int(digest.get("chunk_size") or 0) != int(recorded.get("chunk_size") or -1):
+            return False
+        keep = ("algorithm", "value", "chunk_size", "chunks", "s3_checksum_sha256")
+        self.digest = {k: digest[k] for k in keep if k in digest}
+        self.bytes_read = size
+        self.verified = True
+        if self.chunked is not None:
+            self.chunked.close()
+            self.chunked = None
+        self._compare()
+        return True
+
+    def entry(self, path: Path) -> dict[str, Any]:
+        """The provenance of the source disk: what was computed (once verified), else what its store
+        recorded (the record's metadata goes up with the upload's start, before the disk is read)."""
+        checked: list[dict[str, Any]] = []
+        if self.recorded_digest is not None:
+            checked.append({"what": "recorded-sha256-chunked", "value": self.recorded_digest["value"]})
+        elif self.recorded_sha256:
+            checked.append({"what": "recorded-sha256", "value": self.recorded_sha256})
+        source = self.source
+        read: dict[str, Any] = {
+            "id": source.get("id"),
+            "task_id": source.get("task_id"),
+            "type": source.get("type"),
+            "sha256": self.sha256 if self.verified else self.recorded_sha256,
+            "digest": self.digest if self.verified else self.recorded_digest,
+            "recorded_sha256": self.recorded_sha256,
+            "size": _size(path),
+            # the stored disk's digest, recorded by the import that wrote it, checked on the export's read
+            "checked": checked,
+        }
+        if self.recorded_digest is not None:
+            read["recorded_digest"] = self.recorded_digest
+        if source.get("type") == "cloud-instance":
+            read |= {"volume_id": source.get("volume_id"), "device_name": source.get("device_name")}
+        return read
+
+    def close(self) -> None:
+        if self.chunked is not None:
+            self.chunked.close()
+        if self.plain is not None:
+            self.plain.close()
 
 
 def _progress(ctx: StepContext) -> Callable[[Progress], None]:
@@ -331,7 +430,7 @@ def _progress(ctx: StepContext) -> Callable[[Progress], None]:
 
 
 class Readable:
-    """Context manager: ``(path, sha256)`` of the source, readable until exit (see the module docstring;
+    """Context manager: the path of the source, readable until exit (see the module docstring;
     ``bundle.write`` reads its source through it too)."""
 
     @staticmethod
@@ -350,16 +449,19 @@ class Readable:
         *,
         slot: str = "cloud_copy",
         state: dict[str, Any] | None = None,
+        check: SourceDigestCheck | None = None,
     ) -> None:
         """``slot``: the key of this source's cloud copy in the step's checkpoint ``state`` (shared by
-        the readables of one step, which saves it whole)."""
+        the readables of one step, which saves it whole); ``check``: fed and verified by the download
+        of an S3-stored image (any other source is read in place by the writer, which feeds it)."""
         self.ctx = ctx
         self.source = source
+        self.check = check
         self.slot = slot
         self.state: dict[str, Any] = {} if state is None else state
         self._cleanup: list[Callable[[], None]] = []
 
-    def __enter__(self) -> tuple[Path, str]:
+    def __enter__(self) -> Path:
         try:
             return self._open()
         except BaseException:
@@ -380,17 +482,18 @@ class Readable:
         if failed is not None:
             raise failed
 
-    def _open(self) -> tuple[Path, str]:
+    def _open(self) -> Path:
         ctx, source = self.ctx, self.source
         kind = source["type"]
         if kind == "image":
             location = source["location"]
             if location.get("type") == "s3":
-                path, digest, allowance = _download(ctx, location)
+                check = self.check if self.check is not None else SourceDigestCheck(source)
+                path, allowance = _download(ctx, location, check)
                 self._cleanup.append(allowance.release)
                 self._cleanup.append(lambda: _drop(ctx, path))
-                return path, digest
-            return self._local(Path(location["path"]))
+                return path
+            return Path(location["path"])
         if kind == "volume":
             volume = source["volume"]
             if volume.get("type") == "ec2":
@@ -402,8 +505,8 @@ class Readable:
                     )
                 attached = target.adopt(str(volume["volume_id"]), ctx.task_id)
                 self._cleanup.append(lambda: target.release(attached.info))
-                return self._local(attached.path)
-            return self._local(Path(volume["path"]))
+                return attached.path
+            return Path(volume["path"])
         if kind == "cloud-instance":
             copy = CloudDiskCopy(ctx.config.targets["volume"])
             record: dict[str, Any] = {}
@@ -418,14 +521,8 @@ class Readable:
             self._cleanup.append(remove)
             attached = copy.create(ctx.task_id, str(source["volume_id"]), record, ctx.cancel)
             ctx.save_checkpoint(self.state)
-            return self._local(attached.path)
+            return attached.path
         raise ImagingError(f"cannot export a source of type {kind!r}", "NotExportable")
-
-    def _local(self, path: Path) -> tuple[Path, str]:
-        """A regular file or a block device as it is, hashed (the writer reads either)."""
-        if path.is_file():
-            return path, hash_file(path, self.ctx.cancel)[0]
-        return path, _hash_device(self.ctx, path)
 
 
 def _drop(ctx: StepContext, path: Path) -> None:

@@ -74,6 +74,7 @@ from ..sources.reader import open_reader
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target
 from ..targets.base import storage_error
+from ..targets.chunkdigest import HashedSink, OffsetChunkedSha256, digest_file, range_digest
 from ..targets.encryption import requested
 from ..targets.file import FileImageTarget
 from ..targets.rawio import RawWriter
@@ -83,7 +84,7 @@ from .bundles import bundle_manifest_url
 from .guest import ValidateStep
 from .image_stream_s3 import stream_into_s3
 from .imports import DISK_NAME, checked_source, source_digest, source_preflight
-from .provenance import READ_AFTER_STREAM, check_expected
+from .provenance import READ_AFTER_STREAM, WHILE_STREAMING_CHUNKED, check_expected
 from .retries import retry_reporter
 from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints
 
@@ -379,16 +380,30 @@ class StreamStoreStep(Step):
             # what was written after the checkpoint goes (all of it, when the stream starts from zero)
             os.truncate(path, resume.output_size if resume is not None else 0)
             with RawWriter(path, zeroed=True, error=lambda exc: storage_error(exc, where)) as out, meter:
+                written: list[OffsetChunkedSha256] = []
 
                 def run(start: ResumePoint | None) -> tuple[StreamResult, StreamCheckpoints]:
                     checkpoints = StreamCheckpoints(
                         ctx, key, decoder, out, path, every=ctx.config.sources.checkpoint_every, resume=start
                     )
+                    # the image's sha256-chunked, taken from the decoder's writes (no second read)
+                    for old in written:
+                        old.close()
+                    written[:] = [
+                        OffsetChunkedSha256(
+                            reread=lambda start, end: range_digest(out.fd, start, end), name="image"
+                        )
+                    ]
+                    if start is not None:
+                        written[0].unknown(
+                            f"the stream resumed at source byte {start.boundary.input_offset}: the disk "
+                            "before it was written by an earlier run"
+                        )
                     result = stream_source(
                         ctx,
                         source,
                         decoder,
-                        out,
+                        HashedSink(out, written[0]),
                         capacity=ctx.config.limits.max_virtual_size,
                         meter=meter,
                         on_md5_checked=md5_checked.append,
@@ -397,11 +412,18 @@ class StreamStoreStep(Step):
                     return result, checkpoints
 
                 try:
-                    result, checkpoints = run(resume)
-                except SourceReplaced as exc:  # (raised before anything was read or written)
-                    ctx.event("stream.restarted", offset=0, reason=exc.message)
-                    os.truncate(path, 0)
-                    result, checkpoints = run(None)
+                    try:
+                        result, checkpoints = run(resume)
+                    except SourceReplaced as exc:  # (raised before anything was read or written)
+                        ctx.event("stream.restarted", offset=0, reason=exc.message)
+                        os.truncate(path, 0)
+                        result, checkpoints = run(None)
+                    image_digest = written[0].result(result.virtual_size)
+                    facts["digest_gap"] = written[0].gap
+                finally:
+                    for hasher in written:
+                        hasher.close()
+            facts["digest"] = image_digest.to_dict() if image_digest is not None else None
             sha256 = checkpoints.sha256()
             facts["source"] = source_digest(
                 ctx,
@@ -460,10 +482,17 @@ class StreamStoreStep(Step):
             # the run that resumes the task takes it)
             reuse_partial=point.partial if point is not None else None,
             keep_partial_on=(Cancelled, LeaseLost, StoreUnavailable),
+            # its digest is the sha256-chunked taken while it was written: no second read for a sha256
+            hash_output=False,
         )
         meter.flushed()  # published and fsynced
-        # the file target hashed the published file after it was written (one read)
-        location["digest_method"] = READ_AFTER_STREAM
+        digest, gap = facts.pop("digest"), facts.pop("digest_gap")
+        if digest is not None:
+            location["digest"] = digest
+            location["digest_method"] = WHILE_STREAMING_CHUNKED
+        else:  # a resumed stream did not see the disk before its checkpoint: one read of the image
+            location["digest"] = digest_file(Path(location["path"]), cancel=ctx.cancel).to_dict()
+            location["digest_method"] = READ_AFTER_STREAM + str(gap)
         ctx.ledger_created(json.dumps(location, sort_keys=True))
         return {"stored": location, **facts}
 

@@ -9,11 +9,12 @@ place it is made):
   source's own digests that were verified on the way (an S3 ETag MD5, ``x-amz-checksum-sha256``,
   each manifest part's MD5, the OVA ``.mf``), and ``expected_sha256`` when the user gave one;
 - ``outputs``: one entry per disk — ``sha256`` of the volume, file or object as written, ``size``,
-  where it is, and ``digest_method``: how the sha256 was taken (while writing, or one read of the
-  output and why); an export's entry adds ``digest``, the chunked SHA-256 it always records
-  (:mod:`appliance.targets.chunkdigest`: ``algorithm``, ``value``, ``chunk_size``, ``chunks``,
-  ``s3_checksum_sha256``), and its ``sha256`` is null where the whole-object digest was not computed
-  (:func:`appliance.targets.diskexport.wants_full_sha256`);
+  where it is, and ``digest_method``: how the digests were taken (while writing, or one read of the
+  output and why); ``digest``, the chunked SHA-256 (:mod:`appliance.targets.chunkdigest`:
+  ``algorithm``, ``value``, ``chunk_size``, ``chunks``, ``s3_checksum_sha256``), which every export and
+  every volume import records (a volume's is computed while its parts or grains are written; its
+  ``sha256`` is null: the whole-volume sha256 would cost a second read); an export's ``sha256`` is null
+  where the whole-object digest was not computed (:func:`appliance.targets.diskexport.wants_full_sha256`);
 - ``source`` / ``output``: the first entries of those lists (the boot disk);
 - ``tools``: appliance, qemu-img and (when guest validation ran) dissect versions;
 - ``workflow``: the digests of the workflow file and of the hook set;
@@ -35,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -46,14 +46,11 @@ from .. import __version__
 from ..errors import ImagingError
 from ..image.qemuimg import availability
 from ..store import StepState
-from ..targets.rawio import hash_file
+from ..targets.chunkdigest import ALGORITHM, digest_file
 from ..timestamps import format_time, parse_time, utc_now
 from ..workflow.hookpoints import HOOKS_RECORD
 from ..workflow.loader import WorkflowLoader
 from ..workflow.step import Step, StepContext
-
-#: bytes read at a time when a written block device is hashed
-_CHUNK = 4 << 20
 
 #: how an output's sha256 was taken (``digest_method`` of an output entry)
 WHILE_WRITING = "computed while writing"
@@ -62,17 +59,26 @@ READ_BEFORE_UPLOAD = (
     "the sha256) when the upload starts"
 )
 READ_AFTER_STREAM = (
-    "one read of the image file after the streaming decoder wrote it: the grains are written at their "
-    "offsets and zero ranges are left as holes, so the file is hashed once it is complete"
+    "one read of the image file after the streaming decoder wrote it (its holes skipped, 64 MiB chunks "
+    "hashed in parallel: sha256-chunked only): "
+)
+WHILE_STREAMING_CHUNKED = (
+    "sha256-chunked computed while the streaming decoder wrote the image file: its writes at their "
+    "offsets, the ranges it left as holes as zeros (a chunk written out of order hashed again from the "
+    "file); no whole-file sha256 (it would need a second read)"
 )
 WHILE_UPLOADING = (
     "computed while streaming: the sha256 of every byte handed to the multipart upload in order (zero "
     "ranges included); the object was checked at a staging key and copied to its key with the digest"
 )
 READ_AFTER_WRITE = (
-    "one read of the volume after it was written: RAW parts and decoded grains are written at their "
-    "offsets (zeros skipped, qemu-img writes the VMDK/VHD path), and hooks at after_convert/before_write "
-    "may change the volume in place, so the bytes handed over are hashed where they are"
+    "one read of the volume after it was written (its holes skipped, 64 MiB chunks hashed in parallel: "
+    "sha256-chunked only): "
+)
+WHILE_WRITING_VOLUME = (
+    "sha256-chunked computed while writing: the RAW parts or decoded grains as they were written at their "
+    "offsets, the ranges never written (holes, the volume past the image) as zeros; no hook changed the "
+    "volume afterwards"
 )
 
 
@@ -179,6 +185,7 @@ def object_metadata(record: dict[str, Any]) -> dict[str, str]:
         "export-task-id": record.get("task_id"),
         "source-id": source.get("id"),
         "source-sha256": source.get("sha256"),
+        "source-sha256-chunked": (source.get("digest") or {}).get("value"),
         "appliance-version": tools.get("appliance"),
         "qemu-img-version": tools.get("qemu-img"),
         "workflow-sha256": (record.get("workflow") or {}).get("workflow_sha256"),
@@ -237,16 +244,20 @@ def check_expected(expected: str | None, actual: str | None, where: str, disk: s
         )
 
 
-def output_digest(ctx: StepContext, path: Path) -> str:
-    """The sha256 of a written volume (a regular file, holes as zeros, or a block device), read once."""
-    if stat.S_ISREG(os.stat(path).st_mode):
-        return hash_file(path, ctx.cancel)[0]
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as src:
-        while chunk := src.read(_CHUNK):
-            ctx.check_cancelled()
-            h.update(chunk)
-    return h.hexdigest()
+def output_digest(ctx: StepContext, path: Path) -> dict[str, Any]:
+    """The ``sha256-chunked`` of a written volume (a regular file, its holes not read, or a block
+    device), read once, its chunks hashed in parallel."""
+    return digest_file(path, cancel=ctx.cancel).to_dict()
+
+
+def written_digest(digest: Any, size: int) -> dict[str, Any] | None:
+    """The volume step's ``output_digest`` when it covers a ``size``-byte volume, else None."""
+    if not isinstance(digest, Mapping) or digest.get("algorithm") != ALGORITHM:
+        return None
+    chunk = int(digest.get("chunk_size") or 0)
+    if chunk <= 0 or int(digest.get("chunks") or 0) != max(1, -(-size // chunk)):
+        return None
+    return dict(digest)
 
 
 def _size(path: Path) -> int:
@@ -296,7 +307,10 @@ class ProvenanceRecordStep(Step):
     an import workflow. ``disks``: per disk, ``source`` (the ``source.fetch`` result, or the volume
     import's result whose ``source`` is the streamed digest), ``ova`` (``ova.open``'s package, when the
     source was an OVA), ``output`` (the image target's location, whose ``sha256`` it computed) or
-    ``volume`` (a volume, hashed here by one read), and ``expected_sha256`` (the user's).
+    ``volume`` (a volume: ``written_digest``, its ``sha256-chunked`` as the volume step wrote it, is taken
+    as it is unless ``hooks`` ran on the volume afterwards; else, or when there is none — the reason in
+    ``written_digest_gap`` — the volume is read once here, its chunks hashed in parallel), and
+    ``expected_sha256`` (the user's).
     ``imported``: more disks, each the registered result of an ``import-disk`` include (its
     ``fetched``, ``opened`` and ``stored``), listed after ``disks`` — what a per-disk loop registers
     (``imported: "{{ data_disks }}"``)."""
@@ -318,6 +332,11 @@ class ProvenanceRecordStep(Step):
                         "output": {"type": ["object", "null"]},
                         "volume": {"type": ["object", "null"]},
                         "expected_sha256": {"type": ["string", "null"]},
+                        # the volume's sha256-chunked as the volume step wrote it, or null
+                        "written_digest": {"type": ["object", "null"]},
+                        "written_digest_gap": {"type": ["string", "null"]},
+                        # the hooks that ran on the volume after it was written (they may change it)
+                        "hooks": {"type": ["array", "null"], "items": {"type": "string"}},
                     },
                 },
             },
@@ -358,21 +377,32 @@ class ProvenanceRecordStep(Step):
         volume = disk.get("volume")
         if isinstance(volume, Mapping) and volume.get("path"):
             path = Path(str(volume["path"]))
+            size = _size(path)
+            hooks = [str(h) for h in disk.get("hooks") or []]
+            written = written_digest(disk.get("written_digest"), size)
+            entry = {"type": "volume", "volume_id": volume.get("id"), "sha256": None, "size": size}
+            if written is not None and not hooks:
+                return entry | {"digest": written, "digest_method": WHILE_WRITING_VOLUME}
+            if hooks:
+                why = f"the hooks {', '.join(hooks)} ran on it in place after it was written"
+            elif written is None and disk.get("written_digest_gap"):
+                why = str(disk["written_digest_gap"])
+            else:
+                why = "qemu-img wrote it (converted from the upload assembled in scratch)"
             clock = time.monotonic()
             digest = output_digest(ctx, path)
-            return {
-                "type": "volume",
-                "volume_id": volume.get("id"),
-                "sha256": digest,
-                "size": _size(path),
-                "digest_method": READ_AFTER_WRITE,
+            return entry | {
+                "digest": digest,
+                "digest_method": READ_AFTER_WRITE + why,
                 "digest_seconds": round(time.monotonic() - clock, 3),
             }
         location = dict(disk.get("output") or {})
         entry = {
-            k: location.get(k) for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "format")
+            k: location.get(k)
+            for k in ("type", "path", "bucket", "key", "etag", "size", "sha256", "digest", "format")
         }
         entry = {k: v for k, v in entry.items() if v is not None}
+        entry.setdefault("sha256", None)  # null: not computed (a streamed image carries its digest only)
         entry["digest_method"] = location.get("digest_method") or (
             READ_BEFORE_UPLOAD if location.get("type") == "s3" else WHILE_WRITING
         )

@@ -16,9 +16,10 @@ kept beside it, and another appliance (or a scratch that is gone) assembles it a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import ImageRejected
@@ -40,6 +41,7 @@ from ..sources.upload import manifest_origin, read_parts, read_range
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
+from ..targets.chunkdigest import ChunkedDigest, HashedSink, OffsetChunkedSha256, range_digest
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume
@@ -125,13 +127,17 @@ class VolumeImportStep(Step):
         check = RawStreamCheck()
         digest = StreamDigest()
         where = f"volume {vol.id} ({vol.path})"
-        with RawWriter(vol.path, zeroed=zeroed, error=lambda exc: storage_error(exc, where)) as out:
+        with (
+            RawWriter(vol.path, zeroed=zeroed, error=lambda exc: storage_error(exc, where)) as out,
+            _volume_digest(out) as written,
+        ):
             # After a restart the inspectors must see the whole stream: re-read what was verified (the
-            # upload's bytes as they are on the volume: the source digest covers them too).
+            # upload's bytes as they are on the volume: the source and volume digests cover them too).
             for offset in range(0, state["done"], 1 << 20):
                 piece = out.read(offset, min(1 << 20, state["done"] - offset))
                 check.eat(piece)
                 digest.update(piece)
+                written.write(offset, piece)
 
             # bytes read and written, rate and ETA, also while nothing arrives; 100 % only once the
             # volume is flushed (finalize)
@@ -141,6 +147,7 @@ class VolumeImportStep(Step):
                 check.eat(chunk)
                 meter.read(offset + len(chunk))
                 out.write(offset, chunk)
+                written.write(offset, chunk)
                 meter.wrote(offset + len(chunk))
 
             def on_part(part: Part, done: int) -> None:
@@ -156,12 +163,15 @@ class VolumeImportStep(Step):
             if findings:
                 raise ImageRejected(findings)
             out.zero(m.size, vol.size - m.size)  # no stale data past the image
+            written.zero(m.size, vol.size - m.size)
+            volume_digest = written.result(vol.size)
         return {
             "bytes_written": m.size,
             "format": "RAW",
             "virtual_size": m.size,
             "streamed": True,
             "source": _source(m, digest),
+            **_output_digest(volume_digest, written),
         }
 
     def _stream_decoded(
@@ -199,9 +209,17 @@ class VolumeImportStep(Step):
             if size is not None and size > vol.size:
                 raise _too_small(format, size, vol)
 
-        with RawWriter(
-            vol.path, zeroed=zeroed and resume is None, error=lambda e: storage_error(e, where)
-        ) as out:
+        with (
+            RawWriter(
+                vol.path, zeroed=zeroed and resume is None, error=lambda e: storage_error(e, where)
+            ) as out,
+            _volume_digest(out) as written,
+        ):
+            if resume is not None:
+                written.unknown(
+                    f"the task resumed at upload byte {resume.input_offset}: the disk before it was "
+                    "decoded onto the volume by an earlier run"
+                )
 
             def on_boundary(b: Boundary, done: int) -> None:
                 # everything before the boundary is in the volume: make it durable, then record it
@@ -232,7 +250,7 @@ class VolumeImportStep(Step):
 
             with StreamDecode(
                 decoder,
-                out,
+                HashedSink(out, written),
                 capacity=vol.size,
                 limits=limits,
                 max_virtual_size=limits.max_virtual_size,  # a disk larger than the volume: on_virtual_size
@@ -261,7 +279,9 @@ class VolumeImportStep(Step):
             if size > vol.size:
                 raise _too_small(format, size, vol)
             out.zero(size, vol.size - size)  # no stale data past the image
+            written.zero(size, vol.size - size)
             out.flush()
+            volume_digest = written.result(vol.size)
             # the written disk is RAW output: its content must be RAW (nothing hidden inside), as a
             # conversion's output is checked
             head = out.read(0, min(PREFLIGHT_HEAD, size))
@@ -279,6 +299,7 @@ class VolumeImportStep(Step):
             "streamed": True,
             "decoder": decoder,
             "source": _source(m, digest),
+            **_output_digest(volume_digest, written),
         }
 
     def _via_scratch(
@@ -399,6 +420,25 @@ def _too_small(format: str, size: int, vol: Volume) -> InsufficientVolumeSize:
         f"the {format} image's virtual size is {size} bytes but volume {vol.id} holds {vol.size}; import it "
         f"into a volume of at least {-(-size // GiB)} GiB"
     )
+
+
+@contextlib.contextmanager
+def _volume_digest(out: RawWriter) -> Iterator[OffsetChunkedSha256]:
+    """The chunked digest of the whole volume, taken from the writes onto it (a chunk a write landed
+    behind the others in is hashed again from the volume)."""
+    digest = OffsetChunkedSha256(reread=lambda start, end: range_digest(out.fd, start, end), name="volume")
+    try:
+        yield digest
+    finally:
+        digest.close()
+
+
+def _output_digest(digest: ChunkedDigest | None, written: OffsetChunkedSha256) -> dict[str, Any]:
+    """The ``output_digest`` of the step's result (the volume's ``sha256-chunked`` as written), or
+    ``output_digest_gap``: why there is none (the provenance step then reads the volume once)."""
+    if digest is None:
+        return {"output_digest": None, "output_digest_gap": written.gap}
+    return {"output_digest": digest.to_dict()}
 
 
 def _part_at(m: ImportManifest, offset: int) -> int:

@@ -21,6 +21,8 @@ Check a downloaded file with ``imaging digest FILE --chunk-size N``, or with cor
 from __future__ import annotations
 
 import base64
+import bisect
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -91,6 +93,8 @@ class ChunkedDigest:
     size: int
     hashed_bytes: int = 0
     zero_chunks: int = 0
+    #: chunks hashed again from the written output (a write landed behind the writer's position)
+    reread_chunks: int = 0
 
     @property
     def hexdigest(self) -> str:
@@ -111,6 +115,7 @@ class ChunkedDigest:
             "s3_checksum_sha256": self.s3_checksum,
             "hashed_bytes": self.hashed_bytes,
             "zero_chunks": self.zero_chunks,
+            **({"reread_chunks": self.reread_chunks} if self.reread_chunks else {}),
         }
 
 
@@ -250,8 +255,16 @@ class ChunkedSha256:
             )
         return self._result
 
+    def chunk_digests(self) -> list[bytes]:
+        """The digest of every chunk, in order (after :meth:`result`)."""
+        if self._result is None:
+            raise ValueError("the digest is not finished")
+        return [self._digests[i] for i in range(self._index)]
+
     def close(self) -> None:
         """Stop the hashing threads (what was not hashed is dropped)."""
+        if self._closed:
+            return
         self._closed = True
         for q in self._queues:
             q.put(None)
@@ -320,3 +333,176 @@ def digest_file(
         return hasher.result()
     finally:
         hasher.close()
+
+
+def range_digest(fd: int, start: int, end: int, *, cancel: threading.Event | None = None) -> bytes:
+    """The sha256 of bytes ``[start, end)`` of the file or block device open as ``fd`` (its holes, and
+    anything past its end, hashed as zeros without being read): one chunk hashed again."""
+    h = hashlib.sha256()
+    piece = 4 << 20
+    size = os.lseek(fd, 0, os.SEEK_END)
+    pos = start
+    for data_start, data_end in _data_map(fd, min(end, size)):
+        if data_end <= start:
+            continue
+        data_start = max(data_start, start)
+        if data_start > pos:
+            _hash_zeros(h, data_start - pos)
+            pos = data_start
+        while pos < data_end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("digest cancelled")
+            data = os.pread(fd, min(piece, data_end - pos), pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+    if end > pos:
+        _hash_zeros(h, end - pos)
+    return h.digest()
+
+
+def _hash_zeros(h: Any, length: int) -> None:
+    step = memoryview(zeros(min(length, _ZERO_STEP)))
+    while length:
+        n = min(length, len(step))
+        h.update(step[:n])
+        length -= n
+
+
+class OffsetChunkedSha256:
+    """The chunked digest of an output written at offsets, as a writer sees it: the streamed decoders'
+    writes to a file or a volume (grains at their LBAs, ranges never written read as zeros), RAW parts
+    at their offsets, the pieces an export reads from its source.
+
+    The writes are taken in the order they come: one in front of the position (:attr:`position`, the
+    end of the furthest write) is hashed at once, the gap before it hashed as zeros (a hole the writer
+    left) without being read; :meth:`zero` (a range that must read as zeros) costs nothing there. A write
+    *behind* the position (an out-of-order grain, a range zeroed after data was written there) would
+    change a chunk already hashed: the chunk is marked and hashed again at the end from the written
+    output (``reread(start, end)``, e.g. :func:`range_digest` of the target), so the result is always the
+    digest of what was written. A writer that writes in ascending order (every decoder here on an
+    ordinary image) re-reads nothing. Not thread-safe: one writer thread."""
+
+    #: data ranges remembered (to tell whether a later zero range undoes a write); beyond, a zero range
+    #: behind the position marks its chunks
+    MAX_SPANS = 1 << 16
+
+    def __init__(
+        self,
+        chunk_size: int = DEFAULT_CHUNK,
+        *,
+        reread: Callable[[int, int], bytes] | None = None,
+        threads: int = 0,
+        name: str = "chunk-sha256",
+    ) -> None:
+        self._stream = ChunkedSha256(chunk_size, threads=threads, name=name)
+        self.chunk_size = self._stream.chunk_size
+        self._reread = reread
+        #: the end of the furthest write: everything before it is hashed (gaps as zeros)
+        self.position = 0
+        self._dirty: set[int] = set()
+        self._spans: list[tuple[int, int]] = []  # data written, merged, ascending
+        self._spans_lost = False
+        #: why the digest cannot be had from the writes (a resumed writer); None while it can
+        self.gap: str | None = None
+
+    def _mark(self, start: int, end: int) -> None:
+        self._dirty.update(range(start // self.chunk_size, (end - 1) // self.chunk_size + 1))
+
+    def _overlaps_data(self, start: int, end: int) -> bool:
+        if self._spans_lost:
+            return True
+        i = bisect.bisect_right(self._spans, (start, 1 << 62)) - 1
+        i = max(i, 0)
+        for s, e in self._spans[i:]:
+            if s >= end:
+                return False
+            if e > start:
+                return True
+        return False
+
+    def _advance(self, offset: int, data: bytes) -> None:
+        if offset > self.position:
+            self._stream.zeros(offset - self.position)
+        n = len(data)
+        if is_zero(data):
+            self._stream.zeros(n)
+        else:
+            self._stream.update(data)
+            if self._spans and self._spans[-1][1] == offset:
+                self._spans[-1] = (self._spans[-1][0], offset + n)
+            elif len(self._spans) < self.MAX_SPANS:
+                self._spans.append((offset, offset + n))
+            else:
+                self._spans_lost = True
+        self.position = offset + n
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """``data`` was written at ``offset``."""
+        n = len(data)
+        if not n:
+            return
+        end = offset + n
+        if offset < self.position:  # (rare: an out-of-order write)
+            behind = min(end, self.position)
+            if not is_zero(bytes(data[: behind - offset])) or self._overlaps_data(offset, behind):
+                self._mark(offset, behind)
+            if end <= self.position:
+                return
+            data, offset = bytes(data[behind - offset :]), behind
+        self._advance(offset, data if isinstance(data, bytes) else bytes(data))
+
+    def zero(self, offset: int, length: int) -> None:
+        """``[offset, offset + length)`` was made to read as zeros (or left as zeros)."""
+        end = min(offset + length, self.position)
+        if length > 0 and offset < end and self._overlaps_data(offset, end):
+            self._mark(offset, end)
+
+    def unknown(self, reason: str) -> None:
+        """The output holds bytes this digest did not see (``reason``): :meth:`result` is then None."""
+        self.gap = self.gap or reason
+
+    def result(self, size: int) -> ChunkedDigest | None:
+        """The digest of the ``size``-byte output (None when :meth:`unknown` was called). Chunks marked
+        by a write behind the position are hashed again with ``reread`` (or the digest is unknown)."""
+        try:
+            if self.gap is not None:
+                return None
+            if size < self.position:
+                self.unknown(f"the output is {size} bytes but was written up to byte {self.position}")
+                return None
+            self._stream.zeros(size - self.position)
+            digest = self._stream.result()
+            if not self._dirty:
+                return digest
+            if self._reread is None:
+                self.unknown("writes came out of order and the output cannot be read back")
+                return None
+            chunks = self._stream.chunk_digests()
+            for index in sorted(self._dirty):
+                start = index * self.chunk_size
+                chunks[index] = self._reread(start, min(start + self.chunk_size, size))
+            return dataclasses.replace(digest, value=combine(chunks), reread_chunks=len(self._dirty))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class HashedSink:
+    """A decoder's sink (``write(offset, data)``, ``zero(offset, length)``: a
+    :class:`appliance.targets.rawio.RawWriter`) whose writes also go to an :class:`OffsetChunkedSha256`,
+    after the sink took them."""
+
+    def __init__(self, sink: Any, digest: OffsetChunkedSha256) -> None:
+        self.sink, self.digest = sink, digest
+
+    def write(self, offset: int, chunk: bytes) -> None:
+        self.sink.write(offset, chunk)
+        self.digest.write(offset, chunk)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.sink.zero(offset, length)
+        self.digest.zero(offset, length)

@@ -186,7 +186,12 @@ def copy_stored(
     target = destination_of(destination, name, fmt)
 
     def digests() -> Digests:
-        return Digests(str(expected) if expected else None, describe_location(location))
+        recorded = location.get("digest")
+        return Digests(
+            str(expected) if expected else None,
+            describe_location(location),
+            recorded if isinstance(recorded, Mapping) else None,
+        )
 
     if destination["type"] == "s3":
         settings = endpoint_settings(config, destination["endpoint"])

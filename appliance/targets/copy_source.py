@@ -27,6 +27,7 @@ from typing import Any
 from ..config import Config, parse_size
 from ..errors import UsageError
 from .base import TargetError, boto_client, check_cancel
+from .chunkdigest import ALGORITHM, DEFAULT_CHUNK, ChunkedSha256, is_zero
 from .s3stream import MIN_PART
 
 log = logging.getLogger(__name__)
@@ -154,27 +155,60 @@ def read_stored(
 
 
 class Digests:
-    """The sha256 of what was read, checked against the recorded one before anything is published."""
+    """The sha256 of what was read, checked against the recorded digest before anything is published:
+    the recorded ``sha256-chunked`` when the location has one (an image imported since the import side
+    records it; computed beside the sha256 on the same read), else the recorded ``sha256``."""
 
-    def __init__(self, expected: str | None, what: str) -> None:
+    def __init__(
+        self, expected: str | None, what: str, expected_digest: Mapping[str, Any] | None = None
+    ) -> None:
         self.expected, self.what = expected, what
         self.hasher = hashlib.sha256()
         self.read = 0
+        chunked = (
+            expected_digest if expected_digest and expected_digest.get("algorithm") == ALGORITHM else None
+        )
+        self.expected_digest = chunked
+        self.chunks = (
+            ChunkedSha256(int(chunked.get("chunk_size") or DEFAULT_CHUNK), name="copy-chunks")
+            if chunked is not None
+            else None
+        )
 
     def hashed(self, chunks: Iterable[bytes], cancel: threading.Event | None) -> Iterator[bytes]:
         """``chunks``, each hashed on the way; a cancel stops the copy between two of them."""
-        for chunk in chunks:
-            check_cancel(cancel, "copy")
-            self.hasher.update(chunk)
-            self.read += len(chunk)
-            yield chunk
+        try:
+            for chunk in chunks:
+                check_cancel(cancel, "copy")
+                self.hasher.update(chunk)
+                if self.chunks is not None:
+                    if is_zero(chunk):
+                        self.chunks.zeros(len(chunk))
+                    else:
+                        self.chunks.update(chunk)
+                self.read += len(chunk)
+                yield chunk
+        except BaseException:
+            if self.chunks is not None:
+                self.chunks.close()
+            raise
 
     def check(self, size: int) -> str:
         """The sha256 of what was read: all ``size`` bytes (``Source.Truncated``), with the recorded
         digest (``Source.DigestMismatch``)."""
         digest = self.hasher.hexdigest()
         if self.read != size:
+            if self.chunks is not None:
+                self.chunks.close()
             raise TargetError(f"{self.what}: read {self.read} bytes of {size}", "Source.Truncated")
+        if self.chunks is not None and self.expected_digest is not None:
+            value = self.chunks.result().hexdigest
+            if value != self.expected_digest.get("value"):
+                raise SourceDigestMismatch(
+                    f"the stored image {self.what} has {ALGORITHM} {value}, not the "
+                    f"{self.expected_digest.get('value')} recorded when it was stored: it changed since; "
+                    "nothing was copied"
+                )
         if self.expected and digest != self.expected:
             raise SourceDigestMismatch(
                 f"the stored image {self.what} has sha256 {digest}, not the {self.expected} recorded "

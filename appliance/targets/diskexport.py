@@ -112,13 +112,65 @@ class ExportResult:
         }
 
 
+class SourceCheck(Protocol):
+    """The source disk's digest, taken from the writer's own reads of it (no second read of the source):
+    ``read(offset, data)`` gets every piece the writer reads, in ascending order (the holes it skips
+    are zeros); ``verify(size)`` is called once the whole disk was read, before the output is completed
+    (a file renamed into place, an upload completed), and raises to leave nothing."""
+
+    def read(self, offset: int, data: bytes) -> None: ...
+
+    def verify(self, size: int) -> None: ...
+
+    def output_stands_for_source(self, chunk_size: int) -> bool:
+        """Whether the ``sha256-chunked`` of a RAW export's output (the source's bytes, as they are) in
+        chunks of ``chunk_size`` can be compared instead of digesting the source a second time."""
+        ...
+
+    def verify_output(self, digest: Mapping[str, Any], size: int) -> bool:
+        """Compare the RAW output's chunked ``digest`` (raises as :meth:`verify`); False when its chunk
+        size is not the one needed (the source is then read again for :meth:`read`)."""
+        ...
+
+
+def _checked_producer(
+    produce: Callable[[ByteSink], None], check: SourceCheck | None, size: int
+) -> Callable[[ByteSink], None]:
+    if check is None:
+        return produce
+
+    def run(sink: ByteSink) -> None:
+        produce(sink)
+        check.verify(size)
+
+    return run
+
+
+def read_whole_source(fd: int, size: int, check: SourceCheck, cancel: threading.Event | None) -> None:
+    """Feed ``check`` the source by one read of its data ranges (for a writer that does not read the
+    source itself: qemu-img), then verify it."""
+    for start, end, is_data in segments(fd, size):
+        pos = start
+        while is_data and pos < end:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("export cancelled")
+            chunk = os.pread(fd, min(_CHUNK, end - pos), pos)
+            if not chunk:
+                break
+            check.read(pos, chunk)
+            pos += len(chunk)
+    check.verify(size)
+
+
 # --------------------------------------------------------------------------------------- destinations
 
 
 class Destination(Protocol):
     """Where an export goes: :meth:`stream` hands ``produce`` a forward-only sink and returns the
     location (with ``sha256``, ``digest``, ``size``) once it is complete; on any exception nothing is
-    left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None)."""
+    left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None). ``check_output``
+    gets the output's chunked digest once it is written and may raise: a file is then not renamed into
+    place, an S3 object (completed: the composite checksum is known then) is deleted."""
 
     def stream(
         self,
@@ -126,6 +178,7 @@ class Destination(Protocol):
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]: ...
 
 
@@ -197,6 +250,7 @@ class FileDestination:
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         with self.partial() as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -212,6 +266,8 @@ class FileDestination:
             finally:
                 sink.close()
                 os.close(fd)
+            if check_output is not None:
+                check_output(digest)
             self.publish(tmp)
         return {
             "type": "file",
@@ -260,6 +316,7 @@ class S3Destination:
         *,
         size_hint: int | None = None,
         full_sha256: bool = True,
+        check_output: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         with MultipartWriter(
             self.client,
@@ -277,6 +334,13 @@ class S3Destination:
         ) as writer:
             produce(writer)
             done = writer.close()
+        if check_output is not None:
+            try:
+                check_output(done.get("digest") or {})
+            except BaseException:
+                with contextlib.suppress(Exception):  # (a caller that removes the key tries again)
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key)
+                raise
         return {"type": "s3", **done}
 
 
@@ -305,12 +369,16 @@ def _open_source(source: Path) -> Iterator[tuple[int, int]]:
 
 
 def _raw_producer(
-    fd: int, size: int, tracker: ProgressTracker, cancel: threading.Event | None
+    fd: int,
+    size: int,
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes], object] | None = None,
 ) -> Callable[[ByteSink], None]:
     def produce(sink: ByteSink) -> None:
         holes: Callable[[int], None] | None = getattr(sink, "write_zeros", None)
         if holes is not None:  # a file: each hole given by its length, never read nor hashed
-            _raw_sparse(fd, size, sink, holes, tracker, cancel)
+            _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read)
             return
         pos = 0
         while pos < size:
@@ -326,6 +394,8 @@ def _raw_producer(
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
                 )
+            if on_read is not None and not is_hole:
+                on_read(pos, chunk)
             sink.write(chunk)
             pos += n
             tracker.update(pos)
@@ -340,6 +410,7 @@ def _raw_sparse(
     holes: Callable[[int], None],
     tracker: ProgressTracker,
     cancel: threading.Event | None,
+    on_read: Callable[[int, bytes], object] | None = None,
 ) -> None:
     """The disk's data ranges written, its holes given to ``holes`` by length."""
     pos = 0
@@ -358,6 +429,8 @@ def _raw_sparse(
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
                 )
+            if on_read is not None:
+                on_read(pos, chunk)
             sink.write(chunk)
             pos += n
             tracker.update(pos)
@@ -395,12 +468,15 @@ def export_disk(
     cancel: threading.Event | None = None,
     ledger: partials.Ledger | None = None,
     full_sha256: bool | None = None,
+    source_check: SourceCheck | None = None,
 ) -> ExportResult:
     """Write the RAW disk ``source`` as ``fmt`` (``vmdk``, ``vhd``, ``raw``) to ``destination``.
 
     ``workdir`` (scratch) holds a VHD on its way to S3; ``subformat`` is ``dynamic`` (default) or
     ``fixed`` for VHD; ``adapter_type`` the VMDK's ``ddb.adapterType``; ``full_sha256``: compute the
-    whole-object sha256 besides the chunked digest (None: :func:`wants_full_sha256`). Raises
+    whole-object sha256 besides the chunked digest (None: :func:`wants_full_sha256`); ``source_check``
+    sees the source as the writer reads it and is verified before the output is completed (a VHD of a
+    block device, which qemu-img reads, is read once for it first). Raises
     :class:`UsageError` for a bad format or source, ``UploadFailed``/``TargetWriteFailed``/
     ``InsufficientStorage`` for the destination, :class:`ConversionFailed` when qemu-img fails,
     :class:`Cancelled` on ``cancel``."""
@@ -421,6 +497,7 @@ def export_disk(
     with _open_source(Path(source)) as (fd, size):
         tracker = ProgressTracker("exporting", size, on_progress)
         full = wants_full_sha256(fmt, size) if full_sha256 is None else full_sha256
+        on_read = source_check.read if source_check is not None else None
         if fmt == "vmdk":
             name = extent_name or _extent_name(destination)
 
@@ -434,20 +511,47 @@ def export_disk(
                     threads=threads,
                     on_progress=tracker.update,
                     cancel=cancel,
+                    on_read=on_read,
                 )
 
-            location = destination.stream(produce, size_hint=size, full_sha256=full)
-        elif fmt == "raw":
             location = destination.stream(
-                _raw_producer(fd, size, tracker, cancel), size_hint=size, full_sha256=full
+                _checked_producer(produce, source_check, size), size_hint=size, full_sha256=full
             )
+        elif fmt == "raw":
+            chunk = (
+                destination.chunk_size if isinstance(destination, FileDestination) else destination.part_size
+            )
+            if source_check is not None and source_check.output_stands_for_source(chunk):
+                # the output's bytes are the source's: its digest is the source's (hashed once, not twice)
+                check = source_check
+
+                def by_output(digest: Mapping[str, Any]) -> None:
+                    if not check.verify_output(digest, size):  # (the upload grew its parts)
+                        read_whole_source(fd, size, check, cancel)
+
+                location = destination.stream(
+                    _raw_producer(fd, size, tracker, cancel),
+                    size_hint=size,
+                    full_sha256=full,
+                    check_output=by_output,
+                )
+            else:
+                location = destination.stream(
+                    _checked_producer(_raw_producer(fd, size, tracker, cancel, on_read), source_check, size),
+                    size_hint=size,
+                    full_sha256=full,
+                )
         elif streams_vhd(fd, size):
             location = destination.stream(
-                _vhd_producer(fd, size, str(subformat), tracker, cancel),
+                _checked_producer(
+                    _vhd_producer(fd, size, str(subformat), tracker, cancel, on_read), source_check, size
+                ),
                 size_hint=_vhd_size_hint(size),
                 full_sha256=full,
             )
         else:
+            if source_check is not None:  # qemu-img reads the source: one read of it for the check first
+                read_whole_source(fd, size, source_check, cancel)
             location = _export_vhd(
                 Path(source),
                 size,
@@ -484,10 +588,15 @@ def _vhd_size_hint(size: int) -> int:
 
 
 def _vhd_producer(
-    fd: int, size: int, subformat: str, tracker: ProgressTracker, cancel: threading.Event | None
+    fd: int,
+    size: int,
+    subformat: str,
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes], object] | None = None,
 ) -> Callable[[ByteSink], None]:
     if subformat == "fixed":  # the disk's bytes (holes stay holes in a file), then the footer
-        raw = _raw_producer(fd, size, tracker, cancel)
+        raw = _raw_producer(fd, size, tracker, cancel, on_read)
 
         def fixed(sink: ByteSink) -> None:
             raw(sink)
@@ -496,7 +605,7 @@ def _vhd_producer(
         return fixed
 
     def dynamic(sink: ByteSink) -> None:
-        write_dynamic_vhd(fd, size, sink, on_progress=tracker.update, cancel=cancel)
+        write_dynamic_vhd(fd, size, sink, on_progress=tracker.update, cancel=cancel, on_read=on_read)
 
     return dynamic
 
@@ -612,10 +721,13 @@ def export_ova(
     cancel: threading.Event | None = None,
     ledger: partials.Ledger | None = None,
     full_sha256: bool | None = None,
+    source_checks: list[SourceCheck | None] | None = None,
 ) -> ExportResult:
     """The disks ``sources`` (boot disk first) as one OVA of VM ``name`` (module docstring).
     ``firmware`` is ``efi`` for a guest that validated as UEFI, else ``bios``. Each disk's VMDK gets
-    its whole sha256 (the ``.mf`` lists it); the OVA's too unless ``full_sha256`` is False."""
+    its whole sha256 (the ``.mf`` lists it); the OVA's too unless ``full_sha256`` is False.
+    ``source_checks``: per disk, what :func:`export_disk`'s ``source_check`` is (verified once the disk
+    was read, before its VMDK is packed)."""
     started = time.monotonic()
     if not sources:
         raise UsageError("an OVA export needs at least one disk")
@@ -642,6 +754,7 @@ def export_ova(
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             sink = _FileSink(fd, full=True, chunked=False)  # the .mf lists each VMDK's sha256
             try:
+                check = (source_checks or [])[i - 1] if source_checks and i <= len(source_checks) else None
                 with _open_source(s.path) as (src_fd, _):
                     base = done
 
@@ -656,7 +769,10 @@ def export_ova(
                         threads=threads,
                         cancel=cancel,
                         on_progress=step,
+                        on_read=check.read if check is not None else None,
                     )
+                    if check is not None:
+                        check.verify(size)
                     done = base + size
                 os.ftruncate(fd, sink.offset)
                 full, _chunked = sink.digests()
@@ -746,9 +862,11 @@ class StreamingExportWriter:
         cancel: threading.Event | None = None,
         fence: Callable[[], None] | None = None,
         ledger: partials.Ledger | None = None,
+        source_check: SourceCheck | None = None,
     ) -> dict[str, Any]:
         """Write ``source`` as ``disk_format`` to ``s3://bucket/key`` with ``metadata`` (plus
-        ``sha256``); returns ``{bucket, key, etag, sha256, size, parts, format, seconds}``."""
+        ``sha256``); returns ``{bucket, key, etag, sha256, size, parts, format, seconds}``.
+        ``source_check``: :func:`export_disk`'s (a mismatch aborts the upload)."""
 
         def export(dest: S3Destination) -> ExportResult:
             return export_disk(
@@ -760,6 +878,7 @@ class StreamingExportWriter:
                 on_progress=on_progress,
                 cancel=cancel,
                 ledger=ledger,
+                source_check=source_check,
             )
 
         result = self._upload(bucket, key, metadata, cancel, fence, export)
@@ -780,6 +899,7 @@ class StreamingExportWriter:
         cancel: threading.Event | None = None,
         fence: Callable[[], None] | None = None,
         ledger: partials.Ledger | None = None,
+        source_checks: list[SourceCheck | None] | None = None,
     ) -> dict[str, Any]:
         """The disks ``sources`` (boot disk first) as one OVA of VM ``name`` (:func:`export_ova`: the
         VMDKs in ``workdir``, then the tar streamed) to ``s3://bucket/key``; returns
@@ -797,6 +917,7 @@ class StreamingExportWriter:
                 on_progress=on_progress,
                 cancel=cancel,
                 ledger=ledger,
+                source_checks=source_checks,
             )
 
         result = self._upload(bucket, key, metadata, cancel, fence, export)

@@ -25,7 +25,7 @@ from ..config import Config, parse_size
 from ..errors import ConfigError
 from ..partials import Ledger
 from ..progress import ProgressCallback
-from .diskexport import StreamingExportWriter
+from .diskexport import SourceCheck, StreamingExportWriter
 from .s3stream import MIN_PART
 
 #: the disk formats whose export needs a scratch copy of the output (qemu-img writes the VHD there
@@ -60,6 +60,7 @@ class ExportWriter(Protocol):
         cancel: threading.Event | None = None,
         fence: Callable[[], None] | None = None,
         ledger: Ledger | None = None,
+        source_check: SourceCheck | None = None,
     ) -> dict[str, Any]:
         """Write the RAW disk ``source`` (a file or a block device) as ``disk_format`` (``vmdk``,
         ``vhd``, ``raw``) to ``s3://bucket/key`` with user ``metadata`` (plus the digests); returns
@@ -67,7 +68,8 @@ class ExportWriter(Protocol):
         digest was not computed, ``digest`` the chunked SHA-256). Intermediates go to ``workdir``
         (announced to ``ledger``) and are gone when this returns or raises. On any failure or
         ``cancel`` nothing is left in the bucket: no object, no incomplete multipart upload.
-        ``fence`` is called right before the object is published."""
+        ``fence`` is called right before the object is published. ``source_check`` sees the source as
+        it is read for the export and is verified before the object is completed (no second read)."""
         ...
 
     def remove(self, bucket: str, key: str) -> None:

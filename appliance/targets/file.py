@@ -308,6 +308,7 @@ class FileImageTarget(_DirectoryTarget):
         fence: Callable[[], None] | None = None,
         reuse_partial: Path | None = None,
         keep_partial_on: tuple[type[BaseException], ...] = (),
+        hash_output: bool = True,
     ) -> dict[str, Any]:
         """Store an image written in place, without a copy in scratch: ``write(path)`` fills the new
         partial file ``path`` (mode 0600, empty, so it reads as zeros: holes stay holes) and checks it;
@@ -318,7 +319,8 @@ class FileImageTarget(_DirectoryTarget):
 
         A resumable writer: ``reuse_partial`` is the partial an earlier run of the task kept (``write``
         gets it as it is when it still is one, see :func:`appliance.partials.partial_file`), and the
-        errors in ``keep_partial_on`` leave the partial in place for the next run."""
+        errors in ``keep_partial_on`` leave the partial in place for the next run. ``hash_output``
+        False: the caller digested what it wrote (the file is not read again; ``sha256`` is None)."""
         if not _TASK_ID.match(task_id):
             raise UsageError(f"not a valid task id for a file name: {task_id!r}")
         if encryption is not None:
@@ -334,7 +336,11 @@ class FileImageTarget(_DirectoryTarget):
             with partial_file(final, ledger, reuse=reuse_partial, keep_on=keep_partial_on) as tmp:
                 write(tmp)
                 fsync_path(tmp, f"image file {final}")
-                sha256, size = hash_file(tmp)
+                if hash_output:
+                    sha256: str | None
+                    sha256, size = hash_file(tmp)
+                else:
+                    sha256, size = None, tmp.stat().st_size
                 if fence is not None:
                     fence()
                 publish(tmp, final, 0o600)

@@ -14,6 +14,7 @@ import threading
 #: the cached zero chunk a sparse disk's holes read as) cost no memory and do not count, so the writer
 #: runs ahead through holes while the thread hashes them
 QUEUE_CHUNKS = 4
+_ZERO = bytes(4 << 20)
 
 
 class ThreadedSha256:
@@ -57,3 +58,42 @@ class ThreadedSha256:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+class OffsetSha256:
+    """The whole sha256 of a disk read at ascending offsets, the ranges not read (holes) as zeros: what
+    an export's writer reads of its source, hashed on the way (:class:`ThreadedSha256`). A read behind
+    the position cannot be taken in order: :attr:`gap` says so and :meth:`result` is then None."""
+
+    def __init__(self, name: str = "source-sha256") -> None:
+        self._sha = ThreadedSha256(name)
+        self.position = 0
+        self.gap: str | None = None
+
+    def _zeros(self, n: int) -> None:
+        while n:
+            m = min(n, len(_ZERO))
+            self._sha.update(_ZERO if m == len(_ZERO) else _ZERO[:m], shared=m == len(_ZERO))
+            n -= m
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.gap is not None:
+            return
+        if offset < self.position:
+            self.gap = f"a read at byte {offset}, behind byte {self.position}"
+            return
+        self._zeros(offset - self.position)
+        self._sha.update(data)
+        self.position = offset + len(data)
+
+    def result(self, size: int) -> str | None:
+        try:
+            if self.gap is not None or size < self.position:
+                return None
+            self._zeros(size - self.position)
+            return self._sha.hexdigest()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._sha.close()

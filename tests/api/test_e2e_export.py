@@ -79,6 +79,8 @@ def test_import_then_export_image_with_boto3_and_the_aws_cli_matches_the_origina
     shown = admin_task(appliance, export_id)
     record = shown["provenance"]
     assert record == shown["task"]["result"]["exported"]["provenance"]
+    # a dynamic VHD went through scratch: the file target recorded the plain sha256 as it copied the
+    # image, and the export checked that on its one read of the stored disk
     assert (
         record["source"]["id"] == image_id
         and record["source"]["sha256"] == record["source"]["recorded_sha256"]

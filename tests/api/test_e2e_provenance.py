@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,17 @@ def sha256sum(path: Path) -> str:
     return subprocess.run(
         ["sha256sum", str(path)], capture_output=True, text=True, check=True
     ).stdout.split()[0]
+
+
+def imaging_digest(path: Path) -> str:
+    """``imaging digest PATH``: the chunked digest as a user recomputes it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "digest", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(json.loads(res.stdout)["value"])
 
 
 def snapshot_task(ec2: Any, task_id: str) -> dict[str, Any]:
@@ -94,13 +107,13 @@ def test_import_snapshot_records_the_source_and_output_sha256_on_the_admin_api(
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == source["sha256"]
 
     # the output: a RAW source streams into the image target (no scratch copy), and the image file's
-    # sha256 is taken by one read once the decoder wrote it
+    # sha256-chunked is taken from the decoder's writes (no second read: no whole-file sha256)
     disk = shown["task"]["result"]["disk"]
     assert disk["route"]["streams"] is True and "fetched" not in disk
     stored = Path(disk["streamed"]["stored"]["path"])
     output = record["outputs"][0]
-    assert output["sha256"] == sha256sum(stored)
-    assert output["digest_method"].startswith("one read of the image file after the streaming decoder")
+    assert output["digest"]["value"] == imaging_digest(stored) and output["sha256"] is None
+    assert output["digest_method"].startswith("sha256-chunked computed while the streaming decoder")
     assert output["size"] == stored.stat().st_size
 
     # tools, the workflow file's digest, timings per stage
@@ -192,12 +205,14 @@ def test_import_volume_records_the_upload_sha256_its_part_md5s_and_the_volume_sh
     ]
     (parts,) = [c for c in source["checked"] if c["what"] == "manifest-part-md5"]
     assert parts["parts"] == expected and parts["verified"] == 3
-    # the volume as handed over: 1 GiB, the disk then zeros
+    # the volume as handed over: 1 GiB, the disk then zeros; its sha256-chunked taken as the parts were
+    # written (no second read), what `imaging digest` computes from the volume
     output = record["output"]
     assert output["volume_id"] == volume_id
-    assert output["sha256"] == sha256sum(appliance.volume_file(volume_id))
+    assert output["digest"]["value"] == imaging_digest(appliance.volume_file(volume_id))
+    assert output["digest"]["chunks"] == 16 and output["sha256"] is None
     assert output["size"] == 1 << 30
-    assert "one read of the volume" in output["digest_method"]
+    assert output["digest_method"].startswith("sha256-chunked computed while writing")
 
 
 def test_import_image_of_an_ova_records_the_members_its_manifest_verified(

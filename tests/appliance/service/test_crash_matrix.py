@@ -208,7 +208,7 @@ def _hold_for(action: str, variant: str) -> Hold | str | None:
             lambda o: bool(_VOLUME_FILE.match(o.path.name)) and _in(Run.volumes)(o),
         )
     if action == "provenance.record":
-        if variant in ("raw-parts", "vhd-parts"):
+        if variant == "vhd-parts":  # qemu-img wrote the volume: it is read once for its digest
             return Hold(
                 "open",
                 "the volume is opened to be hashed for the provenance record",
@@ -216,8 +216,8 @@ def _hold_for(action: str, variant: str) -> Hold | str | None:
             )
         return (
             "builds the record in memory from the digests the fetch and store steps computed (the stored "
-            "image's sha256 is in its location): no file, process or connection to hold it at, like "
-            "util.echo; a resume runs it again"
+            "image's sha256 is in its location, a streamed volume's sha256-chunked in the volume step's "
+            "result): no file, process or connection to hold it at, like util.echo; a resume runs it again"
         )
     return NOT_INTERRUPTIBLE.get(action)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import json
+import os
 import subprocess
 import tarfile
 import threading
@@ -24,6 +26,8 @@ from appliance.image.ova import unpack_ova
 from appliance.service.exports import ExportService, object_key
 from appliance.service.imports import Caller, DiskContainer, ImportService, outcome
 from appliance.store import Task, TaskState
+from appliance.targets.chunkdigest import digest_file
+from appliance.targets.rawio import segments
 from appliance.workflow.engine import Engine
 from tests import guestfactory, stores
 from tests.processes import wait_until
@@ -133,14 +137,17 @@ def test_an_imported_image_exports_to_s3_identical_to_the_original(
     # provenance: in the result and as the object's metadata, the digests those of the real bytes
     exported = done.result["exported"]
     output_sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    source_sha = hashlib.sha256(imported["disk"].read_bytes()).hexdigest()
     record = exported["provenance"]
     assert exported["sha256"] == record["output"]["sha256"] == output_sha
-    assert record["source"]["sha256"] == record["source"]["recorded_sha256"] == source_sha
+    # the stored image's sha256-chunked (its import recorded it while writing), checked on the one read
+    source_digest = digest_file(imported["disk"]).hexdigest
+    assert (
+        record["source"]["digest"]["value"] == record["source"]["recorded_digest"]["value"] == source_digest
+    )
     assert record["tools"]["qemu-img"].startswith("qemu-img version")
     assert len(record["workflow"]["workflow_sha256"]) == 64
     meta = s3.head_object(Bucket=buckets[1], Key=key)["Metadata"]
-    assert meta["sha256"] == output_sha and meta["source-sha256"] == source_sha
+    assert meta["sha256"] == output_sha and meta["source-sha256-chunked"] == source_digest
     assert meta["export-task-id"] == task.id and meta["source-id"] == imported["image_id"]
     # the chunked SHA-256 of the object (its parts), recomputed here, and S3's own composite checksum
     digest = record["output"]["digest"]
@@ -153,19 +160,111 @@ def test_an_imported_image_exports_to_s3_identical_to_the_original(
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == output_sha
 
 
-def test_a_stored_image_that_changed_since_its_import_is_not_exported(
-    imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str]
-) -> None:
-    stored = Path(outcome(imported["task"])["location"]["path"])
+def as_imported_before_the_chunked_digest(imported: dict[str, Any]) -> str:
+    """Rewrite the import's stored location as an import made before the import side recorded the
+    output's sha256-chunked left it: its plain ``sha256`` only. Returns that sha256."""
+    task = imported["store"].get_task(imported["task"].id)
+    result = json.loads(json.dumps(task.result))
+    stored = result["disk"]["streamed"]["stored"]
+    sha256 = hashlib.sha256(Path(stored["path"]).read_bytes()).hexdigest()
+    stored.pop("digest", None)
+    stored["sha256"] = sha256
+    store = imported["store"]
+    with store._write() as conn:  # (the store has no API to rewrite a finished task's result)
+        store._update(conn, task.id, {"result": json.dumps(result)})
+    assert outcome(store.get_task(task.id))["location"]["sha256"] == sha256
+    return sha256
+
+
+def tamper(imported: dict[str, Any]) -> None:
+    stored = Path(outcome(imported["store"].get_task(imported["task"].id))["location"]["path"])
     with open(stored, "r+b") as f:
         f.seek(1 * MiB)
         f.write(b"tampered")
+
+
+def test_the_import_records_the_stored_images_chunked_digest_while_writing_it(
+    imported: dict[str, Any],
+) -> None:
+    location = outcome(imported["task"])["location"]
+    assert location["sha256"] is None  # no second read of the image for a whole-file sha256
+    computed = digest_file(Path(location["path"]))  # what `imaging digest` computes
+    assert (location["digest"]["value"], location["digest"]["chunks"]) == (
+        computed.hexdigest,
+        computed.chunks,
+    )
+    assert location["digest_method"].startswith("sha256-chunked computed while the streaming decoder")
+
+
+@pytest.mark.parametrize("disk_format", ["RAW", "VHD"])
+@pytest.mark.parametrize("record", ["sha256-chunked", "plain sha256 (imported before)"])
+def test_a_stored_image_that_changed_since_its_import_is_not_exported(
+    imported: dict[str, Any], moto: MotoServer, buckets: tuple[str, str], record: str, disk_format: str
+) -> None:
+    # RAW: the output's digest is the source's (hashed once); VHD: the source hashed on the writer's reads
+    if record.startswith("plain"):
+        as_imported_before_the_chunked_digest(imported)
+    tamper(imported)
     exports = ExportService(imported["cfg"], imported["store"])
-    task = exports.export_image(imported["image_id"], disk_image_format="RAW", bucket=buckets[1])
+    task = exports.export_image(imported["image_id"], disk_image_format=disk_format, bucket=buckets[1])
     done = run(imported["cfg"], task)
     assert done.state is TaskState.FAILED
     assert done.error_code == "Source.DigestMismatch"
-    assert moto.client("s3").list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+    assert ("sha256-chunked" in (done.error_message or "")) == (record == "sha256-chunked")
+    s3 = moto.client("s3")
+    assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+    assert not s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads")
+
+
+def _bytes_read_by_this_process() -> int:
+    """``rchar`` of /proc/self/io: every byte this process (the engine runs here) got from read(2)
+    and pread(2), whatever it read."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("record", ["sha256-chunked", "plain sha256 (imported before)"])
+def test_an_export_reads_its_source_once_and_checks_it_on_that_read(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str], record: str
+) -> None:
+    cfg = stores.config(cfg_data(tmp_path, moto.endpoint), base_dir=tmp_path)
+    disk = guestfactory.linux_disk(tmp_path)
+    with open(disk, "r+b") as f:  # 48 MiB of data: what the export reads, against a few MiB of the rest
+        f.seek(disk.stat().st_size)
+        f.write(os.urandom(48 * MiB))
+    fd = os.open(disk, os.O_RDONLY)
+    try:  # the bytes of the disk's data ranges: what a sparse-aware read of it reads
+        data_bytes = sum(end - start for start, end, is_data in segments(fd, disk.stat().st_size) if is_data)
+    finally:
+        os.close(fd)
+    moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+    imports = ImportService(cfg)
+    try:
+        done = run(
+            cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+        )
+        assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+        imported = {"task": done, "store": imports.store}
+        plain = as_imported_before_the_chunked_digest(imported) if record.startswith("plain") else None
+        exports = ExportService(cfg, imports.store)
+        task = exports.export_image("ami-" + done.id[-17:], disk_image_format="RAW", bucket=buckets[1])
+        before = _bytes_read_by_this_process()
+        exported = run(cfg, task)
+        read = _bytes_read_by_this_process() - before
+    finally:
+        imports.store.close()
+    assert exported.state is TaskState.COMPLETED, (exported.error_code, exported.error_message)
+    # the source's data once (it was read twice: hashed whole, then read again by the writer)
+    assert data_bytes <= read < 1.5 * data_bytes, (read, data_bytes)
+    source = exported.result["exported"]["provenance"]["source"]
+    if plain is None:
+        assert source["digest"]["value"] == source["recorded_digest"]["value"] == digest_file(disk).hexdigest
+        assert source["checked"] == [{"what": "recorded-sha256-chunked", "value": source["digest"]["value"]}]
+    else:
+        assert source["sha256"] == source["recorded_sha256"] == plain
+        assert source["checked"] == [{"what": "recorded-sha256", "value": plain}]
 
 
 def test_unknown_and_malformed_ids_are_refused_with_ec2_codes(

@@ -3,7 +3,6 @@ digest, and disks given as the registered results of import-disk includes (a per
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 
 from appliance.store import TaskState
+from appliance.targets.chunkdigest import OffsetChunkedSha256, digest_file
 from appliance.workflow import Engine
 
 from ..workflow.support import make_config, make_registry, write_workflow
@@ -53,7 +53,9 @@ def test_disks_of_a_loop_of_includes_follow_the_first_in_order(engine: Engine, t
     assert out["outputs"][0]["digest_method"] == "computed while writing"
 
 
-def test_a_volume_output_is_hashed_by_one_read_of_the_volume(engine: Engine, tmp_path: Path) -> None:
+def test_a_volume_without_a_written_digest_is_hashed_chunked_by_one_read(
+    engine: Engine, tmp_path: Path
+) -> None:
     volume = tmp_path / "vol.raw"
     volume.write_bytes(b"disk" + bytes(1 << 20))
     task = record(
@@ -62,8 +64,50 @@ def test_a_volume_output_is_hashed_by_one_read_of_the_volume(engine: Engine, tmp
         {"disks": [{"source": {"sha256": A, "size": 3}, "volume": {"id": "vol-1", "path": str(volume)}}]},
     )
     output = task.result["provenance"]["output"]
-    assert output["sha256"] == hashlib.sha256(volume.read_bytes()).hexdigest()
+    assert output["digest"] == digest_file(volume).to_dict() and output["sha256"] is None
     assert output["volume_id"] == "vol-1" and output["size"] == volume.stat().st_size
+    assert output["digest_method"].startswith("one read of the volume")
+
+
+def _written(volume: Path, content: bytes) -> dict[str, Any]:
+    """The volume step's digest of ``content`` written at offset 0 of ``volume`` (its whole size)."""
+    hasher = OffsetChunkedSha256()
+    hasher.write(0, content)
+    got = hasher.result(volume.stat().st_size)
+    assert got is not None
+    return got.to_dict()
+
+
+def test_a_volume_digest_taken_while_writing_is_recorded_without_reading_the_volume(
+    engine: Engine, tmp_path: Path
+) -> None:
+    volume = tmp_path / "vol.raw"
+    volume.write_bytes(b"disk" + bytes(1 << 20))
+    # the digest of other bytes than the volume holds: the step takes the written digest as it is,
+    # which shows it did not read the volume
+    written = _written(volume, b"DISK")
+    disk = {
+        "source": {"sha256": A},
+        "volume": {"id": "vol-1", "path": str(volume)},
+        "written_digest": written,
+    }
+    output = record(engine, tmp_path, {"disks": [disk | {"hooks": []}]}).result["provenance"]["output"]
+    assert output["digest"] == written and output["sha256"] is None
+    assert output["digest_method"].startswith("sha256-chunked computed while writing")
+
+
+def test_a_volume_a_hook_ran_on_is_read_again(engine: Engine, tmp_path: Path) -> None:
+    volume = tmp_path / "vol.raw"
+    volume.write_bytes(b"disk" + bytes(1 << 20))
+    disk = {
+        "source": {"sha256": A},
+        "volume": {"id": "vol-1", "path": str(volume)},
+        "written_digest": _written(volume, b"DISK"),
+        "hooks": ["tweak"],
+    }
+    output = record(engine, tmp_path, {"disks": [disk]}).result["provenance"]["output"]
+    assert output["digest"] == digest_file(volume).to_dict()
+    assert "the hooks tweak ran on it" in output["digest_method"]
 
 
 def test_an_expected_digest_that_differs_fails_the_task_naming_both(engine: Engine, tmp_path: Path) -> None:

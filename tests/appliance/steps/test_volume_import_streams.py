@@ -9,6 +9,7 @@ in-process engine and, for the kill -9, the real worker and its task child.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -142,6 +143,27 @@ def same_disk(a: Path, fmt_a: str, b: Path) -> None:
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
+def imaging_digest(path: Path) -> dict[str, Any]:
+    """``imaging digest PATH --json``: the chunked digest as a user recomputes it, in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "IMAGING_CONFIG"}
+    res = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "digest", str(path), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout))
+
+
+def recorded_volume_digest(task: Task) -> dict[str, Any]:
+    """The volume's sha256-chunked the volume step recorded while writing, as the provenance shows it."""
+    output = task.result["provenance"]["output"]
+    assert output["digest"] == task.result["written"]["output_digest"]
+    assert output["digest_method"].startswith("sha256-chunked computed while writing")
+    return dict(output["digest"])
+
+
 def served_parts(proxy: StallingProxy) -> int:
     return sum(n for path, n in proxy.served_by_path.items() if ".part." in path)
 
@@ -183,9 +205,33 @@ def test_a_sequential_upload_streams_onto_the_volume_with_no_scratch(
     # every part once, plus the preflight's first 2 MiB and last 1536 bytes
     assert served_parts(proxy) <= image.stat().st_size + 2 * MiB + 1536
     assert not (cfg.scratch.root / task.id).exists()
+    # the volume's digest, taken from the decoder's writes: what `imaging digest` reads from the volume
+    recorded, computed = recorded_volume_digest(done), imaging_digest(path)
+    assert (recorded["value"], recorded["chunks"]) == (computed["value"], computed["chunks"])
 
 
-def test_a_dynamic_vhd_upload_still_goes_through_scratch(
+def test_a_raw_upload_records_the_volumes_chunked_digest_as_it_writes_it(
+    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
+) -> None:
+    raw = disk_with_data(tmp_path, mib=80, data_mib=70)  # spans two 64 MiB chunks, then zeros
+    cfg = config_mod.from_dict(cfg_data(tmp_path, moto, proxy), base_dir=tmp_path)
+    service = ImportService(cfg)
+    try:
+        task = submit(service, proxy, bucket, raw, "RAW", raw.stat().st_size, 4 * MiB)
+        done = run(cfg, task)
+    finally:
+        service.store.close()
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    path = volume_path(done)
+    recorded, computed = recorded_volume_digest(done), imaging_digest(path)
+    assert (recorded["value"], recorded["chunks"]) == (computed["value"], computed["chunks"]) and recorded[
+        "chunks"
+    ] == GiB // (64 * MiB)
+    # the volume past the image (zeros, never written) was taken as zero chunks, not hashed
+    assert recorded["zero_chunks"] >= 14 and recorded["hashed_bytes"] <= 2 * 64 * MiB
+
+
+def test_a_dynamic_vhd_upload_still_goes_through_scratch_and_its_volume_is_hashed_by_one_read(
     moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path
 ) -> None:
     raw = disk_with_data(tmp_path, mib=16, data_mib=4)
@@ -200,6 +246,10 @@ def test_a_dynamic_vhd_upload_still_goes_through_scratch(
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
     assert done.result["written"]["streamed"] is False
     same_disk(image, "vpc", volume_path(done))
+    # qemu-img wrote the volume: one read of it (chunked, holes skipped) for its digest
+    output = done.result["provenance"]["output"]
+    assert output["digest"]["value"] == imaging_digest(volume_path(done))["value"]
+    assert "qemu-img wrote it" in output["digest_method"]
 
 
 def test_a_stream_vmdk_larger_than_its_volume_fails_with_insufficient_volume_size(
@@ -337,3 +387,8 @@ def test_a_stream_vmdk_import_killed_mid_stream_resumes_from_its_checkpoint(
     size = image.stat().st_size
     part_start = boundary["input_offset"] // (4 * MiB) * (4 * MiB)
     assert served_parts(proxy) <= size + (size - part_start) + 2 * (2 * MiB + 1536) < 2 * size
+    # the resumed decode did not see the disk before its boundary: the volume was read once for its digest
+    output = done.result["provenance"]["output"]
+    assert done.result["written"]["output_digest"] is None
+    assert "the task resumed at upload byte" in output["digest_method"]
+    assert output["digest"]["value"] == imaging_digest(volume_path(done))["value"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import UsageError
-from appliance.targets.chunkdigest import ChunkedSha256, digest_file
+from appliance.targets.chunkdigest import ChunkedSha256, OffsetChunkedSha256, digest_file, range_digest
 
 MiB = 1 << 20
 
@@ -96,3 +96,97 @@ def test_a_file_digest_reads_no_hole(tmp_path: Path) -> None:
     digests[10] = hashlib.sha256(chunk10).digest()
     assert got.hexdigest == hashlib.sha256(b"".join(digests)).hexdigest()
     assert got.zero_chunks == 16383 and got.hashed_bytes == 64 * MiB
+
+
+# -- writes at offsets (the import side: decoders, RAW parts, the export's source reads) ---------------
+
+
+def _offset_writes(tmp_path: Path, seed: int, *, shuffle: bool) -> tuple[Path, list[tuple[str, int, bytes]]]:
+    """A sparse file written by grain-like pieces at their offsets (some skipped as holes, some zero),
+    ``shuffle``: in a random order; the writes as they were applied."""
+    rnd = random.Random(seed)
+    size = 9 * MiB + 12345
+    ops: list[tuple[str, int, bytes]] = []
+    at = 0
+    while at < size:
+        n = min(rnd.choice([4096, 65536, 300_000, MiB]), size - at)
+        kind = rnd.random()
+        if kind < 0.3:
+            pass  # a hole: never written
+        elif kind < 0.4:
+            ops.append(("write", at, bytes(n)))  # zeros written as data
+        else:
+            ops.append(("write", at, rnd.randbytes(n)))
+        at += n
+    if shuffle:
+        rnd.shuffle(ops)
+    path = tmp_path / f"out-{seed}.raw"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for kind, offset, data in ops:
+            if kind == "write":
+                os.pwrite(fd, data, offset)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return path, ops
+
+
+@pytest.mark.parametrize(("seed", "shuffle"), [(1, False), (2, False), (3, True), (4, True)])
+def test_writes_at_offsets_in_any_order_give_the_written_files_digest(
+    tmp_path: Path, seed: int, shuffle: bool
+) -> None:
+    path, ops = _offset_writes(tmp_path, seed, shuffle=shuffle)
+    # apply the zero ranges to the file for real (the helper wrote only the data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        # ranges zeroed after the writes (the VMDK decoder's unset grains; over data too, which undoes it)
+        zero_ranges = [(2 * MiB, 100_000), (5 * MiB + 1, 3 * MiB)]
+        for offset, length in zero_ranges:
+            os.pwrite(fd, bytes(length), offset)
+        reread: list[int] = []
+
+        def read_back(start: int, end: int) -> bytes:
+            reread.append(start)
+            return range_digest(fd, start, end)
+
+        hasher = OffsetChunkedSha256(MiB, reread=read_back, threads=2)
+        for kind, offset, data in ops:
+            if kind == "write":
+                hasher.write(offset, data)
+        for offset, length in zero_ranges:
+            hasher.zero(offset, length)
+        got = hasher.result(size)
+    finally:
+        os.close(fd)
+    assert got is not None
+    value, chunks = reference(path.read_bytes(), MiB)
+    assert got.hexdigest == value and got.chunks == chunks
+    assert got.hexdigest == digest_file(path, MiB).hexdigest
+    if not shuffle:
+        # in order, only the chunks a zero range took data from are read back (2 MiB: data there)
+        assert set(reread) <= {2 * MiB, 5 * MiB, 6 * MiB, 7 * MiB, 8 * MiB}
+        assert got.reread_chunks == len(reread)
+
+
+def test_writes_in_ascending_order_with_holes_read_nothing_back() -> None:
+    data = random.Random(7).randbytes(3 * MiB)
+    hasher = OffsetChunkedSha256(MiB, reread=None, threads=2)
+    hasher.write(100, data[:5000])
+    hasher.write(2 * MiB, data[: MiB // 2])  # a hole before it
+    hasher.zero(0, 100)  # zeros where nothing was written: nothing to undo
+    hasher.zero(MiB, MiB)
+    got = hasher.result(4 * MiB + 1)
+    expected = bytearray(4 * MiB + 1)
+    expected[100:5100] = data[:5000]
+    expected[2 * MiB : 2 * MiB + MiB // 2] = data[: MiB // 2]
+    assert got is not None and got.hexdigest == reference(bytes(expected), MiB)[0]
+    assert got.reread_chunks == 0
+
+
+def test_a_writer_that_missed_bytes_has_no_digest() -> None:
+    hasher = OffsetChunkedSha256(MiB)
+    hasher.unknown("resumed")
+    hasher.write(0, b"x")
+    assert hasher.result(MiB) is None and hasher.gap == "resumed"
