@@ -169,14 +169,18 @@ class Digests:
             expected_digest if expected_digest and expected_digest.get("algorithm") == ALGORITHM else None
         )
         self.expected_digest = chunked
-        self.chunks = (
-            ChunkedSha256(int(chunked.get("chunk_size") or DEFAULT_CHUNK), name="copy-chunks")
-            if chunked is not None
-            else None
-        )
+        self._chunk_size = int(chunked.get("chunk_size") or DEFAULT_CHUNK) if chunked is not None else None
+        # started by the first read, not here: a Digests that is made and never read (the job of a
+        # server-side copy that the store refused) must not leave its hashing threads behind
+        self.chunks: ChunkedSha256 | None = None
+
+    def _start(self) -> None:
+        if self._chunk_size is not None and self.chunks is None:
+            self.chunks = ChunkedSha256(self._chunk_size, name="copy-chunks")
 
     def hashed(self, chunks: Iterable[bytes], cancel: threading.Event | None) -> Iterator[bytes]:
         """``chunks``, each hashed on the way; a cancel stops the copy between two of them."""
+        self._start()
         try:
             for chunk in chunks:
                 check_cancel(cancel, "copy")
@@ -197,6 +201,7 @@ class Digests:
         """The sha256 of what was read: all ``size`` bytes (``Source.Truncated``), with the recorded
         digest (``Source.DigestMismatch``)."""
         digest = self.hasher.hexdigest()
+        self._start()  # nothing read (an empty image): its chunked digest is still one to compare
         if self.read != size:
             if self.chunks is not None:
                 self.chunks.close()

@@ -145,6 +145,9 @@ def test_a_file_image_copies_to_s3_byte_identical_and_becomes_one_of_its_locatio
     assert record["source"]["sha256"] == sha256_of(original)
     # the image was stored by a streamed import: its sha256-chunked (checked on the copy's read)
     assert record["source"]["recorded_digest"]["value"] == digest_file(on_file["disk"]).hexdigest
+    # the copy ran in this process: its chunked digest's hashing threads are gone, also those of the
+    # server-side job that a file source never takes (they leaked with every such copy)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("copy-chunks")] == []
 
     # recorded on the image: the resolver lists both locations, the import's first
     locations = copies.resolve(snapshot_id)["locations"]
