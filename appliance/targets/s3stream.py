@@ -197,28 +197,51 @@ class ResumedUpload:
         return sum(p.size for p in self.parts)
 
 
+#: ``ListParts`` pages that can hold every part of an upload (1,000 a page, 10,000 parts)
+_LIST_PAGES = MAX_PARTS // 1000 + 1
+#: answers to ``ListParts`` that say the upload cannot be checked, not that S3 is failing: the upload is
+#: then not continued (AccessDenied: a policy without ``s3:ListMultipartUploadParts``)
+_CANNOT_LIST = frozenset({"AccessDenied", "NotImplemented", "InvalidRequest", "MethodNotAllowed"})
+
+
 def verify_parts(client: Any, bucket: str, key: str, upload: ResumedUpload) -> str | None:
     """Check that S3 still holds ``upload`` with every recorded part (same number, size and ETag) by
-    ``ListParts``: None when it does, else why not (the upload is gone — aborted, expired — or a part
-    differs). Raises ``UploadFailed`` for any other S3 error."""
+    ``ListParts``: None when it does, else why not — the upload is gone (aborted, expired), a part
+    differs, the listing is refused (no permission to list parts) or is not one to trust (a page marker
+    that does not advance, a part without its number, size or ETag). The answer is S3's, so it is checked
+    like any input; the caller then starts the upload afresh. Raises ``UploadFailed`` for an S3 that is
+    failing (a server error, no connection): a later attempt may check it."""
     where = f"s3://{bucket}/{key}"
+    last = max((p.number for p in upload.parts), default=0)
     listed: dict[int, tuple[int, str]] = {}
     marker = 0
-    while True:
+    for _page in range(_LIST_PAGES):
         try:
             resp = client.list_parts(
                 Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=1000
             )
         except Exception as exc:
-            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            response = getattr(exc, "response", None) or {}
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchUpload", "404", "NotFound"):
                 return f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)"
+            if code in _CANNOT_LIST or (isinstance(status, int) and 400 <= status < 500 and status != 429):
+                return f"the parts of the multipart upload to {where} cannot be listed to check them ({code})"
             raise _error(f"ListParts {where}", exc) from exc
-        for part in resp.get("Parts", []):
-            listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
-        if not resp.get("IsTruncated"):
-            break
-        marker = int(resp["NextPartNumberMarker"])
+        try:
+            for part in resp.get("Parts", []):
+                listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
+            if not resp.get("IsTruncated") or max(listed, default=0) >= last:
+                break
+            following = int(resp["NextPartNumberMarker"])
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"ListParts of the upload to {where} answered what is not a part listing ({exc!r})"
+        if following <= marker:
+            return f"ListParts of the upload to {where} does not advance (marker {following} after {marker})"
+        marker = following
+    else:
+        return f"ListParts of the upload to {where} lists more pages than an upload can have"
     for part in upload.parts:
         got = listed.get(part.number)
         if got is None:

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+from botocore.exceptions import ClientError
 
 from appliance.errors import ImagingError
 from appliance.targets import s3stream
@@ -263,3 +264,48 @@ def test_recorded_parts_that_s3_no_longer_holds_as_recorded_are_refused_with_the
     assert "part 3 of the upload" in str(check(part(3, MiB, etags[0])))  # missing
     client.abort_multipart_upload(Bucket=bucket, Key="k", UploadId=upload_id)
     assert "is gone" in str(check(part(1, MiB, etags[0])))
+
+
+class ListingStore:
+    """The ``list_parts`` of an S3-compatible store that answers as given: moto always answers well, and
+    a buggy store or proxy in front of S3 cannot be made from it. It stands where the boto3 client's
+    ``list_parts`` does (the one call :func:`~appliance.targets.s3stream.verify_parts` makes)."""
+
+    def __init__(self, page: dict | None = None, error: Exception | None = None) -> None:
+        self.page, self.error, self.calls = page, error, 0
+
+    def list_parts(self, **_kwargs: object) -> dict:
+        self.calls += 1
+        if self.calls > 50:  # what the code before the fix did: page on forever
+            raise AssertionError("ListParts called again and again")
+        if self.error is not None:
+            raise self.error
+        assert self.page is not None
+        return self.page
+
+
+def client_error(code: str, status: int) -> Exception:
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "ListParts")  # type: ignore[arg-type]  # what boto3 raises
+
+
+def test_a_part_listing_refused_or_not_to_trust_is_a_reason_to_start_afresh_not_a_hang() -> None:
+    part = s3stream.UploadedPart
+    upload = s3stream.ResumedUpload("u", MiB, (part(1, MiB, "a" * 32), part(2, MiB, "b" * 32)), "00")
+
+    def check(store: ListingStore) -> str | None:
+        return s3stream.verify_parts(store, "b", "k", upload)
+
+    one = {"PartNumber": 1, "Size": MiB, "ETag": '"' + "a" * 32 + '"'}
+    stuck = ListingStore({"Parts": [one], "IsTruncated": True, "NextPartNumberMarker": 0})
+    assert "does not advance" in str(check(stuck)) and stuck.calls == 1
+    sizeless = ListingStore({"Parts": [{"PartNumber": 1, "ETag": "x"}], "IsTruncated": False})
+    assert "not a part listing" in str(check(sizeless))
+    markerless = ListingStore({"Parts": [one], "IsTruncated": True})
+    assert "not a part listing" in str(check(markerless))
+    # a policy without s3:ListMultipartUploadParts: the upload cannot be checked, so it is not continued
+    denied = ListingStore(error=client_error("AccessDenied", 403))
+    assert "cannot be listed to check them (AccessDenied)" in str(check(denied))
+    # S3 failing is not a verdict on the upload: a later attempt may check it
+    with pytest.raises(ImagingError):
+        check(ListingStore(error=client_error("InternalError", 500)))
