@@ -28,6 +28,7 @@ old upload aborted).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ from ..errors import UsageError
 from ..image.decoding import Boundary
 from ..partials import CHECKPOINT_KEY
 from ..sources.ranges import ReadPosition
-from ..sources.savedhash import SavedHash
+from ..sources.savedhash import SavedHash, available
 from ..targets.inorder import InOrderSink
-from ..targets.s3stream import MultipartWriter, ResumedUpload, UploadedPart
+from ..targets.s3stream import MAX_PARTS, MIN_PART, MultipartWriter, ResumedUpload, UploadedPart
 from ..workflow.step import StepContext
 from .stream_checkpoint import StreamCheckpoints, load_source_point
 
@@ -75,29 +76,59 @@ class S3ResumePoint:
             return None, None
         try:
             return cls._load(saved, source_key, decoder, limits), None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return None, f"the checkpoint is not one to resume from ({exc})"
 
     @classmethod
     def _load(cls, saved: Any, source_key: str, decoder: str, limits: Limits) -> S3ResumePoint:
+        # everything the writer will rely on is checked here, so a checkpoint that does not check out
+        # restarts the stream (a stream.restarted event) instead of failing the task on every attempt
         position, boundary, sha256, md5 = load_source_point(saved, KIND, source_key, decoder, limits)
         output, up = saved["output"], saved["upload"]
+        if not isinstance(output, dict) or not isinstance(up, dict):
+            raise ValueError("the output or upload record is not an object")
         sink_position, produced = output["sink_position"], output["produced"]
         if not all(type(v) is int and v >= 0 for v in (sink_position, produced)):
             raise ValueError("the output position or count is not one")
         if not all(isinstance(up.get(k), str) and up[k] for k in ("bucket", "key", "upload_id")):
             raise ValueError("an upload record without its bucket, key and id")
-        if type(up["part_size"]) is not int or up["part_size"] <= 0:
-            raise ValueError("an upload record without its part size")
+        part_size = up["part_size"]
+        if type(part_size) is not int or not MIN_PART <= part_size <= max_part_size(limits):
+            raise ValueError(
+                f"an upload record whose part size is not one this appliance uses ({part_size!r})"
+            )
+        if not isinstance(up["parts"], list) or not 0 < len(up["parts"]) <= MAX_PARTS:
+            raise ValueError("an upload record without its parts")
+        if not isinstance(up["sha256_state"], str):
+            raise ValueError("an upload record without the state of its sha256")
         upload = ResumedUpload(
             str(up["upload_id"]),
-            int(up["part_size"]),
+            part_size,
             tuple(UploadedPart.from_dict(p) for p in up["parts"]),
-            str(up["sha256_state"]),
+            up["sha256_state"],
         )
-        if not upload.parts or not sink_position <= upload.size <= limits.max_virtual_size:
+        if [p.number for p in upload.parts] != list(range(1, len(upload.parts) + 1)):
+            raise ValueError("the recorded parts are not 1..k in order")
+        if any(p.size != part_size or not _ETAG.fullmatch(p.etag) for p in upload.parts):
+            raise ValueError("a recorded part is not of the upload's part size or has no S3 ETag")
+        if not sink_position <= upload.size <= limits.max_virtual_size:
             raise ValueError("the uploaded parts do not reach the boundary's output")
+        if available():  # the state the writer goes on from (ValueError: not one at that size)
+            SavedHash("sha256").load(upload.sha256_state, upload.size)
         return cls(position, boundary, produced, sha256, md5, sink_position, up["bucket"], up["key"], upload)
+
+
+#: an ETag S3 gives a part: the MD5 of its bytes, or (SSE-KMS, SSE-C) another 32 hex digits, quoted or not
+_ETAG = re.compile(r'"?[0-9a-fA-F]{32}"?')
+
+
+def max_part_size(limits: Limits) -> int:
+    """The largest part size a checkpoint is believed to have: the image target's parts (16 MiB by default,
+    at most 1 GiB as configured by anyone sensible) grow only as far as S3's 10,000 parts of the largest
+    disk allowed need. A checkpoint saying more restarts the stream: each part is held in memory while
+    it uploads."""
+    needed = -(-limits.max_virtual_size // MAX_PARTS)
+    return max(1 << 30, -(-needed // (1 << 20)) << 20)
 
 
 @dataclass(frozen=True)
