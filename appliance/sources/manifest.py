@@ -200,6 +200,12 @@ def parse_manifest(data: bytes) -> ImportManifest:
     )
 
 
+#: the largest part a manifest may name: a part is downloaded into memory and written only once its
+#: MD5 checks out, so a manifest claiming a 100 GiB part would otherwise have the task allocate it
+#: (AWS's one-part sample manifest names a 948 MiB part; the importers write 10 MiB parts)
+MAX_PART_LENGTH = 1 << 30
+
+
 def _parse_parts(parts_el: ET.Element, count: int, size: int) -> list[Part]:
     elements = _children(parts_el, "part")
     if count == 0 or len(elements) != count:
@@ -249,6 +255,12 @@ def _parse_parts(parts_el: ET.Element, count: int, size: int) -> list[Part]:
             raise ManifestInvalid(f"{where} ends (byte {part.end}) before it starts (byte {part.start})")
         if part.end >= size:
             raise ManifestInvalid(f"{where} ends at byte {part.end}, beyond the file size {size}")
+        if part.length > MAX_PART_LENGTH:
+            raise ManifestInvalid(
+                f"{where} is {part.length} bytes: a part may hold at most {MAX_PART_LENGTH} (1 GiB), as each "
+                "part is held in memory until its MD5 checks out (ec2-upload-disk-image and euca2ools "
+                "write 10 MiB parts)"
+            )
         expected_start = part.end + 1
     if expected_start != size:
         raise ManifestInvalid(

@@ -92,6 +92,16 @@ def test_tolerates_the_aws_sample_whose_last_part_ends_at_size() -> None:
     assert m.parts[0].end == 994433535 and m.parts[0].length == 994433536
 
 
+def test_a_part_of_at_most_1_gib_is_taken_and_a_larger_one_refused_before_anything_is_fetched() -> None:
+    # each part is held in memory until its MD5 checks out: a manifest cannot make the task allocate more
+    gib = 1 << 30
+    m = parse_manifest(manifest_xml(size=2 * gib, ranges=[(0, gib - 1), (gib, 2 * gib - 1)]))
+    assert [p.length for p in m.parts] == [gib, gib]
+    with pytest.raises(ManifestInvalid) as err:
+        parse_manifest(manifest_xml(size=3 * gib, ranges=[(0, gib - 1), (gib, 3 * gib - 1)]))
+    assert "part 1 is 2147483648 bytes: a part may hold at most 1073741824" in err.value.message
+
+
 def test_parses_what_euca2ools_writes() -> None:
     parts = [
         Part(
@@ -165,6 +175,10 @@ EXTERNAL_ENTITY = b"""<?xml version="1.0"?>
         ),
         (manifest_xml(ranges=[(0, 300), (301, 400)], size=300), "beyond the file size"),
         (manifest_xml(ranges=[(10, 299)]), "starts at byte 10"),
+        (
+            manifest_xml(size=3 << 30, ranges=[(0, (1 << 30) - 1), (1 << 30, (3 << 30) - 1)]),
+            "at most 1073741824",
+        ),
         (
             manifest_xml(ranges=[(0, 299)], size=300).replace(b'start="0"', b'start="zero"'),
             "byte-range@start",
