@@ -16,6 +16,7 @@ from ..guest.mountrecord import sweep_stale
 from ..scratch import ScratchSpace
 from ..store import Store, TaskState
 from ..targets import get_image_target
+from ..targets.base import remove_object
 from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget
 from ..targets.s3staged import PUBLISH_KIND, adoptable
 from ..workflow.supervisor import orphan_reason
@@ -121,7 +122,7 @@ def sweep_s3_staging(config: config_mod.Config, store: Store) -> list[str]:
         if state is not None and not state.terminal:
             continue  # it may still run: its next run continues the upload
         try:
-            _remove_staging(target, staging_key)
+            remove_object(target.client, target.bucket, staging_key)
             if state is not TaskState.COMPLETED:
                 removed += _remove_unledgered(target, store, owner, staging_key)
         except Exception as exc:
@@ -132,16 +133,6 @@ def sweep_s3_staging(config: config_mod.Config, store: Store) -> list[str]:
         log.warning("task %s: removed the staging upload %s its killed process left", owner, resource)
         removed.append(resource)
     return removed
-
-
-def _remove_staging(target: S3ImageTarget, staging_key: str) -> None:
-    """Abort the incomplete uploads of exactly ``staging_key`` and delete its object."""
-    client, bucket = target.client, target.bucket
-    listing = client.list_multipart_uploads(Bucket=bucket, Prefix=staging_key)
-    for upload in listing.get("Uploads", []):
-        if upload["Key"] == staging_key:
-            client.abort_multipart_upload(Bucket=bucket, Key=staging_key, UploadId=upload["UploadId"])
-    client.delete_object(Bucket=bucket, Key=staging_key)
 
 
 def _remove_unledgered(target: S3ImageTarget, store: Store, owner: str, staging_key: str) -> list[str]:
