@@ -186,7 +186,6 @@ class Worker(TaskChildren, ConfigReload):
             self.cleanup_scratch()
             self.sweep_partials()
             self._swept = True
-        self.sweep_s3_staging()
         # Before orphans resume: a killed task's guest mounts must be gone before it runs again. A sweep
         # that fails (a lock file this user may not open, a hanging umount, a missing tool) must not
         # stop the worker from claiming tasks and beating: it is logged and retried on the next poll.
@@ -213,6 +212,9 @@ class Worker(TaskChildren, ConfigReload):
                 self.woken_claims += int(self._woken)
             for task in claimed:  # oldest first
                 self._spawn("run", task.id, task.lease)
+        # last: its S3 calls (boto's timeouts and retries against an endpoint that hangs) must not hold
+        # back the lease renewals of the children starting above, nor the claims
+        self.sweep_s3_staging()
 
     def wait(self, stop: threading.Event) -> None:
         """Wait until the next poll: ``worker.poll_interval``, cut short by ``stop`` and, with a
