@@ -191,6 +191,7 @@ class StagedImage:
             # the run that takes the task over continues this upload from the checkpoint (or the sweep
             # removes it once the task is over): left as it is, still in the ledger
             log.info("keeping the upload to %s for the task's next run", self.staging)
+            self.writer.detach()
             return
         # Only what this run made goes: its own upload (by its UploadId) and the staging object it
         # completed. Listing and aborting every upload on the key is for __enter__ — here it could

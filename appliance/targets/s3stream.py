@@ -675,6 +675,20 @@ class MultipartWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def detach(self) -> None:
+        """Stop without aborting: the upload stays for the task's next run to continue from its
+        checkpoint. Parts not started are dropped, running ones finish (a request cannot be
+        interrupted) with no ``on_part`` call: this run may have lost its task, and the run that took it
+        over uploads and checkpoints on its own. Never raises."""
+        self.closed = True
+        self.on_part = None
+        if self._sha is not None:
+            self._sha.close()
+        for fut in self._pending:
+            fut.cancel()
+        self._shutdown()
+        self._pending = set()
+
     def abort(self) -> None:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""

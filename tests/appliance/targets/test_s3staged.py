@@ -13,7 +13,8 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from appliance.errors import ImagingError
+from appliance.errors import ImagingError, LeaseLost
+from appliance.sources.savedhash import available
 from appliance.targets import s3stream
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
@@ -309,3 +310,40 @@ def test_a_part_listing_refused_or_not_to_trust_is_a_reason_to_start_afresh_not_
     # S3 failing is not a verdict on the upload: a later attempt may check it
     with pytest.raises(ImagingError):
         check(ListingStore(error=client_error("InternalError", 500)))
+
+
+def answer_after(stopped, gate: threading.Event) -> None:
+    try:
+        wait_until(stopped, what="the run to stop", timeout=10)
+    finally:
+        gate.set()
+
+
+@pytest.mark.skipif(not available(), reason="a resumable upload needs libcrypto's saved hashes")
+def test_a_run_that_lost_its_task_keeps_its_upload_and_leaves_no_part_thread_or_checkpoint_behind(
+    moto, bucket: str
+) -> None:
+    target = S3ImageTarget.from_settings(settings(moto, bucket, part_size="5MiB", threads=2))
+    gate = threading.Event()
+
+    def hold(**_) -> None:
+        gate.wait()
+
+    target.client.meta.events.register("before-call.s3.UploadPart", hold)
+    data = os.urandom(12 * MiB)
+    late: list[int] = []
+    staging = StagedImage(target, "import-snap-0123456789abcdef5", expected_size=4 * len(data))
+    with pytest.raises(LeaseLost), staging as staged:
+        w = staged.writer
+        assert w is not None and w.resumable
+        w.on_part = lambda: late.append(1)  # what saves the step's checkpoint
+        w.write(data)  # parts 1 and 2 go up (held), 2 MiB stay buffered
+        wait_until(lambda: w.buffered >= 10 * MiB, what="two parts in flight")
+        # S3 answers the held parts only once the run stopped: their answers come after it lost its task
+        threading.Thread(target=answer_after, args=(lambda: w.closed, gate)).start()
+        raise LeaseLost("another worker took the task over")
+    # the parts that were running finished, but no checkpoint was saved for them by this run
+    assert late == []
+    assert not any(t.name.startswith("s3-part") for t in threading.enumerate())
+    # and the upload is still there for the run that took the task over
+    assert [u["Key"] for u in open_uploads(moto, bucket)] == [staged.staging_key]
