@@ -29,6 +29,7 @@ import hashlib
 import os
 import queue
 import threading
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,9 +385,10 @@ class OffsetChunkedSha256:
     digest of what was written. A writer that writes in ascending order (every decoder here on an
     ordinary image) re-reads nothing. Not thread-safe: one writer thread."""
 
-    #: data ranges remembered (to tell whether a later zero range undoes a write); beyond, a zero range
-    #: behind the position marks its chunks
-    MAX_SPANS = 1 << 16
+    #: data ranges remembered exactly (to tell whether a later zero range undoes a write: 16 bytes each);
+    #: beyond, neighbours are merged across their gaps (a superset: a zero range in such a gap marks its
+    #: chunk, hashed again, never a wrong digest) until half of them are left
+    MAX_SPANS = 1 << 20
 
     def __init__(
         self,
@@ -402,8 +404,9 @@ class OffsetChunkedSha256:
         #: the end of the furthest write: everything before it is hashed (gaps as zeros)
         self.position = 0
         self._dirty: set[int] = set()
-        self._spans: list[tuple[int, int]] = []  # data written, merged, ascending
-        self._spans_lost = False
+        # data written, merged, ascending: starts and ends (arrays: a filesystem image has many runs)
+        self._starts = array("q")
+        self._ends = array("q")
         #: why the digest cannot be had from the writes (a resumed writer); None while it can
         self.gap: str | None = None
 
@@ -411,16 +414,28 @@ class OffsetChunkedSha256:
         self._dirty.update(range(start // self.chunk_size, (end - 1) // self.chunk_size + 1))
 
     def _overlaps_data(self, start: int, end: int) -> bool:
-        if self._spans_lost:
-            return True
-        i = bisect.bisect_right(self._spans, (start, 1 << 62)) - 1
-        i = max(i, 0)
-        for s, e in self._spans[i:]:
-            if s >= end:
+        starts, ends = self._starts, self._ends
+        for i in range(max(bisect.bisect_right(starts, start) - 1, 0), len(starts)):
+            if starts[i] >= end:
                 return False
-            if e > start:
+            if ends[i] > start:
                 return True
         return False
+
+    def _coarsen(self) -> None:
+        """Merge neighbouring data ranges across gaps below a doubling width until at most half of
+        :attr:`MAX_SPANS` are left (what they cover only grows)."""
+        gap = 4096
+        while len(self._starts) > self.MAX_SPANS // 2:
+            starts, ends = array("q"), array("q")
+            for s, e in zip(self._starts, self._ends, strict=True):
+                if ends and s - ends[-1] < gap:
+                    ends[-1] = e
+                else:
+                    starts.append(s)
+                    ends.append(e)
+            self._starts, self._ends = starts, ends
+            gap *= 2
 
     def _advance(self, offset: int, data: bytes) -> None:
         if offset > self.position:
@@ -430,12 +445,13 @@ class OffsetChunkedSha256:
             self._stream.zeros(n)
         else:
             self._stream.update(data)
-            if self._spans and self._spans[-1][1] == offset:
-                self._spans[-1] = (self._spans[-1][0], offset + n)
-            elif len(self._spans) < self.MAX_SPANS:
-                self._spans.append((offset, offset + n))
+            if self._ends and self._ends[-1] == offset:
+                self._ends[-1] = offset + n
             else:
-                self._spans_lost = True
+                if len(self._starts) >= self.MAX_SPANS:
+                    self._coarsen()
+                self._starts.append(offset)
+                self._ends.append(offset + n)
         self.position = offset + n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -190,3 +190,53 @@ def test_a_writer_that_missed_bytes_has_no_digest() -> None:
     hasher.unknown("resumed")
     hasher.write(0, b"x")
     assert hasher.result(MiB) is None and hasher.gap == "resumed"
+
+
+def runs_with_gaps(count: int, run: int, gap: int) -> list[tuple[int, bytes]]:
+    """``count`` data runs of ``run`` bytes, ``gap`` bytes apart (a fragmented filesystem's data)."""
+    rnd = random.Random(count)
+    return [(i * (run + gap), rnd.randbytes(run)) for i in range(count)]
+
+
+def test_a_fragmented_image_of_many_data_runs_is_not_read_back_for_its_holes() -> None:
+    # more runs than the 65,536 the digest remembered: the decoder's zero ranges for the holes behind
+    # the position then marked every chunk, and the whole image was read again at the end
+    runs, run, gap = runs_with_gaps(70_000, 512, 4096), 512, 4096
+    hasher = OffsetChunkedSha256(MiB, reread=None, threads=2)
+    for offset, data in runs:
+        hasher.write(offset, data)
+    for offset, _ in runs:
+        hasher.zero(offset + run, gap)  # the holes, said to read as zeros (unset grains)
+    size = len(runs) * (run + gap)
+    got = hasher.result(size)
+    assert got is not None and got.reread_chunks == 0
+    expected = bytearray(size)
+    for offset, data in runs:
+        expected[offset : offset + run] = data
+    assert got.hexdigest == reference(bytes(expected), MiB)[0]
+
+
+def test_beyond_the_ranges_it_remembers_the_digest_merges_them_and_reads_back_only_what_that_costs(
+    tmp_path: Path,
+) -> None:
+    runs, run, gap = runs_with_gaps(64, 1000, 200_000), 1000, 200_000
+    size = len(runs) * (run + gap)  # 13 chunks of 1 MiB
+    path = tmp_path / "out.raw"
+    with path.open("wb") as f:
+        for offset, data in runs:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = OffsetChunkedSha256(MiB, reread=lambda s, e: range_digest(fd, s, e), threads=2)
+        hasher.MAX_SPANS = 8  # merged across their gaps into at most 4: zero ranges there are hashed again
+        for offset, data in runs:
+            hasher.write(offset, data)
+        for offset, _ in runs:
+            hasher.zero(offset + run, gap)
+        got = hasher.result(size)
+    finally:
+        os.close(fd)
+    assert got is not None and got.hexdigest == digest_file(path, MiB).hexdigest
+    assert got.reread_chunks > 0  # the merged ranges cover the holes: those chunks were hashed again
