@@ -273,10 +273,11 @@ class ChunkedSha256:
             t.join()
 
 
-def _data_map(fd: int, size: int) -> list[tuple[int, int]]:
-    """``(start, end)`` data ranges of ``fd`` (``SEEK_DATA``/``SEEK_HOLE``; everything where unknown)."""
+def _data_map(fd: int, size: int, start: int = 0) -> list[tuple[int, int]]:
+    """``(start, end)`` data ranges of ``fd`` between ``start`` and ``size`` (``SEEK_DATA``/``SEEK_HOLE``;
+    everything where unknown)."""
     ranges: list[tuple[int, int]] = []
-    pos = 0
+    pos = start
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -343,7 +344,7 @@ def range_digest(fd: int, start: int, end: int, *, cancel: threading.Event | Non
     piece = 4 << 20
     size = os.lseek(fd, 0, os.SEEK_END)
     pos = start
-    for data_start, data_end in _data_map(fd, min(end, size)):
+    for data_start, data_end in _data_map(fd, min(end, size), start):  # that chunk's, not from byte 0
         if data_end <= start:
             continue
         data_start = max(data_start, start)
