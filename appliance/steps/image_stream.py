@@ -11,9 +11,10 @@ path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
 
 ``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
 retried, the stall watchdog), feeds it through the confined sequential decoder
-(:class:`~appliance.image.streamed.StreamDecode`) and writes the RAW disk straight into the image
-target's new partial file (sparse: zero ranges are holes). The written disk is then inspected as a
-conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
+(:class:`~appliance.image.streamed.StreamDecode`; plain RAW, with nothing to parse, through
+:class:`~appliance.image.rawinline.InlineRawDecode` in this process) and writes the RAW disk straight
+into the image target's new partial file (sparse: zero ranges are holes). The written disk is then
+inspected as a conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
 ``guest.validate`` does, and only then is it published; any failure removes the partial — a hostile
 stream leaves no image. No scratch is reserved on this path.
 
@@ -62,6 +63,7 @@ from ..errors import (
 from ..image.decoders import BOUNDARY_EVERY
 from ..image.decoding import Sink
 from ..image.inspect import Preflight, inspect_image, require_safe
+from ..image.rawinline import InlineRawDecode
 from ..image.rawstream import RAW
 from ..image.streamed import StreamDecode, StreamResult
 from ..image.vhdfixed import FORMAT as VHD_FIXED
@@ -223,21 +225,30 @@ def stream_source(
             if meter is not None:
                 meter.wrote(base + done)
 
-        with StreamDecode(
-            decoder,
-            sink,
-            capacity=capacity,
-            limits=limits,
-            max_virtual_size=limits.max_virtual_size,
-            max_decompressed_size=limits.max_decompressed_size,
-            input_size=size if decoder == VHD_FIXED else None,
-            on_virtual_size=on_virtual_size,
-            on_output=on_output,
-            cancel=ctx.cancel,
-            resume=checkpoints.boundary if checkpoints is not None else None,
-            boundary_every=checkpoints.every if checkpoints is not None else BOUNDARY_EVERY,
-            on_boundary=checkpoints.on_boundary if checkpoints is not None else None,
-        ) as stream:
+        common: dict[str, Any] = {
+            "capacity": capacity,
+            "max_virtual_size": limits.max_virtual_size,
+            "on_virtual_size": on_virtual_size,
+            "on_output": on_output,
+            "cancel": ctx.cancel,
+            "resume": checkpoints.boundary if checkpoints is not None else None,
+            "boundary_every": checkpoints.every if checkpoints is not None else BOUNDARY_EVERY,
+            "on_boundary": checkpoints.on_boundary if checkpoints is not None else None,
+        }
+        # plain RAW has nothing to parse: decoded here (rawinline), not through the confined child
+        stream: StreamDecode | InlineRawDecode = (
+            InlineRawDecode(sink, **common)
+            if decoder == RAW
+            else StreamDecode(
+                decoder,
+                sink,
+                limits=limits,
+                max_decompressed_size=limits.max_decompressed_size,
+                input_size=size if decoder == VHD_FIXED else None,
+                **common,
+            )
+        )
+        with stream:
             done = reader.tell()  # a resumed read starts at its position
             buf = bytearray(_PIECE)
             while n := reader.readinto(buf):
