@@ -77,10 +77,16 @@ def _append_then_wait(tmp_path: Path, name: str, *, resumable: bool = True) -> d
     return files
 
 
+def _waiting(files: dict[str, Path]) -> bool:
+    """The 'wait' step logged that it started: the line is in the file, not only the file created
+    (the step opens the log, then writes; a kill between the two left an empty log)."""
+    return files["wait.log"].exists() and files["wait.log"].read_text().endswith("started\n")
+
+
 def _kill_during_wait(engine: Engine, tmp_path: Path, task_id: str, files: dict[str, Path]) -> None:
     proc = start_engine_process(tmp_path, task_id)
     try:
-        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        wait_until(lambda: _waiting(files), 30, "the engine process to reach the 'wait' step")
         assert step_state(engine.store, task_id, "3") is StepState.RUNNING
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -168,7 +174,7 @@ def test_cancel_requested_from_another_process_stops_and_undoes(engine: Engine, 
     task_id = engine.submit("cancel-me")
     proc = start_engine_process(tmp_path, task_id)
     try:
-        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        wait_until(lambda: _waiting(files), 30, "the engine process to reach the 'wait' step")
         other = Store(engine.config.store)  # a separate connection, as the HTTP API would have
         assert other.request_cancel(task_id).state is TaskState.CANCELLING
         out, err = proc.communicate(timeout=30)
@@ -197,7 +203,7 @@ def test_sigterm_to_the_engine_process_cancels_the_task(engine: Engine, tmp_path
     task_id = engine.submit("term")
     proc = start_engine_process(tmp_path, task_id)
     try:
-        wait_until(lambda: files["wait.log"].exists(), 30, "the engine process to reach the 'wait' step")
+        wait_until(lambda: _waiting(files), 30, "the engine process to reach the 'wait' step")
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     finally:
