@@ -692,13 +692,7 @@ class MultipartWriter:
     def abort(self) -> None:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""
-        self.closed = True
-        if self._sha is not None:
-            self._sha.close()
-        for fut in self._pending:
-            fut.cancel()
-        self._shutdown()
-        self._pending = set()
+        self.detach()  # the writing stops first, as for a kept upload; then the upload goes
         if self.upload_id is not None and not self.completed:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
