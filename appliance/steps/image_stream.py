@@ -88,7 +88,7 @@ from .image_stream_s3 import stream_into_s3
 from .imports import DISK_NAME, checked_source, source_digest, source_preflight
 from .provenance import READ_AFTER_STREAM, WHILE_STREAMING_CHUNKED, check_expected
 from .retries import retry_reporter
-from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints
+from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints, writing_meter
 
 #: the insertion points of import-disk that hand their hooks a file in scratch
 SCRATCH_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
@@ -368,13 +368,7 @@ class StreamStoreStep(Step):
         point, dropped = ResumePoint.load(ctx.load_checkpoint(), key, decoder, ctx.config.limits)
         if dropped is not None:
             ctx.event("stream.restarted", offset=0, reason=dropped)
-        meter = StageMeter(
-            "writing",
-            None,
-            ctx.progress,
-            read=point.boundary.input_offset if point is not None else 0,
-            written=point.produced if point is not None else 0,
-        )
+        meter = writing_meter(ctx, point)
         md5_checked: list[str] = []
 
         def write(path: Path) -> None:

@@ -63,7 +63,6 @@ from ..errors import ImageRejected, LeaseLost, Severity, StoreUnavailable, Usage
 from ..image.content import ContentView, content_stage
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
-from ..progress import StageMeter
 from ..sources.fetch import parse_source
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
@@ -76,7 +75,7 @@ from .guest import validate_ranges_step
 from .imports import source_digest
 from .provenance import WHILE_UPLOADING, check_expected, import_metadata
 from .s3_checkpoint import S3ResumePoint, S3StreamCheckpoints
-from .stream_checkpoint import SourceReplaced
+from .stream_checkpoint import SourceReplaced, writing_meter
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +264,7 @@ def stream_into_s3(
             return adopted
         saved = None
     point = resume_point(ctx, target, staging_key, key, decoder, saved)
-    meter = StageMeter(
-        "writing",
-        None,
-        ctx.progress,
-        read=point.boundary.input_offset if point is not None else 0,
-        written=point.produced if point is not None else 0,
-    )
+    meter = writing_meter(ctx, point)
     md5_checked: list[str] = []
     capacity = ctx.config.limits.max_virtual_size
     with (

@@ -52,6 +52,7 @@ from ..image.decoders import check_checkpoint, limits_of
 from ..image.decoding import Boundary
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..partials import CHECKPOINT_KEY
+from ..progress import StageMeter
 from ..sources.ranges import ReadPosition
 from ..sources.reader import RangeReader
 from ..sources.savedhash import SavedHash, available
@@ -148,6 +149,18 @@ def load_source_point(
             md5 = SavedHash("md5")
             md5.load(str(digests["md5"]), position.offset)
     return position, boundary, sha256, md5
+
+
+def writing_meter(ctx: StepContext, point: Resume | None) -> StageMeter:
+    """The ``writing`` stage's meter of a streamed import, going on from where ``point`` (a resumed run's
+    checkpoint, file or S3 target) left the source read and the disk written."""
+    return StageMeter(
+        "writing",
+        None,
+        ctx.progress,
+        read=point.boundary.input_offset if point is not None else 0,
+        written=point.produced if point is not None else 0,
+    )
 
 
 class Resume(Protocol):

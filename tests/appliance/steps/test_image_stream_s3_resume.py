@@ -12,13 +12,10 @@ MiB of source, 5 MiB parts.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,6 +24,12 @@ from appliance.store import Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes
 from tests.appliance.service.test_import_recovery import Appliance
+from tests.appliance.steps.test_image_stream_resume import (
+    events,
+    kill_task_child,
+    sha256_of,
+    stream_checkpoint,
+)
 from tests.euca_upload import random_file
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
@@ -98,31 +101,15 @@ def app(
     made.close()
 
 
-def stream_checkpoint(app: Appliance, task_id: str) -> dict[str, Any] | None:
-    """The stream step's checkpoint in the task store (None before the first)."""
-    steps = [r.idx for r in app.store.step_results(task_id) if r.name == "stream"]
-    return app.store.load_checkpoint(task_id, steps[0]) if steps else None
-
-
 def uploaded(app: Appliance, task_id: str) -> int:
     """Bytes of the parts the saved checkpoint names (0 before the first)."""
     saved = stream_checkpoint(app, task_id)
     return sum(p["size"] for p in saved["upload"]["parts"]) if saved else 0
 
 
-def kill_task_child(app: Appliance, task_id: str) -> None:
-    owner = app.task(task_id).owner
-    assert owner is not None
-    os.kill(int(owner.rpartition(":")[2]), signal.SIGKILL)
-
-
 def wait_ended(app: Appliance, task_id: str) -> Task:
     wait_until(lambda: app.task(task_id).state in TERMINAL, what="the task to end")
     return app.task(task_id)
-
-
-def events(app: Appliance, task_id: str, kind: str) -> list[dict[str, Any]]:
-    return [e.data for e in app.store.events(task_id=task_id, limit=100_000) if e.kind == kind]
 
 
 def left_in(moto: MotoServer, bucket: str) -> tuple[list[str], list[str]]:
@@ -277,10 +264,6 @@ def test_a_run_killed_between_the_publishing_copy_and_its_ledger_entry_is_adopte
 
 def objects_in(moto: MotoServer, bucket: str) -> list[str]:
     return left_in(moto, bucket)[0]
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def names_image(app: Appliance, task_id: str, key: str) -> bool:
