@@ -11,7 +11,8 @@ from ..errors import UsageError
 from ..image.convert import convert_image
 from ..image.formats import INPUT_FORMATS, OUTPUT_FORMATS
 from ..image.inspect import inspect_image
-from ..image.ova import convert_ova, is_ova
+from ..image.ova import is_ova
+from ..image.ovaconvert import convert_ova
 from .common import (
     EXIT_OK,
     EXIT_REJECTED,

@@ -1,12 +1,4 @@
-"""OVA packages: writing one (``.ovf``, ``.mf``, then the disks, as one tar stream), reading an untrusted one.
-
-Writing (:func:`write_ova`): the layout of ``ova-ovf.md`` §7 — members ``NAME.ovf``, ``NAME.mf`` (a
-``SHA256(file)= hex`` line for the descriptor and for each disk), then the disks in ``References`` order;
-GNU tar (sizes over 8 GiB in base-256, as ``ova-compose`` writes), owner and group 0, mode 0644, regular
-files only, no compression. The tar goes to any forward-only sink (a file, an S3 multipart upload): each
-disk's size and digest are known before its header is written, because the disks are finished files (the
-caller writes the stream-optimized VMDKs first and gives their sha256, which is checked again while the
-bytes are copied into the tar).
+"""OVA packages: the format's rules, and reading an untrusted one.
 
 Reading (:func:`unpack_ova`): the tar is read as a stream (``tarfile`` ``r|``: never seeking, never
 extracting through ``tarfile``), and each member is checked before anything of it is kept
@@ -26,6 +18,10 @@ is inspected like any uploaded disk (:func:`appliance.image.inspect.inspect_imag
 file, a flat VMDK, … are rejected with the inspection's code) and its virtual size must be the capacity the
 descriptor gives. The boot disk is the first disk of the hardware section (then the rest in order). On any
 failure the private directory is removed: nothing is left behind.
+
+Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
+:mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) and the manifest's line format
+(:func:`manifest`, :func:`_parse_manifest`) are kept here, for both directions.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ import shutil
 import stat
 import tarfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +41,8 @@ from typing import IO, Any, BinaryIO
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
-from ..partials import Ledger
-from ..progress import Progress
-from .convert import ConversionResult, convert_image
 from .inspect import InspectionResult, inspect_image, require_safe
-from .ovf import MAX_DISKS, MAX_OVF_BYTES, OvfDisk, OvfInfo, envelope, parse_confined
-from .vmdkwriter import ByteSink
+from .ovf import MAX_OVF_BYTES, OvfInfo, parse_confined
 
 #: members one OVA may have (descriptor, manifest, certificate, disks, a few others)
 MAX_MEMBERS = 64
@@ -69,131 +60,9 @@ def _reject(code: str, message: str) -> ImageRejected:
     return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
 
 
-# -------------------------------------------------------------------------------------------- writing
-
-
-@dataclass(frozen=True)
-class OvaDiskFile:
-    """A finished disk file to pack: its path, the name it gets in the OVA, its sha256 and capacity."""
-
-    path: Path
-    name: str
-    sha256: str
-    capacity: int
-    populated: int = 0
-
-
-@dataclass(frozen=True)
-class OvaWriteResult:
-    """What :func:`write_ova` wrote: the tar's size and sha256, the descriptor, and the manifest."""
-
-    size: int
-    sha256: str
-    ovf: bytes
-    manifest: bytes
-    members: list[str]
-
-
-class _Counted:
-    """A file-like front of a sink for ``tarfile`` (``write`` only), counting and hashing."""
-
-    def __init__(self, sink: ByteSink) -> None:
-        self.sink = sink
-        self.size = 0
-        self.sha = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sink.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-        return len(data)
-
-
-class _HashingReader:
-    """A file read forward for ``tarfile.addfile``, hashed, cancellable."""
-
-    def __init__(self, f: BinaryIO, cancel: threading.Event | None, progress: Callable[[int], None] | None):
-        self.f, self.cancel, self.progress = f, cancel, progress
-        self.sha = hashlib.sha256()
-        self.done = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("OVA export cancelled")
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.done += len(data)
-        if self.progress is not None:
-            self.progress(len(data))
-        return data
-
-
 def manifest(entries: list[tuple[str, str]]) -> bytes:
     """``SHA256(name)= hex`` lines (open-vmdk's and ESXi's form)."""
     return "".join(f"SHA256({name})= {digest}\n" for name, digest in entries).encode("ascii")
-
-
-def write_ova(
-    sink: ByteSink,
-    name: str,
-    disks: list[OvaDiskFile],
-    *,
-    cpus: int = 1,
-    memory_mib: int = 1024,
-    firmware: str = "bios",
-    platform: str = "linux",
-    on_progress: Callable[[int], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> OvaWriteResult:
-    """Write the OVA of VM ``name`` with ``disks`` (boot disk first) to ``sink`` (module docstring).
-    ``on_progress(n)`` gets each count of disk bytes copied."""
-    if not disks or len(disks) > MAX_DISKS:
-        raise ValueError(f"an OVA holds 1..{MAX_DISKS} disks, not {len(disks)}")
-    names = [d.name for d in disks]
-    if len(set(names)) != len(names) or any(not _flat_name(n) for n in names):
-        raise ValueError(f"disk names must be distinct bare file names: {names}")
-    sizes = [d.path.stat().st_size for d in disks]
-    ovf = envelope(
-        name,
-        [OvfDisk(d.name, s, d.capacity, d.populated) for d, s in zip(disks, sizes, strict=True)],
-        cpus=cpus,
-        memory_mib=memory_mib,
-        firmware=firmware,
-        platform=platform,
-    )
-    ovf_name, mf_name = f"{name}.ovf", f"{name}.mf"
-    mf = manifest([(ovf_name, hashlib.sha256(ovf).hexdigest()), *((d.name, d.sha256) for d in disks)])
-    out = _Counted(sink)
-    now = int(time.time())
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
-        for member, body in ((ovf_name, ovf), (mf_name, mf)):
-            tar.addfile(_info(member, len(body), now), _BytesReader(body))
-        for d, size in zip(disks, sizes, strict=True):
-            with open(d.path, "rb") as f:
-                reader = _HashingReader(f, cancel, on_progress)
-                tar.addfile(_info(d.name, size, now), reader)
-            if reader.done != size or reader.sha.hexdigest() != d.sha256:
-                raise ValueError(f"{d.path} changed while it was packed (its sha256 is not {d.sha256})")
-    return OvaWriteResult(out.size, out.sha.hexdigest(), ovf, mf, [ovf_name, mf_name, *names])
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        chunk = self.data[self.pos : end]
-        self.pos += len(chunk)
-        return chunk
-
-
-def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = size, mtime, 0o644, 0, 0
-    ti.uname = ti.gname = "root"
-    ti.type = tarfile.REGTYPE
-    return ti
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -253,7 +122,7 @@ class OvaPackage:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _flat_name(name: str) -> bool:
+def flat_name(name: str) -> bool:
     if not name or name in (".", "..") or len(name.encode("utf-8", "surrogateescape")) > 255:
         return False
     return not any(c in name for c in "/\\\0") and name.isprintable()
@@ -274,7 +143,7 @@ def _check_member(ti: tarfile.TarInfo) -> None:
             "Ova.UnsafeMember", f"the OVA member {ti.name[:100]!r} is {kind}; only regular files are allowed"
         )
     parts = ti.name.split("/")
-    if ti.name.startswith("/") or ".." in parts or not _flat_name(ti.name):
+    if ti.name.startswith("/") or ".." in parts or not flat_name(ti.name):
         raise _reject(
             "Ova.UnsafeMember",
             f"the OVA member name {ti.name[:100]!r} is not a plain file name (absolute, '..', a directory "
@@ -407,7 +276,7 @@ def _unpack(
             count += 1
             if count > MAX_MEMBERS:
                 raise _reject("Ova.TooLarge", f"the OVA has more than {MAX_MEMBERS} members")
-            if ti.type == tarfile.DIRTYPE and _flat_name(ti.name.rstrip("/")):
+            if ti.type == tarfile.DIRTYPE and flat_name(ti.name.rstrip("/")):
                 continue
             _check_member(ti)
             folded = ti.name.casefold()
@@ -512,7 +381,7 @@ def _verify(
     hrefs: dict[str, str] = {}
     for fid, f in info.files.items():
         href = str(f["href"])
-        if not _flat_name(href) or ":" in href:
+        if not flat_name(href) or ":" in href:
             raise _reject(
                 "Ova.UnsafeMember", f"File {fid!r} refers to {href[:100]!r}, not a member of the package"
             )
@@ -570,67 +439,3 @@ def is_ova(path: Path) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode) and head[257:262] == b"ustar"
     except OSError:
         return False
-
-
-@dataclass(frozen=True)
-class OvaConversion:
-    """An OVA converted: the package's facts and each disk's conversion, boot disk first."""
-
-    package: dict[str, Any]
-    outputs: list[ConversionResult]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ova": self.package, "outputs": [o.to_dict() for o in self.outputs]}
-
-
-def output_names(dst: Path, count: int) -> list[Path]:
-    """Where the disks of an OVA converted to ``dst`` go: ``dst`` for the boot disk, then
-    ``<stem>-disk2<suffix>``, ``<stem>-disk3<suffix>``, … beside it."""
-    return [dst] + [dst.with_name(f"{dst.stem}-disk{i}{dst.suffix}") for i in range(2, count + 1)]
-
-
-def convert_ova(
-    src: Path,
-    dst: Path,
-    to_format: str,
-    *,
-    config: Config,
-    workdir: Path,
-    subformat: str | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-    cancel: threading.Event | None = None,
-    ledger: Ledger | None = None,
-) -> OvaConversion:
-    """Unpack and verify the OVA ``src`` (:func:`unpack_ova`, in ``workdir``) and convert each disk
-    (boot disk first) to ``to_format`` at :func:`output_names`. A rejected OVA writes nothing; a failed
-    conversion removes the outputs already written."""
-    directory = Path(workdir) / f"ova.{os.getpid()}.{threading.get_ident()}"
-    with open(src, "rb") as f:
-        package = unpack_ova(f, directory, config=config, cancel=cancel)
-    written: list[Path] = []
-    try:
-        outputs = []
-        for disk, out in zip(package.disks, output_names(Path(dst), len(package.disks)), strict=True):
-            assert disk.inspection is not None
-            outputs.append(
-                convert_image(
-                    disk.path,
-                    out,
-                    to_format,
-                    disk.inspection.format,
-                    config=config,
-                    workdir=workdir,
-                    subformat=subformat,
-                    on_progress=on_progress,
-                    cancel=cancel,
-                    ledger=ledger,
-                )
-            )
-            written.append(out)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-    finally:
-        package.remove()
-    return OvaConversion(package.to_dict(), outputs)

@@ -1,9 +1,9 @@
 """``ova.convert``: every disk of an untrusted OVA, verified and inspected, converted (boot disk first).
 
-Wraps :func:`appliance.image.ova.convert_ova`: the package is unpacked into the task's scratch directory
-(removed again when the step ends), each disk converted to the target format at the target name (the boot
-disk) or beside it (``-disk2``, ``-disk3``, …); every output is in the cleanup ledger and removed by
-``undo``.
+Wraps :func:`appliance.image.ovaconvert.convert_ova`: the package is unpacked into the task's scratch
+directory (removed again when the step ends), each disk converted to the target format at the target name
+(the boot disk) or beside it (``-disk2``, ``-disk3``, …); every output is in the cleanup ledger and removed
+by ``undo``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..image.formats import OUTPUT_FORMATS
-from ..image.ova import convert_ova, output_names, unpack_ova
+from ..image.ova import unpack_ova
+from ..image.ovaconvert import convert_ova, output_names
 from ..image.ovfguest import boot_mode_of, platform_of
 from ..workflow.step import Step, StepContext
 

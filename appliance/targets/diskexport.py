@@ -12,7 +12,7 @@ export step's writer interface over it:
   ``qemu-img convert -f raw -O vpc -o subformat=…,force_size=on``, confined like every qemu-img run,
   into a partial file) or ``raw`` (the disk's bytes; holes stay holes in a file);
 * :func:`export_ova` — every disk as a streamOptimized VMDK in scratch (its sha256 computed as it is
-  written), then the OVA (:func:`appliance.image.ova.write_ova`: ``.ovf``, ``.mf``, disks) streamed into
+  written), then the OVA (:func:`appliance.image.ovawrite.write_ova`: ``.ovf``, ``.mf``, disks) streamed into
   the destination;
 
 and a destination is a :class:`FileDestination` (a partial file beside the final name, announced to the
@@ -53,7 +53,7 @@ from ..image import qemuimg
 from ..image.convert import _run_convert, build_command
 from ..image.decoding import SECTOR, zeros
 from ..image.inspect import require_safe, verify_output
-from ..image.ova import OvaDiskFile, write_ova
+from ..image.ovawrite import OvaDiskFile, write_ova
 from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
 from ..image.vmdkwriter import ADAPTER_TYPES, ByteSink, write_stream_vmdk
 from ..progress import ProgressCallback, ProgressTracker

@@ -15,7 +15,8 @@ import pytest
 from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import ImageRejected
-from appliance.image.ova import MAX_MEMBERS, convert_ova, is_ova, manifest, unpack_ova
+from appliance.image.ova import MAX_MEMBERS, is_ova, manifest, unpack_ova
+from appliance.image.ovaconvert import convert_ova
 from appliance.image.ovf import OvfDisk, envelope, parse
 from tests import imagefactory as factory
 
