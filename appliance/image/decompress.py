@@ -19,7 +19,7 @@ A truncated or corrupt stream, or trailing garbage, is ``CorruptImage``. Concate
 streams, bzip2 streams and zstd frames are decoded in sequence, as the command-line tools do.
 
 The decoders are C libraries (zlib, liblzma, libbz2, libzstd) fed attacker-controlled bytes, so they never
-run in the caller's process: :func:`decompress` starts this module as a child
+run in the caller's process: :func:`decompress` starts :mod:`appliance.image.compressed` as a child
 (``python -I -c ... --kind KIND --max-bytes N``) under the confinement policy of :mod:`appliance.confine`
 (``limits.decompress_*``: CPU seconds scaled to the output cap, address space; no network, a parent-death
 signal, an empty private working directory). The child gets exactly three descriptors: the compressed
@@ -32,52 +32,29 @@ the partial file, the cap, which it checks again on what it receives). A child s
 
 from __future__ import annotations
 
-import argparse
-import bz2
 import contextlib
 import errno
 import fcntl
-import gzip
 import json
-import lzma
 import os
 import select
 import signal
 import subprocess
 import sys
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-
-import zstandard
+from typing import Any
 
 from .. import config as config_mod
 from .. import confine, partials
 from ..config import Limits
 from ..errors import Cancelled, Finding, ImageRejected, ImagingError, UsageError
 from ..scratch import is_no_space, no_space_error
+from .compressed import BLOCK_SIZE, bomb
 from .formats import COMPRESSIONS, SIGNATURE_BYTES, compression_of
 
-#: output granularity: cap checks, progress callbacks and hole detection happen per block
-BLOCK_SIZE = 1 << 20
-_INPUT_CHUNK = 1 << 20
-# zstd can expand ~32768x per input byte (a 4-byte RLE block yields 128 KiB); 512-byte slices bound one
-# decompress() call to ~16 MiB of output held in memory.
-_ZSTD_INPUT_CHUNK = 512
-_ZSTD_MAX_WINDOW = 1 << 27  # zstd's own default limit (128 MiB); "--long=31" archives are refused
-_XZ_MEMLIMIT = 512 << 20  # xz -9e needs ~65 MiB; a header demanding more is hostile or exotic
 _ZEROS = bytes(BLOCK_SIZE)
-
-# bzip2: "BZh" + level digit + the 48-bit magic of the first block (pi) or of the end of stream (sqrt(pi)).
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    EOFError,
-    OSError,  # gzip.BadGzipFile and bz2's "Invalid data stream" are OSErrors
-    zlib.error,
-    lzma.LZMAError,
-    zstandard.ZstdError,
-)
 
 
 def detect_compression(path: Path) -> str | None:
@@ -86,125 +63,11 @@ def detect_compression(path: Path) -> str | None:
         return compression_of(f.read(SIGNATURE_BYTES))
 
 
-class _MaxLengthDecompressor(Protocol):
-    # read-only, as lzma's and bz2's decompressors have them
-    @property
-    def eof(self) -> bool: ...
-    @property
-    def needs_input(self) -> bool: ...
-    @property
-    def unused_data(self) -> bytes: ...
-
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
-
-
-def _multistream(src: BinaryIO, factory: Callable[[], _MaxLengthDecompressor]) -> Iterator[bytes]:
-    """Pieces of at most BLOCK_SIZE bytes from concatenated xz/bzip2 streams (``max_length`` bound)."""
-    dec = factory()
-    started = False
-    while True:
-        if dec.eof:
-            data = dec.unused_data or src.read(_INPUT_CHUNK)
-            if not data:
-                return
-            dec, started = factory(), False
-        elif dec.needs_input:
-            data = src.read(_INPUT_CHUNK)
-            if not data:
-                if started:
-                    raise EOFError("the compressed stream ends before its end-of-stream marker (truncated)")
-                return
-        else:
-            data = b""  # drain output buffered inside the decoder
-        started = started or bool(data)
-        out = dec.decompress(data, BLOCK_SIZE)
-        if out:
-            yield out
-
-
-def _gzip(src: BinaryIO) -> Iterator[bytes]:
-    # GzipFile.read(n) decodes with max_length internally and handles multiple members.
-    reader = gzip.GzipFile(fileobj=src, mode="rb")
-    while piece := reader.read(BLOCK_SIZE):
-        yield piece
-
-
-def _zstd(src: BinaryIO) -> Iterator[bytes]:
-    # stream_reader() bounds output but silently stops at a truncated frame; decompressobj() reports eof, so
-    # feed it small slices (see _ZSTD_INPUT_CHUNK) and check that the last frame was complete.
-    dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-    dec = dctx.decompressobj()
-    fed = False
-    pending = b""
-    while True:
-        data = pending or src.read(_ZSTD_INPUT_CHUNK)
-        pending = b""
-        if not data:
-            if fed and not dec.eof:
-                raise EOFError("the zstd stream ends in the middle of a frame (truncated)")
-            return
-        if dec.eof:  # a further frame follows
-            dec, fed = dctx.decompressobj(), False
-        fed = True
-        out = dec.decompress(data)
-        if out:
-            yield out
-        if dec.eof:
-            pending = dec.unused_data
-
-
-def _pieces(kind: str, src: BinaryIO) -> Iterator[bytes]:
-    if kind == "gzip":
-        return _gzip(src)
-    if kind == "xz":
-        return _multistream(src, lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT))
-    if kind == "bzip2":
-        return _multistream(src, bz2.BZ2Decompressor)
-    return _zstd(src)
-
-
-def _blocks(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    """Regroup pieces into exact BLOCK_SIZE blocks (the last may be shorter) so holes stay block-aligned."""
-    buf = bytearray()
-    for piece in pieces:
-        buf += piece
-        while len(buf) >= BLOCK_SIZE:
-            yield bytes(buf[:BLOCK_SIZE])
-            del buf[:BLOCK_SIZE]
-    if buf:
-        yield bytes(buf)
-
-
-def _bomb(kind: str, max_bytes: int) -> ImageRejected:
-    return ImageRejected(
-        [
-            Finding.error(
-                "SizeLimitExceeded.Decompressed",
-                f"the {kind} data expands to more than {max_bytes} bytes, the decompression limit "
-                "(limits.max_decompressed_size); decompression was stopped and nothing was kept. "
-                "Upload the image uncompressed or in a sparse format such as qcow2, or raise the limit",
-            )
-        ]
-    )
-
-
-def _corrupt(kind: str, exc: BaseException) -> ImageRejected:
-    return ImageRejected(
-        [
-            Finding.error(
-                "CorruptImage",
-                f"the {kind} stream is corrupt or truncated ({exc}); create the archive again and "
-                "re-upload it",
-            )
-        ]
-    )
-
-
 # The child imports appliance from the same tree as the parent, whether installed or not; -I keeps the
 # environment and the working directory out of its import path.
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from appliance.image.decompress import main; sys.exit(main())"
+    "from appliance.image.compressed import main; sys.exit(main())"
 )
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 #: how much of the child's stderr is kept (its result line, or a traceback for the error message)
@@ -214,62 +77,14 @@ _LIMIT_SIGNALS = (signal.SIGXCPU, signal.SIGKILL)
 _POLL_SECONDS = 0.1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The confined child: decode stdin onto stdout in blocks, report its end on stderr (module docstring)."""
-    parser = argparse.ArgumentParser(prog="appliance.image.decompress")
-    parser.add_argument("--kind", required=True, choices=COMPRESSIONS)
-    parser.add_argument("--max-bytes", type=int, required=True)
-    args = parser.parse_args(argv)
-
-    def report(obj: dict[str, Any]) -> None:
-        sys.stderr.write(json.dumps(obj) + "\n")
-        sys.stderr.flush()
-
-    fin = os.fdopen(0, "rb", closefd=False)
-    total = 0
-    try:
-        blocks = _blocks(_pieces(args.kind, fin))
-        while True:
-            try:
-                block = next(blocks, None)
-            except _DECODE_ERRORS as exc:
-                raise _corrupt(args.kind, exc) from exc
-            if block is None:
-                break
-            if total + len(block) > args.max_bytes:
-                raise _bomb(args.kind, args.max_bytes)
-            _write_all(1, block)
-            total += len(block)
-    except ImageRejected as exc:
-        report({"error": exc.code, "message": exc.message})
-    except BrokenPipeError:
-        return 1  # the parent stopped reading (cancelled, or its disk is full)
-    except MemoryError:
-        report(
-            {
-                "error": "UnsafeImage.ResourceLimit",
-                "message": f"the {args.kind} decoder needed more memory than allowed",
-            }
-        )
-    else:
-        report({"total": total})
-    return 0
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _rejected(code: str, message: str) -> ImageRejected:
+def rejected(code: str, message: str) -> ImageRejected:
     return ImageRejected([Finding.error(code, message)])
 
 
-def _child_failure(kind: str, proc_status: int, tail: str, policy: confine.Policy) -> ImagingError:
+def child_failure(kind: str, proc_status: int, tail: str, policy: confine.Policy) -> ImagingError:
     """The error for a child that ended without a result line."""
     if proc_status < 0 and -proc_status in _LIMIT_SIGNALS:
-        return _rejected(
+        return rejected(
             "UnsafeImage.ResourceLimit",
             f"the {kind} decoder was killed by {confine.signal_name(-proc_status)} ({policy.describe()}); an "
             "archive that needs this much is crafted to exhaust the host; for a genuine large image raise "
@@ -277,9 +92,9 @@ def _child_failure(kind: str, proc_status: int, tail: str, policy: confine.Polic
         )
     hit = confine.limit_hit(proc_status, tail)
     if hit is not None and proc_status >= 0:
-        return _rejected("UnsafeImage.ResourceLimit", f"the {kind} decoder {hit} ({policy.describe()})")
+        return rejected("UnsafeImage.ResourceLimit", f"the {kind} decoder {hit} ({policy.describe()})")
     if proc_status < 0:
-        return _rejected(
+        return rejected(
             "CorruptImage",
             f"the {kind} decoder crashed ({confine.signal_name(-proc_status)}) on this input; create the "
             "archive again and re-upload it",
@@ -407,7 +222,7 @@ def decompress(
                         if cancel is not None and cancel.is_set():
                             raise Cancelled(f"decompression of {src.name} cancelled")
                         if total + len(block) > max_bytes:
-                            raise _bomb(kind, max_bytes)
+                            raise bomb(kind, max_bytes)
                         if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):
                             out.seek(len(block), os.SEEK_CUR)
                         else:
@@ -436,11 +251,11 @@ def _check_result(child: _Child, kind: str, total: int, policy: confine.Policy) 
     result = child.result()
     tail = child.stderr.decode("utf-8", "replace")
     if result is None or child.proc.returncode != 0:
-        raise _child_failure(kind, child.proc.returncode, tail, policy)
+        raise child_failure(kind, child.proc.returncode, tail, policy)
     if "error" in result:
         code, message = str(result["error"]), str(result.get("message", ""))
         if code.startswith(("CorruptImage", "SizeLimitExceeded", "UnsafeImage")):
-            raise _rejected(code, message)
+            raise rejected(code, message)
         raise ImagingError(message, code=code)
     if result.get("total") != total:
         raise ImagingError(

@@ -2,7 +2,7 @@
 
 Plain RAW is a pass-through with zero detection (all-zero chunks become ``zero`` ranges, so the output
 stays sparse); any input offset is a clean boundary. The compressed kinds reuse
-:mod:`appliance.image.decompress`'s bounded decoders (output produced in pieces of at most 1 MiB; xz
+:mod:`appliance.image.compressed`'s bounded decoders (output produced in pieces of at most 1 MiB; xz
 ``memlimit``, zstd window limit; concatenated members/streams/frames; truncation and trailing garbage are
 ``CorruptImage``) and its cap: crossing ``limits.max_decompressed_size`` is
 ``SizeLimitExceeded.Decompressed`` before the block is written. A compressed stream has no clean boundary
@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from isal import igzip
 
 from ..errors import UsageError
-from . import decompress as dz
+from . import compressed as cz
 from .decoding import (
     Boundary,
     DecodeLimits,
@@ -120,9 +120,9 @@ def _emit(sink: Sink, at: int, chunk: bytes, dec: Decoder) -> None:
 
 
 def _isal_gzip(src: BinaryIO) -> Iterator[bytes]:
-    # as decompress._gzip, with ISA-L: read(n) bounds each piece, members are decoded in sequence
+    # as compressed._gzip, with ISA-L: read(n) bounds each piece, members are decoded in sequence
     reader = igzip.GzipFile(fileobj=src, mode="rb")
-    while piece := reader.read(dz.BLOCK_SIZE):
+    while piece := reader.read(cz.BLOCK_SIZE):
         yield piece
 
 
@@ -151,17 +151,17 @@ class CompressedDecoder(Decoder):
     ) -> DecodeResult:
         kind, cap = self.format, self.limits.max_decompressed_size
         src: BinaryIO = self._r  # type: ignore[assignment]  # Reader has the read() the decoders use
-        blocks = dz._blocks(_isal_gzip(src) if kind == "gzip" else dz._pieces(kind, src))
+        blocks = cz.blocks(_isal_gzip(src) if kind == "gzip" else cz.pieces(kind, src))
         while True:
             self.check_cancel(cancel)
             try:
                 block = next(blocks, None)
-            except dz._DECODE_ERRORS as exc:
-                raise dz._corrupt(kind, exc) from exc
+            except cz.DECODE_ERRORS as exc:
+                raise cz.corrupt(kind, exc) from exc
             if block is None:
                 break
             if self._out + len(block) > cap:
-                raise dz._bomb(kind, cap)
+                raise cz.bomb(kind, cap)
             _emit(sink, self._out, block, self)
             self._out += len(block)
             if on_progress is not None:

@@ -32,7 +32,7 @@ from ..config import Limits
 from ..errors import Cancelled, Finding, ImageRejected, ImagingError
 from .decoders import BOUNDARY_EVERY, RECORD
 from .decoding import Boundary, Sink
-from .decompress import _child_failure, _rejected
+from .decompress import child_failure, rejected
 
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -222,14 +222,14 @@ class StreamDecode:
         if result is not None and "error" in result:
             code, message = str(result["error"]), str(result.get("message", ""))
             if code.startswith(("CorruptImage", "SizeLimitExceeded", "UnsafeImage")):
-                return _rejected(code, message)
+                return rejected(code, message)
             return ImagingError(message, code=code)
         tail = self._stderr.decode("utf-8", "replace")
         if self.proc.returncode == 0:
             return ImageRejected(
                 [Finding.error("CorruptImage", f"the {self.fmt} decoder ended without a result")]
             )
-        return _child_failure(self.fmt, self.proc.returncode, tail, self._policy)
+        return child_failure(self.fmt, self.proc.returncode, tail, self._policy)
 
     def _kill(self) -> None:
         if self.proc.poll() is None:

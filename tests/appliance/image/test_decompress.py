@@ -196,7 +196,7 @@ def test_the_decoder_runs_in_a_confined_child(raw: Path, tmp_path: Path, work: P
     runner.start()
     try:
         writer = os.open(fifo, os.O_WRONLY)  # the parent opened the input for the child
-        pid = confinement.find_descendant(confinement.is_python_module("appliance.image.decompress"))
+        pid = confinement.find_descendant(confinement.is_python_module("appliance.image.compressed"))
         confinement.wait_reading(pid, 0)  # the child waits for the compressed bytes on its stdin
         seen = confinement.observe(pid)
         os.write(writer, data)
