@@ -36,9 +36,8 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..config import Limits
 from ..errors import ImageRejected, ImagingError, UsageError
 from .decoding import Boundary, DecodeLimits, Decoder, DecodeResult, FdSink, Progress
 from .formats import COMPRESSIONS
@@ -47,6 +46,9 @@ from .vhdfixed import FORMAT as VHD_FIXED
 from .vhdfixed import VhdFixedDecoder
 from .vmdkstream import FORMAT as VMDK_STREAM
 from .vmdkstream import VmdkStreamDecoder
+
+if TYPE_CHECKING:  # the decoder child never loads the configuration (and jsonschema with it)
+    from ..config import Limits
 
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
 #: input bytes between two boundaries the child reports
