@@ -7,9 +7,11 @@ While the child runs, its ``VmHWM`` (the kernel's high-water mark of its residen
 every descendant (the confined sequential decoder is a child of the task process: ``setpriv`` →
 ``unshare`` → ``prlimit`` exec the tool, so it keeps the pid) is read every ``interval`` seconds, and
 each process's last reading counts: between fork (or vfork) and exec a new process still shows its
-parent's memory, and exec starts the high-water mark again. Growth in the last interval before an
-exit is missed. ``ru_maxrss`` of ``wait4`` is no substitute: the kernel carries the high-water mark
-of the image replaced by exec into it, so a task process started by a big parent would read as big.
+parent's memory (and command line: a descendant with the task's command line is skipped, so a child
+that forks and never execs is not counted), and exec starts the high-water mark again. Growth in the
+last interval before an exit is missed. ``ru_maxrss`` of ``wait4`` is no substitute: the kernel
+carries the high-water mark of the image replaced by exec into it, so a task process started by a big
+parent would read as big.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def _name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def descendants(pid: int) -> list[int]:
@@ -119,7 +128,10 @@ def run_measured(
         # The latest reading, not the largest: between fork and exec a process still has its
         # parent's memory (and high-water mark); exec starts both again, and from then on it only grows.
         task_peak = _hwm(proc.pid) or task_peak
+        own = _cmdline(proc.pid)
         for kid in descendants(proc.pid):
+            if _cmdline(kid) == own:
+                continue  # forked, not yet exec'd: the task's memory, not the child's
             peak = _hwm(kid)
             if peak:
                 children[kid] = (_name(kid), peak)

@@ -1,5 +1,6 @@
 """bench/taskproc.py measures the task process it starts, not the process that starts it: a real
-process tree (a parent that touches its memory and a child that touches more) is sampled as it runs."""
+process tree (a parent that touches its memory and a child that touches more) is sampled as it runs;
+a fork that has not exec'd yet still shows its parent's memory and is not taken for a child."""
 
 from __future__ import annotations
 
@@ -41,3 +42,22 @@ def test_peaks_are_the_started_process_and_its_child_not_the_caller(tmp_path: Pa
 def test_a_failing_process_reports_its_exit_status(tmp_path: Path) -> None:
     memory = run_measured([sys.executable, "-c", "raise SystemExit(3)"], log=tmp_path / "log")
     assert memory.returncode == 3
+
+
+#: a task that forks a child which never execs (it shares the task's pages until it would exec)
+FORK = """
+import os, time
+held = bytearray(150 << 20)
+pid = os.fork()
+if pid == 0:
+    time.sleep(0.5)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_before_its_exec_is_not_counted_as_a_child(tmp_path: Path) -> None:
+    memory = run_measured([sys.executable, "-c", FORK], log=tmp_path / "fork.log")
+    assert memory.returncode == 0, (tmp_path / "fork.log").read_text()
+    assert memory.task_peak >= 150 * MiB
+    assert memory.children_peak == {}
