@@ -132,9 +132,10 @@ def run_measured(
         for kid in descendants(proc.pid):
             if _cmdline(kid) == own:
                 continue  # forked, not yet exec'd: the task's memory, not the child's
+            name = _name(kid)  # before the reading: a child that exits between the two reads 0
             peak = _hwm(kid)
             if peak:
-                children[kid] = (_name(kid), peak)
+                children[kid] = (name, peak)
         time.sleep(interval)
     proc.returncode = os.waitstatus_to_exitcode(status)
     with contextlib.suppress(ProcessLookupError, PermissionError):
