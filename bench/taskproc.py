@@ -57,10 +57,17 @@ def _hwm(pid: int) -> int:
 
 
 def _name(pid: int) -> str:
+    """A child's command name; for the task's Python children (``python -I -c CODE PACKAGE --option
+    …``) with its first option too, which tells them apart: ``python --records`` is the streamed
+    decoder, ``python --format`` the guest probe, ``python --kind`` a decompressor."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
+    if name.startswith("python"):
+        option = next((a for a in _cmdline(pid).split(b"\0") if a.startswith(b"--")), b"")
+        name = f"{name} {option.decode(errors='replace')}".strip()
+    return name
 
 
 def _cmdline(pid: int) -> bytes:

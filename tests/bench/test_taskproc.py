@@ -37,6 +37,7 @@ def test_peaks_are_the_started_process_and_its_child_not_the_caller(tmp_path: Pa
     assert 200 * MiB <= memory.task_peak < 300 * MiB
     # the child was seen while it ran, and counted apart from its parent
     assert 60 * MiB <= memory.child_peak < 120 * MiB
+    assert list(memory.children_peak) == ["python"]
 
 
 def test_a_failing_process_reports_its_exit_status(tmp_path: Path) -> None:
