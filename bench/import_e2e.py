@@ -19,10 +19,11 @@ For each, timed in the same run (rotating the order), each after ``sync`` + drop
 (when root) and a wait for an idle machine, each timing including its own fsync/sync:
 
 - ``e2e``: the ``import-volume`` task from its start to ``completed`` (created with
-  :class:`~appliance.service.imports.ImportService` after the upload finished, then run in this process by
-  :meth:`Engine.run <appliance.workflow.engine.Engine.run>`: the code a worker child runs, without
-  the worker's poll delay and process start). Includes the wait step's HEAD of every part, the
-  download with per-part MD5 checks, the write, and the volume's fsync.
+  :class:`~appliance.service.imports.ImportService` after the upload finished, then run as a worker
+  runs it: a new process ``python -m appliance.service.worker run TASK --config FILE``, see
+  ``bench/taskproc.py``; timed from the task's recorded start to its end plus a ``sync``, so the
+  child's interpreter start and imports are not counted, nor the worker's poll delay). Includes the
+  wait step's HEAD of every part, the download with per-part MD5 checks, the write, and the volume's fsync.
 - ``download``: the same parts through :func:`~appliance.sources.manifest.download_parts` into a
   sink that discards them (the network/S3 stage alone).
 - ``download>file``: the same into a file, then fsync (what the VMDK path does into scratch).
@@ -52,11 +53,10 @@ loopback endpoint on ``sources.allowed_endpoints``, as the tests allow theirs). 
 GET by loading the whole object, so an ImportSnapshot of GiBs through it measures moto, not the
 pipeline; the ``download`` stages then read the same URL.
 
-Both modes report the peak resident memory of the task process (this process: the engine runs here;
-its high-water mark is reset before each ``e2e`` run) against the goal of 256 MiB for a 4 GiB import.
-It is an upper bound of a worker's task child (a new process per task): the reset starts from what the
-earlier runs of this process left in the allocator (the other stages' freed buffers), so a later run
-or format reads higher than a fresh process does; the decoder child (about 40 MiB) is not counted.
+Both modes report the peak resident memory of the task process (the new process of each ``e2e`` run:
+its ``VmHWM`` sampled while it runs) against the goal of 256 MiB for
+a 4 GiB import, and separately that of its children (the confined sequential decoder).
+``--task-env NAME=VALUE`` sets a variable in the task processes (e.g. ``MALLOC_ARENA_MAX``).
 
     .venv/bin/python bench/import_e2e.py               # 2 GiB disk, 3 runs
     .venv/bin/python bench/import_e2e.py --quick       # 256 MiB, 1 run, no idle waits: < 60 s
@@ -86,6 +86,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 # Run as ``python bench/import_e2e.py``: bench/api.py would shadow the ``api`` package, and the
@@ -109,13 +111,13 @@ from appliance.store import TaskState  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402
 from appliance.targets.rawio import write_raw  # noqa: E402
 from appliance.timestamps import parse_time  # noqa: E402
-from appliance.workflow.engine import Engine  # noqa: E402
 from tests.euca_upload import upload_like_euca2ools  # noqa: E402
 from tests.servers import REGION, MotoServer, moto_server  # noqa: E402
 
 # the test-disk helpers of bench/convert.py (this directory, imported by its own name)
 sys.path.append(str(ROOT))
 from convert import drop_caches, log, mbr, text_pool  # noqa: E402
+from taskproc import run_task_child  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -328,12 +330,6 @@ def _pid_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def reset_peak_rss() -> None:
-    """Start this process's peak resident memory (VmHWM) again from its current size (Linux)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
 def wait_for_idle(timeout: float = IDLE_TIMEOUT) -> None:
     """Two quiet seconds in a row (CPUs < IDLE_BUSY busy), or give up after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -392,6 +388,15 @@ class Measurement:
         return max((r.detail.get("peak_rss", 0) for r in self.runs if r.stage == "e2e"), default=0)
 
     @property
+    def child_peaks(self) -> dict[str, int]:
+        """The largest peak resident memory of each of the task process's children (the decoder)."""
+        peaks: dict[str, int] = {}
+        for r in self.runs:
+            for name, peak in r.detail.get("children_peak", {}).items():
+                peaks[name] = max(peak, peaks.get(name, 0))
+        return peaks
+
+    @property
     def slowest_stage(self) -> tuple[str, float]:
         return max(
             (("download", self.median("download")), ("convert", self.median("convert"))), key=lambda x: x[1]
@@ -417,6 +422,7 @@ class Bench:
         attempts: int = MAX_ATTEMPTS,
         api: str = "volume",
         origin: str | None = None,
+        task_env: dict[str, str] | None = None,
     ) -> None:
         self.work = work
         self.moto = moto
@@ -426,34 +432,33 @@ class Bench:
         self.attempts = attempts
         #: "volume" (ImportVolume of a euca2ools upload) or "snapshot" (ImportSnapshot of one object)
         self.api = api
-        self.config = config_mod.from_dict(
-            {
-                "state_dir": str(work / "state"),
-                "log_level": "warning",
-                "scratch": {"quota": "64GiB"},
-                "sources": {
-                    "allowed_endpoints": [moto.endpoint] + ([origin] if origin else []),
-                    "manifest_poll_interval": 0.2,
-                    "s3": {
-                        "endpoint_url": moto.endpoint,
-                        "region": REGION,
-                        "access_key": "testing",
-                        "secret_key": "testing",
-                    },
-                },
-                "targets": {
-                    "volume": {"type": "file", "directory": str(work / "volumes")},
-                    "image": {"type": "file", "directory": str(work / "images")},
+        settings = {
+            "state_dir": str(work / "state"),
+            "log_level": "warning",
+            "scratch": {"quota": "64GiB"},
+            "sources": {
+                "allowed_endpoints": [moto.endpoint] + ([origin] if origin else []),
+                "manifest_poll_interval": 0.2,
+                "s3": {
+                    "endpoint_url": moto.endpoint,
+                    "region": REGION,
+                    "access_key": "testing",
+                    "secret_key": "testing",
                 },
             },
-            base_dir=work,
-        )
+            "targets": {
+                "volume": {"type": "file", "directory": str(work / "volumes")},
+                "image": {"type": "file", "directory": str(work / "images")},
+            },
+        }
+        # a file: the task children read it (``--config``), as a worker's do
+        self.config_path = work / "imaging.yaml"
+        self.config_path.write_text(yaml.safe_dump(settings))
+        self.config = config_mod.load(self.config_path)
         self.service = ImportService(self.config)
         self.policy = UrlPolicy.from_config(self.config.sources)
-        self.engine = Engine(self.config, self.service.store, poll_interval=0.1)
-        # Import the steps and parse the workflow now: a worker child pays this before the task
-        # starts too, and after a cache drop it would add a disk read of modules to the first run.
-        self.engine.load("import-volume" if api == "volume" else "import-snapshot")
+        #: added to the task children's environment (``--task-env``)
+        self.task_env = dict(task_env or {})
 
     def close(self) -> None:
         self.service.store.close()
@@ -469,7 +474,8 @@ class Bench:
             own0, moto0, machine0 = _own_cpu(), _pid_cpu(self.moto.pid), _machine_cpu()
             start = time.perf_counter()
             detail = variant.run(prepared) or {}
-            seconds = time.perf_counter() - start
+            # a variant that knows its own span (e2e: the task's start to its end) reports it
+            seconds = detail.pop("seconds", time.perf_counter() - start)
             own1, moto1, machine1 = _own_cpu(), _pid_cpu(self.moto.pid), _machine_cpu()
             other = max(0.0, (machine1[0] - machine0[0]) - (own1 - own0) - (moto1 - moto0))
             run = Run(stage, seconds, other, attempt, dropped, detail)
@@ -490,16 +496,23 @@ class Bench:
         return task.id
 
     def e2e(self, task_id: str) -> dict[str, Any]:
-        """Run the task from its start to its end, as a worker's child does, then ``sync``. The peak
-        resident memory of this process (the task process: the engine runs here) is measured over
-        the run alone: the kernel's high-water mark is reset first (``/proc/self/clear_refs``)."""
-        reset_peak_rss()
+        """Run the task as a worker does, in a new task process (:func:`taskproc.run_task_child`),
+        then ``sync``. Timed from the task's start to its end (as the task records them) plus the
+        ``sync``: the child's interpreter start and imports come before the task starts, as in a
+        worker's child. Its peak resident memory and its decoder child's are the processes' own."""
+        task_log = self.work / f"task-{task_id}.log"
         with ScratchSampler(ScratchSpace.from_config(self.config)) as scratch:
-            done = self.engine.run(task_id)
-        peak_rss = _pid_memory(os.getpid()).get("VmHWM", 0)
+            memory = run_task_child(task_id, self.config_path, env=self.task_env, log=task_log)
+        sync0 = time.perf_counter()
         subprocess.run(["sync"], check=True)  # the volume was fsynced by finalize; this flushes the rest
-        if done.state is not TaskState.COMPLETED:
-            raise RuntimeError(f"import failed: {done.error_code}: {done.error_message}")
+        sync_s = time.perf_counter() - sync0
+        done = self.service.store.get_task(task_id)
+        if memory.returncode != 0 or done.state is not TaskState.COMPLETED:
+            tail = "".join(task_log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+            raise RuntimeError(
+                f"import failed (task process exit {memory.returncode}, {done.state.value}): "
+                f"{done.error_code}: {done.error_message}\n{tail}"
+            )
         if self.api == "volume":
             volume = Path(done.result["volume"]["path"])
             streamed = done.result.get("written", {}).get("streamed")
@@ -519,8 +532,10 @@ class Bench:
             "steps": steps,
             "volume": str(volume),
             "peak_scratch": scratch.peak,
-            "peak_rss": peak_rss,
+            "peak_rss": memory.task_peak,
+            "children_peak": memory.children_peak,
             "streamed": streamed,
+            "seconds": task_seconds + sync_s,
         }
 
     def create_snapshot_task(self, fmt: str, source: dict[str, str]) -> str:
@@ -689,6 +704,10 @@ def run_variants(
                     f"\n      task started→completed {run.detail['task_seconds']:.2f} s; steps (s): {steps}"
                     f"; peak scratch {run.detail['peak_scratch']} bytes; streamed {run.detail['streamed']}"
                     f"; task process peak RSS {run.detail['peak_rss'] / MiB:.0f} MiB"
+                    + "".join(
+                        f", child {name} {peak / MiB:.0f} MiB"
+                        for name, peak in run.detail["children_peak"].items()
+                    )
                 )
             log(
                 f"  run {i + 1} {stage:<14} {run.seconds:7.2f} s  {file_bytes / run.seconds / 1e6:7.0f} MB/s"
@@ -742,6 +761,7 @@ def print_summary(
         log(
             f"{m.format}: peak resident memory of the task process {m.peak_rss / MiB:.0f} MiB "
             f"(goal <= {RSS_GOAL // MiB} MiB for a 4 GiB import): {verdict}"
+            + "".join(f"; its child {n}: {p / MiB:.0f} MiB" for n, p in m.child_peaks.items())
         )
     overlapped = [r for m in results for r in m.runs if r.other_cpu > OTHER_CPU_LIMIT * r.seconds]
     if overlapped:
@@ -785,6 +805,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tries of a run that overlapped other work (default 3)",
     )
     p.add_argument(
+        "--task-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in the task processes' environment (e.g. MALLOC_ARENA_MAX=2); repeatable",
+    )
+    p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="cache/results directory (default bench/out)"
     )
     args = p.parse_args(argv)
@@ -794,6 +821,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.formats is None:
         args.formats = "RAW,GZ,VMDK,VHD" if args.api == "snapshot" else "RAW,VMDK,VHD"
     args.formats = [f.strip().upper() for f in args.formats.split(",") if f.strip()]
+    if any("=" not in e for e in args.task_env):
+        p.error("--task-env takes NAME=VALUE")
+    args.task_env = dict(e.split("=", 1) for e in args.task_env)
     if args.origin != "moto" and args.api != "snapshot":
         p.error("--origin http goes with --api snapshot (ImportVolume reads a euca2ools upload from S3)")
     allowed = set(QEMU_FORMAT) if args.api == "snapshot" else set(QEMU_FORMAT) - {"GZ"}
@@ -833,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
                 attempts=args.attempts,
                 api=args.api,
                 origin=origin,
+                task_env=args.task_env,
             )
             try:
                 for fmt in args.formats:
@@ -857,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
                 "goal": GOAL,
                 "peak_scratch_bytes": m.peak_scratch,
                 "peak_rss_bytes": m.peak_rss,
+                "child_peak_rss_bytes": m.child_peaks,
             }
             for m in results
         ],
