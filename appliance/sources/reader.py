@@ -64,7 +64,7 @@ from typing import Any
 
 from ..errors import SourceChanged, SourceStalled
 from .blockstream import Block, BlockStream
-from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
+from .http import BodyTooLong, HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
 from .ordered import LinkedEvent, ordered_fetch
 from .origins import Origin, Response, origin_for
 from .ranges import (
@@ -332,17 +332,16 @@ class RangeReader(BlockStream):
                         )
                     with response:
                         self._check_range(response, offset, span.end - 1)
-                        with contextlib.closing(response.iter_chunks()) as body:
-                            for chunk in body:
-                                n = len(chunk)
-                                self.stats.add(received=n)
-                                if got + n > span.length:
-                                    raise SourceIntegrity(
-                                        f"{self.origin.where} sent more than the range at {span.start}"
-                                    )
-                                view[got : got + n] = chunk
-                                got += n
-                                self.stats.add(buffered=n)
+                        # straight from the socket into the range's buffer: no bytes object per piece
+                        with contextlib.closing(response.fill(view[got : span.length])) as pieces:
+                            try:
+                                for n in pieces:
+                                    got += n
+                                    self.stats.add(received=n, buffered=n)
+                            except BodyTooLong as exc:
+                                raise SourceIntegrity(
+                                    f"{self.origin.where} sent more than the range at {span.start}"
+                                ) from exc
                     if got < span.length:
                         raise TransferInterrupted(
                             f"{self.origin.where}: the range at {span.start} ended after {got} of "

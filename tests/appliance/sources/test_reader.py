@@ -522,6 +522,25 @@ def test_the_s3_client_has_a_connection_for_every_range_in_flight(
     assert reader.stats.peak_buffered <= 17 * RS
 
 
+def test_s3_ranges_read_one_after_the_other_share_one_connection(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    # the ranges are received under botocore (S3Stream.fill): a range read to its end must give its
+    # connection back to the client's pool as botocore's own reads do, not cost a TCP (and TLS)
+    # setup per range. moto closes every connection, so the object store here is the loopback
+    # server, which keeps them open (path-style GETs of /bucket/key; it checks no signature).
+    data = os.urandom(12 * RS)
+    server.add("/bucket/disk.raw", data)
+    s3cfg = {"endpoint_url": server.endpoint, "region": "us-east-1", "access_key": "a", "secret_key": "s"}
+    settings = dataclasses.replace(SETTINGS, parallel=1)
+    reader = open_reader({"bucket": "bucket", "key": "disk.raw"}, http_policy, s3cfg, settings=settings)
+    with NetworkRecorder() as net:
+        assert read_all(reader) == data
+    assert reader.stats.requests == 12
+    assert all(r.headers["If-Match"] for r in server.hits("/bucket/disk.raw")[1:])
+    assert len(net.connected_hosts()) <= 2  # the first answer's, and one for the ranges after it
+
+
 # ------------------------------------------------------------------- size bounds, hostile origins
 #
 # The download limit is ``settings.max_size``. An origin that lies about what it sends (a Content-Range
@@ -632,6 +651,19 @@ def test_a_range_with_more_bytes_than_it_announces_is_refused(
     got = bytearray()
     announced = rf"announced {RS + 4096} bytes for the range {RS}-{2 * RS - 1}"
     with pytest.raises(SourceIntegrity, match=announced):
+        hand_over(reader, got)
+    assert bytes(got) == data[:RS]
+
+
+def test_a_range_that_goes_on_past_its_end_without_a_length_is_refused(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(8 * RS)
+    route = server.add("/disk.raw", data, send_length=False)  # bodies end when the connection closes
+    route.script.extend(["ok", "pad:1"])  # range 2: one byte more than asked
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    got = bytearray()
+    with pytest.raises(SourceIntegrity, match=rf"sent more than the range at {RS}"):
         hand_over(reader, got)
     assert bytes(got) == data[:RS]
 
