@@ -301,6 +301,45 @@ def test_memory_is_bounded_by_parallel_plus_one_ranges(
     assert reader.stats.buffered == 0
 
 
+def test_a_view_the_consumer_holds_keeps_its_bytes_while_later_ranges_arrive(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    # range buffers are used again for later ranges; a view handed out by readview must not see its
+    # bytes overwritten by them while it is alive
+    data = os.urandom(40 * RS)
+    server.add("/disk.raw", data)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=SETTINGS)
+    rest = bytearray()
+    with reader:
+        held = reader.readview(RS)  # all of range 0, kept while the other 39 ranges pass
+        second = reader.readview(RS // 2)  # half of range 1, kept too
+        while view := reader.readview(10_000):
+            with view:
+                rest += view
+    assert bytes(held) == data[:RS]
+    assert bytes(second) == data[RS : RS + RS // 2]
+    assert bytes(rest) == data[RS + RS // 2 :]
+    assert held.readonly
+    assert reader.stats.buffered == 0
+
+
+def test_views_released_by_the_consumer_let_their_buffers_serve_later_ranges(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(40 * RS)
+    server.add("/disk.raw", data)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=SETTINGS)
+    buffers: dict[int, object] = {}  # the range buffers under the views, kept so ids stay unique
+    got = bytearray()
+    with reader:
+        while view := reader.readview(RS):
+            with view:
+                got += view
+                buffers.setdefault(id(view.obj), view.obj)
+    assert bytes(got) == data
+    assert len(buffers) <= SETTINGS.parallel + 2  # used again, not one new buffer per range
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
