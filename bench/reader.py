@@ -7,7 +7,8 @@ into a sink (the reader's own verification included):
 
 - ``one GET``: boto3 ``get_object`` of the whole object, its body read in 1 MiB pieces;
 - ``reader``: :func:`appliance.sources.reader.open_reader` of the same object (``--parallel``
-  ranges of ``--range-size`` in flight, ``IfMatch`` on each), ``read(1 MiB)`` until the end;
+  ranges of ``--range-size`` in flight, ``IfMatch`` on each), ``readinto`` of one 1 MiB buffer until
+  the end (as the import steps read it);
 - ``parts x1`` / ``parts xN``: :func:`appliance.sources.parts.download_parts` of the part objects,
   one at a time and ``--parallel`` at a time (MD5 of each part checked);
 - ``http one GET`` / ``http reader``: the same bytes from an https-style URL on a loopback HTTP server
@@ -22,8 +23,10 @@ Every scenario runs twice: straight to moto, and through a proxy that paces each
 what one connection gets (AWS's guidance for byte-range fetches), moto on loopback does not. Reported:
 medians, MB/s, ``reader / one GET``, ``parts xN / parts x1`` and ``http reader / http one GET`` with
 ``file reader / file one GET`` with PASS/MISS against the goal (>= 1.5), the reader's peak buffered
-bytes;
-``bench/out/reader-results.json``; ``--strict`` exits 1 on a miss.
+bytes, and the CPU seconds (user + system) this process spent per GiB in each scenario: against
+moto and the file server, which run in processes of their own, that is the reader's CPU alone, the
+figure that does not depend on the machine's load; ``bench/out/reader-results.json``; ``--strict``
+exits 1 on a miss.
 
 Know before reading the figures: moto answers a ranged GET by loading the **whole** object and
 slicing it (``moto/s3/responses.py`` ``_handle_range_header``, under the key's lock), so each range of
@@ -40,6 +43,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -65,7 +69,7 @@ from appliance.config import parse_size  # noqa: E402
 from appliance.sources.http import HttpClient  # noqa: E402
 from appliance.sources.manifest import ImportManifest, Part, plan_parts  # noqa: E402
 from appliance.sources.parts import download_parts  # noqa: E402
-from appliance.sources.reader import ReaderSettings, open_reader  # noqa: E402
+from appliance.sources.reader import RangeReader, ReaderSettings, open_reader  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from tests.httpfixtures import TestHTTPServer  # noqa: E402
 from tests.servers import moto_server  # noqa: E402
@@ -108,11 +112,7 @@ def http_one_get(url: str, policy: UrlPolicy) -> dict[str, Any]:
 
 def http_ranged(url: str, policy: UrlPolicy, settings: ReaderSettings) -> dict[str, Any]:
     reader = open_reader({"url": url}, policy, settings=settings)
-    n = 0
-    with reader:
-        while piece := reader.read(PIECE):
-            n += len(piece)
-    return {"bytes": n, "peak_buffered": reader.stats.peak_buffered, "requests": reader.stats.requests}
+    return drain(reader)
 
 
 def one_get(endpoint: str, bucket: str) -> dict[str, Any]:
@@ -127,10 +127,17 @@ def ranged(endpoint: str, bucket: str, settings: ReaderSettings) -> dict[str, An
     cfg = {"endpoint_url": endpoint, "region": "us-east-1", "access_key": "testing", "secret_key": "testing"}
     reader = open_reader({"bucket": bucket, "key": "disk.raw"}, UrlPolicy(allowed_endpoints=[endpoint]), cfg,
                          settings=settings)  # fmt: skip
+    return drain(reader)
+
+
+def drain(reader: RangeReader) -> dict[str, Any]:
+    """Every byte of ``reader`` into one reused 1 MiB buffer (``readinto``, as the import steps read
+    it): the copy out of the range buffers counts, no allocation per piece does."""
+    buf = bytearray(PIECE)
     n = 0
     with reader:
-        while piece := reader.read(PIECE):
-            n += len(piece)
+        while k := reader.readinto(buf):
+            n += k
     return {"bytes": n, "peak_buffered": reader.stats.peak_buffered, "requests": reader.stats.requests}
 
 
@@ -165,10 +172,18 @@ def range_server(file: Path) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads (moto and the file server are
+    processes of their own: not counted; the in-process ``http`` server is)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    began = time.perf_counter()
+    cpu, began = cpu_seconds(), time.perf_counter()
     out = fn()
     out["seconds"] = time.perf_counter() - began
+    out["cpu_seconds"] = cpu_seconds() - cpu
     return out
 
 
@@ -233,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         assert out["bytes"] == size, (name, out)
                         results[label][name].append(out)
                         print(f"{label:>26}  run {run + 1}  {name:<13} {out['seconds']:7.2f} s  "
-                              f"{size / out['seconds'] / 1e6:7.0f} MB/s", flush=True)  # fmt: skip
+                              f"{size / out['seconds'] / 1e6:7.0f} MB/s  "
+                              f"{out['cpu_seconds'] / (size / 2**30):5.2f} CPU-s/GiB  "
+                              f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     return report(results, size, args, settings)
 
 
@@ -248,6 +265,10 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], size: int, args:
     )
     for label, by_name in results.items():
         med = {name: statistics.median(r["seconds"] for r in runs) for name, runs in by_name.items()}
+        cpu = {
+            name: statistics.median(r["cpu_seconds"] for r in runs) / (size / 2**30)
+            for name, runs in by_name.items()
+        }
         ratios = {
             "reader / one GET": med["one GET"] / med["reader"],
             f"parts x{args.parallel} / parts x1": med["parts x1"] / med[f"parts x{args.parallel}"],
@@ -259,14 +280,16 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], size: int, args:
         )
         print(f"  {label}:")
         for name, seconds in med.items():
-            print(f"    {name:<13} {seconds:7.2f} s  {size / seconds / 1e6:7.0f} MB/s")
+            print(f"    {name:<13} {seconds:7.2f} s  {size / seconds / 1e6:7.0f} MB/s  "
+                  f"{cpu[name]:5.2f} CPU-s/GiB (this process)")  # fmt: skip
         for name, ratio in ratios.items():
             verdict = "PASS" if ratio >= GOAL else "MISS"
             missed |= ratio < GOAL
             print(f"    {name:<27} {ratio:5.2f}  (goal >= {GOAL})  {verdict}")
         bound = (settings.parallel + 1) * settings.range_size
         print(f"    reader peak buffered {peak / 2**20:.1f} MiB (bound {(bound) / 2**20:g} MiB)")
-        summary["paths"][label] = {"median_seconds": med, "ratios": ratios, "reader_peak_buffered": peak}
+        summary["paths"][label] = {"median_seconds": med, "cpu_seconds_per_gib": cpu, "ratios": ratios,
+                                   "reader_peak_buffered": peak}  # fmt: skip
     out = ROOT / "out"
     out.mkdir(exist_ok=True)
     (out / "reader-results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=2))

@@ -20,7 +20,8 @@ Block = tuple[int, bytearray]
 
 
 class BlockStream(io.RawIOBase):
-    """``read(n)``, ``readinto(b)``, ``iter_chunks()`` and ``tell()`` over :meth:`_blocks_from`."""
+    """``read(n)``, ``readinto(b)``, ``readview(n)``, ``iter_chunks()`` and ``tell()`` over the
+    blocks."""
 
     def __init__(self, offset: int = 0) -> None:
         super().__init__()
@@ -64,6 +65,14 @@ class BlockStream(io.RawIOBase):
         if size is None or size < 0:
             return b"".join(iter(lambda: self.read(CHUNK_SIZE * 32), b""))
         return bytes(self._take(size))
+
+    def readview(self, size: int) -> memoryview:
+        """A read-only view of up to ``size`` next bytes, not copied (empty at the end of the object).
+
+        Its bytes stay as they are for as long as the view is alive: a block's buffer is used again
+        only once no view of it is left (:meth:`_released`). Release the view (``with view:``) or
+        drop it when done with it: one that is kept keeps its block's memory."""
+        return self._take(size).toreadonly()
 
     def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """The rest of the object in chunks of at most ``chunk_size`` bytes (like a response body)."""

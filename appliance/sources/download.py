@@ -174,16 +174,17 @@ def download_to_file(
                     log.info("%s: resuming the download at byte %d of %s", src, done, total)
                 if total is not None and reserve is not None:
                     reserve(total, True)
-                buf = bytearray(_PIECE)
-                with memoryview(buf) as view:
-                    while n := reader.readinto(buf):
+                # views of the reader's range buffers: written and hashed without a copy
+                while piece := reader.readview(_PIECE):
+                    with piece:
+                        n = len(piece)
                         if reserve is not None and total is None:
                             reserve(done + n, False)
-                        out.write(view[:n])
-                        hashes.update(view[:n])
-                        done += n
-                        if on_progress is not None:
-                            on_progress(done, total)
+                        out.write(piece)
+                        hashes.update(piece)
+                    done += n
+                    if on_progress is not None:
+                        on_progress(done, total)
                 md5_etag, etag = reader.md5_etag, reader.etag
             if total is not None and done != total:
                 raise SourceIntegrity(f"{src}: received {done} bytes, the source declared {total}")

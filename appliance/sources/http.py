@@ -19,11 +19,10 @@ import contextlib
 import http.client
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any, cast
 from urllib.parse import urljoin
 
 import urllib3
@@ -33,12 +32,19 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 from ..config import SourcesConfig
 from ..errors import Cancelled, ImagingError
 from ..redact import redact_url
+
+# re-exported: the sources import them from here
+from .neterrors import describe_network_error as describe_network_error
+from .neterrors import is_stall as is_stall
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 CHUNK_SIZE = 256 * 1024
+#: bytes received per call by :meth:`HttpResponse.fill`: large, so the Python work of a call is
+#: nothing against its bytes; small enough that counters and the cancel check follow the transfer
+FILL_STEP = 1 << 20
 USER_AGENT = "imaging-appliance/0.1"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Defaults match config.DEFAULTS["sources"]; used when the policy did not come from a configuration.
@@ -80,6 +86,48 @@ class SourceIntegrity(ImagingError):
     """The bytes received do not match what the source declared (length, MD5/ETag)."""
 
     code = "SourceIntegrity"
+
+
+class BodyTooLong(SourceIntegrity):
+    """A body went on past the buffer :meth:`HttpResponse.fill` was given (the bytes asked for)."""
+
+
+def fill_pieces(
+    readinto: Callable[[memoryview], int], view: memoryview, step: int, cancel: threading.Event | None
+) -> Generator[int, None, None]:
+    """``readinto`` (a body's) straight into ``view``, at most ``step`` bytes a call: the count of
+    each piece as it lands, until ``view`` is full or the body ends; then :class:`BodyTooLong` when
+    the body has a byte more. :class:`Cancelled` once ``cancel`` is set."""
+    got, size = 0, len(view)
+    while got < size:
+        _raise_if_cancelled(cancel, "download")
+        n = readinto(view[got : min(got + step, size)])
+        if not n:
+            _raise_if_cancelled(cancel, "download")  # a shut-down socket reads as the end
+            return
+        got += n
+        yield n
+    if readinto(memoryview(bytearray(1))):
+        raise BodyTooLong(f"the body is longer than the {size} bytes asked for")
+
+
+def direct_readinto(raw: Any) -> Callable[[memoryview], int]:
+    """The ``readinto`` of the http.client response under urllib3's ``raw`` (bytes straight from the
+    socket into the caller's buffer), when urllib3 holds none of the body and decodes nothing; else
+    urllib3's own (which reads a new bytes object and copies it). urllib3 2's ``readinto`` is
+    ``read`` plus a copy, and http.client's ``read(n)`` allocates, fills and copies again: three
+    passes over every byte where one does."""
+    fp = getattr(raw, "_fp", None)
+    decoded = getattr(raw, "_decoded_buffer", None)
+    if (
+        isinstance(fp, http.client.HTTPResponse)
+        and not getattr(raw, "decode_content", True)
+        and not getattr(raw, "_has_decoded_content", True)
+        and decoded is not None
+        and len(decoded) == 0
+    ):
+        return fp.readinto
+    return cast("Callable[[memoryview], int]", raw.readinto)
 
 
 def format_range(start: int, end: int | None = None) -> str:
@@ -187,6 +235,29 @@ class HttpResponse:
                 yield chunk
             _raise_if_cancelled(self._cancel, "download")
 
+    def fill(self, view: memoryview, step: int = FILL_STEP) -> Generator[int, None, None]:
+        """Receive the body (raw, no content decoding) straight into ``view``: the count of each piece
+        (at most ``step`` bytes) as it lands, until ``view`` is full or the body ends (the caller
+        compares the total). Raises :class:`BodyTooLong` when the body goes on past ``view``,
+        :class:`TransferInterrupted` when the connection breaks or stalls, :class:`Cancelled`."""
+        readinto = direct_readinto(self._raw)
+        with shutdown_on_cancel(self._cancel, self._raw.shutdown):
+            pieces = fill_pieces(readinto, view, step, self._cancel)
+            while True:
+                try:
+                    n = next(pieces, 0)
+                except (_Urllib3Error, OSError, http.client.HTTPException) as exc:
+                    _raise_if_cancelled(self._cancel, "download")
+                    raise TransferInterrupted(
+                        f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not n:
+                    return
+                self._received += n
+                yield n
+
     def read(self, limit: int) -> bytes:
         """The body, or its first ``limit + 1`` bytes when it is longer (the caller checks the length)."""
         out = bytearray()
@@ -207,70 +278,6 @@ class HttpResponse:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-#: how deep :func:`describe_network_error` looks through wrapped exceptions
-_MAX_WRAPPED = 8
-# Fixed words by exception class, most specific first (subclasses before their bases).
-_NETWORK_PHRASES: tuple[tuple[type[BaseException], str], ...] = (
-    (ConnectionRefusedError, "connection refused"),
-    (http.client.RemoteDisconnected, "the server closed the connection without answering"),
-    (ConnectionResetError, "connection reset by the server"),
-    (ConnectionAbortedError, "connection aborted"),
-    (BrokenPipeError, "connection closed by the server"),
-    (http.client.IncompleteRead, "the connection closed before the whole body arrived"),
-    (socket.gaierror, "the host name could not be resolved"),
-    (ssl.SSLError, "TLS failure"),
-    (TimeoutError, "timed out"),
-)
-
-
-def _wrapped(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it wraps, outermost first (urllib3's ``reason`` and protocol
-    errors' second argument, botocore's ``error`` keyword, ``__cause__``/``__context__``)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain and len(chain) < _MAX_WRAPPED:
-        chain.append(current)
-        inner = getattr(current, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = next((a for a in current.args[1:] if isinstance(a, BaseException)), None)
-        if inner is None:
-            kwargs = getattr(current, "kwargs", None)
-            error = kwargs.get("error") if isinstance(kwargs, dict) else None
-            inner = error if isinstance(error, BaseException) else None
-        current = inner or current.__cause__ or current.__context__
-    return chain
-
-
-def is_stall(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or wraps, a read that timed out: the source stopped sending (a connection
-    that could not be made is not a stall)."""
-    chain = _wrapped(exc)
-    names = [type(e).__name__ for e in chain]
-    if any("ConnectTimeout" in n or "NewConnection" in n or "EndpointConnection" in n for n in names):
-        return False
-    return any("ReadTimeout" in n for n in names) or any(isinstance(e, TimeoutError) for e in chain)
-
-
-def describe_network_error(exc: BaseException) -> str:
-    """What went wrong on the network, in fixed words (no library's exception text)."""
-    chain = _wrapped(exc)
-    for inner in reversed(chain):  # the innermost cause says the most
-        for cls, phrase in _NETWORK_PHRASES:
-            if isinstance(inner, cls):
-                if cls is ssl.SSLError and isinstance(inner, ssl.SSLError) and inner.reason:
-                    return f"{phrase} ({inner.reason})"
-                return phrase
-    names = [type(e).__name__ for e in chain]
-    if any("ConnectTimeout" in n for n in names):
-        return "connection timed out"
-    if any("ReadTimeout" in n for n in names):
-        return "read timed out"
-    for inner in reversed(chain):
-        if isinstance(inner, OSError) and inner.strerror:
-            return inner.strerror.lower()  # the operating system's words, e.g. "no route to host"
-    return f"connection failed ({names[-1]})"
 
 
 class HttpClient:

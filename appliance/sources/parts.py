@@ -33,7 +33,15 @@ from defusedxml import DefusedXmlException
 
 from ..errors import Cancelled, ImagingError
 from ..redact import redact_url
-from .http import CHUNK_SIZE, HttpClient, SourceUnavailable, TransferInterrupted, is_stall, sleep_or_cancel
+from .http import (
+    CHUNK_SIZE,
+    BodyTooLong,
+    HttpClient,
+    SourceUnavailable,
+    TransferInterrupted,
+    is_stall,
+    sleep_or_cancel,
+)
 from .manifest import (
     MAX_MANIFEST_BYTES,
     ImportManifest,
@@ -495,16 +503,18 @@ def _download_part(
             )
         md5 = hashlib.md5() if _md5_applies(response.etag, response.headers) else None
         received = 0
-        with memoryview(buf) as view:
-            for chunk in response.iter_chunks():
-                if received + len(chunk) > part.length:
-                    raise PartVerificationFailed(
-                        f"{where}: the body is longer than the byte range ({part.length})"
-                    )
-                view[received : received + len(chunk)] = chunk
-                if md5 is not None:
-                    md5.update(chunk)
-                received += len(chunk)
+        # straight from the socket into the part's buffer; MD5 over pieces of up to 1 MiB, which
+        # hashlib hashes without the GIL
+        with memoryview(buf) as view, contextlib.closing(response.fill(view[: part.length])) as pieces:
+            try:
+                for n in pieces:
+                    if md5 is not None:
+                        md5.update(view[received : received + n])
+                    received += n
+            except BodyTooLong as exc:
+                raise PartVerificationFailed(
+                    f"{where}: the body is longer than the byte range ({part.length})"
+                ) from exc
     if received != part.length:
         raise TransferInterrupted(f"{where}: received {received} of {part.length} bytes", received=received)
     if md5 is not None and md5.hexdigest() != (response.etag or "").lower():

@@ -5,7 +5,7 @@ Public API (the rest of the package is the machinery)::
     reader = open_reader(source, policy, cancel=cancel, start=saved, checkpoint=save)
     with reader:                              # opens: the first GET; reader.size, reader.etag known
         while chunk := reader.read(1 << 20):  # a file-like object (io.RawIOBase: read, readinto, tell)
-            consume(chunk)
+            consume(chunk)                    # or reader.readview(n): the bytes, not copied
     reader.stats                              # requests, bytes received, peak_buffered, retries, stalls
 
 ``source`` is ``{"url": "https://…" | "s3://bucket/key"}`` or ``{"bucket", "key"}`` (UserBucket); an
@@ -64,7 +64,7 @@ from typing import Any
 
 from ..errors import SourceChanged, SourceStalled
 from .blockstream import Block, BlockStream
-from .http import HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
+from .http import BodyTooLong, HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
 from .ordered import LinkedEvent, ordered_fetch
 from .origins import Origin, Response, origin_for
 from .ranges import (
@@ -332,17 +332,16 @@ class RangeReader(BlockStream):
                         )
                     with response:
                         self._check_range(response, offset, span.end - 1)
-                        with contextlib.closing(response.iter_chunks()) as body:
-                            for chunk in body:
-                                n = len(chunk)
-                                self.stats.add(received=n)
-                                if got + n > span.length:
-                                    raise SourceIntegrity(
-                                        f"{self.origin.where} sent more than the range at {span.start}"
-                                    )
-                                view[got : got + n] = chunk
-                                got += n
-                                self.stats.add(buffered=n)
+                        # straight from the socket into the range's buffer: no bytes object per piece
+                        with contextlib.closing(response.fill(view[got : span.length])) as pieces:
+                            try:
+                                for n in pieces:
+                                    got += n
+                                    self.stats.add(received=n, buffered=n)
+                            except BodyTooLong as exc:
+                                raise SourceIntegrity(
+                                    f"{self.origin.where} sent more than the range at {span.start}"
+                                ) from exc
                     if got < span.length:
                         raise TransferInterrupted(
                             f"{self.origin.where}: the range at {span.start} ended after {got} of "
@@ -369,7 +368,11 @@ class RangeReader(BlockStream):
         return bytearray(length)
 
     def _recycle(self, buf: bytearray) -> None:
-        """``buf`` is free: keep it for a later range (at most parallel + 1 are ever needed)."""
+        """``buf`` is done with: keep it for a later range (at most parallel + 1 are ever needed),
+        unless a view of it is still alive (``readview``): the bytes its holder reads must not be
+        overwritten by a later range, so that buffer is left to be freed with its last view."""
+        if _exported(buf):
+            return
         with self._spare_lock:
             if len(buf) == self.settings.range_size and len(self._spare) <= self.settings.parallel:
                 self._spare.append(buf)
@@ -450,6 +453,20 @@ class RangeReader(BlockStream):
     def __enter__(self) -> RangeReader:
         self.open()
         return self
+
+
+def _exported(buf: bytearray) -> bool:
+    """Whether a buffer view of ``buf`` (a memoryview, a slice of one) is alive: a bytearray cannot
+    change its size while one is. Trying costs nothing: one byte off and back within its
+    allocation."""
+    if not buf:
+        return False
+    try:
+        last = buf.pop()
+    except BufferError:
+        return True
+    buf.append(last)
+    return False
 
 
 def open_reader(

@@ -15,6 +15,7 @@ task's status message.
 
 from __future__ import annotations
 
+import http.client
 import threading
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.response
 from urllib3 import HTTPHeaderDict
 
 from ..errors import Cancelled, ImagingError
@@ -31,9 +33,12 @@ from .http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_RETRIES,
+    FILL_STEP,
     SourceUnavailable,
     TransferInterrupted,
     describe_network_error,
+    direct_readinto,
+    fill_pieces,
     format_range,
     shutdown_on_cancel,
 )
@@ -50,6 +55,8 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.ConnectionClosedError,
     OSError,
 )
+# http.client's own errors too when a body is read under urllib3 (S3Stream.fill)
+_FILL_ERRORS: tuple[type[BaseException], ...] = (*_STREAM_ERRORS, http.client.HTTPException)
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
@@ -287,6 +294,37 @@ class S3Stream:
                 self._received += len(chunk)
                 yield chunk
             self._raise_if_cancelled()  # a shut-down socket reads as the end of the body
+
+    def fill(self, view: memoryview, step: int = FILL_STEP) -> Generator[int, None, None]:
+        """Receive the body straight into ``view``, as :meth:`.http.HttpResponse.fill` does (the
+        count of each piece as it lands; :class:`~.http.BodyTooLong` past ``view``).
+
+        A plain botocore body is read through the http.client response under it (botocore's
+        ``readinto`` is urllib3's, a read plus a copy); a body botocore checks a checksum of goes
+        through botocore. Read to its end, the connection goes back to the client's pool, as
+        urllib3 does when it reads a body to its end itself (no new connection per range)."""
+        raw = getattr(self._body, "_raw_stream", None)
+        plain = type(self._body) is botocore.response.StreamingBody and raw is not None
+        readinto = direct_readinto(raw) if plain else self._body.readinto
+        with shutdown_on_cancel(self._cancel, self._shutdown):
+            pieces = fill_pieces(readinto, view, step, self._cancel)
+            while True:
+                try:
+                    n = next(pieces, 0)
+                except _FILL_ERRORS as exc:
+                    self._raise_if_cancelled()
+                    raise TransferInterrupted(
+                        f"the transfer of {self.url} broke after {self._received} bytes: "
+                        f"{describe_network_error(exc)}",
+                        received=self._received,
+                    ) from exc
+                if not n:
+                    break
+                self._received += n
+                yield n
+        fp = getattr(raw, "_fp", None)
+        if raw is not None and plain and isinstance(fp, http.client.HTTPResponse) and fp.isclosed():
+            raw.release_conn()
 
     def _raise_if_cancelled(self) -> None:
         if self._cancel is not None and self._cancel.is_set():

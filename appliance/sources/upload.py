@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from ..errors import Cancelled, SourceChanged
-from .http import SourceIntegrity, SourceUnavailable
+from .http import BodyTooLong, SourceIntegrity, SourceUnavailable
 from .manifest import Importer, ImportManifest, Part
 from .methods import UPLOAD_SCHEME
 from .ranges import Validator
@@ -52,6 +52,22 @@ class FileResponse:
                 return
             pos += len(data)
             yield data
+
+    def fill(self, view: memoryview, step: int = CHUNK) -> Generator[int, None, None]:
+        """The body straight into ``view`` (``preadv``, no bytes object per piece): the count of each
+        piece; :class:`~.http.BodyTooLong` when the body is longer than ``view``."""
+        pos, end = self._start, min(self._stop, self._start + len(view))
+        while pos < end:
+            if self._cancel.is_set():
+                raise Cancelled("reading the upload cancelled")
+            at = pos - self._start
+            n = os.preadv(self._fd, [view[at : at + min(step, end - pos)]], pos)
+            if not n:  # the file is shorter than the upload says: the reader reports the short body
+                return
+            pos += n
+            yield n
+        if self._stop > end:
+            raise BodyTooLong(f"the body is longer than the {len(view)} bytes asked for")
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
 from collections.abc import Iterator
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import Cancelled
-from appliance.sources.http import HttpClient, SourceUnavailable, TransferInterrupted
+from appliance.sources.http import (
+    BodyTooLong,
+    HttpClient,
+    SourceUnavailable,
+    TransferInterrupted,
+    direct_readinto,
+)
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer, self_signed_cert, tls_server_context
 from tests.servers import free_port
@@ -234,3 +241,45 @@ def test_network_failures_are_described_in_fixed_words(server: TestHTTPServer) -
     assert refused.value.message.endswith("failed after 1 attempts: connection refused")
     for err in (reset, short, refused):
         assert not any(word in err.value.message for word in _LIBRARY_WORDS), err.value.message
+
+
+# ------------------------------------------------------------------ fill: the body into a buffer
+
+
+def test_fill_puts_the_body_into_the_callers_buffer_in_pieces_of_at_most_the_step(
+    server: TestHTTPServer,
+) -> None:
+    buf = bytearray(len(BODY))
+    with client_for(server).get_stream(server.url("/disk.raw")) as response:
+        pieces = list(response.fill(memoryview(buf), step=64 * 1024))
+    assert bytes(buf) == BODY
+    assert sum(pieces) == len(BODY) and max(pieces) <= 64 * 1024
+
+
+def test_fill_receives_from_the_socket_under_urllib3_not_through_its_read(server: TestHTTPServer) -> None:
+    # urllib3 2's readinto is read() plus a copy, and http.client's read(n) copies once more: the
+    # reader's CPU per byte depends on fill going to http.client's readinto. An urllib3 that keeps
+    # the body elsewhere would make fill fall back silently to the slow path; this says so.
+    with client_for(server).get_stream(server.url("/disk.raw")) as response:
+        readinto = direct_readinto(response._raw)
+        assert isinstance(response._raw._fp, http.client.HTTPResponse)
+        assert readinto == response._raw._fp.readinto
+
+
+def test_fill_of_a_body_longer_than_the_buffer_raises_body_too_long(server: TestHTTPServer) -> None:
+    server.add("/nolength", BODY, send_length=False)  # ends when the connection closes
+    buf = bytearray(len(BODY) - 1)
+    response = client_for(server).get_stream(server.url("/nolength"))
+    with response, pytest.raises(BodyTooLong) as err:
+        for _ in response.fill(memoryview(buf)):
+            pass
+    assert err.value.code == "SourceIntegrity"
+    assert bytes(buf) == BODY[:-1]
+
+
+def test_fill_of_a_short_body_stops_at_its_end_and_says_how_much_arrived(server: TestHTTPServer) -> None:
+    server.routes["/disk.raw"].script.append("short:1000")
+    buf = bytearray(len(BODY))
+    with client_for(server).get_stream(server.url("/disk.raw")) as response:
+        assert sum(response.fill(memoryview(buf))) == 1000  # the caller compares with what it asked
+    assert bytes(buf[:1000]) == BODY[:1000]

@@ -331,6 +331,18 @@ def test_persistent_md5_mismatch_fails_with_source_integrity(part_server) -> Non
     assert len(srv.hits("/p2")) == 2
 
 
+def test_a_part_body_longer_than_its_byte_range_is_refused(part_server) -> None:
+    srv, manifest, _ = part_server
+    srv.routes["/p1"].send_length = False  # the body ends when the connection closes
+    srv.routes["/p1"].script.extend(["pad:1"] * 2)
+    _, write = collect(manifest)
+    policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+    with pytest.raises(PartVerificationFailed, match=r"part 1 .*longer than the byte range") as err:
+        download_parts(manifest, write, policy, retries=1, http=HttpClient(policy, backoff=0.01))
+    assert err.value.code == "SourceIntegrity"
+    assert len(srv.hits("/p1")) == 2
+
+
 def test_broken_connection_mid_part_is_retried_from_the_part_start(part_server) -> None:
     srv, manifest, data = part_server
     srv.routes["/p1"].script.extend(["short:5000", "reset"])

@@ -301,6 +301,45 @@ def test_memory_is_bounded_by_parallel_plus_one_ranges(
     assert reader.stats.buffered == 0
 
 
+def test_a_view_the_consumer_holds_keeps_its_bytes_while_later_ranges_arrive(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    # range buffers are used again for later ranges; a view handed out by readview must not see its
+    # bytes overwritten by them while it is alive
+    data = os.urandom(40 * RS)
+    server.add("/disk.raw", data)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=SETTINGS)
+    rest = bytearray()
+    with reader:
+        held = reader.readview(RS)  # all of range 0, kept while the other 39 ranges pass
+        second = reader.readview(RS // 2)  # half of range 1, kept too
+        while view := reader.readview(10_000):
+            with view:
+                rest += view
+    assert bytes(held) == data[:RS]
+    assert bytes(second) == data[RS : RS + RS // 2]
+    assert bytes(rest) == data[RS + RS // 2 :]
+    assert held.readonly
+    assert reader.stats.buffered == 0
+
+
+def test_views_released_by_the_consumer_let_their_buffers_serve_later_ranges(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(40 * RS)
+    server.add("/disk.raw", data)
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=SETTINGS)
+    buffers: dict[int, object] = {}  # the range buffers under the views, kept so ids stay unique
+    got = bytearray()
+    with reader:
+        while view := reader.readview(RS):
+            with view:
+                got += view
+                buffers.setdefault(id(view.obj), view.obj)
+    assert bytes(got) == data
+    assert len(buffers) <= SETTINGS.parallel + 2  # used again, not one new buffer per range
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
@@ -522,6 +561,25 @@ def test_the_s3_client_has_a_connection_for_every_range_in_flight(
     assert reader.stats.peak_buffered <= 17 * RS
 
 
+def test_s3_ranges_read_one_after_the_other_share_one_connection(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    # the ranges are received under botocore (S3Stream.fill): a range read to its end must give its
+    # connection back to the client's pool as botocore's own reads do, not cost a TCP (and TLS)
+    # setup per range. moto closes every connection, so the object store here is the loopback
+    # server, which keeps them open (path-style GETs of /bucket/key; it checks no signature).
+    data = os.urandom(12 * RS)
+    server.add("/bucket/disk.raw", data)
+    s3cfg = {"endpoint_url": server.endpoint, "region": "us-east-1", "access_key": "a", "secret_key": "s"}
+    settings = dataclasses.replace(SETTINGS, parallel=1)
+    reader = open_reader({"bucket": "bucket", "key": "disk.raw"}, http_policy, s3cfg, settings=settings)
+    with NetworkRecorder() as net:
+        assert read_all(reader) == data
+    assert reader.stats.requests == 12
+    assert all(r.headers["If-Match"] for r in server.hits("/bucket/disk.raw")[1:])
+    assert len(net.connected_hosts()) <= 2  # the first answer's, and one for the ranges after it
+
+
 # ------------------------------------------------------------------- size bounds, hostile origins
 #
 # The download limit is ``settings.max_size``. An origin that lies about what it sends (a Content-Range
@@ -632,6 +690,19 @@ def test_a_range_with_more_bytes_than_it_announces_is_refused(
     got = bytearray()
     announced = rf"announced {RS + 4096} bytes for the range {RS}-{2 * RS - 1}"
     with pytest.raises(SourceIntegrity, match=announced):
+        hand_over(reader, got)
+    assert bytes(got) == data[:RS]
+
+
+def test_a_range_that_goes_on_past_its_end_without_a_length_is_refused(
+    server: TestHTTPServer, http_policy: UrlPolicy
+) -> None:
+    data = os.urandom(8 * RS)
+    route = server.add("/disk.raw", data, send_length=False)  # bodies end when the connection closes
+    route.script.extend(["ok", "pad:1"])  # range 2: one byte more than asked
+    reader = open_reader({"url": server.url("/disk.raw")}, http_policy, settings=ONE_BY_ONE)
+    got = bytearray()
+    with pytest.raises(SourceIntegrity, match=rf"sent more than the range at {RS}"):
         hand_over(reader, got)
     assert bytes(got) == data[:RS]
 

@@ -13,7 +13,7 @@ import pytest
 
 from appliance.errors import Cancelled
 from appliance.sources.fetch import fetch_to_file
-from appliance.sources.http import SourceUnavailable
+from appliance.sources.http import SourceUnavailable, direct_readinto
 from appliance.sources.s3 import head_object, open_object, s3_client
 from appliance.sources.s3names import InvalidS3Name
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
@@ -239,3 +239,21 @@ def test_cancel_ends_a_read_the_object_store_stopped_answering(
             reader.join()
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
     assert sum(received) <= 2**20
+
+
+def test_fill_of_a_plain_s3_body_receives_from_the_socket_under_botocore() -> None:
+    # botocore's readinto is urllib3's (a read plus a copy): S3Stream.fill goes to the http.client
+    # response under it. A botocore or urllib3 that keeps the body elsewhere would make fill fall
+    # back silently to the slow path; this says so. The object store is a loopback server answering
+    # path-style GETs (it checks no signature).
+    data = os.urandom(300_000)
+    with TestHTTPServer() as srv:
+        srv.add("/bucket/disk.raw", data)
+        client = s3_client({"endpoint_url": srv.endpoint, "access_key": "a", "secret_key": "s"},
+                           UrlPolicy(allowed_endpoints=[srv.endpoint]))  # fmt: skip
+        buf = bytearray(100_000)
+        with open_object(client, "bucket", "disk.raw", (1000, 100_999)) as stream:
+            raw = stream._body._raw_stream
+            assert direct_readinto(raw) == raw._fp.readinto
+            assert sum(stream.fill(memoryview(buf), step=8192)) == len(buf)
+        assert bytes(buf) == data[1000:101_000]
