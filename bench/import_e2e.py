@@ -116,6 +116,7 @@ from tests.servers import REGION, MotoServer, moto_server  # noqa: E402
 # the test-disk helpers of bench/convert.py (this directory, imported by its own name)
 sys.path.append(str(ROOT))
 from convert import drop_caches, log, mbr, text_pool  # noqa: E402
+from threadcpu import ThreadCpu  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -359,6 +360,8 @@ class Run:
     stage: str
     seconds: float
     other_cpu: float  # CPU-seconds other processes (not this one, its children or moto) used meanwhile
+    own_cpu: float  # CPU-seconds of this process and its children (the task, or the stage alone)
+    moto_cpu: float  # CPU-seconds of the moto server process
     attempts: int
     cache_dropped: bool
     detail: dict[str, Any] = field(default_factory=dict)
@@ -472,7 +475,7 @@ class Bench:
             seconds = time.perf_counter() - start
             own1, moto1, machine1 = _own_cpu(), _pid_cpu(self.moto.pid), _machine_cpu()
             other = max(0.0, (machine1[0] - machine0[0]) - (own1 - own0) - (moto1 - moto0))
-            run = Run(stage, seconds, other, attempt, dropped, detail)
+            run = Run(stage, seconds, other, own1 - own0, moto1 - moto0, attempt, dropped, detail)
             if other <= OTHER_CPU_LIMIT * seconds or attempt == self.attempts:
                 return run
             _clean(detail.get("volume"))
@@ -494,7 +497,7 @@ class Bench:
         resident memory of this process (the task process: the engine runs here) is measured over
         the run alone: the kernel's high-water mark is reset first (``/proc/self/clear_refs``)."""
         reset_peak_rss()
-        with ScratchSampler(ScratchSpace.from_config(self.config)) as scratch:
+        with ScratchSampler(ScratchSpace.from_config(self.config)) as scratch, ThreadCpu() as cpu:
             done = self.engine.run(task_id)
         peak_rss = _pid_memory(os.getpid()).get("VmHWM", 0)
         subprocess.run(["sync"], check=True)  # the volume was fsynced by finalize; this flushes the rest
@@ -521,6 +524,8 @@ class Bench:
             "peak_scratch": scratch.peak,
             "peak_rss": peak_rss,
             "streamed": streamed,
+            "thread_cpu": {k: round(v, 2) for k, v in cpu.groups.items()},
+            "thread_cpu_summary": cpu.summary(),
         }
 
     def create_snapshot_task(self, fmt: str, source: dict[str, str]) -> str:
@@ -689,9 +694,11 @@ def run_variants(
                     f"\n      task started→completed {run.detail['task_seconds']:.2f} s; steps (s): {steps}"
                     f"; peak scratch {run.detail['peak_scratch']} bytes; streamed {run.detail['streamed']}"
                     f"; task process peak RSS {run.detail['peak_rss'] / MiB:.0f} MiB"
+                    f"\n      task process CPU-s by thread: {run.detail['thread_cpu_summary']}"
                 )
             log(
                 f"  run {i + 1} {stage:<14} {run.seconds:7.2f} s  {file_bytes / run.seconds / 1e6:7.0f} MB/s"
+                f"  CPU {run.own_cpu:5.2f} s (+ moto {run.moto_cpu:5.2f} s)"
                 f"  other CPU {run.other_cpu:4.1f} s{extra}"
             )
             # keep the disk from filling up: each variant's output is only needed for its timing
