@@ -19,7 +19,7 @@ from pathlib import Path
 
 HZ = os.sysconf("SC_CLK_TCK")
 #: a thread name's numbered suffix (a pool's ``name-3``, Python's ``Thread-7 (target)``)
-_NUMBERED = re.compile(r"[-_ ]?\d+(?: \(.*\))?$")
+_NUMBERED = re.compile(r"[-_ ]\d+(?: \(.*\))?$")
 
 
 def _tick_seconds(tid: int) -> float | None:
@@ -30,8 +30,16 @@ def _tick_seconds(tid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / HZ
 
 
+#: the engine's threads, named after their task (``step <task>/<index>``: the steps of a task run one
+#: at a time, so ``steps`` of a streamed import is mostly its writing thread)
+_TASK_THREAD = re.compile(r"^(step|supervisor) \S+$")
+
+
 def group_of(name: str) -> str:
-    """The group a thread's name belongs to: the name without its pool number."""
+    """The group a thread's name belongs to: the name without its pool number or task."""
+    task_thread = _TASK_THREAD.match(name)
+    if task_thread:
+        return "steps" if task_thread.group(1) == "step" else "supervisor"
     return _NUMBERED.sub("", name) or name
 
 
