@@ -111,13 +111,15 @@ from appliance.store import TaskState  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402
 from appliance.targets.rawio import write_raw  # noqa: E402
 from appliance.timestamps import parse_time  # noqa: E402
+from appliance.workflow.engine import Engine  # noqa: E402
 from tests.euca_upload import upload_like_euca2ools  # noqa: E402
 from tests.servers import REGION, MotoServer, moto_server  # noqa: E402
 
 # the test-disk helpers of bench/convert.py (this directory, imported by its own name)
 sys.path.append(str(ROOT))
 from convert import drop_caches, log, mbr, text_pool  # noqa: E402
-from taskproc import run_task_child  # noqa: E402
+from taskproc import TaskMemory, run_task_child  # noqa: E402
+from threadcpu import ThreadCpu  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -320,6 +322,12 @@ def _pid_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / HZ
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's high-water mark of resident memory (``--in-process`` runs), where Linux allows."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _pid_memory(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak resident) of ``pid`` in bytes."""
     out = {}
@@ -355,6 +363,8 @@ class Run:
     stage: str
     seconds: float
     other_cpu: float  # CPU-seconds other processes (not this one, its children or moto) used meanwhile
+    own_cpu: float  # CPU-seconds of this process and its children (the task, or the stage alone)
+    moto_cpu: float  # CPU-seconds of the moto server process
     attempts: int
     cache_dropped: bool
     detail: dict[str, Any] = field(default_factory=dict)
@@ -423,6 +433,7 @@ class Bench:
         api: str = "volume",
         origin: str | None = None,
         task_env: dict[str, str] | None = None,
+        in_process: bool = False,
     ) -> None:
         self.work = work
         self.moto = moto
@@ -459,6 +470,8 @@ class Bench:
         self.policy = UrlPolicy.from_config(self.config.sources)
         #: added to the task children's environment (``--task-env``)
         self.task_env = dict(task_env or {})
+        #: run the engine in this process (CPU-s per thread) instead of a task process
+        self.in_process = in_process
 
     def close(self) -> None:
         self.service.store.close()
@@ -478,7 +491,7 @@ class Bench:
             seconds = detail.pop("seconds", time.perf_counter() - start)
             own1, moto1, machine1 = _own_cpu(), _pid_cpu(self.moto.pid), _machine_cpu()
             other = max(0.0, (machine1[0] - machine0[0]) - (own1 - own0) - (moto1 - moto0))
-            run = Run(stage, seconds, other, attempt, dropped, detail)
+            run = Run(stage, seconds, other, own1 - own0, moto1 - moto0, attempt, dropped, detail)
             if other <= OTHER_CPU_LIMIT * seconds or attempt == self.attempts:
                 return run
             _clean(detail.get("volume"))
@@ -499,10 +512,25 @@ class Bench:
         """Run the task as a worker does, in a new task process (:func:`taskproc.run_task_child`),
         then ``sync``. Timed from the task's start to its end (as the task records them) plus the
         ``sync``: the child's interpreter start and imports come before the task starts, as in a
-        worker's child. Its peak resident memory and its decoder child's are the processes' own."""
+        worker's child. Its peak resident memory and its decoder child's are the processes' own.
+
+        ``--in-process`` runs the engine in this process instead, to read the task's CPU-s per
+        thread (:class:`threadcpu.ThreadCpu`); its memory figure is then this process's high-water
+        mark (an upper bound: the bench's own allocations are in it)."""
         task_log = self.work / f"task-{task_id}.log"
+        cpu: ThreadCpu | None = None
         with ScratchSampler(ScratchSpace.from_config(self.config)) as scratch:
-            memory = run_task_child(task_id, self.config_path, env=self.task_env, log=task_log)
+            if self.in_process:
+                reset_peak_rss()
+                engine = Engine(self.config, poll_interval=0.1)
+                try:
+                    with ThreadCpu() as cpu:
+                        engine.run(task_id)
+                finally:
+                    engine.store.close()
+                memory = TaskMemory(0, _pid_memory(os.getpid()).get("VmHWM", 0))
+            else:
+                memory = run_task_child(task_id, self.config_path, env=self.task_env, log=task_log)
         sync0 = time.perf_counter()
         subprocess.run(["sync"], check=True)  # the volume was fsynced by finalize; this flushes the rest
         sync_s = time.perf_counter() - sync0
@@ -536,6 +564,14 @@ class Bench:
             "children_peak": memory.children_peak,
             "streamed": streamed,
             "seconds": task_seconds + sync_s,
+            **(
+                {
+                    "thread_cpu": {k: round(v, 2) for k, v in cpu.groups.items()},
+                    "thread_cpu_summary": cpu.summary(),
+                }
+                if cpu is not None
+                else {}
+            ),
         }
 
     def create_snapshot_task(self, fmt: str, source: dict[str, str]) -> str:
@@ -708,9 +744,15 @@ def run_variants(
                         f", child {name} {peak / MiB:.0f} MiB"
                         for name, peak in run.detail["children_peak"].items()
                     )
+                    + (
+                        f"\n      task process CPU-s by thread: {run.detail['thread_cpu_summary']}"
+                        if "thread_cpu_summary" in run.detail
+                        else ""
+                    )
                 )
             log(
                 f"  run {i + 1} {stage:<14} {run.seconds:7.2f} s  {file_bytes / run.seconds / 1e6:7.0f} MB/s"
+                f"  CPU {run.own_cpu:5.2f} s (+ moto {run.moto_cpu:5.2f} s)"
                 f"  other CPU {run.other_cpu:4.1f} s{extra}"
             )
             # keep the disk from filling up: each variant's output is only needed for its timing
@@ -812,6 +854,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set in the task processes' environment (e.g. MALLOC_ARENA_MAX=2); repeatable",
     )
     p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run each e2e task in this process and print its CPU-s per thread (memory: an upper bound)",
+    )
+    p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="cache/results directory (default bench/out)"
     )
     args = p.parse_args(argv)
@@ -864,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
                 api=args.api,
                 origin=origin,
                 task_env=args.task_env,
+                in_process=args.in_process,
             )
             try:
                 for fmt in args.formats:

@@ -43,6 +43,7 @@ read).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -248,7 +249,9 @@ def stream_source(
                 **common,
             )
         )
-        with stream:
+        # the checkpoints' hashing thread stops once the decode is done (their digests stay readable)
+        hashing = contextlib.closing(checkpoints) if checkpoints is not None else contextlib.nullcontext()
+        with hashing, stream:
             done = reader.tell()  # a resumed read starts at its position
             buf = bytearray(_PIECE)
             while n := reader.readinto(buf):

@@ -38,6 +38,7 @@ restart from zero with a ``stream.restarted`` event that says why.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -53,6 +54,7 @@ from ..image.decoding import Boundary
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..partials import CHECKPOINT_KEY
 from ..progress import StageMeter
+from ..sources.hashthread import HashingThread
 from ..sources.ranges import ReadPosition
 from ..sources.reader import RangeReader
 from ..sources.savedhash import SavedHash, available
@@ -65,6 +67,8 @@ KIND = "image.stream/1"
 TAIL = 64 << 10
 #: source positions kept while the decoder catches up (one per piece of at most 1 MiB)
 _MAX_MARKS = 4096
+#: pieces (of at most 1 MiB) waiting for the hashing thread, at most (the feeder waits beyond that)
+HASH_DEPTH = 8
 
 
 class SourceReplaced(SourceChanged):
@@ -224,6 +228,8 @@ class StreamCheckpoints:
         else:
             self._sha256, self._md5 = hashlib.sha256(), hashlib.md5()
         self._marks: deque[_Mark] = deque(maxlen=_MAX_MARKS)
+        #: the source's digests and marks are taken here, off the feeding thread (started by passed)
+        self._hasher: HashingThread | None = None
         self._lock = threading.Lock()
         self._size: int | None = None
         self._etag: str | None = None
@@ -267,27 +273,51 @@ class StreamCheckpoints:
 
     def passed(self, start: int, chunk: bytes) -> bytes:
         """The feeder read ``chunk`` (source bytes from ``start``): hash it, mark where it ends, and
-        return what the decoder is to get of it (a resumed run re-reads ``[A, B)``: hashed, not fed)."""
-        if self._sha256 is not None:
-            self._sha256.update(chunk)
-        if self._md5 is not None:
-            self._md5.update(chunk)
+        return what the decoder is to get of it (a resumed run re-reads ``[A, B)``: hashed, not fed).
+        The hashing and the mark are done in the hashing thread, in order: a mark's saved digests are
+        those of the source up to its offset exactly, however far that thread lags."""
         end = start + len(chunk)
-        if self._size is not None and chunk:
-            tail = min(TAIL, len(chunk))
-            mark = _Mark(
-                end,
-                tail,
-                hashlib.sha256(chunk[-tail:]).hexdigest(),
-                self._sha256.state() if self._saveable else None,
-                self._md5.state() if self._saveable and self._md5 is not None else None,
-            )
-            with self._lock:
-                self._marks.append(mark)
+        if chunk and (self._sha256 is not None or self._md5 is not None or self._size is not None):
+            if self._hasher is None:
+                self._hasher = HashingThread(self._hash, depth=HASH_DEPTH)
+            self._hasher.put(chunk)
+            if self._size is not None:
+                self._hasher.call(functools.partial(self._mark, end, chunk))
         skip_to = self.resume.boundary.input_offset if self.resume is not None else 0
         if end <= skip_to:
             return b""
         return chunk[max(0, skip_to - start) :]
+
+    def _hash(self, piece: bytes) -> None:
+        """(In the hashing thread.) The running digests take the next bytes of the source."""
+        if self._sha256 is not None:
+            self._sha256.update(piece)
+        if self._md5 is not None:
+            self._md5.update(piece)
+
+    def _mark(self, end: int, chunk: bytes) -> None:
+        """(In the hashing thread, once ``chunk`` is hashed.) A place to resume from: ``end``."""
+        tail = min(TAIL, len(chunk))
+        mark = _Mark(
+            end,
+            tail,
+            hashlib.sha256(chunk[-tail:]).hexdigest(),
+            self._sha256.state() if self._saveable else None,
+            self._md5.state() if self._saveable and self._md5 is not None else None,
+        )
+        with self._lock:
+            self._marks.append(mark)
+
+    def _hashed(self) -> None:
+        """Wait until everything the feeder passed is hashed and marked (the thread's error raised)."""
+        if self._hasher is not None:
+            self._hasher.drain()
+
+    def close(self) -> None:
+        """Stop the hashing thread (what was passed is hashed first); the digests stay readable."""
+        if self._hasher is not None:
+            self._hasher.close()
+            self._hasher.drain()  # (closed: raises what the thread raised, if anything)
 
     def on_boundary(self, boundary: Boundary, produced: int) -> None:
         """The decoder child reached a clean ``boundary`` (``produced``: disk bytes this run handed to the
@@ -321,6 +351,9 @@ class StreamCheckpoints:
     def source_point(self, boundary: Boundary) -> tuple[ReadPosition, dict[str, str] | None] | None:
         """Where a resume from ``boundary`` reads the source again (the last mark at or before it) and
         the running digests there; None before the first usable mark."""
+        # the decoder got bytes up to the boundary after the feeder passed them: once the hashing
+        # thread caught up, the mark at the boundary's piece is there
+        self._hashed()
         with self._lock:
             usable = [m for m in self._marks if m.offset <= boundary.input_offset]
             if not usable:
@@ -345,10 +378,12 @@ class StreamCheckpoints:
 
     def sha256(self) -> str | None:
         """The sha256 of the whole source read (None: unknown, see :attr:`unknown`)."""
+        self._hashed()
         return str(self._sha256.hexdigest()) if self._sha256 is not None else None
 
     def md5(self) -> str | None:
         """The MD5 of the whole source read (None: unknown)."""
+        self._hashed()
         return str(self._md5.hexdigest()) if self._md5 is not None else None
 
     def replaced(self, exc: SourceChanged) -> SourceReplaced:

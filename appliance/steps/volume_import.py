@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import ImageRejected
 from ..image.convert import convert_image
-from ..image.decoding import Boundary
+from ..image.decoding import Boundary, zeros
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_image, preflight, require_safe
 from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
@@ -33,6 +33,7 @@ from ..image.vmdkstream import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest
+from ..sources.hashthread import HashingThread
 from ..sources.http import HttpClient
 from ..sources.manifest import ImportManifest, Part
 from ..sources.parts import download_parts, read_part_range
@@ -143,11 +144,17 @@ class VolumeImportStep(Step):
             # volume is flushed (finalize)
             meter = StageMeter("writing", m.size, ctx.progress, read=state["done"], written=state["done"])
 
-            def write(offset: int, chunk: bytes | memoryview) -> None:
+            def write(offset: int, chunk: bytes) -> None:
                 check.eat(chunk)
                 meter.read(offset + len(chunk))
-                out.write(offset, chunk)
-                written.write(offset, chunk)
+                # one zero check for the volume and its digest: a zero chunk is a hole (or zeroed)
+                # and adds only zeros to the digest, which it hashes without being given them
+                if chunk == zeros(len(chunk)):
+                    out.zero(offset, len(chunk))
+                    written.zero(offset, len(chunk))
+                else:
+                    out.write(offset, chunk, zero=False)
+                    written.write(offset, chunk, zero=False)
                 meter.wrote(offset + len(chunk))
 
             def on_part(part: Part, done: int) -> None:
@@ -460,7 +467,7 @@ def _source(m: ImportManifest, digest: StreamDigest) -> dict[str, Any]:
 def _download(
     ctx: StepContext,
     m: ImportManifest,
-    write: Callable[[int, bytes | memoryview], None],
+    write: Callable[[int, bytes], None],
     *,
     start_index: int,
     on_part: Callable[[Part, int], None],
@@ -468,24 +475,35 @@ def _download(
 ) -> int:
     """The parts from ``start_index`` on, verified, to ``write``: downloaded for an import manifest,
     read from the appliance's disk for a staged upload (``upload://``). ``digest`` sees every byte
-    in order on its way to ``write``, and each part's MD5 that was checked."""
-    hashed = digest.wrap(write)
-    staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
-    if staged is not None:
-        origin, validator = staged
-        return read_parts(
-            m, hashed, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
-        )
-    return download_parts(
-        m,
-        hashed,
-        _policy(ctx),
-        start_index=start_index,
-        on_part=on_part,
-        cancel=ctx.cancel,
-        on_checked=lambda part, md5: digest.part_md5(part.index, md5),
-        on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
-    )
+    in order on its way to ``write`` (hashed in a thread of its own: :mod:`~appliance.sources.hashthread`,
+    done when this returns), and each part's MD5 that was checked. ``write`` gets ``bytes`` (one copy
+    of the reader's reused buffer, shared with the hashing thread)."""
+    with HashingThread(digest.update) as hasher:
+
+        def hashed(offset: int, chunk: bytes | memoryview) -> None:
+            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
+            hasher.put(data)
+            write(offset, data)
+
+        staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
+        if staged is not None:
+            origin, validator = staged
+            done = read_parts(
+                m, hashed, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
+            )
+        else:
+            done = download_parts(
+                m,
+                hashed,
+                _policy(ctx),
+                start_index=start_index,
+                on_part=on_part,
+                cancel=ctx.cancel,
+                on_checked=lambda part, md5: digest.part_md5(part.index, md5),
+                on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
+            )
+        hasher.drain()
+    return done
 
 
 def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:

@@ -438,11 +438,11 @@ class OffsetChunkedSha256:
             self._starts, self._ends = starts, ends
             gap *= 2
 
-    def _advance(self, offset: int, data: bytes) -> None:
+    def _advance(self, offset: int, data: bytes, zero: bool | None) -> None:
         if offset > self.position:
             self._stream.zeros(offset - self.position)
         n = len(data)
-        if is_zero(data):
+        if zero if zero is not None else is_zero(data):
             self._stream.zeros(n)
         else:
             self._stream.update(data)
@@ -455,8 +455,9 @@ class OffsetChunkedSha256:
                 self._ends.append(offset + n)
         self.position = offset + n
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """``data`` was written at ``offset``."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, *, zero: bool | None = None) -> None:
+        """``data`` was written at ``offset``. ``zero``: whether it is all zeros, when the caller found
+        out already (None: checked here)."""
         n = len(data)
         if not n:
             return
@@ -468,7 +469,7 @@ class OffsetChunkedSha256:
             if end <= self.position:
                 return
             data, offset = bytes(data[behind - offset :]), behind
-        self._advance(offset, data if isinstance(data, bytes) else bytes(data))
+        self._advance(offset, data if isinstance(data, bytes) else bytes(data), zero)
 
     def zero(self, offset: int, length: int) -> None:
         """``[offset, offset + length)`` was made to read as zeros (or left as zeros)."""

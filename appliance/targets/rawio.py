@@ -292,10 +292,12 @@ class RawWriter:
         with self._coded():
             return os.pread(self.fd, length, offset)
 
-    def write(self, offset: int, chunk: bytes | memoryview) -> None:
-        """Put ``chunk`` at ``offset``; an all-zero chunk is a hole or zeroed, never written out."""
+    def write(self, offset: int, chunk: bytes | memoryview, *, zero: bool | None = None) -> None:
+        """Put ``chunk`` at ``offset``; an all-zero chunk is a hole or zeroed, never written out.
+        ``zero``: whether the chunk is all zeros, when the caller found out already (None: checked
+        here; a check costs a pass over a zero chunk)."""
         with self._coded():
-            if chunk == zeros(len(chunk)):  # memcmp-fast; the shared buffers are bounded
+            if zero if zero is not None else chunk == zeros(len(chunk)):  # memcmp-fast for bytes
                 if not self.zeroed:
                     zero_range(self.fd, offset, len(chunk), self.is_block)
                 return

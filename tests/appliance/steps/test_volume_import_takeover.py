@@ -10,6 +10,7 @@ the checkpoint was in A's scratch before, which B does not have, so B started fr
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -153,6 +154,14 @@ def test_an_upload_taken_over_by_another_appliance_resumes_from_the_checkpoint_i
     [takeover] = [e.data for e in events if e.kind == "task.takeover"]
     assert takeover["previous_owner"] == owner
     same_disk(image, qemu_fmt, volume_path(done))
+    if fmt == "RAW":
+        # B hashed the parts A wrote again from the volume, then the rest as it downloaded them (in
+        # the hashing thread): the source's sha256 is that of the whole upload, as if never interrupted
+        source = done.result["provenance"]["source"]
+        assert (source["sha256"], source["size"]) == (
+            hashlib.sha256(image.read_bytes()).hexdigest(),
+            image.stat().st_size,
+        )
     # Every part before the checkpoint was fetched once, by A. (A VMDK's first two parts and its last
     # are also read by each appliance's preflight: those are left out.)
     preflighted = {0, 1, parts - 1} if fmt == "VMDK" else set()

@@ -31,3 +31,22 @@ def test_writes_of_many_lengths_keep_the_zero_buffers_bounded_and_leave_holes(tm
             offset += n + 4096
     assert _cached_zero_bytes() <= decoding._ZERO_CACHE_BYTES
     assert os.stat(path).st_blocks * 512 <= 256 * 4096 * 2  # only the data blocks are allocated
+
+
+def test_a_caller_that_found_a_chunk_zero_or_not_is_taken_at_its_word(tmp_path: Path) -> None:
+    """``zero=`` spares the writer a second pass over a chunk its caller checked already: ``zero=True``
+    makes the range read as zeros on a target holding old data (nothing written), ``zero=False``
+    writes the chunk as it is, even all-zero bytes (allocated, not a hole)."""
+    path = tmp_path / "disk.raw"
+    block = 1 << 16
+    path.write_bytes(b"\xee" * (4 * block))  # stale data everywhere
+    with rawio.RawWriter(path, zeroed=False, error=lambda exc: None) as out:
+        out.write(0, b"\x01" * block, zero=True)  # the caller said zero: the range is zeroed
+        out.write(block, bytes(block), zero=False)  # the caller said data: written out
+        out.write(2 * block, b"\x02" * block)  # no hint: checked here, written
+        out.flush()
+    data = path.read_bytes()
+    assert data[:block] == bytes(block)
+    assert data[block : 2 * block] == bytes(block)
+    assert data[2 * block : 3 * block] == b"\x02" * block
+    assert data[3 * block :] == b"\xee" * block
