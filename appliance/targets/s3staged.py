@@ -65,6 +65,19 @@ STAGING_ETAG = "staging-etag"
 PUBLISH_KIND = "image.stream-s3/publish"
 
 
+def digest_metadata(digest: Any) -> dict[str, str]:
+    """The object metadata of an image's ``sha256-chunked`` (the ``digest`` a writer's ``close``
+    answered; none for None), as an export's object carries it: checkable without the appliance."""
+    if not isinstance(digest, dict):
+        return {}
+    return {
+        "digest-algorithm": str(digest["algorithm"]),
+        "digest-chunk-size": str(digest["chunk_size"]),
+        "sha256-chunked": str(digest["value"]),
+        "digest-chunks": str(digest["chunks"]),
+    }
+
+
 def adoptable(client: Any, bucket: str, key: str, sha256: str, staging_etag: str, size: int) -> str | None:
     """The ETag of ``bucket/key`` when it is the image published from the staging object
     ``staging_etag`` (its metadata names that ETag and the ``sha256``, its size is ``size``); None when
@@ -158,6 +171,7 @@ class StagedImage:
             memory=self.target.memory,
             resumable=self.resumable,
             resume=self.resume,
+            chunked=True,  # the image's sha256-chunked, as the file image target records it
         )
 
     def restart(self) -> MultipartWriter:
@@ -243,7 +257,9 @@ class StagedImage:
         where = f"s3://{self.bucket}/{self.key}"
         # the staging object it was copied from: what a run resumed after a kill between this copy and
         # the step's ledger entry recognises the object by (:func:`adoptable`)
+        digest = self.written.get("digest")
         meta = {**metadata, "sha256": sha256, STAGING_ETAG: str(self.written["etag"]).strip('"')}
+        meta |= digest_metadata(digest)
         self.published = True  # from here on a failure removes the final object too
         try:
             etag = server_copy(
@@ -276,6 +292,7 @@ class StagedImage:
             "size": size,
             "format": self.format,
             "encryption": applied.to_dict() if applied else None,
+            **({"digest": digest} if isinstance(digest, dict) else {}),
         }
 
     def _delete_staging_object(self) -> None:

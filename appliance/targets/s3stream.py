@@ -40,17 +40,21 @@ deletes the object if it was already completed, so a cancelled export leaves no 
 upload behind.
 
 Resumable uploads (``resumable=True``, a streamed import into the S3 image target,
-:mod:`appliance.steps.s3_checkpoint`): the sha256 of the bytes written is a
-:class:`~appliance.sources.savedhash.SavedHash` run in the writer's thread as each part is cut, and its
-state at the end of every part is kept (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can
-name the parts completed so far with the digest state at their end. A writer made with ``resume``
-(:class:`ResumedUpload`, the parts checked against ``ListParts`` by :func:`verify_parts`) continues that
-multipart upload after its last recorded part instead of creating one.
+:mod:`appliance.steps.s3_checkpoint`): the sha256 and the ``sha256-chunked`` of the bytes written
+(:class:`~appliance.sources.savedhash.SavedHash`, :class:`~.savedchunks.SavedChunkedSha256`) run in the
+writer's thread as each part is cut, and their states at the end of every part are kept until the
+acknowledged prefix passes it (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can name the
+parts completed so far — their count and a digest of their ETags, constant in size — with the digest
+states at their end. A writer made with ``resume`` (:class:`ResumedUpload`, its parts listed by
+``ListParts`` and checked against the record by :func:`verify_parts`) continues that multipart upload
+after its last recorded part instead of creating one. ``chunked`` (the S3 image target) records the
+``sha256-chunked`` of a writer that is not resumable too (a stream of unknown size), hashed in threads.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -64,8 +68,9 @@ from typing import Any
 from ..errors import Cancelled
 from ..sources.savedhash import SavedHash
 from .base import TargetError
-from .chunkdigest import ALGORITHM, ChunkedDigest, combine, is_zero
+from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
+from .savedchunks import SavedChunkedSha256
 
 log = logging.getLogger(__name__)
 
@@ -165,93 +170,113 @@ class UploadedPart:
     size: int
     etag: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"number": self.number, "size": self.size, "etag": self.etag}
 
-    @classmethod
-    def from_dict(cls, d: Any) -> UploadedPart:
-        if not isinstance(d, dict):
-            raise ValueError("a part record is not an object")
-        number, size, etag = d["number"], d["size"], d["etag"]
-        if type(number) is not int or not 1 <= number <= MAX_PARTS:
-            raise ValueError(f"a part number {number!r} outside 1..{MAX_PARTS}")
-        if type(size) is not int or size < 0 or not isinstance(etag, str) or not etag:
-            raise ValueError("a part record without its size and ETag")
-        return cls(number, size, etag)
+def etags_digest(etags: list[str]) -> str:
+    """The digest a checkpoint records of the ordered ETags of parts 1..k (quotes and case ignored, as S3
+    answers them either way): what ``ListParts`` must answer for the upload to be continued."""
+    h = hashlib.sha256()
+    for etag in etags:
+        h.update(etag.strip('"').lower().encode("ascii", "replace") + b"\n")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
 class ResumedUpload:
-    """A multipart upload an earlier run left, to continue: its id, its part size, the parts 1..k it
-    completed (in order, all but the last ``part_size`` long) and the state of the sha256 of the bytes
-    written at the end of part k (:meth:`SavedHash.state`)."""
+    """A multipart upload an earlier run left, to continue: its id, its part size, the count of parts
+    1..k it completed (all ``part_size`` long: the short last part ends the object, nothing resumes
+    after it), the digest of their ordered ETags (:func:`etags_digest`), the state of the sha256 of the
+    bytes written at the end of part k (:meth:`SavedHash.state`) and that of their ``sha256-chunked``
+    (:meth:`~.savedchunks.SavedChunkedSha256.state`). Of constant size whatever k: the parts themselves
+    (``parts``) come from ``ListParts`` (:func:`verify_parts`), not from the checkpoint."""
 
     upload_id: str
     part_size: int
-    parts: tuple[UploadedPart, ...]
+    count: int
+    etags_sha256: str
     sha256_state: str
+    chunked_state: dict[str, Any]
+    #: the parts 1..k as ``ListParts`` answered them (empty until :func:`verify_parts` checked them)
+    parts: tuple[UploadedPart, ...] = ()
 
     @property
     def size(self) -> int:
-        """Bytes the recorded parts hold."""
-        return sum(p.size for p in self.parts)
+        """Bytes the parts 1..k hold."""
+        return self.count * self.part_size
 
 
-#: ``ListParts`` pages that can hold every part of an upload (1,000 a page, 10,000 parts)
-_LIST_PAGES = MAX_PARTS // 1000 + 1
 #: answers to ``ListParts`` that say the upload cannot be checked, not that S3 is failing: the upload is
 #: then not continued (AccessDenied: a policy without ``s3:ListMultipartUploadParts``)
 _CANNOT_LIST = frozenset({"AccessDenied", "NotImplemented", "InvalidRequest", "MethodNotAllowed"})
 
 
-def verify_parts(client: Any, bucket: str, key: str, upload: ResumedUpload) -> str | None:
-    """Check that S3 still holds ``upload`` with every recorded part (same number, size and ETag) by
-    ``ListParts``: None when it does, else why not — the upload is gone (aborted, expired), a part
-    differs, the listing is refused (no permission to list parts) or is not one to trust (a page marker
-    that does not advance, a part without its number, size or ETag). The answer is S3's, so it is checked
-    like any input; the caller then starts the upload afresh. Raises ``UploadFailed`` for an S3 that is
-    failing (a server error, no connection): a later attempt may check it."""
+def verify_parts(
+    client: Any, bucket: str, key: str, upload: ResumedUpload, *, page: int = 1000
+) -> tuple[ResumedUpload | None, str | None]:
+    """Check that S3 still holds ``upload``'s parts 1..k as recorded by ``ListParts`` (paginated,
+    ``page`` parts a page): every one there, ``part_size`` long, the digest of their ordered ETags the
+    recorded one. ``(upload with its parts, None)`` when it does, else ``(None, why not)`` — the upload
+    is gone (aborted, expired), a part is missing, of another size or was replaced, the listing is refused
+    (no permission to list parts) or is not one to trust (a page marker that does not advance, a part
+    without its number, size or ETag). The answer is S3's, so it is checked like any input; the caller
+    then starts the upload afresh. Raises ``UploadFailed`` for an S3 that is failing (a server error, no
+    connection): a later attempt may check it."""
     where = f"s3://{bucket}/{key}"
-    last = max((p.number for p in upload.parts), default=0)
+    last = upload.count
     listed: dict[int, tuple[int, str]] = {}
     marker = 0
-    for _page in range(_LIST_PAGES):
+    for _page in range(MAX_PARTS // page + 1):
         try:
             resp = client.list_parts(
-                Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=1000
+                Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=page
             )
         except Exception as exc:
             response = getattr(exc, "response", None) or {}
             code = response.get("Error", {}).get("Code")
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("NoSuchUpload", "404", "NotFound"):
-                return f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)"
+                return (
+                    None,
+                    f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)",
+                )
             if code in _CANNOT_LIST or (isinstance(status, int) and 400 <= status < 500 and status != 429):
-                return f"the parts of the multipart upload to {where} cannot be listed to check them ({code})"
+                return (
+                    None,
+                    f"the parts of the multipart upload to {where} cannot be listed to check them ({code})",
+                )
             raise _error(f"ListParts {where}", exc) from exc
         try:
             for part in resp.get("Parts", []):
-                listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
+                listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]))
             if not resp.get("IsTruncated") or max(listed, default=0) >= last:
                 break
             following = int(resp["NextPartNumberMarker"])
         except (KeyError, TypeError, ValueError) as exc:
-            return f"ListParts of the upload to {where} answered what is not a part listing ({exc!r})"
+            return None, f"ListParts of the upload to {where} answered what is not a part listing ({exc!r})"
         if following <= marker:
-            return f"ListParts of the upload to {where} does not advance (marker {following} after {marker})"
+            return (
+                None,
+                f"ListParts of the upload to {where} does not advance (marker {following} after {marker})",
+            )
         marker = following
     else:
-        return f"ListParts of the upload to {where} lists more pages than an upload can have"
-    for part in upload.parts:
-        got = listed.get(part.number)
+        return None, f"ListParts of the upload to {where} lists more pages than an upload can have"
+    parts: list[UploadedPart] = []
+    for number in range(1, last + 1):
+        got = listed.get(number)
         if got is None:
-            return f"part {part.number} of the upload to {where} is missing"
-        if got != (part.size, part.etag.strip('"')):
-            return (
-                f"part {part.number} of the upload to {where} is not the one recorded (size {got[0]}, "
-                f"ETag {got[1]}; recorded {part.size}, {part.etag.strip(chr(34))})"
+            return None, f"part {number} of the upload to {where} is missing"
+        if got[0] != upload.part_size:
+            return None, (
+                f"part {number} of the upload to {where} is not the one recorded (size {got[0]}, "
+                f"recorded {upload.part_size})"
             )
-    return None
+        parts.append(UploadedPart(number, got[0], got[1]))
+    if etags_digest([p.etag for p in parts]) != upload.etags_sha256:
+        return None, (
+            f"the ETags of parts 1..{last} of the upload to {where} are not the ones recorded (a part was "
+            "uploaded again since)"
+        )
+    return dataclasses.replace(upload, parts=tuple(parts)), None
 
 
 class MultipartWriter:
@@ -280,6 +305,7 @@ class MultipartWriter:
         memory: int | None = None,
         resumable: bool = False,
         resume: ResumedUpload | None = None,
+        chunked: bool = False,
     ) -> None:
         if resume is not None:
             part_size, resumable = resume.part_size, True
@@ -319,13 +345,24 @@ class MultipartWriter:
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
         self.resumable = resumable
-        #: a resumable upload's sha256 (its state saved at the end of every part), else None
+        #: a resumable upload's sha256 and sha256-chunked (their states saved at the end of every part)
         self._saved: SavedHash | None = SavedHash("sha256") if resumable else None
+        self._chunked: SavedChunkedSha256 | None = SavedChunkedSha256() if resumable else None
+        #: ``chunked`` and not resumable (a stream of unknown size): the sha256-chunked in its threads
+        self._threaded_chunks: ChunkedSha256 | None = (
+            ChunkedSha256(name="s3-chunked") if chunked and not resumable else None
+        )
         self._sha: ThreadedSha256 | None = (
             ThreadedSha256("s3-sha256") if self.full_sha256 and not resumable else None
         )
-        #: a resumable upload: the sha256 state and the object's size at the end of each part
-        self._part_states: dict[int, tuple[str, int]] = {}
+        #: a resumable upload: the sha256 and sha256-chunked states and the object's size at the end of
+        #: each part past the acknowledged prefix (dropped once the prefix passed them)
+        self._part_states: dict[int, tuple[str, dict[str, Any], int]] = {}
+        #: a resumable upload's longest run of full parts 1..k S3 acknowledged: k, the running digest of
+        #: their ETags (:func:`etags_digest`, advanced part by part: no list of k parts per checkpoint)
+        self._prefix = 0
+        self._prefix_etags = hashlib.sha256()
+        self._prefix_state: tuple[str, dict[str, Any], int] | None = None
         #: called (in the part's upload thread) once S3 acknowledged a part: a checkpoint may go further
         self.on_part: Callable[[], None] | None = None
         self._sizes: dict[int, int] = {}
@@ -361,24 +398,29 @@ class MultipartWriter:
             raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
 
     def _resume(self, resume: ResumedUpload) -> None:
-        """Continue ``resume``'s upload after its last part (checked by :func:`verify_parts`)."""
+        """Continue ``resume``'s upload after its last part (its ``parts`` as :func:`verify_parts`
+        listed and checked them)."""
         assert self._saved is not None
-        if [p.number for p in resume.parts] != list(range(1, len(resume.parts) + 1)):
-            raise ValueError("the recorded parts are not 1..k in order")
+        if [p.number for p in resume.parts] != list(range(1, resume.count + 1)):
+            raise ValueError("the upload's parts 1..k were not listed")
         if any(p.size != resume.part_size for p in resume.parts):
-            raise ValueError("a recorded part is not of the upload's part size")
+            raise ValueError("a listed part is not of the upload's part size")
+        if etags_digest([p.etag for p in resume.parts]) != resume.etags_sha256:
+            raise ValueError("the listed parts are not the ones recorded")
         self._saved.load(resume.sha256_state, resume.size)  # ValueError: not the state at that size
+        self._chunked = SavedChunkedSha256.load(resume.chunked_state, resume.size)
         self.upload_id = resume.upload_id
         for p in resume.parts:
             etag = p.etag if p.etag.startswith('"') else f'"{p.etag}"'
             self._etags[p.number] = etag
             self._sizes[p.number] = p.size
+            self._prefix_etags.update(p.etag.strip('"').lower().encode("ascii", "replace") + b"\n")
             if self._etag_is_md5():
                 self._md5s[p.number] = bytes.fromhex(p.etag.strip('"'))
-        self._number = len(resume.parts)
+        self._number = self._prefix = resume.count
         self.size = self.uploaded = resume.size
         if self._number:
-            self._part_states[self._number] = (resume.sha256_state, resume.size)
+            self._prefix_state = (resume.sha256_state, resume.chunked_state, resume.size)
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -449,9 +491,21 @@ class MultipartWriter:
         self._number += 1
         if self._number > MAX_PARTS:
             raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
-        if self._saved is not None:  # hashed in order as the parts are cut; the state at each part's end
+        if self._saved is not None:  # hashed in order as the parts are cut; the states at each part's end
+            assert self._chunked is not None
             self._saved.update(data)
-            self._part_states[self._number] = (self._saved.state(), self._saved.length)
+            self._chunked.update(data)
+            with self._lock:
+                self._part_states[self._number] = (
+                    self._saved.state(),
+                    self._chunked.state(),
+                    self._saved.length,
+                )
+        elif self._threaded_chunks is not None:  # a hole is not hashed
+            if is_zero(data):
+                self._threaded_chunks.zeros(len(data))
+            else:
+                self._threaded_chunks.update(data)
         self._sizes[self._number] = len(data)
         self._pending.add(self._pool.submit(self._upload_part, self._number, data))
         self._grow()
@@ -497,23 +551,32 @@ class MultipartWriter:
             self.on_part()
         return len(data)
 
-    def uploaded_prefix(self) -> tuple[list[UploadedPart], str, int] | None:
-        """A resumable upload's longest run of parts 1..k that S3 has acknowledged, with the sha256 state
-        and the object's size at the end of part k (None: no part yet). Parts of the full part size
-        only (the last, short part is the object's end: nothing to resume after it)."""
-        parts: list[UploadedPart] = []
+    def uploaded_prefix(self) -> ResumedUpload | None:
+        """A resumable upload's longest run of parts 1..k that S3 has acknowledged, as a checkpoint
+        records it (:class:`ResumedUpload` without its ``parts``: the count, the digest of their ETags,
+        the digest states at the end of part k); None: no part yet. Parts of the full part size only
+        (the last, short part is the object's end: nothing to resume after it). The prefix advances part
+        by part as acknowledgements come in: constant work per part, whatever k."""
         with self._lock:
-            etags = dict(self._etags)
-        n = 1
-        while n in etags and self._sizes.get(n) == self.part_size:
-            parts.append(UploadedPart(n, self.part_size, etags[n]))
-            n += 1
-        while parts and parts[-1].number not in self._part_states:
-            parts.pop()
-        if not parts:
-            return None
-        state, size = self._part_states[parts[-1].number]
-        return parts, state, size
+            n = self._prefix + 1
+            while n in self._etags and self._sizes.get(n) == self.part_size and n in self._part_states:
+                self._prefix_etags.update(
+                    self._etags[n].strip('"').lower().encode("ascii", "replace") + b"\n"
+                )
+                self._prefix_state = self._part_states.pop(n)
+                self._prefix = n
+                n += 1
+            if self._prefix_state is None or self.upload_id is None:
+                return None
+            sha256_state, chunked_state, _size = self._prefix_state
+            return ResumedUpload(
+                self.upload_id,
+                self.part_size,
+                self._prefix,
+                self._prefix_etags.hexdigest(),
+                sha256_state,
+                chunked_state,
+            )
 
     def _etag_is_md5(self) -> bool:
         return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
@@ -542,8 +605,13 @@ class MultipartWriter:
         self._check_cancel()
         self._shutdown()
         sha256 = self._sha.hexdigest() if self._sha is not None else None
+        chunked: ChunkedDigest | None = None
         if self._saved is not None:
+            assert self._chunked is not None
             sha256 = self._saved.hexdigest()
+            chunked = self._chunked.result()
+        elif self._threaded_chunks is not None:
+            chunked = self._threaded_chunks.result()
         if self.known_sha256 is not None and self.known_sha256 != sha256:
             raise TargetError(
                 f"{self.where}: the bytes sent hash to {sha256}, not the announced {self.known_sha256} "
@@ -602,6 +670,8 @@ class MultipartWriter:
                 done["etag"] = self._store_digest(store, checksum=verified)
         elif self.known_sha256 is None and sha256 is not None and self.store_digest:
             done["etag"] = self._store_digest({"sha256": sha256})
+        if chunked is not None:  # the sha256-chunked of its bytes, as the file image target records it
+            done["digest"] = chunked.to_dict()
         self.closed = True
         return done
 
@@ -684,6 +754,8 @@ class MultipartWriter:
         self.on_part = None
         if self._sha is not None:
             self._sha.close()
+        if self._threaded_chunks is not None:
+            self._threaded_chunks.close()
         for fut in self._pending:
             fut.cancel()
         self._shutdown()
