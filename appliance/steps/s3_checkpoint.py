@@ -55,7 +55,9 @@ from ..sources.ranges import ReadPosition
 from ..sources.savedhash import SavedHash, available
 from ..targets.chunkdigest import DEFAULT_CHUNK
 from ..targets.inorder import InOrderSink
-from ..targets.s3stream import MAX_PARTS, MIN_PART, MultipartWriter, ResumedUpload
+from ..targets.s3parts import MAX_PARTS, MIN_PART
+from ..targets.s3resume import ResumedUpload
+from ..targets.s3stream import MultipartWriter
 from ..targets.savedchunks import SavedChunkedSha256
 from ..workflow.step import StepContext
 from .stream_checkpoint import StreamCheckpoints, load_source_point

@@ -51,8 +51,10 @@ from ..sources.savedhash import available
 from .base import TargetError
 from .encryption import Encryption
 from .s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from .s3copy import server_copy
 from .s3read import ObjectRangeReader
-from .s3stream import MultipartWriter, ResumedUpload, server_copy
+from .s3resume import ResumedUpload
+from .s3stream import MultipartWriter
 
 log = logging.getLogger(__name__)
 

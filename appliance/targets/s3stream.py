@@ -54,47 +54,27 @@ after its last recorded part instead of creating one. ``chunked`` (the S3 image 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
 import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from ..errors import Cancelled
-from ..sources.savedhash import SavedHash
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
-from .savedchunks import SavedChunkedSha256
+from .s3copy import MAX_COPY, store_digests
+from .s3parts import MAX_PARTS, MIN_PART, multipart_etag, upload_error
+from .s3resume import ResumableDigests, ResumedUpload
 
 log = logging.getLogger(__name__)
 
-MIN_PART = 5 << 20
-MAX_PARTS = 10_000
-#: CopyObject's limit; larger objects are copied part by part
-MAX_COPY = 5 << 30
-COPY_PART = 1 << 30
 #: parts between two doublings of the part size of a stream of unknown size (``grow_parts``)
 GROW_EVERY = 1000
-
-
-def _error(operation: str, exc: Exception) -> TargetError:
-    """``UploadFailed`` naming the operation and S3's error code, never a library's whole text."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        err = response.get("Error", {})
-        return TargetError(f"{operation} failed: {err.get('Code')}: {err.get('Message')}", "UploadFailed")
-    return TargetError(f"{operation} failed: {type(exc).__name__}", "UploadFailed")
-
-
-def multipart_etag(part_md5s: list[bytes]) -> str:
-    """S3's ETag of a multipart object made of parts with these MD5 digests."""
-    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -102,181 +82,6 @@ def _zero_part_digests(length: int) -> tuple[bytes, bytes]:
     """``(md5, sha256)`` of a part of ``length`` zero bytes (once per length and process)."""
     z = bytes(length)
     return hashlib.md5(z).digest(), hashlib.sha256(z).digest()
-
-
-def server_copy(
-    client: Any,
-    bucket: str,
-    source_key: str,
-    key: str,
-    size: int,
-    metadata: Mapping[str, str],
-    sse: Mapping[str, str],
-    *,
-    if_match: str | None = None,
-) -> str:
-    """Copy ``bucket/source_key`` (``size`` bytes) to ``bucket/key`` inside S3, with ``metadata``
-    (replacing the source's) and ``sse``: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` of 1 GiB
-    parts beyond (aborted on any failure). ``if_match``: the source's ETag the caller checked — S3
-    refuses the copy (``PreconditionFailed``) if the source was replaced since. Returns the new
-    object's ETag. Raises what boto3 raises."""
-    source = {"Bucket": bucket, "Key": source_key}
-    condition = {"CopySourceIfMatch": f'"{if_match}"'} if if_match else {}
-    if size <= MAX_COPY:
-        resp = client.copy_object(
-            Bucket=bucket,
-            Key=key,
-            CopySource=source,
-            Metadata=dict(metadata),
-            MetadataDirective="REPLACE",
-            **condition,
-            **sse,
-        )
-        return str(resp["CopyObjectResult"]["ETag"]).strip('"')
-    copy_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=dict(metadata), **sse)[
-        "UploadId"
-    ]
-    try:
-        parts = []
-        for i, start in enumerate(range(0, size, COPY_PART), 1):
-            end = min(start + COPY_PART, size) - 1
-            resp = client.upload_part_copy(
-                Bucket=bucket,
-                Key=key,
-                UploadId=copy_id,
-                PartNumber=i,
-                CopySource=source,
-                CopySourceRange=f"bytes={start}-{end}",
-                **condition,
-            )
-            parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
-        done = client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=copy_id, MultipartUpload={"Parts": parts}
-        )
-    except BaseException:
-        try:
-            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=copy_id)
-        except Exception as exc:
-            log.error("could not abort the copy upload of s3://%s/%s: %s", bucket, key, type(exc).__name__)
-        raise
-    return str(done["ETag"]).strip('"')
-
-
-@dataclass(frozen=True)
-class UploadedPart:
-    """A part S3 holds: its number, size and ETag (quoted as S3 answers it)."""
-
-    number: int
-    size: int
-    etag: str
-
-
-def etags_digest(etags: list[str]) -> str:
-    """The digest a checkpoint records of the ordered ETags of parts 1..k (quotes and case ignored, as S3
-    answers them either way): what ``ListParts`` must answer for the upload to be continued."""
-    h = hashlib.sha256()
-    for etag in etags:
-        h.update(etag.strip('"').lower().encode("ascii", "replace") + b"\n")
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class ResumedUpload:
-    """A multipart upload an earlier run left, to continue: its id, its part size, the count of parts
-    1..k it completed (all ``part_size`` long: the short last part ends the object, nothing resumes
-    after it), the digest of their ordered ETags (:func:`etags_digest`), the state of the sha256 of the
-    bytes written at the end of part k (:meth:`SavedHash.state`) and that of their ``sha256-chunked``
-    (:meth:`~.savedchunks.SavedChunkedSha256.state`). Of constant size whatever k: the parts themselves
-    (``parts``) come from ``ListParts`` (:func:`verify_parts`), not from the checkpoint."""
-
-    upload_id: str
-    part_size: int
-    count: int
-    etags_sha256: str
-    sha256_state: str
-    chunked_state: dict[str, Any]
-    #: the parts 1..k as ``ListParts`` answered them (empty until :func:`verify_parts` checked them)
-    parts: tuple[UploadedPart, ...] = ()
-
-    @property
-    def size(self) -> int:
-        """Bytes the parts 1..k hold."""
-        return self.count * self.part_size
-
-
-#: answers to ``ListParts`` that say the upload cannot be checked, not that S3 is failing: the upload is
-#: then not continued (AccessDenied: a policy without ``s3:ListMultipartUploadParts``)
-_CANNOT_LIST = frozenset({"AccessDenied", "NotImplemented", "InvalidRequest", "MethodNotAllowed"})
-
-
-def verify_parts(
-    client: Any, bucket: str, key: str, upload: ResumedUpload, *, page: int = 1000
-) -> tuple[ResumedUpload | None, str | None]:
-    """Check that S3 still holds ``upload``'s parts 1..k as recorded by ``ListParts`` (paginated,
-    ``page`` parts a page): every one there, ``part_size`` long, the digest of their ordered ETags the
-    recorded one. ``(upload with its parts, None)`` when it does, else ``(None, why not)`` — the upload
-    is gone (aborted, expired), a part is missing, of another size or was replaced, the listing is refused
-    (no permission to list parts) or is not one to trust (a page marker that does not advance, a part
-    without its number, size or ETag). The answer is S3's, so it is checked like any input; the caller
-    then starts the upload afresh. Raises ``UploadFailed`` for an S3 that is failing (a server error, no
-    connection): a later attempt may check it."""
-    where = f"s3://{bucket}/{key}"
-    last = upload.count
-    listed: dict[int, tuple[int, str]] = {}
-    marker = 0
-    for _page in range(MAX_PARTS // page + 1):
-        try:
-            resp = client.list_parts(
-                Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=page
-            )
-        except Exception as exc:
-            response = getattr(exc, "response", None) or {}
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchUpload", "404", "NotFound"):
-                return (
-                    None,
-                    f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)",
-                )
-            if code in _CANNOT_LIST or (isinstance(status, int) and 400 <= status < 500 and status != 429):
-                return (
-                    None,
-                    f"the parts of the multipart upload to {where} cannot be listed to check them ({code})",
-                )
-            raise _error(f"ListParts {where}", exc) from exc
-        try:
-            for part in resp.get("Parts", []):
-                listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]))
-            if not resp.get("IsTruncated") or max(listed, default=0) >= last:
-                break
-            following = int(resp["NextPartNumberMarker"])
-        except (KeyError, TypeError, ValueError) as exc:
-            return None, f"ListParts of the upload to {where} answered what is not a part listing ({exc!r})"
-        if following <= marker:
-            return (
-                None,
-                f"ListParts of the upload to {where} does not advance (marker {following} after {marker})",
-            )
-        marker = following
-    else:
-        return None, f"ListParts of the upload to {where} lists more pages than an upload can have"
-    parts: list[UploadedPart] = []
-    for number in range(1, last + 1):
-        got = listed.get(number)
-        if got is None:
-            return None, f"part {number} of the upload to {where} is missing"
-        if got[0] != upload.part_size:
-            return None, (
-                f"part {number} of the upload to {where} is not the one recorded (size {got[0]}, "
-                f"recorded {upload.part_size})"
-            )
-        parts.append(UploadedPart(number, got[0], got[1]))
-    if etags_digest([p.etag for p in parts]) != upload.etags_sha256:
-        return None, (
-            f"the ETags of parts 1..{last} of the upload to {where} are not the ones recorded (a part was "
-            "uploaded again since)"
-        )
-    return dataclasses.replace(upload, parts=tuple(parts)), None
 
 
 class MultipartWriter:
@@ -345,9 +150,8 @@ class MultipartWriter:
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
         self.resumable = resumable
-        #: a resumable upload's sha256 and sha256-chunked (their states saved at the end of every part)
-        self._saved: SavedHash | None = SavedHash("sha256") if resumable else None
-        self._chunked: SavedChunkedSha256 | None = SavedChunkedSha256() if resumable else None
+        #: a resumable upload's digests and acknowledged prefix (its checkpoints), else None
+        self._resumable: ResumableDigests | None = ResumableDigests() if resumable else None
         #: ``chunked`` and not resumable (a stream of unknown size): the sha256-chunked in its threads
         self._threaded_chunks: ChunkedSha256 | None = (
             ChunkedSha256(name="s3-chunked") if chunked and not resumable else None
@@ -355,14 +159,6 @@ class MultipartWriter:
         self._sha: ThreadedSha256 | None = (
             ThreadedSha256("s3-sha256") if self.full_sha256 and not resumable else None
         )
-        #: a resumable upload: the sha256 and sha256-chunked states and the object's size at the end of
-        #: each part past the acknowledged prefix (dropped once the prefix passed them)
-        self._part_states: dict[int, tuple[str, dict[str, Any], int]] = {}
-        #: a resumable upload's longest run of full parts 1..k S3 acknowledged: k, the running digest of
-        #: their ETags (:func:`etags_digest`, advanced part by part: no list of k parts per checkpoint)
-        self._prefix = 0
-        self._prefix_etags = hashlib.sha256()
-        self._prefix_state: tuple[str, dict[str, Any], int] | None = None
         #: called (in the part's upload thread) once S3 acknowledged a part: a checkpoint may go further
         self.on_part: Callable[[], None] | None = None
         self._sizes: dict[int, int] = {}
@@ -395,32 +191,22 @@ class MultipartWriter:
                 Bucket=bucket, Key=key, Metadata=meta, **self.sse, **extra
             )["UploadId"]
         except Exception as exc:
-            raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
+            raise upload_error(f"CreateMultipartUpload {self.where}", exc) from exc
 
     def _resume(self, resume: ResumedUpload) -> None:
-        """Continue ``resume``'s upload after its last part (its ``parts`` as :func:`verify_parts`
+        """Continue ``resume``'s upload after its last part (its ``parts`` as :func:`.s3resume.verify_parts`
         listed and checked them)."""
-        assert self._saved is not None
-        if [p.number for p in resume.parts] != list(range(1, resume.count + 1)):
-            raise ValueError("the upload's parts 1..k were not listed")
-        if any(p.size != resume.part_size for p in resume.parts):
-            raise ValueError("a listed part is not of the upload's part size")
-        if etags_digest([p.etag for p in resume.parts]) != resume.etags_sha256:
-            raise ValueError("the listed parts are not the ones recorded")
-        self._saved.load(resume.sha256_state, resume.size)  # ValueError: not the state at that size
-        self._chunked = SavedChunkedSha256.load(resume.chunked_state, resume.size)
+        assert self._resumable is not None
+        self._resumable.load(resume)  # ValueError: parts or states that are not the record's
         self.upload_id = resume.upload_id
         for p in resume.parts:
             etag = p.etag if p.etag.startswith('"') else f'"{p.etag}"'
             self._etags[p.number] = etag
             self._sizes[p.number] = p.size
-            self._prefix_etags.update(p.etag.strip('"').lower().encode("ascii", "replace") + b"\n")
             if self._etag_is_md5():
                 self._md5s[p.number] = bytes.fromhex(p.etag.strip('"'))
-        self._number = self._prefix = resume.count
+        self._number = resume.count
         self.size = self.uploaded = resume.size
-        if self._number:
-            self._prefix_state = (resume.sha256_state, resume.chunked_state, resume.size)
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -491,16 +277,8 @@ class MultipartWriter:
         self._number += 1
         if self._number > MAX_PARTS:
             raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
-        if self._saved is not None:  # hashed in order as the parts are cut; the states at each part's end
-            assert self._chunked is not None
-            self._saved.update(data)
-            self._chunked.update(data)
-            with self._lock:
-                self._part_states[self._number] = (
-                    self._saved.state(),
-                    self._chunked.state(),
-                    self._saved.length,
-                )
+        if self._resumable is not None:  # hashed in order as the parts are cut; the states at each end
+            self._resumable.cut(self._number, data)
         elif self._threaded_chunks is not None:  # a hole is not hashed
             if is_zero(data):
                 self._threaded_chunks.zeros(len(data))
@@ -536,7 +314,7 @@ class MultipartWriter:
                 **extra,
             )
         except Exception as exc:
-            raise _error(f"UploadPart {number} of {self.where}", exc) from exc
+            raise upload_error(f"UploadPart {number} of {self.where}", exc) from exc
         etag = str(resp["ETag"])
         if self._etag_is_md5() and etag.strip('"') != md5.hex():
             raise TargetError(
@@ -557,26 +335,11 @@ class MultipartWriter:
         the digest states at the end of part k); None: no part yet. Parts of the full part size only
         (the last, short part is the object's end: nothing to resume after it). The prefix advances part
         by part as acknowledgements come in: constant work per part, whatever k."""
-        with self._lock:
-            n = self._prefix + 1
-            while n in self._etags and self._sizes.get(n) == self.part_size and n in self._part_states:
-                self._prefix_etags.update(
-                    self._etags[n].strip('"').lower().encode("ascii", "replace") + b"\n"
-                )
-                self._prefix_state = self._part_states.pop(n)
-                self._prefix = n
-                n += 1
-            if self._prefix_state is None or self.upload_id is None:
-                return None
-            sha256_state, chunked_state, _size = self._prefix_state
-            return ResumedUpload(
-                self.upload_id,
-                self.part_size,
-                self._prefix,
-                self._prefix_etags.hexdigest(),
-                sha256_state,
-                chunked_state,
-            )
+        if self._resumable is None or self.upload_id is None:
+            return None
+        # the dicts as they are (no copy per call: only membership and single reads, safe beside the
+        # upload threads adding to them)
+        return self._resumable.advance(self.upload_id, self.part_size, self._etags, self._sizes)
 
     def _etag_is_md5(self) -> bool:
         return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
@@ -606,10 +369,8 @@ class MultipartWriter:
         self._shutdown()
         sha256 = self._sha.hexdigest() if self._sha is not None else None
         chunked: ChunkedDigest | None = None
-        if self._saved is not None:
-            assert self._chunked is not None
-            sha256 = self._saved.hexdigest()
-            chunked = self._chunked.result()
+        if self._resumable is not None:
+            sha256, chunked = self._resumable.result()
         elif self._threaded_chunks is not None:
             chunked = self._threaded_chunks.result()
         if self.known_sha256 is not None and self.known_sha256 != sha256:
@@ -639,7 +400,7 @@ class MultipartWriter:
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
         except Exception as exc:
-            raise _error(f"CompleteMultipartUpload {self.where}", exc) from exc
+            raise upload_error(f"CompleteMultipartUpload {self.where}", exc) from exc
         self.completed = True
         etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
@@ -681,7 +442,7 @@ class MultipartWriter:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
         except Exception as exc:
-            raise _error(f"HeadObject {self.where}", exc) from exc
+            raise upload_error(f"HeadObject {self.where}", exc) from exc
         reported = head.get("ChecksumSHA256")
         if not reported:
             return False
@@ -696,46 +457,14 @@ class MultipartWriter:
         return True
 
     def _store_digest(self, digests: Mapping[str, str], *, checksum: bool = False) -> str:
-        """Copy the object onto itself with ``digests`` added to its metadata; return the new ETag.
-        ``checksum``: the copy gets S3's SHA-256 checksum of the whole object (a copy is one part), which
-        must then be the ``sha256`` of ``digests``."""
+        """Copy the object onto itself with ``digests`` added to its metadata (:func:`.s3copy.store_digests`);
+        return the new ETag."""
         meta = {**self.metadata, **digests}
         if self.checksums:
             meta |= {"digest-algorithm": ALGORITHM, "digest-chunk-size": str(self.part_size)}
-        source = {"Bucket": self.bucket, "Key": self.key}
-        try:
-            if self.size <= MAX_COPY:
-                resp = self.client.copy_object(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    CopySource=source,
-                    Metadata=meta,
-                    MetadataDirective="REPLACE",
-                    **self.sse,
-                    **({"ChecksumAlgorithm": "SHA256"} if checksum else {}),
-                )
-                etag = str(resp["CopyObjectResult"]["ETag"]).strip('"')
-            else:
-                etag = server_copy(self.client, self.bucket, self.key, self.key, self.size, meta, self.sse)
-            head = self.client.head_object(
-                Bucket=self.bucket, Key=self.key, **({"ChecksumMode": "ENABLED"} if checksum else {})
-            )
-        except TargetError:
-            raise
-        except Exception as exc:
-            raise _error(f"storing the sha256 of {self.where}", exc) from exc
-        stored = head.get("Metadata", {})
-        if any(stored.get(k) != v for k, v in digests.items()) or int(head["ContentLength"]) != self.size:
-            raise TargetError(f"{self.where}: the stored object does not carry its sha256", "UploadFailed")
-        reported = head.get("ChecksumSHA256")
-        if checksum and reported and digests.get("sha256"):
-            whole = base64.b64encode(bytes.fromhex(digests["sha256"])).decode("ascii")
-            if reported != whole:
-                raise TargetError(
-                    f"{self.where}: S3 reports the checksum {reported} for the copy, not {whole}",
-                    "UploadFailed",
-                )
-        return etag
+        return store_digests(
+            self.client, self.bucket, self.key, self.size, meta, self.sse, digests, checksum=checksum
+        )
 
     # ------------------------------------------------------------------------------------ aborting
 

@@ -13,7 +13,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.sources.savedhash import SavedHash, available
 from appliance.steps.s3_checkpoint import KIND, KIND_LISTING_PARTS, S3ResumePoint
-from appliance.targets.s3stream import etags_digest
+from appliance.targets.s3resume import etags_digest
 from appliance.targets.savedchunks import SavedChunkedSha256
 
 MiB = 1 << 20

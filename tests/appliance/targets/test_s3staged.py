@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from appliance.errors import ImagingError, LeaseLost
 from appliance.sources.savedhash import available
-from appliance.targets import s3stream
+from appliance.targets import s3resume, s3stream
 from appliance.targets.chunkdigest import digest_file
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
@@ -239,7 +239,7 @@ def test_a_resumable_upload_continues_after_its_last_recorded_part_with_the_sha2
     assert saved is not None and saved.size == 15 * MiB and saved.parts == ()
     # the process dies here (nothing aborted); the next run lists the parts, checks them against the
     # record and goes on after part 3
-    upload, why = s3stream.verify_parts(client, bucket, "resumed", saved)
+    upload, why = s3resume.verify_parts(client, bucket, "resumed", saved)
     assert why is None and upload is not None and [p.number for p in upload.parts] == [1, 2, 3]
     with s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resume=upload) as w:
         w.write(data[saved.size :])
@@ -266,8 +266,8 @@ def test_recorded_parts_that_s3_no_longer_holds_as_recorded_are_refused_with_the
     ]
 
     def check(count: int, listed: list[str], size: int = MiB) -> str | None:
-        record = s3stream.ResumedUpload(upload_id, size, count, s3stream.etags_digest(listed), "00", {})
-        return s3stream.verify_parts(client, bucket, "k", record)[1]
+        record = s3resume.ResumedUpload(upload_id, size, count, s3resume.etags_digest(listed), "00", {})
+        return s3resume.verify_parts(client, bucket, "k", record)[1]
 
     assert check(2, etags) is None
     assert check(1, etags[:1]) is None  # parts past the record (uploaded after the checkpoint) are fine
@@ -294,7 +294,7 @@ def test_an_upload_of_more_than_a_thousand_parts_is_checked_across_listpart_page
 
     with ThreadPoolExecutor(8) as pool:
         etags = list(pool.map(put, range(1, count + 1)))
-    record = s3stream.ResumedUpload(upload_id, 1024, count, s3stream.etags_digest(etags), "00", {})
+    record = s3resume.ResumedUpload(upload_id, 1024, count, s3resume.etags_digest(etags), "00", {})
     calls: list[dict] = []
     listing = client.list_parts
 
@@ -303,19 +303,19 @@ def test_an_upload_of_more_than_a_thousand_parts_is_checked_across_listpart_page
             calls.append(dict(kwargs))
             return listing(**kwargs)
 
-    upload, why = s3stream.verify_parts(Counting(), bucket, "many", record)
+    upload, why = s3resume.verify_parts(Counting(), bucket, "many", record)
     assert why is None and upload is not None and len(upload.parts) == count
     assert [c["PartNumberMarker"] for c in calls] == [0, 1000]
     # the last part (on the second page) replaced: found out
     client.upload_part(Bucket=bucket, Key="many", UploadId=upload_id, PartNumber=count, Body=b"x" * 1024)
-    assert "uploaded again since" in str(s3stream.verify_parts(client, bucket, "many", record)[1])
+    assert "uploaded again since" in str(s3resume.verify_parts(client, bucket, "many", record)[1])
     client.abort_multipart_upload(Bucket=bucket, Key="many", UploadId=upload_id)
 
 
 class ListingStore:
     """The ``list_parts`` of an S3-compatible store that answers as given: moto always answers well, and
     a buggy store or proxy in front of S3 cannot be made from it. It stands where the boto3 client's
-    ``list_parts`` does (the one call :func:`~appliance.targets.s3stream.verify_parts` makes)."""
+    ``list_parts`` does (the one call :func:`~appliance.targets.s3resume.verify_parts` makes)."""
 
     def __init__(self, page: dict | None = None, error: Exception | None = None) -> None:
         self.page, self.error, self.calls = page, error, 0
@@ -336,10 +336,10 @@ def client_error(code: str, status: int) -> Exception:
 
 
 def test_a_part_listing_refused_or_not_to_trust_is_a_reason_to_start_afresh_not_a_hang() -> None:
-    upload = s3stream.ResumedUpload("u", MiB, 2, s3stream.etags_digest(["a" * 32, "b" * 32]), "00", {})
+    upload = s3resume.ResumedUpload("u", MiB, 2, s3resume.etags_digest(["a" * 32, "b" * 32]), "00", {})
 
     def check(store: ListingStore) -> str | None:
-        return s3stream.verify_parts(store, "b", "k", upload)[1]
+        return s3resume.verify_parts(store, "b", "k", upload)[1]
 
     one = {"PartNumber": 1, "Size": MiB, "ETag": '"' + "a" * 32 + '"'}
     stuck = ListingStore({"Parts": [one], "IsTruncated": True, "NextPartNumberMarker": 0})
