@@ -28,17 +28,19 @@ now) and the encryption asked for (checked on the stored object, as the scratch 
 registered (the step's result) after that. Any failure or cancel aborts the upload and removes the staging
 object: a hostile stream or a guest that fails validation leaves no object and no incomplete upload.
 
-Digests: the source's sha256 is observed as it streams; the output's sha256 is that of every byte handed
-to the multipart writer (zeros included), computed as they go (``digest_method``
-:data:`~.provenance.WHILE_UPLOADING`).
+Digests: the source's sha256 is observed as it streams; the output's sha256 and its ``sha256-chunked``
+(the file image target's definition and 64 MiB chunk, so an export checks either the same way: the
+location's ``digest``, also in the object's metadata) are those of every byte handed to the multipart
+writer (zeros included), computed as they go (``digest_method`` :data:`~.provenance.WHILE_UPLOADING`).
 
 A killed stream resumes from its multipart upload (:mod:`.s3_checkpoint`): every
 ``sources.checkpoint_every`` bytes of source the decoder's boundary is noted and the latest one whose
-output the uploaded parts cover is saved with the upload id, the parts (number, size, ETag) and the
-output's sha256 state; the next run lists the upload's parts, checks each recorded one and goes on after
-the last (``stream.resumed``), or restarts from zero (``stream.restarted``) when the upload is gone or a
-part differs. A compressed source is not checkpointed (no decoder state past its start): its next run
-decodes it again from byte 0 into a new upload.
+output the uploaded parts cover is saved with the upload id, the count of parts and a digest of their
+ETags, and the output's sha256 and sha256-chunked states (constant size); the next run lists the
+upload's parts, checks them against the record and goes on after the last (``stream.resumed``), or
+restarts from zero (``stream.restarted``) when the upload is gone or a part differs. A compressed
+source is not checkpointed (no decoder state past its start): its next run decodes it again from byte 0
+into a new upload.
 
 The ledger window at publish: the copy to the final key and the step's ledger entry naming it are two
 acts, and a kill between them would leave an object no ledger names. So the step first saves its intent
@@ -54,6 +56,7 @@ that ends without such a run (failed, cancelled, deleted) has that object delete
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -64,12 +67,14 @@ from ..image.content import ContentView, content_stage
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
 from ..sources.fetch import parse_source
+from ..targets.chunkdigest import ALGORITHM
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
 from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from ..targets.s3copy import server_copy
 from ..targets.s3read import ObjectRangeReader
-from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
-from ..targets.s3stream import server_copy, verify_parts
+from ..targets.s3resume import verify_parts
+from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable, digest_metadata
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
 from .imports import source_digest
@@ -121,9 +126,9 @@ def resume_point(
     if (point.bucket, point.key) != (target.bucket, staging_key):
         why: str | None = "the checkpoint's upload is not to this image's staging key"
     else:
-        why = verify_parts(target.client, point.bucket, point.key, point.upload)
-    if why is None:
-        return point
+        listed, why = verify_parts(target.client, point.bucket, point.key, point.upload)
+        if listed is not None:
+            return dataclasses.replace(point, upload=listed)
     ctx.event("stream.restarted", offset=0, reason=why)
     if point.bucket == target.bucket and point.key == staging_key:
         try:  # a part that differs: that upload is not continued (gone already: nothing to abort)
@@ -151,6 +156,7 @@ def publish_intent(
                 "staging_etag": str(written["etag"]).strip('"'),
                 "sha256": str(written["sha256"]),
                 "size": int(written["size"]),
+                "digest": written.get("digest"),
                 "facts": facts,
             }
         )
@@ -174,11 +180,13 @@ def adopt(
     try:
         bucket, staging_key = str(saved["bucket"]), str(saved["staging_key"])
         sha256, staging_etag = str(saved["sha256"]), str(saved["staging_etag"])
-        size, facts = saved["size"], saved["facts"]
+        size, facts, digest = saved["size"], saved["facts"], saved.get("digest")
         if (bucket, saved["key"], staging_key) != (target.bucket, key, key + STAGING_SUFFIX):
             raise ValueError("an intent for another key")
         if type(size) is not int or size < 0 or not isinstance(facts, dict):
             raise ValueError("an intent without its size and facts")
+        if digest is not None and not (isinstance(digest, dict) and digest.get("algorithm") == ALGORITHM):
+            raise ValueError("an intent whose chunked digest is not one")
     except (KeyError, TypeError, ValueError) as exc:
         ctx.event("stream.restarted", offset=0, reason=f"the publish checkpoint is not one ({exc})")
         return None
@@ -191,7 +199,7 @@ def adopt(
             if str(head["ETag"]).strip('"') == staging_etag and int(head["ContentLength"]) == size:
                 ctx.fence()
                 meta = import_metadata(ctx, (facts.get("source") or {}).get("sha256"))
-                meta |= {"sha256": sha256, STAGING_ETAG: staging_etag}
+                meta |= {"sha256": sha256, STAGING_ETAG: staging_etag} | digest_metadata(digest)
                 etag = server_copy(
                     client,
                     bucket,
@@ -232,6 +240,7 @@ def adopt(
         "format": "raw",
         "encryption": applied.to_dict() if applied else None,
         "digest_method": WHILE_UPLOADING,
+        **({"digest": digest} if digest is not None else {}),
     }
     ctx.event("stream.adopted", key=key, etag=etag, message=f"adopted {where}, published by an earlier run")
     ctx.ledger_created(json.dumps(location, sort_keys=True))

@@ -9,21 +9,34 @@ pairs a boundary with the parts already uploaded *past* it: at every boundary th
 source digests, the decoder's state), and the latest noted boundary with ``P <= E`` — ``E`` the end of
 the longest run of parts 1..k S3 has acknowledged — is saved in the task store with
 
-* ``upload``: the bucket, the staging key, the upload id, the part size, the parts 1..k (number, size,
-  ETag) and the state of the sha256 of the object's bytes at ``E``
-  (:class:`~appliance.sources.savedhash.SavedHash`);
+* ``upload``: the bucket, the staging key, the upload id, the part size, the count ``k`` of parts 1..k
+  (all of the part size: ``E = k x part size``), the digest of their ordered ETags
+  (:func:`~appliance.targets.s3stream.etags_digest`) and the states at ``E`` of the sha256 of the
+  object's bytes (:class:`~appliance.sources.savedhash.SavedHash`) and of their ``sha256-chunked``
+  (:class:`~appliance.targets.savedchunks.SavedChunkedSha256`: the outer hash over the finished chunks'
+  digests and the inner one of the chunk being filled). Of constant size: a save per acknowledged part
+  does not grow with the parts (a list of every part would make the saves of a 10,000-part upload
+  write about 10 GB to the store). The chunked digest keeps its state rather than being recomputed from
+  the parts' ranges on resume for the same reason: that needs either every chunk digest in the
+  checkpoint or a read-back of the whole upload;
 * ``output``: ``P`` and the disk bytes handed on before it (progress);
 * ``partial``: the staging object's URL (:data:`appliance.partials.CHECKPOINT_KEY`): the sweeps of a
   task that may still resume leave its upload.
 
 Resume (:meth:`S3ResumePoint.load`, then :func:`~appliance.targets.s3stream.verify_parts`): the step's
-next run checks the checkpoint as untrusted, lists the upload's parts (``ListParts``) and compares each
-recorded part's size and ETag; the decoder restarts at ``B``, the reader re-fetches from the position
-before it (comparing the bytes, as for a file), the sink starts at ``P`` and drops the output below
-``E`` (``[P, E)`` is produced again: the upload holds it), and the upload goes on with part k+1 (a
-``stream.resumed`` event). An upload that is gone (aborted, expired), a part that differs, a checkpoint
-that does not check out or a replaced source restart from zero with a ``stream.restarted`` event (the
-old upload aborted).
+next run checks the checkpoint as untrusted, lists the upload's parts (``ListParts``, paginated) and
+checks that parts 1..k are there, of the part size, with the recorded ETag digest; the decoder restarts
+at ``B``, the reader re-fetches from the position before it (comparing the bytes, as for a file), the
+sink starts at ``P`` and drops the output below ``E`` (``[P, E)`` is produced again: the upload holds
+it), and the upload goes on with part k+1 (a ``stream.resumed`` event). An upload that is gone (aborted,
+expired), a part that differs, a checkpoint that does not check out or a replaced source restart from
+zero with a ``stream.restarted`` event (the old upload aborted).
+
+A checkpoint of the earlier format (:data:`KIND_LISTING_PARTS`, every part listed in it, saved by
+appliances before this one) is not continued: it restarts from zero with a ``stream.restarted`` event
+saying so, and its upload, at the same staging key, is aborted as the new one begins. It is a
+one-time cost for the tasks running across the upgrade, and it spares a second way of resuming that
+carries no chunked digest state.
 """
 
 from __future__ import annotations
@@ -40,13 +53,19 @@ from ..image.decoding import Boundary
 from ..partials import CHECKPOINT_KEY
 from ..sources.ranges import ReadPosition
 from ..sources.savedhash import SavedHash, available
+from ..targets.chunkdigest import DEFAULT_CHUNK
 from ..targets.inorder import InOrderSink
-from ..targets.s3stream import MAX_PARTS, MIN_PART, MultipartWriter, ResumedUpload, UploadedPart
+from ..targets.s3parts import MAX_PARTS, MIN_PART
+from ..targets.s3resume import ResumedUpload
+from ..targets.s3stream import MultipartWriter
+from ..targets.savedchunks import SavedChunkedSha256
 from ..workflow.step import StepContext
 from .stream_checkpoint import StreamCheckpoints, load_source_point
 
 #: what a checkpoint of this module is
-KIND = "image.stream-s3/1"
+KIND = "image.stream-s3/2"
+#: the earlier format, every acknowledged part listed in it: restarted (module docstring)
+KIND_LISTING_PARTS = "image.stream-s3/1"
 #: boundaries kept while their output waits for its part to be uploaded
 _MAX_PENDING = 1024
 
@@ -74,6 +93,11 @@ class S3ResumePoint:
         and None: there is no checkpoint)."""
         if saved is None:
             return None, None
+        if isinstance(saved, dict) and saved.get("kind") == KIND_LISTING_PARTS:
+            return None, (
+                "the checkpoint is of an earlier format that lists every part (saved before an upgrade): "
+                "the stream starts again into a new upload"
+            )
         try:
             return cls._load(saved, source_key, decoder, limits), None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -97,29 +121,30 @@ class S3ResumePoint:
             raise ValueError(
                 f"an upload record whose part size is not one this appliance uses ({part_size!r})"
             )
-        if not isinstance(up["parts"], list) or not 0 < len(up["parts"]) <= MAX_PARTS:
-            raise ValueError("an upload record without its parts")
+        count, etags = up["count"], up["etags_sha256"]
+        if type(count) is not int or not 0 < count <= MAX_PARTS:
+            raise ValueError(f"an upload record whose count of parts is not one ({count!r})")
+        if not isinstance(etags, str) or not _SHA256.fullmatch(etags):
+            raise ValueError("an upload record without the digest of its parts' ETags")
         if not isinstance(up["sha256_state"], str):
             raise ValueError("an upload record without the state of its sha256")
+        if not isinstance(up["chunked_state"], dict):
+            raise ValueError("an upload record without the state of its sha256-chunked")
         upload = ResumedUpload(
-            str(up["upload_id"]),
-            part_size,
-            tuple(UploadedPart.from_dict(p) for p in up["parts"]),
-            up["sha256_state"],
+            str(up["upload_id"]), part_size, count, etags, up["sha256_state"], up["chunked_state"]
         )
-        if [p.number for p in upload.parts] != list(range(1, len(upload.parts) + 1)):
-            raise ValueError("the recorded parts are not 1..k in order")
-        if any(p.size != part_size or not _ETAG.fullmatch(p.etag) for p in upload.parts):
-            raise ValueError("a recorded part is not of the upload's part size or has no S3 ETag")
         if not sink_position <= upload.size <= limits.max_virtual_size:
             raise ValueError("the uploaded parts do not reach the boundary's output")
-        if available():  # the state the writer goes on from (ValueError: not one at that size)
+        if available():  # the states the writer goes on from (ValueError: not ones at that size)
             SavedHash("sha256").load(upload.sha256_state, upload.size)
+            chunked = SavedChunkedSha256.load(upload.chunked_state, upload.size)
+            if chunked.chunk_size != DEFAULT_CHUNK:
+                raise ValueError("a sha256-chunked state of another chunk size")
         return cls(position, boundary, produced, sha256, md5, sink_position, up["bucket"], up["key"], upload)
 
 
-#: an ETag S3 gives a part: the MD5 of its bytes, or (SSE-KMS, SSE-C) another 32 hex digits, quoted or not
-_ETAG = re.compile(r'"?[0-9a-fA-F]{32}"?')
+#: the digest of the parts' ETags
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def max_part_size(limits: Limits) -> int:
@@ -188,16 +213,14 @@ class S3StreamCheckpoints(StreamCheckpoints):
         prefix = self.writer.uploaded_prefix()
         if prefix is None:
             return
-        parts, state, end = prefix
-        covered = [n for n in self._noted if n.sink_position <= end]
+        covered = [n for n in self._noted if n.sink_position <= prefix.size]
         if not covered:
             return
         noted = covered[-1]
         while self._noted and self._noted[0] is not noted:
             self._noted.popleft()
-        if self._last == (noted.boundary.input_offset, len(parts)):
+        if self._last == (noted.boundary.input_offset, prefix.count):
             return
-        assert self.writer.upload_id is not None
         try:
             self._save(
                 {
@@ -212,14 +235,16 @@ class S3StreamCheckpoints(StreamCheckpoints):
                     "upload": {
                         "bucket": self.writer.bucket,
                         "key": self.writer.key,
-                        "upload_id": self.writer.upload_id,
-                        "part_size": self.writer.part_size,
-                        "parts": [p.to_dict() for p in parts],
-                        "sha256_state": state,
+                        "upload_id": prefix.upload_id,
+                        "part_size": prefix.part_size,
+                        "count": prefix.count,
+                        "etags_sha256": prefix.etags_sha256,
+                        "sha256_state": prefix.sha256_state,
+                        "chunked_state": prefix.chunked_state,
                     },
                 }
             )
         except UsageError:  # not run under a lease (a bare engine run): nothing resumes it anyway
             self._checkpointing = False
             return
-        self._last = (noted.boundary.input_offset, len(parts))
+        self._last = (noted.boundary.input_offset, prefix.count)

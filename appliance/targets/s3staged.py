@@ -51,8 +51,10 @@ from ..sources.savedhash import available
 from .base import TargetError
 from .encryption import Encryption
 from .s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from .s3copy import server_copy
 from .s3read import ObjectRangeReader
-from .s3stream import MultipartWriter, ResumedUpload, server_copy
+from .s3resume import ResumedUpload
+from .s3stream import MultipartWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,19 @@ STAGING_ETAG = "staging-etag"
 #: the kind of a step checkpoint saying which image a step is about to publish (the final key, the
 #: staging object's ETag and sha256: :func:`appliance.steps.image_stream_s3.publish_intent`)
 PUBLISH_KIND = "image.stream-s3/publish"
+
+
+def digest_metadata(digest: Any) -> dict[str, str]:
+    """The object metadata of an image's ``sha256-chunked`` (the ``digest`` a writer's ``close``
+    answered; none for None), as an export's object carries it: checkable without the appliance."""
+    if not isinstance(digest, dict):
+        return {}
+    return {
+        "digest-algorithm": str(digest["algorithm"]),
+        "digest-chunk-size": str(digest["chunk_size"]),
+        "sha256-chunked": str(digest["value"]),
+        "digest-chunks": str(digest["chunks"]),
+    }
 
 
 def adoptable(client: Any, bucket: str, key: str, sha256: str, staging_etag: str, size: int) -> str | None:
@@ -158,6 +173,7 @@ class StagedImage:
             memory=self.target.memory,
             resumable=self.resumable,
             resume=self.resume,
+            chunked=True,  # the image's sha256-chunked, as the file image target records it
         )
 
     def restart(self) -> MultipartWriter:
@@ -243,7 +259,9 @@ class StagedImage:
         where = f"s3://{self.bucket}/{self.key}"
         # the staging object it was copied from: what a run resumed after a kill between this copy and
         # the step's ledger entry recognises the object by (:func:`adoptable`)
+        digest = self.written.get("digest")
         meta = {**metadata, "sha256": sha256, STAGING_ETAG: str(self.written["etag"]).strip('"')}
+        meta |= digest_metadata(digest)
         self.published = True  # from here on a failure removes the final object too
         try:
             etag = server_copy(
@@ -276,6 +294,7 @@ class StagedImage:
             "size": size,
             "format": self.format,
             "encryption": applied.to_dict() if applied else None,
+            **({"digest": digest} if isinstance(digest, dict) else {}),
         }
 
     def _delete_staging_object(self) -> None:

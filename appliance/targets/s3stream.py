@@ -40,12 +40,15 @@ deletes the object if it was already completed, so a cancelled export leaves no 
 upload behind.
 
 Resumable uploads (``resumable=True``, a streamed import into the S3 image target,
-:mod:`appliance.steps.s3_checkpoint`): the sha256 of the bytes written is a
-:class:`~appliance.sources.savedhash.SavedHash` run in the writer's thread as each part is cut, and its
-state at the end of every part is kept (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can
-name the parts completed so far with the digest state at their end. A writer made with ``resume``
-(:class:`ResumedUpload`, the parts checked against ``ListParts`` by :func:`verify_parts`) continues that
-multipart upload after its last recorded part instead of creating one.
+:mod:`appliance.steps.s3_checkpoint`): the sha256 and the ``sha256-chunked`` of the bytes written
+(:class:`~appliance.sources.savedhash.SavedHash`, :class:`~.savedchunks.SavedChunkedSha256`) run in the
+writer's thread as each part is cut, and their states at the end of every part are kept until the
+acknowledged prefix passes it (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can name the
+parts completed so far — their count and a digest of their ETags, constant in size — with the digest
+states at their end. A writer made with ``resume`` (:class:`ResumedUpload`, its parts listed by
+``ListParts`` and checked against the record by :func:`verify_parts`) continues that multipart upload
+after its last recorded part instead of creating one. ``chunked`` (the S3 image target) records the
+``sha256-chunked`` of a writer that is not resumable too (a stream of unknown size), hashed in threads.
 """
 
 from __future__ import annotations
@@ -57,39 +60,21 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from ..errors import Cancelled
-from ..sources.savedhash import SavedHash
 from .base import TargetError
-from .chunkdigest import ALGORITHM, ChunkedDigest, combine, is_zero
+from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
+from .s3copy import MAX_COPY, store_digests
+from .s3parts import MAX_PARTS, MIN_PART, multipart_etag, upload_error
+from .s3resume import ResumableDigests, ResumedUpload
 
 log = logging.getLogger(__name__)
 
-MIN_PART = 5 << 20
-MAX_PARTS = 10_000
-#: CopyObject's limit; larger objects are copied part by part
-MAX_COPY = 5 << 30
-COPY_PART = 1 << 30
 #: parts between two doublings of the part size of a stream of unknown size (``grow_parts``)
 GROW_EVERY = 1000
-
-
-def _error(operation: str, exc: Exception) -> TargetError:
-    """``UploadFailed`` naming the operation and S3's error code, never a library's whole text."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        err = response.get("Error", {})
-        return TargetError(f"{operation} failed: {err.get('Code')}: {err.get('Message')}", "UploadFailed")
-    return TargetError(f"{operation} failed: {type(exc).__name__}", "UploadFailed")
-
-
-def multipart_etag(part_md5s: list[bytes]) -> str:
-    """S3's ETag of a multipart object made of parts with these MD5 digests."""
-    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,161 +82,6 @@ def _zero_part_digests(length: int) -> tuple[bytes, bytes]:
     """``(md5, sha256)`` of a part of ``length`` zero bytes (once per length and process)."""
     z = bytes(length)
     return hashlib.md5(z).digest(), hashlib.sha256(z).digest()
-
-
-def server_copy(
-    client: Any,
-    bucket: str,
-    source_key: str,
-    key: str,
-    size: int,
-    metadata: Mapping[str, str],
-    sse: Mapping[str, str],
-    *,
-    if_match: str | None = None,
-) -> str:
-    """Copy ``bucket/source_key`` (``size`` bytes) to ``bucket/key`` inside S3, with ``metadata``
-    (replacing the source's) and ``sse``: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` of 1 GiB
-    parts beyond (aborted on any failure). ``if_match``: the source's ETag the caller checked — S3
-    refuses the copy (``PreconditionFailed``) if the source was replaced since. Returns the new
-    object's ETag. Raises what boto3 raises."""
-    source = {"Bucket": bucket, "Key": source_key}
-    condition = {"CopySourceIfMatch": f'"{if_match}"'} if if_match else {}
-    if size <= MAX_COPY:
-        resp = client.copy_object(
-            Bucket=bucket,
-            Key=key,
-            CopySource=source,
-            Metadata=dict(metadata),
-            MetadataDirective="REPLACE",
-            **condition,
-            **sse,
-        )
-        return str(resp["CopyObjectResult"]["ETag"]).strip('"')
-    copy_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=dict(metadata), **sse)[
-        "UploadId"
-    ]
-    try:
-        parts = []
-        for i, start in enumerate(range(0, size, COPY_PART), 1):
-            end = min(start + COPY_PART, size) - 1
-            resp = client.upload_part_copy(
-                Bucket=bucket,
-                Key=key,
-                UploadId=copy_id,
-                PartNumber=i,
-                CopySource=source,
-                CopySourceRange=f"bytes={start}-{end}",
-                **condition,
-            )
-            parts.append({"PartNumber": i, "ETag": resp["CopyPartResult"]["ETag"]})
-        done = client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=copy_id, MultipartUpload={"Parts": parts}
-        )
-    except BaseException:
-        try:
-            client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=copy_id)
-        except Exception as exc:
-            log.error("could not abort the copy upload of s3://%s/%s: %s", bucket, key, type(exc).__name__)
-        raise
-    return str(done["ETag"]).strip('"')
-
-
-@dataclass(frozen=True)
-class UploadedPart:
-    """A part S3 holds: its number, size and ETag (quoted as S3 answers it)."""
-
-    number: int
-    size: int
-    etag: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"number": self.number, "size": self.size, "etag": self.etag}
-
-    @classmethod
-    def from_dict(cls, d: Any) -> UploadedPart:
-        if not isinstance(d, dict):
-            raise ValueError("a part record is not an object")
-        number, size, etag = d["number"], d["size"], d["etag"]
-        if type(number) is not int or not 1 <= number <= MAX_PARTS:
-            raise ValueError(f"a part number {number!r} outside 1..{MAX_PARTS}")
-        if type(size) is not int or size < 0 or not isinstance(etag, str) or not etag:
-            raise ValueError("a part record without its size and ETag")
-        return cls(number, size, etag)
-
-
-@dataclass(frozen=True)
-class ResumedUpload:
-    """A multipart upload an earlier run left, to continue: its id, its part size, the parts 1..k it
-    completed (in order, all but the last ``part_size`` long) and the state of the sha256 of the bytes
-    written at the end of part k (:meth:`SavedHash.state`)."""
-
-    upload_id: str
-    part_size: int
-    parts: tuple[UploadedPart, ...]
-    sha256_state: str
-
-    @property
-    def size(self) -> int:
-        """Bytes the recorded parts hold."""
-        return sum(p.size for p in self.parts)
-
-
-#: ``ListParts`` pages that can hold every part of an upload (1,000 a page, 10,000 parts)
-_LIST_PAGES = MAX_PARTS // 1000 + 1
-#: answers to ``ListParts`` that say the upload cannot be checked, not that S3 is failing: the upload is
-#: then not continued (AccessDenied: a policy without ``s3:ListMultipartUploadParts``)
-_CANNOT_LIST = frozenset({"AccessDenied", "NotImplemented", "InvalidRequest", "MethodNotAllowed"})
-
-
-def verify_parts(client: Any, bucket: str, key: str, upload: ResumedUpload) -> str | None:
-    """Check that S3 still holds ``upload`` with every recorded part (same number, size and ETag) by
-    ``ListParts``: None when it does, else why not — the upload is gone (aborted, expired), a part
-    differs, the listing is refused (no permission to list parts) or is not one to trust (a page marker
-    that does not advance, a part without its number, size or ETag). The answer is S3's, so it is checked
-    like any input; the caller then starts the upload afresh. Raises ``UploadFailed`` for an S3 that is
-    failing (a server error, no connection): a later attempt may check it."""
-    where = f"s3://{bucket}/{key}"
-    last = max((p.number for p in upload.parts), default=0)
-    listed: dict[int, tuple[int, str]] = {}
-    marker = 0
-    for _page in range(_LIST_PAGES):
-        try:
-            resp = client.list_parts(
-                Bucket=bucket, Key=key, UploadId=upload.upload_id, PartNumberMarker=marker, MaxParts=1000
-            )
-        except Exception as exc:
-            response = getattr(exc, "response", None) or {}
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchUpload", "404", "NotFound"):
-                return f"the multipart upload {upload.upload_id} of {where} is gone (aborted or expired)"
-            if code in _CANNOT_LIST or (isinstance(status, int) and 400 <= status < 500 and status != 429):
-                return f"the parts of the multipart upload to {where} cannot be listed to check them ({code})"
-            raise _error(f"ListParts {where}", exc) from exc
-        try:
-            for part in resp.get("Parts", []):
-                listed[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
-            if not resp.get("IsTruncated") or max(listed, default=0) >= last:
-                break
-            following = int(resp["NextPartNumberMarker"])
-        except (KeyError, TypeError, ValueError) as exc:
-            return f"ListParts of the upload to {where} answered what is not a part listing ({exc!r})"
-        if following <= marker:
-            return f"ListParts of the upload to {where} does not advance (marker {following} after {marker})"
-        marker = following
-    else:
-        return f"ListParts of the upload to {where} lists more pages than an upload can have"
-    for part in upload.parts:
-        got = listed.get(part.number)
-        if got is None:
-            return f"part {part.number} of the upload to {where} is missing"
-        if got != (part.size, part.etag.strip('"')):
-            return (
-                f"part {part.number} of the upload to {where} is not the one recorded (size {got[0]}, "
-                f"ETag {got[1]}; recorded {part.size}, {part.etag.strip(chr(34))})"
-            )
-    return None
 
 
 class MultipartWriter:
@@ -280,6 +110,7 @@ class MultipartWriter:
         memory: int | None = None,
         resumable: bool = False,
         resume: ResumedUpload | None = None,
+        chunked: bool = False,
     ) -> None:
         if resume is not None:
             part_size, resumable = resume.part_size, True
@@ -319,13 +150,15 @@ class MultipartWriter:
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
         self.resumable = resumable
-        #: a resumable upload's sha256 (its state saved at the end of every part), else None
-        self._saved: SavedHash | None = SavedHash("sha256") if resumable else None
+        #: a resumable upload's digests and acknowledged prefix (its checkpoints), else None
+        self._resumable: ResumableDigests | None = ResumableDigests() if resumable else None
+        #: ``chunked`` and not resumable (a stream of unknown size): the sha256-chunked in its threads
+        self._threaded_chunks: ChunkedSha256 | None = (
+            ChunkedSha256(name="s3-chunked") if chunked and not resumable else None
+        )
         self._sha: ThreadedSha256 | None = (
             ThreadedSha256("s3-sha256") if self.full_sha256 and not resumable else None
         )
-        #: a resumable upload: the sha256 state and the object's size at the end of each part
-        self._part_states: dict[int, tuple[str, int]] = {}
         #: called (in the part's upload thread) once S3 acknowledged a part: a checkpoint may go further
         self.on_part: Callable[[], None] | None = None
         self._sizes: dict[int, int] = {}
@@ -358,16 +191,13 @@ class MultipartWriter:
                 Bucket=bucket, Key=key, Metadata=meta, **self.sse, **extra
             )["UploadId"]
         except Exception as exc:
-            raise _error(f"CreateMultipartUpload {self.where}", exc) from exc
+            raise upload_error(f"CreateMultipartUpload {self.where}", exc) from exc
 
     def _resume(self, resume: ResumedUpload) -> None:
-        """Continue ``resume``'s upload after its last part (checked by :func:`verify_parts`)."""
-        assert self._saved is not None
-        if [p.number for p in resume.parts] != list(range(1, len(resume.parts) + 1)):
-            raise ValueError("the recorded parts are not 1..k in order")
-        if any(p.size != resume.part_size for p in resume.parts):
-            raise ValueError("a recorded part is not of the upload's part size")
-        self._saved.load(resume.sha256_state, resume.size)  # ValueError: not the state at that size
+        """Continue ``resume``'s upload after its last part (its ``parts`` as :func:`.s3resume.verify_parts`
+        listed and checked them)."""
+        assert self._resumable is not None
+        self._resumable.load(resume)  # ValueError: parts or states that are not the record's
         self.upload_id = resume.upload_id
         for p in resume.parts:
             etag = p.etag if p.etag.startswith('"') else f'"{p.etag}"'
@@ -375,10 +205,8 @@ class MultipartWriter:
             self._sizes[p.number] = p.size
             if self._etag_is_md5():
                 self._md5s[p.number] = bytes.fromhex(p.etag.strip('"'))
-        self._number = len(resume.parts)
+        self._number = resume.count
         self.size = self.uploaded = resume.size
-        if self._number:
-            self._part_states[self._number] = (resume.sha256_state, resume.size)
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -449,9 +277,13 @@ class MultipartWriter:
         self._number += 1
         if self._number > MAX_PARTS:
             raise TargetError(f"{self.where}: more than {MAX_PARTS} parts", "UploadFailed")
-        if self._saved is not None:  # hashed in order as the parts are cut; the state at each part's end
-            self._saved.update(data)
-            self._part_states[self._number] = (self._saved.state(), self._saved.length)
+        if self._resumable is not None:  # hashed in order as the parts are cut; the states at each end
+            self._resumable.cut(self._number, data)
+        elif self._threaded_chunks is not None:  # a hole is not hashed
+            if is_zero(data):
+                self._threaded_chunks.zeros(len(data))
+            else:
+                self._threaded_chunks.update(data)
         self._sizes[self._number] = len(data)
         self._pending.add(self._pool.submit(self._upload_part, self._number, data))
         self._grow()
@@ -482,7 +314,7 @@ class MultipartWriter:
                 **extra,
             )
         except Exception as exc:
-            raise _error(f"UploadPart {number} of {self.where}", exc) from exc
+            raise upload_error(f"UploadPart {number} of {self.where}", exc) from exc
         etag = str(resp["ETag"])
         if self._etag_is_md5() and etag.strip('"') != md5.hex():
             raise TargetError(
@@ -497,23 +329,17 @@ class MultipartWriter:
             self.on_part()
         return len(data)
 
-    def uploaded_prefix(self) -> tuple[list[UploadedPart], str, int] | None:
-        """A resumable upload's longest run of parts 1..k that S3 has acknowledged, with the sha256 state
-        and the object's size at the end of part k (None: no part yet). Parts of the full part size
-        only (the last, short part is the object's end: nothing to resume after it)."""
-        parts: list[UploadedPart] = []
-        with self._lock:
-            etags = dict(self._etags)
-        n = 1
-        while n in etags and self._sizes.get(n) == self.part_size:
-            parts.append(UploadedPart(n, self.part_size, etags[n]))
-            n += 1
-        while parts and parts[-1].number not in self._part_states:
-            parts.pop()
-        if not parts:
+    def uploaded_prefix(self) -> ResumedUpload | None:
+        """A resumable upload's longest run of parts 1..k that S3 has acknowledged, as a checkpoint
+        records it (:class:`ResumedUpload` without its ``parts``: the count, the digest of their ETags,
+        the digest states at the end of part k); None: no part yet. Parts of the full part size only
+        (the last, short part is the object's end: nothing to resume after it). The prefix advances part
+        by part as acknowledgements come in: constant work per part, whatever k."""
+        if self._resumable is None or self.upload_id is None:
             return None
-        state, size = self._part_states[parts[-1].number]
-        return parts, state, size
+        # the dicts as they are (no copy per call: only membership and single reads, safe beside the
+        # upload threads adding to them)
+        return self._resumable.advance(self.upload_id, self.part_size, self._etags, self._sizes)
 
     def _etag_is_md5(self) -> bool:
         return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
@@ -542,8 +368,11 @@ class MultipartWriter:
         self._check_cancel()
         self._shutdown()
         sha256 = self._sha.hexdigest() if self._sha is not None else None
-        if self._saved is not None:
-            sha256 = self._saved.hexdigest()
+        chunked: ChunkedDigest | None = None
+        if self._resumable is not None:
+            sha256, chunked = self._resumable.result()
+        elif self._threaded_chunks is not None:
+            chunked = self._threaded_chunks.result()
         if self.known_sha256 is not None and self.known_sha256 != sha256:
             raise TargetError(
                 f"{self.where}: the bytes sent hash to {sha256}, not the announced {self.known_sha256} "
@@ -571,7 +400,7 @@ class MultipartWriter:
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
         except Exception as exc:
-            raise _error(f"CompleteMultipartUpload {self.where}", exc) from exc
+            raise upload_error(f"CompleteMultipartUpload {self.where}", exc) from exc
         self.completed = True
         etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
@@ -602,6 +431,8 @@ class MultipartWriter:
                 done["etag"] = self._store_digest(store, checksum=verified)
         elif self.known_sha256 is None and sha256 is not None and self.store_digest:
             done["etag"] = self._store_digest({"sha256": sha256})
+        if chunked is not None:  # the sha256-chunked of its bytes, as the file image target records it
+            done["digest"] = chunked.to_dict()
         self.closed = True
         return done
 
@@ -611,7 +442,7 @@ class MultipartWriter:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
         except Exception as exc:
-            raise _error(f"HeadObject {self.where}", exc) from exc
+            raise upload_error(f"HeadObject {self.where}", exc) from exc
         reported = head.get("ChecksumSHA256")
         if not reported:
             return False
@@ -626,46 +457,14 @@ class MultipartWriter:
         return True
 
     def _store_digest(self, digests: Mapping[str, str], *, checksum: bool = False) -> str:
-        """Copy the object onto itself with ``digests`` added to its metadata; return the new ETag.
-        ``checksum``: the copy gets S3's SHA-256 checksum of the whole object (a copy is one part), which
-        must then be the ``sha256`` of ``digests``."""
+        """Copy the object onto itself with ``digests`` added to its metadata (:func:`.s3copy.store_digests`);
+        return the new ETag."""
         meta = {**self.metadata, **digests}
         if self.checksums:
             meta |= {"digest-algorithm": ALGORITHM, "digest-chunk-size": str(self.part_size)}
-        source = {"Bucket": self.bucket, "Key": self.key}
-        try:
-            if self.size <= MAX_COPY:
-                resp = self.client.copy_object(
-                    Bucket=self.bucket,
-                    Key=self.key,
-                    CopySource=source,
-                    Metadata=meta,
-                    MetadataDirective="REPLACE",
-                    **self.sse,
-                    **({"ChecksumAlgorithm": "SHA256"} if checksum else {}),
-                )
-                etag = str(resp["CopyObjectResult"]["ETag"]).strip('"')
-            else:
-                etag = server_copy(self.client, self.bucket, self.key, self.key, self.size, meta, self.sse)
-            head = self.client.head_object(
-                Bucket=self.bucket, Key=self.key, **({"ChecksumMode": "ENABLED"} if checksum else {})
-            )
-        except TargetError:
-            raise
-        except Exception as exc:
-            raise _error(f"storing the sha256 of {self.where}", exc) from exc
-        stored = head.get("Metadata", {})
-        if any(stored.get(k) != v for k, v in digests.items()) or int(head["ContentLength"]) != self.size:
-            raise TargetError(f"{self.where}: the stored object does not carry its sha256", "UploadFailed")
-        reported = head.get("ChecksumSHA256")
-        if checksum and reported and digests.get("sha256"):
-            whole = base64.b64encode(bytes.fromhex(digests["sha256"])).decode("ascii")
-            if reported != whole:
-                raise TargetError(
-                    f"{self.where}: S3 reports the checksum {reported} for the copy, not {whole}",
-                    "UploadFailed",
-                )
-        return etag
+        return store_digests(
+            self.client, self.bucket, self.key, self.size, meta, self.sse, digests, checksum=checksum
+        )
 
     # ------------------------------------------------------------------------------------ aborting
 
@@ -684,6 +483,8 @@ class MultipartWriter:
         self.on_part = None
         if self._sha is not None:
             self._sha.close()
+        if self._threaded_chunks is not None:
+            self._threaded_chunks.close()
         for fut in self._pending:
             fut.cancel()
         self._shutdown()

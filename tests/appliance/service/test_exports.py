@@ -356,16 +356,16 @@ def test_cancel_mid_upload_leaves_no_object_and_no_incomplete_multipart_upload(
             imports.store.close()
 
 
-def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
-    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]
-) -> None:
-    # the s3 image target: the stored image is read back from its bucket (hashed on the way)
-    moto.client("s3").create_bucket(Bucket=f"{buckets[0]}-images")
+@pytest.fixture
+def imported_into_s3(tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]) -> Iterator[dict[str, Any]]:
+    """A RAW disk imported (streamed) into the s3 image target."""
+    images = f"{buckets[0]}-images"
+    moto.client("s3").create_bucket(Bucket=images)
     data = cfg_data(tmp_path, moto.endpoint) | {
         "targets": {
             "image": {
                 "type": "s3",
-                "bucket": f"{buckets[0]}-images",
+                "bucket": images,
                 "endpoint_url": moto.endpoint,
                 "region": "us-east-1",
                 "access_key": "testing",
@@ -382,23 +382,58 @@ def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
             cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
         )
         assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
-        assert outcome(done)["location"]["type"] == "s3"
-        exports = ExportService(cfg, imports.store)
-        task = exports.export_image("ami-" + done.id[-17:], disk_image_format="VMDK", bucket=buckets[1])
-        exported = run(cfg, task)
-        assert exported.state is TaskState.COMPLETED, (exported.error_code, exported.error_message)
-        out = tmp_path / "exported.vmdk"
-        moto.client("s3").download_file(buckets[1], object_key(task), str(out))
-        compared = qemu_compare(disk, out, "vmdk")
-        assert compared.returncode == 0, compared.stdout + compared.stderr
-        record = exported.result["exported"]["provenance"]
-        assert record["source"]["sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
-        assert record["source"]["recorded_sha256"] == record["source"]["sha256"]
-        # the downloaded copy and the converted file are gone from scratch
-        assert list((tmp_path / "state").rglob("export-source.raw")) == []
-        assert list((tmp_path / "state").rglob("export.vmdk")) == []
+        location = outcome(done)["location"]
+        assert location["type"] == "s3" and location["bucket"] == images
+        yield {"cfg": cfg, "store": imports.store, "disk": disk, "task": done, "location": location}
     finally:
         imports.store.close()
+
+
+def test_an_image_stored_in_s3_is_downloaded_checked_and_exported(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str], imported_into_s3: dict[str, Any]
+) -> None:
+    # the s3 image target: the stored image is read back from its bucket (hashed on the way)
+    cfg, disk, done = imported_into_s3["cfg"], imported_into_s3["disk"], imported_into_s3["task"]
+    # the import recorded the stored bytes' sha256-chunked, as the file image target does
+    recorded = imported_into_s3["location"]["digest"]
+    assert (recorded["algorithm"], recorded["value"]) == ("sha256-chunked", digest_file(disk).hexdigest)
+    exports = ExportService(cfg, imported_into_s3["store"])
+    task = exports.export_image("ami-" + done.id[-17:], disk_image_format="VMDK", bucket=buckets[1])
+    exported = run(cfg, task)
+    assert exported.state is TaskState.COMPLETED, (exported.error_code, exported.error_message)
+    out = tmp_path / "exported.vmdk"
+    moto.client("s3").download_file(buckets[1], object_key(task), str(out))
+    compared = qemu_compare(disk, out, "vmdk")
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    record = exported.result["exported"]["provenance"]
+    # the source was checked by its sha256-chunked, computed on the export's download of it
+    assert record["source"]["digest"]["value"] == recorded["value"]
+    assert {"what": "recorded-sha256-chunked", "value": recorded["value"]} in record["source"]["checked"]
+    assert record["source"]["recorded_sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+    # the downloaded copy and the converted file are gone from scratch
+    assert list((tmp_path / "state").rglob("export-source.raw")) == []
+    assert list((tmp_path / "state").rglob("export.vmdk")) == []
+
+
+@pytest.mark.parametrize("disk_format", ["RAW", "VMDK"])
+def test_an_image_stored_in_s3_whose_object_changed_since_its_import_is_not_exported(
+    moto: MotoServer, buckets: tuple[str, str], imported_into_s3: dict[str, Any], disk_format: str
+) -> None:
+    # the stored object replaced behind the appliance's back: same size, one byte range other
+    location, disk = imported_into_s3["location"], imported_into_s3["disk"]
+    s3 = moto.client("s3")
+    body = bytearray(disk.read_bytes())
+    body[MiB : MiB + 8] = b"tampered"
+    s3.put_object(Bucket=location["bucket"], Key=location["key"], Body=bytes(body))
+    exports = ExportService(imported_into_s3["cfg"], imported_into_s3["store"])
+    image_id = "ami-" + imported_into_s3["task"].id[-17:]
+    task = exports.export_image(image_id, disk_image_format=disk_format, bucket=buckets[1])
+    done = run(imported_into_s3["cfg"], task)
+    assert done.state is TaskState.FAILED
+    assert done.error_code == "Source.DigestMismatch"
+    assert "sha256-chunked" in (done.error_message or "")  # checked by the recorded chunked digest
+    assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+    assert not s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads")
 
 
 def test_a_rerun_after_a_killed_upload_aborts_the_upload_it_left(

@@ -12,6 +12,8 @@ MiB of source, 5 MiB parts.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from appliance.service.imports import DiskContainer, outcome
 from appliance.store import Task, TaskState
+from appliance.targets.chunkdigest import digest_file
 from tests import imagefactory as imgs
 from tests import processes
 from tests.appliance.service.test_import_recovery import Appliance
@@ -104,7 +107,7 @@ def app(
 def uploaded(app: Appliance, task_id: str) -> int:
     """Bytes of the parts the saved checkpoint names (0 before the first)."""
     saved = stream_checkpoint(app, task_id)
-    return sum(p["size"] for p in saved["upload"]["parts"]) if saved else 0
+    return int(saved["upload"]["count"]) * int(saved["upload"]["part_size"]) if saved else 0
 
 
 def wait_ended(app: Appliance, task_id: str) -> Task:
@@ -187,6 +190,8 @@ def test_a_stream_into_s3_killed_mid_stream_resumes_its_multipart_upload_and_fet
     assert left_in(moto, images) == ([location["key"]], [])
     assert done.result["disk"]["streamed"]["stream"]["parts"] == parts
     same_disk(moto, image, fmt, images, location["key"], tmp_path)
+    # the sha256-chunked, its state carried across the kill by the checkpoint, is the stored bytes'
+    assert location["digest"]["value"] == digest_file(tmp_path / "stored.raw").hexdigest
     source = done.result["provenance"]["source"]
     assert source["size"] == size and "sha256_unknown" not in source
 
@@ -301,3 +306,77 @@ def test_a_stream_into_s3_suspended_by_a_worker_shutdown_keeps_its_upload_and_re
     location = outcome(done)["location"]
     assert left_in(moto, images) == ([location["key"]], [])
     same_disk(moto, raw, "raw", images, location["key"], tmp_path)
+
+
+def test_the_checkpoint_of_a_stream_into_s3_does_not_grow_with_the_parts_it_has_uploaded(
+    app: Appliance,
+    moto: MotoServer,
+    proxy: StallingProxy,
+    image_proxy: StallingProxy,
+    bucket: str,
+    images: str,
+    tmp_path: Path,
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=11)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)  # the source held at 40.5 MiB: 8 parts of 5 MiB at most
+    image_proxy.arm_request("PUT", "partNumber=3")  # part 3's upload held: the acknowledged run is 1..2
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    app.start_worker()
+    wait_until(
+        lambda: image_proxy.stalled_on("partNumber=3") >= 1 and uploaded(app, task.id) == 2 * PART,
+        what="part 3 held, parts 1..2 checkpointed",
+    )
+    two = stream_checkpoint(app, task.id)
+    image_proxy.release("partNumber=3")
+    wait_until(
+        lambda: proxy.stalled >= 1 and uploaded(app, task.id) == 8 * PART,
+        what="the stream held at 40.5 MiB, parts 1..8 checkpointed",
+    )
+    eight = stream_checkpoint(app, task.id)
+    assert two is not None and eight is not None
+    assert (two["upload"]["count"], eight["upload"]["count"]) == (2, 8)
+    # the parts are not in it (ListParts gives them on resume): the same size, bar the digits of numbers
+    # (one part's record in a checkpoint listing every part took about 60 bytes)
+    sizes = [len(json.dumps(saved, sort_keys=True)) for saved in (two, eight)]
+    assert abs(sizes[1] - sizes[0]) <= 8, sizes
+    assert set(eight["upload"]) == set(two["upload"]) and "parts" not in eight["upload"]
+    proxy.release()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    same_disk(moto, raw, "raw", images, outcome(done)["location"]["key"], tmp_path)
+
+
+def test_a_resumed_stream_whose_upload_has_a_part_uploaded_again_restarts_from_zero(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=12)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    app.start_worker()
+    wait_until(
+        lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 20 * MiB,
+        what="the stream held at 40.5 MiB, 20 MiB of parts checkpointed",
+    )
+    before = stream_checkpoint(app, task.id)
+    assert before is not None
+    kill_task_child(app, task.id)
+    up = before["upload"]
+    # part 2 uploaded again behind the task's back, with other bytes of the same size: the ETag list
+    # S3 now answers is not the recorded one
+    moto.client("s3").upload_part(
+        Bucket=images, Key=up["key"], UploadId=up["upload_id"], PartNumber=2, Body=os.urandom(PART)
+    )
+    proxy.release()
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    [restarted] = events(app, task.id, "stream.restarted")
+    assert restarted["offset"] == 0 and "uploaded again since" in restarted["reason"], restarted
+    assert events(app, task.id, "stream.resumed") == []
+    location = outcome(done)["location"]
+    assert left_in(moto, images) == ([location["key"]], [])
+    same_disk(moto, raw, "raw", images, location["key"], tmp_path)
+    # the image's sha256-chunked is that of the bytes stored (the file image target's definition)
+    stored = tmp_path / "stored.raw"
+    assert location["digest"]["value"] == digest_file(stored).hexdigest

@@ -9,13 +9,16 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
 
 from appliance.errors import ImagingError, LeaseLost
 from appliance.sources.savedhash import available
-from appliance.targets import s3stream
+from appliance.targets import s3resume, s3stream
+from appliance.targets.chunkdigest import digest_file
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
 from tests.appliance.targets.test_s3 import open_uploads, settings
@@ -60,7 +63,13 @@ def test_a_staged_image_is_read_back_then_published_with_its_sha256_and_the_stag
         "sha256": sha,
         "import-task-id": "import-snap-0123456789abcdef0",
         "staging-etag": written["etag"],  # the object it was copied from (an interrupted publish's adoption)
+        # the image's sha256-chunked, as the file image target records it (64 MiB chunks: one here)
+        "digest-algorithm": "sha256-chunked",
+        "digest-chunk-size": str(64 * MiB),
+        "digest-chunks": "1",
+        "sha256-chunked": hashlib.sha256(hashlib.sha256(data).digest()).hexdigest(),
     }
+    assert location["digest"]["value"] == head["Metadata"]["sha256-chunked"]
     assert open_uploads(moto, bucket) == []
 
 
@@ -219,26 +228,27 @@ def test_the_part_buffers_of_a_staged_upload_stay_within_the_memory_budget_while
 
 
 def test_a_resumable_upload_continues_after_its_last_recorded_part_with_the_sha256_of_every_byte(
-    moto, bucket: str
+    moto, bucket: str, tmp_path: Path
 ) -> None:
     client = S3ImageTarget.from_settings(settings(moto, bucket)).client
     data = os.urandom(23 * MiB)
     first = s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resumable=True)
     first.write(data[: 17 * MiB])  # parts 1-3 cut, 2 MiB buffered
-    wait_until(
-        lambda: first.uploaded_prefix() is not None and len(first.uploaded_prefix()[0]) == 3, what="3 parts"
-    )
-    prefix = first.uploaded_prefix()
-    assert prefix is not None
-    parts, state, end = prefix
-    assert end == 15 * MiB
-    # the process dies here (nothing aborted); the next run checks the parts and goes on after part 3
-    upload = s3stream.ResumedUpload(str(first.upload_id), 5 * MiB, tuple(parts), state)
-    assert s3stream.verify_parts(client, bucket, "resumed", upload) is None
+    wait_until(lambda: getattr(first.uploaded_prefix(), "count", 0) == 3, what="3 parts")
+    saved = first.uploaded_prefix()
+    assert saved is not None and saved.size == 15 * MiB and saved.parts == ()
+    # the process dies here (nothing aborted); the next run lists the parts, checks them against the
+    # record and goes on after part 3
+    upload, why = s3resume.verify_parts(client, bucket, "resumed", saved)
+    assert why is None and upload is not None and [p.number for p in upload.parts] == [1, 2, 3]
     with s3stream.MultipartWriter(client, bucket, "resumed", part_size=5 * MiB, resume=upload) as w:
-        w.write(data[end:])
+        w.write(data[saved.size :])
         done = w.close()
     assert done["sha256"] == hashlib.sha256(data).hexdigest() and done["parts"] == 5
+    # the sha256-chunked of every byte too (64 MiB chunks, as the file image target's)
+    reference = tmp_path / "data"
+    reference.write_bytes(data)
+    assert done["digest"]["value"] == digest_file(reference).hexdigest
     assert moto.client("s3").get_object(Bucket=bucket, Key="resumed")["Body"].read() == data
     assert open_uploads(moto, bucket) == []
 
@@ -254,23 +264,58 @@ def test_recorded_parts_that_s3_no_longer_holds_as_recorded_are_refused_with_the
         ]
         for n in (1, 2)
     ]
-    part = s3stream.UploadedPart
 
-    def check(*parts: s3stream.UploadedPart) -> str | None:
-        return s3stream.verify_parts(client, bucket, "k", s3stream.ResumedUpload(upload_id, MiB, parts, "00"))
+    def check(count: int, listed: list[str], size: int = MiB) -> str | None:
+        record = s3resume.ResumedUpload(upload_id, size, count, s3resume.etags_digest(listed), "00", {})
+        return s3resume.verify_parts(client, bucket, "k", record)[1]
 
-    assert check(part(1, MiB, etags[0]), part(2, MiB, etags[1])) is None
-    assert "part 2 of the upload" in str(check(part(1, MiB, etags[0]), part(2, MiB, etags[0])))  # other ETag
-    assert "not the one recorded" in str(check(part(1, MiB - 1, etags[0])))  # other size
-    assert "part 3 of the upload" in str(check(part(3, MiB, etags[0])))  # missing
+    assert check(2, etags) is None
+    assert check(1, etags[:1]) is None  # parts past the record (uploaded after the checkpoint) are fine
+    assert "ETags of parts 1..2" in str(check(2, [etags[0], etags[0]]))  # other ETags
+    assert "not the one recorded" in str(check(2, etags, MiB - 1))  # other size
+    assert "part 3 of the upload" in str(check(3, [*etags, etags[0]]))  # missing
+    # part 2 uploaded again behind the task's back (other bytes): its ETag no longer fits the record
+    client.upload_part(Bucket=bucket, Key="k", UploadId=upload_id, PartNumber=2, Body=os.urandom(MiB))
+    assert "uploaded again since" in str(check(2, etags))
     client.abort_multipart_upload(Bucket=bucket, Key="k", UploadId=upload_id)
-    assert "is gone" in str(check(part(1, MiB, etags[0])))
+    assert "is gone" in str(check(1, etags[:1]))
+
+
+def test_an_upload_of_more_than_a_thousand_parts_is_checked_across_listpart_pages(moto, bucket: str) -> None:
+    client = S3ImageTarget.from_settings(settings(moto, bucket)).client
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key="many")["UploadId"]
+    count = 1003  # S3 lists 1,000 parts a page at most: parts past the first page are on the second
+
+    def put(n: int) -> str:
+        body = n.to_bytes(4, "big") * 256  # small parts: moto checks the 5 MiB minimum only on Complete
+        return str(
+            client.upload_part(Bucket=bucket, Key="many", UploadId=upload_id, PartNumber=n, Body=body)["ETag"]
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        etags = list(pool.map(put, range(1, count + 1)))
+    record = s3resume.ResumedUpload(upload_id, 1024, count, s3resume.etags_digest(etags), "00", {})
+    calls: list[dict] = []
+    listing = client.list_parts
+
+    class Counting:
+        def list_parts(self, **kwargs: object) -> dict:
+            calls.append(dict(kwargs))
+            return listing(**kwargs)
+
+    upload, why = s3resume.verify_parts(Counting(), bucket, "many", record)
+    assert why is None and upload is not None and len(upload.parts) == count
+    assert [c["PartNumberMarker"] for c in calls] == [0, 1000]
+    # the last part (on the second page) replaced: found out
+    client.upload_part(Bucket=bucket, Key="many", UploadId=upload_id, PartNumber=count, Body=b"x" * 1024)
+    assert "uploaded again since" in str(s3resume.verify_parts(client, bucket, "many", record)[1])
+    client.abort_multipart_upload(Bucket=bucket, Key="many", UploadId=upload_id)
 
 
 class ListingStore:
     """The ``list_parts`` of an S3-compatible store that answers as given: moto always answers well, and
     a buggy store or proxy in front of S3 cannot be made from it. It stands where the boto3 client's
-    ``list_parts`` does (the one call :func:`~appliance.targets.s3stream.verify_parts` makes)."""
+    ``list_parts`` does (the one call :func:`~appliance.targets.s3resume.verify_parts` makes)."""
 
     def __init__(self, page: dict | None = None, error: Exception | None = None) -> None:
         self.page, self.error, self.calls = page, error, 0
@@ -291,11 +336,10 @@ def client_error(code: str, status: int) -> Exception:
 
 
 def test_a_part_listing_refused_or_not_to_trust_is_a_reason_to_start_afresh_not_a_hang() -> None:
-    part = s3stream.UploadedPart
-    upload = s3stream.ResumedUpload("u", MiB, (part(1, MiB, "a" * 32), part(2, MiB, "b" * 32)), "00")
+    upload = s3resume.ResumedUpload("u", MiB, 2, s3resume.etags_digest(["a" * 32, "b" * 32]), "00", {})
 
     def check(store: ListingStore) -> str | None:
-        return s3stream.verify_parts(store, "b", "k", upload)
+        return s3resume.verify_parts(store, "b", "k", upload)[1]
 
     one = {"PartNumber": 1, "Size": MiB, "ETag": '"' + "a" * 32 + '"'}
     stuck = ListingStore({"Parts": [one], "IsTruncated": True, "NextPartNumberMarker": 0})
