@@ -51,7 +51,9 @@ from appliance.config import parse_size  # noqa: E402
 from appliance.image.ova import unpack_ova  # noqa: E402
 from appliance.steps.export import SourceDigestCheck  # noqa: E402
 from appliance.targets.chunkdigest import digest_file  # noqa: E402
-from appliance.targets.diskexport import FileDestination, OvaSource, export_disk, export_ova  # noqa: E402
+from appliance.targets.diskexport import export_disk  # noqa: E402
+from appliance.targets.exportdest import FileDestination  # noqa: E402
+from appliance.targets.exportova import OvaSource, export_ova  # noqa: E402
 
 sys.path.append(str(ROOT))
 from convert import _disk_stat_file, build_disk, drop_caches, log, wait_for_idle  # noqa: E402

@@ -22,8 +22,10 @@ from ..errors import UsageError
 from ..service.resolver import Resolver
 from ..store import Store
 from ..targets import get_volume_target
-from ..targets.diskexport import EXPORT_FORMATS, FileDestination, OvaSource, export_disk, export_ova
+from ..targets.diskexport import EXPORT_FORMATS, export_disk
 from ..targets.ec2 import Ec2VolumeTarget
+from ..targets.exportdest import FileDestination
+from ..targets.exportova import OvaSource, export_ova
 from .common import EXIT_OK, PROGRESS_MODES, cancel_on_signals, cli_scratch, print_json, progress_callback
 
 

@@ -47,9 +47,11 @@ ALGORITHM = "sha256-chunked"
 DEFAULT_CHUNK = 64 << 20
 #: the smallest chunk accepted (a file's digest may use chunks smaller than S3's 5 MiB minimum part)
 MIN_CHUNK = 1 << 20
-#: data pieces queued for each hashing thread, at most (the writer waits beyond that); per thread, so
-#: the writer fills the next chunk while the previous one's thread catches up
-QUEUE_PIECES = 8
+#: bytes of data queued for each hashing thread, at most (the writer waits beyond that; a bigger piece
+#: still goes when nothing else is queued); per thread, so the writer fills the next chunk while the
+#: previous one's thread catches up. Counted in bytes, not pieces: a writer of small pieces besides big
+#: ones (a VHD block's 512-byte bitmap, then its 2 MiB of data) keeps as much ahead as a writer of big ones
+QUEUE_BYTES = 32 << 20
 #: zeros hashed at a time (a chunk that is partly hole: its zeros come from this cached buffer)
 _ZERO_STEP = 4 << 20
 
@@ -63,6 +65,27 @@ def is_zero(data: bytes) -> bool:
         if not data.startswith(z if n == len(z) else z[:n], at):
             return False
     return True
+
+
+class ByteBudget:
+    """At most ``limit`` bytes handed out at a time: :meth:`take` waits until ``n`` more fit (or nothing
+    is out: a piece bigger than the limit goes alone), :meth:`give` returns them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify()
 
 
 @functools.lru_cache(maxsize=8)
@@ -140,7 +163,7 @@ class ChunkedSha256:
         self._queues: list[queue.SimpleQueue[tuple[int, int, Any] | None]] = [
             queue.SimpleQueue() for _ in range(count)
         ]
-        self._room = [threading.Semaphore(QUEUE_PIECES) for _ in range(count)]
+        self._room = [ByteBudget(QUEUE_BYTES) for _ in range(count)]
         self._digests: dict[int, bytes] = {}
         self._hashed = [0] * count
         self._threads = [
@@ -171,7 +194,7 @@ class ChunkedSha256:
             if kind == self._DATA:
                 h.update(payload)
                 self._hashed[slot] += len(payload)
-                self._room[slot].release()
+                self._room[slot].give(len(payload))
             elif kind == self._ZEROS:
                 left = int(payload)
                 while left:
@@ -186,7 +209,7 @@ class ChunkedSha256:
     def _send(self, kind: int, payload: Any) -> None:
         slot = self._index % len(self._queues)
         if kind == self._DATA:
-            self._room[slot].acquire()
+            self._room[slot].take(len(payload))
         self._queues[slot].put((kind, self._index, payload))
 
     def _end_chunk(self) -> None:

@@ -2,7 +2,7 @@
 
 :class:`ExportWriter` is the interface the export step (:mod:`appliance.steps.export`) writes
 through; :func:`get_export_writer` picks the implementation: the streaming writer
-(:class:`appliance.targets.diskexport.StreamingExportWriter`). A VMDK (streamOptimized, grains
+(:class:`appliance.targets.exportwriter.StreamingExportWriter`). A VMDK (streamOptimized, grains
 deflated in a thread pool) or RAW export streams straight from the source disk into a parallel
 multipart upload (verified ETags, each part's SHA-256 checked by S3, the object's chunked
 SHA-256 digest = S3's composite checksum: :mod:`appliance.targets.chunkdigest`) with no scratch
@@ -25,7 +25,8 @@ from ..config import Config, parse_size
 from ..errors import ConfigError
 from ..partials import Ledger
 from ..progress import ProgressCallback
-from .diskexport import SourceCheck, StreamingExportWriter
+from .exportcheck import SourceCheck
+from .exportwriter import StreamingExportWriter
 from .s3stream import MIN_PART
 
 #: the disk formats whose export needs a scratch copy of the output (qemu-img writes the VHD there
@@ -36,7 +37,7 @@ SCRATCH_FORMATS = ("vhd",)
 def scratch_needed(disk_format: str, size: int, *, streams: bool = False) -> int:
     """Bytes of scratch the export of a ``size``-byte disk as ``disk_format`` writes: a VHD that goes
     through qemu-img stays within the disk's size plus its metadata (BAT, bitmaps, footer); nothing for
-    VMDK/RAW, nor for a VHD that ``streams`` (:func:`appliance.targets.diskexport.streams_vhd`: a
+    VMDK/RAW, nor for a VHD that ``streams`` (:func:`appliance.targets.exportvhd.streams_vhd`: a
     regular file, written by the project's VHD writer)."""
     if disk_format.lower() in SCRATCH_FORMATS and not streams:
         return size + size // 64 + (1 << 20)

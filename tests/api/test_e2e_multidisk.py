@@ -18,7 +18,8 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.image.inspect import PREFLIGHT_HEAD
-from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
+from appliance.targets.exportdest import FileDestination
+from appliance.targets.exportova import OvaSource, export_ova
 from tests import guestfactory
 from tests import imagefactory as imgs
 from tests.api.e2e_support import Appliance, admin_task, running_appliance, wait_for

@@ -19,7 +19,8 @@ import botocore.exceptions
 import pytest
 
 from appliance import config as config_mod
-from appliance.targets.diskexport import FileDestination, OvaSource, export_ova
+from appliance.targets.exportdest import FileDestination
+from appliance.targets.exportova import OvaSource, export_ova
 from tests import guestfactory
 from tests.api.e2e_support import Appliance, admin_task, conversion_task, running_appliance, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload

@@ -17,7 +17,8 @@ from appliance.config import Config
 from appliance.errors import ImagingError
 from appliance.steps.export import SourceDigestCheck
 from appliance.targets.chunkdigest import digest_file
-from appliance.targets.diskexport import FileDestination, export_disk
+from appliance.targets.diskexport import export_disk
+from appliance.targets.exportdest import FileDestination
 
 MiB = 1 << 20
 

@@ -8,12 +8,20 @@ import base64
 import hashlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
 from appliance.errors import UsageError
-from appliance.targets.chunkdigest import ChunkedSha256, OffsetChunkedSha256, digest_file, range_digest
+from appliance.targets.chunkdigest import (
+    QUEUE_BYTES,
+    ByteBudget,
+    ChunkedSha256,
+    OffsetChunkedSha256,
+    digest_file,
+    range_digest,
+)
 
 MiB = 1 << 20
 
@@ -240,3 +248,37 @@ def test_beyond_the_ranges_it_remembers_the_digest_merges_them_and_reads_back_on
         os.close(fd)
     assert got is not None and got.hexdigest == digest_file(path, MiB).hexdigest
     assert got.reread_chunks > 0  # the merged ranges cover the holes: those chunks were hashed again
+
+
+def test_the_hashing_queue_is_bounded_in_bytes_not_in_pieces() -> None:
+    budget = ByteBudget(QUEUE_BYTES)
+    # a VHD writer's 512-byte bitmaps beside its 2 MiB blocks: many small pieces go without waiting
+    for _ in range(64):
+        budget.take(512)
+    budget.take(QUEUE_BYTES - 64 * 512)
+    took = threading.Event()
+    waiter = threading.Thread(target=lambda: (budget.take(1), took.set()))
+    waiter.start()
+    assert not took.wait(0.2)  # full: the writer waits for the hashing thread
+    budget.give(512)
+    waiter.join()
+    assert took.is_set() and budget.used == QUEUE_BYTES - 511
+    # a piece bigger than the whole budget still goes once nothing is queued
+    empty = ByteBudget(QUEUE_BYTES)
+    empty.take(2 * QUEUE_BYTES)
+    assert empty.used == 2 * QUEUE_BYTES
+
+
+def test_small_and_big_pieces_mixed_digest_as_their_concatenation() -> None:
+    rnd = random.Random(5)
+    pieces = [rnd.randbytes(n) for n in (512, 2 << 20, 512, 2 << 20, 100, 5 << 20, 512)]
+    digest = ChunkedSha256(1 << 20, threads=2)
+    try:
+        for piece in pieces:
+            digest.update(piece)
+        found = digest.result()
+    finally:
+        digest.close()
+    whole = b"".join(pieces)
+    chunks = [hashlib.sha256(whole[i : i + (1 << 20)]).digest() for i in range(0, len(whole), 1 << 20)]
+    assert found.value == hashlib.sha256(b"".join(chunks)).digest()

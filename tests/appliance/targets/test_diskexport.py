@@ -1,18 +1,16 @@
-"""Export writers (appliance.targets.diskexport, .s3stream): a RAW disk written as streamOptimized VMDK, VHD
-(dynamic and fixed), RAW or OVA, to a file and to S3 through a moto server process; the output reads back
-identical with the real qemu-img; S3 objects carry their sha256 and a verified ETag; a cancel or failure
-mid-upload leaves no object and no incomplete multipart upload."""
+"""Export writers (appliance.targets.diskexport, .exportraw, .exportvhd, .exportdest, .s3stream): a RAW
+disk written as streamOptimized VMDK, VHD (dynamic and fixed) or RAW, to a file and to S3 through a moto
+server process; the output reads back identical with the real qemu-img; S3 objects carry their sha256 and
+a verified ETag; a cancel or failure mid-upload leaves no object and no incomplete multipart upload."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import random
 import subprocess
-import tarfile
 import threading
 import uuid
 from pathlib import Path
@@ -23,17 +21,10 @@ import pytest
 from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import Cancelled
-from appliance.image.ova import unpack_ova
 from appliance.targets.base import TargetError
-from appliance.targets.diskexport import (
-    FileDestination,
-    OvaSource,
-    S3Destination,
-    StreamingExportWriter,
-    export_disk,
-    export_ova,
-    streams_vhd,
-)
+from appliance.targets.diskexport import export_disk
+from appliance.targets.exportdest import FileDestination, S3Destination
+from appliance.targets.exportvhd import streams_vhd
 from appliance.targets.s3stream import MultipartWriter, multipart_etag
 from tests import imagefactory as factory
 from tests.appliance.targets.test_device import loop_device
@@ -281,96 +272,7 @@ def test_the_multipart_etag_is_what_s3_computes(moto, bucket: str) -> None:
     assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest() == done["sha256"]
 
 
-# ------------------------------------------------------------------------------------------------- OVA
-
-
-def test_a_two_disk_ova_is_ordered_and_digested_and_round_trips(
-    tmp_path: Path, cfg: Config, workdir: Path
-) -> None:
-    boot = source_disk(tmp_path / "boot.raw", 12 * MiB, seed=1)
-    data = source_disk(tmp_path / "data.raw", 6 * MiB, seed=2)
-    out = tmp_path / "vm.ova"
-    result = export_ova(
-        [OvaSource(boot), OvaSource(data)],
-        FileDestination(out),
-        name="vm",
-        config=cfg,
-        workdir=workdir,
-        firmware="efi",
-        cpus=2,
-        memory_mib=2048,
-    )
-    with tarfile.open(out) as tar:
-        names = tar.getnames()
-        assert names == ["vm.ovf", "vm.mf", "vm-disk1.vmdk", "vm-disk2.vmdk"]
-        ovf = tar.extractfile("vm.ovf").read()
-        mf = tar.extractfile("vm.mf").read().decode()
-        for n in names[2:]:
-            body = tar.extractfile(n).read()
-            assert f"SHA256({n})= {hashlib.sha256(body).hexdigest()}\n" in mf
-    assert f"SHA256(vm.ovf)= {hashlib.sha256(ovf).hexdigest()}\n" in mf
-    assert b'vmw:key="firmware" vmw:value="efi"' in ovf
-    assert b"#streamOptimized" in ovf and b'ovf:capacity="12582912"' in ovf
-    assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
-    assert os.listdir(workdir) == []
-    # and back in: the boot disk first, identical to the sources
-    with open(out, "rb") as f:
-        pkg = unpack_ova(f, workdir / "pkg", config=cfg)
-    try:
-        assert pkg.manifest_verified and pkg.ovf.firmware == "efi" and pkg.ovf.cpus == 2
-        for disk, src in zip(pkg.disks, (boot, data), strict=True):
-            assert disk.inspection is not None and disk.inspection.format == "vmdk"
-            assert qemu("compare", "-f", "raw", "-F", "vmdk", src, disk.path).returncode == 0
-    finally:
-        pkg.remove()
-
-
-def test_an_ova_streams_to_s3(tmp_path: Path, cfg: Config, workdir: Path, moto, bucket: str) -> None:
-    boot = source_disk(tmp_path / "boot.raw", 8 * MiB)
-    dest = S3Destination(s3(moto), bucket, "export-i-0abc.ova", part_size=5 * MiB)
-    result = export_ova([OvaSource(boot)], dest, name="export-i-0abc", config=cfg, workdir=workdir)
-    body = moto.client("s3").get_object(Bucket=bucket, Key=dest.key)["Body"].read()
-    assert hashlib.sha256(body).hexdigest() == result.sha256
-    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        assert tar.getnames() == ["export-i-0abc.ovf", "export-i-0abc.mf", "export-i-0abc-disk1.vmdk"]
-    assert leftovers(moto, bucket) == (1, []) and os.listdir(workdir) == []
-
-
-def test_the_export_step_interface_streams_and_removes(
-    tmp_path: Path, workdir: Path, disk: Path, moto, bucket: str
-) -> None:
-    s3_settings = {
-        "endpoint_url": moto.endpoint,
-        "region": REGION,
-        "access_key": "testing",
-        "secret_key": "testing",
-    }
-    cfg = config_mod.from_dict(
-        {"state_dir": str(tmp_path / "state"), "sources": {"s3": s3_settings}}, base_dir=tmp_path
-    )
-    writer = StreamingExportWriter(cfg, part_size=5 * MiB, threads=2)
-    done = writer.write(
-        disk,
-        disk_format="VMDK",
-        bucket=bucket,
-        key="p/export-ami-1.vmdk",
-        workdir=workdir,
-        metadata={"task": "export-ami-1"},
-    )
-    head = moto.client("s3").head_object(Bucket=bucket, Key="p/export-ami-1.vmdk")
-    assert head["Metadata"] == {
-        "task": "export-ami-1",
-        "sha256": done["sha256"],
-        "digest-algorithm": "sha256-chunked",
-        "digest-chunk-size": str(5 * MiB),
-    }
-    assert done["format"] == "vmdk" and done["digest"]["s3_verified"] is True
-    writer.remove(bucket, "p/export-ami-1.vmdk")
-    writer.remove(bucket, "p/export-ami-1.vmdk")  # gone already: fine
-    assert leftovers(moto, bucket) == (0, [])
-
-
-# ---------------------------------------------------------------------------------------- the digest
+# --------------------------------------------------------------------------------------------- digests
 
 
 def chunked_reference(data: bytes, chunk: int) -> str:
