@@ -124,8 +124,9 @@ def export_image_task(task: Task) -> dict[str, Any]:
     )
 
 
-def _not_found(exc: Exception) -> Ec2Error:
-    return Ec2Error("InvalidExportTaskID.NotFound", str(exc))
+def _not_found(exc: TaskNotFound | InvalidTaskId) -> Ec2Error:
+    # the message alone: str() would prefix the toolkit's own code (TaskNotFound: ...)
+    return Ec2Error("InvalidExportTaskID.NotFound", exc.message)
 
 
 def create_instance_export_task(service: ImportService, params: Params, caller: Caller) -> dict[str, Any]:

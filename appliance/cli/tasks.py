@@ -170,11 +170,13 @@ def cmd_tasks_list(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         _print_json([t.to_dict() for t in tasks])
         return EXIT_OK
-    print(f"{'ID':16} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
+    # as wide as the longest id: EC2 task ids (import-snap- and 17 hex digits) overflow a fixed column
+    width = max([16, *(len(t.id) for t in tasks)])
+    print(f"{'ID':{width}} {'STATE':10} {'PROGRESS':>8}  {'UPDATED':20}  WORKFLOW / MESSAGE")
     for t in tasks:
         pct = "" if t.percent is None else f"{t.percent:.0f}%"
         msg = redact_text(t.error_message or t.status_message or "")
-        print(f"{t.id:16} {t.state!s:10} {pct:>8}  {t.updated_at:20}  {t.workflow} {msg}".rstrip())
+        print(f"{t.id:{width}} {t.state!s:10} {pct:>8}  {t.updated_at:20}  {t.workflow} {msg}".rstrip())
     return EXIT_OK
 
 

@@ -137,7 +137,9 @@ class ImportChecks:
         fmt = c.format.upper() if c.format else None
         if fmt is not None and fmt not in formats:
             raise UsageError(f"disk container format {c.format!r} is not one of {', '.join(formats)}")
-        if bool(c.url) == bool(c.bucket or c.key):
+        if not (c.url or c.bucket or c.key):
+            raise UsageError("give a disk container its source: a Url or a UserBucket (S3Bucket and S3Key)")
+        if c.url and (c.bucket or c.key):
             raise UsageError("give a disk container either Url or UserBucket (S3Bucket and S3Key), not both")
         if c.url:
             if not c.url.startswith(("s3://", "https://", "http://", UPLOAD_SCHEME)):

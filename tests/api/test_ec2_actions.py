@@ -311,6 +311,44 @@ class _DropNone:
         return lambda **kw: method(**{k: v for k, v in kw.items() if v is not None})
 
 
+def test_a_disk_container_without_url_or_user_bucket_is_told_to_give_one(appliance: Appliance) -> None:
+    # neither source: the message must ask for one, not warn against giving both
+    with pytest.raises(ClientError) as info:
+        appliance.ec2.import_snapshot(DiskContainer={"Format": "RAW"})
+    assert code_of(info) == "InvalidParameterValue"
+    message = info.value.response["Error"]["Message"]
+    assert "not both" not in message
+    assert "Url" in message and "UserBucket" in message
+    with pytest.raises(ClientError) as info:
+        appliance.ec2.import_snapshot(
+            DiskContainer={
+                "Format": "RAW",
+                "Url": "s3://disks/a.raw",
+                "UserBucket": {"S3Bucket": "b", "S3Key": "k"},
+            }
+        )
+    assert "not both" in info.value.response["Error"]["Message"]
+    assert appliance.ec2.describe_import_snapshot_tasks()["ImportSnapshotTasks"] == []
+
+
+def test_unknown_export_task_ids_are_named_without_the_internal_error_code(appliance: Appliance) -> None:
+    # the EC2 code is the answer's Code; the message must not repeat the toolkit's TaskNotFound
+    calls = [
+        lambda: appliance.ec2.describe_export_tasks(ExportTaskIds=["export-i-0123456789abcdef0"]),
+        lambda: appliance.ec2.describe_export_image_tasks(
+            ExportImageTaskIds=["export-ami-0123456789abcdef0"]
+        ),
+        lambda: appliance.ec2.cancel_export_task(ExportTaskId="export-i-0123456789abcdef0"),
+    ]
+    for call in calls:
+        with pytest.raises(ClientError) as info:
+            call()
+        assert code_of(info) == "InvalidExportTaskID.NotFound"
+        message = info.value.response["Error"]["Message"]
+        assert not message.startswith("TaskNotFound"), message
+        assert "0123456789abcdef0" in message
+
+
 def test_disallowed_source_url_is_invalid_parameter_value(appliance: Appliance) -> None:
     with pytest.raises(ClientError) as info:
         new_volume(

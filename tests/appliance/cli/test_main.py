@@ -132,6 +132,19 @@ def test_decompression_bomb_is_rejected_without_filling_scratch(tmp_path: Path, 
     assert leftovers == []
 
 
+def test_tasks_list_lines_up_an_ec2_task_id_under_its_header(tmp_path: Path, env: dict[str, str]) -> None:
+    # EC2 ids (import-snap- and 17 hex digits) are longer than a run's; the columns still line up
+    cfg = tmp_path / "imaging.yaml"
+    assert imaging("config", "init", cfg, env=env).returncode == 0
+    with Store(config_mod.load(cfg).store) as store:
+        store.create_task("import-snapshot", "import-snapshot", task_id="import-snap-0123456789abcdef0")
+    listed = imaging("-c", cfg, "tasks", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert row.startswith("import-snap-0123456789abcdef0 ")
+    assert row[header.index("STATE") :].startswith("pending")
+
+
 def test_run_workflow_records_a_task_visible_to_tasks_commands(tmp_path: Path, env: dict[str, str]) -> None:
     src = imgs.qcow2_with_data(tmp_path)
     dst = tmp_path / "out.vmdk"
