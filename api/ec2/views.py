@@ -50,6 +50,7 @@ from typing import Any
 from appliance.redact import redact
 from appliance.service.diskstatus import is_ova, overall_percent
 from appliance.service.imports import IMPORT_VOLUME, device_names, encryption_report, outcome
+from appliance.service.importviews import guest_report
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
 
@@ -314,21 +315,42 @@ def _image_snapshot_details(task: Task, running: list[dict[str, Any]] | None = N
     ]
 
 
+#: EC2's names for what guest validation found: the OS family, and how the disk boots
+_PLATFORMS = {"linux": "Linux", "windows": "Windows"}
+_BOOT_MODES = {"bios": "legacy-bios", "uefi": "uefi", "bios+uefi": "uefi-preferred"}
+
+
+def _detected(task: Task) -> dict[str, str]:
+    """``{platform, architecture, boot_mode}`` as EC2 names them, from the guest validation of an image
+    import's boot disk (what EC2 reports for an import that did not give them); {} before it ran."""
+    guest = guest_report(task.result) if isinstance(task.result, dict) else None
+    if not guest:
+        return {}
+    os_ = guest.get("os") or {}
+    found = {
+        "platform": _PLATFORMS.get(str(os_.get("family") or "").lower()),
+        "architecture": os_.get("architecture"),
+        "boot_mode": _BOOT_MODES.get(str(guest.get("boot_mode") or "")),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
 def import_image_task(task: Task, disks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``ImportImageTask`` (DescribeImportImageTasks item) for an import-image task; ``disks``: the
     status of each of its disks while several run (:meth:`~appliance.service.imports.ImportService.
     disk_status`), None to show every disk with the task's."""
     p = task.params
+    found = _detected(task)
     view = {
-        "Architecture": _opt(p, "architecture"),
-        "BootMode": _opt(p, "boot_mode"),
+        "Architecture": _opt(p, "architecture") or found.get("architecture"),
+        "BootMode": _opt(p, "boot_mode") or found.get("boot_mode"),
         "Description": _opt(p, "description"),
         **_encryption(task),
         "Hypervisor": _opt(p, "hypervisor"),
         "ImageId": _result(task).get("image_id"),
         "ImportTaskId": task.id,
         "LicenseType": _opt(p, "license_type"),
-        "Platform": _opt(p, "platform"),
+        "Platform": _opt(p, "platform") or found.get("platform"),
         "Progress": _progress(task, disks),
         "SnapshotDetails": _image_snapshot_details(task, disks),
         "Status": import_status(task),
@@ -350,6 +372,8 @@ def snapshot_task_detail(task: Task) -> dict[str, Any]:
     container = task.params.get("disk_container") or {}
     detail = _snapshot_detail(task, container, _result(task).get("snapshot_id"))
     del detail["DeviceName"]  # not a member of SnapshotTaskDetail
+    # the disk's own description, else the request's (as EC2 shows an import given only --description)
+    detail["Description"] = detail["Description"] or _opt(task.params, "description")
     detail |= _encryption(task)
     if task.state is TaskState.FAILED:
         detail["Status"] = "error"

@@ -223,3 +223,45 @@ def test_import_instance_of_a_bootable_disk_reports_its_distribution(
     assert (guest["layout"], guest["partition_table"], guest["boot_mode"]) == ("disk", "mbr", "bios")
     assert detail["boot"]["layout"] == detail["task"]["result"]["boot"]["layout"] == "disk"
     assert not [f for f in detail["findings"] if f["severity"] == "error"]
+
+
+def test_an_image_import_that_named_no_platform_reports_what_guest_validation_found(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = guestfactory.linux_disk(tmp_path)
+    task_id = appliance.ec2.import_image(
+        DiskContainers=[{"Format": "RAW", "UserBucket": put_disk(moto, bucket, disk)}]
+    )["ImportTaskId"]
+    running = image_task(appliance, task_id)
+    assert "Platform" not in running or running["Platform"] is None  # nothing asked, nothing found yet
+    final = finished_image_task(appliance, task_id)
+    assert final["Status"] == "completed", final
+    guest = admin_task(appliance, task_id)["guest"]
+    assert (guest["os"]["family"], guest["boot_mode"]) == ("linux", "bios")
+    # as EC2 shows a completed import: the platform, architecture and boot mode of the disk it found
+    assert (final["Platform"], final["Architecture"], final["BootMode"]) == (
+        "Linux",
+        guest["os"]["architecture"],
+        "legacy-bios",
+    )
+    assert final["Architecture"]
+
+
+def test_a_snapshot_import_given_only_a_description_shows_it_on_its_snapshot_detail_too(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    disk = guestfactory.linux_disk(tmp_path)
+    started = appliance.ec2.import_snapshot(
+        Description="my server", DiskContainer={"Format": "RAW", "UserBucket": put_disk(moto, bucket, disk)}
+    )
+    assert started["Description"] == started["SnapshotTaskDetail"]["Description"] == "my server"
+    given = appliance.ec2.import_snapshot(
+        Description="my server",
+        DiskContainer={
+            "Format": "RAW",
+            "Description": "its root disk",
+            "UserBucket": put_disk(moto, bucket, disk),
+        },
+    )
+    detail = given["SnapshotTaskDetail"]
+    assert (given["Description"], detail["Description"]) == ("my server", "its root disk")
