@@ -5,8 +5,10 @@ the volume, the latter two through the confined sequential decoder; other format
 in scratch and converted by qemu-img. Progress: ``converted`` counts bytes written to the target
 (EC2 ``bytesConverted``) and never goes backwards; 100 % only once the volume is flushed.
 
-Restart safety: the step checkpoints after every verified part (and at the decoder's boundaries),
-so a resumed task downloads only the parts it had not written. The checkpoints are in the task
+Restart safety: the step checkpoints at the first verified part boundary past every
+``sources.checkpoint_every`` bytes (a RAW upload streamed onto the volume, flushed first), after every
+part of an upload assembled in scratch, and at the decoder's boundaries; a resumed task downloads only
+the parts after its checkpoint. The checkpoints are in the task
 database (:meth:`~appliance.workflow.step.StepContext.save_checkpoint`, fenced by the run's lease),
 not in scratch: an appliance that takes the task over from a dead one resumes where it got to on the
 volume (a RAW or streamed upload; the volume is shared or reattached). An upload assembled in
@@ -157,12 +159,20 @@ class VolumeImportStep(Step):
                     written.write(offset, chunk, zero=False)
                 meter.wrote(offset + len(chunk))
 
+            every, saved = ctx.config.sources.checkpoint_every, state["done"]
+
             def on_part(part: Part, done: int) -> None:
+                nonlocal saved
+                meter.wrote(done)
+                # a checkpoint every ``checkpoint_every`` bytes, not every part: each costs a flush the
+                # writing waits for (a resume writes at most that much again)
+                if done - saved < every:
+                    return
                 # what the checkpoint says is on the volume must be there for whoever resumes (another
                 # appliance after this one lost power): durable first, then recorded
                 out.flush()
                 self._save(ctx, part, done)
-                meter.wrote(done)
+                saved = done
 
             with meter:
                 _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)

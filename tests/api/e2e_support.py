@@ -87,11 +87,12 @@ def running_appliance(
     targets: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     account: str | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> Iterator[Appliance]:
     """`imaging serve` and `imaging worker` on a fresh state directory; ``targets`` overrides the
     configuration's targets section (default: the file targets under the state directory); ``account``
     is the test key's account (default: none configured); ``extra``
-    adds top-level sections (e.g. ``bundles``)."""
+    adds top-level sections (e.g. ``bundles``); ``sources`` adds settings to the sources section."""
     port = free_port()
     state = tmp_path / "state"
     cfg = tmp_path / "imaging.yaml"
@@ -118,7 +119,8 @@ def running_appliance(
                             "access_key": "testing",
                             "secret_key": "testing",
                         },
-                    },
+                    }
+                    | (sources or {}),
                     "worker": {"concurrency": 2, "poll_interval": 0.2},
                     "tasks": {"lease_seconds": 5},
                 }

@@ -18,7 +18,7 @@ from appliance.sources.manifest import Part, build_manifest, plan_parts
 from tests import guestfactory
 from tests import imagefactory as imgs
 from tests.api.awscli_support import aws_ec2
-from tests.api.e2e_support import Appliance, admin_task, conversion_task, wait_for
+from tests.api.e2e_support import Appliance, admin_task, conversion_task, running_appliance, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import MotoServer
@@ -210,8 +210,14 @@ def test_worker_killed_mid_task_resumes_after_restart(
 
 
 def test_task_killed_mid_parts_resumes_from_the_last_verified_part(
-    appliance: Appliance, parts_server: TestHTTPServer, tmp_path: Path
+    moto: MotoServer, parts_server: TestHTTPServer, tmp_path: Path
 ) -> None:
+    # a checkpoint at every part boundary past each MiB: at every part here
+    with running_appliance(tmp_path, moto, parts_server, sources={"checkpoint_every": MiB}) as appliance:
+        _killed_mid_parts_resumes(appliance, parts_server, tmp_path)
+
+
+def _killed_mid_parts_resumes(appliance: Appliance, parts_server: TestHTTPServer, tmp_path: Path) -> None:
     # Six 1 MiB parts; the first GET of part 3 stalls, so the task is provably between parts 0-2
     # (verified, written, checkpointed) and the rest when its process is killed.
     disk = random_file(tmp_path / "disk.raw", 6 * MiB).read_bytes()

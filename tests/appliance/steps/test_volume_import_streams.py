@@ -392,3 +392,35 @@ def test_a_stream_vmdk_import_killed_mid_stream_resumes_from_its_checkpoint(
     assert done.result["written"]["output_digest"] is None
     assert "the task resumed at upload byte" in output["digest_method"]
     assert output["digest"]["value"] == imaging_digest(volume_path(done))["value"]
+
+
+def test_a_raw_upload_saves_a_checkpoint_every_checkpoint_every_bytes_not_every_part(
+    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each checkpoint flushes the volume first, and the writing waits for it: 4 MiB parts with a
+    # checkpoint every 16 MiB save 3 of 12 boundaries, not 12
+    from appliance.store import Store
+
+    saved: list[dict[str, Any]] = []
+    real = Store.save_checkpoint
+
+    def recording(self: Store, task_id: str, idx: str, data: dict[str, Any], **kw: Any) -> None:
+        if "next" in data:  # the volume step's
+            saved.append(dict(data))
+        real(self, task_id, idx, data, **kw)
+
+    monkeypatch.setattr(Store, "save_checkpoint", recording)
+    raw = disk_with_data(tmp_path, mib=48, data_mib=40)
+    cfg = config_mod.from_dict(
+        cfg_data(tmp_path, moto, proxy, sources={"checkpoint_every": 16 * MiB}), base_dir=tmp_path
+    )
+    service = ImportService(cfg)
+    try:
+        task = submit(service, proxy, bucket, raw, "RAW", raw.stat().st_size, 4 * MiB)
+        done = run(cfg, task)
+    finally:
+        service.store.close()
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    same_disk(raw, "raw", volume_path(done))
+    assert [s["done"] for s in saved] == [16 * MiB, 32 * MiB, 48 * MiB]
+    assert [s["next"] for s in saved] == [4, 8, 12]
