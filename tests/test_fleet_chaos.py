@@ -115,7 +115,13 @@ def test_kill_9_of_an_appliance_mid_conversion_loses_no_import_and_completes_eac
     settings = {
         "tasks": {"max_active": IMPORTS},
         "worker": {"poll_interval": 0.5},
-        "sources": {"manifest_poll_interval": 0.2, "manifest_poll_max_interval": 0.5, "retries": 10},
+        # a checkpoint at every (1 MiB) part: the RAW import resumes after the parts written before the kill
+        "sources": {
+            "manifest_poll_interval": 0.2,
+            "manifest_poll_max_interval": 0.5,
+            "retries": 10,
+            "checkpoint_every": PART_SIZE,
+        },
     }
     # every appliance pushes its reports to the reference controller, as itself
     receiver = ReceiverProcess(tmp_path / "controller.jsonl")
