@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from appliance.image.streamed import StreamDecode
 from appliance.targets.base import storage_error
 from appliance.targets.rawio import RawWriter
 from tests import imagefactory as imgs
+from tests.loopdevs import attached
 
 MiB = 1 << 20
 LIMITS = config_mod.from_dict({}).limits
@@ -29,17 +29,9 @@ LIMITS = config_mod.from_dict({}).limits
 
 @contextlib.contextmanager
 def loop_device(backing: Path, size: int, fill: bytes) -> Iterator[Path]:
-    if shutil.which("losetup") is None:
-        pytest.skip("losetup is not installed")
     backing.write_bytes(fill * size)
-    proc = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
-    dev = Path(proc.stdout.strip())
-    try:
+    with attached(backing) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", str(dev)], check=False)
 
 
 def stream_vmdk(directory: Path, mib: int = 16, data_mib: int = 3) -> tuple[Path, Path]:

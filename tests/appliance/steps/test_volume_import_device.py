@@ -10,8 +10,6 @@ the device here, where the file-volume tests cannot tell (a new file reads as ze
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.service.imports import ImportService
 from appliance.store import TaskState
+from tests.loopdevs import attached
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
 
@@ -44,21 +43,13 @@ STALE = [(0, 80 * MiB), (300 * MiB, MiB), (GiB - MiB, MiB)]
 @contextlib.contextmanager
 def stale_loop_device(backing: Path, size: int) -> Iterator[Path]:
     """A loop device over a sparse ``size``-byte file, 0xFF in the ``STALE`` ranges; detached after."""
-    if shutil.which("losetup") is None:
-        pytest.skip("losetup is not installed")
     with open(backing, "wb") as f:
         f.truncate(size)
         for start, length in STALE:
             f.seek(start)
             f.write(b"\xff" * length)
-    proc = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
-    dev = Path(proc.stdout.strip())
-    try:
+    with attached(backing) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", str(dev)], check=False)
 
 
 def reads_as_zeros_after(dev: Path, offset: int) -> bool:

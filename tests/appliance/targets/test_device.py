@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from appliance.targets.device import (
     read_mounts,
     root_disks,
 )
+from tests.loopdevs import attached
 
 MiB = 1024 * 1024
 
@@ -29,21 +29,13 @@ MiB = 1024 * 1024
 @contextmanager
 def loop_device(backing: Path, size: int, fill: bytes = b"\0") -> Iterator[Path]:
     """A loop device over a new ``size``-byte file filled with ``fill``; always detached afterwards."""
-    if shutil.which("losetup") is None:
-        pytest.skip("losetup is not installed")
     with open(backing, "wb") as f:
         if fill == b"\0":
             f.truncate(size)
         else:
             f.write(fill * size)
-    proc = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {proc.stderr.strip()}")
-    dev = Path(proc.stdout.strip())
-    try:
+    with attached(backing) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", str(dev)], check=False)
 
 
 @contextmanager
