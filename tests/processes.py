@@ -25,6 +25,13 @@ def wait_until(
     pytest.fail(f"timed out waiting for {what}")
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a child a test sends SIGINT (Ctrl-C) to: SIGINT at its default, so Python installs
+    its KeyboardInterrupt handler. A shell's background job (``make test &`` in a script) inherits SIGINT
+    ignored, and Python then leaves it ignored: the child would sleep through the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 30.0) -> None:
     """Stop a process this test started: ``sig``, then SIGKILL after ``grace`` seconds."""
     if proc.poll() is None:

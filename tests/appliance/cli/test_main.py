@@ -16,7 +16,7 @@ import yaml
 from appliance import config as config_mod
 from appliance.store import Store
 from tests import imagefactory as imgs
-from tests import stores
+from tests import processes, stores
 from tests.processes import wait_until
 
 MiB = 1024 * 1024
@@ -270,6 +270,7 @@ def test_ctrl_c_stops_qemu_img_before_the_command_exits_and_removes_partial_outp
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=processes.interruptible,  # Ctrl-C reaches it even where the suite's SIGINT is ignored
     )
     try:
         line = proc.stderr.readline()  # first progress line: qemu-img is running

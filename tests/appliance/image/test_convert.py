@@ -27,7 +27,7 @@ from appliance.errors import Cancelled, ConversionFailed, ImageRejected, Insuffi
 from appliance.image import convert as convert_mod
 from appliance.image.convert import convert_image
 from appliance.progress import Progress
-from tests import confinement
+from tests import confinement, processes
 from tests import imagefactory as factory
 from tests.mounts import tmpfs
 
@@ -692,6 +692,7 @@ def test_ctrl_c_stops_qemu_img_removes_partial_output_and_reraises(
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[3],
+        preexec_fn=processes.interruptible,  # Ctrl-C reaches it even where the suite's SIGINT is ignored
     )
     procs: list[psutil.Process] = []
     try:
