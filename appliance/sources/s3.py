@@ -284,16 +284,19 @@ class S3Stream:
                     chunk = self._body.read(chunk_size)
                 except _STREAM_ERRORS as exc:
                     self._raise_if_cancelled()
-                    raise TransferInterrupted(
-                        f"the transfer of {self.url} broke after {self._received} bytes: "
-                        f"{describe_network_error(exc)}",
-                        received=self._received,
-                    ) from exc
+                    raise self._broken(exc) from exc
                 if not chunk:
                     break
                 self._received += len(chunk)
                 yield chunk
             self._raise_if_cancelled()  # a shut-down socket reads as the end of the body
+
+    def _broken(self, exc: BaseException) -> TransferInterrupted:
+        """The error of a body that broke off (the connection dropped or stalled) after what came."""
+        return TransferInterrupted(
+            f"the transfer of {self.url} broke after {self._received} bytes: {describe_network_error(exc)}",
+            received=self._received,
+        )
 
     def fill(self, view: memoryview, step: int = FILL_STEP) -> Generator[int, None, None]:
         """Receive the body straight into ``view``, as :meth:`.http.HttpResponse.fill` does (the
@@ -313,11 +316,7 @@ class S3Stream:
                     n = next(pieces, 0)
                 except _FILL_ERRORS as exc:
                     self._raise_if_cancelled()
-                    raise TransferInterrupted(
-                        f"the transfer of {self.url} broke after {self._received} bytes: "
-                        f"{describe_network_error(exc)}",
-                        received=self._received,
-                    ) from exc
+                    raise self._broken(exc) from exc
                 if not n:
                     break
                 self._received += n
