@@ -18,6 +18,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -196,10 +197,12 @@ def test_a_stream_into_s3_killed_mid_stream_resumes_its_multipart_upload_and_fet
     assert source["size"] == size and "sha256_unknown" not in source
 
 
-def test_a_resumed_stream_whose_upload_is_gone_restarts_from_zero_and_completes(
-    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
-) -> None:
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=8)
+def killed_with_parts_uploaded(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, *, seed: int
+) -> tuple[Path, Task, dict[str, Any]]:
+    """A 64 MiB RAW import held at 40.5 MiB with at least 20 MiB of parts checkpointed, then its task
+    process killed: the source, the task and the checkpoint it left."""
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=seed)
     moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
     proxy.arm("/disk.raw", after=HOLD)
     task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
@@ -211,6 +214,13 @@ def test_a_resumed_stream_whose_upload_is_gone_restarts_from_zero_and_completes(
     before = stream_checkpoint(app, task.id)
     assert before is not None
     kill_task_child(app, task.id)
+    return raw, task, before
+
+
+def test_a_resumed_stream_whose_upload_is_gone_restarts_from_zero_and_completes(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
+) -> None:
+    raw, task, before = killed_with_parts_uploaded(app, moto, proxy, bucket, tmp_path, seed=8)
     up = before["upload"]
     # the upload is aborted behind the task's back (a lifecycle rule, an operator)
     moto.client("s3").abort_multipart_upload(Bucket=images, Key=up["key"], UploadId=up["upload_id"])
@@ -350,18 +360,7 @@ def test_the_checkpoint_of_a_stream_into_s3_does_not_grow_with_the_parts_it_has_
 def test_a_resumed_stream_whose_upload_has_a_part_uploaded_again_restarts_from_zero(
     app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
 ) -> None:
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=12)
-    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
-    proxy.arm("/disk.raw", after=HOLD)
-    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
-    app.start_worker()
-    wait_until(
-        lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 20 * MiB,
-        what="the stream held at 40.5 MiB, 20 MiB of parts checkpointed",
-    )
-    before = stream_checkpoint(app, task.id)
-    assert before is not None
-    kill_task_child(app, task.id)
+    raw, task, before = killed_with_parts_uploaded(app, moto, proxy, bucket, tmp_path, seed=12)
     up = before["upload"]
     # part 2 uploaded again behind the task's back, with other bytes of the same size: the ETag list
     # S3 now answers is not the recorded one
