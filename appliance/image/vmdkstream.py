@@ -20,7 +20,7 @@ value: at most :meth:`VmdkStreamDecoder.buffer_bound`, whatever the speeds of in
 
 Resumable boundary: after a grain is written, the offset of the marker that follows it is a clean point
 (:meth:`VmdkStreamDecoder.boundary`): the header fields, the bitmap of written grains (one bit per grain,
-zlib + base64: a few KiB for a qemu-img stream) and the counters are the state;
+:mod:`appliance.image.grainmap`: a few KiB for a qemu-img stream) and the counters are the state;
 :meth:`VmdkStreamDecoder.resume` continues from there (``checkpoint()`` / :meth:`VmdkStreamDecoder.restore`:
 the same as a JSON object). A checkpoint comes back from the task store, so it is checked as untrusted: its
 header passes every check a stream's header passes (:meth:`~appliance.image.vmdkformat.Header.check`, the
@@ -32,10 +32,7 @@ ValueError.
 
 from __future__ import annotations
 
-import base64
-import re
 import threading
-import zlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +53,7 @@ from .decoding import (
     too_large,
     zero_runs,
 )
+from .grainmap import pack, unpack, unset_runs
 from .vmdkformat import (
     FORMAT,
     GD_AT_END,
@@ -108,32 +106,6 @@ def _inflate_all(grains: list[_Grain], full: int) -> list[tuple[bytes, list[tupl
         out = inflate_grain(g.data, full, g.last, g.at)[: g.last]
         done.append((out, zero_runs(out)))
     return done
-
-
-def _unset_runs(bitmap: bytearray, count: int) -> list[tuple[int, int]]:
-    """``(first, end)`` runs of grains whose bit is clear, over grains ``[0, count)``."""
-    runs: list[tuple[int, int]] = []
-
-    def add(a: int, b: int) -> None:
-        b = min(b, count)
-        if a >= b:
-            return
-        if runs and runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((a, b))
-
-    pos = 0
-    for m in re.finditer(rb"[^\x00]", bytes(bitmap)):
-        i = m.start()
-        add(pos * 8, i * 8)
-        byte = bitmap[i]
-        for bit in range(8):
-            if not byte >> bit & 1:
-                add(i * 8 + bit, i * 8 + bit + 1)
-        pos = i + 1
-    add(pos * 8, len(bitmap) * 8)
-    return runs
 
 
 class VmdkStreamDecoder(Decoder):
@@ -201,19 +173,9 @@ class VmdkStreamDecoder(Decoder):
             self._check_size()
         except ImageRejected as exc:
             raise ValueError(f"the checkpoint's VMDK header: {exc.message}") from exc
-        try:
-            packed = base64.b64decode(str(s["written"]), validate=True)
-            d = zlib.decompressobj()
-            bitmap = d.decompress(packed, -(-h.grains // 8) + 1)  # bounded: never more than it should be
-        except (ValueError, zlib.error) as exc:
-            raise ValueError(f"the checkpoint's grain bitmap does not decode ({exc})") from exc
-        if len(bitmap) != -(-h.grains // 8) or not d.eof or d.unused_data:
-            raise ValueError("the checkpoint's grain bitmap does not fit the header")
-        if h.grains % 8 and bitmap[-1] >> (h.grains % 8):
-            raise ValueError("the checkpoint's grain bitmap marks grains beyond the capacity")
-        self._seen = bytearray(bitmap)
+        self._seen = unpack(s["written"], h.grains)
         data_bytes = s["data_bytes"]
-        written = int.from_bytes(bitmap, "little").bit_count()
+        written = int.from_bytes(self._seen, "little").bit_count()
         if type(data_bytes) is not int or not 0 <= data_bytes <= written * h.grain_bytes:
             raise ValueError(f"the checkpoint's data_bytes {data_bytes!r} do not fit its {written} grains")
         offset = b.input_offset
@@ -238,7 +200,7 @@ class VmdkStreamDecoder(Decoder):
             written[g >> 3] &= ~(1 << (g & 7))
         state = {
             "header": asdict(self.header),
-            "written": base64.b64encode(zlib.compress(written, 1)).decode("ascii"),
+            "written": pack(written),
             "data_bytes": self.data_bytes,
         }
         return Boundary(FORMAT, self._clean, state)
@@ -384,7 +346,7 @@ class VmdkStreamDecoder(Decoder):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         self._clean = r.offset
-        for first, end in _unset_runs(self._seen, h.grains):
+        for first, end in unset_runs(self._seen, h.grains):
             start = first * full
             sink.zero(start, min(end * full, size) - start)
         if on_progress is not None:
