@@ -28,7 +28,8 @@ from appliance.redact import redact_text
 from appliance.service.imports import Caller
 from appliance.service.uploads import UsesUploads
 from appliance.sources.methods import UPLOAD, ImportMethodDisabled, check_enabled
-from appliance.sources.staged import UploadArea, UploadError, check_id, parse_content_range
+from appliance.sources.staged import UploadArea
+from appliance.sources.stagedproto import UploadError, check_id, parse_content_range
 from appliance.store import Store
 
 from .ec2.auth import ALGORITHM, SignedRequest, StreamedPayloadAuthenticator, decode_query, payload_sha256

@@ -149,7 +149,7 @@ def describe_bundle_tasks(service: ImportService, params: Params, caller: Caller
     views = [bundle_task(t) for t in tasks]
     for f in data.get("Filters") or []:
         allowed = set(f.get("Values") or [])
-        member = _FILTERS[f["Name"]]  # query.ENUMS allows no other name
+        member = _FILTERS[f["Name"]]  # rules.ENUMS allows no other name
         views = [v for v in views if str(member(v)) in allowed]
     return {"BundleTasks": views}
 

@@ -40,7 +40,7 @@ def _disk_image(
         raise missing_parameter(f"{prefix}Volume.Size")
     if not image.get("ImportManifestUrl"):
         raise missing_parameter(f"{prefix}Image.ImportManifestUrl")
-    # both within AWS's bounds already (query.BOUNDS)
+    # both within AWS's bounds already (rules.BOUNDS)
     size, nbytes = volume["Size"], image["Bytes"]
     if image["Format"] == "RAW" and nbytes > size * GiB:
         # A RAW image is the disk itself, so it must fit; other formats' sizes are checked

@@ -163,7 +163,7 @@ def describe_export_tasks(service: ImportService, params: Params, caller: Caller
         allowed = set(f.get("Values") or [])
         if f.get("Name") == "state":
             views = [v for v in views if v["State"] in allowed]
-        else:  # instance-id (query.ENUMS allows no other name)
+        else:  # instance-id (rules.ENUMS allows no other name)
             views = [v for v in views if v["InstanceExportDetails"]["InstanceId"] in allowed]
     return {"ExportTasks": views}
 

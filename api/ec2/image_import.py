@@ -166,7 +166,7 @@ def _describe(
     service: ImportService, action: str, kinds: Sequence[str], params: Params, caller: Caller
 ) -> tuple[list[Task], str | None]:
     data = query.parse(action, params)
-    max_results = data.get("MaxResults")  # 1 to 1000 (query.BOUNDS)
+    max_results = data.get("MaxResults")  # 1 to 1000 (rules.BOUNDS)
     query.check_dry_run(data)
     tasks = service.list(kinds, data.get("ImportTaskIds") or (), caller.sees)
     for allowed in _state_filter(data):

@@ -14,7 +14,7 @@ Accepted: the previous file is kept as ``imaging.yaml.prev`` (``imaging reconfig
 it back locally; the controller stays the source of truth, so the next poll applies its current
 version again: roll a fleet back by publishing the earlier configuration as a new version), the
 TLS files and the new file are written atomically, then each service is told what it must be told
-(:data:`CHANGES`, one entry per kind of change):
+(:data:`~appliance.boot.liveeffects.CHANGES`, one entry per kind of change):
 
 * the worker (:class:`appliance.service.worker.Worker`) re-reads the file between polls: new claims
   follow the new limits, new task children read the new file, running ones keep the configuration
@@ -34,16 +34,11 @@ controller (status ``configured`` with ``config_version``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -56,111 +51,19 @@ from ..paths import StatePaths
 from ..redact import redact, secret_values
 from ..timestamps import format_time
 from . import configure, rendezvous, userdata, worker_dropin
+from .liveeffects import Effect, changes, reload_api, systemctl
+from .livefiles import (
+    announced_version,
+    applied_version,
+    load_current,
+    previous_file,
+    record,
+    refused_version,
+    version_file,
+)
 from .userdata import FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
-
-API_UNIT = "imaging-api.service"
-WORKER_UNIT = "imaging-worker.service"
-
-
-class Effect(StrEnum):
-    """What a service must do to take a change."""
-
-    #: the worker re-reads the file between polls (nothing to send)
-    WORKER_RELOADS = "worker re-reads between claims"
-    #: gunicorn's graceful reload: new workers on the new file, in-flight requests finish
-    API_RELOAD = "API graceful reload"
-    #: the worker restarts: running tasks are suspended and resume (nothing undone)
-    WORKER_RESTART = "worker restart"
-
-
-@dataclass(frozen=True)
-class Change:
-    """One kind of change: the user-data field, where it lands in the service configuration, and
-    what it takes to apply it."""
-
-    field: str
-    path: tuple[str, ...]
-    effects: tuple[Effect, ...]
-    note: str
-
-
-W, A, R = Effect.WORKER_RELOADS, Effect.API_RELOAD, Effect.WORKER_RESTART
-
-#: every kind of change, once; the README's table is this list
-CHANGES: tuple[Change, ...] = (
-    Change("api.credentials", ("api", "credentials"), (A,), "a rotated key works, a removed one is refused"),
-    Change("api.bind", ("api", "bind"), (A,), "the arbiter re-binds"),
-    Change("api.tls", ("api", "tls"), (A,), "certificate and key files rewritten, then reloaded"),
-    Change("api.region", ("api", "region"), (A,), ""),
-    Change(
-        "limits.concurrent_tasks",
-        ("worker", "concurrency"),
-        (W, A),
-        "new claims; running tasks are not stopped when it shrinks",
-    ),
-    Change(
-        "limits.max_active_tasks",
-        ("tasks", "max_active"),
-        (A,),
-        "the API refuses imports beyond it; tasks already accepted run",
-    ),
-    Change(
-        "limits.task_*",
-        ("worker", "task_*"),
-        (R,),
-        "the worker sets its task cgroups up once, at start",
-    ),
-    Change("limits.scratch", ("scratch",), (W, A), "new tasks reserve against the new quota"),
-    Change("sources", ("sources",), (W, A), "new tasks"),
-    Change("targets", ("targets",), (W, A), "new tasks"),
-    Change("artifacts", ("artifacts",), (W, A), "new tasks"),
-    Change(
-        "hooks",
-        ("hooks",),
-        (W,),
-        "new tasks; a worker restart too when the guest-mount privileges (systemd drop-in) change",
-    ),
-    Change(
-        "controller",
-        ("controller",),
-        (W,),
-        "endpoint rotation: the worker's reporter restarts; the next poll goes to the new URL "
-        "(the secret is the registered one: rotating it is not supported)",
-    ),
-    Change("log_level", ("log_level",), (A,), "the API's; the worker's own from its next start"),
-    Change(
-        "store",
-        ("store",),
-        (A, R),
-        "the task database: the worker's claims and leases live in the running one, so it restarts",
-    ),
-)
-
-
-def _at(config: dict[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = config
-    for i, key in enumerate(path):
-        if not isinstance(node, dict):
-            return None
-        if key.endswith("*"):
-            return {k: v for k, v in node.items() if k.startswith(key[:-1])}
-        node = node.get(key)
-        if i == len(path) - 1:
-            return node
-    return node
-
-
-def changes(
-    old: dict[str, Any], new: dict[str, Any], old_files: dict[Path, str | None], new_files: dict[Path, str]
-) -> list[Change]:
-    """The kinds of change between two service configurations (and their TLS files)."""
-    out = [c for c in CHANGES if _at(old, c.path) != _at(new, c.path)]
-    tls = next(c for c in CHANGES if c.field == "api.tls")
-    if tls not in out and any(old_files.get(p) != text for p, text in new_files.items()):
-        out.append(tls)
-    return out
 
 
 @dataclass
@@ -200,42 +103,6 @@ class Outcome:
         }
 
 
-def version_file(config: Path) -> Path:
-    """Where the applied configuration version is recorded."""
-    return config.with_name(config.name + ".version")
-
-
-def previous_file(config: Path) -> Path:
-    """The configuration before the last live update (for a rollback)."""
-    return config.with_name(config.name + ".prev")
-
-
-def applied_version(config: Path) -> int | None:
-    try:
-        value = json.loads(version_file(config).read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _refused_version(config: Path) -> int | None:
-    try:
-        value = json.loads(version_file(config).read_text()).get("refused")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) else None
-
-
-def _load_current(config: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(config.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read the running configuration {config}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ConfigError(f"the running configuration {config} is not a mapping")
-    return doc
-
-
 @dataclass(frozen=True)
 class Identity:
     appliance_id: str
@@ -259,7 +126,7 @@ def unwatched_reason(config: Path) -> str | None:
     instead of failing every poll: a standalone appliance, or a Eucalyptus cloud in pull mode, which
     publishes no configuration versions. An unreadable configuration is an error (:class:`ConfigError`).
     """
-    current = _load_current(config)
+    current = load_current(config)
     ctl = current.get("controller") or {}
     if not isinstance(ctl, dict) or not ctl.get("url"):
         return "no controller is configured"
@@ -308,29 +175,6 @@ def _report(
         log.warning("could not tell the controller: %s", exc.message)
 
 
-def reload_api(opts: Options) -> str | None:
-    """Ask the API for a graceful reload; None when done, else why not."""
-    if opts.api_pid_file is not None:
-        try:
-            pid = int(opts.api_pid_file.read_text().strip())
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError) as exc:
-            return f"cannot signal the API ({opts.api_pid_file}): {exc}"
-        return None
-    return _systemctl("reload", API_UNIT)
-
-
-def _systemctl(verb: str, unit: str) -> str | None:
-    exe = shutil.which("systemctl")
-    if exe is None or not Path("/run/systemd/system").is_dir():
-        return f"systemd is not running: {unit} needs a {verb}"
-    try:
-        subprocess.run([exe, verb, unit], check=True, timeout=120, capture_output=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"systemctl {verb} {unit} failed: {exc}"
-    return None
-
-
 def apply(
     opts: Options, doc: dict[str, Any], who: Identity, current: dict[str, Any]
 ) -> tuple[Outcome, dict[str, Any] | None]:
@@ -369,26 +213,22 @@ def apply(
     for path, text in rendered.files.items():
         write_atomic(path, text, 0o600, opts.owner)
     write_atomic(opts.config, configure.render_yaml(rendered), 0o600, opts.owner)
-    _record(opts.config, {"version": version})
+    record(opts.config, {"version": version})
     if Effect.API_RELOAD in effects:
-        why = reload_api(opts)
+        why = reload_api(opts.api_pid_file)
         if why:
             outcome.pending.append(why)
     if Effect.WORKER_RESTART in effects:
-        why = _systemctl("restart", WORKER_UNIT)
+        why = systemctl("restart", worker_dropin.WORKER_UNIT)
         if why:
             outcome.pending.append(why)
     outcome.effects = sorted(str(e) for e in effects)
     return outcome, section
 
 
-def _record(config: Path, data: dict[str, Any]) -> None:
-    write_atomic(version_file(config), json.dumps(data) + "\n", 0o644, None)
-
-
 def poll(opts: Options) -> Outcome:
     """Ask the controller once; apply a new version; report the outcome to it."""
-    current = _load_current(opts.config)
+    current = load_current(opts.config)
     who = identity(current)
     have = applied_version(opts.config)
     try:
@@ -399,7 +239,7 @@ def poll(opts: Options) -> Outcome:
     if doc is None:
         return Outcome("unchanged", have)
     version = doc.get("version")
-    if isinstance(version, int) and version == _refused_version(opts.config):
+    if isinstance(version, int) and version == refused_version(opts.config):
         return Outcome("refused", version)  # told the controller already; wait for a newer one
     try:
         outcome, section = apply(opts, doc, who, current)
@@ -409,7 +249,7 @@ def poll(opts: Options) -> Outcome:
         outcome, section = Outcome("refused", doc.get("version"), errors=[FieldError("output", why)]), None
     if outcome.status == "refused":
         with contextlib.suppress(OSError):
-            _record(opts.config, {"version": have, "refused": outcome.version})
+            record(opts.config, {"version": have, "refused": outcome.version})
         for e in outcome.errors:
             log.error("configuration version %s refused: %s", outcome.version, e)
     else:
@@ -434,26 +274,19 @@ def restore(opts: Options) -> None:
     write_atomic(opts.config, text, 0o600, opts.owner)
     with contextlib.suppress(FileNotFoundError):
         version_file(opts.config).unlink()  # the next poll fetches the controller's current version
-    why = reload_api(opts)
+    why = reload_api(opts.api_pid_file)
     if why:
         log.warning("%s", why)
-
-
-def announced_version(state_dir: Path) -> int | None:
-    try:
-        return int(StatePaths(state_dir).config_announced.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _announced_news(opts: Options) -> bool:
     """A report reply announced a version newer than the applied one (and not the refused one)."""
     try:
-        state_dir = Path(_load_current(opts.config).get("state_dir", "."))
+        state_dir = Path(load_current(opts.config).get("state_dir", "."))
     except ConfigError:
         return False
     announced = announced_version(state_dir)
-    if announced is None or announced == _refused_version(opts.config):
+    if announced is None or announced == refused_version(opts.config):
         return False
     have = applied_version(opts.config)
     return have is None or announced > have

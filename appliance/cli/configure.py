@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..boot import configure as configure_mod
-from ..boot import live, worker_dropin
+from ..boot import live, liveeffects, worker_dropin
 from ..boot.health_responder import serve
 from ..config import Config
 
@@ -157,7 +157,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument(
         "--api-pid-file",
         help="the API's pid file (imaging serve --pid-file), sent SIGHUP for a graceful reload "
-        f"(default: systemctl reload {live.API_UNIT})",
+        f"(default: systemctl reload {liveeffects.API_UNIT})",
     )
     s.add_argument(
         "--unit-dir",

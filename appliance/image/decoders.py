@@ -44,7 +44,7 @@ from .formats import COMPRESSIONS
 from .rawstream import RAW, CompressedDecoder, RawDecoder
 from .vhdfixed import FORMAT as VHD_FIXED
 from .vhdfixed import VhdFixedDecoder
-from .vmdkstream import FORMAT as VMDK_STREAM
+from .vmdkformat import FORMAT as VMDK_STREAM
 from .vmdkstream import VmdkStreamDecoder
 
 if TYPE_CHECKING:  # the decoder child never loads the configuration (and jsonschema with it)

@@ -44,7 +44,7 @@ from isal import isal_zlib
 
 from ..errors import Cancelled, UsageError
 from .decoding import SECTOR, zeros
-from .vmdkstream import (
+from .vmdkformat import (
     FLAG_COMPRESSED,
     FLAG_MARKERS,
     FLAG_NL_DETECT,

@@ -27,7 +27,8 @@ from ..sources.methods import (
     method_of_url,
 )
 from ..sources.s3names import check_bucket, check_key
-from ..sources.staged import UploadArea, parse_upload_url
+from ..sources.staged import UploadArea
+from ..sources.stagedproto import parse_upload_url
 from ..sources.urlfilter import UrlPolicy, parse_s3_url
 from ..targets import ImageTarget, get_image_target
 from ..targets.encryption import Encryption, EncryptionNotSupported, requested

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..sources.staged import UploadArea, upload_refs
+from ..sources.staged import UploadArea
+from ..sources.stagedproto import upload_refs
 from ..store import ACTIVE_STATES, Store
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from .http import (
 from .methods import is_upload_url
 from .ranges import Validator
 from .s3names import check_bucket, check_key
-from .staged import UploadArea, parse_upload_url
+from .staged import UploadArea
+from .stagedproto import parse_upload_url
 from .upload import UploadOrigin
 from .urlfilter import UrlPolicy, parse_s3_url
 

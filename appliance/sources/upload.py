@@ -21,7 +21,8 @@ from .http import BodyTooLong, SourceIntegrity, SourceUnavailable
 from .manifest import Importer, ImportManifest, Part
 from .methods import UPLOAD_SCHEME
 from .ranges import Validator
-from .staged import UploadArea, UploadInfo, parse_upload_url
+from .staged import UploadArea
+from .stagedproto import UploadInfo, parse_upload_url
 
 #: bytes handed over per chunk
 CHUNK = 1 << 20

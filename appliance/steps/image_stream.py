@@ -68,7 +68,7 @@ from ..image.rawinline import InlineRawDecode
 from ..image.rawstream import RAW
 from ..image.streamed import StreamDecode, StreamResult
 from ..image.vhdfixed import FORMAT as VHD_FIXED
-from ..image.vmdkstream import FORMAT as VMDK_STREAM
+from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..sources.fetch import parse_source
 from ..sources.http import SourceIntegrity

@@ -14,7 +14,8 @@ from typing import Any
 from ..errors import TaskNotFound
 from ..sources.http import sleep_or_cancel
 from ..sources.manifest import ImportManifest
-from ..sources.staged import UploadArea, UploadError, UploadInfo, parse_upload_url
+from ..sources.staged import UploadArea
+from ..sources.stagedproto import UploadError, UploadInfo, parse_upload_url
 from ..sources.upload import upload_manifest
 from ..workflow.step import StepContext
 

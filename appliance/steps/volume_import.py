@@ -31,7 +31,7 @@ from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_i
 from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
 from ..image.vhdfixed import FORMAT as VHD_FIXED
-from ..image.vmdkstream import FORMAT as VMDK_STREAM
+from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest

@@ -3,7 +3,8 @@
 Modules, one concern each:
 
 - :mod:`.schema` - the workflow file schema and located errors (file, step, field)
-- :mod:`.loader` - finding, parsing and validating workflows; params
+- :mod:`.finder` - finding workflow files (path, name, ``artifact://``) and reading their YAML
+- :mod:`.loader` - validating workflows: params, steps, templates' names, actions' arguments, includes
 - :mod:`.templating` - sandboxed Jinja2 rendering, native values, dry-run placeholders
 - :mod:`.registry` - action name → step class (entry points ``imaging.steps`` + in-process)
 - :mod:`.step` - the step contract (:class:`Step`) and :class:`StepContext`
@@ -16,7 +17,8 @@ Modules, one concern each:
 
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .engine import Engine, recover
-from .loader import ParamSpec, StepSpec, Workflow, WorkflowInfo, WorkflowLoader
+from .loader import WorkflowLoader
+from .model import ParamSpec, StepSpec, Workflow, WorkflowInfo
 from .registry import Registry, StepInfo, StepUnavailable, default_registry
 from .schema import WorkflowError
 from .step import Step, StepContext

@@ -43,7 +43,8 @@ from ..errors import (
 from ..store import REPORTER_RECORD, Lease, Store, Task, TaskState, new_task_id
 from .callbacks import CompositeCallbacks, EngineCallbacks
 from .hookpoints import points_used, record_hooks, recorded_hooks
-from .loader import Workflow, WorkflowLoader
+from .loader import WorkflowLoader
+from .model import Workflow
 from .planner import Planner
 from .plugins import ensure_plugins
 from .registry import Registry, default_registry

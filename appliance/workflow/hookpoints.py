@@ -2,7 +2,7 @@
 
 A step ``{name, hooks: POINT, with: {image: ...}, register?, when?}`` is expanded when the workflow
 is loaded: the loader turns the hooks the configuration lists for POINT into child steps (plain
-:class:`~appliance.workflow.loader.StepSpec` with the hook's action, ``with``, timeout and retries),
+:class:`~appliance.workflow.model.StepSpec` with the hook's action, ``with``, timeout and retries),
 so validation, dry-run plans, records, undo and resume treat them as ordinary steps. A child's
 ``with`` is the hook's configured arguments plus ``image: "{{ image }}"``; configured values may
 use the templates ``{{ image.* }}`` and ``{{ task.* }}``.

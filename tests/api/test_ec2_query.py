@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from botocore.serialize import create_serializer
 
-from api.ec2 import model, query
+from api.ec2 import model, query, rules
 from api.ec2.errors import Ec2Error
 from api.ec2.resource import ACTIONS
 
@@ -475,4 +475,4 @@ def _numeric_members(shape: Any, path: tuple[str, ...] = (), seen: frozenset[str
 def test_every_numeric_member_of_every_served_action_has_aws_bounds() -> None:
     for action in ACTIONS:
         members = _numeric_members(model.operation(action).input_shape)
-        assert members == set(query.BOUNDS.get(action, {})), action
+        assert members == set(rules.BOUNDS.get(action, {})), action

@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from jsonschema import Draft202012Validator
 
-from api.ec2 import model, query
+from api.ec2 import model, rules
 from api.ec2.resource import ACTIONS
 from tests.api.ec2_support import MANIFEST_BASE
 from tests.api.openapi_support import SPEC, assert_documented
@@ -301,7 +301,7 @@ def _members(
     draw: st.DrawFn, action: str, shape: Shape, wire: str, path: tuple[str, ...], depth: int
 ) -> list[tuple[str, str]]:
     """Wire parameters for ``shape`` at ``wire`` (its name so far) and member path ``path``."""
-    enums = query.ENUMS.get(action, {})
+    enums = rules.ENUMS.get(action, {})
     if shape.type_name == "structure":
         members = list(model.request_members(shape).items())
         if not members or depth > 5:
@@ -438,7 +438,7 @@ def ec2_requests(draw: st.DrawFn) -> tuple[str | None, list[tuple[str, str]]]:
     params = draw(_mutated(VALID[action]))
     if draw(st.integers(0, 2)):
         params += draw(_members(action, model.operation(action).input_shape, "", (), 0))
-    extras = query.EXTRA_MEMBERS.get(action, {})
+    extras = rules.EXTRA_MEMBERS.get(action, {})
     if extras and draw(st.integers(0, 3)) == 3:
         params.append((draw(st.sampled_from(sorted(extras))), draw(st.one_of(_ID_FORMS, _TEXT_FORMS))))
     mutation = draw(st.integers(0, 9))

@@ -25,7 +25,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from appliance import config as config_mod
-from appliance.boot import live
+from appliance.boot.liveeffects import Effect
+from appliance.boot.livefiles import previous_file
 from appliance.service.imports import DiskContainer, ImportService
 from appliance.store import TaskState
 from tests import imagefactory as imgs
@@ -236,7 +237,7 @@ def test_an_update_rotating_the_credential_and_raising_the_limit_leaves_a_runnin
 
             assert outcome["status"] == "applied" and outcome["version"] == 2, outcome
             assert outcome["changes"] == ["api.credentials", "limits.concurrent_tasks"]
-            assert outcome["effects"] == [str(live.Effect.API_RELOAD), str(live.Effect.WORKER_RELOADS)]
+            assert outcome["effects"] == [str(Effect.API_RELOAD), str(Effect.WORKER_RELOADS)]
             assert outcome["pending"] == []
             wait_until(
                 lambda: app.admin_status(NEW) == 200 and app.admin_status(OLD) == 401,
@@ -262,7 +263,7 @@ def test_an_update_rotating_the_credential_and_raising_the_limit_leaves_a_runnin
             assert (view["config_version"], view["applied_version"], view["status"]) == (2, 2, "configured")
             assert NEW["secret_key"] not in json.dumps(view)
             assert [e["data"]["version"] for e in controller.events("config-published")] == [2]
-            assert yaml.safe_load(live.previous_file(app.config).read_text())["api"]["credentials"] == [OLD]
+            assert yaml.safe_load(previous_file(app.config).read_text())["api"]["credentials"] == [OLD]
             service.store.close()
         finally:
             app.close()
@@ -347,7 +348,7 @@ def test_a_bind_change_announced_in_a_report_reply_is_a_graceful_reload_without_
         log = (tmp_path / "reconfigure.log").read_text().splitlines()
         lines = [json.loads(line) for line in log if line.startswith("{")]  # warnings share the log
         outcome = [o for o in lines if o["version"] == 2][-1]
-        assert outcome["changes"] == ["api.bind"] and outcome["effects"] == [str(live.Effect.API_RELOAD)]
+        assert outcome["changes"] == ["api.bind"] and outcome["effects"] == [str(Effect.API_RELOAD)]
     finally:
         app.close()
 

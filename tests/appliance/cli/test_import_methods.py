@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from appliance import config as config_mod
-from appliance.sources.staged import Range, UploadArea
+from appliance.sources.staged import UploadArea
+from appliance.sources.stagedproto import Range
 from tests import imagefactory as imgs
 
 MiB = 1 << 20

@@ -21,7 +21,7 @@ from dissect.hypervisor.disk.vmdk import VMDK
 from appliance.errors import Cancelled
 from appliance.image.decoders import decode_file, open_decoder
 from appliance.image.decoding import DecodeLimits
-from appliance.image.vmdkstream import GD_AT_END, Header, create_type
+from appliance.image.vmdkformat import GD_AT_END, Header, create_type
 from appliance.image.vmdkwriter import GRAIN, write_stream_vmdk
 from tests import imagefactory as factory
 

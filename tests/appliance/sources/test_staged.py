@@ -18,7 +18,8 @@ from appliance.errors import ImagingError
 from appliance.sources.methods import ImportMethodDisabled, check_enabled
 from appliance.sources.ranges import ReaderSettings, Validator
 from appliance.sources.reader import RangeReader
-from appliance.sources.staged import Range, UploadArea, parse_content_range, upload_refs
+from appliance.sources.staged import UploadArea
+from appliance.sources.stagedproto import Range, parse_content_range, upload_refs
 from appliance.sources.upload import UploadOrigin, read_parts, upload_manifest
 from appliance.timestamps import utc_now
 

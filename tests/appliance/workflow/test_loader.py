@@ -9,7 +9,7 @@ import pytest
 
 from appliance.errors import UsageError, WorkflowInvalid
 from appliance.workflow import Registry, StepUnavailable, WorkflowLoader
-from appliance.workflow.loader import SHIPPED_DIR
+from appliance.workflow.finder import SHIPPED_DIR
 
 from .support import make_registry, write_workflow
 
