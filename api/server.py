@@ -119,8 +119,8 @@ class ApplianceServer(BaseApplication):
     overrides), a ``SIGHUP`` to the arbiter is a graceful reload onto the file as it is now: the
     arbiter re-reads the settings (a changed ``api.bind`` is re-bound), starts new workers on the
     new configuration and lets the old ones finish their in-flight requests
-    (:mod:`appliance.boot.live` sends it after a live configuration update). A file that no longer
-    loads keeps the configuration running.
+    (:func:`appliance.boot.liveeffects.reload_api` sends it after a live configuration update).
+    A file that no longer loads keeps the configuration running.
     """
 
     def __init__(

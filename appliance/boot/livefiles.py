@@ -27,6 +27,7 @@ def previous_file(config: Path) -> Path:
 
 
 def applied_version(config: Path) -> int | None:
+    """The version of the last configuration applied live; None when none was or the file is unreadable."""
     try:
         value = json.loads(version_file(config).read_text()).get("version")
     except (OSError, ValueError, AttributeError):
