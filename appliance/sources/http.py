@@ -1,12 +1,14 @@
 """HTTP(S) client for untrusted URLs: pinned addresses, re-validated redirects, bounded retries.
 
-Every request goes through :meth:`UrlPolicy.check` first and then connects to the address that check
-resolved (DNS pinning), while sending the URL's own ``Host`` header and, for https, SNI and certificate
-verification for the URL's host name. Redirects are never followed blindly: each ``Location`` is checked
-again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anything connects to it), at
-most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with exponential back-off
-and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it. Errors in the
-middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
+Every request goes through :meth:`UrlPolicy.check` first and then connects to the address that check resolved
+(DNS pinning), while sending the URL's own ``Host`` header and, for https, SNI and certificate verification
+for the URL's host name. Connections are kept alive and reused across requests in pools per checked address
+(:mod:`.httppool`), so the ranges of one import share a few connections (and TLS handshakes) instead of
+opening one each; the check still runs before every request. Redirects are never followed blindly: each
+``Location`` is checked again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anything
+connects to it), at most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with
+exponential back-off and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it.
+Errors in the middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
 
 Messages describe a network failure in fixed words (:func:`describe_network_error`: "connection
 refused", "read timed out"…), never with the text of urllib3's, http.client's or botocore's
@@ -26,12 +28,13 @@ from typing import Any, cast
 from urllib.parse import urljoin
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from ..config import SourcesConfig
 from ..errors import Cancelled, ImagingError
 from ..redact import redact_url
+from .httppool import DEFAULT_POOL_SIZE, PinnedPools, finish
 
 # re-exported: the sources import them from here
 from .neterrors import describe_network_error as describe_network_error
@@ -183,15 +186,8 @@ def shutdown_on_cancel(cancel: threading.Event | None, shutdown: Callable[[], No
 class HttpResponse:
     """A response whose body has not been read yet. Close it (or use ``with``) when done."""
 
-    def __init__(
-        self,
-        raw: urllib3.BaseHTTPResponse,
-        pool: urllib3.HTTPConnectionPool,
-        url: str,
-        cancel: threading.Event | None,
-    ) -> None:
+    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str, cancel: threading.Event | None) -> None:
         self._raw = raw
-        self._pool = pool
         self.status: int = raw.status
         #: case-insensitive header mapping
         self.headers: Mapping[str, str] = raw.headers
@@ -269,9 +265,9 @@ class HttpResponse:
         return bytes(out[: limit + 1])
 
     def close(self) -> None:
-        """Close the connection (never reused: each request has its own pinned pool)."""
-        self._raw.close()
-        self._pool.close()
+        """Done with the response: its connection goes back to its pool when the body was read to
+        the end, else it is closed (a body left halfway must not reach the next request)."""
+        finish(self._raw)
 
     def __enter__(self) -> HttpResponse:
         return self
@@ -281,7 +277,8 @@ class HttpResponse:
 
 
 class HttpClient:
-    """Fetches policy-checked URLs. One instance may be shared by threads (it holds no connections)."""
+    """Fetches policy-checked URLs. One instance may be shared by threads, and so may its copies
+    (``copy.copy``, e.g. with another read timeout): they share its kept-alive connections."""
 
     def __init__(
         self,
@@ -294,8 +291,10 @@ class HttpClient:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_redirects: int = MAX_REDIRECTS,
         ca_certs: str | None = None,
+        pool_size: int | None = None,
     ) -> None:
-        """Timeouts and retries default to ``policy.sources`` (the configuration the policy came from)."""
+        """Timeouts and retries default to ``policy.sources`` (the configuration the policy came from);
+        ``pool_size``, the idle connections kept per address, to its ranges in flight + 2."""
         sources = policy.sources
         self.policy = policy
         self.connect_timeout = connect_timeout or (
@@ -308,6 +307,18 @@ class HttpClient:
         self.max_redirects = max_redirects
         #: CA bundle for https (None: the system store)
         self.ca_certs = ca_certs
+        if pool_size is None:
+            pool_size = sources.parallel_ranges + 2 if sources else DEFAULT_POOL_SIZE
+        self._pools = PinnedPools(pool_size)
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections this client (and its copies) opened so far; for https, TLS handshakes."""
+        return self._pools.opened
+
+    def close(self) -> None:
+        """Close the kept-alive connections (the client still works: it opens new ones)."""
+        self._pools.close()
 
     @classmethod
     def from_config(cls, sources: SourcesConfig, policy: UrlPolicy | None = None) -> HttpClient:
@@ -422,44 +433,47 @@ class HttpClient:
     ) -> HttpResponse:
         hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
         hdrs["Host"] = checked.host_header
+        # per request, not per pool: copies of this client with another read timeout share the pools
+        timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
         last: BaseException | None = None
         for address in checked.addresses:
-            pool = self._pool(checked, address)
+            pool = self._pools.get(checked, address, self.ca_certs)
             try:
-                raw = pool.urlopen(
+                raw = self._urlopen(pool, method, checked.target, hdrs, timeout)
+            except ConnectTimeoutError as exc:  # includes NewConnectionError (refused, unreachable)
+                last = exc
+                continue  # the next pinned address may answer
+            return HttpResponse(raw, checked.url, cancel)
+        assert last is not None
+        raise last
+
+    def _urlopen(
+        self,
+        pool: urllib3.HTTPConnectionPool,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        timeout: urllib3.Timeout,
+    ) -> urllib3.BaseHTTPResponse:
+        # A kept-alive connection the server closed while it sat idle fails before any answer; that
+        # is no failure of the origin, so the request is sent again at once on another connection
+        # (not counted as a retry): at most once per idle connection the pool can hold, and never
+        # after a failure on a new connection.
+        for attempt in range(self._pools.maxsize + 1):
+            try:
+                return pool.urlopen(
                     method,
-                    checked.target,
-                    headers=hdrs,
+                    target,
+                    headers=headers,
                     redirect=False,
                     retries=False,
+                    timeout=timeout,
                     preload_content=False,
                     decode_content=False,
                     assert_same_host=False,
                 )
-            except ConnectTimeoutError as exc:  # includes NewConnectionError (refused, unreachable)
-                pool.close()
-                last = exc
-                continue  # the next pinned address may answer
-            except BaseException:
-                pool.close()
-                raise
-            return HttpResponse(raw, pool, checked.url, cancel)
-        assert last is not None
-        raise last
-
-    def _pool(self, checked: CheckedUrl, address: str) -> urllib3.HTTPConnectionPool:
-        timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
-        if checked.scheme == "https":
-            return urllib3.HTTPSConnectionPool(
-                address,
-                checked.port,
-                timeout=timeout,
-                maxsize=1,
-                retries=False,
-                cert_reqs="CERT_REQUIRED",
-                ca_certs=self.ca_certs,
-                # the certificate must be valid for the URL's host, not for the pinned address
-                server_hostname=checked.host,
-                assert_hostname=checked.host,
-            )
-        return urllib3.HTTPConnectionPool(address, checked.port, timeout=timeout, maxsize=1, retries=False)
+            except ProtocolError:
+                if attempt == self._pools.maxsize or not self._pools.reused:
+                    raise
+                log.debug("%s: a kept-alive connection was closed by the server; sending again", pool.host)
+        raise AssertionError("unreachable: the last attempt returns or raises")
