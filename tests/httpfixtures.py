@@ -177,7 +177,7 @@ class TestHTTPServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Recorded] = []
         #: body bytes sent so far (all routes)
@@ -190,7 +190,7 @@ class TestHTTPServer:
         self.closed_unanswered = 0
         self._sent_lock = threading.Lock()
         self.stopping = threading.Event()
-        self._server = _Server((host, 0), _Handler)
+        self._server = _Server((host, port), _Handler)
         self._server.owner = self
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)

@@ -174,3 +174,23 @@ def test_a_rebinding_resolver_is_refused_though_a_connection_to_its_first_answer
             http.head(url)
     assert net.connected_hosts() == []
     assert len(server.requests) == 1 and server.connections == 1
+
+
+def test_a_name_that_resolves_to_another_address_is_not_sent_on_the_first_addresses_connection(
+    server: TestHTTPServer,
+) -> None:
+    # the same name and port, two addresses (two servers): the second request goes to the address
+    # checked for it, not down the connection kept for the first answer
+    with TestHTTPServer(host="127.0.0.2", port=server.port) as other:
+        other.add("/disk.raw", BODY[::-1])
+        answers = iter([["127.0.0.1"], ["127.0.0.2"]])
+        policy = UrlPolicy(
+            allowed_endpoints=[f"http://imaging.test:{server.port}"],
+            resolver=lambda host, port: next(answers),
+        )
+        http = HttpClient(policy, retries=0)
+        url = f"http://imaging.test:{server.port}/disk.raw"
+        for expected in (BODY, BODY[::-1]):
+            with http.get_stream(url, (0, 99)) as response:
+                assert b"".join(response.iter_chunks()) == expected[:100]
+        assert (server.connections, other.connections) == (1, 1)
