@@ -201,7 +201,7 @@ def finish(raw: urllib3.BaseHTTPResponse) -> None:
                 if conn.sock is not None:
                     conn.sock.settimeout(_DRAIN_TIMEOUT)  # the next request sets its own
                 fp.read()
-        if fp.isclosed() or fp.length == 0:
+        if fp.length == 0:  # read to its end (a body cut short closes fp with bytes still due)
             fp.close()
             raw.release_conn()
             return
