@@ -168,12 +168,22 @@ class PinnedPools:
 
 
 class _NoteReuse:
-    """Mixed into the pools: tells :class:`PinnedPools` whether the connection handed out is reused."""
+    """Mixed into the pools: tells :class:`PinnedPools` whether the connection handed out is reused,
+    and closes a connection the full pool cannot keep without a warning."""
 
     note_reuse: Any
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         return self.note_reuse(super()._get_conn(timeout))  # type: ignore[misc]
+
+    def _put_conn(self, conn: Any) -> None:
+        queue = getattr(self, "pool", None)
+        if conn is not None and queue is not None and queue.full():
+            # more were in flight than the pool keeps: closing the extra one is the bound working,
+            # not the problem urllib3's warning ("pool is full, discarding connection") reports
+            conn.close()
+            return
+        super()._put_conn(conn)  # type: ignore[misc]
 
 
 class _HTTPPool(_NoteReuse, urllib3.HTTPConnectionPool):

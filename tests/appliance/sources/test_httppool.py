@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from appliance.sources import urlfilter
@@ -31,6 +32,15 @@ def read_all(reader: RangeReader) -> bytes:
         while chunk := reader.read(1 << 20):
             out += chunk
     return bytes(out)
+
+
+def open_sockets_to(server: TestHTTPServer) -> int:
+    """This process's TCP connections to ``server`` that are still open (kept in a pool or in use)."""
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def ranged_gets(server: TestHTTPServer, path: str) -> list[dict[str, str]]:
@@ -194,3 +204,24 @@ def test_a_name_that_resolves_to_another_address_is_not_sent_on_the_first_addres
             with http.get_stream(url, (0, 99)) as response:
                 assert b"".join(response.iter_chunks()) == expected[:100]
         assert (server.connections, other.connections) == (1, 1)
+
+
+def test_a_pool_keeps_at_most_its_size_of_connections_after_more_were_in_flight(
+    server: TestHTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    http = HttpClient(UrlPolicy(allowed_endpoints=[server.endpoint]), retries=0, pool_size=2)
+    # five answers open at once: five connections (nothing waits for a free one)...
+    responses = [http.get_stream(server.url("/disk.raw"), (i * RS, i * RS + 99)) for i in range(5)]
+    assert server.connections == 5
+    with caplog.at_level(logging.WARNING):
+        for i, response in enumerate(responses):
+            with response:
+                assert b"".join(response.iter_chunks()) == BODY[i * RS : i * RS + 100]
+    # ...of which the pool keeps two; the others are closed as they come back, quietly
+    assert open_sockets_to(server) == 2
+    assert caplog.records == []
+    with http.get_stream(server.url("/disk.raw"), (0, 9)) as response:
+        assert b"".join(response.iter_chunks()) == BODY[:10]
+    assert server.connections == 5
+    http.close()
+    assert open_sockets_to(server) == 0
