@@ -12,11 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from urllib3.exceptions import ProtocolError
 
 from appliance.sources import urlfilter
 from appliance.sources.http import HttpClient
+from appliance.sources.httppool import PinnedAddressMismatch, PinnedPools
 from appliance.sources.reader import RangeReader, ReaderSettings, open_reader
-from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
+from appliance.sources.urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer, self_signed_cert, tls_server_context
 
 RS = 64 * 1024
@@ -225,3 +227,16 @@ def test_a_pool_keeps_at_most_its_size_of_connections_after_more_were_in_flight(
     assert server.connections == 5
     http.close()
     assert open_sockets_to(server) == 0
+
+
+def test_a_pool_refuses_a_connection_to_anything_but_its_address_literal(server: TestHTTPServer) -> None:
+    # The policy only hands out IP literals; were a name to reach a pool, the connection it opens
+    # (resolved by the socket layer) is not to "the checked address" and is closed before any request.
+    pools = PinnedPools()
+    checked = CheckedUrl(server.url("/disk.raw"), "http", "localhost", server.port, ("localhost",))
+    pool = pools.get(checked, "localhost", None)
+    with pytest.raises(ProtocolError) as err:  # a network failure to the client: retried, then coded
+        pool.urlopen("GET", "/disk.raw", retries=False, preload_content=False)
+    assert isinstance(err.value.args[1], PinnedAddressMismatch)
+    assert server.requests == []
+    assert pools.opened == 0
