@@ -22,9 +22,7 @@ import http.client
 import logging
 import random
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Generator, Mapping
 from urllib.parse import urljoin
 
 import urllib3
@@ -32,8 +30,16 @@ from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from ..config import SourcesConfig
-from ..errors import Cancelled, ImagingError
+from ..errors import ImagingError
 from ..redact import redact_url
+
+# re-exported (the ``name as name`` imports): the sources import them from here
+from .httpio import CHUNK_SIZE as CHUNK_SIZE
+from .httpio import FILL_STEP as FILL_STEP
+from .httpio import direct_readinto as direct_readinto
+from .httpio import raise_if_cancelled
+from .httpio import shutdown_on_cancel as shutdown_on_cancel
+from .httpio import sleep_or_cancel as sleep_or_cancel
 from .httppool import DEFAULT_POOL_SIZE, PinnedPools, finish
 
 # re-exported: the sources import them from here
@@ -44,10 +50,6 @@ from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-CHUNK_SIZE = 256 * 1024
-#: bytes received per call by :meth:`HttpResponse.fill`: large, so the Python work of a call is
-#: nothing against its bytes; small enough that counters and the cancel check follow the transfer
-FILL_STEP = 1 << 20
 USER_AGENT = "imaging-appliance/0.1"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Defaults match config.DEFAULTS["sources"]; used when the policy did not come from a configuration.
@@ -57,8 +59,6 @@ DEFAULT_RETRIES = 5
 #: back-off before retry n (0-based) is in [d/2, d] with d = min(backoff_max, backoff * 2**n)
 DEFAULT_BACKOFF = 0.5
 DEFAULT_BACKOFF_MAX = 30.0
-# How often a streaming body looks at the cancel event while a read is blocked.
-_CANCEL_POLL = 0.1
 
 
 class SourceUnavailable(ImagingError):
@@ -103,10 +103,10 @@ def fill_pieces(
     the body has a byte more. :class:`Cancelled` once ``cancel`` is set."""
     got, size = 0, len(view)
     while got < size:
-        _raise_if_cancelled(cancel, "download")
+        raise_if_cancelled(cancel, "download")
         n = readinto(view[got : min(got + step, size)])
         if not n:
-            _raise_if_cancelled(cancel, "download")  # a shut-down socket reads as the end
+            raise_if_cancelled(cancel, "download")  # a shut-down socket reads as the end
             return
         got += n
         yield n
@@ -114,73 +114,11 @@ def fill_pieces(
         raise BodyTooLong(f"the body is longer than the {size} bytes asked for")
 
 
-def direct_readinto(raw: Any) -> Callable[[memoryview], int]:
-    """The ``readinto`` of the http.client response under urllib3's ``raw`` (bytes straight from the
-    socket into the caller's buffer), when urllib3 holds none of the body and decodes nothing; else
-    urllib3's own (which reads a new bytes object and copies it). urllib3 2's ``readinto`` is
-    ``read`` plus a copy, and http.client's ``read(n)`` allocates, fills and copies again: three
-    passes over every byte where one does."""
-    fp = getattr(raw, "_fp", None)
-    decoded = getattr(raw, "_decoded_buffer", None)
-    if (
-        isinstance(fp, http.client.HTTPResponse)
-        and not getattr(raw, "decode_content", True)
-        and not getattr(raw, "_has_decoded_content", True)
-        and decoded is not None
-        and len(decoded) == 0
-    ):
-        return fp.readinto
-    return cast("Callable[[memoryview], int]", raw.readinto)
-
-
 def format_range(start: int, end: int | None = None) -> str:
     """``Range`` header value for bytes ``start``..``end`` (inclusive; open-ended when ``end`` is None)."""
     if start < 0 or (end is not None and end < start):
         raise ValueError(f"bad byte range {start}-{end}")
     return f"bytes={start}-" + ("" if end is None else str(end))
-
-
-def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled(f"{what} cancelled")
-
-
-def sleep_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -> None:
-    """Sleep ``seconds``; raise :class:`Cancelled` as soon as ``cancel`` is set."""
-    if cancel is None:
-        time.sleep(seconds)
-    elif cancel.wait(seconds):
-        raise Cancelled(f"{what} cancelled")
-
-
-@contextlib.contextmanager
-def shutdown_on_cancel(cancel: threading.Event | None, shutdown: Callable[[], None]) -> Iterator[None]:
-    """While the body runs, call ``shutdown`` (which shuts the connection's socket down) once
-    ``cancel`` is set, so that a read blocked on a server that sends nothing more returns at once
-    (within :data:`_CANCEL_POLL`) instead of at ``read_timeout``. The reader then sees the cancel.
-
-    ``shutdown`` may raise ``ValueError``, ``RuntimeError`` or ``OSError`` (the connection is already
-    closed or released): nothing is blocked on it then.
-    """
-    if cancel is None:
-        yield
-        return
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(_CANCEL_POLL):
-            if cancel.is_set():
-                with contextlib.suppress(ValueError, RuntimeError, OSError):
-                    shutdown()
-                return
-
-    watcher = threading.Thread(target=watch, name="cancel watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
 
 
 class HttpResponse:
@@ -215,11 +153,11 @@ class HttpResponse:
         # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
         with shutdown_on_cancel(self._cancel, self._raw.shutdown):
             while True:
-                _raise_if_cancelled(self._cancel, "download")
+                raise_if_cancelled(self._cancel, "download")
                 try:
                     chunk = self._raw.read(chunk_size, decode_content=False)
                 except (_Urllib3Error, OSError) as exc:
-                    _raise_if_cancelled(self._cancel, "download")
+                    raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
                         f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
                         f"{describe_network_error(exc)}",
@@ -229,7 +167,7 @@ class HttpResponse:
                     break
                 self._received += len(chunk)
                 yield chunk
-            _raise_if_cancelled(self._cancel, "download")
+            raise_if_cancelled(self._cancel, "download")
 
     def fill(self, view: memoryview, step: int = FILL_STEP) -> Generator[int, None, None]:
         """Receive the body (raw, no content decoding) straight into ``view``: the count of each piece
@@ -243,7 +181,7 @@ class HttpResponse:
                 try:
                     n = next(pieces, 0)
                 except (_Urllib3Error, OSError, http.client.HTTPException) as exc:
-                    _raise_if_cancelled(self._cancel, "download")
+                    raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
                         f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
                         f"{describe_network_error(exc)}",
@@ -392,7 +330,7 @@ class HttpClient:
         attempt = 0
         cause: BaseException | None
         while True:
-            _raise_if_cancelled(cancel, "request")
+            raise_if_cancelled(cancel, "request")
             try:
                 response = self._send_once(method, checked, headers, cancel)
             except SSLError as exc:
