@@ -8,6 +8,10 @@ and prints the port on stdout (also the origin of ``bench/import_e2e.py --api sn
 http``). GET and HEAD; ``Range: bytes=A-B`` (one range) answered 206 with ``Content-Range``; a strong
 ``ETag`` (size and mtime); ``If-Match`` (412 when it differs); the body is sent with ``sendfile`` from
 the page cache. Stop it with SIGTERM.
+
+``--tls CERT KEY`` (before the files) serves https with that certificate instead: the body is then
+written through the TLS socket (``sendfile`` cannot encrypt), so the origin costs more CPU per byte;
+an origin for measuring what TLS handshakes cost the reader (``bench/httpsreader.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import http.server
 import os
 import re
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         with open(file, "rb") as f:
             offset, left = start, end - start + 1
+            if isinstance(self.connection, ssl.SSLSocket):
+                f.seek(offset)
+                while left > 0 and (piece := f.read(min(left, 1 << 20))):
+                    self.wfile.write(piece)
+                    left -= len(piece)
+                return
             while left > 0:
                 sent = os.sendfile(self.connection.fileno(), f.fileno(), offset, min(left, 8 << 20))
                 if sent == 0:
@@ -92,6 +103,11 @@ class _Server(http.server.ThreadingHTTPServer):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     server = _Server(("127.0.0.1", 0), _Handler)
+    if args[:1] == ["--tls"]:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args[1], args[2])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        args = args[3:]
     server.files = {}
     for arg in args:
         file = Path(arg).resolve()

@@ -67,6 +67,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
 
+    def setup(self) -> None:
+        super().setup()
+        self.served = 0  # requests answered on this connection
+        self.server.owner.count_connection()
+
     def do_GET(self) -> None:
         self._answer(with_body=True)
 
@@ -77,6 +82,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         owner = self.server.owner
         path = self.path.split("?", 1)[0]
         owner.requests.append(Recorded(self.command, self.path, dict(self.headers.items())))
+        if owner.keepalive_requests is not None and self.served >= owner.keepalive_requests:
+            # a server's keep-alive limit reached just as the client sends on the idle connection:
+            # it closes without answering (what the client's check for a dropped connection cannot see)
+            self.close_connection = True
+            owner.count_connection(unanswered=True)
+            return
+        self.served += 1
         route = owner.routes.get(path)
         if route is None:
             self._simple(404, b"no such route")
@@ -165,14 +177,20 @@ class TestHTTPServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Recorded] = []
         #: body bytes sent so far (all routes)
         self.sent = 0
+        #: connections accepted so far (for https: TLS handshakes completed)
+        self.connections = 0
+        #: requests answered per connection; the next one on it is closed unanswered (None: no limit)
+        self.keepalive_requests: int | None = None
+        #: connections closed at a request past ``keepalive_requests``
+        self.closed_unanswered = 0
         self._sent_lock = threading.Lock()
         self.stopping = threading.Event()
-        self._server = _Server((host, 0), _Handler)
+        self._server = _Server((host, port), _Handler)
         self._server.owner = self
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
@@ -201,6 +219,14 @@ class TestHTTPServer:
     def count_sent(self, n: int) -> None:
         with self._sent_lock:
             self.sent += n
+
+    def count_connection(self, *, unanswered: bool = False) -> None:
+        """One more connection accepted, or (``unanswered``) one closed at a request it did not answer."""
+        with self._sent_lock:
+            if unanswered:
+                self.closed_unanswered += 1
+            else:
+                self.connections += 1
 
     def hits(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path.split("?", 1)[0] == path]

@@ -1,12 +1,14 @@
 """HTTP(S) client for untrusted URLs: pinned addresses, re-validated redirects, bounded retries.
 
-Every request goes through :meth:`UrlPolicy.check` first and then connects to the address that check
-resolved (DNS pinning), while sending the URL's own ``Host`` header and, for https, SNI and certificate
-verification for the URL's host name. Redirects are never followed blindly: each ``Location`` is checked
-again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anything connects to it), at
-most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with exponential back-off
-and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it. Errors in the
-middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
+Every request goes through :meth:`UrlPolicy.check` first and then connects to the address that check resolved
+(DNS pinning), while sending the URL's own ``Host`` header and, for https, SNI and certificate verification
+for the URL's host name. Connections are kept alive and reused across requests in pools per checked address
+(:mod:`.httppool`), so the ranges of one import share a few connections (and TLS handshakes) instead of
+opening one each; the check still runs before every request. Redirects are never followed blindly: each
+``Location`` is checked again (a redirect to 169.254.169.254 fails with ``UrlNotAllowed`` before anything
+connects to it), at most :data:`MAX_REDIRECTS` hops. Connection errors and 5xx answers are retried with
+exponential back-off and jitter; 4xx answers are returned to the caller, which knows what a 404 means for it.
+Errors in the middle of a body raise :class:`TransferInterrupted` so callers can resume (Range) or retry.
 
 Messages describe a network failure in fixed words (:func:`describe_network_error`: "connection
 refused", "read timed out"…), never with the text of urllib3's, http.client's or botocore's
@@ -20,18 +22,25 @@ import http.client
 import logging
 import random
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Generator, Mapping
 from urllib.parse import urljoin
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, SSLError
+from urllib3.exceptions import ConnectTimeoutError, ProtocolError, SSLError
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from ..config import SourcesConfig
-from ..errors import Cancelled, ImagingError
+from ..errors import ImagingError
 from ..redact import redact_url
+
+# re-exported (the ``name as name`` imports): the sources import them from here
+from .httpio import CHUNK_SIZE as CHUNK_SIZE
+from .httpio import FILL_STEP as FILL_STEP
+from .httpio import direct_readinto as direct_readinto
+from .httpio import raise_if_cancelled
+from .httpio import shutdown_on_cancel as shutdown_on_cancel
+from .httpio import sleep_or_cancel as sleep_or_cancel
+from .httppool import DEFAULT_POOL_SIZE, PinnedPools, finish
 
 # re-exported: the sources import them from here
 from .neterrors import describe_network_error as describe_network_error
@@ -41,10 +50,6 @@ from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-CHUNK_SIZE = 256 * 1024
-#: bytes received per call by :meth:`HttpResponse.fill`: large, so the Python work of a call is
-#: nothing against its bytes; small enough that counters and the cancel check follow the transfer
-FILL_STEP = 1 << 20
 USER_AGENT = "imaging-appliance/0.1"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Defaults match config.DEFAULTS["sources"]; used when the policy did not come from a configuration.
@@ -54,8 +59,6 @@ DEFAULT_RETRIES = 5
 #: back-off before retry n (0-based) is in [d/2, d] with d = min(backoff_max, backoff * 2**n)
 DEFAULT_BACKOFF = 0.5
 DEFAULT_BACKOFF_MAX = 30.0
-# How often a streaming body looks at the cancel event while a read is blocked.
-_CANCEL_POLL = 0.1
 
 
 class SourceUnavailable(ImagingError):
@@ -100,34 +103,15 @@ def fill_pieces(
     the body has a byte more. :class:`Cancelled` once ``cancel`` is set."""
     got, size = 0, len(view)
     while got < size:
-        _raise_if_cancelled(cancel, "download")
+        raise_if_cancelled(cancel, "download")
         n = readinto(view[got : min(got + step, size)])
         if not n:
-            _raise_if_cancelled(cancel, "download")  # a shut-down socket reads as the end
+            raise_if_cancelled(cancel, "download")  # a shut-down socket reads as the end
             return
         got += n
         yield n
     if readinto(memoryview(bytearray(1))):
         raise BodyTooLong(f"the body is longer than the {size} bytes asked for")
-
-
-def direct_readinto(raw: Any) -> Callable[[memoryview], int]:
-    """The ``readinto`` of the http.client response under urllib3's ``raw`` (bytes straight from the
-    socket into the caller's buffer), when urllib3 holds none of the body and decodes nothing; else
-    urllib3's own (which reads a new bytes object and copies it). urllib3 2's ``readinto`` is
-    ``read`` plus a copy, and http.client's ``read(n)`` allocates, fills and copies again: three
-    passes over every byte where one does."""
-    fp = getattr(raw, "_fp", None)
-    decoded = getattr(raw, "_decoded_buffer", None)
-    if (
-        isinstance(fp, http.client.HTTPResponse)
-        and not getattr(raw, "decode_content", True)
-        and not getattr(raw, "_has_decoded_content", True)
-        and decoded is not None
-        and len(decoded) == 0
-    ):
-        return fp.readinto
-    return cast("Callable[[memoryview], int]", raw.readinto)
 
 
 def format_range(start: int, end: int | None = None) -> str:
@@ -137,61 +121,11 @@ def format_range(start: int, end: int | None = None) -> str:
     return f"bytes={start}-" + ("" if end is None else str(end))
 
 
-def _raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled(f"{what} cancelled")
-
-
-def sleep_or_cancel(seconds: float, cancel: threading.Event | None, what: str) -> None:
-    """Sleep ``seconds``; raise :class:`Cancelled` as soon as ``cancel`` is set."""
-    if cancel is None:
-        time.sleep(seconds)
-    elif cancel.wait(seconds):
-        raise Cancelled(f"{what} cancelled")
-
-
-@contextlib.contextmanager
-def shutdown_on_cancel(cancel: threading.Event | None, shutdown: Callable[[], None]) -> Iterator[None]:
-    """While the body runs, call ``shutdown`` (which shuts the connection's socket down) once
-    ``cancel`` is set, so that a read blocked on a server that sends nothing more returns at once
-    (within :data:`_CANCEL_POLL`) instead of at ``read_timeout``. The reader then sees the cancel.
-
-    ``shutdown`` may raise ``ValueError``, ``RuntimeError`` or ``OSError`` (the connection is already
-    closed or released): nothing is blocked on it then.
-    """
-    if cancel is None:
-        yield
-        return
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(_CANCEL_POLL):
-            if cancel.is_set():
-                with contextlib.suppress(ValueError, RuntimeError, OSError):
-                    shutdown()
-                return
-
-    watcher = threading.Thread(target=watch, name="cancel watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
-
-
 class HttpResponse:
     """A response whose body has not been read yet. Close it (or use ``with``) when done."""
 
-    def __init__(
-        self,
-        raw: urllib3.BaseHTTPResponse,
-        pool: urllib3.HTTPConnectionPool,
-        url: str,
-        cancel: threading.Event | None,
-    ) -> None:
+    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str, cancel: threading.Event | None) -> None:
         self._raw = raw
-        self._pool = pool
         self.status: int = raw.status
         #: case-insensitive header mapping
         self.headers: Mapping[str, str] = raw.headers
@@ -219,11 +153,11 @@ class HttpResponse:
         # A blocked read only ends at read_timeout; shutting the socket down ends it at once.
         with shutdown_on_cancel(self._cancel, self._raw.shutdown):
             while True:
-                _raise_if_cancelled(self._cancel, "download")
+                raise_if_cancelled(self._cancel, "download")
                 try:
                     chunk = self._raw.read(chunk_size, decode_content=False)
                 except (_Urllib3Error, OSError) as exc:
-                    _raise_if_cancelled(self._cancel, "download")
+                    raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
                         f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
                         f"{describe_network_error(exc)}",
@@ -233,7 +167,7 @@ class HttpResponse:
                     break
                 self._received += len(chunk)
                 yield chunk
-            _raise_if_cancelled(self._cancel, "download")
+            raise_if_cancelled(self._cancel, "download")
 
     def fill(self, view: memoryview, step: int = FILL_STEP) -> Generator[int, None, None]:
         """Receive the body (raw, no content decoding) straight into ``view``: the count of each piece
@@ -247,7 +181,7 @@ class HttpResponse:
                 try:
                     n = next(pieces, 0)
                 except (_Urllib3Error, OSError, http.client.HTTPException) as exc:
-                    _raise_if_cancelled(self._cancel, "download")
+                    raise_if_cancelled(self._cancel, "download")
                     raise TransferInterrupted(
                         f"the transfer from {redact_url(self.url)} broke after {self._received} bytes: "
                         f"{describe_network_error(exc)}",
@@ -269,9 +203,9 @@ class HttpResponse:
         return bytes(out[: limit + 1])
 
     def close(self) -> None:
-        """Close the connection (never reused: each request has its own pinned pool)."""
-        self._raw.close()
-        self._pool.close()
+        """Done with the response: its connection goes back to its pool when the body was read to
+        the end, else it is closed (a body left halfway must not reach the next request)."""
+        finish(self._raw)
 
     def __enter__(self) -> HttpResponse:
         return self
@@ -281,7 +215,8 @@ class HttpResponse:
 
 
 class HttpClient:
-    """Fetches policy-checked URLs. One instance may be shared by threads (it holds no connections)."""
+    """Fetches policy-checked URLs. One instance may be shared by threads, and so may its copies
+    (``copy.copy``, e.g. with another read timeout): they share its kept-alive connections."""
 
     def __init__(
         self,
@@ -294,8 +229,10 @@ class HttpClient:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_redirects: int = MAX_REDIRECTS,
         ca_certs: str | None = None,
+        pool_size: int | None = None,
     ) -> None:
-        """Timeouts and retries default to ``policy.sources`` (the configuration the policy came from)."""
+        """Timeouts and retries default to ``policy.sources`` (the configuration the policy came from);
+        ``pool_size``, the idle connections kept per address, to its ranges in flight + 2."""
         sources = policy.sources
         self.policy = policy
         self.connect_timeout = connect_timeout or (
@@ -308,6 +245,18 @@ class HttpClient:
         self.max_redirects = max_redirects
         #: CA bundle for https (None: the system store)
         self.ca_certs = ca_certs
+        if pool_size is None:
+            pool_size = sources.parallel_ranges + 2 if sources else DEFAULT_POOL_SIZE
+        self._pools = PinnedPools(pool_size)
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections this client (and its copies) opened so far; for https, TLS handshakes."""
+        return self._pools.opened
+
+    def close(self) -> None:
+        """Close the kept-alive connections (the client still works: it opens new ones)."""
+        self._pools.close()
 
     @classmethod
     def from_config(cls, sources: SourcesConfig, policy: UrlPolicy | None = None) -> HttpClient:
@@ -381,7 +330,7 @@ class HttpClient:
         attempt = 0
         cause: BaseException | None
         while True:
-            _raise_if_cancelled(cancel, "request")
+            raise_if_cancelled(cancel, "request")
             try:
                 response = self._send_once(method, checked, headers, cancel)
             except SSLError as exc:
@@ -422,44 +371,47 @@ class HttpClient:
     ) -> HttpResponse:
         hdrs = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
         hdrs["Host"] = checked.host_header
+        # per request, not per pool: copies of this client with another read timeout share the pools
+        timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
         last: BaseException | None = None
         for address in checked.addresses:
-            pool = self._pool(checked, address)
+            pool = self._pools.get(checked, address, self.ca_certs)
             try:
-                raw = pool.urlopen(
+                raw = self._urlopen(pool, method, checked.target, hdrs, timeout)
+            except ConnectTimeoutError as exc:  # includes NewConnectionError (refused, unreachable)
+                last = exc
+                continue  # the next pinned address may answer
+            return HttpResponse(raw, checked.url, cancel)
+        assert last is not None
+        raise last
+
+    def _urlopen(
+        self,
+        pool: urllib3.HTTPConnectionPool,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        timeout: urllib3.Timeout,
+    ) -> urllib3.BaseHTTPResponse:
+        # A kept-alive connection the server closed while it sat idle fails before any answer; that
+        # is no failure of the origin, so the request is sent again at once on another connection
+        # (not counted as a retry): at most once per idle connection the pool can hold, and never
+        # after a failure on a new connection.
+        for attempt in range(self._pools.maxsize + 1):
+            try:
+                return pool.urlopen(
                     method,
-                    checked.target,
-                    headers=hdrs,
+                    target,
+                    headers=headers,
                     redirect=False,
                     retries=False,
+                    timeout=timeout,
                     preload_content=False,
                     decode_content=False,
                     assert_same_host=False,
                 )
-            except ConnectTimeoutError as exc:  # includes NewConnectionError (refused, unreachable)
-                pool.close()
-                last = exc
-                continue  # the next pinned address may answer
-            except BaseException:
-                pool.close()
-                raise
-            return HttpResponse(raw, pool, checked.url, cancel)
-        assert last is not None
-        raise last
-
-    def _pool(self, checked: CheckedUrl, address: str) -> urllib3.HTTPConnectionPool:
-        timeout = urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
-        if checked.scheme == "https":
-            return urllib3.HTTPSConnectionPool(
-                address,
-                checked.port,
-                timeout=timeout,
-                maxsize=1,
-                retries=False,
-                cert_reqs="CERT_REQUIRED",
-                ca_certs=self.ca_certs,
-                # the certificate must be valid for the URL's host, not for the pinned address
-                server_hostname=checked.host,
-                assert_hostname=checked.host,
-            )
-        return urllib3.HTTPConnectionPool(address, checked.port, timeout=timeout, maxsize=1, retries=False)
+            except ProtocolError:
+                if attempt == self._pools.maxsize or not self._pools.reused:
+                    raise
+                log.debug("%s: a kept-alive connection was closed by the server; sending again", pool.host)
+        raise AssertionError("unreachable: the last attempt returns or raises")
