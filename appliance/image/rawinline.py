@@ -32,6 +32,11 @@ class InlineRawDecode:
     """One RAW decode into ``sink`` in this process (module docstring). Use as a context manager:
     :meth:`feed` the input in order, then :meth:`finish`."""
 
+    #: the decoder named in boundaries (the child's decoder of that name resumes from them, and back)
+    format = RAW
+    #: what the errors call the input
+    what = "RAW image"
+
     def __init__(
         self,
         sink: Sink,
@@ -56,7 +61,7 @@ class InlineRawDecode:
         self.offset, self.data_bytes = 0, 0
         if resume is not None:
             try:
-                self.data_bytes = offset_state(resume, RAW, input_size)
+                self.data_bytes = offset_state(resume, self.format, input_size)
             except ValueError as exc:  # (the caller checked it already: as the child would refuse it)
                 raise ImagingError(
                     f"the checkpoint to resume from is refused: {exc}", code=BAD_CHECKPOINT
@@ -95,7 +100,7 @@ class InlineRawDecode:
         at, n = self.offset, len(piece)
         if at + n > self._limit:
             if self.input_size is not None:
-                raise corrupt("RAW image", self._limit, f"the input is longer than its size {self._limit}")
+                raise corrupt(self.what, self._limit, f"the input is longer than its size {self._limit}")
             raise too_large(at + n, self._limit, "RAW input")
         self.data_bytes += emit(self.sink, at, piece)
         self.offset += n
@@ -104,7 +109,8 @@ class InlineRawDecode:
             self.on_output(self.produced)
         if self.offset >= self._next_boundary:
             if self.on_boundary is not None:
-                self.on_boundary(Boundary(RAW, self.offset, {"data_bytes": self.data_bytes}), self.produced)
+                boundary = Boundary(self.format, self.offset, {"data_bytes": self.data_bytes})
+                self.on_boundary(boundary, self.produced)
             self._next_boundary = self.offset + self._every
 
     def finish(self) -> StreamResult:
@@ -113,7 +119,7 @@ class InlineRawDecode:
             tail, self._tail = self._tail, b""
             self._take(tail)
         if self.input_size is not None and self.offset != self.input_size:
-            raise corrupt("RAW image", self.offset, f"the input ends before its size {self.input_size}")
+            raise corrupt(self.what, self.offset, f"the input ends before its size {self.input_size}")
         self.virtual_size = self.offset
         return StreamResult(self.offset, self.offset, self.data_bytes)
 

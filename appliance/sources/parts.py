@@ -3,7 +3,8 @@
 The legacy ImportVolume/ImportInstance calls name a manifest URL that usually does not exist yet:
 euca2ools presigns it, creates the task, and only then PUTs the manifest and the parts. So
 :func:`wait_for_manifest` polls the manifest URL (404 or S3's 403 for a missing key mean "not yet"), then
-HEADs each part until it is there, all with exponential back-off, until the task's deadline.
+HEADs each part until it is there (several at a time, answers taken in index order), all with
+exponential back-off, until the task's deadline.
 :func:`download_parts` then reads the parts in index order, checking each one's length and (for plain
 single-PUT S3 ETags) MD5, retrying a bad part from its start, and reporting each verified part so the
 caller can checkpoint and resume.
@@ -26,6 +27,7 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import defusedxml.ElementTree as SafeET
@@ -122,8 +124,9 @@ def wait_for_manifest(
 
     A 404, or S3's 403 for a key that does not exist yet, means "not uploaded yet": the URL is polled
     every ``poll_interval`` seconds, doubling up to ``max_interval`` (defaults: ``sources.manifest_poll_*``).
-    Then each part's head-url is HEADed in index order until it answers 200 (euca2ools uploads parts
-    after the manifest). ``on_wait`` gets a short status before each wait. Raises
+    Then each part's head-url is HEADed until it answers 200 (euca2ools uploads parts after the
+    manifest): ``sources.parallel_ranges`` HEADs at a time, their answers taken in index order.
+    ``on_wait`` gets a short status before each wait. Raises
     :class:`SourceUnavailable` ("the import manifest was not uploaded before the task expired") at
     ``deadline`` (aware datetime; naive means UTC), :class:`ManifestInvalid`, :class:`UrlNotAllowed` for
     a disallowed manifest or part URL, :class:`Cancelled` within about a second of ``cancel``.
@@ -155,22 +158,37 @@ def wait_for_manifest(
     backoff.reset()
     count = len(manifest.parts)
     index = 0
-    while index < count:
-        part = manifest.parts[index]
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("waiting for the import upload cancelled")
-        present, answer = _part_present(client, part, cancel)
-        if present:
-            index += 1
-            backoff.reset()
-            continue
-        if _remaining(deadline) <= 0:
-            raise SourceUnavailable(
-                f"part {index + 1} of {count} ({part.key}) was not uploaded before the task expired (last "
-                f"answer: {answer}); finish the upload (e.g. euca-resume-import) and import again"
-            )
-        notify(f"waiting for part {index + 1} of {count} to be uploaded ({answer})")
-        _wait(backoff, deadline, cancel)
+    width = sources.parallel_ranges if sources else DEFAULT_PARALLEL
+    # the parts' HEADs go ``width`` at a time (one after the other they were ~0.4 s of a 2 GiB
+    # ImportVolume's 205 parts, before any byte moved); their answers are taken in index order, so
+    # the first part not there yet, or the first refusal, is the one a sequential wait would meet
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="part-heads") as pool:
+        while index < count:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("waiting for the import upload cancelled")
+            batch = manifest.parts[index : index + 2 * width]
+            answers = [pool.submit(_part_present, client, part, cancel) for part in batch]
+            present, answer = True, ""
+            try:
+                for future in answers:
+                    present, answer = future.result()
+                    if not present:
+                        break
+                    index += 1
+            finally:
+                for future in answers:
+                    future.cancel()  # the HEADs past a missing part are asked again after the wait
+            if present:
+                backoff.reset()
+                continue
+            part = manifest.parts[index]
+            if _remaining(deadline) <= 0:
+                raise SourceUnavailable(
+                    f"part {index + 1} of {count} ({part.key}) was not uploaded before the task expired "
+                    f"(last answer: {answer}); finish the upload (e.g. euca-resume-import) and import again"
+                )
+            notify(f"waiting for part {index + 1} of {count} to be uploaded ({answer})")
+            _wait(backoff, deadline, cancel)
     return manifest
 
 

@@ -12,11 +12,12 @@ path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
 ``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
 retried, the stall watchdog), feeds it through the confined sequential decoder
 (:class:`~appliance.image.streamed.StreamDecode`; plain RAW, with nothing to parse, through
-:class:`~appliance.image.rawinline.InlineRawDecode` in this process) and writes the RAW disk straight
-into the image target's new partial file (sparse: zero ranges are holes). The written disk is then
-inspected as a conversion's output is (a RAW claim, the full inspection), the guest is validated on it as
-``guest.validate`` does, and only then is it published; any failure removes the partial — a hostile
-stream leaves no image. No scratch is reserved on this path.
+:class:`~appliance.image.rawinline.InlineRawDecode` in this process, and a fixed VHD of known size,
+RAW data then a footer, through :class:`~appliance.image.vhdinline.InlineVhdFixedDecode`) and writes
+the RAW disk straight into the image target's new partial file (sparse: zero ranges are holes). The
+written disk is then inspected as a conversion's output is (a RAW claim, the full inspection), the
+guest is validated on it as ``guest.validate`` does, and only then is it published; any failure
+removes the partial — a hostile stream leaves no image. No scratch is reserved on this path.
 
 With the S3 image target the decoder's output goes in order into a multipart upload to a staging key, is
 inspected and guest-validated there (read back with cached ranged GETs) and only then copied to its final
@@ -68,6 +69,7 @@ from ..image.rawinline import InlineRawDecode
 from ..image.rawstream import RAW
 from ..image.streamed import StreamDecode, StreamResult
 from ..image.vhdfixed import FORMAT as VHD_FIXED
+from ..image.vhdinline import InlineVhdFixedDecode
 from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..sources.fetch import parse_source
@@ -236,10 +238,13 @@ def stream_source(
             "boundary_every": checkpoints.every if checkpoints is not None else BOUNDARY_EVERY,
             "on_boundary": checkpoints.on_boundary if checkpoints is not None else None,
         }
-        # plain RAW has nothing to parse: decoded here (rawinline), not through the confined child
+        # plain RAW has nothing to parse, nor a fixed VHD of known size before its footer: decoded
+        # here (rawinline, vhdinline), not through the confined child
         stream: StreamDecode | InlineRawDecode = (
             InlineRawDecode(sink, **common)
             if decoder == RAW
+            else InlineVhdFixedDecode(sink, input_size=size, **common)
+            if decoder == VHD_FIXED and size is not None
             else StreamDecode(
                 decoder,
                 sink,

@@ -31,6 +31,7 @@ from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_i
 from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
 from ..image.vhdfixed import FORMAT as VHD_FIXED
+from ..image.vhdinline import InlineVhdFixedDecode
 from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..scratch import is_no_space, no_space_error
@@ -265,21 +266,31 @@ class VolumeImportStep(Step):
                 meter.set_total(virtual[0] or m.size)
                 meter.wrote(produced[0])
 
-            with StreamDecode(
-                decoder,
-                HashedSink(out, written),
-                capacity=vol.size,
-                limits=limits,
-                max_virtual_size=limits.max_virtual_size,  # a disk larger than the volume: on_virtual_size
-                max_decompressed_size=limits.max_decompressed_size,
-                input_size=m.size if decoder == VHD_FIXED else None,
-                resume=resume,
-                boundary_every=ctx.config.sources.checkpoint_every,
-                on_virtual_size=on_virtual_size,
-                on_boundary=on_boundary,
-                on_output=on_output,
-                cancel=ctx.cancel,
-            ) as stream:
+            common: dict[str, Any] = {
+                "capacity": vol.size,
+                "max_virtual_size": limits.max_virtual_size,  # a disk larger than the volume: on_virtual_size
+                "resume": resume,
+                "boundary_every": ctx.config.sources.checkpoint_every,
+                "on_virtual_size": on_virtual_size,
+                "on_boundary": on_boundary,
+                "on_output": on_output,
+                "cancel": ctx.cancel,
+            }
+            # a fixed VHD of known size is RAW data and a footer: decoded here (vhdinline), without
+            # the child's two pipe crossings of every byte
+            stream: StreamDecode | InlineVhdFixedDecode = (
+                InlineVhdFixedDecode(HashedSink(out, written), input_size=m.size, **common)
+                if decoder == VHD_FIXED
+                else StreamDecode(
+                    decoder,
+                    HashedSink(out, written),
+                    limits=limits,
+                    max_decompressed_size=limits.max_decompressed_size,
+                    input_size=None,
+                    **common,
+                )
+            )
+            with stream:
 
                 def write(offset: int, chunk: bytes | memoryview) -> None:
                     if offset + len(chunk) <= first_input:

@@ -210,6 +210,41 @@ def test_cancel_stops_the_wait_promptly(moto: MotoServer, bucket: str, disk: Pat
     assert isinstance(result.get("error"), Cancelled)
 
 
+def test_the_parts_are_headed_several_at_a_time_and_a_missing_one_is_waited_for_in_index_order() -> None:
+    parts = "".join(
+        f'<part index="{i}"><byte-range start="{50 * i}" end="{50 * i + 49}"/><key>k{i}</key>'
+        f"<head-url>{{proxy}}/h{i}</head-url><get-url>{{srv}}/g{i}</get-url></part>"
+        for i in range(6)
+    )
+    xml = (
+        "<manifest><version>2010-11-15</version><file-format>RAW</file-format><import><size>300</size>"
+        f'<volume-size>1</volume-size><parts count="6">{parts}</parts></import></manifest>'
+    )
+    with TestHTTPServer() as srv, StallingProxy(srv.endpoint) as proxy:
+        srv.add("/m.xml", xml.format(proxy=proxy.endpoint, srv=srv.endpoint).encode())
+        for i in range(6):
+            srv.add(f"/h{i}", bytes(50))
+        srv.routes["/h4"].status = 404  # not uploaded yet
+        proxy.arm_object_request("HEAD", "/h0")  # part 0's HEAD is held until released
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint, proxy.endpoint])
+        waits: list[str] = []
+        thread, result = run_in_thread(
+            wait_for_manifest, srv.url("/m.xml"), policy, deadline=soon(), on_wait=waits.append,
+            poll_interval=0.05, max_interval=0.1,
+        )  # fmt: skip
+        # the next parts are asked while part 0's answer is held (one after the other, they were not)
+        wait_until(lambda: bool(srv.hits("/h1") and srv.hits("/h2")), what="HEADs of parts 1 and 2")
+        assert not waits and not srv.hits("/h0")
+        proxy.release()
+        # part 5 is there but part 4 is not: the wait names part 5 of 6, as a sequential wait would
+        wait_until(lambda: bool(waits), what="a wait for part 5")
+        assert waits[0].startswith("waiting for part 5 of 6")
+        srv.routes["/h4"].status = 200
+        thread.join(timeout=60)
+    assert "value" in result, result.get("error")
+    assert len(result["value"].parts) == 6
+
+
 def test_expired_presigned_manifest_url_fails_without_waiting() -> None:
     with TestHTTPServer() as srv:
         body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"

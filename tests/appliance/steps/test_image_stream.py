@@ -18,6 +18,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.scratch import ScratchSpace
 from appliance.service.imports import DiskContainer, ImportService, outcome
+from appliance.steps import image_stream
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
@@ -105,8 +106,23 @@ def run_import_with_events(
 
 @pytest.mark.parametrize("kind", ["raw", "gz", "vmdk-stream", "vhd-fixed"])
 def test_a_sequential_format_streams_into_the_image_target_with_no_scratch_and_equals_qemu_img_convert(
-    kind: str, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+    kind: str,
+    cfg: config_mod.Config,
+    moto: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the confined decoder children started: none for RAW and a fixed VHD of known size (decoded in
+    # the task process), one for what has structure to parse
+    started: list[str] = []
+    child = image_stream.StreamDecode
+
+    def counted(decoder: str, *args: Any, **kwargs: Any) -> Any:
+        started.append(decoder)
+        return child(decoder, *args, **kwargs)
+
+    monkeypatch.setattr(image_stream, "StreamDecode", counted)
     src = tmp_path / "src"
     src.mkdir()
     image, claim = source_of(kind, src)
@@ -129,6 +145,7 @@ def test_a_sequential_format_streams_into_the_image_target_with_no_scratch_and_e
     assert stored.stat().st_size == reference.stat().st_size
     # sparse: the zero run is a hole, not written
     assert stored.stat().st_blocks * 512 <= stored.stat().st_size - 4 * MiB
+    assert len(started) == (0 if kind in ("raw", "vhd-fixed") else 1), started
 
 
 def test_a_stream_vmdk_with_a_grain_beyond_its_capacity_fails_corrupt_and_leaves_no_image(
