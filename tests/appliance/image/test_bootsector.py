@@ -21,6 +21,7 @@ from appliance.guest import validate_image
 from appliance.image import bootsector
 from appliance.image.convert import convert_image
 from appliance.image.inspect import inspect_image
+from appliance.image.stream import RawStreamCheck
 from tests import imagefactory as factory
 
 QEMU_IMG = factory.QEMU_IMG
@@ -252,6 +253,23 @@ def test_empty_labelled_data_disk_is_accepted_in_every_container(
     assert result.format == claimed
     if container == "raw":
         assert result.details["partition_table"] == "mbr"
+
+
+@pytest.mark.parametrize("tool", LABELLERS)
+def test_empty_labelled_disk_streamed_as_a_raw_upload_passes_the_stream_check(
+    tool: str, labelled: dict[tuple[str, str], Path], tmp_path: Path
+) -> None:
+    # the check RAW volume uploads and bundles get as they stream past (no file to inspect)
+    def verdict(path: Path) -> list[str]:
+        check = RawStreamCheck()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                check.eat(chunk)
+        return [f.code for f in check.verdict()]
+
+    assert verdict(labelled[tool, "raw"]) == []
+    build, _ = INVALID_TABLES["empty-label-with-bad-boot-flag"]
+    assert verdict(build(tmp_path)) == ["UnsafeImage.PartitionTable"]
 
 
 # ------------------------------------------------------------------------------------------- conversion
