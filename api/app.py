@@ -71,6 +71,7 @@ _STATUS_BY_CODE = {
     "InvalidConfiguration": falcon.HTTP_503,
     "SourceUnavailable": falcon.HTTP_502,
     "UrlNotAllowed": falcon.HTTP_400,
+    "Source.Unreachable": falcon.HTTP_400,
     bundles.INSECURE_TRANSPORT: falcon.HTTP_403,
 }
 _STATUS_BY_CLASS = (

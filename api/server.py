@@ -32,6 +32,7 @@ from appliance import config as config_mod
 from appliance import redact
 from appliance.config import Config
 from appliance.errors import ConfigError
+from appliance.statedir import secure_state_dir
 
 from .app import create_app
 from .gunicorn_worker import Ec2ErrorWorker
@@ -178,6 +179,7 @@ def serve(config: Config, reread: Callable[[], Config] | None = None, pid_file: 
     ``SIGHUP`` reloads gracefully (onto ``reread()`` when given)."""
     check_tls(config)
     configure_logging(config.log_level)
+    secure_state_dir(config.state_dir)  # private, also what an older installation left
     try:
         ApplianceServer(config, reread=reread, pid_file=pid_file).run()
     except SystemExit as exc:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .errors import DuplicateKey, StoreError, StoreUnavailable
 from .redact import redact_url
+from .statedir import private_dir, private_file
 
 #: keys of the transaction-scoped locks (PostgreSQL advisory locks; one 64-bit namespace shared
 #: with every other user of the database, hence the ``imag`` prefix)
@@ -253,7 +254,9 @@ class SQLiteDatabase:
         self.name = str(path)
         self._lock = threading.RLock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # created private (0700 directory, 0600 file) before SQLite opens it under the umask; its
+            # WAL and shared-memory files take the database file's mode
+            private_file(private_dir(path.parent) / path.name)
             conn = sqlite3.connect(
                 str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )

@@ -7,7 +7,8 @@ them quickly.
 
 Good images: :func:`raw_mbr`, :func:`qcow2`, :func:`vmdk_sparse`, :func:`vmdk_stream`, :func:`vhd_dynamic`,
 :func:`vhd_fixed`, :func:`vhdx`, :func:`vdi`, :func:`iso`; bare FAT and NTFS volumes (:func:`ntfs_volume`,
-:func:`vfat_volume`, real mkfs); :func:`compress` wraps any file in gzip/xz/zstd/bzip2. Hostile images:
+:func:`vfat_volume`, real mkfs); an empty partition table (:func:`empty_label`, real parted/sfdisk);
+:func:`compress` wraps any file in gzip/xz/zstd/bzip2. Hostile images:
 everything in the "hostile" section (see each docstring for what it exercises).
 """
 
@@ -248,6 +249,21 @@ def vfat_volume(
     if fake_mbr:
         argv.append("--mbr=y")
     subprocess.run([*map(str, argv), str(path), str(size_kib)], check=True, capture_output=True)
+    return path
+
+
+def empty_label(directory: Path, tool: str = "parted", name: str | None = None, size_mib: int = 16) -> Path:
+    """A raw disk with an empty MBR partition table, as ``parted mklabel msdos`` or ``sfdisk`` (``tool``)
+    label a fresh data disk: boot signature and disk identifier, four all-zero partition entries."""
+    path = directory / (name or f"empty-{tool}.raw")
+    with open(path, "wb") as f:
+        f.truncate(size_mib * MiB)
+    if tool == "parted":
+        subprocess.run(["parted", "-s", str(path), "mklabel", "msdos"], check=True, capture_output=True)
+    elif tool == "sfdisk":
+        subprocess.run(["sfdisk", "-q", str(path)], input=b"label: dos\n", check=True, capture_output=True)
+    else:
+        raise ValueError(f"unknown partitioning tool {tool!r}")
     return path
 
 

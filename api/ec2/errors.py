@@ -70,6 +70,8 @@ ERROR_TABLE: dict[str, tuple[str, int]] = {
     "MissingParameter": ("MissingParameter", 400),
     "IdempotentParameterMismatch": ("IdempotentParameterMismatch", 400),
     "UrlNotAllowed": ("InvalidParameterValue", 400),
+    # the URL's host name does not resolve (appliance.sources.urlfilter.HostUnresolvable)
+    "Source.Unreachable": ("InvalidParameterValue", 400),
     # what an export names does not exist (appliance.service.resolver), in EC2's codes
     "InvalidAMIID.NotFound": ("InvalidAMIID.NotFound", 400),
     "InvalidAMIID.Malformed": ("InvalidAMIID.Malformed", 400),
@@ -118,6 +120,8 @@ def from_imaging_error(exc: ImagingError) -> Ec2Error:
     message = exc.message
     if exc.code == "UrlNotAllowed":
         message = f"The URL is not allowed: {message}"
+    elif exc.code == "Source.Unreachable":
+        message = f"The URL cannot be reached: {message}"
     elif exc.code == "StateStoreUnavailable":
         message = STORE_UNAVAILABLE_MESSAGE
     return Ec2Error(code, message, status)

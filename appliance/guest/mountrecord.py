@@ -137,7 +137,7 @@ class StateFile:
     """The owner's record of what it attached and mounted, for crash recovery."""
 
     def __init__(self, mounts_dir: Path, owner: str, image: str) -> None:
-        mounts_dir.mkdir(parents=True, exist_ok=True)
+        mounts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # names the images mounted
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", owner) or "owner"
         n = 0
         while True:

@@ -20,6 +20,11 @@ partition table, and so is one with a parameter block and a table: a boot sector
 from the MBR checks. A signature alone (the OEM name "NTFS") is not enough: the parameter block must be
 consistent.
 
+An MBR whose four entries are all zero is a valid, empty partition table: what ``parted mklabel msdos`` or
+``sfdisk`` write on a freshly labelled data disk before any partition exists. oslo's check rejects it ("GPT
+MBR has no partitions defined"), a rule meant for GPT's protective MBR; :func:`safety_check` accepts it.
+Anything else in the entries (a bad boot flag, a protective entry with extras) is still checked by oslo.
+
 Layout of sector 0 (byte offsets; integers little-endian)::
 
     MBR                                   0x000  boot code (440 bytes)
@@ -203,6 +208,19 @@ def classify(sector: bytes) -> BootSector:
     return BootSector(table, filesystem)
 
 
+def empty_table(sector: bytes) -> bool:
+    """Whether ``sector`` is an MBR with no partitions: the boot signature and four all-zero entries.
+
+    All zero, not merely no used type: an entry with a zero type but a boot flag, an address or a size
+    is something else than a fresh label, and stays for oslo's check to judge.
+    """
+    return (
+        len(sector) >= SECTOR
+        and sector[SIGNATURE_OFFSET : SIGNATURE_OFFSET + 2] == BOOT_SIGNATURE
+        and not any(sector[PARTITION_ENTRIES:SIGNATURE_OFFSET])
+    )
+
+
 class _Inspector(Protocol):
     """The part of an oslo.utils ``FileInspector`` used here."""
 
@@ -223,10 +241,14 @@ def inspected_volume(inspector: _Inspector) -> str | None:
 
 
 def safety_check(inspector: _Inspector) -> None:
-    """``inspector.safety_check()``, except that a volume boot record is not checked as an MBR.
+    """``inspector.safety_check()``, except that a volume boot record is not checked as an MBR and an
+    empty partition table (:func:`empty_table`) is valid.
 
-    The ``gpt`` inspector's only safety check is its MBR check, so for a volume boot record nothing is
-    left to run. Raises what ``safety_check`` raises (oslo's ``SafetyCheckFailed``).
+    The ``gpt`` inspector's only safety check is its MBR check, so for a volume boot record or an empty
+    table nothing is left to run. Raises what ``safety_check`` raises (oslo's ``SafetyCheckFailed``).
     """
-    if inspected_volume(inspector) is None:
-        inspector.safety_check()
+    if inspected_volume(inspector) is not None:
+        return
+    if str(inspector) == "gpt" and empty_table(bytes(inspector.region("mbr").data)):
+        return
+    inspector.safety_check()

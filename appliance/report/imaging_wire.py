@@ -42,6 +42,7 @@ EUCA_CODES: dict[str, str] = {
     "Source.Changed": "FailureToDownloadData",
     "Source.Stalled": "FailureToDownloadData",
     "UrlNotAllowed": "FailureToDownloadData",
+    "Source.Unreachable": "FailureToDownloadData",
     "InsufficientScratch": "InsufficientDiskSize",
     "InsufficientStorage": "InsufficientDiskSize",
     "FailureToAttachVolume": "FailureToAttachVolume",

@@ -33,8 +33,9 @@ def read_heartbeat(config: Config) -> dict[str, Any] | None:
 
 def write_heartbeat(config: Config, beat: dict[str, Any]) -> None:
     """Replace the heartbeat file atomically. Not fsynced: a heartbeat lost to a crash is rewritten by
-    the next poll, and one fsync a second would be paid by every other writer on the disk."""
-    write_atomic(heartbeat_path(config), json.dumps(beat), 0o644, durable=False)
+    the next poll, and one fsync a second would be paid by every other writer on the disk. 0600 like
+    everything in the state directory (it names the tasks running): its readers run as the worker's user."""
+    write_atomic(heartbeat_path(config), json.dumps(beat), 0o600, durable=False)
 
 
 def heartbeat_age(beat: dict[str, Any], now: datetime | None = None) -> float:

@@ -60,6 +60,7 @@ from .. import confine
 from ..database import Listener
 from ..errors import StoreUnavailable
 from ..image.qemuimg import qemu_img_problem
+from ..statedir import secure_state_dir
 from ..store import CHANNEL_CANCEL, Lease, Store
 from ..timestamps import utcnow
 from ..workflow.supervisor import find_orphans, owner_id
@@ -324,7 +325,7 @@ class Worker(TaskChildren, ConfigReload):
 
         The start-up sweeps (scratch directories, partial outputs) run on the first poll that
         reaches the task database."""
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.config.state_dir)  # private, also what an older installation left
         self.setup_cgroups()  # before any thread or child exists: the worker moves to a leaf cgroup
         if threading.current_thread() is threading.main_thread():
             # Children inherit SIGUSR2 ignored until their task's supervisor handles it: a cancel

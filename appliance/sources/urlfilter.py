@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from ..config import SourcesConfig
 from ..errors import ConfigError, ImagingError
+from ..redact import redact_url
 from .s3names import bucket_problem, key_problem
 
 #: URLs longer than this are refused (presigned S3 URLs are ~1-2 KiB)
@@ -188,6 +189,36 @@ def _normalise_host(
     return host, None
 
 
+class HostUnresolvable(UrlNotAllowed):
+    """A URL whose host name does not resolve: the source cannot be reached (code ``Source.Unreachable``).
+
+    A :class:`UrlNotAllowed` so every caller that refuses a URL it cannot check refuses this one too,
+    but with its own code and words: the resolver's own text ("[Errno -2] Name or service not known")
+    says nothing to a user and names no host.
+    """
+
+    code = "Source.Unreachable"
+
+
+#: what getaddrinfo's errors mean to the user; any other keeps the resolver's words as its detail
+_RESOLVER_ERRORS = {
+    socket.EAI_NONAME: "",  # the name does not exist: nothing to add
+    socket.EAI_AGAIN: " (the DNS server did not answer: a temporary failure, import again later)",
+    getattr(socket, "EAI_NODATA", socket.EAI_NONAME): " (the name exists but has no address)",
+}
+
+
+def _unresolvable(url: str, host: str, exc: BaseException) -> HostUnresolvable:
+    if isinstance(exc, socket.gaierror) and exc.errno in _RESOLVER_ERRORS:
+        detail = _RESOLVER_ERRORS[exc.errno]
+    else:
+        detail = f" ({exc.strerror or exc})" if isinstance(exc, OSError) else f" ({exc})"
+    return HostUnresolvable(
+        f"cannot reach {redact_url(url)}: its host name {host!r} could not be resolved{detail}; check the "
+        "URL's host name and the appliance's DNS settings"
+    )
+
+
 class UrlPolicy:
     """Which URLs may be fetched: http/https only, public addresses and allowed ports, or an endpoint
     the operator listed in ``sources.allowed_endpoints``."""
@@ -267,7 +298,7 @@ class UrlPolicy:
                 f"add it to sources.allowed_ports, or add '{scheme}://{parts.netloc}' to "
                 "sources.allowed_endpoints"
             )
-        addresses = (str(literal),) if literal is not None else self._resolve(host, port)
+        addresses = (str(literal),) if literal is not None else self._resolve(url, host, port)
         if not allowed:
             for address in addresses:
                 why = address_problem(address)
@@ -280,11 +311,11 @@ class UrlPolicy:
                     )
         return CheckedUrl(url, scheme, host, port, addresses, allowed)
 
-    def _resolve(self, host: str, port: int) -> tuple[str, ...]:
+    def _resolve(self, url: str, host: str, port: int) -> tuple[str, ...]:
         try:
             addresses = tuple(self.resolver(host, port))
         except (OSError, UnicodeError) as exc:
-            raise UrlNotAllowed(f"cannot resolve host {host!r}: {exc}") from exc
+            raise _unresolvable(url, host, exc) from exc
         if not addresses:
             raise UrlNotAllowed(f"host {host!r} has no addresses")
         for a in addresses:

@@ -17,6 +17,7 @@ from ..errors import (
     TaskNotFound,
     UsageError,
 )
+from ..progress import UNFLUSHED_PERCENT
 from ..redact import redact_text
 from ..timestamps import utcnow
 from .base import StoreBase
@@ -218,8 +219,12 @@ class TaskOps(StoreBase):
         """Move the task to ``state`` if :data:`TRANSITIONS` allows it (else :class:`IncorrectState`).
 
         ``expected`` makes it a compare-and-swap: the change only happens from those states.
-        Entering ``running`` stamps ``started_at``; a terminal state stamps ``finished_at`` and
-        drops the lease.
+        Entering ``running`` stamps ``started_at``; a terminal state stamps ``finished_at``, drops the
+        lease and becomes the task's ``phase`` (the last step's phase, "writing", would say it still
+        runs). Only ``completed`` shows 100 %: a failed or cancelled task keeps the percent it reached,
+        held below 100 (:data:`~appliance.progress.UNFLUSHED_PERCENT`) when its steps had counted every
+        byte — the task's percent is the highest any step reported, and a finished step's 100 % or a
+        target written but not yet published is not a finished task.
         """
         new = TaskState(state)
         now = utcnow()
@@ -240,8 +245,11 @@ class TaskOps(StoreBase):
             if new.terminal:
                 values["finished_at"] = now
                 values["lease_expires_at"] = None
+                values["phase"] = str(new)
             if new is TaskState.COMPLETED:
                 values["percent"] = 100.0
+            elif new.terminal and row["percent"] is not None:
+                values["percent"] = min(float(row["percent"]), UNFLUSHED_PERCENT)
             if status_message is not None:
                 values["status_message"] = redact_text(status_message)
             if result is not None:
@@ -310,7 +318,8 @@ class TaskOps(StoreBase):
         ``percent`` never decreases over the task's life. ``bytes_done``/``bytes_total`` never
         decrease within a phase; a new ``phase`` starts its own byte counters (a download's bytes
         and a conversion's bytes are different quantities). ``bytes_converted`` (bytes written to
-        the target) never decreases over the task's life.
+        the target) never decreases over the task's life. A finished task keeps its phase (its final
+        state) and percent: progress flushed late, after the task ended, does not change them.
 
         With ``step`` (the ``idx`` of the step that reported it), the figures are also the step's own
         progress (:attr:`StepRecord.progress`: the latest ``phase``, ``done`` and ``total``, and a
@@ -321,6 +330,8 @@ class TaskOps(StoreBase):
             self._fence(conn, task_id, lease)
             row = self._task_row(conn, task_id, lock=True)
             values: dict[str, Any] = {"updated_at": now}
+            if TaskState(row["state"]).terminal:
+                phase = percent = None
             new_phase = phase is not None and phase != row["phase"]
             if new_phase:
                 values["phase"] = phase

@@ -359,6 +359,19 @@ def test_disallowed_source_url_is_invalid_parameter_value(appliance: Appliance) 
     assert "169.254.169.254" in info.value.response["Error"]["Message"]
 
 
+def test_source_url_whose_host_does_not_resolve_is_refused_naming_the_host(appliance: Appliance) -> None:
+    # the real resolver on a reserved name (RFC 6761: .invalid never resolves)
+    with pytest.raises(ClientError) as info:
+        new_volume(
+            appliance.ec2,
+            Image={"Format": "RAW", "Bytes": 1, "ImportManifestUrl": "http://parts.nowhere.invalid/m.xml"},
+        )
+    assert code_of(info) == "InvalidParameterValue"
+    message = info.value.response["Error"]["Message"]
+    assert "could not be resolved" in message and "'parts.nowhere.invalid'" in message
+    assert "http://parts.nowhere.invalid/m.xml" in message and "Errno" not in message, message
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -27,6 +27,7 @@ from appliance.errors import (
     TaskNotFound,
     UsageError,
 )
+from appliance.progress import UNFLUSHED_PERCENT
 from appliance.store import (
     ACTIVE_STATES,
     MIGRATIONS,
@@ -229,6 +230,48 @@ def test_completed_task_shows_full_progress_and_result(store: Store) -> None:
     task_id = _drive_to(store, TaskState.RUNNING)
     task = store.set_state(task_id, TaskState.COMPLETED, result={"image": "x.qcow2"})
     assert task.percent == 100 and task.result == {"image": "x.qcow2"} and task.lease_expires_at is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        [TaskState.RUNNING, TaskState.FAILED],
+        [TaskState.RUNNING, TaskState.CANCELLING, TaskState.CANCELLED],
+        [TaskState.RUNNING, TaskState.CANCELLING, TaskState.FAILED],
+    ],
+    ids=["failed", "cancelled", "cancel-failed"],
+)
+def test_task_that_did_not_complete_keeps_its_percent_below_100_and_says_how_it_ended(
+    store: Store, path: list[TaskState]
+) -> None:
+    task_id = store.create_task("workflow").id
+    store.set_state(task_id, path[0])
+    # a first step counted all its bytes, a second one was under way: the task's percent is 100
+    store.update_progress(task_id, phase="writing", bytes_done=8, bytes_total=8, percent=100, step="1")
+    store.update_progress(task_id, phase="sleep", percent=3, step="2")
+    assert store.get_task(task_id).percent == 100
+    for state in path[1:]:
+        store.set_state(task_id, state)
+    ended = store.get_task(task_id)
+    assert (ended.state, ended.phase, ended.percent) == (path[-1], str(path[-1]), UNFLUSHED_PERCENT)
+    # progress the supervisor flushes after the end changes neither
+    late = store.update_progress(task_id, phase="writing", percent=100, step="1")
+    assert (late.phase, late.percent) == (str(path[-1]), UNFLUSHED_PERCENT)
+
+
+def test_failed_task_keeps_the_percent_it_reached_below_100(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    store.update_progress(task_id, phase="downloading", percent=42.5)
+    assert store.set_state(task_id, TaskState.FAILED).percent == 42.5
+    never = store.set_state(_drive_to(store, TaskState.PENDING), TaskState.CANCELLED)
+    assert (never.phase, never.percent) == ("cancelled", None)
+
+
+def test_completed_task_phase_says_completed_not_its_last_steps(store: Store) -> None:
+    task_id = _drive_to(store, TaskState.RUNNING)
+    store.update_progress(task_id, phase="writing", bytes_done=5, bytes_total=10, percent=50)
+    task = store.set_state(task_id, TaskState.COMPLETED)
+    assert (task.phase, task.percent) == ("completed", 100)
 
 
 def test_timestamps_are_utc_iso8601_with_z(store: Store) -> None:

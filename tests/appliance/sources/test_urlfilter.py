@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from appliance import config
 from appliance.errors import ConfigError
-from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy, address_problem
+from appliance.sources.urlfilter import HostUnresolvable, UrlNotAllowed, UrlPolicy, address_problem
 
 
 def fake_dns(table: dict[str, list[str]]):
@@ -177,9 +178,29 @@ def test_every_resolved_address_must_be_public() -> None:
     assert checked.addresses == ("8.8.8.8", "2606:4700::1111")
 
 
-def test_unresolvable_name_is_not_allowed() -> None:
-    with pytest.raises(UrlNotAllowed, match=r"cannot resolve host 'nowhere\.example'"):
+def test_unresolvable_name_is_refused_as_unreachable_naming_the_host() -> None:
+    with pytest.raises(UrlNotAllowed) as info:
         UrlPolicy(resolver=fake_dns({})).check("https://nowhere.example/x")
+    assert info.value.code == "Source.Unreachable" and "'nowhere.example'" in info.value.message
+
+
+def test_name_the_system_resolver_cannot_resolve_is_source_unreachable_without_the_os_text() -> None:
+    # the real resolver on a reserved name (RFC 6761: .invalid never resolves), with a presigned URL
+    url = "https://disks.nowhere.invalid/disk.raw?X-Amz-Signature=0123456789abcdef&X-Amz-Credential=AKIAX"
+    with pytest.raises(HostUnresolvable) as info:
+        UrlPolicy().check(url)
+    message = info.value.message
+    assert info.value.code == "Source.Unreachable"
+    assert "https://disks.nowhere.invalid/disk.raw" in message and "'disks.nowhere.invalid'" in message
+    assert "Errno" not in message and "not known" not in message and "0123456789abcdef" not in message
+
+
+def test_resolver_that_did_not_answer_says_it_is_temporary() -> None:
+    def no_answer(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(HostUnresolvable, match=r"did not answer: a temporary failure"):
+        UrlPolicy(resolver=no_answer).check("http://mirror.example/disk.raw")
 
 
 def test_resolver_returning_ipv4_mapped_private_address_is_rejected() -> None:
