@@ -24,6 +24,13 @@ spread, the noise floor of the other ratios. CPU seconds (user + system, childre
 beside the wall times: unlike them, they do not stretch with the machine's load. The toolkit's digest is
 its default, the chunked SHA-256 (``--full-sha256``: the whole-object sha256 as well, for every format).
 
+Every timed run — bare qemu-img included — is a process of its own (``export.py --one VARIANT``, started
+through :func:`taskproc.run_measured` as ``import_e2e.py`` starts its task, so its peak memory is its own):
+a worker runs each task in a new process too, and a variant timed inside the long-running benchmark process
+was once twice as dear as the same export alone. The child times only the variant (after its imports and
+the page-cache drop) and reports its wall time, its CPU seconds (user and system, its children's
+included) and its minor page faults; the parent adds the process's peak resident memory.
+
     .venv/bin/python bench/export.py              # 4 GiB disk, 3 runs
     .venv/bin/python bench/export.py --quick      # 256 MiB, 1 run: a smoke test
 """
@@ -31,7 +38,9 @@ its default, the chunked SHA-256 (``--full-sha256``: the whole-object sha256 as 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,6 +66,7 @@ from appliance.targets.exportova import OvaSource, export_ova  # noqa: E402
 
 sys.path.append(str(ROOT))
 from convert import _disk_stat_file, build_disk, drop_caches, log, wait_for_idle  # noqa: E402
+from taskproc import run_measured  # noqa: E402
 
 MiB = 1 << 20
 GOALS = {"vmdk": 0.6, "vhd": 1.05, "raw": 1.05}
@@ -78,14 +88,86 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """``(wall seconds, CPU seconds)`` of ``fn`` and a ``sync``."""
+def _minflt() -> int:
+    """Minor page faults of this process and its reaped children (qemu-img)."""
+    return sum(resource.getrusage(who).ru_minflt for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def _timed(fn: Callable[[], object]) -> dict[str, float]:
+    """Wall seconds, CPU seconds (user, system) and minor page faults of ``fn`` and a ``sync``."""
     drop_caches()
-    cpu = _cpu()
+    cpu = os.times()
+    faults = _minflt()
     start = time.perf_counter()
     fn()
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - start, _cpu() - cpu
+    wall = time.perf_counter() - start
+    end = os.times()
+    return {
+        "wall": wall,
+        "cpu": _cpu() - (cpu.user + cpu.system + cpu.children_user + cpu.children_system),
+        "user": end.user + end.children_user - cpu.user - cpu.children_user,
+        "system": end.system + end.children_system - cpu.system - cpu.children_system,
+        "minflt": _minflt() - faults,
+    }
+
+
+def _variant(
+    name: str, fmt: str, disk: Path, out: Path, work: Path, recorded: Path, full_sha256: bool
+) -> Callable[[], None]:
+    """The timed work of variant ``name`` (``export``, ``toolkit``, ``qemu-img``) for ``fmt``."""
+    cfg = config_mod.from_dict({"state_dir": str(work / "state")}, base_dir=work)
+    full = True if full_sha256 else None
+
+    def toolkit() -> None:
+        export_disk(disk, fmt, FileDestination(_fresh(out)), config=cfg, workdir=work, full_sha256=full)
+
+    def step() -> None:
+        check = SourceDigestCheck(json.loads(recorded.read_text()))
+        try:
+            export_disk(
+                disk,
+                fmt,
+                FileDestination(_fresh(out)),
+                config=cfg,
+                workdir=work,
+                full_sha256=full,
+                source_check=check,
+            )
+        finally:
+            check.close()
+
+    def bare() -> None:
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", *BARE[fmt], str(disk), str(_fresh(out))], check=True
+        )
+
+    return {"export": step, "toolkit": toolkit, "qemu-img": bare}[name]
+
+
+def run_one(args: argparse.Namespace) -> int:
+    """``--one VARIANT``: run one variant in this (new) process; its figures as JSON to ``--result``."""
+    fn = _variant(args.one, args.formats, args.disk, args.dest, args.work, args.recorded, args.full_sha256)
+    args.result.write_text(json.dumps(_timed(fn)))
+    return 0
+
+
+def _in_child(
+    name: str, fmt: str, disk: Path, out: Path, work: Path, recorded: Path, full_sha256: bool
+) -> dict[str, float]:
+    """Variant ``name`` run in a process of its own (module docstring); its figures with ``peak_rss``."""
+    result = work / "result.json"
+    result.unlink(missing_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--one", name.removesuffix("#2")]
+    argv += ["--formats", fmt, "--disk", str(disk), "--dest", str(out), "--work", str(work)]
+    argv += ["--recorded", str(recorded), "--result", str(result)] + (
+        ["--full-sha256"] if full_sha256 else []
+    )
+    child_log = work / "child.log"
+    memory = run_measured(argv, log=child_log)
+    if memory.returncode != 0 or not result.exists():
+        sys.exit(f"{name} ({fmt}) failed with exit status {memory.returncode}: see {child_log}")
+    return json.loads(result.read_text()) | {"peak_rss": memory.task_peak}
 
 
 def _loadavg() -> str:
@@ -111,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--full-sha256", action="store_true", help="the toolkit also computes the whole-object sha256"
     )
+    # the child's side of one timed run (see the module docstring)
+    parser.add_argument("--one", choices=["export", "toolkit", "qemu-img"], help=argparse.SUPPRESS)
+    for name in ("--disk", "--dest", "--work", "--recorded", "--result"):
+        parser.add_argument(name, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one:
+        return run_one(args)
     size = parse_size("256MiB" if args.quick else args.size)
     runs = 1 if args.quick else args.runs
     idle = 2.0 if args.quick else args.idle_timeout
@@ -124,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     stat_file = _disk_stat_file(args.out)
     formats = [f for f in args.formats.split(",") if f]
     # what the import recorded for the stored disk (not timed): its sha256-chunked
-    recorded = {"id": "bench", "location": {"digest": digest_file(disk).to_dict()}}
+    recorded = work / "recorded.json"
+    recorded.write_text(json.dumps({"id": "bench", "location": {"digest": digest_file(disk).to_dict()}}))
     ratios: dict[str, float] = {}
     spreads: dict[str, float] = {}
     meds: dict[str, dict[str, float]] = {}
@@ -135,51 +224,29 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in formats:
             ours, theirs = args.out / f"exp-ours.{fmt}", args.out / f"exp-qemu.{fmt}"
 
-            def toolkit(fmt: str = fmt, ours: Path = ours) -> None:
-                export_disk(
-                    disk,
-                    fmt,
-                    FileDestination(_fresh(ours)),
-                    config=cfg,
-                    workdir=work,
-                    full_sha256=True if args.full_sha256 else None,
-                )
+            def child(
+                name: str, fmt: str = fmt, ours: Path = ours, theirs: Path = theirs
+            ) -> dict[str, float]:
+                out = theirs if name.startswith("qemu-img") else ours
+                return _in_child(name, fmt, disk, out, work, recorded, args.full_sha256)
 
-            def step(fmt: str = fmt, ours: Path = ours) -> None:
-                check = SourceDigestCheck(recorded)
-                try:
-                    export_disk(
-                        disk,
-                        fmt,
-                        FileDestination(_fresh(ours)),
-                        config=cfg,
-                        workdir=work,
-                        full_sha256=True if args.full_sha256 else None,
-                        source_check=check,
-                    )
-                finally:
-                    check.close()
-
-            def bare(fmt: str = fmt, theirs: Path = theirs) -> None:
-                subprocess.run(
-                    ["qemu-img", "convert", "-f", "raw", *BARE[fmt], str(disk), str(_fresh(theirs))],
-                    check=True,
-                )
-
-            step()  # the source checks out against its recorded digest
+            child("export")  # the source checks out against its recorded digest
             _compare(disk, ours, QEMU_FMT[fmt])
-            variants = {"export": step, "toolkit": toolkit, "qemu-img": bare, "qemu-img#2": bare}
-            times: dict[str, list[float]] = {k: [] for k in variants}
-            cpu: dict[str, list[float]] = {k: [] for k in variants}
-            names = list(variants)
+            names = ["export", "toolkit", "qemu-img", "qemu-img#2"]
+            times: dict[str, list[float]] = {k: [] for k in names}
+            cpu: dict[str, list[float]] = {k: [] for k in names}
             for run in range(runs):
                 for name in names[run % len(names) :] + names[: run % len(names)]:
                     wait_for_idle(stat_file, timeout=idle)
-                    t, c = _timed(variants[name])
-                    times[name].append(t)
-                    cpu[name].append(c)
+                    got = child(name)
+                    times[name].append(got["wall"])
+                    cpu[name].append(got["cpu"])
                     loads.append(os.getloadavg()[0])
-                    log(f"{fmt} run {run + 1} {name}: {t:.2f} s ({c:.2f} CPU-s), load {loads[-1]:.1f}")
+                    log(
+                        f"{fmt} run {run + 1} {name}: {got['wall']:.2f} s ({got['cpu']:.2f} CPU-s: "
+                        f"user {got['user']:.2f}, system {got['system']:.2f}; {got['minflt']:.0f} minor "
+                        f"faults; peak RSS {got['peak_rss'] / MiB:.0f} MiB), load {loads[-1]:.1f}"
+                    )
             meds[fmt] = {k: statistics.median(v) for k, v in times.items()}
             cpus[fmt] = {k: statistics.median(v) for k, v in cpu.items()}
             ratios[fmt] = meds[fmt]["export"] / meds[fmt]["qemu-img"]

@@ -16,9 +16,10 @@ own reads of it (or from the download of an S3-stored image) and checked against
 recorded when the import wrote it — the ``sha256-chunked`` where the import recorded one, else the plain
 ``sha256`` of an image stored before — before the object is completed (``Source.DigestMismatch``: a
 stored disk that changed since; the upload is aborted, nothing is left). A RAW export's output digest
-stands for the source's (the same bytes: hashed once; to S3 the check comes right after the upload
-completes, and a mismatch deletes the object). A VHD of a block device, which qemu-img reads, is the one
-case read twice (once for the check, before qemu-img runs).
+stands for the source's (the same bytes: hashed once; to S3 the check runs on the parts' digest once
+every part is uploaded and before the upload is completed: a mismatch aborts it, no object ever
+exists). A VHD of a block device, which qemu-img reads, is the one case read twice (once for the check,
+before qemu-img runs).
 Progress: ``exporting`` (the source read, converted and uploaded in one pass; a VHD of a block device
 is converted to scratch by qemu-img, then uploaded). An OVA export of an instance of the controlling
 cloud with several EBS volumes holds all of them, root device first (each copied, read and removed as

@@ -70,11 +70,11 @@ from ..sources.fetch import parse_source
 from ..targets.chunkdigest import ALGORITHM
 from ..targets.encryption import Encryption
 from ..targets.inorder import InOrderSink
-from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, digest_metadata, sse_arguments
 from ..targets.s3copy import server_copy
 from ..targets.s3read import ObjectRangeReader
 from ..targets.s3resume import verify_parts
-from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable, digest_metadata
+from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
 from .imports import source_digest

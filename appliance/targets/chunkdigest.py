@@ -326,8 +326,10 @@ def digest_file(
     threads: int = 0,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
+    whole: Any = None,
 ) -> ChunkedDigest:
-    """The chunked digest of the file (or block device) at ``path``: its holes are not read."""
+    """The chunked digest of the file (or block device) at ``path``: its holes are not read. ``whole``: a
+    ``hashlib`` object also fed every byte (the holes as zeros): a whole-file sha256 from the same read."""
     piece = 4 << 20
     hasher = ChunkedSha256(chunk_size, threads=threads, name="digest-file")
     try:
@@ -338,6 +340,8 @@ def digest_file(
             for start, end in _data_map(fd, size):
                 if start > pos:
                     hasher.zeros(start - pos)
+                    if whole is not None:
+                        _hash_zeros(whole, start - pos)
                 pos = start
                 while pos < end:
                     if cancel is not None and cancel.is_set():
@@ -350,11 +354,15 @@ def digest_file(
                         hasher.zeros(n)
                     else:
                         hasher.update(data)
+                    if whole is not None:
+                        whole.update(data)
                     pos += n
                     if on_progress is not None:
                         on_progress(pos)
             if size > pos:
                 hasher.zeros(size - pos)
+                if whole is not None:
+                    _hash_zeros(whole, size - pos)
         return hasher.result()
     finally:
         hasher.close()

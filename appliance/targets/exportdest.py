@@ -31,7 +31,7 @@ class Destination(Protocol):
     location (with ``sha256``, ``digest``, ``size``) once it is complete; on any exception nothing is
     left. ``full_sha256``: compute the whole-object sha256 too (else ``sha256`` is None). ``check_output``
     gets the output's chunked digest once it is written and may raise: a file is then not renamed into
-    place, an S3 object (completed: the composite checksum is known then) is deleted."""
+    place, a multipart upload is aborted before it is completed (the object never existed)."""
 
     def stream(
         self,
@@ -194,12 +194,7 @@ class S3Destination:
             full_sha256=full_sha256,
         ) as writer:
             produce(writer)
-            done = writer.close()
-        if check_output is not None:
-            try:
-                check_output(done.get("digest") or {})
-            except BaseException:
-                with contextlib.suppress(Exception):  # (a caller that removes the key tries again)
-                    self.client.delete_object(Bucket=self.bucket, Key=self.key)
-                raise
+            # the check runs on the parts' digest before the upload is completed: a failed check
+            # aborts it, so no reader ever sees an object that did not check out
+            done = writer.close(before_complete=check_output)
         return {"type": "s3", **done}

@@ -88,9 +88,13 @@ def _raw_sparse(
     cancel: threading.Event | None,
     on_read: Callable[[int, bytes], object] | None = None,
 ) -> None:
-    """The disk's data ranges written, its holes given to ``holes`` by length."""
+    """The disk's data ranges written, its holes given to ``holes`` by length. The reads ahead are
+    announced (:func:`_announce`): the kernel's read-ahead starts again at every data range after a hole,
+    so without it the disk waits while this thread hashes and writes."""
     pos = 0
-    for start, end, is_data in segments(fd, size):
+    ranges = list(segments(fd, size))
+    ahead = _announce(fd, [(start, end) for start, end, is_data in ranges if is_data])
+    for start, end, is_data in ranges:
         if not is_data:
             holes(end - start)
             pos = end
@@ -100,6 +104,7 @@ def _raw_sparse(
             if cancel is not None and cancel.is_set():
                 raise Cancelled("export cancelled")
             n = min(CHUNK, end - pos)
+            next(ahead, None)
             chunk = os.pread(fd, n, pos)
             if len(chunk) != n:
                 raise TargetError(
@@ -110,6 +115,34 @@ def _raw_sparse(
             sink.write(chunk)
             pos += n
             tracker.update(pos)
+
+
+#: bytes of the source's data announced ahead of the read (``POSIX_FADV_WILLNEED``)
+READ_AHEAD = 4 * CHUNK
+
+
+def _announce(fd: int, data: list[tuple[int, int]]) -> Iterator[None]:
+    """A generator to advance once per read of :data:`CHUNK` of ``data`` (its ranges, ascending): each
+    step asks the kernel to read the source's data up to :data:`READ_AHEAD` bytes beyond the read, across
+    the holes between ranges, as qemu-img keeps several reads in flight."""
+    pieces = ((pos, min(CHUNK, end - pos)) for start, end in data for pos in range(start, end, CHUNK))
+    window: list[tuple[int, int]] = []
+    for piece in pieces:  # the first reads ahead at once, then one more with every read
+        window.append(piece)
+        if sum(n for _, n in window) >= READ_AHEAD:
+            break
+    for at, n in window:
+        _will_need(fd, at, n)
+    for at, n in pieces:
+        yield
+        _will_need(fd, at, n)
+    while True:
+        yield
+
+
+def _will_need(fd: int, at: int, n: int) -> None:
+    with contextlib.suppress(OSError):  # only a hint
+        os.posix_fadvise(fd, at, n, os.POSIX_FADV_WILLNEED)
 
 
 def file_producer(path: Path, cancel: threading.Event | None) -> Callable[[ByteSink], None]:

@@ -50,7 +50,7 @@ from ..partials import Ledger
 from ..sources.savedhash import available
 from .base import TargetError
 from .encryption import Encryption
-from .s3 import STAGING_SUFFIX, S3ImageTarget, sse_arguments
+from .s3 import STAGING_SUFFIX, S3ImageTarget, digest_metadata, sse_arguments
 from .s3copy import server_copy
 from .s3read import ObjectRangeReader
 from .s3resume import ResumedUpload
@@ -65,19 +65,6 @@ STAGING_ETAG = "staging-etag"
 #: the kind of a step checkpoint saying which image a step is about to publish (the final key, the
 #: staging object's ETag and sha256: :func:`appliance.steps.image_stream_s3.publish_intent`)
 PUBLISH_KIND = "image.stream-s3/publish"
-
-
-def digest_metadata(digest: Any) -> dict[str, str]:
-    """The object metadata of an image's ``sha256-chunked`` (the ``digest`` a writer's ``close``
-    answered; none for None), as an export's object carries it: checkable without the appliance."""
-    if not isinstance(digest, dict):
-        return {}
-    return {
-        "digest-algorithm": str(digest["algorithm"]),
-        "digest-chunk-size": str(digest["chunk_size"]),
-        "sha256-chunked": str(digest["value"]),
-        "digest-chunks": str(digest["chunks"]),
-    }
 
 
 def adoptable(client: Any, bucket: str, key: str, sha256: str, staging_etag: str, size: int) -> str | None:

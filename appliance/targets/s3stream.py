@@ -355,8 +355,12 @@ class MultipartWriter:
 
     # ---------------------------------------------------------------------------------- completing
 
-    def close(self) -> dict[str, Any]:
-        """Upload the rest, complete the upload, check the ETag, store the sha256 as metadata."""
+    def close(self, before_complete: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Upload the rest, complete the upload, check the ETag, store the sha256 as metadata.
+
+        ``before_complete`` gets the chunked digest of the parts (``checksums``; else ``{}``) once every
+        part is acknowledged and before ``CompleteMultipartUpload``: a check that raises there leaves no
+        object that was ever visible (the ``with`` block aborts the upload)."""
         if self.closed:
             raise ValueError("the upload is closed")
         if self._buffer or self._number == 0:
@@ -379,8 +383,6 @@ class MultipartWriter:
                 "(the source changed while it was read)",
                 "UploadFailed",
             )
-        if self.fence is not None:
-            self.fence()
         numbers = sorted(self._etags)
         parts: list[dict[str, Any]] = [{"PartNumber": n, "ETag": self._etags[n]} for n in numbers]
         digest: ChunkedDigest | None = None
@@ -395,6 +397,12 @@ class MultipartWriter:
                 self._hashed,
                 self._zero_parts,
             )
+        if before_complete is not None:
+            # before the object exists: once completed, a reader could fetch it before a delete
+            before_complete(digest.to_dict() if digest is not None else {})
+            self._check_cancel()
+        if self.fence is not None:
+            self.fence()
         try:
             completed = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}

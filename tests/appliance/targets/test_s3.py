@@ -15,6 +15,7 @@ from appliance import config
 from appliance.errors import Cancelled, ConfigError, LeaseLost
 from appliance.targets import TargetError, get_image_target
 from appliance.targets import s3 as s3_target
+from appliance.targets.chunkdigest import digest_file
 from appliance.targets.encryption import Encryption
 from appliance.targets.s3 import S3ImageTarget
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
@@ -71,7 +72,16 @@ def test_multipart_upload_carries_sha256_metadata(tmp_path: Path, moto, bucket: 
     obj = moto.client("s3").get_object(Bucket=bucket, Key=loc["key"])
     body = obj["Body"].read()
     assert hashlib.sha256(body).hexdigest() == sha
-    assert obj["Metadata"] == {"sha256": sha}
+    # the sha256-chunked as well, as a streamed import records it (an export's source check uses it)
+    chunked = digest_file(src)
+    assert loc["digest"]["value"] == chunked.hexdigest and loc["digest"]["chunks"] == chunked.chunks
+    assert obj["Metadata"] == {
+        "sha256": sha,
+        "sha256-chunked": chunked.hexdigest,
+        "digest-algorithm": "sha256-chunked",
+        "digest-chunk-size": str(chunked.chunk_size),
+        "digest-chunks": str(chunked.chunks),
+    }
     assert progress[-1].done == 12 * MiB and progress[-1].phase == "uploading"
     assert open_uploads(moto, bucket) == []
 
