@@ -45,7 +45,7 @@ from .httppool import DEFAULT_POOL_SIZE, PinnedPools, finish
 # re-exported: the sources import them from here
 from .neterrors import describe_network_error as describe_network_error
 from .neterrors import is_stall as is_stall
-from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
+from .urlfilter import CheckedUrl, HostUnresolvable, UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +305,14 @@ class HttpClient:
             except UrlNotAllowed as exc:
                 if hop == 0:
                     raise
-                raise UrlNotAllowed(
-                    f"redirect to disallowed URL {redact_url(current)} (from {redact_url(url)}): "
-                    f"{exc.message}"
+                # the same class: a redirect to a host that does not resolve stays Source.Unreachable
+                what = (
+                    "redirect to unreachable URL"
+                    if isinstance(exc, HostUnresolvable)
+                    else "redirect to disallowed URL"
+                )
+                raise type(exc)(
+                    f"{what} {redact_url(current)} (from {redact_url(url)}): {exc.message}"
                 ) from exc
             if checked.scheme not in ("http", "https"):
                 what = "redirect to disallowed URL" if hop else "not an HTTP URL"

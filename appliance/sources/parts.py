@@ -260,7 +260,8 @@ def _check_part_urls(manifest: ImportManifest, policy: UrlPolicy) -> None:
             try:
                 policy.check(url)
             except UrlNotAllowed as exc:
-                raise UrlNotAllowed(f"part {part.index} {name}: {exc.message}") from exc
+                # the same class: an unresolvable part host stays Source.Unreachable
+                raise type(exc)(f"part {part.index} {name}: {exc.message}") from exc
             seen[key] = None
 
 

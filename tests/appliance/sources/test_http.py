@@ -283,3 +283,15 @@ def test_fill_of_a_short_body_stops_at_its_end_and_says_how_much_arrived(server:
     with client_for(server).get_stream(server.url("/disk.raw")) as response:
         assert sum(response.fill(memoryview(buf))) == 1000  # the caller compares with what it asked
     assert bytes(buf[:1000]) == BODY[:1000]
+
+
+def test_redirect_to_a_host_that_does_not_resolve_is_source_unreachable_naming_the_host(
+    server: TestHTTPServer,
+) -> None:
+    # the real resolver on a reserved name (.invalid never resolves)
+    server.redirect("/a", "http://disks.nowhere.invalid/disk.raw")
+    with pytest.raises(UrlNotAllowed) as err:
+        client_for(server).get_stream(server.url("/a"))
+    assert err.value.code == "Source.Unreachable"
+    assert "redirect to unreachable URL http://disks.nowhere.invalid/disk.raw" in err.value.message
+    assert "'disks.nowhere.invalid'" in err.value.message and "Errno" not in err.value.message

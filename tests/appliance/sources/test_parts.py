@@ -466,3 +466,15 @@ def test_a_slow_writer_holds_at_most_parallel_plus_one_parts_in_reused_buffers()
     assert pool.peak_in_use == (parallel + 1) * part  # never more than parallel + 1 parts
     assert pool.allocated == parallel + 1  # 12 parts through parallel + 1 buffers
     assert pool.in_use == 0  # every buffer handed back
+
+
+def test_a_part_url_whose_host_does_not_resolve_is_source_unreachable_naming_the_part() -> None:
+    gone = "<head-url>http://parts.nowhere.invalid/p0</head-url><get-url>http://parts.nowhere.invalid/p0</get-url>"
+    with TestHTTPServer() as srv:
+        srv.add("/m.xml", manifest_xml(part_extra=gone))
+        policy = UrlPolicy(allowed_endpoints=[srv.endpoint])
+        with pytest.raises(UrlNotAllowed) as err:
+            wait_for_manifest(srv.url("/m.xml"), policy, deadline=soon(), poll_interval=0.05)
+    assert err.value.code == "Source.Unreachable"
+    assert err.value.message.startswith("part 0 head-url: ")
+    assert "'parts.nowhere.invalid'" in err.value.message
