@@ -5,60 +5,35 @@ access-key list of its own, and a bearer token is what an admin's script or ``im
 sends most simply; serve over TLS). The appliance protocol routes (``config``, ``status``,
 ``assignments``, ``reports``) are authenticated by their HMAC signatures in the lifecycle, not here.
 Errors are ``{"error": {"code", "message", "request_id"}}`` as in :mod:`api.app`, plus ``fields``
-for an invalid configuration.
+for an invalid configuration (:mod:`.errors`); bodies are read and checked against the OpenAPI
+document by :mod:`.bodies`.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
 import threading
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import falcon
-import yaml
-from jsonschema import Draft202012Validator, ValidationError
-from referencing import Registry as SchemaRegistry
-from referencing import Resource
-from referencing.jsonschema import DRAFT202012
 
 from appliance.controller import lifecycle
-from appliance.controller.lifecycle import (
-    AuthFailure,
-    ConfigurationInvalid,
-    EnrolmentDisabled,
-    NoUnassignedConfiguration,
-    Registry,
-    ReportRefused,
-    appliance_view,
-    event_view,
-)
-from appliance.controller.store import ApplianceExists, ApplianceNotFound, ControllerStore
+from appliance.controller.lifecycle import Registry, appliance_view, event_view
+from appliance.controller.store import ControllerStore
 from appliance.database import StoreConfig
 from appliance.errors import ImagingError, UsageError
-from appliance.redact import redact, redact_text
+from appliance.redact import redact
 from appliance.store import StoreError
 
 from ..admin import app_version
-from ..app import (
-    ApiError,
-    QueryCheck,
-    RequestContext,
-    documented_query_parameters,
-    request_id,
-    serialize_error,
-)
-
-log = logging.getLogger(__name__)
+from ..app import ApiError, QueryCheck, RequestContext, documented_query_parameters, serialize_error
+from .bodies import json_body, openapi_document, read_body, signed_headers, signed_path
+from .errors import handle_imaging_error, handle_unexpected
 
 API_VERSION = "v1"
-MAX_BODY = 1 << 20
-INTERNAL_MESSAGE = "an internal error occurred; quote the request id when reporting it"
 
 
 @dataclass(frozen=True)
@@ -72,71 +47,6 @@ class Settings:
     #: seconds of silence after which the periodic sweep removes an appliance (None: no sweep)
     stale_after: float | None = 90.0
     sweep_interval: float = 10.0
-
-
-@cache
-def openapi_document() -> dict[str, Any]:
-    """The controller API's OpenAPI 3.1 document (package data), version filled in."""
-    text = resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
-    doc = yaml.safe_load(text)
-    doc["info"]["version"] = app_version()
-    return doc
-
-
-_SPEC_URI = "urn:imaging-controller-openapi"
-
-
-@cache
-def _validator(component: str) -> Draft202012Validator:
-    registry: SchemaRegistry[Any] = SchemaRegistry().with_resource(
-        _SPEC_URI, Resource.from_contents(openapi_document(), default_specification=DRAFT202012)
-    )
-    return Draft202012Validator({"$ref": f"{_SPEC_URI}#/components/schemas/{component}"}, registry=registry)
-
-
-def _status_for(exc: ImagingError) -> str | None:
-    if isinstance(exc, ReportRefused):
-        return falcon.code_to_http_status(exc.status)
-    for cls, status in (
-        (ApplianceNotFound, falcon.HTTP_404),
-        (ApplianceExists, falcon.HTTP_409),
-        (ConfigurationInvalid, falcon.HTTP_400),
-        (AuthFailure, falcon.HTTP_401),
-        (EnrolmentDisabled, falcon.HTTP_403),
-        (NoUnassignedConfiguration, falcon.HTTP_409),
-        (UsageError, falcon.HTTP_400),
-        (StoreError, falcon.HTTP_503),
-    ):
-        if isinstance(exc, cls):
-            return status
-    return None
-
-
-def _error(
-    resp: falcon.Response, req: falcon.Request, status: str, code: str, message: str, **extra: Any
-) -> None:
-    body = {"code": code, "message": redact_text(message), "request_id": request_id(req), **extra}
-    resp.status = status
-    resp.data = json.dumps({"error": body}).encode()
-    resp.content_type = falcon.MEDIA_JSON
-
-
-def _handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: Any) -> None:
-    log.error("request %s %s %s failed", request_id(req), req.method, req.path, exc_info=exc)
-    _error(resp, req, falcon.HTTP_500, "InternalError", INTERNAL_MESSAGE)
-
-
-def _handle_imaging_error(req: falcon.Request, resp: falcon.Response, exc: ImagingError, params: Any) -> None:
-    status = _status_for(exc)
-    if status is None:
-        _handle_unexpected(req, resp, exc, params)
-        return
-    extra = {}
-    if isinstance(exc, ConfigurationInvalid):
-        extra["fields"] = [e.to_dict() for e in exc.errors]
-    if isinstance(exc, AuthFailure):
-        log.warning("refused %s %s: %s", req.method, req.path, exc.message)
-    _error(resp, req, status, exc.code, exc.message, **extra)
 
 
 class RegistryHandle:
@@ -178,56 +88,6 @@ class AdminAuth:
                 headers={"WWW-Authenticate": 'Bearer realm="imaging-controller"'},
             )
         req.context.principal = "admin"
-
-
-def read_body(req: falcon.Request) -> bytes:
-    """The request body, at most :data:`MAX_BODY` bytes (413 beyond)."""
-    if req.content_length is not None and req.content_length > MAX_BODY:
-        raise ApiError(falcon.HTTP_413, "RequestEntityTooLarge", f"the body is larger than {MAX_BODY} bytes")
-    body = req.bounded_stream.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise ApiError(falcon.HTTP_413, "RequestEntityTooLarge", f"the body is larger than {MAX_BODY} bytes")
-    return body
-
-
-def json_body(req: falcon.Request, component: str | None, *, required: bool = True) -> dict[str, Any]:
-    """The JSON object of the body, valid against the OpenAPI ``component`` schema."""
-    body = read_body(req)
-    if not body.strip():
-        if required:
-            raise UsageError("the request needs a JSON body")
-        return {}
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError("the body is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise UsageError("the body must be a JSON object")
-    if component is not None:
-        error = next(iter(sorted(_validator(component).iter_errors(doc), key=lambda e: list(e.path))), None)
-        if error is not None:
-            raise UsageError(_schema_message(error))
-    return doc
-
-
-def _schema_message(error: ValidationError) -> str:
-    """What is wrong with a request body, by field, never quoting a value (it may be a secret)."""
-    # "<field> …", not "<field>: …": a message reading "secret: x" would be redacted whole
-    where = ".".join(str(p) for p in error.absolute_path) or "the body"
-    if error.validator in ("required", "additionalProperties"):
-        return f"in {where}, {error.message}"  # names keys only
-    if error.validator == "type":
-        return f"{where} must be of type {error.validator_value}"
-    return f"{where} does not meet {error.validator} {json.dumps(error.validator_value)[:200]}"
-
-
-def signed_path(req: falcon.Request) -> str:
-    """The URL path as the appliance signed it (under any mount point)."""
-    return req.root_path + req.path
-
-
-def _headers(req: falcon.Request) -> dict[str, str]:
-    return {k.title(): v for k, v in req.headers.items()}
 
 
 # -- resources ------------------------------------------------------------------------------------
@@ -360,7 +220,7 @@ class ConfigResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
         have = req.get_param_as_int("have", min_value=1)
         registry = self._registries.get()
-        body, headers = registry.serve_config(appliance_id, signed_path(req), _headers(req), have)
+        body, headers = registry.serve_config(appliance_id, signed_path(req), signed_headers(req), have)
         resp.set_headers(headers)
         resp.cache_control = ["no-store"]
         if body is None:
@@ -391,7 +251,7 @@ class StatusResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, appliance_id: str) -> None:
         body = read_body(req)
-        self._registries.get().record_status(appliance_id, signed_path(req), _headers(req), body)
+        self._registries.get().record_status(appliance_id, signed_path(req), signed_headers(req), body)
         resp.status = falcon.HTTP_204
 
 
@@ -403,7 +263,7 @@ class AssignmentsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_body(req)
-        answer, headers = self._registries.get().assign(signed_path(req), _headers(req), body)
+        answer, headers = self._registries.get().assign(signed_path(req), signed_headers(req), body)
         resp.data = answer
         resp.content_type = falcon.MEDIA_JSON
         resp.set_headers(headers)
@@ -417,7 +277,7 @@ class ReportsResource:
         self._registries = registries
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self._registries.get().record_report(read_body(req), _headers(req))
+        resp.media = self._registries.get().record_report(read_body(req), signed_headers(req))
 
 
 def create_app(settings: Settings, *, store: ControllerStore | None = None) -> falcon.App:
@@ -428,8 +288,8 @@ def create_app(settings: Settings, *, store: ControllerStore | None = None) -> f
         middleware=[RequestContext(), AdminAuth(settings.admin_token), QueryCheck(documented)]
     )
     app.set_error_serializer(serialize_error)
-    app.add_error_handler(Exception, _handle_unexpected)
-    app.add_error_handler(ImagingError, _handle_imaging_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(ImagingError, handle_imaging_error)
     app.add_route("/", RootResource())
     app.add_route("/v1", VersionResource())
     app.add_route("/v1/health", HealthResource(registries))

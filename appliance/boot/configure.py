@@ -16,6 +16,9 @@ Per-task caps (``limits.task_*``) this machine cannot enforce are printed as war
 health then says ``degraded`` too). While ``limits.task_io_weight`` is set, the flag file ``io-weight``
 next to the error file makes the image's udev rule select the BFQ scheduler for the disks (IO weights
 only act under BFQ or io.cost); the block devices are re-triggered when the flag changes.
+
+Where the user data comes from when no file is named (cloud-init, and the wait for it) is
+:mod:`.cloudinit`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from ..redact import redact, redact_text, redact_url, secret_values
 from ..service import taskcgroup
 from ..timestamps import format_time
 from . import rendezvous, userdata, worker_dropin
+from .cloudinit import CLOUD_INIT_USER_DATA, read_user_data, wait_for_cloud_init
 from .userdata import CompactUserData, EnrolUserData, FieldError, UserDataInvalid
 
 log = logging.getLogger(__name__)
@@ -52,11 +55,6 @@ log = logging.getLogger(__name__)
 EXIT_CONFIGURED, EXIT_WRITE_FAILED, EXIT_INVALID = 0, 1, 2
 DEFAULT_OUTPUT = SYSTEM_CONFIG
 DEFAULT_ERROR_FILE = CONFIG_ERROR_FILE
-CLOUD_INIT_USER_DATA = Path("/var/lib/cloud/instance/user-data.txt")
-#: written by cloud-init's init stage right after ``user-data.txt``, at every boot
-CLOUD_INIT_PROCESSED = Path("/var/lib/cloud/instance/user-data.txt.i")
-#: cloud-init's per-boot state (``/run``): absent when cloud-init does not run on this boot
-CLOUD_INIT_RUN = Path("/run/cloud-init")
 #: next to the error file (``/run/imaging``): present while an IO weight is configured (udev selects BFQ)
 IO_WEIGHT_FLAG = IO_WEIGHT_FLAG_NAME
 
@@ -111,68 +109,6 @@ class _Known:
     bind: str = userdata.DEFAULT_BIND
     section: dict[str, Any] = field(default_factory=dict)
     secrets: set[str] = field(default_factory=set)
-
-
-def boot_time() -> float:
-    """When this machine booted (``btime`` of ``/proc/stat``, seconds since the epoch); 0 if unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return 0.0
-
-
-def _init_stage_finished() -> bool:
-    try:
-        status = json.loads((CLOUD_INIT_RUN / "status.json").read_text())
-        return status["v1"]["init"]["finished"] is not None
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def wait_for_cloud_init(timeout: float, booted: float | None = None) -> bool:
-    """Wait until cloud-init's init stage has stored this boot's user data (``user-data.txt.i``
-    written since boot), or has finished without (no datasource), or does not run on this boot.
-    False when ``timeout`` ran out first.
-
-    This lets ``imaging-configure.service`` run beside the rest of that stage (host keys, growpart,
-    users: many seconds under emulation) instead of after it. The user data is all it needs.
-    """
-    booted = boot_time() if booted is None else booted
-    deadline = time.monotonic() + timeout
-    while True:
-        if not CLOUD_INIT_RUN.is_dir() or _init_stage_finished():
-            return True
-        with contextlib.suppress(OSError):
-            if CLOUD_INIT_PROCESSED.stat().st_mtime >= booted:
-                return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.2)
-
-
-def read_user_data(path: Path | None) -> bytes | None:
-    """The instance's user data: ``path`` if given; else cloud-init's copy on disk (the unit runs after
-    cloud-init's init stage, which writes it for this instance); else ``cloud-init query userdata``.
-    None when there is none (or it is blank).
-
-    The file comes first because it is the same bytes without a second cloud-init process: starting
-    one costs seconds of a boot under emulation, on the path to the API being ready."""
-    if path is not None:
-        return path.read_bytes() if path.exists() else None
-    with contextlib.suppress(OSError):
-        raw = CLOUD_INIT_USER_DATA.read_bytes()
-        if raw.strip():
-            return raw
-    exe = shutil.which("cloud-init")
-    if exe is not None:
-        try:
-            out = subprocess.run([exe, "query", "userdata"], capture_output=True, timeout=60, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.debug("cloud-init query failed: %s", exc)
-    return None
 
 
 def _learn(section: Any, known: _Known) -> None:

@@ -17,7 +17,8 @@ owner is gone; :func:`appliance.guest.mountrecord.sweep_stale` undoes the entrie
 (the worker calls it at start and from crash recovery). It is safe to run concurrently, and a record
 it cannot handle (a lock file it may not open, an umount that hangs) is logged and left for later.
 The records live in :mod:`appliance.guest.mountrecord`; the command and loop-device plumbing in
-:mod:`appliance.guest.loopdev`.
+:mod:`appliance.guest.loopdev`; the disk's partitions and the guest's ``fstab`` in
+:mod:`appliance.guest.partitions`.
 
 Security: the image is untrusted and the kernel's filesystem drivers parse it when mounting. Only
 an allowlist of filesystem types is mounted (the type comes from ``blkid -p``, never from the
@@ -32,27 +33,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import Cancelled, ImagingError, UsageError
 from ..image.formats import SIGNATURE_BYTES, container_format
-from .loopdev import MountFailed, blkid, run_cmd, unescape_mountinfo, unmount
+from .loopdev import MountFailed, run_cmd, unmount
 from .mountrecord import StateFile, undo, undone
+from .partitions import Partition, find_partition, parse_fstab, partitions
 from .path import GuestFS
 
 log = logging.getLogger(__name__)
 
 #: filesystem types we let the kernel parse from an untrusted image
 MOUNTABLE_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs", "ntfs3"})
-#: how long to wait for /dev/loopNpM to appear after partx -a
-PARTITION_NODE_WAIT = 5.0
 
 
 class NoRootFilesystem(ImagingError):
@@ -71,22 +68,6 @@ class NotRawImage(ImagingError):
     """The image is a container format; mounting needs a raw file or a block device."""
 
     code = "Guest.NotRaw"
-
-
-@dataclass
-class Partition:
-    """One filesystem-bearing device of the image (a partition, or the whole loop for a bare fs)."""
-
-    device: str
-    number: int | None
-    fstype: str | None
-    uuid: str | None = None
-    label: str | None = None
-    partuuid: str | None = None
-    partlabel: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -137,89 +118,6 @@ def check_raw(image: Path, declared_format: str | None = "raw") -> None:
 def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("mounting the guest was cancelled")
-
-
-def _wait_for_nodes(loop: str, numbers: list[int]) -> None:
-    deadline = time.monotonic() + PARTITION_NODE_WAIT
-    while any(not os.path.exists(f"{loop}p{n}") for n in numbers):
-        if time.monotonic() > deadline:
-            missing = [f"{loop}p{n}" for n in numbers if not os.path.exists(f"{loop}p{n}")]
-            raise MountFailed(f"partition devices did not appear: {', '.join(missing)}")
-        time.sleep(0.05)
-
-
-def _partitions(loop: str) -> list[Partition]:
-    top = blkid(loop)
-    if "PTTYPE" not in top:
-        # no partition table: a bare filesystem image (layout "partition")
-        return [Partition(loop, None, top.get("TYPE"), top.get("UUID"), top.get("LABEL"))]
-    run_cmd(["partx", "-a", loop], check=False)  # fails harmlessly for an empty table
-    proc = run_cmd(["partx", "-g", "-o", "NR", loop], check=False)
-    numbers = [int(x) for x in proc.stdout.split() if x.isdigit()]
-    _wait_for_nodes(loop, numbers)
-    parts = []
-    for n in numbers:
-        dev = f"{loop}p{n}"
-        info = blkid(dev)
-        parts.append(
-            Partition(
-                dev,
-                n,
-                info.get("TYPE"),
-                info.get("UUID"),
-                info.get("LABEL"),
-                info.get("PART_ENTRY_UUID"),
-                info.get("PART_ENTRY_NAME"),
-            )
-        )
-    return parts
-
-
-_DEV_NAME = re.compile(r"^/dev/(?:[shv]d[a-z]|xvd[a-z]|nvme\d+n\d+p|mmcblk\d+p)(\d+)$")
-
-
-def _find_partition(spec: str, parts: list[Partition]) -> Partition | None:
-    """The partition an fstab device spec names, if it is on this disk."""
-    keys = {
-        "UUID=": "uuid",
-        "LABEL=": "label",
-        "PARTUUID=": "partuuid",
-        "PARTLABEL=": "partlabel",
-        "/dev/disk/by-uuid/": "uuid",
-        "/dev/disk/by-label/": "label",
-        "/dev/disk/by-partuuid/": "partuuid",
-        "/dev/disk/by-partlabel/": "partlabel",
-    }
-    for prefix, attr in keys.items():
-        if spec.startswith(prefix):
-            want = spec[len(prefix) :].strip('"')
-            for p in parts:
-                value = getattr(p, attr)
-                if value and value.lower() == want.lower():
-                    return p
-            return None
-    match = _DEV_NAME.match(spec)
-    if match:
-        # a kernel device name: the guest's disk is our loop, so partition N is loopNpN
-        n = int(match.group(1))
-        return next((p for p in parts if p.number == n), None)
-    return None
-
-
-def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
-    """(device, mount point, type, options) for each fstab line, with octal escapes decoded."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
-        device, point, fstype, options = (unescape_mountinfo(x) for x in fields[:4])
-        entries.append((device, point, fstype, options))
-    return entries
 
 
 class _Mounter:
@@ -332,7 +230,7 @@ def _setup(m: _Mounter, image: Path, state: StateFile) -> GuestMount:
     m.on_change("created", f"loop:{loop}")
     _check_cancel(m.cancel)
 
-    parts = _partitions(loop)
+    parts = partitions(loop)
     candidates = [p for p in parts if p.fstype in MOUNTABLE_TYPES]
     gm = GuestMount(root=root, loop=loop, partitions=parts, writable=m.writable, chroot=m.chroot)
     for part in candidates:
@@ -360,7 +258,7 @@ def _setup(m: _Mounter, image: Path, state: StateFile) -> GuestMount:
         if "noauto" in options.split(",") or "bind" in options.split(","):
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "noauto or bind"})
             continue
-        found = _find_partition(spec, parts)
+        found = find_partition(spec, parts)
         if found is None:
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "not on this disk"})
             continue

@@ -17,36 +17,29 @@ A chroot command runs the untrusted guest's own binaries, so it runs in the sand
 ``/proc`` that shows only its own processes, no capabilities at all (root in name only: it cannot
 bypass file permissions, mount or reach the host) and no network (only ``lo``). If the sandbox
 cannot be set up the step fails with ``Run.SandboxFailed``; the command is never run without it.
+
+How the output becomes events is :mod:`.runoutput`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
-import select
 import subprocess
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
-from ..errors import Cancelled, ImagingError, UsageError
+from ..errors import ImagingError, UsageError
 from ..guest import sandbox
 from ..guest.mount import GuestMount, mount_guest
 from ..image.convert import stop_process_group
 from ..workflow.step import Step, StepContext
+from .runoutput import Output, Stream, drain, pump, read_all
 
 #: default bytes of output kept in task events
 DEFAULT_MAX_OUTPUT = 64 * 1024
-#: lines per run.output event, and the longest a line may grow before it is cut
-LINES_PER_EVENT = 100
-MAX_LINE = 4096
-#: how long output is batched before it becomes an event
-FLUSH_INTERVAL = 0.5
-#: lines kept for the result and for a failure message
-TAIL_LINES = 20
 #: how long a process group gets after SIGTERM before SIGKILL when cancelled or timed out
 KILL_GRACE = 0.5
 #: after the command exits, how long to keep reading output a left-behind child still writes
@@ -101,149 +94,12 @@ EXEC_PROPERTIES: dict[str, Any] = {
 }
 
 
-@dataclass
-class _Stream:
-    name: str
-    fd: int
-    pending: bytes = b""
-    open: bool = True
-
-
-class _Output:
-    """Turns pipe bytes into ``run.output`` events, capped at ``max_output`` bytes."""
-
-    def __init__(self, ctx: StepContext, max_output: int) -> None:
-        self.ctx = ctx
-        self.max_output = max_output
-        self.kept = 0
-        self.total = 0
-        self.truncated = False
-        self.batch: list[tuple[str, str]] = []
-        self.last_flush = time.monotonic()
-        self.tails: dict[str, collections.deque[str]] = {
-            "stdout": collections.deque(maxlen=TAIL_LINES),
-            "stderr": collections.deque(maxlen=TAIL_LINES),
-        }
-        self.combined: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-
-    def line(self, stream: str, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        self.total += len(raw) + 1
-        self.tails[stream].append(text)
-        self.combined.append(text)
-        if self.kept + len(raw) + 1 > self.max_output:
-            if not self.truncated:
-                self.truncated = True
-                self.flush()
-                self.ctx.event(
-                    "run.output",
-                    stream=stream,
-                    lines=[],
-                    truncated=True,
-                    note=f"output beyond {self.max_output} bytes is not kept (max_output)",
-                )
-            return
-        self.kept += len(raw) + 1
-        self.batch.append((stream, text))
-        if len(self.batch) >= LINES_PER_EVENT:
-            self.flush()
-
-    def feed(self, stream: _Stream, data: bytes) -> None:
-        stream.pending += data
-        *lines, stream.pending = stream.pending.split(b"\n")
-        for raw in lines:
-            self.line(stream.name, raw)
-        while len(stream.pending) > MAX_LINE:
-            self.line(stream.name, stream.pending[:MAX_LINE])
-            stream.pending = stream.pending[MAX_LINE:]
-
-    def finish(self, stream: _Stream) -> None:
-        if stream.pending:
-            self.line(stream.name, stream.pending)
-            stream.pending = b""
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        # one event per run of consecutive lines from the same stream, so order is kept
-        while self.batch:
-            stream = self.batch[0][0]
-            n = next((i for i, (s, _) in enumerate(self.batch) if s != stream), len(self.batch))
-            self.ctx.event("run.output", stream=stream, lines=[t for _, t in self.batch[:n]])
-            del self.batch[:n]
-
-    def maybe_flush(self) -> None:
-        if self.batch and time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
-            self.flush()
-
-
 def _argv(command: str | list[str]) -> list[str]:
     if isinstance(command, str):
         return ["/bin/sh", "-c", command]
     if not command or not all(isinstance(a, str) for a in command):
         raise UsageError("command must be a non-empty list of strings or a string")
     return list(command)
-
-
-def _pump(
-    proc: subprocess.Popen[bytes], streams: list[_Stream], out: _Output, stop_at: float | None
-) -> int | None:
-    """Read output until the process exits (return its status) or ``stop_at`` passes (None)."""
-    try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    try:
-        while True:
-            fds = [s.fd for s in streams if s.open] + ([pidfd] if pidfd is not None else [])
-            ready, _, _ = select.select(fds, [], [], 0.1)
-            for s in streams:
-                if s.open and s.fd in ready:
-                    data = os.read(s.fd, 65536)
-                    if data:
-                        out.feed(s, data)
-                    else:
-                        s.open = False
-                        out.finish(s)
-            out.maybe_flush()
-            if proc.poll() is not None:
-                return proc.returncode
-            if stop_at is not None and time.monotonic() >= stop_at:
-                return None
-            if out.ctx.cancel.is_set():
-                raise Cancelled(f"step {out.ctx.name!r} was cancelled")
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _drain(streams: list[_Stream], out: _Output, seconds: float) -> None:
-    """Read what is left in the pipes (bounded: a left-behind child may keep them open)."""
-    deadline = time.monotonic() + seconds
-    while any(s.open for s in streams) and time.monotonic() < deadline:
-        ready, _, _ = select.select([s.fd for s in streams if s.open], [], [], 0.05)
-        for s in streams:
-            if s.open and s.fd in ready:
-                data = os.read(s.fd, 65536)
-                if data:
-                    out.feed(s, data)
-                else:
-                    s.open = False
-    for s in streams:
-        out.finish(s)
-
-
-def _read_all(fd: int) -> bytes:
-    """What the launcher wrote on its status pipe (it has exited: every write end is closed)."""
-    os.set_blocking(fd, False)
-    chunks = []
-    try:
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
-    except BlockingIOError:
-        pass  # a write end still open somewhere: take what is there
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 def execute(
@@ -301,20 +157,20 @@ def execute(
     finally:
         for fd in pass_fds:
             os.close(fd)  # the launcher holds the write end now
-    out = _Output(ctx, max_output)
+    out = Output(ctx, max_output)
     assert proc.stdout is not None and proc.stderr is not None
-    streams = [_Stream("stdout", proc.stdout.fileno()), _Stream("stderr", proc.stderr.fileno())]
+    streams = [Stream("stdout", proc.stdout.fileno()), Stream("stderr", proc.stderr.fileno())]
     try:
-        rc = _pump(proc, streams, out, None if timeout is None else start + timeout)
+        rc = pump(proc, streams, out, None if timeout is None else start + timeout)
         if rc is None:
             stop_process_group(proc, grace=KILL_GRACE)
-            _drain(streams, out, 0.2)
+            drain(streams, out, 0.2)
             out.flush()
             raise RunTimeout(
                 f"command did not finish within {timeout:g} s and was killed; last output: "
                 + (" | ".join(out.combined) or "(none)")
             )
-        _drain(streams, out, DRAIN_AFTER_EXIT)
+        drain(streams, out, DRAIN_AFTER_EXIT)
     except BaseException:
         stop_process_group(proc, grace=KILL_GRACE)
         raise
@@ -323,7 +179,7 @@ def execute(
         for pipe in (proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 pipe.close()
-        started = _read_all(status_r) if status_r is not None else b"R"
+        started = read_all(status_r) if status_r is not None else b"R"
     # children the command left in its group must not outlive the step (nor keep a guest mount busy)
     stop_process_group(proc, grace=KILL_GRACE)
     sandbox.check_status(started, rc, " | ".join(out.tails["stderr"]))

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from api.controller.app import openapi_document
+from api.controller.bodies import openapi_document
 from appliance.boot import rendezvous
 from appliance.report import messages
 from tests.api.controller_support import ADMIN_TOKEN, ENROL_SECRET, ControllerProcess, running_controller

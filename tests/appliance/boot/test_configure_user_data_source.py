@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.boot import configure as configure_mod
+from appliance.boot import cloudinit
 
 #: the boot time the tests give the wait (2023-11-14T22:13:20Z): a fixed moment before any file a test
 #: writes, so that what a test writes now is "since this boot", and a file it dates before is not
@@ -40,8 +40,8 @@ def test_cloud_inits_copy_on_disk_is_read_without_asking_cloud_init(
 ) -> None:
     copy = tmp_path / "user-data.txt"
     copy.write_bytes(b"imaging:v1:from-file:http://c.test:x\n")
-    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", copy)
-    assert configure_mod.read_user_data(None) == b"imaging:v1:from-file:http://c.test:x\n"
+    monkeypatch.setattr(cloudinit, "CLOUD_INIT_USER_DATA", copy)
+    assert cloudinit.read_user_data(None) == b"imaging:v1:from-file:http://c.test:x\n"
     assert not query.exists(), "cloud-init was started although its copy was on disk"
 
 
@@ -52,8 +52,8 @@ def test_cloud_init_is_asked_when_its_copy_is_missing_or_blank(
     copy = tmp_path / "user-data.txt"
     if content is not None:
         copy.write_bytes(content)
-    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", copy)
-    assert configure_mod.read_user_data(None) == b"imaging:v1:from-query:http://c.test:x\n"
+    monkeypatch.setattr(cloudinit, "CLOUD_INIT_USER_DATA", copy)
+    assert cloudinit.read_user_data(None) == b"imaging:v1:from-query:http://c.test:x\n"
     assert query.read_text().split() == ["query", "userdata"]
 
 
@@ -63,9 +63,9 @@ def cloud_init_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run = tmp_path / "run-cloud-init"
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": None}}}))
-    monkeypatch.setattr(configure_mod, "CLOUD_INIT_RUN", run)
-    monkeypatch.setattr(configure_mod, "CLOUD_INIT_PROCESSED", tmp_path / "user-data.txt.i")
-    monkeypatch.setattr(configure_mod, "CLOUD_INIT_USER_DATA", tmp_path / "user-data.txt")
+    monkeypatch.setattr(cloudinit, "CLOUD_INIT_RUN", run)
+    monkeypatch.setattr(cloudinit, "CLOUD_INIT_PROCESSED", tmp_path / "user-data.txt.i")
+    monkeypatch.setattr(cloudinit, "CLOUD_INIT_USER_DATA", tmp_path / "user-data.txt")
     return run
 
 
@@ -77,7 +77,7 @@ def test_configure_waits_for_the_user_data_cloud_init_stores_during_this_boot(
     returned: list[bool] = []
 
     def wait() -> None:  # the 60 s only keep a broken wait from hanging the test
-        returned.append(configure_mod.wait_for_cloud_init(60, booted=booted))
+        returned.append(cloudinit.wait_for_cloud_init(60, booted=booted))
         returned.append(processed.exists())  # what there was when the wait ended
 
     waiter = threading.Thread(target=wait)
@@ -89,7 +89,7 @@ def test_configure_waits_for_the_user_data_cloud_init_stores_during_this_boot(
     waiter.join(60)
     # it ended because cloud-init stored this boot's user data, not before
     assert returned == [True, True]
-    assert configure_mod.read_user_data(None) == b"imaging:v1:this-boot:http://c.test:x\n"
+    assert cloudinit.read_user_data(None) == b"imaging:v1:this-boot:http://c.test:x\n"
 
 
 def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finished(
@@ -99,12 +99,12 @@ def test_a_copy_from_an_earlier_boot_is_not_taken_until_the_init_stage_has_finis
     processed.write_bytes(b"processed")
     booted = BOOTED
     os.utime(processed, (booted - 3600, booted - 3600))  # an hour before this boot
-    assert not configure_mod.wait_for_cloud_init(0.5, booted=booted)
+    assert not cloudinit.wait_for_cloud_init(0.5, booted=booted)
     (cloud_init_run / "status.json").write_text(json.dumps({"v1": {"init": {"start": 1.0, "finished": 2.0}}}))
-    assert configure_mod.wait_for_cloud_init(60, booted=booted)  # at once: the 60 s only prevent a hang
+    assert cloudinit.wait_for_cloud_init(60, booted=booted)  # at once: the 60 s only prevent a hang
 
 
 def test_no_wait_where_cloud_init_does_not_run(tmp_path: Path, cloud_init_run: Path) -> None:
     (cloud_init_run / "status.json").unlink()
     cloud_init_run.rmdir()
-    assert configure_mod.wait_for_cloud_init(0.0, booted=BOOTED)
+    assert cloudinit.wait_for_cloud_init(0.0, booted=BOOTED)

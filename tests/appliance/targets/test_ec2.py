@@ -24,7 +24,8 @@ import pytest
 from appliance import config
 from appliance.errors import ConfigError
 from appliance.targets import TargetError, get_volume_target, write_raw
-from appliance.targets.ec2 import TASK_TAG, Ec2VolumeTarget, device_entry_matches
+from appliance.targets.ec2 import TASK_TAG, Ec2VolumeTarget
+from appliance.targets.ec2attach import device_entry_matches
 from tests.appliance.targets.test_device import loop_device, sparse_source
 from tests.processes import wait_until
 from tests.servers import REGION, TEST_ACCESS_KEY, TEST_SECRET_KEY
