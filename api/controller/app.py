@@ -197,12 +197,18 @@ class StaleRemovalsResource:
         resp.media = {"removed": [event_view(e) for e in removed]}
 
 
+#: the largest event id (SQLite INTEGER, PostgreSQL BIGINT)
+MAX_EVENT_ID = 2**63 - 1
+
+
 class EventsResource:
     def __init__(self, registries: RegistryHandle) -> None:
         self._registries = registries
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        after = req.get_param_as_int("after", min_value=0, default=0)
+        # event ids are 64-bit signed integers in both stores: a larger cursor is a bad request,
+        # not an overflow in the database driver
+        after = req.get_param_as_int("after", min_value=0, max_value=MAX_EVENT_ID, default=0)
         limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=100)
         appliance = req.get_param("appliance")
         if appliance is not None and not lifecycle.APPLIANCE_ID_RE.fullmatch(appliance):

@@ -477,3 +477,14 @@ def test_two_controllers_on_one_postgresql_database_serve_the_same_appliances(
             assert SECRET not in a.log.read_text() + b.log.read_text()
     finally:
         postgres.drop_schema(schema)
+
+
+def test_an_event_cursor_beyond_64_bits_is_a_bad_request_and_the_largest_one_lists_nothing(
+    controller: ControllerProcess,
+) -> None:
+    # found by the OpenAPI fuzz test: the cursor overflowed the database driver into a 500
+    status, body = controller.admin("GET", "/v1/events?after=9223372036854775808")
+    assert status == 400, body
+    assert "after" in json.dumps(body)
+    status, body = controller.admin("GET", "/v1/events?after=9223372036854775807")
+    assert (status, body) == (200, {"events": []})
