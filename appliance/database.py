@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -238,6 +239,28 @@ class _SQLiteConnection:
         return None
 
 
+def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock it needs.
+
+    Switching a new database into WAL needs an exclusive lock, and SQLite answers ``SQLITE_BUSY`` at
+    once, without its busy handler, when that would deadlock against another connection doing the
+    same: several processes opening a fresh database together (the API's workers and the worker at
+    first boot) then fail with "database is locked" although waiting would do.
+    """
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 class SQLiteDatabase:
     """One SQLite file, one connection shared by the process's threads behind a lock.
 
@@ -267,7 +290,7 @@ class SQLiteDatabase:
         self._wrapped = _SQLiteConnection(conn, self.name)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enter_wal(conn, busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
