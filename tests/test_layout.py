@@ -205,7 +205,6 @@ OVERSIZED = {
     "appliance/steps/volume_import.py": 568,
     "appliance/steps/export.py": 552,
     "appliance/steps/image_stream.py": 534,
-    "appliance/sources/parts.py": 543,
     "appliance/targets/s3stream.py": 515,
     "appliance/sources/reader.py": 491,
     "api/admin.py": 478,
