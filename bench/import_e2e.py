@@ -110,8 +110,9 @@ from appliance.scratch import ScratchSpace  # noqa: E402
 from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome  # noqa: E402
 from appliance.sources.download import download_to_file  # noqa: E402
 from appliance.sources.manifest import ImportManifest  # noqa: E402
-from appliance.sources.parts import download_parts, wait_for_manifest  # noqa: E402
+from appliance.sources.parts import download_parts  # noqa: E402
 from appliance.sources.reader import open_reader  # noqa: E402
+from appliance.sources.uploadwait import wait_for_manifest  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from appliance.store import TaskState  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402

@@ -14,7 +14,8 @@ from .manifest import (
     build_manifest,
     parse_manifest,
 )
-from .parts import download_parts, wait_for_manifest
+from .parts import download_parts
+from .uploadwait import wait_for_manifest
 from .urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 
 __all__ = [

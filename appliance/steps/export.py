@@ -44,13 +44,14 @@ from ..errors import ImagingError
 from ..progress import Progress, ProgressTracker
 from ..scratch import Allowance
 from ..targets import get_image_target, get_volume_target
-from ..targets.chunkdigest import ALGORITHM, DEFAULT_CHUNK, OffsetChunkedSha256
+from ..targets.chunkdigest import ALGORITHM, DEFAULT_CHUNK
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy
 from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
 from ..targets.exportvhd import streams_vhd
 from ..targets.exportwriter import StreamingExportWriter
 from ..targets.hashing import OffsetSha256
+from ..targets.offsetdigest import OffsetChunkedSha256
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
 from .provenance import WHILE_WRITING, SourceDigestMismatch, build_record, object_metadata

@@ -79,9 +79,10 @@ from ..sources.reader import open_reader
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_image_target
 from ..targets.base import storage_error
-from ..targets.chunkdigest import HashedSink, OffsetChunkedSha256, digest_file, range_digest
+from ..targets.chunkdigest import digest_file, range_digest
 from ..targets.encryption import requested
 from ..targets.file import FileImageTarget
+from ..targets.offsetdigest import HashedSink, OffsetChunkedSha256
 from ..targets.rawio import RawWriter
 from ..targets.s3 import S3ImageTarget
 from ..workflow.step import Step, StepContext

@@ -21,7 +21,7 @@ from ..sources.euca_manifest import (
 )
 from ..sources.http import HttpClient
 from ..sources.methods import check_enabled, is_upload_url, method_of_manifest
-from ..sources.parts import wait_for_manifest
+from ..sources.uploadwait import wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
 from ..targets.ec2 import Ec2VolumeTarget

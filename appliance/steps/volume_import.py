@@ -45,7 +45,8 @@ from ..sources.upload import manifest_origin, read_parts, read_range
 from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
 from ..targets.base import Volume, insufficient_storage, storage_error
-from ..targets.chunkdigest import ChunkedDigest, HashedSink, OffsetChunkedSha256, range_digest
+from ..targets.chunkdigest import ChunkedDigest, range_digest
+from ..targets.offsetdigest import HashedSink, OffsetChunkedSha256
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume

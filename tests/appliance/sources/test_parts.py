@@ -1,5 +1,5 @@
-"""Waiting for an EC2 import upload and downloading its parts (appliance.sources.parts): against a
-moto server and a scripted HTTP server."""
+"""Waiting for an EC2 import upload and downloading its parts (appliance.sources.uploadwait and
+appliance.sources.parts): against a moto server and a scripted HTTP server."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from appliance.sources.manifest import (
     PartVerificationFailed,
     plan_parts,
 )
-from appliance.sources.parts import PartBuffers, download_parts, wait_for_manifest
+from appliance.sources.parts import PartBuffers, download_parts
+from appliance.sources.uploadwait import wait_for_manifest
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.appliance.sources.test_manifest import manifest_xml
 from tests.euca_upload import presign_manifest_url, random_file, upload

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from appliance.store import TaskState
-from appliance.targets.chunkdigest import OffsetChunkedSha256, digest_file
+from appliance.targets.chunkdigest import digest_file
+from appliance.targets.offsetdigest import OffsetChunkedSha256
 from appliance.workflow import Engine
 
 from ..workflow.support import make_config, make_registry, write_workflow

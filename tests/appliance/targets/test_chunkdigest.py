@@ -18,10 +18,10 @@ from appliance.targets.chunkdigest import (
     QUEUE_BYTES,
     ByteBudget,
     ChunkedSha256,
-    OffsetChunkedSha256,
     digest_file,
     range_digest,
 )
+from appliance.targets.offsetdigest import OffsetChunkedSha256
 
 MiB = 1 << 20
 
