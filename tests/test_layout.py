@@ -202,7 +202,6 @@ MAX_MODULE_LINES = 450
 #: it cannot grow: other changes in flight were editing these, and each is split when that work lands
 #: (lower a cap as its module shrinks; remove the entry once it is under the limit)
 OVERSIZED = {
-    "appliance/steps/export.py": 551,
     "appliance/targets/chunkdigest.py": 557,
     "appliance/steps/image_stream.py": 533,
     "appliance/sources/parts.py": 543,
@@ -210,7 +209,7 @@ OVERSIZED = {
     "appliance/sources/reader.py": 491,
     "api/admin.py": 478,
     # not split yet: its no-space errors and Allowance are imported by steps/volume_assemble and
-    # steps/export (above), and TaskScratch and ScratchSpace call each other
+    # steps/export_source, and TaskScratch and ScratchSpace call each other
     "appliance/scratch.py": 452,
 }
 
