@@ -203,7 +203,6 @@ MAX_MODULE_LINES = 450
 #: (lower a cap as its module shrinks; remove the entry once it is under the limit)
 OVERSIZED = {
     "appliance/targets/chunkdigest.py": 557,
-    "appliance/steps/image_stream.py": 533,
     "appliance/sources/parts.py": 543,
     "appliance/targets/s3stream.py": 515,
     "appliance/sources/reader.py": 491,
