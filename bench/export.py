@@ -58,7 +58,7 @@ if str(REPO) not in sys.path:
 from appliance import config as config_mod  # noqa: E402
 from appliance.config import parse_size  # noqa: E402
 from appliance.image.ova import unpack_ova  # noqa: E402
-from appliance.steps.export import SourceDigestCheck  # noqa: E402
+from appliance.steps.export_check import SourceDigestCheck  # noqa: E402
 from appliance.targets.chunkdigest import digest_file  # noqa: E402
 from appliance.targets.diskexport import export_disk  # noqa: E402
 from appliance.targets.exportdest import FileDestination  # noqa: E402

@@ -27,7 +27,7 @@ from ..sources.urlfilter import UrlPolicy
 from ..targets.bundle import ARCHITECTURES, BundleKeys, MachineConfiguration, S3Sink, write_bundle
 from ..targets.upload_policy import ACLS, read_upload_policy
 from ..workflow.step import Step, StepContext
-from .export import Readable
+from .export_source import Readable
 
 
 def bundle_keys(config: Config) -> BundleKeys:

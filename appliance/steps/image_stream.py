@@ -1,15 +1,7 @@
-"""ImportImage/ImportSnapshot without scratch: ``source.route`` and ``image.stream`` (glue).
+"""ImportImage/ImportSnapshot without scratch: ``image.stream`` (glue), for a disk that ``source.route``
+(:mod:`.source_route`) found sequential and free to stream into the image target.
 
-``source.route`` runs the header-only preflight of the source (:func:`.imports.source_preflight`: the
-claim against the first bytes, the VMDK create type, a differencing VHD, the size limits) and decides
-how the disk travels. A sequential format — RAW, a gzip/xz/zstd/bzip2-compressed RAW disk, a
-stream-optimized VMDK, a fixed VHD — *streams* (``streams`` true) when nothing needs the disk as a
-file in scratch: the image target is a file directory or an S3 bucket, and no operator hook is
-configured at the import-disk insertion points (``after_fetch`` … ``before_write`` hand the hooks a
-file in scratch). Everything else (random-access formats, OVA, bundles, hooks) takes the scratch
-path: ``source.fetch`` (the ranged reader fills scratch), inspection, qemu-img.
-
-``image.stream`` then reads the object once with the ranged reader (parallel ranged GETs, verified,
+``image.stream`` reads the object once with the ranged reader (parallel ranged GETs, verified,
 retried, the stall watchdog), feeds it through the confined sequential decoder
 (:class:`~appliance.image.streamed.StreamDecode`; plain RAW, with nothing to parse, through
 :class:`~appliance.image.rawinline.InlineRawDecode` in this process, and a fixed VHD of known size,
@@ -55,8 +47,6 @@ from typing import Any
 
 from ..errors import (
     Cancelled,
-    ImageRejected,
-    ImagingError,
     LeaseLost,
     SourceChanged,
     StoreUnavailable,
@@ -64,13 +54,12 @@ from ..errors import (
 )
 from ..image.decoders import BOUNDARY_EVERY
 from ..image.decoding import Sink
-from ..image.inspect import Preflight, inspect_image, require_safe
+from ..image.inspect import inspect_image, require_safe
 from ..image.rawinline import InlineRawDecode
 from ..image.rawstream import RAW
 from ..image.streamed import StreamDecode, StreamResult
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vhdinline import InlineVhdFixedDecode
-from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
 from ..sources.fetch import parse_source
 from ..sources.http import SourceIntegrity
@@ -86,82 +75,19 @@ from ..targets.offsetdigest import HashedSink, OffsetChunkedSha256
 from ..targets.rawio import RawWriter
 from ..targets.s3 import S3ImageTarget
 from ..workflow.step import Step, StepContext
-from .bundles import bundle_manifest_url
 from .guest import ValidateStep
 from .image_stream_s3 import stream_into_s3
-from .imports import DISK_NAME, checked_source, source_digest, source_preflight
+from .imports import DISK_NAME, checked_source, source_digest
 from .provenance import READ_AFTER_STREAM, WHILE_STREAMING_CHUNKED, check_expected
 from .retries import retry_reporter
 from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints, writing_meter
 
-#: the insertion points of import-disk that hand their hooks a file in scratch
-SCRATCH_POINTS = ("after_fetch", "after_inspect", "after_convert", "before_write")
 #: source bytes handed to the decoder at a time
 _PIECE = 1 << 20
 
 Observer = Callable[[bytes], None]
 
 _NULLABLE_STR = {"type": ["string", "null"]}
-
-
-def sequential_decoder(verdict: Preflight | None) -> str | None:
-    """The sequential decoder (:data:`appliance.image.decoders.FORMATS`) for what the preflight found,
-    or None when the format needs random access (or the preflight decided nothing)."""
-    if verdict is None or not verdict.safe or verdict.format is None:
-        return None
-    if verdict.compression is not None:
-        # a compressed RAW disk decodes in one pass; a compressed VMDK/VHD/qcow2 does not
-        return verdict.compression if verdict.format == "raw" else None
-    if verdict.format == "raw":
-        return RAW
-    if (
-        verdict.format == "vmdk"
-        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
-    ):
-        return VMDK_STREAM
-    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
-        return VHD_FIXED
-    return None
-
-
-def route(ctx: StepContext, source: dict[str, Any], *, reject: bool = True) -> dict[str, Any]:
-    """``{streams, decoder, reason, preflight, scratch_bytes}`` for ``source`` (module docstring);
-    ``scratch_bytes``: what the scratch path's download needs (the object's size, None when not
-    known), 0 when the disk streams. Raises :class:`ImageRejected` for a source the preflight rejects
-    (before anything is downloaded) unless ``reject`` is false (a plan shows the verdict instead)."""
-    source = checked_source(ctx, source)
-    verdict = source_preflight(ctx, source)
-    if verdict is not None and not verdict.safe:
-        if reject:
-            raise ImageRejected(verdict.errors)
-        return {
-            "streams": False,
-            "decoder": None,
-            "reason": "the preflight rejects the source",
-            "preflight": verdict.to_dict(),
-            "scratch_bytes": 0,
-        }
-    decoder = sequential_decoder(verdict)
-    reason = "a sequential format: streamed from the source into the image target"
-    if bundle_manifest_url(source) is not None:
-        decoder, reason = None, "an image bundle: unbundled into scratch"
-    elif decoder is None:
-        reason = "not a sequential format: downloaded into scratch and converted by qemu-img"
-    elif not isinstance(get_image_target(ctx.config), FileImageTarget | S3ImageTarget):
-        decoder, reason = None, "the image target is not a file directory or S3: converted in scratch"
-    else:
-        hooked = [p for p in SCRATCH_POINTS if ctx.config.hooks.at(p)]
-        if hooked:
-            decoder = None
-            reason = f"hooks at {', '.join(hooked)} read the disk in scratch: converted in scratch"
-    size = verdict.details.get("object_size") if verdict is not None else None
-    return {
-        "streams": decoder is not None,
-        "decoder": decoder,
-        "reason": reason,
-        "preflight": verdict.to_dict() if verdict is not None else None,
-        "scratch_bytes": 0 if decoder is not None else size,
-    }
 
 
 def stream_source(
@@ -284,33 +210,6 @@ def stream_source(
             if reader.md5_etag is not None and got is not None and on_md5_checked is not None:
                 on_md5_checked(reader.md5_etag)
             return stream.finish()
-
-
-class RouteStep(Step):
-    """``source.route``: whether a disk streams into the image target or goes through scratch."""
-
-    schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["source"],
-        "properties": {"source": {"type": "object"}},
-    }
-
-    def run(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
-        return route(ctx, source)
-
-    def plan(self, ctx: StepContext, source: dict[str, Any]) -> dict[str, Any]:
-        # the same preflight as the run: its verdict, the route, and the scratch the route needs (the
-        # download, sized by the object, when the disk does not stream)
-        try:
-            return route(ctx, source, reject=False)
-        except ImagingError as exc:
-            return {
-                "streams": False,
-                "decoder": None,
-                "scratch_bytes": None,
-                "preflight": {"error": exc.code, "message": exc.message},
-            }
 
 
 class StreamStoreStep(Step):

@@ -2,7 +2,8 @@
 
 RAW uploads, stream-optimized VMDK and fixed VHD go part by part (each MD5-verified) straight onto
 the volume, the latter two through the confined sequential decoder; other formats are assembled
-in scratch and converted by qemu-img. Progress: ``converted`` counts bytes written to the target
+in scratch and converted by qemu-img (:mod:`.volume_assemble`). The upload's parts are read, verified
+and preflighted by :mod:`.volume_upload`. Progress: ``converted`` counts bytes written to the target
 (EC2 ``bytesConverted``) and never goes backwards; 100 % only once the volume is flushed.
 
 Restart safety: the step checkpoints at the first verified part boundary past every
@@ -12,54 +13,42 @@ the parts after its checkpoint. The checkpoints are in the task
 database (:meth:`~appliance.workflow.step.StepContext.save_checkpoint`, fenced by the run's lease),
 not in scratch: an appliance that takes the task over from a dead one resumes where it got to on the
 volume (a RAW or streamed upload; the volume is shared or reattached). An upload assembled in
-scratch is resumed only where that scratch is: its checkpoint names the assembly file by a token
-kept beside it, and another appliance (or a scratch that is gone) assembles it again from part 0.
+scratch is resumed only where that scratch is (:mod:`.volume_assemble`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ImageRejected
-from ..image.convert import convert_image
 from ..image.decoding import Boundary, zeros
-from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, inspect_image, preflight, require_safe
+from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, preflight
 from ..image.stream import RawStreamCheck
 from ..image.streamed import StreamDecode
 from ..image.vhdfixed import FORMAT as VHD_FIXED
 from ..image.vhdinline import InlineVhdFixedDecode
-from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..progress import StageMeter
-from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest
-from ..sources.hashthread import HashingThread
-from ..sources.http import HttpClient
 from ..sources.manifest import ImportManifest, Part
-from ..sources.parts import download_parts, read_part_range
-from ..sources.staged import UploadArea
-from ..sources.upload import manifest_origin, read_parts, read_range
-from ..sources.urlfilter import UrlPolicy
 from ..targets import get_volume_target
-from ..targets.base import Volume, insufficient_storage, storage_error
+from ..targets.base import Volume, storage_error
 from ..targets.chunkdigest import ChunkedDigest, range_digest
 from ..targets.offsetdigest import HashedSink, OffsetChunkedSha256
 from ..targets.rawio import RawWriter
 from ..workflow.step import Step, StepContext
 from .bundles import unbundle_onto_volume
-from .meters import convert_meter, scaled
-from .retries import retry_reporter
 from .volume import GiB, InsufficientVolumeSize
-
-#: beside an upload assembled in scratch: the token its checkpoints name (another scratch has another)
-_UPLOAD_TOKEN = "upload.token"
-
-
-def _policy(ctx: StepContext) -> UrlPolicy:
-    return UrlPolicy.from_config(ctx.config.sources)
+from .volume_assemble import import_via_scratch
+from .volume_upload import (
+    download_upload,
+    part_at,
+    save_part_checkpoint,
+    sequential_decoder,
+    upload_preflight,
+    upload_source,
+)
 
 
 class VolumeImportStep(Step):
@@ -104,17 +93,11 @@ class VolumeImportStep(Step):
         zeroed = bool(fresh.get("zeroed")) and state["next"] == 0
         if format == "RAW":
             return self._stream_raw(ctx, m, vol, zeroed, state)
-        verdict = _preflight(ctx, m, format)
-        decoder = _sequential(verdict)
+        verdict = upload_preflight(ctx, m, format)
+        decoder = sequential_decoder(verdict)
         if decoder is not None:
             return self._stream_decoded(ctx, m, format, decoder, vol, zeroed, state)
-        return self._via_scratch(ctx, m, format, vol, state)
-
-    @staticmethod
-    def _save(ctx: StepContext, part: Part, done: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        state = {"next": part.index + 1, "done": done, **(extra or {})}
-        ctx.save_checkpoint(state)  # committed (and fenced by the lease) before the next part is written
-        return state
+        return import_via_scratch(ctx, m, format, vol, state)
 
     def _stream_raw(
         self,
@@ -173,11 +156,11 @@ class VolumeImportStep(Step):
                 # what the checkpoint says is on the volume must be there for whoever resumes (another
                 # appliance after this one lost power): durable first, then recorded
                 out.flush()
-                self._save(ctx, part, done)
+                save_part_checkpoint(ctx, part, done)
                 saved = done
 
             with meter:
-                _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
+                download_upload(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
             findings = check.verdict()
             if findings:
                 raise ImageRejected(findings)
@@ -189,7 +172,7 @@ class VolumeImportStep(Step):
             "format": "RAW",
             "virtual_size": m.size,
             "streamed": True,
-            "source": _source(m, digest),
+            "source": upload_source(m, digest),
             **_output_digest(volume_digest, written),
         }
 
@@ -209,7 +192,7 @@ class VolumeImportStep(Step):
             resume = None  # a checkpoint of another decode: start again
         start_index, skip = 0, 0
         if resume is not None:
-            start_index = _part_at(m, resume.input_offset)
+            start_index = part_at(m, resume.input_offset)
             if start_index < len(m.parts):
                 skip = resume.input_offset - m.parts[start_index].start
         base = int(state.get("converted", 0)) if resume is not None else 0
@@ -243,7 +226,7 @@ class VolumeImportStep(Step):
             def on_boundary(b: Boundary, done: int) -> None:
                 # everything before the boundary is in the volume: make it durable, then record it
                 out.flush()
-                index = _part_at(m, b.input_offset)
+                index = part_at(m, b.input_offset)
                 ctx.save_checkpoint(
                     {
                         "next": index,
@@ -300,7 +283,7 @@ class VolumeImportStep(Step):
                     meter.read(offset + len(chunk))
 
                 with meter:
-                    _download(
+                    download_upload(
                         ctx, m, write, start_index=start_index, on_part=lambda p, d: report(), digest=digest
                     )
                     result = stream.finish()
@@ -327,109 +310,8 @@ class VolumeImportStep(Step):
             "virtual_size": size,
             "streamed": True,
             "decoder": decoder,
-            "source": _source(m, digest),
+            "source": upload_source(m, digest),
             **_output_digest(volume_digest, written),
-        }
-
-    def _via_scratch(
-        self,
-        ctx: StepContext,
-        m: ImportManifest,
-        format: str,
-        vol: Volume,
-        state: dict[str, Any],
-    ) -> dict[str, Any]:
-        upload = ctx.workdir / f"upload.{format.lower()}"
-        marker = ctx.workdir / _UPLOAD_TOKEN
-        # Made again on every run: the engine released this step's reservations when it was interrupted.
-        reservation = ctx.scratch.reserve(m.size, f"assembling the {format} upload")
-        doing = f"assembling the {format} upload"
-        token = marker.read_text().strip() if marker.exists() and upload.exists() else None
-        if token is None or state.get("upload") != token:
-            # the checkpoint names an assembly in another scratch (a dead appliance's), or none: from
-            # part 0 into a new file
-            upload.unlink(missing_ok=True)
-            token = secrets.token_hex(8)
-            marker.write_text(token + "\n")
-            state = {"next": 0, "done": 0}
-        # parts already verified stay: the file is reopened, never truncated (a fresh one reads as zeros)
-        fresh_upload = not upload.exists()
-        with RawWriter(
-            upload,
-            zeroed=fresh_upload,
-            create=True,
-            error=lambda exc: no_space_error(upload.parent, doing) if is_no_space(exc) else None,
-        ) as out:
-            # the assembly is the first half of the task; its bytes go to scratch, not to the volume
-            meter = StageMeter(
-                "downloading",
-                m.size,
-                scaled(ctx.progress, (0.0, 50.0), converted=False),
-                read=state["done"],
-                written=state["done"],
-            )
-
-            def write(offset: int, chunk: bytes | memoryview) -> None:
-                meter.read(offset + len(chunk))
-                out.write(offset, chunk)
-                meter.wrote(offset + len(chunk))
-
-            def on_part(part: Part, done: int) -> None:
-                self._save(ctx, part, done, {"upload": token})
-                meter.wrote(done)
-
-            # a resumed assembly: the verified parts already in the file are hashed from there
-            digest = StreamDigest()
-            for offset in range(0, state["done"], 1 << 20):
-                digest.update(out.read(offset, min(1 << 20, state["done"] - offset)))
-            with meter:
-                _download(ctx, m, write, start_index=state["next"], on_part=on_part, digest=digest)
-                out.flush()
-            meter.flushed()
-        ctx.progress({"phase": "validating", "done": 0})
-        source = require_safe(
-            inspect_image(
-                upload, format.lower(), config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel, ledger=ctx
-            )
-        )
-        if source.virtual_size and source.virtual_size > vol.size:
-            raise InsufficientVolumeSize(
-                f"the {format} image's virtual size is {source.virtual_size} bytes but volume {vol.id} holds "
-                f"{vol.size}; import it into a volume of at least {-(-source.virtual_size // GiB)} GiB"
-            )
-
-        # the second half: bytes read from the assembly and written to the volume, rate and ETA;
-        # 100 % only once the volume is flushed
-        convert, on_convert = convert_meter(ctx.progress, upload.stat().st_size, scale=(50.0, 50.0))
-        with convert:
-            result = convert_image(
-                upload,
-                vol.path,
-                "raw",
-                format.lower(),
-                config=ctx.config,
-                workdir=ctx.workdir,
-                on_progress=on_convert,
-                cancel=ctx.cancel,
-                ledger=ctx,
-                # qemu-img writes onto the volume's storage, not into scratch
-                no_space=lambda _where, doing: insufficient_storage(f"volume {vol.id} ({vol.path})", doing),
-            )
-        convert.flushed()  # convert_image flushed the volume before it returned
-        if not result.block_device:
-            # qemu-img wrote a new file of the image's virtual size: give it the volume's size and mode.
-            os.chmod(vol.path, 0o600)
-            if os.stat(vol.path).st_size < vol.size:
-                os.truncate(vol.path, vol.size)
-        upload.unlink(missing_ok=True)
-        marker.unlink(missing_ok=True)
-        ctx.scratch.release(reservation)
-        return {
-            "bytes_written": result.virtual_size,
-            "format": format,
-            "virtual_size": result.virtual_size,
-            "streamed": False,
-            "source": _source(m, digest),
         }
 
     def plan(
@@ -468,101 +350,3 @@ def _output_digest(digest: ChunkedDigest | None, written: OffsetChunkedSha256) -
     if digest is None:
         return {"output_digest": None, "output_digest_gap": written.gap}
     return {"output_digest": digest.to_dict()}
-
-
-def _part_at(m: ImportManifest, offset: int) -> int:
-    """The index of the part holding input byte ``offset`` (len(parts) at the end)."""
-    for part in m.parts:
-        if part.start <= offset <= part.end:
-            return part.index
-    return len(m.parts)
-
-
-def _source(m: ImportManifest, digest: StreamDigest) -> dict[str, Any]:
-    """The provenance ``sources`` entry of an upload: where (the manifest's parts, by key; no URL), the
-    sha256 of the bytes as they streamed, the part MD5s checked."""
-    keys = sorted({p.key for p in m.parts})
-    where = keys[0] if len(keys) == 1 else f"{len(m.parts)} parts of {m.file_format} upload"
-    return {"location": where, **digest.to_dict()}
-
-
-def _download(
-    ctx: StepContext,
-    m: ImportManifest,
-    write: Callable[[int, bytes], None],
-    *,
-    start_index: int,
-    on_part: Callable[[Part, int], None],
-    digest: StreamDigest,
-) -> int:
-    """The parts from ``start_index`` on, verified, to ``write``: downloaded for an import manifest,
-    read from the appliance's disk for a staged upload (``upload://``). ``digest`` sees every byte
-    in order on its way to ``write`` (hashed in a thread of its own: :mod:`~appliance.sources.hashthread`,
-    done when this returns), and each part's MD5 that was checked. ``write`` gets ``bytes`` (one copy
-    of the reader's reused buffer, shared with the hashing thread)."""
-    with HashingThread(digest.update) as hasher:
-
-        def hashed(offset: int, chunk: bytes | memoryview) -> None:
-            data = chunk if isinstance(chunk, bytes) else bytes(chunk)
-            hasher.put(data)
-            write(offset, data)
-
-        staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
-        if staged is not None:
-            origin, validator = staged
-            done = read_parts(
-                m, hashed, origin, validator, start_index=start_index, on_part=on_part, cancel=ctx.cancel
-            )
-        else:
-            done = download_parts(
-                m,
-                hashed,
-                _policy(ctx),
-                start_index=start_index,
-                on_part=on_part,
-                cancel=ctx.cancel,
-                on_checked=lambda part, md5: digest.part_md5(part.index, md5),
-                on_retry=retry_reporter(ctx),  # a retry (a stall among them) is a task event as it happens
-            )
-        hasher.drain()
-    return done
-
-
-def _read_range(m: ImportManifest, start: int, end: int, http: HttpClient, ctx: StepContext) -> bytes:
-    """Bytes ``[start, end)`` of the upload, by ranged GETs of the parts holding them, each retried
-    with the download's back-off (a stalled or broken GET is a ``source.retry`` event)."""
-    staged = manifest_origin(m, UploadArea.from_sources(ctx.config.sources))
-    if staged is not None:
-        return read_range(staged[0], staged[1], start, end, ctx.cancel)
-    pieces: list[bytes] = []
-    for part in m.parts:
-        lo, hi = max(start, part.start), min(end, part.end + 1)
-        if lo < hi:
-            pieces.append(
-                read_part_range(http, part, lo, hi, cancel=ctx.cancel, on_retry=retry_reporter(ctx))
-            )
-    return b"".join(pieces)
-
-
-def _preflight(ctx: StepContext, m: ImportManifest, format: str) -> Preflight:
-    """The header-only checks on the upload's first and last bytes, before anything is written;
-    ImageRejected (the codes of a full inspection) for a mislabelled or unsafe upload."""
-    http = HttpClient(_policy(ctx))
-    head = _read_range(m, 0, min(PREFLIGHT_HEAD, m.size), http, ctx)
-    tail = _read_range(m, max(0, m.size - PREFLIGHT_TAIL), m.size, http, ctx)
-    verdict = preflight(head, tail, format.lower(), config=ctx.config, size=m.size)
-    if not verdict.safe:
-        raise ImageRejected(verdict.errors)
-    return verdict
-
-
-def _sequential(verdict: Preflight) -> str | None:
-    """The sequential decoder for what the preflight found, or None (random access: via scratch)."""
-    if (
-        verdict.format == "vmdk"
-        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
-    ):
-        return VMDK_STREAM
-    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
-        return VHD_FIXED
-    return None

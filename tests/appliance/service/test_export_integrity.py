@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from appliance.service.exports import ExportService, object_key
 from appliance.service.imports import DiskContainer, ImportService, outcome
-from appliance.steps.export import SourceDigestCheck
+from appliance.steps.export_check import SourceDigestCheck
 from appliance.store import TaskState
 from appliance.targets.chunkdigest import digest_file
 from tests import guestfactory, stores

@@ -1,6 +1,6 @@
-"""The export's source check (``SourceDigestCheck`` of appliance.steps.export) with the real writers into
-files: the source is read once, its digest compared with the one its import recorded before the output is
-renamed into place; a source that changed since leaves no output."""
+"""The export's source check (``SourceDigestCheck`` of appliance.steps.export_check) with the real
+writers into files: the source is read once, its digest compared with the one its import recorded
+before the output is renamed into place; a source that changed since leaves no output."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import ImagingError
-from appliance.steps.export import SourceDigestCheck
+from appliance.steps.export_check import SourceDigestCheck
 from appliance.targets.chunkdigest import digest_file
 from appliance.targets.diskexport import export_disk
 from appliance.targets.exportdest import FileDestination
