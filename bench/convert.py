@@ -36,6 +36,7 @@ from pathlib import Path
 from appliance import config as config_mod
 from appliance.config import parse_size
 from appliance.image.convert import build_command, convert_image, page_cache_bytes, use_direct_io
+from appliance.image.convertcmd import use_direct_input
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -340,18 +341,28 @@ def _timed(fn: Callable[[], object], hz: int, disk: Path | None) -> tuple[float,
 
 
 #: the toolkit; bare qemu-img with default options (the goal's reference); bare qemu-img with the
-#: options the toolkit passes (``use_direct_io`` + ``build_command``), which isolates the
-#: toolkit's own overhead (inspection, fsync, output check) from its choice of options
+#: options the toolkit passes (``use_direct_io``, ``use_direct_input`` + ``build_command``), which
+#: separates the toolkit's choice of options from the rest of what it does (inspection, the output's
+#: drop-behind, fsync, output check)
 VARIANTS = ("appliance", "qemu-img", "qemu-img-same")
 
 
-def _toolkit_options(qemu_fmt: str, dst: Path, virtual_size: int) -> list[str]:
+def _toolkit_options(qemu_fmt: str, src: Path, dst: Path, virtual_size: int) -> list[str]:
     """The extra options convert_image gives qemu-img for this conversion to raw (minus ``-p``): its
-    cache-mode rule (``use_direct_io``) for a file of this virtual size, with the memory available now."""
+    cache-mode rules for the output (``use_direct_io``, for a file of this virtual size, with the memory
+    available now) and for the source (``use_direct_input``, with the source as cached as it is now)."""
     direct = use_direct_io(
         "raw", qemu_fmt, block_device=False, output_bytes=virtual_size, page_cache_bytes=page_cache_bytes()
     )
-    argv = build_command(Path("/src"), qemu_fmt, dst.absolute(), "raw", None, direct_io=direct)
+    argv = build_command(
+        Path("/src"),
+        qemu_fmt,
+        dst.absolute(),
+        "raw",
+        None,
+        direct_io=direct,
+        direct_input=use_direct_input(qemu_fmt, src),
+    )
     return [a for a in argv[2 : argv.index("-f")] + argv[argv.index("-O") + 2 : -2] if a != "-p"]
 
 
@@ -388,7 +399,9 @@ def run_once(
     variants = {
         "appliance": lambda: convert_image(src, dst, "raw", claim, config=cfg, workdir=workdir),
         "qemu-img": lambda: _bare(qemu_fmt, src, dst),
-        "qemu-img-same": lambda: _bare(qemu_fmt, src, dst, *_toolkit_options(qemu_fmt, dst, virtual_size)),
+        "qemu-img-same": lambda: _bare(
+            qemu_fmt, src, dst, *_toolkit_options(qemu_fmt, src, dst, virtual_size)
+        ),
     }
     attempts = 1 if quick else max(1, max_attempts)
     for attempt in range(1, attempts + 1):

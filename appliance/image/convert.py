@@ -41,6 +41,7 @@ module holds the sequence. Their public names are importable from here too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import confine, partials
+from .. import confine, pagecache, partials
 from ..config import Config
 from ..errors import Cancelled, ImagingError
 from ..progress import Progress, ProgressTracker
@@ -64,6 +65,7 @@ from .convertcmd import (
     check_subformat,
     page_cache_bytes,
     supports_direct_io,
+    use_direct_input,
     use_direct_io,
 )
 from .convertout import (
@@ -266,6 +268,8 @@ class _Job:
         )
         if direct and not block_device and not supports_direct_io(out_path):
             direct = False  # e.g. tmpfs before Linux 6.6: qemu-img could not open its output
+        direct_input = use_direct_input(src_format, self.source.path)
+        buffered = not (block_device or direct)
         source_check = _SourceCheck(self.source, self.config, self.workdir, self.cancel)
         if block_device:
             # nothing is written onto a device before the source has passed every check
@@ -284,19 +288,23 @@ class _Job:
                     self.subformat,
                     block_device=block_device,
                     direct_io=direct,
+                    direct_input=direct_input,
                     qemu_img=self.qemu_img,
                 )
                 policy = confine.qemu_img_convert(self.config.limits, self.virtual_size)
-                run_convert(
-                    argv,
-                    policy,
-                    linked.parent,
-                    self.tracker,
-                    self.virtual_size,
-                    AnySet(self.cancel, source_check.rejected),
-                    out_path,
-                    self.no_space,
-                )
+                # a buffered file output leaves the page cache as soon as it is written (pagecache)
+                behind = pagecache.DropBehind(out_path) if buffered else contextlib.nullcontext()
+                with behind:
+                    run_convert(
+                        argv,
+                        policy,
+                        linked.parent,
+                        self.tracker,
+                        self.virtual_size,
+                        AnySet(self.cancel, source_check.rejected),
+                        out_path,
+                        self.no_space,
+                    )
         except BaseException:
             source_check.join()
             source_check.raise_if_rejected()  # a rejected source explains the failure (or the stop)
@@ -304,6 +312,8 @@ class _Job:
         source_check.join()
         source_check.raise_if_rejected()
         flush(out_path, self.no_space)
+        if buffered:
+            pagecache.drop(out_path)  # flushed, so every page is clean; the check reads only pieces
         _raise_if_cancelled(self.cancel)
         return argv, verify(out_path, self.fmt, self.config, block_device=block_device)
 

@@ -8,18 +8,23 @@ The cache mode follows one rule, :func:`use_direct_io`:
   guest must not depend on dirty pages of ours;
 * a **file** that the page cache can absorb (its virtual size, an upper bound of what qemu-img writes,
   is at most :data:`PAGE_CACHE_SHARE` of the memory available) is written through the page cache
-  (qemu-img's default, ``cache=unsafe``) and flushed once, with ``fdatasync``, before the output check
-  and the rename. This is what bare ``qemu-img convert`` does, and on the 4 GiB benchmark disk
-  (qcow2 → raw, page cache dropped, flush included) it is faster than O_DIRECT: 1.78 s against
-  2.09 s with ``-t none`` (issue 9), medians 3.26 s against 3.73 s on a loaded machine
-  (bench/README.md). qemu-img issues its writes asynchronously into the cache and the flush
-  writes them out in large sorted batches, and the next reader of the file (the output check, an
-  upload, the guest probe) finds it cached;
+  (qemu-img's default, ``cache=unsafe``), dropped behind the writer, and flushed once, with
+  ``fdatasync``, before the output check and the rename. On the 4 GiB benchmark disk (qcow2 → raw,
+  page cache dropped, flush included) the page cache was faster than O_DIRECT: 1.78 s against
+  2.09 s with ``-t none``, medians 3.26 s against 3.73 s on a loaded machine, and with the drop-behind
+  1.2-1.3 s against 1.4-1.6 s (bench/README.md): qemu-img issues its writes asynchronously and the
+  kernel writes them out in large sorted batches;
 * a **larger file** is written with O_DIRECT where qemu-img writes big blocks (:data:`DIRECT_IO_FORMATS`,
   not from :data:`BUFFERED_INPUTS`) and the filesystem supports it, so one conversion does not evict
   the page cache every other task works from and does not stall in dirty-page throttling; the other
   conversions stay buffered (their small compressed or grain-sized writes measured 7-60 % slower
   with O_DIRECT).
+
+A buffered file output is dropped behind the writer (:class:`appliance.pagecache.DropBehind`)
+while qemu-img writes it. The **source** is read with O_DIRECT (``-T none``, :func:`use_direct_input`)
+when it is not in the page cache already, its filesystem accepts O_DIRECT and qemu-img reads its format
+in big pieces (not :data:`BUFFERED_INPUTS`): a cold source read through the cache only fills the cache
+with pages nothing reads again (:mod:`appliance.pagecache` says why that costs so much here).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import pagecache
 from ..errors import UsageError
 from . import qemuimg
 from .formats import to_qemu
@@ -60,13 +66,14 @@ def build_command(
     *,
     block_device: bool = False,
     direct_io: bool = False,
+    direct_input: bool = False,
     qemu_img: str = qemuimg.QEMU_IMG,
 ) -> list[str]:
     """The ``qemu-img convert`` argv for one conversion.
 
     ``direct_io`` writes the output with ``-t none`` (O_DIRECT), as :func:`use_direct_io` decides;
     otherwise qemu-img's default (the page cache, flushed by the caller). A block device is always
-    written with O_DIRECT.
+    written with O_DIRECT. ``direct_input`` reads the source with ``-T none`` (:func:`use_direct_input`).
 
     Paths must be absolute: qemu-img reads ``proto:...`` and ``json:{...}`` in a filename as a
     protocol, unless a ``/`` comes first.
@@ -79,6 +86,8 @@ def build_command(
         argv.append("-n")
     if block_device or direct_io:
         argv += ["-t", "none"]
+    if direct_input:
+        argv += ["-T", "none"]
     options = _output_options(to_format, subformat)
     if options:
         argv += ["-o", ",".join(options)]
@@ -99,6 +108,23 @@ def use_direct_io(
     if output_bytes <= page_cache_bytes:
         return False
     return to_format in DIRECT_IO_FORMATS and src_qemu_format not in BUFFERED_INPUTS
+
+
+def use_direct_input(src_qemu_format: str, source: Path) -> bool:
+    """Whether qemu-img reads ``source`` with O_DIRECT (``-T none``): the rule of the module docstring."""
+    if src_qemu_format in BUFFERED_INPUTS:
+        return False
+    return _reads_direct(source) and not pagecache.mostly_cached(source)
+
+
+def _reads_direct(path: Path) -> bool:
+    """Whether ``path`` can be opened for reading with O_DIRECT (see :func:`supports_direct_io`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def page_cache_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import pagecache
 from ..errors import Cancelled
 from ..scratch import is_no_space, no_space_error
 from .fetch import FetchResult, parse_source
@@ -155,6 +156,9 @@ def download_to_file(
         if checkpoint is not None:
             checkpoint({"position": at.to_dict()})
 
+    # the download leaves the page cache as it is written (appliance.pagecache): the conversion
+    # that follows reads it around the cache
+    behind = pagecache.WriteBehind(out.fileno())
     try:
         with out:
             reader = open_reader(
@@ -182,6 +186,7 @@ def download_to_file(
                             reserve(done + n, False)
                         out.write(piece)
                         hashes.update(piece)
+                    behind.wrote(n)
                     done += n
                     if on_progress is not None:
                         on_progress(done, total)
@@ -195,6 +200,7 @@ def download_to_file(
                 )
             out.flush()
             os.fsync(out.fileno())
+            behind.done()
         outcome = "done"
         return FetchResult(dst, done, hashes.sha.hexdigest(), etag, md5_etag)
     except Cancelled:

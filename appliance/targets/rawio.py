@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import pagecache
 from ..errors import ImagingError, UsageError
 from ..image.decoding import zeros
 from ..progress import ProgressCallback, ProgressTracker
@@ -270,6 +271,8 @@ class RawWriter:
         with self._coded():
             self.fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
             self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        # the volume's pages leave the page cache as they are written (appliance.pagecache)
+        self._behind = pagecache.WriteBehind(self.fd)
 
     @contextmanager
     def _coded(self) -> Iterator[None]:
@@ -302,6 +305,7 @@ class RawWriter:
                     zero_range(self.fd, offset, len(chunk), self.is_block)
                 return
             pwrite_all(self.fd, memoryview(chunk), offset)
+        self._behind.wrote(len(chunk))
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``[offset, offset + length)`` read as zeros (e.g. past the end of the image)."""
@@ -313,6 +317,7 @@ class RawWriter:
     def flush(self) -> None:
         with self._coded():
             os.fsync(self.fd)
+        self._behind.done()
 
     def close(self) -> None:
         if self.fd >= 0:
