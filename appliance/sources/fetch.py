@@ -25,14 +25,8 @@ from ..errors import Finding, ImageRejected, UsageError
 from ..nospace import is_no_space, no_space_error
 from ..redact import redact_url
 from . import s3 as s3mod
-from .http import (
-    HttpClient,
-    HttpResponse,
-    SourceIntegrity,
-    SourceUnavailable,
-    TransferInterrupted,
-    sleep_or_cancel,
-)
+from .http import HttpClient, HttpResponse, SourceIntegrity, SourceUnavailable, TransferInterrupted
+from .httpio import sleep_or_cancel
 from .methods import is_upload_url
 from .ranges import Validator
 from .s3names import check_bucket, check_key
