@@ -1,10 +1,10 @@
-"""The JSON admin API (``/v1/…``): health, discovery, tasks, metrics, images and their copies, and its
-own OpenAPI document.
+"""The JSON admin API (``/v1/…``): health, discovery, tasks, metrics and its own OpenAPI document;
+the image routes are :mod:`api.images`.
 
-Resources read the appliance's configuration and task database and render them; the two that act
-(``POST /v1/images/{id}/copies``, ``POST /v1/tasks/{id}/cancel``) hand the request to
-:mod:`appliance.service.copies` / the store. Every rule (task states, limits, formats, what a copy
-destination may be) comes from :mod:`appliance`. ``auth_required = False`` marks the
+Resources read the appliance's configuration and task database and render them with the views of
+:mod:`appliance.service.taskviews` and :mod:`appliance.service.discovery`, adding only their links;
+the one that acts (``POST /v1/tasks/{id}/cancel``) hands the request to the store. Every rule (task
+states, limits, formats) comes from :mod:`appliance`. ``auth_required = False`` marks the
 resources a load balancer or a client must reach without credentials (see :mod:`api.app`).
 
 The task routes show a key with ``role: admin`` every account's tasks and any other key its own
@@ -19,7 +19,7 @@ import json
 import threading
 from collections.abc import Sequence
 from functools import cache
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,15 +28,10 @@ import yaml
 
 from appliance.config import Config
 from appliance.errors import UsageError
-from appliance.image import formats
 from appliance.redact import redact
 from appliance.service import health as health_mod
-from appliance.service import imports
-from appliance.service.copies import CopyService
-from appliance.service.imports import boot_settings, encryption_report, guest_report, validated_report
-from appliance.service.provenance import provenance_of
-from appliance.sources import methods
-from appliance.sources.methods import enabled_methods
+from appliance.service.discovery import app_version, info_document
+from appliance.service.taskviews import task_detail, task_summary
 from appliance.store import TASK_ID_RE, Store, Task, TaskNotFound, TaskState
 
 from . import metrics as metrics_mod
@@ -44,16 +39,6 @@ from . import metrics as metrics_mod
 API_VERSION = "v1"
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-RECENT_EVENTS = 50
-
-
-@cache
-def app_version() -> str:
-    """The installed package version (``0+unknown`` when running from an uninstalled tree)."""
-    try:
-        return metadata.version("imaging-appliance")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @cache
@@ -85,182 +70,18 @@ class StoreHandle:
             return self._store
 
 
-# -- rendering ------------------------------------------------------------------------------------
-
-
 def task_href(task_id: str) -> str:
     return f"/{API_VERSION}/tasks/{task_id}"
 
 
-def account_of(task: Task) -> str | None:
-    """The account the task belongs to; None for a task recorded without one."""
-    return task.client_account or None
+def self_link(task_id: str) -> list[dict[str, str]]:
+    """The ``links`` member of a task's document."""
+    return [{"rel": "self", "href": task_href(task_id)}]
 
 
-def task_summary(task: Task) -> dict[str, Any]:
-    """The list view of a task (redacted, see :mod:`appliance.redact`)."""
-    view = {
-        "id": task.id,
-        "kind": task.kind,
-        "account": account_of(task),
-        "state": str(task.state),
-        "phase": task.phase,
-        "percent": task.percent,
-        "bytes_done": task.bytes_done,
-        "bytes_total": task.bytes_total,
-        "bytes_converted": task.bytes_converted,
-        "status_message": task.status_message,
-        "error_code": task.error_code,
-        "created_at": task.created_at,
-        "updated_at": task.updated_at,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
-        "links": [{"rel": "self", "href": task_href(task.id)}],
-    }
-    return redact(view)
-
-
-def task_detail(store: Store, task: Task) -> dict[str, Any]:
-    """The full view of a task: the row, progress, steps, findings, the guest validation report and
-    boot settings (image and instance imports), the encryption asked for and applied (image and
-    snapshot imports), cleanup ledger, recent events — redacted: params and step arguments hold
-    presigned URLs (bearer credentials until they expire) and hook arguments."""
-    row = task.to_dict()
-    row.pop("findings")
-    row.pop("client_account")  # shown as ``account``
-    all_events = store.events(task_id=task.id, limit=100_000)
-    events = all_events[-RECENT_EVENTS:]
-    # not outcome(): any workflow may run as a task, and only imports' results have its layout;
-    # a task that validation failed has no result, but its guest.validated event holds the report
-    guest = guest_report(task.result) or validated_report(all_events)
-    view = {
-        "task": row,
-        "account": account_of(task),
-        "progress": {
-            "phase": task.phase,
-            "percent": task.percent,
-            "bytes_done": task.bytes_done,
-            "bytes_total": task.bytes_total,
-            "bytes_converted": task.bytes_converted,
-            "stages": stages(all_events),
-        },
-        "steps": [s.to_dict() for s in store.step_results(task.id)],
-        "findings": task.findings,
-        "guest": guest,
-        "boot": boot_settings(task, guest),
-        "encryption": encryption_report(task),
-        "provenance": provenance_of(task),
-        "ledger": [e.to_dict() for e in store.ledger(task.id)],
-        "events": [e.to_dict() for e in events],
-        "links": [{"rel": "self", "href": task_href(task.id)}],
-    }
-    return redact(view)
-
-
-#: what a stage of :func:`stages` shows, from the step's progress reports
-_STAGE_FIELDS = ("phase", "read", "written", "done", "total", "percent", "rate", "eta")
-
-
-def stages(events: Sequence[Any]) -> list[dict[str, Any]]:
-    """Per step that reported progress (``step.progress`` events), its latest figures: ``phase``,
-    bytes ``read`` from the source and ``written`` to the target, ``done``/``total``, ``percent``,
-    ``rate`` (bytes/s; 0 while nothing moves) and ``eta`` (seconds), each None when the step did
-    not say; ``retries``: the ``source.retry`` events of the step so far; ``at``: when reported."""
-    latest: dict[str, dict[str, Any]] = {}
-    retries: dict[str, int] = {}
-    for event in events:
-        step = str(event.data.get("step"))
-        if event.kind == "step.progress":
-            latest.pop(step, None)  # re-inserted: the order is that of the latest reports
-            latest[step] = {"step": step, **{f: event.data.get(f) for f in _STAGE_FIELDS}, "at": event.time}
-        elif event.kind == "source.retry":
-            retries[step] = retries.get(step, 0) + 1
-    return [stage | {"retries": retries.get(step, 0)} for step, stage in latest.items()]
-
-
-def info_document(config: Config, ec2_actions: Sequence[str]) -> dict[str, Any]:
-    """What this appliance accepts and produces (like Glance's ``/v2/info/import``)."""
-    banned = set(config.safety.banned_formats)
-    inputs = [
-        f
-        for f in formats.INPUT_FORMATS
-        if f not in banned and not (f == "iso" and config.safety.iso_policy == "reject")
-    ]
-    return {
-        "version": app_version(),
-        "api_versions": [API_VERSION],
-        "ec2": {
-            "actions": list(ec2_actions),
-            "region": config.api.region,
-            "signature_versions": ["4", "2"] if config.api.sigv2 else ["4"],
-            "sigv2": config.api.sigv2,
-        },
-        "import": {
-            "input_formats": inputs,
-            "compressions": list(formats.COMPRESSIONS),
-            "wire_formats": {
-                "ImportVolume": list(imports.VOLUME_FORMATS),
-                "ImportInstance": list(imports.VOLUME_FORMATS),
-                "ImportImage": list(imports.CONTAINER_FORMATS),
-                "ImportSnapshot": list(imports.CONTAINER_FORMATS),
-            },
-            # every target writes the converted disk as raw (a volume, a file, an object)
-            "output_formats": ["raw"],
-            # the enabled import methods (sources.methods), each with what it serves and its limits
-            "sources": list(enabled_methods(config.sources)),
-            "methods": import_methods(config),
-            "targets": {kind: t["type"] for kind, t in sorted(config.targets.items())},
-        },
-        "limits": {
-            "max_virtual_size": config.limits.max_virtual_size,
-            "max_decompressed_size": config.limits.max_decompressed_size,
-            "scratch_quota": config.scratch.quota,
-            "scratch_min_free": config.scratch.min_free,
-            "max_active_tasks": config.max_active_tasks,
-            "max_request_bytes": config.api.max_request_bytes,
-            "expiration_hours": config.expiration_hours,
-            "worker_concurrency": config.worker.concurrency,
-        },
-    }
-
-
-def import_methods(config: Config) -> dict[str, Any]:
-    """The enabled import methods (Glance's ``enabled_import_methods``), each with the actions and
-    request members that use it and its limits."""
-    limits = config.limits
-    download = {
-        "max_download_bytes": limits.max_decompressed_size,
-        "max_virtual_size": limits.max_virtual_size,
-    }
-    described: dict[str, dict[str, Any]] = {
-        methods.MANIFEST: {
-            "actions": ["ImportVolume", "ImportInstance"],
-            "member": "Image.ImportManifestUrl (a presigned https:// import manifest)",
-            "limits": {"max_virtual_size": limits.max_virtual_size},
-        },
-        methods.S3: {
-            "actions": ["ImportImage", "ImportSnapshot"],
-            "member": "DiskContainer UserBucket, or Url s3://bucket/key",
-            "limits": download,
-        },
-        methods.URL: {
-            "actions": ["ImportImage", "ImportSnapshot"],
-            "member": "DiskContainer Url https:// (under the SSRF policy: sources.allowed_endpoints)",
-            "limits": download,
-        },
-    }
-    upload = config.sources.upload
-    if upload is not None:
-        described[methods.UPLOAD] = {
-            "actions": ["ImportImage", "ImportSnapshot", "ImportVolume", "ImportInstance"],
-            "member": "DiskContainer Url or Image.ImportManifestUrl upload://{id} (PUT /v1/uploads/{id})",
-            "limits": {
-                "max_size": upload.max_size,
-                "expire_hours": upload.expire_hours,
-                "max_virtual_size": limits.max_virtual_size,
-            },
-        }
-    return {name: described[name] for name in enabled_methods(config.sources) if name in described}
+def summary_document(task: Task) -> dict[str, Any]:
+    """A task as the task list (and the answer of an action on it) shows it."""
+    return task_summary(task) | {"links": self_link(task.id)}
 
 
 def versions_document() -> dict[str, Any]:
@@ -309,7 +130,7 @@ class InfoResource:
     """``GET /v1/info``: supported actions, formats, sources, targets and limits."""
 
     def __init__(self, config: Config, ec2_actions: Sequence[str]) -> None:
-        self._doc = info_document(config, ec2_actions)
+        self._doc = info_document(config, [API_VERSION], ec2_actions)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = self._doc
@@ -346,7 +167,7 @@ class TasksResource:
         except TaskNotFound as exc:
             raise UsageError(f"marker {marker!r} is not a task id", code="InvalidMarker") from exc
         page = tasks[:limit]
-        doc: dict[str, Any] = {"tasks": [task_summary(t) for t in page], "next_marker": None, "links": []}
+        doc: dict[str, Any] = {"tasks": [summary_document(t) for t in page], "next_marker": None, "links": []}
         if len(tasks) > limit:
             doc["next_marker"] = page[-1].id
             query = [("limit", str(limit))]
@@ -367,7 +188,8 @@ class TaskResource:
         if not TASK_ID_RE.match(task_id):
             raise UsageError(f"{task_id!r} is not a valid task id", code="InvalidTaskId.Malformed")
         store = self._stores.get()
-        resp.media = task_detail(store, store.get_task(task_id, account=req.context.accounts))
+        task = store.get_task(task_id, account=req.context.accounts)
+        resp.media = task_detail(store, task) | {"links": self_link(task.id)}
 
 
 class OpenApiResource:
@@ -391,76 +213,6 @@ class MetricsResource:
         resp.content_type = metrics_mod.CONTENT_TYPE
 
 
-#: the members a ``POST /v1/images/{id}/copies`` body may have
-_COPY_MEMBERS = ("to", "endpoint")
-
-
-def _json_body(req: falcon.Request, max_bytes: int) -> dict[str, Any]:
-    """The request's JSON object body (at most ``max_bytes``); ``InvalidParameterValue`` otherwise."""
-    length = req.content_length
-    if length is None or length > max_bytes:
-        raise UsageError(f"the body must be a JSON object of at most {max_bytes} bytes, with Content-Length")
-    try:
-        body = json.loads(req.bounded_stream.read(length) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise UsageError("the body must be a JSON object")
-    return body
-
-
-def image_document(image: dict[str, Any]) -> dict[str, Any]:
-    """An image as ``GET /v1/images/{id}`` shows it: its id, the import that stored it, its locations."""
-    return {
-        "id": image["id"],
-        "task_id": image["task_id"],
-        "size": image.get("size"),
-        "locations": image.get("locations") or [image["location"]],
-    }
-
-
-class ImageResource:
-    """``GET /v1/images/{image_id}``: an image or snapshot the appliance stored, with every location
-    (where its import stored it, then each completed copy)."""
-
-    def __init__(self, config: Config, stores: StoreHandle) -> None:
-        self._config = config
-        self._stores = stores
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
-        copies = CopyService(self._config, self._stores.get())
-        resp.media = image_document(copies.resolve(image_id, req.context.accounts))
-
-
-class ImageCopiesResource:
-    """``POST /v1/images/{image_id}/copies``: queue a copy-image task; 202 with the task."""
-
-    def __init__(self, config: Config, stores: StoreHandle) -> None:
-        self._config = config
-        self._stores = stores
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
-        body = _json_body(req, 64 << 10)
-        unknown = sorted(set(body) - set(_COPY_MEMBERS))
-        if unknown:
-            raise UsageError(f"unknown member {unknown[0][:64]!r}; the body takes {', '.join(_COPY_MEMBERS)}")
-        to, endpoint = body.get("to"), body.get("endpoint")
-        if not isinstance(to, str) or (endpoint is not None and not isinstance(endpoint, str)):
-            raise UsageError("to (a string: s3://BUCKET[/PREFIX], file:///DIR or image) is required")
-        copies = CopyService(self._config, self._stores.get())
-        task = copies.copy_image(
-            image_id,
-            to,
-            endpoint=endpoint,
-            sees=req.context.accounts,
-            # a file destination is a path on the appliance: the operator's (an admin key) only
-            allow_files=req.context.accounts is None,
-        )
-        resp.status = falcon.HTTP_202
-        resp.location = task_href(task.id)
-        resp.media = task_summary(task)
-
-
 class TaskCancelResource:
     """``POST /v1/tasks/{task_id}/cancel``: ask a task the caller sees to stop (its run undoes what it
     did: a copy leaves no file, object or incomplete upload); 202 with the task, 409 when finished."""
@@ -475,4 +227,4 @@ class TaskCancelResource:
         store.get_task(task_id, account=req.context.accounts)  # another account's: 404 TaskNotFound
         task = store.request_cancel(task_id, reason="Cancelled by user (admin API)")
         resp.status = falcon.HTTP_202
-        resp.media = task_summary(task)
+        resp.media = summary_document(task)

@@ -42,7 +42,7 @@ from appliance.redact import redact_text
 from appliance.service.imports import Caller, ImportService
 from appliance.store import Store, StoreError
 
-from . import admin, bundles, uploads
+from . import admin, bundles, images, uploads
 from .ec2 import resource as ec2_resource
 
 log = logging.getLogger(__name__)
@@ -396,8 +396,8 @@ def create_app(
     app.add_route("/v1/tasks", admin.TasksResource(stores))
     app.add_route("/v1/tasks/{task_id}", admin.TaskResource(stores))
     app.add_route("/v1/tasks/{task_id}/cancel", admin.TaskCancelResource(stores))
-    app.add_route("/v1/images/{image_id}", admin.ImageResource(config, stores))
-    app.add_route("/v1/images/{image_id}/copies", admin.ImageCopiesResource(config, stores))
+    app.add_route("/v1/images/{image_id}", images.ImageResource(config, stores))
+    app.add_route("/v1/images/{image_id}/copies", images.ImageCopiesResource(config, stores))
     app.add_route("/v1/bundles/decrypted-image", bundles.DecryptedImageResource(config))
     app.add_route(
         "/v1/uploads/{upload_id}",

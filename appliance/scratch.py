@@ -11,8 +11,9 @@ What a reservation holds:
 - a writer that knows its size reserves exactly that (a download whose source declares its length, the
   RAW form of a disk from its header);
 - a writer that does not (a chunked download without Content-Length, a decompressor) uses an
-  :class:`Allowance`, which grows the reservation as the bytes arrive, a step ahead of them, and fails
-  with ``InsufficientScratch`` only when the quota (or the disk) cannot hold the bytes themselves;
+  :class:`appliance.allowance.Allowance`, which grows the reservation as the bytes arrive, a step
+  ahead of them, and fails with ``InsufficientScratch`` only when the quota (or the disk) cannot hold
+  the bytes themselves;
 - when the work is done the reservation is shrunk to what the output holds, and it stays as long as the
   output does (it is released with the task's directory, or by the step's undo).
 
@@ -28,11 +29,12 @@ Reservations live in ``ROOT/<task_id>/.scratch.json`` and are read and changed o
 on ``ROOT/.lock``, so concurrent tasks in separate processes (CLI runs, the worker's task children) see
 each other and a check and the reservation it allows are one atomic step.
 
+The space (:class:`ScratchSpace`) owns the lock and admits every reservation against the quota and
+the disk (:meth:`ScratchSpace.admit`); a task's scratch (:class:`TaskScratch`) keeps its own
+reservations and asks the space before one grows.
+
 A write that finds no room anyway (ENOSPC, EDQUOT: the disk filled with something else) becomes
-``InsufficientScratch`` through :func:`no_space_error`, the one place that error is made for every
-writer into scratch (downloads, decompression, assembled uploads, qemu-img). A write onto a target
-that finds no room (a volume, an image directory) is the target's ``InsufficientStorage`` instead
-(:func:`appliance.targets.base.insufficient_storage`): the space to free is elsewhere.
+``InsufficientScratch`` through :func:`appliance.nospace.no_space_error`.
 """
 
 from __future__ import annotations
@@ -53,18 +55,13 @@ from pathlib import Path
 from .atomicfile import write_json_atomic
 from .config import Config
 from .errors import InsufficientScratch, UsageError
+from .pids import pid_alive
 
 _META = ".scratch.json"
 _LOCK = ".lock"
 #: the root's high-water mark of reserved bytes (all tasks together), kept when task directories go
 _PEAK = ".peak.json"
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: the errnos of a write that found no room
-NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-#: how those read in a tool's message (qemu-img runs in the C locale)
-NO_SPACE_MESSAGES = tuple(os.strerror(e) for e in sorted(NO_SPACE_ERRNOS))
-#: how far an :class:`Allowance` reserves ahead of the bytes it has been asked to cover
-ALLOWANCE_STEP = 64 << 20
 
 
 def _fmt(n: int) -> str:
@@ -75,31 +72,9 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-def is_no_space(exc: BaseException) -> bool:
-    """Whether ``exc`` is a write that found no room (ENOSPC, EDQUOT)."""
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
-
-
-def no_space_error(where: Path | str, doing: str) -> InsufficientScratch:
-    """The error of every writer whose write found no room (ENOSPC/EDQUOT) on the filesystem of ``where``.
-
-    ``doing`` says what was being written (``"downloading s3://b/k (5 MiB written)"``). Raise it
-    ``from`` the OSError (or with the tool's message) that said so.
-    """
-    return InsufficientScratch(
-        f"no space left on the filesystem of {where} while {doing}; free space there, or lower "
-        "scratch.quota (and raise scratch.min_free) so that the quota matches what the disk can hold"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def reserved_in(meta: dict) -> int:
+    """Bytes the reservations of one task's meta hold."""
+    return sum(r["nbytes"] for r in meta.get("reservations", {}).values())
 
 
 def _allocated(directory: Path) -> int:
@@ -152,7 +127,8 @@ class ScratchSpace:
         return cls(config.scratch.root, config.scratch.quota, config.scratch.min_free)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Hold the root's lock: every read-and-change of reservations happens under it."""
         fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -166,29 +142,25 @@ class ScratchSpace:
                 yield entry
 
     @staticmethod
-    def _read_meta(task_dir: Path) -> dict:
+    def read_meta(task_dir: Path) -> dict:
         try:
             return json.loads((task_dir / _META).read_text())
         except (OSError, ValueError):
             return {}
 
-    @staticmethod
-    def _sum(meta: dict) -> int:
-        return sum(r["nbytes"] for r in meta.get("reservations", {}).values())
-
     def reserved(self) -> int:
         """Bytes reserved by all tasks together."""
-        return sum(self._sum(self._read_meta(d)) for d in self._task_dirs())
+        return sum(reserved_in(self.read_meta(d)) for d in self._task_dirs())
 
     def peak(self) -> int:
         """The most bytes ever reserved at once under this root, by all tasks together (the scratch an
         import really needed; it survives the task directories). :meth:`reset_peak` starts it again."""
-        with self._locked():
+        with self.locked():
             return self._read_peak()
 
     def reset_peak(self) -> None:
         """Start the high-water mark of :meth:`peak` again from what is reserved now."""
-        with self._locked():
+        with self.locked():
             write_json_atomic(self.root / _PEAK, {"reserved": self.reserved()}, 0o600, durable=False)
 
     def _read_peak(self) -> int:
@@ -197,7 +169,7 @@ class ScratchSpace:
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
-    def _note_peak(self) -> None:
+    def note_peak(self) -> None:
         """Raise the high-water mark to what is reserved now (lock held)."""
         now = self.reserved()
         if now > self._read_peak():
@@ -211,7 +183,7 @@ class ScratchSpace:
             if override is not None and d == override[0]:
                 reserved = override[1]
             else:
-                reserved = self._sum(self._read_meta(d))
+                reserved = reserved_in(self.read_meta(d))
             if reserved > 0:
                 total += max(0, reserved - _allocated(d))
         return total
@@ -224,8 +196,33 @@ class ScratchSpace:
     def free(self) -> int:
         """Bytes that could still be reserved: the quota left, bounded by the filesystem's free space above
         ``min_free`` less what existing reservations have yet to write."""
-        with self._locked():
+        with self.locked():
             return max(0, min(self.quota - self.reserved(), self._fs_room() - self._unwritten()))
+
+    def admit(self, task_dir: Path, rest: int, nbytes: int, purpose: str) -> None:
+        """Raise ``InsufficientScratch`` unless the task of ``task_dir``, whose other reservations hold
+        ``rest`` bytes, may hold ``nbytes`` in the one being made or grown (lock held).
+
+        Both bounds are checked here, where the reservations of every task are known: the quota, and
+        the filesystem's room above ``min_free`` less what every task has reserved but not written.
+        """
+        others = rest + sum(reserved_in(self.read_meta(d)) for d in self._task_dirs() if d != task_dir)
+        left = self.quota - others
+        if nbytes > left:
+            raise InsufficientScratch(
+                f"{purpose} needs {_fmt(nbytes)} of scratch but only {_fmt(max(left, 0))} of the "
+                f"{_fmt(self.quota)} quota is free ({_fmt(others)} reserved by running tasks); "
+                "raise scratch.quota or wait for other tasks to finish"
+            )
+        room = self._fs_room()
+        if self._unwritten((task_dir, rest + nbytes)) > room:
+            promised = self._unwritten((task_dir, rest))
+            raise InsufficientScratch(
+                f"{purpose} needs {_fmt(nbytes)} of scratch but the filesystem at {self.root} has only "
+                f"{_fmt(max(room, 0))} free above the {_fmt(self.min_free)} floor, "
+                f"{_fmt(promised)} of it reserved by running tasks and not yet written; free space there, "
+                "or lower scratch.quota to what the disk can hold"
+            )
 
     def for_task(self, task_id: str) -> TaskScratch:
         """The task's private directory, created (0700) if needed. Safe to call again after a restart."""
@@ -246,7 +243,7 @@ class ScratchSpace:
         """
         removed = []
         host = socket.gethostname()
-        with self._locked():
+        with self.locked():
             for d in list(self._task_dirs()):
                 if keep(d.name):
                     continue
@@ -257,9 +254,9 @@ class ScratchSpace:
         return removed
 
     def _owned_by_other_live_process(self, task_dir: Path, host: str) -> bool:
-        meta = self._read_meta(task_dir)
+        meta = self.read_meta(task_dir)
         pid = meta.get("pid")
-        return meta.get("host") == host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+        return meta.get("host") == host and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid)
 
 
 class TaskScratch:
@@ -283,7 +280,7 @@ class TaskScratch:
         return TaskScratch(self.space, self.path, step)
 
     def _meta(self) -> dict:
-        meta = ScratchSpace._read_meta(self.path)
+        meta = ScratchSpace.read_meta(self.path)
         meta.setdefault("reservations", {})
         meta.setdefault("next_id", 1)
         return meta
@@ -294,7 +291,7 @@ class TaskScratch:
 
     def _adopt(self) -> None:
         # Record which process owns the directory now (a resumed task is adopted by a new process).
-        with self.space._locked():
+        with self.space.locked():
             meta = self._meta()
             meta.update(pid=os.getpid(), host=socket.gethostname())
             self._write(meta)
@@ -325,41 +322,22 @@ class TaskScratch:
         if not self.path.is_dir():
             raise InsufficientScratch(f"scratch directory {self.path} no longer exists")
         old = meta["reservations"].get(str(rid), {}).get("nbytes", 0)
-        if nbytes <= old:
-            return
-        space = self.space
-        others = space.reserved() - old  # every reservation but this one (the meta on disk is ``meta``)
-        left = space.quota - others
-        if nbytes > left:
-            raise InsufficientScratch(
-                f"{purpose} needs {_fmt(nbytes)} of scratch but only {_fmt(max(left, 0))} of the "
-                f"{_fmt(space.quota)} quota is free ({_fmt(others)} reserved by running tasks); "
-                "raise scratch.quota or wait for other tasks to finish"
-            )
-        room = space._fs_room()
-        mine = ScratchSpace._sum(meta) - old + nbytes
-        if space._unwritten((self.path, mine)) > room:
-            promised = space._unwritten((self.path, ScratchSpace._sum(meta) - old))
-            raise InsufficientScratch(
-                f"{purpose} needs {_fmt(nbytes)} of scratch but the filesystem at {space.root} has only "
-                f"{_fmt(max(room, 0))} free above the {_fmt(space.min_free)} floor, "
-                f"{_fmt(promised)} of it reserved by running tasks and not yet written; free space there, "
-                "or lower scratch.quota to what the disk can hold"
-            )
+        if nbytes > old:
+            self.space.admit(self.path, reserved_in(meta) - old, nbytes, purpose)
 
     def reserve(self, nbytes: int, purpose: str) -> int:
         """Reserve ``nbytes`` for ``purpose``; returns the reservation id.
 
         Raises ``InsufficientScratch`` (nothing reserved) when the quota or the disk cannot take it.
         """
-        with self.space._locked():
+        with self.space.locked():
             meta = self._meta()
             rid = meta["next_id"]
             self._admit(meta, rid, nbytes, purpose)
             meta["next_id"] = rid + 1
             meta["reservations"][str(rid)] = {"nbytes": nbytes, "purpose": purpose, "step": self.step}
             self._write(meta)
-            self.space._note_peak()
+            self.space.note_peak()
             return rid
 
     def resize(self, reservation_id: int, nbytes: int) -> None:
@@ -368,7 +346,7 @@ class TaskScratch:
         Growing raises ``InsufficientScratch`` (the reservation unchanged) when the quota or the disk
         cannot take it; shrinking always succeeds. ``UsageError`` for an unknown reservation.
         """
-        with self.space._locked():
+        with self.space.locked():
             meta = self._meta()
             entry = meta["reservations"].get(str(reservation_id))
             if entry is None:
@@ -378,11 +356,11 @@ class TaskScratch:
             entry["nbytes"] = nbytes
             self._write(meta)
             if grows:
-                self.space._note_peak()
+                self.space.note_peak()
 
     def release(self, reservation_id: int) -> None:
         """Give a reservation back (unknown ids are ignored: release is idempotent)."""
-        with self.space._locked():
+        with self.space.locked():
             if not self.path.is_dir():
                 return
             meta = self._meta()
@@ -391,7 +369,7 @@ class TaskScratch:
 
     def release_step(self, step: str) -> int:
         """Give back every reservation workflow step ``step`` made; returns the bytes released."""
-        with self.space._locked():
+        with self.space.locked():
             if not self.path.is_dir():
                 return 0
             meta = self._meta()
@@ -403,50 +381,9 @@ class TaskScratch:
 
     def cleanup(self) -> None:
         """Remove the directory and with it every reservation."""
-        with self.space._locked():
+        with self.space.locked():
             try:
                 shutil.rmtree(self.path)
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-
-
-class Allowance:
-    """A reservation that follows a writer: :meth:`cover` before writing, :meth:`shrink_to` when done.
-
-    ``cover(n, exact=True)`` reserves exactly ``n`` (the writer knows its whole size). Without
-    ``exact`` the reservation grows ``step`` bytes ahead of ``n``, so that a stream of small writes
-    takes the lock rarely; when the headroom does not fit, exactly ``n`` is tried, so the writer fails
-    with ``InsufficientScratch`` only when the quota or the disk cannot hold the bytes themselves.
-    """
-
-    def __init__(self, scratch: TaskScratch, purpose: str, step: int = ALLOWANCE_STEP) -> None:
-        self.scratch = scratch
-        self.step = step
-        self.nbytes = 0
-        self.id = scratch.reserve(0, purpose)
-
-    def cover(self, nbytes: int, exact: bool = False) -> None:
-        """Make the reservation hold at least ``nbytes``; ``InsufficientScratch`` when it cannot."""
-        if nbytes <= self.nbytes:
-            return
-        if not exact:
-            try:
-                self._set(nbytes + self.step)
-                return
-            except InsufficientScratch:
-                pass  # the headroom does not fit; the bytes themselves may
-        self._set(nbytes)
-
-    def shrink_to(self, nbytes: int) -> None:
-        """Hold no more than ``nbytes`` (what the output turned out to occupy)."""
-        if nbytes < self.nbytes:
-            self._set(max(nbytes, 0))
-
-    def release(self) -> None:
-        self.scratch.release(self.id)
-        self.nbytes = 0
-
-    def _set(self, nbytes: int) -> None:
-        self.scratch.resize(self.id, nbytes)
-        self.nbytes = nbytes

@@ -26,9 +26,9 @@ from appliance.controller.store import ControllerStore
 from appliance.database import StoreConfig
 from appliance.errors import ImagingError, UsageError
 from appliance.redact import redact
+from appliance.service.discovery import app_version
 from appliance.store import StoreError
 
-from ..admin import app_version
 from ..app import ApiError, QueryCheck, RequestContext, documented_query_parameters, serialize_error
 from .bodies import json_body, openapi_document, read_body, signed_headers, signed_path
 from .errors import handle_imaging_error, handle_unexpected

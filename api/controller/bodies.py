@@ -19,8 +19,8 @@ from referencing import Resource
 from referencing.jsonschema import DRAFT202012
 
 from appliance.errors import UsageError
+from appliance.service.discovery import app_version
 
-from ..admin import app_version
 from ..app import ApiError
 
 MAX_BODY = 1 << 20

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..config import Config
 from ..image.decompress import detect_compression
 from ..progress import progress_printer
-from ..scratch import Allowance, ScratchSpace, TaskScratch
+from ..scratch import ScratchSpace, TaskScratch
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 2, 3, 130
 #: ``--progress`` choices of commands that show progress
@@ -61,7 +62,7 @@ def cancel_on_signals() -> Iterator[threading.Event]:
 
 def decompression_reserve(scratch: TaskScratch, src: Path) -> Callable[[int, bool], None] | None:
     """For a compressed ``src``: the callback that reserves scratch as the decompressed output grows
-    (an :class:`appliance.scratch.Allowance`); None otherwise."""
+    (an :class:`appliance.allowance.Allowance`); None otherwise."""
     if detect_compression(src) is None:
         return None
     return Allowance(scratch, f"decompressing {src.name}").cover

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 import shlex
 import struct
-from dataclasses import dataclass
 
+from .fstab import FstabEntry, parse_fstab
 from .safefs import GuestFS
 from .volumes import Analysis, Volume
 
@@ -59,34 +59,6 @@ def _arch_from_names(names: list[str]) -> str | None:
         if re.search(r"i[3-6]86|\b686\b", low):
             return "i386"
     return None
-
-
-@dataclass
-class FstabEntry:
-    spec: str
-    mountpoint: str
-    fstype: str
-    options: list[str]
-
-
-def parse_fstab(text: str) -> list[FstabEntry]:
-    """The entries of an fstab (octal escapes such as ``\\040`` decoded; malformed lines skipped)."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = [_unescape(f) for f in line.split()]
-        if len(fields) < 2:
-            continue
-        fstype = fields[2] if len(fields) > 2 else "auto"
-        options = fields[3].split(",") if len(fields) > 3 else ["defaults"]
-        entries.append(FstabEntry(fields[0], fields[1], fstype, options))
-    return entries
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)
 
 
 def _resolve_spec(spec: str, volumes: list[Volume], bare: bool) -> tuple[Volume | None, bool, bool]:

@@ -41,9 +41,10 @@ from pathlib import Path
 
 from ..errors import Cancelled, ImagingError, UsageError
 from ..image.formats import SIGNATURE_BYTES, container_format
+from .fstab import parse_fstab
 from .loopdev import MountFailed, run_cmd, unmount
 from .mountrecord import StateFile, undo, undone
-from .partitions import Partition, find_partition, parse_fstab, partitions
+from .partitions import Partition, find_partition, partitions
 from .path import GuestFS
 
 log = logging.getLogger(__name__)
@@ -251,11 +252,12 @@ def _setup(m: _Mounter, image: Path, state: StateFile) -> GuestMount:
         )
 
     fstab = gm.fs.read_text("/etc/fstab") or ""
-    entries = sorted(parse_fstab(fstab), key=lambda e: len([c for c in e[1].split("/") if c]))
-    for spec, point, fstype, options in entries:
+    entries = sorted(parse_fstab(fstab), key=lambda e: len([c for c in e.mountpoint.split("/") if c]))
+    for entry in entries:
+        spec, point, fstype, options = entry.spec, entry.mountpoint, entry.fstype, entry.options
         if point in ("/", "none", "swap") or not point.startswith("/") or fstype in ("swap", "none"):
             continue
-        if "noauto" in options.split(",") or "bind" in options.split(","):
+        if "noauto" in options or "bind" in options:
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "noauto or bind"})
             continue
         found = find_partition(spec, parts)
@@ -270,7 +272,7 @@ def _setup(m: _Mounter, image: Path, state: StateFile) -> GuestMount:
             gm.skipped.append({"device": spec, "mount_point": point, "reason": "mount point missing"})
             continue
         # btrfs subvolumes are part of which tree is meant; every other guest option is ignored
-        extra = ",".join(o for o in options.split(",") if o.startswith(("subvol=", "subvolid=")))
+        extra = ",".join(o for o in options if o.startswith(("subvol=", "subvolid=")))
         m.mount(
             found.device, found.fstype or "", target, extra if found.fstype == "btrfs" and extra else None
         )
@@ -351,5 +353,4 @@ __all__ = [
     "Partition",
     "check_raw",
     "mount_guest",
-    "parse_fstab",
 ]

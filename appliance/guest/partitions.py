@@ -1,7 +1,8 @@
 """The partitions of a guest disk attached to a loop device, and the guest's ``fstab`` read to find
 them: the partition devices mapped with ``partx -a`` (this kernel has no device-mapper and loop
 ``max_part=0``) and waited for, each one's type, UUID and labels from ``blkid -p`` (never from the
-guest), the device an ``fstab`` spec names when it is on this disk, and ``fstab`` itself parsed.
+guest), and the device an ``fstab`` spec names when it is on this disk (``fstab`` itself is parsed
+by :mod:`appliance.guest.fstab`).
 Used by :mod:`appliance.guest.mount` to find the root filesystem and the guest's other mounts.
 """
 
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .loopdev import MountFailed, blkid, run_cmd, unescape_mountinfo
+from .loopdev import MountFailed, blkid, run_cmd
 
 #: how long to wait for /dev/loopNpM to appear after partx -a
 PARTITION_NODE_WAIT = 5.0
@@ -100,19 +101,3 @@ def find_partition(spec: str, parts: list[Partition]) -> Partition | None:
         n = int(match.group(1))
         return next((p for p in parts if p.number == n), None)
     return None
-
-
-def parse_fstab(text: str) -> list[tuple[str, str, str, str]]:
-    """(device, mount point, type, options) for each fstab line, with octal escapes decoded."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        fields += ["auto", "defaults"][len(fields) - 2 :] if len(fields) < 4 else []
-        device, point, fstype, options = (unescape_mountinfo(x) for x in fields[:4])
-        entries.append((device, point, fstype, options))
-    return entries

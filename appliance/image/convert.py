@@ -21,7 +21,7 @@ with the holes those leave closed:
 4. A block-device target (raw only) is written in place with ``-n -t none`` and flushed.
 
 A filesystem that fills up under qemu-img (or under the decompressor) is not a conversion failure:
-it is ``InsufficientScratch`` (:func:`appliance.scratch.no_space_error`), or what the caller's
+it is ``InsufficientScratch`` (:func:`appliance.nospace.no_space_error`), or what the caller's
 ``no_space`` makes of it when ``dst`` is not in scratch (a volume: ``InsufficientStorage``).
 
 How qemu-img writes the output (its ``-t`` cache mode) follows one rule,
@@ -53,8 +53,8 @@ from typing import Any
 from .. import confine, pagecache, partials
 from ..config import Config
 from ..errors import Cancelled, ImagingError
+from ..nospace import is_no_space, no_space_error
 from ..progress import Progress, ProgressTracker
-from ..scratch import is_no_space, no_space_error
 from . import qemuimg
 from .convertcmd import (
     BUFFERED_INPUTS,

@@ -21,7 +21,7 @@ from oslo_utils.imageutils import format_inspector as fi
 
 from ..config import Config
 from ..errors import ConversionFailed, Finding, ImageRejected, ImagingError, UsageError
-from ..scratch import is_no_space, no_space_error
+from ..nospace import is_no_space, no_space_error
 from .formats import VHD_COOKIE
 from .inspect import InspectionResult, require_safe, verify_output
 

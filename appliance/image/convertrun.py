@@ -26,8 +26,8 @@ from typing import Any
 
 from .. import confine
 from ..errors import Cancelled, ConversionFailed, ImageRejected, ImagingError
+from ..nospace import NO_SPACE_MESSAGES, no_space_error
 from ..progress import ProgressTracker
-from ..scratch import NO_SPACE_MESSAGES, no_space_error
 from . import qemuimg
 
 log = logging.getLogger(__name__)

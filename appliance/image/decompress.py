@@ -50,7 +50,7 @@ from .. import config as config_mod
 from .. import confine, partials
 from ..config import Limits
 from ..errors import Cancelled, Finding, ImageRejected, ImagingError, UsageError
-from ..scratch import is_no_space, no_space_error
+from ..nospace import is_no_space, no_space_error
 from .compressed import BLOCK_SIZE, bomb
 from .formats import COMPRESSIONS, SIGNATURE_BYTES, compression_of
 
@@ -192,7 +192,7 @@ def decompress(
     number of bytes produced so far after each block (never more than ``max_bytes``). ``reserve(n, False)``
     is called before a block of data is written with the bytes written so far including it (zero blocks
     stay holes and are not counted); it raises ``InsufficientScratch`` when scratch cannot hold them (a
-    :class:`appliance.scratch.Allowance`). The decoding runs in a confined child under ``limits``
+    :class:`appliance.allowance.Allowance`). The decoding runs in a confined child under ``limits``
     (default: the embedded defaults); this process writes what it decodes.
 
     Raises ImageRejected (``CorruptImage``, ``UnsafeImage.ResourceLimit``) for a bad stream or one that

@@ -47,6 +47,16 @@ def copy_outcome(task: Task) -> dict[str, Any]:
     return dict(result.get("copied") or {})
 
 
+def image_document(image: dict[str, Any]) -> dict[str, Any]:
+    """An image as ``GET /v1/images/{id}`` shows it: its id, the import that stored it, its locations."""
+    return {
+        "id": image["id"],
+        "task_id": image["task_id"],
+        "size": image.get("size"),
+        "locations": image.get("locations") or [image["location"]],
+    }
+
+
 class CopyService(ResolvingService):
     """Creates copy tasks and lists an image's locations. Shares the import service's store."""
 

@@ -13,7 +13,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-from .http import CHUNK_SIZE
+from .httpio import CHUNK_SIZE
 
 #: a block handed to the consumer: its start offset in the object and its bytes
 Block = tuple[int, bytearray]

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from .. import pagecache
 from ..errors import Cancelled
-from ..scratch import is_no_space, no_space_error
+from ..nospace import is_no_space, no_space_error
 from .fetch import FetchResult, parse_source
 from .http import HttpClient, SourceIntegrity
 from .ranges import OnRetry, ReaderSettings, ReaderStats, ReadPosition

@@ -22,17 +22,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import Finding, ImageRejected, UsageError
+from ..nospace import is_no_space, no_space_error
 from ..redact import redact_url
-from ..scratch import is_no_space, no_space_error
 from . import s3 as s3mod
-from .http import (
-    HttpClient,
-    HttpResponse,
-    SourceIntegrity,
-    SourceUnavailable,
-    TransferInterrupted,
-    sleep_or_cancel,
-)
+from .http import HttpClient, HttpResponse, SourceIntegrity, SourceUnavailable, TransferInterrupted
+from .httpio import sleep_or_cancel
 from .methods import is_upload_url
 from .ranges import Validator
 from .s3names import check_bucket, check_key
@@ -232,7 +226,7 @@ def fetch_to_file(
     written: once with the declared size (``whole`` True) when the source sends one, and with the bytes
     received so far before each chunk (a no-op while they are covered; this is how a chunked source
     without Content-Length is reserved, as it arrives). It raises ``InsufficientScratch`` to stop the
-    download (see :class:`appliance.scratch.Allowance`).
+    download (see :class:`appliance.allowance.Allowance`).
 
     Raises :class:`ImageRejected` (``SizeLimitExceeded.Download``) past ``max_bytes``,
     :class:`SourceUnavailable`, :class:`SourceIntegrity`, :class:`UrlNotAllowed`, :class:`Cancelled`,

@@ -32,19 +32,16 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 from ..config import SourcesConfig
 from ..errors import ImagingError
 from ..redact import redact_url
-
-# re-exported (the ``name as name`` imports): the sources import them from here
-from .httpio import CHUNK_SIZE as CHUNK_SIZE
-from .httpio import FILL_STEP as FILL_STEP
-from .httpio import direct_readinto as direct_readinto
-from .httpio import raise_if_cancelled
-from .httpio import shutdown_on_cancel as shutdown_on_cancel
-from .httpio import sleep_or_cancel as sleep_or_cancel
+from .httpio import (
+    CHUNK_SIZE,
+    FILL_STEP,
+    direct_readinto,
+    raise_if_cancelled,
+    shutdown_on_cancel,
+    sleep_or_cancel,
+)
 from .httppool import DEFAULT_POOL_SIZE, PinnedPools, finish
-
-# re-exported: the sources import them from here
-from .neterrors import describe_network_error as describe_network_error
-from .neterrors import is_stall as is_stall
+from .neterrors import describe_network_error
 from .urlfilter import CheckedUrl, HostUnresolvable, UrlNotAllowed, UrlPolicy
 
 log = logging.getLogger(__name__)

@@ -24,20 +24,14 @@ from typing import TypeVar
 
 from ..errors import ImagingError
 from ..redact import redact_url
-from .http import (
-    CHUNK_SIZE,
-    BodyTooLong,
-    HttpClient,
-    SourceUnavailable,
-    TransferInterrupted,
-    is_stall,
-    sleep_or_cancel,
-)
+from .http import BodyTooLong, HttpClient, SourceUnavailable, TransferInterrupted
+from .httpio import CHUNK_SIZE, sleep_or_cancel
 from .manifest import (
     ImportManifest,
     Part,
     PartVerificationFailed,
 )
+from .neterrors import is_stall
 from .ordered import LinkedEvent, ordered_fetch
 from .ranges import DEFAULT_PARALLEL, OnRetry, RetryNotice
 from .urlfilter import UrlPolicy

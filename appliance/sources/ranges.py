@@ -14,7 +14,8 @@ from typing import Any
 
 from ..config import SourcesConfig
 from ..errors import Finding, ImageRejected
-from .http import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, DEFAULT_RETRIES, sleep_or_cancel
+from .http import DEFAULT_BACKOFF, DEFAULT_BACKOFF_MAX, DEFAULT_RETRIES
+from .httpio import sleep_or_cancel
 
 MiB = 1 << 20
 DEFAULT_PARALLEL = 4

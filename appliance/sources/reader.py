@@ -49,8 +49,7 @@ its next read) with a :class:`~.ranges.ReadPosition`: every byte before ``positi
 and what the consumer did with it is done; it carries the object's size, validator and the SHA-256
 of the range before the offset. Save it (``to_dict``) with the consumer's state at that offset.
 ``start=ReadPosition.from_dict(saved)`` resumes: that range is fetched again and must hash the same,
-under the same validator and size; then reading continues at ``position.offset``
-(``reader.tell()``).
+under the same validator and size; then reading continues at ``position.offset`` (``reader.tell()``).
 """
 
 from __future__ import annotations
@@ -64,7 +63,8 @@ from typing import Any
 
 from ..errors import SourceChanged, SourceStalled
 from .blockstream import Block, BlockStream
-from .http import BodyTooLong, HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted, is_stall
+from .http import BodyTooLong, HttpClient, SourceIntegrity, SourceUnavailable, TransferInterrupted
+from .neterrors import is_stall
 from .ordered import LinkedEvent, ordered_fetch
 from .origins import Origin, Response, origin_for
 from .ranges import (

@@ -29,19 +29,16 @@ from urllib3 import HTTPHeaderDict
 
 from ..errors import Cancelled, ImagingError
 from .http import (
-    CHUNK_SIZE,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_RETRIES,
-    FILL_STEP,
     SourceUnavailable,
     TransferInterrupted,
-    describe_network_error,
-    direct_readinto,
     fill_pieces,
     format_range,
-    shutdown_on_cancel,
 )
+from .httpio import CHUNK_SIZE, FILL_STEP, direct_readinto, shutdown_on_cancel
+from .neterrors import describe_network_error
 from .s3names import InvalidS3Name
 from .urlfilter import UrlPolicy, parse_s3_url, s3_endpoint_url
 

@@ -21,12 +21,8 @@ from defusedxml import DefusedXmlException
 
 from ..errors import Cancelled
 from ..redact import redact_url
-from .http import (
-    HttpClient,
-    SourceUnavailable,
-    TransferInterrupted,
-    sleep_or_cancel,
-)
+from .http import HttpClient, SourceUnavailable, TransferInterrupted
+from .httpio import sleep_or_cancel
 from .manifest import (
     MAX_MANIFEST_BYTES,
     ImportManifest,

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..errors import BundleInvalid, ImageRejected
 from ..image.stream import RawStreamCheck
 from ..redact import redact_url
-from ..scratch import Allowance
 from ..sources.bundle import BundleLocation, unbundle_to_file
 from ..sources.bundle_decrypt import MAX_PART_BYTES, check_part, decrypt_parts, size_limit
 from ..sources.bundle_manifest import BundlePart, configured_cloud_key, configured_signer_keys, unwrap

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..progress import Progress
-from ..scratch import Allowance
 from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
 from ..targets.exportvhd import streams_vhd
 from ..targets.exportwriter import StreamingExportWriter

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..errors import ImagingError
 from ..progress import ProgressTracker
-from ..scratch import Allowance
 from ..targets import get_image_target, get_volume_target
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImagingError, StepFailed
+from ..nospace import is_no_space, no_space_error
 from ..partials import partial_file, publish
 from ..progress import ProgressTracker
-from ..scratch import is_no_space, no_space_error
 from ..workflow.step import Step, StepContext
 
 CHUNK = 1024 * 1024

@@ -2,7 +2,7 @@
 
 They wrap :mod:`appliance.image.inspect`, :mod:`appliance.image.decompress` and
 :mod:`appliance.image.convert` for workflows: intermediates go to the task's scratch directory under
-a reservation that grows with them (:class:`appliance.scratch.Allowance`), progress and findings go
+a reservation that grows with them (:class:`appliance.allowance.Allowance`), progress and findings go
 to the task, and every file a step creates is in the cleanup ledger (partial outputs before they
 exist) and removed by its ``undo``.
 """
@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..errors import ImageRejected
 from ..image.convert import convert_image
 from ..image.decompress import decompress, detect_compression
 from ..image.formats import OUTPUT_FORMATS, parse_claim
 from ..image.inspect import inspect_image
-from ..scratch import Allowance
 from ..workflow.step import Step, StepContext
 from .meters import convert_meter, scaled
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..errors import Finding, ImageRejected, ImagingError, Severity, UsageError
 from ..image.inspect import Preflight
 from ..progress import StageMeter
-from ..scratch import Allowance
 from ..sources.download import download_to_file
 from ..sources.fetch import parse_source
 from ..sources.methods import URL, method_of_source

@@ -12,7 +12,7 @@ import datetime as dt
 from typing import Any
 
 from ..errors import TaskNotFound
-from ..sources.http import sleep_or_cancel
+from ..sources.httpio import sleep_or_cancel
 from ..sources.manifest import ImportManifest
 from ..sources.staged import UploadArea
 from ..sources.stagedproto import UploadError, UploadInfo, parse_upload_url

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..image.convert import convert_image
 from ..image.inspect import inspect_image, require_safe
+from ..nospace import is_no_space, no_space_error
 from ..progress import StageMeter
-from ..scratch import is_no_space, no_space_error
 from ..sources.digest import StreamDigest
 from ..sources.manifest import ImportManifest, Part
 from ..targets.base import Volume, insufficient_storage

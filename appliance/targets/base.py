@@ -213,7 +213,7 @@ def insufficient_storage(where: str, detail: str) -> InsufficientStorage:
     full; ``detail`` says what reported it (the OS's words, or a tool's message).
 
     A full target is ``InsufficientStorage``; a full scratch disk is ``InsufficientScratch``
-    (:func:`appliance.scratch.no_space_error`): the operator frees space in a different place.
+    (:func:`appliance.nospace.no_space_error`): the operator frees space in a different place.
     """
     return InsufficientStorage(
         f"no space left on the storage of {where}: free space or enlarge the target storage, "

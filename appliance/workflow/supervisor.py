@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from ..errors import LeaseLost, StoreUnavailable
+from ..pids import pid_alive
 from ..store import Store, Task, TaskState
 from ..timestamps import parse_time, utc_now
 from .runner import TaskRun
@@ -33,22 +34,6 @@ log = logging.getLogger(__name__)
 def owner_id() -> str:
     """This process as a task owner: ``hostname:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process on this host (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The state letter follows the parenthesised command name, which may contain spaces.
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def orphan_reason(task: Task, now: datetime | None = None) -> str | None:

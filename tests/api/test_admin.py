@@ -24,9 +24,9 @@ from falcon import testing
 from jsonschema import ValidationError
 from openapi_spec_validator import validate as validate_spec
 
-from api import admin
 from api.app import create_app
 from appliance import config as config_mod
+from appliance.service.discovery import app_version
 from appliance.service.heartbeat import heartbeat_path
 from appliance.service.worker import Worker
 from appliance.store import Store
@@ -148,7 +148,7 @@ def test_health_without_worker_heartbeat_is_degraded_but_up(client: testing.Test
     assert body["checks"]["qemu_img"]["version"].startswith("qemu-img version")
     assert body["checks"]["scratch"]["status"] == "ok"
     assert body["checks"]["worker"]["status"] == "failed"
-    assert body["version"] == admin.app_version()
+    assert body["version"] == app_version()
     assert_documented("/v1/health", "GET", result)
 
 
@@ -541,9 +541,7 @@ def test_metrics_count_tasks_bytes_and_durations(client: testing.TestClient, sto
     )
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)
     assert (
-        value(
-            "imaging_build_info", version=admin.app_version(), python=__import__("platform").python_version()
-        )
+        value("imaging_build_info", version=app_version(), python=__import__("platform").python_version())
         == 1
     )
 
@@ -561,7 +559,7 @@ def test_openapi_document_is_valid_openapi_3_1(client: testing.TestClient) -> No
     result = client.simulate_get("/v1/openapi.json")  # open: no credentials
     assert result.status_code == 200
     assert result.json["openapi"].startswith("3.1")
-    assert result.json["info"]["version"] == admin.app_version()
+    assert result.json["info"]["version"] == app_version()
     validate_spec(result.json)
     assert_documented("/v1/openapi.json", "GET", result)
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from appliance.guest.linux import parse_fstab, parse_os_release
+from appliance.guest.linux import parse_os_release
 from appliance.guest.reader import open_filesystem
 from appliance.guest.safefs import MAX_TEXT, GuestFS
 from tests import guestfactory as gf
@@ -49,14 +49,6 @@ def test_symlink_loops_and_overlong_chains_resolve_to_nothing(guest: GuestFS) ->
 def test_reads_are_bounded(guest: GuestFS) -> None:
     assert len(guest.read("/big") or b"") == MAX_TEXT
     assert guest.read("/etc") is None  # a directory is not read as a file
-
-
-def test_fstab_parser_decodes_escapes_and_skips_comments() -> None:
-    entries = parse_fstab("# c\n\nUUID=abc /mnt/my\\040disk ext4 ro,nofail 0 2\nLABEL=x /\nbroken\n")
-    assert [(e.spec, e.mountpoint, e.fstype, e.options) for e in entries] == [
-        ("UUID=abc", "/mnt/my disk", "ext4", ["ro", "nofail"]),
-        ("LABEL=x", "/", "auto", ["defaults"]),
-    ]
 
 
 def test_os_release_parser_handles_quotes_and_junk() -> None:

@@ -2,7 +2,7 @@
 workflow → another store (a moto server process for S3, real files), the copy compared by sha256 with
 the original and listed among the image's locations.
 
-The admin API on top of this is tested in tests/api/test_admin_copies.py, the CLI in
+The admin API on top of this is tested in tests/api/test_images.py, the CLI in
 tests/appliance/cli/test_copy.py.
 """
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from appliance import config as config_mod
+from appliance.pids import pid_alive
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
-from appliance.workflow.supervisor import pid_alive
 from tests import processes, stores
 
 wait_until = functools.partial(processes.wait_until, timeout=60.0)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance import config as config_mod
+from appliance.pids import pid_alive
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
-from appliance.workflow.supervisor import pid_alive
 from tests import confinement, processes, stores
 
 # this module's waits are bounded at 30 s unless a call says otherwise

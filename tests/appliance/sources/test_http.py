@@ -11,13 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import Cancelled
-from appliance.sources.http import (
-    BodyTooLong,
-    HttpClient,
-    SourceUnavailable,
-    TransferInterrupted,
-    direct_readinto,
-)
+from appliance.sources.http import BodyTooLong, HttpClient, SourceUnavailable, TransferInterrupted
+from appliance.sources.httpio import direct_readinto
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer, self_signed_cert, tls_server_context
 from tests.servers import free_port

@@ -13,7 +13,8 @@ import pytest
 
 from appliance.errors import Cancelled
 from appliance.sources.fetch import fetch_to_file
-from appliance.sources.http import SourceUnavailable, direct_readinto
+from appliance.sources.http import SourceUnavailable
+from appliance.sources.httpio import direct_readinto
 from appliance.sources.s3 import head_object, open_object, s3_client
 from appliance.sources.s3names import InvalidS3Name
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy

@@ -1,7 +1,7 @@
-"""The admin API's copy-image routes: ``POST /v1/images/{id}/copies`` queues the task, ``GET
-/v1/tasks/{id}`` shows it, ``POST /v1/tasks/{id}/cancel`` stops it, ``GET /v1/images/{id}`` lists the
-image's locations — over a real import (ImportSnapshot from a moto server process) and the real
-copy-image workflow; every answer checked against the OpenAPI document."""
+"""The admin API's image routes (:mod:`api.images`): ``POST /v1/images/{id}/copies`` queues the
+task, ``GET /v1/tasks/{id}`` shows it, ``POST /v1/tasks/{id}/cancel`` stops it, ``GET /v1/images/{id}``
+lists the image's locations — over a real import (ImportSnapshot from a moto server process) and the
+real copy-image workflow; every answer checked against the OpenAPI document."""
 
 from __future__ import annotations
 
