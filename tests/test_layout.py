@@ -202,7 +202,6 @@ MAX_MODULE_LINES = 450
 #: (lower a cap as its module shrinks; remove the entry once it is under the limit)
 OVERSIZED = {
     "appliance/targets/s3stream.py": 515,
-    "appliance/sources/reader.py": 491,
     "api/admin.py": 478,
     # not split yet: TaskScratch and ScratchSpace call each other, so the natural pieces (the
     # no-space errors, Allowance) come out only with a change of how the two meet
