@@ -25,7 +25,8 @@ from appliance.targets.base import TargetError
 from appliance.targets.diskexport import export_disk
 from appliance.targets.exportdest import FileDestination, S3Destination
 from appliance.targets.exportvhd import streams_vhd
-from appliance.targets.s3stream import MultipartWriter, multipart_etag
+from appliance.targets.s3parts import multipart_etag
+from appliance.targets.s3stream import MultipartWriter
 from tests import imagefactory as factory
 from tests.appliance.targets.test_device import loop_device
 from tests.servers import REGION

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from appliance.errors import ImagingError, LeaseLost
 from appliance.sources.savedhash import available
-from appliance.targets import s3resume, s3stream
+from appliance.targets import s3budget, s3parts, s3resume, s3stream
 from appliance.targets.chunkdigest import digest_file
 from appliance.targets.s3 import S3ImageTarget
 from appliance.targets.s3staged import StagedImage
@@ -139,7 +139,7 @@ def test_publishing_copies_only_the_staging_object_that_was_checked(moto, bucket
 def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order(
     moto, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3stream, "GROW_EVERY", 1)  # double after every part (1000 in use)
+    monkeypatch.setattr(s3budget, "GROW_EVERY", 1)  # double after every part (1000 in use)
     data = os.urandom(18 * MiB)
     client = S3ImageTarget.from_settings(settings(moto, bucket)).client
     with s3stream.MultipartWriter(
@@ -151,7 +151,7 @@ def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order
     pieces = [data[: 5 * MiB], data[5 * MiB : 15 * MiB], data[15 * MiB :]]  # 5, 10, then the rest
     assert done["parts"] == 3
     # S3's ETag of the completed object names the parts as sent: 5 MiB, 10 MiB, then the rest
-    assert done["etag"] == s3stream.multipart_etag([hashlib.md5(p).digest() for p in pieces])
+    assert done["etag"] == s3parts.multipart_etag([hashlib.md5(p).digest() for p in pieces])
     body = moto.client("s3").get_object(Bucket=bucket, Key="grown")["Body"].read()
     assert body == data
 
@@ -159,7 +159,7 @@ def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order
 def test_grown_parts_of_a_long_stream_are_fewer_in_flight_so_memory_stays_bounded(
     moto, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(s3stream, "GROW_EVERY", 1)  # parts of 5, 10, 20 and 40 MiB
+    monkeypatch.setattr(s3budget, "GROW_EVERY", 1)  # parts of 5, 10, 20 and 40 MiB
     client = S3ImageTarget.from_settings(settings(moto, bucket)).client
     lock = threading.Lock()
     in_flight, peak = [0], [0]
