@@ -12,7 +12,7 @@ from appliance.image.rawstream import RAW
 from appliance.image.vhdfixed import FORMAT as VHD_FIXED
 from appliance.image.vmdkformat import FORMAT as VMDK_STREAM
 from appliance.steps.source_route import sequential_decoder
-from tests.appliance.steps.preflights import IMAGES, verdict_of
+from tests.preflights import IMAGES, verdict_of
 
 DECODERS = {
     "raw": RAW,

@@ -1,7 +1,7 @@
 """Preflight verdicts of real images, as the import steps get them: the header-only checks of an image's
 first and last bytes against a claim; a compressed image preflighted on its decompressed head with the
 claim's inner format, its compression recorded (as :func:`appliance.steps.imports.source_preflight` does).
-The tests of what each step streams and what it sends through scratch decide on these."""
+The tests of what streams and what goes through scratch decide on these."""
 
 from __future__ import annotations
 
