@@ -8,7 +8,6 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -17,13 +16,6 @@ from appliance.targets.s3 import S3ImageTarget
 from tests.appliance.targets.test_s3 import settings
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def bucket(moto) -> str:
-    name = f"multipart-{uuid.uuid4().hex[:12]}"
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def test_a_writer_of_unknown_size_grows_its_parts_and_s3_assembles_them_in_order(

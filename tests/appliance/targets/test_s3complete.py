@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import uuid
 from typing import Any
 
 import pytest
@@ -18,13 +17,6 @@ from appliance.targets.s3stream import MultipartWriter
 from tests.appliance.targets.test_diskexport import leftovers, s3
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def bucket(moto) -> str:
-    name = f"multipart-{uuid.uuid4().hex[:12]}"
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def test_the_multipart_etag_is_what_s3_computes(moto, bucket: str) -> None:

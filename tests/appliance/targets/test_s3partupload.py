@@ -5,7 +5,6 @@ fails the upload, and nothing is left."""
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 import pytest
@@ -15,13 +14,6 @@ from appliance.targets.s3stream import MultipartWriter
 from tests.appliance.targets.test_diskexport import leftovers, s3
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def bucket(moto) -> str:
-    name = f"multipart-{uuid.uuid4().hex[:12]}"
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def test_a_part_whose_etag_is_not_its_md5_fails_the_upload(moto, bucket: str) -> None:
