@@ -49,6 +49,7 @@ from .vmdkstream import VmdkStreamDecoder
 
 if TYPE_CHECKING:  # the decoder child never loads the configuration (and jsonschema with it)
     from ..config import Limits
+    from .verdict import Preflight
 
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
 #: input bytes between two boundaries the child reports
@@ -91,6 +92,21 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def container_decoder(verdict: Preflight) -> str | None:
+    """The sequential decoder of the container a preflight found: :data:`VMDK_STREAM` for a
+    stream-optimized VMDK, :data:`VHD_FIXED` for a fixed VHD; None for any other format (random access:
+    via scratch). RAW and compressed disks are the caller's to decide: ``source.route`` streams them, an
+    ImportVolume upload writes RAW as it is."""
+    if (
+        verdict.format == "vmdk"
+        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
+    ):
+        return VMDK_STREAM
+    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
+        return VHD_FIXED
+    return None
 
 
 def limits_of(limits: Limits, threads: int = 0) -> DecodeLimits:

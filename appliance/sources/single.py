@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
-from ..errors import SourceChanged
 from .blockstream import Block
 from .http import SourceIntegrity, SourceUnavailable, TransferInterrupted
 from .origins import Origin, Response
+from .rangecheck import source_changed
 from .ranges import ReaderSettings, ReaderStats, ReadPosition, Validator, parse_content_range, too_large
+from .retrier import Retrier
 
 
 class Reading(Protocol):
@@ -33,10 +34,7 @@ class Reading(Protocol):
     validator: Validator
     size: int | None
     stop: threading.Event
-
-    def attempt(self, send: Callable[[], Response], offset: int) -> Response: ...
-    def failed(self, exc: SourceUnavailable, failures: int, offset: int) -> int: ...
-    def changed(self, offset: int, why: str) -> SourceChanged: ...
+    retrier: Retrier
 
 
 class _Skipped:
@@ -67,18 +65,20 @@ def _body_start(reader: Reading, response: Response, handed: int) -> int:
     version); :class:`SourceChanged` otherwise."""
     etag, known = response.etag, reader.validator.etag
     if etag and known and etag != known:
-        raise reader.changed(handed, f"its ETag is now {etag}, it was {known}")
+        raise source_changed(reader.origin.where, handed, f"its ETag is now {etag}, it was {known}")
     partial = parse_content_range(response.status, response.headers.get("Content-Range"))
     if partial is None:
         length = response.content_length
         if reader.size is not None and length is not None and length != reader.size:
-            raise reader.changed(handed, f"it is {length} bytes now, it was {reader.size}")
+            raise source_changed(
+                reader.origin.where, handed, f"it is {length} bytes now, it was {reader.size}"
+            )
         if handed and reader.validator and reader.origin.validator(response) != reader.validator:
-            raise reader.changed(handed, "its ETag or Last-Modified differs")
+            raise source_changed(reader.origin.where, handed, "its ETag or Last-Modified differs")
         return 0
     first, _last, total = partial
     if total is not None and reader.size is not None and total != reader.size:
-        raise reader.changed(handed, f"it is {total} bytes now, it was {reader.size}")
+        raise source_changed(reader.origin.where, handed, f"it is {total} bytes now, it was {reader.size}")
     if first != handed:
         raise SourceIntegrity(f"{reader.origin.where} resumed at {first}, not at {handed}")
     return first
@@ -109,7 +109,7 @@ def read_single(
                 if response is None:
                     if reader.size is not None and handed >= reader.size:
                         return
-                    response = reader.attempt(lambda at=handed: _resume(reader, at), handed)  # type: ignore[misc]
+                    response = reader.retrier.attempt(lambda at=handed: _resume(reader, at), handed)  # type: ignore[misc]
                 with response:
                     position = _body_start(reader, response, handed)
                     skipped = _Skipped(begin, running, tail) if position < handed else None
@@ -125,7 +125,11 @@ def read_single(
                                 if position == handed:
                                     bad = skipped.differs()
                                     if bad is not None:
-                                        raise reader.changed(bad, "bytes sent again differ from those read")
+                                        raise source_changed(
+                                            reader.origin.where,
+                                            bad,
+                                            "bytes sent again differ from those read",
+                                        )
                                     tail = None
                             if reader.size is not None and position + len(chunk) > reader.size:
                                 raise SourceIntegrity(
@@ -162,10 +166,12 @@ def read_single(
                 buf = bytearray()
                 response = None
                 if exc.status == 412:
-                    raise reader.changed(handed, "it no longer matches what was read before") from exc
+                    raise source_changed(
+                        reader.origin.where, handed, "it no longer matches what was read before"
+                    ) from exc
                 if not exc.transient:
                     raise
-                failures = reader.failed(exc, failures, position)
+                failures = reader.retrier.failed(exc, failures, position)
     finally:
         stats.add(buffered=-len(buf))
         if response is not None:

@@ -31,9 +31,10 @@ from ..progress import Progress
 from ..targets.export import ExportWriter, get_export_writer, ova_scratch_needed, scratch_needed
 from ..targets.exportvhd import streams_vhd
 from ..targets.exportwriter import StreamingExportWriter
+from ..targets.rawio import disk_size
 from ..timestamps import format_time, utc_now
 from ..workflow.step import Step, StepContext
-from .export_check import SourceDigestCheck, disk_size
+from .export_check import SourceDigestCheck
 from .export_source import Readable
 from .provenance import WHILE_WRITING, build_record, object_metadata
 

@@ -12,7 +12,6 @@ is completed: a mismatch aborts it, no object ever exists).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from ..targets.chunkdigest import ALGORITHM, DEFAULT_CHUNK
 from ..targets.hashing import OffsetSha256
 from ..targets.offsetdigest import OffsetChunkedSha256
+from ..targets.rawio import disk_size
 from .provenance import SourceDigestMismatch
 
 
@@ -140,12 +140,3 @@ class SourceDigestCheck:
             self.chunked.close()
         if self.plain is not None:
             self.plain.close()
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of a regular file or a block device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)

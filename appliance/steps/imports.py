@@ -23,9 +23,10 @@ from ..sources.digest import b64_to_hex
 from ..sources.fetch import parse_source
 from ..sources.http import SourceIntegrity, SourceUnavailable, TransferInterrupted
 from ..sources.methods import UPLOAD, check_enabled, method_of_source
+from ..sources.ordered import LinkedEvent
 from ..sources.origins import Origin, origin_for
 from ..sources.ranges import ReaderSettings, parse_content_range, too_large
-from ..sources.reader import RangeReader
+from ..sources.retrier import Retrier
 from ..sources.urlfilter import UrlPolicy
 from ..workflow.step import StepContext
 from .retries import retry_reporter
@@ -92,11 +93,10 @@ def source_digest(
     return out
 
 
-def _get_range(origin: Origin, start: int, end: int, retrier: RangeReader) -> tuple[bytes, int | None]:
+def _get_range(origin: Origin, start: int, end: int, retrier: Retrier) -> tuple[bytes, int | None]:
     """Bytes ``start..end`` (inclusive) of ``origin`` and the object's size (None when not said); a
     transient failure or a stall (no byte for ``sources.stall_seconds``) is retried with the ranged
-    reader's back-off, its retries told to the reader's ``on_retry`` (``retrier``: a reader of
-    ``origin`` that is never opened, used for its retry policy)."""
+    reader's back-off (``retrier``), its retries told to its ``on_retry``."""
     failures = 0
     while True:
         try:
@@ -143,7 +143,7 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
         return None
     settings = ReaderSettings.from_sources(ctx.config.sources)
     origin = origin_for(source, source_policy(ctx), ctx.config.sources.s3, settings=settings)
-    retrier = RangeReader(origin, settings, cancel=ctx.cancel, on_retry=retry_reporter(ctx))
+    retrier = Retrier(origin.where, settings, LinkedEvent(ctx.cancel), on_retry=retry_reporter(ctx))
     try:
         head, size = _get_range(origin, 0, PREFLIGHT_HEAD - 1, retrier)
     except SourceUnavailable as exc:
@@ -159,7 +159,7 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
     verdict = preflight(head, tail, claim, config=ctx.config, size=size)
     if verdict.compression is not None and verdict.safe:
         # a compressed head decides only the compression: the decompressed head decides the rest
-        verdict = _compressed_preflight(ctx, retrier, source, claim, verdict, head, size)
+        verdict = _compressed_preflight(ctx, origin, retrier, source, claim, verdict, head, size)
     cap = ctx.config.limits.max_decompressed_size
     if size is not None and size > cap:
         verdict.findings.extend(too_large(str(parse_source(source)), cap, size).findings)
@@ -169,7 +169,8 @@ def source_preflight(ctx: StepContext, source: dict[str, Any]) -> Preflight | No
 
 def _compressed_preflight(
     ctx: StepContext,
-    retrier: RangeReader,
+    origin: Origin,
+    retrier: Retrier,
     source: dict[str, Any],
     claim: str,
     outer: Preflight,
@@ -199,7 +200,7 @@ def _compressed_preflight(
     decoded, ended = decode([head], size is not None and read >= size)
     limit = PREFLIGHT_COMPRESSED if size is None else min(size, PREFLIGHT_COMPRESSED)
     if not ended and len(decoded) < PREFLIGHT_HEAD and len(head) >= PREFLIGHT_HEAD and read < limit:
-        more, _ = _get_range(retrier.origin, read, limit - 1, retrier)
+        more, _ = _get_range(origin, read, limit - 1, retrier)
         read += len(more)
         decoded, ended = decode([head, more], size is not None and read >= size)
     if ended and not decoded:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -47,6 +46,7 @@ from ..errors import ImagingError
 from ..image.qemuimg import availability
 from ..store import StepState
 from ..targets.chunkdigest import ALGORITHM, digest_file
+from ..targets.rawio import disk_size
 from ..timestamps import format_time, parse_time, utc_now
 from ..workflow.hookpoints import HOOKS_RECORD
 from ..workflow.loader import WorkflowLoader
@@ -260,14 +260,6 @@ def written_digest(digest: Any, size: int) -> dict[str, Any] | None:
     return dict(digest)
 
 
-def _size(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _source_entry(disk: Mapping[str, Any]) -> dict[str, Any]:
     """The ``sources`` entry of one disk: its ``source`` digest (``source.fetch`` result or a
     volume import's ``source``), the OVA's verified ``.mf`` when it was one, the expected digest."""
@@ -377,7 +369,7 @@ class ProvenanceRecordStep(Step):
         volume = disk.get("volume")
         if isinstance(volume, Mapping) and volume.get("path"):
             path = Path(str(volume["path"]))
-            size = _size(path)
+            size = disk_size(path)
             hooks = [str(h) for h in disk.get("hooks") or []]
             written = written_digest(disk.get("written_digest"), size)
             entry = {"type": "volume", "volume_id": volume.get("id"), "sha256": None, "size": size}

@@ -11,7 +11,7 @@ the longest run of parts 1..k S3 has acknowledged — is saved in the task store
 
 * ``upload``: the bucket, the staging key, the upload id, the part size, the count ``k`` of parts 1..k
   (all of the part size: ``E = k x part size``), the digest of their ordered ETags
-  (:func:`~appliance.targets.s3stream.etags_digest`) and the states at ``E`` of the sha256 of the
+  (:func:`~appliance.targets.s3resume.etags_digest`) and the states at ``E`` of the sha256 of the
   object's bytes (:class:`~appliance.sources.savedhash.SavedHash`) and of their ``sha256-chunked``
   (:class:`~appliance.targets.savedchunks.SavedChunkedSha256`: the outer hash over the finished chunks'
   digests and the inner one of the chunk being filled). Of constant size: a save per acknowledged part
@@ -23,7 +23,7 @@ the longest run of parts 1..k S3 has acknowledged — is saved in the task store
 * ``partial``: the staging object's URL (:data:`appliance.partials.CHECKPOINT_KEY`): the sweeps of a
   task that may still resume leave its upload.
 
-Resume (:meth:`S3ResumePoint.load`, then :func:`~appliance.targets.s3stream.verify_parts`): the step's
+Resume (:meth:`S3ResumePoint.load`, then :func:`~appliance.targets.s3resume.verify_parts`): the step's
 next run checks the checkpoint as untrusted, lists the upload's parts (``ListParts``, paginated) and
 checks that parts 1..k are there, of the part size, with the recorded ETag digest; the decoder restarts
 at ``B``, the reader re-fetches from the position before it (comparing the bytes, as for a file), the

@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ImageRejected, ImagingError
+from ..image.decoders import container_decoder
 from ..image.inspect import Preflight
 from ..image.rawstream import RAW
-from ..image.vhdfixed import FORMAT as VHD_FIXED
-from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..targets import get_image_target
 from ..targets.file import FileImageTarget
 from ..targets.s3 import S3ImageTarget
@@ -40,14 +39,7 @@ def sequential_decoder(verdict: Preflight | None) -> str | None:
         return verdict.compression if verdict.format == "raw" else None
     if verdict.format == "raw":
         return RAW
-    if (
-        verdict.format == "vmdk"
-        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
-    ):
-        return VMDK_STREAM
-    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
-        return VHD_FIXED
-    return None
+    return container_decoder(verdict)
 
 
 def route(ctx: StepContext, source: dict[str, Any], *, reject: bool = True) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ImageRejected
+from ..image.decoders import container_decoder
 from ..image.decoding import Boundary, zeros
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, preflight
 from ..image.stream import RawStreamCheck
@@ -45,7 +46,6 @@ from .volume_upload import (
     download_upload,
     part_at,
     save_part_checkpoint,
-    sequential_decoder,
     upload_preflight,
     upload_source,
 )
@@ -94,7 +94,7 @@ class VolumeImportStep(Step):
         if format == "RAW":
             return self._stream_raw(ctx, m, vol, zeroed, state)
         verdict = upload_preflight(ctx, m, format)
-        decoder = sequential_decoder(verdict)
+        decoder = container_decoder(verdict)
         if decoder is not None:
             return self._stream_decoded(ctx, m, format, decoder, vol, zeroed, state)
         return import_via_scratch(ctx, m, format, vol, state)

@@ -11,8 +11,6 @@ from typing import Any
 
 from ..errors import ImageRejected
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, preflight
-from ..image.vhdfixed import FORMAT as VHD_FIXED
-from ..image.vmdkformat import FORMAT as VMDK_STREAM
 from ..sources.digest import StreamDigest
 from ..sources.hashthread import HashingThread
 from ..sources.http import HttpClient
@@ -114,18 +112,6 @@ def upload_preflight(ctx: StepContext, m: ImportManifest, format: str) -> Prefli
     if not verdict.safe:
         raise ImageRejected(verdict.errors)
     return verdict
-
-
-def sequential_decoder(verdict: Preflight) -> str | None:
-    """The sequential decoder for what the preflight found, or None (random access: via scratch)."""
-    if (
-        verdict.format == "vmdk"
-        and str(verdict.details.get("vmdk_create_type", "")).lower() == "streamoptimized"
-    ):
-        return VMDK_STREAM
-    if verdict.format == "vhd" and verdict.details.get("vhd_subformat") == "fixed":
-        return VHD_FIXED
-    return None
 
 
 def save_part_checkpoint(

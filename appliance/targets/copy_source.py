@@ -28,7 +28,7 @@ from ..config import Config, parse_size
 from ..errors import UsageError
 from .base import TargetError, boto_client, check_cancel
 from .chunkdigest import ALGORITHM, DEFAULT_CHUNK, ChunkedSha256, is_zero
-from .s3stream import MIN_PART
+from .s3parts import MIN_PART
 
 log = logging.getLogger(__name__)
 

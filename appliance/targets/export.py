@@ -27,7 +27,7 @@ from ..partials import Ledger
 from ..progress import ProgressCallback
 from .exportcheck import SourceCheck
 from .exportwriter import StreamingExportWriter
-from .s3stream import MIN_PART
+from .s3parts import MIN_PART
 
 #: the disk formats whose export needs a scratch copy of the output (qemu-img writes the VHD there
 #: before it is uploaded); VMDK and RAW stream with no scratch at all

@@ -37,6 +37,16 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+def disk_size(path: Path) -> int:
+    """Bytes of the regular file or block device at ``path`` (a block device's ``st_size`` is 0: its end
+    is where ``lseek`` finds it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def block_device_size(fd: int) -> int:
     """Size in bytes of the block device open as ``fd`` (BLKGETSIZE64)."""
     buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)

@@ -1,7 +1,17 @@
 """Resuming a multipart upload an earlier run left (:class:`.s3stream.MultipartWriter` with ``resume``):
 what a checkpoint records of it (:class:`ResumedUpload`: constant in size, the parts' ETags as one
 digest) and the check of that record against what S3 holds (:func:`verify_parts`, paginated
-``ListParts``), which gives the writer the parts to complete the upload with."""
+``ListParts``), which gives the writer the parts to complete the upload with.
+
+A resumable writer (``resumable=True``, a streamed import into the S3 image target,
+:mod:`appliance.steps.s3_checkpoint`) runs the sha256 and the ``sha256-chunked`` of the bytes written
+(:class:`~appliance.sources.savedhash.SavedHash`, :class:`~.savedchunks.SavedChunkedSha256`) in its own
+thread as each part is cut, and keeps their states at the end of every part until the acknowledged
+prefix passes it (:class:`ResumableDigests`), so a checkpoint can name the parts completed so far —
+their count and a digest of their ETags, constant in size — with the digest states at their end. A
+writer made with ``resume`` (:class:`ResumedUpload`, its parts listed by ``ListParts`` and checked
+against the record by :func:`verify_parts`) continues that multipart upload after its last recorded
+part instead of creating one."""
 
 from __future__ import annotations
 

@@ -4,58 +4,34 @@ aborts the upload and leaves nothing in the bucket.
 
 :class:`MultipartWriter` is a forward-only byte sink (``write(data)``), so a writer that never seeks
 (:func:`appliance.image.vmdkwriter.write_stream_vmdk`, a tar stream of an OVA, a RAW disk read in order)
-goes to S3 without a scratch copy. Memory: about ``(threads + 1) x part_size``, or at most ``memory``
-bytes of part buffers when the caller gives that budget (the part being filled and the parts in flight:
-fewer parts go up at once, never fewer than one; :attr:`MultipartWriter.peak_buffered` counts the
-most that were held). S3 allows 10,000 parts: a
-writer told the size (``expected_size``) grows its part size to fit; one that cannot know it
-(``grow_parts``: a decompressed stream) doubles its part size every 1,000 parts instead.
+goes to S3 without a scratch copy. Its part size and memory (``memory``, ``expected_size``,
+``grow_parts``) are those of :mod:`.s3budget`.
 
-Digests and checks:
-
-* each part is sent with ``Content-MD5`` (S3 refuses a part whose bytes differ) and its returned ETag
-  must be that MD5 (where S3 says so: not under SSE-KMS, whose ETags are not MD5s);
-* the completed object's ETag must be S3's multipart form, ``md5(md5(part 1) ‖ … ‖ md5(part N))-N``;
-* the sha256 of every byte written is computed on the way, in a thread of its own
-  (:class:`~appliance.targets.hashing.ThreadedSha256`). S3 takes metadata when an upload starts: a
-  caller that knows the sha256 beforehand passes ``sha256`` (checked against the bytes at the end);
-  otherwise the object is copied onto itself with the digest as metadata once it is complete (a
-  server-side copy: ``CopyObject`` up to 5 GiB, ``UploadPartCopy`` beyond: :func:`server_copy`), and
-  read back (HeadObject); with ``store_digest=False`` it is not (a caller that copies the completed
-  object to its final key, :mod:`.s3staged`, stores the digest with that copy);
-* with ``checksums`` (the exports), every part also carries its SHA-256 (``ChecksumSHA256``, the upload
-  created with ``ChecksumAlgorithm=SHA256``: S3 refuses a part whose bytes differ), computed in the
-  part's upload thread (an all-zero part takes the cached digest of a zero part, MD5 likewise); the
-  object's digest is then the chunked SHA-256 of its parts (:mod:`.chunkdigest`), which is S3's
-  composite checksum: ``HeadObject(ChecksumMode=ENABLED)`` must answer the same ``base64-N`` value
-  (where the store reports one). ``full_sha256=False`` skips the serial whole-object sha256: the
-  object's metadata then carries the algorithm and part size from the start (``digest-algorithm``,
-  ``digest-chunk-size``) and no copy is made when the store itself verified the composite checksum;
-  a store that reports none gets the chunked value by the copy (``sha256-chunked``, ``digest-chunks``).
-  Exports copy only objects up to 5 GiB (a single ``CopyObject`` keeps the object's checksum); a
-  larger one keeps its digests in the task's record and in S3's checksum, not in its metadata.
+Digests and checks: every part is sent with ``Content-MD5`` and its ETag checked, with ``checksums``
+(the exports) also with its SHA-256 (:mod:`.s3partupload`); the completed object's ETag and composite
+checksum are checked, and what its metadata still needs is stored by a copy (:mod:`.s3complete`). The
+sha256 of every byte written is computed on the way, in a thread of its own
+(:class:`~appliance.targets.hashing.ThreadedSha256`): a caller that knows it beforehand passes
+``sha256`` (checked against the bytes at the end, stored when the upload starts); otherwise it is
+stored by the copy, unless ``store_digest=False`` (a caller that copies the completed object to its
+final key, :mod:`.s3staged`, stores the digest with that copy). ``full_sha256=False`` skips the
+serial whole-object sha256 of an export: the object's metadata then carries the algorithm and part
+size from the start (``digest-algorithm``, ``digest-chunk-size``) and no copy is made when the store
+itself verified the composite checksum.
 
 :meth:`MultipartWriter.abort` (called on any exception inside ``with``) aborts the multipart upload and
 deletes the object if it was already completed, so a cancelled export leaves no object and no incomplete
 upload behind.
 
-Resumable uploads (``resumable=True``, a streamed import into the S3 image target,
-:mod:`appliance.steps.s3_checkpoint`): the sha256 and the ``sha256-chunked`` of the bytes written
-(:class:`~appliance.sources.savedhash.SavedHash`, :class:`~.savedchunks.SavedChunkedSha256`) run in the
-writer's thread as each part is cut, and their states at the end of every part are kept until the
-acknowledged prefix passes it (:meth:`MultipartWriter.uploaded_prefix`), so a checkpoint can name the
-parts completed so far — their count and a digest of their ETags, constant in size — with the digest
-states at their end. A writer made with ``resume`` (:class:`ResumedUpload`, its parts listed by
-``ListParts`` and checked against the record by :func:`verify_parts`) continues that multipart upload
-after its last recorded part instead of creating one. ``chunked`` (the S3 image target) records the
-``sha256-chunked`` of a writer that is not resumable too (a stream of unknown size), hashed in threads.
+Resumable uploads (``resumable=True``, ``resume``: a streamed import into the S3 image target) keep
+the digest states at the end of every part for a checkpoint (:meth:`MultipartWriter.uploaded_prefix`)
+and continue an upload an earlier run left: :mod:`.s3resume`. ``chunked`` (the S3 image target) records
+the ``sha256-chunked`` of a writer that is not resumable too (a stream of unknown size), hashed in threads.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -67,21 +43,14 @@ from ..errors import Cancelled
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
+from .s3budget import PartBudget, fitted_part_size
+from .s3complete import check_composite, check_multipart_etag, digests_to_store
 from .s3copy import MAX_COPY, store_digests
-from .s3parts import MAX_PARTS, MIN_PART, multipart_etag, upload_error
+from .s3parts import MAX_PARTS, MIN_PART, etag_is_md5, upload_error
+from .s3partupload import send_part
 from .s3resume import ResumableDigests, ResumedUpload
 
 log = logging.getLogger(__name__)
-
-#: parts between two doublings of the part size of a stream of unknown size (``grow_parts``)
-GROW_EVERY = 1000
-
-
-@functools.lru_cache(maxsize=4)
-def _zero_part_digests(length: int) -> tuple[bytes, bytes]:
-    """``(md5, sha256)`` of a part of ``length`` zero bytes (once per length and process)."""
-    z = bytes(length)
-    return hashlib.md5(z).digest(), hashlib.sha256(z).digest()
 
 
 class MultipartWriter:
@@ -121,31 +90,18 @@ class MultipartWriter:
         if resumable and (checksums or grow_parts or sha256 is not None):
             raise ValueError("a resumable upload has parts of one size and computes its own sha256")
         if expected_size is not None and resume is None:  # 10,000 parts at most: grow the part (whole MiB)
-            part_size = max(part_size, -(-expected_size // MAX_PARTS // (1 << 20)) * (1 << 20))
+            part_size = fitted_part_size(part_size, expected_size)
         self.client, self.bucket, self.key = client, bucket, key
         self.where = f"s3://{bucket}/{key}"
         self.part_size, self.threads = part_size, max(1, threads)
-        #: parts in flight at most: ``threads``, fewer once grown parts would hold more memory than
-        #: ``threads`` parts of the first size (a long stream of unknown size)
-        self._in_flight = self.threads
-        self._budget = self.threads * part_size
-        #: the most bytes of part buffers held at once, when given: the part being filled and the
-        #: parts in flight (one part in flight at least, so at least two parts' worth)
-        self.memory = memory
-        if memory is not None:
-            self._in_flight = max(1, min(self.threads, memory // part_size - 1))
-            self._budget = self._in_flight * part_size
-        #: bytes of part buffers held now (the part being filled, the parts not yet uploaded) and at most
-        self.buffered = 0
-        self.peak_buffered = 0
+        #: the parts in flight and the part buffers held (``buffered``, ``peak_buffered``)
+        self.budget = PartBudget(part_size, threads, memory, grow=grow_parts)
         self.known_sha256 = sha256
         self.metadata = dict(metadata or {})
         self.sse = dict(sse or {})
         self.on_progress, self.cancel, self.fence = on_progress, cancel, fence
         #: False: leave the sha256 out of the object (a caller copying it elsewhere stores it there)
         self.store_digest = store_digest
-        #: True (a stream of unknown size): the part size doubles every GROW_EVERY parts
-        self.grow_parts = grow_parts
         self._buffer = bytearray()
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
@@ -233,7 +189,7 @@ class MultipartWriter:
             self._sha.update(data)  # in its own thread, beside this one's reads and the parts' uploads
         self.size += n
         if not self._buffer and n == self.part_size and isinstance(data, bytes):
-            self._count(n)
+            self.budget.count(n)
             self._submit(data)  # a whole part as it came: no copy
             return n
         # the buffer is filled up to one part at a time, so it never holds more than a part while a
@@ -242,7 +198,7 @@ class MultipartWriter:
         while view:
             take = view[: self.part_size - len(self._buffer)]
             self._buffer += take
-            self._count(len(take))
+            self.budget.count(len(take))
             view = view[len(take) :]
             if len(self._buffer) >= self.part_size:
                 part = bytes(self._buffer)
@@ -250,28 +206,10 @@ class MultipartWriter:
                 self._submit(part)
         return n
 
-    def _count(self, delta: int) -> None:
-        """Part buffers held change by ``delta`` bytes (the counter behind :attr:`peak_buffered`)."""
-        with self._lock:
-            self.buffered += delta
-            self.peak_buffered = max(self.peak_buffered, self.buffered)
-
-    def _grow(self) -> None:
-        """Double the part size every :data:`GROW_EVERY` parts (``grow_parts``): 10,000 parts starting
-        at 5 MiB then cover about 5 TiB, and memory grows only for a stream that long. Fewer grown
-        parts are in flight, so the uploads hold about as much as ``threads`` parts of the first size
-        (plus the part being filled)."""
-        if self.grow_parts and self._number % GROW_EVERY == 0:
-            self.part_size *= 2
-            if self.memory is not None:
-                self._in_flight = max(1, min(self.threads, self.memory // self.part_size - 1))
-            else:
-                self._in_flight = max(1, min(self.threads, self._budget // self.part_size))
-
     def _submit(self, data: bytes) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
-        while len(self._pending) >= self._in_flight:
+        while len(self._pending) >= self.budget.in_flight:
             self._harvest(block=True)
             self._check_cancel()
         self._number += 1
@@ -286,45 +224,28 @@ class MultipartWriter:
                 self._threaded_chunks.update(data)
         self._sizes[self._number] = len(data)
         self._pending.add(self._pool.submit(self._upload_part, self._number, data))
-        self._grow()
+        self.part_size = self.budget.cut(self._number)
         self._harvest(block=False)
 
     def _upload_part(self, number: int, data: bytes) -> int:
-        extra: dict[str, str] = {}
-        if data and is_zero(data):  # a hole of a RAW disk: nothing to hash
-            md5, sha = _zero_part_digests(len(data))
-            with self._lock:
-                self._zero_parts += 1
-        else:
-            md5 = hashlib.md5(data).digest()
-            sha = hashlib.sha256(data).digest() if self.checksums else b""
-            with self._lock:
-                self._hashed += len(data) if self.checksums else 0
+        sent = send_part(
+            self.client,
+            self.bucket,
+            self.key,
+            self.upload_id,
+            number,
+            data,
+            checksums=self.checksums,
+            etag_is_md5=self._etag_is_md5(),
+        )
+        with self._lock:
+            self._zero_parts += int(sent.zero)
+            self._hashed += len(data) if self.checksums and not sent.zero else 0
         if self.checksums:
-            self._sha256s[number] = sha
-            extra["ChecksumSHA256"] = base64.b64encode(sha).decode("ascii")
-        try:
-            resp = self.client.upload_part(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=base64.b64encode(md5).decode("ascii"),
-                **extra,
-            )
-        except Exception as exc:
-            raise upload_error(f"UploadPart {number} of {self.where}", exc) from exc
-        etag = str(resp["ETag"])
-        if self._etag_is_md5() and etag.strip('"') != md5.hex():
-            raise TargetError(
-                f"UploadPart {number} of {self.where}: S3 answered ETag {etag}, not the part's MD5 "
-                f"{md5.hex()}: the part was damaged on its way",
-                "UploadFailed",
-            )
-        self._md5s[number] = md5
-        self._etags[number] = etag
-        self._count(-len(data))
+            self._sha256s[number] = sent.sha256
+        self._md5s[number] = sent.md5
+        self._etags[number] = sent.etag
+        self.budget.count(-len(data))
         if self.on_part is not None:
             self.on_part()
         return len(data)
@@ -341,8 +262,16 @@ class MultipartWriter:
         # upload threads adding to them)
         return self._resumable.advance(self.upload_id, self.part_size, self._etags, self._sizes)
 
+    @property
+    def buffered(self) -> int:
+        return self.budget.buffered
+
+    @property
+    def peak_buffered(self) -> int:
+        return self.budget.peak_buffered
+
     def _etag_is_md5(self) -> bool:
-        return not str(self.sse.get("ServerSideEncryption", "")).startswith("aws:kms")
+        return etag_is_md5(self.sse)
 
     def _harvest(self, *, block: bool) -> None:
         if not self._pending:
@@ -412,12 +341,7 @@ class MultipartWriter:
         self.completed = True
         etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
-            expected = multipart_etag([self._md5s[n] for n in numbers])
-            if etag != expected:
-                raise TargetError(
-                    f"{self.where}: S3 answered ETag {etag} for the completed object, not {expected}",
-                    "UploadFailed",
-                )
+            check_multipart_etag(self.where, etag, [self._md5s[n] for n in numbers])
         done: dict[str, Any] = {
             "bucket": self.bucket,
             "key": self.key,
@@ -427,13 +351,9 @@ class MultipartWriter:
             "parts": len(numbers),
         }
         if digest is not None:
-            verified = self._check_composite(digest)
+            verified = check_composite(self.client, self.bucket, self.key, digest)
             done["digest"] = digest.to_dict() | {"s3_verified": verified}
-            # the object's metadata gets what was not known when the upload started: the whole-object
-            # sha256, or (a store that keeps no checksum) the chunked value; one CopyObject at most
-            store: dict[str, str] = {} if sha256 is None else {"sha256": sha256}
-            if not verified:
-                store |= {"sha256-chunked": digest.hexdigest, "digest-chunks": str(digest.chunks)}
+            store = digests_to_store(sha256, digest, verified)  # one CopyObject at most
             if store and self.store_digest and self.size <= MAX_COPY:
                 # a store that keeps checksums computes the copy's own: the whole-object SHA-256
                 done["etag"] = self._store_digest(store, checksum=verified)
@@ -443,26 +363,6 @@ class MultipartWriter:
             done["digest"] = chunked.to_dict()
         self.closed = True
         return done
-
-    def _check_composite(self, digest: ChunkedDigest) -> bool:
-        """Whether S3 reports the object's composite SHA-256 checksum (``UploadFailed`` when it differs
-        from ``digest``: the store holds other bytes than were sent); False when it reports none."""
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
-        except Exception as exc:
-            raise upload_error(f"HeadObject {self.where}", exc) from exc
-        reported = head.get("ChecksumSHA256")
-        if not reported:
-            return False
-        # S3 answers base64-N for a composite checksum (some stores leave out the -N)
-        value, _, count = str(reported).partition("-")
-        if value != digest.s3_checksum.partition("-")[0] or count not in ("", str(digest.chunks)):
-            raise TargetError(
-                f"{self.where}: S3 reports the checksum {reported}, not the {digest.s3_checksum} of the "
-                "parts sent",
-                "UploadFailed",
-            )
-        return True
 
     def _store_digest(self, digests: Mapping[str, str], *, checksum: bool = False) -> str:
         """Copy the object onto itself with ``digests`` added to its metadata (:func:`.s3copy.store_digests`);

@@ -16,13 +16,22 @@ import pytest
 
 from appliance.errors import ImageRejected, UsageError
 from appliance.image import decoding
-from appliance.image.decoders import check_checkpoint, decode_file, open_decoder, resume_decoder
+from appliance.image.decoders import (
+    check_checkpoint,
+    container_decoder,
+    decode_file,
+    open_decoder,
+    resume_decoder,
+)
 from appliance.image.decoding import Boundary, DecodeLimits
 from appliance.image.rawstream import RawDecoder
+from appliance.image.vhdfixed import FORMAT as VHD_FIXED
 from appliance.image.vhdfixed import footer_problem
+from appliance.image.vmdkformat import FORMAT as VMDK_STREAM
 from appliance.targets.rawio import RawWriter
 from tests import imagefactory as factory
 from tests import streamfactory as sf
+from tests.preflights import IMAGES, verdict_of
 
 MiB = factory.MiB
 REPO = Path(__file__).resolve().parents[3]
@@ -319,3 +328,30 @@ def test_the_shared_zero_buffers_stay_bounded_whatever_lengths_are_asked_for() -
         assert len(z) == n and not any(z[:: 1 << 16])
     assert sum(decoding._ZERO_BUFFERS) <= decoding._ZERO_CACHE_BYTES
     assert decoding.zeros(4096) is decoding.zeros(4096)  # a common length is still shared
+
+
+# ------------------------------------------------------------------------ the decoder of a container
+#
+# What an ImportVolume upload streams onto its volume (a RAW upload is written as it is, before this is
+# asked), and what source.route streams after RAW and compressed RAW: a stream-optimized VMDK and a
+# fixed VHD are decoded as they arrive, any other format goes through scratch.
+
+CONTAINER_DECODERS = {
+    "raw": None,
+    "gzip-raw": None,
+    "vmdk-stream": VMDK_STREAM,
+    # the upload's preflight does not decompress: a verdict of a compressed stream never comes here
+    "gzip-vmdk-stream": VMDK_STREAM,
+    "vmdk-sparse": None,
+    "vhd-fixed": VHD_FIXED,
+    "vhd-dynamic": None,
+    "qcow2": None,
+    "qcow2-claimed-vmdk": None,
+}
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_an_upload_streams_onto_its_volume_only_as_a_stream_vmdk_or_a_fixed_vhd(
+    name: str, tmp_path: Path
+) -> None:
+    assert container_decoder(verdict_of(name, tmp_path)) == CONTAINER_DECODERS[name]

@@ -7,7 +7,6 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,16 +22,6 @@ from tests.servers import MotoServer, free_port
 from tests.stallproxy import StallingProxy
 
 DATA = os.urandom(3 * 2**20 + 99)
-
-
-@pytest.fixture
-def s3cfg(moto: MotoServer) -> dict[str, Any]:
-    return {
-        "endpoint_url": moto.endpoint,
-        "region": "us-east-1",
-        "access_key": "testing",
-        "secret_key": "testing",
-    }
 
 
 @pytest.fixture

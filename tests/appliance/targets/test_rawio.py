@@ -7,6 +7,7 @@ from pathlib import Path
 
 from appliance.image import decoding
 from appliance.targets import rawio
+from tests.loopdevs import attached
 
 
 def _cached_zero_bytes() -> int:
@@ -50,3 +51,18 @@ def test_a_caller_that_found_a_chunk_zero_or_not_is_taken_at_its_word(tmp_path: 
     assert data[block : 2 * block] == bytes(block)
     assert data[2 * block : 3 * block] == b"\x02" * block
     assert data[3 * block :] == b"\xee" * block
+
+
+def test_a_disk_size_is_the_whole_length_of_a_sparse_file_and_of_a_block_device(tmp_path: Path) -> None:
+    # a disk is mostly holes: its size is its length, not the blocks it holds; a block device's st_size
+    # is 0, so only its end tells
+    backing = tmp_path / "disk.raw"
+    with backing.open("wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data")
+    assert rawio.disk_size(backing) == 3 << 20
+    assert os.stat(backing).st_blocks * 512 < 3 << 20
+    with attached(backing) as dev:
+        assert os.stat(dev).st_size == 0
+        assert rawio.disk_size(dev) == 3 << 20
