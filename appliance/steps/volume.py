@@ -30,7 +30,9 @@ from .bundles import bundle_download
 from .uploads import wait_for_upload
 
 GiB = 1 << 30
-_VOLUME_RECORD = "volume.json"
+#: the record of the volume in the task's scratch directory (a few hundred bytes, never reserved: task
+#: state, not scratch data)
+VOLUME_RECORD = "volume.json"
 
 
 class InsufficientVolumeSize(ImagingError):
@@ -137,7 +139,7 @@ class VolumeCreateStep(Step):
         volume_id: str | None = None,
     ) -> dict[str, Any]:
         target = get_volume_target(ctx.config)
-        record = ctx.workdir / _VOLUME_RECORD
+        record = ctx.workdir / VOLUME_RECORD
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
         elif volume_id and isinstance(target, Ec2VolumeTarget):
