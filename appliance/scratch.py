@@ -54,13 +54,9 @@ from .atomicfile import write_json_atomic
 from .config import Config
 from .errors import InsufficientScratch, UsageError
 
-_META = ".scratch.json"
-_LOCK = ".lock"
-#: the root's high-water mark of reserved bytes (all tasks together), kept when task directories go
-_PEAK = ".peak.json"
-#: the accounting's own small files (the lock, the high-water mark, each task's reservations): its
-#: bookkeeping, not scratch a step uses, so never reserved
-ACCOUNTING_FILES = frozenset({_META, _LOCK, _PEAK})
+#: a task's reservations, the lock, the root's high-water mark of reserved bytes (kept when task
+#: directories go): the accounting's own files, bookkeeping rather than scratch a step uses (never reserved)
+ACCOUNTING_FILES = frozenset({_META := ".scratch.json", _LOCK := ".lock", _PEAK := ".peak.json"})
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: the errnos of a write that found no room
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
