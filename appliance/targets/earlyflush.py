@@ -66,14 +66,19 @@ def start(fd: int, path: str | Path) -> None:
 
 def finish(path: str | Path, where: str) -> None:
     """Wait for the flush :func:`start` began for ``path``, if any; its error as the coded storage
-    error (``InsufficientStorage``, ``TargetWriteFailed``) of ``where``."""
+    error (``InsufficientStorage``, ``TargetWriteFailed``) of ``where``. A failed flush stays pending,
+    so that a hand-over tried again fails again (its own fsync would not see the error)."""
+    key = _key(path)
     with _lock:
-        flush = _pending.pop(_key(path), None)
+        flush = _pending.get(key)
     if flush is None:
         return
     flush.join()
     if flush.error is not None:
         raise storage_error(flush.error, where) from flush.error
+    with _lock:
+        if _pending.get(key) is flush:
+            del _pending[key]
 
 
 def discard(path: str | Path) -> None:
@@ -82,9 +87,3 @@ def discard(path: str | Path) -> None:
         flush = _pending.pop(_key(path), None)
     if flush is not None:
         flush.join()
-
-
-def pending(path: str | Path) -> bool:
-    """Whether a flush of ``path`` is awaiting :func:`finish`."""
-    with _lock:
-        return _key(path) in _pending
