@@ -57,10 +57,14 @@ from .config import Config
 from .errors import InsufficientScratch, UsageError
 from .pids import pid_alive
 
+#: a task's reservations
 _META = ".scratch.json"
+#: the lock of the accounting
 _LOCK = ".lock"
-#: the root's high-water mark of reserved bytes (all tasks together), kept when task directories go
+#: the root's high-water mark of reserved bytes (kept when task directories go)
 _PEAK = ".peak.json"
+#: the accounting's own files: bookkeeping rather than scratch a step uses (never reserved)
+ACCOUNTING_FILES = frozenset({_META, _LOCK, _PEAK})
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

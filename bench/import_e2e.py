@@ -38,13 +38,20 @@ For each, timed in the same run (rotating the order), each after ``sync`` + drop
 
 During ``e2e`` a thread samples the scratch every 20 ms (bytes reserved in the accounting, and bytes
 allocated under the scratch root by files not linked from elsewhere: the guest probe's private
-directory holds a hard link to the volume): its maximum is reported as ``peak scratch``.
+directory holds a hard link to the volume): its maximum is reported as ``peak scratch``. The
+small records under the root are not in it but reported apart, in each run's line: the accounting's own
+(``appliance.scratch.ACCOUNTING_FILES``: ``.lock``, ``.peak.json``, each task's ``.scratch.json``) and
+ImportVolume's ``volume.json`` (``volume.create``'s record of the volume), one 4 KiB block each at most,
+never reserved.
 
 Reported per format: medians, MB/s of the uploaded file, ``e2e / slowest stage`` of ``download``,
 ``convert`` and ``digest`` (goal <= 1.2: the pipeline overlaps its stages) with PASS/MISS, the same
 against the slowest of ``download`` and ``convert`` only (``w/o digest``, as measured before the
 ``digest`` stage existed), and ``e2e / (download + convert)`` (below 1 means
-overlap, above 1 means overhead beyond the stages). Results also go to ``bench/out/e2e-results.json``;
+overlap, above 1 means overhead beyond the stages), and ``e2e / limit``: e2e against the machine's limit,
+max(slowest stage, CPU-s of ``download``, ``convert`` and ``digest`` measured in the same run, moto's
+included, ÷ the CPUs available): stages cannot overlap beyond the CPUs. Results also go to
+``bench/out/e2e-results.json``;
 ``--strict`` exits 1 when a format misses the goal.
 
 ``--api snapshot`` measures ImportSnapshot instead (issue #12: no scratch for sequential formats):
@@ -109,7 +116,7 @@ from appliance import config as config_mod  # noqa: E402
 from appliance.config import parse_size  # noqa: E402
 from appliance.image.decoders import decode_file, open_decoder  # noqa: E402
 from appliance.image.decoding import DecodeLimits  # noqa: E402
-from appliance.scratch import ScratchSpace  # noqa: E402
+from appliance.scratch import ACCOUNTING_FILES, ScratchSpace  # noqa: E402
 from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome  # noqa: E402
 from appliance.sources.download import download_to_file  # noqa: E402
 from appliance.sources.manifest import ImportManifest  # noqa: E402
@@ -117,6 +124,7 @@ from appliance.sources.parts import download_parts  # noqa: E402
 from appliance.sources.reader import open_reader  # noqa: E402
 from appliance.sources.uploadwait import wait_for_manifest  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
+from appliance.steps.volume import VOLUME_RECORD  # noqa: E402
 from appliance.store import TaskState  # noqa: E402
 from appliance.targets.file import FileVolumeTarget  # noqa: E402
 from appliance.targets.rawio import write_raw  # noqa: E402
@@ -133,6 +141,10 @@ from threadcpu import ThreadCpu  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
+#: small files under the scratch root that hold no scratch data, sampled apart from ``peak scratch``: the
+#: accounting's own (its lock, high-water mark and each task's reservations) and the task's record of
+#: its volume (``volume.create``'s, for a resumed task); none is reserved
+RECORD_FILES = ACCOUNTING_FILES | {VOLUME_RECORD}
 DEFAULT_OUT = ROOT / "out"
 GOAL = 1.2
 #: peak resident memory of the task process for a 4 GiB import (issue #12, section 6)
@@ -154,6 +166,8 @@ MAX_ATTEMPTS = 3
 IDLE_BUSY = 0.15
 IDLE_TIMEOUT = 120.0
 HZ = os.sysconf("SC_CLK_TCK")
+#: the CPUs this process may run on: what the stages of an import can overlap on
+CPUS = len(os.sched_getaffinity(0))
 
 
 # ------------------------------------------------------------------------------------------ the disk
@@ -259,20 +273,26 @@ SNAPSHOT_CLAIM = {"RAW": "RAW", "VMDK": "VMDK", "VHD": "VHD", "GZ": "RAW"}
 
 
 class ScratchSampler:
-    """The highest scratch use seen while running: reserved bytes and bytes allocated on disk."""
+    """The highest scratch use seen while running: reserved bytes and bytes allocated on disk by the
+    steps' files; the small records of :data:`RECORD_FILES` (the accounting's lock, high-water mark and
+    each task's ``.scratch.json``; ``volume.create``'s ``volume.json``) are bookkeeping, sampled apart."""
 
     def __init__(self, space: ScratchSpace) -> None:
         self.space = space
         self.peak = 0
+        #: the most bytes the accounting's own files held at once
+        self.peak_bookkeeping = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         try:
-            used = max(self.space.reserved(), _allocated_under(self.space.root))
+            files, bookkeeping = _allocated_under(self.space.root)
+            used = max(self.space.reserved(), files)
         except (OSError, ValueError):
             return
         self.peak = max(self.peak, used)
+        self.peak_bookkeeping = max(self.peak_bookkeeping, bookkeeping)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
@@ -288,17 +308,21 @@ class ScratchSampler:
         self._sample()
 
 
-def _allocated_under(root: Path) -> int:
-    """Bytes allocated by files under ``root`` that live only there: a hard link to a file elsewhere (the
-    confined tools' link to the volume in their private directory) uses no scratch."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+def _allocated_under(root: Path) -> tuple[int, int]:
+    """Bytes allocated by files under ``root`` that live only there (a hard link to a file elsewhere, the
+    confined tools' link to the volume in their private directory, uses no scratch): (the steps' files,
+    the records of :data:`RECORD_FILES`)."""
+    files = bookkeeping = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
             with contextlib.suppress(FileNotFoundError):  # removed while we walk
                 st = os.lstat(os.path.join(dirpath, name))
                 if st.st_nlink == 1:
-                    total += st.st_blocks * 512
-    return total
+                    if name in RECORD_FILES:
+                        bookkeeping += st.st_blocks * 512
+                    else:
+                        files += st.st_blocks * 512
+    return files, bookkeeping
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -407,6 +431,13 @@ class Measurement:
         return max((r.detail.get("peak_scratch", 0) for r in self.runs if r.stage == "e2e"), default=0)
 
     @property
+    def peak_bookkeeping(self) -> int:
+        """The most bytes the records of :data:`RECORD_FILES` held (not in :attr:`peak_scratch`)."""
+        return max(
+            (r.detail.get("peak_scratch_bookkeeping", 0) for r in self.runs if r.stage == "e2e"), default=0
+        )
+
+    @property
     def peak_rss(self) -> int:
         return max((r.detail.get("peak_rss", 0) for r in self.runs if r.stage == "e2e"), default=0)
 
@@ -440,6 +471,25 @@ class Measurement:
     @property
     def ratio_sum(self) -> float:
         return self.median("e2e") / (self.median("download") + self.median("convert"))
+
+    def stage_cpu(self, stage: str) -> float:
+        """The median CPU-seconds of ``stage`` alone: this process's and its children's, and moto's."""
+        return statistics.median(r.own_cpu + r.moto_cpu for r in self.runs if r.stage == stage)
+
+    @property
+    def stages_cpu(self) -> float:
+        """CPU-seconds of all the stages an import must do (:data:`REFERENCE_STAGES`), moto's included."""
+        return sum(self.stage_cpu(s) for s in REFERENCE_STAGES)
+
+    @property
+    def machine_limit(self) -> float:
+        """The fastest e2e this machine allows: no faster than its slowest stage, and no faster than
+        the stages' CPU-seconds spread over every CPU (stages cannot overlap beyond the CPUs)."""
+        return max(self.slowest_stage[1], self.stages_cpu / CPUS)
+
+    @property
+    def ratio_machine(self) -> float:
+        return self.median("e2e") / self.machine_limit
 
 
 class Bench:
@@ -581,6 +631,7 @@ class Bench:
             "steps": steps,
             "volume": str(volume),
             "peak_scratch": scratch.peak,
+            "peak_scratch_bookkeeping": scratch.peak_bookkeeping,
             "peak_rss": memory.task_peak,
             "children_peak": memory.children_peak,
             "streamed": streamed,
@@ -781,7 +832,9 @@ def run_variants(
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in run.detail["steps"].items())
                 extra = (
                     f"\n      task started→completed {run.detail['task_seconds']:.2f} s; steps (s): {steps}"
-                    f"; peak scratch {run.detail['peak_scratch']} bytes; streamed {run.detail['streamed']}"
+                    f"; peak scratch {run.detail['peak_scratch']} bytes (records "
+                    f"{run.detail['peak_scratch_bookkeeping']} bytes, not counted)"
+                    f"; streamed {run.detail['streamed']}"
                     f"; task process peak RSS {run.detail['peak_rss'] / MiB:.0f} MiB"
                     + "".join(
                         f", child {name} {peak / MiB:.0f} MiB"
@@ -821,7 +874,7 @@ def print_summary(
             "uploaded file"
         )
     header = f"{'format':<6} {'file':>9} " + " ".join(f"{s:>16}" for s in STAGES)
-    ratios = f" {'e2e/slowest':>12} {'w/o digest':>10} {'e2e/sum':>8}"
+    ratios = f" {'e2e/slowest':>12} {'w/o digest':>10} {'e2e/sum':>8} {'e2e/limit':>9}"
     log(header + ratios + f" {'peak scratch':>13}  goal <= {GOAL}")
     for m in results:
         cells = []
@@ -833,6 +886,7 @@ def print_summary(
             f"{m.format:<6} {m.file_bytes / MiB:7.0f}Mi "
             + " ".join(f"{c:>16}" for c in cells)
             + f" {m.ratio_slowest:12.2f} {m.ratio_slowest_no_digest:10.2f} {m.ratio_sum:8.2f}"
+            + f" {m.ratio_machine:9.2f}"
             + f" {m.peak_scratch:13d}"
             + f"  {verdict} (slowest: {m.slowest_stage[0]})"
         )
@@ -842,6 +896,15 @@ def print_summary(
             f"{m.format}: {m.parts} parts; e2e moves {m.virtual_bytes / e2e / 1e6:.0f} MB/s of virtual disk; "
             f"slowest stage alone: {m.slowest_stage[0]} {m.slowest_stage[1]:.2f} s, "
             f"stages in sequence {m.median('download') + m.median('convert'):.2f} s, e2e {e2e:.2f} s"
+        )
+    for m in results:
+        cpu = ", ".join(f"{s} {m.stage_cpu(s):.2f}" for s in REFERENCE_STAGES)
+        log(
+            f"{m.format}: machine limit {m.machine_limit:.2f} s = max(slowest stage "
+            f"{m.slowest_stage[1]:.2f} s, stages' CPU-s {m.stages_cpu:.2f} ({cpu}; moto's included) / "
+            f"{CPUS} CPUs = {m.stages_cpu / CPUS:.2f} s); e2e {m.median('e2e'):.2f} s uses "
+            f"{m.stage_cpu('e2e'):.2f} CPU-s; "
+            f"e2e / machine limit {m.ratio_machine:.2f}"
         )
     for m in results:
         verdict = "PASS" if m.peak_rss <= RSS_GOAL else "MISS"
@@ -979,8 +1042,13 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_slowest": m.ratio_slowest,
                 "ratio_slowest_no_digest": m.ratio_slowest_no_digest,
                 "ratio_sum": m.ratio_sum,
+                "ratio_machine_limit": m.ratio_machine,
+                "machine_limit_seconds": m.machine_limit,
+                "stages_cpu_seconds": m.stages_cpu,
+                "cpus": CPUS,
                 "goal": GOAL,
                 "peak_scratch_bytes": m.peak_scratch,
+                "peak_scratch_bookkeeping_bytes": m.peak_bookkeeping,
                 "peak_rss_bytes": m.peak_rss,
                 "child_peak_rss_bytes": m.child_peaks,
             }

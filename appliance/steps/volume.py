@@ -23,14 +23,16 @@ from ..sources.http import HttpClient
 from ..sources.methods import check_enabled, is_upload_url, method_of_manifest
 from ..sources.uploadwait import wait_for_manifest
 from ..sources.urlfilter import UrlPolicy
-from ..targets import get_volume_target
+from ..targets import earlyflush, get_volume_target
 from ..targets.ec2 import Ec2VolumeTarget
 from ..workflow.step import Step, StepContext
 from .bundles import bundle_download
 from .uploads import wait_for_upload
 
 GiB = 1 << 30
-_VOLUME_RECORD = "volume.json"
+#: the record of the volume in the task's scratch directory (a few hundred bytes, never reserved: task
+#: state, not scratch data)
+VOLUME_RECORD = "volume.json"
 
 
 class InsufficientVolumeSize(ImagingError):
@@ -137,7 +139,7 @@ class VolumeCreateStep(Step):
         volume_id: str | None = None,
     ) -> dict[str, Any]:
         target = get_volume_target(ctx.config)
-        record = ctx.workdir / _VOLUME_RECORD
+        record = ctx.workdir / VOLUME_RECORD
         if record.exists():  # the step ran before a crash: take the volume it created again
             volume = target.reopen(json.loads(record.read_text()))
         elif volume_id and isinstance(target, Ec2VolumeTarget):
@@ -157,6 +159,9 @@ class VolumeCreateStep(Step):
         return {"id": volume.id, **volume.info}
 
     def undo(self, ctx: StepContext, args: dict[str, Any], result: dict[str, Any]) -> None:
+        if result and result.get("path"):
+            # the flush volume.import started, ended before the volume is released or deleted
+            earlyflush.discard(result["path"])
         if result and result.get("adopted"):  # the cloud's volume: handed back, never deleted
             target = get_volume_target(ctx.config)
             if isinstance(target, Ec2VolumeTarget):
@@ -193,4 +198,7 @@ class VolumeFinalizeStep(Step):
         ctx.progress({"phase": "finalizing"})
         target = get_volume_target(ctx.config)
         ctx.fence()  # a run that lost the task to another worker hands over nothing
-        return target.finalize(target.reopen(volume))
+        reopened = target.reopen(volume)
+        # the flush volume.import started when the disk was written: its error fails the hand-over
+        earlyflush.finish(reopened.path, f"volume {reopened.id} ({reopened.path})")
+        return target.finalize(reopened)

@@ -33,7 +33,7 @@ from ..image.vhdinline import InlineVhdFixedDecode
 from ..progress import StageMeter
 from ..sources.digest import StreamDigest
 from ..sources.manifest import ImportManifest, Part
-from ..targets import get_volume_target
+from ..targets import earlyflush, get_volume_target
 from ..targets.base import Volume, storage_error
 from ..targets.chunkdigest import ChunkedDigest, range_digest
 from ..targets.offsetdigest import HashedSink, OffsetChunkedSha256
@@ -167,6 +167,10 @@ class VolumeImportStep(Step):
             out.zero(m.size, vol.size - m.size)  # no stale data past the image
             written.zero(m.size, vol.size - m.size)
             volume_digest = written.result(vol.size)
+            # the flush runs while the guest is validated (on what the page cache holds, which is what the
+            # volume will hold), hooks run and provenance is recorded; volume.finalize awaits it and
+            # fails the task with its error
+            earlyflush.start(out.fd, vol.path)
         return {
             "bytes_written": m.size,
             "format": "RAW",

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.allowance import Allowance
 from appliance.errors import InsufficientScratch, UsageError
-from appliance.scratch import ScratchSpace
+from appliance.scratch import ACCOUNTING_FILES, ScratchSpace
 from tests.mounts import tmpfs
 
 MiB = 1024 * 1024
@@ -248,3 +248,17 @@ def test_the_peak_is_the_most_reserved_at_once_by_all_tasks_and_outlives_their_d
     assert space.peak() == 0
     space.for_task("task-c").reserve(7, "x")
     assert space.peak() == 7
+
+
+def test_every_file_the_accounting_writes_is_named_as_its_own_and_holds_no_reserved_bytes(
+    tmp_path: Path,
+) -> None:
+    # bench/import_e2e.py counts these files apart from the scratch data, by these names
+    space = ScratchSpace(tmp_path / "scratch", quota=1 << 30)
+    task = space.for_task("task-a")
+    reservation = task.reserve(100, "download")
+    space.reset_peak()
+    task.release(reservation)
+    found = {p.name for p in space.root.rglob("*") if p.is_file()}
+    assert found == set(ACCOUNTING_FILES)
+    assert space.reserved() == 0
