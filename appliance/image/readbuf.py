@@ -38,6 +38,17 @@ def is_pooled(data: object) -> bool:
     return isinstance(data, PooledBuffer)
 
 
+def _idle_count() -> int:
+    """The reference count a buffer held only by a list shows through ``sys.getrefcount(items[i])`` (2 on
+    CPython 3.11: the list's and the call's argument), measured the way :meth:`ReadPool._free` asks, so a
+    version that counts the argument differently still finds its buffers free."""
+    items = [PooledBuffer(0)]
+    return sys.getrefcount(items[0])
+
+
+_IDLE = _idle_count()
+
+
 class ReadPool:
     """At most ``count`` reusable buffers of ``size`` bytes (see the module docstring). :meth:`read` reads
     ``n`` bytes at ``pos``: into a free pooled buffer when ``n`` is the pool's size, else (a short piece, or
@@ -51,9 +62,9 @@ class ReadPool:
 
     def _free(self) -> PooledBuffer | None:
         for i in range(len(self._buffers)):
-            # 2: the pool's list and getrefcount's own argument. Anything more is a consumer (a queued
-            # memoryview, a hashing thread's local) that has not finished with it
-            if sys.getrefcount(self._buffers[i]) == 2:
+            # only the pool's list (and the call's argument) refers to it: anything more is a consumer (a
+            # queued memoryview, a hashing thread's local) that has not finished with it
+            if sys.getrefcount(self._buffers[i]) == _IDLE:
                 return self._buffers[i]
         if len(self._buffers) < self.count:
             self._buffers.append(PooledBuffer(self.size))
