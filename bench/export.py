@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     spreads: dict[str, float] = {}
     meds: dict[str, dict[str, float]] = {}
     cpus: dict[str, dict[str, float]] = {}
+    faults: dict[str, dict[str, float]] = {}
     loads: list[float] = []
     load_texts = [_loadavg()]
     try:
@@ -243,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
             names = ["export", "qemu-img", "toolkit", "qemu-img#2"]
             times: dict[str, list[float]] = {k: [] for k in names}
             cpu: dict[str, list[float]] = {k: [] for k in names}
+            minflt: dict[str, list[float]] = {k: [] for k in names}
             for run in range(runs):
                 for name in names[run % len(names) :] + names[: run % len(names)]:
                     wait_for_idle(stat_file, timeout=idle)
                     got = child(name)
                     times[name].append(got["wall"])
                     cpu[name].append(got["cpu"])
+                    minflt[name].append(got["minflt"])
                     loads.append(os.getloadavg()[0])
                     log(
                         f"{fmt} run {run + 1} {name}: {got['wall']:.2f} s ({got['cpu']:.2f} CPU-s: "
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             meds[fmt] = {k: statistics.median(v) for k, v in times.items()}
             cpus[fmt] = {k: statistics.median(v) for k, v in cpu.items()}
+            faults[fmt] = {k: statistics.median(v) for k, v in minflt.items()}
             # the goal's reference: the median of every bare run of the format (both are the same command)
             meds[fmt]["bare"] = statistics.median(times["qemu-img"] + times["qemu-img#2"])
             ratios[fmt] = meds[fmt]["export"] / meds[fmt]["bare"]
@@ -307,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ratios[fmt]:.2f}  (goal <= {goal}: {verdict}); writer alone {meds[fmt]['toolkit']:.2f} s "
             f"= {meds[fmt]['toolkit'] / meds[fmt]['bare']:.2f}; qemu-img#2 / qemu-img = "
             f"{spreads[fmt]:.2f}; CPU-s export {cpus[fmt]['export']:.2f}, writer {cpus[fmt]['toolkit']:.2f}, "
-            f"qemu-img {cpus[fmt]['qemu-img']:.2f}"
+            f"qemu-img {cpus[fmt]['qemu-img']:.2f}; minor faults export {faults[fmt]['export']:.0f}, "
+            f"writer {faults[fmt]['toolkit']:.0f}, qemu-img {faults[fmt]['qemu-img']:.0f}"
         )
     if exported is not None and round_trip is not None:
         print(f"OVA round trip: export {exported:.2f} s, with unpack + verify + compare {round_trip:.2f} s")

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from ..errors import Cancelled, UsageError
 from .decoding import SECTOR, zeros
+from .readbuf import ReadPool, drop_behind
 from .vmdkwriter import ByteSink, data_ranges
 
 #: bytes of data per dynamic block (the specification's default, qemu-img's and Hyper-V's)
@@ -52,6 +53,9 @@ _FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
 _DYNAMIC = struct.Struct(">8sQQIIII16sII512s192s256s")
 #: blocks announced to the kernel ahead of the one being read (:func:`_announce`): 16 MiB in flight
 READ_AHEAD = 8
+#: reused block buffers, at most (:class:`appliance.image.readbuf.ReadPool`): what the output's and the
+#: source's chunked digests may hold queued (32 MiB per hashing thread each, two CPUs here), plus the one read
+POOL = 48
 _EPOCH_2000 = 946684800
 _NO_BLOCK = 0xFFFFFFFF
 DYNAMIC, FIXED = 3, 2
@@ -182,7 +186,7 @@ def write_dynamic_vhd(
     *,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
-    on_read: Callable[[int, bytes], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray], object] | None = None,
 ) -> VhdWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` to ``sink`` as a dynamic VHD (module
     docstring). ``on_progress(done)`` gets the disk bytes covered so far, ``on_read(offset, data)``
@@ -200,7 +204,7 @@ def write_dynamic_vhd(
     tail = footer(size, DYNAMIC)
     written = 0
 
-    def out(data: bytes) -> None:
+    def out(data: bytes | bytearray) -> None:
         nonlocal written
         sink.write(data)
         written += len(data)
@@ -210,6 +214,7 @@ def write_dynamic_vhd(
     bat = struct.pack(f">{total}I", *table)
     out(bat + bytes(table_bytes - len(bat)))
     bitmap = b"\xff" * (BITMAP_SECTORS * SECTOR)
+    pool = ReadPool(BLOCK, POOL)
     for b in blocks[:READ_AHEAD]:
         _announce(fd, b, size)
     for i, b in enumerate(blocks):
@@ -219,7 +224,7 @@ def write_dynamic_vhd(
             _announce(fd, blocks[i + READ_AHEAD], size)
         pos = b * BLOCK
         n = min(BLOCK, size - pos)
-        data = os.pread(fd, n, pos)
+        data = pool.read(fd, n, pos)
         if len(data) != n:
             raise UsageError(f"the source disk ended at byte {pos + len(data)}, not {size}")
         if on_read is not None:
@@ -231,6 +236,9 @@ def write_dynamic_vhd(
         out(data)
         if n < BLOCK:  # the disk's last, partial block: padded to a whole block
             out(zeros(BLOCK - n))
+        # read once: cached, the source would grow the page cache by its size (fresh pages, dear here)
+        drop_behind(fd, pos, n)
+        del data  # the pool's buffer is free for the next read once the sink's consumers are done
         if on_progress is not None:
             on_progress(pos + n)
     out(tail)

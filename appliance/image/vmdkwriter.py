@@ -84,7 +84,7 @@ _U32_MAX = 0xFFFFFFFF
 class ByteSink(Protocol):
     """Where the stream goes: written strictly forward (a file, a pipe, an upload)."""
 
-    def write(self, data: bytes, /) -> int | None: ...
+    def write(self, data: bytes | bytearray, /) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def write_stream_vmdk(
     level: int = DEFAULT_LEVEL,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
-    on_read: Callable[[int, bytes], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray], object] | None = None,
 ) -> VmdkWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` (read with ``pread``; a file or block device)
     to ``sink`` as a streamOptimized VMDK. ``on_progress(done)`` gets the disk bytes read so far

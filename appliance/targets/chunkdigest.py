@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import Cancelled, UsageError
 from ..image.decoding import zeros
+from ..image.readbuf import is_pooled
 
 #: the algorithm name recorded with the digest
 ALGORITHM = "sha256-chunked"
@@ -53,7 +54,7 @@ QUEUE_BYTES = 32 << 20
 _ZERO_STEP = 4 << 20
 
 
-def is_zero(data: bytes) -> bool:
+def is_zero(data: bytes | bytearray) -> bool:
     """Whether ``data`` is all zero bytes (compared in place against a cached zero buffer: no copy, no
     allocation of its size)."""
     z = zeros(min(len(data), _ZERO_STEP))
@@ -228,9 +229,10 @@ class ChunkedSha256:
             raise ValueError("update of a finished digest")
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` (copied unless it is ``bytes``: the caller may reuse its buffer)."""
+        """Append ``data`` (copied unless it is ``bytes`` or a pooled read buffer, which is not refilled
+        while this holds it: any other buffer the caller may reuse)."""
         self._check_open()
-        buf = data if isinstance(data, bytes) else bytes(data)
+        buf = data if isinstance(data, bytes) or is_pooled(data) else bytes(data)
         view = memoryview(buf)
         while view:
             n = min(len(view), self.chunk_size - self._filled)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from .. import partials
 from ..errors import UsageError
 from ..image.decoding import zeros
+from ..image.readbuf import drop_behind
 from ..image.vmdkwriter import ByteSink
 from .base import storage_error
 from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256
@@ -43,19 +44,32 @@ class Destination(Protocol):
     ) -> dict[str, Any]: ...
 
 
+#: bytes written between two requests to write the output back and drop its clean pages (``dropping``)
+DROP_STEP = 32 << 20
+
+
 class FileSink:
     """A new file written forward; all-zero writes and :meth:`write_zeros` become holes. Digests what it
     gets: the chunked digest when ``chunked`` (zeros are not hashed where a whole chunk is zeros), the
-    whole-object sha256 when ``full``."""
+    whole-object sha256 when ``full``. ``dropping``: every :data:`DROP_STEP` bytes written, the file's
+    writeback is started and its clean pages dropped (a final output nobody reads back here: left cached,
+    GiBs of it would cost fresh page-cache pages, dear on this kind of machine)."""
 
     def __init__(
-        self, fd: int, *, chunk_size: int = DEFAULT_CHUNK, full: bool = True, chunked: bool = True
+        self,
+        fd: int,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        full: bool = True,
+        chunked: bool = True,
+        dropping: bool = False,
     ) -> None:
         self.fd, self.offset = fd, 0
+        self.dropping, self._undropped = dropping, 0
         self.chunks = ChunkedSha256(chunk_size, name="export-chunks") if chunked else None
         self.sha: ThreadedSha256 | None = ThreadedSha256("export-sha256") if full else None
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         n = len(data)
         if data == zeros(n):
             self.write_zeros(n)
@@ -69,7 +83,15 @@ class FileSink:
         while view:
             w = os.pwrite(self.fd, view, at)
             view, at = view[w:], at + w
+        del view  # (a pooled read buffer is free again once no view of it is left)
         self.offset += n
+        if self.dropping:
+            self._undropped += n
+            if self._undropped >= DROP_STEP:
+                # the whole file: what was dirty at the last call is clean by now and is dropped, what
+                # is dirty now starts its writeback
+                drop_behind(self.fd)
+                self._undropped = 0
         return n
 
     def write_zeros(self, n: int) -> None:
@@ -115,12 +137,13 @@ class FileDestination:
     ) -> dict[str, Any]:
         with self.partial() as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            sink = FileSink(fd, chunk_size=self.chunk_size, full=full_sha256)
+            sink = FileSink(fd, chunk_size=self.chunk_size, full=full_sha256, dropping=True)
             try:
                 try:
                     produce(sink)
                     os.ftruncate(fd, sink.offset)
                     os.fdatasync(fd)
+                    drop_behind(fd)  # all clean now: nothing of the output is left cached
                 except OSError as exc:
                     raise storage_error(exc, str(self.path)) from exc
                 sha256, digest = sink.digests()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import Cancelled, UsageError
+from ..image.readbuf import ReadPool, drop_behind
 from ..image.vmdkwriter import ByteSink
 from ..progress import ProgressTracker
 from .base import TargetError
@@ -21,6 +22,10 @@ from .rawio import segments
 #: bytes of the source read at a time
 CHUNK = 4 << 20
 _ZERO = bytes(CHUNK)
+#: reused read buffers per export, at most: what the chunked digest's threads may hold queued
+#: (``chunkdigest.QUEUE_BYTES`` each, two CPUs here) and are hashing, plus the one being read; beyond it a
+#: read gets a fresh buffer (:class:`appliance.image.readbuf.ReadPool`)
+POOL = 24
 
 
 def _source_size(fd: int) -> int:
@@ -49,7 +54,7 @@ def raw_producer(
     size: int,
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray], object] | None = None,
 ) -> Callable[[ByteSink], None]:
     def produce(sink: ByteSink) -> None:
         holes: Callable[[int], None] | None = getattr(sink, "write_zeros", None)
@@ -57,6 +62,7 @@ def raw_producer(
             _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read)
             return
         pos = 0
+        pool = ReadPool(CHUNK, POOL)
         while pos < size:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("export cancelled")
@@ -65,7 +71,7 @@ def raw_producer(
                 is_hole = os.lseek(fd, pos, os.SEEK_DATA) >= pos + n
             except OSError as exc:  # ENXIO: only a hole after pos; else no SEEK_DATA here
                 is_hole = exc.errno == errno.ENXIO
-            chunk = _ZERO[:n] if is_hole else os.pread(fd, n, pos)
+            chunk = _ZERO[:n] if is_hole else pool.read(fd, n, pos)
             if len(chunk) != n:
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
@@ -73,6 +79,8 @@ def raw_producer(
             if on_read is not None and not is_hole:
                 on_read(pos, chunk)
             sink.write(chunk)
+            if not is_hole:
+                drop_behind(fd, pos, n)
             pos += n
             tracker.update(pos)
 
@@ -86,12 +94,15 @@ def _raw_sparse(
     holes: Callable[[int], None],
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray], object] | None = None,
 ) -> None:
     """The disk's data ranges written, its holes given to ``holes`` by length. The reads ahead are
     announced (:func:`_announce`): the kernel's read-ahead starts again at every data range after a hole,
-    so without it the disk waits while this thread hashes and writes."""
+    so without it the disk waits while this thread hashes and writes. What was read is dropped from the
+    page cache behind the reads (:func:`appliance.image.readbuf.drop_behind`): the export reads each
+    byte once, and GiBs of cached source would cost fresh page-cache pages."""
     pos = 0
+    pool = ReadPool(CHUNK, POOL)
     ranges = list(segments(fd, size))
     ahead = _announce(fd, [(start, end) for start, end, is_data in ranges if is_data])
     for start, end, is_data in ranges:
@@ -105,7 +116,7 @@ def _raw_sparse(
                 raise Cancelled("export cancelled")
             n = min(CHUNK, end - pos)
             next(ahead, None)
-            chunk = os.pread(fd, n, pos)
+            chunk = pool.read(fd, n, pos)
             if len(chunk) != n:
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
@@ -113,6 +124,7 @@ def _raw_sparse(
             if on_read is not None:
                 on_read(pos, chunk)
             sink.write(chunk)
+            drop_behind(fd, pos, n)
             pos += n
             tracker.update(pos)
 

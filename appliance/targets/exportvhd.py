@@ -46,7 +46,7 @@ def vhd_producer(
     subformat: str,
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray], object] | None = None,
 ) -> Callable[[ByteSink], None]:
     if subformat == "fixed":  # the disk's bytes (holes stay holes in a file), then the footer
         raw = raw_producer(fd, size, tracker, cancel, on_read)

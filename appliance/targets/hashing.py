@@ -9,12 +9,15 @@ import hashlib
 import queue
 import threading
 
+from ..image.readbuf import is_pooled
+
 #: private chunks waiting for the hashing thread, at most (the writer waits beyond that); shared chunks
 #: (:meth:`ThreadedSha256.update` with ``shared=True``: an immutable buffer that lives anyway, such as
 #: the cached zero chunk a sparse disk's holes read as) cost no memory and do not count, so the writer
 #: runs ahead through holes while the thread hashes them
 QUEUE_CHUNKS = 4
 _ZERO = bytes(4 << 20)
+_Piece = bytes | bytearray | memoryview
 
 
 class ThreadedSha256:
@@ -24,7 +27,7 @@ class ThreadedSha256:
 
     def __init__(self, name: str = "sha256") -> None:
         self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue[tuple[bytes, bool] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[_Piece, bool] | None] = queue.SimpleQueue()
         self._room = threading.Semaphore(QUEUE_CHUNKS)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -46,7 +49,8 @@ class ThreadedSha256:
             self._queue.put((data, False))
             return
         self._room.acquire()
-        self._queue.put((data if isinstance(data, bytes) else bytes(data), True))
+        # a pooled read buffer is not refilled while the queue holds it; any other buffer may be reused
+        self._queue.put((data if isinstance(data, bytes) or is_pooled(data) else bytes(data), True))
 
     def hexdigest(self) -> str:
         if self._digest is None:
@@ -76,7 +80,7 @@ class OffsetSha256:
             self._sha.update(_ZERO if m == len(_ZERO) else _ZERO[:m], shared=m == len(_ZERO))
             n -= m
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         if self.gap is not None:
             return
         if offset < self.position:

@@ -12,6 +12,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
+from ..image.readbuf import PooledBuffer
 from .chunkdigest import DEFAULT_CHUNK, ChunkedDigest, ChunkedSha256, combine, is_zero
 
 
@@ -81,7 +82,7 @@ class OffsetChunkedSha256:
             self._starts, self._ends = starts, ends
             gap *= 2
 
-    def _advance(self, offset: int, data: bytes, zero: bool | None) -> None:
+    def _advance(self, offset: int, data: bytes | bytearray, zero: bool | None) -> None:
         if offset > self.position:
             self._stream.zeros(offset - self.position)
         n = len(data)
@@ -112,7 +113,8 @@ class OffsetChunkedSha256:
             if end <= self.position:
                 return
             data, offset = bytes(data[behind - offset :]), behind
-        self._advance(offset, data if isinstance(data, bytes) else bytes(data), zero)
+        # a pooled read buffer is not refilled while the digest's threads hold it: no copy
+        self._advance(offset, data if isinstance(data, (bytes, PooledBuffer)) else bytes(data), zero)
 
     def zero(self, offset: int, length: int) -> None:
         """``[offset, offset + length)`` was made to read as zeros (or left as zeros)."""
