@@ -134,8 +134,15 @@ class WriteBehind:
         self._advise()
 
     def _advise(self) -> None:
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        drop_range(self.fd)
+
+
+def drop_range(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to drop ``fd``'s cached pages of ``[offset, offset + length)`` (``length`` 0: to
+    the end). Dirty pages are not dropped but their writeback starts, so a later call drops them.
+    Advice only: errors are ignored."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def drop(path: Path) -> None:

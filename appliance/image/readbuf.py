@@ -1,4 +1,4 @@
-"""Reused read buffers and drop-behind for the export producers.
+"""Reused read buffers for the export producers.
 
 :class:`ReadPool`: a bounded pool of fixed-size buffers the RAW and VHD producers read the source into
 (``preadv``) instead of allocating a fresh ``bytes`` for every read. A fresh multi-MiB buffer is faulted in
@@ -14,14 +14,12 @@ copying it ask :func:`is_pooled`; everything else they get (a caller's own ``byt
 before. When every pooled buffer is still held, the read falls back to a fresh ``bytes``: never a wait,
 never a buffer refilled under a reader.
 
-:func:`drop_behind`: the written output's or the read source's pages dropped from the page cache once
-they are clean, so an export of GiBs does not grow the page cache by GiBs (fresh page-cache pages cost
-the same first-touch faults as fresh buffers).
+The producers also drop what they read from the page cache (:func:`appliance.pagecache.drop_range`):
+fresh page-cache pages cost the same first-touch faults as fresh buffers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -82,10 +80,3 @@ class ReadPool:
             return bytes(memoryview(buf)[:got])
         self.reused += 1
         return buf
-
-
-def drop_behind(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Ask the kernel to drop ``fd``'s cached pages of ``[offset, offset + length)`` (``length`` 0: to
-    the end). Dirty pages are not dropped but their writeback starts, so a later call drops them."""
-    with contextlib.suppress(OSError):  # only advice
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -38,9 +38,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import pagecache
 from ..errors import Cancelled, UsageError
 from .decoding import SECTOR, zeros
-from .readbuf import ReadPool, drop_behind
+from .readbuf import ReadPool
 from .vmdkwriter import ByteSink, data_ranges
 
 #: bytes of data per dynamic block (the specification's default, qemu-img's and Hyper-V's)
@@ -237,7 +238,7 @@ def write_dynamic_vhd(
         if n < BLOCK:  # the disk's last, partial block: padded to a whole block
             out(zeros(BLOCK - n))
         # read once: cached, the source would grow the page cache by its size (fresh pages, dear here)
-        drop_behind(fd, pos, n)
+        pagecache.drop_range(fd, pos, n)
         del data  # the pool's buffer is free for the next read once the sink's consumers are done
         if on_progress is not None:
             on_progress(pos + n)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import partials
+from .. import pagecache, partials
 from ..errors import UsageError
 from ..image.decoding import zeros
-from ..image.readbuf import drop_behind
 from ..image.vmdkwriter import ByteSink
 from .base import storage_error
 from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256
@@ -44,15 +43,11 @@ class Destination(Protocol):
     ) -> dict[str, Any]: ...
 
 
-#: bytes written between two requests to write the output back and drop its clean pages (``dropping``)
-DROP_STEP = 32 << 20
-
-
 class FileSink:
     """A new file written forward; all-zero writes and :meth:`write_zeros` become holes. Digests what it
     gets: the chunked digest when ``chunked`` (zeros are not hashed where a whole chunk is zeros), the
-    whole-object sha256 when ``full``. ``dropping``: every :data:`DROP_STEP` bytes written, the file's
-    writeback is started and its clean pages dropped (a final output nobody reads back here: left cached,
+    whole-object sha256 when ``full``. ``dropping``: the file leaves the page cache behind the writer
+    (:class:`appliance.pagecache.WriteBehind`) (a final output nobody reads back here: left cached,
     GiBs of it would cost fresh page-cache pages, dear on this kind of machine)."""
 
     def __init__(
@@ -65,7 +60,7 @@ class FileSink:
         dropping: bool = False,
     ) -> None:
         self.fd, self.offset = fd, 0
-        self.dropping, self._undropped = dropping, 0
+        self.behind = pagecache.WriteBehind(fd) if dropping else None
         self.chunks = ChunkedSha256(chunk_size, name="export-chunks") if chunked else None
         self.sha: ThreadedSha256 | None = ThreadedSha256("export-sha256") if full else None
 
@@ -85,13 +80,8 @@ class FileSink:
             view, at = view[w:], at + w
         del view  # (a pooled read buffer is free again once no view of it is left)
         self.offset += n
-        if self.dropping:
-            self._undropped += n
-            if self._undropped >= DROP_STEP:
-                # the whole file: what was dirty at the last call is clean by now and is dropped, what
-                # is dirty now starts its writeback
-                drop_behind(self.fd)
-                self._undropped = 0
+        if self.behind is not None:
+            self.behind.wrote(n)
         return n
 
     def write_zeros(self, n: int) -> None:
@@ -143,7 +133,7 @@ class FileDestination:
                     produce(sink)
                     os.ftruncate(fd, sink.offset)
                     os.fdatasync(fd)
-                    drop_behind(fd)  # all clean now: nothing of the output is left cached
+                    pagecache.drop_range(fd)  # all clean now: nothing of the output is left cached
                 except OSError as exc:
                     raise storage_error(exc, str(self.path)) from exc
                 sha256, digest = sink.digests()

@@ -12,8 +12,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .. import pagecache
 from ..errors import Cancelled, UsageError
-from ..image.readbuf import ReadPool, drop_behind
+from ..image.readbuf import ReadPool
 from ..image.vmdkwriter import ByteSink
 from ..progress import ProgressTracker
 from .base import TargetError
@@ -80,7 +81,7 @@ def raw_producer(
                 on_read(pos, chunk)
             sink.write(chunk)
             if not is_hole:
-                drop_behind(fd, pos, n)
+                pagecache.drop_range(fd, pos, n)
             pos += n
             tracker.update(pos)
 
@@ -99,7 +100,7 @@ def _raw_sparse(
     """The disk's data ranges written, its holes given to ``holes`` by length. The reads ahead are
     announced (:func:`_announce`): the kernel's read-ahead starts again at every data range after a hole,
     so without it the disk waits while this thread hashes and writes. What was read is dropped from the
-    page cache behind the reads (:func:`appliance.image.readbuf.drop_behind`): the export reads each
+    page cache behind the reads (:func:`appliance.pagecache.drop_range`): the export reads each
     byte once, and GiBs of cached source would cost fresh page-cache pages."""
     pos = 0
     pool = ReadPool(CHUNK, POOL)
@@ -124,7 +125,7 @@ def _raw_sparse(
             if on_read is not None:
                 on_read(pos, chunk)
             sink.write(chunk)
-            drop_behind(fd, pos, n)
+            pagecache.drop_range(fd, pos, n)
             pos += n
             tracker.update(pos)
 
