@@ -16,20 +16,10 @@ from appliance import config as config_mod
 from appliance.targets.diskexport import export_disk
 from appliance.targets.exportdest import FileDestination
 from tests import imagefactory as factory
+from tests.pagecachetools import MiB, cached
 
-MiB = 1 << 20
 #: what may stay cached of the 56 MiB read and written (the code before the drop-behind left all of both)
 SLACK = 2 * MiB
-
-
-def cached(path: Path) -> int:
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip())
 
 
 def uncached_disk(path: Path) -> Path:
