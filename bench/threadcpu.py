@@ -7,7 +7,11 @@ time each thread used does not (much). :class:`ThreadCpu` reads ``/proc/self/tas
 interval of their CPU can be missed), names each thread by :func:`threading.enumerate` (``native_id``
 → ``name``) and sums the threads whose name starts alike (``manifest-parts-0``, ``manifest-parts-1``
 → ``manifest-parts``). The children's CPU (the confined decoder, qemu-img) is ``children``, from
-:func:`os.times`. Linux only (elsewhere the groups are empty).
+:func:`os.times`; each living descendant's is read at the same samples (``/proc/PID/stat``) and summed
+by its name (:func:`taskproc._name`: ``python --records`` the streamed decoder, ``python --kind`` a
+decompressor, ``python --format`` the guest probe, ``qemu-img``) into :attr:`ThreadCpu.by_child`: a
+child's last interval before it exits is missed, so these sum to a little less than ``children``.
+Linux only (elsewhere the groups are empty).
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ import re
 import threading
 from pathlib import Path
 
+from taskproc import _cmdline, _name, descendants
+
 HZ = os.sysconf("SC_CLK_TCK")
 #: a thread name's numbered suffix (a pool's ``name-3``, Python's ``Thread-7 (target)``)
 _NUMBERED = re.compile(r"[-_ ]\d+(?: \(.*\))?$")
 
 
-def _tick_seconds(tid: int) -> float | None:
+def _tick_seconds(tid: int, stat: str | None = None) -> float | None:
     try:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(") ", 1)[1].split()
+        text = Path(stat or f"/proc/self/task/{tid}/stat").read_text()
+        fields = text.rsplit(") ", 1)[1].split()
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / HZ
@@ -51,6 +58,10 @@ class ThreadCpu:
         self.interval = interval
         self.groups: dict[str, float] = {}
         self.children = 0.0
+        #: CPU-s of the descendants that were seen, by name (module docstring)
+        self.by_child: dict[str, float] = {}
+        self._kids: dict[int, tuple[str, float]] = {}
+        self._before: set[int] = set()
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._names: dict[int, str] = {}
@@ -70,6 +81,14 @@ class ThreadCpu:
             seconds = _tick_seconds(tid)
             if seconds is not None:
                 self._last[tid] = seconds
+        own = _cmdline(os.getpid())
+        for kid in descendants(os.getpid()):
+            if kid in self._before or _cmdline(kid) == own:
+                continue  # already there, or forked and not yet exec'd
+            name = _name(kid)  # again each time: setpriv, unshare and prlimit exec the tool
+            seconds = _tick_seconds(kid, f"/proc/{kid}/stat")
+            if seconds is not None:
+                self._kids[kid] = (name, seconds)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -78,6 +97,9 @@ class ThreadCpu:
     def __enter__(self) -> ThreadCpu:
         self._sample()
         self._start = dict(self._last)
+        # the processes already running (the bench's servers) are not the block's children
+        self._before = set(self._kids)
+        self._kids.clear()
         me = os.times()
         self._children0 = me.children_user + me.children_system
         self._thread.start()
@@ -99,8 +121,13 @@ class ThreadCpu:
         self.groups = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
         me = os.times()
         self.children = me.children_user + me.children_system - self._children0
+        by_child: dict[str, float] = {}
+        for name, seconds in self._kids.values():
+            by_child[name] = by_child.get(name, 0.0) + seconds
+        self.by_child = dict(sorted(by_child.items(), key=lambda kv: -kv[1]))
 
     def summary(self) -> str:
         """``main 3.1, manifest-parts 4.2, ...; children 0.4`` (CPU-s), the largest first."""
         parts = [f"{name} {seconds:.2f}" for name, seconds in self.groups.items() if seconds >= 0.01]
-        return f"{', '.join(parts)}; children {self.children:.2f}"
+        kids = [f"{name} {seconds:.2f}" for name, seconds in self.by_child.items() if seconds >= 0.01]
+        return f"{', '.join(parts)}; children {self.children:.2f}" + (f" ({', '.join(kids)})" if kids else "")

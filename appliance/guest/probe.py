@@ -10,6 +10,11 @@ worse (a crash, a limit, a hang) is seen by the parent as a missing or broken an
 ``--piped SIZE`` instead of ``IMAGE``: the disk (``SIZE`` bytes) is read from the parent over stdin and
 stdout (:mod:`.piped`; :func:`appliance.guest.validate.validate_ranges`), and the answer goes back as the
 protocol's answer frame.
+
+``--wait`` instead of ``IMAGE``: the probe is started before its disk is written
+(:class:`appliance.guest.early.PendingProbe`): it imports its modules and dissect's filesystem modules
+(:func:`.reader.preload`), then reads the image argument as one line on stdin and goes on as with
+``IMAGE``; stdin closed without a line ends it without an answer (the parent gave up).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, BinaryIO
 
 from .analyze import analyze
 from .piped import PipedDisk, send_answer
-from .reader import ExternalReference, ReaderError, open_disk
+from .reader import ExternalReference, ReaderError, open_disk, preload
 
 
 def _read(fh: BinaryIO, fmt: str) -> dict[str, Any]:
@@ -53,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="appliance.guest.probe")
     parser.add_argument("--format", default="raw")
     parser.add_argument("--piped", type=int, default=None, metavar="SIZE")
+    parser.add_argument("--wait", action="store_true", help="read IMAGE as a line on stdin, later")
     parser.add_argument("image", nargs="?")
     args = parser.parse_args(argv)
-    if (args.piped is None) == (args.image is None):
-        parser.error("give IMAGE or --piped SIZE")
+    if [args.piped is not None, args.image is not None, args.wait].count(True) != 1:
+        parser.error("give IMAGE, --piped SIZE or --wait")
     # dissect logs parse problems of hostile images at warning level; the findings say what matters
     logging.disable(logging.CRITICAL)
     if args.piped is not None:
@@ -67,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         out = _guarded(lambda: _read(disk, args.format))  # type: ignore[arg-type]
         send_answer(proto, json.dumps(out, default=str).encode())
         return 0
+
+    if args.wait:
+        preload()
+        line = sys.stdin.buffer.readline()
+        if not line.endswith(b"\n"):
+            return 0  # stdin closed: the parent no longer wants an answer
+        args.image = os.fsdecode(line[:-1])
 
     def from_file() -> dict[str, Any]:
         with open(args.image, "rb") as fh:

@@ -45,11 +45,11 @@ ARCHITECTURES = {
 }
 # The child imports appliance from the same tree as the parent, whether installed or not; -I keeps the
 # environment and the working directory (which holds the image link) out of its import path.
-_CHILD = (
+CHILD = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from appliance.guest.probe import main; sys.exit(main())"
 )
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 @contextmanager
@@ -78,7 +78,8 @@ def _unreadable(detail: str) -> GuestReport:
     )
 
 
-def _interpret(res: Completed, policy: Policy) -> GuestReport:
+def interpret(res: Completed, policy: Policy) -> GuestReport:
+    """The report a probe run gave (its answer, or how it failed: a finding, never an exception)."""
     if res.timed_out:
         return _unreadable(f"the reader did not finish in time; {policy.describe()}")
     if res.returncode < 0:
@@ -140,12 +141,12 @@ def validate_image(
         policy = confine.guest_probe(cfg.limits, wall_seconds)
         with _image_argument(src, workdir) as (argument, private):
             res = confine.run(
-                [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", reader_format, argument],
+                [sys.executable, "-I", "-c", CHILD, PACKAGE_PARENT, "--format", reader_format, argument],
                 policy,
                 cwd=private,
                 cancel=cancel,
             )
-        report = _interpret(res, policy)
+        report = interpret(res, policy)
     if not bootable:
         report = report.with_findings([for_data_disk(f) for f in report.findings])
     return report
@@ -184,10 +185,10 @@ def validate_ranges(
     else:
         cfg = config if config is not None else config_mod.from_dict({})
         policy = confine.guest_probe(cfg.limits, wall_seconds)
-        argv = [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT, "--format", reader_format]
+        argv = [sys.executable, "-I", "-c", CHILD, PACKAGE_PARENT, "--format", reader_format]
         with confine.private_dir(workdir, prefix="guest-probe.") as private:
             res = _run_piped([*argv, "--piped", str(size)], policy, private, size, read_at, cancel)
-        report = _interpret(res, policy)
+        report = interpret(res, policy)
     if not bootable:
         report = report.with_findings([for_data_disk(f) for f in report.findings])
     return report

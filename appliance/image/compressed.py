@@ -134,10 +134,17 @@ def blocks(pieces: Iterator[bytes]) -> Iterator[bytes]:
     """Regroup pieces into exact BLOCK_SIZE blocks (the last may be shorter) so holes stay block-aligned."""
     buf = bytearray()
     for piece in pieces:
+        if not buf and len(piece) == BLOCK_SIZE:
+            # already a block (the gzip reader's read(BLOCK_SIZE) gives whole ones across members):
+            # regrouping would copy every byte of the disk three times for nothing
+            yield piece
+            continue
         buf += piece
         while len(buf) >= BLOCK_SIZE:
-            yield bytes(buf[:BLOCK_SIZE])
+            with memoryview(buf) as view:
+                block = bytes(view[:BLOCK_SIZE])
             del buf[:BLOCK_SIZE]
+            yield block
     if buf:
         yield bytes(buf)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ImageRejected, UsageError
 from ..guest import check_request, validate_image
+from ..guest.early import PendingProbe
 from ..guest.report import GuestReport
 from ..guest.validate import validate_ranges
 from ..image.decompress import detect_compression
@@ -104,9 +105,13 @@ class ValidateStep(Step):
         format: str,
         bootable: bool,
         request: dict[str, str | None],
+        probe: PendingProbe | None = None,
     ) -> GuestReport:
         """The report of ``source`` plus the findings where the ``request`` (platform, architecture,
-        virtualization_type, kernel_id) disagrees with the guest."""
+        virtualization_type, kernel_id) disagrees with the guest. ``probe``: a probe child already
+        started for ``source`` (:mod:`appliance.guest.early`), used instead of a new one."""
+        if probe is not None:
+            return _with_request(probe.validate(source, bootable=bootable, cancel=ctx.cancel), request)
         report = validate_image(
             source,
             format,
@@ -126,10 +131,13 @@ class ValidateStep(Step):
         claimed: str | None = None,
         bootable: bool = True,
         fail_on_error: bool = True,
+        probe: PendingProbe | None = None,
         **request: str | None,
     ) -> dict[str, Any]:
+        """``probe``: not from a workflow (the schema has no such argument): a step that wrote the disk
+        and started its probe early (``image.stream``)."""
         fmt = self._format(ctx, source, format, claimed)
-        return _conclude(ctx, self._validate(ctx, source, fmt, bootable, request), fail_on_error)
+        return _conclude(ctx, self._validate(ctx, source, fmt, bootable, request, probe), fail_on_error)
 
     def plan(
         self,

@@ -52,6 +52,7 @@ from ..errors import (
     StoreUnavailable,
     UsageError,
 )
+from ..guest.early import PendingProbe
 from ..image.decoders import BOUNDARY_EVERY
 from ..image.decoding import Sink
 from ..image.inspect import inspect_image, require_safe
@@ -280,6 +281,12 @@ class StreamStoreStep(Step):
         md5_checked: list[str] = []
 
         def write(path: Path) -> None:
+            # the guest probe starts with the stream (its start and imports overlap it) and waits for the
+            # written disk; leaving this function any way kills and reaps it
+            with PendingProbe("raw", config=ctx.config, workdir=ctx.workdir) as probe:
+                write_and_check(path, probe)
+
+        def write_and_check(path: Path, probe: PendingProbe) -> None:
             where = f"image file {path}"
             resume = point if point is not None and path == point.partial else None
             if resume is not None and os.stat(path).st_size < resume.output_size:
@@ -379,6 +386,7 @@ class StreamStoreStep(Step):
                 virtualization_type=request.get("virtualization_type"),
                 kernel_id=request.get("kernel_id"),
                 boot_mode=request.get("boot_mode"),
+                probe=probe,
             )
             meter.set_total(result.virtual_size)
             meter.wrote(result.virtual_size)
