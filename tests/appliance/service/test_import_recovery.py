@@ -46,19 +46,6 @@ wait_until = functools.partial(processes.wait_until, timeout=90.0, interval=0.1)
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "rec-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
 class Appliance:
     """The configuration, the store and the worker processes of one test."""
 

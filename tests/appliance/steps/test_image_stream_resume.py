@@ -42,20 +42,6 @@ TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
 @pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "sr-" + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[-40:].lower()
-    name = name.strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
 def app(tmp_path: Path, moto: MotoServer, proxy: StallingProxy) -> Iterator[Appliance]:
     made = Appliance(tmp_path, moto, proxy, **SETTINGS)
     yield made

@@ -48,12 +48,6 @@ wait_until = functools.partial(processes.wait_until, timeout=180.0, interval=0.1
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
 def _bucket(moto: MotoServer, request: pytest.FixtureRequest, prefix: str) -> str:
     name = prefix + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[-40:].lower()
     name = name.strip("-")
