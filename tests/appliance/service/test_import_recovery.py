@@ -26,7 +26,9 @@ import yaml
 
 from appliance import config as config_mod
 from appliance.image.inspect import PREFLIGHT_HEAD
-from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer, DiskImage
+from appliance.service.importviews import outcome
 from appliance.store import Store, Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes, stores

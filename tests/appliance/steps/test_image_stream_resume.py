@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from appliance.service.imports import DiskContainer, outcome
+from appliance.service.importtasks import DiskContainer
+from appliance.service.importviews import outcome
 from appliance.store import Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance import config as config_mod
-from appliance.service.imports import DiskImage, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskImage
 from appliance.store import Event, Store, TaskState
 from appliance.workflow.engine import Engine
 from tests import processes

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
-from appliance.service.imports import DiskImage, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskImage
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
