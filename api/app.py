@@ -39,7 +39,8 @@ from appliance.errors import (
     UsageError,
 )
 from appliance.redact import redact_text
-from appliance.service.imports import Caller, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller
 from appliance.store import Store, StoreError
 
 from . import admin, bundles, images, uploads

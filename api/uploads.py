@@ -25,7 +25,7 @@ import falcon
 from appliance.config import Config
 from appliance.errors import ImagingError
 from appliance.redact import redact_text
-from appliance.service.imports import Caller
+from appliance.service.importtasks import Caller
 from appliance.service.uploads import UsesUploads
 from appliance.sources.methods import UPLOAD, ImportMethodDisabled, check_enabled
 from appliance.sources.staged import UploadArea

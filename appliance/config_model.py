@@ -86,7 +86,7 @@ class Credential:
     account: str
     role: str = USER
     #: whether ``account`` was configured; a key without one also sees the tasks recorded without
-    #: an account (see :class:`appliance.service.imports.Caller`)
+    #: an account (see :class:`appliance.service.importtasks.Caller`)
     account_configured: bool = True
 
 

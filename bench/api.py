@@ -69,7 +69,7 @@ from botocore.auth import SigV4Auth  # noqa: E402
 from botocore.awsrequest import AWSRequest  # noqa: E402
 from botocore.credentials import Credentials  # noqa: E402
 
-from appliance.service.imports import IMPORT_VOLUME, new_task_id  # noqa: E402
+from appliance.service.importtasks import IMPORT_VOLUME, new_task_id  # noqa: E402
 from appliance.store import Store, TaskState  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 

@@ -34,7 +34,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(REPO))
 
 from appliance.sources.http import HttpClient  # noqa: E402
-from appliance.sources.reader import ReaderSettings, open_reader  # noqa: E402
+from appliance.sources.ranges import ReaderSettings  # noqa: E402
+from appliance.sources.reader import open_reader  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from tests.httpfixtures import NetworkRecorder, self_signed_cert  # noqa: E402
 

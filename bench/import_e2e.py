@@ -117,7 +117,9 @@ from appliance.config import parse_size  # noqa: E402
 from appliance.image.decoders import decode_file, open_decoder  # noqa: E402
 from appliance.image.decoding import DecodeLimits  # noqa: E402
 from appliance.scratch import ACCOUNTING_FILES, ScratchSpace  # noqa: E402
-from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome  # noqa: E402
+from appliance.service.imports import ImportService  # noqa: E402
+from appliance.service.importtasks import DiskContainer, DiskImage  # noqa: E402
+from appliance.service.importviews import outcome  # noqa: E402
 from appliance.sources.download import download_to_file  # noqa: E402
 from appliance.sources.manifest import ImportManifest  # noqa: E402
 from appliance.sources.parts import download_parts  # noqa: E402

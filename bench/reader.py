@@ -69,7 +69,8 @@ from appliance.config import parse_size  # noqa: E402
 from appliance.sources.http import HttpClient  # noqa: E402
 from appliance.sources.manifest import ImportManifest, Part, plan_parts  # noqa: E402
 from appliance.sources.parts import download_parts  # noqa: E402
-from appliance.sources.reader import RangeReader, ReaderSettings, open_reader  # noqa: E402
+from appliance.sources.ranges import ReaderSettings  # noqa: E402
+from appliance.sources.reader import RangeReader, open_reader  # noqa: E402
 from appliance.sources.urlfilter import UrlPolicy  # noqa: E402
 from tests.httpfixtures import TestHTTPServer  # noqa: E402
 from tests.servers import moto_server  # noqa: E402

@@ -1,5 +1,9 @@
 """Shared fixtures: real servers on loopback, and the task database of each test on both backends.
 
+Also the per-test S3 set-up most import tests share: a new ``bucket`` on that server and the stalling
+``proxy`` in front of it (:mod:`tests.stallproxy`); a ``conftest.py`` or module below that defines a
+fixture of the same name uses its own.
+
 A test (or a whole suite, through an autouse fixture in its ``conftest.py``) that uses
 ``store_backend`` runs twice: on SQLite and on PostgreSQL (a real server, one per session, a fresh
 schema per test). ``@pytest.mark.backends("sqlite")`` keeps a test to the backends it names
@@ -8,6 +12,8 @@ schema per test). ``@pytest.mark.backends("sqlite")`` keeps a test to the backen
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ from appliance.database import StoreConfig
 from tests import stores
 from tests.postgres import Cluster, postgres_cluster
 from tests.servers import MotoServer, moto_server
+from tests.stallproxy import StallingProxy
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -34,6 +41,24 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     or call ``moto.reset()``."""
     with moto_server(tmp_path_factory.mktemp("moto")) as server:
         yield server
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
+    """A new bucket of this test on the session's moto server: named after the test so that the
+    server's requests can be told apart, and unique because the server outlives every test (the
+    variants of a parametrized test share their first 40 characters)."""
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{readable}-{uuid.uuid4().hex[:8]}"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
+    """The stalling proxy in front of the moto server (counts what it serves, holds GETs on demand)."""
+    with StallingProxy(moto.endpoint) as p:
+        yield p
 
 
 @pytest.fixture(scope="session")

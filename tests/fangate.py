@@ -47,27 +47,50 @@ def comm(pid: int) -> str:
         return ""
 
 
+def _fanotify(path: Path, flags: int, mask: int, what: str) -> int:
+    """A fanotify descriptor of permission events (``mask``) marked on ``path`` with ``flags``; the test
+    is skipped where the kernel does not offer fanotify or ``what``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fanotify_mark.argtypes = [
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint64,
+        ctypes.c_int,
+        ctypes.c_char_p,
+    ]
+    fd = libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
+    if fd < 0:
+        pytest.skip(f"fanotify is not available here: {os.strerror(ctypes.get_errno())}")
+    if libc.fanotify_mark(fd, FAN_MARK_ADD | flags, mask, AT_FDCWD, os.fsencode(path)) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        pytest.skip(f"{what} are not available here: {os.strerror(err)}")
+    return fd
+
+
+def _events(fd: int) -> Iterator[tuple[int, int]]:
+    """The events that came on ``fd`` within 50 ms, as (event descriptor, pid of the opener): none when
+    nothing came, so that a gate's loop looks at its stop flag again."""
+    ready, _, _ = select.select([fd], [], [], 0.05)
+    if not ready:
+        return
+    try:
+        buf = os.read(fd, 64 * 1024)
+    except BlockingIOError:
+        return
+    offset = 0
+    while offset + _EVENT.size <= len(buf):
+        length, _vers, _res, _meta, _mask, event_fd, pid = _EVENT.unpack_from(buf, offset)
+        offset += length
+        yield event_fd, pid
+
+
 class OpenGate:
     """See the module docstring; use it as a context manager."""
 
     def __init__(self, directory: Path, hold: Callable[[Path, int], bool]) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fanotify_mark.argtypes = [
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_uint64,
-            ctypes.c_int,
-            ctypes.c_char_p,
-        ]
-        fd = libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
-        if fd < 0:
-            pytest.skip(f"fanotify is not available here: {os.strerror(ctypes.get_errno())}")
         mask = FAN_OPEN_PERM | FAN_EVENT_ON_CHILD
-        if libc.fanotify_mark(fd, FAN_MARK_ADD, mask, AT_FDCWD, os.fsencode(directory)) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            pytest.skip(f"fanotify permission events are not available here: {os.strerror(err)}")
-        self._fd = fd
+        self._fd = _fanotify(directory, 0, mask, "fanotify permission events")
         self._hold = hold
         #: (path, pid) of the first open held
         self.held: tuple[Path, int] | None = None
@@ -90,17 +113,7 @@ class OpenGate:
             if self._released.is_set():
                 while waiting:
                     self._allow(waiting.pop())
-            ready, _, _ = select.select([self._fd], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                buf = os.read(self._fd, 64 * 1024)
-            except BlockingIOError:
-                continue
-            offset = 0
-            while offset + _EVENT.size <= len(buf):
-                length, _vers, _res, _meta, _mask, event_fd, pid = _EVENT.unpack_from(buf, offset)
-                offset += length
+            for event_fd, pid in _events(self._fd):
                 path = Path(os.readlink(f"/proc/self/fd/{event_fd}"))
                 if not self._released.is_set() and self._hold(path, pid):
                     if self.held is None:
@@ -139,23 +152,7 @@ class MountGate:
     """
 
     def __init__(self, mount: Path, decide: Callable[[Path, int], object | None]) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fanotify_mark.argtypes = [
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_uint64,
-            ctypes.c_int,
-            ctypes.c_char_p,
-        ]
-        fd = libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
-        if fd < 0:
-            pytest.skip(f"fanotify is not available here: {os.strerror(ctypes.get_errno())}")
-        flags = FAN_MARK_ADD | FAN_MARK_MOUNT
-        if libc.fanotify_mark(fd, flags, FAN_OPEN_PERM, AT_FDCWD, os.fsencode(mount)) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            pytest.skip(f"fanotify mount marks are not available here: {os.strerror(err)}")
-        self._fd = fd
+        self._fd = _fanotify(mount, FAN_MARK_MOUNT, FAN_OPEN_PERM, "fanotify mount marks")
         self._decide = decide
         self._lock = threading.Lock()
         #: key -> (path, pid) of the first open held under it
@@ -185,17 +182,7 @@ class MountGate:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._fd], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                buf = os.read(self._fd, 64 * 1024)
-            except BlockingIOError:
-                continue
-            offset = 0
-            while offset + _EVENT.size <= len(buf):
-                length, _vers, _res, _meta, _mask, event_fd, pid = _EVENT.unpack_from(buf, offset)
-                offset += length
+            for event_fd, pid in _events(self._fd):
                 try:
                     key = self._decide(Path(os.readlink(f"/proc/self/fd/{event_fd}")), pid)
                 except BaseException as exc:  # the test sees it; the opener must not wait for a bug

@@ -55,7 +55,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from appliance.config import ACCOUNT_RE, FRONTEND
-from appliance.service.imports import Caller
+from appliance.service.importtasks import Caller
 
 from .errors import Ec2Error, shown
 from .signing import ALGORITHM, SignedRequest, decode_query, incomplete_signature

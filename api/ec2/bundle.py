@@ -29,7 +29,8 @@ from typing import Any
 
 from appliance.errors import InvalidTaskId, TaskNotFound
 from appliance.service.bundles import BundleService
-from appliance.service.imports import Caller, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller
 from appliance.store import Task, TaskState
 
 from . import query

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.service import bootparams, expected
-from appliance.service.imports import CONVERSION_KINDS, Caller, DiskImage, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import CONVERSION_KINDS, Caller, DiskImage
 from appliance.sources.methods import method_of_manifest
 
 from . import query, views

@@ -30,7 +30,8 @@ from typing import Any
 from appliance.errors import InvalidTaskId, TaskNotFound
 from appliance.redact import redact
 from appliance.service.exports import IMAGE_KINDS, INSTANCE_KINDS, ExportService, object_key
-from appliance.service.imports import Caller, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller
 from appliance.store import Task, TaskState
 
 from . import query

@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from appliance.service import bootparams, expected
-from appliance.service.imports import IMAGE_KINDS, SNAPSHOT_KINDS, Caller, DiskContainer, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import IMAGE_KINDS, SNAPSHOT_KINDS, Caller, DiskContainer
 from appliance.store import Task
 from appliance.targets.encryption import Encryption
 

@@ -20,7 +20,8 @@ import falcon
 
 from appliance.config import Config
 from appliance.errors import ImagingError
-from appliance.service.imports import Caller, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller
 
 from . import bundle, conversion, export, image_import, xml
 from .auth import ALGORITHM, Authenticator, SignedRequest, decode_query

@@ -14,7 +14,7 @@ from datetime import timedelta
 from urllib.parse import parse_qsl
 
 from appliance.config import ApiConfig
-from appliance.service.imports import Caller
+from appliance.service.importtasks import Caller
 
 from .errors import Ec2Error
 

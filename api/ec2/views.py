@@ -34,7 +34,7 @@ filter still files it under ``deleted``.
 
 ``Encrypted`` and ``KmsKeyId`` of image and snapshot imports echo the request until the image is
 stored; a completed task reports the encryption the image target read back from the stored image
-(:func:`appliance.service.imports.encryption_report`): ``Encrypted`` true only when the stored
+(:func:`appliance.service.importviews.encryption_report`): ``Encrypted`` true only when the stored
 object is encrypted, ``KmsKeyId`` the key the store names (for S3 on AWS, the key's ARN).
 
 Every conversion task echoes ``image.format``, ``image.size`` (bytes), ``image.importManifestUrl``
@@ -49,8 +49,8 @@ from typing import Any
 
 from appliance.redact import redact
 from appliance.service.diskstatus import is_ova, overall_percent
-from appliance.service.imports import IMPORT_VOLUME, device_names, encryption_report, outcome
-from appliance.service.importviews import guest_report
+from appliance.service.importtasks import IMPORT_VOLUME, device_names
+from appliance.service.importviews import encryption_report, guest_report, outcome
 from appliance.service.summary import findings_summary
 from appliance.store import Task, TaskState
 

@@ -7,8 +7,9 @@ The text is the guest's (untrusted): a line that does not parse is skipped, neve
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from ..mountfields import unescape_mount_field
 
 
 @dataclass
@@ -29,14 +30,10 @@ def parse_fstab(text: str) -> list[FstabEntry]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        fields = [_unescape(f) for f in line.split()[:4]]
+        fields = [unescape_mount_field(f) for f in line.split()[:4]]
         if len(fields) < 2:
             continue
         fstype = fields[2] if len(fields) > 2 else "auto"
         options = fields[3].split(",") if len(fields) > 3 else ["defaults"]
         entries.append(FstabEntry(fields[0], fields[1], fstype, options))
     return entries
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImagingError
+from ..mountfields import unescape_mount_field
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,13 @@ def blkid(device: str) -> dict[str, str]:
     return out
 
 
-def unescape_mountinfo(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
 def mounts_under(directory: Path | str) -> list[str]:
     """Mount points at or below ``directory`` (from /proc/self/mountinfo), most recent first."""
     base = os.path.normpath(str(directory))
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = unescape_mountinfo(line.split()[4])
+            point = unescape_mount_field(line.split()[4])
             if point == base or point.startswith(base + "/"):
                 found.append(point)
     found.reverse()  # mountinfo lists in mount order; unmount children before parents

@@ -82,9 +82,6 @@ from .convertrun import STDERR_KEEP, TERM_GRACE, AnySet, run_convert, stop_proce
 from .formats import check_output_format
 from .inspect import InspectionResult, check_image, inspect_image, require_safe
 
-#: what other modules imported from here before the split (``_run_convert``: the export writer)
-_run_convert = run_convert
-
 __all__ = [
     "BUFFERED_INPUTS",
     "DIRECT_IO_FORMATS",
@@ -93,7 +90,6 @@ __all__ = [
     "SUBFORMATS",
     "TERM_GRACE",
     "ConversionResult",
-    "_run_convert",
     "build_command",
     "convert_image",
     "page_cache_bytes",

@@ -47,7 +47,9 @@ from ..config import Config
 from ..database import Row, StoreConfig
 from ..errors import ImagingError, TaskNotFound, UsageError
 from ..redact import redact_text
-from ..service.imports import DiskImage, ImportService, outcome
+from ..service.imports import ImportService
+from ..service.importtasks import DiskImage
+from ..service.importviews import outcome
 from ..sources.euca_manifest import DownloadManifest, cloud_keys, fetch_download_manifest, strip_marker
 from ..sources.http import HttpClient
 from ..sources.urlfilter import UrlPolicy

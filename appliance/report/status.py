@@ -11,7 +11,7 @@ from ..config import Config
 from ..database import POSTGRESQL
 from ..scratch import ScratchSpace
 from ..service import health as health_mod
-from ..service.imports import boot_settings, guest_report
+from ..service.importviews import boot_settings, guest_report
 from ..service.provenance import provenance_of
 from ..store import REPORTER_RECORD, Store, Task, TaskState
 

@@ -32,7 +32,7 @@ from ..store import Task
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_images import CreatedImage, create_image_from_instance, tags_by_resource
 from ..targets.upload_policy import UploadPolicy, UploadPolicyInvalid, check_upload_policy
-from .imports import NO_ACCOUNT
+from .importtasks import NO_ACCOUNT
 from .resolving import ResolvingService
 
 BUNDLE_INSTANCE = "bundle-instance"

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import ImagingError, UsageError
 from ..store import Task
 from ..targets.copy import describe_destination, parse_destination, same_place
-from .imports import NO_ACCOUNT
+from .importtasks import NO_ACCOUNT
 from .resolver import COPY_IMAGE
 from .resolving import ResolvingService
 

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ImagingError, UsageError
 from ..sources.s3names import check_bucket, check_key
 from ..store import Task
-from .imports import NO_ACCOUNT
+from .importtasks import NO_ACCOUNT
 from .resolving import ResolvingService
 
 EXPORT_INSTANCE = "export-instance"

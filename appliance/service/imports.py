@@ -16,9 +16,10 @@ and cancels only the tasks of the accounts it sees, and to it any other task doe
 same ``TaskNotFound`` as an unknown id). Every look-up is a query of the store by id and account,
 so any appliance sharing the store answers for tasks another one created.
 
-The names of import tasks (kinds, id forms, :class:`DiskContainer`, :class:`Caller`, …) are
-:mod:`.importtasks`'s and the views of a task's result (:func:`outcome`, :func:`image_disks`, the
-guest, boot and encryption reports) :mod:`.importviews`'s; both are importable from here as well.
+The names of import tasks (kinds, id forms, :class:`~.importtasks.DiskContainer`,
+:class:`~.importtasks.Caller`, …) are :mod:`.importtasks`'s and the views of a task's result
+(:func:`~.importviews.outcome`, :func:`~.importviews.image_disks`, the guest, boot and encryption
+reports) :mod:`.importviews`'s: import them from there.
 """
 
 from __future__ import annotations
@@ -34,79 +35,20 @@ from . import bootparams, expected
 from .diskstatus import running_disks, several_disks
 from .importchecks import ImportChecks
 from .importtasks import (
-    BOOT_DEVICE,
     CONTAINER_FORMATS,
-    CONVERSION_KINDS,
     ID_PREFIX,
     IMAGE_CONTAINER_FORMATS,
-    IMAGE_KINDS,
     IMPORT_IMAGE,
     IMPORT_INSTANCE,
     IMPORT_SNAPSHOT,
     IMPORT_VOLUME,
-    KINDS,
-    MAX_IMAGE_DISKS,
     NO_ACCOUNT,
-    SNAPSHOT_KINDS,
     TASK_ID_PATTERNS,
-    VOLUME_FORMATS,
-    Caller,
     DiskContainer,
     DiskImage,
-    GiB,
-    device_names,
-    kind_of,
     new_task_id,
 )
-from .importviews import (
-    BOOTABLE_KINDS,
-    ENCRYPTABLE_KINDS,
-    block_device_mappings,
-    boot_settings,
-    encryption_report,
-    guest_report,
-    image_disks,
-    outcome,
-    validated_report,
-)
 from .taskservice import TaskService
-
-#: the names other modules import from here (their homes are :mod:`.importtasks` and
-#: :mod:`.importviews`)
-__all__ = [
-    "BOOTABLE_KINDS",
-    "BOOT_DEVICE",
-    "CONTAINER_FORMATS",
-    "CONVERSION_KINDS",
-    "ENCRYPTABLE_KINDS",
-    "IMAGE_CONTAINER_FORMATS",
-    "IMAGE_KINDS",
-    "IMPORT_IMAGE",
-    "IMPORT_INSTANCE",
-    "IMPORT_SNAPSHOT",
-    "IMPORT_VOLUME",
-    "KINDS",
-    "MAX_IMAGE_DISKS",
-    "NO_ACCOUNT",
-    "SNAPSHOT_KINDS",
-    "TASK_ID_PATTERNS",
-    "VOLUME_FORMATS",
-    "Caller",
-    "DiskContainer",
-    "DiskImage",
-    "GiB",
-    "ImportService",
-    "block_device_mappings",
-    "boot_settings",
-    "device_names",
-    "encryption_report",
-    "guest_report",
-    "image_disks",
-    "kind_of",
-    "new_task_id",
-    "outcome",
-    "validated_report",
-]
 
 
 class ImportService(TaskService, ImportChecks):

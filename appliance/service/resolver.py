@@ -42,7 +42,8 @@ from ..config import Config
 from ..errors import ImagingError, TaskNotFound
 from ..store import Store, Task, TaskState
 from ..targets.ec2_export import describe_boot_volume
-from .imports import CONVERSION_KINDS, IMPORT_IMAGE, IMPORT_SNAPSHOT, image_disks, outcome
+from .importtasks import CONVERSION_KINDS, IMPORT_IMAGE, IMPORT_SNAPSHOT
+from .importviews import image_disks, outcome
 
 #: the kind of the tasks that copy a stored image to another store (:mod:`appliance.service.copies`)
 COPY_IMAGE = "copy-image"
@@ -214,7 +215,7 @@ class Resolver:
         """The boot disk of the controlling cloud's instance ``i-…`` (when the volume target is
         ``ec2``). The appliance issues no instance ids itself: the controlling cloud launches the
         instances of ImportInstance, so their ids are that cloud's. A caller that sees only some
-        accounts (:attr:`~appliance.service.imports.Caller.sees`) may export only instances whose
+        accounts (:attr:`~appliance.service.importtasks.Caller.sees`) may export only instances whose
         reservation belongs to one of them (``OwnerId``)."""
         _match("i", instance_id, "InvalidInstanceID", "instance")
         settings = self.config.targets.get("volume") or {}

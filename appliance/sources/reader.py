@@ -74,8 +74,6 @@ from .urlfilter import UrlPolicy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RangeReader", "ReadPosition", "ReaderSettings", "ReaderStats", "open_reader"]
-
 
 class RangeReader(BlockStream):
     """Reads one :class:`~.origins.Origin` (see the module docstring). Open it (``with``), read it

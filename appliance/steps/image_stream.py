@@ -78,8 +78,8 @@ from ..targets.s3 import S3ImageTarget
 from ..workflow.step import Step, StepContext
 from .guest import ValidateStep
 from .image_stream_s3 import stream_into_s3
-from .imports import DISK_NAME, checked_source, source_digest
-from .provenance import READ_AFTER_STREAM, WHILE_STREAMING_CHUNKED, check_expected
+from .imports import DISK_NAME, checked_source, record_streamed_source
+from .provenance import READ_AFTER_STREAM, WHILE_STREAMING_CHUNKED
 from .retries import retry_reporter
 from .stream_checkpoint import ResumePoint, SourceReplaced, StreamCheckpoints, writing_meter
 
@@ -344,18 +344,8 @@ class StreamStoreStep(Step):
                     for hasher in written:
                         hasher.close()
             facts["digest"] = image_digest.to_dict() if image_digest is not None else None
-            sha256 = checkpoints.sha256()
-            facts["source"] = source_digest(
-                ctx,
-                source,
-                sha256=sha256,
-                size=result.input_bytes,
-                md5_checked=md5_checked[0] if md5_checked else None,
-            )
-            if sha256 is None:
-                facts["source"]["sha256_unknown"] = checkpoints.unknown
             # a wrong source fails before the disk is published
-            check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
+            record_streamed_source(ctx, facts, source, checkpoints, result.input_bytes, md5_checked, name)
             with open(path, "r+b") as f:
                 # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
                 f.truncate(result.virtual_size)

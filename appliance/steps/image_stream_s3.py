@@ -77,8 +77,8 @@ from ..targets.s3resume import verify_parts
 from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
-from .imports import source_digest
-from .provenance import WHILE_UPLOADING, check_expected, import_metadata
+from .imports import record_streamed_source
+from .provenance import WHILE_UPLOADING, import_metadata
 from .s3_checkpoint import S3ResumePoint, S3StreamCheckpoints
 from .stream_checkpoint import SourceReplaced, writing_meter
 
@@ -326,18 +326,10 @@ def stream_into_s3(
             ctx.event("stream.restarted", offset=0, reason=exc.message)
             staged.restart()
             result, checkpoints, sink = run(None)
-        sha256 = checkpoints.sha256()
-        facts["source"] = source_digest(
-            ctx,
-            source,
-            sha256=sha256,
-            size=result.input_bytes,
-            md5_checked=md5_checked[0] if md5_checked else None,
-        )
-        if sha256 is None:
-            facts["source"]["sha256_unknown"] = checkpoints.unknown
         # a wrong source fails before anything is published
-        check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], name)
+        sha256 = record_streamed_source(
+            ctx, facts, source, checkpoints, result.input_bytes, md5_checked, name
+        )
         sink.finish(result.virtual_size)  # the disk's trailing zeros
         written = staged.complete()
         reader = staged.reader()

@@ -29,7 +29,9 @@ from ..sources.ranges import ReaderSettings, parse_content_range, too_large
 from ..sources.retrier import Retrier
 from ..sources.urlfilter import UrlPolicy
 from ..workflow.step import StepContext
+from .provenance import check_expected
 from .retries import retry_reporter
+from .stream_checkpoint import StreamCheckpoints
 from .uploads import upload_params
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,33 @@ def source_digest(
     if source.get("expected_sha256"):  # the user's, checked against ``sha256`` (provenance lists it)
         out["expected_sha256"] = str(source["expected_sha256"]).lower()
     return out
+
+
+def record_streamed_source(
+    ctx: StepContext,
+    facts: dict[str, Any],
+    source: dict[str, Any],
+    checkpoints: StreamCheckpoints,
+    size: int,
+    md5_checked: list[str],
+    disk: str | None,
+) -> str | None:
+    """``facts["source"]``, the :func:`source_digest` of a source streamed once or resumed (the sha256
+    its ``checkpoints`` hashed; ``sha256_unknown`` says why there is none), then checked against the
+    user's expected sha256 (``Source.DigestMismatch``), so that a wrong source fails before the disk
+    is published. Returns the sha256 (None: unknown)."""
+    sha256 = checkpoints.sha256()
+    facts["source"] = source_digest(
+        ctx,
+        source,
+        sha256=sha256,
+        size=size,
+        md5_checked=md5_checked[0] if md5_checked else None,
+    )
+    if sha256 is None:
+        facts["source"]["sha256_unknown"] = checkpoints.unknown
+    check_expected(source.get("expected_sha256"), sha256, facts["source"]["location"], disk)
+    return sha256
 
 
 def _get_range(origin: Origin, start: int, end: int, retrier: Retrier) -> tuple[bytes, int | None]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import schemas
 from ..errors import UsageError
+from ..mountfields import unescape_mount_field
 from .base import TargetError, Volume, new_volume_id, validate_settings
 from .rawio import block_device_size, fsync_path
 
@@ -55,19 +56,6 @@ class BlockDevice:
     size: int
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and all(c in "01234567" for c in field[i + 1 : i + 4]):
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def parse_mountinfo(text: str) -> list[MountEntry]:
     """Parse ``/proc/<pid>/mountinfo`` text (see proc(5)); malformed lines are skipped."""
     entries = []
@@ -79,7 +67,13 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         major, _, minor = fields[2].partition(":")
         try:
             entries.append(
-                MountEntry(int(major), int(minor), _unescape(fields[4]), tail[0], _unescape(tail[1]))
+                MountEntry(
+                    int(major),
+                    int(minor),
+                    unescape_mount_field(fields[4]),
+                    tail[0],
+                    unescape_mount_field(tail[1]),
+                )
             )
         except ValueError:
             continue
@@ -173,7 +167,7 @@ def _swap_rdevs(swaps: Path) -> set[tuple[int, int]]:
         lines = swaps.read_text().splitlines()[1:]
     except OSError:
         return set()
-    return {r for line in lines if line.split() and (r := _rdev_of(_unescape(line.split()[0])))}
+    return {r for line in lines if line.split() and (r := _rdev_of(unescape_mount_field(line.split()[0])))}
 
 
 def inspect_block_device(

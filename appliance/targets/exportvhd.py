@@ -18,7 +18,8 @@ from .. import confine, partials
 from ..config import Config
 from ..errors import Cancelled, ConversionFailed, ImageRejected
 from ..image import qemuimg
-from ..image.convert import _run_convert, build_command
+from ..image.convertcmd import build_command
+from ..image.convertrun import run_convert
 from ..image.decoding import SECTOR
 from ..image.inspect import require_safe, verify_output
 from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
@@ -80,11 +81,11 @@ def _qemu_vhd(
             argv = build_command(
                 source.absolute(), "raw", out.absolute(), "vhd", subformat, qemu_img=qemuimg.qemu_img()
             )
-            _run_convert(argv, policy, cwd, tracker, size, cancel, out)
+            run_convert(argv, policy, cwd, tracker, size, cancel, out)
     else:
         with qemuimg.isolated(source, parent=workdir) as linked:
             argv = build_command(linked, "raw", out.absolute(), "vhd", subformat, qemu_img=qemuimg.qemu_img())
-            _run_convert(argv, policy, linked.parent, tracker, size, cancel, out)
+            run_convert(argv, policy, linked.parent, tracker, size, cancel, out)
     fd = os.open(out, os.O_RDONLY)
     try:
         os.fdatasync(fd)

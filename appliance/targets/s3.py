@@ -44,13 +44,13 @@ from .base import TargetError, boto_client, check_cancel, validate_settings
 from .chunkdigest import digest_file
 from .encryption import ALGORITHMS, SSE_KMS, Encryption, satisfies
 from .file import extension_for
+from .s3budget import PartBudget, fitted_part_size
+from .s3parts import MIN_PART
 
 log = logging.getLogger(__name__)
 
-MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
 #: the key a streamed image is uploaded to before it is checked and published (:mod:`.s3staged`)
 STAGING_SUFFIX = ".partial"
-MAX_PARTS = 10_000
 
 #: the settings schema (``appliance/schemas/target-s3.json``)
 SCHEMA: dict[str, Any] = schemas.load("target-s3")
@@ -241,8 +241,7 @@ class S3ImageTarget:
         fence: Callable[[], None] | None = None,
     ) -> str:
         where = f"s3://{self.bucket}/{key}"
-        # S3 allows 10,000 parts: grow the part (to whole MiB) for very large images.
-        part_size = max(self.part_size, -(-size // MAX_PARTS // (1 << 20)) * (1 << 20))
+        part_size = fitted_part_size(self.part_size, size)  # S3 allows 10,000 parts
         try:
             upload_id = self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, Metadata=metadata, **sse
@@ -306,7 +305,7 @@ class S3ImageTarget:
             tracker.update(uploaded)
 
         # parts in flight: no more than the memory budget holds beside the part being read
-        in_flight = max(1, min(self.threads, self.memory // part_size - 1))
+        in_flight = PartBudget(part_size, self.threads, self.memory, grow=False).in_flight
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
         try:
             with open(path, "rb", buffering=0) as f:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +14,10 @@ import pytest
 
 from tests import guestfactory
 from tests.api.awscli_support import AWS, aws_ec2
-from tests.api.e2e_support import Appliance, admin_task, running_appliance, wait_for
-from tests.httpfixtures import TestHTTPServer
-from tests.servers import REGION, MotoServer
+from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def image_bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "img-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def s3_appliance(
-    tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer, image_bucket: str
-) -> Iterator[Appliance]:
-    """The appliance storing images with the s3 image target in ``image_bucket`` (5 MiB parts)."""
-    image_target = {
-        "type": "s3",
-        "bucket": image_bucket,
-        "prefix": "images/",
-        "endpoint_url": moto.endpoint,
-        "region": REGION,
-        "access_key": "testing",
-        "secret_key": "testing",
-        "addressing_style": "path",
-        "part_size": "5MiB",
-    }
-    with running_appliance(tmp_path, moto, parts_server, targets={"image": image_target}) as app:
-        yield app
 
 
 @pytest.fixture

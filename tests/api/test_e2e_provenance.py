@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,9 @@ from appliance import config as config_mod
 from appliance.targets.exportdest import FileDestination
 from appliance.targets.exportova import OvaSource, export_ova
 from tests import guestfactory
-from tests.api.e2e_support import Appliance, admin_task, conversion_task, running_appliance, wait_for
+from tests.api.e2e_support import Appliance, admin_task, conversion_task, wait_for
 from tests.euca_upload import presign_manifest_url, random_file, upload
-from tests.httpfixtures import TestHTTPServer
-from tests.servers import REGION, MotoServer
+from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
 
@@ -127,33 +125,6 @@ def test_import_snapshot_records_the_source_and_output_sha256_on_the_admin_api(
     assert {"route", "stream"} <= stages  # the streamed path: no fetch into scratch, no qemu-img convert
     assert all(s["seconds"] >= 0 for s in record["timings"]["stages"])
     assert record["timings"]["started"] and record["timings"]["finished"]
-
-
-@pytest.fixture
-def image_bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "img-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def s3_appliance(
-    tmp_path: Path, moto: MotoServer, parts_server: TestHTTPServer, image_bucket: str
-) -> Iterator[Appliance]:
-    """The appliance storing images with the s3 image target in ``image_bucket``."""
-    image_target = {
-        "type": "s3",
-        "bucket": image_bucket,
-        "prefix": "images/",
-        "endpoint_url": moto.endpoint,
-        "region": REGION,
-        "access_key": "testing",
-        "secret_key": "testing",
-        "addressing_style": "path",
-        "part_size": "5MiB",
-    }
-    with running_appliance(tmp_path, moto, parts_server, targets={"image": image_target}) as app:
-        yield app
 
 
 def test_import_snapshot_to_s3_keeps_its_provenance_as_the_objects_metadata(

@@ -16,7 +16,8 @@ from falcon import testing
 
 from api.app import create_app
 from appliance import config as config_mod
-from appliance.service.imports import DiskContainer, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
 from appliance.store import Store, TaskState
 from appliance.workflow.engine import Engine
 from tests import stores

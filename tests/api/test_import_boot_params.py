@@ -33,7 +33,7 @@ from appliance.database import StoreConfig
 from appliance.errors import Finding, UsageError
 from appliance.report.status import task_snapshot
 from appliance.service import bootparams
-from appliance.service.imports import outcome
+from appliance.service.importviews import outcome
 from appliance.service.summary import STATUS_MESSAGE_LIMIT, findings_summary
 from appliance.store import Store, Task, TaskState
 from tests import stores
@@ -507,7 +507,8 @@ def test_description_tokens_refuses_two_tokens_and_repeated_keys() -> None:
 
 
 def test_service_validates_boot_settings_for_callers_other_than_the_api(tmp_path: Path) -> None:
-    from appliance.service.imports import DiskContainer, ImportService
+    from appliance.service.imports import ImportService
+    from appliance.service.importtasks import DiskContainer
 
     service = ImportService(stores.config({"state_dir": str(tmp_path)}))
     with pytest.raises(UsageError) as exc:

@@ -39,14 +39,8 @@ from botocore.exceptions import ClientError
 
 from api.ec2 import model
 from appliance import config as config_mod
-from appliance.service.imports import (
-    IMPORT_IMAGE,
-    IMPORT_SNAPSHOT,
-    IMPORT_VOLUME,
-    DiskImage,
-    ImportService,
-    new_task_id,
-)
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import IMPORT_IMAGE, IMPORT_SNAPSHOT, IMPORT_VOLUME, DiskImage, new_task_id
 from tests.api import awscli_account_header
 from tests.api.e2e_support import api_server
 from tests.api.ec2_support import FORM, HOST, MANIFEST_BASE, Prepared, ec2_app, error_of, parse, send, sign

@@ -27,7 +27,8 @@ from botocore.credentials import Credentials
 from appliance import config as config_mod
 from appliance.boot.liveeffects import Effect
 from appliance.boot.livefiles import previous_file
-from appliance.service.imports import DiskContainer, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
 from appliance.store import TaskState
 from tests import imagefactory as imgs
 from tests import processes

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
-from appliance.service.imports import DiskContainer, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine
 from tests.servers import MotoServer

@@ -19,7 +19,9 @@ import pytest
 from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState
 from appliance.service.copies import CopyService, copy_outcome
-from appliance.service.imports import Caller, DiskContainer, ImportService, image_disks, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller, DiskContainer
+from appliance.service.importviews import image_disks, outcome
 from appliance.service.resolver import Resolver
 from appliance.store import Task, TaskState
 from appliance.targets.chunkdigest import digest_file

@@ -58,7 +58,9 @@ import yaml
 
 from appliance import config as config_mod
 from appliance import partials
-from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer, DiskImage
+from appliance.service.importviews import outcome
 from appliance.store import Store, Task, TaskState
 from appliance.workflow.loader import WorkflowLoader
 from appliance.workflow.model import StepSpec, Workflow

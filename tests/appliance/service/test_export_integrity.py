@@ -13,7 +13,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from appliance.service.exports import ExportService, object_key
-from appliance.service.imports import DiskContainer, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
+from appliance.service.importviews import outcome
 from appliance.steps.export_check import SourceDigestCheck
 from appliance.store import TaskState
 from appliance.targets.chunkdigest import digest_file

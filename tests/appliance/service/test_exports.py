@@ -24,7 +24,9 @@ from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound
 from appliance.image.ova import unpack_ova
 from appliance.service.exports import ExportService, object_key
-from appliance.service.imports import Caller, DiskContainer, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import Caller, DiskContainer
+from appliance.service.importviews import outcome
 from appliance.store import Task, TaskState
 from appliance.targets.chunkdigest import digest_file
 from appliance.targets.rawio import segments

@@ -26,7 +26,9 @@ import yaml
 
 from appliance import config as config_mod
 from appliance.image.inspect import PREFLIGHT_HEAD
-from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer, DiskImage
+from appliance.service.importviews import outcome
 from appliance.store import Store, Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes, stores
@@ -44,19 +46,6 @@ PAST_PREFLIGHT = PREFLIGHT_HEAD + MiB
 # this module's waits are bounded at 90 s (two conversions on a shared 2-core machine)
 wait_until = functools.partial(processes.wait_until, timeout=90.0, interval=0.1)
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "rec-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 class Appliance:

@@ -17,7 +17,9 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.errors import InvalidTaskId, ResourceLimitExceeded, TaskNotFound, UsageError
-from appliance.service.imports import DiskContainer, DiskImage, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer, DiskImage
+from appliance.service.importviews import outcome
 from appliance.sources.urlfilter import UrlNotAllowed
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine

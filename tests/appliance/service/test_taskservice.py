@@ -16,14 +16,14 @@ from appliance.errors import ImagingError, IncorrectState, InvalidTaskId, TaskNo
 from appliance.service.bundles import BUNDLE_INSTANCE, BundleService
 from appliance.service.copies import CopyService
 from appliance.service.exports import EXPORT_IMAGE, EXPORT_INSTANCE, ExportService
-from appliance.service.imports import (
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import (
     CONVERSION_KINDS,
     IMPORT_IMAGE,
     IMPORT_INSTANCE,
     IMPORT_SNAPSHOT,
     IMPORT_VOLUME,
     KINDS,
-    ImportService,
 )
 from appliance.service.resolver import COPY_IMAGE
 from appliance.service.taskservice import TaskService

@@ -1,6 +1,6 @@
 """Servers of the source tests: a loopback HTTP server with scripted misbehaviour, the moto S3 server
-(a bucket of each test, its client settings and policy), and the stalling proxy in front of moto. A
-test module that defines a fixture of the same name uses its own."""
+(a bucket of each test, its client settings and policy); the stalling proxy in front of moto is
+tests/conftest.py's. A test module that defines a fixture of the same name uses its own."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 from appliance.sources.urlfilter import UrlPolicy
 from tests.httpfixtures import TestHTTPServer
 from tests.servers import MotoServer
-from tests.stallproxy import StallingProxy
 
 
 @pytest.fixture
@@ -47,9 +46,3 @@ def bucket(moto: MotoServer) -> str:
     name = f"reader-{uuid.uuid4().hex[:12]}"
     moto.client("s3").create_bucket(Bucket=name)
     return name
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p

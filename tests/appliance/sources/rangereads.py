@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from appliance.sources.reader import RangeReader, ReaderSettings
+from appliance.sources.ranges import ReaderSettings
+from appliance.sources.reader import RangeReader
 
 RS = 64 * 1024  # range size of these tests
 SETTINGS = ReaderSettings(

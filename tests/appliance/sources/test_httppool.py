@@ -17,7 +17,8 @@ from urllib3.exceptions import ProtocolError
 from appliance.sources import urlfilter
 from appliance.sources.http import HttpClient
 from appliance.sources.httppool import PinnedAddressMismatch, PinnedPools
-from appliance.sources.reader import RangeReader, ReaderSettings, open_reader
+from appliance.sources.ranges import ReaderSettings
+from appliance.sources.reader import RangeReader, open_reader
 from appliance.sources.urlfilter import CheckedUrl, UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer, self_signed_cert, tls_server_context
 

@@ -8,7 +8,6 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,48 +33,7 @@ from tests.stallproxy import StallingProxy
 
 MiB = 2**20
 
-AWS_SAMPLE = b"""<?xml version="1.0" encoding="UTF-8" standalone="yes"?>
-<manifest>
-  <version>2010-11-15</version>
-  <file-format>VMDK</file-format>
-  <importer>
-    <name>ec2-upload-disk-image</name>
-    <version>1.0.0</version>
-    <release>2010-11-15</release>
-  </importer>
-  <self-destruct-url>https://s3.amazonaws.com/bucket/a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdkmanifest.xml?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</self-destruct-url>
-  <import>
-    <size>12595200</size>
-    <volume-size>1</volume-size>
-    <parts count="2">
-      <part index="0">
-        <byte-range end="10485759" start="0"/>
-        <key>a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdk.part0</key>
-        <head-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</head-url>
-        <get-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</get-url>
-        <delete-url>https://s3.amazonaws.com/bucket/part0?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</delete-url>
-      </part>
-      <part index="1">
-        <byte-range end="12595199" start="10485760"/>
-        <key>a3a5e1b6-590d-43cc-97c1-15c7325d3f41/Win_2008_Server_Data_Center_SP2_32-bit.vmdk.part1</key>
-        <head-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</head-url>
-        <get-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</get-url>
-        <delete-url>https://s3.amazonaws.com/bucket/part1?AWSAccessKeyId=AKIADQKE4SARGYLE&amp;Expires=1294855591&amp;Signature=5snej01TlTtL0uR7KExtEXAMPLE%3D</delete-url>
-      </part>
-    </parts>
-  </import>
-</manifest>
-"""
-
-
 # ------------------------------------------------------------------------------------- moto end to end
-
-
-@pytest.fixture
-def bucket(moto: MotoServer) -> str:
-    name = f"import-{uuid.uuid4().hex[:12]}"
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

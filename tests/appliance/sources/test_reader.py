@@ -17,7 +17,8 @@ import pytest
 from appliance import config
 from appliance.errors import ConfigError, SourceChanged
 from appliance.sources.http import HttpClient
-from appliance.sources.reader import ReaderSettings, ReadPosition, open_reader
+from appliance.sources.ranges import ReaderSettings, ReadPosition
+from appliance.sources.reader import open_reader
 from appliance.sources.urlfilter import UrlNotAllowed, UrlPolicy
 from tests.httpfixtures import NetworkRecorder, TestHTTPServer
 from tests.processes import wait_until

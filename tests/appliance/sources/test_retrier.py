@@ -17,7 +17,8 @@ import pytest
 
 from appliance.errors import Cancelled, SourceStalled
 from appliance.sources.http import SourceUnavailable
-from appliance.sources.reader import ReaderSettings, open_reader
+from appliance.sources.ranges import ReaderSettings
+from appliance.sources.reader import open_reader
 from appliance.sources.urlfilter import UrlPolicy
 from tests.httpfixtures import TestHTTPServer
 from tests.processes import wait_until

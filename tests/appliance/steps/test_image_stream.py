@@ -17,7 +17,9 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.scratch import ScratchSpace
-from appliance.service.imports import DiskContainer, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
+from appliance.service.importviews import outcome
 from appliance.steps import image_stream
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine

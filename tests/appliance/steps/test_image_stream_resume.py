@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from appliance.service.imports import DiskContainer, outcome
+from appliance.service.importtasks import DiskContainer
+from appliance.service.importviews import outcome
 from appliance.store import Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes
@@ -39,20 +40,6 @@ HOLD = 40 * MiB + MiB // 2
 SETTINGS = {"sources": {"range_size": "1MiB", "parallel_ranges": 2, "checkpoint_every": MiB}}
 wait_until = functools.partial(processes.wait_until, timeout=120.0, interval=0.1)
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "sr-" + request.node.name.replace("_", "-").replace("[", "-").replace("]", "")[-40:].lower()
-    name = name.strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

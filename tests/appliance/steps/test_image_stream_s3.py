@@ -21,7 +21,9 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.scratch import ScratchSpace
-from appliance.service.imports import IMPORT_SNAPSHOT, DiskContainer, ImportService, outcome
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import IMPORT_SNAPSHOT, DiskContainer
+from appliance.service.importviews import outcome
 from appliance.steps.provenance import READ_BEFORE_UPLOAD, WHILE_UPLOADING
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from appliance.service.imports import DiskContainer, outcome
+from appliance.service.importtasks import DiskContainer
+from appliance.service.importviews import outcome
 from appliance.store import Task, TaskState
 from appliance.targets.chunkdigest import digest_file
 from tests import imagefactory as imgs
@@ -46,12 +47,6 @@ HOLD = 40 * MiB + MiB // 2
 PART = 5 * MiB
 wait_until = functools.partial(processes.wait_until, timeout=180.0, interval=0.1)
 TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
 
 
 def _bucket(moto: MotoServer, request: pytest.FixtureRequest, prefix: str) -> str:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance import config as config_mod
-from appliance.service.imports import DiskContainer, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskContainer
 from appliance.store import TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
@@ -26,19 +26,6 @@ from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "pre-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture

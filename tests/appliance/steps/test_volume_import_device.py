@@ -25,12 +25,10 @@ from tests.stallproxy import StallingProxy
 from .test_volume_import_streams import (
     GiB,
     MiB,
-    bucket,  # noqa: F401 - fixtures
     cfg_data,
     convert_raw,
     disk_with_data,
     imaging_digest,
-    proxy,  # noqa: F401
     recorded_volume_digest,
     run,
     submit,
@@ -68,8 +66,8 @@ def reads_as_zeros_after(dev: Path, offset: int) -> bool:
 )
 def test_an_import_onto_a_device_with_stale_data_records_the_digest_of_what_the_device_holds(
     moto: MotoServer,
-    proxy: StallingProxy,  # noqa: F811
-    bucket: str,  # noqa: F811
+    proxy: StallingProxy,
+    bucket: str,
     tmp_path: Path,
     fmt: str,
     qemu_fmt: str,

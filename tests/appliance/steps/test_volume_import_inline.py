@@ -14,13 +14,11 @@ from appliance.service.imports import ImportService
 from appliance.steps import volume_import
 from appliance.store import TaskState
 from tests import imagefactory as imgs
-from tests.appliance.steps.test_volume_import_streams import (  # noqa: F401 (fixtures)
+from tests.appliance.steps.test_volume_import_streams import (
     MiB,
-    bucket,
     cfg_data,
     convert_raw,
     disk_with_data,
-    proxy,
     run,
     same_disk,
     submit,
@@ -39,8 +37,8 @@ from tests.stallproxy import StallingProxy
 )
 def test_a_fixed_vhd_upload_is_decoded_in_the_task_process_and_a_stream_vmdk_by_the_child(
     moto: MotoServer,
-    proxy: StallingProxy,  # noqa: F811
-    bucket: str,  # noqa: F811
+    proxy: StallingProxy,
+    bucket: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     fmt: str,

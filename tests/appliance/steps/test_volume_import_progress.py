@@ -10,14 +10,12 @@ from __future__ import annotations
 import random
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from appliance import config as config_mod
-from appliance.service.imports import DiskImage, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskImage
 from appliance.store import Event, Store, TaskState
 from appliance.workflow.engine import Engine
 from tests import processes
@@ -26,12 +24,6 @@ from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
 
 
 def _s3_through(proxy: StallingProxy, bucket: str) -> Any:

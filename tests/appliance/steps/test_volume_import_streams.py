@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ import pytest
 import yaml
 
 from appliance import config as config_mod
-from appliance.service.imports import DiskImage, ImportService
+from appliance.service.imports import ImportService
+from appliance.service.importtasks import DiskImage
 from appliance.store import Task, TaskState
 from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
@@ -35,19 +35,6 @@ from tests.stallproxy import StallingProxy
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "vis-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 def cfg_data(tmp_path: Path, moto: MotoServer, proxy: StallingProxy, **extra: Any) -> dict[str, Any]:

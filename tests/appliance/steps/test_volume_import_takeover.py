@@ -45,19 +45,6 @@ TERMINAL = (TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED)
 
 
 @pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[StallingProxy]:
-    with StallingProxy(moto.endpoint) as p:
-        yield p
-
-
-@pytest.fixture
-def bucket(moto: MotoServer, request: pytest.FixtureRequest) -> str:
-    name = "vit-" + request.node.name.replace("_", "-").replace("[", "-")[:40].lower().strip("-")
-    moto.client("s3").create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
 def schema_url(postgres: Cluster) -> Iterator[str]:
     schema = postgres.create_schema()
     try:
