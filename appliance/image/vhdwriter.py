@@ -187,11 +187,14 @@ def write_dynamic_vhd(
     *,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
-    on_read: Callable[[int, bytes | bytearray], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
+    direct: int | None = None,
 ) -> VhdWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` to ``sink`` as a dynamic VHD (module
     docstring). ``on_progress(done)`` gets the disk bytes covered so far, ``on_read(offset, data)``
-    every block read, in ascending order (blocks holding no data are not read). Raises :class:`Cancelled` when
+    every block read, in ascending order (blocks holding no data are not read). ``direct``: the source
+    opened with O_DIRECT (:func:`appliance.image.readbuf.open_direct`): the blocks are read around the page
+    cache and not announced (that would fill the cache). Raises :class:`Cancelled` when
     ``cancel`` is set (the sink then holds a partial stream: the caller removes it or aborts the upload)."""
     _check(size)
     total = -(-size // BLOCK)
@@ -205,7 +208,7 @@ def write_dynamic_vhd(
     tail = footer(size, DYNAMIC)
     written = 0
 
-    def out(data: bytes | bytearray) -> None:
+    def out(data: bytes | bytearray | memoryview) -> None:
         nonlocal written
         sink.write(data)
         written += len(data)
@@ -215,13 +218,13 @@ def write_dynamic_vhd(
     bat = struct.pack(f">{total}I", *table)
     out(bat + bytes(table_bytes - len(bat)))
     bitmap = b"\xff" * (BITMAP_SECTORS * SECTOR)
-    pool = ReadPool(BLOCK, POOL)
-    for b in blocks[:READ_AHEAD]:
+    pool = ReadPool(BLOCK, POOL, direct=direct)
+    for b in blocks[:READ_AHEAD] if direct is None else ():
         _announce(fd, b, size)
     for i, b in enumerate(blocks):
         if cancel is not None and cancel.is_set():
             raise Cancelled("VHD export cancelled")
-        if i + READ_AHEAD < len(blocks):
+        if i + READ_AHEAD < len(blocks) and pool.direct is None:
             _announce(fd, blocks[i + READ_AHEAD], size)
         pos = b * BLOCK
         n = min(BLOCK, size - pos)
