@@ -25,6 +25,12 @@ on both sides (a piece that starts or ends inside a block, the disk's last parti
 returns the aligned buffer's view of exactly the bytes asked for. A filesystem that accepts the O_DIRECT
 open but refuses the read (EINVAL) turns the pool buffered for good, that read repeated buffered: nothing
 is lost, and it is not tried again.
+
+An O_DIRECT read is synchronous: the page cache's read-ahead no longer keeps the disk busy while the
+producer hashes and writes, so :func:`read_ahead` reads the pieces a producer will ask for in a thread of
+its own, a few pieces ahead (qemu-img ``-T none`` keeps several requests in flight likewise). Measured on
+the 4 GiB benchmark disk (RAW export, interleaved, load ~3.4): O_DIRECT without read-ahead took 3.4 s
+against 2.4 s buffered, for 1.8 against 2.4 CPU-s.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
 from .convertcmd import use_direct_input
@@ -180,3 +188,48 @@ def direct_reads(path: Path) -> Iterator[int | None]:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def read_ahead(
+    pool: ReadPool, fd: int, pieces: Iterable[tuple[int, int]], depth: int
+) -> Generator[bytes | PooledBuffer | memoryview, None, None]:
+    """``pool.read(fd, n, pos)`` of each ``(pos, n)`` of ``pieces``, in order, done by a thread up to
+    ``depth`` pieces ahead of the caller (module docstring). A read's error is raised where the caller
+    takes that piece; closing the iterator early (``contextlib.closing``) stops the thread."""
+    ready: queue.Queue[tuple[bytes | PooledBuffer | memoryview | None, BaseException | None]]
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[bytes | PooledBuffer | memoryview | None, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for pos, n in pieces:
+                if not put((pool.read(fd, n, pos), None)):
+                    return
+        except BaseException as exc:  # (handed to the caller, raised there)
+            put((None, exc))
+
+    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            data, error = ready.get()
+            if error is not None:
+                raise error
+            assert data is not None
+            yield data
+            del data  # (the caller's reference is the only one left: the pool may refill it when it is done)
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting for room, then let it end
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()
+            thread.join(0.05)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import pagecache
 from ..errors import Cancelled, UsageError
-from ..image.readbuf import ReadPool
+from ..image.readbuf import ReadPool, read_ahead
 from ..image.vmdkwriter import ByteSink
 from ..progress import ProgressTracker
 from .base import TargetError
@@ -110,11 +110,36 @@ def _raw_sparse(
     byte once, and GiBs of cached source would cost fresh page-cache pages. With ``direct`` (the source
     opened with O_DIRECT, :func:`appliance.image.readbuf.open_direct`) the reads bypass the page cache
     and nothing is announced (that would fill the cache the reads avoid)."""
-    pos = 0
     pool = ReadPool(CHUNK, POOL, direct=direct)
     ranges = list(segments(fd, size))
     data = [(start, end) for start, end, is_data in ranges if is_data]
     ahead = _announce(fd, data) if direct is None else itertools.repeat(None)
+    # O_DIRECT reads are synchronous: a thread reads READ_AHEAD bytes ahead into the pool instead
+    if direct is None:
+        _copy(fd, ranges, pool, None, ahead, sink, holes, tracker, cancel, on_read)
+        return
+    with contextlib.closing(read_ahead(pool, fd, _pieces(data), READ_AHEAD // CHUNK)) as reads:
+        _copy(fd, ranges, pool, reads, ahead, sink, holes, tracker, cancel, on_read)
+
+
+def _pieces(data: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The reads of :data:`CHUNK` that cover the data ranges ``data``, in order."""
+    return ((pos, min(CHUNK, end - pos)) for start, end in data for pos in range(start, end, CHUNK))
+
+
+def _copy(
+    fd: int,
+    ranges: list[tuple[int, int, bool]],
+    pool: ReadPool,
+    reads: Iterator[bytes | bytearray | memoryview] | None,
+    ahead: Iterator[None],
+    sink: ByteSink,
+    holes: Callable[[int], None],
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
+) -> None:
+    pos = 0
     for start, end, is_data in ranges:
         if not is_data:
             holes(end - start)
@@ -126,7 +151,7 @@ def _raw_sparse(
                 raise Cancelled("export cancelled")
             n = min(CHUNK, end - pos)
             next(ahead, None)
-            chunk = pool.read(fd, n, pos)
+            chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
             if len(chunk) != n:
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
