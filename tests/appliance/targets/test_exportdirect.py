@@ -19,12 +19,14 @@ from appliance import config as config_mod
 from appliance.image.readbuf import ReadPool, direct_reads
 from appliance.progress import ProgressTracker
 from appliance.targets.diskexport import export_disk
-from appliance.targets.exportdest import FileDestination
+from appliance.targets.exportdest import FileDestination, S3Destination
 from appliance.targets.exportraw import raw_producer
 from tests import imagefactory as factory
+from tests.appliance.targets.test_diskexport import bucket, s3
 from tests.pagecachetools import MiB, cached, evict, read_all
 
 GiB = 1 << 30
+__all__ = ["bucket"]  # a fixture, used by name
 #: what may be cached of the source while it is read (the buffered reads kept the chunk being read and the
 #: 16 MiB announced ahead of it)
 SLACK = 1 * MiB
@@ -244,3 +246,26 @@ def test_a_refused_direct_read_falls_back_to_the_page_cache_once(tmp_path: Path)
     data = backing.read_bytes()
     assert first == data[512 : 512 + MiB] and second == data[2 * MiB : 3 * MiB]
     assert pool.direct is None and pool.direct_reads == 0
+
+
+@pytest.mark.parametrize("fmt, qemu_fmt", [("raw", "raw"), ("vhd", "vpc")])
+def test_a_cold_source_exported_to_s3_reads_back_identical(
+    tmp_path: Path, fmt: str, qemu_fmt: str, moto, bucket: str
+) -> None:
+    """To S3 the RAW producer hands the upload every chunk (holes as zeros), the direct reads' views
+    included: the upload keeps them while its parts are sent, and must send the bytes read."""
+    source = sparse_disk(tmp_path / "disk.raw", 24 * MiB + 4096, [(MiB + 512, 6 * MiB), (17 * MiB, 7 * MiB)])
+    if not reads_direct(source):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    watch = CacheWatch(source)
+    cfg = config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    dest = S3Destination(s3(moto), bucket, f"e.{fmt}", part_size=5 * MiB, threads=2)
+    result = export_disk(source, fmt, dest, config=cfg, workdir=work, source_check=watch)
+    assert watch.reads and watch.peak <= SLACK
+    body = moto.client("s3").get_object(Bucket=bucket, Key=f"e.{fmt}")["Body"].read()
+    assert len(body) == result.size
+    back = tmp_path / "back"
+    back.write_bytes(body)
+    qemu_compare(source, back, qemu_fmt)
