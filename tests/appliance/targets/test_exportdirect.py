@@ -21,6 +21,7 @@ from appliance.progress import ProgressTracker
 from appliance.targets.diskexport import export_disk
 from appliance.targets.exportdest import FileDestination, S3Destination
 from appliance.targets.exportraw import raw_producer
+from appliance.targets.exportvhd import vhd_producer
 from tests import imagefactory as factory
 from tests.appliance.targets.test_diskexport import bucket, s3
 from tests.pagecachetools import MiB, cached, evict, read_all
@@ -85,12 +86,19 @@ def export(source: Path, fmt: str, out: Path, tmp: Path, check: CacheWatch | Non
     export_disk(source, fmt, FileDestination(out), config=cfg, workdir=work, source_check=check)
 
 
-def buffered_raw(source: Path, out: Path) -> None:
-    """The RAW export as the writer did it before O_DIRECT: every read through the page cache."""
+def buffered(source: Path, out: Path, fmt: str = "raw") -> None:
+    """The RAW or dynamic VHD export as the writers did it before O_DIRECT: every read through the page
+    cache."""
     fd = os.open(source, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        FileDestination(out).stream(raw_producer(fd, size, ProgressTracker("x", size, None), None))
+        tracker = ProgressTracker("x", size, None)
+        produce = (
+            raw_producer(fd, size, tracker, None)
+            if fmt == "raw"
+            else vhd_producer(fd, size, "dynamic", tracker, None)
+        )
+        FileDestination(out).stream(produce)
     finally:
         os.close(fd)
 
@@ -151,7 +159,7 @@ def test_an_export_from_a_cold_source_reads_it_without_filling_the_page_cache(
     if fmt == "raw":  # a sparse source keeps its holes
         assert data_map(out) == data_map(source) == [(8 * MiB, 28 * MiB), (40 * MiB, 72 * MiB)]
         reference = tmp_path / "buffered.raw"
-        buffered_raw(source, reference)
+        buffered(source, reference)
         assert out.read_bytes() == reference.read_bytes()
 
 
@@ -181,7 +189,7 @@ def test_an_unaligned_source_exports_identically(tmp_path: Path, size: int) -> N
     if not reads_direct(source):
         pytest.skip("this filesystem refuses O_DIRECT")
     reference = tmp_path / "buffered.raw"
-    buffered_raw(source, reference)
+    buffered(source, reference)
     evict(source)
     watch = CacheWatch(source)
     out = tmp_path / "out.raw"
@@ -194,6 +202,8 @@ def test_an_unaligned_source_exports_identically(tmp_path: Path, size: int) -> N
         vhd = tmp_path / "out.vhd"
         export(source, "vhd", vhd, tmp_path, CacheWatch(source))
         qemu_compare(source, vhd, "vpc")
+        buffered(source, reference.with_suffix(".vhd"), "vhd")
+        assert same_vhd(vhd, reference.with_suffix(".vhd"))
 
 
 def test_a_source_on_tmpfs_is_read_through_the_cache_and_exports_identically(tmp_path: Path) -> None:
