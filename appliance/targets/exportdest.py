@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,9 +26,6 @@ from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256, is_zero
 from .exportraw import CHUNK
 from .hashing import ThreadedSha256
 from .s3stream import MultipartWriter
-
-#: O_DIRECT writes queued for a file output's writer thread, at most (16 MiB of the RAW export's pieces)
-DIRECT_DEPTH = 4
 
 
 class Destination(Protocol):
@@ -60,10 +56,9 @@ class FileSink:
     all aligned (:data:`appliance.image.readbuf.ALIGN`: the RAW export's pieces, read with O_DIRECT into
     the pool's aligned buffers) goes through it, around the page cache; any other write (the last partial
     block, a VHD's bitmaps and blocks, which are never aligned: 512 bytes of bitmap before each 2 MiB)
-    is written buffered and dropped behind. The direct writes are queued to a thread of their own
-    (:class:`_DirectWriter`). RAW export of the 4 GiB benchmark disk, interleaved 6 rounds, load 2.8-3.7:
-    2.37 s and 1.29 CPU-s (system 0.24) with direct writes against 2.45 s and 1.69 (system 0.70)
-    buffered with drop-behind (bench/README.md). A dynamic VHD keeps its buffered writes: aligning
+    is written buffered and dropped behind. RAW export of the 4 GiB benchmark disk, interleaved, load
+    3.1-4.2: 2.66 s and 1.32 CPU-s (system 0.24) with direct writes against 3.14 s and 1.79 (system
+    0.67) buffered with drop-behind (bench/README.md). A dynamic VHD keeps its buffered writes: aligning
     them would need each block's bitmap and data copied into one aligned buffer, the 2 MiB copy per block
     its writer removed."""
 
@@ -77,8 +72,7 @@ class FileSink:
         dropping: bool = False,
         direct: int | None = None,
     ) -> None:
-        self.fd, self.offset = fd, 0
-        self.direct = _DirectWriter(direct) if direct is not None else None
+        self.fd, self.offset, self.direct = fd, 0, direct
         #: bytes written with O_DIRECT (for tests and measurements)
         self.direct_bytes = 0
         self.behind = pagecache.WriteBehind(fd) if dropping else None
@@ -97,8 +91,9 @@ class FileSink:
         view = memoryview(data)
         at = self.offset
         if self.direct is not None and _aligned(view, at):
-            self.direct.write(view, at)  # (the queued view keeps the pooled buffer from being refilled)
-            view = view[n:]
+            while view:
+                w = os.pwrite(self.direct, view, at)
+                view, at = view[w:], at + w
             self.direct_bytes += n
         while view:
             w = os.pwrite(self.fd, view, at)
@@ -126,57 +121,11 @@ class FileSink:
         chunked = self.chunks.result().to_dict() if self.chunks is not None else {}
         return (self.sha.hexdigest() if self.sha is not None else None), chunked
 
-    def flush(self) -> None:
-        """Wait for the queued O_DIRECT writes (raises the first one's error)."""
-        if self.direct is not None:
-            self.direct.finish()
-
     def close(self) -> None:
-        if self.direct is not None:
-            with contextlib.suppress(OSError):  # (a failure was raised by flush, or nothing is kept)
-                self.direct.finish()
         if self.chunks is not None:
             self.chunks.close()
         if self.sha is not None:
             self.sha.close()
-
-
-class _DirectWriter:
-    """A :class:`FileSink`'s O_DIRECT writes, done by a thread of its own with :data:`DIRECT_DEPTH` pieces
-    queued at most: a direct write returns only once the device has its bytes, and written from the
-    producer's thread it stalled the producer (RAW export, interleaved, load 3-4: 2.72 s against 2.47 s
-    with buffered writes, where the page cache returns at once and writes back in the background)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.error: OSError | None = None
-        self._queue: queue.Queue[tuple[memoryview, int] | None] = queue.Queue(maxsize=DIRECT_DEPTH)
-        self._thread = threading.Thread(target=self._run, name="direct-write", daemon=True)
-        self._thread.start()
-
-    def write(self, view: memoryview, at: int) -> None:
-        if self.error is not None:
-            raise self.error
-        self._queue.put((view, at))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            view, at = item
-            del item
-            try:
-                while view and self.error is None:
-                    w = os.pwrite(self.fd, view, at)
-                    view, at = view[w:], at + w
-            except OSError as exc:
-                self.error = exc
-            del view  # (the pooled buffer is free again)
-
-    def finish(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _aligned(view: memoryview, at: int) -> bool:
@@ -218,7 +167,6 @@ class FileDestination:
             try:
                 try:
                     produce(sink)
-                    sink.flush()
                     os.ftruncate(fd, sink.offset)
                     os.fdatasync(fd)
                     pagecache.drop_range(fd)  # all clean now: nothing of the output is left cached
