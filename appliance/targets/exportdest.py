@@ -8,7 +8,6 @@ whole-object sha256. Any failure leaves nothing."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +18,6 @@ from typing import Any, Protocol
 from .. import pagecache, partials
 from ..errors import UsageError
 from ..image.decoding import zeros
-from ..image.readbuf import ALIGN
 from ..image.vmdkwriter import ByteSink
 from .base import storage_error
 from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256, is_zero
@@ -50,17 +48,7 @@ class FileSink:
     gets: the chunked digest when ``chunked`` (zeros are not hashed where a whole chunk is zeros), the
     whole-object sha256 when ``full``. ``dropping``: the file leaves the page cache behind the writer
     (:class:`appliance.pagecache.WriteBehind`) (a final output nobody reads back here: left cached,
-    GiBs of it would cost fresh page-cache pages, dear on this kind of machine).
-
-    ``direct``: the same file opened with O_DIRECT: a write whose offset, length and buffer address are
-    all aligned (:data:`appliance.image.readbuf.ALIGN`: the RAW export's pieces, read with O_DIRECT into
-    the pool's aligned buffers) goes through it, around the page cache; any other write (the last partial
-    block, a VHD's bitmaps and blocks, which are never aligned: 512 bytes of bitmap before each 2 MiB)
-    is written buffered and dropped behind. RAW export of the 4 GiB benchmark disk, interleaved, load
-    3.1-4.2: 2.66 s and 1.32 CPU-s (system 0.24) with direct writes against 3.14 s and 1.79 (system
-    0.67) buffered with drop-behind (bench/README.md). A dynamic VHD keeps its buffered writes: aligning
-    them would need each block's bitmap and data copied into one aligned buffer, the 2 MiB copy per block
-    its writer removed."""
+    GiBs of it would cost fresh page-cache pages, dear on this kind of machine)."""
 
     def __init__(
         self,
@@ -70,11 +58,8 @@ class FileSink:
         full: bool = True,
         chunked: bool = True,
         dropping: bool = False,
-        direct: int | None = None,
     ) -> None:
-        self.fd, self.offset, self.direct = fd, 0, direct
-        #: bytes written with O_DIRECT (for tests and measurements)
-        self.direct_bytes = 0
+        self.fd, self.offset = fd, 0
         self.behind = pagecache.WriteBehind(fd) if dropping else None
         self.chunks = ChunkedSha256(chunk_size, name="export-chunks") if chunked else None
         self.sha: ThreadedSha256 | None = ThreadedSha256("export-sha256") if full else None
@@ -90,18 +75,13 @@ class FileSink:
             self.sha.update(data)
         view = memoryview(data)
         at = self.offset
-        if self.direct is not None and _aligned(view, at):
-            while view:
-                w = os.pwrite(self.direct, view, at)
-                view, at = view[w:], at + w
-            self.direct_bytes += n
         while view:
             w = os.pwrite(self.fd, view, at)
             view, at = view[w:], at + w
-            if self.behind is not None:
-                self.behind.wrote(w)
         del view  # (a pooled read buffer is free again once no view of it is left)
         self.offset += n
+        if self.behind is not None:
+            self.behind.wrote(n)
         return n
 
     def write_zeros(self, n: int) -> None:
@@ -128,21 +108,6 @@ class FileSink:
             self.sha.close()
 
 
-def _aligned(view: memoryview, at: int) -> bool:
-    """Whether writing ``view`` at ``at`` meets O_DIRECT's alignment (offset, length, address)."""
-    if at % ALIGN or len(view) % ALIGN or view.readonly or not view.c_contiguous:
-        return False  # (a read-only buffer, ``bytes``, is never one of the pool's aligned ones)
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
-
-
-def _open_direct(path: Path) -> int | None:
-    """``path`` opened again for writing with O_DIRECT, or None where its filesystem refuses it."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
 @dataclass
 class FileDestination:
     """A file at ``path``: written as a partial (announced to ``ledger``), flushed, renamed into place."""
@@ -162,8 +127,7 @@ class FileDestination:
     ) -> dict[str, Any]:
         with self.partial() as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            direct = _open_direct(tmp)
-            sink = FileSink(fd, chunk_size=self.chunk_size, full=full_sha256, dropping=True, direct=direct)
+            sink = FileSink(fd, chunk_size=self.chunk_size, full=full_sha256, dropping=True)
             try:
                 try:
                     produce(sink)
@@ -176,8 +140,6 @@ class FileDestination:
             finally:
                 sink.close()
                 os.close(fd)
-                if direct is not None:
-                    os.close(direct)
             if check_output is not None:
                 check_output(digest)
             self.publish(tmp)
