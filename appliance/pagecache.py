@@ -22,7 +22,8 @@ bench/README.md).
 * :func:`mostly_cached` samples whether a file's pages are in the cache (``mincore``), reading
   nothing: a source still cached (decoded into scratch a moment ago) is read from there; a cold one
   is read with O_DIRECT (qemu-img ``-T none``,
-  :func:`appliance.image.convertcmd.use_direct_input`).
+  :func:`appliance.image.convertcmd.use_direct_input`; the RAW and VHD exports' own reads by the same
+  rule, :func:`appliance.image.readbuf.open_direct`).
 """
 
 from __future__ import annotations

@@ -35,13 +35,13 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .. import pagecache
 from ..errors import Cancelled, UsageError
 from .decoding import SECTOR, zeros
-from .readbuf import ReadPool
+from .readbuf import ReadPool, read_ahead
 from .vmdkwriter import ByteSink, data_ranges
 
 #: bytes of data per dynamic block (the specification's default, qemu-img's and Hyper-V's)
@@ -187,11 +187,14 @@ def write_dynamic_vhd(
     *,
     on_progress: Callable[[int], object] | None = None,
     cancel: threading.Event | None = None,
-    on_read: Callable[[int, bytes | bytearray], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
+    direct: int | None = None,
 ) -> VhdWriteResult:
     """Write the RAW disk of ``size`` bytes open as ``fd`` to ``sink`` as a dynamic VHD (module
     docstring). ``on_progress(done)`` gets the disk bytes covered so far, ``on_read(offset, data)``
-    every block read, in ascending order (blocks holding no data are not read). Raises :class:`Cancelled` when
+    every block read, in ascending order (blocks holding no data are not read). ``direct``: the source
+    opened with O_DIRECT (:func:`appliance.image.readbuf.open_direct`): the blocks are read around the page
+    cache and not announced (that would fill the cache). Raises :class:`Cancelled` when
     ``cancel`` is set (the sink then holds a partial stream: the caller removes it or aborts the upload)."""
     _check(size)
     total = -(-size // BLOCK)
@@ -205,7 +208,7 @@ def write_dynamic_vhd(
     tail = footer(size, DYNAMIC)
     written = 0
 
-    def out(data: bytes | bytearray) -> None:
+    def out(data: bytes | bytearray | memoryview) -> None:
         nonlocal written
         sink.write(data)
         written += len(data)
@@ -214,18 +217,44 @@ def write_dynamic_vhd(
     out(dynamic_header(total))
     bat = struct.pack(f">{total}I", *table)
     out(bat + bytes(table_bytes - len(bat)))
-    bitmap = b"\xff" * (BITMAP_SECTORS * SECTOR)
-    pool = ReadPool(BLOCK, POOL)
-    for b in blocks[:READ_AHEAD]:
+    pool = ReadPool(BLOCK, POOL, direct=direct)
+    for b in blocks[:READ_AHEAD] if direct is None else ():
         _announce(fd, b, size)
+    pieces = ((b * BLOCK, min(BLOCK, size - b * BLOCK)) for b in blocks)
+    # O_DIRECT reads are synchronous: a thread reads READ_AHEAD blocks ahead into the pool instead
+    reads = read_ahead(pool, fd, pieces, READ_AHEAD) if direct is not None else None
+    try:
+        _write_blocks(fd, size, blocks, pool, reads, out, on_progress, cancel, on_read)
+    finally:
+        if reads is not None:
+            reads.close()
+    out(tail)
+    if on_progress is not None:
+        on_progress(size)
+    return VhdWriteResult(size, written, len(blocks))
+
+
+def _write_blocks(
+    fd: int,
+    size: int,
+    blocks: list[int],
+    pool: ReadPool,
+    reads: Iterator[bytes | bytearray | memoryview] | None,
+    out: Callable[[bytes | bytearray | memoryview], None],
+    on_progress: Callable[[int], object] | None,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
+) -> None:
+    """Each allocated block: its bitmap, then its data read from the source (padded to a whole block)."""
+    bitmap = b"\xff" * (BITMAP_SECTORS * SECTOR)
     for i, b in enumerate(blocks):
         if cancel is not None and cancel.is_set():
             raise Cancelled("VHD export cancelled")
-        if i + READ_AHEAD < len(blocks):
+        if i + READ_AHEAD < len(blocks) and reads is None:
             _announce(fd, blocks[i + READ_AHEAD], size)
         pos = b * BLOCK
         n = min(BLOCK, size - pos)
-        data = pool.read(fd, n, pos)
+        data = next(reads) if reads is not None else pool.read(fd, n, pos)
         if len(data) != n:
             raise UsageError(f"the source disk ended at byte {pos + len(data)}, not {size}")
         if on_read is not None:
@@ -242,7 +271,3 @@ def write_dynamic_vhd(
         del data  # the pool's buffer is free for the next read once the sink's consumers are done
         if on_progress is not None:
             on_progress(pos + n)
-    out(tail)
-    if on_progress is not None:
-        on_progress(size)
-    return VhdWriteResult(size, written, len(blocks))

@@ -84,7 +84,7 @@ _U32_MAX = 0xFFFFFFFF
 class ByteSink(Protocol):
     """Where the stream goes: written strictly forward (a file, a pipe, an upload)."""
 
-    def write(self, data: bytes | bytearray, /) -> int | None: ...
+    def write(self, data: bytes | bytearray | memoryview, /) -> int | None: ...
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class SourceDigestCheck:
         self.verified = False
         self.bytes_read = 0
 
-    def read(self, offset: int, data: bytes | bytearray) -> None:
+    def read(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.bytes_read += len(data)
         if self.chunked is not None:
             self.chunked.write(offset, data)

@@ -54,10 +54,14 @@ QUEUE_BYTES = 32 << 20
 _ZERO_STEP = 4 << 20
 
 
-def is_zero(data: bytes | bytearray) -> bool:
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """Whether ``data`` is all zero bytes (compared in place against a cached zero buffer: no copy, no
     allocation of its size)."""
     z = zeros(min(len(data), _ZERO_STEP))
+    if isinstance(data, memoryview):
+        # (``==`` compares a memoryview item by item, 40x slower than memcmp; ``bytes.startswith`` with
+        # the view as the prefix is a memcmp)
+        return all(z.startswith(data[at : at + _ZERO_STEP]) for at in range(0, len(data), _ZERO_STEP))
     for at in range(0, len(data), _ZERO_STEP):
         n = min(_ZERO_STEP, len(data) - at)
         if not data.startswith(z if n == len(z) else z[:n], at):

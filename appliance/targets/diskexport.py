@@ -7,6 +7,8 @@ This is what an export step calls (it knows nothing of the API); the pieces are 
   streamed straight into the destination);
 * ``vhd`` — ``dynamic`` (what AWS exports) or ``fixed``: :mod:`appliance.targets.exportvhd`;
 * ``raw`` — the disk's bytes, holes staying holes in a file: :mod:`appliance.targets.exportraw`;
+* RAW and VHD read a cold source with O_DIRECT into reused aligned buffers, a cached one through the
+  page cache (:func:`appliance.image.readbuf.open_direct`, qemu-img's ``-T none`` rule);
 * the destination (a file renamed into place when complete, or a multipart upload), which digests what
   it is given: :mod:`appliance.targets.exportdest`;
 * the check of the source against the digest its import recorded: :mod:`appliance.targets.exportcheck`;
@@ -28,6 +30,7 @@ None.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Mapping
@@ -38,6 +41,7 @@ from typing import Any
 from .. import partials
 from ..config import Config
 from ..errors import UsageError
+from ..image.readbuf import direct_reads
 from ..image.vmdkwriter import ADAPTER_TYPES, ByteSink, write_stream_vmdk
 from ..progress import ProgressCallback, ProgressTracker
 from .exportcheck import SourceCheck, checked_producer, read_whole_source
@@ -133,7 +137,8 @@ def export_disk(
         subformat = "streamOptimized"
         if adapter_type not in ADAPTER_TYPES:
             raise UsageError(f"adapter type {adapter_type!r}: use one of {', '.join(ADAPTER_TYPES)}")
-    with open_source(Path(source)) as (fd, size):
+    with contextlib.ExitStack() as stack:
+        fd, size = stack.enter_context(open_source(Path(source)))
         tracker = ProgressTracker("exporting", size, on_progress)
         full = wants_full_sha256(fmt, size) if full_sha256 is None else full_sha256
         on_read = source_check.read if source_check is not None else None
@@ -157,6 +162,7 @@ def export_disk(
                 checked_producer(produce, source_check, size), size_hint=size, full_sha256=full
             )
         elif fmt == "raw":
+            direct = stack.enter_context(direct_reads(Path(source)))
             chunk = (
                 destination.chunk_size if isinstance(destination, FileDestination) else destination.part_size
             )
@@ -169,22 +175,24 @@ def export_disk(
                         read_whole_source(fd, size, check, cancel)
 
                 location = destination.stream(
-                    raw_producer(fd, size, tracker, cancel),
+                    raw_producer(fd, size, tracker, cancel, direct=direct),
                     size_hint=size,
                     full_sha256=full,
                     check_output=by_output,
                 )
             else:
                 location = destination.stream(
-                    checked_producer(raw_producer(fd, size, tracker, cancel, on_read), source_check, size),
+                    checked_producer(
+                        raw_producer(fd, size, tracker, cancel, on_read, direct=direct), source_check, size
+                    ),
                     size_hint=size,
                     full_sha256=full,
                 )
         elif streams_vhd(fd, size):
+            direct = stack.enter_context(direct_reads(Path(source)))
+            producer = vhd_producer(fd, size, str(subformat), tracker, cancel, on_read, direct=direct)
             location = destination.stream(
-                checked_producer(
-                    vhd_producer(fd, size, str(subformat), tracker, cancel, on_read), source_check, size
-                ),
+                checked_producer(producer, source_check, size),
                 size_hint=vhd_size_hint(size),
                 full_sha256=full,
             )

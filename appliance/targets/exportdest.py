@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..image.decoding import zeros
 from ..image.vmdkwriter import ByteSink
 from .base import storage_error
-from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256
+from .chunkdigest import DEFAULT_CHUNK, ChunkedSha256, is_zero
 from .exportraw import CHUNK
 from .hashing import ThreadedSha256
 from .s3stream import MultipartWriter
@@ -64,9 +64,9 @@ class FileSink:
         self.chunks = ChunkedSha256(chunk_size, name="export-chunks") if chunked else None
         self.sha: ThreadedSha256 | None = ThreadedSha256("export-sha256") if full else None
 
-    def write(self, data: bytes | bytearray) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        if data == zeros(n):
+        if is_zero(data):
             self.write_zeros(n)
             return n
         if self.chunks is not None:

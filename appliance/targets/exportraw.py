@@ -1,11 +1,14 @@
 """The RAW side of an export: the source disk opened (a regular file or a block device) and its bytes
 produced for a sink in reads of :data:`CHUNK` (a file destination gets the holes by length, never read
-nor hashed; a sink without ``write_zeros`` gets zero chunks where ``SEEK_DATA`` finds holes)."""
+nor hashed; a sink without ``write_zeros`` gets zero chunks where ``SEEK_DATA`` finds holes). A cold
+source is read with O_DIRECT into the pool's aligned buffers (``direct``: :mod:`appliance.image.readbuf`),
+a cached one through the page cache."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from .. import pagecache
 from ..errors import Cancelled, UsageError
-from ..image.readbuf import ReadPool
+from ..image.readbuf import ReadPool, read_ahead
 from ..image.vmdkwriter import ByteSink
 from ..progress import ProgressTracker
 from .base import TargetError
@@ -55,15 +58,17 @@ def raw_producer(
     size: int,
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes | bytearray], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
+    *,
+    direct: int | None = None,
 ) -> Callable[[ByteSink], None]:
     def produce(sink: ByteSink) -> None:
         holes: Callable[[int], None] | None = getattr(sink, "write_zeros", None)
         if holes is not None:  # a file: each hole given by its length, never read nor hashed
-            _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read)
+            _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read, direct)
             return
         pos = 0
-        pool = ReadPool(CHUNK, POOL)
+        pool = ReadPool(CHUNK, POOL, direct=direct)
         while pos < size:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("export cancelled")
@@ -95,17 +100,46 @@ def _raw_sparse(
     holes: Callable[[int], None],
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes | bytearray], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
+    direct: int | None = None,
 ) -> None:
     """The disk's data ranges written, its holes given to ``holes`` by length. The reads ahead are
     announced (:func:`_announce`): the kernel's read-ahead starts again at every data range after a hole,
     so without it the disk waits while this thread hashes and writes. What was read is dropped from the
     page cache behind the reads (:func:`appliance.pagecache.drop_range`): the export reads each
-    byte once, and GiBs of cached source would cost fresh page-cache pages."""
-    pos = 0
-    pool = ReadPool(CHUNK, POOL)
+    byte once, and GiBs of cached source would cost fresh page-cache pages. With ``direct`` (the source
+    opened with O_DIRECT, :func:`appliance.image.readbuf.open_direct`) the reads bypass the page cache
+    and nothing is announced (that would fill the cache the reads avoid)."""
+    pool = ReadPool(CHUNK, POOL, direct=direct)
     ranges = list(segments(fd, size))
-    ahead = _announce(fd, [(start, end) for start, end, is_data in ranges if is_data])
+    data = [(start, end) for start, end, is_data in ranges if is_data]
+    ahead = _announce(fd, data) if direct is None else itertools.repeat(None)
+    # O_DIRECT reads are synchronous: a thread reads READ_AHEAD bytes ahead into the pool instead
+    if direct is None:
+        _copy(fd, ranges, pool, None, ahead, sink, holes, tracker, cancel, on_read)
+        return
+    with contextlib.closing(read_ahead(pool, fd, _pieces(data), READ_AHEAD // CHUNK)) as reads:
+        _copy(fd, ranges, pool, reads, ahead, sink, holes, tracker, cancel, on_read)
+
+
+def _pieces(data: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The reads of :data:`CHUNK` that cover the data ranges ``data``, in order."""
+    return ((pos, min(CHUNK, end - pos)) for start, end in data for pos in range(start, end, CHUNK))
+
+
+def _copy(
+    fd: int,
+    ranges: list[tuple[int, int, bool]],
+    pool: ReadPool,
+    reads: Iterator[bytes | bytearray | memoryview] | None,
+    ahead: Iterator[None],
+    sink: ByteSink,
+    holes: Callable[[int], None],
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
+) -> None:
+    pos = 0
     for start, end, is_data in ranges:
         if not is_data:
             holes(end - start)
@@ -117,7 +151,7 @@ def _raw_sparse(
                 raise Cancelled("export cancelled")
             n = min(CHUNK, end - pos)
             next(ahead, None)
-            chunk = pool.read(fd, n, pos)
+            chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
             if len(chunk) != n:
                 raise TargetError(
                     f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"

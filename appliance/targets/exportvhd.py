@@ -47,10 +47,12 @@ def vhd_producer(
     subformat: str,
     tracker: ProgressTracker,
     cancel: threading.Event | None,
-    on_read: Callable[[int, bytes | bytearray], object] | None = None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
+    *,
+    direct: int | None = None,
 ) -> Callable[[ByteSink], None]:
     if subformat == "fixed":  # the disk's bytes (holes stay holes in a file), then the footer
-        raw = raw_producer(fd, size, tracker, cancel, on_read)
+        raw = raw_producer(fd, size, tracker, cancel, on_read, direct=direct)
 
         def fixed(sink: ByteSink) -> None:
             raw(sink)
@@ -59,7 +61,9 @@ def vhd_producer(
         return fixed
 
     def dynamic(sink: ByteSink) -> None:
-        write_dynamic_vhd(fd, size, sink, on_progress=tracker.update, cancel=cancel, on_read=on_read)
+        write_dynamic_vhd(
+            fd, size, sink, on_progress=tracker.update, cancel=cancel, on_read=on_read, direct=direct
+        )
 
     return dynamic
 

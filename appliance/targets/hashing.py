@@ -80,7 +80,7 @@ class OffsetSha256:
             self._sha.update(_ZERO if m == len(_ZERO) else _ZERO[:m], shared=m == len(_ZERO))
             n -= m
 
-    def write(self, offset: int, data: bytes | bytearray) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.gap is not None:
             return
         if offset < self.position:

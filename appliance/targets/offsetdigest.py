@@ -12,7 +12,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from ..image.readbuf import PooledBuffer
+from ..image.readbuf import is_pooled
 from .chunkdigest import DEFAULT_CHUNK, ChunkedDigest, ChunkedSha256, combine, is_zero
 
 
@@ -82,7 +82,7 @@ class OffsetChunkedSha256:
             self._starts, self._ends = starts, ends
             gap *= 2
 
-    def _advance(self, offset: int, data: bytes | bytearray, zero: bool | None) -> None:
+    def _advance(self, offset: int, data: bytes | bytearray | memoryview, zero: bool | None) -> None:
         if offset > self.position:
             self._stream.zeros(offset - self.position)
         n = len(data)
@@ -114,7 +114,7 @@ class OffsetChunkedSha256:
                 return
             data, offset = bytes(data[behind - offset :]), behind
         # a pooled read buffer is not refilled while the digest's threads hold it: no copy
-        self._advance(offset, data if isinstance(data, (bytes, PooledBuffer)) else bytes(data), zero)
+        self._advance(offset, data if isinstance(data, bytes) or is_pooled(data) else bytes(data), zero)
 
     def zero(self, offset: int, length: int) -> None:
         """``[offset, offset + length)`` was made to read as zeros (or left as zeros)."""
