@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import Limits
 from .errors import Cancelled, ImagingError, UsageError
@@ -264,23 +265,49 @@ def run(argv: list[str], policy: Policy, *, cwd: Path, cancel: threading.Event |
         text=True,
         errors="replace",
     )
+    return collect(proc, policy, cancel)
+
+
+def collect(
+    proc: subprocess.Popen[Any],
+    policy: Policy,
+    cancel: threading.Event | None = None,
+    *,
+    input: bytes | None = None,
+) -> Completed:
+    """Wait for a confined process started with stdout and stderr on pipes (and stdin on a pipe when
+    ``input`` is given: written to it, then closed) and collect its output as text.
+
+    Never raises for exit codes. Raises :class:`~appliance.errors.Cancelled` (after killing and reaping
+    the process) when ``cancel`` is set. On expiry of the policy's wall-clock limit, counted from this
+    call, the process is killed and the result has ``timed_out=True``.
+    """
     deadline = None if policy.wall_seconds is None else time.monotonic() + policy.wall_seconds
+    data = input
     try:
         while True:
             try:
-                out, err = proc.communicate(timeout=_POLL_SECONDS)
-                return Completed(proc.returncode, out, err)
+                out, err = proc.communicate(data, timeout=_POLL_SECONDS)
+                return Completed(proc.returncode, _text(out), _text(err))
             except subprocess.TimeoutExpired:
+                data = None  # communicate keeps writing what the first call was given
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled while running {policy.tool}") from None
                 if deadline is not None and time.monotonic() > deadline:
                     proc.kill()
                     out, err = proc.communicate()
-                    return Completed(proc.returncode, out, err, timed_out=True)
+                    return Completed(proc.returncode, _text(out), _text(err), timed_out=True)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def _text(data: str | bytes | None) -> str:
+    """A pipe's output as text (a text-mode pipe's already is)."""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return data or ""
 
 
 def limit_hit(returncode: int, stderr: str, timed_out: bool = False) -> str | None:
@@ -326,13 +353,26 @@ def private_link(path: Path, parent: Path | None = None, prefix: str = "qemu-img
     The link is a hard link when ``parent`` is on the image's filesystem, else a symlink to the absolute
     path (qemu resolves relative names against the link's own directory either way, which we measured).
     """
+    target = _regular_file(path)
+    with private_dir(parent, prefix) as directory:
+        yield link_into(directory, target)
+
+
+def _regular_file(path: Path) -> Path:
     target = Path(path).resolve()
     if not target.is_file():
         raise UsageError(f"{path}: not a regular file")
-    with private_dir(parent, prefix) as directory:
-        link = directory / LINK_NAME
-        try:
-            os.link(target, link)
-        except OSError:  # EXDEV across filesystems, EPERM under fs.protected_hardlinks
-            link.symlink_to(target)
-        yield link
+    return target
+
+
+def link_into(directory: Path, path: Path) -> Path:
+    """A link named :data:`LINK_NAME` to ``path`` (a regular file) in ``directory`` (a private directory);
+    a hard link when both are on one filesystem, else a symlink to the absolute path (see
+    :func:`private_link`)."""
+    target = _regular_file(path)
+    link = directory / LINK_NAME
+    try:
+        os.link(target, link)
+    except OSError:  # EXDEV across filesystems, EPERM under fs.protected_hardlinks
+        link.symlink_to(target)
+    return link

@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from .. import config as config_mod
@@ -30,9 +29,6 @@ from ..image.formats import guest_format
 from .codes import for_data_disk
 from .report import GuestReport
 from .validate import CHILD, PACKAGE_PARENT, interpret
-
-#: how often the parent looks at cancel and the wall clock while the probe reads
-_POLL_SECONDS = 0.1
 
 
 class PendingProbe:
@@ -66,15 +62,7 @@ class PendingProbe:
         """What the child opens: a link in its private directory for a file, the device's path."""
         if stat.S_ISBLK(path.stat().st_mode):
             return str(path.resolve())
-        target = path.resolve()
-        if not target.is_file():
-            raise UsageError(f"{path}: not a regular file")
-        link = self.directory / confine.LINK_NAME
-        try:
-            os.link(target, link)
-        except OSError:  # EXDEV across filesystems, EPERM under fs.protected_hardlinks
-            link.symlink_to(target)
-        return link.name
+        return confine.link_into(self.directory, path).name
 
     def validate(
         self, path: str | Path, *, bootable: bool = True, cancel: threading.Event | None = None
@@ -94,24 +82,11 @@ class PendingProbe:
         return report
 
     def _answer(self, line: bytes, cancel: threading.Event | None) -> Completed:
-        proc = self.proc
-        deadline = None if self.policy.wall_seconds is None else time.monotonic() + self.policy.wall_seconds
-        data: bytes | None = line
-        while True:
-            try:
-                # the line goes on the first call only (communicate keeps what it was given)
-                out, err = proc.communicate(data, timeout=_POLL_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                data = None
-                if cancel is not None and cancel.is_set():
-                    self.close()
-                    raise Cancelled(f"cancelled while running {self.policy.tool}") from None
-                if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
-                    out, err = proc.communicate()
-                    return Completed(proc.returncode, _text(out), _text(err), timed_out=True)
-        return Completed(proc.returncode, _text(out), _text(err))
+        try:
+            return confine.collect(self.proc, self.policy, cancel, input=line)
+        except Cancelled:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Kill the child unless it has ended, reap it, remove its private directory."""
@@ -131,7 +106,3 @@ class PendingProbe:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-
-
-def _text(data: bytes | None) -> str:
-    return (data or b"").decode("utf-8", "replace")
