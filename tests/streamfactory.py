@@ -116,6 +116,15 @@ def build(s: Stream) -> bytes:
     return bytes(out)
 
 
+def grain_beyond_capacity(path: Path) -> Path:
+    """``path`` written as an 8 MiB stream-optimized VMDK whose second grain lies past its capacity (a
+    hostile stream every decoder must refuse as ``CorruptImage``)."""
+    capacity = 8 * (1 << 20) // SECTOR
+    grains = [Grain(lba=0, data=b"\x01" * 65536), Grain(lba=capacity + 128, data=b"\x02" * 65536)]
+    path.write_bytes(build(Stream(capacity=capacity, grains=grains)))
+    return path
+
+
 def nonzero_bytes(path: Path, block: int = 4096) -> int:
     """Bytes of the ``block``-sized blocks of ``path`` that are not all zero (what a sparse copy writes)."""
     total = 0

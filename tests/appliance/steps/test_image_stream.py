@@ -153,13 +153,7 @@ def test_a_sequential_format_streams_into_the_image_target_with_no_scratch_and_e
 def test_a_stream_vmdk_with_a_grain_beyond_its_capacity_fails_corrupt_and_leaves_no_image(
     cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
-    capacity = 8 * MiB // 512
-    stream = sf.Stream(
-        capacity=capacity,
-        grains=[sf.Grain(lba=0, data=b"\x01" * 65536), sf.Grain(lba=capacity + 128, data=b"\x02" * 65536)],
-    )
-    image = tmp_path / "hostile.vmdk"
-    image.write_bytes(sf.build(stream))
+    image = sf.grain_beyond_capacity(tmp_path / "hostile.vmdk")
     moto.client("s3").upload_file(str(image), bucket, "hostile.vmdk")
     done = run_import(cfg, DiskContainer(format="VMDK", bucket=bucket, key="hostile.vmdk"), snapshot=True)
     assert (done.state, done.error_code) == (TaskState.FAILED, "CorruptImage"), done.error_message

@@ -89,13 +89,7 @@ def test_the_guest_probe_waits_while_a_gzip_disk_streams_and_is_reaped_after_rea
 def test_a_hostile_stream_kills_and_reaps_the_waiting_probe(
     cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path, probes_while_decoding: list[int]
 ) -> None:
-    capacity = 8 * MiB // 512
-    stream = sf.Stream(
-        capacity=capacity,
-        grains=[sf.Grain(lba=0, data=b"\x01" * 65536), sf.Grain(lba=capacity + 128, data=b"\x02" * 65536)],
-    )
-    image = tmp_path / "hostile.vmdk"
-    image.write_bytes(sf.build(stream))
+    image = sf.grain_beyond_capacity(tmp_path / "hostile.vmdk")
     moto.client("s3").upload_file(str(image), bucket, image.name)
     done = run_import(cfg, DiskContainer(format="VMDK", bucket=bucket, key=image.name), snapshot=True)
     assert (done.state, done.error_code) == (TaskState.FAILED, "CorruptImage"), done.error_message

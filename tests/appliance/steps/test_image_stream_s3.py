@@ -164,13 +164,7 @@ def test_the_guest_of_a_streamed_disk_is_read_back_from_the_stored_object_in_few
 def test_a_hostile_stream_vmdk_into_s3_fails_corrupt_and_leaves_no_object_and_no_incomplete_upload(
     cfg: config_mod.Config, moto: MotoServer, buckets: tuple[str, str], tmp_path: Path
 ) -> None:
-    capacity = 8 * MiB // 512
-    stream = sf.Stream(
-        capacity=capacity,
-        grains=[sf.Grain(lba=0, data=b"\x01" * 65536), sf.Grain(lba=capacity + 128, data=b"\x02" * 65536)],
-    )
-    image = tmp_path / "hostile.vmdk"
-    image.write_bytes(sf.build(stream))
+    image = sf.grain_beyond_capacity(tmp_path / "hostile.vmdk")
     moto.client("s3").upload_file(str(image), buckets[0], "hostile.vmdk")
     done = run_import(cfg, DiskContainer(format="VMDK", bucket=buckets[0], key="hostile.vmdk"), snapshot=True)
     assert (done.state, done.error_code) == (TaskState.FAILED, "CorruptImage"), done.error_message
