@@ -205,7 +205,7 @@ def appliance_vm(
     try:
         vm.wait_for("the API's /v1/health", lambda: vm.get_json("/v1/health")[0] in (200, 503), 300)
         vm.boot_seconds["api"] = time.monotonic() - vm.boot_seconds["started"]
-        vm.ssh("cloud-init status --wait", timeout=300)
+        vm.wait_cloud_init(300)
         vm.boot_seconds["cloud-init"] = time.monotonic() - vm.boot_seconds["started"]
         sys.stderr.write(f"\n[image] good VM ({vm.accel}): {vm.boot_seconds}\n")
         yield vm
@@ -228,7 +228,7 @@ def bad_config_vm(
     vm = vmlib.boot(appliance_image, image_workdir / "bad", data, ssh_key, forwards=[controller.forward])
     try:
         vm.wait_for("the health responder", lambda: vm.get_json("/v1/health")[0] >= 200, 300)
-        vm.ssh("cloud-init status --wait", timeout=300, check=False)
+        vm.wait_cloud_init(300, check=False)
         yield vm
     finally:
         vm.stop()
@@ -256,7 +256,7 @@ def hooks_vm(
     )
     try:
         vm.wait_for("the API's /v1/health", lambda: vm.get_json("/v1/health")[0] in (200, 503), 300)
-        vm.ssh("cloud-init status --wait", timeout=300)
+        vm.wait_cloud_init(300)
         vm.boot_seconds["cloud-init"] = time.monotonic() - vm.boot_seconds["started"]
         sys.stderr.write(f"\n[image] hooks VM ({vm.accel}): {vm.boot_seconds}\n")
         yield vm

@@ -142,6 +142,30 @@ class Vm:
             check=check,
         )
 
+    def wait_cloud_init(self, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """``cloud-init status --wait`` over SSH, retried while ssh itself fails (exit 255) until
+        ``timeout``: under TCG sshd can answer its banner before cloud-init has installed root's key,
+        and the first connection is then refused."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                result = self.ssh("cloud-init status --wait", timeout=max(left, 1), check=False)
+            except subprocess.TimeoutExpired as exc:
+                tail = self.console_tail()
+                raise BootFailed(f"cloud-init: not done within {timeout:.0f} s:\n{tail}") from exc
+            if result.returncode != 255:
+                break
+            if time.monotonic() + 3 >= deadline or not self.alive():
+                raise BootFailed(
+                    f"ssh never connected within {timeout:.0f} s ({self.accel}): {result.stderr.strip()}\n"
+                    f"{self.console_tail()}"
+                )
+            time.sleep(3)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
+        return result
+
     def get_json(self, path: str, timeout: float = 5) -> tuple[int, Any]:
         """GET ``path`` on the forwarded API port: (HTTP status, parsed JSON body)."""
         try:
