@@ -267,7 +267,8 @@ def _write_blocks(
         if n < BLOCK:  # the disk's last, partial block: padded to a whole block
             out(zeros(BLOCK - n))
         # read once: cached, the source would grow the page cache by its size (fresh pages, dear here)
-        pagecache.drop_range(fd, pos, n)
+        if reads is None:  # (a read with O_DIRECT cached nothing)
+            pagecache.drop_range(fd, pos, n)
         del data  # the pool's buffer is free for the next read once the sink's consumers are done
         if on_progress is not None:
             on_progress(pos + n)

@@ -7,7 +7,6 @@ a cached one through the page cache."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import stat
@@ -67,30 +66,61 @@ def raw_producer(
         if holes is not None:  # a file: each hole given by its length, never read nor hashed
             _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read, direct)
             return
-        pos = 0
+        # a sink that takes only bytes (an upload): a chunk with no data is written as zeros, unread
         pool = ReadPool(CHUNK, POOL, direct=direct)
-        while pos < size:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("export cancelled")
-            n = min(CHUNK, size - pos)
-            try:
-                is_hole = os.lseek(fd, pos, os.SEEK_DATA) >= pos + n
-            except OSError as exc:  # ENXIO: only a hole after pos; else no SEEK_DATA here
-                is_hole = exc.errno == errno.ENXIO
-            chunk = _ZERO[:n] if is_hole else pool.read(fd, n, pos)
-            if len(chunk) != n:
-                raise TargetError(
-                    f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
-                )
-            if on_read is not None and not is_hole:
-                on_read(pos, chunk)
-            sink.write(chunk)
-            if not is_hole:
-                pagecache.drop_range(fd, pos, n)
-            pos += n
-            tracker.update(pos)
+        plan = _chunks(fd, size)
+        if direct is None:
+            _dense(fd, plan, pool, None, sink, tracker, cancel, on_read)
+            return
+        # O_DIRECT reads are synchronous: a thread reads the data chunks ahead into the pool
+        wanted = ((pos, n) for pos, n, is_hole in plan if not is_hole)
+        with contextlib.closing(read_ahead(pool, fd, wanted, READ_AHEAD // CHUNK)) as reads:
+            _dense(fd, plan, pool, reads, sink, tracker, cancel, on_read)
 
     return produce
+
+
+def _chunks(fd: int, size: int) -> list[tuple[int, int, bool]]:
+    """``(pos, n, is_hole)`` of each :data:`CHUNK` of the source, a hole being a chunk with no data in the
+    source's data map (:func:`appliance.targets.rawio.segments`)."""
+    data = [(start, end) for start, end, is_data in segments(fd, size) if is_data]
+    plan, i = [], 0
+    for pos in range(0, size, CHUNK):
+        n = min(CHUNK, size - pos)
+        while i < len(data) and data[i][1] <= pos:
+            i += 1
+        plan.append((pos, n, not (i < len(data) and data[i][0] < pos + n)))
+    return plan
+
+
+def _dense(
+    fd: int,
+    plan: list[tuple[int, int, bool]],
+    pool: ReadPool,
+    reads: Iterator[bytes | bytearray | memoryview] | None,
+    sink: ByteSink,
+    tracker: ProgressTracker,
+    cancel: threading.Event | None,
+    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
+) -> None:
+    """Every chunk of ``plan`` written to ``sink``: a hole as zeros, the rest read (from ``reads`` when a
+    read-ahead thread reads them, else here)."""
+    for pos, n, is_hole in plan:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("export cancelled")
+        if is_hole:
+            chunk: bytes | bytearray | memoryview = _ZERO[:n]
+        else:
+            chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
+        if len(chunk) != n:
+            raise TargetError(f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed")
+        if on_read is not None and not is_hole:
+            on_read(pos, chunk)
+        sink.write(chunk)
+        if reads is None and not is_hole:  # (a read with O_DIRECT cached nothing)
+            pagecache.drop_range(fd, pos, n)
+        del chunk  # (a pooled buffer is free again once the sink's consumers are done with it)
+        tracker.update(pos + n)
 
 
 def _raw_sparse(
@@ -159,7 +189,8 @@ def _copy(
             if on_read is not None:
                 on_read(pos, chunk)
             sink.write(chunk)
-            pagecache.drop_range(fd, pos, n)
+            if reads is None:  # (a read with O_DIRECT cached nothing)
+                pagecache.drop_range(fd, pos, n)
             pos += n
             tracker.update(pos)
 

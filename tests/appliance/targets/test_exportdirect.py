@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.image.readbuf import ReadPool, direct_reads
 from appliance.progress import ProgressTracker
+from appliance.targets import exportraw
 from appliance.targets.diskexport import export_disk
 from appliance.targets.exportdest import FileDestination, S3Destination
 from appliance.targets.exportraw import raw_producer
@@ -273,3 +276,66 @@ def test_a_cold_source_exported_to_s3_reads_back_identical(
     back = tmp_path / "back"
     back.write_bytes(body)
     qemu_compare(source, back, qemu_fmt)
+
+
+class UploadSink:
+    """A sink without ``write_zeros`` (what an upload is), which records every chunk it gets and, at its
+    first chunk of data, waits for the source's next data chunk to have been read: it has been only when
+    the reads run ahead of the writes in a thread of their own."""
+
+    def __init__(self, reads: list[int], next_data: int) -> None:
+        self.reads, self.next_data = reads, next_data
+        self.got = bytearray()
+        self.ahead: bool | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.ahead is None and any(data):
+            self.ahead = wait_until(lambda: self.next_data in self.reads)
+        self.got += data
+        return len(data)
+
+
+def wait_until(condition: Any, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_an_upload_of_a_cold_source_reads_its_data_ahead_of_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """To a sink that takes only bytes (S3) the direct reads run in the read-ahead thread, the next data
+    chunk read while the upload still holds the one before; the chunks with no data are zeros, not
+    read."""
+    pieces = [(MiB, 5 * MiB), (16 * MiB, 6 * MiB)]
+    source = sparse_disk(tmp_path / "disk.raw", 26 * MiB + 512, pieces)
+    if not reads_direct(source):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    reads: list[int] = []
+    threads: set[str] = set()
+
+    class Recording(ReadPool):
+        def read(self, fd: int, n: int, pos: int) -> Any:
+            threads.add(threading.current_thread().name)
+            got = super().read(fd, n, pos)
+            reads.append(pos)
+            return got
+
+    monkeypatch.setattr(exportraw, "ReadPool", Recording)
+    # data in the chunks at 0 and 4 MiB, then at 16 and 20 MiB: the second chunk is the next one read
+    sink = UploadSink(reads, exportraw.CHUNK)
+    size = source.stat().st_size
+    with direct_reads(source) as direct:
+        assert direct is not None
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            exportraw.raw_producer(fd, size, ProgressTracker("x", size, None), None, direct=direct)(sink)
+        finally:
+            os.close(fd)
+    assert sink.ahead is True
+    assert threads == {"read-ahead"}
+    assert reads == [0, 4 * MiB, 16 * MiB, 20 * MiB]
+    assert bytes(sink.got) == source.read_bytes()
