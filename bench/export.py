@@ -26,6 +26,16 @@ seconds (user + system, children included) are printed beside the wall times: un
 not stretch with the machine's load. The toolkit's digest is its default, the chunked SHA-256
 (``--full-sha256``: the whole-object sha256 as well, for every format).
 
+``limit`` is the machine's copy limit for the format, timed like the others: a read of the source's data
+(its ``SEEK_DATA`` ranges, 4 MiB reads) and a write of as many bytes as the format's output holds (new
+file, then ``fdatasync``), both with O_DIRECT and at once, in two threads, with no other work (no hashing,
+no format). On a VM whose one virtual disk serves reads and writes from a single queue (this one:
+measured 2026-12-06, reads alone 1.4-1.7 GB/s whatever the number in flight, 4 MiB writes alone
+2.6-3 GB/s, the two at once no faster than one after the other) no export of that format can finish
+sooner; ``export / limit`` is what is left of the writer's own cost, steadier than the ratio to bare
+qemu-img (whose own runs spread 1.3-2.3x on this VM: its buffered reads and writes pay for every fresh
+page-cache page).
+
 Every timed run — bare qemu-img included — is a process of its own (``export.py --one VARIANT``, started
 through :func:`taskproc.run_measured` as ``import_e2e.py`` starts its task, so its peak memory is its own):
 a worker runs each task in a new process too, and a variant timed inside the long-running benchmark process
@@ -41,12 +51,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +83,8 @@ from convert import _disk_stat_file, build_disk, drop_caches, log, wait_for_idle
 from taskproc import run_measured  # noqa: E402
 
 MiB = 1 << 20
+#: the piece of the ``limit`` variant's reads and writes (the export writers' read size)
+LIMIT_IO = 4 * MiB
 GOALS = {"vmdk": 0.6, "vhd": 1.05, "raw": 1.05}
 BARE = {
     "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized"],
@@ -117,6 +131,7 @@ def _timed(fn: Callable[[], object]) -> dict[str, float]:
 def _variant(
     name: str, fmt: str, disk: Path, out: Path, work: Path, recorded: Path, full_sha256: bool
 ) -> Callable[[], None]:
+    out_bytes = work / "out-bytes"  # the bytes of the format's output (written by the parent)
     """The timed work of variant ``name`` (``export``, ``toolkit``, ``qemu-img``) for ``fmt``."""
     cfg = config_mod.from_dict({"state_dir": str(work / "state")}, base_dir=work)
     full = True if full_sha256 else None
@@ -139,12 +154,60 @@ def _variant(
         finally:
             check.close()
 
+    def limit() -> None:
+        copy_limit(disk, _fresh(out), int(out_bytes.read_text()))
+
     def bare() -> None:
         subprocess.run(
             ["qemu-img", "convert", "-f", "raw", *BARE[fmt], str(disk), str(_fresh(out))], check=True
         )
 
-    return {"export": step, "toolkit": toolkit, "qemu-img": bare}[name]
+    return {"export": step, "toolkit": toolkit, "qemu-img": bare, "limit": limit}[name]
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    ranges, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        pos = os.lseek(fd, start, os.SEEK_HOLE)
+        ranges.append((start, pos))
+    return ranges
+
+
+def copy_limit(disk: Path, out: Path, out_bytes: int) -> None:
+    """The ``limit`` variant (module docstring): the source's data read and ``out_bytes`` written to
+    ``out`` at once, both O_DIRECT in :data:`LIMIT_IO` pieces, then ``fdatasync``."""
+    src = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+    try:
+        pieces = [
+            (at, min(LIMIT_IO, end - at))
+            for start, end in _data_ranges(src, os.fstat(src).st_size)
+            for at in range(start, end, LIMIT_IO)
+        ]
+
+        def read_all() -> None:
+            buf = mmap.mmap(-1, LIMIT_IO + 2 * 4096)  # page-aligned, as O_DIRECT wants
+            for at, n in pieces:
+                first = at - at % 4096
+                os.preadv(src, [memoryview(buf)[: -(-(at + n - first) // 4096) * 4096]], first)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        block = mmap.mmap(-1, LIMIT_IO)
+        block.write(bytes(range(256)) * (LIMIT_IO // 256))  # not zeros: no filesystem shortcut
+        written = 0
+        while written < out_bytes:
+            n = min(LIMIT_IO, -(-(out_bytes - written) // 4096) * 4096)
+            written += os.pwrite(dst, memoryview(block)[:n], written)
+        os.fdatasync(dst)
+        reader.join()
+    finally:
+        os.close(src)
+        os.close(dst)
 
 
 def run_one(args: argparse.Namespace) -> int:
@@ -200,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "--full-sha256", action="store_true", help="the toolkit also computes the whole-object sha256"
     )
     # the child's side of one timed run (see the module docstring)
-    parser.add_argument("--one", choices=["export", "toolkit", "qemu-img"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=["export", "toolkit", "qemu-img", "limit"], help=argparse.SUPPRESS)
     for name in ("--disk", "--dest", "--work", "--recorded", "--result"):
         parser.add_argument(name, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,18 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for fmt in formats:
             ours, theirs = args.out / f"exp-ours.{fmt}", args.out / f"exp-qemu.{fmt}"
+            limit_out = args.out / f"exp-limit.{fmt}"
 
             def child(
-                name: str, fmt: str = fmt, ours: Path = ours, theirs: Path = theirs
+                name: str,
+                fmt: str = fmt,
+                ours: Path = ours,
+                theirs: Path = theirs,
+                limit_out: Path = limit_out,
             ) -> dict[str, float]:
-                out = theirs if name.startswith("qemu-img") else ours
+                out = theirs if name.startswith("qemu-img") else limit_out if name == "limit" else ours
                 return _in_child(name, fmt, disk, out, work, recorded, args.full_sha256)
 
             child("export")  # the source checks out against its recorded digest
             _compare(disk, ours, QEMU_FMT[fmt])
+            # what ``limit`` writes: the output's allocated bytes (a RAW output's holes are not written)
+            (work / "out-bytes").write_text(str(ours.stat().st_blocks * 512))
             # the two bare runs apart, each after one of ours: a bare run that always follows the other
             # measured 21-43 % faster than it (2026-12-06, idle)
-            names = ["export", "qemu-img", "toolkit", "qemu-img#2"]
+            names = ["export", "qemu-img", "toolkit", "qemu-img#2", "limit"]
             times: dict[str, list[float]] = {k: [] for k in names}
             cpu: dict[str, list[float]] = {k: [] for k in names}
             minflt: dict[str, list[float]] = {k: [] for k in names}
@@ -271,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt} output sizes: toolkit {sizes['toolkit'] / MiB:.0f} MiB, "
                 f"qemu-img {sizes['qemu-img'] / MiB:.0f} MiB"
             )
-            ours.unlink(missing_ok=True)
-            theirs.unlink(missing_ok=True)
+            for path in (ours, theirs, limit_out):
+                path.unlink(missing_ok=True)
 
         exported = round_trip = None
         if not args.no_round_trip:
@@ -313,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{spreads[fmt]:.2f}; CPU-s export {cpus[fmt]['export']:.2f}, writer {cpus[fmt]['toolkit']:.2f}, "
             f"qemu-img {cpus[fmt]['qemu-img']:.2f}; minor faults export {faults[fmt]['export']:.0f}, "
             f"writer {faults[fmt]['toolkit']:.0f}, qemu-img {faults[fmt]['qemu-img']:.0f}"
+        )
+        print(
+            f"{fmt:5} machine limit {meds[fmt]['limit']:.2f} s (the source's data read and the output's "
+            f"bytes written at once, O_DIRECT, nothing else): export / limit = "
+            f"{meds[fmt]['export'] / meds[fmt]['limit']:.2f}, writer alone / limit = "
+            f"{meds[fmt]['toolkit'] / meds[fmt]['limit']:.2f}, qemu-img / limit = "
+            f"{meds[fmt]['bare'] / meds[fmt]['limit']:.2f}"
         )
     if exported is not None and round_trip is not None:
         print(f"OVA round trip: export {exported:.2f} s, with unpack + verify + compare {round_trip:.2f} s")
