@@ -22,8 +22,8 @@ under a cap (:func:`appliance.image.ovacontainer.gunzip`); every disk is inspect
 (:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing file, a flat VMDK, … are rejected with
 the inspection's code) and its virtual size must be the capacity the descriptor gives, to within a grain or,
 for a capacity in coarser units, to within one unit above it (ova-compose rounds down). The boot disk is the
-first disk of the hardware section (then the rest in order). On any failure the private directory is removed:
-nothing is left behind.
+one a ``vmw:BootOrderSection`` names, else the first disk of the hardware section (then the rest in order). On
+any failure the private directory is removed: nothing is left behind.
 
 Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
 :mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) is kept here, and the manifest's

@@ -13,7 +13,8 @@ Reading (:func:`parse`): defusedxml with DTDs, entities and external references 
 (:data:`MAX_OVF_BYTES`), run in a confined Python child (:func:`parse_confined`, the guest probe's policy:
 CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files (href, size,
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
-section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x), firmware, OS type, CPUs and memory (its
+section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
+names first), firmware, OS type, CPUs and memory (its
 ``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). Both envelope namespaces
 (``…/envelope/1`` and ``…/envelope/2``) are read; elements and attributes of other namespaces (``vmw:``,
 ``vbox:``) are ignored. A file split into chunks or compressed other than with gzip is ``Ova.Unsupported``;
@@ -339,6 +340,7 @@ def parse(data: bytes) -> OvfInfo:
     if len(disks) > MAX_DISKS:
         raise _bad(f"{len(disks)} disks (at most {MAX_DISKS})")
     order: list[str] = []
+    instances: dict[str, str | None] = {}  # disk items' InstanceID → the disk they hold
     vs = root.find(f"{{{ns}}}VirtualSystem")
     if vs is None:
         raise _bad("it has no VirtualSystem (collections of several VMs are not imported)")
@@ -356,7 +358,8 @@ def parse(data: bytes) -> OvfInfo:
                 unit = item.findtext(_q(RASD_NS, "AllocationUnits")) or "byte * 2^20"
                 info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
             elif kind == "17":
-                _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
+                did = _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
+                instances[(item.findtext(_q(RASD_NS, "InstanceID")) or "").strip()] = did
         # OVF 2.x puts disks in StorageItem elements of the CIM storage namespace (VirtualBox 2.0 export)
         for sasd in (SASD_NS, SASD_NS + ".xsd"):
             for item in hw.findall(f"{{{ns}}}StorageItem"):
@@ -365,16 +368,28 @@ def parse(data: bytes) -> OvfInfo:
         for cfg in hw.findall(f"{{{VMW_NS}}}Config"):
             if _attr(cfg, "key", VMW_NS) == "firmware":
                 info.firmware = (_attr(cfg, "value", VMW_NS) or "").lower() or None
+    # VMware marks the boot device: the first disk-type vmw:BootOrderSection names its disk item
+    for boot in vs.findall(f"{{{VMW_NS}}}BootOrderSection"):
+        if _attr(boot, "type", VMW_NS) == "disk":
+            did = instances.get((_attr(boot, "instanceId", VMW_NS) or "").strip())
+            if did is not None:
+                order.remove(did)
+                order.insert(0, did)
+            break
     order += [d for d in disks if d not in order]
     info.disks = [disks[d] for d in order]
     return info
 
 
-def _disk_item(resource: str | None, disks: dict[str, dict[str, Any]], order: list[str]) -> None:
-    """Append the disk a disk item's ``HostResource`` names (``ovf:/disk/ID``, ``/disk/ID``) to ``order``."""
+def _disk_item(resource: str | None, disks: dict[str, dict[str, Any]], order: list[str]) -> str | None:
+    """Append the disk a disk item's ``HostResource`` names (``ovf:/disk/ID``, ``/disk/ID``) to ``order``;
+    that disk's id (None when it names none)."""
     did = (resource or "").strip().removeprefix("ovf:").removeprefix("/disk/")
-    if did in disks and did not in order:
+    if did not in disks:
+        return None
+    if did not in order:
         order.append(did)
+    return did
 
 
 # ----------------------------------------------------------------------------------- the confined child

@@ -134,6 +134,20 @@ def test_an_esxi_ovftool_export_imports(
         pkg.remove()
 
 
+def test_the_disk_an_esxi_boot_order_section_names_is_the_boot_disk(
+    tmp_path: Path, cfg: Config, disks: list[Path]
+) -> None:
+    members = members_of(producers.ovftool(tmp_path / "vm.ova", disks))
+    # instance 7 is the item of the second disk: ESXi boots from it
+    members = [(n, b.replace(b'vmw:instanceId="6"', b'vmw:instanceId="7"')) for n, b in members]
+    data = build([member(n, b) for n, b in members if not n.endswith(".mf")])
+    pkg = unpack(data, tmp_path, cfg)
+    try:
+        assert [d.name for d in pkg.disks] == ["vm-disk2.vmdk", "vm-disk1.vmdk"]
+    finally:
+        pkg.remove()
+
+
 @pytest.mark.parametrize(("version", "crlf"), [("1.0", False), ("2.0", False), ("2.0", True)])
 def test_a_virtualbox_export_imports(
     version: str, crlf: bool, tmp_path: Path, cfg: Config, disks: list[Path]
