@@ -1,27 +1,33 @@
 """OVA packages: the format's rules, and reading an untrusted one.
 
-Reading (:func:`unpack_ova`): the tar is read as a stream (``tarfile`` ``r|``: never seeking, never
-extracting through ``tarfile``), and each member is checked before anything of it is kept
-(``ova-ovf.md`` §6): only regular files (``REGTYPE``/``AREGTYPE``, not sparse or contiguous; links, devices
-and FIFOs reject the whole OVA; directory entries are skipped), a flat final name (after PAX and GNU long
-names: no ``/``, no ``..``, no backslash or NUL, at most 255 bytes), no two members with the same name in
-any case, at most :data:`MAX_MEMBERS` members, a descriptor of at most ``ovf.MAX_OVF_BYTES``, a manifest or
-certificate of at most :data:`MAX_SMALL_BYTES`, disks of at most the virtual-size limit, a member whose data
-ends before the size its header claims is ``Ova.Corrupt``. Disks are written into a private directory
-(sparse: all-zero blocks stay holes) while their SHA-256 (and SHA-1 for an old manifest) is computed.
+Reading (:func:`unpack_ova`): a compressed or zipped file is ``Ova.Compressed`` from its first bytes
+(:mod:`appliance.image.ovacontainer`); the tar is read as a stream (``tarfile`` ``r|``: never seeking, never
+extracting through ``tarfile``), in any member order (the ``.ovf`` need not come first: every member is kept
+within the caps below until the descriptor is read, as VirtualBox, govmomi and virt-v2v accept), and each
+member is checked before anything of it is kept (``ova-ovf.md`` §6): only regular files
+(``REGTYPE``/``AREGTYPE``, not sparse or contiguous; links, devices and FIFOs reject the whole OVA; directory
+entries are skipped), a flat final name (after PAX and GNU long names: no ``/``, no ``..``, no backslash or
+NUL, at most 255 bytes), no two members with the same name in any case, at most :data:`MAX_MEMBERS` members, a
+descriptor of at most ``ovf.MAX_OVF_BYTES``, a manifest or certificate of at most :data:`MAX_SMALL_BYTES`,
+disks of at most the virtual-size limit, a member whose data ends before the size its header claims is
+``Ova.Corrupt``. AppleDouble members (``._NAME``, macOS tar's metadata, at most :data:`MAX_SMALL_BYTES`) are
+skipped, as virt-v2v skips them. Disks are written into a private directory (sparse: all-zero blocks stay
+holes) while their SHA-256 (and SHA-1 for an old manifest) is computed.
 
 Then: exactly one ``.ovf``, parsed in a confined child (:func:`appliance.image.ovf.parse_confined`); every
-``File`` a bare name present in the package with the size the descriptor says; no file referenced by two
-disks or two files with one name (``Ova.DuplicateDisk``); a missing file is ``Ova.MissingDisk``; a manifest,
-when present, must list every other member and every digest must match (``Ova.DigestMismatch``); every disk
-is inspected like any uploaded disk (:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing
-file, a flat VMDK, … are rejected with the inspection's code) and its virtual size must be the capacity the
-descriptor gives. The boot disk is the first disk of the hardware section (then the rest in order). On any
-failure the private directory is removed: nothing is left behind.
+``File`` a bare name present in the package with the size the descriptor says; no file referenced by two disks
+or two files with one name (``Ova.DuplicateDisk``); a missing file is ``Ova.MissingDisk``; the manifest and
+certificate are checked by :mod:`appliance.image.ovamanifest`; a ``File`` compressed with gzip is decompressed
+under a cap (:func:`appliance.image.ovacontainer.gunzip`); every disk is inspected like any uploaded disk
+(:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing file, a flat VMDK, … are rejected with
+the inspection's code) and its virtual size must be the capacity the descriptor gives, to within a grain or,
+for a capacity in coarser units, to within one unit above it (ova-compose rounds down). The boot disk is the
+one a ``vmw:BootOrderSection`` names, else the first disk of the hardware section (then the rest in order). On
+any failure the private directory is removed: nothing is left behind.
 
 Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
-:mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) and the manifest's line format
-(:func:`manifest`, :func:`_parse_manifest`) are kept here, for both directions.
+:mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) is kept here, and the manifest's
+line writer (:func:`manifest`) is re-exported, for both directions.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import stat
 import tarfile
@@ -42,6 +47,9 @@ from typing import IO, Any, BinaryIO
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
 from .inspect import InspectionResult, inspect_image, require_safe
+from .ovacontainer import Prefixed, gunzip, refuse_wrapped
+from .ovamanifest import ALGORITHMS, check_certificate, check_manifest, parse_manifest
+from .ovamanifest import manifest as manifest
 from .ovf import MAX_OVF_BYTES, OvfInfo, parse_confined
 
 #: members one OVA may have (descriptor, manifest, certificate, disks, a few others)
@@ -49,20 +57,12 @@ MAX_MEMBERS = 64
 #: the largest manifest or certificate
 MAX_SMALL_BYTES = 64 << 10
 _CHUNK = 1 << 20
-_MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\(([^()]+)\)\s*=\s*([0-9a-fA-F]+)\r?$")
-_HEX_LENGTHS = {"SHA1": 40, "SHA256": 64, "SHA512": 128}
-_ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 #: how far a disk's virtual size may exceed its descriptor capacity (a VMDK rounds up to a grain)
 _CAPACITY_SLACK = 64 << 10
 
 
 def _reject(code: str, message: str) -> ImageRejected:
     return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
-
-
-def manifest(entries: list[tuple[str, str]]) -> bytes:
-    """``SHA256(name)= hex`` lines (open-vmdk's and ESXi's form)."""
-    return "".join(f"SHA256({name})= {digest}\n" for name, digest in entries).encode("ascii")
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -79,6 +79,8 @@ class OvaDisk:
     disk_id: str
     sha256: str
     inspection: InspectionResult | None = None
+    #: the unit the descriptor gives the capacity in (``byte * 2^N``): its precision
+    unit: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,26 +153,6 @@ def _check_member(ti: tarfile.TarInfo) -> None:
         )
     if ti.size < 0:
         raise _reject("Ova.Corrupt", f"the OVA member {ti.name!r} has a negative size")
-
-
-def _parse_manifest(data: bytes, name: str) -> dict[str, tuple[str, str]]:
-    """``{file: (algorithm, hex)}`` from a manifest; any line out of the grammar is ``Ova.BadManifest``."""
-    out: dict[str, tuple[str, str]] = {}
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise _reject("Ova.BadManifest", f"the manifest {name} is not ASCII text") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _MANIFEST_LINE.match(line)
-        if m is None or len(m.group(3)) != _HEX_LENGTHS[m.group(1)]:
-            raise _reject("Ova.BadManifest", f"line {n} of the manifest {name} is not 'SHA256(file)= hex'")
-        file = m.group(2).strip()
-        if file in out:
-            raise _reject("Ova.BadManifest", f"the manifest {name} lists {file!r} twice")
-        out[file] = (m.group(1), m.group(3).lower())
-    return out
 
 
 @dataclass
@@ -257,8 +239,10 @@ def _unpack(
     order: list[str] = []
     manifest_algorithms: set[str] | None = None
     count = 0
+    head = src.read(512)
+    refuse_wrapped(head)
     try:
-        tar = tarfile.open(fileobj=src, mode="r|")  # noqa: SIM115 - closed in the finally below
+        tar = tarfile.open(fileobj=Prefixed(head, src), mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - closed in the finally below
     except tarfile.TarError:
         raise _reject(
             "Ova.NotAnOva", "the file is not a tar archive (an OVA is an uncompressed tar)"
@@ -283,6 +267,11 @@ def _unpack(
             if folded in seen:
                 raise _reject("Ova.DuplicateMember", f"the OVA holds two members named {ti.name!r}")
             seen.add(folded)
+            if ti.name.startswith("._"):
+                # macOS tar's AppleDouble metadata of the member after it: never a part of the package
+                if ti.size > MAX_SMALL_BYTES:
+                    raise _reject("Ova.TooLarge", f"the AppleDouble member {ti.name!r} is {ti.size} bytes")
+                continue
             lower = ti.name.lower()
             f = tar.extractfile(ti)
             assert f is not None  # a regular member
@@ -301,8 +290,8 @@ def _unpack(
                 digests = {a: hashlib.new(a, body).hexdigest() for a in ("sha1", "sha256", "sha512")}
                 members[ti.name] = _Member(ti.name, ti.size, None, digests, body)
                 if lower.endswith(".mf"):
-                    parsed = _parse_manifest(body, ti.name)
-                    manifest_algorithms = {_ALGORITHMS[a] for a, _ in parsed.values()}
+                    parsed = parse_manifest(body, ti.name)
+                    manifest_algorithms = {ALGORITHMS[a] for a, _ in parsed.values()}
             else:
                 if ti.size > max_disk:
                     raise _reject(
@@ -348,35 +337,21 @@ def _verify(
     if mfs:
         body = members[mfs[0]].body
         assert body is not None
-        listed = _parse_manifest(body, mfs[0])
-        for name in order:
-            if name.lower().endswith((".mf", ".cert")):
-                continue
-            if name not in listed:
-                raise _reject("Ova.BadManifest", f"the manifest does not list the member {name!r}")
-        for name, (alg, digest) in listed.items():
-            if name not in members:
-                raise _reject("Ova.MissingDisk", f"the manifest lists {name!r}, which the OVA does not hold")
-            have = members[name].digests.get(_ALGORITHMS[alg])
-            if have is None:  # a disk read before the manifest is hashed with SHA-256 and SHA-1 only
-                raise _reject(
-                    "Ova.BadManifest",
-                    f"the manifest lists {name!r} with {alg}, and comes after it in the OVA: put the .mf "
-                    "right after the .ovf (as the OVF specification orders it), or use SHA256",
-                )
-            if have != digest:
-                raise _reject(
-                    "Ova.DigestMismatch",
-                    f"the {alg} of {name!r} is {have}, the manifest says {digest}: the OVA is damaged or was "
-                    "altered",
-                )
+        digests = {n: m.digests for n, m in members.items()}
+        findings += check_manifest(mfs[0], body, order, digests)
         verified = True
     else:
         findings.append(
             Finding.warning("Ova.NoManifest", "the OVA has no manifest: its members were not verified")
         )
-    if any(n.lower().endswith(".cert") for n in order):
-        findings.append(Finding.info("Ova.SignatureNotChecked", "the OVA's certificate was not verified"))
+    certs = [n for n in order if n.lower().endswith(".cert")]
+    if len(certs) > 1:
+        raise _reject("Ova.BadCertificate", f"the OVA holds {len(certs)} certificates")
+    for cert in certs:
+        cert_body = members[cert].body
+        assert cert_body is not None
+        signed = {n: members[n].body or b"" for n in mfs}
+        findings.append(check_certificate(cert, cert_body, signed, config.limits, directory))
 
     hrefs: dict[str, str] = {}
     for fid, f in info.files.items():
@@ -403,7 +378,11 @@ def _verify(
         declared = info.files[d["file"]]["size"]
         if declared is not None and declared != m.size:
             raise _reject("Ova.Corrupt", f"the descriptor says {href!r} is {declared} bytes; it is {m.size}")
-        disks.append(OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"]))
+        disk = OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"])
+        disk.unit = int(d.get("unit") or 1)
+        if info.files[d["file"]].get("gzip"):
+            disk.path = gunzip(disk.path, disk.name, disk.capacity, config.limits, cancel)
+        disks.append(disk)
     for name, m in members.items():  # members no disk uses (ISOs, NVRAM, …) are not kept
         if m.path is not None and name not in {d.name for d in disks}:
             m.path.unlink(missing_ok=True)
@@ -415,7 +394,8 @@ def _verify(
             require_safe(result)
             disk.inspection = result
             vsize = result.virtual_size or 0
-            if not disk.capacity <= vsize <= disk.capacity + _CAPACITY_SLACK:
+            # a capacity in coarse units is the size rounded down to them (ova-compose truncates)
+            if not disk.capacity <= vsize <= disk.capacity + max(_CAPACITY_SLACK, disk.unit - 1):
                 raise _reject(
                     "Ova.CapacityMismatch",
                     f"disk {disk.name!r} holds {vsize} bytes but the descriptor says {disk.capacity}",

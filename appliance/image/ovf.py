@@ -11,18 +11,21 @@ by tag, as the CIM schema's sequence requires.
 
 Reading (:func:`parse`): defusedxml with DTDs, entities and external references forbidden, a size cap
 (:data:`MAX_OVF_BYTES`), run in a confined Python child (:func:`parse_confined`, the guest probe's policy:
-CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files, disks (id,
-file, capacity in bytes), the disk order of the hardware section, firmware, OS type, CPUs and memory. Anything
-else is ``Ova.BadDescriptor``.
+CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files (href, size,
+gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
+section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
+names first), firmware, OS type, CPUs and memory (its
+``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). Both envelope namespaces
+(``…/envelope/1`` and ``…/envelope/2``) are read; elements and attributes of other namespaces (``vmw:``,
+``vbox:``) are ignored. A file split into chunks or compressed other than with gzip is ``Ova.Unsupported``;
+anything else unusable is ``Ova.BadDescriptor``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +34,9 @@ from typing import Any
 from defusedxml import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
 from defusedxml.ElementTree import fromstring
 
-from .. import confine
 from ..config import Limits
 from ..errors import Finding, ImageRejected
+from .confinedparse import run_parser
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
@@ -49,8 +52,12 @@ MAX_OVF_BYTES = 1 << 20
 MAX_DISKS = 21
 #: CIM OSType ids by the appliance's platform names (``ova-ovf.md`` §4.2)
 OS_TYPES = {"linux": (101, "other4xLinux64Guest"), "windows": (112, "windows8Server64Guest")}
+#: the CIM storage-allocation namespace of OVF 2.x ``StorageItem`` disks; VirtualBox writes it with ``.xsd``
+SASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+))?\s*$")
+#: the unit names VirtualBox writes for memory (``MegaBytes``) and their kin
+_NAMED_UNITS = {"bytes": 0, "kilobytes": 10, "megabytes": 20, "gigabytes": 30, "kb": 10, "mb": 20, "gb": 30}
 
 for _prefix, _uri in (
     ("ovf", OVF_NS),
@@ -69,6 +76,12 @@ def _bad(message: str) -> ImageRejected:
                 "Ova.BadDescriptor", f"the OVF descriptor is not usable: {message}; nothing was imported"
             )
         ]
+    )
+
+
+def _unsupported(message: str) -> ImageRejected:
+    return ImageRejected(
+        [Finding.error("Ova.Unsupported", f"the OVA uses what is not imported: {message}; nothing imported")]
     )
 
 
@@ -245,6 +258,9 @@ def _attr(el: ET.Element, name: str, ns: str) -> str | None:
 def _units(text: str | None) -> int:
     if not text:
         return 1
+    named = _NAMED_UNITS.get(text.strip().lower())
+    if named is not None:
+        return 1 << named
     m = _UNITS.match(text)
     if not m:
         raise _bad(f"capacityAllocationUnits {text[:40]!r} (expected 'byte * 2^N')")
@@ -289,12 +305,22 @@ def parse(data: bytes) -> OvfInfo:
         if fid in info.files:
             raise _bad(f"File id {fid!r} appears twice")
         comp = _attr(f, "compression", ns)
-        if comp not in (None, "identity"):
-            raise _bad(f"File {fid!r} is compressed ({comp[:20]!r}); only uncompressed disks are imported")
+        if comp not in (None, "identity", "gzip"):
+            raise _unsupported(
+                f"File {fid!r} is compressed with {comp[:20]!r}; only gzip (or none) is read: write the "
+                "OVA with uncompressed or gzip-compressed disks"
+            )
         if _attr(f, "chunkSize", ns) is not None:
-            raise _bad(f"File {fid!r} is split into chunks, which is not supported")
+            raise _unsupported(
+                f"File {fid!r} is split into chunks (ovf:chunkSize), which no importer here joins: write "
+                "the OVA without chunking (one member per disk)"
+            )
         size = _attr(f, "size", ns)
-        info.files[fid] = {"href": href, "size": _int(size, "File size") if size is not None else None}
+        info.files[fid] = {
+            "href": href,
+            "size": _int(size, "File size") if size is not None else None,
+            "gzip": comp == "gzip",
+        }
     disks: dict[str, dict[str, Any]] = {}
     for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
         did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
@@ -306,15 +332,15 @@ def parse(data: bytes) -> OvfInfo:
             raise _bad(f"disk {did!r} has no fileRef (empty disks are not imported)")
         if ref not in info.files:
             raise _bad(f"disk {did!r} refers to file {ref[:80]!r}, which References does not list")
-        capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * _units(
-            _attr(d, "capacityAllocationUnits", ns)
-        )
-        disks[did] = {"id": did, "file": ref, "capacity": capacity}
+        scale = _units(_attr(d, "capacityAllocationUnits", ns))
+        capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * scale
+        disks[did] = {"id": did, "file": ref, "capacity": capacity, "unit": scale}
     if not disks:
         raise _bad("it lists no disk")
     if len(disks) > MAX_DISKS:
         raise _bad(f"{len(disks)} disks (at most {MAX_DISKS})")
     order: list[str] = []
+    instances: dict[str, str | None] = {}  # disk items' InstanceID → the disk they hold
     vs = root.find(f"{{{ns}}}VirtualSystem")
     if vs is None:
         raise _bad("it has no VirtualSystem (collections of several VMs are not imported)")
@@ -332,24 +358,41 @@ def parse(data: bytes) -> OvfInfo:
                 unit = item.findtext(_q(RASD_NS, "AllocationUnits")) or "byte * 2^20"
                 info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
             elif kind == "17":
-                res = (item.findtext(_q(RASD_NS, "HostResource")) or "").strip()
-                did = res.removeprefix("ovf:").removeprefix("/disk/")
-                if did in disks and did not in order:
-                    order.append(did)
+                did = _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
+                instances[(item.findtext(_q(RASD_NS, "InstanceID")) or "").strip()] = did
+        # OVF 2.x puts disks in StorageItem elements of the CIM storage namespace (VirtualBox 2.0 export)
+        for sasd in (SASD_NS, SASD_NS + ".xsd"):
+            for item in hw.findall(f"{{{ns}}}StorageItem"):
+                if (item.findtext(_q(sasd, "ResourceType")) or "").strip() == "17":
+                    _disk_item(item.findtext(_q(sasd, "HostResource")), disks, order)
         for cfg in hw.findall(f"{{{VMW_NS}}}Config"):
             if _attr(cfg, "key", VMW_NS) == "firmware":
                 info.firmware = (_attr(cfg, "value", VMW_NS) or "").lower() or None
+    # VMware marks the boot device: the first disk-type vmw:BootOrderSection names its disk item
+    for boot in vs.findall(f"{{{VMW_NS}}}BootOrderSection"):
+        if _attr(boot, "type", VMW_NS) == "disk":
+            did = instances.get((_attr(boot, "instanceId", VMW_NS) or "").strip())
+            if did is not None:
+                order.remove(did)
+                order.insert(0, did)
+            break
     order += [d for d in disks if d not in order]
     info.disks = [disks[d] for d in order]
     return info
 
 
-# ----------------------------------------------------------------------------------- the confined child
+def _disk_item(resource: str | None, disks: dict[str, dict[str, Any]], order: list[str]) -> str | None:
+    """Append the disk a disk item's ``HostResource`` names (``ovf:/disk/ID``, ``/disk/ID``) to ``order``;
+    that disk's id (None when it names none)."""
+    did = (resource or "").strip().removeprefix("ovf:").removeprefix("/disk/")
+    if did not in disks:
+        return None
+    if did not in order:
+        order.append(did)
+    return did
 
-_CHILD = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from appliance.image.ovf import main; sys.exit(main())"
-)
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+# ----------------------------------------------------------------------------------- the confined child
 
 
 def main() -> int:
@@ -369,35 +412,5 @@ def parse_confined(data: bytes, limits: Limits, *, workdir: Path | None = None) 
     stopped it (an entity bomb a parser let through, a huge document)."""
     if len(data) > MAX_OVF_BYTES:
         raise _bad(f"{len(data)} bytes (at most {MAX_OVF_BYTES})")
-    policy = confine.guest_probe(limits, wall_seconds=60)
-    with confine.private_dir(workdir, prefix="ovf.") as cwd, tempfile.TemporaryFile(dir=cwd) as f:
-        f.write(data)
-        f.seek(0)
-        proc = confine.spawn(
-            [sys.executable, "-I", "-c", _CHILD, _PACKAGE_PARENT], policy, cwd=cwd, stdin=f.fileno()
-        )
-        try:
-            out, err = proc.communicate(timeout=policy.wall_seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            raise ImageRejected(
-                [Finding.error("UnsafeImage.ResourceLimit", "the OVF parser did not finish in time")]
-            ) from None
-        except BaseException:
-            proc.kill()
-            proc.communicate()
-            raise
-    text = err.decode("utf-8", "replace")
-    hit = confine.limit_hit(proc.returncode, text)
-    if hit is not None:
-        raise ImageRejected(
-            [Finding.error("UnsafeImage.ResourceLimit", f"the OVF parser {hit} ({policy.describe()})")]
-        )
-    try:
-        result = json.loads(out.decode("utf-8", "replace").strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        raise _bad(f"the parser failed (exit status {proc.returncode})") from None
-    if "error" in result:
-        raise ImageRejected([Finding.error(str(result["error"]), str(result["message"]))])
+    result = run_parser(__name__, data, limits, what="OVF parser", failed=_bad, workdir=workdir)
     return OvfInfo(**result["ovf"])

@@ -1,0 +1,66 @@
+"""The container around an OVA's members: what an OVA must not be wrapped in, and members the
+descriptor says are gzip-compressed.
+
+An OVA is an uncompressed tar (DSP0243; ``ova-ovf.md`` §2, §6 #1): a gzip/xz/bzip2/zstd-compressed file or a
+zip is refused from its first bytes with ``Ova.Compressed``, naming the tool that unwraps it (virt-v2v
+accepts such files; the specification and VMware do not, and a compressed tar cannot be checked member by
+member as it streams). A member whose ``File`` says ``ovf:compression="gzip"`` (ovftool ``--compress``, SUSE
+KIWI, …: ``§6 #12``) is decompressed after it was verified against the manifest (which hashes the member as
+stored), by the confined decompressor, under a cap of its capacity plus a VMDK's metadata.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from ..config import Limits
+from ..errors import Finding, ImageRejected
+from .decompress import decompress, detect_compression
+from .formats import SIGNATURE_BYTES, compression_of
+
+
+def _reject(code: str, message: str) -> ImageRejected:
+    return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
+
+
+class Prefixed:
+    """A forward-only stream whose first bytes were already read (to look at the container's magic)."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(size)
+        if size < 0:
+            data, self._head = self._head + self._rest.read(), b""
+            return data
+        data, self._head = self._head[:size], self._head[size:]
+        return data if len(data) == size else data + self._rest.read(size - len(data))
+
+
+def refuse_wrapped(head: bytes) -> None:
+    """``Ova.Compressed`` for an OVA wrapped in a compressed file or a zip (not a tar: DSP0243 §2)."""
+    kind = "zip" if head.startswith(b"PK\x03\x04") else compression_of(head[:SIGNATURE_BYTES])
+    if kind is not None:
+        tool = {"zip": "unzip", "gzip": "gunzip", "xz": "unxz", "bzip2": "bunzip2", "zstd": "unzstd"}[kind]
+        raise _reject(
+            "Ova.Compressed",
+            f"the file is {kind}-compressed, and an OVA is an uncompressed tar: decompress it ({tool}) "
+            "and import the .ova it holds",
+        )
+
+
+def gunzip(path: Path, name: str, capacity: int, limits: Limits, cancel: threading.Event | None) -> Path:
+    """The disk of the ``File@compression="gzip"`` member ``name`` (at ``path``), decompressed by the
+    confined decompressor beside it, at most its ``capacity`` plus a VMDK's metadata (more is
+    ``SizeLimitExceeded.Decompressed``: a bomb); the member itself is removed."""
+    if detect_compression(path) != "gzip":
+        raise _reject("Ova.Corrupt", f"the descriptor says {name!r} is gzip-compressed; it is not")
+    cap = min(capacity + capacity // 64 + (1 << 20), limits.max_decompressed_size)
+    out = path.with_name(f"{path.name}.disk")
+    decompress(path, out, "gzip", cap, cancel=cancel, limits=limits)
+    path.unlink()
+    return out

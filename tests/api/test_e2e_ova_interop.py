@@ -1,0 +1,95 @@
+"""ImportImage ``Format=ova`` of OVAs written by tools outside this repository, as clients see it:
+`imaging serve` (gunicorn) and `imaging worker` as real processes, S3 on a moto server process, boto3 as
+the client. A VirtualBox 2.0 export (memory in ``MegaBytes``, disks as OVF 2.0 ``StorageItem``, the
+manifest last in ``SHA256 (name) = hex`` form) imports, its boot disk stored identical to the guest it was
+made from; a gzip-wrapped OVA fails with ``Ova.Compressed`` as the task's status message and leaves
+nothing in scratch or in the image target."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as config_mod
+from tests import guestfactory
+from tests import ovaproducers as producers
+from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.servers import MotoServer
+
+pytestmark = pytest.mark.slow
+
+
+def _finished(appliance: Appliance, task_id: str) -> dict[str, Any]:
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    return status()
+
+
+def _import(appliance: Appliance, moto: MotoServer, bucket: str, ova: Path) -> str:
+    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
+    return str(
+        appliance.ec2.import_image(
+            DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}]
+        )["ImportTaskId"]
+    )
+
+
+def _leftovers(appliance: Appliance) -> list[str]:
+    """The files left in scratch (besides its own bookkeeping at its root: ``.lock``, ``.peak.json``) and
+    in the image target's directory."""
+    cfg = config_mod.load(appliance.config)
+    found: list[str] = []
+    for root in (cfg.scratch.root, appliance.state / "images"):
+        if root.exists():
+            files = [p for p in root.rglob("*") if p.is_file()]
+            found += [
+                str(p.relative_to(root)) for p in files if p.parent != root or not p.name.startswith(".")
+            ]
+    return found
+
+
+def test_a_virtualbox_ova_imports_its_boot_disk(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    (tmp_path / "disks").mkdir()
+    vmdk = guestfactory.convert(boot, tmp_path / "disks" / "boot.vmdk", "vmdk", "subformat=streamOptimized")
+    ova = producers.virtualbox(tmp_path / "vm.ova", [vmdk], version="2.0")
+    task_id = _import(appliance, moto, bucket, ova)
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "completed", final
+    result = admin_task(appliance, task_id)["task"]["result"]
+    opened = result["disk"]["opened"]
+    assert opened["ova"]["manifest_verified"] and opened["ova"]["memory_mib"] == 2048
+    assert opened["platform"] == "Linux"  # CIM OSType 96: Debian 64-bit
+    stored = Path((result["disk"].get("stored") or result["disk"]["streamed"]["stored"])["path"])
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_a_gzip_wrapped_ova_fails_with_what_to_do_and_leaves_nothing(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    (tmp_path / "disks").mkdir()
+    vmdk = guestfactory.convert(boot, tmp_path / "disks" / "boot.vmdk", "vmdk", "subformat=streamOptimized")
+    ova = producers.virtualbox(tmp_path / "vm.ova", [vmdk], version="2.0")
+    wrapped = tmp_path / "vm.ova.gz"
+    wrapped.write_bytes(gzip.compress(ova.read_bytes(), mtime=0))
+    task_id = _import(appliance, moto, bucket, wrapped)
+
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted", final
+    assert "Ova.Compressed" in final["StatusMessage"] and "gunzip" in final["StatusMessage"], final
+    assert _leftovers(appliance) == []
