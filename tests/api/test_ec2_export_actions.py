@@ -188,7 +188,11 @@ def test_create_instance_export_task_of_a_cloud_instance_and_its_cancel(
     }
     [reservation] = cloud.describe_instances(InstanceIds=[instance_id])["Reservations"]
     root = reservation["Instances"][0]["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    assert appliance.service.store.get_task(task_id).params["source"]["volume_id"] == root
+    source = appliance.service.store.get_task(task_id).params["source"]
+    assert source["volume_id"] == root
+    # the OS an OVA of it would name: the cloud's Platform (EC2 sets it for Windows only)
+    windows = reservation["Instances"][0].get("Platform") == "windows"
+    assert source["platform"] == ("windows" if windows else "linux")
     active = appliance.ec2.describe_export_tasks(Filters=[{"Name": "state", "Values": ["active"]}])
     assert [t["ExportTaskId"] for t in active["ExportTasks"]] == [task_id]
     by_instance = appliance.ec2.describe_export_tasks(Filters=[{"Name": "instance-id", "Values": ["i-1"]}])
