@@ -26,10 +26,11 @@ A stored image may have more than one location: each completed ``copy-image`` ta
 the one its import stored first, then its copies in the order they completed.
 
 A resolved source is a JSON object stored in the export task's parameters:
-``{"type": "image", "location": {...}, "locations": [...], "size": N, "id": ..., "task_id": ...}``,
-``{"type": "volume", "volume": {...}, ...}`` or ``{"type": "cloud-instance", "instance_id": ...,
-"volume_id": ..., "size": N, "disks": [{"volume_id", "device_name", "size"}, ...]}`` (``disks``: every
-EBS volume, the root device first).
+``{"type": "image", "location": {...}, "locations": [...], "size": N, "id": ..., "task_id": ...,
+"firmware": "bios"|"efi", "platform": "linux"|"windows"}``, ``{"type": "volume", "volume": {...}, ...}``
+or ``{"type": "cloud-instance", "instance_id": ..., "platform": ..., "volume_id": ..., "size": N,
+"disks": [{"volume_id", "device_name", "size"}, ...]}`` (``disks``: every EBS volume, the root device
+first). ``firmware`` and ``platform`` are what an OVA export writes in its OVF.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def firmware(task: Task, guest: dict[str, Any] | None) -> str:
     if mode == "uefi" or (mode == "bios+uefi" and asked == "uefi"):
         return "efi"
     return "bios"
+
+
+def platform(task: Task, guest: dict[str, Any] | None) -> str:
+    """``windows`` when the import's guest validation found Windows (or found no operating system and
+    the request said ``Platform=Windows``), else ``linux``: the OS type an OVA export writes in its
+    ``OperatingSystemSection``, which an OVA import checks against the boot disk again."""
+    family = ((guest or {}).get("os") or {}).get("family")
+    if family is None:
+        family = str((task.params or {}).get("platform") or "").lower()
+    return "windows" if family == "windows" else "linux"
 
 
 def _not_found(code: str, what: str, resource_id: str) -> ResourceNotFound:
@@ -142,6 +153,7 @@ class Resolver:
             "locations": [location, *self.copies(task)],
             "size": location.get("size") or found.get("size"),
             "firmware": firmware(task, found.get("guest")),
+            "platform": platform(task, found.get("guest")),
         }
 
     def _data_disk(self, snapshot_id: str, sees: Collection[str] | None) -> dict[str, Any] | None:
@@ -160,8 +172,9 @@ class Resolver:
                         "location": location,
                         "locations": [location, *self.copies(task, of=location)],
                         "size": location.get("size") or disk.get("size"),
-                        # a data disk boots nothing: no firmware to carry into an OVF
+                        # a data disk boots nothing: no firmware or OS to carry into an OVF
                         "firmware": "bios",
+                        "platform": "linux",
                     }
         return None
 

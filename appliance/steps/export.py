@@ -173,6 +173,9 @@ class ExportWriteStep(Step):
         # instance of the controlling cloud carries none: bios)
         firmware = source.get("firmware") or "bios"
         record["firmware"] = firmware
+        # and its OS, which an OVA import checks against the boot disk (an image: what validation
+        # found; an instance: the cloud's Platform); an export from before sources recorded it: linux
+        platform = source.get("platform") or "linux"
         return writer.write_ova(
             paths,
             name=ctx.task_id,
@@ -181,6 +184,7 @@ class ExportWriteStep(Step):
             workdir=ctx.workdir,
             metadata=object_metadata(record),
             firmware=firmware,
+            platform=platform,
             on_progress=_progress(ctx),
             cancel=ctx.cancel,
             fence=ctx.fence,

@@ -30,8 +30,9 @@ from .ec2 import GIB, TASK_TAG, Ec2VolumeTarget
 
 
 def describe_boot_volume(settings: Mapping[str, Any], instance_id: str) -> dict[str, Any] | None:
-    """``{instance_id, owner_id, volume_id, device_name, size, disks}`` of the instance's boot (root) EBS
-    volume (``owner_id``: the account of its reservation; ``disks``: every EBS volume of the instance,
+    """``{instance_id, owner_id, platform, volume_id, device_name, size, disks}`` of the instance's boot
+    (root) EBS volume (``owner_id``: the account of its reservation; ``platform``: ``windows`` when EC2
+    says so, else ``linux``; ``disks``: every EBS volume of the instance,
     each ``{volume_id, device_name, size}``, in boot-device order: the root device first, then the others
     by device name), or None when the cloud does not know the instance. Raises ``CloudApiError`` for
     other failures and ``NotExportable`` for an instance without an EBS root volume (instance store)."""
@@ -63,7 +64,9 @@ def describe_boot_volume(settings: Mapping[str, Any], instance_id: str) -> dict[
                 "size": int(volume.get("Size", 0)) * GIB,
             }
         )
-    return {"instance_id": instance_id, "owner_id": owner, **disks[0], "disks": disks}
+    # EC2 reports Platform only for Windows instances
+    platform = "windows" if str(instance.get("Platform") or "").lower() == "windows" else "linux"
+    return {"instance_id": instance_id, "owner_id": owner, "platform": platform, **disks[0], "disks": disks}
 
 
 class CloudDiskCopy:

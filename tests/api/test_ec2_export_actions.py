@@ -188,7 +188,11 @@ def test_create_instance_export_task_of_a_cloud_instance_and_its_cancel(
     }
     [reservation] = cloud.describe_instances(InstanceIds=[instance_id])["Reservations"]
     root = reservation["Instances"][0]["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    assert appliance.service.store.get_task(task_id).params["source"]["volume_id"] == root
+    source = appliance.service.store.get_task(task_id).params["source"]
+    assert source["volume_id"] == root
+    # the OS an OVA of it would name: the cloud's Platform (EC2 sets it for Windows only)
+    windows = reservation["Instances"][0].get("Platform") == "windows"
+    assert source["platform"] == ("windows" if windows else "linux")
     active = appliance.ec2.describe_export_tasks(Filters=[{"Name": "state", "Values": ["active"]}])
     assert [t["ExportTaskId"] for t in active["ExportTasks"]] == [task_id]
     by_instance = appliance.ec2.describe_export_tasks(Filters=[{"Name": "instance-id", "Values": ["i-1"]}])
@@ -353,3 +357,31 @@ def test_bad_export_requests_are_refused_before_anything_is_queued(
         assert code_of(info) == code
     assert appliance.ec2.describe_export_tasks()["ExportTasks"] == []
     assert appliance.ec2.describe_export_image_tasks()["ExportImageTasks"] == []
+
+
+def test_a_failed_instance_export_shows_cancelled_with_the_client_error_and_stops_the_waiter(
+    cloud_appliance: tuple[Appliance, Any, str],
+) -> None:
+    # ExportTaskState has no failed: AWS ends a failed export as cancelled, its reason a ClientError
+    appliance, _cloud, instance_id = cloud_appliance
+    task_id = appliance.ec2.create_instance_export_task(
+        InstanceId=instance_id,
+        TargetEnvironment="microsoft",
+        ExportToS3Task={"DiskImageFormat": "VHD", "S3Bucket": "exports", "S3Prefix": "hyperv/"},
+    )["ExportTask"]["ExportTaskId"]
+    store = appliance.service.store
+    store.claim(task_id, "test-worker", 30)
+    store.set_state(task_id, TaskState.FAILED, error_code="NotExportable", error_message="no EBS root")
+    [task] = appliance.ec2.describe_export_tasks(ExportTaskIds=[task_id])["ExportTasks"]
+    assert task["State"] == "cancelled" and task["StatusMessage"] == "ClientError: NotExportable: no EBS root"
+    assert task["ExportToS3Task"]["S3Key"] == f"hyperv/{task_id}.vhd"
+    assert task["InstanceExportDetails"] == {"InstanceId": instance_id, "TargetEnvironment": "microsoft"}
+    cancelled = appliance.ec2.describe_export_tasks(Filters=[{"Name": "state", "Values": ["cancelled"]}])
+    assert [t["ExportTaskId"] for t in cancelled["ExportTasks"]] == [task_id]
+    with pytest.raises(WaiterError):
+        appliance.ec2.get_waiter("export_task_completed").wait(
+            ExportTaskIds=[task_id], WaiterConfig={"Delay": 1, "MaxAttempts": 1}
+        )
+    with pytest.raises(ClientError) as info:
+        appliance.ec2.cancel_export_task(ExportTaskId=task_id)
+    assert code_of(info) == "IncorrectState"

@@ -65,7 +65,11 @@ def two_disk_cloud(moto: MotoServer, tmp_path: Path) -> Iterator[dict[str, Any]]
     """The appliance's instance and a two-disk source instance in moto, the API on the ``ec2`` volume
     target, and two loop devices holding what the copies of the source's root and data volumes read."""
     ec2 = moto.client("ec2")
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]
+    # a Linux image: the source disks hold a Linux guest, and the OVA names the instance's OS as the
+    # cloud reports it (its Platform), which the re-import checks against the boot disk
+    image = next(
+        i for i in ec2.describe_images(Owners=["amazon"])["Images"] if i.get("Platform") != "windows"
+    )
     me = ec2.run_instances(ImageId=image["ImageId"], MinCount=1, MaxCount=1, InstanceType="t3.micro")[
         "Instances"
     ][0]["InstanceId"]

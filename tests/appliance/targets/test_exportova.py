@@ -9,6 +9,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 from appliance.config import Config
 from appliance.image.ova import unpack_ova
@@ -19,6 +20,13 @@ from tests.appliance.targets.test_diskexport import bucket, cfg, leftovers, qemu
 
 MiB = factory.MiB
 __all__ = ["bucket", "cfg", "workdir"]  # fixtures, used by name
+
+NS = {"ovf": "http://schemas.dmtf.org/ovf/envelope/1", "vmw": "http://www.vmware.com/schema/ovf"}
+
+
+def q(prefix: str, name: str) -> str:
+    """An attribute's qualified name for ElementTree."""
+    return f"{{{NS[prefix]}}}{name}"
 
 
 def test_a_two_disk_ova_is_ordered_and_digested_and_round_trips(
@@ -71,3 +79,64 @@ def test_an_ova_streams_to_s3(tmp_path: Path, cfg: Config, workdir: Path, moto, 
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         assert tar.getnames() == ["export-i-0abc.ovf", "export-i-0abc.mf", "export-i-0abc-disk1.vmdk"]
     assert leftovers(moto, bucket) == (1, []) and os.listdir(workdir) == []
+
+
+def test_the_ovf_describes_the_vm_to_a_plain_xml_reader(tmp_path: Path, cfg: Config, workdir: Path) -> None:
+    # what VMware and VirtualBox read, checked with ElementTree rather than the project's OVF parser:
+    # References and DiskSection agree with the tar, the disk format is streamOptimized, and the
+    # VirtualSystem has its OS, CPUs, memory, a controller each disk hangs off, and the firmware
+    boot = source_disk(tmp_path / "boot.raw", 12 * MiB, seed=3)
+    data = source_disk(tmp_path / "data.raw", 6 * MiB, seed=4)
+    out = tmp_path / "vm.ova"
+    export_ova(
+        [OvaSource(boot), OvaSource(data)],
+        FileDestination(out),
+        name="vm",
+        config=cfg,
+        workdir=workdir,
+        firmware="efi",
+        platform="windows",
+        cpus=4,
+        memory_mib=3072,
+    )
+    with tarfile.open(out) as tar:
+        sizes = {m.name: m.size for m in tar.getmembers()}
+        envelope = ElementTree.fromstring(tar.extractfile("vm.ovf").read())  # type: ignore[union-attr]
+    files = envelope.findall("ovf:References/ovf:File", NS)
+    assert [(f.get(q("ovf", "href")), int(f.get(q("ovf", "size")) or -1)) for f in files] == [
+        ("vm-disk1.vmdk", sizes["vm-disk1.vmdk"]),
+        ("vm-disk2.vmdk", sizes["vm-disk2.vmdk"]),
+    ]
+    disks = envelope.findall("ovf:DiskSection/ovf:Disk", NS)
+    assert [d.get(q("ovf", "fileRef")) for d in disks] == [f.get(q("ovf", "id")) for f in files]
+    assert [int(d.get(q("ovf", "capacity")) or -1) for d in disks] == [12 * MiB, 6 * MiB]
+    assert {d.get(q("ovf", "capacityAllocationUnits"), "byte") for d in disks} == {"byte"}
+    assert {d.get(q("ovf", "format")) for d in disks} == {
+        "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
+    }
+    [system] = envelope.findall("ovf:VirtualSystem", NS)
+    [os_section] = system.findall("ovf:OperatingSystemSection", NS)
+    assert os_section.get(q("ovf", "id")) == "112" and os_section.get(q("vmw", "osType"), "").startswith(
+        "windows"
+    )
+    [hardware] = system.findall("ovf:VirtualHardwareSection", NS)
+    items = [
+        {child.tag.split("}")[1]: (child.text or "") for child in item}
+        for item in hardware.findall("ovf:Item", NS)
+    ]
+    by_type: dict[str, list[dict[str, str]]] = {}
+    for item in items:
+        by_type.setdefault(item["ResourceType"], []).append(item)
+    [cpu], [memory] = by_type["3"], by_type["4"]
+    assert cpu["VirtualQuantity"] == "4"
+    assert (memory["VirtualQuantity"], memory["AllocationUnits"].replace(" ", "")) == ("3072", "byte*2^20")
+    controllers = {c["InstanceID"] for t in ("5", "6", "20") for c in by_type.get(t, [])}
+    assert controllers
+    attached = by_type["17"]
+    assert [d["HostResource"] for d in attached] == [f"ovf:/disk/{d.get(q('ovf', 'diskId'))}" for d in disks]
+    assert all(d["Parent"] in controllers for d in attached)
+    slots = [(d["Parent"], d["AddressOnParent"]) for d in attached]
+    assert len(set(slots)) == len(slots)
+    assert len({i["InstanceID"] for i in items}) == len(items)
+    firmware = [c for c in hardware.findall("vmw:Config", NS) if c.get(q("vmw", "key")) == "firmware"]
+    assert [c.get(q("vmw", "value")) for c in firmware] == ["efi"]
