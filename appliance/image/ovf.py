@@ -4,8 +4,9 @@ Writing (:func:`envelope`): the OVF 1.x namespace (``…/envelope/1``, the one e
 element order VMware's ``ova-compose`` writes (``ova-ovf.md`` §4.4, §7): ``References`` (one ``File`` per
 disk with ``href``, ``id``, ``size``), ``DiskSection`` (``capacity`` in bytes, ``populatedSize``, the
 streamOptimized format URI), ``NetworkSection``, and one ``VirtualSystem`` with an
-``OperatingSystemSection`` and a ``VirtualHardwareSection``: CPUs (3), memory (4, MiB), one SCSI
-controller (6, ``lsilogic``), a disk item (17) per disk on it, one NIC (10), and ``vmw:Config firmware``
+``OperatingSystemSection`` and a ``VirtualHardwareSection``: CPUs (3), memory (4, MiB), a SCSI
+controller (6, ``lsilogic``) per 15 disks, a disk item (17) per disk (units 0-6, 8-15: :func:`scsi_slot`),
+one NIC (10), and ``vmw:Config firmware``
 (``efi`` when the guest validated as UEFI, else ``bios``). The ``rasd:`` children of each item are sorted
 by tag, as the CIM schema's sequence requires.
 
@@ -108,6 +109,17 @@ def _item(parent: ET.Element, fields: dict[str, str]) -> None:
         ET.SubElement(item, _q(RASD_NS, tag)).text = fields[tag]
 
 
+#: disks per SCSI controller: its 16 targets but 7, the controller's own
+DISKS_PER_SCSI = 15
+
+
+def scsi_slot(index: int) -> tuple[int, int]:
+    """``(controller, unit)`` of the disk at ``index`` (0: the boot disk): 15 disks per controller on units
+    0-6 and 8-15 (VMware reserves unit 7 of a SCSI bus for the controller and refuses a disk there)."""
+    controller, unit = divmod(index, DISKS_PER_SCSI)
+    return controller, unit if unit < 7 else unit + 1
+
+
 def envelope(
     name: str,
     disks: list[OvfDisk],
@@ -189,25 +201,28 @@ def envelope(
             "VirtualQuantity": str(memory_mib),
         },
     )
-    _item(
-        hw,
-        {
-            "Address": "0",
-            "ElementName": "SCSI Controller 0",
-            "InstanceID": "3",
-            "ResourceSubType": "lsilogic",
-            "ResourceType": "6",
-        },
-    )
-    for i, _d in enumerate(disks, 1):
+    slots = [scsi_slot(j) for j in range(len(disks))]
+    controllers = slots[-1][0] + 1
+    for c in range(controllers):
         _item(
             hw,
             {
-                "AddressOnParent": str(i - 1),
+                "Address": str(c),
+                "ElementName": f"SCSI Controller {c}",
+                "InstanceID": str(3 + c),
+                "ResourceSubType": "lsilogic",
+                "ResourceType": "6",
+            },
+        )
+    for i, (c, unit) in enumerate(slots, 1):
+        _item(
+            hw,
+            {
+                "AddressOnParent": str(unit),
                 "ElementName": f"Hard Disk {i}",
                 "HostResource": f"ovf:/disk/vmdisk{i}",
-                "InstanceID": str(3 + i),
-                "Parent": "3",
+                "InstanceID": str(2 + controllers + i),
+                "Parent": str(3 + c),
                 "ResourceType": "17",
             },
         )
@@ -217,7 +232,7 @@ def envelope(
             "AutomaticAllocation": "true",
             "Connection": "VM Network",
             "ElementName": "Network adapter 1",
-            "InstanceID": str(4 + len(disks)),
+            "InstanceID": str(3 + controllers + len(disks)),
             "ResourceSubType": "VmxNet3",
             "ResourceType": "10",
         },

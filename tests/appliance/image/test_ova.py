@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import tarfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,21 @@ def test_a_sha1_manifest_at_the_end_is_verified(tmp_path: Path, cfg: Config) -> 
         assert pkg.manifest_verified
     finally:
         pkg.remove()
+
+
+def test_twenty_one_disks_sit_on_scsi_units_vmware_accepts_and_keep_their_order() -> None:
+    """15 disks per LSI Logic controller, never on unit 7 (the controller's own target): a second
+    controller from the 16th disk on, every (controller, unit) once, the boot disk first."""
+    disks = [OvfDisk(f"d{i}.vmdk", 10, (i + 1) * MiB) for i in range(21)]
+    root = ET.fromstring(envelope("vm", disks))
+    items = root.iter("{http://schemas.dmtf.org/ovf/envelope/1}Item")
+    rasd = "{http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData}"
+    fields = [{child.tag.removeprefix(rasd): child.text for child in item} for item in items]
+    controllers = {f["InstanceID"] for f in fields if f["ResourceType"] == "6"}
+    slots = [(f["Parent"], int(f["AddressOnParent"])) for f in fields if f["ResourceType"] == "17"]
+    assert len(controllers) == 2 and {parent for parent, _ in slots} == controllers
+    assert all(unit != 7 and 0 <= unit <= 15 for _, unit in slots)
+    assert len(set(slots)) == 21
+    ids = [f["InstanceID"] for f in fields]
+    assert len(set(ids)) == len(ids)
+    assert [d["capacity"] for d in parse(envelope("vm", disks)).disks] == [(i + 1) * MiB for i in range(21)]
