@@ -63,28 +63,43 @@ def raw_producer(
 ) -> Callable[[ByteSink], None]:
     def produce(sink: ByteSink) -> None:
         holes: Callable[[int], None] | None = getattr(sink, "write_zeros", None)
-        if holes is not None:  # a file: each hole given by its length, never read nor hashed
-            _raw_sparse(fd, size, sink, holes, tracker, cancel, on_read, direct)
-            return
-        # a sink that takes only bytes (an upload): a chunk with no data is written as zeros, unread
+        # a file gets each hole by its length, never read nor hashed; a sink that takes only bytes (an
+        # upload) gets a chunk with no data as zeros, unread
+        plan = _sparse_plan(fd, size) if holes is not None else _chunk_plan(fd, size)
+        data = [(pos, n) for pos, n, is_hole in plan if not is_hole]
         pool = ReadPool(CHUNK, POOL, direct=direct)
-        plan = _chunks(fd, size)
         if direct is None:
-            _dense(fd, plan, pool, None, sink, tracker, cancel, on_read)
+            _copy(fd, plan, pool, None, _announce(fd, data), sink, holes, tracker, cancel, on_read)
             return
-        # O_DIRECT reads are synchronous: a thread reads the data chunks ahead into the pool
-        wanted = ((pos, n) for pos, n, is_hole in plan if not is_hole)
-        with contextlib.closing(read_ahead(pool, fd, wanted, READ_AHEAD // CHUNK)) as reads:
-            _dense(fd, plan, pool, reads, sink, tracker, cancel, on_read)
+        # O_DIRECT reads are synchronous: a thread reads the data ahead into the pool instead of the
+        # kernel's read-ahead (and nothing is announced: that would fill the cache the reads avoid)
+        with contextlib.closing(read_ahead(pool, fd, iter(data), READ_AHEAD // CHUNK)) as reads:
+            _copy(fd, plan, pool, reads, itertools.repeat(None), sink, holes, tracker, cancel, on_read)
 
     return produce
 
 
-def _chunks(fd: int, size: int) -> list[tuple[int, int, bool]]:
-    """``(pos, n, is_hole)`` of each :data:`CHUNK` of the source, a hole being a chunk with no data in the
-    source's data map (:func:`appliance.targets.rawio.segments`)."""
+#: what is copied, in order: ``(pos, n, is_hole)``
+Plan = list[tuple[int, int, bool]]
+
+
+def _sparse_plan(fd: int, size: int) -> Plan:
+    """The source's holes whole, its data ranges in reads of :data:`CHUNK` (the data map of
+    :func:`appliance.targets.rawio.segments`)."""
+    plan: Plan = []
+    for start, end, is_data in segments(fd, size):
+        if is_data:
+            plan.extend((pos, min(CHUNK, end - pos), False) for pos in range(start, end, CHUNK))
+        else:
+            plan.append((start, end - start, True))
+    return plan
+
+
+def _chunk_plan(fd: int, size: int) -> Plan:
+    """Each :data:`CHUNK` of the source, a hole being a chunk with no data in its data map."""
     data = [(start, end) for start, end, is_data in segments(fd, size) if is_data]
-    plan, i = [], 0
+    plan: Plan = []
+    i = 0
     for pos in range(0, size, CHUNK):
         n = min(CHUNK, size - pos)
         while i < len(data) and data[i][1] <= pos:
@@ -93,125 +108,63 @@ def _chunks(fd: int, size: int) -> list[tuple[int, int, bool]]:
     return plan
 
 
-def _dense(
-    fd: int,
-    plan: list[tuple[int, int, bool]],
-    pool: ReadPool,
-    reads: Iterator[bytes | bytearray | memoryview] | None,
-    sink: ByteSink,
-    tracker: ProgressTracker,
-    cancel: threading.Event | None,
-    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
-) -> None:
-    """Every chunk of ``plan`` written to ``sink``: a hole as zeros, the rest read (from ``reads`` when a
-    read-ahead thread reads them, else here)."""
-    for pos, n, is_hole in plan:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("export cancelled")
-        if is_hole:
-            chunk: bytes | bytearray | memoryview = _ZERO[:n]
-        else:
-            chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
-        if len(chunk) != n:
-            raise TargetError(f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed")
-        if on_read is not None and not is_hole:
-            on_read(pos, chunk)
-        sink.write(chunk)
-        if reads is None and not is_hole:  # (a read with O_DIRECT cached nothing)
-            pagecache.drop_range(fd, pos, n)
-        del chunk  # (a pooled buffer is free again once the sink's consumers are done with it)
-        tracker.update(pos + n)
-
-
-def _raw_sparse(
-    fd: int,
-    size: int,
-    sink: ByteSink,
-    holes: Callable[[int], None],
-    tracker: ProgressTracker,
-    cancel: threading.Event | None,
-    on_read: Callable[[int, bytes | bytearray | memoryview], object] | None = None,
-    direct: int | None = None,
-) -> None:
-    """The disk's data ranges written, its holes given to ``holes`` by length. The reads ahead are
-    announced (:func:`_announce`): the kernel's read-ahead starts again at every data range after a hole,
-    so without it the disk waits while this thread hashes and writes. What was read is dropped from the
-    page cache behind the reads (:func:`appliance.pagecache.drop_range`): the export reads each
-    byte once, and GiBs of cached source would cost fresh page-cache pages. With ``direct`` (the source
-    opened with O_DIRECT, :func:`appliance.image.readbuf.open_direct`) the reads bypass the page cache
-    and nothing is announced (that would fill the cache the reads avoid)."""
-    pool = ReadPool(CHUNK, POOL, direct=direct)
-    ranges = list(segments(fd, size))
-    data = [(start, end) for start, end, is_data in ranges if is_data]
-    ahead = _announce(fd, data) if direct is None else itertools.repeat(None)
-    # O_DIRECT reads are synchronous: a thread reads READ_AHEAD bytes ahead into the pool instead
-    if direct is None:
-        _copy(fd, ranges, pool, None, ahead, sink, holes, tracker, cancel, on_read)
-        return
-    with contextlib.closing(read_ahead(pool, fd, _pieces(data), READ_AHEAD // CHUNK)) as reads:
-        _copy(fd, ranges, pool, reads, ahead, sink, holes, tracker, cancel, on_read)
-
-
-def _pieces(data: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """The reads of :data:`CHUNK` that cover the data ranges ``data``, in order."""
-    return ((pos, min(CHUNK, end - pos)) for start, end in data for pos in range(start, end, CHUNK))
-
-
 def _copy(
     fd: int,
-    ranges: list[tuple[int, int, bool]],
+    plan: Plan,
     pool: ReadPool,
     reads: Iterator[bytes | bytearray | memoryview] | None,
     ahead: Iterator[None],
     sink: ByteSink,
-    holes: Callable[[int], None],
+    holes: Callable[[int], None] | None,
     tracker: ProgressTracker,
     cancel: threading.Event | None,
     on_read: Callable[[int, bytes | bytearray | memoryview], object] | None,
 ) -> None:
-    pos = 0
-    for start, end, is_data in ranges:
-        if not is_data:
-            holes(end - start)
-            pos = end
-            tracker.update(pos)
+    """Every piece of ``plan`` written to ``sink``: a hole to ``holes`` by its length (else as zeros, at
+    most a :data:`CHUNK`), the data read (from ``reads`` when a read-ahead thread reads it, else here,
+    ``ahead`` advanced once per read). What a buffered read cached is dropped behind it: the export reads
+    each byte once, and GiBs of cached source would cost fresh page-cache pages."""
+    for pos, n, is_hole in plan:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("export cancelled")
+        if is_hole:
+            if holes is not None:
+                holes(n)
+            else:
+                sink.write(_ZERO[:n])
+            tracker.update(pos + n)
             continue
-        while pos < end:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("export cancelled")
-            n = min(CHUNK, end - pos)
-            next(ahead, None)
-            chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
-            if len(chunk) != n:
-                raise TargetError(
-                    f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed"
-                )
-            if on_read is not None:
-                on_read(pos, chunk)
-            sink.write(chunk)
-            if reads is None:  # (a read with O_DIRECT cached nothing)
-                pagecache.drop_range(fd, pos, n)
-            pos += n
-            tracker.update(pos)
+        next(ahead, None)
+        chunk = next(reads) if reads is not None else pool.read(fd, n, pos)
+        if len(chunk) != n:
+            raise TargetError(f"the source shrank while it was exported (at byte {pos})", "TargetWriteFailed")
+        if on_read is not None:
+            on_read(pos, chunk)
+        sink.write(chunk)
+        if reads is None:  # (a read with O_DIRECT cached nothing)
+            pagecache.drop_range(fd, pos, n)
+        del chunk  # (a pooled buffer is free again once the sink's consumers are done with it)
+        tracker.update(pos + n)
 
 
 #: bytes of the source's data announced ahead of the read (``POSIX_FADV_WILLNEED``)
 READ_AHEAD = 4 * CHUNK
 
 
-def _announce(fd: int, data: list[tuple[int, int]]) -> Iterator[None]:
-    """A generator to advance once per read of :data:`CHUNK` of ``data`` (its ranges, ascending): each
-    step asks the kernel to read the source's data up to :data:`READ_AHEAD` bytes beyond the read, across
-    the holes between ranges, as qemu-img keeps several reads in flight."""
-    pieces = ((pos, min(CHUNK, end - pos)) for start, end in data for pos in range(start, end, CHUNK))
+def _announce(fd: int, pieces: list[tuple[int, int]]) -> Iterator[None]:
+    """A generator to advance once per read of ``pieces`` (``(pos, n)``, ascending): each step asks the
+    kernel to read the source's data up to :data:`READ_AHEAD` bytes beyond the read, across the holes
+    between data ranges (where the kernel's own read-ahead starts again), as qemu-img keeps several reads
+    in flight."""
+    later = iter(pieces)
     window: list[tuple[int, int]] = []
-    for piece in pieces:  # the first reads ahead at once, then one more with every read
+    for piece in later:  # the first reads ahead at once, then one more with every read
         window.append(piece)
         if sum(n for _, n in window) >= READ_AHEAD:
             break
     for at, n in window:
         _will_need(fd, at, n)
-    for at, n in pieces:
+    for at, n in later:
         yield
         _will_need(fd, at, n)
     while True:
