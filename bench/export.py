@@ -77,6 +77,7 @@ from appliance.targets.chunkdigest import digest_file  # noqa: E402
 from appliance.targets.diskexport import export_disk  # noqa: E402
 from appliance.targets.exportdest import FileDestination  # noqa: E402
 from appliance.targets.exportova import OvaSource, export_ova  # noqa: E402
+from appliance.targets.rawio import segments  # noqa: E402
 
 sys.path.append(str(ROOT))
 from convert import _disk_stat_file, build_disk, drop_caches, log, wait_for_idle  # noqa: E402
@@ -165,18 +166,6 @@ def _variant(
     return {"export": step, "toolkit": toolkit, "qemu-img": bare, "limit": limit}[name]
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    ranges, pos = [], 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        pos = os.lseek(fd, start, os.SEEK_HOLE)
-        ranges.append((start, pos))
-    return ranges
-
-
 def copy_limit(disk: Path, out: Path, out_bytes: int) -> None:
     """The ``limit`` variant (module docstring): the source's data read and ``out_bytes`` written to
     ``out`` at once, both O_DIRECT in :data:`LIMIT_IO` pieces, then ``fdatasync``."""
@@ -185,7 +174,8 @@ def copy_limit(disk: Path, out: Path, out_bytes: int) -> None:
     try:
         pieces = [
             (at, min(LIMIT_IO, end - at))
-            for start, end in _data_ranges(src, os.fstat(src).st_size)
+            for start, end, is_data in segments(src, os.fstat(src).st_size)
+            if is_data
             for at in range(start, end, LIMIT_IO)
         ]
 
