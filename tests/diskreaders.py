@@ -73,10 +73,10 @@ def read_with_dissect(path: Path, fmt: str) -> Read:
                 h.update(chunk)
             return Read("dissect", size, h.hexdigest(), kind)
         vmdk = VMDK(f)
-        # by sector runs that end at the capacity: VMDK.read() asks its extents for whole 8 KiB blocks and
-        # fails with IndexError past the last extent when the capacity is not a multiple of 16 sectors,
-        # which the format allows (a SparseExtentHeader's capacity is any number of sectors, qemu-img and
-        # VMware's open-vmdk write the exact count; only VMware's descriptor sizes are cylinders)
+        # by sector runs that end at the capacity: VMDK.read() asks for whole 8 KiB blocks and fails with
+        # IndexError past its last extent when the capacity is not a multiple of 16 sectors, which the
+        # format allows (the header's capacity is a count of sectors that "should" be whole grains;
+        # qemu-img and VMware's open-vmdk write the disk's exact count): dissect's bug, not the disk's
         sector, total = 0, vmdk.sector_count
         while sector < total:
             count = min(CHUNK // SECTOR, total - sector)
@@ -98,7 +98,8 @@ else:
     import pyvmdk as lib
     disk = lib.handle()
     disk.open(path)
-    # the extent by the name the embedded descriptor gives it, looked up beside the file, as VMware does
+    # the extent by the name the embedded descriptor gives it, beside the file: a name that is not the
+    # file's fails here
     disk.open_extent_data_files()
     types = {7: "monolithicSparse", 8: "streamOptimized"}
 size = disk.get_media_size()

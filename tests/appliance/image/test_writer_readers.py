@@ -121,21 +121,22 @@ def test_the_specification_check_names_each_wrong_field(sources: dict[str, Path]
     assert {"table offset", "dynamic header checksum"} <= wrong(
         512 + 16, struct.pack(">Q", 1024), footers=False
     )
-    assert wrong(0, b"", written=(0.0, 1.0)) == {"time stamp"}  # written in 1970, it says
+    # the time stamp checked against when the file was written: not in the first second of 1970
+    assert wrong(0, b"", written=(0.0, 1.0)) == {"time stamp"}
 
 
 @pytest.mark.parametrize(
-    "size",
+    "sectors",
     [
-        512,
-        31 * 1024 * 4 * 512,  # the last 17-sector disk of 4 heads, and the first of 31 sectors
-        31 * 1024 * 4 * 512 + 17 * 512,
-        16 * 1024 * 31 * 512,  # the 31 -> 63 sectors per track step
-        16 * 1024 * 31 * 512 + 512,
-        65535 * 16 * 63 * 512 - 512,  # 127 GiB: the 255 sectors per track step
-        65535 * 16 * 63 * 512,
-        2040 << 30,
+        1,  # no whole cylinder: 0/4/17
+        139263,  # 17 sectors per track, 8 heads
+        139264,  # 8 x 1024 cylinders-times-heads of 17: 31 sectors per track
+        507903,
+        507904,  # 16 x 1024 of 31: 63 sectors per track
+        65535 * 16 * 63 - 1,
+        65535 * 16 * 63,  # 255 sectors per track
+        (2040 << 30) // 512,  # the largest VHD: the geometry's cap, 65535/16/255
     ],
 )
-def test_the_writers_geometry_is_the_specifications_chs(size: int) -> None:
-    assert geometry(size) == readers.chs(size)
+def test_the_writers_geometry_is_the_specifications_chs_on_each_side_of_its_steps(sectors: int) -> None:
+    assert geometry(sectors * 512) == readers.chs(sectors * 512)
