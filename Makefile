@@ -14,6 +14,9 @@ SYSTEM_PACKAGES += btrfs-progs ntfs-3g mtools libhivex-bin
 # ... and the PostgreSQL server the store, workflow, worker and API tests also run against (a throwaway
 # cluster the tests start themselves: tests/postgres.py); the appliance itself only needs a client (psycopg).
 SYSTEM_PACKAGES += postgresql
+# ... and the independent readers the export tests read every exported VHD and VMDK back with (libyal's
+# libvhdi and libvmdk, bindings for the system Python 3: tests/diskreaders.py runs them from /usr/bin/python3).
+SYSTEM_PACKAGES += python3-libvhdi python3-libvmdk
 APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 

@@ -22,8 +22,9 @@ Fixed: the disk's bytes, then the footer (disk type 2).
 
 The footer is what ``qemu-img convert -O vpc -o force_size=on`` writes: creator ``qem2`` (which tells
 qemu-img, like Hyper-V's ``win``, to take the size from the footer's current size rather than from the CHS
-geometry), creator version 5.3 on ``Wi2k``, the geometry of the specification's algorithm, a random unique
-id, the one's-complement checksum.
+geometry), creator version 5.3 on ``Wi2k``, a random unique id, the one's-complement checksum; but the
+geometry of the specification's algorithm (:func:`geometry`), where qemu-img with ``force_size`` writes the
+largest, 65535/16/255, whatever the disk's size.
 """
 
 from __future__ import annotations
