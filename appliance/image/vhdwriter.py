@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .. import pagecache
 from ..errors import Cancelled, UsageError
@@ -125,6 +126,29 @@ def footer(
     blank = _FOOTER.pack(*fields)
     fields[14] = _checksum(blank)
     return _FOOTER.pack(*fields)
+
+
+def set_geometry(path: Path, size: int) -> None:
+    """Give the VHD at ``path`` (qemu-img's, already inspected as a VHD of ``size`` bytes) the
+    specification's geometry for ``size`` in its footer, and in the footer's copy at the start of a
+    dynamic disk, checksums recomputed: ``qemu-img convert -o force_size=on`` writes 65535/16/255 for
+    any disk, which a reader that sizes a disk by its geometry takes for 127 GiB. Nothing else changes."""
+    cyl, heads, spt = geometry(size)
+    with open(path, "r+b", buffering=0) as f:
+        end = f.seek(0, os.SEEK_END) - SECTOR
+        places = [end]
+        while places:
+            at = places.pop()
+            f.seek(at)
+            fields = list(_FOOTER.unpack(f.read(SECTOR)))
+            if end < 0 or fields[0] != b"conectix" or fields[9] != size:
+                raise UsageError(f"{path} has no footer of a {size}-byte VHD at byte {at}")
+            if at == end and fields[13] == DYNAMIC:
+                places.append(0)  # its copy (a fixed disk has the guest's first sector there: untouched)
+            fields[10:13], fields[14] = [cyl, heads, spt], 0
+            fields[14] = _checksum(_FOOTER.pack(*fields))
+            f.seek(at)
+            f.write(_FOOTER.pack(*fields))
 
 
 def dynamic_header(blocks: int) -> bytes:

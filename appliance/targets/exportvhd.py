@@ -1,8 +1,9 @@
 """The VHD path of an export: a regular file streamed by the project's writer
 (:mod:`appliance.image.vhdwriter`: dynamic, or fixed as the disk's bytes and a footer); a block device,
 which has no data map to find its empty blocks by, by ``qemu-img convert -f raw -O vpc -o
-subformat=…,force_size=on``, confined like every qemu-img run, into a partial file, re-inspected, then
-digested (to a file) or streamed (to S3)."""
+subformat=…,force_size=on``, confined like every qemu-img run, into a partial file, re-inspected, given
+the specification's disk geometry (qemu-img writes the largest for any size), then digested (to a file) or
+streamed (to S3)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..image.convertcmd import build_command
 from ..image.convertrun import run_convert
 from ..image.decoding import SECTOR
 from ..image.inspect import require_safe, verify_output
-from ..image.vhdwriter import FIXED, footer, has_data_map, write_dynamic_vhd
+from ..image.vhdwriter import FIXED, footer, has_data_map, set_geometry, write_dynamic_vhd
 from ..image.vmdkwriter import ByteSink
 from ..progress import ProgressTracker
 from .chunkdigest import digest_file
@@ -90,17 +91,18 @@ def _qemu_vhd(
         with qemuimg.isolated(source, parent=workdir) as linked:
             argv = build_command(linked, "raw", out.absolute(), "vhd", subformat, qemu_img=qemuimg.qemu_img())
             run_convert(argv, policy, linked.parent, tracker, size, cancel, out)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
     try:
         require_safe(verify_output(out, "vhd", config=config))
     except ImageRejected as exc:
         raise ConversionFailed(
             f"the VHD qemu-img wrote does not re-inspect as VHD: {exc}", code="ConversionFailed.UnsafeOutput"
         ) from exc
+    set_geometry(out, size)  # the specification's, as the project's own writer writes it
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def export_vhd_qemu(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ from dissect.hypervisor.disk.vhd import VHD
 from appliance import config as config_mod
 from appliance.errors import Cancelled, UsageError
 from appliance.image.inspect import verify_output
-from appliance.image.vhdwriter import BLOCK, footer, geometry, write_dynamic_vhd
+from appliance.image.vhdwriter import BLOCK, footer, geometry, set_geometry, write_dynamic_vhd
 from tests import imagefactory as factory
 from tests.appliance.image.test_vmdkwriter import source_disk
 
@@ -142,3 +143,43 @@ def test_each_block_read_goes_to_the_sink_as_read_not_as_a_joined_copy(tmp_path:
     (tmp_path / "disk.vhd").write_bytes(b"".join(sink.pieces))
     compared = qemu("compare", "-f", "raw", "-F", "vpc", src, tmp_path / "disk.vhd")
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_qemu_imgs_vhd_gets_the_specifications_geometry_and_a_forged_footer_in_the_guest_stays(
+    tmp_path: Path, subformat: str
+) -> None:
+    """set_geometry rewrites the footer (and a dynamic disk's copy at byte 0) of a VHD qemu-img wrote with
+    force_size (65535/16/255 for any size); a fixed disk's first sector is the guest's, here a forged
+    footer of the same size, and is left as it is."""
+    size = 6 * MiB
+    guest = bytearray(os.urandom(size))
+    guest[:512] = footer(size, 3)  # what the copy of a dynamic disk's footer looks like
+    src = tmp_path / "guest.raw"
+    src.write_bytes(guest)
+    out = tmp_path / "q.vhd"
+    made = qemu("convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={subformat},force_size=on", src, out)
+    assert made.returncode == 0, made.stderr
+    before = out.read_bytes()
+    set_geometry(out, size)
+    after = out.read_bytes()
+    expected = struct.pack(">HBB", *geometry(size))
+    assert after[-512 + 56 : -512 + 60] == expected != before[-512 + 56 : -512 + 60]
+    if subformat == "dynamic":
+        assert after[56:60] == expected and after[:512] == after[-512:]
+        assert after[512:-512] == before[512:-512]
+        assert qemu("compare", "-q", "-f", "raw", "-F", "vpc", src, out).returncode == 0
+    else:  # (qemu-img itself takes such a first sector for a dynamic disk's footer copy: compared here)
+        assert after[:size] == bytes(guest)
+    tail = after[-512:]
+    unsummed = tail[:64] + bytes(4) + tail[68:]  # the checksum: the one's complement of the other bytes' sum
+    assert tail[64:68] == struct.pack(">I", ~sum(unsummed) & 0xFFFFFFFF)
+
+
+def test_set_geometry_refuses_a_file_that_does_not_end_in_a_footer_of_the_size(tmp_path: Path) -> None:
+    out = tmp_path / "x.vhd"
+    data = bytes(MiB) + footer(MiB, 2)
+    out.write_bytes(data)
+    with pytest.raises(UsageError):
+        set_geometry(out, 2 * MiB)
+    assert out.read_bytes() == data
