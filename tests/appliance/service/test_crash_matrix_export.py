@@ -18,9 +18,10 @@ tests/appliance/targets/test_ec2_export.py drives it). The moments are exact, no
 
 Two appliances run side by side, one per way of interrupting (``kill``: the worker and every process
 below it SIGKILLed, a new worker; ``suspend``: SIGTERM, every task suspended within the grace, a new
-worker), each with one task per variant: export-image to RAW and to streamOptimized VMDK (another
-writer), copy-image into another bucket (streamed: the source is a file) and into a directory, and
-export-instance of an instance of the controlling cloud to RAW.
+worker), each with one task per variant: export-image to RAW, to streamOptimized VMDK, to VHD (each
+format its own writer) and to an OVA (its VMDK written to scratch, then the tar streamed), copy-image
+into another bucket (streamed: the source is a file) and into a directory, and export-instance of an
+instance of the controlling cloud to RAW.
 
 Each task then ends ``completed``, its output equal to the source (``qemu-img compare``; an object's
 sha256 metadata that of its bytes), with no incomplete multipart upload in any bucket, no object or
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,7 @@ MiB = 1 << 20
 PART_SIZE = 5 * MiB  # S3's smallest: the disks below are several parts
 #: the export-side workflows, and the tasks (variants) each one runs
 VARIANTS = {
-    "export-image": ("raw", "vmdk"),
+    "export-image": ("raw", "vmdk", "vhd", "ova"),
     "copy-image": ("s3", "dir"),
     "export-instance": ("raw",),
 }
@@ -187,7 +189,7 @@ class ExportApp(App):
             "wait_timeout": 60,
             "device_timeout": 60,
         }
-        settings["worker"]["concurrency"] = sum(len(v) for v in VARIANTS.values())
+        settings["worker"]["concurrency"] = settings["tasks"]["max_active"] = sum(map(len, VARIANTS.values()))
         return settings
 
 
@@ -299,7 +301,11 @@ def start_tasks(
 
     for fmt in VARIANTS["export-image"]:
         task = app.exports.export_image(
-            image_id, disk_image_format=fmt.upper(), bucket=OUT_BUCKET, prefix=f"{mode}/"
+            image_id,
+            disk_image_format="VMDK" if fmt == "ova" else fmt.upper(),
+            container_format="ova" if fmt == "ova" else None,
+            bucket=OUT_BUCKET,
+            prefix=f"{mode}/",
         )
         add(task, "export-image", fmt, stored, OUT_BUCKET, object_key(task))
     task = app.copying.copy_image(image_id, f"s3://{COPY_BUCKET}/{mode}/")
@@ -413,7 +419,19 @@ def output_of(task: Task) -> dict[str, Any]:
     return {"type": "s3", "bucket": exported["bucket"], "key": exported["key"]}
 
 
-QEMU_FORMAT = {"raw": "raw", "vmdk": "vmdk", "s3": "raw", "dir": "raw"}
+QEMU_FORMAT = {"raw": "raw", "vmdk": "vmdk", "vhd": "vpc", "ova": "vmdk", "s3": "raw", "dir": "raw"}
+
+
+def disk_of_ova(ova: Path) -> Path:
+    """The disk of a one-disk OVA (tar members: the OVF, the manifest, the disk), extracted beside it."""
+    with tarfile.open(ova) as tar:
+        names = tar.getnames()
+        assert [n.rsplit(".", 1)[-1] for n in names] == ["ovf", "mf", "vmdk"]
+        member = tar.extractfile(names[2])
+        assert member is not None
+        disk = ova.with_suffix(".vmdk")
+        disk.write_bytes(member.read())
+    return disk
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -434,6 +452,8 @@ def test_every_interrupted_export_completes_with_the_source_bytes(
         s3.download_file(out["bucket"], out["key"], str(path))
         meta = s3.head_object(Bucket=out["bucket"], Key=out["key"])["Metadata"]
         assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        if variant == "ova":
+            path = disk_of_ova(path)
     else:
         path = Path(out["path"])
         assert copy_outcome(task)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
