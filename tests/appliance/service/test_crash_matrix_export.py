@@ -12,16 +12,20 @@ moto server (S3 behind :class:`~tests.stallproxy.StallingProxy`), the image expo
 ImportImage, the cloud instance's disk a real loop device (the EC2 side as
 tests/appliance/targets/test_ec2_export.py drives it). The moments are exact, not timed:
 
-- mid-upload: the proxy holds the second ``UploadPart`` of the task's object before it reaches S3,
-  and the moment counts once S3 lists a part of that upload (a multipart upload started, a part sent);
-- mid-write to a directory: the fanotify gate holds the copy's open of its partial file.
+- mid-upload: the proxy holds the second ``UploadPart`` (``UploadPartCopy`` for a copy S3 makes) of
+  the task's object before it reaches S3, and the moment counts once S3 lists a part of that upload
+  (a multipart upload started, a part sent);
+- mid-write to a directory: the fanotify gate holds the copy's open of its partial file;
+- mid-download: the export of an image stored in S3 first downloads it into scratch; the proxy holds
+  that GET half-way (the scratch copy half written).
 
 Two appliances run side by side, one per way of interrupting (``kill``: the worker and every process
 below it SIGKILLed, a new worker; ``suspend``: SIGTERM, every task suspended within the grace, a new
 worker), each with one task per variant: export-image to RAW, to streamOptimized VMDK, to VHD (each
-format its own writer) and to an OVA (its VMDK written to scratch, then the tar streamed), copy-image
-into another bucket (streamed: the source is a file) and into a directory, and export-instance of an
-instance of the controlling cloud to RAW.
+format its own writer) and to an OVA (its VMDK written to scratch, then the tar streamed) of an image
+stored as a file, and to RAW of one stored in S3 (the S3 image target); copy-image of the file into
+another bucket (streamed) and into a directory, and of an object into another bucket of its endpoint
+(copied by S3: ``UploadPartCopy``); export-instance of an instance of the controlling cloud to RAW.
 
 Each task then ends ``completed``, its output equal to the source (``qemu-img compare``; an object's
 sha256 metadata that of its bytes), with no incomplete multipart upload in any bucket, no object or
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from appliance import config as config_mod
 from appliance import partials
@@ -83,11 +88,13 @@ MiB = 1 << 20
 PART_SIZE = 5 * MiB  # S3's smallest: the disks below are several parts
 #: the export-side workflows, and the tasks (variants) each one runs
 VARIANTS = {
-    "export-image": ("raw", "vmdk", "vhd", "ova"),
-    "copy-image": ("s3", "dir"),
+    "export-image": ("raw", "vmdk", "vhd", "ova", "s3-stored"),
+    "copy-image": ("s3", "dir", "server-side"),
     "export-instance": ("raw",),
 }
 IN_BUCKET, OUT_BUCKET, COPY_BUCKET = "xmatrix-in", "xmatrix-out", "xmatrix-copies"
+#: the S3 image target's bucket (behind the proxy, as the user buckets: a copy between them is S3's)
+IMAGES_BUCKET = "xmatrix-images"
 DISK_KEY = "linux.raw"
 
 
@@ -110,6 +117,12 @@ def _hold_for(action: str, variant: str) -> Hold | str | None:
     """How a step of ``action`` is interrupted in a task of ``variant``: a :class:`Hold`, the reason it is
     not interrupted (a string), or None when nobody has said yet (the cell fails)."""
     if action == "export.write":
+        if variant == "s3-stored":
+            return Hold(
+                "stall",
+                "the download of the stored image into scratch is held half-way",
+                suffix="{source_key}",
+            )
         return MID_UPLOAD
     if action == "copy.image":
         if variant == "dir":
@@ -172,11 +185,25 @@ class ExportApp(App):
         super().__init__(mode, base, data, moto, proxy)
         self.exports = ExportService(self.config, self.store)
         self.copying = CopyService(self.config, self.store)
+        # the configuration an import into the file image target runs with (the worker's stores in S3)
+        files = self.settings(moto, proxy)
+        files["targets"]["image"] = {"type": "file", "directory": str(self.images)}
+        (self.root / "file-images.yaml").write_text(yaml.safe_dump(files))
+        self.file_images = config_mod.load(self.root / "file-images.yaml")
 
     def settings(self, moto: MotoServer, proxy: StallingProxy) -> dict[str, Any]:
         settings = super().settings(moto, proxy)
         del settings["hooks"]
         settings["sources"]["s3"] |= {"part_size": f"{PART_SIZE // MiB}MiB", "threads": 2}
+        settings["targets"]["image"] = {
+            "type": "s3",
+            "bucket": IMAGES_BUCKET,
+            "endpoint_url": proxy.endpoint,
+            "region": REGION,
+            "access_key": "testing",
+            "secret_key": "testing",
+            "part_size": f"{PART_SIZE // MiB}MiB",
+        }
         settings["targets"]["volume"] = {
             "type": "ec2",
             "endpoint_url": moto.endpoint,
@@ -273,33 +300,50 @@ def cloud_of(mode: str, base: Path, moto: MotoServer, content: bytes) -> Iterato
         ec2.terminate_instances(InstanceIds=ids)
 
 
-def import_image(app: ExportApp) -> tuple[str, Path]:
-    """The image the exports read: the source disk imported by a real ImportImage (run here, by the
-    engine); (its ami id, the stored file)."""
+def import_image(app: ExportApp, config: config_mod.Config) -> tuple[str, dict[str, Any]]:
+    """An image the exports read: the source disk imported by a real ImportImage (run here, by the
+    engine, with ``config``: into its image target); (its ami id, its stored location)."""
     task = app.service.import_image(
         [DiskContainer(format="RAW", bucket=IN_BUCKET, key=DISK_KEY)], platform="Linux"
     )
-    engine = Engine(app.config, poll_interval=0.1)
+    engine = Engine(config, poll_interval=0.1)
     try:
         done = engine.run(task.id)
     finally:
         engine.store.close()
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
-    return "ami-" + done.id[-17:], Path(outcome(done)["location"]["path"])
+    return "ami-" + done.id[-17:], dict(outcome(done)["location"])
 
 
-def start_tasks(
-    app: ExportApp, proxy: StallingProxy, image_id: str, stored: Path, cloud_disk: Path
-) -> list[Run]:
-    """Create the app's tasks, one per variant, and arm the proxy for their held uploads."""
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    """The images an appliance's tasks read, each stored by a real ImportImage of ``disk``: (ami id,
+    location) of one in the file image target, and of two in the S3 image target (one for the export
+    held in its download, one for the server-side copy: a held download holds every GET of its object)."""
+
+    disk: Path
+    file: tuple[str, dict[str, Any]]
+    s3_export: tuple[str, dict[str, Any]]
+    s3_copy: tuple[str, dict[str, Any]]
+
+    @property
+    def stored(self) -> Path:
+        return Path(self.file[1]["path"])
+
+
+def start_tasks(app: ExportApp, proxy: StallingProxy, imported: Imported, cloud_disk: Path) -> list[Run]:
+    """Create the app's tasks, one per variant, and arm the proxy for their held uploads and downloads."""
     mode = app.mode
     runs: list[Run] = []
 
-    def add(task: Task, workflow: str, variant: str, source: Path, bucket: str = "-", key: str = "-") -> None:
-        names = {"source_key": "-", "upload_name": "-", "bucket": bucket, "key": key}
-        runs.append(Run(app, workflow, variant, task.id, source, names))
+    def add(
+        task: Task, variant: str, source: Path, bucket: str = "-", key: str = "-", read: str = "-"
+    ) -> None:
+        names = {"source_key": read, "upload_name": "-", "bucket": bucket, "key": key}
+        runs.append(Run(app, task.kind, variant, task.id, source, names))
 
-    for fmt in VARIANTS["export-image"]:
+    image_id, _ = imported.file
+    for fmt in ("raw", "vmdk", "vhd", "ova"):
         task = app.exports.export_image(
             image_id,
             disk_image_format="VMDK" if fmt == "ova" else fmt.upper(),
@@ -307,11 +351,23 @@ def start_tasks(
             bucket=OUT_BUCKET,
             prefix=f"{mode}/",
         )
-        add(task, "export-image", fmt, stored, OUT_BUCKET, object_key(task))
+        add(task, fmt, imported.stored, OUT_BUCKET, object_key(task))
     task = app.copying.copy_image(image_id, f"s3://{COPY_BUCKET}/{mode}/")
-    add(task, "copy-image", "s3", stored, COPY_BUCKET, f"{mode}/{task.id}.raw")
+    add(task, "s3", imported.stored, COPY_BUCKET, f"{mode}/{task.id}.raw")
     task = app.copying.copy_image(image_id, f"file://{app.copies}")
-    add(task, "copy-image", "dir", stored)
+    add(task, "dir", imported.stored)
+    s3_id, location = imported.s3_export
+    task = app.exports.export_image(s3_id, disk_image_format="RAW", bucket=OUT_BUCKET, prefix=f"{mode}/")
+    add(
+        task,
+        "s3-stored",
+        imported.disk,
+        OUT_BUCKET,
+        object_key(task),
+        f"/{location['bucket']}/{location['key']}",
+    )
+    task = app.copying.copy_image(imported.s3_copy[0], f"s3://{COPY_BUCKET}/{mode}/")
+    add(task, "server-side", imported.disk, COPY_BUCKET, f"{mode}/{task.id}.raw")
     task = app.exports.export_instance(
         app.cloud.exported,
         target_environment="vmware",
@@ -319,21 +375,25 @@ def start_tasks(
         bucket=OUT_BUCKET,
         prefix=f"{mode}/",
     )
-    add(task, "export-instance", "raw", cloud_disk, OUT_BUCKET, object_key(task))
+    add(task, "raw", cloud_disk, OUT_BUCKET, object_key(task))
 
     cells = [c for c in matrix_cells() if c.mode == mode and c.reason is None]
     for run in runs:
         run.cells = [c for c in cells if (c.workflow, c.variant) == (run.workflow, run.variant)]
-        if any(c.hold is not None and c.hold.kind == "part" for c in run.cells):
-            run.names["held"] = proxy.arm_request("PUT", "partNumber=2", run.suffix(MID_UPLOAD))
+        for cell in run.cells:
+            assert cell.hold is not None
+            if cell.hold.kind == "part":
+                run.names["held"] = proxy.arm_request("PUT", "partNumber=2", run.suffix(cell.hold))
+            elif cell.hold.kind == "stall":
+                proxy.arm(run.suffix(cell.hold), after=imported.disk.stat().st_size // 2)
     return runs
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     matrix: ExportMatrix
-    #: per mode: the stored image the exports read, and the cloud instance's disk
-    stored: dict[str, Path]
+    #: per mode: the images the tasks read
+    imported: dict[str, Imported]
     cloud_disk: Path
     moto: MotoServer
 
@@ -342,7 +402,7 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[Setup]:
     base = tmp_path_factory.mktemp("export-matrix")
     s3 = moto.client("s3")
-    for bucket in (IN_BUCKET, OUT_BUCKET, COPY_BUCKET):
+    for bucket in (IN_BUCKET, OUT_BUCKET, COPY_BUCKET, IMAGES_BUCKET):
         s3.create_bucket(Bucket=bucket)
     disk = linux_disk_with_data(base)
     s3.upload_file(str(disk), IN_BUCKET, DISK_KEY)
@@ -355,15 +415,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterato
         data = stack.enter_context(bind_mount(base / "data"))
         apps: dict[str, App] = {}
         runs: dict[str, Run] = {}
-        stored: dict[str, Path] = {}
+        imported: dict[str, Imported] = {}
         for mode in MODES:
             cloud = stack.enter_context(cloud_of(mode, base, moto, content))
             app = ExportApp(mode, base, data, moto, proxy, cloud)
             stack.callback(app.close)
             app.copies.mkdir(parents=True)
             apps[mode] = app
-            image_id, stored[mode] = import_image(app)
-            runs |= {r.task_id: r for r in start_tasks(app, proxy, image_id, stored[mode], cloud_disk)}
+            imported[mode] = Imported(
+                disk,
+                import_image(app, app.file_images),
+                import_image(app, app.config),
+                import_image(app, app.config),
+            )
+            runs |= {r.task_id: r for r in start_tasks(app, proxy, imported[mode], cloud_disk)}
             stack.enter_context(
                 FakeHypervisor(moto.client("ec2"), cloud.appliance, cloud.device_dir, cloud.loops)
             )
@@ -375,7 +440,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterato
         finally:
             for run in runs.values():
                 m.release_all(run)
-        yield Setup(m, stored, cloud_disk, moto)
+        yield Setup(m, imported, cloud_disk, moto)
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -419,7 +484,7 @@ def output_of(task: Task) -> dict[str, Any]:
     return {"type": "s3", "bucket": exported["bucket"], "key": exported["key"]}
 
 
-QEMU_FORMAT = {"raw": "raw", "vmdk": "vmdk", "vhd": "vpc", "ova": "vmdk", "s3": "raw", "dir": "raw"}
+QEMU_FORMAT = {"vmdk": "vmdk", "vhd": "vpc", "ova": "vmdk"}  # else raw
 
 
 def disk_of_ova(ova: Path) -> Path:
@@ -446,6 +511,8 @@ def test_every_interrupted_export_completes_with_the_source_bytes(
     assert task.state is TaskState.COMPLETED, (task.error_code, task.error_message)
     assert task.attempts == run.interruptions + 1 == len(run.cells) + 1  # every interruption was real
     out = output_of(task)
+    if workflow == "copy-image":  # S3 made the copy of an object to a bucket behind the same endpoint
+        assert copy_outcome(task)["method"] == ("server-side" if variant == "server-side" else "stream")
     if out["type"] == "s3":
         s3 = setup.moto.client("s3")
         path = tmp_path / "output"
@@ -458,7 +525,16 @@ def test_every_interrupted_export_completes_with_the_source_bytes(
         path = Path(out["path"])
         assert copy_outcome(task)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", QEMU_FORMAT[variant], str(run.source), str(path)],
+        [
+            "qemu-img",
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            QEMU_FORMAT.get(variant, "raw"),
+            str(run.source),
+            str(path),
+        ],
         capture_output=True,
         text=True,
     )
@@ -472,11 +548,13 @@ def test_every_interrupted_export_completes_with_the_source_bytes(
 
 def test_no_upload_object_or_cloud_resource_is_left_but_the_outputs(setup: Setup) -> None:
     s3, ec2 = setup.moto.client("s3"), setup.moto.client("ec2")
-    for bucket in (IN_BUCKET, OUT_BUCKET, COPY_BUCKET):
+    for bucket in (IN_BUCKET, OUT_BUCKET, COPY_BUCKET, IMAGES_BUCKET):
         assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], bucket
     tasks = [r.app.task(r.task_id) for r in setup.matrix.runs.values()]
-    # the source, the exports and the copies: nothing else
+    # the source, the images stored in S3, the exports and the copies: nothing else
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=IN_BUCKET)["Contents"]] == [DISK_KEY]
+    stored = sorted(i[1]["key"] for m in setup.imported.values() for i in (m.s3_export, m.s3_copy))
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=IMAGES_BUCKET)["Contents"]) == stored
     for bucket in (OUT_BUCKET, COPY_BUCKET):
         listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []))
         outputs = sorted(o["key"] for t in tasks if (o := output_of(t)).get("bucket") == bucket)
@@ -502,7 +580,7 @@ def test_nothing_is_left_behind_on_the_appliance(setup: Setup, mode: str) -> Non
     # the copies are exactly the file copy, the images exactly the imported one
     copies = [Path(o["path"]).name for r in runs if (o := output_of(app.task(r.task_id)))["type"] == "file"]
     assert sorted(p.name for p in app.copies.iterdir()) == copies
-    assert sorted(app.images.iterdir()) == [setup.stored[mode]]
+    assert sorted(app.images.iterdir()) == [setup.imported[mode].stored]
     # nothing attached here any more: the hypervisor stand-in unlinked every volume
     assert list(app.cloud.device_dir.iterdir()) == []
     # no process of a killed tree, and none working on this appliance
