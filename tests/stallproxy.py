@@ -163,8 +163,9 @@ class StallingProxy:
         self.rate = rate
         self._lock = threading.Condition()
         self._armed: dict[str, int] = {}
-        #: query part → method of the requests held before forwarding (:meth:`arm_request`)
-        self._armed_requests: dict[str, str] = {}
+        #: key → (method, query part, path suffix) of the requests held before forwarding
+        #: (:meth:`arm_request`)
+        self._armed_requests: dict[str, tuple[str, str, str]] = {}
         #: path suffix → method of the requests held before forwarding (:meth:`arm_object_request`)
         self._armed_paths: dict[str, str] = {}
         #: (method, header) → (status, S3 error code) of the requests refused (:meth:`refuse`)
@@ -210,13 +211,16 @@ class StallingProxy:
         with self._lock:
             return self._abandoned.get(path_suffix, 0)
 
-    def arm_request(self, method: str, query_part: str) -> None:
+    def arm_request(self, method: str, query_part: str, path_suffix: str = "") -> str:
         """Hold every ``method`` request whose query string contains ``query_part`` (e.g. ``PUT`` and
-        ``partNumber=2``: an upload's second part) before it is forwarded, until :meth:`release`
-        of ``query_part``."""
+        ``partNumber=2``: an upload's second part) before it is forwarded, until :meth:`release` of the
+        key returned: ``query_part``, or with ``path_suffix`` (only the requests of a path ending with
+        it: one object's upload among others) ``path_suffix?query_part``."""
+        key = f"{path_suffix}?{query_part}" if path_suffix else query_part
         with self._lock:
-            self._released[query_part] = threading.Event()
-            self._armed_requests[query_part] = method
+            self._released[key] = threading.Event()
+            self._armed_requests[key] = (method, query_part, path_suffix)
+        return key
 
     def arm_object_request(self, method: str, path_suffix: str) -> None:
         """Hold every ``method`` request of a path ending with ``path_suffix`` (e.g. ``PUT`` of a
@@ -247,7 +251,9 @@ class StallingProxy:
         with self._lock:
             plain, _, query = path.partition("?")
             by_query = (
-                part for part, m in self._armed_requests.items() if m == method and part in query.split("&")
+                key
+                for key, (m, part, sfx) in self._armed_requests.items()
+                if m == method and part in query.split("&") and plain.endswith(sfx)
             )
             by_path = (sfx for sfx, m in self._armed_paths.items() if m == method and plain.endswith(sfx))
             return next(by_query, None) or next(by_path, None)

@@ -2,7 +2,8 @@
 
 - an image stored as a file, a file volume: read where it is;
 - a block device (a device volume, an attached EC2 volume): read where it is (no scratch copy);
-- an image stored in S3: downloaded into scratch (under a reservation), hashed as it arrives;
+- an image stored in S3: downloaded into scratch (under a reservation), hashed as it arrives (a cancel
+  ends a read the store stopped answering at once);
 - an EC2 volume this appliance imported: attached here (found by serial), detached afterwards;
 - an instance of the controlling cloud: a snapshot of its boot volume made into a volume attached
   here, all of it deleted afterwards (:class:`appliance.targets.ec2_export.CloudDiskCopy`; what it
@@ -20,6 +21,7 @@ from typing import Any
 from ..allowance import Allowance
 from ..errors import ImagingError
 from ..progress import ProgressTracker
+from ..sources.s3 import S3Stream
 from ..targets import get_image_target, get_volume_target
 from ..targets.ec2 import Ec2VolumeTarget
 from ..targets.ec2_export import CloudDiskCopy
@@ -52,8 +54,10 @@ def _download(ctx: StepContext, location: dict[str, Any], check: SourceDigestChe
     done = 0
     tracker = _reading(ctx, total or None)
     try:
-        body = target.client.get_object(Bucket=location["bucket"], Key=location["key"])["Body"]
-        with open(dst, "wb") as out:
+        got = target.client.get_object(Bucket=location["bucket"], Key=location["key"])
+        # read so that a cancel or suspend ends a read the store stopped answering at once (its
+        # socket shut down), not at the read timeout: the worker's shutdown grace is seconds
+        with S3Stream(got, location["bucket"], location["key"], ctx.cancel) as body, open(dst, "wb") as out:
             for chunk in body.iter_chunks(CHUNK):
                 ctx.check_cancelled()
                 check.read(done, chunk)

@@ -8,19 +8,26 @@ copies are the bytes whose digest was checked, and the appliance uploads nothing
 streamed copy). A store that refuses ``UploadPartCopy`` on the first part (:data:`NO_SERVER_COPY`) makes
 :func:`server_side_copy` answer None, and the caller streams instead. A source replaced meanwhile is
 ``Source.DigestMismatch``; a cancel or any failure leaves no object and no incomplete upload
-(:func:`~appliance.targets.copy_source.discard_upload`). Its parts go through the one part loop of both
-ways of copying (:func:`~appliance.targets.copy_parts.send_parts`).
+(:func:`~appliance.targets.copy_source.discard_upload`), and a cancel does not wait for the part S3 is
+copying (minutes for a part of GiBs, forever on a stalled connection). Its parts go through the one
+part loop of both ways of copying (:func:`~appliance.targets.copy_parts.send_parts`).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
+from ..errors import Cancelled
 from ..progress import ProgressTracker
-from .base import TargetError
+from .base import TargetError, check_cancel
 from .copy_parts import S3Copy, send_parts
 from .copy_source import SourceDigestMismatch, discard_upload, read_stored, s3_failure
+from .partpool import PartPool
+from .s3stream import CANCEL_POLL
 
 #: UploadPartCopy parts are at most 5 GiB; smaller parts report progress and check cancel more often
 MAX_COPY_PART = 5 << 30
@@ -57,6 +64,10 @@ class _PartCopy:
         self.upload_id = ""
         self.completed = False
         self.parts: list[dict[str, Any]] = []
+        # each UploadPartCopy is sent from a thread of its own and waited for here, the cancel looked
+        # at meanwhile: S3 may take minutes over a part of GiBs, or never answer (a stalled connection),
+        # and a cancel or suspend must not wait for it (the upload it belongs to is aborted)
+        self._pool = PartPool(1, "s3-part-copy")
 
     def source_changed(self) -> bool:
         """Whether the source's ETag is no longer the one read (a store that ignores
@@ -78,8 +89,9 @@ class _PartCopy:
         """Part ``number`` (bytes ``start``…``end`` of the source); :class:`_Refused` when the store
         refuses server-side copies (the first part only)."""
         number, start, end = piece
-        try:
-            resp = self.client.upload_part_copy(
+        answer = self._pool.submit(
+            functools.partial(
+                self.client.upload_part_copy,
                 Bucket=self.bucket,
                 Key=self.key,
                 UploadId=self.upload_id,
@@ -88,6 +100,11 @@ class _PartCopy:
                 CopySourceRange=f"bytes={start}-{end}",
                 **({"CopySourceIfMatch": self.etag} if self.etag else {}),
             )
+        )
+        try:
+            resp = _answer(answer, self.job.cancel)
+        except Cancelled:
+            raise
         except Exception as exc:
             code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
             if number == 1 and code in NO_SERVER_COPY:
@@ -114,6 +131,7 @@ class _PartCopy:
                 raise self.changed from exc
             raise s3_failure(f"CompleteMultipartUpload {self.where}", exc) from exc
         self.completed = True
+        self._pool.shutdown()
         head = self.client.head_object(Bucket=self.bucket, Key=self.key)
         if (
             int(head["ContentLength"]) != self.size
@@ -126,8 +144,18 @@ class _PartCopy:
         return self.job.copied(etag, self.sha256, self.size, self.sha256, "server-side")
 
     def discard(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)  # a part in flight is not waited for
         discard_upload(self.client, self.bucket, self.key, self.upload_id, completed=self.completed)
         self.upload_id = ""
+
+
+def _answer(answer: Future[Any], cancel: threading.Event | None) -> Any:
+    """The result of ``answer`` (its error raised); :class:`Cancelled` as soon as ``cancel`` is set."""
+    while True:
+        try:
+            return answer.result(timeout=CANCEL_POLL)
+        except TimeoutError:
+            check_cancel(cancel, "copy")
 
 
 def server_side_copy(job: S3Copy) -> dict[str, Any] | None:

@@ -21,7 +21,9 @@ itself verified the composite checksum.
 
 :meth:`MultipartWriter.abort` (called on any exception inside ``with``) aborts the multipart upload and
 deletes the object if it was already completed, so a cancelled export leaves no object and no incomplete
-upload behind.
+upload behind. A cancel is seen while the writer waits for its parts, and an abort does not wait for a
+part in flight (its thread, :mod:`.partpool`, does not hold the process either): a part S3 never answers
+cannot keep a cancelled or suspended task from stopping.
 
 Resumable uploads (``resumable=True``, ``resume``: a streamed import into the S3 image target) keep
 the digest states at the end of every part for a checkpoint (:meth:`MultipartWriter.uploaded_prefix`)
@@ -35,7 +37,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +45,7 @@ from ..errors import Cancelled
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
+from .partpool import PartPool
 from .s3budget import PartBudget, fitted_part_size
 from .s3complete import check_composite, check_multipart_etag, digests_to_store
 from .s3copy import MAX_COPY, store_digests
@@ -51,6 +54,9 @@ from .s3partupload import send_part
 from .s3resume import ResumableDigests, ResumedUpload
 
 log = logging.getLogger(__name__)
+
+#: seconds between two looks at the cancel while waiting for a part (one S3 may never answer)
+CANCEL_POLL = 0.1
 
 
 class MultipartWriter:
@@ -125,7 +131,7 @@ class MultipartWriter:
         self._lock = threading.Lock()
         self._etags: dict[int, str] = {}
         self._pending: set[Future[int]] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: PartPool | None = None
         self._number = 0
         self.size = 0
         self.uploaded = 0
@@ -208,7 +214,7 @@ class MultipartWriter:
 
     def _submit(self, data: bytes) -> None:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-part")
+            self._pool = PartPool(self.threads, "s3-part")
         while len(self._pending) >= self.budget.in_flight:
             self._harvest(block=True)
             self._check_cancel()
@@ -276,7 +282,14 @@ class MultipartWriter:
     def _harvest(self, *, block: bool) -> None:
         if not self._pending:
             return
-        done, self._pending = wait(self._pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        while True:
+            done, self._pending = wait(
+                self._pending, timeout=CANCEL_POLL if block else 0, return_when=FIRST_COMPLETED
+            )
+            if done or not block:
+                break
+            # a part S3 does not answer (a stalled connection) must not hold a cancel or a suspend
+            self._check_cancel()
         for fut in done:
             self.uploaded += fut.result()  # re-raises a failed part's error
         if done and self.on_progress is not None:
@@ -376,17 +389,18 @@ class MultipartWriter:
 
     # ------------------------------------------------------------------------------------ aborting
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, *, wait: bool = True) -> None:
         if self._pool is not None:
-            # parts not started are dropped; running ones finish (a request cannot be interrupted)
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # parts not started are dropped; running ones finish (a request cannot be interrupted),
+            # waited for unless ``wait`` is False (their daemon threads do not hold the process)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
-    def detach(self) -> None:
+    def detach(self, *, wait: bool = True) -> None:
         """Stop without aborting: the upload stays for the task's next run to continue from its
         checkpoint. Parts not started are dropped, running ones finish (a request cannot be
-        interrupted) with no ``on_part`` call: this run may have lost its task, and the run that took it
-        over uploads and checkpoints on its own. Never raises."""
+        interrupted; waited for unless ``wait`` is False) with no ``on_part`` call: this run may have
+        lost its task, and the run that took it over uploads and checkpoints on its own. Never raises."""
         self.closed = True
         self.on_part = None
         if self._sha is not None:
@@ -395,13 +409,16 @@ class MultipartWriter:
             self._threaded_chunks.close()
         for fut in self._pending:
             fut.cancel()
-        self._shutdown()
+        self._shutdown(wait=wait)
         self._pending = set()
 
     def abort(self) -> None:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""
-        self.detach()  # the writing stops first, as for a kept upload; then the upload goes
+        # The writing stops first, as for a kept upload, without waiting for a part in flight: S3 may
+        # not answer it for minutes (a stalled connection), and the upload it would join is aborted
+        # next (S3 refuses a part of an aborted upload; a task's next run aborts every upload of its key).
+        self.detach(wait=False)
         if self.upload_id is not None and not self.completed:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)

@@ -440,3 +440,37 @@ def test_a_data_disk_of_a_multi_disk_image_resolves_by_its_snapshot_id_and_copie
         assert len(resolver.image("ami-" + done.id[-17:])["locations"]) == 1
     finally:
         imports.store.close()
+
+
+def test_a_cancel_while_s3_does_not_answer_a_part_copy_ends_the_copy_without_waiting_for_it(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str, str]
+) -> None:
+    # one endpoint and one set of credentials (S3 copies the parts), behind a proxy that holds the second
+    # UploadPartCopy for as long as the test wants (S3 copying a part of GiBs, or a stalled connection):
+    # the cancel must end the copy while that part is still held (a suspend has seconds of grace)
+    with StallingProxy(moto.endpoint) as proxy:
+        data = image_target_s3(tmp_path, proxy.endpoint, buckets[1], part_size="5MiB")
+        cfg = stores.config(data, base_dir=tmp_path)
+        done, imports = import_snapshot(cfg, moto, buckets[0], make_disk(tmp_path / "disk.raw"))
+        try:
+            copies = CopyService(cfg, imports.store)
+            task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}/copies/")
+            held = proxy.arm_request("PUT", "partNumber=2", f"/{buckets[2]}/copies/{task.id}.raw")
+            out: list[Task] = []
+            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
+            thread.start()
+            wait_until(lambda: proxy.stalled_on(held) == 1, what="the second part copy to be held")
+            copies.cancel(task.id)
+            wait_until(lambda: not thread.is_alive(), timeout=30, what="the cancelled copy to end")
+            assert out and out[0].state is TaskState.CANCELLED, out
+            # the step stopped by itself (the engine abandons a step still running after its grace)
+            assert not [
+                e for e in imports.store.events(task_id=task.id, limit=1000) if e.kind == "step.abandoned"
+            ]
+            assert proxy.stalled_on(held) == 1  # still held: not waited for
+            s3 = moto.client("s3")
+            assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
+            assert s3.list_objects_v2(Bucket=buckets[2]).get("KeyCount") == 0
+        finally:
+            proxy.release()
+            imports.store.close()

@@ -349,7 +349,18 @@ class App:
         self.volumes = data / mode / "volumes"
         self.images = data / mode / "images"
         self.markers = data / "markers"
-        settings: dict[str, Any] = {
+        self.config_file = self.root / "imaging.yaml"
+        self.config_file.write_text(yaml.safe_dump(self.settings(moto, proxy)))
+        self.config = config_mod.load(self.config_file)
+        self.db = self.config.db_path
+        self.service = ImportService(self.config)
+        self.store: Store = self.service.store
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.generation = -1
+
+    def settings(self, moto: MotoServer, proxy: StallingProxy) -> dict[str, Any]:
+        """The appliance's configuration (a subclass changes what its tasks need)."""
+        return {
             "state_dir": str(self.root / "state"),
             "scratch": {"root": str(self.scratch)},
             "targets": {
@@ -372,14 +383,6 @@ class App:
             "tasks": {"lease_seconds": 60},
             "hooks": {"points": {p: [run_hook(self.markers, p)] for p in HOOK_POINTS}},
         }
-        self.config_file = self.root / "imaging.yaml"
-        self.config_file.write_text(yaml.safe_dump(settings))
-        self.config = config_mod.load(self.config_file)
-        self.db = self.config.db_path
-        self.service = ImportService(self.config)
-        self.store: Store = self.service.store
-        self.worker: subprocess.Popen[bytes] | None = None
-        self.generation = -1
 
     def start_worker(self) -> None:
         self.generation += 1

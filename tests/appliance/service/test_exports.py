@@ -547,3 +547,50 @@ def test_vmdk_and_vhd_exports_of_a_stored_file_stream_with_no_scratch_reserved(
     moto.client("s3").download_file(buckets[1], object_key(task), str(exported))
     compared = qemu_compare(imported["disk"], exported, qemu_format)
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_a_cancel_while_the_store_sends_nothing_of_the_stored_image_ends_the_export_without_waiting(
+    tmp_path: Path, moto: MotoServer, buckets: tuple[str, str]
+) -> None:
+    # the image is stored in S3 (the s3 image target) and its download into scratch held half-way by the
+    # proxy for as long as the test wants (a store that stopped sending): the cancel must end the export
+    # while the download is still held, not once the read times out (a suspend has seconds of grace)
+    images = f"{buckets[0]}-images"
+    moto.client("s3").create_bucket(Bucket=images)
+    with StallingProxy(moto.endpoint) as proxy:
+        target = {"type": "s3", "bucket": images, "endpoint_url": proxy.endpoint, "region": "us-east-1"}
+        data = cfg_data(tmp_path, proxy.endpoint) | {
+            "targets": {"image": target | {"access_key": "testing", "secret_key": "testing"}}
+        }
+        cfg = stores.config(data, base_dir=tmp_path)
+        disk = guestfactory.linux_disk(tmp_path)
+        moto.client("s3").upload_file(str(disk), buckets[0], "disk.raw")
+        imports = ImportService(cfg)
+        try:
+            done = run(
+                cfg, imports.import_image([DiskContainer(format="RAW", bucket=buckets[0], key="disk.raw")])
+            )
+            assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+            location = outcome(done)["location"]
+            held = f"/{images}/{location['key']}"
+            proxy.arm(held, after=disk.stat().st_size // 2)
+            exports = ExportService(cfg, imports.store)
+            task = exports.export_image("ami-" + done.id[-17:], disk_image_format="RAW", bucket=buckets[1])
+            out: list[Task] = []
+            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
+            thread.start()
+            wait_until(lambda: proxy.stalled_on(held) == 1, what="the download to be held")
+            exports.cancel(task.id)
+            wait_until(lambda: not thread.is_alive(), timeout=30, what="the cancelled export to end")
+            assert out and out[0].state is TaskState.CANCELLED, out
+            # the step stopped by itself (the engine abandons a step still running after its grace)
+            assert not [
+                e for e in imports.store.events(task_id=task.id, limit=1000) if e.kind == "step.abandoned"
+            ]
+            assert not list((tmp_path / "state").rglob("export-source.raw"))  # the partial download
+            s3 = moto.client("s3")
+            assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
+            assert s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", []) == []
+        finally:
+            proxy.release()
+            imports.store.close()

@@ -1,0 +1,91 @@
+"""A streamed multipart upload (:class:`appliance.targets.s3stream.MultipartWriter`) cancelled while S3
+does not answer one of its parts: it stops and aborts the upload without waiting for that part, whose
+thread does not hold the process (a suspended task's child must exit within the worker's grace).
+
+The part is held by :class:`~tests.stallproxy.StallingProxy` in front of the moto server, for as long as
+the test wants: a connection S3 stopped answering.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from typing import Any
+
+import boto3
+import botocore.config
+import pytest
+
+from appliance.errors import Cancelled
+from appliance.targets.s3stream import MultipartWriter
+from tests.processes import wait_until
+from tests.servers import REGION, MotoServer
+from tests.stallproxy import StallingProxy
+
+MiB = 1 << 20
+
+
+def client_of(endpoint: str) -> Any:
+    # a read timeout far beyond the test's deadline: only the writer's own stop can end the wait
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=botocore.config.Config(read_timeout=900, retries={"max_attempts": 1}),
+    )
+
+
+@pytest.mark.parametrize("waiting_in", ["write", "close"])
+def test_a_cancel_while_s3_does_not_answer_a_part_aborts_the_upload_without_waiting_for_it(
+    moto: MotoServer, waiting_in: str
+) -> None:
+    s3 = moto.client("s3")
+    bucket, key = f"cancel-{uuid.uuid4().hex[:12]}", "disk.raw"
+    s3.create_bucket(Bucket=bucket)
+    # write: the writer waits for a free slot (one part in flight at most); close: for the last parts
+    threads = 1 if waiting_in == "write" else 4
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+    before = set(threading.enumerate())
+    with StallingProxy(moto.endpoint) as proxy:
+        held = proxy.arm_request("PUT", "partNumber=2", f"/{bucket}/{key}")
+        writer = MultipartWriter(
+            client_of(proxy.endpoint), bucket, key, part_size=5 * MiB, threads=threads, cancel=cancel
+        )
+
+        def upload() -> None:
+            try:
+                with writer:
+                    for _ in range(4):
+                        writer.write(os.urandom(5 * MiB))
+                    writer.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=upload, daemon=True)
+        thread.start()
+        [listed] = s3.list_multipart_uploads(Bucket=bucket)["Uploads"]
+
+        def parts() -> int:
+            return len(s3.list_parts(Bucket=bucket, Key=key, UploadId=listed["UploadId"]).get("Parts", []))
+
+        wait_until(lambda: proxy.stalled_on(held) == 1 and parts() >= 1, what="part 2 held, part 1 stored")
+        if waiting_in == "close":
+            wait_until(lambda: parts() == 3, what="parts 1, 3 and 4 stored")
+        cancel.set()
+        wait_until(lambda: not thread.is_alive(), timeout=60, what="the cancelled writer to stop")
+        # stopped while part 2 is still held: the upload is aborted, nothing is in the bucket
+        assert proxy.stalled_on(held) == 1
+        assert [type(e) for e in errors] == [Cancelled]
+        assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+        # the thread still sending part 2 does not keep a process from exiting
+        part_threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("s3-part")]
+        assert part_threads and all(t.daemon for t in part_threads)
+        proxy.release(held)  # S3 answers the part at last: it belongs to no upload any more
+        wait_until(lambda: not any(t.is_alive() for t in part_threads), what="the part's thread to end")
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
