@@ -137,6 +137,7 @@ class MultipartWriter:
         self.uploaded = 0
         self.completed = False
         self.closed = False
+        self._aborted = False
         meta = dict(self.metadata)
         if sha256 is not None:
             meta["sha256"] = sha256
@@ -234,16 +235,23 @@ class MultipartWriter:
         self._harvest(block=False)
 
     def _upload_part(self, number: int, data: bytes) -> int:
+        upload_id = self.upload_id
         sent = send_part(
             self.client,
             self.bucket,
             self.key,
-            self.upload_id,
+            upload_id,
             number,
             data,
             checksums=self.checksums,
             etag_is_md5=self._etag_is_md5(),
         )
+        if self._aborted and upload_id is not None:
+            # S3 may store a part that was in flight when its upload was aborted, and keeps its bytes
+            # until the upload is aborted again: once more now that it has landed (never raises: the
+            # upload is most likely gone already)
+            self._abort_upload(upload_id)
+            return len(data)
         with self._lock:
             self._zero_parts += int(sent.zero)
             self._hashed += len(data) if self.checksums and not sent.zero else 0
@@ -412,18 +420,24 @@ class MultipartWriter:
         self._shutdown(wait=wait)
         self._pending = set()
 
+    def _abort_upload(self, upload_id: str, *, report: bool = False) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+        except Exception as exc:
+            if report:
+                log.error("could not abort the multipart upload of %s: %s", self.where, type(exc).__name__)
+
     def abort(self) -> None:
         """Stop: abort the multipart upload and delete the object if it was completed. Never raises
         (the failure that led here matters more); what cannot be removed is logged."""
         # The writing stops first, as for a kept upload, without waiting for a part in flight: S3 may
         # not answer it for minutes (a stalled connection), and the upload it would join is aborted
-        # next (S3 refuses a part of an aborted upload; a task's next run aborts every upload of its key).
+        # next (a part S3 still stores after the abort, as it may, aborts the upload again when it lands:
+        # :meth:`_upload_part`; a task's next run aborts every upload of its key).
+        self._aborted = True  # (a part still in flight aborts the upload again once it lands)
         self.detach(wait=False)
         if self.upload_id is not None and not self.completed:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-            except Exception as exc:
-                log.error("could not abort the multipart upload of %s: %s", self.where, type(exc).__name__)
+            self._abort_upload(self.upload_id, report=True)
         if self.completed:
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key)

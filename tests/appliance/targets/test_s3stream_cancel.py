@@ -8,6 +8,7 @@ the test wants: a connection S3 stopped answering.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import uuid
@@ -89,3 +90,62 @@ def test_a_cancel_while_s3_does_not_answer_a_part_aborts_the_upload_without_wait
         wait_until(lambda: not any(t.is_alive() for t in part_threads), what="the part's thread to end")
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+class LateStoringS3:
+    """The moto server's client, but for what moto cannot do: S3 may still store a part that was in
+    flight when its upload was aborted (its documentation says to abort again to free that part's
+    bytes; moto refuses such a part). Part 2 is held until ``land`` is set, then "stored": answered with
+    its MD5 as ETag, as S3 answers a stored part. Every AbortMultipartUpload is recorded and passed on."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.land = threading.Event()
+        self.held = threading.Event()
+        self.aborts: list[tuple[str, bool]] = []  # (upload id, whether part 2 had landed)
+        self.landed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def upload_part(self, **kw: Any) -> dict[str, Any]:
+        if kw["PartNumber"] != 2:
+            return self.client.upload_part(**kw)
+        self.held.set()
+        self.land.wait(60)
+        self.landed = True
+        return {"ETag": '"' + hashlib.md5(kw["Body"]).hexdigest() + '"'}
+
+    def abort_multipart_upload(self, **kw: Any) -> dict[str, Any]:
+        self.aborts.append((kw["UploadId"], self.landed))
+        return self.client.abort_multipart_upload(**kw)
+
+
+def test_a_part_that_lands_after_the_abort_makes_the_upload_abort_again(moto: MotoServer) -> None:
+    s3 = moto.client("s3")
+    bucket, key = f"late-{uuid.uuid4().hex[:12]}", "disk.raw"
+    s3.create_bucket(Bucket=bucket)
+    client = LateStoringS3(s3)
+    cancel = threading.Event()
+    writer = MultipartWriter(client, bucket, key, part_size=5 * MiB, threads=2, cancel=cancel)
+    failed: list[BaseException] = []
+
+    def upload() -> None:
+        try:
+            with writer:
+                for _ in range(3):
+                    writer.write(os.urandom(5 * MiB))
+                writer.close()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    assert client.held.wait(60)
+    cancel.set()
+    wait_until(lambda: not thread.is_alive(), timeout=60, what="the cancelled writer to stop")
+    [(upload_id, landed)] = client.aborts  # aborted at once, part 2 still in flight
+    assert not landed and [type(e) for e in failed] == [Cancelled]
+    client.land.set()
+    wait_until(lambda: len(client.aborts) == 2, what="a second abort once part 2 has landed")
+    assert client.aborts[1] == (upload_id, True)
