@@ -304,27 +304,41 @@ def action_of(step: StepSpec) -> str:
     return str(step.action)
 
 
-@functools.cache
-def matrix_cells() -> tuple[Cell, ...]:
+def cells_of(
+    variants: dict[str, tuple[str, ...]], hold_for: Callable[[str, str], Hold | str | None]
+) -> tuple[Cell, ...]:
+    """A cell per mode, workflow, variant and leaf step (``hold_for(action, variant)``: how the step is
+    held, or why it is not interrupted); the export-side matrix builds its cells with this too."""
     loader = WorkflowLoader(config_mod.from_dict({}).workflow_dirs)
     cells = []
     for mode in MODES:
-        for workflow, variant in VARIANTS.items():
-            for idx, label, step in leaf_steps(loader.load(workflow)):
-                action = action_of(step)
-                how = _hold_for(action, variant)
-                hold = how if isinstance(how, Hold) else None
-                reason = how if isinstance(how, str) else None
-                cells.append(Cell(mode, workflow, variant, idx, label, action, hold, reason))
+        for workflow, names in variants.items():
+            for variant in names:
+                for idx, label, step in leaf_steps(loader.load(workflow)):
+                    action = action_of(step)
+                    how = hold_for(action, variant)
+                    hold = how if isinstance(how, Hold) else None
+                    reason = how if isinstance(how, str) else None
+                    cells.append(Cell(mode, workflow, variant, idx, label, action, hold, reason))
     return tuple(cells)
 
 
-def cell_params() -> list[Any]:
+def params_of(cells: tuple[Cell, ...]) -> list[Any]:
+    """The cells as pytest parameters, a cell not interrupted skipped with its reason."""
     out = []
-    for cell in matrix_cells():
+    for cell in cells:
         marks = [pytest.mark.skip(reason=f"not interrupted: {cell.reason}")] if cell.reason else []
         out.append(pytest.param(cell, id=cell.id, marks=marks))
     return out
+
+
+@functools.cache
+def matrix_cells() -> tuple[Cell, ...]:
+    return cells_of({workflow: (variant,) for workflow, variant in VARIANTS.items()}, _hold_for)
+
+
+def cell_params() -> list[Any]:
+    return params_of(matrix_cells())
 
 
 # -- the appliances --------------------------------------------------------------------------------

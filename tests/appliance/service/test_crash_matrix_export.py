@@ -71,8 +71,9 @@ from tests.appliance.service.test_crash_matrix import (
     Opener,
     Run,
     _cmdline,
-    action_of,
+    cells_of,
     leaf_steps,
+    params_of,
 )
 from tests.appliance.targets.test_ec2 import FakeHypervisor
 from tests.euca_upload import random_file
@@ -137,26 +138,11 @@ NOT_INTERRUPTIBLE: dict[str, str] = {}
 
 @functools.cache
 def matrix_cells() -> tuple[Cell, ...]:
-    loader = WorkflowLoader(config_mod.from_dict({}).workflow_dirs)
-    cells = []
-    for mode in MODES:
-        for workflow, variants in VARIANTS.items():
-            for variant in variants:
-                for idx, label, step in leaf_steps(loader.load(workflow)):
-                    action = action_of(step)
-                    how = _hold_for(action, variant)
-                    hold = how if isinstance(how, Hold) else None
-                    reason = how if isinstance(how, str) else None
-                    cells.append(Cell(mode, workflow, variant, idx, label, action, hold, reason))
-    return tuple(cells)
+    return cells_of(VARIANTS, _hold_for)
 
 
 def cell_params() -> list[Any]:
-    out = []
-    for cell in matrix_cells():
-        marks = [pytest.mark.skip(reason=f"not interrupted: {cell.reason}")] if cell.reason else []
-        out.append(pytest.param(cell, id=cell.id, marks=marks))
-    return out
+    return params_of(matrix_cells())
 
 
 # -- the appliances --------------------------------------------------------------------------------
