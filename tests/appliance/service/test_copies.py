@@ -25,11 +25,11 @@ from appliance.service.importviews import image_disks, outcome
 from appliance.service.resolver import Resolver
 from appliance.store import Task, TaskState
 from appliance.targets.chunkdigest import digest_file
-from appliance.workflow.engine import Engine
 from tests import guestfactory, stores
 from tests.processes import wait_until
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
+from tests.taskrun import Running, abandoned_steps, run
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +79,6 @@ def buckets(moto: MotoServer, request: pytest.FixtureRequest) -> tuple[str, str,
     for b in names:
         s3.create_bucket(Bucket=b)
     return names
-
-
-def run(cfg: config_mod.Config, task: Task) -> Task:
-    engine = Engine(cfg, poll_interval=0.1)
-    try:
-        return engine.run(task.id)
-    finally:
-        engine.store.close()
 
 
 def import_snapshot(
@@ -265,16 +257,14 @@ def test_cancel_mid_copy_to_s3_leaves_no_object_and_no_incomplete_multipart_uplo
             copies = CopyService(cfg, imports.store)
             task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}/copies/")
             proxy.arm_request("PUT", "partNumber=2")
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on("partNumber=2") >= 1, what="the second part to be held")
             s3 = moto.client("s3")
             assert len(s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", [])) == 1
             copies.cancel(task.id)
             proxy.release()
-            thread.join(timeout=120)
-            assert out and out[0].state is TaskState.CANCELLED, out
+            ended = running.ended()
+            assert ended.state is TaskState.CANCELLED, ended
             assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
             assert s3.list_objects_v2(Bucket=buckets[2]).get("KeyCount") == 0
             assert len(copies.resolve("snap-" + done.id[-17:])["locations"]) == 1
@@ -298,15 +288,13 @@ def test_cancel_mid_copy_to_a_file_leaves_no_partial_file(
             task = copies.copy_image("snap-" + done.id[-17:], f"file://{target}")
             key = outcome(done)["location"]["key"]
             proxy.arm(key, 8 * MiB)
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on(key) >= 1, what="the read of the stored image to be held")
             wait_until(lambda: any(target.iterdir()), what="the partial file")
             copies.cancel(task.id)
             proxy.release()
-            thread.join(timeout=120)
-            assert out and out[0].state is TaskState.CANCELLED, out
+            ended = running.ended()
+            assert ended.state is TaskState.CANCELLED, ended
             assert list(target.iterdir()) == []
         finally:
             imports.store.close()
@@ -377,9 +365,7 @@ def test_a_source_replaced_during_a_server_side_copy_fails_and_leaves_nothing(
             copies = CopyService(cfg, imports.store)
             task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}")
             proxy.arm_request("PUT", "partNumber=1")
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on("partNumber=1") >= 1, what="the first part copy to be held")
             s3 = moto.client("s3")
             stored = outcome(done)["location"]
@@ -388,9 +374,9 @@ def test_a_source_replaced_during_a_server_side_copy_fails_and_leaves_nothing(
                 Bucket=stored["bucket"], Key=stored["key"], Body=b"replaced" * (stored["size"] // 8)
             )
             proxy.release()
-            thread.join(timeout=120)
-            assert out and out[0].state is TaskState.FAILED, out
-            assert out[0].error_code == "Source.DigestMismatch", out[0].error_message
+            ended = running.ended()
+            assert ended.state is TaskState.FAILED, ended
+            assert ended.error_code == "Source.DigestMismatch", ended.error_message
             assert s3.list_objects_v2(Bucket=buckets[2]).get("KeyCount") == 0
             assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []
         finally:
@@ -456,17 +442,13 @@ def test_a_cancel_while_s3_does_not_answer_a_part_copy_ends_the_copy_without_wai
             copies = CopyService(cfg, imports.store)
             task = copies.copy_image("snap-" + done.id[-17:], f"s3://{buckets[2]}/copies/")
             held = proxy.arm_request("PUT", "partNumber=2", f"/{buckets[2]}/copies/{task.id}.raw")
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on(held) == 1, what="the second part copy to be held")
             copies.cancel(task.id)
-            wait_until(lambda: not thread.is_alive(), timeout=30, what="the cancelled copy to end")
-            assert out and out[0].state is TaskState.CANCELLED, out
+            ended = running.ended(timeout=30)
+            assert ended.state is TaskState.CANCELLED, ended
             # the step stopped by itself (the engine abandons a step still running after its grace)
-            assert not [
-                e for e in imports.store.events(task_id=task.id, limit=1000) if e.kind == "step.abandoned"
-            ]
+            assert not abandoned_steps(imports.store, task.id)
             assert proxy.stalled_on(held) == 1  # still held: not waited for
             s3 = moto.client("s3")
             assert s3.list_multipart_uploads(Bucket=buckets[2]).get("Uploads", []) == []

@@ -13,28 +13,26 @@ import json
 import os
 import subprocess
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.errors import ImagingError, IncorrectState, TaskNotFound
 from appliance.image.ova import unpack_ova
 from appliance.service.exports import ExportService, object_key
 from appliance.service.imports import ImportService
 from appliance.service.importtasks import Caller, DiskContainer
 from appliance.service.importviews import outcome
-from appliance.store import Task, TaskState
+from appliance.store import TaskState
 from appliance.targets.chunkdigest import digest_file
 from appliance.targets.rawio import segments
-from appliance.workflow.engine import Engine
 from tests import guestfactory, stores
 from tests.processes import wait_until
 from tests.servers import MotoServer
 from tests.stallproxy import StallingProxy
+from tests.taskrun import Running, abandoned_steps, run
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +65,6 @@ def buckets(moto: MotoServer, request: pytest.FixtureRequest) -> tuple[str, str]
     for b in (f"in-{name}", f"out-{name}"):
         s3.create_bucket(Bucket=b)
     return f"in-{name}", f"out-{name}"
-
-
-def run(cfg: config_mod.Config, task: Task) -> Task:
-    engine = Engine(cfg, poll_interval=0.1)
-    try:
-        return engine.run(task.id)
-    finally:
-        engine.store.close()
 
 
 @pytest.fixture
@@ -340,16 +330,14 @@ def test_cancel_mid_upload_leaves_no_object_and_no_incomplete_multipart_upload(
             exports = ExportService(cfg, imports.store)
             task = exports.export_image("ami-" + done.id[-17:], disk_image_format="RAW", bucket=buckets[1])
             proxy.arm_request("PUT", "partNumber=2")
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on("partNumber=2") >= 1, what="the second part to be held")
             s3 = moto.client("s3")
             assert len(s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", [])) == 1
             exports.cancel(task.id)
             proxy.release()
-            thread.join(timeout=120)
-            assert out and out[0].state is TaskState.CANCELLED, out
+            ended = running.ended()
+            assert ended.state is TaskState.CANCELLED, ended
             assert s3.list_multipart_uploads(Bucket=buckets[1]).get("Uploads", []) == []
             assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0
             with pytest.raises(IncorrectState):
@@ -576,17 +564,13 @@ def test_a_cancel_while_the_store_sends_nothing_of_the_stored_image_ends_the_exp
             proxy.arm(held, after=disk.stat().st_size // 2)
             exports = ExportService(cfg, imports.store)
             task = exports.export_image("ami-" + done.id[-17:], disk_image_format="RAW", bucket=buckets[1])
-            out: list[Task] = []
-            thread = threading.Thread(target=lambda: out.append(run(cfg, task)), daemon=True)
-            thread.start()
+            running = Running(cfg, task)
             wait_until(lambda: proxy.stalled_on(held) == 1, what="the download to be held")
             exports.cancel(task.id)
-            wait_until(lambda: not thread.is_alive(), timeout=30, what="the cancelled export to end")
-            assert out and out[0].state is TaskState.CANCELLED, out
+            ended = running.ended(timeout=30)
+            assert ended.state is TaskState.CANCELLED, ended
             # the step stopped by itself (the engine abandons a step still running after its grace)
-            assert not [
-                e for e in imports.store.events(task_id=task.id, limit=1000) if e.kind == "step.abandoned"
-            ]
+            assert not abandoned_steps(imports.store, task.id)
             assert not list((tmp_path / "state").rglob("export-source.raw"))  # the partial download
             s3 = moto.client("s3")
             assert s3.list_objects_v2(Bucket=buckets[1]).get("KeyCount") == 0

@@ -29,6 +29,7 @@ from tests.euca_upload import presign_manifest_url, random_file, upload
 from tests.mounts import tmpfs
 from tests.processes import wait_until
 from tests.servers import MotoServer
+from tests.taskrun import run
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -70,14 +71,6 @@ def service(cfg: config_mod.Config) -> Iterator[ImportService]:
     svc = ImportService(cfg)
     yield svc
     svc.store.close()
-
-
-def run(cfg: config_mod.Config, task: Task) -> Task:
-    engine = Engine(cfg, poll_interval=0.1)
-    try:
-        return engine.run(task.id)
-    finally:
-        engine.store.close()
 
 
 def run_in_thread(cfg: config_mod.Config, task: Task) -> tuple[threading.Thread, list[Task]]:

@@ -26,12 +26,12 @@ from appliance import config as config_mod
 from appliance.service.imports import ImportService
 from appliance.service.importtasks import DiskImage
 from appliance.store import Task, TaskState
-from appliance.workflow.engine import Engine
 from tests import imagefactory as imgs
 from tests import processes
 from tests.euca_upload import presign_manifest_url, upload
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
+from tests.taskrun import run
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -60,14 +60,6 @@ def cfg_data(tmp_path: Path, moto: MotoServer, proxy: StallingProxy, **extra: An
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value}
     return data
-
-
-def run(cfg: config_mod.Config, task: Task) -> Task:
-    engine = Engine(cfg, poll_interval=0.1)
-    try:
-        return engine.run(task.id)
-    finally:
-        engine.store.close()
 
 
 def disk_with_data(directory: Path, mib: int = 48, data_mib: int = 24, seed: int = 0) -> Path:
