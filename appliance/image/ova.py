@@ -47,7 +47,7 @@ from typing import IO, Any, BinaryIO
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
 from .inspect import InspectionResult, inspect_image, require_safe
-from .ovacontainer import Prefixed, gunzip, refuse_wrapped
+from .ovacontainer import Prefixed, gunzip, gunzip_cap, refuse_wrapped
 from .ovamanifest import ALGORITHMS, check_certificate, check_manifest, parse_manifest
 from .ovamanifest import manifest as manifest
 from .ovf import MAX_OVF_BYTES, OvfInfo, parse_confined
@@ -212,13 +212,17 @@ def unpack_ova(
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
     inspect: bool = True,
+    reserve: Callable[[int], None] | None = None,
 ) -> OvaPackage:
     """Read the OVA ``src`` (a forward-only stream) into the new private ``directory``, verify and inspect
     it (module docstring). Raises :class:`ImageRejected` with an ``Ova.*`` code (or the inspection's code
-    for a bad disk) and removes ``directory``; the caller removes it (:meth:`OvaPackage.remove`) after use."""
+    for a bad disk) and removes ``directory``; the caller removes it (:meth:`OvaPackage.remove`) after use.
+    ``reserve(n)``: called before bytes are written with all the unpacked package may then hold (a disk
+    member's size; a gzip ``File``'s cap before it is decompressed); what it raises (``InsufficientScratch``)
+    stops the unpack, ``directory`` removed."""
     os.mkdir(directory, 0o700)
     try:
-        return _unpack(src, directory, config, cancel, on_progress, inspect)
+        return _unpack(src, directory, config, cancel, on_progress, inspect, _Room(reserve))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -231,6 +235,7 @@ def _unpack(
     cancel: threading.Event | None,
     on_progress: Callable[[int], None] | None,
     inspect: bool,
+    room: _Room,
 ) -> OvaPackage:
     limits = config.limits
     max_disk = limits.max_virtual_size + limits.max_virtual_size // 64 + (1 << 20)
@@ -300,6 +305,7 @@ def _unpack(
                 algorithms = {"sha256"} | (
                     manifest_algorithms if manifest_algorithms is not None else {"sha1"}
                 )
+                room.grow(ti.size)
                 try:
                     digests = _store(f, directory / ti.name, ti.size, algorithms, cancel, on_progress)
                 except tarfile.TarError:
@@ -309,7 +315,19 @@ def _unpack(
     finally:
         with contextlib.suppress(tarfile.TarError):
             tar.close()
-    return _verify(directory, members, order, config, cancel, inspect)
+    return _verify(directory, members, order, config, cancel, inspect, room)
+
+
+class _Room:
+    """The bytes the unpacked package holds, told to ``reserve`` before they grow."""
+
+    def __init__(self, reserve: Callable[[int], None] | None) -> None:
+        self.reserve, self.held = reserve, 0
+
+    def grow(self, nbytes: int) -> None:
+        self.held += nbytes
+        if self.reserve is not None:
+            self.reserve(self.held)
 
 
 def _verify(
@@ -319,6 +337,7 @@ def _verify(
     config: Config,
     cancel: threading.Event | None,
     inspect: bool,
+    room: _Room,
 ) -> OvaPackage:
     ovfs = [n for n in order if n.lower().endswith(".ovf")]
     if len(ovfs) != 1:
@@ -381,6 +400,7 @@ def _verify(
         disk = OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"])
         disk.unit = int(d.get("unit") or 1)
         if info.files[d["file"]].get("gzip"):
+            room.grow(gunzip_cap(disk.capacity, config.limits))
             disk.path = gunzip(disk.path, disk.name, disk.capacity, config.limits, cancel)
         disks.append(disk)
     for name, m in members.items():  # members no disk uses (ISOs, NVRAM, …) are not kept

@@ -53,13 +53,19 @@ def refuse_wrapped(head: bytes) -> None:
         )
 
 
+def gunzip_cap(capacity: int, limits: Limits) -> int:
+    """The most a gzip ``File`` of a disk of ``capacity`` bytes may decompress to: the capacity and a
+    VMDK's metadata, within the decompression limit."""
+    return min(capacity + capacity // 64 + (1 << 20), limits.max_decompressed_size)
+
+
 def gunzip(path: Path, name: str, capacity: int, limits: Limits, cancel: threading.Event | None) -> Path:
     """The disk of the ``File@compression="gzip"`` member ``name`` (at ``path``), decompressed by the
     confined decompressor beside it, at most its ``capacity`` plus a VMDK's metadata (more is
     ``SizeLimitExceeded.Decompressed``: a bomb); the member itself is removed."""
     if detect_compression(path) != "gzip":
         raise _reject("Ova.Corrupt", f"the descriptor says {name!r} is gzip-compressed; it is not")
-    cap = min(capacity + capacity // 64 + (1 << 20), limits.max_decompressed_size)
+    cap = gunzip_cap(capacity, limits)
     out = path.with_name(f"{path.name}.disk")
     decompress(path, out, "gzip", cap, cancel=cancel, limits=limits)
     path.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..allowance import Allowance
 from ..image.formats import OUTPUT_FORMATS
 from ..image.ova import unpack_ova
 from ..image.ovaconvert import convert_ova, output_names
@@ -75,10 +76,11 @@ class OvaOpenStep(Step):
     under the sandbox policy, every ``.mf`` digest verified, every disk inspected); its boot disk (the
     one the OVF marks, else the first) is what the import inspects, validates and stores, and the
     others (``data_disks``: path, name, capacity, format, sha256) are imported after it as the image's
-    data disks; the unpacked files go with the task's scratch directory. The OVF's firmware and OS
-    type are given as ``boot_mode`` (``uefi``/``legacy-bios``) and ``platform`` (``Linux``/
-    ``Windows``) for guest validation (None when the OVF says nothing it knows). Any other claim
-    passes the file through unchanged (``ova`` is null)."""
+    data disks; the unpacked files go with the task's scratch directory and count against its quota
+    (each disk member reserved before it is written: ``InsufficientScratch`` when it does not fit). The
+    OVF's firmware and OS type are given as ``boot_mode`` (``uefi``/``legacy-bios``) and ``platform``
+    (``Linux``/``Windows``) for guest validation (None when the OVF says nothing it knows). Any other
+    claim passes the file through unchanged (``ova`` is null)."""
 
     schema = {
         "type": "object",
@@ -101,8 +103,21 @@ class OvaOpenStep(Step):
                 "platform": None,
             }
         directory = ctx.workdir / "ova"
-        with open(path, "rb") as src:
-            pkg = unpack_ova(src, directory, config=ctx.config, cancel=ctx.cancel)
+        # the unpacked members count against the task's scratch quota like any scratch file
+        allowance = Allowance(ctx.scratch, "unpacking the OVA")
+        try:
+            with open(path, "rb") as src:
+                pkg = unpack_ova(
+                    src,
+                    directory,
+                    config=ctx.config,
+                    cancel=ctx.cancel,
+                    reserve=lambda nbytes: allowance.cover(nbytes, exact=True),
+                )
+        except BaseException:
+            allowance.release()
+            raise
+        allowance.shrink_to(sum(d.path.stat().st_blocks * 512 for d in pkg.disks))
         boot, *others = pkg.disks
         return {
             "path": str(boot.path),
@@ -112,3 +127,8 @@ class OvaOpenStep(Step):
             "boot_mode": boot_mode_of(pkg.ovf.firmware),
             "platform": platform_of(pkg.ovf.os_type),
         }
+
+    def plan(self, ctx: StepContext, path: str, format: str | None = None) -> dict[str, Any]:
+        # about the OVA's size: its disk members, unpacked beside it (a gzip File inflates beyond it)
+        unpacks = (format or "").lower() == "ova" and Path(path).is_file()
+        return {"path": path, "format": format, "scratch_bytes": Path(path).stat().st_size if unpacks else 0}

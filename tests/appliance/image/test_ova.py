@@ -15,7 +15,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.config import Config
-from appliance.errors import ImageRejected
+from appliance.errors import ImageRejected, InsufficientScratch
 from appliance.image.ova import MAX_MEMBERS, is_ova, manifest, unpack_ova
 from appliance.image.ovaconvert import convert_ova
 from appliance.image.ovf import OvfDisk, envelope, parse
@@ -379,3 +379,28 @@ def test_twenty_one_disks_sit_on_scsi_units_vmware_accepts_and_keep_their_order(
     ids = [f["InstanceID"] for f in fields]
     assert len(set(ids)) == len(ids)
     assert [d["capacity"] for d in parse(envelope("vm", disks)).disks] == [(i + 1) * MiB for i in range(21)]
+
+
+def test_every_disk_member_is_reserved_before_its_bytes_are_written(tmp_path: Path, cfg: Config) -> None:
+    """``reserve(n)`` is asked, before a disk member is written, for all the package will then hold; what
+    it raises (a full scratch quota) stops the unpack and leaves nothing."""
+    disks = [("vm-disk1.raw", raw_disk(1)), ("vm-disk2.raw", raw_disk(2, 3 * MiB))]
+    work = tmp_path / "work"
+    work.mkdir()
+    asked: list[tuple[int, int]] = []  # (what was asked, what the package held then)
+
+    def reserve(nbytes: int) -> None:
+        held = sum(p.stat().st_size for p in (work / "pkg").rglob("*") if p.is_file())
+        asked.append((nbytes, held))
+
+    pkg = unpack_ova(io.BytesIO(package(disks)), work / "pkg", config=cfg, reserve=reserve)
+    pkg.remove()
+    assert asked == [(2 * MiB, 0), (5 * MiB, 2 * MiB)]
+
+    def full(nbytes: int) -> None:
+        if nbytes > 2 * MiB:
+            raise InsufficientScratch("the quota is full")
+
+    with pytest.raises(InsufficientScratch):
+        unpack_ova(io.BytesIO(package(disks)), work / "pkg", config=cfg, reserve=full)
+    assert os.listdir(work) == []
