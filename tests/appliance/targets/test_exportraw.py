@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,36 @@ def test_the_data_after_a_hole_is_asked_for_before_the_first_write(
         min(end, second[1]) - max(at, second[0]) for at, end in asked if end > second[0] and at < second[1]
     )
     assert covered == second[1] - second[0]  # the whole second range, before the first write
+
+
+class _Stop(Exception):
+    pass
+
+
+class _FirstWrite:
+    """An upload-like sink (no ``write_zeros``) that ends the export at its first write."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        raise _Stop
+
+
+def test_an_upload_of_a_huge_sparse_disk_plans_its_chunks_as_it_goes(tmp_path: Path) -> None:
+    """The chunks of a 4 TiB disk (a million of them, each sent to an upload as data or zeros) are not
+    listed before the first one is written: the plan is walked as the export goes, whatever the size."""
+    source = tmp_path / "huge.raw"
+    with open(source, "wb") as f:
+        f.truncate(4 << 40)
+        f.write(b"x" * (1 << 20))
+        f.seek(3 << 40)
+        f.write(b"y" * (1 << 20))
+    fd = os.open(source, os.O_RDONLY)
+    sink = _FirstWrite()
+    tracemalloc.start()
+    try:
+        with pytest.raises(_Stop):
+            raw_producer(fd, 4 << 40, ProgressTracker("exporting", 4 << 40, None), None)(sink)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        os.close(fd)
+    assert peak < 16 << 20  # a list of a million chunk tuples alone is ~80 MiB
