@@ -88,6 +88,11 @@ class ImageRejected(ImagingError):
         super().__init__(first.message, first.code)
         self.findings = findings
 
+    @classmethod
+    def nothing_imported(cls, code: str, message: str) -> ImageRejected:
+        """Refused for one reason, before anything was imported (the message says so)."""
+        return cls([Finding.error(code, f"{message}; nothing was imported")])
+
 
 class UsageError(ImagingError):
     """The caller asked for something malformed (bad argument, unknown format name)."""

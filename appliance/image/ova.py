@@ -61,8 +61,7 @@ _CHUNK = 1 << 20
 _CAPACITY_SLACK = 64 << 10
 
 
-def _reject(code: str, message: str) -> ImageRejected:
-    return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
+_reject = ImageRejected.nothing_imported
 
 
 # -------------------------------------------------------------------------------------------- reading

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import Limits
-from ..errors import Finding, ImageRejected
+from ..errors import ImageRejected
 from .decompress import decompress, detect_compression
 from .formats import SIGNATURE_BYTES, compression_of
 
-
-def _reject(code: str, message: str) -> ImageRejected:
-    return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
+_reject = ImageRejected.nothing_imported
 
 
 class Prefixed:

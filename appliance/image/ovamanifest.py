@@ -44,8 +44,7 @@ ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
 
 
-def _reject(code: str, message: str) -> ImageRejected:
-    return ImageRejected([Finding.error(code, f"{message}; nothing was imported")])
+_reject = ImageRejected.nothing_imported
 
 
 def manifest(entries: list[tuple[str, str]]) -> bytes:
