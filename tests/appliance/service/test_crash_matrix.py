@@ -891,10 +891,23 @@ def test_crash_matrix(matrix: Matrix, cell: Cell) -> None:
         f"step {cell.label} of {cell.workflow} runs {cell.action!r}, which the crash matrix cannot interrupt "
         "yet: add a moment for it to _hold_for, or list it in NOT_INTERRUPTIBLE with the reason"
     )
+    check_interrupted(
+        matrix,
+        cell,
+        lambda: next(
+            r for r in matrix.runs.values() if r.app.mode == cell.mode and r.workflow == cell.workflow
+        ),
+    )
+
+
+def check_interrupted(matrix: Matrix, cell: Cell, run_of_cell: Callable[[], Run]) -> None:
+    """What every interrupted cell must show (the export-side matrix checks its cells with this too): the
+    gate saw no error, the cell was interrupted and its outcome is clean, and the partial file open at the
+    interruption is gone, removed by the step itself (suspend) or swept when the task resumed (kill)."""
     assert not matrix.gate.errors, matrix.gate.errors
     assert cell.id in matrix.outcomes, f"{cell.id} was never interrupted"
     assert matrix.outcomes[cell.id] is None, matrix.outcomes[cell.id]
-    run = next(r for r in matrix.runs.values() if r.app.mode == cell.mode and r.workflow == cell.workflow)
+    run = run_of_cell()
     held = run.held_paths.get(cell.id)
     if held is not None and partials.is_partial(held):
         # the partial output open at the interruption is gone, and the ledger says who removed it

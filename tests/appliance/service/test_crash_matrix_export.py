@@ -72,6 +72,7 @@ from tests.appliance.service.test_crash_matrix import (
     Run,
     _cmdline,
     cells_of,
+    check_interrupted,
     leaf_steps,
     params_of,
 )
@@ -439,21 +440,7 @@ def test_export_crash_matrix(setup: Setup, cell: Cell) -> None:
         f"step {cell.label} of {cell.workflow} runs {cell.action!r}, which the export crash matrix cannot "
         "interrupt yet: add a moment for it to _hold_for, or list it in NOT_INTERRUPTIBLE with the reason"
     )
-    assert not matrix.gate.errors, matrix.gate.errors
-    assert cell.id in matrix.outcomes, f"{cell.id} was never interrupted"
-    assert matrix.outcomes[cell.id] is None, matrix.outcomes[cell.id]
-    run = run_of(matrix, cell.mode, cell.workflow, cell.variant)
-    held = run.held_paths.get(cell.id)
-    if held is not None and partials.is_partial(held):
-        # the partial file open at the interruption is gone, and the ledger says who removed it
-        entries = [(e.action, e.resource, e.step) for e in run.app.store.ledger(run.task_id)]
-        assert ("created", str(held)) in [(a, r) for a, r, _ in entries]
-        removals = [s for a, r, s in entries if a == "removed" and r == str(held)]
-        if cell.mode == "kill":
-            assert removals == [partials.RECOVERY_STEP], entries  # swept when the task resumed
-        else:
-            assert removals and partials.RECOVERY_STEP not in removals, entries  # removed by the step itself
-        assert not held.exists()
+    check_interrupted(matrix, cell, lambda: run_of(matrix, cell.mode, cell.workflow, cell.variant))
 
 
 def run_of(matrix: Matrix, mode: str, workflow: str, variant: str) -> Run:
