@@ -15,7 +15,7 @@ part loop of both ways of copying (:func:`~appliance.targets.copy_parts.send_par
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -68,6 +68,7 @@ class _PartCopy:
         # at meanwhile: S3 may take minutes over a part of GiBs, or never answer (a stalled connection),
         # and a cancel or suspend must not wait for it (the upload it belongs to is aborted)
         self._pool = PartPool(1, "s3-part-copy")
+        self._discarded = False
 
     def source_changed(self) -> bool:
         """Whether the source's ETag is no longer the one read (a store that ignores
@@ -89,18 +90,7 @@ class _PartCopy:
         """Part ``number`` (bytes ``start``…``end`` of the source); :class:`_Refused` when the store
         refuses server-side copies (the first part only)."""
         number, start, end = piece
-        answer = self._pool.submit(
-            functools.partial(
-                self.client.upload_part_copy,
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                CopySource=self.source,
-                CopySourceRange=f"bytes={start}-{end}",
-                **({"CopySourceIfMatch": self.etag} if self.etag else {}),
-            )
-        )
+        answer = self._pool.submit(self._copy_part, number, start, end)
         try:
             resp = _answer(answer, self.job.cancel)
         except Cancelled:
@@ -114,6 +104,25 @@ class _PartCopy:
             raise s3_failure(f"UploadPartCopy {number} of {self.where}", exc) from exc
         self.parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
         self.tracker.update(end + 1)
+
+    def _copy_part(self, number: int, start: int, end: int) -> Any:
+        """``UploadPartCopy`` of part ``number``, in the pool's thread. S3 may store a part it finishes
+        copying after its upload was aborted, and keeps its bytes until the upload is aborted again: a part
+        answered after :meth:`discard` aborts the upload once more."""
+        upload_id = self.upload_id
+        resp = self.client.upload_part_copy(
+            Bucket=self.bucket,
+            Key=self.key,
+            UploadId=upload_id,
+            PartNumber=number,
+            CopySource=self.source,
+            CopySourceRange=f"bytes={start}-{end}",
+            **({"CopySourceIfMatch": self.etag} if self.etag else {}),
+        )
+        if self._discarded:
+            with contextlib.suppress(Exception):  # (most likely gone already)
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+        return resp
 
     def finish(self) -> dict[str, Any]:
         """Complete the upload and check the object is the one verified: what the copy answers."""
@@ -144,6 +153,7 @@ class _PartCopy:
         return self.job.copied(etag, self.sha256, self.size, self.sha256, "server-side")
 
     def discard(self) -> None:
+        self._discarded = True  # (a part still in flight aborts the upload again once it lands)
         self._pool.shutdown(wait=False, cancel_futures=True)  # a part in flight is not waited for
         discard_upload(self.client, self.bucket, self.key, self.upload_id, completed=self.completed)
         self.upload_id = ""
