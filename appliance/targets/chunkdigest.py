@@ -153,9 +153,13 @@ def check_chunk_size(chunk_size: int) -> int:
 
 class ChunkedSha256:
     """The chunked digest of a byte stream written in order: :meth:`update` with data, :meth:`zeros` with
-    a run of zero bytes that need not exist (a hole). Chunk ``k`` is hashed by thread ``k mod threads``
-    while the writer goes on (a chunk that received only zeros is not hashed). :meth:`result` waits and
-    returns the :class:`ChunkedDigest`; :meth:`close` stops the threads (call it on every path)."""
+    a run of zero bytes that need not exist (a hole). Each chunk is hashed whole by one thread while the
+    writer goes on (a chunk that received only zeros is not hashed): the thread with the fewest bytes still
+    to hash when the chunk gets its first data, ties going round in turn. (Not thread ``k mod threads``: a
+    chunk that holds a few KiB of data and zeros to its end costs a whole chunk of hashing, and such chunks
+    fall at regular intervals — an ext4 disk's backup superblocks every other 64 MiB chunk — so they would
+    all queue on one thread, and at the end of a disk the export waited for it alone.) :meth:`result` waits
+    and returns the :class:`ChunkedDigest`; :meth:`close` stops the threads (call it on every path)."""
 
     def __init__(
         self, chunk_size: int = DEFAULT_CHUNK, *, threads: int = 0, name: str = "chunk-sha256"
@@ -167,7 +171,8 @@ class ChunkedSha256:
         ]
         self._room = [ByteBudget(QUEUE_BYTES) for _ in range(count)]
         self._digests: dict[int, bytes] = {}
-        self._hashed = [0] * count
+        self._hashed = [0] * count  # bytes each thread hashed (written by that thread only)
+        self._sent = [0] * count  # bytes sent to each thread to hash (written by the writer only)
         self._threads = [
             threading.Thread(target=self._run, args=(i,), name=f"{name}-{i}", daemon=True)
             for i in range(count)
@@ -179,6 +184,8 @@ class ChunkedSha256:
         self._filled = 0  # its bytes so far
         self._pending_zeros = 0  # its zeros not yet sent (sent only once the chunk gets data)
         self._started = False  # whether its hashing thread has been sent anything
+        self._slot = 0  # the thread hashing it (chosen when it is started)
+        self._last_slot = -1  # the thread chosen last (where the turn of a tie starts)
         self._zero_chunks = 0
         self._result: ChunkedDigest | None = None
         self._closed = False
@@ -208,10 +215,24 @@ class ChunkedSha256:
                 self._digests[index] = h.digest()
                 h = hashlib.sha256()
 
+    def _least_loaded(self) -> int:
+        """The thread with the fewest bytes sent and not yet hashed; among equals the next after the one
+        chosen last. (Reads another thread's counter without a lock: a stale value only makes the choice
+        less even, never wrong.)"""
+        count = len(self._queues)
+        order = [(self._last_slot + 1 + i) % count for i in range(count)]
+        return min(order, key=lambda slot: self._sent[slot] - self._hashed[slot])
+
     def _send(self, kind: int, payload: Any) -> None:
-        slot = self._index % len(self._queues)
+        if not self._started:
+            self._slot = self._last_slot = self._least_loaded()
+            self._started = True
+        slot = self._slot
         if kind == self._DATA:
             self._room[slot].take(len(payload))
+            self._sent[slot] += len(payload)
+        elif kind == self._ZEROS:
+            self._sent[slot] += int(payload)
         self._queues[slot].put((kind, self._index, payload))
 
     def _end_chunk(self) -> None:
@@ -243,8 +264,7 @@ class ChunkedSha256:
             if self._pending_zeros:
                 self._send(self._ZEROS, self._pending_zeros)
                 self._pending_zeros = 0
-            self._send(self._DATA, view[:n])
-            self._started = True
+            self._send(self._DATA, view[:n])  # (starts the chunk on its thread)
             self._filled += n
             self.size += n
             view = view[n:]
@@ -281,6 +301,11 @@ class ChunkedSha256:
                 self._zero_chunks,
             )
         return self._result
+
+    @property
+    def hashed_by_thread(self) -> tuple[int, ...]:
+        """Bytes each hashing thread has hashed so far (data and zeros)."""
+        return tuple(self._hashed)
 
     def chunk_digests(self) -> list[bytes]:
         """The digest of every chunk, in order (after :meth:`result`)."""

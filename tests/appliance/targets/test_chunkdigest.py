@@ -282,3 +282,29 @@ def test_small_and_big_pieces_mixed_digest_as_their_concatenation() -> None:
     whole = b"".join(pieces)
     chunks = [hashlib.sha256(whole[i : i + (1 << 20)]).digest() for i in range(0, len(whole), 1 << 20)]
     assert found.value == hashlib.sha256(b"".join(chunks)).digest()
+
+
+def test_chunks_of_a_little_data_and_zeros_at_every_other_index_are_hashed_by_both_threads() -> None:
+    # An ext4 disk's backup superblocks: a few KiB of data every other chunk, zeros to the chunk's end
+    # (hashed: the chunk holds data) and whole zero chunks between (not hashed). Given out by chunk index
+    # modulo the threads, every such chunk went to the first thread, and the export waited for it alone.
+    chunk = 1 << 20
+    rnd = random.Random(11)
+    digest = ChunkedSha256(chunk, threads=2)
+    stream = bytearray()
+    try:
+        for _ in range(8):
+            data = rnd.randbytes(4096)
+            digest.update(data)
+            digest.zeros(chunk - len(data))  # the rest of this chunk
+            digest.zeros(chunk)  # a whole zero chunk
+            stream += data + bytes(2 * chunk - len(data))
+        found = digest.result()
+    finally:
+        digest.close()
+    assert found.hexdigest == reference(bytes(stream), chunk)[0]
+    assert found.zero_chunks == 8
+    # each thread hashed at least one of the eight chunks that hold data (how many more depends on which
+    # thread is busier at each chunk's start: the second always goes to the second thread, busy or not)
+    assert sum(digest.hashed_by_thread) == 8 * chunk
+    assert min(digest.hashed_by_thread) >= chunk, digest.hashed_by_thread
