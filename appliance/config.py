@@ -212,6 +212,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
         worker=WorkerConfig(
             concurrency=merged["worker"]["concurrency"],
             poll_interval=float(merged["worker"]["poll_interval"]),
+            task_poll_interval=float(merged["worker"]["task_poll_interval"]),
             task_cpu_quota=merged["worker"].get("task_cpu_quota"),
             task_io_weight=merged["worker"].get("task_io_weight"),
             task_io_read_bandwidth=_optional_size(merged["worker"], "task_io_read_bandwidth", 1),

@@ -147,6 +147,8 @@ class UploadConfig:
 class WorkerConfig:
     concurrency: int
     poll_interval: float
+    #: seconds between a running task's looks at the store for a cancel (and its ownership)
+    task_poll_interval: float = 0.3
     #: per-task caps (``"50%"`` of one CPU, IO weight 1..10000, bytes/s, bytes); None = unlimited
     task_cpu_quota: str | None = None
     task_io_weight: int | None = None

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import confinepipes
 from .config import Limits
 from .errors import Cancelled, ImagingError, UsageError
 
@@ -245,6 +246,8 @@ class Completed:
     stdout: str
     stderr: str
     timed_out: bool = False
+    #: it printed more than the caller's ``max_output`` and was killed (the output is what came first)
+    output_exceeded: bool = False
 
 
 def run(argv: list[str], policy: Policy, *, cwd: Path, cancel: threading.Event | None = None) -> Completed:
@@ -274,15 +277,28 @@ def collect(
     cancel: threading.Event | None = None,
     *,
     input: bytes | None = None,
+    max_output: int | None = None,
 ) -> Completed:
     """Wait for a confined process started with stdout and stderr on pipes (and stdin on a pipe when
     ``input`` is given: written to it, then closed) and collect its output as text.
 
     Never raises for exit codes. Raises :class:`~appliance.errors.Cancelled` (after killing and reaping
     the process) when ``cancel`` is set. On expiry of the policy's wall-clock limit, counted from this
-    call, the process is killed and the result has ``timed_out=True``.
+    call, the process is killed and the result has ``timed_out=True``. With ``max_output`` (bytes of
+    stdout and stderr together; not with ``input``) a process printing more is killed as soon as it
+    does and the result has ``output_exceeded=True``: its output costs the caller at most that much
+    memory. A kill takes the process's group when it leads one (:func:`spawn`'s ``new_session``).
     """
     deadline = None if policy.wall_seconds is None else time.monotonic() + policy.wall_seconds
+    if max_output is not None:
+        if input is not None:
+            raise UsageError("collect takes no input with an output cap")
+        out, err, timed_out, exceeded = confinepipes.read_capped(
+            proc, policy.tool, cancel, deadline, max_output
+        )
+        return Completed(
+            proc.returncode, _text(out), _text(err), timed_out=timed_out, output_exceeded=exceeded
+        )
     data = input
     try:
         while True:
@@ -294,25 +310,29 @@ def collect(
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled while running {policy.tool}") from None
                 if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
+                    confinepipes.kill(proc)
                     out, err = proc.communicate()
                     return Completed(proc.returncode, _text(out), _text(err), timed_out=True)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            confinepipes.kill(proc)
             proc.communicate()
 
 
-def _text(data: str | bytes | None) -> str:
+def _text(data: str | bytes | bytearray | None) -> str:
     """A pipe's output as text (a text-mode pipe's already is)."""
-    if isinstance(data, bytes):
+    if isinstance(data, bytes | bytearray):
         return data.decode("utf-8", "replace")
     return data or ""
 
 
-def limit_hit(returncode: int, stderr: str, timed_out: bool = False) -> str | None:
+def limit_hit(
+    returncode: int, stderr: str, timed_out: bool = False, output_exceeded: bool = False
+) -> str | None:
     """How a limit stopped a confined run (``killed by SIGXCPU``, ``out of memory: …``, ``did not finish
-    in time``), or None when it ended on its own."""
+    in time``, ``printed more than its output cap``), or None when it ended on its own."""
+    if output_exceeded:
+        return "printed more than its output cap"
     if timed_out:
         return "did not finish in time"
     if returncode < 0:

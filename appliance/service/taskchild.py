@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return taskcgroup.EXIT_CGROUP_JOIN_FAILED
     logging.getLogger("oslo_utils").setLevel(logging.ERROR)
     cfg = config_mod.load(args.config)
-    engine = Engine(cfg, on_lease_lost=_stop_at_once)
+    engine = Engine(cfg, on_lease_lost=_stop_at_once, poll_interval=cfg.worker.task_poll_interval)
     lease = Lease(args.owner, args.epoch) if args.owner is not None and args.epoch is not None else None
     try:
         task = engine.run(args.task_id, lease=lease) if args.verb == "run" else engine.resume(args.task_id)

@@ -2,8 +2,9 @@
 
 An engine owns a task as ``hostname:pid`` with a lease in the store. While it runs the task, a
 :class:`Supervisor` thread renews the lease (every third of its length) and polls the store for a
-cancel request (``cancelling``, set by another process through ``Store.request_cancel``; SIGUSR2
-makes it look at once: the worker sends it when a cancel's doorbell rings) and for the task's owner
+cancel request every ``poll_interval`` (``cancelling``, set by another process through
+``Store.request_cancel``; SIGUSR2 makes it look at once: the worker sends it when a cancel's doorbell
+rings) and for the task's owner
 and fencing epoch: when another worker has claimed the task the run learns it lost the lease and
 stops. A task is an orphan when its owner process is gone from this host, or when its lease has
 expired (the owner is on another host, or hung, or stopped). :func:`find_orphans` lists them for
@@ -29,6 +30,9 @@ from ..timestamps import parse_time, utc_now
 from .runner import TaskRun
 
 log = logging.getLogger(__name__)
+
+#: seconds between two attempts at an overdue lease renewal (the task database did not answer)
+RENEWAL_RETRY = 1.0
 
 
 def owner_id() -> str:
@@ -77,14 +81,18 @@ class Supervisor(threading.Thread):
         self.wake = threading.Event()
 
     def run(self) -> None:
-        renew_every = max(self.poll_interval, self.lease_seconds / 3)
+        renew_every = self.lease_seconds / 3
         run = self.task_run
         epoch = run.lease.epoch if run.lease is not None else None
         last = time.monotonic()
         since_renewal = 0.0
         unreachable = False
         while True:
-            self.wake.wait(self.poll_interval)
+            # A poll interval longer than a third of the lease (a store whose doorbells deliver the
+            # cancels) must not let the lease run out: the renewal wakes the thread on its own; one
+            # overdue (the store was away) is retried every RENEWAL_RETRY seconds at most.
+            due = renew_every - since_renewal - (time.monotonic() - last)
+            self.wake.wait(min(self.poll_interval, due if due > 0 else RENEWAL_RETRY))
             self.wake.clear()
             if self._halt.is_set():
                 break

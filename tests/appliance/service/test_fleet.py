@@ -49,7 +49,14 @@ class Appliance:
     """One appliance's worker: its configuration, its process and its log."""
 
     def __init__(
-        self, root: Path, name: str, workflows: Path, *, poll_interval: float, lease_seconds: int
+        self,
+        root: Path,
+        name: str,
+        workflows: Path,
+        *,
+        poll_interval: float,
+        lease_seconds: int,
+        task_poll_interval: float,
     ) -> None:
         self.dir = root / name
         self.dir.mkdir()
@@ -58,7 +65,12 @@ class Appliance:
             {
                 "state_dir": str(self.dir / "state"),
                 "workflows": {"extra_dirs": [str(workflows)]},
-                "worker": {"concurrency": 2, "poll_interval": poll_interval, "lease_seconds": lease_seconds},
+                "worker": {
+                    "concurrency": 2,
+                    "poll_interval": poll_interval,
+                    "lease_seconds": lease_seconds,
+                    "task_poll_interval": task_poll_interval,
+                },
             }
         )
         self.config.write_text(json.dumps(settings))
@@ -108,7 +120,12 @@ def submitter(tmp_path: Path) -> Iterator[Engine]:
 def _appliance(fleet: tuple[Path, list[Appliance]], tmp_path: Path, name: str, **kw: float) -> Appliance:
     workflows, made = fleet
     appliance = Appliance(
-        tmp_path, name, workflows, poll_interval=kw.get("poll", 0.2), lease_seconds=int(kw.get("lease", 10))
+        tmp_path,
+        name,
+        workflows,
+        poll_interval=kw.get("poll", 0.2),
+        lease_seconds=int(kw.get("lease", 10)),
+        task_poll_interval=kw.get("task_poll", 0.3),
     )
     made.append(appliance)
     return appliance
@@ -204,14 +221,21 @@ def test_a_cancel_through_another_appliance_reaches_the_running_task(
 ) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"x")
-    a = _appliance(fleet, tmp_path, "a")
+    # a's task process looks at the store only when signalled (its own poll, and the lease renewal
+    # that also reads the task, come after an hour): the cancel can reach it in time only through
+    # the doorbell, a's worker passing it on
+    a = _appliance(fleet, tmp_path, "a", task_poll=3600, lease=3600)
     a.start()
     b = _appliance(fleet, tmp_path, "b", poll=3600)  # b's worker claims nothing meanwhile
     task_id = submitter.submit(
         "wait-and-copy", {"src": str(src), "dst": str(tmp_path / "d"), "seconds": 3600}
     )
     store = submitter.store
-    wait_until(lambda: store.get_task(task_id).state is TaskState.RUNNING, what="the task running on a")
+    # the step runs once the task process handles SIGUSR2 (a signal before then would be lost)
+    wait_until(
+        lambda: any(s.name == "wait" and str(s.state) == "running" for s in store.step_results(task_id)),
+        what="the wait step running on a",
+    )
     with Store(config_mod.load(b.config).store) as through_b:
         through_b.request_cancel(task_id, "from appliance b")
     wait_until(lambda: store.get_task(task_id).state is TaskState.CANCELLED, timeout=10, what="cancelled")

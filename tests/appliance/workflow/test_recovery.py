@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,28 @@ def test_cancel_requested_from_another_process_stops_and_undoes(engine: Engine, 
     assert states["2"] is StepState.UNDONE and states["3"] is StepState.FAILED and "4" not in states
     history = [e.data["state"] for e in engine.store.events(task_id=task_id) if e.kind == "task.state"]
     assert history == ["pending", "running", "cancelling", "cancelled"]
+
+
+def test_a_task_polling_less_often_than_a_third_of_its_lease_still_renews_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # worker.task_poll_interval may be long where doorbells deliver the cancels: the lease (5 s
+    # here) must not wait for the next poll (an hour) to be renewed
+    files = _append_then_wait(tmp_path, "poll-seldom")
+    task_id = engine.submit("poll-seldom")
+    seldom = Engine(engine.config, registry=make_registry(), poll_interval=3600)
+    runner = threading.Thread(target=seldom.run, args=(task_id,))
+    runner.start()
+    try:
+        wait_until(lambda: _waiting(files), 30, "the run to reach the 'wait' step")
+        first = engine.store.get_task(task_id).lease_expires_at
+        wait_until(lambda: engine.store.get_task(task_id).lease_expires_at != first, 10, "a renewal")
+        assert orphan_reason(engine.store.get_task(task_id)) is None
+    finally:
+        files["go"].touch()
+        runner.join(30)
+        seldom.store.close()
+    assert engine.store.get_task(task_id).state is TaskState.COMPLETED
 
 
 def test_sigterm_to_the_engine_process_cancels_the_task(engine: Engine, tmp_path: Path) -> None:

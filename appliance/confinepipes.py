@@ -1,0 +1,90 @@
+"""Reading a confined child's output under a cap, and killing it with its process group: the part of
+:func:`appliance.confine.collect` that keeps a hostile parser's flood of output from costing the caller
+more memory than the cap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+from .errors import Cancelled
+
+#: seconds between two looks at the cancel event and the deadline
+_POLL_SECONDS = 0.1
+#: bytes read from a pipe at once (a pipe's default capacity)
+_READ_SIZE = 65536
+
+
+def read_capped(
+    proc: subprocess.Popen[Any],
+    tool: str,
+    cancel: threading.Event | None,
+    deadline: float | None,
+    max_output: int,
+) -> tuple[bytearray, bytearray, bool, bool]:
+    """``proc``'s stdout and stderr, whether ``deadline`` (monotonic) passed and whether it printed more
+    than ``max_output`` bytes (then killed at once: the output kept is what came first). Both pipes are
+    read as they fill (``communicate`` would keep all of a flood); ``proc`` is reaped once it has exited
+    on its own or been killed, never before a kill (its pid is its group's id). Raises
+    :class:`~appliance.errors.Cancelled` (after the kill) when ``cancel`` is set."""
+    assert proc.stdout is not None and proc.stderr is not None
+    kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    total = 0
+    timed_out = exceeded = ended = False
+    try:
+        with selectors.DefaultSelector() as pipes:
+            for fd in kept:
+                pipes.register(fd, selectors.EVENT_READ)
+            while not ended:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled while running {tool}")
+                if deadline is not None and time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                if not pipes.get_map():  # both closed: wait for the exit, still under the limits
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(_POLL_SECONDS)
+                        ended = True
+                    continue
+                for key, _ in pipes.select(_POLL_SECONDS):
+                    chunk = os.read(key.fd, _READ_SIZE)
+                    if not chunk:
+                        pipes.unregister(key.fd)
+                        continue
+                    total += len(chunk)
+                    if total > max_output:
+                        exceeded = True
+                        break
+                    kept[key.fd] += chunk
+                if exceeded:
+                    break
+    finally:
+        if not ended:
+            kill(proc)
+            proc.wait()
+        # not drained: a process outside the group may hold the pipes open
+        proc.stdout.close()
+        proc.stderr.close()
+    out, err = kept.values()
+    return out, err, timed_out, exceeded
+
+
+def kill(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``proc``, and everything in its process group when it leads one (``new_session`` of
+    :func:`appliance.confine.spawn`): what it started dies with it. Call it before reaping ``proc``:
+    until then its pid, the group's id, cannot be reused."""
+    if proc.returncode is not None:
+        return
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
