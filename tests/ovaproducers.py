@@ -3,16 +3,18 @@
 Each builder writes, byte for byte where the producer's source was read (``ova-ovf.md`` §2-§4), what that
 producer puts in an OVA; the disks are streamOptimized VMDKs made by the real ``qemu-img``:
 
-* :func:`ova_compose` — open-vmdk's ``ova-compose`` (its ``to_xml``, ``write_manifest``, ``sign_manifest``
-  and its ``tar --format=gnu -h --owner=0 --group=0 --mode=0644 -cf`` run with the real GNU tar; the
-  certificate signed by the real ``openssl dgst -sign`` with a key file made by ``openssl req -x509``, as
-  open-vmdk's own signing test makes it); capacity in the chosen unit, truncated as ``int(capacity /
-  factor)`` truncates;
+* :func:`ova_compose` — open-vmdk's ``ova-compose`` (its ``to_xml``, with ``extra_configs`` as its README
+  shows them: ``vmw:ExtraConfig`` without ``ovf:required`` or with ``"true"``; its ``write_manifest``,
+  ``sign_manifest`` and ``tar --format=gnu -h --owner=0 --group=0 --mode=0644 -cf`` run with the real GNU
+  tar; the certificate signed by the real ``openssl dgst -sign`` with a key file made by ``openssl req
+  -x509``, as open-vmdk's own signing test makes it); capacity in the chosen unit, truncated as
+  ``int(capacity / factor)`` truncates;
 * :func:`ovftool` — a VMware ESXi/ovftool export: ``vmw:buildId``, capacity in ``byte * 2^30``, ``vmw:Config``
   inside items and in the hardware section, ``vmw:ExtraConfig`` naming an NVRAM file member, a
-  ``vmw:BootOrderSection``; an SHA256 or SHA1 manifest, or old ovftool's ``SHA1 (name) = hex``; a USTAR
-  tar (owner ``someone``, uid 64, as ovftool's OVAs list **[inferred]**), members ``.ovf``, ``.mf``, disks,
-  NVRAM;
+  ``vmw:BootOrderSection`` (without ``ovf:required``), vCenter's storage-policy sections
+  (``vmw:StorageGroupSection``, ``vmw:StorageSection``, not required); an SHA256 or SHA1 manifest, or old
+  ovftool's ``SHA1 (name) = hex``; a USTAR tar (owner ``someone``, uid 64, as ovftool's OVAs list
+  **[inferred]**), members ``.ovf``, ``.mf``, disks, NVRAM;
 * :func:`virtualbox` — VirtualBox's ``Appliance::i_writeFSOVA`` (ApplianceImplExport.cpp): OVF 1.0 or 2.0
   (then disks are ``StorageItem`` in the ``…CIM_StorageAllocationSettingData.xsd`` namespace), memory in
   ``MegaBytes``, ``File`` without a size, capacity in bytes, ``vbox:OSType`` and a ``vbox:Machine``
@@ -156,7 +158,9 @@ xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemS
         <vmw:Config ovf:required="false" vmw:key="connectable.allowGuestControl" vmw:value="true"/>
         <vmw:Config ovf:required="false" vmw:key="wakeOnLanEnabled" vmw:value="false"/>
       </Item>
-{items}      <vmw:Config ovf:required="false" vmw:key="cpuHotAddEnabled" vmw:value="false"/>
+{items}      <vmw:ExtraConfig vmw:key="log.rotateSize" vmw:value="2048000"/>
+      <vmw:ExtraConfig ovf:required="true" vmw:key="feature.enabled" vmw:value="true"/>
+      <vmw:Config ovf:required="false" vmw:key="cpuHotAddEnabled" vmw:value="false"/>
       <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="{firmware}"/>
       <vmw:Config ovf:required="false" vmw:key="bootOptions.efiSecureBootEnabled" vmw:value="false"/>
     </VirtualHardwareSection>
@@ -282,6 +286,10 @@ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
       <Description>The VM Network network</Description>
     </Network>
   </NetworkSection>
+  <vmw:StorageGroupSection ovf:required="false" vmw:id="group1" vmw:name="vSAN Default Storage Policy">
+    <Info>Storage policy for group of disks</Info>
+    <vmw:Description>vSAN Default Storage Policy storagepolicy group</vmw:Description>
+  </vmw:StorageGroupSection>
   <VirtualSystem ovf:id="{name}">
     <Info>A virtual machine</Info>
     <Name>{name}</Name>
@@ -341,6 +349,9 @@ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
     <vmw:BootOrderSection vmw:instanceId="6" vmw:type="disk">
       <Info>Virtual hardware device boot order</Info>
     </vmw:BootOrderSection>
+    <vmw:StorageSection ovf:required="false" vmw:group="group1">
+      <Info>Storage policy group reference</Info>
+    </vmw:StorageSection>
   </VirtualSystem>
 </Envelope>
 """.encode()
@@ -482,3 +493,54 @@ def virtualbox(out: Path, disks: list[Path], *, version: str = "2.0", crlf: bool
     members.append((f"{name}.mf", mf.encode()))
     owner = f"vboxovf{version[0]}{version[2]}"
     return _tar(out, members, tarfile.USTAR_FORMAT, (7, owner), 0o640)
+
+
+# ------------------------------------------------------------------------------ an extension added
+
+
+#: where :func:`with_extension` puts the element: before what, in the descriptor
+EXTENSION_PLACES = {
+    "Envelope": b"<VirtualSystem ",
+    "VirtualSystem": b"</VirtualSystem>",
+    "VirtualHardwareSection": b"</VirtualHardwareSection>",
+}
+
+
+def extension(required: str | None) -> bytes:
+    """An extension section of a namespace no importer knows (keys for encrypted disks: a consumer
+    that ignored it would import ciphertext), with ``ovf:required`` set to ``required`` (None: absent,
+    that is true)."""
+    attribute = f' ovf:required="{required}"' if required is not None else ""
+    return (
+        f'<ext:DiskKeySection xmlns:ext="http://example.com/ovf/disk-keys"{attribute}>'
+        '<Info>Keys of the encrypted disks</Info><ext:Key ext:disk="vmdisk1">00ff</ext:Key>'
+        "</ext:DiskKeySection>\n"
+    ).encode()
+
+
+def with_extension(ova: Path, out: Path, where: str, element: bytes) -> Path:
+    """``ova`` with ``element`` added to its descriptor's ``where`` (:data:`EXTENSION_PLACES`), its
+    manifest written again with the descriptor's new digest (in its own algorithm and line form), the
+    members in their order: what the producer would have written with that extension."""
+    with tarfile.open(ova) as tar:
+        members = [(ti, tar.extractfile(ti).read()) for ti in tar]  # type: ignore[union-attr]
+    descriptors = [body for ti, body in members if ti.name.endswith(".ovf")]
+    [old] = descriptors
+    before = EXTENSION_PLACES[where]
+    at = old.index(before)
+    new = old[:at] + element + old[at:]
+    edited = []
+    for ti, body in members:
+        if ti.name.endswith(".ovf"):
+            body = new
+        elif ti.name.endswith(".mf"):
+            text = body.decode()
+            for alg in ("sha1", "sha256", "sha512"):
+                text = text.replace(_hex(old, alg), _hex(new, alg))
+            body = text.encode()
+        ti.size = len(body)
+        edited.append((ti, body))
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for ti, body in edited:
+            tar.addfile(ti, io.BytesIO(body))
+    return out

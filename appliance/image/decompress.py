@@ -182,6 +182,7 @@ def decompress(
     on_progress: Callable[[int], None] | None = None,
     ledger: partials.Ledger | None = None,
     limits: Limits | None = None,
+    check_head: Callable[[bytes], None] | None = None,
 ) -> int:
     """Decompress ``src`` (``kind`` from :func:`detect_compression`) into the file ``dst``.
 
@@ -193,7 +194,9 @@ def decompress(
     is called before a block of data is written with the bytes written so far including it (zero blocks
     stay holes and are not counted); it raises ``InsufficientScratch`` when scratch cannot hold them (a
     :class:`appliance.allowance.Allowance`). The decoding runs in a confined child under ``limits``
-    (default: the embedded defaults); this process writes what it decodes.
+    (default: the embedded defaults); this process writes what it decodes. ``check_head`` gets the first
+    decoded block (:data:`BLOCK_SIZE` bytes, fewer for a shorter output) before anything is written: what
+    it raises stops the decompression (the inspection refuses a compressed OVA there).
 
     Raises ImageRejected (``CorruptImage``, ``UnsafeImage.ResourceLimit``) for a bad stream or one that
     exceeds the limits, Cancelled when ``cancel`` is set, InsufficientScratch when the scratch quota or
@@ -221,6 +224,8 @@ def decompress(
                     for block in child.blocks():
                         if cancel is not None and cancel.is_set():
                             raise Cancelled(f"decompression of {src.name} cancelled")
+                        if check_head is not None and total == 0:
+                            check_head(block)
                         if total + len(block) > max_bytes:
                             raise bomb(kind, max_bytes)
                         if block == _ZEROS if len(block) == BLOCK_SIZE else block.count(0) == len(block):

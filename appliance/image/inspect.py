@@ -5,7 +5,8 @@ Stages, each of which must pass before the next runs (mirroring Nova's ``fetch_t
 1. **compression** — gzip/xz/zstd/bzip2 detected by magic are decompressed, capped and sparse, into the
    caller's work directory (:mod:`appliance.image.decompress`); a claim such as ``raw.gz`` must match
    the detected compression. A claim without a suffix accepts a compressed file (the inner format is
-   what is checked).
+   what is checked). A compressed OVA (the first decompressed block a tar whose first member is a
+   ``.ovf``) is ``Ova.Compressed`` before more is decompressed (:mod:`appliance.image.ovacontainer`).
 2. **content inspector** — oslo.utils' ``format_inspector`` runs every format inspector over the file
    (``InspectWrapper``), so polyglots are seen; multiple matches are rejected except ISO+MBR under
    ``safety.iso_policy: allow-hybrid``; the inspector's ``safety_check()`` runs; then checks oslo.utils 10.2
@@ -47,6 +48,7 @@ from .formats import (
     parse_claim,
     strip_compression_suffix,
 )
+from .ovacontainer import refuse_compressed_ova
 from .verdict import (
     VMDK_EXPORT,
     InspectionResult,
@@ -122,6 +124,7 @@ def inspect_image(
             cancel=cancel,
             ledger=ledger,
             limits=config.limits,
+            check_head=lambda head: refuse_compressed_ova(compression, head),
         )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)

@@ -4,13 +4,19 @@ descriptor says are gzip-compressed.
 An OVA is an uncompressed tar (DSP0243; ``ova-ovf.md`` §2, §6 #1): a gzip/xz/bzip2/zstd-compressed file or a
 zip is refused from its first bytes with ``Ova.Compressed``, naming the tool that unwraps it (virt-v2v
 accepts such files; the specification and VMware do not, and a compressed tar cannot be checked member by
-member as it streams). A member whose ``File`` says ``ovf:compression="gzip"`` (ovftool ``--compress``, SUSE
-KIWI, …: ``§6 #12``) is decompressed after it was verified against the manifest (which hashes the member as
-stored), by the confined decompressor, under a cap of its capacity plus a VMDK's metadata.
+member as it streams). A compressed file not claimed as an OVA gets the same refusal when its first
+decompressed bytes are a tar whose first member is a ``.ovf`` (:func:`refuse_compressed_ova`, run by the
+inspection of a compressed input and by the preflight of a compressed source, on bytes the confined
+decompressor decoded): otherwise the tar would be taken for a RAW disk. A member whose ``File`` says
+``ovf:compression="gzip"`` (ovftool ``--compress``, SUSE KIWI, …: ``§6 #12``) is decompressed after it was
+verified against the manifest (which hashes the member as stored), by the confined decompressor, under a
+cap of its capacity plus a VMDK's metadata.
 """
 
 from __future__ import annotations
 
+import io
+import tarfile
 import threading
 from pathlib import Path
 from typing import BinaryIO
@@ -39,16 +45,43 @@ class Prefixed:
         return data if len(data) == size else data + self._rest.read(size - len(data))
 
 
+#: the tool that unwraps each container an OVA may come wrapped in
+_UNWRAP = {"zip": "unzip", "gzip": "gunzip", "xz": "unxz", "bzip2": "bunzip2", "zstd": "unzstd"}
+
+
+def _compressed(kind: str) -> ImageRejected:
+    return _reject(
+        "Ova.Compressed",
+        f"the file is {kind}-compressed, and an OVA is an uncompressed tar: decompress it ({_UNWRAP[kind]}) "
+        "and import the .ova it holds",
+    )
+
+
 def refuse_wrapped(head: bytes) -> None:
     """``Ova.Compressed`` for an OVA wrapped in a compressed file or a zip (not a tar: DSP0243 §2)."""
     kind = "zip" if head.startswith(b"PK\x03\x04") else compression_of(head[:SIGNATURE_BYTES])
     if kind is not None:
-        tool = {"zip": "unzip", "gzip": "gunzip", "xz": "unxz", "bzip2": "bunzip2", "zstd": "unzstd"}[kind]
-        raise _reject(
-            "Ova.Compressed",
-            f"the file is {kind}-compressed, and an OVA is an uncompressed tar: decompress it ({tool}) "
-            "and import the .ova it holds",
-        )
+        raise _compressed(kind)
+
+
+def first_member(head: bytes) -> str | None:
+    """The name of the first member of the tar that ``head`` begins (after PAX and GNU long names), or
+    None when ``head`` does not begin a tar. Only ``head`` is read: a header that needs more is None."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as tar:
+            member = tar.next()
+    except Exception:  # hostile bytes: whatever tarfile makes of them, they do not begin an OVA
+        return None
+    return member.name if member is not None else None
+
+
+def refuse_compressed_ova(kind: str, head: bytes) -> None:
+    """``Ova.Compressed`` when ``head``, the first decompressed bytes of a ``kind``-compressed file, begin
+    a tar whose first member is a descriptor (``*.ovf``): an OVA (DSP0243 puts the ``.ovf`` first)
+    wrapped in ``kind``, which is refused as :func:`refuse_wrapped` refuses it, not read as a disk."""
+    name = first_member(head)
+    if name is not None and name.lower().endswith(".ovf"):
+        raise _compressed(kind)
 
 
 def gunzip_cap(capacity: int, limits: Limits) -> int:

@@ -18,8 +18,9 @@ section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware
 names first), firmware, OS type, CPUs and memory (its
 ``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). Both envelope namespaces
 (``…/envelope/1`` and ``…/envelope/2``) are read; elements and attributes of other namespaces (``vmw:``,
-``vbox:``) are ignored. A file split into chunks or compressed other than with gzip is ``Ova.Unsupported``;
-anything else unusable is ``Ova.BadDescriptor``.
+``vbox:``) are ignored, unless such an element is a required extension this reader does not understand
+(``Ova.UnsupportedSection``: :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed
+other than with gzip is ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from defusedxml.ElementTree import fromstring
 from ..config import Limits
 from ..errors import Finding, ImageRejected
 from .confinedparse import run_parser
+from .ovfrequired import check_required
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
@@ -312,6 +314,7 @@ def parse(data: bytes) -> OvfInfo:
     )
     if ns is None:
         raise _bad(f"the root element is {root.tag[:80]!r}, not an OVF Envelope")
+    check_required(root, ns, data)
     info = OvfInfo()
     for f in root.findall(f"{{{ns}}}References/{{{ns}}}File"):
         fid, href = _attr(f, "id", ns), _attr(f, "href", ns)

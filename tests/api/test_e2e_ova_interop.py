@@ -3,12 +3,17 @@
 the client. A VirtualBox 2.0 export (memory in ``MegaBytes``, disks as OVF 2.0 ``StorageItem``, the
 manifest last in ``SHA256 (name) = hex`` form) imports, its boot disk stored identical to the guest it was
 made from; a gzip-wrapped OVA fails with ``Ova.Compressed`` as the task's status message and leaves
-nothing in scratch or in the image target."""
+nothing in scratch or in the image target, also when the request does not say it is an OVA (no
+``Format``: the inspection of the download; ``Format=RAW``: the preflight of the object's compressed
+head); an OVA requiring an extension the importer does not understand fails with
+``Ova.UnsupportedSection`` and leaves nothing."""
 
 from __future__ import annotations
 
 import gzip
+import lzma
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +36,23 @@ def _finished(appliance: Appliance, task_id: str) -> dict[str, Any]:
     return status()
 
 
-def _import(appliance: Appliance, moto: MotoServer, bucket: str, ova: Path) -> str:
+def _import(appliance: Appliance, moto: MotoServer, bucket: str, ova: Path, fmt: str | None = "ova") -> str:
     moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
-    return str(
-        appliance.ec2.import_image(
-            DiskContainers=[{"Format": "ova", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}]
-        )["ImportTaskId"]
-    )
+    container: dict[str, Any] = {"UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}
+    if fmt is not None:
+        container["Format"] = fmt
+    return str(appliance.ec2.import_image(DiskContainers=[container])["ImportTaskId"])
+
+
+def _failed(appliance: Appliance, task_id: str, code: str) -> dict[str, Any]:
+    """The final status of a task that must have failed with ``code`` (its status message and the
+    task's error code), having left nothing in scratch or in the image target."""
+    final = _finished(appliance, task_id)
+    assert final["Status"] == "deleted" and code in final["StatusMessage"], final
+    task = admin_task(appliance, task_id)["task"]
+    assert (task["state"], task["error_code"]) == ("failed", code)
+    assert _leftovers(appliance) == []
+    return final
 
 
 def _leftovers(appliance: Appliance) -> list[str]:
@@ -93,3 +108,39 @@ def test_a_gzip_wrapped_ova_fails_with_what_to_do_and_leaves_nothing(
     assert final["Status"] == "deleted", final
     assert "Ova.Compressed" in final["StatusMessage"] and "gunzip" in final["StatusMessage"], final
     assert _leftovers(appliance) == []
+
+
+def test_an_ova_requiring_an_unknown_section_fails_with_its_code_and_leaves_nothing(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    (tmp_path / "disks").mkdir()
+    vmdk = producers.stream_vmdk(tmp_path / "disks" / "boot.vmdk", 64 << 20, data=b"boot")
+    ova = producers.ovftool(tmp_path / "vm.ova", [vmdk])
+    required = producers.with_extension(
+        ova, tmp_path / "required.ova", "VirtualSystem", producers.extension(None)
+    )
+    final = _failed(appliance, _import(appliance, moto, bucket, required), "Ova.UnsupportedSection")
+    assert "ext:DiskKeySection" in final["StatusMessage"], final
+
+
+@pytest.mark.parametrize(
+    ("fmt", "wrap", "tool"),
+    [(None, lambda b: gzip.compress(b, mtime=0), "gunzip"), ("RAW", lzma.compress, "unxz")],
+    ids=["no-format-gzip", "raw-xz"],
+)
+def test_a_compressed_ova_not_claimed_as_one_fails_as_compressed_and_leaves_nothing(
+    fmt: str | None,
+    wrap: Callable[[bytes], bytes],
+    tool: str,
+    appliance: Appliance,
+    moto: MotoServer,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "disks").mkdir()
+    vmdk = producers.stream_vmdk(tmp_path / "disks" / "boot.vmdk", 64 << 20, data=b"boot")
+    ova = producers.ova_compose(tmp_path / "vm.ova", [vmdk])
+    wrapped = tmp_path / "vm.ova.packed"
+    wrapped.write_bytes(wrap(ova.read_bytes()))
+    final = _failed(appliance, _import(appliance, moto, bucket, wrapped, fmt), "Ova.Compressed")
+    assert tool in final["StatusMessage"], final

@@ -5,6 +5,7 @@ behind (the package directory is gone, the work directory as it was)."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
@@ -21,6 +22,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import ImageRejected
+from appliance.image.inspect import inspect_image
 from appliance.image.ova import OvaPackage, manifest, unpack_ova
 from appliance.image.ovf import OvfDisk, envelope
 from tests import ovaproducers as producers
@@ -263,6 +265,30 @@ def test_a_compressed_or_zipped_ova_is_refused_naming_what_to_do(
         unpack(wrap(package()), tmp_path, cfg)
     assert exc.value.code == "Ova.Compressed" and "decompress it" in exc.value.message
     assert os.listdir(tmp_path / "work") == []
+
+
+def test_a_compressed_ova_not_claimed_as_one_is_refused_from_its_first_decompressed_block(
+    tmp_path: Path, cfg: Config
+) -> None:
+    """The inspection of a compressed input (what `imaging convert` and an ImportImage without
+    ``Format=ova`` run) refuses a tar whose first member is a ``.ovf``, found after a PAX long name,
+    before the rest is decompressed; a compressed tar that starts with a disk is not an OVA."""
+    work = tmp_path / "work"
+    work.mkdir()
+    long_name = "a-descriptor-name-longer-than-the-hundred-bytes-of-a-ustar-header-" * 2 + "vm.ovf"
+    ova = build(
+        [member(long_name, b"<Envelope/>"), member("vm-disk1.raw", raw_disk(1))], fmt=tarfile.PAX_FORMAT
+    )
+    packed = tmp_path / "vm.ova.bz2"
+    packed.write_bytes(bz2.compress(ova))
+    result = inspect_image(packed, None, config=cfg, workdir=work)
+    assert [f.code for f in result.errors] == ["Ova.Compressed"]
+    assert "(bunzip2)" in result.errors[0].message and os.listdir(work) == []
+    # a disk in a tar.gz (as some clouds ship RAW disks) is inspected as before: not refused as an OVA
+    packed = tmp_path / "disk.tar.gz"
+    packed.write_bytes(gzip.compress(build([member("disk.raw", raw_disk(2))]), mtime=0))
+    result = inspect_image(packed, None, config=cfg, workdir=work)
+    assert "Ova.Compressed" not in [f.code for f in result.findings]
 
 
 def _zipped(data: bytes) -> bytes:

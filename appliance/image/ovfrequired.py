@@ -1,0 +1,111 @@
+"""The ``ovf:required`` rule of an untrusted OVF descriptor: the extensions a package demands that this
+importer does not understand refuse it (``Ova.UnsupportedSection``).
+
+OVF (DSP0243) lets a producer add elements of its own namespace to the envelope, to a virtual system (or
+collection) and to a virtual hardware section, each with an ``ovf:required`` attribute whose default is
+true; a consumer that meets a required extension it does not understand must refuse the package rather
+than deploy something other than what the producer described. :func:`check_required` applies that rule to
+the children of ``Envelope``, ``VirtualSystem``, ``VirtualSystemCollection`` and ``VirtualHardwareSection``;
+it runs in the confined parser child with the rest of :func:`appliance.image.ovf.parse`.
+
+What counts as understood:
+
+* every element of the OVF namespace (``…/envelope/1`` and ``…/envelope/2``): the importer reads
+  ``References``, ``DiskSection``, ``VirtualSystem``, ``OperatingSystemSection`` and
+  ``VirtualHardwareSection``, and may safely ignore the other sections the specification defines, because
+  they describe how to deploy and run the VM, not what its disks hold, and an image import deploys nothing:
+  ``NetworkSection`` and ``ResourceAllocationSection`` (networks and reservations of the target host),
+  ``ProductSection`` (properties handed to the guest at deployment), ``EulaSection`` and
+  ``AnnotationSection`` (texts for a person), ``StartupSection`` and ``InstallSection`` (power-on order,
+  a first boot that installs), ``DeploymentOptionSection`` (configurations to choose from), ``Strings``
+  (translations). A section the specification defines is never refused: a producer that wrote one wrote
+  OVF, which this reader takes as far as an image import needs it;
+* the extensions real producers write without ``ovf:required="false"`` (:data:`UNDERSTOOD`): VMware's
+  ``vmw:BootOrderSection`` (ovftool and vCenter exports: the boot disk, read), ``vmw:Config`` and
+  ``vmw:ExtraConfig`` (VMware VM settings: ``firmware`` is read, the rest configures a VMware VM the import
+  does not create; ova-compose writes ``ExtraConfig`` without the attribute unless told otherwise), and
+  Citrix XenServer's ``xenovf:VirtualSystemOtherConfigurationData`` (Xen VM settings, written without the
+  attribute by XenCenter's export);
+* anything else outside the OVF namespace with ``ovf:required="false"`` (VirtualBox's ``vbox:Machine``,
+  vCenter's ``vmw:StorageGroupSection`` and ``vmw:StorageSection``, …), ignored.
+
+A hardware ``Item`` is never refused for its ``ResourceType``, required or not: the import realises the
+package's disks (every ``DiskSection`` disk, whatever the items say) and nothing else of the VM, whose
+hardware is the launching cloud's instance type; a required CD drive, floppy, sound card or vendor device
+is nothing the import fails to provide. virt-v2v reads the item types it maps and ignores the rest; AWS
+imports the disks of VMware exports that list such items; VirtualBox refuses a required item of a type
+outside its list only because it builds a VM from the items.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from ..errors import ImageRejected
+
+#: what every OVF envelope namespace starts with (``…/envelope/1`` and ``…/envelope/2``)
+OVF_NAMESPACE_PREFIX = "http://schemas.dmtf.org/ovf/envelope/"
+#: the extensions (namespace, local name) understood without ``ovf:required="false"`` (module docstring)
+UNDERSTOOD = frozenset(
+    {
+        ("http://www.vmware.com/schema/ovf", "BootOrderSection"),
+        ("http://www.vmware.com/schema/ovf", "Config"),
+        ("http://www.vmware.com/schema/ovf", "ExtraConfig"),
+        ("http://schemas.citrix.com/ovf/envelope/1", "VirtualSystemOtherConfigurationData"),
+    }
+)
+#: the elements whose children the rule applies to
+_PARENTS = ("VirtualSystem", "VirtualSystemCollection", "VirtualHardwareSection")
+#: xs:boolean's false
+_FALSE = ("false", "0")
+
+
+def _split(tag: str) -> tuple[str, str]:
+    """``(namespace, local name)`` of an ElementTree tag (``""`` for no namespace)."""
+    if tag.startswith("{"):
+        uri, _, local = tag[1:].partition("}")
+        return uri, local
+    return "", tag
+
+
+def _required(el: ET.Element) -> bool:
+    """Whether ``el`` is required: its ``ovf:required`` (of either envelope namespace) is not false."""
+    for version in ("1", "2"):
+        value = el.get(f"{{{OVF_NAMESPACE_PREFIX}{version}}}required")
+        if value is not None:
+            return value.strip() not in _FALSE
+    return True
+
+
+def _qualified(uri: str, local: str, data: bytes) -> str:
+    """``prefix:local`` as the descriptor spells it (the prefix its first declaration of ``uri`` binds),
+    with the namespace: ElementTree keeps only the namespace."""
+    if not uri:
+        return f"{local} (of no namespace)"
+    found = re.search(
+        rb'xmlns:([A-Za-z_][\w.-]{0,40})\s*=\s*["\']' + re.escape(uri.encode()) + rb'["\']', data
+    )
+    prefix = f"{found.group(1).decode()}:" if found else ""
+    return f"{prefix}{local} (namespace {uri[:120]})"
+
+
+def check_required(root: ET.Element, ns: str, data: bytes) -> None:
+    """Refuse the descriptor ``data`` (parsed as ``root``, an envelope of namespace ``ns``) with
+    ``Ova.UnsupportedSection`` when a child of its envelope, of a virtual system or collection, or of a
+    hardware section is a required extension not understood (module docstring)."""
+    parents = [root] + [el for name in _PARENTS for el in root.iter(f"{{{ns}}}{name}")]
+    for parent in parents:
+        for child in parent:
+            if not isinstance(child.tag, str):  # a comment or processing instruction
+                continue
+            uri, local = _split(child.tag)
+            if uri.startswith(OVF_NAMESPACE_PREFIX) or (uri, local) in UNDERSTOOD or not _required(child):
+                continue
+            where = _split(parent.tag)[1]
+            raise ImageRejected.nothing_imported(
+                "Ova.UnsupportedSection",
+                f"the OVF descriptor requires {_qualified(uri, local, data)} in its {where}, an extension "
+                'this importer does not understand (its ovf:required is not "false"); export the VM '
+                'without it, or mark it ovf:required="false" if the VM does without it',
+            )
