@@ -18,8 +18,11 @@ What counts as understood:
   ``ProductSection`` (properties handed to the guest at deployment), ``EulaSection`` and
   ``AnnotationSection`` (texts for a person), ``StartupSection`` and ``InstallSection`` (power-on order,
   a first boot that installs), ``DeploymentOptionSection`` (configurations to choose from), ``Strings``
-  (translations). A section the specification defines is never refused: a producer that wrote one wrote
-  OVF, which this reader takes as far as an image import needs it;
+  (translations). A section the specification defines is never refused for being required: a producer
+  that wrote one wrote OVF, which this reader takes as far as an image import needs it. The exception is
+  OVF 2's ``EncryptionSection``, which says the package's files are encrypted: their bytes are not the
+  disks, and imported they would be ciphertext, so such a package is ``Ova.Unsupported`` wherever the
+  section is;
 * the extensions real producers write without ``ovf:required="false"`` (:data:`UNDERSTOOD`): VMware's
   ``vmw:BootOrderSection`` (ovftool and vCenter exports: the boot disk, read), ``vmw:Config`` and
   ``vmw:ExtraConfig`` (VMware VM settings: ``firmware`` is read, the rest configures a VMware VM the import
@@ -93,7 +96,17 @@ def _qualified(uri: str, local: str, data: bytes) -> str:
 def check_required(root: ET.Element, ns: str, data: bytes) -> None:
     """Refuse the descriptor ``data`` (parsed as ``root``, an envelope of namespace ``ns``) with
     ``Ova.UnsupportedSection`` when a child of its envelope, of a virtual system or collection, or of a
-    hardware section is a required extension not understood (module docstring)."""
+    hardware section is a required extension not understood, and with ``Ova.Unsupported`` when it has an
+    ``EncryptionSection`` (module docstring)."""
+    for el in root.iter():
+        tag = el.tag if isinstance(el.tag, str) else ""
+        if tag.startswith("{" + OVF_NAMESPACE_PREFIX) and _split(tag)[1] == "EncryptionSection":
+            raise ImageRejected.nothing_imported(
+                "Ova.Unsupported",
+                "the OVF descriptor has an EncryptionSection: the package's files are encrypted, and "
+                "this importer does not decrypt them (their bytes imported would be ciphertext); "
+                "export the VM unencrypted",
+            )
     parents = [root] + [el for name in _PARENTS for el in root.iter(f"{{{ns}}}{name}")]
     for parent in parents:
         for child in parent:

@@ -120,3 +120,23 @@ def test_what_producers_write_without_required_is_understood_but_not_an_unknown_
         parse(ovf[:at] + future + ovf[at:])
     assert exc.value.code == "Ova.UnsupportedSection"
     assert "vmw:ReplicationSection (namespace http://www.vmware.com/schema/ovf)" in exc.value.message
+
+
+def test_an_ovf2_package_whose_files_are_encrypted_is_refused_as_unsupported(
+    tmp_path: Path, cfg: Config, disk: Path
+) -> None:
+    # OVF 2's own EncryptionSection (the spec's, not an extension, and with ovf:required="false" even):
+    # the files' bytes are ciphertext, which imported as a disk would be garbage that only guest
+    # validation might notice
+    ova = producers.virtualbox(tmp_path / "vm.ova", [disk], version="2.0")
+    section = (
+        b'<EncryptionSection ovf:required="false"><Info>Encrypted files</Info>'
+        b'<xenc:EncryptedData xmlns:xenc="http://www.w3.org/2001/04/xmlenc#" Type="http://www.w3.org/2001/04/'
+        b'xmlenc#Content"><xenc:CipherData><xenc:CipherReference URI="vm-disk1.vmdk"/></xenc:CipherData>'
+        b"</xenc:EncryptedData></EncryptionSection>\n"
+    )
+    edited = producers.with_extension(ova, tmp_path / "encrypted.ova", "Envelope", section)
+    with pytest.raises(ImageRejected) as exc:
+        parse(next(b for n, b in members_of(edited) if n.endswith(".ovf")))
+    assert exc.value.code == "Ova.Unsupported" and "EncryptionSection" in exc.value.message
+    assert rejected(edited.read_bytes(), tmp_path, cfg) == "Ova.Unsupported"
