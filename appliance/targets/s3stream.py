@@ -37,7 +37,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -45,7 +45,7 @@ from ..errors import Cancelled
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
-from .partpool import PartPool
+from .partpool import PartPool, wait_first
 from .s3budget import PartBudget, fitted_part_size
 from .s3complete import check_composite, check_multipart_etag, digests_to_store
 from .s3copy import MAX_COPY, store_digests
@@ -54,9 +54,6 @@ from .s3partupload import send_part
 from .s3resume import ResumableDigests, ResumedUpload
 
 log = logging.getLogger(__name__)
-
-#: seconds between two looks at the cancel while waiting for a part (one S3 may never answer)
-CANCEL_POLL = 0.1
 
 
 class MultipartWriter:
@@ -288,16 +285,7 @@ class MultipartWriter:
         return etag_is_md5(self.sse)
 
     def _harvest(self, *, block: bool) -> None:
-        if not self._pending:
-            return
-        while True:
-            done, self._pending = wait(
-                self._pending, timeout=CANCEL_POLL if block else 0, return_when=FIRST_COMPLETED
-            )
-            if done or not block:
-                break
-            # a part S3 does not answer (a stalled connection) must not hold a cancel or a suspend
-            self._check_cancel()
+        done, self._pending = wait_first(self._pending, self.cancel, f"upload to {self.where}", block=block)
         for fut in done:
             self.uploaded += fut.result()  # re-raises a failed part's error
         if done and self.on_progress is not None:
