@@ -51,7 +51,7 @@ from .s3complete import check_composite, check_multipart_etag, digests_to_store
 from .s3copy import MAX_COPY, store_digests
 from .s3parts import MAX_PARTS, MIN_PART, etag_is_md5, upload_error
 from .s3partupload import send_part
-from .s3resume import ResumableDigests, ResumedUpload
+from .s3resume import ResumableDigests, ResumedUpload, completion_error
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class MultipartWriter:
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
         self.resumable = resumable
+        #: continuing an earlier run's upload (whose parts in flight may land late: :meth:`detach`)
+        self.resumed = resume is not None
         #: a resumable upload's digests and acknowledged prefix (its checkpoints), else None
         self._resumable: ResumableDigests | None = ResumableDigests() if resumable else None
         #: ``chunked`` and not resumable (a stream of unknown size): the sha256-chunked in its threads
@@ -345,8 +347,8 @@ class MultipartWriter:
             completed = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
-        except Exception as exc:
-            raise upload_error(f"CompleteMultipartUpload {self.where}", exc) from exc
+        except Exception as exc:  # PartReplaced: a late part of an earlier run has another ETag
+            raise completion_error(self.where, exc, resumed=self.resumed) from exc
         self.completed = True
         etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
@@ -392,11 +394,14 @@ class MultipartWriter:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
-    def detach(self, *, wait: bool = True) -> None:
+    def detach(self) -> None:
         """Stop without aborting: the upload stays for the task's next run to continue from its
-        checkpoint. Parts not started are dropped, running ones finish (a request cannot be
-        interrupted; waited for unless ``wait`` is False) with no ``on_part`` call: this run may have
-        lost its task, and the run that took it over uploads and checkpoints on its own. Never raises."""
+        checkpoint. Parts not started are dropped; running ones are not waited for (S3 may not answer
+        one for minutes, and a suspend must end within the worker's grace) and finish in their daemon
+        threads with no ``on_part`` call: this run may have lost its task, and the run that took it over
+        uploads and checkpoints on its own. Such a part may land after the next run sent it again: the
+        same bytes (:class:`.s3resume.PartReplaced` says why), so the same part, or under ETags that are
+        not MD5s a Complete S3 refuses (``InvalidPart``: :class:`~.s3resume.PartReplaced`). Never raises."""
         self.closed = True
         self.on_part = None
         if self._sha is not None:
@@ -405,7 +410,7 @@ class MultipartWriter:
             self._threaded_chunks.close()
         for fut in self._pending:
             fut.cancel()
-        self._shutdown(wait=wait)
+        self._shutdown(wait=False)
         self._pending = set()
 
     def _abort_upload(self, upload_id: str, *, report: bool = False) -> None:
@@ -423,7 +428,7 @@ class MultipartWriter:
         # next (a part S3 still stores after the abort, as it may, aborts the upload again when it lands:
         # :meth:`_upload_part`; a task's next run aborts every upload of its key).
         self._aborted = True  # (a part still in flight aborts the upload again once it lands)
-        self.detach(wait=False)
+        self.detach()
         if self.upload_id is not None and not self.completed:
             self._abort_upload(self.upload_id, report=True)
         if self.completed:
