@@ -6,9 +6,10 @@ Why not the executor itself: its threads are joined when the interpreter exits, 
 request S3 never answers (a stalled connection) would hold a task's process after its task was
 cancelled or suspended, until botocore's read timeout and retries gave up, minutes later, while the
 worker's shutdown grace is seconds. An aborted upload does not need its parts any more (S3 refuses a
-part of an aborted upload when it lands), so :meth:`PartPool.shutdown` can leave a running part to its
-thread, and the process exits without it. For the same reason whoever waits for a part waits with
-:func:`wait_first`, which looks at the task's cancel every :data:`CANCEL_POLL` seconds.
+part of an aborted upload when it lands), and a kept one's next run sends them again, so
+:meth:`PartPool.shutdown` can leave a running part to its thread, and the process exits without it.
+For the same reason whoever waits for a part waits with :func:`wait_first`, which looks at the task's
+cancel every :data:`CANCEL_POLL` seconds.
 """
 
 from __future__ import annotations
