@@ -38,7 +38,10 @@ A killed stream resumes from its multipart upload (:mod:`.s3_checkpoint`): every
 output the uploaded parts cover is saved with the upload id, the count of parts and a digest of their
 ETags, and the output's sha256 and sha256-chunked states (constant size); the next run lists the
 upload's parts, checks them against the record and goes on after the last (``stream.resumed``), or
-restarts from zero (``stream.restarted``) when the upload is gone or a part differs. A compressed
+restarts from zero (``stream.restarted``) when the upload is gone or a part differs. A run stopped to be
+resumed does not wait for its parts in flight; one landing after the next run sent it again is the
+same part, or, under ETags that are not MD5s, makes S3 refuse the Complete: that run then streams again
+from zero (``stream.restarted``, :class:`~appliance.targets.s3resume.PartReplaced`). A compressed
 source is not checkpointed (no decoder state past its start): its next run decodes it again from byte 0
 into a new upload.
 
@@ -73,7 +76,7 @@ from ..targets.inorder import InOrderSink
 from ..targets.s3 import STAGING_SUFFIX, S3ImageTarget, digest_metadata, sse_arguments
 from ..targets.s3copy import server_copy
 from ..targets.s3read import ObjectRangeReader
-from ..targets.s3resume import verify_parts
+from ..targets.s3resume import PartReplaced, verify_parts
 from ..targets.s3staged import PUBLISH_KIND, STAGING_ETAG, StagedImage, adoptable
 from ..workflow.step import StepContext
 from .guest import validate_ranges_step
@@ -320,18 +323,29 @@ def stream_into_s3(
             )
             return result, checkpoints, sink
 
+        def stream(start: S3ResumePoint | None) -> tuple[StreamResult, str | None, dict[str, Any]]:
+            try:
+                result, checkpoints, sink = run(start)
+            except SourceReplaced as exc:  # (raised before anything was read or written)
+                ctx.event("stream.restarted", offset=0, reason=exc.message)
+                staged.restart()
+                result, checkpoints, sink = run(None)
+            # a wrong source fails before anything is published
+            sha256 = record_streamed_source(
+                ctx, facts, source, checkpoints, result.input_bytes, md5_checked, name
+            )
+            sink.finish(result.virtual_size)  # the disk's trailing zeros
+            return result, sha256, staged.complete()
+
         try:
-            result, checkpoints, sink = run(point)
-        except SourceReplaced as exc:  # (raised before anything was read or written)
+            result, sha256, written = stream(point)
+        except PartReplaced as exc:
+            # a part the run before had in flight when it stopped landed after this run sent it again,
+            # with another ETag (SSE-KMS): S3 will not complete this upload, a new one starts from zero
             ctx.event("stream.restarted", offset=0, reason=exc.message)
             staged.restart()
-            result, checkpoints, sink = run(None)
-        # a wrong source fails before anything is published
-        sha256 = record_streamed_source(
-            ctx, facts, source, checkpoints, result.input_bytes, md5_checked, name
-        )
-        sink.finish(result.virtual_size)  # the disk's trailing zeros
-        written = staged.complete()
+            md5_checked.clear()
+            result, sha256, written = stream(None)
         reader = staged.reader()
         inspected = inspect_written(ctx, reader)
         facts["stream"] = {

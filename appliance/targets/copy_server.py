@@ -23,11 +23,10 @@ from typing import Any
 
 from ..errors import Cancelled
 from ..progress import ProgressTracker
-from .base import TargetError, check_cancel
+from .base import TargetError
 from .copy_parts import S3Copy, send_parts
 from .copy_source import SourceDigestMismatch, discard_upload, read_stored, s3_failure
-from .partpool import PartPool
-from .s3stream import CANCEL_POLL
+from .partpool import PartPool, wait_first
 
 #: UploadPartCopy parts are at most 5 GiB; smaller parts report progress and check cancel more often
 MAX_COPY_PART = 5 << 30
@@ -161,11 +160,8 @@ class _PartCopy:
 
 def _answer(answer: Future[Any], cancel: threading.Event | None) -> Any:
     """The result of ``answer`` (its error raised); :class:`Cancelled` as soon as ``cancel`` is set."""
-    while True:
-        try:
-            return answer.result(timeout=CANCEL_POLL)
-        except TimeoutError:
-            check_cancel(cancel, "copy")
+    wait_first({answer}, cancel, "copy")
+    return answer.result()
 
 
 def server_side_copy(job: S3Copy) -> dict[str, Any] | None:

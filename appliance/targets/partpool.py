@@ -1,13 +1,15 @@
 """The threads a multipart upload sends its parts in (:class:`.s3stream.MultipartWriter`): a fixed pool of
 *daemon* threads with the part of :class:`concurrent.futures.ThreadPoolExecutor`'s interface the writer
-uses (``submit``, ``shutdown``).
+uses (``submit``, ``shutdown``), and the one wait for their futures that a cancel ends (:func:`wait_first`).
 
 Why not the executor itself: its threads are joined when the interpreter exits, so one part whose
 request S3 never answers (a stalled connection) would hold a task's process after its task was
 cancelled or suspended, until botocore's read timeout and retries gave up, minutes later, while the
 worker's shutdown grace is seconds. An aborted upload does not need its parts any more (S3 refuses a
-part of an aborted upload when it lands), so :meth:`PartPool.shutdown` can leave a running part to its
-thread, and the process exits without it.
+part of an aborted upload when it lands), and a kept one's next run sends them again, so
+:meth:`PartPool.shutdown` can leave a running part to its thread, and the process exits without it.
+For the same reason whoever waits for a part waits with :func:`wait_first`, which looks at the task's
+cancel every :data:`CANCEL_POLL` seconds.
 """
 
 from __future__ import annotations
@@ -15,9 +17,33 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable, Set
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, TypeVar
+
+from ..errors import Cancelled
+
+T = TypeVar("T")
+
+#: seconds between two looks at the cancel while a part is waited for (S3 may never answer one)
+CANCEL_POLL = 0.1
+
+
+def wait_first(
+    futures: Set[Future[T]], cancel: threading.Event | None, what: str, *, block: bool = True
+) -> tuple[set[Future[T]], set[Future[T]]]:
+    """``(done, not done)`` of ``futures`` once one at least is done (``block``; else as they are now,
+    and nothing to wait for: two empty sets). :class:`Cancelled` ("``what`` cancelled") as soon as
+    ``cancel`` is set while none is: a part S3 does not answer (a stalled connection) must not hold a
+    cancel or a suspend."""
+    if not futures:
+        return set(), set()
+    while True:
+        done, pending = wait(futures, timeout=CANCEL_POLL if block else 0, return_when=FIRST_COMPLETED)
+        if done or not block:
+            return done, pending
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{what} cancelled")
 
 
 class PartPool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..sources.savedhash import SavedHash
+from .base import TargetError
 from .chunkdigest import ChunkedDigest
 from .s3parts import MAX_PARTS, upload_error
 from .savedchunks import SavedChunkedSha256
@@ -71,6 +72,30 @@ class ResumedUpload:
     def size(self) -> int:
         """Bytes the parts 1..k hold."""
         return self.count * self.part_size
+
+
+class PartReplaced(TargetError):
+    """S3 refused to complete a continued upload (``InvalidPart``): a part no longer has the ETag this run
+    uploaded it with. A run stopped to be resumed (a suspend, a lost lease) does not wait for the parts it
+    has in flight, so one may land after the next run uploaded that part again. Its bytes are the same —
+    part N is bytes ``[(N-1) x part size, N x part size)`` of the disk, decoded from the same source
+    version (read under its ETag) with the part size the checkpoint records — so under MD5 ETags the
+    part is the same part and Complete goes through; an ETag that is not the MD5 (SSE-KMS) differs for
+    the same bytes, and S3's refusal is this error: the step streams again into a new upload."""
+
+    code = "UploadFailed"
+
+
+def completion_error(where: str, exc: Exception, *, resumed: bool) -> TargetError:
+    """The error of a ``CompleteMultipartUpload`` that failed: :class:`PartReplaced` for a continued
+    upload (``resumed``) whose parts S3 no longer holds as this run sent them, else ``UploadFailed``."""
+    code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
+    if resumed and code == "InvalidPart":
+        return PartReplaced(
+            f"CompleteMultipartUpload {where} refused: a part is no longer the one this run uploaded (a "
+            "part an earlier run had in flight when it stopped landed after it, with another ETag)"
+        )
+    return upload_error(f"CompleteMultipartUpload {where}", exc)
 
 
 #: answers to ``ListParts`` that say the upload cannot be checked, not that S3 is failing: the upload is

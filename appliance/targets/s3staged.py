@@ -27,7 +27,8 @@ incomplete upload are left. Entering also removes what a killed earlier run of t
 staging key, but the upload it continues (``resume``: a streamed import resumed from its checkpoint,
 :mod:`appliance.steps.s3_checkpoint`). A resumable run stopped by a lost lease, an unavailable task store
 or a suspend (``keep_on_cancel``: the worker shuts down) keeps its upload for the run that takes the task
-over (the sweeps of :mod:`appliance.service.sweeps` remove it once the task is over). A process killed
+over (the sweeps of :mod:`appliance.service.sweeps` remove it once the task is over), without waiting for
+its parts in flight (:meth:`.s3stream.MultipartWriter.detach`). A process killed
 outright leaves its incomplete upload at the staging key until the task resumes, the sweep finds its task
 over, or its image is deleted (:meth:`.s3.S3ImageTarget.delete` removes both keys); a bucket lifecycle
 rule (``AbortIncompleteMultipartUpload``) reaps it otherwise.
@@ -192,7 +193,9 @@ class StagedImage:
             and self.written is None
         ):
             # the run that takes the task over continues this upload from the checkpoint (or the sweep
-            # removes it once the task is over): left as it is, still in the ledger
+            # removes it once the task is over): left as it is, still in the ledger. A part in flight is
+            # not waited for (a silent S3 would hold the suspend past the worker's grace): landing late,
+            # it is the part the next run sends again, byte for byte (MultipartWriter.detach)
             log.info("keeping the upload to %s for the task's next run", self.staging)
             self.writer.detach()
             return

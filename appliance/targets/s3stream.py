@@ -37,7 +37,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -45,18 +45,15 @@ from ..errors import Cancelled
 from .base import TargetError
 from .chunkdigest import ALGORITHM, ChunkedDigest, ChunkedSha256, combine, is_zero
 from .hashing import ThreadedSha256
-from .partpool import PartPool
+from .partpool import PartPool, wait_first
 from .s3budget import PartBudget, fitted_part_size
 from .s3complete import check_composite, check_multipart_etag, digests_to_store
 from .s3copy import MAX_COPY, store_digests
 from .s3parts import MAX_PARTS, MIN_PART, etag_is_md5, upload_error
 from .s3partupload import send_part
-from .s3resume import ResumableDigests, ResumedUpload
+from .s3resume import ResumableDigests, ResumedUpload, completion_error
 
 log = logging.getLogger(__name__)
-
-#: seconds between two looks at the cancel while waiting for a part (one S3 may never answer)
-CANCEL_POLL = 0.1
 
 
 class MultipartWriter:
@@ -112,6 +109,8 @@ class MultipartWriter:
         self.checksums = checksums
         self.full_sha256 = full_sha256 or sha256 is not None
         self.resumable = resumable
+        #: continuing an earlier run's upload (whose parts in flight may land late: :meth:`detach`)
+        self.resumed = resume is not None
         #: a resumable upload's digests and acknowledged prefix (its checkpoints), else None
         self._resumable: ResumableDigests | None = ResumableDigests() if resumable else None
         #: ``chunked`` and not resumable (a stream of unknown size): the sha256-chunked in its threads
@@ -288,16 +287,7 @@ class MultipartWriter:
         return etag_is_md5(self.sse)
 
     def _harvest(self, *, block: bool) -> None:
-        if not self._pending:
-            return
-        while True:
-            done, self._pending = wait(
-                self._pending, timeout=CANCEL_POLL if block else 0, return_when=FIRST_COMPLETED
-            )
-            if done or not block:
-                break
-            # a part S3 does not answer (a stalled connection) must not hold a cancel or a suspend
-            self._check_cancel()
+        done, self._pending = wait_first(self._pending, self.cancel, f"upload to {self.where}", block=block)
         for fut in done:
             self.uploaded += fut.result()  # re-raises a failed part's error
         if done and self.on_progress is not None:
@@ -357,8 +347,8 @@ class MultipartWriter:
             completed = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
             )
-        except Exception as exc:
-            raise upload_error(f"CompleteMultipartUpload {self.where}", exc) from exc
+        except Exception as exc:  # PartReplaced: a late part of an earlier run has another ETag
+            raise completion_error(self.where, exc, resumed=self.resumed) from exc
         self.completed = True
         etag = str(completed["ETag"]).strip('"')
         if self._etag_is_md5():
@@ -404,11 +394,14 @@ class MultipartWriter:
             self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
-    def detach(self, *, wait: bool = True) -> None:
+    def detach(self) -> None:
         """Stop without aborting: the upload stays for the task's next run to continue from its
-        checkpoint. Parts not started are dropped, running ones finish (a request cannot be
-        interrupted; waited for unless ``wait`` is False) with no ``on_part`` call: this run may have
-        lost its task, and the run that took it over uploads and checkpoints on its own. Never raises."""
+        checkpoint. Parts not started are dropped; running ones are not waited for (S3 may not answer
+        one for minutes, and a suspend must end within the worker's grace) and finish in their daemon
+        threads with no ``on_part`` call: this run may have lost its task, and the run that took it over
+        uploads and checkpoints on its own. Such a part may land after the next run sent it again: the
+        same bytes (:class:`.s3resume.PartReplaced` says why), so the same part, or under ETags that are
+        not MD5s a Complete S3 refuses (``InvalidPart``: :class:`~.s3resume.PartReplaced`). Never raises."""
         self.closed = True
         self.on_part = None
         if self._sha is not None:
@@ -417,7 +410,7 @@ class MultipartWriter:
             self._threaded_chunks.close()
         for fut in self._pending:
             fut.cancel()
-        self._shutdown(wait=wait)
+        self._shutdown(wait=False)
         self._pending = set()
 
     def _abort_upload(self, upload_id: str, *, report: bool = False) -> None:
@@ -435,7 +428,7 @@ class MultipartWriter:
         # next (a part S3 still stores after the abort, as it may, aborts the upload again when it lands:
         # :meth:`_upload_part`; a task's next run aborts every upload of its key).
         self._aborted = True  # (a part still in flight aborts the upload again once it lands)
-        self.detach(wait=False)
+        self.detach()
         if self.upload_id is not None and not self.completed:
             self._abort_upload(self.upload_id, report=True)
         if self.completed:

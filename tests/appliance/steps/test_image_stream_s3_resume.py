@@ -6,7 +6,8 @@ which holds the download at a chosen offset and counts every byte it serves; the
 directly), the real worker and its task child (killed with SIGKILL by its PID while the worker lives on:
 the worker takes the orphaned task over), the confined decoder child, qemu-img (making the images and
 comparing the stored object with the source). Settings: 1 MiB ranges, 2 in flight, a checkpoint every
-MiB of source, 5 MiB parts.
+MiB of source, 5 MiB parts. An image part S3 does not answer is held by a second stall proxy in front of
+the image target's moto server (the request reaches the server, late, when the test releases it).
 """
 
 from __future__ import annotations
@@ -374,3 +375,79 @@ def test_a_resumed_stream_whose_upload_has_a_part_uploaded_again_restarts_from_z
     # the image's sha256-chunked is that of the bytes stored (the file image target's definition)
     stored = tmp_path / "stored.raw"
     assert location["digest"]["value"] == digest_file(stored).hexdigest
+
+
+def test_a_stream_into_s3_suspended_while_s3_does_not_answer_a_part_stops_within_the_grace_and_resumes(
+    app: Appliance,
+    moto: MotoServer,
+    proxy: StallingProxy,
+    image_proxy: StallingProxy,
+    bucket: str,
+    images: str,
+    tmp_path: Path,
+) -> None:
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=13)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)  # the source held at 40.5 MiB: parts 1..8 cut
+    held = image_proxy.arm_request("PUT", "partNumber=8")  # S3 does not answer part 8
+    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    worker = app.start_worker()
+    wait_until(
+        lambda: image_proxy.stalled_on(held) == 1 and uploaded(app, task.id) == 7 * PART,
+        what="part 8 held, parts 1..7 checkpointed",
+    )
+    worker.send_signal(signal.SIGTERM)  # the documented suspend: the upload is kept for the resume
+    assert worker.wait() == 0
+    log = (app.logs / "worker-0.log").read_text()
+    assert "did not stop within" not in log, log  # suspended with part 8 unanswered, not killed
+    assert events(app, task.id, "step.abandoned") == []
+    suspended = app.task(task.id)
+    assert suspended.state is TaskState.RUNNING and suspended.owner is None
+    assert image_proxy.stalled_on(held) == 1
+    # the next run sends part 8 again while the suspended run's part 8 is still in S3's hands: both
+    # land when S3 answers again, in either order (the same bytes: the same part)
+    proxy.release()
+    app.start_worker()
+    wait_until(lambda: image_proxy.stalled_on(held) == 2, what="the next run's part 8 held too")
+    image_proxy.release(held)
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    [resumed] = events(app, task.id, "stream.resumed")
+    assert resumed["offset"] >= 7 * PART - MiB  # at the checkpoint of parts 1..7
+    assert events(app, task.id, "stream.restarted") == []
+    location = outcome(done)["location"]
+    assert left_in(moto, images) == ([location["key"]], [])
+    same_disk(moto, raw, "raw", images, location["key"], tmp_path)
+    assert location["sha256"] == sha256_of(raw)
+
+
+def test_a_resumed_stream_whose_complete_s3_refuses_for_a_part_landed_late_streams_again_from_zero(
+    app: Appliance,
+    moto: MotoServer,
+    proxy: StallingProxy,
+    image_proxy: StallingProxy,
+    bucket: str,
+    images: str,
+    tmp_path: Path,
+) -> None:
+    raw, task, before = killed_with_parts_uploaded(app, moto, proxy, bucket, tmp_path, seed=14)
+    up = before["upload"]
+    # the next run (the worker takes the task over) resumes that upload; its Complete is held
+    complete = image_proxy.arm_request("POST", f"uploadId={up['upload_id']}")
+    proxy.release()
+    wait_until(lambda: image_proxy.stalled_on(complete) == 1, what="the resumed run's Complete held")
+    # part 12, which the resumed run sent, is replaced now: the stand-in for a part of the killed run
+    # that lands late with another ETag (under SSE-KMS an ETag is not the MD5: the same bytes differ)
+    moto.client("s3").upload_part(
+        Bucket=images, Key=up["key"], UploadId=up["upload_id"], PartNumber=12, Body=os.urandom(PART)
+    )
+    image_proxy.release(complete)
+    done = wait_ended(app, task.id)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert len(events(app, task.id, "stream.resumed")) == 1
+    [restarted] = events(app, task.id, "stream.restarted")
+    assert restarted["offset"] == 0 and "no longer the one this run uploaded" in restarted["reason"]
+    location = outcome(done)["location"]
+    assert left_in(moto, images) == ([location["key"]], [])
+    same_disk(moto, raw, "raw", images, location["key"], tmp_path)
+    assert location["sha256"] == sha256_of(raw)

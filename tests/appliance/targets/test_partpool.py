@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gc
 import threading
+from concurrent.futures import Future
 
-from appliance.targets.partpool import PartPool
+import pytest
+
+from appliance.errors import Cancelled
+from appliance.targets.partpool import PartPool, wait_first
 from tests.processes import wait_until
 
 
@@ -39,3 +43,31 @@ def test_a_pool_dropped_without_a_shutdown_ends_its_threads() -> None:
     del pool
     gc.collect()
     wait_until(lambda: not any(t.is_alive() for t in threads), what="the dropped pool's threads to end")
+
+
+def test_a_wait_for_parts_ends_with_the_first_done_or_with_the_cancel_while_none_answers() -> None:
+    gate, cancel = threading.Event(), threading.Event()
+    pool = PartPool(2, "pool-wait")
+    stalled = pool.submit(gate.wait)  # a part S3 never answers
+    answered = pool.submit(lambda: 7)
+    done, pending = wait_first({stalled, answered}, cancel, "upload")
+    assert done == {answered} and pending == {stalled}
+    assert wait_first(pending, cancel, "upload", block=False) == (set(), {stalled})
+    assert wait_first(set[Future[bool]](), cancel, "upload") == (set(), set())
+    waiting: list[BaseException] = []
+
+    def wait_for_stalled() -> None:
+        try:
+            wait_first({stalled}, cancel, "upload")
+        except BaseException as exc:
+            waiting.append(exc)
+
+    waiter = threading.Thread(target=wait_for_stalled, daemon=True)
+    waiter.start()
+    cancel.set()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and not stalled.done()
+    with pytest.raises(Cancelled, match="upload cancelled"):
+        raise waiting[0]
+    gate.set()
+    pool.shutdown()
