@@ -64,11 +64,20 @@ def refuse_wrapped(head: bytes) -> None:
         raise _compressed(kind)
 
 
+#: bytes of a decompressed head that :func:`first_member` reads: a first member's ustar header with a
+#: PAX or GNU long-name header before it (a descriptor name is at most 255 bytes) fits many times over.
+#: Not more: ``tarfile`` parses PAX records with regular expressions whose cost grows with the square of
+#: a record's length (CPython 3.11 before 3.11.10: CVE-2024-6232), in the task's process and holding the
+#: GIL, and a compressed head is up to 2 MiB of the caller's choosing (a megabyte of digits: 11 minutes)
+FIRST_HEADER_BYTES = 8 << 10
+
+
 def first_member(head: bytes) -> str | None:
     """The name of the first member of the tar that ``head`` begins (after PAX and GNU long names), or
-    None when ``head`` does not begin a tar. Only ``head`` is read: a header that needs more is None."""
+    None when ``head`` does not begin a tar. Only the first :data:`FIRST_HEADER_BYTES` of ``head`` are
+    read: a header that needs more is None."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as tar:
+        with tarfile.open(fileobj=io.BytesIO(head[:FIRST_HEADER_BYTES]), mode="r|") as tar:
             member = tar.next()
     except Exception:  # hostile bytes: whatever tarfile makes of them, they do not begin an OVA
         return None

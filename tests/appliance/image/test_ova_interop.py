@@ -24,6 +24,7 @@ from appliance.config import Config
 from appliance.errors import ImageRejected
 from appliance.image.inspect import inspect_image
 from appliance.image.ova import OvaPackage, manifest, unpack_ova
+from appliance.image.ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
 from appliance.image.ovf import OvfDisk, envelope
 from tests import ovaproducers as producers
 from tests.appliance.image.test_ova import build, member, package, raw_disk, rejected
@@ -289,6 +290,25 @@ def test_a_compressed_ova_not_claimed_as_one_is_refused_from_its_first_decompres
     packed.write_bytes(gzip.compress(build([member("disk.raw", raw_disk(2))]), mtime=0))
     result = inspect_image(packed, None, config=cfg, workdir=work)
     assert "Ova.Compressed" not in [f.code for f in result.findings]
+
+
+def test_a_decompressed_head_is_sniffed_for_an_ova_on_its_first_headers_only() -> None:
+    """``tarfile`` parses PAX records at a cost that grows with the square of their length (CPython 3.11
+    before 3.11.10), in the task's process: the sniffing of every compressed input's first decompressed
+    block (up to 2 MiB of the sender's choosing) reads no more than a first member's headers need."""
+
+    def head(padding: int, name: str = "vm.ovf") -> bytes:
+        descriptor = tarfile.TarInfo(name)
+        descriptor.size = 11
+        descriptor.pax_headers = {"comment": "x" * padding}  # a PAX record of that length before it
+        return descriptor.tobuf(tarfile.PAX_FORMAT) + b"<Envelope/>".ljust(512, b"\0") + bytes(1 << 20)
+
+    assert first_member(head(1000)) == "vm.ovf"
+    refuse_compressed_ova("gzip", head(1000, "vm.raw"))  # a tar that begins with a disk: no refusal
+    with pytest.raises(ImageRejected, match=r"gzip-compressed.*\(gunzip\)"):
+        refuse_compressed_ova("gzip", head(1000))
+    # a first member whose headers run past FIRST_HEADER_BYTES is not read (its head is inspected as a disk's)
+    assert first_member(head(FIRST_HEADER_BYTES)) is None
 
 
 def _zipped(data: bytes) -> bytes:
