@@ -4,8 +4,8 @@ more memory than the cap."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -30,14 +30,17 @@ def read_capped(
 ) -> tuple[bytearray, bytearray, bool, bool]:
     """``proc``'s stdout and stderr, whether ``deadline`` (monotonic) passed and whether it printed more
     than ``max_output`` bytes (then killed at once: the output kept is what came first). Both pipes are
-    read as they fill (``communicate`` would keep all of a flood); ``proc`` is reaped once it has exited
-    on its own or been killed, never before a kill (its pid is its group's id). Raises
-    :class:`~appliance.errors.Cancelled` (after the kill) when ``cancel`` is set."""
+    read as they fill (``communicate`` would keep all of a flood); ``proc`` is reaped only after a kill,
+    even once it has exited on its own (its pid is its group's id, which stays its own until then): what
+    it started dies with it either way. Raises :class:`~appliance.errors.Cancelled` (after the kill) when
+    ``cancel`` is set."""
     assert proc.stdout is not None and proc.stderr is not None
     kept = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     total = 0
     timed_out = exceeded = ended = False
+    exit_fd = -1
     try:
+        exit_fd = os.pidfd_open(proc.pid)  # readable once it has exited, before it is reaped
         with selectors.DefaultSelector() as pipes:
             for fd in kept:
                 pipes.register(fd, selectors.EVENT_READ)
@@ -48,9 +51,7 @@ def read_capped(
                     timed_out = True
                     break
                 if not pipes.get_map():  # both closed: wait for the exit, still under the limits
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(_POLL_SECONDS)
-                        ended = True
+                    ended = bool(select.select([exit_fd], [], [], _POLL_SECONDS)[0])
                     continue
                 for key, _ in pipes.select(_POLL_SECONDS):
                     chunk = os.read(key.fd, _READ_SIZE)
@@ -65,9 +66,12 @@ def read_capped(
                 if exceeded:
                     break
     finally:
-        if not ended:
-            kill(proc)
-            proc.wait()
+        # also after an exit of its own: a child it left in the group (its stdio away from the pipes, as
+        # a subverted parser could) dies too
+        kill(proc)
+        proc.wait()
+        if exit_fd >= 0:
+            os.close(exit_fd)
         # not drained: a process outside the group may hold the pipes open
         proc.stdout.close()
         proc.stderr.close()

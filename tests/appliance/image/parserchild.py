@@ -34,12 +34,28 @@ def _linger(pid_file: str) -> None:
     time.sleep(600)
 
 
+def _leave(pid_file: str) -> None:
+    """Leave a grandchild in the process group as :func:`_linger` does, write its pid to ``pid_file``,
+    and answer and exit at once, as a parser would that was subverted to hide one."""
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        time.sleep(600)
+        os._exit(0)
+    Path(pid_file).write_text(str(pid))
+    print(json.dumps({"answer": "left"}))
+
+
 def main() -> int:
     verb, _, arg = sys.stdin.buffer.read().decode().partition(" ")
     if verb == "flood":
         _flood(int(arg))
     elif verb == "linger":
         _linger(arg)
+    elif verb == "leave":
+        _leave(arg)
     elif verb == "garbage":
         print("not a JSON object")
     else:

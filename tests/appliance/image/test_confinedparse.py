@@ -93,3 +93,20 @@ def test_a_parser_outliving_its_wall_clock_limit_is_killed_with_what_it_started(
         if pid_file.exists():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_parser_that_answers_and_exits_leaving_a_child_behind_is_heard_and_its_child_killed(
+    limits: config_mod.Limits, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    try:
+        result = confinedparse.run_parser(
+            CHILD, f"leave {pid_file}".encode(), limits, what="test parser", failed=_garbage, workdir=tmp_path
+        )
+        assert result == {"answer": "left"}
+        grandchild = int(pid_file.read_text())
+        processes.wait_until(lambda: confinement.gone(grandchild), timeout=10, what="the grandchild killed")
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
