@@ -158,6 +158,10 @@ def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: fl
             previous[sig] = signal.signal(sig, handler)
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, suspend)
         previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, look)
+        # one look now: a task process ignores SIGUSR2 until here (the worker's children inherit it
+        # ignored), so a cancel whose doorbell rang since the task was read would otherwise wait for the
+        # poll, which may be long (worker.task_poll_interval) where the doorbells deliver the cancels
+        supervisor.wake.set()
     try:
         yield
     finally:

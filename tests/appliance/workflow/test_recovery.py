@@ -20,7 +20,8 @@ from appliance.errors import IncorrectState, StoreUnavailable
 from appliance.partials import is_partial
 from appliance.store import StepState, Store, TaskState
 from appliance.workflow import Engine, find_orphans
-from appliance.workflow.supervisor import orphan_reason
+from appliance.workflow.runner import TaskRun
+from appliance.workflow.supervisor import orphan_reason, supervised
 
 from .support import (
     make_config,
@@ -219,6 +220,20 @@ def test_a_task_polling_less_often_than_a_third_of_its_lease_still_renews_it(
         runner.join(30)
         seldom.store.close()
     assert engine.store.get_task(task_id).state is TaskState.COMPLETED
+
+
+def test_a_cancel_requested_before_the_task_handles_its_doorbell_is_seen_without_waiting_for_the_poll(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # a task process ignores SIGUSR2 until its supervisor handles it: a cancel whose doorbell rang in
+    # between must not wait for the next poll (an hour here) or lease renewal (twenty minutes)
+    _append_then_wait(tmp_path, "rang-early")
+    task_id = engine.submit("rang-early")
+    task = engine.store.claim(task_id, engine.owner, 3600)
+    engine.store.request_cancel(task_id, "rang before the handler")
+    run = TaskRun(engine, task)
+    with supervised(run, engine.owner, 3600, 3600):
+        wait_until(run.cancel.is_set, 10, "the cancel seen")
 
 
 def test_sigterm_to_the_engine_process_cancels_the_task(engine: Engine, tmp_path: Path) -> None:
