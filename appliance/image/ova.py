@@ -47,7 +47,7 @@ from typing import IO, Any, BinaryIO
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
 from .inspect import InspectionResult, inspect_image, require_safe
-from .ovacontainer import Prefixed, gunzip, gunzip_cap, refuse_wrapped
+from .ovacontainer import ExtendedHeaderTooLarge, Prefixed, capped_tarinfo, gunzip, gunzip_cap, refuse_wrapped
 from .ovamanifest import ALGORITHMS, check_certificate, check_manifest, parse_manifest
 from .ovamanifest import manifest as manifest
 from .ovf import MAX_OVF_BYTES, OvfInfo, parse_confined
@@ -246,7 +246,9 @@ def _unpack(
     head = src.read(512)
     refuse_wrapped(head)
     try:
-        tar = tarfile.open(fileobj=Prefixed(head, src), mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - closed in the finally below
+        tar = tarfile.open(fileobj=Prefixed(head, src), mode="r|", tarinfo=capped_tarinfo())  # type: ignore[call-overload]  # noqa: SIM115 - closed in the finally below
+    except ExtendedHeaderTooLarge as exc:
+        raise _reject("Ova.TooLarge", f"the OVA's first member has {exc}") from None
     except tarfile.TarError:
         raise _reject(
             "Ova.NotAnOva", "the file is not a tar archive (an OVA is an uncompressed tar)"
@@ -255,6 +257,8 @@ def _unpack(
         while True:
             try:
                 ti = tar.next()
+            except ExtendedHeaderTooLarge as exc:
+                raise _reject("Ova.TooLarge", f"the OVA's member {count + 1} has {exc}") from None
             except tarfile.TarError as exc:
                 raise _reject(
                     "Ova.Corrupt", f"the tar stream is damaged after {count} members ({exc})"

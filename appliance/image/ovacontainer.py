@@ -64,6 +64,49 @@ def refuse_wrapped(head: bytes) -> None:
         raise _compressed(kind)
 
 
+#: bytes of one PAX or GNU long-name header at most, and of all of an archive's together: ``tarfile`` parses
+#: PAX records with regular expressions whose cost grows with the square of a record's length (CPython 3.11
+#: before 3.11.10: CVE-2024-6232; 64 KB of digits measured 2.5 CPU-s), in the task's process holding the
+#: GIL, so the cost of every header is bounded by the square of the total (~0.6 s). A real OVA's members
+#: carry a few hundred bytes of them each (a name of at most 255 bytes, times, owners, a few xattrs)
+MAX_EXTENDED_HEADER = 16 << 10
+MAX_EXTENDED_TOTAL = 32 << 10
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class ExtendedHeaderTooLarge(tarfile.TarError):
+    """A PAX or GNU long-name header over :data:`MAX_EXTENDED_HEADER`, or the archive's over
+    :data:`MAX_EXTENDED_TOTAL` together (not a ``HeaderError``: ``tarfile`` passes it on unchanged)."""
+
+
+def capped_tarinfo() -> type[tarfile.TarInfo]:
+    """A ``TarInfo`` class for ``tarfile.open(tarinfo=…)`` of one archive that refuses an extended header
+    (PAX, GNU long name or link) before ``tarfile`` parses it when it is over :data:`MAX_EXTENDED_HEADER`
+    or takes the archive's extended headers over :data:`MAX_EXTENDED_TOTAL`
+    (:class:`ExtendedHeaderTooLarge`). A class per archive: it counts that archive's headers."""
+    spent = 0
+
+    class Capped(tarfile.TarInfo):
+        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            nonlocal spent
+            if self.type in _EXTENDED:
+                spent += self.size
+                if self.size > MAX_EXTENDED_HEADER or spent > MAX_EXTENDED_TOTAL:
+                    raise ExtendedHeaderTooLarge(
+                        f"an extended (PAX or long-name) header of {self.size} bytes, {spent} in all so far "
+                        f"(at most {MAX_EXTENDED_HEADER} each, {MAX_EXTENDED_TOTAL} together)"
+                    )
+            return super()._proc_member(tar)  # type: ignore[misc]
+
+    return Capped
+
+
 #: bytes of a decompressed head that :func:`first_member` reads: a first member's ustar header with a
 #: PAX or GNU long-name header before it (a descriptor name is at most 255 bytes) fits many times over.
 #: Not more: ``tarfile`` parses PAX records with regular expressions whose cost grows with the square of
@@ -77,7 +120,9 @@ def first_member(head: bytes) -> str | None:
     None when ``head`` does not begin a tar. Only the first :data:`FIRST_HEADER_BYTES` of ``head`` are
     read: a header that needs more is None."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(head[:FIRST_HEADER_BYTES]), mode="r|") as tar:
+        with tarfile.open(
+            fileobj=io.BytesIO(head[:FIRST_HEADER_BYTES]), mode="r|", tarinfo=capped_tarinfo()
+        ) as tar:
             member = tar.next()
     except Exception:  # hostile bytes: whatever tarfile makes of them, they do not begin an OVA
         return None
