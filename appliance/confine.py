@@ -291,7 +291,9 @@ def collect(
     """
     deadline = None if policy.wall_seconds is None else time.monotonic() + policy.wall_seconds
     if max_output is not None:
-        if input is not None:
+        if input is not None:  # (a caller's mistake: the process it started is not left running)
+            confinepipes.kill(proc)
+            proc.communicate()
             raise UsageError("collect takes no input with an output cap")
         out, err, timed_out, exceeded = confinepipes.read_capped(
             proc, policy.tool, cancel, deadline, max_output

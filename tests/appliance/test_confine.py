@@ -16,6 +16,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance import confine
+from appliance.errors import UsageError
 from tests import confinement, processes
 
 GiB = 1 << 30
@@ -203,3 +204,13 @@ def test_private_link_directory_is_empty_private_and_removed(tmp_path: Path) -> 
         assert oct(link.parent.stat().st_mode & 0o777) == oct(0o700)
         assert [p.name for p in link.parent.iterdir()] == [confine.LINK_NAME]
     assert not link.parent.exists() and image.exists()
+
+
+def test_collect_asked_for_an_output_cap_and_input_at_once_refuses_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    policy = confine.Policy("a sleeper", 10, 1 << 30, 30)
+    proc = confine.spawn(["/bin/sleep", "30"], policy, cwd=tmp_path, stdin=subprocess.PIPE, new_session=True)
+    with pytest.raises(UsageError):
+        confine.collect(proc, policy, input=b"data", max_output=1 << 20)
+    assert proc.returncode is not None  # killed and reaped, not left sleeping
