@@ -20,9 +20,9 @@ def _flood(size: int) -> None:
     sys.stdout.buffer.flush()
 
 
-def _linger(pid_file: str) -> None:
+def _hide_grandchild(pid_file: str) -> None:
     """Leave a grandchild in the process group (its stdio away from the pipes, as a parser exploited to
-    hide one would), write its pid to ``pid_file``, and wait."""
+    hide one would) and write its pid to ``pid_file``."""
     pid = os.fork()
     if pid == 0:
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -31,20 +31,18 @@ def _linger(pid_file: str) -> None:
         time.sleep(600)
         os._exit(0)
     Path(pid_file).write_text(str(pid))
+
+
+def _linger(pid_file: str) -> None:
+    """Hide a grandchild (:func:`_hide_grandchild`) and wait."""
+    _hide_grandchild(pid_file)
     time.sleep(600)
 
 
 def _leave(pid_file: str) -> None:
-    """Leave a grandchild in the process group as :func:`_linger` does, write its pid to ``pid_file``,
-    and answer and exit at once, as a parser would that was subverted to hide one."""
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        time.sleep(600)
-        os._exit(0)
-    Path(pid_file).write_text(str(pid))
+    """Hide a grandchild (:func:`_hide_grandchild`), then answer and exit at once, as a parser would that
+    was subverted to hide one."""
+    _hide_grandchild(pid_file)
     print(json.dumps({"answer": "left"}))
 
 

@@ -8,7 +8,9 @@ import contextlib
 import os
 import signal
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,18 +31,38 @@ def _garbage(message: str) -> ImageRejected:
     return ImageRejected([Finding.error("Test.Garbage", message)])
 
 
-def test_a_parser_that_answers_is_heard(limits: config_mod.Limits, tmp_path: Path) -> None:
-    result = confinedparse.run_parser(
-        CHILD, b"answer 42", limits, what="test parser", failed=_garbage, workdir=tmp_path
+def parse(request: str, limits: config_mod.Limits, tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
+    """What the test parser child answers to ``request`` (its verb and argument)."""
+    return confinedparse.run_parser(
+        CHILD, request.encode(), limits, what="test parser", failed=_garbage, workdir=tmp_path, **kwargs
     )
-    assert result == {"answer": "42"}
+
+
+@contextlib.contextmanager
+def hidden_grandchild(tmp_path: Path) -> Iterator[Path]:
+    """The file a child writes the pid of the grandchild it hides to; that grandchild killed at the end
+    whatever happened."""
+    pid_file = tmp_path / "grandchild.pid"
+    try:
+        yield pid_file
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def assert_killed(pid_file: Path) -> None:
+    grandchild = int(pid_file.read_text())
+    processes.wait_until(lambda: confinement.gone(grandchild), timeout=10, what="the grandchild killed")
+
+
+def test_a_parser_that_answers_is_heard(limits: config_mod.Limits, tmp_path: Path) -> None:
+    assert parse("answer 42", limits, tmp_path) == {"answer": "42"}
 
 
 def test_a_parser_printing_garbage_is_the_callers_failure(limits: config_mod.Limits, tmp_path: Path) -> None:
     with pytest.raises(ImageRejected) as caught:
-        confinedparse.run_parser(
-            CHILD, b"garbage", limits, what="test parser", failed=_garbage, workdir=tmp_path
-        )
+        parse("garbage", limits, tmp_path)
     assert caught.value.code == "Test.Garbage"
     assert caught.value.message == "the test parser failed (exit status 0)"
 
@@ -53,14 +75,7 @@ def test_a_parser_flooding_its_output_is_stopped_at_the_cap_and_costs_no_more_me
     try:
         tracemalloc.reset_peak()
         with pytest.raises(ImageRejected) as caught:
-            confinedparse.run_parser(
-                CHILD,
-                f"flood {flood}".encode(),
-                limits,
-                what="test parser",
-                failed=_garbage,
-                workdir=tmp_path,
-            )
+            parse(f"flood {flood}", limits, tmp_path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -73,40 +88,17 @@ def test_a_parser_flooding_its_output_is_stopped_at_the_cap_and_costs_no_more_me
 def test_a_parser_outliving_its_wall_clock_limit_is_killed_with_what_it_started(
     limits: config_mod.Limits, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "grandchild.pid"
-    try:
+    with hidden_grandchild(tmp_path) as pid_file:
         with pytest.raises(ImageRejected) as caught:
-            confinedparse.run_parser(
-                CHILD,
-                f"linger {pid_file}".encode(),
-                limits,
-                what="test parser",
-                failed=_garbage,
-                workdir=tmp_path,
-                wall_seconds=2,
-            )
+            parse(f"linger {pid_file}", limits, tmp_path, wall_seconds=2)
         assert caught.value.code == "UnsafeImage.ResourceLimit"
         assert "did not finish in time" in caught.value.message
-        grandchild = int(pid_file.read_text())
-        processes.wait_until(lambda: confinement.gone(grandchild), timeout=10, what="the grandchild killed")
-    finally:
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        assert_killed(pid_file)
 
 
 def test_a_parser_that_answers_and_exits_leaving_a_child_behind_is_heard_and_its_child_killed(
     limits: config_mod.Limits, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "grandchild.pid"
-    try:
-        result = confinedparse.run_parser(
-            CHILD, f"leave {pid_file}".encode(), limits, what="test parser", failed=_garbage, workdir=tmp_path
-        )
-        assert result == {"answer": "left"}
-        grandchild = int(pid_file.read_text())
-        processes.wait_until(lambda: confinement.gone(grandchild), timeout=10, what="the grandchild killed")
-    finally:
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    with hidden_grandchild(tmp_path) as pid_file:
+        assert parse(f"leave {pid_file}", limits, tmp_path) == {"answer": "left"}
+        assert_killed(pid_file)
