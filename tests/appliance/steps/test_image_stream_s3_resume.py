@@ -193,15 +193,23 @@ def test_a_stream_into_s3_killed_mid_stream_resumes_its_multipart_upload_and_fet
     assert source["size"] == size and "sha256_unknown" not in source
 
 
+def held_import(
+    app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, *, seed: int
+) -> tuple[Path, Task]:
+    """A 64 MiB RAW import whose source the proxy holds at 40.5 MiB (8 parts of 5 MiB cut), not started
+    (no worker yet): its source and its task."""
+    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=seed)
+    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
+    proxy.arm("/disk.raw", after=HOLD)
+    return raw, app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+
+
 def killed_with_parts_uploaded(
     app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, *, seed: int
 ) -> tuple[Path, Task, dict[str, Any]]:
     """A 64 MiB RAW import held at 40.5 MiB with at least 20 MiB of parts checkpointed, then its task
     process killed: the source, the task and the checkpoint it left."""
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=seed)
-    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
-    proxy.arm("/disk.raw", after=HOLD)
-    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
+    raw, task = held_import(app, moto, proxy, bucket, tmp_path, seed=seed)
     app.start_worker()
     wait_until(
         lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 20 * MiB,
@@ -285,11 +293,8 @@ def names_image(app: Appliance, task_id: str, key: str) -> bool:
 def test_a_stream_into_s3_suspended_by_a_worker_shutdown_keeps_its_upload_and_resumes_after_a_restart(
     app: Appliance, moto: MotoServer, proxy: StallingProxy, bucket: str, images: str, tmp_path: Path
 ) -> None:
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=10)
+    raw, task = held_import(app, moto, proxy, bucket, tmp_path, seed=10)
     size = raw.stat().st_size
-    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
-    proxy.arm("/disk.raw", after=HOLD)
-    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
     worker = app.start_worker()
     wait_until(
         lambda: proxy.stalled >= 1 and uploaded(app, task.id) >= 40 * MiB,
@@ -323,11 +328,8 @@ def test_the_checkpoint_of_a_stream_into_s3_does_not_grow_with_the_parts_it_has_
     images: str,
     tmp_path: Path,
 ) -> None:
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=11)
-    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
-    proxy.arm("/disk.raw", after=HOLD)  # the source held at 40.5 MiB: 8 parts of 5 MiB at most
+    raw, task = held_import(app, moto, proxy, bucket, tmp_path, seed=11)  # 8 parts of 5 MiB at most
     image_proxy.arm_request("PUT", "partNumber=3")  # part 3's upload held: the acknowledged run is 1..2
-    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
     app.start_worker()
     wait_until(
         lambda: image_proxy.stalled_on("partNumber=3") >= 1 and uploaded(app, task.id) == 2 * PART,
@@ -386,11 +388,8 @@ def test_a_stream_into_s3_suspended_while_s3_does_not_answer_a_part_stops_within
     images: str,
     tmp_path: Path,
 ) -> None:
-    raw = random_file(tmp_path / "disk.raw", 64 * MiB, seed=13)
-    moto.client("s3").put_object(Bucket=bucket, Key="disk.raw", Body=raw.read_bytes())
-    proxy.arm("/disk.raw", after=HOLD)  # the source held at 40.5 MiB: parts 1..8 cut
+    raw, task = held_import(app, moto, proxy, bucket, tmp_path, seed=13)  # parts 1..8 cut
     held = image_proxy.arm_request("PUT", "partNumber=8")  # S3 does not answer part 8
-    task = app.service.import_snapshot(DiskContainer(format="RAW", bucket=bucket, key="disk.raw"))
     worker = app.start_worker()
     wait_until(
         lambda: image_proxy.stalled_on(held) == 1 and uploaded(app, task.id) == 7 * PART,
