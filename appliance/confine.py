@@ -58,7 +58,6 @@ MALLOC_ARENA_MAX = "2"
 LINK_NAME = "image"
 GiB = 1 << 30
 
-_POLL_SECONDS = 0.1
 # A confined tool can hang in uninterruptible I/O without using CPU; unless the policy says otherwise its
 # wall time is bounded too.
 _MIN_WALL_SECONDS = 60
@@ -305,7 +304,7 @@ def collect(
     try:
         while True:
             try:
-                out, err = proc.communicate(data, timeout=_POLL_SECONDS)
+                out, err = proc.communicate(data, timeout=confinepipes.POLL_SECONDS)
                 return Completed(proc.returncode, _text(out), _text(err))
             except subprocess.TimeoutExpired:
                 data = None  # communicate keeps writing what the first call was given

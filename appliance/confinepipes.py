@@ -15,8 +15,9 @@ from typing import Any
 
 from .errors import Cancelled
 
-#: seconds between two looks at the cancel event and the deadline
-_POLL_SECONDS = 0.1
+#: seconds between two looks at the cancel event and the deadline while a confined child runs (both ways
+#: :func:`appliance.confine.collect` waits)
+POLL_SECONDS = 0.1
 #: bytes read from a pipe at once (a pipe's default capacity)
 _READ_SIZE = 65536
 
@@ -51,9 +52,9 @@ def read_capped(
                     timed_out = True
                     break
                 if not pipes.get_map():  # both closed: wait for the exit, still under the limits
-                    ended = bool(select.select([exit_fd], [], [], _POLL_SECONDS)[0])
+                    ended = bool(select.select([exit_fd], [], [], POLL_SECONDS)[0])
                     continue
-                for key, _ in pipes.select(_POLL_SECONDS):
+                for key, _ in pipes.select(POLL_SECONDS):
                     chunk = os.read(key.fd, _READ_SIZE)
                     if not chunk:
                         pipes.unregister(key.fd)
