@@ -109,9 +109,8 @@ def capped_tarinfo() -> type[tarfile.TarInfo]:
 
 #: bytes of a decompressed head that :func:`first_member` reads: a first member's ustar header with a
 #: PAX or GNU long-name header before it (a descriptor name is at most 255 bytes) fits many times over.
-#: Not more: ``tarfile`` parses PAX records with regular expressions whose cost grows with the square of
-#: a record's length (CPython 3.11 before 3.11.10: CVE-2024-6232), in the task's process and holding the
-#: GIL, and a compressed head is up to 2 MiB of the caller's choosing (a megabyte of digits: 11 minutes)
+#: Not more, though :func:`capped_tarinfo` bounds each header already: this sniff runs on every compressed
+#: input, OVA or not, so its worst case stays far below that bound's (see :data:`MAX_EXTENDED_HEADER`)
 FIRST_HEADER_BYTES = 8 << 10
 
 
