@@ -71,12 +71,12 @@ class MotoServer:
 
 @contextmanager
 def moto_server(log_dir: Path) -> Iterator[MotoServer]:
-    """Start ``moto_server`` on a free loopback port; stop it (by PID) afterwards."""
+    """Start the moto server (:mod:`tests.motoserver`) on a free loopback port; stop it (by PID) after."""
     port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     log = open(log_dir / f"moto-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, str(Path(__file__).with_name("motoserver.py")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
