@@ -1,8 +1,8 @@
 """Stage 2 of the inspection, the content inspector: what the bytes of an image are, by oslo.utils'
 ``format_inspector`` over the file (every inspector, so polyglots are seen), then the checks oslo.utils
 lacks (fixed VHD footers, text-only VMDK descriptors, VMDK delta disks, differencing VHDs, a bare
-FAT/NTFS boot sector), the claim and the virtual size. Byte offsets are those of the formats'
-specifications (:mod:`appliance.image.formats`)."""
+FAT/NTFS boot sector, an archive that would pass for a RAW disk), the claim and the virtual size. Byte
+offsets are those of the formats' specifications (:mod:`appliance.image.formats`)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from oslo_utils.imageutils import format_inspector as fi
 from ..config import Config
 from ..errors import Finding
 from . import bootsector
+from .archived import archive_finding
 from .detect import Detector
 from .formats import (
     VHD_COOKIE,
@@ -101,6 +102,12 @@ def content_stage(
     size: int | None = _inspector_size(chosen)
     if name == "gpt" and volume is None:
         result.details["partition_table"] = bootsector.classify(view.head[: bootsector.SECTOR]).table
+    if fmt == "raw" and not output:
+        # an archive holding a disk (a GCE .tar.gz, a zip) is raw to every inspector: refused, not imported
+        archived = archive_finding(view.head)
+        if archived is not None:
+            result.add(archived)
+            return
     if fmt == "raw":
         footer = _read_vhd_footer(view.footer, view.size)
         if footer is not None and footer["problem"] is None:

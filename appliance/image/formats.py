@@ -4,7 +4,8 @@ Users and the EC2 API say ``vhd``; qemu-img calls the same format ``vpc``. The o
 inspector says ``gpt`` for anything with an MBR/GPT partition table, which is raw to qemu-img.
 The guest reader (:mod:`appliance.guest.reader`) opens a set of its own (:data:`GUEST_FORMATS`).
 This module is the one place those names are translated, and the one place that knows how each
-format announces itself in its bytes (:func:`container_format`, :func:`compression_of`).
+format announces itself in its bytes (:func:`container_format`, :func:`compression_of`, and
+:func:`archive_of` for the archives a disk image is shipped in).
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ _CONTAINER_MAGICS = {
 #: bzip2 block magics after ``BZh`` and the block size digit: pi (a data block) or sqrt(pi) (end of
 #: stream: an empty archive)
 _BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
+#: tar (POSIX ustar, PAX, GNU): every 512-byte header holds ``ustar`` at offset 257 (``ustar\0`` + version
+#: ``00``, or GNU's ``ustar  \0``) and, at 148, its checksum: 6-8 octal digits, the sum of the header's
+#: bytes with those 8 counted as spaces
+TAR_MAGIC_OFFSET, TAR_MAGIC = 257, b"ustar"
+TAR_CHECKSUM_OFFSET, TAR_CHECKSUM_SIZE, TAR_HEADER = 148, 8, 512
+#: zip: a local file header at 0 (``PK\3\4``), its name's length at 26 (little-endian 16 bits), the name at 30
+ZIP_LOCAL_MAGIC, ZIP_NAME_LENGTH_OFFSET, ZIP_NAME_OFFSET = b"PK\x03\x04", 26, 30
+#: other archive formats images are shipped in, by their magic at offset 0
+_ARCHIVE_MAGICS = {b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar"}
 #: the file-name suffix of each compression (``disk.raw.gz``)
 COMPRESSION_SUFFIXES = {"gzip": ".gz", "xz": ".xz", "zstd": ".zst", "bzip2": ".bz2"}
 
@@ -179,3 +189,33 @@ def strip_compression_suffix(name: str) -> str | None:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def archive_of(head: bytes) -> str | None:
+    """``tar``, ``zip``, ``7z`` or ``rar`` when ``head`` (a file's first bytes, at least a tar header's
+    512) begins such an archive, else None. A tar needs its magic and a valid header checksum, so a disk
+    whose first sector merely holds ``ustar`` at 257 is not taken for one."""
+    if head.startswith(ZIP_LOCAL_MAGIC):
+        return "zip"
+    for magic, name in _ARCHIVE_MAGICS.items():
+        if head.startswith(magic):
+            return name
+    if len(head) < TAR_HEADER or head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + len(TAR_MAGIC)] != TAR_MAGIC:
+        return None
+    field = head[TAR_CHECKSUM_OFFSET : TAR_CHECKSUM_OFFSET + TAR_CHECKSUM_SIZE]
+    digits = field.replace(b"\0", b" ").strip()
+    if not digits or any(c not in b"01234567" for c in digits):
+        return None
+    header = head[:TAR_HEADER]
+    unsigned = sum(header) - sum(field) + 8 * ord(" ")
+    return "tar" if int(digits, 8) == unsigned else None
+
+
+def zip_first_name(head: bytes) -> str | None:
+    """The first member's name of the zip ``head`` begins (its local file header's), or None when the
+    header does not fit in ``head``."""
+    if len(head) < ZIP_NAME_OFFSET:
+        return None
+    length = int.from_bytes(head[ZIP_NAME_LENGTH_OFFSET : ZIP_NAME_LENGTH_OFFSET + 2], "little")
+    name = head[ZIP_NAME_OFFSET : ZIP_NAME_OFFSET + length]
+    return name.decode("utf-8", "replace") if len(name) == length else None

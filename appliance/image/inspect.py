@@ -6,7 +6,8 @@ Stages, each of which must pass before the next runs (mirroring Nova's ``fetch_t
    caller's work directory (:mod:`appliance.image.decompress`); a claim such as ``raw.gz`` must match
    the detected compression. A claim without a suffix accepts a compressed file (the inner format is
    what is checked). A compressed OVA (the first decompressed block a tar whose first member is a
-   ``.ovf``) is ``Ova.Compressed`` before more is decompressed (:mod:`appliance.image.ovacontainer`).
+   ``.ovf``) is ``Ova.Compressed``, any other compressed archive (a GCE ``.tar.gz``)
+   ``FormatMismatch.Archive``, before more is decompressed (:mod:`appliance.image.archived`).
 2. **content inspector** — oslo.utils' ``format_inspector`` runs every format inspector over the file
    (``InspectWrapper``), so polyglots are seen; multiple matches are rejected except ISO+MBR under
    ``safety.iso_policy: allow-hybrid``; the inspector's ``safety_check()`` runs; then checks oslo.utils 10.2
@@ -38,6 +39,7 @@ from ..config import Config
 from ..errors import Finding, ImageRejected, Severity, UsageError
 from ..partials import Ledger
 from . import qemuimg
+from .archived import refuse_archived
 from .content import SECTOR, ContentView, content_stage
 from .decompress import decompress, detect_compression
 from .detect import END_BYTES, Detector
@@ -48,7 +50,6 @@ from .formats import (
     parse_claim,
     strip_compression_suffix,
 )
-from .ovacontainer import refuse_compressed_ova
 from .verdict import (
     VMDK_EXPORT,
     InspectionResult,
@@ -124,7 +125,7 @@ def inspect_image(
             cancel=cancel,
             ledger=ledger,
             limits=config.limits,
-            check_head=lambda head: refuse_compressed_ova(compression, head),
+            check_head=lambda head: refuse_archived(compression, head),
         )
     except ImageRejected as exc:
         result.findings.extend(exc.findings)

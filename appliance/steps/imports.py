@@ -4,7 +4,8 @@ one (``source.fetch`` in :mod:`.source_fetch`, ``source.route`` and ``image.stre
 (:func:`checked_source`), the header-only preflight of the object by two ranged GETs
 (:func:`source_preflight`: its first and last bytes against the claimed format, before anything is
 downloaded; a compressed source is preflighted on its decompressed head, decoded by the confined
-decompressor from the object's first bytes, and a compressed OVA is ``Ova.Compressed`` there), and the
+decompressor from the object's first bytes, and a compressed OVA is ``Ova.Compressed`` there, another
+compressed archive ``FormatMismatch.Archive``), and the
 provenance entry of the bytes read (:func:`source_digest`).
 """
 
@@ -15,10 +16,10 @@ import threading
 from typing import Any
 
 from ..errors import ImageRejected, ImagingError
+from ..image.archived import refuse_archived
 from ..image.decompress import decompress_head
 from ..image.formats import parse_claim
 from ..image.inspect import PREFLIGHT_HEAD, PREFLIGHT_TAIL, Preflight, preflight
-from ..image.ovacontainer import refuse_compressed_ova
 from ..sources import s3 as s3mod
 from ..sources.digest import b64_to_hex
 from ..sources.fetch import parse_source
@@ -235,8 +236,8 @@ def _compressed_preflight(
         decoded, ended = decode([head, more], size is not None and read >= size)
     if ended and not decoded:
         return outer  # an empty image: the inspection of the download says so
-    try:  # an OVA wrapped in gzip & co. would otherwise stream as a RAW disk holding a tar
-        refuse_compressed_ova(outer.compression, decoded)
+    try:  # an OVA or a disk's tar wrapped in gzip & co. would otherwise stream as a RAW disk holding it
+        refuse_archived(outer.compression, decoded)
     except ImageRejected as exc:
         outer.findings.extend(exc.findings)
         return outer

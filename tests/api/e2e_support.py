@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 import yaml
 
+from appliance import config as config_mod
 from tests import stores
 from tests.httpfixtures import TestHTTPServer
 from tests.processes import stop_process, wait_until
@@ -77,6 +78,52 @@ def admin_task(appliance: Appliance, task_id: str) -> dict[str, Any]:
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
+
+
+def import_object(
+    appliance: Appliance, moto: MotoServer, bucket: str, path: Path, key: str, fmt: str | None
+) -> str:
+    """ImportImage of ``path``, uploaded to ``bucket/key``, as ``fmt`` (None: no ``Format``); its task id."""
+    moto.client("s3").upload_file(str(path), bucket, key)
+    container: dict[str, Any] = {"UserBucket": {"S3Bucket": bucket, "S3Key": key}}
+    if fmt is not None:
+        container["Format"] = fmt
+    return str(appliance.ec2.import_image(DiskContainers=[container])["ImportTaskId"])
+
+
+def finished_import(appliance: Appliance, task_id: str) -> dict[str, Any]:
+    """DescribeImportImageTasks of an import, once it has ended (completed, or failed: ``deleted``)."""
+
+    def status() -> dict[str, Any]:
+        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
+
+    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
+    return status()
+
+
+def failed_leaving_nothing(appliance: Appliance, task_id: str, code: str) -> dict[str, Any]:
+    """The final status of an import that must have failed with ``code`` (its status message and the
+    task's error code), having left nothing in scratch or in the image target."""
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "deleted" and code in final["StatusMessage"], final
+    task = admin_task(appliance, task_id)["task"]
+    assert (task["state"], task["error_code"]) == ("failed", code)
+    assert leftovers(appliance) == []
+    return final
+
+
+def leftovers(appliance: Appliance) -> list[str]:
+    """The files left in scratch (besides its own bookkeeping at its root: ``.lock``, ``.peak.json``) and
+    in the image target's directory."""
+    cfg = config_mod.load(appliance.config)
+    found: list[str] = []
+    for root in (cfg.scratch.root, appliance.state / "images"):
+        if root.exists():
+            files = [p for p in root.rglob("*") if p.is_file()]
+            found += [
+                str(p.relative_to(root)) for p in files if p.parent != root or not p.name.startswith(".")
+            ]
+    return found
 
 
 @contextmanager

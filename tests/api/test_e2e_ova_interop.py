@@ -15,58 +15,26 @@ import lzma
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from appliance import config as config_mod
 from tests import guestfactory
 from tests import ovaproducers as producers
-from tests.api.e2e_support import Appliance, admin_task, wait_for
+from tests.api.e2e_support import (
+    Appliance,
+    admin_task,
+    failed_leaving_nothing,
+    finished_import,
+    import_object,
+    leftovers,
+)
 from tests.servers import MotoServer
 
 pytestmark = pytest.mark.slow
 
 
-def _finished(appliance: Appliance, task_id: str) -> dict[str, Any]:
-    def status() -> dict[str, Any]:
-        return appliance.ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"][0]
-
-    wait_for(lambda: status()["Status"] in ("completed", "deleted"), what="the image import")
-    return status()
-
-
 def _import(appliance: Appliance, moto: MotoServer, bucket: str, ova: Path, fmt: str | None = "ova") -> str:
-    moto.client("s3").upload_file(str(ova), bucket, "vms/vm.ova")
-    container: dict[str, Any] = {"UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}
-    if fmt is not None:
-        container["Format"] = fmt
-    return str(appliance.ec2.import_image(DiskContainers=[container])["ImportTaskId"])
-
-
-def _failed(appliance: Appliance, task_id: str, code: str) -> dict[str, Any]:
-    """The final status of a task that must have failed with ``code`` (its status message and the
-    task's error code), having left nothing in scratch or in the image target."""
-    final = _finished(appliance, task_id)
-    assert final["Status"] == "deleted" and code in final["StatusMessage"], final
-    task = admin_task(appliance, task_id)["task"]
-    assert (task["state"], task["error_code"]) == ("failed", code)
-    assert _leftovers(appliance) == []
-    return final
-
-
-def _leftovers(appliance: Appliance) -> list[str]:
-    """The files left in scratch (besides its own bookkeeping at its root: ``.lock``, ``.peak.json``) and
-    in the image target's directory."""
-    cfg = config_mod.load(appliance.config)
-    found: list[str] = []
-    for root in (cfg.scratch.root, appliance.state / "images"):
-        if root.exists():
-            files = [p for p in root.rglob("*") if p.is_file()]
-            found += [
-                str(p.relative_to(root)) for p in files if p.parent != root or not p.name.startswith(".")
-            ]
-    return found
+    return import_object(appliance, moto, bucket, ova, "vms/vm.ova", fmt)
 
 
 def test_a_virtualbox_ova_imports_its_boot_disk(
@@ -78,7 +46,7 @@ def test_a_virtualbox_ova_imports_its_boot_disk(
     ova = producers.virtualbox(tmp_path / "vm.ova", [vmdk], version="2.0")
     task_id = _import(appliance, moto, bucket, ova)
 
-    final = _finished(appliance, task_id)
+    final = finished_import(appliance, task_id)
     assert final["Status"] == "completed", final
     result = admin_task(appliance, task_id)["task"]["result"]
     opened = result["disk"]["opened"]
@@ -104,10 +72,10 @@ def test_a_gzip_wrapped_ova_fails_with_what_to_do_and_leaves_nothing(
     wrapped.write_bytes(gzip.compress(ova.read_bytes(), mtime=0))
     task_id = _import(appliance, moto, bucket, wrapped)
 
-    final = _finished(appliance, task_id)
+    final = finished_import(appliance, task_id)
     assert final["Status"] == "deleted", final
     assert "Ova.Compressed" in final["StatusMessage"] and "gunzip" in final["StatusMessage"], final
-    assert _leftovers(appliance) == []
+    assert leftovers(appliance) == []
 
 
 def test_an_ova_requiring_an_unknown_section_fails_with_its_code_and_leaves_nothing(
@@ -119,7 +87,8 @@ def test_an_ova_requiring_an_unknown_section_fails_with_its_code_and_leaves_noth
     required = producers.with_extension(
         ova, tmp_path / "required.ova", "VirtualSystem", producers.extension(None)
     )
-    final = _failed(appliance, _import(appliance, moto, bucket, required), "Ova.UnsupportedSection")
+    task_id = _import(appliance, moto, bucket, required)
+    final = failed_leaving_nothing(appliance, task_id, "Ova.UnsupportedSection")
     assert "ext:DiskKeySection" in final["StatusMessage"], final
 
 
@@ -142,5 +111,6 @@ def test_a_compressed_ova_not_claimed_as_one_fails_as_compressed_and_leaves_noth
     ova = producers.ova_compose(tmp_path / "vm.ova", [vmdk])
     wrapped = tmp_path / "vm.ova.packed"
     wrapped.write_bytes(wrap(ova.read_bytes()))
-    final = _failed(appliance, _import(appliance, moto, bucket, wrapped, fmt), "Ova.Compressed")
+    task_id = _import(appliance, moto, bucket, wrapped, fmt)
+    final = failed_leaving_nothing(appliance, task_id, "Ova.Compressed")
     assert tool in final["StatusMessage"], final

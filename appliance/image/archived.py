@@ -1,0 +1,53 @@
+"""A disk image given inside an archive: refused, not imported as a RAW disk that holds the archive.
+
+Images are often shipped in archives: a GCE image is ``disk.raw`` in a ``.tar.gz``, the Eucalyptus service
+image a ``.tar.xz``, others come zipped. None of these is a disk, and none of their bytes says "not raw" to
+the format inspector, so without this check such a file (or, compressed, what it decompresses to) passes
+inspection as RAW and becomes a volume that holds an archive header where the boot sector should be.
+
+:func:`archive_finding` sees the archive in an input's first bytes
+(:func:`appliance.image.formats.archive_of`) and names its first member, so the refusal
+(``FormatMismatch.Archive``) says what to import instead: the disk inside, unpacked, or an OVA (a tar whose
+first member is a ``.ovf``) as an OVA. The content stage asks it of every input it would call RAW;
+:func:`refuse_archived` is the decompressor's check of its first decoded block, so a compressed archive is
+refused before the rest is decompressed.
+"""
+
+from __future__ import annotations
+
+from ..errors import Finding, ImageRejected
+from .formats import archive_of, zip_first_name
+from .ovacontainer import first_member, refuse_compressed_ova
+
+#: how each archive is unpacked
+_UNPACK = {"tar": "tar -xf", "zip": "unzip", "7z": "7z x", "rar": "unrar x"}
+#: at most this much of a member's name is quoted (a name is the uploader's text; a file name's usual limit)
+_NAME_SHOWN = 255
+
+
+def archive_finding(head: bytes, compression: str | None = None) -> Finding | None:
+    """``FormatMismatch.Archive`` when ``head``, an input's first bytes (decompressed from
+    ``compression`` when that is given), begins an archive; None otherwise."""
+    kind = archive_of(head)
+    if kind is None:
+        return None
+    name = first_member(head) if kind == "tar" else zip_first_name(head) if kind == "zip" else None
+    shown = f" (its first member is {name[:_NAME_SHOWN]!r})" if name else ""
+    wrapped = f"{compression}-compressed " if compression else ""
+    if kind == "tar" and name is not None and name.lower().endswith(".ovf"):
+        advice = "import it as an OVA (ImportImage Format=ova; imaging convert --from ova)"
+    else:
+        advice = f"unpack it ({_UNPACK[kind]}) and import the disk image it holds"
+    return Finding.error(
+        "FormatMismatch.Archive",
+        f"the file is a {wrapped}{kind} archive{shown}, not a disk image: {advice}",
+    )
+
+
+def refuse_archived(compression: str, head: bytes) -> None:
+    """The check of a ``compression``-compressed input's first decoded block: ``Ova.Compressed`` for a
+    compressed OVA (:func:`refuse_compressed_ova`), ``FormatMismatch.Archive`` for any other archive."""
+    refuse_compressed_ova(compression, head)
+    finding = archive_finding(head, compression)
+    if finding is not None:
+        raise ImageRejected.nothing_imported(finding.code, finding.message)

@@ -1,0 +1,148 @@
+"""A disk image given inside an archive (:mod:`appliance.image.archived`): archives written by GNU tar, zip
+and Python's ``zipfile``, plain or compressed, are refused as ``FormatMismatch.Archive`` naming the disk
+inside (a compressed one before the rest is decompressed), an OVA given as a disk is told to be imported as
+one, and a disk whose first sector only resembles a tar header is still a disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from appliance import config as config_mod
+from appliance.config import Config
+from appliance.image.formats import archive_of
+from appliance.image.inspect import inspect_image
+from tests import imagefactory as factory
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """``disk.raw``: a 16 MiB MBR disk (a valid RAW image by itself) in a directory of its own."""
+    (tmp_path / "src").mkdir()
+    return factory.raw_mbr(tmp_path / "src", "disk.raw")
+
+
+def _tar(disk: Path, out: Path, *options: str) -> Path:
+    subprocess.run(["tar", *options, "-f", str(out), "-C", str(disk.parent), disk.name], check=True)
+    return out
+
+
+def _error_codes(path: Path, claimed: str | None, cfg: Config, work: Path) -> tuple[list[str], str]:
+    result = inspect_image(path, claimed, config=cfg, workdir=work)
+    return [f.code for f in result.errors], " ".join(f.message for f in result.errors)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-c", "--format=oldgnu", "-S"),
+        ("-c", "--format=posix"),
+        ("-c", "--format=ustar"),
+        ("-c", "--format=gnu"),
+    ],
+    ids=["gce-oldgnu-sparse", "posix", "ustar", "gnu"],
+)
+@pytest.mark.parametrize("claimed", ["raw", None])
+def test_a_disk_in_a_tar_is_refused_as_an_archive_naming_the_disk_inside(
+    options: tuple[str, ...], claimed: str | None, disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    packed = _tar(disk, tmp_path / "disk.tar", *options)
+    codes, message = _error_codes(packed, claimed, cfg, work)
+    assert codes == ["FormatMismatch.Archive"]
+    assert "a tar archive (its first member is 'disk.raw')" in message and "(tar -xf)" in message
+    assert os.listdir(work) == []
+
+
+def test_a_disk_in_a_zip_is_refused_as_an_archive(
+    disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    packed = tmp_path / "disk.zip"
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_STORED) as z:  # stored: the disk's own bytes follow
+        z.write(disk, "disk.raw")
+    subprocess.run(["zip", "-q", "-j", str(tmp_path / "deflated.zip"), str(disk)], check=True)
+    for path in (packed, tmp_path / "deflated.zip"):
+        codes, message = _error_codes(path, "raw", cfg, work)
+        assert codes == ["FormatMismatch.Archive"], path
+        assert "zip archive (its first member is 'disk.raw')" in message and "(unzip)" in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "kind"), [("-z", "gzip"), ("-J", "xz"), ("-j", "bzip2"), ("--zstd", "zstd")]
+)
+def test_a_compressed_tar_is_refused_from_its_first_decompressed_block(
+    flag: str, kind: str, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    """As a GCE image is shipped (``tar --format=oldgnu -Sczf disk.tar.gz disk.raw``): refused before the
+    rest is decompressed, so nothing is left in the work directory and no decompressed size is known."""
+    (tmp_path / "src").mkdir()
+    data = tmp_path / "src" / "disk.raw"
+    data.write_bytes(os.urandom(8 * MiB))  # more than the first decoded block, in every compression
+    packed = _tar(data, tmp_path / "disk.tar.x", "-c", "--format=oldgnu", "-S", flag)
+    result = inspect_image(packed, None, config=cfg, workdir=work)
+    assert [f.code for f in result.errors] == ["FormatMismatch.Archive"]
+    assert f"a {kind}-compressed tar archive (its first member is 'disk.raw')" in result.errors[0].message
+    assert "decompressed_size" not in result.details and os.listdir(work) == []
+
+
+def test_an_ova_given_as_a_disk_is_told_to_be_imported_as_an_ova(
+    disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    (disk.parent / "vm.ovf").write_text("<Envelope/>")
+    packed = tmp_path / "vm.ova"
+    subprocess.run(["tar", "-cf", str(packed), "-C", str(disk.parent), "vm.ovf", "disk.raw"], check=True)
+    codes, message = _error_codes(packed, "raw", cfg, work)
+    assert codes == ["FormatMismatch.Archive"]
+    assert "first member is 'vm.ovf'" in message and "import it as an OVA (ImportImage Format=ova" in message
+
+
+def test_a_long_first_member_name_is_read_through_its_extended_header(
+    disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    long_name = "a-disk-name-longer-than-the-hundred-bytes-of-a-ustar-header-" * 2 + "disk.raw"
+    disk.rename(disk.with_name(long_name))
+    for fmt in ("gnu", "posix"):
+        packed = _tar(disk.with_name(long_name), tmp_path / f"{fmt}.tar", "-c", f"--format={fmt}")
+        codes, message = _error_codes(packed, "raw", cfg, work)
+        assert codes == ["FormatMismatch.Archive"] and f"'{long_name}'" in message, fmt
+
+
+def test_a_disk_whose_first_sector_only_resembles_a_tar_header_is_a_disk(
+    disk: Path, cfg: Config, work: Path
+) -> None:
+    """``ustar`` at 257 of a boot sector's code area, without a tar header's checksum at 148: not a tar."""
+    head = bytearray(disk.read_bytes()[:512])
+    head[257:263] = b"ustar\0"
+    assert archive_of(bytes(head)) is None
+    factory.patch(disk, 257, b"ustar\0")
+    result = inspect_image(disk, "raw", config=cfg, workdir=work)
+    assert result.safe and result.format == "raw", [f.code for f in result.findings]
+    # the same sector given a valid checksum over it is a tar header
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    assert archive_of(bytes(head)) == "tar"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [(b"7z\xbc\xaf\x27\x1c\x00\x04", "7z"), (b"Rar!\x1a\x07\x01\x00", "rar"), (b"PK\x03\x04\x14\x00", "zip")],
+)
+def test_seven_zip_rar_and_zip_are_known_by_their_first_bytes(head: bytes, kind: str) -> None:
+    assert archive_of(head + bytes(1024)) == kind
+    assert archive_of(bytes(1) + head + bytes(1024)) is None
