@@ -151,6 +151,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None, source: Path |
             qemu_img_info_cpu_seconds=limits["qemu_img_info_cpu_seconds"],
             qemu_img_check_cpu_seconds=limits["qemu_img_check_cpu_seconds"],
             qemu_img_address_space=parse_size(limits["qemu_img_address_space"]),
+            qemu_img_output=parse_size(limits["qemu_img_output"]),
             guest_probe_cpu_seconds=limits["guest_probe_cpu_seconds"],
             guest_probe_address_space=parse_size(limits["guest_probe_address_space"]),
             qemu_img_convert_cpu_seconds=limits["qemu_img_convert_cpu_seconds"],

@@ -52,6 +52,7 @@ class Limits:
     qemu_img_address_space: int
     guest_probe_cpu_seconds: int = 60
     guest_probe_address_space: int = 1 << 30
+    qemu_img_output: int = 64 << 20
     qemu_img_convert_cpu_seconds: int = 300
     qemu_img_convert_cpu_seconds_per_gib: int = 180
     qemu_img_convert_address_space: int = 2 << 30

@@ -81,9 +81,13 @@ class Policy:
     address_space: int
     #: wall-clock limit; None: none (the caller's cancel and the step's timeout bound it)
     wall_seconds: float | None
+    #: bytes of output (stdout and stderr together) :func:`run` collects before it kills the tool; None:
+    #: no cap (a tool whose output the formats bound)
+    max_output: int | None = None
 
     def describe(self) -> str:
-        return f"limits: {self.cpu_seconds} CPU seconds, {self.address_space >> 20} MiB address space"
+        cap = f", {self.max_output >> 20} MiB of output" if self.max_output is not None else ""
+        return f"limits: {self.cpu_seconds} CPU seconds, {self.address_space >> 20} MiB address space{cap}"
 
 
 def _wall(cpu_seconds: int) -> float:
@@ -92,12 +96,13 @@ def _wall(cpu_seconds: int) -> float:
 
 def qemu_img_info(limits: Limits) -> Policy:
     cpu = limits.qemu_img_info_cpu_seconds
-    return Policy("qemu-img info", cpu, limits.qemu_img_address_space, _wall(cpu))
+    return Policy("qemu-img info", cpu, limits.qemu_img_address_space, _wall(cpu), limits.qemu_img_output)
 
 
 def qemu_img_check(limits: Limits) -> Policy:
+    """Its output is capped: it prints a line per damaged cluster, so much as the image is large."""
     cpu = limits.qemu_img_check_cpu_seconds
-    return Policy("qemu-img check", cpu, limits.qemu_img_address_space, _wall(cpu))
+    return Policy("qemu-img check", cpu, limits.qemu_img_address_space, _wall(cpu), limits.qemu_img_output)
 
 
 def qemu_img_convert(limits: Limits, virtual_size: int) -> Policy:
@@ -254,7 +259,7 @@ def run(argv: list[str], policy: Policy, *, cwd: Path, cancel: threading.Event |
 
     Never raises for exit codes. Raises :class:`~appliance.errors.Cancelled` (after killing and reaping
     the process) when ``cancel`` is set. On expiry of the policy's wall-clock limit the process is killed
-    and the result has ``timed_out=True``.
+    and the result has ``timed_out=True``; past the policy's ``max_output``, ``output_exceeded=True``.
     """
     proc = subprocess.Popen(
         command(argv, policy),
@@ -267,7 +272,7 @@ def run(argv: list[str], policy: Policy, *, cwd: Path, cancel: threading.Event |
         text=True,
         errors="replace",
     )
-    return collect(proc, policy, cancel)
+    return collect(proc, policy, cancel, max_output=policy.max_output)
 
 
 def collect(

@@ -341,6 +341,21 @@ def qcow2_corrupt_refcount(directory: Path, name: str = "badrefcount.qcow2") -> 
     return patch(path, _qcow2_header(path)["refcount_table"], struct.pack(">Q", 0x123))
 
 
+def qcow2_unreferenced_clusters(directory: Path, name: str = "unreferenced.qcow2", data_mib: int = 8) -> Path:
+    """qcow2 of 512-byte clusters holding ``data_mib`` MiB of random data whose refcount table is zeroed:
+    ``qemu-img check`` prints a line for every one of its clusters (about 230 bytes per KiB of image)."""
+    src = directory / f".src-{name}.raw"
+    src.write_bytes(random.Random(name).randbytes(data_mib * MiB))
+    path = directory / name
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src, path)
+    src.unlink()
+    header = _qcow2_header(path)
+    with open(path, "rb") as f:
+        f.seek(56)
+        (table_clusters,) = struct.unpack(">I", f.read(4))
+    return patch(path, header["refcount_table"], bytes(table_clusters << header["cluster_bits"]))
+
+
 def qcow2_leaked_cluster(directory: Path, name: str = "leak.qcow2") -> Path:
     """qcow2 with one leaked cluster (refcount 1, no reference): qemu-img check exits 3, leaks only."""
     path = qcow2_with_data(directory, name)

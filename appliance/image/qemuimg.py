@@ -88,7 +88,7 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 def limit_finding(res: Completed, policy: Policy) -> Finding | None:
     """``UnsafeImage.ResourceLimit`` when a limit stopped the run (or it timed out), else ``None``."""
-    hit = confine.limit_hit(res.returncode, res.stderr, res.timed_out)
+    hit = confine.limit_hit(res.returncode, res.stderr, res.timed_out, res.output_exceeded)
     if hit is None:
         return None
     return Finding.error(

@@ -33,6 +33,7 @@ def test_embedded_defaults_apply_without_a_file(tmp_path: Path, monkeypatch: pyt
     assert cfg.safety.vmdk_allowed_types == ("monolithicSparse", "streamOptimized")
     assert "qed" in cfg.safety.banned_formats
     assert cfg.limits.qemu_img_address_space == 1024**3
+    assert cfg.limits.qemu_img_output == 64 << 20
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:

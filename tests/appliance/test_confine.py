@@ -61,6 +61,7 @@ def test_limits_come_from_the_configuration_and_scale_with_the_work() -> None:
                 "qemu_img_info_cpu_seconds": 3,
                 "qemu_img_check_cpu_seconds": 30,
                 "qemu_img_address_space": "512MiB",
+                "qemu_img_output": "2MiB",
                 "qemu_img_convert_cpu_seconds": 100,
                 "qemu_img_convert_cpu_seconds_per_gib": 10,
                 "qemu_img_convert_address_space": "3GiB",
@@ -72,8 +73,8 @@ def test_limits_come_from_the_configuration_and_scale_with_the_work() -> None:
             }
         }
     ).limits
-    assert confine.qemu_img_info(cfg) == confine.Policy("qemu-img info", 3, 512 << 20, 60)
-    assert confine.qemu_img_check(cfg) == confine.Policy("qemu-img check", 30, 512 << 20, 120)
+    assert confine.qemu_img_info(cfg) == confine.Policy("qemu-img info", 3, 512 << 20, 60, 2 << 20)
+    assert confine.qemu_img_check(cfg) == confine.Policy("qemu-img check", 30, 512 << 20, 120, 2 << 20)
     # per started GiB of virtual size; no wall-clock limit (I/O caps may make a genuine run slow)
     assert confine.qemu_img_convert(cfg, 4 * GiB + 1) == confine.Policy(
         "qemu-img convert", 150, 3 << 30, None

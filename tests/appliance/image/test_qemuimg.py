@@ -188,6 +188,37 @@ def test_check_rejects_corruption_with_qemus_message(
     assert list(work.iterdir()) == []
 
 
+def test_check_printing_more_than_its_output_cap_is_killed_and_the_image_rejected(
+    images: Path, limits: Limits, work: Path
+) -> None:
+    """``qemu-img check`` prints a line per damaged cluster: a crafted image's output grows with its size
+    (here 1.8 MiB for 8 MiB of clusters; 20 % of any size). Past ``limits.qemu_img_output`` it is killed
+    and the image rejected as exhausting a limit, its output never held beyond the cap; below the cap the
+    same image is corrupt, as before."""
+    image = factory.qcow2_unreferenced_clusters(images)
+    with pytest.raises(ImageRejected) as exc:
+        qemuimg.check(image, "qcow2", with_limits(limits, qemu_img_output=256 << 10), workdir=work)
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "qemu-img check printed more than its output cap" in exc.value.message
+    assert list(work.iterdir()) == []
+    with pytest.raises(ImageRejected) as exc:
+        qemuimg.check(image, "qcow2", limits, workdir=work)
+    assert exc.value.code == "CorruptImage" and "corruption" in exc.value.message
+
+
+def test_info_printing_more_than_its_output_cap_is_killed_and_the_image_rejected(
+    tmp_path: Path, images: Path, limits: Limits, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A qemu-img that floods (a stand-in: no real image makes ``info`` print megabytes) is killed at the
+    cap, not read to its end."""
+    shim(tmp_path, monkeypatch, "yes '{}' | head -c 100000000; sleep 60")
+    with pytest.raises(ImageRejected) as exc:
+        qemuimg.info(factory.qcow2_with_data(images), "qcow2", with_limits(limits, qemu_img_output=1 << 20))
+    assert exc.value.code == "UnsafeImage.ResourceLimit"
+    assert "qemu-img info printed more than its output cap" in exc.value.message
+    assert "1 MiB of output" in exc.value.message
+
+
 @pytest.mark.parametrize("builder", [factory.qcow2_with_data, factory.vmdk_stream, factory.vhdx, factory.vdi])
 def test_check_passes_clean_images(builder, images: Path, limits: Limits, work: Path) -> None:
     image = builder(images)
