@@ -98,6 +98,10 @@ class RunState:
         self._progress_times: dict[str, tuple[float, float]] = {}
         #: the newest throttled progress per step, written by :meth:`flush_progress`
         self._pending_progress: dict[str, dict[str, Any]] = {}
+        #: when (monotonic) the progress held back now began to be held (None: none is)
+        self._held_since: float | None = None
+        #: called when progress begins to be held back (the supervisor wakes to write it when it is due)
+        self.on_progress_held: Callable[[], None] | None = None
         self._progress_lock = threading.Lock()
         #: id(workflow) -> resource name -> cached file (set by :meth:`_fetch_resources`)
         self._resources: dict[int, dict[str, str]] = {}
@@ -164,18 +168,42 @@ class RunState:
         )
 
     def flush_progress(self) -> None:
-        """Write the newest progress that throttling held back (called by the supervisor's poll):
-        a step that stalls right after a burst of updates must not leave the task showing old figures.
-        What cannot be written (the task database is away) is kept for the next flush."""
+        """Write the newest progress that throttling held back (called by the supervisor): a step that
+        stalls right after a burst of updates must not leave the task showing old figures. What cannot
+        be written (the task database is away) is kept for the next flush, held from now."""
         with self._progress_lock:
-            pending, self._pending_progress = self._pending_progress, {}
-        for idx, progress in pending.items():
+            pending, self._pending_progress, self._held_since = self._pending_progress, {}, None
+        left = list(pending.items())
+        while left:
+            idx, progress = left[0]
             try:
                 self._write_progress(progress, idx)
             except StoreUnavailable:
-                with self._progress_lock:
-                    self._pending_progress.setdefault(idx, progress)
+                with self._progress_lock:  # a newer figure the step held meanwhile wins over these
+                    for held_idx, held in left:
+                        self._hold(held_idx, self._pending_progress.get(held_idx, held))
                 raise
+            left.pop(0)
+
+    def progress_held_since(self) -> float | None:
+        """When (monotonic) the progress that throttling holds back began to be held; None: none is.
+        The supervisor writes it once it has been held as long as the throttle's interval."""
+        with self._progress_lock:
+            return self._held_since
+
+    def _hold(self, idx: str, progress: dict[str, Any]) -> None:
+        # (under the progress lock)
+        if not self._pending_progress:
+            self._held_since = time.monotonic()
+            if self.on_progress_held is not None:
+                self.on_progress_held()  # (an Event's set: never blocks)
+        self._pending_progress[idx] = progress
+
+    def _unhold(self, idx: str) -> None:
+        # (under the progress lock)
+        self._pending_progress.pop(idx, None)
+        if not self._pending_progress:
+            self._held_since = None
 
     def progress(self, ctx: StepContext, progress: dict[str, Any]) -> None:
         """A step's progress: written to the task (throttled) and as an event (more throttled).
@@ -187,7 +215,7 @@ class RunState:
         if final or now - last_db >= PROGRESS_DB_INTERVAL:
             try:
                 with self._progress_lock:
-                    self._pending_progress.pop(ctx.idx, None)
+                    self._unhold(ctx.idx)
                 self._write_progress(progress, ctx.idx)
                 last_db = now
             except LeaseLost:
@@ -195,10 +223,10 @@ class RunState:
                 raise
             except StoreUnavailable:
                 with self._progress_lock:
-                    self._pending_progress[ctx.idx] = progress
+                    self._hold(ctx.idx, progress)
         else:
             with self._progress_lock:
-                self._pending_progress[ctx.idx] = progress
+                self._hold(ctx.idx, progress)
         if final or now - last_event >= PROGRESS_EVENT_INTERVAL:
             with contextlib.suppress(StoreUnavailable):
                 self.store.add_event(self.task_id, "step.progress", {"step": ctx.idx, **progress})

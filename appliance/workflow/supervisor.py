@@ -27,7 +27,7 @@ from ..errors import LeaseLost, StoreUnavailable
 from ..pids import pid_alive
 from ..store import Store, Task, TaskState
 from ..timestamps import parse_time, utc_now
-from .runner import TaskRun
+from .runner import PROGRESS_DB_INTERVAL, TaskRun
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +77,51 @@ class Supervisor(threading.Thread):
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self._halt = threading.Event()
-        #: set to look at the store now (SIGUSR2) rather than at the next poll
+        #: set to wake the thread: with :attr:`look` (:meth:`look_now`), by :meth:`stop`, and by the run
+        #: when the throttle begins to hold progress back
         self.wake = threading.Event()
+        #: look at the store now (SIGUSR2, the first look) rather than at the next poll
+        self.look = False
+
+    def look_now(self) -> None:
+        """Look at the store now rather than at the next poll (only sets flags: safe in a signal handler)."""
+        self.look = True
+        self.wake.set()
 
     def run(self) -> None:
         renew_every = self.lease_seconds / 3
         run = self.task_run
+        run.on_progress_held = self.wake.set
         epoch = run.lease.epoch if run.lease is not None else None
-        last = time.monotonic()
+        last = last_poll = time.monotonic()
         since_renewal = 0.0
         unreachable = False
         while True:
             # A poll interval longer than a third of the lease (a store whose doorbells deliver the
             # cancels) must not let the lease run out: the renewal wakes the thread on its own; one
-            # overdue (the store was away) is retried every RENEWAL_RETRY seconds at most.
-            due = renew_every - since_renewal - (time.monotonic() - last)
-            self.wake.wait(min(self.poll_interval, due if due > 0 else RENEWAL_RETRY))
+            # overdue (the store was away) is retried every RENEWAL_RETRY seconds at most. Nor may it
+            # leave a stalled step's last figures unwritten: progress the throttle held back wakes the
+            # thread once it has been held for the throttle's interval.
+            now = time.monotonic()
+            due = renew_every - since_renewal - (now - last)
+            wait = min(self.poll_interval - (now - last_poll), due if due > 0 else RENEWAL_RETRY)
+            held = run.progress_held_since()
+            if held is not None:
+                wait = min(wait, held + PROGRESS_DB_INTERVAL - now)
+            self.wake.wait(max(0.0, wait))
             self.wake.clear()
             if self._halt.is_set():
                 break
+            look, self.look = self.look, False
             now = time.monotonic()
             since_renewal += now - last
             last = now
+            if not look and now - last_poll < self.poll_interval and since_renewal < renew_every:
+                held = run.progress_held_since()
+                if held is not None and now - held >= PROGRESS_DB_INTERVAL and not self._flush_only():
+                    break
+                continue  # (woken as progress began to be held: the wait is now until it is due)
+            last_poll = now
             try:
                 task = run.store.get_task(run.task_id)
                 if task.owner != self.owner or (epoch is not None and task.epoch != epoch):
@@ -127,6 +150,20 @@ class Supervisor(threading.Thread):
                 log.exception("task %s: supervisor poll failed", self.task_run.task_id)
             unreachable = False
 
+    def _flush_only(self) -> bool:
+        """Write the held-back progress without looking at the store (no poll is due); False: the
+        lease is lost."""
+        try:
+            self.task_run.flush_progress()
+        except LeaseLost:
+            self.task_run.lose_lease()
+            return False
+        except StoreUnavailable:
+            pass  # kept, held from now: the next flush or poll retries
+        except Exception:
+            log.exception("task %s: progress flush failed", self.task_run.task_id)
+        return True
+
     def stop(self) -> None:
         self._halt.set()
         self.wake.set()
@@ -152,7 +189,7 @@ def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: fl
             run.cancel.set()
 
         def look(signum: int, _frame: object) -> None:
-            supervisor.wake.set()
+            supervisor.look_now()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -161,7 +198,7 @@ def supervised(run: TaskRun, owner: str, lease_seconds: float, poll_interval: fl
         # one look now: a task process ignores SIGUSR2 until here (the worker's children inherit it
         # ignored), so a cancel whose doorbell rang since the task was read would otherwise wait for the
         # poll, which may be long (worker.task_poll_interval) where the doorbells deliver the cancels
-        supervisor.wake.set()
+        supervisor.look_now()
     try:
         yield
     finally:

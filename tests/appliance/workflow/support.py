@@ -55,6 +55,16 @@ class WaitForFile(Step):
         return {"waited_for": path}
 
 
+class ReportThenWait(WaitForFile):
+    """Report progress twice in a row (the second within the throttle's interval: held back), then wait
+    as :class:`WaitForFile` does: a step that stalls right after a burst of progress."""
+
+    def run(self, ctx: StepContext, path: str, log: str) -> Any:
+        ctx.progress({"phase": "copying", "done": 1, "total": 10})
+        ctx.progress({"phase": "copying", "done": 2, "total": 10})
+        return super().run(ctx, path, log)
+
+
 class Flaky(Step):
     """Count attempts in ``counter``; fail until the attempt number exceeds ``fail_times``."""
 
@@ -127,6 +137,7 @@ def make_registry() -> Registry:
     registry = Registry()
     registry.register("test.append", AppendLine)
     registry.register("test.wait_for_file", WaitForFile)
+    registry.register("test.report_then_wait", ReportThenWait)
     registry.register("test.flaky", Flaky)
     registry.register("test.leaky", LeakyCreate)
     registry.register("test.crash", Crash)

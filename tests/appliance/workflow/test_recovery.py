@@ -6,6 +6,7 @@ the store from this process, or sent SIGTERM. Every wait is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ from appliance.partials import is_partial
 from appliance.store import StepState, Store, TaskState
 from appliance.workflow import Engine, find_orphans
 from appliance.workflow.runner import TaskRun
+from appliance.workflow.step import StepContext
 from appliance.workflow.supervisor import orphan_reason, supervised
 
 from .support import (
@@ -220,6 +223,90 @@ def test_a_task_polling_less_often_than_a_third_of_its_lease_still_renews_it(
         runner.join(30)
         seldom.store.close()
     assert engine.store.get_task(task_id).state is TaskState.COMPLETED
+
+
+def test_a_step_stalled_after_a_burst_of_progress_shows_its_last_figures_without_waiting_for_the_poll(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # the throttle holds back the second of two quick progress reports; a step that then stalls must
+    # not leave the task at the first figures until the next poll or lease renewal (an hour each here)
+    files = {n: tmp_path / n for n in ("go", "wait.log")}
+    write_workflow(
+        tmp_path,
+        "stall",
+        {
+            "steps": [
+                {
+                    "name": "report",
+                    "action": "test.report_then_wait",
+                    "with": {"path": str(files["go"]), "log": str(files["wait.log"])},
+                }
+            ]
+        },
+    )
+    task_id = engine.submit("stall")
+    long_lease = dataclasses.replace(engine.config, lease_seconds=3 * 3600)
+    seldom = Engine(long_lease, registry=make_registry(), poll_interval=3600)
+    runner = threading.Thread(target=seldom.run, args=(task_id,))
+    runner.start()
+    try:
+        wait_until(lambda: _waiting(files), 30, "the step to stall")
+        wait_until(lambda: engine.store.get_task(task_id).bytes_done == 2, 10, "the held-back progress")
+        assert engine.store.get_task(task_id).state is TaskState.RUNNING
+    finally:
+        files["go"].touch()
+        runner.join(30)
+        seldom.store.close()
+    assert engine.store.get_task(task_id).state is TaskState.COMPLETED
+
+
+class _AwayForOneWrite:
+    """The task database, but its next progress write finds it unreachable (as a dropped connection)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store, self.away = store, True
+        #: (step, bytes_done) of each progress write that reached the database
+        self.written: list[tuple[str | None, int | None]] = []
+
+    def update_progress(self, task_id: str, **kwargs: Any) -> None:
+        if self.away:
+            self.away = False
+            raise StoreUnavailable("task database cannot be reached: connection lost")
+        self._store.update_progress(task_id, **kwargs)
+        self.written.append((kwargs.get("step"), kwargs.get("bytes_done")))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_progress_held_for_two_steps_outlives_a_flush_the_database_was_away_for(engine: Engine) -> None:
+    # each step's last figures are kept when the first write of a flush fails, not only the first's
+    task_id = engine.store.create_task("w").id
+    task = engine.store.claim(task_id, engine.owner, 3600)
+    run = TaskRun(engine, task)
+    contexts = [
+        StepContext(
+            task_id=task_id,
+            config=engine.config,
+            store=engine.store,
+            cancel=run.cancel,
+            idx=idx,
+            name=idx,
+            hooks=run,
+        )
+        for idx in ("1", "2")
+    ]
+    for ctx in contexts:
+        ctx.progress({"phase": "copying", "done": 1, "total": 10})
+        ctx.progress({"phase": "copying", "done": 2, "total": 10})  # held back by the throttle
+    away = _AwayForOneWrite(engine.store)
+    run.store = away  # type: ignore[assignment]
+    with pytest.raises(StoreUnavailable):
+        run.flush_progress()
+    assert run.progress_held_since() is not None and away.written == []
+    run.flush_progress()
+    assert run.progress_held_since() is None
+    assert sorted(away.written) == [("1", 2), ("2", 2)]
 
 
 def test_a_cancel_requested_before_the_task_handles_its_doorbell_is_seen_without_waiting_for_the_poll(
