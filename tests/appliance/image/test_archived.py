@@ -19,6 +19,7 @@ from appliance.image.inspect import inspect_image
 from tests import imagefactory as factory
 
 MiB = 1 << 20
+TAR_HEADER_BYTES = 512
 
 
 @pytest.fixture
@@ -56,8 +57,9 @@ def _error_codes(path: Path, claimed: str | None, cfg: Config, work: Path) -> tu
         ("-c", "--format=posix"),
         ("-c", "--format=ustar"),
         ("-c", "--format=gnu"),
+        ("-c", "--format=v7"),
     ],
-    ids=["gce-oldgnu-sparse", "posix", "ustar", "gnu"],
+    ids=["gce-oldgnu-sparse", "posix", "ustar", "gnu", "v7-without-magic"],
 )
 @pytest.mark.parametrize("claimed", ["raw", None])
 def test_a_disk_in_a_tar_is_refused_as_an_archive_naming_the_disk_inside(
@@ -136,6 +138,20 @@ def test_a_disk_whose_first_sector_only_resembles_a_tar_header_is_a_disk(
     # the same sector given a valid checksum over it is a tar header
     head[148:156] = b" " * 8
     head[148:156] = b"%06o\0 " % sum(head)
+    assert archive_of(bytes(head)) == "tar"
+
+
+def test_a_tar_header_summed_as_signed_bytes_is_a_tar() -> None:
+    """Old tars summed a header's bytes as signed chars; POSIX has readers accept that checksum too, so a
+    first member whose name holds bytes above 127 still makes a tar."""
+    head = bytearray(TAR_HEADER_BYTES)
+    name = "disk-é.raw".encode()
+    head[: len(name)] = name
+    head[100:148] = b"0000644\x000000000\x000000000\x0000000001000\x0000000000000\x00"
+    head[156:157], head[257:265] = b"0", b"ustar\x0000"
+    head[148:156] = b" " * 8
+    signed = sum(c - 256 if c >= 128 else c for c in head)
+    head[148:156] = b"%06o\0 " % signed
     assert archive_of(bytes(head)) == "tar"
 
 
