@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from ..errors import Finding, ImageRejected
 from .formats import archive_of, zip_first_name
-from .ovacontainer import first_member, refuse_compressed_ova
+from .ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
 
+#: the most of an input's first bytes :func:`archive_finding` reads (a tar's first header with a long name's
+#: header before it; a zip's local header and name)
+ARCHIVE_HEAD = FIRST_HEADER_BYTES
 #: how each archive is unpacked
 _UNPACK = {"tar": "tar -xf", "zip": "unzip", "7z": "7z x", "rar": "unrar x"}
 #: at most this much of a member's name is quoted (a name is the uploader's text; a file name's usual limit)

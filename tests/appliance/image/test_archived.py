@@ -16,6 +16,7 @@ from appliance import config as config_mod
 from appliance.config import Config
 from appliance.image.formats import archive_of
 from appliance.image.inspect import inspect_image
+from appliance.image.stream import RawStreamCheck
 from tests import imagefactory as factory
 
 MiB = 1 << 20
@@ -101,6 +102,36 @@ def test_a_compressed_tar_is_refused_from_its_first_decompressed_block(
     assert [f.code for f in result.errors] == ["FormatMismatch.Archive"]
     assert f"a {kind}-compressed tar archive (its first member is 'disk.raw')" in result.errors[0].message
     assert "decompressed_size" not in result.details and os.listdir(work) == []
+
+
+def test_an_archive_streamed_onto_a_volume_as_raw_is_refused_as_an_archive(
+    disk: Path, tmp_path: Path
+) -> None:
+    """ImportVolume of a RAW upload and a bundle write onto the volume as the bytes stream past, checked by
+    :class:`RawStreamCheck` (no file to inspect): the same refusal as the file's inspection, from the
+    first bytes however the upload's parts cut them."""
+    packed = _tar(disk, tmp_path / "disk.tar", "-c", "--format=posix")
+    zipped = tmp_path / "disk.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as z:
+        z.write(disk, "disk.raw")
+
+    def verdict(path: Path, piece: int) -> list[str]:
+        """The check's findings on ``path`` fed ``piece`` bytes at a time (its first 64 KiB; then 1 MiB)."""
+        check = RawStreamCheck()
+        data = memoryview(path.read_bytes())
+        offsets = [*range(0, 64 << 10, piece), *range(64 << 10, len(data), MiB)]
+        for start, end in zip(offsets, [*offsets[1:], len(data)], strict=True):
+            check.eat(data[start:end])
+        return [f"{f.code}: {f.message}" for f in check.verdict()]
+
+    for piece in (100, 64 << 10):
+        [tar_finding] = verdict(packed, piece)
+        assert tar_finding.startswith(
+            "FormatMismatch.Archive: the file is a tar archive (its first member is 'disk.raw')"
+        ), piece
+        [zip_finding] = verdict(zipped, piece)
+        assert zip_finding.startswith("FormatMismatch.Archive: the file is a zip archive"), piece
+        assert verdict(disk, piece) == []
 
 
 def test_an_ova_given_as_a_disk_is_told_to_be_imported_as_an_ova(
