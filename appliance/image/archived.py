@@ -47,10 +47,12 @@ def archive_finding(head: bytes, compression: str | None = None) -> Finding | No
     )
 
 
-def refuse_archived(compression: str, head: bytes) -> None:
+def refuse_archived(compression: str, head: bytes, claimed: str | None = None) -> None:
     """The check of a ``compression``-compressed input's first decoded block: ``Ova.Compressed`` for a
-    compressed OVA (:func:`refuse_compressed_ova`), ``FormatMismatch.Archive`` for any other archive."""
+    compressed OVA (:func:`refuse_compressed_ova`), ``FormatMismatch.Archive`` for any other archive,
+    unless ``claimed`` (the claim's format) is ``vhd``: a fixed VHD begins with its guest's disk, which may
+    begin with a tar, and only its last sector, decompressed, tells it from an archive."""
     refuse_compressed_ova(compression, head)
-    finding = archive_finding(head, compression)
+    finding = None if claimed == "vhd" else archive_finding(head, compression)
     if finding is not None:
         raise ImageRejected.nothing_imported(finding.code, finding.message)

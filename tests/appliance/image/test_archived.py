@@ -134,6 +134,26 @@ def test_an_archive_streamed_onto_a_volume_as_raw_is_refused_as_an_archive(
         assert verdict(disk, piece) == []
 
 
+@pytest.mark.parametrize("claimed", ["vhd", "vhd.gz", None])
+def test_a_fixed_vhd_whose_guest_disk_begins_with_a_tar_is_a_vhd(
+    claimed: str | None, disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    """A fixed VHD is its guest's disk and a footer; a data disk written by ``tar -cf /dev/sdX`` begins
+    with a tar. Its footer, not its first sector, says what it is (compressed and claimed a VHD, only
+    once decompressed)."""
+    packed = _tar(disk, tmp_path / "data.tar", "-c", "--format=gnu")
+    with open(packed, "r+b") as f:
+        f.truncate(16 * MiB)
+    vhd = tmp_path / "disk.vhd"
+    factory.qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", packed, vhd)
+    if claimed == "vhd.gz":
+        subprocess.run(["gzip", "-1", str(vhd)], check=True)
+        vhd = vhd.with_name("disk.vhd.gz")
+    result = inspect_image(vhd, claimed, config=cfg, workdir=work)
+    assert result.safe and result.format == "vhd", [f.message for f in result.errors]
+    assert result.details.get("vhd_subformat") == "fixed"
+
+
 def test_an_ova_given_as_a_disk_is_told_to_be_imported_as_an_ova(
     disk: Path, tmp_path: Path, cfg: Config, work: Path
 ) -> None:
