@@ -86,8 +86,16 @@ class Policy:
     max_output: int | None = None
 
     def describe(self) -> str:
-        cap = f", {self.max_output >> 20} MiB of output" if self.max_output is not None else ""
+        cap = f", {_size_text(self.max_output)} of output" if self.max_output is not None else ""
         return f"limits: {self.cpu_seconds} CPU seconds, {self.address_space >> 20} MiB address space{cap}"
+
+
+def _size_text(size: int) -> str:
+    """``64 MiB``, ``256 KiB`` or ``1000 bytes``: a cap as it was configured (not rounded down to 0 MiB)."""
+    for shift, unit in ((20, "MiB"), (10, "KiB")):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
 
 
 def _wall(cpu_seconds: int) -> float:

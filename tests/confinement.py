@@ -257,3 +257,13 @@ def wait_reading(pid: int, fd: int = 0, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.005)
     pytest.fail(f"process {pid} did not block reading descriptor {fd} within {timeout} s")
+
+
+#: a guest probe subverted by its disk (in place of :data:`appliance.guest.validate.CHILD`): it prints more
+#: than :data:`appliance.guest.validate.PROBE_OUTPUT` of noise, then a well-formed empty answer, and exits
+#: (``--wait``: after reading its disk's name, as the pending probe's child does)
+FLOODING_PROBE = (
+    "import sys\n"
+    "if sys.argv[-1] == '--wait': sys.stdin.readline()\n"
+    "sys.stdout.write('x' * (10 << 20) + '\\n{\"report\": {}}\\n')\n"
+)

@@ -14,6 +14,7 @@ probe behind) and removes its private directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -28,7 +29,7 @@ from ..errors import Cancelled, UsageError
 from ..image.formats import guest_format
 from .codes import for_data_disk
 from .report import GuestReport
-from .validate import CHILD, PACKAGE_PARENT, interpret
+from .validate import CHILD, PACKAGE_PARENT, interpret, probe_policy
 
 
 class PendingProbe:
@@ -46,7 +47,7 @@ class PendingProbe:
         if reader_format is None:
             raise UsageError(f"{fmt} images are not read directly; a pending probe reads what it can read")
         cfg = config if config is not None else config_mod.from_dict({})
-        self.policy = confine.guest_probe(cfg.limits, wall_seconds)
+        self.policy = probe_policy(cfg.limits, wall_seconds)
         self._dir = confine.private_dir(workdir, prefix="guest-probe.")
         #: the child's empty private directory (its working directory)
         self.directory = self._dir.__enter__()
@@ -82,8 +83,14 @@ class PendingProbe:
         return report
 
     def _answer(self, line: bytes, cancel: threading.Event | None) -> Completed:
+        assert self.proc.stdin is not None
         try:
-            return confine.collect(self.proc, self.policy, cancel, input=line)
+            # a line is far below a pipe's capacity: written whole at once, so the output can be read
+            # under its cap (which collect takes without input) from the start
+            # (a broken pipe: the child has ended, and its exit says how)
+            with contextlib.suppress(BrokenPipeError), self.proc.stdin:
+                self.proc.stdin.write(line)
+            return confine.collect(self.proc, self.policy, cancel, max_output=self.policy.max_output)
         except Cancelled:
             self.close()
             raise

@@ -12,6 +12,7 @@ It raises only for caller mistakes (:class:`~appliance.errors.UsageError`) and c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -29,7 +30,7 @@ from ..confine import Completed, Policy
 from ..errors import Cancelled, Finding, UsageError
 from ..image.formats import guest_format
 from .codes import finding, for_data_disk
-from .piped import ProtocolError, serve
+from .piped import MAX_ANSWER, ProtocolError, serve
 from .report import GuestReport
 
 PLATFORMS = {"linux": "linux", "windows": "windows"}
@@ -50,6 +51,16 @@ CHILD = (
     "from appliance.guest.probe import main; sys.exit(main())"
 )
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+#: the most a probe reading a file may print, stdout and stderr together: the largest answer the piped
+#: probe may send (:data:`.piped.MAX_ANSWER`) and a MiB of messages. A reader subverted by its disk could
+#: otherwise print without end into the worker's memory; past this it is killed and the guest unreadable.
+PROBE_OUTPUT = MAX_ANSWER + (1 << 20)
+
+
+def probe_policy(limits: config_mod.Limits, wall_seconds: float | None = None) -> Policy:
+    """The policy of a probe reading a file (:func:`validate_image`, :class:`.early.PendingProbe`):
+    ``limits.guest_probe_*``, ``wall_seconds``, its output capped at :data:`PROBE_OUTPUT`."""
+    return dataclasses.replace(confine.guest_probe(limits, wall_seconds), max_output=PROBE_OUTPUT)
 
 
 @contextmanager
@@ -82,6 +93,8 @@ def interpret(res: Completed, policy: Policy) -> GuestReport:
     """The report a probe run gave (its answer, or how it failed: a finding, never an exception)."""
     if res.timed_out:
         return _unreadable(f"the reader did not finish in time; {policy.describe()}")
+    if res.output_exceeded:
+        return _unreadable(f"the reader printed more than its output cap; {policy.describe()}")
     if res.returncode < 0:
         name = confine.signal_name(-res.returncode)
         return _unreadable(f"the reader was killed by {name}; {policy.describe()}")
@@ -138,7 +151,7 @@ def validate_image(
         )
     else:
         cfg = config if config is not None else config_mod.from_dict({})
-        policy = confine.guest_probe(cfg.limits, wall_seconds)
+        policy = probe_policy(cfg.limits, wall_seconds)
         with _image_argument(src, workdir) as (argument, private):
             res = confine.run(
                 [sys.executable, "-I", "-c", CHILD, PACKAGE_PARENT, "--format", reader_format, argument],

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from ..errors import Finding, ImageRejected
 from .formats import archive_of, zip_first_name
-from .ovacontainer import first_member, refuse_compressed_ova
+from .ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
 
+#: the most of an input's first bytes :func:`archive_finding` reads (a tar's first header with a long name's
+#: header before it; a zip's local header and name)
+ARCHIVE_HEAD = FIRST_HEADER_BYTES
 #: how each archive is unpacked
 _UNPACK = {"tar": "tar -xf", "zip": "unzip", "7z": "7z x", "rar": "unrar x"}
 #: at most this much of a member's name is quoted (a name is the uploader's text; a file name's usual limit)
@@ -44,10 +47,12 @@ def archive_finding(head: bytes, compression: str | None = None) -> Finding | No
     )
 
 
-def refuse_archived(compression: str, head: bytes) -> None:
+def refuse_archived(compression: str, head: bytes, claimed: str | None = None) -> None:
     """The check of a ``compression``-compressed input's first decoded block: ``Ova.Compressed`` for a
-    compressed OVA (:func:`refuse_compressed_ova`), ``FormatMismatch.Archive`` for any other archive."""
+    compressed OVA (:func:`refuse_compressed_ova`), ``FormatMismatch.Archive`` for any other archive,
+    unless ``claimed`` (the claim's format) is ``vhd``: a fixed VHD begins with its guest's disk, which may
+    begin with a tar, and only its last sector, decompressed, tells it from an archive."""
     refuse_compressed_ova(compression, head)
-    finding = archive_finding(head, compression)
+    finding = None if claimed == "vhd" else archive_finding(head, compression)
     if finding is not None:
         raise ImageRejected.nothing_imported(finding.code, finding.message)

@@ -53,12 +53,14 @@ def content_stage(
     output: bool,
     ignore_checks: frozenset[str] = frozenset(),
     partial: bool = False,
+    archives: bool = True,
 ) -> None:
     """Stage 2 on what ``view`` holds of an image (a whole file, or a download's first and last bytes).
 
     ``ignore_checks`` names oslo safety checks left to a later stage (the footer of a VMDK stream whose
     end is not there yet); ``partial``: regions beyond the bytes in ``view`` are missing, so an inspector
-    that could not see all it needs is undecided, not a truncated file."""
+    that could not see all it needs is undecided, not a truncated file; ``archives=False``: an archive at
+    the start is not refused (a disk decoded out of a VMDK or VHD is a guest's, as a conversion's output)."""
     inspectors = view.inspectors
     names = sorted(str(i) for i in inspectors)
     result.details["detected_formats"] = names
@@ -102,12 +104,6 @@ def content_stage(
     size: int | None = _inspector_size(chosen)
     if name == "gpt" and volume is None:
         result.details["partition_table"] = bootsector.classify(view.head[: bootsector.SECTOR]).table
-    if fmt == "raw" and not output:
-        # an archive holding a disk (a GCE .tar.gz, a zip) is raw to every inspector: refused, not imported
-        archived = archive_finding(view.head)
-        if archived is not None:
-            result.add(archived)
-            return
     if fmt == "raw":
         footer = _read_vhd_footer(view.footer, view.size)
         if footer is not None and footer["problem"] is None:
@@ -118,6 +114,16 @@ def content_stage(
             result.details["vhd_footer_problem"] = footer["problem"]
     elif fmt == "vhd":
         _check_vhd_header(view.head, result)
+    # a fixed VHD is known by its last sector: without it a vhd claim on raw-looking bytes is undecided
+    undecided_vhd = fmt == "raw" and view.footer is None and claimed == "vhd"
+    if fmt == "raw" and not output and not undecided_vhd and archives:
+        # an archive holding a disk (a GCE .tar.gz, a zip) is raw to every inspector: refused, not imported
+        # (asked only now: a fixed VHD's data is a guest's disk, which may begin with what `tar -cf /dev/sdX`
+        # wrote there)
+        archived = archive_finding(view.head)
+        if archived is not None:
+            result.add(archived)
+            return
     if fmt in ("raw", "iso"):
         size = view.size
     result.format = fmt
@@ -137,8 +143,6 @@ def content_stage(
                 "from the ISO into a disk image and upload that",
             )
         )
-    # a fixed VHD is known by its last sector: without it a vhd claim on raw-looking bytes is undecided
-    undecided_vhd = fmt == "raw" and view.footer is None and claimed == "vhd"
     if claimed is not None and not undecided_vhd and not _claim_matches(claimed, fmt, output=output):
         if output:
             result.add(unexpected_output(claimed, fmt))

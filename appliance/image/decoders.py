@@ -52,6 +52,9 @@ if TYPE_CHECKING:  # the decoder child never loads the configuration (and jsonsc
     from .verdict import Preflight
 
 FORMATS = (RAW, *COMPRESSIONS, VMDK_STREAM, VHD_FIXED)
+#: the decoders whose output is a guest's disk decoded out of a container, as a conversion's output is
+#: (the others write the input's own bytes, RAW or decompressed)
+CONTAINERS = (VMDK_STREAM, VHD_FIXED)
 #: input bytes between two boundaries the child reports
 BOUNDARY_EVERY = 64 << 20
 #: the error code of a resume from a checkpoint the format refuses (see :func:`check_checkpoint`)

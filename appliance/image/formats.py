@@ -146,9 +146,12 @@ _CONTAINER_MAGICS = {
 _BZIP2_BLOCK_MAGICS = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
 #: tar (POSIX ustar, PAX, GNU): every 512-byte header holds ``ustar`` at offset 257 (``ustar\0`` + version
 #: ``00``, or GNU's ``ustar  \0``) and, at 148, its checksum: 6-8 octal digits, the sum of the header's
-#: bytes with those 8 counted as spaces
+#: bytes with those 8 counted as spaces (unsigned; POSIX has readers accept the signed sum old tars wrote)
 TAR_MAGIC_OFFSET, TAR_MAGIC = 257, b"ustar"
 TAR_CHECKSUM_OFFSET, TAR_CHECKSUM_SIZE, TAR_HEADER = 148, 8, 512
+#: a V7 tar header (``tar --format=v7``, old Unix tars) has no magic: after its name (0-99), its mode, uid,
+#: gid, size and mtime (100-147) are octal numbers (digits, spaces, NULs) and its type (156) a digit or NUL
+TAR_V7_NUMBERS, TAR_TYPE_OFFSET, TAR_V7_TYPES = (100, 148), 156, b"\x0001234567"
 #: zip: a local file header at 0 (``PK\3\4``), its name's length at 26 (little-endian 16 bits), the name at 30
 ZIP_LOCAL_MAGIC, ZIP_NAME_LENGTH_OFFSET, ZIP_NAME_OFFSET = b"PK\x03\x04", 26, 30
 #: other archive formats images are shipped in, by their magic at offset 0
@@ -193,14 +196,17 @@ def strip_compression_suffix(name: str) -> str | None:
 
 def archive_of(head: bytes) -> str | None:
     """``tar``, ``zip``, ``7z`` or ``rar`` when ``head`` (a file's first bytes, at least a tar header's
-    512) begins such an archive, else None. A tar needs its magic and a valid header checksum, so a disk
-    whose first sector merely holds ``ustar`` at 257 is not taken for one."""
+    512) begins such an archive, else None. A tar needs a valid header checksum and its magic, or for a V7
+    tar (no magic) a name and the octal fields of a V7 header, so a disk whose first sector merely holds
+    ``ustar`` at 257 is not taken for one."""
     if head.startswith(ZIP_LOCAL_MAGIC):
         return "zip"
     for magic, name in _ARCHIVE_MAGICS.items():
         if head.startswith(magic):
             return name
-    if len(head) < TAR_HEADER or head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + len(TAR_MAGIC)] != TAR_MAGIC:
+    if len(head) < TAR_HEADER:
+        return None
+    if head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + len(TAR_MAGIC)] != TAR_MAGIC and not _v7_tar_header(head):
         return None
     field = head[TAR_CHECKSUM_OFFSET : TAR_CHECKSUM_OFFSET + TAR_CHECKSUM_SIZE]
     digits = field.replace(b"\0", b" ").strip()
@@ -208,7 +214,15 @@ def archive_of(head: bytes) -> str | None:
         return None
     header = head[:TAR_HEADER]
     unsigned = sum(header) - sum(field) + 8 * ord(" ")
-    return "tar" if int(digits, 8) == unsigned else None
+    signed = unsigned - 256 * sum(1 for c in header if c >= 128) + 256 * sum(1 for c in field if c >= 128)
+    return "tar" if int(digits, 8) in (unsigned, signed) else None
+
+
+def _v7_tar_header(head: bytes) -> bool:
+    """Whether ``head`` has the shape of a V7 tar header (the checksum still to be checked)."""
+    start, end = TAR_V7_NUMBERS
+    numbers = head[start:end]
+    return head[0] != 0 and head[TAR_TYPE_OFFSET] in TAR_V7_TYPES and not numbers.strip(b"01234567 \0")
 
 
 def zip_first_name(head: bytes) -> str | None:

@@ -7,6 +7,7 @@ from oslo_utils.imageutils import format_inspector
 
 from ..errors import Finding
 from . import bootsector
+from .archived import ARCHIVE_HEAD, archive_finding
 
 
 class RawStreamCheck:
@@ -23,11 +24,15 @@ class RawStreamCheck:
         self._feed = self._Feed()
         # InspectWrapper is typed to take IO[bytes] but only calls read(): the feed is enough
         self._wrapper = format_inspector.InspectWrapper(self._feed)  # type: ignore[arg-type]
+        #: the upload's first bytes: an archive there is raw to every inspector (:mod:`.archived`)
+        self._head = bytearray()
 
     def eat(self, chunk: bytes | memoryview) -> None:
         # the inspectors are oslo's: they get bytes (a view of a reused buffer is copied)
         self._feed.chunk = chunk if isinstance(chunk, bytes) else bytes(chunk)
         self._wrapper.read(len(chunk))
+        if len(self._head) < ARCHIVE_HEAD:
+            self._head += self._feed.chunk[: ARCHIVE_HEAD - len(self._head)]
 
     def verdict(self) -> list[Finding]:
         """Findings against a RAW claim: raw, or a disk with an MBR/GPT, is what a RAW upload may be."""
@@ -49,4 +54,5 @@ class RawStreamCheck:
                 bootsector.safety_check(inspector)  # a bare FAT/NTFS volume is not a broken MBR
             except format_inspector.SafetyCheckFailed as exc:
                 return [Finding.error("UnsafeImage.PartitionTable", f"the partition table is unsafe: {exc}")]
-        return []
+        archived = archive_finding(bytes(self._head))
+        return [archived] if archived is not None else []

@@ -53,7 +53,7 @@ from ..errors import (
     UsageError,
 )
 from ..guest.early import PendingProbe
-from ..image.decoders import BOUNDARY_EVERY
+from ..image.decoders import BOUNDARY_EVERY, CONTAINERS
 from ..image.decoding import Sink
 from ..image.inspect import inspect_image, require_safe
 from ..image.rawinline import InlineRawDecode
@@ -349,9 +349,17 @@ class StreamStoreStep(Step):
             with open(path, "r+b") as f:
                 # the disk's size: a trailing zero range is a hole, not a write (the target fsyncs it)
                 f.truncate(result.virtual_size)
-            # the written disk is RAW output: inspected as a conversion's output is (nothing hidden inside)
+            # the written disk is RAW output: inspected as a conversion's output is (nothing hidden inside;
+            # decoded out of a VMDK or VHD, a guest's disk, which may begin with a tar)
             inspected = require_safe(
-                inspect_image(path, "raw", config=ctx.config, workdir=ctx.workdir, cancel=ctx.cancel)
+                inspect_image(
+                    path,
+                    "raw",
+                    config=ctx.config,
+                    workdir=ctx.workdir,
+                    cancel=ctx.cancel,
+                    archives=decoder not in CONTAINERS,
+                )
             )
             facts["stream"] = {
                 "decoder": decoder,

@@ -67,6 +67,7 @@ from typing import Any
 
 from ..errors import ImageRejected, LeaseLost, Severity, StoreUnavailable, UsageError
 from ..image.content import ContentView, content_stage
+from ..image.decoders import CONTAINERS
 from ..image.streamed import StreamResult
 from ..image.verdict import Verdict
 from ..sources.fetch import parse_source
@@ -104,11 +105,13 @@ def expected_size(preflight: dict[str, Any] | None) -> int | None:
     return size if pre.get("format") == "raw" and isinstance(size, int) else None
 
 
-def inspect_written(ctx: StepContext, reader: ObjectRangeReader) -> Verdict:
+def inspect_written(ctx: StepContext, reader: ObjectRangeReader, decoder: str) -> Verdict:
     """The content inspection of the stored disk as RAW (read back from S3); :class:`ImageRejected`
-    when it finds anything (a format hidden inside the disk, an oversized disk)."""
+    when it finds anything (a format hidden inside the disk, an oversized disk; an archive unless
+    ``decoder`` decoded the disk out of a VMDK or VHD: a guest's disk may begin with a tar)."""
     verdict = Verdict()
-    content_stage(verdict, "raw", ContentView.of_stream(reader, ctx.cancel), config=ctx.config, output=False)
+    view = ContentView.of_stream(reader, ctx.cancel)
+    content_stage(verdict, "raw", view, config=ctx.config, output=False, archives=decoder not in CONTAINERS)
     if not verdict.safe:
         ordered = verdict.errors + [f for f in verdict.findings if f.severity is not Severity.ERROR]
         raise ImageRejected(ordered)
@@ -347,7 +350,7 @@ def stream_into_s3(
             md5_checked.clear()
             result, sha256, written = stream(None)
         reader = staged.reader()
-        inspected = inspect_written(ctx, reader)
+        inspected = inspect_written(ctx, reader, decoder)
         facts["stream"] = {
             "decoder": decoder,
             "input_bytes": result.input_bytes,

@@ -236,12 +236,12 @@ def _compressed_preflight(
         decoded, ended = decode([head, more], size is not None and read >= size)
     if ended and not decoded:
         return outer  # an empty image: the inspection of the download says so
+    claimed_fmt, _ = parse_claim(claim)
     try:  # an OVA or a disk's tar wrapped in gzip & co. would otherwise stream as a RAW disk holding it
-        refuse_archived(outer.compression, decoded)
+        refuse_archived(outer.compression, decoded, claimed_fmt)
     except ImageRejected as exc:
         outer.findings.extend(exc.findings)
         return outer
-    claimed_fmt, _ = parse_claim(claim)
     inner = preflight(decoded, None, claimed_fmt, config=ctx.config, size=len(decoded) if ended else None)
     inner.compression = outer.compression
     inner.findings[:0] = [f for f in outer.findings if all(f.code != g.code for g in inner.findings)]

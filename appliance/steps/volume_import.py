@@ -299,10 +299,11 @@ class VolumeImportStep(Step):
             out.flush()
             volume_digest = written.result(vol.size)
             # the written disk is RAW output: its content must be RAW (nothing hidden inside), as a
-            # conversion's output is checked
+            # conversion's output is checked (decoded out of a VMDK or VHD: a guest's disk, which may
+            # begin with a tar)
             head = out.read(0, min(PREFLIGHT_HEAD, size))
             tail = out.read(max(0, size - PREFLIGHT_TAIL), min(PREFLIGHT_TAIL, size))
-        check = preflight(head, tail, "raw", config=ctx.config, size=size)
+        check = preflight(head, tail, "raw", config=ctx.config, size=size, archives=False)
         if not check.safe:
             raise ImageRejected(check.errors)
         meter.set_total(size)

@@ -85,6 +85,14 @@ def test_limits_come_from_the_configuration_and_scale_with_the_work() -> None:
     assert confine.guest_probe(cfg, wall_seconds=5).wall_seconds == 5
 
 
+@pytest.mark.parametrize(
+    ("cap", "said"), [(64 << 20, "64 MiB"), (256 << 10, "256 KiB"), ((1 << 20) + 1, "1048577 bytes")]
+)
+def test_an_output_cap_is_described_as_configured(cap: int, said: str) -> None:
+    """A cap below a MiB or not a whole one is not shown rounded down (``0 MiB of output``)."""
+    assert confine.Policy("qemu-img check", 30, 1 << 30, 60, cap).describe().endswith(f", {said} of output")
+
+
 def test_cpu_limit_kills_a_busy_process(tmp_path: Path) -> None:
     policy = confine.Policy("a loop", 1, 1 << 30, None)
     res = confine.run(["/bin/sh", "-c", "while :; do :; done"], policy, cwd=tmp_path)

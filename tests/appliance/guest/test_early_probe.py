@@ -18,7 +18,7 @@ import pytest
 from appliance import config as config_mod
 from appliance import confine
 from appliance.errors import Cancelled
-from appliance.guest import validate_image
+from appliance.guest import early, validate_image
 from appliance.guest.early import PendingProbe
 from appliance.guest.report import GuestReport
 from tests import confinement
@@ -92,6 +92,19 @@ def test_a_probe_never_given_its_disk_is_killed_reaped_and_its_directory_removed
     assert probe.proc.returncode is not None and probe.proc.returncode < 0
     assert not Path(f"/proc/{pid}").exists(), "the probe child is still there (running or a zombie)"
     assert not directory.exists()
+
+
+def test_a_probe_printing_past_its_output_cap_is_killed_reaped_and_the_guest_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(early, "CHILD", confinement.FLOODING_PROBE)
+    disk = _zeros(tmp_path)
+    with PendingProbe("raw", workdir=tmp_path) as probe:
+        pid = probe.proc.pid
+        report = probe.validate(disk)
+    assert {f.code for f in report.findings} == {"Guest.Unreadable"}
+    assert "the reader printed more than its output cap" in report.findings[0].message
+    assert not Path(f"/proc/{pid}").exists(), "the probe child is still there (running or a zombie)"
 
 
 def test_a_cancel_while_the_probe_reads_kills_and_reaps_it(tmp_path: Path) -> None:

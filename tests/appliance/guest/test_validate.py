@@ -14,6 +14,7 @@ from appliance import config as config_mod
 from appliance import confine
 from appliance.errors import Severity, UsageError
 from appliance.guest import CODES, check_request, validate_image
+from appliance.guest import validate as guest_validate
 from appliance.guest.report import GuestReport
 from tests import confinement
 from tests import guestfactory as gf
@@ -393,3 +394,18 @@ def test_a_boot_mode_the_disk_cannot_boot_in_is_a_boot_mode_mismatch(tmp_path: P
     # the mode the disk has, or none asked for: nothing to say
     assert check_request(bios, boot_mode="legacy-bios") == check_request(uefi, boot_mode="uefi") == []
     assert check_request(bios) == check_request(bios, boot_mode="uefi-preferred") == []
+
+
+def test_a_reader_printing_past_its_output_cap_is_killed_and_the_guest_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader subverted by its disk may print without end: past its cap (9 MiB) it is killed, its output
+    never held beyond that, and its answer after the flood is not taken."""
+    monkeypatch.setattr(guest_validate, "CHILD", confinement.FLOODING_PROBE)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(gf.MiB))
+    report = validate_image(disk, workdir=tmp_path)
+    assert codes(report) == {"Guest.Unreadable"}
+    [message] = [f.message for f in report.findings]
+    assert "the reader printed more than its output cap" in message and "9 MiB of output" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]

@@ -16,9 +16,11 @@ from appliance import config as config_mod
 from appliance.config import Config
 from appliance.image.formats import archive_of
 from appliance.image.inspect import inspect_image
+from appliance.image.stream import RawStreamCheck
 from tests import imagefactory as factory
 
 MiB = 1 << 20
+TAR_HEADER_BYTES = 512
 
 
 @pytest.fixture
@@ -56,8 +58,9 @@ def _error_codes(path: Path, claimed: str | None, cfg: Config, work: Path) -> tu
         ("-c", "--format=posix"),
         ("-c", "--format=ustar"),
         ("-c", "--format=gnu"),
+        ("-c", "--format=v7"),
     ],
-    ids=["gce-oldgnu-sparse", "posix", "ustar", "gnu"],
+    ids=["gce-oldgnu-sparse", "posix", "ustar", "gnu", "v7-without-magic"],
 )
 @pytest.mark.parametrize("claimed", ["raw", None])
 def test_a_disk_in_a_tar_is_refused_as_an_archive_naming_the_disk_inside(
@@ -101,6 +104,56 @@ def test_a_compressed_tar_is_refused_from_its_first_decompressed_block(
     assert "decompressed_size" not in result.details and os.listdir(work) == []
 
 
+def test_an_archive_streamed_onto_a_volume_as_raw_is_refused_as_an_archive(
+    disk: Path, tmp_path: Path
+) -> None:
+    """ImportVolume of a RAW upload and a bundle write onto the volume as the bytes stream past, checked by
+    :class:`RawStreamCheck` (no file to inspect): the same refusal as the file's inspection, from the
+    first bytes however the upload's parts cut them."""
+    packed = _tar(disk, tmp_path / "disk.tar", "-c", "--format=posix")
+    zipped = tmp_path / "disk.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as z:
+        z.write(disk, "disk.raw")
+
+    def verdict(path: Path, piece: int) -> list[str]:
+        """The check's findings on ``path`` fed ``piece`` bytes at a time (its first 64 KiB; then 1 MiB)."""
+        check = RawStreamCheck()
+        data = memoryview(path.read_bytes())
+        offsets = [*range(0, 64 << 10, piece), *range(64 << 10, len(data), MiB)]
+        for start, end in zip(offsets, [*offsets[1:], len(data)], strict=True):
+            check.eat(data[start:end])
+        return [f"{f.code}: {f.message}" for f in check.verdict()]
+
+    for piece in (100, 64 << 10):
+        [tar_finding] = verdict(packed, piece)
+        assert tar_finding.startswith(
+            "FormatMismatch.Archive: the file is a tar archive (its first member is 'disk.raw')"
+        ), piece
+        [zip_finding] = verdict(zipped, piece)
+        assert zip_finding.startswith("FormatMismatch.Archive: the file is a zip archive"), piece
+        assert verdict(disk, piece) == []
+
+
+@pytest.mark.parametrize("claimed", ["vhd", "vhd.gz", None])
+def test_a_fixed_vhd_whose_guest_disk_begins_with_a_tar_is_a_vhd(
+    claimed: str | None, disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    """A fixed VHD is its guest's disk and a footer; a data disk written by ``tar -cf /dev/sdX`` begins
+    with a tar. Its footer, not its first sector, says what it is (compressed and claimed a VHD, only
+    once decompressed)."""
+    packed = _tar(disk, tmp_path / "data.tar", "-c", "--format=gnu")
+    with open(packed, "r+b") as f:
+        f.truncate(16 * MiB)
+    vhd = tmp_path / "disk.vhd"
+    factory.qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", packed, vhd)
+    if claimed == "vhd.gz":
+        subprocess.run(["gzip", "-1", str(vhd)], check=True)
+        vhd = vhd.with_name("disk.vhd.gz")
+    result = inspect_image(vhd, claimed, config=cfg, workdir=work)
+    assert result.safe and result.format == "vhd", [f.message for f in result.errors]
+    assert result.details.get("vhd_subformat") == "fixed"
+
+
 def test_an_ova_given_as_a_disk_is_told_to_be_imported_as_an_ova(
     disk: Path, tmp_path: Path, cfg: Config, work: Path
 ) -> None:
@@ -136,6 +189,20 @@ def test_a_disk_whose_first_sector_only_resembles_a_tar_header_is_a_disk(
     # the same sector given a valid checksum over it is a tar header
     head[148:156] = b" " * 8
     head[148:156] = b"%06o\0 " % sum(head)
+    assert archive_of(bytes(head)) == "tar"
+
+
+def test_a_tar_header_summed_as_signed_bytes_is_a_tar() -> None:
+    """Old tars summed a header's bytes as signed chars; POSIX has readers accept that checksum too, so a
+    first member whose name holds bytes above 127 still makes a tar."""
+    head = bytearray(TAR_HEADER_BYTES)
+    name = "disk-é.raw".encode()
+    head[: len(name)] = name
+    head[100:148] = b"0000644\x000000000\x000000000\x0000000001000\x0000000000000\x00"
+    head[156:157], head[257:265] = b"0", b"ustar\x0000"
+    head[148:156] = b" " * 8
+    signed = sum(c - 256 if c >= 128 else c for c in head)
+    head[148:156] = b"%06o\0 " % signed
     assert archive_of(bytes(head)) == "tar"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +183,34 @@ def test_a_random_access_format_goes_through_scratch_and_its_conversion_reports_
     assert converting[-1]["percent"] == 100.0 and converting[-1]["written"] == raw.stat().st_size
     assert converting[-1]["read"] == image.stat().st_size
     assert max(p["percent"] or 0 for p in converting[:-1]) <= 99.0
+
+
+def tar_guest_source(kind: str, directory: Path) -> tuple[Path, str, Path]:
+    """A ``kind`` (``vmdk-stream``, ``vhd-fixed``) of a data disk written by ``tar -cf /dev/sdX`` (a tar at
+    its first sector, 16 MiB); the image, its claim and the disk inside."""
+    raw = raw_disk(directory)
+    packed = directory / "data.tar"
+    subprocess.run(["tar", "-cf", str(packed), "-C", str(directory), raw.name], check=True)
+    with open(packed, "r+b") as f:
+        f.truncate(16 * MiB)
+    image = directory / ("disk.vmdk" if kind == "vmdk-stream" else "disk.vhd")
+    options = "subformat=streamOptimized" if kind == "vmdk-stream" else "subformat=fixed"
+    imgs.qemu_img("convert", "-f", "raw", "-O", qemu_format(kind), "-o", options, packed, image)
+    return image, "VMDK" if kind == "vmdk-stream" else "VHD", packed
+
+
+@pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
+def test_a_container_whose_guest_disk_begins_with_a_tar_streams_as_its_conversion_would(
+    kind: str, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """Inside a VMDK or VHD a tar at the first sector is a guest's disk, not an archive given as one: the
+    stream's written disk is a conversion's output (the scratch path's conversion does not refuse it
+    either), and a fixed VHD is its footer's, not its first sector's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image, claim, packed = tar_guest_source(kind, src)
+    moto.client("s3").upload_file(str(image), bucket, image.name)
+    done = run_import(cfg, DiskContainer(format=claim, bucket=bucket, key=image.name), snapshot=True)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.result["disk"]["streamed"]["stream"]["decoder"] is not None
+    imgs.qemu_img("compare", "-f", "raw", "-F", "raw", packed, outcome(done)["location"]["path"])

@@ -30,7 +30,7 @@ from appliance.workflow.engine import Engine
 from tests import guestfactory
 from tests import imagefactory as imgs
 from tests import streamfactory as sf
-from tests.appliance.steps.test_image_stream import qemu_format, raw_disk, source_of
+from tests.appliance.steps.test_image_stream import qemu_format, raw_disk, source_of, tar_guest_source
 from tests.processes import wait_until
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
@@ -142,6 +142,21 @@ def test_a_sequential_format_streams_into_the_s3_image_target_with_no_scratch_an
     assert head["Metadata"]["import-task-id"] == done.id
     # only the published object: the staging object is gone, no upload is left open
     assert left_in(moto, buckets[1]) == ([location["key"]], [])
+
+
+@pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
+def test_a_container_whose_guest_disk_begins_with_a_tar_streams_into_s3_as_its_conversion_would(
+    kind: str, cfg: config_mod.Config, moto: MotoServer, buckets: tuple[str, str], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    image, claim, packed = tar_guest_source(kind, src)
+    moto.client("s3").upload_file(str(image), buckets[0], image.name)
+    done = run_import(cfg, DiskContainer(format=claim, bucket=buckets[0], key=image.name), snapshot=True)
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    stored = tmp_path / "stored.raw"
+    moto.client("s3").download_file(buckets[1], outcome(done)["location"]["key"], str(stored))
+    imgs.qemu_img("compare", "-f", "raw", "-F", "raw", packed, stored)
 
 
 def test_the_guest_of_a_streamed_disk_is_read_back_from_the_stored_object_in_few_ranged_gets(

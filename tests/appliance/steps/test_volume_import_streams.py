@@ -28,6 +28,7 @@ from appliance.service.importtasks import DiskImage
 from appliance.store import Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes
+from tests.appliance.steps.test_image_stream import tar_guest_source
 from tests.euca_upload import presign_manifest_url, upload
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
@@ -187,6 +188,23 @@ def test_a_sequential_upload_streams_onto_the_volume_with_no_scratch(
     # the volume's digest, taken from the decoder's writes: what `imaging digest` reads from the volume
     recorded, computed = recorded_volume_digest(done), imaging_digest(path)
     assert (recorded["value"], recorded["chunks"]) == (computed["value"], computed["chunks"])
+
+
+@pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
+def test_a_container_whose_guest_disk_begins_with_a_tar_streams_onto_the_volume(
+    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, kind: str
+) -> None:
+    """The volume holds a guest's disk decoded out of a VMDK or VHD, not an archive given as a disk."""
+    image, fmt, packed = tar_guest_source(kind, tmp_path)
+    cfg = config_mod.from_dict(cfg_data(tmp_path, moto, proxy), base_dir=tmp_path)
+    service = ImportService(cfg)
+    try:
+        done = run(cfg, submit(service, proxy, bucket, image, fmt, packed.stat().st_size, 4 * MiB))
+    finally:
+        service.store.close()
+    assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)
+    assert done.result["written"]["streamed"] is True
+    same_disk(packed, "raw", volume_path(done))
 
 
 def test_a_raw_upload_records_the_volumes_chunked_digest_as_it_writes_it(
