@@ -31,9 +31,12 @@ class _PausingBuffer(io.BytesIO):
         return super().read(size)
 
 
-def _etags_of_two_overlapping_hashes(etag: Callable[[Any], str]) -> tuple[str, str, bytes]:
+def _etags_of_two_overlapping_hashes(
+    etag: Callable[[Any], str], *, second_may_finish: float
+) -> tuple[str, str, bytes]:
     """The ETags two threads answer for one part when the second asks while the first is hashing, and the
-    part's bytes."""
+    part's bytes. The first resumes once the second has finished, or after ``second_may_finish`` seconds
+    (a second that waits for the first never finishes before it)."""
     data = os.urandom(1 << 20)
     key = FakeKey("part", b"", account_id="123456789012", region_name="us-east-1")
     buffer = _PausingBuffer(data)
@@ -45,7 +48,7 @@ def _etags_of_two_overlapping_hashes(etag: Callable[[Any], str]) -> tuple[str, s
     assert buffer.reading.wait(30)
     second.start()
     # the second hash either waits for the first (locked) or runs through the buffer meanwhile (moto's own)
-    second.join(0.5)
+    second.join(second_may_finish)
     buffer.go.set()
     first.join(30)
     second.join(30)
@@ -53,7 +56,9 @@ def _etags_of_two_overlapping_hashes(etag: Callable[[Any], str]) -> tuple[str, s
 
 
 def test_a_part_hashed_by_two_requests_at_once_answers_its_md5_to_both() -> None:
-    first, second, data = _etags_of_two_overlapping_hashes(motoserver.locked_etag)
+    # (whether the second has begun when the first resumes does not matter: under the lock it cannot
+    # move the first's read position either way)
+    first, second, data = _etags_of_two_overlapping_hashes(motoserver.locked_etag, second_may_finish=0.5)
     assert first == second == f'"{hashlib.md5(data).hexdigest()}"'
 
 
@@ -62,6 +67,8 @@ def test_moto_s_own_etag_still_loses_its_place_when_two_requests_hash_at_once() 
     wrapper can go."""
     unlocked = FakeKey.etag.fget
     assert unlocked is not None
-    first, second, data = _etags_of_two_overlapping_hashes(unlocked)
+    # the second runs through the buffer while the first is paused, however loaded the machine (moto's own
+    # hash takes no lock: the second finishes at once; one that locked would hold the test 30 s, then fail)
+    first, second, data = _etags_of_two_overlapping_hashes(unlocked, second_may_finish=30)
     if first == second == f'"{hashlib.md5(data).hexdigest()}"':
         pytest.fail("moto hashed both at once correctly: tests/motoserver.py is no longer needed")
