@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.config import Config
 from appliance.image.formats import archive_of
 from appliance.image.inspect import inspect_image
@@ -21,11 +20,6 @@ from tests import imagefactory as factory
 
 MiB = 1 << 20
 TAR_HEADER_BYTES = 512
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 @pytest.fixture

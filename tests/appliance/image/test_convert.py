@@ -108,11 +108,6 @@ def entries(directory: Path) -> list[str]:
 
 
 @pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
-
-
-@pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()

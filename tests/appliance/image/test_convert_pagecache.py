@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.config import Config
 from appliance.image.convert import convert_image
 from appliance.image.convertcmd import use_direct_input
 from tests.pagecachetools import MiB, cached, evict, read_all
 
 QEMU_IMG = "/usr/bin/qemu-img"
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")

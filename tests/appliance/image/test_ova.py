@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import ImageRejected, InsufficientScratch
 from appliance.image.ova import MAX_MEMBERS, is_ova, manifest, unpack_ova
@@ -22,11 +21,6 @@ from appliance.image.ovf import OvfDisk, envelope, parse
 from tests import imagefactory as factory
 
 MiB = factory.MiB
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 @pytest.fixture

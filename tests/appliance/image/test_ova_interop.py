@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.config import Config
 from appliance.errors import ImageRejected
 from appliance.image.inspect import inspect_image
@@ -30,11 +29,6 @@ from tests import ovaproducers as producers
 from tests.appliance.image.test_ova import build, member, package, raw_disk, rejected
 
 MiB, GiB = producers.MiB, producers.GiB
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 def unpack(data: bytes | Path, tmp_path: Path, cfg: Config) -> OvaPackage:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance import config as config_mod
 from appliance.config import Config
 from appliance.image.ovacontainer import MAX_EXTENDED_HEADER, MAX_EXTENDED_TOTAL
 from tests import ovaproducers as producers
@@ -20,11 +19,6 @@ from tests.appliance.image.test_ova import rejected
 from tests.appliance.image.test_ova_interop import members_of, unpack
 
 MiB = producers.MiB
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return config_mod.from_dict({"state_dir": str(tmp_path / "state")}, base_dir=tmp_path)
 
 
 @pytest.fixture

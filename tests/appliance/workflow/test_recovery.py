@@ -23,7 +23,6 @@ from appliance.partials import is_partial
 from appliance.store import StepState, Store, TaskState
 from appliance.workflow import Engine, find_orphans
 from appliance.workflow.runner import TaskRun
-from appliance.workflow.step import StepContext
 from appliance.workflow.supervisor import orphan_reason, supervised
 
 from .support import (
@@ -284,18 +283,7 @@ def test_progress_held_for_two_steps_outlives_a_flush_the_database_was_away_for(
     task_id = engine.store.create_task("w").id
     task = engine.store.claim(task_id, engine.owner, 3600)
     run = TaskRun(engine, task)
-    contexts = [
-        StepContext(
-            task_id=task_id,
-            config=engine.config,
-            store=engine.store,
-            cancel=run.cancel,
-            idx=idx,
-            name=idx,
-            hooks=run,
-        )
-        for idx in ("1", "2")
-    ]
+    contexts = [run.context(idx, idx, run.cancel) for idx in ("1", "2")]
     for ctx in contexts:
         ctx.progress({"phase": "copying", "done": 1, "total": 10})
         ctx.progress({"phase": "copying", "done": 2, "total": 10})  # held back by the throttle
