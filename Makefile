@@ -17,6 +17,8 @@ SYSTEM_PACKAGES += postgresql
 # ... and the independent readers the export tests read every exported VHD and VMDK back with (libyal's
 # libvhdi and libvmdk, bindings for the system Python 3: tests/diskreaders.py runs them from /usr/bin/python3).
 SYSTEM_PACKAGES += python3-libvhdi python3-libvmdk
+# ... and Info-ZIP's zip, which the archive tests pack a disk with as a user would (a zip given as a disk).
+SYSTEM_PACKAGES += zip
 APT_GET := apt-get -o DPkg::Lock::Timeout=600
 STAMP := $(VENV)/.installed
 
