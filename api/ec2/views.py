@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.redact import redact
-from appliance.service.diskstatus import is_ova, overall_percent
+from appliance.service.diskstatus import from_ova, overall_percent
 from appliance.service.importtasks import IMPORT_VOLUME, device_names
 from appliance.service.importviews import encryption_report, guest_report, outcome
 from appliance.service.summary import findings_summary
@@ -136,7 +136,7 @@ def _cancel_reason(task: Task) -> str:
 def _progress(task: Task, disks: list[dict[str, Any]] | None = None) -> str | None:
     if task.state not in (TaskState.PENDING, TaskState.RUNNING):
         return None
-    if disks and not is_ova(task):  # the disks of the request, each counting alike
+    if disks and not from_ova(task, disks):  # the disks of the request, each counting alike
         return str(int(overall_percent(disks)))
     return str(int(task.percent or 0))
 

@@ -46,6 +46,7 @@ from typing import IO, Any, BinaryIO
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
+from .formats import TAR_HEADER, archive_of
 from .inspect import InspectionResult, inspect_image, require_safe
 from .ovacontainer import ExtendedHeaderTooLarge, Prefixed, capped_tarinfo, gunzip, gunzip_cap, refuse_wrapped
 from .ovamanifest import ALGORITHMS, check_certificate, check_manifest, parse_manifest
@@ -435,10 +436,14 @@ def _verify(
 
 
 def is_ova(path: Path) -> bool:
-    """Whether ``path`` is a tar archive (``ustar`` magic at 257): how an OVA announces itself."""
+    """Whether ``path`` is a regular file holding a tar archive (:func:`~appliance.image.formats.archive_of`:
+    a tar header whose checksum holds, so a disk whose first sector merely has ``ustar`` at 257 is not
+    one): how an OVA announces itself to ``imaging convert`` given no format. Any tar is taken for an OVA
+    here, so one whose ``.ovf`` is not its first member is still read as one (and one without any fails
+    as an OVA, with the reason)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(512)
-        return stat.S_ISREG(os.stat(path).st_mode) and head[257:262] == b"ustar"
+            head = f.read(TAR_HEADER)
+        return stat.S_ISREG(os.stat(path).st_mode) and archive_of(head) == "tar"
     except OSError:
         return False

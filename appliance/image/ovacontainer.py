@@ -24,7 +24,7 @@ from typing import BinaryIO
 from ..config import Limits
 from ..errors import ImageRejected
 from .decompress import decompress, detect_compression
-from .formats import SIGNATURE_BYTES, compression_of
+from .formats import SIGNATURE_BYTES, archive_of, compression_of
 
 _reject = ImageRejected.nothing_imported
 
@@ -59,7 +59,7 @@ def _compressed(kind: str) -> ImageRejected:
 
 def refuse_wrapped(head: bytes) -> None:
     """``Ova.Compressed`` for an OVA wrapped in a compressed file or a zip (not a tar: DSP0243 §2)."""
-    kind = "zip" if head.startswith(b"PK\x03\x04") else compression_of(head[:SIGNATURE_BYTES])
+    kind = "zip" if archive_of(head) == "zip" else compression_of(head[:SIGNATURE_BYTES])
     if kind is not None:
         raise _compressed(kind)
 
@@ -128,12 +128,21 @@ def first_member(head: bytes) -> str | None:
     return member.name if member is not None else None
 
 
+def begins_ova(head: bytes) -> bool:
+    """Whether ``head``, a file's first bytes (:data:`FIRST_HEADER_BYTES` suffice), begin an OVA: a tar
+    (:func:`~appliance.image.formats.archive_of`: its header's checksum holds) whose first member is a
+    descriptor (``*.ovf``), where DSP0243 puts it. What an import given no format opens as an OVA."""
+    if archive_of(head) != "tar":
+        return False
+    name = first_member(head)
+    return name is not None and name.lower().endswith(".ovf")
+
+
 def refuse_compressed_ova(kind: str, head: bytes) -> None:
     """``Ova.Compressed`` when ``head``, the first decompressed bytes of a ``kind``-compressed file, begin
     a tar whose first member is a descriptor (``*.ovf``): an OVA (DSP0243 puts the ``.ovf`` first)
     wrapped in ``kind``, which is refused as :func:`refuse_wrapped` refuses it, not read as a disk."""
-    name = first_member(head)
-    if name is not None and name.lower().endswith(".ovf"):
+    if begins_ova(head):
         raise _compressed(kind)
 
 

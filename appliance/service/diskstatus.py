@@ -55,9 +55,22 @@ _DISK_NAME = re.compile(r"^disk([0-9]+)$")
 
 
 def is_ova(task: Task) -> bool:
-    """Whether the ImportImage ``task`` imports an OVA (its only DiskContainer)."""
+    """Whether the ImportImage ``task`` is asked to import an OVA (its only DiskContainer: ``Format=ova``)."""
     containers = (task.params or {}).get("disk_containers") or []
     return bool(containers) and str(containers[0].get("format") or "").lower() == "ova"
+
+
+def may_open_ova(task: Task) -> bool:
+    """Whether the ImportImage ``task`` has one DiskContainer given no format, which its ``ova.open``
+    opens as an OVA when its content is one (known once it is opened)."""
+    containers = (task.params or {}).get("disk_containers") or []
+    return task.kind == IMPORT_IMAGE and len(containers) == 1 and not containers[0].get("format")
+
+
+def from_ova(task: Task, disks: Sequence[dict[str, Any]]) -> bool:
+    """Whether the disks of ``task`` (:func:`running_disks`) are an OVA's: asked for, or found when it
+    was opened."""
+    return is_ova(task) or any(d.get("ova_disk") for d in disks)
 
 
 def several_disks(task: Task) -> bool:
@@ -124,7 +137,8 @@ def _latest(inner: Sequence[StepRecord], key: str) -> Any:
 
 def running_disks(task: Task, steps: Sequence[StepRecord]) -> list[dict[str, Any]]:
     """Each disk of the running ImportImage ``task`` (its step records ``steps``), in request order (an
-    OVA's: its boot disk, then its data disks once it is opened): ``index`` (1 = the boot disk),
+    OVA's, claimed or found by ``ova.open``: its boot disk, then its data disks once it is opened):
+    ``index`` (1 = the boot disk),
     ``container`` (its DiskContainer, 1-based), ``device_name``, ``state`` (``pending``, ``active``,
     ``completed``, ``deleting``: see the module docstring), ``percent`` (0 to 100), ``phase`` (None
     unless active or pending), ``size`` (bytes, None until known), ``format`` (as inspected, None
@@ -135,8 +149,9 @@ def running_disks(task: Task, steps: Sequence[StepRecord]) -> list[dict[str, Any
         number = _disk_number(step)
         if number is not None:
             includes[number] = step
-    ova = is_ova(task)
-    opened = _opened(steps, includes.get(1)) if ova else {}
+    opened = _opened(steps, includes.get(1))
+    ova = is_ova(task) or bool(opened.get("ova"))
+    opened = opened if ova else {}
     members = [d.get("name") for d in (opened.get("ova") or {}).get("disks") or []]
     count = 1 + len(opened.get("data_disks") or []) if ova else len(containers)
     count = max([count, *includes])

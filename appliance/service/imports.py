@@ -32,7 +32,7 @@ from ..store import Store, Task, TaskState
 from ..targets.encryption import Encryption
 from ..workflow.engine import Engine
 from . import bootparams, expected
-from .diskstatus import running_disks, several_disks
+from .diskstatus import from_ova, may_open_ova, running_disks, several_disks
 from .importchecks import ImportChecks
 from .importtasks import (
     CONTAINER_FORMATS,
@@ -226,9 +226,14 @@ class ImportService(TaskService, ImportChecks):
         """Each disk's own status while an ImportImage of several disks (or of an OVA) is pending or
         running (:func:`.diskstatus.running_disks`, read from its step records); None for any other
         task, and once the task is finished (its disks then show what it stored, or its end)."""
-        if task.state not in (TaskState.PENDING, TaskState.RUNNING) or not several_disks(task):
+        if task.state not in (TaskState.PENDING, TaskState.RUNNING):
             return None
-        return running_disks(task, self.store.step_results(task.id))
+        if several_disks(task):
+            return running_disks(task, self.store.step_results(task.id))
+        if may_open_ova(task):  # one disk, unless its only DiskContainer opened as an OVA
+            disks = running_disks(task, self.store.step_results(task.id))
+            return disks if from_ova(task, disks) else None
+        return None
 
     def get(self, task_id: str, kinds: Collection[str], accounts: Collection[str] | None = None) -> Task:
         """The task ``task_id`` if it is one of ``kinds`` and (``accounts`` given) belongs to one of

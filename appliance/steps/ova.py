@@ -14,6 +14,7 @@ from typing import Any
 from ..allowance import Allowance
 from ..image.formats import OUTPUT_FORMATS
 from ..image.ova import unpack_ova
+from ..image.ovacontainer import FIRST_HEADER_BYTES, begins_ova
 from ..image.ovaconvert import convert_ova, output_names
 from ..image.ovfguest import boot_mode_of, platform_of
 from ..workflow.step import Step, StepContext
@@ -79,8 +80,13 @@ class OvaOpenStep(Step):
     data disks; the unpacked files go with the task's scratch directory and count against its quota
     (each disk member reserved before it is written: ``InsufficientScratch`` when it does not fit). The
     OVF's firmware and OS type are given as ``boot_mode`` (``uefi``/``legacy-bios``) and ``platform``
-    (``Linux``/``Windows``) for guest validation (None when the OVF says nothing it knows). Any other
-    claim passes the file through unchanged (``ova`` is null)."""
+    (``Linux``/``Windows``) for guest validation (None when the OVF says nothing it knows).
+
+    With ``detect`` (an ImportImage's only DiskContainer), a file given no format is opened the same way
+    when its first bytes are an OVA's (a tar whose first member is a ``.ovf``:
+    :func:`appliance.image.ovacontainer.begins_ova`), as a client that names no format expects; without
+    it such a file goes on unchanged and inspection refuses it as an archive (an OVA cannot be a data
+    disk or a snapshot). Any other claim passes the file through unchanged (``ova`` is null)."""
 
     schema = {
         "type": "object",
@@ -89,11 +95,14 @@ class OvaOpenStep(Step):
         "properties": {
             "path": {"type": "string", "minLength": 1},
             "format": {"type": ["string", "null"]},
+            "detect": {"type": "boolean"},
         },
     }
 
-    def run(self, ctx: StepContext, path: str, format: str | None = None) -> dict[str, Any]:
-        if (format or "").lower() != "ova":
+    def run(
+        self, ctx: StepContext, path: str, format: str | None = None, detect: bool = False
+    ) -> dict[str, Any]:
+        if not _opens(path, format, detect):
             return {
                 "path": path,
                 "format": format,
@@ -128,7 +137,25 @@ class OvaOpenStep(Step):
             "platform": platform_of(pkg.ovf.os_type),
         }
 
-    def plan(self, ctx: StepContext, path: str, format: str | None = None) -> dict[str, Any]:
+    def plan(
+        self, ctx: StepContext, path: str, format: str | None = None, detect: bool = False
+    ) -> dict[str, Any]:
         # about the OVA's size: its disk members, unpacked beside it (a gzip File inflates beyond it)
-        unpacks = (format or "").lower() == "ova" and Path(path).is_file()
+        unpacks = Path(path).is_file() and _opens(path, format, detect)
         return {"path": path, "format": format, "scratch_bytes": Path(path).stat().st_size if unpacks else 0}
+
+
+def _opens(path: str, format: str | None, detect: bool) -> bool:
+    """Whether ``ova.open`` unpacks ``path``: claimed as ``ova``, or (``detect``) claimed as nothing and
+    beginning as an OVA does."""
+    claim = (format or "").lower()
+    if claim == "ova":
+        return True
+    if claim or not detect:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(FIRST_HEADER_BYTES)
+    except OSError:
+        return False  # the inspection that follows names what is wrong with the file
+    return begins_ova(head)

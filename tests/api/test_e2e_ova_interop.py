@@ -6,7 +6,9 @@ made from; a gzip-wrapped OVA fails with ``Ova.Compressed`` as the task's status
 nothing in scratch or in the image target, also when the request does not say it is an OVA (no
 ``Format``: the inspection of the download; ``Format=RAW``: the preflight of the object's compressed
 head); an OVA requiring an extension the importer does not understand fails with
-``Ova.UnsupportedSection`` and leaves nothing."""
+``Ova.UnsupportedSection`` and leaves nothing. An ovftool export given no ``Format`` as an ImportImage's only
+DiskContainer imports as an OVA, every disk a snapshot; the same file as a data disk or an ImportSnapshot
+(where an OVA cannot be) fails as an archive and leaves nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import lzma
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +30,7 @@ from tests.api.e2e_support import (
     finished_import,
     import_object,
     leftovers,
+    wait_for,
 )
 from tests.servers import MotoServer
 
@@ -114,3 +118,63 @@ def test_a_compressed_ova_not_claimed_as_one_fails_as_compressed_and_leaves_noth
     task_id = _import(appliance, moto, bucket, wrapped, fmt)
     final = failed_leaving_nothing(appliance, task_id, "Ova.Compressed")
     assert tool in final["StatusMessage"], final
+
+
+def _ovftool_two_disks(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """An ovftool-style OVA of a BIOS Linux guest and a 2 MiB data disk (streamOptimized VMDKs made by
+    qemu-img), and the two disks as RAW."""
+    (tmp_path / "disks").mkdir()
+    boot = guestfactory.linux_disk(tmp_path)
+    data = tmp_path / "data.raw"
+    data.write_bytes(b"data disk".ljust(1 << 20, b"\xa5") + bytes(1 << 20))
+    stream = ("vmdk", "subformat=streamOptimized")
+    vmdks = [guestfactory.convert(r, tmp_path / "disks" / f"{r.stem}.vmdk", *stream) for r in (boot, data)]
+    return producers.ovftool(tmp_path / "vm.ova", vmdks, firmware="bios"), [boot, data]
+
+
+def test_an_ova_given_no_format_as_the_only_disk_container_imports_every_disk(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    ova, raws = _ovftool_two_disks(tmp_path)
+    task_id = _import(appliance, moto, bucket, ova, None)
+
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "completed", final
+    details = final["SnapshotDetails"]
+    assert [(d["DeviceName"], d["Format"]) for d in details] == [("/dev/sda1", "VMDK"), ("/dev/sdb", "VMDK")]
+    assert [d["DiskImageSize"] for d in details] == [float(r.stat().st_size) for r in raws]
+    result = admin_task(appliance, task_id)["task"]["result"]
+    assert [d["name"] for d in result["disk"]["opened"]["ova"]["disks"]] == ["vm-disk1.vmdk", "vm-disk2.vmdk"]
+    assert result["disk"]["opened"]["ova"]["manifest_verified"]
+    stored = [result["disk"]["stored"]["path"], result["ova_data_disks"][0]["stored"]["path"]]
+    for raw, out in zip(raws, stored, strict=True):
+        compared = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), out], capture_output=True, text=True
+        )
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+@pytest.mark.parametrize("where", ["second-disk-container", "import-snapshot"])
+def test_an_ova_given_no_format_where_an_ova_cannot_be_fails_as_an_archive_and_leaves_nothing(
+    where: str, appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    ova, raws = _ovftool_two_disks(tmp_path)
+    s3 = moto.client("s3")
+    s3.upload_file(str(ova), bucket, "vms/vm.ova")
+    unclaimed = {"UserBucket": {"S3Bucket": bucket, "S3Key": "vms/vm.ova"}}
+    if where == "import-snapshot":
+        task_id = appliance.ec2.import_snapshot(DiskContainer=unclaimed)["ImportTaskId"]
+    else:
+        s3.upload_file(str(raws[0]), bucket, "vms/boot.raw")
+        boot = {"Format": "RAW", "UserBucket": {"S3Bucket": bucket, "S3Key": "vms/boot.raw"}}
+        task_id = appliance.ec2.import_image(DiskContainers=[boot, unclaimed])["ImportTaskId"]
+
+    def task() -> dict[str, Any]:
+        return dict(admin_task(appliance, task_id)["task"])
+
+    wait_for(lambda: task()["state"] in ("completed", "failed"), what="the import")
+    final = task()
+    assert (final["state"], final["error_code"]) == ("failed", "FormatMismatch.Archive"), final
+    assert "first member is 'vm.ovf'" in final["error_message"], final
+    assert "import it as an OVA" in final["error_message"], final
+    assert leftovers(appliance) == []

@@ -1,7 +1,9 @@
 """A disk image given inside an archive (:mod:`appliance.image.archived`): archives written by GNU tar, zip
 and Python's ``zipfile``, plain or compressed, are refused as ``FormatMismatch.Archive`` naming the disk
 inside (a compressed one before the rest is decompressed), an OVA given as a disk is told to be imported as
-one, and a disk whose first sector only resembles a tar header is still a disk."""
+one, and a disk whose first sector only resembles a tar header is still a disk (also to ``imaging convert``
+given no format, which takes a tar for an OVA), while only a tar whose first member is a ``.ovf`` begins an
+OVA an import given no format opens as one."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from appliance.config import Config
 from appliance.image.formats import archive_of
 from appliance.image.inspect import inspect_image
+from appliance.image.ova import is_ova
+from appliance.image.ovacontainer import begins_ova
 from appliance.image.stream import RawStreamCheck
 from tests import imagefactory as factory
 
@@ -180,6 +184,7 @@ def test_a_disk_whose_first_sector_only_resembles_a_tar_header_is_a_disk(
     factory.patch(disk, 257, b"ustar\0")
     result = inspect_image(disk, "raw", config=cfg, workdir=work)
     assert result.safe and result.format == "raw", [f.code for f in result.findings]
+    assert not is_ova(disk)  # imaging convert given no format converts it as a disk, not an OVA
     # the same sector given a valid checksum over it is a tar header
     head[148:156] = b" " * 8
     head[148:156] = b"%06o\0 " % sum(head)
@@ -207,3 +212,30 @@ def test_a_tar_header_summed_as_signed_bytes_is_a_tar() -> None:
 def test_seven_zip_rar_and_zip_are_known_by_their_first_bytes(head: bytes, kind: str) -> None:
     assert archive_of(head + bytes(1024)) == kind
     assert archive_of(bytes(1) + head + bytes(1024)) is None
+
+
+@pytest.mark.parametrize(
+    ("first", "options", "ova"),
+    [
+        ("vm.ovf", ("--format=ustar",), True),
+        ("VM.OVF", ("--format=posix",), True),
+        ("vm.ovf", ("--format=v7",), True),  # no magic: imaging convert took it for a disk before
+        ("disk.raw", ("--format=ustar",), False),
+    ],
+    ids=["ustar-ovf-first", "posix-upper-case", "v7-ovf-first", "disk-first"],
+)
+def test_an_ova_begins_with_a_tar_whose_first_member_is_its_descriptor(
+    first: str, options: tuple[str, ...], ova: bool, tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / first).write_bytes(b"<Envelope/>")
+    (tmp_path / "in" / "vm-disk1.vmdk").write_bytes(bytes(4096))
+    packed = tmp_path / "vm.ova"
+    members = ["-C", str(tmp_path / "in"), first, "vm-disk1.vmdk"]
+    subprocess.run(["tar", "-c", *options, "-f", str(packed), *members], check=True)
+    head = packed.read_bytes()[: 8 << 10]
+    assert begins_ova(head) is ova
+    assert is_ova(packed)  # imaging convert given no format takes any tar for an OVA
+    # the same header with one byte of its name changed no longer sums to its checksum: not a tar at all
+    broken = bytes([head[0] ^ 1]) + head[1:]
+    assert not begins_ova(broken)
