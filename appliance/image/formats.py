@@ -154,6 +154,11 @@ TAR_CHECKSUM_OFFSET, TAR_CHECKSUM_SIZE, TAR_HEADER = 148, 8, 512
 TAR_V7_NUMBERS, TAR_TYPE_OFFSET, TAR_V7_TYPES = (100, 148), 156, b"\x0001234567"
 #: zip: a local file header at 0 (``PK\3\4``), its name's length at 26 (little-endian 16 bits), the name at 30
 ZIP_LOCAL_MAGIC, ZIP_NAME_LENGTH_OFFSET, ZIP_NAME_OFFSET = b"PK\x03\x04", 26, 30
+#: a zip without a member is only its end-of-central-directory record (22 bytes), which then begins it
+ZIP_EMPTY_MAGIC = b"PK\x05\x06"
+#: the first segment of a split or spanned zip (``zip -s``) begins with a marker of 4 bytes (``PK\7\8``, or
+#: ``PK00`` from older tools), then the first local file header
+ZIP_SPLIT_MARKERS = (b"PK\x07\x08", b"PK00")
 #: other archive formats images are shipped in, by their magic at offset 0
 _ARCHIVE_MAGICS = {b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!\x1a\x07": "rar"}
 #: the file-name suffix of each compression (``disk.raw.gz``)
@@ -199,7 +204,7 @@ def archive_of(head: bytes) -> str | None:
     512) begins such an archive, else None. A tar needs a valid header checksum and its magic, or for a V7
     tar (no magic) a name and the octal fields of a V7 header, so a disk whose first sector merely holds
     ``ustar`` at 257 is not taken for one."""
-    if head.startswith(ZIP_LOCAL_MAGIC):
+    if head.startswith((ZIP_LOCAL_MAGIC, ZIP_EMPTY_MAGIC)) or _split_zip(head):
         return "zip"
     for magic, name in _ARCHIVE_MAGICS.items():
         if head.startswith(magic):
@@ -225,10 +230,17 @@ def _v7_tar_header(head: bytes) -> bool:
     return head[0] != 0 and head[TAR_TYPE_OFFSET] in TAR_V7_TYPES and not numbers.strip(b"01234567 \0")
 
 
+def _split_zip(head: bytes) -> bool:
+    """Whether ``head`` begins the first segment of a split zip: its marker, then a local file header."""
+    return head.startswith(ZIP_SPLIT_MARKERS) and head[4:8] == ZIP_LOCAL_MAGIC
+
+
 def zip_first_name(head: bytes) -> str | None:
-    """The first member's name of the zip ``head`` begins (its local file header's), or None when the
-    header does not fit in ``head``."""
-    if len(head) < ZIP_NAME_OFFSET:
+    """The first member's name of the zip ``head`` begins (its local file header's, after a split zip's
+    marker), or None when the header does not fit in ``head`` or the zip has no member."""
+    if _split_zip(head):
+        head = head[4:]
+    if not head.startswith(ZIP_LOCAL_MAGIC) or len(head) < ZIP_NAME_OFFSET:
         return None
     length = int.from_bytes(head[ZIP_NAME_LENGTH_OFFSET : ZIP_NAME_LENGTH_OFFSET + 2], "little")
     name = head[ZIP_NAME_OFFSET : ZIP_NAME_OFFSET + length]

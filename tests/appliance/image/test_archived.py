@@ -1,9 +1,9 @@
 """A disk image given inside an archive (:mod:`appliance.image.archived`): archives written by GNU tar, zip
-and Python's ``zipfile``, plain or compressed, are refused as ``FormatMismatch.Archive`` naming the disk
-inside (a compressed one before the rest is decompressed), an OVA given as a disk is told to be imported as
-one, and a disk whose first sector only resembles a tar header is still a disk (also to ``imaging convert``
-given no format, which takes a tar for an OVA), while only a tar whose first member is a ``.ovf`` begins an
-OVA an import given no format opens as one."""
+(also split, and empty) and Python's ``zipfile``, plain or compressed, are refused as
+``FormatMismatch.Archive`` naming the disk inside (a compressed one before the rest is decompressed), an OVA
+given as a disk is told to be imported as one, and a disk whose first sector only resembles a tar header is
+still a disk (also to ``imaging convert`` given no format, which takes a tar for an OVA), while only a tar
+whose first member is a ``.ovf`` begins an OVA an import given no format opens as one."""
 
 from __future__ import annotations
 
@@ -82,6 +82,25 @@ def test_a_disk_in_a_zip_is_refused_as_an_archive(
         codes, message = _error_codes(path, "raw", cfg, work)
         assert codes == ["FormatMismatch.Archive"], path
         assert "zip archive (its first member is 'disk.raw')" in message and "(unzip)" in message
+
+
+def test_the_first_segment_of_a_split_zip_and_an_empty_zip_are_refused_as_archives(
+    disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    # zip -s writes disk.z01, disk.z02, ... and disk.zip (its last segment); the first begins with a marker
+    subprocess.run(["zip", "-q", "-j", "-s", "64k", str(tmp_path / "split.zip"), str(disk)], check=True)
+    first = tmp_path / "split.z01"
+    assert first.read_bytes()[:4] == b"PK\x07\x08"
+    codes, message = _error_codes(first, "raw", cfg, work)
+    assert codes == ["FormatMismatch.Archive"]
+    assert "zip archive (its first member is 'disk.raw')" in message and "(unzip)" in message
+    empty = tmp_path / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()  # its end-of-central-directory record alone: 22 bytes
+    assert archive_of(empty.read_bytes()) == "zip"
+    codes, message = _error_codes(empty, None, cfg, work)
+    assert codes == ["FormatMismatch.Archive"] and "a zip archive, not a disk image" in message
+    # the marker alone does not make a zip: a local file header must follow it
+    assert archive_of(b"PK\x07\x08" + bytes(1020)) is None
 
 
 @pytest.mark.parametrize(
