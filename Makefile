@@ -79,8 +79,9 @@ run: venv
 fleet: venv
 	@$(BIN)/python -m tests.fleet $(FLEET_ARGS)
 
+# the slowest tests are listed at the end, so a run that creeps towards CI's limit says where the time went
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --durations=30 tests
 
 lint: venv
 	$(BIN)/ruff check appliance api tests bench
