@@ -53,14 +53,16 @@ def content_stage(
     output: bool,
     ignore_checks: frozenset[str] = frozenset(),
     partial: bool = False,
-    archives: bool = True,
+    decoded: bool = False,
 ) -> None:
     """Stage 2 on what ``view`` holds of an image (a whole file, or a download's first and last bytes).
 
     ``ignore_checks`` names oslo safety checks left to a later stage (the footer of a VMDK stream whose
     end is not there yet); ``partial``: regions beyond the bytes in ``view`` are missing, so an inspector
-    that could not see all it needs is undecided, not a truncated file; ``archives=False``: an archive at
-    the start is not refused (a disk decoded out of a VMDK or VHD is a guest's, as a conversion's output)."""
+    that could not see all it needs is undecided, not a truncated file; ``decoded``: the bytes are a disk the
+    appliance decoded out of a VMDK or VHD (or wrote itself), a guest's disk judged as a conversion's output
+    is: an archive at its start is not refused (``tar -cf /dev/sdX``), and an ISO (a live image written to
+    the disk) is what a RAW disk may hold, as qemu-img's RAW output of the same VMDK may."""
     inspectors = view.inspectors
     names = sorted(str(i) for i in inspectors)
     result.details["detected_formats"] = names
@@ -104,19 +106,23 @@ def content_stage(
     size: int | None = _inspector_size(chosen)
     if name == "gpt" and volume is None:
         result.details["partition_table"] = bootsector.classify(view.head[: bootsector.SECTOR]).table
-    if fmt == "raw":
+    if fmt in ("raw", "iso"):
+        # a fixed VHD is its guest's disk and a footer: the guest's disk may be an ISO (a live image written
+        # to the disk), which the ISO policy judges as the guest's content once decoded, as a conversion's
         footer = _read_vhd_footer(view.footer, view.size)
         if footer is not None and footer["problem"] is None:
             fmt = "vhd"
             size = footer["current_size"]
             result.details["vhd_subformat"] = "fixed"
+            result.findings = [f for f in result.findings if f.code != "Iso.Hybrid"]
+            result.details.pop("hybrid_iso", None)
         elif footer is not None:
             result.details["vhd_footer_problem"] = footer["problem"]
     elif fmt == "vhd":
         _check_vhd_header(view.head, result)
     # a fixed VHD is known by its last sector: without it a vhd claim on raw-looking bytes is undecided
-    undecided_vhd = fmt == "raw" and view.footer is None and claimed == "vhd"
-    if fmt == "raw" and not output and not undecided_vhd and archives:
+    undecided_vhd = fmt in ("raw", "iso") and view.footer is None and claimed == "vhd"
+    if fmt == "raw" and not output and not undecided_vhd and not decoded:
         # an archive holding a disk (a GCE .tar.gz, a zip) is raw to every inspector: refused, not imported
         # (asked only now: a fixed VHD's data is a guest's disk, which may begin with what `tar -cf /dev/sdX`
         # wrote there)
@@ -143,7 +149,8 @@ def content_stage(
                 "from the ISO into a disk image and upload that",
             )
         )
-    if claimed is not None and not undecided_vhd and not _claim_matches(claimed, fmt, output=output):
+    as_output = output or decoded
+    if claimed is not None and not undecided_vhd and not _claim_matches(claimed, fmt, output=as_output):
         if output:
             result.add(unexpected_output(claimed, fmt))
         else:

@@ -77,15 +77,15 @@ def inspect_image(
     ledger: Ledger | None = None,
     decompress_to: Path | None = None,
     run_check: bool = True,
-    archives: bool = True,
+    decoded: bool = False,
 ) -> InspectionResult:
     """Inspect ``path``, optionally claimed to be ``claimed`` (``qcow2``, ``raw.gz``, …), without trusting it.
 
     ``run_check=False`` stops before ``qemu-img check``: the caller runs :func:`check_image` on the
     result and must apply its findings before it trusts the image or anything made from it (a
     conversion runs it alongside qemu-img convert and publishes nothing unless it passes).
-    ``archives=False``: a file that begins with an archive is not refused for it (a disk decoded out of a
-    VMDK or VHD as it streamed is a guest's disk: :func:`~appliance.image.content.content_stage`).
+    ``decoded``: the file is a disk decoded out of a VMDK or VHD as it streamed, a guest's disk, whose content
+    is judged as a conversion's output is (:func:`~appliance.image.content.content_stage`).
 
     A compressed input is decompressed into ``workdir`` (capped at ``max_decompressed``, default
     ``config.limits.max_decompressed_size``; ``reserve`` reserves scratch for it as it grows, see
@@ -116,7 +116,7 @@ def inspect_image(
             workdir=workdir,
             cancel=cancel,
             run_check=run_check,
-            archives=archives,
+            decoded=decoded,
         )
         return _finish(result)
 
@@ -171,7 +171,7 @@ def preflight(
     *,
     config: Config,
     size: int | None = None,
-    archives: bool = True,
+    decoded: bool = False,
 ) -> Preflight:
     """The content checks of :func:`inspect_image` on an image's first bytes (``head``, ideally
     :data:`PREFLIGHT_HEAD` of them) and last bytes (``tail``, ideally :data:`PREFLIGHT_TAIL`; needs the
@@ -182,7 +182,7 @@ def preflight(
 
     What those bytes cannot decide is in ``pending`` (see :class:`Preflight`); qemu-img never runs
     here. A compressed head decides only the compression: preflight the decompressed head again with
-    the claim's inner format. ``archives`` as :func:`inspect_image` takes it. Never raises for an unsafe
+    the claim's inner format. ``decoded`` as :func:`inspect_image` takes it. Never raises for an unsafe
     image; UsageError for an unknown claim or ``tail`` without ``size``.
     """
     claimed_fmt, claimed_compression = parse_claim(claimed)
@@ -229,7 +229,7 @@ def preflight(
         output=False,
         ignore_checks=ignore,
         partial=partial,
-        archives=archives,
+        decoded=decoded,
     )
     if result.format == "raw" and footer is None:
         result.pending.append("tail")
@@ -340,14 +340,14 @@ def _inspect_file(
     cancel: threading.Event | None,
     output: bool = False,
     run_check: bool = True,
-    archives: bool = True,
+    decoded: bool = False,
 ) -> None:
     """Stages 2-5 on ``result.path`` (without ``qemu-img check`` unless ``run_check``); stops after the
     first stage that records an error."""
     path = result.path
     check_cancel(cancel)
     view = ContentView.of_file(path, cancel)
-    content_stage(result, claimed, view, config=config, output=output, archives=archives)
+    content_stage(result, claimed, view, config=config, output=output, decoded=decoded)
     if not result.safe or result.qemu_format is None:
         return
     check_cancel(cancel)

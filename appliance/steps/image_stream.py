@@ -358,7 +358,7 @@ class StreamStoreStep(Step):
                     config=ctx.config,
                     workdir=ctx.workdir,
                     cancel=ctx.cancel,
-                    archives=decoder not in CONTAINERS,
+                    decoded=decoder in CONTAINERS,
                 )
             )
             facts["stream"] = {

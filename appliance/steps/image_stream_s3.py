@@ -111,7 +111,7 @@ def inspect_written(ctx: StepContext, reader: ObjectRangeReader, decoder: str) -
     ``decoder`` decoded the disk out of a VMDK or VHD: a guest's disk may begin with a tar)."""
     verdict = Verdict()
     view = ContentView.of_stream(reader, ctx.cancel)
-    content_stage(verdict, "raw", view, config=ctx.config, output=False, archives=decoder not in CONTAINERS)
+    content_stage(verdict, "raw", view, config=ctx.config, output=False, decoded=decoder in CONTAINERS)
     if not verdict.safe:
         ordered = verdict.errors + [f for f in verdict.findings if f.severity is not Severity.ERROR]
         raise ImageRejected(ordered)

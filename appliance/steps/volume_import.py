@@ -303,7 +303,7 @@ class VolumeImportStep(Step):
             # begin with a tar)
             head = out.read(0, min(PREFLIGHT_HEAD, size))
             tail = out.read(max(0, size - PREFLIGHT_TAIL), min(PREFLIGHT_TAIL, size))
-        check = preflight(head, tail, "raw", config=ctx.config, size=size, archives=False)
+        check = preflight(head, tail, "raw", config=ctx.config, size=size, decoded=True)
         if not check.safe:
             raise ImageRejected(check.errors)
         meter.set_total(size)

@@ -317,6 +317,24 @@ def test_hybrid_iso_is_reported_as_hybrid(images: Path, work: Path, config: Conf
     assert [f.code for f in result.findings] == ["Iso.Hybrid"]
 
 
+@pytest.mark.parametrize("claimed", ["vhd", None])
+def test_a_fixed_vhd_whose_guest_disk_is_a_live_iso_is_a_vhd(
+    claimed: str | None, images: Path, work: Path, config: Config
+) -> None:
+    """A fixed VHD is its guest's disk and a footer; a live ISO written to that disk (``dd if=live.iso``) is
+    the guest's, judged once decoded (as a conversion's output is), not the file's format."""
+    guest = factory.iso_hybrid(images, "live.iso")
+    vhd = images / "live.vhd"
+    factory.qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", guest, vhd)
+    result = inspect_image(vhd, claimed, config=config, workdir=work)
+    assert result.safe and result.format == "vhd", [f.code for f in result.findings]
+    assert result.details["vhd_subformat"] == "fixed" and "hybrid_iso" not in result.details
+    assert [f.code for f in result.findings] == []
+    # claimed as what it holds, it is still the file it is
+    as_raw = inspect_image(vhd, "raw", config=config, workdir=work)
+    assert [f.code for f in as_raw.errors] == ["FormatMismatch"]
+
+
 def test_vmdk_create_type_outside_the_allow_list(tmp_path: Path, images: Path, work: Path) -> None:
     config = make_config(tmp_path, safety={"vmdk_allowed_types": ["streamOptimized"]})
     assert inspect_image(factory.vmdk_stream(images), "vmdk", config=config, workdir=work).safe

@@ -185,12 +185,20 @@ def test_a_random_access_format_goes_through_scratch_and_its_conversion_reports_
     assert max(p["percent"] or 0 for p in converting[:-1]) <= 99.0
 
 
-def tar_guest_source(kind: str, directory: Path) -> tuple[Path, str, Path]:
-    """A ``kind`` (``vmdk-stream``, ``vhd-fixed``) of a data disk written by ``tar -cf /dev/sdX`` (a tar at
-    its first sector, 16 MiB); the image, its claim and the disk inside."""
-    raw = raw_disk(directory)
-    packed = directory / "data.tar"
-    subprocess.run(["tar", "-cf", str(packed), "-C", str(directory), raw.name], check=True)
+#: guest disks that are not what a RAW input may be, but what a VMDK's or VHD's guest may hold
+GUESTS = ("tar", "live-iso")
+
+
+def guest_source(kind: str, directory: Path, guest: str = "tar") -> tuple[Path, str, Path]:
+    """A ``kind`` (``vmdk-stream``, ``vhd-fixed``) of a 16 MiB disk whose content (``guest``) is a data disk
+    written by ``tar -cf /dev/sdX`` (a tar at its first sector) or a bootable hybrid ISO written to the disk
+    as to a USB stick (``dd if=live.iso of=/dev/sdX``); the image, its claim and the disk inside."""
+    if guest == "tar":
+        raw = raw_disk(directory)
+        packed = directory / "data.tar"
+        subprocess.run(["tar", "-cf", str(packed), "-C", str(directory), raw.name], check=True)
+    else:
+        packed = imgs.iso_hybrid(directory, "live.iso")
     with open(packed, "r+b") as f:
         f.truncate(16 * MiB)
     image = directory / ("disk.vmdk" if kind == "vmdk-stream" else "disk.vhd")
@@ -199,16 +207,17 @@ def tar_guest_source(kind: str, directory: Path) -> tuple[Path, str, Path]:
     return image, "VMDK" if kind == "vmdk-stream" else "VHD", packed
 
 
+@pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
-def test_a_container_whose_guest_disk_begins_with_a_tar_streams_as_its_conversion_would(
-    kind: str, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
+def test_a_container_whose_guest_disk_is_a_tar_or_a_live_iso_streams_as_its_conversion_would(
+    kind: str, guest: str, cfg: config_mod.Config, moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
-    """Inside a VMDK or VHD a tar at the first sector is a guest's disk, not an archive given as one: the
-    stream's written disk is a conversion's output (the scratch path's conversion does not refuse it
-    either), and a fixed VHD is its footer's, not its first sector's."""
+    """Inside a VMDK or VHD a tar at the first sector or an ISO is a guest's disk, not an archive or an ISO
+    given as a RAW disk: the stream's written disk is a conversion's output (the scratch path's conversion
+    does not refuse it either), and a fixed VHD is its footer's, not its first sector's."""
     src = tmp_path / "src"
     src.mkdir()
-    image, claim, packed = tar_guest_source(kind, src)
+    image, claim, packed = guest_source(kind, src, guest)
     moto.client("s3").upload_file(str(image), bucket, image.name)
     done = run_import(cfg, DiskContainer(format=claim, bucket=bucket, key=image.name), snapshot=True)
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)

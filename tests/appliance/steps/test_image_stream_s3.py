@@ -30,7 +30,7 @@ from appliance.workflow.engine import Engine
 from tests import guestfactory
 from tests import imagefactory as imgs
 from tests import streamfactory as sf
-from tests.appliance.steps.test_image_stream import qemu_format, raw_disk, source_of, tar_guest_source
+from tests.appliance.steps.test_image_stream import GUESTS, guest_source, qemu_format, raw_disk, source_of
 from tests.processes import wait_until
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
@@ -144,13 +144,14 @@ def test_a_sequential_format_streams_into_the_s3_image_target_with_no_scratch_an
     assert left_in(moto, buckets[1]) == ([location["key"]], [])
 
 
+@pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
-def test_a_container_whose_guest_disk_begins_with_a_tar_streams_into_s3_as_its_conversion_would(
-    kind: str, cfg: config_mod.Config, moto: MotoServer, buckets: tuple[str, str], tmp_path: Path
+def test_a_container_whose_guest_disk_is_a_tar_or_a_live_iso_streams_into_s3_as_its_conversion_would(
+    kind: str, guest: str, cfg: config_mod.Config, moto: MotoServer, buckets: tuple[str, str], tmp_path: Path
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    image, claim, packed = tar_guest_source(kind, src)
+    image, claim, packed = guest_source(kind, src, guest)
     moto.client("s3").upload_file(str(image), buckets[0], image.name)
     done = run_import(cfg, DiskContainer(format=claim, bucket=buckets[0], key=image.name), snapshot=True)
     assert done.state is TaskState.COMPLETED, (done.error_code, done.error_message)

@@ -28,7 +28,7 @@ from appliance.service.importtasks import DiskImage
 from appliance.store import Task, TaskState
 from tests import imagefactory as imgs
 from tests import processes
-from tests.appliance.steps.test_image_stream import tar_guest_source
+from tests.appliance.steps.test_image_stream import GUESTS, guest_source
 from tests.euca_upload import presign_manifest_url, upload
 from tests.servers import REGION, MotoServer
 from tests.stallproxy import StallingProxy
@@ -190,12 +190,14 @@ def test_a_sequential_upload_streams_onto_the_volume_with_no_scratch(
     assert (recorded["value"], recorded["chunks"]) == (computed["value"], computed["chunks"])
 
 
+@pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("kind", ["vmdk-stream", "vhd-fixed"])
-def test_a_container_whose_guest_disk_begins_with_a_tar_streams_onto_the_volume(
-    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, kind: str
+def test_a_container_whose_guest_disk_is_a_tar_or_a_live_iso_streams_onto_the_volume(
+    moto: MotoServer, proxy: StallingProxy, bucket: str, tmp_path: Path, kind: str, guest: str
 ) -> None:
-    """The volume holds a guest's disk decoded out of a VMDK or VHD, not an archive given as a disk."""
-    image, fmt, packed = tar_guest_source(kind, tmp_path)
+    """The volume holds a guest's disk decoded out of a VMDK or VHD, not an archive or an ISO given as a
+    disk."""
+    image, fmt, packed = guest_source(kind, tmp_path, guest)
     cfg = config_mod.from_dict(cfg_data(tmp_path, moto, proxy), base_dir=tmp_path)
     service = ImportService(cfg)
     try:
