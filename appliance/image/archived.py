@@ -16,8 +16,8 @@ refused before the rest is decompressed.
 from __future__ import annotations
 
 from ..errors import Finding, ImageRejected
-from .formats import archive_of, zip_first_name
-from .ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
+from .formats import ZIP_EMPTY_MAGIC, archive_of, split_zip, zip_first_name
+from .ovacontainer import FIRST_HEADER_BYTES, JOIN_SPLIT_ZIP, first_member, refuse_compressed_ova
 
 #: the most of an input's first bytes :func:`archive_finding` reads (a tar's first header with a long name's
 #: header before it; a zip's local header and name)
@@ -39,6 +39,13 @@ def archive_finding(head: bytes, compression: str | None = None) -> Finding | No
     wrapped = f"{compression}-compressed " if compression else ""
     if kind == "tar" and name is not None and name.lower().endswith(".ovf"):
         advice = "import it as an OVA (ImportImage Format=ova; imaging convert --from ova)"
+    elif kind == "zip" and head.startswith(ZIP_EMPTY_MAGIC):
+        advice = "it is empty (it holds no file); upload the disk image itself"
+    elif kind == "zip" and split_zip(head):
+        # unzip refuses a segment (and a split archive's last one): the segments are joined first
+        advice = (
+            f"it is the first segment of a split zip: {JOIN_SPLIT_ZIP}, unzip that and import the disk image"
+        )
     else:
         advice = f"unpack it ({_UNPACK[kind]}) and import the disk image it holds"
     return Finding.error(

@@ -204,7 +204,7 @@ def archive_of(head: bytes) -> str | None:
     512) begins such an archive, else None. A tar needs a valid header checksum and its magic, or for a V7
     tar (no magic) a name and the octal fields of a V7 header, so a disk whose first sector merely holds
     ``ustar`` at 257 is not taken for one."""
-    if head.startswith((ZIP_LOCAL_MAGIC, ZIP_EMPTY_MAGIC)) or _split_zip(head):
+    if head.startswith((ZIP_LOCAL_MAGIC, ZIP_EMPTY_MAGIC)) or split_zip(head):
         return "zip"
     for magic, name in _ARCHIVE_MAGICS.items():
         if head.startswith(magic):
@@ -230,7 +230,7 @@ def _v7_tar_header(head: bytes) -> bool:
     return head[0] != 0 and head[TAR_TYPE_OFFSET] in TAR_V7_TYPES and not numbers.strip(b"01234567 \0")
 
 
-def _split_zip(head: bytes) -> bool:
+def split_zip(head: bytes) -> bool:
     """Whether ``head`` begins the first segment of a split zip: its marker, then a local file header."""
     return head.startswith(ZIP_SPLIT_MARKERS) and head[4:8] == ZIP_LOCAL_MAGIC
 
@@ -238,7 +238,7 @@ def _split_zip(head: bytes) -> bool:
 def zip_first_name(head: bytes) -> str | None:
     """The first member's name of the zip ``head`` begins (its local file header's, after a split zip's
     marker), or None when the header does not fit in ``head`` or the zip has no member."""
-    if _split_zip(head):
+    if split_zip(head):
         head = head[4:]
     if not head.startswith(ZIP_LOCAL_MAGIC) or len(head) < ZIP_NAME_OFFSET:
         return None

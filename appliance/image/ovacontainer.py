@@ -24,7 +24,7 @@ from typing import BinaryIO
 from ..config import Limits
 from ..errors import ImageRejected
 from .decompress import decompress, detect_compression
-from .formats import SIGNATURE_BYTES, archive_of, compression_of
+from .formats import SIGNATURE_BYTES, ZIP_EMPTY_MAGIC, archive_of, compression_of, split_zip
 
 _reject = ImageRejected.nothing_imported
 
@@ -47,6 +47,10 @@ class Prefixed:
 
 #: the tool that unwraps each container an OVA may come wrapped in
 _UNWRAP = {"zip": "unzip", "gzip": "gunzip", "xz": "unxz", "bzip2": "bunzip2", "zstd": "unzstd"}
+#: what makes one zip of the segments of a split zip (``zip -s``), whose segments unzip cannot read
+JOIN_SPLIT_ZIP = (
+    "join its segments first (zip -s 0 ARCHIVE.zip --out whole.zip, ARCHIVE.zip its last segment)"
+)
 
 
 def _compressed(kind: str) -> ImageRejected:
@@ -58,8 +62,16 @@ def _compressed(kind: str) -> ImageRejected:
 
 
 def refuse_wrapped(head: bytes) -> None:
-    """``Ova.Compressed`` for an OVA wrapped in a compressed file or a zip (not a tar: DSP0243 §2)."""
-    kind = "zip" if archive_of(head) == "zip" else compression_of(head[:SIGNATURE_BYTES])
+    """``Ova.Compressed`` for an OVA wrapped in a compressed file or a zip (not a tar: DSP0243 §2). An empty
+    zip wraps nothing: it is refused as not a tar, as any other file that is none."""
+    if split_zip(head):
+        raise _reject(
+            "Ova.Compressed",
+            "the file is the first segment of a split zip, and an OVA is an uncompressed tar: "
+            f"{JOIN_SPLIT_ZIP}, unzip that and import the .ova it holds",
+        )
+    zipped = archive_of(head) == "zip" and not head.startswith(ZIP_EMPTY_MAGIC)
+    kind = "zip" if zipped else compression_of(head[:SIGNATURE_BYTES])
     if kind is not None:
         raise _compressed(kind)
 

@@ -150,7 +150,9 @@ def running_disks(task: Task, steps: Sequence[StepRecord]) -> list[dict[str, Any
         if number is not None:
             includes[number] = step
     opened = _opened(steps, includes.get(1))
-    ova = is_ova(task) or bool(opened.get("ova"))
+    # an OVA found by ova.open (no Format, or an after_fetch hook's claim) brings its data disks only as
+    # the only DiskContainer: beside others, import-image does not import them (their names collide)
+    ova = is_ova(task) or (len(containers) == 1 and bool(opened.get("ova")))
     opened = opened if ova else {}
     members = [d.get("name") for d in (opened.get("ova") or {}).get("disks") or []]
     count = 1 + len(opened.get("data_disks") or []) if ova else len(containers)

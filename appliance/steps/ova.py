@@ -86,7 +86,9 @@ class OvaOpenStep(Step):
     when its first bytes are an OVA's (a tar whose first member is a ``.ovf``:
     :func:`appliance.image.ovacontainer.begins_ova`), as a client that names no format expects; without
     it such a file goes on unchanged and inspection refuses it as an archive (an OVA cannot be a data
-    disk or a snapshot). Any other claim passes the file through unchanged (``ova`` is null)."""
+    disk or a snapshot). Any other claim passes the file through unchanged (``ova`` is null). The path
+    and claim are what the ``after_fetch`` hooks handed on: a format a hook names is the claim, and
+    detection looks at the file a hook left unclaimed (one it decompressed, say), not at the download."""
 
     schema = {
         "type": "object",

@@ -290,7 +290,11 @@ def test_dry_run_plan_lists_the_configured_hooks_of_every_point(tmp_path: Path) 
         "1/include/3/hook/1": ("decompress", "hook.decompress"),
         "1/include/7/hook/1": ("formats", "hook.policy"),
         "1/include/11/hook/1": ("util.echo", "util.echo"),
+        # an OVA's data disks: an after_fetch hook may hand the disk on claimed as an OVA
+        "3.loop*/include/4/hook/1": ("formats", "hook.policy"),
+        "3.loop*/include/8/hook/1": ("util.echo", "util.echo"),
     }
+    assert by_idx["3.loop*"]["status"] == "conditional"
     assert by_idx["1/include/7"]["hooks"] == "after_inspect"
     assert by_idx["1/include/7"]["plan"] == {"runs": ["formats"]}
     assert by_idx["1/include/10"]["plan"] == {"runs": []}  # after_convert: nothing configured

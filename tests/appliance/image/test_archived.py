@@ -93,12 +93,15 @@ def test_the_first_segment_of_a_split_zip_and_an_empty_zip_are_refused_as_archiv
     assert first.read_bytes()[:4] == b"PK\x07\x08"
     codes, message = _error_codes(first, "raw", cfg, work)
     assert codes == ["FormatMismatch.Archive"]
-    assert "zip archive (its first member is 'disk.raw')" in message and "(unzip)" in message
+    assert "zip archive (its first member is 'disk.raw')" in message
+    # unzip reads no segment alone (nor the last, split.zip): the message says to join them first
+    assert "first segment of a split zip" in message and "zip -s 0" in message and "(unzip)" not in message
     empty = tmp_path / "empty.zip"
     zipfile.ZipFile(empty, "w").close()  # its end-of-central-directory record alone: 22 bytes
     assert archive_of(empty.read_bytes()) == "zip"
     codes, message = _error_codes(empty, None, cfg, work)
     assert codes == ["FormatMismatch.Archive"] and "a zip archive, not a disk image" in message
+    assert "it is empty" in message and "(unzip)" not in message  # nothing in it to unpack
     # the marker alone does not make a zip: a local file header must follow it
     assert archive_of(b"PK\x07\x08" + bytes(1020)) is None
 

@@ -262,6 +262,31 @@ def test_a_compressed_or_zipped_ova_is_refused_naming_what_to_do(
     assert os.listdir(tmp_path / "work") == []
 
 
+def test_the_first_segment_of_a_split_zip_is_refused_naming_the_join_and_an_empty_zip_is_not_an_ova(
+    tmp_path: Path, cfg: Config
+) -> None:
+    # zip -s writes vm.z01, vm.z02, ... and vm.zip (its last segment); unzip reads none of them alone
+    (tmp_path / "vm.ova").write_bytes(package() + os.urandom(200_000))
+    subprocess.run(
+        ["zip", "-q", "-j", "-s", "64k", str(tmp_path / "vm.zip"), str(tmp_path / "vm.ova")], check=True
+    )
+    with pytest.raises(ImageRejected) as exc:
+        unpack(tmp_path / "vm.z01", tmp_path, cfg)
+    assert exc.value.code == "Ova.Compressed" and "split zip" in exc.value.message
+    assert "zip -s 0" in exc.value.message and "(unzip)" not in exc.value.message
+    # an empty zip (its end-of-central-directory record alone) wraps no OVA: it is just not a tar
+    with pytest.raises(ImageRejected) as exc:
+        unpack(_empty_zip(), tmp_path, cfg)
+    assert exc.value.code == "Ova.NotAnOva"
+    assert os.listdir(tmp_path / "work") == []
+
+
+def _empty_zip() -> bytes:
+    out = io.BytesIO()
+    zipfile.ZipFile(out, "w").close()
+    return out.getvalue()
+
+
 def test_a_compressed_ova_not_claimed_as_one_is_refused_from_its_first_decompressed_block(
     tmp_path: Path, cfg: Config
 ) -> None:

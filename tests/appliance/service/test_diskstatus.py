@@ -150,6 +150,32 @@ def test_several_disk_containers_given_no_format_are_never_opened_as_an_ova(stor
     assert not may_open_ova(_task(store, containers))
 
 
+def test_an_ova_opened_beside_other_disk_containers_leaves_the_disks_those_of_the_request(
+    store: Store,
+) -> None:
+    # only an after_fetch hook's claim can open the boot disk as an OVA here; import-image then imports the
+    # DiskContainers, not the OVA's data disks (they would take the same names)
+    containers = [{"format": "RAW", "url": f"https://h/{n}.raw", "device_name": None} for n in range(2)]
+    task = _task(store, containers)
+    _include(store, "1", "running", containers[0], "")
+    opened = {
+        "ova": {"disks": [{"name": "vm-disk1.vmdk"}, {"name": "vm-disk2.vmdk"}, {"name": "vm-disk3.vmdk"}]},
+        "data_disks": [
+            {"path": f"/s/vm-disk{n}.vmdk", "format": "vmdk", "name": f"vm-disk{n}.vmdk"} for n in (2, 3)
+        ],
+    }
+    store.record_step(
+        TASK, "1/include/4", name="open-ova", action="ova.open", state="completed", result=opened
+    )
+    store.record_step(TASK, "1/include/5", name="inspect", action="image.inspect", state="running")
+    disks = running_disks(task, store.step_results(TASK))
+    assert [(d["index"], d["container"], d["state"], d["ova_disk"]) for d in disks] == [
+        (1, 1, "active", None),
+        (2, 2, "pending", None),
+    ]
+    assert not from_ova(task, disks)
+
+
 def test_a_failed_disk_is_deleting_and_the_disks_after_it_stay_pending(store: Store) -> None:
     containers = [{"format": "RAW", "url": f"https://h/{n}.raw", "device_name": None} for n in range(3)]
     task = _task(store, containers)

@@ -1,4 +1,5 @@
-"""Dry run: the plan of a workflow, with no side effects at all."""
+"""Dry run: the plan of a workflow, with no side effects at all; the shipped import-image's plan lists an
+OVA's data disks as run, conditional or skipped as the request decides."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from appliance import config as config_mod
 from appliance.errors import UsageError
-from appliance.workflow import Engine
+from appliance.workflow import Engine, Registry
 
-from .support import make_config, make_registry, write_workflow
+from .support import config_dict, make_config, make_registry, write_workflow
 
 MiB = 1024 * 1024
 
@@ -130,3 +132,25 @@ def test_plan_reports_a_missing_source_without_failing(planned: tuple[Engine, Pa
     fetch = next(s for s in plan["steps"] if s["name"] == "fetch")
     assert fetch["plan"]["src_exists"] is False and fetch["scratch_bytes"] is None
     assert not os.path.exists(tmp / "scratch")
+
+
+@pytest.mark.parametrize(
+    ("formats", "after_fetch", "status"),
+    [
+        (["qcow2"], [], "skip"),
+        (["", ""], [], "skip"),  # several DiskContainers: never an OVA's data disks
+        (["OVA"], [], "run"),
+        ([""], [], "conditional"),  # opened as an OVA when it is one
+        (["qcow2"], [{"hook": "decompress"}], "conditional"),  # a hook may hand on a claim of its own
+    ],
+    ids=["qcow2", "two-given-no-format", "ova", "one-given-no-format", "qcow2-after-a-hook"],
+)
+def test_a_plan_of_import_image_runs_an_ovas_data_disks_only_where_an_ova_may_be(
+    formats: list[str], after_fetch: list[dict[str, str]], status: str, tmp_path: Path
+) -> None:
+    data = config_dict(tmp_path) | {"hooks": {"points": {"after_fetch": after_fetch}}}
+    engine = Engine(config_mod.from_dict(data, base_dir=tmp_path), registry=Registry())
+    containers = [{"format": f, "url": f"https://example.com/d{n}"} for n, f in enumerate(formats)]
+    plan = engine.plan("import-image", {"disk_containers": containers})
+    [ova_disks] = [s for s in plan["steps"] if s["name"] == "import-ova-data-disks"]
+    assert ova_disks["status"] == status, ova_disks["reason"]
