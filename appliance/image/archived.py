@@ -46,6 +46,9 @@ def archive_finding(head: bytes, compression: str | None = None) -> Finding | No
         advice = (
             f"it is the first segment of a split zip: {JOIN_SPLIT_ZIP}, unzip that and import the disk image"
         )
+    elif name is not None and name.lower().endswith(".ova"):
+        # an OVA zipped (or tarred) for the download: the OVA inside is what imports
+        advice = f"unpack it ({_UNPACK[kind]}) and import the OVA it holds (ImportImage Format=ova)"
     else:
         advice = f"unpack it ({_UNPACK[kind]}) and import the disk image it holds"
     return Finding.error(

@@ -84,6 +84,21 @@ def test_a_disk_in_a_zip_is_refused_as_an_archive(
         assert "zip archive (its first member is 'disk.raw')" in message and "(unzip)" in message
 
 
+@pytest.mark.parametrize("pack", ["zip", "tar"])
+def test_an_ova_in_a_zip_or_a_tar_is_told_to_be_imported_as_the_ova_inside(
+    pack: str, disk: Path, tmp_path: Path, cfg: Config, work: Path
+) -> None:
+    ova = _tar(disk, tmp_path / "vm.ova", "-c", "--format=ustar")  # (what is inside is not read)
+    packed = tmp_path / f"vm.{pack}"
+    if pack == "zip":
+        subprocess.run(["zip", "-q", "-j", str(packed), str(ova)], check=True)
+    else:
+        subprocess.run(["tar", "-cf", str(packed), "-C", str(tmp_path), ova.name], check=True)
+    codes, message = _error_codes(packed, None, cfg, work)
+    assert codes == ["FormatMismatch.Archive"]
+    assert "first member is 'vm.ova'" in message and "import the OVA it holds" in message, message
+
+
 def test_the_first_segment_of_a_split_zip_and_an_empty_zip_are_refused_as_archives(
     disk: Path, tmp_path: Path, cfg: Config, work: Path
 ) -> None:
