@@ -108,7 +108,7 @@ def content_stage(
         result.details["partition_table"] = bootsector.classify(view.head[: bootsector.SECTOR]).table
     if fmt in ("raw", "iso"):
         # a fixed VHD is its guest's disk and a footer: the guest's disk may be an ISO (a live image written
-        # to the disk), which the ISO policy judges as the guest's content once decoded, as a conversion's
+        # to the disk), which the ISO policy judges once decoded, as it judges a conversion's output
         footer = _read_vhd_footer(view.footer, view.size)
         if footer is not None and footer["problem"] is None:
             fmt = "vhd"
