@@ -24,7 +24,7 @@ from appliance.errors import ImageRejected
 from appliance.image.inspect import inspect_image
 from appliance.image.ova import OvaPackage, manifest, unpack_ova
 from appliance.image.ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
-from appliance.image.ovf import OvfDisk, envelope
+from appliance.image.ovfenvelope import OvfDisk, envelope
 from tests import ovaproducers as producers
 from tests.appliance.image.test_ova import build, member, package, raw_disk, rejected
 
