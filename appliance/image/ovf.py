@@ -7,9 +7,14 @@ CPU, memory and wall-clock limits, no network, no files) that prints the facts a
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
 section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
 names first), firmware, OS type, CPUs and memory (its
-``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). Both envelope namespaces
-(``…/envelope/1`` and ``…/envelope/2``) are read; elements and attributes of other namespaces (``vmw:``,
-``vbox:``) are ignored, unless such an element is a required extension this reader does not understand
+``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). The envelope namespaces
+of OVF 1.x and 2.x (``…/envelope/1``, ``…/envelope/2``) and of OVF 0.9
+(``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware
+tools) are read, with the same checks and limits; a section is found by its name or as a generic
+``Section``/``Content`` whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it
+anywhere), an item's ``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other
+namespaces (``vmw:``, ``vbox:``) are ignored, unless such an element is a required extension this reader
+does not understand, as is a required generic section of a type OVF does not define
 (``Ova.UnsupportedSection``: :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed
 other than with gzip is ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
 """
@@ -30,7 +35,7 @@ from defusedxml.ElementTree import fromstring
 from ..config import Limits
 from ..errors import Finding, ImageRejected
 from .confinedparse import run_parser
-from .ovfrequired import check_required
+from .ovfrequired import OVF09_NS, check_required, section_name
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
@@ -128,13 +133,7 @@ def parse(data: bytes) -> OvfInfo:
         raise _bad(f"it declares a DTD or entities ({type(exc).__name__}), which are refused") from None
     except ET.ParseError as exc:
         raise _bad(f"malformed XML ({exc})") from None
-    ns = (
-        OVF_NS
-        if root.tag == _q(OVF_NS, "Envelope")
-        else OVF2_NS
-        if root.tag == _q(OVF2_NS, "Envelope")
-        else None
-    )
+    ns = next((uri for uri in (OVF_NS, OVF2_NS, OVF09_NS) if root.tag == _q(uri, "Envelope")), None)
     if ns is None:
         raise _bad(f"the root element is {root.tag[:80]!r}, not an OVF Envelope")
     check_required(root, ns, data)
@@ -163,7 +162,7 @@ def parse(data: bytes) -> OvfInfo:
             "gzip": comp == "gzip",
         }
     disks: dict[str, dict[str, Any]] = {}
-    for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
+    for d in (d for s in _sections(root, ns, "DiskSection") for d in s.findall(f"{{{ns}}}Disk")):
         did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
         if not did or not _ID.match(did):
             raise _bad("a Disk without a valid diskId")
@@ -182,13 +181,13 @@ def parse(data: bytes) -> OvfInfo:
         raise _bad(f"{len(disks)} disks (at most {MAX_DISKS})")
     order: list[str] = []
     instances: dict[str, str | None] = {}  # disk items' InstanceID → the disk they hold
-    vs = root.find(f"{{{ns}}}VirtualSystem")
+    vs = next(iter(_sections(root, ns, "VirtualSystem")), None)
     if vs is None:
         raise _bad("it has no VirtualSystem (collections of several VMs are not imported)")
-    oss = vs.find(f"{{{ns}}}OperatingSystemSection")
+    oss = next(iter(_sections(vs, ns, "OperatingSystemSection")), None)
     if oss is not None:
         info.os_type = _attr(oss, "osType", VMW_NS) or _attr(oss, "id", ns)
-    hw = vs.find(f"{{{ns}}}VirtualHardwareSection")
+    hw = next(iter(_sections(vs, ns, "VirtualHardwareSection")), None)
     if hw is not None:
         for item in hw.findall(f"{{{ns}}}Item"):
             kind = (item.findtext(_q(RASD_NS, "ResourceType")) or "").strip()
@@ -200,7 +199,9 @@ def parse(data: bytes) -> OvfInfo:
                 info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
             elif kind == "17":
                 did = _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
-                instances[(item.findtext(_q(RASD_NS, "InstanceID")) or "").strip()] = did
+                # OVF 0.9 spells it InstanceId
+                iid = item.findtext(_q(RASD_NS, "InstanceID")) or item.findtext(_q(RASD_NS, "InstanceId"))
+                instances[(iid or "").strip()] = did
         # OVF 2.x puts disks in StorageItem elements of the CIM storage namespace (VirtualBox 2.0 export)
         for sasd in (SASD_NS, SASD_NS + ".xsd"):
             for item in hw.findall(f"{{{ns}}}StorageItem"):
@@ -220,6 +221,12 @@ def parse(data: bytes) -> OvfInfo:
     order += [d for d in disks if d not in order]
     info.disks = [disks[d] for d in order]
     return info
+
+
+def _sections(parent: ET.Element, ns: str, name: str) -> list[ET.Element]:
+    """The children of ``parent`` that are the section ``name``, named (``<DiskSection>``) or generic
+    (``<Section xsi:type="ovf:DiskSection_Type">``, OVF 0.9's form, which 1.x also allows)."""
+    return [el for el in parent if section_name(el, ns) == name]
 
 
 def _disk_item(resource: str | None, disks: dict[str, dict[str, Any]], order: list[str]) -> str | None:
