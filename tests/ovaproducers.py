@@ -16,11 +16,12 @@ producer puts in an OVA; the disks are streamOptimized VMDKs made by the real ``
   ovftool's ``SHA1 (name) = hex``; a USTAR tar (owner ``someone``, uid 64, as ovftool's OVAs list
   **[inferred]**), members ``.ovf``, ``.mf``, disks, NVRAM;
 * :func:`virtualbox` — VirtualBox's ``Appliance::i_writeFSOVA`` (ApplianceImplExport.cpp): OVF 1.0 or 2.0
-  (then disks are ``StorageItem`` in the ``…CIM_StorageAllocationSettingData.xsd`` namespace), memory in
+  (then disks are ``StorageItem`` in the ``…CIM_StorageAllocationSettingData.xsd`` namespace), or the legacy
+  OVF 0.9 (:func:`virtualbox09_ovf`: generic ``Section``/``Content`` elements with an ``xsi:type``), memory in
   ``MegaBytes``, ``File`` without a size, capacity in bytes, ``vbox:OSType`` and a ``vbox:Machine``
-  section; a USTAR tar owned by ``vboxovf10``/``vboxovf20`` (uid 7), mode 0640, members ``.ovf``, the
-  disks, then the ``.mf`` last (``RTManifestWriteStandard``: ``SHA256 (name) = hex``, SHA1 for OVF 1.0),
-  optionally with CRLF line ends (a manifest that passed through Windows).
+  section; a USTAR tar owned by ``vboxovf09``/``vboxovf10``/``vboxovf20`` (uid 7), mode 0640, members
+  ``.ovf``, the disks, then the ``.mf`` last (``RTManifestWriteStandard``: ``SHA256 (name) = hex``, SHA1
+  for OVF 0.9 and 1.0), optionally with CRLF line ends (a manifest that passed through Windows).
 """
 
 from __future__ import annotations
@@ -379,6 +380,8 @@ def ovftool(
 
 def virtualbox_ovf(disks: list[Path], name: str, version: str = "2.0") -> bytes:
     """What VirtualBox's ``Appliance::i_buildXML`` writes for a VM with ``disks`` on its SATA controller."""
+    if version == "0.9":
+        return virtualbox09_ovf(disks, name)
     ns = "http://schemas.dmtf.org/ovf/envelope/" + version[0]
     extra = (
         ' xmlns:epasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_EthernetPortAllocationSettingData.xsd"'
@@ -482,6 +485,119 @@ name="{name}" OSType="Debian_64">
 """.encode()
 
 
+def virtualbox09_ovf(disks: list[Path], name: str) -> bytes:
+    """What ``Appliance::i_buildXML`` writes in its legacy "OVF 0.9" mode (``OVFVersion_0_9``) for a VM with
+    two CPUs, 2048 MB, ``disks`` on its SATA controller, product details, a description and a licence: the
+    0.9 envelope namespace, every section a generic ``Section`` (the virtual system a ``Content``) with an
+    ``xsi:type``, ``InstanceId`` with a lower-case d, ``BusNumber`` in controller items and no
+    ``ElementName`` in items, ``vmx-6`` hardware, the ``#sparse`` format URI for what is a streamOptimized
+    VMDK. Its ``ProductSection_Type`` carries no ``ovf:required``: the code's comment shows one, its code
+    sets only the type."""
+    ns = "http://www.vmware.com/schema/ovf/1/envelope"
+    files = "".join(
+        f'    <File ovf:id="file{i}" ovf:href="{name}-disk{i:03d}.vmdk"/>\n' for i in range(1, len(disks) + 1)
+    )
+    section = "".join(
+        f'    <Disk ovf:capacity="{virtual_size(d)}" ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" '
+        'ovf:format="http://www.vmware.com/specifications/vmdk.html#sparse" '
+        f'vbox:uuid="00000000-0000-4000-8000-00000000000{i}"/>\n'
+        for i, d in enumerate(disks, 1)
+    )
+    items = "".join(
+        f"""      <Item>
+        <rasd:AddressOnParent>{i - 1}</rasd:AddressOnParent>
+        <rasd:Caption>disk{i}</rasd:Caption>
+        <rasd:Description>Disk Image</rasd:Description>
+        <rasd:HostResource>/disk/vmdisk{i}</rasd:HostResource>
+        <rasd:InstanceId>{3 + i}</rasd:InstanceId>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+"""
+        for i in range(1, len(disks) + 1)
+    )
+    return f"""<?xml version="1.0"?>
+<Envelope ovf:version="0.9" xml:lang="en-US" xmlns="{ns}" xmlns:ovf="{ns}" \
+xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" \
+xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:vbox="http://www.virtualbox.org/ovf/machine">
+  <References>
+{files}  </References>
+  <Section xsi:type="ovf:DiskSection_Type">
+    <Info>List of the virtual disks used in the package</Info>
+{section}  </Section>
+  <Section xsi:type="ovf:NetworkSection_Type">
+    <Info>Logical networks used in the package</Info>
+    <Network ovf:name="NAT">
+      <Description>Logical network used by this appliance.</Description>
+    </Network>
+  </Section>
+  <Content xsi:type="ovf:VirtualSystem_Type" ovf:id="{name}">
+    <Info>A virtual machine</Info>
+    <Section xsi:type="ovf:ProductSection_Type">
+      <Info>Meta-information about the installed software</Info>
+      <Product>Build box</Product>
+      <Vendor>Example</Vendor>
+      <Version>1.0</Version>
+    </Section>
+    <Section xsi:type="ovf:AnnotationSection_Type">
+      <Info>A human-readable annotation</Info>
+      <Annotation>Exported from VirtualBox</Annotation>
+    </Section>
+    <Section xsi:type="ovf:EulaSection_Type">
+      <Info>License agreement for the virtual system</Info>
+      <License>Use it as you like.</License>
+    </Section>
+    <Section xsi:type="ovf:OperatingSystemSection_Type" ovf:id="96">
+      <Info>The kind of installed guest operating system</Info>
+      <Description>Debian_64</Description>
+      <vbox:OSType ovf:required="false">Debian_64</vbox:OSType>
+    </Section>
+    <Section xsi:type="ovf:VirtualHardwareSection_Type">
+      <Info>Virtual hardware requirements for a virtual machine</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceId>0</vssd:InstanceId>
+        <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-6</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:Caption>2 virtual CPU</rasd:Caption>
+        <rasd:Description>Number of virtual CPUs</rasd:Description>
+        <rasd:InstanceId>1</rasd:InstanceId>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>
+        <rasd:Caption>2048 MB of memory</rasd:Caption>
+        <rasd:Description>Memory Size</rasd:Description>
+        <rasd:InstanceId>2</rasd:InstanceId>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>2048</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:BusNumber>0</rasd:BusNumber>
+        <rasd:Caption>sataController0</rasd:Caption>
+        <rasd:Description>SATA Controller</rasd:Description>
+        <rasd:InstanceId>3</rasd:InstanceId>
+        <rasd:ResourceSubType>AHCI</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType>
+      </Item>
+{items}    </Section>
+    <vbox:Machine ovf:required="false" version="1.19-linux" uuid="{{00000000-0000-4000-8000-0000000000aa}}" \
+name="{name}" OSType="Debian_64">
+      <ovf:Info>Complete VirtualBox machine configuration in VirtualBox format</ovf:Info>
+      <Hardware>
+        <Memory RAMSize="2048"/>
+      </Hardware>
+    </vbox:Machine>
+  </Content>
+</Envelope>
+""".encode()
+
+
 def virtualbox(out: Path, disks: list[Path], *, version: str = "2.0", crlf: bool = False) -> Path:
     """The OVA VirtualBox's "Export Appliance" writes (module docstring)."""
     name = out.stem
@@ -503,6 +619,9 @@ EXTENSION_PLACES = {
     "Envelope": b"<VirtualSystem ",
     "VirtualSystem": b"</VirtualSystem>",
     "VirtualHardwareSection": b"</VirtualHardwareSection>",
+    # OVF 0.9 (VirtualBox's legacy export): the virtual system is a generic Content element
+    "Content": b"</Content>",
+    "Envelope 0.9": b"<Content ",
 }
 
 

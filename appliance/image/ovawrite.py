@@ -21,7 +21,8 @@ from typing import BinaryIO
 
 from ..errors import Cancelled
 from .ova import flat_name, manifest
-from .ovf import MAX_DISKS, OvfDisk, envelope
+from .ovf import MAX_DISKS
+from .ovfenvelope import OvfDisk, envelope
 from .vmdkwriter import ByteSink
 
 

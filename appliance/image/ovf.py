@@ -1,14 +1,5 @@
-"""OVF descriptors: writing the envelope of an exported OVA, and reading an untrusted one in a confined child.
-
-Writing (:func:`envelope`): the OVF 1.x namespace (``…/envelope/1``, the one every reader knows), in the
-element order VMware's ``ova-compose`` writes (``ova-ovf.md`` §4.4, §7): ``References`` (one ``File`` per
-disk with ``href``, ``id``, ``size``), ``DiskSection`` (``capacity`` in bytes, ``populatedSize``, the
-streamOptimized format URI), ``NetworkSection``, and one ``VirtualSystem`` with an
-``OperatingSystemSection`` and a ``VirtualHardwareSection``: CPUs (3), memory (4, MiB), a SCSI
-controller (6, ``lsilogic``) per 15 disks, a disk item (17) per disk (units 0-6, 8-15: :func:`scsi_slot`),
-one NIC (10), and ``vmw:Config firmware``
-(``efi`` when the guest validated as UEFI, else ``bios``). The ``rasd:`` children of each item are sorted
-by tag, as the CIM schema's sequence requires.
+"""OVF descriptors: reading an untrusted one in a confined child (writing one is
+:mod:`appliance.image.ovfenvelope`'s).
 
 Reading (:func:`parse`): defusedxml with DTDs, entities and external references forbidden, a size cap
 (:data:`MAX_OVF_BYTES`), run in a confined Python child (:func:`parse_confined`, the guest probe's policy:
@@ -16,9 +7,14 @@ CPU, memory and wall-clock limits, no network, no files) that prints the facts a
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
 section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
 names first), firmware, OS type, CPUs and memory (its
-``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). Both envelope namespaces
-(``…/envelope/1`` and ``…/envelope/2``) are read; elements and attributes of other namespaces (``vmw:``,
-``vbox:``) are ignored, unless such an element is a required extension this reader does not understand
+``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). The envelope namespaces
+of OVF 1.x and 2.x (``…/envelope/1``, ``…/envelope/2``) and of OVF 0.9
+(``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware
+tools) are read, with the same checks and limits; a section is found by its name or as a generic
+``Section``/``Content`` whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it
+anywhere), an item's ``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other
+namespaces (``vmw:``, ``vbox:``) are ignored, unless such an element is a required extension this reader
+does not understand, as is a required generic section of a type OVF does not define
 (``Ova.UnsupportedSection``: :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed
 other than with gzip is ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
 """
@@ -39,7 +35,7 @@ from defusedxml.ElementTree import fromstring
 from ..config import Limits
 from ..errors import Finding, ImageRejected
 from .confinedparse import run_parser
-from .ovfrequired import check_required
+from .ovfrequired import OVF09_NS, check_required, section_name
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
@@ -48,28 +44,16 @@ VSSD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSe
 VMW_NS = "http://www.vmware.com/schema/ovf"
 XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
 CIM_NS = "http://schemas.dmtf.org/wbem/wscim/1/common"
-STREAM_OPTIMIZED = "http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"
 #: the largest descriptor read (a real one is a few KiB)
 MAX_OVF_BYTES = 1 << 20
 #: the most disks one OVA may hold (AWS: 21 volumes per instance)
 MAX_DISKS = 21
-#: CIM OSType ids by the appliance's platform names (``ova-ovf.md`` §4.2)
-OS_TYPES = {"linux": (101, "other4xLinux64Guest"), "windows": (112, "windows8Server64Guest")}
 #: the CIM storage-allocation namespace of OVF 2.x ``StorageItem`` disks; VirtualBox writes it with ``.xsd``
 SASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+))?\s*$")
 #: the unit names VirtualBox writes for memory (``MegaBytes``) and their kin
 _NAMED_UNITS = {"bytes": 0, "kilobytes": 10, "megabytes": 20, "gigabytes": 30, "kb": 10, "mb": 20, "gb": 30}
-
-for _prefix, _uri in (
-    ("ovf", OVF_NS),
-    ("rasd", RASD_NS),
-    ("vssd", VSSD_NS),
-    ("vmw", VMW_NS),
-    ("xsi", XSI_NS),
-):
-    ET.register_namespace(_prefix, _uri)
 
 
 def _bad(message: str) -> ImageRejected:
@@ -86,166 +70,6 @@ def _unsupported(message: str) -> ImageRejected:
     return ImageRejected(
         [Finding.error("Ova.Unsupported", f"the OVA uses what is not imported: {message}; nothing imported")]
     )
-
-
-# ------------------------------------------------------------------------------------------- writing
-
-
-@dataclass(frozen=True)
-class OvfDisk:
-    """One disk of an exported OVA: its member name, size in the package, capacity and data bytes."""
-
-    href: str
-    size: int
-    capacity: int
-    populated: int = 0
-
-
-def _q(ns: str, tag: str) -> str:
-    return f"{{{ns}}}{tag}"
-
-
-def _item(parent: ET.Element, fields: dict[str, str]) -> None:
-    item = ET.SubElement(parent, _q(OVF_NS, "Item"))
-    for tag in sorted(fields):
-        ET.SubElement(item, _q(RASD_NS, tag)).text = fields[tag]
-
-
-#: disks per SCSI controller: its 16 targets but 7, the controller's own
-DISKS_PER_SCSI = 15
-
-
-def scsi_slot(index: int) -> tuple[int, int]:
-    """``(controller, unit)`` of the disk at ``index`` (0: the boot disk): 15 disks per controller on units
-    0-6 and 8-15 (VMware reserves unit 7 of a SCSI bus for the controller and refuses a disk there)."""
-    controller, unit = divmod(index, DISKS_PER_SCSI)
-    return controller, unit if unit < 7 else unit + 1
-
-
-def envelope(
-    name: str,
-    disks: list[OvfDisk],
-    *,
-    cpus: int = 1,
-    memory_mib: int = 1024,
-    firmware: str = "bios",
-    platform: str = "linux",
-    hw_version: str = "vmx-10",
-) -> bytes:
-    """The OVF descriptor of a VM ``name`` with ``disks`` (the first is the boot disk)."""
-    if not disks:
-        raise ValueError("an OVA needs at least one disk")
-    if firmware not in ("bios", "efi"):
-        raise ValueError(f"firmware {firmware!r}: bios or efi")
-    env = ET.Element(_q(OVF_NS, "Envelope"))
-    refs = ET.SubElement(env, _q(OVF_NS, "References"))
-    section = ET.SubElement(env, _q(OVF_NS, "DiskSection"))
-    ET.SubElement(section, _q(OVF_NS, "Info")).text = "Virtual disk information"
-    for i, d in enumerate(disks, 1):
-        ET.SubElement(
-            refs,
-            _q(OVF_NS, "File"),
-            {_q(OVF_NS, "href"): d.href, _q(OVF_NS, "id"): f"file{i}", _q(OVF_NS, "size"): str(d.size)},
-        )
-        ET.SubElement(
-            section,
-            _q(OVF_NS, "Disk"),
-            {
-                _q(OVF_NS, "capacity"): str(d.capacity),
-                _q(OVF_NS, "capacityAllocationUnits"): "byte",
-                _q(OVF_NS, "diskId"): f"vmdisk{i}",
-                _q(OVF_NS, "fileRef"): f"file{i}",
-                _q(OVF_NS, "format"): STREAM_OPTIMIZED,
-                _q(OVF_NS, "populatedSize"): str(d.populated),
-            },
-        )
-    nets = ET.SubElement(env, _q(OVF_NS, "NetworkSection"))
-    ET.SubElement(nets, _q(OVF_NS, "Info")).text = "The list of logical networks"
-    net = ET.SubElement(nets, _q(OVF_NS, "Network"), {_q(OVF_NS, "name"): "VM Network"})
-    ET.SubElement(net, _q(OVF_NS, "Description")).text = "The VM Network network"
-    vs = ET.SubElement(env, _q(OVF_NS, "VirtualSystem"), {_q(OVF_NS, "id"): name})
-    ET.SubElement(vs, _q(OVF_NS, "Info")).text = "A virtual machine"
-    ET.SubElement(vs, _q(OVF_NS, "Name")).text = name
-    os_id, vmw_type = OS_TYPES.get(platform, OS_TYPES["linux"])
-    oss = ET.SubElement(
-        vs,
-        _q(OVF_NS, "OperatingSystemSection"),
-        {_q(OVF_NS, "id"): str(os_id), _q(VMW_NS, "osType"): vmw_type},
-    )
-    ET.SubElement(oss, _q(OVF_NS, "Info")).text = "The kind of installed guest operating system"
-    hw = ET.SubElement(vs, _q(OVF_NS, "VirtualHardwareSection"))
-    ET.SubElement(hw, _q(OVF_NS, "Info")).text = "Virtual hardware requirements"
-    system = ET.SubElement(hw, _q(OVF_NS, "System"))
-    for tag, text in (
-        ("ElementName", "Virtual Hardware Family"),
-        ("InstanceID", "0"),
-        ("VirtualSystemIdentifier", name),
-        ("VirtualSystemType", hw_version),
-    ):
-        ET.SubElement(system, _q(VSSD_NS, tag)).text = text
-    _item(
-        hw,
-        {
-            "AllocationUnits": "hertz * 10^6",
-            "ElementName": f"{cpus} virtual CPU(s)",
-            "InstanceID": "1",
-            "ResourceType": "3",
-            "VirtualQuantity": str(cpus),
-        },
-    )
-    _item(
-        hw,
-        {
-            "AllocationUnits": "byte * 2^20",
-            "ElementName": f"{memory_mib}MB of memory",
-            "InstanceID": "2",
-            "ResourceType": "4",
-            "VirtualQuantity": str(memory_mib),
-        },
-    )
-    slots = [scsi_slot(j) for j in range(len(disks))]
-    controllers = slots[-1][0] + 1
-    for c in range(controllers):
-        _item(
-            hw,
-            {
-                "Address": str(c),
-                "ElementName": f"SCSI Controller {c}",
-                "InstanceID": str(3 + c),
-                "ResourceSubType": "lsilogic",
-                "ResourceType": "6",
-            },
-        )
-    for i, (c, unit) in enumerate(slots, 1):
-        _item(
-            hw,
-            {
-                "AddressOnParent": str(unit),
-                "ElementName": f"Hard Disk {i}",
-                "HostResource": f"ovf:/disk/vmdisk{i}",
-                "InstanceID": str(2 + controllers + i),
-                "Parent": str(3 + c),
-                "ResourceType": "17",
-            },
-        )
-    _item(
-        hw,
-        {
-            "AutomaticAllocation": "true",
-            "Connection": "VM Network",
-            "ElementName": "Network adapter 1",
-            "InstanceID": str(3 + controllers + len(disks)),
-            "ResourceSubType": "VmxNet3",
-            "ResourceType": "10",
-        },
-    )
-    ET.SubElement(
-        hw,
-        _q(VMW_NS, "Config"),
-        {_q(OVF_NS, "required"): "false", _q(VMW_NS, "key"): "firmware", _q(VMW_NS, "value"): firmware},
-    )
-    ET.indent(env)
-    return ET.tostring(env, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -266,6 +90,10 @@ class OvfInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _q(ns: str, tag: str) -> str:
+    return f"{{{ns}}}{tag}"
 
 
 def _attr(el: ET.Element, name: str, ns: str) -> str | None:
@@ -305,13 +133,7 @@ def parse(data: bytes) -> OvfInfo:
         raise _bad(f"it declares a DTD or entities ({type(exc).__name__}), which are refused") from None
     except ET.ParseError as exc:
         raise _bad(f"malformed XML ({exc})") from None
-    ns = (
-        OVF_NS
-        if root.tag == _q(OVF_NS, "Envelope")
-        else OVF2_NS
-        if root.tag == _q(OVF2_NS, "Envelope")
-        else None
-    )
+    ns = next((uri for uri in (OVF_NS, OVF2_NS, OVF09_NS) if root.tag == _q(uri, "Envelope")), None)
     if ns is None:
         raise _bad(f"the root element is {root.tag[:80]!r}, not an OVF Envelope")
     check_required(root, ns, data)
@@ -340,7 +162,7 @@ def parse(data: bytes) -> OvfInfo:
             "gzip": comp == "gzip",
         }
     disks: dict[str, dict[str, Any]] = {}
-    for d in root.findall(f"{{{ns}}}DiskSection/{{{ns}}}Disk"):
+    for d in (d for s in _sections(root, ns, "DiskSection") for d in s.findall(f"{{{ns}}}Disk")):
         did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
         if not did or not _ID.match(did):
             raise _bad("a Disk without a valid diskId")
@@ -359,13 +181,13 @@ def parse(data: bytes) -> OvfInfo:
         raise _bad(f"{len(disks)} disks (at most {MAX_DISKS})")
     order: list[str] = []
     instances: dict[str, str | None] = {}  # disk items' InstanceID → the disk they hold
-    vs = root.find(f"{{{ns}}}VirtualSystem")
+    vs = next(iter(_sections(root, ns, "VirtualSystem")), None)
     if vs is None:
         raise _bad("it has no VirtualSystem (collections of several VMs are not imported)")
-    oss = vs.find(f"{{{ns}}}OperatingSystemSection")
+    oss = next(iter(_sections(vs, ns, "OperatingSystemSection")), None)
     if oss is not None:
         info.os_type = _attr(oss, "osType", VMW_NS) or _attr(oss, "id", ns)
-    hw = vs.find(f"{{{ns}}}VirtualHardwareSection")
+    hw = next(iter(_sections(vs, ns, "VirtualHardwareSection")), None)
     if hw is not None:
         for item in hw.findall(f"{{{ns}}}Item"):
             kind = (item.findtext(_q(RASD_NS, "ResourceType")) or "").strip()
@@ -377,7 +199,9 @@ def parse(data: bytes) -> OvfInfo:
                 info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
             elif kind == "17":
                 did = _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
-                instances[(item.findtext(_q(RASD_NS, "InstanceID")) or "").strip()] = did
+                # OVF 0.9 spells it InstanceId
+                iid = item.findtext(_q(RASD_NS, "InstanceID")) or item.findtext(_q(RASD_NS, "InstanceId"))
+                instances[(iid or "").strip()] = did
         # OVF 2.x puts disks in StorageItem elements of the CIM storage namespace (VirtualBox 2.0 export)
         for sasd in (SASD_NS, SASD_NS + ".xsd"):
             for item in hw.findall(f"{{{ns}}}StorageItem"):
@@ -397,6 +221,12 @@ def parse(data: bytes) -> OvfInfo:
     order += [d for d in disks if d not in order]
     info.disks = [disks[d] for d in order]
     return info
+
+
+def _sections(parent: ET.Element, ns: str, name: str) -> list[ET.Element]:
+    """The children of ``parent`` that are the section ``name``, named (``<DiskSection>``) or generic
+    (``<Section xsi:type="ovf:DiskSection_Type">``, OVF 0.9's form, which 1.x also allows)."""
+    return [el for el in parent if section_name(el, ns) == name]
 
 
 def _disk_item(resource: str | None, disks: dict[str, dict[str, Any]], order: list[str]) -> str | None:

@@ -8,9 +8,18 @@ than deploy something other than what the producer described. :func:`check_requi
 the children of ``Envelope``, ``VirtualSystem``, ``VirtualSystemCollection`` and ``VirtualHardwareSection``;
 it runs in the confined parser child with the rest of :func:`appliance.image.ovf.parse`.
 
+A section may also be written in the generic form the OVF schema allows wherever a section may be, and
+that OVF 0.9 (VirtualBox's legacy export, old VMware tools) uses throughout:
+``<Section xsi:type="ovf:DiskSection_Type">``, a virtual system as
+``<Content xsi:type="ovf:VirtualSystem_Type">``. :func:`section_name` says which section such an element
+is (``DiskSection``), so the reader and this rule treat it as the named form; a generic section of a type
+the specification does not define (:data:`OVF_SECTIONS`), or with no type, is an extension like any
+other: refused when required, skipped when ``ovf:required="false"``.
+
 What counts as understood:
 
-* every element of the OVF namespace (``…/envelope/1`` and ``…/envelope/2``): the importer reads
+* every element of the OVF namespace (``…/envelope/1``, ``…/envelope/2`` and 0.9's
+  ``http://www.vmware.com/schema/ovf/1/envelope``) but a generic section of another type: the importer reads
   ``References``, ``DiskSection``, ``VirtualSystem``, ``OperatingSystemSection`` and
   ``VirtualHardwareSection``, and may safely ignore the other sections the specification defines, because
   they describe how to deploy and run the VM, not what its disks hold, and an image import deploys nothing:
@@ -47,8 +56,38 @@ import xml.etree.ElementTree as ET
 
 from ..errors import ImageRejected
 
-#: what every OVF envelope namespace starts with (``…/envelope/1`` and ``…/envelope/2``)
+#: what every DMTF OVF envelope namespace starts with (``…/envelope/1`` and ``…/envelope/2``)
 OVF_NAMESPACE_PREFIX = "http://schemas.dmtf.org/ovf/envelope/"
+#: the envelope namespace of OVF 0.9 (VMware's draft, still written by VirtualBox's legacy export)
+OVF09_NS = "http://www.vmware.com/schema/ovf/1/envelope"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+#: the sections OVF 0.9, 1.x and 2.x define (the names of their ``…_Type``), understood in the generic form
+OVF_SECTIONS = frozenset(
+    {
+        "AnnotationSection",
+        "BootDeviceSection",
+        "DeploymentOptionSection",
+        "DiskSection",
+        "EncryptionSection",
+        "EnvironmentFilesSection",
+        "EulaSection",
+        "InstallSection",
+        "NetworkSection",
+        "OperatingSystemSection",
+        "PlacementGroupSection",
+        "PlacementSection",
+        "ProductSection",
+        "ResourceAllocationSection",
+        "ScaleOutSection",
+        "SharedDiskSection",
+        "StartupSection",
+        "VirtualHardwareSection",
+        "VirtualSystem",
+        "VirtualSystemCollection",
+    }
+)
+#: the local names of the generic section and content elements, whose ``xsi:type`` says what they are
+GENERIC = ("Section", "Content")
 #: the extensions (namespace, local name) understood without ``ovf:required="false"`` (module docstring)
 UNDERSTOOD = frozenset(
     {
@@ -72,10 +111,41 @@ def _split(tag: str) -> tuple[str, str]:
     return "", tag
 
 
+def is_envelope(uri: str) -> bool:
+    """Whether ``uri`` is an OVF envelope namespace (0.9, 1.x, 2.x)."""
+    return uri.startswith(OVF_NAMESPACE_PREFIX) or uri == OVF09_NS
+
+
+def generic_type(el: ET.Element) -> str | None:
+    """The local name of a generic element's ``xsi:type`` (``DiskSection_Type``), None when it has none.
+
+    The type's prefix is not resolved: ElementTree keeps no element's prefix bindings, so resolving it
+    would take a second parse (``start-ns`` events) of the untrusted document; the element itself is
+    already of the envelope namespace, the only one whose schema types these names are."""
+    value = (el.get(f"{{{XSI_NS}}}type") or "").strip()
+    return value.rpartition(":")[2] or None
+
+
+def section_name(el: ET.Element, ns: str) -> str | None:
+    """Which section of the envelope namespace ``ns`` the element ``el`` is: its local name for the named
+    form (``DiskSection``), its type's name less ``_Type`` for a generic ``Section``/``Content``
+    (``<Section xsi:type="ovf:DiskSection_Type">``: ``DiskSection``); None for one of another namespace,
+    a generic one without a type, or a comment."""
+    if not isinstance(el.tag, str):
+        return None
+    uri, local = _split(el.tag)
+    if uri != ns:
+        return None
+    if local not in GENERIC:
+        return local
+    typ = generic_type(el)
+    return typ.removesuffix("_Type") if typ and typ.endswith("_Type") else None
+
+
 def _required(el: ET.Element) -> bool:
-    """Whether ``el`` is required: its ``ovf:required`` (of either envelope namespace) is not false."""
-    for version in ("1", "2"):
-        value = el.get(f"{{{OVF_NAMESPACE_PREFIX}{version}}}required")
+    """Whether ``el`` is required: its ``ovf:required`` (of any envelope namespace) is not false."""
+    for uri in (f"{OVF_NAMESPACE_PREFIX}1", f"{OVF_NAMESPACE_PREFIX}2", OVF09_NS):
+        value = el.get(f"{{{uri}}}required")
         if value is not None:
             return value.strip() not in _FALSE
     return True
@@ -100,25 +170,34 @@ def check_required(root: ET.Element, ns: str, data: bytes) -> None:
     ``EncryptionSection`` (module docstring)."""
     for el in root.iter():
         tag = el.tag if isinstance(el.tag, str) else ""
-        if tag.startswith("{" + OVF_NAMESPACE_PREFIX) and _split(tag)[1] == "EncryptionSection":
+        if is_envelope(_split(tag)[0]) and section_name(el, _split(tag)[0]) == "EncryptionSection":
             raise ImageRejected.nothing_imported(
                 "Ova.Unsupported",
                 "the OVF descriptor has an EncryptionSection: the package's files are encrypted, and "
                 "this importer does not decrypt them (their bytes imported would be ciphertext); "
                 "export the VM unencrypted",
             )
-    parents = [root] + [el for name in _PARENTS for el in root.iter(f"{{{ns}}}{name}")]
+    parents = [root] + [el for el in root.iter() if section_name(el, ns) in _PARENTS]
     for parent in parents:
         for child in parent:
             if not isinstance(child.tag, str):  # a comment or processing instruction
                 continue
             uri, local = _split(child.tag)
-            if uri.startswith(OVF_NAMESPACE_PREFIX) or (uri, local) in UNDERSTOOD or not _required(child):
+            if is_envelope(uri) and local in GENERIC:
+                if section_name(child, uri) in OVF_SECTIONS or not _required(child):
+                    continue
+                written = (child.get(f"{{{XSI_NS}}}type") or "").strip()
+                what = (
+                    f"a {local} of xsi:type {written[:80]!r}" if written else f"a {local} without an xsi:type"
+                )
+            elif is_envelope(uri) or (uri, local) in UNDERSTOOD or not _required(child):
                 continue
-            where = _split(parent.tag)[1]
+            else:
+                what = _qualified(uri, local, data)
+            where = section_name(parent, ns) or _split(parent.tag)[1]
             raise ImageRejected.nothing_imported(
                 "Ova.UnsupportedSection",
-                f"the OVF descriptor requires {_qualified(uri, local, data)} in its {where}, an extension "
+                f"the OVF descriptor requires {what} in its {where}, an extension "
                 'this importer does not understand (its ovf:required is not "false"); export the VM '
                 'without it, or mark it ovf:required="false" if the VM does without it',
             )

@@ -2,7 +2,9 @@
 `imaging serve` (gunicorn) and `imaging worker` as real processes, S3 on a moto server process, boto3 as
 the client. A VirtualBox 2.0 export (memory in ``MegaBytes``, disks as OVF 2.0 ``StorageItem``, the
 manifest last in ``SHA256 (name) = hex`` form) imports, its boot disk stored identical to the guest it was
-made from; a gzip-wrapped OVA fails with ``Ova.Compressed`` as the task's status message and leaves
+made from, and so does its legacy OVF 0.9 export (the vmware.com envelope namespace, every section a generic
+``Section``/``Content`` with an ``xsi:type``, a SHA1 manifest) with a data disk after its boot disk; a
+gzip-wrapped OVA fails with ``Ova.Compressed`` as the task's status message and leaves
 nothing in scratch or in the image target, also when the request does not say it is an OVA (no
 ``Format``: the inspection of the download; ``Format=RAW``: the preflight of the object's compressed
 head); an OVA requiring an extension the importer does not understand fails with
@@ -56,6 +58,34 @@ def test_a_virtualbox_ova_imports_its_boot_disk(
     opened = result["disk"]["opened"]
     assert opened["ova"]["manifest_verified"] and opened["ova"]["memory_mib"] == 2048
     assert opened["platform"] == "Linux"  # CIM OSType 96: Debian 64-bit
+    stored = Path((result["disk"].get("stored") or result["disk"]["streamed"]["stored"])["path"])
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+def test_a_virtualbox_ovf09_ova_imports_its_boot_disk_and_data_disk(
+    appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    (tmp_path / "disks").mkdir()
+    stream = ("vmdk", "subformat=streamOptimized")
+    vmdk = guestfactory.convert(boot, tmp_path / "disks" / "boot.vmdk", *stream)
+    data = producers.stream_vmdk(tmp_path / "disks" / "data.vmdk", 2 << 20, data=b"data disk")
+    ova = producers.virtualbox(tmp_path / "vm.ova", [vmdk, data], version="0.9")
+    task_id = _import(appliance, moto, bucket, ova)
+
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "completed", final
+    result = admin_task(appliance, task_id)["task"]["result"]
+    opened = result["disk"]["opened"]
+    assert opened["ova"]["manifest_verified"], opened
+    assert (opened["ova"]["cpus"], opened["ova"]["memory_mib"]) == (2, 2048), opened
+    assert [d["name"] for d in opened["ova"]["disks"]] == ["vm-disk001.vmdk", "vm-disk002.vmdk"]
+    assert opened["platform"] == "Linux"  # CIM OSType 96, in a generic OperatingSystemSection_Type
     stored = Path((result["disk"].get("stored") or result["disk"]["streamed"]["stored"])["path"])
     compared = subprocess.run(
         ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],

@@ -17,7 +17,8 @@ from appliance.config import Config
 from appliance.errors import ImageRejected, InsufficientScratch
 from appliance.image.ova import MAX_MEMBERS, is_ova, manifest, unpack_ova
 from appliance.image.ovaconvert import convert_ova
-from appliance.image.ovf import OvfDisk, envelope, parse
+from appliance.image.ovf import parse
+from appliance.image.ovfenvelope import OvfDisk, envelope
 from tests import imagefactory as factory
 
 MiB = factory.MiB

@@ -24,7 +24,8 @@ from appliance.errors import ImageRejected
 from appliance.image.inspect import inspect_image
 from appliance.image.ova import OvaPackage, manifest, unpack_ova
 from appliance.image.ovacontainer import FIRST_HEADER_BYTES, first_member, refuse_compressed_ova
-from appliance.image.ovf import OvfDisk, envelope
+from appliance.image.ovf import parse, parse_confined
+from appliance.image.ovfenvelope import OvfDisk, envelope
 from tests import ovaproducers as producers
 from tests.appliance.image.test_ova import build, member, package, raw_disk, rejected
 
@@ -155,6 +156,99 @@ def test_a_virtualbox_export_imports(
         assert [d.name for d in pkg.disks] == ["vm-disk001.vmdk", "vm-disk002.vmdk"]
         assert pkg.manifest_verified and pkg.ovf.memory_mib == 2048  # "MegaBytes"
         assert pkg.ovf.os_type == "96"
+    finally:
+        pkg.remove()
+
+
+def test_a_virtualbox_ovf09_export_imports_its_disks_in_hardware_order(
+    tmp_path: Path, cfg: Config, disks: list[Path]
+) -> None:
+    # VirtualBox's legacy "OVF 0.9": the vmware.com envelope namespace, every section a generic
+    # <Section xsi:type=...> (the VM a <Content>), InstanceId, the #sparse format URI, a SHA1 manifest last
+    ova = producers.virtualbox(tmp_path / "vm.ova", disks, version="0.9")
+    listed = members_of(ova)
+    assert listed[-1][0] == "vm.mf" and listed[-1][1].startswith(b"SHA1 (vm.ovf) = ")
+    pkg = unpack(ova, tmp_path, cfg)
+    try:
+        assert [d.name for d in pkg.disks] == ["vm-disk001.vmdk", "vm-disk002.vmdk"]
+        assert [d.capacity for d in pkg.disks] == [GiB, 2 * GiB]
+        assert pkg.manifest_verified
+        assert (pkg.ovf.os_type, pkg.ovf.cpus, pkg.ovf.memory_mib) == ("96", 2, 2048)  # "MegaBytes"
+        assert all(d.inspection is not None and d.inspection.format == "vmdk" for d in pkg.disks)
+    finally:
+        pkg.remove()
+    # the generic hardware section decides the order: its first disk item names the second disk
+    ovf = listed[0][1].replace(b"/disk/vmdisk1<", b"/disk/TMP<").replace(b"/disk/vmdisk2<", b"/disk/vmdisk1<")
+    ovf = ovf.replace(b"/disk/TMP<", b"/disk/vmdisk2<")
+    pkg = unpack(build([member("vm.ovf", ovf)] + [member(n, b) for n, b in listed[1:-1]]), tmp_path, cfg)
+    try:
+        assert [d.name for d in pkg.disks] == ["vm-disk002.vmdk", "vm-disk001.vmdk"]
+    finally:
+        pkg.remove()
+
+
+def _generic(ovf: bytes, *sections: str) -> bytes:
+    """The OVF 1.x descriptor ``ovf`` with ``sections`` written in the generic form the schema allows
+    (``<ovf:Section xsi:type="ovf:DiskSection_Type">``; a virtual system as ``<ovf:Content>``)."""
+    ovf = ovf.replace(
+        b"<ovf:Envelope ", b'<ovf:Envelope xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+    )
+    for name in sections:
+        element = b"Content" if name == "VirtualSystem" else b"Section"
+        typed = b"<ovf:" + element + b' xsi:type="ovf:' + name.encode() + b'_Type"'
+        ovf = ovf.replace(b"<ovf:" + name.encode() + b">", typed + b">").replace(
+            b"<ovf:" + name.encode() + b" ", typed + b" "
+        )
+        ovf = ovf.replace(b"</ovf:" + name.encode() + b">", b"</ovf:" + element + b">")
+    return ovf
+
+
+def test_an_ovf1_envelope_of_generic_sections_reads_as_the_named_form(tmp_path: Path, cfg: Config) -> None:
+    named = envelope(
+        "vm",
+        [OvfDisk("a.vmdk", 10, GiB), OvfDisk("b.vmdk", 20, 2 * GiB)],
+        cpus=4,
+        memory_mib=3072,
+        firmware="efi",
+    )
+    sections = (
+        "DiskSection",
+        "NetworkSection",
+        "VirtualSystem",
+        "OperatingSystemSection",
+        "VirtualHardwareSection",
+    )
+    generic = _generic(named, *sections)
+    assert b"<ovf:DiskSection" not in generic and b"<ovf:VirtualSystem" not in generic
+    facts = parse(named).to_dict()
+    assert facts["cpus"] == 4 and facts["firmware"] == "efi" and len(facts["disks"]) == 2
+    assert parse(generic).to_dict() == facts
+    # and through the confined child, as an import reads it
+    assert parse_confined(generic, cfg.limits).to_dict() == facts
+
+
+@pytest.mark.parametrize("where", ["Content", "Envelope 0.9"])
+def test_a_generic_section_of_an_unknown_type_is_refused_when_required_and_skipped_when_not(
+    where: str, tmp_path: Path, cfg: Config, disks: list[Path]
+) -> None:
+    ova = producers.virtualbox(tmp_path / "vm.ova", disks, version="0.9")
+    section = (
+        '<Section{} xsi:type="ovf:DiskKeySection_Type"><Info>Keys of the encrypted disks</Info></Section>\n'
+    )
+    for required in ("", ' ovf:required="true"'):
+        edited = producers.with_extension(
+            ova, tmp_path / "edited.ova", where, section.format(required).encode()
+        )
+        with pytest.raises(ImageRejected) as exc:
+            parse(next(b for n, b in members_of(edited) if n.endswith(".ovf")))
+        assert exc.value.code == "Ova.UnsupportedSection"
+        assert "a Section of xsi:type 'ovf:DiskKeySection_Type'" in exc.value.message
+        assert f"in its {'VirtualSystem' if where == 'Content' else 'Envelope'}" in exc.value.message
+        assert rejected(edited.read_bytes(), tmp_path, cfg) == "Ova.UnsupportedSection"
+    optional = section.format(' ovf:required="false"').encode()
+    pkg = unpack(producers.with_extension(ova, tmp_path / "optional.ova", where, optional), tmp_path, cfg)
+    try:
+        assert pkg.manifest_verified and len(pkg.disks) == 2
     finally:
         pkg.remove()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.image.ovf import OS_TYPES
+from appliance.image.ovfenvelope import OS_TYPES
 from appliance.image.ovfguest import boot_mode_of, platform_of
 
 
