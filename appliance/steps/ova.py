@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..allowance import Allowance
+from ..errors import ImageRejected
 from ..image.formats import OUTPUT_FORMATS
 from ..image.ova import unpack_ova
 from ..image.ovacontainer import FIRST_HEADER_BYTES, begins_ova
@@ -82,13 +83,16 @@ class OvaOpenStep(Step):
     OVF's firmware and OS type are given as ``boot_mode`` (``uefi``/``legacy-bios``) and ``platform``
     (``Linux``/``Windows``) for guest validation (None when the OVF says nothing it knows).
 
-    With ``detect`` (an ImportImage's only DiskContainer), a file given no format is opened the same way
-    when its first bytes are an OVA's (a tar whose first member is a ``.ovf``:
-    :func:`appliance.image.ovacontainer.begins_ova`), as a client that names no format expects; without
-    it such a file goes on unchanged and inspection refuses it as an archive (an OVA cannot be a data
-    disk or a snapshot). Any other claim passes the file through unchanged (``ova`` is null). The path
-    and claim are what the ``after_fetch`` hooks handed on: a format a hook names is the claim, and
-    detection looks at the file a hook left unclaimed (one it decompressed, say), not at the download."""
+    With ``sole_container`` (the disk is an ImportImage's only DiskContainer, the one place an OVA's data
+    disks are imported after it), a file given no format is opened the same way when its first bytes are an
+    OVA's (a tar whose first member is a ``.ovf``: :func:`appliance.image.ovacontainer.begins_ova`), as a
+    client that names no format expects; without it such a file goes on unchanged and inspection refuses
+    it as an archive (an OVA cannot be a data disk or a snapshot), and an OVA claimed there (by an
+    operator's hook) that holds more than one disk is ``Ova.DisksLeftOut``, rather than imported without
+    its data disks. Any other claim passes the file through unchanged
+    (``ova`` is null). The path and claim are what the ``after_fetch`` hooks handed on: a format a hook
+    names is the claim, and detection looks at the file a hook left unclaimed (one it decompressed, say),
+    not at the download."""
 
     schema = {
         "type": "object",
@@ -97,14 +101,14 @@ class OvaOpenStep(Step):
         "properties": {
             "path": {"type": "string", "minLength": 1},
             "format": {"type": ["string", "null"]},
-            "detect": {"type": "boolean"},
+            "sole_container": {"type": "boolean"},
         },
     }
 
     def run(
-        self, ctx: StepContext, path: str, format: str | None = None, detect: bool = False
+        self, ctx: StepContext, path: str, format: str | None = None, sole_container: bool = False
     ) -> dict[str, Any]:
-        if not _opens(path, format, detect):
+        if not _opens(path, format, sole_container):
             return {
                 "path": path,
                 "format": format,
@@ -128,8 +132,17 @@ class OvaOpenStep(Step):
         except BaseException:
             allowance.release()
             raise
-        allowance.shrink_to(sum(d.path.stat().st_blocks * 512 for d in pkg.disks))
         boot, *others = pkg.disks
+        if others and not sole_container:
+            pkg.remove()
+            allowance.release()
+            raise ImageRejected.nothing_imported(
+                "Ova.DisksLeftOut",
+                f"the OVA holds {len(pkg.disks)} disks, and here only its boot disk would be imported (an "
+                "OVA's data disks are imported only as an ImportImage's only DiskContainer): import it with "
+                "ImportImage as its only DiskContainer, or export the VM with its boot disk alone",
+            )
+        allowance.shrink_to(sum(d.path.stat().st_blocks * 512 for d in pkg.disks))
         return {
             "path": str(boot.path),
             "format": boot.inspection.format if boot.inspection else None,
@@ -140,16 +153,16 @@ class OvaOpenStep(Step):
         }
 
     def plan(
-        self, ctx: StepContext, path: str, format: str | None = None, detect: bool = False
+        self, ctx: StepContext, path: str, format: str | None = None, sole_container: bool = False
     ) -> dict[str, Any]:
         # about the OVA's size: its disk members, unpacked beside it (a gzip File inflates beyond it)
-        unpacks = Path(path).is_file() and _opens(path, format, detect)
+        unpacks = Path(path).is_file() and _opens(path, format, sole_container)
         return {"path": path, "format": format, "scratch_bytes": Path(path).stat().st_size if unpacks else 0}
 
 
 def _opens(path: str, format: str | None, detect: bool) -> bool:
-    """Whether ``ova.open`` unpacks ``path``: claimed as ``ova``, or (``detect``) claimed as nothing and
-    beginning as an OVA does."""
+    """Whether ``ova.open`` unpacks ``path``: claimed as ``ova``, or (``detect``: an ImportImage's only
+    DiskContainer) claimed as nothing and beginning as an OVA does."""
     claim = (format or "").lower()
     if claim == "ova":
         return True

@@ -1,7 +1,10 @@
 """An ImportImage's only DiskContainer given no format is opened as an OVA by what the ``after_fetch`` hooks
 hand on, as a claimed OVA is: a gzip-compressed OVA that the operator's ``decompress`` hook unwraps is
 opened and imported (without the hook it is ``Ova.Compressed``), while a hook that names a format of its
-own makes that the claim, under which the OVA is inspected and refused as the archive it is. Real parts:
+own makes that the claim, under which the OVA is inspected and refused as the archive it is. A hook that
+claims ``ova`` where an OVA's data disks are not imported (ImportSnapshot, an image of several
+DiskContainers) fails the task with ``Ova.DisksLeftOut`` for an OVA of two disks, rather than importing
+its boot disk alone, and leaves nothing. Real parts:
 the moto server for the OVA's bucket, the engine, the shipped hooks, an ova-compose layout of a
 streamOptimized VMDK made by qemu-img."""
 
@@ -16,6 +19,7 @@ import pytest
 from appliance.service.imports import ImportService
 from appliance.service.importtasks import DiskContainer
 from appliance.store import TaskState
+from tests import ovaproducers as producers
 from tests import stores
 from tests.appliance.service.test_imports import bucket, cfg_data
 from tests.appliance.service.test_ova_scratch import _ova
@@ -78,5 +82,43 @@ def test_a_gzip_ova_given_no_format_is_opened_as_the_after_fetch_hooks_hand_it_o
         else:
             assert "import it as an OVA" in (done.error_message or "")
             assert not (cfg.scratch.root / task.id).exists()
+    finally:
+        service.store.close()
+
+
+@pytest.mark.parametrize("where", ["import-snapshot", "beside-a-second-disk-container"])
+def test_an_ova_of_two_disks_claimed_by_a_hook_where_its_data_disk_would_be_dropped_fails_and_leaves_nothing(
+    where: str, tmp_path: Path, moto: MotoServer, bucket: str
+) -> None:
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    vmdks = [producers.stream_vmdk(disks / f"vm-disk{i}.vmdk", 4 << 20, data=b"disk%d" % i) for i in (1, 2)]
+    ova = producers.ova_compose(tmp_path / "vm.ova", vmdks, firmware="bios")
+    s3 = moto.client("s3")
+    s3.upload_file(str(ova), bucket, "vm.ova")
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "claim.py").write_text(CLAIM_PLUGIN)
+    claims_ova = {"hook": "site.claim", "with": {"format": "ova"}}
+    hooks = {"points": {"after_fetch": [claims_ova]}, "plugins_dir": str(plugins)}
+    cfg = stores.config(cfg_data(tmp_path, moto) | {"hooks": hooks}, base_dir=tmp_path)
+    service = ImportService(cfg)
+    try:
+        if where == "import-snapshot":
+            # given no format (a format's preflight would refuse the tar before any hook runs)
+            task = service.import_snapshot(DiskContainer(bucket=bucket, key="vm.ova"))
+        else:
+            s3.upload_file(str(vmdks[1]), bucket, "data.vmdk")
+            containers = [
+                DiskContainer(bucket=bucket, key="vm.ova"),
+                DiskContainer(format="VMDK", bucket=bucket, key="data.vmdk"),
+            ]
+            task = service.import_image(containers)
+        done = run(cfg, task)
+        assert (done.state, done.error_code) == (TaskState.FAILED, "Ova.DisksLeftOut"), done.error_message
+        assert "holds 2 disks" in (done.error_message or "")
+        assert not (cfg.scratch.root / task.id).exists()
+        images = tmp_path / "state" / "images"  # the file image target's directory
+        assert not images.exists() or sorted(images.iterdir()) == []
     finally:
         service.store.close()
