@@ -39,6 +39,15 @@ from tests.servers import MotoServer
 pytestmark = pytest.mark.slow
 
 
+def _same_disk(raw: Path, disk: dict[str, Any]) -> None:
+    """The disk an import-disk (or import-ova-disk) result stored holds ``raw``'s bytes (qemu-img compare)."""
+    stored = (disk.get("stored") or disk["streamed"]["stored"])["path"]
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), stored], capture_output=True, text=True
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
 def _import(appliance: Appliance, moto: MotoServer, bucket: str, ova: Path, fmt: str | None = "ova") -> str:
     return import_object(appliance, moto, bucket, ova, "vms/vm.ova", fmt)
 
@@ -58,13 +67,7 @@ def test_a_virtualbox_ova_imports_its_boot_disk(
     opened = result["disk"]["opened"]
     assert opened["ova"]["manifest_verified"] and opened["ova"]["memory_mib"] == 2048
     assert opened["platform"] == "Linux"  # CIM OSType 96: Debian 64-bit
-    stored = Path((result["disk"].get("stored") or result["disk"]["streamed"]["stored"])["path"])
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],
-        capture_output=True,
-        text=True,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    _same_disk(boot, result["disk"])
 
 
 def test_a_virtualbox_ovf09_ova_imports_its_boot_disk_and_data_disk(
@@ -86,13 +89,7 @@ def test_a_virtualbox_ovf09_ova_imports_its_boot_disk_and_data_disk(
     assert (opened["ova"]["cpus"], opened["ova"]["memory_mib"]) == (2, 2048), opened
     assert [d["name"] for d in opened["ova"]["disks"]] == ["vm-disk001.vmdk", "vm-disk002.vmdk"]
     assert opened["platform"] == "Linux"  # CIM OSType 96, in a generic OperatingSystemSection_Type
-    stored = Path((result["disk"].get("stored") or result["disk"]["streamed"]["stored"])["path"])
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(boot), str(stored)],
-        capture_output=True,
-        text=True,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    _same_disk(boot, result["disk"])
 
 
 def test_a_gzip_wrapped_ova_fails_with_what_to_do_and_leaves_nothing(
@@ -176,12 +173,8 @@ def test_an_ova_given_no_format_as_the_only_disk_container_imports_every_disk(
     result = admin_task(appliance, task_id)["task"]["result"]
     assert [d["name"] for d in result["disk"]["opened"]["ova"]["disks"]] == ["vm-disk1.vmdk", "vm-disk2.vmdk"]
     assert result["disk"]["opened"]["ova"]["manifest_verified"]
-    stored = [result["disk"]["stored"]["path"], result["ova_data_disks"][0]["stored"]["path"]]
-    for raw, out in zip(raws, stored, strict=True):
-        compared = subprocess.run(
-            ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), out], capture_output=True, text=True
-        )
-        assert compared.returncode == 0, compared.stdout + compared.stderr
+    for raw, disk in zip(raws, [result["disk"], *result["ova_data_disks"]], strict=True):
+        _same_disk(raw, disk)
 
 
 @pytest.mark.parametrize("where", ["second-disk-container", "import-snapshot"])
