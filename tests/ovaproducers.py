@@ -698,11 +698,13 @@ def ovirt_ovf(
     os_id: int = 80,
     bios_type: int | None = 2,
     extension: bytes = b"",
+    boot_disk: int = 1,
 ) -> bytes:
     """What ``OvfOvaVmWriter`` writes for a VM with ``disks``, each ``(size on oVirt's storage, capacity in
     GiB)``; ``extra_files``: ``tpm.dat``/``nvram.dat`` and their sizes, referenced by no disk;
     ``bios_type``: oVirt 4.3's numbering (0 i440fx SeaBIOS, 1 q35 SeaBIOS, 2 q35 UEFI, 3 q35 SecureBoot);
-    ``extension``: an element added at the end of the virtual system (:func:`extension`)."""
+    ``extension``: an element added at the end of the virtual system (:func:`extension`); ``boot_disk``: the
+    disk (from 1) marked ``ovf:boot="true"``."""
     files, section, items = "", "", ""
     for i, (stored, gib) in enumerate(disks, 1):
         disk_id, image_id = _ovirt_ids(name, i)
@@ -712,9 +714,9 @@ def ovirt_ovf(
             f'ovf:capacityAllocationUnits="byte * 2^30" ovf:populatedSize="{stored}" ovf:parentRef="" '
             f'ovf:fileRef="{image_id}" ovf:format="{QCOW_FORMAT}" '
             'ovf:volume-format="COW" ovf:volume-type="Sparse" ovf:disk-interface="VirtIO_SCSI" '
-            f'ovf:boot="{str(i == 1).lower()}" ovf:pass-discard="false" ovf:disk-alias="{name}_Disk{i}" '
-            'ovf:disk-description="" ovf:wipe-after-delete="false" ovf:description="" '
-            'ovf:disk_storage_type="IMAGE" ovf:cinder_volume_type=""/>\n'
+            f'ovf:boot="{str(i == boot_disk).lower()}" ovf:pass-discard="false" '
+            f'ovf:disk-alias="{name}_Disk{i}" ovf:disk-description="" ovf:wipe-after-delete="false" '
+            'ovf:description="" ovf:disk_storage_type="IMAGE" ovf:cinder_volume_type=""/>\n'
         )
         items += f"""      <Item>
         <rasd:Caption>{name}_Disk{i}</rasd:Caption>
@@ -732,7 +734,7 @@ def ovirt_ovf(
         <Type>disk</Type>
         <Device>disk</Device>
         <Address></Address>
-        <BootOrder>{1 if i == 1 else 0}</BootOrder>
+        <BootOrder>{1 if i == boot_disk else 0}</BootOrder>
         <IsPlugged>true</IsPlugged>
         <IsReadOnly>false</IsReadOnly>
         <Alias></Alias>
@@ -866,10 +868,11 @@ def ovirt(
     bios_type: int | None = 2,
     capacities: list[int] | None = None,
     extension: bytes = b"",
+    boot_disk: int = 1,
 ) -> Path:
     """The OVA oVirt's "Export as OVA" writes for a VM whose disks are the RAW files ``disks`` (module
     docstring); ``capacities``: the GiB the descriptor gives each disk (default: its size rounded up);
-    ``extension``: as :func:`ovirt_ovf`'s."""
+    ``extension``, ``boot_disk``: as :func:`ovirt_ovf`'s."""
     name = out.stem
     work = out.parent / f"{out.stem}-ovirt"
     work.mkdir()
@@ -890,7 +893,7 @@ def ovirt(
         extra["nvram.dat"] = "bnZyYW0gb2YgdGhlIHVlZmkgdm0="
     ovf = ovirt_ovf(
         facts, name, namespace=namespace, extra_files={k: len(v) for k, v in extra.items()},
-        os_id=os_id, bios_type=bios_type, extension=extension,
+        os_id=os_id, bios_type=bios_type, extension=extension, boot_disk=boot_disk,
     )  # fmt: skip
     with open(out, "wb") as f:
         for member, body in [(f"{name}.ovf", ovf), *((k, v.encode()) for k, v in extra.items())]:

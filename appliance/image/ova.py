@@ -23,8 +23,9 @@ decompressed under a cap (:func:`appliance.image.ovacontainer.gunzip`); every di
 uploaded disk (:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing file, a flat VMDK, … are
 rejected with the inspection's code) and its virtual size must be the capacity the descriptor gives, to within
 a grain above it or, for a capacity in coarser units, to within one unit either way (ova-compose rounds down,
-oVirt up). The boot disk is the one a ``vmw:BootOrderSection`` names, else the first disk of the hardware
-section (then the rest in order). On any failure the private directory is removed: nothing is left behind.
+oVirt up). The boot disk is the one a ``vmw:BootOrderSection`` names, else oVirt's ``ovf:boot``, else the
+first of the hardware section (then the rest in order). On any failure the private directory is removed:
+nothing is left behind.
 
 Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
 :mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) is kept here, and the manifest's
@@ -401,9 +402,8 @@ def _verify(
             )
         declared = info.files[d["file"]]["size"]
         if declared is not None and declared != m.size:
-            # the tar header defines the member (one that ends early was refused as it streamed); the
-            # manifest, when there is one, and the inspection below judge its bytes. oVirt writes the
-            # volume's size on its storage here, never the member's: worth saying, not refusing
+            # the tar header defines the member (an early end was refused as it streamed); the manifest,
+            # if any, and the inspection judge its bytes. oVirt writes its volume's size: said, not refused
             judged = "the manifest's digest and its inspection" if verified else "its inspection"
             said = f"the descriptor says {href!r} is {declared} bytes; the member is {m.size}"
             findings.append(

@@ -6,15 +6,16 @@ Reading (:func:`parse`): defusedxml with DTDs, entities and external references 
 CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files (href, size,
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
 section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
-names first), firmware (VMware's ``vmw:Config firmware``, else oVirt's ``BiosType``), OS type, CPUs and memory
-(its ``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). The envelope namespaces of
-OVF 1.x and 2.x (``…/envelope/1``, also ``…/envelope/1/`` as older oVirt writes it, ``…/envelope/2``) and of
-OVF 0.9 (``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware
-tools) are read, with the same checks and limits; a section is found by its name or as a generic
-``Section``/``Content`` whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it
-anywhere), an item's ``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other namespaces
-(``vmw:``, ``vbox:``) are ignored, unless such an element is a required extension this reader does not
-understand, as is a required generic section of a type OVF does not define (``Ova.UnsupportedSection``:
+names first, else the one oVirt's ``ovf:boot="true"`` marks), firmware (VMware's ``vmw:Config firmware``, else
+oVirt's ``BiosType``), OS type, CPUs and memory (its ``AllocationUnits`` honoured: ``byte * 2^N`` and
+VirtualBox's ``MegaBytes``). The envelope namespaces of OVF 1.x and 2.x (``…/envelope/1``, also
+``…/envelope/1/`` as older oVirt writes it, ``…/envelope/2``) and of OVF 0.9
+(``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware tools) are
+read, with the same checks and limits; a section is found by its name or as a generic ``Section``/``Content``
+whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it anywhere), an item's
+``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other namespaces (``vmw:``, ``vbox:``)
+are ignored, unless such an element is a required extension this reader does not understand, as is a required
+generic section of a type OVF does not define (``Ova.UnsupportedSection``:
 :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed other than with gzip is
 ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
 """
@@ -169,6 +170,7 @@ def parse(data: bytes) -> OvfInfo:
             "gzip": comp == "gzip",
         }
     disks: dict[str, dict[str, Any]] = {}
+    booted: list[str] = []
     for d in (d for s in _sections(root, ns, "DiskSection") for d in s.findall(f"{{{ns}}}Disk")):
         did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
         if not did or not _ID.match(did):
@@ -182,6 +184,8 @@ def parse(data: bytes) -> OvfInfo:
         scale = _units(_attr(d, "capacityAllocationUnits", ns))
         capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * scale
         disks[did] = {"id": did, "file": ref, "capacity": capacity, "unit": scale}
+        if (_attr(d, "boot", ns) or "").strip() == "true":  # oVirt's mark of the VM's boot disk
+            booted.append(did)
     if not disks:
         raise _bad("it lists no disk")
     if len(disks) > MAX_DISKS:
@@ -226,8 +230,12 @@ def parse(data: bytes) -> OvfInfo:
             if did is not None:
                 order.remove(did)
                 order.insert(0, did)
+                booted = []
             break
     order += [d for d in disks if d not in order]
+    if len(booted) == 1:  # else VMware's mark, or no single disk marked: the hardware section's order
+        order.remove(booted[0])
+        order.insert(0, booted[0])
     info.disks = [disks[d] for d in order]
     return info
 

@@ -139,3 +139,18 @@ def test_ovf_required_is_read_in_the_namespace_spelled_with_a_slash(
         assert rejected(ova.read_bytes(), tmp_path, cfg) == code
     else:
         unpack(ova, tmp_path, cfg).remove()
+
+
+def test_the_disk_ovirt_marks_as_boot_disk_comes_first(
+    tmp_path: Path, cfg: Config, sources: list[Path]
+) -> None:
+    # the data disk is attached first: the hardware section lists it first, ovf:boot marks the other
+    ova = producers.ovirt(tmp_path / "vm.ova", sources[::-1], boot_disk=2)
+    with tarfile.open(ova) as tar:
+        data, boot = [ti.name for ti in tar if "-" in ti.name and not ti.name.endswith(".ovf")]
+    pkg = unpack(ova, tmp_path, cfg)
+    try:
+        assert [d.name for d in pkg.disks] == [boot, data]
+        assert same(sources[0], pkg.disks[0].path, "qcow2")
+    finally:
+        pkg.remove()
