@@ -21,7 +21,16 @@ producer puts in an OVA; the disks are streamOptimized VMDKs made by the real ``
   ``MegaBytes``, ``File`` without a size, capacity in bytes, ``vbox:OSType`` and a ``vbox:Machine``
   section; a USTAR tar owned by ``vboxovf09``/``vboxovf10``/``vboxovf20`` (uid 7), mode 0640, members
   ``.ovf``, the disks, then the ``.mf`` last (``RTManifestWriteStandard``: ``SHA256 (name) = hex``, SHA1
-  for OVF 0.9 and 1.0), optionally with CRLF line ends (a manifest that passed through Windows).
+  for OVF 0.9 and 1.0), optionally with CRLF line ends (a manifest that passed through Windows);
+* :func:`ovirt` — oVirt/RHV's "Export as OVA" (ovirt-engine's ``pack_ova.py`` and ``OvfOvaWriter``): each
+  header written alone by ``TarInfo.tobuf(format=tarfile.GNU_FORMAT)`` (float mtime), members ``<vm>.ovf``,
+  optional ``tpm.dat`` and ``nvram.dat``, a zero-filled ``pad`` member that puts the first disk's data on a
+  4 KiB boundary, then each disk as a member named by its image UUID without extension, a qcow2 written by
+  ``qemu-img convert -O qcow2`` cut after its last data and zero-padded so the next member's data starts on
+  a 4 KiB boundary, two zero blocks at the end, no manifest; the OVF's default namespace the envelope's
+  (``…/envelope/1``, or ``…/envelope/1/`` as older oVirt spells it), an ``ovirt:`` namespace, ``File`` sizes
+  that are the volumes' sizes on oVirt's storage (not the members'), capacities in ``byte * 2^30`` rounded
+  up, the CIM OS type oVirt maps its own OS id to, and ``BiosType`` in the virtual system.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import io
 import json
 import subprocess
 import tarfile
+import uuid
 from pathlib import Path
 
 MiB = 1 << 20
@@ -564,7 +574,6 @@ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:vbox="http://www.vir
       <Item>
         <rasd:Caption>2 virtual CPU</rasd:Caption>
         <rasd:Description>Number of virtual CPUs</rasd:Description>
-        <rasd:InstanceId>1</rasd:InstanceId>
         <rasd:ResourceType>3</rasd:ResourceType>
         <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
       </Item>
@@ -572,7 +581,6 @@ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:vbox="http://www.vir
         <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>
         <rasd:Caption>2048 MB of memory</rasd:Caption>
         <rasd:Description>Memory Size</rasd:Description>
-        <rasd:InstanceId>2</rasd:InstanceId>
         <rasd:ResourceType>4</rasd:ResourceType>
         <rasd:VirtualQuantity>2048</rasd:VirtualQuantity>
       </Item>
@@ -662,4 +670,241 @@ def with_extension(ova: Path, out: Path, where: str, element: bytes) -> Path:
     with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
         for ti, body in edited:
             tar.addfile(ti, io.BytesIO(body))
+    return out
+
+
+# ------------------------------------------------------------------------------------- oVirt / RHV
+
+#: the envelope namespace of newer oVirt; older oVirt (and RHEV export domains) add a trailing slash
+OVIRT_OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
+#: the ``ovf:format`` oVirt gives a qcow2 disk
+QCOW_FORMAT = "http://www.gnome.org/~markmc/qcow-image-format.html"
+_TAR_BLOCK, _FS_BLOCK = 512, 4096
+
+
+def _ovirt_ids(name: str, i: int) -> tuple[str, str]:
+    """``(disk id, image id)`` of the ``i``-th disk of VM ``name``: UUIDs, stable across runs."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{name}/disk/{i}")), str(
+        uuid.uuid5(uuid.NAMESPACE_URL, f"{name}/image/{i}")
+    )
+
+
+def ovirt_ovf(
+    disks: list[tuple[int, int]],
+    name: str,
+    *,
+    namespace: str = OVIRT_OVF_NS,
+    extra_files: dict[str, int] | None = None,
+    os_id: int = 80,
+    bios_type: int | None = 2,
+    extension: bytes = b"",
+    boot_disk: int = 1,
+) -> bytes:
+    """What ``OvfOvaVmWriter`` writes for a VM with ``disks``, each ``(size on oVirt's storage, capacity in
+    GiB)``; ``extra_files``: ``tpm.dat``/``nvram.dat`` and their sizes, referenced by no disk;
+    ``bios_type``: oVirt 4.3's numbering (0 i440fx SeaBIOS, 1 q35 SeaBIOS, 2 q35 UEFI, 3 q35 SecureBoot);
+    ``extension``: an element added at the end of the virtual system (:func:`extension`); ``boot_disk``: the
+    disk (from 1) marked ``ovf:boot="true"``."""
+    files, section, items = "", "", ""
+    for i, (stored, gib) in enumerate(disks, 1):
+        disk_id, image_id = _ovirt_ids(name, i)
+        files += f'    <File ovf:href="{image_id}" ovf:id="{image_id}" ovf:size="{stored}"/>\n'
+        section += (
+            f'    <Disk ovf:diskId="{disk_id}" ovf:capacity="{gib}" '
+            f'ovf:capacityAllocationUnits="byte * 2^30" ovf:populatedSize="{stored}" ovf:parentRef="" '
+            f'ovf:fileRef="{image_id}" ovf:format="{QCOW_FORMAT}" '
+            'ovf:volume-format="COW" ovf:volume-type="Sparse" ovf:disk-interface="VirtIO_SCSI" '
+            f'ovf:boot="{str(i == boot_disk).lower()}" ovf:pass-discard="false" '
+            f'ovf:disk-alias="{name}_Disk{i}" ovf:disk-description="" ovf:wipe-after-delete="false" '
+            'ovf:description="" ovf:disk_storage_type="IMAGE" ovf:cinder_volume_type=""/>\n'
+        )
+        items += f"""      <Item>
+        <rasd:Caption>{name}_Disk{i}</rasd:Caption>
+        <rasd:InstanceID>{image_id}</rasd:InstanceID>
+        <rasd:ResourceType>17</rasd:ResourceType>
+        <rasd:HostResource>ovf:/disk/{disk_id}</rasd:HostResource>
+        <rasd:Parent>00000000-0000-0000-0000-000000000000</rasd:Parent>
+        <rasd:Template>00000000-0000-0000-0000-000000000000</rasd:Template>
+        <rasd:ApplicationList></rasd:ApplicationList>
+        <rasd:StorageId>5d9d2f72-0b6a-4c3e-9a55-{i:012d}</rasd:StorageId>
+        <rasd:StoragePoolId>00000000-0000-0000-0000-000000000000</rasd:StoragePoolId>
+        <rasd:CreationDate>2026/12/01 10:00:00</rasd:CreationDate>
+        <rasd:LastModified>2026/12/01 10:00:00</rasd:LastModified>
+        <rasd:last_modified_date>2026/12/01 10:00:00</rasd:last_modified_date>
+        <Type>disk</Type>
+        <Device>disk</Device>
+        <Address></Address>
+        <BootOrder>{1 if i == boot_disk else 0}</BootOrder>
+        <IsPlugged>true</IsPlugged>
+        <IsReadOnly>false</IsReadOnly>
+        <Alias></Alias>
+      </Item>
+"""
+    for href, size in (extra_files or {}).items():
+        files += f'    <File ovf:href="{href}" ovf:id="{href}" ovf:size="{size}"/>\n'
+    if "tpm.dat" in (extra_files or {}):  # the TPM device: an item of oVirt's "other" type naming its file
+        items += """      <Item>
+        <rasd:Caption>TPM</rasd:Caption>
+        <rasd:ResourceType>0</rasd:ResourceType>
+        <rasd:InstanceID>8c0e2f7e-2b1f-4c55-9d1e-2f6f4e6a1b10</rasd:InstanceID>
+        <rasd:HostResource>ovf:/file/tpm.dat</rasd:HostResource>
+        <Type>tpm</Type>
+        <Device>tpm</Device>
+        <Address></Address>
+        <BootOrder>0</BootOrder>
+        <IsPlugged>true</IsPlugged>
+        <IsReadOnly>false</IsReadOnly>
+        <Alias></Alias>
+      </Item>
+"""
+    bios = f"    <BiosType>{bios_type}</BiosType>\n" if bios_type is not None else ""
+    return f"""<?xml version='1.0' encoding='UTF-8'?>
+<ovf:Envelope xmlns:ovf="{namespace}" \
+xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" \
+xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns="{namespace}" \
+xmlns:ovirt="http://www.ovirt.org/ovf" ovf:version="4.4.0.0">
+  <References>
+{files}  </References>
+  <NetworkSection>
+    <Info>List of networks</Info>
+    <Network ovf:name="ovirtmgmt"></Network>
+  </NetworkSection>
+  <DiskSection>
+    <Info>List of Virtual Disks</Info>
+{section}  </DiskSection>
+  <VirtualSystem ovf:id="{uuid.uuid5(uuid.NAMESPACE_URL, name)}">
+    <Name>{name}</Name>
+    <Description></Description>
+    <Comment></Comment>
+    <CreationDate>2026/12/01 10:00:00</CreationDate>
+    <ExportDate>2026/12/06 14:00:00</ExportDate>
+    <DeleteProtected>false</DeleteProtected>
+    <SsoMethod>guest_agent</SsoMethod>
+    <IsSmartcardEnabled>false</IsSmartcardEnabled>
+    <NumOfIoThreads>1</NumOfIoThreads>
+    <TimeZone>Etc/GMT</TimeZone>
+    <default_boot_sequence>0</default_boot_sequence>
+    <Generation>1</Generation>
+    <ClusterCompatibilityVersion>4.7</ClusterCompatibilityVersion>
+    <VmType>1</VmType>
+    <ResumeBehavior>AUTO_RESUME</ResumeBehavior>
+    <MinAllocatedMem>2048</MinAllocatedMem>
+    <IsStateless>false</IsStateless>
+    <IsRunAndPause>false</IsRunAndPause>
+    <AutoStartup>false</AutoStartup>
+    <Priority>1</Priority>
+    <CustomEmulatedMachine></CustomEmulatedMachine>
+{bios}    <CustomCpuName></CustomCpuName>
+    <PredefinedProperties></PredefinedProperties>
+    <UserDefinedProperties></UserDefinedProperties>
+    <MaxMemorySizeMb>8192</MaxMemorySizeMb>
+    <MultiQueuesEnabled>true</MultiQueuesEnabled>
+    <VirtioScsiMultiQueuesEnabled>false</VirtioScsiMultiQueuesEnabled>
+    <UseHostCpu>false</UseHostCpu>
+    <BalloonEnabled>true</BalloonEnabled>
+    <CpuPinningPolicy>0</CpuPinningPolicy>
+    <TemplateId>00000000-0000-0000-0000-000000000000</TemplateId>
+    <IsInitilized>true</IsInitilized>
+    <Origin>3</Origin>
+    <DefaultDisplayType>2</DefaultDisplayType>
+    <TrustedService>false</TrustedService>
+    <OriginalTemplateId>00000000-0000-0000-0000-000000000000</OriginalTemplateId>
+    <OriginalTemplateName>Blank</OriginalTemplateName>
+    <UseLatestVersion>false</UseLatestVersion>
+    <OperatingSystemSection ovf:id="{os_id}" ovirt:id="24" ovf:required="false">
+      <Info>Guest Operating System</Info>
+      <Description>rhel_8x64</Description>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>2 CPU, 2048 Memory</Info>
+      <System>
+        <vssd:VirtualSystemType>ENGINE 4.4.0.0</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:Caption>2 virtual cpu</rasd:Caption>
+        <rasd:Description>Number of virtual CPU</rasd:Description>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:num_of_sockets>2</rasd:num_of_sockets>
+        <rasd:cpu_per_socket>1</rasd:cpu_per_socket>
+        <rasd:threads_per_cpu>1</rasd:threads_per_cpu>
+        <rasd:max_num_of_vcpus>16</rasd:max_num_of_vcpus>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Caption>2048 MB of memory</rasd:Caption>
+        <rasd:Description>Memory Size</rasd:Description>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:AllocationUnits>MegaBytes</rasd:AllocationUnits>
+        <rasd:VirtualQuantity>2048</rasd:VirtualQuantity>
+      </Item>
+{items}    </VirtualHardwareSection>
+{extension.decode()}  </VirtualSystem>
+</ovf:Envelope>
+""".encode()
+
+
+def _gnu_header(name: str, size: int) -> bytes:
+    """One member's header as ``pack_ova.py`` writes it: alone, GNU format, the export's float mtime."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = size, 1765000000.25
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def _block_pad(length: int) -> bytes:
+    return bytes(-length % _TAR_BLOCK)
+
+
+def ovirt(
+    out: Path,
+    disks: list[Path],
+    *,
+    namespace: str = OVIRT_OVF_NS,
+    tpm: bool = False,
+    nvram: bool = False,
+    os_id: int = 80,
+    bios_type: int | None = 2,
+    capacities: list[int] | None = None,
+    extension: bytes = b"",
+    boot_disk: int = 1,
+) -> Path:
+    """The OVA oVirt's "Export as OVA" writes for a VM whose disks are the RAW files ``disks`` (module
+    docstring); ``capacities``: the GiB the descriptor gives each disk (default: its size rounded up);
+    ``extension``, ``boot_disk``: as :func:`ovirt_ovf`'s."""
+    name = out.stem
+    work = out.parent / f"{out.stem}-ovirt"
+    work.mkdir()
+    members: list[tuple[str, bytes]] = []
+    facts = []
+    for i, raw in enumerate(disks, 1):
+        qcow = work / f"disk{i}.qcow2"
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, qcow], check=True)
+        vsize = raw.stat().st_size
+        # oVirt's File size is the volume's on its storage domain (here: the RAW source), not the member
+        gib = capacities[i - 1] if capacities is not None else -(-vsize // GiB)
+        facts.append((vsize + 3 * MiB, gib))
+        members.append((_ovirt_ids(name, i)[1], qcow.read_bytes()))
+    extra = {}
+    if tpm:
+        extra["tpm.dat"] = "dHBtIHN0YXRlIG9mIHRoZSB2bQ=="
+    if nvram:
+        extra["nvram.dat"] = "bnZyYW0gb2YgdGhlIHVlZmkgdm0="
+    ovf = ovirt_ovf(
+        facts, name, namespace=namespace, extra_files={k: len(v) for k, v in extra.items()},
+        os_id=os_id, bios_type=bios_type, extension=extension, boot_disk=boot_disk,
+    )  # fmt: skip
+    with open(out, "wb") as f:
+        for member, body in [(f"{name}.ovf", ovf), *((k, v.encode()) for k, v in extra.items())]:
+            f.write(_gnu_header(member, len(body)) + body + _block_pad(len(body)))
+        at = (f.tell() + _TAR_BLOCK) % _FS_BLOCK
+        if at:  # a "pad" member whose end puts the first disk's data on a 4 KiB boundary
+            size = _FS_BLOCK - at - _TAR_BLOCK
+            f.write(_gnu_header("pad", size) + bytes(size))
+        for member, body in members:
+            # the qcow2 cut after its last data, zeros up to where the next member's data is 4 KiB aligned
+            size = -(-(len(body) + _TAR_BLOCK) // _FS_BLOCK) * _FS_BLOCK - _TAR_BLOCK
+            f.write(_gnu_header(member, size) + body + bytes(size - len(body)))
+        f.write(bytes(2 * _TAR_BLOCK))
     return out

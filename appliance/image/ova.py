@@ -15,15 +15,17 @@ skipped, as virt-v2v skips them. Disks are written into a private directory (spa
 holes) while their SHA-256 (and SHA-1 for an old manifest) is computed.
 
 Then: exactly one ``.ovf``, parsed in a confined child (:func:`appliance.image.ovf.parse_confined`); every
-``File`` a bare name present in the package with the size the descriptor says; no file referenced by two disks
-or two files with one name (``Ova.DuplicateDisk``); a missing file is ``Ova.MissingDisk``; the manifest and
-certificate are checked by :mod:`appliance.image.ovamanifest`; a ``File`` compressed with gzip is decompressed
-under a cap (:func:`appliance.image.ovacontainer.gunzip`); every disk is inspected like any uploaded disk
-(:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing file, a flat VMDK, … are rejected with
-the inspection's code) and its virtual size must be the capacity the descriptor gives, to within a grain or,
-for a capacity in coarser units, to within one unit above it (ova-compose rounds down). The boot disk is the
-one a ``vmw:BootOrderSection`` names, else the first disk of the hardware section (then the rest in order). On
-any failure the private directory is removed: nothing is left behind.
+``File`` a bare name present in the package (a disk whose size is not what the descriptor says is read as its
+tar header says, with the warning ``Ova.SizeMismatch``: oVirt gives its volume's size); no file referenced by
+two disks or two files with one name (``Ova.DuplicateDisk``); a missing file is ``Ova.MissingDisk``; the
+manifest and certificate are checked by :mod:`appliance.image.ovamanifest`; a ``File`` compressed with gzip is
+decompressed under a cap (:func:`appliance.image.ovacontainer.gunzip`); every disk is inspected like any
+uploaded disk (:func:`appliance.image.inspect.inspect_image`: a qcow2 with a backing file, a flat VMDK, … are
+rejected with the inspection's code) and its virtual size must be the capacity the descriptor gives, to within
+a grain above it or, for a capacity in coarser units, to within one unit either way (ova-compose rounds down,
+oVirt up). The boot disk is the one a ``vmw:BootOrderSection`` names, else oVirt's ``ovf:boot``, else the
+first of the hardware section (then the rest in order). On any failure the private directory is removed:
+nothing is left behind.
 
 Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
 :mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) is kept here, and the manifest's
@@ -400,7 +402,13 @@ def _verify(
             )
         declared = info.files[d["file"]]["size"]
         if declared is not None and declared != m.size:
-            raise _reject("Ova.Corrupt", f"the descriptor says {href!r} is {declared} bytes; it is {m.size}")
+            # the tar header defines the member (an early end was refused as it streamed); the manifest,
+            # if any, and the inspection judge its bytes. oVirt writes its volume's size: said, not refused
+            judged = "the manifest's digest and its inspection" if verified else "its inspection"
+            said = f"the descriptor says {href!r} is {declared} bytes; the member is {m.size}"
+            findings.append(
+                Finding.warning("Ova.SizeMismatch", f"{said}: read as the tar says, judged by {judged}")
+            )
         disk = OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"])
         disk.unit = int(d.get("unit") or 1)
         if info.files[d["file"]].get("gzip"):
@@ -418,8 +426,9 @@ def _verify(
             require_safe(result)
             disk.inspection = result
             vsize = result.virtual_size or 0
-            # a capacity in coarse units is the size rounded down to them (ova-compose truncates)
-            if not disk.capacity <= vsize <= disk.capacity + max(_CAPACITY_SLACK, disk.unit - 1):
+            # a capacity in coarse units is the size rounded to them: down by ova-compose, up by oVirt
+            below = disk.unit - 1 if disk.unit > 1 else 0
+            if not disk.capacity - below <= vsize <= disk.capacity + max(_CAPACITY_SLACK, disk.unit - 1):
                 raise _reject(
                     "Ova.CapacityMismatch",
                     f"disk {disk.name!r} holds {vsize} bytes but the descriptor says {disk.capacity}",

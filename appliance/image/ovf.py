@@ -6,17 +6,18 @@ Reading (:func:`parse`): defusedxml with DTDs, entities and external references 
 CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files (href, size,
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
 section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
-names first), firmware, OS type, CPUs and memory (its
-``AllocationUnits`` honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). The envelope namespaces
-of OVF 1.x and 2.x (``…/envelope/1``, ``…/envelope/2``) and of OVF 0.9
-(``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware
-tools) are read, with the same checks and limits; a section is found by its name or as a generic
-``Section``/``Content`` whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it
-anywhere), an item's ``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other
-namespaces (``vmw:``, ``vbox:``) are ignored, unless such an element is a required extension this reader
-does not understand, as is a required generic section of a type OVF does not define
-(``Ova.UnsupportedSection``: :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed
-other than with gzip is ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
+names first, else the one oVirt's ``ovf:boot="true"`` marks), firmware (VMware's ``vmw:Config firmware``, else
+oVirt's ``BiosType``), OS type, CPUs and memory (its ``AllocationUnits`` honoured: ``byte * 2^N`` and
+VirtualBox's ``MegaBytes``). The envelope namespaces of OVF 1.x and 2.x (``…/envelope/1``, also
+``…/envelope/1/`` as older oVirt writes it, ``…/envelope/2``) and of OVF 0.9
+(``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware tools) are
+read, with the same checks and limits; a section is found by its name or as a generic ``Section``/``Content``
+whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it anywhere), an item's
+``InstanceID`` also as 0.9's ``InstanceId``. Elements and attributes of other namespaces (``vmw:``, ``vbox:``)
+are ignored, unless such an element is a required extension this reader does not understand, as is a required
+generic section of a type OVF does not define (``Ova.UnsupportedSection``:
+:mod:`appliance.image.ovfrequired`). A file split into chunks or compressed other than with gzip is
+``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from .confinedparse import run_parser
 from .ovfrequired import OVF09_NS, check_required, section_name
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
+#: OVF 1.x's namespace with a trailing slash: older oVirt/RHV, RHEV export domains, Image Factory write it
+OVF_SLASH_NS = OVF_NS + "/"
 OVF2_NS = "http://schemas.dmtf.org/ovf/envelope/2"
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
 VSSD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
@@ -50,6 +53,10 @@ MAX_OVF_BYTES = 1 << 20
 MAX_DISKS = 21
 #: the CIM storage-allocation namespace of OVF 2.x ``StorageItem`` disks; VirtualBox writes it with ``.xsd``
 SASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
+#: oVirt's ``BiosType`` in the virtual system (the numbers of oVirt 4.3, which later versions keep writing):
+#: i440fx or q35 with SeaBIOS, q35 with OVMF (UEFI) without or with Secure Boot; -1 (the cluster's
+#: default, which the export does not say) is none of them
+_BIOS_TYPES = {"0": "bios", "1": "bios", "2": "efi", "3": "efi"}
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+))?\s*$")
 #: the unit names VirtualBox writes for memory (``MegaBytes``) and their kin
@@ -133,7 +140,8 @@ def parse(data: bytes) -> OvfInfo:
         raise _bad(f"it declares a DTD or entities ({type(exc).__name__}), which are refused") from None
     except ET.ParseError as exc:
         raise _bad(f"malformed XML ({exc})") from None
-    ns = next((uri for uri in (OVF_NS, OVF2_NS, OVF09_NS) if root.tag == _q(uri, "Envelope")), None)
+    envelopes = (OVF_NS, OVF_SLASH_NS, OVF2_NS, OVF09_NS)
+    ns = next((uri for uri in envelopes if root.tag == _q(uri, "Envelope")), None)
     if ns is None:
         raise _bad(f"the root element is {root.tag[:80]!r}, not an OVF Envelope")
     check_required(root, ns, data)
@@ -162,6 +170,7 @@ def parse(data: bytes) -> OvfInfo:
             "gzip": comp == "gzip",
         }
     disks: dict[str, dict[str, Any]] = {}
+    booted: list[str] = []
     for d in (d for s in _sections(root, ns, "DiskSection") for d in s.findall(f"{{{ns}}}Disk")):
         did, ref = _attr(d, "diskId", ns), _attr(d, "fileRef", ns)
         if not did or not _ID.match(did):
@@ -175,6 +184,8 @@ def parse(data: bytes) -> OvfInfo:
         scale = _units(_attr(d, "capacityAllocationUnits", ns))
         capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * scale
         disks[did] = {"id": did, "file": ref, "capacity": capacity, "unit": scale}
+        if (_attr(d, "boot", ns) or "").strip() == "true":  # oVirt's mark of the VM's boot disk
+            booted.append(did)
     if not disks:
         raise _bad("it lists no disk")
     if len(disks) > MAX_DISKS:
@@ -210,6 +221,8 @@ def parse(data: bytes) -> OvfInfo:
         for cfg in hw.findall(f"{{{VMW_NS}}}Config"):
             if _attr(cfg, "key", VMW_NS) == "firmware":
                 info.firmware = (_attr(cfg, "value", VMW_NS) or "").lower() or None
+    if info.firmware is None:
+        info.firmware = _BIOS_TYPES.get((vs.findtext(_q(ns, "BiosType")) or "").strip())
     # VMware marks the boot device: the first disk-type vmw:BootOrderSection names its disk item
     for boot in vs.findall(f"{{{VMW_NS}}}BootOrderSection"):
         if _attr(boot, "type", VMW_NS) == "disk":
@@ -217,8 +230,12 @@ def parse(data: bytes) -> OvfInfo:
             if did is not None:
                 order.remove(did)
                 order.insert(0, did)
+                booted = []
             break
     order += [d for d in disks if d not in order]
+    if len(booted) == 1:  # else VMware's mark, or no single disk marked: the hardware section's order
+        order.remove(booted[0])
+        order.insert(0, booted[0])
     info.disks = [disks[d] for d in order]
     return info
 

@@ -8,9 +8,15 @@ checks them against the boot disk as it checks a request's ``Platform`` and ``Bo
 
 from __future__ import annotations
 
-#: CIM ``OSType`` ids (``ova-ovf.md`` §4.2): Linux distributions and Windows releases
-_CIM_LINUX = frozenset({36, 79, 80, 93, 94, 95, 96, 99, 100, 101, 106, 107, 108, 109})
-_CIM_WINDOWS = frozenset({103, 105, 112, 115, 116, 119, 120, 121, 122, 123})
+#: CIM ``OSType`` ids (``ova-ovf.md`` §4.2, the ``CIM_OperatingSystem`` ValueMap): Linux distributions
+#: (36 LINUX, 79-80 RHEL, 82-85 SUSE and SLES, 87 Novell Linux Desktop, 89-90 Mandriva, 91-92 TurboLinux,
+#: 93-96 Ubuntu and Debian, 97-101 Linux 2.4/2.6/64-bit, 106-109 CentOS and Oracle Linux) and Windows
+#: releases (16-18 95/98/NT, 58 2000, 63 Me, 67 XP, 69-70 Server 2003, 71-72 XP 64-bit and Embedded, 73-74
+#: Vista, 75 Embedded for Point of Service, 76-77 Server 2008, 103 2008 R2, 105 7, 111-123 Server 2011 to
+#: 2022 and 8 to 11: oVirt's export labels some of these with another Windows release than CIM does, still
+#: Windows). Others (1 Other, 42/78 FreeBSD, 102 Other 64-bit, …) and numbers CIM lacks say nothing
+_CIM_LINUX = frozenset({36, 79, 80, 82, 83, 84, 85, 87, *range(89, 102), 106, 107, 108, 109})
+_CIM_WINDOWS = frozenset({16, 17, 18, 58, 63, 67, *range(69, 78), 103, 105, *range(111, 124)})
 #: substrings of VMware guest ids (``other4xLinux64Guest``, ``windows9Server64Guest``, ``ubuntu64Guest``)
 _VMW_LINUX = (
     "linux", "ubuntu", "debian", "centos", "rhel", "sles", "suse", "fedora", "oracle", "photon",

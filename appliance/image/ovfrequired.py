@@ -18,20 +18,19 @@ other: refused when required, skipped when ``ovf:required="false"``.
 
 What counts as understood:
 
-* every element of the OVF namespace (``…/envelope/1``, ``…/envelope/2`` and 0.9's
-  ``http://www.vmware.com/schema/ovf/1/envelope``) but a generic section of another type: the importer reads
-  ``References``, ``DiskSection``, ``VirtualSystem``, ``OperatingSystemSection`` and
-  ``VirtualHardwareSection``, and may safely ignore the other sections the specification defines, because
-  they describe how to deploy and run the VM, not what its disks hold, and an image import deploys nothing:
+* every element of the OVF namespace (``…/envelope/1``, also with older oVirt's trailing slash,
+  ``…/envelope/2`` and 0.9's ``http://www.vmware.com/schema/ovf/1/envelope``) but a generic section of another
+  type: the importer reads ``References``, ``DiskSection``, ``VirtualSystem``, ``OperatingSystemSection`` and
+  ``VirtualHardwareSection``, and may safely ignore the other sections the specification defines, because they
+  describe how to deploy and run the VM, not what its disks hold, and an image import deploys nothing:
   ``NetworkSection`` and ``ResourceAllocationSection`` (networks and reservations of the target host),
-  ``ProductSection`` (properties handed to the guest at deployment), ``EulaSection`` and
-  ``AnnotationSection`` (texts for a person), ``StartupSection`` and ``InstallSection`` (power-on order,
-  a first boot that installs), ``DeploymentOptionSection`` (configurations to choose from), ``Strings``
-  (translations). A section the specification defines is never refused for being required: a producer
-  that wrote one wrote OVF, which this reader takes as far as an image import needs it. The exception is
-  OVF 2's ``EncryptionSection``, which says the package's files are encrypted: their bytes are not the
-  disks, and imported they would be ciphertext, so such a package is ``Ova.Unsupported`` wherever the
-  section is;
+  ``ProductSection`` (properties handed to the guest at deployment), ``EulaSection`` and ``AnnotationSection``
+  (texts for a person), ``StartupSection`` and ``InstallSection`` (power-on order, a first boot that
+  installs), ``DeploymentOptionSection`` (configurations to choose from), ``Strings`` (translations). A
+  section the specification defines is never refused for being required: a producer that wrote one wrote OVF,
+  which this reader takes as far as an image import needs it. The exception is OVF 2's ``EncryptionSection``,
+  which says the package's files are encrypted: their bytes are not the disks, and imported they would be
+  ciphertext, so such a package is ``Ova.Unsupported`` wherever the section is;
 * the extensions real producers write without ``ovf:required="false"`` (:data:`UNDERSTOOD`): VMware's
   ``vmw:BootOrderSection`` (ovftool and vCenter exports: the boot disk, read), ``vmw:Config`` and
   ``vmw:ExtraConfig`` (VMware VM settings: ``firmware`` is read, the rest configures a VMware VM the import
@@ -144,7 +143,12 @@ def section_name(el: ET.Element, ns: str) -> str | None:
 
 def _required(el: ET.Element) -> bool:
     """Whether ``el`` is required: its ``ovf:required`` (of any envelope namespace) is not false."""
-    for uri in (f"{OVF_NAMESPACE_PREFIX}1", f"{OVF_NAMESPACE_PREFIX}2", OVF09_NS):
+    for uri in (
+        f"{OVF_NAMESPACE_PREFIX}1",
+        f"{OVF_NAMESPACE_PREFIX}1/",
+        f"{OVF_NAMESPACE_PREFIX}2",
+        OVF09_NS,
+    ):
         value = el.get(f"{{{uri}}}required")
         if value is not None:
             return value.strip() not in _FALSE

@@ -10,7 +10,10 @@ nothing in scratch or in the image target, also when the request does not say it
 head); an OVA requiring an extension the importer does not understand fails with
 ``Ova.UnsupportedSection`` and leaves nothing. An ovftool export given no ``Format`` as an ImportImage's only
 DiskContainer imports as an OVA, every disk a snapshot; the same file as a data disk or an ImportSnapshot
-(where an OVA cannot be) fails as an archive and leaves nothing."""
+(where an OVA cannot be) fails as an archive and leaves nothing. An oVirt "Export as OVA" (GNU headers, a
+``pad`` member, qcow2 disks named by UUID, no manifest, ``File`` sizes that are not the members', capacities
+rounded up to GiB, the envelope namespace with older oVirt's trailing slash) imports both its disks, with
+``Format=ova`` and given no ``Format``."""
 
 from __future__ import annotations
 
@@ -201,3 +204,30 @@ def test_an_ova_given_no_format_where_an_ova_cannot_be_fails_as_an_archive_and_l
     assert "first member is 'vm.ovf'" in final["error_message"], final
     assert "import it as an OVA" in final["error_message"], final
     assert leftovers(appliance) == []
+
+
+@pytest.mark.parametrize("fmt", ["ova", None], ids=["format-ova", "no-format"])
+def test_an_ovirt_ova_imports_both_its_disks(
+    fmt: str | None, appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    data = tmp_path / "data.raw"
+    data.write_bytes(b"data disk".ljust(1 << 20, b"\xa5") + bytes(1 << 20))
+    # BiosType 0 (i440fx with SeaBIOS): the guest boots with BIOS
+    ova = producers.ovirt(
+        tmp_path / "vm.ova", [boot, data], namespace=producers.OVIRT_OVF_NS + "/", bios_type=0, nvram=True
+    )
+    task_id = _import(appliance, moto, bucket, ova, fmt)
+
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "completed", final
+    assert len(final["SnapshotDetails"]) == 2, final
+    result = admin_task(appliance, task_id)["task"]["result"]
+    opened = result["disk"]["opened"]
+    assert [d["format"] for d in opened["ova"]["disks"]] == ["qcow2", "qcow2"], opened
+    assert not opened["ova"]["manifest_verified"] and opened["ova"]["firmware"] == "bios", opened
+    codes = sorted(f["code"] for f in opened["ova"]["findings"])
+    assert codes == ["Ova.NoManifest", "Ova.SizeMismatch", "Ova.SizeMismatch"], codes
+    assert opened["platform"] == "Linux"  # CIM OSType 80: RHEL 64-bit
+    for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
+        _same_disk(raw, disk)

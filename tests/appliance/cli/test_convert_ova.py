@@ -2,13 +2,16 @@
 an OVA requiring an extension the importer does not understand exits 2 with ``Ova.UnsupportedSection``
 and writes nothing (the same OVA with ``ovf:required="false"`` converts); a gzip- or xz-compressed OVA
 given without ``--from ova`` exits 2 with ``Ova.Compressed`` naming the tool that unwraps it, as with
-``--from ova``, instead of converting the tar as a RAW disk."""
+``--from ova``, instead of converting the tar as a RAW disk. An oVirt export (GNU headers, a ``pad`` member,
+UUID-named qcow2 disks, descriptor sizes that are not the members') converts both its disks with
+``imaging convert`` given no ``--from`` and with ``imaging run convert-ova``."""
 
 from __future__ import annotations
 
 import gzip
 import lzma
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,3 +74,24 @@ def test_convert_of_a_compressed_ova_without_from_ova_is_refused_naming_the_tool
         assert res.returncode == 2, res.stderr
         assert "Ova.Compressed" in res.stderr and f"decompress it ({tool})" in res.stderr, res.stderr
         assert os.listdir(out) == [] and _scratch_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["convert", "run"])
+def test_an_ovirt_ova_converts_both_its_disks(how: str, tmp_path: Path, env: dict[str, str]) -> None:
+    (tmp_path / "src").mkdir()
+    boot, data = tmp_path / "src" / "boot.raw", tmp_path / "src" / "data.raw"
+    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
+    data.write_bytes(b"data disk".ljust(3 * MiB, b"\xa5"))
+    ova = producers.ovirt(tmp_path / "vm.ova", [boot, data], namespace=producers.OVIRT_OVF_NS + "/")
+    out = tmp_path / "out"
+    out.mkdir()
+    if how == "convert":
+        res = imaging("convert", ova, out / "vm.raw", "--to", "raw", env=env)
+    else:
+        params = ("-p", f"source={ova}", "-p", f"target={out / 'vm.raw'}", "-p", "format=raw")
+        res = imaging("run", "convert-ova", *params, env=env)
+    assert res.returncode == 0, res.stderr
+    for raw, written in ((boot, out / "vm.raw"), (data, out / "vm-disk2.raw")):
+        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", raw, written])
+        assert compared.returncode == 0
+    assert _scratch_files(tmp_path) == []

@@ -281,9 +281,18 @@ def test_a_tar_that_claims_more_than_it_has_is_refused(tmp_path: Path, cfg: Conf
     assert rejected(data[: len(data) - 10240 - MiB], tmp_path, cfg) == "Ova.Corrupt"
 
 
-def test_a_descriptor_size_that_disagrees_with_the_member_is_refused(tmp_path: Path, cfg: Config) -> None:
+def test_a_descriptor_size_that_disagrees_with_the_member_is_a_warning(tmp_path: Path, cfg: Config) -> None:
+    # the tar header defines the member; the manifest and the inspection judge its bytes
     ovf = envelope("vm", [OvfDisk("vm-disk1.raw", 2 * MiB + 512, 2 * MiB)])
-    assert rejected(package([("vm-disk1.raw", raw_disk(1))], ovf=ovf), tmp_path, cfg) == "Ova.Corrupt"
+    pkg = unpack(package([("vm-disk1.raw", raw_disk(1))], ovf=ovf), tmp_path, cfg)
+    try:
+        [finding] = pkg.findings
+        assert (finding.code, str(finding.severity)) == ("Ova.SizeMismatch", "warning")
+        assert f"is {2 * MiB + 512} bytes; the member is {2 * MiB}" in finding.message
+        assert "manifest" in finding.message and pkg.manifest_verified
+        assert pkg.disks[0].path.read_bytes() == raw_disk(1)
+    finally:
+        pkg.remove()
 
 
 def test_a_disk_larger_than_its_capacity_is_refused(tmp_path: Path, cfg: Config) -> None:

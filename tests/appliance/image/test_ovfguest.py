@@ -33,6 +33,22 @@ def test_an_ovf_os_type_names_the_platform_it_is_checked_as(
     assert platform_of(os_type) == platform
 
 
+#: the CIM numbers oVirt's OVA export maps its OS ids to (``OvfOvaWriter.mapOsId``)
+OVIRT_LINUX = [36, 79, 80, 83, 94, 96]
+OVIRT_WINDOWS = [67, 69, 70, 76, 77, 103, 105, 113, 114, 115, 116, 117, 120, 121, 122]
+
+
+@pytest.mark.parametrize("cim", OVIRT_LINUX + OVIRT_WINDOWS)
+def test_every_os_type_ovirt_writes_names_its_platform(cim: int) -> None:
+    assert platform_of(str(cim)) == ("Linux" if cim in OVIRT_LINUX else "Windows")
+
+
+@pytest.mark.parametrize("cim", ["1", "42", "78", "102", "104", "110", "125", "999"])
+def test_an_os_type_of_neither_platform_or_unknown_names_none(cim: str) -> None:
+    # Other, FreeBSD (32/64-bit), Other 64-bit, VMware ESXi, eComStation, numbers CIM does not define
+    assert platform_of(cim) is None
+
+
 def test_the_os_types_the_project_writes_read_back_as_their_platform() -> None:
     for name, (cim, vmw) in OS_TYPES.items():
         assert platform_of(vmw) == platform_of(str(cim)) == name.capitalize()
