@@ -28,8 +28,8 @@ first of the hardware section (then the rest in order). On any failure the priva
 nothing is left behind.
 
 Writing an OVA is :mod:`appliance.image.ovawrite`; converting every disk of one is
-:mod:`appliance.image.ovaconvert`. The member-name rule (:func:`flat_name`) is kept here, and the manifest's
-line writer (:func:`manifest`) is re-exported, for both directions.
+:mod:`appliance.image.ovaconvert`; the member rules and storing a member are :mod:`appliance.image.ovamember`.
+The manifest's line writer (:func:`manifest`) is re-exported here for both directions.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from ..config import Config
 from ..errors import Cancelled, Finding, ImageRejected
@@ -53,13 +53,13 @@ from .inspect import InspectionResult, inspect_image, require_safe
 from .ovacontainer import ExtendedHeaderTooLarge, Prefixed, capped_tarinfo, gunzip, gunzip_cap, refuse_wrapped
 from .ovamanifest import ALGORITHMS, check_certificate, check_manifest, parse_manifest
 from .ovamanifest import manifest as manifest
+from .ovamember import Member, check_member, flat_name, store_member
 from .ovf import MAX_OVF_BYTES, OvfInfo, parse_confined
 
 #: members one OVA may have (descriptor, manifest, certificate, disks, a few others)
 MAX_MEMBERS = 64
 #: the largest manifest or certificate
 MAX_SMALL_BYTES = 64 << 10
-_CHUNK = 1 << 20
 #: how far a disk's virtual size may exceed its descriptor capacity (a VMDK rounds up to a grain)
 _CAPACITY_SLACK = 64 << 10
 
@@ -126,86 +126,6 @@ class OvaPackage:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def flat_name(name: str) -> bool:
-    if not name or name in (".", "..") or len(name.encode("utf-8", "surrogateescape")) > 255:
-        return False
-    return not any(c in name for c in "/\\\0") and name.isprintable()
-
-
-def _check_member(ti: tarfile.TarInfo) -> None:
-    if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or ti.sparse is not None:
-        kind = {
-            tarfile.SYMTYPE: "a symbolic link",
-            tarfile.LNKTYPE: "a hard link",
-            tarfile.CHRTYPE: "a character device",
-            tarfile.BLKTYPE: "a block device",
-            tarfile.FIFOTYPE: "a FIFO",
-            tarfile.CONTTYPE: "a contiguous file",
-            tarfile.GNUTYPE_SPARSE: "a sparse file",
-        }.get(ti.type, f"of tar type {ti.type!r}")
-        raise _reject(
-            "Ova.UnsafeMember", f"the OVA member {ti.name[:100]!r} is {kind}; only regular files are allowed"
-        )
-    parts = ti.name.split("/")
-    if ti.name.startswith("/") or ".." in parts or not flat_name(ti.name):
-        raise _reject(
-            "Ova.UnsafeMember",
-            f"the OVA member name {ti.name[:100]!r} is not a plain file name (absolute, '..', a directory "
-            "or a control character)",
-        )
-    if ti.size < 0:
-        raise _reject("Ova.Corrupt", f"the OVA member {ti.name!r} has a negative size")
-
-
-@dataclass
-class _Member:
-    name: str
-    size: int
-    path: Path | None
-    digests: dict[str, str]
-    body: bytes | None = None
-
-
-def _store(
-    f: IO[bytes],
-    dst: Path,
-    size: int,
-    algorithms: set[str],
-    cancel: threading.Event | None,
-    progress: Callable[[int], None] | None,
-) -> dict[str, str]:
-    """Copy ``size`` bytes of member ``f`` into the new file ``dst`` (holes for zero blocks), hashing."""
-    hashers = {a: hashlib.new(a) for a in algorithms}
-    zero = bytes(_CHUNK)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        pos = 0
-        while pos < size:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("OVA import cancelled")
-            chunk = f.read(min(_CHUNK, size - pos))
-            if not chunk:
-                raise _reject(
-                    "Ova.Corrupt",
-                    f"the OVA ends inside {dst.name} ({pos} of the {size} bytes its header claims)",
-                )
-            for h in hashers.values():
-                h.update(chunk)
-            if chunk != zero[: len(chunk)]:
-                view = memoryview(chunk)
-                at = pos
-                while view:
-                    n = os.pwrite(fd, view, at)
-                    view, at = view[n:], at + n
-            pos += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    return {a: h.hexdigest() for a, h in hashers.items()}
-
-
 def unpack_ova(
     src: BinaryIO,
     directory: Path,
@@ -241,7 +161,7 @@ def _unpack(
 ) -> OvaPackage:
     limits = config.limits
     max_disk = limits.max_virtual_size + limits.max_virtual_size // 64 + (1 << 20)
-    members: dict[str, _Member] = {}
+    members: dict[str, Member] = {}
     seen: set[str] = set()
     order: list[str] = []
     manifest_algorithms: set[str] | None = None
@@ -273,7 +193,7 @@ def _unpack(
                 raise _reject("Ova.TooLarge", f"the OVA has more than {MAX_MEMBERS} members")
             if ti.type == tarfile.DIRTYPE and flat_name(ti.name.rstrip("/")):
                 continue
-            _check_member(ti)
+            check_member(ti)
             folded = ti.name.casefold()
             if folded in seen:
                 raise _reject("Ova.DuplicateMember", f"the OVA holds two members named {ti.name!r}")
@@ -299,7 +219,7 @@ def _unpack(
                 if len(body) != ti.size:
                     raise _reject("Ova.Corrupt", f"the OVA ends inside {ti.name!r}")
                 digests = {a: hashlib.new(a, body).hexdigest() for a in ("sha1", "sha256", "sha512")}
-                members[ti.name] = _Member(ti.name, ti.size, None, digests, body)
+                members[ti.name] = Member(ti.name, ti.size, None, digests, body)
                 if lower.endswith(".mf"):
                     parsed = parse_manifest(body, ti.name)
                     manifest_algorithms = {ALGORITHMS[a] for a, _ in parsed.values()}
@@ -313,10 +233,10 @@ def _unpack(
                 )
                 room.grow(ti.size)
                 try:
-                    digests = _store(f, directory / ti.name, ti.size, algorithms, cancel, on_progress)
+                    digests = store_member(f, directory / ti.name, ti.size, algorithms, cancel, on_progress)
                 except tarfile.TarError:
                     raise _reject("Ova.Corrupt", f"the OVA ends inside {ti.name!r}") from None
-                members[ti.name] = _Member(ti.name, ti.size, directory / ti.name, digests)
+                members[ti.name] = Member(ti.name, ti.size, directory / ti.name, digests)
             order.append(ti.name)
     finally:
         with contextlib.suppress(tarfile.TarError):
@@ -338,7 +258,7 @@ class _Room:
 
 def _verify(
     directory: Path,
-    members: dict[str, _Member],
+    members: dict[str, Member],
     order: list[str],
     config: Config,
     cancel: threading.Event | None,

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import Cancelled
-from .ova import flat_name, manifest
+from .ova import manifest
+from .ovamember import flat_name
 from .ovf import MAX_DISKS
 from .ovfenvelope import OvfDisk, envelope
 from .vmdkwriter import ByteSink
