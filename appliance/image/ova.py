@@ -332,8 +332,10 @@ def _verify(
         disk = OvaDisk(href, m.path, m.size, int(d["capacity"]), str(d["id"]), m.digests["sha256"])
         disk.unit = int(d.get("unit") or 1)
         if info.files[d["file"]].get("gzip"):
-            room.grow(gunzip_cap(disk.capacity, config.limits))
-            disk.path = gunzip(disk.path, disk.name, disk.capacity, config.limits, cancel)
+            # a capacity in coarse units may be rounded down by up to a unit: so may the disk be larger
+            most = disk.capacity + disk.unit - 1
+            room.grow(gunzip_cap(most, config.limits))
+            disk.path = gunzip(disk.path, disk.name, most, config.limits, cancel)
         disks.append(disk)
     for name, m in members.items():  # members no disk uses (ISOs, NVRAM, …) are not kept
         if m.path is not None and name not in {d.name for d in disks}:

@@ -312,10 +312,17 @@ def test_a_manifest_line_for_a_file_not_in_the_package_is_a_warning(tmp_path: Pa
         pkg.remove()
 
 
-def _gzip_file_ova(body: bytes, capacity: int) -> bytes:
+def _gzip_file_ova(body: bytes, capacity: int, unit: int = 0) -> bytes:
+    """A gzip ``File``; ``unit``: the capacity given as ``capacity >> unit`` units of ``byte * 2^unit``."""
     packed = gzip.compress(body, mtime=0)
     ovf = envelope("vm", [OvfDisk("vm-disk1.raw.gz", len(packed), capacity)])
     ovf = ovf.replace(b'ovf:href="vm-disk1.raw.gz"', b'ovf:compression="gzip" ovf:href="vm-disk1.raw.gz"')
+    if unit:
+        old = f'ovf:capacity="{capacity}" ovf:capacityAllocationUnits="byte"'.encode()
+        assert old in ovf
+        ovf = ovf.replace(
+            old, f'ovf:capacity="{capacity >> unit}" ovf:capacityAllocationUnits="byte * 2^{unit}"'.encode()
+        )
     return package([("vm-disk1.raw.gz", packed)], ovf=ovf)
 
 
@@ -333,6 +340,26 @@ def test_a_gzip_compressed_disk_file_is_decompressed_and_inspected(tmp_path: Pat
 
 def test_a_gzip_disk_file_that_inflates_past_its_capacity_is_refused(tmp_path: Path, cfg: Config) -> None:
     assert rejected(_gzip_file_ova(bytes(8 * MiB), MiB), tmp_path, cfg) == "SizeLimitExceeded.Decompressed"
+
+
+def test_a_gzip_disk_whose_capacity_is_rounded_down_to_coarse_units_still_decompresses(
+    tmp_path: Path, cfg: Config
+) -> None:
+    # ova-compose writes int(size / unit): a 31 MiB disk in units of 16 MiB says "1". The disk may hold up
+    # to a unit more than that, and so may its decompressed file
+    body = raw_disk(7) + bytes(31 * MiB - len(raw_disk(7)))
+    pkg = unpack(_gzip_file_ova(body, 16 * MiB, unit=24), tmp_path, cfg)
+    try:
+        [disk] = pkg.disks
+        assert disk.inspection is not None and disk.inspection.virtual_size == 31 * MiB
+        assert disk.path.read_bytes() == body
+    finally:
+        pkg.remove()
+    # past the unit the capacity stands for, it is still a bomb
+    assert (
+        rejected(_gzip_file_ova(bytes(40 * MiB), 16 * MiB, unit=24), tmp_path, cfg)
+        == "SizeLimitExceeded.Decompressed"
+    )
 
 
 # --------------------------------------------------------------------------------- the hostile matrix
