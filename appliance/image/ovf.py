@@ -5,11 +5,13 @@ Reading (:func:`parse`): defusedxml with DTDs, entities and external references 
 (:data:`MAX_OVF_BYTES`), run in a confined Python child (:func:`parse_confined`, the guest probe's policy:
 CPU, memory and wall-clock limits, no network, no files) that prints the facts as JSON: files (href, size,
 gzip-compressed or not), disks (id, file, capacity in bytes and its unit), the disk order of the hardware
-section (``Item`` of OVF 1.x, also ``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection``
-names first, else the one oVirt's ``ovf:boot="true"`` marks), firmware (VMware's ``vmw:Config firmware``, else
-oVirt's ``BiosType``), OS type, CPUs and memory (its ``AllocationUnits`` honoured: ``byte * 2^N`` and
-VirtualBox's ``MegaBytes``). The envelope namespaces of OVF 1.x and 2.x (``…/envelope/1``, also
-``…/envelope/1/`` as older oVirt writes it, ``…/envelope/2``) and of OVF 0.9
+section (``Item`` of OVF 1.x of ``ResourceType`` 17, or 19 as XenCenter writes its disks, also
+``StorageItem`` of OVF 2.x; the disk a VMware ``vmw:BootOrderSection`` names first, else the one disk
+oVirt's ``ovf:boot="true"`` or XenCenter's ``xenovf:isBootable="true"`` marks), firmware (VMware's
+``vmw:Config firmware``, else oVirt's ``BiosType``, else the ``firmware`` of XenCenter's ``HVM_boot_params``
+in a ``xenovf:VirtualSystemOtherConfigurationData``), OS type, CPUs and memory (its ``AllocationUnits``
+honoured: ``byte * 2^N`` and VirtualBox's ``MegaBytes``). The envelope namespaces of OVF 1.x and 2.x
+(``…/envelope/1``, also ``…/envelope/1/`` as older oVirt writes it, ``…/envelope/2``) and of OVF 0.9
 (``http://www.vmware.com/schema/ovf/1/envelope``: VirtualBox's legacy "OVF 0.9" export, old VMware tools) are
 read, with the same checks and limits; a section is found by its name or as a generic ``Section``/``Content``
 whose ``xsi:type`` is ``<Name>_Type`` (0.9 writes only that form, 1.x allows it anywhere), an item's
@@ -18,6 +20,12 @@ are ignored, unless such an element is a required extension this reader does not
 generic section of a type OVF does not define (``Ova.UnsupportedSection``:
 :mod:`appliance.image.ovfrequired`). A file split into chunks or compressed other than with gzip is
 ``Ova.Unsupported``; anything else unusable is ``Ova.BadDescriptor``.
+
+A descriptor whose XML declaration names UTF-16 (or UCS-2) but whose bytes are 8-bit, with no byte-order
+mark, is read as UTF-8 (:func:`_declared_utf16`): XenCenter's export (XenOvf) serialises the envelope to a
+UTF-16 string, declaration included, then writes that string as UTF-8. Such bytes cannot be UTF-16 (its
+``<?xml`` is ``<\0?\0``), so the declaration is plainly wrong; libxml2, which virt-v2v reads OVFs with,
+also reads such a document as UTF-8. Bytes that are not UTF-8 are then malformed XML, as before.
 """
 
 from __future__ import annotations
@@ -53,6 +61,10 @@ MAX_OVF_BYTES = 1 << 20
 MAX_DISKS = 21
 #: the CIM storage-allocation namespace of OVF 2.x ``StorageItem`` disks; VirtualBox writes it with ``.xsd``
 SASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
+#: Citrix XenServer's namespace (XenCenter's ``xenovf:`` extensions)
+XENOVF_NS = "http://schemas.citrix.com/ovf/envelope/1"
+#: the ``firmware`` of XenCenter's ``HVM_boot_params`` → the OVF firmware
+_XEN_FIRMWARE = {"uefi": "efi", "bios": "bios"}
 #: oVirt's ``BiosType`` in the virtual system (the numbers of oVirt 4.3, which later versions keep writing):
 #: i440fx or q35 with SeaBIOS, q35 with OVMF (UEFI) without or with Secure Boot; -1 (the cluster's
 #: default, which the export does not say) is none of them
@@ -61,6 +73,10 @@ _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UNITS = re.compile(r"^\s*byte\s*(?:\*\s*(\d+)\s*\^\s*(\d+))?\s*$")
 #: the unit names VirtualBox writes for memory (``MegaBytes``) and their kin
 _NAMED_UNITS = {"bytes": 0, "kilobytes": 10, "megabytes": 20, "gigabytes": 30, "kb": 10, "mb": 20, "gb": 30}
+#: an XML declaration of 8-bit bytes (no byte-order mark) naming a 16-bit encoding: group 1 is its name
+_UTF16_DECLARED = re.compile(
+    rb"""^<\?xml\s[^>]{0,200}?\bencoding\s*=\s*["'](utf-16(?:le|be)?|ucs-2|unicode)["']""", re.IGNORECASE
+)
 
 
 def _bad(message: str) -> ImageRejected:
@@ -134,6 +150,7 @@ def parse(data: bytes) -> OvfInfo:
     """Parse a descriptor (defusedxml: no DTD, entities or external references); ``Ova.BadDescriptor``."""
     if len(data) > MAX_OVF_BYTES:
         raise _bad(f"{len(data)} bytes (at most {MAX_OVF_BYTES})")
+    data = _declared_utf16(data)
     try:
         root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except (DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden) as exc:
@@ -184,7 +201,9 @@ def parse(data: bytes) -> OvfInfo:
         scale = _units(_attr(d, "capacityAllocationUnits", ns))
         capacity = _int(_attr(d, "capacity", ns), "Disk capacity") * scale
         disks[did] = {"id": did, "file": ref, "capacity": capacity, "unit": scale}
-        if (_attr(d, "boot", ns) or "").strip() == "true":  # oVirt's mark of the VM's boot disk
+        # oVirt's mark of the VM's boot disk, and XenCenter's (the VBD's bootable flag)
+        marks = (_attr(d, "boot", ns), _attr(d, "isBootable", XENOVF_NS))
+        if "true" in ((mark or "").strip() for mark in marks):
             booted.append(did)
     if not disks:
         raise _bad("it lists no disk")
@@ -208,7 +227,7 @@ def parse(data: bytes) -> OvfInfo:
             elif kind == "4" and qty is not None:
                 unit = item.findtext(_q(RASD_NS, "AllocationUnits")) or "byte * 2^20"
                 info.memory_mib = _int(qty, "memory") * _units(unit) >> 20
-            elif kind == "17":
+            elif kind in ("17", "19"):  # a disk drive; XenCenter's "Hard Disk Image" is a storage extent
                 did = _disk_item(item.findtext(_q(RASD_NS, "HostResource")), disks, order)
                 # OVF 0.9 spells it InstanceId
                 iid = item.findtext(_q(RASD_NS, "InstanceID")) or item.findtext(_q(RASD_NS, "InstanceId"))
@@ -223,6 +242,8 @@ def parse(data: bytes) -> OvfInfo:
                 info.firmware = (_attr(cfg, "value", VMW_NS) or "").lower() or None
     if info.firmware is None:
         info.firmware = _BIOS_TYPES.get((vs.findtext(_q(ns, "BiosType")) or "").strip())
+    if info.firmware is None and hw is not None:
+        info.firmware = _xen_firmware(hw)
     # VMware marks the boot device: the first disk-type vmw:BootOrderSection names its disk item
     for boot in vs.findall(f"{{{VMW_NS}}}BootOrderSection"):
         if _attr(boot, "type", VMW_NS) == "disk":
@@ -238,6 +259,27 @@ def parse(data: bytes) -> OvfInfo:
         order.insert(0, booted[0])
     info.disks = [disks[d] for d in order]
     return info
+
+
+def _declared_utf16(data: bytes) -> bytes:
+    """``data`` with a UTF-16 encoding declaration its 8-bit bytes belie renamed ``utf-8`` (module
+    docstring); any other document as it is. Renamed in place, so offsets in a parse error still hold."""
+    m = _UTF16_DECLARED.match(data)
+    if m is None:
+        return data
+    quote, pad = data[m.end(1) : m.end(1) + 1], b" " * (len(m.group(1)) - 5)  # spaces after the quote
+    return data[: m.start(1)] + b"utf-8" + quote + pad + data[m.end(1) + 1 :]
+
+
+def _xen_firmware(hw: ET.Element) -> str | None:
+    """The firmware XenCenter's ``HVM_boot_params`` setting names (``order=cd;firmware=uefi``): ``efi``
+    for ``uefi``, ``bios`` for ``bios``; None without one."""
+    for data in hw.findall(_q(XENOVF_NS, "VirtualSystemOtherConfigurationData")):
+        if (data.get("Name") or "").strip() != "HVM_boot_params":
+            continue
+        params = dict(p.partition("=")[::2] for p in (data.findtext(_q(XENOVF_NS, "Value")) or "").split(";"))
+        return _XEN_FIRMWARE.get(params.get("firmware", "").strip().lower())
+    return None
 
 
 def _sections(parent: ET.Element, ns: str, name: str) -> list[ET.Element]:
