@@ -30,7 +30,9 @@ What counts as understood:
   section the specification defines is never refused for being required: a producer that wrote one wrote OVF,
   which this reader takes as far as an image import needs it. The exception is OVF 2's ``EncryptionSection``,
   which says the package's files are encrypted: their bytes are not the disks, and imported they would be
-  ciphertext, so such a package is ``Ova.Unsupported`` wherever the section is;
+  ciphertext, so such a package is ``Ova.Unsupported`` wherever the section is; so is one with XenCenter's
+  ``SecuritySection`` (XenOvf's ``Security.Encrypt`` puts it in the OVF namespace, listing the encrypted
+  files with W3C XML Encryption's ``xenc:ReferenceList``), or with any XML Encryption element;
 * the extensions real producers write without ``ovf:required="false"`` (:data:`UNDERSTOOD`): VMware's
   ``vmw:BootOrderSection`` (ovftool and vCenter exports: the boot disk, read), ``vmw:Config`` and
   ``vmw:ExtraConfig`` (VMware VM settings: ``firmware`` is read, the rest configures a VMware VM the import
@@ -85,6 +87,11 @@ OVF_SECTIONS = frozenset(
         "VirtualSystemCollection",
     }
 )
+#: the sections that say the package's files are encrypted: OVF 2's, and the one XenCenter's XenOvf writes
+#: (in the OVF namespace, though OVF defines no such section) when it encrypts an export's disks
+ENCRYPTION_SECTIONS = frozenset({"EncryptionSection", "SecuritySection"})
+#: W3C XML Encryption, whose elements (``xenc:EncryptedData``, ``xenc:DataReference``) describe encrypted data
+XMLENC_NS = "http://www.w3.org/2001/04/xmlenc#"
 #: the local names of the generic section and content elements, whose ``xsi:type`` says what they are
 GENERIC = ("Section", "Content")
 #: the extensions (namespace, local name) understood without ``ovf:required="false"`` (module docstring)
@@ -171,13 +178,15 @@ def check_required(root: ET.Element, ns: str, data: bytes) -> None:
     """Refuse the descriptor ``data`` (parsed as ``root``, an envelope of namespace ``ns``) with
     ``Ova.UnsupportedSection`` when a child of its envelope, of a virtual system or collection, or of a
     hardware section is a required extension not understood, and with ``Ova.Unsupported`` when it has an
-    ``EncryptionSection`` (module docstring)."""
+    ``EncryptionSection``, XenCenter's ``SecuritySection`` or an XML Encryption element (module docstring)."""
     for el in root.iter():
-        tag = el.tag if isinstance(el.tag, str) else ""
-        if is_envelope(_split(tag)[0]) and section_name(el, _split(tag)[0]) == "EncryptionSection":
+        uri, local = _split(el.tag if isinstance(el.tag, str) else "")
+        section = section_name(el, uri) if is_envelope(uri) else None
+        if section in ENCRYPTION_SECTIONS or uri == XMLENC_NS:
+            what = f"a {section}" if section else f"XML Encryption's {local} (namespace {XMLENC_NS})"
             raise ImageRejected.nothing_imported(
                 "Ova.Unsupported",
-                "the OVF descriptor has an EncryptionSection: the package's files are encrypted, and "
+                f"the OVF descriptor has {what}: the package's files are encrypted, and "
                 "this importer does not decrypt them (their bytes imported would be ciphertext); "
                 "export the VM unencrypted",
             )

@@ -129,3 +129,13 @@ def test_a_compressed_xencenter_export_is_refused_as_compressed(
     ova = xen.xencenter(tmp_path / "vm.ova", sources, compress=True)
     assert ova.name == "vm.ova.gz"
     assert rejected(ova.read_bytes(), tmp_path, cfg) == "Ova.Compressed"
+
+
+def test_an_encrypted_xencenter_export_is_unsupported_and_leaves_nothing(
+    tmp_path: Path, cfg: Config, sources: list[Path]
+) -> None:
+    ova = xen.xencenter(tmp_path / "vm.ova", sources, encrypt=True)
+    assert rejected(ova.read_bytes(), tmp_path, cfg) == "Ova.Unsupported"
+    with pytest.raises(ImageRejected) as exc:
+        unpack(ova, tmp_path, cfg)
+    assert "SecuritySection" in exc.value.message and "encrypted" in exc.value.message
