@@ -11,19 +11,27 @@ what the package holds is still all verified, and a disk the descriptor needs is
 
 Certificate (§3.2): ``ALG(name.mf)= hex`` (the signature of the manifest's exact bytes), then the
 signer's X.509 certificate in PEM, as open-vmdk's ``ova-compose --sign`` writes it (``openssl dgst -sign``:
-RSA PKCS#1 v1.5, or ECDSA for an EC key). The signature is verified with the embedded certificate in a
-confined child (:func:`appliance.image.confinedparse.run_parser`; ``cryptography`` parses the
-certificate): a signature that does not verify is ``Ova.BadSignature``, a certificate without a manifest
-or one that cannot be read is ``Ova.BadCertificate``. The appliance holds no trust store, so a verified
-signature proves the manifest is what the key in the certificate signed, not who signed it: the
-finding (``Ova.SignatureVerified``) names the certificate's subject and says so.
+RSA PKCS#1 v1.5, or ECDSA for an EC key). XenCenter's export writes the same lines (CRLF ends) with two
+differences, both read: between the PEM lines the base64 of a Windows serialized certificate
+(``X509ContentType.SerializedCert``: property records, the DER certificate one of them), and an SHA-256
+signature made over the manifest's SHA-256 digest rather than its bytes (.NET's ``SignData`` given the
+digest), so a signature is verified over the manifest's bytes, else over its digest in the line's algorithm
+(either binds the manifest's bytes, the digest being collision-resistant). The signature is verified with
+the embedded certificate in a confined child (:func:`appliance.image.confinedparse.run_parser`;
+``cryptography`` parses the certificate): a signature that does not verify is ``Ova.BadSignature``, a
+certificate without a manifest or one that cannot be read is ``Ova.BadCertificate``. The appliance holds no
+trust store, so a verified signature proves the manifest is what the key in the certificate signed, not who
+signed it: the finding (``Ova.SignatureVerified``) names the certificate's subject and says so.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
+import hashlib
 import json
 import re
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,9 @@ _HEX_LENGTHS = {"SHA1": 40, "SHA256": 64, "SHA512": 128}
 #: manifest algorithm names → hashlib names
 ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 _PEM_BEGIN = "-----BEGIN CERTIFICATE-----"
+_PEM_END = "-----END CERTIFICATE-----"
+#: the property of a Windows serialized certificate store element that holds the certificate's DER
+_CERT_PROP = 32
 
 
 _reject = ImageRejected.nothing_imported
@@ -143,34 +154,70 @@ def _verify(cert: bytes, manifests: dict[str, bytes]) -> str:
     alg, signed, signature_hex = m.group(1), m.group(2).strip(), m.group(3)
     if signed not in manifests:
         raise _reject("Ova.BadCertificate", f"the certificate signs {signed[:100]!r}, not the OVA's manifest")
+    pem = text[text.index(_PEM_BEGIN) :]
     try:
-        certificate = x509.load_pem_x509_certificate(text[text.index(_PEM_BEGIN) :].encode("latin-1"))
+        certificate = _certificate(pem)
         signature = binascii.unhexlify(signature_hex)
     except (ValueError, binascii.Error) as exc:
         raise _reject("Ova.BadCertificate", f"the certificate cannot be read ({str(exc)[:100]})") from None
     digests = {"SHA1": hashes.SHA1(), "SHA256": hashes.SHA256(), "SHA384": hashes.SHA384()}
     digest = digests.get(alg, hashes.SHA512())
     key = certificate.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, manifests[signed], padding.PKCS1v15(), digest)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, manifests[signed], ec.ECDSA(digest))
-        else:
-            kind = type(key).__name__
-            raise _reject("Ova.BadCertificate", f"the certificate's key ({kind}) is neither RSA nor EC")
-    except InvalidSignature:
+    # the manifest's bytes, as openssl dgst -sign signs; else its digest, as XenCenter's SHA-256 signing does
+    body = manifests[signed]
+    hashed = hashlib.new(ALGORITHMS.get(alg, alg.lower()), body).digest()
+    for data in (body, hashed):
+        try:
+            if isinstance(key, rsa.RSAPublicKey):
+                key.verify(signature, data, padding.PKCS1v15(), digest)
+            elif isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(signature, data, ec.ECDSA(digest))
+            else:
+                kind = type(key).__name__
+                raise _reject("Ova.BadCertificate", f"the certificate's key ({kind}) is neither RSA nor EC")
+            break
+        except InvalidSignature:
+            continue
+    else:
         raise _reject(
             "Ova.BadSignature",
             f"the {alg} signature of {signed!r} does not verify with the certificate's key: the manifest "
             "was altered after it was signed",
-        ) from None
+        )
     subject = certificate.subject.rfc4514_string()[:200]
     self_signed = " (self-signed)" if certificate.issuer == certificate.subject else ""
+    over = "" if data is body else f" (over its {alg} digest)"
     return (
-        f"the {alg} signature of {signed!r} verifies with the certificate of {subject!r}{self_signed}; "
+        f"the {alg} signature of {signed!r}{over} verifies with the certificate of {subject!r}{self_signed}; "
         "the signer was not checked against a trust store"
     )
+
+
+def _certificate(pem: str) -> x509.Certificate:
+    """The certificate of a ``.cert`` from its ``BEGIN CERTIFICATE`` line on: PEM, else XenCenter's base64 of
+    a Windows serialized certificate (:func:`_serialized_der`). Raises ValueError."""
+    try:
+        return x509.load_pem_x509_certificate(pem.encode("latin-1"))
+    except ValueError:
+        inside = pem[len(_PEM_BEGIN) :].partition(_PEM_END)[0]
+        blob = base64.b64decode("".join(inside.split()), validate=True)
+        return x509.load_der_x509_certificate(_serialized_der(blob))
+
+
+def _serialized_der(blob: bytes) -> bytes:
+    """The DER certificate of a Windows certificate store element (``X509ContentType.SerializedCert``):
+    properties, each a little-endian ``propID``, a reserved 1 and ``cb``, then ``cb`` bytes; the certificate
+    itself is property 32 (``CERT_CERT_PROP_ID``). Raises ValueError."""
+    at = 0
+    while at + 12 <= len(blob):
+        prop, _, size = struct.unpack_from("<III", blob, at)
+        data = blob[at + 12 : at + 12 + size]
+        if len(data) != size:
+            break
+        if prop == _CERT_PROP:
+            return data
+        at += 12 + size
+    raise ValueError("neither PEM nor a Windows serialized certificate")
 
 
 def main() -> int:

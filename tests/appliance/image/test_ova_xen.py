@@ -122,6 +122,26 @@ def test_xencenter_hvm_boot_params_say_the_firmware(
         pkg.remove()
 
 
+def test_a_signed_xencenter_export_verifies(tmp_path: Path, cfg: Config, sources: list[Path]) -> None:
+    ova = xen.xencenter(tmp_path / "vm.ova", sources, sign=xen.xen_signing_key())
+    with tarfile.open(ova) as tar:
+        assert tar.getnames()[:3] == ["vm.ovf", "vm.mf", "vm.cert"]
+    pkg = unpack(ova, tmp_path, cfg)
+    try:
+        [signed] = [f for f in pkg.findings if f.code == "Ova.SignatureVerified"]
+        assert "XenCenter Test Signer" in signed.message and "(self-signed)" in signed.message
+        assert pkg.manifest_verified and len(pkg.disks) == 2
+    finally:
+        pkg.remove()
+
+
+def test_a_xencenter_export_whose_manifest_changed_after_signing_is_refused(
+    tmp_path: Path, cfg: Config, sources: list[Path]
+) -> None:
+    ova = xen.xencenter(tmp_path / "vm.ova", sources, sign=xen.xen_signing_key(), tamper=True)
+    assert rejected(ova.read_bytes(), tmp_path, cfg) == "Ova.BadSignature"
+
+
 def test_a_compressed_xencenter_export_is_refused_as_compressed(
     tmp_path: Path, cfg: Config, sources: list[Path]
 ) -> None:
