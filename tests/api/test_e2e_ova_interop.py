@@ -13,7 +13,9 @@ DiskContainer imports as an OVA, every disk a snapshot; the same file as a data 
 (where an OVA cannot be) fails as an archive and leaves nothing. An oVirt "Export as OVA" (GNU headers, a
 ``pad`` member, qcow2 disks named by UUID, no manifest, ``File`` sizes that are not the members', capacities
 rounded up to GiB, the envelope namespace with older oVirt's trailing slash) imports both its disks, with
-``Format=ova`` and given no ``Format``."""
+``Format=ova`` and given no ``Format``; so does a XenCenter (Citrix Hypervisor / XCP-ng) export (a descriptor
+declared ``utf-16`` but written as UTF-8, dynamic VHD disks, ``File`` sizes that are the VDIs' physical
+utilisation, an SHA-256 manifest with CRLF lines)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import pytest
 
 from tests import guestfactory
 from tests import ovaproducers as producers
+from tests import ovaproducers_xen as xen
 from tests.api.e2e_support import (
     Appliance,
     admin_task,
@@ -229,5 +232,30 @@ def test_an_ovirt_ova_imports_both_its_disks(
     codes = sorted(f["code"] for f in opened["ova"]["findings"])
     assert codes == ["Ova.NoManifest", "Ova.SizeMismatch", "Ova.SizeMismatch"], codes
     assert opened["platform"] == "Linux"  # CIM OSType 80: RHEL 64-bit
+    for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
+        _same_disk(raw, disk)
+
+
+@pytest.mark.parametrize("fmt", ["ova", None], ids=["format-ova", "no-format"])
+def test_a_xencenter_ova_imports_both_its_disks(
+    fmt: str | None, appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    boot = guestfactory.linux_disk(tmp_path)
+    data = tmp_path / "data.raw"
+    data.write_bytes(b"data disk".ljust(1 << 20, b"\xa5") + bytes(1 << 20))
+    # the data disk's VBD is the VM's first; xenovf:isBootable marks the boot disk; a BIOS VM
+    ova = xen.xencenter(tmp_path / "vm.ova", [data, boot], bootable=[False, True], firmware="bios")
+    task_id = _import(appliance, moto, bucket, ova, fmt)
+
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "completed", final
+    assert len(final["SnapshotDetails"]) == 2, final
+    result = admin_task(appliance, task_id)["task"]["result"]
+    opened = result["disk"]["opened"]
+    assert [d["format"] for d in opened["ova"]["disks"]] == ["vhd", "vhd"], opened
+    assert opened["ova"]["manifest_verified"] and opened["ova"]["firmware"] == "bios", opened
+    codes = sorted(f["code"] for f in opened["ova"]["findings"])
+    assert codes == ["Ova.SizeMismatch", "Ova.SizeMismatch"], codes
+    assert opened["platform"] == "Linux"  # CIM OSType 93: Ubuntu
     for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
         _same_disk(raw, disk)
