@@ -4,7 +4,10 @@ and writes nothing (the same OVA with ``ovf:required="false"`` converts); a gzip
 given without ``--from ova`` exits 2 with ``Ova.Compressed`` naming the tool that unwraps it, as with
 ``--from ova``, instead of converting the tar as a RAW disk. An oVirt export (GNU headers, a ``pad`` member,
 UUID-named qcow2 disks, descriptor sizes that are not the members') converts both its disks with
-``imaging convert`` given no ``--from`` and with ``imaging run convert-ova``."""
+``imaging convert`` given no ``--from`` and with ``imaging run convert-ova``; so does a XenCenter export
+(tests.ovaproducers_xen: a descriptor declared ``utf-16`` but written as UTF-8, dynamic VHDs, the boot disk
+second in the descriptor and marked ``xenovf:isBootable``), and an encrypted one exits 2 with
+``Ova.Unsupported`` and writes nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests import ovaproducers as producers
+from tests import ovaproducers_xen as xen
 from tests.appliance.cli.test_export import env, imaging
 
 __all__ = ["env"]  # a fixture, used by name
@@ -95,3 +99,40 @@ def test_an_ovirt_ova_converts_both_its_disks(how: str, tmp_path: Path, env: dic
         compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", raw, written])
         assert compared.returncode == 0
     assert _scratch_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["convert", "run"])
+def test_a_xencenter_ova_converts_both_its_disks_boot_disk_first(
+    how: str, tmp_path: Path, env: dict[str, str]
+) -> None:
+    (tmp_path / "src").mkdir()
+    boot, data = tmp_path / "src" / "boot.raw", tmp_path / "src" / "data.raw"
+    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
+    data.write_bytes(b"data disk".ljust(3 * MiB, b"\xa5"))
+    ova = xen.xencenter(tmp_path / "vm.ova", [data, boot], bootable=[False, True])
+    out = tmp_path / "out"
+    out.mkdir()
+    if how == "convert":
+        res = imaging("convert", ova, out / "vm.raw", "--to", "raw", env=env)
+    else:
+        params = ("-p", f"source={ova}", "-p", f"target={out / 'vm.raw'}", "-p", "format=raw")
+        res = imaging("run", "convert-ova", *params, env=env)
+    assert res.returncode == 0, res.stderr
+    for raw, written in ((boot, out / "vm.raw"), (data, out / "vm-disk2.raw")):
+        compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", raw, written])
+        assert compared.returncode == 0
+    assert _scratch_files(tmp_path) == []
+
+
+def test_convert_of_an_encrypted_xencenter_ova_exits_2_and_writes_nothing(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    (tmp_path / "src").mkdir()
+    boot = tmp_path / "src" / "boot.raw"
+    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
+    ova = xen.xencenter(tmp_path / "vm.ova", [boot], encrypt=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = imaging("convert", ova, out / "vm.raw", "--to", "raw", env=env)
+    assert res.returncode == 2 and "Ova.Unsupported" in res.stderr, res.stderr
+    assert os.listdir(out) == [] and _scratch_files(tmp_path) == []
