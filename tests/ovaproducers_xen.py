@@ -22,7 +22,8 @@
   hex`` lines, CRLF, the descriptor then the disks), ``<name>.cert`` when signed, the disks in
   ``References`` order; compressed: the whole tar gzipped as ``<name>.ova.gz``;
 * signed: ``<name>.cert`` holds ``SHA256(<name>.mf)= hex`` (RSA PKCS#1 v1.5 by
-  ``RSACryptoServiceProvider.SignData`` over the manifest's SHA-256 digest, so of the digest's digest),
+  ``RSACryptoServiceProvider.SignData`` over the manifest's SHA-256 digest, so of the digest's digest), or,
+  for a certificate signed with SHA-1, ``SHA1(<name>.mf)= hex`` (``SignHash`` of the manifest's digest),
   then the certificate between PEM lines as the base64 of ``X509ContentType.SerializedCert`` (a Windows
   certificate store element: properties, each ``propID, 1, cb`` little-endian then ``cb`` bytes, the DER
   certificate as property 32), on one line;
@@ -41,6 +42,7 @@ import os
 import struct
 import subprocess
 import tarfile
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -187,24 +189,24 @@ def security_section(name: str, count: int) -> str:
     )
 
 
-def xen_signing_key() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    """An RSA key and its self-signed SHA-256 certificate, as the one a XenCenter user signs with."""
-    import datetime
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "XenCenter Test Signer")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+def xen_signing_key(algorithm: str = "sha256") -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """An RSA key and its self-signed certificate, signed with ``algorithm`` (``sha256`` or ``sha1``), as
+    the one a XenCenter user signs with (XenCenter signs with the certificate's algorithm); made by the
+    real ``openssl req -x509`` (``cryptography`` no longer signs a certificate with SHA-1)."""
+    with tempfile.TemporaryDirectory() as work:
+        pem = Path(work) / "key.pem"
+        subprocess.run(
+            [
+                *("openssl", "req", "-x509", "-nodes", f"-{algorithm}", "-days", "9", "-newkey", "rsa:2048"),
+                *("-keyout", pem, "-out", pem, "-subj", "/CN=XenCenter Test Signer"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        body = pem.read_bytes()
+    key = serialization.load_pem_private_key(body, None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key, x509.load_pem_x509_certificate(body)
 
 
 def serialized_cert(cert: x509.Certificate) -> bytes:
@@ -257,10 +259,15 @@ def xencenter(
         head.append((f"{name}.mf", mf))
         if sign is not None:
             key, cert = sign
-            signature = key.sign(hashlib.sha256(mf).digest(), padding.PKCS1v15(), hashes.SHA256())
+            if cert.signature_hash_algorithm is not None and cert.signature_hash_algorithm.name == "sha1":
+                # SignHash given the manifest's SHA-1 digest: a signature of the manifest itself
+                alg, signature = "SHA1", key.sign(mf, padding.PKCS1v15(), hashes.SHA1())
+            else:  # SignData given the SHA-256 digest: a signature of the digest
+                alg = "SHA256"
+                signature = key.sign(hashlib.sha256(mf).digest(), padding.PKCS1v15(), hashes.SHA256())
             pem = base64.b64encode(serialized_cert(cert)).decode("ascii")
             body = (
-                f"SHA256({name}.mf)= {signature.hex()}\r\n-----BEGIN CERTIFICATE-----\r\n{pem}\r\n"
+                f"{alg}({name}.mf)= {signature.hex()}\r\n-----BEGIN CERTIFICATE-----\r\n{pem}\r\n"
                 "-----END CERTIFICATE-----\r\n"
             ).encode("ascii")
             if tamper:  # the manifest edited after signing: a line added

@@ -122,14 +122,18 @@ def test_xencenter_hvm_boot_params_say_the_firmware(
         pkg.remove()
 
 
-def test_a_signed_xencenter_export_verifies(tmp_path: Path, cfg: Config, sources: list[Path]) -> None:
-    ova = xen.xencenter(tmp_path / "vm.ova", sources, sign=xen.xen_signing_key())
+@pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
+def test_a_signed_xencenter_export_verifies(
+    algorithm: str, tmp_path: Path, cfg: Config, sources: list[Path]
+) -> None:
+    ova = xen.xencenter(tmp_path / "vm.ova", sources, sign=xen.xen_signing_key(algorithm))
     with tarfile.open(ova) as tar:
         assert tar.getnames()[:3] == ["vm.ovf", "vm.mf", "vm.cert"]
     pkg = unpack(ova, tmp_path, cfg)
     try:
         [signed] = [f for f in pkg.findings if f.code == "Ova.SignatureVerified"]
         assert "XenCenter Test Signer" in signed.message and "(self-signed)" in signed.message
+        assert signed.message.startswith(f"the {algorithm.upper()} signature of 'vm.mf'")
         assert pkg.manifest_verified and len(pkg.disks) == 2
     finally:
         pkg.remove()
