@@ -48,6 +48,16 @@ GiB = 1 << 30
 _UNITS = {"byte": 1, "byte * 2^10": 1 << 10, "byte * 2^20": MiB, "byte * 2^30": GiB}
 
 
+def two_disks(directory: Path) -> list[Path]:
+    """A boot disk and a data disk as RAW in ``directory`` (made): 2 MiB (the first half data) and 3 MiB
+    (data throughout), each beginning with its name: the VM disks the oVirt and XenCenter tests export."""
+    directory.mkdir(parents=True, exist_ok=True)
+    boot, data = directory / "boot.raw", directory / "data.raw"
+    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
+    data.write_bytes(b"data disk".ljust(3 * MiB, b"\xa5"))
+    return [boot, data]
+
+
 def stream_vmdk(dst: Path, size: int, *, data: bytes = b"") -> Path:
     """A streamOptimized VMDK of virtual ``size`` whose first bytes are ``data`` (real qemu-img)."""
     raw = dst.with_suffix(".src.raw")

@@ -209,6 +209,37 @@ def test_an_ova_given_no_format_where_an_ova_cannot_be_fails_as_an_archive_and_l
     assert leftovers(appliance) == []
 
 
+def _imports_both_disks(
+    appliance: Appliance,
+    moto: MotoServer,
+    bucket: str,
+    ova: Path,
+    fmt: str | None,
+    boot: Path,
+    data: Path,
+    opened_as: dict[str, Any],
+) -> None:
+    """``ova``, of the disks ``boot`` and ``data``, imported through ImportImage (``fmt``) completes with both
+    disks a snapshot, each holding its source's bytes; the OVA as opened is ``opened_as``: its disks'
+    ``formats``, ``manifest_verified``, ``firmware`` and finding ``codes``."""
+    task_id = _import(appliance, moto, bucket, ova, fmt)
+    final = finished_import(appliance, task_id)
+    assert final["Status"] == "completed", final
+    assert len(final["SnapshotDetails"]) == 2, final
+    result = admin_task(appliance, task_id)["task"]["result"]
+    opened = result["disk"]["opened"]
+    package = opened["ova"]
+    assert {
+        "formats": [d["format"] for d in package["disks"]],
+        "manifest_verified": package["manifest_verified"],
+        "firmware": package["firmware"],
+        "codes": sorted(f["code"] for f in package["findings"]),
+    } == opened_as, opened
+    assert opened["platform"] == "Linux", opened
+    for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
+        _same_disk(raw, disk)
+
+
 @pytest.mark.parametrize("fmt", ["ova", None], ids=["format-ova", "no-format"])
 def test_an_ovirt_ova_imports_both_its_disks(
     fmt: str | None, appliance: Appliance, moto: MotoServer, bucket: str, tmp_path: Path
@@ -216,24 +247,18 @@ def test_an_ovirt_ova_imports_both_its_disks(
     boot = guestfactory.linux_disk(tmp_path)
     data = tmp_path / "data.raw"
     data.write_bytes(b"data disk".ljust(1 << 20, b"\xa5") + bytes(1 << 20))
-    # BiosType 0 (i440fx with SeaBIOS): the guest boots with BIOS
+    # BiosType 0 (i440fx with SeaBIOS): the guest boots with BIOS; CIM OSType 80 (RHEL 64-bit): Linux
     ova = producers.ovirt(
         tmp_path / "vm.ova", [boot, data], namespace=producers.OVIRT_OVF_NS + "/", bios_type=0, nvram=True
     )
-    task_id = _import(appliance, moto, bucket, ova, fmt)
-
-    final = finished_import(appliance, task_id)
-    assert final["Status"] == "completed", final
-    assert len(final["SnapshotDetails"]) == 2, final
-    result = admin_task(appliance, task_id)["task"]["result"]
-    opened = result["disk"]["opened"]
-    assert [d["format"] for d in opened["ova"]["disks"]] == ["qcow2", "qcow2"], opened
-    assert not opened["ova"]["manifest_verified"] and opened["ova"]["firmware"] == "bios", opened
-    codes = sorted(f["code"] for f in opened["ova"]["findings"])
-    assert codes == ["Ova.NoManifest", "Ova.SizeMismatch", "Ova.SizeMismatch"], codes
-    assert opened["platform"] == "Linux"  # CIM OSType 80: RHEL 64-bit
-    for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
-        _same_disk(raw, disk)
+    codes = ["Ova.NoManifest", "Ova.SizeMismatch", "Ova.SizeMismatch"]
+    opened_as = {
+        "formats": ["qcow2", "qcow2"],
+        "manifest_verified": False,
+        "firmware": "bios",
+        "codes": codes,
+    }
+    _imports_both_disks(appliance, moto, bucket, ova, fmt, boot, data, opened_as)
 
 
 @pytest.mark.parametrize("fmt", ["ova", None], ids=["format-ova", "no-format"])
@@ -243,19 +268,9 @@ def test_a_xencenter_ova_imports_both_its_disks(
     boot = guestfactory.linux_disk(tmp_path)
     data = tmp_path / "data.raw"
     data.write_bytes(b"data disk".ljust(1 << 20, b"\xa5") + bytes(1 << 20))
-    # the data disk's VBD is the VM's first; xenovf:isBootable marks the boot disk; a BIOS VM
+    # the data disk's VBD is the VM's first; xenovf:isBootable marks the boot disk; a BIOS VM; CIM OSType 93
+    # (Ubuntu): Linux
     ova = xen.xencenter(tmp_path / "vm.ova", [data, boot], bootable=[False, True], firmware="bios")
-    task_id = _import(appliance, moto, bucket, ova, fmt)
-
-    final = finished_import(appliance, task_id)
-    assert final["Status"] == "completed", final
-    assert len(final["SnapshotDetails"]) == 2, final
-    result = admin_task(appliance, task_id)["task"]["result"]
-    opened = result["disk"]["opened"]
-    assert [d["format"] for d in opened["ova"]["disks"]] == ["vhd", "vhd"], opened
-    assert opened["ova"]["manifest_verified"] and opened["ova"]["firmware"] == "bios", opened
-    codes = sorted(f["code"] for f in opened["ova"]["findings"])
-    assert codes == ["Ova.SizeMismatch", "Ova.SizeMismatch"], codes
-    assert opened["platform"] == "Linux"  # CIM OSType 93: Ubuntu
-    for raw, disk in zip([boot, data], [result["disk"], *result["ova_data_disks"]], strict=True):
-        _same_disk(raw, disk)
+    codes = ["Ova.SizeMismatch", "Ova.SizeMismatch"]
+    opened_as = {"formats": ["vhd", "vhd"], "manifest_verified": True, "firmware": "bios", "codes": codes}
+    _imports_both_disks(appliance, moto, bucket, ova, fmt, boot, data, opened_as)

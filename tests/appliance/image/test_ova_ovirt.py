@@ -33,17 +33,6 @@ def unpack(ova: Path, tmp_path: Path, cfg: Config) -> OvaPackage:
     return unpack_ova(io.BytesIO(ova.read_bytes()), tmp_path / "work" / "pkg", config=cfg)
 
 
-@pytest.fixture
-def sources(tmp_path: Path) -> list[Path]:
-    """A boot disk and a data disk as RAW (2 MiB and 3 MiB, data throughout), in their own directory."""
-    d = tmp_path / "sources"
-    d.mkdir()
-    boot, data = d / "boot.raw", d / "data.raw"
-    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
-    data.write_bytes(b"data disk".ljust(3 * MiB, b"\xa5"))
-    return [boot, data]
-
-
 def same(raw: Path, disk: Path, fmt: str) -> bool:
     compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, raw, disk], capture_output=True)
     return compared.returncode == 0

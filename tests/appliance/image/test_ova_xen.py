@@ -8,8 +8,6 @@ compared with its source by the real ``qemu-img compare``."""
 
 from __future__ import annotations
 
-import io
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -17,35 +15,14 @@ import pytest
 
 from appliance.config import Config
 from appliance.errors import ImageRejected
-from appliance.image.ova import OvaPackage, unpack_ova
 from appliance.image.ovaconvert import convert_ova
 from appliance.image.ovf import parse
 from appliance.image.ovfguest import boot_mode_of, platform_of
 from tests import ovaproducers_xen as xen
 from tests.appliance.image.test_ova import rejected
+from tests.appliance.image.test_ova_ovirt import same, unpack
 
 MiB = 1 << 20
-
-
-def unpack(ova: Path, tmp_path: Path, cfg: Config) -> OvaPackage:
-    (tmp_path / "work").mkdir(exist_ok=True)
-    return unpack_ova(io.BytesIO(ova.read_bytes()), tmp_path / "work" / "pkg", config=cfg)
-
-
-@pytest.fixture
-def sources(tmp_path: Path) -> list[Path]:
-    """A boot disk and a data disk as RAW (2 MiB and 3 MiB, data throughout), in their own directory."""
-    d = tmp_path / "sources"
-    d.mkdir()
-    boot, data = d / "boot.raw", d / "data.raw"
-    boot.write_bytes(b"boot disk".ljust(MiB, b"\x5a") + bytes(MiB))
-    data.write_bytes(b"data disk".ljust(3 * MiB, b"\xa5"))
-    return [boot, data]
-
-
-def same(raw: Path, disk: Path, fmt: str) -> bool:
-    compared = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, raw, disk], capture_output=True)
-    return compared.returncode == 0
 
 
 def test_a_xencenter_export_of_two_disks_imports_them_in_order_verified(
